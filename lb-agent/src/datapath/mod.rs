@@ -1,0 +1,340 @@
+//! Load, attach and pin the kernel programs, and write their maps.
+//!
+//! Layout under the pin path (default `/sys/fs/bpf/rpclb`):
+//! every map by name (`SERVICES`, `CONNTRACK`, ...) and `links/<ifname>.<xdp|tc>`.
+//! The maps and links outlive the agent, so traffic keeps flowing while it is
+//! down, and a restarted agent adopts the same state.
+
+pub mod maglev;
+pub mod table;
+pub mod writer;
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+    },
+};
+use lb_common::{limits, map_names, prog_names};
+use tracing::info;
+
+pub use writer::{BackendStats, ConntrackEntry, MapWriter, ServiceStats};
+
+/// The object built by `cargo xtask build-ebpf`, embedded at compile time.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
+
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/rpclb";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object (pin path {path}): {source}")]
+    Load {
+        path: PathBuf,
+        #[source]
+        source: aya::EbpfError,
+    },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching to {iface} ({mode}): {source}")]
+    Attach {
+        iface: String,
+        mode: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: LinkError,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} is full (limit {1}); raise the matching --max-* flag")]
+    Full(&'static str, u32),
+    #[error("service {0}: {1}")]
+    InvalidService(String, String),
+}
+
+/// Where to attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// XDP in the driver (native) where supported, else generic.
+    Xdp,
+    /// XDP in generic (skb) mode.
+    XdpGeneric,
+    /// TC clsact ingress (TCX link).
+    Tc,
+}
+
+impl AttachMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachMode::Xdp => "xdp",
+            AttachMode::XdpGeneric => "xdp-generic",
+            AttachMode::Tc => "tc",
+        }
+    }
+}
+
+impl std::str::FromStr for AttachMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "xdp" => Ok(AttachMode::Xdp),
+            "xdp-generic" => Ok(AttachMode::XdpGeneric),
+            "tc" => Ok(AttachMode::Tc),
+            _ => Err(format!("unknown mode {s:?} (expected xdp, xdp-generic or tc)")),
+        }
+    }
+}
+
+/// Map sizes and switches. Defaults fit a 5,000-service cluster.
+#[derive(Clone, Debug)]
+pub struct DatapathConfig {
+    pub pin_path: PathBuf,
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub max_conntrack: u32,
+    pub max_affinity: u32,
+    pub max_slots: u32,
+    /// Forward with `bpf_fib_lookup` + redirect (else hand every packet to the stack).
+    pub fib_redirect: bool,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        DatapathConfig {
+            pin_path: PathBuf::from(DEFAULT_PIN_PATH),
+            max_services: limits::MAX_SERVICES,
+            max_backends: limits::MAX_BACKENDS,
+            max_conntrack: limits::MAX_CONNTRACK,
+            max_affinity: limits::MAX_AFFINITY,
+            max_slots: limits::MAX_SLOTS,
+            fib_redirect: true,
+        }
+    }
+}
+
+impl DatapathConfig {
+    /// Small maps for tests and labs.
+    pub fn small(pin_path: impl Into<PathBuf>) -> Self {
+        DatapathConfig {
+            pin_path: pin_path.into(),
+            max_services: 1024,
+            max_backends: 4096,
+            max_conntrack: 65_536,
+            max_affinity: 4096,
+            max_slots: 1 << 20,
+            fib_redirect: true,
+        }
+    }
+}
+
+/// The loaded programs and their maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_path: PathBuf,
+    writer: MapWriter,
+}
+
+impl Datapath {
+    /// Loads the object, reusing maps already pinned under the pin path (a
+    /// restart), or creating and pinning them (a first start).
+    pub fn load(cfg: &DatapathConfig) -> Result<Self, DatapathError> {
+        let io = |source| DatapathError::Io {
+            path: cfg.pin_path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&cfg.pin_path).map_err(io)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&cfg.pin_path)
+            .map_max_entries(map_names::SERVICES, cfg.max_services)
+            .map_max_entries(map_names::NAMES, cfg.max_services)
+            .map_max_entries(map_names::RR_COUNTERS, cfg.max_services)
+            .map_max_entries(map_names::SVC_STATS, cfg.max_services)
+            .map_max_entries(map_names::BACKENDS, cfg.max_backends)
+            .map_max_entries(map_names::BACKEND_STATS, cfg.max_backends)
+            .map_max_entries(map_names::BACKEND_CONNS, cfg.max_backends)
+            .map_max_entries(map_names::BACKEND_GC, cfg.max_backends)
+            .map_max_entries(map_names::CONNTRACK, cfg.max_conntrack)
+            .map_max_entries(map_names::AFFINITY, cfg.max_affinity)
+            .map_max_entries(map_names::SLOTS, cfg.max_slots)
+            .load(EBPF_OBJECT)
+            .map_err(|source| DatapathError::Load {
+                path: cfg.pin_path.clone(),
+                source,
+            })?;
+        for name in [prog_names::XDP] {
+            let p: &mut Xdp = prog(&mut ebpf, name)?;
+            p.load().map_err(|source| DatapathError::Program { name, source })?;
+        }
+        let p: &mut SchedClassifier = prog(&mut ebpf, prog_names::TC)?;
+        p.load().map_err(|source| DatapathError::Program {
+            name: prog_names::TC,
+            source,
+        })?;
+        let mut writer = MapWriter::from_ebpf(&mut ebpf)?;
+        writer.set_config(cfg.fib_redirect)?;
+        info!(pin_path = %cfg.pin_path.display(), "data path loaded");
+        Ok(Datapath {
+            ebpf,
+            pin_path: cfg.pin_path.clone(),
+            writer,
+        })
+    }
+
+    pub fn writer(&mut self) -> &mut MapWriter {
+        &mut self.writer
+    }
+
+    pub fn pin_path(&self) -> &Path {
+        &self.pin_path
+    }
+
+    pub fn xdp_program(&mut self) -> &mut Xdp {
+        prog(&mut self.ebpf, prog_names::XDP).expect("xdp program loaded")
+    }
+
+    pub fn tc_program(&mut self) -> &mut SchedClassifier {
+        prog(&mut self.ebpf, prog_names::TC).expect("tc program loaded")
+    }
+
+    fn link_path(&self, iface: &str, mode: AttachMode) -> PathBuf {
+        let kind = if mode == AttachMode::Tc { "tc" } else { "xdp" };
+        self.pin_path.join("links").join(format!("{iface}.{kind}"))
+    }
+
+    /// Attaches to `iface` (in the calling thread's network namespace) and pins
+    /// the link. If a pinned link exists (a restart), its program is swapped
+    /// atomically for this one; traffic never sees a gap.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), DatapathError> {
+        let path = self.link_path(iface, mode);
+        let dir = path.parent().expect("links dir");
+        std::fs::create_dir_all(dir).map_err(|source| DatapathError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let attach_err = |source| DatapathError::Attach {
+            iface: iface.to_string(),
+            mode: mode.as_str(),
+            source,
+        };
+        let link_err = |source| DatapathError::Link {
+            path: path.clone(),
+            source,
+        };
+        let existing = match PinnedLink::from_pin(&path) {
+            Ok(l) => Some(FdLink::from(l)),
+            Err(_) => None,
+        };
+        let reused = existing.is_some();
+        let fd_link: FdLink = if mode == AttachMode::Tc {
+            let p = self.tc_program();
+            let id = match existing {
+                Some(l) => p
+                    .attach_to_link(SchedClassifierLink::try_from(l).map_err(link_err)?)
+                    .map_err(attach_err)?,
+                None => p
+                    .attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                    .map_err(attach_err)?,
+            };
+            let link = p.take_link(id).map_err(attach_err)?;
+            FdLink::try_from(link).map_err(link_err)?
+        } else {
+            let xmode = if mode == AttachMode::XdpGeneric {
+                XdpMode::Skb
+            } else {
+                XdpMode::default()
+            };
+            let p = self.xdp_program();
+            let id = match existing {
+                Some(l) => p
+                    .attach_to_link(XdpLink::try_from(l).map_err(link_err)?)
+                    .map_err(attach_err)?,
+                None => p.attach(iface, xmode).map_err(attach_err)?,
+            };
+            let link = p.take_link(id).map_err(attach_err)?;
+            FdLink::try_from(link).map_err(link_err)?
+        };
+        if reused {
+            // The pin still refers to the same link; dropping our fd keeps it.
+            drop(fd_link);
+        } else {
+            fd_link.pin(&path).map_err(|source| DatapathError::Pin {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        info!(iface, mode = mode.as_str(), reused, "attached");
+        Ok(())
+    }
+}
+
+fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf.program_mut(name).ok_or(DatapathError::Program {
+        name,
+        source: aya::programs::ProgramError::NotLoaded,
+    })?;
+    p.try_into().map_err(|source| DatapathError::Program { name, source })
+}
+
+/// Detaches (by unpinning the links) and removes every pinned map under
+/// `pin_path`. Safe to run when nothing is pinned.
+pub fn cleanup(pin_path: &Path) -> Result<Vec<PathBuf>, DatapathError> {
+    let mut removed = Vec::new();
+    let links = pin_path.join("links");
+    if let Ok(rd) = std::fs::read_dir(&links) {
+        for e in rd.flatten() {
+            let p = e.path();
+            std::fs::remove_file(&p).map_err(|source| DatapathError::Io {
+                path: p.clone(),
+                source,
+            })?;
+            removed.push(p);
+        }
+        let _ = std::fs::remove_dir(&links);
+    }
+    for name in map_names::ALL {
+        let p = pin_path.join(name);
+        if p.exists() {
+            std::fs::remove_file(&p).map_err(|source| DatapathError::Io {
+                path: p.clone(),
+                source,
+            })?;
+            removed.push(p);
+        }
+    }
+    let _ = std::fs::remove_dir(pin_path);
+    Ok(removed)
+}

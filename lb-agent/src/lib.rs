@@ -1,0 +1,5 @@
+//! The rpclb node agent as a library: the data-path loader and typed map
+//! writer, the Maglev and weighted table builders, and the config loader.
+
+pub mod config;
+pub mod datapath;

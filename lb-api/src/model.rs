@@ -1,0 +1,226 @@
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default Maglev table size (prime, > 100 x 163 backends).
+pub const DEFAULT_MAGLEV_M: u32 = 16_381;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algorithm {
+    #[default]
+    Random,
+    RoundRobin,
+    Maglev,
+    SourceHash,
+    LeastConn,
+}
+
+impl Algorithm {
+    pub const ALL: [Algorithm; 5] = [
+        Algorithm::Random,
+        Algorithm::RoundRobin,
+        Algorithm::Maglev,
+        Algorithm::SourceHash,
+        Algorithm::LeastConn,
+    ];
+
+    /// The kernel's code for this algorithm (`lb_common::algo`).
+    pub fn code(self) -> u8 {
+        match self {
+            Algorithm::Random => 0,
+            Algorithm::RoundRobin => 1,
+            Algorithm::Maglev => 2,
+            Algorithm::SourceHash => 3,
+            Algorithm::LeastConn => 4,
+        }
+    }
+
+    pub fn from_code(c: u8) -> Option<Self> {
+        Self::ALL.get(c as usize).copied()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::Random => "random",
+            Algorithm::RoundRobin => "round-robin",
+            Algorithm::Maglev => "maglev",
+            Algorithm::SourceHash => "source-hash",
+            Algorithm::LeastConn => "least-conn",
+        }
+    }
+
+    /// Maglev and source-hash select through a Maglev table.
+    pub fn uses_maglev_table(self) -> bool {
+        matches!(self, Algorithm::Maglev | Algorithm::SourceHash)
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown algorithm {0:?} (expected one of: random, round-robin, maglev, source-hash, least-conn)")]
+pub struct UnknownAlgorithm(pub String);
+
+impl FromStr for Algorithm {
+    type Err = UnknownAlgorithm;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| UnknownAlgorithm(s.to_string()))
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    #[default]
+    Active,
+    /// Gets no new flows; keeps its existing ones until they close or time out.
+    Terminating,
+}
+
+impl BackendState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendState::Active => "active",
+            BackendState::Terminating => "terminating",
+        }
+    }
+}
+
+/// One backend (pod) of a service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Backend {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// Relative weight; 0 drains the backend (no new flows).
+    pub weight: u32,
+    pub state: BackendState,
+}
+
+impl Backend {
+    pub fn new(ip: Ipv4Addr, port: u16) -> Self {
+        Backend {
+            ip,
+            port,
+            weight: 1,
+            state: BackendState::Active,
+        }
+    }
+
+    /// Whether new flows may go to this backend.
+    pub fn takes_new_flows(&self) -> bool {
+        self.weight > 0 && self.state == BackendState::Active
+    }
+}
+
+/// The identity of a service in the data path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ServiceAddr {
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServiceAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.vip, self.port, self.protocol)
+    }
+}
+
+/// One load-balanced service: a VIP, port and protocol, and its backends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    /// `namespace/name:port`, shown by lbctl and in metrics.
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub algorithm: Algorithm,
+    /// Client-IP affinity (Kubernetes `sessionAffinity: ClientIP`).
+    pub affinity_timeout: Option<Duration>,
+    /// Maglev table size M (prime, > 100 x backends); `None` = default.
+    pub maglev_table_size: Option<u32>,
+    pub backends: Vec<Backend>,
+}
+
+impl Service {
+    pub fn addr(&self) -> ServiceAddr {
+        ServiceAddr {
+            vip: self.vip,
+            port: self.port,
+            protocol: self.protocol,
+        }
+    }
+
+    /// The Maglev table size this service uses.
+    pub fn maglev_m(&self) -> u32 {
+        self.maglev_table_size.unwrap_or(DEFAULT_MAGLEV_M)
+    }
+}
+
+/// Everything a node must balance.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredState {
+    pub services: Vec<Service>,
+}
+
+/// The largest backend weight accepted from a config file or an annotation.
+pub const MAX_WEIGHT: u32 = 65_535;
+
+/// Whether `n` is prime (deterministic trial division by 6k +- 1; at most
+/// ~11,000 divisions for the largest `u32`). Maglev table sizes must be prime.
+pub fn is_prime(n: u32) -> bool {
+    if n < 4 {
+        return n >= 2;
+    }
+    if n.is_multiple_of(2) || n.is_multiple_of(3) {
+        return false;
+    }
+    let n = u64::from(n);
+    let mut i = 5u64;
+    while i * i <= n {
+        if n.is_multiple_of(i) || n.is_multiple_of(i + 2) {
+            return false;
+        }
+        i += 6;
+    }
+    true
+}

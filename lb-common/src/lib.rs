@@ -1,0 +1,407 @@
+//! Types shared by the rpclb kernel programs (`lb-ebpf`) and userspace
+//! (`lb-agent`, `lbctl`, tests).
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding and no
+//! `bool`, enum or `Option`, so that both sides agree on the bytes. Addresses
+//! and ports are stored in network byte order, exactly as they appear in the
+//! packet, so the kernel never swaps bytes on the fast path.
+#![no_std]
+
+/// Map names, as the loader and `lbctl` find them in the object and under the pin path.
+pub mod map_names {
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const SLOTS: &str = "SLOTS";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const AFFINITY: &str = "AFFINITY";
+    pub const RR_COUNTERS: &str = "RR_COUNTERS";
+    pub const SVC_STATS: &str = "SVC_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const BACKEND_CONNS: &str = "BACKEND_CONNS";
+    pub const BACKEND_GC: &str = "BACKEND_GC";
+    pub const REASONS: &str = "REASONS";
+    pub const CONFIG: &str = "CONFIG";
+    /// Service names for lbctl and metrics; the programs never read it.
+    pub const NAMES: &str = "NAMES";
+
+    /// Every map, in a stable order (pinning and cleanup walk this list).
+    pub const ALL: &[&str] = &[
+        SERVICES,
+        BACKENDS,
+        SLOTS,
+        CONNTRACK,
+        AFFINITY,
+        RR_COUNTERS,
+        SVC_STATS,
+        BACKEND_STATS,
+        BACKEND_CONNS,
+        BACKEND_GC,
+        REASONS,
+        CONFIG,
+        NAMES,
+    ];
+}
+
+/// Program names in the object.
+pub mod prog_names {
+    pub const XDP: &str = "rpclb_xdp";
+    pub const TC: &str = "rpclb_tc";
+}
+
+/// Default map sizes. Each is a flag of the agent; these fit a 5,000-service cluster.
+pub mod limits {
+    /// Service ids index the per-service arrays, so this also bounds ids.
+    pub const MAX_SERVICES: u32 = 16_384;
+    /// Backend ids index the per-backend arrays. Id 0 is never used.
+    pub const MAX_BACKENDS: u32 = 262_144;
+    /// Conntrack entries (a flow uses two: forward and reverse).
+    pub const MAX_CONNTRACK: u32 = 524_288;
+    /// Client-IP affinity entries.
+    pub const MAX_AFFINITY: u32 = 131_072;
+    /// Total selection-table slots shared by all services (4 bytes each).
+    pub const MAX_SLOTS: u32 = 1 << 24;
+    /// Default Maglev table size (prime).
+    pub const DEFAULT_MAGLEV_M: u32 = 16_381;
+    /// Upper bound on a weighted (non-Maglev) selection table.
+    pub const MAX_WEIGHTED_TABLE: u32 = 65_536;
+}
+
+/// Load-balancing algorithms (`ServiceValue::algo`).
+pub mod algo {
+    pub const RANDOM: u8 = 0;
+    pub const ROUND_ROBIN: u8 = 1;
+    pub const MAGLEV: u8 = 2;
+    pub const SOURCE_HASH: u8 = 3;
+    pub const LEAST_CONN: u8 = 4;
+    pub const COUNT: u8 = 5;
+
+    pub const NAMES: [&str; COUNT as usize] =
+        ["random", "round-robin", "maglev", "source-hash", "least-conn"];
+}
+
+/// Backend states (`BackendValue::state`).
+pub mod backend_state {
+    /// Free slot in the backend array.
+    pub const UNUSED: u8 = 0;
+    pub const ACTIVE: u8 = 1;
+    /// Gets no new flows; its existing flows continue.
+    pub const TERMINATING: u8 = 2;
+}
+
+/// IP protocol numbers.
+pub mod proto {
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
+
+/// Conntrack flow states (`CtValue::state`).
+pub mod ct_state {
+    /// TCP: only the client's SYN seen.
+    pub const SYN: u32 = 1;
+    pub const ESTABLISHED: u32 = 2;
+    /// TCP: FIN or RST seen; the backend's active count was decremented.
+    pub const CLOSING: u32 = 3;
+    /// UDP flows have a single state.
+    pub const UDP: u32 = 4;
+
+    pub fn name(s: u32) -> &'static str {
+        match s {
+            SYN => "syn",
+            ESTABLISHED => "established",
+            CLOSING => "closing",
+            UDP => "udp",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Conntrack entry direction (`CtValue::dir`).
+pub mod ct_dir {
+    /// Client -> VIP; `nat_*` is the backend.
+    pub const FORWARD: u8 = 1;
+    /// Backend -> client; `nat_*` is the VIP.
+    pub const REVERSE: u8 = 2;
+}
+
+/// Why a packet was passed, dropped or answered: indexes into `REASONS`.
+pub mod reason {
+    pub const PASS_NOT_IPV4: u32 = 0;
+    pub const PASS_NOT_TCP_UDP: u32 = 1;
+    pub const PASS_FRAGMENT: u32 = 2;
+    pub const PASS_IP_OPTIONS: u32 = 3;
+    pub const PASS_NO_SERVICE: u32 = 4;
+    pub const PASS_FIB: u32 = 5;
+    pub const DROP_TRUNCATED_ETH: u32 = 6;
+    pub const DROP_TRUNCATED_IP: u32 = 7;
+    pub const DROP_BAD_IHL: u32 = 8;
+    pub const DROP_BAD_TOTAL_LEN: u32 = 9;
+    pub const DROP_TRUNCATED_L4: u32 = 10;
+    pub const DROP_NO_BACKEND: u32 = 11;
+    pub const TX_RST_NO_BACKEND: u32 = 12;
+    pub const DROP_BAD_TABLE: u32 = 13;
+    pub const DROP_CT_INSERT: u32 = 14;
+    pub const FWD_REDIRECT: u32 = 15;
+    pub const NAT_FORWARD: u32 = 16;
+    pub const NAT_REVERSE: u32 = 17;
+    pub const DROP_RST_BUILD: u32 = 18;
+    pub const COUNT: u32 = 19;
+
+    pub const NAMES: [&str; COUNT as usize] = [
+        "pass_not_ipv4",
+        "pass_not_tcp_udp",
+        "pass_fragment",
+        "pass_ip_options",
+        "pass_no_service",
+        "pass_fib",
+        "drop_truncated_eth",
+        "drop_truncated_ip",
+        "drop_bad_ihl",
+        "drop_bad_total_len",
+        "drop_truncated_l4",
+        "drop_no_backend",
+        "tx_rst_no_backend",
+        "drop_bad_table",
+        "drop_ct_insert",
+        "fwd_redirect",
+        "nat_forward",
+        "nat_reverse",
+        "drop_rst_build",
+    ];
+}
+
+/// Indexes into the `CONFIG` array (runtime switches set by the agent).
+pub mod config_idx {
+    /// 1: forward with `bpf_fib_lookup` + redirect; 0: always hand to the stack.
+    pub const FIB_REDIRECT: u32 = 0;
+    /// Capacity of `SLOTS` (the kernel bounds-checks every table slice against it).
+    pub const SLOTS_LEN: u32 = 1;
+    pub const COUNT: u32 = 4;
+}
+
+/// `SERVICES` key: a VIP, port and protocol, all in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub vip: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// `SERVICES` value.
+///
+/// The selection table for a service is `SLOTS[table_off .. table_off + table_len]`:
+/// a Maglev table for `maglev` and `source-hash`, a weighted slot list for the
+/// others. A new table is written to a fresh slice and then this value is
+/// replaced in one map update, so the kernel never sees a half-built table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    pub id: u32,
+    pub table_off: u32,
+    /// 0: no usable backend (SYN gets a RST, other packets are dropped).
+    pub table_len: u32,
+    /// Client-IP affinity timeout in seconds; 0 disables affinity.
+    pub affinity_timeout_s: u32,
+    pub algo: u8,
+    pub _pad: [u8; 3],
+    /// Hash of the table's contents: a restarted agent compares it with the
+    /// table it would build, and rewrites nothing when they match.
+    pub table_hash: u32,
+}
+
+/// `BACKENDS` value, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendValue {
+    pub ip: u32,
+    pub port: u16,
+    pub state: u8,
+    pub _pad: u8,
+    pub weight: u32,
+    pub svc_id: u32,
+}
+
+/// `CONNTRACK` key: the 5-tuple as seen on the wire (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_ip: u32,
+    pub dst_ip: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `CONNTRACK` value.
+///
+/// A forward entry (client -> VIP) holds the backend in `nat_*`. A reverse
+/// entry (backend -> client) holds the VIP. Either key can be rebuilt from the
+/// other entry, which lets the reply path update the forward entry's state and
+/// lets GC delete both.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    pub nat_ip: u32,
+    pub nat_port: u16,
+    pub dir: u8,
+    pub _pad: u8,
+    pub svc_id: u32,
+    pub backend_id: u32,
+    /// One of `ct_state`; changed with compare-and-swap in the kernel.
+    pub state: u32,
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns` of the last packet, updated at most every
+    /// `LAST_SEEN_GRANULARITY_NS` to keep the fast path free of writes.
+    pub last_seen_ns: u64,
+}
+
+/// `last_seen_ns` is refreshed only when it is older than this.
+pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+
+impl FlowKey {
+    /// The reverse key of a forward entry: backend -> client.
+    pub fn reverse_of_forward(&self, v: &CtValue) -> FlowKey {
+        FlowKey {
+            src_ip: v.nat_ip,
+            dst_ip: self.src_ip,
+            src_port: v.nat_port,
+            dst_port: self.src_port,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The forward key of a reverse entry: client -> VIP.
+    pub fn forward_of_reverse(&self, v: &CtValue) -> FlowKey {
+        FlowKey {
+            src_ip: self.dst_ip,
+            dst_ip: v.nat_ip,
+            src_port: self.dst_port,
+            dst_port: v.nat_port,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// `AFFINITY` key: (service, client IP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub svc_id: u32,
+    pub client_ip: u32,
+}
+
+/// `AFFINITY` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    pub last_seen_ns: u64,
+}
+
+/// Per-CPU traffic counters (`SVC_STATS`, `BACKEND_STATS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub drops: u64,
+}
+
+/// Per-backend connection counts (`BACKEND_CONNS`), changed only by the
+/// kernel with atomic adds. Active = opens - closes - `BACKEND_GC[id]`, where
+/// `BACKEND_GC` counts flows that the agent expired; each side owns its own
+/// counter, so neither overwrites the other.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnCounts {
+    pub opens: u64,
+    pub closes: u64,
+}
+
+impl ConnCounts {
+    pub fn active(&self, expired: u64) -> u64 {
+        self.opens.saturating_sub(self.closes).saturating_sub(expired)
+    }
+}
+
+/// `NAMES` value: a service's `namespace/name:port`, UTF-8, not NUL-terminated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NameValue {
+    pub len: u32,
+    pub bytes: [u8; NAME_MAX],
+}
+
+pub const NAME_MAX: usize = 252;
+
+impl Default for NameValue {
+    fn default() -> Self {
+        NameValue {
+            len: 0,
+            bytes: [0; NAME_MAX],
+        }
+    }
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<NameValue>() == 256);
+    assert!(core::mem::size_of::<ServiceKey>() == 8);
+    assert!(core::mem::size_of::<ServiceValue>() == 24);
+    assert!(core::mem::size_of::<BackendValue>() == 16);
+    assert!(core::mem::size_of::<FlowKey>() == 16);
+    assert!(core::mem::size_of::<CtValue>() == 40);
+    assert!(core::mem::size_of::<AffinityKey>() == 8);
+    assert!(core::mem::size_of::<AffinityValue>() == 16);
+    assert!(core::mem::size_of::<Counters>() == 32);
+    assert!(core::mem::size_of::<ConnCounts>() == 16);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are repr(C), Copy, with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for ConnCounts {}
+    unsafe impl aya::Pod for NameValue {}
+}
+
+/// The 32-bit mixer used for every hash in the data path (murmur3 finalizer).
+/// Userspace uses the same function to predict source-hash and Maglev picks.
+#[inline(always)]
+pub fn mix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+/// Hash of a flow's 5-tuple (Maglev key).
+#[inline(always)]
+pub fn flow_hash(src_ip: u32, dst_ip: u32, src_port: u16, dst_port: u16, proto: u8) -> u32 {
+    let ports = ((src_port as u32) << 16) | dst_port as u32;
+    let mut h = mix32(src_ip ^ 0x9e37_79b9);
+    h = mix32(h ^ dst_ip);
+    h = mix32(h ^ ports);
+    mix32(h ^ proto as u32)
+}
+
+/// Hash of a client IP (source-hash key).
+#[inline(always)]
+pub fn src_hash(src_ip: u32) -> u32 {
+    mix32(src_ip ^ 0x2545_f491)
+}

@@ -1,0 +1,197 @@
+//! What the XDP and TC hooks have in common, and where they differ: packet
+//! bounds, rewriting (direct writes vs. checksum helpers) and verdicts.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_tail},
+    programs::{TcContext, XdpContext},
+};
+use core::ffi::c_void;
+
+use crate::nat;
+
+/// A verdict before it is turned into the hook's return code.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Drop,
+    /// Send back out of the ingress interface (the RST reply).
+    Bounce,
+    /// `bpf_redirect` to this ifindex.
+    Redirect(u32),
+}
+
+pub trait Ctx {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    fn ifindex(&self) -> u32;
+    fn raw(&self) -> *mut c_void;
+    /// Replace the 4-byte address at `off` (IPv4 src or dst), fixing the IP
+    /// checksum at `ip_csum` and the L4 checksum at `l4_csum` (pseudo-header).
+    fn rewrite_addr(&mut self, off: usize, old: u32, new: u32, ip_csum: usize, l4_csum: usize, udp: bool) -> Option<()>;
+    /// Replace the 2-byte port at `off`, fixing the L4 checksum at `l4_csum`.
+    fn rewrite_port(&mut self, off: usize, old: u16, new: u16, l4_csum: usize, udp: bool) -> Option<()>;
+    /// Set the MACs and decrement the TTL (IPv4 header at `ip`) before a redirect.
+    fn route_rewrite(&mut self, ip: usize, smac: &[u8; 6], dmac: &[u8; 6]) -> Option<()>;
+    /// Shrink or grow the frame to exactly `len` bytes and copy `bytes` over it.
+    fn replace(&mut self, bytes: &[u8; nat::RST_LEN]) -> Option<()>;
+    fn ret(&self, v: Verdict) -> u32;
+}
+
+/// Bounds-checked pointer to a `T` at `off` from the start of the frame.
+#[inline(always)]
+pub fn ptr_at<C: Ctx, T>(ctx: &C, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + off + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+pub struct Xdp<'a>(pub &'a XdpContext);
+
+impl Ctx for Xdp<'_> {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.0.data_end()
+    }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        self.0.ingress_ifindex() as u32
+    }
+    #[inline(always)]
+    fn raw(&self) -> *mut c_void {
+        self.0.ctx as *mut c_void
+    }
+    #[inline(always)]
+    fn rewrite_addr(&mut self, off: usize, old: u32, new: u32, ip_csum: usize, l4_csum: usize, udp: bool) -> Option<()> {
+        let a: *mut u32 = ptr_at(self, off)?;
+        let ic: *mut u16 = ptr_at(self, ip_csum)?;
+        let lc: *mut u16 = ptr_at(self, l4_csum)?;
+        unsafe {
+            *a = new;
+            *ic = nat::csum_update4(*ic, old, new);
+            if !(udp && *lc == 0) {
+                *lc = nat::l4_fix(nat::csum_update4(*lc, old, new), udp);
+            }
+        }
+        Some(())
+    }
+    #[inline(always)]
+    fn rewrite_port(&mut self, off: usize, old: u16, new: u16, l4_csum: usize, udp: bool) -> Option<()> {
+        let p: *mut u16 = ptr_at(self, off)?;
+        let lc: *mut u16 = ptr_at(self, l4_csum)?;
+        unsafe {
+            *p = new;
+            if !(udp && *lc == 0) {
+                *lc = nat::l4_fix(nat::csum_update2(*lc, old, new), udp);
+            }
+        }
+        Some(())
+    }
+    #[inline(always)]
+    fn route_rewrite(&mut self, ip: usize, smac: &[u8; 6], dmac: &[u8; 6]) -> Option<()> {
+        let eth: *mut [u8; 12] = ptr_at(self, 0)?;
+        let ttl: *mut u16 = ptr_at(self, ip + 8)?;
+        let ic: *mut u16 = ptr_at(self, ip + 10)?;
+        unsafe {
+            let e = &mut *eth;
+            e[..6].copy_from_slice(dmac);
+            e[6..].copy_from_slice(smac);
+            let old = *ttl;
+            // TTL is the first byte of this word: in the native (LE) load it is the low byte.
+            let new = old - 1;
+            *ttl = new;
+            *ic = nat::csum_update2(*ic, old, new);
+        }
+        Some(())
+    }
+    #[inline(always)]
+    fn replace(&mut self, bytes: &[u8; nat::RST_LEN]) -> Option<()> {
+        let cur = (self.data_end() - self.data()) as i32;
+        if unsafe { bpf_xdp_adjust_tail(self.0.ctx, nat::RST_LEN as i32 - cur) } != 0 {
+            return None;
+        }
+        let p: *mut [u8; nat::RST_LEN] = ptr_at(self, 0)?;
+        unsafe { *p = *bytes };
+        Some(())
+    }
+    #[inline(always)]
+    fn ret(&self, v: Verdict) -> u32 {
+        match v {
+            Verdict::Pass => xdp_action::XDP_PASS,
+            Verdict::Drop => xdp_action::XDP_DROP,
+            Verdict::Bounce => xdp_action::XDP_TX,
+            Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
+        }
+    }
+}
+
+pub struct Tc<'a>(pub &'a TcContext);
+
+const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
+const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
+
+impl Ctx for Tc<'_> {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.0.data_end()
+    }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        unsafe { (*self.0.skb.skb).ifindex }
+    }
+    #[inline(always)]
+    fn raw(&self) -> *mut c_void {
+        self.0.skb.skb as *mut c_void
+    }
+    #[inline(always)]
+    fn rewrite_addr(&mut self, off: usize, old: u32, new: u32, ip_csum: usize, l4_csum: usize, udp: bool) -> Option<()> {
+        let mangled = if udp { BPF_F_MARK_MANGLED_0 } else { 0 };
+        // The helpers handle CHECKSUM_PARTIAL skbs (BPF_F_PSEUDO_HDR).
+        self.0.l4_csum_replace(l4_csum, old as u64, new as u64, BPF_F_PSEUDO_HDR | mangled | 4).ok()?;
+        self.0.l3_csum_replace(ip_csum, old as u64, new as u64, 4).ok()?;
+        self.0.store(off, &new, 0).ok()
+    }
+    #[inline(always)]
+    fn rewrite_port(&mut self, off: usize, old: u16, new: u16, l4_csum: usize, udp: bool) -> Option<()> {
+        let mangled = if udp { BPF_F_MARK_MANGLED_0 } else { 0 };
+        self.0.l4_csum_replace(l4_csum, old as u64, new as u64, mangled | 2).ok()?;
+        self.0.store(off, &new, 0).ok()
+    }
+    #[inline(always)]
+    fn route_rewrite(&mut self, ip: usize, smac: &[u8; 6], dmac: &[u8; 6]) -> Option<()> {
+        let old: u16 = self.0.load(ip + 8).ok()?;
+        let new = old - 1;
+        self.0.l3_csum_replace(ip + 10, old as u64, new as u64, 2).ok()?;
+        self.0.store(ip + 8, &new, 0).ok()?;
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(dmac);
+        macs[6..].copy_from_slice(smac);
+        self.0.store(0, &macs, 0).ok()
+    }
+    #[inline(always)]
+    fn replace(&mut self, bytes: &[u8; nat::RST_LEN]) -> Option<()> {
+        if unsafe { bpf_skb_change_tail(self.0.skb.skb, nat::RST_LEN as u32, 0) } != 0 {
+            return None;
+        }
+        self.0.store(0, bytes, 0).ok()
+    }
+    #[inline(always)]
+    fn ret(&self, v: Verdict) -> u32 {
+        match v {
+            Verdict::Pass => TC_ACT_OK as u32,
+            Verdict::Drop => TC_ACT_SHOT as u32,
+            Verdict::Bounce => unsafe { bpf_redirect(self.ifindex(), 0) as u32 },
+            Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
+        }
+    }
+}

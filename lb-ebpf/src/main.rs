@@ -1,0 +1,177 @@
+//! rpclb kernel programs: one code base attached as XDP or as TC (clsact
+//! ingress). Entry points only; the packet walk is in `process`.
+#![no_std]
+#![no_main]
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+mod conntrack;
+mod ctx;
+mod fwd;
+mod maps;
+mod nat;
+mod parse;
+mod select;
+mod stats;
+
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use core::intrinsics::AtomicOrdering;
+use ctx::{Ctx, Tc, Verdict, Xdp, ptr_at};
+use lb_common::{ct_dir, proto, reason};
+use parse::{TCP_ACK, TCP_SYN};
+
+#[xdp]
+pub fn rpclb_xdp(ctx: XdpContext) -> u32 {
+    let mut c = Xdp(&ctx);
+    let v = process(&mut c);
+    c.ret(v)
+}
+
+#[classifier]
+pub fn rpclb_tc(ctx: TcContext) -> i32 {
+    // Make the headers linear so direct packet access sees them.
+    let want = ctx.len().min(128);
+    if ((ctx.data_end() - ctx.data()) as u32) < want {
+        let _ = ctx.pull_data(want);
+    }
+    let mut c = Tc(&ctx);
+    let v = process(&mut c);
+    c.ret(v) as i32
+}
+
+#[inline(always)]
+fn process<C: Ctx>(ctx: &mut C) -> Verdict {
+    let mut p = match parse::parse(ctx) {
+        Ok(p) => p,
+        Err((r, drop)) => {
+            stats::reason(r);
+            return if drop { Verdict::Drop } else { Verdict::Pass };
+        }
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let bytes = p.tot_len as u64 + parse::ETH_LEN as u64;
+    let key = conntrack::key(&p);
+    let tcp = p.proto == proto::TCP;
+
+    if let Some(v) = conntrack::lookup(&key) {
+        let e = unsafe { *v };
+        if e.dir == ct_dir::REVERSE {
+            conntrack::touch(v, now);
+            if tcp && p.flags & (parse::TCP_FIN | parse::TCP_RST | TCP_SYN) != 0 {
+                if let Some(f) = conntrack::lookup(&key.forward_of_reverse(&e)) {
+                    conntrack::tcp_state(f, p.flags, false);
+                }
+            }
+            stats::traffic(e.svc_id, e.backend_id, bytes, false);
+            if nat::snat(ctx, &mut p, e.nat_ip, e.nat_port).is_none() {
+                stats::reason(reason::DROP_TRUNCATED_L4);
+                return Verdict::Drop;
+            }
+            stats::reason(reason::NAT_REVERSE);
+            return fwd::forward(ctx, &p);
+        }
+        if !(tcp && conntrack::is_reopen(v, p.flags)) {
+            conntrack::touch(v, now);
+            if tcp {
+                conntrack::tcp_state(v, p.flags, true);
+            }
+            stats::traffic(e.svc_id, e.backend_id, bytes, false);
+            if nat::dnat(ctx, &mut p, e.nat_ip, e.nat_port).is_none() {
+                stats::reason(reason::DROP_TRUNCATED_L4);
+                return Verdict::Drop;
+            }
+            stats::reason(reason::NAT_FORWARD);
+            return fwd::forward(ctx, &p);
+        }
+    }
+
+    // A new flow.
+    let svc = match select::service(&p) {
+        Some(s) => s,
+        None => {
+            stats::reason(reason::PASS_NO_SERVICE);
+            return Verdict::Pass;
+        }
+    };
+    let id = match select::pick(&svc, &p, now) {
+        Some(id) => id,
+        None => return no_backend(ctx, &p, svc.id, svc.table_len == 0),
+    };
+    let b = match select::backend(id) {
+        Some(b) => b,
+        None => return no_backend(ctx, &p, svc.id, false),
+    };
+    if !conntrack::create(&key, &p, svc.id, id, b.ip, b.port, now) {
+        stats::reason(reason::DROP_CT_INSERT);
+    }
+    if tcp && p.flags & (parse::TCP_FIN | parse::TCP_RST) != 0 {
+        if let Some(v) = conntrack::lookup(&key) {
+            conntrack::tcp_state(v, p.flags, true);
+        }
+    }
+    stats::traffic(svc.id, id, bytes, true);
+    if nat::dnat(ctx, &mut p, b.ip, b.port).is_none() {
+        stats::reason(reason::DROP_TRUNCATED_L4);
+        return Verdict::Drop;
+    }
+    stats::reason(reason::NAT_FORWARD);
+    fwd::forward(ctx, &p)
+}
+
+/// No usable backend: a TCP SYN gets a RST (the client fails fast), the rest is dropped.
+#[inline(never)]
+fn no_backend<C: Ctx>(ctx: &mut C, p: &parse::Packet, svc_id: u32, empty: bool) -> Verdict {
+    stats::svc_drop(svc_id);
+    if !empty {
+        stats::reason(reason::DROP_BAD_TABLE);
+        return Verdict::Drop;
+    }
+    if p.proto == proto::TCP && p.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        let eth: Option<*mut [u8; 12]> = ptr_at(ctx, 0);
+        if let Some(eth) = eth {
+            let rst = nat::build_rst(unsafe { &*eth }, p);
+            if ctx.replace(&rst).is_some() {
+                stats::reason(reason::TX_RST_NO_BACKEND);
+                return Verdict::Bounce;
+            }
+        }
+        stats::reason(reason::DROP_RST_BUILD);
+        return Verdict::Drop;
+    }
+    stats::reason(reason::DROP_NO_BACKEND);
+    Verdict::Drop
+}
+
+/// Atomic add on a shared map value (BPF_ATOMIC).
+#[inline(always)]
+pub unsafe fn atomic_add(p: *mut u64, v: u64) {
+    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
+}
+
+/// Atomic fetch-and-add; returns the previous value.
+#[inline(always)]
+pub unsafe fn atomic_fetch_add(p: *mut u64, v: u64) -> u64 {
+    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(p, v) }
+}
+
+/// Compare-and-swap; true if `p` held `old` and now holds `new`.
+#[inline(always)]
+pub unsafe fn atomic_cas(p: *mut u32, old: u32, new: u32) -> bool {
+    unsafe {
+        core::intrinsics::atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new).1
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

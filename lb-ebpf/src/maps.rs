@@ -1,0 +1,66 @@
+//! Every map of the data path, in one place. All are pinned by name, so a
+//! restarted agent (or lbctl) finds the same state under the pin path.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FlowKey, NameValue,
+    ServiceKey, ServiceValue, config_idx, limits, reason,
+};
+
+#[map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(limits::MAX_SERVICES, 0);
+
+#[map]
+pub static BACKENDS: Array<BackendValue> = Array::pinned(limits::MAX_BACKENDS, 0);
+
+/// Selection tables of all services, each a slice `[table_off, table_off + table_len)`.
+#[map]
+pub static SLOTS: Array<u32> = Array::pinned(limits::MAX_SLOTS, 0);
+
+#[map]
+pub static CONNTRACK: LruHashMap<FlowKey, CtValue> =
+    LruHashMap::pinned(limits::MAX_CONNTRACK, 0);
+
+#[map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(limits::MAX_AFFINITY, 0);
+
+/// Round-robin position per service id, advanced with an atomic add.
+#[map]
+pub static RR_COUNTERS: Array<u64> = Array::pinned(limits::MAX_SERVICES, 0);
+
+#[map]
+pub static SVC_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(limits::MAX_SERVICES, 0);
+
+#[map]
+pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(limits::MAX_BACKENDS, 0);
+
+/// Opens and closes per backend (kernel-owned, atomic).
+#[map]
+pub static BACKEND_CONNS: Array<ConnCounts> = Array::pinned(limits::MAX_BACKENDS, 0);
+
+/// Flows per backend that the agent's GC expired (agent-owned).
+#[map]
+pub static BACKEND_GC: Array<u64> = Array::pinned(limits::MAX_BACKENDS, 0);
+
+#[map]
+pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+
+#[map]
+pub static CONFIG: Array<u32> = Array::pinned(config_idx::COUNT, 0);
+
+#[inline(always)]
+pub fn config(idx: u32) -> u32 {
+    match CONFIG.get(idx) {
+        Some(v) => *v,
+        None => 0,
+    }
+}
+
+/// Service id -> name, written by the agent for lbctl; never read here.
+#[map]
+pub static NAMES: HashMap<u32, NameValue> = HashMap::pinned(limits::MAX_SERVICES, 0);

@@ -1,0 +1,157 @@
+//! Bounds-checked Ethernet/IPv4/TCP/UDP parsing. Fields stay in network byte
+//! order; only lengths and flags are decoded.
+
+use lb_common::{proto, reason};
+
+use crate::ctx::{Ctx, ptr_at};
+
+pub const ETH_LEN: usize = 14;
+pub const IP_OFF: usize = ETH_LEN;
+/// Only option-less IPv4 headers are balanced (others pass, counted).
+pub const L4_OFF: usize = ETH_LEN + 20;
+const ETH_P_IP_BE: u16 = 0x0008;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub proto: u16,
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub vihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub csum: u16,
+    pub saddr: u32,
+    pub daddr: u32,
+}
+
+#[repr(C)]
+pub struct TcpHdr {
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub doff: u8,
+    pub flags: u8,
+    pub window: u16,
+    pub csum: u16,
+    pub urg: u16,
+}
+
+#[repr(C)]
+pub struct UdpHdr {
+    pub sport: u16,
+    pub dport: u16,
+    pub len: u16,
+    pub csum: u16,
+}
+
+/// What the rest of the data path needs of a packet.
+#[derive(Clone, Copy)]
+pub struct Packet {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// TCP flags (0 for UDP).
+    pub flags: u8,
+    pub ttl: u8,
+    /// IPv4 total length (host order).
+    pub tot_len: u16,
+    /// Offset of the L4 checksum field.
+    pub l4_csum: usize,
+    /// TCP sequence number and payload length (for the RST reply).
+    pub seq: u32,
+    pub ack: u32,
+    pub payload_len: u32,
+}
+
+impl Packet {
+    #[inline(always)]
+    pub fn is_udp(&self) -> bool {
+        self.proto == proto::UDP
+    }
+}
+
+/// `Ok(packet)` to balance, `Err((reason, drop))` to hand back untouched.
+#[inline(always)]
+pub fn parse<C: Ctx>(ctx: &C) -> Result<Packet, (u32, bool)> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or((reason::DROP_TRUNCATED_ETH, true))?;
+    if unsafe { (*eth).proto } != ETH_P_IP_BE {
+        return Err((reason::PASS_NOT_IPV4, false));
+    }
+    let ip: *const Ipv4Hdr = ptr_at(ctx, IP_OFF).ok_or((reason::DROP_TRUNCATED_IP, true))?;
+    let ip = unsafe { &*ip };
+    let ihl = (ip.vihl & 0x0f) as usize;
+    if ip.vihl >> 4 != 4 || ihl < 5 {
+        return Err((reason::DROP_BAD_IHL, true));
+    }
+    let tot_len = u16::from_be(ip.tot_len);
+    let frame_l3 = ctx.data_end() - ctx.data() - ETH_LEN;
+    if (tot_len as usize) > frame_l3 || (tot_len as usize) < ihl * 4 {
+        return Err((reason::DROP_BAD_TOTAL_LEN, true));
+    }
+    if ihl != 5 {
+        return Err((reason::PASS_IP_OPTIONS, false));
+    }
+    // More-fragments flag or a non-zero offset.
+    if u16::from_be(ip.frag_off) & 0x3fff != 0 {
+        return Err((reason::PASS_FRAGMENT, false));
+    }
+    let mut p = Packet {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: 0,
+        dport: 0,
+        proto: ip.proto,
+        flags: 0,
+        ttl: ip.ttl,
+        tot_len,
+        l4_csum: 0,
+        seq: 0,
+        ack: 0,
+        payload_len: 0,
+    };
+    match ip.proto {
+        proto::TCP => {
+            let t: *const TcpHdr = ptr_at(ctx, L4_OFF).ok_or((reason::DROP_TRUNCATED_L4, true))?;
+            let t = unsafe { &*t };
+            let doff = (t.doff >> 4) as u32 * 4;
+            if doff < 20 || tot_len < 20 + doff as u16 {
+                return Err((reason::DROP_TRUNCATED_L4, true));
+            }
+            p.sport = t.sport;
+            p.dport = t.dport;
+            p.flags = t.flags;
+            p.seq = t.seq;
+            p.ack = t.ack;
+            p.payload_len = tot_len as u32 - 20 - doff;
+            p.l4_csum = L4_OFF + 16;
+        }
+        proto::UDP => {
+            let u: *const UdpHdr = ptr_at(ctx, L4_OFF).ok_or((reason::DROP_TRUNCATED_L4, true))?;
+            if tot_len < 28 {
+                return Err((reason::DROP_TRUNCATED_L4, true));
+            }
+            let u = unsafe { &*u };
+            p.sport = u.sport;
+            p.dport = u.dport;
+            p.l4_csum = L4_OFF + 6;
+        }
+        _ => return Err((reason::PASS_NOT_TCP_UDP, false)),
+    }
+    Ok(p)
+}

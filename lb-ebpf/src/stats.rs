@@ -1,0 +1,53 @@
+//! Counters: drop/pass reasons, per-service and per-backend traffic.
+
+use lb_common::Counters;
+
+use crate::maps::{BACKEND_CONNS, BACKEND_STATS, REASONS, SVC_STATS};
+
+#[inline(always)]
+pub fn reason(r: u32) {
+    if let Some(p) = REASONS.get_ptr_mut(r) {
+        // Per-CPU slot: no other writer.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn bump(p: Option<*mut Counters>, bytes: u64, new_flow: bool) {
+    if let Some(c) = p {
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+            if new_flow {
+                (*c).new_flows += 1;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+pub fn traffic(svc_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
+    bump(SVC_STATS.get_ptr_mut(svc_id), bytes, new_flow);
+    bump(BACKEND_STATS.get_ptr_mut(backend_id), bytes, new_flow);
+}
+
+#[inline(always)]
+pub fn svc_drop(svc_id: u32) {
+    if let Some(c) = SVC_STATS.get_ptr_mut(svc_id) {
+        unsafe { (*c).drops += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn conn_open(backend_id: u32) {
+    if let Some(c) = BACKEND_CONNS.get_ptr_mut(backend_id) {
+        unsafe { crate::atomic_add(&raw mut (*c).opens, 1) };
+    }
+}
+
+#[inline(always)]
+pub fn conn_close(backend_id: u32) {
+    if let Some(c) = BACKEND_CONNS.get_ptr_mut(backend_id) {
+        unsafe { crate::atomic_add(&raw mut (*c).closes, 1) };
+    }
+}

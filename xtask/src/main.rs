@@ -1,0 +1,202 @@
+//! Project tasks: `cargo xtask setup | build-ebpf | test | bench | demo`.
+
+mod setup;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+#[derive(Parser)]
+#[command(bin_name = "cargo xtask", about = "rpclb project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what builds and tests need, mount bpffs, report capabilities.
+    /// Skips what is done already.
+    Setup,
+    /// Build the eBPF object (lb-ebpf) with the nightly toolchain.
+    BuildEbpf(EbpfArgs),
+    /// setup + build-ebpf + `cargo test --workspace ARGS`; ARGS are cargo test's,
+    /// e.g. `cargo xtask test -p lb-agent -- --nocapture`.
+    #[command(disable_help_flag = true)]
+    Test(Passthrough),
+    /// setup + build-ebpf + `rpclb-bench ARGS` (release build).
+    #[command(disable_help_flag = true)]
+    Bench(Passthrough),
+    /// setup + build-ebpf + `rpclb-demo ARGS` (release build).
+    #[command(disable_help_flag = true)]
+    Demo(Passthrough),
+}
+
+#[derive(Args)]
+struct EbpfArgs {
+    /// Release profile (the default; it is what the agent embeds).
+    #[arg(long)]
+    release: bool,
+    /// Dev profile instead of release.
+    #[arg(long, conflicts_with = "release")]
+    debug: bool,
+}
+
+/// Arguments for the inner command. Clap would eat a leading `--`, so the
+/// arguments are taken verbatim from argv instead (see `passthrough`).
+#[derive(Args)]
+struct Passthrough {
+    /// Passed on as typed.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
+    _args: Vec<OsString>,
+}
+
+/// Everything after the subcommand, as typed.
+fn passthrough() -> Vec<OsString> {
+    std::env::args_os().skip(2).collect()
+}
+
+fn main() -> ExitCode {
+    // Printed here rather than returned, so RUST_BACKTRACE adds no backtrace.
+    match task(Cli::parse().cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn task(cmd: Cmd) -> Result<()> {
+    let root = workspace_root();
+    match cmd {
+        Cmd::Setup => setup::all(&root),
+        Cmd::BuildEbpf(a) => build_ebpf(&root, !a.debug).map(drop),
+        Cmd::Test(_) => {
+            prepare(&root)?;
+            run(cargo(&root)
+                .args(["test", "--workspace"])
+                .args(passthrough()))
+        }
+        Cmd::Bench(_) => run_bin(&root, "rpclb-bench"),
+        Cmd::Demo(_) => run_bin(&root, "rpclb-demo"),
+    }
+}
+
+/// The workspace root: this crate's parent folder.
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
+}
+
+/// setup, then the release eBPF object: what test, bench and demo need.
+fn prepare(root: &Path) -> Result<()> {
+    setup::all(root)?;
+    build_ebpf(root, true)?;
+    Ok(())
+}
+
+/// `cargo run` of an rpclb-tests binary; a leading `--` in its arguments is optional.
+fn run_bin(root: &Path, bin: &str) -> Result<()> {
+    prepare(root)?;
+    let mut args = passthrough();
+    if args.first().is_some_and(|a| a == "--") {
+        args.remove(0);
+    }
+    let mut cmd = cargo(root);
+    cmd.args(["run", "--release", "-p", "rpclb-tests", "--bin", bin, "--"]);
+    run(cmd.args(args))
+}
+
+/// Builds lb-ebpf and returns the object's path.
+fn build_ebpf(root: &Path, release: bool) -> Result<PathBuf> {
+    run(&mut ebpf_build_command(root, release))
+        .context("building lb-ebpf (nightly, bpfel-unknown-none) failed")?;
+    let profile = if release { "release" } else { "debug" };
+    let obj = root
+        .join("target/ebpf/bpfel-unknown-none")
+        .join(profile)
+        .join("lb-ebpf");
+    println!("ebpf object: {}", obj.display());
+    Ok(obj)
+}
+
+/// The nightly `cargo build` of lb-ebpf, in an environment cleaned of what cargo
+/// set for this xtask process (it would force the stable toolchain or its flags).
+fn ebpf_build_command(root: &Path, release: bool) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root).args([
+        "+nightly",
+        "build",
+        "--manifest-path",
+        "lb-ebpf/Cargo.toml",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--target-dir",
+        "target/ebpf",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    const FORCED: &[&str] = &[
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO",
+        "CARGO_MANIFEST_DIR",
+    ];
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if FORCED.contains(&k.as_ref())
+            || k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_CFG_")
+        {
+            cmd.env_remove(&key);
+        }
+    }
+    // v3 has the BPF atomics the programs use; more flags join with \x1f.
+    cmd.env("CARGO_ENCODED_RUSTFLAGS", ["-Ctarget-cpu=v3"].join("\x1f"));
+    cmd
+}
+
+/// The cargo that runs this xtask (same toolchain), in the workspace root.
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root);
+    cmd
+}
+
+/// Runs with inherited stdio; a failure names the command and its exit status.
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        let prog = Path::new(cmd.get_program()).file_name().unwrap_or_default();
+        bail!("{} {} failed ({status})", prog.display(), first_arg(cmd));
+    }
+    Ok(())
+}
+
+fn first_arg(cmd: &Command) -> String {
+    cmd.get_args()
+        .map(|a| a.to_string_lossy())
+        .find(|a| !a.starts_with('+'))
+        .unwrap_or_default()
+        .into_owned()
+}
