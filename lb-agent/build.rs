@@ -6,15 +6,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn newest(dir: &Path, acc: &mut std::time::SystemTime) {
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
     for e in rd.flatten() {
         let p = e.path();
         if p.is_dir() {
             newest(&p, acc);
         } else if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
-            if t > *acc {
-                *acc = t;
-            }
+            *acc = (*acc).max(t);
         }
     }
 }
@@ -22,7 +22,11 @@ fn newest(dir: &Path, acc: &mut std::time::SystemTime) {
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let obj = root.join("target/ebpf/bpfel-unknown-none/release/lb-ebpf");
-    let srcs = [root.join("lb-ebpf/src"), root.join("lb-common/src"), root.join("lb-ebpf/Cargo.toml")];
+    let srcs = [
+        root.join("lb-ebpf/src"),
+        root.join("lb-common/src"),
+        root.join("lb-ebpf/Cargo.toml"),
+    ];
     for s in &srcs {
         println!("cargo:rerun-if-changed={}", s.display());
     }
@@ -42,13 +46,27 @@ fn main() {
     };
     if stale {
         let mut cmd = Command::new("rustup");
-        cmd.args(["run", "nightly", "cargo", "build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
-            .arg("--manifest-path")
-            .arg(root.join("lb-ebpf/Cargo.toml"))
-            .arg("--target-dir")
-            .arg(root.join("target/ebpf"));
+        cmd.args([
+            "run",
+            "nightly",
+            "cargo",
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .arg("--manifest-path")
+        .arg(root.join("lb-ebpf/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(root.join("target/ebpf"));
         for (k, _) in std::env::vars() {
-            if k.starts_with("CARGO") || k.starts_with("RUSTC") || k == "RUSTUP_TOOLCHAIN" || k == "RUSTFLAGS" {
+            if k.starts_with("CARGO")
+                || k.starts_with("RUSTC")
+                || k == "RUSTUP_TOOLCHAIN"
+                || k == "RUSTFLAGS"
+            {
                 cmd.env_remove(&k);
             }
         }

@@ -94,7 +94,9 @@ impl fmt::Display for Algorithm {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("unknown algorithm {0:?} (expected one of: random, round-robin, maglev, source-hash, least-conn)")]
+#[error(
+    "unknown algorithm {0:?} (expected one of: random, round-robin, maglev, source-hash, least-conn)"
+)]
 pub struct UnknownAlgorithm(pub String);
 
 impl FromStr for Algorithm {

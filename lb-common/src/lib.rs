@@ -46,6 +46,9 @@ pub mod map_names {
 pub mod prog_names {
     pub const XDP: &str = "rpclb_xdp";
     pub const TC: &str = "rpclb_tc";
+    /// Benchmark baselines; loaded only by `cargo xtask bench`.
+    pub const BENCH_TX: &str = "bench_xdp_tx";
+    pub const BENCH_DROP: &str = "bench_xdp_drop";
 }
 
 /// Default map sizes. Each is a flag of the agent; these fit a 5,000-service cluster.
@@ -75,8 +78,13 @@ pub mod algo {
     pub const LEAST_CONN: u8 = 4;
     pub const COUNT: u8 = 5;
 
-    pub const NAMES: [&str; COUNT as usize] =
-        ["random", "round-robin", "maglev", "source-hash", "least-conn"];
+    pub const NAMES: [&str; COUNT as usize] = [
+        "random",
+        "round-robin",
+        "maglev",
+        "source-hash",
+        "least-conn",
+    ];
 }
 
 /// Backend states (`BackendValue::state`).
@@ -326,7 +334,9 @@ pub struct ConnCounts {
 
 impl ConnCounts {
     pub fn active(&self, expired: u64) -> u64 {
-        self.opens.saturating_sub(self.closes).saturating_sub(expired)
+        self.opens
+            .saturating_sub(self.closes)
+            .saturating_sub(expired)
     }
 }
 

@@ -28,7 +28,15 @@ pub fn lookup(k: &FlowKey) -> Option<*mut CtValue> {
 /// Writes the reverse, then the forward entry of a new flow. Returns false if
 /// either insert failed (the packet is still forwarded; the event is counted).
 #[inline(always)]
-pub fn create(fwd: &FlowKey, p: &Packet, svc_id: u32, backend_id: u32, ip: u32, port: u16, now: u64) -> bool {
+pub fn create(
+    fwd: &FlowKey,
+    p: &Packet,
+    svc_id: u32,
+    backend_id: u32,
+    ip: u32,
+    port: u16,
+    now: u64,
+) -> bool {
     let state = if p.is_udp() {
         ct_state::UDP
     } else if p.flags & TCP_SYN != 0 && p.flags & TCP_ACK == 0 {
@@ -92,7 +100,8 @@ pub fn tcp_state(fwd: *mut CtValue, flags: u8, from_client: bool) {
         {
             stats::conn_close(unsafe { (*fwd).backend_id });
         }
-    } else if cur == ct_state::SYN && flags & TCP_ACK != 0 && (from_client || flags & TCP_SYN != 0) {
+    } else if cur == ct_state::SYN && flags & TCP_ACK != 0 && (from_client || flags & TCP_SYN != 0)
+    {
         unsafe { crate::atomic_cas(st, cur, ct_state::ESTABLISHED) };
     }
 }

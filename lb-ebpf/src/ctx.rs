@@ -15,7 +15,7 @@ use crate::nat;
 pub enum Verdict {
     Pass,
     Drop,
-    /// Send back out of the ingress interface (the RST reply).
+    /// Send back out of the ingress interface (the RST reply), as a redirect.
     Bounce,
     /// `bpf_redirect` to this ifindex.
     Redirect(u32),
@@ -28,9 +28,24 @@ pub trait Ctx {
     fn raw(&self) -> *mut c_void;
     /// Replace the 4-byte address at `off` (IPv4 src or dst), fixing the IP
     /// checksum at `ip_csum` and the L4 checksum at `l4_csum` (pseudo-header).
-    fn rewrite_addr(&mut self, off: usize, old: u32, new: u32, ip_csum: usize, l4_csum: usize, udp: bool) -> Option<()>;
+    fn rewrite_addr(
+        &mut self,
+        off: usize,
+        old: u32,
+        new: u32,
+        ip_csum: usize,
+        l4_csum: usize,
+        udp: bool,
+    ) -> Option<()>;
     /// Replace the 2-byte port at `off`, fixing the L4 checksum at `l4_csum`.
-    fn rewrite_port(&mut self, off: usize, old: u16, new: u16, l4_csum: usize, udp: bool) -> Option<()>;
+    fn rewrite_port(
+        &mut self,
+        off: usize,
+        old: u16,
+        new: u16,
+        l4_csum: usize,
+        udp: bool,
+    ) -> Option<()>;
     /// Set the MACs and decrement the TTL (IPv4 header at `ip`) before a redirect.
     fn route_rewrite(&mut self, ip: usize, smac: &[u8; 6], dmac: &[u8; 6]) -> Option<()>;
     /// Shrink or grow the frame to exactly `len` bytes and copy `bytes` over it.
@@ -68,7 +83,15 @@ impl Ctx for Xdp<'_> {
         self.0.ctx as *mut c_void
     }
     #[inline(always)]
-    fn rewrite_addr(&mut self, off: usize, old: u32, new: u32, ip_csum: usize, l4_csum: usize, udp: bool) -> Option<()> {
+    fn rewrite_addr(
+        &mut self,
+        off: usize,
+        old: u32,
+        new: u32,
+        ip_csum: usize,
+        l4_csum: usize,
+        udp: bool,
+    ) -> Option<()> {
         let a: *mut u32 = ptr_at(self, off)?;
         let ic: *mut u16 = ptr_at(self, ip_csum)?;
         let lc: *mut u16 = ptr_at(self, l4_csum)?;
@@ -82,7 +105,14 @@ impl Ctx for Xdp<'_> {
         Some(())
     }
     #[inline(always)]
-    fn rewrite_port(&mut self, off: usize, old: u16, new: u16, l4_csum: usize, udp: bool) -> Option<()> {
+    fn rewrite_port(
+        &mut self,
+        off: usize,
+        old: u16,
+        new: u16,
+        l4_csum: usize,
+        udp: bool,
+    ) -> Option<()> {
         let p: *mut u16 = ptr_at(self, off)?;
         let lc: *mut u16 = ptr_at(self, l4_csum)?;
         unsafe {
@@ -125,7 +155,10 @@ impl Ctx for Xdp<'_> {
         match v {
             Verdict::Pass => xdp_action::XDP_PASS,
             Verdict::Drop => xdp_action::XDP_DROP,
-            Verdict::Bounce => xdp_action::XDP_TX,
+            // Not XDP_TX: on veth, XDP_TX of a frame that arrived as an skb was
+            // counted but never delivered (kernel 6.18); a redirect to the
+            // ingress interface is.
+            Verdict::Bounce => unsafe { bpf_redirect(self.ifindex(), 0) as u32 },
             Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
         }
     }
@@ -154,24 +187,52 @@ impl Ctx for Tc<'_> {
         self.0.skb.skb as *mut c_void
     }
     #[inline(always)]
-    fn rewrite_addr(&mut self, off: usize, old: u32, new: u32, ip_csum: usize, l4_csum: usize, udp: bool) -> Option<()> {
+    fn rewrite_addr(
+        &mut self,
+        off: usize,
+        old: u32,
+        new: u32,
+        ip_csum: usize,
+        l4_csum: usize,
+        udp: bool,
+    ) -> Option<()> {
         let mangled = if udp { BPF_F_MARK_MANGLED_0 } else { 0 };
         // The helpers handle CHECKSUM_PARTIAL skbs (BPF_F_PSEUDO_HDR).
-        self.0.l4_csum_replace(l4_csum, old as u64, new as u64, BPF_F_PSEUDO_HDR | mangled | 4).ok()?;
-        self.0.l3_csum_replace(ip_csum, old as u64, new as u64, 4).ok()?;
+        self.0
+            .l4_csum_replace(
+                l4_csum,
+                old as u64,
+                new as u64,
+                BPF_F_PSEUDO_HDR | mangled | 4,
+            )
+            .ok()?;
+        self.0
+            .l3_csum_replace(ip_csum, old as u64, new as u64, 4)
+            .ok()?;
         self.0.store(off, &new, 0).ok()
     }
     #[inline(always)]
-    fn rewrite_port(&mut self, off: usize, old: u16, new: u16, l4_csum: usize, udp: bool) -> Option<()> {
+    fn rewrite_port(
+        &mut self,
+        off: usize,
+        old: u16,
+        new: u16,
+        l4_csum: usize,
+        udp: bool,
+    ) -> Option<()> {
         let mangled = if udp { BPF_F_MARK_MANGLED_0 } else { 0 };
-        self.0.l4_csum_replace(l4_csum, old as u64, new as u64, mangled | 2).ok()?;
+        self.0
+            .l4_csum_replace(l4_csum, old as u64, new as u64, mangled | 2)
+            .ok()?;
         self.0.store(off, &new, 0).ok()
     }
     #[inline(always)]
     fn route_rewrite(&mut self, ip: usize, smac: &[u8; 6], dmac: &[u8; 6]) -> Option<()> {
         let old: u16 = self.0.load(ip + 8).ok()?;
         let new = old - 1;
-        self.0.l3_csum_replace(ip + 10, old as u64, new as u64, 2).ok()?;
+        self.0
+            .l3_csum_replace(ip + 10, old as u64, new as u64, 2)
+            .ok()?;
         self.0.store(ip + 8, &new, 0).ok()?;
         let mut macs = [0u8; 12];
         macs[..6].copy_from_slice(dmac);
@@ -190,6 +251,9 @@ impl Ctx for Tc<'_> {
         match v {
             Verdict::Pass => TC_ACT_OK as u32,
             Verdict::Drop => TC_ACT_SHOT as u32,
+            // Not XDP_TX: on veth, XDP_TX of a frame that arrived as an skb was
+            // counted but never delivered (kernel 6.18); a redirect to the
+            // ingress interface is.
             Verdict::Bounce => unsafe { bpf_redirect(self.ifindex(), 0) as u32 },
             Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
         }

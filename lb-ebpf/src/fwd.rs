@@ -28,7 +28,14 @@ pub fn forward<C: Ctx>(ctx: &mut C, p: &Packet) -> Verdict {
     f.ifindex = ctx.ifindex();
     f.__bindgen_anon_3.ipv4_src = p.saddr;
     f.__bindgen_anon_4.ipv4_dst = p.daddr;
-    let rc = unsafe { bpf_fib_lookup(ctx.raw(), &mut f, core::mem::size_of::<FibParams>() as i32, 0) };
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.raw(),
+            &mut f,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
     if rc != BPF_FIB_LKUP_RET_SUCCESS {
         stats::reason(reason::PASS_FIB);
         return Verdict::Pass;

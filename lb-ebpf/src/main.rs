@@ -31,6 +31,19 @@ pub fn rpclb_xdp(ctx: XdpContext) -> u32 {
     c.ret(v)
 }
 
+/// Baseline for `cargo xtask bench`: the cheapest program that transmits.
+/// Never attached by the agent.
+#[xdp]
+pub fn bench_xdp_tx(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_TX
+}
+
+/// Sink for `cargo xtask bench`: drops what the benchmark delivers.
+#[xdp]
+pub fn bench_xdp_drop(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_DROP
+}
+
 #[classifier]
 pub fn rpclb_tc(ctx: TcContext) -> i32 {
     // Make the headers linear so direct packet access sees them.

@@ -11,8 +11,7 @@ use lb_common::{
 };
 
 #[map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::pinned(limits::MAX_SERVICES, 0);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(limits::MAX_SERVICES, 0);
 
 #[map]
 pub static BACKENDS: Array<BackendValue> = Array::pinned(limits::MAX_BACKENDS, 0);
@@ -22,8 +21,7 @@ pub static BACKENDS: Array<BackendValue> = Array::pinned(limits::MAX_BACKENDS, 0
 pub static SLOTS: Array<u32> = Array::pinned(limits::MAX_SLOTS, 0);
 
 #[map]
-pub static CONNTRACK: LruHashMap<FlowKey, CtValue> =
-    LruHashMap::pinned(limits::MAX_CONNTRACK, 0);
+pub static CONNTRACK: LruHashMap<FlowKey, CtValue> = LruHashMap::pinned(limits::MAX_CONNTRACK, 0);
 
 #[map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =

@@ -21,7 +21,11 @@ fn fold(mut s: u64) -> u16 {
 #[inline(always)]
 pub fn csum_update4(hc: u16, old: u32, new: u32) -> u16 {
     let o = !old;
-    let s = (!hc) as u64 + (o & 0xffff) as u64 + (o >> 16) as u64 + (new & 0xffff) as u64 + (new >> 16) as u64;
+    let s = (!hc) as u64
+        + (o & 0xffff) as u64
+        + (o >> 16) as u64
+        + (new & 0xffff) as u64
+        + (new >> 16) as u64;
     !fold(s)
 }
 
@@ -95,7 +99,9 @@ pub fn build_rst(eth: &[u8; 12], p: &Packet) -> [u8; RST_LEN] {
     // TCP
     b[34..36].copy_from_slice(&p.dport.to_ne_bytes());
     b[36..38].copy_from_slice(&p.sport.to_ne_bytes());
-    let ack = u32::from_be(p.seq).wrapping_add(1).wrapping_add(p.payload_len);
+    let ack = u32::from_be(p.seq)
+        .wrapping_add(1)
+        .wrapping_add(p.payload_len);
     b[42..46].copy_from_slice(&ack.to_be_bytes());
     b[46] = 5 << 4;
     b[47] = TCP_RST | TCP_ACK;

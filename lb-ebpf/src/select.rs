@@ -66,12 +66,11 @@ fn least_conn(svc: &ServiceValue) -> Option<u32> {
     let wb = BACKENDS.get(b).map(|x| x.weight).unwrap_or(0) as u64;
     // active_a / wa <= active_b / wb, without division.
     // Clamped to u32 so the products fit in u64.
-    let (ca, cb) = (active(a).min(u32::MAX as u64), active(b).min(u32::MAX as u64));
-    if ca * wb <= cb * wa {
-        Some(a)
-    } else {
-        Some(b)
-    }
+    let (ca, cb) = (
+        active(a).min(u32::MAX as u64),
+        active(b).min(u32::MAX as u64),
+    );
+    if ca * wb <= cb * wa { Some(a) } else { Some(b) }
 }
 
 /// Picks a backend id for a new flow, or `None` if the service has no usable backend.
@@ -87,7 +86,8 @@ pub fn pick(svc: &ServiceValue, p: &Packet, now: u64) -> Option<u32> {
     };
     if svc.affinity_timeout_s != 0 {
         if let Some(a) = unsafe { AFFINITY.get(&akey) } {
-            let fresh = now.wrapping_sub(a.last_seen_ns) < svc.affinity_timeout_s as u64 * 1_000_000_000;
+            let fresh =
+                now.wrapping_sub(a.last_seen_ns) < svc.affinity_timeout_s as u64 * 1_000_000_000;
             if fresh {
                 if let Some(b) = backend(a.backend_id) {
                     if b.svc_id == svc.id {
@@ -103,7 +103,10 @@ pub fn pick(svc: &ServiceValue, p: &Packet, now: u64) -> Option<u32> {
             let n = unsafe { crate::atomic_fetch_add(ctr, 1) };
             slot(svc, (n % len as u64) as u32)?
         }
-        algo::MAGLEV => slot(svc, flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto) % len)?,
+        algo::MAGLEV => slot(
+            svc,
+            flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto) % len,
+        )?,
         algo::SOURCE_HASH => slot(svc, src_hash(p.saddr) % len)?,
         algo::LEAST_CONN => least_conn(svc)?,
         _ => slot(svc, unsafe { bpf_get_prandom_u32() } % len)?,

@@ -12,11 +12,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_agent::datapath::{Datapath, DatapathConfig, cleanup};
 use lb_api::{Algorithm, Backend, BackendState, Protocol, Service, ServiceAddr};
-use rpclb_tests::packet::{self, ACK, FIN, Pkt, PSH, RST, SYN, assert_bytes_eq};
+use rpclb_tests::packet::{self, ACK, FIN, PSH, Pkt, RST, SYN, assert_bytes_eq};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
 const TC_OK: u32 = 0;
 const TC_SHOT: u32 = 2;
 const TC_REDIRECT: u32 = 7;
@@ -41,7 +41,7 @@ enum Hook {
 enum V {
     Pass,
     Drop,
-    /// XDP_TX / TC redirect to the ingress interface.
+    /// A redirect back out of the ingress interface.
     Tx,
 }
 
@@ -50,7 +50,7 @@ impl V {
         match (self, h) {
             (V::Pass, Hook::Xdp) => XDP_PASS,
             (V::Drop, Hook::Xdp) => XDP_DROP,
-            (V::Tx, Hook::Xdp) => XDP_TX,
+            (V::Tx, Hook::Xdp) => XDP_REDIRECT,
             (V::Pass, Hook::Tc) => TC_OK,
             (V::Drop, Hook::Tc) => TC_SHOT,
             (V::Tx, Hook::Tc) => TC_REDIRECT,
@@ -95,7 +95,11 @@ impl Harness {
         self.run_ctx(hook, input, None)
     }
 
-    fn try_run(&mut self, hook: Hook, input: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
+    fn try_run(
+        &mut self,
+        hook: Hook,
+        input: &[u8],
+    ) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
         let mut out = vec![0u8; input.len() + 256];
         let opts = TestRunOptions {
             data_in: Some(input),
@@ -146,7 +150,14 @@ impl Drop for Harness {
     }
 }
 
-fn service(name: &str, vip: Ipv4Addr, port: u16, proto: Protocol, algo: Algorithm, backends: &[(Ipv4Addr, u16)]) -> Service {
+fn service(
+    name: &str,
+    vip: Ipv4Addr,
+    port: u16,
+    proto: Protocol,
+    algo: Algorithm,
+    backends: &[(Ipv4Addr, u16)],
+) -> Service {
     Service {
         name: name.into(),
         vip,
@@ -155,7 +166,10 @@ fn service(name: &str, vip: Ipv4Addr, port: u16, proto: Protocol, algo: Algorith
         algorithm: algo,
         affinity_timeout: None,
         maglev_table_size: None,
-        backends: backends.iter().map(|&(ip, port)| Backend::new(ip, port)).collect(),
+        backends: backends
+            .iter()
+            .map(|&(ip, port)| Backend::new(ip, port))
+            .collect(),
     }
 }
 
@@ -165,23 +179,43 @@ fn dst_of(frame: &[u8]) -> Ipv4Addr {
 }
 
 fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Pkt {
-    Pkt::tcp().ip(src, dst).ports(sport, dport).flags(flags).seq(1000).id(7)
+    Pkt::tcp()
+        .ip(src, dst)
+        .ports(sport, dport)
+        .flags(flags)
+        .seq(1000)
+        .id(7)
 }
 
 /// The backend that Maglev (or source-hash) picks, predicted in userspace
 /// from the table in the map and the same hash the kernel uses.
-fn predict(h: &mut Harness, addr: &ServiceAddr, src: Ipv4Addr, sport: u16, source_hash: bool) -> (Ipv4Addr, u16) {
+fn predict(
+    h: &mut Harness,
+    addr: &ServiceAddr,
+    src: Ipv4Addr,
+    sport: u16,
+    source_hash: bool,
+) -> (Ipv4Addr, u16) {
     let w = h.dp().writer();
     let t = w.service_table(addr).unwrap();
     let wire = |ip: Ipv4Addr| u32::from_ne_bytes(ip.octets());
     let hash = if source_hash {
         lb_common::src_hash(wire(src))
     } else {
-        lb_common::flow_hash(wire(src), wire(addr.vip), sport.to_be(), addr.port.to_be(), addr.protocol.number())
+        lb_common::flow_hash(
+            wire(src),
+            wire(addr.vip),
+            sport.to_be(),
+            addr.port.to_be(),
+            addr.protocol.number(),
+        )
     };
     let id = t[(hash % t.len() as u32) as usize];
     let bs = w.backend_stats(addr).unwrap();
-    let b = bs.iter().find(|b| b.id == id).expect("table names a backend of the service");
+    let b = bs
+        .iter()
+        .find(|b| b.id == id)
+        .expect("table names a backend of the service");
     (b.ip, b.port)
 }
 
@@ -205,9 +239,30 @@ fn check(h: &mut Harness, hook: Hook, f: &Fixture) {
 /// The main table: SYN, follow-up, reply, FIN, UDP, non-VIP, no backend.
 fn main_table(hook: Hook) {
     let mut h = Harness::new(false);
-    let tcp_svc = service("demo/rpc:grpc", VIP, 80, Protocol::Tcp, Algorithm::Maglev, &[(b(1), 8080), (b(2), 8080), (b(3), 8080)]);
-    let udp_svc = service("demo/dns:dns", UDP_VIP, 53, Protocol::Udp, Algorithm::Maglev, &[(b(1), 5353), (b(2), 5353)]);
-    let empty = service("demo/empty:http", EMPTY_VIP, 80, Protocol::Tcp, Algorithm::Random, &[]);
+    let tcp_svc = service(
+        "demo/rpc:grpc",
+        VIP,
+        80,
+        Protocol::Tcp,
+        Algorithm::Maglev,
+        &[(b(1), 8080), (b(2), 8080), (b(3), 8080)],
+    );
+    let udp_svc = service(
+        "demo/dns:dns",
+        UDP_VIP,
+        53,
+        Protocol::Udp,
+        Algorithm::Maglev,
+        &[(b(1), 5353), (b(2), 5353)],
+    );
+    let empty = service(
+        "demo/empty:http",
+        EMPTY_VIP,
+        80,
+        Protocol::Tcp,
+        Algorithm::Random,
+        &[],
+    );
     let w = h.dp().writer();
     w.upsert_service(&tcp_svc).unwrap();
     w.upsert_service(&udp_svc).unwrap();
@@ -224,15 +279,27 @@ fn main_table(hook: Hook) {
         },
         Fixture {
             desc: "follow-up with payload: same backend",
-            input: tcp(CLIENT, 40000, VIP, 80, ACK | PSH).ack(5).payload(b"GET / HTTP/1.1\r\n\r\n").build(),
+            input: tcp(CLIENT, 40000, VIP, 80, ACK | PSH)
+                .ack(5)
+                .payload(b"GET / HTTP/1.1\r\n\r\n")
+                .build(),
             verdict: V::Pass,
-            output: tcp(CLIENT, 40000, bk, bport, ACK | PSH).ack(5).payload(b"GET / HTTP/1.1\r\n\r\n").build(),
+            output: tcp(CLIENT, 40000, bk, bport, ACK | PSH)
+                .ack(5)
+                .payload(b"GET / HTTP/1.1\r\n\r\n")
+                .build(),
         },
         Fixture {
             desc: "backend reply: source back to VIP:port",
-            input: tcp(bk, bport, CLIENT, 40000, ACK | PSH).ack(1019).payload(b"HTTP/1.1 200 OK\r\n\r\n").build(),
+            input: tcp(bk, bport, CLIENT, 40000, ACK | PSH)
+                .ack(1019)
+                .payload(b"HTTP/1.1 200 OK\r\n\r\n")
+                .build(),
             verdict: V::Pass,
-            output: tcp(VIP, 80, CLIENT, 40000, ACK | PSH).ack(1019).payload(b"HTTP/1.1 200 OK\r\n\r\n").build(),
+            output: tcp(VIP, 80, CLIENT, 40000, ACK | PSH)
+                .ack(1019)
+                .payload(b"HTTP/1.1 200 OK\r\n\r\n")
+                .build(),
         },
         Fixture {
             desc: "client FIN: still translated",
@@ -242,21 +309,47 @@ fn main_table(hook: Hook) {
         },
         Fixture {
             desc: "UDP datagram to VIP: DNAT with UDP checksum",
-            input: Pkt::udp().ip(CLIENT, UDP_VIP).ports(41000, 53).payload(b"query").build(),
+            input: Pkt::udp()
+                .ip(CLIENT, UDP_VIP)
+                .ports(41000, 53)
+                .payload(b"query")
+                .build(),
             verdict: V::Pass,
-            output: Pkt::udp().ip(CLIENT, uk).ports(41000, uport).payload(b"query").build(),
+            output: Pkt::udp()
+                .ip(CLIENT, uk)
+                .ports(41000, uport)
+                .payload(b"query")
+                .build(),
         },
         Fixture {
             desc: "UDP reply: source back to VIP",
-            input: Pkt::udp().ip(uk, CLIENT).ports(uport, 41000).payload(b"answer").build(),
+            input: Pkt::udp()
+                .ip(uk, CLIENT)
+                .ports(uport, 41000)
+                .payload(b"answer")
+                .build(),
             verdict: V::Pass,
-            output: Pkt::udp().ip(UDP_VIP, CLIENT).ports(53, 41000).payload(b"answer").build(),
+            output: Pkt::udp()
+                .ip(UDP_VIP, CLIENT)
+                .ports(53, 41000)
+                .payload(b"answer")
+                .build(),
         },
         Fixture {
             desc: "UDP without checksum (0) keeps 0",
-            input: Pkt::udp().ip(CLIENT, UDP_VIP).ports(41000, 53).payload(b"q2").udp_no_csum().build(),
+            input: Pkt::udp()
+                .ip(CLIENT, UDP_VIP)
+                .ports(41000, 53)
+                .payload(b"q2")
+                .udp_no_csum()
+                .build(),
             verdict: V::Pass,
-            output: Pkt::udp().ip(CLIENT, uk).ports(41000, uport).payload(b"q2").udp_no_csum().build(),
+            output: Pkt::udp()
+                .ip(CLIENT, uk)
+                .ports(41000, uport)
+                .payload(b"q2")
+                .udp_no_csum()
+                .build(),
         },
         Fixture {
             desc: "traffic to a non-VIP: untouched",
@@ -272,7 +365,9 @@ fn main_table(hook: Hook) {
         },
         Fixture {
             desc: "SYN to a service with no backend: RST|ACK back to the client",
-            input: tcp(CLIENT, 40003, EMPTY_VIP, 80, SYN).tcp_options(&[2, 4, 5, 0xb4, 1, 1, 4, 2]).build(),
+            input: tcp(CLIENT, 40003, EMPTY_VIP, 80, SYN)
+                .tcp_options(&[2, 4, 5, 0xb4, 1, 1, 4, 2])
+                .build(),
             verdict: V::Tx,
             output: Pkt::tcp()
                 .eth([0x02, 0, 0, 0, 0, 0x02], [0x02, 0, 0, 0, 0, 0x01])
@@ -312,9 +407,16 @@ fn main_table(hook: Hook) {
     assert_eq!((st.packets, st.new_flows), (4, 1), "service counters");
     let bs = w.backend_stats(&tcp_svc.addr()).unwrap();
     let chosen = bs.iter().find(|x| x.ip == bk).unwrap();
-    assert_eq!((chosen.packets, chosen.new_flows, chosen.active), (4, 1, 0), "FIN closed the flow");
+    assert_eq!(
+        (chosen.packets, chosen.new_flows, chosen.active),
+        (4, 1, 0),
+        "FIN closed the flow"
+    );
     let ct = w.conntrack().unwrap();
-    let e = ct.iter().find(|e| e.client == (CLIENT, 40000)).expect("flow in conntrack");
+    let e = ct
+        .iter()
+        .find(|e| e.client == (CLIENT, 40000))
+        .expect("flow in conntrack");
     assert_eq!((e.backend, e.state), ((bk, bport), "closing"));
     assert_eq!(w.service_stats(&empty.addr()).unwrap().drops, 2);
 }
@@ -337,10 +439,19 @@ fn tc_main_table() {
 /// change leaves an established flow on its backend.
 fn backend_changes(hook: Hook) {
     let mut h = Harness::new(false);
-    let mut svc = service("demo/rpc:grpc", VIP, 80, Protocol::Tcp, Algorithm::Maglev, &[(b(1), 8080), (b(2), 8080)]);
+    let mut svc = service(
+        "demo/rpc:grpc",
+        VIP,
+        80,
+        Protocol::Tcp,
+        Algorithm::Maglev,
+        &[(b(1), 8080), (b(2), 8080)],
+    );
     h.dp().writer().upsert_service(&svc).unwrap();
     // Find a client port whose flow lands on backend 1.
-    let sport = (30000..31000).find(|&p| predict(&mut h, &svc.addr(), CLIENT, p, false).0 == b(1)).unwrap();
+    let sport = (30000..31000)
+        .find(|&p| predict(&mut h, &svc.addr(), CLIENT, p, false).0 == b(1))
+        .unwrap();
     let syn = tcp(CLIENT, sport, VIP, 80, SYN).build();
     let (rc, out) = h.run(hook, &syn);
     assert_eq!(rc, V::Pass.code(hook));
@@ -349,10 +460,17 @@ fn backend_changes(hook: Hook) {
     // Backend 1 starts terminating.
     svc.backends[0].state = BackendState::Terminating;
     h.dp().writer().upsert_service(&svc).unwrap();
-    let data = tcp(CLIENT, sport, VIP, 80, ACK).payload(b"still here").build();
+    let data = tcp(CLIENT, sport, VIP, 80, ACK)
+        .payload(b"still here")
+        .build();
     let (rc, out) = h.run(hook, &data);
     assert_eq!(rc, V::Pass.code(hook), "old flow kept");
-    assert_bytes_eq(&out, &tcp(CLIENT, sport, b(1), 8080, ACK).payload(b"still here").build());
+    assert_bytes_eq(
+        &out,
+        &tcp(CLIENT, sport, b(1), 8080, ACK)
+            .payload(b"still here")
+            .build(),
+    );
     for p in 31000..31200u16 {
         let (_, out) = h.run(hook, &tcp(CLIENT, p, VIP, 80, SYN).build());
         let dst = dst_of(&out);
@@ -360,16 +478,33 @@ fn backend_changes(hook: Hook) {
     }
 
     // Replace the whole backend set except the flow's backend.
-    svc.backends = vec![Backend { state: BackendState::Terminating, ..Backend::new(b(1), 8080) }, Backend::new(b(3), 8080), Backend::new(b(4), 8080)];
+    svc.backends = vec![
+        Backend {
+            state: BackendState::Terminating,
+            ..Backend::new(b(1), 8080)
+        },
+        Backend::new(b(3), 8080),
+        Backend::new(b(4), 8080),
+    ];
     h.dp().writer().upsert_service(&svc).unwrap();
     let (rc, out) = h.run(hook, &data);
     assert_eq!(rc, V::Pass.code(hook));
-    assert_bytes_eq(&out, &tcp(CLIENT, sport, b(1), 8080, ACK).payload(b"still here").build());
+    assert_bytes_eq(
+        &out,
+        &tcp(CLIENT, sport, b(1), 8080, ACK)
+            .payload(b"still here")
+            .build(),
+    );
     // And even after the backend is removed entirely, conntrack holds the flow.
     svc.backends.remove(0);
     h.dp().writer().upsert_service(&svc).unwrap();
     let (_, out) = h.run(hook, &data);
-    assert_bytes_eq(&out, &tcp(CLIENT, sport, b(1), 8080, ACK).payload(b"still here").build());
+    assert_bytes_eq(
+        &out,
+        &tcp(CLIENT, sport, b(1), 8080, ACK)
+            .payload(b"still here")
+            .build(),
+    );
     // New flows only go to the new set.
     for p in 32000..32100u16 {
         let (_, out) = h.run(hook, &tcp(CLIENT, p, VIP, 80, SYN).build());
@@ -404,7 +539,10 @@ fn spread(h: &mut Harness, hook: Hook, n: u32, distinct_clients: bool) -> Vec<(I
     let mut counts: std::collections::BTreeMap<Ipv4Addr, u32> = Default::default();
     for i in 0..n {
         let (src, sport) = if distinct_clients {
-            (Ipv4Addr::new(10, 244, 100 + (i / 250) as u8, 1 + (i % 250) as u8), 40000)
+            (
+                Ipv4Addr::new(10, 244, 100 + (i / 250) as u8, 1 + (i % 250) as u8),
+                40000,
+            )
         } else {
             (CLIENT, 20000 + i as u16)
         };
@@ -418,11 +556,19 @@ fn spread(h: &mut Harness, hook: Hook, n: u32, distinct_clients: bool) -> Vec<(I
 fn within(counts: &[(Ipv4Addr, u32)], weights: &[u32], tol: f64, what: &str) {
     let total: u32 = counts.iter().map(|c| c.1).sum();
     let wsum: u32 = weights.iter().sum();
-    assert_eq!(counts.len(), weights.len(), "{what}: every backend used: {counts:?}");
+    assert_eq!(
+        counts.len(),
+        weights.len(),
+        "{what}: every backend used: {counts:?}"
+    );
     for (i, &(ip, c)) in counts.iter().enumerate() {
         let want = total as f64 * weights[i] as f64 / wsum as f64;
         let dev = (c as f64 - want).abs() / want;
-        assert!(dev <= tol, "{what}: {ip} got {c}, expected {want:.0} +/- {:.0}%: {counts:?}", tol * 100.0);
+        assert!(
+            dev <= tol,
+            "{what}: {ip} got {c}, expected {want:.0} +/- {:.0}%: {counts:?}",
+            tol * 100.0
+        );
     }
     eprintln!("{what}: {counts:?}");
 }
@@ -448,9 +594,17 @@ fn algorithms(hook: Hook) {
         }
         h.dp().writer().upsert_service(&svc).unwrap();
         let counts = spread(&mut h, hook, N, distinct);
-        within(&counts, &weights, tol, &format!("{hook:?} {algo} weights {weights:?}"));
+        within(
+            &counts,
+            &weights,
+            tol,
+            &format!("{hook:?} {algo} weights {weights:?}"),
+        );
         if algo == Algorithm::RoundRobin && weights == [1, 1, 1] {
-            let (min, max) = (counts.iter().map(|c| c.1).min().unwrap(), counts.iter().map(|c| c.1).max().unwrap());
+            let (min, max) = (
+                counts.iter().map(|c| c.1).min().unwrap(),
+                counts.iter().map(|c| c.1).max().unwrap(),
+            );
             assert!(max - min <= 1, "round-robin exactly even: {counts:?}");
         }
         if algo == Algorithm::LeastConn {
@@ -492,7 +646,14 @@ fn least_conn_avoids_loaded_backend() {
         return;
     }
     let mut h = Harness::new(false);
-    let mut svc = service("demo/lc:http", VIP, 80, Protocol::Tcp, Algorithm::LeastConn, &[(b(1), 8080)]);
+    let mut svc = service(
+        "demo/lc:http",
+        VIP,
+        80,
+        Protocol::Tcp,
+        Algorithm::LeastConn,
+        &[(b(1), 8080)],
+    );
     h.dp().writer().upsert_service(&svc).unwrap();
     for p in 0..100u16 {
         h.run(Hook::Xdp, &tcp(CLIENT, 10000 + p, VIP, 80, SYN).build());
@@ -501,8 +662,15 @@ fn least_conn_avoids_loaded_backend() {
     svc.backends.push(Backend::new(b(3), 8080));
     h.dp().writer().upsert_service(&svc).unwrap();
     let counts = spread(&mut h, Hook::Xdp, 100, false);
-    let to_loaded = counts.iter().find(|c| c.0 == b(1)).map(|c| c.1).unwrap_or(0);
-    assert_eq!(to_loaded, 0, "no new flow to the loaded backend: {counts:?}");
+    let to_loaded = counts
+        .iter()
+        .find(|c| c.0 == b(1))
+        .map(|c| c.1)
+        .unwrap_or(0);
+    assert_eq!(
+        to_loaded, 0,
+        "no new flow to the loaded backend: {counts:?}"
+    );
 }
 
 /// Client-IP affinity: a client sticks to its backend under random selection.
@@ -512,14 +680,24 @@ fn affinity_sticks() {
         return;
     }
     let mut h = Harness::new(false);
-    let mut svc = service("demo/aff:http", VIP, 80, Protocol::Tcp, Algorithm::Random, &[(b(1), 8080), (b(2), 8080), (b(3), 8080)]);
+    let mut svc = service(
+        "demo/aff:http",
+        VIP,
+        80,
+        Protocol::Tcp,
+        Algorithm::Random,
+        &[(b(1), 8080), (b(2), 8080), (b(3), 8080)],
+    );
     svc.affinity_timeout = Some(std::time::Duration::from_secs(600));
     h.dp().writer().upsert_service(&svc).unwrap();
     for c in 1..20u8 {
         let src = Ipv4Addr::new(10, 244, 50, c);
         let first = dst_of(&h.run(Hook::Xdp, &tcp(src, 5000, VIP, 80, SYN).build()).1);
         for p in 1..20u16 {
-            let dst = dst_of(&h.run(Hook::Xdp, &tcp(src, 5000 + p, VIP, 80, SYN).build()).1);
+            let dst = dst_of(
+                &h.run(Hook::Xdp, &tcp(src, 5000 + p, VIP, 80, SYN).build())
+                    .1,
+            );
             assert_eq!(dst, first, "client {src} stays on {first}");
         }
     }
@@ -529,7 +707,12 @@ fn reason_delta(h: &mut Harness, hook: Hook, input: &[u8], want: V, reason: &str
     let before = h.reasons();
     let (rc, out) = h.run(hook, input);
     let after = h.reasons();
-    assert_eq!(rc, want.code(hook), "verdict for {reason}, len {}", input.len());
+    assert_eq!(
+        rc,
+        want.code(hook),
+        "verdict for {reason}, len {}",
+        input.len()
+    );
     if want == V::Pass {
         assert_eq!(out, input, "passed packets are untouched");
     }
@@ -546,32 +729,109 @@ fn malformed(hook: Hook) {
     let mut h = Harness::new(false);
     h.dp()
         .writer()
-        .upsert_service(&service("demo/rpc:grpc", VIP, 80, Protocol::Tcp, Algorithm::Maglev, &[(b(1), 8080)]))
+        .upsert_service(&service(
+            "demo/rpc:grpc",
+            VIP,
+            80,
+            Protocol::Tcp,
+            Algorithm::Maglev,
+            &[(b(1), 8080)],
+        ))
         .unwrap();
-    let full = tcp(CLIENT, 40000, VIP, 80, SYN).payload(b"0123456789").build();
+    let full = tcp(CLIENT, 40000, VIP, 80, SYN)
+        .payload(b"0123456789")
+        .build();
     // The kernel's test-run refuses frames shorter than an Ethernet header, and
     // skb (TC) frames whose IPv4 header is cut; XDP covers those lengths.
     let first = if hook == Hook::Xdp { 14 } else { 34 };
     if hook == Hook::Tc {
-        assert!(h.try_run(hook, &full[..33]).is_err(), "the kernel refuses a cut IPv4 header for skbs");
+        assert!(
+            h.try_run(hook, &full[..33]).is_err(),
+            "the kernel refuses a cut IPv4 header for skbs"
+        );
     }
     for len in first..full.len() {
         let t = &full[..len];
-        let r = if len < 34 { "drop_truncated_ip" } else { "drop_bad_total_len" };
+        let r = if len < 34 {
+            "drop_truncated_ip"
+        } else {
+            "drop_bad_total_len"
+        };
         reason_delta(&mut h, hook, t, V::Drop, r);
     }
     let cases: Vec<(&str, Vec<u8>, V, &str)> = vec![
-        ("IP options", tcp(CLIENT, 40000, VIP, 80, SYN).ip_options(&[1, 1, 1, 0]).build(), V::Pass, "pass_ip_options"),
-        ("more fragments", tcp(CLIENT, 40000, VIP, 80, SYN).frag(0, true).build(), V::Pass, "pass_fragment"),
-        ("fragment offset", tcp(CLIENT, 40000, VIP, 80, SYN).frag(64, false).build(), V::Pass, "pass_fragment"),
-        ("ihl 4", tcp(CLIENT, 40000, VIP, 80, SYN).ihl(4).build(), V::Drop, "drop_bad_ihl"),
-        ("ihl 0", tcp(CLIENT, 40000, VIP, 80, SYN).ihl(0).build(), V::Drop, "drop_bad_ihl"),
-        ("total length > frame", tcp(CLIENT, 40000, VIP, 80, SYN).tot_len(200).build(), V::Drop, "drop_bad_total_len"),
-        ("total length < header", tcp(CLIENT, 40000, VIP, 80, SYN).tot_len(10).build(), V::Drop, "drop_bad_total_len"),
-        ("TCP header cut by total length", tcp(CLIENT, 40000, VIP, 80, SYN).tot_len(30).build(), V::Drop, "drop_truncated_l4"),
-        ("UDP header cut", Pkt::udp().ip(CLIENT, UDP_VIP).ports(1, 53).tot_len(24).build(), V::Drop, "drop_truncated_l4"),
-        ("ICMP", Pkt::tcp().ip(CLIENT, VIP).ip_proto(1).build(), V::Pass, "pass_not_tcp_udp"),
-        ("ARP", Pkt::tcp().ethertype(0x0806).build(), V::Pass, "pass_not_ipv4"),
+        (
+            "IP options",
+            tcp(CLIENT, 40000, VIP, 80, SYN)
+                .ip_options(&[1, 1, 1, 0])
+                .build(),
+            V::Pass,
+            "pass_ip_options",
+        ),
+        (
+            "more fragments",
+            tcp(CLIENT, 40000, VIP, 80, SYN).frag(0, true).build(),
+            V::Pass,
+            "pass_fragment",
+        ),
+        (
+            "fragment offset",
+            tcp(CLIENT, 40000, VIP, 80, SYN).frag(64, false).build(),
+            V::Pass,
+            "pass_fragment",
+        ),
+        (
+            "ihl 4",
+            tcp(CLIENT, 40000, VIP, 80, SYN).ihl(4).build(),
+            V::Drop,
+            "drop_bad_ihl",
+        ),
+        (
+            "ihl 0",
+            tcp(CLIENT, 40000, VIP, 80, SYN).ihl(0).build(),
+            V::Drop,
+            "drop_bad_ihl",
+        ),
+        (
+            "total length > frame",
+            tcp(CLIENT, 40000, VIP, 80, SYN).tot_len(200).build(),
+            V::Drop,
+            "drop_bad_total_len",
+        ),
+        (
+            "total length < header",
+            tcp(CLIENT, 40000, VIP, 80, SYN).tot_len(10).build(),
+            V::Drop,
+            "drop_bad_total_len",
+        ),
+        (
+            "TCP header cut by total length",
+            tcp(CLIENT, 40000, VIP, 80, SYN).tot_len(30).build(),
+            V::Drop,
+            "drop_truncated_l4",
+        ),
+        (
+            "UDP header cut",
+            Pkt::udp()
+                .ip(CLIENT, UDP_VIP)
+                .ports(1, 53)
+                .tot_len(24)
+                .build(),
+            V::Drop,
+            "drop_truncated_l4",
+        ),
+        (
+            "ICMP",
+            Pkt::tcp().ip(CLIENT, VIP).ip_proto(1).build(),
+            V::Pass,
+            "pass_not_tcp_udp",
+        ),
+        (
+            "ARP",
+            Pkt::tcp().ethertype(0x0806).build(),
+            V::Pass,
+            "pass_not_ipv4",
+        ),
     ];
     for (what, input, v, r) in cases {
         eprintln!("{hook:?}: malformed: {what}");

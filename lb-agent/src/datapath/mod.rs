@@ -1,7 +1,7 @@
 //! Load, attach and pin the kernel programs, and write their maps.
 //!
 //! Layout under the pin path (default `/sys/fs/bpf/rpclb`):
-//! every map by name (`SERVICES`, `CONNTRACK`, ...) and `links/<ifname>.<xdp|tc>`.
+//! every map by name (`SERVICES`, `CONNTRACK`, ...) and `links/<xdp|tc>_<ifname>`.
 //! The maps and links outlive the agent, so traffic keeps flowing while it is
 //! down, and a restarted agent adopts the same state.
 
@@ -36,38 +36,38 @@ pub enum DatapathError {
     Load {
         path: PathBuf,
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error("program {name}: {source}")]
     Program {
         name: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("attaching to {iface} ({mode}): {source}")]
     Attach {
         iface: String,
         mode: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("link {path}: {source}")]
     Link {
         path: PathBuf,
         #[source]
-        source: LinkError,
+        source: Box<LinkError>,
     },
     #[error("pinning {path}: {source}")]
     Pin {
         path: PathBuf,
         #[source]
-        source: aya::pin::PinError,
+        source: Box<aya::pin::PinError>,
     },
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     #[error("map {0} is missing from the object")]
     MissingMap(&'static str),
@@ -111,7 +111,9 @@ impl std::str::FromStr for AttachMode {
             "xdp" => Ok(AttachMode::Xdp),
             "xdp-generic" => Ok(AttachMode::XdpGeneric),
             "tc" => Ok(AttachMode::Tc),
-            _ => Err(format!("unknown mode {s:?} (expected xdp, xdp-generic or tc)")),
+            _ => Err(format!(
+                "unknown mode {s:?} (expected xdp, xdp-generic or tc)"
+            )),
         }
     }
 }
@@ -190,16 +192,17 @@ impl Datapath {
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
                 path: cfg.pin_path.clone(),
-                source,
+                source: Box::new(source),
             })?;
-        for name in [prog_names::XDP] {
-            let p: &mut Xdp = prog(&mut ebpf, name)?;
-            p.load().map_err(|source| DatapathError::Program { name, source })?;
-        }
+        let p: &mut Xdp = prog(&mut ebpf, prog_names::XDP)?;
+        p.load().map_err(|source| DatapathError::Program {
+            name: prog_names::XDP,
+            source: Box::new(source),
+        })?;
         let p: &mut SchedClassifier = prog(&mut ebpf, prog_names::TC)?;
         p.load().map_err(|source| DatapathError::Program {
             name: prog_names::TC,
-            source,
+            source: Box::new(source),
         })?;
         let mut writer = MapWriter::from_ebpf(&mut ebpf)?;
         writer.set_config(cfg.fib_redirect)?;
@@ -227,9 +230,24 @@ impl Datapath {
         prog(&mut self.ebpf, prog_names::TC).expect("tc program loaded")
     }
 
+    /// A benchmark baseline program (`prog_names::BENCH_*`), loaded on first use.
+    pub fn bench_program(&mut self, name: &'static str) -> Result<&mut Xdp, DatapathError> {
+        let p: &mut Xdp = prog(&mut self.ebpf, name)?;
+        if p.fd().is_err() {
+            p.load().map_err(|source| DatapathError::Program {
+                name,
+                source: Box::new(source),
+            })?;
+        }
+        Ok(p)
+    }
+
     fn link_path(&self, iface: &str, mode: AttachMode) -> PathBuf {
         let kind = if mode == AttachMode::Tc { "tc" } else { "xdp" };
-        self.pin_path.join("links").join(format!("{iface}.{kind}"))
+        // bpffs refuses names with dots, which interface names may have (VLANs).
+        self.pin_path
+            .join("links")
+            .join(format!("{kind}_{}", iface.replace('.', "_")))
     }
 
     /// Attaches to `iface` (in the calling thread's network namespace) and pins
@@ -245,11 +263,11 @@ impl Datapath {
         let attach_err = |source| DatapathError::Attach {
             iface: iface.to_string(),
             mode: mode.as_str(),
-            source,
+            source: Box::new(source),
         };
         let link_err = |source| DatapathError::Link {
             path: path.clone(),
-            source,
+            source: Box::new(source),
         };
         let existing = match PinnedLink::from_pin(&path) {
             Ok(l) => Some(FdLink::from(l)),
@@ -263,7 +281,11 @@ impl Datapath {
                     .attach_to_link(SchedClassifierLink::try_from(l).map_err(link_err)?)
                     .map_err(attach_err)?,
                 None => p
-                    .attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                    .attach_with_options(
+                        iface,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
                     .map_err(attach_err)?,
             };
             let link = p.take_link(id).map_err(attach_err)?;
@@ -290,7 +312,7 @@ impl Datapath {
         } else {
             fd_link.pin(&path).map_err(|source| DatapathError::Pin {
                 path: path.clone(),
-                source,
+                source: Box::new(source),
             })?;
         }
         info!(iface, mode = mode.as_str(), reused, "attached");
@@ -304,9 +326,12 @@ where
 {
     let p = ebpf.program_mut(name).ok_or(DatapathError::Program {
         name,
-        source: aya::programs::ProgramError::NotLoaded,
+        source: Box::new(aya::programs::ProgramError::NotLoaded),
     })?;
-    p.try_into().map_err(|source| DatapathError::Program { name, source })
+    p.try_into().map_err(|source| DatapathError::Program {
+        name,
+        source: Box::new(source),
+    })
 }
 
 /// Detaches (by unpinning the links) and removes every pinned map under

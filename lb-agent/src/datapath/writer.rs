@@ -27,7 +27,10 @@ use tracing::debug;
 use super::{DatapathError, maglev, table};
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
-    move |source| DatapathError::Map { name, source }
+    move |source| DatapathError::Map {
+        name,
+        source: Box::new(source),
+    }
 }
 
 /// A backend as the writer tracks it.
@@ -121,12 +124,12 @@ impl RangeAlloc {
             return;
         }
         let (mut off, mut len) = (off, len);
-        if let Some((&p, &pl)) = self.free.range(..off).next_back() {
-            if p + pl == off {
-                self.free.remove(&p);
-                off = p;
-                len += pl;
-            }
+        if let Some((&p, &pl)) = self.free.range(..off).next_back()
+            && p + pl == off
+        {
+            self.free.remove(&p);
+            off = p;
+            len += pl;
         }
         if let Some(&nl) = self.free.get(&(off + len)) {
             self.free.remove(&(off + len));
@@ -300,7 +303,10 @@ impl MapWriter {
             Some(Map::Array(md)) => md,
             _ => return Err(DatapathError::MissingMap(map_names::SLOTS)),
         };
-        let slots_cap = slots.info().map_err(map_err(map_names::SLOTS))?.max_entries();
+        let slots_cap = slots
+            .info()
+            .map_err(map_err(map_names::SLOTS))?
+            .max_entries();
         let backends: Array<MapData, BackendValue> = typed!(map_names::BACKENDS);
         let mut w = MapWriter {
             services: typed!(map_names::SERVICES),
@@ -337,7 +343,9 @@ impl MapWriter {
                 .names
                 .get(&v.id, 0)
                 .ok()
-                .map(|n| String::from_utf8_lossy(&n.bytes[..(n.len as usize).min(NAME_MAX)]).into_owned())
+                .map(|n| {
+                    String::from_utf8_lossy(&n.bytes[..(n.len as usize).min(NAME_MAX)]).into_owned()
+                })
                 .unwrap_or_else(|| addr.to_string());
             by_id.insert(v.id, addr);
             self.svcs.insert(
@@ -381,14 +389,22 @@ impl MapWriter {
         self.config
             .set(config_idx::FIB_REDIRECT, fib_redirect as u32, 0)
             .map_err(&e)?;
-        self.config.set(config_idx::SLOTS_LEN, self.slots_cap, 0).map_err(&e)
+        self.config
+            .set(config_idx::SLOTS_LEN, self.slots_cap, 0)
+            .map_err(&e)
     }
 
     /// Applies a whole desired state: upserts every service in it and removes
     /// the services that are not. Unchanged services cause no map writes.
     pub fn apply(&mut self, state: &DesiredState) -> Result<(), DatapathError> {
-        let want: std::collections::BTreeSet<ServiceAddr> = state.services.iter().map(|s| s.addr()).collect();
-        let gone: Vec<ServiceAddr> = self.svcs.keys().filter(|a| !want.contains(a)).copied().collect();
+        let want: std::collections::BTreeSet<ServiceAddr> =
+            state.services.iter().map(|s| s.addr()).collect();
+        let gone: Vec<ServiceAddr> = self
+            .svcs
+            .keys()
+            .filter(|a| !want.contains(a))
+            .copied()
+            .collect();
         for s in &state.services {
             self.upsert_service(s)?;
         }
@@ -402,7 +418,11 @@ impl MapWriter {
     pub fn upsert_service(&mut self, svc: &Service) -> Result<u32, DatapathError> {
         let addr = svc.addr();
         let invalid = |m: String| DatapathError::InvalidService(svc.name.clone(), m);
-        let live: Vec<&Backend> = svc.backends.iter().filter(|b| b.takes_new_flows()).collect();
+        let live: Vec<&Backend> = svc
+            .backends
+            .iter()
+            .filter(|b| b.takes_new_flows())
+            .collect();
         if svc.algorithm.uses_maglev_table() && !live.is_empty() {
             maglev::validate_m(svc.maglev_m(), live.len()).map_err(|e| invalid(e.to_string()))?;
         }
@@ -470,7 +490,10 @@ impl MapWriter {
             id,
             table_off: st.value.table_off,
             table_len: st.value.table_len,
-            affinity_timeout_s: svc.affinity_timeout.map(|d| d.as_secs().max(1) as u32).unwrap_or(0),
+            affinity_timeout_s: svc
+                .affinity_timeout
+                .map(|d| d.as_secs().max(1) as u32)
+                .unwrap_or(0),
             algo,
             _pad: [0; 3],
             table_hash: hash,
@@ -501,12 +524,12 @@ impl MapWriter {
         // 4. Existing backends whose weight/state changed: after the new table,
         //    so a draining backend is out of the table before it is marked.
         for (k, slot) in &next {
-            if let Some(old) = st.backends.get(k) {
-                if old.value != slot.value {
-                    self.backends
-                        .set(slot.id, slot.value, 0)
-                        .map_err(map_err(map_names::BACKENDS))?;
-                }
+            if let Some(old) = st.backends.get(k)
+                && old.value != slot.value
+            {
+                self.backends
+                    .set(slot.id, slot.value, 0)
+                    .map_err(map_err(map_names::BACKENDS))?;
             }
         }
         // 5. Free what is no longer referenced.
@@ -525,7 +548,11 @@ impl MapWriter {
         Ok(id)
     }
 
-    fn build_table(&self, svc: &Service, next: &BTreeMap<(Ipv4Addr, u16), BackendSlot>) -> Result<Vec<u32>, String> {
+    fn build_table(
+        &self,
+        svc: &Service,
+        next: &BTreeMap<(Ipv4Addr, u16), BackendSlot>,
+    ) -> Result<Vec<u32>, String> {
         let live: Vec<&BackendSlot> = next
             .values()
             .filter(|b| b.value.state == backend_state::ACTIVE && b.value.weight > 0)
@@ -588,7 +615,9 @@ impl MapWriter {
         self.backend_conns
             .set(id, ConnCounts::default(), 0)
             .map_err(map_err(map_names::BACKEND_CONNS))?;
-        self.backend_gc.set(id, 0, 0).map_err(map_err(map_names::BACKEND_GC))
+        self.backend_gc
+            .set(id, 0, 0)
+            .map_err(map_err(map_names::BACKEND_GC))
     }
 
     fn reset_service_counters(&mut self, id: u32) -> Result<(), DatapathError> {
@@ -600,7 +629,9 @@ impl MapWriter {
         self.svc_stats
             .set(id, zero, 0)
             .map_err(map_err(map_names::SVC_STATS))?;
-        self.rr.set(id, 0, 0).map_err(map_err(map_names::RR_COUNTERS))
+        self.rr
+            .set(id, 0, 0)
+            .map_err(map_err(map_names::RR_COUNTERS))
     }
 
     fn write_name(&mut self, id: u32, name: &str) -> Result<(), DatapathError> {
@@ -612,7 +643,9 @@ impl MapWriter {
         }
         v.bytes[..n].copy_from_slice(&b[..n]);
         v.len = n as u32;
-        self.names.insert(id, v, 0).map_err(map_err(map_names::NAMES))
+        self.names
+            .insert(id, v, 0)
+            .map_err(map_err(map_names::NAMES))
     }
 
     /// Writes `SLOTS[off..off+len]` with one BPF_MAP_UPDATE_BATCH call per chunk.
@@ -621,12 +654,12 @@ impl MapWriter {
         for (ci, chunk) in t.chunks(CHUNK).enumerate() {
             let base = off + (ci * CHUNK) as u32;
             let keys: Vec<u32> = (0..chunk.len() as u32).map(|i| base + i).collect();
-            map_update_batch(self.slots.fd().as_fd().as_raw_fd(), &keys, chunk).map_err(|source| {
-                DatapathError::Io {
+            map_update_batch(self.slots.fd().as_fd().as_raw_fd(), &keys, chunk).map_err(
+                |source| DatapathError::Io {
                     path: "SLOTS (BPF_MAP_UPDATE_BATCH)".into(),
                     source,
-                }
-            })?;
+                },
+            )?;
         }
         Ok(())
     }
@@ -676,7 +709,9 @@ impl MapWriter {
 
     /// The raw service value as stored in the map.
     pub fn service_value(&self, addr: &ServiceAddr) -> Result<ServiceValue, DatapathError> {
-        self.services.get(&key_of(addr), 0).map_err(map_err(map_names::SERVICES))
+        self.services
+            .get(&key_of(addr), 0)
+            .map_err(map_err(map_names::SERVICES))
     }
 
     /// Backend id for `ip:port` of a service.
@@ -690,7 +725,12 @@ impl MapWriter {
         self.read_slots(v.table_off, v.table_len)
     }
 
-    fn sum(&self, m: &PerCpuArray<MapData, Counters>, id: u32, name: &'static str) -> Result<Counters, DatapathError> {
+    fn sum(
+        &self,
+        m: &PerCpuArray<MapData, Counters>,
+        id: u32,
+        name: &'static str,
+    ) -> Result<Counters, DatapathError> {
         let v = m.get(&id, 0).map_err(map_err(name))?;
         Ok(v.iter().fold(Counters::default(), |a, c| Counters {
             packets: a.packets + c.packets,
@@ -719,7 +759,10 @@ impl MapWriter {
             .backend_conns
             .get(&id, 0)
             .map_err(map_err(map_names::BACKEND_CONNS))?;
-        let gc = self.backend_gc.get(&id, 0).map_err(map_err(map_names::BACKEND_GC))?;
+        let gc = self
+            .backend_gc
+            .get(&id, 0)
+            .map_err(map_err(map_names::BACKEND_GC))?;
         Ok(c.active(gc))
     }
 
@@ -785,7 +828,11 @@ impl MapWriter {
         Ok(fwd
             .into_iter()
             .map(|(k, v)| ConntrackEntry {
-                proto: if k.proto == 17 { Protocol::Udp } else { Protocol::Tcp },
+                proto: if k.proto == 17 {
+                    Protocol::Udp
+                } else {
+                    Protocol::Tcp
+                },
                 client: (ip_from_wire(k.src_ip), u16::from_be(k.src_port)),
                 vip: (ip_from_wire(k.dst_ip), u16::from_be(k.dst_port)),
                 backend: (ip_from_wire(v.nat_ip), u16::from_be(v.nat_port)),
@@ -801,7 +848,10 @@ impl MapWriter {
 
     /// Name of a service id (from the `NAMES` map, via the index).
     pub fn service_name(&self, id: u32) -> Option<&str> {
-        self.svcs.values().find(|s| s.value.id == id).map(|s| s.name.as_str())
+        self.svcs
+            .values()
+            .find(|s| s.value.id == id)
+            .map(|s| s.name.as_str())
     }
 
     /// Direct access to the conntrack map (GC, tests).
@@ -823,7 +873,8 @@ impl MapWriter {
     /// Affinity timeout of a service, if any.
     pub fn affinity_timeout(&self, addr: &ServiceAddr) -> Option<Duration> {
         let s = self.svcs.get(addr)?;
-        (s.value.affinity_timeout_s > 0).then(|| Duration::from_secs(s.value.affinity_timeout_s as u64))
+        (s.value.affinity_timeout_s > 0)
+            .then(|| Duration::from_secs(s.value.affinity_timeout_s as u64))
     }
 
     /// Number of affinity entries (for tests and metrics).
@@ -876,7 +927,11 @@ fn map_update_batch(fd: i32, keys: &[u32], values: &[u32]) -> std::io::Result<()
         map_fd: fd as u32,
         ..Default::default()
     };
-    bpf(BPF_MAP_UPDATE_BATCH, (&raw mut a).cast(), std::mem::size_of::<BatchAttr>())?;
+    bpf(
+        BPF_MAP_UPDATE_BATCH,
+        (&raw mut a).cast(),
+        std::mem::size_of::<BatchAttr>(),
+    )?;
     if a.count as usize != keys.len() {
         return Err(std::io::Error::other(format!(
             "batch update wrote {} of {} entries",
@@ -895,7 +950,11 @@ fn map_lookup_u32(fd: i32, key: u32) -> std::io::Result<u32> {
         value: (&raw mut v) as u64,
         ..Default::default()
     };
-    bpf(BPF_MAP_LOOKUP_ELEM, (&raw mut a).cast(), std::mem::size_of::<ElemAttr>())?;
+    bpf(
+        BPF_MAP_LOOKUP_ELEM,
+        (&raw mut a).cast(),
+        std::mem::size_of::<ElemAttr>(),
+    )?;
     Ok(v)
 }
 
@@ -921,7 +980,10 @@ mod tests {
     #[test]
     fn id_alloc_reuses_oldest_freed_last() {
         let mut a = IdAlloc::new(4);
-        assert_eq!((a.alloc(), a.alloc(), a.alloc()), (Some(1), Some(2), Some(3)));
+        assert_eq!(
+            (a.alloc(), a.alloc(), a.alloc()),
+            (Some(1), Some(2), Some(3))
+        );
         assert_eq!(a.alloc(), None);
         a.release(2);
         a.release(1);

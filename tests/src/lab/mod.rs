@@ -6,7 +6,7 @@
 mod netns;
 pub mod sys;
 mod topology;
-mod traffic;
+pub mod traffic;
 
 pub use netns::{LinkStats, Netns, netns_list, sweep, sweep_orphans};
 pub use topology::{BpfFs, Host, Iface, Lab};

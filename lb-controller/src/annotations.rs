@@ -1,0 +1,498 @@
+//! The `rpclb.io/` annotations on a Kubernetes Service: its load-balancing
+//! policy.
+//!
+//! | annotation | value | default |
+//! |---|---|---|
+//! | `rpclb.io/algorithm` | `random`, `round-robin`, `maglev`, `source-hash` or `least-conn` (case-insensitive) | `random` |
+//! | `rpclb.io/weights` | a list of `IP=WEIGHT`, see below | every backend weight 1 |
+//! | `rpclb.io/maglev-table-size` | a prime > 100 | the agent's default (16381, or larger for many backends) |
+//!
+//! `rpclb.io/weights` format: comma-separated `IP=WEIGHT` entries, for
+//! example `"10.244.2.2=3, 10.244.2.3=1"`.
+//!
+//! - `IP` is a backend pod's IPv4 address, as in the EndpointSlice. The
+//!   weight applies to every port of that pod.
+//! - `WEIGHT` is a whole number from 0 to 65535 (`lb_api::MAX_WEIGHT`),
+//!   relative to the other backends; 0 drains the pod (no new flows).
+//! - Spaces around entries and around `=` are ignored, and so is a trailing
+//!   comma. Each IP may appear once.
+//! - Backends not listed get weight 1. Listed IPs that are not (or no longer)
+//!   endpoints of the Service are ignored, so the annotation may run ahead of
+//!   a rollout.
+//! - The list is all or nothing: if any entry is invalid, the whole
+//!   annotation is ignored (every backend weight 1) and each bad entry is
+//!   reported.
+//!
+//! `rpclb.io/maglev-table-size` is used by `maglev` and `source-hash` and
+//! ignored by the other algorithms. Whether it is also greater than 100 x the
+//! number of backends is checked where the backends are known, when the
+//! desired state is built.
+//!
+//! An invalid annotation never stops the Service from being balanced: the
+//! default is used, and [`parse_annotations`] returns an [`AnnotationError`]
+//! for it, which the controller turns into a Kubernetes Event on the Service
+//! (reason [`AnnotationError::EVENT_REASON`]). An unknown `rpclb.io/` key (a
+//! typo such as `rpclb.io/algoritm`) is reported the same way. Annotations
+//! with other prefixes are not ours and are skipped.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use lb_api::{Algorithm, MAX_WEIGHT};
+
+/// The prefix of every rpclb annotation.
+pub const PREFIX: &str = "rpclb.io/";
+/// The load-balancing algorithm.
+pub const ALGORITHM: &str = "rpclb.io/algorithm";
+/// Per-backend weights, `IP=WEIGHT,...`.
+pub const WEIGHTS: &str = "rpclb.io/weights";
+/// The Maglev table size (prime).
+pub const MAGLEV_TABLE_SIZE: &str = "rpclb.io/maglev-table-size";
+/// Every annotation this version understands.
+pub const KNOWN: [&str; 3] = [ALGORITHM, WEIGHTS, MAGLEV_TABLE_SIZE];
+
+/// A Service's load-balancing policy, from its annotations.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServicePolicy {
+    pub algorithm: Algorithm,
+    /// Weights by backend IP; backends not listed have weight 1.
+    pub weights: BTreeMap<Ipv4Addr, u32>,
+    /// `None`: the agent's default.
+    pub maglev_table_size: Option<u32>,
+}
+
+impl ServicePolicy {
+    /// The weight of the backend at `ip`.
+    pub fn weight(&self, ip: Ipv4Addr) -> u32 {
+        self.weights.get(&ip).copied().unwrap_or(1)
+    }
+}
+
+/// An annotation whose value could not be used; its default applies instead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnnotationError {
+    /// The annotation key, e.g. `rpclb.io/weights`.
+    pub key: String,
+    /// Its whole value, as given.
+    pub value: String,
+    pub problem: AnnotationProblem,
+}
+
+impl AnnotationError {
+    /// The `reason` of the Kubernetes Event this error becomes.
+    pub const EVENT_REASON: &'static str = "InvalidAnnotation";
+
+    /// What is used instead of the annotation.
+    pub fn fallback(&self) -> &'static str {
+        match self.key.as_str() {
+            ALGORITHM => "using the default algorithm (random)",
+            WEIGHTS => "ignoring all weights (every backend has weight 1)",
+            MAGLEV_TABLE_SIZE => "using the default maglev table size",
+            _ => "ignoring it",
+        }
+    }
+}
+
+impl fmt::Display for AnnotationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid annotation {}={:?}: {}; {}",
+            self.key,
+            self.value,
+            self.problem,
+            self.fallback()
+        )
+    }
+}
+
+impl std::error::Error for AnnotationError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.problem)
+    }
+}
+
+/// Why an annotation value is invalid.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AnnotationProblem {
+    #[error(
+        "unknown rpclb.io annotation (known: rpclb.io/algorithm, rpclb.io/weights, rpclb.io/maglev-table-size)"
+    )]
+    UnknownKey,
+    #[error("the value is empty")]
+    Empty,
+    #[error(
+        "unknown algorithm {0:?} (expected one of: random, round-robin, maglev, source-hash, least-conn)"
+    )]
+    UnknownAlgorithm(String),
+    #[error("weight entry {entry:?} is not of the form IP=WEIGHT")]
+    WeightSyntax { entry: String },
+    #[error("weight entry {entry:?}: {ip:?} is not an IPv4 address")]
+    WeightIp { entry: String, ip: String },
+    #[error("weight entry {entry:?}: {weight:?} is not a weight from 0 to 65535")]
+    WeightValue { entry: String, weight: String },
+    #[error("weight entry {entry:?}: {ip} is listed more than once")]
+    WeightDuplicate { entry: String, ip: Ipv4Addr },
+    #[error("{0:?} is not a whole number")]
+    NotANumber(String),
+    #[error("maglev table size {0} is too small (must be > 100)")]
+    TableTooSmall(u32),
+    #[error("maglev table size {0} is not prime")]
+    TableNotPrime(u32),
+}
+
+/// Reads a Service's policy from its annotations.
+///
+/// Never fails: each invalid annotation is reported in the returned list (in
+/// key order) and its default is used.
+pub fn parse_annotations(
+    annotations: &BTreeMap<String, String>,
+) -> (ServicePolicy, Vec<AnnotationError>) {
+    let mut policy = ServicePolicy::default();
+    let mut errors = Vec::new();
+    for (key, value) in annotations {
+        if !key.starts_with(PREFIX) {
+            continue;
+        }
+        let problems = match key.as_str() {
+            ALGORITHM => parse_algorithm(value).map(|a| policy.algorithm = a),
+            WEIGHTS => parse_weights(value).map(|w| policy.weights = w),
+            MAGLEV_TABLE_SIZE => {
+                parse_maglev_table_size(value).map(|m| policy.maglev_table_size = Some(m))
+            }
+            _ => Err(vec![AnnotationProblem::UnknownKey]),
+        };
+        if let Err(problems) = problems {
+            errors.extend(problems.into_iter().map(|problem| AnnotationError {
+                key: key.clone(),
+                value: value.clone(),
+                problem,
+            }));
+        }
+    }
+    (policy, errors)
+}
+
+fn parse_algorithm(value: &str) -> Result<Algorithm, Vec<AnnotationProblem>> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Err(vec![AnnotationProblem::Empty]);
+    }
+    v.to_ascii_lowercase()
+        .parse()
+        .map_err(|_| vec![AnnotationProblem::UnknownAlgorithm(v.to_string())])
+}
+
+fn parse_weights(value: &str) -> Result<BTreeMap<Ipv4Addr, u32>, Vec<AnnotationProblem>> {
+    if value.trim().is_empty() {
+        return Err(vec![AnnotationProblem::Empty]);
+    }
+    let mut weights = BTreeMap::new();
+    let mut problems = Vec::new();
+    for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let Some((ip, weight)) = entry.split_once('=') else {
+            problems.push(AnnotationProblem::WeightSyntax {
+                entry: entry.to_string(),
+            });
+            continue;
+        };
+        let (ip, weight) = (ip.trim(), weight.trim());
+        let Ok(addr) = ip.parse::<Ipv4Addr>() else {
+            problems.push(AnnotationProblem::WeightIp {
+                entry: entry.to_string(),
+                ip: ip.to_string(),
+            });
+            continue;
+        };
+        let Some(w) = weight
+            .parse::<u32>()
+            .ok()
+            .filter(|&w| w <= MAX_WEIGHT && !weight.starts_with('+'))
+        else {
+            problems.push(AnnotationProblem::WeightValue {
+                entry: entry.to_string(),
+                weight: weight.to_string(),
+            });
+            continue;
+        };
+        if weights.insert(addr, w).is_some() {
+            problems.push(AnnotationProblem::WeightDuplicate {
+                entry: entry.to_string(),
+                ip: addr,
+            });
+        }
+    }
+    if problems.is_empty() {
+        Ok(weights)
+    } else {
+        Err(problems)
+    }
+}
+
+fn parse_maglev_table_size(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Err(vec![AnnotationProblem::Empty]);
+    }
+    let m = v
+        .parse::<u32>()
+        .ok()
+        .filter(|_| !v.starts_with('+'))
+        .ok_or_else(|| vec![AnnotationProblem::NotANumber(v.to_string())])?;
+    if m <= 100 {
+        Err(vec![AnnotationProblem::TableTooSmall(m)])
+    } else if !lb_api::is_prime(m) {
+        Err(vec![AnnotationProblem::TableNotPrime(m)])
+    } else {
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|&(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn parse(pairs: &[(&str, &str)]) -> (ServicePolicy, Vec<AnnotationError>) {
+        parse_annotations(&annotations(pairs))
+    }
+
+    fn problems(pairs: &[(&str, &str)]) -> Vec<AnnotationProblem> {
+        parse(pairs).1.into_iter().map(|e| e.problem).collect()
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn no_annotations_means_defaults() {
+        let (p, e) = parse(&[]);
+        assert_eq!(p, ServicePolicy::default());
+        assert_eq!(p.algorithm, Algorithm::Random);
+        assert_eq!(p.weight(ip("10.244.0.1")), 1);
+        assert_eq!(p.maglev_table_size, None);
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn all_valid() {
+        let (p, e) = parse(&[
+            (ALGORITHM, "maglev"),
+            (WEIGHTS, "10.244.2.2=3,10.244.2.3=1"),
+            (MAGLEV_TABLE_SIZE, "65537"),
+            ("kubectl.kubernetes.io/last-applied-configuration", "{}"),
+            ("example.com/rpclb.io/weights", "nonsense"),
+        ]);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(p.algorithm, Algorithm::Maglev);
+        assert_eq!(p.weight(ip("10.244.2.2")), 3);
+        assert_eq!(p.weight(ip("10.244.2.3")), 1);
+        assert_eq!(p.weight(ip("10.244.2.4")), 1);
+        assert_eq!(p.weights.len(), 2);
+        assert_eq!(p.maglev_table_size, Some(65_537));
+    }
+
+    #[test]
+    fn algorithms() {
+        for a in Algorithm::ALL {
+            let (p, e) = parse(&[(ALGORITHM, a.as_str())]);
+            assert!(e.is_empty());
+            assert_eq!(p.algorithm, a);
+        }
+        let (p, e) = parse(&[(ALGORITHM, "  Least-Conn ")]);
+        assert!(e.is_empty());
+        assert_eq!(p.algorithm, Algorithm::LeastConn);
+
+        let (p, e) = parse(&[(ALGORITHM, "fastest"), (WEIGHTS, "10.244.0.1=2")]);
+        assert_eq!(p.algorithm, Algorithm::Random);
+        assert_eq!(
+            p.weight(ip("10.244.0.1")),
+            2,
+            "other annotations still apply"
+        );
+        assert_eq!(
+            e,
+            [AnnotationError {
+                key: ALGORITHM.into(),
+                value: "fastest".into(),
+                problem: AnnotationProblem::UnknownAlgorithm("fastest".into()),
+            }]
+        );
+        assert_eq!(
+            e[0].to_string(),
+            "invalid annotation rpclb.io/algorithm=\"fastest\": unknown algorithm \"fastest\" \
+             (expected one of: random, round-robin, maglev, source-hash, least-conn); \
+             using the default algorithm (random)"
+        );
+        assert_eq!(problems(&[(ALGORITHM, " ")]), [AnnotationProblem::Empty]);
+    }
+
+    #[test]
+    fn weights_format() {
+        let (p, e) = parse(&[(WEIGHTS, " 10.244.2.2 = 3 ,10.244.2.3=0, ")]);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(p.weight(ip("10.244.2.2")), 3);
+        assert_eq!(p.weight(ip("10.244.2.3")), 0);
+        let (p, e) = parse(&[(WEIGHTS, "10.244.2.2=65535")]);
+        assert!(e.is_empty());
+        assert_eq!(p.weight(ip("10.244.2.2")), 65_535);
+    }
+
+    #[test]
+    fn weights_errors() {
+        let cases: &[(&str, AnnotationProblem)] = &[
+            ("", AnnotationProblem::Empty),
+            (
+                "10.244.2.2",
+                AnnotationProblem::WeightSyntax {
+                    entry: "10.244.2.2".into(),
+                },
+            ),
+            (
+                "10.244.2.2:3",
+                AnnotationProblem::WeightSyntax {
+                    entry: "10.244.2.2:3".into(),
+                },
+            ),
+            (
+                "pod-a=3",
+                AnnotationProblem::WeightIp {
+                    entry: "pod-a=3".into(),
+                    ip: "pod-a".into(),
+                },
+            ),
+            (
+                "10.244.2.2=65536",
+                AnnotationProblem::WeightValue {
+                    entry: "10.244.2.2=65536".into(),
+                    weight: "65536".into(),
+                },
+            ),
+            (
+                "10.244.2.2=-1",
+                AnnotationProblem::WeightValue {
+                    entry: "10.244.2.2=-1".into(),
+                    weight: "-1".into(),
+                },
+            ),
+            (
+                "10.244.2.2=+1",
+                AnnotationProblem::WeightValue {
+                    entry: "10.244.2.2=+1".into(),
+                    weight: "+1".into(),
+                },
+            ),
+            (
+                "10.244.2.2=1.5",
+                AnnotationProblem::WeightValue {
+                    entry: "10.244.2.2=1.5".into(),
+                    weight: "1.5".into(),
+                },
+            ),
+            (
+                "10.244.2.2=1,10.244.2.2=2",
+                AnnotationProblem::WeightDuplicate {
+                    entry: "10.244.2.2=2".into(),
+                    ip: ip("10.244.2.2"),
+                },
+            ),
+        ];
+        for (value, want) in cases {
+            let (p, e) = parse(&[(WEIGHTS, value)]);
+            assert!(p.weights.is_empty(), "{value:?}");
+            assert_eq!(e.len(), 1, "{value:?}: {e:?}");
+            assert_eq!(&e[0].problem, want, "{value:?}");
+            assert_eq!(e[0].key, WEIGHTS);
+            assert_eq!(e[0].value, *value);
+        }
+    }
+
+    #[test]
+    fn weights_all_or_nothing_reporting_every_bad_entry() {
+        let (p, e) = parse(&[(WEIGHTS, "10.244.0.1=5,bad,10.244.0.2=x")]);
+        assert!(p.weights.is_empty());
+        assert_eq!(p.weight(ip("10.244.0.1")), 1);
+        assert_eq!(e.len(), 2);
+        assert!(matches!(
+            e[0].problem,
+            AnnotationProblem::WeightSyntax { .. }
+        ));
+        assert!(matches!(
+            e[1].problem,
+            AnnotationProblem::WeightValue { .. }
+        ));
+        assert_eq!(
+            e[1].to_string(),
+            "invalid annotation rpclb.io/weights=\"10.244.0.1=5,bad,10.244.0.2=x\": \
+             weight entry \"10.244.0.2=x\": \"x\" is not a weight from 0 to 65535; \
+             ignoring all weights (every backend has weight 1)"
+        );
+    }
+
+    #[test]
+    fn maglev_table_size() {
+        assert_eq!(
+            parse(&[(MAGLEV_TABLE_SIZE, " 16381 ")]).0.maglev_table_size,
+            Some(16_381)
+        );
+        assert_eq!(
+            parse(&[(MAGLEV_TABLE_SIZE, "101")]).0.maglev_table_size,
+            Some(101)
+        );
+        let cases: &[(&str, AnnotationProblem)] = &[
+            ("", AnnotationProblem::Empty),
+            ("big", AnnotationProblem::NotANumber("big".into())),
+            ("-7", AnnotationProblem::NotANumber("-7".into())),
+            ("+101", AnnotationProblem::NotANumber("+101".into())),
+            (
+                "4294967296",
+                AnnotationProblem::NotANumber("4294967296".into()),
+            ),
+            ("97", AnnotationProblem::TableTooSmall(97)),
+            ("16380", AnnotationProblem::TableNotPrime(16_380)),
+        ];
+        for (value, want) in cases {
+            let (p, e) = parse(&[(MAGLEV_TABLE_SIZE, value)]);
+            assert_eq!(p.maglev_table_size, None, "{value:?}");
+            assert_eq!(e.len(), 1, "{value:?}");
+            assert_eq!(&e[0].problem, want, "{value:?}");
+        }
+        let e = &parse(&[(MAGLEV_TABLE_SIZE, "1000")]).1[0];
+        assert_eq!(
+            e.to_string(),
+            "invalid annotation rpclb.io/maglev-table-size=\"1000\": maglev table size 1000 \
+             is not prime; using the default maglev table size"
+        );
+    }
+
+    #[test]
+    fn unknown_rpclb_keys_are_reported() {
+        let (p, e) = parse(&[("rpclb.io/algoritm", "maglev"), (ALGORITHM, "least-conn")]);
+        assert_eq!(p.algorithm, Algorithm::LeastConn);
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].key, "rpclb.io/algoritm");
+        assert_eq!(e[0].problem, AnnotationProblem::UnknownKey);
+        assert!(e[0].to_string().ends_with("; ignoring it"), "{}", e[0]);
+    }
+
+    #[test]
+    fn errors_come_in_key_order_and_chain_their_problem() {
+        let (_, e) = parse(&[(WEIGHTS, "x"), (ALGORITHM, "y"), (MAGLEV_TABLE_SIZE, "z")]);
+        let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, [ALGORITHM, MAGLEV_TABLE_SIZE, WEIGHTS]);
+        let source = std::error::Error::source(&e[0]).unwrap().to_string();
+        assert_eq!(
+            source,
+            "unknown algorithm \"y\" (expected one of: random, round-robin, maglev, source-hash, least-conn)"
+        );
+        assert_eq!(AnnotationError::EVENT_REASON, "InvalidAnnotation");
+    }
+}

@@ -1,0 +1,285 @@
+//! Lab tests: real kernel TCP and UDP sockets through the programs attached
+//! to a node namespace, in XDP mode and in TC mode.
+//!
+//! client ── node (programs on every node-side veth) ── backends 1..3.
+//! Everything lives in namespaces that the lab creates and deletes.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::time::Duration;
+
+use lb_agent::datapath::{AttachMode, Datapath, DatapathConfig};
+use lb_api::{Algorithm, Backend, Protocol, Service};
+use rpclb_tests::lab::{self, Lab};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const UDP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
+
+fn service(
+    name: &str,
+    vip: Ipv4Addr,
+    port: u16,
+    proto: Protocol,
+    algo: Algorithm,
+    backends: Vec<Backend>,
+) -> Service {
+    Service {
+        name: name.into(),
+        vip,
+        port,
+        protocol: proto,
+        algorithm: algo,
+        affinity_timeout: None,
+        maglev_table_size: None,
+        backends,
+    }
+}
+
+/// Loads the data path pinned in the lab's bpffs and attaches it to every
+/// node-side interface, from inside the node namespace.
+fn datapath(lab: &Lab, mode: AttachMode) -> Datapath {
+    let ifaces: Vec<String> = lab.node_ifaces().iter().map(|i| i.name.clone()).collect();
+    let pin = lab.bpffs().join("rpclb");
+    lab.node()
+        .run(move || {
+            let mut dp = Datapath::load(&DatapathConfig::small(pin)).expect("load");
+            for i in &ifaces {
+                dp.attach(i, mode).expect("attach");
+            }
+            dp
+        })
+        .expect("node namespace")
+}
+
+fn counts(replies: &[lab::Reply]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for r in replies {
+        *m.entry(r.backend.clone()).or_default() += 1;
+    }
+    m
+}
+
+fn balance(mode: AttachMode) {
+    let lab = Lab::new(3).expect("lab");
+    let _tcp = lab.start_tcp_servers(8080).unwrap();
+    let _udp = lab.start_udp_servers(5353).unwrap();
+    let mut dp = datapath(&lab, mode);
+    let bk = |port| {
+        lab.backends()
+            .iter()
+            .map(|h| Backend::new(h.ip(), port))
+            .collect::<Vec<_>>()
+    };
+    let tcp_svc = service(
+        "lab/web:http",
+        VIP,
+        80,
+        Protocol::Tcp,
+        Algorithm::RoundRobin,
+        bk(8080),
+    );
+    let udp_svc = service(
+        "lab/dns:dns",
+        UDP_VIP,
+        53,
+        Protocol::Udp,
+        Algorithm::RoundRobin,
+        bk(5353),
+    );
+    dp.writer().upsert_service(&tcp_svc).unwrap();
+    dp.writer().upsert_service(&udp_svc).unwrap();
+
+    // TCP: every connection succeeds, replies come from the VIP, round-robin is exact.
+    let replies = lab.client_tcp(SocketAddrV4::new(VIP, 80), 60).unwrap();
+    for r in &replies {
+        assert_eq!(r.peer, SocketAddr::from((VIP, 80)), "reply from the VIP");
+    }
+    let c = counts(&replies);
+    assert_eq!(
+        c.values().copied().collect::<Vec<_>>(),
+        vec![20, 20, 20],
+        "{mode:?} TCP round-robin: {c:?}"
+    );
+
+    // UDP likewise.
+    let replies = lab.client_udp(SocketAddrV4::new(UDP_VIP, 53), 30).unwrap();
+    for r in &replies {
+        assert_eq!(r.peer, SocketAddr::from((UDP_VIP, 53)));
+    }
+    let c = counts(&replies);
+    assert_eq!(
+        c.values().copied().collect::<Vec<_>>(),
+        vec![10, 10, 10],
+        "{mode:?} UDP round-robin: {c:?}"
+    );
+
+    // The kernel counted it: 60 new TCP flows, 30 UDP flows.
+    let w = dp.writer();
+    assert_eq!(w.service_stats(&tcp_svc.addr()).unwrap().new_flows, 60);
+    assert_eq!(w.service_stats(&udp_svc.addr()).unwrap().new_flows, 30);
+    let reasons: BTreeMap<_, _> = w.reasons().unwrap().into_iter().collect();
+    assert!(
+        reasons["nat_forward"] >= 90 && reasons["nat_reverse"] >= 90,
+        "{reasons:?}"
+    );
+    if mode != AttachMode::Tc {
+        // XDP forwards with fib lookup + redirect, not through the stack.
+        assert!(reasons["fwd_redirect"] >= 180, "redirected: {reasons:?}");
+    }
+    eprintln!("{mode:?}: {reasons:?}");
+
+    // Maglev spreads too (every backend used), and random.
+    for algo in [Algorithm::Maglev, Algorithm::Random, Algorithm::LeastConn] {
+        let svc = service("lab/web:http", VIP, 80, Protocol::Tcp, algo, bk(8080));
+        dp.writer().upsert_service(&svc).unwrap();
+        let c = counts(&lab.client_tcp(SocketAddrV4::new(VIP, 80), 60).unwrap());
+        assert_eq!(c.len(), 3, "{mode:?} {algo}: every backend used: {c:?}");
+        assert!(c.values().all(|&n| n >= 8), "{mode:?} {algo}: spread {c:?}");
+    }
+}
+
+#[test]
+fn xdp_lab_balances_tcp_and_udp() {
+    if lab::can_run() {
+        balance(AttachMode::Xdp);
+    } else {
+        eprintln!("SKIP: needs root and CAP_NET_ADMIN");
+    }
+}
+
+#[test]
+fn tc_lab_balances_tcp_and_udp() {
+    if lab::can_run() {
+        balance(AttachMode::Tc);
+    } else {
+        eprintln!("SKIP: needs root and CAP_NET_ADMIN");
+    }
+}
+
+/// Sends a line and reads its echo.
+fn echo(s: &mut BufReader<TcpStream>, line: &str) -> String {
+    s.get_mut()
+        .write_all(format!("{line}\n").as_bytes())
+        .expect("write");
+    let mut got = String::new();
+    s.read_line(&mut got).expect("read echo");
+    got.trim_end().to_string()
+}
+
+fn long_lived(mode: AttachMode) {
+    let lab = Lab::new(3).expect("lab");
+    let _tcp = lab.start_tcp_servers(8080).unwrap();
+    let mut dp = datapath(&lab, mode);
+    let ip = |i: usize| lab.backend(i).ip();
+    let mut svc = service(
+        "lab/web:http",
+        VIP,
+        80,
+        Protocol::Tcp,
+        Algorithm::Maglev,
+        vec![Backend::new(ip(1), 8080), Backend::new(ip(2), 8080)],
+    );
+    dp.writer().upsert_service(&svc).unwrap();
+
+    let stream = lab
+        .client()
+        .ns
+        .run(|| {
+            let s =
+                TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), Duration::from_secs(2))
+                    .expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s
+        })
+        .unwrap();
+    assert_eq!(stream.peer_addr().unwrap(), SocketAddr::from((VIP, 80)));
+    let mut s = BufReader::new(stream);
+    let mut who = String::new();
+    s.read_line(&mut who).unwrap();
+    let who = who.trim_end().to_string();
+    let mine: usize = who.trim_start_matches("backend-").parse().unwrap();
+    assert_eq!(echo(&mut s, "one"), "one");
+
+    // Remove the other backend, add the third, then swap again: the flow stays.
+    let other = 3 - mine;
+    svc.backends = vec![Backend::new(ip(mine), 8080), Backend::new(ip(3), 8080)];
+    dp.writer().upsert_service(&svc).unwrap();
+    assert_eq!(echo(&mut s, "two"), "two");
+    svc.backends = vec![
+        Backend::new(ip(other), 8080),
+        Backend::new(ip(3), 8080),
+        Backend::new(ip(mine), 8080),
+    ];
+    dp.writer().upsert_service(&svc).unwrap();
+    assert_eq!(echo(&mut s, "three"), "three");
+    // Drop the flow's own backend from the service: conntrack keeps it going.
+    svc.backends = vec![Backend::new(ip(other), 8080), Backend::new(ip(3), 8080)];
+    dp.writer().upsert_service(&svc).unwrap();
+    assert_eq!(echo(&mut s, "four"), "four");
+    // New connections meanwhile go only to the current set.
+    let c = counts(&lab.client_tcp(SocketAddrV4::new(VIP, 80), 30).unwrap());
+    assert!(
+        !c.contains_key(&who),
+        "{mode:?}: no new flow to the removed {who}: {c:?}"
+    );
+    assert_eq!(echo(&mut s, "five"), "five");
+    // The long-lived flow is one conntrack entry, still on its backend.
+    let ct = dp.writer().conntrack().unwrap();
+    let local = s.get_ref().local_addr().unwrap();
+    let e = ct
+        .iter()
+        .find(|e| SocketAddr::from(e.client) == local)
+        .expect("long-lived flow in conntrack");
+    assert_eq!(e.backend, (ip(mine), 8080));
+    assert_eq!(e.state, "established");
+}
+
+#[test]
+fn xdp_lab_long_lived_connection_survives_backend_changes() {
+    if lab::can_run() {
+        long_lived(AttachMode::Xdp);
+    }
+}
+
+#[test]
+fn tc_lab_long_lived_connection_survives_backend_changes() {
+    if lab::can_run() {
+        long_lived(AttachMode::Tc);
+    }
+}
+
+/// A SYN to a service without backends is refused at once (RST), not timed out.
+#[test]
+fn lab_no_backend_refuses_fast() {
+    if !lab::can_run() {
+        return;
+    }
+    let lab = Lab::new(1).expect("lab");
+    let mut dp = datapath(&lab, AttachMode::Xdp);
+    dp.writer()
+        .upsert_service(&service(
+            "lab/empty:http",
+            VIP,
+            80,
+            Protocol::Tcp,
+            Algorithm::Random,
+            vec![],
+        ))
+        .unwrap();
+    let (kind, took) = lab
+        .client()
+        .ns
+        .run(|| {
+            let t = std::time::Instant::now();
+            let e =
+                TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), Duration::from_secs(3))
+                    .unwrap_err();
+            (e.kind(), t.elapsed())
+        })
+        .unwrap();
+    let reasons: BTreeMap<_, _> = dp.writer().reasons().unwrap().into_iter().collect();
+    assert_eq!(kind, std::io::ErrorKind::ConnectionRefused);
+    assert!(took < Duration::from_secs(1), "refused fast, took {took:?}");
+    assert_eq!(reasons["tx_rst_no_backend"], 1);
+}
