@@ -254,6 +254,8 @@ pub struct MapWriter {
     slots: MapData,
     slots_cap: u32,
     conntrack: HashMap<MapData, FlowKey, CtValue>,
+    /// A dup of the conntrack map's fd, for batch syscalls that aya lacks.
+    conntrack_fd: std::os::fd::OwnedFd,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     rr: Array<MapData, u64>,
     svc_stats: PerCpuArray<MapData, Counters>,
@@ -317,6 +319,7 @@ impl MapWriter {
             slots,
             slots_cap,
             conntrack: typed!(map_names::CONNTRACK),
+            conntrack_fd,
             affinity: typed!(map_names::AFFINITY),
             rr: typed!(map_names::RR_COUNTERS),
             svc_stats: typed!(map_names::SVC_STATS),
@@ -857,6 +860,11 @@ impl MapWriter {
     /// Direct access to the conntrack map (GC, tests).
     pub fn conntrack_map(&mut self) -> &mut HashMap<MapData, FlowKey, CtValue> {
         &mut self.conntrack
+    }
+
+    /// The conntrack map's fd (for BPF_MAP_*_BATCH calls).
+    pub fn conntrack_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.conntrack_fd.as_fd()
     }
 
     /// Adds `n` to a backend's GC-expired count (agent-owned counter).
