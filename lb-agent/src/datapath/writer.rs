@@ -309,6 +309,17 @@ impl MapWriter {
             .info()
             .map_err(map_err(map_names::SLOTS))?
             .max_entries();
+        let conntrack_fd = match maps.get(map_names::CONNTRACK) {
+            Some(Map::LruHashMap(md)) | Some(Map::HashMap(md)) => md
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| DatapathError::Io {
+                    path: "CONNTRACK fd".into(),
+                    source,
+                })?,
+            _ => return Err(DatapathError::MissingMap(map_names::CONNTRACK)),
+        };
         let backends: Array<MapData, BackendValue> = typed!(map_names::BACKENDS);
         let mut w = MapWriter {
             services: typed!(map_names::SERVICES),
