@@ -1,1 +1,287 @@
-fn main() {}
+//! `lb-agent`: the rpclb node daemon.
+//!
+//! ```text
+//! lb-agent [run] --config services.yaml --interfaces IF1,IF2 [--mode auto|xdp|xdp-generic|tc] ...
+//! lb-agent cleanup [--pin-path P]        (or: lb-agent --cleanup [--pin-path P])
+//! ```
+//!
+//! Every flag also reads an environment variable (`RPCLB_*`, shown in
+//! `--help`). Errors print as `lb-agent: ...` and exit with status 1. See
+//! docs/operations.md.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use clap::builder::BoolishValueParser;
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use lb_agent::agent::{self, ModeChoice, Options};
+use lb_agent::datapath::{self, AttachMode, DEFAULT_PIN_PATH, DatapathConfig};
+use lb_common::limits;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lb-agent",
+    version,
+    about = "rpclb node agent: loads and attaches the eBPF data path, applies the services \
+             from a config file, runs conntrack GC and serves metrics",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// Detach and unpin everything under --pin-path, then exit (same as `lb-agent cleanup`).
+    #[arg(long, env = "RPCLB_CLEANUP", value_parser = BoolishValueParser::new())]
+    cleanup: bool,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the agent (the default when no subcommand is given).
+    Run(RunArgs),
+    /// Detach the programs and unpin every map and link under the pin path.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Native XDP where the driver has it, else TC.
+    Auto,
+    /// XDP (native where supported, else the kernel's generic mode).
+    Xdp,
+    /// Generic (skb) XDP.
+    XdpGeneric,
+    /// TC clsact ingress (TCX).
+    Tc,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Services and timeouts (YAML, see docs/config.md). Reloaded on change and on SIGHUP.
+    #[arg(long, env = "RPCLB_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Interfaces to attach to, comma-separated.
+    #[arg(
+        long,
+        env = "RPCLB_INTERFACES",
+        value_delimiter = ',',
+        value_name = "IF1,IF2"
+    )]
+    interfaces: Vec<String>,
+    /// How to attach.
+    #[arg(long, env = "RPCLB_MODE", value_enum, default_value_t = Mode::Auto)]
+    mode: Mode,
+    /// bpffs directory where maps and links are pinned.
+    #[arg(long, env = "RPCLB_PIN_PATH", default_value = DEFAULT_PIN_PATH)]
+    pin_path: PathBuf,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "RPCLB_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    metrics_addr: SocketAddr,
+    /// Conntrack GC period (e.g. 5s, 500ms, 1m).
+    #[arg(long, env = "RPCLB_GC_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    gc_interval: Duration,
+    /// How often the config file is checked for changes.
+    #[arg(long, env = "RPCLB_CONFIG_POLL", default_value = "1s", value_parser = parse_duration)]
+    config_poll: Duration,
+    /// Size of the service maps.
+    #[arg(long, env = "RPCLB_MAX_SERVICES", default_value_t = limits::MAX_SERVICES)]
+    max_services: u32,
+    /// Size of the backend maps.
+    #[arg(long, env = "RPCLB_MAX_BACKENDS", default_value_t = limits::MAX_BACKENDS)]
+    max_backends: u32,
+    /// Size of the conntrack map (two entries per flow).
+    #[arg(long, env = "RPCLB_MAX_CONNTRACK", default_value_t = limits::MAX_CONNTRACK)]
+    max_conntrack: u32,
+    /// Size of the client-IP affinity map.
+    #[arg(long, env = "RPCLB_MAX_AFFINITY", default_value_t = limits::MAX_AFFINITY)]
+    max_affinity: u32,
+    /// Size of the selection-table map (Maglev and weighted tables of all services).
+    #[arg(long, env = "RPCLB_MAX_SLOTS", default_value_t = limits::MAX_SLOTS)]
+    max_slots: u32,
+    /// Hand every packet to the kernel stack instead of bpf_fib_lookup + redirect.
+    #[arg(long, env = "RPCLB_NO_FIB_REDIRECT", value_parser = BoolishValueParser::new())]
+    no_fib_redirect: bool,
+    /// On SIGTERM/SIGINT, detach the programs and unpin everything (default: leave the
+    /// data path running).
+    #[arg(long, env = "RPCLB_DETACH_ON_EXIT", value_parser = BoolishValueParser::new())]
+    detach_on_exit: bool,
+}
+
+#[derive(Args, Debug)]
+struct CleanupArgs {
+    /// bpffs directory where maps and links are pinned.
+    #[arg(long, env = "RPCLB_PIN_PATH", default_value = DEFAULT_PIN_PATH)]
+    pin_path: PathBuf,
+}
+
+/// `5s`, `500ms`, `2m`, `1h`, `1.5s`, or a bare number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 5s, 500ms, 1m)"))?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        u => return Err(format!("unknown unit {u:?} in {s:?} (use ms, s, m or h)")),
+    };
+    if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
+        return Err(format!("{s:?} must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn cleanup(pin: &Path) -> anyhow::Result<()> {
+    if !pin.exists() {
+        println!("nothing pinned under {}", pin.display());
+        return Ok(());
+    }
+    let removed = datapath::cleanup(pin).map_err(|e| anyhow!(e))?;
+    for p in &removed {
+        println!("removed {}", p.display());
+    }
+    println!(
+        "detached and unpinned {} objects under {}",
+        removed.len(),
+        pin.display()
+    );
+    Ok(())
+}
+
+fn run(a: RunArgs) -> anyhow::Result<()> {
+    let Some(config) = a.config else {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--config FILE is required (or RPCLB_CONFIG)",
+            )
+            .exit();
+    };
+    let mode = match a.mode {
+        Mode::Auto => ModeChoice::Auto,
+        Mode::Xdp => ModeChoice::Fixed(AttachMode::Xdp),
+        Mode::XdpGeneric => ModeChoice::Fixed(AttachMode::XdpGeneric),
+        Mode::Tc => ModeChoice::Fixed(AttachMode::Tc),
+    };
+    let opts = Options {
+        config,
+        interfaces: a
+            .interfaces
+            .into_iter()
+            .map(|i| i.trim().to_string())
+            .filter(|i| !i.is_empty())
+            .collect(),
+        mode,
+        datapath: DatapathConfig {
+            pin_path: a.pin_path,
+            max_services: a.max_services,
+            max_backends: a.max_backends,
+            max_conntrack: a.max_conntrack,
+            max_affinity: a.max_affinity,
+            max_slots: a.max_slots,
+            fib_redirect: !a.no_fib_redirect,
+        },
+        metrics_addr: a.metrics_addr,
+        gc_interval: a.gc_interval,
+        config_poll: a.config_poll,
+        detach_on_exit: a.detach_on_exit,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(agent::run(opts))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let res = match cli.cmd {
+        Some(Cmd::Cleanup(c)) => cleanup(&c.pin_path),
+        None if cli.cleanup => cleanup(&cli.run.pin_path),
+        Some(Cmd::Run(a)) => run(a),
+        None => run(cli.run),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb-agent: {}", agent::render_error(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_is_the_default_and_cleanup_has_two_spellings() {
+        let c =
+            Cli::try_parse_from(["lb-agent", "--config", "x.yaml", "--interfaces", "a,b"]).unwrap();
+        assert!(c.cmd.is_none());
+        assert_eq!(c.run.interfaces, vec!["a", "b"]);
+        assert_eq!(c.run.mode, Mode::Auto);
+        let c = Cli::try_parse_from(["lb-agent", "cleanup", "--pin-path", "/p"]).unwrap();
+        assert!(matches!(c.cmd, Some(Cmd::Cleanup(ref a)) if a.pin_path == Path::new("/p")));
+        let c = Cli::try_parse_from(["lb-agent", "--cleanup", "--pin-path", "/p"]).unwrap();
+        assert!(c.cleanup);
+        let c = Cli::try_parse_from(["lb-agent", "--config", "x", "--detach-on-exit"]).unwrap();
+        assert!(c.run.detach_on_exit && !c.run.no_fib_redirect);
+        let c = Cli::try_parse_from([
+            "lb-agent",
+            "run",
+            "--config",
+            "x.yaml",
+            "--interfaces",
+            "a",
+            "--gc-interval",
+            "1s",
+            "--mode",
+            "tc",
+        ])
+        .unwrap();
+        assert!(
+            matches!(c.cmd, Some(Cmd::Run(ref a)) if a.gc_interval == Duration::from_secs(1) && a.mode == Mode::Tc)
+        );
+    }
+}

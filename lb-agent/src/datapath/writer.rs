@@ -320,6 +320,18 @@ impl MapWriter {
                 })?,
             _ => return Err(DatapathError::MissingMap(map_names::CONNTRACK)),
         };
+        let backends_fd = match maps.get(map_names::BACKENDS) {
+            Some(Map::Array(md)) => {
+                md.fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|source| DatapathError::Io {
+                        path: "BACKENDS fd".into(),
+                        source,
+                    })?
+            }
+            _ => return Err(DatapathError::MissingMap(map_names::BACKENDS)),
+        };
         let backends: Array<MapData, BackendValue> = typed!(map_names::BACKENDS);
         let mut w = MapWriter {
             services: typed!(map_names::SERVICES),
@@ -343,12 +355,12 @@ impl MapWriter {
             ranges: RangeAlloc::new(0, &[]),
         };
         w.svc_ids = IdAlloc::new(w.rr.len());
-        w.adopt()?;
+        w.adopt(backends_fd.as_fd())?;
         Ok(w)
     }
 
     /// Rebuilds the index from the maps (a restarted agent, or lbctl).
-    fn adopt(&mut self) -> Result<(), DatapathError> {
+    fn adopt(&mut self, backends_fd: std::os::fd::BorrowedFd<'_>) -> Result<(), DatapathError> {
         let mut by_id: StdHashMap<u32, ServiceAddr> = StdHashMap::new();
         for item in self.services.iter() {
             let (k, v) = item.map_err(map_err(map_names::SERVICES))?;
@@ -372,8 +384,15 @@ impl MapWriter {
             );
         }
         let mut used_backends = Vec::new();
-        for (i, b) in self.backends.iter().enumerate() {
-            let b = b.map_err(map_err(map_names::BACKENDS))?;
+        // One batched read: the array has up to --max-backends entries.
+        let all: Vec<BackendValue> =
+            array_lookup_batch(backends_fd.as_raw_fd(), self.backends.len()).map_err(|source| {
+                DatapathError::Io {
+                    path: "BACKENDS (BPF_MAP_LOOKUP_BATCH)".into(),
+                    source,
+                }
+            })?;
+        for (i, b) in all.into_iter().enumerate() {
             if b.state == backend_state::UNUSED {
                 continue;
             }
@@ -900,6 +919,36 @@ impl MapWriter {
     pub fn affinity_len(&self) -> usize {
         self.affinity.keys().filter(|k| k.is_ok()).count()
     }
+
+    // ---- read-only helpers for GC and lbctl ----
+
+    /// Every backend in use, from the index: id -> (service id, IP, port).
+    /// GC uses it to credit expiries only to the backend a flow was opened
+    /// on (an id that was freed and reused has fresh counters).
+    pub fn backend_index(&self) -> StdHashMap<u32, (u32, Ipv4Addr, u16)> {
+        self.svcs
+            .values()
+            .flat_map(|s| {
+                s.backends
+                    .iter()
+                    .map(move |(&(ip, port), b)| (b.id, (s.value.id, ip, port)))
+            })
+            .collect()
+    }
+
+    /// A backend's raw counters: (opens, closes) from the kernel and the
+    /// GC-expired count from the agent.
+    pub fn backend_conn_counts(&self, id: u32) -> Result<(ConnCounts, u64), DatapathError> {
+        let c = self
+            .backend_conns
+            .get(&id, 0)
+            .map_err(map_err(map_names::BACKEND_CONNS))?;
+        let gc = self
+            .backend_gc
+            .get(&id, 0)
+            .map_err(map_err(map_names::BACKEND_GC))?;
+        Ok((c, gc))
+    }
 }
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
@@ -959,6 +1008,52 @@ fn map_update_batch(fd: i32, keys: &[u32], values: &[u32]) -> std::io::Result<()
         )));
     }
     Ok(())
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Reads a whole array map with BPF_MAP_LOOKUP_BATCH, in index order.
+fn array_lookup_batch<V: aya::Pod + Default + Clone>(fd: i32, len: u32) -> std::io::Result<Vec<V>> {
+    const CHUNK: u32 = 8192;
+    let mut out = Vec::with_capacity(len as usize);
+    let mut keys = vec![0u32; CHUNK as usize];
+    let mut vals = vec![V::default(); CHUNK as usize];
+    let mut in_batch = 0u32;
+    let mut out_batch = 0u32;
+    let mut first = true;
+    loop {
+        let mut a = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                (&raw const in_batch) as u64
+            },
+            out_batch: (&raw mut out_batch) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: vals.as_mut_ptr() as u64,
+            count: CHUNK,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        let r = bpf(
+            BPF_MAP_LOOKUP_BATCH,
+            (&raw mut a).cast(),
+            std::mem::size_of::<BatchAttr>(),
+        );
+        let n = a.count as usize;
+        out.extend_from_slice(&vals[..n]);
+        match r {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+        }
+        if n == 0 || out.len() >= len as usize {
+            break;
+        }
+        first = false;
+        in_batch = out_batch;
+    }
+    Ok(out)
 }
 
 fn map_lookup_u32(fd: i32, key: u32) -> std::io::Result<u32> {

@@ -1,0 +1,683 @@
+//! The agent's run loop: load the config, load and attach the data path,
+//! apply the desired state, serve metrics, then follow the config file,
+//! sweep conntrack, and exit cleanly on a signal.
+//!
+//! ```text
+//! startup:  config -> bpffs check -> bind metrics -> load (adopt pins) -> attach -> apply -> ready
+//! loop:     SIGHUP or file change -> parse -> apply (diff-only) | keep the running state on error
+//!           every --gc-interval   -> gc::sweep -> metrics
+//!           SIGTERM / SIGINT      -> stop; the data path stays attached unless --detach-on-exit
+//! ```
+//!
+//! The data path (`Datapath`, which owns the `MapWriter`) sits behind one
+//! mutex shared by the reload path, the GC task and the metrics endpoint;
+//! every user takes it on a blocking thread, so a long sweep never stalls the
+//! runtime.
+
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, anyhow, bail};
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use aya::programs::links::FdLink;
+use aya::programs::xdp::XdpMode;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{self, Config, Timeouts};
+use crate::datapath::writer::monotonic_ns;
+use crate::datapath::{self, AttachMode, Datapath, DatapathConfig};
+use crate::gc;
+use crate::metrics::{DatapathSnapshot, GcSample, Metrics, StatsSource};
+use crate::reconcile;
+
+/// How to attach the programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModeChoice {
+    /// Native (driver) XDP where the driver supports it, else TC. On a
+    /// restart, an interface keeps the kind of link pinned for it.
+    Auto,
+    Fixed(AttachMode),
+}
+
+/// Everything `run` needs (the binary's flags, parsed).
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub config: PathBuf,
+    pub interfaces: Vec<String>,
+    pub mode: ModeChoice,
+    pub datapath: DatapathConfig,
+    pub metrics_addr: SocketAddr,
+    pub gc_interval: Duration,
+    /// How often the config file is checked for changes.
+    pub config_poll: Duration,
+    /// On SIGTERM/SIGINT, detach the programs and unpin everything.
+    pub detach_on_exit: bool,
+}
+
+/// `/healthz` fails when the run loop has not ticked for this long.
+const STALL: Duration = Duration::from_secs(30);
+
+/// An error and its causes on one line, without repeating a cause that the
+/// message above it already quotes (the data-path errors embed their source).
+pub fn render_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if s.is_empty() || out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
+type SharedDp = Arc<Mutex<Datapath>>;
+
+fn lock(dp: &Mutex<Datapath>) -> MutexGuard<'_, Datapath> {
+    // A panic while holding the lock leaves the maps as consistent as the
+    // kernel sees them at any time; keep going.
+    dp.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Metrics read the kernel counters through the shared data path.
+struct DpSource(SharedDp);
+
+impl StatsSource for DpSource {
+    fn snapshot(&self) -> Result<DatapathSnapshot, String> {
+        DatapathSnapshot::read(lock(&self.0).writer()).map_err(|e| render_error(&e.into()))
+    }
+}
+
+/// State the HTTP handlers and the loops share.
+struct Shared {
+    metrics: Metrics,
+    ready: AtomicBool,
+    started: Instant,
+    /// Milliseconds since `started` at the run loop's last tick.
+    heartbeat_ms: AtomicU64,
+    timeouts: Mutex<Timeouts>,
+}
+
+impl Shared {
+    fn beat(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.heartbeat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn since_beat(&self) -> Duration {
+        let last = Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+
+    fn set_ready(&self, r: bool) {
+        self.ready.store(r, Ordering::Relaxed);
+        self.metrics.set_ready(r);
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        *self.timeouts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    info!(version = env!("CARGO_PKG_VERSION"), "lb-agent starting");
+    if opts.interfaces.is_empty() {
+        bail!("no interfaces: pass --interfaces IF1,IF2 (or RPCLB_INTERFACES)");
+    }
+    // Handlers first: a SIGHUP during startup must not kill the agent (its
+    // default action), and a SIGTERM then is a clean stop once started.
+    let signals = Signals::new()?;
+    // 1. The config: a bad one stops us before anything is touched. The
+    // fingerprint is of the very text parsed, so no edit slips between.
+    let origin = opts.config.display().to_string();
+    let (fingerprint, text) = read_config(&opts.config).await;
+    let text = text.map_err(|e| anyhow!("{origin}: cannot read config: {e}"))?;
+    let cfg = config::parse(&text, &origin).map_err(|e| anyhow!("{e}"))?;
+    info!(
+        config = %opts.config.display(),
+        services = cfg.state.services.len(),
+        "config loaded"
+    );
+    // 2. Pins only survive on bpffs.
+    check_bpffs(&opts.datapath.pin_path)?;
+    // 3. The metrics address, before the data path, so a busy port changes nothing.
+    let listener = tokio::net::TcpListener::bind(opts.metrics_addr)
+        .await
+        .with_context(|| format!("metrics address {}", opts.metrics_addr))?;
+    // 4. Load (adopting pinned maps), attach, apply.
+    warn_pinned_sizes(&opts.datapath);
+    let mut dp = Datapath::load(&opts.datapath).map_err(|e| anyhow!(e))?;
+    let attached = attach_all(&mut dp, &opts.interfaces, opts.mode)?;
+    let dp: SharedDp = Arc::new(Mutex::new(dp));
+    let shared = Arc::new(Shared {
+        metrics: Metrics::new(Box::new(DpSource(dp.clone()))),
+        ready: AtomicBool::new(false),
+        started: Instant::now(),
+        heartbeat_ms: AtomicU64::new(0),
+        timeouts: Mutex::new(cfg.timeouts),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = tokio::spawn(serve(listener, shared.clone(), stop_rx.clone()));
+    info!(addr = %opts.metrics_addr, "serving /metrics, /healthz, /readyz");
+
+    apply(&dp, cfg.state.clone())
+        .await
+        .context("applying the config")?;
+    let backends: usize = cfg.state.services.iter().map(|s| s.backends.len()).sum();
+    info!(
+        services = cfg.state.services.len(),
+        backends,
+        interfaces = ?attached,
+        "ready"
+    );
+    shared.set_ready(true);
+
+    let gc_task = tokio::spawn(gc_loop(
+        dp.clone(),
+        shared.clone(),
+        opts.gc_interval,
+        stop_rx.clone(),
+    ));
+
+    let mut lp = Loop {
+        origin,
+        path: opts.config.clone(),
+        fingerprint,
+        current: cfg,
+        dp: dp.clone(),
+        shared: shared.clone(),
+    };
+    let why = lp.run(signals, opts.config_poll).await;
+
+    // Shutdown.
+    info!("{why}: shutting down");
+    shared.set_ready(false);
+    let _ = stop_tx.send(true);
+    let _ = gc_task.await;
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(Err(e))) => warn!("metrics server: {e}"),
+        Err(_) => warn!("metrics server did not stop within 5 s"),
+        _ => {}
+    }
+    let pin = opts.datapath.pin_path.clone();
+    if opts.detach_on_exit {
+        let removed = datapath::cleanup(&pin).map_err(|e| anyhow!(e))?;
+        info!(
+            pin_path = %pin.display(),
+            removed = removed.len(),
+            "detached the programs and unpinned the maps (--detach-on-exit)"
+        );
+    } else {
+        info!(
+            pin_path = %pin.display(),
+            "exiting; the data path stays attached and pinned (traffic keeps flowing). \
+             `lb-agent cleanup` removes it"
+        );
+    }
+    Ok(())
+}
+
+/// Applies a desired state (diff-only: `MapWriter::apply` writes only what changed).
+async fn apply(dp: &SharedDp, state: lb_api::DesiredState) -> anyhow::Result<()> {
+    let dp = dp.clone();
+    tokio::task::spawn_blocking(move || lock(&dp).writer().apply(&state))
+        .await
+        .context("apply task")?
+        .map_err(|e| anyhow!(e))
+}
+
+/// The file's identity as far as reloads care: an editor that replaces the
+/// file changes it even when size and mtime happen to match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    modified: Option<SystemTime>,
+    len: u64,
+    hash: u64,
+}
+
+/// Reads the config once; the fingerprint is of exactly the text returned.
+async fn read_config(path: &Path) -> (Option<Fingerprint>, std::io::Result<String>) {
+    let modified = tokio::fs::metadata(path)
+        .await
+        .ok()
+        .and_then(|m| m.modified().ok());
+    match tokio::fs::read(path).await {
+        Ok(bytes) => {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            bytes.hash(&mut h);
+            let fp = Fingerprint {
+                modified,
+                len: bytes.len() as u64,
+                hash: h.finish(),
+            };
+            let text = String::from_utf8(bytes).map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "the file is not UTF-8")
+            });
+            (Some(fp), text)
+        }
+        Err(e) => (None, Err(e)),
+    }
+}
+
+/// The signals the run loop handles.
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Signals {
+            hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+            term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+        })
+    }
+}
+
+/// The run loop proper: reloads and signals.
+struct Loop {
+    path: PathBuf,
+    origin: String,
+    fingerprint: Option<Fingerprint>,
+    /// The config that is applied.
+    current: Config,
+    dp: SharedDp,
+    shared: Arc<Shared>,
+}
+
+impl Loop {
+    /// Runs until a stop signal; returns its name.
+    async fn run(&mut self, mut sig: Signals, poll: Duration) -> &'static str {
+        let mut tick = tokio::time::interval(poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.shared.beat();
+            tokio::select! {
+                _ = sig.term.recv() => return "SIGTERM",
+                _ = sig.int.recv() => return "SIGINT",
+                _ = sig.hup.recv() => self.reload("SIGHUP", None).await,
+                _ = tick.tick() => {
+                    let (fp, text) = read_config(&self.path).await;
+                    if fp != self.fingerprint {
+                        self.reload("file changed", Some((fp, text))).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Parses and applies the config. On any error the running state stays
+    /// as it is, and the error is logged and counted.
+    async fn reload(
+        &mut self,
+        why: &str,
+        read: Option<(Option<Fingerprint>, std::io::Result<String>)>,
+    ) {
+        let (fp, text) = match read {
+            Some(r) => r,
+            None => read_config(&self.path).await,
+        };
+        self.fingerprint = fp;
+        let parsed = text
+            .map_err(|e| format!("{}: cannot read config: {e}", self.origin))
+            .and_then(|t| config::parse(&t, &self.origin).map_err(|e| e.to_string()));
+        let cfg = match parsed {
+            Ok(c) => c,
+            Err(e) => {
+                self.shared.metrics.config_reload_errors.inc();
+                error!("config reload ({why}) failed, keeping the running state: {e}");
+                return;
+            }
+        };
+        let diff = reconcile::diff(&self.current.state, &cfg.state);
+        let t = Instant::now();
+        if let Err(e) = apply(&self.dp, cfg.state.clone()).await {
+            // The writer stops at the first failing service (a full map, an
+            // invalid table); what it wrote before is consistent. The next
+            // change or SIGHUP applies the whole state again.
+            self.shared.metrics.config_reload_errors.inc();
+            error!(
+                "config reload ({why}): applying failed, the data path may be partly updated: {}",
+                render_error(&e)
+            );
+            return;
+        }
+        if cfg.timeouts != self.current.timeouts {
+            info!(timeouts = ?cfg.timeouts, "conntrack timeouts changed");
+            *self
+                .shared
+                .timeouts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = cfg.timeouts;
+        }
+        self.current = cfg;
+        self.shared.metrics.config_reloads.inc();
+        info!(took = ?t.elapsed(), "config reloaded ({why}): {diff}");
+    }
+}
+
+/// Periodic conntrack GC with the current timeouts.
+async fn gc_loop(
+    dp: SharedDp,
+    shared: Arc<Shared>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let t = shared.timeouts();
+        let dp2 = dp.clone();
+        // The scan and deletes run on a dup of the conntrack fd without the
+        // writer lock (they take up to ~1.5 s at 1M entries); only the
+        // per-backend credit takes it.
+        let res = tokio::task::spawn_blocking(move || {
+            let fd = lock(&dp2)
+                .writer()
+                .conntrack_fd()
+                .try_clone_to_owned()
+                .map_err(|source| crate::datapath::DatapathError::Io {
+                    path: "CONNTRACK fd".into(),
+                    source,
+                })?;
+            let expired = gc::expire(fd.as_fd(), &t, monotonic_ns())?;
+            expired.credit(lock(&dp2).writer())
+        })
+        .await;
+        match res {
+            Ok(Ok(r)) => {
+                if r.expired > 0 || r.orphans > 0 {
+                    info!(
+                        expired = r.expired,
+                        orphans = r.orphans,
+                        flows = r.flows,
+                        took = ?r.duration,
+                        "conntrack GC"
+                    );
+                } else {
+                    debug!(flows = r.flows, took = ?r.duration, "conntrack GC");
+                }
+                shared.metrics.record_gc(&GcSample {
+                    duration: r.duration,
+                    entries: Some(r.entries_after),
+                    flows: Some(r.flows.saturating_sub(r.expired)),
+                    expired: r
+                        .expired_by_state
+                        .iter()
+                        .into_iter()
+                        .map(|(s, n)| (s.to_string(), n))
+                        .collect(),
+                    orphans: r.orphans,
+                });
+            }
+            Ok(Err(e)) => {
+                shared.metrics.gc_errors.inc();
+                warn!("conntrack GC failed: {}", render_error(&e.into()));
+            }
+            Err(e) => {
+                shared.metrics.gc_errors.inc();
+                warn!("conntrack GC task: {e}");
+            }
+        }
+    }
+}
+
+// ---- HTTP ----
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/", get(index))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(shared);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
+}
+
+async fn index() -> &'static str {
+    "rpclb lb-agent: /metrics /healthz /readyz\n"
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    match tokio::task::spawn_blocking(move || s.metrics.render()).await {
+        Ok(Ok(body)) => {
+            ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
+        }
+        Ok(Err(e)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding: {e}\n"),
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+async fn healthz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
+    let idle = s.since_beat();
+    if idle < STALL {
+        (StatusCode::OK, "ok\n".into())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("run loop stalled for {idle:?}\n"),
+        )
+    }
+}
+
+async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, &'static str) {
+    if s.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+// ---- attaching ----
+
+/// The pinned link's file name; the same scheme as `Datapath::attach`
+/// (bpffs refuses dots, which VLAN interface names have).
+fn link_name(mode: AttachMode, iface: &str) -> String {
+    let kind = if mode == AttachMode::Tc { "tc" } else { "xdp" };
+    format!("{kind}_{}", iface.replace('.', "_"))
+}
+
+/// Native XDP only (no silent generic fallback), pinned like `Datapath::attach`
+/// pins it. `Ok(false)`: the driver (or kernel) refused native XDP.
+fn attach_native_xdp(dp: &mut Datapath, iface: &str) -> anyhow::Result<bool> {
+    let links = dp.pin_path().join("links");
+    std::fs::create_dir_all(&links).with_context(|| format!("creating {}", links.display()))?;
+    let path = links.join(link_name(AttachMode::Xdp, iface));
+    let p = dp.xdp_program();
+    let id = match p.attach(iface, XdpMode::Driver) {
+        Ok(id) => id,
+        Err(e) => {
+            warn!(
+                iface,
+                "native XDP unavailable ({}); using TC",
+                render_error(&e.into())
+            );
+            return Ok(false);
+        }
+    };
+    let link = p.take_link(id)?;
+    let fd = FdLink::try_from(link)?;
+    fd.pin(&path)
+        .with_context(|| format!("pinning {}", path.display()))?;
+    info!(iface, mode = "xdp (native)", reused = false, "attached");
+    Ok(true)
+}
+
+/// Attaches to every interface, then drops links a previous run left on
+/// interfaces (or in modes) that are no longer asked for.
+fn attach_all(
+    dp: &mut Datapath,
+    ifaces: &[String],
+    mode: ModeChoice,
+) -> anyhow::Result<Vec<String>> {
+    let links = dp.pin_path().join("links");
+    let mut keep = HashSet::new();
+    let mut done = Vec::new();
+    for iface in ifaces {
+        let pinned = |m| links.join(link_name(m, iface)).exists();
+        let m = match mode {
+            ModeChoice::Fixed(m) => {
+                dp.attach(iface, m)
+                    .map_err(|e| anyhow!(e))
+                    .with_context(|| format!("interface {iface}"))?;
+                m
+            }
+            // A restart keeps the kind of link it finds, swapping the program in place.
+            ModeChoice::Auto if pinned(AttachMode::Tc) || pinned(AttachMode::Xdp) => {
+                let m = if pinned(AttachMode::Tc) {
+                    AttachMode::Tc
+                } else {
+                    AttachMode::Xdp
+                };
+                dp.attach(iface, m)
+                    .map_err(|e| anyhow!(e))
+                    .with_context(|| format!("interface {iface}"))?;
+                m
+            }
+            ModeChoice::Auto => {
+                if attach_native_xdp(dp, iface).with_context(|| format!("interface {iface}"))? {
+                    AttachMode::Xdp
+                } else {
+                    dp.attach(iface, AttachMode::Tc)
+                        .map_err(|e| anyhow!(e))
+                        .with_context(|| format!("interface {iface}"))?;
+                    AttachMode::Tc
+                }
+            }
+        };
+        keep.insert(link_name(m, iface));
+        done.push(format!("{iface}:{}", m.as_str()));
+    }
+    if let Ok(rd) = std::fs::read_dir(&links) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if keep.contains(&name) {
+                continue;
+            }
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => info!(link = %name, "detached a link no longer asked for"),
+                Err(err) => warn!(link = %name, "cannot remove stale link: {err}"),
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Pinned maps are adopted with the sizes they were created with; say so
+/// when the --max-* flags ask for something else.
+fn warn_pinned_sizes(cfg: &DatapathConfig) {
+    use lb_common::map_names as m;
+    for (name, flag, want) in [
+        (m::SERVICES, "--max-services", cfg.max_services),
+        (m::BACKENDS, "--max-backends", cfg.max_backends),
+        (m::CONNTRACK, "--max-conntrack", cfg.max_conntrack),
+        (m::AFFINITY, "--max-affinity", cfg.max_affinity),
+        (m::SLOTS, "--max-slots", cfg.max_slots),
+    ] {
+        let Ok(md) = aya::maps::MapData::from_pin(cfg.pin_path.join(name)) else {
+            continue;
+        };
+        if let Ok(have) = md.info().map(|i| i.max_entries())
+            && have != want
+        {
+            warn!(
+                "{name} is pinned with {have} entries, so {flag} {want} has no effect until \
+                 `lb-agent cleanup` (which also drops conntrack) and a fresh start"
+            );
+        }
+    }
+}
+
+/// Refuses a pin path that is not on bpffs: pins elsewhere fail, or (under
+/// `ip netns exec`, which remounts /sys) silently vanish with the process.
+fn check_bpffs(pin: &Path) -> anyhow::Result<()> {
+    const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
+    let mut p = pin;
+    while !p.exists() {
+        match p.parent() {
+            Some(q) => p = q,
+            None => return Ok(()),
+        }
+    }
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| anyhow!("pin path {} contains a NUL byte", pin.display()))?;
+    // SAFETY: statfs fills the zeroed struct; c is a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(e).with_context(|| format!("pin path {}", p.display()));
+    }
+    if (st.f_type as u64) & 0xffff_ffff != BPF_FS_MAGIC {
+        bail!(
+            "pin path {} is not on a bpffs mount ({} is not bpffs): mount one \
+             (`mount -t bpf bpf /sys/fs/bpf`) or pass --pin-path on one. \
+             Note that `ip netns exec` remounts /sys, hiding /sys/fs/bpf",
+            pin.display(),
+            p.display()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer: {0}")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn render_error_skips_causes_already_quoted() {
+        let e = anyhow::Error::new(Outer(std::io::Error::other("inner")));
+        assert_eq!(render_error(&e), "outer: inner");
+        let e = e.context("loading");
+        assert_eq!(render_error(&e), "loading: outer: inner");
+    }
+
+    #[test]
+    fn link_names_match_the_datapath_scheme() {
+        assert_eq!(link_name(AttachMode::Tc, "eth0.100"), "tc_eth0_100");
+        assert_eq!(link_name(AttachMode::XdpGeneric, "veth1"), "xdp_veth1");
+    }
+
+    #[test]
+    fn bpffs_check_refuses_other_filesystems() {
+        let e = check_bpffs(Path::new("/proc/self/rpclb-test")).unwrap_err();
+        assert!(render_error(&e).contains("not on a bpffs mount"), "{e:#}");
+    }
+}

@@ -1,0 +1,796 @@
+//! Conntrack GC and timeout accounting.
+//!
+//! The kernel writes two entries per flow (forward: client -> VIP, reverse:
+//! backend -> client) and refreshes each entry's `last_seen_ns` on its own, at
+//! most once a second. It counts a flow as closed (`BACKEND_CONNS.closes`)
+//! when it sees a FIN or RST, which moves the forward entry to `CLOSING`. Flows
+//! that just stop (a client that vanished, every UDP flow) are never closed by
+//! the kernel; this sweep finds them and credits them to the backend's
+//! agent-owned expired counter (`BACKEND_GC`), so that
+//! `active = opens - closes - expired` stays right for least-conn.
+//!
+//! One sweep:
+//! 1. **Scan** the whole map with `BPF_MAP_LOOKUP_BATCH` (4,096 entries per
+//!    syscall). A 1M-entry map costs a few hundred syscalls, not millions.
+//! 2. **Plan** (pure, see [`plan`]): pair each forward entry with its reverse
+//!    entry. A flow is idle since `max(forward.last_seen, reverse.last_seen)`
+//!    and expires when that exceeds the timeout of the forward entry's state.
+//!    A reverse entry that no forward entry points at (the forward entry was
+//!    evicted, or a port reuse re-pointed the flow at another backend) is an
+//!    orphan, deleted once idle past the longest timeout.
+//! 3. **Delete** each expired flow with `BPF_MAP_LOOKUP_AND_DELETE_ELEM`,
+//!    reverse entry first, then forward entry. The state that is counted is
+//!    the state at deletion, not at the scan: a FIN that closed the flow in
+//!    the meantime was already counted by the kernel and is not counted
+//!    again. If the entries saw a packet since the scan, the flow is put back
+//!    (`BPF_NOEXIST`, so a flow the kernel re-created in between wins).
+//!    Reverse first, because the kernel re-creates a flow only when its
+//!    forward entry is missing, and then writes both entries: deleting the
+//!    forward entry last means a re-created flow's entries are never ours to
+//!    delete. At worst a reply in the microseconds between the two deletes
+//!    goes out untranslated. On kernels older than 5.14 (no lookup-and-delete
+//!    on hash maps) plain deletes are used, and the scanned state counts.
+//! 4. **Account**: expired flows whose state was not `CLOSING` are summed per
+//!    backend and added with one `add_expired` per backend. A flow whose
+//!    backend id no longer names the same backend (freed, or reused: reuse
+//!    resets the counters) is not credited.
+//!
+//! The remaining race is inherent to a userspace GC: a packet that is inside
+//! the program between step 3's delete and its own state update can still
+//! count a close for a flow that was just expired. It needs a flow that was
+//! idle for its whole timeout to send a FIN within microseconds of the sweep.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::time::{Duration, Instant};
+
+use lb_common::{CtValue, FlowKey, ct_dir, ct_state};
+use serde::{Serialize, Serializer};
+use tracing::debug;
+
+use crate::config::Timeouts;
+use crate::datapath::writer::ip_wire;
+use crate::datapath::{DatapathError, MapWriter};
+
+/// Entries per `BPF_MAP_LOOKUP_BATCH` call.
+pub const BATCH: u32 = 4096;
+
+/// The idle timeout of a forward entry in `state` (unknown states get the
+/// established timeout: they are TCP flows the kernel did not classify).
+pub fn timeout_for(t: &Timeouts, state: u32) -> Duration {
+    match state {
+        ct_state::SYN => t.tcp_syn,
+        ct_state::CLOSING => t.tcp_closing,
+        ct_state::UDP => t.udp,
+        _ => t.tcp_established,
+    }
+}
+
+/// The longest of the timeouts (orphan reverse entries wait this long).
+pub fn longest(t: &Timeouts) -> Duration {
+    t.tcp_syn
+        .max(t.tcp_established)
+        .max(t.tcp_closing)
+        .max(t.udp)
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Whether a flow is idle past its timeout. `rev_last_seen` is the reverse
+/// entry's last-seen, if the flow has one.
+pub fn is_expired(fwd: &CtValue, rev_last_seen: Option<u64>, t: &Timeouts, now_ns: u64) -> bool {
+    let last = fwd.last_seen_ns.max(rev_last_seen.unwrap_or(0));
+    now_ns.saturating_sub(last) > nanos(timeout_for(t, fwd.state))
+}
+
+/// Whether the kernel has already counted this flow's close (so an expiry
+/// must not count it again).
+pub fn closed_by_kernel(state: u32) -> bool {
+    state == ct_state::CLOSING
+}
+
+/// Expired flows by the state they were in when deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ByState {
+    pub syn: u64,
+    pub established: u64,
+    pub closing: u64,
+    pub udp: u64,
+}
+
+impl ByState {
+    fn add(&mut self, state: u32) {
+        match state {
+            ct_state::SYN => self.syn += 1,
+            ct_state::CLOSING => self.closing += 1,
+            ct_state::UDP => self.udp += 1,
+            _ => self.established += 1,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.syn + self.established + self.closing + self.udp
+    }
+
+    /// `(state name, count)`, for metrics labels.
+    pub fn iter(&self) -> [(&'static str, u64); 4] {
+        [
+            ("syn", self.syn),
+            ("established", self.established),
+            ("closing", self.closing),
+            ("udp", self.udp),
+        ]
+    }
+}
+
+/// What one sweep did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct GcReport {
+    /// Entries read (forward + reverse).
+    pub scanned: u64,
+    /// Flows seen (forward entries).
+    pub flows: u64,
+    /// Flows deleted (both entries).
+    pub expired: u64,
+    pub expired_by_state: ByState,
+    /// Expired flows credited to their backend's expired counter (those not
+    /// closed by the kernel, whose backend still exists).
+    pub accounted: u64,
+    /// Expired, not closed, but their backend id was freed or reused: not
+    /// credited (the counters of that id were reset).
+    pub stale_backend: u64,
+    /// Orphan reverse entries deleted.
+    pub orphans: u64,
+    /// Flows that saw a packet between the scan and the delete; kept.
+    pub revived: u64,
+    /// Forward entries that vanished between scan and delete (LRU eviction).
+    pub vanished: u64,
+    /// Entries left after the sweep (an estimate: the kernel adds and evicts
+    /// concurrently).
+    pub entries_after: u64,
+    /// Wall time of the whole sweep.
+    #[serde(rename = "duration_seconds", serialize_with = "ser_secs")]
+    pub duration: Duration,
+}
+
+fn ser_secs<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+/// Entries read by a scan, split by direction.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub scanned: u64,
+    pub forward: Vec<(FlowKey, CtValue)>,
+    /// Reverse (and unknown-direction) entries: key -> last seen.
+    pub reverse: HashMap<FlowKey, u64>,
+}
+
+impl Scan {
+    pub fn push(&mut self, k: FlowKey, v: CtValue) {
+        self.scanned += 1;
+        if v.dir == ct_dir::FORWARD {
+            self.forward.push((k, v));
+        } else {
+            self.reverse.insert(k, v.last_seen_ns);
+        }
+    }
+}
+
+/// An expired flow to delete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Expiry {
+    pub key: FlowKey,
+    /// The forward entry as scanned.
+    pub value: CtValue,
+    pub reverse: FlowKey,
+    pub reverse_last_seen: Option<u64>,
+}
+
+/// What a sweep should delete.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub scanned: u64,
+    pub flows: u64,
+    pub expire: Vec<Expiry>,
+    /// Reverse entries no forward entry points at, idle past the longest timeout.
+    pub orphans: Vec<FlowKey>,
+}
+
+/// Decides, from the scanned entries alone, which flows and orphans expire.
+pub fn plan(scan: Scan, t: &Timeouts, now_ns: u64) -> Plan {
+    let Scan {
+        scanned,
+        forward,
+        mut reverse,
+    } = scan;
+    let mut p = Plan {
+        scanned,
+        flows: forward.len() as u64,
+        ..Default::default()
+    };
+    for (key, value) in forward {
+        let rk = key.reverse_of_forward(&value);
+        let rev = reverse.remove(&rk);
+        if is_expired(&value, rev, t, now_ns) {
+            p.expire.push(Expiry {
+                key,
+                value,
+                reverse: rk,
+                reverse_last_seen: rev,
+            });
+        }
+    }
+    let max = nanos(longest(t));
+    p.orphans = reverse
+        .into_iter()
+        .filter(|&(_, seen)| now_ns.saturating_sub(seen) > max)
+        .map(|(k, _)| k)
+        .collect();
+    p
+}
+
+/// Walks every conntrack entry with `BPF_MAP_LOOKUP_BATCH`, `BATCH` at a
+/// time. Entries added or removed during the walk may or may not be seen.
+/// Returns the number of entries visited.
+pub fn for_each_entry(
+    fd: BorrowedFd<'_>,
+    mut f: impl FnMut(&FlowKey, &CtValue),
+) -> Result<u64, DatapathError> {
+    let fd = fd.as_raw_fd();
+    let mut n = BATCH as usize;
+    let mut keys = vec![FlowKey::default(); n];
+    let mut vals = vec![CtValue::default(); n];
+    let mut token_in = 0u32;
+    let mut token_out = 0u32;
+    let mut first = true;
+    let mut seen = 0u64;
+    loop {
+        let mut a = sys::BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                (&raw const token_in) as u64
+            },
+            out_batch: (&raw mut token_out) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: vals.as_mut_ptr() as u64,
+            count: n as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        let r = sys::bpf(sys::BPF_MAP_LOOKUP_BATCH, &mut a);
+        let got = a.count as usize;
+        let done = match r {
+            Ok(()) => false,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && got == 0 => {
+                // One hash bucket holds more entries than the buffer.
+                n *= 2;
+                keys.resize(n, FlowKey::default());
+                vals.resize(n, CtValue::default());
+                continue;
+            }
+            Err(e) => return Err(io_err("BPF_MAP_LOOKUP_BATCH", e)),
+        };
+        for i in 0..got.min(n) {
+            f(&keys[i], &vals[i]);
+        }
+        seen += got as u64;
+        if done {
+            return Ok(seen);
+        }
+        token_in = token_out;
+        first = false;
+    }
+}
+
+/// Reads the whole conntrack map.
+pub fn scan(w: &MapWriter) -> Result<Scan, DatapathError> {
+    let mut s = Scan::default();
+    for_each_entry(w.conntrack_fd(), |k, v| s.push(*k, *v))?;
+    Ok(s)
+}
+
+fn io_err(call: &str, source: std::io::Error) -> DatapathError {
+    DatapathError::Io {
+        path: format!("CONNTRACK ({call})").into(),
+        source,
+    }
+}
+
+/// One GC pass over conntrack: expires idle flows and orphans, and corrects
+/// the per-backend active counts. `now_ns` is `monotonic_ns()` (the clock of
+/// `bpf_ktime_get_ns`). Runs synchronously; call it from a blocking thread.
+///
+/// The same as `expire(w.conntrack_fd(), ..)` then `.credit(w)`. An agent
+/// that shares its writer behind a lock can call [`expire`] on its own dup
+/// of the conntrack fd without the lock (that is nearly all of the time) and
+/// take the lock only for [`Expired::credit`].
+pub fn sweep(w: &mut MapWriter, t: &Timeouts, now_ns: u64) -> Result<GcReport, DatapathError> {
+    let e = expire(w.conntrack_fd(), t, now_ns)?;
+    e.credit(w)
+}
+
+/// A sweep's deletions done, its credits not yet applied.
+#[must_use = "call credit() to correct the backends' active counts"]
+#[derive(Debug)]
+pub struct Expired {
+    report: GcReport,
+    credit: Credit,
+    start: Instant,
+}
+
+impl Expired {
+    /// The report so far (`accounted` and `stale_backend` are still 0).
+    pub fn report(&self) -> &GcReport {
+        &self.report
+    }
+
+    /// Adds the expiries to the backends they were opened on (one map
+    /// update per backend), and completes the report.
+    pub fn credit(self, w: &mut MapWriter) -> Result<GcReport, DatapathError> {
+        let Expired {
+            mut report,
+            credit,
+            start,
+        } = self;
+        let index = w.backend_index();
+        let mut per_backend: Vec<((u32, u32, u32, u16), u64)> = credit.into_iter().collect();
+        per_backend.sort_unstable();
+        for ((id, svc_id, ip, port), n) in per_backend {
+            let same = index.get(&id).is_some_and(|&(s, bip, bport)| {
+                s == svc_id && ip_wire(bip) == ip && bport.to_be() == port
+            });
+            if same {
+                w.add_expired(id, n)?;
+                report.accounted += n;
+            } else {
+                report.stale_backend += n;
+            }
+        }
+        report.duration = start.elapsed();
+        debug!(?report, "conntrack sweep");
+        Ok(report)
+    }
+}
+
+/// The conntrack half of a sweep: scan, plan, delete. Needs only the
+/// conntrack map's fd (`MapWriter::conntrack_fd`, or a dup of it).
+pub fn expire(fd: BorrowedFd<'_>, t: &Timeouts, now_ns: u64) -> Result<Expired, DatapathError> {
+    let start = Instant::now();
+    let mut s = Scan::default();
+    for_each_entry(fd, |k, v| s.push(*k, *v))?;
+    let p = plan(s, t, now_ns);
+    let fd = fd.as_raw_fd();
+    let mut r = GcReport {
+        scanned: p.scanned,
+        flows: p.flows,
+        ..Default::default()
+    };
+    let mut deleted = 0u64;
+    let mut credit = Credit::new();
+    let mut take = Take { fd, atomic: true };
+    for e in &p.expire {
+        // Reverse entry first: if a client packet re-creates the flow after
+        // the forward entry is gone, the kernel writes both entries afresh,
+        // and nothing of ours is left to delete them. The entries as they
+        // are at deletion decide, not the scan.
+        let rev = take.take(&e.reverse)?;
+        let Some(v) = take.take(&e.key)?.map(|v| v.unwrap_or(e.value)) else {
+            // Gone already (LRU eviction); the reverse entry is an orphan.
+            r.vanished += 1;
+            deleted += rev.is_some() as u64;
+            continue;
+        };
+        deleted += 1 + rev.is_some() as u64;
+        let rev = rev.flatten();
+        let rev_seen = rev.map(|x| x.last_seen_ns).or(e.reverse_last_seen);
+        if !is_expired(&v, rev_seen, t, now_ns) {
+            // A packet arrived since the scan: put the flow back, unless the
+            // kernel already re-created it (then ours is gone for good, and
+            // the kernel wrote its own reverse entry).
+            match sys::update(fd, &e.key, &v, sys::BPF_NOEXIST) {
+                Ok(()) => {
+                    deleted -= 1;
+                    r.revived += 1;
+                    if let Some(rv) = rev {
+                        match sys::update(fd, &e.reverse, &rv, sys::BPF_NOEXIST) {
+                            Ok(()) => deleted -= 1,
+                            Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {}
+                            Err(err) => return Err(io_err("BPF_MAP_UPDATE_ELEM", err)),
+                        }
+                    }
+                    continue;
+                }
+                Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(err) => return Err(io_err("BPF_MAP_UPDATE_ELEM", err)),
+            }
+        }
+        count_expiry(&mut r, &mut credit, &v);
+    }
+    let n = sys::delete_batch(fd, &p.orphans).map_err(|e| io_err("BPF_MAP_DELETE_BATCH", e))?;
+    r.orphans = n;
+    deleted += n;
+
+    r.entries_after = r.scanned.saturating_sub(deleted);
+    Ok(Expired {
+        report: r,
+        credit,
+        start,
+    })
+}
+
+/// Deletes entries, returning them as they were at deletion.
+struct Take {
+    fd: i32,
+    /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` works on hash maps (Linux >= 5.14).
+    atomic: bool,
+}
+
+impl Take {
+    /// Deletes `k`. `None`: it was not there. `Some(Some(v))`: its value at
+    /// deletion. `Some(None)`: deleted, value unknown (a kernel without
+    /// lookup-and-delete; a plain delete was used).
+    fn take(&mut self, k: &FlowKey) -> Result<Option<Option<CtValue>>, DatapathError> {
+        if self.atomic {
+            match sys::lookup_and_delete(self.fd, k) {
+                Ok(v) => return Ok(Some(Some(v))),
+                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+                Err(err)
+                    if matches!(
+                        err.raw_os_error(),
+                        Some(libc::EINVAL) | Some(libc::ENOTSUP) | Some(524 /* ENOTSUPP */)
+                    ) =>
+                {
+                    self.atomic = false;
+                }
+                Err(err) => return Err(io_err("BPF_MAP_LOOKUP_AND_DELETE_ELEM", err)),
+            }
+        }
+        let gone = sys::delete(self.fd, k).map_err(|e| io_err("BPF_MAP_DELETE_ELEM", e))?;
+        Ok(gone.then_some(None))
+    }
+}
+
+/// Credits are keyed by the backend as the flow knew it: (id, service id,
+/// IP and port in network order).
+type Credit = HashMap<(u32, u32, u32, u16), u64>;
+
+fn count_expiry(r: &mut GcReport, credit: &mut Credit, v: &CtValue) {
+    r.expired += 1;
+    r.expired_by_state.add(v.state);
+    if !closed_by_kernel(v.state) {
+        *credit
+            .entry((v.backend_id, v.svc_id, v.nat_ip, v.nat_port))
+            .or_default() += 1;
+    }
+}
+
+/// Raw `bpf(2)` calls that aya 0.14 does not wrap.
+mod sys {
+    use lb_common::{CtValue, FlowKey};
+
+    pub const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    pub const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    pub const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    pub const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    pub const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+    pub const BPF_NOEXIST: u64 = 1;
+
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct ElemAttr {
+        pub map_fd: u32,
+        pub _pad: u32,
+        pub key: u64,
+        pub value: u64,
+        pub flags: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct BatchAttr {
+        pub in_batch: u64,
+        pub out_batch: u64,
+        pub keys: u64,
+        pub values: u64,
+        pub count: u32,
+        pub map_fd: u32,
+        pub elem_flags: u64,
+        pub flags: u64,
+    }
+
+    pub fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<()> {
+        // SAFETY: `attr` is a live, correctly laid out prefix of `union bpf_attr`,
+        // and every pointer in it points to a buffer of the size the kernel
+        // expects for this map (16-byte keys, 40-byte values).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                (attr as *mut T).cast::<libc::c_void>(),
+                std::mem::size_of::<T>(),
+            )
+        };
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn lookup_and_delete(fd: i32, k: &FlowKey) -> std::io::Result<CtValue> {
+        let mut v = CtValue::default();
+        let mut a = ElemAttr {
+            map_fd: fd as u32,
+            key: (k as *const FlowKey) as u64,
+            value: (&raw mut v) as u64,
+            ..Default::default()
+        };
+        bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut a)?;
+        Ok(v)
+    }
+
+    pub fn update(fd: i32, k: &FlowKey, v: &CtValue, flags: u64) -> std::io::Result<()> {
+        let mut a = ElemAttr {
+            map_fd: fd as u32,
+            key: (k as *const FlowKey) as u64,
+            value: (v as *const CtValue) as u64,
+            flags,
+            ..Default::default()
+        };
+        bpf(BPF_MAP_UPDATE_ELEM, &mut a)
+    }
+
+    /// Deletes one key; `Ok(false)` if it was not there.
+    pub fn delete(fd: i32, k: &FlowKey) -> std::io::Result<bool> {
+        let mut a = ElemAttr {
+            map_fd: fd as u32,
+            key: (k as *const FlowKey) as u64,
+            ..Default::default()
+        };
+        match bpf(BPF_MAP_DELETE_ELEM, &mut a) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes keys with `BPF_MAP_DELETE_BATCH`; the kernel stops at the
+    /// first missing key, which is skipped. Returns how many were deleted.
+    pub fn delete_batch(fd: i32, keys: &[FlowKey]) -> std::io::Result<u64> {
+        let mut deleted = 0u64;
+        let mut rest = keys;
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(super::BATCH as usize)];
+            let mut a = BatchAttr {
+                keys: chunk.as_ptr() as u64,
+                count: chunk.len() as u32,
+                map_fd: fd as u32,
+                ..Default::default()
+            };
+            let r = bpf(BPF_MAP_DELETE_BATCH, &mut a);
+            let done = (a.count as usize).min(chunk.len());
+            deleted += done as u64;
+            match r {
+                Ok(()) => rest = &rest[done..],
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    rest = &rest[(done + 1).min(rest.len())..];
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+    const NOW: u64 = 10_000 * S;
+
+    fn t() -> Timeouts {
+        Timeouts {
+            tcp_syn: Duration::from_secs(5),
+            tcp_established: Duration::from_secs(100),
+            tcp_closing: Duration::from_secs(2),
+            udp: Duration::from_secs(30),
+        }
+    }
+
+    fn ip(n: u8) -> u32 {
+        u32::from_ne_bytes([10, 244, 0, n])
+    }
+
+    /// A flow's forward and reverse entries, with their last-seen ages.
+    fn flow(
+        client_port: u16,
+        state: u32,
+        fwd_age_s: u64,
+        rev_age_s: u64,
+        backend: u32,
+    ) -> [(FlowKey, CtValue); 2] {
+        let proto = if state == ct_state::UDP { 17 } else { 6 };
+        let fk = FlowKey {
+            src_ip: ip(1),
+            dst_ip: u32::from_ne_bytes([10, 96, 0, 10]),
+            src_port: client_port.to_be(),
+            dst_port: 80u16.to_be(),
+            proto,
+            _pad: [0; 3],
+        };
+        let fv = CtValue {
+            nat_ip: ip(100 + backend as u8),
+            nat_port: 8080u16.to_be(),
+            dir: ct_dir::FORWARD,
+            svc_id: 1,
+            backend_id: backend,
+            state,
+            created_ns: NOW - 1000 * S,
+            last_seen_ns: NOW - fwd_age_s * S,
+            ..Default::default()
+        };
+        let rk = fk.reverse_of_forward(&fv);
+        let rv = CtValue {
+            nat_ip: fk.dst_ip,
+            nat_port: fk.dst_port,
+            dir: ct_dir::REVERSE,
+            svc_id: 1,
+            backend_id: backend,
+            state: 0,
+            created_ns: fv.created_ns,
+            last_seen_ns: NOW - rev_age_s * S,
+            ..Default::default()
+        };
+        [(fk, fv), (rk, rv)]
+    }
+
+    fn scan_of(entries: impl IntoIterator<Item = (FlowKey, CtValue)>) -> Scan {
+        let mut s = Scan::default();
+        for (k, v) in entries {
+            s.push(k, v);
+        }
+        s
+    }
+
+    fn expired_ports(p: &Plan) -> Vec<u16> {
+        let mut v: Vec<u16> = p
+            .expire
+            .iter()
+            .map(|e| u16::from_be(e.key.src_port))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn timeouts_per_state() {
+        let t = t();
+        assert_eq!(timeout_for(&t, ct_state::SYN), t.tcp_syn);
+        assert_eq!(timeout_for(&t, ct_state::ESTABLISHED), t.tcp_established);
+        assert_eq!(timeout_for(&t, ct_state::CLOSING), t.tcp_closing);
+        assert_eq!(timeout_for(&t, ct_state::UDP), t.udp);
+        assert_eq!(timeout_for(&t, 0), t.tcp_established);
+        assert_eq!(longest(&t), Duration::from_secs(100));
+    }
+
+    #[test]
+    fn expiry_uses_the_later_of_both_entries_and_the_forward_state() {
+        let t = t();
+        let mut e = Vec::new();
+        e.extend(flow(1, ct_state::SYN, 6, 6, 1)); // syn, idle 6 > 5: expires
+        e.extend(flow(2, ct_state::SYN, 4, 40, 1)); // idle 4: kept
+        e.extend(flow(3, ct_state::ESTABLISHED, 101, 101, 1)); // expires
+        e.extend(flow(4, ct_state::ESTABLISHED, 500, 50, 1)); // reverse fresh: kept
+        e.extend(flow(5, ct_state::ESTABLISHED, 50, 500, 2)); // forward fresh: kept
+        e.extend(flow(6, ct_state::CLOSING, 3, 3, 2)); // expires
+        e.extend(flow(7, ct_state::CLOSING, 1, 9, 2)); // kept
+        e.extend(flow(8, ct_state::UDP, 31, 31, 2)); // expires
+        e.extend(flow(9, ct_state::UDP, 29, 31, 2)); // kept
+        let p = plan(scan_of(e), &t, NOW);
+        assert_eq!(p.scanned, 18);
+        assert_eq!(p.flows, 9);
+        assert_eq!(expired_ports(&p), vec![1, 3, 6, 8]);
+        assert!(p.orphans.is_empty());
+        for x in &p.expire {
+            assert_eq!(x.reverse, x.key.reverse_of_forward(&x.value));
+            assert!(x.reverse_last_seen.is_some());
+        }
+    }
+
+    #[test]
+    fn exactly_at_the_timeout_is_not_expired() {
+        let t = t();
+        let p = plan(scan_of(flow(1, ct_state::SYN, 5, 5, 1)), &t, NOW);
+        assert!(p.expire.is_empty());
+    }
+
+    #[test]
+    fn entries_newer_than_now_are_fresh() {
+        // The kernel can write after `now` was taken.
+        let t = t();
+        let mut e = flow(1, ct_state::SYN, 0, 0, 1);
+        e[0].1.last_seen_ns = NOW + 5 * S;
+        e[1].1.last_seen_ns = NOW + 5 * S;
+        assert!(plan(scan_of(e), &t, NOW).expire.is_empty());
+    }
+
+    #[test]
+    fn forward_without_reverse_uses_its_own_last_seen() {
+        let t = t();
+        let [a, _] = flow(1, ct_state::ESTABLISHED, 101, 0, 1);
+        let [b, _] = flow(2, ct_state::ESTABLISHED, 99, 0, 1);
+        let p = plan(scan_of([a, b]), &t, NOW);
+        assert_eq!(expired_ports(&p), vec![1]);
+        assert_eq!(p.expire[0].reverse_last_seen, None);
+    }
+
+    #[test]
+    fn orphans_wait_for_the_longest_timeout() {
+        let t = t();
+        let [_, old] = flow(1, ct_state::UDP, 0, 101, 1);
+        let [_, young] = flow(2, ct_state::UDP, 0, 99, 1);
+        let p = plan(scan_of([old, young]), &t, NOW);
+        assert_eq!(p.flows, 0);
+        assert_eq!(p.orphans, vec![old.0]);
+    }
+
+    #[test]
+    fn reverse_of_a_re_pointed_flow_is_an_orphan() {
+        // Port reuse: the forward entry now names backend 2; the old reverse
+        // entry (backend 1) is referenced by nothing.
+        let t = t();
+        let [_, old_rev] = flow(1, ct_state::ESTABLISHED, 200, 200, 1);
+        let [fwd, rev] = flow(1, ct_state::ESTABLISHED, 1, 1, 2);
+        let p = plan(scan_of([old_rev, fwd, rev]), &t, NOW);
+        assert!(p.expire.is_empty());
+        assert_eq!(p.orphans, vec![old_rev.0]);
+    }
+
+    #[test]
+    fn closing_flows_are_not_credited_again() {
+        assert!(closed_by_kernel(ct_state::CLOSING));
+        for s in [ct_state::SYN, ct_state::ESTABLISHED, ct_state::UDP] {
+            assert!(!closed_by_kernel(s));
+        }
+        let mut r = GcReport::default();
+        let mut c = Credit::new();
+        let [(_, mut v), _] = flow(1, ct_state::CLOSING, 0, 0, 7);
+        count_expiry(&mut r, &mut c, &v);
+        v.state = ct_state::UDP;
+        count_expiry(&mut r, &mut c, &v);
+        count_expiry(&mut r, &mut c, &v);
+        assert_eq!(r.expired, 3);
+        assert_eq!(r.expired_by_state.closing, 1);
+        assert_eq!(r.expired_by_state.udp, 2);
+        assert_eq!(r.expired_by_state.total(), 3);
+        assert_eq!(c.values().sum::<u64>(), 2);
+        assert_eq!(c.keys().next().unwrap().0, 7);
+    }
+
+    #[test]
+    fn report_serializes_with_stable_names() {
+        let r = GcReport {
+            duration: Duration::from_millis(1500),
+            ..Default::default()
+        };
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["duration_seconds"], 1.5);
+        assert_eq!(j["expired_by_state"]["established"], 0);
+        for k in [
+            "scanned",
+            "flows",
+            "expired",
+            "orphans",
+            "accounted",
+            "revived",
+        ] {
+            assert!(j.get(k).is_some(), "{k}");
+        }
+    }
+}

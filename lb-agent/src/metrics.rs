@@ -1,0 +1,521 @@
+//! The agent's Prometheus metrics (text format 0.0.4, via `prometheus-client`).
+//!
+//! Two kinds:
+//! - the agent's own (reloads, GC runs, readiness): ordinary registered
+//!   metrics, updated by the run loop;
+//! - the kernel's counters (per service, per backend, per reason): read from
+//!   the maps at scrape time by a [`Collector`], so a scrape always shows the
+//!   maps as they are, with nothing cached in between.
+//!
+//! Every series is labelled by name, never by raw id: `service` is the
+//! service's `namespace/name:port`, `backend` its `ip:port`. Service-level and
+//! backend-level counters are separate families (`rpclb_service_*`,
+//! `rpclb_backend_*`) so that `sum()` over either is meaningful; one family
+//! holding both levels would count every packet twice.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeMetric, prometheus_text,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tracing::warn;
+
+use crate::datapath::{BackendStats, DatapathError, MapWriter, ServiceStats};
+
+/// The `Content-Type` of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// One service's counters, with its backends'.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceSnapshot {
+    /// `namespace/name:port`.
+    pub name: String,
+    pub stats: ServiceStats,
+    pub backends: Vec<BackendStats>,
+}
+
+/// The kernel's counters at one instant.
+#[derive(Clone, Debug, Default)]
+pub struct DatapathSnapshot {
+    pub services: Vec<ServiceSnapshot>,
+    /// Drop / pass / forward counters by reason name.
+    pub reasons: Vec<(&'static str, u64)>,
+}
+
+impl DatapathSnapshot {
+    /// Reads every counter the metrics show.
+    pub fn read(w: &MapWriter) -> Result<Self, DatapathError> {
+        let services = w
+            .services()
+            .into_iter()
+            .map(|s| {
+                Ok(ServiceSnapshot {
+                    stats: w.service_stats(&s.addr)?,
+                    backends: w.backend_stats(&s.addr)?,
+                    name: s.name,
+                })
+            })
+            .collect::<Result<_, DatapathError>>()?;
+        Ok(DatapathSnapshot {
+            services,
+            reasons: w.reasons()?,
+        })
+    }
+}
+
+/// Where the scrape-time collector gets the kernel's counters.
+pub trait StatsSource: Send + Sync + 'static {
+    fn snapshot(&self) -> Result<DatapathSnapshot, String>;
+}
+
+/// One GC sweep, as the metrics see it.
+#[derive(Clone, Debug, Default)]
+pub struct GcSample {
+    pub duration: Duration,
+    /// Conntrack map entries (both directions) left after the sweep.
+    pub entries: Option<u64>,
+    /// Flows (forward entries) left after the sweep.
+    pub flows: Option<u64>,
+    /// Flows expired, by conntrack state (`syn`, `established`, ...).
+    pub expired: Vec<(String, u64)>,
+    /// Entries removed without a live partner or backend.
+    pub orphans: u64,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    registry: Registry,
+    pub config_reloads: Counter,
+    pub config_reload_errors: Counter,
+    pub ready: Gauge,
+    pub gc_duration: Histogram,
+    pub gc_errors: Counter,
+    pub gc_expired: Family<Labels, Counter>,
+    pub gc_orphans: Counter,
+    pub conntrack_entries: Gauge,
+    pub conntrack_flows: Gauge,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Registers everything; `source` feeds the kernel counters at scrape time.
+    pub fn new(source: Box<dyn StatsSource>) -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            config_reloads: Counter::default(),
+            config_reload_errors: Counter::default(),
+            ready: Gauge::default(),
+            gc_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            gc_errors: Counter::default(),
+            gc_expired: Family::default(),
+            gc_orphans: Counter::default(),
+            conntrack_entries: Gauge::default(),
+            conntrack_flows: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "rpclb_config_reloads",
+            "Config reloads applied (file change or SIGHUP)",
+            m.config_reloads.clone(),
+        );
+        registry.register(
+            "rpclb_config_reload_errors",
+            "Config reloads rejected (unreadable, invalid or not applicable); the running state was kept",
+            m.config_reload_errors.clone(),
+        );
+        registry.register(
+            "rpclb_ready",
+            "1 once the programs are attached and the first state is applied",
+            m.ready.clone(),
+        );
+        registry.register(
+            "rpclb_gc_duration_seconds",
+            "Time taken by each conntrack GC sweep",
+            m.gc_duration.clone(),
+        );
+        registry.register(
+            "rpclb_gc_errors",
+            "Conntrack GC sweeps that failed",
+            m.gc_errors.clone(),
+        );
+        registry.register(
+            "rpclb_gc_expired",
+            "Conntrack flows expired by GC, by state",
+            m.gc_expired.clone(),
+        );
+        registry.register(
+            "rpclb_gc_orphans",
+            "Conntrack entries removed by GC without a live partner entry or backend",
+            m.gc_orphans.clone(),
+        );
+        registry.register(
+            "rpclb_conntrack_entries",
+            "Conntrack map entries (two per flow) after the last GC sweep",
+            m.conntrack_entries.clone(),
+        );
+        registry.register(
+            "rpclb_conntrack_flows",
+            "Conntrack flows after the last GC sweep",
+            m.conntrack_flows.clone(),
+        );
+        registry.register_collector(Box::new(DatapathCollector {
+            source,
+            errors: AtomicU64::new(0),
+        }));
+        Metrics { registry, ..m }
+    }
+
+    /// Records one finished GC sweep.
+    pub fn record_gc(&self, s: &GcSample) {
+        self.gc_duration.observe(s.duration.as_secs_f64());
+        for (state, n) in &s.expired {
+            self.gc_expired
+                .get_or_create(&vec![("state", state.clone())])
+                .inc_by(*n);
+        }
+        self.gc_orphans.inc_by(s.orphans);
+        if let Some(e) = s.entries {
+            self.conntrack_entries.set(e.try_into().unwrap_or(i64::MAX));
+        }
+        if let Some(f) = s.flows {
+            self.conntrack_flows.set(f.try_into().unwrap_or(i64::MAX));
+        }
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(ready.into());
+    }
+
+    /// Everything, in the Prometheus text format. Reads the maps: call it
+    /// where blocking is fine.
+    pub fn render(&self) -> Result<String, fmt::Error> {
+        let mut out = String::new();
+        prometheus_text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Reads the kernel counters at scrape time.
+struct DatapathCollector {
+    source: Box<dyn StatsSource>,
+    /// Scrapes whose map reads failed.
+    errors: AtomicU64,
+}
+
+impl fmt::Debug for DatapathCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatapathCollector").finish_non_exhaustive()
+    }
+}
+
+fn family<L: EncodeLabelSet, M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    mtype: MetricType,
+    rows: impl IntoIterator<Item = (L, M)>,
+) -> fmt::Result {
+    let mut me = enc.encode_descriptor(name, help, None, mtype)?;
+    for (labels, m) in rows {
+        m.encode(me.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn svc_label(s: &ServiceSnapshot) -> Labels {
+    vec![("service", s.name.clone())]
+}
+
+fn backend_label(s: &ServiceSnapshot, b: &BackendStats) -> Labels {
+    vec![
+        ("service", s.name.clone()),
+        ("backend", format!("{}:{}", b.ip, b.port)),
+    ]
+}
+
+/// `pass_no_service` -> `pass`: the verdict class of a reason.
+fn reason_kind(reason: &str) -> &str {
+    reason.split('_').next().unwrap_or(reason)
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let snap = self.source.snapshot();
+        if let Err(e) = &snap {
+            warn!("metrics: reading the data path maps failed: {e}");
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let c = ConstCounter::new(self.errors.load(Ordering::Relaxed));
+        c.encode(enc.encode_descriptor(
+            "rpclb_scrape_errors",
+            "Scrapes that could not read the data path maps",
+            None,
+            MetricType::Counter,
+        )?)?;
+        let Ok(snap) = snap else { return Ok(()) };
+        let svcs = &snap.services;
+
+        family(
+            &mut enc,
+            "rpclb_services",
+            "Services in the data path",
+            MetricType::Gauge,
+            [(Labels::new(), ConstGauge::new(svcs.len() as i64))],
+        )?;
+        type SvcField = fn(&ServiceStats) -> u64;
+        let svc_counters: [(&str, &str, SvcField); 4] = [
+            (
+                "rpclb_service_packets",
+                "Packets to the service (both directions), by service",
+                |s| s.packets,
+            ),
+            (
+                "rpclb_service_bytes",
+                "Bytes to the service (both directions), by service",
+                |s| s.bytes,
+            ),
+            (
+                "rpclb_service_new_flows",
+                "New flows (connections) balanced, by service",
+                |s| s.new_flows,
+            ),
+            (
+                "rpclb_service_drops",
+                "Packets to the service dropped or refused, by service",
+                |s| s.drops,
+            ),
+        ];
+        for (name, help, get) in svc_counters {
+            family(
+                &mut enc,
+                name,
+                help,
+                MetricType::Counter,
+                svcs.iter()
+                    .map(|s| (svc_label(s), ConstCounter::new(get(&s.stats)))),
+            )?;
+        }
+        family(
+            &mut enc,
+            "rpclb_service_active_flows",
+            "Open flows of the service (sum over its backends)",
+            MetricType::Gauge,
+            svcs.iter().map(|s| {
+                let n: u64 = s.backends.iter().map(|b| b.active).sum();
+                (svc_label(s), ConstGauge::new(n.min(i64::MAX as u64) as i64))
+            }),
+        )?;
+
+        type BackendField = fn(&BackendStats) -> u64;
+        let backend_counters: [(&str, &str, BackendField); 3] = [
+            (
+                "rpclb_backend_packets",
+                "Packets of flows to the backend (both directions)",
+                |b| b.packets,
+            ),
+            (
+                "rpclb_backend_bytes",
+                "Bytes of flows to the backend (both directions)",
+                |b| b.bytes,
+            ),
+            (
+                "rpclb_backend_new_flows",
+                "New flows sent to the backend",
+                |b| b.new_flows,
+            ),
+        ];
+        let per_backend = || {
+            svcs.iter()
+                .flat_map(|s| s.backends.iter().map(move |b| (s, b)))
+        };
+        for (name, help, get) in backend_counters {
+            family(
+                &mut enc,
+                name,
+                help,
+                MetricType::Counter,
+                per_backend().map(|(s, b)| (backend_label(s, b), ConstCounter::new(get(b)))),
+            )?;
+        }
+        family(
+            &mut enc,
+            "rpclb_backend_active_flows",
+            "Open flows to the backend (opens - closes - GC expiries; least-conn uses it)",
+            MetricType::Gauge,
+            per_backend().map(|(s, b)| {
+                (
+                    backend_label(s, b),
+                    ConstGauge::new(b.active.min(i64::MAX as u64) as i64),
+                )
+            }),
+        )?;
+        family(
+            &mut enc,
+            "rpclb_backend_weight",
+            "Configured weight of the backend (0 = drained)",
+            MetricType::Gauge,
+            per_backend().map(|(s, b)| (backend_label(s, b), ConstGauge::new(b.weight as i64))),
+        )?;
+        family(
+            &mut enc,
+            "rpclb_backend_terminating",
+            "1 if the backend is terminating (no new flows)",
+            MetricType::Gauge,
+            per_backend().map(|(s, b)| {
+                (
+                    backend_label(s, b),
+                    ConstGauge::new((b.state != "active") as i64),
+                )
+            }),
+        )?;
+        family(
+            &mut enc,
+            "rpclb_datapath_events",
+            "Packets by data-path verdict reason (kind: pass, drop, tx, fwd, nat)",
+            MetricType::Counter,
+            snap.reasons.iter().map(|&(r, n)| {
+                (
+                    vec![
+                        ("reason", r.to_string()),
+                        ("kind", reason_kind(r).to_string()),
+                    ],
+                    ConstCounter::new(n),
+                )
+            }),
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    struct Fake(Result<DatapathSnapshot, String>);
+
+    impl StatsSource for Fake {
+        fn snapshot(&self) -> Result<DatapathSnapshot, String> {
+            self.0.clone()
+        }
+    }
+
+    fn backend(last: u8, new_flows: u64, active: u64) -> BackendStats {
+        BackendStats {
+            id: 7,
+            ip: Ipv4Addr::new(10, 244, 0, last),
+            port: 8080,
+            weight: 1,
+            state: "active",
+            packets: 10 * new_flows,
+            bytes: 600 * new_flows,
+            new_flows,
+            active,
+        }
+    }
+
+    fn snapshot() -> DatapathSnapshot {
+        DatapathSnapshot {
+            services: vec![ServiceSnapshot {
+                name: "lab/web:http".into(),
+                stats: ServiceStats {
+                    packets: 50,
+                    bytes: 3000,
+                    new_flows: 5,
+                    drops: 1,
+                },
+                backends: vec![backend(2, 3, 1), backend(3, 2, 0)],
+            }],
+            reasons: vec![("nat_forward", 25), ("drop_no_backend", 1)],
+        }
+    }
+
+    #[test]
+    fn kernel_counters_carry_names_not_ids() {
+        let m = Metrics::new(Box::new(Fake(Ok(snapshot()))));
+        let out = m.render().unwrap();
+        for line in [
+            "# TYPE rpclb_service_new_flows_total counter",
+            "rpclb_service_new_flows_total{service=\"lab/web:http\"} 5",
+            "rpclb_service_packets_total{service=\"lab/web:http\"} 50",
+            "rpclb_service_bytes_total{service=\"lab/web:http\"} 3000",
+            "rpclb_service_drops_total{service=\"lab/web:http\"} 1",
+            "rpclb_service_active_flows{service=\"lab/web:http\"} 1",
+            "rpclb_backend_new_flows_total{service=\"lab/web:http\",backend=\"10.244.0.2:8080\"} 3",
+            "rpclb_backend_new_flows_total{service=\"lab/web:http\",backend=\"10.244.0.3:8080\"} 2",
+            "rpclb_backend_active_flows{service=\"lab/web:http\",backend=\"10.244.0.2:8080\"} 1",
+            "rpclb_backend_packets_total{service=\"lab/web:http\",backend=\"10.244.0.3:8080\"} 20",
+            "rpclb_datapath_events_total{reason=\"nat_forward\",kind=\"nat\"} 25",
+            "rpclb_datapath_events_total{reason=\"drop_no_backend\",kind=\"drop\"} 1",
+            "rpclb_services 1",
+            "rpclb_ready 0",
+            "rpclb_config_reloads_total 0",
+            "rpclb_config_reload_errors_total 0",
+            "rpclb_scrape_errors_total 0",
+        ] {
+            assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");
+        }
+        assert!(!out.contains("id=\""), "no raw ids:\n{out}");
+    }
+
+    #[test]
+    fn agent_metrics_and_gc() {
+        let m = Metrics::new(Box::new(Fake(Ok(DatapathSnapshot::default()))));
+        m.config_reloads.inc();
+        m.config_reload_errors.inc();
+        m.set_ready(true);
+        m.record_gc(&GcSample {
+            duration: Duration::from_millis(3),
+            entries: Some(42),
+            flows: Some(21),
+            expired: vec![("established".into(), 2), ("udp".into(), 5)],
+            orphans: 1,
+        });
+        m.record_gc(&GcSample {
+            duration: Duration::from_millis(1),
+            entries: Some(40),
+            flows: Some(20),
+            expired: vec![("udp".into(), 1)],
+            orphans: 0,
+        });
+        let out = m.render().unwrap();
+        for line in [
+            "rpclb_config_reloads_total 1",
+            "rpclb_config_reload_errors_total 1",
+            "rpclb_ready 1",
+            "rpclb_gc_expired_total{state=\"established\"} 2",
+            "rpclb_gc_expired_total{state=\"udp\"} 6",
+            "rpclb_gc_orphans_total 1",
+            "rpclb_gc_duration_seconds_count 2",
+            "rpclb_conntrack_entries 40",
+            "rpclb_conntrack_flows 20",
+        ] {
+            assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");
+        }
+    }
+
+    #[test]
+    fn failed_map_read_counts_and_keeps_agent_metrics() {
+        let m = Metrics::new(Box::new(Fake(Err("boom".into()))));
+        let out = m.render().unwrap();
+        assert!(out.contains("rpclb_scrape_errors_total 1"), "{out}");
+        assert!(out.contains("rpclb_config_reloads_total 0"), "{out}");
+        assert!(!out.contains("rpclb_service_packets_total"), "{out}");
+    }
+}

@@ -1,0 +1,622 @@
+//! Conntrack GC against the real maps (needs root).
+//!
+//! Flows are opened by running real packets through the XDP program
+//! (BPF_PROG_TEST_RUN), so the kernel counts the opens and closes; then their
+//! timestamps are aged by rewriting the entries, and a sweep with short
+//! timeouts must remove exactly the idle ones and bring the active counts
+//! back down. A second test sweeps 1,000,000 entries.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb_agent::config::Timeouts;
+use lb_agent::datapath::writer::{ip_wire, monotonic_ns};
+use lb_agent::datapath::{Datapath, DatapathConfig, MapWriter, cleanup};
+use lb_agent::gc;
+use lb_api::{Algorithm, Backend, Protocol, Service, ServiceAddr};
+use lb_common::{CtValue, FlowKey, ct_dir, ct_state};
+
+const S: u64 = 1_000_000_000;
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const UDP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
+const SYN: u8 = 0x02;
+const FIN: u8 = 0x01;
+const ACK: u8 = 0x10;
+
+fn can_run() -> bool {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: GC tests need root (BPF_PROG_LOAD, BPF_PROG_TEST_RUN)");
+        return false;
+    }
+    true
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A data path pinned in a private directory, unpinned on drop (and on panic).
+struct Harness {
+    dp: Option<Datapath>,
+    dir: PathBuf,
+}
+
+impl Harness {
+    fn new(max_conntrack: Option<u32>) -> Harness {
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/rpclb-gc-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut cfg = DatapathConfig::small(&dir);
+        cfg.fib_redirect = false;
+        if let Some(n) = max_conntrack {
+            cfg.max_conntrack = n;
+        }
+        let dp = Datapath::load(&cfg).expect("load data path");
+        Harness { dp: Some(dp), dir }
+    }
+
+    fn dp(&mut self) -> &mut Datapath {
+        self.dp.as_mut().unwrap()
+    }
+
+    fn w(&mut self) -> &mut MapWriter {
+        self.dp().writer()
+    }
+
+    /// Runs a frame through the XDP program; returns its verdict.
+    fn run(&mut self, frame: &[u8]) -> u32 {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        self.dp()
+            .xdp_program()
+            .test_run(opts)
+            .expect("BPF_PROG_TEST_RUN")
+            .return_value
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.dp.take();
+        if let Err(e) = cleanup(&self.dir) {
+            eprintln!("cleanup {}: {e}", self.dir.display());
+        }
+    }
+}
+
+fn csum(data: &[u8], init: u32) -> u16 {
+    let mut s = init;
+    for c in data.chunks(2) {
+        s += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+    }
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
+/// Ethernet + IPv4 + TCP/UDP with correct checksums.
+fn frame(proto: u8, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend(sport.to_be_bytes());
+    l4.extend(dport.to_be_bytes());
+    if proto == 6 {
+        l4.extend(1000u32.to_be_bytes()); // seq
+        l4.extend(if flags & ACK != 0 { 1u32 } else { 0 }.to_be_bytes());
+        l4.extend([5 << 4, flags]);
+        l4.extend(65535u16.to_be_bytes());
+        l4.extend([0, 0, 0, 0]); // checksum, urgent
+    } else {
+        l4.extend(12u16.to_be_bytes());
+        l4.extend([0, 0]);
+        l4.extend(*b"ping");
+    }
+    let mut pseudo = Vec::new();
+    pseudo.extend(src.octets());
+    pseudo.extend(dst.octets());
+    pseudo.extend([0, proto]);
+    pseudo.extend((l4.len() as u16).to_be_bytes());
+    pseudo.extend(&l4);
+    let c = csum(&pseudo, 0).to_be_bytes();
+    let at = if proto == 6 { 16 } else { 6 };
+    l4[at..at + 2].copy_from_slice(&c);
+
+    let mut ip = vec![0x45, 0];
+    ip.extend(((20 + l4.len()) as u16).to_be_bytes());
+    ip.extend([0, 7, 0x40, 0, 64, proto, 0, 0]);
+    ip.extend(src.octets());
+    ip.extend(dst.octets());
+    let c = csum(&ip, 0).to_be_bytes();
+    ip[10..12].copy_from_slice(&c);
+
+    let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
+    f.extend(ip);
+    f.extend(l4);
+    f
+}
+
+fn service(name: &str, vip: Ipv4Addr, port: u16, proto: Protocol, bs: &[(u8, u16)]) -> Service {
+    Service {
+        name: name.into(),
+        vip,
+        port,
+        protocol: proto,
+        algorithm: Algorithm::RoundRobin,
+        affinity_timeout: None,
+        maglev_table_size: None,
+        backends: bs
+            .iter()
+            .map(|&(i, p)| Backend::new(Ipv4Addr::new(10, 244, 10 + i, 2), p))
+            .collect(),
+    }
+}
+
+fn fwd_key(proto: u8, client: Ipv4Addr, sport: u16, vip: Ipv4Addr, dport: u16) -> FlowKey {
+    FlowKey {
+        src_ip: ip_wire(client),
+        dst_ip: ip_wire(vip),
+        src_port: sport.to_be(),
+        dst_port: dport.to_be(),
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Sets an entry's last-seen to `age_s` seconds before `now`.
+fn age(w: &mut MapWriter, k: &FlowKey, now: u64, age_s: u64) {
+    let m = w.conntrack_map();
+    let mut v = m.get(k, 0).expect("entry exists");
+    v.last_seen_ns = now - age_s * S;
+    m.insert(k, v, 0).unwrap();
+}
+
+fn all_entries(w: &MapWriter) -> HashMap<FlowKey, CtValue> {
+    let mut m = HashMap::new();
+    gc::for_each_entry(w.conntrack_fd(), |k, v| {
+        m.insert(*k, *v);
+    })
+    .unwrap();
+    m
+}
+
+fn total_active(w: &MapWriter, addrs: &[ServiceAddr]) -> u64 {
+    addrs
+        .iter()
+        .flat_map(|a| w.backend_stats(a).unwrap())
+        .map(|b| b.active)
+        .sum()
+}
+
+#[test]
+fn sweep_expires_exactly_the_idle_flows_and_fixes_active_counts() {
+    if !can_run() {
+        return;
+    }
+    let mut h = Harness::new(None);
+    let web = service(
+        "demo/web:http",
+        VIP,
+        80,
+        Protocol::Tcp,
+        &[(1, 8080), (2, 8080)],
+    );
+    let dns = service("demo/dns:dns", UDP_VIP, 53, Protocol::Udp, &[(3, 5353)]);
+    h.w().upsert_service(&web).unwrap();
+    h.w().upsert_service(&dns).unwrap();
+    let addrs = [web.addr(), dns.addr()];
+
+    // Open flows with real packets. Client ports name the cases:
+    // 1001 SYN idle (expires), 1002 SYN fresh, 1003 established idle on both
+    // entries (expires), 1004 established with a fresh reverse entry,
+    // 1005 closed and idle (expires, not credited: the kernel counted the
+    // close), 1006 closed and fresh, 2001 UDP idle (expires), 2002 UDP fresh.
+    for p in 1001..=1006 {
+        h.run(&frame(6, CLIENT, p, VIP, 80, SYN));
+    }
+    for p in [1003, 1004] {
+        h.run(&frame(6, CLIENT, p, VIP, 80, ACK));
+    }
+    for p in [1005, 1006] {
+        h.run(&frame(6, CLIENT, p, VIP, 80, FIN | ACK));
+    }
+    for p in [2001, 2002] {
+        h.run(&frame(17, CLIENT, p, UDP_VIP, 53, 0));
+    }
+    let before = all_entries(h.w());
+    assert_eq!(before.len(), 16, "8 flows, 2 entries each");
+    assert_eq!(total_active(h.w(), &addrs), 6, "8 opens - 2 closes");
+
+    let key = |p: u16| {
+        if p >= 2000 {
+            fwd_key(17, CLIENT, p, UDP_VIP, 53)
+        } else {
+            fwd_key(6, CLIENT, p, VIP, 80)
+        }
+    };
+    let state_of = |p: u16| before[&key(p)].state;
+    assert_eq!(state_of(1001), ct_state::SYN);
+    assert_eq!(state_of(1003), ct_state::ESTABLISHED);
+    assert_eq!(state_of(1005), ct_state::CLOSING);
+    assert_eq!(state_of(2001), ct_state::UDP);
+
+    // Age the entries. Timeouts: SYN 5 s, established 100 s, closing 5 s,
+    // UDP 30 s (the longest, 100 s, applies to orphans).
+    let t = Timeouts {
+        tcp_syn: Duration::from_secs(5),
+        tcp_established: Duration::from_secs(100),
+        tcp_closing: Duration::from_secs(5),
+        udp: Duration::from_secs(30),
+    };
+    let now = monotonic_ns();
+    let ages: &[(u16, u64, u64)] = &[
+        // (port, forward age, reverse age)
+        (1001, 10, 10),
+        (1002, 1, 1),
+        (1003, 200, 200),
+        (1004, 200, 50),
+        (1005, 10, 10),
+        (1006, 1, 1),
+        (2001, 100, 100),
+        (2002, 1, 29),
+    ];
+    for &(p, fa, ra) in ages {
+        let k = key(p);
+        let rk = k.reverse_of_forward(&before[&k]);
+        age(h.w(), &k, now, fa);
+        age(h.w(), &rk, now, ra);
+    }
+    // Orphan reverse entries (no forward entry): one past the longest
+    // timeout, one not; and a forward entry without a reverse entry whose
+    // backend id names no backend (its credit must be dropped).
+    let orphan = |port: u16, age_s: u64| {
+        let k = FlowKey {
+            src_ip: ip_wire(Ipv4Addr::new(10, 244, 11, 2)),
+            dst_ip: ip_wire(Ipv4Addr::new(10, 244, 9, 9)),
+            src_port: 8080u16.to_be(),
+            dst_port: port.to_be(),
+            proto: 6,
+            _pad: [0; 3],
+        };
+        let v = CtValue {
+            nat_ip: ip_wire(VIP),
+            nat_port: 80u16.to_be(),
+            dir: ct_dir::REVERSE,
+            svc_id: 1,
+            backend_id: 1,
+            created_ns: now - age_s * S,
+            last_seen_ns: now - age_s * S,
+            ..Default::default()
+        };
+        (k, v)
+    };
+    let (old_orphan, ov) = orphan(3001, 1000);
+    let (young_orphan, yv) = orphan(3002, 10);
+    let lone = fwd_key(6, Ipv4Addr::new(10, 244, 9, 9), 3003, VIP, 80);
+    let lone_v = CtValue {
+        nat_ip: ip_wire(Ipv4Addr::new(10, 244, 99, 2)),
+        nat_port: 8080u16.to_be(),
+        dir: ct_dir::FORWARD,
+        svc_id: 1,
+        backend_id: 4000,
+        state: ct_state::ESTABLISHED,
+        created_ns: now - 1000 * S,
+        last_seen_ns: now - 1000 * S,
+        ..Default::default()
+    };
+    {
+        let m = h.w().conntrack_map();
+        m.insert(old_orphan, ov, 0).unwrap();
+        m.insert(young_orphan, yv, 0).unwrap();
+        m.insert(lone, lone_v, 0).unwrap();
+    }
+
+    // Expected credits per backend: the idle flows that never closed.
+    let mut want_active: HashMap<u32, u64> = HashMap::new();
+    for p in [1002, 1004, 2002] {
+        *want_active.entry(before[&key(p)].backend_id).or_default() += 1;
+    }
+
+    let r = gc::sweep(h.w(), &t, now).unwrap();
+    eprintln!("{}", serde_json::to_string(&r).unwrap());
+    assert_eq!(r.scanned, 19);
+    assert_eq!(r.flows, 9);
+    assert_eq!(r.expired, 5);
+    assert_eq!(
+        r.expired_by_state,
+        gc::ByState {
+            syn: 1,
+            established: 2,
+            closing: 1,
+            udp: 1
+        }
+    );
+    assert_eq!(r.accounted, 3);
+    assert_eq!(r.stale_backend, 1);
+    assert_eq!(r.orphans, 1);
+    assert_eq!(r.revived, 0);
+    assert_eq!(r.entries_after, 9);
+
+    let after = all_entries(h.w());
+    let kept: BTreeSet<u16> = after
+        .iter()
+        .filter(|(_, v)| v.dir == ct_dir::FORWARD)
+        .map(|(k, _)| u16::from_be(k.src_port))
+        .collect();
+    assert_eq!(kept, BTreeSet::from([1002, 1004, 1006, 2002]));
+    for p in [1002, 1004, 1006, 2002] {
+        let k = key(p);
+        assert!(after.contains_key(&k.reverse_of_forward(&before[&k])));
+    }
+    for p in [1001, 1003, 1005, 2001] {
+        let k = key(p);
+        assert!(!after.contains_key(&k.reverse_of_forward(&before[&k])));
+    }
+    assert!(!after.contains_key(&old_orphan));
+    assert!(after.contains_key(&young_orphan));
+    assert!(!after.contains_key(&lone));
+    assert_eq!(after.len(), 9);
+
+    // Active counts: back down to the flows still open.
+    assert_eq!(total_active(h.w(), &addrs), 3);
+    for a in &addrs {
+        for b in h.w().backend_stats(a).unwrap() {
+            assert_eq!(
+                b.active,
+                want_active.get(&b.id).copied().unwrap_or(0),
+                "backend {}:{}",
+                b.ip,
+                b.port
+            );
+        }
+    }
+
+    // A second sweep at the same time finds nothing more to do. (Split in
+    // two, as an agent holding its writer behind a lock would run it: the
+    // conntrack half on its own dup of the fd, then the credit.)
+    let fd = h.w().conntrack_fd().try_clone_to_owned().unwrap();
+    let pending = gc::expire(fd.as_fd(), &t, now).unwrap();
+    assert_eq!(pending.report().expired, 0);
+    let r2 = pending.credit(h.w()).unwrap();
+    assert_eq!((r2.expired, r2.orphans, r2.accounted), (0, 0, 0));
+    assert_eq!(r2.scanned, 9);
+
+    // Later, everything is idle: all flows go. 1006 was closed in the
+    // kernel, so only 1002, 1004 and 2002 are credited, and every backend
+    // ends with opens = closes + expired.
+    let later = now + 1000 * S;
+    let r3 = gc::sweep(h.w(), &t, later).unwrap();
+    assert_eq!(r3.expired, 4);
+    assert_eq!(r3.accounted, 3);
+    assert_eq!(r3.orphans, 1);
+    assert_eq!(all_entries(h.w()).len(), 0);
+    assert_eq!(total_active(h.w(), &addrs), 0);
+    for a in &addrs {
+        for b in h.w().backend_stats(a).unwrap() {
+            let (c, expired) = h.w().backend_conn_counts(b.id).unwrap();
+            assert_eq!(
+                c.opens,
+                c.closes + expired,
+                "backend {}:{}: opens = closes + expired",
+                b.ip,
+                b.port
+            );
+        }
+    }
+}
+
+/// Inserts entries with BPF_MAP_UPDATE_BATCH (8,192 per call).
+fn insert_batch(w: &MapWriter, keys: &[FlowKey], vals: &[CtValue]) {
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let fd = w.conntrack_fd().as_raw_fd();
+    for (ks, vs) in keys.chunks(8192).zip(vals.chunks(8192)) {
+        let mut a = BatchAttr {
+            keys: ks.as_ptr() as u64,
+            values: vs.as_ptr() as u64,
+            count: ks.len() as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        // SAFETY: a valid bpf_attr for BPF_MAP_UPDATE_BATCH (26) pointing at
+        // `count` keys and values of the map's sizes.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                26 as libc::c_long,
+                (&raw mut a).cast::<libc::c_void>(),
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        assert!(
+            rc == 0 && a.count as usize == ks.len(),
+            "BPF_MAP_UPDATE_BATCH: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[test]
+fn sweep_one_million_entries() {
+    if !can_run() {
+        return;
+    }
+    const FLOWS: u32 = 500_000; // 1,000,000 entries
+    const ORPHANS: u32 = 1_000;
+    let mut h = Harness::new(Some(1 << 21));
+    let svc = service(
+        "demo/big:http",
+        VIP,
+        80,
+        Protocol::Tcp,
+        &[(1, 8080), (2, 8080), (3, 8080), (4, 8080)],
+    );
+    h.w().upsert_service(&svc).unwrap();
+    let backends: Vec<(u32, Ipv4Addr, u16)> = h
+        .w()
+        .backend_stats(&svc.addr())
+        .unwrap()
+        .iter()
+        .map(|b| (b.id, b.ip, b.port))
+        .collect();
+    let svc_id = h.w().service_id(&svc.addr()).unwrap();
+    let now = monotonic_ns();
+    let t = Timeouts {
+        tcp_syn: Duration::from_secs(10),
+        tcp_established: Duration::from_secs(100),
+        tcp_closing: Duration::from_secs(10),
+        udp: Duration::from_secs(30),
+    };
+    let states = [
+        ct_state::SYN,
+        ct_state::ESTABLISHED,
+        ct_state::CLOSING,
+        ct_state::UDP,
+    ];
+    // Flow i: state i % 4, backend (i / 4) % 4, idle 1000 s when i % 8 < 4
+    // (expires), else 1 s.
+    let idle = |i: u32| i % 8 < 4;
+    let mut keys = Vec::with_capacity(2 * FLOWS as usize + ORPHANS as usize);
+    let mut vals = Vec::with_capacity(keys.capacity());
+    let mut want_credit: HashMap<u32, u64> = HashMap::new();
+    for i in 0..FLOWS {
+        let state = states[(i % 4) as usize];
+        let (bid, bip, bport) = backends[((i / 4) % 4) as usize];
+        let proto = if state == ct_state::UDP { 17 } else { 6 };
+        let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i);
+        let seen = now - if idle(i) { 1000 } else { 1 } * S;
+        let fk = fwd_key(proto, client, 40000, VIP, 80);
+        let fv = CtValue {
+            nat_ip: ip_wire(bip),
+            nat_port: bport.to_be(),
+            dir: ct_dir::FORWARD,
+            svc_id,
+            backend_id: bid,
+            state,
+            created_ns: seen,
+            last_seen_ns: seen,
+            ..Default::default()
+        };
+        let rv = CtValue {
+            nat_ip: ip_wire(VIP),
+            nat_port: 80u16.to_be(),
+            dir: ct_dir::REVERSE,
+            state: 0,
+            ..fv
+        };
+        keys.push(fk.reverse_of_forward(&fv));
+        vals.push(rv);
+        keys.push(fk);
+        vals.push(fv);
+        if idle(i) && state != ct_state::CLOSING {
+            *want_credit.entry(bid).or_default() += 1;
+        }
+    }
+    for j in 0..ORPHANS {
+        let k = FlowKey {
+            src_ip: ip_wire(backends[0].1),
+            dst_ip: ip_wire(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + j)),
+            src_port: 8080u16.to_be(),
+            dst_port: 40000u16.to_be(),
+            proto: 6,
+            _pad: [0; 3],
+        };
+        keys.push(k);
+        vals.push(CtValue {
+            nat_ip: ip_wire(VIP),
+            nat_port: 80u16.to_be(),
+            dir: ct_dir::REVERSE,
+            svc_id,
+            backend_id: backends[0].0,
+            created_ns: now - 1000 * S,
+            last_seen_ns: now - 1000 * S,
+            ..Default::default()
+        });
+    }
+    let t0 = Instant::now();
+    insert_batch(h.w(), &keys, &vals);
+    eprintln!("inserted {} entries in {:?}", keys.len(), t0.elapsed());
+    drop((keys, vals));
+
+    let expired_before: HashMap<u32, u64> = backends
+        .iter()
+        .map(|&(id, ..)| (id, h.w().backend_conn_counts(id).unwrap().1))
+        .collect();
+    let r = gc::sweep(h.w(), &t, now).unwrap();
+    eprintln!(
+        "sweep of {} entries: {:?} ({} flows expired, {} orphans)",
+        r.scanned, r.duration, r.expired, r.orphans
+    );
+    assert_eq!(r.scanned, (2 * FLOWS + ORPHANS) as u64);
+    assert_eq!(r.flows, FLOWS as u64);
+    assert_eq!(r.expired, (FLOWS / 2) as u64);
+    let q = (FLOWS / 8) as u64;
+    assert_eq!(
+        r.expired_by_state,
+        gc::ByState {
+            syn: q,
+            established: q,
+            closing: q,
+            udp: q
+        }
+    );
+    assert_eq!(r.accounted, 3 * q);
+    assert_eq!(r.orphans, ORPHANS as u64);
+    assert_eq!(r.entries_after, FLOWS as u64);
+    for &(id, ..) in &backends {
+        let now_expired = h.w().backend_conn_counts(id).unwrap().1;
+        assert_eq!(
+            now_expired - expired_before[&id],
+            want_credit.get(&id).copied().unwrap_or(0),
+            "backend id {id}"
+        );
+    }
+
+    // What is left is exactly the fresh flows.
+    let mut left = 0u64;
+    let mut bad = 0u64;
+    gc::for_each_entry(h.w().conntrack_fd(), |k, v| {
+        left += 1;
+        let client = if v.dir == ct_dir::FORWARD {
+            k.src_ip
+        } else {
+            k.dst_ip
+        };
+        let i = u32::from(Ipv4Addr::from(client.to_ne_bytes()))
+            .wrapping_sub(u32::from(Ipv4Addr::new(10, 128, 0, 0)));
+        if i >= FLOWS || idle(i) {
+            bad += 1;
+        }
+    })
+    .unwrap();
+    assert_eq!(left, FLOWS as u64);
+    assert_eq!(bad, 0);
+
+    // A sweep with nothing to expire: the cost of the scan alone.
+    let r2 = gc::sweep(h.w(), &t, now).unwrap();
+    eprintln!(
+        "sweep of {} entries, none expired: {:?}",
+        r2.scanned, r2.duration
+    );
+    assert_eq!((r2.expired, r2.orphans), (0, 0));
+    assert_eq!(r2.scanned, FLOWS as u64);
+}

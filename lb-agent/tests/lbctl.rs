@@ -1,0 +1,705 @@
+//! The real `lbctl` binary against real pinned maps (needs root).
+//!
+//! A data path is loaded and pinned in a private directory, two services are
+//! written, flows are driven through the XDP program with BPF_PROG_TEST_RUN,
+//! and every command's JSON is compared with the writer's own view; the
+//! tables must show the same names and numbers.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb_agent::datapath::{Datapath, DatapathConfig, MapWriter, cleanup};
+use lb_api::{Algorithm, Backend, BackendState, Protocol, Service};
+use serde_json::Value;
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const UDP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
+const SYN: u8 = 0x02;
+const FIN: u8 = 0x01;
+const ACK: u8 = 0x10;
+const LBCTL: &str = env!("CARGO_BIN_EXE_lbctl");
+
+fn can_run() -> bool {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: lbctl tests need root (BPF_PROG_LOAD, BPF_PROG_TEST_RUN)");
+        return false;
+    }
+    true
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+struct Harness {
+    dp: Option<Datapath>,
+    dir: PathBuf,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/rpclb-lbctl-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut cfg = DatapathConfig::small(&dir);
+        cfg.fib_redirect = false;
+        let dp = Datapath::load(&cfg).expect("load data path");
+        Harness { dp: Some(dp), dir }
+    }
+
+    fn w(&mut self) -> &mut MapWriter {
+        self.dp.as_mut().unwrap().writer()
+    }
+
+    fn run(&mut self, frame: &[u8]) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        self.dp
+            .as_mut()
+            .unwrap()
+            .xdp_program()
+            .test_run(opts)
+            .expect("BPF_PROG_TEST_RUN");
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.dp.take();
+        if let Err(e) = cleanup(&self.dir) {
+            eprintln!("cleanup {}: {e}", self.dir.display());
+        }
+    }
+}
+
+fn csum(data: &[u8]) -> u16 {
+    let mut s = 0u32;
+    for c in data.chunks(2) {
+        s += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+    }
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
+/// Ethernet + IPv4 + TCP/UDP with correct checksums.
+fn frame(proto: u8, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend(sport.to_be_bytes());
+    l4.extend(dport.to_be_bytes());
+    if proto == 6 {
+        l4.extend(1000u32.to_be_bytes());
+        l4.extend(if flags & ACK != 0 { 1u32 } else { 0 }.to_be_bytes());
+        l4.extend([5 << 4, flags]);
+        l4.extend(65535u16.to_be_bytes());
+        l4.extend([0, 0, 0, 0]);
+    } else {
+        l4.extend(12u16.to_be_bytes());
+        l4.extend([0, 0]);
+        l4.extend(*b"ping");
+    }
+    let mut pseudo = Vec::new();
+    pseudo.extend(src.octets());
+    pseudo.extend(dst.octets());
+    pseudo.extend([0, proto]);
+    pseudo.extend((l4.len() as u16).to_be_bytes());
+    pseudo.extend(&l4);
+    let c = csum(&pseudo).to_be_bytes();
+    let at = if proto == 6 { 16 } else { 6 };
+    l4[at..at + 2].copy_from_slice(&c);
+    let mut ip = vec![0x45, 0];
+    ip.extend(((20 + l4.len()) as u16).to_be_bytes());
+    ip.extend([0, 7, 0x40, 0, 64, proto, 0, 0]);
+    ip.extend(src.octets());
+    ip.extend(dst.octets());
+    let c = csum(&ip).to_be_bytes();
+    ip[10..12].copy_from_slice(&c);
+    let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
+    f.extend(ip);
+    f.extend(l4);
+    f
+}
+
+fn b(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, 10 + i, 2)
+}
+
+fn services() -> (Service, Service) {
+    let mut term = Backend::new(b(3), 8080);
+    term.state = BackendState::Terminating;
+    let web = Service {
+        name: "demo/web:http".into(),
+        vip: VIP,
+        port: 80,
+        protocol: Protocol::Tcp,
+        algorithm: Algorithm::Maglev,
+        affinity_timeout: None,
+        maglev_table_size: None,
+        backends: vec![
+            Backend::new(b(1), 8080),
+            Backend {
+                weight: 2,
+                ..Backend::new(b(2), 8080)
+            },
+            term,
+        ],
+    };
+    let dns = Service {
+        name: "demo/dns:dns".into(),
+        vip: UDP_VIP,
+        port: 53,
+        protocol: Protocol::Udp,
+        algorithm: Algorithm::RoundRobin,
+        affinity_timeout: None,
+        maglev_table_size: None,
+        backends: vec![Backend::new(b(4), 5353), Backend::new(b(5), 5353)],
+    };
+    (web, dns)
+}
+
+/// Loads, writes the two services, and drives 6 TCP flows (one closed) and
+/// 3 UDP flows through the program.
+fn setup() -> (Harness, Service, Service) {
+    let mut h = Harness::new();
+    let (web, dns) = services();
+    h.w().upsert_service(&web).unwrap();
+    h.w().upsert_service(&dns).unwrap();
+    for p in 40001..=40006 {
+        h.run(&frame(6, CLIENT, p, VIP, 80, SYN));
+        h.run(&frame(6, CLIENT, p, VIP, 80, ACK));
+    }
+    h.run(&frame(6, CLIENT, 40006, VIP, 80, FIN | ACK));
+    for p in 41001..=41003 {
+        h.run(&frame(17, CLIENT, p, UDP_VIP, 53, 0));
+    }
+    (h, web, dns)
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn lbctl_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(LBCTL);
+    c.args(args)
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("RPCLB_PIN_PATH");
+    c
+}
+
+fn output(mut c: Command) -> Out {
+    let o = c.output().expect("run lbctl");
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8(o.stdout).unwrap(),
+        stderr: String::from_utf8(o.stderr).unwrap(),
+    }
+}
+
+/// Runs lbctl with `--pin-path`; it must succeed.
+fn lbctl(pin: &Path, args: &[&str]) -> String {
+    let mut full = vec!["--pin-path", pin.to_str().unwrap()];
+    full.extend_from_slice(args);
+    let o = output(lbctl_cmd(&full));
+    assert_eq!(
+        o.code, 0,
+        "lbctl {args:?} failed:\nstdout:\n{}\nstderr:\n{}",
+        o.stdout, o.stderr
+    );
+    assert!(o.stderr.is_empty(), "lbctl {args:?} stderr: {}", o.stderr);
+    o.stdout
+}
+
+fn lbctl_json(pin: &Path, args: &[&str]) -> Value {
+    let mut full = args.to_vec();
+    full.extend(["-o", "json"]);
+    let s = lbctl(pin, &full);
+    serde_json::from_str(&s).unwrap_or_else(|e| panic!("lbctl {args:?}: bad JSON: {e}\n{s}"))
+}
+
+/// The whitespace-separated cells of the table row that starts with `first`.
+fn row<'a>(table: &'a str, first: &str) -> Vec<&'a str> {
+    table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|c| c.first() == Some(&first))
+        .unwrap_or_else(|| panic!("no row {first:?} in:\n{table}"))
+}
+
+fn rows_with<'a>(table: &'a str, needle: &str) -> Vec<&'a str> {
+    table.lines().filter(|l| l.contains(needle)).collect()
+}
+
+#[test]
+fn services_and_backends_match_the_maps() {
+    if !can_run() {
+        return;
+    }
+    let (mut h, web, dns) = setup();
+    let pin = h.dir.clone();
+    let w = h.w();
+
+    // services, JSON: every field against the writer.
+    let j = lbctl_json(&pin, &["services"]);
+    let arr = j.as_array().unwrap();
+    assert_eq!(arr.len(), 2);
+    for s in [&web, &dns] {
+        let addr = s.addr();
+        let js = arr.iter().find(|x| x["name"] == s.name.as_str()).unwrap();
+        let st = w.service_stats(&addr).unwrap();
+        let bs = w.backend_stats(&addr).unwrap();
+        let info = w.services().into_iter().find(|i| i.addr == addr).unwrap();
+        assert_eq!(js["address"], addr.to_string());
+        assert_eq!(js["vip"], addr.vip.to_string());
+        assert_eq!(js["port"], addr.port);
+        assert_eq!(js["protocol"], addr.protocol.as_str());
+        assert_eq!(js["algorithm"], s.algorithm.as_str());
+        assert_eq!(js["backends_active"], info.backends_active);
+        assert_eq!(js["backends_terminating"], info.backends_terminating);
+        assert_eq!(js["new_flows"], st.new_flows);
+        assert_eq!(js["packets"], st.packets);
+        assert_eq!(js["bytes"], st.bytes);
+        assert_eq!(js["drops"], st.drops);
+        assert_eq!(js["active_flows"], bs.iter().map(|b| b.active).sum::<u64>());
+        assert_eq!(js["table_size"], info.table_len);
+    }
+    let jweb = arr.iter().find(|x| x["name"] == "demo/web:http").unwrap();
+    assert_eq!(jweb["new_flows"], 6);
+    assert_eq!(jweb["active_flows"], 5, "6 opened, 1 closed");
+    assert_eq!(jweb["backends_active"], 2);
+    assert_eq!(jweb["backends_terminating"], 1);
+    let jdns = arr.iter().find(|x| x["name"] == "demo/dns:dns").unwrap();
+    assert_eq!(
+        (jdns["new_flows"].as_u64(), jdns["active_flows"].as_u64()),
+        (Some(3), Some(3))
+    );
+
+    // services, table.
+    let t = lbctl(&pin, &["services"]);
+    eprintln!("{t}");
+    assert!(t.starts_with("NAME"), "{t}");
+    let r = row(&t, "demo/web:http");
+    let st = w.service_stats(&web.addr()).unwrap();
+    assert_eq!(
+        r,
+        vec![
+            "demo/web:http",
+            "10.96.0.10:80/tcp",
+            "maglev",
+            "2",
+            "1",
+            "6",
+            "5",
+            &st.packets.to_string(),
+            &format!("{}B", st.bytes),
+        ]
+    );
+    let r = row(&t, "demo/dns:dns");
+    assert_eq!(
+        &r[1..7],
+        ["10.96.0.53:53/udp", "round-robin", "2", "0", "3", "3"]
+    );
+    assert!(t.lines().all(|l| l.chars().count() <= 120), "{t}");
+
+    // backends, JSON, all services.
+    let j = lbctl_json(&pin, &["backends"]);
+    let arr = j.as_array().unwrap();
+    assert_eq!(arr.len(), 5);
+    for s in [&web, &dns] {
+        for bs in w.backend_stats(&s.addr()).unwrap() {
+            let addr = format!("{}:{}", bs.ip, bs.port);
+            let jb = arr
+                .iter()
+                .find(|x| x["address"] == addr.as_str() && x["service"] == s.name.as_str())
+                .unwrap_or_else(|| panic!("backend {addr} missing"));
+            assert_eq!(jb["service_address"], s.addr().to_string());
+            assert_eq!(jb["weight"], bs.weight);
+            assert_eq!(jb["state"], bs.state);
+            assert_eq!(jb["active"], bs.active);
+            assert_eq!(jb["new_flows"], bs.new_flows);
+            assert_eq!(jb["packets"], bs.packets);
+            assert_eq!(jb["bytes"], bs.bytes);
+        }
+    }
+    let total_active: u64 = arr.iter().map(|x| x["active"].as_u64().unwrap()).sum();
+    assert_eq!(total_active, 8);
+
+    // backends of one service, by name and by address, table and JSON.
+    let t = lbctl(&pin, &["backends", "demo/web:http"]);
+    eprintln!("{t}");
+    assert_eq!(rows_with(&t, "demo/web:http").len(), 3, "{t}");
+    assert!(rows_with(&t, "demo/dns").is_empty(), "{t}");
+    for bs in w.backend_stats(&web.addr()).unwrap() {
+        let line = rows_with(&t, &format!("{}:{}", bs.ip, bs.port))[0];
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cells[2], bs.weight.to_string());
+        assert_eq!(cells[3], bs.state);
+        assert_eq!(cells[4], bs.active.to_string());
+        assert_eq!(cells[5], bs.new_flows.to_string());
+        assert_eq!(cells[6], bs.packets.to_string());
+    }
+    let j = lbctl_json(&pin, &["backends", "10.96.0.53:53/udp"]);
+    assert_eq!(j.as_array().unwrap().len(), 2);
+    assert!(
+        j.as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["service"] == "demo/dns:dns")
+    );
+    // A service name without its port, when unique.
+    let j = lbctl_json(&pin, &["backends", "demo/dns"]);
+    assert_eq!(j.as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn conntrack_and_maglev_match_the_maps() {
+    if !can_run() {
+        return;
+    }
+    let (mut h, web, dns) = setup();
+    let pin = h.dir.clone();
+    let w = h.w();
+
+    // conntrack, JSON vs the writer's view.
+    let want = w.conntrack().unwrap();
+    assert_eq!(want.len(), 9);
+    let j = lbctl_json(&pin, &["conntrack"]);
+    let arr = j.as_array().unwrap();
+    let got: BTreeSet<(String, String, String, String, String, String)> = arr
+        .iter()
+        .map(|x| {
+            (
+                x["client"].as_str().unwrap().to_string(),
+                x["vip"].as_str().unwrap().to_string(),
+                x["service"].as_str().unwrap().to_string(),
+                x["backend"].as_str().unwrap().to_string(),
+                x["protocol"].as_str().unwrap().to_string(),
+                x["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let exp: BTreeSet<_> = want
+        .iter()
+        .map(|e| {
+            let name = if e.proto == Protocol::Udp {
+                &dns.name
+            } else {
+                &web.name
+            };
+            (
+                format!("{}:{}", e.client.0, e.client.1),
+                format!("{}:{}", e.vip.0, e.vip.1),
+                name.clone(),
+                format!("{}:{}", e.backend.0, e.backend.1),
+                e.proto.as_str().to_string(),
+                e.state.to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(got, exp);
+    for x in arr {
+        let e = want
+            .iter()
+            .find(|e| format!("{}:{}", e.client.0, e.client.1) == x["client"])
+            .unwrap();
+        assert_eq!(x["created_ns"], e.created_ns);
+        assert_eq!(x["last_seen_ns"], e.last_seen_ns);
+        assert!(x["age_seconds"].as_f64().unwrap() < 60.0);
+        assert!(x["idle_seconds"].as_f64().unwrap() <= x["age_seconds"].as_f64().unwrap());
+    }
+    let states: Vec<&str> = arr.iter().map(|x| x["state"].as_str().unwrap()).collect();
+    assert_eq!(states.iter().filter(|&&s| s == "established").count(), 5);
+    assert_eq!(states.iter().filter(|&&s| s == "closing").count(), 1);
+    assert_eq!(states.iter().filter(|&&s| s == "udp").count(), 3);
+
+    // Filters.
+    let j = lbctl_json(&pin, &["conntrack", "--service", "demo/dns:dns"]);
+    assert_eq!(j.as_array().unwrap().len(), 3);
+    let b1 = want
+        .iter()
+        .find(|e| e.proto == Protocol::Tcp)
+        .unwrap()
+        .backend;
+    let n_b1 = want.iter().filter(|e| e.backend == b1).count();
+    let j = lbctl_json(&pin, &["conntrack", "--backend", &b1.0.to_string()]);
+    assert_eq!(j.as_array().unwrap().len(), n_b1);
+    let j = lbctl_json(&pin, &["conntrack", "--backend", &format!("{}:1", b1.0)]);
+    assert_eq!(j.as_array().unwrap().len(), 0);
+    let j = lbctl_json(&pin, &["conntrack", "--limit", "2"]);
+    assert_eq!(j.as_array().unwrap().len(), 2);
+    let t = lbctl(&pin, &["conntrack", "--limit", "2"]);
+    assert!(
+        t.contains("2 of 9 flows shown (18 conntrack entries)"),
+        "{t}"
+    );
+
+    // conntrack, table.
+    let t = lbctl(&pin, &["conntrack"]);
+    eprintln!("{t}");
+    assert!(t.starts_with("CLIENT"), "{t}");
+    for e in &want {
+        let client = format!("{}:{}", e.client.0, e.client.1);
+        let r = row(&t, &client);
+        assert_eq!(r[2], format!("{}:{}", e.backend.0, e.backend.1));
+        assert_eq!(r[3], e.proto.as_str());
+        assert_eq!(r[4], e.state);
+        assert!(r[1].starts_with("demo/"), "{r:?}");
+    }
+    assert!(t.contains("9 flows (18 conntrack entries)"), "{t}");
+    assert!(t.lines().all(|l| l.chars().count() <= 120), "{t}");
+
+    // maglev, JSON: the table's counts per backend.
+    let table = w.service_table(&web.addr()).unwrap();
+    let j = lbctl_json(&pin, &["maglev", "demo/web:http"]);
+    assert_eq!(j["service"], "demo/web:http");
+    assert_eq!(j["kind"], "maglev");
+    assert_eq!(j["table_size"], table.len());
+    assert_eq!(table.len(), 16381);
+    let mut sum = 0;
+    for bs in w.backend_stats(&web.addr()).unwrap() {
+        let jb = j["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["address"] == format!("{}:{}", bs.ip, bs.port).as_str())
+            .unwrap();
+        let n = table.iter().filter(|&&id| id == bs.id).count();
+        assert_eq!(jb["entries"], n);
+        sum += n;
+        if bs.state == "terminating" {
+            assert_eq!(n, 0);
+            assert_eq!(jb["expected_pct"], 0.0);
+        }
+    }
+    assert_eq!(sum, table.len());
+    let b2 = j["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["weight"] == 2)
+        .unwrap();
+    assert_eq!(b2["expected_pct"], 66.67);
+    let share = b2["share_pct"].as_f64().unwrap();
+    assert!((60.0..73.0).contains(&share), "weight-2 share {share}");
+
+    // maglev, table.
+    let t = lbctl(&pin, &["maglev", "10.96.0.10:80"]);
+    eprintln!("{t}");
+    assert!(t.contains("demo/web:http"), "{t}");
+    assert!(t.contains("maglev table, 16381 entries"), "{t}");
+    let r = row(&t, &format!("{}:8080", b(2)));
+    assert_eq!(r[1], "2");
+    assert_eq!(r[3], b2["entries"].to_string());
+
+    // A round-robin service has a weighted slot list.
+    let j = lbctl_json(&pin, &["maglev", "demo/dns:dns"]);
+    assert_eq!(j["kind"], "weighted");
+    assert_eq!(j["table_size"], w.service_table(&dns.addr()).unwrap().len());
+
+    // A removed service's flows stay until they end; they are labelled as
+    // such, never with another service's name.
+    w.remove_service(&dns.addr()).unwrap();
+    let j = lbctl_json(&pin, &["conntrack"]);
+    let arr = j.as_array().unwrap();
+    assert_eq!(arr.len(), 9);
+    for x in arr {
+        let want = if x["protocol"] == "udp" {
+            "(removed service)"
+        } else {
+            "demo/web:http"
+        };
+        assert_eq!(x["service"], want, "{x}");
+    }
+    let j = lbctl_json(&pin, &["services"]);
+    assert_eq!(j.as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn stats_match_the_maps_and_watch_shows_rates() {
+    if !can_run() {
+        return;
+    }
+    let (mut h, web, _dns) = setup();
+    let pin = h.dir.clone();
+    let w = h.w();
+    let reasons = w.reasons().unwrap();
+    let get = |n: &str| reasons.iter().find(|r| r.0 == n).unwrap().1;
+
+    let j = lbctl_json(&pin, &["stats"]);
+    assert_eq!(
+        j["totals"]["forwarded"],
+        get("nat_forward") + get("nat_reverse")
+    );
+    assert_eq!(
+        j["totals"]["forwarded"], 16,
+        "12 TCP + 1 FIN + 3 UDP packets"
+    );
+    assert_eq!(j["totals"]["dropped"], 0);
+    assert_eq!(j["conntrack_entries"], 18);
+    assert_eq!(j["interval_seconds"], Value::Null);
+    for (name, count) in &reasons {
+        let jr = j["reasons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["reason"] == *name)
+            .unwrap();
+        assert_eq!(jr["count"], *count, "{name}");
+    }
+    let st = w.service_stats(&web.addr()).unwrap();
+    let js = j["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "demo/web:http")
+        .unwrap();
+    assert_eq!(js["packets"], st.packets);
+    assert_eq!(js["bytes"], st.bytes);
+    assert_eq!(js["new_flows"], 6);
+
+    let t = lbctl(&pin, &["stats"]);
+    eprintln!("{t}");
+    let r = row(&t, "nat");
+    assert_eq!(r[1..], ["nat_forward", "16"]);
+    let r = row(&t, "demo/web:http");
+    assert_eq!(r[1], st.packets.to_string());
+    assert!(t.starts_with("forwarded 16  "), "{t}");
+
+    // --watch: two frames; traffic between them shows up as rates.
+    let child = lbctl_cmd(&[
+        "--pin-path",
+        pin.to_str().unwrap(),
+        "stats",
+        "--watch",
+        "--interval",
+        "700ms",
+        "--count",
+        "2",
+        "-o",
+        "json",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    for _ in 0..10 {
+        h.run(&frame(6, CLIENT, 40001, VIP, 80, ACK));
+    }
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success());
+    let text = String::from_utf8(o.stdout).unwrap();
+    let frames: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(frames.len(), 2, "{text}");
+    assert_eq!(frames[0]["interval_seconds"], Value::Null);
+    let dt = frames[1]["interval_seconds"].as_f64().unwrap();
+    assert!(dt >= 0.6, "{dt}");
+    let nat = |f: &Value| {
+        f["reasons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["reason"] == "nat_forward")
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        nat(&frames[1])["count"].as_u64().unwrap() - nat(&frames[0])["count"].as_u64().unwrap(),
+        10
+    );
+    let rate = nat(&frames[1])["per_second"].as_f64().unwrap();
+    assert!((rate - 10.0 / dt).abs() < 0.2, "rate {rate}, dt {dt}");
+
+    // --watch as a table (not a terminal: frames follow each other).
+    let t = lbctl(
+        &pin,
+        &["stats", "--watch", "--interval", "50ms", "--count", "2"],
+    );
+    assert!(
+        t.contains("(frame 1 of 2)") && t.contains("(frame 2 of 2)"),
+        "{t}"
+    );
+    assert!(t.contains("PER SEC"), "{t}");
+    assert!(!t.contains('\x1b'), "no ANSI codes when not a terminal");
+}
+
+#[test]
+fn plain_errors_and_exit_codes() {
+    if !can_run() {
+        return;
+    }
+    let missing = format!("/sys/fs/bpf/rpclb-lbctl-missing-{}", std::process::id());
+    for args in [
+        vec!["services"],
+        vec!["-o", "json", "conntrack"],
+        vec!["stats", "--watch", "--count", "1"],
+    ] {
+        let mut full = vec!["--pin-path", missing.as_str()];
+        full.extend(args.iter().copied());
+        let o = output(lbctl_cmd(&full));
+        assert_eq!(o.code, 1, "{args:?}");
+        assert_eq!(
+            o.stderr,
+            format!(
+                "lbctl: no rpclb state at {missing}: is the agent running, or is --pin-path right?\n"
+            )
+        );
+        assert!(o.stdout.is_empty());
+    }
+
+    let (h, _, _) = setup();
+    let pin = h.dir.to_str().unwrap();
+
+    // The pin path from the environment.
+    let mut c = lbctl_cmd(&["services"]);
+    c.env("RPCLB_PIN_PATH", pin);
+    let o = output(c);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("demo/web:http"));
+
+    // Not root: a plain permission message.
+    let mut c = lbctl_cmd(&["--pin-path", pin, "services"]);
+    c.uid(65534).gid(65534);
+    let o = output(c);
+    assert_eq!(o.code, 1, "{} {}", o.stdout, o.stderr);
+    assert!(
+        o.stderr.starts_with("lbctl: permission denied reading ")
+            && o.stderr.contains("root (or with CAP_BPF)"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(o.stderr.lines().count(), 1, "{}", o.stderr);
+
+    // A service that does not exist, and an ambiguous one.
+    let o = output(lbctl_cmd(&["--pin-path", pin, "maglev", "demo/nope:http"]));
+    assert_eq!(o.code, 1);
+    assert_eq!(
+        o.stderr,
+        "lbctl: no service matches \"demo/nope:http\" (`lbctl services` lists them)\n"
+    );
+    let o = output(lbctl_cmd(&[
+        "--pin-path",
+        pin,
+        "conntrack",
+        "--backend",
+        "pod-1",
+    ]));
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("not an IPv4 address"), "{}", o.stderr);
+    assert!(!o.stderr.contains("panicked") && !o.stderr.contains("backtrace"));
+}

@@ -1,0 +1,1175 @@
+//! Lab tests of the real `lb-agent` binary: it runs inside the lab's node
+//! namespace (`ip netns exec <node> lb-agent ...`), pins into the lab's
+//! private bpffs, and serves metrics on 127.0.0.1 of the node namespace, which
+//! the tests scrape from a thread inside that namespace.
+//!
+//! The binary: `cargo test --workspace` builds every workspace binary, but
+//! `cargo test -p rpclb-tests` does not build other packages' binaries, so
+//! the first test that needs it runs `cargo build -p lb-agent --bin lb-agent`
+//! (same target directory and profile, found from this test executable's
+//! path; cargo releases its build lock before running tests). Run outside
+//! cargo (no `CARGO` variable), the binary must already exist.
+//!
+//! Every agent is a child process killed (SIGKILL) and reaped on drop, so no
+//! agent outlives its test, and every lab is torn down on drop, on panic too.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use lb_agent::datapath::MapWriter;
+use lb_api::{Protocol, ServiceAddr};
+use rpclb_tests::lab::{self, Lab, Limits};
+use rpclb_tests::skip_unless_lab;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const UDP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
+const WEB: &str = "lab/web:http";
+const DNS: &str = "lab/dns:dns";
+/// The agent's metrics port inside the node namespace (each lab has its own).
+const METRICS_PORT: u16 = 9464;
+
+fn web_addr() -> ServiceAddr {
+    ServiceAddr {
+        vip: VIP,
+        port: 80,
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn dns_addr() -> ServiceAddr {
+    ServiceAddr {
+        vip: UDP_VIP,
+        port: 53,
+        protocol: Protocol::Udp,
+    }
+}
+
+// ---- the binary ----
+
+/// `target/<profile>/lb-agent`, built (or checked fresh) once per test run.
+fn agent_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/agent-<hash>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>");
+        let target_dir = profile_dir.parent().expect("target dir");
+        let bin = profile_dir.join("lb-agent");
+        if let Ok(cargo) = std::env::var("CARGO") {
+            let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "--quiet", "-p", "lb-agent", "--bin", "lb-agent"])
+                .arg("--manifest-path")
+                .arg(&manifest)
+                .arg("--target-dir")
+                .arg(target_dir);
+            match profile_dir.file_name().and_then(|n| n.to_str()) {
+                Some("debug") | None => {}
+                Some("release") => {
+                    cmd.arg("--release");
+                }
+                Some(p) => {
+                    cmd.args(["--profile", p]);
+                }
+            }
+            // What cargo set for this test process describes this package, not the build.
+            for (k, _) in std::env::vars() {
+                if [
+                    "CARGO_PKG_",
+                    "CARGO_MANIFEST_",
+                    "CARGO_CRATE_",
+                    "CARGO_BIN_",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                ]
+                .iter()
+                .any(|p| k.starts_with(p))
+                {
+                    cmd.env_remove(k);
+                }
+            }
+            let out = cmd.output().expect("run cargo build");
+            assert!(
+                out.status.success(),
+                "cargo build -p lb-agent failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(
+            bin.exists(),
+            "{} is missing: run `cargo build -p lb-agent` (or `cargo test --workspace`)",
+            bin.display()
+        );
+        bin
+    })
+}
+
+// ---- scratch files ----
+
+/// A scratch directory for configs and logs, removed on drop.
+struct TestDir(PathBuf);
+
+impl TestDir {
+    fn new(name: &str) -> TestDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "rpclb-agenttest-{}-{}-{name}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("mkdir test dir");
+        TestDir(p)
+    }
+
+    fn config(&self) -> PathBuf {
+        self.0.join("services.yaml")
+    }
+
+    /// Replaces the config the way editors do: write a new file, rename it over.
+    fn write_config(&self, text: &str) {
+        let tmp = self.0.join(".services.yaml.tmp");
+        std::fs::write(&tmp, text).expect("write config");
+        std::fs::rename(&tmp, self.config()).expect("rename config");
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One service entry of a config file.
+fn svc_yaml(
+    name: &str,
+    vip: Ipv4Addr,
+    port: u16,
+    proto: &str,
+    algo: &str,
+    backends: &[Ipv4Addr],
+    backend_port: u16,
+) -> String {
+    let mut s = format!(
+        "  - name: {name}\n    vip: {vip}\n    port: {port}\n    protocol: {proto}\n    \
+         algorithm: {algo}\n"
+    );
+    if backends.is_empty() {
+        s.push_str("    backends: []\n");
+    } else {
+        s.push_str("    backends:\n");
+        for b in backends {
+            s.push_str(&format!("      - {{ ip: {b}, port: {backend_port} }}\n"));
+        }
+    }
+    s
+}
+
+fn config_yaml(services: &[String], timeouts: Option<&str>) -> String {
+    let mut s = String::from("# written by tests/tests/agent.rs\nservices:\n");
+    for svc in services {
+        s.push_str(svc);
+    }
+    if let Some(t) = timeouts {
+        s.push_str(&format!("timeouts: {t}\n"));
+    }
+    s
+}
+
+fn web(lab: &Lab, algo: &str, backends: &[usize]) -> String {
+    let ips: Vec<Ipv4Addr> = backends.iter().map(|&i| lab.backend(i).ip()).collect();
+    svc_yaml(WEB, VIP, 80, "tcp", algo, &ips, 8080)
+}
+
+fn dns(lab: &Lab, algo: &str, backends: &[usize]) -> String {
+    let ips: Vec<Ipv4Addr> = backends.iter().map(|&i| lab.backend(i).ip()).collect();
+    svc_yaml(DNS, UDP_VIP, 53, "udp", algo, &ips, 5353)
+}
+
+// ---- the agent process ----
+
+/// A running `lb-agent` in the lab's node namespace; SIGKILLed and reaped on drop.
+struct Agent {
+    child: Option<Child>,
+    log: PathBuf,
+    node: String,
+}
+
+/// Flags every test passes: the lab's interfaces and pin path, small maps.
+fn agent_args(lab: &Lab, dir: &TestDir, extra: &[&str]) -> Vec<String> {
+    let ifaces: Vec<String> = lab.node_ifaces().iter().map(|i| i.name.clone()).collect();
+    let mut a: Vec<String> = [
+        "--config",
+        &dir.config().display().to_string(),
+        "--interfaces",
+        &ifaces.join(","),
+        "--pin-path",
+        &pin_path(lab).display().to_string(),
+        "--metrics-addr",
+        &format!("127.0.0.1:{METRICS_PORT}"),
+        "--max-services",
+        "1024",
+        "--max-backends",
+        "4096",
+        "--max-conntrack",
+        "65536",
+        "--max-slots",
+        "1048576",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn pin_path(lab: &Lab) -> PathBuf {
+    lab.bpffs().join("rpclb")
+}
+
+impl Agent {
+    /// Starts the agent; `name` names its log file (`<dir>/<name>.log`, stdout + stderr).
+    fn start(lab: &Lab, dir: &TestDir, name: &str, args: &[String]) -> Agent {
+        let log = dir.0.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).expect("create log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", lab.node().name()])
+            .arg(agent_bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup log"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn ip netns exec lb-agent");
+        Agent {
+            child: Some(child),
+            log,
+            node: lab.node().name().to_string(),
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().expect("agent running").id() as i32
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child (`ip netns exec` execs the agent in place).
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0, "kill {sig}");
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit; `None` if it is still running at the deadline.
+    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        let st = self.wait_exit(Duration::from_secs(5)).expect("agent dies");
+        assert!(!st.success());
+    }
+
+    /// Fails the test with the agent's log if it exited.
+    fn check_alive(&mut self) {
+        if let Some(child) = self.child.as_mut()
+            && let Some(st) = child.try_wait().expect("try_wait")
+        {
+            self.child = None;
+            panic!("lb-agent exited ({st}):\n{}", self.log());
+        }
+    }
+
+    fn get(&mut self, path: &str) -> (u16, String) {
+        self.check_alive();
+        http_get(&self.node, path).unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.log()))
+    }
+
+    /// Polls `/readyz` until it answers 200.
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.check_alive();
+            if let Ok((200, _)) = http_get(&self.node, "/readyz") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready in 30 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn scrape(&mut self) -> Scrape {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200, "{body}");
+        Scrape(body)
+    }
+
+    /// Polls /metrics until `metric` (no labels) reaches `want`.
+    fn wait_metric(&mut self, metric: &str, want: f64) -> Scrape {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let m = self.scrape();
+            if m.get(metric, &[]) == Some(want) {
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{metric} never reached {want} (now {:?}):\n{}",
+                m.get(metric, &[]),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `lb-agent ARGS` run to completion in the root namespace (cleanup, bad startups).
+fn agent_cmd(args: &[&str]) -> std::process::Output {
+    Command::new(agent_bin())
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run lb-agent")
+}
+
+/// A plain HTTP/1.1 GET to the agent, from a thread inside the node namespace.
+fn http_get(node: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let ns = std::fs::File::open(Path::new("/var/run/netns").join(node))?;
+    let path = path.to_string();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on this short-lived thread only.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, METRICS_PORT));
+            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            c.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(
+                c,
+                "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut resp = String::new();
+            c.read_to_string(&mut resp)?;
+            let status = resp
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| std::io::Error::other(format!("bad response {resp:?}")))?;
+            let body = resp
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
+            Ok((status, body))
+        })
+        .join()
+        .expect("http thread")
+    })
+}
+
+// ---- metrics ----
+
+/// A Prometheus text scrape.
+struct Scrape(String);
+
+fn parse_labels(s: &str) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    let mut rest = s;
+    while let Some((k, v)) = rest.split_once("=\"") {
+        let mut val = String::new();
+        let mut chars = v.char_indices();
+        let mut end = v.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        val.push(if n == 'n' { '\n' } else { n });
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => val.push(c),
+            }
+        }
+        m.insert(k.trim_start_matches(',').trim().to_string(), val);
+        rest = &v[end..];
+    }
+    m
+}
+
+impl Scrape {
+    /// Every sample of `name`: (labels, value).
+    fn samples(&self, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+        self.0
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                if series.split('{').next()? != name {
+                    return None;
+                }
+                Some((series_labels(series), value.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// The sample of `name` whose labels include all of `want`.
+    fn get(&self, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+        let hits: Vec<f64> = self
+            .samples(name)
+            .into_iter()
+            .filter(|(l, _)| {
+                want.iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(v))
+            })
+            .map(|(_, v)| v)
+            .collect();
+        match hits[..] {
+            [v] => Some(v),
+            [] => None,
+            _ => panic!("{name} {want:?} matches {} series", hits.len()),
+        }
+    }
+
+    /// Sum of every sample of `name` whose labels include all of `want`.
+    fn sum(&self, name: &str, want: &[(&str, &str)]) -> f64 {
+        self.samples(name)
+            .into_iter()
+            .filter(|(l, _)| {
+                want.iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(v))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+}
+
+fn series_labels(series: &str) -> BTreeMap<String, String> {
+    series
+        .split_once('{')
+        .and_then(|(_, r)| r.strip_suffix('}'))
+        .map(parse_labels)
+        .unwrap_or_default()
+}
+
+// ---- traffic ----
+
+fn counts(replies: &[lab::Reply]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for r in replies {
+        *m.entry(r.backend.clone()).or_default() += 1;
+    }
+    m
+}
+
+fn tcp(lab: &Lab, n: usize) -> BTreeMap<String, usize> {
+    let replies = lab
+        .client_tcp(SocketAddrV4::new(VIP, 80), n)
+        .expect("TCP through the VIP");
+    for r in &replies {
+        assert_eq!(r.peer, SocketAddr::from((VIP, 80)), "reply from the VIP");
+    }
+    counts(&replies)
+}
+
+/// A connection kept open through the VIP, and the backend it landed on.
+struct Held {
+    s: BufReader<TcpStream>,
+    backend: String,
+}
+
+impl Held {
+    fn open(lab: &Lab) -> Held {
+        let stream = lab
+            .client()
+            .ns
+            .run(|| {
+                let s = TcpStream::connect_timeout(
+                    &SocketAddr::from((VIP, 80)),
+                    Duration::from_secs(2),
+                )
+                .expect("connect to the VIP");
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                s.set_nodelay(true).unwrap();
+                s
+            })
+            .expect("client namespace");
+        assert_eq!(stream.peer_addr().unwrap(), SocketAddr::from((VIP, 80)));
+        let mut s = BufReader::new(stream);
+        let mut who = String::new();
+        s.read_line(&mut who).expect("identity line");
+        Held {
+            s,
+            backend: who.trim_end().to_string(),
+        }
+    }
+
+    /// Sends a line and checks its echo.
+    fn echo(&mut self, line: &str) {
+        self.s
+            .get_mut()
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("write {line:?}: {e}"));
+        let mut got = String::new();
+        self.s
+            .read_line(&mut got)
+            .unwrap_or_else(|e| panic!("echo of {line:?}: {e}"));
+        assert_eq!(got.trim_end(), line);
+    }
+
+    fn local(&self) -> SocketAddr {
+        self.s.get_ref().local_addr().unwrap()
+    }
+}
+
+fn backend_label(lab: &Lab, i: usize, port: u16) -> String {
+    format!("{}:{port}", lab.backend(i).ip())
+}
+
+fn index_of(backend: &str) -> usize {
+    backend
+        .trim_start_matches("backend-")
+        .parse()
+        .expect("backend-<i>")
+}
+
+/// The pinned maps, opened the way lbctl opens them (no agent needed).
+fn pinned(lab: &Lab) -> MapWriter {
+    MapWriter::open_pinned(&pin_path(lab)).expect("open pinned maps")
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+// ---- tests ----
+
+/// Start with a config: ready, balanced TCP and UDP through the VIPs, and
+/// /metrics counts exactly the traffic sent, by name.
+#[test]
+fn agent_starts_balances_and_counts() {
+    skip_unless_lab!();
+    let lab = Lab::new(3).expect("lab");
+    let _tcp = lab.start_tcp_servers(8080).unwrap();
+    let _udp = lab.start_udp_servers(5353).unwrap();
+    let dir = TestDir::new("start");
+    dir.write_config(&config_yaml(
+        &[
+            web(&lab, "round-robin", &[1, 2, 3]),
+            dns(&lab, "round-robin", &[1, 2, 3]),
+        ],
+        None,
+    ));
+    let mut agent = Agent::start(&lab, &dir, "agent", &agent_args(&lab, &dir, &[]));
+    agent.wait_ready();
+    assert_eq!(agent.get("/healthz").0, 200);
+    assert_eq!(agent.get("/readyz"), (200, "ready\n".to_string()));
+
+    let c = tcp(&lab, 30);
+    assert_eq!(
+        c.values().copied().collect::<Vec<_>>(),
+        vec![10, 10, 10],
+        "round-robin: {c:?}"
+    );
+    let replies = lab
+        .client_udp(SocketAddrV4::new(UDP_VIP, 53), 12)
+        .expect("UDP through the VIP");
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.peer == SocketAddr::from((UDP_VIP, 53)))
+    );
+    let u = counts(&replies);
+    assert_eq!(
+        u.values().copied().collect::<Vec<_>>(),
+        vec![4, 4, 4],
+        "{u:?}"
+    );
+
+    let m = agent.scrape();
+    let svc = |s: &'static str| [("service", s)];
+    assert_eq!(
+        m.get("rpclb_service_new_flows_total", &svc(WEB)),
+        Some(30.0)
+    );
+    assert_eq!(
+        m.get("rpclb_service_new_flows_total", &svc(DNS)),
+        Some(12.0)
+    );
+    for (i, port, want) in [(1, 8080, &c), (2, 8080, &c), (3, 8080, &c)]
+        .into_iter()
+        .chain([(1, 5353, &u), (2, 5353, &u), (3, 5353, &u)])
+    {
+        let b = backend_label(&lab, i, port);
+        let service = if port == 8080 { WEB } else { DNS };
+        assert_eq!(
+            m.get(
+                "rpclb_backend_new_flows_total",
+                &[("service", service), ("backend", &b)]
+            ),
+            Some(want[&format!("backend-{i}")] as f64),
+            "new flows of {service} {b}"
+        );
+        assert!(
+            m.get(
+                "rpclb_backend_packets_total",
+                &[("backend", &b), ("service", service)]
+            ) > Some(0.0)
+        );
+    }
+    assert_eq!(
+        m.sum("rpclb_backend_new_flows_total", &svc(WEB)),
+        30.0,
+        "per-backend new flows sum to the service's"
+    );
+    // Each TCP exchange is at least SYN, ACK, data, FIN each way; each UDP one a datagram each way.
+    assert!(m.get("rpclb_service_packets_total", &svc(WEB)) >= Some(30.0 * 6.0));
+    assert!(m.get("rpclb_service_packets_total", &svc(DNS)) >= Some(24.0));
+    assert!(m.get("rpclb_service_bytes_total", &svc(WEB)) > Some(30.0 * 6.0 * 54.0));
+    assert!(
+        m.get("rpclb_datapath_events_total", &[("reason", "nat_forward")]) >= Some(42.0),
+        "nat_forward counts"
+    );
+    assert_eq!(m.get("rpclb_ready", &[]), Some(1.0));
+    assert_eq!(m.get("rpclb_services", &[]), Some(2.0));
+    assert_eq!(m.get("rpclb_config_reloads_total", &[]), Some(0.0));
+    assert_eq!(m.get("rpclb_config_reload_errors_total", &[]), Some(0.0));
+    assert!(!m.0.contains("id=\""), "no raw ids in metrics");
+    // The same numbers straight from the pinned maps.
+    let w = pinned(&lab);
+    assert_eq!(w.service_stats(&web_addr()).unwrap().new_flows, 30);
+    assert_eq!(w.service_stats(&dns_addr()).unwrap().new_flows, 12);
+    agent.check_alive();
+}
+
+/// Edit the config: traffic follows it, and an established connection
+/// survives every change, including the removal of its own backend.
+#[test]
+fn agent_reload_follows_config_and_keeps_established_flows() {
+    skip_unless_lab!();
+    let lab = Lab::new(3).expect("lab");
+    let _tcp = lab.start_tcp_servers(8080).unwrap();
+    let dir = TestDir::new("reload");
+    dir.write_config(&config_yaml(&[web(&lab, "maglev", &[1, 2])], None));
+    let mut agent = Agent::start(&lab, &dir, "agent", &agent_args(&lab, &dir, &[]));
+    agent.wait_ready();
+
+    let mut held = Held::open(&lab);
+    held.echo("one");
+    let mine = index_of(&held.backend);
+    let other = 3 - mine;
+    assert!(mine == 1 || mine == 2, "{}", held.backend);
+
+    // Drop the other backend, add the third.
+    dir.write_config(&config_yaml(&[web(&lab, "maglev", &[mine, 3])], None));
+    agent.wait_metric("rpclb_config_reloads_total", 1.0);
+    held.echo("two");
+    let c = tcp(&lab, 30);
+    assert!(
+        !c.contains_key(&format!("backend-{other}")),
+        "no new flow to the removed backend-{other}: {c:?}"
+    );
+    assert!(
+        c.contains_key("backend-3"),
+        "the added backend gets flows: {c:?}"
+    );
+    held.echo("three");
+
+    // Remove the held flow's own backend: conntrack keeps it going.
+    dir.write_config(&config_yaml(&[web(&lab, "maglev", &[other, 3])], None));
+    agent.wait_metric("rpclb_config_reloads_total", 2.0);
+    held.echo("four");
+    let c = tcp(&lab, 30);
+    assert!(
+        !c.contains_key(&held.backend),
+        "no new flow to the removed {}: {c:?}",
+        held.backend
+    );
+    assert_eq!(c.len(), 2, "{c:?}");
+    held.echo("five");
+    let ct = pinned(&lab).conntrack().unwrap();
+    let e = ct
+        .iter()
+        .find(|e| SocketAddr::from(e.client) == held.local())
+        .expect("held flow in conntrack");
+    assert_eq!(e.backend, (lab.backend(mine).ip(), 8080));
+    assert_eq!(e.state, "established");
+
+    // SIGHUP reloads an unchanged file: counted, nothing to do.
+    agent.signal(libc::SIGHUP);
+    agent.wait_metric("rpclb_config_reloads_total", 3.0);
+    held.echo("six");
+    let log = agent.log();
+    assert!(log.contains("config reloaded (file changed)"), "{log}");
+    assert!(log.contains("config reloaded (SIGHUP): no change"), "{log}");
+    assert_eq!(
+        agent.scrape().get("rpclb_config_reload_errors_total", &[]),
+        Some(0.0)
+    );
+}
+
+/// `path:line:col` of the first occurrence of `needle` in `text` (1-based).
+fn position(text: &str, needle: &str) -> (usize, usize) {
+    text.lines()
+        .enumerate()
+        .find_map(|(i, l)| l.find(needle).map(|c| (i + 1, c + 1)))
+        .expect("needle in text")
+}
+
+/// A bad config: a clear error naming file:line:col, counted in metrics,
+/// and the old state is still served. Then a good one applies again.
+#[test]
+fn agent_bad_config_keeps_the_running_state() {
+    skip_unless_lab!();
+    let lab = Lab::new(3).expect("lab");
+    let _tcp = lab.start_tcp_servers(8080).unwrap();
+    let dir = TestDir::new("badcfg");
+    dir.write_config(&config_yaml(&[web(&lab, "round-robin", &[1, 2, 3])], None));
+    let mut agent = Agent::start(&lab, &dir, "agent", &agent_args(&lab, &dir, &[]));
+    agent.wait_ready();
+    assert_eq!(tcp(&lab, 9).len(), 3);
+
+    let bad = config_yaml(&[web(&lab, "fastest", &[1])], None);
+    dir.write_config(&bad);
+    agent.wait_metric("rpclb_config_reload_errors_total", 1.0);
+    let (line, col) = position(&bad, "fastest");
+    let path = dir.config().display().to_string();
+    let want = format!("{path}:{line}:{col}: services[0].algorithm: unknown algorithm \"fastest\"");
+    let log = agent.log();
+    assert!(log.contains(&want), "log names {want:?}:\n{log}");
+    assert!(log.contains("keeping the running state"), "{log}");
+    // The old state: all three backends, round-robin.
+    let c = tcp(&lab, 30);
+    assert_eq!(
+        c.values().copied().collect::<Vec<_>>(),
+        vec![10, 10, 10],
+        "{c:?}"
+    );
+    assert_eq!(agent.get("/readyz").0, 200);
+
+    // A YAML syntax error, and a vanished file: counted too, still serving.
+    dir.write_config("services:\n  - name: [unclosed\n");
+    agent.wait_metric("rpclb_config_reload_errors_total", 2.0);
+    std::fs::remove_file(dir.config()).unwrap();
+    let m = agent.wait_metric("rpclb_config_reload_errors_total", 3.0);
+    assert_eq!(m.get("rpclb_config_reloads_total", &[]), Some(0.0));
+    assert_eq!(tcp(&lab, 6).len(), 3);
+    let log = agent.log();
+    assert!(
+        log.contains(&format!("{path}:2:")),
+        "syntax error has a position:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("{path}: cannot read config")),
+        "missing file is named:\n{log}"
+    );
+
+    // A good config applies again.
+    dir.write_config(&config_yaml(&[web(&lab, "round-robin", &[1, 2])], None));
+    agent.wait_metric("rpclb_config_reloads_total", 1.0);
+    let c = tcp(&lab, 10);
+    assert_eq!(
+        c.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["backend-1", "backend-2"]
+    );
+}
+
+/// A bad config at startup: exit status 1, one clear line, no backtrace, and
+/// nothing touched. Needs no root: the config is read first.
+#[test]
+fn agent_bad_config_at_startup_exits_1() {
+    let dir = TestDir::new("badstart");
+    let bad = "services:\n  - name: a/b:c\n    vip: 10.96.0.1\n    port: 0\n    backends: []\n";
+    dir.write_config(bad);
+    let pin = dir.0.join("pins");
+    let cfg = dir.config().display().to_string();
+    let out = agent_cmd(&[
+        "--config",
+        &cfg,
+        "--interfaces",
+        "lo",
+        "--pin-path",
+        &pin.display().to_string(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (line, col) = position(bad, "port: 0");
+    let want = format!(
+        "lb-agent: {cfg}:{line}:{}: services[0].port: ",
+        col + "port: ".len()
+    );
+    assert!(stderr.contains(&want), "want {want:?} in:\n{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
+    assert!(!pin.exists(), "nothing pinned");
+
+    // Missing file, missing --config, unknown flag value.
+    let out = agent_cmd(&["--config", "/nonexistent/rpclb.yaml", "--interfaces", "lo"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("lb-agent: /nonexistent/rpclb.yaml: cannot read config: ")
+    );
+    let out = agent_cmd(&["--interfaces", "lo"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--config FILE is required"));
+    let out = agent_cmd(&["--config", &cfg, "--mode", "fast"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// SIGKILL mid-connection: the connection keeps working and new connections
+/// are balanced while the agent is down; a restart on the same pin path
+/// adopts the same conntrack, and counters carry on.
+#[test]
+fn agent_sigkill_restart_keeps_flows_and_state() {
+    skip_unless_lab!();
+    let lab = Lab::new(3).expect("lab");
+    let _tcp = lab.start_tcp_servers(8080).unwrap();
+    let dir = TestDir::new("restart");
+    // Closed flows stay in conntrack for the whole test, so it can be compared.
+    dir.write_config(&config_yaml(
+        &[web(&lab, "maglev", &[1, 2, 3])],
+        Some("{ tcp_closing: 600 }"),
+    ));
+    let args = agent_args(&lab, &dir, &["--gc-interval", "1s"]);
+    let mut agent = Agent::start(&lab, &dir, "agent1", &args);
+    agent.wait_ready();
+    let mut held = Held::open(&lab);
+    held.echo("before");
+    assert_eq!(tcp(&lab, 30).len(), 3);
+
+    agent.kill9();
+    held.echo("agent down");
+    let c = tcp(&lab, 30);
+    assert_eq!(c.len(), 3, "balanced while the agent is down: {c:?}");
+    assert!(c.values().all(|&n| n >= 3), "spread: {c:?}");
+    let snapshot = |lab: &Lab| -> BTreeSet<String> {
+        pinned(lab)
+            .conntrack()
+            .unwrap()
+            .into_iter()
+            .map(|e| {
+                format!(
+                    "{:?} {:?}->{:?} via {:?} b{} s{} {} @{}",
+                    e.proto,
+                    e.client,
+                    e.vip,
+                    e.backend,
+                    e.backend_id,
+                    e.svc_id,
+                    e.state,
+                    e.created_ns
+                )
+            })
+            .collect()
+    };
+    let before = snapshot(&lab);
+    assert_eq!(before.len(), 61, "1 held + 60 closed flows");
+
+    // Same flags but a bigger conntrack: pinned maps keep their size, and the agent says so.
+    let mut args2 = args.clone();
+    let i = args2.iter().position(|a| a == "--max-conntrack").unwrap();
+    args2[i + 1] = "131072".into();
+    let mut agent = Agent::start(&lab, &dir, "agent2", &args2);
+    agent.wait_ready();
+    held.echo("restarted");
+    // Let a GC sweep pass with the config's timeouts: nothing is due.
+    agent.wait_metric("rpclb_ready", 1.0);
+    wait_until("a GC sweep", Duration::from_secs(10), || {
+        agent.scrape().get("rpclb_gc_duration_seconds_count", &[]) >= Some(1.0)
+    });
+    assert_eq!(
+        snapshot(&lab),
+        before,
+        "conntrack is the same after the restart"
+    );
+    let log = agent.log();
+    assert!(log.contains("reused=true"), "links adopted:\n{log}");
+    assert!(
+        log.contains(
+            "CONNTRACK is pinned with 65536 entries, so --max-conntrack 131072 has no effect"
+        ),
+        "{log}"
+    );
+    let c = tcp(&lab, 30);
+    assert_eq!(c.len(), 3, "balanced after the restart: {c:?}");
+    held.echo("after");
+    // Counters live in the pinned maps: they carry on across the restart.
+    let m = agent.scrape();
+    assert_eq!(
+        m.get("rpclb_service_new_flows_total", &[("service", WEB)]),
+        Some(91.0)
+    );
+    assert_eq!(
+        m.sum("rpclb_backend_new_flows_total", &[("service", WEB)]),
+        91.0
+    );
+    let e = pinned(&lab)
+        .conntrack()
+        .unwrap()
+        .into_iter()
+        .find(|e| SocketAddr::from(e.client) == held.local())
+        .expect("held flow");
+    assert_eq!(format!("backend-{}", index_of(&held.backend)), held.backend);
+    assert_eq!(e.backend.0, lab.backend(index_of(&held.backend)).ip());
+}
+
+/// Idle TCP and UDP flows past short timeouts: GC removes them, and the
+/// active counts (kernel maps and metrics) return to zero.
+#[test]
+fn agent_gc_expires_idle_flows() {
+    skip_unless_lab!();
+    let lab = Lab::new(3).expect("lab");
+    let _tcp = lab.start_tcp_servers(8080).unwrap();
+    let _udp = lab.start_udp_servers(5353).unwrap();
+    let dir = TestDir::new("gc");
+    dir.write_config(&config_yaml(
+        &[
+            web(&lab, "round-robin", &[1, 2, 3]),
+            dns(&lab, "round-robin", &[1, 2, 3]),
+        ],
+        Some("{ tcp_syn: 2, tcp_established: 2, tcp_closing: 1, udp: 2 }"),
+    ));
+    let mut agent = Agent::start(
+        &lab,
+        &dir,
+        "agent",
+        &agent_args(&lab, &dir, &["--gc-interval", "1s"]),
+    );
+    agent.wait_ready();
+
+    let held: Vec<Held> = (0..6).map(|_| Held::open(&lab)).collect();
+    assert_eq!(tcp(&lab, 6).len(), 3);
+    let replies = lab.client_udp(SocketAddrV4::new(UDP_VIP, 53), 9).unwrap();
+    assert_eq!(replies.len(), 9);
+    let active = |lab: &Lab, a: &ServiceAddr| -> u64 {
+        pinned(lab)
+            .backend_stats(a)
+            .unwrap()
+            .iter()
+            .map(|b| b.active)
+            .sum()
+    };
+    assert!(active(&lab, &web_addr()) >= 6, "held TCP flows are active");
+    assert_eq!(active(&lab, &dns_addr()), 9, "UDP flows are active");
+    assert!(pinned(&lab).conntrack().unwrap().len() >= 21);
+
+    wait_until("GC to empty conntrack", Duration::from_secs(20), || {
+        pinned(&lab).conntrack().unwrap().is_empty()
+    });
+    assert_eq!(active(&lab, &web_addr()), 0);
+    assert_eq!(active(&lab, &dns_addr()), 0);
+    let m = agent.scrape();
+    assert_eq!(m.sum("rpclb_backend_active_flows", &[]), 0.0);
+    assert_eq!(m.sum("rpclb_service_active_flows", &[]), 0.0);
+    assert!(
+        m.get("rpclb_gc_expired_total", &[("state", "udp")]) >= Some(9.0),
+        "{}",
+        m.0
+    );
+    assert!(m.get("rpclb_gc_expired_total", &[("state", "established")]) >= Some(6.0));
+    assert!(m.sum("rpclb_gc_expired_total", &[]) >= 21.0);
+    assert!(m.get("rpclb_gc_duration_seconds_count", &[]) >= Some(1.0));
+    assert_eq!(m.get("rpclb_gc_errors_total", &[]), Some(0.0));
+    // The gauge is from the last sweep; the next one sees an empty map.
+    wait_until("conntrack gauges at zero", Duration::from_secs(5), || {
+        let m = agent.scrape();
+        m.get("rpclb_conntrack_flows", &[]) == Some(0.0)
+            && m.get("rpclb_conntrack_entries", &[]) == Some(0.0)
+    });
+    drop(held);
+}
+
+/// least-conn (TC mode): with one backend holding many open connections, new
+/// flows go to the others.
+#[test]
+fn agent_least_conn_avoids_the_busy_backend() {
+    skip_unless_lab!();
+    let lab = Lab::new(3).expect("lab");
+    let _tcp = lab.start_tcp_servers(8080).unwrap();
+    let dir = TestDir::new("leastconn");
+    dir.write_config(&config_yaml(&[web(&lab, "least-conn", &[1])], None));
+    let mut agent = Agent::start(
+        &lab,
+        &dir,
+        "agent",
+        &agent_args(&lab, &dir, &["--mode", "tc"]),
+    );
+    agent.wait_ready();
+    let held: Vec<Held> = (0..20).map(|_| Held::open(&lab)).collect();
+    assert!(held.iter().all(|h| h.backend == "backend-1"));
+
+    dir.write_config(&config_yaml(&[web(&lab, "least-conn", &[1, 2, 3])], None));
+    let m = agent.wait_metric("rpclb_config_reloads_total", 1.0);
+    let b1 = backend_label(&lab, 1, 8080);
+    assert_eq!(
+        m.get("rpclb_backend_active_flows", &[("backend", &b1)]),
+        Some(20.0)
+    );
+    let c = tcp(&lab, 24);
+    assert!(
+        !c.contains_key("backend-1"),
+        "busy backend-1 got new flows: {c:?}"
+    );
+    assert_eq!(c.len(), 2, "both idle backends used: {c:?}");
+    let m = agent.scrape();
+    assert_eq!(
+        m.get("rpclb_backend_new_flows_total", &[("backend", &b1)]),
+        Some(20.0)
+    );
+    assert_eq!(
+        m.get("rpclb_backend_active_flows", &[("backend", &b1)]),
+        Some(20.0)
+    );
+    let log = agent.log();
+    assert!(log.contains("mode=\"tc\""), "{log}");
+    drop(held);
+}
+
+fn vip_unreachable(lab: &Lab) -> bool {
+    let lim = Limits {
+        per_op: Duration::from_millis(700),
+        total: Duration::from_secs(5),
+    };
+    lab.client()
+        .ns
+        .run(|| lab::tcp_attempts(SocketAddrV4::new(VIP, 80), 3, lim))
+        .unwrap()
+        .iter()
+        .all(|r| r.is_err())
+}
+
+fn pins_left(lab: &Lab) -> Vec<String> {
+    let mut out = Vec::new();
+    for d in [pin_path(lab), pin_path(lab).join("links")] {
+        if let Ok(rd) = std::fs::read_dir(d) {
+            out.extend(rd.flatten().map(|e| e.path().display().to_string()));
+        }
+    }
+    out
+}
+
+/// SIGTERM leaves the data path running; `lb-agent cleanup` then removes
+/// everything; `--detach-on-exit` removes it at exit; `--cleanup` is the
+/// flag spelling.
+#[test]
+fn agent_sigterm_cleanup_and_detach_on_exit() {
+    skip_unless_lab!();
+    let lab = Lab::new(2).expect("lab");
+    let _tcp = lab.start_tcp_servers(8080).unwrap();
+    let dir = TestDir::new("cleanup");
+    dir.write_config(&config_yaml(&[web(&lab, "random", &[1, 2])], None));
+    let node_if = lab.node_ifaces()[0].name.clone();
+    let xdp_on = |lab: &Lab| {
+        let out = lab.node().ip(&["link", "show", "dev", &node_if]).unwrap();
+        out.contains("xdp")
+    };
+
+    let mut agent = Agent::start(&lab, &dir, "agent1", &agent_args(&lab, &dir, &[]));
+    agent.wait_ready();
+    assert_eq!(tcp(&lab, 10).values().sum::<usize>(), 10);
+    let show = lab.node().ip(&["link", "show", "dev", &node_if]).unwrap();
+    assert!(
+        show.contains("prog/xdp") && !show.contains("xdpgeneric"),
+        "auto mode attaches native XDP on veth: {show}"
+    );
+    agent.signal(libc::SIGTERM);
+    let st = agent
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits on SIGTERM");
+    assert!(st.success(), "{st}\n{}", agent.log());
+    assert!(agent.log().contains("stays attached"), "{}", agent.log());
+    assert_eq!(
+        tcp(&lab, 10).values().sum::<usize>(),
+        10,
+        "traffic flows after exit"
+    );
+    assert!(!pins_left(&lab).is_empty());
+
+    let pin = pin_path(&lab).display().to_string();
+    let out = agent_cmd(&["cleanup", "--pin-path", &pin]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("detached and unpinned"));
+    assert_eq!(pins_left(&lab), Vec::<String>::new(), "pin dir empty");
+    // The kernel releases an unpinned link after an RCU grace period.
+    wait_until("programs detached", Duration::from_secs(5), || {
+        !xdp_on(&lab)
+    });
+    assert!(vip_unreachable(&lab), "the VIP is gone with the programs");
+
+    // --detach-on-exit: SIGTERM takes it all down.
+    let mut agent = Agent::start(
+        &lab,
+        &dir,
+        "agent2",
+        &agent_args(&lab, &dir, &["--detach-on-exit"]),
+    );
+    agent.wait_ready();
+    assert_eq!(tcp(&lab, 10).values().sum::<usize>(), 10);
+    assert!(!pins_left(&lab).is_empty());
+    agent.signal(libc::SIGTERM);
+    let st = agent
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits on SIGTERM");
+    assert!(st.success(), "{st}\n{}", agent.log());
+    assert_eq!(pins_left(&lab), Vec::<String>::new());
+    wait_until("programs detached", Duration::from_secs(5), || {
+        !xdp_on(&lab)
+    });
+    assert!(vip_unreachable(&lab));
+
+    let out = agent_cmd(&["--cleanup", "--pin-path", &pin]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing pinned"));
+}
