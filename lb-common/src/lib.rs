@@ -259,11 +259,22 @@ pub struct CtValue {
     pub backend_id: u32,
     /// One of `ct_state`; changed with compare-and-swap in the kernel.
     pub state: u32,
+    pub _pad2: u32,
     pub created_ns: u64,
     /// `bpf_ktime_get_ns` of the last packet, updated at most every
     /// `LAST_SEEN_GRANULARITY_NS` to keep the fast path free of writes.
     pub last_seen_ns: u64,
+    /// Route cache: when `fib_ifindex` != 0, the result of the last
+    /// `bpf_fib_lookup` for this direction (taken at `fib_ns`): egress
+    /// interface, then destination and source MAC. Reused for
+    /// `FIB_CACHE_NS`, so an established flow skips the lookup.
+    pub fib_ns: u64,
+    pub fib_ifindex: u32,
+    pub fib_mac: [u8; 12],
 }
+
+/// How long a flow reuses its cached route before looking it up again.
+pub const FIB_CACHE_NS: u64 = 1_000_000_000;
 
 /// `last_seen_ns` is refreshed only when it is older than this.
 pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
@@ -365,7 +376,7 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceValue>() == 24);
     assert!(core::mem::size_of::<BackendValue>() == 16);
     assert!(core::mem::size_of::<FlowKey>() == 16);
-    assert!(core::mem::size_of::<CtValue>() == 40);
+    assert!(core::mem::size_of::<CtValue>() == 64);
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<Counters>() == 32);

@@ -8,16 +8,48 @@ use crate::{
     stats,
 };
 
+/// A flow key built as two 8-byte words: no `memset` call for the padding.
+#[inline(always)]
+pub fn flow_key(src_ip: u32, dst_ip: u32, src_port: u16, dst_port: u16, proto: u8) -> FlowKey {
+    let w0 = src_ip as u64 | (dst_ip as u64) << 32;
+    let w1 = src_port as u64 | (dst_port as u64) << 16 | (proto as u64) << 32;
+    // SAFETY: FlowKey is repr(C), 16 bytes, every bit pattern valid (little endian).
+    unsafe { core::mem::transmute::<[u64; 2], FlowKey>([w0, w1]) }
+}
+
 #[inline(always)]
 pub fn key(p: &Packet) -> FlowKey {
-    FlowKey {
-        src_ip: p.saddr,
-        dst_ip: p.daddr,
-        src_port: p.sport,
-        dst_port: p.dport,
-        proto: p.proto,
-        _pad: [0; 3],
-    }
+    flow_key(p.saddr, p.daddr, p.sport, p.dport, p.proto)
+}
+
+/// A conntrack value built as eight 8-byte words: LLVM turns a zeroed
+/// struct into a call to a byte-by-byte `memset`.
+#[inline(always)]
+fn ct_value(
+    nat_ip: u32,
+    nat_port: u16,
+    dir: u8,
+    svc_id: u32,
+    backend_id: u32,
+    state: u32,
+    now: u64,
+) -> CtValue {
+    let w = [
+        nat_ip as u64 | (nat_port as u64) << 32 | (dir as u64) << 48,
+        svc_id as u64 | (backend_id as u64) << 32,
+        state as u64,
+        now,
+        now,
+        // The route cache is empty while fib_ifindex (low half of word 6) is
+        // 0; fib_ns and fib_mac then hold filler, which keeps LLVM from
+        // turning a run of zero words into a byte-wise `memset` call.
+        now,
+        now << 32,
+        now,
+    ];
+    // SAFETY: CtValue is repr(C), 64 bytes without implicit padding, every
+    // bit pattern valid (little endian).
+    unsafe { core::mem::transmute::<[u64; 8], CtValue>(w) }
 }
 
 #[inline(always)]
@@ -44,36 +76,17 @@ pub fn create(
     } else {
         ct_state::ESTABLISHED
     };
-    let rev = FlowKey {
-        src_ip: ip,
-        dst_ip: fwd.src_ip,
-        src_port: port,
-        dst_port: fwd.src_port,
-        proto: fwd.proto,
-        _pad: [0; 3],
-    };
-    let rv = CtValue {
-        nat_ip: fwd.dst_ip,
-        nat_port: fwd.dst_port,
-        dir: ct_dir::REVERSE,
-        _pad: 0,
+    let rev = flow_key(ip, fwd.src_ip, port, fwd.src_port, fwd.proto);
+    let rv = ct_value(
+        fwd.dst_ip,
+        fwd.dst_port,
+        ct_dir::REVERSE,
         svc_id,
         backend_id,
-        state: 0,
-        created_ns: now,
-        last_seen_ns: now,
-    };
-    let fv = CtValue {
-        nat_ip: ip,
-        nat_port: port,
-        dir: ct_dir::FORWARD,
-        _pad: 0,
-        svc_id,
-        backend_id,
-        state,
-        created_ns: now,
-        last_seen_ns: now,
-    };
+        0,
+        now,
+    );
+    let fv = ct_value(ip, port, ct_dir::FORWARD, svc_id, backend_id, state, now);
     let ok = CONNTRACK.insert(&rev, &rv, 0).is_ok() && CONNTRACK.insert(fwd, &fv, 0).is_ok();
     stats::conn_open(backend_id);
     ok

@@ -24,6 +24,9 @@ pub enum Verdict {
 pub trait Ctx {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
+    /// Length of the whole frame, which for an skb may extend past `data_end`
+    /// (the non-linear part).
+    fn frame_len(&self) -> usize;
     fn ifindex(&self) -> u32;
     fn raw(&self) -> *mut c_void;
     /// Replace the 4-byte address at `off` (IPv4 src or dst), fixing the IP
@@ -73,6 +76,10 @@ impl Ctx for Xdp<'_> {
     #[inline(always)]
     fn data_end(&self) -> usize {
         self.0.data_end()
+    }
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.data_end() - self.data()
     }
     #[inline(always)]
     fn ifindex(&self) -> u32 {
@@ -177,6 +184,10 @@ impl Ctx for Tc<'_> {
     #[inline(always)]
     fn data_end(&self) -> usize {
         self.0.data_end()
+    }
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.0.len() as usize
     }
     #[inline(always)]
     fn ifindex(&self) -> u32 {

@@ -15,7 +15,7 @@ mod select;
 mod stats;
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -65,7 +65,9 @@ fn process<C: Ctx>(ctx: &mut C) -> Verdict {
             return if drop { Verdict::Drop } else { Verdict::Pass };
         }
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The coarse clock (CLOCK_MONOTONIC_COARSE) is enough for second-granular
+    // timeouts and costs a fraction of bpf_ktime_get_ns.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let bytes = p.tot_len as u64 + parse::ETH_LEN as u64;
     let key = conntrack::key(&p);
     let tcp = p.proto == proto::TCP;
@@ -75,7 +77,9 @@ fn process<C: Ctx>(ctx: &mut C) -> Verdict {
         if e.dir == ct_dir::REVERSE {
             conntrack::touch(v, now);
             if tcp && p.flags & (parse::TCP_FIN | parse::TCP_RST | TCP_SYN) != 0 {
-                if let Some(f) = conntrack::lookup(&key.forward_of_reverse(&e)) {
+                let fk =
+                    conntrack::flow_key(key.dst_ip, e.nat_ip, key.dst_port, e.nat_port, key.proto);
+                if let Some(f) = conntrack::lookup(&fk) {
                     conntrack::tcp_state(f, p.flags, false);
                 }
             }
@@ -85,7 +89,7 @@ fn process<C: Ctx>(ctx: &mut C) -> Verdict {
                 return Verdict::Drop;
             }
             stats::reason(reason::NAT_REVERSE);
-            return fwd::forward(ctx, &p);
+            return fwd::forward(ctx, &p, Some(v), now);
         }
         if !(tcp && conntrack::is_reopen(v, p.flags)) {
             conntrack::touch(v, now);
@@ -98,7 +102,7 @@ fn process<C: Ctx>(ctx: &mut C) -> Verdict {
                 return Verdict::Drop;
             }
             stats::reason(reason::NAT_FORWARD);
-            return fwd::forward(ctx, &p);
+            return fwd::forward(ctx, &p, Some(v), now);
         }
     }
 
@@ -132,7 +136,8 @@ fn process<C: Ctx>(ctx: &mut C) -> Verdict {
         return Verdict::Drop;
     }
     stats::reason(reason::NAT_FORWARD);
-    fwd::forward(ctx, &p)
+    // The flow's next packet caches the route.
+    fwd::forward(ctx, &p, None, now)
 }
 
 /// No usable backend: a TCP SYN gets a RST (the client fails fast), the rest is dropped.
@@ -157,6 +162,23 @@ fn no_backend<C: Ctx>(ctx: &mut C, p: &parse::Packet, svc_id: u32, empty: bool) 
     }
     stats::reason(reason::DROP_NO_BACKEND);
     Verdict::Drop
+}
+
+/// An all-zero `T`, written as volatile 8-byte stores: LLVM would turn plain
+/// zero stores into a call to a byte-by-byte `memset`.
+///
+/// # Safety
+/// `T` must be 8-aligned, a multiple of 8 bytes, and valid when all-zero.
+#[inline(always)]
+pub unsafe fn zeroed<T>() -> T {
+    let mut v = core::mem::MaybeUninit::<T>::uninit();
+    let p = v.as_mut_ptr() as *mut u64;
+    let mut i = 0;
+    while i < core::mem::size_of::<T>() / 8 {
+        unsafe { core::ptr::write_volatile(p.add(i), 0) };
+        i += 1;
+    }
+    unsafe { v.assume_init() }
 }
 
 /// Atomic add on a shared map value (BPF_ATOMIC).

@@ -100,7 +100,7 @@ pub fn parse<C: Ctx>(ctx: &C) -> Result<Packet, (u32, bool)> {
         return Err((reason::DROP_BAD_IHL, true));
     }
     let tot_len = u16::from_be(ip.tot_len);
-    let frame_l3 = ctx.data_end() - ctx.data() - ETH_LEN;
+    let frame_l3 = ctx.frame_len().saturating_sub(ETH_LEN);
     if (tot_len as usize) > frame_l3 || (tot_len as usize) < ihl * 4 {
         return Err((reason::DROP_BAD_TOTAL_LEN, true));
     }

@@ -200,6 +200,10 @@ fn long_lived(mode: AttachMode) {
     let who = who.trim_end().to_string();
     let mine: usize = who.trim_start_matches("backend-").parse().unwrap();
     assert_eq!(echo(&mut s, "one"), "one");
+    // Full-size segments: in TC mode their payload sits outside the skb's
+    // linear part, which the program must not mistake for truncation.
+    let big = "x".repeat(64 * 1024);
+    assert_eq!(echo(&mut s, &big), big, "{mode:?}: 64 KiB echoed");
 
     // Remove the other backend, add the third, then swap again: the flow stays.
     let other = 3 - mine;

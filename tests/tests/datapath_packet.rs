@@ -854,3 +854,99 @@ fn tc_malformed() {
         malformed(Hook::Tc);
     }
 }
+
+/// Forwarding with `bpf_fib_lookup` in a namespace with a route and a
+/// neighbour: the verdict is a redirect, the MACs come from the neighbour
+/// table, TTL drops by one, and the flow caches the route.
+#[test]
+fn xdp_fib_redirect_and_route_cache() {
+    if !can_run() || !rpclb_tests::lab::can_run() {
+        return;
+    }
+    let ns = rpclb_tests::lab::Netns::new("pktfib").unwrap();
+    ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])
+        .unwrap();
+    for args in [
+        vec![
+            "link",
+            "add",
+            "d0",
+            "address",
+            "02:00:00:00:0b:01",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "d1",
+        ],
+        vec!["link", "set", "d0", "up"],
+        vec!["link", "set", "d1", "up"],
+        vec!["addr", "add", "10.244.11.1/24", "dev", "d0"],
+        vec![
+            "neigh",
+            "add",
+            "10.244.11.2",
+            "lladdr",
+            "02:00:00:00:0b:02",
+            "dev",
+            "d0",
+            "nud",
+            "permanent",
+        ],
+    ] {
+        ns.ip(&args).unwrap();
+    }
+    ns.exec("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"])
+        .unwrap();
+    ns.run(|| {
+        let ifindex = rpclb_tests::lab::sys::ifindex("d0").unwrap();
+        let mut h = Harness::new(true);
+        let svc = service(
+            "demo/rpc:grpc",
+            VIP,
+            80,
+            Protocol::Tcp,
+            Algorithm::Maglev,
+            &[(b(1), 8080)],
+        );
+        h.dp().writer().upsert_service(&svc).unwrap();
+        let routed = |flags: u8| {
+            tcp(CLIENT, 40000, b(1), 8080, flags)
+                .eth([0x02, 0, 0, 0, 0x0b, 0x01], [0x02, 0, 0, 0, 0x0b, 0x02])
+                .ttl(63)
+                .build()
+        };
+        let (rc, out) = h.run(Hook::Xdp, &tcp(CLIENT, 40000, VIP, 80, SYN).build());
+        assert_eq!(rc, 4, "XDP_REDIRECT");
+        assert_bytes_eq(&out, &routed(SYN));
+        let (rc, out) = h.run(Hook::Xdp, &tcp(CLIENT, 40000, VIP, 80, ACK).build());
+        assert_eq!(rc, 4);
+        assert_bytes_eq(&out, &routed(ACK));
+        let ct = h
+            .dp()
+            .writer()
+            .conntrack_map()
+            .get(
+                &lb_common::FlowKey {
+                    src_ip: u32::from_ne_bytes(CLIENT.octets()),
+                    dst_ip: u32::from_ne_bytes(VIP.octets()),
+                    src_port: 40000u16.to_be(),
+                    dst_port: 80u16.to_be(),
+                    proto: 6,
+                    _pad: [0; 3],
+                },
+                0,
+            )
+            .unwrap();
+        assert_eq!(ct.fib_ifindex, ifindex, "route cached");
+        assert_eq!(ct.fib_mac, [2, 0, 0, 0, 0x0b, 2, 2, 0, 0, 0, 0x0b, 1]);
+        // Served from the cache: same bytes.
+        let (rc, out) = h.run(Hook::Xdp, &tcp(CLIENT, 40000, VIP, 80, ACK).build());
+        assert_eq!(rc, 4);
+        assert_bytes_eq(&out, &routed(ACK));
+        // TTL 1 is left to the stack (ICMP time exceeded).
+        let (rc, _) = h.run(Hook::Xdp, &tcp(CLIENT, 40000, VIP, 80, ACK).ttl(1).build());
+        assert_eq!(rc, XDP_PASS);
+    })
+    .unwrap();
+}

@@ -29,7 +29,8 @@ enum Cmd {
     /// setup + build-ebpf + `rpclb-bench ARGS` (release build).
     #[command(disable_help_flag = true)]
     Bench(Passthrough),
-    /// setup + build-ebpf + `rpclb-demo ARGS` (release build).
+    /// setup + build-ebpf + release build of lb-agent and rpclb-demo, then
+    /// `rpclb-demo ARGS` (as root); `cargo xtask demo --help` lists its options.
     #[command(disable_help_flag = true)]
     Demo(Passthrough),
 }
@@ -85,7 +86,7 @@ fn task(cmd: Cmd) -> Result<()> {
                 .args(passthrough()))
         }
         Cmd::Bench(_) => run_bin(&root, "rpclb-bench"),
-        Cmd::Demo(_) => run_bin(&root, "rpclb-demo"),
+        Cmd::Demo(_) => demo(&root),
     }
 }
 
@@ -114,6 +115,32 @@ fn run_bin(root: &Path, bin: &str) -> Result<()> {
     let mut cmd = cargo(root);
     cmd.args(["run", "--release", "-p", "rpclb-tests", "--bin", bin, "--"]);
     run(cmd.args(args))
+}
+
+/// `cargo xtask demo ARGS`: setup, the eBPF object, a release build of the agent (with lbctl)
+/// and the demo, then the demo itself with ARGS (a leading `--` is optional; `--help` reaches
+/// the demo). The demo replaces this process (exec), so a Ctrl-C reaches only the demo, which
+/// tears its lab down and exits with its own status.
+fn demo(root: &Path) -> Result<()> {
+    prepare(root)?;
+    let mut args = passthrough();
+    if args.first().is_some_and(|a| a == "--") {
+        args.remove(0);
+    }
+    run(cargo(root).args(["build", "--release", "-p", "lb-agent", "-p", "rpclb-demo"]))?;
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d));
+    let bin = target.join("release").join("rpclb-demo");
+    let mut cmd = Command::new(&bin);
+    cmd.current_dir(root).args(args);
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        let err = cmd.exec(); // returns only on failure
+        Err(err).with_context(|| format!("cannot start {}", bin.display()))
+    }
+    #[cfg(not(unix))]
+    run(&mut cmd)
 }
 
 /// Builds lb-ebpf and returns the object's path.

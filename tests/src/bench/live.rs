@@ -1,0 +1,1001 @@
+//! Sections `xdp` and `scale`: the kernel programs timed with BPF_PROG_TEST_RUN.
+//!
+//! Topology: the standard lab (`Lab::new(3)`: node, client 10.244.1.2 via 10.244.1.1, backends
+//! 10.244.(10+i).2 via 10.244.(10+i).1), plus:
+//! - a sink XDP program attached natively to the client's and every backend's veth end, so a
+//!   frame that the node transmits (live frames really transmit TX and REDIRECT verdicts) is
+//!   delivered to that veth and dropped there. It also gives the veth the NAPI that an
+//!   XDP_REDIRECT into it needs. Nothing reaches a socket, nothing answers. The sink writes
+//!   the original frame back before dropping it (see `sink` for why: live-frames pages are
+//!   reused without being re-initialised).
+//! - static neighbour entries in the node (`nud permanent`), so `bpf_fib_lookup` succeeds
+//!   without ARP.
+//!
+//! Every timed run happens on a thread inside the node namespace (the ingress ifindex of a
+//! live-frames run must be an interface of the caller's namespace), pinned to one CPU.
+//!
+//! Timing: with the restoring sink every run of the program sees the requested frame. The
+//! kernel reports the mean time per frame, which includes the redirect and the delivery into
+//! the peer veth (its NAPI, and the sink, run when a batch ends), for the baseline and the
+//! load balancer alike. The XDP_TX baseline on the same interface is timed the same way,
+//! interleaved round by round, and the ratio of the two is the figure that matters. New flows
+//! cannot be timed with `repeat` (the first run creates the flow), so they are timed one by
+//! one in plain mode (repeat = 1) over distinct source ports, against the trivial program
+//! timed the same way.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp};
+use lb_agent::datapath::{Datapath, DatapathConfig, cleanup};
+use lb_api::{Algorithm, Backend, Protocol, Service};
+use lb_common::prog_names;
+use rpclb_tests::lab::{Host, Iface, Lab, LinkStats};
+use rpclb_tests::packet::{self, ACK, PSH, Pkt, SYN};
+
+use super::sink::Sink;
+use super::{
+    Deadline, Opts, Table, bench_cpu, check_stop, count, header, median, ns, pin_to_cpu, ratio,
+    ratio_of_rounds, verdict,
+};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub const VIP_PORT: u16 = 80;
+pub const BACKEND_PORT: u16 = 8080;
+/// Live-frames batch size (the kernel's default, NAPI_POLL_WEIGHT).
+const BATCH: u32 = 64;
+/// TCP payload of the established-flow and reply frames: 14 + 20 + 20 + 100 = 154 bytes.
+const PAYLOAD: usize = 100;
+/// Source ports of the measured established flow and of the new-flow series.
+const FLOW_SPORT: u16 = 65_000;
+const NEW_FLOW_SPORT: u16 = 10_000;
+
+fn verdict_name(v: u32) -> &'static str {
+    match v {
+        0 => "ABORTED",
+        XDP_DROP => "DROP",
+        XDP_PASS => "PASS",
+        XDP_TX => "TX",
+        XDP_REDIRECT => "REDIRECT",
+        _ => "?",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Topology and data paths
+
+/// The lab plus static neighbours in the node. Dropping it deletes every namespace.
+pub struct Topo {
+    lab: Lab,
+}
+
+fn mac_str(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl Topo {
+    pub fn new(n_backends: usize) -> Result<Topo> {
+        let lab = Lab::new(n_backends).context("building the lab")?;
+        let t = Topo { lab };
+        for h in t.hosts() {
+            t.lab.node().ip(&[
+                "neigh",
+                "replace",
+                &h.iface.ip.to_string(),
+                "lladdr",
+                &mac_str(&h.iface.mac),
+                "dev",
+                &h.node_iface.name,
+                "nud",
+                "permanent",
+            ])?;
+        }
+        Ok(t)
+    }
+
+    pub fn lab(&self) -> &Lab {
+        &self.lab
+    }
+
+    fn hosts(&self) -> impl Iterator<Item = &Host> {
+        std::iter::once(self.lab.client()).chain(self.lab.backends())
+    }
+
+    /// Load a restoring sink for `len`-byte frames and attach it natively to the client's and
+    /// the backends' veth ends (see `sink`). Dropping the sink detaches it.
+    pub fn sinks(&self, len: usize) -> Result<Sink> {
+        let mut sink = Sink::load(len)?;
+        for h in self.hosts() {
+            let idx = h.iface.ifindex;
+            h.ns.run(|| sink.attach_here(idx))?
+                .with_context(|| format!("sink on {} in {}", h.iface.name, h.ns.name()))?;
+        }
+        Ok(sink)
+    }
+
+    /// Run `f` on a thread in the node namespace, pinned to the benchmark CPU.
+    pub fn in_node<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R> {
+        Ok(self.lab.node().run(move || {
+            pin_to_cpu(bench_cpu());
+            f()
+        })?)
+    }
+
+    pub fn node_stats(&self, ifname: &str) -> Result<LinkStats> {
+        Ok(self.lab.node().link_stats(ifname)?)
+    }
+
+    pub fn client(&self) -> &Host {
+        self.lab.client()
+    }
+
+    pub fn backend_by_ip(&self, ip: Ipv4Addr) -> Option<&Host> {
+        self.lab.backends().iter().find(|h| h.iface.ip == ip)
+    }
+
+    /// The pin directory for a data path named `name`, in the lab's private bpffs.
+    pub fn pin_dir(&self, name: &str) -> PathBuf {
+        self.lab.bpffs().join(name)
+    }
+}
+
+/// A loaded data path that unpins its maps and links on drop (before the lab goes).
+pub struct PinnedDp {
+    dp: Option<Datapath>,
+    dir: PathBuf,
+}
+
+impl PinnedDp {
+    pub fn load(cfg: &DatapathConfig) -> Result<PinnedDp> {
+        let dp = Datapath::load(cfg)
+            .with_context(|| format!("loading the data path at {}", cfg.pin_path.display()))?;
+        Ok(PinnedDp {
+            dp: Some(dp),
+            dir: cfg.pin_path.clone(),
+        })
+    }
+
+    pub fn dp(&mut self) -> &mut Datapath {
+        self.dp.as_mut().expect("loaded")
+    }
+}
+
+impl Drop for PinnedDp {
+    fn drop(&mut self) {
+        self.dp.take();
+        if let Err(e) = cleanup(&self.dir) {
+            eprintln!("bench teardown: {}: {e}", self.dir.display());
+        }
+    }
+}
+
+fn service(name: &str, vip: Ipv4Addr, algo: Algorithm, backends: Vec<Backend>) -> Service {
+    Service {
+        name: name.into(),
+        vip,
+        port: VIP_PORT,
+        protocol: Protocol::Tcp,
+        algorithm: algo,
+        affinity_timeout: None,
+        maglev_table_size: None,
+        backends,
+    }
+}
+
+/// The measured service: VIP 10.96.0.10:80, Maglev over every lab backend's :8080.
+pub fn lab_service(topo: &Topo) -> Service {
+    service(
+        "bench/web:http",
+        VIP,
+        Algorithm::Maglev,
+        topo.lab
+            .backends()
+            .iter()
+            .map(|h| Backend::new(h.ip(), BACKEND_PORT))
+            .collect(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// BPF_PROG_TEST_RUN
+
+/// `struct xdp_md` for ctx_in: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+/// egress_ifindex.
+fn xdp_md(len: usize, ifindex: u32) -> [u8; 24] {
+    let mut b = [0u8; 24];
+    for (i, v) in [0u32, len as u32, 0, ifindex, 0, 0].into_iter().enumerate() {
+        b[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    b
+}
+
+/// One plain run (repeat = 1): verdict, output frame, kernel-reported duration.
+fn plain(prog: &mut Xdp, frame: &[u8], ifindex: u32) -> Result<(u32, Vec<u8>, Duration)> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let ctx = xdp_md(frame.len(), ifindex);
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        ..Default::default()
+    })?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, out, r.duration))
+}
+
+/// One live-frames run of `repeat` frames: (kernel ns per frame, wall-clock ns per frame).
+/// The kernel's figure is an integer and leaves out the time the run was scheduled out; the
+/// wall clock includes the syscall, the page pool setup and whatever else ran on the CPU.
+fn live(prog: &mut Xdp, frame: &[u8], ifindex: u32, repeat: u32) -> Result<(f64, f64)> {
+    let ctx = xdp_md(frame.len(), ifindex);
+    let t = Instant::now();
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        ctx_in: Some(&ctx),
+        repeat,
+        attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
+        ..Default::default()
+    })?;
+    let wall = t.elapsed();
+    Ok((
+        r.duration.as_nanos() as f64,
+        wall.as_nanos() as f64 / f64::from(repeat),
+    ))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prog {
+    Lb,
+    Tx,
+}
+
+fn prog(dp: &mut Datapath, p: Prog) -> Result<&mut Xdp> {
+    Ok(match p {
+        Prog::Lb => dp.xdp_program(),
+        Prog::Tx => dp.bench_program(prog_names::BENCH_TX)?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flows
+
+/// An established flow client -> VIP through one data path, and its frames.
+pub struct Flow {
+    /// ACK + payload, client -> VIP, as it arrives on the node's client-facing veth.
+    pub fwd: Vec<u8>,
+    /// ACK + payload, backend -> client, as it arrives on the node's backend-facing veth.
+    pub reply: Vec<u8>,
+    pub client_if: Iface,
+    pub backend_if: Iface,
+    pub backend_ip: Ipv4Addr,
+}
+
+fn client_frame(topo: &Topo, sport: u16, flags: u8) -> Pkt {
+    let c = topo.client();
+    Pkt::tcp()
+        .eth(c.iface.mac, c.node_iface.mac)
+        .ip(c.ip(), VIP)
+        .ports(sport, VIP_PORT)
+        .flags(flags)
+        .seq(1)
+}
+
+/// Create a flow with one SYN (plain run), then check the ACK + payload of the same flow and
+/// the backend's reply: both must be redirected, rewritten, with valid checksums.
+pub fn establish(topo: &Topo, dp: &mut Datapath, sport: u16) -> Result<Flow> {
+    let c = topo.client();
+    let syn = client_frame(topo, sport, SYN).build();
+    let ack = client_frame(topo, sport, ACK | PSH)
+        .seq(2)
+        .ack(1)
+        .payload(&[0x5a; PAYLOAD])
+        .build();
+    let cidx = c.node_iface.ifindex;
+    let (v_syn, out_syn, v_ack, out_ack) = topo.in_node(|| -> Result<_> {
+        let p = dp.xdp_program();
+        let (v1, o1, _) = plain(p, &syn, cidx)?;
+        let (v2, o2, _) = plain(p, &ack, cidx)?;
+        Ok((v1, o1, v2, o2))
+    })??;
+    ensure!(
+        v_syn == XDP_REDIRECT && v_ack == XDP_REDIRECT,
+        "SYN / ACK verdicts {} / {}, expected REDIRECT (fib lookup failed? reasons: {:?})",
+        verdict_name(v_syn),
+        verdict_name(v_ack),
+        dp.writer().reasons().unwrap_or_default()
+    );
+    let s = packet::parse(&out_syn)?;
+    let a = packet::parse(&out_ack)?;
+    packet::verify_checksums(&out_ack).context("DNATed frame checksums")?;
+    ensure!(
+        s.ip.dst == a.ip.dst && a.ports() == Some((sport, BACKEND_PORT)),
+        "SYN went to {}, ACK to {} {:?}",
+        s.ip.dst,
+        a.ip.dst,
+        a.ports()
+    );
+    let b = topo
+        .backend_by_ip(a.ip.dst)
+        .with_context(|| format!("DNAT to {}, not a lab backend", a.ip.dst))?;
+    ensure!(
+        a.eth.dst == b.iface.mac && a.eth.src == b.node_iface.mac,
+        "redirected frame has MACs {:?} -> {:?}",
+        a.eth.src,
+        a.eth.dst
+    );
+    let reply = Pkt::tcp()
+        .eth(b.iface.mac, b.node_iface.mac)
+        .ip(b.ip(), c.ip())
+        .ports(BACKEND_PORT, sport)
+        .flags(ACK | PSH)
+        .seq(1)
+        .ack(2 + PAYLOAD as u32)
+        .payload(&[0xa5; PAYLOAD])
+        .build();
+    let bidx = b.node_iface.ifindex;
+    let (v_rep, out_rep) = topo.in_node(|| -> Result<_> {
+        let (v, o, _) = plain(dp.xdp_program(), &reply, bidx)?;
+        Ok((v, o))
+    })??;
+    ensure!(
+        v_rep == XDP_REDIRECT,
+        "reply verdict {}",
+        verdict_name(v_rep)
+    );
+    let r = packet::parse(&out_rep)?;
+    packet::verify_checksums(&out_rep).context("reverse-NATed frame checksums")?;
+    ensure!(
+        r.ip.src == VIP && r.ports() == Some((VIP_PORT, sport)) && r.eth.dst == c.iface.mac,
+        "reply rewritten to {}:{:?}",
+        r.ip.src,
+        r.ports()
+    );
+    Ok(Flow {
+        fwd: ack,
+        reply,
+        client_if: c.node_iface.clone(),
+        backend_if: b.node_iface.clone(),
+        backend_ip: b.ip(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Live-frames series
+
+/// One thing to time in live mode.
+pub struct Case {
+    pub label: String,
+    /// Index into the data paths given to `run_series`.
+    pub dp: usize,
+    pub prog: Prog,
+    pub frame: Vec<u8>,
+    pub ingress: Iface,
+    /// The node-side interface the frames leave by (its tx counter proves delivery).
+    pub egress: String,
+    pub expect: u32,
+}
+
+#[derive(Default, Clone, Debug)]
+pub struct Series {
+    pub kernel_ns: Vec<f64>,
+    pub wall_ns: Vec<f64>,
+    pub frames: u64,
+    pub delivered: u64,
+    pub tx_dropped: u64,
+}
+
+impl Series {
+    pub fn median(&self) -> f64 {
+        median(&self.kernel_ns)
+    }
+    pub fn delivered_pct(&self) -> f64 {
+        100.0 * self.delivered as f64 / self.frames.max(1) as f64
+    }
+}
+
+fn one_live(topo: &Topo, dps: &mut [&mut PinnedDp], c: &Case, repeat: u32) -> Result<(f64, f64)> {
+    let dp = dps[c.dp].dp();
+    let idx = c.ingress.ifindex;
+    topo.in_node(|| live(prog(dp, c.prog)?, &c.frame, idx, repeat))?
+}
+
+/// Check each case's verdict with a plain run (live mode reports none).
+fn check_verdicts(topo: &Topo, dps: &mut [&mut PinnedDp], cases: &[Case]) -> Result<()> {
+    for c in cases {
+        let dp = dps[c.dp].dp();
+        let idx = c.ingress.ifindex;
+        let (v, _, _) = topo.in_node(|| plain(prog(dp, c.prog)?, &c.frame, idx))??;
+        ensure!(
+            v == c.expect,
+            "{}: verdict {}, expected {}",
+            c.label,
+            verdict_name(v),
+            verdict_name(c.expect)
+        );
+    }
+    Ok(())
+}
+
+/// Check the verdicts, then warm up and pick the repeat count: `opts.repeat`, or less so that
+/// the slowest case's run takes about `run_cap`.
+fn calibrate(
+    topo: &Topo,
+    sink: &Sink,
+    dps: &mut [&mut PinnedDp],
+    cases: &[Case],
+    opts: &Opts,
+) -> Result<u32> {
+    check_verdicts(topo, dps, cases)?;
+    let mut slowest = 1.0f64;
+    for c in cases {
+        sink.set_template(&c.frame)?;
+        let (_, wall) = one_live(topo, dps, c, 20 * BATCH * 16)?;
+        slowest = slowest.max(wall);
+    }
+    let by_time = (opts.run_cap.as_nanos() as f64 / slowest) as u32;
+    Ok((opts.repeat.min(by_time) / BATCH).max(160) * BATCH)
+}
+
+/// One timed live-frames run of `c`, added to `s`, with the egress veth's counters.
+fn sample(
+    topo: &Topo,
+    sink: &Sink,
+    dps: &mut [&mut PinnedDp],
+    c: &Case,
+    repeat: u32,
+    s: &mut Series,
+) -> Result<()> {
+    sink.set_template(&c.frame)?;
+    let before = topo.node_stats(&c.egress)?;
+    let (kns, wns) = one_live(topo, dps, c, repeat)?;
+    // The peer's NAPI runs when the batch ends; give stragglers a moment.
+    std::thread::sleep(Duration::from_millis(20));
+    let after = topo.node_stats(&c.egress)?;
+    s.kernel_ns.push(kns);
+    s.wall_ns.push(wns);
+    s.frames += u64::from(repeat);
+    s.delivered += after.tx_packets.saturating_sub(before.tx_packets);
+    s.tx_dropped += after.tx_dropped.saturating_sub(before.tx_dropped);
+    Ok(())
+}
+
+/// Time every case `rounds` times, interleaved (the order rotates each round). Returns the
+/// series and the repeat used.
+pub fn run_series(
+    topo: &Topo,
+    sink: &Sink,
+    dps: &mut [&mut PinnedDp],
+    cases: &[Case],
+    opts: &Opts,
+    deadline: Deadline,
+) -> Result<(Vec<Series>, u32)> {
+    let repeat = calibrate(topo, sink, dps, cases, opts)?;
+    let mut out = vec![Series::default(); cases.len()];
+    for round in 0..opts.rounds {
+        check_stop()?;
+        if round >= 3 && deadline.passed() {
+            eprintln!("  (time budget reached after {round} rounds)");
+            break;
+        }
+        for k in 0..cases.len() {
+            let i = (k + round) % cases.len();
+            sample(topo, sink, dps, &cases[i], repeat, &mut out[i])?;
+        }
+    }
+    Ok((out, repeat))
+}
+
+/// `n` SYNs from distinct source ports: each one a new flow.
+fn syn_frames(topo: &Topo, n: u32) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| client_frame(topo, NEW_FLOW_SPORT + i as u16, SYN).build())
+        .collect()
+}
+
+/// One plain run (repeat = 1, a fresh copy of the frame each time) per frame and program:
+/// `progs` are (data path index, program), interleaved frame by frame. Returns per-program
+/// kernel ns and the count of LB runs that did not redirect. Bounded by `deadline`.
+fn plain_series(
+    topo: &Topo,
+    dps: &mut [&mut PinnedDp],
+    progs: &[(usize, Prog)],
+    frames: &[Vec<u8>],
+    deadline: Deadline,
+) -> Result<(Vec<Vec<f64>>, u64)> {
+    let n = frames.len();
+    let idx = topo.client().node_iface.ifindex;
+    let mut dps: Vec<&mut Datapath> = dps.iter_mut().map(|d| d.dp()).collect();
+    topo.in_node(|| -> Result<(Vec<Vec<f64>>, u64)> {
+        let mut out = vec![Vec::with_capacity(n); progs.len()];
+        let mut bad = 0u64;
+        for (i, f) in frames.iter().enumerate() {
+            if i % 256 == 0 {
+                check_stop()?;
+                if i > 0 && deadline.passed() {
+                    break;
+                }
+            }
+            for (j, &(d, p)) in progs.iter().enumerate() {
+                let (v, _, dur) = plain(prog(dps[d], p)?, f, idx)?;
+                if p == Prog::Lb && v != XDP_REDIRECT {
+                    bad += 1;
+                }
+                out[j].push(dur.as_nanos() as f64);
+            }
+        }
+        Ok((out, bad))
+    })?
+}
+
+fn delivered_cell(s: &Series) -> String {
+    let mut c = format!(
+        "{} / {} ({:.1}%)",
+        count(s.delivered),
+        count(s.frames),
+        s.delivered_pct()
+    );
+    if s.tx_dropped > 0 {
+        c += &format!(", {} tx_dropped", count(s.tx_dropped));
+    }
+    c
+}
+
+fn reason_count(dp: &mut Datapath, name: &str) -> u64 {
+    dp.writer()
+        .reasons()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v)
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Section 1
+
+pub fn section_xdp(opts: &Opts) -> Result<()> {
+    header("1. Per-packet cost, XDP live frames");
+    let deadline = Deadline::after(Duration::from_secs(if opts.quick { 30 } else { 120 }));
+    let topo = Topo::new(3)?;
+    let mut cfg = DatapathConfig::small(topo.pin_dir("xdp"));
+    cfg.fib_redirect = true;
+    let mut pd = PinnedDp::load(&cfg)?;
+    pd.dp().writer().upsert_service(&lab_service(&topo))?;
+    let flow = establish(&topo, pd.dp(), FLOW_SPORT)?;
+    let sink = topo.sinks(flow.fwd.len())?;
+
+    let cases = vec![
+        Case {
+            label: "XDP_TX baseline (bench_xdp_tx), client-facing veth".into(),
+            dp: 0,
+            prog: Prog::Tx,
+            frame: flow.fwd.clone(),
+            ingress: flow.client_if.clone(),
+            egress: flow.client_if.name.clone(),
+            expect: XDP_TX,
+        },
+        Case {
+            label: "LB established flow, client -> VIP (DNAT + fib + redirect)".into(),
+            dp: 0,
+            prog: Prog::Lb,
+            frame: flow.fwd.clone(),
+            ingress: flow.client_if.clone(),
+            egress: flow.backend_if.name.clone(),
+            expect: XDP_REDIRECT,
+        },
+        Case {
+            label: "LB reply, backend -> client (reverse NAT + fib + redirect)".into(),
+            dp: 0,
+            prog: Prog::Lb,
+            frame: flow.reply.clone(),
+            ingress: flow.backend_if.clone(),
+            egress: flow.client_if.name.clone(),
+            expect: XDP_REDIRECT,
+        },
+    ];
+    if let Some(which) = &opts.profile {
+        return profile(&topo, &sink, &mut pd, &cases, which, opts.profile_secs);
+    }
+    let redirects_before = reason_count(pd.dp(), "fwd_redirect");
+    let (series, repeat) = run_series(&topo, &sink, &mut [&mut pd], &cases, opts, deadline)?;
+    let redirects = reason_count(pd.dp(), "fwd_redirect") - redirects_before;
+
+    println!(
+        "{} frames of {} bytes per timed run, batch {BATCH}, {} rounds interleaved, CPU {}; \
+         service: Maglev over 3 backends; flow to {}",
+        count(u64::from(repeat)),
+        flow.fwd.len(),
+        series[0].kernel_ns.len(),
+        bench_cpu(),
+        flow.backend_ip
+    );
+    let base = &series[0];
+    let mut t = Table::new(&[
+        "case (live frames)",
+        "ns/pkt median",
+        "min..max",
+        "wall ns/pkt",
+        "vs XDP_TX",
+        "delivered (egress tx_packets)",
+    ]);
+    for (c, s) in cases.iter().zip(&series) {
+        t.row(vec![
+            c.label.clone(),
+            ns(s.median()),
+            format!(
+                "{}..{}",
+                ns(super::min(&s.kernel_ns)),
+                ns(super::max(&s.kernel_ns))
+            ),
+            ns(median(&s.wall_ns)),
+            ratio(ratio_of_rounds(&s.kernel_ns, &base.kernel_ns)),
+            delivered_cell(s),
+        ]);
+    }
+    print!("{}", t.render());
+    let lb_frames: u64 = series[1].frames + series[2].frames;
+    println!(
+        "kernel counted {} fwd_redirect for {} LB frames (plus the calibration runs)",
+        count(redirects),
+        count(lb_frames)
+    );
+    let est = ratio_of_rounds(&series[1].kernel_ns, &base.kernel_ns);
+    let delivered_ok = series.iter().all(|s| s.delivered_pct() >= 95.0);
+    verdict(
+        "per-packet cost, established flow, XDP live frames",
+        "<= 1.5x XDP_TX",
+        format!(
+            "{} ({} vs {} ns){}",
+            ratio(est),
+            ns(series[1].median()),
+            ns(base.median()),
+            if delivered_ok {
+                ""
+            } else {
+                ", delivery < 95%!"
+            }
+        ),
+        Some(est <= 1.5 && delivered_ok),
+    );
+    let rep = ratio_of_rounds(&series[2].kernel_ns, &base.kernel_ns);
+    verdict(
+        "per-packet cost, reply (reverse NAT), XDP live frames",
+        "(same as above)",
+        format!("{} ({} ns)", ratio(rep), ns(series[2].median())),
+        Some(rep <= 1.5 && delivered_ok),
+    );
+
+    // Plain mode, repeat = 1 (a fresh copy of the frame per run, no transmit): the program's
+    // own cost. New flows: a fresh source port each; established: the flow above.
+    check_stop()?;
+    let both = [(0, Prog::Lb), (0, Prog::Tx)];
+    let budget = || Deadline::after(Duration::from_secs(if opts.quick { 10 } else { 40 }));
+    let syns = syn_frames(&topo, opts.new_flows);
+    let (nf, bad) = plain_series(&topo, &mut [&mut pd], &both, &syns, budget())?;
+    if bad > 0 {
+        bail!("{bad} of {} new flows were not redirected", nf[0].len());
+    }
+    let est = vec![flow.fwd.clone(); opts.new_flows as usize];
+    let (pe, bad) = plain_series(&topo, &mut [&mut pd], &both, &est, budget())?;
+    if bad > 0 {
+        bail!("{bad} established-flow plain runs were not redirected");
+    }
+    println!();
+    println!(
+        "plain mode (repeat = 1 per run, fresh copy, nothing transmitted): {} new flows (SYN, a \
+         fresh source port each) and {} runs of the established flow, each interleaved with \
+         the trivial program on the same frame",
+        count(nf[0].len() as u64),
+        count(pe[0].len() as u64)
+    );
+    let mut t = Table::new(&[
+        "case (plain mode, one run each)",
+        "median ns",
+        "p90 ns",
+        "mean ns",
+        "minus trivial",
+    ]);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    for (label, v, base) in [
+        ("trivial program (bench_xdp_tx), SYN frames", &nf[1], &nf[1]),
+        ("LB established flow: program only", &pe[0], &pe[1]),
+        (
+            "LB new flow: service + Maglev + 2 conntrack inserts",
+            &nf[0],
+            &nf[1],
+        ),
+    ] {
+        t.row(vec![
+            label.into(),
+            ns(median(v)),
+            ns(super::percentile(v, 90.0)),
+            ns(mean(v)),
+            ns(median(v) - median(base)),
+        ]);
+    }
+    print!("{}", t.render());
+    let (lb, tx) = (&nf[0], &nf[1]);
+    let (ml, mt) = (median(lb), median(tx));
+    println!(
+        "the timer's own cost (about the trivial program's figure) is in every row; \
+         \"minus trivial\" is the program's cost beyond an XDP_TX"
+    );
+    verdict(
+        "new-flow cost (SYN), plain mode",
+        "(informational)",
+        format!("{} ns, {} trivial", ns(ml), ratio(ml / mt)),
+        None,
+    );
+    Ok(())
+}
+
+/// `--profile CASE`: that case only, in live-frames runs of about 0.2 s, for `secs`.
+fn profile(
+    topo: &Topo,
+    sink: &Sink,
+    pd: &mut PinnedDp,
+    cases: &[Case],
+    which: &str,
+    secs: f64,
+) -> Result<()> {
+    let c = &cases[match which {
+        "tx" => 0,
+        "established" => 1,
+        _ => 2,
+    }];
+    sink.set_template(&c.frame)?;
+    println!(
+        "profiling {:?} on CPU {} for {secs} s: e.g. `perf record -C {} -g -- sleep {}` now",
+        c.label,
+        bench_cpu(),
+        bench_cpu(),
+        secs.floor()
+    );
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let (mut frames, mut kns) = (0u64, Vec::new());
+    let repeat = 640_000;
+    while Instant::now() < until {
+        check_stop()?;
+        let (k, _) = one_live(topo, &mut [pd], c, repeat)?;
+        frames += u64::from(repeat);
+        kns.push(k);
+    }
+    println!(
+        "{} frames, median {} ns/frame",
+        count(frames),
+        ns(median(&kns))
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Section 2
+
+/// Bulk services for the scale test: round-robin (small weighted tables), `n_backends` spread
+/// over `n_services`, VIPs 10.96.1.0 onwards, backends in 10.244.128.0/17 with ports 8080+.
+fn bulk_services(n_services: u32, n_backends: u32) -> Vec<Service> {
+    let per = n_backends / n_services;
+    let extra = n_backends % n_services;
+    let mut g = 0u32;
+    (0..n_services)
+        .map(|i| {
+            let k = per + u32::from(i < extra);
+            let backends = (0..k)
+                .map(|_| {
+                    let ip =
+                        Ipv4Addr::new(10, 244, 128 + ((g / 254) % 127) as u8, 1 + (g % 254) as u8);
+                    let port = 8080 + (g / (254 * 127)) as u16;
+                    g += 1;
+                    Backend::new(ip, port)
+                })
+                .collect();
+            service(
+                &format!("bench/svc-{i}:http"),
+                Ipv4Addr::new(10, 96, 1 + (i / 256) as u8, (i % 256) as u8),
+                Algorithm::RoundRobin,
+                backends,
+            )
+        })
+        .collect()
+}
+
+pub fn section_scale(opts: &Opts) -> Result<()> {
+    header("2. Scale: one service vs many, XDP live frames");
+    let deadline = Deadline::after(Duration::from_secs(if opts.quick { 45 } else { 180 }));
+    let topo = Topo::new(3)?;
+    let measured = lab_service(&topo);
+    let n_bulk = opts.scale_services - 1;
+    let n_bulk_backends = opts.scale_backends - measured.backends.len() as u32;
+    let bulk = bulk_services(n_bulk, n_bulk_backends);
+    let mut cfg = DatapathConfig::small(topo.pin_dir("scale"));
+    cfg.max_services = (opts.scale_services + 64).next_power_of_two();
+    cfg.max_backends = (opts.scale_backends + 1024).next_power_of_two();
+    cfg.max_conntrack = 131_072;
+    cfg.max_slots = 1 << 20;
+    cfg.fib_redirect = true;
+    // One data path instance, measured with one service and with many, loaded and removed
+    // between rounds. Two instances with the same content differ by up to +-5% here (JIT
+    // image placement, hash seeds), more than the effect under test.
+    let mut pd = PinnedDp::load(&cfg)?;
+    pd.dp().writer().upsert_service(&measured)?;
+    let flow = establish(&topo, pd.dp(), FLOW_SPORT)?;
+    let sink = topo.sinks(flow.fwd.len())?;
+    let case = |label: &str, reply: bool| Case {
+        label: label.into(),
+        dp: 0,
+        prog: Prog::Lb,
+        frame: if reply {
+            flow.reply.clone()
+        } else {
+            flow.fwd.clone()
+        },
+        ingress: if reply {
+            flow.backend_if.clone()
+        } else {
+            flow.client_if.clone()
+        },
+        egress: if reply {
+            flow.client_if.name.clone()
+        } else {
+            flow.backend_if.name.clone()
+        },
+        expect: XDP_REDIRECT,
+    };
+    let cases = [case("established", false), case("reply", true)];
+    let repeat = calibrate(&topo, &sink, &mut [&mut pd], &cases, opts)?;
+    let syns = syn_frames(&topo, opts.new_flows);
+    let chunk = (syns.len() / (2 * opts.rounds)).max(1);
+    let mut chunks = syns.chunks(chunk);
+    let mut one = vec![Series::default(); cases.len()];
+    let mut many = vec![Series::default(); cases.len()];
+    let (mut nf_one, mut nf_many) = (Vec::<f64>::new(), Vec::<f64>::new());
+    // Per-round medians of the new-flow series, for per-round ratios.
+    let (mut nfr_one, mut nfr_many) = (Vec::<f64>::new(), Vec::<f64>::new());
+    let (mut load_s, mut unload_s) = (Vec::new(), Vec::new());
+    let mut n_services = 1;
+    let mut bad = 0;
+    let flows_budget = Duration::from_secs(if opts.quick { 5 } else { 10 });
+    for round in 0..opts.rounds {
+        check_stop()?;
+        if round >= 3 && deadline.passed() {
+            eprintln!("  (time budget reached after {round} rounds)");
+            break;
+        }
+        for (state, series) in [(false, &mut one), (true, &mut many)] {
+            if state {
+                let t = Instant::now();
+                for (i, s) in bulk.iter().enumerate() {
+                    if i % 256 == 0 {
+                        check_stop()?;
+                    }
+                    pd.dp()
+                        .writer()
+                        .upsert_service(s)
+                        .with_context(|| format!("writing {}", s.name))?;
+                }
+                load_s.push(t.elapsed().as_secs_f64());
+                n_services = pd.dp().writer().services().len();
+            }
+            for (i, c) in cases.iter().enumerate() {
+                sample(&topo, &sink, &mut [&mut pd], c, repeat, &mut series[i])?;
+            }
+            if let Some(frames) = chunks.next() {
+                let (v, b) = plain_series(
+                    &topo,
+                    &mut [&mut pd],
+                    &[(0, Prog::Lb)],
+                    frames,
+                    Deadline::after(flows_budget),
+                )?;
+                bad += b;
+                let (all, per_round) = if state {
+                    (&mut nf_many, &mut nfr_many)
+                } else {
+                    (&mut nf_one, &mut nfr_one)
+                };
+                per_round.push(median(&v[0]));
+                all.extend_from_slice(&v[0]);
+            }
+            if state {
+                let t = Instant::now();
+                for (i, s) in bulk.iter().enumerate() {
+                    if i % 256 == 0 {
+                        check_stop()?;
+                    }
+                    pd.dp().writer().remove_service(&s.addr())?;
+                }
+                unload_s.push(t.elapsed().as_secs_f64());
+            }
+        }
+    }
+    if bad > 0 {
+        bail!("{bad} new flows were not redirected");
+    }
+    println!(
+        "one data path; each round: 1 service, then {} services and {} backends written \
+         (round-robin, {} backends each; median {:.2} s), then removed again (median {:.2} s)",
+        count(n_services as u64),
+        count(u64::from(opts.scale_backends)),
+        n_bulk_backends / n_bulk.max(1),
+        median(&load_s),
+        median(&unload_s),
+    );
+    println!(
+        "{} frames per timed run, {} rounds; new flows: {} per state per round, {} flows in \
+         conntrack at the end",
+        count(u64::from(repeat)),
+        one[0].kernel_ns.len(),
+        count(chunk as u64),
+        count(nf_one.len() as u64 + nf_many.len() as u64 + 1)
+    );
+    let mut t = Table::new(&[
+        "case",
+        "1 service ns",
+        &format!("{} services ns", count(n_services as u64)),
+        "many / one",
+        "delivered (many)",
+    ]);
+    let est = ratio_of_rounds(&many[0].kernel_ns, &one[0].kernel_ns);
+    let rep = ratio_of_rounds(&many[1].kernel_ns, &one[1].kernel_ns);
+    let newr = ratio_of_rounds(&nfr_many, &nfr_one);
+    t.row(vec![
+        "established flow, live frames".into(),
+        ns(one[0].median()),
+        ns(many[0].median()),
+        ratio(est),
+        delivered_cell(&many[0]),
+    ]);
+    t.row(vec![
+        "reply (reverse NAT), live frames".into(),
+        ns(one[1].median()),
+        ns(many[1].median()),
+        ratio(rep),
+        delivered_cell(&many[1]),
+    ]);
+    t.row(vec![
+        format!(
+            "new flow (SYN), plain mode, {} flows",
+            count(nf_one.len() as u64 + nf_many.len() as u64)
+        ),
+        ns(median(&nf_one)),
+        ns(median(&nf_many)),
+        ratio(newr),
+        "-".into(),
+    ]);
+    print!("{}", t.render());
+    let scale_label = format!(
+        "per-packet cost, {} services / {} backends",
+        count(n_services as u64),
+        count(u64::from(opts.scale_backends))
+    );
+    let delivered_ok = many.iter().chain(&one).all(|s| s.delivered_pct() >= 95.0);
+    verdict(
+        &format!("{scale_label}, established"),
+        "within 5% of 1 service",
+        format!("{} ({:+.1}%)", ratio(est), (est - 1.0) * 100.0),
+        Some((est - 1.0).abs() <= 0.05 && delivered_ok),
+    );
+    verdict(
+        &format!("{scale_label}, reply"),
+        "(same as above)",
+        format!("{} ({:+.1}%)", ratio(rep), (rep - 1.0) * 100.0),
+        Some((rep - 1.0).abs() <= 0.05 && delivered_ok),
+    );
+    verdict(
+        &format!("{scale_label}, new flow"),
+        "(informational)",
+        format!("{} ({:+.1}%)", ratio(newr), (newr - 1.0) * 100.0),
+        None,
+    );
+    Ok(())
+}

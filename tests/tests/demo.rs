@@ -1,0 +1,133 @@
+//! The demo (`cargo xtask demo`) in its short form, so that it cannot silently rot.
+//!
+//! Runs `rpclb-demo --quick` and expects exit 0, both per-service tables, the check marks
+//! and lbctl's output. Needs root (it builds a netns lab and loads the data path); without
+//! it the test prints SKIP and passes.
+//!
+//! Finding the binaries: rpclb-demo depends on this crate, so cargo does not build it for
+//! this test. The test runs `cargo build -p rpclb-demo -p lb-agent` itself, with the
+//! profile of the test executable (`target/<profile>/deps/demo-*` → `--release` when
+//! `<profile>` is `release`), and then runs `target/<profile>/rpclb-demo`, which finds
+//! `lb-agent` and `lbctl` beside itself. The build is a no-op when they are up to date.
+
+use rpclb_tests::skip_unless_lab;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `target/<profile>`: the folder above this test executable's `deps/`.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let deps = exe.parent().expect("deps folder");
+    deps.parent().expect("profile folder").to_path_buf()
+}
+
+fn build_binaries(profile: &std::path::Path) {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&root)
+        .args(["build", "-p", "rpclb-demo", "-p", "lb-agent"]);
+    if profile.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    // Build into the same target folder as this test, wherever that is.
+    if let Some(target) = profile.parent() {
+        cmd.arg("--target-dir").arg(target);
+    }
+    let status = cmd.status().expect("run cargo build");
+    assert!(status.success(), "building rpclb-demo and lb-agent failed");
+}
+
+#[test]
+fn demo_quick_passes() {
+    skip_unless_lab!();
+    let profile = profile_dir();
+    build_binaries(&profile);
+    let bin = profile.join("rpclb-demo");
+
+    let mut child = Command::new(&bin)
+        .arg("--quick")
+        .arg("--timeout")
+        .arg("90")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+    // Read both pipes on threads so a full pipe never stalls the demo.
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    // The demo bounds itself (--timeout 90); this is the backstop.
+    let end = Instant::now() + Duration::from_secs(150);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for the demo") {
+            break s;
+        }
+        if Instant::now() > end {
+            // SIGTERM first: the demo then tears its lab down.
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            std::thread::sleep(Duration::from_secs(10));
+            let _ = child.kill();
+            panic!("the demo did not finish within 150 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stdout = out_t.join().expect("stdout reader");
+    let stderr = err_t.join().expect("stderr reader");
+    println!("{stdout}");
+    eprintln!("{stderr}");
+
+    assert!(status.success(), "rpclb-demo --quick exited with {status}");
+    for want in [
+        "service B: rpc-service-b.my-rpc.svc.cluster.local",
+        "service C: rpc-service-c.my-rpc.svc.cluster.local",
+        "rpc-service-b-1",
+        "rpc-service-c-3",
+        "p50",
+        "p99",
+        "✓ 60/60 calls succeeded",
+        "x-test-header values echoed",
+        "✓ spread before the event",
+        "✓ in-flight: 3 long-lived calls",
+        "✓ after the event 0 new calls went to",
+        "$ lbctl services",
+        "$ lbctl backends",
+        "checks passed",
+        "teardown done",
+    ] {
+        assert!(stdout.contains(want), "demo output lacks {want:?}");
+    }
+    assert!(!stdout.contains('✗'), "a check failed");
+
+    // Nothing left behind: no namespaces or /etc/netns entries of the demo's process.
+    let pid = child.id();
+    let left = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    let left = String::from_utf8_lossy(&left.stdout);
+    let prefix = format!("rpclb-{pid}-");
+    assert!(!left.contains(&prefix), "namespaces left behind: {left}");
+    let etc = std::fs::read_dir("/etc/netns")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    assert!(etc.is_empty(), "/etc/netns entries left behind: {etc:?}");
+}
