@@ -50,7 +50,7 @@ use tracing::debug;
 
 use crate::config::Timeouts;
 use crate::datapath::writer::ip_wire;
-use crate::datapath::{DatapathError, MapWriter};
+use crate::datapath::{DatapathError, MapWriter, sys};
 
 /// Entries per `BPF_MAP_LOOKUP_BATCH` call.
 pub const BATCH: u32 = 4096;
@@ -237,54 +237,10 @@ pub fn plan(scan: Scan, t: &Timeouts, now_ns: u64) -> Plan {
 /// Returns the number of entries visited.
 pub fn for_each_entry(
     fd: BorrowedFd<'_>,
-    mut f: impl FnMut(&FlowKey, &CtValue),
+    f: impl FnMut(&FlowKey, &CtValue),
 ) -> Result<u64, DatapathError> {
-    let fd = fd.as_raw_fd();
-    let mut n = BATCH as usize;
-    let mut keys = vec![FlowKey::default(); n];
-    let mut vals = vec![CtValue::default(); n];
-    let mut token_in = 0u32;
-    let mut token_out = 0u32;
-    let mut first = true;
-    let mut seen = 0u64;
-    loop {
-        let mut a = sys::BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                (&raw const token_in) as u64
-            },
-            out_batch: (&raw mut token_out) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: vals.as_mut_ptr() as u64,
-            count: n as u32,
-            map_fd: fd as u32,
-            ..Default::default()
-        };
-        let r = sys::bpf(sys::BPF_MAP_LOOKUP_BATCH, &mut a);
-        let got = a.count as usize;
-        let done = match r {
-            Ok(()) => false,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && got == 0 => {
-                // One hash bucket holds more entries than the buffer.
-                n *= 2;
-                keys.resize(n, FlowKey::default());
-                vals.resize(n, CtValue::default());
-                continue;
-            }
-            Err(e) => return Err(io_err("BPF_MAP_LOOKUP_BATCH", e)),
-        };
-        for i in 0..got.min(n) {
-            f(&keys[i], &vals[i]);
-        }
-        seen += got as u64;
-        if done {
-            return Ok(seen);
-        }
-        token_in = token_out;
-        first = false;
-    }
+    sys::for_each_batch(fd.as_raw_fd(), BATCH as usize, f)
+        .map_err(|e| io_err("BPF_MAP_LOOKUP_BATCH", e))
 }
 
 /// Reads the whole conntrack map.
@@ -411,7 +367,8 @@ pub fn expire(fd: BorrowedFd<'_>, t: &Timeouts, now_ns: u64) -> Result<Expired, 
         }
         count_expiry(&mut r, &mut credit, &v);
     }
-    let n = sys::delete_batch(fd, &p.orphans).map_err(|e| io_err("BPF_MAP_DELETE_BATCH", e))?;
+    let n = sys::delete_batch(fd, &p.orphans, BATCH as usize)
+        .map_err(|e| io_err("BPF_MAP_DELETE_BATCH", e))?;
     r.orphans = n;
     deleted += n;
 
@@ -436,7 +393,7 @@ impl Take {
     /// lookup-and-delete; a plain delete was used).
     fn take(&mut self, k: &FlowKey) -> Result<Option<Option<CtValue>>, DatapathError> {
         if self.atomic {
-            match sys::lookup_and_delete(self.fd, k) {
+            match sys::lookup_and_delete::<FlowKey, CtValue>(self.fd, k) {
                 Ok(v) => return Ok(Some(Some(v))),
                 Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
                 Err(err)
@@ -466,124 +423,6 @@ fn count_expiry(r: &mut GcReport, credit: &mut Credit, v: &CtValue) {
         *credit
             .entry((v.backend_id, v.svc_id, v.nat_ip, v.nat_port))
             .or_default() += 1;
-    }
-}
-
-/// Raw `bpf(2)` calls that aya 0.14 does not wrap.
-mod sys {
-    use lb_common::{CtValue, FlowKey};
-
-    pub const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-    pub const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-    pub const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
-    pub const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    pub const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
-    pub const BPF_NOEXIST: u64 = 1;
-
-    #[repr(C)]
-    #[derive(Default)]
-    pub struct ElemAttr {
-        pub map_fd: u32,
-        pub _pad: u32,
-        pub key: u64,
-        pub value: u64,
-        pub flags: u64,
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    pub struct BatchAttr {
-        pub in_batch: u64,
-        pub out_batch: u64,
-        pub keys: u64,
-        pub values: u64,
-        pub count: u32,
-        pub map_fd: u32,
-        pub elem_flags: u64,
-        pub flags: u64,
-    }
-
-    pub fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<()> {
-        // SAFETY: `attr` is a live, correctly laid out prefix of `union bpf_attr`,
-        // and every pointer in it points to a buffer of the size the kernel
-        // expects for this map (16-byte keys, 40-byte values).
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd,
-                (attr as *mut T).cast::<libc::c_void>(),
-                std::mem::size_of::<T>(),
-            )
-        };
-        if rc < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    }
-
-    pub fn lookup_and_delete(fd: i32, k: &FlowKey) -> std::io::Result<CtValue> {
-        let mut v = CtValue::default();
-        let mut a = ElemAttr {
-            map_fd: fd as u32,
-            key: (k as *const FlowKey) as u64,
-            value: (&raw mut v) as u64,
-            ..Default::default()
-        };
-        bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut a)?;
-        Ok(v)
-    }
-
-    pub fn update(fd: i32, k: &FlowKey, v: &CtValue, flags: u64) -> std::io::Result<()> {
-        let mut a = ElemAttr {
-            map_fd: fd as u32,
-            key: (k as *const FlowKey) as u64,
-            value: (v as *const CtValue) as u64,
-            flags,
-            ..Default::default()
-        };
-        bpf(BPF_MAP_UPDATE_ELEM, &mut a)
-    }
-
-    /// Deletes one key; `Ok(false)` if it was not there.
-    pub fn delete(fd: i32, k: &FlowKey) -> std::io::Result<bool> {
-        let mut a = ElemAttr {
-            map_fd: fd as u32,
-            key: (k as *const FlowKey) as u64,
-            ..Default::default()
-        };
-        match bpf(BPF_MAP_DELETE_ELEM, &mut a) {
-            Ok(()) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Deletes keys with `BPF_MAP_DELETE_BATCH`; the kernel stops at the
-    /// first missing key, which is skipped. Returns how many were deleted.
-    pub fn delete_batch(fd: i32, keys: &[FlowKey]) -> std::io::Result<u64> {
-        let mut deleted = 0u64;
-        let mut rest = keys;
-        while !rest.is_empty() {
-            let chunk = &rest[..rest.len().min(super::BATCH as usize)];
-            let mut a = BatchAttr {
-                keys: chunk.as_ptr() as u64,
-                count: chunk.len() as u32,
-                map_fd: fd as u32,
-                ..Default::default()
-            };
-            let r = bpf(BPF_MAP_DELETE_BATCH, &mut a);
-            let done = (a.count as usize).min(chunk.len());
-            deleted += done as u64;
-            match r {
-                Ok(()) => rest = &rest[done..],
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    rest = &rest[(done + 1).min(rest.len())..];
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(deleted)
     }
 }
 

@@ -184,6 +184,27 @@ pub struct Service {
 }
 
 impl Service {
+    /// A service without affinity and with the default Maglev size.
+    pub fn new(
+        name: impl Into<String>,
+        vip: Ipv4Addr,
+        port: u16,
+        protocol: Protocol,
+        algorithm: Algorithm,
+        backends: Vec<Backend>,
+    ) -> Self {
+        Service {
+            name: name.into(),
+            vip,
+            port,
+            protocol,
+            algorithm,
+            affinity_timeout: None,
+            maglev_table_size: None,
+            backends,
+        }
+    }
+
     pub fn addr(&self) -> ServiceAddr {
         ServiceAddr {
             vip: self.vip,

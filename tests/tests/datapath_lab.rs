@@ -24,16 +24,7 @@ fn service(
     algo: Algorithm,
     backends: Vec<Backend>,
 ) -> Service {
-    Service {
-        name: name.into(),
-        vip,
-        port,
-        protocol: proto,
-        algorithm: algo,
-        affinity_timeout: None,
-        maglev_table_size: None,
-        backends,
-    }
+    Service::new(name, vip, port, proto, algo, backends)
 }
 
 /// Loads the data path pinned in the lab's bpffs and attaches it to every

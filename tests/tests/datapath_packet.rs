@@ -74,8 +74,30 @@ struct Harness {
     dir: PathBuf,
 }
 
+/// Removes pin directories of packet-test processes that no longer exist
+/// (a run killed before its Drop guards ran).
+fn sweep_dead_pins() {
+    let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("rpclb-pkt-")
+            .and_then(|r| r.split('-').next())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = cleanup(&e.path());
+        }
+    }
+}
+
 impl Harness {
     fn new(fib: bool) -> Harness {
+        static SWEEP: std::sync::Once = std::sync::Once::new();
+        SWEEP.call_once(sweep_dead_pins);
         let dir = PathBuf::from(format!(
             "/sys/fs/bpf/rpclb-pkt-{}-{}",
             std::process::id(),
@@ -92,7 +114,8 @@ impl Harness {
     }
 
     fn run(&mut self, hook: Hook, input: &[u8]) -> (u32, Vec<u8>) {
-        self.run_ctx(hook, input, None)
+        self.try_run(hook, input)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN ({hook:?}, {} bytes): {e}", input.len()))
     }
 
     fn try_run(
@@ -112,28 +135,6 @@ impl Harness {
         }?;
         out.truncate(r.data_size_out as usize);
         Ok((r.return_value, out))
-    }
-
-    fn run_ctx(&mut self, hook: Hook, input: &[u8], ifindex: Option<u32>) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; input.len() + 256];
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-        let ctx: Vec<u8> = [0u32, input.len() as u32, 0, ifindex.unwrap_or(0), 0, 0]
-            .iter()
-            .flat_map(|v| v.to_ne_bytes())
-            .collect();
-        let opts = TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ctx_in: ifindex.map(|_| ctx.as_slice()),
-            ..Default::default()
-        };
-        let r = match hook {
-            Hook::Xdp => self.dp().xdp_program().test_run(opts),
-            Hook::Tc => self.dp().tc_program().test_run(opts),
-        }
-        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN ({hook:?}, {} bytes): {e}", input.len()));
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
     }
 
     fn reasons(&mut self) -> Vec<(&'static str, u64)> {
@@ -158,19 +159,11 @@ fn service(
     algo: Algorithm,
     backends: &[(Ipv4Addr, u16)],
 ) -> Service {
-    Service {
-        name: name.into(),
-        vip,
-        port,
-        protocol: proto,
-        algorithm: algo,
-        affinity_timeout: None,
-        maglev_table_size: None,
-        backends: backends
-            .iter()
-            .map(|&(ip, port)| Backend::new(ip, port))
-            .collect(),
-    }
+    let backends = backends
+        .iter()
+        .map(|&(ip, port)| Backend::new(ip, port))
+        .collect();
+    Service::new(name, vip, port, proto, algo, backends)
 }
 
 /// Destination address of a frame.

@@ -24,7 +24,7 @@ use lb_common::{
 use serde::Serialize;
 use tracing::debug;
 
-use super::{DatapathError, maglev, table};
+use super::{DatapathError, maglev, sys, table};
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
     move |source| DatapathError::Map {
@@ -188,6 +188,15 @@ pub struct ConntrackEntry {
     pub state_code: u32,
     pub created_ns: u64,
     pub last_seen_ns: u64,
+}
+
+/// Zeroed per-CPU counters, one per possible CPU.
+fn zero_counters() -> Result<PerCpuValues<Counters>, DatapathError> {
+    let ncpu = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Io {
+        path: "/sys/devices/system/cpu/possible".into(),
+        source: e,
+    })?;
+    Ok(PerCpuValues::try_from(vec![Counters::default(); ncpu]).expect("one value per CPU"))
 }
 
 fn key_of(addr: &ServiceAddr) -> ServiceKey {
@@ -385,18 +394,20 @@ impl MapWriter {
         }
         let mut used_backends = Vec::new();
         // One batched read: the array has up to --max-backends entries.
-        let all: Vec<BackendValue> =
-            array_lookup_batch(backends_fd.as_raw_fd(), self.backends.len()).map_err(|source| {
-                DatapathError::Io {
-                    path: "BACKENDS (BPF_MAP_LOOKUP_BATCH)".into(),
-                    source,
-                }
-            })?;
-        for (i, b) in all.into_iter().enumerate() {
+        let mut all: Vec<(u32, BackendValue)> = Vec::new();
+        sys::for_each_batch(
+            backends_fd.as_raw_fd(),
+            8192,
+            |&i: &u32, b: &BackendValue| all.push((i, *b)),
+        )
+        .map_err(|source| DatapathError::Io {
+            path: "BACKENDS (BPF_MAP_LOOKUP_BATCH)".into(),
+            source,
+        })?;
+        for (id, b) in all {
             if b.state == backend_state::UNUSED {
                 continue;
             }
-            let id = i as u32;
             used_backends.push(id);
             if let Some(s) = by_id.get(&b.svc_id).and_then(|a| self.svcs.get_mut(a)) {
                 s.backends.insert(
@@ -637,11 +648,7 @@ impl MapWriter {
     }
 
     fn reset_backend_counters(&mut self, id: u32) -> Result<(), DatapathError> {
-        let ncpu = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Io {
-            path: "/sys/devices/system/cpu/possible".into(),
-            source: e,
-        })?;
-        let zero = PerCpuValues::try_from(vec![Counters::default(); ncpu]).expect("per-cpu values");
+        let zero = zero_counters()?;
         self.backend_stats
             .set(id, zero, 0)
             .map_err(map_err(map_names::BACKEND_STATS))?;
@@ -654,11 +661,7 @@ impl MapWriter {
     }
 
     fn reset_service_counters(&mut self, id: u32) -> Result<(), DatapathError> {
-        let ncpu = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Io {
-            path: "/sys/devices/system/cpu/possible".into(),
-            source: e,
-        })?;
-        let zero = PerCpuValues::try_from(vec![Counters::default(); ncpu]).expect("per-cpu values");
+        let zero = zero_counters()?;
         self.svc_stats
             .set(id, zero, 0)
             .map_err(map_err(map_names::SVC_STATS))?;
@@ -681,20 +684,15 @@ impl MapWriter {
             .map_err(map_err(map_names::NAMES))
     }
 
-    /// Writes `SLOTS[off..off+len]` with one BPF_MAP_UPDATE_BATCH call per chunk.
+    /// Writes `SLOTS[off..off+len]` with BPF_MAP_UPDATE_BATCH.
     fn write_slots(&mut self, off: u32, t: &[u32]) -> Result<(), DatapathError> {
-        const CHUNK: usize = 8192;
-        for (ci, chunk) in t.chunks(CHUNK).enumerate() {
-            let base = off + (ci * CHUNK) as u32;
-            let keys: Vec<u32> = (0..chunk.len() as u32).map(|i| base + i).collect();
-            map_update_batch(self.slots.fd().as_fd().as_raw_fd(), &keys, chunk).map_err(
-                |source| DatapathError::Io {
-                    path: "SLOTS (BPF_MAP_UPDATE_BATCH)".into(),
-                    source,
-                },
-            )?;
-        }
-        Ok(())
+        let keys: Vec<u32> = (off..off + t.len() as u32).collect();
+        sys::update_batch(self.slots.fd().as_fd().as_raw_fd(), &keys, t, 8192).map_err(|source| {
+            DatapathError::Io {
+                path: "SLOTS (BPF_MAP_UPDATE_BATCH)".into(),
+                source,
+            }
+        })
     }
 
     /// Reads `SLOTS[off..off+len]`.
@@ -702,7 +700,7 @@ impl MapWriter {
         let fd = self.slots.fd().as_fd().as_raw_fd();
         (off..off + len)
             .map(|k| {
-                map_lookup_u32(fd, k).map_err(|source| DatapathError::Io {
+                sys::lookup::<u32, u32>(fd, &k).map_err(|source| DatapathError::Io {
                     path: "SLOTS".into(),
                     source,
                 })
@@ -949,127 +947,6 @@ impl MapWriter {
             .map_err(map_err(map_names::BACKEND_GC))?;
         Ok((c, gc))
     }
-}
-
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-
-#[repr(C)]
-#[derive(Default)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-fn bpf(cmd: libc::c_long, attr: *mut libc::c_void, size: usize) -> std::io::Result<()> {
-    // SAFETY: attr points to a live, correctly laid out bpf_attr prefix.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-fn map_update_batch(fd: i32, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
-    let mut a = BatchAttr {
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: keys.len() as u32,
-        map_fd: fd as u32,
-        ..Default::default()
-    };
-    bpf(
-        BPF_MAP_UPDATE_BATCH,
-        (&raw mut a).cast(),
-        std::mem::size_of::<BatchAttr>(),
-    )?;
-    if a.count as usize != keys.len() {
-        return Err(std::io::Error::other(format!(
-            "batch update wrote {} of {} entries",
-            a.count,
-            keys.len()
-        )));
-    }
-    Ok(())
-}
-
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-
-/// Reads a whole array map with BPF_MAP_LOOKUP_BATCH, in index order.
-fn array_lookup_batch<V: aya::Pod + Default + Clone>(fd: i32, len: u32) -> std::io::Result<Vec<V>> {
-    const CHUNK: u32 = 8192;
-    let mut out = Vec::with_capacity(len as usize);
-    let mut keys = vec![0u32; CHUNK as usize];
-    let mut vals = vec![V::default(); CHUNK as usize];
-    let mut in_batch = 0u32;
-    let mut out_batch = 0u32;
-    let mut first = true;
-    loop {
-        let mut a = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                (&raw const in_batch) as u64
-            },
-            out_batch: (&raw mut out_batch) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: vals.as_mut_ptr() as u64,
-            count: CHUNK,
-            map_fd: fd as u32,
-            ..Default::default()
-        };
-        let r = bpf(
-            BPF_MAP_LOOKUP_BATCH,
-            (&raw mut a).cast(),
-            std::mem::size_of::<BatchAttr>(),
-        );
-        let n = a.count as usize;
-        out.extend_from_slice(&vals[..n]);
-        match r {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
-            Err(e) => return Err(e),
-        }
-        if n == 0 || out.len() >= len as usize {
-            break;
-        }
-        first = false;
-        in_batch = out_batch;
-    }
-    Ok(out)
-}
-
-fn map_lookup_u32(fd: i32, key: u32) -> std::io::Result<u32> {
-    let mut v = 0u32;
-    let mut a = ElemAttr {
-        map_fd: fd as u32,
-        key: (&raw const key) as u64,
-        value: (&raw mut v) as u64,
-        ..Default::default()
-    };
-    bpf(
-        BPF_MAP_LOOKUP_ELEM,
-        (&raw mut a).cast(),
-        std::mem::size_of::<ElemAttr>(),
-    )?;
-    Ok(v)
 }
 
 #[cfg(test)]

@@ -1,0 +1,206 @@
+//! Raw `bpf(2)` map calls that aya 0.14 does not wrap: batch operations and
+//! lookup-and-delete. Keys and values are `aya::Pod` types whose sizes match
+//! the map's.
+
+use aya::Pod;
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+/// Update flag: create only.
+pub const BPF_NOEXIST: u64 = 1;
+
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<()> {
+    // SAFETY: `attr` is a live, correctly laid out prefix of `union bpf_attr`,
+    // and its pointers point to buffers of the map's key and value sizes.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            (attr as *mut T).cast::<libc::c_void>(),
+            std::mem::size_of::<T>(),
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn is_enoent(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOENT)
+}
+
+fn elem<K, V>(fd: i32, k: *const K, v: *const V, flags: u64) -> ElemAttr {
+    ElemAttr {
+        map_fd: fd as u32,
+        key: k as u64,
+        value: v as u64,
+        flags,
+        ..Default::default()
+    }
+}
+
+pub fn lookup<K: Pod, V: Pod + Default>(fd: i32, k: &K) -> std::io::Result<V> {
+    let mut v = V::default();
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut elem(fd, k, &raw mut v, 0))?;
+    Ok(v)
+}
+
+pub fn lookup_and_delete<K: Pod, V: Pod + Default>(fd: i32, k: &K) -> std::io::Result<V> {
+    let mut v = V::default();
+    bpf(
+        BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+        &mut elem(fd, k, &raw mut v, 0),
+    )?;
+    Ok(v)
+}
+
+pub fn update<K: Pod, V: Pod>(fd: i32, k: &K, v: &V, flags: u64) -> std::io::Result<()> {
+    bpf(BPF_MAP_UPDATE_ELEM, &mut elem(fd, k, v, flags))
+}
+
+/// Deletes one key; `Ok(false)` if it was not there.
+pub fn delete<K: Pod>(fd: i32, k: &K) -> std::io::Result<bool> {
+    match bpf(
+        BPF_MAP_DELETE_ELEM,
+        &mut elem(fd, k, std::ptr::null::<u8>(), 0),
+    ) {
+        Ok(()) => Ok(true),
+        Err(e) if is_enoent(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes keys with `BPF_MAP_DELETE_BATCH`, `chunk` at a time; the kernel
+/// stops at the first missing key, which is skipped. Returns how many were
+/// deleted.
+pub fn delete_batch<K: Pod>(fd: i32, keys: &[K], chunk: usize) -> std::io::Result<u64> {
+    let mut deleted = 0u64;
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let part = &rest[..rest.len().min(chunk)];
+        let mut a = BatchAttr {
+            keys: part.as_ptr() as u64,
+            count: part.len() as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        let r = bpf(BPF_MAP_DELETE_BATCH, &mut a);
+        let done = (a.count as usize).min(part.len());
+        deleted += done as u64;
+        match r {
+            Ok(()) => rest = &rest[done..],
+            Err(e) if is_enoent(&e) => rest = &rest[(done + 1).min(rest.len())..],
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
+}
+
+/// Writes `keys[i] -> values[i]` with `BPF_MAP_UPDATE_BATCH`, `chunk` at a time.
+pub fn update_batch<K: Pod, V: Pod>(
+    fd: i32,
+    keys: &[K],
+    values: &[V],
+    chunk: usize,
+) -> std::io::Result<()> {
+    assert_eq!(keys.len(), values.len());
+    for (k, v) in keys.chunks(chunk).zip(values.chunks(chunk)) {
+        let mut a = BatchAttr {
+            keys: k.as_ptr() as u64,
+            values: v.as_ptr() as u64,
+            count: k.len() as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        bpf(BPF_MAP_UPDATE_BATCH, &mut a)?;
+        if a.count as usize != k.len() {
+            return Err(std::io::Error::other(format!(
+                "batch update wrote {} of {} entries",
+                a.count,
+                k.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Walks a whole map with `BPF_MAP_LOOKUP_BATCH`, `batch` entries at a time
+/// (grown when one hash bucket holds more). Entries added or removed during
+/// the walk may or may not be seen. Returns the number visited.
+pub fn for_each_batch<K: Pod + Default, V: Pod + Default>(
+    fd: i32,
+    batch: usize,
+    mut f: impl FnMut(&K, &V),
+) -> std::io::Result<u64> {
+    let mut n = batch.max(1);
+    let mut keys = vec![K::default(); n];
+    let mut vals = vec![V::default(); n];
+    // The batch token is a key-sized opaque value for hash maps, a u32 for arrays.
+    let mut token_in = vec![0u8; std::mem::size_of::<K>().max(8)];
+    let mut token_out = token_in.clone();
+    let mut first = true;
+    let mut seen = 0u64;
+    loop {
+        let mut a = BatchAttr {
+            in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
+            out_batch: token_out.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: vals.as_mut_ptr() as u64,
+            count: n as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut a);
+        let got = (a.count as usize).min(n);
+        let done = match r {
+            Ok(()) => false,
+            Err(e) if is_enoent(&e) => true,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && got == 0 => {
+                n *= 2;
+                keys.resize(n, K::default());
+                vals.resize(n, V::default());
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        for i in 0..got {
+            f(&keys[i], &vals[i]);
+        }
+        seen += got as u64;
+        if done || got == 0 {
+            return Ok(seen);
+        }
+        token_in.copy_from_slice(&token_out);
+        first = false;
+    }
+}
