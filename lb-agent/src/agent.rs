@@ -383,6 +383,8 @@ async fn gc_loop(
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Open flows between sweeps, to credit those the LRU evicts.
+    let tracker = Arc::new(Mutex::new(gc::Tracker::default()));
     loop {
         tokio::select! {
             _ = stop.changed() => return,
@@ -390,6 +392,7 @@ async fn gc_loop(
         }
         let t = shared.timeouts();
         let dp2 = dp.clone();
+        let tracker = tracker.clone();
         // The scan and deletes run on a dup of the conntrack fd without the
         // writer lock (they take up to ~1.5 s at 1M entries); only the
         // per-backend credit takes it.
@@ -402,15 +405,17 @@ async fn gc_loop(
                     path: "CONNTRACK fd".into(),
                     source,
                 })?;
-            let expired = gc::expire(fd.as_fd(), &t, monotonic_ns())?;
+            let mut tracker = tracker.lock().unwrap_or_else(|e| e.into_inner());
+            let expired = gc::expire_tracked(fd.as_fd(), &t, monotonic_ns(), &mut tracker)?;
             expired.credit(lock(&dp2).writer())
         })
         .await;
         match res {
             Ok(Ok(r)) => {
-                if r.expired > 0 || r.orphans > 0 {
+                if r.expired > 0 || r.orphans > 0 || r.evicted > 0 {
                     info!(
                         expired = r.expired,
+                        evicted = r.evicted,
                         orphans = r.orphans,
                         flows = r.flows,
                         took = ?r.duration,
@@ -428,6 +433,8 @@ async fn gc_loop(
                         .iter()
                         .into_iter()
                         .map(|(s, n)| (s.to_string(), n))
+                        // Open flows the conntrack LRU evicted, credited like expiries.
+                        .chain(std::iter::once(("evicted".to_string(), r.evicted)))
                         .collect(),
                     orphans: r.orphans,
                 });

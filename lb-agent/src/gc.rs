@@ -30,7 +30,9 @@
 //!    delete. At worst a reply in the microseconds between the two deletes
 //!    goes out untranslated. On kernels older than 5.14 (no lookup-and-delete
 //!    on hash maps) plain deletes are used, and the scanned state counts.
-//! 4. **Account**: expired flows whose state was not `CLOSING` are summed per
+//! 4. **Account**: expired flows whose state was not `CLOSING`, and (with a
+//!    [`Tracker`] kept across sweeps) open flows that the LRU evicted since
+//!    the last sweep, are summed per
 //!    backend and added with one `add_expired` per backend. A flow whose
 //!    backend id no longer names the same backend (freed, or reused: reuse
 //!    resets the counters) is not credited.
@@ -147,6 +149,10 @@ pub struct GcReport {
     pub revived: u64,
     /// Forward entries that vanished between scan and delete (LRU eviction).
     pub vanished: u64,
+    /// Open flows that the kernel's LRU evicted since the last tracked sweep
+    /// (or between scan and delete), credited like expiries. Needs a
+    /// [`Tracker`]; see [`expire_tracked`].
+    pub evicted: u64,
     /// Entries left after the sweep (an estimate: the kernel adds and evicts
     /// concurrently).
     pub entries_after: u64,
@@ -316,18 +322,86 @@ impl Expired {
 /// The conntrack half of a sweep: scan, plan, delete. Needs only the
 /// conntrack map's fd (`MapWriter::conntrack_fd`, or a dup of it).
 pub fn expire(fd: BorrowedFd<'_>, t: &Timeouts, now_ns: u64) -> Result<Expired, DatapathError> {
+    expire_inner(fd, t, now_ns, None)
+}
+
+/// Open flows between sweeps, to find those that the conntrack LRU evicted:
+/// the kernel counted their open, nobody counts their close, and GC never
+/// sees them expire. Keep one across sweeps and pass it to [`expire_tracked`].
+#[derive(Debug, Default)]
+pub struct Tracker {
+    /// Forward key -> (created_ns, credit key) of flows that were open
+    /// (not closing) at the end of the last sweep.
+    open: HashMap<FlowKey, (u64, CreditKey)>,
+}
+
+impl Tracker {
+    pub fn len(&self) -> usize {
+        self.open.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.open.is_empty()
+    }
+}
+
+/// [`expire`], plus eviction accounting: a flow that was open at the last
+/// sweep and whose forward entry is now gone (or was re-created: another
+/// `created_ns`) without this GC deleting it was evicted by the LRU, and is
+/// credited to its backend. A flow that closed and was then evicted before
+/// the next sweep would be credited twice; LRU eviction picks the least
+/// recently used entries, so a just-closed flow is an unlikely victim.
+pub fn expire_tracked(
+    fd: BorrowedFd<'_>,
+    t: &Timeouts,
+    now_ns: u64,
+    tracker: &mut Tracker,
+) -> Result<Expired, DatapathError> {
+    expire_inner(fd, t, now_ns, Some(tracker))
+}
+
+fn credit_key(v: &CtValue) -> CreditKey {
+    (v.backend_id, v.svc_id, v.nat_ip, v.nat_port)
+}
+
+fn expire_inner(
+    fd: BorrowedFd<'_>,
+    t: &Timeouts,
+    now_ns: u64,
+    mut tracker: Option<&mut Tracker>,
+) -> Result<Expired, DatapathError> {
     let start = Instant::now();
     let mut s = Scan::default();
     for_each_entry(fd, |k, v| s.push(*k, *v))?;
+    let mut credit = Credit::new();
+    let mut evicted = 0u64;
+    // Flows open at the end of this sweep (before removing what it deletes).
+    let mut open_now: HashMap<FlowKey, (u64, CreditKey)> = HashMap::new();
+    if let Some(tr) = tracker.as_deref_mut() {
+        let present: HashMap<FlowKey, u64> =
+            s.forward.iter().map(|(k, v)| (*k, v.created_ns)).collect();
+        for (k, (created, ck)) in tr.open.drain() {
+            if present.get(&k) != Some(&created) {
+                *credit.entry(ck).or_default() += 1;
+                evicted += 1;
+            }
+        }
+        open_now = s
+            .forward
+            .iter()
+            .filter(|(_, v)| !closed_by_kernel(v.state))
+            .map(|(k, v)| (*k, (v.created_ns, credit_key(v))))
+            .collect();
+    }
     let p = plan(s, t, now_ns);
     let fd = fd.as_raw_fd();
     let mut r = GcReport {
         scanned: p.scanned,
         flows: p.flows,
+        evicted,
         ..Default::default()
     };
     let mut deleted = 0u64;
-    let mut credit = Credit::new();
     let mut take = Take { fd, atomic: true };
     for e in &p.expire {
         // Reverse entry first: if a client packet re-creates the flow after
@@ -339,6 +413,10 @@ pub fn expire(fd: BorrowedFd<'_>, t: &Timeouts, now_ns: u64) -> Result<Expired, 
             // Gone already (LRU eviction); the reverse entry is an orphan.
             r.vanished += 1;
             deleted += rev.is_some() as u64;
+            if tracker.is_some() && open_now.remove(&e.key).is_some() {
+                *credit.entry(credit_key(&e.value)).or_default() += 1;
+                r.evicted += 1;
+            }
             continue;
         };
         deleted += 1 + rev.is_some() as u64;
@@ -366,6 +444,10 @@ pub fn expire(fd: BorrowedFd<'_>, t: &Timeouts, now_ns: u64) -> Result<Expired, 
             }
         }
         count_expiry(&mut r, &mut credit, &v);
+        open_now.remove(&e.key);
+    }
+    if let Some(tr) = tracker {
+        tr.open = open_now;
     }
     let n = sys::delete_batch(fd, &p.orphans, BATCH as usize)
         .map_err(|e| io_err("BPF_MAP_DELETE_BATCH", e))?;
@@ -414,15 +496,14 @@ impl Take {
 
 /// Credits are keyed by the backend as the flow knew it: (id, service id,
 /// IP and port in network order).
-type Credit = HashMap<(u32, u32, u32, u16), u64>;
+type CreditKey = (u32, u32, u32, u16);
+type Credit = HashMap<CreditKey, u64>;
 
 fn count_expiry(r: &mut GcReport, credit: &mut Credit, v: &CtValue) {
     r.expired += 1;
     r.expired_by_state.add(v.state);
     if !closed_by_kernel(v.state) {
-        *credit
-            .entry((v.backend_id, v.svc_id, v.nat_ip, v.nat_port))
-            .or_default() += 1;
+        *credit.entry(credit_key(v)).or_default() += 1;
     }
 }
 
