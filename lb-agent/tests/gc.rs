@@ -9,14 +9,12 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use aya::programs::{TestRun, TestRunOptions};
 use lb_agent::config::Timeouts;
+use lb_agent::datapath::scratch::{Hook, ScratchDatapath};
 use lb_agent::datapath::writer::{ip_wire, monotonic_ns};
-use lb_agent::datapath::{Datapath, DatapathConfig, MapWriter, cleanup};
+use lb_agent::datapath::{MapWriter, sys};
 use lb_agent::gc;
 use lb_api::{Algorithm, Backend, Protocol, Service, ServiceAddr};
 use lb_common::{CtValue, FlowKey, ct_dir, ct_state};
@@ -37,60 +35,27 @@ fn can_run() -> bool {
     true
 }
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
 /// A data path pinned in a private directory, unpinned on drop (and on panic).
-struct Harness {
-    dp: Option<Datapath>,
-    dir: PathBuf,
-}
+struct Harness(ScratchDatapath);
 
 impl Harness {
     fn new(max_conntrack: Option<u32>) -> Harness {
-        let dir = PathBuf::from(format!(
-            "/sys/fs/bpf/rpclb-gc-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let mut cfg = DatapathConfig::small(&dir);
-        cfg.fib_redirect = false;
-        if let Some(n) = max_conntrack {
-            cfg.max_conntrack = n;
-        }
-        let dp = Datapath::load(&cfg).expect("load data path");
-        Harness { dp: Some(dp), dir }
-    }
-
-    fn dp(&mut self) -> &mut Datapath {
-        self.dp.as_mut().unwrap()
+        let dp = ScratchDatapath::new(|c| {
+            c.fib_redirect = false;
+            if let Some(n) = max_conntrack {
+                c.max_conntrack = n;
+            }
+        });
+        Harness(dp.expect("load data path"))
     }
 
     fn w(&mut self) -> &mut MapWriter {
-        self.dp().writer()
+        self.0.writer()
     }
 
     /// Runs a frame through the XDP program; returns its verdict.
     fn run(&mut self, frame: &[u8]) -> u32 {
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        self.dp()
-            .xdp_program()
-            .test_run(opts)
-            .expect("BPF_PROG_TEST_RUN")
-            .return_value
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        self.dp.take();
-        if let Err(e) = cleanup(&self.dir) {
-            eprintln!("cleanup {}: {e}", self.dir.display());
-        }
+        self.0.run(Hook::Xdp, frame).expect("BPF_PROG_TEST_RUN").0
     }
 }
 
@@ -416,43 +381,8 @@ fn sweep_expires_exactly_the_idle_flows_and_fixes_active_counts() {
 
 /// Inserts entries with BPF_MAP_UPDATE_BATCH (8,192 per call).
 fn insert_batch(w: &MapWriter, keys: &[FlowKey], vals: &[CtValue]) {
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    let fd = w.conntrack_fd().as_raw_fd();
-    for (ks, vs) in keys.chunks(8192).zip(vals.chunks(8192)) {
-        let mut a = BatchAttr {
-            keys: ks.as_ptr() as u64,
-            values: vs.as_ptr() as u64,
-            count: ks.len() as u32,
-            map_fd: fd as u32,
-            ..Default::default()
-        };
-        // SAFETY: a valid bpf_attr for BPF_MAP_UPDATE_BATCH (26) pointing at
-        // `count` keys and values of the map's sizes.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                26 as libc::c_long,
-                (&raw mut a).cast::<libc::c_void>(),
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        assert!(
-            rc == 0 && a.count as usize == ks.len(),
-            "BPF_MAP_UPDATE_BATCH: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    sys::update_batch(w.conntrack_fd().as_raw_fd(), keys, vals, 8192)
+        .expect("BPF_MAP_UPDATE_BATCH");
 }
 
 #[test]

@@ -8,12 +8,11 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 
-use aya::programs::{TestRun, TestRunOptions};
-use lb_agent::datapath::{Datapath, DatapathConfig, MapWriter, cleanup};
+use lb_agent::datapath::MapWriter;
+use lb_agent::datapath::scratch::{Hook, ScratchDatapath};
 use lb_api::{Algorithm, Backend, BackendState, Protocol, Service};
 use serde_json::Value;
 
@@ -33,52 +32,19 @@ fn can_run() -> bool {
     true
 }
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-struct Harness {
-    dp: Option<Datapath>,
-    dir: PathBuf,
-}
+struct Harness(ScratchDatapath);
 
 impl Harness {
     fn new() -> Harness {
-        let dir = PathBuf::from(format!(
-            "/sys/fs/bpf/rpclb-lbctl-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let mut cfg = DatapathConfig::small(&dir);
-        cfg.fib_redirect = false;
-        let dp = Datapath::load(&cfg).expect("load data path");
-        Harness { dp: Some(dp), dir }
+        Harness(ScratchDatapath::new(|c| c.fib_redirect = false).expect("load data path"))
     }
 
     fn w(&mut self) -> &mut MapWriter {
-        self.dp.as_mut().unwrap().writer()
+        self.0.writer()
     }
 
     fn run(&mut self, frame: &[u8]) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        self.dp
-            .as_mut()
-            .unwrap()
-            .xdp_program()
-            .test_run(opts)
-            .expect("BPF_PROG_TEST_RUN");
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        self.dp.take();
-        if let Err(e) = cleanup(&self.dir) {
-            eprintln!("cleanup {}: {e}", self.dir.display());
-        }
+        self.0.run(Hook::Xdp, frame).expect("BPF_PROG_TEST_RUN");
     }
 }
 
@@ -249,7 +215,7 @@ fn services_and_backends_match_the_maps() {
         return;
     }
     let (mut h, web, dns) = setup();
-    let pin = h.dir.clone();
+    let pin = h.0.dir().to_path_buf();
     let w = h.w();
 
     // services, JSON: every field against the writer.
@@ -370,7 +336,7 @@ fn conntrack_and_maglev_match_the_maps() {
         return;
     }
     let (mut h, web, dns) = setup();
-    let pin = h.dir.clone();
+    let pin = h.0.dir().to_path_buf();
     let w = h.w();
 
     // conntrack, JSON vs the writer's view.
@@ -533,7 +499,7 @@ fn stats_match_the_maps_and_watch_shows_rates() {
         return;
     }
     let (mut h, web, _dns) = setup();
-    let pin = h.dir.clone();
+    let pin = h.0.dir().to_path_buf();
     let w = h.w();
     let reasons = w.reasons().unwrap();
     let get = |n: &str| reasons.iter().find(|r| r.0 == n).unwrap().1;
@@ -663,7 +629,7 @@ fn plain_errors_and_exit_codes() {
     }
 
     let (h, _, _) = setup();
-    let pin = h.dir.to_str().unwrap();
+    let pin = h.0.dir().to_str().unwrap();
 
     // The pin path from the environment.
     let mut c = lbctl_cmd(&["services"]);

@@ -1,6 +1,8 @@
-//! The embedded object passes the verifier and pins its maps (needs root).
+//! The embedded object passes the verifier, pins its maps, and unpins them
+//! on drop (needs root).
 
-use lb_agent::datapath::{Datapath, DatapathConfig};
+use lb_agent::datapath::scratch::ScratchDatapath;
+use lb_common::map_names;
 
 #[test]
 fn loads_and_pins() {
@@ -8,21 +10,19 @@ fn loads_and_pins() {
         eprintln!("SKIP: needs root for BPF");
         return;
     }
-    let dir = format!("/sys/fs/bpf/rpclb-loadtest-{}", std::process::id());
-    let cfg = DatapathConfig::small(&dir);
-    let r = Datapath::load(&cfg);
-    let ok = r.is_ok();
-    if let Err(e) = &r {
+    let dp = ScratchDatapath::new(|_| {}).unwrap_or_else(|e| {
         let mut s = format!("{e}");
-        let mut src = std::error::Error::source(e);
+        let mut src = std::error::Error::source(&e);
         while let Some(x) = src {
             s += &format!("\n caused by: {x}");
             src = x.source();
         }
-        eprintln!("{s}");
+        panic!("{s}")
+    });
+    let dir = dp.dir().to_path_buf();
+    for name in map_names::ALL {
+        assert!(dir.join(name).exists(), "{name} pinned");
     }
-    drop(r);
-    lb_agent::datapath::cleanup(std::path::Path::new(&dir)).unwrap();
-    assert!(ok);
-    assert!(!std::path::Path::new(&dir).exists());
+    drop(dp);
+    assert!(!dir.exists(), "unpinned on drop");
 }

@@ -6,11 +6,9 @@
 //! table runs against XDP and against TC.
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 
-use aya::programs::{TestRun, TestRunOptions};
-use lb_agent::datapath::{Datapath, DatapathConfig, cleanup};
+use lb_agent::datapath::Datapath;
+use lb_agent::datapath::scratch::{Hook, ScratchDatapath};
 use lb_api::{Algorithm, Backend, BackendState, Protocol, Service, ServiceAddr};
 use rpclb_tests::packet::{self, ACK, FIN, PSH, Pkt, RST, SYN, assert_bytes_eq};
 
@@ -28,12 +26,6 @@ const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
 
 fn b(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, 10 + i, 2)
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Hook {
-    Xdp,
-    Tc,
 }
 
 /// Verdicts independent of the hook.
@@ -66,51 +58,16 @@ fn can_run() -> bool {
     true
 }
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
 /// A loaded data path pinned in a private directory, unpinned on drop.
-struct Harness {
-    dp: Option<Datapath>,
-    dir: PathBuf,
-}
-
-/// Removes pin directories of packet-test processes that no longer exist
-/// (a run killed before its Drop guards ran).
-fn sweep_dead_pins() {
-    let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") else {
-        return;
-    };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("rpclb-pkt-")
-            .and_then(|r| r.split('-').next())
-        else {
-            continue;
-        };
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = cleanup(&e.path());
-        }
-    }
-}
+struct Harness(ScratchDatapath);
 
 impl Harness {
     fn new(fib: bool) -> Harness {
-        static SWEEP: std::sync::Once = std::sync::Once::new();
-        SWEEP.call_once(sweep_dead_pins);
-        let dir = PathBuf::from(format!(
-            "/sys/fs/bpf/rpclb-pkt-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let mut cfg = DatapathConfig::small(&dir);
-        cfg.fib_redirect = fib;
-        let dp = Datapath::load(&cfg).expect("load data path");
-        Harness { dp: Some(dp), dir }
+        Harness(ScratchDatapath::new(|c| c.fib_redirect = fib).expect("load data path"))
     }
 
     fn dp(&mut self) -> &mut Datapath {
-        self.dp.as_mut().unwrap()
+        self.0.dp()
     }
 
     fn run(&mut self, hook: Hook, input: &[u8]) -> (u32, Vec<u8>) {
@@ -123,31 +80,11 @@ impl Harness {
         hook: Hook,
         input: &[u8],
     ) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
-        let mut out = vec![0u8; input.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        let r = match hook {
-            Hook::Xdp => self.dp().xdp_program().test_run(opts),
-            Hook::Tc => self.dp().tc_program().test_run(opts),
-        }?;
-        out.truncate(r.data_size_out as usize);
-        Ok((r.return_value, out))
+        self.0.run(hook, input)
     }
 
     fn reasons(&mut self) -> Vec<(&'static str, u64)> {
         self.dp().writer().reasons().unwrap()
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        self.dp.take();
-        if let Err(e) = cleanup(&self.dir) {
-            eprintln!("cleanup {}: {e}", self.dir.display());
-        }
     }
 }
 

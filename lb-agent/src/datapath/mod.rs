@@ -6,6 +6,7 @@
 //! down, and a restarted agent adopts the same state.
 
 pub mod maglev;
+pub mod scratch;
 pub mod sys;
 pub mod table;
 pub mod writer;
