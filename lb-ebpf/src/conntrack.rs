@@ -87,9 +87,14 @@ pub fn create(
         now,
     );
     let fv = ct_value(ip, port, ct_dir::FORWARD, svc_id, backend_id, state, now);
-    let ok = CONNTRACK.insert(&rev, &rv, 0).is_ok() && CONNTRACK.insert(fwd, &fv, 0).is_ok();
-    stats::conn_open(backend_id);
-    ok
+    let rev_ok = CONNTRACK.insert(&rev, &rv, 0).is_ok();
+    let fwd_ok = CONNTRACK.insert(fwd, &fv, 0).is_ok();
+    // The open counts only with a forward entry: without one, no close or
+    // expiry could ever balance it.
+    if fwd_ok {
+        stats::conn_open(backend_id);
+    }
+    rev_ok && fwd_ok
 }
 
 #[inline(always)]
