@@ -45,8 +45,9 @@ use crate::reconcile;
 /// How to attach the programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ModeChoice {
-    /// Native (driver) XDP where the driver supports it, else TC. On a
-    /// restart, an interface keeps the kind of link pinned for it.
+    /// TC on virtual devices (veth, ...); native (driver) XDP on physical
+    /// ones where the driver supports it, else TC. On a restart, an interface
+    /// keeps the kind of link pinned for it.
     Auto,
     Fixed(AttachMode),
 }
@@ -544,6 +545,13 @@ fn attach_native_xdp(dp: &mut Datapath, iface: &str) -> anyhow::Result<bool> {
     Ok(true)
 }
 
+/// A device without a `device` link in sysfs is virtual (veth, bridge,
+/// dummy, ...). Unknown names count as physical, so auto mode tries XDP.
+fn is_virtual(iface: &str) -> bool {
+    let dir = Path::new("/sys/class/net").join(iface);
+    dir.exists() && !dir.join("device").exists()
+}
+
 /// Attaches to every interface, then drops links a previous run left on
 /// interfaces (or in modes) that are no longer asked for.
 fn attach_all(
@@ -574,6 +582,15 @@ fn attach_all(
                     .map_err(|e| anyhow!(e))
                     .with_context(|| format!("interface {iface}"))?;
                 m
+            }
+            // Virtual devices (veth, bridges, ...) get TC: native XDP on a veth
+            // copies every skb into a page first, which made it slower than TC
+            // in the lab (docs/benchmarks.md, section 4).
+            ModeChoice::Auto if is_virtual(iface) => {
+                dp.attach(iface, AttachMode::Tc)
+                    .map_err(|e| anyhow!(e))
+                    .with_context(|| format!("interface {iface}"))?;
+                AttachMode::Tc
             }
             ModeChoice::Auto => {
                 if attach_native_xdp(dp, iface).with_context(|| format!("interface {iface}"))? {

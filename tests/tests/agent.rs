@@ -609,6 +609,14 @@ fn agent_starts_balances_and_counts() {
     agent.wait_ready();
     assert_eq!(agent.get("/healthz").0, 200);
     assert_eq!(agent.get("/readyz"), (200, "ready\n".to_string()));
+    // Auto mode picks TC on the lab's veths (virtual devices).
+    let node_if = lab.node_ifaces()[0].name.clone();
+    let show = lab.node().ip(&["link", "show", "dev", &node_if]).unwrap();
+    assert!(
+        !show.contains("xdp"),
+        "no XDP on a veth in auto mode: {show}"
+    );
+    assert!(agent.log().contains("mode=\"tc\""), "{}", agent.log());
 
     let c = tcp(&lab, 30);
     assert_eq!(
@@ -1112,13 +1120,18 @@ fn agent_sigterm_cleanup_and_detach_on_exit() {
         out.contains("xdp")
     };
 
-    let mut agent = Agent::start(&lab, &dir, "agent1", &agent_args(&lab, &dir, &[]));
+    let mut agent = Agent::start(
+        &lab,
+        &dir,
+        "agent1",
+        &agent_args(&lab, &dir, &["--mode", "xdp"]),
+    );
     agent.wait_ready();
     assert_eq!(tcp(&lab, 10).values().sum::<usize>(), 10);
     let show = lab.node().ip(&["link", "show", "dev", &node_if]).unwrap();
     assert!(
         show.contains("prog/xdp") && !show.contains("xdpgeneric"),
-        "auto mode attaches native XDP on veth: {show}"
+        "--mode xdp attaches native XDP on veth: {show}"
     );
     agent.signal(libc::SIGTERM);
     let st = agent
@@ -1153,7 +1166,7 @@ fn agent_sigterm_cleanup_and_detach_on_exit() {
         &lab,
         &dir,
         "agent2",
-        &agent_args(&lab, &dir, &["--detach-on-exit"]),
+        &agent_args(&lab, &dir, &["--detach-on-exit", "--mode", "xdp"]),
     );
     agent.wait_ready();
     assert_eq!(tcp(&lab, 10).values().sum::<usize>(), 10);

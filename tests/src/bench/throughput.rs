@@ -22,8 +22,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use aya::programs::XdpMode;
+use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::xdp::XdpLinkId;
+use aya::programs::{TcAttachType, XdpMode};
 use lb_agent::datapath::DatapathConfig;
 use rpclb_tests::lab::{self, Netns};
 
@@ -266,6 +267,8 @@ enum Path {
     /// shows what native XDP on a veth costs by itself.
     DirectPass,
     Xdp,
+    /// rpclb's TC program (TCX ingress) on the same veths: no skb-to-XDP copy.
+    Tc,
     Iptables,
 }
 
@@ -275,6 +278,7 @@ impl Path {
             Path::Direct => "direct to pod IPs",
             Path::DirectPass => "direct + XDP_PASS",
             Path::Xdp => "VIP via rpclb XDP",
+            Path::Tc => "VIP via rpclb TC",
             Path::Iptables => "VIP via iptables DNAT",
         }
     }
@@ -303,6 +307,44 @@ fn attach_xdp(topo: &Topo, dp: &mut PinnedDp) -> Result<Vec<XdpLinkId>> {
             }
         }
         Ok(ids)
+    })?
+}
+
+/// Attach `rpclb_tc` (TCX ingress) to every node-side veth of `topo`, from inside the node.
+fn attach_tc(topo: &Topo, dp: &mut PinnedDp) -> Result<Vec<SchedClassifierLinkId>> {
+    let names: Vec<String> = topo
+        .lab()
+        .node_ifaces()
+        .iter()
+        .map(|i| i.name.clone())
+        .collect();
+    let p = dp.dp().tc_program();
+    topo.lab()
+        .node()
+        .run(|| -> Result<Vec<SchedClassifierLinkId>> {
+            let mut ids = Vec::new();
+            for n in &names {
+                match p.attach(n, TcAttachType::Ingress) {
+                    Ok(id) => ids.push(id),
+                    Err(e) => {
+                        for id in ids {
+                            let _ = p.detach(id);
+                        }
+                        return Err(anyhow::Error::new(e).context(format!("attach TC to {n}")));
+                    }
+                }
+            }
+            Ok(ids)
+        })?
+}
+
+fn detach_tc(topo: &Topo, dp: &mut PinnedDp, ids: Vec<SchedClassifierLinkId>) -> Result<()> {
+    let p = dp.dp().tc_program();
+    topo.lab().node().run(|| -> Result<()> {
+        for id in ids {
+            p.detach(id)?;
+        }
+        Ok(())
     })?
 }
 
@@ -383,7 +425,7 @@ fn iptables_hits(topo: &Topo) -> u64 {
 // Section 4
 
 pub fn section_lab(opts: &Opts) -> Result<()> {
-    header("4. Netns lab throughput: rpclb XDP vs direct routing vs iptables DNAT");
+    header("4. Netns lab throughput: rpclb XDP and TC vs direct routing vs iptables DNAT");
     // Lab A: direct and xdp. Lab B: iptables.
     let a = Topo::new(3)?;
     let b = Topo::new(3)?;
@@ -415,7 +457,7 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
         .map(|h| SocketAddr::from((h.ip(), BACKEND_PORT)))
         .collect();
     let vip = vec![SocketAddr::from((VIP, VIP_PORT))];
-    let mut paths = vec![Path::Direct, Path::Xdp];
+    let mut paths = vec![Path::Direct, Path::Xdp, Path::Tc];
     if have_ipt {
         paths.push(Path::Iptables);
     }
@@ -447,6 +489,12 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
                 let ids = attach_xdp(&a, dp)?;
                 let r = run_clients(&a.lab().client().ns, &vip, w, threads, secs);
                 detach_xdp(&a, dp, ids)?;
+                r
+            }
+            Path::Tc => {
+                let ids = attach_tc(&a, dp)?;
+                let r = run_clients(&a.lab().client().ns, &vip, w, threads, secs);
+                detach_tc(&a, dp, ids)?;
                 r
             }
             Path::Iptables => run_clients(&b.lab().client().ns, &vip, w, threads, secs),
@@ -490,6 +538,7 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
         head.push("xdp / iptables".into());
     }
     head.push("xdp / direct+PASS".into());
+    head.push("tc / direct".into());
     head.push("errors".into());
     let head_refs: Vec<&str> = head.iter().map(String::as_str).collect();
     let mut t = Table::new(&head_refs);
@@ -497,6 +546,8 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
     // second to second, and a round's paths run back to back.
     // ratios[w] = (xdp / direct, xdp / iptables, xdp / direct+PASS)
     let mut ratios = vec![(f64::NAN, f64::NAN, f64::NAN); workloads.len()];
+    let mut tc_ratios = vec![f64::NAN; workloads.len()];
+    let mut tc_ipt = vec![f64::NAN; workloads.len()];
     let (pd, px) = (
         at(Path::Direct).expect("direct"),
         at(Path::Xdp).expect("xdp"),
@@ -527,6 +578,12 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
         }
         ratios[wi].2 = ratio_of_rounds(&per[px], &per[pp]);
         row.push(ratio(ratios[wi].2));
+        let ptc = at(Path::Tc).expect("tc");
+        tc_ratios[wi] = ratio_of_rounds(&per[ptc], &per[pd]);
+        row.push(ratio(tc_ratios[wi]));
+        if let Some(pi) = at(Path::Iptables) {
+            tc_ipt[wi] = ratio_of_rounds(&per[ptc], &per[pi]);
+        }
         row.push(count(errors));
         t.row(row);
     }
@@ -570,6 +627,26 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
         Some(close_x >= 0.9 && (!have_ipt || close_i > 1.0)),
     );
     let (ka, ka_i, ka_p) = ratios[1];
+    verdict(
+        "netns lab, new connections/s through the VIP, TC mode",
+        ">= 0.9x direct, > iptables",
+        if have_ipt {
+            format!(
+                "{} direct, {} iptables",
+                ratio(tc_ratios[0]),
+                ratio(tc_ipt[0])
+            )
+        } else {
+            format!("{} direct, no iptables", ratio(tc_ratios[0]))
+        },
+        Some(tc_ratios[0] >= 0.9 && (!have_ipt || tc_ipt[0] > 1.0)),
+    );
+    verdict(
+        "netns lab, keep-alive requests/s, TC mode",
+        ">= 0.97x direct",
+        format!("{} direct", ratio(tc_ratios[1])),
+        Some(tc_ratios[1] >= 0.97),
+    );
     verdict(
         "netns lab, keep-alive requests/s",
         ">= 0.97x direct",
