@@ -786,14 +786,7 @@ impl MapWriter {
 
     /// Active flows of a backend: opens - closes - expired by GC.
     pub fn backend_active(&self, id: u32) -> Result<u64, DatapathError> {
-        let c = self
-            .backend_conns
-            .get(&id, 0)
-            .map_err(map_err(map_names::BACKEND_CONNS))?;
-        let gc = self
-            .backend_gc
-            .get(&id, 0)
-            .map_err(map_err(map_names::BACKEND_GC))?;
+        let (c, gc) = self.backend_conn_counts(id)?;
         Ok(c.active(gc))
     }
 
