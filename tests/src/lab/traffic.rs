@@ -109,8 +109,11 @@ fn read_line(r: &mut impl BufRead) -> io::Result<String> {
 }
 
 /// `n` UDP exchanges with `target`, each from a fresh socket (a new source port, so a new
-/// flow). The socket is unconnected, so `peer` shows the real source of the reply.
+/// flow). The socket is unconnected, so `peer` shows the real source of the reply. Every
+/// socket stays open until the run ends: a closed socket's port could be handed out again
+/// and its exchange would then ride the earlier flow's conntrack entry.
 pub fn udp_attempts(target: SocketAddrV4, n: usize, lim: Limits) -> Vec<io::Result<Reply>> {
+    let mut open = Vec::with_capacity(n);
     attempts(n, lim, |k, t| {
         let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
         s.set_read_timeout(Some(t))?;
@@ -121,10 +124,12 @@ pub fn udp_attempts(target: SocketAddrV4, n: usize, lim: Limits) -> Vec<io::Resu
         let backend = String::from_utf8_lossy(&buf[..len]).trim_end().to_string();
         // The local address of an unconnected socket is 0.0.0.0: ask the route for the real one.
         s.connect(peer)?;
+        let local = s.local_addr()?;
+        open.push(s);
         Ok(Reply {
             backend,
             peer,
-            local: s.local_addr()?,
+            local,
         })
     })
 }
