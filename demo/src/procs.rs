@@ -150,8 +150,10 @@ impl Drop for Guarded {
     }
 }
 
-/// The agent, `lb-agent --config ...` inside the node namespace, with its log in a file.
+/// A daemon inside the node namespace (`lb-agent --controller ...` or
+/// `lb-controller --config ...`), with its log in a file and a /readyz.
 pub struct Agent {
+    pub what: &'static str,
     pub proc: Guarded,
     pub log: PathBuf,
     pub metrics: SocketAddr,
@@ -159,7 +161,9 @@ pub struct Agent {
 
 pub struct AgentOpts<'a> {
     pub bin: &'a Path,
-    pub config: &'a Path,
+    /// The controller's gRPC URL (inside the node namespace).
+    pub controller: &'a str,
+    pub node_name: &'a str,
     pub interfaces: &'a [String],
     pub mode: &'a str,
     pub pin_path: &'a Path,
@@ -167,13 +171,35 @@ pub struct AgentOpts<'a> {
     pub log: PathBuf,
 }
 
+pub struct ControllerOpts<'a> {
+    pub bin: &'a Path,
+    pub config: &'a Path,
+    pub listen: SocketAddr,
+    pub metrics: SocketAddr,
+    pub log: PathBuf,
+}
+
 impl Agent {
-    pub fn start(node: &Netns, o: AgentOpts<'_>) -> Result<Agent> {
-        let log =
-            std::fs::File::create(&o.log).with_context(|| format!("create {}", o.log.display()))?;
+    /// `lb-controller --config FILE` (standalone mode).
+    pub fn controller(node: &Netns, o: ControllerOpts<'_>) -> Result<Agent> {
         let args: Vec<String> = vec![
             "--config".into(),
             o.config.display().to_string(),
+            "--listen".into(),
+            o.listen.to_string(),
+            "--metrics-addr".into(),
+            o.metrics.to_string(),
+        ];
+        Self::spawn(node, "lb-controller", o.bin, &args, o.log, o.metrics)
+    }
+
+    /// `lb-agent --controller URL`.
+    pub fn start(node: &Netns, o: AgentOpts<'_>) -> Result<Agent> {
+        let args: Vec<String> = vec![
+            "--controller".into(),
+            o.controller.into(),
+            "--node-name".into(),
+            o.node_name.into(),
             "--interfaces".into(),
             o.interfaces.join(","),
             "--mode".into(),
@@ -183,16 +209,30 @@ impl Agent {
             "--metrics-addr".into(),
             o.metrics.to_string(),
         ];
-        let child = netns_command(node, o.bin, &args)
+        Self::spawn(node, "lb-agent", o.bin, &args, o.log, o.metrics)
+    }
+
+    fn spawn(
+        node: &Netns,
+        what: &'static str,
+        bin: &Path,
+        args: &[String],
+        log_path: PathBuf,
+        metrics: SocketAddr,
+    ) -> Result<Agent> {
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("create {}", log_path.display()))?;
+        let child = netns_command(node, bin, args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| format!("start {}", o.bin.display()))?;
+            .with_context(|| format!("start {}", bin.display()))?;
         Ok(Agent {
-            proc: Guarded::new("lb-agent", child, Duration::from_secs(5)),
-            log: o.log,
-            metrics: o.metrics,
+            what,
+            proc: Guarded::new(what, child, Duration::from_secs(5)),
+            log: log_path,
+            metrics,
         })
     }
 
@@ -202,7 +242,8 @@ impl Agent {
         loop {
             if let Some(s) = self.proc.try_wait() {
                 bail!(
-                    "lb-agent exited ({s}) before it was ready\n{}",
+                    "{} exited ({s}) before it was ready\n{}",
+                    self.what,
                     self.log_tail(20)
                 );
             }
@@ -216,7 +257,8 @@ impl Agent {
             }
             if start.elapsed() > timeout {
                 bail!(
-                    "lb-agent not ready after {timeout:?} (last /readyz: {code:?})\n{}",
+                    "{} not ready after {timeout:?} (last /readyz: {code:?})\n{}",
+                    self.what,
                     self.log_tail(20)
                 );
             }
@@ -228,7 +270,7 @@ impl Agent {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         let tail = lines[lines.len().saturating_sub(n)..].join("\n    ");
-        format!("  agent log ({}):\n    {tail}", self.log.display())
+        format!("  {} log ({}):\n    {tail}", self.what, self.log.display())
     }
 }
 

@@ -1,10 +1,14 @@
-//! The agent's run loop: load the config, load and attach the data path,
-//! apply the desired state, serve metrics, then follow the config file,
-//! sweep conntrack, and exit cleanly on a signal.
+//! The agent's run loop: load the desired state (a config file, or the
+//! controller's stream), load and attach the data path, apply the state,
+//! serve metrics, then follow the source, sweep conntrack, and exit cleanly
+//! on a signal.
 //!
 //! ```text
 //! startup:  config -> bpffs check -> bind metrics -> load (adopt pins) -> attach -> apply -> ready
+//!           (--controller: no config; ready once the first snapshot is applied. Until then
+//!            a restarted agent's pinned state keeps serving.)
 //! loop:     SIGHUP or file change -> parse -> apply (diff-only) | keep the running state on error
+//!           controller update     -> apply (diff-only) -> ack
 //!           every --gc-interval   -> gc::sweep -> metrics
 //!           SIGTERM / SIGINT      -> stop; the data path stays attached unless --detach-on-exit
 //! ```
@@ -20,7 +24,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, anyhow, bail};
@@ -38,9 +42,11 @@ use tracing::{debug, error, info, warn};
 use crate::config::{self, Config, Timeouts};
 use crate::datapath::writer::monotonic_ns;
 use crate::datapath::{self, AttachMode, Datapath, DatapathConfig};
+use crate::engines::{Engines, SharedDp, lock};
 use crate::gc;
-use crate::metrics::{DatapathSnapshot, GcSample, Metrics, StatsSource};
+use crate::metrics::{GcSample, Metrics};
 use crate::reconcile;
+use crate::stream::{self, StreamOptions, StreamStatus, Update};
 
 /// How to attach the programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,11 +58,21 @@ pub enum ModeChoice {
     Fixed(AttachMode),
 }
 
+/// Where the desired state comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A YAML file, reloaded on change and on SIGHUP.
+    File(PathBuf),
+    /// The controller's gRPC stream for this node.
+    Controller(StreamOptions),
+}
+
 /// Everything `run` needs (the binary's flags, parsed).
 #[derive(Clone, Debug)]
 pub struct Options {
-    pub config: PathBuf,
+    pub source: Source,
     pub interfaces: Vec<String>,
+    pub datapath_kind: DatapathKind,
     pub mode: ModeChoice,
     pub datapath: DatapathConfig,
     pub metrics_addr: SocketAddr,
@@ -87,21 +103,16 @@ pub fn render_error(e: &anyhow::Error) -> String {
     out
 }
 
-type SharedDp = Arc<Mutex<Datapath>>;
-
-fn lock(dp: &Mutex<Datapath>) -> MutexGuard<'_, Datapath> {
-    // A panic while holding the lock leaves the maps as consistent as the
-    // kernel sees them at any time; keep going.
-    dp.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Metrics read the kernel counters through the shared data path.
-struct DpSource(SharedDp);
-
-impl StatsSource for DpSource {
-    fn snapshot(&self) -> Result<DatapathSnapshot, String> {
-        DatapathSnapshot::read(lock(&self.0).writer()).map_err(|e| render_error(&e.into()))
-    }
+/// Which data path to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DatapathKind {
+    /// The kernel programs; failing to load or attach them is an error.
+    Ebpf,
+    /// The userspace proxy only.
+    Userspace,
+    /// The kernel programs, or the userspace proxy when they cannot be
+    /// loaded or attached.
+    Auto,
 }
 
 /// State the HTTP handlers and the loops share.
@@ -112,6 +123,8 @@ struct Shared {
     /// Milliseconds since `started` at the run loop's last tick.
     heartbeat_ms: AtomicU64,
     timeouts: Mutex<Timeouts>,
+    /// The controller stream's status (unused with a config file).
+    stream: Arc<StreamStatus>,
 }
 
 impl Shared {
@@ -138,7 +151,7 @@ impl Shared {
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     info!(version = env!("CARGO_PKG_VERSION"), "lb-agent starting");
-    if opts.interfaces.is_empty() {
+    if opts.interfaces.is_empty() && opts.datapath_kind != DatapathKind::Userspace {
         bail!("no interfaces: pass --interfaces IF1,IF2 (or RPCLB_INTERFACES)");
     }
     // Handlers first: a SIGHUP during startup must not kill the agent (its
@@ -146,62 +159,126 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let signals = Signals::new()?;
     // 1. The config: a bad one stops us before anything is touched. The
     // fingerprint is of the very text parsed, so no edit slips between.
-    let origin = opts.config.display().to_string();
-    let (fingerprint, text) = read_config(&opts.config).await;
-    let text = text.map_err(|e| anyhow!("{origin}: cannot read config: {e}"))?;
-    let cfg = config::parse(&text, &origin).map_err(|e| anyhow!("{e}"))?;
-    info!(
-        config = %opts.config.display(),
-        services = cfg.state.services.len(),
-        "config loaded"
-    );
+    let file = match &opts.source {
+        Source::File(path) => {
+            let origin = path.display().to_string();
+            let (fingerprint, text) = read_config(path).await;
+            let text = text.map_err(|e| anyhow!("{origin}: cannot read config: {e}"))?;
+            let cfg = config::parse(&text, &origin).map_err(|e| anyhow!("{e}"))?;
+            info!(
+                config = %path.display(),
+                services = cfg.state.services.len(),
+                "config loaded"
+            );
+            Some((path.clone(), origin, fingerprint, cfg))
+        }
+        Source::Controller(s) => {
+            if s.node.is_empty() {
+                bail!("--controller needs a node name: pass --node-name (or RPCLB_NODE_NAME)");
+            }
+            info!(
+                controller = s.url,
+                node = s.node,
+                "desired state from the controller"
+            );
+            None
+        }
+    };
     // 2. Pins only survive on bpffs.
-    check_bpffs(&opts.datapath.pin_path)?;
+    if opts.datapath_kind == DatapathKind::Ebpf {
+        check_bpffs(&opts.datapath.pin_path)?;
+    }
     // 3. The metrics address, before the data path, so a busy port changes nothing.
     let listener = tokio::net::TcpListener::bind(opts.metrics_addr)
         .await
         .with_context(|| format!("metrics address {}", opts.metrics_addr))?;
     // 4. Load (adopting pinned maps), attach, apply.
-    warn_pinned_sizes(&opts.datapath);
-    let mut dp = Datapath::load(&opts.datapath).map_err(|e| anyhow!(e))?;
-    let attached = attach_all(&mut dp, &opts.interfaces, opts.mode)?;
-    let dp: SharedDp = Arc::new(Mutex::new(dp));
+    let (kernel, attached) = match opts.datapath_kind {
+        DatapathKind::Userspace => {
+            info!("datapath userspace: the userspace proxy serves every service");
+            (None, Vec::new())
+        }
+        DatapathKind::Ebpf => {
+            let (dp, attached) = load_and_attach(&opts)?;
+            (Some(dp), attached)
+        }
+        DatapathKind::Auto => match load_and_attach(&opts) {
+            Ok((dp, attached)) => (Some(dp), attached),
+            Err(e) => {
+                warn!(
+                    "eBPF data path unavailable ({}); falling back to the userspace data path",
+                    render_error(&e)
+                );
+                (None, Vec::new())
+            }
+        },
+    };
+    let engines = Arc::new(Engines::new(kernel.map(|d| Arc::new(Mutex::new(d)))));
     let shared = Arc::new(Shared {
-        metrics: Metrics::new(Box::new(DpSource(dp.clone()))),
+        metrics: Metrics::new(engines.stats_source()),
         ready: AtomicBool::new(false),
         started: Instant::now(),
         heartbeat_ms: AtomicU64::new(0),
-        timeouts: Mutex::new(cfg.timeouts),
+        timeouts: Mutex::new(file.as_ref().map(|f| f.3.timeouts).unwrap_or_default()),
+        stream: Arc::new(StreamStatus::default()),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(serve(listener, shared.clone(), stop_rx.clone()));
     info!(addr = %opts.metrics_addr, "serving /metrics, /healthz, /readyz");
 
-    apply(&dp, cfg.state.clone())
-        .await
-        .context("applying the config")?;
-    let backends: usize = cfg.state.services.iter().map(|s| s.backends.len()).sum();
-    info!(
-        services = cfg.state.services.len(),
-        backends,
-        interfaces = ?attached,
-        "ready"
-    );
-    shared.set_ready(true);
+    let (source, current) = match file {
+        Some((path, origin, fingerprint, cfg)) => {
+            engines
+                .apply(&cfg.state, &cfg.timeouts)
+                .await
+                .context("applying the config")?;
+            let backends: usize = cfg.state.services.iter().map(|s| s.backends.len()).sum();
+            info!(
+                services = cfg.state.services.len(),
+                backends,
+                datapath = engines.mode(),
+                interfaces = ?attached,
+                "ready"
+            );
+            shared.set_ready(true);
+            (
+                LoopSource::File {
+                    path,
+                    origin,
+                    fingerprint,
+                },
+                Some(cfg),
+            )
+        }
+        None => {
+            let Source::Controller(so) = opts.source.clone() else {
+                unreachable!("no file means a controller source")
+            };
+            info!(interfaces = ?attached, "attached; waiting for the controller's first snapshot");
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let task = tokio::spawn(stream::follow(
+                so,
+                tx,
+                shared.stream.clone(),
+                stop_rx.clone(),
+            ));
+            (LoopSource::Controller { updates: rx, task }, None)
+        }
+    };
 
-    let gc_task = tokio::spawn(gc_loop(
-        dp.clone(),
-        shared.clone(),
-        opts.gc_interval,
-        stop_rx.clone(),
-    ));
+    let gc_task = engines.kernel.clone().map(|dp| {
+        tokio::spawn(gc_loop(
+            dp,
+            shared.clone(),
+            opts.gc_interval,
+            stop_rx.clone(),
+        ))
+    });
 
     let mut lp = Loop {
-        origin,
-        path: opts.config.clone(),
-        fingerprint,
-        current: cfg,
-        dp: dp.clone(),
+        source,
+        current,
+        engines: engines.clone(),
         shared: shared.clone(),
     };
     let why = lp.run(signals, opts.config_poll).await;
@@ -210,11 +287,26 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     info!("{why}: shutting down");
     shared.set_ready(false);
     let _ = stop_tx.send(true);
-    let _ = gc_task.await;
+    if let Some(t) = gc_task {
+        let _ = t.await;
+    }
+    if let LoopSource::Controller { task, .. } = lp.source {
+        let _ = task.await;
+    }
     match tokio::time::timeout(Duration::from_secs(5), server).await {
         Ok(Ok(Err(e))) => warn!("metrics server: {e}"),
         Err(_) => warn!("metrics server did not stop within 5 s"),
         _ => {}
+    }
+    let e2 = engines.clone();
+    match tokio::task::spawn_blocking(move || e2.shutdown_proxy()).await {
+        Ok(Err(e)) => warn!("stopping the userspace proxy: {}", render_error(&e)),
+        Err(e) => warn!("stopping the userspace proxy: {e}"),
+        Ok(Ok(())) => {}
+    }
+    if engines.kernel.is_none() {
+        info!("exiting; the userspace data path stops with the agent");
+        return Ok(());
     }
     let pin = opts.datapath.pin_path.clone();
     if opts.detach_on_exit {
@@ -234,13 +326,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Applies a desired state (diff-only: `MapWriter::apply` writes only what changed).
-async fn apply(dp: &SharedDp, state: lb_api::DesiredState) -> anyhow::Result<()> {
-    let dp = dp.clone();
-    tokio::task::spawn_blocking(move || lock(&dp).writer().apply(&state))
-        .await
-        .context("apply task")?
-        .map_err(|e| anyhow!(e))
+/// Loads the programs (adopting pinned maps) and attaches them.
+fn load_and_attach(opts: &Options) -> anyhow::Result<(Datapath, Vec<String>)> {
+    check_bpffs(&opts.datapath.pin_path)?;
+    warn_pinned_sizes(&opts.datapath);
+    let mut dp = Datapath::load(&opts.datapath).map_err(|e| anyhow!(e))?;
+    let attached = attach_all(&mut dp, &opts.interfaces, opts.mode)?;
+    Ok((dp, attached))
 }
 
 /// The file's identity as far as reloads care: an editor that replaces the
@@ -293,14 +385,25 @@ impl Signals {
     }
 }
 
-/// The run loop proper: reloads and signals.
+/// Where the run loop gets new states.
+enum LoopSource {
+    File {
+        path: PathBuf,
+        origin: String,
+        fingerprint: Option<Fingerprint>,
+    },
+    Controller {
+        updates: tokio::sync::mpsc::Receiver<Update>,
+        task: tokio::task::JoinHandle<()>,
+    },
+}
+
+/// The run loop proper: reloads, controller updates and signals.
 struct Loop {
-    path: PathBuf,
-    origin: String,
-    fingerprint: Option<Fingerprint>,
-    /// The config that is applied.
-    current: Config,
-    dp: SharedDp,
+    source: LoopSource,
+    /// The config that is applied (`None` until the controller's first snapshot).
+    current: Option<Config>,
+    engines: Arc<Engines>,
     shared: Arc<Shared>,
 }
 
@@ -311,35 +414,79 @@ impl Loop {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.shared.beat();
-            tokio::select! {
+            let event = tokio::select! {
                 _ = sig.term.recv() => return "SIGTERM",
                 _ = sig.int.recv() => return "SIGINT",
-                _ = sig.hup.recv() => self.reload("SIGHUP", None).await,
-                _ = tick.tick() => {
-                    let (fp, text) = read_config(&self.path).await;
-                    if fp != self.fingerprint {
-                        self.reload("file changed", Some((fp, text))).await;
+                _ = sig.hup.recv() => Event::Reload("SIGHUP"),
+                _ = tick.tick() => Event::Tick,
+                u = next_update(&mut self.source) => match u {
+                    Some(u) => Event::Update(u),
+                    None => return "controller stream task ended",
+                },
+            };
+            match event {
+                Event::Tick => {
+                    if let LoopSource::File {
+                        path, fingerprint, ..
+                    } = &self.source
+                    {
+                        let (fp, text) = read_config(path).await;
+                        if fp != *fingerprint {
+                            self.reload("file changed", Some((fp, text))).await;
+                        }
                     }
+                }
+                Event::Reload(why) => {
+                    if matches!(self.source, LoopSource::File { .. }) {
+                        self.reload(why, None).await;
+                    } else {
+                        info!("{why}: nothing to reload (the state comes from the controller)");
+                    }
+                }
+                Event::Update(u) => {
+                    let why = if u.snapshot {
+                        format!("applied controller snapshot v{}", u.version)
+                    } else {
+                        format!("applied controller delta v{}", u.version)
+                    };
+                    let cfg = Config {
+                        state: u.state.state,
+                        timeouts: u.state.timeouts,
+                    };
+                    let r = self.apply_config(cfg, &why).await;
+                    if r.is_ok() && !self.shared.ready.load(Ordering::Relaxed) {
+                        info!(version = u.version, "ready");
+                        self.shared.set_ready(true);
+                    }
+                    let _ = u.done.send(r);
                 }
             }
         }
     }
 
-    /// Parses and applies the config. On any error the running state stays
-    /// as it is, and the error is logged and counted.
+    /// Parses and applies the config file. On any error the running state
+    /// stays as it is, and the error is logged and counted.
     async fn reload(
         &mut self,
         why: &str,
         read: Option<(Option<Fingerprint>, std::io::Result<String>)>,
     ) {
+        let LoopSource::File {
+            path,
+            origin,
+            fingerprint,
+        } = &mut self.source
+        else {
+            return;
+        };
         let (fp, text) = match read {
             Some(r) => r,
-            None => read_config(&self.path).await,
+            None => read_config(path).await,
         };
-        self.fingerprint = fp;
+        *fingerprint = fp;
         let parsed = text
-            .map_err(|e| format!("{}: cannot read config: {e}", self.origin))
-            .and_then(|t| config::parse(&t, &self.origin).map_err(|e| e.to_string()));
+            .map_err(|e| format!("{origin}: cannot read config: {e}"))
+            .and_then(|t| config::parse(&t, origin).map_err(|e| e.to_string()));
         let cfg = match parsed {
             Ok(c) => c,
             Err(e) => {
@@ -348,30 +495,53 @@ impl Loop {
                 return;
             }
         };
-        let diff = reconcile::diff(&self.current.state, &cfg.state);
+        let _ = self
+            .apply_config(cfg, &format!("config reloaded ({why})"))
+            .await;
+    }
+
+    /// Applies a new desired state (only what changed) and its timeouts.
+    async fn apply_config(&mut self, cfg: Config, why: &str) -> Result<(), String> {
+        let empty = Config::default();
+        let before = self.current.as_ref().unwrap_or(&empty);
+        let diff = reconcile::diff(&before.state, &cfg.state);
+        let timeouts_changed = cfg.timeouts != before.timeouts;
         let t = Instant::now();
-        if let Err(e) = apply(&self.dp, cfg.state.clone()).await {
+        if let Err(e) = self.engines.apply(&cfg.state, &cfg.timeouts).await {
             // The writer stops at the first failing service (a full map, an
             // invalid table); what it wrote before is consistent. The next
-            // change or SIGHUP applies the whole state again.
+            // change (or SIGHUP) applies the whole state again.
             self.shared.metrics.config_reload_errors.inc();
-            error!(
-                "config reload ({why}): applying failed, the data path may be partly updated: {}",
-                render_error(&e)
-            );
-            return;
+            let e = render_error(&e);
+            error!("{why}: failed to apply, the data path may be partly updated: {e}");
+            return Err(e);
         }
-        if cfg.timeouts != self.current.timeouts {
-            info!(timeouts = ?cfg.timeouts, "conntrack timeouts changed");
+        if timeouts_changed || self.current.is_none() {
+            info!(timeouts = ?cfg.timeouts, "conntrack timeouts");
             *self
                 .shared
                 .timeouts
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) = cfg.timeouts;
         }
-        self.current = cfg;
+        self.current = Some(cfg);
         self.shared.metrics.config_reloads.inc();
-        info!(took = ?t.elapsed(), "config reloaded ({why}): {diff}");
+        info!(took = ?t.elapsed(), "{why}: {diff}");
+        Ok(())
+    }
+}
+
+enum Event {
+    Tick,
+    Reload(&'static str),
+    Update(Update),
+}
+
+/// The next controller update; never resolves for a file source.
+async fn next_update(source: &mut LoopSource) -> Option<Update> {
+    match source {
+        LoopSource::Controller { updates, .. } => updates.recv().await,
+        LoopSource::File { .. } => std::future::pending().await,
     }
 }
 
@@ -477,6 +647,17 @@ async fn index() -> &'static str {
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    {
+        let st = &s.stream;
+        let m = &s.metrics;
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        m.controller_connected
+            .set(st.connected.load(Ordering::Relaxed).into());
+        m.controller_version
+            .set(g(st.version.load(Ordering::Relaxed)));
+        m.controller_reconnects
+            .set(g(st.reconnects.load(Ordering::Relaxed)));
+    }
     match tokio::task::spawn_blocking(move || s.metrics.render()).await {
         Ok(Ok(body)) => {
             ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()

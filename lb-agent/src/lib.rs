@@ -1,9 +1,13 @@
 //! The rpclb node agent as a library: the data-path loader and typed map
-//! writer, the Maglev and weighted table builders, and the config loader.
+//! writer, the Maglev and weighted table builders, the config loader and the
+//! controller stream client.
 
 pub mod agent;
 pub mod config;
 pub mod datapath;
+pub mod engines;
 pub mod gc;
 pub mod metrics;
 pub mod reconcile;
+pub mod stream;
+pub mod userspace;

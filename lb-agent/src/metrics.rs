@@ -105,6 +105,12 @@ pub struct Metrics {
     pub gc_orphans: Counter,
     pub conntrack_entries: Gauge,
     pub conntrack_flows: Gauge,
+    /// With `--controller`: 1 while the stream is open.
+    pub controller_connected: Gauge,
+    /// With `--controller`: the last version applied.
+    pub controller_version: Gauge,
+    /// With `--controller`: streams that ended (each is followed by a reconnect).
+    pub controller_reconnects: Gauge,
 }
 
 impl fmt::Debug for Metrics {
@@ -127,6 +133,9 @@ impl Metrics {
             gc_orphans: Counter::default(),
             conntrack_entries: Gauge::default(),
             conntrack_flows: Gauge::default(),
+            controller_connected: Gauge::default(),
+            controller_version: Gauge::default(),
+            controller_reconnects: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -173,6 +182,21 @@ impl Metrics {
             "rpclb_conntrack_flows",
             "Conntrack flows after the last GC sweep",
             m.conntrack_flows.clone(),
+        );
+        registry.register(
+            "rpclb_controller_connected",
+            "1 while the agent's stream to the controller is open (--controller)",
+            m.controller_connected.clone(),
+        );
+        registry.register(
+            "rpclb_controller_version",
+            "The last controller state version the agent received and applied (--controller)",
+            m.controller_version.clone(),
+        );
+        registry.register(
+            "rpclb_controller_reconnects",
+            "Controller streams that ended and were retried (--controller)",
+            m.controller_reconnects.clone(),
         );
         registry.register_collector(Box::new(DatapathCollector {
             source,

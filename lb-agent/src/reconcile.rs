@@ -156,6 +156,7 @@ mod tests {
             algorithm: Algorithm::Maglev,
             affinity_timeout: None,
             maglev_table_size: None,
+            grpc: None,
             backends: backends
                 .iter()
                 .map(|&(last, weight)| Backend {

@@ -65,6 +65,7 @@ fn service(name: &str, vip: Ipv4Addr, port: u16, proto: Protocol, bs: &[(u8, u16
         algorithm: Algorithm::RoundRobin,
         affinity_timeout: None,
         maglev_table_size: None,
+        grpc: None,
         backends: bs
             .iter()
             .map(|&(i, p)| Backend::new(Ipv4Addr::new(10, 244, 10 + i, 2), p))

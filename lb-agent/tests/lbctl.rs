@@ -60,6 +60,7 @@ fn services() -> (Service, Service) {
         algorithm: Algorithm::Maglev,
         affinity_timeout: None,
         maglev_table_size: None,
+        grpc: None,
         backends: vec![
             Backend::new(b(1), 8080),
             Backend {
@@ -77,6 +78,7 @@ fn services() -> (Service, Service) {
         algorithm: Algorithm::RoundRobin,
         affinity_timeout: None,
         maglev_table_size: None,
+        grpc: None,
         backends: vec![Backend::new(b(4), 5353), Backend::new(b(5), 5353)],
     };
     (web, dns)

@@ -167,6 +167,66 @@ impl fmt::Display for ServiceAddr {
     }
 }
 
+/// Default deadline of a gRPC call without a `grpc-timeout` header (L7 mode).
+pub const DEFAULT_GRPC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The gRPC (L7) mode of a service: the agent terminates HTTP/2 on the VIP
+/// and balances each call over pooled backend connections.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct GrpcPolicy {
+    /// Deadline of a call that carries no `grpc-timeout`.
+    pub default_timeout: Duration,
+    /// Headers added to every request (name lowercase), in order.
+    pub add_headers: Vec<(String, String)>,
+}
+
+impl Default for GrpcPolicy {
+    fn default() -> Self {
+        GrpcPolicy {
+            default_timeout: DEFAULT_GRPC_TIMEOUT,
+            add_headers: Vec::new(),
+        }
+    }
+}
+
+/// Checks a header name the gRPC mode may add: lowercase token characters,
+/// not a pseudo-header and not one the proxy owns (`grpc-*`, `te`,
+/// `content-type`, `host`, connection-specific ones, `x-request-id`,
+/// `traceparent`).
+pub fn check_added_header(name: &str, value: &str) -> Result<(), String> {
+    let token =
+        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "!#$%&'*+-.^_`|~".contains(c);
+    if name.is_empty() || !name.chars().all(token) {
+        return Err(format!(
+            "header name {name:?} must be lowercase token characters (a-z, 0-9, -, ...)"
+        ));
+    }
+    const OWNED: [&str; 10] = [
+        "te",
+        "content-type",
+        "host",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "x-request-id",
+        "traceparent",
+    ];
+    if OWNED.contains(&name) || name.starts_with("grpc-") {
+        return Err(format!("header {name:?} is set by the proxy itself"));
+    }
+    if !value
+        .chars()
+        .all(|c| c == ' ' || c == '\t' || c.is_ascii_graphic())
+    {
+        return Err(format!(
+            "header {name}: value {value:?} must be visible ASCII"
+        ));
+    }
+    Ok(())
+}
+
 /// One load-balanced service: a VIP, port and protocol, and its backends.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
@@ -181,6 +241,10 @@ pub struct Service {
     /// Maglev table size M (prime, > 100 x backends); `None` = default.
     pub maglev_table_size: Option<u32>,
     pub backends: Vec<Backend>,
+    /// `Some`: per-call gRPC balancing in the agent (L7 mode, TCP only);
+    /// `None`: connection balancing (L4) in the kernel.
+    #[serde(default)]
+    pub grpc: Option<GrpcPolicy>,
 }
 
 impl Service {
@@ -202,6 +266,7 @@ impl Service {
             affinity_timeout: None,
             maglev_table_size: None,
             backends,
+            grpc: None,
         }
     }
 

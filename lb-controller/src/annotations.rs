@@ -6,6 +6,8 @@
 //! | `rpclb.io/algorithm` | `random`, `round-robin`, `maglev`, `source-hash` or `least-conn` (case-insensitive) | `random` |
 //! | `rpclb.io/weights` | a list of `IP=WEIGHT`, see below | every backend weight 1 |
 //! | `rpclb.io/maglev-table-size` | a prime > 100 | the agent's default (16381, or larger for many backends) |
+//! | `rpclb.io/mode` | `l4` or `grpc` (per-call gRPC balancing in the agent, TCP ports only) | `l4` |
+//! | `rpclb.io/grpc-timeout` | seconds, 1-86400: the deadline of a call without `grpc-timeout` (gRPC mode) | 30 |
 //!
 //! `rpclb.io/weights` format: comma-separated `IP=WEIGHT` entries, for
 //! example `"10.244.2.2=3, 10.244.2.3=1"`.
@@ -49,8 +51,12 @@ pub const ALGORITHM: &str = "rpclb.io/algorithm";
 pub const WEIGHTS: &str = "rpclb.io/weights";
 /// The Maglev table size (prime).
 pub const MAGLEV_TABLE_SIZE: &str = "rpclb.io/maglev-table-size";
+/// `l4` or `grpc`.
+pub const MODE: &str = "rpclb.io/mode";
+/// The gRPC mode's default call deadline, in seconds.
+pub const GRPC_TIMEOUT: &str = "rpclb.io/grpc-timeout";
 /// Every annotation this version understands.
-pub const KNOWN: [&str; 3] = [ALGORITHM, WEIGHTS, MAGLEV_TABLE_SIZE];
+pub const KNOWN: [&str; 5] = [ALGORITHM, WEIGHTS, MAGLEV_TABLE_SIZE, MODE, GRPC_TIMEOUT];
 
 /// A Service's load-balancing policy, from its annotations.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -60,6 +66,8 @@ pub struct ServicePolicy {
     pub weights: BTreeMap<Ipv4Addr, u32>,
     /// `None`: the agent's default.
     pub maglev_table_size: Option<u32>,
+    /// `rpclb.io/mode: grpc`: the gRPC (L7) mode, with `rpclb.io/grpc-timeout`.
+    pub grpc: Option<lb_api::GrpcPolicy>,
 }
 
 impl ServicePolicy {
@@ -89,6 +97,8 @@ impl AnnotationError {
             ALGORITHM => "using the default algorithm (random)",
             WEIGHTS => "ignoring all weights (every backend has weight 1)",
             MAGLEV_TABLE_SIZE => "using the default maglev table size",
+            MODE => "using the l4 mode",
+            GRPC_TIMEOUT => "using the default gRPC timeout (30 s)",
             _ => "ignoring it",
         }
     }
@@ -117,7 +127,7 @@ impl std::error::Error for AnnotationError {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AnnotationProblem {
     #[error(
-        "unknown rpclb.io annotation (known: rpclb.io/algorithm, rpclb.io/weights, rpclb.io/maglev-table-size)"
+        "unknown rpclb.io annotation (known: rpclb.io/algorithm, rpclb.io/weights, rpclb.io/maglev-table-size, rpclb.io/mode, rpclb.io/grpc-timeout)"
     )]
     UnknownKey,
     #[error("the value is empty")]
@@ -140,6 +150,10 @@ pub enum AnnotationProblem {
     TableTooSmall(u32),
     #[error("maglev table size {0} is not prime")]
     TableNotPrime(u32),
+    #[error("unknown mode {0:?} (expected l4 or grpc)")]
+    UnknownMode(String),
+    #[error("timeout {0} s is out of range (expected 1-86400)")]
+    TimeoutRange(u64),
 }
 
 /// Reads a Service's policy from its annotations.
@@ -151,6 +165,7 @@ pub fn parse_annotations(
 ) -> (ServicePolicy, Vec<AnnotationError>) {
     let mut policy = ServicePolicy::default();
     let mut errors = Vec::new();
+    let mut grpc_timeout = None;
     for (key, value) in annotations {
         if !key.starts_with(PREFIX) {
             continue;
@@ -161,6 +176,16 @@ pub fn parse_annotations(
             MAGLEV_TABLE_SIZE => {
                 parse_maglev_table_size(value).map(|m| policy.maglev_table_size = Some(m))
             }
+            MODE => match value.trim().to_ascii_lowercase().as_str() {
+                "" => Err(vec![AnnotationProblem::Empty]),
+                "l4" => Ok(()),
+                "grpc" => {
+                    policy.grpc = Some(lb_api::GrpcPolicy::default());
+                    Ok(())
+                }
+                _ => Err(vec![AnnotationProblem::UnknownMode(value.clone())]),
+            },
+            GRPC_TIMEOUT => parse_timeout(value).map(|t| grpc_timeout = Some(t)),
             _ => Err(vec![AnnotationProblem::UnknownKey]),
         };
         if let Err(problems) = problems {
@@ -171,7 +196,24 @@ pub fn parse_annotations(
             }));
         }
     }
+    if let (Some(g), Some(t)) = (policy.grpc.as_mut(), grpc_timeout) {
+        g.default_timeout = t;
+    }
     (policy, errors)
+}
+
+fn parse_timeout(value: &str) -> Result<std::time::Duration, Vec<AnnotationProblem>> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Err(vec![AnnotationProblem::Empty]);
+    }
+    let n: u64 = v
+        .parse()
+        .map_err(|_| vec![AnnotationProblem::NotANumber(v.to_string())])?;
+    if n == 0 || n > 86_400 {
+        return Err(vec![AnnotationProblem::TimeoutRange(n)]);
+    }
+    Ok(std::time::Duration::from_secs(n))
 }
 
 fn parse_algorithm(value: &str) -> Result<Algorithm, Vec<AnnotationProblem>> {
@@ -252,6 +294,33 @@ fn parse_maglev_table_size(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_mode_and_timeout() {
+        let a = |kv: &[(&str, &str)]| {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let (p, e) = parse_annotations(&a(&[(MODE, "gRPC"), (GRPC_TIMEOUT, "5")]));
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(
+            p.grpc.unwrap().default_timeout,
+            std::time::Duration::from_secs(5)
+        );
+        let (p, e) = parse_annotations(&a(&[(MODE, "l4")]));
+        assert!(e.is_empty() && p.grpc.is_none());
+        let (p, e) = parse_annotations(&a(&[(MODE, "http"), (GRPC_TIMEOUT, "0")]));
+        assert!(p.grpc.is_none());
+        assert_eq!(
+            e.iter().map(|e| e.problem.clone()).collect::<Vec<_>>(),
+            vec![
+                AnnotationProblem::TimeoutRange(0),
+                AnnotationProblem::UnknownMode("http".into())
+            ]
+        );
+        assert_eq!(e[1].fallback(), "using the l4 mode");
+    }
 
     fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

@@ -2,13 +2,30 @@
 //! EndpointSlices into the desired state (`lb_api::DesiredState`) for each
 //! node, then streams it to the agents.
 //!
-//! For now this crate holds the pure parts that need no cluster. The kube-rs
-//! watchers (Services, EndpointSlices, Nodes), the model builder, the gRPC
-//! stream to agents and leader election arrive with the controller issue.
-//!
 //! - [`annotations`]: the `rpclb.io/` Service annotations (algorithm,
 //!   weights, Maglev table size).
+//! - [`translate`]: the pure translation of Services and EndpointSlices into
+//!   each node's desired state ([`node_state`], [`ClusterState`]), with the
+//!   [`Problem`]s found on the way; its module docs hold the rules.
+//! - [`watch`]: kube-rs reflectors on Services, EndpointSlices and Nodes; on
+//!   every change (coalesced), a new [`ClusterSnapshot`] on a
+//!   `tokio::sync::watch` channel, and a Warning Event for each new problem.
+//! - [`leader`]: leader election with a coordination.k8s.io Lease; the leader
+//!   writes the Events.
+//! - [`grpc`]: the stream of desired states to agents.
+//! - [`http`]: `/metrics`, `/healthz` and `/readyz`.
+//! - [`standalone`]: the state from a YAML file instead of Kubernetes.
 
 pub mod annotations;
+pub mod grpc;
+pub mod http;
+pub mod kube_mode;
+pub mod leader;
+pub mod standalone;
+pub mod translate;
+pub mod watch;
 
 pub use annotations::{AnnotationError, AnnotationProblem, ServicePolicy, parse_annotations};
+pub use leader::{LeaderElector, LeaseConfig};
+pub use translate::{ClusterState, Problem, ProblemKind, ServiceRef, Translation, node_state};
+pub use watch::{ClusterSnapshot, SnapshotReceiver, SnapshotSender, WatchConfig};

@@ -55,7 +55,18 @@ fn dns_addr() -> ServiceAddr {
 /// `target/<profile>/lb-agent`, built (or checked fresh) once per test run.
 fn agent_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
+    BIN.get_or_init(|| workspace_bin("lb-agent", "lb-agent"))
+}
+
+/// `target/<profile>/lb-controller`, likewise.
+fn controller_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_bin("lb-controller", "lb-controller"))
+}
+
+/// Builds a workspace binary into this test's target dir and returns its path.
+fn workspace_bin(package: &str, name: &str) -> PathBuf {
+    {
         let exe = std::env::current_exe().expect("test executable path");
         // target/<profile>/deps/agent-<hash>
         let profile_dir = exe
@@ -63,11 +74,11 @@ fn agent_bin() -> &'static Path {
             .and_then(Path::parent)
             .expect("target/<profile>");
         let target_dir = profile_dir.parent().expect("target dir");
-        let bin = profile_dir.join("lb-agent");
+        let bin = profile_dir.join(name);
         if let Ok(cargo) = std::env::var("CARGO") {
             let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
             let mut cmd = Command::new(cargo);
-            cmd.args(["build", "--quiet", "-p", "lb-agent", "--bin", "lb-agent"])
+            cmd.args(["build", "--quiet", "-p", package, "--bin", name])
                 .arg("--manifest-path")
                 .arg(&manifest)
                 .arg("--target-dir")
@@ -100,17 +111,17 @@ fn agent_bin() -> &'static Path {
             let out = cmd.output().expect("run cargo build");
             assert!(
                 out.status.success(),
-                "cargo build -p lb-agent failed:\n{}",
+                "cargo build -p {package} failed:\n{}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
         assert!(
             bin.exists(),
-            "{} is missing: run `cargo build -p lb-agent` (or `cargo test --workspace`)",
+            "{} is missing: run `cargo build -p {package}` (or `cargo test --workspace`)",
             bin.display()
         );
         bin
-    })
+    }
 }
 
 // ---- scratch files ----
@@ -239,11 +250,16 @@ fn pin_path(lab: &Lab) -> PathBuf {
 impl Agent {
     /// Starts the agent; `name` names its log file (`<dir>/<name>.log`, stdout + stderr).
     fn start(lab: &Lab, dir: &TestDir, name: &str, args: &[String]) -> Agent {
+        Agent::spawn(lab, dir, name, agent_bin(), args)
+    }
+
+    /// Starts `bin` (the agent or the controller) in the node namespace.
+    fn spawn(lab: &Lab, dir: &TestDir, name: &str, bin: &Path, args: &[String]) -> Agent {
         let log = dir.0.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).expect("create log");
         let child = Command::new("ip")
             .args(["netns", "exec", lab.node().name()])
-            .arg(agent_bin())
+            .arg(bin)
             .args(args)
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "1")
@@ -372,6 +388,11 @@ fn agent_cmd(args: &[&str]) -> std::process::Output {
 
 /// A plain HTTP/1.1 GET to the agent, from a thread inside the node namespace.
 fn http_get(node: &str, path: &str) -> std::io::Result<(u16, String)> {
+    http_get_port(node, METRICS_PORT, path)
+}
+
+/// A plain HTTP/1.1 GET to 127.0.0.1:`port` inside the node namespace.
+fn http_get_port(node: &str, port: u16, path: &str) -> std::io::Result<(u16, String)> {
     let ns = std::fs::File::open(Path::new("/var/run/netns").join(node))?;
     let path = path.to_string();
     std::thread::scope(|s| {
@@ -381,7 +402,7 @@ fn http_get(node: &str, path: &str) -> std::io::Result<(u16, String)> {
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, METRICS_PORT));
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
             let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
             c.set_read_timeout(Some(Duration::from_secs(5)))?;
             write!(
@@ -1185,4 +1206,274 @@ fn agent_sigterm_cleanup_and_detach_on_exit() {
     let out = agent_cmd(&["--cleanup", "--pin-path", &pin]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing pinned"));
+}
+
+// ---- the controller stream ----
+
+const CONTROLLER_GRPC: u16 = 50551;
+const CONTROLLER_METRICS: u16 = 9465;
+
+/// `lb-controller --config` in the node namespace (its gRPC and metrics on the
+/// namespace's own loopback).
+fn start_controller(lab: &Lab, dir: &TestDir, name: &str) -> Agent {
+    let args: Vec<String> = [
+        "--config",
+        &dir.config().display().to_string(),
+        "--listen",
+        &format!("127.0.0.1:{CONTROLLER_GRPC}"),
+        "--metrics-addr",
+        &format!("127.0.0.1:{CONTROLLER_METRICS}"),
+        "--config-poll-ms",
+        "100",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut c = Agent::spawn(lab, dir, name, controller_bin(), &args);
+    wait_until("the controller's /readyz", Duration::from_secs(30), || {
+        c.check_alive();
+        matches!(
+            http_get_port(&c.node, CONTROLLER_METRICS, "/readyz"),
+            Ok((200, _))
+        )
+    });
+    c
+}
+
+fn controller_scrape(c: &mut Agent) -> Scrape {
+    c.check_alive();
+    let (status, body) = http_get_port(&c.node, CONTROLLER_METRICS, "/metrics")
+        .unwrap_or_else(|e| panic!("controller /metrics: {e}\n{}", c.log()));
+    assert_eq!(status, 200, "{body}");
+    Scrape(body)
+}
+
+/// Agent flags for `--controller` instead of `--config`.
+fn agent_controller_args(lab: &Lab, dir: &TestDir) -> Vec<String> {
+    let mut a = agent_args(lab, dir, &[]);
+    let i = a.iter().position(|x| x == "--config").expect("--config");
+    a.drain(i..i + 2);
+    a.extend(
+        [
+            "--controller",
+            &format!("http://127.0.0.1:{CONTROLLER_GRPC}"),
+            "--node-name",
+            "node-a",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    a
+}
+
+/// Waits until new TCP connections reach exactly the backends `want` (by index).
+fn wait_backends(lab: &Lab, want: &[usize]) -> BTreeMap<String, usize> {
+    let want: std::collections::BTreeSet<usize> = want.iter().copied().collect();
+    let mut last = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        last = tcp(lab, 3 * want.len());
+        if last
+            .keys()
+            .map(|b| index_of(b))
+            .collect::<std::collections::BTreeSet<_>>()
+            == want
+        {
+            return last;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("new connections never reached exactly {want:?}; last spread {last:?}");
+}
+
+#[test]
+fn agent_follows_the_controller_stream() {
+    if !lab::can_run() {
+        eprintln!("SKIP: needs root and CAP_NET_ADMIN");
+        return;
+    }
+    let lab = Lab::new(3).expect("lab");
+    let _tcp = lab.start_tcp_servers(8080).unwrap();
+    let dir = TestDir::new("controller");
+    dir.write_config(&config_yaml(&[web(&lab, "round-robin", &[1, 2, 3])], None));
+    let mut ctl = start_controller(&lab, &dir, "controller");
+    let mut agent = Agent::start(&lab, &dir, "agent", &agent_controller_args(&lab, &dir));
+    agent.wait_ready();
+    assert_eq!(
+        agent
+            .wait_metric("rpclb_controller_version", 1.0)
+            .get("rpclb_controller_connected", &[]),
+        Some(1.0)
+    );
+    // The snapshot is applied: exact round-robin over the three backends.
+    let c = tcp(&lab, 30);
+    assert_eq!(
+        c.values().copied().collect::<Vec<_>>(),
+        vec![10, 10, 10],
+        "{c:?}"
+    );
+    let m = controller_scrape(&mut ctl);
+    assert_eq!(m.get("rpclb_controller_agents_connected", &[]), Some(1.0));
+    assert_eq!(
+        m.get(
+            "rpclb_controller_agent_acked_version",
+            &[("node", "node-a")]
+        ),
+        Some(1.0)
+    );
+
+    // A config edit reaches the agent as a delta; the held flow keeps its backend.
+    let mut held = Held::open(&lab);
+    let keep = index_of(&held.backend);
+    let others: Vec<usize> = (1..=3).filter(|&i| i != keep).collect();
+    dir.write_config(&config_yaml(&[web(&lab, "round-robin", &others)], None));
+    agent.wait_metric("rpclb_controller_version", 2.0);
+    let c = wait_backends(&lab, &others);
+    assert!(!c.contains_key(&format!("backend-{keep}")), "{c:?}");
+    held.echo("still here after the delta");
+    assert!(
+        agent.log().contains("applied controller delta v2"),
+        "{}",
+        agent.log()
+    );
+
+    // The controller goes away (SIGKILL): the agent keeps serving its last state.
+    ctl.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    let c = tcp(&lab, 6);
+    assert_eq!(
+        c.keys().map(|b| index_of(b)).collect::<Vec<_>>(),
+        others,
+        "{c:?}"
+    );
+    held.echo("still here without a controller");
+    assert_eq!(agent.get("/readyz").0, 200, "still ready");
+    agent.wait_metric("rpclb_controller_connected", 0.0);
+
+    // A new state while it is down; the restarted controller resyncs the agent.
+    dir.write_config(&config_yaml(&[web(&lab, "round-robin", &[keep])], None));
+    let mut ctl = start_controller(&lab, &dir, "controller-2");
+    agent.wait_metric("rpclb_controller_connected", 1.0);
+    let c = wait_backends(&lab, &[keep]);
+    assert_eq!(c.len(), 1);
+    held.echo("still here after the resync");
+    let m = controller_scrape(&mut ctl);
+    assert_eq!(
+        m.get(
+            "rpclb_controller_agent_acked_version",
+            &[("node", "node-a")]
+        ),
+        Some(1.0),
+        "a new controller starts at version 1"
+    );
+    let log = agent.log();
+    assert_eq!(
+        log.matches("connected to the controller").count(),
+        2,
+        "{log}"
+    );
+    assert!(log.contains("keeping the current state"), "{log}");
+
+    // A bad edit is refused by the controller; the agent keeps the last good state.
+    dir.write_config("services:\n  - name: lab/web:http\n    vip: 10.96.0.10\n    port: 0\n");
+    wait_until(
+        "the controller to refuse the edit",
+        Duration::from_secs(10),
+        || {
+            controller_scrape(&mut ctl).get("rpclb_controller_config_errors_total", &[])
+                == Some(1.0)
+        },
+    );
+    assert!(ctl.log().contains("services.yaml:4:"), "{}", ctl.log());
+    let c = tcp(&lab, 3);
+    assert_eq!(
+        c.keys().map(|b| index_of(b)).collect::<Vec<_>>(),
+        vec![keep]
+    );
+}
+
+// ---- the userspace data path ----
+
+#[test]
+fn agent_falls_back_to_the_userspace_datapath() {
+    if !lab::can_run() {
+        eprintln!("SKIP: needs root and CAP_NET_ADMIN");
+        return;
+    }
+    let lab = Lab::new(3).expect("lab");
+    let _tcp = lab.start_tcp_servers(8080).unwrap();
+    let _udp = lab.start_udp_servers(5353).unwrap();
+    let dir = TestDir::new("userspace");
+    dir.write_config(&config_yaml(
+        &[
+            web(&lab, "round-robin", &[1, 2, 3]),
+            dns(&lab, "round-robin", &[1, 2, 3]),
+        ],
+        None,
+    ));
+    // `--datapath auto` with a pin path that is not on bpffs: the eBPF path cannot
+    // load, so the agent serves the services from userspace.
+    let mut args = agent_args(&lab, &dir, &["--datapath", "auto"]);
+    let i = args.iter().position(|a| a == "--pin-path").unwrap();
+    args[i + 1] = dir.0.join("not-bpffs").display().to_string();
+    let mut agent = Agent::start(&lab, &dir, "agent", &args);
+    agent.wait_ready();
+    assert!(
+        agent
+            .log()
+            .contains("falling back to the userspace data path"),
+        "{}",
+        agent.log()
+    );
+    let node_if = lab.node_ifaces()[0].name.clone();
+    let show = lab.node().ip(&["link", "show", "dev", &node_if]).unwrap();
+    assert!(!show.contains("xdp"), "nothing attached: {show}");
+
+    let c = tcp(&lab, 30);
+    assert_eq!(
+        c.values().copied().collect::<Vec<_>>(),
+        vec![10, 10, 10],
+        "exact round-robin in userspace: {c:?}"
+    );
+    let replies = lab.client_udp(SocketAddrV4::new(UDP_VIP, 53), 9).unwrap();
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.peer == SocketAddr::from((UDP_VIP, 53)))
+    );
+    assert_eq!(
+        counts(&replies).values().copied().collect::<Vec<_>>(),
+        vec![3, 3, 3]
+    );
+    // The same metrics as the kernel path.
+    let m = agent.scrape();
+    assert_eq!(
+        m.get("rpclb_service_new_flows_total", &[("service", WEB)]),
+        Some(30.0)
+    );
+    assert_eq!(
+        m.get("rpclb_service_new_flows_total", &[("service", DNS)]),
+        Some(9.0)
+    );
+    // Its VIP routes live in the node namespace only, and go with the agent.
+    let routes = lab
+        .node()
+        .ip(&["route", "show", "table", "local", "proto", "114"])
+        .unwrap();
+    assert!(routes.contains(&VIP.to_string()), "{routes}");
+    agent.signal(libc::SIGTERM);
+    let st = agent.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(st.success(), "{st}\n{}", agent.log());
+    let routes = lab
+        .node()
+        .ip(&["route", "show", "table", "local", "proto", "114"])
+        .unwrap();
+    assert!(routes.trim().is_empty(), "routes left: {routes}");
+    assert!(
+        agent
+            .log()
+            .contains("userspace data path stops with the agent"),
+        "{}",
+        agent.log()
+    );
 }

@@ -5,10 +5,10 @@
 //! it the test prints SKIP and passes.
 //!
 //! Finding the binaries: rpclb-demo depends on this crate, so cargo does not build it for
-//! this test. The test runs `cargo build -p rpclb-demo -p lb-agent` itself, with the
+//! this test. The test runs `cargo build -p rpclb-demo -p lb-agent -p lb-controller` itself, with the
 //! profile of the test executable (`target/<profile>/deps/demo-*` → `--release` when
 //! `<profile>` is `release`), and then runs `target/<profile>/rpclb-demo`, which finds
-//! `lb-agent` and `lbctl` beside itself. The build is a no-op when they are up to date.
+//! `lb-agent`, `lb-controller` and `lbctl` beside itself. The build is a no-op when they are up to date.
 
 use rpclb_tests::skip_unless_lab;
 use std::io::Read;
@@ -27,8 +27,15 @@ fn build_binaries(profile: &std::path::Path) {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(&root)
-        .args(["build", "-p", "rpclb-demo", "-p", "lb-agent"]);
+    cmd.current_dir(&root).args([
+        "build",
+        "-p",
+        "rpclb-demo",
+        "-p",
+        "lb-agent",
+        "-p",
+        "lb-controller",
+    ]);
     if profile.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
@@ -37,7 +44,10 @@ fn build_binaries(profile: &std::path::Path) {
         cmd.arg("--target-dir").arg(target);
     }
     let status = cmd.status().expect("run cargo build");
-    assert!(status.success(), "building rpclb-demo and lb-agent failed");
+    assert!(
+        status.success(),
+        "building rpclb-demo, lb-agent and lb-controller failed"
+    );
 }
 
 #[test]
@@ -105,6 +115,9 @@ fn demo_quick_passes() {
         "✓ after the event 0 new calls went to",
         "$ lbctl services",
         "$ lbctl backends",
+        "lb-agent ready in",
+        "the controller's snapshot is applied",
+        "SIGHUP to lb-controller; it streamed the delta",
         "checks passed",
         "teardown done",
     ] {

@@ -117,7 +117,7 @@ fn run_bin(root: &Path, bin: &str) -> Result<()> {
     run(cmd.args(args))
 }
 
-/// `cargo xtask demo ARGS`: setup, the eBPF object, a release build of the agent (with lbctl)
+/// `cargo xtask demo ARGS`: setup, the eBPF object, a release build of the agent (with lbctl), the controller
 /// and the demo, then the demo itself with ARGS (a leading `--` is optional; `--help` reaches
 /// the demo). The demo replaces this process (exec), so a Ctrl-C reaches only the demo, which
 /// tears its lab down and exits with its own status.
@@ -127,7 +127,16 @@ fn demo(root: &Path) -> Result<()> {
     if args.first().is_some_and(|a| a == "--") {
         args.remove(0);
     }
-    run(cargo(root).args(["build", "--release", "-p", "lb-agent", "-p", "rpclb-demo"]))?;
+    run(cargo(root).args([
+        "build",
+        "--release",
+        "-p",
+        "lb-agent",
+        "-p",
+        "lb-controller",
+        "-p",
+        "rpclb-demo",
+    ]))?;
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d));
     let bin = target.join("release").join("rpclb-demo");

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! lb-agent [run] --config services.yaml --interfaces IF1,IF2 [--mode auto|xdp|xdp-generic|tc] ...
+//! lb-agent [run] --controller http://CONTROLLER:50551 [--node-name N] --interfaces ...
 //! lb-agent cleanup [--pin-path P]        (or: lb-agent --cleanup [--pin-path P])
 //! ```
 //!
@@ -18,8 +19,9 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use clap::builder::BoolishValueParser;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
-use lb_agent::agent::{self, ModeChoice, Options};
+use lb_agent::agent::{self, DatapathKind, ModeChoice, Options, Source};
 use lb_agent::datapath::{self, AttachMode, DEFAULT_PIN_PATH, DatapathConfig};
+use lb_agent::stream::StreamOptions;
 use lb_common::limits;
 
 #[derive(Parser, Debug)]
@@ -27,7 +29,7 @@ use lb_common::limits;
     name = "lb-agent",
     version,
     about = "rpclb node agent: loads and attaches the eBPF data path, applies the services \
-             from a config file, runs conntrack GC and serves metrics",
+             from a config file or the controller, runs conntrack GC and serves metrics",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -49,6 +51,16 @@ enum Cmd {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DatapathArg {
+    /// The eBPF programs, or the userspace proxy when they cannot be loaded or attached.
+    Auto,
+    /// The eBPF programs; an error if they cannot be loaded.
+    Ebpf,
+    /// The userspace L4/gRPC proxy only (no BPF needed).
+    Userspace,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Mode {
     /// Native XDP where the driver has it, else TC.
     Auto,
@@ -63,8 +75,19 @@ enum Mode {
 #[derive(Args, Debug)]
 struct RunArgs {
     /// Services and timeouts (YAML, see docs/config.md). Reloaded on change and on SIGHUP.
-    #[arg(long, env = "RPCLB_CONFIG", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "RPCLB_CONFIG",
+        value_name = "FILE",
+        conflicts_with = "controller"
+    )]
     config: Option<PathBuf>,
+    /// Follow the controller's gRPC stream instead of a file (e.g. http://rpclb-controller:50551).
+    #[arg(long, env = "RPCLB_CONTROLLER", value_name = "URL")]
+    controller: Option<String>,
+    /// This node's name in the controller's stream (default: the host name).
+    #[arg(long, env = "RPCLB_NODE_NAME", value_name = "NAME")]
+    node_name: Option<String>,
     /// Interfaces to attach to, comma-separated.
     #[arg(
         long,
@@ -73,7 +96,10 @@ struct RunArgs {
         value_name = "IF1,IF2"
     )]
     interfaces: Vec<String>,
-    /// How to attach.
+    /// Which data path serves the services (gRPC-mode services always use the userspace proxy).
+    #[arg(long, env = "RPCLB_DATAPATH", value_enum, default_value_t = DatapathArg::Auto)]
+    datapath: DatapathArg,
+    /// How to attach the eBPF programs.
     #[arg(long, env = "RPCLB_MODE", value_enum, default_value_t = Mode::Auto)]
     mode: Mode,
     /// bpffs directory where maps and links are pinned.
@@ -152,7 +178,22 @@ fn init_tracing() {
         .init();
 }
 
+/// The kernel's host name (what Kubernetes uses as the node name by default).
+fn hostname() -> anyhow::Result<String> {
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
+    Ok(h.trim().to_string())
+}
+
 fn cleanup(pin: &Path) -> anyhow::Result<()> {
+    // VIP routes a userspace data path left behind (a killed agent).
+    match lb_agent::userspace::remove_stale_routes() {
+        Ok(vips) => {
+            for v in vips {
+                println!("removed the userspace proxy's local route to {v}");
+            }
+        }
+        Err(e) => eprintln!("lb-agent: cannot check for userspace proxy routes: {e}"),
+    }
     if !pin.exists() {
         println!("nothing pinned under {}", pin.display());
         return Ok(());
@@ -170,13 +211,21 @@ fn cleanup(pin: &Path) -> anyhow::Result<()> {
 }
 
 fn run(a: RunArgs) -> anyhow::Result<()> {
-    let Some(config) = a.config else {
-        Cli::command()
+    let source = match (a.config, a.controller) {
+        (Some(path), None) => Source::File(path),
+        (None, Some(url)) => {
+            let node = match a.node_name {
+                Some(n) => n,
+                None => hostname().context("no --node-name, and the host name is unreadable")?,
+            };
+            Source::Controller(StreamOptions::new(url, node))
+        }
+        _ => Cli::command()
             .error(
                 clap::error::ErrorKind::MissingRequiredArgument,
-                "--config FILE is required (or RPCLB_CONFIG)",
+                "one of --config FILE (RPCLB_CONFIG) or --controller URL (RPCLB_CONTROLLER) is required",
             )
-            .exit();
+            .exit(),
     };
     let mode = match a.mode {
         Mode::Auto => ModeChoice::Auto,
@@ -185,7 +234,12 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         Mode::Tc => ModeChoice::Fixed(AttachMode::Tc),
     };
     let opts = Options {
-        config,
+        source,
+        datapath_kind: match a.datapath {
+            DatapathArg::Auto => DatapathKind::Auto,
+            DatapathArg::Ebpf => DatapathKind::Ebpf,
+            DatapathArg::Userspace => DatapathKind::Userspace,
+        },
         interfaces: a
             .interfaces
             .into_iter()

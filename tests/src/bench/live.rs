@@ -189,6 +189,7 @@ fn service(name: &str, vip: Ipv4Addr, algo: Algorithm, backends: Vec<Backend>) -
         affinity_timeout: None,
         maglev_table_size: None,
         backends,
+        grpc: None,
     }
 }
 

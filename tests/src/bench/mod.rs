@@ -1,6 +1,6 @@
 //! Support for `rpclb-bench`: options, the stop flag, small statistics, tables and the
-//! summary of targets. The sections live in `live` (XDP live frames, scale), `maglev` and
-//! `throughput` (netns lab).
+//! summary of targets. The sections live in `live` (XDP live frames, scale), `maglev`,
+//! `throughput` (netns lab) and `stream` (controller -> agent -> maps).
 //!
 //! Safety rules (DESIGN.md, "Network safety"): every packet this benchmark makes lives in
 //! namespaces it creates (`rpclb_tests::lab`, deleted on drop, on panic too, and on SIGINT /
@@ -10,6 +10,7 @@
 pub mod live;
 pub mod maglev;
 pub mod sink;
+pub mod stream;
 pub mod throughput;
 
 use std::fmt::Write as _;
@@ -28,10 +29,17 @@ pub enum Section {
     Scale,
     Maglev,
     Lab,
+    Stream,
 }
 
 impl Section {
-    pub const ALL: [Section; 4] = [Section::Xdp, Section::Scale, Section::Maglev, Section::Lab];
+    pub const ALL: [Section; 5] = [
+        Section::Xdp,
+        Section::Scale,
+        Section::Maglev,
+        Section::Lab,
+        Section::Stream,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -39,6 +47,7 @@ impl Section {
             Section::Scale => "scale",
             Section::Maglev => "maglev",
             Section::Lab => "lab",
+            Section::Stream => "stream",
         }
     }
 
@@ -46,7 +55,9 @@ impl Section {
         Section::ALL
             .into_iter()
             .find(|x| x.name() == s)
-            .ok_or_else(|| anyhow::anyhow!("unknown section {s:?} (xdp, scale, maglev, lab)"))
+            .ok_or_else(|| {
+                anyhow::anyhow!("unknown section {s:?} (xdp, scale, maglev, lab, stream)")
+            })
     }
 }
 
@@ -129,6 +140,7 @@ sections (default: all, in this order):
   scale    the same with 10,000 services and 100,000 backends loaded vs one service
   maglev   Maglev table build, M = 65537, 1,000 backends
   lab      netns lab: connections/s and keep-alive requests/s, XDP vs direct vs iptables DNAT
+  stream   endpoints change -> node maps through the controller's gRPC stream (p50/p99)
 
 options:
   --quick              small counts (a smoke run of about 20 s)

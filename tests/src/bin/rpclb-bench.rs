@@ -43,6 +43,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             Section::Scale => bench::live::section_scale(opts)?,
             Section::Maglev => bench::maglev::section_maglev(opts)?,
             Section::Lab => bench::throughput::section_lab(opts)?,
+            Section::Stream => bench::stream::section_stream(opts)?,
         }
     }
     Ok(())

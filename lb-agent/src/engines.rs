@@ -1,0 +1,162 @@
+//! Which data path serves which service.
+//!
+//! - **eBPF** (the kernel programs): every service with `grpc: None`
+//!   (connection balancing). Services with `grpc: Some` (per-call gRPC
+//!   balancing) are left out of the kernel's maps, so their VIP packets pass
+//!   to the stack, where the agent's userspace proxy listens on the VIP.
+//! - **userspace** (`--datapath userspace`, or `auto` when eBPF cannot be
+//!   loaded or attached): the userspace proxy serves every service.
+//!
+//! The userspace proxy starts with the first state that needs it, with that
+//! state's timeouts; a later change of timeouts reaches the proxy at the next
+//! agent start. Unlike the kernel path, the proxy's connections end with the
+//! agent.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use anyhow::{Context, anyhow};
+use lb_api::DesiredState;
+use tracing::info;
+
+use crate::config::Timeouts;
+use crate::datapath::Datapath;
+use crate::metrics::{DatapathSnapshot, StatsSource};
+use crate::userspace::{ProxyOptions, StatsHandle, UserspaceProxy};
+
+pub type SharedDp = Arc<Mutex<Datapath>>;
+
+pub fn lock(dp: &Mutex<Datapath>) -> MutexGuard<'_, Datapath> {
+    // A panic while holding the lock leaves the maps as consistent as the
+    // kernel sees them at any time; keep going.
+    dp.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The data paths of a running agent.
+pub struct Engines {
+    /// `None` in userspace mode.
+    pub kernel: Option<SharedDp>,
+    proxy: Mutex<Option<Arc<UserspaceProxy>>>,
+    stats: Arc<Mutex<Option<StatsHandle>>>,
+}
+
+impl Engines {
+    pub fn new(kernel: Option<SharedDp>) -> Self {
+        Engines {
+            kernel,
+            proxy: Mutex::new(None),
+            stats: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    pub fn mode(&self) -> &'static str {
+        if self.kernel.is_some() {
+            "ebpf"
+        } else {
+            "userspace"
+        }
+    }
+
+    /// Reads kernel and proxy counters for the metrics.
+    pub fn stats_source(&self) -> Box<dyn StatsSource> {
+        Box::new(Combined {
+            kernel: self.kernel.clone(),
+            proxy: self.stats.clone(),
+        })
+    }
+
+    fn proxy(&self) -> Option<Arc<UserspaceProxy>> {
+        self.proxy.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Applies a state: the kernel's part, then the proxy's (each diff-only).
+    pub async fn apply(&self, state: &DesiredState, timeouts: &Timeouts) -> anyhow::Result<()> {
+        let (kernel_part, proxy_part) = match &self.kernel {
+            Some(_) => {
+                let (l7, l4): (Vec<_>, Vec<_>) = state
+                    .services
+                    .iter()
+                    .cloned()
+                    .partition(|s| s.grpc.is_some());
+                (
+                    Some(DesiredState { services: l4 }),
+                    DesiredState { services: l7 },
+                )
+            }
+            None => (None, state.clone()),
+        };
+        if let (Some(dp), Some(part)) = (&self.kernel, kernel_part) {
+            let dp = dp.clone();
+            tokio::task::spawn_blocking(move || lock(&dp).writer().apply(&part))
+                .await
+                .context("apply task")?
+                .map_err(|e| anyhow!(e))?;
+        }
+        let proxy = match self.proxy() {
+            Some(p) => p,
+            None if proxy_part.services.is_empty() => return Ok(()),
+            None => {
+                let opts = ProxyOptions::with_timeouts(timeouts);
+                // `start` blocks briefly (netlink, its own runtime).
+                let p = tokio::task::spawn_blocking(move || UserspaceProxy::start(opts))
+                    .await
+                    .context("starting the userspace proxy")?
+                    .map_err(|e| anyhow!(e).context("starting the userspace proxy"))?;
+                let p = Arc::new(p);
+                *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.stats_handle());
+                *self.proxy.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
+                info!(
+                    services = proxy_part.services.len(),
+                    "userspace proxy started"
+                );
+                p
+            }
+        };
+        proxy
+            .apply_async(&proxy_part)
+            .await
+            .map_err(|e| anyhow!(e).context("userspace proxy"))?;
+        Ok(())
+    }
+
+    /// Stops the userspace proxy (its connections end, its VIP routes go).
+    /// Call from a blocking context: the proxy owns a runtime.
+    pub fn shutdown_proxy(&self) -> anyhow::Result<()> {
+        let p = self.proxy.lock().unwrap_or_else(|e| e.into_inner()).take();
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        if let Some(p) = p {
+            match Arc::try_unwrap(p) {
+                Ok(p) => p.shutdown().map_err(|e| anyhow!(e))?,
+                Err(p) => drop(p),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Kernel and proxy counters as one snapshot (reason counters summed by name).
+struct Combined {
+    kernel: Option<SharedDp>,
+    proxy: Arc<Mutex<Option<StatsHandle>>>,
+}
+
+impl StatsSource for Combined {
+    fn snapshot(&self) -> Result<DatapathSnapshot, String> {
+        let mut snap = match &self.kernel {
+            Some(dp) => DatapathSnapshot::read(lock(dp).writer())
+                .map_err(|e| crate::agent::render_error(&e.into()))?,
+            None => DatapathSnapshot::default(),
+        };
+        let proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(h) = proxy {
+            let p = h.snapshot()?;
+            snap.services.extend(p.services);
+            for (name, n) in p.reasons {
+                match snap.reasons.iter_mut().find(|(r, _)| *r == name) {
+                    Some((_, m)) => *m += n,
+                    None => snap.reasons.push((name, n)),
+                }
+            }
+        }
+        Ok(snap)
+    }
+}

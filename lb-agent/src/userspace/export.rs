@@ -1,0 +1,59 @@
+//! The proxy's counters in the shape the metrics already export for the
+//! kernel path, so `/metrics` shows the same series in either mode.
+
+use std::collections::BTreeMap;
+
+use super::{ServiceStats, StatsHandle};
+use crate::datapath;
+use crate::metrics::{DatapathSnapshot, ServiceSnapshot, StatsSource};
+
+/// Maps the proxy's stats onto the kernel path's snapshot: packets and bytes
+/// are both directions summed, `new_flows` is new connections, `drops` all
+/// reasons; backend ids are positions (1-based) since there are no map ids.
+/// `reasons` holds the drop reasons summed over services.
+pub fn datapath_snapshot(stats: &[ServiceStats]) -> DatapathSnapshot {
+    let mut reasons: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let services = stats
+        .iter()
+        .map(|s| {
+            for (r, n) in &s.drops {
+                *reasons.entry(r.as_str()).or_default() += n;
+            }
+            ServiceSnapshot {
+                name: s.name.clone(),
+                stats: datapath::ServiceStats {
+                    packets: s.packets_in + s.packets_out,
+                    bytes: s.bytes_in + s.bytes_out,
+                    new_flows: s.new_connections,
+                    drops: s.total_drops(),
+                },
+                backends: s
+                    .backends
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| datapath::BackendStats {
+                        id: i as u32 + 1,
+                        ip: b.ip,
+                        port: b.port,
+                        weight: b.weight,
+                        state: b.status.as_str(),
+                        packets: b.packets_in + b.packets_out,
+                        bytes: b.bytes_in + b.bytes_out,
+                        new_flows: b.new_connections,
+                        active: b.active_connections,
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    DatapathSnapshot {
+        services,
+        reasons: reasons.into_iter().collect(),
+    }
+}
+
+impl StatsSource for StatsHandle {
+    fn snapshot(&self) -> Result<DatapathSnapshot, String> {
+        Ok(datapath_snapshot(&self.stats()))
+    }
+}

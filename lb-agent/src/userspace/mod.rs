@@ -1,0 +1,769 @@
+//! The userspace data path: an L4 proxy on the service VIPs, for
+//! `--datapath userspace` and as the fallback when eBPF cannot be loaded.
+//!
+//! # Decisions
+//!
+//! - **Receiving VIP traffic.** Each service gets a socket bound to exactly
+//!   VIP:port with `IP_FREEBIND` (so the VIP need not be local yet), and each
+//!   VIP gets a route `local <vip>/32 dev lo table local proto 114`
+//!   ([`ROUTE_PROTOCOL`]), added over rtnetlink when the first service on the
+//!   VIP starts and removed when the last one goes or the proxy shuts down.
+//!   With it the kernel delivers the VIP's packets to local sockets instead
+//!   of forwarding them, and the service socket can send from the VIP. A VIP
+//!   that was local already (an address of the node) is used as is and never
+//!   removed. [`UserspaceProxy::start`] also removes routes with that protocol
+//!   that a crashed proxy left behind; so run one proxy per namespace.
+//! - **Network namespace.** Everything happens in the namespace of the thread
+//!   that calls [`UserspaceProxy::start`]: its netlink socket is opened there,
+//!   and the proxy's own tokio runtime (a multi-thread runtime, built in
+//!   `start`) runs every thread there, entering it on thread start if need
+//!   be. Sockets are only made on that runtime, so `apply`, `stats` and
+//!   `shutdown` may be called from any thread.
+//! - **Sources.** Backends see the node's address as the source, not the
+//!   client's: there is no client IP preservation in userspace mode. Clients
+//!   see replies from VIP:port (TCP: the accepted socket; UDP: replies are
+//!   sent from the service socket).
+//! - **TCP.** Accept, pick a backend, connect with a timeout (default 2 s);
+//!   a failed connect is retried on another backend, up to
+//!   [`ProxyOptions::connect_attempts`] backends, then the client gets a
+//!   reset, as the kernel answers a SYN it cannot serve. Then both directions
+//!   are copied; an EOF is passed on as a half-close (FIN) while the other
+//!   direction goes on. A connection with no data either way for the idle
+//!   timeout (default: the established timeout, 6 h) is closed.
+//! - **UDP.** One session per client address, with its own socket connected
+//!   to the chosen backend. A session idle for the UDP timeout (default 60 s)
+//!   expires. Sessions are bounded per service; datagrams that would need one
+//!   more are dropped (`drop_sessions_full`).
+//! - **Algorithms** are the kernel's (see `select.rs`): random, exact
+//!   round-robin, maglev and source-hash on the same Maglev table and hashes,
+//!   and exact least-connections. Affinity and weights as in the kernel.
+//! - **Changes** apply as a diff. A changed backend set applies to new flows
+//!   only; open connections and sessions keep their backend, including one
+//!   that was removed or is terminating. A removed service's socket is closed
+//!   before `apply` returns, and its open connections and sessions are cut
+//!   (its VIP stops being local when its last service goes, so they could not
+//!   go on anyway). Sockets are closed before the route goes: without it the
+//!   kernel cannot send from the VIP, not even the FIN that tells the client.
+//!   [`UserspaceProxy::shutdown`] (or drop) cuts every connection, closes
+//!   every socket and removes the routes.
+//! - **Scope.** Every service given to `apply` is served at L4, whatever its
+//!   `grpc` policy: the caller passes the services this proxy should serve.
+//! - **Counters** are exact atomics, read by [`UserspaceProxy::stats`].
+//!   Active counts include connects in progress (so least-conn sees them).
+
+mod export;
+mod route;
+mod select;
+mod stats;
+mod tcp;
+mod udp;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use lb_api::{DesiredState, Protocol, Service, ServiceAddr};
+use tokio::runtime::{Handle, Runtime};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+
+use crate::config::Timeouts;
+use route::RouteSocket;
+use select::{BackendEntry, BackendKey, Selector, ServiceShared};
+
+pub use export::datapath_snapshot;
+pub use route::ROUTE_PROTOCOL;
+pub use stats::{BackendStats, BackendStatus, DropReason, ServiceStats};
+
+/// How long shutdown waits for the runtime's tasks to finish dropping.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// Settings of the proxy. A zero timeout means no timeout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyOptions {
+    /// Per connect attempt to a backend.
+    pub connect_timeout: Duration,
+    /// Backends tried per new TCP connection (or UDP session) before it is
+    /// dropped; at least 1.
+    pub connect_attempts: u32,
+    /// A TCP connection with no data either way for this long is closed.
+    pub tcp_idle_timeout: Duration,
+    /// A UDP session with no datagram either way for this long expires.
+    pub udp_idle_timeout: Duration,
+    /// UDP sessions per service.
+    pub max_udp_sessions: usize,
+    /// Client-IP affinity entries per service.
+    pub max_affinity_entries: usize,
+    /// Runtime worker threads; 0 = one per CPU.
+    pub worker_threads: usize,
+    /// `listen(2)` backlog of each TCP service.
+    pub listen_backlog: u32,
+    /// Add and remove the VIPs' local routes. Turn off only when something
+    /// else makes the VIPs local.
+    pub manage_routes: bool,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        Self::with_timeouts(&Timeouts::default())
+    }
+}
+
+impl ProxyOptions {
+    /// Defaults, with the idle timeouts of `t` (established TCP and UDP).
+    pub fn with_timeouts(t: &Timeouts) -> Self {
+        ProxyOptions {
+            connect_timeout: Duration::from_secs(2),
+            connect_attempts: 3,
+            tcp_idle_timeout: t.tcp_established,
+            udp_idle_timeout: t.udp,
+            max_udp_sessions: 16_384,
+            max_affinity_entries: lb_common::limits::MAX_AFFINITY as usize,
+            worker_threads: 0,
+            listen_backlog: 1024,
+            manage_routes: true,
+        }
+    }
+}
+
+/// What an [`UserspaceProxy::apply`] changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplySummary {
+    pub added: usize,
+    pub removed: usize,
+    /// Services whose spec changed (backends, algorithm, name, ...).
+    pub updated: usize,
+    pub unchanged: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("starting the proxy runtime: {0}")]
+    Runtime(#[source] io::Error),
+    #[error("network namespace of the calling thread: {0}")]
+    Netns(#[source] io::Error),
+    #[error("rtnetlink: {0}")]
+    Netlink(#[source] io::Error),
+    #[error("duplicate service {0}")]
+    DuplicateService(ServiceAddr),
+    #[error("service {name} ({addr}): {reason}")]
+    InvalidService {
+        name: String,
+        addr: ServiceAddr,
+        reason: String,
+    },
+    #[error("service {name}: listening on {addr}: {source}")]
+    Listen {
+        name: String,
+        addr: ServiceAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("local route for {vip}: {source}")]
+    Route {
+        vip: Ipv4Addr,
+        #[source]
+        source: io::Error,
+    },
+    /// Some services could not start or stop; everything else was done.
+    #[error("{}", list(.0))]
+    Several(Vec<ProxyError>),
+    #[error("the userspace proxy has shut down")]
+    Closed,
+}
+
+fn list(errors: &[ProxyError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The userspace L4 proxy. Dropping it is the same as [`Self::shutdown`],
+/// with errors logged.
+pub struct UserspaceProxy {
+    inner: Arc<Inner>,
+    rt: Option<Runtime>,
+}
+
+impl fmt::Debug for UserspaceProxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserspaceProxy")
+            .field("opts", &self.inner.opts)
+            .field("running", &self.rt.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads the proxy's counters; cheap to clone, usable from any thread, and
+/// a [`crate::metrics::StatsSource`] for the metrics.
+#[derive(Clone)]
+pub struct StatsHandle {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for StatsHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StatsHandle").finish_non_exhaustive()
+    }
+}
+
+impl StatsHandle {
+    pub fn stats(&self) -> Vec<ServiceStats> {
+        self.inner.stats()
+    }
+}
+
+struct Inner {
+    opts: Arc<ProxyOptions>,
+    handle: Handle,
+    state: Mutex<State>,
+    /// One apply at a time.
+    apply_lock: tokio::sync::Mutex<()>,
+    routes: Option<Mutex<RouteSocket>>,
+}
+
+#[derive(Default)]
+struct State {
+    services: BTreeMap<ServiceAddr, Running>,
+    vips: HashMap<Ipv4Addr, VipRoute>,
+    closed: bool,
+}
+
+struct VipRoute {
+    /// Running services on this VIP.
+    users: usize,
+    /// Whether we added its route (and so remove it).
+    owned: bool,
+}
+
+/// A service being served.
+struct Running {
+    spec: Service,
+    shared: Arc<ServiceShared>,
+    /// Every backend in the spec.
+    entries: HashMap<BackendKey, Arc<BackendEntry>>,
+    /// Backends gone from the spec that still had open flows.
+    retired: Vec<Arc<BackendEntry>>,
+    /// Asks the task to close its socket and flows, and finish.
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The calling thread's network namespace.
+struct Netns {
+    file: File,
+    id: (u64, u64),
+}
+
+const THREAD_NETNS: &str = "/proc/thread-self/ns/net";
+
+impl Netns {
+    fn current() -> io::Result<Self> {
+        let file = File::open(THREAD_NETNS)?;
+        let m = file.metadata()?;
+        Ok(Netns {
+            id: (m.dev(), m.ino()),
+            file,
+        })
+    }
+
+    /// Moves the calling thread into this namespace if it is elsewhere (a
+    /// thread inherits its creator's namespace, which is not always ours).
+    fn enter_if_elsewhere(&self) {
+        if let Ok(m) = std::fs::metadata(THREAD_NETNS)
+            && (m.dev(), m.ino()) == self.id
+        {
+            return;
+        }
+        // SAFETY: a valid nsfs fd; CLONE_NEWNET changes only this thread.
+        if unsafe { libc::setns(self.file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            error!(
+                "userspace proxy thread cannot enter its network namespace: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+impl UserspaceProxy {
+    /// Starts the proxy, serving nothing yet, in the calling thread's network
+    /// namespace (see the module docs). It runs on its own tokio runtime, so
+    /// it can be called from inside or outside another runtime.
+    pub fn start(opts: ProxyOptions) -> Result<Self, ProxyError> {
+        let netns = Arc::new(Netns::current().map_err(ProxyError::Netns)?);
+        let routes = if opts.manage_routes {
+            let mut rs = RouteSocket::open().map_err(ProxyError::Netlink)?;
+            for vip in rs.list_local().map_err(ProxyError::Netlink)? {
+                match rs.del_local(vip) {
+                    Ok(_) => warn!(%vip, "removed a VIP route left by an earlier proxy"),
+                    Err(e) => {
+                        warn!(%vip, "cannot remove a VIP route left by an earlier proxy: {e}")
+                    }
+                }
+            }
+            Some(Mutex::new(rs))
+        } else {
+            None
+        };
+        let threads = match opts.worker_threads {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        };
+        let ns = netns.clone();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("rpclb-proxy")
+            .enable_all()
+            .on_thread_start(move || ns.enter_if_elsewhere())
+            .build()
+            .map_err(ProxyError::Runtime)?;
+        info!(
+            threads,
+            manage_routes = opts.manage_routes,
+            "userspace proxy started"
+        );
+        Ok(UserspaceProxy {
+            inner: Arc::new(Inner {
+                opts: Arc::new(opts),
+                handle: rt.handle().clone(),
+                state: Mutex::default(),
+                apply_lock: tokio::sync::Mutex::new(()),
+                routes,
+            }),
+            rt: Some(rt),
+        })
+    }
+
+    /// Applies `desired` as a diff against what is served: new services get
+    /// a socket (and their VIP a route), removed ones are closed, changed
+    /// ones get a new selection for new flows. Invalid input changes nothing
+    /// and is an error. A service that cannot start (e.g. its port is taken)
+    /// is reported in [`ProxyError::Several`] while the rest is applied; the
+    /// next apply tries it again.
+    ///
+    /// Blocks until done (socket and netlink calls, and waiting for removed
+    /// services to close). From async code, prefer [`Self::apply_async`].
+    pub fn apply(&self, desired: &DesiredState) -> Result<ApplySummary, ProxyError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (inner, desired) = (self.inner.clone(), desired.clone());
+        self.inner.handle.spawn(async move {
+            let _ = tx.send(inner.apply(desired).await);
+        });
+        rx.recv().map_err(|_| ProxyError::Closed)?
+    }
+
+    /// [`Self::apply`] for async callers.
+    pub async fn apply_async(&self, desired: &DesiredState) -> Result<ApplySummary, ProxyError> {
+        let (inner, desired) = (self.inner.clone(), desired.clone());
+        let task = self.inner.handle.spawn(inner.apply(desired));
+        task.await.map_err(|_| ProxyError::Closed)?
+    }
+
+    /// Every service's counters, ordered by address.
+    pub fn stats(&self) -> Vec<ServiceStats> {
+        self.inner.stats()
+    }
+
+    /// A handle that reads the counters, e.g. for the metrics.
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// The VIPs whose local route this proxy added, sorted.
+    pub fn routes(&self) -> Vec<Ipv4Addr> {
+        let st = lock(&self.inner.state);
+        let mut v: Vec<Ipv4Addr> = st
+            .vips
+            .iter()
+            .filter(|(_, r)| r.owned)
+            .map(|(vip, _)| *vip)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Stops serving: cuts every connection and session, closes every socket
+    /// (all done when this returns, within a few seconds), then removes the
+    /// routes it added. Blocks meanwhile; from async code, prefer calling it
+    /// in `spawn_blocking`.
+    pub fn shutdown(mut self) -> Result<(), ProxyError> {
+        self.close()
+    }
+
+    fn close(&mut self) -> Result<(), ProxyError> {
+        let Some(rt) = self.rt.take() else {
+            return Ok(());
+        };
+        let (services, vips) = {
+            let mut st = lock(&self.inner.state);
+            st.closed = true;
+            (
+                std::mem::take(&mut st.services),
+                std::mem::take(&mut st.vips),
+            )
+        };
+        drop(services);
+        // Shutting the runtime down drops every task (closing every socket
+        // while the VIPs are still local) and waits for that; it must not
+        // happen on an async thread, so use a plain one.
+        std::thread::scope(|s| {
+            let _ = s.spawn(move || rt.shutdown_timeout(SHUTDOWN_WAIT)).join();
+        });
+        let mut errors = Vec::new();
+        if let Some(r) = &self.inner.routes {
+            let mut r = lock(r);
+            for (vip, v) in vips {
+                if v.owned
+                    && let Err(source) = r.del_local(vip)
+                {
+                    errors.push(ProxyError::Route { vip, source });
+                }
+            }
+        }
+        info!("userspace proxy stopped");
+        match errors.len() {
+            0 => Ok(()),
+            1 => Err(errors.remove(0)),
+            _ => Err(ProxyError::Several(errors)),
+        }
+    }
+}
+
+impl Drop for UserspaceProxy {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            warn!("userspace proxy shutdown: {e}");
+        }
+    }
+}
+
+/// Removes every VIP route a userspace proxy added in the calling thread's
+/// network namespace (for cleanup after a crash); returns their VIPs.
+pub fn remove_stale_routes() -> Result<Vec<Ipv4Addr>, ProxyError> {
+    let mut rs = RouteSocket::open().map_err(ProxyError::Netlink)?;
+    let vips = rs.list_local().map_err(ProxyError::Netlink)?;
+    for &vip in &vips {
+        rs.del_local(vip)
+            .map_err(|source| ProxyError::Route { vip, source })?;
+    }
+    Ok(vips)
+}
+
+impl Inner {
+    fn stats(&self) -> Vec<ServiceStats> {
+        lock(&self.state)
+            .services
+            .values()
+            .map(Running::stats)
+            .collect()
+    }
+
+    /// Runs on the proxy's runtime.
+    async fn apply(self: Arc<Self>, desired: DesiredState) -> Result<ApplySummary, ProxyError> {
+        let _one_at_a_time = self.apply_lock.lock().await;
+        let mut want: BTreeMap<ServiceAddr, &Service> = BTreeMap::new();
+        for s in &desired.services {
+            select::validate(s).map_err(|reason| ProxyError::InvalidService {
+                name: s.name.clone(),
+                addr: s.addr(),
+                reason,
+            })?;
+            if want.insert(s.addr(), s).is_some() {
+                return Err(ProxyError::DuplicateService(s.addr()));
+            }
+        }
+        let mut summary = ApplySummary::default();
+
+        // Removed services first: stop each task and wait until it is gone,
+        // so its socket is closed when apply returns.
+        let gone: Vec<Running> = {
+            let mut st = lock(&self.state);
+            if st.closed {
+                return Err(ProxyError::Closed);
+            }
+            let addrs: Vec<ServiceAddr> = st
+                .services
+                .keys()
+                .filter(|a| !want.contains_key(a))
+                .copied()
+                .collect();
+            addrs.iter().filter_map(|a| st.services.remove(a)).collect()
+        };
+        for r in gone {
+            // The task closes every flow's socket before it ends, while the
+            // VIP is still local: the kernel cannot send from the VIP (not
+            // even a FIN) once its route is gone.
+            let _ = r.stop.send(true);
+            let abort = r.task.abort_handle();
+            if tokio::time::timeout(SHUTDOWN_WAIT, r.task).await.is_err() {
+                warn!(service = %r.spec.name, "service task did not stop in time");
+                abort.abort();
+            }
+            self.release_vip(&mut lock(&self.state), r.spec.vip);
+            info!(service = %r.spec.name, addr = %r.spec.addr(), "userspace: service removed");
+            summary.removed += 1;
+        }
+
+        let mut failures = Vec::new();
+        let mut st = lock(&self.state);
+        if st.closed {
+            return Err(ProxyError::Closed);
+        }
+        for (addr, svc) in want {
+            match st.services.get_mut(&addr) {
+                Some(run) if run.spec == *svc => summary.unchanged += 1,
+                Some(run) => match run.update(svc) {
+                    Ok(()) => {
+                        info!(service = %svc.name, %addr, "userspace: service updated");
+                        summary.updated += 1;
+                    }
+                    Err(reason) => failures.push(ProxyError::InvalidService {
+                        name: svc.name.clone(),
+                        addr,
+                        reason,
+                    }),
+                },
+                None => match self.start_service(&mut st, svc) {
+                    Ok(()) => {
+                        info!(service = %svc.name, %addr, "userspace: service added");
+                        summary.added += 1;
+                    }
+                    Err(e) => {
+                        warn!("userspace: {e}");
+                        failures.push(e);
+                    }
+                },
+            }
+        }
+        drop(st);
+        if failures.is_empty() {
+            Ok(summary)
+        } else {
+            Err(ProxyError::Several(failures))
+        }
+    }
+
+    /// Binds the service's socket, makes its VIP local, and starts serving.
+    fn start_service(&self, st: &mut State, svc: &Service) -> Result<(), ProxyError> {
+        let addr = svc.addr();
+        let at = SocketAddrV4::new(svc.vip, svc.port);
+        let listen_err = |source| ProxyError::Listen {
+            name: svc.name.clone(),
+            addr,
+            source,
+        };
+        let entries = entries_for(svc, &HashMap::new(), &[]);
+        let selector =
+            Selector::new(svc, &entries).map_err(|reason| ProxyError::InvalidService {
+                name: svc.name.clone(),
+                addr,
+                reason,
+            })?;
+        let shared = Arc::new(ServiceShared::new(
+            addr,
+            selector,
+            self.opts.max_affinity_entries,
+        ));
+        let (stop, stopped) = watch::channel(false);
+        // Bind before the route, so that the first packet finds the socket.
+        let task = match svc.protocol {
+            Protocol::Tcp => {
+                let l = tcp::bind(at, self.opts.listen_backlog).map_err(listen_err)?;
+                self.acquire_vip(st, svc.vip)?;
+                self.handle
+                    .spawn(tcp::serve(shared.clone(), l, self.opts.clone(), stopped))
+            }
+            Protocol::Udp => {
+                let s = udp::bind(at).map_err(listen_err)?;
+                self.acquire_vip(st, svc.vip)?;
+                self.handle
+                    .spawn(udp::serve(shared.clone(), s, self.opts.clone(), stopped))
+            }
+        };
+        st.services.insert(
+            addr,
+            Running {
+                spec: svc.clone(),
+                shared,
+                entries,
+                retired: Vec::new(),
+                stop,
+                task,
+            },
+        );
+        Ok(())
+    }
+
+    fn acquire_vip(&self, st: &mut State, vip: Ipv4Addr) -> Result<(), ProxyError> {
+        if let Some(v) = st.vips.get_mut(&vip) {
+            v.users += 1;
+            return Ok(());
+        }
+        let owned = match &self.routes {
+            Some(r) => lock(r)
+                .add_local(vip)
+                .map_err(|source| ProxyError::Route { vip, source })?,
+            None => false,
+        };
+        if !owned && self.routes.is_some() {
+            debug!(%vip, "VIP is local already; its route is left alone");
+        }
+        st.vips.insert(vip, VipRoute { users: 1, owned });
+        Ok(())
+    }
+
+    fn release_vip(&self, st: &mut State, vip: Ipv4Addr) {
+        let Some(v) = st.vips.get_mut(&vip) else {
+            return;
+        };
+        v.users -= 1;
+        if v.users > 0 {
+            return;
+        }
+        let owned = st.vips.remove(&vip).is_some_and(|v| v.owned);
+        if let (true, Some(r)) = (owned, &self.routes)
+            && let Err(e) = lock(r).del_local(vip)
+        {
+            warn!(%vip, "removing the VIP route: {e}");
+        }
+    }
+}
+
+/// The entries for `svc`'s backends: the current one for each ip:port, or a
+/// retired one coming back (its counters go on), or a new one.
+fn entries_for(
+    svc: &Service,
+    current: &HashMap<BackendKey, Arc<BackendEntry>>,
+    retired: &[Arc<BackendEntry>],
+) -> HashMap<BackendKey, Arc<BackendEntry>> {
+    let mut next = HashMap::new();
+    for b in &svc.backends {
+        let k = (b.ip, b.port);
+        if next.contains_key(&k) {
+            continue;
+        }
+        let e = current
+            .get(&k)
+            .or_else(|| retired.iter().find(|e| e.key() == k))
+            .cloned()
+            .unwrap_or_else(|| Arc::new(BackendEntry::new(b.ip, b.port)));
+        next.insert(k, e);
+    }
+    next
+}
+
+impl Running {
+    /// A new spec for the same address: new flows use the new selection.
+    fn update(&mut self, svc: &Service) -> Result<(), String> {
+        let next = entries_for(svc, &self.entries, &self.retired);
+        let selector = Selector::new(svc, &next)?;
+        self.shared.set_selector(selector);
+        let old = std::mem::replace(&mut self.entries, next);
+        self.retired.extend(
+            old.into_values()
+                .filter(|e| !self.entries.contains_key(&e.key())),
+        );
+        self.retired.retain(|e| {
+            !self.entries.contains_key(&e.key()) && e.counters.active.load(Relaxed) > 0
+        });
+        self.spec = svc.clone();
+        Ok(())
+    }
+
+    fn stats(&self) -> ServiceStats {
+        let mut seen = HashSet::new();
+        let mut backends = Vec::new();
+        for b in &self.spec.backends {
+            let k = (b.ip, b.port);
+            if !seen.insert(k) {
+                continue;
+            }
+            if let Some(e) = self.entries.get(&k) {
+                let status = if b.takes_new_flows() {
+                    BackendStatus::Active
+                } else {
+                    BackendStatus::Draining
+                };
+                backends.push(stats::backend_stats(
+                    b.ip,
+                    b.port,
+                    b.weight,
+                    status,
+                    &e.counters,
+                ));
+            }
+        }
+        for e in &self.retired {
+            if e.counters.active.load(Relaxed) > 0 {
+                backends.push(stats::backend_stats(
+                    e.ip,
+                    e.port,
+                    0,
+                    BackendStatus::Removed,
+                    &e.counters,
+                ));
+            }
+        }
+        stats::service_stats(
+            &self.spec.name,
+            self.spec.addr(),
+            self.spec.algorithm,
+            &self.shared.counters,
+            backends,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_follow_the_timeouts() {
+        let o = ProxyOptions::default();
+        assert_eq!(o.connect_timeout, Duration::from_secs(2));
+        assert_eq!(o.tcp_idle_timeout, Duration::from_secs(6 * 3600));
+        assert_eq!(o.udp_idle_timeout, Duration::from_secs(60));
+        let t = Timeouts {
+            tcp_established: Duration::from_secs(5),
+            udp: Duration::from_secs(7),
+            ..Timeouts::default()
+        };
+        let o = ProxyOptions::with_timeouts(&t);
+        assert_eq!(
+            (o.tcp_idle_timeout, o.udp_idle_timeout),
+            (t.tcp_established, t.udp)
+        );
+    }
+
+    #[test]
+    fn several_errors_name_each() {
+        let vip = Ipv4Addr::new(10, 96, 0, 1);
+        let e = ProxyError::Several(vec![
+            ProxyError::Route {
+                vip,
+                source: io::Error::from_raw_os_error(libc::EPERM),
+            },
+            ProxyError::Closed,
+        ]);
+        let s = e.to_string();
+        assert!(s.starts_with("local route for 10.96.0.1: "), "{s}");
+        assert!(s.ends_with("; the userspace proxy has shut down"), "{s}");
+    }
+}

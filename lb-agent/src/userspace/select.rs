@@ -1,0 +1,688 @@
+//! Backend selection, the kernel's algorithms over an immutable snapshot.
+//!
+//! A [`Selector`] is built from a service's spec at every change and swapped
+//! in whole, so a pick never sees half an update. It holds the backends that
+//! take new flows (active, weight > 0) and the same table the kernel would:
+//! the weighted slot list ([`table::weighted_slots`]) for random and
+//! round-robin, the Maglev table ([`maglev::build`], keyed by
+//! [`maglev::backend_key`]) for maglev and source-hash. Maglev hashes the
+//! 5-tuple and source-hash the client IP with `lb_common`'s `flow_hash` and
+//! `src_hash`, fed the wire-order values the kernel sees, so both paths send a
+//! flow to the same backend.
+//!
+//! Least-conn is exact here: the backend with the fewest open connections per
+//! unit of weight, ties broken round-robin, where the kernel samples two. The
+//! count includes connects in progress and is taken under a per-service lock
+//! together with the increment, so concurrent picks cannot pile onto one
+//! backend.
+//!
+//! Affinity (`affinity_timeout`) works as in `lb-ebpf/src/select.rs`: for any
+//! algorithm, a client IP that picked a backend less than the timeout ago gets
+//! it again while it still takes new flows; the entry's clock starts at the
+//! pick that made it and is not refreshed by later hits.
+
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use lb_api::{Algorithm, Service, ServiceAddr};
+use lb_common::limits;
+
+use super::stats::{BackendCounters, ServiceCounters};
+use crate::datapath::{maglev, table};
+
+/// A backend's identity within a service.
+pub(crate) type BackendKey = (Ipv4Addr, u16);
+
+/// A backend and its counters; shared by the service and its open flows.
+#[derive(Debug)]
+pub(crate) struct BackendEntry {
+    pub(crate) ip: Ipv4Addr,
+    pub(crate) port: u16,
+    pub(crate) counters: BackendCounters,
+}
+
+impl BackendEntry {
+    pub(crate) fn new(ip: Ipv4Addr, port: u16) -> Self {
+        BackendEntry {
+            ip,
+            port,
+            counters: BackendCounters::default(),
+        }
+    }
+    pub(crate) fn key(&self) -> BackendKey {
+        (self.ip, self.port)
+    }
+    pub(crate) fn addr(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(self.ip, self.port)
+    }
+    fn active(&self) -> u64 {
+        self.counters.active.load(Relaxed)
+    }
+}
+
+/// A new flow as the algorithms see it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Flow {
+    pub(crate) client: SocketAddrV4,
+    pub(crate) service: ServiceAddr,
+}
+
+/// Network order in a native integer, as the kernel reads it from a packet.
+fn wire(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+impl Flow {
+    /// The kernel's Maglev key (`lb_common::flow_hash` on the wire values).
+    pub(crate) fn flow_hash(&self) -> u32 {
+        lb_common::flow_hash(
+            wire(*self.client.ip()),
+            wire(self.service.vip),
+            self.client.port().to_be(),
+            self.service.port.to_be(),
+            self.service.protocol.number(),
+        )
+    }
+    /// The kernel's source-hash key.
+    pub(crate) fn src_hash(&self) -> u32 {
+        lb_common::src_hash(wire(*self.client.ip()))
+    }
+}
+
+/// Why a service cannot be served; the same rules as the map writer's.
+pub(crate) fn validate(svc: &Service) -> Result<(), String> {
+    if svc.port == 0 {
+        return Err("port 0 cannot be served".into());
+    }
+    if svc.vip.is_unspecified() || svc.vip.is_broadcast() || svc.vip.is_multicast() {
+        return Err(format!("{} cannot be a service address", svc.vip));
+    }
+    if svc.algorithm.uses_maglev_table() {
+        let live = eligible(svc).count();
+        if live > 0 {
+            maglev::validate_m(svc.maglev_m(), live).map_err(|e| e.to_string())?;
+            if svc.maglev_m() > limits::MAX_SLOTS {
+                return Err(format!(
+                    "maglev table size {} is larger than the maximum {}",
+                    svc.maglev_m(),
+                    limits::MAX_SLOTS
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The backends that take new flows, first occurrence of each ip:port.
+fn eligible(svc: &Service) -> impl Iterator<Item = &lb_api::Backend> {
+    let mut seen = HashSet::new();
+    svc.backends
+        .iter()
+        .filter(move |b| b.takes_new_flows() && seen.insert((b.ip, b.port)))
+}
+
+/// One version of a service's selection state.
+#[derive(Debug)]
+pub(crate) struct Selector {
+    algorithm: Algorithm,
+    affinity: Option<Duration>,
+    /// Backends that take new flows, in the service's order.
+    backends: Vec<Arc<BackendEntry>>,
+    weights: Vec<u32>,
+    /// Indexes into `backends`: the weighted slot list or the Maglev table
+    /// (empty for least-conn, which looks at every backend).
+    table: Vec<u32>,
+    index: HashMap<BackendKey, usize>,
+}
+
+impl Selector {
+    /// Builds the selection for `svc`; `entries` must hold every backend of
+    /// the service (what is missing is left out).
+    pub(crate) fn new(
+        svc: &Service,
+        entries: &HashMap<BackendKey, Arc<BackendEntry>>,
+    ) -> Result<Selector, String> {
+        let mut backends = Vec::new();
+        let mut weights = Vec::new();
+        for b in eligible(svc) {
+            if let Some(e) = entries.get(&(b.ip, b.port)) {
+                backends.push(e.clone());
+                weights.push(b.weight);
+            }
+        }
+        let table = match svc.algorithm {
+            _ if backends.is_empty() => Vec::new(),
+            Algorithm::LeastConn => Vec::new(),
+            Algorithm::Maglev | Algorithm::SourceHash => {
+                let mb: Vec<maglev::MaglevBackend> = backends
+                    .iter()
+                    .zip(&weights)
+                    .enumerate()
+                    .map(|(i, (b, &weight))| maglev::MaglevBackend {
+                        id: i as u32,
+                        key: maglev::backend_key(b.ip, b.port),
+                        weight,
+                    })
+                    .collect();
+                maglev::build(&mb, svc.maglev_m()).map_err(|e| e.to_string())?
+            }
+            Algorithm::Random | Algorithm::RoundRobin => {
+                let wb: Vec<(u32, u32)> = (0..backends.len() as u32).zip(weights.clone()).collect();
+                table::weighted_slots(&wb, limits::MAX_WEIGHTED_TABLE)
+            }
+        };
+        let index = backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.key(), i))
+            .collect();
+        Ok(Selector {
+            algorithm: svc.algorithm,
+            affinity: svc.affinity_timeout,
+            backends,
+            weights,
+            table,
+            index,
+        })
+    }
+
+    /// Index of the backend for a new flow, skipping `excluded` (backends a
+    /// retry already tried); `None` if nothing is left. `rr` is the service's
+    /// round-robin counter.
+    pub(crate) fn choose(
+        &self,
+        rr: &AtomicU64,
+        flow: &Flow,
+        excluded: &[BackendKey],
+    ) -> Option<usize> {
+        if self.backends.is_empty() {
+            return None;
+        }
+        let start = match self.algorithm {
+            Algorithm::LeastConn => return self.least_conn(rr, excluded),
+            Algorithm::RoundRobin => rr.fetch_add(1, Relaxed) as usize,
+            Algorithm::Maglev => flow.flow_hash() as usize,
+            Algorithm::SourceHash => flow.src_hash() as usize,
+            Algorithm::Random => random_u32() as usize,
+        };
+        // The kernel's slot, or (on a retry) the next slot whose backend was
+        // not tried yet.
+        let len = self.table.len();
+        if len == 0 {
+            return None;
+        }
+        (0..len)
+            .map(|k| self.table[(start % len + k) % len] as usize)
+            .find(|&i| !excluded.contains(&self.backends[i].key()))
+    }
+
+    /// The fewest active connections per unit of weight; among equals, the
+    /// first at or after a rotating start.
+    fn least_conn(&self, rr: &AtomicU64, excluded: &[BackendKey]) -> Option<usize> {
+        let n = self.backends.len();
+        let start = (rr.fetch_add(1, Relaxed) % n as u64) as usize;
+        let mut best: Option<(usize, u128, u128)> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if excluded.contains(&self.backends[i].key()) {
+                continue;
+            }
+            let (a, w) = (
+                u128::from(self.backends[i].active()),
+                u128::from(self.weights[i]),
+            );
+            // a / w < best_a / best_w, without division.
+            if best.is_none_or(|(_, ba, bw)| a * bw < ba * w) {
+                best = Some((i, a, w));
+            }
+        }
+        best.map(|(i, _, _)| i)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn table(&self) -> &[u32] {
+        &self.table
+    }
+}
+
+/// A backend picked for a flow: counted as active until dropped.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    backend: Arc<BackendEntry>,
+}
+
+impl Lease {
+    fn new(backend: Arc<BackendEntry>) -> Self {
+        backend.counters.active.fetch_add(1, Relaxed);
+        Lease { backend }
+    }
+    pub(crate) fn backend(&self) -> &BackendEntry {
+        &self.backend
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.backend.counters.active.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A flow handed to a backend: counted as the service's new and active flow
+/// (and the backend's new one) until dropped.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    svc: Arc<ServiceShared>,
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.svc.counters.active.fetch_sub(1, Relaxed);
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Affinity {
+    backend: BackendKey,
+    since: Instant,
+}
+
+/// A running service's selection and counters, shared by its tasks.
+#[derive(Debug)]
+pub(crate) struct ServiceShared {
+    pub(crate) addr: ServiceAddr,
+    selector: RwLock<Arc<Selector>>,
+    rr: AtomicU64,
+    /// Held across least-conn's choice and the lease's increment.
+    pick_lock: Mutex<()>,
+    affinity: Mutex<HashMap<Ipv4Addr, Affinity>>,
+    max_affinity: usize,
+    pub(crate) counters: ServiceCounters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl ServiceShared {
+    pub(crate) fn new(addr: ServiceAddr, selector: Selector, max_affinity: usize) -> Self {
+        ServiceShared {
+            addr,
+            selector: RwLock::new(Arc::new(selector)),
+            rr: AtomicU64::new(0),
+            pick_lock: Mutex::new(()),
+            affinity: Mutex::new(HashMap::new()),
+            max_affinity,
+            counters: ServiceCounters::default(),
+        }
+    }
+
+    /// New flows use `selector` from now on; open ones keep their backend.
+    pub(crate) fn set_selector(&self, selector: Selector) {
+        *self
+            .selector
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(selector);
+    }
+
+    fn selector(&self) -> Arc<Selector> {
+        self.selector
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Picks a backend for a new flow, not one of `excluded`.
+    pub(crate) fn pick(&self, flow: &Flow, excluded: &[BackendKey]) -> Option<Lease> {
+        let sel = self.selector();
+        if sel.backends.is_empty() {
+            return None;
+        }
+        let _exact = (sel.algorithm == Algorithm::LeastConn).then(|| lock(&self.pick_lock));
+        let now = Instant::now();
+        let client = *flow.client.ip();
+        let sticky = sel.affinity.filter(|_| excluded.is_empty()).and_then(|t| {
+            let a = *lock(&self.affinity).get(&client)?;
+            let fresh = now.saturating_duration_since(a.since) < t;
+            fresh.then(|| sel.index.get(&a.backend).copied()).flatten()
+        });
+        let i = match sticky {
+            Some(i) => i,
+            None => {
+                let i = sel.choose(&self.rr, flow, excluded)?;
+                if let Some(t) = sel.affinity {
+                    self.remember(client, sel.backends[i].key(), now, t);
+                }
+                i
+            }
+        };
+        Some(Lease::new(sel.backends[i].clone()))
+    }
+
+    /// Counts a flow that reached `backend`; the guard keeps it active.
+    pub(crate) fn opened(self: &Arc<Self>, backend: &BackendEntry) -> Opened {
+        backend.counters.new.fetch_add(1, Relaxed);
+        self.counters.new.fetch_add(1, Relaxed);
+        self.counters.active.fetch_add(1, Relaxed);
+        Opened { svc: self.clone() }
+    }
+
+    fn remember(&self, client: Ipv4Addr, backend: BackendKey, now: Instant, timeout: Duration) {
+        let mut m = lock(&self.affinity);
+        if m.len() >= self.max_affinity && !m.contains_key(&client) {
+            m.retain(|_, a| now.saturating_duration_since(a.since) < timeout);
+            if m.len() >= self.max_affinity {
+                // Still full of live entries: this client goes without.
+                return;
+            }
+        }
+        m.insert(
+            client,
+            Affinity {
+                backend,
+                since: now,
+            },
+        );
+    }
+}
+
+/// A fast per-thread xorshift64* generator, seeded from the std hasher's keys.
+fn random_u32() -> u32 {
+    thread_local! {
+        static STATE: Cell<u64> =
+            Cell::new(RandomState::new().hash_one(std::thread::current().id()) | 1);
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        s.set(x);
+        (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) as u32
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_api::{Backend, BackendState, Protocol};
+
+    fn ip(i: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 244, 10 + i, 2)
+    }
+
+    fn svc(algo: Algorithm, weights: &[u32]) -> Service {
+        let backends = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| Backend {
+                weight: w,
+                ..Backend::new(ip(i as u8 + 1), 8080)
+            })
+            .collect();
+        Service::new(
+            "t/s:p",
+            Ipv4Addr::new(10, 96, 0, 1),
+            80,
+            Protocol::Tcp,
+            algo,
+            backends,
+        )
+    }
+
+    fn entries(s: &Service) -> HashMap<BackendKey, Arc<BackendEntry>> {
+        s.backends
+            .iter()
+            .map(|b| ((b.ip, b.port), Arc::new(BackendEntry::new(b.ip, b.port))))
+            .collect()
+    }
+
+    fn shared(s: &Service) -> ServiceShared {
+        let sel = Selector::new(s, &entries(s)).unwrap();
+        ServiceShared::new(s.addr(), sel, 1024)
+    }
+
+    fn flow(s: &Service, client: Ipv4Addr, port: u16) -> Flow {
+        Flow {
+            client: SocketAddrV4::new(client, port),
+            service: s.addr(),
+        }
+    }
+
+    fn client(n: u32) -> Ipv4Addr {
+        Ipv4Addr::from(0x0af4_0000 + n)
+    }
+
+    /// Picks `n` flows from distinct clients, keeping (`hold`) or dropping
+    /// each lease; returns how many went to each backend ip.
+    fn picks(
+        sh: &ServiceShared,
+        s: &Service,
+        n: u32,
+        hold: bool,
+    ) -> (HashMap<Ipv4Addr, u32>, Vec<Lease>) {
+        let mut held = Vec::new();
+        let mut c = HashMap::new();
+        for k in 0..n {
+            let l = sh
+                .pick(&flow(s, client(k), 40_000 + (k % 20_000) as u16), &[])
+                .expect("a backend");
+            *c.entry(l.backend().ip).or_insert(0) += 1;
+            if hold {
+                held.push(l);
+            }
+        }
+        (c, held)
+    }
+
+    #[test]
+    fn round_robin_is_exact_and_weighted() {
+        let s = svc(Algorithm::RoundRobin, &[1, 1, 1]);
+        let sh = shared(&s);
+        // In order, one each, every cycle.
+        let order: Vec<Ipv4Addr> = (0..9)
+            .map(|k| {
+                sh.pick(&flow(&s, client(k), 1000), &[])
+                    .unwrap()
+                    .backend()
+                    .ip
+            })
+            .collect();
+        let one = [ip(1), ip(2), ip(3)];
+        assert_eq!(order, [one, one, one].concat());
+        let s = svc(Algorithm::RoundRobin, &[3, 1, 2]);
+        let (c, _) = picks(&shared(&s), &s, 600, false);
+        assert_eq!((c[&ip(1)], c[&ip(2)], c[&ip(3)]), (300, 100, 200));
+    }
+
+    #[test]
+    fn random_respects_weights() {
+        let s = svc(Algorithm::Random, &[1, 3]);
+        let (c, _) = picks(&shared(&s), &s, 8000, false);
+        let share = f64::from(c[&ip(2)]) / 8000.0;
+        assert!((share - 0.75).abs() < 0.03, "{c:?}");
+    }
+
+    #[test]
+    fn drained_backends_get_nothing() {
+        let mut s = svc(Algorithm::RoundRobin, &[1, 1, 0, 1]);
+        s.backends[1].state = BackendState::Terminating;
+        for algo in Algorithm::ALL {
+            s.algorithm = algo;
+            let (c, _) = picks(&shared(&s), &s, 300, false);
+            assert!(!c.contains_key(&ip(2)), "{algo}: terminating got {c:?}");
+            assert!(!c.contains_key(&ip(3)), "{algo}: weight 0 got {c:?}");
+            assert_eq!(c.values().sum::<u32>(), 300);
+        }
+        // Nothing that takes new flows: no pick.
+        let mut s = svc(Algorithm::LeastConn, &[0, 1]);
+        s.backends[1].state = BackendState::Terminating;
+        let sh = shared(&s);
+        assert!(sh.pick(&flow(&s, client(1), 1), &[]).is_none());
+        let s = svc(Algorithm::Maglev, &[]);
+        assert!(shared(&s).pick(&flow(&s, client(1), 1), &[]).is_none());
+    }
+
+    #[test]
+    fn least_conn_picks_the_minimum_exactly() {
+        let s = svc(Algorithm::LeastConn, &[1, 1, 1]);
+        let sh = shared(&s);
+        // Held leases spread exactly evenly: ties go round-robin.
+        let (c, mut held) = picks(&sh, &s, 9, true);
+        assert_eq!((c[&ip(1)], c[&ip(2)], c[&ip(3)]), (3, 3, 3));
+        // Free two on backend 2: the next two picks go there, and only there.
+        let mut freed = 0;
+        held.retain(|l| {
+            let keep = !(l.backend().ip == ip(2) && freed < 2);
+            freed += usize::from(!keep);
+            keep
+        });
+        let (c, more) = picks(&sh, &s, 2, true);
+        assert_eq!(c, HashMap::from([(ip(2), 2)]));
+        held.extend(more);
+        // Active counts are exact, and dropping leases brings them to zero.
+        let sel = sh.selector();
+        let active: Vec<u64> = sel.backends.iter().map(|b| b.active()).collect();
+        assert_eq!(active, [3, 3, 3]);
+        drop(held);
+        assert!(sel.backends.iter().all(|b| b.active() == 0));
+    }
+
+    #[test]
+    fn least_conn_is_weighted() {
+        let s = svc(Algorithm::LeastConn, &[2, 1]);
+        let sh = shared(&s);
+        let (c, _held) = picks(&sh, &s, 30, true);
+        assert_eq!((c[&ip(1)], c[&ip(2)]), (20, 10));
+        // With everything free again, a single pick never goes above min.
+        let s = svc(Algorithm::LeastConn, &[1, 1, 1]);
+        let sh = shared(&s);
+        let a = sh.pick(&flow(&s, client(0), 1), &[]).unwrap();
+        let b = sh.pick(&flow(&s, client(0), 2), &[]).unwrap();
+        assert_ne!(a.backend().ip, b.backend().ip);
+        let c = sh.pick(&flow(&s, client(0), 3), &[]).unwrap();
+        assert_ne!(c.backend().ip, a.backend().ip);
+        assert_ne!(c.backend().ip, b.backend().ip);
+    }
+
+    #[test]
+    fn maglev_agrees_with_the_kernel_table() {
+        for algo in [Algorithm::Maglev, Algorithm::SourceHash] {
+            let mut s = svc(algo, &[1, 2, 1, 1]);
+            s.maglev_table_size = Some(1009);
+            let sh = shared(&s);
+            // The same table the map writer would build (ids are backend ips here).
+            let mb: Vec<maglev::MaglevBackend> = s
+                .backends
+                .iter()
+                .map(|b| maglev::MaglevBackend {
+                    id: u32::from(b.ip),
+                    key: maglev::backend_key(b.ip, b.port),
+                    weight: b.weight,
+                })
+                .collect();
+            let want = maglev::build(&mb, 1009).unwrap();
+            let sel = sh.selector();
+            let got: Vec<u32> = sel
+                .table()
+                .iter()
+                .map(|&i| u32::from(sel.backends[i as usize].ip))
+                .collect();
+            assert_eq!(got, want, "{algo}: same table");
+            // Each flow lands where the kernel's hash of its wire values says.
+            for k in 0..200u32 {
+                let (cip, cport) = (client(k * 7919), 1024 + k as u16 * 13);
+                let w = |ip: Ipv4Addr| u32::from_ne_bytes(ip.octets());
+                let h = if algo == Algorithm::Maglev {
+                    lb_common::flow_hash(w(cip), w(s.vip), cport.to_be(), s.port.to_be(), 6)
+                } else {
+                    lb_common::src_hash(w(cip))
+                };
+                let expect = Ipv4Addr::from(want[(h % 1009) as usize]);
+                let l = sh.pick(&flow(&s, cip, cport), &[]).unwrap();
+                assert_eq!(l.backend().ip, expect, "{algo} flow {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn retries_skip_tried_backends() {
+        for algo in Algorithm::ALL {
+            let s = svc(algo, &[1, 1, 1]);
+            let sh = shared(&s);
+            let f = flow(&s, client(5), 5555);
+            let a = sh.pick(&f, &[]).unwrap().backend().key();
+            let b = sh.pick(&f, &[a]).unwrap().backend().key();
+            let c = sh.pick(&f, &[a, b]).unwrap().backend().key();
+            assert!(a != b && b != c && a != c, "{algo}: {a:?} {b:?} {c:?}");
+            assert!(sh.pick(&f, &[a, b, c]).is_none(), "{algo}");
+        }
+    }
+
+    #[test]
+    fn affinity_sticks_until_timeout_and_follows_drains() {
+        let mut s = svc(Algorithm::RoundRobin, &[1, 1, 1]);
+        s.affinity_timeout = Some(Duration::from_secs(2));
+        let sh = shared(&s);
+        let pick = |c: u32, p: u16| sh.pick(&flow(&s, client(c), p), &[]).unwrap().backend().ip;
+        let first = pick(1, 1);
+        for p in 2..20 {
+            assert_eq!(pick(1, p), first, "sticky");
+        }
+        // Another client is not affected (round-robin moved on once).
+        assert_ne!(pick(2, 1), first);
+        // A drained backend loses its clients at once.
+        let mut drained = s.clone();
+        for b in &mut drained.backends {
+            if b.ip == first {
+                b.weight = 0;
+            }
+        }
+        sh.set_selector(Selector::new(&drained, &entries(&s)).unwrap());
+        let moved = pick(1, 50);
+        assert_ne!(moved, first);
+        // The new choice sticks, and expires the timeout after the pick that
+        // made it: the hit in between does not refresh it.
+        std::thread::sleep(Duration::from_millis(1200));
+        assert_eq!(pick(1, 51), moved);
+        std::thread::sleep(Duration::from_millis(1000));
+        let after = pick(1, 52);
+        assert_ne!(after, moved);
+        assert_eq!(pick(1, 53), after, "sticky again");
+    }
+
+    #[test]
+    fn affinity_table_is_bounded() {
+        let mut s = svc(Algorithm::RoundRobin, &[1, 1]);
+        s.affinity_timeout = Some(Duration::from_secs(60));
+        let sel = Selector::new(&s, &entries(&s)).unwrap();
+        let sh = ServiceShared::new(s.addr(), sel, 4);
+        for k in 0..10 {
+            sh.pick(&flow(&s, client(k), 1), &[]).unwrap();
+        }
+        assert_eq!(lock(&sh.affinity).len(), 4);
+        // Clients without an entry still get a backend.
+        assert!(sh.pick(&flow(&s, client(99), 1), &[]).is_some());
+    }
+
+    #[test]
+    fn validation() {
+        let mut s = svc(Algorithm::Maglev, &[1, 1]);
+        assert_eq!(validate(&s), Ok(()));
+        s.maglev_table_size = Some(1000);
+        assert!(validate(&s).unwrap_err().contains("not prime"));
+        s.maglev_table_size = Some(101);
+        assert!(validate(&s).unwrap_err().contains("must be > 100 x 2"));
+        s.algorithm = Algorithm::Random;
+        assert_eq!(validate(&s), Ok(()));
+        s.port = 0;
+        assert!(validate(&s).is_err());
+        s.port = 80;
+        s.vip = Ipv4Addr::UNSPECIFIED;
+        assert!(validate(&s).is_err());
+    }
+}

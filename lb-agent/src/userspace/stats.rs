@@ -1,0 +1,278 @@
+//! The proxy's counters: atomics updated on the data path, and the plain
+//! snapshots [`super::UserspaceProxy::stats`] returns.
+//!
+//! Direction: `in` is client -> backend, `out` is backend -> client. A packet
+//! is a datagram for UDP and one successful `read` for TCP.
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use lb_api::{Algorithm, ServiceAddr};
+use serde::Serialize;
+
+/// Why a new flow or a datagram was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    /// The service had no backend that takes new flows.
+    NoBackend,
+    /// The last connect attempt to a backend timed out.
+    ConnectTimeout,
+    /// The last connect attempt to a backend failed (refused, unreachable).
+    ConnectFailed,
+    /// UDP: the service's session table was full.
+    SessionsFull,
+    /// UDP: a datagram could not be passed on (socket buffer full or error).
+    SendFailed,
+    /// TCP: `accept` failed (e.g. out of file descriptors).
+    AcceptFailed,
+}
+
+impl DropReason {
+    pub const COUNT: usize = 6;
+    pub const ALL: [DropReason; Self::COUNT] = [
+        DropReason::NoBackend,
+        DropReason::ConnectTimeout,
+        DropReason::ConnectFailed,
+        DropReason::SessionsFull,
+        DropReason::SendFailed,
+        DropReason::AcceptFailed,
+    ];
+
+    /// The reason's name, in the kernel's `<kind>_<what>` style
+    /// (`lb_common::reason::NAMES`): `drop_no_backend` is the same event there.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::NoBackend => "drop_no_backend",
+            DropReason::ConnectTimeout => "drop_connect_timeout",
+            DropReason::ConnectFailed => "drop_connect_failed",
+            DropReason::SessionsFull => "drop_sessions_full",
+            DropReason::SendFailed => "drop_send_failed",
+            DropReason::AcceptFailed => "drop_accept_failed",
+        }
+    }
+}
+
+/// Bytes and packets in both directions.
+#[derive(Debug, Default)]
+pub(crate) struct Traffic {
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    packets_in: AtomicU64,
+    packets_out: AtomicU64,
+}
+
+impl Traffic {
+    pub(crate) fn add_in(&self, bytes: usize) {
+        self.bytes_in.fetch_add(bytes as u64, Relaxed);
+        self.packets_in.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn add_out(&self, bytes: usize) {
+        self.bytes_out.fetch_add(bytes as u64, Relaxed);
+        self.packets_out.fetch_add(1, Relaxed);
+    }
+    fn read(&self) -> [u64; 4] {
+        [
+            self.bytes_in.load(Relaxed),
+            self.bytes_out.load(Relaxed),
+            self.packets_in.load(Relaxed),
+            self.packets_out.load(Relaxed),
+        ]
+    }
+}
+
+/// One backend's counters. They live as long as the backend is in the
+/// service or still has open connections.
+#[derive(Debug, Default)]
+pub(crate) struct BackendCounters {
+    /// Connections established / UDP sessions opened.
+    pub(crate) new: AtomicU64,
+    /// Open connections and sessions, including connects in progress.
+    pub(crate) active: AtomicU64,
+    pub(crate) connect_failures: AtomicU64,
+    pub(crate) traffic: Traffic,
+}
+
+/// One service's counters.
+#[derive(Debug, Default)]
+pub(crate) struct ServiceCounters {
+    /// Flows handed to a backend (TCP connected upstream, UDP session opened).
+    pub(crate) new: AtomicU64,
+    /// Of those, the ones still open.
+    pub(crate) active: AtomicU64,
+    pub(crate) connect_failures: AtomicU64,
+    pub(crate) idle_timeouts: AtomicU64,
+    pub(crate) traffic: Traffic,
+    drops: [AtomicU64; DropReason::COUNT],
+}
+
+impl ServiceCounters {
+    pub(crate) fn dropped(&self, r: DropReason) {
+        self.drops[r as usize].fetch_add(1, Relaxed);
+    }
+}
+
+/// How a backend in [`BackendStats`] stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendStatus {
+    Active,
+    /// Terminating or weight 0: no new flows.
+    Draining,
+    /// No longer in the service, listed while it still has open connections.
+    Removed,
+}
+
+impl BackendStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendStatus::Active => "active",
+            BackendStatus::Draining => "draining",
+            BackendStatus::Removed => "removed",
+        }
+    }
+}
+
+/// One backend's counters at one instant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BackendStats {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// 0 for a removed backend.
+    pub weight: u32,
+    pub status: BackendStatus,
+    /// TCP connections established to it / UDP sessions opened to it.
+    pub new_connections: u64,
+    /// Open connections and sessions, connects in progress included; exact.
+    pub active_connections: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub packets_out: u64,
+    /// Failed connect attempts (timeouts included).
+    pub connect_failures: u64,
+}
+
+/// One service's counters at one instant, with its backends'.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceStats {
+    /// `namespace/name:port`.
+    pub name: String,
+    pub addr: ServiceAddr,
+    pub algorithm: Algorithm,
+    /// Flows handed to a backend (TCP: connected upstream; UDP: new session).
+    pub new_connections: u64,
+    /// Of those, the ones open now; exact.
+    pub active_connections: u64,
+    /// Client -> backend.
+    pub bytes_in: u64,
+    /// Backend -> client.
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub packets_out: u64,
+    /// Failed connect attempts over all backends (a retried flow counts each).
+    pub connect_failures: u64,
+    /// TCP connections closed and UDP sessions expired by the idle timeout.
+    pub idle_timeouts: u64,
+    /// Every reason, zeros included, in [`DropReason::ALL`] order.
+    pub drops: Vec<(DropReason, u64)>,
+    /// The service's backends in its order, then removed ones still in use.
+    pub backends: Vec<BackendStats>,
+}
+
+impl ServiceStats {
+    pub fn drops_for(&self, r: DropReason) -> u64 {
+        self.drops
+            .iter()
+            .find(|(x, _)| *x == r)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().map(|(_, n)| n).sum()
+    }
+
+    /// The backend at `ip:port`, if listed.
+    pub fn backend(&self, ip: Ipv4Addr, port: u16) -> Option<&BackendStats> {
+        self.backends.iter().find(|b| b.ip == ip && b.port == port)
+    }
+}
+
+pub(crate) fn backend_stats(
+    ip: Ipv4Addr,
+    port: u16,
+    weight: u32,
+    status: BackendStatus,
+    c: &BackendCounters,
+) -> BackendStats {
+    let [bytes_in, bytes_out, packets_in, packets_out] = c.traffic.read();
+    BackendStats {
+        ip,
+        port,
+        weight,
+        status,
+        new_connections: c.new.load(Relaxed),
+        active_connections: c.active.load(Relaxed),
+        bytes_in,
+        bytes_out,
+        packets_in,
+        packets_out,
+        connect_failures: c.connect_failures.load(Relaxed),
+    }
+}
+
+pub(crate) fn service_stats(
+    name: &str,
+    addr: ServiceAddr,
+    algorithm: Algorithm,
+    c: &ServiceCounters,
+    backends: Vec<BackendStats>,
+) -> ServiceStats {
+    let [bytes_in, bytes_out, packets_in, packets_out] = c.traffic.read();
+    ServiceStats {
+        name: name.to_string(),
+        addr,
+        algorithm,
+        new_connections: c.new.load(Relaxed),
+        active_connections: c.active.load(Relaxed),
+        bytes_in,
+        bytes_out,
+        packets_in,
+        packets_out,
+        connect_failures: c.connect_failures.load(Relaxed),
+        idle_timeouts: c.idle_timeouts.load(Relaxed),
+        drops: DropReason::ALL
+            .iter()
+            .map(|&r| (r, c.drops[r as usize].load(Relaxed)))
+            .collect(),
+        backends,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_indexed_in_order() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+            assert!(r.as_str().starts_with("drop_"));
+        }
+        let c = ServiceCounters::default();
+        c.dropped(DropReason::SessionsFull);
+        c.dropped(DropReason::SessionsFull);
+        c.dropped(DropReason::NoBackend);
+        let addr = ServiceAddr {
+            vip: Ipv4Addr::new(10, 96, 0, 1),
+            port: 53,
+            protocol: lb_api::Protocol::Udp,
+        };
+        let s = service_stats("a", addr, Algorithm::Random, &c, vec![]);
+        assert_eq!(s.drops_for(DropReason::SessionsFull), 2);
+        assert_eq!(s.drops_for(DropReason::NoBackend), 1);
+        assert_eq!(s.drops_for(DropReason::SendFailed), 0);
+        assert_eq!(s.total_drops(), 3);
+        assert_eq!(s.drops.len(), DropReason::COUNT);
+    }
+}

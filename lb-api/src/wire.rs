@@ -1,0 +1,598 @@
+//! The controller <-> agent gRPC contract (`proto/rpclb/v1/state.proto`) and
+//! its conversions to and from the model.
+//!
+//! Conversions from the wire are checked with the same rules as a config
+//! file (ports, weights, Maglev sizes, duplicates, timeouts): an agent never
+//! applies a state it would refuse from its own file.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use crate::config::{MAX_AFFINITY_TIMEOUT_S, MAX_MAGLEV_M, Timeouts};
+use crate::maglev_size;
+use crate::model::{
+    Algorithm, Backend, BackendState, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy, MAX_WEIGHT,
+    Protocol, Service, ServiceAddr, check_added_header,
+};
+
+/// The generated messages, client and server.
+pub mod pb {
+    tonic::include_proto!("rpclb.v1");
+}
+
+pub use pb::state_stream_client::StateStreamClient;
+pub use pb::state_stream_server::{StateStream, StateStreamServer};
+
+/// A message from the controller that the agent cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("{0}: missing field `{1}`")]
+    Missing(String, &'static str),
+    #[error("{0}: {1}")]
+    Invalid(String, String),
+    #[error("services {0} and {1} have the same address {2}")]
+    Duplicate(String, String, ServiceAddr),
+    #[error("delta from version {base} does not apply to version {have}")]
+    WrongBase { base: u64, have: u64 },
+    #[error("the message has no body")]
+    Empty,
+}
+
+fn protocol_to_pb(p: Protocol) -> pb::Protocol {
+    match p {
+        Protocol::Tcp => pb::Protocol::Tcp,
+        Protocol::Udp => pb::Protocol::Udp,
+    }
+}
+
+fn algorithm_to_pb(a: Algorithm) -> pb::Algorithm {
+    match a {
+        Algorithm::Random => pb::Algorithm::Random,
+        Algorithm::RoundRobin => pb::Algorithm::RoundRobin,
+        Algorithm::Maglev => pb::Algorithm::Maglev,
+        Algorithm::SourceHash => pb::Algorithm::SourceHash,
+        Algorithm::LeastConn => pb::Algorithm::LeastConn,
+    }
+}
+
+impl From<ServiceAddr> for pb::ServiceAddr {
+    fn from(a: ServiceAddr) -> Self {
+        pb::ServiceAddr {
+            vip: u32::from(a.vip),
+            port: u32::from(a.port),
+            protocol: protocol_to_pb(a.protocol) as i32,
+        }
+    }
+}
+
+impl From<&Service> for pb::Service {
+    fn from(s: &Service) -> Self {
+        pb::Service {
+            name: s.name.clone(),
+            addr: Some(s.addr().into()),
+            algorithm: algorithm_to_pb(s.algorithm) as i32,
+            affinity_timeout_s: s
+                .affinity_timeout
+                .map_or(0, |d| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX)),
+            maglev_table_size: s.maglev_table_size.unwrap_or(0),
+            backends: s
+                .backends
+                .iter()
+                .map(|b| pb::Backend {
+                    ip: u32::from(b.ip),
+                    port: u32::from(b.port),
+                    weight: b.weight,
+                    state: match b.state {
+                        BackendState::Active => pb::BackendState::Active,
+                        BackendState::Terminating => pb::BackendState::Terminating,
+                    } as i32,
+                })
+                .collect(),
+            grpc: s.grpc.as_ref().map(|g| pb::GrpcPolicy {
+                default_timeout_ms: u64::try_from(g.default_timeout.as_millis())
+                    .unwrap_or(u64::MAX),
+                add_headers: g
+                    .add_headers
+                    .iter()
+                    .map(|(name, value)| pb::Header {
+                        name: name.clone(),
+                        value: value.clone(),
+                    })
+                    .collect(),
+            }),
+        }
+    }
+}
+
+impl From<&Timeouts> for pb::Timeouts {
+    fn from(t: &Timeouts) -> Self {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        pb::Timeouts {
+            tcp_syn_ms: ms(t.tcp_syn),
+            tcp_established_ms: ms(t.tcp_established),
+            tcp_closing_ms: ms(t.tcp_closing),
+            udp_ms: ms(t.udp),
+        }
+    }
+}
+
+fn port(what: &str, v: u32) -> Result<u16, WireError> {
+    u16::try_from(v)
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| WireError::Invalid(what.to_string(), format!("port {v} out of 1..=65535")))
+}
+
+/// Checks and converts a service address.
+pub fn addr_from_pb(what: &str, a: &pb::ServiceAddr) -> Result<ServiceAddr, WireError> {
+    let protocol = match pb::Protocol::try_from(a.protocol) {
+        Ok(pb::Protocol::Tcp) => Protocol::Tcp,
+        Ok(pb::Protocol::Udp) => Protocol::Udp,
+        _ => {
+            return Err(WireError::Invalid(
+                what.to_string(),
+                format!("protocol {} is not tcp or udp", a.protocol),
+            ));
+        }
+    };
+    Ok(ServiceAddr {
+        vip: Ipv4Addr::from(a.vip),
+        port: port(what, a.port)?,
+        protocol,
+    })
+}
+
+/// Checks and converts a service, with the config file's rules.
+pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
+    let what = if s.name.is_empty() {
+        "service <unnamed>".to_string()
+    } else {
+        format!("service {}", s.name)
+    };
+    let bad = |m: String| WireError::Invalid(what.clone(), m);
+    if s.name.is_empty() {
+        return Err(WireError::Missing(what, "name"));
+    }
+    let addr = addr_from_pb(
+        &what,
+        s.addr
+            .as_ref()
+            .ok_or_else(|| WireError::Missing(what.clone(), "addr"))?,
+    )?;
+    let algorithm = match pb::Algorithm::try_from(s.algorithm) {
+        Ok(pb::Algorithm::Random) => Algorithm::Random,
+        Ok(pb::Algorithm::RoundRobin) => Algorithm::RoundRobin,
+        Ok(pb::Algorithm::Maglev) => Algorithm::Maglev,
+        Ok(pb::Algorithm::SourceHash) => Algorithm::SourceHash,
+        Ok(pb::Algorithm::LeastConn) => Algorithm::LeastConn,
+        _ => return Err(bad(format!("unknown algorithm {}", s.algorithm))),
+    };
+    if u64::from(s.affinity_timeout_s) > MAX_AFFINITY_TIMEOUT_S {
+        return Err(bad(format!(
+            "affinity timeout {} s is over the maximum {MAX_AFFINITY_TIMEOUT_S} s",
+            s.affinity_timeout_s
+        )));
+    }
+    let mut seen = HashSet::new();
+    let mut backends = Vec::with_capacity(s.backends.len());
+    for b in &s.backends {
+        let ip = Ipv4Addr::from(b.ip);
+        let bport = port(&what, b.port)?;
+        if !seen.insert((ip, bport)) {
+            return Err(bad(format!("backend {ip}:{bport} is listed twice")));
+        }
+        if b.weight > MAX_WEIGHT {
+            return Err(bad(format!(
+                "backend {ip}:{bport}: weight {} is over the maximum {MAX_WEIGHT}",
+                b.weight
+            )));
+        }
+        let state = match pb::BackendState::try_from(b.state) {
+            Ok(pb::BackendState::Active) => BackendState::Active,
+            Ok(pb::BackendState::Terminating) => BackendState::Terminating,
+            Err(_) => {
+                return Err(bad(format!(
+                    "backend {ip}:{bport}: unknown state {}",
+                    b.state
+                )));
+            }
+        };
+        backends.push(Backend {
+            ip,
+            port: bport,
+            weight: b.weight,
+            state,
+        });
+    }
+    let maglev_table_size = match s.maglev_table_size {
+        0 => None,
+        m if m > MAX_MAGLEV_M => {
+            return Err(bad(format!(
+                "maglev table size {m} is over the maximum {MAX_MAGLEV_M}"
+            )));
+        }
+        m => {
+            let n = backends.iter().filter(|b| b.weight > 0).count();
+            maglev_size::validate_m(m, n).map_err(|e| bad(e.to_string()))?;
+            Some(m)
+        }
+    };
+    let grpc = match &s.grpc {
+        None => None,
+        Some(_) if addr.protocol != Protocol::Tcp => {
+            return Err(bad("the gRPC mode needs protocol tcp".into()));
+        }
+        Some(g) => {
+            let mut add_headers: Vec<(String, String)> = Vec::new();
+            for h in &g.add_headers {
+                check_added_header(&h.name, &h.value).map_err(&bad)?;
+                if add_headers.iter().any(|(n, _)| n == &h.name) {
+                    return Err(bad(format!("header {} is listed twice", h.name)));
+                }
+                add_headers.push((h.name.clone(), h.value.clone()));
+            }
+            Some(GrpcPolicy {
+                default_timeout: match g.default_timeout_ms {
+                    0 => DEFAULT_GRPC_TIMEOUT,
+                    ms => Duration::from_millis(ms),
+                },
+                add_headers,
+            })
+        }
+    };
+    Ok(Service {
+        name: s.name.clone(),
+        vip: addr.vip,
+        port: addr.port,
+        protocol: addr.protocol,
+        algorithm,
+        affinity_timeout: match s.affinity_timeout_s {
+            0 => None,
+            t => Some(Duration::from_secs(u64::from(t))),
+        },
+        maglev_table_size,
+        backends,
+        grpc,
+    })
+}
+
+/// Checks and converts timeouts (each must be > 0).
+pub fn timeouts_from_pb(t: &pb::Timeouts) -> Result<Timeouts, WireError> {
+    let d = |name: &str, ms: u64| {
+        if ms == 0 {
+            Err(WireError::Invalid(
+                format!("timeouts.{name}"),
+                "must be > 0".into(),
+            ))
+        } else {
+            Ok(Duration::from_millis(ms))
+        }
+    };
+    Ok(Timeouts {
+        tcp_syn: d("tcp_syn", t.tcp_syn_ms)?,
+        tcp_established: d("tcp_established", t.tcp_established_ms)?,
+        tcp_closing: d("tcp_closing", t.tcp_closing_ms)?,
+        udp: d("udp", t.udp_ms)?,
+    })
+}
+
+/// A node's desired state as the agent holds it: the services and the
+/// conntrack timeouts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeState {
+    pub state: DesiredState,
+    pub timeouts: Timeouts,
+}
+
+/// Refuses two services on one address.
+fn check_unique(services: &[Service]) -> Result<(), WireError> {
+    let mut by_addr: BTreeMap<ServiceAddr, &str> = BTreeMap::new();
+    for s in services {
+        if let Some(other) = by_addr.insert(s.addr(), &s.name) {
+            return Err(WireError::Duplicate(
+                other.to_string(),
+                s.name.clone(),
+                s.addr(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The full-state message.
+pub fn snapshot(version: u64, node: &NodeState) -> pb::ControllerMessage {
+    pb::ControllerMessage {
+        version,
+        body: Some(pb::controller_message::Body::Snapshot(pb::Snapshot {
+            services: node.state.services.iter().map(Into::into).collect(),
+            timeouts: Some((&node.timeouts).into()),
+        })),
+    }
+}
+
+/// The change from `old` (sent as `base`) to `new` (sent as `version`);
+/// `None` when nothing changed.
+pub fn delta(
+    base: u64,
+    old: &NodeState,
+    version: u64,
+    new: &NodeState,
+) -> Option<pb::ControllerMessage> {
+    let before: BTreeMap<ServiceAddr, &Service> =
+        old.state.services.iter().map(|s| (s.addr(), s)).collect();
+    let after: BTreeMap<ServiceAddr, &Service> =
+        new.state.services.iter().map(|s| (s.addr(), s)).collect();
+    let upserts: Vec<pb::Service> = after
+        .iter()
+        .filter(|(a, s)| before.get(a) != Some(*s))
+        .map(|(_, s)| (*s).into())
+        .collect();
+    let removals: Vec<pb::ServiceAddr> = before
+        .keys()
+        .filter(|a| !after.contains_key(a))
+        .map(|a| (*a).into())
+        .collect();
+    let timeouts = (old.timeouts != new.timeouts).then(|| (&new.timeouts).into());
+    if upserts.is_empty() && removals.is_empty() && timeouts.is_none() {
+        return None;
+    }
+    Some(pb::ControllerMessage {
+        version,
+        body: Some(pb::controller_message::Body::Delta(pb::Delta {
+            base_version: base,
+            upserts,
+            removals,
+            timeouts,
+        })),
+    })
+}
+
+/// Applies a controller message to the agent's state at `have` (its
+/// version); returns the new state. A snapshot replaces everything; a delta
+/// must start from `have`. Nothing is half-applied: an error leaves `current`
+/// as it was.
+pub fn apply_message(
+    current: &NodeState,
+    have: u64,
+    msg: &pb::ControllerMessage,
+) -> Result<NodeState, WireError> {
+    use pb::controller_message::Body;
+    match msg.body.as_ref().ok_or(WireError::Empty)? {
+        Body::Snapshot(s) => {
+            let services = s
+                .services
+                .iter()
+                .map(service_from_pb)
+                .collect::<Result<Vec<_>, _>>()?;
+            check_unique(&services)?;
+            let timeouts = match &s.timeouts {
+                Some(t) => timeouts_from_pb(t)?,
+                None => Timeouts::default(),
+            };
+            Ok(NodeState {
+                state: DesiredState { services },
+                timeouts,
+            })
+        }
+        Body::Delta(d) => {
+            if d.base_version != have {
+                return Err(WireError::WrongBase {
+                    base: d.base_version,
+                    have,
+                });
+            }
+            let mut by_addr: BTreeMap<ServiceAddr, Service> = current
+                .state
+                .services
+                .iter()
+                .map(|s| (s.addr(), s.clone()))
+                .collect();
+            for r in &d.removals {
+                by_addr.remove(&addr_from_pb("removal", r)?);
+            }
+            for u in &d.upserts {
+                let s = service_from_pb(u)?;
+                by_addr.insert(s.addr(), s);
+            }
+            let services: Vec<Service> = by_addr.into_values().collect();
+            check_unique(&services)?;
+            let timeouts = match &d.timeouts {
+                Some(t) => timeouts_from_pb(t)?,
+                None => current.timeouts,
+            };
+            Ok(NodeState {
+                state: DesiredState { services },
+                timeouts,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, port: u16, backends: &[(u8, u32)]) -> Service {
+        let mut s = Service::new(
+            name,
+            Ipv4Addr::new(10, 96, 0, 1),
+            port,
+            Protocol::Tcp,
+            Algorithm::Maglev,
+            backends
+                .iter()
+                .map(|&(i, w)| Backend {
+                    weight: w,
+                    ..Backend::new(Ipv4Addr::new(10, 244, 0, i), 8080)
+                })
+                .collect(),
+        );
+        s.affinity_timeout = Some(Duration::from_secs(30));
+        s
+    }
+
+    fn node(services: Vec<Service>) -> NodeState {
+        NodeState {
+            state: DesiredState { services },
+            timeouts: Timeouts::default(),
+        }
+    }
+
+    #[test]
+    fn snapshot_round_trips() {
+        let mut s = svc("a/b:http", 80, &[(1, 1), (2, 3)]);
+        s.backends[1].state = BackendState::Terminating;
+        s.maglev_table_size = Some(1009);
+        s.grpc = Some(GrpcPolicy {
+            default_timeout: Duration::from_millis(2500),
+            add_headers: vec![("x-cluster".into(), "east".into())],
+        });
+        let n = NodeState {
+            state: DesiredState {
+                services: vec![s, svc("a/c:grpc", 81, &[])],
+            },
+            timeouts: Timeouts {
+                udp: Duration::from_millis(1500),
+                ..Timeouts::default()
+            },
+        };
+        let got = apply_message(&NodeState::default(), 0, &snapshot(7, &n)).unwrap();
+        assert_eq!(got, n);
+    }
+
+    #[test]
+    fn delta_carries_only_changes_and_applies() {
+        let old = node(vec![
+            svc("a/x:1", 1, &[(1, 1)]),
+            svc("a/y:2", 2, &[(1, 1)]),
+            svc("a/z:3", 3, &[(1, 1)]),
+        ]);
+        let mut new = old.clone();
+        new.state.services.remove(0);
+        new.state.services[0]
+            .backends
+            .push(Backend::new(Ipv4Addr::new(10, 244, 0, 9), 8080));
+        new.state.services.push(svc("a/w:4", 4, &[]));
+        let msg = delta(3, &old, 4, &new).unwrap();
+        let pb::controller_message::Body::Delta(d) = msg.body.as_ref().unwrap() else {
+            panic!("not a delta");
+        };
+        assert_eq!(d.base_version, 3);
+        let names: Vec<_> = d.upserts.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["a/y:2", "a/w:4"]);
+        assert_eq!(d.removals.len(), 1);
+        assert!(d.timeouts.is_none());
+        let mut got = apply_message(&old, 3, &msg).unwrap();
+        got.state.services.sort_by_key(|s| s.addr());
+        let mut want = new.clone();
+        want.state.services.sort_by_key(|s| s.addr());
+        assert_eq!(got, want);
+        assert!(delta(4, &new, 5, &new).is_none(), "no change, no message");
+    }
+
+    #[test]
+    fn delta_with_the_wrong_base_is_refused() {
+        let a = node(vec![svc("a/x:1", 1, &[(1, 1)])]);
+        let b = node(vec![]);
+        let msg = delta(3, &a, 4, &b).unwrap();
+        assert_eq!(
+            apply_message(&a, 2, &msg),
+            Err(WireError::WrongBase { base: 3, have: 2 })
+        );
+    }
+
+    #[test]
+    fn bad_messages_are_refused_whole() {
+        let good = svc("a/x:1", 1, &[(1, 1)]);
+        let cases: Vec<(pb::Service, &str)> = vec![
+            (
+                pb::Service {
+                    name: String::new(),
+                    ..(&good).into()
+                },
+                "missing field `name`",
+            ),
+            (
+                {
+                    let mut p: pb::Service = (&good).into();
+                    p.addr.as_mut().unwrap().port = 70000;
+                    p
+                },
+                "port 70000",
+            ),
+            (
+                {
+                    let mut p: pb::Service = (&good).into();
+                    p.addr.as_mut().unwrap().protocol = 0;
+                    p
+                },
+                "protocol 0",
+            ),
+            (
+                pb::Service {
+                    algorithm: 42,
+                    ..(&good).into()
+                },
+                "unknown algorithm 42",
+            ),
+            (
+                {
+                    let mut p: pb::Service = (&good).into();
+                    p.backends[0].weight = MAX_WEIGHT + 1;
+                    p
+                },
+                "weight 65536",
+            ),
+            (
+                {
+                    let mut p: pb::Service = (&good).into();
+                    p.backends.push(p.backends[0]);
+                    p
+                },
+                "listed twice",
+            ),
+            (
+                pb::Service {
+                    maglev_table_size: 1000,
+                    ..(&good).into()
+                },
+                "not prime",
+            ),
+            (
+                pb::Service {
+                    affinity_timeout_s: 86_401,
+                    ..(&good).into()
+                },
+                "affinity timeout",
+            ),
+        ];
+        let current = node(vec![good.clone()]);
+        for (bad, want) in cases {
+            let msg = pb::ControllerMessage {
+                version: 2,
+                body: Some(pb::controller_message::Body::Snapshot(pb::Snapshot {
+                    services: vec![bad],
+                    timeouts: None,
+                })),
+            };
+            let e = apply_message(&current, 1, &msg).unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} should contain {want:?}");
+        }
+        // Two services on one address.
+        let n = node(vec![good.clone(), good.clone()]);
+        let e = apply_message(&current, 1, &snapshot(2, &n)).unwrap_err();
+        assert!(matches!(e, WireError::Duplicate(..)), "{e}");
+        // Zero timeouts.
+        let mut m = snapshot(2, &current);
+        if let Some(pb::controller_message::Body::Snapshot(s)) = m.body.as_mut() {
+            s.timeouts.as_mut().unwrap().udp_ms = 0;
+        }
+        let e = apply_message(&current, 1, &m).unwrap_err().to_string();
+        assert!(e.contains("timeouts.udp"), "{e}");
+        assert_eq!(
+            apply_message(&current, 1, &pb::ControllerMessage::default()),
+            Err(WireError::Empty)
+        );
+    }
+}

@@ -1,0 +1,343 @@
+//! The gRPC stream to agents (`rpclb.v1.StateStream/Watch`).
+//!
+//! The controller publishes versioned states through a [`Publisher`]; each
+//! agent's stream sends its node's state as a snapshot first, then a delta
+//! for every published version that changes that node's state. Agents ack
+//! every version; [`Agents`] keeps what each node last acked, for metrics and
+//! logs.
+//!
+//! ```text
+//! agent  --Hello{node}-->                 controller
+//!        <--Snapshot v7--  --Ack v7-->
+//!        <--Delta 7->9--   --Ack v9-->    (v8 did not change this node)
+//! ```
+//!
+//! Flow control: a stream sends at most one message ahead of its acks' pace
+//! only through the channel buffer; versions published while a send is
+//! pending are coalesced into the next delta, so a slow agent gets fewer,
+//! larger deltas, never an unbounded queue.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lb_api::wire::{self, NodeState, pb};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+/// How long a new stream may take to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One published version of every node's desired state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Published {
+    pub version: u64,
+    /// The state of a node without an entry in `nodes`.
+    pub default: NodeState,
+    /// Nodes whose state differs from the default (e.g. services with
+    /// `internalTrafficPolicy: Local`).
+    pub nodes: BTreeMap<String, NodeState>,
+}
+
+impl Published {
+    pub fn for_node(&self, node: &str) -> &NodeState {
+        self.nodes.get(node).unwrap_or(&self.default)
+    }
+}
+
+/// Publishes new versions; streams follow.
+#[derive(Debug)]
+pub struct Publisher {
+    tx: watch::Sender<Arc<Published>>,
+}
+
+impl Default for Publisher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Publisher {
+    /// Starts at version 0 with an empty state. Streams wait for version 1
+    /// before they send anything, so an agent never receives the empty
+    /// placeholder as if it were the cluster's state.
+    pub fn new() -> Self {
+        Publisher {
+            tx: watch::channel(Arc::new(Published::default())).0,
+        }
+    }
+
+    /// Publishes a state. Returns its version; an unchanged state keeps the
+    /// current version and wakes nobody.
+    pub fn publish(&self, default: NodeState, nodes: BTreeMap<String, NodeState>) -> u64 {
+        let mut version = 0;
+        self.tx.send_if_modified(|cur| {
+            if cur.version > 0 && cur.default == default && cur.nodes == nodes {
+                version = cur.version;
+                return false;
+            }
+            version = cur.version + 1;
+            *cur = Arc::new(Published {
+                version,
+                default,
+                nodes,
+            });
+            true
+        });
+        version
+    }
+
+    pub fn current(&self) -> Arc<Published> {
+        self.tx.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
+        self.tx.subscribe()
+    }
+}
+
+/// What the controller knows of one agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentStatus {
+    pub connected: bool,
+    /// The last version sent on the current (or last) stream.
+    pub sent: u64,
+    /// The last version the agent acked as applied.
+    pub acked: u64,
+    /// The agent's last apply error, if its last ack had one.
+    pub error: Option<String>,
+    pub streams: u64,
+    pub since: Instant,
+}
+
+/// Agents by node name.
+#[derive(Debug, Default)]
+pub struct Agents {
+    by_node: Mutex<BTreeMap<String, AgentStatus>>,
+}
+
+impl Agents {
+    pub fn snapshot(&self) -> BTreeMap<String, AgentStatus> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, AgentStatus>> {
+        self.by_node.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn update(&self, node: &str, f: impl FnOnce(&mut AgentStatus)) {
+        let mut m = self.lock();
+        let s = m.entry(node.to_string()).or_insert(AgentStatus {
+            connected: false,
+            sent: 0,
+            acked: 0,
+            error: None,
+            streams: 0,
+            since: Instant::now(),
+        });
+        f(s);
+    }
+}
+
+/// The tonic service.
+#[derive(Clone, Debug)]
+pub struct StateService {
+    states: watch::Receiver<Arc<Published>>,
+    agents: Arc<Agents>,
+    stop: Option<watch::Receiver<bool>>,
+}
+
+impl StateService {
+    pub fn new(publisher: &Publisher, agents: Arc<Agents>) -> Self {
+        StateService {
+            states: publisher.subscribe(),
+            agents,
+            stop: None,
+        }
+    }
+
+    /// Ends every stream (cleanly, so agents reconnect) once `stop` turns true.
+    pub fn with_shutdown(mut self, stop: watch::Receiver<bool>) -> Self {
+        self.stop = Some(stop);
+        self
+    }
+
+    pub fn into_server(self) -> wire::StateStreamServer<Self> {
+        wire::StateStreamServer::new(self)
+    }
+}
+
+type Outbound = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl wire::StateStream for StateService {
+    type WatchStream = Outbound;
+
+    async fn watch(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let peer = req
+            .remote_addr()
+            .map_or_else(|| "?".to_string(), |a| a.to_string());
+        let mut inbound = req.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(pb::AgentMessage {
+                msg: Some(pb::agent_message::Msg::Hello(h)),
+            }))) => h,
+            Ok(Ok(_)) => return Err(Status::invalid_argument("the first message must be Hello")),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(Status::deadline_exceeded("no Hello within 10 s")),
+        };
+        if hello.node.is_empty() {
+            return Err(Status::invalid_argument("Hello.node is empty"));
+        }
+        let node = hello.node.clone();
+        info!(
+            node,
+            peer,
+            agent_version = hello.agent_version,
+            applied_version = hello.applied_version,
+            "agent connected"
+        );
+        self.agents.update(&node, |s| {
+            s.connected = true;
+            s.streams += 1;
+            s.since = Instant::now();
+        });
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(serve_stream(
+            node,
+            self.states.clone(),
+            inbound,
+            tx,
+            self.agents.clone(),
+            self.stop.clone(),
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One agent's stream: snapshot, then deltas, reading acks, until either side
+/// goes away.
+async fn serve_stream(
+    node: String,
+    mut states: watch::Receiver<Arc<Published>>,
+    mut inbound: Streaming<pb::AgentMessage>,
+    tx: mpsc::Sender<Result<pb::ControllerMessage, Status>>,
+    agents: Arc<Agents>,
+    stop: Option<watch::Receiver<bool>>,
+) {
+    let stopped = async move {
+        match stop {
+            Some(mut s) => {
+                let _ = s.wait_for(|v| *v).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let why = tokio::select! {
+        why = follow(&node, &mut states, &mut inbound, &tx, &agents) => why,
+        () = stopped => "the controller is shutting down".to_string(),
+    };
+    agents.update(&node, |s| s.connected = false);
+    info!(node, "agent stream ended: {why}");
+}
+
+async fn follow(
+    node: &str,
+    states: &mut watch::Receiver<Arc<Published>>,
+    inbound: &mut Streaming<pb::AgentMessage>,
+    tx: &mpsc::Sender<Result<pb::ControllerMessage, Status>>,
+    agents: &Agents,
+) -> String {
+    // Nothing is sent before the first real version.
+    let first = tokio::select! {
+        r = states.wait_for(|p| p.version > 0) => match r {
+            Ok(p) => p.clone(),
+            Err(_) => return "the controller is shutting down".into(),
+        },
+        () = tx.closed() => return "the agent went away".into(),
+    };
+    let mut sent_version = first.version;
+    let mut sent = first.for_node(node).clone();
+    if tx
+        .send(Ok(wire::snapshot(sent_version, &sent)))
+        .await
+        .is_err()
+    {
+        return "the agent went away".into();
+    }
+    agents.update(node, |s| s.sent = sent_version);
+    debug!(node, version = sent_version, "sent snapshot");
+    loop {
+        tokio::select! {
+            r = states.changed() => {
+                if r.is_err() {
+                    return "the controller is shutting down".into();
+                }
+                let p = states.borrow_and_update().clone();
+                let next = p.for_node(node);
+                if let Some(msg) = wire::delta(sent_version, &sent, p.version, next) {
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return "the agent went away".into();
+                    }
+                    debug!(node, base = sent_version, version = p.version, "sent delta");
+                    sent_version = p.version;
+                    sent = next.clone();
+                    agents.update(node, |s| s.sent = sent_version);
+                }
+            }
+            m = inbound.message() => match m {
+                Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Ack(a)) })) => {
+                    if a.error.is_empty() {
+                        debug!(node, version = a.version, "acked");
+                        agents.update(node, |s| {
+                            s.acked = a.version;
+                            s.error = None;
+                        });
+                    } else {
+                        warn!(node, version = a.version, "agent could not apply: {}", a.error);
+                        agents.update(node, |s| s.error = Some(a.error.clone()));
+                    }
+                }
+                Ok(Some(_)) => warn!(node, "ignoring an unexpected message"),
+                Ok(None) => return "the agent closed the stream".into(),
+                Err(e) => return format!("stream error: {}", e.message()),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publishing_an_unchanged_state_keeps_the_version() {
+        let p = Publisher::new();
+        let mut rx = p.subscribe();
+        rx.mark_unchanged();
+        assert_eq!(p.publish(NodeState::default(), BTreeMap::new()), 1);
+        assert!(rx.has_changed().unwrap());
+        rx.mark_unchanged();
+        assert_eq!(p.publish(NodeState::default(), BTreeMap::new()), 1);
+        assert!(
+            !rx.has_changed().unwrap(),
+            "no wake-up for an unchanged state"
+        );
+        let mut n = NodeState::default();
+        n.timeouts.udp = Duration::from_secs(5);
+        assert_eq!(p.publish(n.clone(), BTreeMap::new()), 2);
+        let mut nodes = BTreeMap::new();
+        nodes.insert("node-a".to_string(), NodeState::default());
+        assert_eq!(p.publish(n.clone(), nodes), 3);
+        let cur = p.current();
+        assert_eq!(cur.for_node("node-a"), &NodeState::default());
+        assert_eq!(cur.for_node("node-b"), &n);
+    }
+}

@@ -1,0 +1,139 @@
+//! Kubernetes mode (`lb-controller --kube`): the watchers ([`crate::watch`])
+//! publish cluster snapshots; this turns each into per-node states for the
+//! agents' streams ([`crate::grpc::Publisher`]), and runs leader election
+//! ([`crate::leader`]) so that only one replica writes Events.
+//!
+//! Every replica serves agents; `/readyz` turns ready after the first full
+//! list of Services, EndpointSlices and Nodes has been published, so a
+//! replica that has not synced gets no agent streams. Conntrack timeouts in
+//! this mode are the controller's `--timeout-*` flags (the defaults of
+//! docs/config.md unless set).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use lb_api::config::Timeouts;
+use lb_api::wire::NodeState;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::grpc::Publisher;
+use crate::http::Counters;
+use crate::leader::{LeaderElector, LeaseConfig};
+use crate::watch::{self as kwatch, ClusterSnapshot, WatchConfig};
+
+/// Where this replica is (from the downward API in deploy/20-controller.yaml).
+#[derive(Clone, Debug)]
+pub struct KubeOptions {
+    /// `RPCLB_POD_NAME`: the Lease identity and the Events' instance.
+    pub identity: String,
+    /// `RPCLB_POD_NAMESPACE`: where the Lease lives.
+    pub namespace: String,
+    pub lease_name: String,
+    /// Run without leader election (a single replica writes Events).
+    pub no_leader_election: bool,
+    pub timeouts: Timeouts,
+    pub watch: WatchConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeModeError {
+    #[error("no Kubernetes client configuration (in-cluster or KUBECONFIG): {0}")]
+    Client(#[source] kube::Error),
+    #[error(transparent)]
+    Leader(#[from] crate::leader::LeaderError),
+    #[error(transparent)]
+    Watch(#[from] kwatch::WatchError),
+}
+
+/// The per-node states of one snapshot: every node gets the default state
+/// except the nodes with `internalTrafficPolicy: Local` endpoints.
+pub fn node_states(
+    snap: &ClusterSnapshot,
+    timeouts: Timeouts,
+) -> (NodeState, BTreeMap<String, NodeState>) {
+    let default = NodeState {
+        state: snap.cluster.default_state(),
+        timeouts,
+    };
+    let nodes = snap
+        .cluster
+        .local_nodes()
+        .into_iter()
+        .map(|n| {
+            (
+                n.to_string(),
+                NodeState {
+                    state: snap.cluster.node_state(n),
+                    timeouts,
+                },
+            )
+        })
+        .collect();
+    (default, nodes)
+}
+
+/// Runs until `stop` turns true.
+pub async fn run(
+    opts: KubeOptions,
+    publisher: Arc<Publisher>,
+    counters: Arc<Counters>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), KubeModeError> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(KubeModeError::Client)?;
+    let (leader_tx, leader_rx) = watch::channel(opts.no_leader_election);
+    let elector = if opts.no_leader_election {
+        None
+    } else {
+        let cfg = LeaseConfig::new(&opts.namespace, &opts.lease_name, &opts.identity);
+        let e = LeaderElector::new(client.clone(), cfg)?;
+        let mut s = stop.clone();
+        Some(tokio::spawn(e.run(leader_tx, async move {
+            let _ = s.wait_for(|v| *v).await;
+        })))
+    };
+    let (snap_tx, mut snap_rx) = kwatch::snapshot_channel();
+    let watch_cfg = WatchConfig {
+        instance: Some(opts.identity.clone()),
+        ..opts.watch.clone()
+    };
+    let watcher = tokio::spawn(kwatch::run(client, watch_cfg, snap_tx, leader_rx));
+    info!(
+        identity = opts.identity,
+        "watching Services, EndpointSlices and Nodes"
+    );
+    let result = loop {
+        tokio::select! {
+            _ = stop.wait_for(|v| *v) => break Ok(()),
+            r = snap_rx.changed() => {
+                if r.is_err() {
+                    break Err(kwatch::WatchError::StreamsEnded.into());
+                }
+                let Some(snap) = snap_rx.borrow_and_update().clone() else { continue };
+                let (default, nodes) = node_states(&snap, opts.timeouts);
+                let v = publisher.publish(default, nodes);
+                counters.config_reloads.fetch_add(1, Ordering::Relaxed);
+                if !counters.ready.swap(true, Ordering::Relaxed) {
+                    info!(version = v, "first cluster snapshot published; ready");
+                }
+                info!(
+                    version = v,
+                    generation = snap.generation,
+                    services = snap.cluster.service_count(),
+                    problems = snap.cluster.problems().len(),
+                    "published"
+                );
+            }
+        }
+    };
+    watcher.abort();
+    if let Some(e) = elector
+        && let Err(err) = e.await
+    {
+        warn!("leader election task: {err}");
+    }
+    result
+}

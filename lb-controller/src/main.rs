@@ -1,0 +1,277 @@
+//! `lb-controller`: streams each node's desired state to its agent.
+//!
+//! ```text
+//! lb-controller --config services.yaml [--listen 127.0.0.1:50551] [--metrics-addr 127.0.0.1:9465]
+//! lb-controller --kube [--listen 0.0.0.0:50551] ...      (in a cluster; see deploy/)
+//! ```
+//!
+//! Every flag also reads an environment variable (`RPCLB_*`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use lb_controller::grpc::{Agents, Publisher, StateService};
+use lb_controller::http::{self, Counters, HttpState};
+use lb_controller::standalone::FileSource;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lb-controller",
+    version,
+    about = "rpclb controller: turns Services and EndpointSlices (or a config file) into each \
+             node's desired state and streams it to the agents over gRPC"
+)]
+struct Cli {
+    /// Standalone mode: the services come from this YAML file (the agent's format,
+    /// docs/config.md), the same for every node. Reloaded on change and on SIGHUP.
+    #[arg(
+        long,
+        env = "RPCLB_CONFIG",
+        value_name = "FILE",
+        conflicts_with = "kube"
+    )]
+    config: Option<PathBuf>,
+    /// Kubernetes mode: watch Services, EndpointSlices and Nodes (in-cluster config or
+    /// KUBECONFIG).
+    #[arg(long, env = "RPCLB_KUBE", value_parser = clap::builder::BoolishValueParser::new())]
+    kube: bool,
+    /// gRPC address agents connect to.
+    #[arg(long, env = "RPCLB_LISTEN", default_value = "127.0.0.1:50551")]
+    listen: SocketAddr,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "RPCLB_METRICS_ADDR", default_value = "127.0.0.1:9465")]
+    metrics_addr: SocketAddr,
+    /// How often the config file is checked for changes (milliseconds).
+    #[arg(long, env = "RPCLB_CONFIG_POLL_MS", default_value_t = 1000)]
+    config_poll_ms: u64,
+    /// --kube: this replica's name (Lease identity, Events' instance) [default: host name].
+    #[arg(long, env = "RPCLB_POD_NAME")]
+    pod_name: Option<String>,
+    /// --kube: the namespace of the leader-election Lease.
+    #[arg(long, env = "RPCLB_POD_NAMESPACE", default_value = "rpclb-system")]
+    pod_namespace: String,
+    /// --kube: the leader-election Lease's name.
+    #[arg(long, env = "RPCLB_LEASE_NAME", default_value = "rpclb-controller")]
+    lease_name: String,
+    /// --kube: no leader election (for a single replica, which then writes the Events).
+    #[arg(long, env = "RPCLB_NO_LEADER_ELECTION", value_parser = clap::builder::BoolishValueParser::new())]
+    no_leader_election: bool,
+    /// --kube: how long watch events are gathered before the state is recomputed (ms).
+    #[arg(long, env = "RPCLB_COALESCE_MS", default_value_t = 50)]
+    coalesce_ms: u64,
+    /// --kube: conntrack idle timeouts sent to agents, in seconds (config files carry their own).
+    #[arg(long, env = "RPCLB_TIMEOUT_TCP_SYN", default_value_t = 60)]
+    timeout_tcp_syn: u64,
+    #[arg(long, env = "RPCLB_TIMEOUT_TCP_ESTABLISHED", default_value_t = 21_600)]
+    timeout_tcp_established: u64,
+    #[arg(long, env = "RPCLB_TIMEOUT_TCP_CLOSING", default_value_t = 10)]
+    timeout_tcp_closing: u64,
+    #[arg(long, env = "RPCLB_TIMEOUT_UDP", default_value_t = 60)]
+    timeout_udp: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lb-controller: starting the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb-controller: {}", render_error(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes on one line, skipping causes the text above
+/// already quotes (kube's errors embed their sources).
+fn render_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if s.is_empty() || out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let publisher = Arc::new(Publisher::new());
+    let agents = Arc::new(Agents::default());
+    let counters = Arc::new(Counters::default());
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+
+    // The source first: a bad config file stops us before we listen.
+    let mut file = match (&cli.config, cli.kube) {
+        (Some(path), false) => {
+            let mut f = FileSource::new(path);
+            match f.poll(&publisher, true) {
+                lb_controller::standalone::Polled::Invalid(e) => bail!("{e}"),
+                _ => {
+                    counters.config_reloads.fetch_add(1, Ordering::Relaxed);
+                    counters.ready.store(true, Ordering::Relaxed);
+                    info!(
+                        config = %path.display(),
+                        services = publisher.current().default.state.services.len(),
+                        "standalone mode: config published as version 1"
+                    );
+                }
+            }
+            Some(f)
+        }
+        (None, true) => None,
+        _ => bail!("one of --config FILE (RPCLB_CONFIG) or --kube (RPCLB_KUBE) is required"),
+    };
+
+    let grpc_listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("gRPC address {}", cli.listen))?;
+    let metrics_listener = tokio::net::TcpListener::bind(cli.metrics_addr)
+        .await
+        .with_context(|| format!("metrics address {}", cli.metrics_addr))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let svc = StateService::new(&publisher, agents.clone())
+        .with_shutdown(stop_rx.clone())
+        .into_server();
+    let mut stop = stop_rx.clone();
+    let grpc = tokio::spawn(
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .add_service(svc)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            ),
+    );
+    info!(addr = %cli.listen, "serving rpclb.v1.StateStream");
+    let app = http::router(Arc::new(HttpState {
+        publisher: publisher.clone(),
+        agents: agents.clone(),
+        counters: counters.clone(),
+    }));
+    let mut stop = stop_rx.clone();
+    let web = tokio::spawn(async move {
+        axum::serve(metrics_listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    info!(addr = %cli.metrics_addr, "serving /metrics, /healthz, /readyz");
+
+    let kube_task = if cli.kube {
+        let secs = |name: &str, v: u64| {
+            if v == 0 {
+                bail!("--timeout-{name} must be > 0");
+            }
+            Ok(Duration::from_secs(v))
+        };
+        let opts = lb_controller::kube_mode::KubeOptions {
+            identity: match &cli.pod_name {
+                Some(n) => n.clone(),
+                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .context("no --pod-name, and the host name is unreadable")?
+                    .trim()
+                    .to_string(),
+            },
+            namespace: cli.pod_namespace.clone(),
+            lease_name: cli.lease_name.clone(),
+            no_leader_election: cli.no_leader_election,
+            timeouts: lb_api::config::Timeouts {
+                tcp_syn: secs("tcp-syn", cli.timeout_tcp_syn)?,
+                tcp_established: secs("tcp-established", cli.timeout_tcp_established)?,
+                tcp_closing: secs("tcp-closing", cli.timeout_tcp_closing)?,
+                udp: secs("udp", cli.timeout_udp)?,
+            },
+            watch: lb_controller::watch::WatchConfig {
+                coalesce: Duration::from_millis(cli.coalesce_ms),
+                ..Default::default()
+            },
+        };
+        Some(tokio::spawn(lb_controller::kube_mode::run(
+            opts,
+            publisher.clone(),
+            counters.clone(),
+            stop_rx.clone(),
+        )))
+    } else {
+        None
+    };
+
+    let mut tick = tokio::time::interval(Duration::from_millis(cli.config_poll_ms.max(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut kube_task = kube_task;
+    let why = loop {
+        let (force, why) = tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => (true, "SIGHUP"),
+            _ = tick.tick() => (false, "file changed"),
+            r = async { kube_task.as_mut().expect("guarded").await }, if kube_task.is_some() => {
+                let _ = stop_tx.send(true);
+                return match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(e) => Err(anyhow::anyhow!("the Kubernetes task failed: {e}")),
+                };
+            }
+        };
+        if let Some(f) = file.as_mut() {
+            let before = publisher.current().version;
+            if f.poll_logged(&publisher, force, why) {
+                if publisher.current().version != before || force {
+                    counters.config_reloads.fetch_add(1, Ordering::Relaxed);
+                }
+            } else {
+                counters.config_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    };
+    info!("{why}: shutting down; agents keep serving their last state");
+    let _ = stop_tx.send(true);
+    if let Some(t) = kube_task {
+        match tokio::time::timeout(Duration::from_secs(5), t).await {
+            Ok(Ok(Err(e))) => warn!("kubernetes watchers: {e:#}"),
+            Err(_) => warn!("kubernetes watchers did not stop within 5 s"),
+            _ => {}
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), grpc).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), web).await;
+    Ok(())
+}

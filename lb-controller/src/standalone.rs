@@ -1,0 +1,142 @@
+//! Standalone mode (`lb-controller --config services.yaml`): the desired
+//! state comes from the same YAML file the agent accepts (lb_api::config),
+//! and every node gets the same state. The file is re-read when it changes
+//! (polled) and on SIGHUP; a bad file is logged and counted, and the last
+//! good state stays published.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use lb_api::config;
+use lb_api::wire::NodeState;
+use tracing::{error, info};
+
+use crate::grpc::Publisher;
+
+/// Follows one config file.
+#[derive(Debug)]
+pub struct FileSource {
+    path: PathBuf,
+    /// Hash of the text last read (good or bad), to notice edits.
+    seen: Option<u64>,
+}
+
+/// The outcome of a [`FileSource::poll`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Polled {
+    Unchanged,
+    /// Published as this version (the same version when the parsed state
+    /// did not change).
+    Published(u64),
+    /// Unreadable or invalid; the message names file, line, column and field.
+    Invalid(String),
+}
+
+impl FileSource {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        FileSource {
+            path: path.into(),
+            seen: None,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the file; if it changed since the last read (or `force`),
+    /// parses it and publishes it.
+    pub fn poll(&mut self, publisher: &Publisher, force: bool) -> Polled {
+        let origin = self.path.display().to_string();
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) => {
+                let h = hash(&format!("\0error {e}"));
+                if self.seen == Some(h) && !force {
+                    return Polled::Unchanged;
+                }
+                self.seen = Some(h);
+                return Polled::Invalid(format!("{origin}: cannot read config: {e}"));
+            }
+        };
+        let h = hash(&text);
+        if self.seen == Some(h) && !force {
+            return Polled::Unchanged;
+        }
+        self.seen = Some(h);
+        match config::parse(&text, &origin) {
+            Ok(cfg) => Polled::Published(publisher.publish(
+                NodeState {
+                    state: cfg.state,
+                    timeouts: cfg.timeouts,
+                },
+                BTreeMap::new(),
+            )),
+            Err(e) => Polled::Invalid(e.to_string()),
+        }
+    }
+
+    /// Polls and logs the outcome. Returns false for an invalid file.
+    pub fn poll_logged(&mut self, publisher: &Publisher, force: bool, why: &str) -> bool {
+        match self.poll(publisher, force) {
+            Polled::Unchanged => true,
+            Polled::Published(v) => {
+                let n = publisher.current().default.state.services.len();
+                info!(version = v, services = n, "{why}: config published");
+                true
+            }
+            Polled::Invalid(e) => {
+                error!("{why}: {e}; still serving the last good state");
+                false
+            }
+        }
+    }
+}
+
+fn hash(s: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publishes_changes_and_keeps_the_last_good_state() {
+        let dir = std::env::temp_dir().join(format!("rpclb-ctl-standalone-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("services.yaml");
+        let good = "services:\n  - name: a/b:http\n    vip: 10.96.0.1\n    port: 80\n    backends:\n      - { ip: 10.244.1.1, port: 8080 }\n";
+        std::fs::write(&path, good).unwrap();
+        let p = Publisher::new();
+        let mut f = FileSource::new(&path);
+        assert_eq!(f.poll(&p, false), Polled::Published(1));
+        assert_eq!(f.poll(&p, false), Polled::Unchanged);
+        assert_eq!(
+            f.poll(&p, true),
+            Polled::Published(1),
+            "same state, same version"
+        );
+        std::fs::write(
+            &path,
+            "services:\n  - name: a/b:http\n    vip: 10.96.0.300\n",
+        )
+        .unwrap();
+        let Polled::Invalid(e) = f.poll(&p, false) else {
+            panic!("expected an error");
+        };
+        assert!(e.contains("services.yaml:3:") && e.contains("vip"), "{e}");
+        assert_eq!(p.current().version, 1, "the good state stays");
+        assert_eq!(p.current().default.state.services.len(), 1);
+        std::fs::write(&path, good.replace("8080", "8081")).unwrap();
+        assert_eq!(f.poll(&p, false), Polled::Published(2));
+        assert_eq!(p.current().default.state.services[0].backends[0].port, 8081);
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(f.poll(&p, false), Polled::Invalid(e) if e.contains("cannot read")));
+        assert_eq!(p.current().version, 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

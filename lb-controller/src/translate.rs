@@ -1,0 +1,1578 @@
+//! Kubernetes Services and EndpointSlices → the desired state of one node.
+//!
+//! Pure: no I/O, no clock, no logging. Equal inputs give equal outputs, in
+//! any input order.
+//!
+//! # Rules
+//!
+//! **Services.** One [`lb_api::Service`] per (ClusterIP, service port), named
+//! `namespace/name:port`, where `port` is the service port's name, or its
+//! number when it is unnamed. Only the ClusterIP is balanced: node ports,
+//! external IPs and load-balancer IPs are not.
+//!
+//! - `type: ExternalName` and headless Services (`clusterIP: None`) are
+//!   skipped, and so is a Service whose ClusterIP is not allocated yet.
+//! - Dual-stack: the VIP is the first IPv4 address of `spec.clusterIPs`, then
+//!   of `spec.clusterIP`. A Service with no IPv4 ClusterIP (IPv6-only) is
+//!   skipped with a [`Problem`].
+//! - Protocols: TCP (the default) and UDP. An SCTP port is skipped with a
+//!   [`Problem`]; the Service's other ports are still balanced.
+//!
+//! **Backends.** An EndpointSlice belongs to a Service when it is in the same
+//! namespace and its label `kubernetes.io/service-name` names the Service.
+//! Only `addressType: IPv4` slices are read, and of each endpoint only its
+//! first address (the EndpointSlice controller writes exactly one; kube-proxy
+//! reads only the first).
+//!
+//! - Target ports: a slice port serves a service port when their names are
+//!   equal (an unnamed port has the empty name), as in Kubernetes, and their
+//!   protocols agree. The slice port's number is the backend port. This
+//!   covers named and numbered `targetPort`s alike: the EndpointSlice
+//!   controller has already resolved them, per pod. A slice port without a
+//!   number is ignored.
+//! - Conditions: `ready` (a missing value counts as true) →
+//!   [`BackendState::Active`]; not ready, but `serving: true` and
+//!   `terminating: true` → [`BackendState::Terminating`] (keeps its flows,
+//!   gets no new ones); anything else is left out. A terminating endpoint
+//!   that is still `ready` (possible with `publishNotReadyAddresses`) is
+//!   Active, as in kube-proxy.
+//! - The same `ip:port` in several slices (they overlap while the
+//!   EndpointSlice controller moves endpoints) is one backend, Active if any
+//!   copy is.
+//! - `internalTrafficPolicy: Local`: a node gets only the endpoints whose
+//!   `nodeName` is that node (none: the Service has no backends there, and
+//!   new connections are refused). This is why the state is per node.
+//!
+//! **Policy.** The `rpclb.io/` annotations, read by [`parse_annotations`],
+//! give the algorithm, the weights (by backend IP) and the Maglev table size.
+//!
+//! - `sessionAffinity: ClientIP` sets the affinity timeout from
+//!   `sessionAffinityConfig.clientIP.timeoutSeconds` (default 10800 s, at
+//!   most 86400 s) and makes the algorithm `source-hash`, unless a valid
+//!   `rpclb.io/algorithm` chose another.
+//! - An invalid annotation gives a [`Problem`], and its default is used.
+//! - Maglev table size (for `maglev` and `source-hash`): the table must be
+//!   larger than 100 × the backends that take new flows, counted over the
+//!   whole cluster (so the size also suits every node's subset under the
+//!   Local policy). An annotated size that is too small gives a [`Problem`]
+//!   and the default is used. When the default (16381) is too small, the
+//!   smallest prime that is large enough is used, with no problem; beyond
+//!   the data path's largest table (2^24 slots) the service falls back to
+//!   `random`, with a [`Problem`].
+//! - Two Services on the same VIP, port and protocol (only possible with
+//!   inconsistent input): the first in `namespace/name` order keeps it, the
+//!   other gets a [`Problem`].
+//!
+//! **Order.** Services are sorted by (VIP, port, protocol) and backends by
+//! (IP, port). Problems are sorted by Service (`namespace/name`).
+
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Service as KubeService, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
+use lb_api::{
+    Algorithm, Backend, BackendState, DEFAULT_MAGLEV_M, DesiredState, Protocol, Service,
+    ServiceAddr,
+};
+
+use crate::annotations::{self, AnnotationError, ServicePolicy, parse_annotations};
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Client-IP affinity timeout when the Service gives none (as in Kubernetes).
+pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10_800);
+/// The longest client-IP affinity timeout Kubernetes allows.
+pub const MAX_AFFINITY_TIMEOUT: Duration = Duration::from_secs(86_400);
+/// The largest Maglev table the data path holds (the config file's limit).
+pub const MAX_MAGLEV_TABLE_SIZE: u32 = lb_api::config::MAX_MAGLEV_M;
+
+/// The desired state of one node, and what was wrong on the way.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Translation {
+    pub state: DesiredState,
+    pub problems: Vec<Problem>,
+}
+
+/// The desired state of `node`: see the [module docs](self) for the rules.
+///
+/// To compute many nodes' states from one set of objects, build a
+/// [`ClusterState`] once and call [`ClusterState::node_state`] per node.
+pub fn node_state(services: &[KubeService], slices: &[EndpointSlice], node: &str) -> Translation {
+    let cluster = ClusterState::build(services, slices);
+    Translation {
+        state: cluster.node_state(node),
+        problems: cluster.problems,
+    }
+}
+
+/// A Kubernetes Service, by namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Something in a Service that rpclb could not use as given. It becomes a
+/// Kubernetes Event (type Warning) on the Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub service: ServiceRef,
+    /// What was wrong.
+    pub kind: ProblemKind,
+    /// What was done instead: the default used, or what was skipped.
+    pub fallback: String,
+}
+
+impl Problem {
+    /// The Event's `reason`.
+    pub fn reason(&self) -> &'static str {
+        self.kind.reason()
+    }
+}
+
+/// The Event's note: what was wrong, then what was done instead.
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}; {}", self.kind, self.fallback)
+    }
+}
+
+/// What was wrong with a Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProblemKind {
+    /// An `rpclb.io/` annotation could not be used.
+    Annotation(AnnotationError),
+    /// `rpclb.io/maglev-table-size` is not larger than 100 × the backends.
+    MaglevTableTooSmall {
+        port: String,
+        size: u32,
+        backends: usize,
+    },
+    /// Even the largest Maglev table is too small for this many backends.
+    TooManyBackendsForMaglev {
+        port: String,
+        algorithm: Algorithm,
+        backends: usize,
+    },
+    /// A port whose protocol the data path does not balance (SCTP).
+    UnsupportedProtocol { port: String, protocol: String },
+    /// A port number outside 1..=65535.
+    InvalidPort { port: String, number: i32 },
+    /// No IPv4 ClusterIP (an IPv6-only Service).
+    NoIpv4ClusterIp { cluster_ips: Vec<String> },
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds` outside 1..=86400.
+    InvalidAffinityTimeout { seconds: i32 },
+    /// Another Service already has this VIP, port and protocol.
+    DuplicateAddress { addr: ServiceAddr, owner: String },
+}
+
+impl ProblemKind {
+    /// The Event's `reason` (UpperCamelCase, as Kubernetes reasons are).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProblemKind::Annotation(_) | ProblemKind::MaglevTableTooSmall { .. } => {
+                AnnotationError::EVENT_REASON
+            }
+            ProblemKind::TooManyBackendsForMaglev { .. } => "TooManyBackends",
+            ProblemKind::UnsupportedProtocol { .. } => "UnsupportedProtocol",
+            ProblemKind::InvalidPort { .. } => "InvalidPort",
+            ProblemKind::NoIpv4ClusterIp { .. } => "NoIPv4ClusterIP",
+            ProblemKind::InvalidAffinityTimeout { .. } => "InvalidSessionAffinity",
+            ProblemKind::DuplicateAddress { .. } => "DuplicateServiceAddress",
+        }
+    }
+}
+
+impl fmt::Display for ProblemKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProblemKind::Annotation(e) => {
+                write!(
+                    f,
+                    "invalid annotation {}={:?}: {}",
+                    e.key, e.value, e.problem
+                )
+            }
+            ProblemKind::MaglevTableTooSmall {
+                port,
+                size,
+                backends,
+            } => write!(
+                f,
+                "port {port}: {} {size} is too small for {backends} backends (it must be > 100 x backends)",
+                annotations::MAGLEV_TABLE_SIZE
+            ),
+            ProblemKind::TooManyBackendsForMaglev {
+                port,
+                algorithm,
+                backends,
+            } => write!(
+                f,
+                "port {port}: {algorithm} needs a Maglev table larger than 100 x {backends} backends, \
+                 above the largest the data path holds ({MAX_MAGLEV_TABLE_SIZE})"
+            ),
+            ProblemKind::UnsupportedProtocol { port, protocol } => {
+                write!(f, "port {port}: protocol {protocol} is not supported")
+            }
+            ProblemKind::InvalidPort { port, number } => {
+                write!(f, "port {port}: {number} is not a port number")
+            }
+            ProblemKind::NoIpv4ClusterIp { cluster_ips } => write!(
+                f,
+                "no IPv4 ClusterIP in [{}] (rpclb balances IPv4 only)",
+                cluster_ips.join(", ")
+            ),
+            ProblemKind::InvalidAffinityTimeout { seconds } => write!(
+                f,
+                "sessionAffinityConfig.clientIP.timeoutSeconds {seconds} is outside 1..={}",
+                MAX_AFFINITY_TIMEOUT.as_secs()
+            ),
+            ProblemKind::DuplicateAddress { addr, owner } => {
+                write!(f, "{addr} is already the address of {owner}")
+            }
+        }
+    }
+}
+
+/// The translation of a whole cluster, from which each node's state is cut
+/// cheaply: every Service with all its backends, and which of them are
+/// node-local. Build it once per change; call [`node_state`](Self::node_state)
+/// per node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterState {
+    /// Sorted by (VIP, port, protocol).
+    services: Vec<ClusterService>,
+    problems: Vec<Problem>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ClusterService {
+    /// With the backends of every node.
+    service: Service,
+    /// `internalTrafficPolicy: Local`.
+    local_only: bool,
+    /// Each backend's `nodeName`, in the order of `service.backends`.
+    nodes: Vec<Option<String>>,
+}
+
+impl ClusterState {
+    /// Translates every Service. Takes `&[Service]` as well as the
+    /// `&[Arc<Service>]` that a reflector store hands out.
+    pub fn build<S, E>(services: &[S], slices: &[E]) -> Self
+    where
+        S: Borrow<KubeService>,
+        E: Borrow<EndpointSlice>,
+    {
+        let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        for slice in slices.iter().map(Borrow::borrow) {
+            if slice.address_type != "IPv4" {
+                continue;
+            }
+            let Some(owner) = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            else {
+                continue;
+            };
+            by_service
+                .entry((namespace_of(&slice.metadata), owner.as_str()))
+                .or_default()
+                .push(slice);
+        }
+
+        let mut ordered: Vec<(ServiceRef, &KubeService)> = services
+            .iter()
+            .map(Borrow::borrow)
+            .filter_map(|s| {
+                let name = s.metadata.name.as_deref()?;
+                let r = ServiceRef {
+                    namespace: namespace_of(&s.metadata).to_string(),
+                    name: name.to_string(),
+                };
+                Some((r, s))
+            })
+            .collect();
+        ordered.sort_by(|a, b| a.0.cmp(&b.0));
+
+        let mut out = Vec::new();
+        let mut problems = Vec::new();
+        for (r, svc) in &ordered {
+            let slices = by_service
+                .get(&(r.namespace.as_str(), r.name.as_str()))
+                .map_or(&[][..], Vec::as_slice);
+            translate_service(r, svc, slices, &mut out, &mut problems);
+        }
+
+        // One owner per address; `out` is in namespace/name order, and the
+        // stable sort keeps that order among equal addresses.
+        out.sort_by_key(|(_, s)| s.service.addr());
+        let mut services: Vec<ClusterService> = Vec::with_capacity(out.len());
+        for (r, s) in out {
+            if let Some(prev) = services.last()
+                && prev.service.addr() == s.service.addr()
+            {
+                problems.push(Problem {
+                    service: r.clone(),
+                    kind: ProblemKind::DuplicateAddress {
+                        addr: s.service.addr(),
+                        owner: prev.service.name.clone(),
+                    },
+                    fallback: format!("port {} is not balanced", port_of(&s.service.name)),
+                });
+                continue;
+            }
+            services.push(s);
+        }
+        problems.sort_by(|a, b| a.service.cmp(&b.service));
+        ClusterState { services, problems }
+    }
+
+    /// The desired state of `node`.
+    pub fn node_state(&self, node: &str) -> DesiredState {
+        self.state_for(Some(node))
+    }
+
+    /// The state of every node outside [`local_nodes`](Self::local_nodes):
+    /// services with `internalTrafficPolicy: Local` have no backends there.
+    pub fn default_state(&self) -> DesiredState {
+        self.state_for(None)
+    }
+
+    /// The nodes whose state differs from the [default](Self::default_state):
+    /// those with a backend of a service with `internalTrafficPolicy: Local`.
+    pub fn local_nodes(&self) -> BTreeSet<&str> {
+        self.services
+            .iter()
+            .filter(|cs| cs.local_only)
+            .flat_map(|cs| cs.nodes.iter().flatten().map(String::as_str))
+            .collect()
+    }
+
+    /// `None`: a node with no local backends.
+    fn state_for(&self, node: Option<&str>) -> DesiredState {
+        let services = self
+            .services
+            .iter()
+            .map(|cs| {
+                if !cs.local_only {
+                    return cs.service.clone();
+                }
+                let s = &cs.service;
+                Service {
+                    name: s.name.clone(),
+                    vip: s.vip,
+                    port: s.port,
+                    protocol: s.protocol,
+                    algorithm: s.algorithm,
+                    affinity_timeout: s.affinity_timeout,
+                    maglev_table_size: s.maglev_table_size,
+                    grpc: s.grpc.clone(),
+                    backends: s
+                        .backends
+                        .iter()
+                        .zip(&cs.nodes)
+                        .filter(|(_, n)| node.is_some() && n.as_deref() == node)
+                        .map(|(b, _)| b.clone())
+                        .collect(),
+                }
+            })
+            .collect();
+        DesiredState { services }
+    }
+
+    /// Every problem found, sorted by Service.
+    pub fn problems(&self) -> &[Problem] {
+        &self.problems
+    }
+
+    /// How many services (VIP, port, protocol) there are.
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+}
+
+/// The namespace of an object; Kubernetes' `default` when unset (objects
+/// read from the API always have one).
+fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
+    meta.namespace.as_deref().unwrap_or("default")
+}
+
+/// The `port` part of `namespace/name:port`.
+fn port_of(name: &str) -> &str {
+    name.rsplit_once(':').map_or(name, |(_, p)| p)
+}
+
+/// Which ClusterIP a Service is balanced on.
+#[derive(Debug, PartialEq, Eq)]
+enum ClusterIp {
+    V4(Ipv4Addr),
+    Headless,
+    Unallocated,
+    NoIpv4(Vec<String>),
+}
+
+fn cluster_ip(spec: &ServiceSpec) -> ClusterIp {
+    let ips: Vec<&str> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(&spec.cluster_ip)
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if ips.is_empty() {
+        ClusterIp::Unallocated
+    } else if ips.contains(&"None") {
+        ClusterIp::Headless
+    } else if let Some(v4) = ips.iter().find_map(|s| s.parse::<Ipv4Addr>().ok()) {
+        ClusterIp::V4(v4)
+    } else {
+        let mut unique: Vec<String> = Vec::new();
+        for ip in ips {
+            if !unique.iter().any(|u| u == ip) {
+                unique.push(ip.to_string());
+            }
+        }
+        ClusterIp::NoIpv4(unique)
+    }
+}
+
+/// The backend state of an endpoint with these conditions; `None`: left out.
+pub fn endpoint_state(conditions: Option<&EndpointConditions>) -> Option<BackendState> {
+    let is = |f: fn(&EndpointConditions) -> Option<bool>| conditions.and_then(f);
+    if is(|c| c.ready).unwrap_or(true) {
+        Some(BackendState::Active)
+    } else if is(|c| c.serving) == Some(true) && is(|c| c.terminating) == Some(true) {
+        Some(BackendState::Terminating)
+    } else {
+        None
+    }
+}
+
+fn protocol_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+    }
+}
+
+/// Translates one Service's ports into `out`, and its problems into
+/// `problems`.
+fn translate_service(
+    r: &ServiceRef,
+    svc: &KubeService,
+    slices: &[&EndpointSlice],
+    out: &mut Vec<(ServiceRef, ClusterService)>,
+    problems: &mut Vec<Problem>,
+) {
+    let Some(spec) = &svc.spec else { return };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return;
+    }
+    let problem = |kind: ProblemKind, fallback: String| Problem {
+        service: r.clone(),
+        kind,
+        fallback,
+    };
+    let vip = match cluster_ip(spec) {
+        ClusterIp::V4(ip) => ip,
+        ClusterIp::Headless | ClusterIp::Unallocated => return,
+        ClusterIp::NoIpv4(cluster_ips) => {
+            problems.push(problem(
+                ProblemKind::NoIpv4ClusterIp { cluster_ips },
+                "the Service is not balanced by rpclb".into(),
+            ));
+            return;
+        }
+    };
+
+    let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        let seconds = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds);
+        let Some(seconds) = seconds else {
+            return DEFAULT_AFFINITY_TIMEOUT;
+        };
+        let max = MAX_AFFINITY_TIMEOUT.as_secs();
+        match u64::try_from(seconds)
+            .ok()
+            .filter(|s| (1..=max).contains(s))
+        {
+            Some(s) => Duration::from_secs(s),
+            None => {
+                problems.push(problem(
+                    ProblemKind::InvalidAffinityTimeout { seconds },
+                    format!(
+                        "using the default timeout ({} s)",
+                        DEFAULT_AFFINITY_TIMEOUT.as_secs()
+                    ),
+                ));
+                DEFAULT_AFFINITY_TIMEOUT
+            }
+        }
+    });
+
+    let empty = BTreeMap::new();
+    let annotations = svc.metadata.annotations.as_ref().unwrap_or(&empty);
+    let (policy, errors) = parse_annotations(annotations);
+    let algorithm_annotated = annotations.contains_key(annotations::ALGORITHM)
+        && !errors.iter().any(|e| e.key == annotations::ALGORITHM);
+    let algorithm = if affinity.is_some() && !algorithm_annotated {
+        Algorithm::SourceHash
+    } else {
+        policy.algorithm
+    };
+    for e in errors {
+        let fallback = if e.key == annotations::ALGORITHM && affinity.is_some() {
+            "using source-hash (the default with sessionAffinity: ClientIP)".to_string()
+        } else {
+            e.fallback().to_string()
+        };
+        problems.push(problem(ProblemKind::Annotation(e), fallback));
+    }
+
+    let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+    for sp in spec.ports.iter().flatten() {
+        let port_name = sp.name.as_deref().unwrap_or("");
+        let label = if port_name.is_empty() {
+            sp.port.to_string()
+        } else {
+            port_name.to_string()
+        };
+        let protocol = match sp.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            other => {
+                problems.push(problem(
+                    ProblemKind::UnsupportedProtocol {
+                        port: label.clone(),
+                        protocol: other.to_string(),
+                    },
+                    "this port is not balanced by rpclb".into(),
+                ));
+                continue;
+            }
+        };
+        let Some(port) = u16::try_from(sp.port).ok().filter(|&p| p != 0) else {
+            problems.push(problem(
+                ProblemKind::InvalidPort {
+                    port: label.clone(),
+                    number: sp.port,
+                },
+                "this port is not balanced".into(),
+            ));
+            continue;
+        };
+
+        let (backends, nodes) = backends_for(slices, port_name, protocol, &policy);
+        let mut service = Service {
+            name: format!("{r}:{label}"),
+            vip,
+            port,
+            protocol,
+            algorithm,
+            affinity_timeout: affinity,
+            maglev_table_size: policy.maglev_table_size,
+            backends,
+            // The gRPC mode is TCP only; a UDP port of the Service stays L4.
+            grpc: policy.grpc.clone().filter(|_| protocol == Protocol::Tcp),
+        };
+        if algorithm.uses_maglev_table() {
+            let live = service
+                .backends
+                .iter()
+                .filter(|b| b.takes_new_flows())
+                .count();
+            if let Some((kind, fallback)) = choose_table_size(&mut service, live, &label) {
+                problems.push(problem(kind, fallback));
+            }
+        }
+        out.push((
+            r.clone(),
+            ClusterService {
+                service,
+                local_only,
+                nodes,
+            },
+        ));
+    }
+}
+
+/// The backends of one service port, sorted by (IP, port), with their nodes.
+fn backends_for(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    protocol: Protocol,
+    policy: &ServicePolicy,
+) -> (Vec<Backend>, Vec<Option<String>>) {
+    let mut found: BTreeMap<(Ipv4Addr, u16), (BackendState, Option<&str>)> = BTreeMap::new();
+    for slice in slices {
+        let Some(port) = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| {
+                p.name.as_deref().unwrap_or("") == port_name
+                    && p.protocol.as_deref().unwrap_or("TCP") == protocol_name(protocol)
+            })
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|&p| p != 0)
+        else {
+            continue;
+        };
+        for ep in slice.endpoints.iter().flatten() {
+            let Some(state) = endpoint_state(ep.conditions.as_ref()) else {
+                continue;
+            };
+            let Some(ip) = ep
+                .addresses
+                .first()
+                .and_then(|a| a.parse::<Ipv4Addr>().ok())
+            else {
+                continue;
+            };
+            let node = ep.node_name.as_deref();
+            found
+                .entry((ip, port))
+                .and_modify(|(s, n)| {
+                    if state == BackendState::Active {
+                        *s = BackendState::Active;
+                        *n = node;
+                    }
+                })
+                .or_insert((state, node));
+        }
+    }
+    found
+        .into_iter()
+        .map(|((ip, port), (state, node))| {
+            let backend = Backend {
+                ip,
+                port,
+                weight: policy.weight(ip),
+                state,
+            };
+            (backend, node.map(str::to_string))
+        })
+        .unzip()
+}
+
+/// Makes `service.maglev_table_size` hold `live` backends (see the module
+/// docs). Returns what was wrong and what was done instead, if anything.
+fn choose_table_size(
+    service: &mut Service,
+    live: usize,
+    port: &str,
+) -> Option<(ProblemKind, String)> {
+    let min = 100u64.saturating_mul(live as u64);
+    let mut too_small = None;
+    if let Some(size) = service.maglev_table_size {
+        if u64::from(size) > min {
+            return None;
+        }
+        service.maglev_table_size = None;
+        too_small = Some(ProblemKind::MaglevTableTooSmall {
+            port: port.to_string(),
+            size,
+            backends: live,
+        });
+    }
+    if u64::from(DEFAULT_MAGLEV_M) > min {
+        let fallback = format!("using the default maglev table size ({DEFAULT_MAGLEV_M})");
+        return too_small.map(|kind| (kind, fallback));
+    }
+    match next_prime_above(min) {
+        Some(m) => {
+            service.maglev_table_size = Some(m);
+            too_small.map(|kind| (kind, format!("using maglev table size {m}")))
+        }
+        None => {
+            let kind = ProblemKind::TooManyBackendsForMaglev {
+                port: port.to_string(),
+                algorithm: service.algorithm,
+                backends: live,
+            };
+            service.algorithm = Algorithm::Random;
+            Some((kind, "using random".into()))
+        }
+    }
+}
+
+/// The smallest prime above `n`, if it is at most `MAX_MAGLEV_TABLE_SIZE`.
+fn next_prime_above(n: u64) -> Option<u32> {
+    let start = u32::try_from(n.checked_add(1)?).ok()?;
+    (start..=MAX_MAGLEV_TABLE_SIZE).find(|&c| lb_api::is_prime(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ClientIPConfig, ServicePort, SessionAffinityConfig};
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+    const NS: &str = "shop";
+
+    fn pairs(kv: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
+        (!kv.is_empty()).then(|| {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+    }
+
+    fn port(name: Option<&str>, number: i32, target: IntOrString) -> ServicePort {
+        ServicePort {
+            name: name.map(str::to_string),
+            port: number,
+            protocol: Some("TCP".into()),
+            target_port: Some(target),
+            ..Default::default()
+        }
+    }
+
+    fn named(name: &str, number: i32, target: &str) -> ServicePort {
+        port(Some(name), number, IntOrString::String(target.into()))
+    }
+
+    fn service(name: &str, ip: &str, ports: Vec<ServicePort>) -> KubeService {
+        KubeService {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(NS.into()),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                type_: Some("ClusterIP".into()),
+                cluster_ip: Some(ip.into()),
+                cluster_ips: Some(vec![ip.into()]),
+                ports: Some(ports),
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+
+    fn with(mut svc: KubeService, f: impl FnOnce(&mut ServiceSpec)) -> KubeService {
+        f(svc.spec.as_mut().unwrap());
+        svc
+    }
+
+    fn annotated(mut svc: KubeService, kv: &[(&str, &str)]) -> KubeService {
+        svc.metadata.annotations = pairs(kv);
+        svc
+    }
+
+    fn slice(
+        name: &str,
+        service: &str,
+        ports: &[(Option<&str>, i32)],
+        endpoints: Vec<Endpoint>,
+    ) -> EndpointSlice {
+        EndpointSlice {
+            address_type: "IPv4".into(),
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(NS.into()),
+                labels: pairs(&[(SERVICE_NAME_LABEL, service)]),
+                ..Default::default()
+            },
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|&(n, p)| EndpointPort {
+                        name: n.map(str::to_string),
+                        port: Some(p),
+                        protocol: Some("TCP".into()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            endpoints: Some(endpoints),
+        }
+    }
+
+    fn endpoint(
+        ip: &str,
+        ready: Option<bool>,
+        serving: Option<bool>,
+        terminating: Option<bool>,
+    ) -> Endpoint {
+        Endpoint {
+            addresses: vec![ip.into()],
+            conditions: Some(EndpointConditions {
+                ready,
+                serving,
+                terminating,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn ready(ip: &str) -> Endpoint {
+        endpoint(ip, Some(true), Some(true), Some(false))
+    }
+
+    fn terminating(ip: &str) -> Endpoint {
+        endpoint(ip, Some(false), Some(true), Some(true))
+    }
+
+    fn on(mut ep: Endpoint, node: &str) -> Endpoint {
+        ep.node_name = Some(node.into());
+        ep
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn backend(addr: &str, port: u16, state: BackendState) -> Backend {
+        Backend {
+            ip: ip(addr),
+            port,
+            weight: 1,
+            state,
+        }
+    }
+
+    fn active(addr: &str, port: u16) -> Backend {
+        backend(addr, port, BackendState::Active)
+    }
+
+    fn translate(services: &[KubeService], slices: &[EndpointSlice]) -> Translation {
+        node_state(services, slices, "node-a")
+    }
+
+    fn only(t: &Translation) -> &Service {
+        assert_eq!(t.state.services.len(), 1, "{:#?}", t.state);
+        &t.state.services[0]
+    }
+
+    fn names(t: &Translation) -> Vec<&str> {
+        t.state.services.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    #[test]
+    fn named_target_port_resolves_through_the_slice_port_name() {
+        let svc = service(
+            "web",
+            "10.96.0.10",
+            vec![
+                named("grpc", 80, "grpc-port"),
+                named("metrics", 9100, "9100"),
+            ],
+        );
+        // The pods disagree on the named port's number, so the EndpointSlice
+        // controller put them in two slices.
+        let slices = [
+            slice(
+                "web-a",
+                "web",
+                &[(Some("grpc"), 50051), (Some("metrics"), 9100)],
+                vec![ready("10.244.1.5")],
+            ),
+            slice(
+                "web-b",
+                "web",
+                &[(Some("grpc"), 8443), (Some("metrics"), 9100)],
+                vec![ready("10.244.2.7")],
+            ),
+        ];
+        let t = translate(&[svc], &slices);
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        let grpc = Service::new(
+            "shop/web:grpc",
+            ip("10.96.0.10"),
+            80,
+            Protocol::Tcp,
+            Algorithm::Random,
+            vec![active("10.244.1.5", 50051), active("10.244.2.7", 8443)],
+        );
+        let metrics = Service::new(
+            "shop/web:metrics",
+            ip("10.96.0.10"),
+            9100,
+            Protocol::Tcp,
+            Algorithm::Random,
+            vec![active("10.244.1.5", 9100), active("10.244.2.7", 9100)],
+        );
+        assert_eq!(t.state.services, [grpc, metrics]);
+    }
+
+    #[test]
+    fn unnamed_port_is_named_by_number_and_matches_the_unnamed_slice_port() {
+        let svc = service(
+            "api",
+            "10.96.0.11",
+            vec![port(None, 80, IntOrString::Int(8080))],
+        );
+        let slices = [
+            slice("api-a", "api", &[(None, 8080)], vec![ready("10.244.1.1")]),
+            // An empty name is the same as no name.
+            slice(
+                "api-b",
+                "api",
+                &[(Some(""), 8080)],
+                vec![ready("10.244.1.2")],
+            ),
+            // A named slice port does not serve an unnamed service port.
+            slice(
+                "api-c",
+                "api",
+                &[(Some("http"), 9999)],
+                vec![ready("10.244.1.3")],
+            ),
+        ];
+        let t = translate(&[svc], &slices);
+        let s = only(&t);
+        assert_eq!(s.name, "shop/api:80");
+        assert_eq!(s.port, 80);
+        assert_eq!(
+            s.backends,
+            [active("10.244.1.1", 8080), active("10.244.1.2", 8080)]
+        );
+    }
+
+    #[test]
+    fn endpoint_conditions() {
+        use BackendState::{Active, Terminating};
+        let c = |ready, serving, terminating| EndpointConditions {
+            ready,
+            serving,
+            terminating,
+        };
+        let cases = [
+            (None, Some(Active)),
+            (Some(c(None, None, None)), Some(Active)),
+            (Some(c(Some(true), Some(true), None)), Some(Active)),
+            // publishNotReadyAddresses: ready although terminating.
+            (Some(c(Some(true), Some(true), Some(true))), Some(Active)),
+            (
+                Some(c(Some(false), Some(true), Some(true))),
+                Some(Terminating),
+            ),
+            (Some(c(Some(false), Some(false), Some(true))), None),
+            (Some(c(Some(false), None, Some(true))), None),
+            (Some(c(Some(false), Some(true), None)), None),
+            (Some(c(Some(false), Some(true), Some(false))), None),
+            (Some(c(Some(false), None, None)), None),
+        ];
+        for (conditions, want) in cases {
+            assert_eq!(endpoint_state(conditions.as_ref()), want, "{conditions:?}");
+        }
+
+        let svc = service("db", "10.96.0.12", vec![named("sql", 5432, "sql")]);
+        let mut no_conditions = ready("10.244.0.1");
+        no_conditions.conditions = None;
+        let slices = [slice(
+            "db-a",
+            "db",
+            &[(Some("sql"), 5432)],
+            vec![
+                no_conditions,
+                endpoint("10.244.0.2", None, None, None),
+                terminating("10.244.0.3"),
+                endpoint("10.244.0.4", Some(false), Some(false), Some(true)),
+                endpoint("10.244.0.5", Some(false), Some(false), Some(false)),
+                endpoint("10.244.0.6", Some(false), Some(true), None),
+            ],
+        )];
+        let t = translate(&[svc], &slices);
+        assert_eq!(
+            only(&t).backends,
+            [
+                active("10.244.0.1", 5432),
+                active("10.244.0.2", 5432),
+                backend("10.244.0.3", 5432, Terminating),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_same_backend_in_two_slices_is_one_and_active_wins() {
+        let svc = service("db", "10.96.0.12", vec![named("sql", 5432, "sql")]);
+        let old = slice(
+            "db-old",
+            "db",
+            &[(Some("sql"), 5432)],
+            vec![terminating("10.244.0.1"), terminating("10.244.0.2")],
+        );
+        let new = slice(
+            "db-new",
+            "db",
+            &[(Some("sql"), 5432)],
+            vec![ready("10.244.0.1")],
+        );
+        let want = [
+            active("10.244.0.1", 5432),
+            backend("10.244.0.2", 5432, BackendState::Terminating),
+        ];
+        for slices in [[old.clone(), new.clone()], [new, old]] {
+            let t = translate(std::slice::from_ref(&svc), &slices);
+            assert_eq!(only(&t).backends, want);
+        }
+    }
+
+    #[test]
+    fn headless_external_name_and_unallocated_services_are_skipped() {
+        let headless = service("headless", "None", vec![named("http", 80, "http")]);
+        let external = with(service("ext", "", vec![]), |s| {
+            s.type_ = Some("ExternalName".into());
+            s.external_name = Some("db.example.com".into());
+            s.cluster_ip = None;
+            s.cluster_ips = None;
+        });
+        let pending = with(
+            service("pending", "", vec![named("http", 80, "http")]),
+            |s| {
+                s.cluster_ips = None;
+            },
+        );
+        let no_spec = KubeService {
+            spec: None,
+            ..service("no-spec", "10.96.0.1", vec![])
+        };
+        let slices = [slice(
+            "headless-a",
+            "headless",
+            &[(Some("http"), 80)],
+            vec![ready("10.244.0.1")],
+        )];
+        let t = translate(&[headless, external, pending, no_spec], &slices);
+        assert_eq!(t, Translation::default());
+    }
+
+    #[test]
+    fn dual_stack_uses_the_first_ipv4_cluster_ip_and_ipv4_slices() {
+        let dual = with(
+            service("dual", "fd00:10:96::a", vec![named("http", 80, "http")]),
+            |s| {
+                s.cluster_ips = Some(vec!["fd00:10:96::a".into(), "10.96.0.20".into()]);
+                s.ip_families = Some(vec!["IPv6".into(), "IPv4".into()]);
+            },
+        );
+        let mut v6_slice = slice(
+            "dual-v6",
+            "dual",
+            &[(Some("http"), 8080)],
+            vec![ready("fd00:10:244::5")],
+        );
+        v6_slice.address_type = "IPv6".into();
+        let v4_slice = slice(
+            "dual-v4",
+            "dual",
+            &[(Some("http"), 8080)],
+            vec![ready("10.244.0.5")],
+        );
+        let t = translate(&[dual], &[v6_slice, v4_slice]);
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        let s = only(&t);
+        assert_eq!(s.vip, ip("10.96.0.20"));
+        assert_eq!(s.backends, [active("10.244.0.5", 8080)]);
+
+        // Only spec.clusterIP (an old object without clusterIPs).
+        let old = with(
+            service("old", "10.96.0.21", vec![named("http", 80, "http")]),
+            |s| {
+                s.cluster_ips = None;
+            },
+        );
+        assert_eq!(only(&translate(&[old], &[])).vip, ip("10.96.0.21"));
+
+        let v6_only = service("v6", "fd00:10:96::b", vec![named("http", 80, "http")]);
+        let t = translate(&[v6_only], &[]);
+        assert!(t.state.services.is_empty());
+        assert_eq!(
+            t.problems,
+            [Problem {
+                service: ServiceRef {
+                    namespace: NS.into(),
+                    name: "v6".into()
+                },
+                kind: ProblemKind::NoIpv4ClusterIp {
+                    cluster_ips: vec!["fd00:10:96::b".into()]
+                },
+                fallback: "the Service is not balanced by rpclb".into(),
+            }]
+        );
+        assert_eq!(t.problems[0].reason(), "NoIPv4ClusterIP");
+        assert_eq!(
+            t.problems[0].to_string(),
+            "no IPv4 ClusterIP in [fd00:10:96::b] (rpclb balances IPv4 only); \
+             the Service is not balanced by rpclb"
+        );
+    }
+
+    fn client_ip(svc: KubeService, timeout: Option<i32>) -> KubeService {
+        with(svc, |s| {
+            s.session_affinity = Some("ClientIP".into());
+            s.session_affinity_config = timeout.map(|t| SessionAffinityConfig {
+                client_ip: Some(ClientIPConfig {
+                    timeout_seconds: Some(t),
+                }),
+            });
+        })
+    }
+
+    #[test]
+    fn session_affinity_client_ip() {
+        let base = || service("sticky", "10.96.0.30", vec![named("http", 80, "http")]);
+
+        let none = with(base(), |s| s.session_affinity = Some("None".into()));
+        let s = only(&translate(&[none], &[])).clone();
+        assert_eq!((s.algorithm, s.affinity_timeout), (Algorithm::Random, None));
+
+        let t = translate(&[client_ip(base(), None)], &[]);
+        assert!(t.problems.is_empty());
+        let s = only(&t);
+        assert_eq!(s.algorithm, Algorithm::SourceHash);
+        assert_eq!(s.affinity_timeout, Some(Duration::from_secs(10_800)));
+
+        let s = only(&translate(&[client_ip(base(), Some(600))], &[])).clone();
+        assert_eq!(s.affinity_timeout, Some(Duration::from_secs(600)));
+        assert_eq!(s.algorithm, Algorithm::SourceHash);
+
+        // A valid algorithm annotation wins over source-hash; affinity stays.
+        let chosen = annotated(
+            client_ip(base(), Some(600)),
+            &[(annotations::ALGORITHM, "maglev")],
+        );
+        let s = only(&translate(&[chosen], &[])).clone();
+        assert_eq!(s.algorithm, Algorithm::Maglev);
+        assert_eq!(s.affinity_timeout, Some(Duration::from_secs(600)));
+
+        // An invalid one does not: source-hash, and the problem says so.
+        let bad = annotated(
+            client_ip(base(), None),
+            &[(annotations::ALGORITHM, "sticky")],
+        );
+        let t = translate(&[bad], &[]);
+        assert_eq!(only(&t).algorithm, Algorithm::SourceHash);
+        assert_eq!(t.problems.len(), 1);
+        assert_eq!(
+            t.problems[0].fallback,
+            "using source-hash (the default with sessionAffinity: ClientIP)"
+        );
+
+        // Out of range (the API server rejects it; the default is used).
+        for bad in [0, -5, 86_401] {
+            let t = translate(&[client_ip(base(), Some(bad))], &[]);
+            assert_eq!(only(&t).affinity_timeout, Some(DEFAULT_AFFINITY_TIMEOUT));
+            assert_eq!(
+                t.problems[0].kind,
+                ProblemKind::InvalidAffinityTimeout { seconds: bad }
+            );
+            assert_eq!(t.problems[0].reason(), "InvalidSessionAffinity");
+        }
+        let t = translate(&[client_ip(base(), Some(86_400))], &[]);
+        assert_eq!(only(&t).affinity_timeout, Some(MAX_AFFINITY_TIMEOUT));
+        assert!(t.problems.is_empty());
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_this_nodes_endpoints() {
+        let local = with(
+            service("local", "10.96.0.40", vec![named("http", 80, "http")]),
+            |s| {
+                s.internal_traffic_policy = Some("Local".into());
+            },
+        );
+        let cluster = service("cluster", "10.96.0.41", vec![named("http", 80, "http")]);
+        let eps = || {
+            vec![
+                on(ready("10.244.1.1"), "node-a"),
+                on(terminating("10.244.1.2"), "node-a"),
+                on(ready("10.244.2.1"), "node-b"),
+                ready("10.244.3.1"), // no nodeName
+            ]
+        };
+        let slices = [
+            slice("local-x", "local", &[(Some("http"), 8080)], eps()),
+            slice("cluster-x", "cluster", &[(Some("http"), 8080)], eps()),
+        ];
+        let services = [local, cluster];
+        let all = [
+            active("10.244.1.1", 8080),
+            backend("10.244.1.2", 8080, BackendState::Terminating),
+            active("10.244.2.1", 8080),
+            active("10.244.3.1", 8080),
+        ];
+        let backends_on = |node: &str| -> (Vec<Backend>, Vec<Backend>) {
+            let st = node_state(&services, &slices, node).state;
+            assert_eq!(st.services[0].name, "shop/local:http");
+            (
+                st.services[0].backends.clone(),
+                st.services[1].backends.clone(),
+            )
+        };
+        assert_eq!(backends_on("node-a"), (all[..2].to_vec(), all.to_vec()));
+        assert_eq!(backends_on("node-b"), (vec![all[2].clone()], all.to_vec()));
+        // A node without local endpoints keeps the service, with no backends
+        // (new connections are refused, as with kube-proxy).
+        assert_eq!(backends_on("node-c"), (vec![], all.to_vec()));
+
+        let c = ClusterState::build(&services, &slices);
+        assert_eq!(
+            c.local_nodes().into_iter().collect::<Vec<_>>(),
+            ["node-a", "node-b"]
+        );
+        assert_eq!(c.default_state(), c.node_state("node-c"));
+        assert_eq!(c.default_state(), c.node_state(""));
+    }
+
+    #[test]
+    fn an_invalid_annotation_is_a_problem_and_the_default_is_used() {
+        let svc = annotated(
+            service("pay", "10.96.0.50", vec![named("grpc", 443, "grpc")]),
+            &[
+                (annotations::ALGORITHM, "fastest"),
+                (annotations::WEIGHTS, "10.244.0.1=3"),
+            ],
+        );
+        let slices = [slice(
+            "pay-a",
+            "pay",
+            &[(Some("grpc"), 8443)],
+            vec![ready("10.244.0.1"), ready("10.244.0.2")],
+        )];
+        let t = translate(&[svc], &slices);
+        let s = only(&t);
+        assert_eq!(s.algorithm, Algorithm::Random);
+        // The valid annotation still applies.
+        assert_eq!(
+            s.backends,
+            [
+                Backend {
+                    weight: 3,
+                    ..active("10.244.0.1", 8443)
+                },
+                active("10.244.0.2", 8443)
+            ]
+        );
+        assert_eq!(t.problems.len(), 1, "{:?}", t.problems);
+        let p = &t.problems[0];
+        assert_eq!(p.service.to_string(), "shop/pay");
+        assert_eq!(p.reason(), "InvalidAnnotation");
+        assert!(matches!(&p.kind, ProblemKind::Annotation(e) if e.key == annotations::ALGORITHM));
+        assert_eq!(p.fallback, "using the default algorithm (random)");
+        assert_eq!(
+            p.to_string(),
+            "invalid annotation rpclb.io/algorithm=\"fastest\": unknown algorithm \"fastest\" \
+             (expected one of: random, round-robin, maglev, source-hash, least-conn); \
+             using the default algorithm (random)"
+        );
+
+        let bad_weights = annotated(
+            service("pay", "10.96.0.50", vec![named("grpc", 443, "grpc")]),
+            &[(annotations::WEIGHTS, "10.244.0.1=lots")],
+        );
+        let t = translate(&[bad_weights], &slices);
+        assert!(only(&t).backends.iter().all(|b| b.weight == 1));
+        assert_eq!(
+            t.problems[0].fallback,
+            "ignoring all weights (every backend has weight 1)"
+        );
+    }
+
+    #[test]
+    fn sctp_ports_are_skipped_with_a_problem() {
+        let mut sctp = named("signal", 3868, "signal");
+        sctp.protocol = Some("SCTP".into());
+        let mut udp = named("dns", 53, "dns");
+        udp.protocol = Some("UDP".into());
+        let mut no_protocol = named("http", 80, "http");
+        no_protocol.protocol = None;
+        let svc = service("mixed", "10.96.0.60", vec![sctp, udp, no_protocol]);
+        let mut s = slice(
+            "mixed-a",
+            "mixed",
+            &[
+                (Some("http"), 8080),
+                (Some("dns"), 5353),
+                (Some("signal"), 3868),
+            ],
+            vec![ready("10.244.0.1")],
+        );
+        let ports = s.ports.as_mut().unwrap();
+        ports[1].protocol = Some("UDP".into());
+        ports[2].protocol = Some("SCTP".into());
+        let t = translate(&[svc], &[s]);
+        assert_eq!(names(&t), ["shop/mixed:dns", "shop/mixed:http"]);
+        assert_eq!(t.state.services[0].protocol, Protocol::Udp);
+        assert_eq!(t.state.services[0].backends, [active("10.244.0.1", 5353)]);
+        assert_eq!(t.state.services[1].protocol, Protocol::Tcp);
+        assert_eq!(
+            t.problems
+                .iter()
+                .map(|p| (p.reason(), p.to_string()))
+                .collect::<Vec<_>>(),
+            [(
+                "UnsupportedProtocol",
+                "port signal: protocol SCTP is not supported; this port is not balanced by rpclb"
+                    .to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn slices_must_match_namespace_label_and_protocol() {
+        let svc = service("web", "10.96.0.70", vec![named("http", 80, "http")]);
+        let mut other_ns = slice(
+            "web-x",
+            "web",
+            &[(Some("http"), 1)],
+            vec![ready("10.244.9.1")],
+        );
+        other_ns.metadata.namespace = Some("elsewhere".into());
+        let mut no_label = slice(
+            "web-y",
+            "web",
+            &[(Some("http"), 2)],
+            vec![ready("10.244.9.2")],
+        );
+        no_label.metadata.labels = None;
+        let other_service = slice(
+            "api-z",
+            "api",
+            &[(Some("http"), 3)],
+            vec![ready("10.244.9.3")],
+        );
+        let mut udp = slice(
+            "web-u",
+            "web",
+            &[(Some("http"), 4)],
+            vec![ready("10.244.9.4")],
+        );
+        udp.ports.as_mut().unwrap()[0].protocol = Some("UDP".into());
+        let mut no_number = slice(
+            "web-n",
+            "web",
+            &[(Some("http"), 5)],
+            vec![ready("10.244.9.5")],
+        );
+        no_number.ports.as_mut().unwrap()[0].port = None;
+        let mut bad_address = slice("web-b", "web", &[(Some("http"), 6)], vec![ready("bogus")]);
+        bad_address
+            .endpoints
+            .as_mut()
+            .unwrap()
+            .push(ready("10.244.9.6"));
+        let t = translate(
+            &[svc],
+            &[
+                other_ns,
+                no_label,
+                other_service,
+                udp,
+                no_number,
+                bad_address,
+            ],
+        );
+        assert_eq!(only(&t).backends, [active("10.244.9.6", 6)]);
+    }
+
+    #[test]
+    fn maglev_table_size_fits_the_backends() {
+        let eps = |n: u32| {
+            (0..n)
+                .map(|i| ready(&Ipv4Addr::from(0x0af4_0000 + i).to_string()))
+                .collect::<Vec<_>>()
+        };
+        let svc = |kv: &[(&str, &str)]| {
+            annotated(
+                service("mg", "10.96.0.80", vec![named("grpc", 80, "grpc")]),
+                kv,
+            )
+        };
+        let run = |kv: &[(&str, &str)], n: u32| {
+            let slices = [slice("mg-a", "mg", &[(Some("grpc"), 9000)], eps(n))];
+            translate(&[svc(kv)], &slices)
+        };
+        let maglev = (annotations::ALGORITHM, "maglev");
+        let size = |m: &'static str| (annotations::MAGLEV_TABLE_SIZE, m);
+
+        // 101 holds one backend, not two.
+        let t = run(&[maglev, size("101")], 1);
+        assert_eq!(only(&t).maglev_table_size, Some(101));
+        assert!(t.problems.is_empty());
+        let t = run(&[maglev, size("101")], 2);
+        assert_eq!(only(&t).maglev_table_size, None);
+        assert_eq!(t.problems.len(), 1);
+        assert_eq!(t.problems[0].reason(), "InvalidAnnotation");
+        assert_eq!(
+            t.problems[0].to_string(),
+            "port grpc: rpclb.io/maglev-table-size 101 is too small for 2 backends \
+             (it must be > 100 x backends); using the default maglev table size (16381)"
+        );
+
+        // Terminating and weight-0 backends take no new flows: not counted.
+        let mut slices = [slice("mg-a", "mg", &[(Some("grpc"), 9000)], eps(1))];
+        slices[0]
+            .endpoints
+            .as_mut()
+            .unwrap()
+            .push(terminating("10.244.1.1"));
+        let t = translate(&[svc(&[maglev, size("101")])], &slices);
+        assert_eq!(only(&t).maglev_table_size, Some(101));
+
+        // The default is too small for 200 backends: the next prime above
+        // 20000 is used, with no problem.
+        let t = run(&[maglev], 200);
+        assert_eq!(only(&t).maglev_table_size, Some(20_011));
+        assert!(t.problems.is_empty());
+        // ... and also when an annotated size was too small.
+        let t = run(&[maglev, size("16381")], 200);
+        assert_eq!(only(&t).maglev_table_size, Some(20_011));
+        assert_eq!(t.problems[0].fallback, "using maglev table size 20011");
+        // Other algorithms keep the annotation and ignore it.
+        let t = run(&[size("101")], 5);
+        assert_eq!(only(&t).maglev_table_size, Some(101));
+        assert!(t.problems.is_empty());
+    }
+
+    #[test]
+    fn maglev_sizes_beyond_the_data_path_fall_back_to_random() {
+        let mut s = Service::new(
+            "shop/big:80",
+            ip("10.96.0.81"),
+            80,
+            Protocol::Tcp,
+            Algorithm::Maglev,
+            vec![],
+        );
+        let too_many = (MAX_MAGLEV_TABLE_SIZE / 100) as usize + 1;
+        let (kind, fallback) = choose_table_size(&mut s, too_many, "80").unwrap();
+        assert_eq!(s.algorithm, Algorithm::Random);
+        assert_eq!(s.maglev_table_size, None);
+        assert_eq!(kind.reason(), "TooManyBackends");
+        assert_eq!(fallback, "using random");
+        assert_eq!(next_prime_above(16_380), Some(16_381));
+        assert_eq!(next_prime_above(u64::from(MAX_MAGLEV_TABLE_SIZE)), None);
+    }
+
+    #[test]
+    fn output_is_sorted_and_independent_of_input_order() {
+        let svcs = vec![
+            service(
+                "b",
+                "10.96.0.2",
+                vec![named("x", 90, "x"), named("y", 80, "y")],
+            ),
+            service("a", "10.96.0.9", vec![named("x", 80, "x")]),
+            annotated(
+                service("c", "10.96.0.1", vec![named("x", 80, "x")]),
+                &[(annotations::ALGORITHM, "nope"), ("rpclb.io/typo", "1")],
+            ),
+            service("d", "fd00::1", vec![]),
+        ];
+        let mut udp = named("x", 80, "x");
+        udp.protocol = Some("UDP".into());
+        let svcs = [svcs, vec![service("e", "10.96.0.2", vec![udp])]].concat();
+        let slices = vec![
+            slice(
+                "b-1",
+                "b",
+                &[(Some("x"), 1), (Some("y"), 2)],
+                vec![ready("10.244.0.9"), ready("10.244.0.3")],
+            ),
+            slice(
+                "b-2",
+                "b",
+                &[(Some("x"), 1), (Some("y"), 2)],
+                vec![ready("10.244.0.5"), ready("10.244.0.1")],
+            ),
+            slice("a-1", "a", &[(Some("x"), 7)], vec![ready("10.244.1.1")]),
+        ];
+        let t = translate(&svcs, &slices);
+        let addrs: Vec<String> = t
+            .state
+            .services
+            .iter()
+            .map(|s| s.addr().to_string())
+            .collect();
+        assert_eq!(
+            addrs,
+            [
+                "10.96.0.1:80/tcp",
+                "10.96.0.2:80/tcp",
+                "10.96.0.2:80/udp",
+                "10.96.0.2:90/tcp",
+                "10.96.0.9:80/tcp"
+            ]
+        );
+        let b_y = &t.state.services[1];
+        assert_eq!(b_y.name, "shop/b:y");
+        let ips: Vec<String> = b_y.backends.iter().map(|b| b.ip.to_string()).collect();
+        assert_eq!(
+            ips,
+            ["10.244.0.1", "10.244.0.3", "10.244.0.5", "10.244.0.9"]
+        );
+        let problem_services: Vec<String> =
+            t.problems.iter().map(|p| p.service.to_string()).collect();
+        assert_eq!(problem_services, ["shop/c", "shop/c", "shop/d"]);
+
+        let mut svcs_rev = svcs.clone();
+        svcs_rev.reverse();
+        let mut slices_rev = slices.clone();
+        slices_rev.reverse();
+        for e in slices_rev.iter_mut().flat_map(|s| s.endpoints.iter_mut()) {
+            e.reverse();
+        }
+        assert_eq!(translate(&svcs_rev, &slices_rev), t);
+        // Arcs (as a reflector store gives) translate the same.
+        let arcs: Vec<_> = svcs.iter().cloned().map(std::sync::Arc::new).collect();
+        assert_eq!(
+            ClusterState::build(&arcs, &slices).node_state("node-a"),
+            t.state
+        );
+    }
+
+    #[test]
+    fn two_services_on_one_address_keep_the_first() {
+        let a = service("a", "10.96.0.90", vec![named("http", 80, "http")]);
+        let b = service("b", "10.96.0.90", vec![named("web", 80, "web")]);
+        let t = translate(&[b, a], &[]);
+        assert_eq!(names(&t), ["shop/a:http"]);
+        assert_eq!(t.problems.len(), 1);
+        assert_eq!(t.problems[0].service.name, "b");
+        assert_eq!(t.problems[0].reason(), "DuplicateServiceAddress");
+        assert_eq!(
+            t.problems[0].to_string(),
+            "10.96.0.90:80/tcp is already the address of shop/a:http; port web is not balanced"
+        );
+    }
+
+    #[test]
+    fn out_of_range_port_is_a_problem() {
+        let svc = service(
+            "p",
+            "10.96.0.91",
+            vec![named("big", 70_000, "big"), named("ok", 80, "ok")],
+        );
+        let t = translate(&[svc], &[]);
+        assert_eq!(names(&t), ["shop/p:ok"]);
+        assert_eq!(
+            t.problems[0].kind,
+            ProblemKind::InvalidPort {
+                port: "big".into(),
+                number: 70_000
+            }
+        );
+    }
+}

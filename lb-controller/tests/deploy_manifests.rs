@@ -1,0 +1,556 @@
+//! The Kubernetes manifests in deploy/ agree with each other, with the
+//! controller's code (what it watches) and with the image's Dockerfile.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use lb_controller::watch::WATCHED;
+use serde::Deserialize;
+use serde_yaml::Value;
+
+const NAMESPACE: &str = "rpclb-system";
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// A parsed document and the file it came from.
+struct Doc {
+    file: String,
+    v: Value,
+}
+
+impl Doc {
+    fn kind(&self) -> &str {
+        str_at(&self.v, &["kind"]).unwrap_or_default()
+    }
+    fn name(&self) -> &str {
+        str_at(&self.v, &["metadata", "name"]).unwrap_or_default()
+    }
+    fn namespace(&self) -> Option<&str> {
+        str_at(&self.v, &["metadata", "namespace"])
+    }
+}
+
+fn load() -> Vec<Doc> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(deploy_dir())
+        .expect("deploy/ exists")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no manifests in deploy/");
+    let mut docs = Vec::new();
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        for de in serde_yaml::Deserializer::from_str(&text) {
+            let v = Value::deserialize(de).unwrap_or_else(|e| panic!("{file}: {e}"));
+            if !v.is_null() {
+                docs.push(Doc {
+                    file: file.clone(),
+                    v,
+                });
+            }
+        }
+    }
+    docs
+}
+
+fn at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(v, |v, k| v.get(*k))
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    at(v, path)?.as_str()
+}
+
+fn seq_at<'a>(v: &'a Value, path: &[&str]) -> &'a [Value] {
+    at(v, path)
+        .and_then(Value::as_sequence)
+        .map_or(&[], Vec::as_slice)
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_sequence()
+        .unwrap_or_else(|| panic!("not a list: {v:?}"))
+        .iter()
+        .map(|s| s.as_str().expect("a string").to_string())
+        .collect()
+}
+
+fn one<'a>(docs: &'a [Doc], kind: &str, name: &str) -> &'a Doc {
+    let found: Vec<&Doc> = docs
+        .iter()
+        .filter(|d| d.kind() == kind && d.name() == name)
+        .collect();
+    assert_eq!(found.len(), 1, "expected one {kind} {name}");
+    found[0]
+}
+
+fn container<'a>(workload: &'a Doc, name: &str) -> &'a Value {
+    seq_at(&workload.v, &["spec", "template", "spec", "containers"])
+        .iter()
+        .find(|c| str_at(c, &["name"]) == Some(name))
+        .unwrap_or_else(|| panic!("{}: no container {name}", workload.name()))
+}
+
+/// The value after `flag` in a container's args (`--flag value` or
+/// `--flag=value`).
+fn arg(c: &Value, flag: &str) -> Option<String> {
+    let args = strings(at(c, &["args"]).expect("args"));
+    args.iter().enumerate().find_map(|(i, a)| {
+        if a == flag {
+            args.get(i + 1).cloned()
+        } else {
+            a.strip_prefix(&format!("{flag}=")).map(str::to_string)
+        }
+    })
+}
+
+fn addr_port(c: &Value, flag: &str) -> u16 {
+    let v = arg(c, flag).unwrap_or_else(|| panic!("no {flag}"));
+    v.parse::<SocketAddr>()
+        .unwrap_or_else(|e| panic!("{flag} {v}: {e}"))
+        .port()
+}
+
+/// A probe's or Service's port: a number, or a container port's name.
+fn resolve_port(c: &Value, port: &Value) -> u16 {
+    if let Some(n) = port.as_u64() {
+        return n as u16;
+    }
+    let name = port.as_str().expect("port is a number or a name");
+    seq_at(c, &["ports"])
+        .iter()
+        .find(|p| str_at(p, &["name"]) == Some(name))
+        .and_then(|p| at(p, &["containerPort"])?.as_u64())
+        .unwrap_or_else(|| panic!("no container port named {name}")) as u16
+}
+
+fn container_ports(c: &Value) -> BTreeSet<u16> {
+    seq_at(c, &["ports"])
+        .iter()
+        .map(|p| at(p, &["containerPort"]).unwrap().as_u64().unwrap() as u16)
+        .collect()
+}
+
+fn env_names(c: &Value) -> BTreeSet<String> {
+    seq_at(c, &["env"])
+        .iter()
+        .map(|e| str_at(e, &["name"]).unwrap().to_string())
+        .collect()
+}
+
+fn workloads(docs: &[Doc]) -> impl Iterator<Item = &Doc> {
+    docs.iter()
+        .filter(|d| matches!(d.kind(), "Deployment" | "DaemonSet"))
+}
+
+#[test]
+fn every_document_is_a_named_object_in_the_rpclb_namespace() {
+    let docs = load();
+    let cluster_scoped = ["Namespace", "ClusterRole", "ClusterRoleBinding"];
+    for d in &docs {
+        for field in [&["apiVersion"][..], &["kind"], &["metadata", "name"]] {
+            assert!(
+                str_at(&d.v, field).is_some_and(|s| !s.is_empty()),
+                "{}: a document without {}",
+                d.file,
+                field.join(".")
+            );
+        }
+        if cluster_scoped.contains(&d.kind()) {
+            assert_eq!(d.namespace(), None, "{}: {} {}", d.file, d.kind(), d.name());
+        } else {
+            assert_eq!(
+                d.namespace(),
+                Some(NAMESPACE),
+                "{}: {} {}",
+                d.file,
+                d.kind(),
+                d.name()
+            );
+        }
+    }
+    one(&docs, "Namespace", NAMESPACE);
+    // Unique (kind, namespace, name).
+    let mut seen = BTreeSet::new();
+    for d in &docs {
+        assert!(
+            seen.insert((d.kind(), d.namespace(), d.name())),
+            "{}: {} {} twice",
+            d.file,
+            d.kind(),
+            d.name()
+        );
+    }
+}
+
+/// Verbs by (apiGroup, resource) over a role's rules.
+fn grants(role: &Doc) -> BTreeMap<(String, String), BTreeSet<String>> {
+    let mut out: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    for rule in seq_at(&role.v, &["rules"]) {
+        let verbs = strings(at(rule, &["verbs"]).unwrap());
+        for g in strings(at(rule, &["apiGroups"]).unwrap()) {
+            for r in strings(at(rule, &["resources"]).unwrap()) {
+                out.entry((g.clone(), r)).or_default().extend(verbs.clone());
+            }
+        }
+    }
+    out
+}
+
+fn has(grants: &BTreeMap<(String, String), BTreeSet<String>>, g: &str, r: &str, verbs: &[&str]) {
+    let got = grants
+        .get(&(g.to_string(), r.to_string()))
+        .unwrap_or_else(|| panic!("no rule for {g:?}/{r}"));
+    for v in verbs {
+        assert!(got.contains(*v), "{g:?}/{r}: no {v} in {got:?}");
+    }
+}
+
+#[test]
+fn the_controller_may_list_and_watch_exactly_what_it_watches() {
+    let docs = load();
+    let role = grants(one(&docs, "ClusterRole", "rpclb-controller"));
+    let listed_and_watched: BTreeSet<(String, String)> = role
+        .iter()
+        .filter(|(_, v)| v.contains("list") && v.contains("watch"))
+        .map(|(k, _)| k.clone())
+        .collect();
+    let watched: BTreeSet<(String, String)> = WATCHED
+        .iter()
+        .map(|w| (w.group.to_string(), w.resource.to_string()))
+        .collect();
+    assert_eq!(listed_and_watched, watched);
+
+    // Events on Services, in both event APIs.
+    has(&role, "events.k8s.io", "events", &["create", "patch"]);
+    has(&role, "", "events", &["create", "patch"]);
+    // Nothing that writes Services, slices or nodes.
+    for ((g, r), verbs) in &role {
+        if r != "events" {
+            assert!(
+                verbs
+                    .iter()
+                    .all(|v| ["get", "list", "watch"].contains(&v.as_str())),
+                "{g:?}/{r}: {verbs:?}"
+            );
+        }
+    }
+
+    // Leader election: a namespaced Role on leases.
+    let lease_role = grants(one(&docs, "Role", "rpclb-controller-leader-election"));
+    has(
+        &lease_role,
+        "coordination.k8s.io",
+        "leases",
+        &["get", "create", "update"],
+    );
+}
+
+#[test]
+fn bindings_tie_existing_roles_to_existing_service_accounts() {
+    let docs = load();
+    let accounts: BTreeSet<(&str, &str)> = docs
+        .iter()
+        .filter(|d| d.kind() == "ServiceAccount")
+        .map(|d| (d.namespace().unwrap(), d.name()))
+        .collect();
+    let mut bound = BTreeSet::new();
+    for b in docs
+        .iter()
+        .filter(|d| matches!(d.kind(), "ClusterRoleBinding" | "RoleBinding"))
+    {
+        let kind = str_at(&b.v, &["roleRef", "kind"]).unwrap();
+        let name = str_at(&b.v, &["roleRef", "name"]).unwrap();
+        let role = one(&docs, kind, name);
+        if kind == "Role" {
+            assert_eq!(role.namespace(), b.namespace(), "{}", b.name());
+        }
+        for s in seq_at(&b.v, &["subjects"]) {
+            assert_eq!(str_at(s, &["kind"]), Some("ServiceAccount"));
+            let sa = (
+                str_at(s, &["namespace"]).unwrap(),
+                str_at(s, &["name"]).unwrap(),
+            );
+            assert!(accounts.contains(&sa), "{}: unknown {sa:?}", b.name());
+            bound.insert(sa.1.to_string());
+        }
+    }
+    assert!(bound.contains("rpclb-controller"));
+    assert!(
+        !bound.contains("rpclb-agent"),
+        "the agent needs no API access"
+    );
+
+    for w in workloads(&docs) {
+        let sa = str_at(&w.v, &["spec", "template", "spec", "serviceAccountName"])
+            .unwrap_or_else(|| panic!("{}: no serviceAccountName", w.name()));
+        assert!(
+            accounts.contains(&(w.namespace().unwrap(), sa)),
+            "{}: unknown service account {sa}",
+            w.name()
+        );
+    }
+}
+
+#[test]
+fn workloads_select_their_own_pods_and_define_what_they_reference() {
+    let docs = load();
+    for w in workloads(&docs) {
+        let selector = at(&w.v, &["spec", "selector", "matchLabels"])
+            .and_then(Value::as_mapping)
+            .expect("matchLabels");
+        let labels = at(&w.v, &["spec", "template", "metadata", "labels"])
+            .and_then(Value::as_mapping)
+            .expect("pod labels");
+        for (k, v) in selector {
+            assert_eq!(labels.get(k), Some(v), "{}: selector {k:?}", w.name());
+        }
+        for c in seq_at(&w.v, &["spec", "template", "spec", "containers"]) {
+            // $(VAR) in args must be a defined env var, or Kubernetes passes
+            // it literally.
+            let env = env_names(c);
+            for a in strings(at(c, &["args"]).unwrap()) {
+                if let Some(var) = a.strip_prefix("$(").and_then(|r| r.strip_suffix(')')) {
+                    assert!(env.contains(var), "{}: $({var}) is not in env", w.name());
+                }
+            }
+            for e in seq_at(c, &["env"]) {
+                if let Some(r) = at(e, &["valueFrom", "configMapKeyRef"]) {
+                    let cm = one(&docs, "ConfigMap", str_at(r, &["name"]).unwrap());
+                    let key = str_at(r, &["key"]).unwrap();
+                    assert!(
+                        str_at(&cm.v, &["data", key]).is_some_and(|v| !v.is_empty()),
+                        "ConfigMap {} has no {key}",
+                        cm.name()
+                    );
+                }
+            }
+            // Probes hit declared ports.
+            for probe in ["livenessProbe", "readinessProbe"] {
+                if let Some(port) = at(c, &[probe, "httpGet", "port"]) {
+                    let p = resolve_port(c, port);
+                    assert!(container_ports(c).contains(&p), "{}: {probe}", w.name());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn controller_ports_match_its_service_and_probe() {
+    let docs = load();
+    let deploy = one(&docs, "Deployment", "rpclb-controller");
+    assert_eq!(
+        at(&deploy.v, &["spec", "replicas"]).and_then(Value::as_u64),
+        Some(2)
+    );
+    let c = container(deploy, "controller");
+    let args = strings(at(c, &["args"]).unwrap());
+    assert!(args.iter().any(|a| a == "--kube"), "{args:?}");
+    let listen = addr_port(c, "--listen");
+    let metrics = addr_port(c, "--metrics-addr");
+    assert_eq!(listen, 50551);
+    assert_eq!(container_ports(c), BTreeSet::from([listen, metrics]));
+
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        let get = at(c, &[probe, "httpGet"]).unwrap_or_else(|| panic!("no {probe}"));
+        assert_eq!(str_at(get, &["path"]), Some(path));
+        assert_eq!(resolve_port(c, at(get, &["port"]).unwrap()), metrics);
+    }
+
+    // Leader election identity and namespace come from the pod.
+    let env = env_names(c);
+    assert!(env.contains("RPCLB_POD_NAME") && env.contains("RPCLB_POD_NAMESPACE"));
+
+    let svc = one(&docs, "Service", "rpclb-controller");
+    let pod_labels = at(&deploy.v, &["spec", "template", "metadata", "labels"])
+        .and_then(Value::as_mapping)
+        .unwrap();
+    for (k, v) in at(&svc.v, &["spec", "selector"])
+        .and_then(Value::as_mapping)
+        .unwrap()
+    {
+        assert_eq!(pod_labels.get(k), Some(v), "Service selector {k:?}");
+    }
+    let ports = seq_at(&svc.v, &["spec", "ports"]);
+    assert_eq!(ports.len(), 1);
+    assert_eq!(
+        at(&ports[0], &["port"]).and_then(Value::as_u64),
+        Some(50551)
+    );
+    assert_eq!(
+        resolve_port(c, at(&ports[0], &["targetPort"]).unwrap()),
+        listen
+    );
+}
+
+#[test]
+fn agent_reaches_the_controller_service_and_keeps_its_pins_on_the_host() {
+    let docs = load();
+    let ds = one(&docs, "DaemonSet", "rpclb-agent");
+    let spec = at(&ds.v, &["spec", "template", "spec"]).unwrap();
+    let c = container(ds, "agent");
+
+    // --controller names the controller's Service and port.
+    let svc = one(&docs, "Service", "rpclb-controller");
+    let url = arg(c, "--controller").expect("--controller");
+    let svc_port = at(&seq_at(&svc.v, &["spec", "ports"])[0], &["port"])
+        .and_then(Value::as_u64)
+        .unwrap();
+    assert_eq!(
+        url,
+        format!(
+            "http://{}.{}.svc:{svc_port}",
+            svc.name(),
+            svc.namespace().unwrap()
+        )
+    );
+    // On the host network, cluster DNS needs this policy.
+    assert_eq!(
+        at(spec, &["hostNetwork"]).and_then(Value::as_bool),
+        Some(true)
+    );
+    assert_eq!(
+        str_at(spec, &["dnsPolicy"]),
+        Some("ClusterFirstWithHostNet")
+    );
+
+    assert_eq!(arg(c, "--mode").as_deref(), Some("auto"));
+    assert_eq!(
+        arg(c, "--interfaces").as_deref(),
+        Some("$(RPCLB_INTERFACES)")
+    );
+
+    // Readiness on the metrics address.
+    let metrics = addr_port(c, "--metrics-addr");
+    assert_eq!(metrics, 9464);
+    let probe = at(c, &["readinessProbe", "httpGet"]).expect("readiness probe");
+    assert_eq!(str_at(probe, &["path"]), Some("/readyz"));
+    assert_eq!(resolve_port(c, at(probe, &["port"]).unwrap()), metrics);
+
+    // The node name from the downward API.
+    let node_env = seq_at(c, &["env"])
+        .iter()
+        .find(|e| str_at(e, &["name"]) == Some("RPCLB_NODE_NAME"))
+        .expect("RPCLB_NODE_NAME");
+    assert_eq!(
+        str_at(node_env, &["valueFrom", "fieldRef", "fieldPath"]),
+        Some("spec.nodeName")
+    );
+
+    // Every taint tolerated.
+    assert!(
+        seq_at(spec, &["tolerations"])
+            .iter()
+            .any(|t| str_at(t, &["operator"]) == Some("Exists") && at(t, &["key"]).is_none())
+    );
+
+    // The pin path is inside a Bidirectional mount of the host's bpffs.
+    let pin_path = arg(c, "--pin-path").expect("--pin-path");
+    let mount = seq_at(c, &["volumeMounts"])
+        .iter()
+        .find(|m| pin_path.starts_with(str_at(m, &["mountPath"]).unwrap()))
+        .expect("a mount holding --pin-path");
+    assert_eq!(str_at(mount, &["mountPropagation"]), Some("Bidirectional"));
+    // Kubernetes allows Bidirectional only for privileged containers.
+    assert_eq!(
+        at(c, &["securityContext", "privileged"]).and_then(Value::as_bool),
+        Some(true)
+    );
+    let volume_name = str_at(mount, &["name"]).unwrap();
+    let volume = seq_at(spec, &["volumes"])
+        .iter()
+        .find(|v| str_at(v, &["name"]) == Some(volume_name))
+        .expect("the mount's volume");
+    assert_eq!(str_at(volume, &["hostPath", "path"]), Some("/sys/fs/bpf"));
+
+    // The preStop hook must not tear the data path down.
+    let pre_stop = strings(at(c, &["lifecycle", "preStop", "exec", "command"]).unwrap());
+    assert!(
+        !pre_stop.iter().any(|a| a.contains("cleanup")),
+        "{pre_stop:?}"
+    );
+    let args = strings(at(c, &["args"]).unwrap());
+    assert!(!args.iter().any(|a| a == "--detach-on-exit"), "{args:?}");
+    assert!(at(spec, &["terminationGracePeriodSeconds"]).is_some());
+}
+
+#[test]
+fn the_image_holds_every_command_the_manifests_run() {
+    let docs = load();
+    let dockerfile = std::fs::read_to_string(deploy_dir().join("Dockerfile")).unwrap();
+    let runtime = dockerfile
+        .rsplit_once("\nFROM ")
+        .map(|(_, stage)| stage)
+        .expect("a runtime stage");
+    let copied: BTreeSet<&str> = runtime
+        .lines()
+        .filter(|l| l.starts_with("COPY --from=build"))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|w| w.strip_prefix("/out/"))
+        .collect();
+    assert_eq!(
+        copied,
+        BTreeSet::from(["lb-agent", "lbctl", "lb-controller"])
+    );
+    let mut images = BTreeSet::new();
+    for w in workloads(&docs) {
+        for c in seq_at(&w.v, &["spec", "template", "spec", "containers"]) {
+            let command = strings(at(c, &["command"]).expect("command"));
+            assert!(
+                copied.contains(command[0].as_str()),
+                "{}: {command:?}",
+                w.name()
+            );
+            images.insert(str_at(c, &["image"]).unwrap().to_string());
+        }
+    }
+    assert_eq!(images.len(), 1, "one image for all: {images:?}");
+}
+
+/// Parses `doc` as the Kubernetes type `T` and writes it back: a misspelt
+/// or misplaced field is dropped on the way and the two differ; a value of
+/// the wrong type fails to parse.
+fn round_trip<T>(doc: &Doc)
+where
+    T: serde::de::DeserializeOwned + serde::Serialize,
+{
+    let typed: T = serde_yaml::from_value(doc.v.clone())
+        .unwrap_or_else(|e| panic!("{}: {} {}: {e}", doc.file, doc.kind(), doc.name()));
+    let back = serde_yaml::to_value(&typed).unwrap();
+    assert_eq!(
+        back,
+        doc.v,
+        "{}: {} {} has fields that Kubernetes does not know",
+        doc.file,
+        doc.kind(),
+        doc.name()
+    );
+}
+
+#[test]
+fn every_document_matches_the_kubernetes_schema() {
+    use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+    for d in &load() {
+        match d.kind() {
+            "Namespace" => round_trip::<Namespace>(d),
+            "ServiceAccount" => round_trip::<ServiceAccount>(d),
+            "ClusterRole" => round_trip::<ClusterRole>(d),
+            "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(d),
+            "Role" => round_trip::<Role>(d),
+            "RoleBinding" => round_trip::<RoleBinding>(d),
+            "ConfigMap" => round_trip::<ConfigMap>(d),
+            "Service" => round_trip::<Service>(d),
+            "Deployment" => round_trip::<Deployment>(d),
+            "DaemonSet" => round_trip::<DaemonSet>(d),
+            other => panic!("{}: no schema check for kind {other}", d.file),
+        }
+    }
+}
