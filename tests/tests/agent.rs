@@ -888,7 +888,9 @@ fn agent_bad_config_at_startup_exits_1() {
     );
     let out = agent_cmd(&["--interfaces", "lo"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--config FILE is required"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(
+        "one of --config FILE (RPCLB_CONFIG) or --controller URL (RPCLB_CONTROLLER) is required"
+    ));
     let out = agent_cmd(&["--config", &cfg, "--mode", "fast"]);
     assert_eq!(out.status.code(), Some(2));
 }

@@ -26,6 +26,7 @@ use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::xdp::XdpLinkId;
 use aya::programs::{TcAttachType, XdpMode};
 use lb_agent::datapath::DatapathConfig;
+use lb_agent::userspace::{ProxyOptions, UserspaceProxy};
 use rpclb_tests::lab::{self, Netns};
 
 use super::live::{BACKEND_PORT, PinnedDp, Topo, VIP, VIP_PORT, lab_service};
@@ -270,6 +271,7 @@ enum Path {
     /// rpclb's TC program (TCX ingress) on the same veths: no skb-to-XDP copy.
     Tc,
     Iptables,
+    Userspace,
 }
 
 impl Path {
@@ -280,6 +282,7 @@ impl Path {
             Path::Xdp => "VIP via rpclb XDP",
             Path::Tc => "VIP via rpclb TC",
             Path::Iptables => "VIP via iptables DNAT",
+            Path::Userspace => "VIP via rpclb userspace",
         }
     }
 }
@@ -425,7 +428,9 @@ fn iptables_hits(topo: &Topo) -> u64 {
 // Section 4
 
 pub fn section_lab(opts: &Opts) -> Result<()> {
-    header("4. Netns lab throughput: rpclb XDP and TC vs direct routing vs iptables DNAT");
+    header(
+        "4. Netns lab throughput: rpclb XDP, TC and userspace vs direct routing vs iptables DNAT",
+    );
     // Lab A: direct and xdp. Lab B: iptables.
     let a = Topo::new(3)?;
     let b = Topo::new(3)?;
@@ -462,6 +467,7 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
         paths.push(Path::Iptables);
     }
     paths.push(Path::DirectPass);
+    paths.push(Path::Userspace);
     let at = |p: Path| paths.iter().position(|&x| x == p);
     let pass = PassProg::load()?;
     let workloads = [Workload::Close, Workload::KeepAlive];
@@ -498,6 +504,24 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
                 r
             }
             Path::Iptables => run_clients(&b.lab().client().ns, &vip, w, threads, secs),
+            Path::Userspace => {
+                // The agent's userspace proxy in the node namespace, for this run only.
+                let svc = lb_api::DesiredState {
+                    services: vec![lab_service(&a)],
+                };
+                let proxy = a.lab().node().run(|| -> Result<UserspaceProxy> {
+                    let p = UserspaceProxy::start(ProxyOptions::default())
+                        .map_err(|e| anyhow::anyhow!("userspace proxy: {e}"))?;
+                    p.apply(&svc)
+                        .map_err(|e| anyhow::anyhow!("userspace proxy: {e}"))?;
+                    Ok(p)
+                })??;
+                let r = run_clients(&a.lab().client().ns, &vip, w, threads, secs);
+                proxy
+                    .shutdown()
+                    .map_err(|e| anyhow::anyhow!("userspace proxy: {e}"))?;
+                r
+            }
         }
     };
     // Warm-up: each path once, briefly, and a check that it works at all.
@@ -539,6 +563,7 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
     }
     head.push("xdp / direct+PASS".into());
     head.push("tc / direct".into());
+    head.push("userspace / direct".into());
     head.push("errors".into());
     let head_refs: Vec<&str> = head.iter().map(String::as_str).collect();
     let mut t = Table::new(&head_refs);
@@ -548,6 +573,7 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
     let mut ratios = vec![(f64::NAN, f64::NAN, f64::NAN); workloads.len()];
     let mut tc_ratios = vec![f64::NAN; workloads.len()];
     let mut tc_ipt = vec![f64::NAN; workloads.len()];
+    let mut us_ratios = vec![f64::NAN; workloads.len()];
     let (pd, px) = (
         at(Path::Direct).expect("direct"),
         at(Path::Xdp).expect("xdp"),
@@ -584,6 +610,9 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
         if let Some(pi) = at(Path::Iptables) {
             tc_ipt[wi] = ratio_of_rounds(&per[ptc], &per[pi]);
         }
+        let pu = at(Path::Userspace).expect("userspace");
+        us_ratios[wi] = ratio_of_rounds(&per[pu], &per[pd]);
+        row.push(ratio(us_ratios[wi]));
         row.push(count(errors));
         t.row(row);
     }
@@ -661,6 +690,16 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
             ratio(ka_p)
         ),
         Some(ka >= 0.97),
+    );
+    verdict(
+        "userspace L4 path, keep-alive",
+        ">= 0.5x direct",
+        format!(
+            "{} direct (new connections: {} direct)",
+            ratio(us_ratios[1]),
+            ratio(us_ratios[0])
+        ),
+        Some(us_ratios[1] >= 0.5),
     );
     drop(servers);
     Ok(())
