@@ -11,6 +11,10 @@ use crate::metrics::{DatapathSnapshot, ServiceSnapshot, StatsSource};
 /// are both directions summed, `new_flows` is new connections, `drops` all
 /// reasons; backend ids are positions (1-based) since there are no map ids.
 /// `reasons` holds the drop reasons summed over services.
+///
+/// For a gRPC (L7) service the balanced unit is the call, so `new_flows` is
+/// calls (`requests`) and a backend's `active` is its outstanding calls: the
+/// same series then show how calls spread over the backends.
 pub fn datapath_snapshot(stats: &[ServiceStats]) -> DatapathSnapshot {
     let mut reasons: BTreeMap<&'static str, u64> = BTreeMap::new();
     let services = stats
@@ -24,7 +28,11 @@ pub fn datapath_snapshot(stats: &[ServiceStats]) -> DatapathSnapshot {
                 stats: datapath::ServiceStats {
                     packets: s.packets_in + s.packets_out,
                     bytes: s.bytes_in + s.bytes_out,
-                    new_flows: s.new_connections,
+                    new_flows: if s.grpc {
+                        s.requests
+                    } else {
+                        s.new_connections
+                    },
                     drops: s.total_drops(),
                 },
                 backends: s
@@ -39,8 +47,16 @@ pub fn datapath_snapshot(stats: &[ServiceStats]) -> DatapathSnapshot {
                         state: b.status.as_str(),
                         packets: b.packets_in + b.packets_out,
                         bytes: b.bytes_in + b.bytes_out,
-                        new_flows: b.new_connections,
-                        active: b.active_connections,
+                        new_flows: if s.grpc {
+                            b.requests
+                        } else {
+                            b.new_connections
+                        },
+                        active: if s.grpc {
+                            b.active_requests
+                        } else {
+                            b.active_connections
+                        },
                     })
                     .collect(),
             }

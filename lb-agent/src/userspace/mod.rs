@@ -1,5 +1,6 @@
 //! The userspace data path: an L4 proxy on the service VIPs, for
-//! `--datapath userspace` and as the fallback when eBPF cannot be loaded.
+//! `--datapath userspace` and as the fallback when eBPF cannot be loaded,
+//! and the gRPC (L7) mode, which balances each call (see `grpc`).
 //!
 //! # Decisions
 //!
@@ -46,12 +47,17 @@
 //!   kernel cannot send from the VIP, not even the FIN that tells the client.
 //!   [`UserspaceProxy::shutdown`] (or drop) cuts every connection, closes
 //!   every socket and removes the routes.
-//! - **Scope.** Every service given to `apply` is served at L4, whatever its
-//!   `grpc` policy: the caller passes the services this proxy should serve.
+//! - **Scope.** The caller passes the services this proxy should serve. A
+//!   service with `grpc: None` is served at L4 (TCP or UDP); one with
+//!   `grpc: Some` (TCP only) in the gRPC mode: HTTP/2 is terminated on the
+//!   VIP and each call goes to a backend of its own (module `grpc`). Changing
+//!   a service between the two modes restarts it (its connections are cut);
+//!   a changed gRPC policy applies to new calls.
 //! - **Counters** are exact atomics, read by [`UserspaceProxy::stats`].
 //!   Active counts include connects in progress (so least-conn sees them).
 
 mod export;
+mod grpc;
 mod route;
 mod select;
 mod stats;
@@ -65,7 +71,6 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -139,7 +144,7 @@ impl ProxyOptions {
 pub struct ApplySummary {
     pub added: usize,
     pub removed: usize,
-    /// Services whose spec changed (backends, algorithm, name, ...).
+    /// Services whose spec changed (backends, algorithm, name, mode, ...).
     pub updated: usize,
     pub unchanged: usize,
 }
@@ -188,8 +193,8 @@ fn list(errors: &[ProxyError]) -> String {
         .join("; ")
 }
 
-/// The userspace L4 proxy. Dropping it is the same as [`Self::shutdown`],
-/// with errors logged.
+/// The userspace proxy (L4, and the gRPC mode). Dropping it is the same as
+/// [`Self::shutdown`], with errors logged.
 pub struct UserspaceProxy {
     inner: Arc<Inner>,
     rt: Option<Runtime>,
@@ -491,29 +496,51 @@ impl Inner {
         let mut summary = ApplySummary::default();
 
         // Removed services first: stop each task and wait until it is gone,
-        // so its socket is closed when apply returns.
-        let gone: Vec<Running> = {
+        // so its socket is closed when apply returns. A service that changes
+        // between L4 and the gRPC mode is stopped too and started again
+        // below, keeping its VIP (and route).
+        let (gone, switched): (Vec<Running>, HashSet<ServiceAddr>) = {
             let mut st = lock(&self.state);
             if st.closed {
                 return Err(ProxyError::Closed);
             }
+            let switched: HashSet<ServiceAddr> = st
+                .services
+                .iter()
+                .filter(|(a, r)| {
+                    want.get(a)
+                        .is_some_and(|w| w.grpc.is_some() != r.spec.grpc.is_some())
+                })
+                .map(|(a, _)| *a)
+                .collect();
             let addrs: Vec<ServiceAddr> = st
                 .services
                 .keys()
-                .filter(|a| !want.contains_key(a))
+                .filter(|a| !want.contains_key(a) || switched.contains(a))
                 .copied()
                 .collect();
-            addrs.iter().filter_map(|a| st.services.remove(a)).collect()
+            let gone = addrs.iter().filter_map(|a| st.services.remove(a)).collect();
+            (gone, switched)
         };
         for r in gone {
             // The task closes every flow's socket before it ends, while the
             // VIP is still local: the kernel cannot send from the VIP (not
             // even a FIN) once its route is gone.
             let _ = r.stop.send(true);
-            let abort = r.task.abort_handle();
-            if tokio::time::timeout(SHUTDOWN_WAIT, r.task).await.is_err() {
+            let mut task = r.task;
+            if tokio::time::timeout(SHUTDOWN_WAIT, &mut task)
+                .await
+                .is_err()
+            {
                 warn!(service = %r.spec.name, "service task did not stop in time");
-                abort.abort();
+                task.abort();
+                // Its sockets close when the aborted task is dropped: wait
+                // for that too, so that a restarted service can bind again.
+                let _ = tokio::time::timeout(SHUTDOWN_WAIT, &mut task).await;
+            }
+            if switched.contains(&r.spec.addr()) {
+                // Its VIP is released after the restart below.
+                continue;
             }
             self.release_vip(&mut lock(&self.state), r.spec.vip);
             info!(service = %r.spec.name, addr = %r.spec.addr(), "userspace: service removed");
@@ -539,16 +566,29 @@ impl Inner {
                         reason,
                     }),
                 },
-                None => match self.start_service(&mut st, svc) {
-                    Ok(()) => {
-                        info!(service = %svc.name, %addr, "userspace: service added");
-                        summary.added += 1;
+                None => {
+                    let held = switched.contains(&addr);
+                    match self.start_service(&mut st, svc) {
+                        Ok(()) if held => {
+                            info!(service = %svc.name, %addr, grpc = svc.grpc.is_some(),
+                                "userspace: service restarted in its new mode");
+                            summary.updated += 1;
+                        }
+                        Ok(()) => {
+                            info!(service = %svc.name, %addr, grpc = svc.grpc.is_some(),
+                                "userspace: service added");
+                            summary.added += 1;
+                        }
+                        Err(e) => {
+                            warn!("userspace: {e}");
+                            failures.push(e);
+                        }
                     }
-                    Err(e) => {
-                        warn!("userspace: {e}");
-                        failures.push(e);
+                    if held {
+                        // The stopped task's hold: the route stayed meanwhile.
+                        self.release_vip(&mut st, svc.vip);
                     }
-                },
+                }
             }
         }
         drop(st);
@@ -580,9 +620,16 @@ impl Inner {
             selector,
             self.opts.max_affinity_entries,
         ));
+        shared.set_policy(svc.grpc.clone());
         let (stop, stopped) = watch::channel(false);
         // Bind before the route, so that the first packet finds the socket.
         let task = match svc.protocol {
+            Protocol::Tcp if svc.grpc.is_some() => {
+                let l = tcp::bind(at, self.opts.listen_backlog).map_err(listen_err)?;
+                self.acquire_vip(st, svc.vip)?;
+                self.handle
+                    .spawn(grpc::serve(shared.clone(), l, self.opts.clone(), stopped))
+            }
             Protocol::Tcp => {
                 let l = tcp::bind(at, self.opts.listen_backlog).map_err(listen_err)?;
                 self.acquire_vip(st, svc.vip)?;
@@ -669,19 +716,31 @@ fn entries_for(
 }
 
 impl Running {
-    /// A new spec for the same address: new flows use the new selection.
+    /// A new spec for the same address (and mode): new flows use the new
+    /// selection, new gRPC calls the new policy.
     fn update(&mut self, svc: &Service) -> Result<(), String> {
         let next = entries_for(svc, &self.entries, &self.retired);
         let selector = Selector::new(svc, &next)?;
+        // Pools of backends that take no new calls let their connection go
+        // (it closes once its calls are done); the others may connect.
+        let (live, _) = selector.candidates();
+        let live: HashSet<BackendKey> = live.iter().map(|e| e.key()).collect();
         self.shared.set_selector(selector);
+        self.shared.set_policy(svc.grpc.clone());
         let old = std::mem::replace(&mut self.entries, next);
         self.retired.extend(
             old.into_values()
                 .filter(|e| !self.entries.contains_key(&e.key())),
         );
-        self.retired.retain(|e| {
-            !self.entries.contains_key(&e.key()) && e.counters.active.load(Relaxed) > 0
-        });
+        self.retired
+            .retain(|e| !self.entries.contains_key(&e.key()) && e.counters.in_use());
+        for e in self.entries.values().chain(&self.retired) {
+            if live.contains(&e.key()) {
+                e.pool.undrain();
+            } else {
+                e.pool.drain();
+            }
+        }
         self.spec = svc.clone();
         Ok(())
     }
@@ -710,7 +769,7 @@ impl Running {
             }
         }
         for e in &self.retired {
-            if e.counters.active.load(Relaxed) > 0 {
+            if e.counters.in_use() {
                 backends.push(stats::backend_stats(
                     e.ip,
                     e.port,
@@ -724,6 +783,7 @@ impl Running {
             &self.spec.name,
             self.spec.addr(),
             self.spec.algorithm,
+            self.spec.grpc.is_some(),
             &self.shared.counters,
             backends,
         )

@@ -20,6 +20,9 @@
 //! algorithm, a client IP that picked a backend less than the timeout ago gets
 //! it again while it still takes new flows; the entry's clock starts at the
 //! pick that made it and is not refreshed by later hits.
+//!
+//! A gRPC (L7) service ignores `algorithm` and affinity: its calls are picked
+//! by `grpc::balance` over [`Selector::candidates`], and no table is built.
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
@@ -29,9 +32,10 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use lb_api::{Algorithm, Service, ServiceAddr};
+use lb_api::{Algorithm, GrpcPolicy, Protocol, Service, ServiceAddr};
 use lb_common::limits;
 
+use super::grpc::Pool;
 use super::stats::{BackendCounters, ServiceCounters};
 use crate::datapath::{maglev, table};
 
@@ -43,7 +47,11 @@ pub(crate) type BackendKey = (Ipv4Addr, u16);
 pub(crate) struct BackendEntry {
     pub(crate) ip: Ipv4Addr,
     pub(crate) port: u16,
-    pub(crate) counters: BackendCounters,
+    /// Shared with the backend's pooled connections, which must not keep the
+    /// entry (and so its pool) alive.
+    pub(crate) counters: Arc<BackendCounters>,
+    /// gRPC services' HTTP/2 connections to it; empty for L4 services.
+    pub(crate) pool: Pool,
 }
 
 impl BackendEntry {
@@ -51,7 +59,8 @@ impl BackendEntry {
         BackendEntry {
             ip,
             port,
-            counters: BackendCounters::default(),
+            counters: Arc::default(),
+            pool: Pool::default(),
         }
     }
     pub(crate) fn key(&self) -> BackendKey {
@@ -101,6 +110,13 @@ pub(crate) fn validate(svc: &Service) -> Result<(), String> {
     }
     if svc.vip.is_unspecified() || svc.vip.is_broadcast() || svc.vip.is_multicast() {
         return Err(format!("{} cannot be a service address", svc.vip));
+    }
+    if svc.grpc.is_some() {
+        // `algorithm` does not apply to per-call balancing.
+        return match svc.protocol {
+            Protocol::Tcp => Ok(()),
+            Protocol::Udp => Err("the gRPC mode needs TCP".into()),
+        };
     }
     if svc.algorithm.uses_maglev_table() {
         let live = eligible(svc).count();
@@ -156,7 +172,7 @@ impl Selector {
             }
         }
         let table = match svc.algorithm {
-            _ if backends.is_empty() => Vec::new(),
+            _ if backends.is_empty() || svc.grpc.is_some() => Vec::new(),
             Algorithm::LeastConn => Vec::new(),
             Algorithm::Maglev | Algorithm::SourceHash => {
                 let mb: Vec<maglev::MaglevBackend> = backends
@@ -244,6 +260,12 @@ impl Selector {
         best.map(|(i, _, _)| i)
     }
 
+    /// The backends that take new flows and their weights (all > 0), in the
+    /// service's order.
+    pub(crate) fn candidates(&self) -> (&[Arc<BackendEntry>], &[u32]) {
+        (&self.backends, &self.weights)
+    }
+
     #[cfg(test)]
     pub(crate) fn table(&self) -> &[u32] {
         &self.table
@@ -301,6 +323,8 @@ pub(crate) struct ServiceShared {
     pick_lock: Mutex<()>,
     affinity: Mutex<HashMap<Ipv4Addr, Affinity>>,
     max_affinity: usize,
+    /// `Some` for a gRPC (L7) service.
+    policy: RwLock<Option<Arc<GrpcPolicy>>>,
     pub(crate) counters: ServiceCounters,
 }
 
@@ -317,8 +341,21 @@ impl ServiceShared {
             pick_lock: Mutex::new(()),
             affinity: Mutex::new(HashMap::new()),
             max_affinity,
+            policy: RwLock::new(None),
             counters: ServiceCounters::default(),
         }
+    }
+
+    /// The gRPC policy calls use from now on.
+    pub(crate) fn set_policy(&self, policy: Option<GrpcPolicy>) {
+        *self.policy.write().unwrap_or_else(PoisonError::into_inner) = policy.map(Arc::new);
+    }
+
+    pub(crate) fn policy(&self) -> Option<Arc<GrpcPolicy>> {
+        self.policy
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// New flows use `selector` from now on; open ones keep their backend.
@@ -329,7 +366,7 @@ impl ServiceShared {
             .unwrap_or_else(PoisonError::into_inner) = Arc::new(selector);
     }
 
-    fn selector(&self) -> Arc<Selector> {
+    pub(crate) fn selector(&self) -> Arc<Selector> {
         self.selector
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -391,7 +428,7 @@ impl ServiceShared {
 }
 
 /// A fast per-thread xorshift64* generator, seeded from the std hasher's keys.
-fn random_u32() -> u32 {
+pub(crate) fn random_u64() -> u64 {
     thread_local! {
         static STATE: Cell<u64> =
             Cell::new(RandomState::new().hash_one(std::thread::current().id()) | 1);
@@ -402,14 +439,18 @@ fn random_u32() -> u32 {
         x ^= x << 25;
         x ^= x >> 27;
         s.set(x);
-        (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) as u32
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     })
+}
+
+fn random_u32() -> u32 {
+    (random_u64() >> 32) as u32
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lb_api::{Backend, BackendState, Protocol};
+    use lb_api::{Backend, BackendState};
 
     fn ip(i: u8) -> Ipv4Addr {
         Ipv4Addr::new(10, 244, 10 + i, 2)
@@ -684,5 +725,13 @@ mod tests {
         s.port = 80;
         s.vip = Ipv4Addr::UNSPECIFIED;
         assert!(validate(&s).is_err());
+        // The gRPC mode: TCP only, and the algorithm's rules do not apply.
+        let mut g = svc(Algorithm::Maglev, &[1, 1]);
+        g.maglev_table_size = Some(101);
+        g.grpc = Some(GrpcPolicy::default());
+        assert_eq!(validate(&g), Ok(()));
+        assert!(Selector::new(&g, &entries(&g)).unwrap().table().is_empty());
+        g.protocol = Protocol::Udp;
+        assert!(validate(&g).unwrap_err().contains("needs TCP"));
     }
 }

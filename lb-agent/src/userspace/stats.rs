@@ -2,7 +2,12 @@
 //! snapshots [`super::UserspaceProxy::stats`] returns.
 //!
 //! Direction: `in` is client -> backend, `out` is backend -> client. A packet
-//! is a datagram for UDP and one successful `read` for TCP.
+//! is a datagram for UDP, one successful `read` for TCP, and one HTTP/2 DATA
+//! frame of a call's body for gRPC (headers are not counted).
+//!
+//! gRPC (L7) services count connections too: client connections at the
+//! service level, pooled HTTP/2 connections at the backend level; their calls
+//! are in `requests` and `active_requests`.
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -10,7 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use lb_api::{Algorithm, ServiceAddr};
 use serde::Serialize;
 
-/// Why a new flow or a datagram was dropped.
+/// Why a new flow or a datagram was dropped; for a gRPC service, why a call
+/// was answered UNAVAILABLE without reaching a backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DropReason {
@@ -82,7 +88,7 @@ impl Traffic {
 }
 
 /// One backend's counters. They live as long as the backend is in the
-/// service or still has open connections.
+/// service or still has open connections or calls.
 #[derive(Debug, Default)]
 pub(crate) struct BackendCounters {
     /// Connections established / UDP sessions opened.
@@ -90,7 +96,19 @@ pub(crate) struct BackendCounters {
     /// Open connections and sessions, including connects in progress.
     pub(crate) active: AtomicU64,
     pub(crate) connect_failures: AtomicU64,
+    /// gRPC calls handed to this backend.
+    pub(crate) requests: AtomicU64,
+    /// gRPC calls picked for this backend and not finished (least outstanding
+    /// requests reads it).
+    pub(crate) active_requests: AtomicU64,
     pub(crate) traffic: Traffic,
+}
+
+impl BackendCounters {
+    /// Whether connections or calls still use the backend.
+    pub(crate) fn in_use(&self) -> bool {
+        self.active.load(Relaxed) > 0 || self.active_requests.load(Relaxed) > 0
+    }
 }
 
 /// One service's counters.
@@ -102,6 +120,15 @@ pub(crate) struct ServiceCounters {
     pub(crate) active: AtomicU64,
     pub(crate) connect_failures: AtomicU64,
     pub(crate) idle_timeouts: AtomicU64,
+    /// gRPC calls received (valid ones: HTTP/2, POST, gRPC content type).
+    pub(crate) requests: AtomicU64,
+    /// Of those, the ones not finished.
+    pub(crate) active_requests: AtomicU64,
+    /// gRPC calls the proxy ended with DEADLINE_EXCEEDED.
+    pub(crate) deadline_exceeded: AtomicU64,
+    /// Requests refused as not gRPC (HTTP/1, wrong method or content type,
+    /// malformed `grpc-timeout`).
+    pub(crate) bad_requests: AtomicU64,
     pub(crate) traffic: Traffic,
     drops: [AtomicU64; DropReason::COUNT],
 }
@@ -151,6 +178,10 @@ pub struct BackendStats {
     pub packets_out: u64,
     /// Failed connect attempts (timeouts included).
     pub connect_failures: u64,
+    /// gRPC: calls handed to it (0 for L4 services).
+    pub requests: u64,
+    /// gRPC: calls picked for it and not finished; exact.
+    pub active_requests: u64,
 }
 
 /// One service's counters at one instant, with its backends'.
@@ -160,7 +191,10 @@ pub struct ServiceStats {
     pub name: String,
     pub addr: ServiceAddr,
     pub algorithm: Algorithm,
-    /// Flows handed to a backend (TCP: connected upstream; UDP: new session).
+    /// Served in the gRPC (L7) mode: calls are balanced, not connections.
+    pub grpc: bool,
+    /// Flows handed to a backend (TCP: connected upstream; UDP: new session;
+    /// gRPC: client connections accepted).
     pub new_connections: u64,
     /// Of those, the ones open now; exact.
     pub active_connections: u64,
@@ -174,6 +208,14 @@ pub struct ServiceStats {
     pub connect_failures: u64,
     /// TCP connections closed and UDP sessions expired by the idle timeout.
     pub idle_timeouts: u64,
+    /// gRPC: calls received.
+    pub requests: u64,
+    /// gRPC: calls not finished; exact.
+    pub active_requests: u64,
+    /// gRPC: calls the proxy ended with DEADLINE_EXCEEDED.
+    pub deadline_exceeded: u64,
+    /// gRPC: requests refused as not gRPC over HTTP/2.
+    pub bad_requests: u64,
     /// Every reason, zeros included, in [`DropReason::ALL`] order.
     pub drops: Vec<(DropReason, u64)>,
     /// The service's backends in its order, then removed ones still in use.
@@ -218,6 +260,8 @@ pub(crate) fn backend_stats(
         packets_in,
         packets_out,
         connect_failures: c.connect_failures.load(Relaxed),
+        requests: c.requests.load(Relaxed),
+        active_requests: c.active_requests.load(Relaxed),
     }
 }
 
@@ -225,6 +269,7 @@ pub(crate) fn service_stats(
     name: &str,
     addr: ServiceAddr,
     algorithm: Algorithm,
+    grpc: bool,
     c: &ServiceCounters,
     backends: Vec<BackendStats>,
 ) -> ServiceStats {
@@ -233,6 +278,7 @@ pub(crate) fn service_stats(
         name: name.to_string(),
         addr,
         algorithm,
+        grpc,
         new_connections: c.new.load(Relaxed),
         active_connections: c.active.load(Relaxed),
         bytes_in,
@@ -241,6 +287,10 @@ pub(crate) fn service_stats(
         packets_out,
         connect_failures: c.connect_failures.load(Relaxed),
         idle_timeouts: c.idle_timeouts.load(Relaxed),
+        requests: c.requests.load(Relaxed),
+        active_requests: c.active_requests.load(Relaxed),
+        deadline_exceeded: c.deadline_exceeded.load(Relaxed),
+        bad_requests: c.bad_requests.load(Relaxed),
         drops: DropReason::ALL
             .iter()
             .map(|&r| (r, c.drops[r as usize].load(Relaxed)))
@@ -268,7 +318,7 @@ mod tests {
             port: 53,
             protocol: lb_api::Protocol::Udp,
         };
-        let s = service_stats("a", addr, Algorithm::Random, &c, vec![]);
+        let s = service_stats("a", addr, Algorithm::Random, false, &c, vec![]);
         assert_eq!(s.drops_for(DropReason::SessionsFull), 2);
         assert_eq!(s.drops_for(DropReason::NoBackend), 1);
         assert_eq!(s.drops_for(DropReason::SendFailed), 0);

@@ -1,0 +1,242 @@
+//! The bodies of a proxied call: the client's request on its way to the
+//! backend ([`UpBody`]) and what goes back to the client ([`DownBody`]).
+//! Both count DATA frames and bytes; the response side also enforces the
+//! call's deadline once headers have gone out, and holds the call's counts
+//! (outstanding on its backend, active on the service) until it ends.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tokio::time::Sleep;
+use tracing::debug;
+
+use super::super::select::ServiceShared;
+use super::super::stats::BackendCounters;
+use super::balance::CallLease;
+use super::status::{Code, status_headers};
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the request body stopped: the call ended on the proxy's side.
+#[derive(Debug, thiserror::Error)]
+#[error("the call ended")]
+struct CallEnded;
+
+/// The client's request body, sent on to the backend. It fails (which
+/// resets the backend's stream) once the call's [`CallOver`] is dropped:
+/// deadline, client gone, or call done.
+pub(crate) struct UpBody {
+    inner: Incoming,
+    svc: Arc<ServiceShared>,
+    /// The backend the body goes to; set at each send.
+    backend: Option<Arc<BackendCounters>>,
+    over: Option<oneshot::Receiver<()>>,
+}
+
+/// Held while a call goes on; dropping it ends the call's request body.
+#[derive(Debug)]
+pub(crate) struct CallOver(#[allow(dead_code)] oneshot::Sender<()>);
+
+impl UpBody {
+    pub(crate) fn new(inner: Incoming, svc: Arc<ServiceShared>) -> (Self, CallOver) {
+        let (tx, rx) = oneshot::channel();
+        let body = UpBody {
+            inner,
+            svc,
+            backend: None,
+            over: Some(rx),
+        };
+        (body, CallOver(tx))
+    }
+
+    pub(crate) fn send_to(&mut self, backend: Arc<BackendCounters>) {
+        self.backend = Some(backend);
+    }
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(over) = &mut this.over
+            && Pin::new(over).poll(cx).is_ready()
+        {
+            this.over = None;
+            return Poll::Ready(Some(Err(CallEnded.into())));
+        }
+        if this.over.is_none() {
+            return Poll::Ready(None);
+        }
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    this.svc.counters.traffic.add_in(d.len());
+                    if let Some(b) = &this.backend {
+                        b.traffic.add_in(d.len());
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A call counted as active on its service until dropped.
+#[derive(Debug)]
+pub(crate) struct ActiveCall(Arc<ServiceShared>);
+
+impl ActiveCall {
+    pub(crate) fn new(svc: Arc<ServiceShared>) -> Self {
+        svc.counters.requests.fetch_add(1, Relaxed);
+        svc.counters.active_requests.fetch_add(1, Relaxed);
+        ActiveCall(svc)
+    }
+}
+
+impl Drop for ActiveCall {
+    fn drop(&mut self) {
+        self.0.counters.active_requests.fetch_sub(1, Relaxed);
+    }
+}
+
+/// What the client gets back.
+pub(crate) enum DownBody {
+    /// Trailers-only answers.
+    Empty,
+    /// Plain HTTP errors.
+    Text(Option<Bytes>),
+    /// A backend's response.
+    Call(Box<CallBody>),
+}
+
+/// A backend's response body on its way to the client.
+pub(crate) struct CallBody {
+    inner: Option<Incoming>,
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// Released as soon as the body ends, not when hyper drops it.
+    held: Option<(CallLease, ActiveCall, CallOver)>,
+    svc: Arc<ServiceShared>,
+}
+
+impl CallBody {
+    pub(crate) fn new(
+        inner: Incoming,
+        deadline: Option<tokio::time::Instant>,
+        lease: CallLease,
+        active: ActiveCall,
+        over: CallOver,
+    ) -> Self {
+        let svc = active.0.clone();
+        CallBody {
+            inner: Some(inner),
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            held: Some((lease, active, over)),
+            svc,
+        }
+    }
+
+    /// Ends the call: drops the backend's stream (resetting it if still open)
+    /// and the call's counts.
+    fn finish(&mut self) {
+        self.inner = None;
+        self.deadline = None;
+        self.held = None;
+    }
+
+    fn poll_call(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(d) = &mut self.deadline
+            && d.as_mut().poll(cx).is_ready()
+        {
+            self.finish();
+            self.svc.counters.deadline_exceeded.fetch_add(1, Relaxed);
+            debug!(service = %self.svc.addr, "gRPC call: deadline exceeded while streaming");
+            let t = status_headers(Code::DeadlineExceeded, "rpclb: deadline exceeded");
+            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+        }
+        let Some(inner) = &mut self.inner else {
+            return Poll::Ready(None);
+        };
+        match ready!(Pin::new(inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    self.svc.counters.traffic.add_out(d.len());
+                    if let Some((lease, ..)) = &self.held {
+                        lease.backend().counters.traffic.add_out(d.len());
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                // Headers went out already: end the call with a status.
+                debug!(service = %self.svc.addr, "gRPC call: backend stream failed: {e}");
+                self.finish();
+                let t = status_headers(
+                    Code::Unavailable,
+                    &format!("rpclb: backend stream failed: {e}"),
+                );
+                Poll::Ready(Some(Ok(Frame::trailers(t))))
+            }
+            None => {
+                self.finish();
+                Poll::Ready(None)
+            }
+        }
+    }
+}
+
+impl Body for DownBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            DownBody::Empty => Poll::Ready(None),
+            DownBody::Text(t) => Poll::Ready(t.take().map(|b| Ok(Frame::data(b)))),
+            DownBody::Call(c) => c.poll_call(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            DownBody::Empty => true,
+            DownBody::Text(t) => t.is_none(),
+            DownBody::Call(c) => c.inner.as_ref().is_none_or(Body::is_end_stream),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            DownBody::Empty => SizeHint::with_exact(0),
+            DownBody::Text(t) => SizeHint::with_exact(t.as_ref().map_or(0, |b| b.len() as u64)),
+            DownBody::Call(c) => c
+                .inner
+                .as_ref()
+                .map_or_else(SizeHint::default, Body::size_hint),
+        }
+    }
+}

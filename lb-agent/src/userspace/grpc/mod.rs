@@ -1,0 +1,416 @@
+//! The gRPC (L7) mode: per-call balancing of a service with `grpc: Some`.
+//!
+//! # Decisions
+//!
+//! - **Listening** is the L4 TCP path's: a socket bound to VIP:port with
+//!   `IP_FREEBIND`, and the VIP's local route (see the parent module).
+//! - **Client side.** hyper serves each accepted connection. HTTP/2 comes
+//!   with prior knowledge (h2c, gRPC without TLS). A request that is not gRPC
+//!   gets a plain HTTP error and is counted in `bad_requests`: HTTP/1.x
+//!   (including an `Upgrade: h2c` attempt) gets `505 HTTP Version Not
+//!   Supported` and the connection closes; a method other than POST gets 405;
+//!   a content type other than `application/grpc[+...]` gets 415, as the gRPC
+//!   spec asks of servers.
+//! - **Per call** (one HTTP/2 stream): pick a backend (`balance`: least
+//!   outstanding requests, two weighted random choices, only backends that
+//!   take new flows; `algorithm` and affinity do not apply), take its pooled
+//!   connection (`pool`: one HTTP/2 connection per backend, multiplexing
+//!   calls), and send the request with its headers rewritten (`headers`).
+//!   Request and response bodies stream through frame by frame, trailers
+//!   included, so unary, client-, server- and bidi-streaming calls all work.
+//! - **Retries** only happen when nothing of the call reached a backend: its
+//!   connect (TCP or HTTP/2 handshake) failed or timed out, or its pooled
+//!   connection had closed and hyper handed the request back unsent. Then
+//!   the call goes to another backend, up to `connect_attempts` backends.
+//!   Once the request may have been written, a failure is final: gRPC calls
+//!   are not idempotent in general. A refused stream (RST_STREAM
+//!   REFUSED_STREAM, GOAWAY) is not retried either: the request body may
+//!   have been consumed. Failures answer UNAVAILABLE (14); no usable backend
+//!   counts as `drop_no_backend`, and all attempts failing as
+//!   `drop_connect_failed`/`drop_connect_timeout`.
+//! - **Deadlines.** The call's `grpc-timeout` (a malformed one is answered
+//!   INTERNAL, as gRPC servers do), else the policy's `default_timeout` (zero:
+//!   none). The backend gets `grpc-timeout` with the time left. When the
+//!   deadline passes before the backend's response headers, the client gets
+//!   a trailers-only DEADLINE_EXCEEDED (4); after them, the response ends
+//!   with DEADLINE_EXCEEDED trailers. Either way the backend's stream is
+//!   reset (cancelled) and `deadline_exceeded` counts it.
+//! - **Draining.** A backend that is terminating, weight 0 or removed gets no
+//!   new calls; its calls in flight go on; its pooled connection is let go
+//!   and closes once those calls are done. A call picked just before the
+//!   change may still start there.
+//! - **Removal** of the service cuts its client connections, and with them
+//!   their calls, as the L4 path does.
+//! - **Idle connections.** `tcp_idle_timeout` does not apply: an idle HTTP/2
+//!   connection is normal for gRPC clients. HTTP/2 PINGs find dead peers
+//!   instead (clients: every 60 s, 20 s to answer; backends, while calls are
+//!   open: 20 s and 10 s). A backend's pooled connection stays open while
+//!   the backend is in service.
+//! - **Counters.** Service: client connections (`new`/`active_connections`),
+//!   calls (`requests`/`active_requests`), DATA bytes and frames both ways.
+//!   Backend: its pooled connections and the calls handed to it.
+
+mod balance;
+mod body;
+mod headers;
+mod pool;
+mod status;
+mod timeout;
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, sleep, timeout_at};
+use tracing::{debug, error, warn};
+
+use super::ProxyOptions;
+use super::select::{BackendKey, ServiceShared, random_u64};
+use super::stats::DropReason;
+use super::tcp::stop_requested;
+use balance::CallLease;
+use body::{ActiveCall, CallBody, DownBody, UpBody};
+use pool::ConnectError;
+use status::{Code, http_error, trailers_only};
+
+pub(crate) use pool::Pool;
+
+/// PINGs on client connections, so that dead clients are noticed.
+const CLIENT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+const CLIENT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+type Server = auto::Builder<TokioExecutor>;
+
+fn server() -> Server {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1().timer(TokioTimer::new()).keep_alive(false);
+    b.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(CLIENT_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(CLIENT_KEEPALIVE_TIMEOUT);
+    b
+}
+
+/// Accepts until `stop` turns true (or its sender goes), then closes the
+/// listener and every connection (and so every call) and returns.
+pub(crate) async fn serve(
+    svc: Arc<ServiceShared>,
+    listener: TcpListener,
+    opts: Arc<ProxyOptions>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let server = Arc::new(server());
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = stop_requested(&mut stop) => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, SocketAddr::V4(peer))) => {
+                    conns.spawn(connection(svc.clone(), server.clone(), stream, peer, opts.clone()));
+                }
+                Ok((_, peer)) => debug!(%peer, "not IPv4, closed"),
+                Err(e) => {
+                    svc.counters.dropped(DropReason::AcceptFailed);
+                    warn!(service = %svc.addr, "accept: {e}");
+                    // Out of fds or memory: back off instead of spinning.
+                    sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(done) = conns.join_next(), if !conns.is_empty() => {
+                if let Err(e) = done && e.is_panic() {
+                    error!(service = %svc.addr, "gRPC connection task panicked: {e}");
+                }
+            }
+        }
+    }
+    drop(listener);
+    conns.shutdown().await;
+}
+
+/// A client connection, counted open until dropped.
+struct ClientConn(Arc<ServiceShared>);
+
+impl ClientConn {
+    fn new(svc: Arc<ServiceShared>) -> Self {
+        svc.counters.new.fetch_add(1, Relaxed);
+        svc.counters.active.fetch_add(1, Relaxed);
+        ClientConn(svc)
+    }
+}
+
+impl Drop for ClientConn {
+    fn drop(&mut self) {
+        self.0.counters.active.fetch_sub(1, Relaxed);
+    }
+}
+
+async fn connection(
+    svc: Arc<ServiceShared>,
+    server: Arc<Server>,
+    stream: TcpStream,
+    peer: SocketAddrV4,
+    opts: Arc<ProxyOptions>,
+) {
+    let _ = stream.set_nodelay(true);
+    let _open = ClientConn::new(svc.clone());
+    let handler = {
+        let svc = svc.clone();
+        service_fn(move |req| {
+            let (svc, opts) = (svc.clone(), opts.clone());
+            async move { Ok::<_, Infallible>(handle(svc, opts, req).await) }
+        })
+    };
+    if let Err(e) = server.serve_connection(TokioIo::new(stream), handler).await {
+        debug!(%peer, service = %svc.addr, "gRPC client connection ended: {e}");
+    }
+}
+
+/// Whether a content type is gRPC's (`application/grpc`, `application/grpc+proto`, ...).
+fn is_grpc(content_type: Option<&HeaderValue>) -> bool {
+    content_type
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("application/grpc"))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('+') || rest.starts_with(';'))
+}
+
+/// Answers one request: refuses what is not gRPC, else proxies the call.
+async fn handle(
+    svc: Arc<ServiceShared>,
+    opts: Arc<ProxyOptions>,
+    req: Request<Incoming>,
+) -> Response<DownBody> {
+    let refuse = |status, message: &str, close| {
+        svc.counters.bad_requests.fetch_add(1, Relaxed);
+        debug!(service = %svc.addr, %status, "gRPC mode: refused a request: {message}");
+        http_error(status, message, close)
+    };
+    if req.version() != Version::HTTP_2 {
+        return refuse(
+            StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+            "rpclb: this is a gRPC service; it speaks HTTP/2 only (h2c with prior knowledge)",
+            true,
+        );
+    }
+    if req.method() != Method::POST {
+        return refuse(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "rpclb: gRPC calls are POST requests",
+            false,
+        );
+    }
+    if !is_grpc(req.headers().get(CONTENT_TYPE)) {
+        return refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "rpclb: this is a gRPC service; content-type must be application/grpc",
+            false,
+        );
+    }
+    let Some(policy) = svc.policy() else {
+        // Only gRPC services run this; never expected.
+        return trailers_only(Code::Internal, "rpclb: service is not in the gRPC mode");
+    };
+    let timeout = match timeout::from_headers(req.headers()) {
+        Ok(Some(t)) => Some(t),
+        Ok(None) => Some(policy.default_timeout).filter(|t| !t.is_zero()),
+        Err(e) => {
+            svc.counters.bad_requests.fetch_add(1, Relaxed);
+            return trailers_only(Code::Internal, &format!("rpclb: {e}"));
+        }
+    };
+    let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+    let active = ActiveCall::new(svc.clone());
+
+    let (mut parts, body) = req.into_parts();
+    let ids = headers::prepare_request(&mut parts.headers, &policy, &mut random_u64);
+    parts.uri = upstream_uri(parts.uri);
+    let (up, over) = UpBody::new(body, svc.clone());
+    let req = Request::from_parts(parts, up);
+    let path = req.uri().path().to_string();
+    debug!(
+        service = %svc.addr,
+        %path,
+        request_id = ?ids.request_id,
+        ?timeout,
+        "gRPC call"
+    );
+
+    let call = forward(&svc, &opts, req, deadline);
+    let res = match deadline {
+        Some(d) => timeout_at(d, call).await.unwrap_or(Err(Failure::Deadline)),
+        None => call.await,
+    };
+    match res {
+        Ok((resp, lease)) => {
+            let (mut parts, body) = resp.into_parts();
+            headers::strip_hop_by_hop(&mut parts.headers);
+            let body = CallBody::new(body, deadline, lease, active, over);
+            Response::from_parts(parts, DownBody::Call(Box::new(body)))
+        }
+        Err(f) => {
+            let (code, message) = match &f {
+                Failure::Deadline => {
+                    svc.counters.deadline_exceeded.fetch_add(1, Relaxed);
+                    (
+                        Code::DeadlineExceeded,
+                        format!(
+                            "rpclb: deadline exceeded ({:?}) before the backend answered",
+                            timeout.unwrap_or_default()
+                        ),
+                    )
+                }
+                Failure::NoBackend => {
+                    svc.counters.dropped(DropReason::NoBackend);
+                    (
+                        Code::Unavailable,
+                        format!("rpclb: no backend available for {}", svc.addr),
+                    )
+                }
+                Failure::Connect(reason, last) => {
+                    svc.counters.dropped(*reason);
+                    (
+                        Code::Unavailable,
+                        format!("rpclb: no backend reachable for {}: {last}", svc.addr),
+                    )
+                }
+                Failure::Backend(addr, e) => (
+                    Code::Unavailable,
+                    format!("rpclb: backend {addr} failed the call: {e}"),
+                ),
+            };
+            debug!(service = %svc.addr, %path, "gRPC call failed: {message}");
+            trailers_only(code, &message)
+        }
+    }
+}
+
+/// The backend-side URI: the client's path and authority, scheme `http`.
+fn upstream_uri(uri: Uri) -> Uri {
+    let mut parts = uri.into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    if parts.authority.is_none() {
+        parts.authority = Some(Authority::from_static("rpclb"));
+    }
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    // Scheme, authority and path are all set, so this cannot fail.
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("http://rpclb/"))
+}
+
+/// Why a call got no response from a backend.
+#[derive(Debug)]
+enum Failure {
+    Deadline,
+    NoBackend,
+    /// Every attempt failed before the request was written: the last
+    /// attempt's reason and error.
+    Connect(DropReason, ConnectError),
+    /// The request went to this backend, which then failed it.
+    Backend(SocketAddrV4, hyper::Error),
+}
+
+/// Sends the call to a backend, retrying on another while nothing was sent;
+/// the backend's response headers and the call's lease.
+async fn forward(
+    svc: &Arc<ServiceShared>,
+    opts: &ProxyOptions,
+    mut req: Request<UpBody>,
+    deadline: Option<Instant>,
+) -> Result<(Response<Incoming>, CallLease), Failure> {
+    let mut tried: Vec<BackendKey> = Vec::new();
+    let mut failure = None;
+    for _ in 0..opts.connect_attempts.max(1) {
+        let Some(lease) = balance::pick(svc, &tried) else {
+            break;
+        };
+        let be = lease.backend().clone();
+        tried.push(be.key());
+        let mut sender = match be
+            .pool
+            .get(be.addr(), &be.counters, opts.connect_timeout)
+            .await
+        {
+            Ok(s) => s,
+            // Drained since the pick: not a failure, try another.
+            Err(ConnectError::Draining) => continue,
+            Err(e) => {
+                debug!(backend = %be.addr(), "gRPC backend: {e}");
+                be.counters.connect_failures.fetch_add(1, Relaxed);
+                svc.counters.connect_failures.fetch_add(1, Relaxed);
+                let reason = match e {
+                    ConnectError::Timeout => DropReason::ConnectTimeout,
+                    _ => DropReason::ConnectFailed,
+                };
+                failure = Some(Failure::Connect(reason, e));
+                continue;
+            }
+        };
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Failure::Deadline);
+            }
+            if let Ok(v) = HeaderValue::try_from(timeout::format(left)) {
+                req.headers_mut().insert(timeout::GRPC_TIMEOUT, v);
+            }
+        }
+        req.body_mut().send_to(be.counters.clone());
+        be.counters.requests.fetch_add(1, Relaxed);
+        match sender.try_send_request(req).await {
+            Ok(resp) => return Ok((resp, lease)),
+            Err(mut e) => match e.take_message() {
+                // Not sent: the connection had closed. Another backend.
+                Some(back) => {
+                    be.counters.requests.fetch_sub(1, Relaxed);
+                    be.counters.connect_failures.fetch_add(1, Relaxed);
+                    svc.counters.connect_failures.fetch_add(1, Relaxed);
+                    debug!(backend = %be.addr(), "gRPC backend connection closed before the call was sent: {}", e.error());
+                    let err = ConnectError::Connect(e.into_error().to_string());
+                    failure = Some(Failure::Connect(DropReason::ConnectFailed, err));
+                    req = back;
+                }
+                None => return Err(Failure::Backend(be.addr(), e.into_error())),
+            },
+        }
+    }
+    Err(failure.unwrap_or(Failure::NoBackend))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_content_types() {
+        let ct = |s: &'static str| Some(HeaderValue::from_static(s));
+        assert!(is_grpc(ct("application/grpc").as_ref()));
+        assert!(is_grpc(ct("application/grpc+proto").as_ref()));
+        assert!(is_grpc(ct("application/grpc+json").as_ref()));
+        assert!(!is_grpc(ct("application/grpc-web").as_ref()));
+        assert!(!is_grpc(ct("application/json").as_ref()));
+        assert!(!is_grpc(None));
+    }
+
+    #[test]
+    fn upstream_uris_are_absolute() {
+        let u = upstream_uri(Uri::from_static("/grpc.testing.TestService/UnaryCall"));
+        assert_eq!(
+            u.to_string(),
+            "http://rpclb/grpc.testing.TestService/UnaryCall"
+        );
+        let u = upstream_uri(Uri::from_static("http://10.96.0.1:50051/a.B/C"));
+        assert_eq!(u.to_string(), "http://10.96.0.1:50051/a.B/C");
+    }
+}

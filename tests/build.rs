@@ -1,0 +1,16 @@
+//! Generates the `grpc.testing.TestService` client and server (the demo's
+//! proto, `demo/proto/grpc/testing/test.proto`) for the gRPC lab tests,
+//! without protoc: protox parses the file and tonic-prost-build writes the
+//! code into OUT_DIR, where `tests/grpc_l7.rs` includes it.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = "../demo/proto";
+    let proto = "../demo/proto/grpc/testing/test.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let fds = protox::compile([proto], [root])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,1079 @@
+//! Lab tests of the gRPC (L7) mode: the userspace proxy runs in the lab's
+//! node namespace with a `grpc: Some` service, three `grpc.testing.TestService`
+//! backends run in the backend namespaces, and a tonic client in the client
+//! namespace calls the VIP over one HTTP/2 connection. Need root; each test
+//! prints SKIP and passes otherwise.
+//!
+//! The backends are the demo's proto served by hyper directly (not tonic's
+//! server, which enforces `grpc-timeout` itself and would race the proxy's
+//! deadline). They log the headers of every call, can sleep (`x-sleep-ms`) or
+//! hold a call until released (`x-hold`), and count handlers cancelled before
+//! they finished.
+
+mod proto {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("grpc.testing");
+}
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use lb_agent::userspace::{
+    BackendStatus, DropReason, ProxyOptions, ServiceStats, UserspaceProxy, datapath_snapshot,
+};
+use lb_api::{Algorithm, Backend, BackendState, DesiredState, GrpcPolicy, Protocol, Service};
+use proto::test_service_client::TestServiceClient;
+use proto::test_service_server::{TestService, TestServiceServer};
+use proto::{
+    ResponseParameters, SimpleRequest, SimpleResponse, StreamingOutputCallRequest,
+    StreamingOutputCallResponse,
+};
+use rpclb_tests::lab::{Lab, Netns};
+use rpclb_tests::skip_unless_lab;
+use tokio::sync::{oneshot, watch};
+use tokio_stream::{Stream, StreamExt};
+use tonic::codegen::http::HeaderMap;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const PORT: u16 = 50051;
+const BACKEND_PORT: u16 = 50051;
+/// A port nothing listens on, in the backends.
+const DEAD_PORT: u16 = 50999;
+
+const TEST_HEADER: &str = "x-test-header";
+const SLEEP: &str = "x-sleep-ms";
+const HOLD: &str = "x-hold";
+const ADDED: (&str, &str) = ("x-rpclb-env", "lab");
+
+/// Bound of every single call and wait in these tests.
+const CALL: Duration = Duration::from_secs(5);
+
+// ---- backends -------------------------------------------------------------
+
+/// One call as a backend saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    backend: usize,
+    method: &'static str,
+    headers: HeaderMap,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// What every backend shares with the test.
+#[derive(Clone)]
+struct Shared {
+    log: Arc<Mutex<Vec<Seen>>>,
+    /// Handlers dropped (cancelled) before they finished.
+    cancelled: Arc<AtomicU64>,
+    /// Held calls return once this turns true (or after 10 s).
+    release: watch::Receiver<bool>,
+}
+
+#[derive(Clone)]
+struct Pod {
+    index: usize,
+    shared: Shared,
+}
+
+/// Counts a handler dropped before `done`.
+struct Unfinished<'a> {
+    counter: &'a AtomicU64,
+    done: bool,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Pod {
+    fn name(&self) -> String {
+        format!("backend-{}", self.index)
+    }
+
+    fn record(&self, method: &'static str, meta: &tonic::metadata::MetadataMap) -> HeaderMap {
+        let headers = meta.clone().into_headers();
+        self.shared.log.lock().unwrap().push(Seen {
+            backend: self.index,
+            method,
+            headers: headers.clone(),
+        });
+        headers
+    }
+
+    /// Sleeps or holds as the headers ask, counting a cancellation.
+    async fn delay(&self, h: &HeaderMap) {
+        let mut guard = Unfinished {
+            counter: &self.shared.cancelled,
+            done: false,
+        };
+        if let Some(ms) = h
+            .get(SLEEP)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        {
+            tokio::time::sleep(Duration::from_millis(ms.min(10_000))).await;
+        }
+        if h.contains_key(HOLD) {
+            let mut rx = self.shared.release.clone();
+            let _ = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|r| *r)).await;
+        }
+        guard.done = true;
+    }
+
+    fn reply(&self, h: &HeaderMap) -> StreamingOutputCallResponse {
+        StreamingOutputCallResponse {
+            payload: None,
+            served_by: self.name(),
+            test_header: text(h, TEST_HEADER),
+            server_time_us: 0,
+        }
+    }
+}
+
+fn text(h: &HeaderMap, name: &str) -> String {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+type Replies = Pin<Box<dyn Stream<Item = Result<StreamingOutputCallResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl TestService for Pod {
+    async fn unary_call(
+        &self,
+        req: Request<SimpleRequest>,
+    ) -> Result<Response<SimpleResponse>, Status> {
+        let h = self.record("unary", req.metadata());
+        self.delay(&h).await;
+        Ok(Response::new(SimpleResponse {
+            payload: None,
+            served_by: self.name(),
+            test_header: text(&h, TEST_HEADER),
+        }))
+    }
+
+    type StreamingOutputCallStream = Replies;
+
+    async fn streaming_output_call(
+        &self,
+        req: Request<StreamingOutputCallRequest>,
+    ) -> Result<Response<Replies>, Status> {
+        let h = self.record("server-streaming", req.metadata());
+        let one = self.reply(&h);
+        let cancelled = self.shared.cancelled.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        // One message per parameter, each after its interval (at most 1 s);
+        // a client (or proxy) gone mid-stream counts as a cancellation.
+        let params = req.into_inner().response_parameters;
+        tokio::spawn(async move {
+            for p in params.into_iter().take(100) {
+                let wait = Duration::from_micros(p.interval_us.clamp(0, 1_000_000) as u64);
+                tokio::time::sleep(wait).await;
+                if tx.send(Ok(one.clone())).await.is_err() {
+                    cancelled.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    type FullDuplexCallStream = Replies;
+
+    async fn full_duplex_call(
+        &self,
+        req: Request<tonic::Streaming<StreamingOutputCallRequest>>,
+    ) -> Result<Response<Replies>, Status> {
+        let h = self.record("bidi", req.metadata());
+        let one = self.reply(&h);
+        // One reply per message, until the client closes its side.
+        let out = req
+            .into_inner()
+            .take(100)
+            .map(move |m| m.map(|_| one.clone()));
+        Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// A backend server on its own thread and runtime inside its namespace;
+/// dropping it stops the server and its connections.
+struct BackendServer {
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl BackendServer {
+    fn start(ns: &Netns, pod: Pod) -> BackendServer {
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
+        let thread = ns
+            .spawn("grpc-backend", move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("backend runtime");
+                rt.block_on(async move {
+                    let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, BACKEND_PORT));
+                    let l = match tokio::net::TcpListener::bind(any).await {
+                        Ok(l) => l,
+                        Err(e) => return drop(ready_tx.send(Err(e))),
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    let svc = TestServiceServer::new(pod);
+                    let server = auto::Builder::new(TokioExecutor::new());
+                    let mut stop_rx = stop_rx;
+                    loop {
+                        tokio::select! {
+                            _ = &mut stop_rx => break,
+                            accepted = l.accept() => {
+                                let Ok((s, _)) = accepted else { continue };
+                                let _ = s.set_nodelay(true);
+                                let (svc, server) = (svc.clone(), server.clone());
+                                tokio::spawn(async move {
+                                    let svc = TowerToHyperService::new(svc);
+                                    let _ = server.serve_connection(TokioIo::new(s), svc).await;
+                                });
+                            }
+                        }
+                    }
+                });
+                // Dropping the runtime drops every connection.
+            })
+            .expect("backend thread");
+        let r = ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("backend did not start");
+        r.expect("backend bind");
+        BackendServer {
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for BackendServer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A TestService in every backend namespace.
+struct Backends {
+    shared: Shared,
+    release: watch::Sender<bool>,
+    _servers: Vec<BackendServer>,
+}
+
+impl Backends {
+    fn start(lab: &Lab) -> Backends {
+        let (release, rx) = watch::channel(false);
+        let shared = Shared {
+            log: Arc::default(),
+            cancelled: Arc::default(),
+            release: rx,
+        };
+        let servers = (1..=lab.backends().len())
+            .map(|index| {
+                let pod = Pod {
+                    index,
+                    shared: shared.clone(),
+                };
+                BackendServer::start(&lab.backend(index).ns, pod)
+            })
+            .collect();
+        Backends {
+            shared,
+            release,
+            _servers: servers,
+        }
+    }
+
+    fn log(&self) -> Vec<Seen> {
+        self.shared.log.lock().unwrap().clone()
+    }
+
+    fn cancelled(&self) -> u64 {
+        self.shared.cancelled.load(Ordering::Relaxed)
+    }
+}
+
+// ---- proxy and client helpers ---------------------------------------------
+
+/// Starts the proxy from inside the node namespace.
+fn proxy(lab: &Lab) -> UserspaceProxy {
+    let opts = ProxyOptions {
+        worker_threads: 2,
+        ..ProxyOptions::default()
+    };
+    lab.node()
+        .run(move || UserspaceProxy::start(opts))
+        .expect("node namespace")
+        .expect("start the proxy")
+}
+
+fn policy(default_timeout: Duration) -> GrpcPolicy {
+    GrpcPolicy {
+        default_timeout,
+        add_headers: vec![(ADDED.0.to_string(), ADDED.1.to_string())],
+    }
+}
+
+fn grpc_service(backends: Vec<Backend>, policy: GrpcPolicy) -> Service {
+    let mut s = Service::new(
+        "lab/grpc:grpc",
+        VIP,
+        PORT,
+        Protocol::Tcp,
+        // Does not apply in the gRPC mode.
+        Algorithm::Maglev,
+        backends,
+    );
+    s.grpc = Some(policy);
+    s
+}
+
+fn backends(lab: &Lab) -> Vec<Backend> {
+    lab.backends()
+        .iter()
+        .map(|h| Backend::new(h.ip(), BACKEND_PORT))
+        .collect()
+}
+
+fn state(s: &Service) -> DesiredState {
+    DesiredState {
+        services: vec![s.clone()],
+    }
+}
+
+fn stats(p: &UserspaceProxy) -> ServiceStats {
+    p.stats()
+        .into_iter()
+        .find(|s| s.addr.vip == VIP && s.addr.port == PORT)
+        .expect("stats of the gRPC service")
+}
+
+/// Polls the stats until `ok` holds (at most 5 s); returns the last ones
+/// either way, for the caller's exact assertions.
+fn settled(p: &UserspaceProxy, ok: impl Fn(&ServiceStats) -> bool) -> ServiceStats {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = stats(p);
+        if ok(&s) || Instant::now() >= deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits (at most 5 s) until `ok` holds; whether it did.
+async fn eventually(ok: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !ok() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
+/// Runs `f` on a fresh single-thread runtime in the client namespace (every
+/// socket it opens is the client's).
+fn in_client<F, Fut, R>(lab: &Lab, f: F) -> R
+where
+    F: FnOnce() -> Fut + Send,
+    Fut: Future<Output = R>,
+    R: Send,
+{
+    lab.client()
+        .ns
+        .run(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("client runtime");
+            rt.block_on(f())
+        })
+        .expect("client namespace")
+}
+
+/// One channel, connected now: one HTTP/2 connection for every call on it.
+async fn channel() -> TestServiceClient<Channel> {
+    let ch = Endpoint::from_shared(format!("http://{VIP}:{PORT}"))
+        .unwrap()
+        .connect_timeout(CALL)
+        .connect()
+        .await
+        .expect("connect to the VIP");
+    TestServiceClient::new(ch)
+}
+
+/// A unary call with these headers, bounded by [`CALL`].
+async fn unary(
+    c: &mut TestServiceClient<Channel>,
+    headers: &[(&'static str, &str)],
+) -> Result<SimpleResponse, Status> {
+    let mut req = Request::new(SimpleRequest::default());
+    for (k, v) in headers {
+        req.metadata_mut().insert(*k, v.parse().unwrap());
+    }
+    match tokio::time::timeout(CALL, c.unary_call(req)).await {
+        Ok(r) => r.map(Response::into_inner),
+        Err(_) => Err(Status::unknown("test: call not answered in time")),
+    }
+}
+
+/// `n` unary calls, `width` at a time, on clones of one channel; each sends
+/// `x-test-header: call-<k>` and must echo it. Returns the serving backend of
+/// each call, in call order.
+async fn many_calls(c: &TestServiceClient<Channel>, n: usize, width: usize) -> Vec<String> {
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..width {
+        let mut c = c.clone();
+        set.spawn(async move {
+            let mut out = Vec::new();
+            for k in (w..n).step_by(width) {
+                let tag = format!("call-{k}");
+                let r = unary(&mut c, &[(TEST_HEADER, &tag)]).await;
+                let r = r.unwrap_or_else(|e| panic!("call {k}: {e}"));
+                assert_eq!(r.test_header, tag, "x-test-header echoed");
+                out.push((k, r.served_by));
+            }
+            out
+        });
+    }
+    let mut all: Vec<(usize, String)> = Vec::new();
+    while let Some(r) = set.join_next().await {
+        all.extend(r.expect("caller task"));
+    }
+    all.sort();
+    assert_eq!(all.len(), n);
+    all.into_iter().map(|(_, b)| b).collect()
+}
+
+fn per_backend(served: &[String]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for b in served {
+        *m.entry(b.clone()).or_default() += 1;
+    }
+    m
+}
+
+/// A gRPC response as [`raw_call`] got it.
+struct Raw {
+    headers: HeaderMap,
+    trailers: Option<HeaderMap>,
+    took: Duration,
+}
+
+impl Raw {
+    /// `grpc-status` and `grpc-message`, from a trailers-only response or the
+    /// trailers.
+    fn status(&self) -> (String, String) {
+        let h = match &self.headers.get("grpc-status") {
+            Some(_) => &self.headers,
+            None => self.trailers.as_ref().expect("trailers"),
+        };
+        (text(h, "grpc-status"), text(h, "grpc-message"))
+    }
+}
+
+/// One UnaryCall made by hand over a new HTTP/2 connection, with these extra
+/// headers: tonic's client would enforce a `grpc-timeout` itself and race
+/// the proxy's deadline.
+async fn raw_call(headers: &[(&str, &str)]) -> Raw {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect((VIP, PORT))
+        .await
+        .expect("connect to the VIP");
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    let mut req = tonic::codegen::http::Request::post(format!(
+        "http://{VIP}:{PORT}/grpc.testing.TestService/UnaryCall"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    // One empty message: not compressed, length 0.
+    let body = http_body_util::Full::new(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]));
+    let t0 = Instant::now();
+    let resp = tokio::time::timeout(CALL, send.send_request(req.body(body).unwrap()))
+        .await
+        .expect("response in time")
+        .expect("response");
+    let (parts, body) = resp.into_parts();
+    let body = tokio::time::timeout(CALL, body.collect())
+        .await
+        .expect("body in time")
+        .expect("body");
+    Raw {
+        headers: parts.headers,
+        trailers: body.trailers().cloned(),
+        took: t0.elapsed(),
+    }
+}
+
+/// W3C traceparent, version 00.
+fn valid_traceparent(v: &str) -> bool {
+    let p: Vec<&str> = v.split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    p.len() == 4
+        && p[0] == "00"
+        && hex(p[1], 32)
+        && p[1] != "0".repeat(32)
+        && hex(p[2], 16)
+        && p[2] != "0".repeat(16)
+        && hex(p[3], 2)
+}
+
+/// A `grpc-timeout` value as a duration.
+fn grpc_timeout(v: &str) -> Duration {
+    let (n, unit) = v.split_at(v.len() - 1);
+    let n: u64 = n.parse().expect("grpc-timeout digits");
+    match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => panic!("grpc-timeout unit {unit:?}"),
+    }
+}
+
+// ---- tests ----------------------------------------------------------------
+
+/// What no L4 balancer can do: the calls of one HTTP/2 connection spread
+/// over every backend. Also headers, streaming, pooling and counters.
+#[test]
+fn grpc_calls_of_one_connection_spread_over_backends() {
+    skip_unless_lab!();
+    let lab = Lab::new(3).expect("lab");
+    let be = Backends::start(&lab);
+    let p = proxy(&lab);
+    let svc = grpc_service(backends(&lab), policy(Duration::from_secs(30)));
+    let sum = p.apply(&state(&svc)).unwrap();
+    assert_eq!(sum.added, 1);
+    assert_eq!(p.routes(), vec![VIP]);
+
+    const N: usize = 300;
+    let good_parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (served, streamed, bidi, kept, replaced) = in_client(&lab, || async {
+        let mut c = channel().await;
+        let served = many_calls(&c, N, 10).await;
+
+        // The client's own ids go through as they are; an invalid
+        // traceparent is replaced.
+        let kept = unary(
+            &mut c,
+            &[
+                ("x-request-id", "client-id-1"),
+                ("traceparent", good_parent),
+                (TEST_HEADER, "ids"),
+            ],
+        )
+        .await
+        .expect("call with ids");
+        let replaced = unary(
+            &mut c,
+            &[
+                ("x-request-id", "client-id-2"),
+                ("traceparent", "00-bad"),
+                (TEST_HEADER, "ids"),
+            ],
+        )
+        .await
+        .expect("call with a bad traceparent");
+
+        // Server streaming: 5 messages, all from one backend.
+        let mut req = Request::new(StreamingOutputCallRequest {
+            response_parameters: vec![ResponseParameters::default(); 5],
+            payload: None,
+        });
+        req.metadata_mut()
+            .insert(TEST_HEADER, "streaming".parse().unwrap());
+        let mut s = c
+            .streaming_output_call(req)
+            .await
+            .expect("stream")
+            .into_inner();
+        let mut streamed = Vec::new();
+        for _ in 0..10 {
+            match tokio::time::timeout(CALL, s.message()).await {
+                Ok(Ok(Some(m))) => streamed.push(m),
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => panic!("stream: {e}"),
+                Err(_) => panic!("stream: no message in time"),
+            }
+        }
+
+        // Bidi: three messages in, one reply each, then a clean end.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        req.metadata_mut()
+            .insert(TEST_HEADER, "bidi".parse().unwrap());
+        let mut s = c.full_duplex_call(req).await.expect("bidi").into_inner();
+        let mut bidi = Vec::new();
+        for _ in 0..3 {
+            tx.send(StreamingOutputCallRequest::default())
+                .await
+                .unwrap();
+            let m = tokio::time::timeout(CALL, s.message()).await;
+            bidi.push(
+                m.expect("bidi reply in time")
+                    .expect("bidi reply")
+                    .expect("a reply"),
+            );
+        }
+        drop(tx);
+        let end = tokio::time::timeout(CALL, s.message()).await;
+        assert!(matches!(end, Ok(Ok(None))), "bidi ends OK: {end:?}");
+        (served, streamed, bidi, kept, replaced)
+    });
+
+    // Spread: each backend within 100 +- 40 of the 300 calls (pure random
+    // choice would give a standard deviation of 8.2; least-outstanding
+    // narrows it further).
+    let per = per_backend(&served);
+    assert_eq!(per.len(), 3, "{per:?}");
+    for (b, n) in &per {
+        assert!((60..=140).contains(n), "{b}: {n} of {N}: {per:?}");
+    }
+
+    // Streams: every message, from one backend, metadata echoed.
+    assert_eq!(streamed.len(), 5);
+    assert!(
+        streamed
+            .iter()
+            .all(|m| m.served_by == streamed[0].served_by)
+    );
+    assert!(streamed.iter().all(|m| m.test_header == "streaming"));
+    assert_eq!(bidi.len(), 3);
+    assert!(bidi.iter().all(|m| m.test_header == "bidi"));
+
+    // Headers as the backends saw them.
+    let log = be.log();
+    let unary_log: Vec<&Seen> = log.iter().filter(|s| s.method == "unary").collect();
+    assert_eq!(unary_log.len(), N + 2);
+    let mut ids = HashSet::new();
+    for s in &log {
+        let id = s.header("x-request-id").expect("x-request-id");
+        assert!(ids.insert(id.to_string()), "x-request-id {id} repeated");
+        let tp = s.header("traceparent").expect("traceparent");
+        assert!(valid_traceparent(tp), "traceparent {tp:?}");
+        assert_eq!(s.header(ADDED.0), Some(ADDED.1), "added header");
+        // The time left of the 30 s default deadline.
+        let t = grpc_timeout(s.header("grpc-timeout").expect("grpc-timeout"));
+        assert!(
+            t <= Duration::from_secs(30) && t > Duration::from_secs(25),
+            "{t:?}"
+        );
+        assert!(s.header("x-test-header").is_some(), "metadata propagated");
+    }
+    let by_tag = |tag: &str| {
+        log.iter()
+            .find(|s| s.header("x-request-id") == Some(tag))
+            .unwrap_or_else(|| panic!("no call with {tag}"))
+    };
+    assert_eq!(
+        by_tag("client-id-1").header("traceparent"),
+        Some(good_parent)
+    );
+    let fresh = by_tag("client-id-2").header("traceparent").unwrap();
+    assert!(valid_traceparent(fresh) && fresh != "00-bad", "{fresh}");
+    assert!(!kept.served_by.is_empty() && !replaced.served_by.is_empty());
+    // Which backend answered agrees with which backend logged the call.
+    for (k, by) in served.iter().enumerate() {
+        let tag = format!("call-{k}");
+        let seen = log
+            .iter()
+            .find(|s| s.header(TEST_HEADER) == Some(tag.as_str()))
+            .unwrap();
+        assert_eq!(*by, format!("backend-{}", seen.backend));
+    }
+
+    // Counters: one client connection; one pooled connection per backend;
+    // calls per backend exactly as the backends logged them.
+    let calls = log.len() as u64;
+    let s = settled(&p, |s| {
+        s.active_requests == 0 && s.backends.iter().all(|b| b.active_requests == 0)
+    });
+    assert!(s.grpc);
+    assert_eq!(s.new_connections, 1, "one client connection: {s:?}");
+    assert_eq!((s.requests, s.active_requests), (calls, 0));
+    assert_eq!((s.deadline_exceeded, s.bad_requests), (0, 0));
+    assert_eq!((s.total_drops(), s.connect_failures), (0, 0));
+    assert!(s.bytes_in > 0 && s.bytes_out > 0 && s.packets_out >= calls);
+    for b in &s.backends {
+        let i = lab.backends().iter().position(|h| h.ip() == b.ip).unwrap() + 1;
+        let logged = log.iter().filter(|x| x.backend == i).count() as u64;
+        assert_eq!(b.requests, logged, "{b:?}");
+        assert_eq!(b.active_requests, 0);
+        assert_eq!(
+            (b.new_connections, b.active_connections),
+            (1, 1),
+            "one pooled connection: {b:?}"
+        );
+        assert_eq!(b.status, BackendStatus::Active);
+    }
+    assert_eq!(s.backends.iter().map(|b| b.requests).sum::<u64>(), calls);
+    assert_eq!(
+        s.backends.iter().map(|b| b.bytes_out).sum::<u64>(),
+        s.bytes_out
+    );
+    // The metrics count calls as the flows of a gRPC service.
+    let snap = datapath_snapshot(&p.stats());
+    let m = &snap.services[0];
+    assert_eq!(m.stats.new_flows, calls);
+    assert_eq!(m.backends.iter().map(|b| b.new_flows).sum::<u64>(), calls);
+
+    p.shutdown().unwrap();
+}
+
+/// Deadlines (the client's and the service default), no backend, failed
+/// connects, malformed timeouts and HTTP/1.
+#[test]
+fn grpc_deadlines_and_errors() {
+    skip_unless_lab!();
+    let lab = Lab::new(3).expect("lab");
+    let be = Backends::start(&lab);
+    let p = proxy(&lab);
+    let relaxed = policy(Duration::from_secs(30));
+    let mut svc = grpc_service(backends(&lab), relaxed.clone());
+    p.apply(&state(&svc)).unwrap();
+    // Warm up: every backend gets its pooled connection first, so that the
+    // short deadlines below are not spent connecting.
+    const WARM: usize = 30;
+    in_client(&lab, || async {
+        many_calls(&channel().await, WARM, 3).await
+    });
+    let s = settled(&p, |s| s.backends.iter().all(|b| b.active_connections == 1));
+    assert!(
+        s.backends.iter().all(|b| b.active_connections == 1),
+        "{s:?}"
+    );
+
+    // A shorter default deadline, for new calls from now on.
+    let default = Duration::from_secs(1);
+    svc.grpc = Some(policy(default));
+    assert_eq!(p.apply(&state(&svc)).unwrap().updated, 1);
+
+    let (by_client, by_default, malformed, streamed) = in_client(&lab, || async {
+        // grpc-timeout 100 ms to a backend that sleeps 1 s.
+        let by_client = raw_call(&[("grpc-timeout", "100m"), (SLEEP, "1000")]).await;
+
+        // No grpc-timeout: the service's 1 s, to a 3 s sleeper.
+        let t0 = Instant::now();
+        let r = unary(&mut channel().await, &[(SLEEP, "3000")]).await;
+        let by_default = (r.map(|_| ()), t0.elapsed());
+
+        let malformed = raw_call(&[("grpc-timeout", "soon")]).await;
+
+        // Deadline after the response headers: a stream of 20 messages, one
+        // per 100 ms, under the 1 s default. The first ones arrive, then the
+        // proxy ends the stream with DEADLINE_EXCEEDED trailers.
+        let mut req = Request::new(StreamingOutputCallRequest {
+            response_parameters: vec![
+                ResponseParameters {
+                    size: 0,
+                    interval_us: 100_000,
+                };
+                20
+            ],
+            payload: None,
+        });
+        req.metadata_mut()
+            .insert(TEST_HEADER, "slow".parse().unwrap());
+        let mut s = channel().await;
+        let t0 = Instant::now();
+        let mut s = s
+            .streaming_output_call(req)
+            .await
+            .expect("stream")
+            .into_inner();
+        let mut got = 0;
+        let end = loop {
+            match tokio::time::timeout(CALL, s.message()).await {
+                Ok(Ok(Some(_))) if got < 20 => got += 1,
+                other => break other,
+            }
+        };
+        let streamed = (got, end, t0.elapsed());
+        (by_client, by_default, malformed, streamed)
+    });
+
+    // Trailers-only DEADLINE_EXCEEDED from the proxy, before the backend's
+    // answer at 1 s.
+    assert_eq!(
+        by_client.headers.get("content-type").unwrap(),
+        "application/grpc"
+    );
+    let (code, message) = by_client.status();
+    assert_eq!(code, "4", "{message}");
+    assert!(message.contains("rpclb: deadline exceeded"), "{message}");
+    assert!(by_client.trailers.is_none(), "trailers-only");
+    let took = by_client.took;
+    assert!(
+        took >= Duration::from_millis(100) && took < Duration::from_millis(900),
+        "answered after {took:?}"
+    );
+    let (r, took) = by_default;
+    let e = r.expect_err("default deadline exceeded");
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    assert!(e.message().contains("rpclb: deadline exceeded"), "{e:?}");
+    assert!(
+        took >= default && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
+    let (code, message) = malformed.status();
+    assert_eq!(code, "13", "{message}");
+    assert!(message.contains("malformed grpc-timeout"), "{message}");
+
+    let (got, end, took) = streamed;
+    let e = match end {
+        Ok(Err(e)) => e,
+        other => panic!("stream should end with an error: {other:?}"),
+    };
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    assert!(e.message().contains("rpclb: deadline exceeded"), "{e:?}");
+    assert!((1..20).contains(&got), "{got} messages before the deadline");
+    assert!(took >= default, "{took:?}");
+
+    // The backends got the time left, and every call was cancelled there.
+    let log = be.log().split_off(WARM);
+    assert_eq!(
+        log.len(),
+        3,
+        "the malformed call never reached a backend: {log:?}"
+    );
+    let t = grpc_timeout(log[0].header("grpc-timeout").unwrap());
+    assert!(t <= Duration::from_millis(100), "{t:?}");
+    for x in &log[1..] {
+        let t = grpc_timeout(x.header("grpc-timeout").unwrap());
+        assert!(t <= default && t >= default / 4, "{t:?}");
+    }
+    let deadline = Instant::now() + CALL;
+    while be.cancelled() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(be.cancelled(), 3, "backend handlers cancelled");
+    let s = settled(&p, |s| s.active_requests == 0);
+    assert_eq!((s.deadline_exceeded, s.bad_requests), (3, 1));
+    assert_eq!((s.requests, s.active_requests), (WARM as u64 + 3, 0));
+
+    // A backend that refuses connections: calls are retried elsewhere
+    // (nothing was sent), and all succeed.
+    let b1 = lab.backend(1).ip();
+    svc.grpc = Some(relaxed);
+    svc.backends.push(Backend::new(b1, DEAD_PORT));
+    let sum = p.apply(&state(&svc)).unwrap();
+    assert_eq!(sum.updated, 1);
+    let served = in_client(&lab, || async { many_calls(&channel().await, 60, 4).await });
+    assert_eq!(served.len(), 60);
+    let s = stats(&p);
+    let dead = s.backend(b1, DEAD_PORT).unwrap();
+    assert!(dead.connect_failures > 0, "{dead:?}");
+    assert_eq!((dead.requests, dead.new_connections), (0, 0));
+    assert_eq!(s.connect_failures, dead.connect_failures);
+    assert_eq!(s.total_drops(), 0, "{s:?}");
+
+    // Only dead backends: UNAVAILABLE, after trying them.
+    svc.backends = vec![Backend::new(b1, DEAD_PORT)];
+    p.apply(&state(&svc)).unwrap();
+    let r = in_client(&lab, || async { unary(&mut channel().await, &[]).await });
+    let e = r.expect_err("unreachable");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("no backend reachable"), "{e:?}");
+    assert_eq!(stats(&p).drops_for(DropReason::ConnectFailed), 1);
+
+    // No usable backend (none, or terminating only): UNAVAILABLE at once.
+    for backends in [vec![], {
+        let mut b = Backend::new(b1, BACKEND_PORT);
+        b.state = BackendState::Terminating;
+        vec![b]
+    }] {
+        svc.backends = backends;
+        p.apply(&state(&svc)).unwrap();
+        let r = in_client(&lab, || async { unary(&mut channel().await, &[]).await });
+        let e = r.expect_err("no backend");
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert!(e.message().contains("no backend available"), "{e:?}");
+    }
+    assert_eq!(stats(&p).drops_for(DropReason::NoBackend), 2);
+
+    // HTTP/1.1 gets a clear 505 and the connection closes.
+    let reply = lab
+        .client()
+        .ns
+        .run(|| {
+            use std::io::{Read, Write};
+            let mut s = TcpStream::connect_timeout(&SocketAddrV4::new(VIP, PORT).into(), CALL)?;
+            s.set_read_timeout(Some(CALL))?;
+            s.write_all(b"POST /x HTTP/1.1\r\nHost: vip\r\nContent-Length: 0\r\n\r\n")?;
+            let mut out = Vec::new();
+            s.read_to_end(&mut out)?;
+            Ok::<_, std::io::Error>(String::from_utf8_lossy(&out).into_owned())
+        })
+        .unwrap()
+        .expect("HTTP/1.1 exchange");
+    assert!(reply.starts_with("HTTP/1.1 505"), "{reply}");
+    assert!(reply.contains("HTTP/2"), "{reply}");
+    assert_eq!(stats(&p).bad_requests, 2);
+}
+
+/// A backend marked terminating mid-run: its calls in flight complete, new
+/// calls avoid it, its pooled connection closes once idle; back in service,
+/// it gets calls again.
+#[test]
+fn grpc_terminating_backend_drains() {
+    skip_unless_lab!();
+    let lab = Lab::new(3).expect("lab");
+    let be = Backends::start(&lab);
+    let p = proxy(&lab);
+    let mut svc = grpc_service(backends(&lab), policy(Duration::from_secs(30)));
+    p.apply(&state(&svc)).unwrap();
+    let b1 = lab.backend(1).ip();
+
+    let (p_ref, be_ref) = (&p, &be);
+    let (held, during, after) = in_client(&lab, move || async move {
+        let (p, be) = (p_ref, be_ref);
+        let c = channel().await;
+        // Held calls, one at a time, until backend 1 has one (P2C gives each
+        // new call to a less loaded backend; at most 12).
+        let mut holds = tokio::task::JoinSet::new();
+        for k in 0..12 {
+            let mut c2 = c.clone();
+            holds.spawn(async move { unary(&mut c2, &[(HOLD, "1")]).await });
+            assert!(
+                eventually(|| be.log().len() > k).await,
+                "held call {k} reached no backend"
+            );
+            if be.log().iter().any(|s| s.backend == 1) {
+                break;
+            }
+        }
+        let on_b1 = be.log().iter().filter(|s| s.backend == 1).count();
+        assert!(on_b1 >= 1, "no held call on backend 1: {:?}", be.log());
+
+        svc.backends[0].state = BackendState::Terminating;
+        let sum = p.apply_async(&state(&svc)).await.unwrap();
+        assert_eq!(sum.updated, 1);
+        let s = stats(p);
+        let b = s.backend(b1, BACKEND_PORT).unwrap();
+        assert_eq!(b.status, BackendStatus::Draining);
+        assert_eq!(b.active_requests, on_b1 as u64, "{b:?}");
+
+        // New calls avoid it while its held calls go on.
+        let during = many_calls(&c, 60, 4).await;
+
+        // Release: every held call completes, those on backend 1 too.
+        be.release.send(true).unwrap();
+        let mut held = Vec::new();
+        while let Some(r) = holds.join_next().await {
+            held.push(r.unwrap().expect("held call completes").served_by);
+        }
+        // Its connection, idle and drained, closes.
+        let closed = eventually(|| {
+            let s = stats(p);
+            s.backend(b1, BACKEND_PORT).unwrap().active_connections == 0
+        })
+        .await;
+        assert!(closed, "drained connection still open: {:?}", stats(p));
+
+        // Back in service: it gets calls again, on a new connection.
+        svc.backends[0].state = BackendState::Active;
+        p.apply_async(&state(&svc)).await.unwrap();
+        let after = many_calls(&c, 60, 4).await;
+        (held, during, after)
+    });
+
+    assert!(held.iter().any(|b| b == "backend-1"), "{held:?}");
+    let per = per_backend(&during);
+    assert!(
+        !per.contains_key("backend-1"),
+        "terminating got calls: {per:?}"
+    );
+    assert_eq!(per.values().sum::<usize>(), 60);
+    let per = per_backend(&after);
+    assert!(
+        per.get("backend-1").is_some_and(|&n| n >= 5),
+        "back in service: {per:?}"
+    );
+    let s = settled(&p, |s| s.active_requests == 0);
+    let b = s.backend(b1, BACKEND_PORT).unwrap();
+    assert_eq!(b.status, BackendStatus::Active);
+    assert_eq!(b.new_connections, 2, "reconnected once: {b:?}");
+    assert_eq!(s.total_drops(), 0);
+    assert_eq!(s.new_connections, 1, "one client connection throughout");
+}
+
+/// The same service switched between L4 and the gRPC mode: at L4 every call
+/// of a connection goes to one backend; in the gRPC mode they spread. The
+/// switch restarts the service but keeps its VIP route.
+#[test]
+fn grpc_mode_switches_with_l4() {
+    skip_unless_lab!();
+    let lab = Lab::new(3).expect("lab");
+    let _be = Backends::start(&lab);
+    let p = proxy(&lab);
+    let mut svc = grpc_service(backends(&lab), policy(Duration::from_secs(30)));
+    svc.grpc = None;
+    svc.algorithm = Algorithm::RoundRobin;
+    assert_eq!(p.apply(&state(&svc)).unwrap().added, 1);
+    let one_channel = || in_client(&lab, || async { many_calls(&channel().await, 30, 3).await });
+
+    let l4 = per_backend(&one_channel());
+    assert_eq!(l4.len(), 1, "L4: one connection, one backend: {l4:?}");
+    assert!(!stats(&p).grpc);
+
+    svc.grpc = Some(policy(Duration::from_secs(30)));
+    let sum = p.apply(&state(&svc)).unwrap();
+    assert_eq!((sum.added, sum.removed, sum.updated), (0, 0, 1));
+    assert_eq!(p.routes(), vec![VIP]);
+    let l7 = per_backend(&one_channel());
+    assert_eq!(l7.len(), 3, "gRPC mode: every backend: {l7:?}");
+    let s = stats(&p);
+    assert!(s.grpc);
+    assert_eq!(s.requests, 30);
+
+    svc.grpc = None;
+    let sum = p.apply(&state(&svc)).unwrap();
+    assert_eq!((sum.added, sum.removed, sum.updated), (0, 0, 1));
+    assert_eq!(p.routes(), vec![VIP]);
+    let l4 = per_backend(&one_channel());
+    assert_eq!(l4.len(), 1, "L4 again: {l4:?}");
+    p.shutdown().unwrap();
+}
