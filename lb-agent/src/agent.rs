@@ -89,18 +89,7 @@ const STALL: Duration = Duration::from_secs(30);
 /// An error and its causes on one line, without repeating a cause that the
 /// message above it already quotes (the data-path errors embed their source).
 pub fn render_error(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let s = cause.to_string();
-        if s.is_empty() || out.contains(&s) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&s);
-    }
-    out
+    lb_api::errors::one_line(e.chain())
 }
 
 /// Which data path to run.

@@ -219,15 +219,5 @@ fn status_text(s: &tonic::Status) -> String {
 
 /// A transport error's message with its causes ("transport error: ...: Connection refused").
 fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let s = c.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        cur = c.source();
-    }
-    out
+    lb_api::errors::one_line(std::iter::successors(Some(e), |e| e.source()))
 }

@@ -8,6 +8,7 @@
 //! - [`maglev_size`]: Maglev table size rules.
 
 pub mod config;
+pub mod errors;
 pub mod maglev_size;
 pub mod model;
 pub mod wire;

@@ -107,21 +107,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// An error and its causes on one line, skipping causes the text above
-/// already quotes (kube's errors embed their sources).
+/// An error and its causes on one line (kube's errors embed their sources).
 fn render_error(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let s = cause.to_string();
-        if s.is_empty() || out.contains(&s) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&s);
-    }
-    out
+    lb_api::errors::one_line(e.chain())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
