@@ -2,21 +2,35 @@
 //! that the namespace's `/etc/netns/<ns>/hosts` is bind-mounted over /etc/hosts and the
 //! cluster names resolve through the system resolver, as they would in a pod.
 //!
-//! Every call opens a new channel (a new TCP connection), so each call is a new flow that the
-//! load balancer places; each sends `x-test-header` with a random value and has a deadline.
-//! Results go to stdout as JSON lines (`wire::Event`); `go` on stdin starts the second phase.
+//! Phases one and two: every call opens a new channel (a new TCP connection), so each call is
+//! a new flow that the load balancer places; each sends `x-test-header` with a random value and
+//! has a deadline. `go` on stdin starts the second phase.
+//!
+//! Phase three (`--one-channel`, after the in-flight calls are done): per target, ONE channel
+//! (one TCP connection, counted by its connector) carries `--one-channel-calls` unary calls,
+//! `--concurrency` in flight at once, multiplexed by HTTP/2, as a long-lived gRPC client does.
+//! An L4 balancer places that connection once; a gRPC-mode VIP places each call.
+//!
+//! Results go to stdout as JSON lines (`wire::Event`).
 
 use crate::proto::test_service_client::TestServiceClient;
 use crate::proto::{ResponseParameters, SimpleRequest, StreamingOutputCallRequest};
 use crate::server::TEST_HEADER;
-use crate::wire::{Call, Event, Inflight, Kind, Phase};
+use crate::wire::{Call, Event, Inflight, Kind, OneChannel, Phase};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
+use hyper_util::rt::TokioIo;
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::io::{BufRead, Write};
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
+use tonic::codegen::http::Uri;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Debug, Clone, Args)]
@@ -56,6 +70,14 @@ pub struct ClientArgs {
     /// Give up after this long in total, seconds.
     #[arg(long, default_value_t = 90)]
     pub total_secs: u64,
+    /// KEY=HOST:PORT for the third phase (repeatable): after the in-flight calls end, ONE
+    /// channel (one TCP connection) to it carries --one-channel-calls unary calls,
+    /// --concurrency in flight at once.
+    #[arg(long = "one-channel")]
+    pub one_channel: Vec<String>,
+    /// Unary calls over each --one-channel channel.
+    #[arg(long, default_value_t = 300)]
+    pub one_channel_calls: usize,
 }
 
 #[derive(Clone)]
@@ -77,6 +99,11 @@ fn random_token() -> String {
     static N: AtomicU64 = AtomicU64::new(0);
     let v = RandomState::new().hash_one(N.fetch_add(1, Ordering::Relaxed));
     format!("{v:016x}")
+}
+
+fn split_target(t: &str) -> Result<(&str, &str)> {
+    t.split_once('=')
+        .with_context(|| format!("target {t:?}: expected KEY=HOST:PORT"))
 }
 
 fn short(e: &dyn std::fmt::Display) -> String {
@@ -106,11 +133,13 @@ pub fn main(args: ClientArgs) -> Result<()> {
 }
 
 async fn run(args: ClientArgs) -> Result<()> {
+    // Refuse bad --one-channel values now, not after the first two phases.
+    for t in &args.one_channel {
+        split_target(t)?;
+    }
     let mut targets = Vec::new();
     for t in &args.targets {
-        let (key, hostport) = t
-            .split_once('=')
-            .with_context(|| format!("--target {t:?}: expected KEY=HOST:PORT"))?;
+        let (key, hostport) = split_target(t)?;
         // Resolve once up front to show it; every channel resolves again on connect.
         let addr = tokio::net::lookup_host(hostport)
             .await
@@ -193,6 +222,13 @@ async fn run(args: ClientArgs) -> Result<()> {
         if let Ok(r) = s.await {
             emit(&Event::InflightDone(r));
         }
+    }
+
+    // Third phase: one channel per target, many calls over it.
+    for t in &args.one_channel {
+        let (key, hostport) = split_target(t)?;
+        let r = one_channel(key, hostport, &args, deadline).await;
+        emit(&Event::OneChannel(r));
     }
     emit(&Event::Done);
     Ok(())
@@ -321,6 +357,148 @@ async fn call(t: &Target, phase: Phase, kind: Kind, deadline: Duration) -> Call 
         Err(e) => c.error = Some(short(&format_err(&e))),
     }
     c
+}
+
+/// A connector for one channel that counts the TCP connections it opens and remembers the
+/// last peer: the proof that the calls of the third phase shared one connection (tonic's
+/// channel would reconnect, through here, if it lost it).
+#[derive(Clone, Default)]
+struct CountingConnector {
+    connects: Arc<AtomicUsize>,
+    peer: Arc<Mutex<Option<SocketAddr>>>,
+}
+
+impl tonic::codegen::Service<Uri> for CountingConnector {
+    type Response = TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let me = self.clone();
+        Box::pin(async move {
+            let bad = || std::io::Error::new(std::io::ErrorKind::InvalidInput, "no host:port");
+            let host = uri.host().ok_or_else(bad)?.to_string();
+            let port = uri.port_u16().ok_or_else(bad)?;
+            // Resolves through the pod's /etc/hosts, as every other call does.
+            let s = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            s.set_nodelay(true)?;
+            me.connects.fetch_add(1, Ordering::Relaxed);
+            *me.peer.lock().unwrap_or_else(|e| e.into_inner()) = s.peer_addr().ok();
+            Ok(TokioIo::new(s))
+        })
+    }
+}
+
+fn percentile_us(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// The third phase for one target: connect ONE channel, then `--one-channel-calls` unary
+/// calls over clones of it (same connection), `--concurrency` at a time, each with its own
+/// `x-test-header` and deadline. Stops early after `--max-failures` failures.
+async fn one_channel(
+    key: &str,
+    hostport: &str,
+    args: &ClientArgs,
+    deadline: Duration,
+) -> OneChannel {
+    let mut r = OneChannel {
+        svc: key.into(),
+        name: hostport.into(),
+        planned: args.one_channel_calls,
+        ..OneChannel::default()
+    };
+    let conn = CountingConnector::default();
+    let channel = match Endpoint::from_shared(format!("http://{hostport}")) {
+        Ok(e) => {
+            e.connect_timeout(Duration::from_secs(1))
+                .timeout(deadline)
+                .connect_with_connector(conn.clone())
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    let channel = match channel {
+        Ok(c) => c,
+        Err(e) => {
+            r.connections = conn.connects.load(Ordering::Relaxed);
+            r.error = Some(short(&format_err(&e.into())));
+            return r;
+        }
+    };
+    let peer = *conn.peer.lock().unwrap_or_else(|e| e.into_inner());
+    emit(&Event::OneChannelOpen {
+        svc: key.into(),
+        name: hostport.into(),
+        addr: peer.map_or_else(|| "?".into(), |a| a.to_string()),
+    });
+    let client = TestServiceClient::new(channel);
+    let next = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let (n, max_failures) = (args.one_channel_calls, args.max_failures);
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..args.concurrency.max(1) {
+        let (next, failed, mut client) = (next.clone(), failed.clone(), client.clone());
+        workers.spawn(async move {
+            // (pod, echoed, µs) per successful call; the first error.
+            let mut done: Vec<(String, bool, u64)> = Vec::new();
+            let mut first_error = None;
+            while next.fetch_add(1, Ordering::Relaxed) < n
+                && failed.load(Ordering::Relaxed) < max_failures
+            {
+                let token = random_token();
+                let req = SimpleRequest {
+                    response_size: 64,
+                    payload: None,
+                };
+                let start = Instant::now();
+                match client.unary_call(request(req, &token, deadline)).await {
+                    Ok(resp) => {
+                        let resp = resp.into_inner();
+                        let us = start.elapsed().as_micros() as u64;
+                        done.push((resp.served_by, resp.test_header == token, us));
+                    }
+                    Err(e) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        first_error.get_or_insert_with(|| short(&e));
+                    }
+                }
+            }
+            (done, first_error)
+        });
+    }
+    let mut lat = Vec::new();
+    let mut per_pod = BTreeMap::new();
+    while let Some(w) = workers.join_next().await {
+        let Ok((done, err)) = w else {
+            r.error.get_or_insert_with(|| "a worker panicked".into());
+            continue;
+        };
+        for (pod, echoed, us) in done {
+            *per_pod.entry(pod).or_insert(0) += 1;
+            r.ok += 1;
+            r.echoed += usize::from(echoed);
+            lat.push(us);
+        }
+        if let Some(e) = err {
+            r.error.get_or_insert(e);
+        }
+    }
+    lat.sort_unstable();
+    r.per_pod = per_pod;
+    r.failed = failed.load(Ordering::Relaxed);
+    r.p50_us = percentile_us(&lat, 50.0);
+    r.p99_us = percentile_us(&lat, 99.0);
+    r.connections = conn.connects.load(Ordering::Relaxed);
+    r
 }
 
 /// anyhow's alternate form shows the source chain, where tonic keeps the useful part.

@@ -1,17 +1,25 @@
 //! The orchestrator: lab, pods, agent, names, client, live event, report, teardown.
 //!
+//! The client runs three phases: (1) calls to B and C through their L4 VIPs, a new connection
+//! per call; the live event marks one B pod terminating; (2) the same again while long-lived
+//! calls opened before the event go on; (3) one connection per VIP carrying many calls, to B's
+//! L4 VIP and to `rpc-service-b-grpc`, a gRPC-mode service with B's pods that lb-agent's
+//! userspace proxy balances per call. The report has a table and checks per part, the
+//! agent's per-call counters from its /metrics, and lbctl's view of the kernel's services.
+//!
 //! Everything runs inside namespaces that the lab creates (DESIGN.md, network safety): the
 //! root namespace's links, addresses and routes are never touched, no namespace has a route
 //! out, and every loop is bounded by a count and by `--timeout`.
 
 use crate::procs::{self, Agent, AgentOpts, ControllerOpts, Guarded, interrupted};
-use crate::report::{self, Checks, PodInfo, ServiceReport};
+use crate::report::{self, Checks, OneChannelReport, PodInfo, ProxyCounts, ServiceReport};
 use crate::server::{PodServer, Pods};
-use crate::wire::{Call, Event, Inflight, Phase};
+use crate::wire::{Call, Event, Inflight, OneChannel, Phase};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use lb_api::Algorithm;
 use rpclb_tests::lab::{self, Lab};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -49,7 +57,8 @@ pub struct DemoOpts {
           value_name = "random|round-robin|maglev|source-hash|least-conn")]
     pub algorithm: Algorithm,
     /// Calls to each service (B and C), half before and half after the live event
-    /// [default: 1000; 60 with --quick].
+    /// [default: 1000; 60 with --quick]. The third phase (one connection per VIP) makes 300
+    /// calls over each connection (60 with --quick; at least 30 per active B pod).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..=100_000))]
     pub calls: Option<u32>,
     /// Pods per service (B and C).
@@ -62,10 +71,11 @@ pub struct DemoOpts {
     /// Leave the lab up after the run for exploring with lbctl; Ctrl-C tears it down.
     #[arg(long)]
     pub keep: bool,
-    /// Short form (60 calls per service), as the test runs it.
+    /// Short form (60 calls per service and per connection in the third phase), as the test
+    /// runs it.
     #[arg(long)]
     pub quick: bool,
-    /// Calls in flight at once.
+    /// Calls in flight at once (in every phase; in the third, over the one connection).
     #[arg(long, value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub concurrency: u32,
@@ -98,7 +108,8 @@ impl Progress {
     }
 }
 
-/// One service of the demo (B or C).
+/// One service of the demo: B and C (L4, balanced by the kernel per connection), and B's
+/// gRPC-mode twin (balanced by lb-agent's userspace proxy per call).
 struct Svc {
     key: &'static str,
     name: String,
@@ -106,11 +117,39 @@ struct Svc {
     vip: Ipv4Addr,
     port: u16,
     pods: Vec<PodInfo>,
+    /// `grpc: {}` in the config: the gRPC (L7) mode.
+    grpc: bool,
 }
 
 impl Svc {
     fn config_name(&self) -> String {
         format!("{NAMESPACE}/{}:grpc", self.name)
+    }
+
+    /// A gRPC-mode service in front of this service's pods (same backends and port, so
+    /// `config_yaml` writes the same backend list and the same terminating marking).
+    fn grpc_twin(&self, key: &'static str, vip: Ipv4Addr) -> Svc {
+        let name = format!("{}-grpc", self.name);
+        Svc {
+            key,
+            host: format!("{name}.{NAMESPACE}.svc.cluster.local"),
+            name,
+            vip,
+            port: self.port,
+            pods: self.pods.clone(),
+            grpc: true,
+        }
+    }
+
+    /// "host -> vip:port (config name)".
+    fn describe(&self) -> String {
+        format!(
+            "{} -> {}:{} ({})",
+            self.host,
+            self.vip,
+            self.port,
+            self.config_name()
+        )
     }
 }
 
@@ -124,7 +163,12 @@ fn config_yaml(svcs: &[Svc], algo: Algorithm, terminating: Option<&str>) -> Stri
         let _ = writeln!(y, "    vip: {}", s.vip);
         let _ = writeln!(y, "    port: {}", s.port);
         let _ = writeln!(y, "    protocol: tcp");
-        let _ = writeln!(y, "    algorithm: {algo}");
+        if s.grpc {
+            // The agent's proxy balances each call (least outstanding, P2C); no algorithm.
+            let _ = writeln!(y, "    grpc: {{}}");
+        } else {
+            let _ = writeln!(y, "    algorithm: {algo}");
+        }
         let _ = writeln!(y, "    backends:");
         for p in &s.pods {
             let state = if terminating == Some(p.name.as_str()) {
@@ -258,6 +302,60 @@ fn shows_terminating(json: &str, ip: &str) -> bool {
     serde_json::from_str::<serde_json::Value>(json).is_ok_and(|v| walk(&v, ip))
 }
 
+/// The value of the Prometheus series `name{labels...}` (every given label must match; others
+/// may be present), from the text format.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+        if n != name {
+            return None;
+        }
+        let body = rest.strip_suffix('}')?;
+        let have: Vec<(&str, &str)> = body
+            .split(',')
+            .filter(|kv| !kv.is_empty())
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                Some((k.trim(), v.trim().strip_prefix('"')?.strip_suffix('"')?))
+            })
+            .collect();
+        labels
+            .iter()
+            .all(|want| have.contains(want))
+            .then(|| value.trim().parse().ok())
+            .flatten()
+    })
+}
+
+/// The gRPC-mode service's call counters from lb-agent's /metrics text: calls per service
+/// and per backend (`new_flows` counts calls in the gRPC mode).
+fn proxy_counts(text: &str, svc: &Svc) -> Result<ProxyCounts, String> {
+    let name = svc.config_name();
+    let calls = sample(text, "rpclb_service_new_flows_total", &[("service", &name)])
+        .ok_or_else(|| format!("no rpclb_service_new_flows_total{{service=\"{name}\"}}"))?;
+    let mut per_ip = BTreeMap::new();
+    for p in &svc.pods {
+        let backend = format!("{}:{}", p.ip, svc.port);
+        let n = sample(
+            text,
+            "rpclb_backend_new_flows_total",
+            &[("service", &name), ("backend", &backend)],
+        )
+        .unwrap_or(0.0);
+        per_ip.insert(p.ip.clone(), n as u64);
+    }
+    Ok(ProxyCounts {
+        calls: calls as u64,
+        per_ip,
+    })
+}
+
+/// GET lb-agent's /metrics from inside the node namespace.
+fn agent_metrics(lab: &Lab) -> Result<String> {
+    lab.node().run(|| procs::http_get(METRICS, "/metrics"))?
+}
+
 pub fn run(o: DemoOpts) -> Result<Outcome> {
     let p = Progress(Instant::now());
     let deadline = Instant::now() + Duration::from_secs(o.timeout);
@@ -302,28 +400,31 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
                 ip: lab.backend(i).ip().to_string(),
             })
             .collect(),
+        grpc: false,
     };
-    let svcs = vec![
-        mk("b", "rpc-service-b", Ipv4Addr::new(10, 96, 0, 11), 50052, 1),
-        mk(
-            "c",
-            "rpc-service-c",
-            Ipv4Addr::new(10, 96, 0, 12),
-            50053,
-            1 + pods,
-        ),
-    ];
+    let b = mk("b", "rpc-service-b", Ipv4Addr::new(10, 96, 0, 11), 50052, 1);
+    let c = mk(
+        "c",
+        "rpc-service-c",
+        Ipv4Addr::new(10, 96, 0, 12),
+        50053,
+        1 + pods,
+    );
+    // B's pods again, behind a gRPC-mode VIP: lb-agent's proxy balances each call.
+    let b_grpc = b.grpc_twin("b-grpc", Ipv4Addr::new(10, 96, 0, 13));
+    let svcs = vec![b, c, b_grpc];
+    let (l4_svcs, twin) = (&svcs[..2], &svcs[2]);
 
     // The pods' gRPC servers, each inside its own namespace.
     let mut servers = Pods::default();
-    for (si, s) in svcs.iter().enumerate() {
+    for (si, s) in l4_svcs.iter().enumerate() {
         for (pi, pod) in s.pods.iter().enumerate() {
             let host = lab.backend(1 + si * pods + pi);
             let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, s.port));
             servers.0.push(PodServer::start(&host.ns, &pod.name, addr)?);
         }
     }
-    for s in &svcs {
+    for s in l4_svcs {
         let list: Vec<String> = s
             .pods
             .iter()
@@ -336,6 +437,11 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
             list.join(", ")
         ));
     }
+    p.say(format!(
+        "  {}: the pods of {} again, in the gRPC mode (grpc: {{}}): lb-agent's userspace proxy \
+         balances each call",
+        twin.name, svcs[0].name
+    ));
     check_interrupt(&p)?;
 
     // The controller, standalone, with a generated config; the agent follows its stream.
@@ -393,8 +499,11 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
     let _etc = client_etc(&client_ns, &svcs)?;
     for s in &svcs {
         p.say(format!(
-            "  {} -> {}:{} (/etc/netns/{client_ns}/hosts)",
-            s.host, s.vip, s.port
+            "  {} -> {}:{} (/etc/netns/{client_ns}/hosts){}",
+            s.host,
+            s.vip,
+            s.port,
+            if s.grpc { ", gRPC mode" } else { "" }
         ));
     }
     check_interrupt(&p)?;
@@ -403,9 +512,15 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
     let before = calls / 2;
     let after = calls - before;
     let inflight = if o.quick { 3 } else { 6 };
+    // The third phase: enough calls for the per-call spread check (30 per active B pod).
+    let one_calls = (if o.quick { 60 } else { 300 }).max(30 * (pods - 1));
     let mut args: Vec<String> = vec!["client".into()];
-    for s in &svcs {
+    for s in l4_svcs {
         args.push("--target".into());
+        args.push(format!("{}={}:{}", s.key, s.host, s.port));
+    }
+    for s in [&svcs[0], twin] {
+        args.push("--one-channel".into());
         args.push(format!("{}={}:{}", s.key, s.host, s.port));
     }
     for (k, v) in [
@@ -414,6 +529,7 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
         ("--concurrency", o.concurrency.to_string()),
         ("--inflight", inflight.to_string()),
         ("--inflight-interval-ms", "100".into()),
+        ("--one-channel-calls", one_calls.to_string()),
         ("--deadline-ms", "2000".into()),
         (
             "--total-secs",
@@ -446,6 +562,7 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
 
     let mut all_calls: Vec<Call> = Vec::new();
     let mut inflight_done: Vec<Inflight> = Vec::new();
+    let mut one_done: Vec<OneChannel> = Vec::new();
     let mut victim: Option<(String, String)> = None; // (pod, ip)
     let mut event_at = 0i64;
     let mut fatal: Option<String> = None;
@@ -565,6 +682,32 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
                     pick.name,
                     report::fmt_duration(t0.elapsed()),
                 ));
+                    // The gRPC-mode twin is the proxy's: its state is on /metrics.
+                    let (tname, backend) =
+                        (twin.config_name(), format!("{}:{}", pick.ip, twin.port));
+                    let labels = [("service", tname.as_str()), ("backend", backend.as_str())];
+                    loop {
+                        let m = agent_metrics(&lab);
+                        if m.as_ref().is_ok_and(|m| {
+                            sample(m, "rpclb_backend_terminating", &labels) == Some(1.0)
+                        }) {
+                            break;
+                        }
+                        if t0.elapsed() > Duration::from_secs(10) || interrupted() {
+                            bail!(
+                                "lb-agent's /metrics did not show {backend} terminating in {tname} \
+                                 within 10 s ({:?})\n{}",
+                                m.map(|_| "not terminating"),
+                                agent.log_tail(20)
+                            );
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    p.say(format!(
+                        "  and lb-agent's /metrics shows it terminating in {tname} (gRPC mode) \
+                         after {}",
+                        report::fmt_duration(t0.elapsed()),
+                    ));
                     // The terminating pod still carries its in-flight calls (ACTIVE).
                     if let Ok(table) = procs::lbctl(&lbctl_bin, &pin_path, &["backends", &svc_name])
                     {
@@ -585,7 +728,43 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
                     }
                     p.say("  second phase: new calls while the long-lived calls go on");
                 }
-                Event::InflightDone(f) => inflight_done.push(f),
+                Event::InflightDone(f) => {
+                    inflight_done.push(f);
+                    if inflight_done.len() == inflight {
+                        p.say(format!("  the {inflight} long-lived calls ended"));
+                    }
+                }
+                Event::OneChannelOpen { svc, name, addr } => {
+                    if one_done.is_empty() && svc == svcs[0].key {
+                        p.say(format!(
+                            "third phase: one connection per VIP, {one_calls} unary calls over \
+                             each, {} in flight at once",
+                            o.concurrency
+                        ));
+                    }
+                    let how = if svc == twin.key {
+                        "gRPC mode: lb-agent balances each call"
+                    } else {
+                        "L4: the kernel balances the connection"
+                    };
+                    p.say(format!("  one connection to {name} -> {addr} ({how})"));
+                }
+                Event::OneChannel(r) => {
+                    let pods: Vec<String> =
+                        r.per_pod.iter().map(|(p, n)| format!("{p} {n}")).collect();
+                    p.say(format!(
+                        "  {} calls over it, {} failed, {} TCP connection(s): {}",
+                        r.ok + r.failed,
+                        r.failed,
+                        r.connections,
+                        if pods.is_empty() {
+                            r.error.clone().unwrap_or_else(|| "no answers".into())
+                        } else {
+                            pods.join(", ")
+                        }
+                    ));
+                    one_done.push(r);
+                }
                 Event::Done => done = true,
                 Event::Fatal { error } => {
                     fatal = Some(error);
@@ -617,17 +796,25 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
     }
     match &run_error {
         None => p.say(format!(
-            "done: {} calls, {} long-lived calls",
+            "done: {} calls, {} long-lived calls, {} calls over {} single connections",
             all_calls.len(),
-            inflight_done.len()
+            inflight_done.len(),
+            one_done.iter().map(|r| r.ok + r.failed).sum::<usize>(),
+            one_done.len()
         )),
         Some(e) => p.say(format!("the run failed: {e}")),
     }
+    // The proxy's per-call counters, while the agent is up.
+    let metrics = agent_metrics(&lab).map_err(|e| format!("{e:#}"));
+    let proxy = metrics
+        .as_ref()
+        .map_err(|e| format!("GET /metrics failed: {e}"))
+        .and_then(|m| proxy_counts(m, twin));
 
     // The report.
     println!();
     let mut checks = Checks::default();
-    for s in &svcs {
+    for s in l4_svcs {
         let event = match (&victim, s.key) {
             (Some((pod, _)), "b") => Some(report::Event {
                 victim: pod.clone(),
@@ -654,10 +841,34 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
         };
         println!("{}", r.render(&mut checks));
     }
-    // The pods' own counts must agree with what the client saw.
+    let proxy_calls = proxy.as_ref().ok().map(|p| p.calls);
+    let one = OneChannelReport {
+        pods: &svcs[0].pods,
+        victim: victim.as_ref().map(|(v, _)| v.as_str()),
+        planned: one_calls,
+        concurrency: o.concurrency as usize,
+        l4_desc: svcs[0].describe(),
+        l7_desc: format!(
+            "{} -> {}:{} ({}, grpc: {{}})",
+            twin.host,
+            twin.vip,
+            twin.port,
+            twin.config_name()
+        ),
+        l7_service: twin.config_name(),
+        l4: one_done.iter().find(|r| r.svc == svcs[0].key),
+        l7: one_done.iter().find(|r| r.svc == twin.key),
+        proxy,
+    };
+    println!("{}", one.render(&mut checks));
+    // The pods' own counts must agree with what the client saw (all three phases).
     let seen = |pod: &str| {
         all_calls.iter().filter(|c| c.ok && c.pod == pod).count()
             + inflight_done.iter().filter(|f| f.pod == pod).count()
+            + one_done
+                .iter()
+                .filter_map(|r| r.per_pod.get(pod))
+                .sum::<usize>()
     };
     let disagree: Vec<String> = servers
         .0
@@ -701,6 +912,18 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
                 checks.add(false, format!("{title} failed"));
             }
         }
+        if title == "lbctl services" {
+            println!(
+                "(lbctl reads the kernel's maps. {} at {}:{} is in the gRPC mode: lb-agent's \
+                 userspace proxy serves it, and its per-call counters are on the agent's \
+                 /metrics: rpclb_service_new_flows_total{{service=\"{}\"}} {})",
+                twin.config_name(),
+                twin.vip,
+                twin.port,
+                twin.config_name(),
+                proxy_calls.map_or_else(|| "?".into(), |n| n.to_string())
+            );
+        }
         println!();
     }
 
@@ -738,6 +961,11 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
         );
         println!("  {lbctl} --pin-path {pin} conntrack");
         println!("  ip netns exec {client_ns} getent hosts {}", svcs[0].host);
+        println!(
+            "  ip netns exec {} curl -s http://{METRICS}/metrics | grep {}   # the gRPC mode's per-call counters",
+            lab.node().name(),
+            twin.name
+        );
         println!(
             "  edit {} and lb-controller streams the change to lb-agent (logs: {}, {})",
             config.display(),
@@ -800,6 +1028,7 @@ mod tests {
                 pod("rpc-service-b-1", "10.244.11.2"),
                 pod("rpc-service-b-2", "10.244.12.2"),
             ],
+            grpc: false,
         }]
     }
 
@@ -814,6 +1043,56 @@ mod tests {
             assert_eq!(s.backends[0].state, lb_api::BackendState::Active);
             assert_eq!(s.backends[1].state, lb_api::BackendState::Terminating);
         }
+    }
+
+    #[test]
+    fn the_grpc_twin_has_b_s_backends_and_victim() {
+        let mut v = svcs();
+        let twin = v[0].grpc_twin("b-grpc", Ipv4Addr::new(10, 96, 0, 13));
+        assert_eq!(twin.host, "rpc-service-b-grpc.my-rpc.svc.cluster.local");
+        v.push(twin);
+        let y = config_yaml(&v, Algorithm::Random, Some("rpc-service-b-2"));
+        let cfg = lb_agent::config::parse(&y, "demo.yaml").unwrap();
+        let (b, g) = (&cfg.state.services[0], &cfg.state.services[1]);
+        assert_eq!(g.name, "my-rpc/rpc-service-b-grpc:grpc");
+        assert!(b.grpc.is_none());
+        assert!(g.grpc.is_some());
+        assert_eq!(g.vip, Ipv4Addr::new(10, 96, 0, 13));
+        assert_eq!(g.port, 50052);
+        assert_eq!(b.backends, g.backends);
+        assert_eq!(g.backends[1].state, lb_api::BackendState::Terminating);
+    }
+
+    #[test]
+    fn metrics_samples_are_found_by_labels() {
+        let text = "# HELP rpclb_service_new_flows New flows\n\
+            # TYPE rpclb_service_new_flows counter\n\
+            rpclb_service_new_flows_total{service=\"my-rpc/rpc-service-b:grpc\"} 63\n\
+            rpclb_service_new_flows_total{service=\"my-rpc/rpc-service-b-grpc:grpc\"} 120\n\
+            rpclb_backend_new_flows_total{service=\"my-rpc/rpc-service-b-grpc:grpc\",backend=\"10.244.11.2:50052\"} 61\n\
+            rpclb_backend_new_flows_total{service=\"my-rpc/rpc-service-b-grpc:grpc\",backend=\"10.244.12.2:50052\"} 59\n\
+            rpclb_services 3\n";
+        let name = "rpclb_service_new_flows_total";
+        let s = |v| [("service", v)];
+        assert_eq!(
+            sample(text, name, &s("my-rpc/rpc-service-b:grpc")),
+            Some(63.0)
+        );
+        assert_eq!(sample(text, name, &s("my-rpc/rpc-service-x:grpc")), None);
+        assert_eq!(sample(text, "rpclb_services", &[]), Some(3.0));
+        let mut v = svcs();
+        v.push(v[0].grpc_twin("b-grpc", Ipv4Addr::new(10, 96, 0, 13)));
+        let p = proxy_counts(text, &v[1]).unwrap();
+        assert_eq!(p.calls, 120);
+        assert_eq!(p.per_ip["10.244.11.2"], 61);
+        assert_eq!(p.per_ip["10.244.12.2"], 59);
+        assert!(
+            proxy_counts(text, &v[0])
+                .unwrap()
+                .per_ip
+                .values()
+                .all(|&n| n == 0)
+        );
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! and C (pods on 50053), each pod a tonic `grpc.testing.TestService`. The real `lb-agent`
 //! runs in the node namespace with a generated config and balances each new connection to a
 //! VIP onto a pod. The client calls B and C by their cluster names, a new connection per call,
-//! and mid-run one B pod is marked terminating. Then it prints what happened and checks it.
+//! and mid-run one B pod is marked terminating. In a third phase the client sends many calls
+//! over ONE connection, to B's VIP and to `rpc-service-b-grpc`, the same pods behind a
+//! gRPC-mode VIP (`grpc: {}`), where lb-agent's userspace proxy balances each call. Then it
+//! prints what happened and checks it.
 
 mod client;
 mod demo;
@@ -24,12 +27,20 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(
     name = "rpclb-demo",
-    about = "rpclb demo: gRPC services balanced by the kernel data path in a netns lab (root)",
+    about = "rpclb demo: gRPC services balanced by the kernel data path (per connection) and by lb-agent's gRPC mode (per call), in a netns lab (root)",
     after_help = "\
 A netns lab: a node, the client pod of service A, and the pods of services B (:50052) and
-C (:50053), each a tonic grpc.testing.TestService. lb-agent runs in the node namespace with
-a generated config. The client calls B and C by their cluster names, a new connection per
-call; mid-run one B pod is marked terminating. Then: a table per service, checks, and lbctl.
+C (:50053), each a tonic grpc.testing.TestService. lb-controller (standalone, a generated
+config) streams the services to lb-agent in the node namespace.
+  1. The client calls B and C by their cluster names, a new connection per call: the kernel
+     balances each connection.
+  2. Mid-run one B pod is marked terminating; new calls avoid it, long-lived calls on it go on.
+  3. One connection per VIP carries many calls (300; 60 with --quick), --concurrency of them
+     in flight: to B's L4 VIP (10.96.0.11), where all of them land on one pod, and to
+     rpc-service-b-grpc (10.96.0.13, B's pods in the gRPC mode, grpc: {}), where lb-agent's
+     userspace proxy balances each call over the active pods; its counters are read from the
+     agent's /metrics.
+Then: a table per service and for the third phase, checks, and lbctl.
 Exit status: 0 all checks passed, 1 a check failed, 2 error, 130 interrupted.",
     args_conflicts_with_subcommands = true
 )]

@@ -289,6 +289,27 @@ fn http_status(addr: SocketAddr, path: &str) -> Result<u16> {
         .ok_or_else(|| anyhow!("bad status line {line:?}"))
 }
 
+/// Body of a plain HTTP/1.0 GET that must answer 200 (the agent's /metrics), read to the end
+/// of the connection: at most 8 MiB, 2 s per read.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let t = Duration::from_secs(2);
+    let mut s = TcpStream::connect_timeout(&addr, t)?;
+    s.set_read_timeout(Some(t))?;
+    s.set_write_timeout(Some(t))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.take(8 << 20).read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("GET {path}: no end of headers in {} bytes", raw.len()))?;
+    let status = head.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) != Some("200") {
+        bail!("GET {path}: {status}");
+    }
+    Ok(body.to_string())
+}
+
 /// Run `lbctl --pin-path P ARGS` (it reads the pinned maps, so no namespace is needed).
 pub fn lbctl(bin: &Path, pin_path: &Path, args: &[&str]) -> Result<String> {
     let out = Command::new(bin)

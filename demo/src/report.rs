@@ -1,7 +1,8 @@
 //! Turns the client's call records into the per-service tables and the checks.
 
-use crate::wire::{Call, Inflight, Kind, Phase};
+use crate::wire::{Call, Inflight, Kind, OneChannel, Phase};
 use lb_api::Algorithm;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -327,6 +328,296 @@ impl ServiceReport<'_> {
     }
 }
 
+/// The lowest count each of `k` pods must get from `n` calls balanced per call: half an even
+/// share, `n / (2k)`, lowered to 4σ below the even share of random placement when that is
+/// lower (few calls per pod), and at least 1. Least-outstanding P2C, with calls in flight,
+/// spreads at least as evenly as random placement.
+pub fn per_call_floor(n: usize, k: usize) -> usize {
+    if k == 0 {
+        return 0;
+    }
+    let half = n / (2 * k);
+    let p = 1.0 / k as f64;
+    let mean = n as f64 * p;
+    let sigma4 = 4.0 * (n as f64 * p * (1.0 - p)).sqrt();
+    let random = (mean - sigma4).floor().max(0.0) as usize;
+    half.min(random).max(1)
+}
+
+/// What lb-agent's /metrics said about the gRPC-mode service.
+pub struct ProxyCounts {
+    /// `rpclb_service_new_flows_total{service=...}`: calls the proxy took.
+    pub calls: u64,
+    /// `rpclb_backend_new_flows_total{service=...,backend="IP:PORT"}` by IP: calls it handed
+    /// to each backend.
+    pub per_ip: BTreeMap<String, u64>,
+}
+
+/// The third phase: one connection per VIP, the same pods behind both.
+pub struct OneChannelReport<'a> {
+    pub pods: &'a [PodInfo],
+    /// The pod marked terminating during the live event.
+    pub victim: Option<&'a str>,
+    /// Calls over each connection.
+    pub planned: usize,
+    pub concurrency: usize,
+    /// "host -> vip:port (service name)" of each VIP.
+    pub l4_desc: String,
+    pub l7_desc: String,
+    /// The gRPC-mode service's name, for the metrics line.
+    pub l7_service: String,
+    pub l4: Option<&'a OneChannel>,
+    pub l7: Option<&'a OneChannel>,
+    /// The agent's counters, or why they could not be read.
+    pub proxy: Result<ProxyCounts, String>,
+}
+
+impl OneChannelReport<'_> {
+    pub fn render(&self, checks: &mut Checks) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "one connection per VIP, {} unary calls over each, {} in flight at once (HTTP/2 \
+             multiplexes them): the pods of service B behind two VIPs",
+            self.planned, self.concurrency
+        );
+        let count = |o: Option<&OneChannel>, pod: &str| {
+            o.map_or(0, |o| o.per_pod.get(pod).copied().unwrap_or(0))
+        };
+        let proxy = self.proxy.as_ref().ok();
+        let cell = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
+        let _ = writeln!(
+            s,
+            "  {:<18} {:<13} {:>9} {:>14} {:>18}",
+            "pod", "ip", "L4 VIP", "gRPC-mode VIP", "lb-agent /metrics"
+        );
+        for pod in self.pods {
+            let note = if self.victim == Some(pod.name.as_str()) {
+                "  ← terminating"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                s,
+                "  {:<18} {:<13} {:>9} {:>14} {:>18}{note}",
+                pod.name,
+                pod.ip,
+                count(self.l4, &pod.name),
+                count(self.l7, &pod.name),
+                cell(proxy.map(|p| p.per_ip.get(&pod.ip).copied().unwrap_or(0))),
+            );
+        }
+        let _ = writeln!(
+            s,
+            "  {:<18} {:<13} {:>9} {:>14} {:>18}",
+            "all",
+            "",
+            self.l4.map_or(0, |o| o.ok),
+            self.l7.map_or(0, |o| o.ok),
+            cell(proxy.map(|p| p.calls)),
+        );
+        let lat =
+            |o: Option<&OneChannel>, f: fn(&OneChannel) -> u64| ms(o.map(f).filter(|&us| us > 0));
+        let _ = writeln!(
+            s,
+            "  {:<18} {:<13} {:>9} {:>14}",
+            "p50 per call",
+            "",
+            lat(self.l4, |o| o.p50_us),
+            lat(self.l7, |o| o.p50_us)
+        );
+        let _ = writeln!(
+            s,
+            "  {:<18} {:<13} {:>9} {:>14}",
+            "p99 per call",
+            "",
+            lat(self.l4, |o| o.p99_us),
+            lat(self.l7, |o| o.p99_us)
+        );
+        let _ = writeln!(
+            s,
+            "  L4 VIP:        {}: the kernel places each new connection",
+            self.l4_desc
+        );
+        let _ = writeln!(
+            s,
+            "  gRPC-mode VIP: {}: lb-agent's proxy places each call",
+            self.l7_desc
+        );
+        let _ = writeln!(
+            s,
+            "  lb-agent /metrics (GET in the node namespace): rpclb_service_new_flows_total and \
+             rpclb_backend_new_flows_total of {} (calls, in the gRPC mode){}",
+            self.l7_service,
+            match &self.proxy {
+                Ok(_) => String::new(),
+                Err(e) => format!(": {e}"),
+            }
+        );
+
+        let mut c = Checks::default();
+        self.check_calls(&mut c);
+        self.check_l4(&mut c);
+        self.check_l7(&mut c);
+        self.check_proxy(&mut c);
+        s.push('\n');
+        s.push_str(&c.render("  "));
+        checks.lines.extend(c.lines);
+        s
+    }
+
+    /// Every call of both channels succeeded and echoed, one connection each.
+    fn check_calls(&self, c: &mut Checks) {
+        let chans: Vec<&OneChannel> = [self.l4, self.l7].into_iter().flatten().collect();
+        let planned = 2 * self.planned;
+        let ok: usize = chans.iter().map(|o| o.ok).sum();
+        let echoed: usize = chans.iter().map(|o| o.echoed).sum();
+        let conns: Vec<String> = chans.iter().map(|o| o.connections.to_string()).collect();
+        let one_each = chans.len() == 2 && chans.iter().all(|o| o.connections == 1);
+        let mut text = format!(
+            "{ok}/{planned} calls succeeded and {echoed}/{planned} echoed x-test-header, over {} \
+             (TCP connections the client opened per VIP: {})",
+            if one_each {
+                "one connection per VIP"
+            } else {
+                "NOT one connection per VIP"
+            },
+            conns.join(", ")
+        );
+        if chans.len() < 2 {
+            let _ = write!(text, "; {} of 2 channels reported", chans.len());
+        }
+        if let Some(e) = chans.iter().find_map(|o| o.error.as_deref()) {
+            let _ = write!(text, "; first failure: {e}");
+        }
+        c.add(
+            planned > 0 && ok == planned && echoed == planned && one_each,
+            text,
+        );
+    }
+
+    /// Through the L4 VIP, the one connection lands on one pod, which takes new flows.
+    fn check_l4(&self, c: &mut Checks) {
+        let Some(o) = self.l4 else {
+            c.add(false, "L4 VIP: no report from its channel");
+            return;
+        };
+        let used: Vec<(&String, &usize)> = o.per_pod.iter().filter(|(_, n)| **n > 0).collect();
+        match used.as_slice() {
+            [(pod, n)] if Some(pod.as_str()) != self.victim => c.add(
+                true,
+                format!(
+                    "L4 VIP: all {n} calls of the one connection went to {pod}: expected, an L4 \
+                     balancer places connections, not calls",
+                ),
+            ),
+            [(pod, n)] => c.add(
+                false,
+                format!("L4 VIP: all {n} calls went to {pod}, which is terminating (no new flows)"),
+            ),
+            [] => c.add(false, "L4 VIP: no call was answered"),
+            _ => c.add(
+                false,
+                format!(
+                    "L4 VIP: the calls of one connection were answered by {} pods ({}): one \
+                     TCP connection must stay on one pod",
+                    used.len(),
+                    used.iter()
+                        .map(|(p, n)| format!("{p} {n}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+        }
+    }
+
+    /// Through the gRPC-mode VIP, the calls spread over every active pod, none on the
+    /// terminating one (and no pod outside the service).
+    fn check_l7(&self, c: &mut Checks) {
+        let Some(o) = self.l7 else {
+            c.add(false, "gRPC-mode VIP: no report from its channel");
+            return;
+        };
+        let active: Vec<&PodInfo> = self
+            .pods
+            .iter()
+            .filter(|p| Some(p.name.as_str()) != self.victim)
+            .collect();
+        let floor = per_call_floor(o.ok, active.len());
+        let counts: Vec<usize> = active
+            .iter()
+            .map(|p| o.per_pod.get(&p.name).copied().unwrap_or(0))
+            .collect();
+        let list = counts
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join("/");
+        let on_victim = self
+            .victim
+            .map_or(0, |v| o.per_pod.get(v).copied().unwrap_or(0));
+        let strangers: usize = o
+            .per_pod
+            .iter()
+            .filter(|(p, _)| !self.pods.iter().any(|x| &x.name == *p))
+            .map(|(_, n)| n)
+            .sum();
+        let spread = o.ok > 0 && counts.iter().all(|&n| n >= floor);
+        let mut text = format!(
+            "gRPC-mode VIP: the calls of the one connection spread over the {} active pods: \
+             {list} (each at least {floor}: half an even share, or 4σ below it if lower)",
+            active.len()
+        );
+        if let Some(v) = self.victim {
+            let _ = write!(text, "; {on_victim} to {v} (terminating: no new calls)");
+        }
+        if strangers > 0 {
+            let _ = write!(text, "; {strangers} answered by pods outside the service");
+        }
+        c.add(spread && on_victim == 0 && strangers == 0, text);
+    }
+
+    /// The proxy's own counters agree with the calls made through it.
+    fn check_proxy(&self, c: &mut Checks) {
+        let p = match &self.proxy {
+            Ok(p) => p,
+            Err(e) => {
+                c.add(false, format!("lb-agent /metrics: {e}"));
+                return;
+            }
+        };
+        let made = self.l7.map_or(0, |o| (o.ok + o.failed) as u64);
+        let mismatched: Vec<String> = self
+            .pods
+            .iter()
+            .filter_map(|pod| {
+                let proxy = p.per_ip.get(&pod.ip).copied().unwrap_or(0);
+                let client = self
+                    .l7
+                    .and_then(|o| o.per_pod.get(&pod.name))
+                    .copied()
+                    .unwrap_or(0) as u64;
+                (proxy != client).then(|| format!("{}: {proxy} vs {client}", pod.name))
+            })
+            .collect();
+        let mut text = format!(
+            "lb-agent's proxy counted {} calls to {} (rpclb_service_new_flows_total), the client \
+             made {made} through it",
+            p.calls, self.l7_service
+        );
+        if mismatched.is_empty() {
+            text.push_str("; per backend as the pods answered");
+        } else {
+            let _ = write!(
+                text,
+                "; per backend, proxy vs client: {}",
+                mismatched.join(", ")
+            );
+        }
+        c.add(made > 0 && p.calls == made && mismatched.is_empty(), text);
+    }
+}
+
 pub fn fmt_duration(d: Duration) -> String {
     if d < Duration::from_secs(1) {
         format!("{} ms", d.as_millis())
@@ -346,6 +637,106 @@ mod tests {
         assert_eq!(percentile(&v, 99.0), Some(99));
         assert_eq!(percentile(&[7], 99.0), Some(7));
         assert_eq!(percentile(&[], 50.0), None);
+    }
+
+    #[test]
+    fn per_call_floors() {
+        // Half an even share where random placement clears it by 4σ.
+        assert_eq!(per_call_floor(300, 2), 75);
+        assert_eq!(per_call_floor(300, 3), 50);
+        // 60 over 2: half is 15, 4σ below 30 is 14.5.
+        assert_eq!(per_call_floor(60, 2), 14);
+        // Many pods, few calls each: 4σ below the mean, at least 1.
+        assert_eq!(per_call_floor(60, 49), 1);
+        assert_eq!(per_call_floor(1470, 49), 8);
+        assert_eq!(per_call_floor(10, 0), 0);
+    }
+
+    fn one(pods: &[(&str, usize)], connections: usize) -> OneChannel {
+        let ok = pods.iter().map(|(_, n)| n).sum();
+        OneChannel {
+            svc: "x".into(),
+            name: "x:1".into(),
+            planned: ok,
+            per_pod: pods.iter().map(|(p, n)| (p.to_string(), *n)).collect(),
+            ok,
+            failed: 0,
+            echoed: ok,
+            connections,
+            p50_us: 100,
+            p99_us: 200,
+            error: None,
+        }
+    }
+
+    fn report<'a>(
+        pods: &'a [PodInfo],
+        l4: &'a OneChannel,
+        l7: &'a OneChannel,
+        proxy: Result<ProxyCounts, String>,
+    ) -> Vec<(bool, String)> {
+        let r = OneChannelReport {
+            pods,
+            victim: Some("p3"),
+            planned: 60,
+            concurrency: 4,
+            l4_desc: "l4".into(),
+            l7_desc: "l7".into(),
+            l7_service: "ns/s:grpc".into(),
+            l4: Some(l4),
+            l7: Some(l7),
+            proxy,
+        };
+        let mut c = Checks::default();
+        r.render(&mut c);
+        c.lines
+    }
+
+    #[test]
+    fn one_channel_checks_fail_when_the_behaviour_is_wrong() {
+        let pods: Vec<PodInfo> = (1..=3)
+            .map(|i| PodInfo {
+                name: format!("p{i}"),
+                ip: format!("10.0.0.{i}"),
+            })
+            .collect();
+        let proxy = |a: u64, b: u64, c: u64| {
+            Ok(ProxyCounts {
+                calls: a + b + c,
+                per_ip: [("10.0.0.1", a), ("10.0.0.2", b), ("10.0.0.3", c)]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+            })
+        };
+        let good_l4 = one(&[("p1", 60)], 1);
+        let good_l7 = one(&[("p1", 31), ("p2", 29)], 1);
+        let ok = |v: &[(bool, String)]| v.iter().map(|(ok, _)| *ok).collect::<Vec<_>>();
+        assert_eq!(
+            ok(&report(&pods, &good_l4, &good_l7, proxy(31, 29, 0))),
+            [true; 4]
+        );
+        // L4: split over pods, or on the terminating pod.
+        let split = one(&[("p1", 30), ("p2", 30)], 1);
+        assert!(!report(&pods, &split, &good_l7, proxy(31, 29, 0))[1].0);
+        let on_victim = one(&[("p3", 60)], 1);
+        assert!(!report(&pods, &on_victim, &good_l7, proxy(31, 29, 0))[1].0);
+        // gRPC mode: one pod took (nearly) everything, or the terminating pod got calls.
+        let lopsided = one(&[("p1", 50), ("p2", 10)], 1);
+        assert!(!report(&pods, &good_l4, &lopsided, proxy(50, 10, 0))[2].0);
+        let leak = one(&[("p1", 29), ("p2", 29), ("p3", 2)], 1);
+        assert!(!report(&pods, &good_l4, &leak, proxy(29, 29, 2))[2].0);
+        // More than one connection.
+        let two = one(&[("p1", 31), ("p2", 29)], 2);
+        assert!(!report(&pods, &good_l4, &two, proxy(31, 29, 0))[0].0);
+        // A failed or unechoed call.
+        let mut bad = good_l7.clone();
+        bad.echoed -= 1;
+        assert!(!report(&pods, &good_l4, &bad, proxy(31, 29, 0))[0].0);
+        // The proxy's counts disagree, or could not be read.
+        assert!(!report(&pods, &good_l4, &good_l7, proxy(31, 28, 0))[3].0);
+        assert!(!report(&pods, &good_l4, &good_l7, proxy(30, 30, 0))[3].0);
+        assert!(!report(&pods, &good_l4, &good_l7, Err("down".into()))[3].0);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! it (abort).
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -52,6 +53,32 @@ pub struct Inflight {
     pub error: Option<String>,
 }
 
+/// The third phase, per target: many unary calls over ONE channel (one TCP connection,
+/// HTTP/2 multiplexing the calls), a few in flight at once.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct OneChannel {
+    /// Target key (`b`, `b-grpc`).
+    pub svc: String,
+    /// HOST:PORT as called.
+    pub name: String,
+    /// Calls the client was to make.
+    pub planned: usize,
+    /// Successful calls per pod that answered.
+    pub per_pod: BTreeMap<String, usize>,
+    pub ok: usize,
+    pub failed: usize,
+    /// Successful calls that got their own `x-test-header` value back.
+    pub echoed: usize,
+    /// TCP connections the channel opened (counted by its connector): 1 when every call
+    /// shared the one connection.
+    pub connections: usize,
+    /// Per call (the channel is already open), microseconds; 0 when no call succeeded.
+    pub p50_us: u64,
+    pub p99_us: u64,
+    /// The first failure (or why the channel could not be opened).
+    pub error: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
@@ -73,6 +100,14 @@ pub enum Event {
     /// Waiting for `go` on stdin.
     Waiting,
     InflightDone(Inflight),
+    /// The third phase: the one channel to a target is connected (`addr`: its peer).
+    OneChannelOpen {
+        svc: String,
+        name: String,
+        addr: String,
+    },
+    /// The third phase: every call over the one channel to a target is done.
+    OneChannel(OneChannel),
     Done,
     /// The client gave up.
     Fatal {

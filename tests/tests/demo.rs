@@ -1,7 +1,8 @@
 //! The demo (`cargo xtask demo`) in its short form, so that it cannot silently rot.
 //!
-//! Runs `rpclb-demo --quick` and expects exit 0, both per-service tables, the check marks
-//! and lbctl's output. Needs root (it builds a netns lab and loads the data path); without
+//! Runs `rpclb-demo --quick` and expects exit 0, both per-service tables, the third phase
+//! (one connection per VIP: B's L4 VIP and its gRPC-mode twin), the check marks and lbctl's
+//! output. Needs root (it builds a netns lab and loads the data path); without
 //! it the test prints SKIP and passes.
 //!
 //! Finding the binaries: rpclb-demo depends on this crate, so cargo does not build it for
@@ -113,6 +114,18 @@ fn demo_quick_passes() {
         "✓ spread before the event",
         "✓ in-flight: 3 long-lived calls",
         "✓ after the event 0 new calls went to",
+        // The third phase: one connection per VIP, L4 and the gRPC mode.
+        "rpc-service-b-grpc.my-rpc.svc.cluster.local -> 10.96.0.13:50052",
+        "one connection per VIP, 60 unary calls over each",
+        "✓ 120/120 calls succeeded and 120/120 echoed x-test-header, over one connection per VIP",
+        "✓ L4 VIP: all 60 calls of the one connection went to",
+        "✓ gRPC-mode VIP: the calls of the one connection spread over the 2 active pods",
+        "; 0 to rpc-service-b-",
+        "(terminating: no new calls)",
+        "✓ lb-agent's proxy counted 60 calls to my-rpc/rpc-service-b-grpc:grpc",
+        "the client made 60 through it; per backend as the pods answered",
+        "rpclb_service_new_flows_total{service=\"my-rpc/rpc-service-b-grpc:grpc\"} 60",
+        "✓ every pod's own count of served calls matches the client's",
         "$ lbctl services",
         "$ lbctl backends",
         "lb-agent ready in",
