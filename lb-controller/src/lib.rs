@@ -19,13 +19,20 @@
 pub mod annotations;
 pub mod grpc;
 pub mod http;
+#[cfg(feature = "kube")]
 pub mod kube_mode;
+#[cfg(feature = "kube")]
 pub mod leader;
 pub mod standalone;
+#[cfg(feature = "kube")]
 pub mod translate;
+#[cfg(feature = "kube")]
 pub mod watch;
 
 pub use annotations::{AnnotationError, AnnotationProblem, ServicePolicy, parse_annotations};
+#[cfg(feature = "kube")]
 pub use leader::{LeaderElector, LeaseConfig};
+#[cfg(feature = "kube")]
 pub use translate::{ClusterState, Problem, ProblemKind, ServiceRef, Translation, node_state};
+#[cfg(feature = "kube")]
 pub use watch::{ClusterSnapshot, SnapshotReceiver, SnapshotSender, WatchConfig};

@@ -183,40 +183,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     info!(addr = %cli.metrics_addr, "serving /metrics, /healthz, /readyz");
 
     let kube_task = if cli.kube {
-        let secs = |name: &str, v: u64| {
-            if v == 0 {
-                bail!("--timeout-{name} must be > 0");
-            }
-            Ok(Duration::from_secs(v))
-        };
-        let opts = lb_controller::kube_mode::KubeOptions {
-            identity: match &cli.pod_name {
-                Some(n) => n.clone(),
-                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .context("no --pod-name, and the host name is unreadable")?
-                    .trim()
-                    .to_string(),
-            },
-            namespace: cli.pod_namespace.clone(),
-            lease_name: cli.lease_name.clone(),
-            no_leader_election: cli.no_leader_election,
-            timeouts: lb_api::config::Timeouts {
-                tcp_syn: secs("tcp-syn", cli.timeout_tcp_syn)?,
-                tcp_established: secs("tcp-established", cli.timeout_tcp_established)?,
-                tcp_closing: secs("tcp-closing", cli.timeout_tcp_closing)?,
-                udp: secs("udp", cli.timeout_udp)?,
-            },
-            watch: lb_controller::watch::WatchConfig {
-                coalesce: Duration::from_millis(cli.coalesce_ms),
-                ..Default::default()
-            },
-        };
-        Some(tokio::spawn(lb_controller::kube_mode::run(
-            opts,
-            publisher.clone(),
-            counters.clone(),
-            stop_rx.clone(),
-        )))
+        Some(start_kube(&cli, &publisher, &counters, &stop_rx)?)
     } else {
         None
     };
@@ -233,8 +200,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             r = async { kube_task.as_mut().expect("guarded").await }, if kube_task.is_some() => {
                 let _ = stop_tx.send(true);
                 return match r {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(e.into()),
+                    Ok(r) => r,
                     Err(e) => Err(anyhow::anyhow!("the Kubernetes task failed: {e}")),
                 };
             }
@@ -262,4 +228,62 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), grpc).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), web).await;
     Ok(())
+}
+
+type KubeTask = tokio::task::JoinHandle<anyhow::Result<()>>;
+
+/// `--kube`: the watchers and leader election, publishing into `publisher`.
+#[cfg(feature = "kube")]
+fn start_kube(
+    cli: &Cli,
+    publisher: &Arc<Publisher>,
+    counters: &Arc<Counters>,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<KubeTask> {
+    let secs = |name: &str, v: u64| {
+        if v == 0 {
+            bail!("--timeout-{name} must be > 0");
+        }
+        Ok(Duration::from_secs(v))
+    };
+    let opts = lb_controller::kube_mode::KubeOptions {
+        identity: match &cli.pod_name {
+            Some(n) => n.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .context("no --pod-name, and the host name is unreadable")?
+                .trim()
+                .to_string(),
+        },
+        namespace: cli.pod_namespace.clone(),
+        lease_name: cli.lease_name.clone(),
+        no_leader_election: cli.no_leader_election,
+        timeouts: lb_api::config::Timeouts {
+            tcp_syn: secs("tcp-syn", cli.timeout_tcp_syn)?,
+            tcp_established: secs("tcp-established", cli.timeout_tcp_established)?,
+            tcp_closing: secs("tcp-closing", cli.timeout_tcp_closing)?,
+            udp: secs("udp", cli.timeout_udp)?,
+        },
+        watch: lb_controller::watch::WatchConfig {
+            coalesce: Duration::from_millis(cli.coalesce_ms),
+            ..Default::default()
+        },
+    };
+    let run =
+        lb_controller::kube_mode::run(opts, publisher.clone(), counters.clone(), stop.clone());
+    Ok(tokio::spawn(async move {
+        run.await.map_err(anyhow::Error::from)
+    }))
+}
+
+#[cfg(not(feature = "kube"))]
+fn start_kube(
+    _: &Cli,
+    _: &Arc<Publisher>,
+    _: &Arc<Counters>,
+    _: &watch::Receiver<bool>,
+) -> anyhow::Result<KubeTask> {
+    bail!(
+        "--kube: this lb-controller was built without the `kube` feature \
+         (build it with `cargo build -p lb-controller`, default features)"
+    )
 }

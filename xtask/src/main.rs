@@ -29,7 +29,7 @@ enum Cmd {
     /// setup + build-ebpf + `rpclb-bench ARGS` (release build).
     #[command(disable_help_flag = true)]
     Bench(Passthrough),
-    /// setup + build-ebpf + release build of lb-agent and rpclb-demo, then
+    /// setup + build-ebpf + release build of lb-agent, lb-controller and rpclb-demo, then
     /// `rpclb-demo ARGS` (as root); `cargo xtask demo --help` lists its options.
     #[command(disable_help_flag = true)]
     Demo(Passthrough),
@@ -127,9 +127,12 @@ fn demo(root: &Path) -> Result<()> {
     if args.first().is_some_and(|a| a == "--") {
         args.remove(0);
     }
+    // lb-controller without its `kube` feature: the demo runs it standalone, and kube-rs
+    // would double the build on a fresh machine.
     run(cargo(root).args([
         "build",
         "--release",
+        "--no-default-features",
         "-p",
         "lb-agent",
         "-p",
