@@ -68,13 +68,17 @@ struct Cli {
     /// --kube: how long watch events are gathered before the state is recomputed (ms).
     #[arg(long, env = "RPCLB_COALESCE_MS", default_value_t = 50)]
     coalesce_ms: u64,
-    /// --kube: conntrack idle timeouts sent to agents, in seconds (config files carry their own).
+    /// --kube: conntrack idle timeout of a TCP flow that has seen only a SYN, seconds (sent to
+    /// agents with the state; config files carry their own).
     #[arg(long, env = "RPCLB_TIMEOUT_TCP_SYN", default_value_t = 60)]
     timeout_tcp_syn: u64,
+    /// --kube: idle timeout of an established TCP flow, seconds.
     #[arg(long, env = "RPCLB_TIMEOUT_TCP_ESTABLISHED", default_value_t = 21_600)]
     timeout_tcp_established: u64,
+    /// --kube: idle timeout of a closing TCP flow (after FIN or RST), seconds.
     #[arg(long, env = "RPCLB_TIMEOUT_TCP_CLOSING", default_value_t = 10)]
     timeout_tcp_closing: u64,
+    /// --kube: idle timeout of a UDP flow, seconds.
     #[arg(long, env = "RPCLB_TIMEOUT_UDP", default_value_t = 60)]
     timeout_udp: u64,
 }
