@@ -21,7 +21,7 @@ use tracing::info;
 use crate::config::Timeouts;
 use crate::datapath::Datapath;
 use crate::metrics::{DatapathSnapshot, StatsSource};
-use crate::userspace::{ProxyOptions, StatsHandle, UserspaceProxy};
+use crate::userspace::{ProxyOptions, UserspaceProxy};
 
 pub type SharedDp = Arc<Mutex<Datapath>>;
 
@@ -35,16 +35,21 @@ pub fn lock(dp: &Mutex<Datapath>) -> MutexGuard<'_, Datapath> {
 pub struct Engines {
     /// `None` in userspace mode.
     pub kernel: Option<SharedDp>,
-    proxy: Mutex<Option<Arc<UserspaceProxy>>>,
-    stats: Arc<Mutex<Option<StatsHandle>>>,
+    /// Started with the first state that needs it; the metrics read it too.
+    proxy: SharedProxy,
+}
+
+type SharedProxy = Arc<Mutex<Option<Arc<UserspaceProxy>>>>;
+
+fn current(proxy: &SharedProxy) -> Option<Arc<UserspaceProxy>> {
+    proxy.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 impl Engines {
     pub fn new(kernel: Option<SharedDp>) -> Self {
         Engines {
             kernel,
-            proxy: Mutex::new(None),
-            stats: Arc::new(Mutex::new(None)),
+            proxy: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -60,12 +65,8 @@ impl Engines {
     pub fn stats_source(&self) -> Box<dyn StatsSource> {
         Box::new(Combined {
             kernel: self.kernel.clone(),
-            proxy: self.stats.clone(),
+            proxy: self.proxy.clone(),
         })
-    }
-
-    fn proxy(&self) -> Option<Arc<UserspaceProxy>> {
-        self.proxy.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Applies a state: the kernel's part, then the proxy's (each diff-only).
@@ -91,7 +92,7 @@ impl Engines {
                 .context("apply task")?
                 .map_err(|e| anyhow!(e))?;
         }
-        let proxy = match self.proxy() {
+        let proxy = match current(&self.proxy) {
             Some(p) => p,
             None if proxy_part.services.is_empty() => return Ok(()),
             None => {
@@ -102,7 +103,6 @@ impl Engines {
                     .context("starting the userspace proxy")?
                     .map_err(|e| anyhow!(e).context("starting the userspace proxy"))?;
                 let p = Arc::new(p);
-                *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.stats_handle());
                 *self.proxy.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
                 info!(
                     services = proxy_part.services.len(),
@@ -122,7 +122,6 @@ impl Engines {
     /// Call from a blocking context: the proxy owns a runtime.
     pub fn shutdown_proxy(&self) -> anyhow::Result<()> {
         let p = self.proxy.lock().unwrap_or_else(|e| e.into_inner()).take();
-        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = None;
         if let Some(p) = p {
             match Arc::try_unwrap(p) {
                 Ok(p) => p.shutdown().map_err(|e| anyhow!(e))?,
@@ -136,7 +135,7 @@ impl Engines {
 /// Kernel and proxy counters as one snapshot (reason counters summed by name).
 struct Combined {
     kernel: Option<SharedDp>,
-    proxy: Arc<Mutex<Option<StatsHandle>>>,
+    proxy: SharedProxy,
 }
 
 impl StatsSource for Combined {
@@ -146,9 +145,8 @@ impl StatsSource for Combined {
                 .map_err(|e| crate::agent::render_error(&e.into()))?,
             None => DatapathSnapshot::default(),
         };
-        let proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(h) = proxy {
-            let p = h.snapshot()?;
+        if let Some(proxy) = current(&self.proxy) {
+            let p = crate::userspace::datapath_snapshot(&proxy.stats());
             snap.services.extend(p.services);
             for (name, n) in p.reasons {
                 match snap.reasons.iter_mut().find(|(r, _)| *r == name) {
