@@ -35,6 +35,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use aya::programs::links::FdLink;
 use aya::programs::xdp::XdpMode;
+use lb_api::Refusal;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
@@ -217,10 +218,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     let (source, current) = match file {
         Some((path, origin, fingerprint, cfg)) => {
-            engines
+            let refused = engines
                 .apply(&cfg.state, &cfg.timeouts)
                 .await
                 .context("applying the config")?;
+            for r in &refused {
+                warn!("service refused: {r}");
+            }
+            shared.metrics.set_refused(&refused);
             let backends: usize = cfg.state.services.iter().map(|s| s.backends.len()).sum();
             info!(
                 services = cfg.state.services.len(),
@@ -442,7 +447,18 @@ impl Loop {
                         state: u.state.state,
                         timeouts: u.state.timeouts,
                     };
-                    let r = self.apply_config(cfg, &why).await;
+                    let mut r = self.apply_config(cfg, &why).await;
+                    if let Ok(refused) = &mut r {
+                        // The stream's own refusals (services it could not
+                        // take) and the data paths', in one list.
+                        for x in &u.refused {
+                            warn!(
+                                "{why}: service refused, its previous version (if any) is kept: {x}"
+                            );
+                        }
+                        refused.splice(0..0, u.refused);
+                        self.shared.metrics.set_refused(refused);
+                    }
                     if r.is_ok() && !self.shared.ready.load(Ordering::Relaxed) {
                         info!(version = u.version, "ready");
                         self.shared.set_ready(true);
@@ -484,27 +500,34 @@ impl Loop {
                 return;
             }
         };
-        let _ = self
+        if let Ok(refused) = self
             .apply_config(cfg, &format!("config reloaded ({why})"))
-            .await;
+            .await
+        {
+            self.shared.metrics.set_refused(&refused);
+        }
     }
 
     /// Applies a new desired state (only what changed) and its timeouts.
-    async fn apply_config(&mut self, cfg: Config, why: &str) -> Result<(), String> {
+    /// Returns the services that were refused (each alone; the rest applied).
+    async fn apply_config(&mut self, cfg: Config, why: &str) -> Result<Vec<Refusal>, String> {
         let empty = Config::default();
         let before = self.current.as_ref().unwrap_or(&empty);
         let diff = reconcile::diff(&before.state, &cfg.state);
         let timeouts_changed = cfg.timeouts != before.timeouts;
         let t = Instant::now();
-        if let Err(e) = self.engines.apply(&cfg.state, &cfg.timeouts).await {
-            // The writer stops at the first failing service (a full map, an
-            // invalid table); what it wrote before is consistent. The next
-            // change (or SIGHUP) applies the whole state again.
-            self.shared.metrics.config_reload_errors.inc();
-            let e = render_error(&e);
-            error!("{why}: failed to apply, the data path may be partly updated: {e}");
-            return Err(e);
-        }
+        let refused = match self.engines.apply(&cfg.state, &cfg.timeouts).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Only a removal's map error ends an apply early; what was
+                // written before is consistent. The next change (or SIGHUP)
+                // applies the whole state again.
+                self.shared.metrics.config_reload_errors.inc();
+                let e = render_error(&e);
+                error!("{why}: failed to apply, the data path may be partly updated: {e}");
+                return Err(e);
+            }
+        };
         if timeouts_changed || self.current.is_none() {
             info!(timeouts = ?cfg.timeouts, "conntrack timeouts");
             *self
@@ -516,7 +539,10 @@ impl Loop {
         self.current = Some(cfg);
         self.shared.metrics.config_reloads.inc();
         info!(took = ?t.elapsed(), "{why}: {diff}");
-        Ok(())
+        for r in &refused {
+            warn!("{why}: service refused, its previous version (if any) is kept: {r}");
+        }
+        Ok(refused)
     }
 }
 

@@ -15,13 +15,13 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{Context, anyhow};
-use lb_api::DesiredState;
+use lb_api::{DesiredState, Refusal, ServiceAddr};
 use tracing::info;
 
 use crate::config::Timeouts;
 use crate::datapath::Datapath;
 use crate::metrics::{DatapathSnapshot, StatsSource};
-use crate::userspace::{ProxyOptions, UserspaceProxy};
+use crate::userspace::{ProxyError, ProxyOptions, UserspaceProxy};
 
 pub type SharedDp = Arc<Mutex<Datapath>>;
 
@@ -70,7 +70,13 @@ impl Engines {
     }
 
     /// Applies a state: the kernel's part, then the proxy's (each diff-only).
-    pub async fn apply(&self, state: &DesiredState, timeouts: &Timeouts) -> anyhow::Result<()> {
+    /// A service that a data path cannot take is refused alone (its previous
+    /// version stays) and returned; an error means the apply could not run.
+    pub async fn apply(
+        &self,
+        state: &DesiredState,
+        timeouts: &Timeouts,
+    ) -> anyhow::Result<Vec<Refusal>> {
         let (kernel_part, proxy_part) = match &self.kernel {
             Some(_) => {
                 let (l7, l4): (Vec<_>, Vec<_>) = state
@@ -85,16 +91,17 @@ impl Engines {
             }
             None => (None, state.clone()),
         };
+        let mut refused = Vec::new();
         if let (Some(dp), Some(part)) = (&self.kernel, kernel_part) {
             let dp = dp.clone();
-            tokio::task::spawn_blocking(move || lock(&dp).writer().apply(&part))
+            refused = tokio::task::spawn_blocking(move || lock(&dp).writer().apply(&part))
                 .await
                 .context("apply task")?
                 .map_err(|e| anyhow!(e))?;
         }
         let proxy = match current(&self.proxy) {
             Some(p) => p,
-            None if proxy_part.services.is_empty() => return Ok(()),
+            None if proxy_part.services.is_empty() => return Ok(refused),
             None => {
                 let opts = ProxyOptions::with_timeouts(timeouts);
                 // `start` blocks briefly (netlink, its own runtime).
@@ -111,11 +118,14 @@ impl Engines {
                 p
             }
         };
-        proxy
-            .apply_async(&proxy_part)
-            .await
-            .map_err(|e| anyhow!(e).context("userspace proxy"))?;
-        Ok(())
+        match proxy.apply_async(&proxy_part).await {
+            Ok(_) => {}
+            Err(ProxyError::Several(errors)) => {
+                refused.extend(errors.into_iter().map(|e| proxy_refusal(&proxy_part, e)))
+            }
+            Err(e) => return Err(anyhow!(e).context("userspace proxy")),
+        }
+        Ok(refused)
     }
 
     /// Stops the userspace proxy (its connections end, its VIP routes go).
@@ -129,6 +139,39 @@ impl Engines {
             }
         }
         Ok(())
+    }
+}
+
+/// A service the userspace proxy could not take, as a refusal.
+fn proxy_refusal(state: &DesiredState, e: ProxyError) -> Refusal {
+    let name_of = |a: &ServiceAddr| {
+        state
+            .services
+            .iter()
+            .find(|s| s.addr() == *a)
+            .map_or_else(|| a.to_string(), |s| s.name.clone())
+    };
+    match e {
+        ProxyError::InvalidService { name, addr, reason } => Refusal {
+            service: name,
+            addr: Some(addr),
+            reason,
+        },
+        ProxyError::Listen { name, addr, source } => Refusal {
+            service: name,
+            addr: Some(addr),
+            reason: format!("listening on {addr}: {source}"),
+        },
+        ProxyError::DuplicateService(addr) => Refusal {
+            service: name_of(&addr),
+            addr: Some(addr),
+            reason: "another service has the same address".into(),
+        },
+        e => Refusal {
+            service: "<userspace proxy>".into(),
+            addr: None,
+            reason: e.to_string(),
+        },
     }
 }
 

@@ -93,6 +93,18 @@ pub struct GcSample {
 
 type Labels = Vec<(&'static str, String)>;
 
+impl Metrics {
+    /// Shows the refusals of the last apply (and only those).
+    pub fn set_refused(&self, refused: &[lb_api::Refusal]) {
+        self.refused.clear();
+        for r in refused {
+            self.refused
+                .get_or_create(&vec![("service", r.service.clone())])
+                .set(1);
+        }
+    }
+}
+
 /// Every metric the agent exports.
 pub struct Metrics {
     registry: Registry,
@@ -111,6 +123,8 @@ pub struct Metrics {
     pub controller_version: Gauge,
     /// With `--controller`: streams that ended (each is followed by a reconnect).
     pub controller_reconnects: Gauge,
+    /// 1 per service of the desired state that the agent did not take.
+    pub refused: Family<Labels, Gauge>,
 }
 
 impl fmt::Debug for Metrics {
@@ -136,6 +150,7 @@ impl Metrics {
             controller_connected: Gauge::default(),
             controller_version: Gauge::default(),
             controller_reconnects: Gauge::default(),
+            refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -192,6 +207,11 @@ impl Metrics {
             "rpclb_controller_version",
             "The last controller state version the agent received and applied (--controller)",
             m.controller_version.clone(),
+        );
+        registry.register(
+            "rpclb_service_refused",
+            "1 for each service of the desired state that the agent did not take (invalid, or a full map; the log and the controller's ack say why); its previous version, if any, is still served",
+            m.refused.clone(),
         );
         registry.register(
             "rpclb_controller_reconnects",

@@ -7,15 +7,18 @@
 //! away, the data path keeps its last state; `follow` reconnects with a
 //! backoff (100 ms doubling to 5 s) and resyncs from the fresh snapshot.
 //!
-//! A message that fails the checks is acked with the error and the stream is
-//! restarted, which brings a full snapshot. A state that passed the checks
-//! but could not be written to the maps (a full map) is acked with the error;
-//! the agent counts that version as its own and writes the whole state again
-//! on the next change, as with a config file.
+//! Each service of a message is checked on its own: one that fails the
+//! checks, or that a data path cannot take (a full map), is refused alone
+//! and listed in the ack (`Ack.refused`); the agent keeps that service's
+//! previous version, applies the rest, and counts the version as its own.
+//! Only a message that cannot be read as a whole (a delta from another
+//! version) is acked with an error and restarts the stream, which brings a
+//! full snapshot.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use lb_api::Refusal;
 use lb_api::wire::{self, NodeState, pb};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -29,7 +32,12 @@ pub struct Update {
     pub state: NodeState,
     /// Whether this is a snapshot (the first state of a stream).
     pub snapshot: bool,
-    pub done: oneshot::Sender<Result<(), String>>,
+    /// Services of the message that the stream could not read (`state`
+    /// keeps their previous versions).
+    pub refused: Vec<Refusal>,
+    /// The apply's outcome: the services refused in all, or why nothing
+    /// could be applied.
+    pub done: oneshot::Sender<Result<Vec<Refusal>, String>>,
 }
 
 /// What the metrics and logs show of the stream.
@@ -177,7 +185,7 @@ async fn one_stream(
         let next = match wire::apply_message(&have.1, have.0, &msg) {
             Ok(n) => n,
             Err(e) => {
-                let _ = out_tx.send(ack(msg.version, e.to_string())).await;
+                let _ = out_tx.send(ack(msg.version, Err(e.to_string()))).await;
                 return Err(e.into());
             }
         };
@@ -185,27 +193,35 @@ async fn one_stream(
         updates
             .send(Update {
                 version: msg.version,
-                state: next.clone(),
+                state: next.state.clone(),
                 snapshot: is_snapshot,
+                refused: next.refused,
                 done,
             })
             .await
             .map_err(|_| StreamError::LoopGone)?;
         let result = answer.await.map_err(|_| StreamError::LoopGone)?;
-        *have = (msg.version, next);
+        *have = (msg.version, next.state);
         got_any = true;
         status.version.store(msg.version, Relaxed);
         debug!(version = msg.version, ok = result.is_ok(), "applied");
-        let error = result.err().unwrap_or_default();
-        if out_tx.send(ack(msg.version, error)).await.is_err() {
+        if out_tx.send(ack(msg.version, result)).await.is_err() {
             return Err(StreamError::Status("outbound channel closed".into()));
         }
     }
 }
 
-fn ack(version: u64, error: String) -> pb::AgentMessage {
+fn ack(version: u64, result: Result<Vec<Refusal>, String>) -> pb::AgentMessage {
+    let (error, refused) = match result {
+        Ok(r) => (String::new(), wire::refusals_to_pb(&r)),
+        Err(e) => (e, Vec::new()),
+    };
     pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Ack(pb::Ack { version, error })),
+        msg: Some(pb::agent_message::Msg::Ack(pb::Ack {
+            version,
+            error,
+            refused,
+        })),
     }
 }
 

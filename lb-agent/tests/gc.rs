@@ -25,11 +25,7 @@ use lb_common::{CtValue, FlowKey, ct_dir, ct_state};
 const S: u64 = 1_000_000_000;
 
 fn can_run() -> bool {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: GC tests need root (BPF_PROG_LOAD, BPF_PROG_TEST_RUN)");
-        return false;
-    }
-    true
+    lb_agent::datapath::scratch::require_root("GC tests")
 }
 
 /// A data path pinned in a private directory, unpinned on drop (and on panic).

@@ -22,11 +22,7 @@ use serde_json::Value;
 const LBCTL: &str = env!("CARGO_BIN_EXE_lbctl");
 
 fn can_run() -> bool {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: lbctl tests need root (BPF_PROG_LOAD, BPF_PROG_TEST_RUN)");
-        return false;
-    }
-    true
+    lb_agent::datapath::scratch::require_root("lbctl tests")
 }
 
 struct Harness(ScratchDatapath);

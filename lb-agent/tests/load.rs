@@ -6,8 +6,7 @@ use lb_common::map_names;
 
 #[test]
 fn loads_and_pins() {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: needs root for BPF");
+    if !lb_agent::datapath::scratch::require_root("loading the data path") {
         return;
     }
     let dp = ScratchDatapath::new(|_| {}).unwrap_or_else(|e| {

@@ -23,20 +23,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::model::{
-    Algorithm, Backend, BackendState, DEFAULT_MAGLEV_M, DesiredState, Protocol, Service,
+    Algorithm, Backend, BackendState, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy, Protocol,
+    Service,
 };
+use crate::validate::{self, BackendField, Field, HeaderField};
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use crate::maglev_size as maglev;
-
-/// The largest backend weight accepted.
 pub use crate::model::MAX_WEIGHT;
-/// The largest client-IP affinity timeout, in seconds (as in Kubernetes).
-pub const MAX_AFFINITY_TIMEOUT_S: u64 = 86_400;
-/// The largest Maglev table a service may ask for (it must fit in the data
-/// path's `SLOTS` map; lb-agent asserts the two agree).
-pub const MAX_MAGLEV_M: u32 = 1 << 24;
+pub use crate::validate::MAX_MAGLEV_M;
 
 /// What a config file describes: the services to balance and the conntrack
 /// idle timeouts.
@@ -259,103 +254,40 @@ fn build(raw: RawConfig) -> Result<Config, BuildError> {
         }
         by_name.insert(name.clone(), i);
 
-        let raw_backends = rs.backends.unwrap_or_default();
-        let mut backends: Vec<Backend> = Vec::with_capacity(raw_backends.len());
-        let mut seen = HashMap::new();
-        for (j, rb) in raw_backends.into_iter().enumerate() {
-            let (ip, port) = (rb.ip.0, rb.port.0);
-            if let Some(k) = seen.insert((ip, port), j) {
-                let segs = vec![
-                    Seg::Key("services"),
-                    Seg::Index(i),
-                    Seg::Key("backends"),
-                    Seg::Index(j),
-                    Seg::Key("ip"),
-                ];
-                return Err((
-                    segs,
-                    format!("duplicate backend {ip}:{port} (also backends[{k}])"),
-                ));
-            }
-            backends.push(Backend {
-                ip,
-                port,
+        let backends = rs
+            .backends
+            .unwrap_or_default()
+            .into_iter()
+            .map(|rb| Backend {
+                ip: rb.ip.0,
+                port: rb.port.0,
                 weight: rb.weight.map_or(1, |w| w.0),
                 state: rb.state.map_or(BackendState::Active, |s| s.0),
-            });
-        }
-
-        let algorithm = rs.algorithm.map_or(Algorithm::default(), |a| a.0);
-        let mut maglev_table_size = rs.maglev_table_size.map(|m| m.0);
-        if algorithm.uses_maglev_table() {
-            let n = backends.iter().filter(|b| b.weight > 0).count();
-            match maglev_table_size {
-                Some(m) => {
-                    maglev::validate_m(m, n)
-                        .map_err(|e| (at("maglev_table_size"), e.to_string()))?;
-                }
-                None if maglev::validate_m(DEFAULT_MAGLEV_M, n).is_err() => {
-                    // The default is too small for this many backends: use the
-                    // smallest valid size instead.
-                    let m = u32::try_from(100 * n as u64)
-                        .ok()
-                        .filter(|&min| min < MAX_MAGLEV_M)
-                        .map(maglev::next_prime_above)
-                        .filter(|&m| m <= MAX_MAGLEV_M)
-                        .ok_or_else(|| {
-                            (
-                                at("backends"),
-                                format!(
-                                    "{n} backends need a maglev table larger than the maximum ({MAX_MAGLEV_M})"
-                                ),
-                            )
-                        })?;
-                    maglev_table_size = Some(m);
-                }
-                None => {}
-            }
-        }
-
-        let protocol = rs.protocol.map_or(Protocol::Tcp, |p| p.0);
-        let grpc = match rs.grpc {
-            None => None,
-            Some(_) if protocol != Protocol::Tcp => {
-                return Err((at("grpc"), "the gRPC mode needs protocol tcp".to_string()));
-            }
-            Some(g) => {
-                let mut add_headers = Vec::new();
-                for (k, h) in g.headers.unwrap_or_default().into_iter().enumerate() {
-                    let here = || {
-                        let mut p = at("grpc");
-                        p.extend([Seg::Key("headers"), Seg::Index(k), Seg::Key("value")]);
-                        p
-                    };
-                    crate::model::check_added_header(&h.name.0, &h.value)
-                        .map_err(|e| (here(), e))?;
-                    if add_headers.iter().any(|(n, _)| n == &h.name.0) {
-                        return Err((here(), format!("header {} is listed twice", h.name.0)));
-                    }
-                    add_headers.push((h.name.0, h.value));
-                }
-                Some(crate::model::GrpcPolicy {
-                    default_timeout: g
-                        .timeout
-                        .map_or(crate::model::DEFAULT_GRPC_TIMEOUT, |t| t.0),
-                    add_headers,
-                })
-            }
-        };
-        let svc = Service {
+            })
+            .collect();
+        let grpc = rs.grpc.map(|g| GrpcPolicy {
+            default_timeout: g.timeout.map_or(DEFAULT_GRPC_TIMEOUT, |t| t.0),
+            add_headers: g
+                .headers
+                .unwrap_or_default()
+                .into_iter()
+                .map(|h| (h.name.0, h.value))
+                .collect(),
+        });
+        let mut svc = Service {
             name,
             vip: rs.vip.0,
             port: rs.port.0,
-            protocol,
-            algorithm,
+            protocol: rs.protocol.map_or(Protocol::Tcp, |p| p.0),
+            algorithm: rs.algorithm.map_or(Algorithm::default(), |a| a.0),
             affinity_timeout: rs.affinity_timeout.map(|a| a.0),
-            maglev_table_size,
+            maglev_table_size: rs.maglev_table_size.map(|m| m.0),
             backends,
             grpc,
         };
+        // The one validation (lb_api::validate), with the file's positions.
+        svc.normalise()
+            .map_err(|e| (field_path(i, e.field), e.message))?;
         if let Some(j) = by_addr.insert(svc.addr(), i) {
             return Err((
                 at("vip"),
@@ -368,6 +300,40 @@ fn build(raw: RawConfig) -> Result<Config, BuildError> {
         state: DesiredState { services },
         timeouts,
     })
+}
+
+/// The file path of a field of `services[i]`.
+fn field_path(i: usize, field: Field) -> Vec<Seg> {
+    let mut p = vec![Seg::Key("services"), Seg::Index(i)];
+    match field {
+        Field::Name => p.push(Seg::Key("name")),
+        Field::Vip => p.push(Seg::Key("vip")),
+        Field::Port => p.push(Seg::Key("port")),
+        Field::AffinityTimeout => p.push(Seg::Key("affinity_timeout")),
+        Field::MaglevTableSize => p.push(Seg::Key("maglev_table_size")),
+        Field::Backends => p.push(Seg::Key("backends")),
+        Field::Backend(j, f) => p.extend([
+            Seg::Key("backends"),
+            Seg::Index(j),
+            Seg::Key(match f {
+                BackendField::Ip => "ip",
+                BackendField::Port => "port",
+                BackendField::Weight => "weight",
+            }),
+        ]),
+        Field::Grpc => p.push(Seg::Key("grpc")),
+        Field::GrpcTimeout => p.extend([Seg::Key("grpc"), Seg::Key("timeout")]),
+        Field::GrpcHeader(k, f) => p.extend([
+            Seg::Key("grpc"),
+            Seg::Key("headers"),
+            Seg::Index(k),
+            Seg::Key(match f {
+                HeaderField::Name => "name",
+                HeaderField::Value => "value",
+            }),
+        ]),
+    }
+    p
 }
 
 fn path_string(segs: &[Seg]) -> String {
@@ -661,13 +627,7 @@ macro_rules! checked {
 checked!(
     /// A service name: not empty, no control characters.
     Name(String) = str_field("a service name", |s| {
-        if s.trim().is_empty() {
-            Err("must not be empty".to_string())
-        } else if s.chars().any(char::is_control) {
-            Err(format!("{s:?} contains control characters"))
-        } else {
-            Ok(s.to_string())
-        }
+        validate::name(s).map(|()| s.to_string())
     })
 );
 
@@ -685,8 +645,7 @@ checked!(
 
 checked!(
     Port(u16) = int_field("a port number (1-65535)", |v| match u16::try_from(v) {
-        Ok(0) => Err("port 0 is not allowed (expected 1-65535)".to_string()),
-        Ok(p) => Ok(p),
+        Ok(p) => validate::port(p).map(|()| p),
         Err(_) => Err(format!("port {v} is out of range (expected 1-65535)")),
     })
 );
@@ -720,39 +679,22 @@ checked!(
 
 checked!(
     Weight(u32) = int_field("a weight (0-65535)", |v| {
-        if v > u64::from(MAX_WEIGHT) {
-            Err(format!("weight {v} is too large (maximum {MAX_WEIGHT})"))
-        } else {
-            Ok(v as u32)
-        }
+        let w = u32::try_from(v).unwrap_or(u32::MAX);
+        validate::weight(w).map(|()| w)
     })
 );
 
 checked!(
     AffinityTimeout(Duration) = int_field("a timeout in seconds (1-86400)", |v| {
-        if v == 0 || v > MAX_AFFINITY_TIMEOUT_S {
-            Err(format!(
-                "affinity timeout {v} s is out of range (expected 1-{MAX_AFFINITY_TIMEOUT_S}; omit it to disable affinity)"
-            ))
-        } else {
-            Ok(Duration::from_secs(v))
-        }
+        let d = Duration::from_secs(v);
+        validate::affinity_timeout(d).map(|()| d)
     })
 );
 
 checked!(
     MaglevSize(u32) = int_field("a prime maglev table size", |v| {
-        let m = u32::try_from(v)
-            .ok()
-            .filter(|&m| m <= MAX_MAGLEV_M)
-            .ok_or_else(|| {
-                format!("maglev table size {v} is too large (maximum {MAX_MAGLEV_M})")
-            })?;
-        if maglev::is_prime(m) {
-            Ok(m)
-        } else {
-            Err(maglev::MaglevError::NotPrime(m).to_string())
-        }
+        let m = u32::try_from(v).unwrap_or(u32::MAX);
+        validate::maglev_table_size(m).map(|()| m)
     })
 );
 
@@ -1267,7 +1209,7 @@ mod tests {
             &with_backends("source-hash", Some(101), 2),
             (6, 24),
             "services[0].maglev_table_size",
-            "maglev table size 101 must be > 100 x 2 backends = 200",
+            "maglev table size 101 must be > 100 x 2 backends that take new flows = 200",
         );
         assert_err(
             &with_backends("maglev", Some(4_294_967_291), 2),
@@ -1283,9 +1225,11 @@ mod tests {
             "not prime",
         );
         assert!(parse(&with_backends("random", Some(101), 2), "x").is_ok());
-        // Drained backends do not count.
+        // Drained and terminating backends do not count (they are not in
+        // the table): the rolling-update case.
         let mut t = with_backends("maglev", Some(101), 1);
         t.push_str("      - { ip: 10.244.9.9, port: 80, weight: 0 }\n");
+        t.push_str("      - { ip: 10.244.9.10, port: 80, state: terminating }\n");
         assert!(parse(&t, "x").is_ok());
         let c = parse(&with_backends("maglev", Some(65_537), 3), "x").unwrap();
         assert_eq!(c.state.services[0].maglev_table_size, Some(65_537));

@@ -5,12 +5,13 @@
 //! - [`model`]: services, backends, algorithms.
 //! - [`config`]: the standalone YAML file.
 //! - [`wire`]: the controller -> agent gRPC stream and its conversions.
-//! - [`maglev_size`]: Maglev table size rules.
+//! - [`validate`]: what a valid service is, for every producer and consumer.
 
 pub mod config;
 pub mod errors;
-pub mod maglev_size;
 pub mod model;
+pub mod validate;
 pub mod wire;
 
 pub use model::*;
+pub use validate::{InvalidService, Refusal};

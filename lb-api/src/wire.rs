@@ -1,20 +1,21 @@
 //! The controller <-> agent gRPC contract (`proto/rpclb/v1/state.proto`) and
 //! its conversions to and from the model.
 //!
-//! Conversions from the wire are checked with the same rules as a config
-//! file (ports, weights, Maglev sizes, duplicates, timeouts): an agent never
-//! applies a state it would refuse from its own file.
+//! Conversions from the wire are checked with the one validation
+//! (`lb_api::validate`), as a config file is: an agent never applies a
+//! service it would refuse from its own file. It refuses such a service
+//! alone, keeps the rest, and says which and why in its ack.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use crate::config::{MAX_AFFINITY_TIMEOUT_S, MAX_MAGLEV_M, Timeouts};
-use crate::maglev_size;
+use crate::config::Timeouts;
 use crate::model::{
-    Algorithm, Backend, BackendState, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy, MAX_WEIGHT,
-    Protocol, Service, ServiceAddr, check_added_header,
+    Algorithm, Backend, BackendState, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy, Protocol,
+    Service, ServiceAddr,
 };
+use crate::validate::Refusal;
 
 /// The generated messages, client and server.
 pub mod pb {
@@ -143,7 +144,8 @@ pub fn addr_from_pb(what: &str, a: &pb::ServiceAddr) -> Result<ServiceAddr, Wire
     })
 }
 
-/// Checks and converts a service, with the config file's rules.
+/// Converts and checks a service with the one validation
+/// ([`Service::normalise`]), as a config file's services are.
 pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
     let what = if s.name.is_empty() {
         "service <unnamed>".to_string()
@@ -168,26 +170,10 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
         Ok(pb::Algorithm::LeastConn) => Algorithm::LeastConn,
         _ => return Err(bad(format!("unknown algorithm {}", s.algorithm))),
     };
-    if u64::from(s.affinity_timeout_s) > MAX_AFFINITY_TIMEOUT_S {
-        return Err(bad(format!(
-            "affinity timeout {} s is over the maximum {MAX_AFFINITY_TIMEOUT_S} s",
-            s.affinity_timeout_s
-        )));
-    }
-    let mut seen = HashSet::new();
     let mut backends = Vec::with_capacity(s.backends.len());
     for b in &s.backends {
         let ip = Ipv4Addr::from(b.ip);
         let bport = port(&what, b.port)?;
-        if !seen.insert((ip, bport)) {
-            return Err(bad(format!("backend {ip}:{bport} is listed twice")));
-        }
-        if b.weight > MAX_WEIGHT {
-            return Err(bad(format!(
-                "backend {ip}:{bport}: weight {} is over the maximum {MAX_WEIGHT}",
-                b.weight
-            )));
-        }
         let state = match pb::BackendState::try_from(b.state) {
             Ok(pb::BackendState::Active) => BackendState::Active,
             Ok(pb::BackendState::Terminating) => BackendState::Terminating,
@@ -205,43 +191,18 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
             state,
         });
     }
-    let maglev_table_size = match s.maglev_table_size {
-        0 => None,
-        m if m > MAX_MAGLEV_M => {
-            return Err(bad(format!(
-                "maglev table size {m} is over the maximum {MAX_MAGLEV_M}"
-            )));
-        }
-        m => {
-            let n = backends.iter().filter(|b| b.weight > 0).count();
-            maglev_size::validate_m(m, n).map_err(|e| bad(e.to_string()))?;
-            Some(m)
-        }
-    };
-    let grpc = match &s.grpc {
-        None => None,
-        Some(_) if addr.protocol != Protocol::Tcp => {
-            return Err(bad("the gRPC mode needs protocol tcp".into()));
-        }
-        Some(g) => {
-            let mut add_headers: Vec<(String, String)> = Vec::new();
-            for h in &g.add_headers {
-                check_added_header(&h.name, &h.value).map_err(&bad)?;
-                if add_headers.iter().any(|(n, _)| n == &h.name) {
-                    return Err(bad(format!("header {} is listed twice", h.name)));
-                }
-                add_headers.push((h.name.clone(), h.value.clone()));
-            }
-            Some(GrpcPolicy {
-                default_timeout: match g.default_timeout_ms {
-                    0 => DEFAULT_GRPC_TIMEOUT,
-                    ms => Duration::from_millis(ms),
-                },
-                add_headers,
-            })
-        }
-    };
-    Ok(Service {
+    let grpc = s.grpc.as_ref().map(|g| GrpcPolicy {
+        default_timeout: match g.default_timeout_ms {
+            0 => DEFAULT_GRPC_TIMEOUT,
+            ms => Duration::from_millis(ms),
+        },
+        add_headers: g
+            .add_headers
+            .iter()
+            .map(|h| (h.name.clone(), h.value.clone()))
+            .collect(),
+    });
+    let mut svc = Service {
         name: s.name.clone(),
         vip: addr.vip,
         port: addr.port,
@@ -251,10 +212,15 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
             0 => None,
             t => Some(Duration::from_secs(u64::from(t))),
         },
-        maglev_table_size,
+        maglev_table_size: match s.maglev_table_size {
+            0 => None,
+            m => Some(m),
+        },
         backends,
         grpc,
-    })
+    };
+    svc.normalise().map_err(|e| bad(e.to_string()))?;
+    Ok(svc)
 }
 
 /// Checks and converts timeouts (each must be > 0).
@@ -283,21 +249,6 @@ pub fn timeouts_from_pb(t: &pb::Timeouts) -> Result<Timeouts, WireError> {
 pub struct NodeState {
     pub state: DesiredState,
     pub timeouts: Timeouts,
-}
-
-/// Refuses two services on one address.
-fn check_unique(services: &[Service]) -> Result<(), WireError> {
-    let mut by_addr: BTreeMap<ServiceAddr, &str> = BTreeMap::new();
-    for s in services {
-        if let Some(other) = by_addr.insert(s.addr(), &s.name) {
-            return Err(WireError::Duplicate(
-                other.to_string(),
-                s.name.clone(),
-                s.addr(),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// The full-state message.
@@ -348,31 +299,92 @@ pub fn delta(
     })
 }
 
+/// A controller message applied: the node's new state, and the services in
+/// the message that it did not take.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub state: NodeState,
+    pub refused: Vec<Refusal>,
+}
+
 /// Applies a controller message to the agent's state at `have` (its
-/// version); returns the new state. A snapshot replaces everything; a delta
-/// must start from `have`. Nothing is half-applied: an error leaves `current`
-/// as it was.
+/// version). A snapshot replaces everything; a delta must start from `have`.
+///
+/// Each service is checked on its own: one that fails the checks is refused
+/// (listed in [`Applied::refused`]) and the service the agent already has at
+/// that address, if any, stays as it is; the rest is applied. Only a message
+/// that cannot be read as a whole (no body, a delta from another version,
+/// bad timeouts) is an error, and then nothing changes.
 pub fn apply_message(
     current: &NodeState,
     have: u64,
     msg: &pb::ControllerMessage,
-) -> Result<NodeState, WireError> {
+) -> Result<Applied, WireError> {
     use pb::controller_message::Body;
+    let old: BTreeMap<ServiceAddr, &Service> = current
+        .state
+        .services
+        .iter()
+        .map(|s| (s.addr(), s))
+        .collect();
+    let mut refused = Vec::new();
+    let mut refuse = |p: &pb::Service, e: &WireError| {
+        let addr = p.addr.as_ref().and_then(|a| addr_from_pb("", a).ok());
+        refused.push(Refusal {
+            service: if p.name.is_empty() {
+                "<unnamed>".into()
+            } else {
+                p.name.clone()
+            },
+            addr,
+            reason: match e {
+                WireError::Invalid(_, m) => m.clone(),
+                e => e.to_string(),
+            },
+        });
+        addr
+    };
     match msg.body.as_ref().ok_or(WireError::Empty)? {
         Body::Snapshot(s) => {
-            let services = s
-                .services
-                .iter()
-                .map(service_from_pb)
-                .collect::<Result<Vec<_>, _>>()?;
-            check_unique(&services)?;
             let timeouts = match &s.timeouts {
                 Some(t) => timeouts_from_pb(t)?,
                 None => Timeouts::default(),
             };
-            Ok(NodeState {
-                state: DesiredState { services },
-                timeouts,
+            let mut by_addr: BTreeMap<ServiceAddr, Service> = BTreeMap::new();
+            let mut keep = Vec::new();
+            for p in &s.services {
+                match service_from_pb(p) {
+                    Ok(svc) => match by_addr.get(&svc.addr()) {
+                        Some(first) => {
+                            let e = WireError::Duplicate(
+                                first.name.clone(),
+                                svc.name.clone(),
+                                svc.addr(),
+                            );
+                            refuse(p, &e);
+                        }
+                        None => {
+                            by_addr.insert(svc.addr(), svc);
+                        }
+                    },
+                    Err(e) => keep.extend(refuse(p, &e)),
+                }
+            }
+            // A refused service's address keeps what the agent had there,
+            // unless a valid service of this snapshot took it.
+            for a in keep {
+                if let (Some(o), false) = (old.get(&a), by_addr.contains_key(&a)) {
+                    by_addr.insert(a, (*o).clone());
+                }
+            }
+            Ok(Applied {
+                state: NodeState {
+                    state: DesiredState {
+                        services: by_addr.into_values().collect(),
+                    },
+                    timeouts,
+                },
+                refused,
             })
         }
         Body::Delta(d) => {
@@ -382,31 +394,60 @@ pub fn apply_message(
                     have,
                 });
             }
-            let mut by_addr: BTreeMap<ServiceAddr, Service> = current
-                .state
-                .services
-                .iter()
-                .map(|s| (s.addr(), s.clone()))
-                .collect();
-            for r in &d.removals {
-                by_addr.remove(&addr_from_pb("removal", r)?);
-            }
-            for u in &d.upserts {
-                let s = service_from_pb(u)?;
-                by_addr.insert(s.addr(), s);
-            }
-            let services: Vec<Service> = by_addr.into_values().collect();
-            check_unique(&services)?;
             let timeouts = match &d.timeouts {
                 Some(t) => timeouts_from_pb(t)?,
                 None => current.timeouts,
             };
-            Ok(NodeState {
-                state: DesiredState { services },
-                timeouts,
+            let mut by_addr: BTreeMap<ServiceAddr, Service> =
+                old.into_iter().map(|(a, s)| (a, s.clone())).collect();
+            for r in &d.removals {
+                by_addr.remove(&addr_from_pb("removal", r)?);
+            }
+            for p in &d.upserts {
+                match service_from_pb(p) {
+                    Ok(svc) => {
+                        by_addr.insert(svc.addr(), svc);
+                    }
+                    Err(e) => {
+                        refuse(p, &e);
+                    }
+                }
+            }
+            Ok(Applied {
+                state: NodeState {
+                    state: DesiredState {
+                        services: by_addr.into_values().collect(),
+                    },
+                    timeouts,
+                },
+                refused,
             })
         }
     }
+}
+
+/// An agent's refusals, for its ack.
+pub fn refusals_to_pb(refused: &[Refusal]) -> Vec<pb::Refusal> {
+    refused
+        .iter()
+        .map(|r| pb::Refusal {
+            service: r.service.clone(),
+            addr: r.addr.map(Into::into),
+            reason: r.reason.clone(),
+        })
+        .collect()
+}
+
+/// A controller's view of an ack's refusals.
+pub fn refusals_from_pb(refused: &[pb::Refusal]) -> Vec<Refusal> {
+    refused
+        .iter()
+        .map(|r| Refusal {
+            service: r.service.clone(),
+            addr: r.addr.as_ref().and_then(|a| addr_from_pb("", a).ok()),
+            reason: r.reason.clone(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -458,7 +499,8 @@ mod tests {
             },
         };
         let got = apply_message(&NodeState::default(), 0, &snapshot(7, &n)).unwrap();
-        assert_eq!(got, n);
+        assert_eq!(got.state, n);
+        assert!(got.refused.is_empty());
     }
 
     #[test]
@@ -483,7 +525,7 @@ mod tests {
         assert_eq!(names, ["a/y:2", "a/w:4"]);
         assert_eq!(d.removals.len(), 1);
         assert!(d.timeouts.is_none());
-        let mut got = apply_message(&old, 3, &msg).unwrap();
+        let mut got = apply_message(&old, 3, &msg).unwrap().state;
         got.state.services.sort_by_key(|s| s.addr());
         let mut want = new.clone();
         want.state.services.sort_by_key(|s| s.addr());
@@ -503,8 +545,9 @@ mod tests {
     }
 
     #[test]
-    fn bad_messages_are_refused_whole() {
+    fn a_bad_service_is_refused_alone() {
         let good = svc("a/x:1", 1, &[(1, 1)]);
+        let other = svc("a/y:2", 2, &[(2, 1)]);
         let cases: Vec<(pb::Service, &str)> = vec![
             (
                 pb::Service {
@@ -539,10 +582,10 @@ mod tests {
             (
                 {
                     let mut p: pb::Service = (&good).into();
-                    p.backends[0].weight = MAX_WEIGHT + 1;
+                    p.backends[0].weight = crate::MAX_WEIGHT + 1;
                     p
                 },
-                "weight 65536",
+                "backends[0].weight: weight 65536 is too large",
             ),
             (
                 {
@@ -550,7 +593,7 @@ mod tests {
                     p.backends.push(p.backends[0]);
                     p
                 },
-                "listed twice",
+                "duplicate backend",
             ),
             (
                 pb::Service {
@@ -567,23 +610,71 @@ mod tests {
                 "affinity timeout",
             ),
         ];
+        // The agent has `good` (v1); v2 brings a broken `good` and `other`.
         let current = node(vec![good.clone()]);
         for (bad, want) in cases {
             let msg = pb::ControllerMessage {
                 version: 2,
                 body: Some(pb::controller_message::Body::Snapshot(pb::Snapshot {
-                    services: vec![bad],
+                    services: vec![bad, (&other).into()],
                     timeouts: None,
                 })),
             };
-            let e = apply_message(&current, 1, &msg).unwrap_err().to_string();
-            assert!(e.contains(want), "{e:?} should contain {want:?}");
+            let got = apply_message(&current, 1, &msg).unwrap();
+            assert_eq!(got.refused.len(), 1, "{want}");
+            let r = &got.refused[0];
+            assert!(r.reason.contains(want), "{r:?} should contain {want:?}");
+            let mut names: Vec<&str> = got
+                .state
+                .state
+                .services
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect();
+            names.sort();
+            if r.addr == Some(good.addr()) {
+                // The address was readable: the old `good` stays.
+                assert_eq!(names, ["a/x:1", "a/y:2"], "{want}");
+                assert_eq!(got.state.state.services[0], good);
+            } else {
+                assert_eq!(names, ["a/y:2"], "{want}");
+            }
+            // The same in a delta: the old `good` stays.
+            let msg = pb::ControllerMessage {
+                version: 2,
+                body: Some(pb::controller_message::Body::Delta(pb::Delta {
+                    base_version: 1,
+                    upserts: vec![
+                        match &msg.body {
+                            Some(pb::controller_message::Body::Snapshot(s)) => {
+                                s.services[0].clone()
+                            }
+                            _ => unreachable!(),
+                        },
+                        (&other).into(),
+                    ],
+                    removals: vec![],
+                    timeouts: None,
+                })),
+            };
+            let got = apply_message(&current, 1, &msg).unwrap();
+            assert_eq!(got.refused.len(), 1);
+            assert_eq!(got.state.state.services, vec![good.clone(), other.clone()]);
         }
-        // Two services on one address.
-        let n = node(vec![good.clone(), good.clone()]);
-        let e = apply_message(&current, 1, &snapshot(2, &n)).unwrap_err();
-        assert!(matches!(e, WireError::Duplicate(..)), "{e}");
-        // Zero timeouts.
+        // Two services on one address: the first keeps it.
+        let mut twin = good.clone();
+        twin.name = "a/twin:1".into();
+        let n = node(vec![good.clone(), twin]);
+        let got = apply_message(&current, 1, &snapshot(2, &n)).unwrap();
+        assert_eq!(got.state.state.services, vec![good.clone()]);
+        assert_eq!(got.refused.len(), 1);
+        assert_eq!(got.refused[0].service, "a/twin:1");
+        assert!(
+            got.refused[0].reason.contains("same address"),
+            "{:?}",
+            got.refused
+        );
+        // What spoils the whole message changes nothing.
         let mut m = snapshot(2, &current);
         if let Some(pb::controller_message::Body::Snapshot(s)) = m.body.as_mut() {
             s.timeouts.as_mut().unwrap().udp_ms = 0;
@@ -594,5 +685,25 @@ mod tests {
             apply_message(&current, 1, &pb::ControllerMessage::default()),
             Err(WireError::Empty)
         );
+    }
+
+    /// The rolling-update freeze: a table sized (by the controller) for the
+    /// ready pods is accepted while some pods are terminating.
+    #[test]
+    fn a_maglev_table_sized_for_ready_pods_is_accepted_during_a_rollout() {
+        let backends: Vec<(u8, u32)> = (1..=210).map(|i| (i, 1)).collect();
+        let mut s = svc("a/big:1", 1, &backends);
+        for b in &mut s.backends[200..] {
+            b.state = BackendState::Terminating;
+        }
+        s.maglev_table_size = Some(20_011);
+        let got = apply_message(
+            &NodeState::default(),
+            0,
+            &snapshot(1, &node(vec![s.clone()])),
+        )
+        .unwrap();
+        assert_eq!(got.refused, vec![]);
+        assert_eq!(got.state.state.services, vec![s]);
     }
 }

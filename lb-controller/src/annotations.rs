@@ -41,7 +41,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::Ipv4Addr;
 
-use lb_api::{Algorithm, MAX_WEIGHT};
+use lb_api::{Algorithm, validate};
 
 /// The prefix of every rpclb annotation.
 pub const PREFIX: &str = "rpclb.io/";
@@ -146,10 +146,10 @@ pub enum AnnotationProblem {
     WeightDuplicate { entry: String, ip: Ipv4Addr },
     #[error("{0:?} is not a whole number")]
     NotANumber(String),
-    #[error("maglev table size {0} is too small (must be > 100)")]
-    TableTooSmall(u32),
-    #[error("maglev table size {0} is not prime")]
-    TableNotPrime(u32),
+    /// Breaks `lb_api::validate`'s rule for a table (prime, at most 2^24,
+    /// room for at least one backend).
+    #[error("{0}")]
+    TableSize(String),
     #[error("unknown mode {0:?} (expected l4 or grpc)")]
     UnknownMode(String),
     #[error("timeout {0} s is out of range (expected 1-86400)")]
@@ -250,7 +250,7 @@ fn parse_weights(value: &str) -> Result<BTreeMap<Ipv4Addr, u32>, Vec<AnnotationP
         let Some(w) = weight
             .parse::<u32>()
             .ok()
-            .filter(|&w| w <= MAX_WEIGHT && !weight.starts_with('+'))
+            .filter(|&w| validate::weight(w).is_ok() && !weight.starts_with('+'))
         else {
             problems.push(AnnotationProblem::WeightValue {
                 entry: entry.to_string(),
@@ -282,13 +282,10 @@ fn parse_maglev_table_size(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
         .ok()
         .filter(|_| !v.starts_with('+'))
         .ok_or_else(|| vec![AnnotationProblem::NotANumber(v.to_string())])?;
-    if m <= 100 {
-        Err(vec![AnnotationProblem::TableTooSmall(m)])
-    } else if !lb_api::is_prime(m) {
-        Err(vec![AnnotationProblem::TableNotPrime(m)])
-    } else {
-        Ok(m)
-    }
+    validate::maglev_table_size(m)
+        .and_then(|()| validate::maglev_fits(m, 1))
+        .map(|()| m)
+        .map_err(|e| vec![AnnotationProblem::TableSize(e)])
 }
 
 #[cfg(test)]
@@ -525,8 +522,23 @@ mod tests {
                 "4294967296",
                 AnnotationProblem::NotANumber("4294967296".into()),
             ),
-            ("97", AnnotationProblem::TableTooSmall(97)),
-            ("16380", AnnotationProblem::TableNotPrime(16_380)),
+            (
+                "97",
+                AnnotationProblem::TableSize(
+                    "maglev table size 97 must be > 100 x 1 backends that take new flows = 100"
+                        .into(),
+                ),
+            ),
+            (
+                "16380",
+                AnnotationProblem::TableSize("maglev table size 16380 is not prime".into()),
+            ),
+            (
+                "4294967291",
+                AnnotationProblem::TableSize(
+                    "maglev table size 4294967291 is too large (maximum 16777216)".into(),
+                ),
+            ),
         ];
         for (value, want) in cases {
             let (p, e) = parse(&[(MAGLEV_TABLE_SIZE, value)]);

@@ -22,6 +22,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use lb_api::Refusal;
 use lb_api::wire::{self, NodeState, pb};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
@@ -110,6 +111,8 @@ pub struct AgentStatus {
     pub acked: u64,
     /// The agent's last apply error, if its last ack had one.
     pub error: Option<String>,
+    /// The services its last ack refused (it applied the rest).
+    pub refused: Vec<Refusal>,
     pub streams: u64,
     pub since: Instant,
 }
@@ -136,6 +139,7 @@ impl Agents {
             sent: 0,
             acked: 0,
             error: None,
+            refused: Vec::new(),
             streams: 0,
             since: Instant::now(),
         });
@@ -296,9 +300,15 @@ async fn follow(
                 Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Ack(a)) })) => {
                     if a.error.is_empty() {
                         debug!(node, version = a.version, "acked");
+                        let refused = wire::refusals_from_pb(&a.refused);
                         agents.update(node, |s| {
+                            // Said once per change, not at every ack.
+                            for r in refused.iter().filter(|r| !s.refused.contains(r)) {
+                                warn!(node, version = a.version, "agent refused a service: {r}");
+                            }
                             s.acked = a.version;
                             s.error = None;
+                            s.refused = refused;
                         });
                     } else {
                         warn!(node, version = a.version, "agent could not apply: {}", a.error);

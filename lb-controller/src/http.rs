@@ -78,12 +78,16 @@ pub fn render(s: &HttpState) -> Result<String, std::fmt::Error> {
     let acked: Family<Vec<(String, String)>, Gauge> = Family::default();
     let failing: Family<Vec<(String, String)>, Gauge> = Family::default();
     let streams: Family<Vec<(String, String)>, Gauge> = Family::default();
+    let refused: Family<Vec<(String, String)>, Gauge> = Family::default();
     for (node, a) in &agents {
         let l = vec![("node".to_string(), node.clone())];
         acked
             .get_or_create(&l)
             .set(i64::try_from(a.acked).unwrap_or(i64::MAX));
         failing.get_or_create(&l).set(i64::from(a.error.is_some()));
+        refused
+            .get_or_create(&l)
+            .set(i64::try_from(a.refused.len()).unwrap_or(i64::MAX));
         streams
             .get_or_create(&l)
             .set(i64::try_from(a.streams).unwrap_or(i64::MAX));
@@ -97,6 +101,11 @@ pub fn render(s: &HttpState) -> Result<String, std::fmt::Error> {
         "rpclb_controller_agent_apply_failing",
         "1 when the node's last ack reported an apply error",
         failing,
+    );
+    r.register(
+        "rpclb_controller_agent_refused_services",
+        "Services the node's agent refused in its last ack (each alone; it applied the rest); the controller's log says which and why",
+        refused,
     );
     r.register(
         "rpclb_controller_agent_streams",

@@ -3,8 +3,12 @@
 //! agents' streams ([`crate::grpc::Publisher`]), and runs leader election
 //! ([`crate::leader`]) so that only one replica writes Events.
 //!
+//! At start it asks the API server what it serves and picks the endpoints
+//! source ([`crate::endpoints`]); a source that is not served is an error
+//! that ends the controller, never a replica that waits forever.
+//!
 //! Every replica serves agents; `/readyz` turns ready after the first full
-//! list of Services, EndpointSlices and Nodes has been published, so a
+//! list of Services, endpoints and Nodes has been published, so a
 //! replica that has not synced gets no agent streams. Conntrack timeouts in
 //! this mode are the controller's `--timeout-*` flags (the defaults of
 //! docs/config.md unless set).
@@ -18,6 +22,7 @@ use lb_api::wire::NodeState;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::endpoints::{self, SourceChoice, SourceError};
 use crate::grpc::Publisher;
 use crate::http::Counters;
 use crate::leader::{LeaderElector, LeaseConfig};
@@ -35,6 +40,8 @@ pub struct KubeOptions {
     pub no_leader_election: bool,
     pub timeouts: Timeouts,
     pub watch: WatchConfig,
+    /// `--endpoints-source`; decides `watch.source` at start.
+    pub endpoints_source: SourceChoice,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +52,8 @@ pub enum KubeModeError {
     Leader(#[from] crate::leader::LeaderError),
     #[error(transparent)]
     Watch(#[from] kwatch::WatchError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
 }
 
 /// The per-node states of one snapshot: every node gets the default state
@@ -84,6 +93,14 @@ pub async fn run(
     let client = kube::Client::try_default()
         .await
         .map_err(KubeModeError::Client)?;
+    let served = endpoints::discover(&client).await?;
+    let source = endpoints::decide(opts.endpoints_source, &served)?;
+    info!(
+        apiserver = served.version,
+        endpointslices_v1 = served.endpointslices_v1,
+        choice = ?opts.endpoints_source,
+        "reading endpoints from {source}"
+    );
     let (leader_tx, leader_rx) = watch::channel(opts.no_leader_election);
     let elector = if opts.no_leader_election {
         None
@@ -98,12 +115,13 @@ pub async fn run(
     let (snap_tx, mut snap_rx) = kwatch::snapshot_channel();
     let watch_cfg = WatchConfig {
         instance: Some(opts.identity.clone()),
+        source,
         ..opts.watch.clone()
     };
     let watcher = tokio::spawn(kwatch::run(client, watch_cfg, snap_tx, leader_rx));
     info!(
         identity = opts.identity,
-        "watching Services, EndpointSlices and Nodes"
+        "watching Services, {source} and Nodes"
     );
     let result = loop {
         tokio::select! {

@@ -351,7 +351,13 @@ impl LeaderElector {
                     leading
                 }
             };
-            let was = is_leader.send_replace(leading);
+            // Receivers hear of a change of role only, not of every
+            // renewal (watch.rs starts over on each notification).
+            let mut was = false;
+            is_leader.send_if_modified(|v| {
+                was = std::mem::replace(v, leading);
+                was != leading
+            });
             if was != leading {
                 if leading {
                     info!(identity = %self.config.identity, lease = %self.config.name, "became leader");
@@ -364,7 +370,11 @@ impl LeaderElector {
                 () = tokio::time::sleep(self.config.retry_period) => {}
             }
         }
-        let was = is_leader.send_replace(false);
+        let mut was = false;
+        is_leader.send_if_modified(|v| {
+            was = std::mem::replace(v, false);
+            was
+        });
         if was {
             match self.release().await {
                 Ok(()) => info!(lease = %self.config.name, "released the lease"),

@@ -7,9 +7,13 @@
 //! - [`translate`]: the pure translation of Services and EndpointSlices into
 //!   each node's desired state ([`node_state`], [`ClusterState`]), with the
 //!   [`Problem`]s found on the way; its module docs hold the rules.
-//! - [`watch`]: kube-rs reflectors on Services, EndpointSlices and Nodes; on
+//! - [`endpoints`]: where endpoints come from: EndpointSlices, or core v1
+//!   Endpoints (turned into the slices they describe), chosen at start.
+//! - [`watch`]: kube-rs reflectors on Services, the endpoints and Nodes; on
 //!   every change (coalesced), a new [`ClusterSnapshot`] on a
 //!   `tokio::sync::watch` channel, and a Warning Event for each new problem.
+//! - [`events`]: those Events, named after their problem so that each is
+//!   written once, whichever replica leads.
 //! - [`leader`]: leader election with a coordination.k8s.io Lease; the leader
 //!   writes the Events.
 //! - [`grpc`]: the stream of desired states to agents.
@@ -17,6 +21,10 @@
 //! - [`standalone`]: the state from a YAML file instead of Kubernetes.
 
 pub mod annotations;
+#[cfg(feature = "kube")]
+pub mod endpoints;
+#[cfg(feature = "kube")]
+pub mod events;
 pub mod grpc;
 pub mod http;
 #[cfg(feature = "kube")]

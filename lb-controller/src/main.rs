@@ -40,8 +40,8 @@ struct Cli {
         conflicts_with = "kube"
     )]
     config: Option<PathBuf>,
-    /// Kubernetes mode: watch Services, EndpointSlices and Nodes (in-cluster config or
-    /// KUBECONFIG).
+    /// Kubernetes mode: watch Services, their endpoints (see --endpoints-source) and Nodes
+    /// (in-cluster config or KUBECONFIG).
     #[arg(long, env = "RPCLB_KUBE", value_parser = clap::builder::BoolishValueParser::new())]
     kube: bool,
     /// gRPC address agents connect to.
@@ -65,6 +65,16 @@ struct Cli {
     /// --kube: no leader election (for a single replica, which then writes the Events).
     #[arg(long, env = "RPCLB_NO_LEADER_ELECTION", value_parser = clap::builder::BoolishValueParser::new())]
     no_leader_election: bool,
+    /// --kube: where endpoints come from: `endpointslices` (discovery.k8s.io/v1),
+    /// `endpoints` (core v1, served by every version; no terminating state), or `auto`
+    /// (EndpointSlices when the API server serves them, else Endpoints; asked at start).
+    #[arg(
+        long,
+        env = "RPCLB_ENDPOINTS_SOURCE",
+        default_value = "auto",
+        value_parser = ["auto", "endpointslices", "endpoints"]
+    )]
+    endpoints_source: String,
     /// --kube: how long watch events are gathered before the state is recomputed (ms).
     #[arg(long, env = "RPCLB_COALESCE_MS", default_value_t = 50)]
     coalesce_ms: u64,
@@ -271,6 +281,10 @@ fn start_kube(
             coalesce: Duration::from_millis(cli.coalesce_ms),
             ..Default::default()
         },
+        endpoints_source: cli
+            .endpoints_source
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!(e))?,
     };
     let run =
         lb_controller::kube_mode::run(opts, publisher.clone(), counters.clone(), stop.clone());

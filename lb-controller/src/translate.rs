@@ -76,7 +76,7 @@ use k8s_openapi::api::core::v1::{Service as KubeService, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
 use lb_api::{
     Algorithm, Backend, BackendState, DEFAULT_MAGLEV_M, DesiredState, Protocol, Service,
-    ServiceAddr,
+    ServiceAddr, validate,
 };
 
 use crate::annotations::{self, AnnotationError, ServicePolicy, parse_annotations};
@@ -86,9 +86,9 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Client-IP affinity timeout when the Service gives none (as in Kubernetes).
 pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10_800);
 /// The longest client-IP affinity timeout Kubernetes allows.
-pub const MAX_AFFINITY_TIMEOUT: Duration = Duration::from_secs(86_400);
+pub const MAX_AFFINITY_TIMEOUT: Duration = validate::MAX_AFFINITY_TIMEOUT;
 /// The largest Maglev table the data path holds (the config file's limit).
-pub const MAX_MAGLEV_TABLE_SIZE: u32 = lb_api::config::MAX_MAGLEV_M;
+pub const MAX_MAGLEV_TABLE_SIZE: u32 = validate::MAX_MAGLEV_M;
 
 /// The desired state of one node, and what was wrong on the way.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -174,6 +174,12 @@ pub enum ProblemKind {
     InvalidAffinityTimeout { seconds: i32 },
     /// Another Service already has this VIP, port and protocol.
     DuplicateAddress { addr: ServiceAddr, owner: String },
+    /// What the port would become breaks a rule of `lb_api::validate` (a
+    /// backend on a broadcast address, say); agents would refuse it.
+    InvalidService {
+        port: String,
+        error: lb_api::InvalidService,
+    },
 }
 
 impl ProblemKind {
@@ -189,6 +195,7 @@ impl ProblemKind {
             ProblemKind::NoIpv4ClusterIp { .. } => "NoIPv4ClusterIP",
             ProblemKind::InvalidAffinityTimeout { .. } => "InvalidSessionAffinity",
             ProblemKind::DuplicateAddress { .. } => "DuplicateServiceAddress",
+            ProblemKind::InvalidService { .. } => "InvalidService",
         }
     }
 }
@@ -240,6 +247,7 @@ impl fmt::Display for ProblemKind {
             ProblemKind::DuplicateAddress { addr, owner } => {
                 write!(f, "{addr} is already the address of {owner}")
             }
+            ProblemKind::InvalidService { port, error } => write!(f, "port {port}: {error}"),
         }
     }
 }
@@ -591,15 +599,21 @@ fn translate_service(
             // The gRPC mode is TCP only; a UDP port of the Service stays L4.
             grpc: policy.grpc.clone().filter(|_| protocol == Protocol::Tcp),
         };
-        if algorithm.uses_maglev_table() {
-            let live = service
-                .backends
-                .iter()
-                .filter(|b| b.takes_new_flows())
-                .count();
-            if let Some((kind, fallback)) = choose_table_size(&mut service, live, &label) {
-                problems.push(problem(kind, fallback));
-            }
+        if service.needs_maglev_table()
+            && let Some((kind, fallback)) = choose_table_size(&mut service, &label)
+        {
+            problems.push(problem(kind, fallback));
+        }
+        // The one validation: what passes here, every agent takes.
+        if let Err(error) = service.validate() {
+            problems.push(problem(
+                ProblemKind::InvalidService {
+                    port: label.clone(),
+                    error,
+                },
+                "this port is not balanced".into(),
+            ));
+            continue;
         }
         out.push((
             r.clone(),
@@ -672,17 +686,14 @@ fn backends_for(
         .unzip()
 }
 
-/// Makes `service.maglev_table_size` hold `live` backends (see the module
-/// docs). Returns what was wrong and what was done instead, if anything.
-fn choose_table_size(
-    service: &mut Service,
-    live: usize,
-    port: &str,
-) -> Option<(ProblemKind, String)> {
-    let min = 100u64.saturating_mul(live as u64);
+/// Makes `service.maglev_table_size` hold the backends that take new flows
+/// (see the module docs and `lb_api::validate`). Returns what was wrong and
+/// what was done instead, if anything.
+fn choose_table_size(service: &mut Service, port: &str) -> Option<(ProblemKind, String)> {
+    let live = service.live_backends();
     let mut too_small = None;
     if let Some(size) = service.maglev_table_size {
-        if u64::from(size) > min {
+        if validate::maglev_fits(size, live).is_ok() {
             return None;
         }
         service.maglev_table_size = None;
@@ -692,11 +703,11 @@ fn choose_table_size(
             backends: live,
         });
     }
-    if u64::from(DEFAULT_MAGLEV_M) > min {
-        let fallback = format!("using the default maglev table size ({DEFAULT_MAGLEV_M})");
-        return too_small.map(|kind| (kind, fallback));
-    }
-    match next_prime_above(min) {
+    match validate::maglev_size_for(live) {
+        Some(DEFAULT_MAGLEV_M) => {
+            let fallback = format!("using the default maglev table size ({DEFAULT_MAGLEV_M})");
+            too_small.map(|kind| (kind, fallback))
+        }
         Some(m) => {
             service.maglev_table_size = Some(m);
             too_small.map(|kind| (kind, format!("using maglev table size {m}")))
@@ -711,12 +722,6 @@ fn choose_table_size(
             Some((kind, "using random".into()))
         }
     }
-}
-
-/// The smallest prime above `n`, if it is at most `MAX_MAGLEV_TABLE_SIZE`.
-fn next_prime_above(n: u64) -> Option<u32> {
-    let start = u32::try_from(n.checked_add(1)?).ok()?;
-    (start..=MAX_MAGLEV_TABLE_SIZE).find(|&c| lb_api::is_prime(c))
 }
 
 #[cfg(test)]
@@ -1448,22 +1453,73 @@ mod tests {
 
     #[test]
     fn maglev_sizes_beyond_the_data_path_fall_back_to_random() {
+        let too_many = (MAX_MAGLEV_TABLE_SIZE / 100) + 1;
         let mut s = Service::new(
             "shop/big:80",
             ip("10.96.0.81"),
             80,
             Protocol::Tcp,
             Algorithm::Maglev,
-            vec![],
+            (0..too_many)
+                .map(|i| Backend::new(Ipv4Addr::from(0x0a00_0001 + i), 80))
+                .collect(),
         );
-        let too_many = (MAX_MAGLEV_TABLE_SIZE / 100) as usize + 1;
-        let (kind, fallback) = choose_table_size(&mut s, too_many, "80").unwrap();
+        let (kind, fallback) = choose_table_size(&mut s, "80").unwrap();
         assert_eq!(s.algorithm, Algorithm::Random);
         assert_eq!(s.maglev_table_size, None);
         assert_eq!(kind.reason(), "TooManyBackends");
         assert_eq!(fallback, "using random");
-        assert_eq!(next_prime_above(16_380), Some(16_381));
-        assert_eq!(next_prime_above(u64::from(MAX_MAGLEV_TABLE_SIZE)), None);
+        assert_eq!(s.validate(), Ok(()));
+    }
+
+    /// A rolling update of a Maglev Service with 200 ready pods and 10
+    /// terminating ones: the table is sized for the 200, and an agent takes
+    /// the state as the controller sends it (it once refused every update
+    /// of every service until the rollout ended).
+    #[test]
+    fn a_rollout_state_is_taken_by_the_agents() {
+        let mut eps: Vec<Endpoint> = (1..=200)
+            .map(|i| ready(&Ipv4Addr::from(0x0af4_0000 + i).to_string()))
+            .collect();
+        eps.extend((1..=10).map(|i| terminating(&format!("10.245.0.{i}"))));
+        let svc = annotated(
+            service("mg", "10.96.0.80", vec![named("grpc", 80, "grpc")]),
+            &[(annotations::ALGORITHM, "maglev")],
+        );
+        let t = translate(&[svc], &[slice("mg-a", "mg", &[(Some("grpc"), 9000)], eps)]);
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        assert_eq!(only(&t).maglev_table_size, Some(20_011));
+        assert_eq!(only(&t).backends.len(), 210);
+        let node = lb_api::wire::NodeState {
+            state: t.state.clone(),
+            timeouts: Default::default(),
+        };
+        let got =
+            lb_api::wire::apply_message(&Default::default(), 0, &lb_api::wire::snapshot(1, &node))
+                .unwrap();
+        assert_eq!(got.refused, vec![]);
+        assert_eq!(got.state, node);
+    }
+
+    #[test]
+    fn a_port_that_breaks_a_rule_is_not_balanced() {
+        let svc = service("bc", "10.96.0.82", vec![named("http", 80, "http")]);
+        let t = translate(
+            &[svc],
+            &[slice(
+                "bc-a",
+                "bc",
+                &[(Some("http"), 8080)],
+                vec![ready("10.244.0.1"), ready("255.255.255.255")],
+            )],
+        );
+        assert!(t.state.services.is_empty());
+        assert_eq!(t.problems.len(), 1);
+        assert_eq!(t.problems[0].reason(), "InvalidService");
+        assert_eq!(
+            t.problems[0].to_string(),
+            "port http: backends[1].ip: 255.255.255.255 is not a unicast address; this port is not balanced"
+        );
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! change.
 //!
 //! [`run`] keeps three kube-rs reflectors (in-memory caches kept current by
-//! watches): Services, EndpointSlices (discovery.k8s.io/v1) and Nodes
-//! (metadata only). After all three have listed once, each change opens a
+//! watches): Services, the endpoints (EndpointSlices from
+//! discovery.k8s.io/v1, or core v1 Endpoints: see [`crate::endpoints`]) and
+//! Nodes (metadata only). After all three have listed once, each change opens a
 //! short window ([`WatchConfig::coalesce`], 50 ms by default); when it
 //! closes, the whole cluster is translated again
 //! ([`ClusterState::build`]) and, if anything differs, the new snapshot is
@@ -24,29 +25,30 @@
 //! leader writes one Event (type Warning) on the Service for each
 //! [`Problem`] that the previous translation did not have
 //! ([`ProblemTracker`]): a problem is reported when it appears, not on every
-//! recompute, and again if it goes away and comes back. A replica that
-//! becomes leader reports the problems present at that moment once more.
+//! recompute. See [`crate::events`] for how an Event stays one Event across
+//! a change of leader.
 
-use std::collections::HashSet;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, Service as KubeService};
+use k8s_openapi::api::core::v1::{Endpoints, Node, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::core::PartialObjectMeta;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use lb_api::DesiredState;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::annotations;
-use crate::translate::{ClusterState, Problem, ServiceRef};
+use crate::endpoints::{EndpointsSource, slices_from_endpoints};
+use crate::events::EventWriter;
+pub use crate::events::{EVENT_ACTION, ProblemTracker, Report, event_note};
+use crate::translate::{ClusterState, Problem};
 
 /// A Kubernetes resource the controller lists and watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -58,9 +60,10 @@ pub struct WatchedResource {
     pub resource: &'static str,
 }
 
-/// Everything [`run`] lists and watches: the controller's ClusterRole must
-/// grant `list` and `watch` on exactly these (deploy/ is tested against it).
-pub const WATCHED: [WatchedResource; 3] = [
+/// Everything [`run`] may list and watch (the endpoints from one of the
+/// two sources): the controller's ClusterRole must grant `list` and `watch`
+/// on exactly these (deploy/ is tested against it).
+pub const WATCHED: [WatchedResource; 4] = [
     WatchedResource {
         group: "",
         version: "v1",
@@ -74,18 +77,17 @@ pub const WATCHED: [WatchedResource; 3] = [
     WatchedResource {
         group: "",
         version: "v1",
+        resource: "endpoints",
+    },
+    WatchedResource {
+        group: "",
+        version: "v1",
         resource: "nodes",
     },
 ];
 
 /// The default coalescing window.
 pub const DEFAULT_COALESCE: Duration = Duration::from_millis(50);
-
-/// The Events' `action`.
-pub const EVENT_ACTION: &str = "Translate";
-
-/// The Event API limits a note to 1 kB.
-const MAX_NOTE_BYTES: usize = 1024;
 
 /// What [`run`] publishes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -126,6 +128,8 @@ pub struct WatchConfig {
     pub controller: String,
     /// The Events' `reportingInstance`: this replica (its pod name).
     pub instance: Option<String>,
+    /// Where the endpoints come from.
+    pub source: EndpointsSource,
 }
 
 impl Default for WatchConfig {
@@ -134,6 +138,7 @@ impl Default for WatchConfig {
             coalesce: DEFAULT_COALESCE,
             controller: "rpclb.io/controller".into(),
             instance: None,
+            source: EndpointsSource::EndpointSlices,
         }
     }
 }
@@ -150,7 +155,7 @@ pub enum WatchError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Services = 0,
-    EndpointSlices = 1,
+    Endpoints = 1,
     Nodes = 2,
 }
 
@@ -215,48 +220,27 @@ impl Coalescer {
     }
 }
 
-/// Remembers which problems were reported, so that each is reported once
-/// while it lasts.
-#[derive(Clone, Debug, Default)]
-pub struct ProblemTracker {
-    reported: HashSet<(ServiceRef, &'static str, String)>,
+/// The endpoints cache of either source.
+enum EndpointStore {
+    Slices(Store<EndpointSlice>),
+    Endpoints(Store<Endpoints>),
 }
 
-impl ProblemTracker {
-    /// The problems in `current` that the previous call's did not have (each
-    /// once), in their order. Then `current` becomes the reported set: a
-    /// problem missing from it is forgotten, and reported again if it comes
-    /// back.
-    pub fn new_problems<'a>(&mut self, current: &'a [Problem]) -> Vec<&'a Problem> {
-        let mut now = HashSet::with_capacity(current.len());
-        let mut fresh = Vec::new();
-        for p in current {
-            let key = (p.service.clone(), p.reason(), p.to_string());
-            if !self.reported.contains(&key) && !now.contains(&key) {
-                fresh.push(p);
+impl EndpointStore {
+    /// Translates `services` with these endpoints.
+    fn translate(&self, services: &[Arc<KubeService>]) -> ClusterState {
+        match self {
+            EndpointStore::Slices(s) => ClusterState::build(services, &s.state()),
+            EndpointStore::Endpoints(e) => {
+                let slices: Vec<EndpointSlice> = e
+                    .state()
+                    .iter()
+                    .flat_map(|x| slices_from_endpoints(x))
+                    .collect();
+                ClusterState::build(services, &slices)
             }
-            now.insert(key);
         }
-        self.reported = now;
-        fresh
     }
-
-    /// Forgets everything: the next call reports all its problems.
-    pub fn clear(&mut self) {
-        self.reported.clear();
-    }
-}
-
-/// `note`, cut at a character boundary to fit an Event.
-pub fn event_note(note: &str) -> String {
-    if note.len() <= MAX_NOTE_BYTES {
-        return note.to_string();
-    }
-    let mut end = MAX_NOTE_BYTES - '…'.len_utf8();
-    while !note.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &note[..end])
 }
 
 /// Watches the cluster and publishes snapshots on `snapshots` until the
@@ -284,15 +268,38 @@ pub async fn run(
             s.status = None;
         }),
     );
-    let (slices, slices_writer) = reflector::store::<EndpointSlice>();
-    let slices_stream = reflector::reflector(
-        slices_writer,
-        watcher(
-            Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .modify(|s| s.managed_fields_mut().clear()),
-    );
+    let (endpoints, endpoints_stream) = match config.source {
+        EndpointsSource::EndpointSlices => {
+            let (store, writer) = reflector::store::<EndpointSlice>();
+            let stream = reflector::reflector(
+                writer,
+                watcher(
+                    Api::<EndpointSlice>::all(client.clone()),
+                    watcher::Config::default(),
+                )
+                .modify(|s| s.managed_fields_mut().clear()),
+            );
+            (
+                EndpointStore::Slices(store),
+                tagged(Kind::Endpoints, stream).boxed(),
+            )
+        }
+        EndpointsSource::Endpoints => {
+            let (store, writer) = reflector::store::<Endpoints>();
+            let stream = reflector::reflector(
+                writer,
+                watcher(
+                    Api::<Endpoints>::all(client.clone()),
+                    watcher::Config::default(),
+                )
+                .modify(|s| s.managed_fields_mut().clear()),
+            );
+            (
+                EndpointStore::Endpoints(store),
+                tagged(Kind::Endpoints, stream).boxed(),
+            )
+        }
+    };
     let (nodes, nodes_writer) = reflector::store::<PartialObjectMeta<Node>>();
     let nodes_stream = reflector::reflector(
         nodes_writer,
@@ -305,31 +312,27 @@ pub async fn run(
     );
     let changes = futures::stream::select(
         tagged(Kind::Services, services_stream),
-        futures::stream::select(
-            tagged(Kind::EndpointSlices, slices_stream),
-            tagged(Kind::Nodes, nodes_stream),
-        ),
+        futures::stream::select(endpoints_stream, tagged(Kind::Nodes, nodes_stream)),
     );
     let mut changes = pin!(changes);
 
-    let (problems_tx, problems_rx) = mpsc::channel::<Problem>(1024);
-    let reporter = Reporter {
-        controller: config.controller.clone(),
-        instance: config.instance.clone(),
-    };
-    tokio::spawn(write_events(
+    let (problems_tx, problems_rx) = mpsc::channel::<(Problem, Report)>(1024);
+    let writer = EventWriter::new(
         client,
-        reporter,
-        services.clone(),
-        problems_rx,
-    ));
+        config.controller.clone(),
+        config
+            .instance
+            .clone()
+            .unwrap_or_else(|| "lb-controller".into()),
+    );
+    tokio::spawn(write_events(writer, services.clone(), problems_rx));
 
     let mut synced = [false; 3];
     let mut coalescer = Coalescer::new(config.coalesce);
     let mut tracker = ProblemTracker::default();
     let mut leader_open = true;
     let mut generation = 0u64;
-    info!("watching services, endpointslices and nodes");
+    info!(endpoints = %config.source, "watching services, {} and nodes", config.source);
     loop {
         let deadline = coalescer.deadline();
         tokio::select! {
@@ -364,7 +367,7 @@ pub async fn run(
                 let snapshot = Arc::new(ClusterSnapshot {
                     generation: generation + 1,
                     nodes: node_names(&nodes),
-                    cluster: ClusterState::build(&services.state(), &slices.state()),
+                    cluster: endpoints.translate(&services.state()),
                 });
                 // This is the only sender: nothing changes between the
                 // borrow and the send.
@@ -383,8 +386,8 @@ pub async fn run(
                     );
                 }
                 if *leader.borrow() {
-                    for p in tracker.new_problems(snapshot.cluster.problems()) {
-                        if problems_tx.try_send(p.clone()).is_err() {
+                    for (p, how) in tracker.new_problems(snapshot.cluster.problems()) {
+                        if problems_tx.try_send((p.clone(), how)).is_err() {
                             warn!(service = %p.service, reason = p.reason(), "event queue full; event dropped");
                         }
                     }
@@ -422,48 +425,29 @@ fn node_names(nodes: &Store<PartialObjectMeta<Node>>) -> Vec<String> {
     names
 }
 
-/// Writes one Warning Event per problem, on its Service.
-///
-/// Each Event gets a [`Recorder`] of its own: a shared one folds every
-/// Event with the same type, reason and action on the same object version
-/// into one series (a PATCH of the first Event, keeping its note), so a
-/// Service's second invalid annotation would be shown with the first one's
-/// text. [`ProblemTracker`] already keeps repeats out.
+/// Writes one Warning Event per problem, on its Service ([`crate::events`]).
 async fn write_events(
-    client: Client,
-    reporter: Reporter,
+    writer: EventWriter,
     services: Store<KubeService>,
-    mut problems: mpsc::Receiver<Problem>,
+    mut problems: mpsc::Receiver<(Problem, Report)>,
 ) {
-    while let Some(p) = problems.recv().await {
-        let recorder = Recorder::new(client.clone(), reporter.clone());
+    while let Some((p, how)) = problems.recv().await {
         let key = ObjectRef::<KubeService>::new(&p.service.name).within(&p.service.namespace);
         let Some(svc) = services.get(&key) else {
             debug!(service = %p.service, "service gone; no event");
             continue;
         };
-        let event = Event {
-            type_: EventType::Warning,
-            reason: p.reason().into(),
-            note: Some(event_note(&p.to_string())),
-            action: EVENT_ACTION.into(),
-            secondary: None,
-        };
-        match recorder.publish(&event, &svc.object_ref(&())).await {
-            Ok(()) => info!(service = %p.service, reason = p.reason(), "{p}"),
-            Err(e) => warn!(service = %p.service, error = %e, "could not write event"),
-        }
+        writer.report(&p, &svc, how).await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::translate::ProblemKind;
 
     #[test]
     fn watched_resources_are_the_watched_types() {
-        fn of<K: Resource<DynamicType = ()>>() -> (String, String, String) {
+        fn of<K: kube::Resource<DynamicType = ()>>() -> (String, String, String) {
             (
                 K::group(&()).into_owned(),
                 K::version(&()).into_owned(),
@@ -476,7 +460,12 @@ mod tests {
             .collect();
         assert_eq!(
             watched,
-            [of::<KubeService>(), of::<EndpointSlice>(), of::<Node>()]
+            [
+                of::<KubeService>(),
+                of::<EndpointSlice>(),
+                of::<Endpoints>(),
+                of::<Node>()
+            ]
         );
     }
 
@@ -512,62 +501,6 @@ mod tests {
         c.changed(t0 + ms(60));
         assert_eq!(c.deadline(), Some(t0 + ms(110)));
         assert!(c.take_due(t0 + ms(200)));
-    }
-
-    fn problem(service: &str, value: &str) -> Problem {
-        let (_, errors) = annotations::parse_annotations(
-            &[(annotations::ALGORITHM.to_string(), value.to_string())]
-                .into_iter()
-                .collect(),
-        );
-        let e = errors.into_iter().next().expect("an invalid value");
-        Problem {
-            service: ServiceRef {
-                namespace: "shop".into(),
-                name: service.into(),
-            },
-            fallback: e.fallback().into(),
-            kind: ProblemKind::Annotation(e),
-        }
-    }
-
-    #[test]
-    fn each_problem_is_reported_once_while_it_lasts() {
-        let mut t = ProblemTracker::default();
-        let a = problem("a", "x");
-        let b = problem("b", "x");
-        let a2 = problem("a", "y");
-
-        assert_eq!(t.new_problems(&[a.clone(), b.clone()]), [&a, &b]);
-        // Recomputes with the same problems report nothing.
-        assert!(t.new_problems(&[a.clone(), b.clone()]).is_empty());
-        assert!(t.new_problems(&[b.clone(), a.clone()]).is_empty());
-        // A changed value is a new problem.
-        assert_eq!(t.new_problems(&[a2.clone(), b.clone()]), [&a2]);
-        // A problem that went away and came back is reported again.
-        assert!(t.new_problems(std::slice::from_ref(&b)).is_empty());
-        assert_eq!(t.new_problems(&[a.clone(), b.clone()]), [&a]);
-        // Duplicates within one translation: once.
-        assert_eq!(
-            t.new_problems(&[problem("c", "x"), problem("c", "x")])
-                .len(),
-            1
-        );
-
-        t.clear();
-        assert_eq!(t.new_problems(std::slice::from_ref(&a)), [&a]);
-    }
-
-    #[test]
-    fn event_notes_fit_the_event_api() {
-        assert_eq!(event_note("short"), "short");
-        let exact = "x".repeat(MAX_NOTE_BYTES);
-        assert_eq!(event_note(&exact), exact);
-        let long = "é".repeat(MAX_NOTE_BYTES);
-        let note = event_note(&long);
-        assert!(note.len() <= MAX_NOTE_BYTES, "{}", note.len());
-        assert!(note.ends_with('…'));
-        assert!(note.starts_with("éé"));
     }
 
     #[test]

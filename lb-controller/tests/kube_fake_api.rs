@@ -45,6 +45,7 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::Response;
 use lb_api::config::Timeouts;
 use lb_api::{Algorithm, Backend, BackendState, Protocol, Service};
+use lb_controller::endpoints::EndpointsSource;
 use lb_controller::kube_mode;
 use lb_controller::leader::{LeaderElector, LeaseConfig};
 use lb_controller::watch::{self, ClusterSnapshot, SnapshotReceiver, WatchConfig};
@@ -99,6 +100,14 @@ const RESOURCES: &[ResourceDef] = &[
     },
     ResourceDef {
         prefix: "/api/v1",
+        plural: "endpoints",
+        kind: "Endpoints",
+        api_version: "v1",
+        namespaced: true,
+        verbs: &["list", "watch"],
+    },
+    ResourceDef {
+        prefix: "/api/v1",
         plural: "nodes",
         kind: "Node",
         api_version: "v1",
@@ -111,7 +120,7 @@ const RESOURCES: &[ResourceDef] = &[
         kind: "Event",
         api_version: "events.k8s.io/v1",
         namespaced: true,
-        verbs: &["create", "patch"],
+        verbs: &["create", "get", "patch"],
     },
     ResourceDef {
         prefix: "/apis/coordination.k8s.io/v1",
@@ -1046,12 +1055,17 @@ struct Running {
 
 impl Running {
     fn start(fake: &FakeApi, leader: bool) -> Self {
+        Self::start_with(fake, leader, EndpointsSource::EndpointSlices)
+    }
+
+    fn start_with(fake: &FakeApi, leader: bool, source: EndpointsSource) -> Self {
         let (tx, snapshots) = watch::snapshot_channel();
         let (leader, leader_rx) = tokio_watch::channel(leader);
         let config = WatchConfig {
             coalesce: COALESCE,
             controller: CONTROLLER.into(),
             instance: Some(INSTANCE.into()),
+            source,
         };
         let task = tokio::spawn(watch::run(fake.client(), config, tx, leader_rx));
         Running {
@@ -1184,6 +1198,60 @@ async fn the_first_snapshot_waits_for_all_three_lists() {
         "one snapshot for one sync"
     );
     assert!(fake.event_writes().is_empty(), "no problem, no event");
+    fake.assert_no_unexpected();
+}
+
+/// The core v1 Endpoints source: the same backends from an Endpoints
+/// object (not-ready addresses left out, no terminating state), and its
+/// changes followed; EndpointSlices are not read at all.
+#[tokio::test(start_paused = true)]
+async fn the_endpoints_source_reads_core_v1_endpoints() {
+    let fake = FakeApi::new();
+    seed_web(&fake); // a slice that must be ignored
+    let endpoints = |ready: &[(&str, &str)], not_ready: &[(&str, &str)]| {
+        let addr = |(ip, node): &(&str, &str)| json!({"ip": ip, "nodeName": node});
+        json!({
+            "apiVersion": "v1",
+            "kind": "Endpoints",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "subsets": [{
+                "addresses": ready.iter().map(addr).collect::<Vec<_>>(),
+                "notReadyAddresses": not_ready.iter().map(addr).collect::<Vec<_>>(),
+                "ports": [{"name": "http", "port": 9090, "protocol": "TCP"}],
+            }],
+        })
+    };
+    fake.apply(endpoints(
+        &[("10.244.1.7", "node-a"), ("10.244.2.7", "node-b")],
+        &[("10.244.1.8", "node-a")],
+    ));
+    let mut run = Running::start_with(&fake, false, EndpointsSource::Endpoints);
+    let first = run.snapshot_after(0).await;
+    assert_eq!(
+        first.node_state("node-a").services,
+        [lb_service(
+            "shop/web:http",
+            "10.96.0.10",
+            80,
+            vec![
+                backend("10.244.1.7", 9090, BackendState::Active),
+                backend("10.244.2.7", 9090, BackendState::Active),
+            ]
+        )]
+    );
+    // A pod leaves (scaled down, or terminating: Endpoints cannot tell).
+    fake.apply(endpoints(&[("10.244.2.7", "node-b")], &[]));
+    let second = run.snapshot_after(first.generation).await;
+    assert_eq!(
+        second.node_state("node-a").services[0].backends,
+        [backend("10.244.2.7", 9090, BackendState::Active)]
+    );
+    {
+        let i = fake.lock();
+        assert!(i.requests("endpointslices", "list").is_empty());
+        assert!(!i.requests("endpoints", "list").is_empty());
+    }
+    run.task.abort();
     fake.assert_no_unexpected();
 }
 
@@ -1409,8 +1477,10 @@ async fn an_invalid_annotation_is_one_warning_event_while_leader() {
     settle().await;
     assert_eq!(fake.event_writes().len(), 1, "{:#?}", fake.event_writes());
 
-    // Losing the lead writes nothing; regaining it reports the problem once
-    // more.
+    // Losing the lead writes nothing. Regaining it (as a new leader does)
+    // reports the problem again under the same Event name: 409, still one
+    // Event (it once wrote the same Event every ~2 s while a problem
+    // lasted, and again at each change of leader).
     run.leader.send_replace(false);
     settle().await;
     assert_eq!(fake.event_writes().len(), 1);
@@ -1429,12 +1499,35 @@ async fn an_invalid_annotation_is_one_warning_event_while_leader() {
     assert_eq!(writes.len(), 2, "{writes:#?}");
     assert_eq!(
         (writes[1].method.clone(), writes[1].status),
-        (Method::POST, 201)
+        (Method::POST, 409)
     );
+    assert_eq!(events_on(&fake, "web").len(), 1);
+    // A renewal that keeps the lead notifies nobody: nothing is written.
+    run.leader.send_if_modified(|_| false);
+    settle().await;
+    assert_eq!(fake.event_writes().len(), 2);
+
+    // The problem goes away and comes back: the one Event's series counts it.
+    let gen_before = run.current().unwrap().generation;
+    fake.apply(service("web", "10.96.0.10", json!({})));
+    let fixed = run.snapshot_after(gen_before).await;
+    assert!(fixed.cluster.problems().is_empty());
+    let gen_before = fixed.generation;
+    fake.apply(service(
+        "web",
+        "10.96.0.10",
+        json!({"metadata": {"annotations": {"rpclb.io/algorithm": "fastest"}}}),
+    ));
+    let again = run.snapshot_after(gen_before).await;
+    assert_eq!(again.cluster.problems().len(), 1);
+    fake.wait_for("the series update", |i| {
+        (!i.requests("events", "patch").is_empty()).then_some(())
+    })
+    .await;
+    settle().await;
     let events = events_on(&fake, "web");
-    assert_eq!(events.len(), 2);
-    assert_eq!(events[0]["note"], events[1]["note"]);
-    assert_ne!(events[0]["metadata"]["name"], events[1]["metadata"]["name"]);
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0]["series"]["count"], 2, "{:#?}", events[0]);
     fake.assert_no_unexpected();
 }
 
@@ -1713,6 +1806,7 @@ async fn electors_hand_over_on_shutdown() {
         .await
         .expect("a leads")
         .unwrap();
+    a_rx.mark_unchanged();
 
     let (b_tx, mut b_rx) = tokio_watch::channel(false);
     let (b_stop, b_stopped) = oneshot::channel::<()>();
@@ -1729,6 +1823,16 @@ async fn electors_hand_over_on_shutdown() {
     assert!(*a_rx.borrow(), "a still leads");
     let renewals = fake.lock().requests("leases", "update").len() - updates_before;
     assert!(renewals >= 3, "a renewed {renewals} times in 1.5 s");
+    // Renewals are no news: the watch loop starts over on each notification
+    // (it once re-wrote every Event at every renewal).
+    assert!(
+        !a_rx.has_changed().unwrap(),
+        "a renewal notified a's receiver"
+    );
+    assert!(
+        !b_rx.has_changed().unwrap(),
+        "following notified b's receiver"
+    );
     assert_eq!(holder(&lease(&fake)), Some("pod-a"));
 
     // a shuts down: it steps down, releases the Lease, and b acquires it.

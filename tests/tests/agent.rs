@@ -1290,8 +1290,7 @@ fn wait_backends(lab: &Lab, want: &[usize]) -> BTreeMap<String, usize> {
 
 #[test]
 fn agent_follows_the_controller_stream() {
-    if !lab::can_run() {
-        eprintln!("SKIP: needs root and CAP_NET_ADMIN");
+    if !lab::require() {
         return;
     }
     let lab = Lab::new(3).expect("lab");
@@ -1394,12 +1393,181 @@ fn agent_follows_the_controller_stream() {
     );
 }
 
+/// A controller stand-in (in the node namespace, on the controller's port)
+/// that sends one snapshot and hands every ack to the test.
+struct FakeController {
+    acks: std::sync::mpsc::Receiver<lb_api::wire::pb::Ack>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl FakeController {
+    fn start(lab: &Lab, snapshot: lb_api::wire::pb::ControllerMessage) -> FakeController {
+        use lb_api::wire::{StateStream, StateStreamServer, pb};
+        use tokio_stream::StreamExt;
+
+        struct Svc {
+            snapshot: pb::ControllerMessage,
+            acks: std::sync::Mutex<std::sync::mpsc::Sender<pb::Ack>>,
+        }
+        type Out = std::pin::Pin<
+            Box<
+                dyn tokio_stream::Stream<Item = Result<pb::ControllerMessage, tonic::Status>>
+                    + Send,
+            >,
+        >;
+        #[tonic::async_trait]
+        impl StateStream for Svc {
+            type WatchStream = Out;
+            async fn watch(
+                &self,
+                req: tonic::Request<tonic::Streaming<pb::AgentMessage>>,
+            ) -> Result<tonic::Response<Out>, tonic::Status> {
+                let mut inbound = req.into_inner();
+                let acks = self.acks.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    while let Some(Ok(m)) = inbound.next().await {
+                        if let Some(pb::agent_message::Msg::Ack(a)) = m.msg {
+                            let _ = acks.send(a);
+                        }
+                    }
+                });
+                let first = tokio_stream::once(Ok(self.snapshot.clone()));
+                // Then stay open, as a controller does.
+                let out = first.chain(tokio_stream::pending());
+                Ok(tonic::Response::new(Box::pin(out)))
+            }
+        }
+
+        let (ack_tx, acks) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let svc = Svc {
+            snapshot,
+            acks: std::sync::Mutex::new(ack_tx),
+        };
+        lab.node()
+            .spawn("fake-controller", move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let l = tokio::net::TcpListener::bind(("127.0.0.1", CONTROLLER_GRPC))
+                        .await
+                        .expect("bind the fake controller");
+                    let _ = ready_tx.send(());
+                    tonic::transport::Server::builder()
+                        .add_service(StateStreamServer::new(svc))
+                        .serve_with_incoming_shutdown(
+                            tokio_stream::wrappers::TcpListenerStream::new(l),
+                            async {
+                                let _ = stopped.await;
+                            },
+                        )
+                        .await
+                        .unwrap();
+                });
+            })
+            .expect("fake controller thread");
+        ready
+            .recv_timeout(Duration::from_secs(10))
+            .expect("fake controller listening");
+        FakeController { acks, _stop: stop }
+    }
+
+    fn next_ack(&self) -> lb_api::wire::pb::Ack {
+        self.acks
+            .recv_timeout(Duration::from_secs(20))
+            .expect("an ack from the agent")
+    }
+}
+
+/// One service the agent cannot take (a Maglev table too small for its
+/// backends) is refused alone: the agent serves the rest of the snapshot,
+/// says which service and why in its ack, its log and its metrics, and does
+/// not reconnect (it once refused the whole state, acked an error and
+/// resynced in a loop).
+#[test]
+fn agent_refuses_an_invalid_service_alone() {
+    if !lab::require() {
+        return;
+    }
+    use lb_api::wire::{self, NodeState};
+    use lb_api::{Algorithm, Backend, DesiredState, Service};
+    let lab = Lab::new(3).expect("lab");
+    let _tcp = lab.start_tcp_servers(8080).unwrap();
+    let backends: Vec<Backend> = (1..=3)
+        .map(|i| Backend::new(lab.backend(i).ip(), 8080))
+        .collect();
+    let good = Service::new(
+        WEB,
+        VIP,
+        80,
+        Protocol::Tcp,
+        Algorithm::RoundRobin,
+        backends.clone(),
+    );
+    let mut bad = Service::new(
+        "lab/bad:http",
+        VIP,
+        81,
+        Protocol::Tcp,
+        Algorithm::Maglev,
+        backends,
+    );
+    bad.maglev_table_size = Some(101);
+    let snapshot = wire::snapshot(
+        1,
+        &NodeState {
+            state: DesiredState {
+                services: vec![good, bad],
+            },
+            timeouts: Default::default(),
+        },
+    );
+    let ctl = FakeController::start(&lab, snapshot);
+    let dir = TestDir::new("refuse-alone");
+    let mut agent = Agent::start(&lab, &dir, "agent", &agent_controller_args(&lab, &dir));
+    agent.wait_ready();
+    let ack = ctl.next_ack();
+    assert_eq!(ack.version, 1);
+    assert_eq!(ack.error, "", "the snapshot is applied");
+    assert_eq!(ack.refused.len(), 1, "{:?}", ack.refused);
+    assert_eq!(ack.refused[0].service, "lab/bad:http");
+    assert!(
+        ack.refused[0]
+            .reason
+            .contains("maglev table size 101 must be > 100 x 3"),
+        "{:?}",
+        ack.refused[0]
+    );
+    // The rest is served: exact round-robin over the three backends.
+    let c = tcp(&lab, 30);
+    assert_eq!(
+        c.values().copied().collect::<Vec<_>>(),
+        vec![10, 10, 10],
+        "{c:?}"
+    );
+    let m = agent.wait_metric("rpclb_controller_version", 1.0);
+    assert_eq!(
+        m.get("rpclb_service_refused", &[("service", "lab/bad:http")]),
+        Some(1.0)
+    );
+    assert_eq!(m.get("rpclb_controller_reconnects", &[]), Some(0.0));
+    let log = agent.log();
+    assert!(log.contains("lab/bad:http"), "{log}");
+    assert_eq!(
+        log.matches("connected to the controller").count(),
+        1,
+        "{log}"
+    );
+}
+
 // ---- the userspace data path ----
 
 #[test]
 fn agent_falls_back_to_the_userspace_datapath() {
-    if !lab::can_run() {
-        eprintln!("SKIP: needs root and CAP_NET_ADMIN");
+    if !lab::require() {
         return;
     }
     let lab = Lab::new(3).expect("lab");

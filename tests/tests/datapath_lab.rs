@@ -132,19 +132,15 @@ fn balance(mode: AttachMode) {
 
 #[test]
 fn xdp_lab_balances_tcp_and_udp() {
-    if lab::can_run() {
+    if lab::require() {
         balance(AttachMode::Xdp);
-    } else {
-        eprintln!("SKIP: needs root and CAP_NET_ADMIN");
     }
 }
 
 #[test]
 fn tc_lab_balances_tcp_and_udp() {
-    if lab::can_run() {
+    if lab::require() {
         balance(AttachMode::Tc);
-    } else {
-        eprintln!("SKIP: needs root and CAP_NET_ADMIN");
     }
 }
 
@@ -232,14 +228,14 @@ fn long_lived(mode: AttachMode) {
 
 #[test]
 fn xdp_lab_long_lived_connection_survives_backend_changes() {
-    if lab::can_run() {
+    if lab::require() {
         long_lived(AttachMode::Xdp);
     }
 }
 
 #[test]
 fn tc_lab_long_lived_connection_survives_backend_changes() {
-    if lab::can_run() {
+    if lab::require() {
         long_lived(AttachMode::Tc);
     }
 }
@@ -247,7 +243,7 @@ fn tc_lab_long_lived_connection_survives_backend_changes() {
 /// A SYN to a service without backends is refused at once (RST), not timed out.
 #[test]
 fn lab_no_backend_refuses_fast() {
-    if !lab::can_run() {
+    if !lab::require() {
         return;
     }
     let lab = Lab::new(1).expect("lab");

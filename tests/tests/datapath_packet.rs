@@ -51,11 +51,7 @@ impl V {
 }
 
 fn can_run() -> bool {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: packet tests need root (BPF_PROG_LOAD, BPF_PROG_TEST_RUN)");
-        return false;
-    }
-    true
+    lb_agent::datapath::scratch::require_root("packet tests")
 }
 
 /// A loaded data path pinned in a private directory, unpinned on drop.
@@ -790,7 +786,7 @@ fn tc_malformed() {
 /// table, TTL drops by one, and the flow caches the route.
 #[test]
 fn xdp_fib_redirect_and_route_cache() {
-    if !can_run() || !rpclb_tests::lab::can_run() {
+    if !can_run() || !rpclb_tests::lab::require() {
         return;
     }
     let ns = rpclb_tests::lab::Netns::new("pktfib").unwrap();

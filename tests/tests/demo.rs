@@ -3,7 +3,7 @@
 //! Runs `rpclb-demo --quick` and expects exit 0, both per-service tables, the third phase
 //! (one connection per VIP: B's L4 VIP and its gRPC-mode twin), the check marks and lbctl's
 //! output. Needs root (it builds a netns lab and loads the data path); without
-//! it the test prints SKIP and passes.
+//! it the test prints SKIP and passes (fails under CI).
 //!
 //! Finding the binaries: rpclb-demo depends on this crate, so cargo does not build it for
 //! this test. The test runs `cargo build -p rpclb-demo -p lb-agent -p lb-controller` itself, with the

@@ -2,7 +2,7 @@
 //! node namespace with a `grpc: Some` service, three `grpc.testing.TestService`
 //! backends run in the backend namespaces, and a tonic client in the client
 //! namespace calls the VIP over one HTTP/2 connection. Need root; each test
-//! prints SKIP and passes otherwise.
+//! prints SKIP and passes otherwise (fails under CI).
 //!
 //! The backends are the demo's proto served by hyper directly (not tonic's
 //! server, which enforces `grpc-timeout` itself and would race the proxy's

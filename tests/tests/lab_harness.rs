@@ -1,5 +1,6 @@
 //! Tests of the netns lab harness itself, with no BPF: plain routing through the node.
-//! Need root; each test prints SKIP and passes otherwise.
+//! Need root; without it each test prints SKIP and passes, or fails under CI
+//! (`CI=true` or `RPCLB_REQUIRE_PRIVILEGES=1`).
 
 use rpclb_tests::lab::{self, Lab, Limits, Netns, TcpServer, sys};
 use rpclb_tests::skip_unless_lab;
@@ -336,4 +337,63 @@ fn sweep_orphans_removes_only_dead_owners() {
         listed.iter().any(|n| n == mine.name()),
         "a live owner's namespace was swept"
     );
+}
+
+/// Runs this test executable's `topology_is_wired_and_contained` as user
+/// nobody with no capabilities, with `env` set: its exit status and output.
+fn run_unprivileged(env: &[(&str, &str)]) -> (bool, String) {
+    // A copy nobody can read and run (the target dir may be private).
+    let dir = tempdir("unpriv");
+    let exe = dir.join("lab_harness");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+    ])
+    .arg(&exe)
+    .args(["--exact", "topology_is_wired_and_contained", "--nocapture"])
+    .env_remove("CI")
+    .env_remove("RPCLB_REQUIRE_PRIVILEGES")
+    .current_dir(&dir);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("setpriv");
+    let _ = std::fs::remove_dir_all(&dir);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn tempdir(what: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rpclb-{what}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A lab test that cannot run (no root) skips only outside CI: under
+/// `CI=true` or `RPCLB_REQUIRE_PRIVILEGES=1` it fails, so that a CI without
+/// root or BPF cannot report success with no kernel coverage.
+#[test]
+fn without_privileges_lab_tests_fail_under_ci_and_skip_elsewhere() {
+    // Dropping to nobody needs root.
+    skip_unless_lab!();
+    let (ok, out) = run_unprivileged(&[]);
+    assert!(ok, "outside CI it skips and passes:\n{out}");
+    assert!(out.contains("SKIP: the lab needs root"), "{out}");
+    for env in [("CI", "true"), ("RPCLB_REQUIRE_PRIVILEGES", "1")] {
+        let (ok, out) = run_unprivileged(&[env]);
+        assert!(!ok, "with {env:?} it fails:\n{out}");
+        assert!(out.contains("this test cannot run here"), "{out}");
+        assert!(out.contains("test result: FAILED"), "{out}");
+    }
+    let (ok, out) = run_unprivileged(&[("CI", "false")]);
+    assert!(ok, "CI=false is not CI:\n{out}");
 }

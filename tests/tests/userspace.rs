@@ -1,7 +1,7 @@
 //! Lab tests of the userspace data path: the proxy runs inside the lab's node
 //! namespace (its VIP routes go there and nowhere else), and real TCP and UDP
-//! sockets go client -> VIP -> backends. Need root; each test prints SKIP and
-//! passes otherwise.
+//! sockets go client -> VIP -> backends. Need root; without it each test prints SKIP
+//! and passes, or fails under CI (`CI=true` or `RPCLB_REQUIRE_PRIVILEGES=1`).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};

@@ -46,7 +46,16 @@ pub fn backend_key(ip: Ipv4Addr, port: u16) -> u64 {
     (u64::from(u32::from(ip)) << 16) | u64::from(port)
 }
 
-pub use lb_api::maglev_size::{MaglevError, is_prime, next_prime_above, validate_m};
+pub use lb_api::is_prime;
+
+/// Why a table cannot be built.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MaglevError {
+    #[error("maglev table size {0} is not prime")]
+    NotPrime(u32),
+    #[error("maglev table size {m} cannot hold {n} backends")]
+    TooManyBackends { m: u32, n: usize },
+}
 
 /// splitmix64's finalizer: a fast 64-bit mixer with full avalanche.
 #[inline]
@@ -75,8 +84,8 @@ fn permutation(key: u64, m: u64) -> (u64, u64) {
 ///
 /// Backends with weight 0 are left out; if none remain, the result is empty.
 /// `m` must be prime and at least the number of remaining backends. It should
-/// also pass [`validate_m`] (> 100 x backends) for good balance, but that is
-/// the caller's policy and is not enforced here.
+/// also be > 100 x backends for good balance (`lb_api::validate`, which
+/// every service passes before it reaches a builder); that is not enforced here.
 pub fn build(backends: &[MaglevBackend], m: u32) -> Result<Vec<u32>, MaglevError> {
     build_with(backends, m, Fill::Auto)
 }
@@ -242,45 +251,6 @@ mod tests {
         assert!(!is_prime(u32::MAX));
         assert!(!is_prime(25));
         assert!(!is_prime(49));
-        assert_eq!(next_prime_above(16_380), 16_381);
-        assert_eq!(next_prime_above(16_381), 16_411);
-        assert_eq!(next_prime_above(65_536), 65_537);
-        assert_eq!(next_prime_above(20_000), 20_011);
-        assert_eq!(next_prime_above(0), 2);
-        assert_eq!(next_prime_above(2), 3);
-    }
-
-    #[test]
-    fn validate_m_cases() {
-        assert_eq!(validate_m(16_381, 100), Ok(()));
-        assert_eq!(validate_m(16_381, 163), Ok(()));
-        assert_eq!(validate_m(16_381, 0), Ok(()));
-        assert_eq!(validate_m(1000, 1), Err(MaglevError::NotPrime(1000)));
-        assert_eq!(validate_m(0, 0), Err(MaglevError::NotPrime(0)));
-        assert_eq!(validate_m(1, 0), Err(MaglevError::NotPrime(1)));
-        assert_eq!(
-            validate_m(1000, 1).unwrap_err().to_string(),
-            "maglev table size 1000 is not prime"
-        );
-        let e = validate_m(16_381, 200).unwrap_err();
-        assert_eq!(
-            e,
-            MaglevError::TooSmall {
-                m: 16_381,
-                n: 200,
-                min: 20_000
-            }
-        );
-        assert_eq!(
-            e.to_string(),
-            "maglev table size 16381 must be > 100 x 200 backends = 20000"
-        );
-        // Exactly 100 x N is not enough (strictly greater); 101 is prime.
-        assert!(validate_m(101, 1).is_ok());
-        assert!(matches!(
-            validate_m(97, 1),
-            Err(MaglevError::TooSmall { .. })
-        ));
     }
 
     #[test]

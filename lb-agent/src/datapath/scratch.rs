@@ -76,19 +76,75 @@ impl ScratchDatapath {
 
     /// One BPF_PROG_TEST_RUN of `frame`: the verdict and the output frame.
     pub fn run(&mut self, hook: Hook, frame: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        let r = match hook {
-            Hook::Xdp => self.dp().xdp_program().test_run(opts),
-            Hook::Tc => self.dp().tc_program().test_run(opts),
-        }?;
-        out.truncate(r.data_size_out as usize);
-        Ok((r.return_value, out))
+        test_run(self.dp(), hook, frame)
     }
+
+    /// A second instance of the programs on this one's pinned maps: it
+    /// sees every map write at once (for tests that look between writes).
+    pub fn twin(&self, tune: impl FnOnce(&mut DatapathConfig)) -> Result<Datapath, DatapathError> {
+        let mut cfg = DatapathConfig::small(&self.dir);
+        tune(&mut cfg);
+        Datapath::load(&cfg)
+    }
+}
+
+/// One BPF_PROG_TEST_RUN of `frame` through `dp`'s program for `hook`.
+pub fn test_run(
+    dp: &mut Datapath,
+    hook: Hook,
+    frame: &[u8],
+) -> Result<(u32, Vec<u8>), ProgramError> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ..Default::default()
+    };
+    let r = match hook {
+        Hook::Xdp => dp.xdp_program().test_run(opts),
+        Hook::Tc => dp.tc_program().test_run(opts),
+    }?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, out))
+}
+
+/// Whether tests that need privileges must fail instead of skipping: under
+/// CI (`CI=true`, as `.ci/run` sets) or with `RPCLB_REQUIRE_PRIVILEGES=1`.
+pub fn privileges_required() -> bool {
+    let on = |k: &str| {
+        std::env::var(k).is_ok_and(|v| {
+            let v = v.trim().to_ascii_lowercase();
+            !v.is_empty() && v != "0" && v != "false"
+        })
+    };
+    on("CI") || on("RPCLB_REQUIRE_PRIVILEGES")
+}
+
+/// The gate of every test that needs privileges: `true` when `ok`; else
+/// it prints `SKIP: <what>` and returns `false`, or, when
+/// [`privileges_required`], panics, so that a run without root or BPF
+/// cannot pass silently.
+pub fn skip_unless(ok: bool, what: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if privileges_required() {
+        panic!(
+            "this test cannot run here: {what} (CI or RPCLB_REQUIRE_PRIVILEGES is set, so it fails instead of skipping)"
+        );
+    }
+    eprintln!("SKIP: {what}");
+    false
+}
+
+/// [`skip_unless`] for tests that load BPF programs: root (euid 0).
+pub fn require_root(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    skip_unless(
+        root,
+        &format!("{what} needs root (BPF_PROG_LOAD, BPF_PROG_TEST_RUN)"),
+    )
 }
 
 impl Drop for ScratchDatapath {

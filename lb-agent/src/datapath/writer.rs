@@ -16,7 +16,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
 };
-use lb_api::{Algorithm, Backend, BackendState, DesiredState, Protocol, Service, ServiceAddr};
+use lb_api::{Algorithm, BackendState, DesiredState, Protocol, Refusal, Service, ServiceAddr};
 use lb_common::{
     AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FlowKey, NAME_MAX,
     NameValue, ServiceKey, ServiceValue, backend_state, config_idx, ct_dir, limits, map_names,
@@ -38,6 +38,15 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError 
 struct BackendSlot {
     id: u32,
     value: BackendValue,
+}
+
+/// See [`MapWriter::set_after_switch_hook`].
+pub type SwitchHook = Box<dyn FnMut(&ServiceAddr) + Send>;
+
+/// Whether the kernel may pick this backend for a new flow
+/// (`select::backend` in lb-ebpf).
+fn takes_new_flows(v: &BackendValue) -> bool {
+    v.state == backend_state::ACTIVE && v.weight > 0
 }
 
 /// A service as the writer tracks it.
@@ -280,9 +289,20 @@ pub struct MapWriter {
     svc_ids: IdAlloc,
     backend_ids: IdAlloc,
     ranges: RangeAlloc,
+    /// Test hook: runs right after a service entry switches to its new
+    /// table, before backends leaving the table are marked (see
+    /// [`Self::set_after_switch_hook`]).
+    after_switch: Option<SwitchHook>,
 }
 
 impl MapWriter {
+    /// Runs `hook` inside every [`Self::upsert_service`], right after the
+    /// service entry switches to its new table: what the kernel sees between
+    /// the two halves of a write (tests of the write order).
+    pub fn set_after_switch_hook(&mut self, hook: Option<SwitchHook>) {
+        self.after_switch = hook;
+    }
+
     /// Takes the maps of a freshly loaded object.
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
         let mut take = |name: &'static str| -> Result<Map, DatapathError> {
@@ -365,6 +385,7 @@ impl MapWriter {
             config: typed!(map_names::CONFIG),
             svcs: BTreeMap::new(),
             ranges: RangeAlloc::new(0, &[]),
+            after_switch: None,
         };
         w.svc_ids = IdAlloc::new(w.rr.len());
         w.adopt(backends_fd.as_fd())?;
@@ -444,7 +465,12 @@ impl MapWriter {
 
     /// Applies a whole desired state: upserts every service in it and removes
     /// the services that are not. Unchanged services cause no map writes.
-    pub fn apply(&mut self, state: &DesiredState) -> Result<(), DatapathError> {
+    ///
+    /// A service that cannot be written (invalid, or a full map) is refused
+    /// alone: its previous version, if any, stays in the maps, the rest is
+    /// applied, and the refusals are returned. Only a failure to remove a
+    /// service (a map syscall error) ends the apply early.
+    pub fn apply(&mut self, state: &DesiredState) -> Result<Vec<Refusal>, DatapathError> {
         let want: std::collections::BTreeSet<ServiceAddr> =
             state.services.iter().map(|s| s.addr()).collect();
         let gone: Vec<ServiceAddr> = self
@@ -453,6 +479,7 @@ impl MapWriter {
             .filter(|a| !want.contains(a))
             .copied()
             .collect();
+        let mut refused = Vec::new();
         for s in &state.services {
             // A service this writer wrote as it is now needs nothing (its
             // Maglev table alone costs ~0.3 ms to rebuild).
@@ -463,26 +490,28 @@ impl MapWriter {
             {
                 continue;
             }
-            self.upsert_service(s)?;
+            if let Err(e) = self.upsert_service(s) {
+                refused.push(Refusal {
+                    service: s.name.clone(),
+                    addr: Some(s.addr()),
+                    reason: match e {
+                        DatapathError::InvalidService(_, m) => m,
+                        e => e.to_string(),
+                    },
+                });
+            }
         }
         for a in gone {
             self.remove_service(&a)?;
         }
-        Ok(())
+        Ok(refused)
     }
 
     /// Creates or updates one service and its backend set.
     pub fn upsert_service(&mut self, svc: &Service) -> Result<u32, DatapathError> {
         let addr = svc.addr();
         let invalid = |m: String| DatapathError::InvalidService(svc.name.clone(), m);
-        let live: Vec<&Backend> = svc
-            .backends
-            .iter()
-            .filter(|b| b.takes_new_flows())
-            .collect();
-        if svc.algorithm.uses_maglev_table() && !live.is_empty() {
-            maglev::validate_m(svc.maglev_m(), live.len()).map_err(|e| invalid(e.to_string()))?;
-        }
+        svc.validate().map_err(|e| invalid(e.to_string()))?;
         let mut st = match self.svcs.get(&addr) {
             Some(s) => s.clone(),
             None => {
@@ -508,7 +537,9 @@ impl MapWriter {
             st.name = svc.name.clone();
         }
 
-        // 1. Backends first: new ones get ids, changed ones are rewritten.
+        // 1. Backends first: new ones get ids; changed ones that become (or
+        //    stay) able to take new flows are rewritten now, before the new
+        //    table can name them (an un-drain). The others wait for step 4.
         let mut next: BTreeMap<(Ipv4Addr, u16), BackendSlot> = BTreeMap::new();
         for b in &svc.backends {
             let k = (b.ip, b.port);
@@ -524,7 +555,14 @@ impl MapWriter {
                 svc_id: id,
             };
             let slot = match st.backends.get(&k) {
-                Some(old) => BackendSlot { id: old.id, value },
+                Some(old) => {
+                    if old.value != value && b.takes_new_flows() {
+                        self.backends
+                            .set(old.id, value, 0)
+                            .map_err(map_err(map_names::BACKENDS))?;
+                    }
+                    BackendSlot { id: old.id, value }
+                }
                 None => {
                     let bid = self
                         .backend_ids
@@ -579,11 +617,15 @@ impl MapWriter {
                 .map_err(map_err(map_names::SERVICES))?;
         }
 
-        // 4. Existing backends whose weight/state changed: after the new table,
-        //    so a draining backend is out of the table before it is marked.
+        if let Some(hook) = self.after_switch.as_mut() {
+            hook(&addr);
+        }
+        // 4. Existing backends that stop taking new flows (a drain): after
+        //    the new table, so they are out of it before they are marked.
         for (k, slot) in &next {
             if let Some(old) = st.backends.get(k)
                 && old.value != slot.value
+                && !takes_new_flows(&slot.value)
             {
                 self.backends
                     .set(slot.id, slot.value, 0)
@@ -614,7 +656,7 @@ impl MapWriter {
     ) -> Result<Vec<u32>, String> {
         let live: Vec<&BackendSlot> = next
             .values()
-            .filter(|b| b.value.state == backend_state::ACTIVE && b.value.weight > 0)
+            .filter(|b| takes_new_flows(&b.value))
             .collect();
         if live.is_empty() {
             return Ok(Vec::new());

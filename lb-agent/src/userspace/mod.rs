@@ -355,10 +355,11 @@ impl UserspaceProxy {
 
     /// Applies `desired` as a diff against what is served: new services get
     /// a socket (and their VIP a route), removed ones are closed, changed
-    /// ones get a new selection for new flows. Invalid input changes nothing
-    /// and is an error. A service that cannot start (e.g. its port is taken)
-    /// is reported in [`ProxyError::Several`] while the rest is applied; the
-    /// next apply tries it again.
+    /// ones get a new selection for new flows. A service that is invalid
+    /// (`lb_api::validate`; what runs at its address keeps running) or that
+    /// cannot start (e.g. its port is taken) is reported in
+    /// [`ProxyError::Several`] while the rest is applied; the next apply
+    /// tries it again.
     ///
     /// Blocks until done (socket and netlink calls, and waiting for removed
     /// services to close). From async code, prefer [`Self::apply_async`].
@@ -482,15 +483,23 @@ impl Inner {
     /// Runs on the proxy's runtime.
     async fn apply(self: Arc<Self>, desired: DesiredState) -> Result<ApplySummary, ProxyError> {
         let _one_at_a_time = self.apply_lock.lock().await;
+        // An invalid service is refused alone; what runs at its address
+        // keeps running.
         let mut want: BTreeMap<ServiceAddr, &Service> = BTreeMap::new();
+        let mut keep: HashSet<ServiceAddr> = HashSet::new();
+        let mut failures = Vec::new();
         for s in &desired.services {
-            select::validate(s).map_err(|reason| ProxyError::InvalidService {
-                name: s.name.clone(),
-                addr: s.addr(),
-                reason,
-            })?;
-            if want.insert(s.addr(), s).is_some() {
-                return Err(ProxyError::DuplicateService(s.addr()));
+            if let Err(e) = s.validate() {
+                failures.push(ProxyError::InvalidService {
+                    name: s.name.clone(),
+                    addr: s.addr(),
+                    reason: e.to_string(),
+                });
+                keep.insert(s.addr());
+            } else if let std::collections::btree_map::Entry::Vacant(e) = want.entry(s.addr()) {
+                e.insert(s);
+            } else {
+                failures.push(ProxyError::DuplicateService(s.addr()));
             }
         }
         let mut summary = ApplySummary::default();
@@ -516,7 +525,7 @@ impl Inner {
             let addrs: Vec<ServiceAddr> = st
                 .services
                 .keys()
-                .filter(|a| !want.contains_key(a) || switched.contains(a))
+                .filter(|a| (!want.contains_key(a) && !keep.contains(a)) || switched.contains(a))
                 .copied()
                 .collect();
             let gone = addrs.iter().filter_map(|a| st.services.remove(a)).collect();
@@ -547,7 +556,6 @@ impl Inner {
             summary.removed += 1;
         }
 
-        let mut failures = Vec::new();
         let mut st = lock(&self.state);
         if st.closed {
             return Err(ProxyError::Closed);

@@ -25,14 +25,14 @@
 //! by `grpc::balance` over [`Selector::candidates`], and no table is built.
 
 use std::cell::Cell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use lb_api::{Algorithm, GrpcPolicy, Protocol, Service, ServiceAddr};
+use lb_api::{Algorithm, GrpcPolicy, Service, ServiceAddr};
 use lb_common::limits;
 
 use super::grpc::Pool;
@@ -103,43 +103,9 @@ impl Flow {
     }
 }
 
-/// Why a service cannot be served; the same rules as the map writer's.
-pub(crate) fn validate(svc: &Service) -> Result<(), String> {
-    if svc.port == 0 {
-        return Err("port 0 cannot be served".into());
-    }
-    if svc.vip.is_unspecified() || svc.vip.is_broadcast() || svc.vip.is_multicast() {
-        return Err(format!("{} cannot be a service address", svc.vip));
-    }
-    if svc.grpc.is_some() {
-        // `algorithm` does not apply to per-call balancing.
-        return match svc.protocol {
-            Protocol::Tcp => Ok(()),
-            Protocol::Udp => Err("the gRPC mode needs TCP".into()),
-        };
-    }
-    if svc.algorithm.uses_maglev_table() {
-        let live = eligible(svc).count();
-        if live > 0 {
-            maglev::validate_m(svc.maglev_m(), live).map_err(|e| e.to_string())?;
-            if svc.maglev_m() > limits::MAX_SLOTS {
-                return Err(format!(
-                    "maglev table size {} is larger than the maximum {}",
-                    svc.maglev_m(),
-                    limits::MAX_SLOTS
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
 /// The backends that take new flows, first occurrence of each ip:port.
 fn eligible(svc: &Service) -> impl Iterator<Item = &lb_api::Backend> {
-    let mut seen = HashSet::new();
-    svc.backends
-        .iter()
-        .filter(move |b| b.takes_new_flows() && seen.insert((b.ip, b.port)))
+    lb_api::validate::live_backends(&svc.backends)
 }
 
 /// One version of a service's selection state.
@@ -450,7 +416,7 @@ fn random_u32() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lb_api::{Backend, BackendState};
+    use lb_api::{Backend, BackendState, Protocol};
 
     fn ip(i: u8) -> Ipv4Addr {
         Ipv4Addr::new(10, 244, 10 + i, 2)
@@ -711,27 +677,12 @@ mod tests {
     }
 
     #[test]
-    fn validation() {
-        let mut s = svc(Algorithm::Maglev, &[1, 1]);
-        assert_eq!(validate(&s), Ok(()));
-        s.maglev_table_size = Some(1000);
-        assert!(validate(&s).unwrap_err().contains("not prime"));
-        s.maglev_table_size = Some(101);
-        assert!(validate(&s).unwrap_err().contains("must be > 100 x 2"));
-        s.algorithm = Algorithm::Random;
-        assert_eq!(validate(&s), Ok(()));
-        s.port = 0;
-        assert!(validate(&s).is_err());
-        s.port = 80;
-        s.vip = Ipv4Addr::UNSPECIFIED;
-        assert!(validate(&s).is_err());
-        // The gRPC mode: TCP only, and the algorithm's rules do not apply.
+    fn the_grpc_mode_builds_no_table() {
+        // The algorithm's rules do not apply to per-call balancing.
         let mut g = svc(Algorithm::Maglev, &[1, 1]);
         g.maglev_table_size = Some(101);
         g.grpc = Some(GrpcPolicy::default());
-        assert_eq!(validate(&g), Ok(()));
+        assert_eq!(g.validate(), Ok(()));
         assert!(Selector::new(&g, &entries(&g)).unwrap().table().is_empty());
-        g.protocol = Protocol::Udp;
-        assert!(validate(&g).unwrap_err().contains("needs TCP"));
     }
 }

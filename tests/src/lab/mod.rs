@@ -90,13 +90,22 @@ pub fn can_run() -> bool {
         && cmd("sysctl", &["-V"]).is_ok()
 }
 
+/// The gate of a lab test: `true` when [`can_run`]; else SKIP (`false`), or
+/// a panic under CI (see [`skip_unless_lab!`]).
+pub fn require() -> bool {
+    lb_agent::datapath::scratch::skip_unless(
+        can_run(),
+        "the lab needs root, CAP_NET_ADMIN, CAP_SYS_ADMIN, `ip` and `sysctl`",
+    )
+}
+
 /// `skip_unless_lab!();` at the top of a test returns early, printing SKIP, when
-/// `lab::can_run()` is false.
+/// `lab::can_run()` is false; under CI (or `RPCLB_REQUIRE_PRIVILEGES=1`) it
+/// fails instead (`lb_agent::datapath::scratch::skip_unless`).
 #[macro_export]
 macro_rules! skip_unless_lab {
     () => {
-        if !$crate::lab::can_run() {
-            eprintln!("SKIP: needs root, CAP_NET_ADMIN, CAP_SYS_ADMIN, `ip` and `sysctl`");
+        if !$crate::lab::require() {
             return;
         }
     };

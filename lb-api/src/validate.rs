@@ -1,0 +1,561 @@
+//! What a valid service is: the one set of rules that the config file, the
+//! controller's translation and annotations, the wire, the map writer and the
+//! userspace path all apply, so that the same service gets the same answer
+//! everywhere.
+//!
+//! - [`Service::validate`] checks a whole service and names the first field
+//!   that breaks a rule ([`InvalidService`]).
+//! - [`Service::normalise`] fills in what a service may leave out (a Maglev
+//!   table size large enough for its backends), then validates.
+//! - The per-field checks ([`weight`], [`maglev_table_size`],
+//!   [`affinity_timeout`], ...) are what `validate` calls; parsers that see
+//!   one value at a time (annotations, YAML fields) call them too.
+//!
+//! # The Maglev sizing rule
+//! A table must be prime and larger than 100 × the backends *in the table*:
+//! those that take new flows (active, weight > 0), each `ip:port` once.
+//! Terminating and drained backends are not in the table and do not count.
+//! The rule applies to `maglev` and `source-hash` services in the L4 mode;
+//! the gRPC mode does not use the algorithm.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use crate::model::{
+    Backend, DEFAULT_MAGLEV_M, MAX_WEIGHT, Protocol, Service, ServiceAddr, check_added_header,
+    is_prime,
+};
+
+/// The largest client-IP affinity timeout (as in Kubernetes).
+pub const MAX_AFFINITY_TIMEOUT: Duration = Duration::from_secs(86_400);
+/// The largest Maglev table a service may have (it must fit the data path's
+/// `SLOTS` map; lb-agent asserts the two agree).
+pub const MAX_MAGLEV_M: u32 = 1 << 24;
+
+/// Where in a service a rule is broken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Field {
+    Name,
+    Vip,
+    Port,
+    AffinityTimeout,
+    MaglevTableSize,
+    /// The backend list as a whole (too many for the largest Maglev table).
+    Backends,
+    Backend(usize, BackendField),
+    /// The gRPC mode as a whole (it needs TCP).
+    Grpc,
+    GrpcTimeout,
+    GrpcHeader(usize, HeaderField),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendField {
+    Ip,
+    Port,
+    Weight,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeaderField {
+    Name,
+    Value,
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Field::Name => f.write_str("name"),
+            Field::Vip => f.write_str("vip"),
+            Field::Port => f.write_str("port"),
+            Field::AffinityTimeout => f.write_str("affinity_timeout"),
+            Field::MaglevTableSize => f.write_str("maglev_table_size"),
+            Field::Backends => f.write_str("backends"),
+            Field::Backend(i, b) => {
+                let b = match b {
+                    BackendField::Ip => "ip",
+                    BackendField::Port => "port",
+                    BackendField::Weight => "weight",
+                };
+                write!(f, "backends[{i}].{b}")
+            }
+            Field::Grpc => f.write_str("grpc"),
+            Field::GrpcTimeout => f.write_str("grpc.timeout"),
+            Field::GrpcHeader(i, h) => {
+                let h = match h {
+                    HeaderField::Name => "name",
+                    HeaderField::Value => "value",
+                };
+                write!(f, "grpc.headers[{i}].{h}")
+            }
+        }
+    }
+}
+
+/// A service that breaks a rule: the field and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InvalidService {
+    pub field: Field,
+    pub message: String,
+}
+
+fn at(field: Field) -> impl FnOnce(String) -> InvalidService {
+    move |message| InvalidService { field, message }
+}
+
+/// A service name: not blank, no control characters.
+pub fn name(s: &str) -> Result<(), String> {
+    if s.trim().is_empty() {
+        Err("must not be empty".into())
+    } else if s.chars().any(char::is_control) {
+        Err(format!("{s:?} contains control characters"))
+    } else {
+        Ok(())
+    }
+}
+
+/// An address that can be a VIP or a backend: not 0.0.0.0, broadcast or
+/// multicast.
+pub fn unicast(ip: Ipv4Addr) -> Result<(), String> {
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+        Err(format!("{ip} is not a unicast address"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A port: 1-65535.
+pub fn port(p: u16) -> Result<(), String> {
+    if p == 0 {
+        Err("port 0 is not allowed (expected 1-65535)".into())
+    } else {
+        Ok(())
+    }
+}
+
+/// A weight: 0 (drain) to [`MAX_WEIGHT`].
+pub fn weight(w: u32) -> Result<(), String> {
+    if w > MAX_WEIGHT {
+        Err(format!("weight {w} is too large (maximum {MAX_WEIGHT})"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A client-IP affinity timeout: 1 s to [`MAX_AFFINITY_TIMEOUT`], whole seconds.
+pub fn affinity_timeout(d: Duration) -> Result<(), String> {
+    if d < Duration::from_secs(1) || d > MAX_AFFINITY_TIMEOUT || d.subsec_nanos() != 0 {
+        Err(format!(
+            "affinity timeout {d:?} is out of range (expected 1-{} whole seconds; omit it to disable affinity)",
+            MAX_AFFINITY_TIMEOUT.as_secs()
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// A Maglev table size on its own: prime and at most [`MAX_MAGLEV_M`]. Whether
+/// it holds the service's backends is [`maglev_fits`].
+pub fn maglev_table_size(m: u32) -> Result<(), String> {
+    if m > MAX_MAGLEV_M {
+        Err(format!(
+            "maglev table size {m} is too large (maximum {MAX_MAGLEV_M})"
+        ))
+    } else if !is_prime(m) {
+        Err(format!("maglev table size {m} is not prime"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether a table of `m` slots is large enough for `live` backends (> 100 × live).
+pub fn maglev_fits(m: u32, live: usize) -> Result<(), String> {
+    let min = 100u64.saturating_mul(live as u64);
+    if u64::from(m) <= min {
+        Err(format!(
+            "maglev table size {m} must be > 100 x {live} backends that take new flows = {min}"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// The smallest valid table for `live` backends: the default when it fits,
+/// else the smallest prime above 100 × live; `None` beyond [`MAX_MAGLEV_M`].
+pub fn maglev_size_for(live: usize) -> Option<u32> {
+    let min = 100u64.checked_mul(live as u64)?;
+    if u64::from(DEFAULT_MAGLEV_M) > min {
+        return Some(DEFAULT_MAGLEV_M);
+    }
+    let start = u32::try_from(min.checked_add(1)?).ok()?;
+    (start..=MAX_MAGLEV_M).find(|&c| is_prime(c))
+}
+
+/// The gRPC mode's default call deadline: at least 1 ms.
+pub fn grpc_timeout(d: Duration) -> Result<(), String> {
+    if d < Duration::from_millis(1) {
+        Err("the gRPC timeout must be at least 1 ms".into())
+    } else {
+        Ok(())
+    }
+}
+
+/// The backends that take new flows (active, weight > 0), each `ip:port` once.
+pub fn live_backends(backends: &[Backend]) -> impl Iterator<Item = &Backend> {
+    let mut seen = HashSet::new();
+    backends
+        .iter()
+        .filter(move |b| b.takes_new_flows() && seen.insert((b.ip, b.port)))
+}
+
+impl Service {
+    /// How many backends its selection table holds (see [`live_backends`]).
+    pub fn live_backends(&self) -> usize {
+        live_backends(&self.backends).count()
+    }
+
+    /// Whether the Maglev sizing rule applies (see the [module docs](self)).
+    pub fn needs_maglev_table(&self) -> bool {
+        self.grpc.is_none() && self.algorithm.uses_maglev_table()
+    }
+
+    /// Checks every rule; the first broken one is the error.
+    pub fn validate(&self) -> Result<(), InvalidService> {
+        name(&self.name).map_err(at(Field::Name))?;
+        unicast(self.vip).map_err(at(Field::Vip))?;
+        port(self.port).map_err(at(Field::Port))?;
+        if let Some(d) = self.affinity_timeout {
+            affinity_timeout(d).map_err(at(Field::AffinityTimeout))?;
+        }
+        let mut seen: HashMap<(Ipv4Addr, u16), usize> = HashMap::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            unicast(b.ip).map_err(at(Field::Backend(i, BackendField::Ip)))?;
+            port(b.port).map_err(at(Field::Backend(i, BackendField::Port)))?;
+            weight(b.weight).map_err(at(Field::Backend(i, BackendField::Weight)))?;
+            if let Some(j) = seen.insert((b.ip, b.port), i) {
+                return Err(InvalidService {
+                    field: Field::Backend(i, BackendField::Ip),
+                    message: format!("duplicate backend {}:{} (also backends[{j}])", b.ip, b.port),
+                });
+            }
+        }
+        if let Some(m) = self.maglev_table_size {
+            maglev_table_size(m).map_err(at(Field::MaglevTableSize))?;
+        }
+        if self.needs_maglev_table() {
+            let live = self.live_backends();
+            match self.maglev_table_size {
+                Some(m) => maglev_fits(m, live).map_err(at(Field::MaglevTableSize))?,
+                None if maglev_fits(DEFAULT_MAGLEV_M, live).is_err() => {
+                    return Err(InvalidService {
+                        field: Field::Backends,
+                        message: match maglev_size_for(live) {
+                            Some(m) => format!(
+                                "{live} backends need a maglev table larger than the default \
+                                 ({DEFAULT_MAGLEV_M}), e.g. {m}"
+                            ),
+                            None => format!(
+                                "{live} backends need a maglev table larger than the maximum \
+                                 ({MAX_MAGLEV_M})"
+                            ),
+                        },
+                    });
+                }
+                None => {}
+            }
+        }
+        if let Some(g) = &self.grpc {
+            if self.protocol != Protocol::Tcp {
+                return Err(InvalidService {
+                    field: Field::Grpc,
+                    message: "the gRPC mode needs protocol tcp".into(),
+                });
+            }
+            grpc_timeout(g.default_timeout).map_err(at(Field::GrpcTimeout))?;
+            let mut names = HashSet::new();
+            for (i, (n, v)) in g.add_headers.iter().enumerate() {
+                check_added_header(n, v).map_err(|m| {
+                    let f = if check_added_header(n, "").is_err() {
+                        HeaderField::Name
+                    } else {
+                        HeaderField::Value
+                    };
+                    InvalidService {
+                        field: Field::GrpcHeader(i, f),
+                        message: m,
+                    }
+                })?;
+                if !names.insert(n.as_str()) {
+                    return Err(InvalidService {
+                        field: Field::GrpcHeader(i, HeaderField::Name),
+                        message: format!("header {n} is listed twice"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills in what may be left out, then validates: a Maglev or
+    /// source-hash service without a table size whose backends do not fit
+    /// the default gets the smallest size that fits ([`maglev_size_for`]).
+    pub fn normalise(&mut self) -> Result<(), InvalidService> {
+        if self.needs_maglev_table() && self.maglev_table_size.is_none() {
+            let live = self.live_backends();
+            if maglev_fits(DEFAULT_MAGLEV_M, live).is_err()
+                && let Some(m) = maglev_size_for(live)
+            {
+                self.maglev_table_size = Some(m);
+            }
+        }
+        self.validate()
+    }
+}
+
+/// A service that a node did not take, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The service's name (`namespace/name:port`), or `<unnamed>`.
+    pub service: String,
+    /// Its address, when that much was readable.
+    pub addr: Option<ServiceAddr>,
+    pub reason: String,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.addr {
+            Some(a) => write!(f, "{} ({a}): {}", self.service, self.reason),
+            None => write!(f, "{}: {}", self.service, self.reason),
+        }
+    }
+}
+
+/// Two services on one address: the index of each later one and of the
+/// first that holds its address.
+pub fn duplicate_addrs(services: &[Service]) -> Vec<(usize, usize)> {
+    let mut first: BTreeMap<ServiceAddr, usize> = BTreeMap::new();
+    let mut dups = Vec::new();
+    for (i, s) in services.iter().enumerate() {
+        if let Some(&j) = first.get(&s.addr()) {
+            dups.push((i, j));
+        } else {
+            first.insert(s.addr(), i);
+        }
+    }
+    dups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Algorithm, BackendState, GrpcPolicy};
+
+    fn svc(algorithm: Algorithm, active: u32, terminating: u32) -> Service {
+        let mut backends = Vec::new();
+        for i in 0..active + terminating {
+            let mut b = Backend::new(Ipv4Addr::from(0x0af4_0000 + i + 1), 8080);
+            if i >= active {
+                b.state = BackendState::Terminating;
+            }
+            backends.push(b);
+        }
+        Service::new(
+            "shop/cart:grpc",
+            Ipv4Addr::new(10, 96, 0, 10),
+            80,
+            Protocol::Tcp,
+            algorithm,
+            backends,
+        )
+    }
+
+    /// The rolling-update freeze: 200 ready pods and 10 terminating get a
+    /// table sized for the 200 from the controller; every other place must
+    /// accept it too.
+    #[test]
+    fn terminating_backends_do_not_count_for_the_maglev_size() {
+        let mut s = svc(Algorithm::Maglev, 200, 10);
+        s.maglev_table_size = Some(20_011);
+        assert_eq!(s.validate(), Ok(()));
+        // Drained (weight 0) ones neither.
+        let mut d = svc(Algorithm::SourceHash, 200, 0);
+        d.backends.extend((0..5).map(|i| Backend {
+            weight: 0,
+            ..Backend::new(Ipv4Addr::new(10, 245, 0, i + 1), 8080)
+        }));
+        d.maglev_table_size = Some(20_011);
+        assert_eq!(d.validate(), Ok(()));
+        // 201 live backends do not fit.
+        let mut t = svc(Algorithm::Maglev, 201, 0);
+        t.maglev_table_size = Some(20_011);
+        let e = t.validate().unwrap_err();
+        assert_eq!(e.field, Field::MaglevTableSize);
+        assert_eq!(
+            e.to_string(),
+            "maglev_table_size: maglev table size 20011 must be > 100 x 201 backends that take new flows = 20100"
+        );
+    }
+
+    #[test]
+    fn normalise_sizes_the_table_for_live_backends_only() {
+        let mut s = svc(Algorithm::Maglev, 163, 50);
+        s.normalise().unwrap();
+        assert_eq!(s.maglev_table_size, None, "163 live fit the default");
+        let mut s = svc(Algorithm::Maglev, 200, 10);
+        s.normalise().unwrap();
+        assert_eq!(s.maglev_table_size, Some(20_011));
+        // Not for other algorithms, nor in the gRPC mode.
+        let mut r = svc(Algorithm::Random, 500, 0);
+        r.normalise().unwrap();
+        assert_eq!(r.maglev_table_size, None);
+        let mut g = svc(Algorithm::Maglev, 500, 0);
+        g.grpc = Some(GrpcPolicy::default());
+        g.normalise().unwrap();
+        assert_eq!(g.maglev_table_size, None);
+        // Without normalising, the default is too small for 200.
+        let e = svc(Algorithm::Maglev, 200, 0).validate().unwrap_err();
+        assert_eq!(e.field, Field::Backends);
+        assert!(e.message.contains("e.g. 20011"), "{e}");
+        assert_eq!(maglev_size_for(0), Some(DEFAULT_MAGLEV_M));
+        assert_eq!(maglev_size_for(200_000), None);
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let ok = svc(Algorithm::Maglev, 2, 0);
+        assert_eq!(ok.validate(), Ok(()));
+        type Change = Box<dyn Fn(&mut Service)>;
+        let cases: Vec<(Change, Field, &str)> = vec![
+            (Box::new(|s| s.name = " ".into()), Field::Name, "empty"),
+            (Box::new(|s| s.name = "a\nb".into()), Field::Name, "control"),
+            (
+                Box::new(|s| s.vip = Ipv4Addr::UNSPECIFIED),
+                Field::Vip,
+                "not a unicast",
+            ),
+            (
+                Box::new(|s| s.vip = Ipv4Addr::new(224, 0, 0, 1)),
+                Field::Vip,
+                "not a unicast",
+            ),
+            (Box::new(|s| s.port = 0), Field::Port, "port 0"),
+            (
+                Box::new(|s| s.affinity_timeout = Some(Duration::from_secs(86_401))),
+                Field::AffinityTimeout,
+                "out of range",
+            ),
+            (
+                Box::new(|s| s.affinity_timeout = Some(Duration::ZERO)),
+                Field::AffinityTimeout,
+                "out of range",
+            ),
+            (
+                Box::new(|s| s.backends[1].port = 0),
+                Field::Backend(1, BackendField::Port),
+                "port 0",
+            ),
+            (
+                Box::new(|s| s.backends[0].ip = Ipv4Addr::BROADCAST),
+                Field::Backend(0, BackendField::Ip),
+                "unicast",
+            ),
+            (
+                Box::new(|s| s.backends[1].weight = MAX_WEIGHT + 1),
+                Field::Backend(1, BackendField::Weight),
+                "weight 65536 is too large",
+            ),
+            (
+                Box::new(|s| s.backends[1] = s.backends[0].clone()),
+                Field::Backend(1, BackendField::Ip),
+                "duplicate backend 10.244.0.1:8080 (also backends[0])",
+            ),
+            (
+                Box::new(|s| s.maglev_table_size = Some(1000)),
+                Field::MaglevTableSize,
+                "not prime",
+            ),
+            (
+                Box::new(|s| s.maglev_table_size = Some(MAX_MAGLEV_M + 1)),
+                Field::MaglevTableSize,
+                "too large",
+            ),
+            (
+                Box::new(|s| s.maglev_table_size = Some(101)),
+                Field::MaglevTableSize,
+                "> 100 x 2",
+            ),
+            (
+                Box::new(|s| {
+                    s.protocol = Protocol::Udp;
+                    s.grpc = Some(GrpcPolicy::default());
+                }),
+                Field::Grpc,
+                "needs protocol tcp",
+            ),
+            (
+                Box::new(|s| {
+                    s.grpc = Some(GrpcPolicy {
+                        default_timeout: Duration::ZERO,
+                        add_headers: vec![],
+                    })
+                }),
+                Field::GrpcTimeout,
+                "at least 1 ms",
+            ),
+            (
+                Box::new(|s| {
+                    s.grpc = Some(GrpcPolicy {
+                        add_headers: vec![("x-a".into(), "1".into()), ("Bad".into(), "2".into())],
+                        ..GrpcPolicy::default()
+                    })
+                }),
+                Field::GrpcHeader(1, HeaderField::Name),
+                "lowercase",
+            ),
+            (
+                Box::new(|s| {
+                    s.grpc = Some(GrpcPolicy {
+                        add_headers: vec![("x-a".into(), "\u{7f}".into())],
+                        ..GrpcPolicy::default()
+                    })
+                }),
+                Field::GrpcHeader(0, HeaderField::Value),
+                "visible ASCII",
+            ),
+            (
+                Box::new(|s| {
+                    s.grpc = Some(GrpcPolicy {
+                        add_headers: vec![("x-a".into(), "1".into()), ("x-a".into(), "2".into())],
+                        ..GrpcPolicy::default()
+                    })
+                }),
+                Field::GrpcHeader(1, HeaderField::Name),
+                "listed twice",
+            ),
+        ];
+        for (change, field, needle) in cases {
+            let mut s = ok.clone();
+            change(&mut s);
+            let e = s.validate().unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert!(
+                e.message.contains(needle),
+                "{e:?} should contain {needle:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_addresses_name_the_first_holder() {
+        let a = svc(Algorithm::Random, 1, 0);
+        let mut b = a.clone();
+        b.name = "other".into();
+        let mut c = a.clone();
+        c.port = 81;
+        assert_eq!(duplicate_addrs(&[a, c, b]), vec![(2, 0)]);
+    }
+}
