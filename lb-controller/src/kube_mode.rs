@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use lb_api::config::Timeouts;
 use lb_api::wire::NodeState;
@@ -36,6 +37,8 @@ pub struct KubeOptions {
     /// `RPCLB_POD_NAMESPACE`: where the Lease lives.
     pub namespace: String,
     pub lease_name: String,
+    /// Lease duration, renew deadline and retry period (`LeaseConfig`).
+    pub lease_timing: (Duration, Duration, Duration),
     /// Run without leader election (a single replica writes Events).
     pub no_leader_election: bool,
     pub timeouts: Timeouts,
@@ -105,7 +108,13 @@ pub async fn run(
     let elector = if opts.no_leader_election {
         None
     } else {
-        let cfg = LeaseConfig::new(&opts.namespace, &opts.lease_name, &opts.identity);
+        let (lease_duration, renew_deadline, retry_period) = opts.lease_timing;
+        let cfg = LeaseConfig {
+            lease_duration,
+            renew_deadline,
+            retry_period,
+            ..LeaseConfig::new(&opts.namespace, &opts.lease_name, &opts.identity)
+        };
         let e = LeaderElector::new(client.clone(), cfg)?;
         let mut s = stop.clone();
         Some(tokio::spawn(e.run(leader_tx, async move {

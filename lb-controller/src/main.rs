@@ -62,6 +62,18 @@ struct Cli {
     /// --kube: the leader-election Lease's name.
     #[arg(long, env = "RPCLB_LEASE_NAME", default_value = "rpclb-controller")]
     lease_name: String,
+    /// --kube: how long a leader's hold on the Lease lasts without renewal, seconds (how
+    /// long a replica that died without releasing it keeps the lead).
+    #[arg(long, env = "RPCLB_LEASE_DURATION", default_value_t = 15)]
+    lease_duration: u64,
+    /// --kube: a leader that could not renew for this long steps down, seconds (less than
+    /// --lease-duration).
+    #[arg(long, env = "RPCLB_LEASE_RENEW_DEADLINE", default_value_t = 10)]
+    lease_renew_deadline: u64,
+    /// --kube: how often each replica tries to acquire or renew the Lease, seconds (less
+    /// than --lease-renew-deadline).
+    #[arg(long, env = "RPCLB_LEASE_RETRY_PERIOD", default_value_t = 2)]
+    lease_retry_period: u64,
     /// --kube: no leader election (for a single replica, which then writes the Events).
     #[arg(long, env = "RPCLB_NO_LEADER_ELECTION", value_parser = clap::builder::BoolishValueParser::new())]
     no_leader_election: bool,
@@ -270,6 +282,11 @@ fn start_kube(
         },
         namespace: cli.pod_namespace.clone(),
         lease_name: cli.lease_name.clone(),
+        lease_timing: (
+            Duration::from_secs(cli.lease_duration),
+            Duration::from_secs(cli.lease_renew_deadline),
+            Duration::from_secs(cli.lease_retry_period),
+        ),
         no_leader_election: cli.no_leader_election,
         timeouts: lb_api::config::Timeouts {
             tcp_syn: secs("tcp-syn", cli.timeout_tcp_syn)?,

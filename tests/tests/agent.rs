@@ -3,36 +3,28 @@
 //! private bpffs, and serves metrics on 127.0.0.1 of the node namespace, which
 //! the tests scrape from a thread inside that namespace.
 //!
-//! The binary: `cargo test --workspace` builds every workspace binary, but
-//! `cargo test -p rpclb-tests` does not build other packages' binaries, so
-//! the first test that needs it runs `cargo build -p lb-agent --bin lb-agent`
-//! (same target directory and profile, found from this test executable's
-//! path; cargo releases its build lock before running tests). Run outside
-//! cargo (no `CARGO` variable), the binary must already exist.
-//!
-//! Every agent is a child process killed (SIGKILL) and reaped on drop, so no
-//! agent outlives its test, and every lab is torn down on drop, on panic too.
+//! The binaries and processes: `rpclb_tests::procs` (built on demand; every
+//! process is killed and reaped on drop). Every lab is torn down on drop, on
+//! panic too.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lb_agent::datapath::MapWriter;
 use lb_api::{Protocol, ServiceAddr};
 use rpclb_tests::lab::{self, Lab, Limits};
+use rpclb_tests::procs::{
+    Proc as Agent, Scrape, TestDir, agent_args, agent_bin, controller_bin, http_get_port, pin_path,
+    wait_until,
+};
 use rpclb_tests::skip_unless_lab;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const UDP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
 const WEB: &str = "lab/web:http";
 const DNS: &str = "lab/dns:dns";
-/// The agent's metrics port inside the node namespace (each lab has its own).
-const METRICS_PORT: u16 = 9464;
 
 fn web_addr() -> ServiceAddr {
     ServiceAddr {
@@ -47,116 +39,6 @@ fn dns_addr() -> ServiceAddr {
         vip: UDP_VIP,
         port: 53,
         protocol: Protocol::Udp,
-    }
-}
-
-// ---- the binary ----
-
-/// `target/<profile>/lb-agent`, built (or checked fresh) once per test run.
-fn agent_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| workspace_bin("lb-agent", "lb-agent"))
-}
-
-/// `target/<profile>/lb-controller`, likewise.
-fn controller_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| workspace_bin("lb-controller", "lb-controller"))
-}
-
-/// Builds a workspace binary into this test's target dir and returns its path.
-fn workspace_bin(package: &str, name: &str) -> PathBuf {
-    {
-        let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/agent-<hash>
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>");
-        let target_dir = profile_dir.parent().expect("target dir");
-        let bin = profile_dir.join(name);
-        if let Ok(cargo) = std::env::var("CARGO") {
-            let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-            let mut cmd = Command::new(cargo);
-            cmd.args(["build", "--quiet", "-p", package, "--bin", name])
-                .arg("--manifest-path")
-                .arg(&manifest)
-                .arg("--target-dir")
-                .arg(target_dir);
-            match profile_dir.file_name().and_then(|n| n.to_str()) {
-                Some("debug") | None => {}
-                Some("release") => {
-                    cmd.arg("--release");
-                }
-                Some(p) => {
-                    cmd.args(["--profile", p]);
-                }
-            }
-            // What cargo set for this test process describes this package, not the build.
-            for (k, _) in std::env::vars() {
-                if [
-                    "CARGO_PKG_",
-                    "CARGO_MANIFEST_",
-                    "CARGO_CRATE_",
-                    "CARGO_BIN_",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                ]
-                .iter()
-                .any(|p| k.starts_with(p))
-                {
-                    cmd.env_remove(k);
-                }
-            }
-            let out = cmd.output().expect("run cargo build");
-            assert!(
-                out.status.success(),
-                "cargo build -p {package} failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        assert!(
-            bin.exists(),
-            "{} is missing: run `cargo build -p {package}` (or `cargo test --workspace`)",
-            bin.display()
-        );
-        bin
-    }
-}
-
-// ---- scratch files ----
-
-/// A scratch directory for configs and logs, removed on drop.
-struct TestDir(PathBuf);
-
-impl TestDir {
-    fn new(name: &str) -> TestDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "rpclb-agenttest-{}-{}-{name}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("mkdir test dir");
-        TestDir(p)
-    }
-
-    fn config(&self) -> PathBuf {
-        self.0.join("services.yaml")
-    }
-
-    /// Replaces the config the way editors do: write a new file, rename it over.
-    fn write_config(&self, text: &str) {
-        let tmp = self.0.join(".services.yaml.tmp");
-        std::fs::write(&tmp, text).expect("write config");
-        std::fs::rename(&tmp, self.config()).expect("rename config");
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -208,174 +90,6 @@ fn dns(lab: &Lab, algo: &str, backends: &[usize]) -> String {
 
 // ---- the agent process ----
 
-/// A running `lb-agent` in the lab's node namespace; SIGKILLed and reaped on drop.
-struct Agent {
-    child: Option<Child>,
-    log: PathBuf,
-    node: String,
-}
-
-/// Flags every test passes: the lab's interfaces and pin path, small maps.
-fn agent_args(lab: &Lab, dir: &TestDir, extra: &[&str]) -> Vec<String> {
-    let ifaces: Vec<String> = lab.node_ifaces().iter().map(|i| i.name.clone()).collect();
-    let mut a: Vec<String> = [
-        "--config",
-        &dir.config().display().to_string(),
-        "--interfaces",
-        &ifaces.join(","),
-        "--pin-path",
-        &pin_path(lab).display().to_string(),
-        "--metrics-addr",
-        &format!("127.0.0.1:{METRICS_PORT}"),
-        "--max-services",
-        "1024",
-        "--max-backends",
-        "4096",
-        "--max-conntrack",
-        "65536",
-        "--max-slots",
-        "1048576",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
-}
-
-fn pin_path(lab: &Lab) -> PathBuf {
-    lab.bpffs().join("rpclb")
-}
-
-impl Agent {
-    /// Starts the agent; `name` names its log file (`<dir>/<name>.log`, stdout + stderr).
-    fn start(lab: &Lab, dir: &TestDir, name: &str, args: &[String]) -> Agent {
-        Agent::spawn(lab, dir, name, agent_bin(), args)
-    }
-
-    /// Starts `bin` (the agent or the controller) in the node namespace.
-    fn spawn(lab: &Lab, dir: &TestDir, name: &str, bin: &Path, args: &[String]) -> Agent {
-        let log = dir.0.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).expect("create log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", lab.node().name()])
-            .arg(bin)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("dup log"))
-            .stderr(out)
-            .spawn()
-            .expect("spawn ip netns exec lb-agent");
-        Agent {
-            child: Some(child),
-            log,
-            node: lab.node().name().to_string(),
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().expect("agent running").id() as i32
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child (`ip netns exec` execs the agent in place).
-        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0, "kill {sig}");
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits for the process to exit; `None` if it is still running at the deadline.
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut()?;
-        loop {
-            if let Some(st) = child.try_wait().expect("try_wait") {
-                self.child = None;
-                return Some(st);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill9(&mut self) {
-        self.signal(libc::SIGKILL);
-        let st = self.wait_exit(Duration::from_secs(5)).expect("agent dies");
-        assert!(!st.success());
-    }
-
-    /// Fails the test with the agent's log if it exited.
-    fn check_alive(&mut self) {
-        if let Some(child) = self.child.as_mut()
-            && let Some(st) = child.try_wait().expect("try_wait")
-        {
-            self.child = None;
-            panic!("lb-agent exited ({st}):\n{}", self.log());
-        }
-    }
-
-    fn get(&mut self, path: &str) -> (u16, String) {
-        self.check_alive();
-        http_get(&self.node, path).unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.log()))
-    }
-
-    /// Polls `/readyz` until it answers 200.
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            self.check_alive();
-            if let Ok((200, _)) = http_get(&self.node, "/readyz") {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent not ready in 30 s:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn scrape(&mut self) -> Scrape {
-        let (status, body) = self.get("/metrics");
-        assert_eq!(status, 200, "{body}");
-        Scrape(body)
-    }
-
-    /// Polls /metrics until `metric` (no labels) reaches `want`.
-    fn wait_metric(&mut self, metric: &str, want: f64) -> Scrape {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let m = self.scrape();
-            if m.get(metric, &[]) == Some(want) {
-                return m;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{metric} never reached {want} (now {:?}):\n{}",
-                m.get(metric, &[]),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// `lb-agent ARGS` run to completion in the root namespace (cleanup, bad startups).
 fn agent_cmd(args: &[&str]) -> std::process::Output {
     Command::new(agent_bin())
@@ -384,134 +98,6 @@ fn agent_cmd(args: &[&str]) -> std::process::Output {
         .stdin(Stdio::null())
         .output()
         .expect("run lb-agent")
-}
-
-/// A plain HTTP/1.1 GET to the agent, from a thread inside the node namespace.
-fn http_get(node: &str, path: &str) -> std::io::Result<(u16, String)> {
-    http_get_port(node, METRICS_PORT, path)
-}
-
-/// A plain HTTP/1.1 GET to 127.0.0.1:`port` inside the node namespace.
-fn http_get_port(node: &str, port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let ns = std::fs::File::open(Path::new("/var/run/netns").join(node))?;
-    let path = path.to_string();
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns on this short-lived thread only.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-            c.set_read_timeout(Some(Duration::from_secs(5)))?;
-            write!(
-                c,
-                "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut resp = String::new();
-            c.read_to_string(&mut resp)?;
-            let status = resp
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| std::io::Error::other(format!("bad response {resp:?}")))?;
-            let body = resp
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_string())
-                .unwrap_or_default();
-            Ok((status, body))
-        })
-        .join()
-        .expect("http thread")
-    })
-}
-
-// ---- metrics ----
-
-/// A Prometheus text scrape.
-struct Scrape(String);
-
-fn parse_labels(s: &str) -> BTreeMap<String, String> {
-    let mut m = BTreeMap::new();
-    let mut rest = s;
-    while let Some((k, v)) = rest.split_once("=\"") {
-        let mut val = String::new();
-        let mut chars = v.char_indices();
-        let mut end = v.len();
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => {
-                    if let Some((_, n)) = chars.next() {
-                        val.push(if n == 'n' { '\n' } else { n });
-                    }
-                }
-                '"' => {
-                    end = i + 1;
-                    break;
-                }
-                c => val.push(c),
-            }
-        }
-        m.insert(k.trim_start_matches(',').trim().to_string(), val);
-        rest = &v[end..];
-    }
-    m
-}
-
-impl Scrape {
-    /// Every sample of `name`: (labels, value).
-    fn samples(&self, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
-        self.0
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let (series, value) = l.rsplit_once(' ')?;
-                if series.split('{').next()? != name {
-                    return None;
-                }
-                Some((series_labels(series), value.parse().ok()?))
-            })
-            .collect()
-    }
-
-    /// The sample of `name` whose labels include all of `want`.
-    fn get(&self, name: &str, want: &[(&str, &str)]) -> Option<f64> {
-        let hits: Vec<f64> = self
-            .samples(name)
-            .into_iter()
-            .filter(|(l, _)| {
-                want.iter()
-                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(v))
-            })
-            .map(|(_, v)| v)
-            .collect();
-        match hits[..] {
-            [v] => Some(v),
-            [] => None,
-            _ => panic!("{name} {want:?} matches {} series", hits.len()),
-        }
-    }
-
-    /// Sum of every sample of `name` whose labels include all of `want`.
-    fn sum(&self, name: &str, want: &[(&str, &str)]) -> f64 {
-        self.samples(name)
-            .into_iter()
-            .filter(|(l, _)| {
-                want.iter()
-                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(v))
-            })
-            .map(|(_, v)| v)
-            .sum()
-    }
-}
-
-fn series_labels(series: &str) -> BTreeMap<String, String> {
-    series
-        .split_once('{')
-        .and_then(|(_, r)| r.strip_suffix('}'))
-        .map(parse_labels)
-        .unwrap_or_default()
 }
 
 // ---- traffic ----
@@ -535,52 +121,14 @@ fn tcp(lab: &Lab, n: usize) -> BTreeMap<String, usize> {
 }
 
 /// A connection kept open through the VIP, and the backend it landed on.
-struct Held {
-    s: BufReader<TcpStream>,
-    backend: String,
-}
+struct Held;
 
 impl Held {
-    fn open(lab: &Lab) -> Held {
-        let stream = lab
-            .client()
-            .ns
-            .run(|| {
-                let s = TcpStream::connect_timeout(
-                    &SocketAddr::from((VIP, 80)),
-                    Duration::from_secs(2),
-                )
-                .expect("connect to the VIP");
-                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-                s.set_nodelay(true).unwrap();
-                s
-            })
-            .expect("client namespace");
-        assert_eq!(stream.peer_addr().unwrap(), SocketAddr::from((VIP, 80)));
-        let mut s = BufReader::new(stream);
-        let mut who = String::new();
-        s.read_line(&mut who).expect("identity line");
-        Held {
-            s,
-            backend: who.trim_end().to_string(),
-        }
-    }
-
-    /// Sends a line and checks its echo.
-    fn echo(&mut self, line: &str) {
-        self.s
-            .get_mut()
-            .write_all(format!("{line}\n").as_bytes())
-            .unwrap_or_else(|e| panic!("write {line:?}: {e}"));
-        let mut got = String::new();
-        self.s
-            .read_line(&mut got)
-            .unwrap_or_else(|e| panic!("echo of {line:?}: {e}"));
-        assert_eq!(got.trim_end(), line);
-    }
-
-    fn local(&self) -> SocketAddr {
-        self.s.get_ref().local_addr().unwrap()
+    fn open(lab: &Lab) -> lab::HeldConn {
+        let h = lab::HeldConn::open(&lab.client().ns, SocketAddrV4::new(VIP, 80))
+            .expect("connect to the VIP");
+        assert_eq!(h.peer(), SocketAddr::from((VIP, 80)));
+        h
     }
 }
 
@@ -598,14 +146,6 @@ fn index_of(backend: &str) -> usize {
 /// The pinned maps, opened the way lbctl opens them (no agent needed).
 fn pinned(lab: &Lab) -> MapWriter {
     MapWriter::open_pinned(&pin_path(lab)).expect("open pinned maps")
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 // ---- tests ----
@@ -855,7 +395,7 @@ fn agent_bad_config_at_startup_exits_1() {
     let dir = TestDir::new("badstart");
     let bad = "services:\n  - name: a/b:c\n    vip: 10.96.0.1\n    port: 0\n    backends: []\n";
     dir.write_config(bad);
-    let pin = dir.0.join("pins");
+    let pin = dir.path().join("pins");
     let cfg = dir.config().display().to_string();
     let out = agent_cmd(&[
         "--config",
@@ -1016,7 +556,7 @@ fn agent_gc_expires_idle_flows() {
     );
     agent.wait_ready();
 
-    let held: Vec<Held> = (0..6).map(|_| Held::open(&lab)).collect();
+    let held: Vec<lab::HeldConn> = (0..6).map(|_| Held::open(&lab)).collect();
     assert_eq!(tcp(&lab, 6).len(), 3);
     let replies = lab.client_udp(SocketAddrV4::new(UDP_VIP, 53), 9).unwrap();
     assert_eq!(replies.len(), 9);
@@ -1074,7 +614,7 @@ fn agent_least_conn_avoids_the_busy_backend() {
         &agent_args(&lab, &dir, &["--mode", "tc"]),
     );
     agent.wait_ready();
-    let held: Vec<Held> = (0..20).map(|_| Held::open(&lab)).collect();
+    let held: Vec<lab::HeldConn> = (0..20).map(|_| Held::open(&lab)).collect();
     assert!(held.iter().all(|h| h.backend == "backend-1"));
 
     dir.write_config(&config_yaml(&[web(&lab, "least-conn", &[1, 2, 3])], None));
@@ -1235,7 +775,7 @@ fn start_controller(lab: &Lab, dir: &TestDir, name: &str) -> Agent {
     wait_until("the controller's /readyz", Duration::from_secs(30), || {
         c.check_alive();
         matches!(
-            http_get_port(&c.node, CONTROLLER_METRICS, "/readyz"),
+            http_get_port(c.node.as_deref(), CONTROLLER_METRICS, "/readyz"),
             Ok((200, _))
         )
     });
@@ -1244,7 +784,7 @@ fn start_controller(lab: &Lab, dir: &TestDir, name: &str) -> Agent {
 
 fn controller_scrape(c: &mut Agent) -> Scrape {
     c.check_alive();
-    let (status, body) = http_get_port(&c.node, CONTROLLER_METRICS, "/metrics")
+    let (status, body) = http_get_port(c.node.as_deref(), CONTROLLER_METRICS, "/metrics")
         .unwrap_or_else(|e| panic!("controller /metrics: {e}\n{}", c.log()));
     assert_eq!(status, 200, "{body}");
     Scrape(body)
@@ -1585,7 +1125,7 @@ fn agent_falls_back_to_the_userspace_datapath() {
     // load, so the agent serves the services from userspace.
     let mut args = agent_args(&lab, &dir, &["--datapath", "auto"]);
     let i = args.iter().position(|a| a == "--pin-path").unwrap();
-    args[i + 1] = dir.0.join("not-bpffs").display().to_string();
+    args[i + 1] = dir.path().join("not-bpffs").display().to_string();
     let mut agent = Agent::start(&lab, &dir, "agent", &args);
     agent.wait_ready();
     assert!(

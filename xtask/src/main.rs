@@ -127,19 +127,7 @@ fn demo(root: &Path) -> Result<()> {
     if args.first().is_some_and(|a| a == "--") {
         args.remove(0);
     }
-    // lb-controller without its `kube` feature: the demo runs it standalone, and kube-rs
-    // would double the build on a fresh machine.
-    run(cargo(root).args([
-        "build",
-        "--release",
-        "--no-default-features",
-        "-p",
-        "lb-agent",
-        "-p",
-        "lb-controller",
-        "-p",
-        "rpclb-demo",
-    ]))?;
+    run(&mut demo_build_command(root))?;
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d));
     let bin = target.join("release").join("rpclb-demo");
@@ -153,6 +141,24 @@ fn demo(root: &Path) -> Result<()> {
     }
     #[cfg(not(unix))]
     run(&mut cmd)
+}
+
+/// The demo's release build. lb-controller keeps its default features
+/// (`kube`): the demo runs it standalone, but `target/release/lb-controller`
+/// is the user's binary too, and after the demo `--kube` must still work.
+fn demo_build_command(root: &Path) -> Command {
+    let mut cmd = cargo(root);
+    cmd.args([
+        "build",
+        "--release",
+        "-p",
+        "lb-agent",
+        "-p",
+        "lb-controller",
+        "-p",
+        "rpclb-demo",
+    ]);
+    cmd
 }
 
 /// Builds lb-ebpf and returns the object's path.
@@ -238,4 +244,31 @@ fn first_arg(cmd: &Command) -> String {
         .find(|a| !a.starts_with('+'))
         .unwrap_or_default()
         .into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The demo once rebuilt target/release/lb-controller without `kube`,
+    /// and `lb-controller --kube` refused to start after it.
+    #[test]
+    fn the_demo_builds_the_default_features() {
+        let cmd = demo_build_command(Path::new("."));
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !args
+                .iter()
+                .any(|a| a.contains("no-default-features") || a == "--features"),
+            "{args:?}"
+        );
+        assert!(
+            args.windows(2).any(|w| w == ["-p", "lb-controller"]),
+            "{args:?}"
+        );
+        assert!(args.contains(&"--release".to_string()));
+    }
 }

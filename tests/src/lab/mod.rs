@@ -10,7 +10,7 @@ pub mod traffic;
 
 pub use netns::{LinkStats, Netns, netns_list, sweep, sweep_orphans};
 pub use topology::{BpfFs, Host, Iface, Lab};
-pub use traffic::{Limits, Reply, TcpServer, UdpServer, tcp_attempts, udp_attempts};
+pub use traffic::{HeldConn, Limits, Reply, TcpServer, UdpServer, tcp_attempts, udp_attempts};
 
 use std::process::Command;
 

@@ -332,3 +332,66 @@ impl UdpServer {
         self.0.peers()
     }
 }
+
+/// A TCP connection kept open to a VIP, and the backend it landed on (the
+/// identity line of the lab's [`TcpServer`]). Echo on it within the
+/// server's idle limit (10 s) to keep it.
+pub struct HeldConn {
+    s: BufReader<TcpStream>,
+    /// The identity the backend sent, e.g. `backend-2`.
+    pub backend: String,
+}
+
+impl HeldConn {
+    /// Connects from `ns` to `target` and reads the identity line.
+    pub fn open(ns: &Netns, target: SocketAddrV4) -> Result<HeldConn> {
+        let stream = ns.run(|| {
+            let s = TcpStream::connect_timeout(&SocketAddr::from(target), Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.set_write_timeout(Some(Duration::from_secs(3)))?;
+            s.set_nodelay(true)?;
+            Ok::<_, io::Error>(s)
+        })?;
+        let stream = stream.map_err(io_err(format!("connect to {target}")))?;
+        let mut s = BufReader::new(stream);
+        let mut who = String::new();
+        s.read_line(&mut who)
+            .map_err(io_err(format!("identity from {target}")))?;
+        Ok(HeldConn {
+            s,
+            backend: who.trim_end().to_string(),
+        })
+    }
+
+    /// Sends a line and reads its echo.
+    pub fn try_echo(&mut self, line: &str) -> io::Result<()> {
+        self.s.get_mut().write_all(format!("{line}\n").as_bytes())?;
+        let mut got = String::new();
+        self.s.read_line(&mut got)?;
+        if got.trim_end() == line {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "echo of {line:?} came back as {got:?}"
+            )))
+        }
+    }
+
+    /// [`Self::try_echo`], failing the test on error.
+    pub fn echo(&mut self, line: &str) {
+        self.try_echo(line).unwrap_or_else(|e| {
+            panic!(
+                "echo {line:?} on the held connection to {}: {e}",
+                self.backend
+            )
+        });
+    }
+
+    pub fn local(&self) -> SocketAddr {
+        self.s.get_ref().local_addr().expect("local address")
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.s.get_ref().peer_addr().expect("peer address")
+    }
+}
