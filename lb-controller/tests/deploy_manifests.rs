@@ -1,5 +1,7 @@
 //! The Kubernetes manifests in deploy/ agree with each other, with the
-//! controller's code (what it watches) and with the image's Dockerfile.
+//! controller's code (what it watches) and with the images that `cargo xtask
+//! image` builds (the archives themselves are checked by the rpclb-tests
+//! crate's tests/images.rs).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -473,48 +475,87 @@ fn agent_reaches_the_controller_service_and_keeps_its_pins_on_the_host() {
         .expect("the mount's volume");
     assert_eq!(str_at(volume, &["hostPath", "path"]), Some("/sys/fs/bpf"));
 
-    // The preStop hook must not tear the data path down.
-    let pre_stop = strings(at(c, &["lifecycle", "preStop", "exec", "command"]).unwrap());
-    assert!(
-        !pre_stop.iter().any(|a| a.contains("cleanup")),
-        "{pre_stop:?}"
-    );
+    // Nothing tears the data path down when the pod stops: no hook runs
+    // cleanup, and the agent is not told to detach.
+    for hook in ["preStop", "postStart"] {
+        if let Some(cmd) = at(c, &["lifecycle", hook, "exec", "command"]) {
+            let cmd = strings(cmd);
+            assert!(
+                !cmd.iter().any(|a| a.contains("cleanup")),
+                "{hook}: {cmd:?}"
+            );
+        }
+    }
     let args = strings(at(c, &["args"]).unwrap());
     assert!(!args.iter().any(|a| a == "--detach-on-exit"), "{args:?}");
     assert!(at(spec, &["terminationGracePeriodSeconds"]).is_some());
 }
 
+/// What `cargo xtask image` builds (xtask/src/image.rs), by the workload
+/// that runs it: the image's name, and its binaries in /usr/local/bin, the
+/// first being the entrypoint. The images are FROM scratch: nothing else.
+const IMAGES: &[(&str, &str, &str, &[&str])] = &[
+    (
+        "DaemonSet",
+        "rpclb-agent",
+        "rpclb-agent",
+        &["lb-agent", "lbctl"],
+    ),
+    (
+        "Deployment",
+        "rpclb-controller",
+        "rpclb-controller",
+        &["lb-controller"],
+    ),
+];
+
 #[test]
-fn the_image_holds_every_command_the_manifests_run() {
+fn each_workload_runs_its_own_image_and_only_what_is_in_it() {
     let docs = load();
-    let dockerfile = std::fs::read_to_string(deploy_dir().join("Dockerfile")).unwrap();
-    let runtime = dockerfile
-        .rsplit_once("\nFROM ")
-        .map(|(_, stage)| stage)
-        .expect("a runtime stage");
-    let copied: BTreeSet<&str> = runtime
-        .lines()
-        .filter(|l| l.starts_with("COPY --from=build"))
-        .flat_map(|l| l.split_whitespace())
-        .filter_map(|w| w.strip_prefix("/out/"))
-        .collect();
-    assert_eq!(
-        copied,
-        BTreeSet::from(["lb-agent", "lbctl", "lb-controller"])
-    );
-    let mut images = BTreeSet::new();
+    let version = env!("CARGO_PKG_VERSION");
+    let mut named = BTreeSet::new();
     for w in workloads(&docs) {
+        let (_, _, image, binaries) = IMAGES
+            .iter()
+            .find(|(kind, name, ..)| *kind == w.kind() && *name == w.name())
+            .unwrap_or_else(|| panic!("{}: no image for {} {}", w.file, w.kind(), w.name()));
         for c in seq_at(&w.v, &["spec", "template", "spec", "containers"]) {
-            let command = strings(at(c, &["command"]).expect("command"));
+            let name = format!("{} {}", w.name(), str_at(c, &["name"]).unwrap());
+            let tagged = str_at(c, &["image"]).unwrap();
+            assert_eq!(tagged, format!("{image}:{version}"), "{name}");
+            named.insert(tagged.to_string());
+            // The image's entrypoint runs, with the args.
             assert!(
-                copied.contains(command[0].as_str()),
-                "{}: {command:?}",
-                w.name()
+                at(c, &["command"]).is_none(),
+                "{name}: a command overrides the image's entrypoint ({})",
+                binaries[0]
             );
-            images.insert(str_at(c, &["image"]).unwrap().to_string());
+            // Hooks and exec probes can run only the image's binaries (no
+            // shell, no /bin/true).
+            for path in [
+                &["lifecycle", "preStop"][..],
+                &["lifecycle", "postStart"],
+                &["livenessProbe"],
+                &["readinessProbe"],
+                &["startupProbe"],
+            ] {
+                if let Some(cmd) = at(c, &[path, &["exec", "command"]].concat()) {
+                    let cmd = strings(cmd);
+                    let prog = cmd[0].strip_prefix("/usr/local/bin/").unwrap_or(&cmd[0]);
+                    assert!(
+                        binaries.contains(&prog),
+                        "{name}: {} runs {cmd:?}, which is not in {image}",
+                        path.join(".")
+                    );
+                }
+            }
         }
     }
-    assert_eq!(images.len(), 1, "one image for all: {images:?}");
+    let built: BTreeSet<String> = IMAGES
+        .iter()
+        .map(|(_, _, image, _)| format!("{image}:{version}"))
+        .collect();
+    assert_eq!(named, built, "deploy/ runs exactly the built images");
 }
 
 /// Parses `doc` as the Kubernetes type `T` and writes it back: a misspelt

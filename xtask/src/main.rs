@@ -1,5 +1,6 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | bench | demo`.
+//! Project tasks: `cargo xtask setup | build-ebpf | image | test | bench | demo`.
 
+mod image;
 mod setup;
 
 use anyhow::{Context, Result, bail};
@@ -22,8 +23,13 @@ enum Cmd {
     Setup,
     /// Build the eBPF object (lb-ebpf) with the nightly toolchain.
     BuildEbpf(EbpfArgs),
-    /// setup + build-ebpf + `cargo test --workspace ARGS`; ARGS are cargo test's,
-    /// e.g. `cargo xtask test -p lb-agent -- --nocapture`.
+    /// setup + build-ebpf + a static (musl) release build of lb-agent and lb-controller,
+    /// then their OCI images, without a container daemon (umoci):
+    /// target/images/rpclb-agent-VERSION.oci.tar and rpclb-controller-VERSION.oci.tar.
+    Image,
+    /// setup + build-ebpf + image + `cargo test --workspace ARGS`; ARGS are cargo test's,
+    /// e.g. `cargo xtask test -p lb-agent -- --nocapture` (a `-p` list without
+    /// rpclb-tests, which holds the image test, skips the images).
     #[command(disable_help_flag = true)]
     Test(Passthrough),
     /// setup + build-ebpf + `rpclb-bench ARGS` (release build).
@@ -79,11 +85,17 @@ fn task(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Setup => setup::all(&root),
         Cmd::BuildEbpf(a) => build_ebpf(&root, !a.debug).map(drop),
+        Cmd::Image => {
+            prepare(&root)?;
+            image::build(&root)
+        }
         Cmd::Test(_) => {
             prepare(&root)?;
-            run(cargo(&root)
-                .args(["test", "--workspace"])
-                .args(passthrough()))
+            let args = passthrough();
+            if image::wanted_by_test(&args) {
+                image::build(&root)?;
+            }
+            run(cargo(&root).args(["test", "--workspace"]).args(args))
         }
         Cmd::Bench(_) => run_bin(&root, "rpclb-bench"),
         Cmd::Demo(_) => demo(&root),
@@ -96,6 +108,11 @@ fn workspace_root() -> PathBuf {
         .parent()
         .expect("xtask lives inside the workspace")
         .to_path_buf()
+}
+
+/// Cargo's target folder: CARGO_TARGET_DIR (relative to the root) or root/target.
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d))
 }
 
 /// setup, then the release eBPF object: what test, bench and demo need.
@@ -128,9 +145,7 @@ fn demo(root: &Path) -> Result<()> {
         args.remove(0);
     }
     run(&mut demo_build_command(root))?;
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d));
-    let bin = target.join("release").join("rpclb-demo");
+    let bin = target_dir(root).join("release").join("rpclb-demo");
     let mut cmd = Command::new(&bin);
     cmd.current_dir(root).args(args);
     #[cfg(unix)]

@@ -13,7 +13,6 @@ use std::io;
 use std::mem::size_of;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::time::Duration;
 
 /// The `proto` of the routes the proxy adds (`ip route show table local proto 114`).
 pub const ROUTE_PROTOCOL: u8 = 114;
@@ -87,9 +86,9 @@ impl RouteSocket {
         if rc != 0 {
             return Err(last_err());
         }
-        // Never wait for the kernel forever.
+        // Never wait for the kernel forever: 5 s.
         let tv = libc::timeval {
-            tv_sec: Duration::from_secs(5).as_secs() as libc::time_t,
+            tv_sec: 5,
             tv_usec: 0,
         };
         // SAFETY: valid fd, option value of the right size.
