@@ -1,5 +1,6 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | bench | demo`.
+//! Project tasks: `cargo xtask setup | build-ebpf | kube-apiserver | test | bench | demo`.
 
+mod kube;
 mod setup;
 
 use anyhow::{Context, Result, bail};
@@ -22,7 +23,11 @@ enum Cmd {
     Setup,
     /// Build the eBPF object (lb-ebpf) with the nightly toolchain.
     BuildEbpf(EbpfArgs),
-    /// setup + build-ebpf + `cargo test --workspace ARGS`; ARGS are cargo test's,
+    /// Build Kubernetes' kube-apiserver v1.20.2 from Debian's source package into the cache
+    /// (${RPCLB_CACHE_DIR:-/var/cache/rpclb}/kube-apiserver/) and install etcd, for the
+    /// Kubernetes tests. Skips what is done already.
+    KubeApiserver,
+    /// setup + build-ebpf + kube-apiserver + `cargo test --workspace ARGS`; ARGS are cargo test's,
     /// e.g. `cargo xtask test -p lb-agent -- --nocapture`.
     #[command(disable_help_flag = true)]
     Test(Passthrough),
@@ -79,8 +84,11 @@ fn task(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Setup => setup::all(&root),
         Cmd::BuildEbpf(a) => build_ebpf(&root, !a.debug).map(drop),
+        Cmd::KubeApiserver => kube::ensure(),
         Cmd::Test(_) => {
             prepare(&root)?;
+            // The API server the Kubernetes tests run (built once, then cached).
+            kube::ensure()?;
             run(cargo(&root)
                 .args(["test", "--workspace"])
                 .args(passthrough()))

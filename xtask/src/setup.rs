@@ -148,7 +148,7 @@ fn tools() -> String {
 }
 
 /// Whether `tool` is on PATH or in an sbin folder (not on a user's PATH).
-fn have(tool: &str) -> bool {
+pub(crate) fn have(tool: &str) -> bool {
     let path = env::var_os("PATH").unwrap_or_default();
     env::split_paths(&path)
         .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
@@ -199,7 +199,7 @@ fn capabilities() -> String {
 }
 
 /// Effective uid 0 (the second field of `Uid:`).
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     proc_status("Uid").is_some_and(|v| v.split_whitespace().nth(1) == Some("0"))
 }
 
