@@ -1,5 +1,7 @@
-//! Integration-test support for rpclb: packet fixtures (`packet`) and the network-namespace
-//! lab harness (`lab`). Everything in `lab` needs root; see `lab::can_run`.
+//! Integration-test support for rpclb: packet fixtures (`packet`), the network-namespace
+//! lab harness (`lab`) and a real Kubernetes API server (`kube`). Everything in `lab` needs
+//! root; see `lab::can_run`. `kube` needs the binary `cargo xtask kube-apiserver` builds.
 
+pub mod kube;
 pub mod lab;
 pub mod packet;
