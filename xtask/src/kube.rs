@@ -230,11 +230,14 @@ fn build_in(work: &Path, log: &File) -> Result<(PathBuf, String)> {
     fs::create_dir_all(work)?;
     let t = Instant::now();
 
-    // A private deb-src list made from the machine's own apt sources, so /etc/apt stays as is.
+    // A private deb-src list made from the machine's own apt sources, with private lists and
+    // caches, so /etc/apt, /var/lib/apt and /var/cache/apt stay as they are.
     step("fetching the source (apt-get source, private deb-src list)");
     let apt_dir = work.join("apt");
     let lists = apt_dir.join("lists");
     fs::create_dir_all(lists.join("partial"))?;
+    let apt_cache = apt_dir.join("cache");
+    fs::create_dir_all(apt_cache.join("archives/partial"))?;
     let parts = apt_dir.join("sources.list.d");
     fs::create_dir_all(&parts)?;
     let list = apt_dir.join("sources.list");
@@ -243,6 +246,7 @@ fn build_in(work: &Path, log: &File) -> Result<(PathBuf, String)> {
         format!("-oDir::Etc::SourceList={}", list.display()),
         format!("-oDir::Etc::SourceParts={}", parts.display()),
         format!("-oDir::State::Lists={}", lists.display()),
+        format!("-oDir::Cache={}", apt_cache.display()),
     ];
     logged(
         Command::new("apt-get").args(&apt_opts).arg("update"),
