@@ -152,8 +152,8 @@ impl ApiServer {
 
     fn start_once(bin: &Path, etcd: &Path) -> Result<ApiServer> {
         let t0 = Instant::now();
-        let dir = new_dir()?;
         let [etcd_client, etcd_peer, api_port] = free_ports()?;
+        let dir = new_dir()?;
         let addr = SocketAddr::from(([127, 0, 0, 1], api_port));
         // From here on, Drop cleans up whatever has been started, also when a step fails.
         let mut s = ApiServer {
