@@ -1,7 +1,9 @@
 //! Integration-test support for rpclb: packet fixtures (`packet`), the network-namespace
-//! lab harness (`lab`) and the agent and controller processes the lab tests run
-//! (`procs`). Everything in `lab` needs root; see `lab::can_run`.
+//! lab harness (`lab`), the agent and controller processes the lab tests run (`procs`,
+//! `relay`) and a real Kubernetes API server (`kube`). Everything in `lab` needs root; see
+//! `lab::can_run`. `kube` needs the binary `cargo xtask kube-apiserver` builds.
 
+pub mod kube;
 pub mod lab;
 pub mod packet;
 pub mod procs;

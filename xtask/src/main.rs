@@ -1,6 +1,7 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | image | test | bench | demo`.
+//! Project tasks: `cargo xtask setup | build-ebpf | image | kube-apiserver | test | bench | demo`.
 
 mod image;
+mod kube;
 mod setup;
 
 use anyhow::{Context, Result, bail};
@@ -27,8 +28,12 @@ enum Cmd {
     /// then their OCI images, without a container daemon (umoci):
     /// target/images/rpclb-agent-VERSION.oci.tar and rpclb-controller-VERSION.oci.tar.
     Image,
-    /// setup + build-ebpf + image + `cargo test --workspace ARGS`; ARGS are cargo test's,
-    /// e.g. `cargo xtask test -p lb-agent -- --nocapture` (a `-p` list without
+    /// Build Kubernetes' kube-apiserver v1.20.2 from Debian's source package into the cache
+    /// (${RPCLB_CACHE_DIR:-/var/cache/rpclb}/kube-apiserver/) and install etcd, for the
+    /// Kubernetes tests. Skips what is done already.
+    KubeApiserver,
+    /// setup + build-ebpf + image + kube-apiserver + `cargo test --workspace ARGS`; ARGS are
+    /// cargo test's, e.g. `cargo xtask test -p lb-agent -- --nocapture` (a `-p` list without
     /// rpclb-tests, which holds the image test, skips the images).
     #[command(disable_help_flag = true)]
     Test(Passthrough),
@@ -89,12 +94,15 @@ fn task(cmd: Cmd) -> Result<()> {
             prepare(&root)?;
             image::build(&root)
         }
+        Cmd::KubeApiserver => kube::ensure(),
         Cmd::Test(_) => {
             prepare(&root)?;
             let args = passthrough();
             if image::wanted_by_test(&args) {
                 image::build(&root)?;
             }
+            // The API server the Kubernetes tests run (built once, then cached).
+            kube::ensure()?;
             run(cargo(&root).args(["test", "--workspace"]).args(args))
         }
         Cmd::Bench(_) => run_bin(&root, "rpclb-bench"),

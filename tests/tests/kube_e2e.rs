@@ -1,0 +1,528 @@
+//! rpclb on a real Kubernetes API server: kube-apiserver v1.20.2 with etcd
+//! (`rpclb_tests::kube`, built once by `cargo xtask kube-apiserver`), the
+//! real `lb-controller --kube` on a ServiceAccount token bound only to
+//! deploy/10-rbac.yaml's roles, the real `lb-agent` in a netns lab, and real
+//! TCP through the VIP.
+//!
+//! Where things run: the API server, etcd and the controllers listen on the
+//! host's 127.0.0.1 only; the agent runs in the lab's node namespace and
+//! reaches "the controller Service" through a loopback relay
+//! (`rpclb_tests::relay`) that, like a Service, sends each connection to the
+//! first controller that accepts.
+//!
+//! A 1.20 server serves no discovery.k8s.io/v1, so the controller's `auto`
+//! endpoints source picks core v1 Endpoints, which these tests write (there
+//! is no controller-manager to write them). EndpointSlices v1 stay covered
+//! by lb-controller's fake-API tests until a newer server can run here.
+//!
+//! Needs root for the lab, and the API server build; without either the
+//! tests fail under CI, or skip (lab) / fail (no build) elsewhere.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rpclb_tests::kube::ApiServer;
+use rpclb_tests::lab::{self, HeldConn, Lab, Limits, TcpServer};
+use rpclb_tests::procs::{Proc, TestDir, agent_args, controller_bin, wait_until};
+use rpclb_tests::relay::Relay;
+use rpclb_tests::skip_unless_lab;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// The controller's gRPC port as the agent sees it (the relay, in the node namespace).
+const CONTROLLER_PORT: u16 = 50551;
+const NODE: &str = "node-a";
+
+fn repo_file(rel: &str) -> String {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(rel);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// A free port on the host's loopback.
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The API server with deploy/'s namespace and RBAC, the test namespace
+/// `shop` and the Node, and a kubeconfig for the controller's ServiceAccount.
+struct Cluster {
+    api: ApiServer,
+    controller_kubeconfig: PathBuf,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let api = ApiServer::start().unwrap_or_else(|e| panic!("{e}"));
+        api.apply(&repo_file("deploy/00-namespace.yaml"))
+            .expect("apply deploy/00-namespace.yaml");
+        api.apply(&repo_file("deploy/10-rbac.yaml"))
+            .expect("apply deploy/10-rbac.yaml");
+        api.apply(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n---\n\
+             apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\n"
+        ))
+        .expect("namespace shop and the node");
+        let controller_kubeconfig = api
+            .kubeconfig_for_service_account("rpclb-system", "rpclb-controller")
+            .expect("a token for rpclb-controller");
+        Cluster {
+            api,
+            controller_kubeconfig,
+        }
+    }
+
+    fn apply(&self, yaml: &str) {
+        self.api
+            .apply(yaml)
+            .unwrap_or_else(|e| panic!("kubectl apply: {e}\n{yaml}"));
+    }
+
+    fn kubectl(&self, args: &[&str]) -> String {
+        self.api
+            .kubectl_output(args, None)
+            .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
+    }
+
+    /// The Lease holder, if any.
+    fn leader(&self) -> Option<String> {
+        let out = self
+            .api
+            .kubectl_output(
+                &[
+                    "-n",
+                    "rpclb-system",
+                    "get",
+                    "lease",
+                    "rpclb-controller",
+                    "-o",
+                    "jsonpath={.spec.holderIdentity}",
+                ],
+                None,
+            )
+            .ok()?;
+        Some(out.trim().to_string()).filter(|s| !s.is_empty())
+    }
+
+    /// The events.k8s.io/v1 Events about Service `shop/<name>` with `reason`.
+    fn events(&self, service: &str, reason: &str) -> Vec<serde_json::Value> {
+        let out = self.kubectl(&["-n", "shop", "get", "events.v1.events.k8s.io", "-o", "json"]);
+        let list: serde_json::Value = serde_json::from_str(&out).expect("event list JSON");
+        list["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e["regarding"]["name"] == service && e["reason"] == reason)
+            .collect()
+    }
+
+    /// `lb-controller --kube` on the host, as ServiceAccount rpclb-controller.
+    fn controller(&self, dir: &TestDir, name: &str, grpc: u16) -> Proc {
+        let metrics = free_port();
+        let kubeconfig = self.controller_kubeconfig.display().to_string();
+        let args: Vec<String> = [
+            "--kube",
+            "--listen",
+            &format!("127.0.0.1:{grpc}"),
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics}"),
+            "--pod-name",
+            name,
+            "--pod-namespace",
+            "rpclb-system",
+            "--lease-duration",
+            "4",
+            "--lease-renew-deadline",
+            "3",
+            "--lease-retry-period",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut p = Proc::spawn_host(
+            dir,
+            name,
+            controller_bin(),
+            &args,
+            &[("KUBECONFIG", kubeconfig.as_str())],
+            metrics,
+        );
+        p.wait_ready();
+        p
+    }
+}
+
+/// `web` in `shop`: ClusterIP 10.96.0.10, port `port` (named `http`) to the
+/// pods' named port `web`, with `annotations` (`key: value` lines).
+fn service_yaml(port: u16, annotations: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\n  \
+         annotations: {{{annotations}}}\nspec:\n  clusterIP: {VIP}\n  ports:\n  \
+         - name: http\n    port: {port}\n    targetPort: web\n"
+    )
+}
+
+/// The Endpoints of `web`: one subset per (ready IPs, not-ready IPs, port),
+/// as the endpoints controller writes them (a named targetPort can resolve
+/// to a different number per pod).
+fn endpoints_yaml(subsets: &[(&[Ipv4Addr], &[Ipv4Addr], u16)]) -> String {
+    let mut y = String::from(
+        "apiVersion: v1\nkind: Endpoints\nmetadata:\n  name: web\n  namespace: shop\nsubsets:\n",
+    );
+    if subsets.is_empty() {
+        y = y.replace("subsets:\n", "subsets: []\n");
+    }
+    for (ready, not_ready, port) in subsets {
+        y.push_str("- addresses:\n");
+        for ip in *ready {
+            y.push_str(&format!("  - {{ip: {ip}, nodeName: {NODE}}}\n"));
+        }
+        if ready.is_empty() {
+            y = y.replace("- addresses:\n", "- addresses: []\n");
+        }
+        if !not_ready.is_empty() {
+            y.push_str("  notReadyAddresses:\n");
+            for ip in *not_ready {
+                y.push_str(&format!("  - {{ip: {ip}, nodeName: {NODE}}}\n"));
+            }
+        }
+        y.push_str(&format!(
+            "  ports:\n  - {{name: http, port: {port}, protocol: TCP}}\n"
+        ));
+    }
+    y
+}
+
+/// The lab: three backends with identity servers on 8080 (`backend-<i>`)
+/// and 9090 (`backend-<i>-9090`).
+struct Pods {
+    lab: Lab,
+    _servers: Vec<TcpServer>,
+}
+
+impl Pods {
+    fn start() -> Pods {
+        let lab = Lab::new(3).expect("lab");
+        let mut servers = lab.start_tcp_servers(8080).expect("servers on 8080");
+        for i in 1..=3 {
+            servers.push(
+                TcpServer::start(
+                    &lab.backend(i).ns,
+                    SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9090),
+                    &format!("backend-{i}-9090"),
+                )
+                .expect("server on 9090"),
+            );
+        }
+        Pods {
+            lab,
+            _servers: servers,
+        }
+    }
+
+    fn ip(&self, i: usize) -> Ipv4Addr {
+        self.lab.backend(i).ip()
+    }
+
+    /// The backends `n` new connections to VIP:`port` reach, or the first error.
+    fn reached(&self, port: u16, n: usize) -> Result<BTreeSet<String>, String> {
+        let lim = Limits {
+            per_op: Duration::from_millis(500),
+            total: Duration::from_secs(5),
+        };
+        let target = SocketAddrV4::new(VIP, port);
+        let attempts = self
+            .lab
+            .client()
+            .ns
+            .run(|| lab::tcp_attempts(target, n, lim))
+            .map_err(|e| e.to_string())?;
+        attempts
+            .into_iter()
+            .map(|r| r.map(|r| r.backend).map_err(|e| e.to_string()))
+            .collect()
+    }
+
+    /// Waits until new connections to VIP:`port` reach exactly `want`.
+    fn wait_reach(&self, port: u16, want: &[&str]) {
+        let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+        let mut last = Err(String::new());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            last = self.reached(port, 4 * want.len());
+            if last.as_ref() == Ok(&want) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("VIP:{port} never reached exactly {want:?}; last: {last:?}");
+    }
+
+    /// Waits until VIP:`port` takes no connection.
+    fn wait_closed(&self, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.reached(port, 1).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("VIP:{port} still answers");
+    }
+}
+
+/// The agent in the node namespace, following the controller(s) through a relay.
+fn agent(pods: &Pods, dir: &TestDir, relay_to: &[u16]) -> (Proc, Relay) {
+    let upstreams: Vec<SocketAddr> = relay_to
+        .iter()
+        .map(|&p| SocketAddr::from((Ipv4Addr::LOCALHOST, p)))
+        .collect();
+    let relay = Relay::start(pods.lab.node(), CONTROLLER_PORT, &upstreams).expect("relay");
+    let mut args = agent_args(&pods.lab, dir, &[]);
+    let i = args.iter().position(|x| x == "--config").expect("--config");
+    args.drain(i..i + 2);
+    args.extend(
+        [
+            "--controller",
+            &format!("http://127.0.0.1:{CONTROLLER_PORT}"),
+            "--node-name",
+            NODE,
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let mut a = Proc::start(&pods.lab, dir, "agent", &args);
+    a.wait_ready();
+    (a, relay)
+}
+
+/// Traffic follows the API: scaling up and down, a not-ready address, a
+/// named targetPort resolved per pod, a port change and the Service's
+/// deletion, with the controller on deploy/'s ClusterRole only.
+#[test]
+fn traffic_follows_services_and_endpoints() {
+    skip_unless_lab!();
+    let cluster = Cluster::start();
+    let pods = Pods::start();
+    let dir = TestDir::new("kube-follow");
+    let grpc = free_port();
+    let mut ctl = cluster.controller(&dir, "ctl-a", grpc);
+    let (mut agent, _relay) = agent(&pods, &dir, &[grpc]);
+    let (b1, b2, b3) = (pods.ip(1), pods.ip(2), pods.ip(3));
+
+    cluster.apply(&service_yaml(80, ""));
+    cluster.apply(&endpoints_yaml(&[(&[b1], &[], 8080)]));
+    pods.wait_reach(80, &["backend-1"]);
+    let log = ctl.log();
+    assert!(
+        log.contains("reading endpoints from endpoints"),
+        "auto chose core v1 Endpoints on a 1.20 server:\n{log}"
+    );
+
+    // Scale up.
+    cluster.apply(&endpoints_yaml(&[(&[b1, b2, b3], &[], 8080)]));
+    pods.wait_reach(80, &["backend-1", "backend-2", "backend-3"]);
+    // A pod that is not ready gets no new connections.
+    cluster.apply(&endpoints_yaml(&[(&[b1, b2], &[b3], 8080)]));
+    pods.wait_reach(80, &["backend-1", "backend-2"]);
+    // Scale down.
+    cluster.apply(&endpoints_yaml(&[(&[b2], &[b1, b3], 8080)]));
+    pods.wait_reach(80, &["backend-2"]);
+    // The named targetPort `web` is 8080 on pod 1 and 9090 on pod 3.
+    cluster.apply(&endpoints_yaml(&[(&[b1], &[], 8080), (&[b3], &[], 9090)]));
+    pods.wait_reach(80, &["backend-1", "backend-3-9090"]);
+    // The Service's port changes from 80 to 81.
+    cluster.apply(&service_yaml(81, ""));
+    pods.wait_reach(81, &["backend-1", "backend-3-9090"]);
+    pods.wait_closed(80);
+    // The Service goes.
+    cluster.kubectl(&["-n", "shop", "delete", "service", "web"]);
+    pods.wait_closed(81);
+
+    // The agent followed one stream the whole time.
+    let m = agent.scrape();
+    assert_eq!(m.get("rpclb_controller_connected", &[]), Some(1.0));
+    assert_eq!(m.get("rpclb_controller_reconnects", &[]), Some(0.0));
+    let c = ctl.scrape();
+    assert_eq!(
+        c.get("rpclb_controller_agent_refused_services", &[("node", NODE)]),
+        Some(0.0)
+    );
+    ctl.check_alive();
+}
+
+/// A bad annotation gives exactly one Event, however long it lasts and
+/// whoever leads; the controller's restart keeps it one.
+#[test]
+fn a_bad_annotation_is_one_event() {
+    let cluster = Cluster::start();
+    let dir = TestDir::new("kube-events");
+    let mut ctl = cluster.controller(&dir, "ctl-a", free_port());
+    cluster.apply(&service_yaml(80, "rpclb.io/algorithm: fastest"));
+    wait_until("the Event", Duration::from_secs(20), || {
+        !cluster.events("web", "InvalidAnnotation").is_empty()
+    });
+    // Many lease renewals (1 s) and recomputes later: still one.
+    cluster.apply(&endpoints_yaml(&[(
+        &[Ipv4Addr::new(10, 244, 1, 2)],
+        &[],
+        8080,
+    )]));
+    std::thread::sleep(Duration::from_secs(6));
+    let events = cluster.events("web", "InvalidAnnotation");
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let note = events[0]["note"].as_str().unwrap_or_default();
+    assert!(note.contains("fastest"), "{note}");
+    assert_eq!(events[0]["reportingController"], "rpclb.io/controller");
+    assert_eq!(events[0]["reportingInstance"], "ctl-a");
+
+    // A new replica leads (the first stepped down on SIGTERM): the problem
+    // is the same Event.
+    ctl.signal(libc::SIGTERM);
+    ctl.wait_exit(Duration::from_secs(10)).expect("ctl-a stops");
+    let mut ctl_b = cluster.controller(&dir, "ctl-b", free_port());
+    wait_until("ctl-b to lead", Duration::from_secs(20), || {
+        cluster.leader().as_deref() == Some("ctl-b")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let events = cluster.events("web", "InvalidAnnotation");
+    assert_eq!(events.len(), 1, "{events:#?}");
+    // The problem goes and comes back: the same Event counts it.
+    cluster.apply(&service_yaml(80, ""));
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.apply(&service_yaml(80, "rpclb.io/algorithm: fastest"));
+    wait_until("the Event's series", Duration::from_secs(20), || {
+        let e = cluster.events("web", "InvalidAnnotation");
+        e.len() == 1 && e[0]["series"]["count"] == 2
+    });
+    ctl_b.check_alive();
+}
+
+/// A controller restart breaks no established flow; the agent keeps
+/// serving meanwhile and resyncs from the new controller.
+#[test]
+fn a_controller_restart_keeps_flows_and_the_agent_resyncs() {
+    skip_unless_lab!();
+    let cluster = Cluster::start();
+    let pods = Pods::start();
+    let dir = TestDir::new("kube-restart");
+    let grpc = free_port();
+    let mut ctl = cluster.controller(&dir, "ctl-a", grpc);
+    let (mut agent, _relay) = agent(&pods, &dir, &[grpc]);
+    let (b1, b2, b3) = (pods.ip(1), pods.ip(2), pods.ip(3));
+    cluster.apply(&service_yaml(80, ""));
+    cluster.apply(&endpoints_yaml(&[(&[b1, b2, b3], &[], 8080)]));
+    pods.wait_reach(80, &["backend-1", "backend-2", "backend-3"]);
+
+    let mut held = HeldConn::open(&pods.lab.client().ns, SocketAddrV4::new(VIP, 80))
+        .expect("a held connection");
+    held.echo("before");
+    ctl.kill9();
+    // Without a controller: established and new connections go on.
+    held.echo("without a controller");
+    pods.wait_reach(80, &["backend-1", "backend-2", "backend-3"]);
+    agent.wait_metric("rpclb_controller_connected", 0.0);
+    // A change while it is down: a pod the held flow is not on leaves.
+    let keep: usize = held.backend.trim_start_matches("backend-").parse().unwrap();
+    let gone = (1..=3).find(|&i| i != keep).unwrap();
+    let stay: Vec<usize> = (1..=3).filter(|&i| i != gone).collect();
+    let stay_ips: Vec<Ipv4Addr> = stay.iter().map(|&i| pods.ip(i)).collect();
+    cluster.apply(&endpoints_yaml(&[(&stay_ips, &[], 8080)]));
+    held.echo("still without a controller");
+    // The controller is back on the same port: the agent resyncs.
+    let _ctl = cluster.controller(&dir, "ctl-a2", grpc);
+    agent.wait_metric("rpclb_controller_connected", 1.0);
+    let want: Vec<String> = stay.iter().map(|i| format!("backend-{i}")).collect();
+    let want: Vec<&str> = want.iter().map(String::as_str).collect();
+    pods.wait_reach(80, &want);
+    held.echo("after the resync");
+    assert!(
+        agent.log().contains("keeping the current state"),
+        "{}",
+        agent.log()
+    );
+}
+
+/// Two controllers: one leads; the leader dies under traffic (SIGKILL); the
+/// agent fails over to the other, which takes the lead and follows changes;
+/// no connection fails meanwhile.
+#[test]
+fn two_controllers_fail_over_under_traffic() {
+    skip_unless_lab!();
+    let cluster = Cluster::start();
+    let pods = Pods::start();
+    let dir = TestDir::new("kube-failover");
+    let (grpc_a, grpc_b) = (free_port(), free_port());
+    let mut ctl_a = cluster.controller(&dir, "ctl-a", grpc_a);
+    wait_until("ctl-a to lead", Duration::from_secs(20), || {
+        cluster.leader().as_deref() == Some("ctl-a")
+    });
+    let mut ctl_b = cluster.controller(&dir, "ctl-b", grpc_b);
+    let (mut agent, _relay) = agent(&pods, &dir, &[grpc_a, grpc_b]);
+    let (b1, b2, b3) = (pods.ip(1), pods.ip(2), pods.ip(3));
+    cluster.apply(&service_yaml(80, "rpclb.io/algorithm: fastest"));
+    cluster.apply(&endpoints_yaml(&[(&[b1, b2, b3], &[], 8080)]));
+    pods.wait_reach(80, &["backend-1", "backend-2", "backend-3"]);
+    wait_until("the Event", Duration::from_secs(20), || {
+        !cluster.events("web", "InvalidAnnotation").is_empty()
+    });
+    assert_eq!(cluster.leader().as_deref(), Some("ctl-a"));
+
+    // New connections all along, bounded in count and time.
+    let stop = AtomicBool::new(false);
+    let (ok, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let client = &pods.lab.client().ns;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let lim = Limits {
+                per_op: Duration::from_secs(1),
+                total: Duration::from_secs(2),
+            };
+            let deadline = Instant::now() + Duration::from_secs(60);
+            for _ in 0..5_000 {
+                if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    break;
+                }
+                let r = client
+                    .run(|| lab::tcp_attempts(SocketAddrV4::new(VIP, 80), 1, lim))
+                    .expect("client namespace");
+                match r.into_iter().next() {
+                    Some(Ok(_)) => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        ctl_a.kill9();
+        // ctl-b takes the lead once ctl-a's Lease expires (4 s).
+        wait_until("ctl-b to lead", Duration::from_secs(20), || {
+            cluster.leader().as_deref() == Some("ctl-b")
+        });
+        agent.wait_metric("rpclb_controller_connected", 1.0);
+        // ctl-b follows a change: pod 3 leaves.
+        cluster.apply(&endpoints_yaml(&[(&[b1, b2], &[], 8080)]));
+        pods.wait_reach(80, &["backend-1", "backend-2"]);
+        stop.store(true, Ordering::Relaxed);
+    });
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(ok > 50, "only {ok} connections made");
+    assert_eq!(failed, 0, "{failed} of {} connections failed", ok + failed);
+    // The Event stayed one across the change of leader.
+    assert_eq!(cluster.events("web", "InvalidAnnotation").len(), 1);
+    let log = agent.log();
+    assert_eq!(
+        log.matches("connected to the controller").count(),
+        2,
+        "{log}"
+    );
+    ctl_b.check_alive();
+}
