@@ -750,6 +750,86 @@ fn agent_sigterm_cleanup_and_detach_on_exit() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing pinned"));
 }
 
+/// Drains and un-drains a backend (terminating <-> active) while a stream of
+/// new connections runs: every connection succeeds and the kernel never
+/// drops a SYN as `drop_bad_table` (an un-drain once switched the table to
+/// the backend before marking it active). tests in lb-agent/tests/
+/// write_order.rs look between the two writes deterministically.
+#[test]
+fn agent_undrain_under_new_connections_drops_nothing() {
+    skip_unless_lab!();
+    let lab = Lab::new(3).expect("lab");
+    let _tcp = lab.start_tcp_servers(8080).unwrap();
+    let dir = TestDir::new("undrain");
+    let config = |terminating: bool| {
+        let ips: Vec<Ipv4Addr> = (1..=3).map(|i| lab.backend(i).ip()).collect();
+        let mut y = svc_yaml(WEB, VIP, 80, "tcp", "maglev", &ips, 8080);
+        if terminating {
+            let b3 = format!("{{ ip: {}, port: 8080 }}", ips[2]);
+            y = y.replace(
+                &b3,
+                &format!("{{ ip: {}, port: 8080, state: terminating }}", ips[2]),
+            );
+        }
+        config_yaml(&[y], None)
+    };
+    dir.write_config(&config(true));
+    let mut agent = Agent::start(&lab, &dir, "agent", &agent_args(&lab, &dir, &[]));
+    agent.wait_ready();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (ok, failed) = std::thread::scope(|s| {
+        let t = s.spawn(|| {
+            let lim = Limits {
+                per_op: Duration::from_secs(1),
+                total: Duration::from_secs(2),
+            };
+            let (mut ok, mut failed) = (0usize, 0usize);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            for _ in 0..20_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) || Instant::now() > deadline {
+                    break;
+                }
+                let r = lab
+                    .client()
+                    .ns
+                    .run(|| lab::tcp_attempts(SocketAddrV4::new(VIP, 80), 8, lim))
+                    .expect("client namespace");
+                for a in r {
+                    match a {
+                        Ok(_) => ok += 1,
+                        Err(_) => failed += 1,
+                    }
+                }
+            }
+            (ok, failed)
+        });
+        for round in 0..6 {
+            dir.write_config(&config(round % 2 == 1));
+            agent.wait_metric("rpclb_config_reloads_total", f64::from(round + 1));
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        t.join().expect("traffic thread")
+    });
+    assert!(ok > 100, "only {ok} connections");
+    assert_eq!(failed, 0, "{failed} of {} connections failed", ok + failed);
+    let m = agent.scrape();
+    assert_eq!(
+        m.get(
+            "rpclb_datapath_events_total",
+            &[("reason", "drop_bad_table")]
+        ),
+        Some(0.0)
+    );
+    // The stream saw the backend come and go: it took flows while active.
+    let c = tcp(&lab, 30);
+    assert_eq!(
+        c.len(),
+        2,
+        "backend 3 is terminating again at the end: {c:?}"
+    );
+}
+
 // ---- the controller stream ----
 
 const CONTROLLER_GRPC: u16 = 50551;

@@ -526,3 +526,35 @@ fn two_controllers_fail_over_under_traffic() {
     );
     ctl_b.check_alive();
 }
+
+/// A source that the server does not serve is an error at start that names
+/// the server's version and the fix, not a controller that waits forever.
+#[test]
+fn an_unserved_endpoints_source_is_an_error_at_start() {
+    let cluster = Cluster::start();
+    let dir = TestDir::new("kube-unserved");
+    let out = std::process::Command::new(controller_bin())
+        .args([
+            "--kube",
+            "--endpoints-source",
+            "endpointslices",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--metrics-addr",
+            &format!("127.0.0.1:{}", free_port()),
+            "--pod-name",
+            "ctl-x",
+        ])
+        .env("KUBECONFIG", &cluster.controller_kubeconfig)
+        .current_dir(dir.path())
+        .output()
+        .expect("run lb-controller");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("does not serve discovery.k8s.io/v1 EndpointSlices")
+            && err.contains("v1.20.2")
+            && err.contains("--endpoints-source endpoints"),
+        "{err}"
+    );
+}
