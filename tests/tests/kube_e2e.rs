@@ -558,3 +558,28 @@ fn an_unserved_endpoints_source_is_an_error_at_start() {
         "{err}"
     );
 }
+
+/// Every manifest in deploy/ is accepted by a real API server (server-side
+/// dry run: admission and validation run, nothing is stored), after the
+/// namespace and RBAC that the later files need.
+#[test]
+fn the_manifests_pass_a_server_side_dry_run() {
+    let cluster = Cluster::start();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("deploy/")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "{files:?}");
+    for f in &files {
+        let out = cluster.kubectl(&[
+            "apply",
+            "--dry-run=server",
+            "-f",
+            &f.display().to_string(),
+        ]);
+        assert!(out.contains("(server dry run)"), "{}: {out}", f.display());
+    }
+}
