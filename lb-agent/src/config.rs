@@ -2,5 +2,3 @@
 //! this re-export keeps `lb_agent::config` paths working.
 
 pub use lb_api::config::*;
-
-const _: () = assert!(MAX_MAGLEV_M == lb_common::limits::MAX_SLOTS);

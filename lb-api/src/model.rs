@@ -16,12 +16,6 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    pub fn number(self) -> u8 {
-        match self {
-            Protocol::Tcp => 6,
-            Protocol::Udp => 17,
-        }
-    }
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "tcp",
@@ -55,21 +49,6 @@ impl Algorithm {
         Algorithm::SourceHash,
         Algorithm::LeastConn,
     ];
-
-    /// The kernel's code for this algorithm (`lb_common::algo`).
-    pub fn code(self) -> u8 {
-        match self {
-            Algorithm::Random => 0,
-            Algorithm::RoundRobin => 1,
-            Algorithm::Maglev => 2,
-            Algorithm::SourceHash => 3,
-            Algorithm::LeastConn => 4,
-        }
-    }
-
-    pub fn from_code(c: u8) -> Option<Self> {
-        Self::ALL.get(c as usize).copied()
-    }
 
     pub fn as_str(self) -> &'static str {
         match self {

@@ -181,8 +181,8 @@ pub mod reason {
 pub mod config_idx {
     /// 1: forward with `bpf_fib_lookup` + redirect; 0: always hand to the stack.
     pub const FIB_REDIRECT: u32 = 0;
-    /// Capacity of `SLOTS` (the kernel bounds-checks every table slice against it).
-    pub const SLOTS_LEN: u32 = 1;
+    // 1 was the capacity of `SLOTS`, never read: the kernel's array lookup
+    // bounds-checks every slot (out of range is `drop_bad_table`).
     pub const COUNT: u32 = 4;
 }
 

@@ -133,7 +133,7 @@ fn predict(
             wire(addr.vip),
             sport.to_be(),
             addr.port.to_be(),
-            addr.protocol.number(),
+            lb_agent::datapath::abi::proto_number(addr.protocol),
         )
     };
     let id = t[(hash % t.len() as u32) as usize];

@@ -574,12 +574,7 @@ fn the_manifests_pass_a_server_side_dry_run() {
     files.sort();
     assert!(files.len() >= 4, "{files:?}");
     for f in &files {
-        let out = cluster.kubectl(&[
-            "apply",
-            "--dry-run=server",
-            "-f",
-            &f.display().to_string(),
-        ]);
+        let out = cluster.kubectl(&["apply", "--dry-run=server", "-f", &f.display().to_string()]);
         assert!(out.contains("(server dry run)"), "{}: {out}", f.display());
     }
 }

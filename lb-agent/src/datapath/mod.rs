@@ -5,6 +5,7 @@
 //! The maps and links outlive the agent, so traffic keeps flowing while it is
 //! down, and a restarted agent adopts the same state.
 
+pub mod abi;
 pub mod maglev;
 pub mod scratch;
 pub mod sys;

@@ -24,7 +24,7 @@ use lb_common::{
 use serde::Serialize;
 use tracing::debug;
 
-use super::{DatapathError, maglev, sys, table};
+use super::{DatapathError, abi, maglev, sys, table};
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
     move |source| DatapathError::Map {
@@ -215,7 +215,7 @@ fn key_of(addr: &ServiceAddr) -> ServiceKey {
     ServiceKey {
         vip: u32::from_ne_bytes(addr.vip.octets()),
         port: addr.port.to_be(),
-        proto: addr.protocol.number(),
+        proto: abi::proto_number(addr.protocol),
         _pad: 0,
     }
 }
@@ -454,13 +454,9 @@ impl MapWriter {
     }
 
     pub(crate) fn set_config(&mut self, fib_redirect: bool) -> Result<(), DatapathError> {
-        let e = map_err(map_names::CONFIG);
         self.config
             .set(config_idx::FIB_REDIRECT, fib_redirect as u32, 0)
-            .map_err(&e)?;
-        self.config
-            .set(config_idx::SLOTS_LEN, self.slots_cap, 0)
-            .map_err(&e)
+            .map_err(map_err(map_names::CONFIG))
     }
 
     /// Applies a whole desired state: upserts every service in it and removes
@@ -579,7 +575,7 @@ impl MapWriter {
         }
 
         // 2. The table, into a fresh slice when it changed.
-        let algo = svc.algorithm.code();
+        let algo = abi::algo_code(svc.algorithm);
         let table = self.build_table(svc, &next).map_err(invalid)?;
         let hash = table_hash(algo, &table);
         let mut value = ServiceValue {
@@ -774,7 +770,7 @@ impl MapWriter {
                 id: s.value.id,
                 name: s.name.clone(),
                 addr: *addr,
-                algorithm: Algorithm::from_code(s.value.algo).unwrap_or_default(),
+                algorithm: abi::algorithm(s.value.algo).unwrap_or_default(),
                 table_len: s.value.table_len,
                 affinity_timeout_s: s.value.affinity_timeout_s,
                 backends_active: s

@@ -94,7 +94,7 @@ impl Flow {
             wire(self.service.vip),
             self.client.port().to_be(),
             self.service.port.to_be(),
-            self.service.protocol.number(),
+            crate::datapath::abi::proto_number(self.service.protocol),
         )
     }
     /// The kernel's source-hash key.
