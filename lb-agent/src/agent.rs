@@ -19,13 +19,12 @@
 //! runtime.
 
 use std::collections::HashSet;
-use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use axum::Router;
@@ -40,7 +39,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{self, Config, Timeouts};
+use crate::config::{Config, Timeouts};
 use crate::datapath::writer::monotonic_ns;
 use crate::datapath::{self, AttachMode, Datapath, DatapathConfig};
 use crate::engines::{Engines, SharedDp, lock};
@@ -48,6 +47,7 @@ use crate::gc;
 use crate::metrics::{GcSample, Metrics};
 use crate::reconcile;
 use crate::stream::{self, StreamOptions, StreamStatus, Update};
+use lb_api::config_file::{ConfigFile, Reload};
 
 /// How to attach the programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,20 +147,20 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // Handlers first: a SIGHUP during startup must not kill the agent (its
     // default action), and a SIGTERM then is a clean stop once started.
     let signals = Signals::new()?;
-    // 1. The config: a bad one stops us before anything is touched. The
-    // fingerprint is of the very text parsed, so no edit slips between.
+    // 1. The config: a bad one stops us before anything is touched.
     let file = match &opts.source {
         Source::File(path) => {
-            let origin = path.display().to_string();
-            let (fingerprint, text) = read_config(path).await;
-            let text = text.map_err(|e| anyhow!("{origin}: cannot read config: {e}"))?;
-            let cfg = config::parse(&text, &origin).map_err(|e| anyhow!("{e}"))?;
+            let mut file = ConfigFile::new(path);
+            let cfg = match file.read(true) {
+                Reload::Changed(r) => r.map_err(|e| anyhow!("{e}"))?,
+                Reload::Unchanged => unreachable!("a forced read is a change"),
+            };
             info!(
                 config = %path.display(),
                 services = cfg.state.services.len(),
                 "config loaded"
             );
-            Some((path.clone(), origin, fingerprint, cfg))
+            Some((file, cfg))
         }
         Source::Controller(s) => {
             if s.node.is_empty() {
@@ -209,7 +209,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         ready: AtomicBool::new(false),
         started: Instant::now(),
         heartbeat_ms: AtomicU64::new(0),
-        timeouts: Mutex::new(file.as_ref().map(|f| f.3.timeouts).unwrap_or_default()),
+        timeouts: Mutex::new(file.as_ref().map(|f| f.1.timeouts).unwrap_or_default()),
         stream: Arc::new(StreamStatus::default()),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -217,7 +217,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     info!(addr = %opts.metrics_addr, "serving /metrics, /healthz, /readyz");
 
     let (source, current) = match file {
-        Some((path, origin, fingerprint, cfg)) => {
+        Some((file, cfg)) => {
             let refused = engines
                 .apply(&cfg.state, &cfg.timeouts)
                 .await
@@ -235,14 +235,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 "ready"
             );
             shared.set_ready(true);
-            (
-                LoopSource::File {
-                    path,
-                    origin,
-                    fingerprint,
-                },
-                Some(cfg),
-            )
+            (LoopSource::File(file), Some(cfg))
         }
         None => {
             let Source::Controller(so) = opts.source.clone() else {
@@ -329,39 +322,6 @@ fn load_and_attach(opts: &Options) -> anyhow::Result<(Datapath, Vec<String>)> {
     Ok((dp, attached))
 }
 
-/// The file's identity as far as reloads care: an editor that replaces the
-/// file changes it even when size and mtime happen to match.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Fingerprint {
-    modified: Option<SystemTime>,
-    len: u64,
-    hash: u64,
-}
-
-/// Reads the config once; the fingerprint is of exactly the text returned.
-async fn read_config(path: &Path) -> (Option<Fingerprint>, std::io::Result<String>) {
-    let modified = tokio::fs::metadata(path)
-        .await
-        .ok()
-        .and_then(|m| m.modified().ok());
-    match tokio::fs::read(path).await {
-        Ok(bytes) => {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            bytes.hash(&mut h);
-            let fp = Fingerprint {
-                modified,
-                len: bytes.len() as u64,
-                hash: h.finish(),
-            };
-            let text = String::from_utf8(bytes).map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, "the file is not UTF-8")
-            });
-            (Some(fp), text)
-        }
-        Err(e) => (None, Err(e)),
-    }
-}
-
 /// The signals the run loop handles.
 struct Signals {
     hup: tokio::signal::unix::Signal,
@@ -381,11 +341,7 @@ impl Signals {
 
 /// Where the run loop gets new states.
 enum LoopSource {
-    File {
-        path: PathBuf,
-        origin: String,
-        fingerprint: Option<Fingerprint>,
-    },
+    File(ConfigFile),
     Controller {
         updates: tokio::sync::mpsc::Receiver<Update>,
         task: tokio::task::JoinHandle<()>,
@@ -420,19 +376,13 @@ impl Loop {
             };
             match event {
                 Event::Tick => {
-                    if let LoopSource::File {
-                        path, fingerprint, ..
-                    } = &self.source
-                    {
-                        let (fp, text) = read_config(path).await;
-                        if fp != *fingerprint {
-                            self.reload("file changed", Some((fp, text))).await;
-                        }
+                    if matches!(self.source, LoopSource::File(_)) {
+                        self.reload("file changed", false).await;
                     }
                 }
                 Event::Reload(why) => {
-                    if matches!(self.source, LoopSource::File { .. }) {
-                        self.reload(why, None).await;
+                    if matches!(self.source, LoopSource::File(_)) {
+                        self.reload(why, true).await;
                     } else {
                         info!("{why}: nothing to reload (the state comes from the controller)");
                     }
@@ -469,32 +419,17 @@ impl Loop {
         }
     }
 
-    /// Parses and applies the config file. On any error the running state
-    /// stays as it is, and the error is logged and counted.
-    async fn reload(
-        &mut self,
-        why: &str,
-        read: Option<(Option<Fingerprint>, std::io::Result<String>)>,
-    ) {
-        let LoopSource::File {
-            path,
-            origin,
-            fingerprint,
-        } = &mut self.source
-        else {
+    /// Re-reads the config file and applies it when it changed (or when
+    /// `force`). On any error the running state stays as it is, and the
+    /// error is logged and counted.
+    async fn reload(&mut self, why: &str, force: bool) {
+        let LoopSource::File(file) = &mut self.source else {
             return;
         };
-        let (fp, text) = match read {
-            Some(r) => r,
-            None => read_config(path).await,
-        };
-        *fingerprint = fp;
-        let parsed = text
-            .map_err(|e| format!("{origin}: cannot read config: {e}"))
-            .and_then(|t| config::parse(&t, origin).map_err(|e| e.to_string()));
-        let cfg = match parsed {
-            Ok(c) => c,
-            Err(e) => {
+        let cfg = match file.read(force) {
+            Reload::Unchanged => return,
+            Reload::Changed(Ok(c)) => c,
+            Reload::Changed(Err(e)) => {
                 self.shared.metrics.config_reload_errors.inc();
                 error!("config reload ({why}) failed, keeping the running state: {e}");
                 return;
@@ -556,7 +491,7 @@ enum Event {
 async fn next_update(source: &mut LoopSource) -> Option<Update> {
     match source {
         LoopSource::Controller { updates, .. } => updates.recv().await,
-        LoopSource::File { .. } => std::future::pending().await,
+        LoopSource::File(_) => std::future::pending().await,
     }
 }
 

@@ -3,11 +3,12 @@
 //! from a YAML file, and the agent applies it. One model, used by all.
 //!
 //! - [`model`]: services, backends, algorithms.
-//! - [`config`]: the standalone YAML file.
+//! - [`config`]: the standalone YAML file; [`config_file`] follows one by polling.
 //! - [`wire`]: the controller -> agent gRPC stream and its conversions.
 //! - [`validate`]: what a valid service is, for every producer and consumer.
 
 pub mod config;
+pub mod config_file;
 pub mod errors;
 pub mod model;
 pub mod validate;

@@ -5,10 +5,9 @@
 //! good state stays published.
 
 use std::collections::BTreeMap;
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
-use lb_api::config;
+use lb_api::config_file::{ConfigFile, Reload};
 use lb_api::wire::NodeState;
 use tracing::{error, info};
 
@@ -17,9 +16,7 @@ use crate::grpc::Publisher;
 /// Follows one config file.
 #[derive(Debug)]
 pub struct FileSource {
-    path: PathBuf,
-    /// Hash of the text last read (good or bad), to notice edits.
-    seen: Option<u64>,
+    file: ConfigFile,
 }
 
 /// The outcome of a [`FileSource::poll`].
@@ -36,44 +33,27 @@ pub enum Polled {
 impl FileSource {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         FileSource {
-            path: path.into(),
-            seen: None,
+            file: ConfigFile::new(path),
         }
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.file.path()
     }
 
     /// Reads the file; if it changed since the last read (or `force`),
     /// parses it and publishes it.
     pub fn poll(&mut self, publisher: &Publisher, force: bool) -> Polled {
-        let origin = self.path.display().to_string();
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(t) => t,
-            Err(e) => {
-                let h = hash(&format!("\0error {e}"));
-                if self.seen == Some(h) && !force {
-                    return Polled::Unchanged;
-                }
-                self.seen = Some(h);
-                return Polled::Invalid(format!("{origin}: cannot read config: {e}"));
-            }
-        };
-        let h = hash(&text);
-        if self.seen == Some(h) && !force {
-            return Polled::Unchanged;
-        }
-        self.seen = Some(h);
-        match config::parse(&text, &origin) {
-            Ok(cfg) => Polled::Published(publisher.publish(
+        match self.file.read(force) {
+            Reload::Unchanged => Polled::Unchanged,
+            Reload::Changed(Err(e)) => Polled::Invalid(e.to_string()),
+            Reload::Changed(Ok(cfg)) => Polled::Published(publisher.publish(
                 NodeState {
                     state: cfg.state,
                     timeouts: cfg.timeouts,
                 },
                 BTreeMap::new(),
             )),
-            Err(e) => Polled::Invalid(e.to_string()),
         }
     }
 
@@ -92,12 +72,6 @@ impl FileSource {
             }
         }
     }
-}
-
-fn hash(s: &str) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    s.hash(&mut h);
-    h.finish()
 }
 
 #[cfg(test)]
