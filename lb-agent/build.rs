@@ -1,11 +1,12 @@
 //! Embeds the eBPF object. It is built by `cargo xtask build-ebpf` (nightly +
-//! bpf-linker); if it is missing or older than its sources, this script
-//! builds it the same way, and fails with directions when it cannot.
+//! bpf-linker); if it is missing or older than its sources, this script runs
+//! the same command (`lb_build::ebpf_build_command`), and fails with
+//! directions when it cannot.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::time::SystemTime;
 
-fn newest(dir: &Path, acc: &mut std::time::SystemTime) {
+fn newest(dir: &Path, acc: &mut SystemTime) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
     };
@@ -21,18 +22,14 @@ fn newest(dir: &Path, acc: &mut std::time::SystemTime) {
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let obj = root.join("target/ebpf/bpfel-unknown-none/release/lb-ebpf");
-    let srcs = [
-        root.join("lb-ebpf/src"),
-        root.join("lb-common/src"),
-        root.join("lb-ebpf/Cargo.toml"),
-    ];
+    let obj = lb_build::ebpf_object(&root, true);
+    let srcs = lb_build::ebpf_sources(&root);
     for s in &srcs {
         println!("cargo:rerun-if-changed={}", s.display());
     }
     println!("cargo:rerun-if-changed={}", obj.display());
 
-    let mut src_time = std::time::SystemTime::UNIX_EPOCH;
+    let mut src_time = SystemTime::UNIX_EPOCH;
     for s in &srcs {
         if s.is_dir() {
             newest(s, &mut src_time);
@@ -45,33 +42,10 @@ fn main() {
         Err(_) => true,
     };
     if stale {
-        let mut cmd = Command::new("rustup");
-        cmd.args([
-            "run",
-            "nightly",
-            "cargo",
-            "build",
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-        ])
-        .arg("--manifest-path")
-        .arg(root.join("lb-ebpf/Cargo.toml"))
-        .arg("--target-dir")
-        .arg(root.join("target/ebpf"));
-        for (k, _) in std::env::vars() {
-            if k.starts_with("CARGO")
-                || k.starts_with("RUSTC")
-                || k == "RUSTUP_TOOLCHAIN"
-                || k == "RUSTFLAGS"
-            {
-                cmd.env_remove(&k);
-            }
-        }
-        cmd.env("CARGO_ENCODED_RUSTFLAGS", "-Ctarget-cpu=v3");
-        let ok = cmd.status().map(|s| s.success()).unwrap_or(false);
+        let ok = lb_build::ebpf_build_command(&root, true)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
         if !ok || !obj.exists() {
             panic!(
                 "\n\nThe eBPF object {} is missing or stale and building it failed.\n\

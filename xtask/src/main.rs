@@ -186,60 +186,11 @@ fn demo_build_command(root: &Path) -> Command {
 
 /// Builds lb-ebpf and returns the object's path.
 fn build_ebpf(root: &Path, release: bool) -> Result<PathBuf> {
-    run(&mut ebpf_build_command(root, release))
+    run(&mut lb_build::ebpf_build_command(root, release))
         .context("building lb-ebpf (nightly, bpfel-unknown-none) failed")?;
-    let profile = if release { "release" } else { "debug" };
-    let obj = root
-        .join("target/ebpf/bpfel-unknown-none")
-        .join(profile)
-        .join("lb-ebpf");
+    let obj = lb_build::ebpf_object(root, release);
     println!("ebpf object: {}", obj.display());
     Ok(obj)
-}
-
-/// The nightly `cargo build` of lb-ebpf, in an environment cleaned of what cargo
-/// set for this xtask process (it would force the stable toolchain or its flags).
-fn ebpf_build_command(root: &Path, release: bool) -> Command {
-    let mut cmd = Command::new("cargo");
-    cmd.current_dir(root).args([
-        "+nightly",
-        "build",
-        "--manifest-path",
-        "lb-ebpf/Cargo.toml",
-        "--target",
-        "bpfel-unknown-none",
-        "-Z",
-        "build-std=core",
-        "--target-dir",
-        "target/ebpf",
-    ]);
-    if release {
-        cmd.arg("--release");
-    }
-    const FORCED: &[&str] = &[
-        "RUSTUP_TOOLCHAIN",
-        "RUSTC",
-        "RUSTC_WRAPPER",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_BUILD_RUSTFLAGS",
-        "CARGO_TARGET_DIR",
-        "CARGO",
-        "CARGO_MANIFEST_DIR",
-    ];
-    for (key, _) in std::env::vars_os() {
-        let k = key.to_string_lossy();
-        if FORCED.contains(&k.as_ref())
-            || k.starts_with("CARGO_PKG_")
-            || k.starts_with("CARGO_CFG_")
-        {
-            cmd.env_remove(&key);
-        }
-    }
-    // v3 has the BPF atomics the programs use; more flags join with \x1f.
-    cmd.env("CARGO_ENCODED_RUSTFLAGS", ["-Ctarget-cpu=v3"].join("\x1f"));
-    cmd
 }
 
 /// The cargo that runs this xtask (same toolchain), in the workspace root.
