@@ -1,7 +1,8 @@
-//! Generates the `grpc.testing.TestService` client and server (the demo's
-//! proto, `demo/proto/grpc/testing/test.proto`) for the gRPC lab tests,
-//! without protoc: protox parses the file and tonic-prost-build writes the
-//! code into OUT_DIR, where `tests/grpc_l7.rs` includes it.
+//! Generates the `grpc.testing.TestService` client and server
+//! (`demo/proto/grpc/testing/test.proto`) for `rpclb_tests::grpc`, which the
+//! demo, the gRPC lab tests and the benchmarks share, without protoc:
+//! protox parses the file and tonic-prost-build writes the code into
+//! OUT_DIR.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = "../demo/proto";

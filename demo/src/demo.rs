@@ -13,7 +13,7 @@
 
 use crate::procs::{self, Agent, AgentOpts, ControllerOpts, Guarded, interrupted};
 use crate::report::{self, Checks, OneChannelReport, PodInfo, ProxyCounts, ServiceReport};
-use crate::server::{PodServer, Pods};
+use crate::server::Pods;
 use crate::wire::{Call, Event, Inflight, OneChannel, Phase};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
@@ -416,12 +416,12 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
     let (l4_svcs, twin) = (&svcs[..2], &svcs[2]);
 
     // The pods' gRPC servers, each inside its own namespace.
-    let mut servers = Pods::default();
+    let mut servers = Pods::new();
     for (si, s) in l4_svcs.iter().enumerate() {
         for (pi, pod) in s.pods.iter().enumerate() {
             let host = lab.backend(1 + si * pods + pi);
             let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, s.port));
-            servers.0.push(PodServer::start(&host.ns, &pod.name, addr)?);
+            servers.start(&host.ns, &pod.name, addr)?;
         }
     }
     for s in l4_svcs {
@@ -871,7 +871,7 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
                 .sum::<usize>()
     };
     let disagree: Vec<String> = servers
-        .0
+        .pods
         .iter()
         .filter(|s| s.served() != seen(&s.name) as u64)
         .map(|s| {

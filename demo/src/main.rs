@@ -16,10 +16,7 @@ mod report;
 mod server;
 mod wire;
 
-mod proto {
-    #![allow(clippy::all, clippy::pedantic)]
-    tonic::include_proto!("grpc.testing");
-}
+use rpclb_tests::grpc::proto;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

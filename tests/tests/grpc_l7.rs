@@ -4,43 +4,29 @@
 //! namespace calls the VIP over one HTTP/2 connection. Need root; each test
 //! prints SKIP and passes otherwise (fails under CI).
 //!
-//! The backends are the demo's proto served by hyper directly (not tonic's
-//! server, which enforces `grpc-timeout` itself and would race the proxy's
-//! deadline). They log the headers of every call, can sleep (`x-sleep-ms`) or
-//! hold a call until released (`x-hold`), and count handlers cancelled before
-//! they finished.
-
-mod proto {
-    #![allow(clippy::all, clippy::pedantic)]
-    tonic::include_proto!("grpc.testing");
-}
+//! The backends are `rpclb_tests::grpc`'s TestService (the demo's too),
+//! served by hyper directly (not tonic's server, which enforces
+//! `grpc-timeout` itself and would race the proxy's deadline). They log the
+//! headers of every call, can sleep (`x-sleep-ms`) or hold a call until
+//! released (`x-hold`), and count handlers cancelled before they finished.
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use lb_agent::userspace::{
     BackendStatus, DropReason, ProxyOptions, ServiceStats, UserspaceProxy, datapath_snapshot,
 };
 use lb_api::{Algorithm, Backend, BackendState, DesiredState, GrpcPolicy, Protocol, Service};
-use proto::test_service_client::TestServiceClient;
-use proto::test_service_server::{TestService, TestServiceServer};
-use proto::{
+use rpclb_tests::grpc::proto::test_service_client::TestServiceClient;
+use rpclb_tests::grpc::proto::{
     ResponseParameters, SimpleRequest, SimpleResponse, StreamingOutputCallRequest,
-    StreamingOutputCallResponse,
 };
-use rpclb_tests::lab::{Lab, Netns};
+use rpclb_tests::grpc::{GrpcServer, HOLD, Journal, SLEEP, Seen, TEST_HEADER, TestBackend, text};
+use rpclb_tests::lab::Lab;
 use rpclb_tests::skip_unless_lab;
-use tokio::sync::{oneshot, watch};
-use tokio_stream::{Stream, StreamExt};
 use tonic::codegen::http::HeaderMap;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
@@ -51,9 +37,6 @@ const BACKEND_PORT: u16 = 50051;
 /// A port nothing listens on, in the backends.
 const DEAD_PORT: u16 = 50999;
 
-const TEST_HEADER: &str = "x-test-header";
-const SLEEP: &str = "x-sleep-ms";
-const HOLD: &str = "x-hold";
 const ADDED: (&str, &str) = ("x-rpclb-env", "lab");
 
 /// Bound of every single call and wait in these tests.
@@ -61,265 +44,35 @@ const CALL: Duration = Duration::from_secs(5);
 
 // ---- backends -------------------------------------------------------------
 
-/// One call as a backend saw it.
-#[derive(Debug, Clone)]
-struct Seen {
-    backend: usize,
-    method: &'static str,
-    headers: HeaderMap,
-}
-
-impl Seen {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-}
-
-/// What every backend shares with the test.
-#[derive(Clone)]
-struct Shared {
-    log: Arc<Mutex<Vec<Seen>>>,
-    /// Handlers dropped (cancelled) before they finished.
-    cancelled: Arc<AtomicU64>,
-    /// Held calls return once this turns true (or after 10 s).
-    release: watch::Receiver<bool>,
-}
-
-#[derive(Clone)]
-struct Pod {
-    index: usize,
-    shared: Shared,
-}
-
-/// Counts a handler dropped before `done`.
-struct Unfinished<'a> {
-    counter: &'a AtomicU64,
-    done: bool,
-}
-
-impl Drop for Unfinished<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            self.counter.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-impl Pod {
-    fn name(&self) -> String {
-        format!("backend-{}", self.index)
-    }
-
-    fn record(&self, method: &'static str, meta: &tonic::metadata::MetadataMap) -> HeaderMap {
-        let headers = meta.clone().into_headers();
-        self.shared.log.lock().unwrap().push(Seen {
-            backend: self.index,
-            method,
-            headers: headers.clone(),
-        });
-        headers
-    }
-
-    /// Sleeps or holds as the headers ask, counting a cancellation.
-    async fn delay(&self, h: &HeaderMap) {
-        let mut guard = Unfinished {
-            counter: &self.shared.cancelled,
-            done: false,
-        };
-        if let Some(ms) = h
-            .get(SLEEP)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        {
-            tokio::time::sleep(Duration::from_millis(ms.min(10_000))).await;
-        }
-        if h.contains_key(HOLD) {
-            let mut rx = self.shared.release.clone();
-            let _ = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|r| *r)).await;
-        }
-        guard.done = true;
-    }
-
-    fn reply(&self, h: &HeaderMap) -> StreamingOutputCallResponse {
-        StreamingOutputCallResponse {
-            payload: None,
-            served_by: self.name(),
-            test_header: text(h, TEST_HEADER),
-            server_time_us: 0,
-        }
-    }
-}
-
-fn text(h: &HeaderMap, name: &str) -> String {
-    h.get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string()
-}
-
-type Replies = Pin<Box<dyn Stream<Item = Result<StreamingOutputCallResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl TestService for Pod {
-    async fn unary_call(
-        &self,
-        req: Request<SimpleRequest>,
-    ) -> Result<Response<SimpleResponse>, Status> {
-        let h = self.record("unary", req.metadata());
-        self.delay(&h).await;
-        Ok(Response::new(SimpleResponse {
-            payload: None,
-            served_by: self.name(),
-            test_header: text(&h, TEST_HEADER),
-        }))
-    }
-
-    type StreamingOutputCallStream = Replies;
-
-    async fn streaming_output_call(
-        &self,
-        req: Request<StreamingOutputCallRequest>,
-    ) -> Result<Response<Replies>, Status> {
-        let h = self.record("server-streaming", req.metadata());
-        let one = self.reply(&h);
-        let cancelled = self.shared.cancelled.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        // One message per parameter, each after its interval (at most 1 s);
-        // a client (or proxy) gone mid-stream counts as a cancellation.
-        let params = req.into_inner().response_parameters;
-        tokio::spawn(async move {
-            for p in params.into_iter().take(100) {
-                let wait = Duration::from_micros(p.interval_us.clamp(0, 1_000_000) as u64);
-                tokio::time::sleep(wait).await;
-                if tx.send(Ok(one.clone())).await.is_err() {
-                    cancelled.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
-    }
-
-    type FullDuplexCallStream = Replies;
-
-    async fn full_duplex_call(
-        &self,
-        req: Request<tonic::Streaming<StreamingOutputCallRequest>>,
-    ) -> Result<Response<Replies>, Status> {
-        let h = self.record("bidi", req.metadata());
-        let one = self.reply(&h);
-        // One reply per message, until the client closes its side.
-        let out = req
-            .into_inner()
-            .take(100)
-            .map(move |m| m.map(|_| one.clone()));
-        Ok(Response::new(Box::pin(out)))
-    }
-}
-
-/// A backend server on its own thread and runtime inside its namespace;
-/// dropping it stops the server and its connections.
-struct BackendServer {
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl BackendServer {
-    fn start(ns: &Netns, pod: Pod) -> BackendServer {
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
-        let thread = ns
-            .spawn("grpc-backend", move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("backend runtime");
-                rt.block_on(async move {
-                    let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, BACKEND_PORT));
-                    let l = match tokio::net::TcpListener::bind(any).await {
-                        Ok(l) => l,
-                        Err(e) => return drop(ready_tx.send(Err(e))),
-                    };
-                    let _ = ready_tx.send(Ok(()));
-                    let svc = TestServiceServer::new(pod);
-                    let server = auto::Builder::new(TokioExecutor::new());
-                    let mut stop_rx = stop_rx;
-                    loop {
-                        tokio::select! {
-                            _ = &mut stop_rx => break,
-                            accepted = l.accept() => {
-                                let Ok((s, _)) = accepted else { continue };
-                                let _ = s.set_nodelay(true);
-                                let (svc, server) = (svc.clone(), server.clone());
-                                tokio::spawn(async move {
-                                    let svc = TowerToHyperService::new(svc);
-                                    let _ = server.serve_connection(TokioIo::new(s), svc).await;
-                                });
-                            }
-                        }
-                    }
-                });
-                // Dropping the runtime drops every connection.
-            })
-            .expect("backend thread");
-        let r = ready_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("backend did not start");
-        r.expect("backend bind");
-        BackendServer {
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for BackendServer {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// A TestService in every backend namespace.
+/// A TestService in every backend namespace, answering `backend-<i>`.
 struct Backends {
-    shared: Shared,
-    release: watch::Sender<bool>,
-    _servers: Vec<BackendServer>,
+    journal: Arc<Journal>,
+    _servers: Vec<GrpcServer>,
 }
 
 impl Backends {
     fn start(lab: &Lab) -> Backends {
-        let (release, rx) = watch::channel(false);
-        let shared = Shared {
-            log: Arc::default(),
-            cancelled: Arc::default(),
-            release: rx,
-        };
+        let journal = Arc::new(Journal::default());
         let servers = (1..=lab.backends().len())
-            .map(|index| {
-                let pod = Pod {
-                    index,
-                    shared: shared.clone(),
-                };
-                BackendServer::start(&lab.backend(index).ns, pod)
+            .map(|i| {
+                let backend = TestBackend::new(i, format!("backend-{i}"), journal.clone());
+                let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, BACKEND_PORT));
+                GrpcServer::start(&lab.backend(i).ns, any, backend, Duration::ZERO)
+                    .expect("gRPC backend")
             })
             .collect();
         Backends {
-            shared,
-            release,
+            journal,
             _servers: servers,
         }
     }
 
     fn log(&self) -> Vec<Seen> {
-        self.shared.log.lock().unwrap().clone()
+        self.journal.log()
     }
 
     fn cancelled(&self) -> u64 {
-        self.shared.cancelled.load(Ordering::Relaxed)
+        self.journal.cancelled()
     }
 }
 
@@ -512,10 +265,12 @@ async fn raw_call(headers: &[(&str, &str)]) -> Raw {
     let tcp = tokio::net::TcpStream::connect((VIP, PORT))
         .await
         .expect("connect to the VIP");
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .expect("HTTP/2 handshake");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("HTTP/2 handshake");
     tokio::spawn(conn);
     let mut req = tonic::codegen::http::Request::post(format!(
         "http://{VIP}:{PORT}/grpc.testing.TestService/UnaryCall"
@@ -1000,7 +755,7 @@ fn grpc_terminating_backend_drains() {
         let during = many_calls(&c, 60, 4).await;
 
         // Release: every held call completes, those on backend 1 too.
-        be.release.send(true).unwrap();
+        be.journal.release();
         let mut held = Vec::new();
         while let Some(r) = holds.join_next().await {
             held.push(r.unwrap().expect("held call completes").served_by);
