@@ -17,6 +17,31 @@ pub const PSH: u8 = 0x08;
 pub const ACK: u8 = 0x10;
 pub const URG: u8 = 0x20;
 
+/// The client and VIPs of the map-level tests (gc, lbctl, write order).
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub const UDP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
+
+/// A well-formed frame from `src:sport` to `dst:dport`: TCP with `flags`
+/// (seq 1000, ack 1 when ACK is set), or UDP carrying `ping`.
+pub fn frame(
+    proto: u8,
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    flags: u8,
+) -> Vec<u8> {
+    let p = match proto {
+        IPPROTO_TCP => Pkt::tcp()
+            .flags(flags)
+            .seq(1000)
+            .ack(if flags & ACK != 0 { 1 } else { 0 }),
+        _ => Pkt::udp().payload(b"ping"),
+    };
+    p.ip(src, dst).ports(sport, dport).build()
+}
+
 pub type Mac = [u8; 6];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -7,13 +7,10 @@
 //! back down. A second test sweeps 1,000,000 entries.
 
 use std::collections::{BTreeSet, HashMap};
-mod common;
-
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
-use common::{ACK, CLIENT, FIN, SYN, UDP_VIP, VIP, frame};
 use lb_agent::config::Timeouts;
 use lb_agent::datapath::scratch::{Hook, ScratchDatapath};
 use lb_agent::datapath::writer::{ip_wire, monotonic_ns};
@@ -21,6 +18,7 @@ use lb_agent::datapath::{MapWriter, sys};
 use lb_agent::gc;
 use lb_api::{Algorithm, Backend, Protocol, Service, ServiceAddr};
 use lb_common::{CtValue, FlowKey, ct_dir, ct_state};
+use rpclb_tests::packet::{ACK, CLIENT, FIN, SYN, UDP_VIP, VIP, frame};
 
 const S: u64 = 1_000_000_000;
 

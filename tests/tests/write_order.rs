@@ -3,14 +3,12 @@
 //! write (after the service entry switches to its new table, before the
 //! backends that leave the table are marked). Needs root.
 
-mod common;
-
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
-use common::{CLIENT, SYN, VIP, frame};
 use lb_agent::datapath::scratch::{Hook, ScratchDatapath, require_root, test_run};
 use lb_api::{Algorithm, Backend, BackendState, DesiredState, Protocol, Service};
+use rpclb_tests::packet::{CLIENT, SYN, VIP, frame};
 
 const XDP_DROP: u32 = 1;
 

@@ -6,20 +6,22 @@
 //! tables must show the same names and numbers.
 
 use std::collections::BTreeSet;
-mod common;
-
 use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 
-use common::{ACK, CLIENT, FIN, SYN, UDP_VIP, VIP, frame};
 use lb_agent::datapath::MapWriter;
 use lb_agent::datapath::scratch::{Hook, ScratchDatapath};
 use lb_api::{Algorithm, Backend, BackendState, Protocol, Service};
+use rpclb_tests::packet::{ACK, CLIENT, FIN, SYN, UDP_VIP, VIP, frame};
 use serde_json::Value;
 
-const LBCTL: &str = env!("CARGO_BIN_EXE_lbctl");
+/// `target/<profile>/lbctl`, built on demand.
+fn lbctl_bin() -> &'static Path {
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| rpclb_tests::procs::workspace_bin("lb-agent", "lbctl"))
+}
 
 fn can_run() -> bool {
     lb_agent::datapath::scratch::require_root("lbctl tests")
@@ -105,7 +107,7 @@ struct Out {
 }
 
 fn lbctl_cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(LBCTL);
+    let mut c = Command::new(lbctl_bin());
     c.args(args)
         .env("RUST_BACKTRACE", "1")
         .env_remove("RPCLB_PIN_PATH");
