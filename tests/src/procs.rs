@@ -35,7 +35,11 @@ pub fn controller_bin() -> &'static Path {
     BIN.get_or_init(|| workspace_bin("lb-controller", "lb-controller"))
 }
 
-/// Builds a workspace binary into this test's target dir and returns its path.
+/// Builds a workspace binary into this test's target dir and returns its
+/// path. Under `cargo xtask test` (`RPCLB_BINS_BUILT=1`), `cargo test
+/// --workspace` has built every binary already, with the test build's
+/// features: building it again here would rebuild its dependencies with
+/// other features, for minutes, and replace it.
 pub fn workspace_bin(package: &str, name: &str) -> PathBuf {
     {
         let exe = std::env::current_exe().expect("test executable path");
@@ -46,7 +50,8 @@ pub fn workspace_bin(package: &str, name: &str) -> PathBuf {
             .expect("target/<profile>");
         let target_dir = profile_dir.parent().expect("target dir");
         let bin = profile_dir.join(name);
-        if let Ok(cargo) = std::env::var("CARGO") {
+        let prebuilt = std::env::var_os("RPCLB_BINS_BUILT").is_some_and(|v| v == "1");
+        if let (Ok(cargo), false) = (std::env::var("CARGO"), prebuilt) {
             let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
             let mut cmd = Command::new(cargo);
             cmd.args(["build", "--quiet", "-p", package, "--bin", name])

@@ -5,11 +5,9 @@
 //! output. Needs root (it builds a netns lab and loads the data path); without
 //! it the test prints SKIP and passes (fails under CI).
 //!
-//! Finding the binaries: rpclb-demo depends on this crate, so cargo does not build it for
-//! this test. The test runs `cargo build -p rpclb-demo -p lb-agent -p lb-controller` itself, with the
-//! profile of the test executable (`target/<profile>/deps/demo-*` → `--release` when
-//! `<profile>` is `release`), and then runs `target/<profile>/rpclb-demo`, which finds
-//! `lb-agent`, `lb-controller` and `lbctl` beside itself. The build is a no-op when they are up to date.
+//! Finding the binaries: `rpclb_tests::procs::workspace_bin` (built on demand, or by `cargo
+//! xtask test` beforehand); `rpclb-demo` finds `lb-agent`, `lb-controller` and `lbctl` beside
+//! itself.
 
 use rpclb_tests::skip_unless_lab;
 use std::io::Read;
@@ -17,46 +15,18 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// `target/<profile>`: the folder above this test executable's `deps/`.
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let deps = exe.parent().expect("deps folder");
-    deps.parent().expect("profile folder").to_path_buf()
-}
-
-fn build_binaries(profile: &std::path::Path) {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(&root).args([
-        "build",
-        "-p",
-        "rpclb-demo",
-        "-p",
-        "lb-agent",
-        "-p",
-        "lb-controller",
-    ]);
-    if profile.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    // Build into the same target folder as this test, wherever that is.
-    if let Some(target) = profile.parent() {
-        cmd.arg("--target-dir").arg(target);
-    }
-    let status = cmd.status().expect("run cargo build");
-    assert!(
-        status.success(),
-        "building rpclb-demo, lb-agent and lb-controller failed"
-    );
-}
-
 #[test]
 fn demo_quick_passes() {
     skip_unless_lab!();
-    let profile = profile_dir();
-    build_binaries(&profile);
-    let bin = profile.join("rpclb-demo");
+    // rpclb-demo finds lb-agent, lbctl and lb-controller beside itself.
+    for (package, name) in [
+        ("lb-agent", "lb-agent"),
+        ("lb-agent", "lbctl"),
+        ("lb-controller", "lb-controller"),
+    ] {
+        rpclb_tests::procs::workspace_bin(package, name);
+    }
+    let bin = rpclb_tests::procs::workspace_bin("rpclb-demo", "rpclb-demo");
 
     let mut child = Command::new(&bin)
         .arg("--quick")

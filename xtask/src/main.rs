@@ -103,7 +103,15 @@ fn task(cmd: Cmd) -> Result<()> {
             }
             // The API server the Kubernetes tests run (built once, then cached).
             kube::ensure()?;
-            run(cargo(&root).args(["test", "--workspace"]).args(args))
+            let mut cmd = cargo(&root);
+            cmd.args(["test", "--workspace"]).args(&args);
+            if !selects_packages(&args) {
+                // Every binary is built by this `cargo test --workspace`: the
+                // lab tests run those instead of building them again with
+                // other features (rpclb_tests::procs::workspace_bin).
+                cmd.env("RPCLB_BINS_BUILT", "1");
+            }
+            run(&mut cmd)
         }
         Cmd::Bench(_) => run_bin(&root, "rpclb-bench"),
         Cmd::Demo(_) => demo(&root),
@@ -116,6 +124,15 @@ fn workspace_root() -> PathBuf {
         .parent()
         .expect("xtask lives inside the workspace")
         .to_path_buf()
+}
+
+/// Whether cargo test arguments pick packages (`-p`, `--package`, `--exclude`):
+/// then not every binary is built.
+fn selects_packages(args: &[OsString]) -> bool {
+    args.iter().take_while(|a| *a != "--").any(|a| {
+        let a = a.to_string_lossy();
+        a == "-p" || a.starts_with("-p") || a.starts_with("--package") || a.starts_with("--exclude")
+    })
 }
 
 /// Cargo's target folder: CARGO_TARGET_DIR (relative to the root) or root/target.
@@ -226,6 +243,16 @@ mod tests {
 
     /// The demo once rebuilt target/release/lb-controller without `kube`,
     /// and `lb-controller --kube` refused to start after it.
+    #[test]
+    fn package_selections_are_noticed() {
+        let args = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        assert!(selects_packages(&args(&["-p", "lb-agent"])));
+        assert!(selects_packages(&args(&["-plb-agent"])));
+        assert!(selects_packages(&args(&["--package=lb-api"])));
+        assert!(!selects_packages(&args(&["--test", "kube_e2e"])));
+        assert!(!selects_packages(&args(&["--", "-p"])));
+    }
+
     #[test]
     fn the_demo_builds_the_default_features() {
         let cmd = demo_build_command(Path::new("."));
