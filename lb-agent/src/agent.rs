@@ -18,10 +18,9 @@
 //! every user takes it on a blocking thread, so a long sweep never stalls the
 //! runtime.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,32 +31,22 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use aya::programs::links::FdLink;
-use aya::programs::xdp::XdpMode;
 use lb_api::Refusal;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, Timeouts};
+use crate::datapath::attach;
+pub use crate::datapath::attach::ModeChoice;
 use crate::datapath::writer::monotonic_ns;
-use crate::datapath::{self, AttachMode, Datapath, DatapathConfig};
+use crate::datapath::{self, Datapath, DatapathConfig};
 use crate::engines::{Engines, SharedDp, lock};
 use crate::gc;
 use crate::metrics::{GcSample, Metrics};
 use crate::reconcile;
 use crate::stream::{self, StreamOptions, StreamStatus, Update};
 use lb_api::config_file::{ConfigFile, Reload};
-
-/// How to attach the programs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ModeChoice {
-    /// TC on virtual devices (veth, ...); native (driver) XDP on physical
-    /// ones where the driver supports it, else TC. On a restart, an interface
-    /// keeps the kind of link pinned for it.
-    Auto,
-    Fixed(AttachMode),
-}
 
 /// Where the desired state comes from.
 #[derive(Clone, Debug)]
@@ -176,7 +165,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     };
     // 2. Pins only survive on bpffs.
     if opts.datapath_kind == DatapathKind::Ebpf {
-        check_bpffs(&opts.datapath.pin_path)?;
+        attach::check_bpffs(&opts.datapath.pin_path)?;
     }
     // 3. The metrics address, before the data path, so a busy port changes nothing.
     let listener = tokio::net::TcpListener::bind(opts.metrics_addr)
@@ -315,10 +304,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
 /// Loads the programs (adopting pinned maps) and attaches them.
 fn load_and_attach(opts: &Options) -> anyhow::Result<(Datapath, Vec<String>)> {
-    check_bpffs(&opts.datapath.pin_path)?;
-    warn_pinned_sizes(&opts.datapath);
+    attach::check_bpffs(&opts.datapath.pin_path)?;
+    attach::warn_pinned_sizes(&opts.datapath);
     let mut dp = Datapath::load(&opts.datapath).map_err(|e| anyhow!(e))?;
-    let attached = attach_all(&mut dp, &opts.interfaces, opts.mode)?;
+    let attached = attach::attach_all(&mut dp, &opts.interfaces, opts.mode)?;
     Ok((dp, attached))
 }
 
@@ -641,173 +630,6 @@ async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, &'static str) {
     }
 }
 
-// ---- attaching ----
-
-/// The pinned link's file name; the same scheme as `Datapath::attach`
-/// (bpffs refuses dots, which VLAN interface names have).
-fn link_name(mode: AttachMode, iface: &str) -> String {
-    let kind = if mode == AttachMode::Tc { "tc" } else { "xdp" };
-    format!("{kind}_{}", iface.replace('.', "_"))
-}
-
-/// Native XDP only (no silent generic fallback), pinned like `Datapath::attach`
-/// pins it. `Ok(false)`: the driver (or kernel) refused native XDP.
-fn attach_native_xdp(dp: &mut Datapath, iface: &str) -> anyhow::Result<bool> {
-    let links = dp.pin_path().join("links");
-    std::fs::create_dir_all(&links).with_context(|| format!("creating {}", links.display()))?;
-    let path = links.join(link_name(AttachMode::Xdp, iface));
-    let p = dp.xdp_program();
-    let id = match p.attach(iface, XdpMode::Driver) {
-        Ok(id) => id,
-        Err(e) => {
-            warn!(
-                iface,
-                "native XDP unavailable ({}); using TC",
-                render_error(&e.into())
-            );
-            return Ok(false);
-        }
-    };
-    let link = p.take_link(id)?;
-    let fd = FdLink::try_from(link)?;
-    fd.pin(&path)
-        .with_context(|| format!("pinning {}", path.display()))?;
-    info!(iface, mode = "xdp (native)", reused = false, "attached");
-    Ok(true)
-}
-
-/// A device without a `device` link in sysfs is virtual (veth, bridge,
-/// dummy, ...). Unknown names count as physical, so auto mode tries XDP.
-fn is_virtual(iface: &str) -> bool {
-    let dir = Path::new("/sys/class/net").join(iface);
-    dir.exists() && !dir.join("device").exists()
-}
-
-/// Attaches to every interface, then drops links a previous run left on
-/// interfaces (or in modes) that are no longer asked for.
-fn attach_all(
-    dp: &mut Datapath,
-    ifaces: &[String],
-    mode: ModeChoice,
-) -> anyhow::Result<Vec<String>> {
-    let links = dp.pin_path().join("links");
-    let mut keep = HashSet::new();
-    let mut done = Vec::new();
-    for iface in ifaces {
-        let pinned = |m| links.join(link_name(m, iface)).exists();
-        let m = match mode {
-            ModeChoice::Fixed(m) => {
-                dp.attach(iface, m)
-                    .map_err(|e| anyhow!(e))
-                    .with_context(|| format!("interface {iface}"))?;
-                m
-            }
-            // A restart keeps the kind of link it finds, swapping the program in place.
-            ModeChoice::Auto if pinned(AttachMode::Tc) || pinned(AttachMode::Xdp) => {
-                let m = if pinned(AttachMode::Tc) {
-                    AttachMode::Tc
-                } else {
-                    AttachMode::Xdp
-                };
-                dp.attach(iface, m)
-                    .map_err(|e| anyhow!(e))
-                    .with_context(|| format!("interface {iface}"))?;
-                m
-            }
-            // Virtual devices (veth, bridges, ...) get TC: native XDP on a veth
-            // copies every skb into a page first, which made it slower than TC
-            // in the lab (docs/benchmarks.md, section 4).
-            ModeChoice::Auto if is_virtual(iface) => {
-                dp.attach(iface, AttachMode::Tc)
-                    .map_err(|e| anyhow!(e))
-                    .with_context(|| format!("interface {iface}"))?;
-                AttachMode::Tc
-            }
-            ModeChoice::Auto => {
-                if attach_native_xdp(dp, iface).with_context(|| format!("interface {iface}"))? {
-                    AttachMode::Xdp
-                } else {
-                    dp.attach(iface, AttachMode::Tc)
-                        .map_err(|e| anyhow!(e))
-                        .with_context(|| format!("interface {iface}"))?;
-                    AttachMode::Tc
-                }
-            }
-        };
-        keep.insert(link_name(m, iface));
-        done.push(format!("{iface}:{}", m.as_str()));
-    }
-    if let Ok(rd) = std::fs::read_dir(&links) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if keep.contains(&name) {
-                continue;
-            }
-            match std::fs::remove_file(e.path()) {
-                Ok(()) => info!(link = %name, "detached a link no longer asked for"),
-                Err(err) => warn!(link = %name, "cannot remove stale link: {err}"),
-            }
-        }
-    }
-    Ok(done)
-}
-
-/// Pinned maps are adopted with the sizes they were created with; say so
-/// when the --max-* flags ask for something else.
-fn warn_pinned_sizes(cfg: &DatapathConfig) {
-    use lb_common::map_names as m;
-    for (name, flag, want) in [
-        (m::SERVICES, "--max-services", cfg.max_services),
-        (m::BACKENDS, "--max-backends", cfg.max_backends),
-        (m::CONNTRACK, "--max-conntrack", cfg.max_conntrack),
-        (m::AFFINITY, "--max-affinity", cfg.max_affinity),
-        (m::SLOTS, "--max-slots", cfg.max_slots),
-    ] {
-        let Ok(md) = aya::maps::MapData::from_pin(cfg.pin_path.join(name)) else {
-            continue;
-        };
-        if let Ok(have) = md.info().map(|i| i.max_entries())
-            && have != want
-        {
-            warn!(
-                "{name} is pinned with {have} entries, so {flag} {want} has no effect until \
-                 `lb-agent cleanup` (which also drops conntrack) and a fresh start"
-            );
-        }
-    }
-}
-
-/// Refuses a pin path that is not on bpffs: pins elsewhere fail, or (under
-/// `ip netns exec`, which remounts /sys) silently vanish with the process.
-fn check_bpffs(pin: &Path) -> anyhow::Result<()> {
-    const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
-    let mut p = pin;
-    while !p.exists() {
-        match p.parent() {
-            Some(q) => p = q,
-            None => return Ok(()),
-        }
-    }
-    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
-        .map_err(|_| anyhow!("pin path {} contains a NUL byte", pin.display()))?;
-    // SAFETY: statfs fills the zeroed struct; c is a valid C string.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(e).with_context(|| format!("pin path {}", p.display()));
-    }
-    if (st.f_type as u64) & 0xffff_ffff != BPF_FS_MAGIC {
-        bail!(
-            "pin path {} is not on a bpffs mount ({} is not bpffs): mount one \
-             (`mount -t bpf bpf /sys/fs/bpf`) or pass --pin-path on one. \
-             Note that `ip netns exec` remounts /sys, hiding /sys/fs/bpf",
-            pin.display(),
-            p.display()
-        );
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -822,17 +644,5 @@ mod tests {
         assert_eq!(render_error(&e), "outer: inner");
         let e = e.context("loading");
         assert_eq!(render_error(&e), "loading: outer: inner");
-    }
-
-    #[test]
-    fn link_names_match_the_datapath_scheme() {
-        assert_eq!(link_name(AttachMode::Tc, "eth0.100"), "tc_eth0_100");
-        assert_eq!(link_name(AttachMode::XdpGeneric, "veth1"), "xdp_veth1");
-    }
-
-    #[test]
-    fn bpffs_check_refuses_other_filesystems() {
-        let e = check_bpffs(Path::new("/proc/self/rpclb-test")).unwrap_err();
-        assert!(render_error(&e).contains("not on a bpffs mount"), "{e:#}");
     }
 }

@@ -11,7 +11,6 @@
 
 use rpclb_tests::skip_unless_lab;
 use std::io::Read;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 

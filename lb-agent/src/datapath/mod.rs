@@ -6,6 +6,7 @@
 //! down, and a restarted agent adopts the same state.
 
 pub mod abi;
+pub mod attach;
 pub mod maglev;
 pub mod scratch;
 pub mod sys;
@@ -16,12 +17,7 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::{FdLink, LinkError, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
-        xdp::XdpLink,
-    },
+    programs::{SchedClassifier, Xdp, links::LinkError},
 };
 use lb_common::{limits, map_names, prog_names};
 use tracing::info;
@@ -84,6 +80,18 @@ pub enum DatapathError {
     Full(&'static str, u32),
     #[error("service {0}: {1}")]
     InvalidService(String, String),
+    #[error(
+        "pin path {pin} is not on a bpffs mount ({on} is not bpffs): mount one \
+         (`mount -t bpf bpf /sys/fs/bpf`) or pass --pin-path on one. \
+         Note that `ip netns exec` remounts /sys, hiding /sys/fs/bpf"
+    )]
+    NotBpffs { pin: PathBuf, on: PathBuf },
+    #[error("interface {iface}: {source}")]
+    Interface {
+        iface: String,
+        #[source]
+        source: Box<DatapathError>,
+    },
 }
 
 /// Where to attach.
@@ -243,83 +251,6 @@ impl Datapath {
             })?;
         }
         Ok(p)
-    }
-
-    fn link_path(&self, iface: &str, mode: AttachMode) -> PathBuf {
-        let kind = if mode == AttachMode::Tc { "tc" } else { "xdp" };
-        // bpffs refuses names with dots, which interface names may have (VLANs).
-        self.pin_path
-            .join("links")
-            .join(format!("{kind}_{}", iface.replace('.', "_")))
-    }
-
-    /// Attaches to `iface` (in the calling thread's network namespace) and pins
-    /// the link. If a pinned link exists (a restart), its program is swapped
-    /// atomically for this one; traffic never sees a gap.
-    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), DatapathError> {
-        let path = self.link_path(iface, mode);
-        let dir = path.parent().expect("links dir");
-        std::fs::create_dir_all(dir).map_err(|source| DatapathError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let attach_err = |source| DatapathError::Attach {
-            iface: iface.to_string(),
-            mode: mode.as_str(),
-            source: Box::new(source),
-        };
-        let link_err = |source| DatapathError::Link {
-            path: path.clone(),
-            source: Box::new(source),
-        };
-        let existing = match PinnedLink::from_pin(&path) {
-            Ok(l) => Some(FdLink::from(l)),
-            Err(_) => None,
-        };
-        let reused = existing.is_some();
-        let fd_link: FdLink = if mode == AttachMode::Tc {
-            let p = self.tc_program();
-            let id = match existing {
-                Some(l) => p
-                    .attach_to_link(SchedClassifierLink::try_from(l).map_err(link_err)?)
-                    .map_err(attach_err)?,
-                None => p
-                    .attach_with_options(
-                        iface,
-                        TcAttachType::Ingress,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    )
-                    .map_err(attach_err)?,
-            };
-            let link = p.take_link(id).map_err(attach_err)?;
-            FdLink::try_from(link).map_err(link_err)?
-        } else {
-            let xmode = if mode == AttachMode::XdpGeneric {
-                XdpMode::Skb
-            } else {
-                XdpMode::default()
-            };
-            let p = self.xdp_program();
-            let id = match existing {
-                Some(l) => p
-                    .attach_to_link(XdpLink::try_from(l).map_err(link_err)?)
-                    .map_err(attach_err)?,
-                None => p.attach(iface, xmode).map_err(attach_err)?,
-            };
-            let link = p.take_link(id).map_err(attach_err)?;
-            FdLink::try_from(link).map_err(link_err)?
-        };
-        if reused {
-            // The pin still refers to the same link; dropping our fd keeps it.
-            drop(fd_link);
-        } else {
-            fd_link.pin(&path).map_err(|source| DatapathError::Pin {
-                path: path.clone(),
-                source: Box::new(source),
-            })?;
-        }
-        info!(iface, mode = mode.as_str(), reused, "attached");
-        Ok(())
     }
 }
 
