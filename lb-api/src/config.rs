@@ -5,16 +5,32 @@
 //! Every error names the file, the line and column, and the field path, as in
 //! `services.yaml:7:16: services[0].algorithm: unknown algorithm "fastest" (...)`.
 //!
-//! How positions are found: field-level checks (addresses, ports, names,
+//! # The YAML crate: serde-saphyr
+//!
+//! serde_yaml is deprecated upstream. serde-saphyr replaces it: it is
+//! maintained (2.2, 40 releases; fuzzed, no `unsafe`), reads YAML 1.2
+//! (anchors, aliases, merge keys, flow and block style, quoting, comments)
+//! and multi-document streams (the deploy/ manifest tests need those), builds
+//! on our Rust (MSRV 1.89), is already in Cargo.lock through kube-client, and
+//! has `Spanned<T>`: one serde parse into typed structs gives the line and
+//! column of every value. The others: serde_yaml_ng and serde_norway are forks
+//! of serde_yaml on (unsafe-)libyaml, with positions only in errors, so the
+//! second, position-finding pass would stay; saphyr has a node tree with marks
+//! but no serde (saphyr-serde is an empty 0.0.0); yaml-rust2 is in
+//! maintenance only (saphyr is its successor) and has marks only in parser
+//! events; marked-yaml refuses anchors and aliases; serde_yml says itself that
+//! it is unmaintained, and is now a shim over another crate.
+//!
+//! # How positions are found
+//!
+//! Every value in the file is read as an `At<T>`: the value and its position
+//! (serde-saphyr's `Spanned`). Field-level checks (addresses, ports, names,
 //! algorithms, weights, Maglev primality, ...) run inside the field's own
-//! `Deserialize` impl, so serde_yaml attaches the position and path of the
-//! offending value itself. Checks that span fields (duplicate services or
-//! backends, Maglev size against backend count) run after parsing; their
-//! position is found by parsing the text a second time with a seed that walks
-//! down to the field's path and fails there on purpose, which makes
-//! serde_yaml report that node's position. Both use the real YAML parser, so
-//! block and flow styles, comments, quoting and anchors are all handled. A
-//! position is missing only where serde_yaml has none (e.g. an empty file).
+//! `Deserialize` impl, so serde-saphyr gives their errors the value's
+//! position, and `serde_path_to_error` gives their field path. Missing fields
+//! and the checks that span fields (`Service::normalise` from
+//! `lb_api::validate`, duplicate services) run after parsing, on values that
+//! carry their positions. There is one parse, and no second pass.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -28,7 +44,8 @@ use crate::model::{
 };
 use crate::validate::{self, BackendField, Field, HeaderField};
 use serde::Deserialize;
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, Expected, MapAccess, SeqAccess, Unexpected, Visitor};
+use serde_saphyr::{Location, Spanned};
 
 pub use crate::model::MAX_WEIGHT;
 pub use crate::validate::MAX_MAGLEV_M;
@@ -127,213 +144,36 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// Parses and validates config text; `origin` (usually the file name) starts
 /// every error message.
 pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-    let raw: Option<RawConfig> = serde_yaml::from_str(text)
-        .map_err(|e| ConfigError::Invalid(from_yaml_error(&e, origin)))?;
-    let raw = raw.unwrap_or_default();
-    build(raw).map_err(|(segs, message)| {
-        let (line, column) = locate(text, &segs);
+    read(text).and_then(build).map_err(|p| {
+        let known = p.at.filter(|l| *l != Location::UNKNOWN);
+        let number = |n: u64| usize::try_from(n).ok();
         ConfigError::Invalid(InvalidConfig {
             origin: origin.to_string(),
-            line,
-            column,
-            path: path_string(&segs),
-            message,
+            line: known.and_then(|l| number(l.line())),
+            column: known.and_then(|l| number(l.column())),
+            path: path_string(&p.path),
+            message: p.message,
         })
     })
 }
 
-// ---------------------------------------------------------------------------
-// Raw file structure. Field types check themselves (see `checked` below), so
-// that serde_yaml reports their position.
-
-#[derive(Default, Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    expecting = "a mapping with `services` and `timeouts`"
-)]
-struct RawConfig {
-    /// `services:` with nothing after it (all entries commented out) is empty.
-    #[serde(default)]
-    services: Option<Vec<RawService>>,
-    #[serde(default)]
-    timeouts: Option<RawTimeouts>,
+/// An error before it gets its origin: the field path, the position (if
+/// known) and the message.
+struct Problem {
+    path: Vec<Seg>,
+    at: Option<Location>,
+    message: String,
 }
-
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a mapping of timeouts in seconds")]
-struct RawTimeouts {
-    tcp_syn: Option<Seconds>,
-    tcp_established: Option<Seconds>,
-    tcp_closing: Option<Seconds>,
-    udp: Option<Seconds>,
-}
-
-#[derive(Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    expecting = "a service mapping (name, vip, port, ...)"
-)]
-struct RawService {
-    name: Name,
-    vip: Ip,
-    port: Port,
-    protocol: Option<ProtocolField>,
-    algorithm: Option<AlgorithmField>,
-    affinity_timeout: Option<AffinityTimeout>,
-    maglev_table_size: Option<MaglevSize>,
-    #[serde(default)]
-    backends: Option<Vec<RawBackend>>,
-    /// Present (even `grpc: {}`): the gRPC (L7) mode.
-    grpc: Option<RawGrpc>,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    expecting = "a gRPC mode mapping (timeout, headers)"
-)]
-struct RawGrpc {
-    timeout: Option<Seconds>,
-    #[serde(default)]
-    headers: Option<Vec<RawHeader>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a header mapping (name, value)")]
-struct RawHeader {
-    name: HeaderName,
-    value: String,
-}
-
-#[derive(Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    expecting = "a backend mapping (ip, port, weight, state)"
-)]
-struct RawBackend {
-    ip: Ip,
-    port: Port,
-    weight: Option<Weight>,
-    state: Option<StateField>,
-}
-
-// ---------------------------------------------------------------------------
-// Cross-field validation, into the model.
 
 /// A path segment: a mapping key or a sequence index.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Seg {
-    Key(&'static str),
+    Key(String),
     Index(usize),
 }
 
-type BuildError = (Vec<Seg>, String);
-
-fn build(raw: RawConfig) -> Result<Config, BuildError> {
-    let t = raw.timeouts.unwrap_or_default();
-    let d = Timeouts::default();
-    let timeouts = Timeouts {
-        tcp_syn: t.tcp_syn.map_or(d.tcp_syn, |s| s.0),
-        tcp_established: t.tcp_established.map_or(d.tcp_established, |s| s.0),
-        tcp_closing: t.tcp_closing.map_or(d.tcp_closing, |s| s.0),
-        udp: t.udp.map_or(d.udp, |s| s.0),
-    };
-
-    let raw_services = raw.services.unwrap_or_default();
-    let mut services = Vec::with_capacity(raw_services.len());
-    let mut by_addr = HashMap::new();
-    let mut by_name: HashMap<String, usize> = HashMap::new();
-    for (i, rs) in raw_services.into_iter().enumerate() {
-        let at = |field: &'static str| vec![Seg::Key("services"), Seg::Index(i), Seg::Key(field)];
-        let name = rs.name.0;
-        if let Some(&j) = by_name.get(&name) {
-            return Err((
-                at("name"),
-                format!("duplicate service name {name:?} (also services[{j}])"),
-            ));
-        }
-        by_name.insert(name.clone(), i);
-
-        let backends = rs
-            .backends
-            .unwrap_or_default()
-            .into_iter()
-            .map(|rb| Backend {
-                ip: rb.ip.0,
-                port: rb.port.0,
-                weight: rb.weight.map_or(1, |w| w.0),
-                state: rb.state.map_or(BackendState::Active, |s| s.0),
-            })
-            .collect();
-        let grpc = rs.grpc.map(|g| GrpcPolicy {
-            default_timeout: g.timeout.map_or(DEFAULT_GRPC_TIMEOUT, |t| t.0),
-            add_headers: g
-                .headers
-                .unwrap_or_default()
-                .into_iter()
-                .map(|h| (h.name.0, h.value))
-                .collect(),
-        });
-        let mut svc = Service {
-            name,
-            vip: rs.vip.0,
-            port: rs.port.0,
-            protocol: rs.protocol.map_or(Protocol::Tcp, |p| p.0),
-            algorithm: rs.algorithm.map_or(Algorithm::default(), |a| a.0),
-            affinity_timeout: rs.affinity_timeout.map(|a| a.0),
-            maglev_table_size: rs.maglev_table_size.map(|m| m.0),
-            backends,
-            grpc,
-        };
-        // The one validation (lb_api::validate), with the file's positions.
-        svc.normalise()
-            .map_err(|e| (field_path(i, e.field), e.message))?;
-        if let Some(j) = by_addr.insert(svc.addr(), i) {
-            return Err((
-                at("vip"),
-                format!("duplicate service {} (also services[{j}])", svc.addr()),
-            ));
-        }
-        services.push(svc);
-    }
-    Ok(Config {
-        state: DesiredState { services },
-        timeouts,
-    })
-}
-
-/// The file path of a field of `services[i]`.
-fn field_path(i: usize, field: Field) -> Vec<Seg> {
-    let mut p = vec![Seg::Key("services"), Seg::Index(i)];
-    match field {
-        Field::Name => p.push(Seg::Key("name")),
-        Field::Vip => p.push(Seg::Key("vip")),
-        Field::Port => p.push(Seg::Key("port")),
-        Field::AffinityTimeout => p.push(Seg::Key("affinity_timeout")),
-        Field::MaglevTableSize => p.push(Seg::Key("maglev_table_size")),
-        Field::Backends => p.push(Seg::Key("backends")),
-        Field::Backend(j, f) => p.extend([
-            Seg::Key("backends"),
-            Seg::Index(j),
-            Seg::Key(match f {
-                BackendField::Ip => "ip",
-                BackendField::Port => "port",
-                BackendField::Weight => "weight",
-            }),
-        ]),
-        Field::Grpc => p.push(Seg::Key("grpc")),
-        Field::GrpcTimeout => p.extend([Seg::Key("grpc"), Seg::Key("timeout")]),
-        Field::GrpcHeader(k, f) => p.extend([
-            Seg::Key("grpc"),
-            Seg::Key("headers"),
-            Seg::Index(k),
-            Seg::Key(match f {
-                HeaderField::Name => "name",
-                HeaderField::Value => "value",
-            }),
-        ]),
-    }
-    p
+fn key(k: &str) -> Seg {
+    Seg::Key(k.to_string())
 }
 
 fn path_string(segs: &[Seg]) -> String {
@@ -353,200 +193,642 @@ fn path_string(segs: &[Seg]) -> String {
 }
 
 // ---------------------------------------------------------------------------
-// serde_yaml errors -> InvalidConfig.
+// Raw file structure. Every value is an `At<T>` (the top node is a
+// `Spanned<Top>`): `file_path` relies on that. Field types check themselves
+// (see `checked` below), so that their errors carry the value's position.
+//
+// Required fields are `Option`s read with `required`: a missing one is
+// reported by `build`, at the position of the mapping that lacks it (serde
+// would report it after the mapping's last key, at that key).
 
-fn from_yaml_error(e: &serde_yaml::Error, origin: &str) -> InvalidConfig {
-    let loc = e.location();
-    let (line, column) = match &loc {
-        Some(l) => (Some(l.line()), Some(l.column())),
-        None => (None, None),
+/// Always read from a mapping (see `Top`).
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    /// `services:` with nothing after it (all entries commented out) is empty.
+    #[serde(default)]
+    services: Option<At<Vec<At<RawService>>>>,
+    #[serde(default)]
+    timeouts: Option<At<RawTimeouts>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping of timeouts in seconds")]
+struct RawTimeouts {
+    tcp_syn: Option<At<Seconds>>,
+    tcp_established: Option<At<Seconds>>,
+    tcp_closing: Option<At<Seconds>>,
+    udp: Option<At<Seconds>>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a service mapping (name, vip, port, ...)"
+)]
+struct RawService {
+    #[serde(default, deserialize_with = "required")]
+    name: Option<At<Name>>,
+    #[serde(default, deserialize_with = "required")]
+    vip: Option<At<Ip>>,
+    #[serde(default, deserialize_with = "required")]
+    port: Option<At<Port>>,
+    protocol: Option<At<ProtocolField>>,
+    algorithm: Option<At<AlgorithmField>>,
+    affinity_timeout: Option<At<AffinityTimeout>>,
+    maglev_table_size: Option<At<MaglevSize>>,
+    #[serde(default)]
+    backends: Option<At<Vec<At<RawBackend>>>>,
+    /// Present (even `grpc: {}`): the gRPC (L7) mode.
+    grpc: Option<At<RawGrpc>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a gRPC mode mapping (timeout, headers)"
+)]
+struct RawGrpc {
+    timeout: Option<At<Seconds>>,
+    #[serde(default)]
+    headers: Option<At<Vec<At<RawHeader>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a header mapping (name, value)")]
+struct RawHeader {
+    #[serde(default, deserialize_with = "required")]
+    name: Option<At<HeaderName>>,
+    /// Any scalar, as written (`1.10` stays `1.10`).
+    #[serde(default, deserialize_with = "required")]
+    value: Option<At<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a backend mapping (ip, port, weight, state)"
+)]
+struct RawBackend {
+    #[serde(default, deserialize_with = "required")]
+    ip: Option<At<Ip>>,
+    #[serde(default, deserialize_with = "required")]
+    port: Option<At<Port>>,
+    weight: Option<At<Weight>>,
+    state: Option<At<StateField>>,
+}
+
+/// For a required field: `None` only when the key is absent (the field's
+/// `#[serde(default)]`); a null value is read as `T`, so it is a type error at
+/// the value rather than a missing field.
+fn required<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+// ---------------------------------------------------------------------------
+// Cross-field validation, into the model.
+
+fn build(raw: Option<RawConfig>) -> Result<Config, Problem> {
+    let raw = raw.unwrap_or_default();
+    let t = raw.timeouts.map(|t| t.value).unwrap_or_default();
+    let d = Timeouts::default();
+    let secs = |s: Option<At<Seconds>>, default| s.map_or(default, |s| s.value.0);
+    let timeouts = Timeouts {
+        tcp_syn: secs(t.tcp_syn, d.tcp_syn),
+        tcp_established: secs(t.tcp_established, d.tcp_established),
+        tcp_closing: secs(t.tcp_closing, d.tcp_closing),
+        udp: secs(t.udp, d.udp),
     };
-    // serde_yaml writes "PATH: MESSAGE at line L column C"; take the position
-    // out (it goes in front) and split the path off.
-    let mut text = e.to_string();
-    if let (Some(l), Some(c)) = (line, column) {
-        let at = format!(" at line {l} column {c}");
-        if let Some(p) = text.find(&at) {
-            text.replace_range(p..p + at.len(), "");
+
+    let raw_services = raw.services.map(|s| s.value).unwrap_or_default();
+    let mut services = Vec::with_capacity(raw_services.len());
+    let mut by_addr = HashMap::new();
+    let mut by_name: HashMap<String, usize> = HashMap::new();
+    for (i, rs) in raw_services.iter().enumerate() {
+        let mut svc = service(i, rs)?;
+        if let Some(&j) = by_name.get(&svc.name) {
+            return Err(field_problem(
+                i,
+                rs,
+                Field::Name,
+                format!("duplicate service name {:?} (also services[{j}])", svc.name),
+            ));
         }
+        by_name.insert(svc.name.clone(), i);
+        // The one validation (lb_api::validate), with the file's positions.
+        svc.normalise()
+            .map_err(|e| field_problem(i, rs, e.field, e.message))?;
+        if let Some(j) = by_addr.insert(svc.addr(), i) {
+            return Err(field_problem(
+                i,
+                rs,
+                Field::Vip,
+                format!("duplicate service {} (also services[{j}])", svc.addr()),
+            ));
+        }
+        services.push(svc);
     }
-    let (path, message) = match text.split_once(": ") {
-        Some((p, m)) if looks_like_path(p) => (p.to_string(), m.to_string()),
-        _ => (String::new(), text),
+    Ok(Config {
+        state: DesiredState { services },
+        timeouts,
+    })
+}
+
+/// `services[i]` as a model service (not yet normalised); fails only on a
+/// missing field.
+fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
+    let here = vec![key("services"), Seg::Index(i)];
+    let s = &rs.value;
+    let name = need(&s.name, "name", &here, rs.at)?.0.clone();
+    let vip = need(&s.vip, "vip", &here, rs.at)?.0;
+    let port = need(&s.port, "port", &here, rs.at)?.0;
+    let mut backends = Vec::new();
+    for (j, rb) in s.backends.iter().flat_map(|b| &b.value).enumerate() {
+        let here = [&here[..], &[key("backends"), Seg::Index(j)]].concat();
+        let b = &rb.value;
+        backends.push(Backend {
+            ip: need(&b.ip, "ip", &here, rb.at)?.0,
+            port: need(&b.port, "port", &here, rb.at)?.0,
+            weight: b.weight.as_ref().map_or(1, |w| w.value.0),
+            state: b.state.as_ref().map_or(BackendState::Active, |s| s.value.0),
+        });
+    }
+    let grpc = match &s.grpc {
+        None => None,
+        Some(g) => {
+            let mut add_headers = Vec::new();
+            for (k, rh) in g.value.headers.iter().flat_map(|h| &h.value).enumerate() {
+                let here = [&here[..], &[key("grpc"), key("headers"), Seg::Index(k)]].concat();
+                add_headers.push((
+                    need(&rh.value.name, "name", &here, rh.at)?.0.clone(),
+                    need(&rh.value.value, "value", &here, rh.at)?.clone(),
+                ));
+            }
+            Some(GrpcPolicy {
+                default_timeout: g
+                    .value
+                    .timeout
+                    .as_ref()
+                    .map_or(DEFAULT_GRPC_TIMEOUT, |t| t.value.0),
+                add_headers,
+            })
+        }
     };
-    InvalidConfig {
-        origin: origin.to_string(),
-        line,
-        column,
+    Ok(Service {
+        name,
+        vip,
+        port,
+        protocol: s.protocol.as_ref().map_or(Protocol::Tcp, |p| p.value.0),
+        algorithm: s
+            .algorithm
+            .as_ref()
+            .map_or(Algorithm::default(), |a| a.value.0),
+        affinity_timeout: s.affinity_timeout.as_ref().map(|a| a.value.0),
+        maglev_table_size: s.maglev_table_size.as_ref().map(|m| m.value.0),
+        backends,
+        grpc,
+    })
+}
+
+/// A required field's value, or the error for its absence: at the mapping
+/// that lacks it (`here`, at `mapping`), as serde words it.
+fn need<'a, T>(
+    field: &'a Option<At<T>>,
+    name: &str,
+    here: &[Seg],
+    mapping: Location,
+) -> Result<&'a T, Problem> {
+    field.as_ref().map(|f| &f.value).ok_or_else(|| Problem {
+        path: here.to_vec(),
+        at: Some(mapping),
+        message: format!("missing field `{name}`"),
+    })
+}
+
+/// An error about `field` of `services[i]`: its path in the file and its
+/// position. Where the field is absent (a value the service left out), the
+/// position is that of the nearest enclosing value that is there.
+fn field_problem(i: usize, rs: &At<RawService>, field: Field, message: String) -> Problem {
+    fn at<T>(v: &Option<At<T>>) -> Option<Location> {
+        v.as_ref().map(|v| v.at)
+    }
+    let s = &rs.value;
+    let backend = |j: usize| s.backends.as_ref().and_then(|b| b.value.get(j));
+    let header = |k: usize| {
+        let headers = s.grpc.as_ref().and_then(|g| g.value.headers.as_ref());
+        headers.and_then(|h| h.value.get(k))
+    };
+    let grpc_headers = || s.grpc.as_ref().and_then(|g| at(&g.value.headers));
+    // (segment, its position if present), from the service down to the field.
+    let steps: Vec<(Seg, Option<Location>)> = match field {
+        Field::Name => vec![(key("name"), at(&s.name))],
+        Field::Vip => vec![(key("vip"), at(&s.vip))],
+        Field::Port => vec![(key("port"), at(&s.port))],
+        Field::AffinityTimeout => vec![(key("affinity_timeout"), at(&s.affinity_timeout))],
+        Field::MaglevTableSize => vec![(key("maglev_table_size"), at(&s.maglev_table_size))],
+        Field::Backends => vec![(key("backends"), at(&s.backends))],
+        Field::Backend(j, f) => {
+            let b = backend(j);
+            let (name, pos) = match f {
+                BackendField::Ip => ("ip", b.and_then(|b| at(&b.value.ip))),
+                BackendField::Port => ("port", b.and_then(|b| at(&b.value.port))),
+                BackendField::Weight => ("weight", b.and_then(|b| at(&b.value.weight))),
+            };
+            vec![
+                (key("backends"), at(&s.backends)),
+                (Seg::Index(j), b.map(|b| b.at)),
+                (key(name), pos),
+            ]
+        }
+        Field::Grpc => vec![(key("grpc"), at(&s.grpc))],
+        Field::GrpcTimeout => vec![
+            (key("grpc"), at(&s.grpc)),
+            (
+                key("timeout"),
+                s.grpc.as_ref().and_then(|g| at(&g.value.timeout)),
+            ),
+        ],
+        Field::GrpcHeader(k, f) => {
+            let h = header(k);
+            let (name, pos) = match f {
+                HeaderField::Name => ("name", h.and_then(|h| at(&h.value.name))),
+                HeaderField::Value => ("value", h.and_then(|h| at(&h.value.value))),
+            };
+            vec![
+                (key("grpc"), at(&s.grpc)),
+                (key("headers"), grpc_headers()),
+                (Seg::Index(k), h.map(|h| h.at)),
+                (key(name), pos),
+            ]
+        }
+    };
+    let mut path = vec![key("services"), Seg::Index(i)];
+    let mut pos = rs.at;
+    for (seg, p) in steps {
+        path.push(seg);
+        pos = p.unwrap_or(pos);
+    }
+    Problem {
         path,
+        at: Some(pos),
         message,
     }
 }
 
-/// serde_yaml's paths: `services[0].backends[1].port`, `?` for unknown parts.
-/// Messages never start this way: they have a space before their first colon.
-fn looks_like_path(s: &str) -> bool {
-    !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_-.[]?".contains(c))
+// ---------------------------------------------------------------------------
+// Reading the YAML, and its errors.
+
+/// Parses the text into the raw structure (`None` for an empty document).
+fn read(text: &str) -> Result<Option<RawConfig>, Problem> {
+    // Messages are ours (`yaml_problem`); serde-saphyr's snippets are not wanted.
+    // Booleans are YAML 1.2's `true` and `false` only: `protocol: on` is the
+    // string "on" (an unknown protocol), not `true`.
+    let options = serde_saphyr::options! { with_snippet: false, strict_booleans: true };
+    let mut path = None;
+    let top = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+        serde_path_to_error::deserialize::<_, Option<Spanned<Top>>>(de).map_err(|e| {
+            path = Some(e.path().clone());
+            e.into_inner()
+        })
+    });
+    match top {
+        Ok(None) => Ok(None),
+        Ok(Some(Spanned {
+            value: Top::Config(raw),
+            ..
+        })) => Ok(Some(*raw)),
+        Ok(Some(Spanned {
+            value: Top::Other(found),
+            referenced,
+            ..
+        })) => Err(Problem {
+            path: Vec::new(),
+            at: Some(referenced),
+            message: format!("invalid type: {found}, expected {TOP}"),
+        }),
+        Err(e) => Err(yaml_problem(&e, path.as_ref())),
+    }
+}
+
+const TOP: &str = "a mapping with `services` and `timeouts`";
+
+/// The top node of the file. serde-saphyr gives no position to an error
+/// about the top node itself, so a top node of another kind than a mapping
+/// is not an error here: `read` reports it, at the node (`Spanned`).
+enum Top {
+    Config(Box<RawConfig>),
+    /// What was found instead, as serde words it (`sequence`, `integer `3``).
+    Other(String),
+}
+
+impl<'de> Deserialize<'de> for Top {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(TopVisitor)
+    }
+}
+
+struct TopVisitor;
+
+impl TopVisitor {
+    fn other<E>(found: Unexpected) -> Result<Top, E> {
+        Ok(Top::Other(found.to_string()))
+    }
+}
+
+impl<'de> Visitor<'de> for TopVisitor {
+    type Value = Top;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(TOP)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Top, A::Error> {
+        let raw = RawConfig::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        Ok(Top::Config(Box::new(raw)))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Top, A::Error> {
+        while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+        Self::other(Unexpected::Seq)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Top, E> {
+        Self::other(Unexpected::Str(v))
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Top, E> {
+        Self::other(Unexpected::Bool(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Top, E> {
+        Self::other(Unexpected::Signed(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Top, E> {
+        Self::other(Unexpected::Unsigned(v))
+    }
+    fn visit_i128<E: de::Error>(self, _: i128) -> Result<Top, E> {
+        Self::other(Unexpected::Other("integer"))
+    }
+    fn visit_u128<E: de::Error>(self, _: u128) -> Result<Top, E> {
+        Self::other(Unexpected::Other("integer"))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Top, E> {
+        Self::other(Unexpected::Float(v))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Top, E> {
+        Ok(Top::Config(Box::default()))
+    }
+}
+
+fn yaml_problem(e: &serde_saphyr::Error, path: Option<&serde_path_to_error::Path>) -> Problem {
+    use serde_saphyr::Error as E;
+    use serde_saphyr::MessageFormatter;
+    use serde_saphyr::localizer::ExternalMessageSource;
+    // The error itself, out of the wrappers that add a snippet or an alias's
+    // definition site (the position stays the one serde-saphyr reports).
+    let mut inner = e;
+    while let E::WithSnippet { error, .. } | E::AliasError { error, .. } = inner {
+        inner = error;
+    }
+    let syntax = matches!(inner, E::Eof { .. } | E::InvalidUtf8Input)
+        || matches!(inner, E::ExternalMessage { source, .. }
+            if matches!(**source, ExternalMessageSource::Parser(_)));
+    let mut segs = match path {
+        Some(p) if !syntax => file_path(p),
+        _ => Vec::new(),
+    };
+    let message = match inner {
+        // serde's wording, as serde_yaml gave it. serde-saphyr's lacks the
+        // backticks and says "mapping key" where every mapping here is a struct.
+        E::SerdeUnknownField {
+            field, expected, ..
+        } => {
+            // The path ends at the unknown key; the error is about its mapping.
+            segs.pop();
+            match expected.as_slice() {
+                [] => format!("unknown field `{field}`, there are no fields"),
+                [one] => format!("unknown field `{field}`, expected `{one}`"),
+                [a, b] => format!("unknown field `{field}`, expected `{a}` or `{b}`"),
+                all => format!(
+                    "unknown field `{field}`, expected one of {}",
+                    all.iter()
+                        .map(|f| format!("`{f}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+        }
+        E::DuplicateMappingKey { key: Some(k), .. } => format!("duplicate field `{k}`"),
+        other => serde_saphyr::UserMessageFormatter
+            .format_message(other)
+            .into_owned(),
+    };
+    Problem {
+        path: segs,
+        at: e.location(),
+        message,
+    }
+}
+
+/// The file's field path from the deserializer's: each `At` (serde-saphyr's
+/// `Spanned`, as is the top node) reads its node as a mapping
+/// `{value: ...}`, which adds a `value` segment at the start and after every
+/// key and index; those go. An unknown segment (`?`: a key that failed to
+/// read, such as a duplicate) goes too.
+fn file_path(p: &serde_path_to_error::Path) -> Vec<Seg> {
+    use serde_path_to_error::Segment;
+    let mut segs = Vec::new();
+    let mut spanned_next = true;
+    for seg in p {
+        match seg {
+            Segment::Map { key } if spanned_next && key == "value" => spanned_next = false,
+            Segment::Map { key } => {
+                segs.push(Seg::Key(key.clone()));
+                spanned_next = true;
+            }
+            Segment::Seq { index } => {
+                segs.push(Seg::Index(*index));
+                spanned_next = true;
+            }
+            Segment::Enum { .. } | Segment::Unknown => spanned_next = false,
+        }
+    }
+    segs
 }
 
 // ---------------------------------------------------------------------------
-// Finding the position of a field path, by failing there on purpose.
+// Values with positions, and node kinds.
 
-const LOCATE_MARKER: &str = "\u{0}rpclb-locate";
-
-/// Line and column (1-based) of the node at `segs`, if the text has it.
-fn locate(text: &str, segs: &[Seg]) -> (Option<usize>, Option<usize>) {
-    let de = serde_yaml::Deserializer::from_str(text);
-    match (Locate { segs }).deserialize(de) {
-        Err(e) if e.to_string().contains(LOCATE_MARKER) => match e.location() {
-            Some(l) => (Some(l.line()), Some(l.column())),
-            None => (None, None),
-        },
-        _ => (None, None),
-    }
+/// serde's `invalid type: X, expected Y`, made as a custom error: serde-saphyr
+/// places a custom error at the node that the visitor refused, but its own
+/// `invalid_type` at the enclosing key.
+fn wrong_kind<E: de::Error>(unexp: Unexpected, exp: &dyn Expected) -> E {
+    E::custom(format_args!("invalid type: {unexp}, expected {exp}"))
 }
 
-struct Locate<'a> {
-    segs: &'a [Seg],
-}
-
-impl<'de> DeserializeSeed<'de> for Locate<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        match self.segs {
-            [] => d.deserialize_any(Found),
-            [first, rest @ ..] => d.deserialize_any(Walk { first, rest }),
+/// Visitor methods that refuse a kind of scalar node with [`wrong_kind`].
+macro_rules! refuse {
+    ($($kind:ident),*) => { $(refuse!(@ $kind);)* };
+    (@bool) => {
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+            Err(wrong_kind(Unexpected::Bool(v), &self))
         }
+    };
+    (@i64) => {
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            Err(wrong_kind(Unexpected::Signed(v), &self))
+        }
+        fn visit_i128<E: de::Error>(self, _: i128) -> Result<Self::Value, E> {
+            Err(wrong_kind(Unexpected::Other("integer"), &self))
+        }
+    };
+    (@u64) => {
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Err(wrong_kind(Unexpected::Unsigned(v), &self))
+        }
+        fn visit_u128<E: de::Error>(self, _: u128) -> Result<Self::Value, E> {
+            Err(wrong_kind(Unexpected::Other("integer"), &self))
+        }
+    };
+    (@f64) => {
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            Err(wrong_kind(Unexpected::Float(v), &self))
+        }
+    };
+    (@str) => {
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Err(wrong_kind(Unexpected::Str(v), &self))
+        }
+    };
+    (@null) => {
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Err(wrong_kind(Unexpected::Other("null"), &self))
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Err(wrong_kind(Unexpected::Other("null"), &self))
+        }
+    };
+    (@seq) => {
+        fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+            Err(wrong_kind(Unexpected::Seq, &self))
+        }
+    };
+    (@map) => {
+        fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+            Err(wrong_kind(Unexpected::Map, &self))
+        }
+    };
+}
+
+/// A value from the file and its position (where it is used: for an alias,
+/// the `*alias`).
+struct At<T> {
+    value: T,
+    at: Location,
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for At<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = Spanned::<Kind<T>>::deserialize(d)?;
+        Ok(At {
+            value: s.value.0,
+            at: s.referenced,
+        })
     }
 }
 
-/// Fails on whatever node it meets, so serde_yaml marks the error with its position.
-struct Found;
+/// `T` read from a node of any kind. serde-saphyr refuses a node of the wrong
+/// kind for a struct or a list itself ("expected mapping start"); this hands
+/// every node to `T`'s visitor instead, so the error is serde's usual
+/// `invalid type: sequence, expected a service mapping (...)`, and at the
+/// node. Scalars go through unchanged.
+struct Kind<T>(T);
 
-impl Found {
-    fn err<E: de::Error>() -> Result<(), E> {
-        Err(E::custom(LOCATE_MARKER))
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Kind<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        T::deserialize(AnyNode(d)).map(Kind)
     }
 }
 
-impl<'de> Visitor<'de> for Found {
-    type Value = ();
+struct AnyNode<D>(D);
+
+impl<'de, D: Deserializer<'de>> Deserializer<'de> for AnyNode<D> {
+    type Error = D::Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_any(v)
+    }
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _fields: &'static [&'static str],
+        v: V,
+    ) -> Result<V::Value, D::Error> {
+        self.deserialize_map(v)
+    }
+    fn deserialize_map<V: Visitor<'de>>(self, v: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_any(Only {
+            mapping: true,
+            inner: v,
+        })
+    }
+    fn deserialize_seq<V: Visitor<'de>>(self, v: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_any(Only {
+            mapping: false,
+            inner: v,
+        })
+    }
+    fn deserialize_str<V: Visitor<'de>>(self, v: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_str(v)
+    }
+    fn deserialize_string<V: Visitor<'de>>(self, v: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_string(v)
+    }
+    fn deserialize_option<V: Visitor<'de>>(self, v: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_option(v)
+    }
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        v: V,
+    ) -> Result<V::Value, D::Error> {
+        self.0.deserialize_newtype_struct(name, v)
+    }
+    fn is_human_readable(&self) -> bool {
+        self.0.is_human_readable()
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char bytes byte_buf
+        unit unit_struct tuple tuple_struct enum identifier ignored_any
+    }
+}
+
+/// Passes a mapping (or a sequence) to `inner`, and refuses any other node.
+struct Only<V> {
+    mapping: bool,
+    inner: V,
+}
+
+impl<'de, V: Visitor<'de>> Visitor<'de> for Only<V> {
+    type Value = V::Value;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("anything")
+        self.inner.expecting(f)
     }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        Self::err()
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        Self::err()
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        Self::err()
-    }
-    fn visit_i128<E: de::Error>(self, _: i128) -> Result<(), E> {
-        Self::err()
-    }
-    fn visit_u128<E: de::Error>(self, _: u128) -> Result<(), E> {
-        Self::err()
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        Self::err()
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        Self::err()
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Self::err()
-    }
-    fn visit_none<E: de::Error>(self) -> Result<(), E> {
-        Self::err()
-    }
-    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
-        Self::err()
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
-        Self::err()
-    }
-    fn visit_enum<A: de::EnumAccess<'de>>(self, _: A) -> Result<(), A::Error> {
-        Self::err()
-    }
-}
-
-/// Walks down one segment; anything else is skipped.
-struct Walk<'a> {
-    first: &'a Seg,
-    rest: &'a [Seg],
-}
-
-impl<'de> Visitor<'de> for Walk<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("anything")
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i128<E: de::Error>(self, _: i128) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_u128<E: de::Error>(self, _: u128) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_none<E: de::Error>(self) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_enum<A: de::EnumAccess<'de>>(self, _: A) -> Result<(), A::Error> {
-        Ok(())
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(key) = map.next_key::<serde_yaml::Value>()? {
-            match (self.first, key.as_str()) {
-                (Seg::Key(k), Some(s)) if *k == s => {
-                    map.next_value_seed(Locate { segs: self.rest })?;
-                }
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(())
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let mut i = 0;
-        loop {
-            let more = if *self.first == Seg::Index(i) {
-                seq.next_element_seed(Locate { segs: self.rest })?.is_some()
-            } else {
-                seq.next_element::<IgnoredAny>()?.is_some()
-            };
-            if !more {
-                return Ok(());
-            }
-            i += 1;
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<V::Value, A::Error> {
+        if self.mapping {
+            self.inner.visit_map(map)
+        } else {
+            Err(wrong_kind(Unexpected::Map, &self))
         }
     }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<V::Value, A::Error> {
+        if self.mapping {
+            Err(wrong_kind(Unexpected::Seq, &self))
+        } else {
+            self.inner.visit_seq(seq)
+        }
+    }
+    refuse!(bool, i64, u64, f64, str, null);
 }
 
 // ---------------------------------------------------------------------------
-// Self-checking field types. Each check runs inside serde_yaml's call to the
-// visitor, which is what gives its error the field's position and path.
+// Self-checking field types. Each check runs inside serde-saphyr's call to the
+// visitor, which is what gives its error the value's position.
 
 /// A visitor for one scalar field: strings go through `from_str`, integers
 /// through `from_int`; anything else is a type error naming `expecting`.
@@ -567,13 +849,13 @@ impl<'de, T> Visitor<'de> for Scalar<T> {
     fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
         match self.from_str {
             Some(parse) => parse(v).map_err(E::custom),
-            None => Err(E::invalid_type(de::Unexpected::Str(v), &self)),
+            None => Err(wrong_kind(Unexpected::Str(v), &self)),
         }
     }
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
         match self.from_int {
             Some(parse) => parse(v).map_err(E::custom),
-            None => Err(E::invalid_type(de::Unexpected::Unsigned(v), &self)),
+            None => Err(wrong_kind(Unexpected::Unsigned(v), &self)),
         }
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
@@ -583,12 +865,35 @@ impl<'de, T> Visitor<'de> for Scalar<T> {
                 "{v} is negative; expected {}",
                 self.expecting
             ))),
-            (None, _) => Err(E::invalid_type(de::Unexpected::Signed(v), &self)),
+            (None, _) => Err(wrong_kind(Unexpected::Signed(v), &self)),
         }
     }
+    fn visit_u128<E: de::Error>(self, _: u128) -> Result<T, E> {
+        Err(wrong_kind(Unexpected::Other("integer"), &self))
+    }
+    fn visit_i128<E: de::Error>(self, _: i128) -> Result<T, E> {
+        Err(wrong_kind(Unexpected::Other("integer"), &self))
+    }
+    refuse!(bool, f64, null, seq, map);
 }
 
+/// A keyword or address field: a string (a YAML string scalar; a number,
+/// list or mapping is a type error at the value).
 fn str_field<'de, D: Deserializer<'de>, T>(
+    d: D,
+    expecting: &'static str,
+    parse: ParseStr<T>,
+) -> Result<T, D::Error> {
+    d.deserialize_any(Scalar {
+        expecting,
+        from_str: Some(parse),
+        from_int: None,
+    })
+}
+
+/// A free-text field (a name): any scalar, as written (`name: 8080` is the
+/// name "8080").
+fn text_field<'de, D: Deserializer<'de>, T>(
     d: D,
     expecting: &'static str,
     parse: ParseStr<T>,
@@ -626,7 +931,7 @@ macro_rules! checked {
 
 checked!(
     /// A service name: not empty, no control characters.
-    Name(String) = str_field("a service name", |s| {
+    Name(String) = text_field("a service name", |s| {
         validate::name(s).map(|()| s.to_string())
     })
 );
@@ -700,7 +1005,7 @@ checked!(
 
 checked!(
     /// A header name for the gRPC mode to add (see `model::check_added_header`).
-    HeaderName(String) = str_field("a header name", |s| {
+    HeaderName(String) = text_field("a header name", |s| {
         crate::model::check_added_header(s, "").map(|()| s.to_string())
     })
 );
@@ -962,6 +1267,82 @@ mod tests {
             "",
             "expected a mapping with `services` and `timeouts`",
         );
+        // A missing field is at the mapping that lacks it, at any depth and in
+        // either style.
+        assert_err(
+            "services:\n  - {name: a, port: 80}\n",
+            (2, 5),
+            "services[0]",
+            "missing field `vip`",
+        );
+        assert_err(
+            &format!("{ONE}    backends:\n      - ip: 10.244.0.1\n"),
+            (6, 9),
+            "services[0].backends[0]",
+            "missing field `port`",
+        );
+        assert_err(
+            &format!("{ONE}    grpc:\n      headers:\n        - name: x-a\n"),
+            (7, 11),
+            "services[0].grpc.headers[0]",
+            "missing field `value`",
+        );
+        // A required field that is there but null is a type error at the value.
+        assert_err(
+            "services:\n  - name: a\n    vip: 10.96.0.1\n    port: ~\n",
+            (4, 11),
+            "services[0].port",
+            "invalid type: null, expected a port number",
+        );
+        // A node of the wrong kind, at the node, with what it should be.
+        assert_err(
+            "services: [a]\n",
+            (1, 12),
+            "services[0]",
+            "invalid type: string \"a\", expected a service mapping",
+        );
+        assert_err(
+            &format!("{ONE}    grpc: 3\n"),
+            (5, 11),
+            "services[0].grpc",
+            "invalid type: integer `3`, expected a gRPC mode mapping",
+        );
+        assert_err(
+            "hello\n",
+            (1, 1),
+            "",
+            "invalid type: string \"hello\", expected a mapping with `services`",
+        );
+        // A key named like the span wrapper's own field is still a key.
+        assert_err(
+            &format!("{ONE}    value: 3\n"),
+            (5, 5),
+            "services[0]",
+            "unknown field `value`, expected one of `name`, `vip`, ",
+        );
+    }
+
+    #[test]
+    fn scalars_as_written() {
+        // Free text (names, header values) is taken as written, whatever it
+        // looks like; keywords are YAML 1.2 strings (`on` is not `true`).
+        let c = parse(
+            "services:\n  - name: 8080\n    vip: 10.96.0.1\n    port: 80\n    grpc:\n      headers:\n        - { name: x-v, value: 1.10 }\n",
+            "x",
+        )
+        .unwrap();
+        let s = &c.state.services[0];
+        assert_eq!(s.name, "8080");
+        assert_eq!(
+            s.grpc.as_ref().unwrap().add_headers,
+            [("x-v".to_string(), "1.10".to_string())]
+        );
+        assert_err(
+            &format!("{ONE}    protocol: on\n"),
+            (5, 15),
+            "services[0].protocol",
+            "unknown protocol \"on\"",
+        );
     }
 
     #[test]
@@ -969,10 +1350,11 @@ mod tests {
         let e = err(&format!("{ONE}   bad: indent\n"));
         assert_eq!((e.line, e.column), (Some(5), Some(4)));
         assert_eq!(e.path, "");
-        assert!(
-            e.to_string()
-                .starts_with("services.yaml:5:4: did not find expected"),
-            "{e}"
+        // The parser's own words (granit-parser's, libyaml's before).
+        assert_eq!(
+            e.to_string(),
+            "services.yaml:5:4: while parsing a block collection, \
+             did not find expected '-' indicator"
         );
     }
 
@@ -1263,9 +1645,16 @@ mod tests {
             "services[0].backends[1].ip",
             "duplicate backend",
         );
-        // Anchors and comments do not confuse the locator.
+        // Anchors and comments do not confuse the positions.
         let anchors = "# top\nservices:\n  - &svc\n    name: a # trailing\n    vip: 10.96.0.1\n    port: 80\n  - name: b\n    vip: 10.96.0.1\n    port: 80\n";
         assert_err(anchors, (8, 10), "services[1].vip", "duplicate service");
+        // A value that comes from an alias is where the alias is used.
+        let alias =
+            "services:\n  - &svc\n    name: a\n    vip: 10.96.0.1\n    port: 80\n  - *svc\n";
+        assert_err(alias, (6, 5), "services[1].name", "duplicate service name");
+        // Merge keys (`<<`) work; a merged value is where it is merged.
+        let merge = "services:\n  - &svc\n    name: a\n    vip: 10.96.0.1\n    port: 80\n  - <<: *svc\n    name: b\n";
+        assert_err(merge, (6, 9), "services[1].vip", "duplicate service");
     }
 
     #[test]
@@ -1288,11 +1677,10 @@ mod tests {
         std::fs::write(&path, format!("{ONE}    port: 81\n")).unwrap();
         let e = load(&path).unwrap_err();
         let shown = path.display().to_string();
-        // serde reports a duplicate key at the start of its mapping.
-        assert!(
-            e.to_string()
-                .starts_with(&format!("{shown}:2:5: services[0]: duplicate field `port`")),
-            "{e}"
+        // A duplicate key is reported at the duplicate.
+        assert_eq!(
+            e.to_string(),
+            format!("{shown}:5:5: services[0]: duplicate field `port`")
         );
         std::fs::write(&path, ONE).unwrap();
         assert_eq!(load(&path).unwrap().state.services.len(), 1);

@@ -8,8 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use lb_controller::watch::WATCHED;
-use serde::Deserialize;
-use serde_yaml::Value;
+use serde_json::Value;
 
 const NAMESPACE: &str = "rpclb-system";
 
@@ -47,14 +46,14 @@ fn load() -> Vec<Doc> {
     for path in files {
         let text = std::fs::read_to_string(&path).unwrap();
         let file = path.file_name().unwrap().to_string_lossy().into_owned();
-        for de in serde_yaml::Deserializer::from_str(&text) {
-            let v = Value::deserialize(de).unwrap_or_else(|e| panic!("{file}: {e}"));
-            if !v.is_null() {
-                docs.push(Doc {
-                    file: file.clone(),
-                    v,
-                });
-            }
+        // Every document of the stream; empty ones are skipped.
+        let values: Vec<Value> =
+            serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
+        for v in values {
+            docs.push(Doc {
+                file: file.clone(),
+                v,
+            });
         }
     }
     docs
@@ -70,12 +69,12 @@ fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
 
 fn seq_at<'a>(v: &'a Value, path: &[&str]) -> &'a [Value] {
     at(v, path)
-        .and_then(Value::as_sequence)
+        .and_then(Value::as_array)
         .map_or(&[], Vec::as_slice)
 }
 
 fn strings(v: &Value) -> Vec<String> {
-    v.as_sequence()
+    v.as_array()
         .unwrap_or_else(|| panic!("not a list: {v:?}"))
         .iter()
         .map(|s| s.as_str().expect("a string").to_string())
@@ -308,10 +307,10 @@ fn workloads_select_their_own_pods_and_define_what_they_reference() {
     let docs = load();
     for w in workloads(&docs) {
         let selector = at(&w.v, &["spec", "selector", "matchLabels"])
-            .and_then(Value::as_mapping)
+            .and_then(Value::as_object)
             .expect("matchLabels");
         let labels = at(&w.v, &["spec", "template", "metadata", "labels"])
-            .and_then(Value::as_mapping)
+            .and_then(Value::as_object)
             .expect("pod labels");
         for (k, v) in selector {
             assert_eq!(labels.get(k), Some(v), "{}: selector {k:?}", w.name());
@@ -375,10 +374,10 @@ fn controller_ports_match_its_service_and_probe() {
 
     let svc = one(&docs, "Service", "rpclb-controller");
     let pod_labels = at(&deploy.v, &["spec", "template", "metadata", "labels"])
-        .and_then(Value::as_mapping)
+        .and_then(Value::as_object)
         .unwrap();
     for (k, v) in at(&svc.v, &["spec", "selector"])
-        .and_then(Value::as_mapping)
+        .and_then(Value::as_object)
         .unwrap()
     {
         assert_eq!(pod_labels.get(k), Some(v), "Service selector {k:?}");
@@ -565,9 +564,9 @@ fn round_trip<T>(doc: &Doc)
 where
     T: serde::de::DeserializeOwned + serde::Serialize,
 {
-    let typed: T = serde_yaml::from_value(doc.v.clone())
+    let typed: T = serde_json::from_value(doc.v.clone())
         .unwrap_or_else(|e| panic!("{}: {} {}: {e}", doc.file, doc.kind(), doc.name()));
-    let back = serde_yaml::to_value(&typed).unwrap();
+    let back = serde_json::to_value(&typed).unwrap();
     assert_eq!(
         back,
         doc.v,

@@ -198,24 +198,24 @@ fn run_in(rootfs: &Path, bin: &str, args: &[String]) -> String {
     ok(&format!("{bin} {}", args.join(" ")), out)
 }
 
-fn manifests() -> Vec<serde_yaml::Value> {
+fn manifests() -> Vec<Value> {
     let mut docs = Vec::new();
     for file in ["20-controller.yaml", "30-agent.yaml"] {
         let text = std::fs::read_to_string(root().join("deploy").join(file)).unwrap();
-        for de in serde_yaml::Deserializer::from_str(&text) {
-            docs.push(serde::Deserialize::deserialize(de).unwrap());
-        }
+        let values: Vec<Value> =
+            serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
+        docs.extend(values);
     }
     docs
 }
 
-fn yaml_str<'a>(v: &'a serde_yaml::Value, path: &[&str]) -> Option<&'a str> {
+fn yaml_str<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     path.iter().try_fold(v, |v, k| v.get(*k))?.as_str()
 }
 
-fn yaml_strings(v: Option<&serde_yaml::Value>) -> Option<Vec<String>> {
+fn yaml_strings(v: Option<&Value>) -> Option<Vec<String>> {
     Some(
-        v?.as_sequence()?
+        v?.as_array()?
             .iter()
             .map(|s| s.as_str().expect("a string").to_string())
             .collect(),
@@ -223,7 +223,7 @@ fn yaml_strings(v: Option<&serde_yaml::Value>) -> Option<Vec<String>> {
 }
 
 /// Every container of every workload in deploy/, with its pod spec.
-fn containers() -> Vec<(String, String, serde_yaml::Value, serde_yaml::Value)> {
+fn containers() -> Vec<(String, String, Value, Value)> {
     let mut out = Vec::new();
     for d in manifests() {
         let kind = yaml_str(&d, &["kind"]).unwrap_or_default().to_string();
@@ -232,7 +232,7 @@ fn containers() -> Vec<(String, String, serde_yaml::Value, serde_yaml::Value)> {
         }
         let name = yaml_str(&d, &["metadata", "name"]).unwrap().to_string();
         let pod = d["spec"]["template"]["spec"].clone();
-        for c in pod["containers"].as_sequence().unwrap() {
+        for c in pod["containers"].as_array().unwrap() {
             out.push((kind.clone(), name.clone(), pod.clone(), c.clone()));
         }
     }
@@ -404,10 +404,10 @@ fn check_image(e: &Expect) {
     // The user: the pod may only restate the image's; root only where the
     // container is privileged anyway.
     for sc in [&pod["securityContext"], &container["securityContext"]] {
-        if let Some(uid) = sc.get("runAsUser").and_then(serde_yaml::Value::as_u64) {
+        if let Some(uid) = sc.get("runAsUser").and_then(Value::as_u64) {
             assert_eq!(uid, u64::from(e.user.0), "{name}: runAsUser");
         }
-        if let Some(gid) = sc.get("runAsGroup").and_then(serde_yaml::Value::as_u64) {
+        if let Some(gid) = sc.get("runAsGroup").and_then(Value::as_u64) {
             assert_eq!(gid, u64::from(e.user.1), "{name}: runAsGroup");
         }
     }
