@@ -26,15 +26,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use lb_api::Refusal;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
+
+mod http;
 
 use crate::config::{Config, Timeouts};
 use crate::datapath::attach;
@@ -202,7 +199,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         stream: Arc::new(StreamStatus::default()),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(serve(listener, shared.clone(), stop_rx.clone()));
+    let server = tokio::spawn(http::serve(listener, shared.clone(), stop_rx.clone()));
     info!(addr = %opts.metrics_addr, "serving /metrics, /healthz, /readyz");
 
     let (source, current) = match file {
@@ -558,75 +555,6 @@ async fn gc_loop(
                 warn!("conntrack GC task: {e}");
             }
         }
-    }
-}
-
-// ---- HTTP ----
-
-async fn serve(
-    listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/", get(index))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .with_state(shared);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await
-}
-
-async fn index() -> &'static str {
-    "rpclb lb-agent: /metrics /healthz /readyz\n"
-}
-
-async fn metrics(State(s): State<Arc<Shared>>) -> Response {
-    {
-        let st = &s.stream;
-        let m = &s.metrics;
-        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        m.controller_connected
-            .set(st.connected.load(Ordering::Relaxed).into());
-        m.controller_version
-            .set(g(st.version.load(Ordering::Relaxed)));
-        m.controller_reconnects
-            .set(g(st.reconnects.load(Ordering::Relaxed)));
-    }
-    match tokio::task::spawn_blocking(move || s.metrics.render()).await {
-        Ok(Ok(body)) => {
-            ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
-        }
-        Ok(Err(e)) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding: {e}\n"),
-        )
-            .into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
-    }
-}
-
-async fn healthz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
-    let idle = s.since_beat();
-    if idle < STALL {
-        (StatusCode::OK, "ok\n".into())
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("run loop stalled for {idle:?}\n"),
-        )
-    }
-}
-
-async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, &'static str) {
-    if s.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
     }
 }
 
