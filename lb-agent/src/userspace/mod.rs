@@ -58,11 +58,12 @@
 
 mod export;
 mod grpc;
+mod l4;
+mod options;
 mod route;
 mod select;
 mod stats;
-mod tcp;
-mod udp;
+mod tasks;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -80,7 +81,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-use crate::config::Timeouts;
+use l4::{tcp, udp};
+pub use options::ProxyOptions;
 use route::RouteSocket;
 use select::{BackendEntry, BackendKey, Selector, ServiceShared};
 
@@ -90,54 +92,6 @@ pub use stats::{BackendStats, BackendStatus, DropReason, ServiceStats};
 
 /// How long shutdown waits for the runtime's tasks to finish dropping.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
-
-/// Settings of the proxy. A zero timeout means no timeout.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProxyOptions {
-    /// Per connect attempt to a backend.
-    pub connect_timeout: Duration,
-    /// Backends tried per new TCP connection (or UDP session) before it is
-    /// dropped; at least 1.
-    pub connect_attempts: u32,
-    /// A TCP connection with no data either way for this long is closed.
-    pub tcp_idle_timeout: Duration,
-    /// A UDP session with no datagram either way for this long expires.
-    pub udp_idle_timeout: Duration,
-    /// UDP sessions per service.
-    pub max_udp_sessions: usize,
-    /// Client-IP affinity entries per service.
-    pub max_affinity_entries: usize,
-    /// Runtime worker threads; 0 = one per CPU.
-    pub worker_threads: usize,
-    /// `listen(2)` backlog of each TCP service.
-    pub listen_backlog: u32,
-    /// Add and remove the VIPs' local routes. Turn off only when something
-    /// else makes the VIPs local.
-    pub manage_routes: bool,
-}
-
-impl Default for ProxyOptions {
-    fn default() -> Self {
-        Self::with_timeouts(&Timeouts::default())
-    }
-}
-
-impl ProxyOptions {
-    /// Defaults, with the idle timeouts of `t` (established TCP and UDP).
-    pub fn with_timeouts(t: &Timeouts) -> Self {
-        ProxyOptions {
-            connect_timeout: Duration::from_secs(2),
-            connect_attempts: 3,
-            tcp_idle_timeout: t.tcp_established,
-            udp_idle_timeout: t.udp,
-            max_udp_sessions: 16_384,
-            max_affinity_entries: lb_common::limits::MAX_AFFINITY as usize,
-            worker_threads: 0,
-            listen_backlog: 1024,
-            manage_routes: true,
-        }
-    }
-}
 
 /// What an [`UserspaceProxy::apply`] changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -259,6 +213,8 @@ struct Running {
     entries: HashMap<BackendKey, Arc<BackendEntry>>,
     /// Backends gone from the spec that still had open flows.
     retired: Vec<Arc<BackendEntry>>,
+    /// gRPC mode: the backends' pooled connections.
+    pools: Option<Arc<grpc::Pools>>,
     /// Asks the task to close its socket and flows, and finish.
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -630,21 +586,27 @@ impl Inner {
         ));
         shared.set_policy(svc.grpc.clone());
         let (stop, stopped) = watch::channel(false);
+        let pools = svc.grpc.as_ref().map(|_| Arc::new(grpc::Pools::default()));
         // Bind before the route, so that the first packet finds the socket.
-        let task = match svc.protocol {
-            Protocol::Tcp if svc.grpc.is_some() => {
+        let task = match (svc.protocol, &pools) {
+            (Protocol::Tcp, Some(pools)) => {
                 let l = tcp::bind(at, self.opts.listen_backlog).map_err(listen_err)?;
                 self.acquire_vip(st, svc.vip)?;
-                self.handle
-                    .spawn(grpc::serve(shared.clone(), l, self.opts.clone(), stopped))
+                self.handle.spawn(grpc::serve(
+                    shared.clone(),
+                    pools.clone(),
+                    l,
+                    self.opts.clone(),
+                    stopped,
+                ))
             }
-            Protocol::Tcp => {
+            (Protocol::Tcp, None) => {
                 let l = tcp::bind(at, self.opts.listen_backlog).map_err(listen_err)?;
                 self.acquire_vip(st, svc.vip)?;
                 self.handle
                     .spawn(tcp::serve(shared.clone(), l, self.opts.clone(), stopped))
             }
-            Protocol::Udp => {
+            (Protocol::Udp, _) => {
                 let s = udp::bind(at).map_err(listen_err)?;
                 self.acquire_vip(st, svc.vip)?;
                 self.handle
@@ -658,6 +620,7 @@ impl Inner {
                 shared,
                 entries,
                 retired: Vec::new(),
+                pools,
                 stop,
                 task,
             },
@@ -742,12 +705,14 @@ impl Running {
         );
         self.retired
             .retain(|e| !self.entries.contains_key(&e.key()) && e.counters.in_use());
-        for e in self.entries.values().chain(&self.retired) {
-            if live.contains(&e.key()) {
-                e.pool.undrain();
-            } else {
-                e.pool.drain();
-            }
+        if let Some(pools) = &self.pools {
+            let known: HashSet<BackendKey> = self
+                .entries
+                .keys()
+                .copied()
+                .chain(self.retired.iter().map(|e| e.key()))
+                .collect();
+            pools.update(&live, &known);
         }
         self.spec = svc.clone();
         Ok(())
@@ -801,24 +766,6 @@ impl Running {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn options_follow_the_timeouts() {
-        let o = ProxyOptions::default();
-        assert_eq!(o.connect_timeout, Duration::from_secs(2));
-        assert_eq!(o.tcp_idle_timeout, Duration::from_secs(6 * 3600));
-        assert_eq!(o.udp_idle_timeout, Duration::from_secs(60));
-        let t = Timeouts {
-            tcp_established: Duration::from_secs(5),
-            udp: Duration::from_secs(7),
-            ..Timeouts::default()
-        };
-        let o = ProxyOptions::with_timeouts(&t);
-        assert_eq!(
-            (o.tcp_idle_timeout, o.udp_idle_timeout),
-            (t.tcp_established, t.udp)
-        );
-    }
 
     #[test]
     fn several_errors_name_each() {

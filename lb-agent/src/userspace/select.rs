@@ -35,9 +35,8 @@ use std::time::{Duration, Instant};
 use lb_api::{Algorithm, GrpcPolicy, Service, ServiceAddr};
 use lb_common::limits;
 
-use super::grpc::Pool;
-use super::stats::{BackendCounters, ServiceCounters};
 use crate::datapath::{maglev, table};
+use crate::userspace::stats::{BackendCounters, ServiceCounters};
 
 /// A backend's identity within a service.
 pub(crate) type BackendKey = (Ipv4Addr, u16);
@@ -47,11 +46,9 @@ pub(crate) type BackendKey = (Ipv4Addr, u16);
 pub(crate) struct BackendEntry {
     pub(crate) ip: Ipv4Addr,
     pub(crate) port: u16,
-    /// Shared with the backend's pooled connections, which must not keep the
-    /// entry (and so its pool) alive.
+    /// Shared with the backend's connections (L4 flows, gRPC pools), which
+    /// must not keep the entry alive.
     pub(crate) counters: Arc<BackendCounters>,
-    /// gRPC services' HTTP/2 connections to it; empty for L4 services.
-    pub(crate) pool: Pool,
 }
 
 impl BackendEntry {
@@ -60,7 +57,6 @@ impl BackendEntry {
             ip,
             port,
             counters: Arc::default(),
-            pool: Pool::default(),
         }
     }
     pub(crate) fn key(&self) -> BackendKey {

@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use super::super::select::{BackendEntry, BackendKey, ServiceShared, random_u64};
+use crate::userspace::select::{BackendEntry, BackendKey, ServiceShared, random_u64};
 
 /// Picks one index among `n` candidates. `weight(i)` is 0 for one that must
 /// not be picked; `outstanding(i)` is its calls in flight; `below(k)` is a
@@ -116,8 +116,8 @@ mod tests {
 
     use lb_api::{Algorithm, Backend, BackendState, GrpcPolicy, Protocol, Service};
 
-    use super::super::super::select::Selector;
     use super::*;
+    use crate::userspace::select::Selector;
 
     /// Draws from a fixed list, each taken modulo the bound.
     fn script(draws: &[u64]) -> impl FnMut(u64) -> u64 + '_ {

@@ -17,10 +17,10 @@ use tokio::sync::oneshot;
 use tokio::time::Sleep;
 use tracing::debug;
 
-use super::super::select::ServiceShared;
-use super::super::stats::BackendCounters;
 use super::balance::CallLease;
 use super::status::{Code, status_headers};
+use crate::userspace::select::ServiceShared;
+use crate::userspace::stats::BackendCounters;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

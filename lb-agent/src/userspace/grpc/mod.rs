@@ -57,6 +57,7 @@ mod pool;
 mod status;
 mod timeout;
 
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
@@ -76,16 +77,51 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, timeout_at};
 use tracing::{debug, error, warn};
 
-use super::ProxyOptions;
-use super::select::{BackendKey, ServiceShared, random_u64};
-use super::stats::DropReason;
-use super::tcp::stop_requested;
+use crate::userspace::options::ProxyOptions;
+use crate::userspace::select::{BackendKey, ServiceShared, random_u64};
+use crate::userspace::stats::DropReason;
+use crate::userspace::tasks::stop_requested;
 use balance::CallLease;
 use body::{ActiveCall, CallBody, DownBody, UpBody};
 use pool::ConnectError;
 use status::{Code, http_error, trailers_only};
 
-pub(crate) use pool::Pool;
+use pool::Pool;
+
+/// The pooled connections of one gRPC-mode service, one pool per backend.
+/// The proxy keeps it beside the service's selection state
+/// (`ServiceShared`, which both modes share) and tells it which backends
+/// take new calls.
+#[derive(Debug, Default)]
+pub(crate) struct Pools(std::sync::Mutex<HashMap<BackendKey, Arc<Pool>>>);
+
+impl Pools {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<BackendKey, Arc<Pool>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The pool of backend `key`, made on first use.
+    fn of(&self, key: BackendKey) -> Arc<Pool> {
+        self.lock().entry(key).or_default().clone()
+    }
+
+    /// After a change of the service: the pools of `live` backends take new
+    /// calls, the others drain (their calls in flight go on), and the pools
+    /// of backends not in `known` are let go.
+    pub(crate) fn update(&self, live: &HashSet<BackendKey>, known: &HashSet<BackendKey>) {
+        let mut pools = self.lock();
+        pools.retain(|k, p| {
+            if live.contains(k) {
+                p.undrain();
+            } else {
+                p.drain();
+            }
+            known.contains(k)
+        });
+    }
+}
 
 /// PINGs on client connections, so that dead clients are noticed.
 const CLIENT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
@@ -107,6 +143,7 @@ fn server() -> Server {
 /// listener and every connection (and so every call) and returns.
 pub(crate) async fn serve(
     svc: Arc<ServiceShared>,
+    pools: Arc<Pools>,
     listener: TcpListener,
     opts: Arc<ProxyOptions>,
     mut stop: watch::Receiver<bool>,
@@ -118,7 +155,7 @@ pub(crate) async fn serve(
             () = stop_requested(&mut stop) => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, SocketAddr::V4(peer))) => {
-                    conns.spawn(connection(svc.clone(), server.clone(), stream, peer, opts.clone()));
+                    conns.spawn(connection(svc.clone(), pools.clone(), server.clone(), stream, peer, opts.clone()));
                 }
                 Ok((_, peer)) => debug!(%peer, "not IPv4, closed"),
                 Err(e) => {
@@ -158,6 +195,7 @@ impl Drop for ClientConn {
 
 async fn connection(
     svc: Arc<ServiceShared>,
+    pools: Arc<Pools>,
     server: Arc<Server>,
     stream: TcpStream,
     peer: SocketAddrV4,
@@ -168,8 +206,8 @@ async fn connection(
     let handler = {
         let svc = svc.clone();
         service_fn(move |req| {
-            let (svc, opts) = (svc.clone(), opts.clone());
-            async move { Ok::<_, Infallible>(handle(svc, opts, req).await) }
+            let (svc, pools, opts) = (svc.clone(), pools.clone(), opts.clone());
+            async move { Ok::<_, Infallible>(handle(svc, &pools, opts, req).await) }
         })
     };
     if let Err(e) = server.serve_connection(TokioIo::new(stream), handler).await {
@@ -188,6 +226,7 @@ fn is_grpc(content_type: Option<&HeaderValue>) -> bool {
 /// Answers one request: refuses what is not gRPC, else proxies the call.
 async fn handle(
     svc: Arc<ServiceShared>,
+    pools: &Pools,
     opts: Arc<ProxyOptions>,
     req: Request<Incoming>,
 ) -> Response<DownBody> {
@@ -246,7 +285,7 @@ async fn handle(
         "gRPC call"
     );
 
-    let call = forward(&svc, &opts, req, deadline);
+    let call = forward(&svc, pools, &opts, req, deadline);
     let res = match deadline {
         Some(d) => timeout_at(d, call).await.unwrap_or(Err(Failure::Deadline)),
         None => call.await,
@@ -325,6 +364,7 @@ enum Failure {
 /// the backend's response headers and the call's lease.
 async fn forward(
     svc: &Arc<ServiceShared>,
+    pools: &Pools,
     opts: &ProxyOptions,
     mut req: Request<UpBody>,
     deadline: Option<Instant>,
@@ -337,8 +377,8 @@ async fn forward(
         };
         let be = lease.backend().clone();
         tried.push(be.key());
-        let mut sender = match be
-            .pool
+        let mut sender = match pools
+            .of(be.key())
             .get(be.addr(), &be.counters, opts.connect_timeout)
             .await
         {

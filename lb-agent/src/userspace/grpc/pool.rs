@@ -24,8 +24,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::super::stats::BackendCounters;
 use super::body::UpBody;
+use crate::userspace::stats::BackendCounters;
 
 /// HTTP/2 PINGs on busy backend connections, so a backend that vanished
 /// without a FIN is noticed.

@@ -11,12 +11,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, error, warn};
 
-use super::ProxyOptions;
-use super::select::{BackendEntry, Flow, ServiceShared};
-use super::stats::{DropReason, ServiceCounters};
+use crate::userspace::options::ProxyOptions;
+use crate::userspace::select::{BackendEntry, Flow, ServiceShared};
+use crate::userspace::stats::{DropReason, ServiceCounters};
+use crate::userspace::tasks::{idle_expired, stop_requested};
 
 /// Per direction and connection.
 const BUF_SIZE: usize = 16 * 1024;
@@ -67,11 +68,6 @@ pub(crate) async fn serve(
     }
     drop(listener);
     conns.shutdown().await;
-}
-
-/// Resolves once `stop` is true or its sender is gone.
-pub(crate) async fn stop_requested(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Why a proxied connection ended.
@@ -187,22 +183,5 @@ where
         count(n);
         last.store(start.elapsed().as_millis() as u64, Relaxed);
         w.write_all(&buf[..n]).await?;
-    }
-}
-
-/// Resolves once nothing was seen for `idle`; never if `idle` is zero.
-pub(crate) async fn idle_expired(start: Instant, last: &AtomicU64, idle: Duration) {
-    if idle.is_zero() {
-        return std::future::pending().await;
-    }
-    loop {
-        let seen = Duration::from_millis(last.load(Relaxed));
-        let Some(at) = start.checked_add(seen).and_then(|t| t.checked_add(idle)) else {
-            return std::future::pending().await;
-        };
-        if Instant::now() >= at {
-            return;
-        }
-        sleep_until(at).await;
     }
 }

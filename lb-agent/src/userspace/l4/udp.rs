@@ -17,10 +17,10 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep};
 use tracing::{debug, error};
 
-use super::ProxyOptions;
-use super::select::{Flow, Lease, Opened, ServiceShared};
-use super::stats::DropReason;
-use super::tcp::{idle_expired, stop_requested};
+use crate::userspace::options::ProxyOptions;
+use crate::userspace::select::{Flow, Lease, Opened, ServiceShared};
+use crate::userspace::stats::DropReason;
+use crate::userspace::tasks::{idle_expired, stop_requested};
 
 /// Larger than any UDP payload (65,507 bytes over IPv4).
 const MAX_DATAGRAM: usize = 65_536;

@@ -1,0 +1,76 @@
+//! The proxy's settings, shared by the L4 proxy and the gRPC mode.
+
+use std::time::Duration;
+
+use crate::config::Timeouts;
+
+/// Settings of the proxy. A zero timeout means no timeout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyOptions {
+    /// Per connect attempt to a backend.
+    pub connect_timeout: Duration,
+    /// Backends tried per new TCP connection (or UDP session) before it is
+    /// dropped; at least 1.
+    pub connect_attempts: u32,
+    /// A TCP connection with no data either way for this long is closed.
+    pub tcp_idle_timeout: Duration,
+    /// A UDP session with no datagram either way for this long expires.
+    pub udp_idle_timeout: Duration,
+    /// UDP sessions per service.
+    pub max_udp_sessions: usize,
+    /// Client-IP affinity entries per service.
+    pub max_affinity_entries: usize,
+    /// Runtime worker threads; 0 = one per CPU.
+    pub worker_threads: usize,
+    /// `listen(2)` backlog of each TCP service.
+    pub listen_backlog: u32,
+    /// Add and remove the VIPs' local routes. Turn off only when something
+    /// else makes the VIPs local.
+    pub manage_routes: bool,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        Self::with_timeouts(&Timeouts::default())
+    }
+}
+
+impl ProxyOptions {
+    /// Defaults, with the idle timeouts of `t` (established TCP and UDP).
+    pub fn with_timeouts(t: &Timeouts) -> Self {
+        ProxyOptions {
+            connect_timeout: Duration::from_secs(2),
+            connect_attempts: 3,
+            tcp_idle_timeout: t.tcp_established,
+            udp_idle_timeout: t.udp,
+            max_udp_sessions: 16_384,
+            max_affinity_entries: lb_common::limits::MAX_AFFINITY as usize,
+            worker_threads: 0,
+            listen_backlog: 1024,
+            manage_routes: true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_follow_the_timeouts() {
+        let o = ProxyOptions::default();
+        assert_eq!(o.connect_timeout, Duration::from_secs(2));
+        assert_eq!(o.tcp_idle_timeout, Duration::from_secs(6 * 3600));
+        assert_eq!(o.udp_idle_timeout, Duration::from_secs(60));
+        let t = Timeouts {
+            tcp_established: Duration::from_secs(5),
+            udp: Duration::from_secs(7),
+            ..Timeouts::default()
+        };
+        let o = ProxyOptions::with_timeouts(&t);
+        assert_eq!(
+            (o.tcp_idle_timeout, o.udp_idle_timeout),
+            (t.tcp_established, t.udp)
+        );
+    }
+}
