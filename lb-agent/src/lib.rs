@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod config;
 pub mod datapath;
+pub mod duration;
 pub mod engines;
 pub mod gc;
 pub mod metrics;

@@ -109,10 +109,10 @@ struct RunArgs {
     #[arg(long, env = "RPCLB_METRICS_ADDR", default_value = "127.0.0.1:9464")]
     metrics_addr: SocketAddr,
     /// Conntrack GC period (e.g. 5s, 500ms, 1m).
-    #[arg(long, env = "RPCLB_GC_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "RPCLB_GC_INTERVAL", default_value = "5s", value_parser = lb_agent::duration::parse)]
     gc_interval: Duration,
     /// How often the config file is checked for changes.
-    #[arg(long, env = "RPCLB_CONFIG_POLL", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "RPCLB_CONFIG_POLL", default_value = "1s", value_parser = lb_agent::duration::parse)]
     config_poll: Duration,
     /// Size of the service maps.
     #[arg(long, env = "RPCLB_MAX_SERVICES", default_value_t = limits::MAX_SERVICES)]
@@ -143,29 +143,6 @@ struct CleanupArgs {
     /// bpffs directory where maps and links are pinned.
     #[arg(long, env = "RPCLB_PIN_PATH", default_value = DEFAULT_PIN_PATH)]
     pin_path: PathBuf,
-}
-
-/// `5s`, `500ms`, `2m`, `1h`, `1.5s`, or a bare number of seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 5s, 500ms, 1m)"))?;
-    let secs = match unit.trim() {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        u => return Err(format!("unknown unit {u:?} in {s:?} (use ms, s, m or h)")),
-    };
-    if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
-        return Err(format!("{s:?} must be positive"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 fn init_tracing() {
@@ -290,18 +267,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("5x").is_err());
-        assert!(parse_duration("soon").is_err());
-    }
 
     #[test]
     fn cli_is_consistent() {

@@ -89,25 +89,9 @@ enum Cmd {
     },
 }
 
+/// `lbctl stats --interval`: 10 ms to 24 h.
 fn parse_interval(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("bad interval {s:?} (e.g. 1s, 500ms, 2m)"))?;
-    let secs = match unit {
-        "ms" => v / 1000.0,
-        "s" => v,
-        "m" => v * 60.0,
-        _ => return Err(format!("bad interval unit in {s:?} (use ms, s or m)")),
-    };
-    if !(0.01..=86_400.0).contains(&secs) {
-        return Err(format!("interval {s:?} out of range (10ms to 24h)"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    lb_agent::duration::parse_within(s, Duration::from_millis(10), Duration::from_secs(86_400))
 }
 
 fn main() {
@@ -264,7 +248,8 @@ mod tests {
         assert_eq!(parse_interval("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_interval("1m"), Ok(Duration::from_secs(60)));
         assert!(parse_interval("0s").is_err());
-        assert!(parse_interval("1h").is_err());
+        assert!(parse_interval("25h").is_err());
+        assert!(parse_interval("5ms").is_err());
         assert!(parse_interval("fast").is_err());
     }
 
