@@ -344,7 +344,7 @@ pub fn apply_message(
         });
         addr
     };
-    match msg.body.as_ref().ok_or(WireError::Empty)? {
+    let (by_addr, timeouts) = match msg.body.as_ref().ok_or(WireError::Empty)? {
         Body::Snapshot(s) => {
             let timeouts = match &s.timeouts {
                 Some(t) => timeouts_from_pb(t)?,
@@ -377,15 +377,7 @@ pub fn apply_message(
                     by_addr.insert(a, (*o).clone());
                 }
             }
-            Ok(Applied {
-                state: NodeState {
-                    state: DesiredState {
-                        services: by_addr.into_values().collect(),
-                    },
-                    timeouts,
-                },
-                refused,
-            })
+            (by_addr, timeouts)
         }
         Body::Delta(d) => {
             if d.base_version != have {
@@ -413,17 +405,18 @@ pub fn apply_message(
                     }
                 }
             }
-            Ok(Applied {
-                state: NodeState {
-                    state: DesiredState {
-                        services: by_addr.into_values().collect(),
-                    },
-                    timeouts,
-                },
-                refused,
-            })
+            (by_addr, timeouts)
         }
-    }
+    };
+    Ok(Applied {
+        state: NodeState {
+            state: DesiredState {
+                services: by_addr.into_values().collect(),
+            },
+            timeouts,
+        },
+        refused,
+    })
 }
 
 /// An agent's refusals, for its ack.

@@ -59,7 +59,7 @@ mod timeout;
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -73,14 +73,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
-use tokio::time::{Instant, sleep, timeout_at};
-use tracing::{debug, error, warn};
+use tokio::time::{Instant, timeout_at};
+use tracing::debug;
 
 use crate::userspace::options::ProxyOptions;
 use crate::userspace::select::{BackendKey, ServiceShared, random_u64};
 use crate::userspace::stats::DropReason;
-use crate::userspace::tasks::stop_requested;
+use crate::userspace::tasks::accept_loop;
 use balance::CallLease;
 use body::{ActiveCall, CallBody, DownBody, UpBody};
 use pool::ConnectError;
@@ -146,34 +145,20 @@ pub(crate) async fn serve(
     pools: Arc<Pools>,
     listener: TcpListener,
     opts: Arc<ProxyOptions>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let server = Arc::new(server());
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            () = stop_requested(&mut stop) => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, SocketAddr::V4(peer))) => {
-                    conns.spawn(connection(svc.clone(), pools.clone(), server.clone(), stream, peer, opts.clone()));
-                }
-                Ok((_, peer)) => debug!(%peer, "not IPv4, closed"),
-                Err(e) => {
-                    svc.counters.dropped(DropReason::AcceptFailed);
-                    warn!(service = %svc.addr, "accept: {e}");
-                    // Out of fds or memory: back off instead of spinning.
-                    sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Some(done) = conns.join_next(), if !conns.is_empty() => {
-                if let Err(e) = done && e.is_panic() {
-                    error!(service = %svc.addr, "gRPC connection task panicked: {e}");
-                }
-            }
-        }
-    }
-    drop(listener);
-    conns.shutdown().await;
+    accept_loop(&svc.clone(), listener, stop, |stream, peer| {
+        connection(
+            svc.clone(),
+            pools.clone(),
+            server.clone(),
+            stream,
+            peer,
+            opts.clone(),
+        )
+    })
+    .await;
 }
 
 /// A client connection, counted open until dropped.

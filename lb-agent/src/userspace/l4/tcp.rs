@@ -10,14 +10,13 @@ use socket2::{Domain, SockRef, Socket, Type};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
-use tokio::time::{Instant, sleep, timeout};
-use tracing::{debug, error, warn};
+use tokio::time::{Instant, timeout};
+use tracing::debug;
 
 use crate::userspace::options::ProxyOptions;
 use crate::userspace::select::{BackendEntry, Flow, ServiceShared};
 use crate::userspace::stats::{DropReason, ServiceCounters};
-use crate::userspace::tasks::{idle_expired, stop_requested};
+use crate::userspace::tasks::{accept_loop, idle_expired};
 
 /// Per direction and connection.
 const BUF_SIZE: usize = 16 * 1024;
@@ -41,33 +40,12 @@ pub(crate) async fn serve(
     svc: Arc<ServiceShared>,
     listener: TcpListener,
     opts: Arc<ProxyOptions>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            () = stop_requested(&mut stop) => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, SocketAddr::V4(peer))) => {
-                    conns.spawn(connection(svc.clone(), stream, peer, opts.clone()));
-                }
-                Ok((_, peer)) => debug!(%peer, "not IPv4, closed"),
-                Err(e) => {
-                    svc.counters.dropped(DropReason::AcceptFailed);
-                    warn!(service = %svc.addr, "accept: {e}");
-                    // Out of fds or memory: back off instead of spinning.
-                    sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Some(done) = conns.join_next(), if !conns.is_empty() => {
-                if let Err(e) = done && e.is_panic() {
-                    error!(service = %svc.addr, "connection task panicked: {e}");
-                }
-            }
-        }
-    }
-    drop(listener);
-    conns.shutdown().await;
+    accept_loop(&svc.clone(), listener, stop, |stream, peer| {
+        connection(svc.clone(), stream, peer, opts.clone())
+    })
+    .await;
 }
 
 /// Why a proxied connection ended.
