@@ -323,7 +323,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 /// Loads the programs (adopting pinned maps) and attaches them.
 fn load_and_attach(opts: &Options) -> anyhow::Result<(Datapath, Vec<String>)> {
     check_bpffs(&opts.datapath.pin_path)?;
-    warn_pinned_sizes(&opts.datapath);
     let mut dp = Datapath::load(&opts.datapath).map_err(|e| anyhow!(e))?;
     let attached = attach_all(&mut dp, &opts.interfaces, opts.mode)?;
     Ok((dp, attached))
@@ -815,31 +814,6 @@ fn attach_all(
         }
     }
     Ok(done)
-}
-
-/// Pinned maps are adopted with the sizes they were created with; say so
-/// when the --max-* flags ask for something else.
-fn warn_pinned_sizes(cfg: &DatapathConfig) {
-    use lb_common::map_names as m;
-    for (name, flag, want) in [
-        (m::SERVICES, "--max-services", cfg.max_services),
-        (m::BACKENDS, "--max-backends", cfg.max_backends),
-        (m::CONNTRACK, "--max-conntrack", cfg.max_conntrack),
-        (m::AFFINITY, "--max-affinity", cfg.max_affinity),
-        (m::SLOTS, "--max-slots", cfg.max_slots),
-    ] {
-        let Ok(md) = aya::maps::MapData::from_pin(cfg.pin_path.join(name)) else {
-            continue;
-        };
-        if let Ok(have) = md.info().map(|i| i.max_entries())
-            && have != want
-        {
-            warn!(
-                "{name} is pinned with {have} entries, so {flag} {want} has no effect until \
-                 `lb-agent cleanup` (which also drops conntrack) and a fresh start"
-            );
-        }
-    }
 }
 
 /// Refuses a pin path that is not on bpffs: pins elsewhere fail, or (under
