@@ -322,7 +322,7 @@ pub struct AffinityValue {
     pub last_seen_ns: u64,
 }
 
-/// Per-CPU traffic counters (`SVC_STATS`, `BACKEND_STATS`).
+/// Traffic counters: per-CPU in `SVC_STATS`, shared in `BACKEND_STATS` (atomic adds).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {

@@ -31,11 +31,14 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 #[map]
 pub static RR_COUNTERS: Array<u64> = Array::pinned(limits::MAX_SERVICES, 0);
 
+/// Per-CPU: every packet of a service bumps its entry, from every CPU.
 #[map]
 pub static SVC_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(limits::MAX_SERVICES, 0);
 
+/// Shared, updated with atomic adds: per-CPU would cost
+/// `MAX_BACKENDS` x 32 B on every possible CPU (docs/operations.md, "Map memory").
 #[map]
-pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(limits::MAX_BACKENDS, 0);
+pub static BACKEND_STATS: Array<Counters> = Array::pinned(limits::MAX_BACKENDS, 0);
 
 /// Opens and closes per backend (kernel-owned, atomic).
 #[map]

@@ -12,6 +12,7 @@ pub fn reason(r: u32) {
     }
 }
 
+/// Adds to a per-CPU entry: no other writer.
 #[inline(always)]
 fn bump(p: Option<*mut Counters>, bytes: u64, new_flow: bool) {
     if let Some(c) = p {
@@ -25,10 +26,24 @@ fn bump(p: Option<*mut Counters>, bytes: u64, new_flow: bool) {
     }
 }
 
+/// `bump` for a shared entry: other CPUs add to it at the same time.
+#[inline(always)]
+fn bump_atomic(p: Option<*mut Counters>, bytes: u64, new_flow: bool) {
+    if let Some(c) = p {
+        unsafe {
+            crate::atomic_add(&raw mut (*c).packets, 1);
+            crate::atomic_add(&raw mut (*c).bytes, bytes);
+            if new_flow {
+                crate::atomic_add(&raw mut (*c).new_flows, 1);
+            }
+        }
+    }
+}
+
 #[inline(always)]
 pub fn traffic(svc_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
     bump(SVC_STATS.get_ptr_mut(svc_id), bytes, new_flow);
-    bump(BACKEND_STATS.get_ptr_mut(backend_id), bytes, new_flow);
+    bump_atomic(BACKEND_STATS.get_ptr_mut(backend_id), bytes, new_flow);
 }
 
 #[inline(always)]

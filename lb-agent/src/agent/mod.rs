@@ -302,7 +302,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 /// Loads the programs (adopting pinned maps) and attaches them.
 fn load_and_attach(opts: &Options) -> anyhow::Result<(Datapath, Vec<String>)> {
     attach::check_bpffs(&opts.datapath.pin_path)?;
-    attach::warn_pinned_sizes(&opts.datapath);
     let mut dp = Datapath::load(&opts.datapath).map_err(|e| anyhow!(e))?;
     let attached = attach::attach_all(&mut dp, &opts.interfaces, opts.mode)?;
     Ok((dp, attached))

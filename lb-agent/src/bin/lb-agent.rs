@@ -129,6 +129,22 @@ struct RunArgs {
     /// Size of the selection-table map (Maglev and weighted tables of all services).
     #[arg(long, env = "RPCLB_MAX_SLOTS", default_value_t = limits::MAX_SLOTS)]
     max_slots: u32,
+    /// Kernel memory all maps together may take, in MiB; the agent refuses to load more
+    /// (docs/operations.md, "Map memory").
+    #[arg(
+        long,
+        env = "RPCLB_MAP_MEMORY_BUDGET_MIB",
+        value_name = "MIB",
+        default_value_t = datapath::memory::DEFAULT_BUDGET / datapath::memory::MIB
+    )]
+    map_memory_budget_mib: u64,
+    /// Over the budget, log a warning and load anyway.
+    #[arg(
+        long,
+        env = "RPCLB_ALLOW_MAP_MEMORY_OVER_BUDGET",
+        value_parser = BoolishValueParser::new()
+    )]
+    allow_map_memory_over_budget: bool,
     /// Hand every packet to the kernel stack instead of bpf_fib_lookup + redirect.
     #[arg(long, env = "RPCLB_NO_FIB_REDIRECT", value_parser = BoolishValueParser::new())]
     no_fib_redirect: bool,
@@ -232,6 +248,10 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             max_affinity: a.max_affinity,
             max_slots: a.max_slots,
             fib_redirect: !a.no_fib_redirect,
+            map_memory_budget: a
+                .map_memory_budget_mib
+                .saturating_mul(datapath::memory::MIB),
+            allow_over_budget: a.allow_map_memory_over_budget,
         },
         metrics_addr: a.metrics_addr,
         gc_interval: a.gc_interval,
@@ -286,6 +306,19 @@ mod tests {
         assert!(c.cleanup);
         let c = Cli::try_parse_from(["lb-agent", "--config", "x", "--detach-on-exit"]).unwrap();
         assert!(c.run.detach_on_exit && !c.run.no_fib_redirect);
+        assert_eq!(c.run.map_memory_budget_mib, 512);
+        assert!(!c.run.allow_map_memory_over_budget);
+        let c = Cli::try_parse_from([
+            "lb-agent",
+            "--config",
+            "x",
+            "--map-memory-budget-mib",
+            "2048",
+            "--allow-map-memory-over-budget",
+        ])
+        .unwrap();
+        assert_eq!(c.run.map_memory_budget_mib, 2048);
+        assert!(c.run.allow_map_memory_over_budget);
         let c = Cli::try_parse_from([
             "lb-agent",
             "run",

@@ -1,8 +1,7 @@
 //! Where and how the programs attach: `Datapath::attach` (one interface,
 //! one mode, pinned link, atomic program swap on a restart) and the agent's
-//! policy over all its interfaces ([`attach_all`], [`ModeChoice`]), plus the
-//! checks made before loading (the pin path is on bpffs; pinned maps keep
-//! their sizes).
+//! policy over all its interfaces ([`attach_all`], [`ModeChoice`]), and the
+//! check made before loading that the pin path is on bpffs.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -13,7 +12,7 @@ use aya::programs::xdp::XdpLink;
 use aya::programs::{LinkOrder, TcAttachType, XdpMode};
 use tracing::{info, warn};
 
-use super::{AttachMode, Datapath, DatapathConfig, DatapathError};
+use super::{AttachMode, Datapath, DatapathError};
 
 /// How the agent attaches its programs (`--mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -224,31 +223,6 @@ pub fn attach_all(
         }
     }
     Ok(done)
-}
-
-/// Pinned maps are adopted with the sizes they were created with; say so
-/// when the --max-* flags ask for something else.
-pub fn warn_pinned_sizes(cfg: &DatapathConfig) {
-    use lb_common::map_names as m;
-    for (name, flag, want) in [
-        (m::SERVICES, "--max-services", cfg.max_services),
-        (m::BACKENDS, "--max-backends", cfg.max_backends),
-        (m::CONNTRACK, "--max-conntrack", cfg.max_conntrack),
-        (m::AFFINITY, "--max-affinity", cfg.max_affinity),
-        (m::SLOTS, "--max-slots", cfg.max_slots),
-    ] {
-        let Ok(md) = aya::maps::MapData::from_pin(cfg.pin_path.join(name)) else {
-            continue;
-        };
-        if let Ok(have) = md.info().map(|i| i.max_entries())
-            && have != want
-        {
-            warn!(
-                "{name} is pinned with {have} entries, so {flag} {want} has no effect until \
-                 `lb-agent cleanup` (which also drops conntrack) and a fresh start"
-            );
-        }
-    }
 }
 
 /// Refuses a pin path that is not on bpffs: pins elsewhere fail, or (under

@@ -8,6 +8,7 @@
 pub mod abi;
 pub mod attach;
 pub mod maglev;
+pub mod memory;
 pub mod scratch;
 pub mod sys;
 pub mod table;
@@ -92,6 +93,27 @@ pub enum DatapathError {
         #[source]
         source: Box<DatapathError>,
     },
+    #[error(
+        "the maps would take {total_mib} MiB of kernel memory with {cpus} possible CPUs, over \
+         the budget of {budget_mib} MiB (largest: {largest}, {largest_mib} MiB); lower the \
+         --max-* flags, raise --map-memory-budget-mib, or pass --allow-map-memory-over-budget"
+    )]
+    OverBudget {
+        total_mib: f64,
+        budget_mib: f64,
+        cpus: u32,
+        largest: &'static str,
+        largest_mib: f64,
+    },
+    #[error(
+        "map {name} is pinned as {pinned}, but this agent needs {wanted}; \
+         `lb-agent cleanup` (which also drops conntrack) and a fresh start fix it"
+    )]
+    PinnedMismatch {
+        name: &'static str,
+        pinned: String,
+        wanted: String,
+    },
 }
 
 /// Where to attach.
@@ -140,6 +162,10 @@ pub struct DatapathConfig {
     pub max_slots: u32,
     /// Forward with `bpf_fib_lookup` + redirect (else hand every packet to the stack).
     pub fib_redirect: bool,
+    /// Kernel memory all maps may take, in bytes ([`memory`]); more is refused.
+    pub map_memory_budget: u64,
+    /// Over the budget, warn and load anyway.
+    pub allow_over_budget: bool,
 }
 
 impl Default for DatapathConfig {
@@ -152,6 +178,8 @@ impl Default for DatapathConfig {
             max_affinity: limits::MAX_AFFINITY,
             max_slots: limits::MAX_SLOTS,
             fib_redirect: true,
+            map_memory_budget: memory::DEFAULT_BUDGET,
+            allow_over_budget: false,
         }
     }
 }
@@ -166,7 +194,7 @@ impl DatapathConfig {
             max_conntrack: 65_536,
             max_affinity: 4096,
             max_slots: 1 << 20,
-            fib_redirect: true,
+            ..DatapathConfig::default()
         }
     }
 }
@@ -180,12 +208,14 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads the object, reusing maps already pinned under the pin path (a
-    /// restart), or creating and pinning them (a first start).
+    /// restart), or creating and pinning them (a first start). Refuses maps
+    /// over the memory budget before creating any ([`memory::prepare`]).
     pub fn load(cfg: &DatapathConfig) -> Result<Self, DatapathError> {
         let io = |source| DatapathError::Io {
             path: cfg.pin_path.clone(),
             source,
         };
+        let mem = memory::prepare(cfg)?;
         std::fs::create_dir_all(&cfg.pin_path).map_err(io)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&cfg.pin_path)
@@ -217,6 +247,7 @@ impl Datapath {
         })?;
         let mut writer = MapWriter::from_ebpf(&mut ebpf)?;
         writer.set_config(cfg.fib_redirect)?;
+        memory::log(&mem, cfg.map_memory_budget, &cfg.pin_path);
         info!(pin_path = %cfg.pin_path.display(), "data path loaded");
         Ok(Datapath {
             ebpf,

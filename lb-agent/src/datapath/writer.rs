@@ -280,7 +280,7 @@ pub struct MapWriter {
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     rr: Array<MapData, u64>,
     svc_stats: PerCpuArray<MapData, Counters>,
-    backend_stats: PerCpuArray<MapData, Counters>,
+    backend_stats: Array<MapData, Counters>,
     backend_conns: Array<MapData, ConnCounts>,
     backend_gc: Array<MapData, u64>,
     reasons: PerCpuArray<MapData, u64>,
@@ -701,9 +701,8 @@ impl MapWriter {
     }
 
     fn reset_backend_counters(&mut self, id: u32) -> Result<(), DatapathError> {
-        let zero = zero_counters()?;
         self.backend_stats
-            .set(id, zero, 0)
+            .set(id, Counters::default(), 0)
             .map_err(map_err(map_names::BACKEND_STATS))?;
         self.backend_conns
             .set(id, ConnCounts::default(), 0)
@@ -850,7 +849,10 @@ impl MapWriter {
         s.backends
             .iter()
             .map(|(&(ip, port), b)| {
-                let c = self.sum(&self.backend_stats, b.id, map_names::BACKEND_STATS)?;
+                let c = self
+                    .backend_stats
+                    .get(&b.id, 0)
+                    .map_err(map_err(map_names::BACKEND_STATS))?;
                 Ok(BackendStats {
                     id: b.id,
                     ip,

@@ -7,6 +7,7 @@
 //! SIGTERM / SIGHUP, which only set a flag that every loop checks); every loop is bounded in
 //! count and in time.
 
+pub mod counters;
 pub mod live;
 pub mod maglev;
 pub mod sink;
@@ -30,15 +31,17 @@ pub enum Section {
     Maglev,
     Lab,
     Stream,
+    Counters,
 }
 
 impl Section {
-    pub const ALL: [Section; 5] = [
+    pub const ALL: [Section; 6] = [
         Section::Xdp,
         Section::Scale,
         Section::Maglev,
         Section::Lab,
         Section::Stream,
+        Section::Counters,
     ];
 
     pub fn name(self) -> &'static str {
@@ -48,6 +51,7 @@ impl Section {
             Section::Maglev => "maglev",
             Section::Lab => "lab",
             Section::Stream => "stream",
+            Section::Counters => "counters",
         }
     }
 
@@ -56,7 +60,7 @@ impl Section {
             .into_iter()
             .find(|x| x.name() == s)
             .ok_or_else(|| {
-                anyhow::anyhow!("unknown section {s:?} (xdp, scale, maglev, lab, stream)")
+                anyhow::anyhow!("unknown section {s:?} (xdp, scale, maglev, lab, stream, counters)")
             })
     }
 }
@@ -141,6 +145,7 @@ sections (default: all, in this order):
   maglev   Maglev table build, M = 65537, 1,000 backends
   lab      netns lab: connections/s and keep-alive requests/s, XDP vs direct vs iptables DNAT
   stream   endpoints change -> node maps through the controller's gRPC stream (p50/p99)
+  counters one counter update, per-CPU vs shared with atomic adds, on one and on two CPUs
 
 options:
   --quick              small counts (a smoke run of about 20 s)

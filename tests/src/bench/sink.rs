@@ -21,20 +21,20 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use anyhow::{Context, Result, bail};
 
-const BPF_MAP_CREATE: libc::c_long = 0;
+pub(super) const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_MAP_TYPE_ARRAY: u32 = 2;
+pub(super) const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
 const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
-const XDP_DROP: i32 = 1;
+pub(super) const XDP_DROP: i32 = 1;
 const XDP_PASS: i32 = 2;
 /// Template map value size; frames up to this long can be restored.
 pub const MAX_LEN: usize = 256;
 
-fn sys_bpf(cmd: libc::c_long, attr: &mut [u8]) -> io::Result<RawFd> {
+pub(super) fn sys_bpf(cmd: libc::c_long, attr: &mut [u8]) -> io::Result<RawFd> {
     // SAFETY: attr is a valid, zero-padded bpf_attr of attr.len() bytes; pointers inside it
     // point to buffers that outlive the call.
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len() as u32) };
@@ -44,16 +44,16 @@ fn sys_bpf(cmd: libc::c_long, attr: &mut [u8]) -> io::Result<RawFd> {
     Ok(r as RawFd)
 }
 
-fn put32(a: &mut [u8], off: usize, v: u32) {
+pub(super) fn put32(a: &mut [u8], off: usize, v: u32) {
     a[off..off + 4].copy_from_slice(&v.to_ne_bytes());
 }
 
-fn put64(a: &mut [u8], off: usize, v: u64) {
+pub(super) fn put64(a: &mut [u8], off: usize, v: u64) {
     a[off..off + 8].copy_from_slice(&v.to_ne_bytes());
 }
 
 /// One `struct bpf_insn`.
-fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
+pub(super) fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
     let mut b = [0u8; 8];
     b[0] = code;
     b[1] = (dst & 0xf) | (src << 4);
@@ -63,19 +63,19 @@ fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
 }
 
 // Opcodes (include/uapi/linux/bpf.h, bpf_common.h).
-const MOV64_REG: u8 = 0xbf;
-const MOV64_IMM: u8 = 0xb7;
-const ADD64_IMM: u8 = 0x07;
-const LD_IMM64: u8 = 0x18;
-const ST_W_IMM: u8 = 0x62;
-const JEQ_IMM: u8 = 0x15;
+pub(super) const MOV64_REG: u8 = 0xbf;
+pub(super) const MOV64_IMM: u8 = 0xb7;
+pub(super) const ADD64_IMM: u8 = 0x07;
+pub(super) const LD_IMM64: u8 = 0x18;
+pub(super) const ST_W_IMM: u8 = 0x62;
+pub(super) const JEQ_IMM: u8 = 0x15;
 const JGT_REG: u8 = 0x2d;
-const CALL: u8 = 0x85;
-const EXIT: u8 = 0x95;
+pub(super) const CALL: u8 = 0x85;
+pub(super) const EXIT: u8 = 0x95;
 const LDX: [(usize, u8); 4] = [(8, 0x79), (4, 0x61), (2, 0x69), (1, 0x71)];
 const STX: [(usize, u8); 4] = [(8, 0x7b), (4, 0x63), (2, 0x6b), (1, 0x73)];
-const PSEUDO_MAP_FD: u8 = 1;
-const HELPER_MAP_LOOKUP: i32 = 1;
+pub(super) const PSEUDO_MAP_FD: u8 = 1;
+pub(super) const HELPER_MAP_LOOKUP: i32 = 1;
 
 /// The program: look up the template, check `data + len <= data_end`, copy `len` bytes of
 /// the template over the frame, return XDP_DROP.
@@ -176,7 +176,7 @@ impl Sink {
 }
 
 /// Load an XDP program from raw instructions.
-fn load_xdp(insns: &[[u8; 8]], name: &[u8]) -> Result<OwnedFd> {
+pub(super) fn load_xdp(insns: &[[u8; 8]], name: &[u8]) -> Result<OwnedFd> {
     let insns: Vec<u8> = insns.concat();
     let license = c"GPL";
     let mut log = vec![0u8; 1 << 16];

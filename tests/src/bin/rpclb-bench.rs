@@ -44,6 +44,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             Section::Maglev => bench::maglev::section_maglev(opts)?,
             Section::Lab => bench::throughput::section_lab(opts)?,
             Section::Stream => bench::stream::section_stream(opts)?,
+            Section::Counters => bench::counters::section_counters(opts)?,
         }
     }
     Ok(())
