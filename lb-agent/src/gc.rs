@@ -51,8 +51,8 @@ use serde::{Serialize, Serializer};
 use tracing::debug;
 
 use crate::config::Timeouts;
-use crate::datapath::writer::ip_wire;
-use crate::datapath::{DatapathError, MapWriter, sys};
+use crate::datapath::reader::ip_wire;
+use crate::datapath::{DatapathError, MapReader, MapWriter, sys};
 
 /// Entries per `BPF_MAP_LOOKUP_BATCH` call.
 pub const BATCH: u32 = 4096;
@@ -250,7 +250,7 @@ pub fn for_each_entry(
 }
 
 /// Reads the whole conntrack map.
-pub fn scan(w: &MapWriter) -> Result<Scan, DatapathError> {
+pub fn scan(w: &MapReader) -> Result<Scan, DatapathError> {
     let mut s = Scan::default();
     for_each_entry(w.conntrack_fd(), |k, v| s.push(*k, *v))?;
     Ok(s)

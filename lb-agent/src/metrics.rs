@@ -29,7 +29,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tracing::warn;
 
-use crate::datapath::{BackendStats, DatapathError, MapWriter, ServiceStats};
+use crate::datapath::{BackendStats, DatapathError, MapReader, ServiceStats};
 
 /// The `Content-Type` of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -53,7 +53,7 @@ pub struct DatapathSnapshot {
 
 impl DatapathSnapshot {
     /// Reads every counter the metrics show.
-    pub fn read(w: &MapWriter) -> Result<Self, DatapathError> {
+    pub fn read(w: &MapReader) -> Result<Self, DatapathError> {
         let services = w
             .services()
             .into_iter()

@@ -12,7 +12,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lb_agent::datapath::MapWriter;
+use lb_agent::datapath::MapReader;
 use lb_api::{Protocol, ServiceAddr};
 use rpclb_tests::lab::{self, Lab, Limits};
 use rpclb_tests::procs::{
@@ -144,8 +144,8 @@ fn index_of(backend: &str) -> usize {
 }
 
 /// The pinned maps, opened the way lbctl opens them (no agent needed).
-fn pinned(lab: &Lab) -> MapWriter {
-    MapWriter::open_pinned(&pin_path(lab)).expect("open pinned maps")
+fn pinned(lab: &Lab) -> MapReader {
+    MapReader::open_pinned(&pin_path(lab)).expect("open pinned maps")
 }
 
 // ---- tests ----

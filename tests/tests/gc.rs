@@ -12,8 +12,8 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
 use lb_agent::config::Timeouts;
+use lb_agent::datapath::reader::{ip_wire, monotonic_ns};
 use lb_agent::datapath::scratch::{Hook, ScratchDatapath};
-use lb_agent::datapath::writer::{ip_wire, monotonic_ns};
 use lb_agent::datapath::{MapWriter, sys};
 use lb_agent::gc;
 use lb_api::{Algorithm, Backend, Protocol, Service, ServiceAddr};

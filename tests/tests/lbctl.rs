@@ -617,3 +617,27 @@ fn plain_errors_and_exit_codes() {
     assert!(o.stderr.contains("not an IPv4 address"), "{}", o.stderr);
     assert!(!o.stderr.contains("panicked") && !o.stderr.contains("backtrace"));
 }
+
+/// lbctl reads through a `MapReader` opened read-only: it sees the
+/// services the writer wrote, and the kernel refuses any write through its
+/// fds.
+#[test]
+fn the_reader_sees_everything_and_cannot_write() {
+    if !can_run() {
+        return;
+    }
+    let (h, web, dns) = setup();
+    let r = lb_agent::datapath::MapReader::open_pinned(h.0.dir()).expect("open read-only");
+    let mut names: Vec<String> = r.services().into_iter().map(|s| s.name).collect();
+    names.sort();
+    let mut want = vec![web.name.clone(), dns.name.clone()];
+    want.sort();
+    assert_eq!(names, want);
+    assert!(!r.service_table(&web.addr()).unwrap().is_empty());
+    let key = lb_common::FlowKey::default();
+    let value = lb_common::CtValue::default();
+    use std::os::fd::AsRawFd;
+    let e = lb_agent::datapath::sys::update(r.conntrack_fd().as_raw_fd(), &key, &value, 0)
+        .expect_err("a read-only fd must not write");
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+}

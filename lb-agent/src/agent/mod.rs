@@ -36,7 +36,7 @@ mod http;
 use crate::config::{Config, Timeouts};
 use crate::datapath::attach;
 pub use crate::datapath::attach::ModeChoice;
-use crate::datapath::writer::monotonic_ns;
+use crate::datapath::reader::monotonic_ns;
 use crate::datapath::{self, Datapath, DatapathConfig};
 use crate::engines::{Engines, SharedDp, lock};
 use crate::gc;

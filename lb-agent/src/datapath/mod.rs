@@ -6,9 +6,11 @@
 //! down, and a restarted agent adopts the same state.
 
 pub mod abi;
+mod alloc;
 pub mod attach;
 pub mod maglev;
 pub mod memory;
+pub mod reader;
 pub mod scratch;
 pub mod sys;
 pub mod table;
@@ -23,7 +25,8 @@ use aya::{
 use lb_common::{limits, map_names, prog_names};
 use tracing::info;
 
-pub use writer::{BackendStats, ConntrackEntry, MapWriter, ServiceStats};
+pub use reader::{BackendStats, ConntrackEntry, MapReader, ServiceInfo, ServiceStats};
+pub use writer::MapWriter;
 
 /// The object built by `cargo xtask build-ebpf`, embedded at compile time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));

@@ -1,5 +1,5 @@
-//! Raw `bpf(2)` map calls that aya 0.14 does not wrap: batch operations and
-//! lookup-and-delete. Keys and values are `aya::Pod` types whose sizes match
+//! Raw `bpf(2)` map calls that aya 0.14 does not wrap: batch operations,
+//! lookup-and-delete, and opening a pinned map read-only. Keys and values are `aya::Pod` types whose sizes match
 //! the map's.
 
 use aya::Pod;
@@ -11,6 +11,46 @@ const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+const BPF_OBJ_GET: libc::c_long = 7;
+/// `BPF_OBJ_GET` file flag: the fd may read the map, not write it.
+const BPF_F_RDONLY: u32 = 1 << 3;
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// Opens the map pinned at `path` read-only: the kernel refuses every
+/// update and delete through the returned fd.
+pub fn obj_get_rdonly(path: &std::path::Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
+    let mut attr = ObjAttr {
+        pathname: c.as_ptr() as u64,
+        file_flags: BPF_F_RDONLY,
+        ..Default::default()
+    };
+    // SAFETY: `attr` is a prefix of `union bpf_attr` for BPF_OBJ_GET and
+    // `c` outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            (&mut attr as *mut ObjAttr).cast::<libc::c_void>(),
+            std::mem::size_of::<ObjAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(rc as i32) })
+}
+
 /// Update flag: create only.
 pub const BPF_NOEXIST: u64 = 1;
 

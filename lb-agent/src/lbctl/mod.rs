@@ -7,11 +7,11 @@ pub mod view;
 use std::path::Path;
 
 use anyhow::{Result, anyhow};
-use lb_agent::datapath::MapWriter;
+use lb_agent::datapath::MapReader;
 
 /// Opens the maps pinned under `pin`. Turns the usual failures into one
 /// plain sentence: nothing pinned there, or not allowed to read it.
-pub fn open(pin: &Path) -> Result<MapWriter> {
+pub fn open(pin: &Path) -> Result<MapReader> {
     let shown = pin.display();
     let missing =
         || anyhow!("no rpclb state at {shown}: is the agent running, or is --pin-path right?");
@@ -27,7 +27,7 @@ pub fn open(pin: &Path) -> Result<MapWriter> {
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Err(denied()),
         Err(e) => return Err(anyhow!("{shown}: {e}")),
     }
-    MapWriter::open_pinned(pin).map_err(|e| match os_error(&e) {
+    MapReader::open_pinned(pin).map_err(|e| match os_error(&e) {
         Some(libc::ENOENT) => missing(),
         Some(libc::EACCES) | Some(libc::EPERM) => denied(),
         _ => anyhow!(e).context(format!("reading the maps pinned at {shown}")),

@@ -8,8 +8,8 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use lb_agent::datapath::MapWriter;
-use lb_agent::datapath::writer::{ServiceInfo, ip_from_wire, monotonic_ns};
+use lb_agent::datapath::MapReader;
+use lb_agent::datapath::reader::{ServiceInfo, ip_from_wire, monotonic_ns};
 use lb_agent::gc;
 use lb_api::{Protocol, ServiceAddr};
 use lb_common::ct_state;
@@ -41,7 +41,7 @@ pub struct ServiceRow {
     pub affinity_timeout_seconds: u32,
 }
 
-pub fn services(w: &MapWriter) -> Result<Vec<ServiceRow>> {
+pub fn services(w: &MapReader) -> Result<Vec<ServiceRow>> {
     let mut rows = Vec::new();
     for s in sorted(w.services()) {
         let st = w.service_stats(&s.addr)?;
@@ -181,7 +181,7 @@ pub struct BackendRow {
     pub bytes: u64,
 }
 
-pub fn backends(w: &MapWriter, only: Option<&ServiceAddr>) -> Result<Vec<BackendRow>> {
+pub fn backends(w: &MapReader, only: Option<&ServiceAddr>) -> Result<Vec<BackendRow>> {
     let mut rows = Vec::new();
     for s in sorted(w.services()) {
         if only.is_some_and(|a| *a != s.addr) {
@@ -278,7 +278,7 @@ pub fn parse_backend(s: &str) -> Result<(Ipv4Addr, Option<u16>)> {
 
 /// Every flow, from one batched walk of the map. A flow is its forward
 /// entry; its idle time counts the reverse entry's last-seen too.
-pub fn conntrack(w: &MapWriter, f: &FlowFilter) -> Result<(Vec<FlowRow>, u64)> {
+pub fn conntrack(w: &MapReader, f: &FlowFilter) -> Result<(Vec<FlowRow>, u64)> {
     let scan = gc::scan(w).context("reading CONNTRACK")?;
     let entries = scan.scanned;
     let now = monotonic_ns();
@@ -408,7 +408,7 @@ pub struct MaglevView {
     pub backends: Vec<TableShare>,
 }
 
-pub fn maglev(w: &MapWriter, s: &ServiceInfo) -> Result<MaglevView> {
+pub fn maglev(w: &MapReader, s: &ServiceInfo) -> Result<MaglevView> {
     let table = w.service_table(&s.addr)?;
     let mut counts: HashMap<u32, u64> = HashMap::new();
     for id in &table {
@@ -523,7 +523,7 @@ pub struct Sample {
     pub conntrack_entries: u64,
 }
 
-pub fn sample(w: &MapWriter) -> Result<Sample> {
+pub fn sample(w: &MapReader) -> Result<Sample> {
     let reasons = w.reasons()?;
     let mut services = BTreeMap::new();
     for s in w.services() {

@@ -1,0 +1,528 @@
+//! The read-only view of the maps: services, backends, tables, counters and
+//! conntrack, as lbctl, the metrics and the GC read them. [`MapReader`]
+//! opened from pins ([`MapReader::open_pinned`], lbctl) holds read-only fds:
+//! the kernel refuses any write through it. The writer
+//! ([`super::writer::MapWriter`]) is a reader plus the writes.
+
+use std::collections::{BTreeMap, HashMap as StdHashMap};
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
+use std::time::Duration;
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use lb_api::{Algorithm, Protocol, Service, ServiceAddr};
+use lb_common::{
+    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FlowKey, NAME_MAX,
+    NameValue, ServiceKey, ServiceValue, backend_state, ct_dir, map_names,
+};
+use serde::Serialize;
+
+use super::{DatapathError, abi, sys};
+
+pub(super) fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map {
+        name,
+        source: Box::new(source),
+    }
+}
+
+/// A backend as the index knows it.
+#[derive(Clone, Debug)]
+pub(super) struct BackendSlot {
+    pub(super) id: u32,
+    pub(super) value: BackendValue,
+}
+
+/// A service as the index knows it.
+#[derive(Clone, Debug)]
+pub(super) struct SvcState {
+    pub(super) name: String,
+    pub(super) value: ServiceValue,
+    pub(super) backends: BTreeMap<(Ipv4Addr, u16), BackendSlot>,
+    /// The service as last written by the writer; `None` when read from
+    /// pinned maps (then the writer's next `apply` rewrites it once).
+    pub(super) spec: Option<Service>,
+}
+
+/// Per-service counters, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ServiceStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub drops: u64,
+}
+
+/// One backend and its counters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BackendStats {
+    pub id: u32,
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub weight: u32,
+    pub state: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub active: u64,
+}
+
+/// A service as stored in the maps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceInfo {
+    pub id: u32,
+    pub name: String,
+    pub addr: ServiceAddr,
+    pub algorithm: Algorithm,
+    pub table_len: u32,
+    pub affinity_timeout_s: u32,
+    pub backends_active: usize,
+    pub backends_terminating: usize,
+}
+
+/// One flow (its forward entry, with the reverse entry's last-seen merged in).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ConntrackEntry {
+    pub proto: Protocol,
+    pub client: (Ipv4Addr, u16),
+    pub vip: (Ipv4Addr, u16),
+    pub backend: (Ipv4Addr, u16),
+    pub svc_id: u32,
+    pub backend_id: u32,
+    pub state: &'static str,
+    pub state_code: u32,
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+}
+
+pub(super) fn key_of(addr: &ServiceAddr) -> ServiceKey {
+    ServiceKey {
+        vip: u32::from_ne_bytes(addr.vip.octets()),
+        port: addr.port.to_be(),
+        proto: abi::proto_number(addr.protocol),
+        _pad: 0,
+    }
+}
+
+fn addr_of(k: &ServiceKey) -> Option<ServiceAddr> {
+    let protocol = match k.proto {
+        6 => Protocol::Tcp,
+        17 => Protocol::Udp,
+        _ => return None,
+    };
+    Some(ServiceAddr {
+        vip: Ipv4Addr::from(k.vip.to_ne_bytes()),
+        port: u16::from_be(k.port),
+        protocol,
+    })
+}
+
+/// Wire (network order in a native int) <-> `Ipv4Addr`.
+pub fn ip_wire(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+pub fn ip_from_wire(v: u32) -> Ipv4Addr {
+    Ipv4Addr::from(v.to_ne_bytes())
+}
+
+/// The kernel's current monotonic clock (`bpf_ktime_get_ns`).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Typed access to every map, and an index of the services and backends
+/// in them (by address).
+pub struct MapReader {
+    pub(super) services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub(super) names: HashMap<MapData, u32, NameValue>,
+    pub(super) backends: Array<MapData, BackendValue>,
+    pub(super) slots: MapData,
+    pub(super) slots_cap: u32,
+    pub(super) conntrack: HashMap<MapData, FlowKey, CtValue>,
+    /// A dup of the conntrack map's fd, for batch syscalls that aya lacks.
+    pub(super) conntrack_fd: std::os::fd::OwnedFd,
+    pub(super) affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    pub(super) rr: Array<MapData, u64>,
+    pub(super) svc_stats: PerCpuArray<MapData, Counters>,
+    pub(super) backend_stats: Array<MapData, Counters>,
+    pub(super) backend_conns: Array<MapData, ConnCounts>,
+    pub(super) backend_gc: Array<MapData, u64>,
+    pub(super) reasons: PerCpuArray<MapData, u64>,
+    pub(super) config: Array<MapData, u32>,
+    pub(super) svcs: BTreeMap<ServiceAddr, SvcState>,
+}
+
+impl MapReader {
+    /// Opens the maps pinned under `pin_path` read-only (`BPF_F_RDONLY`):
+    /// lbctl's view, which cannot change the data path.
+    pub fn open_pinned(pin_path: &Path) -> Result<Self, DatapathError> {
+        let mut maps = StdHashMap::new();
+        for &name in map_names::ALL {
+            let p = pin_path.join(name);
+            let fd = sys::obj_get_rdonly(&p).map_err(|source| DatapathError::Io {
+                path: p.clone(),
+                source,
+            })?;
+            let md = MapData::from_fd(fd).map_err(map_err(name))?;
+            maps.insert(name, Map::from_map_data(md).map_err(map_err(name))?);
+        }
+        Ok(Self::from_maps(maps)?.0)
+    }
+
+    /// Takes the maps and reads the index from them; also returns the ids of
+    /// every backend entry in use (for the writer's allocator).
+    pub(super) fn from_maps(
+        mut maps: StdHashMap<&'static str, Map>,
+    ) -> Result<(Self, Vec<u32>), DatapathError> {
+        macro_rules! typed {
+            ($name:expr) => {{
+                let m = maps.remove($name).ok_or(DatapathError::MissingMap($name))?;
+                m.try_into().map_err(map_err($name))?
+            }};
+        }
+        let slots = match maps.remove(map_names::SLOTS) {
+            Some(Map::Array(md)) => md,
+            _ => return Err(DatapathError::MissingMap(map_names::SLOTS)),
+        };
+        let slots_cap = slots
+            .info()
+            .map_err(map_err(map_names::SLOTS))?
+            .max_entries();
+        let conntrack_fd = match maps.get(map_names::CONNTRACK) {
+            Some(Map::LruHashMap(md)) | Some(Map::HashMap(md)) => md
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| DatapathError::Io {
+                    path: "CONNTRACK fd".into(),
+                    source,
+                })?,
+            _ => return Err(DatapathError::MissingMap(map_names::CONNTRACK)),
+        };
+        let backends_fd = match maps.get(map_names::BACKENDS) {
+            Some(Map::Array(md)) => {
+                md.fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|source| DatapathError::Io {
+                        path: "BACKENDS fd".into(),
+                        source,
+                    })?
+            }
+            _ => return Err(DatapathError::MissingMap(map_names::BACKENDS)),
+        };
+        let backends: Array<MapData, BackendValue> = typed!(map_names::BACKENDS);
+        let mut r = MapReader {
+            services: typed!(map_names::SERVICES),
+            names: typed!(map_names::NAMES),
+            backends,
+            slots,
+            slots_cap,
+            conntrack: typed!(map_names::CONNTRACK),
+            conntrack_fd,
+            affinity: typed!(map_names::AFFINITY),
+            rr: typed!(map_names::RR_COUNTERS),
+            svc_stats: typed!(map_names::SVC_STATS),
+            backend_stats: typed!(map_names::BACKEND_STATS),
+            backend_conns: typed!(map_names::BACKEND_CONNS),
+            backend_gc: typed!(map_names::BACKEND_GC),
+            reasons: typed!(map_names::REASONS),
+            config: typed!(map_names::CONFIG),
+            svcs: BTreeMap::new(),
+        };
+        let used = r.index(backends_fd.as_fd())?;
+        Ok((r, used))
+    }
+
+    /// Reads the index from the maps; returns the ids of every backend entry
+    /// in use.
+    fn index(
+        &mut self,
+        backends_fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Vec<u32>, DatapathError> {
+        let mut by_id: StdHashMap<u32, ServiceAddr> = StdHashMap::new();
+        for item in self.services.iter() {
+            let (k, v) = item.map_err(map_err(map_names::SERVICES))?;
+            let Some(addr) = addr_of(&k) else { continue };
+            let name = self
+                .names
+                .get(&v.id, 0)
+                .ok()
+                .map(|n| {
+                    String::from_utf8_lossy(&n.bytes[..(n.len as usize).min(NAME_MAX)]).into_owned()
+                })
+                .unwrap_or_else(|| addr.to_string());
+            by_id.insert(v.id, addr);
+            self.svcs.insert(
+                addr,
+                SvcState {
+                    name,
+                    value: v,
+                    backends: BTreeMap::new(),
+                    spec: None,
+                },
+            );
+        }
+        let mut used_backends = Vec::new();
+        // One batched read: the array has up to --max-backends entries.
+        let mut all: Vec<(u32, BackendValue)> = Vec::new();
+        sys::for_each_batch(
+            backends_fd.as_raw_fd(),
+            8192,
+            |&i: &u32, b: &BackendValue| all.push((i, *b)),
+        )
+        .map_err(|source| DatapathError::Io {
+            path: "BACKENDS (BPF_MAP_LOOKUP_BATCH)".into(),
+            source,
+        })?;
+        for (id, b) in all {
+            if b.state == backend_state::UNUSED {
+                continue;
+            }
+            used_backends.push(id);
+            if let Some(s) = by_id.get(&b.svc_id).and_then(|a| self.svcs.get_mut(a)) {
+                s.backends.insert(
+                    (ip_from_wire(b.ip), u16::from_be(b.port)),
+                    BackendSlot { id, value: b },
+                );
+            }
+        }
+        Ok(used_backends)
+    }
+
+    /// Reads `SLOTS[off..off+len]`.
+    pub fn read_slots(&self, off: u32, len: u32) -> Result<Vec<u32>, DatapathError> {
+        let fd = self.slots.fd().as_fd().as_raw_fd();
+        (off..off + len)
+            .map(|k| {
+                sys::lookup::<u32, u32>(fd, &k).map_err(|source| DatapathError::Io {
+                    path: "SLOTS".into(),
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    pub fn services(&self) -> Vec<ServiceInfo> {
+        self.svcs
+            .iter()
+            .map(|(addr, s)| ServiceInfo {
+                id: s.value.id,
+                name: s.name.clone(),
+                addr: *addr,
+                algorithm: abi::algorithm(s.value.algo).unwrap_or_default(),
+                table_len: s.value.table_len,
+                affinity_timeout_s: s.value.affinity_timeout_s,
+                backends_active: s
+                    .backends
+                    .values()
+                    .filter(|b| b.value.state == backend_state::ACTIVE)
+                    .count(),
+                backends_terminating: s
+                    .backends
+                    .values()
+                    .filter(|b| b.value.state != backend_state::ACTIVE)
+                    .count(),
+            })
+            .collect()
+    }
+
+    pub fn service_id(&self, addr: &ServiceAddr) -> Option<u32> {
+        self.svcs.get(addr).map(|s| s.value.id)
+    }
+
+    /// The raw service value as stored in the map.
+    pub fn service_value(&self, addr: &ServiceAddr) -> Result<ServiceValue, DatapathError> {
+        self.services
+            .get(&key_of(addr), 0)
+            .map_err(map_err(map_names::SERVICES))
+    }
+
+    /// Backend id for `ip:port` of a service.
+    pub fn backend_id(&self, addr: &ServiceAddr, ip: Ipv4Addr, port: u16) -> Option<u32> {
+        self.svcs.get(addr)?.backends.get(&(ip, port)).map(|b| b.id)
+    }
+
+    /// The table a service selects from (`SLOTS` slice), as backend ids.
+    pub fn service_table(&self, addr: &ServiceAddr) -> Result<Vec<u32>, DatapathError> {
+        let v = self.service_value(addr)?;
+        self.read_slots(v.table_off, v.table_len)
+    }
+
+    fn sum(
+        &self,
+        m: &PerCpuArray<MapData, Counters>,
+        id: u32,
+        name: &'static str,
+    ) -> Result<Counters, DatapathError> {
+        let v = m.get(&id, 0).map_err(map_err(name))?;
+        Ok(v.iter().fold(Counters::default(), |a, c| Counters {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+            new_flows: a.new_flows + c.new_flows,
+            drops: a.drops + c.drops,
+        }))
+    }
+
+    pub fn service_stats(&self, addr: &ServiceAddr) -> Result<ServiceStats, DatapathError> {
+        let id = self.service_id(addr).ok_or_else(|| {
+            DatapathError::InvalidService(addr.to_string(), "no such service".into())
+        })?;
+        let c = self.sum(&self.svc_stats, id, map_names::SVC_STATS)?;
+        Ok(ServiceStats {
+            packets: c.packets,
+            bytes: c.bytes,
+            new_flows: c.new_flows,
+            drops: c.drops,
+        })
+    }
+
+    /// Active flows of a backend: opens - closes - expired by GC.
+    pub fn backend_active(&self, id: u32) -> Result<u64, DatapathError> {
+        let (c, gc) = self.backend_conn_counts(id)?;
+        Ok(c.active(gc))
+    }
+
+    pub fn backend_stats(&self, addr: &ServiceAddr) -> Result<Vec<BackendStats>, DatapathError> {
+        let Some(s) = self.svcs.get(addr) else {
+            return Ok(Vec::new());
+        };
+        s.backends
+            .iter()
+            .map(|(&(ip, port), b)| {
+                let c = self
+                    .backend_stats
+                    .get(&b.id, 0)
+                    .map_err(map_err(map_names::BACKEND_STATS))?;
+                Ok(BackendStats {
+                    id: b.id,
+                    ip,
+                    port,
+                    weight: b.value.weight,
+                    state: if b.value.state == backend_state::ACTIVE {
+                        "active"
+                    } else {
+                        "terminating"
+                    },
+                    packets: c.packets,
+                    bytes: c.bytes,
+                    new_flows: c.new_flows,
+                    active: self.backend_active(b.id)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Drop/pass/forward counters by reason, summed over CPUs.
+    pub fn reasons(&self) -> Result<Vec<(&'static str, u64)>, DatapathError> {
+        lb_common::reason::NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let v = self
+                    .reasons
+                    .get(&(i as u32), 0)
+                    .map_err(map_err(map_names::REASONS))?;
+                Ok((n, v.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Every flow: forward entries, with the reverse entry's last-seen merged.
+    pub fn conntrack(&self) -> Result<Vec<ConntrackEntry>, DatapathError> {
+        let mut rev_seen: StdHashMap<FlowKey, u64> = StdHashMap::new();
+        let mut fwd = Vec::new();
+        for item in self.conntrack.iter() {
+            let (k, v) = match item {
+                Ok(kv) => kv,
+                // Entries can vanish mid-walk (LRU eviction, GC).
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(map_err(map_names::CONNTRACK)(e)),
+            };
+            if v.dir == ct_dir::REVERSE {
+                rev_seen.insert(k.forward_of_reverse(&v), v.last_seen_ns);
+            } else {
+                fwd.push((k, v));
+            }
+        }
+        Ok(fwd
+            .into_iter()
+            .map(|(k, v)| ConntrackEntry {
+                proto: if k.proto == 17 {
+                    Protocol::Udp
+                } else {
+                    Protocol::Tcp
+                },
+                client: (ip_from_wire(k.src_ip), u16::from_be(k.src_port)),
+                vip: (ip_from_wire(k.dst_ip), u16::from_be(k.dst_port)),
+                backend: (ip_from_wire(v.nat_ip), u16::from_be(v.nat_port)),
+                svc_id: v.svc_id,
+                backend_id: v.backend_id,
+                state: lb_common::ct_state::name(v.state),
+                state_code: v.state,
+                created_ns: v.created_ns,
+                last_seen_ns: v.last_seen_ns.max(rev_seen.get(&k).copied().unwrap_or(0)),
+            })
+            .collect())
+    }
+
+    /// Name of a service id (from the `NAMES` map, via the index).
+    pub fn service_name(&self, id: u32) -> Option<&str> {
+        self.svcs
+            .values()
+            .find(|s| s.value.id == id)
+            .map(|s| s.name.as_str())
+    }
+
+    /// The conntrack map's fd (for BPF_MAP_*_BATCH calls).
+    pub fn conntrack_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.conntrack_fd.as_fd()
+    }
+
+    /// Affinity timeout of a service, if any.
+    pub fn affinity_timeout(&self, addr: &ServiceAddr) -> Option<Duration> {
+        let s = self.svcs.get(addr)?;
+        (s.value.affinity_timeout_s > 0)
+            .then(|| Duration::from_secs(s.value.affinity_timeout_s as u64))
+    }
+
+    /// Number of affinity entries (for tests and metrics).
+    pub fn affinity_len(&self) -> usize {
+        self.affinity.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// Every backend in use, from the index: id -> (service id, IP, port).
+    /// GC uses it to credit expiries only to the backend a flow was opened
+    /// on (an id that was freed and reused has fresh counters).
+    pub fn backend_index(&self) -> StdHashMap<u32, (u32, Ipv4Addr, u16)> {
+        self.svcs
+            .values()
+            .flat_map(|s| {
+                s.backends
+                    .iter()
+                    .map(move |(&(ip, port), b)| (b.id, (s.value.id, ip, port)))
+            })
+            .collect()
+    }
+
+    /// A backend's raw counters: (opens, closes) from the kernel and the
+    /// GC-expired count from the agent.
+    pub fn backend_conn_counts(&self, id: u32) -> Result<(ConnCounts, u64), DatapathError> {
+        let c = self
+            .backend_conns
+            .get(&id, 0)
+            .map_err(map_err(map_names::BACKEND_CONNS))?;
+        let gc = self
+            .backend_gc
+            .get(&id, 0)
+            .map_err(map_err(map_names::BACKEND_GC))?;
+        Ok((c, gc))
+    }
+}
