@@ -94,6 +94,32 @@ pub struct GcSample {
 type Labels = Vec<(&'static str, String)>;
 
 impl Metrics {
+    /// Shows what the data path is and where it is attached.
+    pub fn set_datapath(&self, st: &crate::agent::DatapathStatus) {
+        self.datapath_info.clear();
+        let flag = |b: bool| if b { "true" } else { "false" }.to_string();
+        if st.interfaces.is_empty() {
+            self.datapath_info
+                .get_or_create(&vec![
+                    ("datapath", st.datapath.to_string()),
+                    ("iface", String::new()),
+                    ("attach", String::new()),
+                    ("fallback", flag(st.fallback.is_some())),
+                ])
+                .set(1);
+        }
+        for a in &st.interfaces {
+            self.datapath_info
+                .get_or_create(&vec![
+                    ("datapath", st.datapath.to_string()),
+                    ("iface", a.iface.clone()),
+                    ("attach", a.how.to_string()),
+                    ("fallback", flag(a.fallback.is_some())),
+                ])
+                .set(1);
+        }
+    }
+
     /// Shows the refusals of the last apply (and only those).
     pub fn set_refused(&self, refused: &[lb_api::Refusal]) {
         self.refused.clear();
@@ -125,6 +151,8 @@ pub struct Metrics {
     pub controller_reconnects: Gauge,
     /// 1 per service of the desired state that the agent did not take.
     pub refused: Family<Labels, Gauge>,
+    /// 1 per interface and how it is attached (or one series for userspace).
+    pub datapath_info: Family<Labels, Gauge>,
 }
 
 impl fmt::Debug for Metrics {
@@ -151,6 +179,7 @@ impl Metrics {
             controller_version: Gauge::default(),
             controller_reconnects: Gauge::default(),
             refused: Family::default(),
+            datapath_info: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -207,6 +236,11 @@ impl Metrics {
             "rpclb_controller_version",
             "The last controller state version the agent received and applied (--controller)",
             m.controller_version.clone(),
+        );
+        registry.register(
+            "rpclb_datapath_info",
+            "1 per interface the kernel path is attached to: datapath=\"ebpf\", iface, attach (xdp, xdp-generic, tcx, tc-netlink), fallback=\"true\" when it is not what was tried first; or one series datapath=\"userspace\" (fallback=\"true\" when eBPF could not load)",
+            m.datapath_info.clone(),
         );
         registry.register(
             "rpclb_service_refused",

@@ -90,6 +90,17 @@ fn dns(lab: &Lab, algo: &str, backends: &[usize]) -> String {
 
 // ---- the agent process ----
 
+/// `lbctl ARGS` in the node namespace (where the agent's metrics address is).
+fn lbctl_in_node(lab: &Lab, args: &[&str]) -> String {
+    let bin = rpclb_tests::procs::workspace_bin("lb-agent", "lbctl");
+    let bin = bin.display().to_string();
+    let mut a = vec![bin.as_str()];
+    a.extend_from_slice(args);
+    lab.node()
+        .exec(a[0], &a[1..])
+        .unwrap_or_else(|e| panic!("lbctl {args:?}: {e}"))
+}
+
 /// `lb-agent ARGS` run to completion in the root namespace (cleanup, bad startups).
 fn agent_cmd(args: &[&str]) -> std::process::Output {
     Command::new(agent_bin())
@@ -169,15 +180,38 @@ fn agent_starts_balances_and_counts() {
     let mut agent = Agent::start(&lab, &dir, "agent", &agent_args(&lab, &dir, &[]));
     agent.wait_ready();
     assert_eq!(agent.get("/healthz").0, 200);
-    assert_eq!(agent.get("/readyz"), (200, "ready\n".to_string()));
-    // Auto mode picks TC on the lab's veths (virtual devices).
+    // Auto mode picks TC on the lab's veths (virtual devices): a TCX link,
+    // or a netlink filter on kernels without TCX. /readyz says so.
+    let (code, body) = agent.get("/readyz");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("ready\ndatapath ebpf\n"), "{body}");
+    for i in lab.node_ifaces() {
+        let tcx = format!("  {} tcx\n", i.name);
+        let nl = format!("  {} tc-netlink", i.name);
+        assert!(
+            body.contains(&tcx) || body.contains(&nl),
+            "{}: {body}",
+            i.name
+        );
+    }
     let node_if = lab.node_ifaces()[0].name.clone();
     let show = lab.node().ip(&["link", "show", "dev", &node_if]).unwrap();
     assert!(
         !show.contains("xdp"),
         "no XDP on a veth in auto mode: {show}"
     );
-    assert!(agent.log().contains("mode=\"tc\""), "{}", agent.log());
+    let m = agent.scrape();
+    let info = m.samples("rpclb_datapath_info");
+    assert_eq!(info.len(), lab.node_ifaces().len(), "{info:?}");
+    assert!(
+        info.iter()
+            .all(|(l, v)| *v == 1.0 && l["datapath"] == "ebpf" && l["attach"].starts_with("tc")),
+        "{info:?}"
+    );
+    // lbctl status asks the agent.
+    let st = lbctl_in_node(&lab, &["status"]);
+    assert!(st.contains("ready  datapath ebpf"), "{st}");
+    assert!(st.contains(&node_if), "{st}");
 
     let c = tcp(&lab, 30);
     assert_eq!(
@@ -1183,6 +1217,122 @@ fn agent_refuses_an_invalid_service_alone() {
     );
 }
 
+/// What the node has attached on `iface`: XDP (`ip link`) and TC netlink
+/// filters. (TCX links show in neither: tests check their pins, or what
+/// the backends see.)
+fn attachments(lab: &Lab, iface: &str) -> String {
+    let link = lab.node().ip(&["link", "show", "dev", iface]).unwrap();
+    let tc = lab
+        .node()
+        .exec("tc", &["filter", "show", "dev", iface, "ingress"])
+        .unwrap();
+    format!("{link}{tc}")
+}
+
+/// The pinned links left under the pin path.
+fn pinned_links(lab: &Lab) -> Vec<String> {
+    std::fs::read_dir(pin_path(lab).join("links"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A falling-back agent leaves nothing of the kernel path behind: a
+/// previous agent's programs stay attached after it dies, and a new agent
+/// that cannot load the eBPF path (here: over its map-memory budget) must
+/// detach them before its userspace proxy takes the VIPs, or they would
+/// catch the VIPs' packets with stale maps.
+#[test]
+fn agent_fallback_detaches_everything_first() {
+    skip_unless_lab!();
+    let lab = Lab::new(3).expect("lab");
+    let _tcp = lab.start_tcp_servers(8080).unwrap();
+    let dir = TestDir::new("fallback-clean");
+    dir.write_config(&config_yaml(&[web(&lab, "round-robin", &[1, 2, 3])], None));
+    let mut first = Agent::start(
+        &lab,
+        &dir,
+        "first",
+        &agent_args(&lab, &dir, &["--mode", "xdp"]),
+    );
+    first.wait_ready();
+    first.kill9();
+    let node_if = lab.node_ifaces()[0].name.clone();
+    assert!(
+        attachments(&lab, &node_if).contains("xdp"),
+        "the first agent's XDP stays"
+    );
+    assert!(pin_path(&lab).join("CONNTRACK").exists());
+
+    let args = agent_args(
+        &lab,
+        &dir,
+        &["--datapath", "auto", "--map-memory-budget-mib", "1"],
+    );
+    let mut agent = Agent::start(&lab, &dir, "second", &args);
+    agent.wait_ready();
+    let log = agent.log();
+    assert!(
+        log.contains("detached and unpinned the eBPF data path before falling back"),
+        "{log}"
+    );
+    for i in lab.node_ifaces() {
+        let a = attachments(&lab, &i.name);
+        assert!(!a.contains("xdp") && !a.contains("bpf"), "{}: {a}", i.name);
+    }
+    assert!(!pin_path(&lab).join("CONNTRACK").exists(), "maps unpinned");
+    assert!(pinned_links(&lab).is_empty(), "{:?}", pinned_links(&lab));
+    let c = tcp(&lab, 30);
+    assert_eq!(
+        c.values().copied().collect::<Vec<_>>(),
+        vec![10, 10, 10],
+        "{c:?}"
+    );
+    // The userspace proxy served them: the backends saw the node, not the
+    // client (a stale kernel program would have DNATed the client's packets).
+    let client = lab.client().ip();
+    for s in &_tcp {
+        let peers = s.peers();
+        assert!(!peers.is_empty());
+        assert!(
+            peers.iter().all(|p| p.ip() != std::net::IpAddr::V4(client)),
+            "{peers:?}"
+        );
+    }
+    let (_, body) = agent.get("/readyz");
+    assert!(body.contains("datapath userspace (fallback: "), "{body}");
+}
+
+/// An interface that cannot attach in any mode is an error that names it,
+/// under `--datapath auto` too (it is a configuration to fix, not a reason
+/// to move the node to userspace), and what the agent had attached to the
+/// other interfaces is removed again.
+#[test]
+fn agent_refuses_an_interface_it_cannot_attach() {
+    skip_unless_lab!();
+    let lab = Lab::new(1).expect("lab");
+    let dir = TestDir::new("bad-iface");
+    dir.write_config(&config_yaml(&[web(&lab, "round-robin", &[1])], None));
+    let mut args = agent_args(&lab, &dir, &["--datapath", "auto"]);
+    let i = args.iter().position(|a| a == "--interfaces").unwrap();
+    args[i + 1] = format!("{},rpclb-nosuch0", lab.node_ifaces()[0].name);
+    let mut agent = Agent::start(&lab, &dir, "agent", &args);
+    let st = agent.wait_exit(Duration::from_secs(30)).expect("exits");
+    assert!(!st.success());
+    let log = agent.log();
+    assert!(log.contains("interface rpclb-nosuch0"), "{log}");
+    assert!(!log.contains("falling back to the userspace"), "{log}");
+    let a = attachments(&lab, &lab.node_ifaces()[0].name);
+    assert!(
+        !a.contains("xdp") && !a.contains("bpf"),
+        "left attached: {a}"
+    );
+    assert!(pinned_links(&lab).is_empty(), "{:?}", pinned_links(&lab));
+}
+
 // ---- the userspace data path ----
 
 #[test]
@@ -1215,6 +1365,20 @@ fn agent_falls_back_to_the_userspace_datapath() {
         "{}",
         agent.log()
     );
+    let (_, body) = agent.get("/readyz");
+    assert!(
+        body.starts_with("ready\ndatapath userspace (fallback: "),
+        "{body}"
+    );
+    let m = agent.scrape();
+    assert_eq!(
+        m.get(
+            "rpclb_datapath_info",
+            &[("datapath", "userspace"), ("fallback", "true")]
+        ),
+        Some(1.0)
+    );
+    assert!(lbctl_in_node(&lab, &["status"]).contains("datapath userspace (fallback: "));
     let node_if = lab.node_ifaces()[0].name.clone();
     let show = lab.node().ip(&["link", "show", "dev", &node_if]).unwrap();
     assert!(!show.contains("xdp"), "nothing attached: {show}");

@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::time::Duration;
 
+use lb_agent::datapath::attach::{Attached, TC_HANDLE, TC_PRIORITY, TcAttach, netlink_marker};
 use lb_agent::datapath::{AttachMode, Datapath, DatapathConfig};
 use lb_api::{Algorithm, Backend, Protocol, Service};
 use rpclb_tests::lab::{self, Lab};
@@ -30,15 +31,25 @@ fn service(
 /// Loads the data path pinned in the lab's bpffs and attaches it to every
 /// node-side interface, from inside the node namespace.
 fn datapath(lab: &Lab, mode: AttachMode) -> Datapath {
+    datapath_with(lab, mode, TcAttach::Auto).0
+}
+
+/// [`datapath`] with TC attached as `tc` says; also what each interface got.
+fn datapath_with(lab: &Lab, mode: AttachMode, tc: TcAttach) -> (Datapath, Vec<Attached>) {
     let ifaces: Vec<String> = lab.node_ifaces().iter().map(|i| i.name.clone()).collect();
     let pin = lab.bpffs().join("rpclb");
     lab.node()
         .run(move || {
-            let mut dp = Datapath::load(&DatapathConfig::small(pin)).expect("load");
-            for i in &ifaces {
-                dp.attach(i, mode).expect("attach");
-            }
-            dp
+            let cfg = DatapathConfig {
+                tc_attach: tc,
+                ..DatapathConfig::small(pin)
+            };
+            let mut dp = Datapath::load(&cfg).expect("load");
+            let got = ifaces
+                .iter()
+                .map(|i| dp.attach(i, mode).expect("attach"))
+                .collect();
+            (dp, got)
         })
         .expect("node namespace")
 }
@@ -273,4 +284,87 @@ fn lab_no_backend_refuses_fast() {
     assert_eq!(kind, std::io::ErrorKind::ConnectionRefused);
     assert!(took < Duration::from_secs(1), "refused fast, took {took:?}");
     assert_eq!(reasons["tx_rst_no_backend"], 1);
+}
+
+/// TC as a netlink clsact filter (what kernels without TCX get): it
+/// balances like a TCX link, survives the agent (a restart replaces the
+/// program in the same filter, and a held connection keeps going), and
+/// cleanup deletes the filter and its marker.
+#[test]
+fn tc_netlink_lab_balances_survives_a_restart_and_cleans_up() {
+    if !lab::require() {
+        return;
+    }
+    let lab = Lab::new(3).expect("lab");
+    let _tcp = lab.start_tcp_servers(8080).unwrap();
+    let (mut dp, got) = datapath_with(&lab, AttachMode::Tc, TcAttach::Netlink);
+    assert!(
+        got.iter().all(|a| a.how == "tc-netlink" && !a.reused),
+        "{got:?}"
+    );
+    let svc = service(
+        "lab/web:http",
+        VIP,
+        80,
+        Protocol::Tcp,
+        Algorithm::RoundRobin,
+        lab.backends()
+            .iter()
+            .map(|h| Backend::new(h.ip(), 8080))
+            .collect(),
+    );
+    dp.writer().upsert_service(&svc).unwrap();
+    let node_if = lab.node_ifaces()[0].name.clone();
+    let filters = |ns: &lab::Netns| {
+        ns.exec("tc", &["filter", "show", "dev", &node_if, "ingress"])
+            .unwrap()
+    };
+    let f = filters(lab.node());
+    let pref = format!("pref {TC_PRIORITY}");
+    let handle = format!("handle 0x{:x}", u32::from(TC_HANDLE));
+    assert!(
+        f.contains(&pref) && f.contains(&handle) && f.contains("direct-action"),
+        "{f}"
+    );
+    let c = counts(&lab.client_tcp(SocketAddrV4::new(VIP, 80), 30).unwrap());
+    assert_eq!(
+        c.values().copied().collect::<Vec<_>>(),
+        vec![10, 10, 10],
+        "{c:?}"
+    );
+    let pin = lab.bpffs().join("rpclb");
+    assert!(pin.join("links").join(netlink_marker(&node_if)).is_dir());
+
+    // The agent goes (the filter stays and keeps balancing), and comes back.
+    let mut held = lab::HeldConn::open(&lab.client().ns, SocketAddrV4::new(VIP, 80)).unwrap();
+    held.echo("before");
+    drop(dp);
+    held.echo("while the agent is gone");
+    let c = counts(&lab.client_tcp(SocketAddrV4::new(VIP, 80), 6).unwrap());
+    assert_eq!(c.len(), 3, "still balancing with no agent: {c:?}");
+    let (dp, got) = datapath_with(&lab, AttachMode::Tc, TcAttach::Auto);
+    assert!(
+        got.iter().all(|a| a.how == "tc-netlink" && a.reused),
+        "the filter found and its program replaced: {got:?}"
+    );
+    held.echo("after the restart");
+    assert_eq!(
+        filters(lab.node()).matches("direct-action").count(),
+        1,
+        "one filter, replaced"
+    );
+    let c = counts(&lab.client_tcp(SocketAddrV4::new(VIP, 80), 6).unwrap());
+    assert_eq!(c.len(), 3, "{c:?}");
+
+    // Cleanup deletes the filters and the markers.
+    let ifaces = lab.node_ifaces().len();
+    let removed = lab
+        .node()
+        .run(move || lb_agent::datapath::cleanup(&pin))
+        .unwrap()
+        .unwrap();
+    assert!(removed.len() >= ifaces, "{removed:?}");
+    let f = filters(lab.node());
+    assert!(!f.contains(&pref), "filter left: {f}");
+    drop(dp);
 }

@@ -10,7 +10,7 @@ use std::{env, fs};
 pub fn all(root: &Path) -> Result<()> {
     report("nightly rust-src", rust_src()?);
     report("bpf-linker 0.13", bpf_linker(root)?);
-    report("tools (ip, tc, ethtool, iptables)", tools());
+    report("tools (ip, tc, ethtool, iptables, bpftool)", tools());
     report("bpffs at /sys/fs/bpf", bpffs());
     report("capabilities", capabilities());
     Ok(())
@@ -111,6 +111,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("tc", "iproute2"),
     ("ethtool", "ethtool"),
     ("iptables", "iptables"),
+    // Lab tests check what is attached (TCX links show nowhere else).
+    ("bpftool", "bpftool"),
 ];
 
 fn tools() -> String {

@@ -1,6 +1,8 @@
 //! The agent's HTTP endpoints: `/metrics` (Prometheus text), `/healthz`
-//! (the run loop is alive) and `/readyz` (attached and the first state
-//! applied).
+//! (the run loop is alive), `/readyz` (attached and the first state
+//! applied; the body says what runs where) and `/status` (JSON: the data
+//! path, its interfaces, readiness and the controller stream; `lbctl
+//! status` reads it).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -24,6 +26,7 @@ pub(super) async fn serve(
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/status", get(status))
         .with_state(shared);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -33,7 +36,7 @@ pub(super) async fn serve(
 }
 
 async fn index() -> &'static str {
-    "rpclb lb-agent: /metrics /healthz /readyz\n"
+    "rpclb lb-agent: /metrics /healthz /readyz /status\n"
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
@@ -73,10 +76,33 @@ async fn healthz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
     }
 }
 
-async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, &'static str) {
+async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
+    let detail = s.datapath.describe();
     if s.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n")
+        (StatusCode::OK, format!("ready\n{detail}"))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready\n{detail}"),
+        )
     }
+}
+
+async fn status(State(s): State<Arc<Shared>>) -> Response {
+    let st = &s.stream;
+    let body = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "ready": s.ready.load(Ordering::Relaxed),
+        "datapath": &s.datapath,
+        "controller": {
+            "connected": st.connected.load(Ordering::Relaxed),
+            "version": st.version.load(Ordering::Relaxed),
+            "reconnects": st.reconnects.load(Ordering::Relaxed),
+        },
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{body:#}\n"),
+    )
+        .into_response()
 }

@@ -94,6 +94,8 @@ pub enum DatapathKind {
 /// State the HTTP handlers and the loops share.
 struct Shared {
     metrics: Metrics,
+    /// What the data path is and where it is attached (fixed at start).
+    datapath: DatapathStatus,
     ready: AtomicBool,
     started: Instant,
     /// Milliseconds since `started` at the run loop's last tick.
@@ -169,29 +171,57 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("metrics address {}", opts.metrics_addr))?;
     // 4. Load (adopting pinned maps), attach, apply.
-    let (kernel, attached) = match opts.datapath_kind {
+    let (kernel, status) = match opts.datapath_kind {
         DatapathKind::Userspace => {
             info!("datapath userspace: the userspace proxy serves every service");
-            (None, Vec::new())
+            (None, DatapathStatus::userspace(None))
         }
         DatapathKind::Ebpf => {
             let (dp, attached) = load_and_attach(&opts)?;
-            (Some(dp), attached)
+            (Some(dp), DatapathStatus::ebpf(attached))
         }
         DatapathKind::Auto => match load_and_attach(&opts) {
-            Ok((dp, attached)) => (Some(dp), attached),
-            Err(e) => {
+            Ok((dp, attached)) => (Some(dp), DatapathStatus::ebpf(attached)),
+            // An interface that cannot attach in any mode is a configuration
+            // to fix, not a reason to move the whole node to userspace.
+            Err(e @ StartError::Attach(_)) => return Err(e.into()),
+            Err(StartError::Load(e)) => {
+                let why = render_error(&anyhow!(e));
+                // Nothing of the kernel path may stay behind: programs left
+                // attached would catch the VIPs' packets with old maps.
+                match datapath::cleanup(&opts.datapath.pin_path) {
+                    Ok(removed) if !removed.is_empty() => warn!(
+                        removed = removed.len(),
+                        "detached and unpinned the eBPF data path before falling back"
+                    ),
+                    Ok(_) => {}
+                    Err(c) => warn!("cleaning up after the failed eBPF data path: {c}"),
+                }
                 warn!(
-                    "eBPF data path unavailable ({}); falling back to the userspace data path",
-                    render_error(&e)
+                    "eBPF data path unavailable ({why}); falling back to the userspace data path, \
+                     which serves every service"
                 );
-                (None, Vec::new())
+                (None, DatapathStatus::userspace(Some(why)))
             }
         },
     };
+    for a in &status.interfaces {
+        match &a.fallback {
+            Some(why) => warn!(
+                iface = a.iface,
+                attach = a.how,
+                "attached after a fallback: {why}"
+            ),
+            None => info!(iface = a.iface, attach = a.how, "attached"),
+        }
+    }
     let engines = Arc::new(Engines::new(kernel.map(|d| Arc::new(Mutex::new(d)))));
+    let metrics = Metrics::new(engines.stats_source());
+    metrics.set_datapath(&status);
+    let attached: Vec<String> = status.interfaces.iter().map(ToString::to_string).collect();
     let shared = Arc::new(Shared {
-        metrics: Metrics::new(engines.stats_source()),
+        datapath: status,
+        metrics,
         ready: AtomicBool::new(false),
         started: Instant::now(),
         heartbeat_ms: AtomicU64::new(0),
@@ -299,11 +329,95 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the agent runs: the kernel path and where it is attached, or the
+/// userspace proxy and why. Shown at start, in `rpclb_datapath_info`, on
+/// `/readyz` and on `/status` (`lbctl status`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DatapathStatus {
+    /// `ebpf` or `userspace`.
+    pub datapath: &'static str,
+    pub interfaces: Vec<AttachedStatus>,
+    /// Why the kernel path is not running, when it fell back.
+    pub fallback: Option<String>,
+}
+
+/// One interface in [`DatapathStatus`].
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AttachedStatus {
+    pub iface: String,
+    /// `xdp`, `xdp-generic`, `tcx` or `tc-netlink`.
+    pub how: &'static str,
+    pub reused: bool,
+    pub fallback: Option<String>,
+}
+
+impl std::fmt::Display for AttachedStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.iface, self.how)
+    }
+}
+
+impl DatapathStatus {
+    fn ebpf(attached: Vec<attach::Attached>) -> Self {
+        DatapathStatus {
+            datapath: "ebpf",
+            interfaces: attached
+                .into_iter()
+                .map(|a| AttachedStatus {
+                    iface: a.iface,
+                    how: a.how,
+                    reused: a.reused,
+                    fallback: a.fallback,
+                })
+                .collect(),
+            fallback: None,
+        }
+    }
+
+    fn userspace(fallback: Option<String>) -> Self {
+        DatapathStatus {
+            datapath: "userspace",
+            interfaces: Vec::new(),
+            fallback,
+        }
+    }
+
+    /// Lines for `/readyz`.
+    fn describe(&self) -> String {
+        let mut s = format!("datapath {}", self.datapath);
+        if let Some(why) = &self.fallback {
+            s.push_str(&format!(" (fallback: {why})"));
+        }
+        s.push('\n');
+        for a in &self.interfaces {
+            s.push_str(&format!("  {} {}", a.iface, a.how));
+            if let Some(why) = &a.fallback {
+                s.push_str(&format!(" ({why})"));
+            }
+            s.push('\n');
+        }
+        s
+    }
+}
+
+/// Why the kernel path did not start.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    /// The programs or maps could not be loaded (no BPF, the verifier, the
+    /// memory budget, a bad pin path): `auto` falls back to userspace.
+    #[error(transparent)]
+    Load(datapath::DatapathError),
+    /// An interface could not be attached in any mode: an error either way.
+    #[error(transparent)]
+    Attach(datapath::DatapathError),
+}
+
 /// Loads the programs (adopting pinned maps) and attaches them.
-fn load_and_attach(opts: &Options) -> anyhow::Result<(Datapath, Vec<String>)> {
-    attach::check_bpffs(&opts.datapath.pin_path)?;
-    let mut dp = Datapath::load(&opts.datapath).map_err(|e| anyhow!(e))?;
-    let attached = attach::attach_all(&mut dp, &opts.interfaces, opts.mode)?;
+fn load_and_attach(opts: &Options) -> Result<(Datapath, Vec<attach::Attached>), StartError> {
+    attach::check_bpffs(&opts.datapath.pin_path).map_err(StartError::Load)?;
+    let mut dp = Datapath::load(&opts.datapath).map_err(StartError::Load)?;
+    let attached =
+        attach::attach_all(&mut dp, &opts.interfaces, opts.mode).map_err(StartError::Attach)?;
     Ok((dp, attached))
 }
 

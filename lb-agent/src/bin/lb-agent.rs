@@ -20,6 +20,7 @@ use anyhow::{Context, anyhow};
 use clap::builder::BoolishValueParser;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use lb_agent::agent::{self, DatapathKind, ModeChoice, Options, Source};
+use lb_agent::datapath::attach::TcAttach;
 use lb_agent::datapath::{self, AttachMode, DEFAULT_PIN_PATH, DatapathConfig};
 use lb_agent::stream::StreamOptions;
 use lb_common::limits;
@@ -51,8 +52,19 @@ enum Cmd {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum TcAttachArg {
+    /// TCX links where the kernel has them (6.6+), else netlink clsact filters.
+    Auto,
+    /// TCX links only.
+    Tcx,
+    /// Netlink clsact filters only.
+    Netlink,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum DatapathArg {
-    /// The eBPF programs, or the userspace proxy when they cannot be loaded or attached.
+    /// The eBPF programs, or the userspace proxy when they cannot be loaded or attached
+    /// (everything of the eBPF path is detached first).
     Auto,
     /// The eBPF programs; an error if they cannot be loaded.
     Ebpf,
@@ -68,7 +80,7 @@ enum Mode {
     Xdp,
     /// Generic (skb) XDP.
     XdpGeneric,
-    /// TC clsact ingress (TCX).
+    /// TC clsact ingress (a TCX link, or a netlink filter: see --tc-attach).
     Tc,
 }
 
@@ -102,6 +114,9 @@ struct RunArgs {
     /// How to attach the eBPF programs.
     #[arg(long, env = "RPCLB_MODE", value_enum, default_value_t = Mode::Auto)]
     mode: Mode,
+    /// How TC attaches: TCX links or netlink filters (both outlive the agent).
+    #[arg(long, env = "RPCLB_TC_ATTACH", value_enum, default_value_t = TcAttachArg::Auto)]
+    tc_attach: TcAttachArg,
     /// bpffs directory where maps and links are pinned.
     #[arg(long, env = "RPCLB_PIN_PATH", default_value = DEFAULT_PIN_PATH)]
     pin_path: PathBuf,
@@ -252,6 +267,11 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                 .map_memory_budget_mib
                 .saturating_mul(datapath::memory::MIB),
             allow_over_budget: a.allow_map_memory_over_budget,
+            tc_attach: match a.tc_attach {
+                TcAttachArg::Auto => TcAttach::Auto,
+                TcAttachArg::Tcx => TcAttach::Tcx,
+                TcAttachArg::Netlink => TcAttach::Netlink,
+            },
         },
         metrics_addr: a.metrics_addr,
         gc_interval: a.gc_interval,

@@ -75,6 +75,14 @@ enum Cmd {
         /// `namespace/name:port` or `VIP:port[/proto]`.
         service: String,
     },
+    /// The running agent's data path: eBPF or userspace (and why), how each
+    /// interface is attached, readiness and the controller stream (reads the
+    /// agent's /status over HTTP).
+    Status {
+        /// The agent's metrics address (`--metrics-addr`).
+        #[arg(long, env = "RPCLB_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+        agent: std::net::SocketAddr,
+    },
     /// Packet counters by reason and per service, with rates under --watch.
     Stats {
         /// Refresh in place, showing rates per second.
@@ -126,6 +134,13 @@ fn run(cli: &Cli) -> Result<()> {
     {
         return watch(cli, interval, count);
     }
+    if let Cmd::Status { agent } = &cli.cmd {
+        let st = lbctl::status::fetch(*agent)?;
+        return emit(&match out {
+            Output::Json => json(&st)?,
+            Output::Table => lbctl::status::table(&st),
+        });
+    }
     let w = lbctl::open(&cli.pin_path)?;
     let text = match &cli.cmd {
         Cmd::Services => {
@@ -176,6 +191,7 @@ fn run(cli: &Cli) -> Result<()> {
                 Output::Table => view::maglev_table(&v),
             }
         }
+        Cmd::Status { .. } => unreachable!("answered above"),
         Cmd::Stats { .. } => {
             let v = view::stats(&view::sample(&w)?, None);
             match out {

@@ -1,13 +1,32 @@
-//! Where and how the programs attach: `Datapath::attach` (one interface,
-//! one mode, pinned link, atomic program swap on a restart) and the agent's
-//! policy over all its interfaces ([`attach_all`], [`ModeChoice`]), and the
-//! check made before loading that the pin path is on bpffs.
+//! Where and how the programs attach: `Datapath::attach` (one interface, one
+//! mode, a link that outlives the agent, an atomic program swap on a
+//! restart) and the agent's policy over all its interfaces ([`attach_all`],
+//! [`ModeChoice`]), and the check made before loading that the pin path is
+//! on bpffs.
+//!
+//! # TC: TCX links, or netlink filters
+//! TC attaches as a TCX link (`bpf_link`, Linux 6.6+) where the kernel has
+//! TCX, else as a direct-action `cls_bpf` filter on the `clsact` qdisc over
+//! netlink (any kernel rpclb supports). [`TcAttach`] chooses (`--tc-attach`):
+//! `auto` tries TCX and falls back to netlink with a warning naming the
+//! reason.
+//!
+//! Both outlive the agent, so traffic flows while it is down: a TCX link is
+//! pinned under `links/tc_<iface>`; a netlink filter belongs to the qdisc,
+//! not to a file descriptor, so it stays by itself. rpclb's filter always has
+//! priority [`TC_PRIORITY`] and handle [`TC_HANDLE`], and an empty directory
+//! `links/tcnl_<hex of the interface name>` on bpffs marks it (bpffs holds
+//! directories, not files). On a restart the program inside is replaced
+//! atomically (a netlink replace of that priority and handle), as a TCX
+//! link's is; cleanup and a change of mode delete the filter and its marker.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::links::{FdLink, Link, PinnedLink};
+use aya::programs::tc::{
+    NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle, qdisc_add_clsact,
+};
 use aya::programs::xdp::XdpLink;
 use aya::programs::{LinkOrder, TcAttachType, XdpMode};
 use tracing::{info, warn};
@@ -19,30 +38,142 @@ use super::{AttachMode, Datapath, DatapathError};
 pub enum ModeChoice {
     /// TC on virtual devices (veth, ...); native (driver) XDP on physical
     /// ones where the driver supports it, else TC. On a restart, an interface
-    /// keeps the kind of link pinned for it.
+    /// keeps the kind of link it has.
     Auto,
     Fixed(AttachMode),
 }
 
+/// How TC attaches (`--tc-attach`; see the module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TcAttach {
+    /// TCX where the kernel has it, else a netlink filter.
+    #[default]
+    Auto,
+    Tcx,
+    Netlink,
+}
+
+impl std::str::FromStr for TcAttach {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(TcAttach::Auto),
+            "tcx" => Ok(TcAttach::Tcx),
+            "netlink" => Ok(TcAttach::Netlink),
+            _ => Err(format!(
+                "unknown TC attach {s:?} (expected auto, tcx or netlink)"
+            )),
+        }
+    }
+}
+
+/// The netlink filter's priority (lower runs first; `tc` starts at 49152).
+pub const TC_PRIORITY: u16 = 0x5200;
+/// The netlink filter's handle ("RP" "LB").
+pub const TC_HANDLE: TcHandle = TcHandle::new(0x5250, 0x4c42);
+
+/// What one interface got.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attached {
+    pub iface: String,
+    pub mode: AttachMode,
+    /// `xdp` (native or the driver's default), `xdp-generic`, `tcx` or
+    /// `tc-netlink`.
+    pub how: &'static str,
+    /// The link (or filter) was there already and got the new program.
+    pub reused: bool,
+    /// Why this is not what was tried first, if it is not.
+    pub fallback: Option<String>,
+}
+
+impl std::fmt::Display for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.iface, self.how)
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DatapathError + '_ {
+    move |source| DatapathError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The marker directory of rpclb's netlink TC filter on `iface`.
+pub fn netlink_marker(iface: &str) -> String {
+    let hex: String = iface.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("tcnl_{hex}")
+}
+
+/// The interface a netlink marker names.
+fn marker_iface(name: &str) -> Option<String> {
+    let hex = name.strip_prefix("tcnl_")?;
+    let bytes: Option<Vec<u8>> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+/// Deletes rpclb's netlink TC filter on `iface` (gone already: fine).
+fn detach_netlink(iface: &str) -> Result<(), DatapathError> {
+    let link =
+        SchedClassifierLink::attached(iface, TcAttachType::Ingress, TC_PRIORITY, TC_HANDLE, None);
+    match link {
+        // The interface is gone, and its filters with it.
+        Err(_) => Ok(()),
+        Ok(l) => match l.detach() {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(source) => Err(DatapathError::Attach {
+                iface: iface.to_string(),
+                mode: "tc-netlink",
+                source: Box::new(source),
+            }),
+        },
+    }
+}
+
+fn is_not_found(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(x) = cur {
+        if let Some(io) = x.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENODEV))
+        {
+            return true;
+        }
+        cur = x.source();
+    }
+    let s = e.to_string();
+    s.contains("No such file") || s.contains("No such device")
+}
+
+/// Removes what `links/<name>` stands for: a pinned link (unpinning it
+/// detaches it) or a netlink marker (the filter is deleted first).
+pub(super) fn remove_link(links: &Path, name: &str) -> Result<(), DatapathError> {
+    let p = links.join(name);
+    if let Some(iface) = marker_iface(name) {
+        detach_netlink(&iface)?;
+        return std::fs::remove_dir(&p).map_err(io_err(&p));
+    }
+    std::fs::remove_file(&p).map_err(io_err(&p))
+}
+
 impl Datapath {
     fn link_path(&self, iface: &str, mode: AttachMode) -> PathBuf {
-        let kind = if mode == AttachMode::Tc { "tc" } else { "xdp" };
-        // bpffs refuses names with dots, which interface names may have (VLANs).
-        self.pin_path
-            .join("links")
-            .join(format!("{kind}_{}", iface.replace('.', "_")))
+        self.pin_path.join("links").join(link_name(mode, iface))
     }
 
-    /// Attaches to `iface` (in the calling thread's network namespace) and pins
-    /// the link. If a pinned link exists (a restart), its program is swapped
-    /// atomically for this one; traffic never sees a gap.
-    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), DatapathError> {
+    /// Attaches to `iface` (in the calling thread's network namespace) so
+    /// that the attachment outlives the agent. If one exists (a restart), its
+    /// program is swapped atomically for this one; traffic never sees a gap.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<Attached, DatapathError> {
+        let dir = self.pin_path.join("links");
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        if mode == AttachMode::Tc {
+            return self.attach_tc(iface);
+        }
         let path = self.link_path(iface, mode);
-        let dir = path.parent().expect("links dir");
-        std::fs::create_dir_all(dir).map_err(|source| DatapathError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
         let attach_err = |source| DatapathError::Attach {
             iface: iface.to_string(),
             mode: mode.as_str(),
@@ -52,73 +183,199 @@ impl Datapath {
             path: path.clone(),
             source: Box::new(source),
         };
-        let existing = match PinnedLink::from_pin(&path) {
-            Ok(l) => Some(FdLink::from(l)),
-            Err(_) => None,
-        };
+        let existing = PinnedLink::from_pin(&path).ok().map(FdLink::from);
         let reused = existing.is_some();
-        let fd_link: FdLink = if mode == AttachMode::Tc {
-            let p = self.tc_program();
-            let id = match existing {
-                Some(l) => p
-                    .attach_to_link(SchedClassifierLink::try_from(l).map_err(link_err)?)
-                    .map_err(attach_err)?,
-                None => p
-                    .attach_with_options(
-                        iface,
-                        TcAttachType::Ingress,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    )
-                    .map_err(attach_err)?,
-            };
-            let link = p.take_link(id).map_err(attach_err)?;
-            FdLink::try_from(link).map_err(link_err)?
+        let xmode = if mode == AttachMode::XdpGeneric {
+            XdpMode::Skb
         } else {
-            let xmode = if mode == AttachMode::XdpGeneric {
-                XdpMode::Skb
-            } else {
-                XdpMode::default()
-            };
-            let p = self.xdp_program();
-            let id = match existing {
-                Some(l) => p
-                    .attach_to_link(XdpLink::try_from(l).map_err(link_err)?)
-                    .map_err(attach_err)?,
-                None => p.attach(iface, xmode).map_err(attach_err)?,
-            };
-            let link = p.take_link(id).map_err(attach_err)?;
-            FdLink::try_from(link).map_err(link_err)?
+            XdpMode::default()
         };
-        if reused {
-            // The pin still refers to the same link; dropping our fd keeps it.
-            drop(fd_link);
-        } else {
-            fd_link.pin(&path).map_err(|source| DatapathError::Pin {
-                path: path.clone(),
+        let p = self.xdp_program();
+        let id = match existing {
+            Some(l) => p
+                .attach_to_link(XdpLink::try_from(l).map_err(link_err)?)
+                .map_err(attach_err)?,
+            None => p.attach(iface, xmode).map_err(attach_err)?,
+        };
+        let link = p.take_link(id).map_err(attach_err)?;
+        let fd_link = FdLink::try_from(link).map_err(link_err)?;
+        self.keep_link(fd_link, &path, reused)?;
+        info!(iface, mode = mode.as_str(), reused, "attached");
+        Ok(Attached {
+            iface: iface.to_string(),
+            mode,
+            how: mode.as_str(),
+            reused,
+            fallback: None,
+        })
+    }
+
+    /// Pins a new link (a reused one is pinned already; dropping our fd
+    /// keeps it).
+    fn keep_link(&self, fd_link: FdLink, path: &Path, reused: bool) -> Result<(), DatapathError> {
+        if !reused {
+            fd_link.pin(path).map_err(|source| DatapathError::Pin {
+                path: path.to_path_buf(),
                 source: Box::new(source),
             })?;
         }
-        info!(iface, mode = mode.as_str(), reused, "attached");
         Ok(())
+    }
+
+    /// TC: the TCX link or netlink filter there is (a restart), else a new
+    /// one as [`TcAttach`] says.
+    fn attach_tc(&mut self, iface: &str) -> Result<Attached, DatapathError> {
+        let links = self.pin_path.join("links");
+        let tcx_path = links.join(link_name(AttachMode::Tc, iface));
+        let marker = links.join(netlink_marker(iface));
+        let done = |how, reused, fallback| {
+            info!(iface, mode = how, reused, "attached");
+            Attached {
+                iface: iface.to_string(),
+                mode: AttachMode::Tc,
+                how,
+                reused,
+                fallback,
+            }
+        };
+        if let Ok(pinned) = PinnedLink::from_pin(&tcx_path) {
+            let link_err = |source| DatapathError::Link {
+                path: tcx_path.clone(),
+                source: Box::new(source),
+            };
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
+            let p = self.tc_program();
+            let id = p
+                .attach_to_link(link)
+                .map_err(|source| DatapathError::Attach {
+                    iface: iface.to_string(),
+                    mode: "tcx",
+                    source: Box::new(source),
+                })?;
+            // The pin still refers to the link.
+            drop(p.take_link(id));
+            return Ok(done("tcx", true, None));
+        }
+        if marker.is_dir() {
+            let reused = self.attach_netlink(iface, true)?;
+            return Ok(done("tc-netlink", reused, None));
+        }
+        let tcx_err = match self.tc_attach {
+            TcAttach::Netlink => None,
+            TcAttach::Tcx | TcAttach::Auto => match self.attach_tcx(iface, &tcx_path) {
+                Ok(()) => return Ok(done("tcx", false, None)),
+                Err(e) if self.tc_attach == TcAttach::Tcx => return Err(e),
+                Err(e) => Some(e),
+            },
+        };
+        self.attach_netlink(iface, false)?;
+        std::fs::create_dir_all(&marker).map_err(io_err(&marker))?;
+        let why = tcx_err.map(|e| {
+            let why = format!(
+                "TCX unavailable ({}); TC attached as a netlink filter",
+                one_line(&e)
+            );
+            warn!(iface, "{why}");
+            why
+        });
+        Ok(done("tc-netlink", false, why))
+    }
+
+    fn attach_tcx(&mut self, iface: &str, path: &Path) -> Result<(), DatapathError> {
+        let attach_err = |source| DatapathError::Attach {
+            iface: iface.to_string(),
+            mode: "tcx",
+            source: Box::new(source),
+        };
+        let p = self.tc_program();
+        let id = p
+            .attach_with_options(
+                iface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(attach_err)?;
+        let link = p.take_link(id).map_err(attach_err)?;
+        let fd = FdLink::try_from(link).map_err(|source| DatapathError::Link {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        self.keep_link(fd, path, false)
+    }
+
+    /// Replaces the program in rpclb's netlink filter on `iface`, or creates
+    /// the filter (and the clsact qdisc). Returns whether one was there.
+    fn attach_netlink(&mut self, iface: &str, try_replace: bool) -> Result<bool, DatapathError> {
+        let attach_err = |source| DatapathError::Attach {
+            iface: iface.to_string(),
+            mode: "tc-netlink",
+            source: Box::new(source),
+        };
+        let p = self.tc_program();
+        if try_replace
+            && let Ok(existing) = SchedClassifierLink::attached(
+                iface,
+                TcAttachType::Ingress,
+                TC_PRIORITY,
+                TC_HANDLE,
+                None,
+            )
+            && let Ok(id) = p.attach_to_link(existing)
+        {
+            keep_filter(p.take_link(id));
+            return Ok(true);
+        }
+        // The qdisc may exist already (ours, or someone else's clsact).
+        if let Err(e) = qdisc_add_clsact(iface) {
+            let exists = std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .is_some_and(|io| io.raw_os_error() == Some(libc::EEXIST))
+                || e.to_string().contains("File exists");
+            if !exists {
+                return Err(attach_err(e.into()));
+            }
+        }
+        let id = p
+            .attach_with_options(
+                iface,
+                TcAttachType::Ingress,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: TC_PRIORITY,
+                    handle: TC_HANDLE,
+                    classid: None,
+                }),
+            )
+            .map_err(attach_err)?;
+        keep_filter(p.take_link(id));
+        Ok(false)
     }
 }
 
-/// The pinned link's file name; the same scheme as `Datapath::attach`
-/// (bpffs refuses dots, which VLAN interface names have).
+/// A netlink filter belongs to its qdisc and must outlive the agent, but
+/// aya deletes it when its link value is dropped: forget the value.
+fn keep_filter<T>(link: Result<T, aya::programs::ProgramError>) {
+    if let Ok(l) = link {
+        std::mem::forget(l);
+    }
+}
+
+/// The pinned link's (or marker's) file name for TCX and XDP links; the
+/// same scheme as `Datapath::attach` (bpffs refuses dots, which VLAN
+/// interface names have).
 pub fn link_name(mode: AttachMode, iface: &str) -> String {
     let kind = if mode == AttachMode::Tc { "tc" } else { "xdp" };
     format!("{kind}_{}", iface.replace('.', "_"))
 }
 
 /// Native XDP only (no silent generic fallback), pinned like
-/// [`Datapath::attach`] pins it. `Ok(false)`: the driver (or kernel) refused
+/// [`Datapath::attach`] pins it. `Err(why)`: the driver (or kernel) refused
 /// native XDP.
-fn attach_native_xdp(dp: &mut Datapath, iface: &str) -> Result<bool, DatapathError> {
+fn attach_native_xdp(
+    dp: &mut Datapath,
+    iface: &str,
+) -> Result<Result<Attached, String>, DatapathError> {
     let links = dp.pin_path().join("links");
-    std::fs::create_dir_all(&links).map_err(|source| DatapathError::Io {
-        path: links.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&links).map_err(io_err(&links))?;
     let path = links.join(link_name(AttachMode::Xdp, iface));
     let attach_err = |source| DatapathError::Attach {
         iface: iface.to_string(),
@@ -128,10 +385,7 @@ fn attach_native_xdp(dp: &mut Datapath, iface: &str) -> Result<bool, DatapathErr
     let p = dp.xdp_program();
     let id = match p.attach(iface, XdpMode::Driver) {
         Ok(id) => id,
-        Err(e) => {
-            warn!(iface, "native XDP unavailable ({}); using TC", one_line(&e));
-            return Ok(false);
-        }
+        Err(e) => return Ok(Err(one_line(&e))),
     };
     let link = p.take_link(id).map_err(attach_err)?;
     let fd = FdLink::try_from(link).map_err(|source| DatapathError::Link {
@@ -143,7 +397,13 @@ fn attach_native_xdp(dp: &mut Datapath, iface: &str) -> Result<bool, DatapathErr
         source: Box::new(source),
     })?;
     info!(iface, mode = "xdp (native)", reused = false, "attached");
-    Ok(true)
+    Ok(Ok(Attached {
+        iface: iface.to_string(),
+        mode: AttachMode::Xdp,
+        how: "xdp",
+        reused: false,
+        fallback: None,
+    }))
 }
 
 fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
@@ -165,64 +425,96 @@ fn is_virtual(iface: &str) -> bool {
 }
 
 /// Attaches to every interface, then drops links a previous run left on
-/// interfaces (or in modes) that are no longer asked for.
+/// interfaces (or in modes) that are no longer asked for. Each interface
+/// falls back on its own (native XDP -> TC; TCX -> netlink). When one
+/// cannot attach at all, the attachments this call made are removed again
+/// (those it found and reused stay: they carry a previous agent's traffic)
+/// and the error names the interface.
 pub fn attach_all(
     dp: &mut Datapath,
     ifaces: &[String],
     mode: ModeChoice,
-) -> Result<Vec<String>, DatapathError> {
+) -> Result<Vec<Attached>, DatapathError> {
     let links = dp.pin_path().join("links");
-    let mut keep = HashSet::new();
-    let mut done = Vec::new();
-    for iface in ifaces {
-        let pinned = |m| links.join(link_name(m, iface)).exists();
-        let m = match mode {
-            ModeChoice::Fixed(m) => {
-                dp.attach(iface, m).map_err(on(iface))?;
-                m
+    let mut done: Vec<Attached> = Vec::new();
+    let result = attach_each(dp, ifaces, mode, &links, &mut done);
+    if let Err(e) = result {
+        for a in done.iter().filter(|a| !a.reused) {
+            let name = attachment_name(a);
+            if let Err(err) = remove_link(&links, &name) {
+                warn!(link = %name, "cannot remove a link after a failed attach: {err}");
             }
-            // A restart keeps the kind of link it finds, swapping the program in place.
-            ModeChoice::Auto if pinned(AttachMode::Tc) || pinned(AttachMode::Xdp) => {
-                let m = if pinned(AttachMode::Tc) {
-                    AttachMode::Tc
-                } else {
-                    AttachMode::Xdp
-                };
-                dp.attach(iface, m).map_err(on(iface))?;
-                m
-            }
-            // Virtual devices (veth, bridges, ...) get TC: native XDP on a veth
-            // copies every skb into a page first, which made it slower than TC
-            // in the lab (docs/benchmarks.md, section 4).
-            ModeChoice::Auto if is_virtual(iface) => {
-                dp.attach(iface, AttachMode::Tc).map_err(on(iface))?;
-                AttachMode::Tc
-            }
-            ModeChoice::Auto => {
-                if attach_native_xdp(dp, iface).map_err(on(iface))? {
-                    AttachMode::Xdp
-                } else {
-                    dp.attach(iface, AttachMode::Tc).map_err(on(iface))?;
-                    AttachMode::Tc
-                }
-            }
-        };
-        keep.insert(link_name(m, iface));
-        done.push(format!("{iface}:{}", m.as_str()));
+        }
+        return Err(e);
     }
+    let keep: HashSet<String> = done.iter().map(attachment_name).collect();
     if let Ok(rd) = std::fs::read_dir(&links) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if keep.contains(&name) {
                 continue;
             }
-            match std::fs::remove_file(e.path()) {
+            match remove_link(&links, &name) {
                 Ok(()) => info!(link = %name, "detached a link no longer asked for"),
                 Err(err) => warn!(link = %name, "cannot remove stale link: {err}"),
             }
         }
     }
     Ok(done)
+}
+
+/// The name under `links/` that stands for an attachment.
+fn attachment_name(a: &Attached) -> String {
+    match a.how {
+        "tc-netlink" => netlink_marker(&a.iface),
+        _ => link_name(a.mode, &a.iface),
+    }
+}
+
+fn attach_each(
+    dp: &mut Datapath,
+    ifaces: &[String],
+    mode: ModeChoice,
+    links: &Path,
+    done: &mut Vec<Attached>,
+) -> Result<(), DatapathError> {
+    for iface in ifaces {
+        let has = |name: String| links.join(name).exists();
+        let a = match mode {
+            ModeChoice::Fixed(m) => dp.attach(iface, m).map_err(on(iface))?,
+            // A restart keeps the kind of attachment it finds, swapping the
+            // program in place.
+            ModeChoice::Auto
+                if has(link_name(AttachMode::Tc, iface)) || has(netlink_marker(iface)) =>
+            {
+                dp.attach(iface, AttachMode::Tc).map_err(on(iface))?
+            }
+            ModeChoice::Auto if has(link_name(AttachMode::Xdp, iface)) => {
+                dp.attach(iface, AttachMode::Xdp).map_err(on(iface))?
+            }
+            // Virtual devices (veth, bridges, ...) get TC: native XDP on a veth
+            // copies every skb into a page first, which made it slower than TC
+            // in the lab (docs/benchmarks.md, section 4).
+            ModeChoice::Auto if is_virtual(iface) => {
+                dp.attach(iface, AttachMode::Tc).map_err(on(iface))?
+            }
+            ModeChoice::Auto => match attach_native_xdp(dp, iface).map_err(on(iface))? {
+                Ok(a) => a,
+                Err(why) => {
+                    let why = format!("native XDP unavailable ({why}); using TC");
+                    warn!(iface, "{why}");
+                    let mut a = dp.attach(iface, AttachMode::Tc).map_err(on(iface))?;
+                    a.fallback = Some(match a.fallback {
+                        Some(more) => format!("{why}; {more}"),
+                        None => why,
+                    });
+                    a
+                }
+            },
+        };
+        done.push(a);
+    }
+    Ok(())
 }
 
 /// Refuses a pin path that is not on bpffs: pins elsewhere fail, or (under
@@ -263,6 +555,20 @@ pub fn check_bpffs(pin: &Path) -> Result<(), DatapathError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn netlink_markers_name_their_interface() {
+        for iface in ["eth0", "eth0.100", "vlan@x", "é"] {
+            let m = netlink_marker(iface);
+            assert!(
+                m.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+                "{m}"
+            );
+            assert_eq!(marker_iface(&m).as_deref(), Some(iface));
+        }
+        assert_eq!(marker_iface("tc_eth0"), None);
+        assert_eq!(marker_iface("tcnl_zz"), None);
+    }
 
     #[test]
     fn link_names_match_the_datapath_scheme() {

@@ -169,6 +169,8 @@ pub struct DatapathConfig {
     pub map_memory_budget: u64,
     /// Over the budget, warn and load anyway.
     pub allow_over_budget: bool,
+    /// TCX links or netlink filters for TC (`attach::TcAttach`).
+    pub tc_attach: attach::TcAttach,
 }
 
 impl Default for DatapathConfig {
@@ -183,6 +185,7 @@ impl Default for DatapathConfig {
             fib_redirect: true,
             map_memory_budget: memory::DEFAULT_BUDGET,
             allow_over_budget: false,
+            tc_attach: attach::TcAttach::Auto,
         }
     }
 }
@@ -207,6 +210,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_path: PathBuf,
     writer: MapWriter,
+    tc_attach: attach::TcAttach,
 }
 
 impl Datapath {
@@ -256,6 +260,7 @@ impl Datapath {
             ebpf,
             pin_path: cfg.pin_path.clone(),
             writer,
+            tc_attach: cfg.tc_attach,
         })
     }
 
@@ -302,19 +307,16 @@ where
     })
 }
 
-/// Detaches (by unpinning the links) and removes every pinned map under
-/// `pin_path`. Safe to run when nothing is pinned.
+/// Detaches (by unpinning the links, and deleting rpclb's netlink TC
+/// filters) and removes every pinned map under `pin_path`. Safe to run when
+/// nothing is pinned.
 pub fn cleanup(pin_path: &Path) -> Result<Vec<PathBuf>, DatapathError> {
     let mut removed = Vec::new();
     let links = pin_path.join("links");
     if let Ok(rd) = std::fs::read_dir(&links) {
         for e in rd.flatten() {
-            let p = e.path();
-            std::fs::remove_file(&p).map_err(|source| DatapathError::Io {
-                path: p.clone(),
-                source,
-            })?;
-            removed.push(p);
+            attach::remove_link(&links, &e.file_name().to_string_lossy())?;
+            removed.push(e.path());
         }
         let _ = std::fs::remove_dir(&links);
     }

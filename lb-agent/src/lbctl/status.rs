@@ -1,0 +1,115 @@
+//! `lbctl status`: the running agent's own account of its data path, from
+//! its `/status` endpoint (a plain HTTP/1.1 GET on the metrics address).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+
+use super::table::{Table, left};
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct Status {
+    pub version: String,
+    pub ready: bool,
+    pub datapath: Datapath,
+    pub controller: Controller,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct Datapath {
+    pub datapath: String,
+    pub interfaces: Vec<Interface>,
+    pub fallback: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct Interface {
+    pub iface: String,
+    pub how: String,
+    pub reused: bool,
+    pub fallback: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct Controller {
+    pub connected: bool,
+    pub version: u64,
+    pub reconnects: u64,
+}
+
+/// GET http://`agent`/status.
+pub fn fetch(agent: SocketAddr) -> Result<Status> {
+    let unreachable = || {
+        format!("no agent answers on {agent}: is it running, and is --agent its --metrics-addr?")
+    };
+    let mut c =
+        TcpStream::connect_timeout(&agent, Duration::from_secs(2)).with_context(unreachable)?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        c,
+        "GET /status HTTP/1.1\r\nHost: {agent}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    c.take(1 << 20).read_to_string(&mut resp)?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("{agent}: not an HTTP answer"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!(
+            "{agent}/status: {} (an agent older than lbctl?)",
+            head.lines().next().unwrap_or_default()
+        );
+    }
+    serde_json::from_str(body).with_context(|| format!("{agent}/status: not the agent's status"))
+}
+
+fn yes(b: bool) -> String {
+    if b { "yes" } else { "no" }.into()
+}
+
+pub fn table(s: &Status) -> String {
+    let mut out = format!(
+        "agent {}  {}  datapath {}",
+        s.version,
+        if s.ready { "ready" } else { "NOT READY" },
+        s.datapath.datapath
+    );
+    if let Some(why) = &s.datapath.fallback {
+        out.push_str(&format!(" (fallback: {why})"));
+    }
+    out.push('\n');
+    if !s.datapath.interfaces.is_empty() {
+        let mut t = Table::new(vec![
+            left("IFACE"),
+            left("ATTACH"),
+            left("REUSED"),
+            left("FALLBACK"),
+        ]);
+        for i in &s.datapath.interfaces {
+            t.row(vec![
+                i.iface.clone(),
+                i.how.clone(),
+                yes(i.reused),
+                i.fallback.clone().unwrap_or_default(),
+            ]);
+        }
+        out.push_str(&t.render());
+    }
+    let c = &s.controller;
+    if c.connected || c.version > 0 || c.reconnects > 0 {
+        out.push_str(&format!(
+            "controller: {}, version {}, {} reconnects\n",
+            if c.connected {
+                "connected"
+            } else {
+                "not connected"
+            },
+            c.version,
+            c.reconnects
+        ));
+    }
+    out
+}
