@@ -137,6 +137,12 @@ impl ServiceCounters {
     pub(crate) fn dropped(&self, r: DropReason) {
         self.drops[r as usize].fetch_add(1, Relaxed);
     }
+
+    /// A connect to `backend` failed: counted on both.
+    pub(crate) fn connect_failed(&self, backend: &BackendCounters) {
+        backend.connect_failures.fetch_add(1, Relaxed);
+        self.connect_failures.fetch_add(1, Relaxed);
+    }
 }
 
 /// How a backend in [`BackendStats`] stands.

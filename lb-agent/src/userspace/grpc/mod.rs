@@ -372,8 +372,7 @@ async fn forward(
             Err(ConnectError::Draining) => continue,
             Err(e) => {
                 debug!(backend = %be.addr(), "gRPC backend: {e}");
-                be.counters.connect_failures.fetch_add(1, Relaxed);
-                svc.counters.connect_failures.fetch_add(1, Relaxed);
+                svc.counters.connect_failed(&be.counters);
                 let reason = match e {
                     ConnectError::Timeout => DropReason::ConnectTimeout,
                     _ => DropReason::ConnectFailed,
@@ -399,8 +398,7 @@ async fn forward(
                 // Not sent: the connection had closed. Another backend.
                 Some(back) => {
                     be.counters.requests.fetch_sub(1, Relaxed);
-                    be.counters.connect_failures.fetch_add(1, Relaxed);
-                    svc.counters.connect_failures.fetch_add(1, Relaxed);
+                    svc.counters.connect_failed(&be.counters);
                     debug!(backend = %be.addr(), "gRPC backend connection closed before the call was sent: {}", e.error());
                     let err = ConnectError::Connect(e.into_error().to_string());
                     failure = Some(Failure::Connect(DropReason::ConnectFailed, err));

@@ -101,8 +101,7 @@ async fn connection(
                 failure = DropReason::ConnectTimeout;
             }
         }
-        be.counters.connect_failures.fetch_add(1, Relaxed);
-        svc.counters.connect_failures.fetch_add(1, Relaxed);
+        svc.counters.connect_failed(&be.counters);
         tried.push(be.key());
     }
     svc.counters.dropped(failure);

@@ -169,8 +169,7 @@ fn open(sh: &Shared, client: SocketAddrV4) -> Option<Arc<Session>> {
             Err(e) => {
                 debug!(%client, backend = %be.addr(), "udp connect: {e}");
                 failure = DropReason::ConnectFailed;
-                be.counters.connect_failures.fetch_add(1, Relaxed);
-                svc.counters.connect_failures.fetch_add(1, Relaxed);
+                svc.counters.connect_failed(&be.counters);
                 tried.push(be.key());
             }
         }
