@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::RootCertStore;
 
 #[cfg(any(feature = "certs", test))]
 pub mod certs;
@@ -34,6 +34,8 @@ pub mod client;
 pub mod identity;
 pub mod reload;
 pub mod server;
+
+pub use rustls::{ClientConfig, ServerConfig};
 
 pub use identity::{IdentityError, NODE_URI_PREFIX, NodeNameError, node_uri, validate_node_name};
 
