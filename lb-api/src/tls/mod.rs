@@ -35,7 +35,7 @@ pub mod identity;
 pub mod reload;
 pub mod server;
 
-pub use rustls::{ClientConfig, ServerConfig};
+pub use rustls::{self, ClientConfig, ServerConfig};
 
 pub use identity::{IdentityError, NODE_URI_PREFIX, NodeNameError, node_uri, validate_node_name};
 
