@@ -130,7 +130,9 @@ pub async fn follow(
     loop {
         let presented = opts.tls.as_ref().map(|t| t.borrow().clone());
         if let Some(p) = &presented {
-            status.cert_not_after.store(p.leaf.not_after_unix(), Relaxed);
+            status
+                .cert_not_after
+                .store(p.leaf.not_after_unix(), Relaxed);
         }
         let r = tokio::select! {
             r = one_stream(&opts, presented.as_deref(), &updates, &status, &mut have) => r,
@@ -161,10 +163,23 @@ pub async fn follow(
         status.reconnects.fetch_add(1, Relaxed);
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
+            // New certificate files end the wait: they may be the fix.
+            () = files_changed(&opts, presented.as_ref()) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
         backoff = (backoff * 2).min(opts.backoff_max);
     }
+}
+
+/// Resolves when a configuration other than `presented` is loaded.
+async fn files_changed(opts: &StreamOptions, presented: Option<&Arc<Loaded<ClientConfig>>>) {
+    if let (Some(tls), Some(p)) = (&opts.tls, presented) {
+        let mut rx = tls.clone();
+        if rx.wait_for(|l| l.generation != p.generation).await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
 }
 
 /// Resolves when the stream should restart with another certificate: new
@@ -247,7 +262,10 @@ async fn one_stream(
         .tcp_nodelay(true);
     let connected = match (url.scheme, presented) {
         (Scheme::Tls, Some(tls)) => {
-            let origin = opts.url.parse().map_err(|e: http::uri::InvalidUri| bad_url(e.to_string()))?;
+            let origin = opts
+                .url
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| bad_url(e.to_string()))?;
             let connector = TlsConnector::new(
                 tls.config.clone(),
                 url.server_name().map_err(|e| bad_url(e.to_string()))?,
@@ -261,7 +279,8 @@ async fn one_stream(
         }
         (Scheme::Plain, _) => ep.connect().await,
     };
-    let channel = connected.map_err(|e| StreamError::Connect(opts.url.clone(), source_chain(&e)))?;
+    let channel =
+        connected.map_err(|e| StreamError::Connect(opts.url.clone(), source_chain(&e)))?;
     let mut client = wire::StateStreamClient::new(channel);
     let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(8);
     out_tx
@@ -277,7 +296,7 @@ async fn one_stream(
     let mut inbound = client
         .watch(ReceiverStream::new(out_rx))
         .await
-        .map_err(|s| StreamError::Status(status_text(&s)))?
+        .map_err(|s| StreamError::Status(status_text(&s) + &refused_hint(&s, presented)))?
         .into_inner();
     status.connected.store(true, Relaxed);
     match presented {
@@ -350,6 +369,32 @@ fn ack(version: u64, result: Result<Vec<Refusal>, String>) -> pb::AgentMessage {
             error,
             refused,
         })),
+    }
+}
+
+/// Over TLS 1.3 the controller checks the client certificate after the
+/// handshake looks done to the client, so a refused certificate shows as a
+/// stream cut short: say what may be wrong.
+fn refused_hint(s: &tonic::Status, presented: Option<&Loaded<ClientConfig>>) -> String {
+    let Some(p) = presented else {
+        return String::new();
+    };
+    if !matches!(
+        s.code(),
+        tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Unavailable
+    ) {
+        return String::new();
+    }
+    if SystemTime::now() > p.leaf.not_after {
+        format!(
+            " (this node's certificate, serial {}, expired at {} (Unix time); write a new one)",
+            p.leaf.serial,
+            p.leaf.not_after_unix()
+        )
+    } else {
+        " (the controller may have refused this node's certificate: signed by a CA it does \
+         not trust? its log says `TLS handshake refused`)"
+            .to_string()
     }
 }
 

@@ -30,8 +30,8 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use lb_api::Refusal;
@@ -310,7 +310,12 @@ impl StateService {
 
     fn refuse(&self, r: RefusalReason, peer: &str, status: Status) -> Status {
         self.refusals.count(r);
-        warn!(peer, reason = r.label(), "stream refused: {}", status.message());
+        warn!(
+            peer,
+            reason = r.label(),
+            "stream refused: {}",
+            status.message()
+        );
         status
     }
 
@@ -342,27 +347,26 @@ impl wire::StateStream for StateService {
             .or_else(|| req.remote_addr())
             .map_or_else(|| "?".to_string(), |a| a.to_string());
         // The node this stream may speak for, and until when.
-        let bound: Option<(String, SystemTime)> =
-            match (self.security, info.and_then(|i| i.cert)) {
-                (_, Some(cert)) => match cert.leaf.node() {
-                    Ok(n) => Some((n, cert.leaf.not_after)),
-                    Err(e) => {
-                        return Err(self.refuse(
-                            RefusalReason::NoIdentity,
-                            &peer,
-                            Status::permission_denied(format!("client certificate: {e}")),
-                        ));
-                    }
-                },
-                (Security::Insecure, None) => None,
-                (Security::Mtls, None) => {
+        let bound: Option<(String, SystemTime)> = match (self.security, info.and_then(|i| i.cert)) {
+            (_, Some(cert)) => match cert.leaf.node() {
+                Ok(n) => Some((n, cert.leaf.not_after)),
+                Err(e) => {
                     return Err(self.refuse(
                         RefusalReason::NoIdentity,
                         &peer,
-                        Status::permission_denied("no client certificate"),
+                        Status::permission_denied(format!("client certificate: {e}")),
                     ));
                 }
-            };
+            },
+            (Security::Insecure, None) => None,
+            (Security::Mtls, None) => {
+                return Err(self.refuse(
+                    RefusalReason::NoIdentity,
+                    &peer,
+                    Status::permission_denied("no client certificate"),
+                ));
+            }
+        };
         let mut inbound = req.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(pb::AgentMessage {

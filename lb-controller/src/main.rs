@@ -23,7 +23,7 @@ use clap::{Args, Parser, Subcommand};
 use lb_api::tls::certs::{Bundle, Ca, Validity};
 use lb_api::tls::reload::Reloader;
 use lb_api::tls::{TlsPaths, server_config};
-use lb_controller::grpc::{Agents, Publisher, StateService, StreamRefusals, RefusalReason};
+use lb_controller::grpc::{Agents, Publisher, RefusalReason, StateService, StreamRefusals};
 use lb_controller::http::{self, Counters, HttpState, TlsMetrics};
 use lb_controller::standalone::FileSource;
 use tokio::signal::unix::{SignalKind, signal};
@@ -171,7 +171,12 @@ fn certs(a: &CertsArgs) -> anyhow::Result<()> {
     let b = Bundle::at(&a.out);
     let v = Validity::days(a.days.max(1));
     let names: Vec<&str> = a.controller_names.iter().map(String::as_str).collect();
-    let nodes: Vec<&str> = a.nodes.iter().map(|n| n.trim()).filter(|n| !n.is_empty()).collect();
+    let nodes: Vec<&str> = a
+        .nodes
+        .iter()
+        .map(|n| n.trim())
+        .filter(|n| !n.is_empty())
+        .collect();
     for n in &nodes {
         lb_api::tls::validate_node_name(n).with_context(|| format!("--nodes {n:?}"))?;
     }
@@ -183,20 +188,35 @@ fn certs(a: &CertsArgs) -> anyhow::Result<()> {
         ca
     } else {
         Bundle::write(&a.out, &[], &[], v)?;
-        println!("wrote a new CA: {} (keep {} off the cluster)", b.ca().display(), b.ca_key().display());
+        println!(
+            "wrote a new CA: {} (keep {} off the cluster)",
+            b.ca().display(),
+            b.ca_key().display()
+        );
         b.load_ca()?
     };
     write_certs(&b, &ca, &nodes, &names, v)
 }
 
-fn write_certs(b: &Bundle, ca: &Ca, nodes: &[&str], names: &[&str], v: Validity) -> anyhow::Result<()> {
+fn write_certs(
+    b: &Bundle,
+    ca: &Ca,
+    nodes: &[&str],
+    names: &[&str],
+    v: Validity,
+) -> anyhow::Result<()> {
     b.write_controller(ca, names, v)?;
     let p = b.controller_paths();
     println!("wrote {} and {}", p.cert.display(), p.key.display());
     for n in nodes {
         b.write_node(ca, n, v)?;
         let p = b.node_paths(n);
-        println!("wrote {} and {} (SAN URI {})", p.cert.display(), p.key.display(), lb_api::tls::node_uri(n));
+        println!(
+            "wrote {} and {} (SAN URI {})",
+            p.cert.display(),
+            p.key.display(),
+            lb_api::tls::node_uri(n)
+        );
     }
     Ok(())
 }
@@ -217,6 +237,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // No colour codes in log files (as lb-agent).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -315,7 +337,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         current: r.subscribe(),
     });
     let tls_rx = tls.as_ref().map(Reloader::subscribe);
-    let _tls_task = tls.map(|r| r.spawn(Duration::from_millis(cli.tls_poll_ms.max(10)), "lb-controller"));
+    let _tls_task = tls.map(|r| {
+        r.spawn(
+            Duration::from_millis(cli.tls_poll_ms.max(10)),
+            "lb-controller",
+        )
+    });
     let refusals = Arc::new(StreamRefusals::default());
 
     let grpc_listener = tokio::net::TcpListener::bind(cli.listen)
@@ -352,12 +379,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .add_service(svc)
-            .serve_with_incoming_shutdown(
-                incoming,
-                async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                },
-            ),
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }),
     );
     info!(addr = %cli.listen, tls = !cli.insecure, "serving rpclb.v1.StateStream");
     let app = http::router(Arc::new(HttpState {

@@ -86,7 +86,11 @@ impl Ctl {
 async fn channel(addr: SocketAddr, cfg: rustls::ClientConfig) -> Result<Channel, String> {
     Endpoint::from_shared(format!("http://127.0.0.1:{}", addr.port()))
         .unwrap()
-        .origin(format!("https://localhost:{}", addr.port()).parse().unwrap())
+        .origin(
+            format!("https://localhost:{}", addr.port())
+                .parse()
+                .unwrap(),
+        )
         .connect_with_connector(TlsConnector::new(
             Arc::new(cfg),
             ServerName::try_from("localhost").unwrap(),
@@ -99,7 +103,10 @@ fn client_cfg(paths: &TlsPaths) -> rustls::ClientConfig {
     client_config(&lb_api::tls::Material::read(paths).unwrap(), None).unwrap()
 }
 
-type Stream = (mpsc::Sender<pb::AgentMessage>, Streaming<pb::ControllerMessage>);
+type Stream = (
+    mpsc::Sender<pb::AgentMessage>,
+    Streaming<pb::ControllerMessage>,
+);
 
 /// Opens a Watch and says Hello{node}.
 async fn watch(ch: Channel, node: &str) -> Result<Stream, tonic::Status> {
@@ -147,23 +154,33 @@ async fn a_node_certificate_watches_and_acks_for_its_own_node_only() {
     let ctl = Ctl::start(&b, false).await;
 
     // node-a as itself: a snapshot, and its ack counts for node-a.
-    let ch = channel(ctl.addr, client_cfg(&b.node_paths("node-a"))).await.unwrap();
+    let ch = channel(ctl.addr, client_cfg(&b.node_paths("node-a")))
+        .await
+        .unwrap();
     let (tx, mut inbound) = watch(ch.clone(), "node-a").await.unwrap();
     let first = inbound.message().await.unwrap().unwrap();
     assert_eq!(first.version, 1);
     tx.send(ack(1, "")).await.unwrap();
     eventually("node-a's ack", || {
-        ctl.agents.snapshot().get("node-a").is_some_and(|s| s.acked == 1)
+        ctl.agents
+            .snapshot()
+            .get("node-a")
+            .is_some_and(|s| s.acked == 1)
     })
     .await;
 
     // node-b's real agent is connected and healthy.
-    let chb = channel(ctl.addr, client_cfg(&b.node_paths("node-b"))).await.unwrap();
+    let chb = channel(ctl.addr, client_cfg(&b.node_paths("node-b")))
+        .await
+        .unwrap();
     let (txb, mut inb) = watch(chb, "node-b").await.unwrap();
     inb.message().await.unwrap().unwrap();
     txb.send(ack(1, "")).await.unwrap();
     eventually("node-b's ack", || {
-        ctl.agents.snapshot().get("node-b").is_some_and(|s| s.acked == 1)
+        ctl.agents
+            .snapshot()
+            .get("node-b")
+            .is_some_and(|s| s.acked == 1)
     })
     .await;
     let before = ctl.agents.snapshot()["node-b"].clone();
@@ -171,7 +188,10 @@ async fn a_node_certificate_watches_and_acks_for_its_own_node_only() {
     // node-a's certificate posing as node-b: refused, node-b untouched.
     let e = watch(ch.clone(), "node-b").await.err().expect("refused");
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    assert!(e.message().contains("\"node-a\"") && e.message().contains("\"node-b\""), "{e:?}");
+    assert!(
+        e.message().contains("\"node-a\"") && e.message().contains("\"node-b\""),
+        "{e:?}"
+    );
     assert_eq!(ctl.refused(RefusalReason::NodeMismatch), 1);
     let after = ctl.agents.snapshot()["node-b"].clone();
     assert_eq!(after, before, "node-b's status is untouched");
@@ -201,7 +221,10 @@ async fn another_ca_no_certificate_or_no_node_are_refused() {
     let mut p = other.node_paths("node-a");
     p.ca = b.ca();
     let r = match channel(ctl.addr, client_cfg(&p)).await {
-        Ok(ch) => watch(ch, "node-a").await.map(|_| ()).map_err(|e| format!("{e:?}")),
+        Ok(ch) => watch(ch, "node-a")
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{e:?}")),
         Err(e) => Err(e),
     };
     assert!(r.is_err(), "another CA's certificate was accepted");
@@ -223,7 +246,10 @@ async fn another_ca_no_certificate_or_no_node_are_refused() {
         .with_no_client_auth();
     none.alpn_protocols = vec![b"h2".to_vec()];
     let r = match channel(ctl.addr, none).await {
-        Ok(ch) => watch(ch, "node-a").await.map(|_| ()).map_err(|e| format!("{e:?}")),
+        Ok(ch) => watch(ch, "node-a")
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{e:?}")),
         Err(e) => Err(e),
     };
     assert!(r.is_err(), "a client without a certificate was accepted");
@@ -234,7 +260,9 @@ async fn another_ca_no_certificate_or_no_node_are_refused() {
 
     // The right CA, but no rpclb://node/ URI.
     let ca = b.load_ca().unwrap();
-    let c = ca.client_with_uris("someone", &[], Validity::days(1)).unwrap();
+    let c = ca
+        .client_with_uris("someone", &[], Validity::days(1))
+        .unwrap();
     let p = TlsPaths {
         ca: b.ca(),
         cert: dir.join("nobody.pem"),
@@ -256,7 +284,9 @@ async fn a_node_has_at_most_two_streams() {
     let dir = scratch("bound");
     let b = Bundle::write(&dir, &["node-a"], &[], Validity::days(1)).unwrap();
     let ctl = Ctl::start(&b, false).await;
-    let ch = channel(ctl.addr, client_cfg(&b.node_paths("node-a"))).await.unwrap();
+    let ch = channel(ctl.addr, client_cfg(&b.node_paths("node-a")))
+        .await
+        .unwrap();
     let s1 = watch(ch.clone(), "node-a").await.unwrap();
     let _s2 = watch(ch.clone(), "node-a").await.unwrap();
     let e = watch(ch.clone(), "node-a").await.err().expect("refused");
@@ -289,10 +319,7 @@ async fn insecure_mode_checks_node_names() {
         assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}: {e:?}");
     }
     assert_eq!(ctl.refused(RefusalReason::InvalidNodeName), 3);
-    assert_eq!(
-        ctl.agents.snapshot().keys().collect::<Vec<_>>(),
-        ["node-a"]
-    );
+    assert_eq!(ctl.agents.snapshot().keys().collect::<Vec<_>>(), ["node-a"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -302,8 +329,13 @@ async fn a_rotated_server_certificate_serves_new_connections_and_old_streams_go_
     let b = Bundle::write(&dir, &["node-a"], &[], Validity::days(1)).unwrap();
     let mut ctl = Ctl::start(&b, false).await;
     let old = ctl.tls.current().leaf.serial.clone();
-    assert_eq!(served_serial(ctl.addr, client_cfg(&b.node_paths("node-a"))).await, old);
-    let ch = channel(ctl.addr, client_cfg(&b.node_paths("node-a"))).await.unwrap();
+    assert_eq!(
+        served_serial(ctl.addr, client_cfg(&b.node_paths("node-a"))).await,
+        old
+    );
+    let ch = channel(ctl.addr, client_cfg(&b.node_paths("node-a")))
+        .await
+        .unwrap();
     let (_tx, mut inbound) = watch(ch, "node-a").await.unwrap();
     inbound.message().await.unwrap().unwrap();
 
@@ -313,7 +345,10 @@ async fn a_rotated_server_certificate_serves_new_connections_and_old_streams_go_
     assert_eq!(ctl.tls.poll(), Polled::Reloaded);
     let new = ctl.tls.current().leaf.serial.clone();
     assert_ne!(new, old);
-    assert_eq!(served_serial(ctl.addr, client_cfg(&b.node_paths("node-a"))).await, new);
+    assert_eq!(
+        served_serial(ctl.addr, client_cfg(&b.node_paths("node-a"))).await,
+        new
+    );
     // The stream opened before goes on: it gets the next version.
     let mut n = NodeState::default();
     n.timeouts.udp = Duration::from_secs(7);
@@ -345,7 +380,9 @@ async fn a_stream_ends_when_its_client_certificate_expires() {
     b.write_node(&ca, "node-a", Validity::from_now(Duration::from_secs(3)))
         .unwrap();
     let ctl = Ctl::start(&b, false).await;
-    let ch = channel(ctl.addr, client_cfg(&b.node_paths("node-a"))).await.unwrap();
+    let ch = channel(ctl.addr, client_cfg(&b.node_paths("node-a")))
+        .await
+        .unwrap();
     let (_tx, mut inbound) = watch(ch, "node-a").await.unwrap();
     inbound.message().await.unwrap().unwrap();
     let end = tokio::time::timeout(Duration::from_secs(10), inbound.message())

@@ -13,9 +13,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lb_agent::datapath::MapWriter;
+use lb_api::tls::certs::Bundle;
 use lb_api::{Protocol, ServiceAddr};
 use rpclb_tests::lab::{self, Lab, Limits};
-use lb_api::tls::certs::Bundle;
 use rpclb_tests::procs::{
     Proc as Agent, Scrape, TestDir, agent_args, agent_bin, agent_tls_args, controller_bin,
     controller_tls_args, http_get_port, pin_path, wait_until,
@@ -1106,12 +1106,9 @@ impl FakeController {
                     );
                     tonic::transport::Server::builder()
                         .add_service(StateStreamServer::new(svc))
-                        .serve_with_incoming_shutdown(
-                            incoming,
-                            async {
-                                let _ = stopped.await;
-                            },
-                        )
+                        .serve_with_incoming_shutdown(incoming, async {
+                            let _ = stopped.await;
+                        })
                         .await
                         .unwrap();
                 });

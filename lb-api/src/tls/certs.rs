@@ -22,8 +22,8 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 
-use super::identity::{NodeNameError, node_uri, validate_node_name};
 use super::TlsPaths;
+use super::identity::{NodeNameError, node_uri, validate_node_name};
 
 /// The names the controller's certificate is valid for by default: the
 /// Service of deploy/ and loopback (the demo, the tests, a port-forward).
@@ -315,8 +315,13 @@ pub(crate) mod tests {
     fn a_bundle_has_a_ca_a_controller_and_nodes() {
         use std::os::unix::fs::PermissionsExt;
         let dir = scratch("bundle");
-        let b = Bundle::write(&dir, &["node-a", "node-b"], &["ctl.example"], Validity::days(2))
-            .unwrap();
+        let b = Bundle::write(
+            &dir,
+            &["node-a", "node-b"],
+            &["ctl.example"],
+            Validity::days(2),
+        )
+        .unwrap();
         let c = super::super::Material::read(&b.controller_paths()).unwrap();
         assert!(c.leaf.names.iter().any(|n| n == "ctl.example"));
         assert!(c.leaf.names.iter().any(|n| n == "127.0.0.1"));
@@ -324,7 +329,10 @@ pub(crate) mod tests {
         for n in ["node-a", "node-b"] {
             let m = super::super::Material::read(&b.node_paths(n)).unwrap();
             assert_eq!(m.leaf.node().as_deref(), Ok(n));
-            let mode = std::fs::metadata(b.node_paths(n).key).unwrap().permissions().mode();
+            let mode = std::fs::metadata(b.node_paths(n).key)
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         // The CA adds a node later.

@@ -51,12 +51,22 @@ pub enum UrlError {
 impl ControllerUrl {
     pub fn parse(url: &str) -> Result<ControllerUrl, UrlError> {
         let bad = |why: &str| UrlError::Invalid(url.to_string(), why.to_string());
-        let uri: Uri = url.parse().map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+        let uri: Uri = url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
         let scheme = match uri.scheme_str() {
             Some("https") => Scheme::Tls,
             Some("http") => Scheme::Plain,
-            Some(s) => return Err(bad(&format!("scheme {s:?}: use https:// (or http:// with --insecure)"))),
-            None => return Err(bad("no scheme: use https://HOST:PORT (or http:// with --insecure)")),
+            Some(s) => {
+                return Err(bad(&format!(
+                    "scheme {s:?}: use https:// (or http:// with --insecure)"
+                )));
+            }
+            None => {
+                return Err(bad(
+                    "no scheme: use https://HOST:PORT (or http:// with --insecure)",
+                ));
+            }
         };
         let host = uri
             .host()
@@ -78,9 +88,8 @@ impl ControllerUrl {
 
     /// The name the controller's certificate must carry (a DNS name or IP address).
     pub fn server_name(&self) -> Result<ServerName<'static>, UrlError> {
-        ServerName::try_from(self.host.clone()).map_err(|e| {
-            UrlError::Invalid(self.url.clone(), format!("host {:?}: {e}", self.host))
-        })
+        ServerName::try_from(self.host.clone())
+            .map_err(|e| UrlError::Invalid(self.url.clone(), format!("host {:?}: {e}", self.host)))
     }
 
     /// `http://host:port`: what tonic connects to (TLS, if any, is the connector's).
@@ -196,8 +205,9 @@ impl TlsConnector {
 
 type ConnectFuture = Pin<
     Box<
-        dyn Future<Output = Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, ConnectError>>
-            + Send,
+        dyn Future<
+                Output = Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, ConnectError>,
+            > + Send,
     >,
 >;
 

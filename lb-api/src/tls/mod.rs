@@ -23,10 +23,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::RootCertStore;
 
 #[cfg(any(feature = "certs", test))]
 pub mod certs;
@@ -291,13 +291,15 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// The controller's configuration: its certificate, and a client certificate
 /// signed by the CA bundle required of every client.
 pub fn server_config(m: &Material) -> Result<ServerConfig, TlsError> {
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(m.roots()?), provider())
-            .build()
-            .map_err(|source| TlsError::Verifier {
-                path: m.paths.ca.clone(),
-                source,
-            })?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(m.roots()?),
+        provider(),
+    )
+    .build()
+    .map_err(|source| TlsError::Verifier {
+        path: m.paths.ca.clone(),
+        source,
+    })?;
     let mut c = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -344,7 +346,10 @@ mod tests {
         assert!(m.leaf.renew_at() > m.leaf.not_before && m.leaf.renew_at() < m.leaf.not_after);
         client_config(&m, Some("node-a")).unwrap();
         let e = client_config(&m, Some("node-b")).unwrap_err().to_string();
-        assert!(e.contains("names node \"node-a\", but this agent is node \"node-b\""), "{e}");
+        assert!(
+            e.contains("names node \"node-a\", but this agent is node \"node-b\""),
+            "{e}"
+        );
         let c = Material::read(&b.controller_paths()).unwrap();
         assert!(c.leaf.names.iter().any(|n| n == "localhost"));
         server_config(&c).unwrap();

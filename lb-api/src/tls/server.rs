@@ -185,7 +185,11 @@ async fn accept_loop(l: TcpListener, a: Acceptor, tx: mpsc::Sender<io::Result<Se
             continue;
         };
         let config = tls.borrow().config.clone();
-        let (tx, timeout, on_err) = (tx.clone(), a.handshake_timeout, a.on_handshake_error.clone());
+        let (tx, timeout, on_err) = (
+            tx.clone(),
+            a.handshake_timeout,
+            a.on_handshake_error.clone(),
+        );
         tokio::spawn(async move {
             let _permit = permit;
             let acceptor = tokio_rustls::TlsAcceptor::from(config);
