@@ -186,7 +186,7 @@ async fn a_node_certificate_watches_and_acks_for_its_own_node_only() {
     let before = ctl.agents.snapshot()["node-b"].clone();
 
     // node-a's certificate posing as node-b: refused, node-b untouched.
-    let e = watch(ch.clone(), "node-b").await.err().expect("refused");
+    let e = watch(ch.clone(), "node-b").await.expect_err("refused");
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(
         e.message().contains("\"node-a\"") && e.message().contains("\"node-b\""),
@@ -197,7 +197,7 @@ async fn a_node_certificate_watches_and_acks_for_its_own_node_only() {
     assert_eq!(after, before, "node-b's status is untouched");
     assert_eq!((after.open, after.error.as_deref()), (1, None));
     // A made-up node: refused, and no status (no metric series) for it.
-    let e = watch(ch.clone(), "made-up-1").await.err().expect("refused");
+    let e = watch(ch.clone(), "made-up-1").await.expect_err("refused");
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(!ctl.agents.snapshot().contains_key("made-up-1"));
     // An ack on node-a's own stream, with an error, is node-a's.
@@ -271,7 +271,7 @@ async fn another_ca_no_certificate_or_no_node_are_refused() {
     write_atomic(&p.cert, &c.cert_pem, false).unwrap();
     write_atomic(&p.key, &c.key_pem, true).unwrap();
     let ch = channel(ctl.addr, client_cfg(&p)).await.unwrap();
-    let e = watch(ch, "node-a").await.err().expect("refused");
+    let e = watch(ch, "node-a").await.expect_err("refused");
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("rpclb://node/"), "{e:?}");
     assert_eq!(ctl.refused(RefusalReason::NoIdentity), 1);
@@ -289,7 +289,7 @@ async fn a_node_has_at_most_two_streams() {
         .unwrap();
     let s1 = watch(ch.clone(), "node-a").await.unwrap();
     let _s2 = watch(ch.clone(), "node-a").await.unwrap();
-    let e = watch(ch.clone(), "node-a").await.err().expect("refused");
+    let e = watch(ch.clone(), "node-a").await.expect_err("refused");
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert_eq!(ctl.refused(RefusalReason::TooManyStreams), 1);
     assert_eq!(ctl.agents.snapshot()["node-a"].open, 2);
@@ -315,7 +315,7 @@ async fn insecure_mode_checks_node_names() {
     let (_tx, mut inbound) = watch(ch.clone(), "node-a").await.unwrap();
     assert_eq!(inbound.message().await.unwrap().unwrap().version, 1);
     for bad in ["Node_A", "", &"a".repeat(254)] {
-        let e = watch(ch.clone(), bad).await.err().expect("refused");
+        let e = watch(ch.clone(), bad).await.expect_err("refused");
         assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}: {e:?}");
     }
     assert_eq!(ctl.refused(RefusalReason::InvalidNodeName), 3);
@@ -388,7 +388,7 @@ async fn a_stream_ends_when_its_client_certificate_expires() {
     let end = tokio::time::timeout(Duration::from_secs(10), inbound.message())
         .await
         .expect("the stream ends at expiry");
-    let e = end.err().expect("an error status");
+    let e = end.expect_err("an error status");
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     eventually("the stream to close", || {
         ctl.agents.snapshot()["node-a"].open == 0

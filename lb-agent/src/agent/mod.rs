@@ -184,7 +184,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     "controller stream: mutual TLS; presenting this node's certificate"
                 );
                 client_tls = Some(r.subscribe());
-                let _ = r.spawn(t.poll, "lb-agent");
+                // Runs until the stream task drops its receiver.
+                drop(r.spawn(t.poll, "lb-agent"));
             }
             None
         }

@@ -47,7 +47,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the agent (the default when no subcommand is given).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Detach the programs and unpin every map and link under the pin path.
     Cleanup(CleanupArgs),
 }
@@ -321,7 +321,7 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Some(Cmd::Cleanup(c)) => cleanup(&c.pin_path),
         None if cli.cleanup => cleanup(&cli.run.pin_path),
-        Some(Cmd::Run(a)) => run(a),
+        Some(Cmd::Run(a)) => run(*a),
         None => run(cli.run),
     };
     match res {
