@@ -123,7 +123,14 @@ fn task(cmd: Cmd) -> Result<()> {
         // The one certificate maker (lb_api::tls::certs), through the controller's CLI; the
         // standalone build needs no kube-rs.
         Cmd::Certs(_) => run(cargo(&root)
-            .args(["run", "--quiet", "-p", "lb-controller", "--no-default-features", "--"])
+            .args([
+                "run",
+                "--quiet",
+                "-p",
+                "lb-controller",
+                "--no-default-features",
+                "--",
+            ])
             .arg("certs")
             .args(passthrough())),
     }
