@@ -447,6 +447,32 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
     // The controller, standalone, with a generated config; the agent follows its stream.
     let config = run_dir.join("services.yaml");
     write_config(&config, &config_yaml(&svcs, o.algorithm, None))?;
+    // Mutual TLS on the stream: a CA, the controller's certificate and the node's.
+    let certs = lb_api::tls::certs::Bundle::write(
+        &run_dir.join("certs"),
+        &[NODE_NAME],
+        &[],
+        lb_api::tls::certs::Validity::days(1),
+    )
+    .context("writing the demo's certificates")?;
+    let tls_args = |p: lb_api::tls::TlsPaths| -> Vec<String> {
+        vec![
+            "--tls-ca".into(),
+            p.ca.display().to_string(),
+            "--tls-cert".into(),
+            p.cert.display().to_string(),
+            "--tls-key".into(),
+            p.key.display().to_string(),
+        ]
+    };
+    let controller_tls = tls_args(certs.controller_paths());
+    let agent_tls = tls_args(certs.node_paths(NODE_NAME));
+    p.say(format!(
+        "mutual TLS on the controller stream: a CA, the controller's certificate and {NODE_NAME}'s \
+         (SAN URI {}) in {}",
+        lb_api::tls::node_uri(NODE_NAME),
+        certs.dir.display()
+    ));
     p.say(format!(
         "starting lb-controller in the node namespace: --config {} (standalone), gRPC on {CONTROLLER}",
         config.display()
@@ -459,17 +485,18 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
             listen: CONTROLLER,
             metrics: CONTROLLER_METRICS,
             log: run_dir.join("lb-controller.log"),
+            tls: &controller_tls,
         },
     )?;
     controller.wait_ready(lab.node(), Duration::from_secs(20))?;
     let ifaces: Vec<String> = lab.node_ifaces().iter().map(|i| i.name.clone()).collect();
     p.say(format!(
-        "starting lb-agent in the node namespace: --controller http://{CONTROLLER}, --mode {} on {} interfaces, algorithm {}",
+        "starting lb-agent in the node namespace: --controller https://{CONTROLLER} (mutual TLS), --mode {} on {} interfaces, algorithm {}",
         o.mode.as_str(),
         ifaces.len(),
         o.algorithm
     ));
-    let controller_url = format!("http://{CONTROLLER}");
+    let controller_url = format!("https://{CONTROLLER}");
     let mut agent = Agent::start(
         lab.node(),
         AgentOpts {
@@ -481,6 +508,7 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
             pin_path: &pin_path,
             metrics: METRICS,
             log: run_dir.join("lb-agent.log"),
+            tls: &agent_tls,
         },
     )?;
     let took = agent

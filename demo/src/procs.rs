@@ -169,6 +169,8 @@ pub struct AgentOpts<'a> {
     pub pin_path: &'a Path,
     pub metrics: SocketAddr,
     pub log: PathBuf,
+    /// The mutual-TLS flags (`--tls-ca ... --tls-cert ... --tls-key ...`).
+    pub tls: &'a [String],
 }
 
 pub struct ControllerOpts<'a> {
@@ -177,12 +179,14 @@ pub struct ControllerOpts<'a> {
     pub listen: SocketAddr,
     pub metrics: SocketAddr,
     pub log: PathBuf,
+    /// The mutual-TLS flags (`--tls-ca ... --tls-cert ... --tls-key ...`).
+    pub tls: &'a [String],
 }
 
 impl Agent {
     /// `lb-controller --config FILE` (standalone mode).
     pub fn controller(node: &Netns, o: ControllerOpts<'_>) -> Result<Agent> {
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "--config".into(),
             o.config.display().to_string(),
             "--listen".into(),
@@ -190,12 +194,13 @@ impl Agent {
             "--metrics-addr".into(),
             o.metrics.to_string(),
         ];
+        args.extend(o.tls.iter().cloned());
         Self::spawn(node, "lb-controller", o.bin, &args, o.log, o.metrics)
     }
 
     /// `lb-agent --controller URL`.
     pub fn start(node: &Netns, o: AgentOpts<'_>) -> Result<Agent> {
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "--controller".into(),
             o.controller.into(),
             "--node-name".into(),
@@ -209,6 +214,7 @@ impl Agent {
             "--metrics-addr".into(),
             o.metrics.to_string(),
         ];
+        args.extend(o.tls.iter().cloned());
         Self::spawn(node, "lb-agent", o.bin, &args, o.log, o.metrics)
     }
 

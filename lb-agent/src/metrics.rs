@@ -149,6 +149,10 @@ pub struct Metrics {
     pub controller_version: Gauge,
     /// With `--controller`: streams that ended (each is followed by a reconnect).
     pub controller_reconnects: Gauge,
+    /// With `--controller https://`: streams restarted to present a new certificate.
+    pub controller_cert_rotations: Gauge,
+    /// With `--controller https://`: when the presented certificate expires (Unix time).
+    pub controller_cert_expiry: Gauge,
     /// 1 per service of the desired state that the agent did not take.
     pub refused: Family<Labels, Gauge>,
     /// 1 per interface and how it is attached (or one series for userspace).
@@ -178,6 +182,8 @@ impl Metrics {
             controller_connected: Gauge::default(),
             controller_version: Gauge::default(),
             controller_reconnects: Gauge::default(),
+            controller_cert_rotations: Gauge::default(),
+            controller_cert_expiry: Gauge::default(),
             refused: Family::default(),
             datapath_info: Family::default(),
             registry: Registry::default(),
@@ -251,6 +257,16 @@ impl Metrics {
             "rpclb_controller_reconnects",
             "Controller streams that ended and were retried (--controller)",
             m.controller_reconnects.clone(),
+        );
+        registry.register(
+            "rpclb_controller_cert_rotations",
+            "Controller streams restarted to present a new client certificate (--controller https://)",
+            m.controller_cert_rotations.clone(),
+        );
+        registry.register(
+            "rpclb_controller_cert_expiry_timestamp_seconds",
+            "When the client certificate presented to the controller expires, Unix time (0: plaintext)",
+            m.controller_cert_expiry.clone(),
         );
         registry.register_collector(Box::new(DatapathCollector {
             source,

@@ -12,6 +12,17 @@
 //!        <--Delta 7->9--   --Ack v9-->    (v8 did not change this node)
 //! ```
 //!
+//! Who may watch what (docs/security.md): over mutual TLS, a stream is bound
+//! to the node its client certificate names (SAN URI `rpclb://node/<name>`);
+//! its Hello must name the same node, and its acks count for that node only
+//! (an Ack carries no node: it belongs to its stream). Anything else is
+//! refused before the node's status is touched, with PERMISSION_DENIED, and
+//! counted by reason ([`StreamRefusals`]). A node may have at most
+//! `max_streams_per_node` streams open at once (RESOURCE_EXHAUSTED beyond).
+//! A stream ends when the client certificate that opened it expires. With
+//! `--insecure` (plaintext) the Hello's node is taken as said, after the same
+//! name checks.
+//!
 //! Flow control: a stream sends at most one message ahead of its acks' pace
 //! only through the channel buffer; versions published while a send is
 //! pending are coalesced into the next delta, so a slow agent gets fewer,
@@ -19,10 +30,12 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use lb_api::Refusal;
+use lb_api::tls::server::PeerInfo;
 use lb_api::wire::{self, NodeState, pb};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
@@ -32,6 +45,66 @@ use tracing::{debug, info, warn};
 
 /// How long a new stream may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Streams one node may hold open at once by default: its current one and a
+/// reconnect that arrives before the controller has seen the old one end.
+pub const DEFAULT_MAX_STREAMS_PER_NODE: u32 = 2;
+
+/// Why a stream (or a connection) was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// The TLS handshake failed: no client certificate, another CA, expired, not TLS.
+    TlsHandshake,
+    /// The client certificate names no node, several, or an invalid name.
+    NoIdentity,
+    /// The Hello names a node other than the certificate's.
+    NodeMismatch,
+    /// The Hello's node name is not a valid node name.
+    InvalidNodeName,
+    /// The first message was not a Hello, or none came in time.
+    NoHello,
+    /// The node already has its maximum of open streams.
+    TooManyStreams,
+}
+
+impl RefusalReason {
+    pub const ALL: [RefusalReason; 6] = [
+        RefusalReason::TlsHandshake,
+        RefusalReason::NoIdentity,
+        RefusalReason::NodeMismatch,
+        RefusalReason::InvalidNodeName,
+        RefusalReason::NoHello,
+        RefusalReason::TooManyStreams,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            RefusalReason::TlsHandshake => "tls_handshake",
+            RefusalReason::NoIdentity => "no_identity",
+            RefusalReason::NodeMismatch => "node_mismatch",
+            RefusalReason::InvalidNodeName => "invalid_node_name",
+            RefusalReason::NoHello => "no_hello",
+            RefusalReason::TooManyStreams => "too_many_streams",
+        }
+    }
+}
+
+/// Refused streams and connections, by reason.
+#[derive(Debug, Default)]
+pub struct StreamRefusals {
+    counts: [AtomicU64; RefusalReason::ALL.len()],
+}
+
+impl StreamRefusals {
+    pub fn count(&self, r: RefusalReason) {
+        self.counts[r as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, r: RefusalReason) -> u64 {
+        self.counts[r as usize].load(Ordering::Relaxed)
+    }
+}
 
 /// One published version of every node's desired state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -104,7 +177,10 @@ impl Publisher {
 /// What the controller knows of one agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentStatus {
+    /// Whether it has a stream open (`open > 0`).
     pub connected: bool,
+    /// Its open streams.
+    pub open: u32,
     /// The last version sent on the current (or last) stream.
     pub sent: u64,
     /// The last version the agent acked as applied.
@@ -136,6 +212,7 @@ impl Agents {
         let mut m = self.lock();
         let s = m.entry(node.to_string()).or_insert(AgentStatus {
             connected: false,
+            open: 0,
             sent: 0,
             acked: 0,
             error: None,
@@ -145,6 +222,49 @@ impl Agents {
         });
         f(s);
     }
+
+    /// Counts a new stream of `node`, unless it has `max` open already.
+    fn open_stream(self: &Arc<Self>, node: &str, max: u32) -> Option<OpenStream> {
+        let mut ok = true;
+        self.update(node, |s| {
+            if s.open >= max {
+                ok = false;
+                return;
+            }
+            s.open += 1;
+            s.connected = true;
+            s.streams += 1;
+            s.since = Instant::now();
+        });
+        ok.then(|| OpenStream {
+            agents: self.clone(),
+            node: node.to_string(),
+        })
+    }
+}
+
+/// One open stream of a node; closing it (drop) updates the node's status.
+struct OpenStream {
+    agents: Arc<Agents>,
+    node: String,
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.agents.update(&self.node, |s| {
+            s.open = s.open.saturating_sub(1);
+            s.connected = s.open > 0;
+        });
+    }
+}
+
+/// Who may open streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Security {
+    /// Every stream is bound to its client certificate's node.
+    Mtls,
+    /// Plaintext (`--insecure`): the Hello's node is taken as said.
+    Insecure,
 }
 
 /// The tonic service.
@@ -153,15 +273,50 @@ pub struct StateService {
     states: watch::Receiver<Arc<Published>>,
     agents: Arc<Agents>,
     stop: Option<watch::Receiver<bool>>,
+    security: Security,
+    max_streams_per_node: u32,
+    refusals: Arc<StreamRefusals>,
 }
 
 impl StateService {
+    /// A service that requires mutual TLS (see [`Self::insecure`]).
     pub fn new(publisher: &Publisher, agents: Arc<Agents>) -> Self {
         StateService {
             states: publisher.subscribe(),
             agents,
             stop: None,
+            security: Security::Mtls,
+            max_streams_per_node: DEFAULT_MAX_STREAMS_PER_NODE,
+            refusals: Arc::default(),
         }
+    }
+
+    /// Plaintext: trusts each Hello's node name (`--insecure`).
+    pub fn insecure(mut self) -> Self {
+        self.security = Security::Insecure;
+        self
+    }
+
+    pub fn with_max_streams_per_node(mut self, n: u32) -> Self {
+        self.max_streams_per_node = n.max(1);
+        self
+    }
+
+    /// Counts refusals into `r` (shared with the metrics).
+    pub fn with_refusals(mut self, r: Arc<StreamRefusals>) -> Self {
+        self.refusals = r;
+        self
+    }
+
+    fn refuse(&self, r: RefusalReason, peer: &str, status: Status) -> Status {
+        self.refusals.count(r);
+        warn!(
+            peer,
+            reason = r.label(),
+            "stream refused: {}",
+            status.message()
+        );
+        status
     }
 
     /// Ends every stream (cleanly, so agents reconnect) once `stop` turns true.
@@ -185,37 +340,96 @@ impl wire::StateStream for StateService {
         &self,
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let peer = req
-            .remote_addr()
+        let info = req.extensions().get::<PeerInfo>().cloned();
+        let peer = info
+            .as_ref()
+            .and_then(|i| i.remote)
+            .or_else(|| req.remote_addr())
             .map_or_else(|| "?".to_string(), |a| a.to_string());
+        // The node this stream may speak for, and until when.
+        let bound: Option<(String, SystemTime)> = match (self.security, info.and_then(|i| i.cert)) {
+            (_, Some(cert)) => match cert.leaf.node() {
+                Ok(n) => Some((n, cert.leaf.not_after)),
+                Err(e) => {
+                    return Err(self.refuse(
+                        RefusalReason::NoIdentity,
+                        &peer,
+                        Status::permission_denied(format!("client certificate: {e}")),
+                    ));
+                }
+            },
+            (Security::Insecure, None) => None,
+            (Security::Mtls, None) => {
+                return Err(self.refuse(
+                    RefusalReason::NoIdentity,
+                    &peer,
+                    Status::permission_denied("no client certificate"),
+                ));
+            }
+        };
         let mut inbound = req.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(pb::AgentMessage {
                 msg: Some(pb::agent_message::Msg::Hello(h)),
             }))) => h,
-            Ok(Ok(_)) => return Err(Status::invalid_argument("the first message must be Hello")),
+            Ok(Ok(_)) => {
+                return Err(self.refuse(
+                    RefusalReason::NoHello,
+                    &peer,
+                    Status::invalid_argument("the first message must be Hello"),
+                ));
+            }
             Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(Status::deadline_exceeded("no Hello within 10 s")),
+            Err(_) => {
+                return Err(self.refuse(
+                    RefusalReason::NoHello,
+                    &peer,
+                    Status::deadline_exceeded("no Hello within 10 s"),
+                ));
+            }
         };
-        if hello.node.is_empty() {
-            return Err(Status::invalid_argument("Hello.node is empty"));
+        if let Err(e) = lb_api::tls::validate_node_name(&hello.node) {
+            return Err(self.refuse(
+                RefusalReason::InvalidNodeName,
+                &peer,
+                Status::invalid_argument(format!("Hello.node: {e}")),
+            ));
+        }
+        if let Some((cert_node, _)) = &bound
+            && *cert_node != hello.node
+        {
+            return Err(self.refuse(
+                RefusalReason::NodeMismatch,
+                &peer,
+                Status::permission_denied(format!(
+                    "this client certificate is node {cert_node:?}'s; it cannot watch node {:?}",
+                    hello.node
+                )),
+            ));
         }
         let node = hello.node.clone();
+        let Some(open) = self.agents.open_stream(&node, self.max_streams_per_node) else {
+            return Err(self.refuse(
+                RefusalReason::TooManyStreams,
+                &peer,
+                Status::resource_exhausted(format!(
+                    "node {node:?} has {} streams open already",
+                    self.max_streams_per_node
+                )),
+            ));
+        };
         info!(
             node,
             peer,
+            authenticated = bound.is_some(),
             agent_version = hello.agent_version,
             applied_version = hello.applied_version,
             "agent connected"
         );
-        self.agents.update(&node, |s| {
-            s.connected = true;
-            s.streams += 1;
-            s.since = Instant::now();
-        });
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(serve_stream(
-            node,
+            open,
+            bound.map(|(_, not_after)| not_after),
             self.states.clone(),
             inbound,
             tx,
@@ -227,9 +441,10 @@ impl wire::StateStream for StateService {
 }
 
 /// One agent's stream: snapshot, then deltas, reading acks, until either side
-/// goes away.
+/// goes away or the client certificate expires.
 async fn serve_stream(
-    node: String,
+    open: OpenStream,
+    expires: Option<SystemTime>,
     mut states: watch::Receiver<Arc<Published>>,
     mut inbound: Streaming<pb::AgentMessage>,
     tx: mpsc::Sender<Result<pb::ControllerMessage, Status>>,
@@ -244,11 +459,25 @@ async fn serve_stream(
             None => std::future::pending().await,
         }
     };
+    let expired = async move {
+        match expires {
+            Some(t) => {
+                let left = t.duration_since(SystemTime::now()).unwrap_or_default();
+                tokio::time::sleep(left).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let node = open.node.clone();
     let why = tokio::select! {
         why = follow(&node, &mut states, &mut inbound, &tx, &agents) => why,
         () = stopped => "the controller is shutting down".to_string(),
+        () = expired => {
+            let _ = tx.try_send(Err(Status::unauthenticated("the client certificate expired")));
+            "its client certificate expired".to_string()
+        }
     };
-    agents.update(&node, |s| s.connected = false);
+    drop(open);
     info!(node, "agent stream ended: {why}");
 }
 

@@ -13,7 +13,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::grpc::{Agents, Publisher};
+use lb_api::tls::ServerConfig;
+use lb_api::tls::reload::{Loaded, ReloadStats};
+use tokio::sync::watch;
+
+use crate::grpc::{Agents, Publisher, RefusalReason, StreamRefusals};
 
 /// Counters the run loop bumps; the rest is read at scrape time.
 #[derive(Debug, Default)]
@@ -30,6 +34,16 @@ pub struct HttpState {
     pub publisher: Arc<Publisher>,
     pub agents: Arc<Agents>,
     pub counters: Arc<Counters>,
+    pub refusals: Arc<StreamRefusals>,
+    /// The stream's TLS; `None` with `--insecure`.
+    pub tls: Option<TlsMetrics>,
+}
+
+/// What the metrics show of the stream's TLS files.
+#[derive(Debug)]
+pub struct TlsMetrics {
+    pub stats: Arc<ReloadStats>,
+    pub current: watch::Receiver<Arc<Loaded<ServerConfig>>>,
 }
 
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -69,6 +83,41 @@ pub fn render(s: &HttpState) -> Result<String, std::fmt::Error> {
         "Source updates refused (the last good state stays published)",
         counter(c.config_errors.load(Ordering::Relaxed)),
     );
+    let refusals: Family<Vec<(String, String)>, prometheus_client::metrics::counter::Counter> =
+        Family::default();
+    for r in RefusalReason::ALL {
+        refusals
+            .get_or_create(&vec![("reason".to_string(), r.label().to_string())])
+            .inc_by(s.refusals.get(r));
+    }
+    r.register(
+        "rpclb_controller_stream_refusals",
+        "Agent connections and streams refused, by reason (tls_handshake, no_identity, \
+         node_mismatch, invalid_node_name, no_hello, too_many_streams)",
+        refusals,
+    );
+    r.register(
+        "rpclb_controller_insecure",
+        "1 when the agent stream is plaintext (--insecure), 0 with mutual TLS",
+        g(u64::from(s.tls.is_none())),
+    );
+    if let Some(t) = &s.tls {
+        r.register(
+            "rpclb_controller_tls_reloads",
+            "New TLS certificate files taken into use",
+            counter(t.stats.reloads.load(Ordering::Relaxed)),
+        );
+        r.register(
+            "rpclb_controller_tls_reload_errors",
+            "TLS file changes that were not usable (the last good files stay in use)",
+            counter(t.stats.errors.load(Ordering::Relaxed)),
+        );
+        r.register(
+            "rpclb_controller_tls_cert_expiry_timestamp_seconds",
+            "When the controller's serving certificate expires (Unix time)",
+            g(t.current.borrow().leaf.not_after_unix()),
+        );
+    }
     let agents = s.agents.snapshot();
     r.register(
         "rpclb_controller_agents_connected",

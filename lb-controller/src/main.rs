@@ -1,8 +1,11 @@
 //! `lb-controller`: streams each node's desired state to its agent.
 //!
 //! ```text
-//! lb-controller --config services.yaml [--listen 127.0.0.1:50551] [--metrics-addr 127.0.0.1:9465]
-//! lb-controller --kube [--listen 0.0.0.0:50551] ...      (in a cluster; see deploy/)
+//! lb-controller --config services.yaml --tls-ca ca.pem --tls-cert controller.pem --tls-key controller-key.pem
+//!               [--listen 127.0.0.1:50551] [--metrics-addr 127.0.0.1:9465]
+//! lb-controller --kube --tls-ca ... [--listen 0.0.0.0:50551] ...   (in a cluster; see deploy/)
+//! lb-controller --config services.yaml --insecure                 (plaintext: tests, debugging)
+//! lb-controller certs --out DIR --nodes node-a,node-b             (a CA and certificates; docs/security.md)
 //! ```
 //!
 //! Every flag also reads an environment variable (`RPCLB_*`).
@@ -15,9 +18,13 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::Parser;
-use lb_controller::grpc::{Agents, Publisher, StateService};
-use lb_controller::http::{self, Counters, HttpState};
+use clap::builder::BoolishValueParser;
+use clap::{Args, Parser, Subcommand};
+use lb_api::tls::certs::{Bundle, Ca, Validity};
+use lb_api::tls::reload::Reloader;
+use lb_api::tls::{TlsPaths, server_config};
+use lb_controller::grpc::{Agents, Publisher, RefusalReason, StateService, StreamRefusals};
+use lb_controller::http::{self, Counters, HttpState, TlsMetrics};
 use lb_controller::standalone::FileSource;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -28,9 +35,12 @@ use tracing::{info, warn};
     name = "lb-controller",
     version,
     about = "rpclb controller: turns Services and EndpointSlices (or a config file) into each \
-             node's desired state and streams it to the agents over gRPC"
+             node's desired state and streams it to the agents over gRPC (mutual TLS)",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
     /// Standalone mode: the services come from this YAML file (the agent's format,
     /// docs/config.md), the same for every node. Reloaded on change and on SIGHUP.
     #[arg(
@@ -50,6 +60,28 @@ struct Cli {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "RPCLB_METRICS_ADDR", default_value = "127.0.0.1:9465")]
     metrics_addr: SocketAddr,
+    /// CA bundle (PEM) that signed the agents' client certificates. With --tls-cert and
+    /// --tls-key the stream is mutual TLS; each stream is bound to the node its client
+    /// certificate names (SAN URI rpclb://node/<name>). Re-read when it changes.
+    #[arg(long, env = "RPCLB_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// The controller's certificate chain (PEM), leaf first. Re-read when it changes.
+    #[arg(long, env = "RPCLB_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM). Re-read when it changes.
+    #[arg(long, env = "RPCLB_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// How often the TLS files are checked for changes (milliseconds).
+    #[arg(long, env = "RPCLB_TLS_POLL_MS", default_value_t = 5000)]
+    tls_poll_ms: u64,
+    /// Serve the agent stream in plaintext, without authentication: anyone who reaches
+    /// --listen can read every node's state and report as any node. Tests and debugging only.
+    #[arg(long, env = "RPCLB_INSECURE", value_parser = BoolishValueParser::new(),
+          conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    insecure: bool,
+    /// Streams one node may have open at once (more are refused, RESOURCE_EXHAUSTED).
+    #[arg(long, env = "RPCLB_MAX_STREAMS_PER_NODE", default_value_t = lb_controller::grpc::DEFAULT_MAX_STREAMS_PER_NODE)]
+    max_streams_per_node: u32,
     /// How often the config file is checked for changes (milliseconds).
     #[arg(long, env = "RPCLB_CONFIG_POLL_MS", default_value_t = 1000)]
     config_poll_ms: u64,
@@ -105,13 +137,108 @@ struct Cli {
     timeout_udp: u64,
 }
 
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Write a CA, the controller's certificate and one per node (PEM) to a folder, for the
+    /// lab, the demo or a first install. A CA already in the folder is reused (new node
+    /// certificates for an install); see docs/security.md.
+    Certs(CertsArgs),
+}
+
+#[derive(Args, Debug)]
+struct CertsArgs {
+    /// The folder (created): ca.pem, ca-key.pem, controller.pem, controller-key.pem,
+    /// node-<name>.pem, node-<name>-key.pem.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Node names, comma-separated (Kubernetes node names).
+    #[arg(long, value_delimiter = ',', value_name = "NODE1,NODE2")]
+    nodes: Vec<String>,
+    /// More DNS names or IP addresses for the controller's certificate, beyond the Service
+    /// names of deploy/ (rpclb-controller.rpclb-system.svc, ...), localhost and 127.0.0.1.
+    #[arg(long, value_delimiter = ',', value_name = "NAME1,NAME2")]
+    controller_names: Vec<String>,
+    /// Validity of the certificates, days.
+    #[arg(long, default_value_t = 365)]
+    days: u64,
+    /// Write a new CA even if the folder has one (every certificate it signed stops working).
+    #[arg(long)]
+    new_ca: bool,
+}
+
+/// `lb-controller certs`.
+fn certs(a: &CertsArgs) -> anyhow::Result<()> {
+    let b = Bundle::at(&a.out);
+    let v = Validity::days(a.days.max(1));
+    let names: Vec<&str> = a.controller_names.iter().map(String::as_str).collect();
+    let nodes: Vec<&str> = a
+        .nodes
+        .iter()
+        .map(|n| n.trim())
+        .filter(|n| !n.is_empty())
+        .collect();
+    for n in &nodes {
+        lb_api::tls::validate_node_name(n).with_context(|| format!("--nodes {n:?}"))?;
+    }
+    let ca = if b.ca().exists() && !a.new_ca {
+        let ca = b
+            .load_ca()
+            .with_context(|| format!("the CA in {} (or pass --new-ca)", a.out.display()))?;
+        println!("using the CA in {}", b.ca().display());
+        ca
+    } else {
+        Bundle::write(&a.out, &[], &[], v)?;
+        println!(
+            "wrote a new CA: {} (keep {} off the cluster)",
+            b.ca().display(),
+            b.ca_key().display()
+        );
+        b.load_ca()?
+    };
+    write_certs(&b, &ca, &nodes, &names, v)
+}
+
+fn write_certs(
+    b: &Bundle,
+    ca: &Ca,
+    nodes: &[&str],
+    names: &[&str],
+    v: Validity,
+) -> anyhow::Result<()> {
+    b.write_controller(ca, names, v)?;
+    let p = b.controller_paths();
+    println!("wrote {} and {}", p.cert.display(), p.key.display());
+    for n in nodes {
+        b.write_node(ca, n, v)?;
+        let p = b.node_paths(n);
+        println!(
+            "wrote {} and {} (SAN URI {})",
+            p.cert.display(),
+            p.key.display(),
+            lb_api::tls::node_uri(n)
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Cmd::Certs(a)) = &cli.cmd {
+        return match certs(a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lb-controller certs: {}", render_error(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // No colour codes in log files (as lb-agent).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -168,6 +295,56 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ => bail!("one of --config FILE (RPCLB_CONFIG) or --kube (RPCLB_KUBE) is required"),
     };
 
+    // The stream's TLS: a bad file stops us before we listen, too.
+    let tls = match (&cli.tls_ca, &cli.tls_cert, &cli.tls_key, cli.insecure) {
+        (Some(ca), Some(cert), Some(key), false) => {
+            let r = Reloader::new(
+                TlsPaths {
+                    ca: ca.clone(),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                },
+                server_config,
+            )
+            .context("the agent stream's TLS files")?;
+            let cur = r.current();
+            info!(
+                cert = %cert.display(),
+                subject = cur.leaf.subject,
+                serial = cur.leaf.serial,
+                names = ?cur.leaf.names,
+                not_after = cur.leaf.not_after_unix(),
+                "agent stream: mutual TLS; each stream is bound to its client certificate's node"
+            );
+            Some(r)
+        }
+        (None, None, None, true) => {
+            warn!(
+                addr = %cli.listen,
+                "--insecure: the agent stream is PLAINTEXT and unauthenticated; anyone who reaches \
+                 this address can read every node's state and report as any node"
+            );
+            None
+        }
+        _ => bail!(
+            "the agent stream needs mutual TLS: pass --tls-ca, --tls-cert and --tls-key \
+             (RPCLB_TLS_CA, RPCLB_TLS_CERT, RPCLB_TLS_KEY; `lb-controller certs` makes a set), \
+             or --insecure for plaintext"
+        ),
+    };
+    let tls_metrics = tls.as_ref().map(|r| TlsMetrics {
+        stats: r.stats.clone(),
+        current: r.subscribe(),
+    });
+    let tls_rx = tls.as_ref().map(Reloader::subscribe);
+    let _tls_task = tls.map(|r| {
+        r.spawn(
+            Duration::from_millis(cli.tls_poll_ms.max(10)),
+            "lb-controller",
+        )
+    });
+    let refusals = Arc::new(StreamRefusals::default());
+
     let grpc_listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("gRPC address {}", cli.listen))?;
@@ -176,27 +353,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .with_context(|| format!("metrics address {}", cli.metrics_addr))?;
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    let svc = StateService::new(&publisher, agents.clone())
+    let mut svc = StateService::new(&publisher, agents.clone())
         .with_shutdown(stop_rx.clone())
-        .into_server();
+        .with_max_streams_per_node(cli.max_streams_per_node)
+        .with_refusals(refusals.clone());
+    if cli.insecure {
+        svc = svc.insecure();
+    }
+    let svc = svc.into_server();
+    let incoming = lb_api::tls::server::incoming(
+        grpc_listener,
+        lb_api::tls::server::Acceptor {
+            tls: tls_rx,
+            handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 256,
+            on_handshake_error: {
+                let r = refusals.clone();
+                Arc::new(move || r.count(RefusalReason::TlsHandshake))
+            },
+        },
+    );
     let mut stop = stop_rx.clone();
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .add_service(svc)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-                async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                },
-            ),
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }),
     );
-    info!(addr = %cli.listen, "serving rpclb.v1.StateStream");
+    info!(addr = %cli.listen, tls = !cli.insecure, "serving rpclb.v1.StateStream");
     let app = http::router(Arc::new(HttpState {
         publisher: publisher.clone(),
         agents: agents.clone(),
         counters: counters.clone(),
+        refusals: refusals.clone(),
+        tls: tls_metrics,
     }));
     let mut stop = stop_rx.clone();
     let web = tokio::spawn(async move {

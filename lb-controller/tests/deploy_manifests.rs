@@ -346,6 +346,69 @@ fn workloads_select_their_own_pods_and_define_what_they_reference() {
     }
 }
 
+/// The path under `flag` is inside one of the container's read-only mounts;
+/// returns that mount's volume.
+fn tls_file_volume<'a>(w: &'a Doc, c: &Value, flag: &str) -> &'a Value {
+    let path = arg(c, flag).unwrap_or_else(|| panic!("{}: no {flag}", w.name()));
+    let mount = seq_at(c, &["volumeMounts"])
+        .iter()
+        .find(|m| str_at(m, &["mountPath"]).is_some_and(|p| path.starts_with(&format!("{p}/"))))
+        .unwrap_or_else(|| panic!("{}: {flag} {path} is in no mount", w.name()));
+    assert_eq!(
+        at(mount, &["readOnly"]).and_then(Value::as_bool),
+        Some(true),
+        "{}: the TLS mount is read-only",
+        w.name()
+    );
+    let name = str_at(mount, &["name"]).unwrap();
+    seq_at(&w.v, &["spec", "template", "spec", "volumes"])
+        .iter()
+        .find(|v| str_at(v, &["name"]) == Some(name))
+        .unwrap_or_else(|| panic!("{}: no volume {name}", w.name()))
+}
+
+#[test]
+fn the_stream_is_mutual_tls_with_mounted_files() {
+    let docs = load();
+    // The controller: its Secret, read-only.
+    let deploy = one(&docs, "Deployment", "rpclb-controller");
+    let c = container(deploy, "controller");
+    for flag in ["--tls-ca", "--tls-cert", "--tls-key"] {
+        let v = tls_file_volume(deploy, c, flag);
+        assert_eq!(
+            str_at(v, &["secret", "secretName"]),
+            Some("rpclb-controller-tls")
+        );
+    }
+    // The agent: its node's own files on the host, read-only.
+    let ds = one(&docs, "DaemonSet", "rpclb-agent");
+    let a = container(ds, "agent");
+    for flag in ["--tls-ca", "--tls-cert", "--tls-key"] {
+        let v = tls_file_volume(ds, a, flag);
+        assert_eq!(str_at(v, &["hostPath", "path"]), Some("/etc/rpclb/tls"));
+        assert_eq!(str_at(v, &["hostPath", "type"]), Some("Directory"));
+    }
+    // https://, to a name the certificates of `lb-controller certs` carry; never --insecure.
+    let url = arg(a, "--controller").unwrap();
+    let host = url
+        .strip_prefix("https://")
+        .and_then(|r| r.split(':').next())
+        .expect("https://HOST:PORT");
+    assert!(
+        lb_api::tls::certs::CONTROLLER_NAMES.contains(&host),
+        "{host} is not in the controller certificate's default names"
+    );
+    for (w, c) in [(deploy, c), (ds, a)] {
+        let args = strings(at(c, &["args"]).unwrap());
+        assert!(
+            !args.iter().any(|a| a.starts_with("--insecure")),
+            "{}: --insecure",
+            w.name()
+        );
+        assert!(!env_names(c).contains("RPCLB_INSECURE"), "{}", w.name());
+    }
+}
+
 #[test]
 fn controller_ports_match_its_service_and_probe() {
     let docs = load();
@@ -410,7 +473,7 @@ fn agent_reaches_the_controller_service_and_keeps_its_pins_on_the_host() {
     assert_eq!(
         url,
         format!(
-            "http://{}.{}.svc:{svc_port}",
+            "https://{}.{}.svc:{svc_port}",
             svc.name(),
             svc.namespace().unwrap()
         )

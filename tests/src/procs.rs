@@ -21,6 +21,8 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use lb_api::tls::certs::{Bundle, Validity};
+
 use crate::lab::Lab;
 
 /// `target/<profile>/lb-agent`, built (or checked fresh) once per test run.
@@ -132,6 +134,48 @@ impl TestDir {
     pub fn path(&self) -> &Path {
         &self.0
     }
+
+    /// A CA, the controller's certificate and one per node, in `<dir>/certs`
+    /// (lb_api::tls::certs, as `lb-controller certs` writes them).
+    pub fn certs(&self, nodes: &[&str]) -> Bundle {
+        Bundle::write(&self.0.join("certs"), nodes, &[], Validity::days(1))
+            .expect("write test certificates")
+    }
+}
+
+/// How often the tests' controllers and agents check their TLS files.
+pub const TLS_POLL_MS: u64 = 200;
+
+/// `lb-controller` flags for mutual TLS with `b`'s files.
+pub fn controller_tls_args(b: &Bundle) -> Vec<String> {
+    let p = b.controller_paths();
+    [
+        "--tls-ca".to_string(),
+        p.ca.display().to_string(),
+        "--tls-cert".into(),
+        p.cert.display().to_string(),
+        "--tls-key".into(),
+        p.key.display().to_string(),
+        "--tls-poll-ms".into(),
+        TLS_POLL_MS.to_string(),
+    ]
+    .into()
+}
+
+/// `lb-agent` flags for mutual TLS as `node`, with `b`'s files (the URL is https://).
+pub fn agent_tls_args(b: &Bundle, node: &str) -> Vec<String> {
+    let p = b.node_paths(node);
+    [
+        "--tls-ca".to_string(),
+        p.ca.display().to_string(),
+        "--tls-cert".into(),
+        p.cert.display().to_string(),
+        "--tls-key".into(),
+        p.key.display().to_string(),
+        "--tls-poll".into(),
+        format!("{TLS_POLL_MS}ms"),
+    ]
+    .into()
 }
 
 impl Drop for TestDir {

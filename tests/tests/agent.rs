@@ -13,11 +13,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lb_agent::datapath::MapReader;
+use lb_api::tls::certs::Bundle;
 use lb_api::{Protocol, ServiceAddr};
 use rpclb_tests::lab::{self, Lab, Limits};
 use rpclb_tests::procs::{
-    Proc as Agent, Scrape, TestDir, agent_args, agent_bin, controller_bin, http_get_port, pin_path,
-    wait_until,
+    Proc as Agent, Scrape, TestDir, agent_args, agent_bin, agent_tls_args, controller_bin,
+    controller_tls_args, http_get_port, pin_path, wait_until,
 };
 use rpclb_tests::skip_unless_lab;
 
@@ -870,9 +871,9 @@ const CONTROLLER_GRPC: u16 = 50551;
 const CONTROLLER_METRICS: u16 = 9465;
 
 /// `lb-controller --config` in the node namespace (its gRPC and metrics on the
-/// namespace's own loopback).
-fn start_controller(lab: &Lab, dir: &TestDir, name: &str) -> Agent {
-    let args: Vec<String> = [
+/// namespace's own loopback), with mutual TLS (`certs`).
+fn start_controller(lab: &Lab, dir: &TestDir, certs: &Bundle, name: &str) -> Agent {
+    let mut args: Vec<String> = [
         "--config",
         &dir.config().display().to_string(),
         "--listen",
@@ -885,6 +886,7 @@ fn start_controller(lab: &Lab, dir: &TestDir, name: &str) -> Agent {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    args.extend(controller_tls_args(certs));
     let mut c = Agent::spawn(lab, dir, name, controller_bin(), &args);
     wait_until("the controller's /readyz", Duration::from_secs(30), || {
         c.check_alive();
@@ -904,21 +906,22 @@ fn controller_scrape(c: &mut Agent) -> Scrape {
     Scrape(body)
 }
 
-/// Agent flags for `--controller` instead of `--config`.
-fn agent_controller_args(lab: &Lab, dir: &TestDir) -> Vec<String> {
+/// Agent flags for `--controller https://...` (node-a, mutual TLS) instead of `--config`.
+fn agent_controller_args(lab: &Lab, dir: &TestDir, certs: &Bundle) -> Vec<String> {
     let mut a = agent_args(lab, dir, &[]);
     let i = a.iter().position(|x| x == "--config").expect("--config");
     a.drain(i..i + 2);
     a.extend(
         [
             "--controller",
-            &format!("http://127.0.0.1:{CONTROLLER_GRPC}"),
+            &format!("https://127.0.0.1:{CONTROLLER_GRPC}"),
             "--node-name",
             "node-a",
         ]
         .iter()
         .map(|s| s.to_string()),
     );
+    a.extend(agent_tls_args(certs, "node-a"));
     a
 }
 
@@ -950,9 +953,15 @@ fn agent_follows_the_controller_stream() {
     let lab = Lab::new(3).expect("lab");
     let _tcp = lab.start_tcp_servers(8080).unwrap();
     let dir = TestDir::new("controller");
+    let certs = dir.certs(&["node-a"]);
     dir.write_config(&config_yaml(&[web(&lab, "round-robin", &[1, 2, 3])], None));
-    let mut ctl = start_controller(&lab, &dir, "controller");
-    let mut agent = Agent::start(&lab, &dir, "agent", &agent_controller_args(&lab, &dir));
+    let mut ctl = start_controller(&lab, &dir, &certs, "controller");
+    let mut agent = Agent::start(
+        &lab,
+        &dir,
+        "agent",
+        &agent_controller_args(&lab, &dir, &certs),
+    );
     agent.wait_ready();
     assert_eq!(
         agent
@@ -1007,7 +1016,7 @@ fn agent_follows_the_controller_stream() {
 
     // A new state while it is down; the restarted controller resyncs the agent.
     dir.write_config(&config_yaml(&[web(&lab, "round-robin", &[keep])], None));
-    let mut ctl = start_controller(&lab, &dir, "controller-2");
+    let mut ctl = start_controller(&lab, &dir, &certs, "controller-2");
     agent.wait_metric("rpclb_controller_connected", 1.0);
     let c = wait_backends(&lab, &[keep]);
     assert_eq!(c.len(), 1);
@@ -1047,15 +1056,20 @@ fn agent_follows_the_controller_stream() {
     );
 }
 
-/// A controller stand-in (in the node namespace, on the controller's port)
-/// that sends one snapshot and hands every ack to the test.
+/// A controller stand-in (in the node namespace, on the controller's port,
+/// serving mutual TLS with `certs`' controller files through the controller's
+/// own listener) that sends one snapshot and hands every ack to the test.
 struct FakeController {
     acks: std::sync::mpsc::Receiver<lb_api::wire::pb::Ack>,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl FakeController {
-    fn start(lab: &Lab, snapshot: lb_api::wire::pb::ControllerMessage) -> FakeController {
+    fn start(
+        lab: &Lab,
+        certs: &Bundle,
+        snapshot: lb_api::wire::pb::ControllerMessage,
+    ) -> FakeController {
         use lb_api::wire::{StateStream, StateStreamServer, pb};
         use tokio_stream::StreamExt;
 
@@ -1099,6 +1113,11 @@ impl FakeController {
             snapshot,
             acks: std::sync::Mutex::new(ack_tx),
         };
+        let tls = lb_api::tls::reload::Reloader::new(
+            certs.controller_paths(),
+            lb_api::tls::server_config,
+        )
+        .expect("the controller's TLS files");
         lab.node()
             .spawn("fake-controller", move || {
                 let rt = tokio::runtime::Builder::new_current_thread()
@@ -1110,14 +1129,20 @@ impl FakeController {
                         .await
                         .expect("bind the fake controller");
                     let _ = ready_tx.send(());
+                    let incoming = lb_api::tls::server::incoming(
+                        l,
+                        lb_api::tls::server::Acceptor {
+                            tls: Some(tls.subscribe()),
+                            handshake_timeout: Duration::from_secs(10),
+                            max_handshakes: 8,
+                            on_handshake_error: std::sync::Arc::new(|| {}),
+                        },
+                    );
                     tonic::transport::Server::builder()
                         .add_service(StateStreamServer::new(svc))
-                        .serve_with_incoming_shutdown(
-                            tokio_stream::wrappers::TcpListenerStream::new(l),
-                            async {
-                                let _ = stopped.await;
-                            },
-                        )
+                        .serve_with_incoming_shutdown(incoming, async {
+                            let _ = stopped.await;
+                        })
                         .await
                         .unwrap();
                 });
@@ -1179,9 +1204,15 @@ fn agent_refuses_an_invalid_service_alone() {
             timeouts: Default::default(),
         },
     );
-    let ctl = FakeController::start(&lab, snapshot);
     let dir = TestDir::new("refuse-alone");
-    let mut agent = Agent::start(&lab, &dir, "agent", &agent_controller_args(&lab, &dir));
+    let certs = dir.certs(&["node-a"]);
+    let ctl = FakeController::start(&lab, &certs, snapshot);
+    let mut agent = Agent::start(
+        &lab,
+        &dir,
+        "agent",
+        &agent_controller_args(&lab, &dir, &certs),
+    );
     agent.wait_ready();
     let ack = ctl.next_ack();
     assert_eq!(ack.version, 1);

@@ -97,6 +97,8 @@ fn demo_quick_passes() {
         "✓ every pod's own count of served calls matches the client's",
         "$ lbctl services",
         "$ lbctl backends",
+        "mutual TLS on the controller stream",
+        "--controller https://",
         "lb-agent ready in",
         "the controller's snapshot is applied",
         "SIGHUP to lb-controller; it streamed the delta",

@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 
 use rpclb_tests::kube::ApiServer;
 use rpclb_tests::lab::{self, HeldConn, Lab, Limits, TcpServer};
-use rpclb_tests::procs::{Proc, TestDir, agent_args, controller_bin, wait_until};
+use rpclb_tests::procs::{
+    Proc, TestDir, agent_args, agent_tls_args, controller_bin, controller_tls_args, wait_until,
+};
 use rpclb_tests::relay::Relay;
 use rpclb_tests::skip_unless_lab;
 
@@ -123,11 +125,12 @@ impl Cluster {
             .collect()
     }
 
-    /// `lb-controller --kube` on the host, as ServiceAccount rpclb-controller.
+    /// `lb-controller --kube` on the host, as ServiceAccount rpclb-controller, with
+    /// mutual TLS (the test folder's certificates, made on first use).
     fn controller(&self, dir: &TestDir, name: &str, grpc: u16) -> Proc {
         let metrics = free_port();
         let kubeconfig = self.controller_kubeconfig.display().to_string();
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "--kube",
             "--listen",
             &format!("127.0.0.1:{grpc}"),
@@ -147,6 +150,7 @@ impl Cluster {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(controller_tls_args(&certs(dir)));
         let mut p = Proc::spawn_host(
             dir,
             name,
@@ -279,7 +283,18 @@ impl Pods {
     }
 }
 
-/// The agent in the node namespace, following the controller(s) through a relay.
+/// The test folder's CA and certificates (the controller's and NODE's), made once.
+fn certs(dir: &TestDir) -> lb_api::tls::certs::Bundle {
+    let b = lb_api::tls::certs::Bundle::at(&dir.path().join("certs"));
+    if b.ca().exists() {
+        b
+    } else {
+        dir.certs(&[NODE])
+    }
+}
+
+/// The agent in the node namespace, following the controller(s) through a
+/// relay, over mutual TLS.
 fn agent(pods: &Pods, dir: &TestDir, relay_to: &[u16]) -> (Proc, Relay) {
     let upstreams: Vec<SocketAddr> = relay_to
         .iter()
@@ -292,13 +307,14 @@ fn agent(pods: &Pods, dir: &TestDir, relay_to: &[u16]) -> (Proc, Relay) {
     args.extend(
         [
             "--controller",
-            &format!("http://127.0.0.1:{CONTROLLER_PORT}"),
+            &format!("https://127.0.0.1:{CONTROLLER_PORT}"),
             "--node-name",
             NODE,
         ]
         .iter()
         .map(|s| s.to_string()),
     );
+    args.extend(agent_tls_args(&certs(dir), NODE));
     let mut a = Proc::start(&pods.lab, dir, "agent", &args);
     a.wait_ready();
     (a, relay)
@@ -545,6 +561,7 @@ fn an_unserved_endpoints_source_is_an_error_at_start() {
             "--pod-name",
             "ctl-x",
         ])
+        .args(controller_tls_args(&certs(&dir)))
         .env("KUBECONFIG", &cluster.controller_kubeconfig)
         .current_dir(dir.path())
         .output()

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | image | kube-apiserver | test | bench | demo`.
+//! Project tasks: `cargo xtask setup | build-ebpf | image | kube-apiserver | test | bench | demo | certs`.
 
 mod image;
 mod kube;
@@ -44,6 +44,11 @@ enum Cmd {
     /// `rpclb-demo ARGS` (as root); `cargo xtask demo --help` lists its options.
     #[command(disable_help_flag = true)]
     Demo(Passthrough),
+    /// `lb-controller certs ARGS`: a CA, the controller's certificate and one per node for the
+    /// stream's mutual TLS, e.g. `cargo xtask certs --out certs --nodes node-a,node-b`
+    /// (docs/security.md); `cargo xtask certs --help` lists its options.
+    #[command(disable_help_flag = true)]
+    Certs(Passthrough),
 }
 
 #[derive(Args)]
@@ -115,6 +120,19 @@ fn task(cmd: Cmd) -> Result<()> {
         }
         Cmd::Bench(_) => run_bin(&root, "rpclb-bench"),
         Cmd::Demo(_) => demo(&root),
+        // The one certificate maker (lb_api::tls::certs), through the controller's CLI; the
+        // standalone build needs no kube-rs.
+        Cmd::Certs(_) => run(cargo(&root)
+            .args([
+                "run",
+                "--quiet",
+                "-p",
+                "lb-controller",
+                "--no-default-features",
+                "--",
+            ])
+            .arg("certs")
+            .args(passthrough())),
     }
 }
 

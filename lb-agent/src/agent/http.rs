@@ -50,6 +50,10 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
             .set(g(st.version.load(Ordering::Relaxed)));
         m.controller_reconnects
             .set(g(st.reconnects.load(Ordering::Relaxed)));
+        m.controller_cert_rotations
+            .set(g(st.cert_rotations.load(Ordering::Relaxed)));
+        m.controller_cert_expiry
+            .set(g(st.cert_not_after.load(Ordering::Relaxed)));
     }
     match tokio::task::spawn_blocking(move || s.metrics.render()).await {
         Ok(Ok(body)) => {

@@ -50,8 +50,18 @@ use lb_api::config_file::{ConfigFile, Reload};
 pub enum Source {
     /// A YAML file, reloaded on change and on SIGHUP.
     File(PathBuf),
-    /// The controller's gRPC stream for this node.
-    Controller(StreamOptions),
+    /// The controller's gRPC stream for this node; `tls` for `https://` URLs.
+    Controller {
+        stream: StreamOptions,
+        tls: Option<TlsFiles>,
+    },
+}
+
+/// The agent's TLS files for the controller stream, and how often they are checked.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub paths: lb_api::tls::TlsPaths,
+    pub poll: Duration,
 }
 
 /// Everything `run` needs (the binary's flags, parsed).
@@ -135,7 +145,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // Handlers first: a SIGHUP during startup must not kill the agent (its
     // default action), and a SIGTERM then is a clean stop once started.
     let signals = Signals::new()?;
-    // 1. The config: a bad one stops us before anything is touched.
+    // 1. The config (or the TLS files): a bad one stops us before anything is touched.
+    let mut client_tls = None;
     let file = match &opts.source {
         Source::File(path) => {
             let mut file = ConfigFile::new(path);
@@ -150,15 +161,34 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             );
             Some((file, cfg))
         }
-        Source::Controller(s) => {
+        Source::Controller { stream: s, tls } => {
             if s.node.is_empty() {
                 bail!("--controller needs a node name: pass --node-name (or RPCLB_NODE_NAME)");
             }
+            lb_api::tls::validate_node_name(&s.node).context("--node-name")?;
             info!(
                 controller = s.url,
                 node = s.node,
                 "desired state from the controller"
             );
+            if let Some(t) = tls {
+                let node = s.node.clone();
+                let r = lb_api::tls::reload::Reloader::new(t.paths.clone(), move |m| {
+                    lb_api::tls::client_config(m, Some(&node))
+                })
+                .context("the controller stream's TLS files")?;
+                let cur = r.current();
+                info!(
+                    identity = lb_api::tls::node_uri(&s.node),
+                    cert = %t.paths.cert.display(),
+                    serial = cur.leaf.serial,
+                    not_after = cur.leaf.not_after_unix(),
+                    "controller stream: mutual TLS; presenting this node's certificate"
+                );
+                client_tls = Some(r.subscribe());
+                // Runs until the stream task drops its receiver.
+                drop(r.spawn(t.poll, "lb-agent"));
+            }
             None
         }
     };
@@ -254,9 +284,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             (LoopSource::File(file), Some(cfg))
         }
         None => {
-            let Source::Controller(so) = opts.source.clone() else {
+            let Source::Controller { stream: mut so, .. } = opts.source.clone() else {
                 unreachable!("no file means a controller source")
             };
+            so.tls = client_tls.take();
             info!(interfaces = ?attached, "attached; waiting for the controller's first snapshot");
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             let task = tokio::spawn(stream::follow(

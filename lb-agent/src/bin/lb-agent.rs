@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! lb-agent [run] --config services.yaml --interfaces IF1,IF2 [--mode auto|xdp|xdp-generic|tc] ...
-//! lb-agent [run] --controller http://CONTROLLER:50551 [--node-name N] --interfaces ...
+//! lb-agent [run] --controller https://CONTROLLER:50551 --tls-ca ca.pem --tls-cert node.pem
+//!                --tls-key node-key.pem [--node-name N] --interfaces ...
+//! lb-agent [run] --controller http://CONTROLLER:50551 --insecure ...   (plaintext: tests, debugging)
 //! lb-agent cleanup [--pin-path P]        (or: lb-agent --cleanup [--pin-path P])
 //! ```
 //!
@@ -19,7 +21,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use clap::builder::BoolishValueParser;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
-use lb_agent::agent::{self, DatapathKind, ModeChoice, Options, Source};
+use lb_agent::agent::{self, DatapathKind, ModeChoice, Options, Source, TlsFiles};
 use lb_agent::datapath::attach::TcAttach;
 use lb_agent::datapath::{self, AttachMode, DEFAULT_PIN_PATH, DatapathConfig};
 use lb_agent::stream::StreamOptions;
@@ -46,7 +48,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the agent (the default when no subcommand is given).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Detach the programs and unpin every map and link under the pin path.
     Cleanup(CleanupArgs),
 }
@@ -94,12 +96,33 @@ struct RunArgs {
         conflicts_with = "controller"
     )]
     config: Option<PathBuf>,
-    /// Follow the controller's gRPC stream instead of a file (e.g. http://rpclb-controller:50551).
+    /// Follow the controller's gRPC stream instead of a file
+    /// (https://rpclb-controller.rpclb-system.svc:50551, with the --tls-* files; http://
+    /// is plaintext and needs --insecure).
     #[arg(long, env = "RPCLB_CONTROLLER", value_name = "URL")]
     controller: Option<String>,
-    /// This node's name in the controller's stream (default: the host name).
+    /// This node's name in the controller's stream (default: the host name). The client
+    /// certificate must name the same node (SAN URI rpclb://node/<name>).
     #[arg(long, env = "RPCLB_NODE_NAME", value_name = "NAME")]
     node_name: Option<String>,
+    /// CA bundle (PEM) that signed the controller's certificate. Re-read when it changes.
+    #[arg(long, env = "RPCLB_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// This node's client certificate (PEM). Re-read when it changes: the agent reconnects
+    /// with a new one at once (and at two thirds of a certificate's lifetime).
+    #[arg(long, env = "RPCLB_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM). Re-read when it changes.
+    #[arg(long, env = "RPCLB_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// How often the TLS files are checked for changes.
+    #[arg(long, env = "RPCLB_TLS_POLL", default_value = "5s", value_parser = lb_agent::duration::parse)]
+    tls_poll: Duration,
+    /// Allow a plaintext http:// controller URL: no encryption, no authentication of either
+    /// side. Tests and debugging only.
+    #[arg(long, env = "RPCLB_INSECURE", value_parser = BoolishValueParser::new(),
+          conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    insecure: bool,
     /// Interfaces to attach to, comma-separated.
     #[arg(
         long,
@@ -218,6 +241,45 @@ fn cleanup(pin: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `https://` means mutual TLS with the three files, or fail; `http://` is
+/// plaintext, allowed only with `--insecure` (and said loudly).
+fn controller_tls(
+    url: &str,
+    ca: &Option<PathBuf>,
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+    insecure: bool,
+) -> anyhow::Result<Option<lb_api::tls::TlsPaths>> {
+    use lb_api::tls::client::{ControllerUrl, Scheme};
+    let u = ControllerUrl::parse(url)?;
+    match (u.scheme, insecure, ca, cert, key) {
+        (Scheme::Tls, false, Some(ca), Some(cert), Some(key)) => Ok(Some(lb_api::tls::TlsPaths {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        })),
+        (Scheme::Tls, true, ..) => Err(anyhow!(
+            "--controller {url}: https:// always means TLS; --insecure is for plaintext http:// URLs"
+        )),
+        (Scheme::Tls, false, ..) => Err(anyhow!(
+            "--controller {url}: https:// needs --tls-ca, --tls-cert and --tls-key \
+             (RPCLB_TLS_CA, RPCLB_TLS_CERT, RPCLB_TLS_KEY)"
+        )),
+        (Scheme::Plain, false, ..) => Err(anyhow!(
+            "--controller {url}: http:// is plaintext and unauthenticated; use https:// with \
+             --tls-ca, --tls-cert and --tls-key, or pass --insecure to allow plaintext"
+        )),
+        (Scheme::Plain, true, ..) => {
+            tracing::warn!(
+                url,
+                "--insecure: the controller stream is PLAINTEXT; neither side is authenticated \
+                 and anyone on the path can read or change this node's services"
+            );
+            Ok(None)
+        }
+    }
+}
+
 fn run(a: RunArgs) -> anyhow::Result<()> {
     let source = match (a.config, a.controller) {
         (Some(path), None) => Source::File(path),
@@ -226,7 +288,14 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                 Some(n) => n,
                 None => hostname().context("no --node-name, and the host name is unreadable")?,
             };
-            Source::Controller(StreamOptions::new(url, node))
+            let tls = controller_tls(&url, &a.tls_ca, &a.tls_cert, &a.tls_key, a.insecure)?;
+            Source::Controller {
+                stream: StreamOptions::new(url, node),
+                tls: tls.map(|paths| TlsFiles {
+                    paths,
+                    poll: a.tls_poll,
+                }),
+            }
         }
         _ => Cli::command()
             .error(
@@ -292,7 +361,7 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Some(Cmd::Cleanup(c)) => cleanup(&c.pin_path),
         None if cli.cleanup => cleanup(&cli.run.pin_path),
-        Some(Cmd::Run(a)) => run(a),
+        Some(Cmd::Run(a)) => run(*a),
         None => run(cli.run),
     };
     match res {
