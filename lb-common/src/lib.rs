@@ -152,7 +152,13 @@ pub mod reason {
     pub const NAT_FORWARD: u32 = 16;
     pub const NAT_REVERSE: u32 = 17;
     pub const DROP_RST_BUILD: u32 = 18;
-    pub const COUNT: u32 = 19;
+    /// XDP: a translated packet whose L4 checksum is a CHECKSUM_PARTIAL seed,
+    /// updated as one and handed to the stack instead of redirected.
+    pub const PASS_CSUM_PARTIAL: u32 = 19;
+    /// XDP: as `PASS_CSUM_PARTIAL`, for a seed-valued check on a segment too
+    /// long to verify (taken for a seed without verification).
+    pub const PASS_CSUM_UNVERIFIED: u32 = 20;
+    pub const COUNT: u32 = 21;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "pass_not_ipv4",
@@ -174,6 +180,8 @@ pub mod reason {
         "nat_forward",
         "nat_reverse",
         "drop_rst_build",
+        "pass_csum_partial",
+        "pass_csum_unverified",
     ];
 }
 

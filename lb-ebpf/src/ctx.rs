@@ -8,7 +8,10 @@ use aya_ebpf::{
 };
 use core::ffi::c_void;
 
-use crate::nat;
+use crate::{
+    nat::{self, L4Csum},
+    parse::Packet,
+};
 
 /// A verdict before it is turned into the hook's return code.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -29,8 +32,12 @@ pub trait Ctx {
     fn frame_len(&self) -> usize;
     fn ifindex(&self) -> u32;
     fn raw(&self) -> *mut c_void;
+    /// What the L4 check field of `p` holds (see `nat`'s module docs).
+    fn l4_csum_kind(&self, p: &Packet) -> L4Csum;
     /// Replace the 4-byte address at `off` (IPv4 src or dst), fixing the IP
-    /// checksum at `ip_csum` and the L4 checksum at `l4_csum` (pseudo-header).
+    /// checksum at `ip_csum` and the L4 checksum at `l4_csum` (pseudo-header),
+    /// which holds a `kind` checksum.
+    #[allow(clippy::too_many_arguments)]
     fn rewrite_addr(
         &mut self,
         off: usize,
@@ -38,6 +45,7 @@ pub trait Ctx {
         new: u32,
         ip_csum: usize,
         l4_csum: usize,
+        kind: L4Csum,
         udp: bool,
     ) -> Option<()>;
     /// Replace the 2-byte port at `off`, fixing the L4 checksum at `l4_csum`.
@@ -47,6 +55,7 @@ pub trait Ctx {
         old: u16,
         new: u16,
         l4_csum: usize,
+        kind: L4Csum,
         udp: bool,
     ) -> Option<()>;
     /// Set the MACs and decrement the TTL (IPv4 header at `ip`) before a redirect.
@@ -90,6 +99,10 @@ impl Ctx for Xdp<'_> {
         self.0.ctx as *mut c_void
     }
     #[inline(always)]
+    fn l4_csum_kind(&self, p: &Packet) -> L4Csum {
+        nat::classify(self, p)
+    }
+    #[inline(always)]
     fn rewrite_addr(
         &mut self,
         off: usize,
@@ -97,6 +110,7 @@ impl Ctx for Xdp<'_> {
         new: u32,
         ip_csum: usize,
         l4_csum: usize,
+        kind: L4Csum,
         udp: bool,
     ) -> Option<()> {
         let a: *mut u32 = ptr_at(self, off)?;
@@ -105,8 +119,10 @@ impl Ctx for Xdp<'_> {
         unsafe {
             *a = new;
             *ic = nat::csum_update4(*ic, old, new);
-            if !(udp && *lc == 0) {
-                *lc = nat::l4_fix(nat::csum_update4(*lc, old, new), udp);
+            match kind {
+                L4Csum::Full => *lc = nat::l4_fix(nat::csum_update4(*lc, old, new), udp),
+                L4Csum::Seed | L4Csum::SeedUnverified => *lc = nat::seed_update4(*lc, old, new),
+                L4Csum::None => {}
             }
         }
         Some(())
@@ -118,13 +134,15 @@ impl Ctx for Xdp<'_> {
         old: u16,
         new: u16,
         l4_csum: usize,
+        kind: L4Csum,
         udp: bool,
     ) -> Option<()> {
         let p: *mut u16 = ptr_at(self, off)?;
         let lc: *mut u16 = ptr_at(self, l4_csum)?;
         unsafe {
             *p = new;
-            if !(udp && *lc == 0) {
+            // A port is not part of a seed.
+            if kind == L4Csum::Full {
                 *lc = nat::l4_fix(nat::csum_update2(*lc, old, new), udp);
             }
         }
@@ -197,6 +215,13 @@ impl Ctx for Tc<'_> {
     fn raw(&self) -> *mut c_void {
         self.0.skb.skb as *mut c_void
     }
+    /// Always `Full`: the helpers below read the skb's `ip_summed` and update
+    /// a partial checksum as one (`BPF_F_PSEUDO_HDR`), and
+    /// `BPF_F_MARK_MANGLED_0` keeps a UDP checksum of 0.
+    #[inline(always)]
+    fn l4_csum_kind(&self, _p: &Packet) -> L4Csum {
+        L4Csum::Full
+    }
     #[inline(always)]
     fn rewrite_addr(
         &mut self,
@@ -205,6 +230,7 @@ impl Ctx for Tc<'_> {
         new: u32,
         ip_csum: usize,
         l4_csum: usize,
+        _kind: L4Csum,
         udp: bool,
     ) -> Option<()> {
         let mangled = if udp { BPF_F_MARK_MANGLED_0 } else { 0 };
@@ -229,6 +255,7 @@ impl Ctx for Tc<'_> {
         old: u16,
         new: u16,
         l4_csum: usize,
+        _kind: L4Csum,
         udp: bool,
     ) -> Option<()> {
         let mangled = if udp { BPF_F_MARK_MANGLED_0 } else { 0 };

@@ -4,6 +4,7 @@
 #![no_main]
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
+#![feature(asm_experimental_arch)]
 
 mod conntrack;
 mod ctx;
@@ -89,7 +90,7 @@ fn process<C: Ctx>(ctx: &mut C) -> Verdict {
                 return Verdict::Drop;
             }
             stats::reason(reason::NAT_REVERSE);
-            return fwd::forward(ctx, &p, Some(v), now);
+            return forward(ctx, &p, Some(v), now);
         }
         if !(tcp && conntrack::is_reopen(v, p.flags)) {
             conntrack::touch(v, now);
@@ -102,7 +103,7 @@ fn process<C: Ctx>(ctx: &mut C) -> Verdict {
                 return Verdict::Drop;
             }
             stats::reason(reason::NAT_FORWARD);
-            return fwd::forward(ctx, &p, Some(v), now);
+            return forward(ctx, &p, Some(v), now);
         }
     }
 
@@ -137,7 +138,25 @@ fn process<C: Ctx>(ctx: &mut C) -> Verdict {
     }
     stats::reason(reason::NAT_FORWARD);
     // The flow's next packet caches the route.
-    fwd::forward(ctx, &p, None, now)
+    forward(ctx, &p, None, now)
+}
+
+/// Forwards a translated packet (`fwd::forward`), except one whose L4
+/// checksum is a CHECKSUM_PARTIAL seed: that one goes to the stack, which
+/// completes the checksum or hands it to the offload. A redirect would turn
+/// it into an XDP frame without checksum state (see `nat`'s module docs).
+#[inline(always)]
+fn forward<C: Ctx>(
+    ctx: &mut C,
+    p: &parse::Packet,
+    ct: Option<*mut lb_common::CtValue>,
+    now: u64,
+) -> Verdict {
+    if p.csum.is_seed() {
+        stats::reason(p.csum.pass_reason());
+        return Verdict::Pass;
+    }
+    fwd::forward(ctx, p, ct, now)
 }
 
 /// No usable backend: a TCP SYN gets a RST (the client fails fast), the rest is dropped.
@@ -179,6 +198,16 @@ pub unsafe fn zeroed<T>() -> T {
         i += 1;
     }
     unsafe { v.assume_init() }
+}
+
+/// `x`, unknown to the optimiser: keeps LLVM from rewriting a packet bounds
+/// check into a form the verifier refuses (arithmetic on `data_end`).
+#[inline(always)]
+pub fn opaque(mut x: usize) -> usize {
+    unsafe {
+        core::arch::asm!("/* {0} */", inout(reg) x, options(nomem, nostack, preserves_flags))
+    };
+    x
 }
 
 /// Atomic add on a shared map value (BPF_ATOMIC).

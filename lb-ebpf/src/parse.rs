@@ -3,7 +3,10 @@
 
 use lb_common::{proto, reason};
 
-use crate::ctx::{Ctx, ptr_at};
+use crate::{
+    ctx::{Ctx, ptr_at},
+    nat::L4Csum,
+};
 
 pub const ETH_LEN: usize = 14;
 pub const IP_OFF: usize = ETH_LEN;
@@ -77,6 +80,8 @@ pub struct Packet {
     pub seq: u32,
     pub ack: u32,
     pub payload_len: u32,
+    /// What the L4 check field holds; set by the NAT (`nat::classify`).
+    pub csum: L4Csum,
 }
 
 impl Packet {
@@ -124,6 +129,7 @@ pub fn parse<C: Ctx>(ctx: &C) -> Result<Packet, (u32, bool)> {
         seq: 0,
         ack: 0,
         payload_len: 0,
+        csum: L4Csum::Full,
     };
     match ip.proto {
         proto::TCP => {

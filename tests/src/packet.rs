@@ -1,6 +1,6 @@
 //! Packet fixtures for BPF_PROG_TEST_RUN: a builder of Ethernet II + IPv4 + TCP/UDP frames with
-//! checksums computed from scratch, a strict parser, a checksum verifier and a readable
-//! byte-diff assertion.
+//! checksums computed from scratch (full ones, or the seeds of CHECKSUM_PARTIAL packets), a
+//! strict parser, checksum verifiers and a readable byte-diff assertion.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -102,6 +102,20 @@ pub fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, segment: &[u8]) -> u
     !(csum_add(csum_add(0, &pseudo), segment) as u16)
 }
 
+/// The seed of a CHECKSUM_PARTIAL TCP/UDP packet: the folded, *uncomplemented* one's-complement
+/// sum of the IPv4 pseudo-header (addresses, protocol, L4 length `len`). The kernel writes it
+/// into the check field of a packet whose checksum a NIC (or the stack, in software) completes
+/// later by summing the L4 header and payload onto it (`~tcp_v4_check(len, saddr, daddr, 0)`,
+/// `udp4_hwcsum`). Never 0.
+pub fn pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: u16) -> u16 {
+    let mut pseudo = [0u8; 12];
+    pseudo[0..4].copy_from_slice(&src.octets());
+    pseudo[4..8].copy_from_slice(&dst.octets());
+    pseudo[9] = proto;
+    pseudo[10..12].copy_from_slice(&len.to_be_bytes());
+    csum_add(0, &pseudo) as u16
+}
+
 // ---------------------------------------------------------------------------------------------
 // Builder
 
@@ -139,6 +153,8 @@ pub struct Pkt {
     udp_len: Option<u16>,
     l4_csum: Option<u16>,
     truncate: Option<usize>,
+    partial: bool,
+    seed_collision: bool,
 }
 
 impl Pkt {
@@ -173,6 +189,8 @@ impl Pkt {
             udp_len: None,
             l4_csum: None,
             truncate: None,
+            partial: false,
+            seed_collision: false,
         }
     }
     pub fn tcp() -> Self {
@@ -282,6 +300,19 @@ impl Pkt {
         self.l4_csum = Some(csum);
         self
     }
+    /// A CHECKSUM_PARTIAL packet as the kernel hands it on before the checksum is completed:
+    /// the check field holds the seed ([`pseudo_sum`] over the L4 length), not a checksum.
+    pub fn partial(mut self) -> Self {
+        self.partial = true;
+        self
+    }
+    /// A full checksum that equals the seed by chance (1 in 65,536 packets): the first two
+    /// payload bytes are replaced by the word that makes it so. Needs a payload of at least 2
+    /// bytes; panics if the packet's seed is 0xffff (no TCP checksum can take that value).
+    pub fn seed_collision(mut self) -> Self {
+        self.seed_collision = true;
+        self
+    }
     /// UDP without checksum (checksum field 0, legal for UDP over IPv4).
     pub fn udp_no_csum(self) -> Self {
         self.l4_csum(0)
@@ -323,13 +354,38 @@ impl Pkt {
             h
         };
         let csum_at = if self.proto == IPPROTO_TCP { 16 } else { 6 };
+        let payload_at = l4.len();
         l4.extend_from_slice(&self.payload);
+        let seed = pseudo_sum(self.src, self.dst, self.proto, l4.len() as u16);
+        if self.seed_collision {
+            assert!(
+                self.payload.len() >= 2,
+                "seed_collision needs 2 payload bytes"
+            );
+            assert_ne!(seed, 0xffff, "no checksum equals a seed of 0xffff");
+            // The full checksum is !fold(seed + h), h the segment's sum (check field 0). It
+            // equals the seed when fold(seed + h) == !seed: with w the word at `payload_at`
+            // and h0 the sum without it, w = !seed - seed - h0 (one's complement).
+            l4[payload_at..payload_at + 2].fill(0);
+            let h0 = csum_add(0, &l4) as u16;
+            let w = csum_add(0, &[!seed, !seed, !h0].map(u16::to_be_bytes).concat()) as u16;
+            l4[payload_at..payload_at + 2].copy_from_slice(&w.to_be_bytes());
+        }
         let csum = self.l4_csum.unwrap_or_else(|| {
+            if self.partial {
+                return seed;
+            }
             match l4_checksum(self.src, self.dst, self.proto, &l4) {
                 0 if self.proto == IPPROTO_UDP => 0xffff, // 0 means "no checksum" in UDP
                 c => c,
             }
         });
+        if self.seed_collision && self.l4_csum.is_none() && !self.partial {
+            assert_eq!(
+                csum, seed,
+                "seed_collision: the full checksum equals the seed"
+            );
+        }
         l4[csum_at..csum_at + 2].copy_from_slice(&csum.to_be_bytes());
 
         let hlen = 20 + ip_opts.len();
@@ -649,6 +705,59 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), PacketError> {
     Ok(())
 }
 
+/// The L4 segment of an unfragmented TCP/UDP frame (UDP: as long as its length field says), its
+/// pseudo-header sum and its check field.
+fn l4_parts(frame: &[u8]) -> Result<(&'static str, u16, Vec<u8>, u16), PacketError> {
+    let p = parse(frame)?;
+    let ip = &p.ip;
+    let b = &frame[ETH_HLEN..];
+    let seg = &b[ip.ihl as usize * 4..ip.tot_len as usize];
+    let (proto, seg, found) = match &p.l4 {
+        Some(L4::Tcp(t)) => ("TCP", seg, t.csum),
+        Some(L4::Udp(u)) => ("UDP", &seg[..u.len as usize], u.csum),
+        None => {
+            return Err(PacketError::Malformed {
+                what: "L4 protocol for a checksum",
+                value: ip.proto.into(),
+            });
+        }
+    };
+    let seed = pseudo_sum(ip.src, ip.dst, ip.proto, seg.len() as u16);
+    Ok((proto, seed, seg.to_vec(), found))
+}
+
+/// Check the IPv4 header checksum and that the L4 check field holds the seed of a
+/// CHECKSUM_PARTIAL packet ([`pseudo_sum`]), not a checksum.
+pub fn verify_seed(frame: &[u8]) -> Result<(), PacketError> {
+    let p = parse(frame)?;
+    let hdr = &frame[ETH_HLEN..ETH_HLEN + p.ip.ihl as usize * 4];
+    if checksum(hdr) != 0 {
+        let mut h = hdr.to_vec();
+        h[10..12].fill(0);
+        return Err(PacketError::IpChecksum {
+            found: p.ip.csum,
+            expected: checksum(&h),
+        });
+    }
+    let (proto, seed, _, found) = l4_parts(frame)?;
+    if found != seed {
+        return Err(PacketError::L4Checksum {
+            proto,
+            found,
+            expected: seed,
+        });
+    }
+    Ok(())
+}
+
+/// The one's-complement sum of the pseudo-header and the whole L4 segment, check field
+/// included: 0xffff for a correct full checksum. A rewrite that updates a checksum correctly
+/// (whatever the field held) keeps this value.
+pub fn l4_residual(frame: &[u8]) -> Result<u16, PacketError> {
+    let (_, seed, seg, _) = l4_parts(frame)?;
+    Ok(csum_add(seed as u32, &seg) as u16)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Readable diffs
 
@@ -861,6 +970,38 @@ mod tests {
         assert_eq!(f.len(), ETH_HLEN + 40);
         assert_eq!(be16(&f, ETH_HLEN + 20 + 16), 0xfcf1);
         verify_checksums(&f).unwrap();
+    }
+
+    #[test]
+    fn seeds_and_collisions() {
+        // Hand-computed: 0af4 + 0102 + 0a60 + 000a + 0006 + 0014 = 0x167a (see tcp_syn_known_answer).
+        assert_eq!(pseudo_sum(A, B, IPPROTO_TCP, 20), 0x167a);
+        let f = Pkt::tcp().ip(A, B).flags(SYN).seq(1).partial().build();
+        assert_eq!(be16(&f, ETH_HLEN + 36), 0x167a);
+        verify_seed(&f).unwrap();
+        assert!(verify_checksums(&f).is_err(), "a seed is not a checksum");
+        // Completing a seed the way a NIC does (sum the segment onto it, complement) gives the
+        // full checksum.
+        let full = Pkt::tcp().ip(A, B).flags(SYN).seq(1).build();
+        let seg = &f[ETH_HLEN + 20..];
+        let completed = !(csum_add(0, seg) as u16);
+        assert_eq!(completed, be16(&full, ETH_HLEN + 36));
+
+        let u = Pkt::udp().ip(A, B).payload(b"abc").partial().build();
+        assert_eq!(be16(&u, ETH_HLEN + 26), pseudo_sum(A, B, IPPROTO_UDP, 11));
+        verify_seed(&u).unwrap();
+
+        // Collisions: a correct full checksum equal to the seed, for odd and even lengths.
+        for n in [2usize, 3, 4, 5, 100, 511, 1400, 1401] {
+            let payload: Vec<u8> = (0..n).map(|i| (i * 7 + 1) as u8).collect();
+            for p in [Pkt::tcp().flags(ACK), Pkt::udp()] {
+                let f = p.ip(A, B).payload(&payload).seed_collision().build();
+                verify_checksums(&f).unwrap();
+                verify_seed(&f).unwrap();
+                assert_eq!(l4_residual(&f).unwrap(), 0xffff);
+                assert_eq!(parse(&f).unwrap().ip.tot_len as usize, f.len() - ETH_HLEN);
+            }
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::Duration;
 use lb_agent::datapath::attach::{Attached, TC_HANDLE, TC_PRIORITY, TcAttach, netlink_marker};
 use lb_agent::datapath::{AttachMode, Datapath, DatapathConfig};
 use lb_api::{Algorithm, Backend, Protocol, Service};
-use rpclb_tests::lab::{self, Lab};
+use rpclb_tests::lab::{self, Checksums, CsumErrors, HeldConn, Lab, Limits};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const UDP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
@@ -31,19 +31,21 @@ fn service(
 /// Loads the data path pinned in the lab's bpffs and attaches it to every
 /// node-side interface, from inside the node namespace.
 fn datapath(lab: &Lab, mode: AttachMode) -> Datapath {
-    datapath_with(lab, mode, TcAttach::Auto).0
+    datapath_with(lab, mode, |_| {}).0
 }
 
-/// [`datapath`] with TC attached as `tc` says; also what each interface got.
-fn datapath_with(lab: &Lab, mode: AttachMode, tc: TcAttach) -> (Datapath, Vec<Attached>) {
+/// [`datapath`] with its config changed by `tune` (fib redirect off, TC
+/// attached as netlink filters); also what each interface got.
+fn datapath_with(
+    lab: &Lab,
+    mode: AttachMode,
+    tune: impl FnOnce(&mut DatapathConfig),
+) -> (Datapath, Vec<Attached>) {
     let ifaces: Vec<String> = lab.node_ifaces().iter().map(|i| i.name.clone()).collect();
-    let pin = lab.bpffs().join("rpclb");
+    let mut cfg = DatapathConfig::small(lab.bpffs().join("rpclb"));
+    tune(&mut cfg);
     lab.node()
         .run(move || {
-            let cfg = DatapathConfig {
-                tc_attach: tc,
-                ..DatapathConfig::small(pin)
-            };
             let mut dp = Datapath::load(&cfg).expect("load");
             let got = ifaces
                 .iter()
@@ -286,6 +288,170 @@ fn lab_no_backend_refuses_fast() {
     assert_eq!(reasons["tx_rst_no_backend"], 1);
 }
 
+/// Checksum errors counted by the client and every backend.
+fn csum_errors(lab: &Lab) -> Vec<(String, CsumErrors)> {
+    std::iter::once(("client".to_string(), lab.client()))
+        .chain(
+            lab.backends()
+                .iter()
+                .enumerate()
+                .map(|(i, h)| (format!("backend-{}", i + 1), h)),
+        )
+        .map(|(n, h)| (n, h.ns.csum_errors().expect("/proc/net/snmp")))
+        .collect()
+}
+
+fn no_csum_errors(e: &[(String, CsumErrors)]) -> bool {
+    e.iter().all(|(_, c)| c.tcp == 0 && c.udp == 0)
+}
+
+/// TCP and UDP traffic from the client to `tcp` and `udp`: short connections,
+/// one connection echoing large lines (full-size and, without native XDP on
+/// the node, GSO segments), and datagrams. Every failure, as text.
+fn mixed_traffic(lab: &Lab, tcp: SocketAddrV4, udp: SocketAddrV4, n: usize) -> Vec<String> {
+    let lim = Limits {
+        per_op: Duration::from_secs(2),
+        total: Duration::from_secs(20),
+    };
+    let ns = &lab.client().ns;
+    let mut failed = Vec::new();
+    let tcp_res = ns.run(|| lab::tcp_attempts(tcp, n, lim)).unwrap();
+    failed.extend(
+        tcp_res
+            .into_iter()
+            .enumerate()
+            .filter_map(|(k, r)| r.err().map(|e| format!("TCP {k} to {tcp}: {e}"))),
+    );
+    match HeldConn::open(ns, tcp) {
+        Ok(mut c) => {
+            for k in 0..3 {
+                let line = format!("{k}").repeat(20_000 + 1000 * k);
+                if let Err(e) = c.try_echo(&line) {
+                    failed.push(format!("echo {k} of {} bytes: {e}", line.len()));
+                    break;
+                }
+            }
+        }
+        Err(e) => failed.push(format!("held connection: {e}")),
+    }
+    let udp_res = ns.run(|| lab::udp_attempts(udp, n, lim)).unwrap();
+    failed.extend(
+        udp_res
+            .into_iter()
+            .enumerate()
+            .filter_map(|(k, r)| r.err().map(|e| format!("UDP {k} to {udp}: {e}"))),
+    );
+    failed
+}
+
+/// Pods send CHECKSUM_PARTIAL packets: with tx checksum offload on (the veth
+/// default), a TCP/UDP packet's check field holds only the pseudo-header sum
+/// (the seed) until someone completes it. Here the client and backends keep
+/// tx offload on and the node's veths have it off, so the node's stack
+/// completes in software whatever it forwards, and the receivers verify it
+/// (`Checksums::Partial`). A data path that rewrites a seed as if it were a
+/// full checksum, or redirects a seed as an XDP frame (which loses the
+/// partial state), makes the receiver count `InCsumErrors` and the traffic
+/// fail. Run in every mode, with and without fib redirect.
+fn partial_checksums(mode: AttachMode, fib_redirect: bool) {
+    let lab = Lab::with_checksums(2, Checksums::Partial).expect("lab");
+    let _tcp = lab.start_tcp_servers(8080).unwrap();
+    let _udp = lab.start_udp_servers(5353).unwrap();
+    let what = format!("{mode:?}, fib_redirect {fib_redirect}");
+
+    // The control: without the load balancer, the node completes the seeds
+    // correctly and nothing is counted.
+    let b1 = lab.backend(1).ip();
+    let failed = mixed_traffic(
+        &lab,
+        SocketAddrV4::new(b1, 8080),
+        SocketAddrV4::new(b1, 5353),
+        5,
+    );
+    let errs = csum_errors(&lab);
+    assert!(
+        failed.is_empty() && no_csum_errors(&errs),
+        "{what}: direct traffic without the LB: {failed:?} {errs:?}"
+    );
+
+    let (mut dp, _) = datapath_with(&lab, mode, |c| c.fib_redirect = fib_redirect);
+    let bk = |port| {
+        lab.backends()
+            .iter()
+            .map(|h| Backend::new(h.ip(), port))
+            .collect::<Vec<_>>()
+    };
+    let tcp_svc = service(
+        "lab/web:http",
+        VIP,
+        80,
+        Protocol::Tcp,
+        Algorithm::RoundRobin,
+        bk(8080),
+    );
+    let udp_svc = service(
+        "lab/dns:dns",
+        UDP_VIP,
+        53,
+        Protocol::Udp,
+        Algorithm::RoundRobin,
+        bk(5353),
+    );
+    dp.writer().upsert_service(&tcp_svc).unwrap();
+    dp.writer().upsert_service(&udp_svc).unwrap();
+
+    let failed = mixed_traffic(
+        &lab,
+        SocketAddrV4::new(VIP, 80),
+        SocketAddrV4::new(UDP_VIP, 53),
+        20,
+    );
+    let errs = csum_errors(&lab);
+    let reasons: BTreeMap<_, _> = dp.writer().reasons().unwrap().into_iter().collect();
+    eprintln!("{what}: failures {failed:?}\n  checksum errors {errs:?}\n  reasons {reasons:?}");
+    assert!(
+        failed.is_empty() && no_csum_errors(&errs),
+        "{what}: through the VIP: {} failure(s) {failed:?}, checksum errors {errs:?}",
+        failed.len()
+    );
+    assert!(
+        reasons["nat_forward"] >= 40 && reasons["nat_reverse"] >= 40,
+        "{reasons:?}"
+    );
+    if mode != AttachMode::Tc {
+        // The XDP program really saw partial checksums, and left them to the
+        // stack. (In generic XDP, GSO packets longer than the verification
+        // bound count as `pass_csum_unverified`.)
+        let seeds = reasons.get("pass_csum_partial").copied().unwrap_or(0)
+            + reasons.get("pass_csum_unverified").copied().unwrap_or(0);
+        assert!(seeds >= 80, "{what}: seeds seen: {reasons:?}");
+    }
+}
+
+#[test]
+fn tc_lab_partial_checksums() {
+    if lab::require() {
+        partial_checksums(AttachMode::Tc, true);
+        partial_checksums(AttachMode::Tc, false);
+    }
+}
+
+#[test]
+fn xdp_lab_partial_checksums() {
+    if lab::require() {
+        partial_checksums(AttachMode::Xdp, false);
+        partial_checksums(AttachMode::Xdp, true);
+    }
+}
+
+#[test]
+fn xdp_generic_lab_partial_checksums() {
+    if lab::require() {
+        partial_checksums(AttachMode::XdpGeneric, false);
+        partial_checksums(AttachMode::XdpGeneric, true);
+    }
+}
+
 /// TC as a netlink clsact filter (what kernels without TCX get): it
 /// balances like a TCX link, survives the agent (a restart replaces the
 /// program in the same filter, and a held connection keeps going), and
@@ -297,7 +463,7 @@ fn tc_netlink_lab_balances_survives_a_restart_and_cleans_up() {
     }
     let lab = Lab::new(3).expect("lab");
     let _tcp = lab.start_tcp_servers(8080).unwrap();
-    let (mut dp, got) = datapath_with(&lab, AttachMode::Tc, TcAttach::Netlink);
+    let (mut dp, got) = datapath_with(&lab, AttachMode::Tc, |c| c.tc_attach = TcAttach::Netlink);
     assert!(
         got.iter().all(|a| a.how == "tc-netlink" && !a.reused),
         "{got:?}"
@@ -336,13 +502,13 @@ fn tc_netlink_lab_balances_survives_a_restart_and_cleans_up() {
     assert!(pin.join("links").join(netlink_marker(&node_if)).is_dir());
 
     // The agent goes (the filter stays and keeps balancing), and comes back.
-    let mut held = lab::HeldConn::open(&lab.client().ns, SocketAddrV4::new(VIP, 80)).unwrap();
+    let mut held = HeldConn::open(&lab.client().ns, SocketAddrV4::new(VIP, 80)).unwrap();
     held.echo("before");
     drop(dp);
     held.echo("while the agent is gone");
     let c = counts(&lab.client_tcp(SocketAddrV4::new(VIP, 80), 6).unwrap());
     assert_eq!(c.len(), 3, "still balancing with no agent: {c:?}");
-    let (dp, got) = datapath_with(&lab, AttachMode::Tc, TcAttach::Auto);
+    let (dp, got) = datapath_with(&lab, AttachMode::Tc, |_| {});
     assert!(
         got.iter().all(|a| a.how == "tc-netlink" && a.reused),
         "the filter found and its program replaced: {got:?}"

@@ -4,6 +4,12 @@
 //! packet builder, map setup through the agent's `MapWriter`, the expected
 //! verdict and the exact expected output bytes (checksums included). Each
 //! table runs against XDP and against TC.
+//!
+//! Checksums: `main_table` has full checksums; `checksum_table` has the seeds
+//! of CHECKSUM_PARTIAL packets (`Pkt::partial`) and full checksums that equal
+//! the seed by chance (`Pkt::seed_collision`). Every expected frame is built
+//! from scratch: a seed is the pseudo-header sum after the NAT, a full
+//! checksum the real one.
 
 use std::net::Ipv4Addr;
 
@@ -358,6 +364,299 @@ fn xdp_main_table() {
 fn tc_main_table() {
     if can_run() {
         main_table(Hook::Tc);
+    }
+}
+
+/// The payload of a frame (after `seed_collision` chose its first two bytes).
+fn payload_of(frame: &[u8]) -> Vec<u8> {
+    let p = packet::parse(frame).unwrap();
+    match (p.tcp(), p.udp()) {
+        (Some(t), _) => t.payload.clone(),
+        (_, Some(u)) => u.payload.clone(),
+        _ => panic!("no L4 payload"),
+    }
+}
+
+/// `out` with the L4 check field that keeps `input`'s residual (the sum of
+/// pseudo-header and segment, 0xffff when correct): what an RFC 1624 update
+/// of whatever the field held gives, the answer for a skb that says
+/// CHECKSUM_NONE whatever the field holds.
+fn same_residual(input: &[u8], out: Pkt) -> Vec<u8> {
+    let r_in = packet::l4_residual(input).unwrap();
+    let zero = out.clone().l4_csum(0).build();
+    let r0 = packet::l4_residual(&zero).unwrap();
+    // fold(r0 + x) == r_in  =>  x = r_in - r0 (one's complement).
+    let x = packet::csum_add(r_in as u32, &(!r0).to_be_bytes()) as u16;
+    let f = out.l4_csum(x).build();
+    assert_eq!(packet::l4_residual(&f).unwrap(), r_in);
+    f
+}
+
+/// What the L4 check field of a fixture's output must hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sum {
+    /// A correct full checksum.
+    Full,
+    /// The seed of a CHECKSUM_PARTIAL packet.
+    Seed,
+    /// Whatever keeps the input's residual (see `same_residual`).
+    Kept,
+}
+
+/// Partial checksums (seeds) and full checksums that collide with the seed,
+/// both directions, TCP and UDP, short and full-size segments.
+///
+/// XDP sees only bytes: it must update a seed as a seed (addresses only, no
+/// complement, ports left out) and hand the packet to the stack, and take a
+/// colliding full checksum for what it is. BPF_PROG_TEST_RUN gives TC a
+/// CHECKSUM_NONE skb, so TC updates whatever the field holds as a full
+/// checksum (the helpers follow the skb's state; the lab covers real
+/// CHECKSUM_PARTIAL skbs in TC): a seed's "error" is kept, and a colliding
+/// full checksum comes out correct, as from XDP.
+fn checksum_table(hook: Hook) {
+    let mut h = Harness::new(false);
+    let (bk, bport, uport) = (b(1), 8080, 5353);
+    let w = h.dp().writer();
+    w.upsert_service(&service(
+        "demo/rpc:grpc",
+        VIP,
+        80,
+        Protocol::Tcp,
+        Algorithm::Maglev,
+        &[(bk, bport)],
+    ))
+    .unwrap();
+    w.upsert_service(&service(
+        "demo/dns:dns",
+        UDP_VIP,
+        53,
+        Protocol::Udp,
+        Algorithm::Maglev,
+        &[(bk, uport)],
+    ))
+    .unwrap();
+
+    let mss = [2, 4, 5, 0xb4, 4, 2, 1, 1];
+    let big: Vec<u8> = (0..1448u32).map(|i| (i * 31 + 7) as u8).collect();
+    let odd = b"GET /odd HTTP/1.1\r\n\r\n!";
+    let fwd = |flags: u8, dst: Ipv4Addr, dport: u16| tcp(CLIENT, 40000, dst, dport, flags).ack(1);
+    let rev =
+        |flags: u8, src: Ipv4Addr, sport: u16| tcp(src, sport, CLIENT, 40000, flags).ack(1001);
+    let udp = |src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16| {
+        Pkt::udp().ip(src, dst).ports(sport, dport).id(9)
+    };
+    // (description, input, expected output without its check field, kind of check in it)
+    let mut cases: Vec<(&str, Vec<u8>, Pkt, Sum)> = vec![
+        (
+            "partial SYN to the VIP: the seed follows the address, not the port",
+            tcp(CLIENT, 40000, VIP, 80, SYN)
+                .tcp_options(&mss)
+                .partial()
+                .build(),
+            tcp(CLIENT, 40000, bk, bport, SYN).tcp_options(&mss),
+            Sum::Seed,
+        ),
+        (
+            "partial data, odd length",
+            fwd(ACK | PSH, VIP, 80).payload(odd).partial().build(),
+            fwd(ACK | PSH, bk, bport).payload(odd),
+            Sum::Seed,
+        ),
+        (
+            "partial full-size segment (1448 bytes)",
+            fwd(ACK, VIP, 80).payload(&big).partial().build(),
+            fwd(ACK, bk, bport).payload(&big),
+            Sum::Seed,
+        ),
+        (
+            "partial reply: SNAT back to the VIP",
+            rev(ACK | PSH, bk, bport)
+                .payload(b"HTTP/1.1 200 OK\r\n\r\n")
+                .partial()
+                .build(),
+            rev(ACK | PSH, VIP, 80).payload(b"HTTP/1.1 200 OK\r\n\r\n"),
+            Sum::Seed,
+        ),
+        (
+            "partial full-size reply",
+            rev(ACK, bk, bport).payload(&big[..1001]).partial().build(),
+            rev(ACK, VIP, 80).payload(&big[..1001]),
+            Sum::Seed,
+        ),
+        (
+            "partial UDP datagram to the VIP",
+            udp(CLIENT, 41000, UDP_VIP, 53)
+                .payload(b"query")
+                .partial()
+                .build(),
+            udp(CLIENT, 41000, bk, uport).payload(b"query"),
+            Sum::Seed,
+        ),
+        (
+            "partial UDP, same flow, odd length",
+            udp(CLIENT, 41000, UDP_VIP, 53)
+                .payload(b"query 2")
+                .partial()
+                .build(),
+            udp(CLIENT, 41000, bk, uport).payload(b"query 2"),
+            Sum::Seed,
+        ),
+        (
+            "partial UDP reply",
+            udp(bk, uport, CLIENT, 41000)
+                .payload(b"answer")
+                .partial()
+                .build(),
+            udp(UDP_VIP, 53, CLIENT, 41000).payload(b"answer"),
+            Sum::Seed,
+        ),
+    ];
+    // Full checksums equal to the seed: verified, and updated as full ones.
+    for (desc, input) in [
+        (
+            "full checksum equal to the seed: data",
+            fwd(ACK | PSH, VIP, 80)
+                .payload(b"collide")
+                .seed_collision()
+                .build(),
+        ),
+        (
+            "full checksum equal to the seed: full-size segment",
+            fwd(ACK, VIP, 80).payload(&big).seed_collision().build(),
+        ),
+        (
+            "full checksum equal to the seed: reply",
+            rev(ACK, bk, bport)
+                .payload(&big[..777])
+                .seed_collision()
+                .build(),
+        ),
+        (
+            "full checksum equal to the seed: UDP",
+            udp(CLIENT, 41000, UDP_VIP, 53)
+                .payload(b"collide!")
+                .seed_collision()
+                .build(),
+        ),
+        (
+            "full checksum equal to the seed: UDP reply",
+            udp(bk, uport, CLIENT, 41000)
+                .payload(b"collide!!")
+                .seed_collision()
+                .build(),
+        ),
+    ] {
+        packet::verify_checksums(&input).unwrap();
+        packet::verify_seed(&input).unwrap();
+        let p = packet::parse(&input).unwrap();
+        let body = payload_of(&input);
+        let out = match (p.tcp(), p.ip.src == CLIENT) {
+            (Some(t), true) => fwd(t.flags, bk, bport).payload(&body),
+            (Some(t), false) => rev(t.flags, VIP, 80).payload(&body),
+            (None, true) => udp(CLIENT, 41000, bk, uport).payload(&body),
+            (None, false) => udp(UDP_VIP, 53, CLIENT, 41000).payload(&body),
+        };
+        cases.push((desc, input, out, Sum::Full));
+    }
+
+    let before = h.reasons();
+    let mut seeds = 0;
+    for (desc, input, out, sum) in cases {
+        let sum = if hook == Hook::Tc && sum == Sum::Seed {
+            Sum::Kept
+        } else {
+            sum
+        };
+        let want = match sum {
+            Sum::Full => out.build(),
+            Sum::Seed => out.partial().build(),
+            Sum::Kept => same_residual(&input, out),
+        };
+        seeds += (sum == Sum::Seed) as u64;
+        let (rc, got) = h.run(hook, &input);
+        assert_eq!(rc, V::Pass.code(hook), "{hook:?}: {desc}: verdict");
+        let ok = match sum {
+            Sum::Full => packet::verify_checksums(&got),
+            Sum::Seed => packet::verify_seed(&got),
+            Sum::Kept => Ok(()),
+        };
+        if let Err(e) = ok {
+            panic!("{hook:?}: {desc}: output checksum ({sum:?}): {e}");
+        }
+        eprintln!("{hook:?}: {desc}: ok");
+        assert_bytes_eq(&got, &want);
+    }
+    let after = h.reasons();
+    let delta = |n: &str| {
+        after.iter().find(|r| r.0 == n).unwrap().1 - before.iter().find(|r| r.0 == n).unwrap().1
+    };
+    assert_eq!(
+        delta("pass_csum_partial"),
+        seeds,
+        "{hook:?}: seeds handed to the stack"
+    );
+    assert_eq!(delta("pass_csum_unverified"), 0);
+    assert_eq!(delta("nat_forward") + delta("nat_reverse"), 13);
+}
+
+#[test]
+fn xdp_checksum_table() {
+    if can_run() {
+        checksum_table(Hook::Xdp);
+    }
+}
+
+/// Every segment length around the verification's steps (4-byte words,
+/// 512-byte chunks, odd tails), up to what a test run takes: a seed stays a
+/// seed, a colliding full checksum stays full.
+#[test]
+fn xdp_checksum_lengths() {
+    if !can_run() {
+        return;
+    }
+    let mut h = Harness::new(false);
+    h.dp()
+        .writer()
+        .upsert_service(&service(
+            "demo/rpc:grpc",
+            VIP,
+            80,
+            Protocol::Tcp,
+            Algorithm::Maglev,
+            &[(b(1), 8080)],
+        ))
+        .unwrap();
+    let lens = (2..=40)
+        .chain(500..=530)
+        .chain(1010..=1040)
+        .chain([1448, 1535, 1536, 1537, 2047, 2048, 2049, 3000]);
+    let mut n = 0;
+    for len in lens {
+        let body: Vec<u8> = (0..len).map(|i| (i * 13 + len) as u8).collect();
+        let pkt = |dst: Ipv4Addr, dport: u16| tcp(CLIENT, 40000, dst, dport, ACK).ack(1);
+        let seed = pkt(VIP, 80).payload(&body).partial().build();
+        let (_, out) = h.run(Hook::Xdp, &seed);
+        assert_bytes_eq(&out, &pkt(b(1), 8080).payload(&body).partial().build());
+        let full = pkt(VIP, 80).payload(&body).seed_collision().build();
+        let (_, out) = h.run(Hook::Xdp, &full);
+        let want = pkt(b(1), 8080).payload(&payload_of(&full)).build();
+        if out != want {
+            panic!(
+                "payload {len}: colliding full checksum: {}",
+                packet::bytes_diff(&out, &want)
+            );
+        }
+        n += 1;
+    }
+    let r: std::collections::BTreeMap<_, _> = h.reasons().into_iter().collect();
+    assert_eq!(r["pass_csum_partial"], n, "one per seed");
+    assert_eq!(r["pass_csum_unverified"], 0);
+}
+
+#[test]
+fn tc_checksum_table() {
+    if can_run() {
+        checksum_table(Hook::Tc);
     }
 }
 
@@ -873,6 +1172,33 @@ fn xdp_fib_redirect_and_route_cache() {
         // TTL 1 is left to the stack (ICMP time exceeded).
         let (rc, _) = h.run(Hook::Xdp, &tcp(CLIENT, 40000, VIP, 80, ACK).ttl(1).build());
         assert_eq!(rc, XDP_PASS);
+        // A partial checksum is never redirected: an XDP frame has no checksum
+        // state, so the seed would arrive as a (wrong) full checksum. The stack
+        // gets it, translated, with the seed updated (no TTL or MAC change).
+        let seed = |dst: Ipv4Addr, dport: u16| {
+            tcp(CLIENT, 40000, dst, dport, ACK)
+                .payload(b"seed")
+                .partial()
+                .build()
+        };
+        let (rc, out) = h.run(Hook::Xdp, &seed(VIP, 80));
+        assert_eq!(rc, XDP_PASS, "a seed goes to the stack");
+        assert_bytes_eq(&out, &seed(b(1), 8080));
+        // A full checksum that equals the seed is still redirected.
+        let input = tcp(CLIENT, 40000, VIP, 80, ACK)
+            .payload(b"collide")
+            .seed_collision()
+            .build();
+        let (rc, out) = h.run(Hook::Xdp, &input);
+        assert_eq!(rc, 4, "a colliding full checksum is redirected");
+        assert_bytes_eq(
+            &out,
+            &tcp(CLIENT, 40000, b(1), 8080, ACK)
+                .eth([0x02, 0, 0, 0, 0x0b, 0x01], [0x02, 0, 0, 0, 0x0b, 0x02])
+                .ttl(63)
+                .payload(&payload_of(&input))
+                .build(),
+        );
     })
     .unwrap();
 }

@@ -8,8 +8,8 @@ pub mod sys;
 mod topology;
 pub mod traffic;
 
-pub use netns::{LinkStats, Netns, netns_list, sweep, sweep_orphans};
-pub use topology::{BpfFs, Host, Iface, Lab};
+pub use netns::{CsumErrors, LinkStats, Netns, netns_list, sweep, sweep_orphans};
+pub use topology::{BpfFs, Checksums, Host, Iface, Lab};
 pub use traffic::{HeldConn, Limits, Reply, TcpServer, UdpServer, tcp_attempts, udp_attempts};
 
 use std::process::Command;

@@ -1,6 +1,7 @@
 //! Named network namespaces (`ip netns`) with Drop teardown, and code execution inside them.
 
 use super::{LabError, Result, cmd, io_err};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::hash::{BuildHasher, RandomState};
 use std::os::fd::AsRawFd;
@@ -117,6 +118,38 @@ impl Netns {
         cmd("ip", &a)
     }
 
+    /// This namespace's `/proc/net/snmp` counters, keyed `<Group>.<Name>` (`Tcp.InCsumErrors`).
+    pub fn snmp(&self) -> Result<BTreeMap<String, u64>> {
+        let out = self.exec("cat", &["/proc/net/snmp"])?;
+        let mut m = BTreeMap::new();
+        let mut lines = out.lines();
+        // Pairs of lines: `Tcp: Name1 Name2 ...` then `Tcp: 1 2 ...`.
+        while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+            let (Some((group, names)), Some((_, values))) =
+                (names.split_once(':'), values.split_once(':'))
+            else {
+                break;
+            };
+            for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
+                if let Ok(v) = v.parse() {
+                    m.insert(format!("{group}.{n}"), v);
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    /// TCP and UDP segments this namespace received with a bad checksum (`InCsumErrors` of
+    /// `/proc/net/snmp`: what `nstat` shows as TcpInCsumErrors and UdpInCsumErrors).
+    pub fn csum_errors(&self) -> Result<CsumErrors> {
+        let m = self.snmp()?;
+        let get = |k: &str| m.get(k).copied().unwrap_or(0);
+        Ok(CsumErrors {
+            tcp: get("Tcp.InCsumErrors"),
+            udp: get("Udp.InCsumErrors"),
+        })
+    }
+
     /// Counters of a link in this namespace, from its /sys/class/net statistics.
     pub fn link_stats(&self, ifname: &str) -> Result<LinkStats> {
         const FILES: [&str; 6] = [
@@ -167,6 +200,13 @@ impl Drop for Netns {
             eprintln!("lab teardown: {e}");
         }
     }
+}
+
+/// Receive checksum errors of one namespace; see [`Netns::csum_errors`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CsumErrors {
+    pub tcp: u64,
+    pub udp: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -8,6 +8,10 @@
 //! ```
 //! Client and backends route 10.244.0.0/16 and 10.96.0.0/16 (VIPs) via the node and have no
 //! default route, so nothing can leave the lab.
+//!
+//! [`Checksums`] says which veth ends compute checksums in software: by default the client and
+//! backends put full checksums on the wire; [`Checksums::Partial`] makes them send
+//! CHECKSUM_PARTIAL packets instead, as pods do.
 
 use super::netns::{prefix_of, suffix};
 use super::traffic::{Limits, Reply, TcpServer, UdpServer, tcp_attempts, udp_attempts};
@@ -19,6 +23,22 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+/// Where the lab's TCP/UDP checksums are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Checksums {
+    /// Client and backend veth ends have tx checksum offload off (`ethtool -K tx off`): their
+    /// packets carry full checksums, and every receiver verifies what it gets.
+    #[default]
+    Full,
+    /// Client and backend veth ends keep tx checksum offload on (the veth default, as in a
+    /// pod): their TCP and UDP packets reach the node as CHECKSUM_PARTIAL, the check field
+    /// holding only the pseudo-header sum (the "seed"). The node-side ends have tx offload off,
+    /// so whatever the node's stack forwards is completed in software from that seed, arrives
+    /// as CHECKSUM_NONE and is verified by the receiver: a seed the node mangled shows up as
+    /// `InCsumErrors` in the receiver's `/proc/net/snmp` (see `Netns::csum_errors`).
+    Partial,
+}
 
 /// One end of a veth pair.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +65,14 @@ impl Host {
     }
 
     /// Wire `ns` to `node` over 10.244.`net`.0/24: node side .1, host side .2.
-    fn wire(node: &Netns, ns: Netns, tag: &str, role: &str, net: u8) -> Result<Host> {
+    fn wire(
+        node: &Netns,
+        ns: Netns,
+        tag: &str,
+        role: &str,
+        net: u8,
+        csum: Checksums,
+    ) -> Result<Host> {
         let (node_if, host_if) = (format!("{tag}n{role}"), format!("{tag}{role}"));
         let (node_ip, host_ip) = (
             Ipv4Addr::new(10, 244, net, 1),
@@ -72,10 +99,12 @@ impl Host {
         for net in ["10.244.0.0/16", "10.96.0.0/16"] {
             ns.ip(&["route", "add", net, "via", &node_ip.to_string()])?;
         }
-        // Full checksums on the wire (`ethtool -K tx off`), so the receiver verifies them; GRO
-        // gives the veth NAPI, which XDP_REDIRECT from the node into it needs.
+        // Full checksums on the wire (`ethtool -K tx off`), so the receiver verifies them, or
+        // partial ones (see `Checksums`); GRO gives the veth NAPI, which XDP_REDIRECT from the
+        // node into it needs.
+        let partial = csum == Checksums::Partial;
         let iface = ns.run(|| -> std::io::Result<Iface> {
-            sys::ethtool_set(&host_if, sys::ETHTOOL_STXCSUM, false)?;
+            sys::ethtool_set(&host_if, sys::ETHTOOL_STXCSUM, partial)?;
             sys::ethtool_set(&host_if, sys::ETHTOOL_SGRO, true)?;
             Ok(Iface {
                 ifindex: sys::ifindex(&host_if)?,
@@ -87,6 +116,9 @@ impl Host {
         let iface = iface.map_err(io_err(format!("configure {host_if} in {}", ns.name())))?;
         let node_iface = node
             .run(|| -> std::io::Result<Iface> {
+                if partial {
+                    sys::ethtool_set(&node_if, sys::ETHTOOL_STXCSUM, false)?;
+                }
                 Ok(Iface {
                     ifindex: sys::ifindex(&node_if)?,
                     mac: sys::mac(&node_if)?,
@@ -172,8 +204,13 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// Build a lab with `n_backends` (1..=200) backend namespaces.
+    /// Build a lab with `n_backends` (1..=200) backend namespaces and full checksums.
     pub fn new(n_backends: usize) -> Result<Lab> {
+        Lab::with_checksums(n_backends, Checksums::Full)
+    }
+
+    /// [`Lab::new`] with the given checksum placement.
+    pub fn with_checksums(n_backends: usize, csum: Checksums) -> Result<Lab> {
         assert!((1..=200).contains(&n_backends), "1..=200 backends");
         // Once per process, clear what crashed or killed earlier runs left behind.
         static SWEEP: std::sync::Once = std::sync::Once::new();
@@ -202,11 +239,11 @@ impl Lab {
 
         // Forwarding on in the node namespace only.
         node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-        let client = Host::wire(&node, client_ns, &tag, "c", 1)?;
+        let client = Host::wire(&node, client_ns, &tag, "c", 1, csum)?;
         let backends = backend_ns
             .into_iter()
             .enumerate()
-            .map(|(i, ns)| Host::wire(&node, ns, &tag, &format!("b{}", i + 1), 11 + i as u8))
+            .map(|(i, ns)| Host::wire(&node, ns, &tag, &format!("b{}", i + 1), 11 + i as u8, csum))
             .collect::<Result<Vec<_>>>()?;
         tracing::info!(node = node.name(), backends = n_backends, "lab up");
         Ok(Lab {
