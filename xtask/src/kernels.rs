@@ -1007,9 +1007,13 @@ fn boot(
             .to_string()
     };
     if !out.join("booted").exists() {
+        let why = if finished {
+            "qemu exited before the guest's init ran".to_string()
+        } else {
+            format!("no guest init within {} s", BOOT_TIMEOUT.as_secs())
+        };
         return Ok(Some(format!(
-            "did not boot (no guest init within {} s); console:\n{}",
-            BOOT_TIMEOUT.as_secs(),
+            "did not boot ({why}); console:\n{}",
             console_tail()
         )));
     }
@@ -1362,6 +1366,10 @@ fn render(runs: &[KernelRun], short: bool) -> String {
             let first = b.lines().next().unwrap_or("");
             let _ = writeln!(s, "| {kernel} | (all) | - | - | - | - | {} |", cell(first));
             errors.push((kernel.clone(), b.clone(), b.clone()));
+            // Steps that never ran say nothing more.
+            if r.steps.iter().all(|st| st.status.is_none()) {
+                continue;
+            }
         }
         let modes = [
             ("xdp", "lab-xdp", "xdp_"),
