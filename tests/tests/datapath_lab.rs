@@ -1,5 +1,5 @@
 //! Lab tests: real kernel TCP and UDP sockets through the programs attached
-//! to a node namespace, in XDP mode and in TC mode.
+//! to a node namespace, in XDP mode (native and generic) and in TC mode.
 //!
 //! client ── node (programs on every node-side veth) ── backends 1..3.
 //! Everything lives in namespaces that the lab creates and deletes.
@@ -150,6 +150,16 @@ fn xdp_lab_balances_tcp_and_udp() {
     }
 }
 
+/// Generic (skb) XDP: the same program on the stack's XDP hook, for
+/// drivers without native XDP; the kernel matrix (`cargo xtask
+/// test-kernels`) runs it as its own mode.
+#[test]
+fn xdp_generic_lab_balances_tcp_and_udp() {
+    if lab::require() {
+        balance(AttachMode::XdpGeneric);
+    }
+}
+
 #[test]
 fn tc_lab_balances_tcp_and_udp() {
     if lab::require() {
@@ -243,6 +253,13 @@ fn long_lived(mode: AttachMode) {
 fn xdp_lab_long_lived_connection_survives_backend_changes() {
     if lab::require() {
         long_lived(AttachMode::Xdp);
+    }
+}
+
+#[test]
+fn xdp_generic_lab_long_lived_connection_survives_backend_changes() {
+    if lab::require() {
+        long_lived(AttachMode::XdpGeneric);
     }
 }
 

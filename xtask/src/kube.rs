@@ -62,7 +62,7 @@ pub fn ensure() -> Result<()> {
     let bin = binary();
     let missing = missing_packages(RUN_PACKAGES)?;
     if !missing.is_empty() {
-        apt_install(&missing)?;
+        apt_install("kube-apiserver", &missing)?;
     }
     if !crate::setup::have("kubectl") {
         println!(
@@ -84,7 +84,7 @@ pub fn ensure() -> Result<()> {
 }
 
 /// Which of `pkgs` dpkg does not list as installed ("ii").
-fn missing_packages(pkgs: &[&str]) -> Result<Vec<String>> {
+pub(crate) fn missing_packages(pkgs: &[&str]) -> Result<Vec<String>> {
     // dpkg-query exits 1 when a package is unknown; its stdout still lists the known ones.
     let out = Command::new("dpkg-query")
         .args(["-W", "-f", "${Package} ${db:Status-Abbrev}\n"])
@@ -107,7 +107,9 @@ fn missing_packages(pkgs: &[&str]) -> Result<Vec<String>> {
         .collect())
 }
 
-fn apt_install(pkgs: &[String]) -> Result<()> {
+/// `apt-get install` of `pkgs` (root only), then checks that dpkg lists them; `who` prefixes
+/// the progress line.
+pub(crate) fn apt_install(who: &str, pkgs: &[String]) -> Result<()> {
     if !crate::setup::is_root() {
         bail!(
             "missing Debian packages: {} (run as root, or `apt-get install {}`)",
@@ -115,7 +117,7 @@ fn apt_install(pkgs: &[String]) -> Result<()> {
             pkgs.join(" ")
         );
     }
-    println!("kube-apiserver: installing {}", pkgs.join(" "));
+    println!("{who}: installing {}", pkgs.join(" "));
     let apt = |args: &[&str]| -> Result<()> {
         let out = Command::new("apt-get")
             .args(args)
@@ -179,7 +181,7 @@ fn build() -> Result<()> {
 
     let missing = missing_packages(BUILD_PACKAGES)?;
     if !missing.is_empty() {
-        apt_install(&missing)?;
+        apt_install("kube-apiserver", &missing)?;
     }
     let work = parent.join(format!(".build-{VERSION}"));
     let log_path = parent.join(format!("build-{VERSION}.log"));
@@ -400,7 +402,7 @@ fn logged(cmd: &mut Command, log: &File, what: &str) -> Result<()> {
 }
 
 /// The last `n` lines of `s`.
-fn tail(s: &str, n: usize) -> String {
+pub(crate) fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }

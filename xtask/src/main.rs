@@ -1,6 +1,8 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | image | kube-apiserver | test | bench | demo | certs`.
+//! Project tasks: `cargo xtask setup | build-ebpf | image | kube-apiserver | test |
+//! test-kernels | bench | demo | certs`.
 
 mod image;
+mod kernels;
 mod kube;
 mod setup;
 
@@ -32,11 +34,17 @@ enum Cmd {
     /// (${RPCLB_CACHE_DIR:-/var/cache/rpclb}/kube-apiserver/) and install etcd, for the
     /// Kubernetes tests. Skips what is done already.
     KubeApiserver,
-    /// setup + build-ebpf + image + kube-apiserver + `cargo test --workspace ARGS`; ARGS are
+    /// setup + build-ebpf + image + kube-apiserver + `cargo test --workspace ARGS`, then the
+    /// short kernel matrix (`test-kernels --short`: Debian 12's 6.1 under qemu); ARGS are
     /// cargo test's, e.g. `cargo xtask test -p lb-agent -- --nocapture` (a `-p` list without
-    /// rpclb-tests, which holds the image test, skips the images).
+    /// rpclb-tests, which holds the image and kernel tests, skips both).
     #[command(disable_help_flag = true)]
     Test(Passthrough),
+    /// setup + build-ebpf + the kernel tests (packet tests, a netns lab per attach mode, the
+    /// agent) on Debian's 6.1 (bookworm) and 5.10 (bullseye) kernels under qemu (TCG) and on
+    /// the host's kernel, then a table of kernel x mode. Kernels are fetched once into
+    /// ${RPCLB_CACHE_DIR:-/var/cache/rpclb}/kernels/.
+    TestKernels(KernelArgs),
     /// setup + build-ebpf + `rpclb-bench ARGS` (release build).
     #[command(disable_help_flag = true)]
     Bench(Passthrough),
@@ -59,6 +67,22 @@ struct EbpfArgs {
     /// Dev profile instead of release.
     #[arg(long, conflicts_with = "release")]
     debug: bool,
+}
+
+#[derive(Args)]
+struct KernelArgs {
+    /// The short form that `cargo xtask test` runs: 6.1 only, the packet tests and one XDP lab.
+    #[arg(long)]
+    short: bool,
+    /// Only these kernels (repeatable): 6.1 (bookworm), 5.10 (bullseye), host.
+    #[arg(long = "kernel", value_name = "KERNEL")]
+    kernels: Vec<String>,
+    /// Ask Debian's archive for newer kernel packages even when some are cached.
+    #[arg(long)]
+    refresh: bool,
+    /// Write the table into docs/operations.md (between its kernel-matrix markers).
+    #[arg(long)]
+    update_docs: bool,
 }
 
 /// Arguments for the inner command. Clap would eat a leading `--`, so the
@@ -116,7 +140,26 @@ fn task(cmd: Cmd) -> Result<()> {
                 // other features (rpclb_tests::procs::workspace_bin).
                 cmd.env("RPCLB_BINS_BUILT", "1");
             }
-            run(&mut cmd)
+            run(&mut cmd)?;
+            if image::wanted_by_test(&args) {
+                kernels_short(&root, &args)?;
+            }
+            Ok(())
+        }
+        Cmd::TestKernels(a) => {
+            prepare(&root)?;
+            let opts = kernels::Options {
+                short: a.short,
+                kernels: a.kernels,
+                refresh: a.refresh,
+                update_docs: a.update_docs,
+            };
+            let out = kernels::run(&root, &opts, &[])?;
+            println!("\n{}", out.table);
+            if !out.problems.is_empty() {
+                bail!("the kernel matrix failed:\n{}", out.problems.join("\n"));
+            }
+            Ok(())
         }
         Cmd::Bench(_) => run_bin(&root, "rpclb-bench"),
         Cmd::Demo(_) => demo(&root),
@@ -134,6 +177,50 @@ fn task(cmd: Cmd) -> Result<()> {
             .arg("certs")
             .args(passthrough())),
     }
+}
+
+/// The short kernel matrix after the workspace tests, with the binaries they built. It needs
+/// root to install qemu and fetch the kernel the first time; without root and without them it
+/// skips, or fails under CI (`CI` or `RPCLB_REQUIRE_PRIVILEGES`), as the tests do.
+fn kernels_short(root: &Path, args: &[OsString]) -> Result<()> {
+    if !setup::is_root() && !kernels::ready_without_root() {
+        let why = "the kernel matrix (test-kernels --short) needs root the first time, to install \
+                   qemu and fetch Debian's kernel";
+        if privileges_required() {
+            bail!(
+                "{why} (CI or RPCLB_REQUIRE_PRIVILEGES is set, so this fails instead of skipping)"
+            );
+        }
+        println!("SKIP: {why}");
+        return Ok(());
+    }
+    let opts = kernels::Options {
+        short: true,
+        kernels: Vec::new(),
+        refresh: false,
+        update_docs: false,
+    };
+    let t = std::time::Instant::now();
+    let out = kernels::run(root, &opts, args)?;
+    println!("\n{}", out.table);
+    if !out.problems.is_empty() {
+        bail!("the kernel matrix failed:\n{}", out.problems.join("\n"));
+    }
+    println!(
+        "test-kernels --short: ok in {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `CI` or `RPCLB_REQUIRE_PRIVILEGES` set (not empty, 0 or false): what cannot run fails.
+fn privileges_required() -> bool {
+    ["CI", "RPCLB_REQUIRE_PRIVILEGES"].iter().any(|k| {
+        std::env::var(k).is_ok_and(|v| {
+            let v = v.trim().to_ascii_lowercase();
+            !v.is_empty() && v != "0" && v != "false"
+        })
+    })
 }
 
 /// The workspace root: this crate's parent folder.
