@@ -177,6 +177,29 @@ fn upgrade_replaces_a_per_cpu_backend_stats_pin() {
     }
 }
 
+/// Upgrading from an agent with fewer verdict reasons: the pinned REASONS
+/// map (one entry per reason) is replaced by one with room for every
+/// reason, instead of being adopted and failing to count the new ones.
+#[test]
+fn upgrade_grows_a_reasons_pin_with_fewer_reasons() {
+    if !require_root("loading the data path") {
+        return;
+    }
+    let dp = load(|_| {});
+    let reasons = dp.dir().join(map_names::REASONS);
+    std::fs::remove_file(&reasons).unwrap();
+    let older = lb_common::reason::COUNT - 2;
+    pin_map(&reasons, BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, older);
+
+    let mut twin = dp.twin(|_| {}).expect("a restart replaces the counter map");
+    let have = memory::pinned_shape(map_names::REASONS, &reasons)
+        .unwrap()
+        .unwrap();
+    assert_eq!(have.max_entries, lb_common::reason::COUNT);
+    let all = twin.writer().reasons().expect("every reason readable");
+    assert_eq!(all.len() as u32, lb_common::reason::COUNT);
+}
+
 /// Over the budget, nothing is created; allowed, it loads.
 #[test]
 fn over_budget_is_refused_before_anything_is_created() {

@@ -212,10 +212,7 @@ const SHORT: &[Step] = &[
 /// reported in the table but does not fail the run.
 ///
 /// TODO(kernels): once the programs load on 5.10, add 5.10's steps.
-const MUST_PASS: &[(&str, &str)] = &[
-    ("host", "*"),
-    ("6.1", "*"),
-];
+const MUST_PASS: &[(&str, &str)] = &[("host", "*"), ("6.1", "*")];
 
 fn must_pass(kernel: &str, step: &str) -> bool {
     MUST_PASS

@@ -252,9 +252,12 @@ pub fn prepare(cfg: &DatapathConfig) -> Result<MapMemory, DatapathError> {
         }
         let have = pinned_shape(want.name, &path)?;
         match have {
+            // A counter map sized by the programs, not by a flag (REASONS:
+            // one entry per reason), must grow when an upgrade adds reasons.
             Some(h)
                 if (h.kind, h.key_size, h.value_size)
-                    == (want.kind, want.key_size, want.value_size) =>
+                    == (want.kind, want.key_size, want.value_size)
+                    && (want.name != m::REASONS || h.max_entries == want.max_entries) =>
             {
                 if h.max_entries != want.max_entries
                     && let Some(flag) = size_flag(want.name)
@@ -373,9 +376,10 @@ mod tests {
     fn only_small_maps_grow_with_cpus() {
         let cfg = DatapathConfig::default();
         let per_cpu: u64 = shapes(&cfg).iter().map(|s| s.per_cpu_bytes()).sum();
-        // SVC_STATS (16,384 x 32 B) + REASONS (19 x 8 B) + a pointer and a spare
-        // element per CPU for each plain hash.
-        assert_eq!(per_cpu, 16_384 * 32 + 19 * 8 + (8 + 80) + (8 + 312));
+        // SVC_STATS (16,384 x 32 B) + REASONS (one 8 B counter per reason) + a
+        // pointer and a spare element per CPU for each plain hash.
+        let reasons = reason::COUNT as u64 * 8;
+        assert_eq!(per_cpu, 16_384 * 32 + reasons + (8 + 80) + (8 + 312));
         assert!(per_cpu < MIB, "{per_cpu} bytes per CPU");
         assert_eq!(shape(&cfg, m::BACKEND_STATS).per_cpu_bytes(), 0);
     }
@@ -388,7 +392,7 @@ mod tests {
         assert_eq!(b(m::SLOTS, 128), (1 << 24) * 8);
         assert_eq!(b(m::BACKEND_STATS, 128), 262_144 * 32);
         assert_eq!(b(m::SVC_STATS, 128), 16_384 * (8 + 32 * 128));
-        assert_eq!(b(m::REASONS, 2), 19 * (8 + 8 * 2));
+        assert_eq!(b(m::REASONS, 2), reason::COUNT as u64 * (8 + 8 * 2));
         // LRU: 2^19 buckets of 16 B, elements of 48 + 16 + 64 B.
         assert_eq!(b(m::CONNTRACK, 2), (1 << 19) * 16 + 524_288 * 128);
         // Hash: 16,384 buckets, elements of 48 + 8 + 24 B and one spare per CPU.
