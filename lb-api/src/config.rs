@@ -201,11 +201,16 @@ fn path_string(segs: &[Seg]) -> String {
 // reported by `build`, at the position of the mapping that lacks it (serde
 // would report it after the mapping's last key, at that key).
 
+const EMPTY_DOCUMENT: &str = "no services: an empty file, or `services:` with nothing \
+    after it, is refused (a half-written file looks like that); write `services: []` to \
+    remove every service";
+
 /// Always read from a mapping (see `Top`).
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    /// `services:` with nothing after it (all entries commented out) is empty.
+    /// Required: `None` for a missing key and for `services:` with nothing
+    /// after it (all entries commented out); both are refused.
     #[serde(default)]
     services: Option<At<Vec<At<RawService>>>>,
     #[serde(default)]
@@ -290,6 +295,15 @@ fn required<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Opti
 
 fn build(raw: Option<RawConfig>) -> Result<Config, Problem> {
     let raw = raw.unwrap_or_default();
+    // An empty document is what a file caught half-written looks like (a
+    // truncation before the rewrite): it never removes every service.
+    if raw.services.is_none() {
+        return Err(Problem {
+            path: Vec::new(),
+            at: None,
+            message: EMPTY_DOCUMENT.to_string(),
+        });
+    }
     let t = raw.timeouts.map(|t| t.value).unwrap_or_default();
     let d = Timeouts::default();
     let secs = |s: Option<At<Seconds>>, default| s.map_or(default, |s| s.value.0);
@@ -1139,14 +1153,24 @@ mod tests {
 
     #[test]
     fn empty_documents() {
+        // What a half-written file looks like is refused ...
         for text in [
             "",
             "\n",
             "# nothing yet\n",
             "services:\n",
-            "services: []\n",
+            "services:\n  # - name: a\n",
             "---\n",
+            "timeouts:\n  udp: 30\n",
         ] {
+            let e = parse(text, "x").expect_err(text);
+            assert!(
+                e.to_string().contains("write `services: []`"),
+                "{text:?}: {e}"
+            );
+        }
+        // ... and an explicit empty list removes every service.
+        for text in ["services: []\n", "services: [] # none\ntimeouts: {}\n"] {
             let c = parse(text, "x").unwrap_or_else(|e| panic!("{text:?}: {e}"));
             assert_eq!(c, Config::default(), "{text:?}");
         }
@@ -1203,7 +1227,11 @@ mod tests {
 
     #[test]
     fn timeouts() {
-        let c = parse("timeouts:\n  tcp_established: 3600\n  udp: 30\n", "x").unwrap();
+        let c = parse(
+            "services: []\ntimeouts:\n  tcp_established: 3600\n  udp: 30\n",
+            "x",
+        )
+        .unwrap();
         assert_eq!(c.timeouts.tcp_established, Duration::from_secs(3600));
         assert_eq!(c.timeouts.udp, Duration::from_secs(30));
         assert_eq!(c.timeouts.tcp_syn, Duration::from_secs(60));

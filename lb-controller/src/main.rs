@@ -276,7 +276,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // The source first: a bad config file stops us before we listen.
     let mut file = match (&cli.config, cli.kube) {
         (Some(path), false) => {
-            let mut f = FileSource::new(path);
+            // A change is published once two polls saw the same bytes.
+            let settle = Duration::from_millis(cli.config_poll_ms.max(10)) / 2;
+            let mut f = FileSource::new(path, settle);
             match f.poll(&publisher, true) {
                 lb_controller::standalone::Polled::Invalid(e) => bail!("{e}"),
                 _ => {

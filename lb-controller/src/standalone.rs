@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use lb_api::config_file::{ConfigFile, Reload};
 use lb_api::wire::NodeState;
@@ -31,9 +32,11 @@ pub enum Polled {
 }
 
 impl FileSource {
-    pub fn new(path: impl Into<PathBuf>) -> Self {
+    /// A change is published once it has been stable for `settle` (see
+    /// [`ConfigFile`]).
+    pub fn new(path: impl Into<PathBuf>, settle: Duration) -> Self {
         FileSource {
-            file: ConfigFile::new(path),
+            file: ConfigFile::new(path, settle),
         }
     }
 
@@ -45,7 +48,7 @@ impl FileSource {
     /// parses it and publishes it.
     pub fn poll(&mut self, publisher: &Publisher, force: bool) -> Polled {
         match self.file.read(force) {
-            Reload::Unchanged => Polled::Unchanged,
+            Reload::Unchanged | Reload::Settling => Polled::Unchanged,
             Reload::Changed(Err(e)) => Polled::Invalid(e.to_string()),
             Reload::Changed(Ok(cfg)) => Polled::Published(publisher.publish(
                 NodeState {
@@ -86,7 +89,12 @@ mod tests {
         let good = "services:\n  - name: a/b:http\n    vip: 10.96.0.1\n    port: 80\n    backends:\n      - { ip: 10.244.1.1, port: 8080 }\n";
         std::fs::write(&path, good).unwrap();
         let p = Publisher::new();
-        let mut f = FileSource::new(&path);
+        let mut f = FileSource::new(&path, Duration::ZERO);
+        // The first read is taken; later changes once two reads agree.
+        let settled = |f: &mut FileSource, p: &Publisher| match f.poll(p, false) {
+            Polled::Unchanged => f.poll(p, false),
+            r => r,
+        };
         assert_eq!(f.poll(&p, false), Polled::Published(1));
         assert_eq!(f.poll(&p, false), Polled::Unchanged);
         assert_eq!(
@@ -99,17 +107,17 @@ mod tests {
             "services:\n  - name: a/b:http\n    vip: 10.96.0.300\n",
         )
         .unwrap();
-        let Polled::Invalid(e) = f.poll(&p, false) else {
+        let Polled::Invalid(e) = settled(&mut f, &p) else {
             panic!("expected an error");
         };
         assert!(e.contains("services.yaml:3:") && e.contains("vip"), "{e}");
         assert_eq!(p.current().version, 1, "the good state stays");
         assert_eq!(p.current().default.state.services.len(), 1);
         std::fs::write(&path, good.replace("8080", "8081")).unwrap();
-        assert_eq!(f.poll(&p, false), Polled::Published(2));
+        assert_eq!(settled(&mut f, &p), Polled::Published(2));
         assert_eq!(p.current().default.state.services[0].backends[0].port, 8081);
         std::fs::remove_file(&path).unwrap();
-        assert!(matches!(f.poll(&p, false), Polled::Invalid(e) if e.contains("cannot read")));
+        assert!(matches!(settled(&mut f, &p), Polled::Invalid(e) if e.contains("cannot read")));
         assert_eq!(p.current().version, 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }

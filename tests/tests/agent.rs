@@ -423,6 +423,114 @@ fn agent_bad_config_keeps_the_running_state() {
     );
 }
 
+/// A half-written config never takes effect (issue 10): `: > services.yaml`
+/// is refused as an empty document, and a file rewritten in place, seen by a
+/// poll while cut at a line boundary (a backend short), is not applied: only
+/// the whole file is, once two polls agree. Before the fix, the empty file
+/// removed every service and each cut file was applied.
+#[test]
+fn agent_half_written_config_never_takes_effect() {
+    skip_unless_lab!();
+    let lab = Lab::new(3).expect("lab");
+    let _tcp = lab.start_tcp_servers(8080).unwrap();
+    let dir = TestDir::new("halfcfg");
+    let whole = |algo| config_yaml(&[web(&lab, algo, &[1, 2, 3])], None);
+    dir.write_config(&whole("round-robin"));
+    let args = agent_args(&lab, &dir, &["--config-poll", "1s"]);
+    let mut agent = Agent::start(&lab, &dir, "agent", &args);
+    agent.wait_ready();
+    assert_eq!(tcp(&lab, 9).len(), 3);
+
+    // Truncated in place: refused, counted, the three backends still served.
+    std::fs::File::create(dir.config()).unwrap();
+    agent.wait_metric("rpclb_config_reload_errors_total", 1.0);
+    assert!(
+        agent.log().contains("write `services: []`"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(tcp(&lab, 9).len(), 3, "the empty file removed nothing");
+
+    // Rewritten in place by a slow writer: the cut file (the last backend
+    // missing) stands for 0.7 s, less than the 1 s between two polls, and
+    // is caught by about 7 polls in 10. Each whole file differs from the
+    // last, so each round is exactly one reload.
+    let mut reloads = 0.0;
+    for (round, algo) in ["random", "round-robin", "random", "round-robin", "random"]
+        .into_iter()
+        .enumerate()
+    {
+        let text = whole(algo);
+        let last = text.trim_end().rfind('\n').unwrap() + 1;
+        std::fs::write(dir.config(), &text[..last]).unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+        std::fs::write(dir.config(), &text).unwrap();
+        reloads += 1.0;
+        let m = agent.wait_metric("rpclb_config_reloads_total", reloads);
+        // Two polls later: still one reload for this round.
+        std::thread::sleep(Duration::from_millis(2100));
+        let m2 = agent.scrape();
+        assert_eq!(
+            m2.get("rpclb_config_reloads_total", &[]),
+            Some(reloads),
+            "round {round}: the cut file was applied too:\n{}",
+            agent.log()
+        );
+        assert_eq!(m.get("rpclb_config_reload_errors_total", &[]), Some(1.0));
+    }
+    assert_eq!(tcp(&lab, 9).len(), 3);
+    assert_eq!(agent.scrape().get("rpclb_services", &[]), Some(1.0));
+
+    // `services: []` is how to remove them all.
+    dir.write_config("services: []\n");
+    let m = agent.wait_metric("rpclb_config_reloads_total", reloads + 1.0);
+    assert_eq!(m.get("rpclb_services", &[]), Some(0.0));
+}
+
+/// Map sizes the kernel refuses (issue 10): before, `--max-conntrack 0
+/// --datapath ebpf` failed with a raw `failed to create map CONNTRACK:
+/// Invalid argument` after other maps were created and left them pinned.
+/// Now the flag is named and nothing is created. Needs no root: sizes are
+/// checked before anything else.
+#[test]
+fn agent_bad_map_size_at_startup_exits_1() {
+    let dir = TestDir::new("badsize");
+    dir.write_config("services: []\n");
+    let pin = dir.path().join("pins");
+    let cfg = dir.config().display().to_string();
+    for (datapath, flag, value, want) in [
+        (
+            "ebpf",
+            "--max-conntrack",
+            "0",
+            "lb-agent: --max-conntrack 0: must be at least 2",
+        ),
+        (
+            "auto",
+            "--max-slots",
+            "0",
+            "lb-agent: --max-slots 0: must be at least 1",
+        ),
+    ] {
+        let out = agent_cmd(&[
+            "--config",
+            &cfg,
+            "--interfaces",
+            "lo",
+            "--pin-path",
+            &pin.display().to_string(),
+            "--datapath",
+            datapath,
+            flag,
+            value,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(want), "want {want:?} in:\n{stderr}");
+        assert!(!pin.exists(), "nothing pinned");
+    }
+}
+
 /// A bad config at startup: exit status 1, one clear line, no backtrace, and
 /// nothing touched. Needs no root: the config is read first.
 #[test]

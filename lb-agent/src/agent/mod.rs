@@ -149,10 +149,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut client_tls = None;
     let file = match &opts.source {
         Source::File(path) => {
-            let mut file = ConfigFile::new(path);
+            // A change takes effect once two polls saw the same bytes.
+            let mut file = ConfigFile::new(path, opts.config_poll / 2);
             let cfg = match file.read(true) {
                 Reload::Changed(r) => r.map_err(|e| anyhow!("{e}"))?,
-                Reload::Unchanged => unreachable!("a forced read is a change"),
+                Reload::Unchanged | Reload::Settling => unreachable!("a forced read is a change"),
             };
             info!(
                 config = %path.display(),
@@ -192,7 +193,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             None
         }
     };
-    // 2. Pins only survive on bpffs.
+    // 2. Map sizes the kernel would refuse are a configuration to fix, in
+    // `auto` too. Pins only survive on bpffs.
+    if opts.datapath_kind != DatapathKind::Userspace {
+        datapath::memory::check_sizes(&opts.datapath)?;
+    }
     if opts.datapath_kind == DatapathKind::Ebpf {
         attach::check_bpffs(&opts.datapath.pin_path)?;
     }
@@ -558,6 +563,10 @@ impl Loop {
         };
         let cfg = match file.read(force) {
             Reload::Unchanged => return,
+            Reload::Settling => {
+                debug!("config file changed; waiting for it to settle");
+                return;
+            }
             Reload::Changed(Ok(c)) => c,
             Reload::Changed(Err(e)) => {
                 self.shared.metrics.config_reload_errors.inc();

@@ -242,6 +242,7 @@ const REPLACEABLE: &[&str] = &[m::SVC_STATS, m::BACKEND_STATS, m::REASONS];
 /// shape is unpinned so that the load creates it anew; any other map of
 /// another shape is an error.
 pub fn prepare(cfg: &DatapathConfig) -> Result<MapMemory, DatapathError> {
+    check_sizes(cfg)?;
     let cpus = possible_cpus()?;
     let mut maps = shapes(cfg);
     let mut replace = Vec::new();
@@ -300,6 +301,31 @@ pub fn prepare(cfg: &DatapathConfig) -> Result<MapMemory, DatapathError> {
 
 /// The flag that sizes a map (one warning per flag: the other maps it
 /// sizes follow).
+/// Map sizes the kernel or the programs cannot work with, refused before
+/// anything is created (a zero-sized map is EINVAL at creation, after other
+/// maps were made).
+pub fn check_sizes(cfg: &DatapathConfig) -> Result<(), DatapathError> {
+    let bad = |flag, value, why| Err(DatapathError::BadSize { flag, value, why });
+    for (flag, value) in [
+        ("--max-services", cfg.max_services),
+        ("--max-backends", cfg.max_backends),
+        ("--max-affinity", cfg.max_affinity),
+        ("--max-slots", cfg.max_slots),
+    ] {
+        if value == 0 {
+            return bad(flag, value, "must be at least 1");
+        }
+    }
+    if cfg.max_conntrack < 2 {
+        return bad(
+            "--max-conntrack",
+            cfg.max_conntrack,
+            "must be at least 2 (each flow takes two entries)",
+        );
+    }
+    Ok(())
+}
+
 fn size_flag(name: &str) -> Option<&'static str> {
     Some(match name {
         m::SERVICES => "--max-services",
@@ -370,6 +396,35 @@ mod tests {
             );
             mem.check(DEFAULT_BUDGET).unwrap();
         }
+    }
+
+    #[test]
+    fn sizes_the_kernel_refuses_are_refused_first() {
+        let ok = DatapathConfig::default();
+        check_sizes(&ok).unwrap();
+        let e = check_sizes(&DatapathConfig {
+            max_conntrack: 0,
+            ..ok.clone()
+        })
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--max-conntrack 0: must be at least 2 (each flow takes two entries)"
+        );
+        let e = check_sizes(&DatapathConfig {
+            max_slots: 0,
+            ..ok.clone()
+        })
+        .unwrap_err();
+        assert_eq!(e.to_string(), "--max-slots 0: must be at least 1");
+        // prepare() checks first: nothing is read or created.
+        let e = prepare(&DatapathConfig {
+            max_services: 0,
+            pin_path: "/nonexistent/rpclb-pins".into(),
+            ..ok
+        })
+        .unwrap_err();
+        assert!(e.to_string().starts_with("--max-services 0"), "{e}");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use aya::{
     programs::{SchedClassifier, Xdp, links::LinkError},
 };
 use lb_common::{limits, map_names, prog_names};
-use tracing::info;
+use tracing::{info, warn};
 
 pub use reader::{BackendStats, ConntrackEntry, MapReader, ServiceInfo, ServiceStats};
 pub use writer::MapWriter;
@@ -107,6 +107,12 @@ pub enum DatapathError {
         cpus: u32,
         largest: &'static str,
         largest_mib: f64,
+    },
+    #[error("{flag} {value}: {why}")]
+    BadSize {
+        flag: &'static str,
+        value: u32,
+        why: &'static str,
     },
     #[error(
         "map {name} is pinned as {pinned}, but this agent needs {wanted}; \
@@ -217,12 +223,24 @@ impl Datapath {
     /// Loads the object, reusing maps already pinned under the pin path (a
     /// restart), or creating and pinning them (a first start). Refuses maps
     /// over the memory budget before creating any ([`memory::prepare`]).
+    ///
+    /// A failed load leaves the pin path as it found it: the maps it created
+    /// are unpinned (those it adopted stay, with their flows).
     pub fn load(cfg: &DatapathConfig) -> Result<Self, DatapathError> {
+        let mem = memory::prepare(cfg)?;
+        let before = pins_under(&cfg.pin_path);
+        let r = Self::load_prepared(cfg, &mem);
+        if r.is_err() {
+            undo_new_pins(&cfg.pin_path, before.as_ref());
+        }
+        r
+    }
+
+    fn load_prepared(cfg: &DatapathConfig, mem: &memory::MapMemory) -> Result<Self, DatapathError> {
         let io = |source| DatapathError::Io {
             path: cfg.pin_path.clone(),
             source,
         };
-        let mem = memory::prepare(cfg)?;
         std::fs::create_dir_all(&cfg.pin_path).map_err(io)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&cfg.pin_path)
@@ -254,7 +272,7 @@ impl Datapath {
         })?;
         let mut writer = MapWriter::from_ebpf(&mut ebpf)?;
         writer.set_config(cfg.fib_redirect)?;
-        memory::log(&mem, cfg.map_memory_budget, &cfg.pin_path);
+        memory::log(mem, cfg.map_memory_budget, &cfg.pin_path);
         info!(pin_path = %cfg.pin_path.display(), "data path loaded");
         Ok(Datapath {
             ebpf,
@@ -290,6 +308,35 @@ impl Datapath {
             })?;
         }
         Ok(p)
+    }
+}
+
+/// The files pinned directly under `dir` (`None`: no such directory).
+fn pins_under(dir: &Path) -> Option<std::collections::BTreeSet<std::ffi::OsString>> {
+    let rd = std::fs::read_dir(dir).ok()?;
+    Some(rd.flatten().map(|e| e.file_name()).collect())
+}
+
+/// After a failed load: unpins what it pinned under `dir` that was not there
+/// `before`, and removes `dir` if the load created it and it is empty.
+fn undo_new_pins(dir: &Path, before: Option<&std::collections::BTreeSet<std::ffi::OsString>>) {
+    let Some(now) = pins_under(dir) else {
+        return;
+    };
+    for name in now
+        .iter()
+        .filter(|n| before.is_none_or(|b| !b.contains(*n)))
+    {
+        let p = dir.join(name);
+        if p.is_file() {
+            match std::fs::remove_file(&p) {
+                Ok(()) => info!(path = %p.display(), "unpinned a map of the failed load"),
+                Err(e) => warn!(path = %p.display(), "could not unpin after a failed load: {e}"),
+            }
+        }
+    }
+    if before.is_none() {
+        let _ = std::fs::remove_dir(dir);
     }
 }
 
