@@ -45,6 +45,10 @@ enum Cmd {
     /// the host's kernel, then a table of kernel x mode. Kernels are fetched once into
     /// ${RPCLB_CACHE_DIR:-/var/cache/rpclb}/kernels/.
     TestKernels(KernelArgs),
+    /// setup + build-ebpf + mutated packets through the XDP and TC programs
+    /// (BPF_PROG_TEST_RUN, tests/tests/fuzz_packets.rs): 1,000,000 by default,
+    /// with a fresh seed that is printed (pass --seed to replay one).
+    FuzzPackets(FuzzArgs),
     /// setup + build-ebpf + `rpclb-bench ARGS` (release build).
     #[command(disable_help_flag = true)]
     Bench(Passthrough),
@@ -83,6 +87,16 @@ struct KernelArgs {
     /// Write the table into docs/operations.md (between its kernel-matrix markers).
     #[arg(long)]
     update_docs: bool,
+}
+
+#[derive(Args)]
+struct FuzzArgs {
+    /// How many packets (half with FIB redirect off, half on; XDP and TC alternate).
+    #[arg(long, default_value_t = 1_000_000)]
+    count: u64,
+    /// The seed to replay; by default one from the clock.
+    #[arg(long)]
+    seed: Option<u64>,
 }
 
 /// Arguments for the inner command. Clap would eat a leading `--`, so the
@@ -160,6 +174,26 @@ fn task(cmd: Cmd) -> Result<()> {
                 bail!("the kernel matrix failed:\n{}", out.problems.join("\n"));
             }
             Ok(())
+        }
+        Cmd::FuzzPackets(a) => {
+            prepare(&root)?;
+            let seed = a.seed.unwrap_or_else(|| {
+                let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+                t.map_or(1, |d| d.as_nanos() as u64)
+            });
+            println!("fuzz-packets: {} packets, seed {seed}", a.count);
+            run(cargo(&root)
+                .args(["test", "-p", "rpclb-tests", "--test", "fuzz_packets"])
+                .args(["--", "--nocapture"])
+                .env("RPCLB_FUZZ_PACKETS", a.count.to_string())
+                .env("RPCLB_FUZZ_SEED", seed.to_string())
+                .env("RPCLB_REQUIRE_PRIVILEGES", "1"))
+            .with_context(|| {
+                format!(
+                    "replay with: cargo xtask fuzz-packets --count {} --seed {seed}",
+                    a.count
+                )
+            })
         }
         Cmd::Bench(_) => run_bin(&root, "rpclb-bench"),
         Cmd::Demo(_) => demo(&root),
