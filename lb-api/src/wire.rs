@@ -252,6 +252,28 @@ pub struct NodeState {
 }
 
 /// The full-state message.
+/// Low bits of a version that count changes; the high bits are the
+/// controller's epoch (see `lb_controller::grpc::Publisher`).
+pub const VERSION_SEQ_BITS: u32 = 12;
+
+/// The first version of a controller whose epoch is `epoch_ms`.
+pub fn first_version(epoch_ms: u64) -> u64 {
+    (epoch_ms << VERSION_SEQ_BITS) + 1
+}
+
+/// The epoch (milliseconds since the Unix epoch) of `version`'s controller,
+/// for a version below 4,096 changes from its start.
+pub fn version_epoch_ms(version: u64) -> u64 {
+    version >> VERSION_SEQ_BITS
+}
+
+/// Milliseconds since the Unix epoch (1 if the clock is before it).
+pub fn now_epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_millis() as u64)
+}
+
 pub fn snapshot(version: u64, node: &NodeState) -> pb::ControllerMessage {
     pb::ControllerMessage {
         version,

@@ -124,9 +124,19 @@ impl Published {
 }
 
 /// Publishes new versions; streams follow.
+///
+/// Versions carry an epoch, so that two controllers (a restart, a new
+/// leader) never number two states alike: the first version is the
+/// millisecond of the first publish since the Unix epoch, shifted left by
+/// [`wire::VERSION_SEQ_BITS`], plus 1; each change adds 1. A later
+/// controller starts above every version an earlier one could have reached
+/// (4,096 changes per millisecond of its life), and every version stays
+/// below 2^53, exact in a metric's f64.
 #[derive(Debug)]
 pub struct Publisher {
     tx: watch::Sender<Arc<Published>>,
+    /// The epoch for tests (`Some(0)`: versions 1, 2, 3...); `None`: the clock.
+    epoch_ms: Option<u64>,
 }
 
 impl Default for Publisher {
@@ -142,6 +152,16 @@ impl Publisher {
     pub fn new() -> Self {
         Publisher {
             tx: watch::channel(Arc::new(Published::default())).0,
+            epoch_ms: None,
+        }
+    }
+
+    /// As [`Publisher::new`], with a fixed epoch (tests: 0 numbers the
+    /// versions 1, 2, 3...).
+    pub fn with_epoch(epoch_ms: u64) -> Self {
+        Publisher {
+            epoch_ms: Some(epoch_ms),
+            ..Self::new()
         }
     }
 
@@ -154,7 +174,12 @@ impl Publisher {
                 version = cur.version;
                 return false;
             }
-            version = cur.version + 1;
+            version = if cur.version == 0 {
+                let epoch = self.epoch_ms.unwrap_or_else(wire::now_epoch_ms);
+                wire::first_version(epoch)
+            } else {
+                cur.version + 1
+            };
             *cur = Arc::new(Published {
                 version,
                 default,
@@ -558,7 +583,7 @@ mod tests {
 
     #[test]
     fn publishing_an_unchanged_state_keeps_the_version() {
-        let p = Publisher::new();
+        let p = Publisher::with_epoch(0);
         let mut rx = p.subscribe();
         rx.mark_unchanged();
         assert_eq!(p.publish(NodeState::default(), BTreeMap::new()), 1);

@@ -88,7 +88,7 @@ mod tests {
         let path = dir.join("services.yaml");
         let good = "services:\n  - name: a/b:http\n    vip: 10.96.0.1\n    port: 80\n    backends:\n      - { ip: 10.244.1.1, port: 8080 }\n";
         std::fs::write(&path, good).unwrap();
-        let p = Publisher::new();
+        let p = Publisher::with_epoch(0);
         let mut f = FileSource::new(&path, Duration::ZERO);
         // The first read is taken; later changes once two reads agree.
         let settled = |f: &mut FileSource, p: &Publisher| match f.poll(p, false) {

@@ -43,7 +43,7 @@ struct Ctl {
 impl Ctl {
     async fn start(b: &Bundle, insecure: bool) -> Ctl {
         let tls = Reloader::new(b.controller_paths(), server_config).unwrap();
-        let publisher = Arc::new(Publisher::new());
+        let publisher = Arc::new(Publisher::with_epoch(0));
         publisher.publish(NodeState::default(), BTreeMap::new());
         let agents = Arc::new(Agents::default());
         let refusals = Arc::new(StreamRefusals::default());

@@ -193,6 +193,11 @@ fn sum_chunks<C: Ctx, const N: usize, const MAX: usize>(
 ) -> Option<()> {
     let base = ctx.data() + L4_OFF + done;
     let end = ctx.data_end();
+    // Hidden, so that LLVM keeps `i < MAX`: knowing `count <= MAX` from
+    // the caller, it dropped that bound, and a verifier that could not see
+    // it (6.1's) walked the loop up to 127 rounds and past the 64 KiB
+    // packet offset it tracks ("R3 offset is outside of the packet").
+    let count = crate::opaque(count);
     let mut i = 0;
     while i < MAX && i < count {
         let p = base + i * N;

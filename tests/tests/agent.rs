@@ -1006,6 +1006,15 @@ fn start_controller(lab: &Lab, dir: &TestDir, certs: &Bundle, name: &str) -> Age
     c
 }
 
+/// The controller's `rpclb_controller_published_version`.
+fn published_version(c: &mut Agent) -> u64 {
+    let m = controller_scrape(c);
+    let v = m
+        .get("rpclb_controller_published_version", &[])
+        .expect("published version");
+    v as u64
+}
+
 fn controller_scrape(c: &mut Agent) -> Scrape {
     c.check_alive();
     let (status, body) = http_get_port(c.node.as_deref(), CONTROLLER_METRICS, "/metrics")
@@ -1071,9 +1080,17 @@ fn agent_follows_the_controller_stream() {
         &agent_controller_args(&lab, &dir, &certs),
     );
     agent.wait_ready();
+    // Versions start at the controller's epoch (the millisecond of its first
+    // publish, shifted left 12 bits) plus 1.
+    let v1 = published_version(&mut ctl);
+    assert_eq!(v1 & 0xfff, 1, "{v1}");
+    assert!(
+        lb_api::wire::version_epoch_ms(v1) > 1_700_000_000_000,
+        "{v1}"
+    );
     assert_eq!(
         agent
-            .wait_metric("rpclb_controller_version", 1.0)
+            .wait_metric("rpclb_controller_version", v1 as f64)
             .get("rpclb_controller_connected", &[]),
         Some(1.0)
     );
@@ -1091,7 +1108,7 @@ fn agent_follows_the_controller_stream() {
             "rpclb_controller_agent_acked_version",
             &[("node", "node-a")]
         ),
-        Some(1.0)
+        Some(v1 as f64)
     );
 
     // A config edit reaches the agent as a delta; the held flow keeps its backend.
@@ -1099,12 +1116,14 @@ fn agent_follows_the_controller_stream() {
     let keep = index_of(&held.backend);
     let others: Vec<usize> = (1..=3).filter(|&i| i != keep).collect();
     dir.write_config(&config_yaml(&[web(&lab, "round-robin", &others)], None));
-    agent.wait_metric("rpclb_controller_version", 2.0);
+    agent.wait_metric("rpclb_controller_version", (v1 + 1) as f64);
     let c = wait_backends(&lab, &others);
     assert!(!c.contains_key(&format!("backend-{keep}")), "{c:?}");
     held.echo("still here after the delta");
     assert!(
-        agent.log().contains("applied controller delta v2"),
+        agent
+            .log()
+            .contains(&format!("applied controller delta v{}", v1 + 1)),
         "{}",
         agent.log()
     );
@@ -1135,8 +1154,17 @@ fn agent_follows_the_controller_stream() {
             "rpclb_controller_agent_acked_version",
             &[("node", "node-a")]
         ),
-        Some(1.0),
-        "a new controller starts at version 1"
+        Some(published_version(&mut ctl) as f64),
+    );
+    // Issue 10: a restarted controller numbered its states from 1 again, so
+    // two different states were both "v1" in acks and metrics. Its versions
+    // carry its epoch now: above every version of the one before.
+    let v2 = published_version(&mut ctl);
+    assert_eq!(v2 & 0xfff, 1, "{v2}");
+    assert!(
+        v2 > v1 + 1,
+        "the new controller's {v2} after the old one's {}",
+        v1 + 1
     );
     let log = agent.log();
     assert_eq!(

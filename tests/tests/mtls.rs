@@ -224,10 +224,13 @@ fn impostors_are_refused_and_touch_nothing() {
     );
     a.wait_ready();
     wait_until("node-a's ack", Duration::from_secs(10), || {
-        scrape_controller(&mut ctl).get(
-            "rpclb_controller_agent_acked_version",
-            &[("node", "node-a")],
-        ) == Some(1.0)
+        let m = scrape_controller(&mut ctl);
+        let published = m.get("rpclb_controller_published_version", &[]);
+        published.is_some()
+            && m.get(
+                "rpclb_controller_agent_acked_version",
+                &[("node", "node-a")],
+            ) == published
     });
     assert!(
         a.log().contains("presenting this node's certificate"),
@@ -297,7 +300,7 @@ fn impostors_are_refused_and_touch_nothing() {
     );
     assert_eq!(
         m.get("rpclb_controller_agent_acked_version", &node_a),
-        Some(1.0)
+        m.get("rpclb_controller_published_version", &[])
     );
     assert_eq!(m.get("rpclb_controller_agent_streams", &node_a), Some(1.0));
     for name in ["node-b", "made-up-7"] {
@@ -481,6 +484,9 @@ fn rotated_certificates_are_used_without_a_restart_or_a_lost_flow() {
         &agent_tls_args(&certs, "node-a"),
     );
     a.wait_ready();
+    let v1 = scrape_controller(&mut ctl)
+        .get("rpclb_controller_published_version", &[])
+        .expect("published version");
     let agent_pid = a.pid();
     let ctl_pid = ctl.pid();
     let mut held = HeldConn::open(&lab.client().ns, SocketAddrV4::new(VIP, 80)).expect("held");
@@ -556,7 +562,7 @@ fn rotated_certificates_are_used_without_a_restart_or_a_lost_flow() {
         a.wait_metric("rpclb_controller_cert_rotations", 2.0);
         a.wait_metric("rpclb_controller_connected", 1.0);
         dir.write_config(&config(&lab, &[1]));
-        a.wait_metric("rpclb_controller_version", 2.0);
+        a.wait_metric("rpclb_controller_version", v1 + 1.0);
         wait_until(
             "traffic to follow the change",
             Duration::from_secs(10),
