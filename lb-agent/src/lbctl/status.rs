@@ -21,6 +21,11 @@ pub struct Status {
 #[derive(Debug, Deserialize, Serialize)]
 pub struct Datapath {
     pub datapath: String,
+    /// `full` or `compat`; absent from agents older than the field.
+    #[serde(default)]
+    pub programs: Option<String>,
+    #[serde(default)]
+    pub programs_fallback: Option<String>,
     pub interfaces: Vec<Interface>,
     pub fallback: Option<String>,
 }
@@ -79,6 +84,12 @@ pub fn table(s: &Status) -> String {
     );
     if let Some(why) = &s.datapath.fallback {
         out.push_str(&format!(" (fallback: {why})"));
+    }
+    if let Some(set) = &s.datapath.programs {
+        out.push_str(&format!("  programs {set}"));
+        if let Some(why) = &s.datapath.programs_fallback {
+            out.push_str(&format!(" (fallback: {why})"));
+        }
     }
     out.push('\n');
     if !s.datapath.interfaces.is_empty() {
