@@ -636,11 +636,11 @@ fn checksum_table(hook: Hook, set: ProgramSet) {
 
 both_sets!(xdp_checksum_table, xdp_checksum_table_compat, |set| checksum_table(Hook::Xdp, set));
 
+both_sets!(xdp_checksum_lengths, xdp_checksum_lengths_compat, xdp_checksum_lengths_on);
+
 /// Every segment length around the verification's steps (4-byte words,
 /// 512-byte chunks, odd tails), up to what a test run takes: a seed stays a
 /// seed, a colliding full checksum stays full.
-both_sets!(xdp_checksum_lengths, xdp_checksum_lengths_compat, xdp_checksum_lengths_on);
-
 fn xdp_checksum_lengths_on(set: ProgramSet) {
     let mut h = Harness::new(false, set);
     h.dp()
@@ -867,9 +867,9 @@ both_sets!(xdp_algorithm_spread, xdp_algorithm_spread_compat, |set| algorithms(H
 
 both_sets!(tc_algorithm_spread, tc_algorithm_spread_compat, |set| algorithms(Hook::Tc, set));
 
-/// Least-conn: with one backend holding many open flows, new flows go to the others.
 both_sets!(least_conn_avoids_loaded_backend, least_conn_avoids_loaded_backend_compat, least_conn_avoids_loaded_backend_on);
 
+/// Least-conn: with one backend holding many open flows, new flows go to the others.
 fn least_conn_avoids_loaded_backend_on(set: ProgramSet) {
     let mut h = Harness::new(false, set);
     let mut svc = service(
@@ -899,9 +899,9 @@ fn least_conn_avoids_loaded_backend_on(set: ProgramSet) {
     );
 }
 
-/// Client-IP affinity: a client sticks to its backend under random selection.
 both_sets!(affinity_sticks, affinity_sticks_compat, affinity_sticks_on);
 
+/// Client-IP affinity: a client sticks to its backend under random selection.
 fn affinity_sticks_on(set: ProgramSet) {
     let mut h = Harness::new(false, set);
     let mut svc = service(
@@ -1069,15 +1069,15 @@ both_sets!(xdp_malformed, xdp_malformed_compat, |set| malformed(Hook::Xdp, set))
 
 both_sets!(tc_malformed, tc_malformed_compat, |set| malformed(Hook::Tc, set));
 
-/// Forwarding with `bpf_fib_lookup` in a namespace with a route and a
-/// neighbour: the verdict is a redirect, the MACs come from the neighbour
-/// table, TTL drops by one, and the flow caches the route.
 both_sets!(
     xdp_fib_redirect_and_route_cache,
     xdp_fib_redirect_and_route_cache_compat,
     xdp_fib_redirect_and_route_cache_on
 );
 
+/// Forwarding with `bpf_fib_lookup` in a namespace with a route and a
+/// neighbour: the verdict is a redirect, the MACs come from the neighbour
+/// table, TTL drops by one, and the flow caches the route.
 fn xdp_fib_redirect_and_route_cache_on(set: ProgramSet) {
     if !rpclb_tests::lab::require() {
         return;
@@ -1207,11 +1207,11 @@ fn pin_to_cpu(cpu: usize) {
     }
 }
 
+both_sets!(counters_exact_across_cpus, counters_exact_across_cpus_compat, counters_exact_across_cpus_on);
+
 /// Counters stay exact when two CPUs run packets of one flow at once: the
 /// shared per-backend entry takes atomic adds (a plain add there would lose
 /// updates), the per-service entry is per-CPU and summed.
-both_sets!(counters_exact_across_cpus, counters_exact_across_cpus_compat, counters_exact_across_cpus_on);
-
 fn counters_exact_across_cpus_on(set: ProgramSet) {
     const N: u64 = 50_000;
     let mut h = Harness::new(false, set);

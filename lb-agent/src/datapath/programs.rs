@@ -473,8 +473,8 @@ mod tests {
                 assert!(n.instructions > 100, "{name}: {n:?}");
                 match set {
                     ProgramSet::Compat => {
-                        assert_eq!(n.atomics, vec![], "{name}: fetch/cmpxchg atomics");
-                        assert_eq!(n.coarse_clock, vec![], "{name}: bpf_ktime_get_coarse_ns");
+                        assert_eq!(n.atomics, Vec::<(usize, i32)>::new(), "{name}: fetch/cmpxchg atomics");
+                        assert_eq!(n.coarse_clock, Vec::<usize>::new(), "{name}: bpf_ktime_get_coarse_ns");
                     }
                     ProgramSet::Full => {
                         assert!(!n.atomics.is_empty(), "{name}: {n:?}");
@@ -485,8 +485,8 @@ mod tests {
         }
         for (sec, name, code) in funcs.iter().filter(|f| f.0 == ".text") {
             let n = scan::instructions(code);
-            assert_eq!(n.atomics, vec![], "{sec} {name}");
-            assert_eq!(n.coarse_clock, vec![], "{sec} {name}");
+            assert_eq!(n.atomics, Vec::<(usize, i32)>::new(), "{sec} {name}");
+            assert_eq!(n.coarse_clock, Vec::<usize>::new(), "{sec} {name}");
         }
     }
 }
