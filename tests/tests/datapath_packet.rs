@@ -14,8 +14,8 @@
 
 use std::net::Ipv4Addr;
 
-use lb_agent::datapath::programs::{self, ProgramSet};
 use lb_agent::datapath::Datapath;
+use lb_agent::datapath::programs::{self, ProgramSet};
 use lb_agent::datapath::scratch::{Hook, ScratchDatapath};
 use lb_api::{Algorithm, Backend, BackendState, Protocol, Service, ServiceAddr};
 use rpclb_tests::packet::{self, ACK, FIN, PSH, Pkt, RST, SYN, assert_bytes_eq};
@@ -398,9 +398,15 @@ fn main_table(hook: Hook, set: ProgramSet) {
     assert_eq!(w.service_stats(&empty.addr()).unwrap().drops, 2);
 }
 
-both_sets!(xdp_main_table, xdp_main_table_compat, |set| main_table(Hook::Xdp, set));
+both_sets!(xdp_main_table, xdp_main_table_compat, |set| main_table(
+    Hook::Xdp,
+    set
+));
 
-both_sets!(tc_main_table, tc_main_table_compat, |set| main_table(Hook::Tc, set));
+both_sets!(tc_main_table, tc_main_table_compat, |set| main_table(
+    Hook::Tc,
+    set
+));
 
 /// The payload of a frame (after `seed_collision` chose its first two bytes).
 fn payload_of(frame: &[u8]) -> Vec<u8> {
@@ -634,9 +640,15 @@ fn checksum_table(hook: Hook, set: ProgramSet) {
     assert_eq!(delta("nat_forward") + delta("nat_reverse"), 13);
 }
 
-both_sets!(xdp_checksum_table, xdp_checksum_table_compat, |set| checksum_table(Hook::Xdp, set));
+both_sets!(xdp_checksum_table, xdp_checksum_table_compat, |set| {
+    checksum_table(Hook::Xdp, set)
+});
 
-both_sets!(xdp_checksum_lengths, xdp_checksum_lengths_compat, xdp_checksum_lengths_on);
+both_sets!(
+    xdp_checksum_lengths,
+    xdp_checksum_lengths_compat,
+    xdp_checksum_lengths_on
+);
 
 /// Every segment length around the verification's steps (4-byte words,
 /// 512-byte chunks, odd tails), up to what a test run takes: a seed stays a
@@ -681,7 +693,9 @@ fn xdp_checksum_lengths_on(set: ProgramSet) {
     assert_eq!(r["pass_csum_unverified"], 0);
 }
 
-both_sets!(tc_checksum_table, tc_checksum_table_compat, |set| checksum_table(Hook::Tc, set));
+both_sets!(tc_checksum_table, tc_checksum_table_compat, |set| {
+    checksum_table(Hook::Tc, set)
+});
 
 /// Terminating backends get no new flows but keep theirs; a backend-set
 /// change leaves an established flow on its backend.
@@ -768,9 +782,13 @@ fn backend_changes(hook: Hook, set: ProgramSet) {
     }
 }
 
-both_sets!(xdp_backend_changes, xdp_backend_changes_compat, |set| backend_changes(Hook::Xdp, set));
+both_sets!(xdp_backend_changes, xdp_backend_changes_compat, |set| {
+    backend_changes(Hook::Xdp, set)
+});
 
-both_sets!(tc_backend_changes, tc_backend_changes_compat, |set| backend_changes(Hook::Tc, set));
+both_sets!(tc_backend_changes, tc_backend_changes_compat, |set| {
+    backend_changes(Hook::Tc, set)
+});
 
 /// Sends `n` SYNs of distinct flows and counts the backends chosen.
 fn spread(h: &mut Harness, hook: Hook, n: u32, distinct_clients: bool) -> Vec<(Ipv4Addr, u32)> {
@@ -863,11 +881,19 @@ fn algorithms(hook: Hook, set: ProgramSet) {
     }
 }
 
-both_sets!(xdp_algorithm_spread, xdp_algorithm_spread_compat, |set| algorithms(Hook::Xdp, set));
+both_sets!(xdp_algorithm_spread, xdp_algorithm_spread_compat, |set| {
+    algorithms(Hook::Xdp, set)
+});
 
-both_sets!(tc_algorithm_spread, tc_algorithm_spread_compat, |set| algorithms(Hook::Tc, set));
+both_sets!(tc_algorithm_spread, tc_algorithm_spread_compat, |set| {
+    algorithms(Hook::Tc, set)
+});
 
-both_sets!(least_conn_avoids_loaded_backend, least_conn_avoids_loaded_backend_compat, least_conn_avoids_loaded_backend_on);
+both_sets!(
+    least_conn_avoids_loaded_backend,
+    least_conn_avoids_loaded_backend_compat,
+    least_conn_avoids_loaded_backend_on
+);
 
 /// Least-conn: with one backend holding many open flows, new flows go to the others.
 fn least_conn_avoids_loaded_backend_on(set: ProgramSet) {
@@ -1065,9 +1091,15 @@ fn malformed(hook: Hook, set: ProgramSet) {
     assert!(h.dp().writer().conntrack().unwrap().is_empty());
 }
 
-both_sets!(xdp_malformed, xdp_malformed_compat, |set| malformed(Hook::Xdp, set));
+both_sets!(xdp_malformed, xdp_malformed_compat, |set| malformed(
+    Hook::Xdp,
+    set
+));
 
-both_sets!(tc_malformed, tc_malformed_compat, |set| malformed(Hook::Tc, set));
+both_sets!(tc_malformed, tc_malformed_compat, |set| malformed(
+    Hook::Tc,
+    set
+));
 
 both_sets!(
     xdp_fib_redirect_and_route_cache,
@@ -1207,7 +1239,11 @@ fn pin_to_cpu(cpu: usize) {
     }
 }
 
-both_sets!(counters_exact_across_cpus, counters_exact_across_cpus_compat, counters_exact_across_cpus_on);
+both_sets!(
+    counters_exact_across_cpus,
+    counters_exact_across_cpus_compat,
+    counters_exact_across_cpus_on
+);
 
 /// Counters stay exact when two CPUs run packets of one flow at once: the
 /// shared per-backend entry takes atomic adds (a plain add there would lose
@@ -1228,9 +1264,8 @@ fn counters_exact_across_cpus_on(set: ProgramSet) {
     assert_eq!(v, XDP_PASS, "new flow balanced, handed to the stack");
     let ack = tcp(CLIENT, 41000, VIP, 80, ACK).build();
     // A second instance of the programs on the same maps, one per thread.
-    let mut twin = h
-        .0
-        .twin(|c| {
+    let mut twin =
+        h.0.twin(|c| {
             c.fib_redirect = false;
             c.programs = set.into();
         })

@@ -74,9 +74,7 @@ pub enum DatapathError {
         #[source]
         source: Box<aya::maps::MapError>,
     },
-    #[error(
-        "the kernel (Linux {kernel}) refused the {set} program set ({why}); {hint}"
-    )]
+    #[error("the kernel (Linux {kernel}) refused the {set} program set ({why}); {hint}")]
     Refused {
         set: &'static str,
         kernel: String,

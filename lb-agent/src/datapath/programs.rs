@@ -376,9 +376,15 @@ mod tests {
             f.reason(),
             "Invalid argument (os error 22): BPF_STX uses reserved fields"
         );
-        let f = load_error(libc::EINVAL, "12: (85) call unknown#160\ninvalid func unknown#160\n");
+        let f = load_error(
+            libc::EINVAL,
+            "12: (85) call unknown#160\ninvalid func unknown#160\n",
+        );
         assert!(f.reason().ends_with("call unknown#160"), "{}", f.reason());
-        let f = load_error(libc::EACCES, "R2 invalid mem access 'inv'\nprocessed 7 insns\n");
+        let f = load_error(
+            libc::EACCES,
+            "R2 invalid mem access 'inv'\nprocessed 7 insns\n",
+        );
         assert!(f.reason().ends_with("R2 invalid mem access 'inv'"));
         assert!(!load_error(libc::EPERM, "").is_refusal());
     }
@@ -436,7 +442,13 @@ mod tests {
     fn other_failures_do_not_fall_back() {
         let f = load_error(libc::EPERM, "");
         assert!(matches!(
-            after_full_failed(BpfPrograms::Auto, "rpclb_xdp", ProgramError::NotLoaded, &f, "6.1.0"),
+            after_full_failed(
+                BpfPrograms::Auto,
+                "rpclb_xdp",
+                ProgramError::NotLoaded,
+                &f,
+                "6.1.0"
+            ),
             AfterFull::Fail(DatapathError::Program { .. })
         ));
     }
@@ -473,8 +485,16 @@ mod tests {
                 assert!(n.instructions > 100, "{name}: {n:?}");
                 match set {
                     ProgramSet::Compat => {
-                        assert_eq!(n.atomics, Vec::<(usize, i32)>::new(), "{name}: fetch/cmpxchg atomics");
-                        assert_eq!(n.coarse_clock, Vec::<usize>::new(), "{name}: bpf_ktime_get_coarse_ns");
+                        assert_eq!(
+                            n.atomics,
+                            Vec::<(usize, i32)>::new(),
+                            "{name}: fetch/cmpxchg atomics"
+                        );
+                        assert_eq!(
+                            n.coarse_clock,
+                            Vec::<usize>::new(),
+                            "{name}: bpf_ktime_get_coarse_ns"
+                        );
                     }
                     ProgramSet::Full => {
                         assert!(!n.atomics.is_empty(), "{name}: {n:?}");

@@ -146,12 +146,10 @@ mod tests {
             "{t}"
         );
         // An agent from before the program sets.
-        let old = json
-            .replace(r#""programs":"compat","#, "")
-            .replace(
-                r#""programs_fallback":"Linux 5.10.0-46-amd64 refused the full program set (...)","#,
-                "",
-            );
+        let old = json.replace(r#""programs":"compat","#, "").replace(
+            r#""programs_fallback":"Linux 5.10.0-46-amd64 refused the full program set (...)","#,
+            "",
+        );
         let s: Status = serde_json::from_str(&old).unwrap();
         assert!(table(&s).starts_with("agent 0.1.0  ready  datapath ebpf\n"));
     }
