@@ -240,13 +240,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
         },
     };
-    if let (Some(set), Some(why)) = (status.programs, &status.programs_fallback) {
-        // The WARN with the kernel's reason came from the load; this is the summary.
-        info!(
-            programs = set,
-            "eBPF program set chosen after a fallback: {why}"
-        );
-    }
     for a in &status.interfaces {
         match &a.fallback {
             Some(why) => warn!(
