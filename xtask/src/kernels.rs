@@ -1617,13 +1617,24 @@ mod tests {
     fn extra_args_only_for_their_kernel_and_step() {
         let bins: BTreeMap<String, PathBuf> = FULL
             .iter()
-            .map(|s| (s.target.to_string(), PathBuf::from(format!("/b/{}", s.target))))
+            .map(|s| {
+                (
+                    s.target.to_string(),
+                    PathBuf::from(format!("/b/{}", s.target)),
+                )
+            })
             .collect();
         let root = Path::new("/w");
         let old = run_script(root, "5.10", FULL, &bins);
         let packet = old.lines().find(|l| l.starts_with("step packet")).unwrap();
-        assert!(packet.ends_with("'--skip' 'counters_exact_across_cpus'"), "{packet}");
-        assert!(!old.lines().any(|l| l.starts_with("step lab-") && l.contains("--skip")));
+        assert!(
+            packet.ends_with("'--skip' 'counters_exact_across_cpus'"),
+            "{packet}"
+        );
+        assert!(
+            !old.lines()
+                .any(|l| l.starts_with("step lab-") && l.contains("--skip"))
+        );
         let new = run_script(root, "6.1", FULL, &bins);
         assert!(!new.contains("counters_exact_across_cpus"), "{new}");
     }
