@@ -98,13 +98,18 @@ impl Metrics {
     pub fn set_datapath(&self, st: &crate::agent::DatapathStatus) {
         self.datapath_info.clear();
         let flag = |b: bool| if b { "true" } else { "false" }.to_string();
+        let programs = st.programs.unwrap_or_default().to_string();
         if st.interfaces.is_empty() {
             self.datapath_info
                 .get_or_create(&vec![
                     ("datapath", st.datapath.to_string()),
                     ("iface", String::new()),
                     ("attach", String::new()),
-                    ("fallback", flag(st.fallback.is_some())),
+                    ("programs", programs.clone()),
+                    (
+                        "fallback",
+                        flag(st.fallback.is_some() || st.programs_fallback.is_some()),
+                    ),
                 ])
                 .set(1);
         }
@@ -114,7 +119,11 @@ impl Metrics {
                     ("datapath", st.datapath.to_string()),
                     ("iface", a.iface.clone()),
                     ("attach", a.how.to_string()),
-                    ("fallback", flag(a.fallback.is_some())),
+                    ("programs", programs.clone()),
+                    (
+                        "fallback",
+                        flag(a.fallback.is_some() || st.programs_fallback.is_some()),
+                    ),
                 ])
                 .set(1);
         }
@@ -245,7 +254,7 @@ impl Metrics {
         );
         registry.register(
             "rpclb_datapath_info",
-            "1 per interface the kernel path is attached to: datapath=\"ebpf\", iface, attach (xdp, xdp-generic, tcx, tc-netlink), fallback=\"true\" when it is not what was tried first; or one series datapath=\"userspace\" (fallback=\"true\" when eBPF could not load)",
+            "1 per interface the kernel path is attached to: datapath=\"ebpf\", iface, attach (xdp, xdp-generic, tcx, tc-netlink), programs (the eBPF program set: full, or compat for kernels before 5.12), fallback=\"true\" when the attachment or the program set is not what was tried first; or one series datapath=\"userspace\" (programs empty; fallback=\"true\" when eBPF could not load)",
             m.datapath_info.clone(),
         );
         registry.register(

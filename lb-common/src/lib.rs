@@ -44,8 +44,13 @@ pub mod map_names {
 
 /// Program names in the object.
 pub mod prog_names {
+    /// The full program set (Linux 5.12+).
     pub const XDP: &str = "rpclb_xdp";
     pub const TC: &str = "rpclb_tc";
+    /// The compat program set (older kernels: no fetch/cmpxchg atomics, no
+    /// coarse clock; lb-ebpf/src/set.rs).
+    pub const XDP_COMPAT: &str = "rpclb_xdp_compat";
+    pub const TC_COMPAT: &str = "rpclb_tc_compat";
     /// Benchmark baselines; loaded only by `cargo xtask bench`.
     pub const BENCH_TX: &str = "bench_xdp_tx";
     pub const BENCH_DROP: &str = "bench_xdp_drop";

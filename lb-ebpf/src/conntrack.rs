@@ -5,6 +5,7 @@ use lb_common::{CtValue, FlowKey, LAST_SEEN_GRANULARITY_NS, ct_dir, ct_state};
 use crate::{
     maps::CONNTRACK,
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    set::ProgramSet,
     stats,
 };
 
@@ -107,20 +108,20 @@ pub fn touch(v: *mut CtValue, now: u64) {
 }
 
 /// Advances the TCP state of a forward entry. FIN or RST closes the flow once
-/// (compare-and-swap), which is when the backend's active count drops.
+/// (`ProgramSet::transition`: compare-and-swap in the full set), which is when the backend's active count drops.
 #[inline(always)]
-pub fn tcp_state(fwd: *mut CtValue, flags: u8, from_client: bool) {
+pub fn tcp_state<S: ProgramSet>(fwd: *mut CtValue, flags: u8, from_client: bool) {
     let st = unsafe { &raw mut (*fwd).state };
     let cur = unsafe { *st };
     if flags & (TCP_FIN | TCP_RST) != 0 {
         if (cur == ct_state::SYN || cur == ct_state::ESTABLISHED)
-            && unsafe { crate::atomic_cas(st, cur, ct_state::CLOSING) }
+            && unsafe { S::transition(st, cur, ct_state::CLOSING) }
         {
             stats::conn_close(unsafe { (*fwd).backend_id });
         }
     } else if cur == ct_state::SYN && flags & TCP_ACK != 0 && (from_client || flags & TCP_SYN != 0)
     {
-        unsafe { crate::atomic_cas(st, cur, ct_state::ESTABLISHED) };
+        unsafe { S::transition(st, cur, ct_state::ESTABLISHED) };
     }
 }
 

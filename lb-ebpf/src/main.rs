@@ -13,10 +13,10 @@ mod maps;
 mod nat;
 mod parse;
 mod select;
+mod set;
 mod stats;
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_coarse_ns,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -24,12 +24,48 @@ use core::intrinsics::AtomicOrdering;
 use ctx::{Ctx, Tc, Verdict, Xdp, ptr_at};
 use lb_common::{ct_dir, proto, reason};
 use parse::{TCP_ACK, TCP_SYN};
+use set::{Compat, Full, ProgramSet};
+
+// Two program sets of one code base (`set`): the names are
+// `lb_common::prog_names`.
 
 #[xdp]
 pub fn rpclb_xdp(ctx: XdpContext) -> u32 {
+    xdp_main::<Full>(ctx)
+}
+
+#[xdp]
+pub fn rpclb_xdp_compat(ctx: XdpContext) -> u32 {
+    xdp_main::<Compat>(ctx)
+}
+
+#[classifier]
+pub fn rpclb_tc(ctx: TcContext) -> i32 {
+    tc_main::<Full>(ctx)
+}
+
+#[classifier]
+pub fn rpclb_tc_compat(ctx: TcContext) -> i32 {
+    tc_main::<Compat>(ctx)
+}
+
+#[inline(always)]
+fn xdp_main<S: ProgramSet>(ctx: XdpContext) -> u32 {
     let mut c = Xdp(&ctx);
-    let v = process(&mut c);
+    let v = process::<_, S>(&mut c);
     c.ret(v)
+}
+
+#[inline(always)]
+fn tc_main<S: ProgramSet>(ctx: TcContext) -> i32 {
+    // Make the headers linear so direct packet access sees them.
+    let want = ctx.len().min(128);
+    if ((ctx.data_end() - ctx.data()) as u32) < want {
+        let _ = ctx.pull_data(want);
+    }
+    let mut c = Tc(&ctx);
+    let v = process::<_, S>(&mut c);
+    c.ret(v) as i32
 }
 
 /// Baseline for `cargo xtask bench`: the cheapest program that transmits.
@@ -45,20 +81,8 @@ pub fn bench_xdp_drop(_ctx: XdpContext) -> u32 {
     aya_ebpf::bindings::xdp_action::XDP_DROP
 }
 
-#[classifier]
-pub fn rpclb_tc(ctx: TcContext) -> i32 {
-    // Make the headers linear so direct packet access sees them.
-    let want = ctx.len().min(128);
-    if ((ctx.data_end() - ctx.data()) as u32) < want {
-        let _ = ctx.pull_data(want);
-    }
-    let mut c = Tc(&ctx);
-    let v = process(&mut c);
-    c.ret(v) as i32
-}
-
 #[inline(always)]
-fn process<C: Ctx>(ctx: &mut C) -> Verdict {
+fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
     let mut p = match parse::parse(ctx) {
         Ok(p) => p,
         Err((r, drop)) => {
@@ -66,9 +90,7 @@ fn process<C: Ctx>(ctx: &mut C) -> Verdict {
             return if drop { Verdict::Drop } else { Verdict::Pass };
         }
     };
-    // The coarse clock (CLOCK_MONOTONIC_COARSE) is enough for second-granular
-    // timeouts and costs a fraction of bpf_ktime_get_ns.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = S::now();
     let bytes = p.tot_len as u64 + parse::ETH_LEN as u64;
     let key = conntrack::key(&p);
     let tcp = p.proto == proto::TCP;
@@ -81,7 +103,7 @@ fn process<C: Ctx>(ctx: &mut C) -> Verdict {
                 let fk =
                     conntrack::flow_key(key.dst_ip, e.nat_ip, key.dst_port, e.nat_port, key.proto);
                 if let Some(f) = conntrack::lookup(&fk) {
-                    conntrack::tcp_state(f, p.flags, false);
+                    conntrack::tcp_state::<S>(f, p.flags, false);
                 }
             }
             stats::traffic(e.svc_id, e.backend_id, bytes, false);
@@ -95,7 +117,7 @@ fn process<C: Ctx>(ctx: &mut C) -> Verdict {
         if !(tcp && conntrack::is_reopen(v, p.flags)) {
             conntrack::touch(v, now);
             if tcp {
-                conntrack::tcp_state(v, p.flags, true);
+                conntrack::tcp_state::<S>(v, p.flags, true);
             }
             stats::traffic(e.svc_id, e.backend_id, bytes, false);
             if nat::dnat(ctx, &mut p, e.nat_ip, e.nat_port).is_none() {
@@ -115,7 +137,7 @@ fn process<C: Ctx>(ctx: &mut C) -> Verdict {
             return Verdict::Pass;
         }
     };
-    let id = match select::pick(&svc, &p, now) {
+    let id = match select::pick::<S>(&svc, &p, now) {
         Some(id) => id,
         None => return no_backend(ctx, &p, svc.id, svc.table_len == 0),
     };
@@ -128,7 +150,7 @@ fn process<C: Ctx>(ctx: &mut C) -> Verdict {
     }
     if tcp && p.flags & (parse::TCP_FIN | parse::TCP_RST) != 0 {
         if let Some(v) = conntrack::lookup(&key) {
-            conntrack::tcp_state(v, p.flags, true);
+            conntrack::tcp_state::<S>(v, p.flags, true);
         }
     }
     stats::traffic(svc.id, id, bytes, true);
@@ -210,24 +232,11 @@ pub fn opaque(mut x: usize) -> usize {
     x
 }
 
-/// Atomic add on a shared map value (BPF_ATOMIC).
+/// Atomic add on a shared map value, its result unused: BPF_XADD (BPF_ATOMIC
+/// with imm BPF_ADD), which every eBPF kernel has.
 #[inline(always)]
 pub unsafe fn atomic_add(p: *mut u64, v: u64) {
     unsafe { core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
-}
-
-/// Atomic fetch-and-add; returns the previous value.
-#[inline(always)]
-pub unsafe fn atomic_fetch_add(p: *mut u64, v: u64) -> u64 {
-    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(p, v) }
-}
-
-/// Compare-and-swap; true if `p` held `old` and now holds `new`.
-#[inline(always)]
-pub unsafe fn atomic_cas(p: *mut u32, old: u32, new: u32) -> bool {
-    unsafe {
-        core::intrinsics::atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new).1
-    }
 }
 
 #[cfg(not(test))]

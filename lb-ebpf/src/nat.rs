@@ -193,10 +193,11 @@ fn sum_chunks<C: Ctx, const N: usize, const MAX: usize>(
 ) -> Option<()> {
     let base = ctx.data() + L4_OFF + done;
     let end = ctx.data_end();
-    // Hidden, so that LLVM keeps `i < MAX`: knowing `count <= MAX` from
-    // the caller, it dropped that bound, and a verifier that could not see
-    // it (6.1's) walked the loop up to 127 rounds and past the 64 KiB
-    // packet offset it tracks ("R3 offset is outside of the packet").
+    // Hidden from LLVM, which knows `count <= MAX` where the caller checked
+    // the length and would drop the `i < MAX` test: the verifier then bounds
+    // the loop by what it derives for `count` (5.10's and 6.1's: 127 rounds of 512
+    // bytes for a 16-bit length, past the 64 KiB it allows a packet
+    // pointer's offset: "invalid access to packet, off=65058 size=512").
     let count = crate::opaque(count);
     let mut i = 0;
     while i < MAX && i < count {

@@ -9,6 +9,7 @@ use lb_common::{
 use crate::{
     maps::{AFFINITY, BACKEND_CONNS, BACKEND_GC, BACKENDS, RR_COUNTERS, SERVICES, SLOTS},
     parse::Packet,
+    set::ProgramSet,
 };
 
 #[inline(always)]
@@ -75,7 +76,7 @@ fn least_conn(svc: &ServiceValue) -> Option<u32> {
 
 /// Picks a backend id for a new flow, or `None` if the service has no usable backend.
 #[inline(always)]
-pub fn pick(svc: &ServiceValue, p: &Packet, now: u64) -> Option<u32> {
+pub fn pick<S: ProgramSet>(svc: &ServiceValue, p: &Packet, now: u64) -> Option<u32> {
     let len = svc.table_len;
     if len == 0 {
         return None;
@@ -100,7 +101,7 @@ pub fn pick(svc: &ServiceValue, p: &Packet, now: u64) -> Option<u32> {
     let id = match svc.algo {
         algo::ROUND_ROBIN => {
             let ctr = RR_COUNTERS.get_ptr_mut(svc.id)?;
-            let n = unsafe { crate::atomic_fetch_add(ctr, 1) };
+            let n = unsafe { S::next(ctr) };
             slot(svc, (n % len as u64) as u32)?
         }
         algo::MAGLEV => slot(

@@ -209,9 +209,20 @@ fn agent_starts_balances_and_counts() {
             .all(|(l, v)| *v == 1.0 && l["datapath"] == "ebpf" && l["attach"].starts_with("tc")),
         "{info:?}"
     );
+    // The program set: full where the kernel has it (5.12+), else compat
+    // (`--bpf-programs auto`), shown in the metric, /readyz and lbctl status.
+    let set = if lb_agent::datapath::programs::kernel_has_full_set() {
+        "full"
+    } else {
+        "compat"
+    };
+    assert!(info.iter().all(|(l, _)| l["programs"] == set), "{info:?}");
+    let (_, ready) = agent.get("/readyz");
+    assert!(ready.contains(&format!("  programs {set}")), "{ready}");
     // lbctl status asks the agent.
     let st = lbctl_in_node(&lab, &["status"]);
     assert!(st.contains("ready  datapath ebpf"), "{st}");
+    assert!(st.contains(&format!("programs {set}")), "{st}");
     assert!(st.contains(&node_if), "{st}");
 
     let c = tcp(&lab, 30);

@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::time::Duration;
 
 use lb_agent::datapath::attach::{Attached, TC_HANDLE, TC_PRIORITY, TcAttach, netlink_marker};
-use lb_agent::datapath::{AttachMode, Datapath, DatapathConfig};
+use lb_agent::datapath::{AttachMode, BpfPrograms, Datapath, DatapathConfig, ProgramSet};
 use lb_api::{Algorithm, Backend, Protocol, Service};
 use rpclb_tests::lab::{self, Checksums, CsumErrors, HeldConn, Lab, Limits};
 
@@ -65,10 +65,18 @@ fn counts(replies: &[lab::Reply]) -> BTreeMap<String, usize> {
 }
 
 fn balance(mode: AttachMode) {
+    balance_with(mode, BpfPrograms::Auto);
+}
+
+/// [`balance`] with the program set `programs` (`--bpf-programs`).
+fn balance_with(mode: AttachMode, programs: BpfPrograms) {
     let lab = Lab::new(3).expect("lab");
     let _tcp = lab.start_tcp_servers(8080).unwrap();
     let _udp = lab.start_udp_servers(5353).unwrap();
-    let mut dp = datapath(&lab, mode);
+    let (mut dp, _) = datapath_with(&lab, mode, |c| c.programs = programs);
+    if programs == BpfPrograms::Compat {
+        assert_eq!(dp.programs(), ProgramSet::Compat);
+    }
     let bk = |port| {
         lab.backends()
             .iter()
@@ -164,6 +172,23 @@ fn xdp_generic_lab_balances_tcp_and_udp() {
 fn tc_lab_balances_tcp_and_udp() {
     if lab::require() {
         balance(AttachMode::Tc);
+    }
+}
+
+/// The compat program set (kernels before 5.12: no atomic fetch/cmpxchg, no
+/// coarse clock) balances real traffic as the full set does; on such a
+/// kernel the other lab tests get it through `auto` as well.
+#[test]
+fn xdp_lab_compat_balances_tcp_and_udp() {
+    if lab::require() {
+        balance_with(AttachMode::Xdp, BpfPrograms::Compat);
+    }
+}
+
+#[test]
+fn tc_lab_compat_balances_tcp_and_udp() {
+    if lab::require() {
+        balance_with(AttachMode::Tc, BpfPrograms::Compat);
     }
 }
 

@@ -3,7 +3,8 @@
 //! Fixtures in the style of Katran's: a description, an input frame from the
 //! packet builder, map setup through the agent's `MapWriter`, the expected
 //! verdict and the exact expected output bytes (checksums included). Each
-//! table runs against XDP and against TC.
+//! table runs against XDP and against TC, and on both program sets (full,
+//! and compat for kernels before 5.12; `both_sets!`).
 //!
 //! Checksums: `main_table` has full checksums; `checksum_table` has the seeds
 //! of CHECKSUM_PARTIAL packets (`Pkt::partial`) and full checksums that equal
@@ -14,6 +15,7 @@
 use std::net::Ipv4Addr;
 
 use lb_agent::datapath::Datapath;
+use lb_agent::datapath::programs::{self, ProgramSet};
 use lb_agent::datapath::scratch::{Hook, ScratchDatapath};
 use lb_api::{Algorithm, Backend, BackendState, Protocol, Service, ServiceAddr};
 use rpclb_tests::packet::{self, ACK, FIN, PSH, Pkt, RST, SYN, assert_bytes_eq};
@@ -56,16 +58,59 @@ impl V {
     }
 }
 
-fn can_run() -> bool {
-    lb_agent::datapath::scratch::require_root("packet tests")
+/// Root, and for the full program set a kernel that has what it needs
+/// (5.12+; older kernels run the compat set only, and the full set's tests
+/// print SKIP there even under RPCLB_REQUIRE_PRIVILEGES).
+fn can_run(set: ProgramSet) -> bool {
+    if !lb_agent::datapath::scratch::require_root("packet tests") {
+        return false;
+    }
+    if set == ProgramSet::Full && !programs::kernel_has_full_set() {
+        eprintln!(
+            "SKIP: the full program set needs {} (this is Linux {})",
+            programs::FULL_NEEDS,
+            programs::kernel_release()
+        );
+        return false;
+    }
+    true
+}
+
+/// A test on each program set (lb-ebpf/src/set.rs): `$full` loads the full
+/// set, `$compat` the compat set, which must give the same verdicts and bytes.
+macro_rules! both_sets {
+    ($full:ident, $compat:ident, $run:expr) => {
+        #[test]
+        fn $full() {
+            if can_run(ProgramSet::Full) {
+                ($run)(ProgramSet::Full);
+            }
+        }
+
+        #[test]
+        fn $compat() {
+            if can_run(ProgramSet::Compat) {
+                ($run)(ProgramSet::Compat);
+            }
+        }
+    };
 }
 
 /// A loaded data path pinned in a private directory, unpinned on drop.
 struct Harness(ScratchDatapath);
 
 impl Harness {
-    fn new(fib: bool) -> Harness {
-        Harness(ScratchDatapath::new(|c| c.fib_redirect = fib).expect("load data path"))
+    /// Loads program set `set` (never the other one: no fallback).
+    fn new(fib: bool, set: ProgramSet) -> Harness {
+        let mut h = Harness(
+            ScratchDatapath::new(|c| {
+                c.fib_redirect = fib;
+                c.programs = set.into();
+            })
+            .expect("load data path"),
+        );
+        assert_eq!(h.dp().programs(), set, "the program set asked for");
+        h
     }
 
     fn dp(&mut self) -> &mut Datapath {
@@ -169,8 +214,8 @@ fn check(h: &mut Harness, hook: Hook, f: &Fixture) {
 }
 
 /// The main table: SYN, follow-up, reply, FIN, UDP, non-VIP, no backend.
-fn main_table(hook: Hook) {
-    let mut h = Harness::new(false);
+fn main_table(hook: Hook, set: ProgramSet) {
+    let mut h = Harness::new(false, set);
     let tcp_svc = service(
         "demo/rpc:grpc",
         VIP,
@@ -353,19 +398,15 @@ fn main_table(hook: Hook) {
     assert_eq!(w.service_stats(&empty.addr()).unwrap().drops, 2);
 }
 
-#[test]
-fn xdp_main_table() {
-    if can_run() {
-        main_table(Hook::Xdp);
-    }
-}
+both_sets!(xdp_main_table, xdp_main_table_compat, |set| main_table(
+    Hook::Xdp,
+    set
+));
 
-#[test]
-fn tc_main_table() {
-    if can_run() {
-        main_table(Hook::Tc);
-    }
-}
+both_sets!(tc_main_table, tc_main_table_compat, |set| main_table(
+    Hook::Tc,
+    set
+));
 
 /// The payload of a frame (after `seed_collision` chose its first two bytes).
 fn payload_of(frame: &[u8]) -> Vec<u8> {
@@ -413,8 +454,8 @@ enum Sum {
 /// checksum (the helpers follow the skb's state; the lab covers real
 /// CHECKSUM_PARTIAL skbs in TC): a seed's "error" is kept, and a colliding
 /// full checksum comes out correct, as from XDP.
-fn checksum_table(hook: Hook) {
-    let mut h = Harness::new(false);
+fn checksum_table(hook: Hook, set: ProgramSet) {
+    let mut h = Harness::new(false, set);
     let (bk, bport, uport) = (b(1), 8080, 5353);
     let w = h.dp().writer();
     w.upsert_service(&service(
@@ -599,22 +640,21 @@ fn checksum_table(hook: Hook) {
     assert_eq!(delta("nat_forward") + delta("nat_reverse"), 13);
 }
 
-#[test]
-fn xdp_checksum_table() {
-    if can_run() {
-        checksum_table(Hook::Xdp);
-    }
-}
+both_sets!(xdp_checksum_table, xdp_checksum_table_compat, |set| {
+    checksum_table(Hook::Xdp, set)
+});
+
+both_sets!(
+    xdp_checksum_lengths,
+    xdp_checksum_lengths_compat,
+    xdp_checksum_lengths_on
+);
 
 /// Every segment length around the verification's steps (4-byte words,
 /// 512-byte chunks, odd tails), up to what a test run takes: a seed stays a
 /// seed, a colliding full checksum stays full.
-#[test]
-fn xdp_checksum_lengths() {
-    if !can_run() {
-        return;
-    }
-    let mut h = Harness::new(false);
+fn xdp_checksum_lengths_on(set: ProgramSet) {
+    let mut h = Harness::new(false, set);
     h.dp()
         .writer()
         .upsert_service(&service(
@@ -653,17 +693,14 @@ fn xdp_checksum_lengths() {
     assert_eq!(r["pass_csum_unverified"], 0);
 }
 
-#[test]
-fn tc_checksum_table() {
-    if can_run() {
-        checksum_table(Hook::Tc);
-    }
-}
+both_sets!(tc_checksum_table, tc_checksum_table_compat, |set| {
+    checksum_table(Hook::Tc, set)
+});
 
 /// Terminating backends get no new flows but keep theirs; a backend-set
 /// change leaves an established flow on its backend.
-fn backend_changes(hook: Hook) {
-    let mut h = Harness::new(false);
+fn backend_changes(hook: Hook, set: ProgramSet) {
+    let mut h = Harness::new(false, set);
     let mut svc = service(
         "demo/rpc:grpc",
         VIP,
@@ -745,19 +782,13 @@ fn backend_changes(hook: Hook) {
     }
 }
 
-#[test]
-fn xdp_backend_changes() {
-    if can_run() {
-        backend_changes(Hook::Xdp);
-    }
-}
+both_sets!(xdp_backend_changes, xdp_backend_changes_compat, |set| {
+    backend_changes(Hook::Xdp, set)
+});
 
-#[test]
-fn tc_backend_changes() {
-    if can_run() {
-        backend_changes(Hook::Tc);
-    }
-}
+both_sets!(tc_backend_changes, tc_backend_changes_compat, |set| {
+    backend_changes(Hook::Tc, set)
+});
 
 /// Sends `n` SYNs of distinct flows and counts the backends chosen.
 fn spread(h: &mut Harness, hook: Hook, n: u32, distinct_clients: bool) -> Vec<(Ipv4Addr, u32)> {
@@ -798,7 +829,7 @@ fn within(counts: &[(Ipv4Addr, u32)], weights: &[u32], tol: f64, what: &str) {
     eprintln!("{what}: {counts:?}");
 }
 
-fn algorithms(hook: Hook) {
+fn algorithms(hook: Hook, set: ProgramSet) {
     const N: u32 = 10_000;
     let backends = [(b(1), 8080), (b(2), 8080), (b(3), 8080)];
     for (algo, weights, tol, distinct) in [
@@ -812,7 +843,7 @@ fn algorithms(hook: Hook) {
         (Algorithm::LeastConn, [1, 1, 1], 0.02, false),
         (Algorithm::LeastConn, [1, 2, 1], 0.05, false),
     ] {
-        let mut h = Harness::new(false);
+        let mut h = Harness::new(false, set);
         let mut svc = service("demo/spread:http", VIP, 80, Protocol::Tcp, algo, &backends);
         for (b, w) in svc.backends.iter_mut().zip(weights) {
             b.weight = w;
@@ -850,27 +881,23 @@ fn algorithms(hook: Hook) {
     }
 }
 
-#[test]
-fn xdp_algorithm_spread() {
-    if can_run() {
-        algorithms(Hook::Xdp);
-    }
-}
+both_sets!(xdp_algorithm_spread, xdp_algorithm_spread_compat, |set| {
+    algorithms(Hook::Xdp, set)
+});
 
-#[test]
-fn tc_algorithm_spread() {
-    if can_run() {
-        algorithms(Hook::Tc);
-    }
-}
+both_sets!(tc_algorithm_spread, tc_algorithm_spread_compat, |set| {
+    algorithms(Hook::Tc, set)
+});
+
+both_sets!(
+    least_conn_avoids_loaded_backend,
+    least_conn_avoids_loaded_backend_compat,
+    least_conn_avoids_loaded_backend_on
+);
 
 /// Least-conn: with one backend holding many open flows, new flows go to the others.
-#[test]
-fn least_conn_avoids_loaded_backend() {
-    if !can_run() {
-        return;
-    }
-    let mut h = Harness::new(false);
+fn least_conn_avoids_loaded_backend_on(set: ProgramSet) {
+    let mut h = Harness::new(false, set);
     let mut svc = service(
         "demo/lc:http",
         VIP,
@@ -898,13 +925,11 @@ fn least_conn_avoids_loaded_backend() {
     );
 }
 
+both_sets!(affinity_sticks, affinity_sticks_compat, affinity_sticks_on);
+
 /// Client-IP affinity: a client sticks to its backend under random selection.
-#[test]
-fn affinity_sticks() {
-    if !can_run() {
-        return;
-    }
-    let mut h = Harness::new(false);
+fn affinity_sticks_on(set: ProgramSet) {
+    let mut h = Harness::new(false, set);
     let mut svc = service(
         "demo/aff:http",
         VIP,
@@ -950,8 +975,8 @@ fn reason_delta(h: &mut Harness, hook: Hook, input: &[u8], want: V, reason: &str
     assert_eq!(moved, vec![(reason, 1)], "counter for len {}", input.len());
 }
 
-fn malformed(hook: Hook) {
-    let mut h = Harness::new(false);
+fn malformed(hook: Hook, set: ProgramSet) {
+    let mut h = Harness::new(false, set);
     h.dp()
         .writer()
         .upsert_service(&service(
@@ -1066,26 +1091,27 @@ fn malformed(hook: Hook) {
     assert!(h.dp().writer().conntrack().unwrap().is_empty());
 }
 
-#[test]
-fn xdp_malformed() {
-    if can_run() {
-        malformed(Hook::Xdp);
-    }
-}
+both_sets!(xdp_malformed, xdp_malformed_compat, |set| malformed(
+    Hook::Xdp,
+    set
+));
 
-#[test]
-fn tc_malformed() {
-    if can_run() {
-        malformed(Hook::Tc);
-    }
-}
+both_sets!(tc_malformed, tc_malformed_compat, |set| malformed(
+    Hook::Tc,
+    set
+));
+
+both_sets!(
+    xdp_fib_redirect_and_route_cache,
+    xdp_fib_redirect_and_route_cache_compat,
+    xdp_fib_redirect_and_route_cache_on
+);
 
 /// Forwarding with `bpf_fib_lookup` in a namespace with a route and a
 /// neighbour: the verdict is a redirect, the MACs come from the neighbour
 /// table, TTL drops by one, and the flow caches the route.
-#[test]
-fn xdp_fib_redirect_and_route_cache() {
-    if !can_run() || !rpclb_tests::lab::require() {
+fn xdp_fib_redirect_and_route_cache_on(set: ProgramSet) {
+    if !rpclb_tests::lab::require() {
         return;
     }
     let ns = rpclb_tests::lab::Netns::new("pktfib").unwrap();
@@ -1125,7 +1151,7 @@ fn xdp_fib_redirect_and_route_cache() {
         .unwrap();
     ns.run(|| {
         let ifindex = rpclb_tests::lab::sys::ifindex("d0").unwrap();
-        let mut h = Harness::new(true);
+        let mut h = Harness::new(true, set);
         let svc = service(
             "demo/rpc:grpc",
             VIP,
@@ -1213,16 +1239,18 @@ fn pin_to_cpu(cpu: usize) {
     }
 }
 
+both_sets!(
+    counters_exact_across_cpus,
+    counters_exact_across_cpus_compat,
+    counters_exact_across_cpus_on
+);
+
 /// Counters stay exact when two CPUs run packets of one flow at once: the
 /// shared per-backend entry takes atomic adds (a plain add there would lose
 /// updates), the per-service entry is per-CPU and summed.
-#[test]
-fn counters_exact_across_cpus() {
-    if !can_run() {
-        return;
-    }
+fn counters_exact_across_cpus_on(set: ProgramSet) {
     const N: u64 = 50_000;
-    let mut h = Harness::new(false);
+    let mut h = Harness::new(false, set);
     let svc = service(
         "demo/cpus:http",
         VIP,
@@ -1236,7 +1264,12 @@ fn counters_exact_across_cpus() {
     assert_eq!(v, XDP_PASS, "new flow balanced, handed to the stack");
     let ack = tcp(CLIENT, 41000, VIP, 80, ACK).build();
     // A second instance of the programs on the same maps, one per thread.
-    let mut twin = h.0.twin(|c| c.fib_redirect = false).unwrap();
+    let mut twin =
+        h.0.twin(|c| {
+            c.fib_redirect = false;
+            c.programs = set.into();
+        })
+        .unwrap();
     std::thread::scope(|s| {
         for (cpu, dp) in [h.0.dp(), &mut twin].into_iter().enumerate() {
             let ack = &ack;

@@ -213,13 +213,18 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         }
         DatapathKind::Ebpf => {
             let (dp, attached) = load_and_attach(&opts)?;
-            (Some(dp), DatapathStatus::ebpf(attached))
+            let st = DatapathStatus::ebpf(&dp, attached);
+            (Some(dp), st)
         }
         DatapathKind::Auto => match load_and_attach(&opts) {
-            Ok((dp, attached)) => (Some(dp), DatapathStatus::ebpf(attached)),
-            // An interface that cannot attach in any mode is a configuration
+            Ok((dp, attached)) => {
+                let st = DatapathStatus::ebpf(&dp, attached);
+                (Some(dp), st)
+            }
+            // An interface that cannot attach in any mode, or a program set
+            // asked for by name that the kernel refuses, is a configuration
             // to fix, not a reason to move the whole node to userspace.
-            Err(e @ StartError::Attach(_)) => return Err(e.into()),
+            Err(e @ (StartError::Attach(_) | StartError::Config(_))) => return Err(e.into()),
             Err(StartError::Load(e)) => {
                 let why = render_error(&anyhow!(e));
                 // Nothing of the kernel path may stay behind: programs left
@@ -372,6 +377,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 pub struct DatapathStatus {
     /// `ebpf` or `userspace`.
     pub datapath: &'static str,
+    /// The eBPF program set, `full` or `compat` (`--bpf-programs`); none
+    /// for userspace.
+    pub programs: Option<&'static str>,
+    /// Why the program set is not the one tried first (the kernel refused
+    /// the full set).
+    pub programs_fallback: Option<String>,
     pub interfaces: Vec<AttachedStatus>,
     /// Why the kernel path is not running, when it fell back.
     pub fallback: Option<String>,
@@ -394,9 +405,11 @@ impl std::fmt::Display for AttachedStatus {
 }
 
 impl DatapathStatus {
-    fn ebpf(attached: Vec<attach::Attached>) -> Self {
+    fn ebpf(dp: &Datapath, attached: Vec<attach::Attached>) -> Self {
         DatapathStatus {
             datapath: "ebpf",
+            programs: Some(dp.programs().as_str()),
+            programs_fallback: dp.programs_fallback().map(str::to_string),
             interfaces: attached
                 .into_iter()
                 .map(|a| AttachedStatus {
@@ -413,6 +426,8 @@ impl DatapathStatus {
     fn userspace(fallback: Option<String>) -> Self {
         DatapathStatus {
             datapath: "userspace",
+            programs: None,
+            programs_fallback: None,
             interfaces: Vec::new(),
             fallback,
         }
@@ -425,6 +440,13 @@ impl DatapathStatus {
             s.push_str(&format!(" (fallback: {why})"));
         }
         s.push('\n');
+        if let Some(set) = self.programs {
+            s.push_str(&format!("  programs {set}"));
+            if let Some(why) = &self.programs_fallback {
+                s.push_str(&format!(" ({why})"));
+            }
+            s.push('\n');
+        }
         for a in &self.interfaces {
             s.push_str(&format!("  {} {}", a.iface, a.how));
             if let Some(why) = &a.fallback {
@@ -446,12 +468,23 @@ enum StartError {
     /// An interface could not be attached in any mode: an error either way.
     #[error(transparent)]
     Attach(datapath::DatapathError),
+    /// The program set named by `--bpf-programs full|compat` was refused:
+    /// an error either way (`auto` picks the set itself).
+    #[error(transparent)]
+    Config(datapath::DatapathError),
 }
 
 /// Loads the programs (adopting pinned maps) and attaches them.
 fn load_and_attach(opts: &Options) -> Result<(Datapath, Vec<attach::Attached>), StartError> {
     attach::check_bpffs(&opts.datapath.pin_path).map_err(StartError::Load)?;
-    let mut dp = Datapath::load(&opts.datapath).map_err(StartError::Load)?;
+    let mut dp = Datapath::load(&opts.datapath).map_err(|e| match e {
+        datapath::DatapathError::Refused { .. }
+            if opts.datapath.programs != datapath::BpfPrograms::Auto =>
+        {
+            StartError::Config(e)
+        }
+        e => StartError::Load(e),
+    })?;
     let attached =
         attach::attach_all(&mut dp, &opts.interfaces, opts.mode).map_err(StartError::Attach)?;
     Ok((dp, attached))

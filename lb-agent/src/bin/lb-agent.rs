@@ -22,6 +22,7 @@ use anyhow::{Context, anyhow};
 use clap::builder::BoolishValueParser;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use lb_agent::agent::{self, DatapathKind, ModeChoice, Options, Source, TlsFiles};
+use lb_agent::datapath::BpfPrograms;
 use lb_agent::datapath::attach::TcAttach;
 use lb_agent::datapath::{self, AttachMode, DEFAULT_PIN_PATH, DatapathConfig};
 use lb_agent::stream::StreamOptions;
@@ -61,6 +62,16 @@ enum TcAttachArg {
     Tcx,
     /// Netlink clsact filters only.
     Netlink,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BpfProgramsArg {
+    /// The full set (Linux 5.12+), else the compat set when the kernel refuses it (one WARN).
+    Auto,
+    /// The full set only; an error (the agent exits) if the kernel refuses it.
+    Full,
+    /// The compat set (no atomic fetch/cmpxchg, no coarse clock), for kernels before 5.12.
+    Compat,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -140,6 +151,9 @@ struct RunArgs {
     /// How TC attaches: TCX links or netlink filters (both outlive the agent).
     #[arg(long, env = "RPCLB_TC_ATTACH", value_enum, default_value_t = TcAttachArg::Auto)]
     tc_attach: TcAttachArg,
+    /// Which eBPF program set to load: full (Linux 5.12+) or compat (older kernels).
+    #[arg(long, env = "RPCLB_BPF_PROGRAMS", value_enum, default_value_t = BpfProgramsArg::Auto)]
+    bpf_programs: BpfProgramsArg,
     /// bpffs directory where maps and links are pinned.
     #[arg(long, env = "RPCLB_PIN_PATH", default_value = DEFAULT_PIN_PATH)]
     pin_path: PathBuf,
@@ -340,6 +354,11 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                 TcAttachArg::Auto => TcAttach::Auto,
                 TcAttachArg::Tcx => TcAttach::Tcx,
                 TcAttachArg::Netlink => TcAttach::Netlink,
+            },
+            programs: match a.bpf_programs {
+                BpfProgramsArg::Auto => BpfPrograms::Auto,
+                BpfProgramsArg::Full => BpfPrograms::Full,
+                BpfProgramsArg::Compat => BpfPrograms::Compat,
             },
         },
         metrics_addr: a.metrics_addr,

@@ -10,6 +10,7 @@ mod alloc;
 pub mod attach;
 pub mod maglev;
 pub mod memory;
+pub mod programs;
 pub mod reader;
 pub mod scratch;
 pub mod sys;
@@ -20,11 +21,12 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{SchedClassifier, Xdp, links::LinkError},
+    programs::{ProgramError, SchedClassifier, Xdp, links::LinkError},
 };
-use lb_common::{limits, map_names, prog_names};
+use lb_common::{limits, map_names};
 use tracing::{info, warn};
 
+pub use programs::{BpfPrograms, ProgramSet};
 pub use reader::{BackendStats, ConntrackEntry, MapReader, ServiceInfo, ServiceStats};
 pub use writer::MapWriter;
 
@@ -71,6 +73,13 @@ pub enum DatapathError {
         name: &'static str,
         #[source]
         source: Box<aya::maps::MapError>,
+    },
+    #[error("the kernel (Linux {kernel}) refused the {set} program set ({why}); {hint}")]
+    Refused {
+        set: &'static str,
+        kernel: String,
+        why: String,
+        hint: String,
     },
     #[error("map {0} is missing from the object")]
     MissingMap(&'static str),
@@ -177,6 +186,8 @@ pub struct DatapathConfig {
     pub allow_over_budget: bool,
     /// TCX links or netlink filters for TC (`attach::TcAttach`).
     pub tc_attach: attach::TcAttach,
+    /// Which program set to load (`programs`, `--bpf-programs`).
+    pub programs: BpfPrograms,
 }
 
 impl Default for DatapathConfig {
@@ -192,6 +203,7 @@ impl Default for DatapathConfig {
             map_memory_budget: memory::DEFAULT_BUDGET,
             allow_over_budget: false,
             tc_attach: attach::TcAttach::Auto,
+            programs: BpfPrograms::Auto,
         }
     }
 }
@@ -217,6 +229,9 @@ pub struct Datapath {
     pin_path: PathBuf,
     writer: MapWriter,
     tc_attach: attach::TcAttach,
+    programs: ProgramSet,
+    /// Why the set is not the one tried first, if it is not.
+    programs_fallback: Option<String>,
 }
 
 impl Datapath {
@@ -260,25 +275,22 @@ impl Datapath {
                 path: cfg.pin_path.clone(),
                 source: Box::new(source),
             })?;
-        let p: &mut Xdp = prog(&mut ebpf, prog_names::XDP)?;
-        p.load().map_err(|source| DatapathError::Program {
-            name: prog_names::XDP,
-            source: Box::new(source),
-        })?;
-        let p: &mut SchedClassifier = prog(&mut ebpf, prog_names::TC)?;
-        p.load().map_err(|source| DatapathError::Program {
-            name: prog_names::TC,
-            source: Box::new(source),
-        })?;
+        let (programs, programs_fallback) = load_programs(&mut ebpf, cfg.programs)?;
         let mut writer = MapWriter::from_ebpf(&mut ebpf)?;
         writer.set_config(cfg.fib_redirect)?;
         memory::log(mem, cfg.map_memory_budget, &cfg.pin_path);
-        info!(pin_path = %cfg.pin_path.display(), "data path loaded");
+        info!(
+            pin_path = %cfg.pin_path.display(),
+            programs = programs.as_str(),
+            "data path loaded"
+        );
         Ok(Datapath {
             ebpf,
             pin_path: cfg.pin_path.clone(),
             writer,
             tc_attach: cfg.tc_attach,
+            programs,
+            programs_fallback,
         })
     }
 
@@ -290,12 +302,27 @@ impl Datapath {
         &self.pin_path
     }
 
-    pub fn xdp_program(&mut self) -> &mut Xdp {
-        prog(&mut self.ebpf, prog_names::XDP).expect("xdp program loaded")
+    /// The program set loaded (`--bpf-programs`).
+    pub fn programs(&self) -> ProgramSet {
+        self.programs
     }
 
+    /// Why [`Self::programs`] is not the set tried first (`auto` on a
+    /// kernel that refused the full set).
+    pub fn programs_fallback(&self) -> Option<&str> {
+        self.programs_fallback.as_deref()
+    }
+
+    /// The loaded set's XDP program.
+    pub fn xdp_program(&mut self) -> &mut Xdp {
+        let name = self.programs.xdp();
+        prog(&mut self.ebpf, name).expect("xdp program loaded")
+    }
+
+    /// The loaded set's TC program.
     pub fn tc_program(&mut self) -> &mut SchedClassifier {
-        prog(&mut self.ebpf, prog_names::TC).expect("tc program loaded")
+        let name = self.programs.tc();
+        prog(&mut self.ebpf, name).expect("tc program loaded")
     }
 
     /// A benchmark baseline program (`prog_names::BENCH_*`), loaded on first use.
@@ -337,6 +364,67 @@ fn undo_new_pins(dir: &Path, before: Option<&std::collections::BTreeSet<std::ffi
     }
     if before.is_none() {
         let _ = std::fs::remove_dir(dir);
+    }
+}
+
+/// Loads one program set's XDP and TC programs.
+fn load_set(ebpf: &mut Ebpf, set: ProgramSet) -> Result<(), (&'static str, ProgramError)> {
+    let p: &mut Xdp = prog(ebpf, set.xdp()).map_err(|_| (set.xdp(), ProgramError::NotLoaded))?;
+    p.load().map_err(|e| (set.xdp(), e))?;
+    let p: &mut SchedClassifier =
+        prog(ebpf, set.tc()).map_err(|_| (set.tc(), ProgramError::NotLoaded))?;
+    p.load().map_err(|e| (set.tc(), e))?;
+    Ok(())
+}
+
+/// Loads the set `choice` asks for (`programs` has the policy): returns it,
+/// and why it is not the full set when `auto` fell back.
+fn load_programs(
+    ebpf: &mut Ebpf,
+    choice: BpfPrograms,
+) -> Result<(ProgramSet, Option<String>), DatapathError> {
+    let failed = |(name, source): (&'static str, ProgramError)| DatapathError::Program {
+        name,
+        source: Box::new(source),
+    };
+    if choice == BpfPrograms::Compat {
+        load_set(ebpf, ProgramSet::Compat).map_err(failed)?;
+        return Ok((ProgramSet::Compat, None));
+    }
+    let (name, source) = match load_set(ebpf, ProgramSet::Full) {
+        Ok(()) => return Ok((ProgramSet::Full, None)),
+        Err(e) => e,
+    };
+    let kernel = programs::kernel_release();
+    let f = programs::LoadFailure::of(&source);
+    match programs::after_full_failed(choice, name, source, &f, &kernel) {
+        programs::AfterFull::Fail(e) => Err(e),
+        programs::AfterFull::Compat(why) => {
+            // A full program that did load is of no use now.
+            for n in [ProgramSet::Full.xdp(), ProgramSet::Full.tc()] {
+                if let Some(p) = ebpf.program_mut(n) {
+                    let _ = match p {
+                        aya::programs::Program::Xdp(x) => x.unload(),
+                        aya::programs::Program::SchedClassifier(c) => c.unload(),
+                        _ => Ok(()),
+                    };
+                }
+            }
+            load_set(ebpf, ProgramSet::Compat).map_err(|(name, source)| {
+                DatapathError::Refused {
+                    set: "compat",
+                    kernel: kernel.clone(),
+                    why: format!("{name}: {}", programs::LoadFailure::of(&source).reason()),
+                    hint: format!("the full set was refused as well ({why})"),
+                }
+            })?;
+            warn!(
+                kernel,
+                programs = "compat",
+                "{why} (no fetch/cmpxchg atomics, precise clock; see docs/operations.md, \"Kernels\")"
+            );
+            Ok((ProgramSet::Compat, Some(why)))
+        }
     }
 }
 

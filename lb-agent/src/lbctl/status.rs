@@ -21,6 +21,11 @@ pub struct Status {
 #[derive(Debug, Deserialize, Serialize)]
 pub struct Datapath {
     pub datapath: String,
+    /// `full` or `compat`; absent from agents older than the field.
+    #[serde(default)]
+    pub programs: Option<String>,
+    #[serde(default)]
+    pub programs_fallback: Option<String>,
     pub interfaces: Vec<Interface>,
     pub fallback: Option<String>,
 }
@@ -80,6 +85,12 @@ pub fn table(s: &Status) -> String {
     if let Some(why) = &s.datapath.fallback {
         out.push_str(&format!(" (fallback: {why})"));
     }
+    if let Some(set) = &s.datapath.programs {
+        out.push_str(&format!("  programs {set}"));
+        if let Some(why) = &s.datapath.programs_fallback {
+            out.push_str(&format!(" (fallback: {why})"));
+        }
+    }
     out.push('\n');
     if !s.datapath.interfaces.is_empty() {
         let mut t = Table::new(vec![
@@ -112,4 +123,34 @@ pub fn table(s: &Status) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_program_set_shows_and_old_agents_still_parse() {
+        let json = r#"{"version":"0.1.0","ready":true,
+            "datapath":{"datapath":"ebpf","programs":"compat",
+              "programs_fallback":"Linux 5.10.0-46-amd64 refused the full program set (...)",
+              "interfaces":[{"iface":"veth0","how":"tc-netlink","reused":false,"fallback":null}],
+              "fallback":null},
+            "controller":{"connected":false,"version":0,"reconnects":0}}"#;
+        let s: Status = serde_json::from_str(json).unwrap();
+        let t = table(&s);
+        assert!(
+            t.starts_with(
+                "agent 0.1.0  ready  datapath ebpf  programs compat (fallback: Linux 5.10.0-46-amd64 refused"
+            ),
+            "{t}"
+        );
+        // An agent from before the program sets.
+        let old = json.replace(r#""programs":"compat","#, "").replace(
+            r#""programs_fallback":"Linux 5.10.0-46-amd64 refused the full program set (...)","#,
+            "",
+        );
+        let s: Status = serde_json::from_str(&old).unwrap();
+        assert!(table(&s).starts_with("agent 0.1.0  ready  datapath ebpf\n"));
+    }
 }
