@@ -32,7 +32,8 @@ const AGENT: Expect = Expect {
     image: "rpclb-agent",
     workload: ("DaemonSet", "rpclb-agent", "agent"),
     binaries: &["lb-agent", "lbctl"],
-    // Root while the DaemonSet runs the agent privileged (see the check below).
+    // Root, with only the agent's capabilities (see the check below): Kubernetes has no
+    // ambient capabilities, so a non-root container's added ones are never effective.
     user: (0, 0),
 };
 
@@ -232,7 +233,8 @@ fn containers() -> Vec<(String, String, Value, Value)> {
         }
         let name = yaml_str(&d, &["metadata", "name"]).unwrap().to_string();
         let pod = d["spec"]["template"]["spec"].clone();
-        for c in pod["containers"].as_array().unwrap() {
+        let inits = pod["initContainers"].as_array().cloned().unwrap_or_default();
+        for c in pod["containers"].as_array().unwrap().iter().chain(&inits) {
             out.push((kind.clone(), name.clone(), pod.clone(), c.clone()));
         }
     }
@@ -412,11 +414,32 @@ fn check_image(e: &Expect) {
         }
     }
     if e.user.0 == 0 {
+        // Root, but unprivileged, with every capability dropped but the agent's list.
+        let sc = &container["securityContext"];
+        assert_ne!(sc["privileged"].as_bool(), Some(true), "{name}");
         assert_eq!(
-            container["securityContext"]["privileged"].as_bool(),
-            Some(true),
-            "{name}: a root image for a privileged container only"
+            yaml_strings(sc["capabilities"].get("drop")),
+            Some(vec!["ALL".to_string()]),
+            "{name}"
         );
+        assert_eq!(
+            yaml_strings(sc["capabilities"].get("add")).unwrap_or_default(),
+            rpclb_tests::privileges::AGENT_CAPABILITIES,
+            "{name}"
+        );
+        // The pod's init containers that run this image (mount-bpf-fs) run its
+        // entrypoint with arguments it accepts.
+        for (_, _, _, init) in containers().into_iter().filter(|(k, n, _, c)| {
+            k == kind
+                && n == name
+                && yaml_str(c, &["name"]) != Some(cname)
+                && yaml_str(c, &["image"]) == yaml_str(&container, &["image"])
+        }) {
+            assert!(init.get("command").is_none(), "{name}: init command");
+            let mut args = yaml_strings(init.get("args")).unwrap_or_default();
+            args.push("--help".into());
+            run_in(&rootfs, e.binaries[0], &args);
+        }
     } else {
         assert_eq!(
             pod["securityContext"]["runAsNonRoot"].as_bool(),
