@@ -8,9 +8,9 @@
 //!
 //! | capability | what needs it |
 //! |---|---|
-//! | `BPF` | bpf(2): create, pin and open the maps; load the XDP and TC programs |
-//! | `NET_ADMIN` | attach them: XDP and TCX links and netlink TC filters; rtnetlink routes of the userspace data path |
-//! | `PERFMON` | loading the programs as they are: without it the verifier refuses them (see [`AGENT_CAPABILITIES`]) |
+//! | `BPF` | bpf(2): create, pin and open the maps, load the programs (without it: EPERM creating the first map) |
+//! | `NET_ADMIN` | load XDP and TC programs (networking program types need it besides `BPF`; without it: EPERM from BPF_PROG_LOAD) and attach them (XDP, TCX links, netlink TC filters); rtnetlink routes of the userspace data path |
+//! | `PERFMON` | the verifier refuses the XDP program without it: "pointer -= pointer prohibited" (its frame length is `data_end - data`, which needs `allow_ptr_leaks`, i.e. `perfmon_capable()`) |
 //!
 //! Not needed, and not granted: `SYS_ADMIN` (only mounting bpffs needs it, which the
 //! DaemonSet's init container does), `NET_RAW` (the agent opens no raw IP socket; netlink
