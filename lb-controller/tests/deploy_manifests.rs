@@ -544,7 +544,10 @@ fn agent_reaches_the_controller_service_and_keeps_its_pins_on_the_host() {
         .iter()
         .find(|m| pin_path.starts_with(str_at(m, &["mountPath"]).unwrap()))
         .expect("a mount holding --pin-path");
-    assert_eq!(str_at(mount, &["mountPropagation"]), Some("HostToContainer"));
+    assert_eq!(
+        str_at(mount, &["mountPropagation"]),
+        Some("HostToContainer")
+    );
     assert_ne!(
         at(c, &["securityContext", "privileged"]).and_then(Value::as_bool),
         Some(true)

@@ -233,7 +233,10 @@ fn containers() -> Vec<(String, String, Value, Value)> {
         }
         let name = yaml_str(&d, &["metadata", "name"]).unwrap().to_string();
         let pod = d["spec"]["template"]["spec"].clone();
-        let inits = pod["initContainers"].as_array().cloned().unwrap_or_default();
+        let inits = pod["initContainers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         for c in pod["containers"].as_array().unwrap().iter().chain(&inits) {
             out.push((kind.clone(), name.clone(), pod.clone(), c.clone()));
         }

@@ -435,12 +435,7 @@ const UNUSED_HERE: &[(&str, &str, &str, &str)] = &[
         "endpointslices",
         "read instead of core Endpoints on servers that serve discovery.k8s.io/v1 (1.21+);          this 1.20 server does not (lb-controller/tests/kube_fake_api.rs covers that path)",
     ),
-    (
-        "watch",
-        "discovery.k8s.io",
-        "endpointslices",
-        "as above",
-    ),
+    ("watch", "discovery.k8s.io", "endpointslices", "as above"),
 ];
 
 /// (verb, apiGroup, resource, namespace of a Role's rule or "" for the ClusterRole's) of
@@ -463,8 +458,10 @@ fn granted_rules() -> BTreeSet<(String, String, String, String)> {
         }
         // Only roles bound to the controller's account.
         let bound = docs.iter().any(|b| {
-            matches!(b["kind"].as_str(), Some("ClusterRoleBinding" | "RoleBinding"))
-                && b["roleRef"]["kind"] == kind
+            matches!(
+                b["kind"].as_str(),
+                Some("ClusterRoleBinding" | "RoleBinding")
+            ) && b["roleRef"]["kind"] == kind
                 && b["roleRef"]["name"] == d["metadata"]["name"]
                 && b["subjects"]
                     .as_array()
@@ -561,9 +558,9 @@ fn rbac_grants_exactly_what_the_controller_uses() {
             // Discovery (/api, /apis, /version): every authenticated user may.
             let uri = e["requestURI"].as_str().unwrap_or_default();
             assert!(
-                ["/api", "/apis", "/version"]
-                    .iter()
-                    .any(|p| uri == *p || uri.starts_with(&format!("{p}/")) || uri.starts_with(&format!("{p}?"))),
+                ["/api", "/apis", "/version"].iter().any(|p| uri == *p
+                    || uri.starts_with(&format!("{p}/"))
+                    || uri.starts_with(&format!("{p}?"))),
                 "{e}"
             );
             continue;

@@ -19,9 +19,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use rpclb_tests::lab::Lab;
-use rpclb_tests::privileges::{
-    AGENT_CAPABILITIES, RunAs, cap_mask, capsh, capsh_args, proc_caps,
-};
+use rpclb_tests::privileges::{AGENT_CAPABILITIES, RunAs, cap_mask, capsh, capsh_args, proc_caps};
 use rpclb_tests::procs::{Proc, TestDir, agent_args, agent_bin, pin_path, workspace_bin};
 use rpclb_tests::skip_unless_lab;
 use serde_json::Value;
@@ -72,7 +70,10 @@ fn the_daemonset_grants_exactly_the_tested_capabilities() {
          (rpclb_tests::privileges::AGENT_CAPABILITIES)"
     );
     assert_eq!(strings(&caps["drop"]), ["ALL"]);
-    assert_ne!(sc["privileged"], true, "the agent container is not privileged");
+    assert_ne!(
+        sc["privileged"], true,
+        "the agent container is not privileged"
+    );
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
     // The lab test's uid 0 is the DaemonSet's: Kubernetes has no ambient capabilities.
@@ -95,11 +96,21 @@ fn the_daemonset_grants_exactly_the_tested_capabilities() {
     assert_eq!(inits.len(), 1, "{inits:?}");
     let init = &inits[0];
     assert_eq!(init["name"], "mount-bpf-fs");
-    assert_eq!(init["image"], agent["image"], "the agent's image: lb-agent is in it");
-    assert_eq!(strings(&init["args"]), ["mount-bpffs", "--path", "/sys/fs/bpf"]);
+    assert_eq!(
+        init["image"], agent["image"],
+        "the agent's image: lb-agent is in it"
+    );
+    assert_eq!(
+        strings(&init["args"]),
+        ["mount-bpffs", "--path", "/sys/fs/bpf"]
+    );
     assert_eq!(init["securityContext"]["privileged"], true);
     let mounts = init["volumeMounts"].as_array().unwrap();
-    assert_eq!(mounts.len(), 1, "it sees the host's /sys/fs/bpf and nothing else");
+    assert_eq!(
+        mounts.len(),
+        1,
+        "it sees the host's /sys/fs/bpf and nothing else"
+    );
     assert_eq!(mounts[0]["mountPath"], "/sys/fs/bpf");
     assert_eq!(mounts[0]["mountPropagation"], "Bidirectional");
     // ...which is where the agent pins.
@@ -131,13 +142,23 @@ fn config(lab: &Lab) -> String {
          protocol: tcp\n    algorithm: round-robin\n    backends:\n",
     );
     for i in 1..=3 {
-        s.push_str(&format!("      - {{ ip: {}, port: 8080 }}\n", lab.backend(i).ip()));
+        s.push_str(&format!(
+            "      - {{ ip: {}, port: 8080 }}\n",
+            lab.backend(i).ip()
+        ));
     }
     s
 }
 
 /// `lb-agent ARGS` under capsh with `caps`, as `who`, in the node namespace.
-fn start_capped(lab: &Lab, dir: &TestDir, name: &str, caps: &[&str], who: RunAs, extra: &[&str]) -> Proc {
+fn start_capped(
+    lab: &Lab,
+    dir: &TestDir,
+    name: &str,
+    caps: &[&str],
+    who: RunAs,
+    extra: &[&str],
+) -> Proc {
     let capsh = capsh().expect("capsh");
     let mut args = capsh_args(caps, who, agent_bin());
     args.extend(agent_args(lab, dir, extra));
@@ -196,7 +217,11 @@ fn serves_with_daemonset_caps(who: RunAs) -> (Lab, TestDir, Proc) {
     // The eBPF data path, not the userspace fallback.
     let (code, body) = agent.get("/readyz");
     assert_eq!(code, 200, "{body}");
-    assert!(body.starts_with("ready\ndatapath ebpf\n"), "{body}\n{}", agent.log());
+    assert!(
+        body.starts_with("ready\ndatapath ebpf\n"),
+        "{body}\n{}",
+        agent.log()
+    );
     // The pin directory is the agent's, 0700.
     let pin = pin_path(&lab);
     let m = std::fs::metadata(&pin).unwrap();
@@ -218,7 +243,10 @@ fn agent_serves_with_only_the_daemonset_capabilities_as_root() {
     // The kernel counted them, and the agent (with these capabilities) reads its maps.
     let m = agent.scrape();
     assert_eq!(
-        m.get("rpclb_service_new_flows_total", &[("service", "lab/web:http")]),
+        m.get(
+            "rpclb_service_new_flows_total",
+            &[("service", "lab/web:http")]
+        ),
         Some(30.0),
         "{}",
         agent.log()
@@ -240,7 +268,10 @@ fn agent_serves_as_a_non_root_user_with_ambient_capabilities() {
     traffic(&lab);
     let m = agent.scrape();
     assert_eq!(
-        m.get("rpclb_service_new_flows_total", &[("service", "lab/web:http")]),
+        m.get(
+            "rpclb_service_new_flows_total",
+            &[("service", "lab/web:http")]
+        ),
         Some(30.0)
     );
     // lbctl as that user reads the pins; as root, it refuses a pin directory that belongs to
@@ -267,7 +298,10 @@ fn lbctl_capped(lab: &Lab, who: RunAs, args: &[&str]) -> String {
     let capsh = capsh().unwrap();
     let lbctl = workspace_bin("lb-agent", "lbctl");
     let mut a = capsh_args(AGENT_CAPABILITIES, who, &lbctl);
-    a.extend(["--pin-path".to_string(), pin_path(lab).display().to_string()]);
+    a.extend([
+        "--pin-path".to_string(),
+        pin_path(lab).display().to_string(),
+    ]);
     a.extend(args.iter().map(|s| s.to_string()));
     let out = Command::new(capsh).args(&a).output().expect("run lbctl");
     assert!(
@@ -289,6 +323,13 @@ fn each_capability_is_needed() {
     let lab = Lab::new(3).expect("lab");
     let dir = TestDir::new("leastpriv-minus");
     dir.write_config(&config(&lab));
+    // What the kernel says without each: the reasons given in deploy/30-agent.yaml.
+    let expect = |cap: &str| match cap {
+        "BPF" => "failed to create map",
+        "NET_ADMIN" => "BPF_PROG_LOAD syscall returned Operation not permitted",
+        "PERFMON" => "pointer -= pointer prohibited",
+        other => panic!("say what fails without CAP_{other}"),
+    };
     let mut why = Vec::new();
     for missing in AGENT_CAPABILITIES {
         let caps: Vec<&str> = AGENT_CAPABILITIES
@@ -317,6 +358,11 @@ fn each_capability_is_needed() {
             .find(|l| l.contains("lb-agent:"))
             .unwrap_or_default()
             .to_string();
+        assert!(
+            log.contains(expect(missing)),
+            "without CAP_{missing}, expected {:?}:\n{log}",
+            expect(missing)
+        );
         why.push(format!("without CAP_{missing}: {last}"));
         // Whatever it pinned before failing goes, so that each run starts clean.
         let out = Command::new(agent_bin())

@@ -253,10 +253,8 @@ mod tests {
         fn new(name: &str) -> Tmp {
             static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
             let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let p = std::env::temp_dir().join(format!(
-                "rpclb-pin-test-{}-{n}-{name}",
-                std::process::id()
-            ));
+            let p = std::env::temp_dir()
+                .join(format!("rpclb-pin-test-{}-{n}-{name}", std::process::id()));
             let _ = std::fs::remove_dir_all(&p);
             std::fs::DirBuilder::new().mode(0o700).create(&p).unwrap();
             Tmp(p)
@@ -301,7 +299,11 @@ mod tests {
         check(&pin).unwrap();
         create(&pin).unwrap();
         assert_eq!(mode_of(&pin), 0o700);
-        for (mode, who) in [(0o777, "every user"), (0o770, "its group"), (0o1777, "every user")] {
+        for (mode, who) in [
+            (0o777, "every user"),
+            (0o770, "its group"),
+            (0o1777, "every user"),
+        ] {
             chmod(&pin, mode);
             let e = check(&pin).unwrap_err();
             assert!(
@@ -363,10 +365,7 @@ mod tests {
         let t = Tmp::new("file");
         let f = t.0.join("rpclb");
         std::fs::write(&f, "").unwrap();
-        assert!(matches!(
-            check(&f),
-            Err(PinPathError::NotDirectory { .. })
-        ));
+        assert!(matches!(check(&f), Err(PinPathError::NotDirectory { .. })));
     }
 
     /// Needs root (chown): a directory, or a link, of another user who is not root.
@@ -382,10 +381,7 @@ mod tests {
         chmod(&pin, 0o700);
         chown(&pin, Some(65534), Some(65534)).unwrap();
         let e = check(&pin).unwrap_err();
-        assert!(
-            matches!(&e, PinPathError::Owner { uid: 65534, .. }),
-            "{e}"
-        );
+        assert!(matches!(&e, PinPathError::Owner { uid: 65534, .. }), "{e}");
         assert!(e.to_string().contains("uid 65534"), "{e}");
         // As that user, it is its own directory.
         check_as(&pin, 65534).unwrap();

@@ -217,10 +217,7 @@ impl ApiServer {
             .arg("--endpoint-reconciler-type=none")
             // Every request, at the Metadata level, as JSON lines (the log backend writes
             // each event before the request completes: "blocking" mode).
-            .arg(format!(
-                "--audit-policy-file={}",
-                path("audit-policy.yaml")
-            ))
+            .arg(format!("--audit-policy-file={}", path("audit-policy.yaml")))
             .arg(format!("--audit-log-path={}", path("audit.log")))
             .arg("--audit-log-format=json")
             .arg("--audit-log-mode=blocking")
