@@ -10,6 +10,10 @@
 //!   ambient capabilities. Then each capability of the list is removed in turn, and the eBPF
 //!   data path no longer starts: the list is no longer than it must be.
 //!
+//! - The pin directory: the agent (in `auto` mode, without falling back) and lbctl refuse
+//!   one that every user can write; `lb-agent mount-bpffs`, the init container's command,
+//!   mounts bpffs once.
+//!
 //! capsh comes from Debian's libcap2-bin (`cargo xtask setup` installs it).
 
 use std::collections::BTreeMap;
@@ -376,4 +380,89 @@ fn each_capability_is_needed() {
     for w in &why {
         eprintln!("{w}");
     }
+}
+
+/// A pin directory that every user can write: the agent refuses it before loading anything
+/// (in `auto` mode too: no fallback to userspace), and so does lbctl, with the same words.
+/// Nothing here touches a network: the agent stops at its second start step.
+#[test]
+fn an_open_pin_directory_is_refused_by_the_agent_and_lbctl() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TestDir::new("open-pin");
+    dir.write_config("services: []\n");
+    let pin = dir.path().join("rpclb");
+    std::fs::create_dir(&pin).unwrap();
+    std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let pin_s = pin.display().to_string();
+    let out = Command::new(agent_bin())
+        .args(["--config", &dir.config().display().to_string()])
+        .args(["--interfaces", "lo", "--pin-path", &pin_s])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let want = format!("refusing pin path {pin_s}: {pin_s} is writable by every user (mode 0777)");
+    assert!(err.contains(&want), "{err}");
+    assert!(!err.contains("falling back"), "{err}");
+    let out = Command::new(workspace_bin("lb-agent", "lbctl"))
+        .args(["--pin-path", &pin_s, "services"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(&want), "{err}");
+    // Writable by its group only: refused too.
+    std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o770)).unwrap();
+    let out = Command::new(workspace_bin("lb-agent", "lbctl"))
+        .args(["--pin-path", &pin_s, "services"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is writable by its group (mode 0770)"),
+        "{err}"
+    );
+}
+
+/// The init container's command: mounts bpffs where there is none, and leaves a bpffs alone.
+#[test]
+fn mount_bpffs_mounts_once() {
+    if !lb_agent::datapath::scratch::skip_unless(
+        unsafe { libc::geteuid() } == 0,
+        "mounting needs root",
+    ) {
+        return;
+    }
+    let base = PathBuf::from(format!("/run/rpclb-{}-mount-bpffs", std::process::id()));
+    let target = base.join("bpf");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let c = std::ffi::CString::new(self.0.join("bpf").display().to_string()).unwrap();
+            // SAFETY: a valid path; MNT_DETACH.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            let _ = std::fs::remove_dir(self.0.join("bpf"));
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _guard = Unmount(base.clone());
+    let run = || {
+        let out = Command::new(agent_bin())
+            .args(["mount-bpffs", "--path", &target.display().to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(run().starts_with("mounted bpffs on"));
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        mounts.contains(&format!(" {} bpf ", target.display())),
+        "{mounts}"
+    );
+    assert!(run().contains("is bpffs already"));
+    // Its root is world-writable with the sticky bit, which the pin check accepts above a
+    // pin directory.
+    lb_agent::datapath::pin::create(&target.join("rpclb")).unwrap();
 }
