@@ -310,7 +310,7 @@ fn mutated_packets_get_consistent_verdicts() {
         return;
     }
     let total = env_u64("RPCLB_FUZZ_PACKETS", 100_000);
-    let seed = env_u64("RPCLB_FUZZ_SEED", 0x5eed_0f_1b_ca11);
+    let seed = env_u64("RPCLB_FUZZ_SEED", 0x5eed_0f1b_ca11);
     eprintln!("fuzz: {total} packets, RPCLB_FUZZ_SEED={seed}");
     let corpus = corpus();
     let mut rng = Rng(seed | 1);
