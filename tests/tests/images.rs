@@ -244,6 +244,35 @@ fn containers() -> Vec<(String, String, Value, Value)> {
     out
 }
 
+/// `$(VAR)` in `args` replaced as the kubelet does, for the container's env vars with a
+/// literal `value` or the pod IP (`status.podIP`, here a documentation address): the
+/// listeners bind `$(RPCLB_POD_IP):PORT`, which the binaries parse as an address. Others
+/// (a ConfigMap's value, the node name) stay as written: any string parses there.
+fn kubelet_expand(container: &Value, args: Vec<String>) -> Vec<String> {
+    let mut vars: Vec<(String, String)> = Vec::new();
+    for e in container["env"].as_array().cloned().unwrap_or_default() {
+        let name = e["name"].as_str().unwrap().to_string();
+        let value = if let Some(v) = e["value"].as_str() {
+            v.to_string()
+        } else if e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP" {
+            "192.0.2.10".to_string()
+        } else {
+            continue;
+        };
+        // An env value may refer to an earlier one, as in the kubelet.
+        let value = vars
+            .iter()
+            .fold(value, |v, (n, x)| v.replace(&format!("$({n})"), x));
+        vars.push((name, value));
+    }
+    args.into_iter()
+        .map(|a| {
+            vars.iter()
+                .fold(a, |a, (n, x)| a.replace(&format!("$({n})"), x))
+        })
+        .collect()
+}
+
 /// The git commit of the worktree, as the revision label gives it.
 fn git_revision() -> Option<String> {
     let git = |args: &[&str]| {
@@ -377,7 +406,10 @@ fn check_image(e: &Expect) {
         assert_eq!(cmd, [entrypoint.as_str()], "{name}: command");
     }
     // ...and accepts the arguments (`--help` after them stops it once they parse).
-    let mut args = yaml_strings(container.get("args")).unwrap_or_default();
+    let mut args = kubelet_expand(
+        &container,
+        yaml_strings(container.get("args")).unwrap_or_default(),
+    );
     args.push("--help".into());
     run_in(&rootfs, e.binaries[0], &args);
     // Commands that the kubelet runs in the container (hooks, exec probes)
