@@ -110,9 +110,25 @@ fn arg(c: &Value, flag: &str) -> Option<String> {
     })
 }
 
+/// The port of a listener flag. In deploy/ every listener binds the pod's IP
+/// (`$(RPCLB_POD_IP):PORT`, the env var from the downward API's
+/// `status.podIP`), never 0.0.0.0: checked here.
 fn addr_port(c: &Value, flag: &str) -> u16 {
     let v = arg(c, flag).unwrap_or_else(|| panic!("no {flag}"));
-    v.parse::<SocketAddr>()
+    let port = v
+        .strip_prefix("$(RPCLB_POD_IP):")
+        .unwrap_or_else(|| panic!("{flag} {v}: not $(RPCLB_POD_IP):PORT"));
+    let env = seq_at(c, &["env"])
+        .iter()
+        .find(|e| str_at(e, &["name"]) == Some("RPCLB_POD_IP"))
+        .unwrap_or_else(|| panic!("{flag}: no RPCLB_POD_IP in env"));
+    assert_eq!(
+        str_at(env, &["valueFrom", "fieldRef", "fieldPath"]),
+        Some("status.podIP")
+    );
+    // What the binary parses once Kubernetes has put the address in.
+    format!("10.0.0.1:{port}")
+        .parse::<SocketAddr>()
         .unwrap_or_else(|e| panic!("{flag} {v}: {e}"))
         .port()
 }
@@ -518,15 +534,21 @@ fn agent_reaches_the_controller_service_and_keeps_its_pins_on_the_host() {
             .any(|t| str_at(t, &["operator"]) == Some("Exists") && at(t, &["key"]).is_none())
     );
 
-    // The pin path is inside a Bidirectional mount of the host's bpffs.
+    // The pin path is inside a mount of the host's bpffs, which the agent
+    // sees (HostToContainer) but does not mount itself: the privileged init
+    // container mounts bpffs there, with Bidirectional propagation (allowed
+    // only in privileged containers), if the host has none. The agent's
+    // container is not privileged (its capabilities: tests/least_privilege.rs).
     let pin_path = arg(c, "--pin-path").expect("--pin-path");
     let mount = seq_at(c, &["volumeMounts"])
         .iter()
         .find(|m| pin_path.starts_with(str_at(m, &["mountPath"]).unwrap()))
         .expect("a mount holding --pin-path");
-    assert_eq!(str_at(mount, &["mountPropagation"]), Some("Bidirectional"));
-    // Kubernetes allows Bidirectional only for privileged containers.
     assert_eq!(
+        str_at(mount, &["mountPropagation"]),
+        Some("HostToContainer")
+    );
+    assert_ne!(
         at(c, &["securityContext", "privileged"]).and_then(Value::as_bool),
         Some(true)
     );
@@ -536,6 +558,24 @@ fn agent_reaches_the_controller_service_and_keeps_its_pins_on_the_host() {
         .find(|v| str_at(v, &["name"]) == Some(volume_name))
         .expect("the mount's volume");
     assert_eq!(str_at(volume, &["hostPath", "path"]), Some("/sys/fs/bpf"));
+    let init = seq_at(spec, &["initContainers"])
+        .iter()
+        .find(|i| str_at(i, &["name"]) == Some("mount-bpf-fs"))
+        .expect("the mount-bpf-fs init container");
+    let init_mount = &seq_at(init, &["volumeMounts"])[0];
+    assert_eq!(str_at(init_mount, &["name"]), Some(volume_name));
+    assert_eq!(
+        str_at(init_mount, &["mountPropagation"]),
+        Some("Bidirectional")
+    );
+    assert_eq!(
+        at(init, &["securityContext", "privileged"]).and_then(Value::as_bool),
+        Some(true)
+    );
+    let init_args = strings(at(init, &["args"]).unwrap());
+    let bpffs = str_at(init_mount, &["mountPath"]).unwrap();
+    assert_eq!(init_args, ["mount-bpffs", "--path", bpffs]);
+    assert!(pin_path.starts_with(&format!("{bpffs}/")), "{pin_path}");
 
     // Nothing tears the data path down when the pod stops: no hook runs
     // cleanup, and the agent is not told to detach.
@@ -581,7 +621,11 @@ fn each_workload_runs_its_own_image_and_only_what_is_in_it() {
             .iter()
             .find(|(kind, name, ..)| *kind == w.kind() && *name == w.name())
             .unwrap_or_else(|| panic!("{}: no image for {} {}", w.file, w.kind(), w.name()));
-        for c in seq_at(&w.v, &["spec", "template", "spec", "containers"]) {
+        let spec = at(&w.v, &["spec", "template", "spec"]).unwrap();
+        for c in seq_at(spec, &["containers"])
+            .iter()
+            .chain(seq_at(spec, &["initContainers"]))
+        {
             let name = format!("{} {}", w.name(), str_at(c, &["name"]).unwrap());
             let tagged = str_at(c, &["image"]).unwrap();
             assert_eq!(tagged, format!("{image}:{version}"), "{name}");
@@ -640,10 +684,58 @@ where
     );
 }
 
+/// The controller's gRPC port is open only to the node network (the agents
+/// run on the host network: their source addresses are the nodes'), and
+/// its pods bind their pod IP, not 0.0.0.0 (`addr_port`).
+#[test]
+fn only_the_node_network_reaches_the_controller() {
+    let docs = load();
+    let deploy = one(&docs, "Deployment", "rpclb-controller");
+    let c = container(deploy, "controller");
+    let listen = addr_port(c, "--listen");
+    let metrics = addr_port(c, "--metrics-addr");
+    let np = one(&docs, "NetworkPolicy", "rpclb-controller");
+    let pod_labels = at(&deploy.v, &["spec", "template", "metadata", "labels"]).unwrap();
+    for (k, v) in at(&np.v, &["spec", "podSelector", "matchLabels"])
+        .and_then(Value::as_object)
+        .expect("podSelector.matchLabels")
+    {
+        assert_eq!(pod_labels.get(k), Some(v), "podSelector {k:?}");
+    }
+    assert_eq!(
+        strings(at(&np.v, &["spec", "policyTypes"]).unwrap()),
+        ["Ingress"]
+    );
+    let rules = seq_at(&np.v, &["spec", "ingress"]);
+    assert_eq!(rules.len(), 1);
+    // From an ipBlock (the nodes) only: no pod or namespace selector, no
+    // open `from`.
+    let from = seq_at(&rules[0], &["from"]);
+    assert!(!from.is_empty(), "an empty `from` allows everyone");
+    for f in from {
+        let cidr = str_at(f, &["ipBlock", "cidr"]).expect("an ipBlock");
+        assert!(cidr != "0.0.0.0/0" && cidr != "::/0", "{cidr}");
+        assert!(at(f, &["podSelector"]).is_none() && at(f, &["namespaceSelector"]).is_none());
+    }
+    let ports: BTreeSet<u16> = seq_at(&rules[0], &["ports"])
+        .iter()
+        .map(|p| {
+            assert_eq!(str_at(p, &["protocol"]), Some("TCP"));
+            resolve_port(c, at(p, &["port"]).unwrap())
+        })
+        .collect();
+    assert_eq!(ports, BTreeSet::from([listen, metrics]));
+    // The agent's listener binds the node's address (its pod IP on the host
+    // network), checked by addr_port too.
+    let ds = one(&docs, "DaemonSet", "rpclb-agent");
+    addr_port(container(ds, "agent"), "--metrics-addr");
+}
+
 #[test]
 fn every_document_matches_the_kubernetes_schema() {
     use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
     use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
     use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
     for d in &load() {
         match d.kind() {
@@ -657,6 +749,7 @@ fn every_document_matches_the_kubernetes_schema() {
             "Service" => round_trip::<Service>(d),
             "Deployment" => round_trip::<Deployment>(d),
             "DaemonSet" => round_trip::<DaemonSet>(d),
+            "NetworkPolicy" => round_trip::<NetworkPolicy>(d),
             other => panic!("{}: no schema check for kind {other}", d.file),
         }
     }

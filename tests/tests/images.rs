@@ -32,7 +32,8 @@ const AGENT: Expect = Expect {
     image: "rpclb-agent",
     workload: ("DaemonSet", "rpclb-agent", "agent"),
     binaries: &["lb-agent", "lbctl"],
-    // Root while the DaemonSet runs the agent privileged (see the check below).
+    // Root, with only the agent's capabilities (see the check below): Kubernetes has no
+    // ambient capabilities, so a non-root container's added ones are never effective.
     user: (0, 0),
 };
 
@@ -232,11 +233,44 @@ fn containers() -> Vec<(String, String, Value, Value)> {
         }
         let name = yaml_str(&d, &["metadata", "name"]).unwrap().to_string();
         let pod = d["spec"]["template"]["spec"].clone();
-        for c in pod["containers"].as_array().unwrap() {
+        let inits = pod["initContainers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for c in pod["containers"].as_array().unwrap().iter().chain(&inits) {
             out.push((kind.clone(), name.clone(), pod.clone(), c.clone()));
         }
     }
     out
+}
+
+/// `$(VAR)` in `args` replaced as the kubelet does, for the container's env vars with a
+/// literal `value` or the pod IP (`status.podIP`, here a documentation address): the
+/// listeners bind `$(RPCLB_POD_IP):PORT`, which the binaries parse as an address. Others
+/// (a ConfigMap's value, the node name) stay as written: any string parses there.
+fn kubelet_expand(container: &Value, args: Vec<String>) -> Vec<String> {
+    let mut vars: Vec<(String, String)> = Vec::new();
+    for e in container["env"].as_array().cloned().unwrap_or_default() {
+        let name = e["name"].as_str().unwrap().to_string();
+        let value = if let Some(v) = e["value"].as_str() {
+            v.to_string()
+        } else if e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP" {
+            "192.0.2.10".to_string()
+        } else {
+            continue;
+        };
+        // An env value may refer to an earlier one, as in the kubelet.
+        let value = vars
+            .iter()
+            .fold(value, |v, (n, x)| v.replace(&format!("$({n})"), x));
+        vars.push((name, value));
+    }
+    args.into_iter()
+        .map(|a| {
+            vars.iter()
+                .fold(a, |a, (n, x)| a.replace(&format!("$({n})"), x))
+        })
+        .collect()
 }
 
 /// The git commit of the worktree, as the revision label gives it.
@@ -372,7 +406,10 @@ fn check_image(e: &Expect) {
         assert_eq!(cmd, [entrypoint.as_str()], "{name}: command");
     }
     // ...and accepts the arguments (`--help` after them stops it once they parse).
-    let mut args = yaml_strings(container.get("args")).unwrap_or_default();
+    let mut args = kubelet_expand(
+        &container,
+        yaml_strings(container.get("args")).unwrap_or_default(),
+    );
     args.push("--help".into());
     run_in(&rootfs, e.binaries[0], &args);
     // Commands that the kubelet runs in the container (hooks, exec probes)
@@ -412,11 +449,32 @@ fn check_image(e: &Expect) {
         }
     }
     if e.user.0 == 0 {
+        // Root, but unprivileged, with every capability dropped but the agent's list.
+        let sc = &container["securityContext"];
+        assert_ne!(sc["privileged"].as_bool(), Some(true), "{name}");
         assert_eq!(
-            container["securityContext"]["privileged"].as_bool(),
-            Some(true),
-            "{name}: a root image for a privileged container only"
+            yaml_strings(sc["capabilities"].get("drop")),
+            Some(vec!["ALL".to_string()]),
+            "{name}"
         );
+        assert_eq!(
+            yaml_strings(sc["capabilities"].get("add")).unwrap_or_default(),
+            rpclb_tests::privileges::AGENT_CAPABILITIES,
+            "{name}"
+        );
+        // The pod's init containers that run this image (mount-bpf-fs) run its
+        // entrypoint with arguments it accepts.
+        for (_, _, _, init) in containers().into_iter().filter(|(k, n, _, c)| {
+            k == kind
+                && n == name
+                && yaml_str(c, &["name"]) != Some(cname)
+                && yaml_str(c, &["image"]) == yaml_str(&container, &["image"])
+        }) {
+            assert!(init.get("command").is_none(), "{name}: init command");
+            let mut args = yaml_strings(init.get("args")).unwrap_or_default();
+            args.push("--help".into());
+            run_in(&rootfs, e.binaries[0], &args);
+        }
     } else {
         assert_eq!(
             pod["securityContext"]["runAsNonRoot"].as_bool(),

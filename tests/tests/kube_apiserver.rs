@@ -126,8 +126,8 @@ async fn controller_account_gets_what_deploy_rbac_grants() {
         .expect("token for rpclb-controller");
     let c = client(&kubeconfig).await;
 
-    // Granted: get, list and watch Services, Nodes, core Endpoints and EndpointSlices
-    // (v1beta1 on 1.20).
+    // Granted: list and watch Services, Nodes, core Endpoints and EndpointSlices
+    // (v1beta1 on 1.20); not get (the controller's watchers never get by name).
     s.apply(
         "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
          spec: {selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}\n",
@@ -145,11 +145,24 @@ async fn controller_account_gets_what_deploy_rbac_grants() {
         "default/web is listed"
     );
     watch_ok(&services, "services").await;
-    let web = Api::<Service>::namespaced(c.clone(), "default")
-        .get("web")
-        .await
-        .expect("get default/web");
-    let ip = web.spec.and_then(|s| s.cluster_ip).unwrap_or_default();
+    assert_eq!(
+        status(
+            Api::<Service>::namespaced(c.clone(), "default")
+                .get("web")
+                .await
+        ),
+        403
+    );
+    let web = list
+        .items
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("web"))
+        .unwrap();
+    let ip = web
+        .spec
+        .as_ref()
+        .and_then(|s| s.cluster_ip.clone())
+        .unwrap_or_default();
     assert!(ip.starts_with("10.96."), "ClusterIP {ip} from 10.96.0.0/16");
     let nodes: Api<Node> = Api::all(c.clone());
     nodes

@@ -18,7 +18,7 @@
 //! Needs root for the lab, and the API server build; without either the
 //! tests fail under CI, or skip (lab) / fail (no build) elsewhere.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -420,6 +420,187 @@ fn a_bad_annotation_is_one_event() {
         e.len() == 1 && e[0]["series"]["count"] == 2
     });
     ctl_b.check_alive();
+}
+
+/// The controller's ServiceAccount, as the API server's audit log names it.
+const CONTROLLER_USER: &str = "system:serviceaccount:rpclb-system:rpclb-controller";
+
+/// Rules of deploy/10-rbac.yaml that the run below cannot use, each with why. Keep it short:
+/// a rule that no run uses is a rule to remove.
+const UNUSED_HERE: &[(&str, &str, &str, &str)] = &[
+    // (verb, apiGroup, resource, why)
+    (
+        "list",
+        "discovery.k8s.io",
+        "endpointslices",
+        "read instead of core Endpoints on servers that serve discovery.k8s.io/v1 (1.21+);          this 1.20 server does not (lb-controller/tests/kube_fake_api.rs covers that path)",
+    ),
+    ("watch", "discovery.k8s.io", "endpointslices", "as above"),
+];
+
+/// (verb, apiGroup, resource, namespace of a Role's rule or "" for the ClusterRole's) of
+/// every rule that deploy/10-rbac.yaml grants rpclb-controller.
+fn granted_rules() -> BTreeSet<(String, String, String, String)> {
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(&repo_file("deploy/10-rbac.yaml")).expect("10-rbac.yaml");
+    let mut out = BTreeSet::new();
+    let strs = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
+    };
+    for d in &docs {
+        let kind = d["kind"].as_str().unwrap_or_default();
+        if !matches!(kind, "ClusterRole" | "Role") {
+            continue;
+        }
+        // Only roles bound to the controller's account.
+        let bound = docs.iter().any(|b| {
+            matches!(
+                b["kind"].as_str(),
+                Some("ClusterRoleBinding" | "RoleBinding")
+            ) && b["roleRef"]["kind"] == kind
+                && b["roleRef"]["name"] == d["metadata"]["name"]
+                && b["subjects"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s["name"] == "rpclb-controller")
+        });
+        if !bound {
+            continue;
+        }
+        let ns = d["metadata"]["namespace"].as_str().unwrap_or_default();
+        for rule in d["rules"].as_array().unwrap() {
+            assert!(
+                rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none(),
+                "{rule}"
+            );
+            for verb in strs(&rule["verbs"]) {
+                for group in strs(&rule["apiGroups"]) {
+                    for resource in strs(&rule["resources"]) {
+                        assert!(
+                            verb != "*" && group != "*" && resource != "*",
+                            "no wildcards: {rule}"
+                        );
+                        out.insert((verb.clone(), group.clone(), resource, ns.to_string()));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// RBAC, proven against the real API server: the controller runs end to end (watches, the
+/// agent serving traffic, an Event written, counted again after the problem comes back,
+/// leadership taken, renewed and released on SIGTERM) as deploy/'s ServiceAccount with
+/// deploy/'s roles. Then, from the API server's audit log: every request it made was allowed
+/// (no 403; the authorizer's decision "allow", by rpclb's own bindings), and every rule the
+/// roles grant was used at least once, but those in `UNUSED_HERE`.
+#[test]
+fn rbac_grants_exactly_what_the_controller_uses() {
+    skip_unless_lab!();
+    let cluster = Cluster::start();
+    let pods = Pods::start();
+    let dir = TestDir::new("kube-rbac");
+    let grpc = free_port();
+    let mut ctl = cluster.controller(&dir, "ctl-a", grpc);
+    let (_agent, _relay) = agent(&pods, &dir, &[grpc]);
+    wait_until("ctl-a to lead", Duration::from_secs(20), || {
+        cluster.leader().as_deref() == Some("ctl-a")
+    });
+    let (b1, b2) = (pods.ip(1), pods.ip(2));
+    cluster.apply(&service_yaml(80, "rpclb.io/algorithm: fastest"));
+    cluster.apply(&endpoints_yaml(&[(&[b1, b2], &[], 8080)]));
+    pods.wait_reach(80, &["backend-1", "backend-2"]);
+    wait_until("the Event", Duration::from_secs(20), || {
+        cluster.events("web", "InvalidAnnotation").len() == 1
+    });
+    // The problem goes and comes back: the Event exists, so it is read and patched.
+    cluster.apply(&service_yaml(80, ""));
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.apply(&service_yaml(80, "rpclb.io/algorithm: fastest"));
+    wait_until("the Event's series", Duration::from_secs(20), || {
+        let e = cluster.events("web", "InvalidAnnotation");
+        e.len() == 1 && e[0]["series"]["count"] == 2
+    });
+    // Renewals happened (1 s retry period); SIGTERM releases the Lease.
+    std::thread::sleep(Duration::from_secs(2));
+    ctl.signal(libc::SIGTERM);
+    ctl.wait_exit(Duration::from_secs(10)).expect("ctl-a stops");
+    wait_until("the Lease released", Duration::from_secs(10), || {
+        cluster.leader().is_none()
+    });
+
+    let events = cluster.api.audit_events().expect("the audit log");
+    let mine: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["user"]["username"] == CONTROLLER_USER)
+        .collect();
+    assert!(mine.len() > 10, "{} requests by the controller", mine.len());
+    let mut used = BTreeSet::new();
+    let mut summary = BTreeMap::new();
+    for e in &mine {
+        let code = e["responseStatus"]["code"].as_u64().unwrap_or(0);
+        let decision = e["annotations"]["authorization.k8s.io/decision"].as_str();
+        let reason = e["annotations"]["authorization.k8s.io/reason"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            code != 403 && decision == Some("allow"),
+            "a request of the controller was not allowed: {e}"
+        );
+        let verb = e["verb"].as_str().unwrap().to_string();
+        let Some(obj) = e.get("objectRef") else {
+            // Discovery (/api, /apis, /version): every authenticated user may.
+            let uri = e["requestURI"].as_str().unwrap_or_default();
+            assert!(
+                ["/api", "/apis", "/version"].iter().any(|p| uri == *p
+                    || uri.starts_with(&format!("{p}/"))
+                    || uri.starts_with(&format!("{p}?"))),
+                "{e}"
+            );
+            continue;
+        };
+        // Resource requests are allowed by rpclb's own bindings, nothing broader.
+        assert!(reason.contains("\"rpclb-controller"), "{reason}: {e}");
+        let group = obj["apiGroup"].as_str().unwrap_or_default().to_string();
+        let resource = obj["resource"].as_str().unwrap().to_string();
+        assert!(obj.get("subresource").is_none(), "{e}");
+        let ns = if resource == "leases" {
+            obj["namespace"].as_str().unwrap_or_default().to_string()
+        } else {
+            String::new()
+        };
+        *summary
+            .entry(format!("{verb} {group}/{resource} {code}"))
+            .or_insert(0) += 1;
+        used.insert((verb, group, resource, ns));
+    }
+    eprintln!("the controller's requests (verb group/resource code: count): {summary:#?}");
+    let granted = granted_rules();
+    let unused_here: BTreeSet<(String, String, String, String)> = UNUSED_HERE
+        .iter()
+        .map(|(v, g, r, _)| (v.to_string(), g.to_string(), r.to_string(), String::new()))
+        .collect();
+    assert!(
+        unused_here.is_subset(&granted),
+        "UNUSED_HERE names rules the roles no longer grant: {:?}",
+        unused_here.difference(&granted).collect::<Vec<_>>()
+    );
+    let never: Vec<_> = granted
+        .iter()
+        .filter(|r| !used.contains(*r) && !unused_here.contains(*r))
+        .collect();
+    assert!(
+        never.is_empty(),
+        "deploy/10-rbac.yaml grants rules that the controller never used: {never:?}\nused: {used:#?}"
+    );
+    let beyond: Vec<_> = used.difference(&granted).collect();
+    assert!(beyond.is_empty(), "used but not granted: {beyond:?}");
 }
 
 /// A controller restart breaks no established flow; the agent keeps

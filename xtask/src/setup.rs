@@ -10,7 +10,7 @@ use std::{env, fs};
 pub fn all(root: &Path) -> Result<()> {
     report("nightly rust-src", rust_src()?);
     report("bpf-linker 0.13", bpf_linker(root)?);
-    report("tools (ip, tc, ethtool, iptables, bpftool)", tools());
+    report("tools (ip, tc, ethtool, iptables, bpftool, capsh)", tools());
     report("bpffs at /sys/fs/bpf", bpffs());
     report("capabilities", capabilities());
     Ok(())
@@ -113,6 +113,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("iptables", "iptables"),
     // Lab tests check what is attached (TCX links show nowhere else).
     ("bpftool", "bpftool"),
+    // tests/least_privilege.rs runs the agent with only the DaemonSet's capabilities.
+    ("capsh", "libcap2-bin"),
 ];
 
 fn tools() -> String {

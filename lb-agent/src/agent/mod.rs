@@ -4,7 +4,7 @@
 //! on a signal.
 //!
 //! ```text
-//! startup:  config -> bpffs check -> bind metrics -> load (adopt pins) -> attach -> apply -> ready
+//! startup:  config -> pin path check (owner, mode) -> bpffs check -> bind metrics -> load (adopt pins) -> attach -> apply -> ready
 //!           (--controller: no config; ready once the first snapshot is applied. Until then
 //!            a restarted agent's pinned state keeps serving.)
 //! loop:     SIGHUP or file change -> parse -> apply (diff-only) | keep the running state on error
@@ -194,9 +194,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         }
     };
     // 2. Map sizes the kernel would refuse are a configuration to fix, in
-    // `auto` too. Pins only survive on bpffs.
+    //    `auto` too. A pin path that another user could write is refused
+    //    outright, in auto mode too: falling back to userspace (and cleaning up
+    //    the pins) would act on what that user put there. Pins only survive on
+    //    bpffs.
     if opts.datapath_kind != DatapathKind::Userspace {
         datapath::memory::check_sizes(&opts.datapath)?;
+        datapath::pin::check(&opts.datapath.pin_path)?;
     }
     if opts.datapath_kind == DatapathKind::Ebpf {
         attach::check_bpffs(&opts.datapath.pin_path)?;

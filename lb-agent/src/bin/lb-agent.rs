@@ -52,6 +52,17 @@ enum Cmd {
     Run(Box<RunArgs>),
     /// Detach the programs and unpin every map and link under the pin path.
     Cleanup(CleanupArgs),
+    /// Mount bpffs on PATH unless it is bpffs already, then exit. Needs CAP_SYS_ADMIN: on
+    /// Kubernetes, the DaemonSet's privileged init container runs it, so that the agent's
+    /// own container needs no mount rights (deploy/30-agent.yaml).
+    MountBpffs(MountBpffsArgs),
+}
+
+#[derive(Args, Debug)]
+struct MountBpffsArgs {
+    /// Where bpffs must be mounted (the parent of the agent's --pin-path).
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    path: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -229,6 +240,16 @@ fn hostname() -> anyhow::Result<String> {
     Ok(h.trim().to_string())
 }
 
+fn mount_bpffs(path: &Path) -> anyhow::Result<()> {
+    match datapath::pin::mount_bpffs(path)
+        .with_context(|| format!("mounting bpffs on {}", path.display()))?
+    {
+        datapath::pin::Mounted::Already => println!("{} is bpffs already", path.display()),
+        datapath::pin::Mounted::New => println!("mounted bpffs on {}", path.display()),
+    }
+    Ok(())
+}
+
 fn cleanup(pin: &Path) -> anyhow::Result<()> {
     // VIP routes a userspace data path left behind (a killed agent).
     match lb_agent::userspace::remove_stale_routes() {
@@ -379,6 +400,7 @@ fn main() -> ExitCode {
     init_tracing();
     let res = match cli.cmd {
         Some(Cmd::Cleanup(c)) => cleanup(&c.pin_path),
+        Some(Cmd::MountBpffs(m)) => mount_bpffs(&m.path),
         None if cli.cleanup => cleanup(&cli.run.pin_path),
         Some(Cmd::Run(a)) => run(*a),
         None => run(cli.run),

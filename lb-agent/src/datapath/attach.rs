@@ -169,7 +169,7 @@ impl Datapath {
     /// program is swapped atomically for this one; traffic never sees a gap.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<Attached, DatapathError> {
         let dir = self.pin_path.join("links");
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        super::pin::create_private_dir(&dir).map_err(io_err(&dir))?;
         if mode == AttachMode::Tc {
             return self.attach_tc(iface);
         }
@@ -269,7 +269,7 @@ impl Datapath {
             },
         };
         self.attach_netlink(iface, false)?;
-        std::fs::create_dir_all(&marker).map_err(io_err(&marker))?;
+        super::pin::create_private_dir(&marker).map_err(io_err(&marker))?;
         let why = tcx_err.map(|e| {
             let why = format!(
                 "TCX unavailable ({}); TC attached as a netlink filter",
@@ -375,7 +375,7 @@ fn attach_native_xdp(
     iface: &str,
 ) -> Result<Result<Attached, String>, DatapathError> {
     let links = dp.pin_path().join("links");
-    std::fs::create_dir_all(&links).map_err(io_err(&links))?;
+    super::pin::create_private_dir(&links).map_err(io_err(&links))?;
     let path = links.join(link_name(AttachMode::Xdp, iface));
     let attach_err = |source| DatapathError::Attach {
         iface: iface.to_string(),

@@ -10,6 +10,7 @@ mod alloc;
 pub mod attach;
 pub mod maglev;
 pub mod memory;
+pub mod pin;
 pub mod programs;
 pub mod reader;
 pub mod scratch;
@@ -99,6 +100,8 @@ pub enum DatapathError {
          Note that `ip netns exec` remounts /sys, hiding /sys/fs/bpf"
     )]
     NotBpffs { pin: PathBuf, on: PathBuf },
+    #[error(transparent)]
+    PinPath(#[from] pin::PinPathError),
     #[error("interface {iface}: {source}")]
     Interface {
         iface: String,
@@ -252,11 +255,7 @@ impl Datapath {
     }
 
     fn load_prepared(cfg: &DatapathConfig, mem: &memory::MapMemory) -> Result<Self, DatapathError> {
-        let io = |source| DatapathError::Io {
-            path: cfg.pin_path.clone(),
-            source,
-        };
-        std::fs::create_dir_all(&cfg.pin_path).map_err(io)?;
+        pin::create(&cfg.pin_path)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&cfg.pin_path)
             .map_max_entries(map_names::SERVICES, cfg.max_services)

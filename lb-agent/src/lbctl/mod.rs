@@ -11,7 +11,8 @@ use anyhow::{Result, anyhow};
 use lb_agent::datapath::MapReader;
 
 /// Opens the maps pinned under `pin`. Turns the usual failures into one
-/// plain sentence: nothing pinned there, or not allowed to read it.
+/// plain sentence: nothing pinned there, not allowed to read it, or a pin
+/// directory that another user can write (`lb_agent::datapath::pin`).
 pub fn open(pin: &Path) -> Result<MapReader> {
     let shown = pin.display();
     let missing =
@@ -28,6 +29,8 @@ pub fn open(pin: &Path) -> Result<MapReader> {
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Err(denied()),
         Err(e) => return Err(anyhow!("{shown}: {e}")),
     }
+    // What another user could have pinned there is not reported as the node's state.
+    lb_agent::datapath::pin::check(pin)?;
     MapReader::open_pinned(pin).map_err(|e| match os_error(&e) {
         Some(libc::ENOENT) => missing(),
         Some(libc::EACCES) | Some(libc::EPERM) => denied(),

@@ -3,8 +3,10 @@
 //! free ports, and keep their data, certificates and logs in a temp folder of their own, so
 //! several can run at once. Dropping an [`ApiServer`] stops both and removes the folder.
 //!
-//! What it is: token auth (an admin in system:masters), RBAC, and ServiceAccount tokens through
-//! the TokenRequest API (`kubectl create token`). What it is not: there is no
+//! What it is: token auth (an admin in system:masters), RBAC, ServiceAccount tokens through
+//! the TokenRequest API (`kubectl create token`), and an audit log of every request at the
+//! Metadata level (who, verb, resource, response code, the authorizer's decision), read with
+//! [`ApiServer::audit_events`]. What it is not: there is no
 //! controller-manager, scheduler or kubelet, so no EndpointSlice mirroring, no ServiceAccount
 //! token Secrets, and a deleted namespace stays Terminating. A 1.20 server serves
 //! discovery.k8s.io/v1beta1 only (not v1) and drops a v1beta1 endpoint's `serving` and
@@ -213,6 +215,12 @@ impl ApiServer {
             .arg("--allow-privileged=true")
             // The `kubernetes` Service's Endpoints would be 127.0.0.1, which Endpoints refuse.
             .arg("--endpoint-reconciler-type=none")
+            // Every request, at the Metadata level, as JSON lines (the log backend writes
+            // each event before the request completes: "blocking" mode).
+            .arg(format!("--audit-policy-file={}", path("audit-policy.yaml")))
+            .arg(format!("--audit-log-path={}", path("audit.log")))
+            .arg("--audit-log-format=json")
+            .arg("--audit-log-mode=blocking")
             .arg("--profiling=false");
         s.apiserver = Some(spawn(&mut cmd, &d, "kube-apiserver")?);
         s.write_pids()?;
@@ -258,6 +266,26 @@ impl ApiServer {
     /// How long `start` took until the server was ready.
     pub fn started_in(&self) -> Duration {
         self.started_in
+    }
+
+    /// The audit log: one JSON audit.k8s.io/v1 Event per line.
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("audit.log")
+    }
+
+    /// Every audit event so far (stages ResponseStarted, for watches, and ResponseComplete;
+    /// RequestReceived is omitted by the policy).
+    pub fn audit_events(&self) -> Result<Vec<serde_json::Value>> {
+        let text = fs::read_to_string(self.audit_log()).map_err(io_err("reading audit.log"))?;
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str(l).map_err(|e| KubeFixtureError::Unexpected {
+                    what: format!("audit.log ({e})"),
+                    answer: l.to_owned(),
+                })
+            })
+            .collect()
     }
 
     /// This instance's folder (etcd data, certificates, kubeconfigs, logs).
@@ -325,8 +353,8 @@ impl ApiServer {
         Ok(path)
     }
 
-    /// The CA, the serving certificate, the ServiceAccount signing key, the token file and the
-    /// admin kubeconfig.
+    /// The CA, the serving certificate, the ServiceAccount signing key, the audit policy, the
+    /// token file and the admin kubeconfig.
     fn write_credentials(&self) -> Result<()> {
         let write = |name: &str, text: &str| {
             let p = self.dir.join(name);
@@ -364,6 +392,15 @@ impl ApiServer {
         let sa = KeyPair::generate()?;
         write("sa.key", &sa.serialize_pem())?;
         write("sa.pub", &sa.public_key_pem())?;
+
+        write(
+            "audit-policy.yaml",
+            "apiVersion: audit.k8s.io/v1\n\
+             kind: Policy\n\
+             omitStages: [RequestReceived]\n\
+             rules:\n\
+             - level: Metadata\n",
+        )?;
 
         let token = random_hex(16)?;
         write(
