@@ -6,8 +6,8 @@
 //! change is noticed whatever its timestamps say, and what is parsed is what
 //! was compared: no edit slips in between.
 //!
-//! A change takes effect only once it has settled: two reads at least
-//! `settle` apart saw the same bytes. A file caught half-written (an editor
+//! A change takes effect only once it has settled: two reads at least half
+//! a poll interval apart saw the same bytes. A file caught half-written (an editor
 //! or `cp` still writing it, a truncation before the rewrite) is never
 //! applied unless it stays that way. A forced read (SIGHUP, start) takes the
 //! file as it is.
@@ -23,6 +23,7 @@ use crate::config::{self, Config, ConfigError};
 pub struct ConfigFile {
     path: PathBuf,
     origin: String,
+    /// Half the poll interval: how long a change must stay the same.
     settle: Duration,
     /// Hash of what the last taken read saw (text or error).
     seen: Option<u64>,
@@ -35,22 +36,22 @@ pub struct ConfigFile {
 pub enum Reload {
     /// The same bytes (or the same error) as the last read that was taken.
     Unchanged,
-    /// Changed, but not yet for `settle`: read again later.
+    /// Changed, but not yet stable for half a poll interval: read again later.
     Settling,
     /// Changed and settled (or forced): the file parsed, or why it did not.
     Changed(Result<Config, ConfigError>),
 }
 
 impl ConfigFile {
-    /// Follows `path`; a change is taken once it has been stable for
-    /// `settle` (the callers use half their poll interval, so two
-    /// consecutive polls that see the same bytes take it).
-    pub fn new(path: impl Into<PathBuf>, settle: Duration) -> Self {
+    /// Follows `path`, read every `poll`; a change is taken once it has
+    /// been stable for half of that, so two consecutive polls that see the
+    /// same bytes take it.
+    pub fn new(path: impl Into<PathBuf>, poll: Duration) -> Self {
         let path = path.into();
         ConfigFile {
             origin: path.display().to_string(),
             path,
-            settle,
+            settle: poll / 2,
             seen: None,
             pending: None,
         }
@@ -105,7 +106,7 @@ impl ConfigFile {
 mod tests {
     use super::*;
 
-    /// Reads until the change is taken (settle 0: the second read of the
+    /// Reads until the change is taken (poll 0: the second read of the
     /// same bytes takes it).
     fn settled(f: &mut ConfigFile) -> Reload {
         match f.read(false) {
@@ -164,7 +165,7 @@ mod tests {
         let two = format!("{one}  - name: a/c:http\n    vip: 10.96.0.2\n    port: 80\n");
         std::fs::write(&path, one).unwrap();
         let settle = Duration::from_millis(200);
-        let mut f = ConfigFile::new(&path, settle);
+        let mut f = ConfigFile::new(&path, 2 * settle);
         assert!(
             matches!(f.read(false), Reload::Changed(Ok(_))),
             "the first read"

@@ -277,8 +277,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut file = match (&cli.config, cli.kube) {
         (Some(path), false) => {
             // A change is published once two polls saw the same bytes.
-            let settle = Duration::from_millis(cli.config_poll_ms.max(10)) / 2;
-            let mut f = FileSource::new(path, settle);
+            let poll = Duration::from_millis(cli.config_poll_ms.max(10));
+            let mut f = FileSource::new(path, poll);
             match f.poll(&publisher, true) {
                 lb_controller::standalone::Polled::Invalid(e) => bail!("{e}"),
                 _ => {

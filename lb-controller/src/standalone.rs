@@ -32,11 +32,11 @@ pub enum Polled {
 }
 
 impl FileSource {
-    /// A change is published once it has been stable for `settle` (see
-    /// [`ConfigFile`]).
-    pub fn new(path: impl Into<PathBuf>, settle: Duration) -> Self {
+    /// The file is polled every `poll`; a change is published once two
+    /// polls saw the same bytes (see [`ConfigFile`]).
+    pub fn new(path: impl Into<PathBuf>, poll: Duration) -> Self {
         FileSource {
-            file: ConfigFile::new(path, settle),
+            file: ConfigFile::new(path, poll),
         }
     }
 

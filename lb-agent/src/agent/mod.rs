@@ -150,7 +150,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let file = match &opts.source {
         Source::File(path) => {
             // A change takes effect once two polls saw the same bytes.
-            let mut file = ConfigFile::new(path, opts.config_poll / 2);
+            let mut file = ConfigFile::new(path, opts.config_poll);
             let cfg = match file.read(true) {
                 Reload::Changed(r) => r.map_err(|e| anyhow!("{e}"))?,
                 Reload::Unchanged | Reload::Settling => unreachable!("a forced read is a change"),
