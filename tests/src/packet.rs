@@ -918,6 +918,22 @@ pub fn bytes_diff(actual: &[u8], expected: &[u8]) -> String {
     s
 }
 
+/// A service whose backends are `(ip, port)` pairs, for the packet tests.
+pub fn service(
+    name: &str,
+    vip: Ipv4Addr,
+    port: u16,
+    proto: lb_api::Protocol,
+    algo: lb_api::Algorithm,
+    backends: &[(Ipv4Addr, u16)],
+) -> lb_api::Service {
+    let backends = backends
+        .iter()
+        .map(|&(ip, port)| lb_api::Backend::new(ip, port))
+        .collect();
+    lb_api::Service::new(name, vip, port, proto, algo, backends)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,8 +17,8 @@ use std::net::Ipv4Addr;
 use lb_agent::datapath::Datapath;
 use lb_agent::datapath::programs::{self, ProgramSet};
 use lb_agent::datapath::scratch::{Hook, ScratchDatapath};
-use lb_api::{Algorithm, Backend, BackendState, Protocol, Service, ServiceAddr};
-use rpclb_tests::packet::{self, ACK, FIN, PSH, Pkt, RST, SYN, assert_bytes_eq};
+use lb_api::{Algorithm, Backend, BackendState, Protocol, ServiceAddr};
+use rpclb_tests::packet::{self, ACK, FIN, PSH, Pkt, RST, SYN, assert_bytes_eq, service};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -133,21 +133,6 @@ impl Harness {
     fn reasons(&mut self) -> Vec<(&'static str, u64)> {
         self.dp().writer().reasons().unwrap()
     }
-}
-
-fn service(
-    name: &str,
-    vip: Ipv4Addr,
-    port: u16,
-    proto: Protocol,
-    algo: Algorithm,
-    backends: &[(Ipv4Addr, u16)],
-) -> Service {
-    let backends = backends
-        .iter()
-        .map(|&(ip, port)| Backend::new(ip, port))
-        .collect();
-    Service::new(name, vip, port, proto, algo, backends)
 }
 
 /// Destination address of a frame.

@@ -16,9 +16,9 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use lb_agent::datapath::scratch::{Hook, ScratchDatapath, require_root};
-use lb_api::{Algorithm, Backend, Protocol, Service};
+use lb_api::{Algorithm, Protocol};
 use lb_common::reason;
-use rpclb_tests::packet::{ACK, FIN, PSH, Pkt, RST, SYN};
+use rpclb_tests::packet::{ACK, FIN, PSH, Pkt, RST, SYN, service};
 
 const XDP_ABORTED: u32 = 0;
 const XDP_DROP: u32 = 1;
@@ -260,12 +260,8 @@ fn reasons(dp: &mut ScratchDatapath) -> Vec<u64> {
 
 fn harness(fib: bool) -> ScratchDatapath {
     let mut dp = ScratchDatapath::new(|c| c.fib_redirect = fib).expect("load data path");
-    let svc = |name: &str, vip, port, proto, algo, bs: &[(Ipv4Addr, u16)]| {
-        let bs = bs.iter().map(|&(ip, p)| Backend::new(ip, p)).collect();
-        Service::new(name, vip, port, proto, algo, bs)
-    };
     let w = dp.writer();
-    let tcp = svc(
+    let tcp = service(
         "fuzz/rpc:grpc",
         VIP,
         80,
@@ -273,7 +269,7 @@ fn harness(fib: bool) -> ScratchDatapath {
         Algorithm::Maglev,
         &[(b(1), 8080), (b(2), 8080), (b(3), 8080)],
     );
-    let udp = svc(
+    let udp = service(
         "fuzz/dns:dns",
         UDP_VIP,
         53,
@@ -281,7 +277,7 @@ fn harness(fib: bool) -> ScratchDatapath {
         Algorithm::RoundRobin,
         &[(b(1), 5353), (b(2), 5353)],
     );
-    let empty = svc(
+    let empty = service(
         "fuzz/empty:http",
         EMPTY_VIP,
         80,

@@ -55,11 +55,9 @@ impl ScratchDatapath {
         ));
         let mut cfg = DatapathConfig::small(&dir);
         tune(&mut cfg);
-        let dp = Datapath::load(&cfg);
-        if dp.is_err() {
-            let _ = cleanup(&dir);
-        }
-        Ok(ScratchDatapath { dp: Some(dp?), dir })
+        // A failed load unpins what it created itself.
+        let dp = Datapath::load(&cfg)?;
+        Ok(ScratchDatapath { dp: Some(dp), dir })
     }
 
     pub fn dp(&mut self) -> &mut Datapath {
