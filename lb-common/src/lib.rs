@@ -23,6 +23,8 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     /// Service names for lbctl and metrics; the programs never read it.
     pub const NAMES: &str = "NAMES";
+    /// Per-ifindex XDP flags (`xdp_iface`), written by the agent.
+    pub const XDP_IFACES: &str = "XDP_IFACES";
 
     /// Every map, in a stable order (pinning and cleanup walk this list).
     pub const ALL: &[&str] = &[
@@ -39,6 +41,7 @@ pub mod map_names {
         REASONS,
         CONFIG,
         NAMES,
+        XDP_IFACES,
     ];
 }
 
@@ -72,6 +75,9 @@ pub mod limits {
     pub const DEFAULT_MAGLEV_M: u32 = 16_381;
     /// Upper bound on a weighted (non-Maglev) selection table.
     pub const MAX_WEIGHTED_TABLE: u32 = 65_536;
+    /// Size of `XDP_IFACES`: native XDP never redirects into an interface
+    /// whose ifindex is at or above it (the packet goes to the stack).
+    pub const MAX_XDP_IFINDEX: u32 = 65_536;
 }
 
 /// Load-balancing algorithms (`ServiceValue::algo`).
@@ -163,7 +169,11 @@ pub mod reason {
     /// XDP: as `PASS_CSUM_PARTIAL`, for a seed-valued check on a segment too
     /// long to verify (taken for a seed without verification).
     pub const PASS_CSUM_UNVERIFIED: u32 = 20;
-    pub const COUNT: u32 = 21;
+    /// Native XDP: a translated packet routed to an interface that cannot
+    /// take XDP frames (`xdp_iface::REDIRECT_TARGET` unset), handed to the
+    /// stack instead of being redirected into a black hole.
+    pub const PASS_XDP_TARGET: u32 = 21;
+    pub const COUNT: u32 = 22;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "pass_not_ipv4",
@@ -187,7 +197,20 @@ pub mod reason {
         "drop_rst_build",
         "pass_csum_partial",
         "pass_csum_unverified",
+        "pass_xdp_target",
     ];
+}
+
+/// Flags per ifindex in `XDP_IFACES`.
+pub mod xdp_iface {
+    /// Native XDP may redirect into this interface: its driver takes XDP
+    /// frames (a physical NIC running native XDP, or one the operator names
+    /// with `--xdp-redirect-to`). A veth takes them only if its peer runs an
+    /// XDP program (or, from Linux 5.13, has GRO on); else they are dropped.
+    pub const REDIRECT_TARGET: u32 = 1;
+    /// The XDP program on this interface runs in generic (skb) mode, whose
+    /// redirects are skb transmits that every device takes.
+    pub const GENERIC: u32 = 2;
 }
 
 /// Indexes into the `CONFIG` array (runtime switches set by the agent).

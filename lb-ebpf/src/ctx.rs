@@ -8,7 +8,10 @@ use aya_ebpf::{
 };
 use core::ffi::c_void;
 
+use lb_common::xdp_iface;
+
 use crate::{
+    maps::XDP_IFACES,
     nat::{self, L4Csum},
     parse::Packet,
 };
@@ -32,6 +35,10 @@ pub trait Ctx {
     fn frame_len(&self) -> usize;
     fn ifindex(&self) -> u32;
     fn raw(&self) -> *mut c_void;
+    /// Whether a redirect from here into `ifindex` is delivered. Native XDP
+    /// hands its frame to the target's driver, which may not take XDP frames
+    /// (a veth whose peer has no XDP program drops them silently).
+    fn can_redirect(&self, ifindex: u32) -> bool;
     /// What the L4 check field of `p` holds (see `nat`'s module docs).
     fn l4_csum_kind(&self, p: &Packet) -> L4Csum;
     /// Replace the 4-byte address at `off` (IPv4 src or dst), fixing the IP
@@ -97,6 +104,12 @@ impl Ctx for Xdp<'_> {
     #[inline(always)]
     fn raw(&self) -> *mut c_void {
         self.0.ctx as *mut c_void
+    }
+    #[inline(always)]
+    fn can_redirect(&self, ifindex: u32) -> bool {
+        let flags = |i: u32| XDP_IFACES.get(i).copied().unwrap_or(0);
+        flags(ifindex) & xdp_iface::REDIRECT_TARGET != 0
+            || flags(self.ifindex()) & xdp_iface::GENERIC != 0
     }
     #[inline(always)]
     fn l4_csum_kind(&self, p: &Packet) -> L4Csum {
@@ -214,6 +227,11 @@ impl Ctx for Tc<'_> {
     #[inline(always)]
     fn raw(&self) -> *mut c_void {
         self.0.skb.skb as *mut c_void
+    }
+    /// A TC redirect is an skb transmit, which every device takes.
+    #[inline(always)]
+    fn can_redirect(&self, _ifindex: u32) -> bool {
+        true
     }
     /// Always `Full`: the helpers below read the skb's `ip_summed` and update
     /// a partial checksum as one (`BPF_F_PSEUDO_HDR`), and

@@ -39,6 +39,10 @@ pub fn forward<C: Ctx>(ctx: &mut C, p: &Packet, ct: Option<*mut CtValue>, now: u
             let dmac = [m[0], m[1], m[2], m[3], m[4], m[5]];
             let smac = [m[6], m[7], m[8], m[9], m[10], m[11]];
             let ifindex = e.fib_ifindex;
+            if !ctx.can_redirect(ifindex) {
+                stats::reason(reason::PASS_XDP_TARGET);
+                return Verdict::Pass;
+            }
             if ctx.route_rewrite(IP_OFF, &smac, &dmac).is_none() {
                 stats::reason(reason::PASS_FIB);
                 return Verdict::Pass;
@@ -75,6 +79,10 @@ pub fn forward<C: Ctx>(ctx: &mut C, p: &Packet, ct: Option<*mut CtValue>, now: u
             e.fib_ns = now;
             e.fib_ifindex = f.ifindex;
         }
+    }
+    if !ctx.can_redirect(f.ifindex) {
+        stats::reason(reason::PASS_XDP_TARGET);
+        return Verdict::Pass;
     }
     if ctx.route_rewrite(IP_OFF, &f.smac, &f.dmac).is_none() {
         stats::reason(reason::PASS_FIB);

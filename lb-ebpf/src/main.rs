@@ -189,7 +189,12 @@ fn no_backend<C: Ctx>(ctx: &mut C, p: &parse::Packet, svc_id: u32, empty: bool) 
         stats::reason(reason::DROP_BAD_TABLE);
         return Verdict::Drop;
     }
-    if p.proto == proto::TCP && p.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+    // The RST goes back out of the ingress interface, which native XDP on a
+    // veth without a receiving peer cannot do: the SYN is dropped instead.
+    if p.proto == proto::TCP
+        && p.flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && ctx.can_redirect(ctx.ifindex())
+    {
         let eth: Option<*mut [u8; 12]> = ptr_at(ctx, 0);
         if let Some(eth) = eth {
             let rst = nat::build_rst(unsafe { &*eth }, p);

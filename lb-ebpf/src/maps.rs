@@ -65,3 +65,7 @@ pub fn config(idx: u32) -> u32 {
 /// Service id -> name, written by the agent for lbctl; never read here.
 #[map]
 pub static NAMES: HashMap<u32, NameValue> = HashMap::pinned(limits::MAX_SERVICES, 0);
+
+/// Per-ifindex flags (`lb_common::xdp_iface`): where native XDP may redirect.
+#[map]
+pub static XDP_IFACES: Array<u32> = Array::pinned(limits::MAX_XDP_IFINDEX, 0);

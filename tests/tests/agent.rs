@@ -831,7 +831,8 @@ fn pins_left(lab: &Lab) -> Vec<String> {
 #[test]
 fn agent_sigterm_cleanup_and_detach_on_exit() {
     skip_unless_lab!();
-    let lab = Lab::new(2).expect("lab");
+    // Pod-like veths (GRO off): native XDP must not redirect into them.
+    let lab = Lab::pod_like(2).expect("lab");
     let _tcp = lab.start_tcp_servers(8080).unwrap();
     let dir = TestDir::new("cleanup");
     dir.write_config(&config_yaml(&[web(&lab, "random", &[1, 2])], None));

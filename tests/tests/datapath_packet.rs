@@ -1092,13 +1092,10 @@ both_sets!(
     xdp_fib_redirect_and_route_cache_on
 );
 
-/// Forwarding with `bpf_fib_lookup` in a namespace with a route and a
-/// neighbour: the verdict is a redirect, the MACs come from the neighbour
-/// table, TTL drops by one, and the flow caches the route.
-fn xdp_fib_redirect_and_route_cache_on(set: ProgramSet) {
-    if !rpclb_tests::lab::require() {
-        return;
-    }
+/// A namespace with forwarding on, a veth `d0` (02:00:00:00:0b:01) on
+/// 10.244.11.1/24 and a permanent neighbour 10.244.11.2 (02:00:00:00:0b:02):
+/// `bpf_fib_lookup` for a backend there succeeds with those MACs.
+fn fib_ns() -> rpclb_tests::lab::Netns {
     let ns = rpclb_tests::lab::Netns::new("pktfib").unwrap();
     ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])
         .unwrap();
@@ -1134,9 +1131,25 @@ fn xdp_fib_redirect_and_route_cache_on(set: ProgramSet) {
     }
     ns.exec("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"])
         .unwrap();
+    ns
+}
+
+/// Forwarding with `bpf_fib_lookup` in a namespace with a route and a
+/// neighbour: the verdict is a redirect, the MACs come from the neighbour
+/// table, TTL drops by one, and the flow caches the route.
+fn xdp_fib_redirect_and_route_cache_on(set: ProgramSet) {
+    if !rpclb_tests::lab::require() {
+        return;
+    }
+    let ns = fib_ns();
     ns.run(|| {
         let ifindex = rpclb_tests::lab::sys::ifindex("d0").unwrap();
         let mut h = Harness::new(true, set);
+        // d0 takes XDP frames (as a physical NIC running native XDP would).
+        h.dp()
+            .writer()
+            .set_xdp_iface(ifindex, lb_common::xdp_iface::REDIRECT_TARGET)
+            .unwrap();
         let svc = service(
             "demo/rpc:grpc",
             VIP,
@@ -1210,6 +1223,98 @@ fn xdp_fib_redirect_and_route_cache_on(set: ProgramSet) {
                 .payload(&payload_of(&input))
                 .build(),
         );
+    })
+    .unwrap();
+}
+
+both_sets!(
+    xdp_never_redirects_into_an_incapable_interface,
+    xdp_never_redirects_into_an_incapable_interface_compat,
+    xdp_never_redirects_into_an_incapable_interface_on
+);
+
+/// Native XDP redirects only into interfaces marked in `XDP_IFACES` (a veth
+/// whose peer runs no XDP program drops redirected frames): an unmarked
+/// route gets the translated packet through the stack, MACs and TTL
+/// untouched (`pass_xdp_target`), from the route cache too; generic XDP on
+/// the ingress may redirect anywhere; and a RST that could not leave the
+/// ingress is not built (the SYN is dropped). TC is never restricted.
+fn xdp_never_redirects_into_an_incapable_interface_on(set: ProgramSet) {
+    use lb_common::xdp_iface::{GENERIC, REDIRECT_TARGET};
+    if !rpclb_tests::lab::require() {
+        return;
+    }
+    let ns = fib_ns();
+    ns.run(|| {
+        let d0 = rpclb_tests::lab::sys::ifindex("d0").unwrap();
+        let lo = rpclb_tests::lab::sys::ifindex("lo").unwrap();
+        let mut h = Harness::new(true, set);
+        let svc = service(
+            "demo/rpc:grpc",
+            VIP,
+            80,
+            Protocol::Tcp,
+            Algorithm::Maglev,
+            &[(b(1), 8080)],
+        );
+        h.dp().writer().upsert_service(&svc).unwrap();
+        let empty = service(
+            "demo/none:grpc",
+            EMPTY_VIP,
+            80,
+            Protocol::Tcp,
+            Algorithm::Maglev,
+            &[],
+        );
+        h.dp().writer().upsert_service(&empty).unwrap();
+        let translated = |flags: u8| tcp(CLIENT, 40000, b(1), 8080, flags).build();
+        let routed = |flags: u8| {
+            tcp(CLIENT, 40000, b(1), 8080, flags)
+                .eth([0x02, 0, 0, 0, 0x0b, 0x01], [0x02, 0, 0, 0, 0x0b, 0x02])
+                .ttl(63)
+                .build()
+        };
+        let count = |h: &mut Harness| {
+            h.reasons()
+                .into_iter()
+                .find(|(n, _)| *n == "pass_xdp_target")
+                .map(|(_, v)| v)
+                .unwrap()
+        };
+        h.dp().writer().set_xdp_iface(lo, 0).unwrap();
+        // d0 unmarked: new flow and cached route both go to the stack.
+        let (rc, out) = h.run(Hook::Xdp, &tcp(CLIENT, 40000, VIP, 80, SYN).build());
+        assert_eq!(rc, XDP_PASS, "not redirected into an unmarked interface");
+        assert_bytes_eq(&out, &translated(SYN));
+        let (rc, out) = h.run(Hook::Xdp, &tcp(CLIENT, 40000, VIP, 80, ACK).build());
+        assert_eq!(rc, XDP_PASS, "nor from the route cache");
+        assert_bytes_eq(&out, &translated(ACK));
+        assert_eq!(count(&mut h), 2);
+        // TC redirects: an skb transmit, which every device takes.
+        let (rc, out) = h.run(Hook::Tc, &tcp(CLIENT, 40000, VIP, 80, ACK).build());
+        assert_eq!(rc, TC_REDIRECT);
+        assert_bytes_eq(&out, &routed(ACK));
+        // Generic XDP on the ingress (lo here) may redirect anywhere.
+        h.dp().writer().set_xdp_iface(lo, GENERIC).unwrap();
+        let (rc, out) = h.run(Hook::Xdp, &tcp(CLIENT, 40000, VIP, 80, ACK).build());
+        assert_eq!(rc, XDP_REDIRECT);
+        assert_bytes_eq(&out, &routed(ACK));
+        // d0 marked: redirected.
+        h.dp().writer().set_xdp_iface(lo, 0).unwrap();
+        h.dp().writer().set_xdp_iface(d0, REDIRECT_TARGET).unwrap();
+        let (rc, out) = h.run(Hook::Xdp, &tcp(CLIENT, 40000, VIP, 80, ACK).build());
+        assert_eq!(rc, XDP_REDIRECT);
+        assert_bytes_eq(&out, &routed(ACK));
+        assert_eq!(count(&mut h), 2);
+        // No backend: the RST would leave through lo, which is unmarked.
+        let syn = tcp(CLIENT, 40001, EMPTY_VIP, 80, SYN).build();
+        let (rc, _) = h.run(Hook::Xdp, &syn);
+        assert_eq!(rc, XDP_DROP, "no RST into an unmarked ingress");
+        let (rc, _) = h.run(Hook::Tc, &syn);
+        assert_eq!(rc, TC_REDIRECT, "TC still answers with a RST");
+        h.dp().writer().set_xdp_iface(lo, REDIRECT_TARGET).unwrap();
+        let (rc, _) = h.run(Hook::Xdp, &syn);
+        assert_eq!(rc, XDP_REDIRECT, "a marked ingress gets the RST");
     })
     .unwrap();
 }

@@ -491,6 +491,7 @@ fn load_and_attach(opts: &Options) -> Result<(Datapath, Vec<attach::Attached>), 
     })?;
     let attached =
         attach::attach_all(&mut dp, &opts.interfaces, opts.mode).map_err(StartError::Attach)?;
+    dp.sync_xdp_ifaces().map_err(StartError::Attach)?;
     Ok((dp, attached))
 }
 

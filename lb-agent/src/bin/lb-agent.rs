@@ -208,6 +208,16 @@ struct RunArgs {
         value_parser = BoolishValueParser::new()
     )]
     allow_map_memory_over_budget: bool,
+    /// Interfaces that take natively redirected XDP frames, besides physical NICs running
+    /// native XDP: veths whose peer runs an XDP program (or, from Linux 5.13, has GRO on).
+    /// Native XDP hands packets routed anywhere else to the kernel stack.
+    #[arg(
+        long,
+        env = "RPCLB_XDP_REDIRECT_TO",
+        value_delimiter = ',',
+        value_name = "IF1,IF2"
+    )]
+    xdp_redirect_to: Vec<String>,
     /// Hand every packet to the kernel stack instead of bpf_fib_lookup + redirect.
     #[arg(long, env = "RPCLB_NO_FIB_REDIRECT", value_parser = BoolishValueParser::new())]
     no_fib_redirect: bool,
@@ -367,6 +377,12 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             max_affinity: a.max_affinity,
             max_slots: a.max_slots,
             fib_redirect: !a.no_fib_redirect,
+            xdp_redirect_to: a
+                .xdp_redirect_to
+                .into_iter()
+                .map(|i| i.trim().to_string())
+                .filter(|i| !i.is_empty())
+                .collect(),
             map_memory_budget: a
                 .map_memory_budget_mib
                 .saturating_mul(datapath::memory::MIB),

@@ -29,6 +29,7 @@ use aya::programs::tc::{
 };
 use aya::programs::xdp::XdpLink;
 use aya::programs::{LinkOrder, TcAttachType, XdpMode};
+use lb_common::xdp_iface;
 use tracing::{info, warn};
 
 use super::{AttachMode, Datapath, DatapathError};
@@ -168,6 +169,58 @@ impl Datapath {
     /// that the attachment outlives the agent. If one exists (a restart), its
     /// program is swapped atomically for this one; traffic never sees a gap.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<Attached, DatapathError> {
+        let a = self.attach_unmarked(iface, mode)?;
+        self.mark_xdp(&a)?;
+        Ok(a)
+    }
+
+    /// Records in `XDP_IFACES` what native XDP may do with `a`'s interface
+    /// (see `lb_common::xdp_iface`): a physical NIC running native XDP and
+    /// the interfaces of `--xdp-redirect-to` take redirected XDP frames;
+    /// generic XDP may redirect anywhere. Everything else gets translated
+    /// packets through the stack (`pass_xdp_target`), never a black hole.
+    pub(super) fn mark_xdp(&mut self, a: &Attached) -> Result<(), DatapathError> {
+        let Some(ifindex) = ifindex(&a.iface) else {
+            return Ok(());
+        };
+        let mut flags = match a.how {
+            "xdp-generic" => xdp_iface::GENERIC,
+            "xdp" if !is_virtual(&a.iface) => xdp_iface::REDIRECT_TARGET,
+            _ => 0,
+        };
+        if self.xdp_redirect_to.iter().any(|n| n == &a.iface) {
+            flags |= xdp_iface::REDIRECT_TARGET;
+        } else if a.how == "xdp" && flags == 0 {
+            info!(
+                iface = %a.iface,
+                "native XDP on a virtual device: packets routed into it go through the stack \
+                 (--xdp-redirect-to if its peer takes XDP frames)"
+            );
+        }
+        self.writer().set_xdp_iface(ifindex, flags)?;
+        self.xdp_marks.insert(ifindex, flags);
+        Ok(())
+    }
+
+    /// Makes `XDP_IFACES` hold the marks of this process's attachments and
+    /// the `--xdp-redirect-to` interfaces, and nothing a previous run left.
+    pub fn sync_xdp_ifaces(&mut self) -> Result<(), DatapathError> {
+        let mut want = self.xdp_marks.clone();
+        for name in &self.xdp_redirect_to {
+            match ifindex(name) {
+                Some(i) => *want.entry(i).or_default() |= xdp_iface::REDIRECT_TARGET,
+                None => warn!(iface = %name, "--xdp-redirect-to: no such interface"),
+            }
+        }
+        want.retain(|_, f| *f != 0);
+        self.writer().sync_xdp_ifaces(&want)
+    }
+
+    fn attach_unmarked(
+        &mut self,
+        iface: &str,
+        mode: AttachMode,
+    ) -> Result<Attached, DatapathError> {
         let dir = self.pin_path.join("links");
         super::pin::create_private_dir(&dir).map_err(io_err(&dir))?;
         if mode == AttachMode::Tc {
@@ -397,13 +450,15 @@ fn attach_native_xdp(
         source: Box::new(source),
     })?;
     info!(iface, mode = "xdp (native)", reused = false, "attached");
-    Ok(Ok(Attached {
+    let a = Attached {
         iface: iface.to_string(),
         mode: AttachMode::Xdp,
         how: "xdp",
         reused: false,
         fallback: None,
-    }))
+    };
+    dp.mark_xdp(&a)?;
+    Ok(Ok(a))
 }
 
 fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
@@ -417,11 +472,71 @@ fn on(iface: &str) -> impl FnOnce(DatapathError) -> DatapathError + '_ {
     }
 }
 
-/// A device without a `device` link in sysfs is virtual (veth, bridge,
-/// dummy, ...). Unknown names count as physical, so auto mode tries XDP.
+/// The ifindex of `iface` in the calling thread's network namespace.
+fn ifindex(iface: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(iface).ok()?;
+    // SAFETY: a valid NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+/// A device without a bus (`ethtool -i`'s bus-info empty or `N/A`) is
+/// virtual: veth, bridge, dummy, vxlan, ... Asked over an ethtool ioctl in
+/// the calling thread's namespace (sysfs may show another one's); where that
+/// fails, a device without a `device` link in sysfs. Unknown names count as
+/// physical, so auto mode tries XDP.
 fn is_virtual(iface: &str) -> bool {
-    let dir = Path::new("/sys/class/net").join(iface);
-    dir.exists() && !dir.join("device").exists()
+    match bus_info(iface) {
+        Some(bus) => bus.is_empty() || bus == "N/A",
+        None => {
+            let dir = Path::new("/sys/class/net").join(iface);
+            dir.exists() && !dir.join("device").exists()
+        }
+    }
+}
+
+/// `struct ethtool_drvinfo` (linux/ethtool.h).
+#[repr(C)]
+struct DrvInfo {
+    cmd: u32,
+    driver: [u8; 32],
+    version: [u8; 32],
+    fw_version: [u8; 32],
+    bus_info: [u8; 32],
+    erom_version: [u8; 32],
+    reserved2: [u8; 12],
+    counts: [u32; 5],
+}
+
+/// The bus-info of `ETHTOOL_GDRVINFO`, if the device answers it.
+fn bus_info(iface: &str) -> Option<String> {
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    let name = iface.as_bytes();
+    if name.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    // SAFETY: both are plain old data, valid when all-zero.
+    let mut info: DrvInfo = unsafe { std::mem::zeroed() };
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
+    // SAFETY: a plain socket call; closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: ifr points at info, both outlive the call.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL, &mut ifr as *mut libc::ifreq) };
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        return None;
+    }
+    let end = info.bus_info.iter().position(|&c| c == 0).unwrap_or(32);
+    Some(String::from_utf8_lossy(&info.bus_info[..end]).into_owned())
 }
 
 /// Attaches to every interface, then drops links a previous run left on

@@ -13,7 +13,7 @@ use std::path::Path;
 use aya::maps::{MapInfo, MapType};
 use lb_common::{
     AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FlowKey, NameValue,
-    ServiceKey, ServiceValue, config_idx, map_names as m, reason,
+    ServiceKey, ServiceValue, config_idx, limits, map_names as m, reason,
 };
 use serde::Serialize;
 use tracing::{info, warn};
@@ -136,6 +136,7 @@ pub fn shapes(cfg: &DatapathConfig) -> Vec<MapShape> {
         MapShape::new::<u32, u64>(m::REASONS, PerCpuArray, reason::COUNT),
         MapShape::new::<u32, u32>(m::CONFIG, Array, config_idx::COUNT),
         MapShape::new::<u32, NameValue>(m::NAMES, Hash, cfg.max_services),
+        MapShape::new::<u32, u32>(m::XDP_IFACES, Array, limits::MAX_XDP_IFINDEX),
     ];
     debug_assert!(shapes.iter().map(|s| s.name).eq(m::ALL.iter().copied()));
     shapes

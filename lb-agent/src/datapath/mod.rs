@@ -191,6 +191,9 @@ pub struct DatapathConfig {
     pub tc_attach: attach::TcAttach,
     /// Which program set to load (`programs`, `--bpf-programs`).
     pub programs: BpfPrograms,
+    /// Interfaces that take natively redirected XDP frames besides physical
+    /// NICs running native XDP (`--xdp-redirect-to`; `lb_common::xdp_iface`).
+    pub xdp_redirect_to: Vec<String>,
 }
 
 impl Default for DatapathConfig {
@@ -207,6 +210,7 @@ impl Default for DatapathConfig {
             allow_over_budget: false,
             tc_attach: attach::TcAttach::Auto,
             programs: BpfPrograms::Auto,
+            xdp_redirect_to: Vec::new(),
         }
     }
 }
@@ -235,6 +239,9 @@ pub struct Datapath {
     programs: ProgramSet,
     /// Why the set is not the one tried first, if it is not.
     programs_fallback: Option<String>,
+    xdp_redirect_to: Vec<String>,
+    /// `XDP_IFACES` flags this process's attachments set (ifindex -> flags).
+    xdp_marks: std::collections::BTreeMap<u32, u32>,
 }
 
 impl Datapath {
@@ -290,6 +297,8 @@ impl Datapath {
             tc_attach: cfg.tc_attach,
             programs,
             programs_fallback,
+            xdp_redirect_to: cfg.xdp_redirect_to.clone(),
+            xdp_marks: Default::default(),
         })
     }
 

@@ -156,6 +156,7 @@ pub struct MapReader {
     pub(super) backend_gc: Array<MapData, u64>,
     pub(super) reasons: PerCpuArray<MapData, u64>,
     pub(super) config: Array<MapData, u32>,
+    pub(super) xdp_ifaces: Array<MapData, u32>,
     pub(super) svcs: BTreeMap<ServiceAddr, SvcState>,
 }
 
@@ -235,6 +236,7 @@ impl MapReader {
             backend_gc: typed!(map_names::BACKEND_GC),
             reasons: typed!(map_names::REASONS),
             config: typed!(map_names::CONFIG),
+            xdp_ifaces: typed!(map_names::XDP_IFACES),
             svcs: BTreeMap::new(),
         };
         let used = r.index(backends_fd.as_fd())?;
@@ -418,6 +420,21 @@ impl MapReader {
                 })
             })
             .collect()
+    }
+
+    /// The `XDP_IFACES` flags that are set, by ifindex.
+    pub fn xdp_ifaces(&self) -> Result<BTreeMap<u32, u32>, DatapathError> {
+        let mut m = BTreeMap::new();
+        for i in 0..self.xdp_ifaces.len() {
+            let v = self
+                .xdp_ifaces
+                .get(&i, 0)
+                .map_err(map_err(map_names::XDP_IFACES))?;
+            if v != 0 {
+                m.insert(i, v);
+            }
+        }
+        Ok(m)
     }
 
     /// Drop/pass/forward counters by reason, summed over CPUs.

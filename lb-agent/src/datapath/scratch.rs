@@ -56,7 +56,12 @@ impl ScratchDatapath {
         let mut cfg = DatapathConfig::small(&dir);
         tune(&mut cfg);
         // A failed load unpins what it created itself.
-        let dp = Datapath::load(&cfg)?;
+        let mut dp = Datapath::load(&cfg)?;
+        // BPF_PROG_TEST_RUN's XDP frames arrive on lo, whose redirects (the
+        // RST reply) then count as deliverable; tests that route elsewhere
+        // mark their own interfaces.
+        dp.writer()
+            .set_xdp_iface(1, lb_common::xdp_iface::REDIRECT_TARGET)?;
         Ok(ScratchDatapath { dp: Some(dp), dir })
     }
 

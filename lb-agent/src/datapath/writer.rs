@@ -141,6 +141,31 @@ impl MapWriter {
             .map_err(map_err(map_names::CONFIG))
     }
 
+    /// Sets the `XDP_IFACES` flags of one interface (`lb_common::xdp_iface`).
+    /// An ifindex past the map is left out: native XDP then hands packets
+    /// for it to the stack, which is slower but delivers them.
+    pub fn set_xdp_iface(&mut self, ifindex: u32, flags: u32) -> Result<(), DatapathError> {
+        if ifindex >= self.r.xdp_ifaces.len() {
+            return Ok(());
+        }
+        self.r
+            .xdp_ifaces
+            .set(ifindex, flags, 0)
+            .map_err(map_err(map_names::XDP_IFACES))
+    }
+
+    /// Makes `XDP_IFACES` hold exactly `want` (ifindex -> flags).
+    pub fn sync_xdp_ifaces(&mut self, want: &BTreeMap<u32, u32>) -> Result<(), DatapathError> {
+        let have = self.r.xdp_ifaces()?;
+        for (&i, _) in have.iter().filter(|(i, _)| !want.contains_key(i)) {
+            self.set_xdp_iface(i, 0)?;
+        }
+        for (&i, &f) in want.iter().filter(|(i, f)| have.get(i) != Some(f)) {
+            self.set_xdp_iface(i, f)?;
+        }
+        Ok(())
+    }
+
     /// Applies a whole desired state: upserts every service in it and removes
     /// the services that are not. Unchanged services cause no map writes.
     ///

@@ -143,6 +143,18 @@ impl Topo {
         self.lab.backends().iter().find(|h| h.iface.ip == ip)
     }
 
+    /// Marks every node-side veth as a native XDP redirect target
+    /// (`lb_common::xdp_iface`): their peers have GRO on (Linux 5.13+) or
+    /// run a sink, so they take XDP frames. The benchmarks attach the
+    /// programs themselves, not through `Datapath::attach`.
+    pub fn mark_xdp_targets(&self, dp: &mut Datapath) -> Result<()> {
+        for i in self.lab.node_ifaces() {
+            dp.writer()
+                .set_xdp_iface(i.ifindex, lb_common::xdp_iface::REDIRECT_TARGET)?;
+        }
+        Ok(())
+    }
+
     /// The pin directory for a data path named `name`, in the lab's private bpffs.
     pub fn pin_dir(&self, name: &str) -> PathBuf {
         self.lab.bpffs().join(name)
@@ -571,6 +583,7 @@ pub fn section_xdp(opts: &Opts) -> Result<()> {
     let mut cfg = DatapathConfig::small(topo.pin_dir("xdp"));
     cfg.fib_redirect = true;
     let mut pd = PinnedDp::load(&cfg)?;
+    topo.mark_xdp_targets(pd.dp())?;
     pd.dp().writer().upsert_service(&lab_service(&topo))?;
     let flow = establish(&topo, pd.dp(), FLOW_SPORT)?;
     let sink = topo.sinks(flow.fwd.len())?;
@@ -828,6 +841,7 @@ pub fn section_scale(opts: &Opts) -> Result<()> {
     // between rounds. Two instances with the same content differ by up to +-5% here (JIT
     // image placement, hash seeds), more than the effect under test.
     let mut pd = PinnedDp::load(&cfg)?;
+    topo.mark_xdp_targets(pd.dp())?;
     pd.dp().writer().upsert_service(&measured)?;
     let flow = establish(&topo, pd.dp(), FLOW_SPORT)?;
     let sink = topo.sinks(flow.fwd.len())?;

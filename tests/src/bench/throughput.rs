@@ -452,6 +452,7 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
         }
     }
     let mut dp = PinnedDp::load(&DatapathConfig::small(a.pin_dir("lab")))?;
+    a.mark_xdp_targets(dp.dp())?;
     dp.dp().writer().upsert_service(&lab_service(&a))?;
     let have_ipt = install_iptables(&b)?;
 

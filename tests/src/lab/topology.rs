@@ -72,6 +72,7 @@ impl Host {
         role: &str,
         net: u8,
         csum: Checksums,
+        gro: bool,
     ) -> Result<Host> {
         let (node_if, host_if) = (format!("{tag}n{role}"), format!("{tag}{role}"));
         let (node_ip, host_ip) = (
@@ -100,12 +101,13 @@ impl Host {
             ns.ip(&["route", "add", net, "via", &node_ip.to_string()])?;
         }
         // Full checksums on the wire (`ethtool -K tx off`), so the receiver verifies them, or
-        // partial ones (see `Checksums`); GRO gives the veth NAPI, which XDP_REDIRECT from the
-        // node into it needs.
+        // partial ones (see `Checksums`); GRO (unless `gro` is false) gives the veth NAPI, which
+        // native XDP_REDIRECT from the node into it needs from Linux 5.13 (before, only an XDP
+        // program on it does).
         let partial = csum == Checksums::Partial;
         let iface = ns.run(|| -> std::io::Result<Iface> {
             sys::ethtool_set(&host_if, sys::ETHTOOL_STXCSUM, partial)?;
-            sys::ethtool_set(&host_if, sys::ETHTOOL_SGRO, true)?;
+            sys::ethtool_set(&host_if, sys::ETHTOOL_SGRO, gro)?;
             Ok(Iface {
                 ifindex: sys::ifindex(&host_if)?,
                 mac: sys::mac(&host_if)?,
@@ -211,6 +213,17 @@ impl Lab {
 
     /// [`Lab::new`] with the given checksum placement.
     pub fn with_checksums(n_backends: usize, csum: Checksums) -> Result<Lab> {
+        Lab::build(n_backends, csum, true)
+    }
+
+    /// [`Lab::new`] with GRO off on the client and backend veth ends, as a CNI
+    /// leaves a pod's: their veths have no NAPI, so a native XDP redirect
+    /// from the node into them is dropped.
+    pub fn pod_like(n_backends: usize) -> Result<Lab> {
+        Lab::build(n_backends, Checksums::Full, false)
+    }
+
+    fn build(n_backends: usize, csum: Checksums, gro: bool) -> Result<Lab> {
         assert!((1..=200).contains(&n_backends), "1..=200 backends");
         // Once per process, clear what crashed or killed earlier runs left behind.
         static SWEEP: std::sync::Once = std::sync::Once::new();
@@ -239,11 +252,14 @@ impl Lab {
 
         // Forwarding on in the node namespace only.
         node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-        let client = Host::wire(&node, client_ns, &tag, "c", 1, csum)?;
+        let client = Host::wire(&node, client_ns, &tag, "c", 1, csum, gro)?;
         let backends = backend_ns
             .into_iter()
             .enumerate()
-            .map(|(i, ns)| Host::wire(&node, ns, &tag, &format!("b{}", i + 1), 11 + i as u8, csum))
+            .map(|(i, ns)| {
+                let role = format!("b{}", i + 1);
+                Host::wire(&node, ns, &tag, &role, 11 + i as u8, csum, gro)
+            })
             .collect::<Result<Vec<_>>>()?;
         tracing::info!(node = node.name(), backends = n_backends, "lab up");
         Ok(Lab {
