@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask setup | build-ebpf | image | kube-apiserver | test |
 //! test-kernels | bench | demo | certs`.
 
+mod fuzz;
 mod image;
 mod kernels;
 mod kube;
@@ -35,7 +36,8 @@ enum Cmd {
     /// Kubernetes tests. Skips what is done already.
     KubeApiserver,
     /// setup + build-ebpf + image + kube-apiserver + `cargo test --workspace ARGS`, then the
-    /// short kernel matrix (`test-kernels --short`: Debian 12's 6.1 under qemu); ARGS are
+    /// short kernel matrix (`test-kernels --short`: Debian 12's 6.1 under qemu) and 20 s of
+    /// each cargo-fuzz target (`fuzz`); ARGS are
     /// cargo test's, e.g. `cargo xtask test -p lb-agent -- --nocapture` (a `-p` list without
     /// rpclb-tests, which holds the image and kernel tests, skips both).
     #[command(disable_help_flag = true)]
@@ -49,6 +51,11 @@ enum Cmd {
     /// (BPF_PROG_TEST_RUN, tests/tests/fuzz_packets.rs): 1,000,000 by default,
     /// with a fresh seed that is printed (pass --seed to replay one).
     FuzzPackets(FuzzArgs),
+    /// The cargo-fuzz targets in fuzz/ (config parser, sync messages, Kubernetes
+    /// translation), each for --seconds (nightly, cargo-fuzz from `setup`); the corpus
+    /// grows under ${RPCLB_CACHE_DIR:-/var/cache/rpclb}/fuzz/. `cargo xtask test` runs each
+    /// for 20 s.
+    Fuzz(FuzzTargetArgs),
     /// setup + build-ebpf + `rpclb-bench ARGS` (release build).
     #[command(disable_help_flag = true)]
     Bench(Passthrough),
@@ -97,6 +104,15 @@ struct FuzzArgs {
     /// The seed to replay; by default one from the clock.
     #[arg(long)]
     seed: Option<u64>,
+}
+
+#[derive(Args)]
+struct FuzzTargetArgs {
+    /// Seconds per target.
+    #[arg(long, default_value_t = 300)]
+    seconds: u64,
+    /// Targets to run (default: all): config, sync, translate.
+    targets: Vec<String>,
 }
 
 /// Arguments for the inner command. Clap would eat a leading `--`, so the
@@ -157,6 +173,7 @@ fn task(cmd: Cmd) -> Result<()> {
             run(&mut cmd)?;
             if image::wanted_by_test(&args) {
                 kernels_short(&root, &args)?;
+                fuzz::run(&root, &[], fuzz::TEST_SECONDS)?;
             }
             Ok(())
         }
@@ -195,6 +212,7 @@ fn task(cmd: Cmd) -> Result<()> {
                 )
             })
         }
+        Cmd::Fuzz(a) => fuzz::run(&root, &a.targets, a.seconds),
         Cmd::Bench(_) => run_bin(&root, "rpclb-bench"),
         Cmd::Demo(_) => demo(&root),
         // The one certificate maker (lb_api::tls::certs), through the controller's CLI; the

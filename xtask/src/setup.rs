@@ -10,6 +10,7 @@ use std::{env, fs};
 pub fn all(root: &Path) -> Result<()> {
     report("nightly rust-src", rust_src()?);
     report("bpf-linker 0.13", bpf_linker(root)?);
+    report("cargo-fuzz", cargo_fuzz()?);
     report("tools (ip, tc, ethtool, iptables, bpftool, capsh)", tools());
     report("bpffs at /sys/fs/bpf", bpffs());
     report("capabilities", capabilities());
@@ -32,6 +33,22 @@ fn rust_src() -> Result<String> {
         return Ok("ok".into());
     }
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    Ok("installed".into())
+}
+
+/// cargo-fuzz, for `cargo xtask fuzz` (and the fuzz step of `cargo xtask test`).
+fn cargo_fuzz() -> Result<String> {
+    if crate::fuzz::cargo_fuzz_ok() {
+        return Ok("ok".into());
+    }
+    println!("setup: installing cargo-fuzz 0.13.2 (a minute or two)");
+    let st = Command::new("cargo")
+        .args(["install", "cargo-fuzz", "--version", "0.13.2", "--locked"])
+        .status()
+        .context("running cargo install cargo-fuzz")?;
+    if !st.success() {
+        bail!("cargo install cargo-fuzz failed: {st}");
+    }
     Ok("installed".into())
 }
 
