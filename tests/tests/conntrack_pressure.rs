@@ -126,6 +126,12 @@ fn full_conntrack_map_breaks_no_flow_counts_warns_once_and_heals() {
     let evicted = m
         .get("rpclb_gc_expired_total", &[("state", "evicted")])
         .unwrap_or(0.0);
+    eprintln!(
+        "random: evicted {evicted}, active {:?} with {} open in the map, {:?} entries",
+        m.get("rpclb_service_active_flows", &[("service", WEB)]),
+        open_flows(&lab),
+        m.get("rpclb_conntrack_entries", &[])
+    );
     // 200 opens, 200 mid-flow re-creations; at most 32 flows fit.
     assert!(
         evicted >= (CONNS - 32) as f64,
@@ -179,6 +185,10 @@ fn full_conntrack_map_breaks_no_flow_counts_warns_once_and_heals() {
     );
     let truth = open_flows(&lab);
     let m = agent.scrape();
+    eprintln!(
+        "after the close: active {:?}, {truth} open in the map",
+        m.get("rpclb_service_active_flows", &[("service", WEB)])
+    );
     assert_eq!(
         m.get("rpclb_service_active_flows", &[("service", WEB)]),
         Some(truth as f64),
@@ -226,8 +236,18 @@ fn full_conntrack_map_breaks_no_flow_counts_warns_once_and_heals() {
         gc_sweeps(&mut agent) >= s2 + 2.0
     });
     let e2 = episodes(&mut agent);
+    eprintln!(
+        "round-robin: evicted {:?}; episodes {e1} then {e2}",
+        agent
+            .scrape()
+            .get("rpclb_gc_expired_total", &[("state", "evicted")])
+    );
     assert!(e2 > e1, "a new episode");
     let log = agent.log();
-    assert_eq!(warnings(&log).len() as f64, e2, "a WARN per episode:\n{log}");
+    assert_eq!(
+        warnings(&log).len() as f64,
+        e2,
+        "a WARN per episode:\n{log}"
+    );
     drop(held);
 }
