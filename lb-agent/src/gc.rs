@@ -160,7 +160,9 @@ pub struct GcReport {
     pub vanished: u64,
     /// Open flows that the kernel's LRU evicted since the last tracked sweep
     /// (or between scan and delete), credited like expiries. Needs a
-    /// [`Tracker`]; see [`expire_tracked`].
+    /// [`Tracker`]; see [`expire_tracked`]. With a recount
+    /// ([`expire_recount`]), instead: what the counters believed open and
+    /// the scan did not find, plus open flows gone before their delete.
     pub evicted: u64,
     /// With a recount: backends whose active count was recomputed.
     pub recounted: u64,
@@ -486,8 +488,9 @@ fn expire_inner(
         }
         count_expiry(&mut r, &mut credit, &v);
         open_now.remove(&e.key);
-        // Closed since the scan: its close is counted after the baseline,
-        // so it stays in the recount, which that close then balances.
+        // Removed while open: out of the recount. (A flow that closed since
+        // the scan stays in: its close, counted after the baseline,
+        // balances it.)
         if let Some(rc) = recount.as_mut()
             && !closed_by_kernel(v.state)
         {
@@ -557,8 +560,9 @@ impl Baseline {
 /// bounded by the flows that closed between the baseline and the scan's
 /// visit of their entry (seen closing, yet their close is after the
 /// baseline: one too few each), and by opens whose entry was written just
-/// before the baseline but counted just after. It never accumulates: the
-/// next sweep recounts from scratch.
+/// before the baseline but counted just after (the full program set stamps
+/// entries with the coarse clock, a tick behind: one too many each). It
+/// never accumulates: the next sweep recounts from scratch.
 pub fn recount_one(base: ConnCounts, base_gc: u64, open_at_scan: u64, removed: u64) -> (u64, i64) {
     let net = base.opens as i128 - base.closes as i128;
     let believed = net - base_gc as i128;
