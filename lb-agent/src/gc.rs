@@ -37,6 +37,15 @@
 //!    backend id no longer names the same backend (freed, or reused: reuse
 //!    resets the counters) is not credited.
 //!
+//! 5. **Recount** (the agent's sweeps, [`expire_recount`]): the credits of
+//!    step 4 miss every open flow that the LRU evicts between two sweeps
+//!    (created and evicted in between, as a full map does by the hundred), so
+//!    the agent does not add to `BACKEND_GC`: it sets it, per backend, so that
+//!    `active` is the number of open flows the scan found on that backend
+//!    less those this sweep removed. See [`recount_one`] for the arithmetic
+//!    and its bounded error. What the counters believed open and the map no
+//!    longer holds is counted as evicted.
+//!
 //! The remaining race is inherent to a userspace GC: a packet that is inside
 //! the program between step 3's delete and its own state update can still
 //! count a close for a flow that was just expired. It needs a flow that was
@@ -46,7 +55,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
-use lb_common::{CtValue, FlowKey, ct_dir, ct_state};
+use lb_common::{ConnCounts, CtValue, FlowKey, ct_dir, ct_state};
 use serde::{Serialize, Serializer};
 use tracing::debug;
 
@@ -151,8 +160,16 @@ pub struct GcReport {
     pub vanished: u64,
     /// Open flows that the kernel's LRU evicted since the last tracked sweep
     /// (or between scan and delete), credited like expiries. Needs a
-    /// [`Tracker`]; see [`expire_tracked`].
+    /// [`Tracker`]; see [`expire_tracked`]. With a recount
+    /// ([`expire_recount`]), instead: what the counters believed open and
+    /// the scan did not find, plus open flows gone before their delete.
     pub evicted: u64,
+    /// With a recount: backends whose active count was recomputed.
+    pub recounted: u64,
+    /// With a recount: open flows the map held beyond what the counters
+    /// believed (the recount raised the active counts by this much; opens
+    /// racing the scan, or a count lost to an earlier error).
+    pub undercounted: u64,
     /// Entries left after the sweep (an estimate: the kernel adds and evicts
     /// concurrently).
     pub entries_after: u64,
@@ -283,6 +300,7 @@ pub struct Expired {
     report: GcReport,
     credit: Credit,
     start: Instant,
+    recount: Option<Recount>,
 }
 
 impl Expired {
@@ -298,6 +316,7 @@ impl Expired {
             mut report,
             credit,
             start,
+            recount,
         } = self;
         let index = w.backend_index();
         let mut per_backend: Vec<((u32, u32, u32, u16), u64)> = credit.into_iter().collect();
@@ -307,11 +326,17 @@ impl Expired {
                 s == svc_id && ip_wire(bip) == ip && bport.to_be() == port
             });
             if same {
-                w.add_expired(id, n)?;
+                // A recount sets the counter instead (below).
+                if recount.is_none() {
+                    w.add_expired(id, n)?;
+                }
                 report.accounted += n;
             } else {
                 report.stale_backend += n;
             }
+        }
+        if let Some(rc) = recount {
+            rc.apply(w, &index, &mut report)?;
         }
         report.duration = start.elapsed();
         debug!(?report, "conntrack sweep");
@@ -322,7 +347,20 @@ impl Expired {
 /// The conntrack half of a sweep: scan, plan, delete. Needs only the
 /// conntrack map's fd (`MapWriter::conntrack_fd`, or a dup of it).
 pub fn expire(fd: BorrowedFd<'_>, t: &Timeouts, now_ns: u64) -> Result<Expired, DatapathError> {
-    expire_inner(fd, t, now_ns, None)
+    expire_inner(fd, t, now_ns, None, None)
+}
+
+/// [`expire`], then, in [`Expired::credit`], a recount of every backend's
+/// active flows from what the scan found (module docs, step 5). `base` must
+/// be read just before the scan. This is what the agent runs: the counters
+/// heal within one sweep, whatever the LRU evicted.
+pub fn expire_recount(
+    fd: BorrowedFd<'_>,
+    t: &Timeouts,
+    now_ns: u64,
+    base: Baseline,
+) -> Result<Expired, DatapathError> {
+    expire_inner(fd, t, now_ns, None, Some(base))
 }
 
 /// Open flows between sweeps, to find those that the conntrack LRU evicted:
@@ -357,7 +395,7 @@ pub fn expire_tracked(
     now_ns: u64,
     tracker: &mut Tracker,
 ) -> Result<Expired, DatapathError> {
-    expire_inner(fd, t, now_ns, Some(tracker))
+    expire_inner(fd, t, now_ns, Some(tracker), None)
 }
 
 fn credit_key(v: &CtValue) -> CreditKey {
@@ -369,10 +407,12 @@ fn expire_inner(
     t: &Timeouts,
     now_ns: u64,
     mut tracker: Option<&mut Tracker>,
+    base: Option<Baseline>,
 ) -> Result<Expired, DatapathError> {
     let start = Instant::now();
     let mut s = Scan::default();
     for_each_entry(fd, |k, v| s.push(*k, *v))?;
+    let mut recount = base.map(|b| Recount::new(b, &s.forward));
     let mut credit = Credit::new();
     let mut evicted = 0u64;
     // Flows open at the end of this sweep (before removing what it deletes).
@@ -413,6 +453,9 @@ fn expire_inner(
             // Gone already (LRU eviction); the reverse entry is an orphan.
             r.vanished += 1;
             deleted += rev.is_some() as u64;
+            if let Some(rc) = recount.as_mut() {
+                rc.removed(&e.value, true);
+            }
             if tracker.is_some() && open_now.remove(&e.key).is_some() {
                 *credit.entry(credit_key(&e.value)).or_default() += 1;
                 r.evicted += 1;
@@ -445,6 +488,14 @@ fn expire_inner(
         }
         count_expiry(&mut r, &mut credit, &v);
         open_now.remove(&e.key);
+        // Removed while open: out of the recount. (A flow that closed since
+        // the scan stays in: its close, counted after the baseline,
+        // balances it.)
+        if let Some(rc) = recount.as_mut()
+            && !closed_by_kernel(v.state)
+        {
+            rc.removed(&e.value, false);
+        }
     }
     if let Some(tr) = tracker {
         tr.open = open_now;
@@ -459,7 +510,148 @@ fn expire_inner(
         report: r,
         credit,
         start,
+        recount,
     })
+}
+
+/// The kernel's counts of every backend in use, read just before a scan:
+/// the base of a recount. Read it under the writer's lock (the index must
+/// match the maps), then scan without it.
+#[derive(Clone, Debug, Default)]
+pub struct Baseline {
+    /// `monotonic_ns()` taken before the counters were read.
+    at_ns: u64,
+    backends: HashMap<u32, BaseEntry>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct BaseEntry {
+    /// (service id, IP, port): the backend the id named.
+    ident: (u32, std::net::Ipv4Addr, u16),
+    conns: ConnCounts,
+    gc: u64,
+}
+
+impl Baseline {
+    pub fn read(r: &MapReader) -> Result<Baseline, DatapathError> {
+        let at_ns = crate::datapath::reader::monotonic_ns();
+        let mut backends = HashMap::new();
+        for (id, ident) in r.backend_index() {
+            let (conns, gc) = r.backend_conn_counts(id)?;
+            backends.insert(id, BaseEntry { ident, conns, gc });
+        }
+        Ok(Baseline { at_ns, backends })
+    }
+}
+
+/// A backend's recount: `base` its counters at the baseline, `open_at_scan`
+/// the open flows (not closing, created before the baseline) the scan found
+/// on it, `removed` how many of those this sweep removed (expired while
+/// open, or evicted before their delete). Returns the new `BACKEND_GC`
+/// value, and what the counters believed open minus what the scan found
+/// (positive: flows evicted without a close; negative: flows the counters
+/// missed).
+///
+/// Why set-to-recount is safe next to the data path: the kernel never
+/// writes `BACKEND_GC` (only `opens` and `closes`, with atomic adds), so the
+/// write loses no kernel update. From then on `active = opens - closes - gc
+/// = still_open + (opens since the baseline) - (closes since)`, exact for
+/// every flow the kernel opens or closes after the baseline. The error is
+/// bounded by the flows that closed between the baseline and the scan's
+/// visit of their entry (seen closing, yet their close is after the
+/// baseline: one too few each), and by opens whose entry was written just
+/// before the baseline but counted just after (the full program set stamps
+/// entries with the coarse clock, a tick behind: one too many each). It
+/// never accumulates: the next sweep recounts from scratch.
+pub fn recount_one(base: ConnCounts, base_gc: u64, open_at_scan: u64, removed: u64) -> (u64, i64) {
+    let net = base.opens as i128 - base.closes as i128;
+    let believed = net - base_gc as i128;
+    let lost = believed - open_at_scan as i128;
+    let still_open = open_at_scan.saturating_sub(removed) as i128;
+    let gc = (net - still_open).clamp(0, u64::MAX as i128) as u64;
+    (gc, lost.clamp(i64::MIN as i128, i64::MAX as i128) as i64)
+}
+
+/// Open flows per backend at the scan, and those the sweep removed.
+#[derive(Debug)]
+struct Recount {
+    base: Baseline,
+    open: HashMap<u32, u64>,
+    removed: HashMap<u32, u64>,
+    /// Open flows evicted between the scan and their delete.
+    vanished: u64,
+}
+
+impl Recount {
+    fn new(base: Baseline, forward: &[(FlowKey, CtValue)]) -> Recount {
+        let mut rc = Recount {
+            base,
+            open: HashMap::new(),
+            removed: HashMap::new(),
+            vanished: 0,
+        };
+        for (_, v) in forward {
+            if rc.counts(v) {
+                *rc.open.entry(v.backend_id).or_default() += 1;
+            }
+        }
+        rc
+    }
+
+    /// Whether the scan counts this forward entry as an open flow: not
+    /// closed, opened before the baseline (a later open is not in its
+    /// counters), on a backend the baseline knows.
+    fn counts(&self, v: &CtValue) -> bool {
+        !closed_by_kernel(v.state)
+            && v.created_ns <= self.base.at_ns
+            && self.base.backends.contains_key(&v.backend_id)
+    }
+
+    /// The sweep removed the flow scanned as `v` (`vanished`: the LRU got it
+    /// between the scan and the delete).
+    fn removed(&mut self, v: &CtValue, vanished: bool) {
+        if self.counts(v) {
+            *self.removed.entry(v.backend_id).or_default() += 1;
+            // Evicted, but after the scan saw it: the difference in
+            // `recount_one` cannot see it.
+            self.vanished += vanished as u64;
+        }
+    }
+
+    /// Writes each backend's recounted `BACKEND_GC`.
+    fn apply(
+        self,
+        w: &mut MapWriter,
+        index: &HashMap<u32, (u32, std::net::Ipv4Addr, u16)>,
+        r: &mut GcReport,
+    ) -> Result<(), DatapathError> {
+        let mut ids: Vec<(&u32, &BaseEntry)> = self.base.backends.iter().collect();
+        ids.sort_unstable_by_key(|(id, _)| **id);
+        for (&id, b) in ids {
+            // Freed or reused since the baseline: its counters were reset.
+            if index.get(&id) != Some(&b.ident) {
+                continue;
+            }
+            let (now, gc) = w.backend_conn_counts(id)?;
+            if now.opens < b.conns.opens || now.closes < b.conns.closes || gc != b.gc {
+                continue;
+            }
+            let open = self.open.get(&id).copied().unwrap_or(0);
+            let removed = self.removed.get(&id).copied().unwrap_or(0);
+            let (new_gc, lost) = recount_one(b.conns, b.gc, open, removed);
+            if lost > 0 {
+                r.evicted += lost as u64;
+            } else {
+                r.undercounted += lost.unsigned_abs();
+            }
+            if new_gc != gc {
+                w.set_expired(id, new_gc)?;
+            }
+            r.recounted += 1;
+        }
+        r.evicted += self.vanished;
+        Ok(())
+    }
 }
 
 /// Deletes entries, returning them as they were at deletion.
@@ -712,5 +904,60 @@ mod tests {
         ] {
             assert!(j.get(k).is_some(), "{k}");
         }
+    }
+    #[test]
+    fn recount_sets_the_counter_to_what_is_open() {
+        let c = |opens, closes| ConnCounts { opens, closes };
+        // 10 opened, 2 closed, GC credited 1: the counters believe 7 open.
+        // The scan finds 3, the sweep expires 1 of them: 4 were evicted, 2
+        // stay open (active = 10 - 2 - 6).
+        assert_eq!(recount_one(c(10, 2), 1, 3, 1), (6, 4));
+        // Nothing lost: the same value as the incremental credit (1 + 2).
+        assert_eq!(recount_one(c(10, 2), 1, 7, 2), (3, 0));
+        // The map holds one more than the counters believe (an open counted
+        // after the baseline): raised, the counter clamped at 0.
+        assert_eq!(recount_one(c(5, 0), 0, 6, 0), (0, -1));
+        // A drifted count (the 288 with nothing open) heals at once.
+        assert_eq!(recount_one(c(400, 112), 0, 0, 0), (288, 288));
+        // After the write the kernel's own opens and closes apply exactly:
+        // 3 opens and 1 close later, active = 2 + 3 - 1.
+        let (gc, _) = recount_one(c(10, 2), 1, 3, 1);
+        assert_eq!(c(13, 3).active(gc), 4);
+    }
+
+    #[test]
+    fn recount_counts_open_flows_opened_before_the_baseline_on_known_backends() {
+        let base = Baseline {
+            at_ns: NOW,
+            backends: [1u32, 2]
+                .into_iter()
+                .map(|id| {
+                    let e = BaseEntry {
+                        ident: (1, std::net::Ipv4Addr::new(10, 244, 0, id as u8), 8080),
+                        conns: ConnCounts::default(),
+                        gc: 0,
+                    };
+                    (id, e)
+                })
+                .collect(),
+        };
+        let mut fwd = Vec::new();
+        let mut add = |port: u16, state: u32, backend: u32, created: u64| {
+            let [(k, mut v), _] = flow(port, state, 0, 0, backend);
+            v.created_ns = created;
+            fwd.push((k, v));
+        };
+        add(1, ct_state::SYN, 1, NOW - S); // counted
+        add(2, ct_state::ESTABLISHED, 1, NOW); // counted (at the baseline)
+        add(3, ct_state::UDP, 2, NOW - S); // counted
+        add(4, ct_state::CLOSING, 2, NOW - S); // closed: its close is counted
+        add(5, ct_state::ESTABLISHED, 2, NOW + 1); // opened after the baseline
+        add(6, ct_state::ESTABLISHED, 9, NOW - S); // backend unknown
+        let mut rc = Recount::new(base, &fwd);
+        assert_eq!(rc.open, HashMap::from([(1, 2), (2, 1)]));
+        rc.removed(&fwd[0].1, true);
+        rc.removed(&fwd[4].1, false); // not counted: not removed either
+        assert_eq!(rc.removed, HashMap::from([(1, 1)]));
+        assert_eq!(rc.vanished, 1);
     }
 }

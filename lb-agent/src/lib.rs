@@ -9,6 +9,7 @@ pub mod duration;
 pub mod engines;
 pub mod gc;
 pub mod metrics;
+pub mod pressure;
 pub mod reconcile;
 pub mod stream;
 pub mod userspace;

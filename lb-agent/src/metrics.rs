@@ -152,6 +152,10 @@ pub struct Metrics {
     pub gc_orphans: Counter,
     pub conntrack_entries: Gauge,
     pub conntrack_flows: Gauge,
+    pub conntrack_capacity: Gauge,
+    /// 1 during an eviction episode (`crate::pressure`).
+    pub conntrack_pressure: Gauge,
+    pub conntrack_pressure_episodes: Counter,
     /// With `--controller`: 1 while the stream is open.
     pub controller_connected: Gauge,
     /// With `--controller`: the last version applied.
@@ -188,6 +192,9 @@ impl Metrics {
             gc_orphans: Counter::default(),
             conntrack_entries: Gauge::default(),
             conntrack_flows: Gauge::default(),
+            conntrack_capacity: Gauge::default(),
+            conntrack_pressure: Gauge::default(),
+            conntrack_pressure_episodes: Counter::default(),
             controller_connected: Gauge::default(),
             controller_version: Gauge::default(),
             controller_reconnects: Gauge::default(),
@@ -241,6 +248,21 @@ impl Metrics {
             "rpclb_conntrack_flows",
             "Conntrack flows after the last GC sweep",
             m.conntrack_flows.clone(),
+        );
+        registry.register(
+            "rpclb_conntrack_capacity",
+            "Conntrack map capacity in entries (two per flow)",
+            m.conntrack_capacity.clone(),
+        );
+        registry.register(
+            "rpclb_conntrack_pressure",
+            "1 while the conntrack map evicts open flows (from the first eviction until a sweep sees none and the map below 90%)",
+            m.conntrack_pressure.clone(),
+        );
+        registry.register(
+            "rpclb_conntrack_pressure_episodes",
+            "Eviction episodes of the conntrack map (one WARN each)",
+            m.conntrack_pressure_episodes.clone(),
         );
         registry.register(
             "rpclb_controller_connected",

@@ -110,7 +110,13 @@ pub fn pick<S: ProgramSet>(svc: &ServiceValue, p: &Packet, now: u64) -> Option<u
         )?,
         algo::SOURCE_HASH => slot(svc, src_hash(p.saddr) % len)?,
         algo::LEAST_CONN => least_conn(svc)?,
-        _ => slot(svc, unsafe { bpf_get_prandom_u32() } % len)?,
+        // Random: a hash of the 5-tuple, not a fresh draw. The spread is a
+        // random one's, and a flow whose conntrack entry was lost (evicted
+        // from a full map) gets the same backend back on its next packet.
+        _ => slot(
+            svc,
+            flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto) % len,
+        )?,
     };
     backend(id)?;
     if svc.affinity_timeout_s != 0 {

@@ -547,3 +547,83 @@ fn tracked_sweep_credits_evicted_flows() {
     assert_eq!(total_active(h.w(), &[web.addr()]), 0);
     assert_eq!(tracker.len(), 1, "the re-created flow is tracked");
 }
+
+/// The agent's recount: whatever the counters say, one sweep sets each
+/// backend's active count to the open flows conntrack holds, and what they
+/// believed open beyond that is reported as evicted.
+#[test]
+fn recount_heals_active_counts_and_counts_evictions() {
+    if !can_run() {
+        return;
+    }
+    let mut h = Harness::new(None);
+    let web = service(
+        "demo/web:http",
+        VIP,
+        80,
+        Protocol::Tcp,
+        &[(1, 8080), (2, 8080)],
+    );
+    h.w().upsert_service(&web).unwrap();
+    let addrs = [web.addr()];
+    for p in 4001..=4010 {
+        h.run(&frame(6, CLIENT, p, VIP, 80, SYN));
+    }
+    h.run(&frame(6, CLIENT, 4010, VIP, 80, FIN | ACK));
+    assert_eq!(total_active(h.w(), &addrs), 9);
+    // The LRU evicts four open flows (both entries): nobody counts a close.
+    for p in 4001..=4004 {
+        let k = fwd_key(6, CLIENT, p, VIP, 80);
+        let v = h.w().conntrack_map().get(&k, 0).unwrap();
+        h.w().conntrack_map().remove(&k).unwrap();
+        h.w()
+            .conntrack_map()
+            .remove(&k.reverse_of_forward(&v))
+            .unwrap();
+    }
+    let t = Timeouts::default();
+    // The incremental sweep (no tracker) cannot see them: 9 stays 9.
+    let r = gc::sweep(h.w(), &t, monotonic_ns()).unwrap();
+    assert_eq!((r.expired, r.evicted), (0, 0));
+    assert_eq!(total_active(h.w(), &addrs), 9, "stale without a recount");
+
+    let fd = h.w().conntrack_fd().try_clone_to_owned().unwrap();
+    let recount = |h: &mut Harness, now: u64| {
+        let base = gc::Baseline::read(h.w()).unwrap();
+        gc::expire_recount(fd.as_fd(), &t, now, base)
+            .unwrap()
+            .credit(h.w())
+            .unwrap()
+    };
+    let r = recount(&mut h, monotonic_ns());
+    assert_eq!((r.evicted, r.undercounted, r.recounted), (4, 0, 2));
+    assert_eq!(total_active(h.w(), &addrs), 5, "healed in one sweep");
+    // Per backend: exactly the open flows conntrack holds on it.
+    let open_on = |w: &MapWriter, id: u32| {
+        all_entries(w)
+            .values()
+            .filter(|v| {
+                v.dir == ct_dir::FORWARD && v.backend_id == id && v.state != ct_state::CLOSING
+            })
+            .count() as u64
+    };
+    for b in h.w().backend_stats(&web.addr()).unwrap() {
+        assert_eq!(b.active, open_on(h.w(), b.id), "backend {}", b.ip);
+    }
+
+    // From there the kernel's own counting goes on exactly.
+    h.run(&frame(6, CLIENT, 4020, VIP, 80, SYN));
+    h.run(&frame(6, CLIENT, 4021, VIP, 80, SYN));
+    h.run(&frame(6, CLIENT, 4005, VIP, 80, FIN | ACK));
+    assert_eq!(total_active(h.w(), &addrs), 6);
+    let r = recount(&mut h, monotonic_ns());
+    assert_eq!((r.evicted, r.undercounted), (0, 0));
+    assert_eq!(total_active(h.w(), &addrs), 6);
+
+    // Expiry under a recount: everything idle, all gone, nothing evicted.
+    let r = recount(&mut h, monotonic_ns() + 86_400 * S);
+    assert_eq!(r.expired, 8);
+    assert_eq!(r.evicted, 0);
+    assert_eq!(all_entries(h.w()).len(), 0);
+    assert_eq!(total_active(h.w(), &addrs), 0);
+}

@@ -103,6 +103,7 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
             "version": st.version.load(Ordering::Relaxed),
             "reconnects": st.reconnects.load(Ordering::Relaxed),
         },
+        "conntrack": *s.conntrack.lock().unwrap_or_else(|e| e.into_inner()),
     });
     (
         [(header::CONTENT_TYPE, "application/json")],

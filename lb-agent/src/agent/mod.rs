@@ -113,6 +113,8 @@ struct Shared {
     timeouts: Mutex<Timeouts>,
     /// The controller stream's status (unused with a config file).
     stream: Arc<StreamStatus>,
+    /// Conntrack fill and evictions, from the last GC sweep (eBPF only).
+    conntrack: Mutex<Option<crate::pressure::Pressure>>,
 }
 
 impl Shared {
@@ -271,6 +273,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         heartbeat_ms: AtomicU64::new(0),
         timeouts: Mutex::new(file.as_ref().map(|f| f.1.timeouts).unwrap_or_default()),
         stream: Arc::new(StreamStatus::default()),
+        conntrack: Mutex::new(None),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(http::serve(listener, shared.clone(), stop_rx.clone()));
@@ -681,8 +684,10 @@ async fn gc_loop(
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Open flows between sweeps, to credit those the LRU evicts.
-    let tracker = Arc::new(Mutex::new(gc::Tracker::default()));
+    let mut pressure = crate::pressure::Pressure::default();
+    // The first recount corrects whatever the counters held when this
+    // process started (an older agent's drift): not evictions of ours.
+    let mut first = true;
     loop {
         tokio::select! {
             _ = stop.changed() => return,
@@ -690,26 +695,71 @@ async fn gc_loop(
         }
         let t = shared.timeouts();
         let dp2 = dp.clone();
-        let tracker = tracker.clone();
         // The scan and deletes run on a dup of the conntrack fd without the
         // writer lock (they take up to ~1.5 s at 1M entries); only the
-        // per-backend credit takes it.
+        // baseline (counters, just before the scan) and the recount take it.
         let res = tokio::task::spawn_blocking(move || {
-            let fd = lock(&dp2)
-                .writer()
-                .conntrack_fd()
-                .try_clone_to_owned()
-                .map_err(|source| crate::datapath::DatapathError::Io {
-                    path: "CONNTRACK fd".into(),
-                    source,
+            let (fd, base, capacity) = {
+                let mut g = lock(&dp2);
+                let w = g.writer();
+                let fd = w.conntrack_fd().try_clone_to_owned().map_err(|source| {
+                    crate::datapath::DatapathError::Io {
+                        path: "CONNTRACK fd".into(),
+                        source,
+                    }
                 })?;
-            let mut tracker = tracker.lock().unwrap_or_else(|e| e.into_inner());
-            let expired = gc::expire_tracked(fd.as_fd(), &t, monotonic_ns(), &mut tracker)?;
-            expired.credit(lock(&dp2).writer())
+                (fd, gc::Baseline::read(w)?, w.conntrack_capacity())
+            };
+            let expired = gc::expire_recount(fd.as_fd(), &t, monotonic_ns(), base)?;
+            expired.credit(lock(&dp2).writer()).map(|r| (r, capacity))
         })
         .await;
         match res {
-            Ok(Ok(r)) => {
+            Ok(Ok((mut r, capacity))) => {
+                if std::mem::take(&mut first) && r.evicted > 0 {
+                    info!(
+                        corrected = r.evicted,
+                        "active-flow counters recounted from conntrack at start"
+                    );
+                    r.evicted = 0;
+                }
+                match pressure.observe(r.evicted, r.entries_after, capacity.into()) {
+                    Some(crate::pressure::Event::Started {
+                        evicted_total,
+                        evicted,
+                    }) => {
+                        shared.metrics.conntrack_pressure_episodes.inc();
+                        warn!(
+                            evicted,
+                            evicted_total,
+                            entries = r.entries_after,
+                            capacity,
+                            "conntrack map full: open flows evicted (the least recently used \
+                             go first; TCP flows come back on their next packet where the \
+                             algorithm re-picks the same backend). Raise --max-conntrack \
+                             (docs/reliability.md, \"Full conntrack map\"); one warning per \
+                             episode"
+                        );
+                    }
+                    Some(crate::pressure::Event::Ended {
+                        evicted_total,
+                        episode_evicted,
+                    }) => info!(
+                        episode_evicted,
+                        evicted_total,
+                        entries = r.entries_after,
+                        capacity,
+                        "conntrack pressure over: no evictions, map below {}%",
+                        crate::pressure::Pressure::END_BELOW_PCT
+                    ),
+                    None => {}
+                }
+                shared.metrics.conntrack_capacity.set(capacity.into());
+                shared
+                    .metrics
+                    .conntrack_pressure
+                    .set(pressure.evicting.into());
+                *shared.conntrack.lock().unwrap_or_else(|e| e.into_inner()) = Some(pressure);
                 if r.expired > 0 || r.orphans > 0 || r.evicted > 0 {
                     info!(
                         expired = r.expired,

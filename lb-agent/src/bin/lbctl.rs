@@ -180,7 +180,9 @@ fn run(cli: &Cli) -> Result<()> {
             }
             match out {
                 Output::Json => json(&rows)?,
-                Output::Table => view::conntrack_table(&rows, total, entries),
+                Output::Table => {
+                    view::conntrack_table(&rows, total, entries, w.conntrack_capacity())
+                }
             }
         }
         Cmd::Maglev { service } => {

@@ -146,6 +146,8 @@ pub struct MapReader {
     pub(super) slots: MapData,
     pub(super) slots_cap: u32,
     pub(super) conntrack: HashMap<MapData, FlowKey, CtValue>,
+    /// The conntrack map's max_entries (a pinned map keeps its size).
+    pub(super) conntrack_cap: u32,
     /// A dup of the conntrack map's fd, for batch syscalls that aya lacks.
     pub(super) conntrack_fd: std::os::fd::OwnedFd,
     pub(super) affinity: HashMap<MapData, AffinityKey, AffinityValue>,
@@ -196,6 +198,13 @@ impl MapReader {
             .info()
             .map_err(map_err(map_names::SLOTS))?
             .max_entries();
+        let conntrack_cap = match maps.get(map_names::CONNTRACK) {
+            Some(Map::LruHashMap(md)) | Some(Map::HashMap(md)) => md
+                .info()
+                .map_err(map_err(map_names::CONNTRACK))?
+                .max_entries(),
+            _ => return Err(DatapathError::MissingMap(map_names::CONNTRACK)),
+        };
         let conntrack_fd = match maps.get(map_names::CONNTRACK) {
             Some(Map::LruHashMap(md)) | Some(Map::HashMap(md)) => md
                 .fd()
@@ -227,6 +236,7 @@ impl MapReader {
             slots,
             slots_cap,
             conntrack: typed!(map_names::CONNTRACK),
+            conntrack_cap,
             conntrack_fd,
             affinity: typed!(map_names::AFFINITY),
             rr: typed!(map_names::RR_COUNTERS),
@@ -496,6 +506,11 @@ impl MapReader {
             .values()
             .find(|s| s.value.id == id)
             .map(|s| s.name.as_str())
+    }
+
+    /// The conntrack map's capacity in entries (two per flow).
+    pub fn conntrack_capacity(&self) -> u32 {
+        self.conntrack_cap
     }
 
     /// The conntrack map's fd (for BPF_MAP_*_BATCH calls).

@@ -470,6 +470,15 @@ impl MapWriter {
         &mut self.r.conntrack
     }
 
+    /// Sets a backend's GC-expired count (the GC's recount). The kernel
+    /// never writes this counter, so no kernel update is lost.
+    pub fn set_expired(&mut self, backend_id: u32, v: u64) -> Result<(), DatapathError> {
+        self.r
+            .backend_gc
+            .set(backend_id, v, 0)
+            .map_err(map_err(map_names::BACKEND_GC))
+    }
+
     /// Adds `n` to a backend's GC-expired count (agent-owned counter).
     pub fn add_expired(&mut self, backend_id: u32, n: u64) -> Result<(), DatapathError> {
         let cur = self

@@ -16,6 +16,37 @@ pub struct Status {
     pub ready: bool,
     pub datapath: Datapath,
     pub controller: Controller,
+    /// The conntrack map at the last GC sweep (eBPF; absent from older agents).
+    #[serde(default)]
+    pub conntrack: Option<Conntrack>,
+}
+
+/// `crate::pressure::Pressure` as the agent serves it.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct Conntrack {
+    pub entries: u64,
+    pub capacity: u64,
+    pub evicted_total: u64,
+    pub evicting: bool,
+    pub episodes: u64,
+    pub episode_evicted: u64,
+}
+
+/// One line: fill, capacity, evictions.
+pub fn conntrack_line(c: &Conntrack) -> String {
+    let pct = (c.entries * 100).checked_div(c.capacity).unwrap_or(0);
+    let mut s = format!(
+        "conntrack: {} of {} entries ({pct}%), {} open flows evicted",
+        c.entries, c.capacity, c.evicted_total
+    );
+    if c.evicting {
+        s.push_str(&format!(
+            ", FULL: evicting ({} this episode)",
+            c.episode_evicted
+        ));
+    }
+    s.push('\n');
+    s
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -108,6 +139,9 @@ pub fn table(s: &Status) -> String {
             ]);
         }
         out.push_str(&t.render());
+    }
+    if let Some(ct) = &s.conntrack {
+        out.push_str(&conntrack_line(ct));
     }
     let c = &s.controller;
     if c.connected || c.version > 0 || c.reconnects > 0 {

@@ -346,7 +346,8 @@ fn secs(ns: u64) -> f64 {
 }
 
 /// `total` is the number of flows that matched, before `--limit`.
-pub fn conntrack_table(rows: &[FlowRow], total: usize, entries: u64) -> String {
+/// `capacity`: the map's max_entries; a footer line shows the fill.
+pub fn conntrack_table(rows: &[FlowRow], total: usize, entries: u64, capacity: u32) -> String {
     let mut t = Table::new(vec![
         left("CLIENT"),
         capped("SERVICE", 30),
@@ -376,6 +377,9 @@ pub fn conntrack_table(rows: &[FlowRow], total: usize, entries: u64) -> String {
             rows.len()
         )
     };
+    let pct = (entries * 100).checked_div(capacity as u64).unwrap_or(0);
+    let summary =
+        format!("{summary}conntrack map: {entries} of {capacity} entries ({pct}% full)\n");
     if t.is_empty() {
         return summary;
     }
