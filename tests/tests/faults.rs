@@ -389,6 +389,7 @@ fn backend_churn_breaks_only_flows_to_removed_backends() {
         let t0 = Instant::now();
         let mut live: BTreeSet<usize> = all.iter().copied().collect();
         let mut k = 0usize;
+        let mut removals = 0u32;
         while t0.elapsed() < churn_for {
             let tick = t0 + Duration::from_millis(200) * (k as u32 + 1);
             let b = churners[k % churners.len()];
@@ -397,7 +398,8 @@ fn backend_churn_breaks_only_flows_to_removed_backends() {
                 let cfg: Vec<usize> = live.iter().copied().collect();
                 dir.write_config(&config(&lab, "maglev", &cfg));
                 agent.signal(libc::SIGHUP);
-                let how = if (k / churners.len()) % 2 == 0 {
+                removals += 1;
+                let how = if removals % 2 == 1 {
                     Kill::Close
                 } else {
                     Kill::Reset
