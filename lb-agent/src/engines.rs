@@ -131,9 +131,9 @@ impl Engines {
                 let p = tokio::task::spawn_blocking(move || {
                     UserspaceProxy::start_with(opts, inherited)
                 })
-                    .await
-                    .context("starting the userspace proxy")?
-                    .map_err(|e| anyhow!(e).context("starting the userspace proxy"))?;
+                .await
+                .context("starting the userspace proxy")?
+                .map_err(|e| anyhow!(e).context("starting the userspace proxy"))?;
                 let p = Arc::new(p);
                 *self.proxy.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
                 info!(

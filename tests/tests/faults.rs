@@ -17,8 +17,8 @@ use lb_api::tls::certs::Bundle;
 use rpclb_tests::lab::Lab;
 use rpclb_tests::lab::stream::{End, Kill, SeqServer, SeqStream, StreamOpts, StreamReport};
 use rpclb_tests::procs::{
-    Proc, TestDir, agent_args, agent_tls_args, controller_bin, controller_tls_args,
-    http_get_port, wait_until,
+    Proc, TestDir, agent_args, agent_tls_args, controller_bin, controller_tls_args, http_get_port,
+    wait_until,
 };
 use rpclb_tests::skip_unless_lab;
 
@@ -50,7 +50,10 @@ fn config(lab: &Lab, algo: &str, backends: &[usize]) -> String {
     } else {
         s.push_str("    backends:\n");
         for &i in backends {
-            s.push_str(&format!("      - {{ ip: {}, port: {PORT} }}\n", lab.backend(i).ip()));
+            s.push_str(&format!(
+                "      - {{ ip: {}, port: {PORT} }}\n",
+                lab.backend(i).ip()
+            ));
         }
     }
     s
@@ -58,9 +61,7 @@ fn config(lab: &Lab, algo: &str, backends: &[usize]) -> String {
 
 /// A checking server in every backend, `backend-<i>`.
 fn servers(lab: &Lab) -> Vec<SeqServer> {
-    (1..=lab.backends().len())
-        .map(|i| server(lab, i))
-        .collect()
+    (1..=lab.backends().len()).map(|i| server(lab, i)).collect()
 }
 
 fn server(lab: &Lab, i: usize) -> SeqServer {
@@ -274,7 +275,12 @@ fn controller_loss_with_endpoint_changes_breaks_no_flow() {
     let certs = dir.certs(&["node-a"]);
     dir.write_config(&config(&lab, "round-robin", &[1, 2, 3]));
     let mut ctl = start_controller(&lab, &dir, &certs, "controller0");
-    let mut agent = Proc::start(&lab, &dir, "agent", &agent_controller_args(&lab, &dir, &certs));
+    let mut agent = Proc::start(
+        &lab,
+        &dir,
+        "agent",
+        &agent_controller_args(&lab, &dir, &certs),
+    );
     agent.wait_ready();
     let v1 = published_version(&mut ctl);
     agent.wait_metric("rpclb_controller_version", v1);
@@ -294,7 +300,11 @@ fn controller_loss_with_endpoint_changes_breaks_no_flow() {
     dir.write_config(&config(&lab, "round-robin", &[1, 2, 4]));
     // The agent serves its last state meanwhile.
     let c = spread(&lab, 6);
-    assert_eq!(c.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3], "{c:?}");
+    assert_eq!(
+        c.keys().copied().collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "{c:?}"
+    );
     assert_eq!(agent.get("/readyz").0, 200, "still ready");
     std::thread::sleep(total / 4);
 
@@ -304,7 +314,10 @@ fn controller_loss_with_endpoint_changes_breaks_no_flow() {
     agent.wait_metric("rpclb_controller_version", v2);
     let applied = t.elapsed();
     let converged = converge(&lab, &[1, 2, 4], Duration::from_secs(10)) + applied;
-    assert!(streams.iter().all(|s| !s.is_finished()), "a stream ended early");
+    assert!(
+        streams.iter().all(|s| !s.is_finished()),
+        "a stream ended early"
+    );
     assert!(
         agent.log().contains("keeping the current state"),
         "{}",
@@ -344,8 +357,7 @@ fn backend_churn_breaks_only_flows_to_removed_backends() {
     let stay: Vec<usize> = vec![1, 2, 3];
     let churners: Vec<usize> = vec![4, 5, 6];
     let lab = Lab::new(6).expect("lab");
-    let mut srv: BTreeMap<usize, SeqServer> =
-        (1..=6).map(|i| (i, server(&lab, i))).collect();
+    let mut srv: BTreeMap<usize, SeqServer> = (1..=6).map(|i| (i, server(&lab, i))).collect();
     let dir = TestDir::new("faults-churn");
     let all: Vec<usize> = (1..=6).collect();
     dir.write_config(&config(&lab, "maglev", &all));
@@ -456,7 +468,10 @@ fn backend_churn_breaks_only_flows_to_removed_backends() {
                     churners.contains(&b),
                     "a flow to backend-{b}, which stays, broke: {r:?}"
                 );
-                assert!(end.is_rst_or_close(), "a flow to the removed backend-{b}: {r:?}");
+                assert!(
+                    end.is_rst_or_close(),
+                    "a flow to the removed backend-{b}: {r:?}"
+                );
             }
         }
     }
@@ -592,7 +607,11 @@ fn userspace_graceful_restarts_hand_over_every_flow() {
     assert!(server_check(&refs) >= bytes);
     // The backends saw one connection per flow (and probe): none was re-opened.
     let accepted: usize = srv.iter().map(|s| s.done().len() + s.open() as usize).sum();
-    assert_eq!(accepted, reports.len() + probes, "connections the backends accepted");
+    assert_eq!(
+        accepted,
+        reports.len() + probes,
+        "connections the backends accepted"
+    );
     println!(
         "userspace graceful restart x3 over {total:?}: {} streams all complete, {:.1} MiB each \
          way checked; from the new agent's start to ready, old one gone: {gaps:?}",

@@ -86,9 +86,9 @@ use tracing::{debug, error, info, warn};
 use handover::{Handed, Inherited};
 use l4::{tcp, udp};
 pub use options::ProxyOptions;
-use tasks::HandoverCtx;
 use route::RouteSocket;
 use select::{BackendEntry, BackendKey, Selector, ServiceShared};
+use tasks::HandoverCtx;
 
 pub use export::datapath_snapshot;
 pub use route::ROUTE_PROTOCOL;
@@ -400,13 +400,13 @@ impl UserspaceProxy {
     /// routes then stay when it shuts down. Services or flows that do not
     /// park within `wait` are cut. Blocks; no apply works after it.
     pub fn hand_over(&self, wait: Duration) -> (Vec<Handed>, Vec<Ipv4Addr>) {
-        let (tasks, vips): (Vec<(String, tokio::task::AbortHandle, bool)>, Vec<Ipv4Addr>) = {
+        let (tasks, vips): (Vec<(String, tokio::task::AbortHandle)>, Vec<Ipv4Addr>) = {
             let mut st = lock(&self.inner.state);
             st.closed = true;
             let tasks = st
                 .services
                 .values()
-                .map(|r| (r.spec.name.clone(), r.task.abort_handle(), false))
+                .map(|r| (r.spec.name.clone(), r.task.abort_handle()))
                 .collect();
             let vips = st
                 .vips
@@ -419,10 +419,10 @@ impl UserspaceProxy {
         self.inner.keep_routes.store(true, Ordering::Relaxed);
         let _ = self.inner.pause.send(true);
         let deadline = Instant::now() + wait;
-        while tasks.iter().any(|(_, t, _)| !t.is_finished()) && Instant::now() < deadline {
+        while tasks.iter().any(|(_, t)| !t.is_finished()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        for (name, t, _) in &tasks {
+        for (name, t) in &tasks {
             if !t.is_finished() {
                 warn!(service = %name, "handover: not parked in time; its flows are cut");
                 t.abort();

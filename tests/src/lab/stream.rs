@@ -243,11 +243,7 @@ fn seq_serve(
                     let _ = socket2::SockRef::from(c).set_linger(Some(Duration::ZERO));
                     return fail(
                         at,
-                        format!(
-                            "byte {at}: got {:#04x}, want {:#04x}",
-                            buf[i],
-                            seq_byte(at)
-                        ),
+                        format!("byte {at}: got {:#04x}, want {:#04x}", buf[i], seq_byte(at)),
                     );
                 }
                 got += n as u64;
@@ -255,7 +251,12 @@ fn seq_serve(
                     return fail(got, format!("echo: {e}"));
                 }
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 idle += TICK
             }
             Err(e) => return fail(got, format!("read: {e}")),

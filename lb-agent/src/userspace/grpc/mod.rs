@@ -150,16 +150,24 @@ pub(crate) async fn serve(
 ) {
     let server = Arc::new(server());
     // On a handover, the listener goes on; open HTTP/2 connections close.
-    accept_loop(&svc.clone(), listener, stop, ho, false, Vec::new(), |stream, peer| {
-        connection(
-            svc.clone(),
-            pools.clone(),
-            server.clone(),
-            stream,
-            peer,
-            opts.clone(),
-        )
-    })
+    accept_loop(
+        &svc.clone(),
+        listener,
+        stop,
+        ho,
+        false,
+        Vec::new(),
+        |stream, peer| {
+            connection(
+                svc.clone(),
+                pools.clone(),
+                server.clone(),
+                stream,
+                peer,
+                opts.clone(),
+            )
+        },
+    )
     .await;
 }
 

@@ -18,9 +18,7 @@ use crate::userspace::handover::Handed;
 use crate::userspace::options::ProxyOptions;
 use crate::userspace::select::{BackendEntry, Flow, ServiceShared};
 use crate::userspace::stats::{DropReason, ServiceCounters};
-use crate::userspace::tasks::{
-    ConnTask, HandoverCtx, accept_loop, idle_expired, pause_requested,
-};
+use crate::userspace::tasks::{ConnTask, HandoverCtx, accept_loop, idle_expired, pause_requested};
 
 /// Per direction and connection.
 const BUF_SIZE: usize = 16 * 1024;
@@ -52,9 +50,15 @@ pub(crate) async fn serve(
         .into_iter()
         .map(|h| Box::pin(resume(svc.clone(), h, opts.clone(), ho.clone())) as ConnTask)
         .collect();
-    accept_loop(&svc.clone(), listener, stop, ho.clone(), true, initial, |stream, peer| {
-        connection(svc.clone(), stream, peer, opts.clone(), ho.clone())
-    })
+    accept_loop(
+        &svc.clone(),
+        listener,
+        stop,
+        ho.clone(),
+        true,
+        initial,
+        |stream, peer| connection(svc.clone(), stream, peer, opts.clone(), ho.clone()),
+    )
     .await;
 }
 
