@@ -100,6 +100,14 @@ fn spread(lab: &Lab, n: usize) -> BTreeMap<usize, usize> {
     m
 }
 
+/// Fails the test with the report of a stream that ended early, if any.
+fn all_running(streams: &mut Vec<SeqStream>, when: &str) {
+    if let Some(i) = streams.iter().position(SeqStream::is_finished) {
+        let r = streams.remove(i).join();
+        panic!("a stream ended early, at {when}: {r:?}");
+    }
+}
+
 /// Every server's records: no byte out of sequence anywhere; the bytes received in all.
 fn server_check(servers: &[&SeqServer]) -> u64 {
     let mut total = 0;
@@ -150,10 +158,7 @@ fn agent_sigkill_restarts_lose_no_byte() {
         agent = Proc::start(&lab, &dir, &format!("agent{k}"), &args);
         agent.wait_ready();
         restarts.push(t.elapsed());
-        assert!(
-            streams.iter().all(|s| !s.is_finished()),
-            "a stream ended early, at kill {k}"
-        );
+        all_running(&mut streams, &format!("kill {k}"));
         assert!(
             streams.iter().map(SeqStream::sent).sum::<u64>() > sent,
             "streams move"
@@ -286,7 +291,7 @@ fn controller_loss_with_endpoint_changes_breaks_no_flow() {
     agent.wait_metric("rpclb_controller_version", v1);
 
     let start = Instant::now();
-    let streams: Vec<SeqStream> = (0..n).map(|_| stream(&lab, total)).collect();
+    let mut streams: Vec<SeqStream> = (0..n).map(|_| stream(&lab, total)).collect();
     wait_until("every stream's backend", Duration::from_secs(5), || {
         streams.iter().all(|s| !s.backend().is_empty())
     });
@@ -314,10 +319,7 @@ fn controller_loss_with_endpoint_changes_breaks_no_flow() {
     agent.wait_metric("rpclb_controller_version", v2);
     let applied = t.elapsed();
     let converged = converge(&lab, &[1, 2, 4], Duration::from_secs(10)) + applied;
-    assert!(
-        streams.iter().all(|s| !s.is_finished()),
-        "a stream ended early"
-    );
+    all_running(&mut streams, "the controller's return");
     assert!(
         agent.log().contains("keeping the current state"),
         "{}",
@@ -584,10 +586,7 @@ fn userspace_graceful_restarts_hand_over_every_flow() {
         let new = next.log();
         assert!(new.contains("took over from the previous agent"), "{new}");
         agent = next;
-        assert!(
-            streams.iter().all(|s| !s.is_finished()),
-            "a stream ended early, at restart {k}"
-        );
+        all_running(&mut streams, &format!("restart {k}"));
         // New connections work on the inherited listener, and the old flows move.
         probe(&lab);
         probes += 1;
