@@ -10,7 +10,8 @@
 //! The userspace proxy starts with the first state that needs it, with that
 //! state's timeouts; a later change of timeouts reaches the proxy at the next
 //! agent start. Unlike the kernel path, the proxy's connections end with the
-//! agent.
+//! agent, unless it hands them to the next one (`--handover-socket`,
+//! `userspace::handover`).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 

@@ -53,6 +53,10 @@
 //!   VIP and each call goes to a backend of its own (module `grpc`). Changing
 //!   a service between the two modes restarts it (its connections are cut);
 //!   a changed gRPC policy applies to new calls.
+//! - **Graceful restart.** [`UserspaceProxy::hand_over`] parks every TCP
+//!   flow between two writes and returns every socket; a new proxy started
+//!   with [`UserspaceProxy::start_with`] serves on them and adopts the VIP
+//!   routes (`handover` has the protocol between the two agents).
 //! - **Counters** are exact atomics, read by [`UserspaceProxy::stats`].
 //!   Active counts include connects in progress (so least-conn sees them).
 
