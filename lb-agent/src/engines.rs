@@ -10,7 +10,8 @@
 //! The userspace proxy starts with the first state that needs it, with that
 //! state's timeouts; a later change of timeouts reaches the proxy at the next
 //! agent start. Unlike the kernel path, the proxy's connections end with the
-//! agent.
+//! agent, unless it hands them to the next one (`--handover-socket`,
+//! `userspace::handover`).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -21,6 +22,7 @@ use tracing::info;
 use crate::config::Timeouts;
 use crate::datapath::Datapath;
 use crate::metrics::{DatapathSnapshot, StatsSource};
+use crate::userspace::handover::{Handed, Inherited};
 use crate::userspace::{ProxyError, ProxyOptions, UserspaceProxy};
 
 pub type SharedDp = Arc<Mutex<Datapath>>;
@@ -37,6 +39,8 @@ pub struct Engines {
     pub kernel: Option<SharedDp>,
     /// Started with the first state that needs it; the metrics read it too.
     proxy: SharedProxy,
+    /// What the previous agent handed over, for the proxy's start.
+    inherited: Mutex<Option<Inherited>>,
 }
 
 type SharedProxy = Arc<Mutex<Option<Arc<UserspaceProxy>>>>;
@@ -50,6 +54,21 @@ impl Engines {
         Engines {
             kernel,
             proxy: Arc::new(Mutex::new(None)),
+            inherited: Mutex::new(None),
+        }
+    }
+
+    /// The previous agent's sockets: the proxy starts on them.
+    pub fn set_inherited(&self, i: Inherited) {
+        *self.inherited.lock().unwrap_or_else(|e| e.into_inner()) = Some(i);
+    }
+
+    /// Parks the proxy and returns its sockets and routes for a successor
+    /// (nothing without a proxy). Blocking.
+    pub fn hand_over(&self, wait: std::time::Duration) -> (Vec<Handed>, Vec<std::net::Ipv4Addr>) {
+        match current(&self.proxy) {
+            Some(p) => p.hand_over(wait),
+            None => (Vec::new(), Vec::new()),
         }
     }
 
@@ -104,11 +123,18 @@ impl Engines {
             None if proxy_part.services.is_empty() => return Ok(refused),
             None => {
                 let opts = ProxyOptions::with_timeouts(timeouts);
+                let inherited = self
+                    .inherited
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
                 // `start` blocks briefly (netlink, its own runtime).
-                let p = tokio::task::spawn_blocking(move || UserspaceProxy::start(opts))
-                    .await
-                    .context("starting the userspace proxy")?
-                    .map_err(|e| anyhow!(e).context("starting the userspace proxy"))?;
+                let p = tokio::task::spawn_blocking(move || {
+                    UserspaceProxy::start_with(opts, inherited)
+                })
+                .await
+                .context("starting the userspace proxy")?
+                .map_err(|e| anyhow!(e).context("starting the userspace proxy"))?;
                 let p = Arc::new(p);
                 *self.proxy.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
                 info!(
@@ -124,6 +150,13 @@ impl Engines {
                 refused.extend(errors.into_iter().map(|e| proxy_refusal(&proxy_part, e)))
             }
             Err(e) => return Err(anyhow!(e).context("userspace proxy")),
+        }
+        let left = proxy.drop_inherited();
+        if left > 0 {
+            info!(
+                sockets = left,
+                "closed the handed-over sockets of services that are gone"
+            );
         }
         Ok(refused)
     }

@@ -1,5 +1,5 @@
 //! Project tasks: `cargo xtask setup | build-ebpf | image | kube-apiserver | test |
-//! test-kernels | bench | demo | certs`.
+//! test-kernels | fuzz-packets | fuzz | soak | bench | demo | certs`.
 
 mod fuzz;
 mod image;
@@ -56,6 +56,13 @@ enum Cmd {
     /// grows under ${RPCLB_CACHE_DIR:-/var/cache/rpclb}/fuzz/. `cargo xtask test` runs each
     /// for 20 s.
     Fuzz(FuzzTargetArgs),
+    /// setup + build-ebpf + the fault tests (tests/tests/faults.rs) with their long durations
+    /// (RPCLB_SOAK=1), one at a time: the agent SIGKILLed three times during 60 s streams,
+    /// the controller lost while endpoints change, 30 s of backend churn under 100 streaming
+    /// connections, the userspace data path's restarts. ARGS filter the tests, as cargo
+    /// test's do (e.g. `cargo xtask soak churn`).
+    #[command(disable_help_flag = true)]
+    Soak(Passthrough),
     /// setup + build-ebpf + `rpclb-bench ARGS` (release build).
     #[command(disable_help_flag = true)]
     Bench(Passthrough),
@@ -213,6 +220,19 @@ fn task(cmd: Cmd) -> Result<()> {
             })
         }
         Cmd::Fuzz(a) => fuzz::run(&root, &a.targets, a.seconds),
+        Cmd::Soak(_) => {
+            prepare(&root)?;
+            let mut filter = passthrough();
+            if filter.first().is_some_and(|a| a == "--") {
+                filter.remove(0);
+            }
+            run(cargo(&root)
+                .args(["test", "-p", "rpclb-tests", "--test", "faults", "--"])
+                .args(["--nocapture", "--test-threads=1"])
+                .args(filter)
+                .env("RPCLB_SOAK", "1")
+                .env("RPCLB_REQUIRE_PRIVILEGES", "1"))
+        }
         Cmd::Bench(_) => run_bin(&root, "rpclb-bench"),
         Cmd::Demo(_) => demo(&root),
         // The one certificate maker (lb_api::tls::certs), through the controller's CLI; the

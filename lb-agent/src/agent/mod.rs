@@ -43,6 +43,7 @@ use crate::gc;
 use crate::metrics::{GcSample, Metrics};
 use crate::reconcile;
 use crate::stream::{self, StreamOptions, StreamStatus, Update};
+use crate::userspace::handover;
 use lb_api::config_file::{ConfigFile, Reload};
 
 /// Where the desired state comes from.
@@ -78,6 +79,32 @@ pub struct Options {
     pub config_poll: Duration,
     /// On SIGTERM/SIGINT, detach the programs and unpin everything.
     pub detach_on_exit: bool,
+    /// Graceful restart over a unix socket (`userspace::handover`).
+    pub handover: Option<Handover>,
+}
+
+/// `--handover-socket` and `--handover-wait`.
+#[derive(Clone, Debug)]
+pub struct Handover {
+    pub path: PathBuf,
+    /// After SIGTERM, how long to wait for a successor.
+    pub wait: Duration,
+}
+
+/// How long the handover waits for each record, for parked flows, and for
+/// the successor's ack.
+const HANDOVER_RECV: Duration = Duration::from_secs(10);
+const HANDOVER_PARK: Duration = Duration::from_secs(3);
+
+/// Takes over from an agent listening at `path`: its sockets, or `None`
+/// when none runs there. Blocking.
+fn take_over(path: &std::path::Path) -> std::io::Result<Option<handover::Inherited>> {
+    let Some(sock) = handover::connect(path)? else {
+        return Ok(None);
+    };
+    let inh = handover::receive(&sock, HANDOVER_RECV)?;
+    handover::ack(&sock)?;
+    Ok(Some(inh))
 }
 
 /// `/healthz` fails when the run loop has not ticked for this long.
@@ -207,11 +234,67 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if opts.datapath_kind == DatapathKind::Ebpf {
         attach::check_bpffs(&opts.datapath.pin_path)?;
     }
-    // 3. The metrics address, before the data path, so a busy port changes nothing.
-    let listener = tokio::net::TcpListener::bind(opts.metrics_addr)
-        .await
-        .with_context(|| format!("metrics address {}", opts.metrics_addr))?;
-    // 4. Load (adopting pinned maps), attach, apply.
+    // 3. A graceful restart: the agent running before hands over its
+    //    userspace sockets (and lets go of the metrics address). Then listen
+    //    for the next one.
+    let mut inherited = None;
+    let mut successor = None;
+    if let Some(h) = &opts.handover {
+        let path = h.path.clone();
+        match tokio::task::spawn_blocking(move || take_over(&path))
+            .await
+            .context("handover task")?
+        {
+            Ok(Some(i)) => {
+                info!(
+                    listeners = i.listeners(),
+                    connections = i.connections(),
+                    vips = ?i.vips(),
+                    "took over from the previous agent"
+                );
+                inherited = Some(i);
+            }
+            Ok(None) => info!(socket = %h.path.display(), "no previous agent to take over from"),
+            Err(e) => warn!("taking over from the previous agent failed, starting afresh: {e}"),
+        }
+        let l = handover::listen(&h.path)
+            .with_context(|| format!("--handover-socket {}", h.path.display()))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        std::thread::Builder::new()
+            .name("handover".into())
+            .spawn(move || {
+                loop {
+                    match l.accept() {
+                        Ok((s, _)) => {
+                            let _ = tx.blocking_send(s);
+                            return;
+                        }
+                        Err(e) => {
+                            warn!("handover socket: accept: {e}");
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    }
+                }
+            })
+            .context("handover thread")?;
+        successor = Some(rx);
+    }
+    // 4. The metrics address, before the data path, so a busy port changes nothing
+    //    (after a handover, the previous agent may take a moment to let it go).
+    let bind_until = Instant::now() + Duration::from_secs(5);
+    let listener = loop {
+        match tokio::net::TcpListener::bind(opts.metrics_addr).await {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && inherited.is_some()
+                    && Instant::now() < bind_until =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            r => break r.with_context(|| format!("metrics address {}", opts.metrics_addr))?,
+        }
+    };
+    // 5. Load (adopting pinned maps), attach, apply.
     let (kernel, status) = match opts.datapath_kind {
         DatapathKind::Userspace => {
             info!("datapath userspace: the userspace proxy serves every service");
@@ -262,6 +345,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         }
     }
     let engines = Arc::new(Engines::new(kernel.map(|d| Arc::new(Mutex::new(d)))));
+    if let Some(i) = inherited {
+        engines.set_inherited(i);
+    }
     let metrics = Metrics::new(engines.stats_source());
     metrics.set_datapath(&status);
     let attached: Vec<String> = status.interfaces.iter().map(ToString::to_string).collect();
@@ -331,6 +417,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         current,
         engines: engines.clone(),
         shared: shared.clone(),
+        successor,
+        handed_to: None,
+        handover_wait: opts.handover.as_ref().map_or(Duration::ZERO, |h| h.wait),
     };
     let why = lp.run(signals, opts.config_poll).await;
 
@@ -349,6 +438,33 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         Err(_) => warn!("metrics server did not stop within 5 s"),
         _ => {}
     }
+    let handed = lp.handed_to.is_some();
+    if let Some(sock) = lp.handed_to.take() {
+        let e2 = engines.clone();
+        let t = Instant::now();
+        let r = tokio::task::spawn_blocking(move || {
+            let (items, vips) = e2.hand_over(HANDOVER_PARK);
+            let conns = items
+                .iter()
+                .filter(|h| matches!(h, handover::Handed::Conn { .. }))
+                .count();
+            let r = handover::send_all(&sock, &items, &vips, HANDOVER_RECV);
+            (items.len() - conns, conns, vips.len(), r)
+        })
+        .await;
+        match r {
+            Ok((listeners, connections, vips, Ok(acked))) => info!(
+                listeners,
+                connections,
+                vips,
+                acked,
+                took = ?t.elapsed(),
+                "handed the userspace data path over to the new agent"
+            ),
+            Ok((.., Err(e))) => error!("handing over to the new agent: {e}"),
+            Err(e) => error!("handover task: {e}"),
+        }
+    }
     let e2 = engines.clone();
     match tokio::task::spawn_blocking(move || e2.shutdown_proxy()).await {
         Ok(Err(e)) => warn!("stopping the userspace proxy: {}", render_error(&e)),
@@ -356,7 +472,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         Ok(Ok(())) => {}
     }
     if engines.kernel.is_none() {
-        info!("exiting; the userspace data path stops with the agent");
+        if handed {
+            info!("exiting; the new agent serves the userspace data path");
+        } else {
+            info!("exiting; the userspace data path stops with the agent");
+        }
         return Ok(());
     }
     let pin = opts.datapath.pin_path.clone();
@@ -531,6 +651,33 @@ struct Loop {
     current: Option<Config>,
     engines: Arc<Engines>,
     shared: Arc<Shared>,
+    /// A new agent connecting to the handover socket.
+    successor: Option<tokio::sync::mpsc::Receiver<socket2::Socket>>,
+    /// The one that connected: it takes over at shutdown.
+    handed_to: Option<socket2::Socket>,
+    /// After SIGTERM, how long to wait for a successor.
+    handover_wait: Duration,
+}
+
+/// The next agent to connect to the handover socket; never without one.
+async fn next_successor(
+    rx: &mut Option<tokio::sync::mpsc::Receiver<socket2::Socket>>,
+) -> socket2::Socket {
+    match rx {
+        Some(rx) => match rx.recv().await {
+            Some(s) => s,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves at `at`; never when `None`.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Loop {
@@ -538,10 +685,29 @@ impl Loop {
     async fn run(&mut self, mut sig: Signals, poll: Duration) -> &'static str {
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // After a SIGTERM, with a handover socket: serve on until a new
+        // agent takes over, or until this deadline.
+        let mut term_deadline = None;
         loop {
             self.shared.beat();
             let event = tokio::select! {
-                _ = sig.term.recv() => return "SIGTERM",
+                _ = sig.term.recv() => {
+                    if term_deadline.is_none()
+                        && self.successor.is_some()
+                        && !self.handover_wait.is_zero()
+                    {
+                        info!(wait = ?self.handover_wait,
+                            "SIGTERM: serving on until a new agent takes over (a second SIGTERM stops now)");
+                        term_deadline = Some(tokio::time::Instant::now() + self.handover_wait);
+                        continue;
+                    }
+                    return "SIGTERM";
+                }
+                () = until(term_deadline) => return "SIGTERM, and no new agent came",
+                s = next_successor(&mut self.successor) => {
+                    self.handed_to = Some(s);
+                    return "a new agent takes over";
+                }
                 _ = sig.int.recv() => return "SIGINT",
                 _ = sig.hup.recv() => Event::Reload("SIGHUP"),
                 _ = tick.tick() => Event::Tick,

@@ -225,6 +225,15 @@ struct RunArgs {
     /// data path running).
     #[arg(long, env = "RPCLB_DETACH_ON_EXIT", value_parser = BoolishValueParser::new())]
     detach_on_exit: bool,
+    /// Graceful restart of the userspace data path: listen on this unix socket for the next
+    /// agent, and at start take over from the agent listening there (its service sockets and
+    /// open TCP connections; docs/operations.md, "Graceful restart"). Off when unset.
+    #[arg(long, env = "RPCLB_HANDOVER_SOCKET", value_name = "PATH")]
+    handover_socket: Option<PathBuf>,
+    /// With --handover-socket: after SIGTERM, keep serving this long for the next agent to
+    /// take over before shutting down (0: shut down at once).
+    #[arg(long, env = "RPCLB_HANDOVER_WAIT", default_value = "30s", value_parser = lb_agent::duration::parse)]
+    handover_wait: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -402,6 +411,10 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         gc_interval: a.gc_interval,
         config_poll: a.config_poll,
         detach_on_exit: a.detach_on_exit,
+        handover: a.handover_socket.map(|path| lb_agent::agent::Handover {
+            path,
+            wait: a.handover_wait,
+        }),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

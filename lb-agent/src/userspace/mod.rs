@@ -53,11 +53,16 @@
 //!   VIP and each call goes to a backend of its own (module `grpc`). Changing
 //!   a service between the two modes restarts it (its connections are cut);
 //!   a changed gRPC policy applies to new calls.
+//! - **Graceful restart.** [`UserspaceProxy::hand_over`] parks every TCP
+//!   flow between two writes and returns every socket; a new proxy started
+//!   with [`UserspaceProxy::start_with`] serves on them and adopts the VIP
+//!   routes (`handover` has the protocol between the two agents).
 //! - **Counters** are exact atomics, read by [`UserspaceProxy::stats`].
 //!   Active counts include connects in progress (so least-conn sees them).
 
 mod export;
 mod grpc;
+pub mod handover;
 mod l4;
 mod options;
 mod route;
@@ -70,10 +75,11 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lb_api::{DesiredState, Protocol, Service, ServiceAddr};
 use tokio::runtime::{Handle, Runtime};
@@ -81,10 +87,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
+use handover::{Handed, Inherited};
 use l4::{tcp, udp};
 pub use options::ProxyOptions;
 use route::RouteSocket;
 use select::{BackendEntry, BackendKey, Selector, ServiceShared};
+use tasks::HandoverCtx;
 
 pub use export::datapath_snapshot;
 pub use route::ROUTE_PROTOCOL;
@@ -189,6 +197,16 @@ struct Inner {
     /// One apply at a time.
     apply_lock: tokio::sync::Mutex<()>,
     routes: Option<Mutex<RouteSocket>>,
+    /// True pauses every service and flow for a handover.
+    pause: watch::Sender<bool>,
+    /// What the paused services and flows hand over.
+    sink: Arc<Mutex<Vec<Handed>>>,
+    /// Sockets from the previous agent, taken by the services that start.
+    inherited: Mutex<Option<Inherited>>,
+    /// VIP routes the previous agent owned: ours now.
+    adopted: HashSet<Ipv4Addr>,
+    /// Handed over: leave the routes to the successor.
+    keep_routes: AtomicBool,
 }
 
 #[derive(Default)]
@@ -265,10 +283,26 @@ impl UserspaceProxy {
     /// namespace (see the module docs). It runs on its own tokio runtime, so
     /// it can be called from inside or outside another runtime.
     pub fn start(opts: ProxyOptions) -> Result<Self, ProxyError> {
+        Self::start_with(opts, None)
+    }
+
+    /// [`Self::start`], taking over the sockets and VIP routes a previous
+    /// agent handed over (`handover`): services that start on the same
+    /// address use its socket, and its connections go on.
+    pub fn start_with(
+        opts: ProxyOptions,
+        inherited: Option<Inherited>,
+    ) -> Result<Self, ProxyError> {
         let netns = Arc::new(Netns::current().map_err(ProxyError::Netns)?);
+        let adopted: HashSet<Ipv4Addr> = inherited
+            .as_ref()
+            .map(|i| i.vips.iter().copied().collect())
+            .unwrap_or_default();
         let routes = if opts.manage_routes {
             let mut rs = RouteSocket::open().map_err(ProxyError::Netlink)?;
-            for vip in rs.list_local().map_err(ProxyError::Netlink)? {
+            // After a handover the routes are in use: they are adopted.
+            let stale = rs.list_local().map_err(ProxyError::Netlink)?;
+            for vip in stale.into_iter().filter(|v| !adopted.contains(v)) {
                 match rs.del_local(vip) {
                     Ok(_) => warn!(%vip, "removed a VIP route left by an earlier proxy"),
                     Err(e) => {
@@ -304,6 +338,11 @@ impl UserspaceProxy {
                 state: Mutex::default(),
                 apply_lock: tokio::sync::Mutex::new(()),
                 routes,
+                pause: watch::channel(false).0,
+                sink: Arc::default(),
+                inherited: Mutex::new(inherited),
+                adopted,
+                keep_routes: AtomicBool::new(false),
             }),
             rt: Some(rt),
         })
@@ -360,6 +399,51 @@ impl UserspaceProxy {
         v
     }
 
+    /// For a graceful restart: stops accepting, parks every TCP flow, and
+    /// returns every socket (dups) with the VIP routes this proxy owns; the
+    /// routes then stay when it shuts down. Services or flows that do not
+    /// park within `wait` are cut. Blocks; no apply works after it.
+    pub fn hand_over(&self, wait: Duration) -> (Vec<Handed>, Vec<Ipv4Addr>) {
+        let (tasks, vips): (Vec<(String, tokio::task::AbortHandle)>, Vec<Ipv4Addr>) = {
+            let mut st = lock(&self.inner.state);
+            st.closed = true;
+            let tasks = st
+                .services
+                .values()
+                .map(|r| (r.spec.name.clone(), r.task.abort_handle()))
+                .collect();
+            let vips = st
+                .vips
+                .iter()
+                .filter(|(_, v)| v.owned)
+                .map(|(vip, _)| *vip)
+                .collect();
+            (tasks, vips)
+        };
+        self.inner.keep_routes.store(true, Ordering::Relaxed);
+        let _ = self.inner.pause.send(true);
+        let deadline = Instant::now() + wait;
+        while tasks.iter().any(|(_, t)| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for (name, t) in &tasks {
+            if !t.is_finished() {
+                warn!(service = %name, "handover: not parked in time; its flows are cut");
+                t.abort();
+            }
+        }
+        let items = std::mem::take(&mut *lock(&self.inner.sink));
+        (items, vips)
+    }
+
+    /// Closes what a previous agent handed over that no service took (its
+    /// service is gone); returns how many sockets that was.
+    pub fn drop_inherited(&self) -> usize {
+        lock(&self.inner.inherited)
+            .take()
+            .map_or(0, |i| i.listeners.len() + i.conns.len())
+    }
+
     /// Stops serving: cuts every connection and session, closes every socket
     /// (all done when this returns, within a few seconds), then removes the
     /// routes it added. Blocks meanwhile; from async code, prefer calling it
@@ -388,7 +472,12 @@ impl UserspaceProxy {
             let _ = s.spawn(move || rt.shutdown_timeout(SHUTDOWN_WAIT)).join();
         });
         let mut errors = Vec::new();
-        if let Some(r) = &self.inner.routes {
+        if self.inner.keep_routes.load(Ordering::Relaxed) {
+            info!(
+                vips = vips.len(),
+                "userspace proxy handed over; its VIP routes stay"
+            );
+        } else if let Some(r) = &self.inner.routes {
             let mut r = lock(r);
             for (vip, v) in vips {
                 if v.owned
@@ -587,10 +676,28 @@ impl Inner {
         shared.set_policy(svc.grpc.clone());
         let (stop, stopped) = watch::channel(false);
         let pools = svc.grpc.as_ref().map(|_| Arc::new(grpc::Pools::default()));
+        let ho = HandoverCtx {
+            pause: self.pause.subscribe(),
+            sink: self.sink.clone(),
+        };
+        // The previous agent's socket for this address, and its flows.
+        let (inherited, resumed) = self.take_inherited(svc.protocol, at, addr);
+        if inherited.is_some() {
+            info!(service = %svc.name, %addr, flows = resumed.len(),
+                "userspace: took over the previous agent's socket and flows");
+        }
+        let tcp_listener = |fd: Option<OwnedFd>| match fd {
+            Some(fd) => {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(l)
+            }
+            None => tcp::bind(at, self.opts.listen_backlog),
+        };
         // Bind before the route, so that the first packet finds the socket.
         let task = match (svc.protocol, &pools) {
             (Protocol::Tcp, Some(pools)) => {
-                let l = tcp::bind(at, self.opts.listen_backlog).map_err(listen_err)?;
+                let l = tcp_listener(inherited).map_err(listen_err)?;
                 self.acquire_vip(st, svc.vip)?;
                 self.handle.spawn(grpc::serve(
                     shared.clone(),
@@ -598,19 +705,39 @@ impl Inner {
                     l,
                     self.opts.clone(),
                     stopped,
+                    ho,
                 ))
             }
             (Protocol::Tcp, None) => {
-                let l = tcp::bind(at, self.opts.listen_backlog).map_err(listen_err)?;
+                let l = tcp_listener(inherited).map_err(listen_err)?;
                 self.acquire_vip(st, svc.vip)?;
-                self.handle
-                    .spawn(tcp::serve(shared.clone(), l, self.opts.clone(), stopped))
+                self.handle.spawn(tcp::serve(
+                    shared.clone(),
+                    l,
+                    self.opts.clone(),
+                    stopped,
+                    ho,
+                    resumed,
+                ))
             }
             (Protocol::Udp, _) => {
-                let s = udp::bind(at).map_err(listen_err)?;
+                let s = match inherited {
+                    Some(fd) => {
+                        let s = std::net::UdpSocket::from(fd);
+                        s.set_nonblocking(true)
+                            .and_then(|()| tokio::net::UdpSocket::from_std(s))
+                    }
+                    None => udp::bind(at),
+                }
+                .map_err(listen_err)?;
                 self.acquire_vip(st, svc.vip)?;
-                self.handle
-                    .spawn(udp::serve(shared.clone(), s, self.opts.clone(), stopped))
+                self.handle.spawn(udp::serve(
+                    shared.clone(),
+                    s,
+                    self.opts.clone(),
+                    stopped,
+                    ho,
+                ))
             }
         };
         st.services.insert(
@@ -628,15 +755,37 @@ impl Inner {
         Ok(())
     }
 
+    /// The inherited socket at `at` and the flows of service `addr`, if any.
+    fn take_inherited(
+        &self,
+        protocol: Protocol,
+        at: SocketAddrV4,
+        addr: ServiceAddr,
+    ) -> (Option<OwnedFd>, Vec<Handed>) {
+        let mut inh = lock(&self.inherited);
+        let Some(inh) = inh.as_mut() else {
+            return (None, Vec::new());
+        };
+        let fd = inh.listeners.remove(&(protocol, at));
+        let (mine, rest): (Vec<Handed>, Vec<Handed>) = std::mem::take(&mut inh.conns)
+            .into_iter()
+            .partition(|h| matches!(h, Handed::Conn { service, .. } if *service == addr));
+        inh.conns = rest;
+        (fd, mine)
+    }
+
     fn acquire_vip(&self, st: &mut State, vip: Ipv4Addr) -> Result<(), ProxyError> {
         if let Some(v) = st.vips.get_mut(&vip) {
             v.users += 1;
             return Ok(());
         }
         let owned = match &self.routes {
-            Some(r) => lock(r)
-                .add_local(vip)
-                .map_err(|source| ProxyError::Route { vip, source })?,
+            Some(r) => {
+                lock(r)
+                    .add_local(vip)
+                    .map_err(|source| ProxyError::Route { vip, source })?
+                    || self.adopted.contains(&vip)
+            }
             None => false,
         };
         if !owned && self.routes.is_some() {

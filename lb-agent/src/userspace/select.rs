@@ -362,6 +362,21 @@ impl ServiceShared {
         Some(Lease::new(sel.backends[i].clone()))
     }
 
+    /// A flow handed over by the previous agent, to `backend`: active (not
+    /// new) until the guards drop. A backend the service no longer has gets
+    /// an entry of its own.
+    pub(crate) fn resume(self: &Arc<Self>, backend: SocketAddrV4) -> (Lease, Opened) {
+        let key = (*backend.ip(), backend.port());
+        let sel = self.selector();
+        let entry = sel
+            .index
+            .get(&key)
+            .map(|&i| sel.backends[i].clone())
+            .unwrap_or_else(|| Arc::new(BackendEntry::new(key.0, key.1)));
+        self.counters.active.fetch_add(1, Relaxed);
+        (Lease::new(entry), Opened { svc: self.clone() })
+    }
+
     /// Counts a flow that reached `backend`; the guard keeps it active.
     pub(crate) fn opened(self: &Arc<Self>, backend: &BackendEntry) -> Opened {
         backend.counters.new.fetch_add(1, Relaxed);

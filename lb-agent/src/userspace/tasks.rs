@@ -3,9 +3,14 @@
 
 use std::future::Future;
 use std::net::{SocketAddr, SocketAddrV4};
+use std::os::fd::AsFd;
+use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use lb_api::Protocol;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -13,25 +18,86 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until};
 use tracing::{debug, error, warn};
 
+use super::handover::Handed;
 use super::select::ServiceShared;
 use super::stats::DropReason;
 
+/// A connection task started with the service (a resumed one).
+pub(crate) type ConnTask = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The proxy-wide handover: when `pause` turns true, every service gives
+/// its socket (a dup) to `sink`, and every TCP flow parks and gives its
+/// two sockets too (see `handover`).
+#[derive(Clone, Debug)]
+pub(crate) struct HandoverCtx {
+    pub(crate) pause: watch::Receiver<bool>,
+    pub(crate) sink: Arc<Mutex<Vec<Handed>>>,
+}
+
+impl HandoverCtx {
+    pub(crate) fn give(&self, h: Handed) {
+        self.sink
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(h);
+    }
+
+    /// Gives a dup of a service's socket.
+    pub(crate) fn give_listener(&self, protocol: Protocol, svc: &ServiceShared, s: &impl AsFd) {
+        match s.as_fd().try_clone_to_owned() {
+            Ok(fd) => self.give(Handed::Listener {
+                protocol,
+                addr: SocketAddrV4::new(svc.addr.vip, svc.addr.port),
+                fd,
+            }),
+            Err(e) => error!(service = %svc.addr, "handover: dup of the service socket: {e}"),
+        }
+    }
+}
+
+/// Resolves once a handover pauses the proxy; never if its sender is gone.
+pub(crate) async fn pause_requested(pause: &mut watch::Receiver<bool>) {
+    if pause.wait_for(|p| *p).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Accepts until `stop` turns true (or its sender goes), running `conn` on
 /// a task of its own for each IPv4 client; then closes the listener and
-/// every connection, and returns.
+/// every connection, and returns. `initial` run from the start (resumed
+/// connections). On a handover pause the listener is handed over and, with
+/// `park`, the connections are waited for (they park and hand themselves
+/// over); without, they are closed.
 pub(crate) async fn accept_loop<F, Fut>(
     svc: &ServiceShared,
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
+    ho: HandoverCtx,
+    park: bool,
+    initial: Vec<ConnTask>,
     mut conn: F,
 ) where
     F: FnMut(TcpStream, SocketAddrV4) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut conns = JoinSet::new();
+    for t in initial {
+        conns.spawn(t);
+    }
+    let mut pause = ho.pause.clone();
     loop {
         tokio::select! {
             () = stop_requested(&mut stop) => break,
+            () = pause_requested(&mut pause) => {
+                ho.give_listener(Protocol::Tcp, svc, &listener);
+                drop(listener);
+                if park {
+                    while conns.join_next().await.is_some() {}
+                } else {
+                    conns.shutdown().await;
+                }
+                return;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, SocketAddr::V4(peer))) => {
                     conns.spawn(conn(stream, peer));

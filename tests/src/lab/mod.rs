@@ -4,6 +4,7 @@
 //! a bpffs mount under /run, which is unmounted on drop.
 
 mod netns;
+pub mod stream;
 pub mod sys;
 mod topology;
 pub mod traffic;

@@ -79,7 +79,7 @@ use tracing::debug;
 use crate::userspace::options::ProxyOptions;
 use crate::userspace::select::{BackendKey, ServiceShared, random_u64};
 use crate::userspace::stats::DropReason;
-use crate::userspace::tasks::accept_loop;
+use crate::userspace::tasks::{HandoverCtx, accept_loop};
 use balance::CallLease;
 use body::{ActiveCall, CallBody, DownBody, UpBody};
 use pool::ConnectError;
@@ -146,18 +146,28 @@ pub(crate) async fn serve(
     listener: TcpListener,
     opts: Arc<ProxyOptions>,
     stop: watch::Receiver<bool>,
+    ho: HandoverCtx,
 ) {
     let server = Arc::new(server());
-    accept_loop(&svc.clone(), listener, stop, |stream, peer| {
-        connection(
-            svc.clone(),
-            pools.clone(),
-            server.clone(),
-            stream,
-            peer,
-            opts.clone(),
-        )
-    })
+    // On a handover, the listener goes on; open HTTP/2 connections close.
+    accept_loop(
+        &svc.clone(),
+        listener,
+        stop,
+        ho,
+        false,
+        Vec::new(),
+        |stream, peer| {
+            connection(
+                svc.clone(),
+                pools.clone(),
+                server.clone(),
+                stream,
+                peer,
+                opts.clone(),
+            )
+        },
+    )
     .await;
 }
 

@@ -20,7 +20,7 @@ use tracing::{debug, error};
 use crate::userspace::options::ProxyOptions;
 use crate::userspace::select::{Flow, Lease, Opened, ServiceShared};
 use crate::userspace::stats::DropReason;
-use crate::userspace::tasks::{idle_expired, stop_requested};
+use crate::userspace::tasks::{HandoverCtx, idle_expired, pause_requested, stop_requested};
 
 /// Larger than any UDP payload (65,507 bytes over IPv4).
 const MAX_DATAGRAM: usize = 65_536;
@@ -74,7 +74,9 @@ pub(crate) async fn serve(
     sock: UdpSocket,
     opts: Arc<ProxyOptions>,
     mut stop: watch::Receiver<bool>,
+    ho: HandoverCtx,
 ) {
+    let mut pause = ho.pause.clone();
     let sh = Arc::new(Shared {
         svc,
         opts,
@@ -87,6 +89,11 @@ pub(crate) async fn serve(
     loop {
         tokio::select! {
             () = stop_requested(&mut stop) => break,
+            // The service socket goes to the next agent; sessions end here.
+            () = pause_requested(&mut pause) => {
+                ho.give_listener(lb_api::Protocol::Udp, &sh.svc, &sh.sock);
+                break;
+            }
             r = sh.sock.recv_from(&mut buf) => match r {
                 Ok((n, SocketAddr::V4(client))) => {
                     if let Some(new) = forward(&sh, client, &buf[..n]) {
