@@ -3,8 +3,9 @@
 //!
 //! The corpus grows outside the repo, in
 //! `${RPCLB_CACHE_DIR:-/var/cache/rpclb}/fuzz/<target>/`, seeded from the
-//! checked-in `fuzz/seeds/<target>/`. A crash fails the run and names the
-//! input that reproduces it (`fuzz/artifacts/<target>/`).
+//! checked-in `fuzz/seeds/<target>/`; the instrumented build in
+//! `.../fuzz-target/`. A crash fails the run and names the input that
+//! reproduces it (`fuzz/artifacts/<target>/`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,9 +18,13 @@ pub const TARGETS: &[&str] = &["config", "sync", "translate"];
 /// What `cargo xtask test` gives each target.
 pub const TEST_SECONDS: u64 = 20;
 
-fn corpus_dir(target: &str) -> PathBuf {
+fn cache() -> PathBuf {
     let cache = std::env::var_os("RPCLB_CACHE_DIR").unwrap_or_else(|| "/var/cache/rpclb".into());
-    PathBuf::from(cache).join("fuzz").join(target)
+    PathBuf::from(cache)
+}
+
+fn corpus_dir(target: &str) -> PathBuf {
+    cache().join("fuzz").join(target)
 }
 
 pub fn cargo_fuzz_ok() -> bool {
@@ -45,7 +50,9 @@ pub fn run(root: &Path, targets: &[String], seconds: u64) -> Result<()> {
         }
     }
     let fuzz_dir = root.join("fuzz");
-    let target_dir = root.join("target").join("fuzz");
+    // Instrumented builds of every dependency: kept in the cache, beside
+    // the corpus, so a fresh clone rebuilds only rpclb's own crates.
+    let target_dir = cache().join("fuzz-target");
     // Built once for all targets; safe Rust, so no sanitizer, but with
     // debug assertions (overflow checks).
     let mut build = Command::new("cargo");
