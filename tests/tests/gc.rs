@@ -638,8 +638,10 @@ fn sweep_leaves_a_reverse_entry_it_does_not_own() {
         dir: ct_dir::REVERSE,
         svc_id: 1,
         backend_id: 1,
-        created_ns: now - S,
-        last_seen_ns: now - S,
+        created_ns: now - 10 * S,
+        // Idle past A2's timeout (D's client is sending, the backend is
+        // not): what made the old GC take it for A2's.
+        last_seen_ns: now - 10 * S,
         ..Default::default()
     };
     assert!(d.owns_reverse(&dv, &rk, &dr) && !a2.owns_reverse(&a2v, &rk, &dr));
