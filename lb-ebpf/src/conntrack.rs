@@ -1,7 +1,8 @@
 //! Flow keys, entries and the TCP state machine.
 
 use lb_common::{
-    CtValue, FlowKey, LAST_SEEN_GRANULARITY_NS, config_idx, ct_dir, ct_state, flow_hash, limits,
+    CtValue, FlowKey, LAST_SEEN_GRANULARITY_NS, collision_port, config_idx, ct_dir, ct_state,
+    flow_hash, limits,
 };
 
 use crate::{
@@ -153,8 +154,9 @@ fn claim(rev: &FlowKey, rv: &CtValue, fwd: &FlowKey) -> Claim {
 /// Finds a source port for a new flow `fwd` whose backend-side tuple
 /// (backend `ip:port`, client ip:port) another flow holds, and writes its
 /// reverse entry there (`rv` with the client's own port). Tries up to
-/// `COLLISION_PROBES` consecutive ports of the configured range from a
-/// flow-hash start. Returns the port (network order), 0 if none was free.
+/// `COLLISION_PROBES` ports of the configured range, picked by the flow's
+/// hash (`collision_port`). Returns the port (network order), 0 if none was
+/// free.
 /// Not inlined: the probe loop is verified once, apart from the fast path.
 #[inline(never)]
 fn rewrite_port(fwd: &FlowKey, ip: u32, port: u16, rv: &CtValue) -> u16 {
@@ -163,10 +165,10 @@ fn rewrite_port(fwd: &FlowKey, ip: u32, port: u16, rv: &CtValue) -> u16 {
     if n == 0 || lo == 0 || lo > 65_535 || n > 65_536 - lo {
         return 0;
     }
-    let start = flow_hash(fwd.src_ip, fwd.dst_ip, fwd.src_port, fwd.dst_port, fwd.proto) % n;
+    let h = flow_hash(fwd.src_ip, fwd.dst_ip, fwd.src_port, fwd.dst_port, fwd.proto);
     let mut i = 0u32;
     while i < limits::COLLISION_PROBES {
-        let cand = ((lo + (start + i) % n) as u16).to_be();
+        let cand = (collision_port(lo, n, h, i) as u16).to_be();
         let rev = flow_key(ip, fwd.src_ip, port, cand, fwd.proto);
         if claim(&rev, rv, fwd) == Claim::Written {
             return cand;

@@ -151,7 +151,7 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
                 stats::reason(reason::DROP_CT_INSERT);
             }
             if sport != 0 {
-                stats::reason(reason::NAT_PORT_REWRITE);
+                stats::reason(reason::CT_PORT_REWRITE);
             }
             sport
         }

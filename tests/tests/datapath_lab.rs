@@ -690,7 +690,7 @@ fn collisions(mode: AttachMode, sequential: bool) {
     assert_eq!(b_entry.client, (client, 45_000));
     assert_eq!(b_entry.backend_sees, Some(ports[1]));
     let reasons: BTreeMap<_, _> = dp.writer().reasons().unwrap().into_iter().collect();
-    assert_eq!(reasons["nat_port_rewrite"], 1, "{reasons:?}");
+    assert_eq!(reasons["ct_port_rewrite"], 1, "{reasons:?}");
     assert_eq!(reasons["drop_ports_exhausted"], 0);
     let e = csum_errors(&lab);
     assert!(no_csum_errors(&e), "{mode:?}: checksum errors: {e:?}");

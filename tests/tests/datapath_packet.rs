@@ -1299,8 +1299,8 @@ const VIP2: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const VIP3: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const UDP_VIP2: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 54);
 
-/// The port the kernel gives a flow whose backend-side tuple is taken: the
-/// first probe, `first + flow_hash % count`, when that one is free.
+/// The port the kernel gives a flow whose backend-side tuple is taken: its
+/// first candidate (`lb_common::collision_port`), when that one is free.
 fn rewritten_port(r: PortRange, vip: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> u16 {
     let wire = |ip: Ipv4Addr| u32::from_ne_bytes(ip.octets());
     let h = lb_common::flow_hash(
@@ -1310,7 +1310,7 @@ fn rewritten_port(r: PortRange, vip: Ipv4Addr, sport: u16, dport: u16, proto: u8
         dport.to_be(),
         proto,
     );
-    r.first + (h % r.count()) as u16
+    lb_common::collision_port(r.first.into(), r.count(), h, 0) as u16
 }
 
 /// Reason counters that moved between two snapshots.
@@ -1328,8 +1328,8 @@ fn reason_deltas(
 
 /// One client ip:port through two VIPs to one backend (issue 10): the
 /// second flow's backend-side tuple is the first one's, so its source port is
-/// rewritten (from the default `--collision-ports` range, at the flow-hash
-/// start) and restored on replies; the first flow is untouched. TCP and UDP,
+/// rewritten (to its first candidate of the default `--collision-ports`
+/// range) and restored on replies; the first flow is untouched. TCP and UDP,
 /// full checksums (and in XDP a CHECKSUM_PARTIAL seed, which a port rewrite
 /// leaves alone).
 fn collision_rewrite(hook: Hook, set: ProgramSet) {
@@ -1499,7 +1499,7 @@ fn collision_rewrite(hook: Hook, set: ProgramSet) {
         assert_bytes_eq(&out, &f.output);
     }
     let delta = reason_deltas(&before, &h.reasons());
-    assert_eq!(delta("nat_port_rewrite"), 2, "one TCP, one UDP flow rewritten");
+    assert_eq!(delta("ct_port_rewrite"), 2, "one TCP, one UDP flow rewritten");
     assert_eq!(delta("drop_ports_exhausted"), 0);
     assert_eq!(delta("drop_ct_insert"), 0);
 
@@ -1606,7 +1606,7 @@ fn collision_exhaustion(hook: Hook, set: ProgramSet) {
     }
     let delta = reason_deltas(&before, &h.reasons());
     assert_eq!(delta("drop_ports_exhausted"), 2, "C's two SYNs");
-    assert_eq!(delta("nat_port_rewrite"), 2, "B, and B re-opened");
+    assert_eq!(delta("ct_port_rewrite"), 2, "B, and B re-opened");
     let w = h.dp().writer();
     let c_addr = ServiceAddr {
         vip: VIP3,
@@ -1683,7 +1683,7 @@ fn collision_exhaustion(hook: Hook, set: ProgramSet) {
     }
     let delta = reason_deltas(&before, &h.reasons());
     assert_eq!(
-        (delta("drop_ports_exhausted"), delta("nat_port_rewrite")),
+        (delta("drop_ports_exhausted"), delta("ct_port_rewrite")),
         (1, 0)
     );
 }
