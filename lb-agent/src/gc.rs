@@ -723,7 +723,11 @@ mod tests {
         let t = t();
         let [a_fwd, _] = via_vip(flow(1, ct_state::CLOSING, 3, 3, 1), 10);
         let [b_fwd, b_rev] = via_vip(flow(1, ct_state::ESTABLISHED, 50, 50, 1), 20);
-        assert_eq!(a_fwd.0.reverse_of_forward(&a_fwd.1), b_rev.0, "one reverse key");
+        assert_eq!(
+            a_fwd.0.reverse_of_forward(&a_fwd.1),
+            b_rev.0,
+            "one reverse key"
+        );
         let p = plan(scan_of([a_fwd, b_fwd, b_rev]), &t, NOW);
         assert_eq!(p.expire.len(), 1);
         assert_eq!(p.expire[0].key, a_fwd.0);

@@ -643,9 +643,8 @@ fn collisions(mode: AttachMode, sequential: bool) {
         // A closed (CLOSING in conntrack), then B opened, then A expired by
         // a sweep.
         drop(a);
-        let closing = || {
-            dp_flow_state(&mut dp, (client, 45_000), (VIP, 80)).as_deref() == Some("closing")
-        };
+        let closing =
+            || dp_flow_state(&mut dp, (client, 45_000), (VIP, 80)).as_deref() == Some("closing");
         wait_for(closing, "A closing in conntrack");
         let mut b = connect_from(&lab, local, vip2);
         echo_ok(&mut b, "B (A closed)", "b1");
@@ -686,7 +685,10 @@ fn collisions(mode: AttachMode, sequential: bool) {
         "{mode:?}: B from the collision range: {ports:?}"
     );
     let ct = dp.writer().conntrack().unwrap();
-    let b_entry = ct.iter().find(|e| e.vip == (VIP2, 80)).expect("B in conntrack");
+    let b_entry = ct
+        .iter()
+        .find(|e| e.vip == (VIP2, 80))
+        .expect("B in conntrack");
     assert_eq!(b_entry.client, (client, 45_000));
     assert_eq!(b_entry.backend_sees, Some(ports[1]));
     let reasons: BTreeMap<_, _> = dp.writer().reasons().unwrap().into_iter().collect();
@@ -697,7 +699,11 @@ fn collisions(mode: AttachMode, sequential: bool) {
 }
 
 /// The state of the flow `client -> vip` in conntrack, if it is there.
-fn dp_flow_state(dp: &mut Datapath, client: (Ipv4Addr, u16), vip: (Ipv4Addr, u16)) -> Option<String> {
+fn dp_flow_state(
+    dp: &mut Datapath,
+    client: (Ipv4Addr, u16),
+    vip: (Ipv4Addr, u16),
+) -> Option<String> {
     dp.writer()
         .conntrack()
         .unwrap()

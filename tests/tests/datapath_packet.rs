@@ -14,9 +14,9 @@
 
 use std::net::Ipv4Addr;
 
-use lb_agent::datapath::{Datapath, PortRange};
 use lb_agent::datapath::programs::{self, ProgramSet};
 use lb_agent::datapath::scratch::{Hook, ScratchDatapath};
+use lb_agent::datapath::{Datapath, PortRange};
 use lb_api::{Algorithm, Backend, BackendState, Protocol, ServiceAddr};
 use rpclb_tests::packet::{self, ACK, FIN, PSH, Pkt, RST, SYN, assert_bytes_eq, service};
 
@@ -1303,13 +1303,7 @@ const UDP_VIP2: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 54);
 /// first candidate (`lb_common::collision_port`), when that one is free.
 fn rewritten_port(r: PortRange, vip: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> u16 {
     let wire = |ip: Ipv4Addr| u32::from_ne_bytes(ip.octets());
-    let h = lb_common::flow_hash(
-        wire(CLIENT),
-        wire(vip),
-        sport.to_be(),
-        dport.to_be(),
-        proto,
-    );
+    let h = lb_common::flow_hash(wire(CLIENT), wire(vip), sport.to_be(), dport.to_be(), proto);
     lb_common::collision_port(r.first.into(), r.count(), h, 0) as u16
 }
 
@@ -1352,7 +1346,11 @@ fn collision_rewrite(hook: Hook, set: ProgramSet) {
     let up = rewritten_port(r, UDP_VIP2, 41000, 53, 17);
     assert_ne!(p, 40000);
     let udp = |src, sport, dst, dport, body: &[u8]| {
-        Pkt::udp().ip(src, dst).ports(sport, dport).id(9).payload(body)
+        Pkt::udp()
+            .ip(src, dst)
+            .ports(sport, dport)
+            .id(9)
+            .payload(body)
     };
     let mut fixtures = vec![
         Fixture {
@@ -1499,7 +1497,11 @@ fn collision_rewrite(hook: Hook, set: ProgramSet) {
         assert_bytes_eq(&out, &f.output);
     }
     let delta = reason_deltas(&before, &h.reasons());
-    assert_eq!(delta("ct_port_rewrite"), 2, "one TCP, one UDP flow rewritten");
+    assert_eq!(
+        delta("ct_port_rewrite"),
+        2,
+        "one TCP, one UDP flow rewritten"
+    );
     assert_eq!(delta("drop_ports_exhausted"), 0);
     assert_eq!(delta("drop_ct_insert"), 0);
 
@@ -1514,17 +1516,13 @@ fn collision_rewrite(hook: Hook, set: ProgramSet) {
     assert_eq!(seen(UDP_VIP2), Some(up));
 }
 
-both_sets!(
-    xdp_collision_rewrite,
-    xdp_collision_rewrite_compat,
-    |set| collision_rewrite(Hook::Xdp, set)
-);
+both_sets!(xdp_collision_rewrite, xdp_collision_rewrite_compat, |set| {
+    collision_rewrite(Hook::Xdp, set)
+});
 
-both_sets!(
-    tc_collision_rewrite,
-    tc_collision_rewrite_compat,
-    |set| collision_rewrite(Hook::Tc, set)
-);
+both_sets!(tc_collision_rewrite, tc_collision_rewrite_compat, |set| {
+    collision_rewrite(Hook::Tc, set)
+});
 
 /// A one-port collision range: the second colliding flow finds no free
 /// port; its SYN is dropped and counted, and the flows holding the tuple keep
@@ -1538,7 +1536,11 @@ fn collision_exhaustion(hook: Hook, set: ProgramSet) {
     let mut h = Harness::with_collision_ports(set, Some(r));
     let (bk, bport) = (b(1), 8080);
     let w = h.dp().writer();
-    for (name, vip) in [("demo/a:http", VIP), ("demo/b:http", VIP2), ("demo/c:http", VIP3)] {
+    for (name, vip) in [
+        ("demo/a:http", VIP),
+        ("demo/b:http", VIP2),
+        ("demo/c:http", VIP3),
+    ] {
         w.upsert_service(&service(
             name,
             vip,

@@ -597,7 +597,10 @@ fn sweep_leaves_a_reverse_entry_it_does_not_own() {
     assert_eq!((r.expired, r.orphans), (1, 0));
     let after = all_entries(h.w());
     assert_eq!(after.len(), 2, "A's entries gone");
-    assert!(after.contains_key(&b) && after.contains_key(&brk), "B's kept");
+    assert!(
+        after.contains_key(&b) && after.contains_key(&brk),
+        "B's kept"
+    );
     // B's reply still goes back to VIP2 and the client's own port.
     let reply = frame(
         6,
@@ -629,7 +632,10 @@ fn sweep_leaves_a_reverse_entry_it_does_not_own() {
         last_seen_ns: now - age_s * S,
         ..Default::default()
     };
-    let (a2v, dv) = (fwd_v(ct_state::CLOSING, 10), fwd_v(ct_state::ESTABLISHED, 1));
+    let (a2v, dv) = (
+        fwd_v(ct_state::CLOSING, 10),
+        fwd_v(ct_state::ESTABLISHED, 1),
+    );
     let rk = a2.reverse_of_forward(&a2v);
     assert_eq!(rk, d.reverse_of_forward(&dv), "one reverse key");
     let dr = CtValue {

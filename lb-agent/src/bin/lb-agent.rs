@@ -476,9 +476,13 @@ mod tests {
         .unwrap();
         assert_eq!(c.run.map_memory_budget_mib, 2048);
         assert!(c.run.allow_map_memory_over_budget);
-        let p = |v: &str| Cli::try_parse_from(["lb-agent", "--config", "x", "--collision-ports", v]);
+        let p =
+            |v: &str| Cli::try_parse_from(["lb-agent", "--config", "x", "--collision-ports", v]);
         let r = |first, last| Some(datapath::PortRange { first, last });
-        assert_eq!(p("60000-60999").unwrap().run.collision_ports.0, r(60000, 60999));
+        assert_eq!(
+            p("60000-60999").unwrap().run.collision_ports.0,
+            r(60000, 60999)
+        );
         assert_eq!(p("62000").unwrap().run.collision_ports.0, r(62000, 62000));
         assert_eq!(p("off").unwrap().run.collision_ports.0, None);
         for bad in ["0-10", "10-5", "x", "1-70000"] {
