@@ -17,7 +17,9 @@
 //!    and expires when that exceeds the timeout of the forward entry's state.
 //!    A reverse entry that no forward entry points at (the forward entry was
 //!    evicted, or a port reuse re-pointed the flow at another backend) is an
-//!    orphan, deleted once idle past the longest timeout.
+//!    orphan, deleted once idle past the longest timeout. A flow owns only the
+//!    reverse entry whose value points back at it ([`FlowKey::owns_reverse`]):
+//!    one at its reverse key that names another flow is never its to delete.
 //! 3. **Delete** each expired flow with `BPF_MAP_LOOKUP_AND_DELETE_ELEM`,
 //!    reverse entry first, then forward entry. The state that is counted is
 //!    the state at deletion, not at the scan: a FIN that closed the flow in
@@ -189,6 +191,8 @@ pub struct Scan {
     pub forward: Vec<(FlowKey, CtValue)>,
     /// Reverse (and unknown-direction) entries: key -> last seen.
     pub reverse: HashMap<FlowKey, u64>,
+    /// Reverse entries: key -> the forward key their value points back at.
+    pub reverse_owner: HashMap<FlowKey, FlowKey>,
 }
 
 impl Scan {
@@ -198,6 +202,9 @@ impl Scan {
             self.forward.push((k, v));
         } else {
             self.reverse.insert(k, v.last_seen_ns);
+            if v.dir == ct_dir::REVERSE {
+                self.reverse_owner.insert(k, k.forward_of_reverse(&v));
+            }
         }
     }
 }
@@ -208,7 +215,8 @@ pub struct Expiry {
     pub key: FlowKey,
     /// The forward entry as scanned.
     pub value: CtValue,
-    pub reverse: FlowKey,
+    /// Its reverse entry, if the scan found one that belongs to it.
+    pub reverse: Option<FlowKey>,
     pub reverse_last_seen: Option<u64>,
 }
 
@@ -228,6 +236,7 @@ pub fn plan(scan: Scan, t: &Timeouts, now_ns: u64) -> Plan {
         scanned,
         forward,
         mut reverse,
+        reverse_owner,
     } = scan;
     let mut p = Plan {
         scanned,
@@ -236,12 +245,14 @@ pub fn plan(scan: Scan, t: &Timeouts, now_ns: u64) -> Plan {
     };
     for (key, value) in forward {
         let rk = key.reverse_of_forward(&value);
-        let rev = reverse.remove(&rk);
+        // Only the entry that points back at this flow is its own.
+        let owned = reverse_owner.get(&rk) == Some(&key);
+        let rev = if owned { reverse.remove(&rk) } else { None };
         if is_expired(&value, rev, t, now_ns) {
             p.expire.push(Expiry {
                 key,
                 value,
-                reverse: rk,
+                reverse: rev.map(|_| rk),
                 reverse_last_seen: rev,
             });
         }
@@ -448,7 +459,10 @@ fn expire_inner(
         // the forward entry is gone, the kernel writes both entries afresh,
         // and nothing of ours is left to delete them. The entries as they
         // are at deletion decide, not the scan.
-        let rev = take.take(&e.reverse)?;
+        let rev = match e.reverse {
+            Some(rk) => take_owned(&mut take, &rk, &e.key)?,
+            None => None,
+        };
         let Some(v) = take.take(&e.key)?.map(|v| v.unwrap_or(e.value)) else {
             // Gone already (LRU eviction); the reverse entry is an orphan.
             r.vanished += 1;
@@ -473,8 +487,8 @@ fn expire_inner(
                 Ok(()) => {
                     deleted -= 1;
                     r.revived += 1;
-                    if let Some(rv) = rev {
-                        match sys::update(fd, &e.reverse, &rv, sys::BPF_NOEXIST) {
+                    if let (Some(rv), Some(rk)) = (rev, e.reverse) {
+                        match sys::update(fd, &rk, &rv, sys::BPF_NOEXIST) {
                             Ok(()) => deleted -= 1,
                             Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {}
                             Err(err) => return Err(io_err("BPF_MAP_UPDATE_ELEM", err)),
@@ -654,6 +668,28 @@ impl Recount {
     }
 }
 
+/// [`Take::take`] of the reverse entry `rk` of the flow `owner`. If the
+/// entry now belongs to another flow (re-created since the scan), it is put
+/// back (`BPF_NOEXIST`: a newer write wins) and counts as not there.
+fn take_owned(
+    take: &mut Take,
+    rk: &FlowKey,
+    owner: &FlowKey,
+) -> Result<Option<Option<CtValue>>, DatapathError> {
+    let got = take.take(rk)?;
+    if let Some(Some(v)) = got
+        && rk.forward_of_reverse(&v) != *owner
+    {
+        match sys::update(take.fd, rk, &v, sys::BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(err) => return Err(io_err("BPF_MAP_UPDATE_ELEM", err)),
+        }
+        return Ok(None);
+    }
+    Ok(got)
+}
+
 /// Deletes entries, returning them as they were at deletion.
 struct Take {
     fd: i32,
@@ -810,7 +846,7 @@ mod tests {
         assert_eq!(expired_ports(&p), vec![1, 3, 6, 8]);
         assert!(p.orphans.is_empty());
         for x in &p.expire {
-            assert_eq!(x.reverse, x.key.reverse_of_forward(&x.value));
+            assert_eq!(x.reverse, Some(x.key.reverse_of_forward(&x.value)));
             assert!(x.reverse_last_seen.is_some());
         }
     }
@@ -862,6 +898,50 @@ mod tests {
         let p = plan(scan_of([old_rev, fwd, rev]), &t, NOW);
         assert!(p.expire.is_empty());
         assert_eq!(p.orphans, vec![old_rev.0]);
+    }
+
+    /// Flow `f` moved to VIP `vip` (another service through the same backend).
+    fn via_vip(mut f: [(FlowKey, CtValue); 2], vip: u8) -> [(FlowKey, CtValue); 2] {
+        f[0].0.dst_ip = u32::from_ne_bytes([10, 96, 0, vip]);
+        f[1].1.nat_ip = f[0].0.dst_ip;
+        f
+    }
+
+    #[test]
+    fn a_reverse_entry_of_another_flow_is_not_deleted() {
+        // One client ip:port, one backend, two VIPs. A (closed, idle) and B
+        // (open) map to the same reverse key, which B's entry holds (what a
+        // kernel without port rewrites wrote): A's expiry must leave it.
+        let t = t();
+        let [a_fwd, _] = via_vip(flow(1, ct_state::CLOSING, 3, 3, 1), 10);
+        let [b_fwd, b_rev] = via_vip(flow(1, ct_state::ESTABLISHED, 50, 50, 1), 20);
+        assert_eq!(
+            a_fwd.0.reverse_of_forward(&a_fwd.1),
+            b_rev.0,
+            "one reverse key"
+        );
+        let p = plan(scan_of([a_fwd, b_fwd, b_rev]), &t, NOW);
+        assert_eq!(p.expire.len(), 1);
+        assert_eq!(p.expire[0].key, a_fwd.0);
+        assert_eq!(p.expire[0].reverse, None, "B's reverse entry is not A's");
+        assert_eq!(p.expire[0].reverse_last_seen, None);
+        assert!(p.orphans.is_empty(), "B owns it: no orphan");
+
+        // With a port rewrite: B's reverse entry is at its own port, A's at
+        // the client's; A's expiry takes exactly A's.
+        let [a_fwd, a_rev] = via_vip(flow(1, ct_state::CLOSING, 3, 3, 1), 10);
+        let [(bk, mut bv), (mut brk, mut brv)] =
+            via_vip(flow(1, ct_state::ESTABLISHED, 50, 50, 1), 20);
+        bv.client_port = 61_234u16.to_be();
+        brv.client_port = bk.src_port;
+        brk.dst_port = bv.client_port;
+        assert!(bk.owns_reverse(&bv, &brk, &brv));
+        assert!(a_fwd.0.owns_reverse(&a_fwd.1, &a_rev.0, &a_rev.1));
+        assert!(!a_fwd.0.owns_reverse(&a_fwd.1, &brk, &brv));
+        let p = plan(scan_of([a_fwd, a_rev, (bk, bv), (brk, brv)]), &t, NOW);
+        assert_eq!(p.expire.len(), 1);
+        assert_eq!(p.expire[0].reverse, Some(a_rev.0));
+        assert!(p.orphans.is_empty());
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! Flow keys, entries and the TCP state machine.
 
-use lb_common::{CtValue, FlowKey, LAST_SEEN_GRANULARITY_NS, ct_dir, ct_state};
+use lb_common::{
+    CtValue, FlowKey, LAST_SEEN_GRANULARITY_NS, collision_port, config_idx, ct_dir, ct_state,
+    flow_hash, limits,
+};
 
 use crate::{
-    maps::CONNTRACK,
+    maps::{CONNTRACK, config},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     set::ProgramSet,
     stats,
@@ -25,6 +28,7 @@ pub fn key(p: &Packet) -> FlowKey {
 
 /// A conntrack value built as eight 8-byte words: LLVM turns a zeroed
 /// struct into a call to a byte-by-byte `memset`.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn ct_value(
     nat_ip: u32,
@@ -33,12 +37,13 @@ fn ct_value(
     svc_id: u32,
     backend_id: u32,
     state: u32,
+    client_port: u16,
     now: u64,
 ) -> CtValue {
     let w = [
         nat_ip as u64 | (nat_port as u64) << 32 | (dir as u64) << 48,
         svc_id as u64 | (backend_id as u64) << 32,
-        state as u64,
+        state as u64 | (client_port as u64) << 32,
         now,
         now,
         // The route cache is empty while fib_ifindex (low half of word 6) is
@@ -58,8 +63,137 @@ pub fn lookup(k: &FlowKey) -> Option<*mut CtValue> {
     CONNTRACK.get_ptr_mut(k)
 }
 
-/// Writes the reverse, then the forward entry of a new flow. Returns false if
-/// either insert failed (the packet is still forwarded; the event is counted).
+const BPF_ANY: u64 = 0;
+const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = 17;
+
+#[inline(always)]
+fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
+    // SAFETY: FlowKey is repr(C), 16 bytes, every bit pattern valid.
+    let a = unsafe { core::mem::transmute::<FlowKey, [u64; 2]>(*a) };
+    let b = unsafe { core::mem::transmute::<FlowKey, [u64; 2]>(*b) };
+    a[0] == b[0] && a[1] == b[1]
+}
+
+/// The client port of a reverse entry `v` at `rev` (undoing a rewrite).
+#[inline(always)]
+pub fn client_port_of_reverse(rev: &FlowKey, v: *const CtValue) -> u16 {
+    let p = unsafe { (*v).client_port };
+    if p != 0 { p } else { rev.dst_port }
+}
+
+/// Whether the reverse entry at `rev` belongs to a live flow other than
+/// `fwd`: its forward entry exists and points back at `rev`. A reverse entry
+/// of `fwd` itself (a re-opened flow), or one whose forward entry is gone or
+/// points elsewhere (evicted, re-created), is free to take.
+#[inline(always)]
+fn held_by_other(rev: &FlowKey, fwd: &FlowKey) -> bool {
+    let v = match lookup(rev) {
+        Some(v) => v,
+        // Deleted since the insert failed: free.
+        None => return false,
+    };
+    if unsafe { (*v).dir } != ct_dir::REVERSE {
+        return true;
+    }
+    let owner = flow_key(
+        rev.dst_ip,
+        unsafe { (*v).nat_ip },
+        client_port_of_reverse(rev, v),
+        unsafe { (*v).nat_port },
+        rev.proto,
+    );
+    if same_key(&owner, fwd) {
+        return false;
+    }
+    match lookup(&owner) {
+        Some(f) => unsafe {
+            let seen = if (*f).client_port != 0 {
+                (*f).client_port
+            } else {
+                owner.src_port
+            };
+            (*f).dir == ct_dir::FORWARD
+                && (*f).nat_ip == rev.src_ip
+                && (*f).nat_port == rev.src_port
+                && seen == rev.dst_port
+        },
+        None => false,
+    }
+}
+
+/// What claiming a reverse key gave.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    Written,
+    /// Another live flow holds it.
+    Taken,
+    /// The map refused the write.
+    Failed,
+}
+
+/// Writes the reverse entry `rv` at `rev` unless another live flow holds
+/// that key (`BPF_NOEXIST` first: the common case costs one update).
+#[inline(always)]
+fn claim(rev: &FlowKey, rv: &CtValue, fwd: &FlowKey) -> Claim {
+    match CONNTRACK.insert(rev, rv, BPF_NOEXIST) {
+        Ok(()) => Claim::Written,
+        Err(e) if e == -EEXIST => {
+            if held_by_other(rev, fwd) {
+                Claim::Taken
+            } else if CONNTRACK.insert(rev, rv, BPF_ANY).is_ok() {
+                Claim::Written
+            } else {
+                Claim::Failed
+            }
+        }
+        Err(_) => Claim::Failed,
+    }
+}
+
+/// Finds a source port for a new flow `fwd` whose backend-side tuple
+/// (backend `ip:port`, client ip:port) another flow holds, and writes its
+/// reverse entry there (`rv` with the client's own port). Tries up to
+/// `COLLISION_PROBES` ports of the configured range, picked by the flow's
+/// hash (`collision_port`). Returns the port (network order), 0 if none was
+/// free.
+/// Not inlined: the probe loop is verified once, apart from the fast path.
+#[inline(never)]
+fn rewrite_port(fwd: &FlowKey, ip: u32, port: u16, rv: &CtValue) -> u16 {
+    let lo = config(config_idx::COLLISION_PORT_MIN);
+    let n = config(config_idx::COLLISION_PORT_COUNT);
+    if n == 0 || lo == 0 || lo > 65_535 || n > 65_536 - lo {
+        return 0;
+    }
+    let h = flow_hash(fwd.src_ip, fwd.dst_ip, fwd.src_port, fwd.dst_port, fwd.proto);
+    let mut i = 0u32;
+    while i < limits::COLLISION_PROBES {
+        let cand = (collision_port(lo, n, h, i) as u16).to_be();
+        let rev = flow_key(ip, fwd.src_ip, port, cand, fwd.proto);
+        if claim(&rev, rv, fwd) == Claim::Written {
+            return cand;
+        }
+        i += 1;
+    }
+    0
+}
+
+/// What [`create`] did.
+#[derive(Clone, Copy)]
+pub enum Created {
+    /// Entries written (`ok`: both); `sport` is the rewritten source port
+    /// (network order), 0 if the client's own port was free.
+    Flow { sport: u16, ok: bool },
+    /// The backend-side tuple is taken and no port of the range was free:
+    /// nothing written.
+    Exhausted,
+}
+
+/// Writes the reverse, then the forward entry of a new flow. The reverse key
+/// (backend -> client ip:port) may belong to another flow of this client
+/// ip:port through another VIP; the new flow then gets another source port
+/// ([`rewrite_port`]) rather than overwrite it. A failed insert is counted by
+/// the caller; the packet is still forwarded.
 #[inline(always)]
 pub fn create(
     fwd: &FlowKey,
@@ -69,7 +203,7 @@ pub fn create(
     ip: u32,
     port: u16,
     now: u64,
-) -> bool {
+) -> Created {
     let state = if p.is_udp() {
         ct_state::UDP
     } else if p.flags & TCP_SYN != 0 && p.flags & TCP_ACK == 0 {
@@ -85,17 +219,51 @@ pub fn create(
         svc_id,
         backend_id,
         0,
+        0,
         now,
     );
-    let fv = ct_value(ip, port, ct_dir::FORWARD, svc_id, backend_id, state, now);
-    let rev_ok = CONNTRACK.insert(&rev, &rv, 0).is_ok();
-    let fwd_ok = CONNTRACK.insert(fwd, &fv, 0).is_ok();
+    let mut sport = 0u16;
+    let rev_ok = match claim(&rev, &rv, fwd) {
+        Claim::Written => true,
+        Claim::Failed => false,
+        Claim::Taken => {
+            let rv = ct_value(
+                fwd.dst_ip,
+                fwd.dst_port,
+                ct_dir::REVERSE,
+                svc_id,
+                backend_id,
+                0,
+                fwd.src_port,
+                now,
+            );
+            sport = rewrite_port(fwd, ip, port, &rv);
+            if sport == 0 {
+                return Created::Exhausted;
+            }
+            true
+        }
+    };
+    let fv = ct_value(
+        ip,
+        port,
+        ct_dir::FORWARD,
+        svc_id,
+        backend_id,
+        state,
+        sport,
+        now,
+    );
+    let fwd_ok = CONNTRACK.insert(fwd, &fv, BPF_ANY).is_ok();
     // The open counts only with a forward entry: without one, no close or
     // expiry could ever balance it.
     if fwd_ok {
         stats::conn_open(backend_id);
     }
-    rev_ok && fwd_ok
+    Created::Flow {
+        sport,
+        ok: rev_ok && fwd_ok,
+    }
 }
 
 #[inline(always)]

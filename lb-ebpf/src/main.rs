@@ -100,14 +100,14 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
         if e.dir == ct_dir::REVERSE {
             conntrack::touch(v, now);
             if tcp && p.flags & (parse::TCP_FIN | parse::TCP_RST | TCP_SYN) != 0 {
-                let fk =
-                    conntrack::flow_key(key.dst_ip, e.nat_ip, key.dst_port, e.nat_port, key.proto);
+                let cport = conntrack::client_port_of_reverse(&key, v);
+                let fk = conntrack::flow_key(key.dst_ip, e.nat_ip, cport, e.nat_port, key.proto);
                 if let Some(f) = conntrack::lookup(&fk) {
                     conntrack::tcp_state::<S>(f, p.flags, false);
                 }
             }
             stats::traffic(e.svc_id, e.backend_id, bytes, false);
-            if nat::snat(ctx, &mut p, e.nat_ip, e.nat_port).is_none() {
+            if nat::snat(ctx, &mut p, e.nat_ip, e.nat_port, e.client_port).is_none() {
                 stats::reason(reason::DROP_TRUNCATED_L4);
                 return Verdict::Drop;
             }
@@ -120,7 +120,7 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
                 conntrack::tcp_state::<S>(v, p.flags, true);
             }
             stats::traffic(e.svc_id, e.backend_id, bytes, false);
-            if nat::dnat(ctx, &mut p, e.nat_ip, e.nat_port).is_none() {
+            if nat::dnat(ctx, &mut p, e.nat_ip, e.nat_port, e.client_port).is_none() {
                 stats::reason(reason::DROP_TRUNCATED_L4);
                 return Verdict::Drop;
             }
@@ -145,16 +145,30 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
         Some(b) => b,
         None => return no_backend(ctx, &p, svc.id, false),
     };
-    if !conntrack::create(&key, &p, svc.id, id, b.ip, b.port, now) {
-        stats::reason(reason::DROP_CT_INSERT);
-    }
+    let sport = match conntrack::create(&key, &p, svc.id, id, b.ip, b.port, now) {
+        conntrack::Created::Flow { sport, ok } => {
+            if !ok {
+                stats::reason(reason::DROP_CT_INSERT);
+            }
+            if sport != 0 {
+                stats::reason(reason::CT_PORT_REWRITE);
+            }
+            sport
+        }
+        conntrack::Created::Exhausted => {
+            // The flow holding the tuple keeps it; the client retries its SYN.
+            stats::svc_drop(svc.id);
+            stats::reason(reason::DROP_PORTS_EXHAUSTED);
+            return Verdict::Drop;
+        }
+    };
     if tcp && p.flags & (parse::TCP_FIN | parse::TCP_RST) != 0 {
         if let Some(v) = conntrack::lookup(&key) {
             conntrack::tcp_state::<S>(v, p.flags, true);
         }
     }
     stats::traffic(svc.id, id, bytes, true);
-    if nat::dnat(ctx, &mut p, b.ip, b.port).is_none() {
+    if nat::dnat(ctx, &mut p, b.ip, b.port, sport).is_none() {
         stats::reason(reason::DROP_TRUNCATED_L4);
         return Verdict::Drop;
     }

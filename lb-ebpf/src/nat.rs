@@ -305,9 +305,11 @@ pub fn l4_fix(c: u16, udp: bool) -> u16 {
     if udp && c == 0 { 0xffff } else { c }
 }
 
-/// Client -> VIP becomes client -> backend. Sets `p.csum`.
+/// Client -> VIP becomes client -> backend, and the client's source port
+/// becomes `sport` unless that is 0 (a flow whose own port collided). Sets
+/// `p.csum`.
 #[inline(always)]
-pub fn dnat<C: Ctx>(ctx: &mut C, p: &mut Packet, ip: u32, port: u16) -> Option<()> {
+pub fn dnat<C: Ctx>(ctx: &mut C, p: &mut Packet, ip: u32, port: u16, sport: u16) -> Option<()> {
     let udp = p.is_udp();
     let k = ctx.l4_csum_kind(p);
     p.csum = k;
@@ -315,12 +317,18 @@ pub fn dnat<C: Ctx>(ctx: &mut C, p: &mut Packet, ip: u32, port: u16) -> Option<(
     ctx.rewrite_port(L4_OFF + 2, p.dport, port, p.l4_csum, k, udp)?;
     p.daddr = ip;
     p.dport = port;
+    if sport != 0 {
+        ctx.rewrite_port(L4_OFF, p.sport, sport, p.l4_csum, k, udp)?;
+        p.sport = sport;
+    }
     Some(())
 }
 
-/// Backend -> client becomes VIP -> client. Sets `p.csum`.
+/// Backend -> client becomes VIP -> client, and the destination port goes
+/// back to the client's own `dport` unless that is 0 (no rewrite). Sets
+/// `p.csum`.
 #[inline(always)]
-pub fn snat<C: Ctx>(ctx: &mut C, p: &mut Packet, ip: u32, port: u16) -> Option<()> {
+pub fn snat<C: Ctx>(ctx: &mut C, p: &mut Packet, ip: u32, port: u16, dport: u16) -> Option<()> {
     let udp = p.is_udp();
     let k = ctx.l4_csum_kind(p);
     p.csum = k;
@@ -328,6 +336,10 @@ pub fn snat<C: Ctx>(ctx: &mut C, p: &mut Packet, ip: u32, port: u16) -> Option<(
     ctx.rewrite_port(L4_OFF, p.sport, port, p.l4_csum, k, udp)?;
     p.saddr = ip;
     p.sport = port;
+    if dport != 0 {
+        ctx.rewrite_port(L4_OFF + 2, p.dport, dport, p.l4_csum, k, udp)?;
+        p.dport = dport;
+    }
     Some(())
 }
 

@@ -645,3 +645,175 @@ fn tc_netlink_lab_balances_survives_a_restart_and_cleans_up() {
     assert!(!f.contains(&pref), "filter left: {f}");
     drop(dp);
 }
+
+const VIP2: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+
+/// A connection from `local` (bound with SO_REUSEADDR, so two can share it)
+/// to `target`, inside the client namespace; the backend's identity line read.
+fn connect_from(lab: &Lab, local: SocketAddrV4, target: SocketAddrV4) -> BufReader<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let s = lab
+        .client()
+        .ns
+        .run(move || {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.bind(&SocketAddr::from(local).into())?;
+            s.connect_timeout(&SocketAddr::from(target).into(), Duration::from_secs(2))?;
+            let s = TcpStream::from(s);
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.set_nodelay(true)?;
+            Ok::<_, std::io::Error>(s)
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("connect {local} -> {target}: {e}"));
+    assert_eq!(s.peer_addr().unwrap(), SocketAddr::from(target));
+    let mut s = BufReader::new(s);
+    let mut who = String::new();
+    s.read_line(&mut who).expect("identity line");
+    assert_eq!(who.trim_end(), "backend-1");
+    s
+}
+
+/// Sends a line and checks its echo, with a readable failure.
+fn echo_ok(s: &mut BufReader<TcpStream>, what: &str, line: &str) {
+    s.get_mut()
+        .write_all(format!("{line}\n").as_bytes())
+        .unwrap_or_else(|e| panic!("{what}: write {line:?}: {e}"));
+    let mut got = String::new();
+    s.read_line(&mut got)
+        .unwrap_or_else(|e| panic!("{what}: echo of {line:?}: {e}"));
+    assert_eq!(got.trim_end(), line, "{what}");
+}
+
+/// Reverse-conntrack collisions (issue 10): two services, VIP1:80 and
+/// VIP2:80, share backend-1 (10.244.11.2:8080), and a client bound to one
+/// ip:port reaches both (`sequential`: A closed before B opens, then GC
+/// expires A; else A stays open). Both connections keep echoing; the backend
+/// sees two distinct client ports (B's from the collision range); no
+/// checksum errors anywhere (full checksums on the wire, verified by every
+/// receiver).
+fn collisions(mode: AttachMode, sequential: bool) {
+    let lab = Lab::new(1).expect("lab");
+    let servers = lab.start_tcp_servers(8080).unwrap();
+    let mut dp = datapath(&lab, mode);
+    let bk = vec![Backend::new(lab.backend(1).ip(), 8080)];
+    for (name, vip) in [("lab/a:http", VIP), ("lab/b:http", VIP2)] {
+        let svc = service(name, vip, 80, Protocol::Tcp, Algorithm::Maglev, bk.clone());
+        dp.writer().upsert_service(&svc).unwrap();
+    }
+    let client = lab.client().ip();
+    let (vip1, vip2) = (SocketAddrV4::new(VIP, 80), SocketAddrV4::new(VIP2, 80));
+    let local = SocketAddrV4::new(client, 45_000);
+
+    let mut a = connect_from(&lab, local, vip1);
+    echo_ok(&mut a, "A", "a1");
+    let mut b = if sequential {
+        // A closed (CLOSING in conntrack), then B opened, then A expired by
+        // a sweep.
+        drop(a);
+        let closing =
+            || dp_flow_state(&mut dp, (client, 45_000), (VIP, 80)).as_deref() == Some("closing");
+        wait_for(closing, "A closing in conntrack");
+        let mut b = connect_from(&lab, local, vip2);
+        echo_ok(&mut b, "B (A closed)", "b1");
+        let t = lb_agent::config::Timeouts {
+            tcp_syn: Duration::from_secs(60),
+            tcp_established: Duration::from_secs(3600),
+            tcp_closing: Duration::ZERO,
+            udp: Duration::from_secs(60),
+        };
+        let now = lb_agent::datapath::reader::monotonic_ns();
+        let r = lb_agent::gc::sweep(dp.writer(), &t, now).unwrap();
+        assert_eq!(r.expired, 1, "{mode:?}: the sweep expired A: {r:?}");
+        assert_eq!(dp_flow_state(&mut dp, (client, 45_000), (VIP, 80)), None);
+        echo_ok(&mut b, "B after A's expiry", "b2");
+        b
+    } else {
+        let mut b = connect_from(&lab, local, vip2);
+        echo_ok(&mut b, "B (A open)", "b1");
+        echo_ok(&mut a, "A (B open)", "a2");
+        echo_ok(&mut b, "B", "b2");
+        echo_ok(&mut a, "A", "a3");
+        b
+    };
+    echo_ok(&mut b, "B", "b3");
+
+    let ports: Vec<u16> = servers[0]
+        .peers()
+        .iter()
+        .map(|p| {
+            assert_eq!(p.ip(), client);
+            p.port()
+        })
+        .collect();
+    assert_eq!(ports.len(), 2, "{mode:?}: two connections accepted");
+    assert_eq!(ports[0], 45_000, "A keeps the client's port");
+    assert!(
+        (61_000..=65_535).contains(&ports[1]),
+        "{mode:?}: B from the collision range: {ports:?}"
+    );
+    let ct = dp.writer().conntrack().unwrap();
+    let b_entry = ct
+        .iter()
+        .find(|e| e.vip == (VIP2, 80))
+        .expect("B in conntrack");
+    assert_eq!(b_entry.client, (client, 45_000));
+    assert_eq!(b_entry.backend_sees, Some(ports[1]));
+    let reasons: BTreeMap<_, _> = dp.writer().reasons().unwrap().into_iter().collect();
+    assert_eq!(reasons["ct_port_rewrite"], 1, "{reasons:?}");
+    assert_eq!(reasons["drop_ports_exhausted"], 0);
+    let e = csum_errors(&lab);
+    assert!(no_csum_errors(&e), "{mode:?}: checksum errors: {e:?}");
+}
+
+/// The state of the flow `client -> vip` in conntrack, if it is there.
+fn dp_flow_state(
+    dp: &mut Datapath,
+    client: (Ipv4Addr, u16),
+    vip: (Ipv4Addr, u16),
+) -> Option<String> {
+    dp.writer()
+        .conntrack()
+        .unwrap()
+        .into_iter()
+        .find(|e| e.client == client && e.vip == vip)
+        .map(|e| e.state.to_string())
+}
+
+/// Polls `f` every 20 ms for up to 3 s.
+fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
+    let end = std::time::Instant::now() + Duration::from_secs(3);
+    while !f() {
+        assert!(std::time::Instant::now() < end, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn xdp_lab_concurrent_collision_gets_distinct_ports() {
+    if lab::require() {
+        collisions(AttachMode::Xdp, false);
+    }
+}
+
+#[test]
+fn tc_lab_concurrent_collision_gets_distinct_ports() {
+    if lab::require() {
+        collisions(AttachMode::Tc, false);
+    }
+}
+
+#[test]
+fn xdp_lab_sequential_collision_survives_gc() {
+    if lab::require() {
+        collisions(AttachMode::Xdp, true);
+    }
+}
+
+#[test]
+fn tc_lab_sequential_collision_survives_gc() {
+    if lab::require() {
+        collisions(AttachMode::Tc, true);
+    }
+}

@@ -14,9 +14,9 @@
 
 use std::net::Ipv4Addr;
 
-use lb_agent::datapath::Datapath;
 use lb_agent::datapath::programs::{self, ProgramSet};
 use lb_agent::datapath::scratch::{Hook, ScratchDatapath};
+use lb_agent::datapath::{Datapath, PortRange};
 use lb_api::{Algorithm, Backend, BackendState, Protocol, ServiceAddr};
 use rpclb_tests::packet::{self, ACK, FIN, PSH, Pkt, RST, SYN, assert_bytes_eq, service};
 
@@ -106,6 +106,21 @@ impl Harness {
             ScratchDatapath::new(|c| {
                 c.fib_redirect = fib;
                 c.programs = set.into();
+            })
+            .expect("load data path"),
+        );
+        assert_eq!(h.dp().programs(), set, "the program set asked for");
+        h
+    }
+
+    /// [`Harness::new`] (no fib redirect) with the source ports for
+    /// colliding flows set to `ports` (`--collision-ports`).
+    fn with_collision_ports(set: ProgramSet, ports: Option<PortRange>) -> Harness {
+        let mut h = Harness(
+            ScratchDatapath::new(|c| {
+                c.fib_redirect = false;
+                c.programs = set.into();
+                c.collision_ports = ports;
             })
             .expect("load data path"),
         );
@@ -1383,3 +1398,411 @@ fn counters_exact_across_cpus_on(set: ProgramSet) {
         "backend counters"
     );
 }
+
+/// VIPs of services that share one backend (reverse-conntrack collisions).
+const VIP2: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const VIP3: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+const UDP_VIP2: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 54);
+
+/// The port the kernel gives a flow whose backend-side tuple is taken: its
+/// first candidate (`lb_common::collision_port`), when that one is free.
+fn rewritten_port(r: PortRange, vip: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> u16 {
+    let wire = |ip: Ipv4Addr| u32::from_ne_bytes(ip.octets());
+    let h = lb_common::flow_hash(wire(CLIENT), wire(vip), sport.to_be(), dport.to_be(), proto);
+    lb_common::collision_port(r.first.into(), r.count(), h, 0) as u16
+}
+
+/// Reason counters that moved between two snapshots.
+fn reason_deltas(
+    before: &[(&'static str, u64)],
+    after: &[(&'static str, u64)],
+) -> impl Fn(&str) -> u64 + use<> {
+    let d: Vec<(&'static str, u64)> = after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| (a.0, a.1 - b.1))
+        .collect();
+    move |n: &str| d.iter().find(|r| r.0 == n).expect("reason name").1
+}
+
+/// One client ip:port through two VIPs to one backend (issue 10): the
+/// second flow's backend-side tuple is the first one's, so its source port is
+/// rewritten (to its first candidate of the default `--collision-ports`
+/// range) and restored on replies; the first flow is untouched. TCP and UDP,
+/// full checksums (and in XDP a CHECKSUM_PARTIAL seed, which a port rewrite
+/// leaves alone).
+fn collision_rewrite(hook: Hook, set: ProgramSet) {
+    let r = PortRange::DEFAULT_COLLISION;
+    let mut h = Harness::with_collision_ports(set, Some(r));
+    let (bk, bport, uport) = (b(1), 8080, 5353);
+    let svc = |name: &str, vip, port, proto, bp| {
+        service(name, vip, port, proto, Algorithm::Maglev, &[(bk, bp)])
+    };
+    let w = h.dp().writer();
+    w.upsert_service(&svc("demo/a:http", VIP, 80, Protocol::Tcp, bport))
+        .unwrap();
+    w.upsert_service(&svc("demo/b:http", VIP2, 80, Protocol::Tcp, bport))
+        .unwrap();
+    w.upsert_service(&svc("demo/a:dns", UDP_VIP, 53, Protocol::Udp, uport))
+        .unwrap();
+    w.upsert_service(&svc("demo/b:dns", UDP_VIP2, 53, Protocol::Udp, uport))
+        .unwrap();
+    let p = rewritten_port(r, VIP2, 40000, 80, 6);
+    let up = rewritten_port(r, UDP_VIP2, 41000, 53, 17);
+    assert_ne!(p, 40000);
+    let udp = |src, sport, dst, dport, body: &[u8]| {
+        Pkt::udp()
+            .ip(src, dst)
+            .ports(sport, dport)
+            .id(9)
+            .payload(body)
+    };
+    let mut fixtures = vec![
+        Fixture {
+            desc: "A: SYN to VIP1: its own port is free",
+            input: tcp(CLIENT, 40000, VIP, 80, SYN).build(),
+            verdict: V::Pass,
+            output: tcp(CLIENT, 40000, bk, bport, SYN).build(),
+        },
+        Fixture {
+            desc: "B: SYN from the same ip:port to VIP2: source port rewritten",
+            input: tcp(CLIENT, 40000, VIP2, 80, SYN)
+                .tcp_options(&[2, 4, 5, 0xb4])
+                .build(),
+            verdict: V::Pass,
+            output: tcp(CLIENT, p, bk, bport, SYN)
+                .tcp_options(&[2, 4, 5, 0xb4])
+                .build(),
+        },
+        Fixture {
+            desc: "B: SYN|ACK from the backend to the rewritten port: VIP2 and the client's port restored",
+            input: tcp(bk, bport, CLIENT, p, SYN | ACK).ack(1001).build(),
+            verdict: V::Pass,
+            output: tcp(VIP2, 80, CLIENT, 40000, SYN | ACK).ack(1001).build(),
+        },
+        Fixture {
+            desc: "A: SYN|ACK to the client's own port: still A's, from VIP1",
+            input: tcp(bk, bport, CLIENT, 40000, SYN | ACK).ack(1001).build(),
+            verdict: V::Pass,
+            output: tcp(VIP, 80, CLIENT, 40000, SYN | ACK).ack(1001).build(),
+        },
+        Fixture {
+            desc: "B: data keeps the rewritten port",
+            input: tcp(CLIENT, 40000, VIP2, 80, ACK | PSH)
+                .ack(5)
+                .payload(b"GET /b HTTP/1.1\r\n\r\n")
+                .build(),
+            verdict: V::Pass,
+            output: tcp(CLIENT, p, bk, bport, ACK | PSH)
+                .ack(5)
+                .payload(b"GET /b HTTP/1.1\r\n\r\n")
+                .build(),
+        },
+        Fixture {
+            desc: "A: data keeps the client's port",
+            input: tcp(CLIENT, 40000, VIP, 80, ACK | PSH)
+                .ack(5)
+                .payload(b"GET /a HTTP/1.1\r\n\r\n")
+                .build(),
+            verdict: V::Pass,
+            output: tcp(CLIENT, 40000, bk, bport, ACK | PSH)
+                .ack(5)
+                .payload(b"GET /a HTTP/1.1\r\n\r\n")
+                .build(),
+        },
+        Fixture {
+            desc: "B: reply with payload restored",
+            input: tcp(bk, bport, CLIENT, p, ACK | PSH)
+                .ack(1020)
+                .payload(b"HTTP/1.1 200 OK\r\n\r\nb")
+                .build(),
+            verdict: V::Pass,
+            output: tcp(VIP2, 80, CLIENT, 40000, ACK | PSH)
+                .ack(1020)
+                .payload(b"HTTP/1.1 200 OK\r\n\r\nb")
+                .build(),
+        },
+        Fixture {
+            desc: "UDP A: datagram to VIP1: own port",
+            input: udp(CLIENT, 41000, UDP_VIP, 53, b"qa").build(),
+            verdict: V::Pass,
+            output: udp(CLIENT, 41000, bk, uport, b"qa").build(),
+        },
+        Fixture {
+            desc: "UDP B: datagram to VIP2: port rewritten, UDP checksum fixed",
+            input: udp(CLIENT, 41000, UDP_VIP2, 53, b"qb").build(),
+            verdict: V::Pass,
+            output: udp(CLIENT, up, bk, uport, b"qb").build(),
+        },
+        Fixture {
+            desc: "UDP B: reply restored",
+            input: udp(bk, uport, CLIENT, up, b"answer-b").build(),
+            verdict: V::Pass,
+            output: udp(UDP_VIP2, 53, CLIENT, 41000, b"answer-b").build(),
+        },
+        Fixture {
+            desc: "UDP B without checksum: port rewritten, checksum stays 0",
+            input: udp(CLIENT, 41000, UDP_VIP2, 53, b"q0")
+                .udp_no_csum()
+                .build(),
+            verdict: V::Pass,
+            output: udp(CLIENT, up, bk, uport, b"q0").udp_no_csum().build(),
+        },
+        Fixture {
+            desc: "UDP A: reply to the client's own port: from VIP1",
+            input: udp(bk, uport, CLIENT, 41000, b"answer-a").build(),
+            verdict: V::Pass,
+            output: udp(UDP_VIP, 53, CLIENT, 41000, b"answer-a").build(),
+        },
+    ];
+    if hook == Hook::Xdp {
+        // A seed covers addresses, not ports: only the address moves it.
+        fixtures.push(Fixture {
+            desc: "B: CHECKSUM_PARTIAL data: the seed follows the address, not the ports",
+            input: tcp(CLIENT, 40000, VIP2, 80, ACK | PSH)
+                .ack(5)
+                .payload(b"partial")
+                .partial()
+                .build(),
+            verdict: V::Pass,
+            output: tcp(CLIENT, p, bk, bport, ACK | PSH)
+                .ack(5)
+                .payload(b"partial")
+                .partial()
+                .build(),
+        });
+        fixtures.push(Fixture {
+            desc: "B: CHECKSUM_PARTIAL reply restored",
+            input: tcp(bk, bport, CLIENT, p, ACK | PSH)
+                .ack(1020)
+                .payload(b"partial reply")
+                .partial()
+                .build(),
+            verdict: V::Pass,
+            output: tcp(VIP2, 80, CLIENT, 40000, ACK | PSH)
+                .ack(1020)
+                .payload(b"partial reply")
+                .partial()
+                .build(),
+        });
+    }
+    let before = h.reasons();
+    for f in &fixtures {
+        let (rc, out) = h.run(hook, &f.input);
+        assert_eq!(rc, f.verdict.code(hook), "{hook:?}: {}: verdict", f.desc);
+        let sums = if f.desc.contains("PARTIAL") {
+            packet::verify_seed(&out)
+        } else {
+            packet::verify_checksums(&out)
+        };
+        if let Err(e) = sums {
+            panic!("{hook:?}: {}: bad checksum in output: {e}", f.desc);
+        }
+        eprintln!("{hook:?}: {}: ok", f.desc);
+        assert_bytes_eq(&out, &f.output);
+    }
+    let delta = reason_deltas(&before, &h.reasons());
+    assert_eq!(
+        delta("ct_port_rewrite"),
+        2,
+        "one TCP, one UDP flow rewritten"
+    );
+    assert_eq!(delta("drop_ports_exhausted"), 0);
+    assert_eq!(delta("drop_ct_insert"), 0);
+
+    // Conntrack: four flows, two with the port the backend sees.
+    let w = h.dp().writer();
+    let ct = w.conntrack().unwrap();
+    assert_eq!(ct.len(), 4, "{ct:?}");
+    let seen = |vip: Ipv4Addr| ct.iter().find(|e| e.vip.0 == vip).unwrap().backend_sees;
+    assert_eq!(seen(VIP), None);
+    assert_eq!(seen(VIP2), Some(p));
+    assert_eq!(seen(UDP_VIP), None);
+    assert_eq!(seen(UDP_VIP2), Some(up));
+}
+
+both_sets!(xdp_collision_rewrite, xdp_collision_rewrite_compat, |set| {
+    collision_rewrite(Hook::Xdp, set)
+});
+
+both_sets!(tc_collision_rewrite, tc_collision_rewrite_compat, |set| {
+    collision_rewrite(Hook::Tc, set)
+});
+
+/// A one-port collision range: the second colliding flow finds no free
+/// port; its SYN is dropped and counted, and the flows holding the tuple keep
+/// working. A re-opened flow takes its own port again, and a reverse entry
+/// whose flow is gone (evicted) is free to take.
+fn collision_exhaustion(hook: Hook, set: ProgramSet) {
+    let r = PortRange {
+        first: 61000,
+        last: 61000,
+    };
+    let mut h = Harness::with_collision_ports(set, Some(r));
+    let (bk, bport) = (b(1), 8080);
+    let w = h.dp().writer();
+    for (name, vip) in [
+        ("demo/a:http", VIP),
+        ("demo/b:http", VIP2),
+        ("demo/c:http", VIP3),
+    ] {
+        w.upsert_service(&service(
+            name,
+            vip,
+            80,
+            Protocol::Tcp,
+            Algorithm::Maglev,
+            &[(bk, bport)],
+        ))
+        .unwrap();
+    }
+    let c_syn = tcp(CLIENT, 40000, VIP3, 80, SYN).build();
+    let steps = vec![
+        Fixture {
+            desc: "A: SYN to VIP1: own port",
+            input: tcp(CLIENT, 40000, VIP, 80, SYN).build(),
+            verdict: V::Pass,
+            output: tcp(CLIENT, 40000, bk, bport, SYN).build(),
+        },
+        Fixture {
+            desc: "B: SYN to VIP2: the range's one port",
+            input: tcp(CLIENT, 40000, VIP2, 80, SYN).build(),
+            verdict: V::Pass,
+            output: tcp(CLIENT, 61000, bk, bport, SYN).build(),
+        },
+        Fixture {
+            desc: "C: SYN to VIP3: no free port, dropped",
+            input: c_syn.clone(),
+            verdict: V::Drop,
+            output: c_syn.clone(),
+        },
+        Fixture {
+            desc: "A: reply still A's",
+            input: tcp(bk, bport, CLIENT, 40000, SYN | ACK).ack(1001).build(),
+            verdict: V::Pass,
+            output: tcp(VIP, 80, CLIENT, 40000, SYN | ACK).ack(1001).build(),
+        },
+        Fixture {
+            desc: "B: reply still B's",
+            input: tcp(bk, bport, CLIENT, 61000, SYN | ACK).ack(1001).build(),
+            verdict: V::Pass,
+            output: tcp(VIP2, 80, CLIENT, 40000, SYN | ACK).ack(1001).build(),
+        },
+        Fixture {
+            desc: "C: retransmitted SYN: dropped again",
+            input: c_syn.clone(),
+            verdict: V::Drop,
+            output: c_syn.clone(),
+        },
+        Fixture {
+            desc: "B: FIN closes it",
+            input: tcp(CLIENT, 40000, VIP2, 80, FIN | ACK).build(),
+            verdict: V::Pass,
+            output: tcp(CLIENT, 61000, bk, bport, FIN | ACK).build(),
+        },
+        Fixture {
+            desc: "B: re-opened (SYN on the closed flow): takes its own port again",
+            input: tcp(CLIENT, 40000, VIP2, 80, SYN).build(),
+            verdict: V::Pass,
+            output: tcp(CLIENT, 61000, bk, bport, SYN).build(),
+        },
+    ];
+    let before = h.reasons();
+    for f in &steps {
+        check(&mut h, hook, f);
+    }
+    let delta = reason_deltas(&before, &h.reasons());
+    assert_eq!(delta("drop_ports_exhausted"), 2, "C's two SYNs");
+    assert_eq!(delta("ct_port_rewrite"), 2, "B, and B re-opened");
+    let w = h.dp().writer();
+    let c_addr = ServiceAddr {
+        vip: VIP3,
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let st = w.service_stats(&c_addr).unwrap();
+    assert_eq!((st.new_flows, st.drops), (0, 2), "C: no flow, two drops");
+    assert_eq!(w.conntrack().unwrap().len(), 2, "A and B only");
+
+    // A's forward entry evicted: its reverse entry is stale, and C may take
+    // the client's own port.
+    let a = lb_common::FlowKey {
+        src_ip: u32::from_ne_bytes(CLIENT.octets()),
+        dst_ip: u32::from_ne_bytes(VIP.octets()),
+        src_port: 40000u16.to_be(),
+        dst_port: 80u16.to_be(),
+        proto: 6,
+        _pad: [0; 3],
+    };
+    w.conntrack_map().remove(&a).unwrap();
+    check(
+        &mut h,
+        hook,
+        &Fixture {
+            desc: "C: SYN after A's flow is gone: own port",
+            input: c_syn,
+            verdict: V::Pass,
+            output: tcp(CLIENT, 40000, bk, bport, SYN).build(),
+        },
+    );
+    check(
+        &mut h,
+        hook,
+        &Fixture {
+            desc: "C: reply to the client's own port is now C's",
+            input: tcp(bk, bport, CLIENT, 40000, SYN | ACK).ack(1001).build(),
+            verdict: V::Pass,
+            output: tcp(VIP3, 80, CLIENT, 40000, SYN | ACK).ack(1001).build(),
+        },
+    );
+
+    // Port rewrites off: a colliding flow is dropped.
+    let mut h = Harness::with_collision_ports(set, None);
+    let w = h.dp().writer();
+    for (name, vip) in [("demo/a:http", VIP), ("demo/b:http", VIP2)] {
+        w.upsert_service(&service(
+            name,
+            vip,
+            80,
+            Protocol::Tcp,
+            Algorithm::Maglev,
+            &[(bk, bport)],
+        ))
+        .unwrap();
+    }
+    let b_syn = tcp(CLIENT, 40000, VIP2, 80, SYN).build();
+    let before = h.reasons();
+    for f in [
+        Fixture {
+            desc: "off: A's SYN",
+            input: tcp(CLIENT, 40000, VIP, 80, SYN).build(),
+            verdict: V::Pass,
+            output: tcp(CLIENT, 40000, bk, bport, SYN).build(),
+        },
+        Fixture {
+            desc: "off: B's colliding SYN dropped",
+            input: b_syn.clone(),
+            verdict: V::Drop,
+            output: b_syn,
+        },
+    ] {
+        check(&mut h, hook, &f);
+    }
+    let delta = reason_deltas(&before, &h.reasons());
+    assert_eq!(
+        (delta("drop_ports_exhausted"), delta("ct_port_rewrite")),
+        (1, 0)
+    );
+}
+
+both_sets!(
+    xdp_collision_exhaustion,
+    xdp_collision_exhaustion_compat,
+    |set| collision_exhaustion(Hook::Xdp, set)
+);
+
+both_sets!(
+    tc_collision_exhaustion,
+    tc_collision_exhaustion_compat,
+    |set| collision_exhaustion(Hook::Tc, set)
+);

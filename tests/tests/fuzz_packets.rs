@@ -242,7 +242,10 @@ fn class(hook: Hook, rc: u32) -> Option<Class> {
 /// The class a reason's name implies (`None`: not an outcome on its own).
 fn implied(r: u32) -> Option<Class> {
     match r {
-        reason::NAT_FORWARD | reason::NAT_REVERSE | reason::DROP_CT_INSERT => None,
+        reason::NAT_FORWARD
+        | reason::NAT_REVERSE
+        | reason::DROP_CT_INSERT
+        | reason::CT_PORT_REWRITE => None,
         reason::TX_RST_NO_BACKEND | reason::FWD_REDIRECT => Some(Class::Redirect),
         _ if reason::NAMES[r as usize].starts_with("drop_") => Some(Class::Drop),
         _ => Some(Class::Pass),

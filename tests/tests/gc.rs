@@ -627,3 +627,121 @@ fn recount_heals_active_counts_and_counts_evictions() {
     assert_eq!(all_entries(h.w()).len(), 0);
     assert_eq!(total_active(h.w(), &addrs), 0);
 }
+
+/// Reverse-conntrack collisions (docs/reliability.md): GC deletes a reverse
+/// entry only with the flow that owns it.
+///
+/// First the kernel's own entries: A (client:5000 -> VIP, closed) and B
+/// (client:5000 -> VIP2, open) through one backend; B got a rewritten source
+/// port, so A's expiry takes A's two entries and leaves B's, whose replies
+/// still translate. Then the case the rule is for: a reverse entry at A's
+/// reverse key that belongs to another, live flow D (as a kernel without port
+/// rewrites left it); A's expiry must leave it.
+#[test]
+fn sweep_leaves_a_reverse_entry_it_does_not_own() {
+    if !can_run() {
+        return;
+    }
+    const VIP2: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+    const VIP3: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+    let mut h = Harness::new(None);
+    for (name, vip) in [("demo/a:http", VIP), ("demo/b:http", VIP2)] {
+        h.w()
+            .upsert_service(&service(name, vip, 80, Protocol::Tcp, &[(1, 8080)]))
+            .unwrap();
+    }
+    let t = Timeouts {
+        tcp_syn: Duration::from_secs(5),
+        tcp_established: Duration::from_secs(100),
+        tcp_closing: Duration::from_secs(5),
+        udp: Duration::from_secs(30),
+    };
+    let a = fwd_key(6, CLIENT, 5000, VIP, 80);
+    let b = fwd_key(6, CLIENT, 5000, VIP2, 80);
+    h.run(&frame(6, CLIENT, 5000, VIP, 80, SYN));
+    h.run(&frame(6, CLIENT, 5000, VIP, 80, FIN | ACK));
+    h.run(&frame(6, CLIENT, 5000, VIP2, 80, SYN));
+    let before = all_entries(h.w());
+    assert_eq!(before.len(), 4, "two flows, two entries each");
+    let (av, bv) = (before[&a], before[&b]);
+    assert_eq!(av.state, ct_state::CLOSING);
+    assert_ne!(bv.client_port, 0, "B's source port was rewritten");
+    let (ark, brk) = (a.reverse_of_forward(&av), b.reverse_of_forward(&bv));
+    assert_ne!(ark, brk);
+    assert!(a.owns_reverse(&av, &ark, &before[&ark]));
+    assert!(b.owns_reverse(&bv, &brk, &before[&brk]));
+    let now = monotonic_ns();
+    age(h.w(), &a, now, 10);
+    age(h.w(), &ark, now, 10);
+    let r = gc::sweep(h.w(), &t, now).unwrap();
+    assert_eq!((r.expired, r.orphans), (1, 0));
+    let after = all_entries(h.w());
+    assert_eq!(after.len(), 2, "A's entries gone");
+    assert!(
+        after.contains_key(&b) && after.contains_key(&brk),
+        "B's kept"
+    );
+    // B's reply still goes back to VIP2 and the client's own port.
+    let reply = frame(
+        6,
+        Ipv4Addr::new(10, 244, 11, 2),
+        8080,
+        CLIENT,
+        u16::from_be(bv.client_port),
+        SYN | ACK,
+    );
+    let (_, out) = h.0.run(Hook::Xdp, &reply).unwrap();
+    let p = rpclb_tests::packet::parse(&out).unwrap();
+    let tcp = p.tcp().unwrap();
+    assert_eq!((p.ip.src, tcp.sport, tcp.dport), (VIP2, 80, 5000));
+
+    // A closed flow A2 (client:6000 -> VIP), idle, and at its reverse key
+    // an entry of the live flow D (client:6000 -> VIP3) through the same
+    // backend, with D's forward entry: A2's expiry deletes A2's forward
+    // entry only.
+    let a2 = fwd_key(6, CLIENT, 6000, VIP, 80);
+    let d = fwd_key(6, CLIENT, 6000, VIP3, 80);
+    let fwd_v = |state, age_s: u64| CtValue {
+        nat_ip: ip_wire(Ipv4Addr::new(10, 244, 11, 2)),
+        nat_port: 8080u16.to_be(),
+        dir: ct_dir::FORWARD,
+        svc_id: 1,
+        backend_id: 1,
+        state,
+        created_ns: now - age_s * S,
+        last_seen_ns: now - age_s * S,
+        ..Default::default()
+    };
+    let (a2v, dv) = (
+        fwd_v(ct_state::CLOSING, 10),
+        fwd_v(ct_state::ESTABLISHED, 1),
+    );
+    let rk = a2.reverse_of_forward(&a2v);
+    assert_eq!(rk, d.reverse_of_forward(&dv), "one reverse key");
+    let dr = CtValue {
+        nat_ip: ip_wire(VIP3),
+        nat_port: 80u16.to_be(),
+        dir: ct_dir::REVERSE,
+        svc_id: 1,
+        backend_id: 1,
+        created_ns: now - 10 * S,
+        // Idle past A2's timeout (D's client is sending, the backend is
+        // not): what made the old GC take it for A2's.
+        last_seen_ns: now - 10 * S,
+        ..Default::default()
+    };
+    assert!(d.owns_reverse(&dv, &rk, &dr) && !a2.owns_reverse(&a2v, &rk, &dr));
+    {
+        let m = h.w().conntrack_map();
+        m.insert(a2, a2v, 0).unwrap();
+        m.insert(d, dv, 0).unwrap();
+        m.insert(rk, dr, 0).unwrap();
+    }
+    let r = gc::sweep(h.w(), &t, now).unwrap();
+    assert_eq!((r.expired, r.orphans), (1, 0));
+    let after = all_entries(h.w());
+    assert!(!after.contains_key(&a2), "A2 expired");
+    assert_eq!(after.get(&rk), Some(&dr), "D's reverse entry kept");
+    assert!(after.contains_key(&d));
+    assert_eq!(after.len(), 4, "B's two entries and D's two");
+}

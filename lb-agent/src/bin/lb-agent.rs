@@ -221,6 +221,17 @@ struct RunArgs {
     /// Hand every packet to the kernel stack instead of bpf_fib_lookup + redirect.
     #[arg(long, env = "RPCLB_NO_FIB_REDIRECT", value_parser = BoolishValueParser::new())]
     no_fib_redirect: bool,
+    /// Source ports (FIRST-LAST) for a new flow whose backend-side tuple another flow holds
+    /// (one client ip:port to one backend through two VIPs); `off` drops such flows instead
+    /// (docs/reliability.md, "Reverse-conntrack collisions").
+    #[arg(
+        long,
+        env = "RPCLB_COLLISION_PORTS",
+        value_name = "FIRST-LAST|off",
+        default_value = "61000-65535",
+        value_parser = parse_collision_ports
+    )]
+    collision_ports: CollisionPorts,
     /// On SIGTERM/SIGINT, detach the programs and unpin everything (default: leave the
     /// data path running).
     #[arg(long, env = "RPCLB_DETACH_ON_EXIT", value_parser = BoolishValueParser::new())]
@@ -234,6 +245,17 @@ struct RunArgs {
     /// take over before shutting down (0: shut down at once).
     #[arg(long, env = "RPCLB_HANDOVER_WAIT", default_value = "30s", value_parser = lb_agent::duration::parse)]
     handover_wait: Duration,
+}
+
+/// `--collision-ports`: a range, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct CollisionPorts(Option<datapath::PortRange>);
+
+fn parse_collision_ports(s: &str) -> Result<CollisionPorts, String> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(CollisionPorts(None));
+    }
+    s.parse().map(|r| CollisionPorts(Some(r)))
 }
 
 #[derive(Args, Debug)]
@@ -392,6 +414,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                 .map(|i| i.trim().to_string())
                 .filter(|i| !i.is_empty())
                 .collect(),
+            collision_ports: a.collision_ports.0,
             map_memory_budget: a
                 .map_memory_budget_mib
                 .saturating_mul(datapath::memory::MIB),
@@ -466,6 +489,10 @@ mod tests {
         let c = Cli::try_parse_from(["lb-agent", "--config", "x", "--detach-on-exit"]).unwrap();
         assert!(c.run.detach_on_exit && !c.run.no_fib_redirect);
         assert_eq!(c.run.map_memory_budget_mib, 512);
+        assert_eq!(
+            c.run.collision_ports.0,
+            Some(datapath::PortRange::DEFAULT_COLLISION)
+        );
         assert!(!c.run.allow_map_memory_over_budget);
         let c = Cli::try_parse_from([
             "lb-agent",
@@ -478,6 +505,18 @@ mod tests {
         .unwrap();
         assert_eq!(c.run.map_memory_budget_mib, 2048);
         assert!(c.run.allow_map_memory_over_budget);
+        let p =
+            |v: &str| Cli::try_parse_from(["lb-agent", "--config", "x", "--collision-ports", v]);
+        let r = |first, last| Some(datapath::PortRange { first, last });
+        assert_eq!(
+            p("60000-60999").unwrap().run.collision_ports.0,
+            r(60000, 60999)
+        );
+        assert_eq!(p("62000").unwrap().run.collision_ports.0, r(62000, 62000));
+        assert_eq!(p("off").unwrap().run.collision_ports.0, None);
+        for bad in ["0-10", "10-5", "x", "1-70000"] {
+            assert!(p(bad).is_err(), "{bad}");
+        }
         let c = Cli::try_parse_from([
             "lb-agent",
             "run",

@@ -194,6 +194,57 @@ pub struct DatapathConfig {
     /// Interfaces that take natively redirected XDP frames besides physical
     /// NICs running native XDP (`--xdp-redirect-to`; `lb_common::xdp_iface`).
     pub xdp_redirect_to: Vec<String>,
+    /// Source ports for new flows whose backend-side tuple another flow
+    /// holds (`--collision-ports`); `None`: such flows are dropped.
+    pub collision_ports: Option<PortRange>,
+}
+
+/// A range of ports, both ends included (`61000-65535`, or one port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    /// The default collision range (`limits::COLLISION_PORTS`).
+    pub const DEFAULT_COLLISION: PortRange = PortRange {
+        first: limits::COLLISION_PORTS.0,
+        last: limits::COLLISION_PORTS.1,
+    };
+
+    /// Number of ports in the range (at least 1).
+    pub fn count(&self) -> u32 {
+        u32::from(self.last) - u32::from(self.first) + 1
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+    /// `FIRST-LAST` or a single port; port 0 and an inverted range are refused.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let port = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| format!("{p:?} is not a port (1-65535)"))
+        };
+        let (first, last) = match s.split_once('-') {
+            Some((a, b)) => (port(a)?, port(b)?),
+            None => (port(s)?, port(s)?),
+        };
+        if first > last {
+            return Err(format!("port range {s:?} ends before it starts"));
+        }
+        Ok(PortRange { first, last })
+    }
 }
 
 impl Default for DatapathConfig {
@@ -211,6 +262,7 @@ impl Default for DatapathConfig {
             tc_attach: attach::TcAttach::Auto,
             programs: BpfPrograms::Auto,
             xdp_redirect_to: Vec::new(),
+            collision_ports: Some(PortRange::DEFAULT_COLLISION),
         }
     }
 }
@@ -283,7 +335,7 @@ impl Datapath {
             })?;
         let (programs, programs_fallback) = load_programs(&mut ebpf, cfg.programs)?;
         let mut writer = MapWriter::from_ebpf(&mut ebpf)?;
-        writer.set_config(cfg.fib_redirect)?;
+        writer.set_config(cfg.fib_redirect, cfg.collision_ports)?;
         memory::log(mem, cfg.map_memory_budget, &cfg.pin_path);
         info!(
             pin_path = %cfg.pin_path.display(),

@@ -88,6 +88,9 @@ pub struct ConntrackEntry {
     pub client: (Ipv4Addr, u16),
     pub vip: (Ipv4Addr, u16),
     pub backend: (Ipv4Addr, u16),
+    /// The source port the backend sees, when the kernel rewrote the
+    /// client's (its own was taken: a reverse-conntrack collision).
+    pub backend_sees: Option<u16>,
     pub svc_id: u32,
     pub backend_id: u32,
     pub state: &'static str,
@@ -490,6 +493,7 @@ impl MapReader {
                 client: (ip_from_wire(k.src_ip), u16::from_be(k.src_port)),
                 vip: (ip_from_wire(k.dst_ip), u16::from_be(k.dst_port)),
                 backend: (ip_from_wire(v.nat_ip), u16::from_be(v.nat_port)),
+                backend_sees: (v.client_port != 0).then(|| u16::from_be(v.client_port)),
                 svc_id: v.svc_id,
                 backend_id: v.backend_id,
                 state: lb_common::ct_state::name(v.state),

@@ -134,11 +134,23 @@ impl MapWriter {
         })
     }
 
-    pub(crate) fn set_config(&mut self, fib_redirect: bool) -> Result<(), DatapathError> {
-        self.r
-            .config
-            .set(config_idx::FIB_REDIRECT, fib_redirect as u32, 0)
-            .map_err(map_err(map_names::CONFIG))
+    pub(crate) fn set_config(
+        &mut self,
+        fib_redirect: bool,
+        collision_ports: Option<super::PortRange>,
+    ) -> Result<(), DatapathError> {
+        let (first, count) = collision_ports.map_or((0, 0), |r| (u32::from(r.first), r.count()));
+        for (idx, v) in [
+            (config_idx::FIB_REDIRECT, fib_redirect as u32),
+            (config_idx::COLLISION_PORT_MIN, first),
+            (config_idx::COLLISION_PORT_COUNT, count),
+        ] {
+            self.r
+                .config
+                .set(idx, v, 0)
+                .map_err(map_err(map_names::CONFIG))?;
+        }
+        Ok(())
     }
 
     /// Sets the `XDP_IFACES` flags of one interface (`lb_common::xdp_iface`).

@@ -547,7 +547,8 @@ pub fn sample(w: &MapReader) -> Result<Sample> {
 /// A reason's kind: its prefix, as in the agent's metrics (`kind` label of
 /// `rpclb_datapath_events_total`): `nat` (translated to or from a backend),
 /// `fwd` (sent out with a FIB redirect), `pass` (handed to the stack),
-/// `drop`, `tx` (answered: a RST for a service without backends).
+/// `drop`, `tx` (answered: a RST for a service without backends), `ct` (a
+/// conntrack event beside the packet's outcome: a source-port rewrite).
 pub fn reason_kind(name: &str) -> &'static str {
     match name.split('_').next() {
         Some("pass") => "pass",
@@ -555,6 +556,7 @@ pub fn reason_kind(name: &str) -> &'static str {
         Some("tx") => "tx",
         Some("fwd") => "fwd",
         Some("nat") => "nat",
+        Some("ct") => "ct",
         _ => "other",
     }
 }
@@ -793,6 +795,7 @@ mod tests {
             assert_ne!(reason_kind(n), "other", "{n}");
         }
         assert_eq!(reason_kind("nat_forward"), "nat");
+        assert_eq!(reason_kind("ct_port_rewrite"), "ct");
         assert_eq!(reason_kind("fwd_redirect"), "fwd");
         assert_eq!(reason_kind("tx_rst_no_backend"), "tx");
     }
