@@ -8,6 +8,7 @@
 
 mod conntrack;
 mod ctx;
+mod frag;
 mod fwd;
 mod maps;
 mod nat;
@@ -91,6 +92,9 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
         }
     };
     let now = S::now();
+    if p.frag == parse::FRAG_LATER {
+        return frag::later(ctx, &mut p, now);
+    }
     let bytes = p.tot_len as u64 + parse::ETH_LEN as u64;
     let key = conntrack::key(&p);
     let tcp = p.proto == proto::TCP;
@@ -107,6 +111,7 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
                 }
             }
             stats::traffic(e.svc_id, e.backend_id, bytes, false);
+            frag::record(&p, &key);
             if nat::snat(ctx, &mut p, e.nat_ip, e.nat_port).is_none() {
                 stats::reason(reason::DROP_TRUNCATED_L4);
                 return Verdict::Drop;
@@ -120,6 +125,7 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
                 conntrack::tcp_state::<S>(v, p.flags, true);
             }
             stats::traffic(e.svc_id, e.backend_id, bytes, false);
+            frag::record(&p, &key);
             if nat::dnat(ctx, &mut p, e.nat_ip, e.nat_port).is_none() {
                 stats::reason(reason::DROP_TRUNCATED_L4);
                 return Verdict::Drop;
@@ -154,6 +160,7 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
         }
     }
     stats::traffic(svc.id, id, bytes, true);
+    frag::record(&p, &key);
     if nat::dnat(ctx, &mut p, b.ip, b.port).is_none() {
         stats::reason(reason::DROP_TRUNCATED_L4);
         return Verdict::Drop;

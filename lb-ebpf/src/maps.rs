@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FlowKey, NameValue,
-    ServiceKey, ServiceValue, config_idx, limits, reason,
+    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FlowKey, FragKey,
+    FragValue, NameValue, ServiceKey, ServiceValue, config_idx, limits, reason,
 };
 
 #[map]
@@ -65,3 +65,10 @@ pub fn config(idx: u32) -> u32 {
 /// Service id -> name, written by the agent for lbctl; never read here.
 #[map]
 pub static NAMES: HashMap<u32, NameValue> = HashMap::pinned(limits::MAX_SERVICES, 0);
+
+/// (src, dst, proto, IP id) of a fragmented datagram -> the ports of its
+/// first fragment (`frag`). LRU: entries are never deleted, newer
+/// datagrams evict them.
+#[map]
+pub static FRAGMENTS: LruHashMap<FragKey, FragValue> =
+    LruHashMap::pinned(limits::MAX_FRAGMENTS, 0);

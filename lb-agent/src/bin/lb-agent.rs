@@ -189,6 +189,10 @@ struct RunArgs {
     /// Size of the client-IP affinity map.
     #[arg(long, env = "RPCLB_MAX_AFFINITY", default_value_t = limits::MAX_AFFINITY)]
     max_affinity: u32,
+    /// Size of the fragment map: fragmented datagrams (to or from a VIP) tracked at once, so
+    /// that their later fragments follow the first (docs/reliability.md, "Fragments").
+    #[arg(long, env = "RPCLB_MAX_FRAGMENTS", default_value_t = limits::MAX_FRAGMENTS)]
+    max_fragments: u32,
     /// Size of the selection-table map (Maglev and weighted tables of all services).
     #[arg(long, env = "RPCLB_MAX_SLOTS", default_value_t = limits::MAX_SLOTS)]
     max_slots: u32,
@@ -365,6 +369,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             max_backends: a.max_backends,
             max_conntrack: a.max_conntrack,
             max_affinity: a.max_affinity,
+            max_fragments: a.max_fragments,
             max_slots: a.max_slots,
             fib_redirect: !a.no_fib_redirect,
             map_memory_budget: a
