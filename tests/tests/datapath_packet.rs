@@ -701,6 +701,19 @@ fn frag_step(h: &mut Harness, hook: Hook, desc: &str, input: &[u8], want: &[u8],
     assert_eq!(moved, vec![(reason, 1)], "{hook:?}: {desc}: counters");
 }
 
+/// The fragment tests, each checked on its own (`fragments`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FragCase {
+    /// The first fragment is balanced and translated.
+    First,
+    /// Later fragments follow it.
+    Later,
+    /// Later fragments without an entry pass untouched.
+    Unknown,
+    /// The fragmented reply is translated back.
+    Reply,
+}
+
 /// IPv4 fragments (issue 10): a 3,000-byte UDP datagram to the VIP, cut
 /// for a 1,500 MTU as the kernel cuts it (`packet::fragment`). The first
 /// fragment is balanced by its ports; the later ones (no UDP header) get
@@ -710,7 +723,7 @@ fn frag_step(h: &mut Harness, hook: Hook, desc: &str, input: &[u8], want: &[u8],
 /// whole translated datagram. The backend's 3,000-byte reply comes back the
 /// same way, its source turned back into the VIP. A later fragment whose
 /// first fragment was not seen passes untouched (`pass_fragment`).
-fn fragments(hook: Hook, set: ProgramSet) {
+fn fragments(hook: Hook, set: ProgramSet, case: FragCase) {
     let mut h = Harness::new(false, set);
     let udp_svc = service(
         "demo/dns:dns",
@@ -737,15 +750,16 @@ fn fragments(hook: Hook, set: ProgramSet) {
     let query_out = dgram(CLIENT, 41000, uk, uport, 0x1234);
     assert_eq!(query.len(), 3);
 
-    // Before its first fragment: no entry, untouched.
-    frag_step(
-        &mut h,
-        hook,
-        "later fragment before the first: passes untouched",
-        &query[1],
-        &query[1],
-        "pass_fragment",
-    );
+    if case == FragCase::Unknown {
+        frag_step(
+            &mut h,
+            hook,
+            "later fragment before the first: passes untouched",
+            &query[1],
+            &query[1],
+            "pass_fragment",
+        );
+    }
     frag_step(
         &mut h,
         hook,
@@ -754,67 +768,99 @@ fn fragments(hook: Hook, set: ProgramSet) {
         &query_out[0],
         "nat_forward",
     );
-    for i in 1..3 {
-        frag_step(
-            &mut h,
-            hook,
-            &format!("later fragment {i}: same backend, IP header only"),
-            &query[i],
-            &query_out[i],
-            "nat_fragment",
-        );
+    match case {
+        FragCase::First => {}
+        FragCase::Later => {
+            for i in 1..3 {
+                frag_step(
+                    &mut h,
+                    hook,
+                    &format!("later fragment {i}: same backend, IP header only"),
+                    &query[i],
+                    &query_out[i],
+                    "nat_fragment",
+                );
+            }
+        }
+        FragCase::Unknown => {
+            // Another datagram of the same flow whose first fragment never came.
+            let stray = dgram(CLIENT, 41000, UDP_VIP, 53, 0x1235);
+            frag_step(
+                &mut h,
+                hook,
+                "later fragment of another datagram (no entry): passes untouched",
+                &stray[2],
+                &stray[2],
+                "pass_fragment",
+            );
+            // Not of a VIP flow.
+            let other = dgram(CLIENT, 41000, b(1), 5353, 0x1234);
+            frag_step(
+                &mut h,
+                hook,
+                "later fragment to a non-VIP: passes untouched",
+                &other[1],
+                &other[1],
+                "pass_fragment",
+            );
+        }
+        FragCase::Reply => {
+            // The reply, fragmented by the backend: source back to VIP:53.
+            let reply = dgram(uk, uport, CLIENT, 41000, 0x4321);
+            let reply_out = dgram(UDP_VIP, 53, CLIENT, 41000, 0x4321);
+            frag_step(
+                &mut h,
+                hook,
+                "first reply fragment: SNAT back to the VIP",
+                &reply[0],
+                &reply_out[0],
+                "nat_reverse",
+            );
+            for i in 1..3 {
+                frag_step(
+                    &mut h,
+                    hook,
+                    &format!("later reply fragment {i}: source back to the VIP"),
+                    &reply[i],
+                    &reply_out[i],
+                    "nat_fragment",
+                );
+            }
+        }
     }
-    // Another datagram of the same client whose first fragment never came.
-    let stray = dgram(CLIENT, 41000, UDP_VIP, 53, 0x1235);
-    frag_step(
-        &mut h,
-        hook,
-        "later fragment of another datagram (no entry): passes untouched",
-        &stray[2],
-        &stray[2],
-        "pass_fragment",
-    );
 
-    // The reply, fragmented by the backend: source back to VIP:53.
-    let reply = dgram(uk, uport, CLIENT, 41000, 0x4321);
-    let reply_out = dgram(UDP_VIP, 53, CLIENT, 41000, 0x4321);
-    frag_step(
-        &mut h,
-        hook,
-        "first reply fragment: SNAT back to the VIP",
-        &reply[0],
-        &reply_out[0],
-        "nat_reverse",
-    );
-    for i in 1..3 {
-        frag_step(
-            &mut h,
-            hook,
-            &format!("later reply fragment {i}: source back to the VIP"),
-            &reply[i],
-            &reply_out[i],
-            "nat_fragment",
-        );
-    }
-
-    // One flow, and every fragment counted on it.
+    // One flow, and every translated fragment counted on it.
     let w = h.dp().writer();
     let st = w.service_stats(&udp_svc.addr()).unwrap();
-    assert_eq!((st.packets, st.new_flows), (6, 1), "service counters");
+    let packets = match case {
+        FragCase::First | FragCase::Unknown => 1,
+        FragCase::Later => 3,
+        FragCase::Reply => 4,
+    };
+    assert_eq!((st.packets, st.new_flows), (packets, 1), "service counters");
     let ct = w.conntrack().unwrap();
     assert_eq!(ct.len(), 1, "one flow");
     assert_eq!(ct[0].backend, (uk, uport));
 }
 
-both_sets!(xdp_fragments, xdp_fragments_compat, |set| fragments(
-    Hook::Xdp,
-    set
-));
+/// `fragments` for each case, hook and program set.
+macro_rules! fragment_tests {
+    ($($case:ident: $xdp:ident, $xdp_c:ident, $tc:ident, $tc_c:ident;)*) => {$(
+        both_sets!($xdp, $xdp_c, |set| fragments(Hook::Xdp, set, FragCase::$case));
+        both_sets!($tc, $tc_c, |set| fragments(Hook::Tc, set, FragCase::$case));
+    )*};
+}
 
-both_sets!(tc_fragments, tc_fragments_compat, |set| fragments(
-    Hook::Tc,
-    set
-));
+fragment_tests! {
+    First: xdp_first_fragment, xdp_first_fragment_compat,
+        tc_first_fragment, tc_first_fragment_compat;
+    Later: xdp_later_fragments, xdp_later_fragments_compat,
+        tc_later_fragments, tc_later_fragments_compat;
+    Unknown: xdp_later_fragment_without_entry, xdp_later_fragment_without_entry_compat,
+        tc_later_fragment_without_entry, tc_later_fragment_without_entry_compat;
+    Reply: xdp_reply_fragments, xdp_reply_fragments_compat,
+        tc_reply_fragments, tc_reply_fragments_compat;
+}
 
 /// Terminating backends get no new flows but keep theirs; a backend-set
 /// change leaves an established flow on its backend.
