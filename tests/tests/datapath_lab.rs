@@ -666,29 +666,8 @@ fn fragmented_udp(mode: AttachMode) {
         .map(|h| snmp(&h.ns)["Ip.ReasmOKs"])
         .collect();
 
-    // Each exchange from a fresh socket (a new flow), all kept open to the end.
-    let results = lab
-        .client()
-        .ns
-        .run(|| {
-            let mut open = Vec::new();
-            let mut out = Vec::new();
-            for k in 0..N {
-                let msg: Vec<u8> = (0..3000).map(|i| (i * 11 + k * 17) as u8).collect();
-                let r = (|| -> std::io::Result<(Vec<u8>, SocketAddr)> {
-                    let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                    s.send_to(&msg, SocketAddrV4::new(UDP_VIP, 53))?;
-                    let mut buf = vec![0u8; 65536];
-                    let (n, peer) = s.recv_from(&mut buf)?;
-                    open.push(s);
-                    Ok((buf[..n].to_vec(), peer))
-                })();
-                out.push(r.map(|(got, peer)| (got == msg, got.len(), peer)));
-            }
-            out
-        })
-        .unwrap();
+    let sizes = [3000; N];
+    let results = udp_echoes(&lab, &sizes);
     let reasons: BTreeMap<_, _> = dp.writer().reasons().unwrap().into_iter().collect();
     eprintln!("{mode:?}: {results:?}\n  reasons {reasons:?}");
     for (k, r) in results.iter().enumerate() {
@@ -725,7 +704,56 @@ fn fragmented_udp(mode: AttachMode) {
         "{reasons:?}"
     );
     assert_eq!(reasons["pass_fragment"], 0, "{reasons:?}");
+
+    // Just over the MTU (2 fragments), a jumbo-sized datagram (7) and the
+    // largest UDP datagram (65,507 bytes: 45 fragments).
+    let sizes = [1473, 9000, 65507];
+    let results = udp_echoes(&lab, &sizes);
+    for (r, size) in results.iter().zip(sizes) {
+        match r {
+            Ok((same, len, _)) => assert!(*same && *len == size, "{mode:?}: {size} bytes"),
+            Err(e) => panic!("{mode:?}: no whole {size}-byte echo: {e}"),
+        }
+    }
+    let later: u64 = sizes
+        .iter()
+        .map(|s| (s + 8usize).div_ceil(1480) as u64 - 1)
+        .sum();
+    let after: BTreeMap<_, _> = dp.writer().reasons().unwrap().into_iter().collect();
+    assert_eq!(
+        after["nat_fragment"] - reasons["nat_fragment"],
+        2 * later,
+        "{after:?}"
+    );
+    assert_eq!(after["pass_fragment"], 0, "{after:?}");
     drop(echoes);
+}
+
+/// One UDP exchange with the VIP per size, each from a fresh socket (a new
+/// flow; all kept open to the end): a datagram of that many bytes out, and
+/// whether its echo came back the same, its length and its source.
+fn udp_echoes(lab: &Lab, sizes: &[usize]) -> Vec<std::io::Result<(bool, usize, SocketAddr)>> {
+    lab.client()
+        .ns
+        .run(|| {
+            let mut open = Vec::new();
+            let mut out = Vec::new();
+            for (k, &size) in sizes.iter().enumerate() {
+                let msg: Vec<u8> = (0..size).map(|i| (i * 11 + k * 17) as u8).collect();
+                let r = (|| -> std::io::Result<(Vec<u8>, SocketAddr)> {
+                    let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    s.send_to(&msg, SocketAddrV4::new(UDP_VIP, 53))?;
+                    let mut buf = vec![0u8; 65536];
+                    let (n, peer) = s.recv_from(&mut buf)?;
+                    open.push(s);
+                    Ok((buf[..n].to_vec(), peer))
+                })();
+                out.push(r.map(|(got, peer)| (got == msg, got.len(), peer)));
+            }
+            out
+        })
+        .unwrap()
 }
 
 #[test]
