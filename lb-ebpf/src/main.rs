@@ -97,6 +97,8 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
     }
     let bytes = p.tot_len as u64 + parse::ETH_LEN as u64;
     let key = conntrack::key(&p);
+    // Before any rewrite: the later fragments carry the addresses as sent.
+    frag::record(&p, &key);
     let tcp = p.proto == proto::TCP;
 
     if let Some(v) = conntrack::lookup(&key) {
@@ -111,7 +113,6 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
                 }
             }
             stats::traffic(e.svc_id, e.backend_id, bytes, false);
-            frag::record(&p, &key);
             if nat::snat(ctx, &mut p, e.nat_ip, e.nat_port).is_none() {
                 stats::reason(reason::DROP_TRUNCATED_L4);
                 return Verdict::Drop;
@@ -125,7 +126,6 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
                 conntrack::tcp_state::<S>(v, p.flags, true);
             }
             stats::traffic(e.svc_id, e.backend_id, bytes, false);
-            frag::record(&p, &key);
             if nat::dnat(ctx, &mut p, e.nat_ip, e.nat_port).is_none() {
                 stats::reason(reason::DROP_TRUNCATED_L4);
                 return Verdict::Drop;
@@ -160,7 +160,6 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
         }
     }
     stats::traffic(svc.id, id, bytes, true);
-    frag::record(&p, &key);
     if nat::dnat(ctx, &mut p, b.ip, b.port).is_none() {
         stats::reason(reason::DROP_TRUNCATED_L4);
         return Verdict::Drop;
