@@ -1,24 +1,26 @@
 //! IPv4 fragments, as Cilium handles them.
 //!
 //! A first fragment (offset 0, More Fragments set) carries the L4 header: it
-//! is balanced by its ports like any packet (conntrack, DNAT or SNAT), and
-//! [`record`] stores its ports under (src, dst, proto, IP id) in
-//! `FRAGMENTS`. Every first TCP/UDP fragment is recorded, of a VIP flow or
-//! not, as Cilium does: one call before the flow is looked up, where three
-//! calls (one per translation) cost the program the stack bytes that 5.10's
-//! verifier does not have (512 bytes for the program and its calls, each
-//! frame rounded up to 32). A later fragment of another flow finds its entry
-//! and then no conntrack entry, and passes as without one. Its L4 checksum covers the whole datagram; the incremental
-//! update for the new address and port is exact for it all the same (the
-//! changed words are all in this fragment and the pseudo-header).
+//! is balanced by its ports like any packet (conntrack, DNAT or SNAT). Its
+//! L4 checksum covers the whole datagram; the incremental update for the
+//! new address and port is exact for it all the same (the changed words are
+//! all in this fragment and the pseudo-header). [`record`] stores its ports
+//! under (src, dst, proto, IP id) in `FRAGMENTS`.
+//!
+//! Every first TCP/UDP fragment is recorded, of a VIP flow or not, as Cilium
+//! does: one call before the flow is looked up. Three calls (one per
+//! translation) cost the program 16 bytes of stack that 5.10's verifier
+//! does not have (512 bytes for the program and its calls, each frame
+//! rounded up to 32).
 //!
 //! A later fragment (offset > 0) has no L4 header. [`later`] looks its
 //! datagram up in `FRAGMENTS`, rebuilds the flow key from the ports stored
 //! there and finds the flow's conntrack entry, forward (client -> VIP) or
 //! reverse (backend -> client): it gets the same address rewrite as the
-//! first fragment, the IP checksum only. Without an entry (it came before
-//! its first fragment, or was evicted, or is not a balanced flow's) it goes
-//! to the stack as before, counted as `pass_fragment`.
+//! first fragment, the IP checksum only. Without an entry or a flow (it came
+//! before its first fragment, its entry was evicted, or its datagram is not
+//! a balanced flow's) it goes to the stack as before, counted as
+//! `pass_fragment`.
 
 use lb_common::{CtValue, FragKey, FragValue, FlowKey, ct_dir, reason};
 
@@ -40,8 +42,8 @@ fn frag_key(src_ip: u32, dst_ip: u32, proto: u8, id: u16) -> FragKey {
 
 /// For a first fragment: remembers its ports (`key` is its flow key as on
 /// the wire, before any rewrite) for the later fragments of its datagram.
-/// Costs a non-fragment one comparison.
-/// A datagram that reuses the IP id replaces the entry.
+/// A datagram that reuses the IP id replaces the entry. Costs any other
+/// packet one comparison.
 #[inline(always)]
 pub fn record(p: &Packet, key: &FlowKey) {
     if p.frag != FRAG_FIRST {

@@ -189,8 +189,9 @@ struct RunArgs {
     /// Size of the client-IP affinity map.
     #[arg(long, env = "RPCLB_MAX_AFFINITY", default_value_t = limits::MAX_AFFINITY)]
     max_affinity: u32,
-    /// Size of the fragment map: fragmented datagrams (to or from a VIP) tracked at once, so
-    /// that their later fragments follow the first (docs/reliability.md, "Fragments").
+    /// Size of the fragment map: fragmented TCP/UDP datagrams through the node tracked at
+    /// once, so that the later fragments of a VIP flow's datagram follow the first
+    /// (docs/reliability.md, "IPv4 fragments").
     #[arg(long, env = "RPCLB_MAX_FRAGMENTS", default_value_t = limits::MAX_FRAGMENTS)]
     max_fragments: u32,
     /// Size of the selection-table map (Maglev and weighted tables of all services).
