@@ -25,6 +25,8 @@ pub mod map_names {
     pub const NAMES: &str = "NAMES";
     /// Per-ifindex XDP flags (`xdp_iface`), written by the agent.
     pub const XDP_IFACES: &str = "XDP_IFACES";
+    /// First fragments' ports, which later fragments of the datagram follow.
+    pub const FRAGMENTS: &str = "FRAGMENTS";
 
     /// Every map, in a stable order (pinning and cleanup walk this list).
     pub const ALL: &[&str] = &[
@@ -42,6 +44,7 @@ pub mod map_names {
         CONFIG,
         NAMES,
         XDP_IFACES,
+        FRAGMENTS,
     ];
 }
 
@@ -69,6 +72,9 @@ pub mod limits {
     pub const MAX_CONNTRACK: u32 = 524_288;
     /// Client-IP affinity entries.
     pub const MAX_AFFINITY: u32 = 131_072;
+    /// Fragmented datagrams in flight (one entry per datagram, kept until
+    /// evicted by newer ones; Cilium's default is the same).
+    pub const MAX_FRAGMENTS: u32 = 8192;
     /// Total selection-table slots shared by all services (4 bytes each).
     pub const MAX_SLOTS: u32 = 1 << 24;
     /// Default Maglev table size (prime).
@@ -189,7 +195,11 @@ pub mod reason {
     /// take XDP frames (`xdp_iface::REDIRECT_TARGET` unset), handed to the
     /// stack instead of being redirected into a black hole.
     pub const PASS_XDP_TARGET: u32 = 23;
-    pub const COUNT: u32 = 24;
+    /// A later fragment (no L4 header) translated as its datagram's first
+    /// fragment was, found through `FRAGMENTS`. Later fragments without an
+    /// entry there pass, counted as `PASS_FRAGMENT`.
+    pub const NAT_FRAGMENT: u32 = 24;
+    pub const COUNT: u32 = 25;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "pass_not_ipv4",
@@ -216,6 +226,7 @@ pub mod reason {
         "ct_port_rewrite",
         "drop_ports_exhausted",
         "pass_xdp_target",
+        "nat_fragment",
     ];
 }
 
@@ -392,6 +403,27 @@ impl FlowKey {
     }
 }
 
+/// `FRAGMENTS` key: a fragmented datagram as every one of its fragments
+/// carries it (network byte order): addresses, protocol and IP id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src_ip: u32,
+    pub dst_ip: u32,
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// `FRAGMENTS` value: the L4 ports of the datagram's first fragment, as on
+/// the wire. With the key they give the conntrack key of the datagram's flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
 /// `AFFINITY` key: (service, client IP).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -465,6 +497,8 @@ const _: () = {
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<CtValue>() == 64);
     assert!(core::mem::size_of::<AffinityKey>() == 8);
+    assert!(core::mem::size_of::<FragKey>() == 12);
+    assert!(core::mem::size_of::<FragValue>() == 4);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<Counters>() == 32);
     assert!(core::mem::size_of::<ConnCounts>() == 16);
@@ -481,6 +515,8 @@ mod pod {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for ConnCounts {}
     unsafe impl aya::Pod for NameValue {}

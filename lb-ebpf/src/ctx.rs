@@ -55,6 +55,9 @@ pub trait Ctx {
         kind: L4Csum,
         udp: bool,
     ) -> Option<()>;
+    /// Replace the 4-byte address at `off`, fixing only the IP checksum at
+    /// `ip_csum`: a later fragment, which has no L4 header.
+    fn rewrite_ip(&mut self, off: usize, old: u32, new: u32, ip_csum: usize) -> Option<()>;
     /// Replace the 2-byte port at `off`, fixing the L4 checksum at `l4_csum`.
     fn rewrite_port(
         &mut self,
@@ -137,6 +140,16 @@ impl Ctx for Xdp<'_> {
                 L4Csum::Seed | L4Csum::SeedUnverified => *lc = nat::seed_update4(*lc, old, new),
                 L4Csum::None => {}
             }
+        }
+        Some(())
+    }
+    #[inline(always)]
+    fn rewrite_ip(&mut self, off: usize, old: u32, new: u32, ip_csum: usize) -> Option<()> {
+        let a: *mut u32 = ptr_at(self, off)?;
+        let ic: *mut u16 = ptr_at(self, ip_csum)?;
+        unsafe {
+            *a = new;
+            *ic = nat::csum_update4(*ic, old, new);
         }
         Some(())
     }
@@ -261,6 +274,13 @@ impl Ctx for Tc<'_> {
                 BPF_F_PSEUDO_HDR | mangled | 4,
             )
             .ok()?;
+        self.0
+            .l3_csum_replace(ip_csum, old as u64, new as u64, 4)
+            .ok()?;
+        self.0.store(off, &new, 0).ok()
+    }
+    #[inline(always)]
+    fn rewrite_ip(&mut self, off: usize, old: u32, new: u32, ip_csum: usize) -> Option<()> {
         self.0
             .l3_csum_replace(ip_csum, old as u64, new as u64, 4)
             .ok()?;

@@ -8,6 +8,7 @@
 
 mod conntrack;
 mod ctx;
+mod frag;
 mod fwd;
 mod maps;
 mod nat;
@@ -91,8 +92,13 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
         }
     };
     let now = S::now();
+    if p.frag == parse::FRAG_LATER {
+        return frag::later(ctx, &mut p, now);
+    }
     let bytes = p.tot_len as u64 + parse::ETH_LEN as u64;
     let key = conntrack::key(&p);
+    // Before any rewrite: the later fragments carry the addresses as sent.
+    frag::record(&p, &key);
     let tcp = p.proto == proto::TCP;
 
     if let Some(v) = conntrack::lookup(&key) {

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FlowKey, NameValue,
-    ServiceKey, ServiceValue, config_idx, limits, reason,
+    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FlowKey, FragKey,
+    FragValue, NameValue, ServiceKey, ServiceValue, config_idx, limits, reason,
 };
 
 #[map]
@@ -69,3 +69,9 @@ pub static NAMES: HashMap<u32, NameValue> = HashMap::pinned(limits::MAX_SERVICES
 /// Per-ifindex flags (`lb_common::xdp_iface`): where native XDP may redirect.
 #[map]
 pub static XDP_IFACES: Array<u32> = Array::pinned(limits::MAX_XDP_IFINDEX, 0);
+/// (src, dst, proto, IP id) of a fragmented datagram -> the ports of its
+/// first fragment (`frag`). LRU: entries are never deleted, newer
+/// datagrams evict them.
+#[map]
+pub static FRAGMENTS: LruHashMap<FragKey, FragValue> =
+    LruHashMap::pinned(limits::MAX_FRAGMENTS, 0);

@@ -277,6 +277,12 @@ pub fn classify<C: Ctx>(ctx: &C, p: &Packet) -> L4Csum {
     if udp && c == 0 {
         return L4Csum::None;
     }
+    // The sender completes the checksum before it fragments (ip_do_fragment
+    // calls skb_checksum_help): a first fragment holds a full checksum of
+    // the whole datagram, which the fragment alone cannot verify.
+    if p.frag != crate::parse::FRAG_NONE {
+        return L4Csum::Full;
+    }
     let len = p.tot_len - 20;
     let seed = pseudo_sum(p.saddr, p.daddr, p.proto, len);
     if c != seed {

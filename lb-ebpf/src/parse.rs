@@ -61,6 +61,15 @@ pub struct UdpHdr {
     pub csum: u16,
 }
 
+/// `Packet::frag`: not a fragment.
+pub const FRAG_NONE: u8 = 0;
+/// `Packet::frag`: a first fragment (offset 0, More Fragments set): it has
+/// the L4 header, and its L4 checksum covers the whole datagram.
+pub const FRAG_FIRST: u8 = 1;
+/// `Packet::frag`: a later fragment (offset > 0): no L4 header; `sport`,
+/// `dport` and `l4_csum` are 0.
+pub const FRAG_LATER: u8 = 2;
+
 /// What the rest of the data path needs of a packet.
 #[derive(Clone, Copy)]
 pub struct Packet {
@@ -82,6 +91,10 @@ pub struct Packet {
     pub payload_len: u32,
     /// What the L4 check field holds; set by the NAT (`nat::classify`).
     pub csum: L4Csum,
+    /// `FRAG_NONE`, `FRAG_FIRST` or `FRAG_LATER`.
+    pub frag: u8,
+    /// IPv4 identification (network byte order), which ties fragments together.
+    pub ip_id: u16,
 }
 
 impl Packet {
@@ -112,10 +125,15 @@ pub fn parse<C: Ctx>(ctx: &C) -> Result<Packet, (u32, bool)> {
     if ihl != 5 {
         return Err((reason::PASS_IP_OPTIONS, false));
     }
-    // More-fragments flag or a non-zero offset.
-    if u16::from_be(ip.frag_off) & 0x3fff != 0 {
-        return Err((reason::PASS_FRAGMENT, false));
-    }
+    // A non-zero offset: a later fragment; else the More Fragments flag: a first one.
+    let frag_off = u16::from_be(ip.frag_off);
+    let frag = if frag_off & 0x1fff != 0 {
+        FRAG_LATER
+    } else if frag_off & 0x2000 != 0 {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    };
     let mut p = Packet {
         saddr: ip.saddr,
         daddr: ip.daddr,
@@ -130,7 +148,16 @@ pub fn parse<C: Ctx>(ctx: &C) -> Result<Packet, (u32, bool)> {
         ack: 0,
         payload_len: 0,
         csum: L4Csum::Full,
+        frag,
+        ip_id: ip.id,
     };
+    if frag == FRAG_LATER {
+        // No L4 header: `frag::later` finds the flow of the first fragment.
+        if ip.proto != proto::TCP && ip.proto != proto::UDP {
+            return Err((reason::PASS_FRAGMENT, false));
+        }
+        return Ok(p);
+    }
     match ip.proto {
         proto::TCP => {
             let t: *const TcpHdr = ptr_at(ctx, L4_OFF).ok_or((reason::DROP_TRUNCATED_L4, true))?;

@@ -628,7 +628,8 @@ pub fn parse(frame: &[u8]) -> Result<Parsed, PacketError> {
         IPPROTO_UDP => {
             need(seg, 8, "UDP header")?;
             let len = be16(seg, 4);
-            if (len as usize) < 8 || len as usize > seg.len() {
+            // A first fragment holds only the start of the datagram its length counts.
+            if (len as usize) < 8 || (len as usize > seg.len() && !ip.mf) {
                 return Err(PacketError::Malformed {
                     what: "UDP length",
                     value: len.into(),
@@ -639,7 +640,7 @@ pub fn parse(frame: &[u8]) -> Result<Parsed, PacketError> {
                 dport: be16(seg, 2),
                 len,
                 csum: be16(seg, 6),
-                payload: seg[8..len as usize].to_vec(),
+                payload: seg[8..(len as usize).min(seg.len())].to_vec(),
             }))
         }
         _ => None,
@@ -934,6 +935,36 @@ pub fn service(
     lb_api::Service::new(name, vip, port, proto, algo, backends)
 }
 
+/// Splits an unfragmented IPv4 frame without IP options into the frames the kernel sends for
+/// it over a link of `mtu` (`ip_do_fragment`): each carries at most `mtu - 20` bytes of the
+/// datagram (a multiple of 8 except in the last), the IP header copied with the same id, DF
+/// clear, More Fragments on all but the last, the offset in 8-byte units and a fresh header
+/// checksum. The L4 header, and its checksum over the whole datagram, stay in the first.
+pub fn fragment(frame: &[u8], mtu: usize) -> Vec<Vec<u8>> {
+    let ip = &frame[ETH_HLEN..];
+    assert_eq!(ip[0], 0x45, "IPv4 without options");
+    let tot = be16(ip, 2) as usize;
+    let data = &ip[20..tot];
+    let step = (mtu - 20) / 8 * 8;
+    let n = data.len().div_ceil(step);
+    (0..n)
+        .map(|i| {
+            let chunk = &data[i * step..((i + 1) * step).min(data.len())];
+            let mut h = ip[..20].to_vec();
+            h[2..4].copy_from_slice(&((20 + chunk.len()) as u16).to_be_bytes());
+            let flags = (u16::from(i + 1 < n) << 13) | (i * step / 8) as u16;
+            h[6..8].copy_from_slice(&flags.to_be_bytes());
+            h[10..12].fill(0);
+            let c = checksum(&h);
+            h[10..12].copy_from_slice(&c.to_be_bytes());
+            let mut f = frame[..ETH_HLEN].to_vec();
+            f.extend_from_slice(&h);
+            f.extend_from_slice(chunk);
+            f
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1152,6 +1183,31 @@ mod tests {
         assert_eq!(p.ip.frag_off, 185);
         assert!(p.l4.is_none(), "non-first fragment has no L4 header");
         verify_checksums(&f).unwrap();
+
+        // 3,000 bytes of UDP over a 1,500 MTU: 1,480 + 1,480 + 48 bytes, as the kernel cuts it.
+        let whole = Pkt::udp()
+            .ip(A, B)
+            .id(99)
+            .df(false)
+            .payload(&[7; 3000])
+            .build();
+        let frags = fragment(&whole, 1500);
+        let lens: Vec<usize> = frags.iter().map(|f| f.len() - ETH_HLEN).collect();
+        assert_eq!(lens, vec![1500, 1500, 68]);
+        for (i, f) in frags.iter().enumerate() {
+            verify_checksums(f).unwrap();
+            let p = parse(f).unwrap();
+            assert_eq!(
+                (p.ip.id, p.ip.mf, p.ip.frag_off),
+                (99, i < 2, 185 * i as u16)
+            );
+            assert_eq!(p.udp().is_some(), i == 0);
+        }
+        let mut again = frags[0][..ETH_HLEN + 20].to_vec();
+        for f in &frags {
+            again.extend_from_slice(&f[ETH_HLEN + 20..]);
+        }
+        assert_eq!(again[ETH_HLEN + 20..], whole[ETH_HLEN + 20..]);
 
         let f = Pkt::udp().ip(A, B).payload(b"abcd").udp_len(100).build();
         assert!(matches!(

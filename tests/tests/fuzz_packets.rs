@@ -18,7 +18,7 @@ use std::net::Ipv4Addr;
 use lb_agent::datapath::scratch::{Hook, ScratchDatapath, require_root};
 use lb_api::{Algorithm, Protocol};
 use lb_common::reason;
-use rpclb_tests::packet::{ACK, FIN, PSH, Pkt, RST, SYN, service};
+use rpclb_tests::packet::{self, ACK, FIN, PSH, Pkt, RST, SYN, service};
 
 const XDP_ABORTED: u32 = 0;
 const XDP_DROP: u32 = 1;
@@ -127,6 +127,18 @@ fn corpus() -> Vec<Vec<u8>> {
             .payload(&[3; 64])
             .build(),
     );
+    // A fragmented UDP datagram to the VIP and its fragmented reply: later
+    // fragments that follow their first one through the fragment map.
+    for (src, sport, dst, dport) in [(CLIENT, 40023, UDP_VIP, 53), (b(1), 5353, CLIENT, 40023)] {
+        let whole = Pkt::udp()
+            .ip(src, dst)
+            .ports(sport, dport)
+            .id(11)
+            .df(false)
+            .payload(&[8; 2000])
+            .build();
+        c.extend(packet::fragment(&whole, 1500));
+    }
     c.push(tcp(CLIENT, 40016, VIP, 80, ACK).payload(&[4; 1400]).build());
     c.push(
         tcp(CLIENT, 40017, VIP, 80, ACK)
@@ -244,6 +256,7 @@ fn implied(r: u32) -> Option<Class> {
     match r {
         reason::NAT_FORWARD
         | reason::NAT_REVERSE
+        | reason::NAT_FRAGMENT
         | reason::DROP_CT_INSERT
         | reason::CT_PORT_REWRITE => None,
         reason::TX_RST_NO_BACKEND | reason::FWD_REDIRECT => Some(Class::Redirect),
@@ -314,6 +327,8 @@ fn mutated_packets_get_consistent_verdicts() {
     let corpus = corpus();
     let mut rng = Rng(seed | 1);
     let mut tally: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    // Later fragments translated through the fragment map.
+    let mut followed = 0u64;
     let t = std::time::Instant::now();
     for fib in [false, true] {
         let mut dp = harness(fib);
@@ -354,9 +369,12 @@ fn mutated_packets_get_consistent_verdicts() {
                     reason::NAMES[r as usize]
                 );
             }
-            let nat = moved
-                .iter()
-                .any(|&r| r == reason::NAT_FORWARD || r == reason::NAT_REVERSE);
+            let nat = moved.iter().any(|&r| {
+                matches!(
+                    r,
+                    reason::NAT_FORWARD | reason::NAT_REVERSE | reason::NAT_FRAGMENT
+                )
+            });
             let outcomes: Vec<u32> = moved
                 .iter()
                 .copied()
@@ -377,6 +395,7 @@ fn mutated_packets_get_consistent_verdicts() {
             if got == Class::Pass && !nat {
                 assert_eq!(out, input, "{hook:?}: passed untranslated, yet changed");
             }
+            followed += moved.contains(&reason::NAT_FRAGMENT) as u64;
             let label = outcomes
                 .first()
                 .map_or("nat, to the stack", |&r| reason::NAMES[r as usize]);
@@ -385,7 +404,10 @@ fn mutated_packets_get_consistent_verdicts() {
             before = after;
         }
     }
-    eprintln!("fuzz: {total} packets in {:.1?}", t.elapsed());
+    eprintln!(
+        "fuzz: {total} packets in {:.1?}, {followed} later fragments followed their first",
+        t.elapsed()
+    );
     for ((hook, r), n) in &tally {
         eprintln!("fuzz: {hook:>3} {r:<24} {n}");
     }
@@ -407,5 +429,6 @@ fn mutated_packets_get_consistent_verdicts() {
         ] {
             assert!(seen(want), "no packet reached {want}: {tally:?}");
         }
+        assert!(followed > 0, "no later fragment followed its first one");
     }
 }

@@ -56,6 +56,7 @@ fn map_shapes_and_memory_match_the_kernel() {
         c.max_backends = 3000;
         c.max_conntrack = 5000;
         c.max_affinity = 700;
+        c.max_fragments = 300;
         c.max_slots = 9000;
     };
     let defaults = |c: &mut DatapathConfig| {
@@ -63,6 +64,7 @@ fn map_shapes_and_memory_match_the_kernel() {
         (c.max_services, c.max_backends, c.max_conntrack) =
             (d.max_services, d.max_backends, d.max_conntrack);
         (c.max_affinity, c.max_slots) = (d.max_affinity, d.max_slots);
+        c.max_fragments = d.max_fragments;
     };
     let tunes: [&dyn Fn(&mut DatapathConfig); 2] = [&odd, &defaults];
     for tune in tunes {

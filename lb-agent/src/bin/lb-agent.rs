@@ -189,6 +189,11 @@ struct RunArgs {
     /// Size of the client-IP affinity map.
     #[arg(long, env = "RPCLB_MAX_AFFINITY", default_value_t = limits::MAX_AFFINITY)]
     max_affinity: u32,
+    /// Size of the fragment map: fragmented TCP/UDP datagrams through the node tracked at
+    /// once, so that the later fragments of a VIP flow's datagram follow the first
+    /// (docs/reliability.md, "IPv4 fragments").
+    #[arg(long, env = "RPCLB_MAX_FRAGMENTS", default_value_t = limits::MAX_FRAGMENTS)]
+    max_fragments: u32,
     /// Size of the selection-table map (Maglev and weighted tables of all services).
     #[arg(long, env = "RPCLB_MAX_SLOTS", default_value_t = limits::MAX_SLOTS)]
     max_slots: u32,
@@ -406,6 +411,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             max_backends: a.max_backends,
             max_conntrack: a.max_conntrack,
             max_affinity: a.max_affinity,
+            max_fragments: a.max_fragments,
             max_slots: a.max_slots,
             fib_redirect: !a.no_fib_redirect,
             xdp_redirect_to: a

@@ -12,8 +12,8 @@ use std::path::Path;
 
 use aya::maps::{MapInfo, MapType};
 use lb_common::{
-    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FlowKey, NameValue,
-    ServiceKey, ServiceValue, config_idx, limits, map_names as m, reason,
+    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FlowKey, FragKey,
+    FragValue, NameValue, ServiceKey, ServiceValue, config_idx, limits, map_names as m, reason,
 };
 use serde::Serialize;
 use tracing::{info, warn};
@@ -137,6 +137,7 @@ pub fn shapes(cfg: &DatapathConfig) -> Vec<MapShape> {
         MapShape::new::<u32, u32>(m::CONFIG, Array, config_idx::COUNT),
         MapShape::new::<u32, NameValue>(m::NAMES, Hash, cfg.max_services),
         MapShape::new::<u32, u32>(m::XDP_IFACES, Array, limits::MAX_XDP_IFINDEX),
+        MapShape::new::<FragKey, FragValue>(m::FRAGMENTS, LruHash, cfg.max_fragments),
     ];
     debug_assert!(shapes.iter().map(|s| s.name).eq(m::ALL.iter().copied()));
     shapes
@@ -311,6 +312,7 @@ pub fn check_sizes(cfg: &DatapathConfig) -> Result<(), DatapathError> {
         ("--max-services", cfg.max_services),
         ("--max-backends", cfg.max_backends),
         ("--max-affinity", cfg.max_affinity),
+        ("--max-fragments", cfg.max_fragments),
         ("--max-slots", cfg.max_slots),
     ] {
         if value == 0 {
@@ -333,6 +335,7 @@ fn size_flag(name: &str) -> Option<&'static str> {
         m::BACKENDS => "--max-backends",
         m::CONNTRACK => "--max-conntrack",
         m::AFFINITY => "--max-affinity",
+        m::FRAGMENTS => "--max-fragments",
         m::SLOTS => "--max-slots",
         _ => return None,
     })
@@ -453,6 +456,8 @@ mod tests {
         assert_eq!(b(m::CONNTRACK, 2), (1 << 19) * 16 + 524_288 * 128);
         // Hash: 16,384 buckets, elements of 48 + 8 + 24 B and one spare per CPU.
         assert_eq!(b(m::SERVICES, 2), 16_384 * 16 + (16_384 + 2) * 80 + 2 * 8);
+        // LRU: 8,192 buckets, elements of 48 + 16 (a 12 B key) + 8 (a 4 B value) B.
+        assert_eq!(b(m::FRAGMENTS, 128), 8192 * 16 + 8192 * 72);
         // Buckets round up to a power of two.
         let odd = MapShape {
             max_entries: 1000,

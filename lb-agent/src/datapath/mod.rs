@@ -180,6 +180,8 @@ pub struct DatapathConfig {
     pub max_backends: u32,
     pub max_conntrack: u32,
     pub max_affinity: u32,
+    /// Fragmented datagrams tracked at once (`FRAGMENTS`, lb-ebpf/src/frag.rs).
+    pub max_fragments: u32,
     pub max_slots: u32,
     /// Forward with `bpf_fib_lookup` + redirect (else hand every packet to the stack).
     pub fib_redirect: bool,
@@ -255,6 +257,7 @@ impl Default for DatapathConfig {
             max_backends: limits::MAX_BACKENDS,
             max_conntrack: limits::MAX_CONNTRACK,
             max_affinity: limits::MAX_AFFINITY,
+            max_fragments: limits::MAX_FRAGMENTS,
             max_slots: limits::MAX_SLOTS,
             fib_redirect: true,
             map_memory_budget: memory::DEFAULT_BUDGET,
@@ -276,6 +279,7 @@ impl DatapathConfig {
             max_backends: 4096,
             max_conntrack: 65_536,
             max_affinity: 4096,
+            max_fragments: 1024,
             max_slots: 1 << 20,
             ..DatapathConfig::default()
         }
@@ -327,6 +331,7 @@ impl Datapath {
             .map_max_entries(map_names::BACKEND_GC, cfg.max_backends)
             .map_max_entries(map_names::CONNTRACK, cfg.max_conntrack)
             .map_max_entries(map_names::AFFINITY, cfg.max_affinity)
+            .map_max_entries(map_names::FRAGMENTS, cfg.max_fragments)
             .map_max_entries(map_names::SLOTS, cfg.max_slots)
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
