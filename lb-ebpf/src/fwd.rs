@@ -5,7 +5,7 @@ use lb_common::{CtValue, FIB_CACHE_NS, config_idx, reason};
 
 use crate::{
     ctx::{Ctx, Verdict},
-    maps::config,
+    maps::{FIB_SCRATCH, config},
     parse::{IP_OFF, Packet},
     stats,
 };
@@ -51,8 +51,14 @@ pub fn forward<C: Ctx>(ctx: &mut C, p: &Packet, ct: Option<*mut CtValue>, now: u
             return Verdict::Redirect(ifindex);
         }
     }
-    // SAFETY: FibBuf is 8-aligned and all-zero is a valid bpf_fib_lookup.
-    let mut buf: FibBuf = unsafe { crate::zeroed() };
+    let Some(raw) = FIB_SCRATCH.get_ptr_mut(0) else {
+        stats::reason(reason::PASS_FIB);
+        return Verdict::Pass;
+    };
+    // SAFETY: the per-CPU scratch is 8-aligned, 64 bytes, this CPU's alone
+    // for the packet; all-zero is a valid bpf_fib_lookup.
+    let buf = unsafe { &mut *(raw as *mut FibBuf) };
+    buf.raw = [0; 8];
     let f = unsafe { &mut buf.f };
     f.family = AF_INET;
     f.l4_protocol = p.proto;

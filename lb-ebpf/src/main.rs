@@ -28,14 +28,18 @@ use parse::{TCP_ACK, TCP_SYN};
 use set::{Compat, Full, ProgramSet};
 
 // Two program sets of one code base (`set`): the names are
-// `lb_common::prog_names`.
+// `lb_common::prog_names`. `inline(always)` applies to the function the
+// `xdp` macro wraps: left to LLVM, the body grew into a called function,
+// whose extra stack frame took the call chain past the verifier's 512 bytes.
 
 #[xdp]
+#[inline(always)]
 pub fn rpclb_xdp(ctx: XdpContext) -> u32 {
     xdp_main::<Full>(ctx)
 }
 
 #[xdp]
+#[inline(always)]
 pub fn rpclb_xdp_compat(ctx: XdpContext) -> u32 {
     xdp_main::<Compat>(ctx)
 }

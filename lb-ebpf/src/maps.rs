@@ -75,3 +75,9 @@ pub static XDP_IFACES: Array<u32> = Array::pinned(limits::MAX_XDP_IFINDEX, 0);
 #[map]
 pub static FRAGMENTS: LruHashMap<FragKey, FragValue> =
     LruHashMap::pinned(limits::MAX_FRAGMENTS, 0);
+
+/// Per-CPU scratch for `bpf_fib_lookup`'s 64-byte parameters (`fwd`): kept
+/// off the stack, whose deepest call chain is at the verifier's 512 bytes.
+/// Not pinned: nothing outlives one packet in it.
+#[map]
+pub static FIB_SCRATCH: PerCpuArray<[u64; 8]> = PerCpuArray::with_max_entries(1, 0);
