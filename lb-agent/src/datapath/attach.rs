@@ -529,7 +529,7 @@ fn bus_info(iface: &str) -> Option<String> {
         return None;
     }
     // SAFETY: ifr points at info, both outlive the call.
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL, &mut ifr as *mut libc::ifreq) };
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL as _, &mut ifr as *mut libc::ifreq) };
     // SAFETY: fd is ours.
     unsafe { libc::close(fd) };
     if rc < 0 {
