@@ -66,27 +66,9 @@ fn gro_peers_take_xdp() -> bool {
     lb_agent::datapath::programs::kernel_version() >= Some((5, 13))
 }
 
-fn counts(replies: &[lab::Reply]) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for r in replies {
-        *m.entry(r.backend.clone()).or_default() += 1;
-    }
-    m
-}
-
-fn balance(mode: AttachMode) {
-    balance_with(mode, BpfPrograms::Auto);
-}
-
-/// [`balance`] with the program set `programs` (`--bpf-programs`).
-fn balance_with(mode: AttachMode, programs: BpfPrograms) {
-    let lab = Lab::new(3).expect("lab");
-    let _tcp = lab.start_tcp_servers(8080).unwrap();
-    let _udp = lab.start_udp_servers(5353).unwrap();
-    let (mut dp, _) = datapath_with(&lab, mode, |c| c.programs = programs);
-    if programs == BpfPrograms::Compat {
-        assert_eq!(dp.programs(), ProgramSet::Compat);
-    }
+/// Round-robin over every backend of `lab`: TCP VIP:80 -> 8080 and UDP
+/// UDP_VIP:53 -> 5353, written to `dp`.
+fn round_robin_services(lab: &Lab, dp: &mut Datapath) -> (Service, Service) {
     let bk = |port| {
         lab.backends()
             .iter()
@@ -111,6 +93,31 @@ fn balance_with(mode: AttachMode, programs: BpfPrograms) {
     );
     dp.writer().upsert_service(&tcp_svc).unwrap();
     dp.writer().upsert_service(&udp_svc).unwrap();
+    (tcp_svc, udp_svc)
+}
+
+fn counts(replies: &[lab::Reply]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for r in replies {
+        *m.entry(r.backend.clone()).or_default() += 1;
+    }
+    m
+}
+
+fn balance(mode: AttachMode) {
+    balance_with(mode, BpfPrograms::Auto);
+}
+
+/// [`balance`] with the program set `programs` (`--bpf-programs`).
+fn balance_with(mode: AttachMode, programs: BpfPrograms) {
+    let lab = Lab::new(3).expect("lab");
+    let _tcp = lab.start_tcp_servers(8080).unwrap();
+    let _udp = lab.start_udp_servers(5353).unwrap();
+    let (mut dp, _) = datapath_with(&lab, mode, |c| c.programs = programs);
+    if programs == BpfPrograms::Compat {
+        assert_eq!(dp.programs(), ProgramSet::Compat);
+    }
+    let (tcp_svc, udp_svc) = round_robin_services(&lab, &mut dp);
 
     // TCP: every connection succeeds, replies come from the VIP, round-robin is exact.
     let replies = lab.client_tcp(SocketAddrV4::new(VIP, 80), 60).unwrap();
@@ -157,7 +164,14 @@ fn balance_with(mode: AttachMode, programs: BpfPrograms) {
 
     // Maglev spreads too (every backend used), and random.
     for algo in [Algorithm::Maglev, Algorithm::Random, Algorithm::LeastConn] {
-        let svc = service("lab/web:http", VIP, 80, Protocol::Tcp, algo, bk(8080));
+        let svc = service(
+            "lab/web:http",
+            VIP,
+            80,
+            Protocol::Tcp,
+            algo,
+            tcp_svc.backends.clone(),
+        );
         dp.writer().upsert_service(&svc).unwrap();
         let c = counts(&lab.client_tcp(SocketAddrV4::new(VIP, 80), 60).unwrap());
         assert_eq!(c.len(), 3, "{mode:?} {algo}: every backend used: {c:?}");
@@ -189,30 +203,7 @@ fn xdp_on_pod_veths_never_black_holes() {
     let _udp = lab.start_udp_servers(5353).unwrap();
     let (mut dp, got) = datapath_with(&lab, AttachMode::Xdp, |c| c.xdp_redirect_to.clear());
     assert!(got.iter().all(|a| a.how == "xdp"), "native XDP: {got:?}");
-    let bk = |port| {
-        lab.backends()
-            .iter()
-            .map(|h| Backend::new(h.ip(), port))
-            .collect::<Vec<_>>()
-    };
-    let tcp_svc = service(
-        "lab/web:http",
-        VIP,
-        80,
-        Protocol::Tcp,
-        Algorithm::RoundRobin,
-        bk(8080),
-    );
-    let udp_svc = service(
-        "lab/dns:dns",
-        UDP_VIP,
-        53,
-        Protocol::Udp,
-        Algorithm::RoundRobin,
-        bk(5353),
-    );
-    dp.writer().upsert_service(&tcp_svc).unwrap();
-    dp.writer().upsert_service(&udp_svc).unwrap();
+    round_robin_services(&lab, &mut dp);
     let c = counts(&lab.client_tcp(SocketAddrV4::new(VIP, 80), 30).unwrap());
     assert_eq!(
         c.values().copied().collect::<Vec<_>>(),
@@ -486,30 +477,7 @@ fn partial_checksums(mode: AttachMode, fib_redirect: bool) {
     );
 
     let (mut dp, _) = datapath_with(&lab, mode, |c| c.fib_redirect = fib_redirect);
-    let bk = |port| {
-        lab.backends()
-            .iter()
-            .map(|h| Backend::new(h.ip(), port))
-            .collect::<Vec<_>>()
-    };
-    let tcp_svc = service(
-        "lab/web:http",
-        VIP,
-        80,
-        Protocol::Tcp,
-        Algorithm::RoundRobin,
-        bk(8080),
-    );
-    let udp_svc = service(
-        "lab/dns:dns",
-        UDP_VIP,
-        53,
-        Protocol::Udp,
-        Algorithm::RoundRobin,
-        bk(5353),
-    );
-    dp.writer().upsert_service(&tcp_svc).unwrap();
-    dp.writer().upsert_service(&udp_svc).unwrap();
+    round_robin_services(&lab, &mut dp);
 
     let failed = mixed_traffic(
         &lab,
