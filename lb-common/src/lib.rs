@@ -68,8 +68,11 @@ pub mod limits {
     pub const MAX_SERVICES: u32 = 16_384;
     /// Backend ids index the per-backend arrays. Id 0 is never used.
     pub const MAX_BACKENDS: u32 = 262_144;
-    /// Conntrack entries (a flow uses two: forward and reverse).
+    /// Conntrack entries (a flow uses `CT_ENTRIES_PER_FLOW`: forward and reverse).
     pub const MAX_CONNTRACK: u32 = 524_288;
+    /// Conntrack entries one flow takes: forward and reverse. A map of
+    /// `--max-conntrack` entries holds that / 2 flows.
+    pub const CT_ENTRIES_PER_FLOW: u32 = 2;
     /// Client-IP affinity entries.
     pub const MAX_AFFINITY: u32 = 131_072;
     /// Fragmented datagrams in flight (one entry per datagram, kept until

@@ -10,6 +10,7 @@
 pub mod counters;
 pub mod live;
 pub mod maglev;
+pub mod newflow;
 pub mod sink;
 pub mod stream;
 pub mod throughput;
@@ -32,16 +33,18 @@ pub enum Section {
     Lab,
     Stream,
     Counters,
+    Fill,
 }
 
 impl Section {
-    pub const ALL: [Section; 6] = [
+    pub const ALL: [Section; 7] = [
         Section::Xdp,
         Section::Scale,
         Section::Maglev,
         Section::Lab,
         Section::Stream,
         Section::Counters,
+        Section::Fill,
     ];
 
     pub fn name(self) -> &'static str {
@@ -52,6 +55,7 @@ impl Section {
             Section::Lab => "lab",
             Section::Stream => "stream",
             Section::Counters => "counters",
+            Section::Fill => "fill",
         }
     }
 
@@ -60,7 +64,7 @@ impl Section {
             .into_iter()
             .find(|x| x.name() == s)
             .ok_or_else(|| {
-                anyhow::anyhow!("unknown section {s:?} (xdp, scale, maglev, lab, stream, counters)")
+                anyhow::anyhow!("unknown section {s:?} (xdp, scale, maglev, lab, stream, counters, fill)")
             })
     }
 }
@@ -88,7 +92,7 @@ pub struct Opts {
     pub lab_rounds: usize,
     pub lab_threads: usize,
     /// `--profile CASE`: run only that live-frames case of section 1 for `profile_secs`, for
-    /// `perf record` (tx, established, reply).
+    /// `perf record` (tx, established, reply), or plain runs of new flows (new).
     pub profile: Option<String>,
     pub profile_secs: f64,
 }
@@ -146,6 +150,7 @@ sections (default: all, in this order):
   lab      netns lab: connections/s and keep-alive requests/s, XDP vs direct vs iptables DNAT
   stream   endpoints change -> node maps through the controller's gRPC stream (p50/p99)
   counters one counter update, per-CPU vs shared with atomic adds, on one and on two CPUs
+  fill     new-flow cost as the default-size conntrack map fills (0% to 90% of its flows)
 
 options:
   --quick              small counts (a smoke run of about 20 s)
@@ -159,7 +164,9 @@ options:
   --lab-rounds N       rounds of the lab section, median reported (default 5; quick 2)
   --lab-threads N      client threads in the lab section (default 2)
   --profile CASE       only run one live-frames case of section 1 (tx, established, reply)
-                       in a loop, for `perf record -C <cpu>`; --profile-secs S (default 5)
+                       in a loop, for `perf record -C <cpu>`; --profile-secs S (default 5);
+                       `new`: plain runs of SYNs of distinct flows, --new-flows of them in
+                       the map at any time (older ones are deleted)
   -h, --help           this text
 ";
 
@@ -212,8 +219,8 @@ pub fn parse_args(args: &[String]) -> Result<Option<Opts>> {
             "--lab-threads" => o.lab_threads = num(value()?, flag)?,
             "--profile" => {
                 let c = value()?;
-                if !["tx", "established", "reply"].contains(&c) {
-                    bail!("--profile: tx, established or reply, not {c:?}");
+                if !["tx", "established", "reply", "new"].contains(&c) {
+                    bail!("--profile: tx, established, reply or new, not {c:?}");
                 }
                 o.profile = Some(c.to_string());
                 sections.push(Section::Xdp);
