@@ -618,7 +618,13 @@ pub fn section_xdp(opts: &Opts) -> Result<()> {
         },
     ];
     if opts.profile.as_deref() == Some("new") {
-        return super::newflow::profile_new(&topo, pd.dp(), opts.profile_secs, opts.new_flows);
+        drop(pd);
+        return super::newflow::profile_new(
+            &topo,
+            opts.profile_secs,
+            opts.profile_fill,
+            opts.new_flows,
+        );
     }
     if let Some(which) = &opts.profile {
         return profile(&topo, &sink, &mut pd, &cases, which, opts.profile_secs);

@@ -95,6 +95,8 @@ pub struct Opts {
     /// `perf record` (tx, established, reply), or plain runs of new flows (new).
     pub profile: Option<String>,
     pub profile_secs: f64,
+    /// `--profile new`: how full (% of its flows) the map is kept.
+    pub profile_fill: u32,
 }
 
 impl Opts {
@@ -114,6 +116,7 @@ impl Opts {
             lab_threads: 2,
             profile: None,
             profile_secs: 5.0,
+            profile_fill: 0,
         }
     }
 
@@ -133,6 +136,7 @@ impl Opts {
             lab_threads: 2,
             profile: None,
             profile_secs: 5.0,
+            profile_fill: 0,
         }
     }
 }
@@ -165,8 +169,8 @@ options:
   --lab-threads N      client threads in the lab section (default 2)
   --profile CASE       only run one live-frames case of section 1 (tx, established, reply)
                        in a loop, for `perf record -C <cpu>`; --profile-secs S (default 5);
-                       `new`: plain runs of SYNs of distinct flows, --new-flows of them in
-                       the map at any time (older ones are deleted)
+                       `new`: plain runs of SYNs of distinct flows into a default-size
+                       map kept --profile-fill PCT full (default 0: --new-flows flows)
   -h, --help           this text
 ";
 
@@ -226,6 +230,7 @@ pub fn parse_args(args: &[String]) -> Result<Option<Opts>> {
                 sections.push(Section::Xdp);
             }
             "--profile-secs" => o.profile_secs = num(value()?, flag)?,
+            "--profile-fill" => o.profile_fill = num(value()?, flag)?,
             other => bail!("unknown argument {other:?}; see --help"),
         }
     }

@@ -101,15 +101,28 @@ fn timed(topo: &Topo, dp: &mut Datapath, from: u32, to: u32) -> Result<(Vec<f64>
     })?
 }
 
-/// `--profile new`: SYNs of distinct flows, one plain run each, for `secs`, with `window`
-/// flows in the map at any time (the entries of flow `i - window` are deleted from
-/// userspace after flow `i`, so the fill stays constant; those deletions show in the profile
-/// under the `bpf` syscall's map operations, apart from `bpf_prog_test_run`).
-pub fn profile_new(topo: &Topo, dp: &mut Datapath, secs: f64, window: u32) -> Result<()> {
+/// `--profile new`: SYNs of distinct flows, one plain run each, for `secs`, into a fresh
+/// default-size map first filled (untimed) to `fill_pct` % of its flows; from then on the
+/// entries of flow `i - window` are deleted from userspace after flow `i`, so the fill stays
+/// constant (`window`: the fill, at least `min_window` flows). The deletions show in the
+/// profile under the `bpf` syscall's map operations, apart from `bpf_prog_test_run`.
+pub fn profile_new(topo: &Topo, secs: f64, fill_pct: u32, min_window: u32) -> Result<()> {
+    let mut cfg = DatapathConfig::small(topo.pin_dir("profile-new"));
+    cfg.max_conntrack = limits::MAX_CONNTRACK;
+    cfg.fib_redirect = true;
+    let mut pd = PinnedDp::load(&cfg)?;
+    topo.mark_xdp_targets(pd.dp())?;
+    pd.dp().writer().upsert_service(&lab_service(&topo))?;
+    let dp = pd.dp();
+    let cap_flows = limits::MAX_CONNTRACK / limits::CT_ENTRIES_PER_FLOW;
+    let filled = (u64::from(cap_flows) * u64::from(fill_pct.min(100)) / 100) as u32;
+    fill(topo, dp, 0, filled)?;
+    let window = filled.max(min_window);
     println!(
-        "profiling new flows (plain runs of SYNs, {} flows kept in the map) on CPU {} for {secs} \
-         s: e.g. `perf record -e cpu-clock -C {} -g -- sleep {}` now",
+        "profiling new flows (plain runs of SYNs, {} flows kept in a map of {} flows) on CPU {} \
+         for {secs} s: e.g. `perf record -e cpu-clock -C {} -g -- sleep {}` now",
         count(window.into()),
+        count(cap_flows.into()),
         bench_cpu(),
         bench_cpu(),
         secs.floor()
@@ -119,7 +132,7 @@ pub fn profile_new(topo: &Topo, dp: &mut Datapath, secs: f64, window: u32) -> Re
     let max_flows = 20_000_000u32;
     let (n, kns) = topo.in_node(|| -> Result<(u32, Vec<f64>)> {
         let mut kns = Vec::new();
-        let mut i = 0u32;
+        let mut i = filled;
         while i < max_flows {
             if i % 1024 == 0 {
                 check_stop()?;
@@ -144,7 +157,7 @@ pub fn profile_new(topo: &Topo, dp: &mut Datapath, secs: f64, window: u32) -> Re
             }
             i += 1;
         }
-        Ok((i, kns))
+        Ok((i - filled, kns))
     })??;
     println!(
         "{} new flows, median {} ns, p99 {} ns, mean {} ns (kernel-reported, timer included)",
