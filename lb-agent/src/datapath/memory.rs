@@ -126,7 +126,11 @@ pub fn shapes(cfg: &DatapathConfig) -> Vec<MapShape> {
         MapShape::new::<ServiceKey, ServiceValue>(m::SERVICES, Hash, cfg.max_services),
         MapShape::new::<u32, BackendValue>(m::BACKENDS, Array, cfg.max_backends),
         MapShape::new::<u32, u32>(m::SLOTS, Array, cfg.max_slots),
-        MapShape::new::<FlowKey, CtValue>(m::CONNTRACK, LruHash, cfg.max_conntrack),
+        MapShape::new::<FlowKey, CtValue>(
+            m::CONNTRACK,
+            LruHash,
+            super::conntrack_map_entries(cfg.max_conntrack),
+        ),
         MapShape::new::<AffinityKey, AffinityValue>(m::AFFINITY, LruHash, cfg.max_affinity),
         MapShape::new::<u32, u64>(m::RR_COUNTERS, Array, cfg.max_services),
         MapShape::new::<u32, Counters>(m::SVC_STATS, PerCpuArray, cfg.max_services),
@@ -262,13 +266,22 @@ pub fn prepare(cfg: &DatapathConfig) -> Result<MapMemory, DatapathError> {
                     == (want.kind, want.key_size, want.value_size)
                     && (want.name != m::REASONS || h.max_entries == want.max_entries) =>
             {
+                // The flag's value (CONNTRACK is created with one entry more
+                // at some sizes: `conntrack_map_entries`); a map pinned by an
+                // agent that did not add it counts as the same size.
+                let asked = if want.name == m::CONNTRACK {
+                    cfg.max_conntrack
+                } else {
+                    want.max_entries
+                };
                 if h.max_entries != want.max_entries
+                    && h.max_entries != asked
                     && let Some(flag) = size_flag(want.name)
                 {
                     warn!(
-                        "{} is pinned with {} entries, so {flag} {} has no effect until \
+                        "{} is pinned with {} entries, so {flag} {asked} has no effect until \
                          `lb-agent cleanup` (which also drops conntrack) and a fresh start",
-                        want.name, h.max_entries, want.max_entries
+                        want.name, h.max_entries
                     );
                 }
                 *want = h;
@@ -452,8 +465,9 @@ mod tests {
         assert_eq!(b(m::BACKEND_STATS, 128), 262_144 * 32);
         assert_eq!(b(m::SVC_STATS, 128), 16_384 * (8 + 32 * 128));
         assert_eq!(b(m::REASONS, 2), reason::COUNT as u64 * (8 + 8 * 2));
-        // LRU: 2^19 buckets of 16 B, elements of 48 + 16 + 64 B.
-        assert_eq!(b(m::CONNTRACK, 2), (1 << 19) * 16 + 524_288 * 128);
+        // LRU: 2^20 buckets of 16 B (524,289 entries: `conntrack_map_entries`),
+        // elements of 48 + 16 + 64 B.
+        assert_eq!(b(m::CONNTRACK, 2), (1 << 20) * 16 + 524_289 * 128);
         // Hash: 16,384 buckets, elements of 48 + 8 + 24 B and one spare per CPU.
         assert_eq!(b(m::SERVICES, 2), 16_384 * 16 + (16_384 + 2) * 80 + 2 * 8);
         // LRU: 8,192 buckets, elements of 48 + 16 (a 12 B key) + 8 (a 4 B value) B.
@@ -488,6 +502,20 @@ mod tests {
     }
 
     /// The worked table of docs/operations.md ("Map memory"):
+    #[test]
+    fn conntrack_gets_twice_the_buckets_at_large_powers_of_two() {
+        use super::super::conntrack_map_entries as e;
+        assert_eq!(e(524_288), 524_289);
+        assert_eq!(e(1 << 17), (1 << 17) + 1);
+        assert_eq!(e(1 << 31), (1 << 31) + 1);
+        // Small maps stay in the caches; other sizes already have spare buckets.
+        assert_eq!(e(65_536), 65_536);
+        assert_eq!(e(64), 64);
+        assert_eq!(e(600_000), 600_000);
+        let cfg = DatapathConfig::default();
+        assert_eq!(shape(&cfg, m::CONNTRACK).max_entries, 524_289);
+    }
+
     /// `cargo test -p lb-agent memory_table -- --nocapture`.
     #[test]
     fn memory_table() {

@@ -249,6 +249,25 @@ impl std::str::FromStr for PortRange {
     }
 }
 
+/// The `max_entries` the agent creates `CONNTRACK` with for `--max-conntrack N`: one more
+/// than N when N is a power of two of at least [`CT_SPREAD_FROM`]. The kernel gives a hash
+/// map a bucket array of `max_entries` rounded up to a power of two, so at an exact power of
+/// two a full map has one entry per bucket; one entry more doubles the buckets (16 B each:
+/// 8 MiB at the default size), which halves the chains that a new flow's lookup and inserts
+/// walk, each link a cache miss once the map outgrows the CPU caches (docs/benchmarks.md,
+/// "New flows: profile and changes").
+pub fn conntrack_map_entries(max_conntrack: u32) -> u32 {
+    if max_conntrack >= CT_SPREAD_FROM && max_conntrack.is_power_of_two() {
+        max_conntrack.saturating_add(1)
+    } else {
+        max_conntrack
+    }
+}
+
+/// From this `--max-conntrack` on (16 MiB of entries), a power of two gets one entry more
+/// ([`conntrack_map_entries`]); a smaller map stays in the caches.
+pub const CT_SPREAD_FROM: u32 = 1 << 17;
+
 impl Default for DatapathConfig {
     fn default() -> Self {
         DatapathConfig {
@@ -329,7 +348,7 @@ impl Datapath {
             .map_max_entries(map_names::BACKEND_STATS, cfg.max_backends)
             .map_max_entries(map_names::BACKEND_CONNS, cfg.max_backends)
             .map_max_entries(map_names::BACKEND_GC, cfg.max_backends)
-            .map_max_entries(map_names::CONNTRACK, cfg.max_conntrack)
+            .map_max_entries(map_names::CONNTRACK, conntrack_map_entries(cfg.max_conntrack))
             .map_max_entries(map_names::AFFINITY, cfg.max_affinity)
             .map_max_entries(map_names::FRAGMENTS, cfg.max_fragments)
             .map_max_entries(map_names::SLOTS, cfg.max_slots)

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use lb_agent::datapath::reader::ip_wire;
-use lb_agent::datapath::{Datapath, DatapathConfig};
+use lb_agent::datapath::{Datapath, DatapathConfig, conntrack_map_entries};
 use lb_common::{FlowKey, limits};
 use rpclb_tests::packet::{Pkt, SYN};
 
@@ -170,17 +170,16 @@ pub fn profile_new(topo: &Topo, secs: f64, fill_pct: u32, min_window: u32) -> Re
 }
 
 /// A conntrack map layout to compare (`RPCLB_BENCH_CT_VARIANTS`, comma-separated; the
-/// first is judged): `default` (what the agent creates), `percpu` (an LRU hash with
-/// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists, each holding entries / possible CPUs),
-/// `buckets` (one entry more than `--max-conntrack`: the kernel rounds the bucket count up
-/// to the next power of two, so a power-of-two size gets twice the buckets), or both
-/// (`percpu+buckets`). Non-default variants are created and pinned here before the data path
-/// loads, which adopts pinned maps as they are.
+/// first is judged): `default` (what the agent creates: `conntrack_map_entries`), `exact`
+/// (exactly `--max-conntrack` entries, a power of two: one bucket per entry, as before),
+/// `percpu` (the agent's size with `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists, each holding
+/// entries / possible CPUs), or `exact+percpu`. Non-default variants are created and pinned
+/// here before the data path loads, which adopts pinned maps as they are.
 #[derive(Clone, Debug)]
 struct Variant {
     name: String,
-    flags: u32,
-    extra: u32,
+    /// `Some((max_entries, flags))`: pre-created.
+    create: Option<(u32, u32)>,
 }
 
 fn variants() -> Result<Vec<Variant>> {
@@ -188,19 +187,18 @@ fn variants() -> Result<Vec<Variant>> {
     spec.split(',')
         .filter(|s| !s.is_empty())
         .map(|name| {
-            let (mut flags, mut extra) = (0, 0);
+            let (mut flags, mut entries) = (0, conntrack_map_entries(limits::MAX_CONNTRACK));
             for part in name.split('+') {
                 match part {
                     "default" => {}
                     "percpu" => flags |= 2, // BPF_F_NO_COMMON_LRU
-                    "buckets" => extra = 1,
+                    "exact" => entries = limits::MAX_CONNTRACK,
                     other => bail!("RPCLB_BENCH_CT_VARIANTS: unknown variant {other:?}"),
                 }
             }
             Ok(Variant {
                 name: name.to_string(),
-                flags,
-                extra,
+                create: (name != "default").then_some((entries, flags)),
             })
         })
         .collect()
@@ -296,8 +294,8 @@ pub fn section_fill(opts: &Opts) -> Result<()> {
             let mut cfg = DatapathConfig::small(topo.pin_dir(&format!("fill{round}-{vi}")));
             cfg.max_conntrack = entries;
             cfg.fib_redirect = true;
-            if var.flags != 0 || var.extra != 0 {
-                precreate_conntrack(&cfg.pin_path, entries + var.extra, var.flags)?;
+            if let Some((n, flags)) = var.create {
+                precreate_conntrack(&cfg.pin_path, n, flags)?;
             }
             let mut pd = PinnedDp::load(&cfg)?;
             topo.mark_xdp_targets(pd.dp())?;
@@ -320,10 +318,11 @@ pub fn section_fill(opts: &Opts) -> Result<()> {
         done_rounds += 1;
     }
     println!(
-        "map: {} entries (the default --max-conntrack), {} entries per flow: {} flows of \
-         capacity; {} rounds, each a fresh map filled by untimed SYNs, {} timed new flows per \
+        "map: --max-conntrack {} (the default; created with {} entries), {} entries per flow: \
+         {} flows of capacity; {} rounds, each a fresh map filled by untimed SYNs, {} timed new flows per \
          level (each followed by the trivial program), CPU {}",
         count(entries.into()),
+        count(conntrack_map_entries(entries).into()),
         limits::CT_ENTRIES_PER_FLOW,
         count(cap_flows.into()),
         done_rounds,
