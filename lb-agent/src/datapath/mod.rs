@@ -348,7 +348,10 @@ impl Datapath {
             .map_max_entries(map_names::BACKEND_STATS, cfg.max_backends)
             .map_max_entries(map_names::BACKEND_CONNS, cfg.max_backends)
             .map_max_entries(map_names::BACKEND_GC, cfg.max_backends)
-            .map_max_entries(map_names::CONNTRACK, conntrack_map_entries(cfg.max_conntrack))
+            .map_max_entries(
+                map_names::CONNTRACK,
+                conntrack_map_entries(cfg.max_conntrack),
+            )
             .map_max_entries(map_names::AFFINITY, cfg.max_affinity)
             .map_max_entries(map_names::FRAGMENTS, cfg.max_fragments)
             .map_max_entries(map_names::SLOTS, cfg.max_slots)

@@ -233,7 +233,11 @@ fn xdp_md(len: usize, ifindex: u32) -> [u8; 24] {
 }
 
 /// One plain run (repeat = 1): verdict, output frame, kernel-reported duration.
-pub(super) fn plain(prog: &mut Xdp, frame: &[u8], ifindex: u32) -> Result<(u32, Vec<u8>, Duration)> {
+pub(super) fn plain(
+    prog: &mut Xdp,
+    frame: &[u8],
+    ifindex: u32,
+) -> Result<(u32, Vec<u8>, Duration)> {
     let mut out = vec![0u8; frame.len() + 256];
     let ctx = xdp_md(frame.len(), ifindex);
     let r = prog.test_run(TestRunOptions {

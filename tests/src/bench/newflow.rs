@@ -17,8 +17,7 @@ use lb_common::{FlowKey, limits};
 use rpclb_tests::packet::{Pkt, SYN};
 
 use super::live::{
-    PinnedDp, Prog, Topo, VIP, VIP_PORT, XDP_REDIRECT, lab_service, plain, prog,
-    verdict_name,
+    PinnedDp, Prog, Topo, VIP, VIP_PORT, XDP_REDIRECT, lab_service, plain, prog, verdict_name,
 };
 use super::{
     Deadline, Opts, Table, bench_cpu, check_stop, count, header, median, ns, percentile, ratio,
@@ -71,7 +70,11 @@ fn fill(topo: &Topo, dp: &mut Datapath, from: u32, to: u32) -> Result<()> {
             }
             let (v, _, _) = plain(prog(dp, Prog::Lb)?, f, idx)?;
             if v != XDP_REDIRECT {
-                bail!("new flow {}: verdict {}", from as usize + k, verdict_name(v));
+                bail!(
+                    "new flow {}: verdict {}",
+                    from as usize + k,
+                    verdict_name(v)
+                );
             }
         }
         Ok(())
@@ -91,7 +94,11 @@ fn timed(topo: &Topo, dp: &mut Datapath, from: u32, to: u32) -> Result<(Vec<f64>
             }
             let (v, _, d) = plain(prog(dp, Prog::Lb)?, f, idx)?;
             if v != XDP_REDIRECT {
-                bail!("new flow {}: verdict {}", from as usize + k, verdict_name(v));
+                bail!(
+                    "new flow {}: verdict {}",
+                    from as usize + k,
+                    verdict_name(v)
+                );
             }
             lb.push(d.as_nanos() as f64);
             let (_, _, d) = plain(prog(dp, Prog::Tx)?, f, idx)?;
@@ -206,17 +213,22 @@ fn variants() -> Result<Vec<Variant>> {
 
 /// Creates an LRU hash `CONNTRACK` of `entries` with `flags` and pins it in `dir`.
 fn precreate_conntrack(dir: &std::path::Path, entries: u32, flags: u32) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
     use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
     let mut attr = [0u8; 128];
-    let w = |a: &mut [u8; 128], off: usize, v: u32| a[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+    let w =
+        |a: &mut [u8; 128], off: usize, v: u32| a[off..off + 4].copy_from_slice(&v.to_ne_bytes());
     w(&mut attr, 0, 9); // BPF_MAP_TYPE_LRU_HASH
     w(&mut attr, 4, std::mem::size_of::<FlowKey>() as u32);
-    w(&mut attr, 8, std::mem::size_of::<lb_common::CtValue>() as u32);
+    w(
+        &mut attr,
+        8,
+        std::mem::size_of::<lb_common::CtValue>() as u32,
+    );
     w(&mut attr, 12, entries);
     w(&mut attr, 16, flags);
     attr[28..37].copy_from_slice(b"CONNTRACK");
@@ -266,7 +278,12 @@ pub fn section_fill(opts: &Opts) -> Result<()> {
     // (label, flows in the map before the timed ones)
     let mut levels: Vec<(String, u32)> = [0u32, 25, 50, 75, 90]
         .iter()
-        .map(|&p| (format!("{p}%"), (u64::from(cap_flows) * u64::from(p) / 100) as u32))
+        .map(|&p| {
+            (
+                format!("{p}%"),
+                (u64::from(cap_flows) * u64::from(p) / 100) as u32,
+            )
+        })
         .collect();
     let issue = 300_000u32;
     levels.push((
@@ -329,9 +346,8 @@ pub fn section_fill(opts: &Opts) -> Result<()> {
         count(per_level.into()),
         bench_cpu()
     );
-    let per_round = |a: &[f64], b: &[f64]| {
-        median(&a.iter().zip(b).map(|(x, y)| x / y).collect::<Vec<f64>>())
-    };
+    let per_round =
+        |a: &[f64], b: &[f64]| median(&a.iter().zip(b).map(|(x, y)| x / y).collect::<Vec<f64>>());
     let mut worst = Vec::new();
     for (vi, var) in vars.iter().enumerate() {
         if vars.len() > 1 {
