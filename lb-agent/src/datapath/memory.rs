@@ -501,7 +501,6 @@ mod tests {
         assert!(mem.check(u64::MAX).is_ok());
     }
 
-    /// The worked table of docs/operations.md ("Map memory"):
     #[test]
     fn conntrack_gets_twice_the_buckets_at_large_powers_of_two() {
         use super::super::conntrack_map_entries as e;
@@ -516,6 +515,7 @@ mod tests {
         assert_eq!(shape(&cfg, m::CONNTRACK).max_entries, 524_289);
     }
 
+    /// The worked table of docs/operations.md ("Map memory"):
     /// `cargo test -p lb-agent memory_table -- --nocapture`.
     #[test]
     fn memory_table() {
