@@ -119,7 +119,7 @@ pub fn profile_new(topo: &Topo, secs: f64, fill_pct: u32, min_window: u32) -> Re
     cfg.fib_redirect = true;
     let mut pd = PinnedDp::load(&cfg)?;
     topo.mark_xdp_targets(pd.dp())?;
-    pd.dp().writer().upsert_service(&lab_service(&topo))?;
+    pd.dp().writer().upsert_service(&lab_service(topo))?;
     let dp = pd.dp();
     let cap_flows = limits::MAX_CONNTRACK / limits::CT_ENTRIES_PER_FLOW;
     let filled = (u64::from(cap_flows) * u64::from(fill_pct.min(100)) / 100) as u32;
@@ -141,7 +141,7 @@ pub fn profile_new(topo: &Topo, secs: f64, fill_pct: u32, min_window: u32) -> Re
         let mut kns = Vec::new();
         let mut i = filled;
         while i < max_flows {
-            if i % 1024 == 0 {
+            if i.is_multiple_of(1024) {
                 check_stop()?;
                 if Instant::now() >= until {
                     break;
