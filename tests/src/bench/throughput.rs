@@ -178,6 +178,8 @@ struct Outcome {
     ok: u64,
     errors: u64,
     secs: f64,
+    /// The userspace path: CPU time of the proxy's threads in the run, in ns.
+    proxy_cpu_ns: u64,
 }
 
 impl Outcome {
@@ -274,6 +276,7 @@ fn run_clients(
         ok: parts.iter().map(|p| p.ok).sum(),
         errors: parts.iter().map(|p| p.errors).sum(),
         secs: parts.iter().map(|p| p.secs).fold(0.0, f64::max),
+        proxy_cpu_ns: 0,
     })
 }
 
@@ -506,9 +509,42 @@ fn use_source(t: &Topo, n: u8) -> Result<()> {
     Ok(())
 }
 
+/// CPU time so far of this process's userspace proxy threads (named `rpclb-proxy*`), from
+/// each thread's schedstat, in ns. A proxy runs for one run only, so this is that run's.
+fn proxy_cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("rpclb-proxy"))
+        })
+        .filter_map(|t| {
+            let s = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            s.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
 /// Options of the userspace proxy in the lab.
 fn proxy_options() -> ProxyOptions {
-    ProxyOptions::default()
+    let mut o = ProxyOptions::default();
+    // For experiments: RPCLB_BENCH_US_THREADS=N runs the proxy on N worker threads.
+    if let Some(n) = std::env::var("RPCLB_BENCH_US_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        o.worker_threads = n;
+    }
+    // RPCLB_BENCH_US_RUNTIME=shared|per-thread: the proxy's runtime layout.
+    match std::env::var("RPCLB_BENCH_US_RUNTIME").as_deref() {
+        Ok("shared") => o.per_thread_runtimes = false,
+        Ok("per-thread") => o.per_thread_runtimes = true,
+        _ => {}
+    }
+    o
 }
 
 pub fn section_lab(opts: &Opts) -> Result<()> {
@@ -535,6 +571,16 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
         )?;
     }
     add_client_sources(&a)?;
+    // The userspace proxy's upstream connections end in TIME_WAIT on the node when the client
+    // closes first; without reuse, connect() then searches a port range full of them (its CPU
+    // per connection grew from ~60 us to ~2 ms within a few runs). docs/operations.md
+    // recommends this for the userspace data path; no other path opens connections from the
+    // node. RPCLB_BENCH_NODE_TW_REUSE=0 leaves the default (2: loopback only).
+    if std::env::var("RPCLB_BENCH_NODE_TW_REUSE").as_deref() != Ok("0") {
+        a.lab()
+            .node()
+            .exec("sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+    }
     let mut servers_a = Vec::new();
     for h in a.lab().backends() {
         servers_a.push(Server::start(&h.ns, BACKEND_PORT, opts.lab_threads + 2)?);
@@ -624,7 +670,10 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
                         .map_err(|e| anyhow::anyhow!("userspace proxy: {e}"))?;
                     Ok(p)
                 })??;
-                let r = f();
+                let r = f().map(|mut o| {
+                    o.proxy_cpu_ns = proxy_cpu_ns();
+                    o
+                });
                 proxy
                     .shutdown()
                     .map_err(|e| anyhow::anyhow!("userspace proxy: {e}"))?;
@@ -730,6 +779,9 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
             t.row(row);
         }
         print!("{}", t.render());
+        if let Some(pu) = at(Path::Userspace) {
+            println!("{}", proxy_cpu_line(&workloads.map(Workload::label), &results, pu));
+        }
         let hits = b.as_ref().filter(|_| have_ipt).map_or(0, iptables_hits);
         let nonzero: Vec<String> = dp
             .dp()
@@ -927,9 +979,10 @@ fn wrk_part(
             };
             let o = super::wrk::run(client, &url, pods, close, secs)?;
             Ok(Outcome {
-                ok: o.rate as u64,
+                ok: (o.rate * secs as f64) as u64,
                 errors: o.errors,
-                secs: 1.0,
+                secs: secs as f64,
+                proxy_cpu_ns: 0,
             })
         };
         on_path(p, dp, &mut f)
@@ -975,7 +1028,7 @@ fn wrk_part(
     {
         let per: Vec<Vec<f64>> = res[mi]
             .iter()
-            .map(|r| r.iter().map(|o| o.ok as f64).collect())
+            .map(|r| r.iter().map(Outcome::rate).collect())
             .collect();
         let mut row = vec![label.to_string()];
         for p in &per {
@@ -998,7 +1051,33 @@ fn wrk_part(
         t.row(row);
     }
     print!("{}", t.render());
+    if let Some(pu) = paths.iter().position(|&p| p == Path::Userspace) {
+        let labels = ["Connection: close", "keep-alive"];
+        println!("wrk: {}", proxy_cpu_line(&labels, &res, pu));
+    }
     Ok(out)
+}
+
+/// "userspace proxy CPU per request: ..." from the outcomes `res[workload][path]` of path `pu`:
+/// the proxy threads' CPU time per completed request, median of the rounds. A figure that the
+/// other load of a shared machine changes much less than the rates.
+fn proxy_cpu_line(labels: &[&str], res: &[Vec<Vec<Outcome>>], pu: usize) -> String {
+    let parts: Vec<String> = labels
+        .iter()
+        .zip(res)
+        .map(|(l, r)| {
+            let per: Vec<f64> = r[pu]
+                .iter()
+                .filter(|o| o.ok > 0)
+                .map(|o| o.proxy_cpu_ns as f64 / o.ok as f64 / 1000.0)
+                .collect();
+            format!("{l} {:.1} µs", median(&per))
+        })
+        .collect();
+    format!(
+        "userspace proxy CPU per request (its threads' schedstat): {}",
+        parts.join(", ")
+    )
 }
 
 /// `RPCLB_BENCH_DEBUG=1`: the client's and backends' non-zero TCP trouble counters
@@ -1016,12 +1095,16 @@ fn debug_tcp_counters(t: &Topo, what: &str) {
         "TcpExtTCPTimeWaitOverflow",
         "TcpExtListenDrops",
         "TcpExtTCPChallengeACK",
+        "TcpCurrEstab",
+        "TcpActiveOpens",
     ];
-    let hosts = std::iter::once(t.lab().client()).chain(t.lab().backends());
-    for h in hosts {
+    let hosts = std::iter::once(t.lab().node())
+        .chain(std::iter::once(&t.lab().client().ns))
+        .chain(t.lab().backends().iter().map(|h| &h.ns));
+    for ns in hosts {
         let mut args = vec!["-az"];
         args.extend_from_slice(KEYS);
-        let out = h.ns.exec("nstat", &args).unwrap_or_default();
+        let out = ns.exec("nstat", &args).unwrap_or_default();
         let v: Vec<String> = out
             .lines()
             .filter(|l| !l.starts_with('#'))
@@ -1032,7 +1115,7 @@ fn debug_tcp_counters(t: &Topo, what: &str) {
                 (v > 0).then(|| format!("{k}={v}"))
             })
             .collect();
-        eprintln!("  debug {what} {}: {}", h.ns.name(), v.join(" "));
+        eprintln!("  debug {what} {}: {}", ns.name(), v.join(" "));
     }
 }
 
