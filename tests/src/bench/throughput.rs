@@ -780,7 +780,10 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
         }
         print!("{}", t.render());
         if let Some(pu) = at(Path::Userspace) {
-            println!("{}", proxy_cpu_line(&workloads.map(Workload::label), &results, pu));
+            println!(
+                "{}",
+                proxy_cpu_line(&workloads.map(Workload::label), &results, pu)
+            );
         }
         let hits = b.as_ref().filter(|_| have_ipt).map_or(0, iptables_hits);
         let nonzero: Vec<String> = dp
@@ -910,7 +913,10 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
             (vals.iter().any(|v| !v.is_nan()))
                 .then(|| vals.iter().filter(|v| !v.is_nan()).all(|&v| v >= 0.8))
         };
-        let (k, wk_) = (vs(wk, Path::Userspace, Path::Direct), wr(Path::Userspace, 1));
+        let (k, wk_) = (
+            vs(wk, Path::Userspace, Path::Direct),
+            wr(Path::Userspace, 1),
+        );
         verdict(
             "userspace L4 proxy, keep-alive requests/s vs direct",
             ">= 0.8x in both (the bench; wrk and nginx)",
@@ -957,12 +963,8 @@ fn wrk_part(
     dp: &mut PinnedDp,
     on_path: &dyn Fn(Path, &mut PinnedDp, &mut dyn FnMut() -> Result<Outcome>) -> Result<Outcome>,
 ) -> Result<Vec<(Path, [f64; 2])>> {
-    let hosts: Vec<(&Netns, Ipv4Addr)> = a
-        .lab()
-        .backends()
-        .iter()
-        .map(|h| (&h.ns, h.ip()))
-        .collect();
+    let hosts: Vec<(&Netns, Ipv4Addr)> =
+        a.lab().backends().iter().map(|h| (&h.ns, h.ip())).collect();
     let _nginx = super::wrk::Nginx::start(&hosts, BACKEND_PORT)?;
     let pods: Vec<SocketAddrV4> = hosts
         .iter()
