@@ -953,6 +953,10 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
     Ok(())
 }
 
+/// Sets a path up, runs the closure through it, takes it down.
+type OnPath<'a> =
+    dyn Fn(Path, &mut PinnedDp, &mut dyn FnMut() -> Result<Outcome>) -> Result<Outcome> + 'a;
+
 /// wrk against nginx through `paths` (direct first), rounds rotated as in the own part;
 /// prints its table and returns, per path, the median per-round ratio to direct for
 /// `Connection: close` and keep-alive.
@@ -961,7 +965,7 @@ fn wrk_part(
     a: &Topo,
     paths: &[Path],
     dp: &mut PinnedDp,
-    on_path: &dyn Fn(Path, &mut PinnedDp, &mut dyn FnMut() -> Result<Outcome>) -> Result<Outcome>,
+    on_path: &OnPath<'_>,
 ) -> Result<Vec<(Path, [f64; 2])>> {
     let hosts: Vec<(&Netns, Ipv4Addr)> =
         a.lab().backends().iter().map(|h| (&h.ns, h.ip())).collect();
