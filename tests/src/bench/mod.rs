@@ -152,7 +152,8 @@ sections (default: all, in this order):
   xdp      per-packet cost with XDP live frames vs a trivial XDP_TX program, and new-flow cost
   scale    the same with 10,000 services and 100,000 backends loaded vs one service
   maglev   Maglev table build, M = 65537, 1,000 backends
-  lab      netns lab: connections/s and keep-alive requests/s, XDP vs direct vs iptables DNAT
+  lab      netns lab: connections/s and keep-alive requests/s, XDP, TC and userspace vs direct
+           vs iptables DNAT; then wrk and nginx through direct, TC and userspace
   stream   endpoints change -> node maps through the controller's gRPC stream (p50/p99)
   counters one counter update, per-CPU vs shared with atomic adds, on one and on two CPUs
 

@@ -1,17 +1,14 @@
-//! Section `lab`: real TCP through the node namespace, three ways, side by side in one run.
+//! Section `lab`: real TCP through the node namespace, side by side in one run: direct to the
+//! pod IPs, rpclb XDP and TC on the node's veths, kube-proxy-style iptables DNAT (in a second,
+//! identical lab, so that netfilter's conntrack never touches the others), direct with a
+//! trivial XDP_PASS, and the agent's userspace proxy.
 //!
-//! - direct: the client connects to the backends' pod IPs; the node forwards (no XDP, no
-//!   netfilter rules);
-//! - xdp: the client connects to the VIP 10.96.0.10:80; `rpclb_xdp` is attached natively to
-//!   every node-side veth (Maglev over the three backends' :8080);
-//! - iptables: the client connects to the VIP; the node DNATs it with kube-proxy-style rules
-//!   (`-m statistic --mode random` chains in `nat PREROUTING`). This runs in a second,
-//!   identical lab, so that netfilter's conntrack never touches the direct and xdp runs.
-//!
-//! Two workloads: `Connection: close`-style (connect, one 64-byte request and response, the
-//! client closes; the client namespaces have tcp_tw_reuse=1 and ports 1024-65535) and keep-alive (one connection per client thread, 64-byte requests and
-//! responses back to back). Each run is bounded by time (`--lab-secs`), every socket operation
-//! by a timeout, and the order of the paths rotates each round.
+//! Three workloads with the bench's own client and server: a new connection per 64-byte
+//! exchange with the client closing first, the same with the server closing first, and
+//! keep-alive. Each path connects from its own client address (see `source_of`). Then the
+//! "wrk and nginx" part (`wrk.rs`) through direct, TC and userspace. Each run is bounded by
+//! time (`--lab-secs`), every socket operation by a timeout, and the order of the paths
+//! rotates each round.
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
