@@ -41,6 +41,8 @@ pub struct Engines {
     proxy: SharedProxy,
     /// What the previous agent handed over, for the proxy's start.
     inherited: Mutex<Option<Inherited>>,
+    /// `ProxyOptions::worker_threads` of the proxy (`--userspace-threads`).
+    pub proxy_threads: usize,
 }
 
 type SharedProxy = Arc<Mutex<Option<Arc<UserspaceProxy>>>>;
@@ -55,6 +57,7 @@ impl Engines {
             kernel,
             proxy: Arc::new(Mutex::new(None)),
             inherited: Mutex::new(None),
+            proxy_threads: 0,
         }
     }
 
@@ -122,7 +125,10 @@ impl Engines {
             Some(p) => p,
             None if proxy_part.services.is_empty() => return Ok(refused),
             None => {
-                let opts = ProxyOptions::with_timeouts(timeouts);
+                let opts = ProxyOptions {
+                    worker_threads: self.proxy_threads,
+                    ..ProxyOptions::with_timeouts(timeouts)
+                };
                 let inherited = self
                     .inherited
                     .lock()

@@ -345,9 +345,25 @@ fn userspace_balances_tcp_and_udp() {
 #[test]
 fn userspace_least_conn_is_exact() {
     skip_unless_lab!();
+    least_conn_is_exact(opts());
+}
+
+/// The same with the connections on per-thread runtimes (accepted on the
+/// shared one, run on another): counts stay exact, and shutdown still ends
+/// every connection.
+#[test]
+fn userspace_least_conn_is_exact_on_per_thread_runtimes() {
+    skip_unless_lab!();
+    least_conn_is_exact(ProxyOptions {
+        per_thread_runtimes: true,
+        ..opts()
+    });
+}
+
+fn least_conn_is_exact(o: ProxyOptions) {
     let lab = Lab::new(3).expect("lab");
     let _tcp = lab.start_tcp_servers(8080).unwrap();
-    let p = proxy(&lab, opts());
+    let p = proxy(&lab, o);
     let svc = service(
         "lab/lc:http",
         VIP,
@@ -403,6 +419,18 @@ fn userspace_least_conn_is_exact() {
     assert_eq!(s.backend(b1, 8080).unwrap().new_connections, 4);
     for (k, h) in held.iter_mut().enumerate() {
         assert_eq!(h.echo(&format!("still {k}")), format!("still {k}"));
+    }
+    // Shutdown ends every connection (EOF or reset), within the read timeout.
+    p.shutdown().unwrap();
+    for h in &mut held {
+        match h.ended() {
+            Ok(0) => {}
+            Err(e) => assert!(
+                !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+                "still open after shutdown"
+            ),
+            Ok(n) => panic!("{n} bytes after shutdown"),
+        }
     }
 }
 

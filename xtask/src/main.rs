@@ -233,7 +233,10 @@ fn task(cmd: Cmd) -> Result<()> {
                 .env("RPCLB_SOAK", "1")
                 .env("RPCLB_REQUIRE_PRIVILEGES", "1"))
         }
-        Cmd::Bench(_) => run_bin(&root, "rpclb-bench"),
+        Cmd::Bench(_) => {
+            setup::bench_tools();
+            run_bin(&root, "rpclb-bench")
+        }
         Cmd::Demo(_) => demo(&root),
         // The one certificate maker (lb_api::tls::certs), through the controller's CLI; the
         // standalone build needs no kube-rs.

@@ -134,8 +134,29 @@ const TOOLS: &[(&str, &str)] = &[
     ("capsh", "libcap2-bin"),
 ];
 
+/// Tools only the benchmark uses (its lab's "wrk and nginx" rows; without them it skips
+/// those rows).
+const BENCH_TOOLS: &[(&str, &str)] = &[("nginx", "nginx-light"), ("wrk", "wrk")];
+
 fn tools() -> String {
-    let missing = || TOOLS.iter().filter(|(t, _)| !have(t)).collect::<Vec<_>>();
+    install_tools(TOOLS)
+}
+
+/// `cargo xtask bench` (besides [`all`]): the benchmark's own tools. Never fails on them.
+pub fn bench_tools() {
+    let had_nginx = have("nginx");
+    report("bench tools (nginx, wrk)", install_tools(BENCH_TOOLS));
+    // Debian starts the packaged nginx (port 80, root namespace) where an init system runs;
+    // the benchmark runs its own in its namespaces, so stop what the install started.
+    if !had_nginx && have("nginx") && have("systemctl") {
+        let _ = output(Command::new("systemctl").args(["disable", "--now", "nginx"]));
+    }
+}
+
+/// Installs the Debian packages of the `(tool, package)` pairs whose tool is missing (root
+/// only); the status line.
+fn install_tools(list: &[(&str, &str)]) -> String {
+    let missing = || list.iter().filter(|(t, _)| !have(t)).collect::<Vec<_>>();
     let before = missing();
     if before.is_empty() {
         return "ok".into();

@@ -81,6 +81,8 @@ pub struct Options {
     pub detach_on_exit: bool,
     /// Graceful restart over a unix socket (`userspace::handover`).
     pub handover: Option<Handover>,
+    /// The userspace proxy's threads; 0: one per CPU.
+    pub userspace_threads: usize,
 }
 
 /// `--handover-socket` and `--handover-wait`.
@@ -344,7 +346,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             None => info!(iface = a.iface, attach = a.how, "attached"),
         }
     }
-    let engines = Arc::new(Engines::new(kernel.map(|d| Arc::new(Mutex::new(d)))));
+    let mut engines = Engines::new(kernel.map(|d| Arc::new(Mutex::new(d))));
+    engines.proxy_threads = opts.userspace_threads;
+    let engines = Arc::new(engines);
     if let Some(i) = inherited {
         engines.set_inherited(i);
     }

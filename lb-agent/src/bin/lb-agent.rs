@@ -250,6 +250,10 @@ struct RunArgs {
     /// take over before shutting down (0: shut down at once).
     #[arg(long, env = "RPCLB_HANDOVER_WAIT", default_value = "30s", value_parser = lb_agent::duration::parse)]
     handover_wait: Duration,
+    /// Threads of the userspace proxy (0: one per CPU). On a small node that its clients and
+    /// backends share, 1 costs less CPU per request (docs/benchmarks.md, "Userspace proxy").
+    #[arg(long, env = "RPCLB_USERSPACE_THREADS", default_value_t = 0)]
+    userspace_threads: usize,
 }
 
 /// `--collision-ports`: a range, or `off`.
@@ -444,6 +448,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             path,
             wait: a.handover_wait,
         }),
+        userspace_threads: a.userspace_threads,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

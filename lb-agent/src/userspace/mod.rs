@@ -92,7 +92,7 @@ use l4::{tcp, udp};
 pub use options::ProxyOptions;
 use route::RouteSocket;
 use select::{BackendEntry, BackendKey, Selector, ServiceShared};
-use tasks::HandoverCtx;
+use tasks::{HandoverCtx, Workers};
 
 pub use export::datapath_snapshot;
 pub use route::ROUTE_PROTOCOL;
@@ -160,6 +160,10 @@ fn list(errors: &[ProxyError]) -> String {
 pub struct UserspaceProxy {
     inner: Arc<Inner>,
     rt: Option<Runtime>,
+    /// `per_thread_runtimes`: each worker runtime's thread; it shuts its
+    /// runtime down when `stop_workers` turns true.
+    worker_threads: Vec<std::thread::JoinHandle<()>>,
+    stop_workers: watch::Sender<bool>,
 }
 
 impl fmt::Debug for UserspaceProxy {
@@ -207,6 +211,8 @@ struct Inner {
     adopted: HashSet<Ipv4Addr>,
     /// Handed over: leave the routes to the successor.
     keep_routes: AtomicBool,
+    /// Where TCP connections run (`per_thread_runtimes`).
+    workers: Workers,
 }
 
 #[derive(Default)]
@@ -318,16 +324,41 @@ impl UserspaceProxy {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
         };
+        // Per-thread runtimes: the shared one only accepts and applies.
+        let shared_threads = if opts.per_thread_runtimes { 1 } else { threads };
         let ns = netns.clone();
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
+            .worker_threads(shared_threads)
             .thread_name("rpclb-proxy")
             .enable_all()
             .on_thread_start(move || ns.enter_if_elsewhere())
             .build()
             .map_err(ProxyError::Runtime)?;
+        let (stop_workers, stopped) = watch::channel(false);
+        let mut handles = Vec::new();
+        let mut worker_threads = Vec::new();
+        if opts.per_thread_runtimes {
+            for i in 0..threads {
+                let wrt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(ProxyError::Runtime)?;
+                handles.push(wrt.handle().clone());
+                let (ns, mut stopped) = (netns.clone(), stopped.clone());
+                let t = std::thread::Builder::new()
+                    .name(format!("rpclb-proxy-w{i}"))
+                    .spawn(move || {
+                        ns.enter_if_elsewhere();
+                        wrt.block_on(tasks::stop_requested(&mut stopped));
+                        wrt.shutdown_timeout(SHUTDOWN_WAIT);
+                    })
+                    .map_err(ProxyError::Runtime)?;
+                worker_threads.push(t);
+            }
+        }
         info!(
             threads,
+            per_thread_runtimes = opts.per_thread_runtimes,
             manage_routes = opts.manage_routes,
             "userspace proxy started"
         );
@@ -343,8 +374,11 @@ impl UserspaceProxy {
                 inherited: Mutex::new(inherited),
                 adopted,
                 keep_routes: AtomicBool::new(false),
+                workers: Workers::new(handles),
             }),
             rt: Some(rt),
+            worker_threads,
+            stop_workers,
         })
     }
 
@@ -471,6 +505,11 @@ impl UserspaceProxy {
         std::thread::scope(|s| {
             let _ = s.spawn(move || rt.shutdown_timeout(SHUTDOWN_WAIT)).join();
         });
+        // Then the connections' runtimes, if any: what is left on them goes.
+        let _ = self.stop_workers.send(true);
+        for t in self.worker_threads.drain(..) {
+            let _ = t.join();
+        }
         let mut errors = Vec::new();
         if self.inner.keep_routes.load(Ordering::Relaxed) {
             info!(
@@ -718,6 +757,7 @@ impl Inner {
                     stopped,
                     ho,
                     resumed,
+                    self.workers.clone(),
                 ))
             }
             (Protocol::Udp, _) => {

@@ -20,8 +20,12 @@ pub struct ProxyOptions {
     pub max_udp_sessions: usize,
     /// Client-IP affinity entries per service.
     pub max_affinity_entries: usize,
-    /// Runtime worker threads; 0 = one per CPU.
+    /// Threads that run the connections; 0 = one per CPU.
     pub worker_threads: usize,
+    /// Run the TCP connections on one single-threaded runtime per worker
+    /// thread (each with its own epoll), instead of on one multi-thread
+    /// runtime whose workers steal work from each other.
+    pub per_thread_runtimes: bool,
     /// `listen(2)` backlog of each TCP service.
     pub listen_backlog: u32,
     /// Add and remove the VIPs' local routes. Turn off only when something
@@ -46,6 +50,7 @@ impl ProxyOptions {
             max_udp_sessions: 16_384,
             max_affinity_entries: lb_common::limits::MAX_AFFINITY as usize,
             worker_threads: 0,
+            per_thread_runtimes: false,
             listen_backlog: 1024,
             manage_routes: true,
         }

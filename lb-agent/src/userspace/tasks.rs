@@ -5,14 +5,15 @@ use std::future::Future;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd;
 use std::pin::Pin;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use lb_api::Protocol;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until};
@@ -55,6 +56,40 @@ impl HandoverCtx {
     }
 }
 
+/// The single-threaded runtimes that run TCP connections
+/// (`ProxyOptions::per_thread_runtimes`); none: they run where they are
+/// accepted.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Workers(Arc<WorkersInner>);
+
+#[derive(Debug, Default)]
+struct WorkersInner {
+    handles: Vec<Handle>,
+    next: AtomicUsize,
+}
+
+impl Workers {
+    pub(crate) fn new(handles: Vec<Handle>) -> Self {
+        Workers(Arc::new(WorkersInner {
+            handles,
+            next: AtomicUsize::new(0),
+        }))
+    }
+
+    /// The next runtime in turn, if there are any.
+    fn next(&self) -> Option<&Handle> {
+        let h = &self.0.handles;
+        (!h.is_empty()).then(|| &h[self.0.next.fetch_add(1, Relaxed) % h.len()])
+    }
+}
+
+/// `s`, registered with the reactor of `h` instead of the current one.
+fn rebind(s: TcpStream, h: &Handle) -> std::io::Result<TcpStream> {
+    let s = s.into_std()?;
+    let _in = h.enter();
+    TcpStream::from_std(s)
+}
+
 /// Resolves once a handover pauses the proxy; never if its sender is gone.
 pub(crate) async fn pause_requested(pause: &mut watch::Receiver<bool>) {
     if pause.wait_for(|p| *p).await.is_err() {
@@ -69,6 +104,26 @@ pub(crate) async fn pause_requested(pause: &mut watch::Receiver<bool>) {
 /// `park`, the connections are waited for (they park and hand themselves
 /// over); without, they are closed.
 pub(crate) async fn accept_loop<F, Fut>(
+    svc: &ServiceShared,
+    listener: TcpListener,
+    stop: watch::Receiver<bool>,
+    ho: HandoverCtx,
+    park: bool,
+    initial: Vec<ConnTask>,
+    conn: F,
+) where
+    F: FnMut(TcpStream, SocketAddrV4) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let none = Workers::default();
+    accept_loop_on(&none, svc, listener, stop, ho, park, initial, conn).await;
+}
+
+/// [`accept_loop`], running each connection on the next of `workers` (if
+/// any) in turn.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn accept_loop_on<F, Fut>(
+    workers: &Workers,
     svc: &ServiceShared,
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
@@ -99,9 +154,17 @@ pub(crate) async fn accept_loop<F, Fut>(
                 return;
             }
             accepted = listener.accept() => match accepted {
-                Ok((stream, SocketAddr::V4(peer))) => {
-                    conns.spawn(conn(stream, peer));
-                }
+                Ok((stream, SocketAddr::V4(peer))) => match workers.next() {
+                    Some(h) => match rebind(stream, h) {
+                        Ok(stream) => {
+                            conns.spawn_on(conn(stream, peer), h);
+                        }
+                        Err(e) => debug!(%peer, "moving a connection to its worker: {e}"),
+                    },
+                    None => {
+                        conns.spawn(conn(stream, peer));
+                    }
+                },
                 Ok((_, peer)) => debug!(%peer, "not IPv4, closed"),
                 Err(e) => {
                     svc.counters.dropped(DropReason::AcceptFailed);

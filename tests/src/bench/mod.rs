@@ -14,6 +14,7 @@ pub mod newflow;
 pub mod sink;
 pub mod stream;
 pub mod throughput;
+pub mod wrk;
 
 use std::fmt::Write as _;
 use std::sync::Mutex;
@@ -93,6 +94,10 @@ pub struct Opts {
     pub lab_secs: f64,
     pub lab_rounds: usize,
     pub lab_threads: usize,
+    /// `--lab-paths`: only these lab paths (direct always runs); empty = all.
+    pub lab_paths: Vec<String>,
+    /// `--lab-wrk`: the wrk and nginx part of the lab section (on, off, only).
+    pub lab_wrk: String,
     /// `--profile CASE`: run only that live-frames case of section 1 for `profile_secs`, for
     /// `perf record` (tx, established, reply), or plain runs of new flows (new).
     pub profile: Option<String>,
@@ -116,6 +121,8 @@ impl Opts {
             lab_secs: 1.5,
             lab_rounds: 5,
             lab_threads: 2,
+            lab_paths: Vec::new(),
+            lab_wrk: "on".into(),
             profile: None,
             profile_secs: 5.0,
             profile_fill: 0,
@@ -136,6 +143,8 @@ impl Opts {
             lab_secs: 0.5,
             lab_rounds: 2,
             lab_threads: 2,
+            lab_paths: Vec::new(),
+            lab_wrk: "on".into(),
             profile: None,
             profile_secs: 5.0,
             profile_fill: 0,
@@ -153,7 +162,8 @@ sections (default: all, in this order):
   xdp      per-packet cost with XDP live frames vs a trivial XDP_TX program, and new-flow cost
   scale    the same with 10,000 services and 100,000 backends loaded vs one service
   maglev   Maglev table build, M = 65537, 1,000 backends
-  lab      netns lab: connections/s and keep-alive requests/s, XDP vs direct vs iptables DNAT
+  lab      netns lab: connections/s and keep-alive requests/s, XDP, TC and userspace vs direct
+           vs iptables DNAT; then wrk and nginx through direct, TC and userspace
   stream   endpoints change -> node maps through the controller's gRPC stream (p50/p99)
   counters one counter update, per-CPU vs shared with atomic adds, on one and on two CPUs
   fill     new-flow cost as the default-size conntrack map fills (0% to 90% of its flows)
@@ -169,6 +179,10 @@ options:
   --lab-secs S         seconds per lab throughput run (default 1.5; quick 0.5)
   --lab-rounds N       rounds of the lab section, median reported (default 5; quick 2)
   --lab-threads N      client threads in the lab section (default 2)
+  --lab-paths LIST     only these lab paths (comma-separated: xdp, tc, iptables, pass,
+                       userspace; direct always runs)
+  --lab-wrk on|off|only  the lab's wrk and nginx part (default on; skipped if either is
+                       missing)
   --profile CASE       only run one live-frames case of section 1 (tx, established, reply)
                        in a loop, for `perf record -C <cpu>`; --profile-secs S (default 5);
                        `new`: plain runs of SYNs of distinct flows into a default-size
@@ -223,6 +237,21 @@ pub fn parse_args(args: &[String]) -> Result<Option<Opts>> {
             "--lab-secs" => o.lab_secs = num(value()?, flag)?,
             "--lab-rounds" => o.lab_rounds = num(value()?, flag)?,
             "--lab-threads" => o.lab_threads = num(value()?, flag)?,
+            "--lab-paths" => {
+                for p in value()?.split(',').filter(|s| !s.is_empty()) {
+                    if !["direct", "xdp", "tc", "iptables", "pass", "userspace"].contains(&p) {
+                        bail!("--lab-paths: direct, xdp, tc, iptables, pass, userspace; not {p:?}");
+                    }
+                    o.lab_paths.push(p.to_string());
+                }
+            }
+            "--lab-wrk" => {
+                let v = value()?;
+                if !["on", "off", "only"].contains(&v) {
+                    bail!("--lab-wrk: on, off or only, not {v:?}");
+                }
+                o.lab_wrk = v.to_string();
+            }
             "--profile" => {
                 let c = value()?;
                 if !["tx", "established", "reply", "new"].contains(&c) {

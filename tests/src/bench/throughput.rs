@@ -1,17 +1,14 @@
-//! Section `lab`: real TCP through the node namespace, three ways, side by side in one run.
+//! Section `lab`: real TCP through the node namespace, side by side in one run: direct to the
+//! pod IPs, rpclb XDP and TC on the node's veths, kube-proxy-style iptables DNAT (in a second,
+//! identical lab, so that netfilter's conntrack never touches the others), direct with a
+//! trivial XDP_PASS, and the agent's userspace proxy.
 //!
-//! - direct: the client connects to the backends' pod IPs; the node forwards (no XDP, no
-//!   netfilter rules);
-//! - xdp: the client connects to the VIP 10.96.0.10:80; `rpclb_xdp` is attached natively to
-//!   every node-side veth (Maglev over the three backends' :8080);
-//! - iptables: the client connects to the VIP; the node DNATs it with kube-proxy-style rules
-//!   (`-m statistic --mode random` chains in `nat PREROUTING`). This runs in a second,
-//!   identical lab, so that netfilter's conntrack never touches the direct and xdp runs.
-//!
-//! Two workloads: `Connection: close`-style (connect, one 64-byte request and response, the
-//! client closes; the client namespaces have tcp_tw_reuse=1 and ports 1024-65535) and keep-alive (one connection per client thread, 64-byte requests and
-//! responses back to back). Each run is bounded by time (`--lab-secs`), every socket operation
-//! by a timeout, and the order of the paths rotates each round.
+//! Three workloads with the bench's own client and server: a new connection per 64-byte
+//! exchange with the client closing first, the same with the server closing first, and
+//! keep-alive. Each path connects from its own client address (see `source_of`). Then the
+//! "wrk and nginx" part (`wrk.rs`) through direct, TC and userspace. Each run is bounded by
+//! time (`--lab-secs`), every socket operation by a timeout, and the order of the paths
+//! rotates each round.
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
@@ -143,6 +140,10 @@ fn serve(mut c: TcpStream, stop: &AtomicBool) -> io::Result<()> {
     let resp = [b'R'; MSG];
     while read_msg(&mut c, &mut buf, stop)? {
         c.write_all(&resp)?;
+        if buf[0] == b'S' {
+            // The server closes first (as after `Connection: close`): its TIME_WAIT stays here.
+            return Ok(());
+        }
     }
     Ok(())
 }
@@ -152,14 +153,18 @@ fn serve(mut c: TcpStream, stop: &AtomicBool) -> io::Result<()> {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Workload {
+    /// Connect, one exchange, the client closes first.
     Close,
+    /// Connect, one exchange, the server closes first; the client closes on its EOF.
+    ServerClose,
     KeepAlive,
 }
 
 impl Workload {
     fn label(self) -> &'static str {
         match self {
-            Workload::Close => "new connections/s (Connection: close)",
+            Workload::Close => "new connections/s (client closes first)",
+            Workload::ServerClose => "new connections/s (server closes first)",
             Workload::KeepAlive => "keep-alive requests/s",
         }
     }
@@ -170,6 +175,8 @@ struct Outcome {
     ok: u64,
     errors: u64,
     secs: f64,
+    /// The userspace path: CPU time of the proxy's threads in the run, in ns.
+    proxy_cpu_ns: u64,
 }
 
 impl Outcome {
@@ -208,6 +215,17 @@ fn client_thread(id: usize, targets: &[SocketAddr], w: Workload, until: Instant)
                 // tcp_tw_reuse recycles it; a server-side TIME_WAIT would make a reused client
                 // port's SYN wait for a 1 s retransmit.
                 connect(t).and_then(|mut s| exchange(&mut s, b'C'))
+            }
+            Workload::ServerClose => {
+                k += 1;
+                // The server closes after its response; the client waits for that EOF.
+                connect(t).and_then(|mut s| {
+                    exchange(&mut s, b'S')?;
+                    match s.read(&mut [0u8; 1])? {
+                        0 => Ok(()),
+                        _ => Err(io::ErrorKind::InvalidData.into()),
+                    }
+                })
             }
             Workload::KeepAlive => {
                 if conn.is_none() {
@@ -255,6 +273,7 @@ fn run_clients(
         ok: parts.iter().map(|p| p.ok).sum(),
         errors: parts.iter().map(|p| p.errors).sum(),
         secs: parts.iter().map(|p| p.secs).fold(0.0, f64::max),
+        proxy_cpu_ns: 0,
     })
 }
 
@@ -427,14 +446,117 @@ fn iptables_hits(topo: &Topo) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // Section 4
 
+/// Client source address of each path (10.244.1.`n`), so that no path meets the TIME_WAIT
+/// entries another path left on the client or the backends. A backend's TIME_WAIT from a
+/// direct connection (client:port -> pod:8080) accepts a new SYN on the same tuple only if its
+/// sequence number or timestamp is newer; the client derives both from the address it connects
+/// to, so a SYN through the VIP (DNATed onto that tuple) has an unrelated ISN and timestamp
+/// offset, is refused about half the time, and waits for a 1 s SYN retransmit.
+/// `RPCLB_BENCH_SHARED_SOURCE=1` shares one source, to show that.
+fn source_of(p: Path) -> u8 {
+    if std::env::var_os("RPCLB_BENCH_SHARED_SOURCE").is_some() {
+        return 2;
+    }
+    match p {
+        Path::Direct => 2,
+        Path::DirectPass => 3,
+        Path::Xdp => 4,
+        Path::Tc => 5,
+        Path::Iptables => 2,
+        Path::Userspace => 6,
+    }
+}
+
+/// Extra client addresses (10.244.1.3-9) and the node's permanent neighbour entries for them.
+fn add_client_sources(t: &Topo) -> Result<()> {
+    let c = t.lab().client();
+    let mac = c
+        .iface
+        .mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    for n in 3..=9u8 {
+        let ip = Ipv4Addr::new(10, 244, 1, n).to_string();
+        c.ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", &c.iface.name])?;
+        t.lab().node().ip(&[
+            "neigh",
+            "replace",
+            &ip,
+            "lladdr",
+            &mac,
+            "dev",
+            &c.node_iface.name,
+            "nud",
+            "permanent",
+        ])?;
+    }
+    Ok(())
+}
+
+/// Route the client's traffic to pods and VIPs from 10.244.1.`n`.
+fn use_source(t: &Topo, n: u8) -> Result<()> {
+    let c = t.lab().client();
+    let src = Ipv4Addr::new(10, 244, 1, n).to_string();
+    let via = c.node_iface.ip.to_string();
+    for net in ["10.244.0.0/16", "10.96.0.0/16"] {
+        c.ns.ip(&["route", "replace", net, "via", &via, "src", &src])?;
+    }
+    Ok(())
+}
+
+/// CPU time so far of this process's userspace proxy threads (named `rpclb-proxy*`), from
+/// each thread's schedstat, in ns. A proxy runs for one run only, so this is that run's.
+fn proxy_cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("rpclb-proxy"))
+        })
+        .filter_map(|t| {
+            let s = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            s.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// Options of the userspace proxy in the lab.
+fn proxy_options() -> ProxyOptions {
+    let mut o = ProxyOptions::default();
+    // For experiments: RPCLB_BENCH_US_THREADS=N runs the proxy on N worker threads.
+    if let Some(n) = std::env::var("RPCLB_BENCH_US_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        o.worker_threads = n;
+    }
+    // RPCLB_BENCH_US_RUNTIME=shared|per-thread: the proxy's runtime layout.
+    match std::env::var("RPCLB_BENCH_US_RUNTIME").as_deref() {
+        Ok("shared") => o.per_thread_runtimes = false,
+        Ok("per-thread") => o.per_thread_runtimes = true,
+        _ => {}
+    }
+    o
+}
+
 pub fn section_lab(opts: &Opts) -> Result<()> {
     header(
         "4. Netns lab throughput: rpclb XDP, TC and userspace vs direct routing vs iptables DNAT",
     );
+    let want = |name: &str| opts.lab_paths.is_empty() || opts.lab_paths.iter().any(|p| p == name);
     // Lab A: direct and xdp. Lab B: iptables.
     let a = Topo::new(3)?;
-    let b = Topo::new(3)?;
-    for t in [&a, &b] {
+    let b = if want("iptables") && opts.lab_wrk != "only" {
+        Some(Topo::new(3)?)
+    } else {
+        None
+    };
+    for t in std::iter::once(&a).chain(b.as_ref()) {
         // Inside the lab's own client namespaces only.
         t.lab().client().ns.exec(
             "sysctl",
@@ -445,16 +567,34 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
             ],
         )?;
     }
-    let mut servers = Vec::new();
-    for t in [&a, &b] {
+    add_client_sources(&a)?;
+    // The userspace proxy's upstream connections end in TIME_WAIT on the node when the client
+    // closes first; without reuse, connect() then searches a port range full of them (its CPU
+    // per connection grew from ~60 us to ~2 ms within a few runs). docs/operations.md
+    // recommends this for the userspace data path; no other path opens connections from the
+    // node. RPCLB_BENCH_NODE_TW_REUSE=0 leaves the default (2: loopback only).
+    if std::env::var("RPCLB_BENCH_NODE_TW_REUSE").as_deref() != Ok("0") {
+        a.lab()
+            .node()
+            .exec("sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+    }
+    let mut servers_a = Vec::new();
+    for h in a.lab().backends() {
+        servers_a.push(Server::start(&h.ns, BACKEND_PORT, opts.lab_threads + 2)?);
+    }
+    let mut servers_b = Vec::new();
+    for t in b.iter() {
         for h in t.lab().backends() {
-            servers.push(Server::start(&h.ns, BACKEND_PORT, opts.lab_threads + 2)?);
+            servers_b.push(Server::start(&h.ns, BACKEND_PORT, opts.lab_threads + 2)?);
         }
     }
     let mut dp = PinnedDp::load(&DatapathConfig::small(a.pin_dir("lab")))?;
     a.mark_xdp_targets(dp.dp())?;
     dp.dp().writer().upsert_service(&lab_service(&a))?;
-    let have_ipt = install_iptables(&b)?;
+    let have_ipt = match &b {
+        Some(b) => install_iptables(b)?,
+        None => false,
+    };
 
     let direct: Vec<SocketAddr> = a
         .lab()
@@ -463,23 +603,34 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
         .map(|h| SocketAddr::from((h.ip(), BACKEND_PORT)))
         .collect();
     let vip = vec![SocketAddr::from((VIP, VIP_PORT))];
-    let mut paths = vec![Path::Direct, Path::Xdp, Path::Tc];
+    let mut paths = vec![Path::Direct];
+    for (name, p) in [("xdp", Path::Xdp), ("tc", Path::Tc)] {
+        if want(name) {
+            paths.push(p);
+        }
+    }
     if have_ipt {
         paths.push(Path::Iptables);
     }
-    paths.push(Path::DirectPass);
-    paths.push(Path::Userspace);
+    if want("pass") {
+        paths.push(Path::DirectPass);
+    }
+    if want("userspace") {
+        paths.push(Path::Userspace);
+    }
     let at = |p: Path| paths.iter().position(|&x| x == p);
     let pass = PassProg::load()?;
-    let workloads = [Workload::Close, Workload::KeepAlive];
+    let workloads = [Workload::Close, Workload::ServerClose, Workload::KeepAlive];
     let threads = opts.lab_threads;
-    // results[w][p] = outcome per round
-    let mut results = vec![vec![Vec::<Outcome>::new(); paths.len()]; workloads.len()];
-    let redirects_before = reason_count(&mut dp, "fwd_redirect");
-    let run = |p: Path, w: Workload, secs: f64, dp: &mut PinnedDp| -> Result<Outcome> {
+    let debug = std::env::var_os("RPCLB_BENCH_DEBUG").is_some();
+    // Sets path `p` up, runs `f` through it, takes it down.
+    let on_path = |p: Path, dp: &mut PinnedDp, f: &mut dyn FnMut() -> Result<Outcome>| {
         check_stop()?;
+        if p != Path::Iptables {
+            use_source(&a, source_of(p))?;
+        }
         match p {
-            Path::Direct => run_clients(&a.lab().client().ns, &direct, w, threads, secs),
+            Path::Direct | Path::Iptables => f(),
             Path::DirectPass => {
                 let names: Vec<u32> = a.lab().node_ifaces().iter().map(|i| i.ifindex).collect();
                 let links = a.lab().node().run(|| {
@@ -488,36 +639,38 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
                         .map(|&i| pass.attach_here(i))
                         .collect::<Result<Vec<_>>>()
                 })??;
-                let r = run_clients(&a.lab().client().ns, &direct, w, threads, secs);
+                let r = f();
                 drop(links);
                 r
             }
             Path::Xdp => {
                 let ids = attach_xdp(&a, dp)?;
-                let r = run_clients(&a.lab().client().ns, &vip, w, threads, secs);
+                let r = f();
                 detach_xdp(&a, dp, ids)?;
                 r
             }
             Path::Tc => {
                 let ids = attach_tc(&a, dp)?;
-                let r = run_clients(&a.lab().client().ns, &vip, w, threads, secs);
+                let r = f();
                 detach_tc(&a, dp, ids)?;
                 r
             }
-            Path::Iptables => run_clients(&b.lab().client().ns, &vip, w, threads, secs),
             Path::Userspace => {
                 // The agent's userspace proxy in the node namespace, for this run only.
                 let svc = lb_api::DesiredState {
                     services: vec![lab_service(&a)],
                 };
                 let proxy = a.lab().node().run(|| -> Result<UserspaceProxy> {
-                    let p = UserspaceProxy::start(ProxyOptions::default())
+                    let p = UserspaceProxy::start(proxy_options())
                         .map_err(|e| anyhow::anyhow!("userspace proxy: {e}"))?;
                     p.apply(&svc)
                         .map_err(|e| anyhow::anyhow!("userspace proxy: {e}"))?;
                     Ok(p)
                 })??;
-                let r = run_clients(&a.lab().client().ns, &vip, w, threads, secs);
+                let r = f().map(|mut o| {
+                    o.proxy_cpu_ns = proxy_cpu_ns();
+                    o
+                });
                 proxy
                     .shutdown()
                     .map_err(|e| anyhow::anyhow!("userspace proxy: {e}"))?;
@@ -525,67 +678,362 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
             }
         }
     };
-    // Warm-up: each path once, briefly, and a check that it works at all.
-    for &p in &paths {
-        let o = run(p, Workload::Close, 0.3, &mut dp)?;
-        anyhow::ensure!(
-            o.ok > 0,
-            "{}: no connection succeeded in the warm-up ({} errors)",
-            p.label(),
-            o.errors
-        );
-    }
-    for round in 0..opts.lab_rounds {
-        for (wi, &w) in workloads.iter().enumerate() {
-            for k in 0..paths.len() {
-                let pi = (k + round) % paths.len();
-                let o = run(paths[pi], w, opts.lab_secs, &mut dp)?;
-                if std::env::var_os("RPCLB_BENCH_DEBUG").is_some() {
-                    let t = if paths[pi] == Path::Iptables { &b } else { &a };
-                    debug_tcp_counters(t, &format!("{:?} {:?}", paths[pi], w));
+    let run = |p: Path, w: Workload, secs: f64, dp: &mut PinnedDp| -> Result<Outcome> {
+        let (ns, targets) = match p {
+            Path::Direct | Path::DirectPass => (&a.lab().client().ns, &direct),
+            Path::Iptables => (&b.as_ref().expect("lab B").lab().client().ns, &vip),
+            _ => (&a.lab().client().ns, &vip),
+        };
+        on_path(p, dp, &mut || run_clients(ns, targets, w, threads, secs))
+    };
+    let redirects_before = reason_count(&mut dp, "fwd_redirect");
+    let own = opts.lab_wrk != "only";
+    // results[w][p] = outcome per round
+    let mut results = vec![vec![Vec::<Outcome>::new(); paths.len()]; workloads.len()];
+    if own {
+        // Warm-up: each path once, briefly, and a check that it works at all.
+        for &p in &paths {
+            let o = run(p, Workload::Close, 0.3, &mut dp)?;
+            anyhow::ensure!(
+                o.ok > 0,
+                "{}: no connection succeeded in the warm-up ({} errors)",
+                p.label(),
+                o.errors
+            );
+        }
+        for round in 0..opts.lab_rounds {
+            for (wi, &w) in workloads.iter().enumerate() {
+                for k in 0..paths.len() {
+                    let pi = (k + round) % paths.len();
+                    let o = run(paths[pi], w, opts.lab_secs, &mut dp)?;
+                    if debug {
+                        let t = if paths[pi] == Path::Iptables {
+                            b.as_ref().expect("lab B")
+                        } else {
+                            &a
+                        };
+                        debug_tcp_counters(t, &format!("{:?} {:?}", paths[pi], w));
+                    }
+                    results[wi][pi].push(o);
                 }
-                results[wi][pi].push(o);
             }
         }
     }
     let redirects = reason_count(&mut dp, "fwd_redirect") - redirects_before;
 
-    println!(
-        "{} client threads, {:.1} s per run, {} round(s), paths rotated each round; 3 backends, \
-         64-byte requests and responses; every CPU shared by clients, servers and forwarding; \
-         rate: median (min..max) of the rounds; ratios: median of per-round ratios",
-        threads, opts.lab_secs, opts.lab_rounds
-    );
-    let mut head = vec!["workload".to_string()];
-    head.extend(paths.iter().map(|p| format!("{} /s", p.label())));
-    head.push("xdp / direct".into());
-    if have_ipt {
-        head.push("xdp / iptables".into());
+    // ratios[w][p] = median of per-round ratios of path p to direct
+    let pd = at(Path::Direct).expect("direct");
+    let per: Vec<Vec<Vec<f64>>> = (0..workloads.len())
+        .map(|wi| {
+            (0..paths.len())
+                .map(|pi| results[wi][pi].iter().map(Outcome::rate).collect())
+                .collect()
+        })
+        .collect();
+    let vs = |wi: usize, p: Path, base: Path| -> f64 {
+        match (at(p), at(base)) {
+            (Some(x), Some(y)) if own => ratio_of_rounds(&per[wi][x], &per[wi][y]),
+            _ => f64::NAN,
+        }
+    };
+    if own {
+        println!(
+            "{} client threads, {:.1} s per run, {} round(s), paths rotated each round; 3 \
+             backends, 64-byte requests and responses; every CPU shared by clients, servers and \
+             forwarding; rate: median (min..max) of the rounds; ratios: median of per-round \
+             ratios; each path has its own client source address",
+            threads, opts.lab_secs, opts.lab_rounds
+        );
+        let mut head = vec!["workload".to_string()];
+        head.extend(paths.iter().map(|p| format!("{} /s", p.label())));
+        head.extend(
+            paths
+                .iter()
+                .filter(|&&p| p != Path::Direct)
+                .map(|p| format!("{} / direct", p.label())),
+        );
+        head.push("errors".into());
+        let head_refs: Vec<&str> = head.iter().map(String::as_str).collect();
+        let mut t = Table::new(&head_refs);
+        for (wi, w) in workloads.iter().enumerate() {
+            let mut row = vec![w.label().to_string()];
+            for p in &per[wi] {
+                row.push(format!(
+                    "{} ({}..{})",
+                    count(median(p) as u64),
+                    count(super::min(p) as u64),
+                    count(super::max(p) as u64)
+                ));
+            }
+            for (pi, _) in paths.iter().enumerate().filter(|&(pi, _)| pi != pd) {
+                row.push(ratio(ratio_of_rounds(&per[wi][pi], &per[wi][pd])));
+            }
+            let errors: u64 = results[wi]
+                .iter()
+                .flat_map(|r| r.iter().map(|o| o.errors))
+                .sum();
+            row.push(count(errors));
+            t.row(row);
+        }
+        print!("{}", t.render());
+        if let Some(pu) = at(Path::Userspace) {
+            println!(
+                "{}",
+                proxy_cpu_line(&workloads.map(Workload::label), &results, pu)
+            );
+        }
+        let hits = b.as_ref().filter(|_| have_ipt).map_or(0, iptables_hits);
+        let nonzero: Vec<String> = dp
+            .dp()
+            .writer()
+            .reasons()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, v)| *v > 0)
+            .map(|(n, v)| format!("{n}={}", count(v)))
+            .collect();
+        println!("rpclb counters: {}", nonzero.join(" "));
+        println!(
+            "proof of path: rpclb redirected {} packets; the iptables DNAT rules matched {} \
+             connections",
+            count(redirects),
+            count(hits)
+        );
     }
-    head.push("xdp / direct+PASS".into());
-    head.push("tc / direct".into());
-    head.push("userspace / direct".into());
+
+    // The wrk and nginx part: direct, TC and userspace.
+    let mut wrk_ratios: Vec<(Path, [f64; 2])> = Vec::new();
+    if opts.lab_wrk != "off" {
+        match super::wrk::missing_tools() {
+            Some(m) => println!(
+                "wrk and nginx: {m} not installed (`cargo xtask setup` installs them as root): \
+                 skipping those rows"
+            ),
+            None => {
+                drop(servers_a);
+                servers_a = Vec::new();
+                let wpaths: Vec<Path> = [Path::Direct, Path::Tc, Path::Userspace]
+                    .into_iter()
+                    .filter(|p| at(*p).is_some())
+                    .collect();
+                wrk_ratios = wrk_part(opts, &a, &wpaths, &mut dp, &on_path)?;
+            }
+        }
+    }
+    let wr = |p: Path, wi: usize| -> f64 {
+        wrk_ratios
+            .iter()
+            .find(|(x, _)| *x == p)
+            .map_or(f64::NAN, |(_, r)| r[wi])
+    };
+
+    let (wc, ws, wk) = (0, 1, 2);
+    if own && at(Path::Xdp).is_some() {
+        let (x, xi, xp) = (
+            vs(wc, Path::Xdp, Path::Direct),
+            vs(wc, Path::Xdp, Path::Iptables),
+            vs(wc, Path::Xdp, Path::DirectPass),
+        );
+        verdict(
+            "netns lab, new connections/s through the VIP",
+            ">= 0.9x direct, > iptables",
+            format!(
+                "{} direct, {} iptables ({} direct+PASS)",
+                ratio(x),
+                ratio(xi),
+                ratio(xp)
+            ),
+            Some(x >= 0.9 && (!have_ipt || xi > 1.0)),
+        );
+        let (k, ki, kp) = (
+            vs(wk, Path::Xdp, Path::Direct),
+            vs(wk, Path::Xdp, Path::Iptables),
+            vs(wk, Path::Xdp, Path::DirectPass),
+        );
+        verdict(
+            "netns lab, keep-alive requests/s",
+            ">= 0.97x direct",
+            format!(
+                "{} direct, {} iptables ({} direct+PASS)",
+                ratio(k),
+                ratio(ki),
+                ratio(kp)
+            ),
+            Some(k >= 0.97),
+        );
+    }
+    if own && at(Path::Tc).is_some() {
+        let (c, ci) = (
+            vs(wc, Path::Tc, Path::Direct),
+            vs(wc, Path::Tc, Path::Iptables),
+        );
+        verdict(
+            "netns lab, new connections/s through the VIP, TC mode",
+            ">= 0.9x direct, > iptables",
+            format!("{} direct, {} iptables", ratio(c), ratio(ci)),
+            Some(c >= 0.9 && (!have_ipt || ci > 1.0)),
+        );
+        let k = vs(wk, Path::Tc, Path::Direct);
+        verdict(
+            "netns lab, keep-alive requests/s, TC mode",
+            ">= 0.97x direct",
+            format!("{} direct", ratio(k)),
+            Some(k >= 0.97),
+        );
+    }
+    if at(Path::Tc).is_some() {
+        let (own_s, own_c, w) = (
+            vs(ws, Path::Tc, Path::Direct),
+            vs(wc, Path::Tc, Path::Direct),
+            wr(Path::Tc, 0),
+        );
+        verdict(
+            "new connections/s through a VIP in TC mode vs direct, wrk and nginx with \
+             `Connection: close` (the server closes first)",
+            ">= 0.95x in both (wrk and nginx; the bench, server closes first)",
+            format!(
+                "wrk+nginx {}; bench {} (server closes first), {} (client closes first)",
+                ratio(w),
+                ratio(own_s),
+                ratio(own_c)
+            ),
+            (!w.is_nan() || !own_s.is_nan()).then(|| {
+                [w, own_s]
+                    .iter()
+                    .filter(|v| !v.is_nan())
+                    .all(|&v| v >= 0.95)
+            }),
+        );
+    }
+    if at(Path::Userspace).is_some() {
+        let both = |vals: [f64; 2]| {
+            (vals.iter().any(|v| !v.is_nan()))
+                .then(|| vals.iter().filter(|v| !v.is_nan()).all(|&v| v >= 0.8))
+        };
+        let (k, wk_) = (
+            vs(wk, Path::Userspace, Path::Direct),
+            wr(Path::Userspace, 1),
+        );
+        verdict(
+            "userspace L4 proxy, keep-alive requests/s vs direct",
+            ">= 0.8x in both (the bench; wrk and nginx)",
+            format!("bench {}; wrk+nginx {}", ratio(k), ratio(wk_)),
+            both([k, wk_]),
+        );
+        let (c, s, wc_) = (
+            vs(wc, Path::Userspace, Path::Direct),
+            vs(ws, Path::Userspace, Path::Direct),
+            wr(Path::Userspace, 0),
+        );
+        verdict(
+            "userspace L4 proxy, new connections/s vs direct",
+            ">= 0.8x in both (the bench; wrk and nginx)",
+            format!(
+                "bench {} (client closes first; server first {}); wrk+nginx {}",
+                ratio(c),
+                ratio(s),
+                ratio(wc_)
+            ),
+            both([c, wc_]),
+        );
+        if own {
+            verdict(
+                "userspace L4 path, keep-alive",
+                ">= 0.5x direct",
+                format!("{} direct (new connections: {} direct)", ratio(k), ratio(c)),
+                Some(k >= 0.5),
+            );
+        }
+    }
+    drop(servers_a);
+    drop(servers_b);
+    Ok(())
+}
+
+/// Sets a path up, runs the closure through it, takes it down.
+type OnPath<'a> =
+    dyn Fn(Path, &mut PinnedDp, &mut dyn FnMut() -> Result<Outcome>) -> Result<Outcome> + 'a;
+
+/// wrk against nginx through `paths` (direct first), rounds rotated as in the own part;
+/// prints its table and returns, per path, the median per-round ratio to direct for
+/// `Connection: close` and keep-alive.
+fn wrk_part(
+    opts: &Opts,
+    a: &Topo,
+    paths: &[Path],
+    dp: &mut PinnedDp,
+    on_path: &OnPath<'_>,
+) -> Result<Vec<(Path, [f64; 2])>> {
+    let hosts: Vec<(&Netns, Ipv4Addr)> =
+        a.lab().backends().iter().map(|h| (&h.ns, h.ip())).collect();
+    let _nginx = super::wrk::Nginx::start(&hosts, BACKEND_PORT)?;
+    let pods: Vec<SocketAddrV4> = hosts
+        .iter()
+        .map(|(_, ip)| SocketAddrV4::new(*ip, BACKEND_PORT))
+        .collect();
+    let secs = opts.lab_secs.ceil().max(1.0) as u64;
+    let client = &a.lab().client().ns;
+    let debug = std::env::var_os("RPCLB_BENCH_DEBUG").is_some();
+    let one = |p: Path, close: bool, dp: &mut PinnedDp| -> Result<Outcome> {
+        let mut f = || -> Result<Outcome> {
+            let (url, pods) = match p {
+                Path::Direct => (format!("http://{}/", pods[0]), &pods[..]),
+                _ => (format!("http://{VIP}:{VIP_PORT}/"), &[][..]),
+            };
+            let o = super::wrk::run(client, &url, pods, close, secs)?;
+            Ok(Outcome {
+                ok: (o.rate * secs as f64) as u64,
+                errors: o.errors,
+                secs: secs as f64,
+                proxy_cpu_ns: 0,
+            })
+        };
+        on_path(p, dp, &mut f)
+    };
+    // Warm-up, and a check that every path answers.
+    for &p in paths {
+        let o = one(p, true, dp)?;
+        anyhow::ensure!(o.ok > 0, "wrk through {}: no request succeeded", p.label());
+    }
+    let modes = [true, false];
+    let mut res = vec![vec![Vec::<Outcome>::new(); paths.len()]; modes.len()];
+    for round in 0..opts.lab_rounds {
+        for (mi, &close) in modes.iter().enumerate() {
+            for k in 0..paths.len() {
+                let pi = (k + round) % paths.len();
+                let o = one(paths[pi], close, dp)?;
+                if debug {
+                    debug_tcp_counters(a, &format!("wrk {:?} close={close}", paths[pi]));
+                }
+                res[mi][pi].push(o);
+            }
+        }
+    }
+    println!(
+        "wrk and nginx: wrk -t{} -c{} -d{secs}s, nginx-light (one worker per backend, a {}-byte \
+         body, keep-alive on); `Connection: close` makes nginx close first; direct: each wrk \
+         thread on one pod address; {} round(s)",
+        super::wrk::WRK_THREADS,
+        super::wrk::WRK_CONNS,
+        super::wrk::BODY,
+        opts.lab_rounds
+    );
+    let mut head = vec!["wrk and nginx".to_string()];
+    head.extend(paths.iter().map(|p| format!("{} /s", p.label())));
+    head.extend(paths[1..].iter().map(|p| format!("{} / direct", p.label())));
     head.push("errors".into());
     let head_refs: Vec<&str> = head.iter().map(String::as_str).collect();
     let mut t = Table::new(&head_refs);
-    // Per-round ratios, then their median: the other load of a shared machine changes from
-    // second to second, and a round's paths run back to back.
-    // ratios[w] = (xdp / direct, xdp / iptables, xdp / direct+PASS)
-    let mut ratios = vec![(f64::NAN, f64::NAN, f64::NAN); workloads.len()];
-    let mut tc_ratios = vec![f64::NAN; workloads.len()];
-    let mut tc_ipt = vec![f64::NAN; workloads.len()];
-    let mut us_ratios = vec![f64::NAN; workloads.len()];
-    let (pd, px) = (
-        at(Path::Direct).expect("direct"),
-        at(Path::Xdp).expect("xdp"),
-    );
-    let pp = at(Path::DirectPass).expect("control");
-    for (wi, w) in workloads.iter().enumerate() {
-        let mut row = vec![w.label().to_string()];
-        let mut errors = 0;
-        let per: Vec<Vec<f64>> = (0..paths.len())
-            .map(|pi| results[wi][pi].iter().map(Outcome::rate).collect())
+    let mut out: Vec<(Path, [f64; 2])> = paths[1..].iter().map(|&p| (p, [f64::NAN; 2])).collect();
+    for (mi, label) in ["requests/s, Connection: close", "keep-alive requests/s"]
+        .iter()
+        .enumerate()
+    {
+        let per: Vec<Vec<f64>> = res[mi]
+            .iter()
+            .map(|r| r.iter().map(Outcome::rate).collect())
             .collect();
+        let mut row = vec![label.to_string()];
         for p in &per {
             row.push(format!(
                 "{} ({}..{})",
@@ -594,116 +1042,45 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
                 count(super::max(p) as u64)
             ));
         }
-        for r in &results[wi] {
-            errors += r.iter().map(|o| o.errors).sum::<u64>();
+        for (i, o) in out.iter_mut().enumerate() {
+            o.1[mi] = ratio_of_rounds(&per[i + 1], &per[0]);
+            row.push(ratio(o.1[mi]));
         }
-        ratios[wi].0 = ratio_of_rounds(&per[px], &per[pd]);
-        row.push(ratio(ratios[wi].0));
-        if let Some(pi) = at(Path::Iptables) {
-            ratios[wi].1 = ratio_of_rounds(&per[px], &per[pi]);
-            row.push(ratio(ratios[wi].1));
-        }
-        ratios[wi].2 = ratio_of_rounds(&per[px], &per[pp]);
-        row.push(ratio(ratios[wi].2));
-        let ptc = at(Path::Tc).expect("tc");
-        tc_ratios[wi] = ratio_of_rounds(&per[ptc], &per[pd]);
-        row.push(ratio(tc_ratios[wi]));
-        if let Some(pi) = at(Path::Iptables) {
-            tc_ipt[wi] = ratio_of_rounds(&per[ptc], &per[pi]);
-        }
-        let pu = at(Path::Userspace).expect("userspace");
-        us_ratios[wi] = ratio_of_rounds(&per[pu], &per[pd]);
-        row.push(ratio(us_ratios[wi]));
+        let errors: u64 = res[mi]
+            .iter()
+            .flat_map(|r| r.iter().map(|o| o.errors))
+            .sum();
         row.push(count(errors));
         t.row(row);
     }
     print!("{}", t.render());
-    let hits = if have_ipt { iptables_hits(&b) } else { 0 };
-    let nonzero: Vec<String> = dp
-        .dp()
-        .writer()
-        .reasons()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(_, v)| *v > 0)
-        .map(|(n, v)| format!("{n}={}", count(v)))
-        .collect();
-    println!("rpclb counters: {}", nonzero.join(" "));
-    println!(
-        "proof of path: rpclb redirected {} packets; the iptables DNAT rules matched {} \
-         connections",
-        count(redirects),
-        count(hits)
-    );
+    if let Some(pu) = paths.iter().position(|&p| p == Path::Userspace) {
+        let labels = ["Connection: close", "keep-alive"];
+        println!("wrk: {}", proxy_cpu_line(&labels, &res, pu));
+    }
+    Ok(out)
+}
 
-    let (close_x, close_i, close_p) = ratios[0];
-    verdict(
-        "netns lab, new connections/s through the VIP",
-        ">= 0.9x direct, > iptables",
-        if have_ipt {
-            format!(
-                "{} direct, {} iptables ({} direct+PASS)",
-                ratio(close_x),
-                ratio(close_i),
-                ratio(close_p)
-            )
-        } else {
-            format!(
-                "{} direct, no iptables ({} direct+PASS)",
-                ratio(close_x),
-                ratio(close_p)
-            )
-        },
-        Some(close_x >= 0.9 && (!have_ipt || close_i > 1.0)),
-    );
-    let (ka, ka_i, ka_p) = ratios[1];
-    verdict(
-        "netns lab, new connections/s through the VIP, TC mode",
-        ">= 0.9x direct, > iptables",
-        if have_ipt {
-            format!(
-                "{} direct, {} iptables",
-                ratio(tc_ratios[0]),
-                ratio(tc_ipt[0])
-            )
-        } else {
-            format!("{} direct, no iptables", ratio(tc_ratios[0]))
-        },
-        Some(tc_ratios[0] >= 0.9 && (!have_ipt || tc_ipt[0] > 1.0)),
-    );
-    verdict(
-        "netns lab, keep-alive requests/s, TC mode",
-        ">= 0.97x direct",
-        format!("{} direct", ratio(tc_ratios[1])),
-        Some(tc_ratios[1] >= 0.97),
-    );
-    verdict(
-        "netns lab, keep-alive requests/s",
-        ">= 0.97x direct",
-        format!(
-            "{}{} ({} direct+PASS)",
-            ratio(ka),
-            if have_ipt {
-                format!(", {} iptables", ratio(ka_i))
-            } else {
-                String::new()
-            },
-            ratio(ka_p)
-        ),
-        Some(ka >= 0.97),
-    );
-    verdict(
-        "userspace L4 path, keep-alive",
-        ">= 0.5x direct",
-        format!(
-            "{} direct (new connections: {} direct)",
-            ratio(us_ratios[1]),
-            ratio(us_ratios[0])
-        ),
-        Some(us_ratios[1] >= 0.5),
-    );
-    drop(servers);
-    Ok(())
+/// "userspace proxy CPU per request: ..." from the outcomes `res[workload][path]` of path `pu`:
+/// the proxy threads' CPU time per completed request, median of the rounds. A figure that the
+/// other load of a shared machine changes much less than the rates.
+fn proxy_cpu_line(labels: &[&str], res: &[Vec<Vec<Outcome>>], pu: usize) -> String {
+    let parts: Vec<String> = labels
+        .iter()
+        .zip(res)
+        .map(|(l, r)| {
+            let per: Vec<f64> = r[pu]
+                .iter()
+                .filter(|o| o.ok > 0)
+                .map(|o| o.proxy_cpu_ns as f64 / o.ok as f64 / 1000.0)
+                .collect();
+            format!("{l} {:.1} µs", median(&per))
+        })
+        .collect();
+    format!(
+        "userspace proxy CPU per request (its threads' schedstat): {}",
+        parts.join(", ")
+    )
 }
 
 /// `RPCLB_BENCH_DEBUG=1`: the client's and backends' non-zero TCP trouble counters
@@ -721,12 +1098,16 @@ fn debug_tcp_counters(t: &Topo, what: &str) {
         "TcpExtTCPTimeWaitOverflow",
         "TcpExtListenDrops",
         "TcpExtTCPChallengeACK",
+        "TcpCurrEstab",
+        "TcpActiveOpens",
     ];
-    let hosts = std::iter::once(t.lab().client()).chain(t.lab().backends());
-    for h in hosts {
+    let hosts = std::iter::once(t.lab().node())
+        .chain(std::iter::once(&t.lab().client().ns))
+        .chain(t.lab().backends().iter().map(|h| &h.ns));
+    for ns in hosts {
         let mut args = vec!["-az"];
         args.extend_from_slice(KEYS);
-        let out = h.ns.exec("nstat", &args).unwrap_or_default();
+        let out = ns.exec("nstat", &args).unwrap_or_default();
         let v: Vec<String> = out
             .lines()
             .filter(|l| !l.starts_with('#'))
@@ -737,7 +1118,7 @@ fn debug_tcp_counters(t: &Topo, what: &str) {
                 (v > 0).then(|| format!("{k}={v}"))
             })
             .collect();
-        eprintln!("  debug {what} {}: {}", h.ns.name(), v.join(" "));
+        eprintln!("  debug {what} {}: {}", ns.name(), v.join(" "));
     }
 }
 
