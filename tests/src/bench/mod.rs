@@ -8,6 +8,7 @@
 //! count and in time.
 
 pub mod counters;
+pub mod fanout;
 pub mod live;
 pub mod maglev;
 pub mod sink;
@@ -32,16 +33,18 @@ pub enum Section {
     Lab,
     Stream,
     Counters,
+    Fanout,
 }
 
 impl Section {
-    pub const ALL: [Section; 6] = [
+    pub const ALL: [Section; 7] = [
         Section::Xdp,
         Section::Scale,
         Section::Maglev,
         Section::Lab,
         Section::Stream,
         Section::Counters,
+        Section::Fanout,
     ];
 
     pub fn name(self) -> &'static str {
@@ -52,6 +55,7 @@ impl Section {
             Section::Lab => "lab",
             Section::Stream => "stream",
             Section::Counters => "counters",
+            Section::Fanout => "fanout",
         }
     }
 
@@ -60,7 +64,7 @@ impl Section {
             .into_iter()
             .find(|x| x.name() == s)
             .ok_or_else(|| {
-                anyhow::anyhow!("unknown section {s:?} (xdp, scale, maglev, lab, stream, counters)")
+                anyhow::anyhow!("unknown section {s:?} (xdp, scale, maglev, lab, stream, counters, fanout)")
             })
     }
 }
@@ -146,6 +150,9 @@ sections (default: all, in this order):
   lab      netns lab: connections/s and keep-alive requests/s, XDP vs direct vs iptables DNAT
   stream   endpoints change -> node maps through the controller's gRPC stream (p50/p99)
   counters one counter update, per-CPU vs shared with atomic adds, on one and on two CPUs
+  fanout   one controller process, 1,000 and 5,000 agent streams: change -> all acked,
+           memory per stream, CPU per change; 10,000 Services / 100,000 endpoints in
+           process; kube-proxy's iptables-restore for the same
 
 options:
   --quick              small counts (a smoke run of about 20 s)

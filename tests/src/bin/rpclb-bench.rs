@@ -45,6 +45,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             Section::Lab => bench::throughput::section_lab(opts)?,
             Section::Stream => bench::stream::section_stream(opts)?,
             Section::Counters => bench::counters::section_counters(opts)?,
+            Section::Fanout => bench::fanout::section_fanout(opts)?,
         }
     }
     Ok(())
