@@ -765,6 +765,198 @@ async fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_api::{Algorithm, Backend, DesiredState, Protocol, Service};
+    use std::net::Ipv4Addr;
+
+    fn state(services: u8, port: u16) -> NodeState {
+        NodeState {
+            state: DesiredState {
+                services: (1..=services)
+                    .map(|i| {
+                        Service::new(
+                            format!("ns/s{i}:p"),
+                            Ipv4Addr::new(10, 96, 0, i),
+                            80,
+                            Protocol::Tcp,
+                            Algorithm::Maglev,
+                            vec![Backend::new(Ipv4Addr::new(10, 244, 0, i), port)],
+                        )
+                    })
+                    .collect(),
+            },
+            timeouts: Default::default(),
+        }
+    }
+
+    fn unframe(b: &Bytes) -> pb::ControllerMessage {
+        assert_eq!(b[0], 0, "not compressed");
+        let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+        assert_eq!(len, b.len() - 5);
+        pb::ControllerMessage::decode(&b[5..]).unwrap()
+    }
+
+    /// The fan-out's memory: every stream of the default state sends the same
+    /// encoded bytes and keeps the published `Arc`, not a copy; an unchanged
+    /// state keeps its `Arc` across versions.
+    #[test]
+    fn streams_share_published_states_and_their_encoded_messages() {
+        let p = Publisher::with_epoch(0);
+        let mut local = state(3, 8080);
+        local.state.services[0].backends.clear();
+        p.publish(
+            state(3, 8080),
+            BTreeMap::from([("node-l".to_string(), local.clone())]),
+        );
+        let v1 = p.current();
+        let (a, b) = (v1.snapshot_of(v1.for_node("x")), v1.snapshot_of(v1.for_node("y")));
+        assert_eq!(a.as_ptr(), b.as_ptr(), "one snapshot for every default node");
+        let m = unframe(&a);
+        let got = wire::apply_message(&NodeState::default(), 0, &m).unwrap();
+        assert_eq!(got.state, state(3, 8080));
+        assert!(!Arc::ptr_eq(v1.for_node("node-l"), &v1.default));
+
+        // One backend changes in the default state; node-l's state is unchanged.
+        let mut next = state(3, 8080);
+        next.state.services[1].backends[0].port = 9090;
+        p.publish(next.clone(), BTreeMap::from([("node-l".to_string(), local)]));
+        let v2 = p.current();
+        assert!(Arc::ptr_eq(v1.for_node("node-l"), v2.for_node("node-l")));
+        let d1 = v2.delta_to(1, v1.for_node("x"), v2.for_node("x")).unwrap();
+        let d2 = v2.delta_to(1, v1.for_node("y"), v2.for_node("y")).unwrap();
+        assert_eq!(d1.as_ptr(), d2.as_ptr(), "one delta for every default node");
+        let m = unframe(&d1);
+        let Some(pb::controller_message::Body::Delta(d)) = &m.body else {
+            panic!("not a delta: {m:?}");
+        };
+        assert_eq!((m.version, d.base_version, d.upserts.len()), (2, 1, 1));
+        assert_eq!(
+            wire::apply_message(&state(3, 8080), 1, &m).unwrap().state,
+            next
+        );
+        assert!(
+            v2.delta_to(1, v1.for_node("node-l"), v2.for_node("node-l"))
+                .is_none(),
+            "nothing for a node whose state did not change"
+        );
+        // A stream that missed a version gets its own delta, from its base.
+        let mut third = next.clone();
+        third.state.services[2].backends[0].port = 7070;
+        p.publish(third.clone(), BTreeMap::new());
+        let v3 = p.current();
+        let own = unframe(&v3.delta_to(1, v1.for_node("x"), v3.for_node("x")).unwrap());
+        assert_eq!(
+            wire::apply_message(&state(3, 8080), 1, &own).unwrap().state,
+            third
+        );
+        // node-l falls back to the default: a delta from its own state.
+        let back = unframe(
+            &v3.delta_to(2, v2.for_node("node-l"), v3.for_node("node-l"))
+                .unwrap(),
+        );
+        assert_eq!(back.version, 3);
+    }
+
+    /// The hand-served Watch over a real connection: snapshot, shared deltas,
+    /// per-node states, and a clean end of stream (grpc-status 0).
+    #[tokio::test]
+    async fn watch_serves_snapshots_and_deltas_to_tonic_clients() {
+        let p = Arc::new(Publisher::with_epoch(0));
+        let agents = Arc::new(Agents::default());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = StateService::new(&p, agents.clone())
+            .insecure()
+            .with_shutdown(stop_rx.clone())
+            .into_server();
+        let mut s2 = stop_rx.clone();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move {
+                        let _ = s2.wait_for(|s| *s).await;
+                    },
+                ),
+        );
+        let mut local = state(2, 8080);
+        local.state.services[0].backends.clear();
+        p.publish(
+            state(2, 8080),
+            BTreeMap::from([("node-l".to_string(), local.clone())]),
+        );
+        let mut clients = Vec::new();
+        for node in ["node-a", "node-b", "node-l"] {
+            let mut c = wire::StateStreamClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap();
+            let (tx, rx) = mpsc::channel(4);
+            tx.send(pb::AgentMessage {
+                msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+                    node: node.into(),
+                    ..Default::default()
+                })),
+            })
+            .await
+            .unwrap();
+            let inbound = c
+                .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            clients.push((node, tx, inbound, (0u64, NodeState::default())));
+        }
+        let mut want = state(2, 8080);
+        for round in 0..3u16 {
+            for (node, tx, inbound, have) in &mut clients {
+                let m = inbound.message().await.unwrap().unwrap();
+                let is_snapshot =
+                    matches!(m.body, Some(pb::controller_message::Body::Snapshot(_)));
+                assert_eq!(is_snapshot, round == 0, "{node} round {round}");
+                let next = wire::apply_message(&have.1, have.0, &m).unwrap();
+                *have = (m.version, next.state);
+                let expect = if *node == "node-l" { &local } else { &want };
+                assert_eq!(&have.1, expect, "{node} round {round}");
+                tx.send(pb::AgentMessage {
+                    msg: Some(pb::agent_message::Msg::Ack(pb::Ack {
+                        version: m.version,
+                        ..Default::default()
+                    })),
+                })
+                .await
+                .unwrap();
+            }
+            // The next version: one backend of the default state, and node-l's too.
+            want.state.services[1].backends[0].port = 9000 + round;
+            local.state.services[1].backends[0].port = 9000 + round;
+            p.publish(
+                want.clone(),
+                BTreeMap::from([("node-l".to_string(), local.clone())]),
+            );
+        }
+        // Every ack arrived, and each stream holds the published state itself.
+        for _ in 0..200 {
+            if agents.snapshot().values().all(|a| a.acked == 3) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(agents.snapshot().values().all(|a| a.acked == 3));
+        let _ = stop_tx.send(true);
+        for (node, _, inbound, _) in &mut clients {
+            // Version 4 may or may not have been sent before the stop; then a clean end.
+            loop {
+                match inbound.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => break,
+                    Err(e) => panic!("{node}: the stream ended with {e}"),
+                }
+            }
+        }
+        drop(clients);
+        server.await.unwrap().unwrap();
+    }
 
     #[test]
     fn publishing_an_unchanged_state_keeps_the_version() {

@@ -913,10 +913,26 @@ pub fn section_fanout(opts: &Opts) -> Result<()> {
     let bin = controller_bin()?;
 
     // Part 1.
-    let plan: Vec<(usize, u32, usize)> = if opts.quick {
-        vec![(100, 500, 10)]
-    } else {
-        vec![(1_000, 1_000, 20), (1_000, 5_000, 20), (5_000, 5_000, 10)]
+    // RPCLB_BENCH_FANOUT="STREAMSxSERVICESxCHANGES,..." replaces the plan, and runs part 1
+    // only (to compare controller builds, with RPCLB_BENCH_CONTROLLER).
+    let custom = std::env::var("RPCLB_BENCH_FANOUT").ok();
+    let plan: Vec<(usize, u32, usize)> = match &custom {
+        Some(p) => p
+            .split(',')
+            .map(|r| {
+                let n: Vec<u64> = r.split('x').filter_map(|v| v.trim().parse().ok()).collect();
+                match n[..] {
+                    [a, b, c] => Ok((
+                        (a as usize).clamp(1, 8_000),
+                        (b as u32).clamp(1, 16_000),
+                        (c as usize).clamp(1, 200),
+                    )),
+                    _ => Err(anyhow!("RPCLB_BENCH_FANOUT: {r:?} is not STREAMSxSERVICESxCHANGES")),
+                }
+            })
+            .collect::<Result<_>>()?,
+        None if opts.quick => vec![(100, 500, 10)],
+        None => vec![(1_000, 1_000, 20), (1_000, 5_000, 20), (5_000, 5_000, 10)],
     };
     let mut runs = Vec::new();
     for &(streams, services, changes) in &plan {
@@ -1018,6 +1034,10 @@ pub fn section_fanout(opts: &Opts) -> Result<()> {
             desc,
             (!opts.quick).then_some(worst_p99 < 1000.0 && worst_kib * 1.024 < 100.0),
         );
+    }
+
+    if custom.is_some() {
+        return Ok(());
     }
 
     // Part 2.
