@@ -485,14 +485,14 @@ where
             if req.uri().path() != WATCH_PATH {
                 return Ok(Status::unimplemented("").into_http());
             }
-            let decoder = ProstCodec::<pb::ControllerMessage, pb::AgentMessage>::default().decoder();
-            let req = Request::from_http(req.map(|b| Streaming::new_request(decoder, b, None, None)));
+            let decoder =
+                ProstCodec::<pb::ControllerMessage, pb::AgentMessage>::default().decoder();
+            let req =
+                Request::from_http(req.map(|b| Streaming::new_request(decoder, b, None, None)));
             Ok(match inner.watch(req).await {
                 Ok(rx) => {
-                    let mut res = http::Response::new(tonic::body::Body::new(FrameBody {
-                        rx,
-                        done: false,
-                    }));
+                    let mut res =
+                        http::Response::new(tonic::body::Body::new(FrameBody { rx, done: false }));
                     res.headers_mut().insert(
                         http::header::CONTENT_TYPE,
                         tonic::metadata::GRPC_CONTENT_TYPE,
@@ -808,8 +808,15 @@ mod tests {
             BTreeMap::from([("node-l".to_string(), local.clone())]),
         );
         let v1 = p.current();
-        let (a, b) = (v1.snapshot_of(v1.for_node("x")), v1.snapshot_of(v1.for_node("y")));
-        assert_eq!(a.as_ptr(), b.as_ptr(), "one snapshot for every default node");
+        let (a, b) = (
+            v1.snapshot_of(v1.for_node("x")),
+            v1.snapshot_of(v1.for_node("y")),
+        );
+        assert_eq!(
+            a.as_ptr(),
+            b.as_ptr(),
+            "one snapshot for every default node"
+        );
         let m = unframe(&a);
         let got = wire::apply_message(&NodeState::default(), 0, &m).unwrap();
         assert_eq!(got.state, state(3, 8080));
@@ -818,7 +825,10 @@ mod tests {
         // One backend changes in the default state; node-l's state is unchanged.
         let mut next = state(3, 8080);
         next.state.services[1].backends[0].port = 9090;
-        p.publish(next.clone(), BTreeMap::from([("node-l".to_string(), local)]));
+        p.publish(
+            next.clone(),
+            BTreeMap::from([("node-l".to_string(), local)]),
+        );
         let v2 = p.current();
         assert!(Arc::ptr_eq(v1.for_node("node-l"), v2.for_node("node-l")));
         let d1 = v2.delta_to(1, v1.for_node("x"), v2.for_node("x")).unwrap();
@@ -911,8 +921,7 @@ mod tests {
         for round in 0..3u16 {
             for (node, tx, inbound, have) in &mut clients {
                 let m = inbound.message().await.unwrap().unwrap();
-                let is_snapshot =
-                    matches!(m.body, Some(pb::controller_message::Body::Snapshot(_)));
+                let is_snapshot = matches!(m.body, Some(pb::controller_message::Body::Snapshot(_)));
                 assert_eq!(is_snapshot, round == 0, "{node} round {round}");
                 let next = wire::apply_message(&have.1, have.0, &m).unwrap();
                 *have = (m.version, next.state);

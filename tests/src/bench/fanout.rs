@@ -228,7 +228,8 @@ async fn start_agents(
     let ready = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
-        let (url, board, gate, ready) = (url.to_string(), board.clone(), gate.clone(), ready.clone());
+        let (url, board, gate, ready) =
+            (url.to_string(), board.clone(), gate.clone(), ready.clone());
         let node = format!("{prefix}-{i:05}");
         tasks.push(tokio::spawn(async move {
             let permit = gate.acquire_owned().await?;
@@ -285,13 +286,16 @@ fn mem_kib(pid: u32) -> Result<(u64, u64)> {
 
 /// MemAvailable of /proc/meminfo, KiB.
 fn mem_available_kib() -> Option<u64> {
-    std::fs::read_to_string("/proc/meminfo").ok()?.lines().find_map(|l| {
-        l.strip_prefix("MemAvailable:")?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    })
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("MemAvailable:")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
 }
 
 /// utime + stime of `pid`, seconds.
@@ -373,7 +377,15 @@ fn controller_bin() -> Result<PathBuf> {
     if let Ok(cargo) = std::env::var("CARGO") {
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "--release", "-p", "lb-controller", "--bin", "lb-controller"])
+            .args([
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                "lb-controller",
+                "--bin",
+                "lb-controller",
+            ])
             .arg("--manifest-path")
             .arg(&manifest)
             .status()
@@ -404,7 +416,6 @@ impl Controller {
     fn pid(&self) -> u32 {
         self.child.id()
     }
-
 }
 
 /// SIGHUP to the controller (our child): it re-reads its file at once.
@@ -453,7 +464,12 @@ fn run_standalone(
             .arg("--config")
             .arg(&cfg2)
             .args(["--insecure", "--listen", GRPC_ADDR])
-            .args(["--metrics-addr", "127.0.0.1:9465", "--config-poll-ms", "3600000"])
+            .args([
+                "--metrics-addr",
+                "127.0.0.1:9465",
+                "--config-poll-ms",
+                "3600000",
+            ])
             .args(["--max-streams-per-node", "2"])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -491,7 +507,8 @@ fn run_standalone(
         rt.block_on(async move {
             let board = Arc::new(Board::default());
             let t = Instant::now();
-            let tasks = start_agents(&url, "node", streams, &board, Duration::from_secs(300)).await?;
+            let tasks =
+                start_agents(&url, "node", streams, &board, Duration::from_secs(300)).await?;
             let connect_s = t.elapsed().as_secs_f64();
             let (mut have, snap) = board
                 .newest_all()
@@ -582,20 +599,20 @@ fn kube_slice(s: u32, moved: &HashMap<(u32, u32), u32>) -> EndpointSlice {
         address_type: "IPv4".into(),
         endpoints: Some(
             (0..PER_SERVICE)
-            .map(|i| {
-                let g = moved.get(&(s, i)).copied().unwrap_or(0);
-                Endpoint {
-                    addresses: vec![pod_ip(s + g * 7, i).to_string()],
-                    conditions: Some(EndpointConditions {
-                        ready: Some(true),
-                        serving: Some(true),
-                        terminating: Some(false),
-                    }),
-                    node_name: Some(format!("node-{:05}", (s * PER_SERVICE + i) % 1000)),
-                    ..Default::default()
-                }
-            })
-            .collect(),
+                .map(|i| {
+                    let g = moved.get(&(s, i)).copied().unwrap_or(0);
+                    Endpoint {
+                        addresses: vec![pod_ip(s + g * 7, i).to_string()],
+                        conditions: Some(EndpointConditions {
+                            ready: Some(true),
+                            serving: Some(true),
+                            terminating: Some(false),
+                        }),
+                        node_name: Some(format!("node-{:05}", (s * PER_SERVICE + i) % 1000)),
+                        ..Default::default()
+                    }
+                })
+                .collect(),
         ),
         ports: Some(vec![EndpointPort {
             name: Some("grpc".into()),
@@ -657,8 +674,9 @@ async fn scale(services: u32, agents: usize, changes: usize, resyncs: usize) -> 
     let timeouts = Timeouts::default();
     let kube: Vec<Arc<KubeService>> = (0..services).map(|s| Arc::new(kube_service(s))).collect();
     let mut moved: HashMap<(u32, u32), u32> = HashMap::new();
-    let mut slices: Vec<Arc<EndpointSlice>> =
-        (0..services).map(|s| Arc::new(kube_slice(s, &moved))).collect();
+    let mut slices: Vec<Arc<EndpointSlice>> = (0..services)
+        .map(|s| Arc::new(kube_slice(s, &moved)))
+        .collect();
     // What the watcher does when its window closes, then kube_mode's publish.
     let step = |slices: &[Arc<EndpointSlice>],
                 prev: Option<&ClusterSnapshot>,
@@ -730,7 +748,12 @@ async fn scale(services: u32, agents: usize, changes: usize, resyncs: usize) -> 
     publisher.publish(d, n);
     let (_, tally) = board.wait_all_above(have, Duration::from_secs(30)).await?;
     let batch = (
-        tally.all.unwrap_or_else(Instant::now).duration_since(t0).as_secs_f64() * 1e3,
+        tally
+            .all
+            .unwrap_or_else(Instant::now)
+            .duration_since(t0)
+            .as_secs_f64()
+            * 1e3,
         tally.largest,
         tally.msgs as f64 / agents as f64,
     );
@@ -741,7 +764,14 @@ async fn scale(services: u32, agents: usize, changes: usize, resyncs: usize) -> 
         check_stop()?;
         let one = Arc::new(Board::default());
         let t = Instant::now();
-        let extra = start_agents(&url, &format!("resync-{r}"), 1, &one, Duration::from_secs(30)).await?;
+        let extra = start_agents(
+            &url,
+            &format!("resync-{r}"),
+            1,
+            &one,
+            Duration::from_secs(30),
+        )
+        .await?;
         resync_ms.push(t.elapsed().as_secs_f64() * 1e3);
         for e in extra {
             e.abort();
@@ -852,7 +882,13 @@ fn run_iptables(
         std::fs::write(&file, text)?;
         let t = Instant::now();
         let out = Command::new("ip")
-            .args(["netns", "exec", ns.name(), "timeout", &RESTORE_LIMIT_S.to_string()])
+            .args([
+                "netns",
+                "exec",
+                ns.name(),
+                "timeout",
+                &RESTORE_LIMIT_S.to_string(),
+            ])
             .args([tool, "--noflush"])
             .arg(&file)
             .output()
@@ -927,7 +963,9 @@ pub fn section_fanout(opts: &Opts) -> Result<()> {
                         (b as u32).clamp(1, 16_000),
                         (c as usize).clamp(1, 200),
                     )),
-                    _ => Err(anyhow!("RPCLB_BENCH_FANOUT: {r:?} is not STREAMSxSERVICESxCHANGES")),
+                    _ => Err(anyhow!(
+                        "RPCLB_BENCH_FANOUT: {r:?} is not STREAMSxSERVICESxCHANGES"
+                    )),
                 }
             })
             .collect::<Result<_>>()?,
@@ -1048,7 +1086,12 @@ pub fn section_fanout(opts: &Opts) -> Result<()> {
         (10_000, 200, 30, 5)
     };
     let s = run_scale(services, agents, changes, resyncs)?;
-    let mut t = Table::new(&["controller, Kubernetes objects in process", "p50 ms", "p99 ms", "max ms"]);
+    let mut t = Table::new(&[
+        "controller, Kubernetes objects in process",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+    ]);
     t.row(vec![
         format!(
             "{} Services / {} endpoints: slice change -> {} agents acked ({} changes)",
@@ -1074,7 +1117,10 @@ pub fn section_fanout(opts: &Opts) -> Result<()> {
         format!("{:.1}", max(&s.publish_ms)),
     ]);
     t.row(vec![
-        format!("full resync of one agent: connect -> snapshot acked ({} runs)", s.resync_ms.len()),
+        format!(
+            "full resync of one agent: connect -> snapshot acked ({} runs)",
+            s.resync_ms.len()
+        ),
         format!("{:.1}", median(&s.resync_ms)),
         format!("{:.1}", percentile(&s.resync_ms, 99.0)),
         format!("{:.1}", max(&s.resync_ms)),
@@ -1129,7 +1175,11 @@ pub fn section_fanout(opts: &Opts) -> Result<()> {
                 let over = format!("> {RESTORE_LIMIT_S} s");
                 let first = r.first_ms.map_or(over.clone(), |v| format!("{v:.0}"));
                 let per = if r.change_ms.is_empty() {
-                    if r.first_ms.is_none() { over } else { "-".into() }
+                    if r.first_ms.is_none() {
+                        over
+                    } else {
+                        "-".into()
+                    }
                 } else {
                     format!("{:.0}", median(&r.change_ms))
                 };

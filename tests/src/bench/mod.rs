@@ -64,7 +64,9 @@ impl Section {
             .into_iter()
             .find(|x| x.name() == s)
             .ok_or_else(|| {
-                anyhow::anyhow!("unknown section {s:?} (xdp, scale, maglev, lab, stream, counters, fanout)")
+                anyhow::anyhow!(
+                    "unknown section {s:?} (xdp, scale, maglev, lab, stream, counters, fanout)"
+                )
             })
     }
 }
