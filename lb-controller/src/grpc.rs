@@ -31,16 +31,21 @@
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
 
 use lb_api::Refusal;
 use lb_api::tls::server::PeerInfo;
 use lb_api::wire::{self, NodeState, pb};
+use prost::Message;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::codec::Codec;
+use tonic::server::NamedService;
+use tonic::{Request, Status, Streaming};
+use tonic_prost::ProstCodec;
 use tracing::{debug, info, warn};
 
 /// How long a new stream may take to say Hello.
@@ -107,20 +112,73 @@ impl StreamRefusals {
 }
 
 /// One published version of every node's desired state.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+///
+/// States are immutable once published and shared (`Arc`): a state that did
+/// not change keeps its `Arc` from one version to the next, and every stream
+/// holds the `Arc` of what it last sent instead of a copy. The messages of
+/// the default state (its snapshot, and its delta from the previous version)
+/// are encoded once, and their bytes are shared by every stream that sends
+/// them ([`WatchServer`]).
+#[derive(Debug, Default)]
 pub struct Published {
     pub version: u64,
     /// The state of a node without an entry in `nodes`.
-    pub default: NodeState,
+    pub default: Arc<NodeState>,
     /// Nodes whose state differs from the default (e.g. services with
     /// `internalTrafficPolicy: Local`).
-    pub nodes: BTreeMap<String, NodeState>,
+    pub nodes: BTreeMap<String, Arc<NodeState>>,
+    /// The version before this one (0: none) and its default state, whose
+    /// delta to this default is `default_delta`.
+    prev: u64,
+    prev_default: Weak<NodeState>,
+    /// The change of the default state since `prev`, framed (`None`: no change).
+    default_delta: Option<Bytes>,
+    /// The default state's snapshot, framed on first use.
+    default_snapshot: OnceLock<Bytes>,
 }
 
 impl Published {
-    pub fn for_node(&self, node: &str) -> &NodeState {
+    pub fn for_node(&self, node: &str) -> &Arc<NodeState> {
         self.nodes.get(node).unwrap_or(&self.default)
     }
+
+    /// The framed snapshot of `state` (one of this version's states).
+    fn snapshot_of(&self, state: &Arc<NodeState>) -> Bytes {
+        if Arc::ptr_eq(state, &self.default) {
+            return self
+                .default_snapshot
+                .get_or_init(|| frame(&wire::snapshot(self.version, state)))
+                .clone();
+        }
+        frame(&wire::snapshot(self.version, state))
+    }
+
+    /// The framed delta from `old` (sent as `base`) to `new` (one of this
+    /// version's states); `None` when nothing changed. The shared bytes when
+    /// both are the default states of the previous and of this version.
+    fn delta_to(&self, base: u64, old: &Arc<NodeState>, new: &Arc<NodeState>) -> Option<Bytes> {
+        if Arc::ptr_eq(old, new) {
+            return None;
+        }
+        if base == self.prev
+            && Arc::ptr_eq(new, &self.default)
+            && std::ptr::eq(Arc::as_ptr(old), self.prev_default.as_ptr())
+        {
+            return self.default_delta.clone();
+        }
+        wire::delta(base, old, self.version, new).map(|m| frame(&m))
+    }
+}
+
+/// A message as gRPC frames it on the wire: a 5-byte prefix (not
+/// compressed, length) and the protobuf bytes.
+pub fn frame(msg: &pb::ControllerMessage) -> Bytes {
+    let len = msg.encoded_len();
+    let mut b = Vec::with_capacity(5 + len);
+    b.push(0);
+    b.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+    msg.encode(&mut b).expect("a Vec grows as needed");
+    Bytes::from(b)
 }
 
 /// Publishes new versions; streams follow.
@@ -137,6 +195,8 @@ pub struct Publisher {
     tx: watch::Sender<Arc<Published>>,
     /// The epoch for tests (`Some(0)`: versions 1, 2, 3...); `None`: the clock.
     epoch_ms: Option<u64>,
+    /// One publish at a time (the diff is computed outside the channel's lock).
+    publishing: Mutex<()>,
 }
 
 impl Default for Publisher {
@@ -153,6 +213,7 @@ impl Publisher {
         Publisher {
             tx: watch::channel(Arc::new(Published::default())).0,
             epoch_ms: None,
+            publishing: Mutex::new(()),
         }
     }
 
@@ -166,27 +227,55 @@ impl Publisher {
     }
 
     /// Publishes a state. Returns its version; an unchanged state keeps the
-    /// current version and wakes nobody.
+    /// current version and wakes nobody. States equal to the current ones
+    /// keep their `Arc`s, so that streams see at a glance what did not change.
     pub fn publish(&self, default: NodeState, nodes: BTreeMap<String, NodeState>) -> u64 {
-        let mut version = 0;
-        self.tx.send_if_modified(|cur| {
-            if cur.version > 0 && cur.default == default && cur.nodes == nodes {
-                version = cur.version;
-                return false;
-            }
-            version = if cur.version == 0 {
-                let epoch = self.epoch_ms.unwrap_or_else(wire::now_epoch_ms);
-                wire::first_version(epoch)
-            } else {
-                cur.version + 1
-            };
-            *cur = Arc::new(Published {
-                version,
-                default,
-                nodes,
-            });
-            true
-        });
+        let _one = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = self.current();
+        let same_default = cur.version > 0 && *cur.default == default;
+        let same_nodes = cur.nodes.len() == nodes.len()
+            && nodes
+                .iter()
+                .all(|(n, s)| cur.nodes.get(n).is_some_and(|c| **c == *s));
+        if same_default && same_nodes {
+            return cur.version;
+        }
+        let version = if cur.version == 0 {
+            let epoch = self.epoch_ms.unwrap_or_else(wire::now_epoch_ms);
+            wire::first_version(epoch)
+        } else {
+            cur.version + 1
+        };
+        let default = if same_default {
+            cur.default.clone()
+        } else {
+            Arc::new(default)
+        };
+        let nodes = nodes
+            .into_iter()
+            .map(|(n, s)| {
+                let a = match cur.nodes.get(&n) {
+                    Some(c) if **c == s => c.clone(),
+                    _ if s == *default => default.clone(),
+                    _ => Arc::new(s),
+                };
+                (n, a)
+            })
+            .collect();
+        let default_delta = if cur.version > 0 && !same_default {
+            wire::delta(cur.version, &cur.default, version, &default).map(|m| frame(&m))
+        } else {
+            None
+        };
+        self.tx.send_replace(Arc::new(Published {
+            version,
+            default,
+            nodes,
+            prev: cur.version,
+            prev_default: Arc::downgrade(&cur.default),
+            default_delta,
+            default_snapshot: OnceLock::new(),
+        }));
         version
     }
 
@@ -350,21 +439,118 @@ impl StateService {
         self
     }
 
-    pub fn into_server(self) -> wire::StateStreamServer<Self> {
-        wire::StateStreamServer::new(self)
+    /// The tower service for `tonic::transport::Server::add_service`.
+    pub fn into_server(self) -> WatchServer {
+        WatchServer {
+            inner: Arc::new(self),
+        }
     }
 }
 
-type Outbound = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
+/// `rpclb.v1.StateStream`, served by hand rather than by the generated
+/// server: tonic's encoder copies every message into a per-stream buffer
+/// that keeps the capacity of the largest message it ever held (the
+/// snapshot: ~170 B per service), for the stream's life. Here each stream's
+/// response body is a queue of framed messages (`Bytes`), most of them
+/// shared by every stream of the version ([`Published`]); the wire is the
+/// same as the generated server's.
+#[derive(Clone, Debug)]
+pub struct WatchServer {
+    inner: Arc<StateService>,
+}
 
-#[tonic::async_trait]
-impl wire::StateStream for StateService {
-    type WatchStream = Outbound;
+impl NamedService for WatchServer {
+    const NAME: &'static str = pb::state_stream_server::SERVICE_NAME;
+}
 
+/// The path of the Watch method.
+const WATCH_PATH: &str = "/rpclb.v1.StateStream/Watch";
+
+impl<B> tonic::codegen::Service<http::Request<B>> for WatchServer
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            if req.uri().path() != WATCH_PATH {
+                return Ok(Status::unimplemented("").into_http());
+            }
+            let decoder =
+                ProstCodec::<pb::ControllerMessage, pb::AgentMessage>::default().decoder();
+            let req =
+                Request::from_http(req.map(|b| Streaming::new_request(decoder, b, None, None)));
+            Ok(match inner.watch(req).await {
+                Ok(rx) => {
+                    let mut res =
+                        http::Response::new(tonic::body::Body::new(FrameBody { rx, done: false }));
+                    res.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        tonic::metadata::GRPC_CONTENT_TYPE,
+                    );
+                    res
+                }
+                Err(status) => status.into_http(),
+            })
+        })
+    }
+}
+
+/// A stream's outbound queue: framed messages, then an error or the end.
+type Outbound = mpsc::Sender<Result<Bytes, Status>>;
+
+/// The response body of one stream: its queued frames, then the trailers
+/// (`grpc-status`).
+struct FrameBody {
+    rx: mpsc::Receiver<Result<Bytes, Status>>,
+    done: bool,
+}
+
+impl http_body::Body for FrameBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let status = match std::task::ready!(self.rx.poll_recv(cx)) {
+            Some(Ok(b)) => return Poll::Ready(Some(Ok(http_body::Frame::data(b)))),
+            Some(Err(s)) => s,
+            None => Status::ok(""),
+        };
+        self.done = true;
+        let mut trailers = http::HeaderMap::new();
+        Poll::Ready(Some(
+            status
+                .add_header(&mut trailers)
+                .map(|()| http_body::Frame::trailers(trailers)),
+        ))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+impl StateService {
+    /// Checks the stream's Hello and identity, then starts serving it.
     async fn watch(
         &self,
         req: Request<Streaming<pb::AgentMessage>>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+    ) -> Result<mpsc::Receiver<Result<Bytes, Status>>, Status> {
         let info = req.extensions().get::<PeerInfo>().cloned();
         let peer = info
             .as_ref()
@@ -451,6 +637,7 @@ impl wire::StateStream for StateService {
             applied_version = hello.applied_version,
             "agent connected"
         );
+        // Frames are shared `Bytes`: a full queue costs a few pointers.
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(serve_stream(
             open,
@@ -461,7 +648,7 @@ impl wire::StateStream for StateService {
             self.agents.clone(),
             self.stop.clone(),
         ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(rx)
     }
 }
 
@@ -472,7 +659,7 @@ async fn serve_stream(
     expires: Option<SystemTime>,
     mut states: watch::Receiver<Arc<Published>>,
     mut inbound: Streaming<pb::AgentMessage>,
-    tx: mpsc::Sender<Result<pb::ControllerMessage, Status>>,
+    tx: Outbound,
     agents: Arc<Agents>,
     stop: Option<watch::Receiver<bool>>,
 ) {
@@ -510,7 +697,7 @@ async fn follow(
     node: &str,
     states: &mut watch::Receiver<Arc<Published>>,
     inbound: &mut Streaming<pb::AgentMessage>,
-    tx: &mpsc::Sender<Result<pb::ControllerMessage, Status>>,
+    tx: &Outbound,
     agents: &Agents,
 ) -> String {
     // Nothing is sent before the first real version.
@@ -521,15 +708,13 @@ async fn follow(
         },
         () = tx.closed() => return "the agent went away".into(),
     };
+    // What this stream sent last: the published state itself, shared.
     let mut sent_version = first.version;
     let mut sent = first.for_node(node).clone();
-    if tx
-        .send(Ok(wire::snapshot(sent_version, &sent)))
-        .await
-        .is_err()
-    {
+    if tx.send(Ok(first.snapshot_of(&sent))).await.is_err() {
         return "the agent went away".into();
     }
+    drop(first);
     agents.update(node, |s| s.sent = sent_version);
     debug!(node, version = sent_version, "sent snapshot");
     loop {
@@ -540,7 +725,7 @@ async fn follow(
                 }
                 let p = states.borrow_and_update().clone();
                 let next = p.for_node(node);
-                if let Some(msg) = wire::delta(sent_version, &sent, p.version, next) {
+                if let Some(msg) = p.delta_to(sent_version, &sent, next) {
                     if tx.send(Ok(msg)).await.is_err() {
                         return "the agent went away".into();
                     }
@@ -580,6 +765,207 @@ async fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_api::{Algorithm, Backend, DesiredState, Protocol, Service};
+    use std::net::Ipv4Addr;
+
+    fn state(services: u8, port: u16) -> NodeState {
+        NodeState {
+            state: DesiredState {
+                services: (1..=services)
+                    .map(|i| {
+                        Service::new(
+                            format!("ns/s{i}:p"),
+                            Ipv4Addr::new(10, 96, 0, i),
+                            80,
+                            Protocol::Tcp,
+                            Algorithm::Maglev,
+                            vec![Backend::new(Ipv4Addr::new(10, 244, 0, i), port)],
+                        )
+                    })
+                    .collect(),
+            },
+            timeouts: Default::default(),
+        }
+    }
+
+    fn unframe(b: &Bytes) -> pb::ControllerMessage {
+        assert_eq!(b[0], 0, "not compressed");
+        let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+        assert_eq!(len, b.len() - 5);
+        pb::ControllerMessage::decode(&b[5..]).unwrap()
+    }
+
+    /// The fan-out's memory: every stream of the default state sends the same
+    /// encoded bytes and keeps the published `Arc`, not a copy; an unchanged
+    /// state keeps its `Arc` across versions.
+    #[test]
+    fn streams_share_published_states_and_their_encoded_messages() {
+        let p = Publisher::with_epoch(0);
+        let mut local = state(3, 8080);
+        local.state.services[0].backends.clear();
+        p.publish(
+            state(3, 8080),
+            BTreeMap::from([("node-l".to_string(), local.clone())]),
+        );
+        let v1 = p.current();
+        let (a, b) = (
+            v1.snapshot_of(v1.for_node("x")),
+            v1.snapshot_of(v1.for_node("y")),
+        );
+        assert_eq!(
+            a.as_ptr(),
+            b.as_ptr(),
+            "one snapshot for every default node"
+        );
+        let m = unframe(&a);
+        let got = wire::apply_message(&NodeState::default(), 0, &m).unwrap();
+        assert_eq!(got.state, state(3, 8080));
+        assert!(!Arc::ptr_eq(v1.for_node("node-l"), &v1.default));
+
+        // One backend changes in the default state; node-l's state is unchanged.
+        let mut next = state(3, 8080);
+        next.state.services[1].backends[0].port = 9090;
+        p.publish(
+            next.clone(),
+            BTreeMap::from([("node-l".to_string(), local)]),
+        );
+        let v2 = p.current();
+        assert!(Arc::ptr_eq(v1.for_node("node-l"), v2.for_node("node-l")));
+        let d1 = v2.delta_to(1, v1.for_node("x"), v2.for_node("x")).unwrap();
+        let d2 = v2.delta_to(1, v1.for_node("y"), v2.for_node("y")).unwrap();
+        assert_eq!(d1.as_ptr(), d2.as_ptr(), "one delta for every default node");
+        let m = unframe(&d1);
+        let Some(pb::controller_message::Body::Delta(d)) = &m.body else {
+            panic!("not a delta: {m:?}");
+        };
+        assert_eq!((m.version, d.base_version, d.upserts.len()), (2, 1, 1));
+        assert_eq!(
+            wire::apply_message(&state(3, 8080), 1, &m).unwrap().state,
+            next
+        );
+        assert!(
+            v2.delta_to(1, v1.for_node("node-l"), v2.for_node("node-l"))
+                .is_none(),
+            "nothing for a node whose state did not change"
+        );
+        // A stream that missed a version gets its own delta, from its base.
+        let mut third = next.clone();
+        third.state.services[2].backends[0].port = 7070;
+        p.publish(third.clone(), BTreeMap::new());
+        let v3 = p.current();
+        let own = unframe(&v3.delta_to(1, v1.for_node("x"), v3.for_node("x")).unwrap());
+        assert_eq!(
+            wire::apply_message(&state(3, 8080), 1, &own).unwrap().state,
+            third
+        );
+        // node-l falls back to the default: a delta from its own state.
+        let back = unframe(
+            &v3.delta_to(2, v2.for_node("node-l"), v3.for_node("node-l"))
+                .unwrap(),
+        );
+        assert_eq!(back.version, 3);
+    }
+
+    /// The hand-served Watch over a real connection: snapshot, shared deltas,
+    /// per-node states, and a clean end of stream (grpc-status 0).
+    #[tokio::test]
+    async fn watch_serves_snapshots_and_deltas_to_tonic_clients() {
+        let p = Arc::new(Publisher::with_epoch(0));
+        let agents = Arc::new(Agents::default());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = StateService::new(&p, agents.clone())
+            .insecure()
+            .with_shutdown(stop_rx.clone())
+            .into_server();
+        let mut s2 = stop_rx.clone();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move {
+                        let _ = s2.wait_for(|s| *s).await;
+                    },
+                ),
+        );
+        let mut local = state(2, 8080);
+        local.state.services[0].backends.clear();
+        p.publish(
+            state(2, 8080),
+            BTreeMap::from([("node-l".to_string(), local.clone())]),
+        );
+        let mut clients = Vec::new();
+        for node in ["node-a", "node-b", "node-l"] {
+            let mut c = wire::StateStreamClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap();
+            let (tx, rx) = mpsc::channel(4);
+            tx.send(pb::AgentMessage {
+                msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+                    node: node.into(),
+                    ..Default::default()
+                })),
+            })
+            .await
+            .unwrap();
+            let inbound = c
+                .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            clients.push((node, tx, inbound, (0u64, NodeState::default())));
+        }
+        let mut want = state(2, 8080);
+        for round in 0..3u16 {
+            for (node, tx, inbound, have) in &mut clients {
+                let m = inbound.message().await.unwrap().unwrap();
+                let is_snapshot = matches!(m.body, Some(pb::controller_message::Body::Snapshot(_)));
+                assert_eq!(is_snapshot, round == 0, "{node} round {round}");
+                let next = wire::apply_message(&have.1, have.0, &m).unwrap();
+                *have = (m.version, next.state);
+                let expect = if *node == "node-l" { &local } else { &want };
+                assert_eq!(&have.1, expect, "{node} round {round}");
+                tx.send(pb::AgentMessage {
+                    msg: Some(pb::agent_message::Msg::Ack(pb::Ack {
+                        version: m.version,
+                        ..Default::default()
+                    })),
+                })
+                .await
+                .unwrap();
+            }
+            // The next version: one backend of the default state, and node-l's too.
+            want.state.services[1].backends[0].port = 9000 + round;
+            local.state.services[1].backends[0].port = 9000 + round;
+            p.publish(
+                want.clone(),
+                BTreeMap::from([("node-l".to_string(), local.clone())]),
+            );
+        }
+        // Every ack arrived, and each stream holds the published state itself.
+        for _ in 0..200 {
+            if agents.snapshot().values().all(|a| a.acked == 3) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(agents.snapshot().values().all(|a| a.acked == 3));
+        let _ = stop_tx.send(true);
+        for (node, _, inbound, _) in &mut clients {
+            // Version 4 may or may not have been sent before the stop; then a clean end.
+            loop {
+                match inbound.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => break,
+                    Err(e) => panic!("{node}: the stream ended with {e}"),
+                }
+            }
+        }
+        drop(clients);
+        server.await.unwrap().unwrap();
+    }
 
     #[test]
     fn publishing_an_unchanged_state_keeps_the_version() {
@@ -601,7 +987,7 @@ mod tests {
         nodes.insert("node-a".to_string(), NodeState::default());
         assert_eq!(p.publish(n.clone(), nodes), 3);
         let cur = p.current();
-        assert_eq!(cur.for_node("node-a"), &NodeState::default());
-        assert_eq!(cur.for_node("node-b"), &n);
+        assert_eq!(**cur.for_node("node-a"), NodeState::default());
+        assert_eq!(**cur.for_node("node-b"), n);
     }
 }

@@ -8,6 +8,7 @@
 //! count and in time.
 
 pub mod counters;
+pub mod fanout;
 pub mod live;
 pub mod maglev;
 pub mod newflow;
@@ -35,10 +36,11 @@ pub enum Section {
     Stream,
     Counters,
     Fill,
+    Fanout,
 }
 
 impl Section {
-    pub const ALL: [Section; 7] = [
+    pub const ALL: [Section; 8] = [
         Section::Xdp,
         Section::Scale,
         Section::Maglev,
@@ -46,6 +48,7 @@ impl Section {
         Section::Stream,
         Section::Counters,
         Section::Fill,
+        Section::Fanout,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,6 +60,7 @@ impl Section {
             Section::Stream => "stream",
             Section::Counters => "counters",
             Section::Fill => "fill",
+            Section::Fanout => "fanout",
         }
     }
 
@@ -66,7 +70,7 @@ impl Section {
             .find(|x| x.name() == s)
             .ok_or_else(|| {
                 anyhow::anyhow!(
-                    "unknown section {s:?} (xdp, scale, maglev, lab, stream, counters, fill)"
+                    "unknown section {s:?} (xdp, scale, maglev, lab, stream, counters, fill, fanout)"
                 )
             })
     }
@@ -167,6 +171,9 @@ sections (default: all, in this order):
   stream   endpoints change -> node maps through the controller's gRPC stream (p50/p99)
   counters one counter update, per-CPU vs shared with atomic adds, on one and on two CPUs
   fill     new-flow cost as the default-size conntrack map fills (0% to 90% of its flows)
+  fanout   one controller process, 1,000 and 5,000 agent streams: change -> all acked,
+           memory per stream, CPU per change; 10,000 Services / 100,000 endpoints in
+           process; kube-proxy's iptables-restore for the same
 
 options:
   --quick              small counts (a smoke run of about 20 s)

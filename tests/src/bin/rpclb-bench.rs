@@ -46,6 +46,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             Section::Stream => bench::stream::section_stream(opts)?,
             Section::Counters => bench::counters::section_counters(opts)?,
             Section::Fill => bench::newflow::section_fill(opts)?,
+            Section::Fanout => bench::fanout::section_fanout(opts)?,
         }
     }
     Ok(())
