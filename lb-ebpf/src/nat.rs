@@ -104,7 +104,7 @@ impl L4Csum {
 }
 
 #[inline(always)]
-fn fold(mut s: u64) -> u16 {
+pub fn fold(mut s: u64) -> u16 {
     s = (s & 0xffff) + (s >> 16);
     s = (s & 0xffff) + (s >> 16);
     s = (s & 0xffff) + (s >> 16);
@@ -303,6 +303,22 @@ pub fn classify<C: Ctx>(ctx: &C, p: &Packet) -> L4Csum {
         Some(_) => L4Csum::Seed,
         None => L4Csum::SeedUnverified,
     }
+}
+
+/// Whether the L4 check field of `p` (not a fragment) is a full checksum
+/// by [`classify`]'s first test alone: set (for UDP) and different from
+/// the packet's seed. `false` also where `classify` would go on to verify.
+#[inline(always)]
+pub fn plainly_full<C: Ctx>(ctx: &C, p: &Packet) -> bool {
+    let c: *const u16 = match ptr_at(ctx, p.l4_csum) {
+        Some(c) => c,
+        None => return false,
+    };
+    let c = unsafe { *c };
+    if p.is_udp() && c == 0 {
+        return false;
+    }
+    c != pseudo_sum(p.saddr, p.daddr, p.proto, p.tot_len - 20)
 }
 
 /// A computed UDP checksum of 0 is sent as 0xffff (0 means "none").

@@ -134,6 +134,23 @@ impl MapWriter {
         })
     }
 
+    /// Bumps the map generation (`CONFIG[FLOW_GEN]`): every entry of the
+    /// kernel's per-CPU flow cache written before is stale, and the flows'
+    /// next packets take the full path through the maps. Called after every
+    /// change of the maps (a packet that read the new generation then also
+    /// sees the change).
+    pub fn invalidate_flow_cache(&mut self) -> Result<(), DatapathError> {
+        let cur = self
+            .r
+            .config
+            .get(&config_idx::FLOW_GEN, 0)
+            .map_err(map_err(map_names::CONFIG))?;
+        self.r
+            .config
+            .set(config_idx::FLOW_GEN, cur.wrapping_add(1), 0)
+            .map_err(map_err(map_names::CONFIG))
+    }
+
     pub(crate) fn set_config(
         &mut self,
         fib_redirect: bool,
@@ -150,7 +167,7 @@ impl MapWriter {
                 .set(idx, v, 0)
                 .map_err(map_err(map_names::CONFIG))?;
         }
-        Ok(())
+        self.invalidate_flow_cache()
     }
 
     /// Sets the `XDP_IFACES` flags of one interface (`lb_common::xdp_iface`).
@@ -163,7 +180,8 @@ impl MapWriter {
         self.r
             .xdp_ifaces
             .set(ifindex, flags, 0)
-            .map_err(map_err(map_names::XDP_IFACES))
+            .map_err(map_err(map_names::XDP_IFACES))?;
+        self.invalidate_flow_cache()
     }
 
     /// Makes `XDP_IFACES` hold exactly `want` (ifindex -> flags).
@@ -224,6 +242,13 @@ impl MapWriter {
 
     /// Creates or updates one service and its backend set.
     pub fn upsert_service(&mut self, svc: &Service) -> Result<u32, DatapathError> {
+        let r = self.upsert_service_inner(svc);
+        // Also after a failure half-way: some maps may have changed.
+        self.invalidate_flow_cache()?;
+        r
+    }
+
+    fn upsert_service_inner(&mut self, svc: &Service) -> Result<u32, DatapathError> {
         let addr = svc.addr();
         let invalid = |m: String| DatapathError::InvalidService(svc.name.clone(), m);
         svc.validate().map_err(|e| invalid(e.to_string()))?;
@@ -399,6 +424,12 @@ impl MapWriter {
     /// Removes a service: its entry first (new flows stop), then its table and
     /// backends. Established flows keep their conntrack entries.
     pub fn remove_service(&mut self, addr: &ServiceAddr) -> Result<bool, DatapathError> {
+        let r = self.remove_service_inner(addr);
+        self.invalidate_flow_cache()?;
+        r
+    }
+
+    fn remove_service_inner(&mut self, addr: &ServiceAddr) -> Result<bool, DatapathError> {
         let Some(st) = self.r.svcs.remove(addr) else {
             return Ok(false);
         };
@@ -477,7 +508,8 @@ impl MapWriter {
         })
     }
 
-    /// Direct access to the conntrack map (GC, tests).
+    /// Direct access to the conntrack map (GC, tests). Whoever changes it
+    /// calls [`Self::invalidate_flow_cache`] afterwards.
     pub fn conntrack_map(&mut self) -> &mut HashMap<MapData, FlowKey, CtValue> {
         &mut self.r.conntrack
     }
