@@ -88,7 +88,7 @@ pub struct Opts {
     pub lab_rounds: usize,
     pub lab_threads: usize,
     /// `--profile CASE`: run only that live-frames case of section 1 for `profile_secs`, for
-    /// `perf record` (tx, established, reply).
+    /// `perf record` (tx, established, reply, floor).
     pub profile: Option<String>,
     pub profile_secs: f64,
 }
@@ -158,8 +158,8 @@ options:
   --lab-secs S         seconds per lab throughput run (default 1.5; quick 0.5)
   --lab-rounds N       rounds of the lab section, median reported (default 5; quick 2)
   --lab-threads N      client threads in the lab section (default 2)
-  --profile CASE       only run one live-frames case of section 1 (tx, established, reply)
-                       in a loop, for `perf record -C <cpu>`; --profile-secs S (default 5)
+  --profile CASE       only run one live-frames case of section 1 (tx, established, reply,
+                       floor) in a loop, for `perf record -C <cpu>`; --profile-secs S (default 5)
   -h, --help           this text
 ";
 
@@ -212,8 +212,8 @@ pub fn parse_args(args: &[String]) -> Result<Option<Opts>> {
             "--lab-threads" => o.lab_threads = num(value()?, flag)?,
             "--profile" => {
                 let c = value()?;
-                if !["tx", "established", "reply"].contains(&c) {
-                    bail!("--profile: tx, established or reply, not {c:?}");
+                if !["tx", "established", "reply", "floor"].contains(&c) {
+                    bail!("--profile: tx, established, reply or floor, not {c:?}");
                 }
                 o.profile = Some(c.to_string());
                 sections.push(Section::Xdp);
