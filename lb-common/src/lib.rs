@@ -404,8 +404,9 @@ pub struct FlowCacheEntry {
     pub l4_delta: u16,
     pub svc_id: u32,
     pub backend_id: u32,
-    /// Destination, then source MAC.
-    pub mac: [u8; 12],
+    /// Destination, then source MAC: the first 12 bytes of the frame, as
+    /// three words (copied word by word, not by a byte-wise `memmove`).
+    pub mac: [u32; 3],
     /// `reason::NAT_FORWARD` or `reason::NAT_REVERSE`.
     pub nat_reason: u32,
 }

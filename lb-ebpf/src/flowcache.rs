@@ -135,7 +135,7 @@ pub fn fill<C: Ctx>(
     if nat_reason == reason::NAT_FORWARD && c.state == ct_state::SYN {
         return;
     }
-    let Some(eth) = ptr_at::<C, [u8; 12]>(ctx, 0) else {
+    let Some(eth) = ptr_at::<C, [u32; 3]>(ctx, 0) else {
         return;
     };
     let w = words(old);
@@ -163,7 +163,7 @@ pub fn fill<C: Ctx>(
         e.l4_delta = l4_delta;
         e.svc_id = c.svc_id;
         e.backend_id = c.backend_id;
-        e.mac = *eth;
+        e.mac = [(*eth)[0], (*eth)[1], (*eth)[2]];
         e.nat_reason = nat_reason;
     }
 }
@@ -173,14 +173,18 @@ pub fn fill<C: Ctx>(
 #[inline(always)]
 pub fn rewrite<C: Ctx>(ctx: &mut C, p: &Packet, e: &FlowCacheEntry) -> Option<()> {
     use crate::parse::{IP_OFF, L4_OFF};
-    let eth: *mut [u8; 12] = ptr_at(ctx, 0)?;
+    let eth: *mut u32 = ptr_at::<C, [u32; 3]>(ctx, 0)? as *mut u32;
     let ttl: *mut u8 = ptr_at(ctx, IP_OFF + 8)?;
     let ic: *mut u16 = ptr_at(ctx, IP_OFF + 10)?;
     let addrs: *mut [u32; 2] = ptr_at(ctx, IP_OFF + 12)?;
     let ports: *mut [u16; 2] = ptr_at(ctx, L4_OFF)?;
     let lc: *mut u16 = ptr_at(ctx, p.l4_csum)?;
     unsafe {
-        *eth = e.mac;
+        // Word by word: a 12-byte array copy becomes a call to a byte-wise
+        // `memmove` (about 11 ns a packet here).
+        core::ptr::write_volatile(eth, e.mac[0]);
+        core::ptr::write_volatile(eth.add(1), e.mac[1]);
+        core::ptr::write_volatile(eth.add(2), e.mac[2]);
         *ttl -= 1;
         *ic = !nat::fold((!*ic) as u64 + e.ip_delta as u64);
         *addrs = [e.saddr, e.daddr];
