@@ -260,7 +260,7 @@ pub mod config_idx {
     pub const COLLISION_PORT_COUNT: u32 = 3;
     /// Generation of the maps, bumped by the agent on every map change it
     /// makes: a per-CPU flow cache entry (`FlowCacheEntry`) of another
-    /// generation is stale.
+    /// generation is stale. 0 turns the cache off (nothing is cached).
     pub const FLOW_GEN: u32 = 4;
     pub const COUNT: u32 = 5;
 }

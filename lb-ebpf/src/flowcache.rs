@@ -12,7 +12,7 @@
 //!   so the conntrack entry's last-seen and the route are refreshed as
 //!   often as without the cache;
 //! - of the current map generation (`CONFIG[FLOW_GEN]`), which the agent
-//!   bumps after every map change it makes;
+//!   bumps after every map change it makes (0: the cache is off);
 //! - TCP SYN, FIN and RST, fragments, TTL <= 1 and anything but a plain full
 //!   L4 checksum (a seed, or UDP without a checksum) take the full path,
 //!   which owns the TCP state, the fragment table and the checksum rules;
@@ -128,6 +128,11 @@ pub fn fill<C: Ctx>(
     let Verdict::Redirect(ifindex) = verdict else {
         return;
     };
+    // Generation 0: the cache is off. (Nothing is ever written with 0, so
+    // `hit` needs no test of its own.)
+    if map_gen == 0 {
+        return;
+    }
     if !eligible(p) || p.csum != nat::L4Csum::Full {
         return;
     }

@@ -139,15 +139,39 @@ impl MapWriter {
     /// next packets take the full path through the maps. Called after every
     /// change of the maps (a packet that read the new generation then also
     /// sees the change).
+    /// While the cache is off (generation 0), it stays off.
     pub fn invalidate_flow_cache(&mut self) -> Result<(), DatapathError> {
         let cur = self
             .r
             .config
             .get(&config_idx::FLOW_GEN, 0)
             .map_err(map_err(map_names::CONFIG))?;
+        if cur == 0 {
+            return Ok(());
+        }
+        self.set_flow_gen(cur.wrapping_add(1).max(1))
+    }
+
+    /// Turns the kernel's flow cache on (the default once the agent has
+    /// written its configuration) or off (generation 0; the benchmark's
+    /// comparison).
+    pub fn set_flow_cache(&mut self, on: bool) -> Result<(), DatapathError> {
+        let cur = self
+            .r
+            .config
+            .get(&config_idx::FLOW_GEN, 0)
+            .map_err(map_err(map_names::CONFIG))?;
+        match (on, cur) {
+            (true, 0) => self.set_flow_gen(1),
+            (true, _) => self.invalidate_flow_cache(),
+            (false, _) => self.set_flow_gen(0),
+        }
+    }
+
+    fn set_flow_gen(&mut self, v: u32) -> Result<(), DatapathError> {
         self.r
             .config
-            .set(config_idx::FLOW_GEN, cur.wrapping_add(1), 0)
+            .set(config_idx::FLOW_GEN, v, 0)
             .map_err(map_err(map_names::CONFIG))
     }
 
@@ -167,7 +191,7 @@ impl MapWriter {
                 .set(idx, v, 0)
                 .map_err(map_err(map_names::CONFIG))?;
         }
-        self.invalidate_flow_cache()
+        self.set_flow_cache(true)
     }
 
     /// Sets the `XDP_IFACES` flags of one interface (`lb_common::xdp_iface`).

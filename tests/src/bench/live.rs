@@ -292,20 +292,20 @@ fn floor_program(ifindex: u32) -> Vec<[u8; 8]> {
     const LDX_B: u8 = 0x71;
     const JNE_IMM: u8 = 0x55;
     let mut p = vec![
-        insn(LDX_W, 2, 1, 0, 0),       // r2 = ctx->data
-        insn(LDX_W, 3, 1, 4, 0),       // r3 = ctx->data_end
-        insn(MOV64_REG, 4, 2, 0, 0),   // r4 = r2
-        insn(ADD64_IMM, 4, 0, 0, 54),  // r4 += 54
-        insn(JGT_REG, 4, 3, 0, 0),     // if r4 > r3 goto pass (patched)
-        insn(LDX_H, 5, 2, 12, 0),      // r5 = eth proto (as loaded: 0x0008 for IPv4)
-        insn(JNE_IMM, 5, 0, 0, 0x0008), // if r5 != IPv4 goto pass (patched)
-        insn(LDX_B, 5, 2, 14, 0),      // r5 = version | IHL
-        insn(JNE_IMM, 5, 0, 0, 0x45),  // if r5 != 0x45 goto pass (patched)
-        insn(LDX_B, 5, 2, 23, 0),      // r5 = IP protocol
-        insn(JNE_IMM, 5, 0, 0, 6),     // if r5 != TCP goto pass (patched)
+        insn(LDX_W, 2, 1, 0, 0),                  // r2 = ctx->data
+        insn(LDX_W, 3, 1, 4, 0),                  // r3 = ctx->data_end
+        insn(MOV64_REG, 4, 2, 0, 0),              // r4 = r2
+        insn(ADD64_IMM, 4, 0, 0, 54),             // r4 += 54
+        insn(JGT_REG, 4, 3, 0, 0),                // if r4 > r3 goto pass (patched)
+        insn(LDX_H, 5, 2, 12, 0),                 // r5 = eth proto (as loaded: 0x0008 for IPv4)
+        insn(JNE_IMM, 5, 0, 0, 0x0008),           // if r5 != IPv4 goto pass (patched)
+        insn(LDX_B, 5, 2, 14, 0),                 // r5 = version | IHL
+        insn(JNE_IMM, 5, 0, 0, 0x45),             // if r5 != 0x45 goto pass (patched)
+        insn(LDX_B, 5, 2, 23, 0),                 // r5 = IP protocol
+        insn(JNE_IMM, 5, 0, 0, 6),                // if r5 != TCP goto pass (patched)
         insn(MOV64_IMM, 1, 0, 0, ifindex as i32), // r1 = ifindex
-        insn(MOV64_IMM, 2, 0, 0, 0),   // r2 = 0
-        insn(CALL, 0, 0, 0, BPF_FUNC_REDIRECT), // r0 = bpf_redirect(r1, r2)
+        insn(MOV64_IMM, 2, 0, 0, 0),              // r2 = 0
+        insn(CALL, 0, 0, 0, BPF_FUNC_REDIRECT),   // r0 = bpf_redirect(r1, r2)
         insn(EXIT, 0, 0, 0, 0),
     ];
     let pass = p.len();
@@ -464,6 +464,9 @@ pub struct Case {
     /// The node-side interface the frames leave by (its tx counter proves delivery).
     pub egress: String,
     pub expect: u32,
+    /// For `Prog::Lb`: the data path's per-CPU flow cache on (the default) or off
+    /// (`MapWriter::set_flow_cache`), set before each run of the case.
+    pub flow_cache: bool,
 }
 
 #[derive(Default, Clone, Debug)]
@@ -486,6 +489,9 @@ impl Series {
 
 fn one_live(topo: &Topo, dps: &mut [&mut PinnedDp], c: &Case, repeat: u32) -> Result<(f64, f64)> {
     let dp = dps[c.dp].dp();
+    if c.prog == Prog::Lb {
+        dp.writer().set_flow_cache(c.flow_cache)?;
+    }
     let idx = c.ingress.ifindex;
     if let Prog::Floor(fd) = c.prog {
         return topo.in_node(|| {
@@ -501,6 +507,9 @@ fn one_live(topo: &Topo, dps: &mut [&mut PinnedDp], c: &Case, repeat: u32) -> Re
 fn check_verdicts(topo: &Topo, dps: &mut [&mut PinnedDp], cases: &[Case]) -> Result<()> {
     for c in cases {
         let dp = dps[c.dp].dp();
+        if c.prog == Prog::Lb {
+            dp.writer().set_flow_cache(c.flow_cache)?;
+        }
         let idx = c.ingress.ifindex;
         let v = match c.prog {
             Prog::Floor(fd) => topo.in_node(|| raw_run(fd, &c.frame, idx, 1, false))??.0,
@@ -676,6 +685,7 @@ pub fn section_xdp(opts: &Opts) -> Result<()> {
             ingress: flow.client_if.clone(),
             egress: flow.client_if.name.clone(),
             expect: XDP_TX,
+            flow_cache: true,
         },
         Case {
             label: "LB established flow, client -> VIP (DNAT + fib + redirect)".into(),
@@ -685,6 +695,7 @@ pub fn section_xdp(opts: &Opts) -> Result<()> {
             ingress: flow.client_if.clone(),
             egress: flow.backend_if.name.clone(),
             expect: XDP_REDIRECT,
+            flow_cache: true,
         },
         Case {
             label: "LB reply, backend -> client (reverse NAT + fib + redirect)".into(),
@@ -694,6 +705,7 @@ pub fn section_xdp(opts: &Opts) -> Result<()> {
             ingress: flow.backend_if.clone(),
             egress: flow.client_if.name.clone(),
             expect: XDP_REDIRECT,
+            flow_cache: true,
         },
         Case {
             label: "floor: parse + bpf_redirect to the backend's veth (no maps)".into(),
@@ -703,6 +715,27 @@ pub fn section_xdp(opts: &Opts) -> Result<()> {
             ingress: flow.client_if.clone(),
             egress: flow.backend_if.name.clone(),
             expect: XDP_REDIRECT,
+            flow_cache: true,
+        },
+        Case {
+            label: "LB established flow, flow cache off".into(),
+            dp: 0,
+            prog: Prog::Lb,
+            frame: flow.fwd.clone(),
+            ingress: flow.client_if.clone(),
+            egress: flow.backend_if.name.clone(),
+            expect: XDP_REDIRECT,
+            flow_cache: false,
+        },
+        Case {
+            label: "LB reply, flow cache off".into(),
+            dp: 0,
+            prog: Prog::Lb,
+            frame: flow.reply.clone(),
+            ingress: flow.backend_if.clone(),
+            egress: flow.client_if.name.clone(),
+            expect: XDP_REDIRECT,
+            flow_cache: false,
         },
     ];
     if let Some(which) = &opts.profile {
@@ -745,7 +778,7 @@ pub fn section_xdp(opts: &Opts) -> Result<()> {
         ]);
     }
     print!("{}", t.render());
-    let lb_frames: u64 = series[1].frames + series[2].frames;
+    let lb_frames: u64 = series[1].frames + series[2].frames + series[4].frames + series[5].frames;
     println!(
         "kernel counted {} fwd_redirect for {} LB frames (plus the calibration runs)",
         count(redirects),
@@ -765,6 +798,16 @@ pub fn section_xdp(opts: &Opts) -> Result<()> {
         ratio(ratio_of_rounds(&series[1].kernel_ns, &series[3].kernel_ns)),
         ns(series[2].median() - floor_ns),
         ratio(ratio_of_rounds(&series[2].kernel_ns, &series[3].kernel_ns)),
+    );
+    println!(
+        "flow cache: established {} ns with, {} ns without ({} of without); reply {} ns with, \
+         {} ns without ({})",
+        ns(series[1].median()),
+        ns(series[4].median()),
+        ratio(ratio_of_rounds(&series[1].kernel_ns, &series[4].kernel_ns)),
+        ns(series[2].median()),
+        ns(series[5].median()),
+        ratio(ratio_of_rounds(&series[2].kernel_ns, &series[5].kernel_ns)),
     );
     let delivered_ok = series.iter().all(|s| s.delivered_pct() >= 95.0);
     verdict(
@@ -868,6 +911,8 @@ fn profile(
         "tx" => 0,
         "established" => 1,
         "floor" => 3,
+        "established-nocache" => 4,
+        "reply-nocache" => 5,
         _ => 2,
     }];
     sink.set_template(&c.frame)?;
@@ -968,6 +1013,7 @@ pub fn section_scale(opts: &Opts) -> Result<()> {
             flow.backend_if.name.clone()
         },
         expect: XDP_REDIRECT,
+        flow_cache: true,
     };
     let cases = [case("established", false), case("reply", true)];
     let repeat = calibrate(&topo, &sink, &mut [&mut pd], &cases, opts)?;

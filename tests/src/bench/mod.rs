@@ -159,7 +159,8 @@ options:
   --lab-rounds N       rounds of the lab section, median reported (default 5; quick 2)
   --lab-threads N      client threads in the lab section (default 2)
   --profile CASE       only run one live-frames case of section 1 (tx, established, reply,
-                       floor) in a loop, for `perf record -C <cpu>`; --profile-secs S (default 5)
+                       floor, established-nocache, reply-nocache) in a loop, for
+                       `perf record -C <cpu>`; --profile-secs S (default 5)
   -h, --help           this text
 ";
 
@@ -212,8 +213,8 @@ pub fn parse_args(args: &[String]) -> Result<Option<Opts>> {
             "--lab-threads" => o.lab_threads = num(value()?, flag)?,
             "--profile" => {
                 let c = value()?;
-                if !["tx", "established", "reply", "floor"].contains(&c) {
-                    bail!("--profile: tx, established, reply or floor, not {c:?}");
+                if !["tx", "established", "reply", "floor", "established-nocache", "reply-nocache"].contains(&c) {
+                    bail!("--profile: tx, established, reply, floor, established-nocache or reply-nocache, not {c:?}");
                 }
                 o.profile = Some(c.to_string());
                 sections.push(Section::Xdp);
