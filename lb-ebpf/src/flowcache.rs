@@ -20,11 +20,15 @@
 //!   that establishes it goes through the full path.
 
 use lb_common::{
-    FLOW_CACHE_NS, FLOW_CACHE_SLOTS, FlowCacheEntry, FlowKey, config_idx, ct_state, proto, reason,
+    FLOW_CACHE_NS, FLOW_CACHE_SLOTS, FlowCacheEntry, FlowKey, config_idx, ct_dir, ct_state, proto,
+    reason,
 };
 
+use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
+use core::ffi::c_void;
+
 use crate::{
-    ctx::{Ctx, Verdict, ptr_at},
+    ctx::{Ctx, Verdict, Xdp, ptr_at},
     maps::{FLOW_CACHE, config},
     nat,
     parse::{FRAG_NONE, Packet, TCP_FIN, TCP_RST, TCP_SYN},
@@ -70,29 +74,54 @@ pub fn hit<C: Ctx>(ctx: &mut C, p: &Packet, key: &FlowKey, map_gen: u32, now: u6
     if !C::FLOW_CACHE || !eligible(p) {
         return None;
     }
+    // The raw context, not `ctx`: a pointer to `ctx` would need a stack
+    // slot in the main body.
+    let meta = p.l4_csum as u64 | (p.tot_len as u64) << 16 | (p.proto as u64) << 32;
+    match hit_out_of_line(ctx.raw(), key, map_gen, now, meta) {
+        0 => None,
+        ifindex => Some(Verdict::Redirect(ifindex)),
+    }
+}
+
+/// [`hit`]'s work, out of line: its own stack frame keeps the main body's
+/// within budget (lb-ebpf's deepest call chain is near the verifier's 512
+/// bytes). At most five arguments (BPF calls), none pointing at more of the
+/// main body's stack than the key it has anyway: `meta` is the packet's L4
+/// checksum offset, IPv4 total length << 16 and protocol << 32; the verdict
+/// is the egress ifindex, 0 for a miss.
+#[inline(never)]
+fn hit_out_of_line(raw: *mut c_void, key: &FlowKey, map_gen: u32, now: u64, meta: u64) -> u32 {
+    let (l4_csum, tot_len, proto) = (meta as u16 as usize, (meta >> 16) as u16, (meta >> 32) as u8);
+    let xdp = XdpContext::new(raw as *mut xdp_md);
+    let ctx = &mut Xdp(&xdp);
     let w = words(key);
-    let e = FLOW_CACHE.get_ptr(slot(&w))?;
+    let Some(e) = FLOW_CACHE.get_ptr(slot(&w)) else {
+        return 0;
+    };
     let e = unsafe { &*e };
     if e.key[0] != w[0]
         || e.key[1] != w[1]
         || e.generation != map_gen
         || now.wrapping_sub(e.since_ns) >= FLOW_CACHE_NS
     {
-        return None;
+        return 0;
     }
-    if !nat::plainly_full(ctx, p) {
-        return None;
+    let udp = proto == proto::UDP;
+    if !nat::plainly_full(ctx, l4_csum, key.src_ip, key.dst_ip, proto, tot_len) || e.ifindex == 0 {
+        return 0;
     }
-    rewrite(ctx, p, e)?;
+    if rewrite(ctx, l4_csum, udp, e).is_none() {
+        return 0;
+    }
     stats::traffic(
         e.svc_id,
         e.backend_id,
-        p.tot_len as u64 + crate::parse::ETH_LEN as u64,
+        tot_len as u64 + crate::parse::ETH_LEN as u64,
         false,
     );
     stats::reason(e.nat_reason);
     stats::reason(reason::FWD_REDIRECT);
-    Some(Verdict::Redirect(e.ifindex))
+    e.ifindex
 }
 
 /// One's-complement sum of the change of a 32-bit field.
@@ -111,14 +140,12 @@ fn delta2(old: u16, new: u16) -> u64 {
 /// After the full path redirected `p` (now translated; `old` its key as it
 /// arrived) with the route of conntrack entry `ct`: remembers the rewrite
 /// for the flow's next packets.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn fill<C: Ctx>(
     ctx: &C,
     old: &FlowKey,
     p: &Packet,
     ct: *const lb_common::CtValue,
-    nat_reason: u32,
     verdict: Verdict,
     map_gen: u32,
 ) {
@@ -130,13 +157,29 @@ pub fn fill<C: Ctx>(
     };
     // Generation 0: the cache is off. (Nothing is ever written with 0, so
     // `hit` needs no test of its own.)
-    if map_gen == 0 {
+    if map_gen == 0 || !eligible(p) || p.csum != nat::L4Csum::Full {
         return;
     }
-    if !eligible(p) || p.csum != nat::L4Csum::Full {
-        return;
-    }
+    fill_out_of_line(ctx, old, p, ct, ifindex as u64 | (map_gen as u64) << 32);
+}
+
+/// [`fill`]'s work, out of line (see [`hit_out_of_line`]); `ifindex_gen`:
+/// the egress ifindex, and the generation in the high half.
+#[inline(never)]
+fn fill_out_of_line<C: Ctx>(
+    ctx: &C,
+    old: &FlowKey,
+    p: &Packet,
+    ct: *const lb_common::CtValue,
+    ifindex_gen: u64,
+) {
+    let (ifindex, map_gen) = (ifindex_gen as u32, (ifindex_gen >> 32) as u32);
     let c = unsafe { &*ct };
+    let nat_reason = if c.dir == ct_dir::REVERSE {
+        reason::NAT_REVERSE
+    } else {
+        reason::NAT_FORWARD
+    };
     if nat_reason == reason::NAT_FORWARD && c.state == ct_state::SYN {
         return;
     }
@@ -176,14 +219,14 @@ pub fn fill<C: Ctx>(
 /// The cached rewrite, on the bytes (XDP); every bound is checked before
 /// the first write.
 #[inline(always)]
-pub fn rewrite<C: Ctx>(ctx: &mut C, p: &Packet, e: &FlowCacheEntry) -> Option<()> {
+pub fn rewrite<C: Ctx>(ctx: &mut C, l4_csum: usize, udp: bool, e: &FlowCacheEntry) -> Option<()> {
     use crate::parse::{IP_OFF, L4_OFF};
     let eth: *mut u32 = ptr_at::<C, [u32; 3]>(ctx, 0)? as *mut u32;
     let ttl: *mut u8 = ptr_at(ctx, IP_OFF + 8)?;
     let ic: *mut u16 = ptr_at(ctx, IP_OFF + 10)?;
     let addrs: *mut [u32; 2] = ptr_at(ctx, IP_OFF + 12)?;
     let ports: *mut [u16; 2] = ptr_at(ctx, L4_OFF)?;
-    let lc: *mut u16 = ptr_at(ctx, p.l4_csum)?;
+    let lc: *mut u16 = ptr_at(ctx, l4_csum)?;
     unsafe {
         // Word by word: a 12-byte array copy becomes a call to a byte-wise
         // `memmove` (about 11 ns a packet here).
@@ -194,7 +237,7 @@ pub fn rewrite<C: Ctx>(ctx: &mut C, p: &Packet, e: &FlowCacheEntry) -> Option<()
         *ic = !nat::fold((!*ic) as u64 + e.ip_delta as u64);
         *addrs = [e.saddr, e.daddr];
         *ports = [e.sport, e.dport];
-        *lc = nat::l4_fix(!nat::fold((!*lc) as u64 + e.l4_delta as u64), p.is_udp());
+        *lc = nat::l4_fix(!nat::fold((!*lc) as u64 + e.l4_delta as u64), udp);
     }
     Some(())
 }

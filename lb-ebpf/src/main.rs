@@ -128,7 +128,7 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
             }
             stats::reason(reason::NAT_REVERSE);
             let verdict = forward(ctx, &p, Some(v), now);
-            flowcache::fill(ctx, &key, &p, v, reason::NAT_REVERSE, verdict, map_gen);
+            flowcache::fill(ctx, &key, &p, v, verdict, map_gen);
             return verdict;
         }
         if !(tcp && conntrack::is_reopen(v, p.flags)) {
@@ -143,7 +143,7 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
             }
             stats::reason(reason::NAT_FORWARD);
             let verdict = forward(ctx, &p, Some(v), now);
-            flowcache::fill(ctx, &key, &p, v, reason::NAT_FORWARD, verdict, map_gen);
+            flowcache::fill(ctx, &key, &p, v, verdict, map_gen);
             return verdict;
         }
     }

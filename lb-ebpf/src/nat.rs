@@ -305,20 +305,28 @@ pub fn classify<C: Ctx>(ctx: &C, p: &Packet) -> L4Csum {
     }
 }
 
-/// Whether the L4 check field of `p` (not a fragment) is a full checksum
-/// by [`classify`]'s first test alone: set (for UDP) and different from
-/// the packet's seed. `false` also where `classify` would go on to verify.
+/// Whether the L4 check field at `l4_csum` of a packet (not a fragment;
+/// addresses, protocol and IPv4 total length as given) is a full checksum by
+/// [`classify`]'s first test alone: set (for UDP) and different from the
+/// packet's seed. `false` also where `classify` would go on to verify.
 #[inline(always)]
-pub fn plainly_full<C: Ctx>(ctx: &C, p: &Packet) -> bool {
-    let c: *const u16 = match ptr_at(ctx, p.l4_csum) {
+pub fn plainly_full<C: Ctx>(
+    ctx: &C,
+    l4_csum: usize,
+    saddr: u32,
+    daddr: u32,
+    proto: u8,
+    tot_len: u16,
+) -> bool {
+    let c: *const u16 = match ptr_at(ctx, l4_csum) {
         Some(c) => c,
         None => return false,
     };
     let c = unsafe { *c };
-    if p.is_udp() && c == 0 {
+    if proto == lb_common::proto::UDP && c == 0 {
         return false;
     }
-    c != pseudo_sum(p.saddr, p.daddr, p.proto, p.tot_len - 20)
+    c != pseudo_sum(saddr, daddr, proto, tot_len.wrapping_sub(20))
 }
 
 /// A computed UDP checksum of 0 is sent as 0xffff (0 means "none").

@@ -743,6 +743,8 @@ pub fn section_xdp(opts: &Opts) -> Result<()> {
     }
     let redirects_before = reason_count(pd.dp(), "fwd_redirect");
     let (series, repeat) = run_series(&topo, &sink, &mut [&mut pd], &cases, opts, deadline)?;
+    // The cache-off cases may have run last.
+    pd.dp().writer().set_flow_cache(true)?;
     let redirects = reason_count(pd.dp(), "fwd_redirect") - redirects_before;
 
     println!(

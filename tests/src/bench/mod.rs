@@ -213,8 +213,19 @@ pub fn parse_args(args: &[String]) -> Result<Option<Opts>> {
             "--lab-threads" => o.lab_threads = num(value()?, flag)?,
             "--profile" => {
                 let c = value()?;
-                if !["tx", "established", "reply", "floor", "established-nocache", "reply-nocache"].contains(&c) {
-                    bail!("--profile: tx, established, reply, floor, established-nocache or reply-nocache, not {c:?}");
+                if ![
+                    "tx",
+                    "established",
+                    "reply",
+                    "floor",
+                    "established-nocache",
+                    "reply-nocache",
+                ]
+                .contains(&c)
+                {
+                    bail!(
+                        "--profile: tx, established, reply, floor, established-nocache or reply-nocache, not {c:?}"
+                    );
                 }
                 o.profile = Some(c.to_string());
                 sections.push(Section::Xdp);
