@@ -1,4 +1,5 @@
-//! Per-CPU flow cache in front of the conntrack lookup (XDP only).
+//! Per-CPU flow cache in front of the conntrack lookup (XDP, full program
+//! set only: see `ProgramSet::FLOW_CACHE`).
 //!
 //! An established flow's packet that was translated and redirected leaves
 //! what its successors need in a per-CPU slot picked by a hash of its flow
@@ -32,6 +33,7 @@ use crate::{
     maps::{FLOW_CACHE, config},
     nat,
     parse::{FRAG_NONE, Packet, TCP_FIN, TCP_RST, TCP_SYN},
+    set::ProgramSet,
     stats,
 };
 
@@ -51,8 +53,8 @@ fn slot(w: &[u64; 2]) -> u32 {
 
 /// The generation to check and write entries with (0 where no cache is used).
 #[inline(always)]
-pub fn generation<C: Ctx>() -> u32 {
-    if C::FLOW_CACHE {
+pub fn generation<C: Ctx, S: ProgramSet>() -> u32 {
+    if C::FLOW_CACHE && S::FLOW_CACHE {
         config(config_idx::FLOW_GEN)
     } else {
         0
@@ -70,8 +72,8 @@ fn eligible(p: &Packet) -> bool {
 /// A hit: `p` translated and redirected as the cache says, counted as the
 /// full path counts it. `None`: the full path decides.
 #[inline(always)]
-pub fn hit<C: Ctx>(ctx: &mut C, p: &Packet, key: &FlowKey, map_gen: u32, now: u64) -> Option<Verdict> {
-    if !C::FLOW_CACHE || !eligible(p) {
+pub fn hit<C: Ctx, S: ProgramSet>(ctx: &mut C, p: &Packet, key: &FlowKey, map_gen: u32, now: u64) -> Option<Verdict> {
+    if !C::FLOW_CACHE || !S::FLOW_CACHE || !eligible(p) {
         return None;
     }
     // The raw context, not `ctx`: a pointer to `ctx` would need a stack
@@ -141,7 +143,7 @@ fn delta2(old: u16, new: u16) -> u64 {
 /// arrived) with the route of conntrack entry `ct`: remembers the rewrite
 /// for the flow's next packets.
 #[inline(always)]
-pub fn fill<C: Ctx>(
+pub fn fill<C: Ctx, S: ProgramSet>(
     ctx: &C,
     old: &FlowKey,
     p: &Packet,
@@ -149,7 +151,7 @@ pub fn fill<C: Ctx>(
     verdict: Verdict,
     map_gen: u32,
 ) {
-    if !C::FLOW_CACHE {
+    if !C::FLOW_CACHE || !S::FLOW_CACHE {
         return;
     }
     let Verdict::Redirect(ifindex) = verdict else {

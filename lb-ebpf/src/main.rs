@@ -104,9 +104,11 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
     let key = conntrack::key(&p);
     // Before any rewrite: the later fragments carry the addresses as sent.
     frag::record(&p, &key);
-    let map_gen = flowcache::generation::<C>();
-    if let Some(v) = flowcache::hit(ctx, &p, &key, map_gen, now) {
-        return v;
+    let map_gen = flowcache::generation::<C, S>();
+    if C::FLOW_CACHE && S::FLOW_CACHE {
+        if let Some(v) = flowcache::hit::<C, S>(ctx, &p, &key, map_gen, now) {
+            return v;
+        }
     }
     let tcp = p.proto == proto::TCP;
 
@@ -127,8 +129,11 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
                 return Verdict::Drop;
             }
             stats::reason(reason::NAT_REVERSE);
+            if !(C::FLOW_CACHE && S::FLOW_CACHE) {
+                return forward(ctx, &p, Some(v), now);
+            }
             let verdict = forward(ctx, &p, Some(v), now);
-            flowcache::fill(ctx, &key, &p, v, verdict, map_gen);
+            flowcache::fill::<C, S>(ctx, &key, &p, v, verdict, map_gen);
             return verdict;
         }
         if !(tcp && conntrack::is_reopen(v, p.flags)) {
@@ -142,8 +147,11 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
                 return Verdict::Drop;
             }
             stats::reason(reason::NAT_FORWARD);
+            if !(C::FLOW_CACHE && S::FLOW_CACHE) {
+                return forward(ctx, &p, Some(v), now);
+            }
             let verdict = forward(ctx, &p, Some(v), now);
-            flowcache::fill(ctx, &key, &p, v, verdict, map_gen);
+            flowcache::fill::<C, S>(ctx, &key, &p, v, verdict, map_gen);
             return verdict;
         }
     }
