@@ -78,7 +78,7 @@ pub fn hit<C: Ctx, S: ProgramSet>(ctx: &mut C, p: &Packet, key: &FlowKey, map_ge
     }
     // The raw context, not `ctx`: a pointer to `ctx` would need a stack
     // slot in the main body.
-    let meta = p.l4_csum as u64 | (p.tot_len as u64) << 16 | (p.proto as u64) << 32;
+    let meta = (p.tot_len as u64) << 16 | (p.proto as u64) << 32;
     match hit_out_of_line(ctx.raw(), key, map_gen, now, meta) {
         0 => None,
         ifindex => Some(Verdict::Redirect(ifindex)),
@@ -88,12 +88,19 @@ pub fn hit<C: Ctx, S: ProgramSet>(ctx: &mut C, p: &Packet, key: &FlowKey, map_ge
 /// [`hit`]'s work, out of line: its own stack frame keeps the main body's
 /// within budget (lb-ebpf's deepest call chain is near the verifier's 512
 /// bytes). At most five arguments (BPF calls), none pointing at more of the
-/// main body's stack than the key it has anyway: `meta` is the packet's L4
-/// checksum offset, IPv4 total length << 16 and protocol << 32; the verdict
+/// main body's stack than the key it has anyway: `meta` is the packet's IPv4
+/// total length << 16 and protocol << 32; the verdict
 /// is the egress ifindex, 0 for a miss.
 #[inline(never)]
 fn hit_out_of_line(raw: *mut c_void, key: &FlowKey, map_gen: u32, now: u64, meta: u64) -> u32 {
-    let (l4_csum, tot_len, proto) = (meta as u16 as usize, (meta >> 16) as u16, (meta >> 32) as u8);
+    let (tot_len, proto) = ((meta >> 16) as u16, (meta >> 32) as u8);
+    // From the protocol, not from `meta`: a packet offset of up to 65,535
+    // fails older verifiers ("R2 offset is outside of the packet", 5.10).
+    let l4_csum = if proto == proto::TCP {
+        crate::parse::L4_OFF + 16
+    } else {
+        crate::parse::L4_OFF + 6
+    };
     let xdp = XdpContext::new(raw as *mut xdp_md);
     let ctx = &mut Xdp(&xdp);
     let w = words(key);
