@@ -55,5 +55,9 @@ fn main() {
         }
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("lb-ebpf.o");
+    // A fresh file, not a write into the old one: a target directory copied
+    // with hard links (several worktrees) would otherwise share this file,
+    // and one worktree's build would embed another's object.
+    let _ = std::fs::remove_file(&out);
     std::fs::copy(&obj, &out).expect("copy eBPF object");
 }

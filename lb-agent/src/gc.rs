@@ -349,6 +349,8 @@ impl Expired {
         if let Some(rc) = recount {
             rc.apply(w, &index, &mut report)?;
         }
+        // The kernel's flow cache may still hold flows just deleted.
+        w.invalidate_flow_cache()?;
         report.duration = start.elapsed();
         debug!(?report, "conntrack sweep");
         Ok(report)

@@ -202,7 +202,11 @@ pub mod reason {
     /// fragment was, found through `FRAGMENTS`. Later fragments without an
     /// entry there pass, counted as `PASS_FRAGMENT`.
     pub const NAT_FRAGMENT: u32 = 24;
-    pub const COUNT: u32 = 25;
+    /// An established flow's packet handed to the stack because its route
+    /// lookup failed less than `FIB_FAIL_NS` ago (the failure is cached in
+    /// the conntrack entry, not repeated on every packet).
+    pub const PASS_FIB_CACHED: u32 = 25;
+    pub const COUNT: u32 = 26;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "pass_not_ipv4",
@@ -230,6 +234,7 @@ pub mod reason {
         "drop_ports_exhausted",
         "pass_xdp_target",
         "nat_fragment",
+        "pass_fib_cached",
     ];
 }
 
@@ -256,7 +261,11 @@ pub mod config_idx {
     /// Number of ports from `COLLISION_PORT_MIN` on; 0 disables port
     /// rewrites (a colliding new flow is then dropped, `drop_ports_exhausted`).
     pub const COLLISION_PORT_COUNT: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// Generation of the maps, bumped by the agent on every map change it
+    /// makes: a per-CPU flow cache entry (`FlowCacheEntry`) of another
+    /// generation is stale. 0 turns the cache off (nothing is cached).
+    pub const FLOW_GEN: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// `SERVICES` key: a VIP, port and protocol, all in network byte order.
@@ -358,6 +367,52 @@ pub struct CtValue {
 
 /// How long a flow reuses its cached route before looking it up again.
 pub const FIB_CACHE_NS: u64 = 1_000_000_000;
+
+/// `CtValue::fib_ifindex` of a flow whose last route lookup failed: the
+/// packets of the next `FIB_FAIL_NS` go to the stack without a lookup.
+pub const FIB_FAILED: u32 = u32::MAX;
+
+/// How long a failed route lookup is reused (`FIB_FAILED`).
+pub const FIB_FAIL_NS: u64 = 100_000_000;
+
+/// Slots of the per-CPU flow cache (`FLOW_CACHE`), a power of two.
+pub const FLOW_CACHE_SLOTS: u32 = 1024;
+
+/// A flow cache entry is used while younger than this (counted from the
+/// route lookup it copies), so the conntrack entry's last-seen is refreshed
+/// and the route re-checked as often as without the cache.
+pub const FLOW_CACHE_NS: u64 = FIB_CACHE_NS;
+
+/// One slot of the per-CPU flow cache (lb-ebpf/src/flowcache.rs): an
+/// established flow's direction and everything its packets need, so that a
+/// hit is one rewrite without the conntrack lookup. 72 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCacheEntry {
+    /// The flow key of the packet as it arrives (`FlowKey`, as two words).
+    pub key: [u64; 2],
+    /// When the route this entry copies was looked up (coarse clock).
+    pub since_ns: u64,
+    /// `CONFIG[FLOW_GEN]` when the entry was written.
+    pub generation: u32,
+    pub ifindex: u32,
+    /// The addresses and ports after the rewrite (network order).
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    /// One's-complement sums to add to the IPv4 checksum (addresses and the
+    /// TTL decrement) and to a full L4 checksum (addresses and ports).
+    pub ip_delta: u16,
+    pub l4_delta: u16,
+    pub svc_id: u32,
+    pub backend_id: u32,
+    /// Destination, then source MAC: the first 12 bytes of the frame, as
+    /// three words (copied word by word, not by a byte-wise `memmove`).
+    pub mac: [u32; 3],
+    /// `reason::NAT_FORWARD` or `reason::NAT_REVERSE`.
+    pub nat_reason: u32,
+}
 
 /// `last_seen_ns` is refreshed only when it is older than this.
 pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
@@ -499,6 +554,7 @@ const _: () = {
     assert!(core::mem::size_of::<BackendValue>() == 16);
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<CtValue>() == 64);
+    assert!(core::mem::size_of::<FlowCacheEntry>() == 72);
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<FragKey>() == 12);
     assert!(core::mem::size_of::<FragValue>() == 4);
@@ -516,6 +572,7 @@ mod pod {
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for FlowCacheEntry {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for FragKey {}

@@ -28,6 +28,9 @@ pub enum Verdict {
 }
 
 pub trait Ctx {
+    /// Whether this hook uses the per-CPU flow cache (`flowcache`): XDP,
+    /// whose rewrites are plain writes to the bytes.
+    const FLOW_CACHE: bool;
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
     /// Length of the whole frame, which for an skb may extend past `data_end`
@@ -88,6 +91,7 @@ pub fn ptr_at<C: Ctx, T>(ctx: &C, off: usize) -> Option<*mut T> {
 pub struct Xdp<'a>(pub &'a XdpContext);
 
 impl Ctx for Xdp<'_> {
+    const FLOW_CACHE: bool = true;
     #[inline(always)]
     fn data(&self) -> usize {
         self.0.data()
@@ -221,6 +225,9 @@ const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 
 impl Ctx for Tc<'_> {
+    /// TC rewrites through the checksum helpers, which follow the skb's
+    /// checksum state; the cache's one-add rewrite would not.
+    const FLOW_CACHE: bool = false;
     #[inline(always)]
     fn data(&self) -> usize {
         self.0.data()

@@ -1,7 +1,7 @@
 //! Forwarding after the rewrite: `bpf_fib_lookup` + redirect, or the stack.
 
 use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, helpers::bpf_fib_lookup};
-use lb_common::{CtValue, FIB_CACHE_NS, config_idx, reason};
+use lb_common::{CtValue, FIB_CACHE_NS, FIB_FAIL_NS, FIB_FAILED, config_idx, reason};
 
 use crate::{
     ctx::{Ctx, Verdict},
@@ -25,7 +25,8 @@ const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
 /// Forwards a translated packet. `ct` is the flow's conntrack entry for this
 /// direction: its cached route is used while fresh (`FIB_CACHE_NS`), else
 /// looked up and stored, so an established flow pays for `bpf_fib_lookup`
-/// about once a second.
+/// about once a second. A failed lookup is remembered for `FIB_FAIL_NS`
+/// (`FIB_FAILED`): the flow's packets go to the stack meanwhile.
 #[inline(always)]
 pub fn forward<C: Ctx>(ctx: &mut C, p: &Packet, ct: Option<*mut CtValue>, now: u64) -> Verdict {
     // A TTL that would expire is left to the stack, which answers with ICMP.
@@ -34,7 +35,13 @@ pub fn forward<C: Ctx>(ctx: &mut C, p: &Packet, ct: Option<*mut CtValue>, now: u
     }
     if let Some(v) = ct {
         let e = unsafe { &*v };
-        if e.fib_ifindex != 0 && now.wrapping_sub(e.fib_ns) < FIB_CACHE_NS {
+        if e.fib_ifindex == FIB_FAILED {
+            // The last lookup failed: the stack gets the flow for a while.
+            if now.wrapping_sub(e.fib_ns) < FIB_FAIL_NS {
+                stats::reason(reason::PASS_FIB_CACHED);
+                return Verdict::Pass;
+            }
+        } else if e.fib_ifindex != 0 && now.wrapping_sub(e.fib_ns) < FIB_CACHE_NS {
             let m = e.fib_mac;
             let dmac = [m[0], m[1], m[2], m[3], m[4], m[5]];
             let smac = [m[6], m[7], m[8], m[9], m[10], m[11]];
@@ -71,7 +78,12 @@ pub fn forward<C: Ctx>(ctx: &mut C, p: &Packet, ct: Option<*mut CtValue>, now: u
     let rc = unsafe { bpf_fib_lookup(ctx.raw(), f, core::mem::size_of::<FibParams>() as i32, 0) };
     if rc != BPF_FIB_LKUP_RET_SUCCESS {
         if let Some(v) = ct {
-            unsafe { (*v).fib_ifindex = 0 };
+            // Remembered for FIB_FAIL_NS: a flow without a route does not
+            // repeat the lookup on every packet.
+            unsafe {
+                (*v).fib_ns = now;
+                (*v).fib_ifindex = FIB_FAILED;
+            }
         }
         stats::reason(reason::PASS_FIB);
         return Verdict::Pass;

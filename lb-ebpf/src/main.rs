@@ -8,6 +8,7 @@
 
 mod conntrack;
 mod ctx;
+mod flowcache;
 mod frag;
 mod fwd;
 mod maps;
@@ -103,6 +104,12 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
     let key = conntrack::key(&p);
     // Before any rewrite: the later fragments carry the addresses as sent.
     frag::record(&p, &key);
+    let map_gen = flowcache::generation::<C, S>();
+    if C::FLOW_CACHE && S::FLOW_CACHE {
+        if let Some(v) = flowcache::hit::<C, S>(ctx, &p, &key, map_gen, now) {
+            return v;
+        }
+    }
     let tcp = p.proto == proto::TCP;
 
     if let Some(v) = conntrack::lookup(&key) {
@@ -122,7 +129,12 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
                 return Verdict::Drop;
             }
             stats::reason(reason::NAT_REVERSE);
-            return forward(ctx, &p, Some(v), now);
+            if !(C::FLOW_CACHE && S::FLOW_CACHE) {
+                return forward(ctx, &p, Some(v), now);
+            }
+            let verdict = forward(ctx, &p, Some(v), now);
+            flowcache::fill::<C, S>(ctx, &key, &p, v, verdict, map_gen);
+            return verdict;
         }
         if !(tcp && conntrack::is_reopen(v, p.flags)) {
             conntrack::touch(v, now);
@@ -135,7 +147,12 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
                 return Verdict::Drop;
             }
             stats::reason(reason::NAT_FORWARD);
-            return forward(ctx, &p, Some(v), now);
+            if !(C::FLOW_CACHE && S::FLOW_CACHE) {
+                return forward(ctx, &p, Some(v), now);
+            }
+            let verdict = forward(ctx, &p, Some(v), now);
+            flowcache::fill::<C, S>(ctx, &key, &p, v, verdict, map_gen);
+            return verdict;
         }
     }
 

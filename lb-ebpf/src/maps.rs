@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FlowKey, FragKey,
+    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FlowCacheEntry, FlowKey, FragKey,
     FragValue, NameValue, ServiceKey, ServiceValue, config_idx, limits, reason,
 };
 
@@ -81,3 +81,10 @@ pub static FRAGMENTS: LruHashMap<FragKey, FragValue> =
 /// Not pinned: nothing outlives one packet in it.
 #[map]
 pub static FIB_SCRATCH: PerCpuArray<[u64; 8]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU flow cache (`flowcache`): established flows' rewrites, indexed by
+/// a hash of the flow key. Not pinned: a reloaded program starts with an
+/// empty cache, which is only ever a shortcut to what `CONNTRACK` says.
+#[map]
+pub static FLOW_CACHE: PerCpuArray<FlowCacheEntry> =
+    PerCpuArray::with_max_entries(lb_common::FLOW_CACHE_SLOTS, 0);

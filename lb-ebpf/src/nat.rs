@@ -104,7 +104,7 @@ impl L4Csum {
 }
 
 #[inline(always)]
-fn fold(mut s: u64) -> u16 {
+pub fn fold(mut s: u64) -> u16 {
     s = (s & 0xffff) + (s >> 16);
     s = (s & 0xffff) + (s >> 16);
     s = (s & 0xffff) + (s >> 16);
@@ -303,6 +303,30 @@ pub fn classify<C: Ctx>(ctx: &C, p: &Packet) -> L4Csum {
         Some(_) => L4Csum::Seed,
         None => L4Csum::SeedUnverified,
     }
+}
+
+/// Whether the L4 check field at `l4_csum` of a packet (not a fragment;
+/// addresses, protocol and IPv4 total length as given) is a full checksum by
+/// [`classify`]'s first test alone: set (for UDP) and different from the
+/// packet's seed. `false` also where `classify` would go on to verify.
+#[inline(always)]
+pub fn plainly_full<C: Ctx>(
+    ctx: &C,
+    l4_csum: usize,
+    saddr: u32,
+    daddr: u32,
+    proto: u8,
+    tot_len: u16,
+) -> bool {
+    let c: *const u16 = match ptr_at(ctx, l4_csum) {
+        Some(c) => c,
+        None => return false,
+    };
+    let c = unsafe { *c };
+    if proto == lb_common::proto::UDP && c == 0 {
+        return false;
+    }
+    c != pseudo_sum(saddr, daddr, proto, tot_len.wrapping_sub(20))
 }
 
 /// A computed UDP checksum of 0 is sent as 0xffff (0 means "none").

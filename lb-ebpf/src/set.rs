@@ -19,6 +19,12 @@ use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use core::intrinsics::AtomicOrdering;
 
 pub trait ProgramSet {
+    /// Whether the XDP program uses the per-CPU flow cache (`flowcache`).
+    /// Not in `Compat`: 5.10's verifier did not accept the compat programs
+    /// with it (the packet tests under `cargo xtask test-kernels --kernel
+    /// 5.10` failed to load them).
+    const FLOW_CACHE: bool;
+
     /// Nanoseconds since boot (CLOCK_MONOTONIC, or its coarse variant) for
     /// last-seen, the route cache and affinity.
     fn now() -> u64;
@@ -42,6 +48,8 @@ pub trait ProgramSet {
 pub struct Full;
 
 impl ProgramSet for Full {
+    const FLOW_CACHE: bool = true;
+
     /// The coarse clock (CLOCK_MONOTONIC_COARSE) is enough for second-granular
     /// timeouts and costs a fraction of `bpf_ktime_get_ns`.
     #[inline(always)]
@@ -88,6 +96,8 @@ impl ProgramSet for Full {
 pub struct Compat;
 
 impl ProgramSet for Compat {
+    const FLOW_CACHE: bool = false;
+
     #[inline(always)]
     fn now() -> u64 {
         unsafe { bpf_ktime_get_ns() }

@@ -1982,3 +1982,313 @@ both_sets!(
     tc_collision_exhaustion_compat,
     |set| collision_exhaustion(Hook::Tc, set)
 );
+
+both_sets!(
+    xdp_flow_cache_rules,
+    xdp_flow_cache_rules_compat,
+    xdp_flow_cache_rules_on
+);
+
+/// The conntrack key of client port `sport` to VIP:80 (TCP).
+fn vip_key(sport: u16) -> lb_common::FlowKey {
+    lb_common::FlowKey {
+        src_ip: u32::from_ne_bytes(CLIENT.octets()),
+        dst_ip: u32::from_ne_bytes(VIP.octets()),
+        src_port: sport.to_be(),
+        dst_port: 80u16.to_be(),
+        proto: 6,
+        _pad: [0; 3],
+    }
+}
+
+/// The per-CPU flow cache (lb-ebpf/src/flowcache.rs; full program set
+/// only) answers exactly as the full path would, and only while it may: a hit gives the same bytes and
+/// counters (both directions); it is not used after the agent changes a map
+/// (generation), nor once older than `FLOW_CACHE_NS`; TCP FIN and RST always
+/// take the full path (the TCP state and the backend's active count move);
+/// and a flow still in state SYN is not cached, so the ACK that establishes
+/// it is seen. Cache hits are told apart from the full path by deleting the
+/// conntrack entry behind the cache's back: the full path would then see a
+/// new flow (`new_flows` grows), or, for a reply, no flow at all.
+fn xdp_flow_cache_rules_on(set: ProgramSet) {
+    use lb_common::{ct_state, xdp_iface::REDIRECT_TARGET};
+    if !rpclb_tests::lab::require() {
+        return;
+    }
+    // The compat set has no flow cache (lb-ebpf/src/set.rs); its packets
+    // all take the full path, which the other tests check.
+    if set == ProgramSet::Compat {
+        eprintln!("SKIP: the compat program set has no flow cache");
+        return;
+    }
+    let ns = fib_ns();
+    // The client's side: c0 (02:00:00:00:01:01) on 10.244.1.1/24, the
+    // client 10.244.1.2 a permanent neighbour (02:00:00:00:01:02).
+    for args in [
+        vec![
+            "link",
+            "add",
+            "c0",
+            "address",
+            "02:00:00:00:01:01",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "c1",
+        ],
+        vec!["link", "set", "c0", "up"],
+        vec!["link", "set", "c1", "up"],
+        vec!["addr", "add", "10.244.1.1/24", "dev", "c0"],
+        vec![
+            "neigh",
+            "add",
+            "10.244.1.2",
+            "lladdr",
+            "02:00:00:00:01:02",
+            "dev",
+            "c0",
+            "nud",
+            "permanent",
+        ],
+    ] {
+        ns.ip(&args).unwrap();
+    }
+    ns.run(|| {
+        let d0 = rpclb_tests::lab::sys::ifindex("d0").unwrap();
+        let c0 = rpclb_tests::lab::sys::ifindex("c0").unwrap();
+        let mut h = Harness::new(true, set);
+        h.dp().writer().set_xdp_iface(d0, REDIRECT_TARGET).unwrap();
+        h.dp().writer().set_xdp_iface(c0, REDIRECT_TARGET).unwrap();
+        let svc = service(
+            "demo/cache:http",
+            VIP,
+            80,
+            Protocol::Tcp,
+            Algorithm::Maglev,
+            &[(b(1), 8080)],
+        );
+        h.dp().writer().upsert_service(&svc).unwrap();
+        let addr = svc.addr();
+        let fwd = |sport: u16, flags: u8| {
+            tcp(CLIENT, sport, VIP, 80, flags)
+                .payload(b"cached?")
+                .build()
+        };
+        let routed = |sport: u16, flags: u8| {
+            tcp(CLIENT, sport, b(1), 8080, flags)
+                .eth([0x02, 0, 0, 0, 0x0b, 0x01], [0x02, 0, 0, 0, 0x0b, 0x02])
+                .ttl(63)
+                .payload(b"cached?")
+                .build()
+        };
+        let reply = |sport: u16| {
+            tcp(b(1), 8080, CLIENT, sport, ACK)
+                .payload(b"reply")
+                .build()
+        };
+        let replied = |sport: u16| {
+            tcp(VIP, 80, CLIENT, sport, ACK)
+                .eth([0x02, 0, 0, 0, 0x01, 0x01], [0x02, 0, 0, 0, 0x01, 0x02])
+                .ttl(63)
+                .payload(b"reply")
+                .build()
+        };
+        let new_flows = |h: &mut Harness| h.dp().writer().service_stats(&addr).unwrap().new_flows;
+        let reason = |h: &mut Harness, name: &str| {
+            h.reasons()
+                .into_iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v)
+                .unwrap()
+        };
+        let send = |h: &mut Harness, frame: &[u8], want: &[u8]| {
+            let (rc, out) = h.run(Hook::Xdp, frame);
+            assert_eq!(rc, XDP_REDIRECT);
+            assert_bytes_eq(&out, want);
+        };
+
+        // Flow 1: SYN, then ACKs (the first establishes the flow and fills
+        // the cache), replies likewise.
+        send(
+            &mut h,
+            &tcp(CLIENT, 40000, VIP, 80, SYN).build(),
+            &tcp(CLIENT, 40000, b(1), 8080, SYN)
+                .eth([0x02, 0, 0, 0, 0x0b, 0x01], [0x02, 0, 0, 0, 0x0b, 0x02])
+                .ttl(63)
+                .build(),
+        );
+        for _ in 0..3 {
+            send(&mut h, &fwd(40000, ACK), &routed(40000, ACK));
+            send(&mut h, &reply(40000), &replied(40000));
+        }
+        assert_eq!(new_flows(&mut h), 1);
+        let st = h.dp().writer().service_stats(&addr).unwrap();
+        assert_eq!(st.packets, 7, "every packet counted, cache hits too");
+        assert_eq!(reason(&mut h, "nat_forward"), 4);
+        assert_eq!(reason(&mut h, "nat_reverse"), 3);
+        assert_eq!(reason(&mut h, "fwd_redirect"), 7);
+
+        // Hits: with both entries gone, the cache still translates.
+        let rev = lb_common::FlowKey {
+            src_ip: u32::from_ne_bytes(b(1).octets()),
+            dst_ip: u32::from_ne_bytes(CLIENT.octets()),
+            src_port: 8080u16.to_be(),
+            dst_port: 40000u16.to_be(),
+            proto: 6,
+            _pad: [0; 3],
+        };
+        h.dp()
+            .writer()
+            .conntrack_map()
+            .remove(&vip_key(40000))
+            .unwrap();
+        h.dp().writer().conntrack_map().remove(&rev).unwrap();
+        send(&mut h, &fwd(40000, ACK), &routed(40000, ACK));
+        send(&mut h, &reply(40000), &replied(40000));
+        assert_eq!(new_flows(&mut h), 1, "served from the cache");
+
+        // Generation: after a map change by the agent, the full path again.
+        h.dp().writer().invalidate_flow_cache().unwrap();
+        let (rc, out) = h.run(Hook::Xdp, &reply(40000));
+        assert_eq!(rc, XDP_PASS, "no reverse entry: not translated");
+        assert_bytes_eq(&out, &reply(40000));
+        send(&mut h, &fwd(40000, ACK), &routed(40000, ACK));
+        assert_eq!(new_flows(&mut h), 2, "the full path saw no flow");
+        // ... also for a change of XDP_IFACES: d0 cannot take frames now.
+        send(&mut h, &fwd(40000, ACK), &routed(40000, ACK));
+        h.dp().writer().set_xdp_iface(d0, 0).unwrap();
+        let (rc, _) = h.run(Hook::Xdp, &fwd(40000, ACK));
+        assert_eq!(rc, XDP_PASS, "not redirected from a stale cache");
+        h.dp().writer().set_xdp_iface(d0, REDIRECT_TARGET).unwrap();
+
+        // FIN and RST take the full path: the flow closes once.
+        send(&mut h, &fwd(40000, ACK), &routed(40000, ACK));
+        send(&mut h, &fwd(40000, ACK), &routed(40000, ACK));
+        let active = |h: &mut Harness| h.dp().writer().backend_stats(&addr).unwrap()[0].active;
+        let open = active(&mut h);
+        send(&mut h, &fwd(40000, FIN | ACK), &routed(40000, FIN | ACK));
+        let ct = h
+            .dp()
+            .writer()
+            .conntrack_map()
+            .get(&vip_key(40000), 0)
+            .unwrap();
+        assert_eq!(ct.state, ct_state::CLOSING, "FIN seen");
+        assert_eq!(active(&mut h), open - 1, "closed");
+
+        // A flow still in state SYN is not cached: the client's first ACK
+        // (after a packet without one) establishes it.
+        send(
+            &mut h,
+            &tcp(CLIENT, 40001, VIP, 80, SYN).build(),
+            &tcp(CLIENT, 40001, b(1), 8080, SYN)
+                .eth([0x02, 0, 0, 0, 0x0b, 0x01], [0x02, 0, 0, 0, 0x0b, 0x02])
+                .ttl(63)
+                .build(),
+        );
+        send(&mut h, &fwd(40001, PSH), &routed(40001, PSH));
+        send(&mut h, &fwd(40001, ACK), &routed(40001, ACK));
+        let ct = h
+            .dp()
+            .writer()
+            .conntrack_map()
+            .get(&vip_key(40001), 0)
+            .unwrap();
+        assert_eq!(ct.state, ct_state::ESTABLISHED, "the ACK was seen");
+        let rst = tcp(CLIENT, 40001, VIP, 80, RST).build();
+        let (rc, _) = h.run(Hook::Xdp, &rst);
+        assert_eq!(rc, XDP_REDIRECT);
+        let ct = h
+            .dp()
+            .writer()
+            .conntrack_map()
+            .get(&vip_key(40001), 0)
+            .unwrap();
+        assert_eq!(ct.state, ct_state::CLOSING, "RST seen");
+
+        // Age: an entry is used for at most FLOW_CACHE_NS.
+        send(
+            &mut h,
+            &tcp(CLIENT, 40002, VIP, 80, SYN).build(),
+            &tcp(CLIENT, 40002, b(1), 8080, SYN)
+                .eth([0x02, 0, 0, 0, 0x0b, 0x01], [0x02, 0, 0, 0, 0x0b, 0x02])
+                .ttl(63)
+                .build(),
+        );
+        send(&mut h, &fwd(40002, ACK), &routed(40002, ACK));
+        let before = new_flows(&mut h);
+        h.dp()
+            .writer()
+            .conntrack_map()
+            .remove(&vip_key(40002))
+            .unwrap();
+        send(&mut h, &fwd(40002, ACK), &routed(40002, ACK));
+        assert_eq!(new_flows(&mut h), before, "still cached");
+        std::thread::sleep(std::time::Duration::from_nanos(
+            lb_common::FLOW_CACHE_NS + 100_000_000,
+        ));
+        send(&mut h, &fwd(40002, ACK), &routed(40002, ACK));
+        assert_eq!(
+            new_flows(&mut h),
+            before + 1,
+            "expired: the full path again"
+        );
+    })
+    .unwrap();
+}
+
+both_sets!(
+    xdp_failed_route_lookup_cached,
+    xdp_failed_route_lookup_cached_compat,
+    xdp_failed_route_lookup_cached_on
+);
+
+/// A flow whose backend has no route: the failed `bpf_fib_lookup` is
+/// remembered in the conntrack entry for `FIB_FAIL_NS` (`pass_fib_cached`),
+/// not repeated on every packet, and tried again after that.
+fn xdp_failed_route_lookup_cached_on(set: ProgramSet) {
+    if !rpclb_tests::lab::require() {
+        return;
+    }
+    let ns = fib_ns();
+    ns.run(|| {
+        let mut h = Harness::new(true, set);
+        // 10.244.99.2: no route in this namespace.
+        let nowhere = Ipv4Addr::new(10, 244, 99, 2);
+        let svc = service(
+            "demo/noroute:http",
+            VIP,
+            80,
+            Protocol::Tcp,
+            Algorithm::Maglev,
+            &[(nowhere, 8080)],
+        );
+        h.dp().writer().upsert_service(&svc).unwrap();
+        let count = |h: &mut Harness, name: &str| {
+            h.reasons()
+                .into_iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v)
+                .unwrap()
+        };
+        let translated = |flags: u8| tcp(CLIENT, 40000, nowhere, 8080, flags).build();
+        for (flags, fib, cached) in [(SYN, 1, 0), (ACK, 2, 0), (ACK, 2, 1), (ACK, 2, 2)] {
+            let (rc, out) = h.run(Hook::Xdp, &tcp(CLIENT, 40000, VIP, 80, flags).build());
+            assert_eq!(rc, XDP_PASS, "to the stack, translated");
+            assert_bytes_eq(&out, &translated(flags));
+            assert_eq!(
+                (count(&mut h, "pass_fib"), count(&mut h, "pass_fib_cached")),
+                (fib, cached),
+                "lookups and cached failures after a {flags:#x}"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_nanos(
+            lb_common::FIB_FAIL_NS + 50_000_000,
+        ));
+        let (rc, _) = h.run(Hook::Xdp, &tcp(CLIENT, 40000, VIP, 80, ACK).build());
+        assert_eq!(rc, XDP_PASS);
+        assert_eq!(count(&mut h, "pass_fib"), 3, "looked up again");
+    })
+    .unwrap();
+}

@@ -134,6 +134,47 @@ impl MapWriter {
         })
     }
 
+    /// Bumps the map generation (`CONFIG[FLOW_GEN]`): every entry of the
+    /// kernel's per-CPU flow cache written before is stale, and the flows'
+    /// next packets take the full path through the maps. Called after every
+    /// change of the maps (a packet that read the new generation then also
+    /// sees the change).
+    /// While the cache is off (generation 0), it stays off.
+    pub fn invalidate_flow_cache(&mut self) -> Result<(), DatapathError> {
+        let cur = self
+            .r
+            .config
+            .get(&config_idx::FLOW_GEN, 0)
+            .map_err(map_err(map_names::CONFIG))?;
+        if cur == 0 {
+            return Ok(());
+        }
+        self.set_flow_gen(cur.wrapping_add(1).max(1))
+    }
+
+    /// Turns the kernel's flow cache on (the default once the agent has
+    /// written its configuration) or off (generation 0; the benchmark's
+    /// comparison).
+    pub fn set_flow_cache(&mut self, on: bool) -> Result<(), DatapathError> {
+        let cur = self
+            .r
+            .config
+            .get(&config_idx::FLOW_GEN, 0)
+            .map_err(map_err(map_names::CONFIG))?;
+        match (on, cur) {
+            (true, 0) => self.set_flow_gen(1),
+            (true, _) => self.invalidate_flow_cache(),
+            (false, _) => self.set_flow_gen(0),
+        }
+    }
+
+    fn set_flow_gen(&mut self, v: u32) -> Result<(), DatapathError> {
+        self.r
+            .config
+            .set(config_idx::FLOW_GEN, v, 0)
+            .map_err(map_err(map_names::CONFIG))
+    }
+
     pub(crate) fn set_config(
         &mut self,
         fib_redirect: bool,
@@ -150,7 +191,7 @@ impl MapWriter {
                 .set(idx, v, 0)
                 .map_err(map_err(map_names::CONFIG))?;
         }
-        Ok(())
+        self.set_flow_cache(true)
     }
 
     /// Sets the `XDP_IFACES` flags of one interface (`lb_common::xdp_iface`).
@@ -163,7 +204,8 @@ impl MapWriter {
         self.r
             .xdp_ifaces
             .set(ifindex, flags, 0)
-            .map_err(map_err(map_names::XDP_IFACES))
+            .map_err(map_err(map_names::XDP_IFACES))?;
+        self.invalidate_flow_cache()
     }
 
     /// Makes `XDP_IFACES` hold exactly `want` (ifindex -> flags).
@@ -224,6 +266,13 @@ impl MapWriter {
 
     /// Creates or updates one service and its backend set.
     pub fn upsert_service(&mut self, svc: &Service) -> Result<u32, DatapathError> {
+        let r = self.upsert_service_inner(svc);
+        // Also after a failure half-way: some maps may have changed.
+        self.invalidate_flow_cache()?;
+        r
+    }
+
+    fn upsert_service_inner(&mut self, svc: &Service) -> Result<u32, DatapathError> {
         let addr = svc.addr();
         let invalid = |m: String| DatapathError::InvalidService(svc.name.clone(), m);
         svc.validate().map_err(|e| invalid(e.to_string()))?;
@@ -399,6 +448,12 @@ impl MapWriter {
     /// Removes a service: its entry first (new flows stop), then its table and
     /// backends. Established flows keep their conntrack entries.
     pub fn remove_service(&mut self, addr: &ServiceAddr) -> Result<bool, DatapathError> {
+        let r = self.remove_service_inner(addr);
+        self.invalidate_flow_cache()?;
+        r
+    }
+
+    fn remove_service_inner(&mut self, addr: &ServiceAddr) -> Result<bool, DatapathError> {
         let Some(st) = self.r.svcs.remove(addr) else {
             return Ok(false);
         };
@@ -477,7 +532,8 @@ impl MapWriter {
         })
     }
 
-    /// Direct access to the conntrack map (GC, tests).
+    /// Direct access to the conntrack map (GC, tests). Whoever changes it
+    /// calls [`Self::invalidate_flow_cache`] afterwards.
     pub fn conntrack_map(&mut self) -> &mut HashMap<MapData, FlowKey, CtValue> {
         &mut self.r.conntrack
     }

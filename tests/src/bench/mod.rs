@@ -103,7 +103,8 @@ pub struct Opts {
     /// `--lab-wrk`: the wrk and nginx part of the lab section (on, off, only).
     pub lab_wrk: String,
     /// `--profile CASE`: run only that live-frames case of section 1 for `profile_secs`, for
-    /// `perf record` (tx, established, reply), or plain runs of new flows (new).
+    /// `perf record` (tx, established, reply, floor, established-nocache,
+    /// reply-nocache), or plain runs of new flows (new).
     pub profile: Option<String>,
     pub profile_secs: f64,
     /// `--profile new`: how full (% of its flows) the map is kept.
@@ -190,8 +191,9 @@ options:
                        userspace; direct always runs)
   --lab-wrk on|off|only  the lab's wrk and nginx part (default on; skipped if either is
                        missing)
-  --profile CASE       only run one live-frames case of section 1 (tx, established, reply)
-                       in a loop, for `perf record -C <cpu>`; --profile-secs S (default 5);
+  --profile CASE       only run one live-frames case of section 1 (tx, established, reply,
+                       floor, established-nocache, reply-nocache) in a loop, for
+                       `perf record -C <cpu>`; --profile-secs S (default 5);
                        `new`: plain runs of SYNs of distinct flows into a default-size
                        map kept --profile-fill PCT full (default 0: --new-flows flows)
   -h, --help           this text
@@ -261,8 +263,20 @@ pub fn parse_args(args: &[String]) -> Result<Option<Opts>> {
             }
             "--profile" => {
                 let c = value()?;
-                if !["tx", "established", "reply", "new"].contains(&c) {
-                    bail!("--profile: tx, established, reply or new, not {c:?}");
+                if ![
+                    "tx",
+                    "established",
+                    "reply",
+                    "floor",
+                    "established-nocache",
+                    "reply-nocache",
+                    "new",
+                ]
+                .contains(&c)
+                {
+                    bail!(
+                        "--profile: tx, established, reply, floor, established-nocache, reply-nocache or new, not {c:?}"
+                    );
                 }
                 o.profile = Some(c.to_string());
                 sections.push(Section::Xdp);

@@ -1,0 +1,252 @@
+//! Per-CPU flow cache in front of the conntrack lookup (XDP, full program
+//! set only: see `ProgramSet::FLOW_CACHE`).
+//!
+//! An established flow's packet that was translated and redirected leaves
+//! what its successors need in a per-CPU slot picked by a hash of its flow
+//! key: the rewritten addresses and ports, the MACs, the egress interface,
+//! the counters' ids and the checksum changes summed in advance, so a hit is
+//! one rewrite and one add per checksum, without the LRU hash lookup.
+//!
+//! A slot is used only while it matches exactly what the full path would
+//! do:
+//! - younger than `FLOW_CACHE_NS`, counted from the route lookup it copies,
+//!   so the conntrack entry's last-seen and the route are refreshed as
+//!   often as without the cache;
+//! - of the current map generation (`CONFIG[FLOW_GEN]`), which the agent
+//!   bumps after every map change it makes (0: the cache is off);
+//! - TCP SYN, FIN and RST, fragments, TTL <= 1 and anything but a plain full
+//!   L4 checksum (a seed, or UDP without a checksum) take the full path,
+//!   which owns the TCP state, the fragment table and the checksum rules;
+//! - a forward entry still in state SYN is not cached, so the client's ACK
+//!   that establishes it goes through the full path.
+
+use lb_common::{
+    FLOW_CACHE_NS, FLOW_CACHE_SLOTS, FlowCacheEntry, FlowKey, config_idx, ct_dir, ct_state, proto,
+    reason,
+};
+
+use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
+use core::ffi::c_void;
+
+use crate::{
+    ctx::{Ctx, Verdict, Xdp, ptr_at},
+    maps::{FLOW_CACHE, config},
+    nat,
+    parse::{FRAG_NONE, Packet, TCP_FIN, TCP_RST, TCP_SYN},
+    set::ProgramSet,
+    stats,
+};
+
+const BITS: u32 = FLOW_CACHE_SLOTS.trailing_zeros();
+const _: () = assert!(FLOW_CACHE_SLOTS.is_power_of_two());
+
+#[inline(always)]
+fn words(k: &FlowKey) -> [u64; 2] {
+    // SAFETY: FlowKey is repr(C), 16 bytes, every bit pattern valid.
+    unsafe { core::mem::transmute::<FlowKey, [u64; 2]>(*k) }
+}
+
+#[inline(always)]
+fn slot(w: &[u64; 2]) -> u32 {
+    ((w[0] ^ w[1].rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - BITS)) as u32
+}
+
+/// The generation to check and write entries with (0 where no cache is used).
+#[inline(always)]
+pub fn generation<C: Ctx, S: ProgramSet>() -> u32 {
+    if C::FLOW_CACHE && S::FLOW_CACHE {
+        config(config_idx::FLOW_GEN)
+    } else {
+        0
+    }
+}
+
+/// Whether the packet may use or fill the cache (see the module docs).
+#[inline(always)]
+fn eligible(p: &Packet) -> bool {
+    p.frag == FRAG_NONE
+        && p.ttl > 1
+        && (p.proto != proto::TCP || p.flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0)
+}
+
+/// A hit: `p` translated and redirected as the cache says, counted as the
+/// full path counts it. `None`: the full path decides.
+#[inline(always)]
+pub fn hit<C: Ctx, S: ProgramSet>(ctx: &mut C, p: &Packet, key: &FlowKey, map_gen: u32, now: u64) -> Option<Verdict> {
+    if !C::FLOW_CACHE || !S::FLOW_CACHE || !eligible(p) {
+        return None;
+    }
+    // The raw context, not `ctx`: a pointer to `ctx` would need a stack
+    // slot in the main body.
+    let meta = (p.tot_len as u64) << 16 | (p.proto as u64) << 32;
+    match hit_out_of_line(ctx.raw(), key, map_gen, now, meta) {
+        0 => None,
+        ifindex => Some(Verdict::Redirect(ifindex)),
+    }
+}
+
+/// [`hit`]'s work, out of line: its own stack frame keeps the main body's
+/// within budget (lb-ebpf's deepest call chain is near the verifier's 512
+/// bytes). At most five arguments (BPF calls), none pointing at more of the
+/// main body's stack than the key it has anyway: `meta` is the packet's IPv4
+/// total length << 16 and protocol << 32; the verdict
+/// is the egress ifindex, 0 for a miss.
+#[inline(never)]
+fn hit_out_of_line(raw: *mut c_void, key: &FlowKey, map_gen: u32, now: u64, meta: u64) -> u32 {
+    let (tot_len, proto) = ((meta >> 16) as u16, (meta >> 32) as u8);
+    // From the protocol, not from `meta`: a packet offset of up to 65,535
+    // fails older verifiers ("R2 offset is outside of the packet", 5.10).
+    let l4_csum = if proto == proto::TCP {
+        crate::parse::L4_OFF + 16
+    } else {
+        crate::parse::L4_OFF + 6
+    };
+    let xdp = XdpContext::new(raw as *mut xdp_md);
+    let ctx = &mut Xdp(&xdp);
+    let w = words(key);
+    let Some(e) = FLOW_CACHE.get_ptr(slot(&w)) else {
+        return 0;
+    };
+    let e = unsafe { &*e };
+    if e.key[0] != w[0]
+        || e.key[1] != w[1]
+        || e.generation != map_gen
+        || now.wrapping_sub(e.since_ns) >= FLOW_CACHE_NS
+    {
+        return 0;
+    }
+    let udp = proto == proto::UDP;
+    if !nat::plainly_full(ctx, l4_csum, key.src_ip, key.dst_ip, proto, tot_len) || e.ifindex == 0 {
+        return 0;
+    }
+    if rewrite(ctx, l4_csum, udp, e).is_none() {
+        return 0;
+    }
+    stats::traffic(
+        e.svc_id,
+        e.backend_id,
+        tot_len as u64 + crate::parse::ETH_LEN as u64,
+        false,
+    );
+    stats::reason(e.nat_reason);
+    stats::reason(reason::FWD_REDIRECT);
+    e.ifindex
+}
+
+/// One's-complement sum of the change of a 32-bit field.
+#[inline(always)]
+fn delta4(old: u32, new: u32) -> u64 {
+    let o = !old;
+    (o & 0xffff) as u64 + (o >> 16) as u64 + (new & 0xffff) as u64 + (new >> 16) as u64
+}
+
+/// One's-complement sum of the change of a 16-bit field.
+#[inline(always)]
+fn delta2(old: u16, new: u16) -> u64 {
+    (!old) as u64 + new as u64
+}
+
+/// After the full path redirected `p` (now translated; `old` its key as it
+/// arrived) with the route of conntrack entry `ct`: remembers the rewrite
+/// for the flow's next packets.
+#[inline(always)]
+pub fn fill<C: Ctx, S: ProgramSet>(
+    ctx: &C,
+    old: &FlowKey,
+    p: &Packet,
+    ct: *const lb_common::CtValue,
+    verdict: Verdict,
+    map_gen: u32,
+) {
+    if !C::FLOW_CACHE || !S::FLOW_CACHE {
+        return;
+    }
+    let Verdict::Redirect(ifindex) = verdict else {
+        return;
+    };
+    // Generation 0: the cache is off. (Nothing is ever written with 0, so
+    // `hit` needs no test of its own.)
+    if map_gen == 0 || !eligible(p) || p.csum != nat::L4Csum::Full {
+        return;
+    }
+    fill_out_of_line(ctx, old, p, ct, ifindex as u64 | (map_gen as u64) << 32);
+}
+
+/// [`fill`]'s work, out of line (see [`hit_out_of_line`]); `ifindex_gen`:
+/// the egress ifindex, and the generation in the high half.
+#[inline(never)]
+fn fill_out_of_line<C: Ctx>(
+    ctx: &C,
+    old: &FlowKey,
+    p: &Packet,
+    ct: *const lb_common::CtValue,
+    ifindex_gen: u64,
+) {
+    let (ifindex, map_gen) = (ifindex_gen as u32, (ifindex_gen >> 32) as u32);
+    let c = unsafe { &*ct };
+    let nat_reason = if c.dir == ct_dir::REVERSE {
+        reason::NAT_REVERSE
+    } else {
+        reason::NAT_FORWARD
+    };
+    if nat_reason == reason::NAT_FORWARD && c.state == ct_state::SYN {
+        return;
+    }
+    let Some(eth) = ptr_at::<C, [u32; 3]>(ctx, 0) else {
+        return;
+    };
+    let w = words(old);
+    let Some(e) = FLOW_CACHE.get_ptr_mut(slot(&w)) else {
+        return;
+    };
+    let addrs = delta4(old.src_ip, p.saddr) + delta4(old.dst_ip, p.daddr);
+    // The TTL decrement: the 16-bit word TTL|protocol drops by 0x100 (as
+    // loaded, little endian: by 1), a change of !old + old - 1 = 0xfffe.
+    let ip_delta = nat::fold(addrs + 0xfffe);
+    let l4_delta = nat::fold(addrs + delta2(old.src_port, p.sport) + delta2(old.dst_port, p.dport));
+    // SAFETY: this CPU's slot; the program is not re-entered on one CPU
+    // while it runs.
+    unsafe {
+        let e = &mut *e;
+        e.key = w;
+        e.since_ns = c.fib_ns;
+        e.generation = map_gen;
+        e.ifindex = ifindex;
+        e.saddr = p.saddr;
+        e.daddr = p.daddr;
+        e.sport = p.sport;
+        e.dport = p.dport;
+        e.ip_delta = ip_delta;
+        e.l4_delta = l4_delta;
+        e.svc_id = c.svc_id;
+        e.backend_id = c.backend_id;
+        e.mac = [(*eth)[0], (*eth)[1], (*eth)[2]];
+        e.nat_reason = nat_reason;
+    }
+}
+
+/// The cached rewrite, on the bytes (XDP); every bound is checked before
+/// the first write.
+#[inline(always)]
+pub fn rewrite<C: Ctx>(ctx: &mut C, l4_csum: usize, udp: bool, e: &FlowCacheEntry) -> Option<()> {
+    use crate::parse::{IP_OFF, L4_OFF};
+    let eth: *mut u32 = ptr_at::<C, [u32; 3]>(ctx, 0)? as *mut u32;
+    let ttl: *mut u8 = ptr_at(ctx, IP_OFF + 8)?;
+    let ic: *mut u16 = ptr_at(ctx, IP_OFF + 10)?;
+    let addrs: *mut [u32; 2] = ptr_at(ctx, IP_OFF + 12)?;
+    let ports: *mut [u16; 2] = ptr_at(ctx, L4_OFF)?;
+    let lc: *mut u16 = ptr_at(ctx, l4_csum)?;
+    unsafe {
+        // Word by word: a 12-byte array copy becomes a call to a byte-wise
+        // `memmove` (about 11 ns a packet here).
+        core::ptr::write_volatile(eth, e.mac[0]);
+        core::ptr::write_volatile(eth.add(1), e.mac[1]);
+        core::ptr::write_volatile(eth.add(2), e.mac[2]);
+        *ttl -= 1;
+        *ic = !nat::fold((!*ic) as u64 + e.ip_delta as u64);
+        *addrs = [e.saddr, e.daddr];
+        *ports = [e.sport, e.dport];
+        *lc = nat::l4_fix(!nat::fold((!*lc) as u64 + e.l4_delta as u64), udp);
+    }
+    Some(())
+}
