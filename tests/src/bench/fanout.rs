@@ -26,7 +26,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -40,13 +40,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use lb_api::config::Timeouts;
 use lb_api::wire::{self, pb};
 use lb_controller::ClusterState;
-use lb_controller::grpc::{Agents, Publisher, StateService};
+use lb_controller::grpc::{Agents, Publisher};
 use lb_controller::watch::ClusterSnapshot;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{Opts, Table, check_stop, count, header, max, median, percentile, verdict};
+use super::{LocalWatch, Opts, Table, check_stop, count, header, max, median, percentile, verdict};
 use rpclb_tests::lab::Netns;
 
 const PER_SERVICE: u32 = 10;
@@ -651,26 +651,8 @@ fn run_scale(services: u32, agents: usize, changes: usize, resyncs: usize) -> Re
 async fn scale(services: u32, agents: usize, changes: usize, resyncs: usize) -> Result<ScaleRun> {
     let publisher = Arc::new(Publisher::new());
     let states = Arc::new(Agents::default());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let listener = tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-        .await
-        .context("bind")?;
-    let addr = listener.local_addr()?;
-    let svc = StateService::new(&publisher, states.clone())
-        .insecure()
-        .with_shutdown(stop_rx.clone())
-        .into_server();
-    let mut s2 = stop_rx.clone();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async move {
-                    let _ = s2.wait_for(|s| *s).await;
-                },
-            ),
-    );
+    let server = LocalWatch::start(&publisher, states.clone()).await?;
+    let addr = server.addr;
     let timeouts = Timeouts::default();
     let kube: Vec<Arc<KubeService>> = (0..services).map(|s| Arc::new(kube_service(s))).collect();
     let mut moved: HashMap<(u32, u32), u32> = HashMap::new();
@@ -780,8 +762,8 @@ async fn scale(services: u32, agents: usize, changes: usize, resyncs: usize) -> 
     for t in &tasks {
         t.abort();
     }
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    let _ = server.stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), server.task).await;
     Ok(ScaleRun {
         services,
         agents,

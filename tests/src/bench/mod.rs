@@ -555,3 +555,42 @@ pub fn bench_cpu() -> usize {
         .map(|n| n.get() - 1)
         .unwrap_or(0)
 }
+
+/// The controller's Watch service (plaintext) on a loopback port of the current namespace,
+/// as sections 5 and 8 run it in process.
+pub struct LocalWatch {
+    pub addr: std::net::SocketAddr,
+    /// `true` ends the service and its streams; `subscribe()` for other tasks to stop with it.
+    pub stop: tokio::sync::watch::Sender<bool>,
+    pub task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl LocalWatch {
+    pub async fn start(
+        publisher: &lb_controller::grpc::Publisher,
+        agents: std::sync::Arc<lb_controller::grpc::Agents>,
+    ) -> Result<LocalWatch> {
+        use anyhow::Context as _;
+        let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+            .await
+            .context("bind the controller's gRPC port")?;
+        let addr = listener.local_addr()?;
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let svc = lb_controller::grpc::StateService::new(publisher, agents)
+            .insecure()
+            .with_shutdown(stop_rx.clone())
+            .into_server();
+        let mut s2 = stop_rx;
+        let task = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move {
+                        let _ = s2.wait_for(|s| *s).await;
+                    },
+                ),
+        );
+        Ok(LocalWatch { addr, stop, task })
+    }
+}

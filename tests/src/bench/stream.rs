@@ -13,7 +13,7 @@
 //! read back and must hold the last change.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,10 +23,10 @@ use lb_agent::datapath::writer::MapWriter;
 use lb_agent::stream::{self, StreamOptions, StreamStatus, Update};
 use lb_api::wire::NodeState;
 use lb_api::{Algorithm, Backend, DesiredState, Protocol, Service};
-use lb_controller::grpc::{Agents, Publisher, StateService};
-use tokio::sync::{mpsc, watch};
+use lb_controller::grpc::{Agents, Publisher};
+use tokio::sync::mpsc;
 
-use super::{Opts, Table, check_stop, count, header, median, percentile, verdict};
+use super::{LocalWatch, Opts, Table, check_stop, count, header, median, percentile, verdict};
 use rpclb_tests::lab::Netns;
 
 const NODE: &str = "bench-node";
@@ -158,33 +158,14 @@ async fn drive(
 ) -> Result<(Vec<f64>, Last)> {
     let publisher = Publisher::new();
     let agents = Arc::new(Agents::default());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let listener = tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-        .await
-        .context("bind the controller's gRPC port")?;
-    let addr = listener.local_addr()?;
     // Plaintext: this measures the controller's diff, the hop and the writes, not TLS.
-    let svc = StateService::new(&publisher, agents.clone())
-        .insecure()
-        .with_shutdown(stop_rx.clone())
-        .into_server();
-    let mut s2 = stop_rx.clone();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async move {
-                    let _ = s2.wait_for(|s| *s).await;
-                },
-            ),
-    );
+    let server = LocalWatch::start(&publisher, agents.clone()).await?;
     let status = Arc::new(StreamStatus::default());
     let client = tokio::spawn(stream::follow(
-        StreamOptions::new(format!("http://{addr}"), NODE),
+        StreamOptions::new(format!("http://{}", server.addr), NODE),
         up_tx,
         status,
-        stop_rx,
+        server.stop.subscribe(),
     ));
 
     let mut state = initial(services);
@@ -206,9 +187,9 @@ async fn drive(
         wait_ack(&agents, v, Duration::from_secs(5)).await?;
         lat.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let _ = stop_tx.send(true);
+    let _ = server.stop.send(true);
     let _ = client.await;
-    let _ = server.await;
+    let _ = server.task.await;
     Ok((lat, last.context("no changes made")?))
 }
 
