@@ -465,9 +465,10 @@ fn agent_half_written_config_never_takes_effect() {
     // Rewritten in place by a slow writer: the cut file (the last backend
     // missing) stands for 0.7 s, less than the 1 s between two polls, and
     // is caught by about 7 polls in 10. Each whole file differs from the
-    // last, so each round is exactly one reload.
+    // last, so each round is exactly one reload. The last round is
+    // round-robin: 9 random picks miss one of 3 backends 8% of the time.
     let mut reloads = 0.0;
-    for (round, algo) in ["random", "round-robin", "random", "round-robin", "random"]
+    for (round, algo) in ["random", "round-robin", "random", "round-robin"]
         .into_iter()
         .enumerate()
     {
