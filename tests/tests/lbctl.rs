@@ -641,3 +641,66 @@ fn the_reader_sees_everything_and_cannot_write() {
         .expect_err("a read-only fd must not write");
     assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
 }
+
+/// `lbctl conntrack` shows the source port the backend sees when the kernel
+/// rewrote the client's (a reverse-conntrack collision: one client ip:port
+/// reaching two VIPs that share a backend). Before, the row showed only the
+/// client's own port, so the backend's view of the flow could not be found.
+#[test]
+fn conntrack_shows_a_rewritten_client_port() {
+    if !can_run() {
+        return;
+    }
+    let mut h = Harness::new();
+    let vip2 = Ipv4Addr::new(10, 96, 0, 11);
+    for (name, vip) in [("demo/a:http", VIP), ("demo/b:http", vip2)] {
+        let svc = Service {
+            name: name.into(),
+            vip,
+            port: 80,
+            protocol: Protocol::Tcp,
+            algorithm: Algorithm::Maglev,
+            affinity_timeout: None,
+            maglev_table_size: None,
+            grpc: None,
+            backends: vec![Backend::new(b(1), 8080)],
+        };
+        h.w().upsert_service(&svc).unwrap();
+    }
+    h.run(&frame(6, CLIENT, 45_000, VIP, 80, SYN));
+    h.run(&frame(6, CLIENT, 45_000, vip2, 80, SYN));
+    let want = h.w().conntrack().unwrap();
+    let sees = |vip: Ipv4Addr| {
+        want.iter()
+            .find(|e| e.vip == (vip, 80))
+            .unwrap()
+            .backend_sees
+    };
+    assert_eq!(sees(VIP), None);
+    let port = sees(vip2).expect("the second flow's port was rewritten");
+    assert_ne!(port, 45_000);
+
+    let pin = h.0.dir().to_path_buf();
+    let j = lbctl_json(&pin, &["conntrack"]);
+    let by_vip = |vip: Ipv4Addr| {
+        j.as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["vip"] == format!("{vip}:80"))
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_vip(VIP)["backend_sees_port"], Value::Null);
+    assert_eq!(by_vip(vip2)["backend_sees_port"], port);
+    assert_eq!(by_vip(vip2)["client"], format!("{CLIENT}:45000"));
+
+    let t = lbctl(&pin, &["conntrack"]);
+    let r = rows_with(&t, "demo/b:http");
+    assert_eq!(r.len(), 1, "{t}");
+    assert!(
+        r[0].starts_with(&format!("{CLIENT}:45000 (as :{port})")),
+        "{t}"
+    );
+    let r = rows_with(&t, "demo/a:http");
+    assert!(!r[0].contains("(as"), "{t}");
+}

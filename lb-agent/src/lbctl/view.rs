@@ -240,6 +240,9 @@ pub fn backends_table(rows: &[BackendRow]) -> String {
 #[derive(Clone, Debug, Serialize)]
 pub struct FlowRow {
     pub client: String,
+    /// The source port the backend sees when the kernel rewrote the
+    /// client's (a reverse-conntrack collision); null otherwise.
+    pub backend_sees_port: Option<u16>,
     pub service: String,
     pub vip: String,
     pub backend: String,
@@ -323,6 +326,7 @@ pub fn conntrack(w: &MapReader, f: &FlowFilter) -> Result<(Vec<FlowRow>, u64)> {
             client,
             FlowRow {
                 client: format!("{}:{}", client.0, client.1),
+                backend_sees_port: (v.client_port != 0).then(|| u16::from_be(v.client_port)),
                 service,
                 vip: format!("{}:{}", vip.vip, vip.port),
                 backend: format!("{}:{}", backend.0, backend.1),
@@ -358,8 +362,12 @@ pub fn conntrack_table(rows: &[FlowRow], total: usize, entries: u64, capacity: u
         right("IDLE"),
     ]);
     for r in rows {
+        let client = match r.backend_sees_port {
+            Some(p) => format!("{} (as :{p})", r.client),
+            None => r.client.clone(),
+        };
         t.row(vec![
-            r.client.clone(),
+            client,
             r.service.clone(),
             r.backend.clone(),
             r.protocol.to_string(),
