@@ -31,6 +31,26 @@ pub struct ProxyOptions {
     /// Add and remove the VIPs' local routes. Turn off only when something
     /// else makes the VIPs local.
     pub manage_routes: bool,
+    /// gRPC mode: HTTP/2 connections per backend at most. More than one is
+    /// opened only when the open ones have no free stream (the backend's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS); at the bound, calls queue for a
+    /// stream on the least busy connection.
+    pub grpc_max_connections: usize,
+    /// gRPC mode: a backend connection with no call for this long closes
+    /// (zero: never).
+    pub grpc_idle_timeout: Duration,
+    /// gRPC mode: a backend connection that received nothing for this long
+    /// is PINGed (gRFC A8; zero: no PINGs)...
+    pub grpc_keepalive_interval: Duration,
+    /// ... and closed, failing its calls, when the PING is not answered in
+    /// this time.
+    pub grpc_keepalive_timeout: Duration,
+    /// gRPC mode: transparent retries of one call (gRFC A6) that a backend
+    /// did not process (REFUSED_STREAM, or above a GOAWAY's last stream).
+    pub grpc_transparent_retries: u32,
+    /// gRPC mode: on a drain (service removed, agent stopping), calls in
+    /// flight get this long to finish after the client connections' GOAWAY.
+    pub grpc_drain_timeout: Duration,
 }
 
 impl Default for ProxyOptions {
@@ -53,6 +73,12 @@ impl ProxyOptions {
             per_thread_runtimes: false,
             listen_backlog: 1024,
             manage_routes: true,
+            grpc_max_connections: 16,
+            grpc_idle_timeout: Duration::from_secs(300),
+            grpc_keepalive_interval: Duration::from_secs(20),
+            grpc_keepalive_timeout: Duration::from_secs(10),
+            grpc_transparent_retries: 3,
+            grpc_drain_timeout: Duration::from_secs(30),
         }
     }
 }

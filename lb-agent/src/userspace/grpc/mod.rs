@@ -52,6 +52,7 @@
 
 mod balance;
 mod body;
+mod frames;
 mod headers;
 mod pool;
 mod status;
@@ -82,7 +83,7 @@ use crate::userspace::stats::DropReason;
 use crate::userspace::tasks::{HandoverCtx, accept_loop};
 use balance::CallLease;
 use body::{ActiveCall, CallBody, DownBody, UpBody};
-use pool::ConnectError;
+use pool::{ConnectError, PoolOptions, Slot};
 use status::{Code, http_error, trailers_only};
 
 use pool::Pool;
@@ -286,10 +287,10 @@ async fn handle(
         None => call.await,
     };
     match res {
-        Ok((resp, lease)) => {
+        Ok((resp, lease, slot)) => {
             let (mut parts, body) = resp.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers);
-            let body = CallBody::new(body, deadline, lease, active, over);
+            let body = CallBody::new(body, deadline, lease, active, over, slot);
             Response::from_parts(parts, DownBody::Call(Box::new(body)))
         }
         Err(f) => {
@@ -355,32 +356,54 @@ enum Failure {
     Backend(SocketAddrV4, hyper::Error),
 }
 
-/// Sends the call to a backend, retrying on another while nothing was sent;
-/// the backend's response headers and the call's lease.
+/// Whether a backend failed a call without processing it, so that it may
+/// be sent again (gRFC A6): the stream was refused (RST_STREAM
+/// REFUSED_STREAM), or it was above the last stream of a graceful GOAWAY
+/// (h2 fails exactly those streams with the GOAWAY's NO_ERROR).
+fn unprocessed(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<h2::Error>() {
+            return h.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h.is_go_away() && h.is_remote() && h.reason() == Some(h2::Reason::NO_ERROR));
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// Sends the call to a backend, retrying on another while nothing was sent
+/// and, up to `grpc_transparent_retries` times, when a backend did not
+/// process it; the backend's response headers, the call's lease and stream.
 async fn forward(
     svc: &Arc<ServiceShared>,
     pools: &Pools,
     opts: &ProxyOptions,
     mut req: Request<UpBody>,
     deadline: Option<Instant>,
-) -> Result<(Response<Incoming>, CallLease), Failure> {
+) -> Result<(Response<Incoming>, CallLease, Slot), Failure> {
+    let pool_opts = PoolOptions::from(opts);
     let mut tried: Vec<BackendKey> = Vec::new();
     let mut failure = None;
-    for _ in 0..opts.connect_attempts.max(1) {
+    let mut attempts = opts.connect_attempts.max(1);
+    let mut retries = opts.grpc_transparent_retries;
+    while attempts > 0 {
+        attempts -= 1;
+        // A transparent retry may go to the same backend (another connection).
         let Some(lease) = balance::pick(svc, &tried) else {
             break;
         };
         let be = lease.backend().clone();
-        tried.push(be.key());
-        let mut sender = match pools
-            .of(be.key())
-            .get(be.addr(), &be.counters, opts.connect_timeout)
-            .await
+        let (mut sender, slot) = match pools.of(be.key()).get(be.addr(), &be.counters, &pool_opts).await
         {
             Ok(s) => s,
             // Drained since the pick: not a failure, try another.
-            Err(ConnectError::Draining) => continue,
+            Err(ConnectError::Draining) => {
+                tried.push(be.key());
+                continue;
+            }
             Err(e) => {
+                tried.push(be.key());
                 debug!(backend = %be.addr(), "gRPC backend: {e}");
                 svc.counters.connect_failed(&be.counters);
                 let reason = match e {
@@ -400,23 +423,59 @@ async fn forward(
                 req.headers_mut().insert(timeout::GRPC_TIMEOUT, v);
             }
         }
+        // The head, kept for a transparent retry; the body keeps itself.
+        let again = (retries > 0).then(|| {
+            let mut b = Request::builder()
+                .method(req.method().clone())
+                .uri(req.uri().clone())
+                .version(req.version());
+            if let Some(h) = b.headers_mut() {
+                *h = req.headers().clone();
+            }
+            (b, req.body().replay())
+        });
         req.body_mut().send_to(be.counters.clone());
         be.counters.requests.fetch_add(1, Relaxed);
-        match sender.try_send_request(req).await {
-            Ok(resp) => return Ok((resp, lease)),
-            Err(mut e) => match e.take_message() {
-                // Not sent: the connection had closed. Another backend.
-                Some(back) => {
-                    be.counters.requests.fetch_sub(1, Relaxed);
-                    svc.counters.connect_failed(&be.counters);
-                    debug!(backend = %be.addr(), "gRPC backend connection closed before the call was sent: {}", e.error());
-                    let err = ConnectError::Connect(e.into_error().to_string());
-                    failure = Some(Failure::Connect(DropReason::ConnectFailed, err));
-                    req = back;
-                }
-                None => return Err(Failure::Backend(be.addr(), e.into_error())),
-            },
+        let e = match sender.try_send_request(req).await {
+            Ok(resp) => return Ok((resp, lease, slot)),
+            Err(e) => e,
+        };
+        // The backend did not take the call.
+        be.counters.requests.fetch_sub(1, Relaxed);
+        let mut e = e;
+        if let Some(back) = e.take_message() {
+            // Not sent: the connection closed or went away first.
+            req = back;
+            if slot.went_away() && retries > 0 {
+                // Not the backend's failure: another connection.
+                retries -= 1;
+                attempts += 1;
+                be.counters.transparent_retries.fetch_add(1, Relaxed);
+                continue;
+            }
+            tried.push(be.key());
+            svc.counters.connect_failed(&be.counters);
+            debug!(backend = %be.addr(), "gRPC backend connection closed before the call was sent: {}", e.error());
+            let err = ConnectError::Connect(e.into_error().to_string());
+            failure = Some(Failure::Connect(DropReason::ConnectFailed, err));
+            continue;
         }
+        let err = e.into_error();
+        if unprocessed(&err)
+            && let Some((head, replay)) = again
+            && let Some(body) = replay.retry()
+            && let Ok(r) = head.body(body)
+        {
+            // gRFC A6 transparent retry: the backend did not process it.
+            debug!(backend = %be.addr(), "gRPC call not processed by the backend ({err}); sending it again");
+            retries -= 1;
+            attempts += 1;
+            be.counters.transparent_retries.fetch_add(1, Relaxed);
+            req = r;
+            continue;
+        }
+        be.counters.requests.fetch_add(1, Relaxed);
+        return Err(Failure::Backend(be.addr(), err));
     }
     Err(failure.unwrap_or(Failure::NoBackend))
 }
