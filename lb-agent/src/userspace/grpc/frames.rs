@@ -169,7 +169,12 @@ mod tests {
         wire.extend(frame(0x1, 0x4, 1, &[0, 0, 0, 7, 0, 0, 0, 0, 0]));
         wire.extend(frame(0x0, 0x1, 1, &[7; 300]));
         // GOAWAY: last stream 5, NO_ERROR, with debug data.
-        wire.extend(frame(GOAWAY, 0, 0, &[0, 0, 0, 5, 0, 0, 0, 0, b'b', b'y', b'e']));
+        wire.extend(frame(
+            GOAWAY,
+            0,
+            0,
+            &[0, 0, 0, 5, 0, 0, 0, 0, b'b', b'y', b'e'],
+        ));
         wire.extend(frame(0x6, 0, 0, &[1; 8]));
         let want = vec![
             Event::Settings {

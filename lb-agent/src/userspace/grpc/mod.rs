@@ -394,7 +394,10 @@ async fn forward(
             break;
         };
         let be = lease.backend().clone();
-        let (mut sender, slot) = match pools.of(be.key()).get(be.addr(), &be.counters, &pool_opts).await
+        let (mut sender, slot) = match pools
+            .of(be.key())
+            .get(be.addr(), &be.counters, &pool_opts)
+            .await
         {
             Ok(s) => s,
             // Drained since the pick: not a failure, try another.

@@ -130,7 +130,12 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 impl State {
     /// A stream on the first connection with one free; with `at_bound`, on
     /// the least busy one when none is free.
-    fn take(&mut self, shared: &Shared, addr: SocketAddrV4, at_bound: bool) -> Option<(Sender, Slot)> {
+    fn take(
+        &mut self,
+        shared: &Shared,
+        addr: SocketAddrV4,
+        at_bound: bool,
+    ) -> Option<(Sender, Slot)> {
         self.conns.retain(|e| {
             let keep = e.usable();
             if !keep {
@@ -138,10 +143,18 @@ impl State {
             }
             keep
         });
-        let i = self.conns.iter().position(Entry::has_free_stream).or_else(|| {
-            let least = self.conns.iter().enumerate().min_by_key(|(_, e)| e.in_flight);
-            least.filter(|_| at_bound).map(|(i, _)| i)
-        })?;
+        let i = self
+            .conns
+            .iter()
+            .position(Entry::has_free_stream)
+            .or_else(|| {
+                let least = self
+                    .conns
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, e)| e.in_flight);
+                least.filter(|_| at_bound).map(|(i, _)| i)
+            })?;
         let e = &mut self.conns[i];
         e.in_flight += 1;
         let slot = Slot {
