@@ -1060,3 +1060,55 @@ fn grpc_backend_killed_mid_run() {
     assert_eq!(s.new_connections, 1, "one client connection");
     p.shutdown().unwrap();
 }
+
+/// The proxy drains (agent shutdown): its client connections get GOAWAY, a
+/// call in flight completes, a new connection is refused, and the shutdown
+/// ends when the call does (not at the drain timeout).
+#[test]
+fn grpc_proxy_drain_lets_calls_in_flight_finish() {
+    skip_unless_lab!();
+    let lab = Lab::new(1).expect("lab");
+    let be = Backends::start(&lab);
+    let drain = Duration::from_secs(8);
+    let p = proxy_with(&lab, |o| o.grpc_drain_timeout = drain);
+    let svc = grpc_service(backends(&lab), policy(Duration::from_secs(30)));
+    p.apply(&state(&svc)).unwrap();
+
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (held, refused, shutdown_took) = std::thread::scope(|sc| {
+        let (be, lab) = (&be, &lab);
+        let client = sc.spawn(move || {
+            in_client(lab, || async move {
+                let mut c = channel().await;
+                let call = tokio::spawn(async move { unary(&mut c, &[(HOLD, "1")]).await });
+                assert!(eventually(|| !be.log().is_empty()).await, "held call");
+                tx.send(()).unwrap();
+                call.await.unwrap()
+            })
+        });
+        rx.recv_timeout(CALL).expect("held call started");
+        let t0 = Instant::now();
+        let stopper = sc.spawn(move || p.shutdown());
+        // Draining: new connections are refused.
+        std::thread::sleep(Duration::from_millis(300));
+        let refused = lab
+            .client()
+            .ns
+            .run(|| TcpStream::connect_timeout(&SocketAddrV4::new(VIP, PORT).into(), CALL))
+            .unwrap();
+        // The held call is still on: release it, it completes.
+        assert!(!stopper.is_finished(), "shutdown waits for the call");
+        be.journal.release();
+        let held = client.join().expect("client");
+        stopper.join().expect("stopper").expect("shutdown");
+        (held, refused, t0.elapsed())
+    });
+    let r = held.expect("the call in flight completes");
+    assert_eq!(r.served_by, "backend-1");
+    let e = refused.expect_err("new connection refused while draining");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    assert!(
+        shutdown_took < drain,
+        "ended with the call: {shutdown_took:?}"
+    );
+}

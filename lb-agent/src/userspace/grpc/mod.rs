@@ -80,7 +80,7 @@ use tracing::debug;
 use crate::userspace::options::ProxyOptions;
 use crate::userspace::select::{BackendKey, ServiceShared, random_u64};
 use crate::userspace::stats::DropReason;
-use crate::userspace::tasks::{HandoverCtx, accept_loop};
+use crate::userspace::tasks::{HandoverCtx, accept_loop, stop_requested};
 use balance::CallLease;
 use body::{ActiveCall, CallBody, DownBody, UpBody};
 use pool::{ConnectError, PoolOptions, Slot};
@@ -151,6 +151,8 @@ pub(crate) async fn serve(
 ) {
     let server = Arc::new(server());
     // On a handover, the listener goes on; open HTTP/2 connections close.
+    // On a stop, they get GOAWAY and `grpc_drain_timeout` to finish.
+    let drain = stop.clone();
     accept_loop(
         &svc.clone(),
         listener,
@@ -158,6 +160,7 @@ pub(crate) async fn serve(
         ho,
         false,
         Vec::new(),
+        opts.grpc_drain_timeout,
         |stream, peer| {
             connection(
                 svc.clone(),
@@ -166,6 +169,7 @@ pub(crate) async fn serve(
                 stream,
                 peer,
                 opts.clone(),
+                drain.clone(),
             )
         },
     )
@@ -196,6 +200,7 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddrV4,
     opts: Arc<ProxyOptions>,
+    mut drain: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let _open = ClientConn::new(svc.clone());
@@ -206,7 +211,21 @@ async fn connection(
             async move { Ok::<_, Infallible>(handle(svc, &pools, opts, req).await) }
         })
     };
-    if let Err(e) = server.serve_connection(TokioIo::new(stream), handler).await {
+    let conn = server.serve_connection(TokioIo::new(stream), handler);
+    tokio::pin!(conn);
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stop_requested(&mut drain) => {
+            // GOAWAY in two steps (gRFC A9; h2's graceful shutdown): the
+            // largest stream id and a PING, then, once the PING is
+            // answered, the last stream taken. Calls in flight go on; the
+            // connection closes when they are done.
+            debug!(%peer, service = %svc.addr, "gRPC client connection: draining");
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = r {
         debug!(%peer, service = %svc.addr, "gRPC client connection ended: {e}");
     }
 }
