@@ -1001,6 +1001,15 @@ fn grpc_goaway_every_second_fails_no_call() {
     assert!(opened >= 3 + goaways.min(3), "connections replaced: {s:?}");
     assert_eq!(s.total_drops(), 0);
     assert_eq!(s.new_connections, 1, "one client connection");
+    // The same counts as /metrics exports them.
+    let snap = datapath_snapshot(&p.stats());
+    let g: Vec<_> = snap.services[0]
+        .backends
+        .iter()
+        .map(|b| b.grpc.expect("gRPC counts"))
+        .collect();
+    assert_eq!(g.iter().map(|g| g.goaways).sum::<u64>(), goaways);
+    assert_eq!(g.iter().map(|g| g.connections_opened).sum::<u64>(), opened);
     p.shutdown().unwrap();
 }
 

@@ -89,7 +89,7 @@ use tracing::{debug, error, info, warn};
 
 use handover::{Handed, Inherited};
 use l4::{tcp, udp};
-pub use options::ProxyOptions;
+pub use options::{GrpcOptions, ProxyOptions};
 use route::RouteSocket;
 use select::{BackendEntry, BackendKey, Selector, ServiceShared};
 use tasks::{HandoverCtx, Workers};
@@ -637,9 +637,12 @@ impl Inner {
             // even a FIN) once its route is gone.
             let _ = r.stop.send(true);
             let mut task = r.task;
-            // A gRPC service's calls in flight get their drain time first.
-            let wait = SHUTDOWN_WAIT + self.drain_time(&r.spec);
-            if tokio::time::timeout(wait, &mut task).await.is_err() {
+            // A gRPC service's calls in flight get up to SHUTDOWN_WAIT of
+            // their drain time here (apply must not wait longer); then cut.
+            if tokio::time::timeout(SHUTDOWN_WAIT, &mut task)
+                .await
+                .is_err()
+            {
                 warn!(service = %r.spec.name, "service task did not stop in time");
                 task.abort();
                 // Its sockets close when the aborted task is dropped: wait

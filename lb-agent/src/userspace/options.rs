@@ -48,8 +48,9 @@ pub struct ProxyOptions {
     /// gRPC mode: transparent retries of one call (gRFC A6) that a backend
     /// did not process (REFUSED_STREAM, or above a GOAWAY's last stream).
     pub grpc_transparent_retries: u32,
-    /// gRPC mode: on a drain (service removed, agent stopping), calls in
-    /// flight get this long to finish after the client connections' GOAWAY.
+    /// gRPC mode: when the proxy shuts down, calls in flight get this long
+    /// to finish after the client connections' GOAWAY; when a service is
+    /// removed, at most 5 s of it (an apply waits no longer).
     pub grpc_drain_timeout: Duration,
 }
 
@@ -59,7 +60,46 @@ impl Default for ProxyOptions {
     }
 }
 
+/// The gRPC mode's settings that the agent takes as flags (the
+/// `grpc_*` fields of [`ProxyOptions`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrpcOptions {
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    pub transparent_retries: u32,
+    pub drain_timeout: Duration,
+}
+
+impl Default for GrpcOptions {
+    fn default() -> Self {
+        let o = ProxyOptions::default();
+        GrpcOptions {
+            max_connections: o.grpc_max_connections,
+            idle_timeout: o.grpc_idle_timeout,
+            keepalive_interval: o.grpc_keepalive_interval,
+            keepalive_timeout: o.grpc_keepalive_timeout,
+            transparent_retries: o.grpc_transparent_retries,
+            drain_timeout: o.grpc_drain_timeout,
+        }
+    }
+}
+
 impl ProxyOptions {
+    /// These options with the gRPC mode's settings of `g`.
+    pub fn with_grpc(self, g: &GrpcOptions) -> Self {
+        ProxyOptions {
+            grpc_max_connections: g.max_connections.max(1),
+            grpc_idle_timeout: g.idle_timeout,
+            grpc_keepalive_interval: g.keepalive_interval,
+            grpc_keepalive_timeout: g.keepalive_timeout,
+            grpc_transparent_retries: g.transparent_retries,
+            grpc_drain_timeout: g.drain_timeout,
+            ..self
+        }
+    }
+
     /// Defaults, with the idle timeouts of `t` (established TCP and UDP).
     pub fn with_timeouts(t: &Timeouts) -> Self {
         ProxyOptions {
@@ -78,7 +118,7 @@ impl ProxyOptions {
             grpc_keepalive_interval: Duration::from_secs(20),
             grpc_keepalive_timeout: Duration::from_secs(10),
             grpc_transparent_retries: 3,
-            grpc_drain_timeout: Duration::from_secs(30),
+            grpc_drain_timeout: Duration::from_secs(20),
         }
     }
 }
