@@ -1121,3 +1121,107 @@ fn grpc_proxy_drain_lets_calls_in_flight_finish() {
         "ended with the call: {shutdown_took:?}"
     );
 }
+
+/// A raw HTTP/2 backend (h2's server) in `ns` on BACKEND_PORT: it refuses
+/// (RST_STREAM REFUSED_STREAM, unprocessed) the first stream of each
+/// `x-test-header` value and answers the next one with a SimpleResponse
+/// from `refuser`. Returns how many it refused; stops when `stop` drops.
+fn refusing_backend(
+    ns: &rpclb_tests::lab::Netns,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> std::thread::JoinHandle<u64> {
+    use prost::Message;
+    ns.spawn("grpc-refuser", move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, BACKEND_PORT))
+                .await
+                .expect("bind");
+            let seen = Arc::new(std::sync::Mutex::new(HashSet::<String>::new()));
+            let refused = Arc::new(AtomicU64::new(0));
+            let serve = async {
+                loop {
+                    let Ok((s, _)) = l.accept().await else { continue };
+                    let (seen, refused) = (seen.clone(), refused.clone());
+                    tokio::spawn(async move {
+                        let Ok(mut conn) = h2::server::handshake(s).await else { return };
+                        while let Some(Ok((req, mut respond))) = conn.accept().await {
+                            let tag = req
+                                .headers()
+                                .get(TEST_HEADER)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or_default()
+                                .to_string();
+                            if seen.lock().unwrap().insert(tag.clone()) {
+                                refused.fetch_add(1, Relaxed);
+                                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                                continue;
+                            }
+                            tokio::spawn(async move {
+                                let mut body = req.into_body();
+                                while let Some(Ok(d)) = body.data().await {
+                                    let _ = body.flow_control().release_capacity(d.len());
+                                }
+                                let msg = SimpleResponse {
+                                    served_by: "refuser".into(),
+                                    test_header: tag,
+                                    ..SimpleResponse::default()
+                                }
+                                .encode_to_vec();
+                                let mut framed = vec![0u8];
+                                framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+                                framed.extend_from_slice(&msg);
+                                let head = tonic::codegen::http::Response::builder()
+                                    .header("content-type", "application/grpc")
+                                    .body(())
+                                    .unwrap();
+                                let Ok(mut send) = respond.send_response(head, false) else { return };
+                                let _ = send.send_data(framed.into(), false);
+                                let mut t = HeaderMap::new();
+                                t.insert("grpc-status", "0".parse().unwrap());
+                                let _ = send.send_trailers(t);
+                            });
+                        }
+                    });
+                }
+            };
+            tokio::select! {
+                () = serve => {}
+                _ = stop => {}
+            }
+            refused.load(Relaxed)
+        })
+    })
+    .expect("refusing backend")
+}
+
+/// A backend that refuses the first attempt of every call (REFUSED_STREAM:
+/// not processed): the proxy sends each again (gRFC A6 transparent retry)
+/// and every call succeeds; each retry is counted. Without the retry, every
+/// call failed with UNAVAILABLE.
+#[test]
+fn grpc_refused_streams_are_retried_transparently() {
+    skip_unless_lab!();
+    let lab = Lab::new(1).expect("lab");
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let server = refusing_backend(&lab.backend(1).ns, stopped);
+    let p = proxy(&lab);
+    let svc = grpc_service(backends(&lab), policy(Duration::from_secs(30)));
+    p.apply(&state(&svc)).unwrap();
+
+    const N: usize = 50;
+    let served = in_client(&lab, || async { many_calls(&channel().await, N, 5).await });
+    assert!(served.iter().all(|b| b == "refuser"), "{served:?}");
+    drop(stop);
+    let refused = server.join().expect("refusing backend");
+    assert_eq!(refused, N as u64, "every call refused once");
+    let s = settled(&p, |s| s.active_requests == 0);
+    let b = &s.backends[0];
+    assert_eq!(b.transparent_retries, N as u64, "{b:?}");
+    assert_eq!(b.requests, N as u64, "processed calls only: {b:?}");
+    assert_eq!(s.total_drops(), 0);
+    p.shutdown().unwrap();
+}
