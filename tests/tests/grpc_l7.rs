@@ -1144,10 +1144,14 @@ fn refusing_backend(
             let refused = Arc::new(AtomicU64::new(0));
             let serve = async {
                 loop {
-                    let Ok((s, _)) = l.accept().await else { continue };
+                    let Ok((s, _)) = l.accept().await else {
+                        continue;
+                    };
                     let (seen, refused) = (seen.clone(), refused.clone());
                     tokio::spawn(async move {
-                        let Ok(mut conn) = h2::server::handshake(s).await else { return };
+                        let Ok(mut conn) = h2::server::handshake(s).await else {
+                            return;
+                        };
                         while let Some(Ok((req, mut respond))) = conn.accept().await {
                             let tag = req
                                 .headers()
@@ -1178,7 +1182,9 @@ fn refusing_backend(
                                     .header("content-type", "application/grpc")
                                     .body(())
                                     .unwrap();
-                                let Ok(mut send) = respond.send_response(head, false) else { return };
+                                let Ok(mut send) = respond.send_response(head, false) else {
+                                    return;
+                                };
                                 let _ = send.send_data(framed.into(), false);
                                 let mut t = HeaderMap::new();
                                 t.insert("grpc-status", "0".parse().unwrap());

@@ -13,20 +13,26 @@
 //!   spec asks of servers.
 //! - **Per call** (one HTTP/2 stream): pick a backend (`balance`: least
 //!   outstanding requests, two weighted random choices, only backends that
-//!   take new flows; `algorithm` and affinity do not apply), take its pooled
-//!   connection (`pool`: one HTTP/2 connection per backend, multiplexing
-//!   calls), and send the request with its headers rewritten (`headers`).
-//!   Request and response bodies stream through frame by frame, trailers
-//!   included, so unary, client-, server- and bidi-streaming calls all work.
-//! - **Retries** only happen when nothing of the call reached a backend: its
-//!   connect (TCP or HTTP/2 handshake) failed or timed out, or its pooled
-//!   connection had closed and hyper handed the request back unsent. Then
-//!   the call goes to another backend, up to `connect_attempts` backends.
-//!   Once the request may have been written, a failure is final: gRPC calls
-//!   are not idempotent in general. A refused stream (RST_STREAM
-//!   REFUSED_STREAM, GOAWAY) is not retried either: the request body may
-//!   have been consumed. Failures answer UNAVAILABLE (14); no usable backend
-//!   counts as `drop_no_backend`, and all attempts failing as
+//!   take new flows; `algorithm` and affinity do not apply), take a stream
+//!   on one of its pooled connections (`pool`: as many connections as the
+//!   backend's SETTINGS_MAX_CONCURRENT_STREAMS asks for, up to
+//!   `grpc_max_connections`), and send the request with its headers
+//!   rewritten (`headers`). Request and response bodies stream through
+//!   frame by frame, trailers included, so unary, client-, server- and
+//!   bidi-streaming calls all work.
+//! - **Retries.** When nothing of the call reached a backend (its connect,
+//!   TCP or HTTP/2 handshake, failed or timed out, or its pooled connection
+//!   had closed and hyper handed the request back unsent), the call goes to
+//!   another backend, up to `connect_attempts` backends. When a backend got
+//!   the call but did not process it (RST_STREAM REFUSED_STREAM, or a stream
+//!   above the last stream id of its GOAWAY), the call is sent again (gRFC
+//!   A6 transparent retry) to any backend, a new connection if needed, up
+//!   to `grpc_transparent_retries` times: the request's first
+//!   `body::REPLAY_LIMIT` bytes are kept for that, and a call that sent more
+//!   is not retried. Any other failure once the request may have been
+//!   processed is final (gRPC calls are not idempotent in general).
+//!   Failures answer UNAVAILABLE (14); no usable backend counts as
+//!   `drop_no_backend`, and all attempts failing as
 //!   `drop_connect_failed`/`drop_connect_timeout`.
 //! - **Deadlines.** The call's `grpc-timeout` (a malformed one is answered
 //!   INTERNAL, as gRPC servers do), else the policy's `default_timeout` (zero:
@@ -39,16 +45,25 @@
 //!   new calls; its calls in flight go on; its pooled connection is let go
 //!   and closes once those calls are done. A call picked just before the
 //!   change may still start there.
-//! - **Removal** of the service cuts its client connections, and with them
-//!   their calls, as the L4 path does.
+//! - **The proxy's own drain** (service removed, mode switch, proxy
+//!   shutdown): the listener closes (new connections are refused) and each
+//!   client connection gets hyper's graceful shutdown, h2's two-step GOAWAY
+//!   (gRFC A9 style: GOAWAY with the largest stream id and a PING, then
+//!   GOAWAY with the last stream taken once the PING is answered). Calls in
+//!   flight go on for up to `grpc_drain_timeout` (on a removal, at most the
+//!   5 s an apply waits); what is left then is cut. On a handover, open
+//!   HTTP/2 connections are closed (the listener goes on in the next agent).
 //! - **Idle connections.** `tcp_idle_timeout` does not apply: an idle HTTP/2
-//!   connection is normal for gRPC clients. HTTP/2 PINGs find dead peers
-//!   instead (clients: every 60 s, 20 s to answer; backends, while calls are
-//!   open: 20 s and 10 s). A backend's pooled connection stays open while
-//!   the backend is in service.
+//!   connection is normal for gRPC clients. HTTP/2 PINGs find dead clients
+//!   instead (every 60 s, 20 s to answer). Backend connections: PINGs after
+//!   `grpc_keepalive_interval` without a frame while calls are open, closed
+//!   unanswered after `grpc_keepalive_timeout` (gRFC A8); one without calls
+//!   for `grpc_idle_timeout` closes.
 //! - **Counters.** Service: client connections (`new`/`active_connections`),
 //!   calls (`requests`/`active_requests`), DATA bytes and frames both ways.
-//!   Backend: its pooled connections and the calls handed to it.
+//!   Backend: its pooled connections (opened, open, GOAWAYs received), the
+//!   calls handed to it, and the calls it did not process that were sent
+//!   again.
 
 mod balance;
 mod body;
