@@ -103,6 +103,7 @@ pub(crate) async fn pause_requested(pause: &mut watch::Receiver<bool>) {
 /// connections). On a handover pause the listener is handed over and, with
 /// `park`, the connections are waited for (they park and hand themselves
 /// over); without, they are closed.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn accept_loop<F, Fut>(
     svc: &ServiceShared,
     listener: TcpListener,

@@ -97,10 +97,10 @@ impl Sniffer {
             bytes = &bytes[n..];
             if self.left == 0 {
                 self.header_len = 0;
-                if let Some(p) = self.kept.take() {
-                    if let Some(e) = parse(self.kind, &p) {
-                        on(e);
-                    }
+                if let Some(p) = self.kept.take()
+                    && let Some(e) = parse(self.kind, &p)
+                {
+                    on(e);
                 }
             }
         }
