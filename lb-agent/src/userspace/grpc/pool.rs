@@ -128,14 +128,9 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 impl State {
-    /// A stream on the first connection with one free; with `at_bound`, on
-    /// the least busy one when none is free.
-    fn take(
-        &mut self,
-        shared: &Shared,
-        addr: SocketAddrV4,
-        at_bound: bool,
-    ) -> Option<(Sender, Slot)> {
+    /// A stream on the first connection with one free; when none is and
+    /// `max` connections are open, on the least busy one.
+    fn take(&mut self, shared: &Shared, addr: SocketAddrV4, max: usize) -> Option<(Sender, Slot)> {
         self.conns.retain(|e| {
             let keep = e.usable();
             if !keep {
@@ -153,7 +148,7 @@ impl State {
                     .iter()
                     .enumerate()
                     .min_by_key(|(_, e)| e.in_flight);
-                least.filter(|_| at_bound).map(|(i, _)| i)
+                least.filter(|_| self.conns.len() >= max).map(|(i, _)| i)
             })?;
         let e = &mut self.conns[i];
         e.in_flight += 1;
@@ -257,9 +252,8 @@ impl Pool {
                     in_flight: 0,
                     idle_since: Instant::now(),
                 });
-                let at_bound = st.conns.len() >= opts.max_connections;
                 // A connection that went away at once: the caller tries again.
-                st.take(&self.state, addr, at_bound)
+                st.take(&self.state, addr, opts.max_connections)
                     .ok_or_else(|| ConnectError::Handshake("closed at once".into()))
             }
             Err(e) => {
@@ -280,8 +274,7 @@ impl Pool {
         if st.draining {
             return Err(ConnectError::Draining);
         }
-        let at_bound = st.conns.len() >= opts.max_connections;
-        Ok(st.take(&self.state, addr, at_bound))
+        Ok(st.take(&self.state, addr, opts.max_connections))
     }
 
     /// No new calls; idle connections go now, busy ones when their calls
