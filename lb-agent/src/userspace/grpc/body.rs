@@ -37,7 +37,8 @@ pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
 
 /// The client's request body as the attempts of one call share it.
 struct Shared {
-    inner: Incoming,
+    /// None: an empty body (tests).
+    inner: Option<Incoming>,
     over: Option<oneshot::Receiver<()>>,
     /// DATA read from the client so far, while under [`REPLAY_LIMIT`].
     kept: Vec<Bytes>,
@@ -59,7 +60,8 @@ struct Shared {
 /// of another attempt: what was read so far, replayed, then the rest.
 pub(crate) struct UpBody {
     shared: Arc<std::sync::Mutex<Shared>>,
-    svc: Arc<ServiceShared>,
+    /// None: not counted (tests).
+    svc: Option<Arc<ServiceShared>>,
     /// The backend the body goes to; set at each send.
     backend: Option<Arc<BackendCounters>>,
     attempt: u32,
@@ -77,7 +79,7 @@ impl UpBody {
     pub(crate) fn new(inner: Incoming, svc: Arc<ServiceShared>) -> (Self, CallOver) {
         let (tx, rx) = oneshot::channel();
         let shared = Shared {
-            inner,
+            inner: Some(inner),
             over: Some(rx),
             kept: Vec::new(),
             kept_len: 0,
@@ -88,7 +90,7 @@ impl UpBody {
         };
         let body = UpBody {
             shared: Arc::new(std::sync::Mutex::new(shared)),
-            svc,
+            svc: Some(svc),
             backend: None,
             attempt: 0,
             pos: 0,
@@ -96,6 +98,32 @@ impl UpBody {
             done: false,
         };
         (body, CallOver(tx))
+    }
+
+    /// An empty request body, whose call never ends by itself.
+    #[cfg(test)]
+    pub(crate) fn empty() -> Self {
+        let (tx, rx) = oneshot::channel();
+        std::mem::forget(tx);
+        let shared = Shared {
+            inner: None,
+            over: Some(rx),
+            kept: Vec::new(),
+            kept_len: 0,
+            overflow: false,
+            trailers: None,
+            ended: false,
+            attempt: 0,
+        };
+        UpBody {
+            shared: Arc::new(std::sync::Mutex::new(shared)),
+            svc: None,
+            backend: None,
+            attempt: 0,
+            pos: 0,
+            trailers_sent: false,
+            done: false,
+        }
     }
 
     pub(crate) fn send_to(&mut self, backend: Arc<BackendCounters>) {
@@ -114,7 +142,7 @@ impl UpBody {
 /// Makes the bodies of further attempts of a call.
 pub(crate) struct Replay {
     shared: Arc<std::sync::Mutex<Shared>>,
-    svc: Arc<ServiceShared>,
+    svc: Option<Arc<ServiceShared>>,
 }
 
 impl Replay {
@@ -191,10 +219,17 @@ impl Body for UpBody {
                 _ => Poll::Ready(None),
             };
         }
-        match ready!(Pin::new(&mut sh.inner).poll_frame(cx)) {
+        let Some(inner) = &mut sh.inner else {
+            sh.ended = true;
+            this.done = true;
+            return Poll::Ready(None);
+        };
+        match ready!(Pin::new(inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
                 if let Some(d) = frame.data_ref() {
-                    this.svc.counters.traffic.add_in(d.len());
+                    if let Some(svc) = &this.svc {
+                        svc.counters.traffic.add_in(d.len());
+                    }
                     if let Some(b) = &this.backend {
                         b.traffic.add_in(d.len());
                     }
@@ -234,7 +269,7 @@ impl Body for UpBody {
             && if sh.ended {
                 sh.trailers.is_none() || self.trailers_sent
             } else {
-                sh.inner.is_end_stream()
+                sh.inner.as_ref().is_none_or(Body::is_end_stream)
             }
     }
 

@@ -579,6 +579,63 @@ mod tests {
         assert_eq!(pool.connections(), 0);
     }
 
+    /// A relay from a new localhost port to `to` that forwards until `cut`
+    /// turns true, then holds both sockets open and silent (a peer gone
+    /// without a FIN).
+    async fn cuttable_relay(
+        to: SocketAddrV4,
+        cut: tokio::sync::watch::Receiver<bool>,
+    ) -> SocketAddrV4 {
+        let l = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        let SocketAddr::V4(addr) = l.local_addr().unwrap() else {
+            unreachable!("bound to IPv4")
+        };
+        tokio::spawn(async move {
+            while let Ok((mut a, _)) = l.accept().await {
+                let mut cut = cut.clone();
+                tokio::spawn(async move {
+                    let mut b = TcpStream::connect(SocketAddr::V4(to)).await.unwrap();
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                        _ = async { cut.wait_for(|c| *c).await.is_ok() } => {
+                            // Silent, both sockets kept, for the test's length.
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn keepalive_pings_find_a_silent_backend() {
+        let server = h2_server(None).await;
+        let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
+        let addr = cuttable_relay(server, cut_rx).await;
+        let counters = Arc::new(BackendCounters::default());
+        let pool = Pool::default();
+        let o = PoolOptions {
+            keepalive_interval: Duration::from_millis(200),
+            keepalive_timeout: Duration::from_millis(300),
+            ..opts()
+        };
+        let (mut sender, _slot) = pool.get(addr, &counters, &o).await.unwrap();
+        assert_eq!(counters.active.load(Relaxed), 1);
+        // The backend goes silent; PINGs (sent while a call is open) go
+        // unanswered and the connection closes within interval + timeout.
+        cut_tx.send_replace(true);
+        let t0 = Instant::now();
+        let call = sender.send_request(http::Request::new(UpBody::empty()));
+        let r = tokio::time::timeout(Duration::from_secs(5), call).await;
+        assert!(matches!(r, Ok(Err(_))), "the call fails: {r:?}");
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert!(until(|| counters.active.load(Relaxed) == 0).await);
+        assert!(sender.is_closed());
+    }
+
     #[tokio::test]
     async fn refused_connects_fail_and_draining_refuses() {
         // A port nobody listens on: bind, note it, close.
