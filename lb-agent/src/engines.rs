@@ -23,7 +23,7 @@ use crate::config::Timeouts;
 use crate::datapath::Datapath;
 use crate::metrics::{DatapathSnapshot, StatsSource};
 use crate::userspace::handover::{Handed, Inherited};
-use crate::userspace::{ProxyError, ProxyOptions, UserspaceProxy};
+use crate::userspace::{GrpcOptions, ProxyError, ProxyOptions, UserspaceProxy};
 
 pub type SharedDp = Arc<Mutex<Datapath>>;
 
@@ -43,6 +43,8 @@ pub struct Engines {
     inherited: Mutex<Option<Inherited>>,
     /// `ProxyOptions::worker_threads` of the proxy (`--userspace-threads`).
     pub proxy_threads: usize,
+    /// The gRPC mode's settings of the proxy (`--grpc-*`).
+    pub grpc: GrpcOptions,
 }
 
 type SharedProxy = Arc<Mutex<Option<Arc<UserspaceProxy>>>>;
@@ -58,6 +60,7 @@ impl Engines {
             proxy: Arc::new(Mutex::new(None)),
             inherited: Mutex::new(None),
             proxy_threads: 0,
+            grpc: GrpcOptions::default(),
         }
     }
 
@@ -128,7 +131,8 @@ impl Engines {
                 let opts = ProxyOptions {
                     worker_threads: self.proxy_threads,
                     ..ProxyOptions::with_timeouts(timeouts)
-                };
+                }
+                .with_grpc(&self.grpc);
                 let inherited = self
                     .inherited
                     .lock()

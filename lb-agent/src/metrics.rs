@@ -29,7 +29,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tracing::warn;
 
-use crate::datapath::{BackendStats, DatapathError, MapReader, ServiceStats};
+use crate::datapath::{BackendStats, DatapathError, GrpcBackendCounts, MapReader, ServiceStats};
 
 /// The `Content-Type` of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -478,6 +478,36 @@ impl Collector for DatapathCollector {
                 per_backend().map(|(s, b)| (backend_label(s, b), ConstCounter::new(get(b)))),
             )?;
         }
+        type GrpcField = fn(&GrpcBackendCounts) -> u64;
+        let grpc_counters: [(&str, &str, GrpcField); 3] = [
+            (
+                "rpclb_backend_grpc_connections_opened",
+                "gRPC mode: HTTP/2 connections opened to the backend",
+                |g| g.connections_opened,
+            ),
+            (
+                "rpclb_backend_grpc_goaways",
+                "gRPC mode: connections to the backend that it sent a GOAWAY on",
+                |g| g.goaways,
+            ),
+            (
+                "rpclb_backend_grpc_transparent_retries",
+                "gRPC mode: calls the backend did not process (REFUSED_STREAM, above a GOAWAY's last stream), sent again",
+                |g| g.transparent_retries,
+            ),
+        ];
+        for (name, help, get) in grpc_counters {
+            family(
+                &mut enc,
+                name,
+                help,
+                MetricType::Counter,
+                per_backend().filter_map(|(s, b)| {
+                    let g = b.grpc.as_ref()?;
+                    Some((backend_label(s, b), ConstCounter::new(get(g))))
+                }),
+            )?;
+        }
         family(
             &mut enc,
             "rpclb_backend_active_flows",
@@ -552,6 +582,7 @@ mod tests {
             bytes: 600 * new_flows,
             new_flows,
             active,
+            grpc: None,
         }
     }
 

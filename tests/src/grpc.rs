@@ -351,6 +351,20 @@ impl GrpcServer {
         backend: TestBackend,
         grace: Duration,
     ) -> std::io::Result<GrpcServer> {
+        let opts = ServerOptions {
+            grace,
+            ..ServerOptions::default()
+        };
+        Self::start_with(ns, addr, backend, opts)
+    }
+
+    /// [`start`](Self::start), with more options.
+    pub fn start_with(
+        ns: &Netns,
+        addr: SocketAddr,
+        backend: TestBackend,
+        opts: ServerOptions,
+    ) -> std::io::Result<GrpcServer> {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
         let name = format!("grpc-{}", backend.name);
@@ -363,7 +377,7 @@ impl GrpcServer {
                     Ok(rt) => rt,
                     Err(e) => return drop(ready_tx.send(Err(e))),
                 };
-                rt.block_on(serve(addr, backend, grace, ready_tx, stop_rx));
+                rt.block_on(serve(addr, backend, opts, ready_tx, stop_rx));
                 // Dropping the runtime drops every connection left.
             })
             .map_err(std::io::Error::other)?;
@@ -393,10 +407,27 @@ impl GrpcServer {
     }
 }
 
+/// How a [`GrpcServer`] serves.
+#[derive(Clone, Debug, Default)]
+pub struct ServerOptions {
+    /// On stop, open connections get this long to finish their calls.
+    pub grace: Duration,
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS (hyper's default: 200).
+    pub max_concurrent_streams: Option<u32>,
+    /// As gRPC servers' MAX_CONNECTION_AGE: a connection this old gets a
+    /// graceful GOAWAY (hyper's: GOAWAY with the largest stream id and a
+    /// PING, then GOAWAY with the last stream taken) and closes once its
+    /// calls are done, or after `age_grace`.
+    pub max_connection_age: Option<Duration>,
+    pub age_grace: Duration,
+    /// Counts the connections accepted.
+    pub accepted: Arc<AtomicU64>,
+}
+
 async fn serve(
     addr: SocketAddr,
     backend: TestBackend,
-    grace: Duration,
+    opts: ServerOptions,
     ready: std::sync::mpsc::Sender<std::io::Result<()>>,
     mut stop: oneshot::Receiver<()>,
 ) {
@@ -406,7 +437,10 @@ async fn serve(
     };
     let _ = ready.send(Ok(()));
     let svc = TestServiceServer::new(backend);
-    let server = auto::Builder::new(TokioExecutor::new());
+    let mut server = auto::Builder::new(TokioExecutor::new());
+    if let Some(n) = opts.max_concurrent_streams {
+        server.http2().max_concurrent_streams(n);
+    }
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         tokio::select! {
@@ -418,6 +452,20 @@ async fn serve(
                 let conn = server
                     .serve_connection_with_upgrades(TokioIo::new(s), TowerToHyperService::new(svc.clone()))
                     .into_owned();
+                opts.accepted.fetch_add(1, Ordering::Relaxed);
+                if let Some(age) = opts.max_connection_age {
+                    let grace = opts.age_grace;
+                    tokio::spawn(async move {
+                        tokio::pin!(conn);
+                        tokio::select! {
+                            _ = conn.as_mut() => return,
+                            () = tokio::time::sleep(age) => {}
+                        }
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(grace, conn).await;
+                    });
+                    continue;
+                }
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     let _ = conn.await;
@@ -426,7 +474,7 @@ async fn serve(
         }
     }
     drop(listener);
-    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
+    let _ = tokio::time::timeout(opts.grace, graceful.shutdown()).await;
 }
 
 impl Drop for GrpcServer {

@@ -14,6 +14,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use lb_agent::userspace::{
@@ -24,7 +26,9 @@ use rpclb_tests::grpc::proto::test_service_client::TestServiceClient;
 use rpclb_tests::grpc::proto::{
     ResponseParameters, SimpleRequest, SimpleResponse, StreamingOutputCallRequest,
 };
-use rpclb_tests::grpc::{GrpcServer, HOLD, Journal, SLEEP, Seen, TEST_HEADER, TestBackend, text};
+use rpclb_tests::grpc::{
+    GrpcServer, HOLD, Journal, SLEEP, Seen, ServerOptions, TEST_HEADER, TestBackend, text,
+};
 use rpclb_tests::lab::Lab;
 use rpclb_tests::skip_unless_lab;
 use tonic::codegen::http::HeaderMap;
@@ -47,23 +51,37 @@ const CALL: Duration = Duration::from_secs(5);
 /// A TestService in every backend namespace, answering `backend-<i>`.
 struct Backends {
     journal: Arc<Journal>,
-    _servers: Vec<GrpcServer>,
+    servers: Vec<Option<GrpcServer>>,
+    accepted: Vec<Arc<AtomicU64>>,
 }
 
 impl Backends {
     fn start(lab: &Lab) -> Backends {
+        Self::start_with(lab, &ServerOptions::default())
+    }
+
+    fn start_with(lab: &Lab, opts: &ServerOptions) -> Backends {
         let journal = Arc::new(Journal::default());
+        let mut accepted = Vec::new();
         let servers = (1..=lab.backends().len())
             .map(|i| {
                 let backend = TestBackend::new(i, format!("backend-{i}"), journal.clone());
                 let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, BACKEND_PORT));
-                GrpcServer::start(&lab.backend(i).ns, any, backend, Duration::ZERO)
-                    .expect("gRPC backend")
+                let opts = ServerOptions {
+                    accepted: Arc::default(),
+                    ..opts.clone()
+                };
+                accepted.push(opts.accepted.clone());
+                Some(
+                    GrpcServer::start_with(&lab.backend(i).ns, any, backend, opts)
+                        .expect("gRPC backend"),
+                )
             })
             .collect();
         Backends {
             journal,
-            _servers: servers,
+            servers,
+            accepted,
         }
     }
 
@@ -74,16 +92,33 @@ impl Backends {
     fn cancelled(&self) -> u64 {
         self.journal.cancelled()
     }
+
+    /// Connections backend `i` (1-based) accepted.
+    fn accepted(&self, i: usize) -> u64 {
+        self.accepted[i - 1].load(Relaxed)
+    }
+
+    /// Stops backend `i` at once: its runtime and sockets go, calls in
+    /// flight included (as a killed process's would).
+    fn kill(&mut self, i: usize) {
+        self.servers[i - 1].take();
+    }
 }
 
 // ---- proxy and client helpers ---------------------------------------------
 
 /// Starts the proxy from inside the node namespace.
 fn proxy(lab: &Lab) -> UserspaceProxy {
-    let opts = ProxyOptions {
+    proxy_with(lab, |_| {})
+}
+
+/// [`proxy`], with options changed by `f`.
+fn proxy_with(lab: &Lab, f: impl FnOnce(&mut ProxyOptions)) -> UserspaceProxy {
+    let mut opts = ProxyOptions {
         worker_threads: 2,
         ..ProxyOptions::default()
     };
+    f(&mut opts);
     lab.node()
         .run(move || UserspaceProxy::start(opts))
         .expect("node namespace")
@@ -830,5 +865,369 @@ fn grpc_mode_switches_with_l4() {
     assert_eq!(p.routes(), vec![VIP]);
     let l4 = per_backend(&one_channel());
     assert_eq!(l4.len(), 1, "L4 again: {l4:?}");
+    p.shutdown().unwrap();
+}
+
+/// `n` unary calls, `width` at a time, on clones of `c`, each with `headers`:
+/// per call its start (since `t0`), its result (the serving backend) and
+/// how long it took.
+async fn timed_calls(
+    c: &TestServiceClient<Channel>,
+    n: usize,
+    width: usize,
+    headers: &'static [(&'static str, &'static str)],
+    t0: Instant,
+) -> Vec<(Duration, Result<String, Status>, Duration)> {
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..width {
+        let mut c = c.clone();
+        set.spawn(async move {
+            let mut out = Vec::new();
+            for _ in (w..n).step_by(width) {
+                let start = Instant::now();
+                let r = unary(&mut c, headers).await.map(|r| r.served_by);
+                out.push((start - t0, r, start.elapsed()));
+            }
+            out
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = set.join_next().await {
+        all.extend(r.expect("caller task"));
+    }
+    all.sort_by_key(|x| x.0);
+    all
+}
+
+/// A backend that takes 10 streams per connection, 100 calls at once over
+/// one client connection: the pool opens more connections (the old single
+/// connection queued them 10 at a time, and the calls, 500 ms each, timed
+/// out); once idle, they close.
+#[test]
+fn grpc_pool_opens_connections_when_streams_run_out() {
+    skip_unless_lab!();
+    let lab = Lab::new(1).expect("lab");
+    let opts = ServerOptions {
+        max_concurrent_streams: Some(10),
+        ..ServerOptions::default()
+    };
+    let be = Backends::start_with(&lab, &opts);
+    let idle = Duration::from_secs(1);
+    let p = proxy_with(&lab, |o| o.grpc_idle_timeout = idle);
+    let svc = grpc_service(backends(&lab), policy(Duration::from_secs(30)));
+    p.apply(&state(&svc)).unwrap();
+
+    const N: usize = 100;
+    let t0 = Instant::now();
+    let res = in_client(&lab, || async {
+        let c = channel().await;
+        timed_calls(&c, N, N, &[(SLEEP, "500")], Instant::now()).await
+    });
+    let took = t0.elapsed();
+    let failed: Vec<_> = res.iter().filter(|r| r.1.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {N} failed: {failed:?}",
+        failed.len()
+    );
+    assert_eq!(res.len(), N);
+    // 100 calls of 500 ms, 10 streams per connection: at once only with 10
+    // connections (one would take 5 s).
+    assert!(took < Duration::from_millis(2500), "took {took:?}");
+    let accepted = be.accepted(1);
+    eprintln!("100 calls in {took:?} over {accepted} backend connections");
+    assert!((10..=16).contains(&accepted), "{accepted} connections");
+    let s = stats(&p);
+    let b = &s.backends[0];
+    assert_eq!(b.new_connections, accepted, "{b:?}");
+    assert_eq!(b.requests, N as u64);
+    assert_eq!((b.goaways, b.transparent_retries), (0, 0));
+    assert_eq!(s.new_connections, 1, "one client connection");
+
+    // Idle for `idle` (the first look comes after 2 s): all close.
+    let s = settled(&p, |s| s.backends[0].active_connections == 0);
+    assert_eq!(s.backends[0].active_connections, 0, "{s:?}");
+    p.shutdown().unwrap();
+}
+
+/// Backends that send every connection a graceful GOAWAY after 1 s (as a
+/// gRPC server's MAX_CONNECTION_AGE): 2,000 calls over one client
+/// connection, 32 in flight, none fails; the GOAWAYs are counted.
+#[test]
+fn grpc_goaway_every_second_fails_no_call() {
+    skip_unless_lab!();
+    let lab = Lab::new(3).expect("lab");
+    let opts = ServerOptions {
+        max_connection_age: Some(Duration::from_secs(1)),
+        age_grace: Duration::from_secs(5),
+        ..ServerOptions::default()
+    };
+    let be = Backends::start_with(&lab, &opts);
+    let p = proxy(&lab);
+    let svc = grpc_service(backends(&lab), policy(Duration::from_secs(30)));
+    p.apply(&state(&svc)).unwrap();
+
+    const N: usize = 2000;
+    // 20 ms per call: the run lasts over 1 s (2000 / 32 * 20 ms), so that
+    // every backend's connections reach their age.
+    let t0 = Instant::now();
+    let res = in_client(&lab, || async {
+        let c = channel().await;
+        timed_calls(&c, N, 32, &[(SLEEP, "20")], Instant::now()).await
+    });
+    let took = t0.elapsed();
+    let failed: Vec<_> = res.iter().filter(|r| r.1.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {N} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(res.len(), N);
+    let per = per_backend(&res.iter().map(|r| r.1.clone().unwrap()).collect::<Vec<_>>());
+    assert_eq!(per.len(), 3, "{per:?}");
+
+    let s = settled(&p, |s| s.active_requests == 0);
+    let goaways: u64 = s.backends.iter().map(|b| b.goaways).sum();
+    let retries: u64 = s.backends.iter().map(|b| b.transparent_retries).sum();
+    let opened: u64 = s.backends.iter().map(|b| b.new_connections).sum();
+    let accepted: u64 = (1..=3).map(|i| be.accepted(i)).sum();
+    eprintln!(
+        "{N} calls in {took:?}: {per:?}; {opened} backend connections, {goaways} GOAWAYs, {retries} transparent retries"
+    );
+    assert!(took > Duration::from_secs(1), "{took:?}");
+    assert!(s.backends.iter().all(|b| b.goaways >= 1), "{s:?}");
+    assert_eq!(opened, accepted);
+    assert!(opened >= 3 + goaways.min(3), "connections replaced: {s:?}");
+    assert_eq!(s.total_drops(), 0);
+    assert_eq!(s.new_connections, 1, "one client connection");
+    // The same counts as /metrics exports them.
+    let snap = datapath_snapshot(&p.stats());
+    let g: Vec<_> = snap.services[0]
+        .backends
+        .iter()
+        .map(|b| b.grpc.expect("gRPC counts"))
+        .collect();
+    assert_eq!(g.iter().map(|g| g.goaways).sum::<u64>(), goaways);
+    assert_eq!(g.iter().map(|g| g.connections_opened).sum::<u64>(), opened);
+    p.shutdown().unwrap();
+}
+
+/// A backend killed mid-run: only calls that started before the kill plus
+/// the detection time (DETECT: the proxy sees the connection close at once;
+/// 1 s covers that and the calls in flight) fail, at most the calls in
+/// flight on it; every later call succeeds on the other two.
+#[test]
+fn grpc_backend_killed_mid_run() {
+    skip_unless_lab!();
+    const DETECT: Duration = Duration::from_secs(1);
+    const N: usize = 4000;
+    let lab = Lab::new(3).expect("lab");
+    let mut be = Backends::start(&lab);
+    let p = proxy(&lab);
+    let svc = grpc_service(backends(&lab), policy(Duration::from_secs(30)));
+    p.apply(&state(&svc)).unwrap();
+
+    let t0 = Instant::now();
+    let (res, killed_at) = std::thread::scope(|sc| {
+        let client = sc.spawn(|| {
+            in_client(&lab, || async {
+                let c = channel().await;
+                timed_calls(&c, N, 32, &[(SLEEP, "20")], t0).await
+            })
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let at = t0.elapsed();
+        be.kill(1);
+        (client.join().expect("client thread"), at)
+    });
+    let failed: Vec<_> = res.iter().filter(|r| r.1.is_err()).collect();
+    eprintln!(
+        "backend 1 killed at {killed_at:?}; {} of {N} calls failed: {:?}",
+        failed.len(),
+        failed.iter().map(|f| (f.0, f.2)).collect::<Vec<_>>()
+    );
+    assert_eq!(res.len(), N);
+    assert!(
+        res.last().unwrap().0 > killed_at + DETECT + Duration::from_millis(500),
+        "the run outlasts the kill"
+    );
+    for (start, r, _) in &res {
+        if *start >= killed_at + DETECT {
+            let by = r
+                .as_ref()
+                .unwrap_or_else(|e| panic!("call at {start:?}: {e}"));
+            assert_ne!(by, "backend-1", "call at {start:?}");
+        }
+        if let Err(e) = r {
+            assert!(*start < killed_at + DETECT, "{start:?}: {e}");
+            assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        }
+    }
+    assert!(failed.len() <= 32, "only calls in flight fail");
+    let s = settled(&p, |s| s.active_requests == 0);
+    assert_eq!(s.new_connections, 1, "one client connection");
+    p.shutdown().unwrap();
+}
+
+/// The proxy drains (agent shutdown): its client connections get GOAWAY, a
+/// call in flight completes, a new connection is refused, and the shutdown
+/// ends when the call does (not at the drain timeout).
+#[test]
+fn grpc_proxy_drain_lets_calls_in_flight_finish() {
+    skip_unless_lab!();
+    let lab = Lab::new(1).expect("lab");
+    let be = Backends::start(&lab);
+    let drain = Duration::from_secs(8);
+    let p = proxy_with(&lab, |o| o.grpc_drain_timeout = drain);
+    let svc = grpc_service(backends(&lab), policy(Duration::from_secs(30)));
+    p.apply(&state(&svc)).unwrap();
+
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (held, refused, shutdown_took) = std::thread::scope(|sc| {
+        let (be, lab) = (&be, &lab);
+        let client = sc.spawn(move || {
+            in_client(lab, || async move {
+                let mut c = channel().await;
+                let call = tokio::spawn(async move { unary(&mut c, &[(HOLD, "1")]).await });
+                assert!(eventually(|| !be.log().is_empty()).await, "held call");
+                tx.send(()).unwrap();
+                call.await.unwrap()
+            })
+        });
+        rx.recv_timeout(CALL).expect("held call started");
+        let t0 = Instant::now();
+        let stopper = sc.spawn(move || p.shutdown());
+        // Draining: new connections are refused.
+        std::thread::sleep(Duration::from_millis(300));
+        let refused = lab
+            .client()
+            .ns
+            .run(|| TcpStream::connect_timeout(&SocketAddrV4::new(VIP, PORT).into(), CALL))
+            .unwrap();
+        // The held call is still on: release it, it completes.
+        assert!(!stopper.is_finished(), "shutdown waits for the call");
+        be.journal.release();
+        let held = client.join().expect("client");
+        stopper.join().expect("stopper").expect("shutdown");
+        (held, refused, t0.elapsed())
+    });
+    let r = held.expect("the call in flight completes");
+    assert_eq!(r.served_by, "backend-1");
+    let e = refused.expect_err("new connection refused while draining");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    assert!(
+        shutdown_took < drain,
+        "ended with the call: {shutdown_took:?}"
+    );
+}
+
+/// A raw HTTP/2 backend (h2's server) in `ns` on BACKEND_PORT: it refuses
+/// (RST_STREAM REFUSED_STREAM, unprocessed) the first stream of each
+/// `x-test-header` value and answers the next one with a SimpleResponse
+/// from `refuser`. Returns how many it refused; stops when `stop` drops.
+fn refusing_backend(
+    ns: &rpclb_tests::lab::Netns,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> std::thread::JoinHandle<u64> {
+    use prost::Message;
+    ns.spawn("grpc-refuser", move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, BACKEND_PORT))
+                .await
+                .expect("bind");
+            let seen = Arc::new(std::sync::Mutex::new(HashSet::<String>::new()));
+            let refused = Arc::new(AtomicU64::new(0));
+            let serve = async {
+                loop {
+                    let Ok((s, _)) = l.accept().await else {
+                        continue;
+                    };
+                    let (seen, refused) = (seen.clone(), refused.clone());
+                    tokio::spawn(async move {
+                        let Ok(mut conn) = h2::server::handshake(s).await else {
+                            return;
+                        };
+                        while let Some(Ok((req, mut respond))) = conn.accept().await {
+                            let tag = req
+                                .headers()
+                                .get(TEST_HEADER)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or_default()
+                                .to_string();
+                            if seen.lock().unwrap().insert(tag.clone()) {
+                                refused.fetch_add(1, Relaxed);
+                                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                                continue;
+                            }
+                            tokio::spawn(async move {
+                                let mut body = req.into_body();
+                                while let Some(Ok(d)) = body.data().await {
+                                    let _ = body.flow_control().release_capacity(d.len());
+                                }
+                                let msg = SimpleResponse {
+                                    served_by: "refuser".into(),
+                                    test_header: tag,
+                                    ..SimpleResponse::default()
+                                }
+                                .encode_to_vec();
+                                let mut framed = vec![0u8];
+                                framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+                                framed.extend_from_slice(&msg);
+                                let head = tonic::codegen::http::Response::builder()
+                                    .header("content-type", "application/grpc")
+                                    .body(())
+                                    .unwrap();
+                                let Ok(mut send) = respond.send_response(head, false) else {
+                                    return;
+                                };
+                                let _ = send.send_data(framed.into(), false);
+                                let mut t = HeaderMap::new();
+                                t.insert("grpc-status", "0".parse().unwrap());
+                                let _ = send.send_trailers(t);
+                            });
+                        }
+                    });
+                }
+            };
+            tokio::select! {
+                () = serve => {}
+                _ = stop => {}
+            }
+            refused.load(Relaxed)
+        })
+    })
+    .expect("refusing backend")
+}
+
+/// A backend that refuses the first attempt of every call (REFUSED_STREAM:
+/// not processed): the proxy sends each again (gRFC A6 transparent retry)
+/// and every call succeeds; each retry is counted. Without the retry, every
+/// call failed with UNAVAILABLE.
+#[test]
+fn grpc_refused_streams_are_retried_transparently() {
+    skip_unless_lab!();
+    let lab = Lab::new(1).expect("lab");
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let server = refusing_backend(&lab.backend(1).ns, stopped);
+    let p = proxy(&lab);
+    let svc = grpc_service(backends(&lab), policy(Duration::from_secs(30)));
+    p.apply(&state(&svc)).unwrap();
+
+    const N: usize = 50;
+    let served = in_client(&lab, || async { many_calls(&channel().await, N, 5).await });
+    assert!(served.iter().all(|b| b == "refuser"), "{served:?}");
+    drop(stop);
+    let refused = server.join().expect("refusing backend");
+    assert_eq!(refused, N as u64, "every call refused once");
+    let s = settled(&p, |s| s.active_requests == 0);
+    let b = &s.backends[0];
+    assert_eq!(b.transparent_retries, N as u64, "{b:?}");
+    assert_eq!(b.requests, N as u64, "processed calls only: {b:?}");
+    assert_eq!(s.total_drops(), 0);
     p.shutdown().unwrap();
 }

@@ -254,6 +254,29 @@ struct RunArgs {
     /// backends share, 1 costs less CPU per request (docs/benchmarks.md, "Userspace proxy").
     #[arg(long, env = "RPCLB_USERSPACE_THREADS", default_value_t = 0)]
     userspace_threads: usize,
+    /// gRPC mode: HTTP/2 connections per backend at most. Another is opened when the open ones
+    /// have no free stream (the backend's SETTINGS_MAX_CONCURRENT_STREAMS); at the bound,
+    /// calls wait for a stream (docs/grpc.md, "Connection pools").
+    #[arg(long, env = "RPCLB_GRPC_MAX_CONNECTIONS", default_value_t = 16)]
+    grpc_max_connections: usize,
+    /// gRPC mode: a backend connection without calls for this long closes (0: never).
+    #[arg(long, env = "RPCLB_GRPC_IDLE_TIMEOUT", default_value = "5m", value_parser = lb_agent::duration::parse)]
+    grpc_idle_timeout: Duration,
+    /// gRPC mode: PING a backend connection that sent nothing for this long while calls are
+    /// open (gRFC A8; 0: no PINGs).
+    #[arg(long, env = "RPCLB_GRPC_KEEPALIVE_INTERVAL", default_value = "20s", value_parser = lb_agent::duration::parse)]
+    grpc_keepalive_interval: Duration,
+    /// gRPC mode: a PING unanswered for this long closes the connection, failing its calls.
+    #[arg(long, env = "RPCLB_GRPC_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = lb_agent::duration::parse)]
+    grpc_keepalive_timeout: Duration,
+    /// gRPC mode: transparent retries per call of calls a backend did not process
+    /// (REFUSED_STREAM, above a GOAWAY's last stream; gRFC A6). 0: none.
+    #[arg(long, env = "RPCLB_GRPC_TRANSPARENT_RETRIES", default_value_t = 3)]
+    grpc_transparent_retries: u32,
+    /// gRPC mode: on agent shutdown, calls in flight get this long to finish after the
+    /// clients' GOAWAY (on a service's removal, at most 5 s of it).
+    #[arg(long, env = "RPCLB_GRPC_DRAIN_TIMEOUT", default_value = "20s", value_parser = lb_agent::duration::parse)]
+    grpc_drain_timeout: Duration,
 }
 
 /// `--collision-ports`: a range, or `off`.
@@ -449,6 +472,14 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             wait: a.handover_wait,
         }),
         userspace_threads: a.userspace_threads,
+        grpc: lb_agent::userspace::GrpcOptions {
+            max_connections: a.grpc_max_connections,
+            idle_timeout: a.grpc_idle_timeout,
+            keepalive_interval: a.grpc_keepalive_interval,
+            keepalive_timeout: a.grpc_keepalive_timeout,
+            transparent_retries: a.grpc_transparent_retries,
+            drain_timeout: a.grpc_drain_timeout,
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -66,6 +66,20 @@ pub struct BackendStats {
     pub bytes: u64,
     pub new_flows: u64,
     pub active: u64,
+    /// The gRPC mode's connection counts (userspace proxy only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcBackendCounts>,
+}
+
+/// A gRPC-mode backend's pooled connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct GrpcBackendCounts {
+    /// HTTP/2 connections opened to it.
+    pub connections_opened: u64,
+    /// Of those, the ones it sent a GOAWAY on.
+    pub goaways: u64,
+    /// Calls it did not process, sent again (gRFC A6 transparent retry).
+    pub transparent_retries: u64,
 }
 
 /// A service as stored in the maps.
@@ -430,6 +444,7 @@ impl MapReader {
                     bytes: c.bytes,
                     new_flows: c.new_flows,
                     active: self.backend_active(b.id)?,
+                    grpc: None,
                 })
             })
             .collect()

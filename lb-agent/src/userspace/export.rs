@@ -57,6 +57,11 @@ pub fn datapath_snapshot(stats: &[ServiceStats]) -> DatapathSnapshot {
                         } else {
                             b.active_connections
                         },
+                        grpc: s.grpc.then_some(datapath::GrpcBackendCounts {
+                            connections_opened: b.new_connections,
+                            goaways: b.goaways,
+                            transparent_retries: b.transparent_retries,
+                        }),
                     })
                     .collect(),
             }

@@ -89,7 +89,7 @@ use tracing::{debug, error, info, warn};
 
 use handover::{Handed, Inherited};
 use l4::{tcp, udp};
-pub use options::ProxyOptions;
+pub use options::{GrpcOptions, ProxyOptions};
 use route::RouteSocket;
 use select::{BackendEntry, BackendKey, Selector, ServiceShared};
 use tasks::{HandoverCtx, Workers};
@@ -498,6 +498,22 @@ impl UserspaceProxy {
                 std::mem::take(&mut st.vips),
             )
         };
+        // gRPC services first drain: GOAWAY to their clients, and up to
+        // `grpc_drain_timeout` for the calls in flight.
+        let deadline = services
+            .values()
+            .map(|r| self.inner.drain_time(&r.spec))
+            .max()
+            .filter(|d| !d.is_zero())
+            .map(|d| Instant::now() + d + Duration::from_millis(500));
+        if let Some(deadline) = deadline {
+            for r in services.values() {
+                let _ = r.stop.send(true);
+            }
+            while services.values().any(|r| !r.task.is_finished()) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         drop(services);
         // Shutting the runtime down drops every task (closing every socket
         // while the VIPs are still local) and waits for that; it must not
@@ -621,6 +637,8 @@ impl Inner {
             // even a FIN) once its route is gone.
             let _ = r.stop.send(true);
             let mut task = r.task;
+            // A gRPC service's calls in flight get up to SHUTDOWN_WAIT of
+            // their drain time here (apply must not wait longer); then cut.
             if tokio::time::timeout(SHUTDOWN_WAIT, &mut task)
                 .await
                 .is_err()
@@ -833,6 +851,16 @@ impl Inner {
         }
         st.vips.insert(vip, VipRoute { users: 1, owned });
         Ok(())
+    }
+
+    /// How long a stopped service may take to end its connections itself:
+    /// the drain time of a gRPC service, nothing for L4 ones.
+    fn drain_time(&self, spec: &Service) -> Duration {
+        if spec.grpc.is_some() {
+            self.opts.grpc_drain_timeout
+        } else {
+            Duration::ZERO
+        }
     }
 
     fn release_vip(&self, st: &mut State, vip: Ipv4Addr) {

@@ -31,6 +31,27 @@ pub struct ProxyOptions {
     /// Add and remove the VIPs' local routes. Turn off only when something
     /// else makes the VIPs local.
     pub manage_routes: bool,
+    /// gRPC mode: HTTP/2 connections per backend at most. More than one is
+    /// opened only when the open ones have no free stream (the backend's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS); at the bound, calls queue for a
+    /// stream on the least busy connection.
+    pub grpc_max_connections: usize,
+    /// gRPC mode: a backend connection with no call for this long closes
+    /// (zero: never).
+    pub grpc_idle_timeout: Duration,
+    /// gRPC mode: a backend connection that received nothing for this long
+    /// is PINGed (gRFC A8; zero: no PINGs)...
+    pub grpc_keepalive_interval: Duration,
+    /// ... and closed, failing its calls, when the PING is not answered in
+    /// this time.
+    pub grpc_keepalive_timeout: Duration,
+    /// gRPC mode: transparent retries of one call (gRFC A6) that a backend
+    /// did not process (REFUSED_STREAM, or above a GOAWAY's last stream).
+    pub grpc_transparent_retries: u32,
+    /// gRPC mode: when the proxy shuts down, calls in flight get this long
+    /// to finish after the client connections' GOAWAY; when a service is
+    /// removed, at most 5 s of it (an apply waits no longer).
+    pub grpc_drain_timeout: Duration,
 }
 
 impl Default for ProxyOptions {
@@ -39,7 +60,46 @@ impl Default for ProxyOptions {
     }
 }
 
+/// The gRPC mode's settings that the agent takes as flags (the
+/// `grpc_*` fields of [`ProxyOptions`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrpcOptions {
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    pub transparent_retries: u32,
+    pub drain_timeout: Duration,
+}
+
+impl Default for GrpcOptions {
+    fn default() -> Self {
+        let o = ProxyOptions::default();
+        GrpcOptions {
+            max_connections: o.grpc_max_connections,
+            idle_timeout: o.grpc_idle_timeout,
+            keepalive_interval: o.grpc_keepalive_interval,
+            keepalive_timeout: o.grpc_keepalive_timeout,
+            transparent_retries: o.grpc_transparent_retries,
+            drain_timeout: o.grpc_drain_timeout,
+        }
+    }
+}
+
 impl ProxyOptions {
+    /// These options with the gRPC mode's settings of `g`.
+    pub fn with_grpc(self, g: &GrpcOptions) -> Self {
+        ProxyOptions {
+            grpc_max_connections: g.max_connections.max(1),
+            grpc_idle_timeout: g.idle_timeout,
+            grpc_keepalive_interval: g.keepalive_interval,
+            grpc_keepalive_timeout: g.keepalive_timeout,
+            grpc_transparent_retries: g.transparent_retries,
+            grpc_drain_timeout: g.drain_timeout,
+            ..self
+        }
+    }
+
     /// Defaults, with the idle timeouts of `t` (established TCP and UDP).
     pub fn with_timeouts(t: &Timeouts) -> Self {
         ProxyOptions {
@@ -53,6 +113,12 @@ impl ProxyOptions {
             per_thread_runtimes: false,
             listen_backlog: 1024,
             manage_routes: true,
+            grpc_max_connections: 16,
+            grpc_idle_timeout: Duration::from_secs(300),
+            grpc_keepalive_interval: Duration::from_secs(20),
+            grpc_keepalive_timeout: Duration::from_secs(10),
+            grpc_transparent_retries: 3,
+            grpc_drain_timeout: Duration::from_secs(20),
         }
     }
 }

@@ -101,6 +101,11 @@ pub(crate) struct BackendCounters {
     /// gRPC calls picked for this backend and not finished (least outstanding
     /// requests reads it).
     pub(crate) active_requests: AtomicU64,
+    /// gRPC: pooled connections that received a GOAWAY.
+    pub(crate) goaways: AtomicU64,
+    /// gRPC: calls sent again (to any backend) after this one did not
+    /// process them (REFUSED_STREAM, above a GOAWAY's last stream).
+    pub(crate) transparent_retries: AtomicU64,
     pub(crate) traffic: Traffic,
 }
 
@@ -188,6 +193,10 @@ pub struct BackendStats {
     pub requests: u64,
     /// gRPC: calls picked for it and not finished; exact.
     pub active_requests: u64,
+    /// gRPC: its pooled connections that received a GOAWAY.
+    pub goaways: u64,
+    /// gRPC: calls it did not process, sent again (gRFC A6 transparent retry).
+    pub transparent_retries: u64,
 }
 
 /// One service's counters at one instant, with its backends'.
@@ -268,6 +277,8 @@ pub(crate) fn backend_stats(
         connect_failures: c.connect_failures.load(Relaxed),
         requests: c.requests.load(Relaxed),
         active_requests: c.active_requests.load(Relaxed),
+        goaways: c.goaways.load(Relaxed),
+        transparent_retries: c.transparent_retries.load(Relaxed),
     }
 }
 

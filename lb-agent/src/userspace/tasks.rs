@@ -103,6 +103,7 @@ pub(crate) async fn pause_requested(pause: &mut watch::Receiver<bool>) {
 /// connections). On a handover pause the listener is handed over and, with
 /// `park`, the connections are waited for (they park and hand themselves
 /// over); without, they are closed.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn accept_loop<F, Fut>(
     svc: &ServiceShared,
     listener: TcpListener,
@@ -110,17 +111,18 @@ pub(crate) async fn accept_loop<F, Fut>(
     ho: HandoverCtx,
     park: bool,
     initial: Vec<ConnTask>,
+    linger: Duration,
     conn: F,
 ) where
     F: FnMut(TcpStream, SocketAddrV4) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let none = Workers::default();
-    accept_loop_on(&none, svc, listener, stop, ho, park, initial, conn).await;
+    accept_loop_on(&none, svc, listener, stop, ho, park, initial, linger, conn).await;
 }
 
 /// [`accept_loop`], running each connection on the next of `workers` (if
-/// any) in turn.
+/// any) in turn; on a stop, connections get `linger` to end by themselves.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn accept_loop_on<F, Fut>(
     workers: &Workers,
@@ -130,6 +132,7 @@ pub(crate) async fn accept_loop_on<F, Fut>(
     ho: HandoverCtx,
     park: bool,
     initial: Vec<ConnTask>,
+    linger: Duration,
     mut conn: F,
 ) where
     F: FnMut(TcpStream, SocketAddrV4) -> Fut,
@@ -181,6 +184,12 @@ pub(crate) async fn accept_loop_on<F, Fut>(
         }
     }
     drop(listener);
+    // Connections that end themselves on a stop (the gRPC mode's GOAWAY)
+    // get `linger` to do so; what is left is cut.
+    if !linger.is_zero() {
+        let _ = tokio::time::timeout(linger, async { while conns.join_next().await.is_some() {} })
+            .await;
+    }
     conns.shutdown().await;
 }
 

@@ -18,6 +18,7 @@ use tokio::time::Sleep;
 use tracing::debug;
 
 use super::balance::CallLease;
+use super::pool::Slot;
 use super::status::{Code, status_headers};
 use crate::userspace::select::ServiceShared;
 use crate::userspace::stats::BackendCounters;
@@ -29,15 +30,45 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("the call ended")]
 struct CallEnded;
 
+/// Request bytes kept per call so that a call a backend did not process
+/// can be sent again (gRFC A6 transparent retry); a call whose request
+/// grew past this is not retried.
+pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// The client's request body as the attempts of one call share it.
+struct Shared {
+    /// None: an empty body (tests).
+    inner: Option<Incoming>,
+    over: Option<oneshot::Receiver<()>>,
+    /// DATA read from the client so far, while under [`REPLAY_LIMIT`].
+    kept: Vec<Bytes>,
+    kept_len: usize,
+    /// More than [`REPLAY_LIMIT`] was read: no replay.
+    overflow: bool,
+    /// The client's trailers, if it sent some.
+    trailers: Option<http::HeaderMap>,
+    /// The client's body ended.
+    ended: bool,
+    /// The attempt that may read (older ones, which hyper may still poll
+    /// for a moment, end at once).
+    attempt: u32,
+}
+
 /// The client's request body, sent on to the backend. It fails (which
 /// resets the backend's stream) once the call's [`CallOver`] is dropped:
-/// deadline, client gone, or call done.
+/// deadline, client gone, or call done. [`UpBody::retry`] makes the body
+/// of another attempt: what was read so far, replayed, then the rest.
 pub(crate) struct UpBody {
-    inner: Incoming,
-    svc: Arc<ServiceShared>,
+    shared: Arc<std::sync::Mutex<Shared>>,
+    /// None: not counted (tests).
+    svc: Option<Arc<ServiceShared>>,
     /// The backend the body goes to; set at each send.
     backend: Option<Arc<BackendCounters>>,
-    over: Option<oneshot::Receiver<()>>,
+    attempt: u32,
+    /// Kept frames this attempt has sent.
+    pos: usize,
+    trailers_sent: bool,
+    done: bool,
 }
 
 /// Held while a call goes on; dropping it ends the call's request body.
@@ -47,18 +78,96 @@ pub(crate) struct CallOver(#[allow(dead_code)] oneshot::Sender<()>);
 impl UpBody {
     pub(crate) fn new(inner: Incoming, svc: Arc<ServiceShared>) -> (Self, CallOver) {
         let (tx, rx) = oneshot::channel();
-        let body = UpBody {
-            inner,
-            svc,
-            backend: None,
+        let shared = Shared {
+            inner: Some(inner),
             over: Some(rx),
+            kept: Vec::new(),
+            kept_len: 0,
+            overflow: false,
+            trailers: None,
+            ended: false,
+            attempt: 0,
+        };
+        let body = UpBody {
+            shared: Arc::new(std::sync::Mutex::new(shared)),
+            svc: Some(svc),
+            backend: None,
+            attempt: 0,
+            pos: 0,
+            trailers_sent: false,
+            done: false,
         };
         (body, CallOver(tx))
+    }
+
+    /// An empty request body, whose call never ends by itself.
+    #[cfg(test)]
+    pub(crate) fn empty() -> Self {
+        let (tx, rx) = oneshot::channel();
+        std::mem::forget(tx);
+        let shared = Shared {
+            inner: None,
+            over: Some(rx),
+            kept: Vec::new(),
+            kept_len: 0,
+            overflow: false,
+            trailers: None,
+            ended: false,
+            attempt: 0,
+        };
+        UpBody {
+            shared: Arc::new(std::sync::Mutex::new(shared)),
+            svc: None,
+            backend: None,
+            attempt: 0,
+            pos: 0,
+            trailers_sent: false,
+            done: false,
+        }
     }
 
     pub(crate) fn send_to(&mut self, backend: Arc<BackendCounters>) {
         self.backend = Some(backend);
     }
+
+    /// A handle to make the body of another attempt of this call.
+    pub(crate) fn replay(&self) -> Replay {
+        Replay {
+            shared: self.shared.clone(),
+            svc: self.svc.clone(),
+        }
+    }
+}
+
+/// Makes the bodies of further attempts of a call.
+pub(crate) struct Replay {
+    shared: Arc<std::sync::Mutex<Shared>>,
+    svc: Option<Arc<ServiceShared>>,
+}
+
+impl Replay {
+    /// The body of a new attempt, if what the earlier ones read is all
+    /// kept; the earlier ones then end.
+    pub(crate) fn retry(&self) -> Option<UpBody> {
+        let mut sh = lock(&self.shared);
+        if sh.overflow || sh.over.is_none() {
+            return None;
+        }
+        sh.attempt += 1;
+        Some(UpBody {
+            shared: self.shared.clone(),
+            svc: self.svc.clone(),
+            backend: None,
+            attempt: sh.attempt,
+            pos: 0,
+            trailers_sent: false,
+            done: false,
+        })
+    }
+}
+
+fn lock(m: &std::sync::Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Body for UpBody {
@@ -70,36 +179,102 @@ impl Body for UpBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if let Some(over) = &mut this.over
-            && Pin::new(over).poll(cx).is_ready()
-        {
-            this.over = None;
-            return Poll::Ready(Some(Err(CallEnded.into())));
-        }
-        if this.over.is_none() {
+        if this.done {
             return Poll::Ready(None);
         }
-        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+        let shared = this.shared.clone();
+        let mut sh = lock(&shared);
+        if sh.attempt != this.attempt {
+            // Superseded by a retry.
+            this.done = true;
+            return Poll::Ready(Some(Err(CallEnded.into())));
+        }
+        if let Some(over) = &mut sh.over
+            && Pin::new(over).poll(cx).is_ready()
+        {
+            sh.over = None;
+            this.done = true;
+            return Poll::Ready(Some(Err(CallEnded.into())));
+        }
+        if sh.over.is_none() {
+            this.done = true;
+            return Poll::Ready(None);
+        }
+        // A retry: first what earlier attempts sent.
+        if let Some(d) = sh.kept.get(this.pos) {
+            let d = d.clone();
+            this.pos += 1;
+            if let Some(b) = &this.backend {
+                b.traffic.add_in(d.len());
+            }
+            return Poll::Ready(Some(Ok(Frame::data(d))));
+        }
+        if sh.ended {
+            this.done = true;
+            return match sh.trailers.clone() {
+                Some(t) if !this.trailers_sent => {
+                    this.trailers_sent = true;
+                    Poll::Ready(Some(Ok(Frame::trailers(t))))
+                }
+                _ => Poll::Ready(None),
+            };
+        }
+        let Some(inner) = &mut sh.inner else {
+            sh.ended = true;
+            this.done = true;
+            return Poll::Ready(None);
+        };
+        match ready!(Pin::new(inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
                 if let Some(d) = frame.data_ref() {
-                    this.svc.counters.traffic.add_in(d.len());
+                    if let Some(svc) = &this.svc {
+                        svc.counters.traffic.add_in(d.len());
+                    }
                     if let Some(b) = &this.backend {
                         b.traffic.add_in(d.len());
                     }
+                    if !sh.overflow {
+                        if sh.kept_len + d.len() <= REPLAY_LIMIT {
+                            sh.kept_len += d.len();
+                            sh.kept.push(d.clone());
+                            this.pos = sh.kept.len();
+                        } else {
+                            sh.overflow = true;
+                            sh.kept = Vec::new();
+                        }
+                    }
+                } else if let Some(t) = frame.trailers_ref() {
+                    sh.trailers = Some(t.clone());
+                    sh.ended = true;
+                    this.trailers_sent = true;
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
-            None => Poll::Ready(None),
+            None => {
+                sh.ended = true;
+                this.done = true;
+                Poll::Ready(None)
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        if self.done {
+            return true;
+        }
+        let sh = lock(&self.shared);
+        sh.attempt == self.attempt
+            && self.pos >= sh.kept.len()
+            && if sh.ended {
+                sh.trailers.is_none() || self.trailers_sent
+            } else {
+                sh.inner.as_ref().is_none_or(Body::is_end_stream)
+            }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        SizeHint::default()
     }
 }
 
@@ -136,7 +311,7 @@ pub(crate) struct CallBody {
     inner: Option<Incoming>,
     deadline: Option<Pin<Box<Sleep>>>,
     /// Released as soon as the body ends, not when hyper drops it.
-    held: Option<(CallLease, ActiveCall, CallOver)>,
+    held: Option<(CallLease, ActiveCall, CallOver, Slot)>,
     svc: Arc<ServiceShared>,
 }
 
@@ -147,12 +322,13 @@ impl CallBody {
         lease: CallLease,
         active: ActiveCall,
         over: CallOver,
+        slot: Slot,
     ) -> Self {
         let svc = active.0.clone();
         CallBody {
             inner: Some(inner),
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
-            held: Some((lease, active, over)),
+            held: Some((lease, active, over, slot)),
             svc,
         }
     }

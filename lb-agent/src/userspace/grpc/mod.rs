@@ -13,20 +13,26 @@
 //!   spec asks of servers.
 //! - **Per call** (one HTTP/2 stream): pick a backend (`balance`: least
 //!   outstanding requests, two weighted random choices, only backends that
-//!   take new flows; `algorithm` and affinity do not apply), take its pooled
-//!   connection (`pool`: one HTTP/2 connection per backend, multiplexing
-//!   calls), and send the request with its headers rewritten (`headers`).
-//!   Request and response bodies stream through frame by frame, trailers
-//!   included, so unary, client-, server- and bidi-streaming calls all work.
-//! - **Retries** only happen when nothing of the call reached a backend: its
-//!   connect (TCP or HTTP/2 handshake) failed or timed out, or its pooled
-//!   connection had closed and hyper handed the request back unsent. Then
-//!   the call goes to another backend, up to `connect_attempts` backends.
-//!   Once the request may have been written, a failure is final: gRPC calls
-//!   are not idempotent in general. A refused stream (RST_STREAM
-//!   REFUSED_STREAM, GOAWAY) is not retried either: the request body may
-//!   have been consumed. Failures answer UNAVAILABLE (14); no usable backend
-//!   counts as `drop_no_backend`, and all attempts failing as
+//!   take new flows; `algorithm` and affinity do not apply), take a stream
+//!   on one of its pooled connections (`pool`: as many connections as the
+//!   backend's SETTINGS_MAX_CONCURRENT_STREAMS asks for, up to
+//!   `grpc_max_connections`), and send the request with its headers
+//!   rewritten (`headers`). Request and response bodies stream through
+//!   frame by frame, trailers included, so unary, client-, server- and
+//!   bidi-streaming calls all work.
+//! - **Retries.** When nothing of the call reached a backend (its connect,
+//!   TCP or HTTP/2 handshake, failed or timed out, or its pooled connection
+//!   had closed and hyper handed the request back unsent), the call goes to
+//!   another backend, up to `connect_attempts` backends. When a backend got
+//!   the call but did not process it (RST_STREAM REFUSED_STREAM, or a stream
+//!   above the last stream id of its GOAWAY), the call is sent again (gRFC
+//!   A6 transparent retry) to any backend, a new connection if needed, up
+//!   to `grpc_transparent_retries` times: the request's first
+//!   `body::REPLAY_LIMIT` bytes are kept for that, and a call that sent more
+//!   is not retried. Any other failure once the request may have been
+//!   processed is final (gRPC calls are not idempotent in general).
+//!   Failures answer UNAVAILABLE (14); no usable backend counts as
+//!   `drop_no_backend`, and all attempts failing as
 //!   `drop_connect_failed`/`drop_connect_timeout`.
 //! - **Deadlines.** The call's `grpc-timeout` (a malformed one is answered
 //!   INTERNAL, as gRPC servers do), else the policy's `default_timeout` (zero:
@@ -39,19 +45,29 @@
 //!   new calls; its calls in flight go on; its pooled connection is let go
 //!   and closes once those calls are done. A call picked just before the
 //!   change may still start there.
-//! - **Removal** of the service cuts its client connections, and with them
-//!   their calls, as the L4 path does.
+//! - **The proxy's own drain** (service removed, mode switch, proxy
+//!   shutdown): the listener closes (new connections are refused) and each
+//!   client connection gets hyper's graceful shutdown, h2's two-step GOAWAY
+//!   (gRFC A9 style: GOAWAY with the largest stream id and a PING, then
+//!   GOAWAY with the last stream taken once the PING is answered). Calls in
+//!   flight go on for up to `grpc_drain_timeout` (on a removal, at most the
+//!   5 s an apply waits); what is left then is cut. On a handover, open
+//!   HTTP/2 connections are closed (the listener goes on in the next agent).
 //! - **Idle connections.** `tcp_idle_timeout` does not apply: an idle HTTP/2
-//!   connection is normal for gRPC clients. HTTP/2 PINGs find dead peers
-//!   instead (clients: every 60 s, 20 s to answer; backends, while calls are
-//!   open: 20 s and 10 s). A backend's pooled connection stays open while
-//!   the backend is in service.
+//!   connection is normal for gRPC clients. HTTP/2 PINGs find dead clients
+//!   instead (every 60 s, 20 s to answer). Backend connections: PINGs after
+//!   `grpc_keepalive_interval` without a frame while calls are open, closed
+//!   unanswered after `grpc_keepalive_timeout` (gRFC A8); one without calls
+//!   for `grpc_idle_timeout` closes.
 //! - **Counters.** Service: client connections (`new`/`active_connections`),
 //!   calls (`requests`/`active_requests`), DATA bytes and frames both ways.
-//!   Backend: its pooled connections and the calls handed to it.
+//!   Backend: its pooled connections (opened, open, GOAWAYs received), the
+//!   calls handed to it, and the calls it did not process that were sent
+//!   again.
 
 mod balance;
 mod body;
+mod frames;
 mod headers;
 mod pool;
 mod status;
@@ -79,10 +95,10 @@ use tracing::debug;
 use crate::userspace::options::ProxyOptions;
 use crate::userspace::select::{BackendKey, ServiceShared, random_u64};
 use crate::userspace::stats::DropReason;
-use crate::userspace::tasks::{HandoverCtx, accept_loop};
+use crate::userspace::tasks::{HandoverCtx, accept_loop, stop_requested};
 use balance::CallLease;
 use body::{ActiveCall, CallBody, DownBody, UpBody};
-use pool::ConnectError;
+use pool::{ConnectError, PoolOptions, Slot};
 use status::{Code, http_error, trailers_only};
 
 use pool::Pool;
@@ -150,6 +166,8 @@ pub(crate) async fn serve(
 ) {
     let server = Arc::new(server());
     // On a handover, the listener goes on; open HTTP/2 connections close.
+    // On a stop, they get GOAWAY and `grpc_drain_timeout` to finish.
+    let drain = stop.clone();
     accept_loop(
         &svc.clone(),
         listener,
@@ -157,6 +175,7 @@ pub(crate) async fn serve(
         ho,
         false,
         Vec::new(),
+        opts.grpc_drain_timeout,
         |stream, peer| {
             connection(
                 svc.clone(),
@@ -165,6 +184,7 @@ pub(crate) async fn serve(
                 stream,
                 peer,
                 opts.clone(),
+                drain.clone(),
             )
         },
     )
@@ -195,6 +215,7 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddrV4,
     opts: Arc<ProxyOptions>,
+    mut drain: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let _open = ClientConn::new(svc.clone());
@@ -205,7 +226,21 @@ async fn connection(
             async move { Ok::<_, Infallible>(handle(svc, &pools, opts, req).await) }
         })
     };
-    if let Err(e) = server.serve_connection(TokioIo::new(stream), handler).await {
+    let conn = server.serve_connection(TokioIo::new(stream), handler);
+    tokio::pin!(conn);
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stop_requested(&mut drain) => {
+            // GOAWAY in two steps (gRFC A9; h2's graceful shutdown): the
+            // largest stream id and a PING, then, once the PING is
+            // answered, the last stream taken. Calls in flight go on; the
+            // connection closes when they are done.
+            debug!(%peer, service = %svc.addr, "gRPC client connection: draining");
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = r {
         debug!(%peer, service = %svc.addr, "gRPC client connection ended: {e}");
     }
 }
@@ -286,10 +321,10 @@ async fn handle(
         None => call.await,
     };
     match res {
-        Ok((resp, lease)) => {
+        Ok((resp, lease, slot)) => {
             let (mut parts, body) = resp.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers);
-            let body = CallBody::new(body, deadline, lease, active, over);
+            let body = CallBody::new(body, deadline, lease, active, over, slot);
             Response::from_parts(parts, DownBody::Call(Box::new(body)))
         }
         Err(f) => {
@@ -355,32 +390,57 @@ enum Failure {
     Backend(SocketAddrV4, hyper::Error),
 }
 
-/// Sends the call to a backend, retrying on another while nothing was sent;
-/// the backend's response headers and the call's lease.
+/// Whether a backend failed a call without processing it, so that it may
+/// be sent again (gRFC A6): the stream was refused (RST_STREAM
+/// REFUSED_STREAM), or it was above the last stream of a graceful GOAWAY
+/// (h2 fails exactly those streams with the GOAWAY's NO_ERROR).
+fn unprocessed(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<h2::Error>() {
+            return h.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h.is_go_away() && h.is_remote() && h.reason() == Some(h2::Reason::NO_ERROR));
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// Sends the call to a backend, retrying on another while nothing was sent
+/// and, up to `grpc_transparent_retries` times, when a backend did not
+/// process it; the backend's response headers, the call's lease and stream.
 async fn forward(
     svc: &Arc<ServiceShared>,
     pools: &Pools,
     opts: &ProxyOptions,
     mut req: Request<UpBody>,
     deadline: Option<Instant>,
-) -> Result<(Response<Incoming>, CallLease), Failure> {
+) -> Result<(Response<Incoming>, CallLease, Slot), Failure> {
+    let pool_opts = PoolOptions::from(opts);
     let mut tried: Vec<BackendKey> = Vec::new();
     let mut failure = None;
-    for _ in 0..opts.connect_attempts.max(1) {
+    let mut attempts = opts.connect_attempts.max(1);
+    let mut retries = opts.grpc_transparent_retries;
+    while attempts > 0 {
+        attempts -= 1;
+        // A transparent retry may go to the same backend (another connection).
         let Some(lease) = balance::pick(svc, &tried) else {
             break;
         };
         let be = lease.backend().clone();
-        tried.push(be.key());
-        let mut sender = match pools
+        let (mut sender, slot) = match pools
             .of(be.key())
-            .get(be.addr(), &be.counters, opts.connect_timeout)
+            .get(be.addr(), &be.counters, &pool_opts)
             .await
         {
             Ok(s) => s,
             // Drained since the pick: not a failure, try another.
-            Err(ConnectError::Draining) => continue,
+            Err(ConnectError::Draining) => {
+                tried.push(be.key());
+                continue;
+            }
             Err(e) => {
+                tried.push(be.key());
                 debug!(backend = %be.addr(), "gRPC backend: {e}");
                 svc.counters.connect_failed(&be.counters);
                 let reason = match e {
@@ -400,23 +460,59 @@ async fn forward(
                 req.headers_mut().insert(timeout::GRPC_TIMEOUT, v);
             }
         }
+        // The head, kept for a transparent retry; the body keeps itself.
+        let again = (retries > 0).then(|| {
+            let mut b = Request::builder()
+                .method(req.method().clone())
+                .uri(req.uri().clone())
+                .version(req.version());
+            if let Some(h) = b.headers_mut() {
+                *h = req.headers().clone();
+            }
+            (b, req.body().replay())
+        });
         req.body_mut().send_to(be.counters.clone());
         be.counters.requests.fetch_add(1, Relaxed);
-        match sender.try_send_request(req).await {
-            Ok(resp) => return Ok((resp, lease)),
-            Err(mut e) => match e.take_message() {
-                // Not sent: the connection had closed. Another backend.
-                Some(back) => {
-                    be.counters.requests.fetch_sub(1, Relaxed);
-                    svc.counters.connect_failed(&be.counters);
-                    debug!(backend = %be.addr(), "gRPC backend connection closed before the call was sent: {}", e.error());
-                    let err = ConnectError::Connect(e.into_error().to_string());
-                    failure = Some(Failure::Connect(DropReason::ConnectFailed, err));
-                    req = back;
-                }
-                None => return Err(Failure::Backend(be.addr(), e.into_error())),
-            },
+        let e = match sender.try_send_request(req).await {
+            Ok(resp) => return Ok((resp, lease, slot)),
+            Err(e) => e,
+        };
+        // The backend did not take the call.
+        be.counters.requests.fetch_sub(1, Relaxed);
+        let mut e = e;
+        if let Some(back) = e.take_message() {
+            // Not sent: the connection closed or went away first.
+            req = back;
+            if slot.went_away() && retries > 0 {
+                // Not the backend's failure: another connection.
+                retries -= 1;
+                attempts += 1;
+                be.counters.transparent_retries.fetch_add(1, Relaxed);
+                continue;
+            }
+            tried.push(be.key());
+            svc.counters.connect_failed(&be.counters);
+            debug!(backend = %be.addr(), "gRPC backend connection closed before the call was sent: {}", e.error());
+            let err = ConnectError::Connect(e.into_error().to_string());
+            failure = Some(Failure::Connect(DropReason::ConnectFailed, err));
+            continue;
         }
+        let err = e.into_error();
+        if unprocessed(&err)
+            && let Some((head, replay)) = again
+            && let Some(body) = replay.retry()
+            && let Ok(r) = head.body(body)
+        {
+            // gRFC A6 transparent retry: the backend did not process it.
+            debug!(backend = %be.addr(), "gRPC call not processed by the backend ({err}); sending it again");
+            retries -= 1;
+            attempts += 1;
+            be.counters.transparent_retries.fetch_add(1, Relaxed);
+            req = r;
+            continue;
+        }
+        be.counters.requests.fetch_add(1, Relaxed);
+        return Err(Failure::Backend(be.addr(), err));
     }
     Err(failure.unwrap_or(Failure::NoBackend))
 }

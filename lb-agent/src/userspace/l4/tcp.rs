@@ -61,6 +61,7 @@ pub(crate) async fn serve(
         ho.clone(),
         true,
         initial,
+        Duration::ZERO,
         |stream, peer| connection(svc.clone(), stream, peer, opts.clone(), ho.clone()),
     )
     .await;
