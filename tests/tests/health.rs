@@ -142,6 +142,18 @@ fn wait_checked(agent: &mut Agent, want: usize) {
 #[test]
 fn failing_backends_leave_selection_and_come_back() {
     skip_unless_lab!();
+    leave_and_come_back(&[]);
+}
+
+/// The same with every service in the agent's userspace proxy (the L4
+/// service too).
+#[test]
+fn failing_backends_leave_selection_and_come_back_userspace() {
+    skip_unless_lab!();
+    leave_and_come_back(&["--datapath", "userspace"]);
+}
+
+fn leave_and_come_back(extra: &[&str]) {
     let lab = Lab::new(3).expect("lab");
     let journal = Arc::new(Journal::counting());
     let mut health: Vec<Arc<Health>> = Vec::new();
@@ -156,7 +168,7 @@ fn failing_backends_leave_selection_and_come_back() {
     let tcp = lab.start_tcp_servers(TCP_PORT).expect("TCP backends");
     let dir = TestDir::new("health");
     dir.write_config(&config(&lab));
-    let mut agent = Agent::start(&lab, &dir, "agent", &agent_args(&lab, &dir, &[]));
+    let mut agent = Agent::start(&lab, &dir, "agent", &agent_args(&lab, &dir, extra));
     agent.wait_ready();
     wait_checked(&mut agent, 6);
 
