@@ -1388,7 +1388,11 @@ mod tests {
                 healthy_threshold: 1,
             })
         );
-        assert!(parse(ONE, "x").unwrap().state.services[0].health_check.is_none());
+        assert!(
+            parse(ONE, "x").unwrap().state.services[0]
+                .health_check
+                .is_none()
+        );
         // Whole seconds as a number.
         let c = parse(
             &format!("{ONE}    health_check: {{ kind: tcp, interval: 10, timeout: 2 }}\n"),
@@ -1396,7 +1400,10 @@ mod tests {
         )
         .unwrap();
         let h = c.state.services[0].health_check.clone().unwrap();
-        assert_eq!((h.interval, h.timeout), (Duration::from_secs(10), Duration::from_secs(2)));
+        assert_eq!(
+            (h.interval, h.timeout),
+            (Duration::from_secs(10), Duration::from_secs(2))
+        );
         // No timeout: the default 1 s, cut to a shorter interval.
         let c = parse(
             &format!("{ONE}    health_check: {{ kind: tcp, interval: 200ms }}\n"),

@@ -101,9 +101,7 @@ impl fmt::Display for Field {
             Field::HealthCheckService => f.write_str("health_check.service"),
             Field::HealthCheckInterval => f.write_str("health_check.interval"),
             Field::HealthCheckTimeout => f.write_str("health_check.timeout"),
-            Field::HealthCheckUnhealthyThreshold => {
-                f.write_str("health_check.unhealthy_threshold")
-            }
+            Field::HealthCheckUnhealthyThreshold => f.write_str("health_check.unhealthy_threshold"),
             Field::HealthCheckHealthyThreshold => f.write_str("health_check.healthy_threshold"),
         }
     }
@@ -262,7 +260,7 @@ pub fn health_interval(d: Duration) -> Result<(), String> {
         Err(format!(
             "interval {d:?} is out of range (expected {MIN_HEALTH_INTERVAL:?} to {MAX_HEALTH_INTERVAL:?})"
         ))
-    } else if d.subsec_nanos() % 1_000_000 != 0 {
+    } else if !d.subsec_nanos().is_multiple_of(1_000_000) {
         Err(format!("interval {d:?} must be whole milliseconds"))
     } else {
         Ok(())
@@ -275,7 +273,7 @@ pub fn health_timeout(d: Duration, interval: Duration) -> Result<(), String> {
         Err(format!(
             "timeout {d:?} is out of range (expected {MIN_HEALTH_TIMEOUT:?} up to the interval, {interval:?})"
         ))
-    } else if d.subsec_nanos() % 1_000_000 != 0 {
+    } else if !d.subsec_nanos().is_multiple_of(1_000_000) {
         Err(format!("timeout {d:?} must be whole milliseconds"))
     } else {
         Ok(())
@@ -499,8 +497,16 @@ mod tests {
             parse_duration("5 sec").unwrap_err(),
             "unknown unit \"sec\" in \"5 sec\" (use ms, s, m or h)"
         );
-        assert!(parse_duration("soon").unwrap_err().contains("not a duration"));
-        assert!(parse_duration("-1s").unwrap_err().contains("not a duration"));
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .contains("not a duration")
+        );
+        assert!(
+            parse_duration("-1s")
+                .unwrap_err()
+                .contains("not a duration")
+        );
     }
 
     /// Each bad value of a health check names its field and says why.

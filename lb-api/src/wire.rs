@@ -13,8 +13,7 @@ use std::time::Duration;
 use crate::config::Timeouts;
 use crate::model::{
     Algorithm, Backend, BackendState, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy, HealthCheck,
-    HealthCheckKind, Protocol,
-    Service, ServiceAddr,
+    HealthCheckKind, Protocol, Service, ServiceAddr,
 };
 use crate::validate::Refusal;
 

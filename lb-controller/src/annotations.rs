@@ -242,12 +242,11 @@ pub fn parse_annotations(
             HEALTH_CHECK_SERVICE => validate::health_service(value)
                 .map(|()| health.service = Some((key, value.clone())))
                 .map_err(|e| vec![AnnotationProblem::HealthValue(e)]),
-            HEALTH_CHECK_INTERVAL => parse_health_duration(value)
-                .and_then(|d| {
-                    validate::health_interval(d)
-                        .map_err(|e| vec![AnnotationProblem::HealthValue(e)])
-                        .map(|()| health.interval = Some((key, d)))
-                }),
+            HEALTH_CHECK_INTERVAL => parse_health_duration(value).and_then(|d| {
+                validate::health_interval(d)
+                    .map_err(|e| vec![AnnotationProblem::HealthValue(e)])
+                    .map(|()| health.interval = Some((key, d)))
+            }),
             HEALTH_CHECK_TIMEOUT => {
                 parse_health_duration(value).map(|d| health.timeout = Some((key, d)))
             }

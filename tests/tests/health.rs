@@ -225,8 +225,14 @@ fn leave_and_come_back(extra: &[&str]) {
     held.echo("while unhealthy");
     // The other backends are healthy.
     for b in lab.backends().iter().skip(1) {
-        assert_eq!(healthy(&s, grpc_svc, SocketAddrV4::new(b.ip(), GRPC_PORT)), Some(1.0));
-        assert_eq!(healthy(&s, web_svc, SocketAddrV4::new(b.ip(), TCP_PORT)), Some(1.0));
+        assert_eq!(
+            healthy(&s, grpc_svc, SocketAddrV4::new(b.ip(), GRPC_PORT)),
+            Some(1.0)
+        );
+        assert_eq!(
+            healthy(&s, web_svc, SocketAddrV4::new(b.ip(), TCP_PORT)),
+            Some(1.0)
+        );
     }
 
     // Back: SERVING and listening; 2 passes put it back.
@@ -248,7 +254,10 @@ fn leave_and_come_back(extra: &[&str]) {
     }
     std::thread::sleep(BOUND);
     let s = agent.scrape();
-    assert_eq!(s.sum("rpclb_backend_healthy", &[("service", grpc_svc)]), 0.0);
+    assert_eq!(
+        s.sum("rpclb_backend_healthy", &[("service", grpc_svc)]),
+        0.0
+    );
     let c = calls(&lab, 30);
     for i in 1..=3 {
         assert!(count(&c, &format!("backend-{i}")) > 0, "panic mode: {c:?}");

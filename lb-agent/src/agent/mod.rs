@@ -352,10 +352,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if let Some(i) = inherited {
         engines.set_inherited(i);
     }
-    let metrics = Metrics::with_collectors(
-        engines.stats_source(),
-        vec![engines.health.collector()],
-    );
+    let metrics =
+        Metrics::with_collectors(engines.stats_source(), vec![engines.health.collector()]);
     metrics.set_datapath(&status);
     let attached: Vec<String> = status.interfaces.iter().map(ToString::to_string).collect();
     let shared = Arc::new(Shared {
@@ -806,7 +804,10 @@ impl Loop {
         match self.engines.apply(&cfg.state, &cfg.timeouts).await {
             Ok(refused) => {
                 for s in self.engines.health.panics(&cfg.state) {
-                    warn!(service = s, "no healthy backend: panic mode, every backend takes traffic");
+                    warn!(
+                        service = s,
+                        "no healthy backend: panic mode, every backend takes traffic"
+                    );
                 }
                 debug!(took = ?t.elapsed(), "applied a health change");
                 self.shared.metrics.set_refused(&refused);

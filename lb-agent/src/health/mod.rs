@@ -387,7 +387,11 @@ mod tests {
         let mut st = state(true);
         h.set_targets(&st);
         force(&h, &st, 1, false);
-        st.services[0].health_check.as_mut().unwrap().unhealthy_threshold = 5;
+        st.services[0]
+            .health_check
+            .as_mut()
+            .unwrap()
+            .unhealthy_threshold = 5;
         h.set_targets(&st);
         let down: Vec<bool> = h.snapshot().iter().map(|b| b.healthy).collect();
         assert_eq!(down, [true, false, true]);
