@@ -223,6 +223,25 @@ fn leave_and_come_back(extra: &[&str]) {
     assert_eq!(count(&f, "backend-1"), 0, "unhealthy got flows: {f:?}");
     assert_eq!((count(&f, "backend-2"), count(&f, "backend-3")), (15, 15));
     held.echo("while unhealthy");
+    // `/status` (what `lbctl status` shows) lists both.
+    let (code, status) = agent.get("/status");
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+    let mut out: Vec<String> = v["health"]["unhealthy"]
+        .as_array()
+        .expect("health.unhealthy")
+        .iter()
+        .map(|u| {
+            format!(
+                "{} {}",
+                u["service"].as_str().unwrap(),
+                u["backend"].as_str().unwrap()
+            )
+        })
+        .collect();
+    out.sort();
+    assert_eq!(out, [format!("{grpc_svc} {g1}"), format!("{web_svc} {t1}")]);
+    assert_eq!(v["health"]["checked"], 6);
     // The other backends are healthy.
     for b in lab.backends().iter().skip(1) {
         assert_eq!(

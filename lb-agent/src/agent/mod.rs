@@ -144,6 +144,8 @@ struct Shared {
     stream: Arc<StreamStatus>,
     /// Conntrack fill and evictions, from the last GC sweep (eBPF only).
     conntrack: Mutex<Option<crate::pressure::Pressure>>,
+    /// The backends' health checks (for `/status`).
+    health: crate::health::HealthChecker,
 }
 
 impl Shared {
@@ -365,6 +367,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         timeouts: Mutex::new(file.as_ref().map(|f| f.1.timeouts).unwrap_or_default()),
         stream: Arc::new(StreamStatus::default()),
         conntrack: Mutex::new(None),
+        health: engines.health.clone(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(http::serve(listener, shared.clone(), stop_rx.clone()));

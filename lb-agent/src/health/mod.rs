@@ -95,6 +95,38 @@ pub struct BackendHealth {
     pub failed: u64,
 }
 
+/// For `/status` and `lbctl status`: the health checks: how many backends are checked, and those out of
+/// selection.
+#[derive(Debug, Default, serde::Deserialize, serde::Serialize)]
+pub struct Health {
+    pub checked: usize,
+    pub unhealthy: Vec<Unhealthy>,
+}
+
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+pub struct Unhealthy {
+    pub service: String,
+    pub backend: String,
+    pub check: String,
+}
+
+impl Health {
+    pub fn of(all: &[BackendHealth]) -> Health {
+        Health {
+            checked: all.len(),
+            unhealthy: all
+                .iter()
+                .filter(|b| !b.healthy)
+                .map(|b| Unhealthy {
+                    service: b.service.clone(),
+                    backend: b.backend.to_string(),
+                    check: b.kind.to_string(),
+                })
+                .collect(),
+        }
+    }
+}
+
 impl HealthChecker {
     pub fn new() -> Self {
         Self::default()
