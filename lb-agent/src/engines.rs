@@ -7,6 +7,9 @@
 //! - **userspace** (`--datapath userspace`, or `auto` when eBPF cannot be
 //!   loaded or attached): the userspace proxy serves every service.
 //!
+//! Both get the desired state with the backends that fail their health
+//! checks drained (weight 0; `crate::health`).
+//!
 //! The userspace proxy starts with the first state that needs it, with that
 //! state's timeouts; a later change of timeouts reaches the proxy at the next
 //! agent start. Unlike the kernel path, the proxy's connections end with the
@@ -21,6 +24,7 @@ use tracing::info;
 
 use crate::config::Timeouts;
 use crate::datapath::Datapath;
+use crate::health::HealthChecker;
 use crate::metrics::{DatapathSnapshot, StatsSource};
 use crate::userspace::handover::{Handed, Inherited};
 use crate::userspace::{GrpcOptions, ProxyError, ProxyOptions, UserspaceProxy};
@@ -45,6 +49,9 @@ pub struct Engines {
     pub proxy_threads: usize,
     /// The gRPC mode's settings of the proxy (`--grpc-*`).
     pub grpc: GrpcOptions,
+    /// Active health checks: what is applied is the state with unhealthy
+    /// backends drained ([`HealthChecker::effective`]).
+    pub health: HealthChecker,
 }
 
 type SharedProxy = Arc<Mutex<Option<Arc<UserspaceProxy>>>>;
@@ -61,6 +68,7 @@ impl Engines {
             inherited: Mutex::new(None),
             proxy_threads: 0,
             grpc: GrpcOptions::default(),
+            health: HealthChecker::new(),
         }
     }
 
@@ -102,6 +110,9 @@ impl Engines {
         state: &DesiredState,
         timeouts: &Timeouts,
     ) -> anyhow::Result<Vec<Refusal>> {
+        // Check what the state holds; apply it with the unhealthy drained.
+        self.health.set_targets(state);
+        let state = &self.health.effective(state);
         let (kernel_part, proxy_part) = match &self.kernel {
             Some(_) => {
                 let (l7, l4): (Vec<_>, Vec<_>) = state

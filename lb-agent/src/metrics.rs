@@ -181,6 +181,15 @@ impl fmt::Debug for Metrics {
 impl Metrics {
     /// Registers everything; `source` feeds the kernel counters at scrape time.
     pub fn new(source: Box<dyn StatsSource>) -> Self {
+        Self::with_collectors(source, Vec::new())
+    }
+
+    /// [`Metrics::new`], plus more families read at scrape time (the
+    /// health checks').
+    pub fn with_collectors(
+        source: Box<dyn StatsSource>,
+        extra: Vec<Box<dyn prometheus_client::collector::Collector>>,
+    ) -> Self {
         let mut registry = Registry::default();
         let m = Metrics {
             config_reloads: Counter::default(),
@@ -303,6 +312,9 @@ impl Metrics {
             source,
             errors: AtomicU64::new(0),
         }));
+        for c in extra {
+            registry.register_collector(c);
+        }
         Metrics { registry, ..m }
     }
 

@@ -157,6 +157,7 @@ mod tests {
             affinity_timeout: None,
             maglev_table_size: None,
             grpc: None,
+            health_check: None,
             backends: backends
                 .iter()
                 .map(|&(last, weight)| Backend {

@@ -39,8 +39,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::model::{
-    Algorithm, Backend, BackendState, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy, Protocol,
-    Service,
+    Algorithm, Backend, BackendState, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy, HealthCheck,
+    HealthCheckKind, Protocol, Service,
 };
 use crate::validate::{self, BackendField, Field, HeaderField};
 use serde::Deserialize;
@@ -246,6 +246,23 @@ struct RawService {
     backends: Option<At<Vec<At<RawBackend>>>>,
     /// Present (even `grpc: {}`): the gRPC (L7) mode.
     grpc: Option<At<RawGrpc>>,
+    /// Present: active health checks of the backends.
+    health_check: Option<At<RawHealthCheck>>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a health check mapping (kind, service, interval, timeout, unhealthy_threshold, healthy_threshold)"
+)]
+struct RawHealthCheck {
+    #[serde(default, deserialize_with = "required")]
+    kind: Option<At<HealthKindField>>,
+    service: Option<At<String>>,
+    interval: Option<At<DurationField>>,
+    timeout: Option<At<DurationField>>,
+    unhealthy_threshold: Option<At<Threshold>>,
+    healthy_threshold: Option<At<Threshold>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -388,6 +405,33 @@ fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
             })
         }
     };
+    let health_check = match &s.health_check {
+        None => None,
+        Some(h) => {
+            let here = [&here[..], &[key("health_check")]].concat();
+            let r = &h.value;
+            let d = HealthCheck::new(need(&r.kind, "kind", &here, h.at)?.0);
+            let interval = r.interval.as_ref().map_or(d.interval, |v| v.value.0);
+            Some(HealthCheck {
+                service: r.service.as_ref().map_or(d.service, |v| v.value.clone()),
+                interval,
+                // The default timeout, but never above the interval.
+                timeout: r
+                    .timeout
+                    .as_ref()
+                    .map_or(d.timeout.min(interval), |v| v.value.0),
+                unhealthy_threshold: r
+                    .unhealthy_threshold
+                    .as_ref()
+                    .map_or(d.unhealthy_threshold, |v| v.value.0),
+                healthy_threshold: r
+                    .healthy_threshold
+                    .as_ref()
+                    .map_or(d.healthy_threshold, |v| v.value.0),
+                ..d
+            })
+        }
+    };
     Ok(Service {
         name,
         vip,
@@ -401,6 +445,7 @@ fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
         maglev_table_size: s.maglev_table_size.as_ref().map(|m| m.value.0),
         backends,
         grpc,
+        health_check,
     })
 }
 
@@ -433,6 +478,15 @@ fn field_problem(i: usize, rs: &At<RawService>, field: Field, message: String) -
         headers.and_then(|h| h.value.get(k))
     };
     let grpc_headers = || s.grpc.as_ref().and_then(|g| at(&g.value.headers));
+    let health = |name: &str, pos: fn(&RawHealthCheck) -> Option<Location>| {
+        vec![
+            (key("health_check"), at(&s.health_check)),
+            (
+                key(name),
+                s.health_check.as_ref().and_then(|h| pos(&h.value)),
+            ),
+        ]
+    };
     // (segment, its position if present), from the service down to the field.
     let steps: Vec<(Seg, Option<Location>)> = match field {
         Field::Name => vec![(key("name"), at(&s.name))],
@@ -474,6 +528,16 @@ fn field_problem(i: usize, rs: &At<RawService>, field: Field, message: String) -
                 (Seg::Index(k), h.map(|h| h.at)),
                 (key(name), pos),
             ]
+        }
+        Field::HealthCheck => vec![(key("health_check"), at(&s.health_check))],
+        Field::HealthCheckService => health("service", |h| at(&h.service)),
+        Field::HealthCheckInterval => health("interval", |h| at(&h.interval)),
+        Field::HealthCheckTimeout => health("timeout", |h| at(&h.timeout)),
+        Field::HealthCheckUnhealthyThreshold => {
+            health("unhealthy_threshold", |h| at(&h.unhealthy_threshold))
+        }
+        Field::HealthCheckHealthyThreshold => {
+            health("healthy_threshold", |h| at(&h.healthy_threshold))
         }
     };
     let mut path = vec![key("services"), Seg::Index(i)];
@@ -1039,6 +1103,38 @@ checked!(
 );
 
 checked!(
+    HealthKindField(HealthCheckKind) = str_field("a health check kind (grpc or tcp)", |s| {
+        s.parse::<HealthCheckKind>()
+    })
+);
+
+/// A duration: `500ms`, `2s`, `1m`, or a whole number of seconds. Its range
+/// is checked by `Service::validate` (it depends on the field).
+struct DurationField(Duration);
+
+impl<'de> Deserialize<'de> for DurationField {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Scalar {
+            expecting: "a duration (e.g. 500ms, 2s, or a number of seconds)",
+            from_str: Some(validate::parse_duration),
+            from_int: Some(|v| {
+                v.checked_mul(1000)
+                    .map(Duration::from_millis)
+                    .ok_or_else(|| format!("{v} seconds is too long"))
+            }),
+        })
+        .map(DurationField)
+    }
+}
+
+checked!(
+    Threshold(u32) = int_field("a number of checks in a row (1-100)", |v| {
+        let n = u32::try_from(v).unwrap_or(u32::MAX);
+        validate::health_threshold(n).map(|()| n)
+    })
+);
+
+checked!(
     Seconds(Duration) = int_field("a timeout in seconds (> 0)", |v| {
         if v == 0 {
             Err("timeout must be at least 1 second".to_string())
@@ -1261,6 +1357,102 @@ mod tests {
             (5, 22),
             "services[0].grpc.timeout",
             "at least 1 second",
+        );
+    }
+
+    #[test]
+    fn health_check() {
+        use crate::model::{HealthCheck, HealthCheckKind};
+        let c = parse(&format!("{ONE}    health_check: {{ kind: tcp }}\n"), "x").unwrap();
+        assert_eq!(
+            c.state.services[0].health_check,
+            Some(HealthCheck::new(HealthCheckKind::Tcp))
+        );
+        let c = parse(
+            &format!(
+                "{ONE}    health_check:\n      kind: grpc\n      service: shop.Cart\n      \
+                 interval: 250ms\n      timeout: 0.1s\n      unhealthy_threshold: 2\n      \
+                 healthy_threshold: 1\n"
+            ),
+            "x",
+        )
+        .unwrap();
+        assert_eq!(
+            c.state.services[0].health_check,
+            Some(HealthCheck {
+                kind: HealthCheckKind::Grpc,
+                service: "shop.Cart".into(),
+                interval: Duration::from_millis(250),
+                timeout: Duration::from_millis(100),
+                unhealthy_threshold: 2,
+                healthy_threshold: 1,
+            })
+        );
+        assert!(
+            parse(ONE, "x").unwrap().state.services[0]
+                .health_check
+                .is_none()
+        );
+        // Whole seconds as a number.
+        let c = parse(
+            &format!("{ONE}    health_check: {{ kind: tcp, interval: 10, timeout: 2 }}\n"),
+            "x",
+        )
+        .unwrap();
+        let h = c.state.services[0].health_check.clone().unwrap();
+        assert_eq!(
+            (h.interval, h.timeout),
+            (Duration::from_secs(10), Duration::from_secs(2))
+        );
+        // No timeout: the default 1 s, cut to a shorter interval.
+        let c = parse(
+            &format!("{ONE}    health_check: {{ kind: tcp, interval: 200ms }}\n"),
+            "x",
+        )
+        .unwrap();
+        let h = c.state.services[0].health_check.clone().unwrap();
+        assert_eq!(h.timeout, Duration::from_millis(200));
+        assert_err(
+            &format!("{ONE}    health_check: {{}}\n"),
+            (5, 19),
+            "services[0].health_check",
+            "missing field `kind`",
+        );
+        assert_err(
+            &format!("{ONE}    health_check: {{ kind: http }}\n"),
+            (5, 27),
+            "services[0].health_check.kind",
+            "unknown health check kind \"http\" (expected grpc or tcp)",
+        );
+        assert_err(
+            &format!("{ONE}    health_check: {{ kind: tcp, interval: 5 sec }}\n"),
+            (5, 42),
+            "services[0].health_check.interval",
+            "unknown unit \"sec\"",
+        );
+        assert_err(
+            &format!("{ONE}    health_check: {{ kind: tcp, interval: 1s, timeout: 2s }}\n"),
+            (5, 55),
+            "services[0].health_check.timeout",
+            "timeout 2s is out of range (expected 10ms up to the interval, 1s)",
+        );
+        assert_err(
+            &format!("{ONE}    health_check: {{ kind: grpc, healthy_threshold: 0 }}\n"),
+            (5, 52),
+            "services[0].health_check.healthy_threshold",
+            "threshold 0 is out of range",
+        );
+        assert_err(
+            &format!("{ONE}    protocol: udp\n    health_check: {{ kind: tcp }}\n"),
+            (6, 19),
+            "services[0].health_check",
+            "health checks need protocol tcp",
+        );
+        assert_err(
+            &format!("{ONE}    health_check: {{ kind: tcp, every: 5 }}\n"),
+            (5, 32),
+            "services[0].health_check",
+            "unknown field `every`",
         );
     }
 

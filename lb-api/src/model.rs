@@ -206,6 +206,94 @@ pub fn check_added_header(name: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// What an active health check probes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheckKind {
+    /// `grpc.health.v1.Health/Check` over HTTP/2 without TLS (h2c); passes
+    /// on `SERVING` only.
+    #[default]
+    Grpc,
+    /// A TCP connect to the backend's port; passes when it is accepted.
+    Tcp,
+}
+
+impl HealthCheckKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthCheckKind::Grpc => "grpc",
+            HealthCheckKind::Tcp => "tcp",
+        }
+    }
+}
+
+impl fmt::Display for HealthCheckKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for HealthCheckKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "grpc" => Ok(HealthCheckKind::Grpc),
+            "tcp" => Ok(HealthCheckKind::Tcp),
+            _ => Err(format!(
+                "unknown health check kind {s:?} (expected grpc or tcp)"
+            )),
+        }
+    }
+}
+
+/// Defaults of a health check (as Kubernetes probes and Envoy use them,
+/// with a shorter interval).
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 3;
+pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 2;
+
+/// An active health check of every backend of a service, run by each agent
+/// from its node. A backend that fails `unhealthy_threshold` checks in a
+/// row takes no new flows or calls (as with weight 0: established flows
+/// stay) until it passes `healthy_threshold` in a row. If no backend of the
+/// service is healthy, all take traffic again (panic mode).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub kind: HealthCheckKind,
+    /// gRPC: the `service` field of the Check request; empty asks about the
+    /// server as a whole. Must be empty for `tcp`.
+    pub service: String,
+    /// Time between the starts of two checks of one backend.
+    pub interval: Duration,
+    /// A check not answered within this fails.
+    pub timeout: Duration,
+    /// Consecutive failures that take a healthy backend out.
+    pub unhealthy_threshold: u32,
+    /// Consecutive passes that put an unhealthy backend back.
+    pub healthy_threshold: u32,
+}
+
+impl HealthCheck {
+    /// A check of this kind with the default timings.
+    pub fn new(kind: HealthCheckKind) -> Self {
+        HealthCheck {
+            kind,
+            service: String::new(),
+            interval: DEFAULT_HEALTH_INTERVAL,
+            timeout: DEFAULT_HEALTH_TIMEOUT,
+            unhealthy_threshold: DEFAULT_UNHEALTHY_THRESHOLD,
+            healthy_threshold: DEFAULT_HEALTHY_THRESHOLD,
+        }
+    }
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck::new(HealthCheckKind::Grpc)
+    }
+}
+
 /// One load-balanced service: a VIP, port and protocol, and its backends.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
@@ -224,6 +312,10 @@ pub struct Service {
     /// `None`: connection balancing (L4) in the kernel.
     #[serde(default)]
     pub grpc: Option<GrpcPolicy>,
+    /// `Some`: active health checks of the backends (TCP services only);
+    /// `None`: every backend is taken as healthy.
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
 }
 
 impl Service {
@@ -246,6 +338,7 @@ impl Service {
             maglev_table_size: None,
             backends,
             grpc: None,
+            health_check: None,
         }
     }
 

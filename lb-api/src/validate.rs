@@ -24,8 +24,8 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use crate::model::{
-    Backend, DEFAULT_MAGLEV_M, MAX_WEIGHT, Protocol, Service, ServiceAddr, check_added_header,
-    is_prime,
+    Backend, DEFAULT_MAGLEV_M, HealthCheckKind, MAX_WEIGHT, Protocol, Service, ServiceAddr,
+    check_added_header, is_prime,
 };
 
 /// The largest client-IP affinity timeout (as in Kubernetes).
@@ -49,6 +49,13 @@ pub enum Field {
     Grpc,
     GrpcTimeout,
     GrpcHeader(usize, HeaderField),
+    /// The health check as a whole (it needs TCP).
+    HealthCheck,
+    HealthCheckService,
+    HealthCheckInterval,
+    HealthCheckTimeout,
+    HealthCheckUnhealthyThreshold,
+    HealthCheckHealthyThreshold,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +97,12 @@ impl fmt::Display for Field {
                 };
                 write!(f, "grpc.headers[{i}].{h}")
             }
+            Field::HealthCheck => f.write_str("health_check"),
+            Field::HealthCheckService => f.write_str("health_check.service"),
+            Field::HealthCheckInterval => f.write_str("health_check.interval"),
+            Field::HealthCheckTimeout => f.write_str("health_check.timeout"),
+            Field::HealthCheckUnhealthyThreshold => f.write_str("health_check.unhealthy_threshold"),
+            Field::HealthCheckHealthyThreshold => f.write_str("health_check.healthy_threshold"),
         }
     }
 }
@@ -203,6 +216,98 @@ pub fn grpc_timeout(d: Duration) -> Result<(), String> {
     }
 }
 
+/// The shortest health check interval (bounds the probe load: a service of
+/// 100 backends at 100 ms is 1,000 checks/s from every node).
+pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(100);
+/// The longest health check interval.
+pub const MAX_HEALTH_INTERVAL: Duration = Duration::from_secs(3600);
+/// The shortest health check timeout.
+pub const MIN_HEALTH_TIMEOUT: Duration = Duration::from_millis(10);
+/// The largest health check threshold.
+pub const MAX_HEALTH_THRESHOLD: u32 = 100;
+/// The longest gRPC health service name.
+pub const MAX_HEALTH_SERVICE_LEN: usize = 255;
+
+/// A duration as written in a config file or an annotation: `500ms`, `2s`,
+/// `1.5s`, `1m`, or a bare number of seconds; rounded to whole milliseconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite())
+        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 500ms, 2s, 1m)"))?;
+    let ms = match unit.trim() {
+        "ms" => n,
+        "" | "s" => n * 1e3,
+        "m" => n * 60e3,
+        "h" => n * 3600e3,
+        u => return Err(format!("unknown unit {u:?} in {s:?} (use ms, s, m or h)")),
+    };
+    if ms > 1e12 {
+        return Err(format!("{s:?} is too long"));
+    }
+    Ok(Duration::from_millis(ms.round() as u64))
+}
+
+/// A health check interval: [`MIN_HEALTH_INTERVAL`] to [`MAX_HEALTH_INTERVAL`].
+pub fn health_interval(d: Duration) -> Result<(), String> {
+    if d < MIN_HEALTH_INTERVAL || d > MAX_HEALTH_INTERVAL {
+        Err(format!(
+            "interval {d:?} is out of range (expected {MIN_HEALTH_INTERVAL:?} to {MAX_HEALTH_INTERVAL:?})"
+        ))
+    } else if !d.subsec_nanos().is_multiple_of(1_000_000) {
+        Err(format!("interval {d:?} must be whole milliseconds"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A health check timeout: [`MIN_HEALTH_TIMEOUT`] up to the interval.
+pub fn health_timeout(d: Duration, interval: Duration) -> Result<(), String> {
+    if d < MIN_HEALTH_TIMEOUT || d > interval {
+        Err(format!(
+            "timeout {d:?} is out of range (expected {MIN_HEALTH_TIMEOUT:?} up to the interval, {interval:?})"
+        ))
+    } else if !d.subsec_nanos().is_multiple_of(1_000_000) {
+        Err(format!("timeout {d:?} must be whole milliseconds"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A health check threshold: 1 to [`MAX_HEALTH_THRESHOLD`] checks in a row.
+pub fn health_threshold(n: u32) -> Result<(), String> {
+    if n == 0 || n > MAX_HEALTH_THRESHOLD {
+        Err(format!(
+            "threshold {n} is out of range (expected 1-{MAX_HEALTH_THRESHOLD} checks in a row)"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// A gRPC health service name: visible ASCII, at most
+/// [`MAX_HEALTH_SERVICE_LEN`] bytes (empty: the whole server).
+pub fn health_service(s: &str) -> Result<(), String> {
+    if s.len() > MAX_HEALTH_SERVICE_LEN {
+        Err(format!(
+            "service name is {} bytes long (maximum {MAX_HEALTH_SERVICE_LEN})",
+            s.len()
+        ))
+    } else if !s.chars().all(|c| c.is_ascii_graphic()) {
+        Err(format!(
+            "service name {s:?} must be visible ASCII without spaces"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 /// The backends that take new flows (active, weight > 0), each `ip:port` once.
 pub fn live_backends(backends: &[Backend]) -> impl Iterator<Item = &Backend> {
     let mut seen = HashSet::new();
@@ -296,6 +401,32 @@ impl Service {
                 }
             }
         }
+        if let Some(h) = &self.health_check {
+            if self.protocol != Protocol::Tcp {
+                return Err(InvalidService {
+                    field: Field::HealthCheck,
+                    message: "health checks need protocol tcp".into(),
+                });
+            }
+            match h.kind {
+                HealthCheckKind::Grpc => {
+                    health_service(&h.service).map_err(at(Field::HealthCheckService))?
+                }
+                HealthCheckKind::Tcp if !h.service.is_empty() => {
+                    return Err(InvalidService {
+                        field: Field::HealthCheckService,
+                        message: "a service name applies to grpc checks only, not tcp".into(),
+                    });
+                }
+                HealthCheckKind::Tcp => {}
+            }
+            health_interval(h.interval).map_err(at(Field::HealthCheckInterval))?;
+            health_timeout(h.timeout, h.interval).map_err(at(Field::HealthCheckTimeout))?;
+            health_threshold(h.unhealthy_threshold)
+                .map_err(at(Field::HealthCheckUnhealthyThreshold))?;
+            health_threshold(h.healthy_threshold)
+                .map_err(at(Field::HealthCheckHealthyThreshold))?;
+        }
         Ok(())
     }
 
@@ -352,7 +483,92 @@ pub fn duplicate_addrs(services: &[Service]) -> Vec<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Algorithm, BackendState, GrpcPolicy};
+    use crate::model::{Algorithm, BackendState, GrpcPolicy, HealthCheck};
+
+    #[test]
+    fn durations_parse_with_units() {
+        let ms = Duration::from_millis;
+        assert_eq!(parse_duration("500ms"), Ok(ms(500)));
+        assert_eq!(parse_duration("2s"), Ok(ms(2000)));
+        assert_eq!(parse_duration(" 1.5s "), Ok(ms(1500)));
+        assert_eq!(parse_duration("0.1"), Ok(ms(100)));
+        assert_eq!(parse_duration("1m"), Ok(ms(60_000)));
+        assert_eq!(
+            parse_duration("5 sec").unwrap_err(),
+            "unknown unit \"sec\" in \"5 sec\" (use ms, s, m or h)"
+        );
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .contains("not a duration")
+        );
+        assert!(
+            parse_duration("-1s")
+                .unwrap_err()
+                .contains("not a duration")
+        );
+    }
+
+    /// Each bad value of a health check names its field and says why.
+    #[test]
+    fn health_check_values_are_checked() {
+        let base = || {
+            let mut s = svc(Algorithm::Random, 2, 0);
+            s.health_check = Some(HealthCheck::default());
+            s
+        };
+        assert_eq!(base().validate(), Ok(()));
+        let bad = |f: &dyn Fn(&mut HealthCheck), proto: Protocol| {
+            let mut s = base();
+            s.protocol = proto;
+            f(s.health_check.as_mut().unwrap());
+            s.validate().unwrap_err().to_string()
+        };
+        let tcp = Protocol::Tcp;
+        assert_eq!(
+            bad(&|_| {}, Protocol::Udp),
+            "health_check: health checks need protocol tcp"
+        );
+        assert_eq!(
+            bad(&|h| h.interval = Duration::from_millis(50), tcp),
+            "health_check.interval: interval 50ms is out of range (expected 100ms to 3600s)"
+        );
+        assert_eq!(
+            bad(&|h| h.interval = Duration::from_micros(100_500), tcp),
+            "health_check.interval: interval 100.5ms must be whole milliseconds"
+        );
+        assert_eq!(
+            bad(&|h| h.timeout = Duration::from_secs(6), tcp),
+            "health_check.timeout: timeout 6s is out of range (expected 10ms up to the interval, 5s)"
+        );
+        assert_eq!(
+            bad(&|h| h.unhealthy_threshold = 0, tcp),
+            "health_check.unhealthy_threshold: threshold 0 is out of range (expected 1-100 checks in a row)"
+        );
+        assert_eq!(
+            bad(&|h| h.healthy_threshold = 101, tcp),
+            "health_check.healthy_threshold: threshold 101 is out of range (expected 1-100 checks in a row)"
+        );
+        assert_eq!(
+            bad(&|h| h.service = "my service".into(), tcp),
+            "health_check.service: service name \"my service\" must be visible ASCII without spaces"
+        );
+        assert_eq!(
+            bad(
+                &|h| {
+                    h.kind = HealthCheckKind::Tcp;
+                    h.service = "x".into();
+                },
+                tcp
+            ),
+            "health_check.service: a service name applies to grpc checks only, not tcp"
+        );
+        // A TCP check on a gRPC-mode service, and the reverse, are fine.
+        let mut s = base();
+        s.health_check.as_mut().unwrap().kind = HealthCheckKind::Tcp;
+        s.grpc = Some(GrpcPolicy::default());
+        assert_eq!(s.validate(), Ok(()));
+    }
 
     fn svc(algorithm: Algorithm, active: u32, terminating: u32) -> Service {
         let mut backends = Vec::new();

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use crate::config::Timeouts;
 use crate::model::{
-    Algorithm, Backend, BackendState, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy, Protocol,
-    Service, ServiceAddr,
+    Algorithm, Backend, BackendState, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy, HealthCheck,
+    HealthCheckKind, Protocol, Service, ServiceAddr,
 };
 use crate::validate::Refusal;
 
@@ -101,6 +101,17 @@ impl From<&Service> for pb::Service {
                         value: value.clone(),
                     })
                     .collect(),
+            }),
+            health_check: s.health_check.as_ref().map(|h| pb::HealthCheck {
+                kind: match h.kind {
+                    HealthCheckKind::Grpc => pb::HealthCheckKind::Grpc,
+                    HealthCheckKind::Tcp => pb::HealthCheckKind::Tcp,
+                } as i32,
+                service: h.service.clone(),
+                interval_ms: u64::try_from(h.interval.as_millis()).unwrap_or(u64::MAX),
+                timeout_ms: u64::try_from(h.timeout.as_millis()).unwrap_or(u64::MAX),
+                unhealthy_threshold: h.unhealthy_threshold,
+                healthy_threshold: h.healthy_threshold,
             }),
         }
     }
@@ -202,6 +213,30 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
             .map(|h| (h.name.clone(), h.value.clone()))
             .collect(),
     });
+    let health_check = match &s.health_check {
+        None => None,
+        Some(h) => {
+            let kind = match pb::HealthCheckKind::try_from(h.kind) {
+                Ok(pb::HealthCheckKind::Grpc) => HealthCheckKind::Grpc,
+                Ok(pb::HealthCheckKind::Tcp) => HealthCheckKind::Tcp,
+                _ => return Err(bad(format!("unknown health check kind {}", h.kind))),
+            };
+            let d = HealthCheck::new(kind);
+            let ms = |v: u64, default: Duration| match v {
+                0 => default,
+                v => Duration::from_millis(v),
+            };
+            let n = |v: u32, default: u32| if v == 0 { default } else { v };
+            Some(HealthCheck {
+                kind,
+                service: h.service.clone(),
+                interval: ms(h.interval_ms, d.interval),
+                timeout: ms(h.timeout_ms, d.timeout),
+                unhealthy_threshold: n(h.unhealthy_threshold, d.unhealthy_threshold),
+                healthy_threshold: n(h.healthy_threshold, d.healthy_threshold),
+            })
+        }
+    };
     let mut svc = Service {
         name: s.name.clone(),
         vip: addr.vip,
@@ -218,6 +253,7 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
         },
         backends,
         grpc,
+        health_check,
     };
     svc.normalise().map_err(|e| bad(e.to_string()))?;
     Ok(svc)
@@ -504,9 +540,19 @@ mod tests {
             default_timeout: Duration::from_millis(2500),
             add_headers: vec![("x-cluster".into(), "east".into())],
         });
+        s.health_check = Some(HealthCheck {
+            service: "shop.Cart".into(),
+            interval: Duration::from_millis(250),
+            timeout: Duration::from_millis(50),
+            unhealthy_threshold: 4,
+            healthy_threshold: 1,
+            ..HealthCheck::default()
+        });
+        let mut tcp = svc("a/c:grpc", 81, &[]);
+        tcp.health_check = Some(HealthCheck::new(HealthCheckKind::Tcp));
         let n = NodeState {
             state: DesiredState {
-                services: vec![s, svc("a/c:grpc", 81, &[])],
+                services: vec![s, tcp],
             },
             timeouts: Timeouts {
                 udp: Duration::from_millis(1500),

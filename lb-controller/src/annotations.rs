@@ -8,6 +8,16 @@
 //! | `rpclb.io/maglev-table-size` | a prime > 100 | the agent's default (16381, or larger for many backends) |
 //! | `rpclb.io/mode` | `l4` or `grpc` (per-call gRPC balancing in the agent, TCP ports only) | `l4` |
 //! | `rpclb.io/grpc-timeout` | seconds, 1-86400: the deadline of a call without `grpc-timeout` (gRPC mode) | 30 |
+//! | `rpclb.io/health-check` | `grpc` (grpc.health.v1 Check) or `tcp` (connect): active health checks of the backends (TCP ports only) | none |
+//! | `rpclb.io/health-check-service` | the Check request's service name (`grpc` checks only) | empty: the whole server |
+//! | `rpclb.io/health-check-interval` | a duration (`500ms`, `5s`, `1m`; a bare number is seconds), 100ms-1h | `5s` |
+//! | `rpclb.io/health-check-timeout` | a duration, 10ms up to the interval | `1s` (or the interval, if shorter) |
+//! | `rpclb.io/health-check-unhealthy-threshold` | failures in a row that take a backend out, 1-100 | 3 |
+//! | `rpclb.io/health-check-healthy-threshold` | passes in a row that put it back, 1-100 | 2 |
+//!
+//! The `rpclb.io/health-check-*` settings need `rpclb.io/health-check`;
+//! without it each is reported and ignored. An invalid setting is reported
+//! and its default used; the check itself stays on.
 //!
 //! `rpclb.io/weights` format: comma-separated `IP=WEIGHT` entries, for
 //! example `"10.244.2.2=3, 10.244.2.3=1"`.
@@ -55,8 +65,28 @@ pub const MAGLEV_TABLE_SIZE: &str = "rpclb.io/maglev-table-size";
 pub const MODE: &str = "rpclb.io/mode";
 /// The gRPC mode's default call deadline, in seconds.
 pub const GRPC_TIMEOUT: &str = "rpclb.io/grpc-timeout";
+/// `grpc` or `tcp`: active health checks.
+pub const HEALTH_CHECK: &str = "rpclb.io/health-check";
+/// The gRPC health service name of the Check request.
+pub const HEALTH_CHECK_SERVICE: &str = "rpclb.io/health-check-service";
+pub const HEALTH_CHECK_INTERVAL: &str = "rpclb.io/health-check-interval";
+pub const HEALTH_CHECK_TIMEOUT: &str = "rpclb.io/health-check-timeout";
+pub const HEALTH_CHECK_UNHEALTHY: &str = "rpclb.io/health-check-unhealthy-threshold";
+pub const HEALTH_CHECK_HEALTHY: &str = "rpclb.io/health-check-healthy-threshold";
 /// Every annotation this version understands.
-pub const KNOWN: [&str; 5] = [ALGORITHM, WEIGHTS, MAGLEV_TABLE_SIZE, MODE, GRPC_TIMEOUT];
+pub const KNOWN: [&str; 11] = [
+    ALGORITHM,
+    WEIGHTS,
+    MAGLEV_TABLE_SIZE,
+    MODE,
+    GRPC_TIMEOUT,
+    HEALTH_CHECK,
+    HEALTH_CHECK_SERVICE,
+    HEALTH_CHECK_INTERVAL,
+    HEALTH_CHECK_TIMEOUT,
+    HEALTH_CHECK_UNHEALTHY,
+    HEALTH_CHECK_HEALTHY,
+];
 
 /// A Service's load-balancing policy, from its annotations.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -68,6 +98,8 @@ pub struct ServicePolicy {
     pub maglev_table_size: Option<u32>,
     /// `rpclb.io/mode: grpc`: the gRPC (L7) mode, with `rpclb.io/grpc-timeout`.
     pub grpc: Option<lb_api::GrpcPolicy>,
+    /// `rpclb.io/health-check` and its settings.
+    pub health_check: Option<lb_api::HealthCheck>,
 }
 
 impl ServicePolicy {
@@ -99,6 +131,12 @@ impl AnnotationError {
             MAGLEV_TABLE_SIZE => "using the default maglev table size",
             MODE => "using the l4 mode",
             GRPC_TIMEOUT => "using the default gRPC timeout (30 s)",
+            HEALTH_CHECK => "no health checks",
+            HEALTH_CHECK_SERVICE => "checking the whole server (empty service name)",
+            HEALTH_CHECK_INTERVAL => "using the default interval (5s)",
+            HEALTH_CHECK_TIMEOUT => "using the default timeout (1s, or the interval if shorter)",
+            HEALTH_CHECK_UNHEALTHY => "using the default unhealthy threshold (3)",
+            HEALTH_CHECK_HEALTHY => "using the default healthy threshold (2)",
             _ => "ignoring it",
         }
     }
@@ -127,7 +165,7 @@ impl std::error::Error for AnnotationError {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AnnotationProblem {
     #[error(
-        "unknown rpclb.io annotation (known: rpclb.io/algorithm, rpclb.io/weights, rpclb.io/maglev-table-size, rpclb.io/mode, rpclb.io/grpc-timeout)"
+        "unknown rpclb.io annotation (known: rpclb.io/algorithm, rpclb.io/weights, rpclb.io/maglev-table-size, rpclb.io/mode, rpclb.io/grpc-timeout, rpclb.io/health-check, rpclb.io/health-check-service, rpclb.io/health-check-interval, rpclb.io/health-check-timeout, rpclb.io/health-check-unhealthy-threshold, rpclb.io/health-check-healthy-threshold)"
     )]
     UnknownKey,
     #[error("the value is empty")]
@@ -154,6 +192,13 @@ pub enum AnnotationProblem {
     UnknownMode(String),
     #[error("timeout {0} s is out of range (expected 1-86400)")]
     TimeoutRange(u64),
+    #[error("unknown health check kind {0:?} (expected grpc or tcp)")]
+    UnknownHealthCheck(String),
+    /// Breaks a health check rule of `lb_api::validate` (range, format).
+    #[error("{0}")]
+    HealthValue(String),
+    #[error("has no effect without rpclb.io/health-check")]
+    NoHealthCheck,
 }
 
 /// Reads a Service's policy from its annotations.
@@ -166,6 +211,7 @@ pub fn parse_annotations(
     let mut policy = ServicePolicy::default();
     let mut errors = Vec::new();
     let mut grpc_timeout = None;
+    let mut health = HealthSettings::default();
     for (key, value) in annotations {
         if !key.starts_with(PREFIX) {
             continue;
@@ -186,6 +232,28 @@ pub fn parse_annotations(
                 _ => Err(vec![AnnotationProblem::UnknownMode(value.clone())]),
             },
             GRPC_TIMEOUT => parse_timeout(value).map(|t| grpc_timeout = Some(t)),
+            HEALTH_CHECK => match value.trim().to_ascii_lowercase().as_str() {
+                "" => Err(vec![AnnotationProblem::Empty]),
+                v => v
+                    .parse::<lb_api::HealthCheckKind>()
+                    .map(|k| health.kind = Some(k))
+                    .map_err(|_| vec![AnnotationProblem::UnknownHealthCheck(value.clone())]),
+            },
+            HEALTH_CHECK_SERVICE => validate::health_service(value)
+                .map(|()| health.service = Some((key, value.clone())))
+                .map_err(|e| vec![AnnotationProblem::HealthValue(e)]),
+            HEALTH_CHECK_INTERVAL => parse_health_duration(value).and_then(|d| {
+                validate::health_interval(d)
+                    .map_err(|e| vec![AnnotationProblem::HealthValue(e)])
+                    .map(|()| health.interval = Some((key, d)))
+            }),
+            HEALTH_CHECK_TIMEOUT => {
+                parse_health_duration(value).map(|d| health.timeout = Some((key, d)))
+            }
+            HEALTH_CHECK_UNHEALTHY => {
+                parse_threshold(value).map(|n| health.unhealthy = Some((key, n)))
+            }
+            HEALTH_CHECK_HEALTHY => parse_threshold(value).map(|n| health.healthy = Some((key, n))),
             _ => Err(vec![AnnotationProblem::UnknownKey]),
         };
         if let Err(problems) = problems {
@@ -199,7 +267,104 @@ pub fn parse_annotations(
     if let (Some(g), Some(t)) = (policy.grpc.as_mut(), grpc_timeout) {
         g.default_timeout = t;
     }
+    policy.health_check = health.build(annotations, &mut errors);
+    errors.sort_by(|a, b| a.key.cmp(&b.key));
     (policy, errors)
+}
+
+/// The `rpclb.io/health-check*` values that parsed, with their keys.
+#[derive(Default)]
+struct HealthSettings<'a> {
+    kind: Option<lb_api::HealthCheckKind>,
+    service: Option<(&'a String, String)>,
+    interval: Option<(&'a String, std::time::Duration)>,
+    timeout: Option<(&'a String, std::time::Duration)>,
+    unhealthy: Option<(&'a String, u32)>,
+    healthy: Option<(&'a String, u32)>,
+}
+
+impl HealthSettings<'_> {
+    /// The check, with the rules that span settings (a settings without a
+    /// check, a service name on a tcp check, a timeout above the interval)
+    /// reported into `errors`.
+    fn build(
+        self,
+        annotations: &BTreeMap<String, String>,
+        errors: &mut Vec<AnnotationError>,
+    ) -> Option<lb_api::HealthCheck> {
+        let mut report = |key: &String, problem| {
+            errors.push(AnnotationError {
+                key: key.clone(),
+                value: annotations.get(key).cloned().unwrap_or_default(),
+                problem,
+            })
+        };
+        let Some(kind) = self.kind else {
+            let keys = [
+                self.service.map(|s| s.0),
+                self.interval.map(|s| s.0),
+                self.timeout.map(|s| s.0),
+                self.unhealthy.map(|s| s.0),
+                self.healthy.map(|s| s.0),
+            ];
+            for k in keys.into_iter().flatten() {
+                report(k, AnnotationProblem::NoHealthCheck);
+            }
+            return None;
+        };
+        let mut h = lb_api::HealthCheck::new(kind);
+        if let Some((k, s)) = self.service {
+            if kind == lb_api::HealthCheckKind::Tcp && !s.is_empty() {
+                report(
+                    k,
+                    AnnotationProblem::HealthValue(
+                        "a service name applies to grpc checks only, not tcp".into(),
+                    ),
+                );
+            } else {
+                h.service = s;
+            }
+        }
+        if let Some((_, d)) = self.interval {
+            h.interval = d;
+        }
+        h.timeout = h.timeout.min(h.interval);
+        if let Some((k, d)) = self.timeout {
+            match validate::health_timeout(d, h.interval) {
+                Ok(()) => h.timeout = d,
+                Err(e) => report(k, AnnotationProblem::HealthValue(e)),
+            }
+        }
+        if let Some((_, n)) = self.unhealthy {
+            h.unhealthy_threshold = n;
+        }
+        if let Some((_, n)) = self.healthy {
+            h.healthy_threshold = n;
+        }
+        Some(h)
+    }
+}
+
+fn parse_health_duration(value: &str) -> Result<std::time::Duration, Vec<AnnotationProblem>> {
+    if value.trim().is_empty() {
+        return Err(vec![AnnotationProblem::Empty]);
+    }
+    validate::parse_duration(value).map_err(|e| vec![AnnotationProblem::HealthValue(e)])
+}
+
+fn parse_threshold(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Err(vec![AnnotationProblem::Empty]);
+    }
+    let n = v
+        .parse::<u32>()
+        .ok()
+        .filter(|_| !v.starts_with('+'))
+        .ok_or_else(|| vec![AnnotationProblem::NotANumber(v.to_string())])?;
+    validate::health_threshold(n)
+        .map(|()| n)
+        .map_err(|e| vec![AnnotationProblem::HealthValue(e)])
 }
 
 fn parse_timeout(value: &str) -> Result<std::time::Duration, Vec<AnnotationProblem>> {
@@ -291,6 +456,72 @@ fn parse_maglev_table_size(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_check_annotations() {
+        use lb_api::{HealthCheck, HealthCheckKind};
+        use std::time::Duration;
+        let (p, e) = parse(&[(HEALTH_CHECK, "TCP")]);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(p.health_check, Some(HealthCheck::new(HealthCheckKind::Tcp)));
+        let (p, e) = parse(&[
+            (HEALTH_CHECK, "grpc"),
+            (HEALTH_CHECK_SERVICE, "shop.Cart"),
+            (HEALTH_CHECK_INTERVAL, "500ms"),
+            (HEALTH_CHECK_UNHEALTHY, "2"),
+            (HEALTH_CHECK_HEALTHY, "1"),
+        ]);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(
+            p.health_check,
+            Some(HealthCheck {
+                kind: HealthCheckKind::Grpc,
+                service: "shop.Cart".into(),
+                interval: Duration::from_millis(500),
+                // The default 1 s, cut to the interval.
+                timeout: Duration::from_millis(500),
+                unhealthy_threshold: 2,
+                healthy_threshold: 1,
+            })
+        );
+        // Each bad setting: reported once, its default used, the check on.
+        let (p, e) = parse(&[
+            (HEALTH_CHECK, "grpc"),
+            (HEALTH_CHECK_INTERVAL, "10 parsecs"),
+            (HEALTH_CHECK_TIMEOUT, "9s"),
+            (HEALTH_CHECK_UNHEALTHY, "0"),
+            (HEALTH_CHECK_HEALTHY, "many"),
+            (HEALTH_CHECK_SERVICE, "a b"),
+        ]);
+        assert_eq!(p.health_check, Some(HealthCheck::default()));
+        let got: Vec<String> = e.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            got,
+            vec![
+                "invalid annotation rpclb.io/health-check-healthy-threshold=\"many\": \"many\" is not a whole number; using the default healthy threshold (2)",
+                "invalid annotation rpclb.io/health-check-interval=\"10 parsecs\": unknown unit \"parsecs\" in \"10 parsecs\" (use ms, s, m or h); using the default interval (5s)",
+                "invalid annotation rpclb.io/health-check-service=\"a b\": service name \"a b\" must be visible ASCII without spaces; checking the whole server (empty service name)",
+                "invalid annotation rpclb.io/health-check-timeout=\"9s\": timeout 9s is out of range (expected 10ms up to the interval, 5s); using the default timeout (1s, or the interval if shorter)",
+                "invalid annotation rpclb.io/health-check-unhealthy-threshold=\"0\": threshold 0 is out of range (expected 1-100 checks in a row); using the default unhealthy threshold (3)",
+            ]
+        );
+        // Settings without the check; an unknown kind.
+        let (p, e) = parse(&[(HEALTH_CHECK, "http"), (HEALTH_CHECK_INTERVAL, "1s")]);
+        assert!(p.health_check.is_none());
+        assert_eq!(
+            e.iter().map(|e| e.problem.clone()).collect::<Vec<_>>(),
+            vec![
+                AnnotationProblem::UnknownHealthCheck("http".into()),
+                AnnotationProblem::NoHealthCheck,
+            ]
+        );
+        assert_eq!(e[0].fallback(), "no health checks");
+        // A service name on a tcp check.
+        let (p, e) = parse(&[(HEALTH_CHECK, "tcp"), (HEALTH_CHECK_SERVICE, "x")]);
+        assert_eq!(p.health_check, Some(HealthCheck::new(HealthCheckKind::Tcp)));
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].key, HEALTH_CHECK_SERVICE);
+    }
 
     #[test]
     fn grpc_mode_and_timeout() {

@@ -387,6 +387,7 @@ impl ClusterState {
                     affinity_timeout: s.affinity_timeout,
                     maglev_table_size: s.maglev_table_size,
                     grpc: s.grpc.clone(),
+                    health_check: s.health_check.clone(),
                     backends: s
                         .backends
                         .iter()
@@ -598,6 +599,11 @@ fn translate_service(
             backends,
             // The gRPC mode is TCP only; a UDP port of the Service stays L4.
             grpc: policy.grpc.clone().filter(|_| protocol == Protocol::Tcp),
+            // Health checks are TCP (connect or h2c); a UDP port goes unchecked.
+            health_check: policy
+                .health_check
+                .clone()
+                .filter(|_| protocol == Protocol::Tcp),
         };
         if service.needs_maglev_table()
             && let Some((kind, fallback)) = choose_table_size(&mut service, &label)
@@ -1292,6 +1298,45 @@ mod tests {
         assert_eq!(
             t.problems[0].fallback,
             "ignoring all weights (every backend has weight 1)"
+        );
+    }
+
+    /// `rpclb.io/health-check*` reach the model on TCP ports (not UDP); an
+    /// invalid setting is one problem (one Event) and its default is used.
+    #[test]
+    fn health_check_annotations_reach_tcp_ports() {
+        let mut udp = named("dns", 53, "dns");
+        udp.protocol = Some("UDP".into());
+        let svc = annotated(
+            service("rpc", "10.96.0.61", vec![named("grpc", 50051, "grpc"), udp]),
+            &[
+                (annotations::HEALTH_CHECK, "grpc"),
+                (annotations::HEALTH_CHECK_SERVICE, "shop.Cart"),
+                (annotations::HEALTH_CHECK_INTERVAL, "2s"),
+                (annotations::HEALTH_CHECK_HEALTHY, "zero"),
+            ],
+        );
+        let t = translate(&[svc], &[]);
+        assert_eq!(names(&t), ["shop/rpc:dns", "shop/rpc:grpc"]);
+        assert_eq!(t.state.services[0].health_check, None, "UDP: no check");
+        assert_eq!(
+            t.state.services[1].health_check,
+            Some(lb_api::HealthCheck {
+                service: "shop.Cart".into(),
+                interval: Duration::from_secs(2),
+                ..lb_api::HealthCheck::default()
+            })
+        );
+        assert_eq!(
+            t.problems
+                .iter()
+                .map(|p| (p.reason(), p.to_string()))
+                .collect::<Vec<_>>(),
+            [(
+                "InvalidAnnotation",
+                "invalid annotation rpclb.io/health-check-healthy-threshold=\"zero\": \"zero\" is not a whole number; using the default healthy threshold (2)"
+                    .to_string()
+            )]
         );
     }
 

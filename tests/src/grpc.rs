@@ -16,6 +16,13 @@ pub mod proto {
     tonic::include_proto!("grpc.testing");
 }
 
+/// `grpc.health.v1.Health` (Check only): every backend serves it, with the
+/// status of its [`TestBackend::health`] handle.
+pub mod health_proto {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("grpc.health.v1");
+}
+
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -132,6 +139,54 @@ pub struct TestBackend {
     index: usize,
     name: Arc<str>,
     journal: Arc<Journal>,
+    health: Arc<Health>,
+}
+
+/// What a backend's `grpc.health.v1.Health/Check` answers (SERVING at
+/// first), and how many checks it got.
+#[derive(Debug)]
+pub struct Health {
+    status: std::sync::atomic::AtomicI32,
+    checks: AtomicU64,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            status: std::sync::atomic::AtomicI32::new(ServingStatus::Serving as i32),
+            checks: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Health {
+    pub fn set(&self, s: ServingStatus) {
+        self.status.store(s as i32, Ordering::Relaxed);
+    }
+
+    /// Checks answered so far.
+    pub fn checks(&self) -> u64 {
+        self.checks.load(Ordering::Relaxed)
+    }
+}
+
+pub use health_proto::health_check_response::ServingStatus;
+
+/// The health service of one backend.
+#[derive(Clone, Debug)]
+struct HealthService(Arc<Health>);
+
+#[tonic::async_trait]
+impl health_proto::health_server::Health for HealthService {
+    async fn check(
+        &self,
+        _req: Request<health_proto::HealthCheckRequest>,
+    ) -> Result<Response<health_proto::HealthCheckResponse>, Status> {
+        self.0.checks.fetch_add(1, Ordering::Relaxed);
+        Ok(Response::new(health_proto::HealthCheckResponse {
+            status: self.0.status.load(Ordering::Relaxed),
+        }))
+    }
 }
 
 /// Counts a handler dropped before `done`.
@@ -184,7 +239,13 @@ impl TestBackend {
             index,
             name: name.into(),
             journal,
+            health: Arc::default(),
         }
+    }
+
+    /// Its health status, to change while it serves.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
     }
 
     fn record(&self, method: &'static str, meta: &tonic::metadata::MetadataMap) -> HeaderMap {
@@ -436,7 +497,8 @@ async fn serve(
         Err(e) => return drop(ready.send(Err(e))),
     };
     let _ = ready.send(Ok(()));
-    let svc = TestServiceServer::new(backend);
+    let health = health_proto::health_server::HealthServer::new(HealthService(backend.health()));
+    let svc = tonic::service::Routes::new(TestServiceServer::new(backend)).add_service(health);
     let mut server = auto::Builder::new(TokioExecutor::new());
     if let Some(n) = opts.max_concurrent_streams {
         server.http2().max_concurrent_streams(n);

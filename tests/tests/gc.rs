@@ -60,6 +60,7 @@ fn service(name: &str, vip: Ipv4Addr, port: u16, proto: Protocol, bs: &[(u8, u16
         affinity_timeout: None,
         maglev_table_size: None,
         grpc: None,
+        health_check: None,
         backends: bs
             .iter()
             .map(|&(i, p)| Backend::new(Ipv4Addr::new(10, 244, 10 + i, 2), p))

@@ -59,6 +59,7 @@ fn services() -> (Service, Service) {
         affinity_timeout: None,
         maglev_table_size: None,
         grpc: None,
+        health_check: None,
         backends: vec![
             Backend::new(b(1), 8080),
             Backend {
@@ -77,6 +78,7 @@ fn services() -> (Service, Service) {
         affinity_timeout: None,
         maglev_table_size: None,
         grpc: None,
+        health_check: None,
         backends: vec![Backend::new(b(4), 5353), Backend::new(b(5), 5353)],
     };
     (web, dns)

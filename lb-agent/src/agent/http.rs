@@ -104,6 +104,7 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
             "reconnects": st.reconnects.load(Ordering::Relaxed),
         },
         "conntrack": *s.conntrack.lock().unwrap_or_else(|e| e.into_inner()),
+        "health": crate::health::Health::of(&s.health.snapshot()),
     });
     (
         [(header::CONTENT_TYPE, "application/json")],

@@ -146,6 +146,8 @@ struct Shared {
     stream: Arc<StreamStatus>,
     /// Conntrack fill and evictions, from the last GC sweep (eBPF only).
     conntrack: Mutex<Option<crate::pressure::Pressure>>,
+    /// The backends' health checks (for `/status`).
+    health: crate::health::HealthChecker,
 }
 
 impl Shared {
@@ -355,7 +357,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if let Some(i) = inherited {
         engines.set_inherited(i);
     }
-    let metrics = Metrics::new(engines.stats_source());
+    let metrics =
+        Metrics::with_collectors(engines.stats_source(), vec![engines.health.collector()]);
     metrics.set_datapath(&status);
     let attached: Vec<String> = status.interfaces.iter().map(ToString::to_string).collect();
     let shared = Arc::new(Shared {
@@ -367,6 +370,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         timeouts: Mutex::new(file.as_ref().map(|f| f.1.timeouts).unwrap_or_default()),
         stream: Arc::new(StreamStatus::default()),
         conntrack: Mutex::new(None),
+        health: engines.health.clone(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(http::serve(listener, shared.clone(), stop_rx.clone()));
@@ -718,6 +722,7 @@ impl Loop {
                 _ = sig.int.recv() => return "SIGINT",
                 _ = sig.hup.recv() => Event::Reload("SIGHUP"),
                 _ = tick.tick() => Event::Tick,
+                () = self.engines.health.changed() => Event::Health,
                 u = next_update(&mut self.source) => match u {
                     Some(u) => Event::Update(u),
                     None => return "controller stream task ended",
@@ -736,6 +741,7 @@ impl Loop {
                         info!("{why}: nothing to reload (the state comes from the controller)");
                     }
                 }
+                Event::Health => self.health_changed().await,
                 Event::Update(u) => {
                     let why = if u.snapshot {
                         format!("applied controller snapshot v{}", u.version)
@@ -796,6 +802,26 @@ impl Loop {
         }
     }
 
+    /// Applies the current state again with the backends' new health (the
+    /// map writes are diff-only: the weights that changed).
+    async fn health_changed(&mut self) {
+        let Some(cfg) = &self.current else { return };
+        let t = Instant::now();
+        match self.engines.apply(&cfg.state, &cfg.timeouts).await {
+            Ok(refused) => {
+                for s in self.engines.health.panics(&cfg.state) {
+                    warn!(
+                        service = s,
+                        "no healthy backend: panic mode, every backend takes traffic"
+                    );
+                }
+                debug!(took = ?t.elapsed(), "applied a health change");
+                self.shared.metrics.set_refused(&refused);
+            }
+            Err(e) => error!("applying a health change failed: {}", render_error(&e)),
+        }
+    }
+
     /// Applies a new desired state (only what changed) and its timeouts.
     /// Returns the services that were refused (each alone; the rest applied).
     async fn apply_config(&mut self, cfg: Config, why: &str) -> Result<Vec<Refusal>, String> {
@@ -836,6 +862,8 @@ impl Loop {
 
 enum Event {
     Tick,
+    /// A backend's health changed: apply the current state again.
+    Health,
     Reload(&'static str),
     Update(Update),
 }

@@ -19,6 +19,27 @@ pub struct Status {
     /// The conntrack map at the last GC sweep (eBPF; absent from older agents).
     #[serde(default)]
     pub conntrack: Option<Conntrack>,
+    /// Health-checked backends (absent from older agents).
+    #[serde(default)]
+    pub health: Option<Health>,
+}
+
+pub use lb_agent::health::Health;
+
+/// One line, and one per unhealthy backend.
+pub fn health_lines(h: &Health) -> String {
+    let mut s = format!(
+        "health checks: {} backends checked, {} unhealthy (out of selection)\n",
+        h.checked,
+        h.unhealthy.len()
+    );
+    for u in &h.unhealthy {
+        s.push_str(&format!(
+            "  unhealthy: {} {} ({} check)\n",
+            u.service, u.backend, u.check
+        ));
+    }
+    s
 }
 
 /// `crate::pressure::Pressure` as the agent serves it.
@@ -143,6 +164,9 @@ pub fn table(s: &Status) -> String {
     if let Some(ct) = &s.conntrack {
         out.push_str(&conntrack_line(ct));
     }
+    if let Some(h) = s.health.as_ref().filter(|h| h.checked > 0) {
+        out.push_str(&health_lines(h));
+    }
     let c = &s.controller;
     if c.connected || c.version > 0 || c.reconnects > 0 {
         out.push_str(&format!(
@@ -186,5 +210,21 @@ mod tests {
         );
         let s: Status = serde_json::from_str(&old).unwrap();
         assert!(table(&s).starts_with("agent 0.1.0  ready  datapath ebpf\n"));
+    }
+
+    #[test]
+    fn unhealthy_backends_show() {
+        let json = r#"{"version":"0.1.0","ready":true,
+            "datapath":{"datapath":"userspace","interfaces":[],"fallback":null},
+            "controller":{"connected":false,"version":0,"reconnects":0},
+            "health":{"checked":3,"unhealthy":[
+              {"service":"lab/web:http","backend":"10.244.1.2:8080","check":"tcp"}]}}"#;
+        let s: Status = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            table(&s),
+            "agent 0.1.0  ready  datapath userspace\n\
+             health checks: 3 backends checked, 1 unhealthy (out of selection)\n  \
+             unhealthy: lab/web:http 10.244.1.2:8080 (tcp check)\n"
+        );
     }
 }

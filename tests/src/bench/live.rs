@@ -206,6 +206,7 @@ fn service(name: &str, vip: Ipv4Addr, algo: Algorithm, backends: Vec<Backend>) -
         maglev_table_size: None,
         backends,
         grpc: None,
+        health_check: None,
     }
 }
 

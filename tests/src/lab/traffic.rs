@@ -208,7 +208,14 @@ impl Drop for Server {
 
 /// TCP identity + echo server.
 #[derive(Debug)]
-pub struct TcpServer(Server);
+pub struct TcpServer(Server, Arc<Listen>);
+
+/// Whether a [`TcpServer`] should listen, and whether it does.
+#[derive(Debug)]
+struct Listen {
+    want: AtomicBool,
+    now: AtomicBool,
+}
 
 impl TcpServer {
     pub fn start(ns: &Netns, addr: SocketAddrV4, identity: &str) -> Result<Self> {
@@ -218,13 +225,35 @@ impl TcpServer {
             let a = l.local_addr()?;
             Ok((l, a))
         };
+        let listen = Arc::new(Listen {
+            want: AtomicBool::new(true),
+            now: AtomicBool::new(true),
+        });
+        let l2 = listen.clone();
         Server::start(
             ns,
             &format!("tcp-{identity}"),
             bind,
-            move |l, stop, seen| accept_loop(l, &id, stop, seen),
+            move |l, stop, seen| accept_loop(l, &id, stop, seen, &l2),
         )
-        .map(TcpServer)
+        .map(|s| TcpServer(s, listen))
+    }
+
+    /// Closes the listening socket (new connections are refused) or opens
+    /// it again on the same address; accepted connections go on either
+    /// way. Returns once done (at most 2 s).
+    pub fn set_listening(&self, on: bool) {
+        self.1.want.store(on, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.1.now.load(Ordering::Relaxed) != on && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            self.1.now.load(Ordering::Relaxed),
+            on,
+            "set_listening({on}) on {}",
+            self.0.addr
+        );
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -248,10 +277,23 @@ fn readable(fd: &impl AsRawFd) -> bool {
     unsafe { libc::poll(&mut p, 1, TICK.as_millis() as i32) > 0 }
 }
 
-fn accept_loop(l: TcpListener, identity: &str, stop: &AtomicBool, seen: &Seen) {
+fn accept_loop(l: TcpListener, identity: &str, stop: &AtomicBool, seen: &Seen, listen: &Listen) {
+    let addr = l.local_addr().ok();
+    let mut l = Some(l);
     std::thread::scope(|s| {
         while !stop.load(Ordering::Relaxed) {
-            if !readable(&l) {
+            match (listen.want.load(Ordering::Relaxed), &l) {
+                (false, Some(_)) => l = None,
+                // std sets SO_REUSEADDR: the address is free again at once.
+                (true, None) => l = addr.and_then(|a| TcpListener::bind(a).ok()),
+                _ => {}
+            }
+            listen.now.store(l.is_some(), Ordering::Relaxed);
+            let Some(l) = &l else {
+                std::thread::sleep(TICK);
+                continue;
+            };
+            if !readable(l) {
                 continue;
             }
             match l.accept() {
