@@ -665,6 +665,7 @@ fn conntrack_shows_a_rewritten_client_port() {
             affinity_timeout: None,
             maglev_table_size: None,
             grpc: None,
+            health_check: None,
             backends: vec![Backend::new(b(1), 8080)],
         };
         h.w().upsert_service(&svc).unwrap();
