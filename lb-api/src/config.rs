@@ -1137,7 +1137,47 @@ mod tests {
         assert!(c.state.services.iter().all(|s| s.backends.len() == 10));
     }
 
+    /// The fast read (no positions) refuses what the positioned one refuses,
+    /// and takes the same config from the rest.
+    #[track_caller]
+    fn assert_reads_agree(text: &str) {
+        let fast = read_fast(text).and_then(build);
+        let positioned = read(text).and_then(build);
+        match (fast, positioned) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "{text}"),
+            (Err(_), Err(_)) => {}
+            (Ok(_), Err(p)) => panic!("the fast read took a refused file ({}): {text}", p.message),
+            (Err(_), Ok(_)) => panic!("the fast read refused a good file: {text}"),
+        }
+    }
+
+    #[test]
+    fn fast_and_positioned_reads_agree() {
+        let docs = include_str!("../../docs/config.md");
+        let start = docs.find("<!-- full-example").unwrap();
+        let body = &docs[start..][docs[start..].find("```yaml\n").unwrap() + 8..];
+        assert_reads_agree(&body[..body.find("```").unwrap()]);
+        for text in [
+            ONE,
+            "services: []\n",
+            "services:\n",
+            "",
+            "[]\n",
+            "services:\n  - &a {name: x, vip: 10.96.0.1, port: 80, backends: [{ip: 10.0.0.1, port: 1}]}\n  - {<<: *a, name: y, port: 81}\n",
+            "base: &b {ip: 10.0.0.1, port: 1}\nservices: []\n",
+            "services:\n- name: a\n  vip: 10.96.0.1\n  port: 80\n  protocol: UDP\n  algorithm: random\n  backends:\n  - {ip: 10.0.0.1, port: 8, weight: 3, state: terminating}\n  - ip: 10.0.0.2\n    port: 9\n",
+            "services:\n  - name: g\n    vip: 10.96.0.2\n    port: 50051\n    grpc: {timeout: 5, headers: [{name: x-a, value: 1.10}]}\ntimeouts: {udp: 30, tcp_syn: 5}\n",
+            "services:\n  - name: a\n    vip: 10.96.0.1\n    port: 80\n  - name: a\n    vip: 10.96.0.2\n    port: 80\n",
+            "services:\n  - name: a\n    vip: 10.96.0.1\n    port: 80\n    colour: red\n",
+            "services:\n  - name: a\n    vip: 10.96.0.1\n",
+            "services:\n  - {name: a, vip: 10.96.0.1, port: 80, backends: [{ip: 10.0.0.1, port: 1}, {ip: 10.0.0.1, port: 1}]}\n",
+        ] {
+            assert_reads_agree(text);
+        }
+    }
+
     fn err(text: &str) -> InvalidConfig {
+        assert_reads_agree(text);
         match parse(text, "services.yaml") {
             Ok(c) => panic!("expected an error, got {c:?}"),
             Err(ConfigError::Invalid(e)) => e,
