@@ -173,6 +173,144 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     })
 }
 
+/// Services parsed from a file before, by the exact text of their entry
+/// under `services:`: see [`parse_cached`].
+#[derive(Debug, Default)]
+pub struct EntryCache {
+    entries: HashMap<Box<str>, Service>,
+}
+
+/// [`parse`], parsing again only the service entries whose text changed
+/// since the last call with this cache. The result is what [`parse`] gives:
+/// the file is cut into its entries only where the cut cannot change what
+/// they mean (see [`cut`]); any other file, and any file that fails a check,
+/// goes to [`parse`] whole.
+pub fn parse_cached(
+    text: &str,
+    origin: &str,
+    cache: &mut EntryCache,
+) -> Result<Config, ConfigError> {
+    match from_entries(text, cache) {
+        Some(config) => Ok(config),
+        None => {
+            cache.entries.clear();
+            parse(text, origin)
+        }
+    }
+}
+
+/// The most bytes [`parse_cached`] cuts: below it, no file can hold
+/// `MAX_YAML_NODES` nodes, a budget the whole-file read enforces and the
+/// cut reads do not see.
+const MAX_CUT_BYTES: usize = MAX_YAML_NODES;
+
+fn from_entries(text: &str, cache: &mut EntryCache) -> Option<Config> {
+    let (skeleton, entries) = cut(text)?;
+    let rest = read_fast(&skeleton).and_then(build).ok()?;
+    if !rest.state.services.is_empty() {
+        return None;
+    }
+    let mut kept = HashMap::with_capacity(entries.len());
+    let mut services = Vec::with_capacity(entries.len());
+    let mut by_addr = HashMap::new();
+    let mut by_name = HashMap::new();
+    for entry in entries {
+        let svc = match cache.entries.remove(entry).or_else(|| kept.remove(entry)) {
+            Some(svc) => svc,
+            None => {
+                let one = format!("services:\n{entry}");
+                let mut c = read_fast(&one).and_then(build).ok()?;
+                if c.state.services.len() != 1 {
+                    return None;
+                }
+                c.state.services.pop()?
+            }
+        };
+        // `build`'s checks across services (the rest are the entry's own).
+        if by_name.insert(svc.name.clone(), ()).is_some()
+            || by_addr.insert(svc.addr(), ()).is_some()
+        {
+            return None;
+        }
+        services.push(svc.clone());
+        kept.insert(Box::from(entry), svc);
+    }
+    cache.entries = kept;
+    Some(Config {
+        state: DesiredState { services },
+        timeouts: rest.timeouts,
+    })
+}
+
+/// Cuts a file into the entries of its top-level `services:` block
+/// sequence and the rest (with `services: []` in their place), or `None`
+/// when the cut could change what the text means: anything that refers
+/// across entries or spans lines in ways the cut does not follow (anchors,
+/// aliases, tags, block scalars, directives, documents, tabs, CR), a
+/// `services` key not alone on its line at column 0, a line in the sequence
+/// indented less than its entries. A quote or flow collection left open at
+/// the end of an entry fails that entry's own read.
+fn cut(text: &str) -> Option<(String, Vec<&str>)> {
+    if text.len() > MAX_CUT_BYTES
+        || text
+            .bytes()
+            .any(|b| matches!(b, b'&' | b'*' | b'!' | b'|' | b'>' | b'%' | b'\t' | b'\r'))
+        || text.contains("---")
+        || text.contains("...")
+        || !text.ends_with('\n')
+    {
+        return None;
+    }
+    let mut skeleton = String::new();
+    let mut entries = Vec::new();
+    let mut lines = text.split_inclusive('\n').peekable();
+    // Before `services:`.
+    loop {
+        let line = lines.next()?;
+        if line == "services:\n" {
+            skeleton.push_str("services: []\n");
+            break;
+        }
+        skeleton.push_str(line);
+    }
+    let blank = |l: &str| {
+        let t = l.trim_start_matches(' ');
+        t == "\n" || t.starts_with('#')
+    };
+    // Blank and comment lines before the first entry.
+    while let Some(line) = lines.next_if(|l| blank(l)) {
+        skeleton.push_str(line);
+    }
+    let first = *lines.peek()?;
+    let indent = first.len() - first.trim_start_matches(' ').len();
+    if !first[indent..].starts_with("- ") {
+        return None;
+    }
+    // Entries: from a line `{indent}- ` to the next, at column 0, or the end.
+    let mut start: Option<usize> = None;
+    let mut offset = text.len() - lines.clone().map(str::len).sum::<usize>();
+    let mut end = text.len();
+    for line in lines {
+        let spaces = line.len() - line.trim_start_matches(' ').len();
+        if blank(line) || spaces > indent {
+        } else if spaces == indent && line[indent..].starts_with("- ") {
+            if let Some(s) = start {
+                entries.push(&text[s..offset]);
+            }
+            start = Some(offset);
+        } else if spaces == 0 {
+            end = offset;
+            break;
+        } else {
+            return None;
+        }
+        offset += line.len();
+    }
+    entries.push(&text[start?..end]);
+    skeleton.push_str(&text[end..]);
+    Some((skeleton, entries))
+}
+
 /// An error before it gets its origin: the field path, the position (if
 /// known) and the message.
 struct Problem {
@@ -1142,6 +1280,9 @@ mod tests {
         }
         let c = parse(&y, "big.yaml").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.state.services.len(), 5_000);
+        let mut cache = EntryCache::default();
+        assert_eq!(parse_cached(&y, "big.yaml", &mut cache).unwrap(), c);
+        assert_eq!(cache.entries.len(), 5_000);
         assert!(c.state.services.iter().all(|s| s.backends.len() == 10));
     }
 
@@ -1165,6 +1306,7 @@ mod tests {
         let start = docs.find("<!-- full-example").unwrap();
         let body = &docs[start..][docs[start..].find("```yaml\n").unwrap() + 8..];
         assert_reads_agree(&body[..body.find("```").unwrap()]);
+        assert_cached_agrees(ONE, &body[..body.find("```").unwrap()]);
         for text in [
             ONE,
             "services: []\n",
@@ -1184,8 +1326,112 @@ mod tests {
         }
     }
 
+    /// `parse_cached`, from an empty cache and from one filled by `before`,
+    /// gives what `parse` gives (the same config, or the same error).
+    #[track_caller]
+    fn assert_cached_agrees(before: &str, text: &str) {
+        let want = parse(text, "f.yaml").map_err(|e| e.to_string());
+        let mut cache = EntryCache::default();
+        let cold = parse_cached(text, "f.yaml", &mut cache).map_err(|e| e.to_string());
+        assert_eq!(cold, want, "{text}");
+        let mut cache = EntryCache::default();
+        let _ = parse_cached(before, "f.yaml", &mut cache);
+        let warm = parse_cached(text, "f.yaml", &mut cache).map_err(|e| e.to_string());
+        assert_eq!(warm, want, "after {before}: {text}");
+    }
+
+    #[test]
+    fn cut_takes_entries_only_where_they_mean_the_same() {
+        let block = "# c\ntimeouts:\n  udp: 30\nservices:\n\n  # first\n  - name: a\n    vip: 10.96.0.1\n    port: 80\n    backends:\n      - {ip: 10.0.0.1, port: 1}\n# between\n  - {name: b, vip: 10.96.0.2, port: 80}\ntimeouts2: 1\n";
+        let (skeleton, entries) = cut(block).unwrap();
+        assert_eq!(
+            skeleton,
+            "# c\ntimeouts:\n  udp: 30\nservices: []\n\n  # first\ntimeouts2: 1\n"
+        );
+        assert_eq!(
+            entries,
+            [
+                "  - name: a\n    vip: 10.96.0.1\n    port: 80\n    backends:\n      - {ip: 10.0.0.1, port: 1}\n# between\n",
+                "  - {name: b, vip: 10.96.0.2, port: 80}\n"
+            ]
+        );
+        assert_eq!(
+            cut("services:\n- {name: a}\n- {name: b}\n")
+                .unwrap()
+                .1
+                .len(),
+            2
+        );
+        for refused in [
+            "services:\n  - &a {name: a}\n",
+            "services:\n  - {name: !!str a}\n",
+            "services:\n  - name: |\n      a\n",
+            "---\nservices:\n  - {name: a}\n",
+            "services: \n  - {name: a}\n",
+            "services:\n  - {name: a}\n - {name: b}\n",
+            "services:\n  - {name: a}",
+            "services:\r\n  - {name: a}\r\n",
+            "services:\n  -\n    name: a\n",
+            "services: []\n",
+            "services:\n",
+        ] {
+            assert!(cut(refused).is_none(), "{refused}");
+        }
+    }
+
+    #[test]
+    fn cached_parse_gives_what_parse_gives() {
+        let svc = |n: u32, port: u32| {
+            format!(
+                "  - {{name: s{n}, vip: 10.96.0.{n}, port: 80, backends: [{{ip: 10.0.0.1, port: {port}}}]}}\n"
+            )
+        };
+        let file = |ports: &[u32]| {
+            let mut y = String::from("timeouts: {udp: 30}\nservices:\n");
+            for (n, p) in ports.iter().enumerate() {
+                y.push_str(&svc(n as u32 + 1, *p));
+            }
+            y
+        };
+        let base = file(&[1, 2, 3]);
+        let texts = [
+            base.clone(),
+            file(&[1, 9, 3]),
+            file(&[1, 2]),
+            file(&[1, 2, 3, 4]),
+            // Moved, duplicated, broken entries; a broken rest.
+            format!("services:\n{}{}", svc(2, 2), svc(1, 1)),
+            format!("services:\n{}{}", svc(1, 1), svc(1, 1)),
+            format!("services:\n{}{}", svc(1, 1), svc(2, 1).replace("10.96.0.2", "10.96.0.1")),
+            format!("services:\n{}  - {{name: x, vip: 10.96.0.300, port: 80}}\n", svc(1, 1)),
+            format!("services:\n{}  - {{name: x, vip: 10.96.0.9, port: 80, backends: [\n", svc(1, 1)),
+            format!("services:\n{}  - {{name: \"x\n  - y\", vip: 10.96.0.9, port: 80}}\n", svc(1, 1)),
+            format!("services:\n{}  - {{name: \"x\ntimeouts: {{udp: 3}}\n", svc(1, 1)),
+            format!("timeouts: {{udp: 0}}\nservices:\n{}", svc(1, 1)),
+            format!("colour: red\nservices:\n{}", svc(1, 1)),
+            format!("services:\n{}services:\n{}", svc(1, 1), svc(2, 2)),
+            format!("services:\n{}  - {{name: y, vip: 10.96.0.8, port: 80, algorithm: maglev, maglev_table_size: 7, backends: [{{ip: 10.0.0.1, port: 1}}]}}\n", svc(1, 1)),
+            "services:\n  - name: a\n    vip: 10.96.0.1\n    port: 80\n    grpc: {headers: [{name: x-a, value: 1.10}]}\n".to_string(),
+            "services:\n- name: a\n  vip: 10.96.0.1\n  port: 80\n".to_string(),
+        ];
+        for before in [base.as_str(), "", texts[1].as_str()] {
+            for text in &texts {
+                assert_cached_agrees(before, text);
+            }
+        }
+        // Unchanged entries come from the cache: the cut engages here.
+        let mut cache = EntryCache::default();
+        parse_cached(&base, "f.yaml", &mut cache).unwrap();
+        assert_eq!(cache.entries.len(), 3);
+        parse_cached(&texts[1], "f.yaml", &mut cache).unwrap();
+        assert_eq!(cache.entries.len(), 3);
+        assert!(parse_cached(&texts[7], "f.yaml", &mut cache).is_err());
+        assert!(cache.entries.is_empty());
+    }
+
     fn err(text: &str) -> InvalidConfig {
         assert_reads_agree(text);
+        assert_cached_agrees(ONE, text);
         match parse(text, "services.yaml") {
             Ok(c) => panic!("expected an error, got {c:?}"),
             Err(ConfigError::Invalid(e)) => e,
