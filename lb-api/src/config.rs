@@ -30,7 +30,15 @@
 //! position, and `serde_path_to_error` gives their field path. Missing fields
 //! and the checks that span fields (`Service::normalise` from
 //! `lb_api::validate`, duplicate services) run after parsing, on values that
-//! carry their positions. There is one parse, and no second pass.
+//! carry their positions. There is one parse, and no second pass for
+//! positions.
+//!
+//! Positions and field paths serve only error messages, and cost more than
+//! half of the parse (serde_path_to_error copies every key; 5,000 services:
+//! 1.3-1.6 s with them, 0.45-0.57 s without). So [`parse`] first reads the
+//! file without them (`read_fast`: the same types and checks, every `At` at
+//! `Location::UNKNOWN`) and, only when that fails, again with them for the
+//! message; that second read decides.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -144,6 +152,14 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// Parses and validates config text; `origin` (usually the file name) starts
 /// every error message.
 pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    // The fast path: the same parse and checks without positions or field
+    // paths (those cost more than half of the parse: a file of 5,000
+    // services took 1.6 s). Positions serve only error messages, so a file
+    // the fast path refuses is read again with them, for the message; that
+    // slower read decides.
+    if let Ok(config) = read_fast(text).and_then(build) {
+        return Ok(config);
+    }
     read(text).and_then(build).map_err(|p| {
         let known = p.at.filter(|l| *l != Location::UNKNOWN);
         let number = |n: u64| usize::try_from(n).ok();
@@ -155,6 +171,144 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
             message: p.message,
         })
     })
+}
+
+/// Services parsed from a file before, by the exact text of their entry
+/// under `services:`: see [`parse_cached`].
+#[derive(Debug, Default)]
+pub struct EntryCache {
+    entries: HashMap<Box<str>, Service>,
+}
+
+/// [`parse`], parsing again only the service entries whose text changed
+/// since the last call with this cache. The result is what [`parse`] gives:
+/// the file is cut into its entries only where the cut cannot change what
+/// they mean (see [`cut`]); any other file, and any file that fails a check,
+/// goes to [`parse`] whole.
+pub fn parse_cached(
+    text: &str,
+    origin: &str,
+    cache: &mut EntryCache,
+) -> Result<Config, ConfigError> {
+    match from_entries(text, cache) {
+        Some(config) => Ok(config),
+        None => {
+            cache.entries.clear();
+            parse(text, origin)
+        }
+    }
+}
+
+/// The most bytes [`parse_cached`] cuts: below it, no file can hold
+/// `MAX_YAML_NODES` nodes, a budget the whole-file read enforces and the
+/// cut reads do not see.
+const MAX_CUT_BYTES: usize = MAX_YAML_NODES;
+
+fn from_entries(text: &str, cache: &mut EntryCache) -> Option<Config> {
+    let (skeleton, entries) = cut(text)?;
+    let rest = read_fast(&skeleton).and_then(build).ok()?;
+    if !rest.state.services.is_empty() {
+        return None;
+    }
+    let mut kept = HashMap::with_capacity(entries.len());
+    let mut services = Vec::with_capacity(entries.len());
+    let mut by_addr = HashMap::new();
+    let mut by_name = HashMap::new();
+    for entry in entries {
+        let svc = match cache.entries.remove(entry).or_else(|| kept.remove(entry)) {
+            Some(svc) => svc,
+            None => {
+                let one = format!("services:\n{entry}");
+                let mut c = read_fast(&one).and_then(build).ok()?;
+                if c.state.services.len() != 1 {
+                    return None;
+                }
+                c.state.services.pop()?
+            }
+        };
+        // `build`'s checks across services (the rest are the entry's own).
+        if by_name.insert(svc.name.clone(), ()).is_some()
+            || by_addr.insert(svc.addr(), ()).is_some()
+        {
+            return None;
+        }
+        services.push(svc.clone());
+        kept.insert(Box::from(entry), svc);
+    }
+    cache.entries = kept;
+    Some(Config {
+        state: DesiredState { services },
+        timeouts: rest.timeouts,
+    })
+}
+
+/// Cuts a file into the entries of its top-level `services:` block
+/// sequence and the rest (with `services: []` in their place), or `None`
+/// when the cut could change what the text means: anything that refers
+/// across entries or spans lines in ways the cut does not follow (anchors,
+/// aliases, tags, block scalars, directives, documents, tabs, CR), a
+/// `services` key not alone on its line at column 0, a line in the sequence
+/// indented less than its entries. A quote or flow collection left open at
+/// the end of an entry fails that entry's own read.
+fn cut(text: &str) -> Option<(String, Vec<&str>)> {
+    if text.len() > MAX_CUT_BYTES
+        || text
+            .bytes()
+            .any(|b| matches!(b, b'&' | b'*' | b'!' | b'|' | b'>' | b'%' | b'\t' | b'\r'))
+        || text.contains("---")
+        || text.contains("...")
+        || !text.ends_with('\n')
+    {
+        return None;
+    }
+    let mut skeleton = String::new();
+    let mut entries = Vec::new();
+    let mut lines = text.split_inclusive('\n').peekable();
+    // Before `services:`.
+    loop {
+        let line = lines.next()?;
+        if line == "services:\n" {
+            skeleton.push_str("services: []\n");
+            break;
+        }
+        skeleton.push_str(line);
+    }
+    let blank = |l: &str| {
+        let t = l.trim_start_matches(' ');
+        t == "\n" || t.starts_with('#')
+    };
+    // Blank and comment lines before the first entry.
+    while let Some(line) = lines.next_if(|l| blank(l)) {
+        skeleton.push_str(line);
+    }
+    let first = *lines.peek()?;
+    let indent = first.len() - first.trim_start_matches(' ').len();
+    if !first[indent..].starts_with("- ") {
+        return None;
+    }
+    // Entries: from a line `{indent}- ` to the next, at column 0, or the end.
+    let mut start: Option<usize> = None;
+    let mut offset = text.len() - lines.clone().map(str::len).sum::<usize>();
+    let mut end = text.len();
+    for line in lines {
+        let spaces = line.len() - line.trim_start_matches(' ').len();
+        if blank(line) || spaces > indent {
+        } else if spaces == indent && line[indent..].starts_with("- ") {
+            if let Some(s) = start {
+                entries.push(&text[s..offset]);
+            }
+            start = Some(offset);
+        } else if spaces == 0 {
+            end = offset;
+            break;
+        } else {
+            return None;
+        }
+        offset += line.len();
+    }
+    entries.push(&text[start?..end]);
+    skeleton.push_str(&text[end..]);
+    Some((skeleton, entries))
 }
 
 /// An error before it gets its origin: the field path, the position (if
@@ -559,8 +713,8 @@ fn field_problem(i: usize, rs: &At<RawService>, field: Field, message: String) -
 /// The most YAML nodes (mappings, sequences, scalars) a file may hold.
 pub const MAX_YAML_NODES: usize = 4_000_000;
 
-/// Parses the text into the raw structure (`None` for an empty document).
-fn read(text: &str) -> Result<Option<RawConfig>, Problem> {
+/// The parser's options, the same for [`read`] and [`read_fast`].
+fn read_options() -> serde_saphyr::Options {
     // Messages are ours (`yaml_problem`); serde-saphyr's snippets are not wanted.
     // Booleans are YAML 1.2's `true` and `false` only: `protocol: on` is the
     // string "on" (an unknown protocol), not `true`.
@@ -571,13 +725,18 @@ fn read(text: &str) -> Result<Option<RawConfig>, Problem> {
     let mut budget = serde_saphyr::Budget::default();
     budget.max_nodes = MAX_YAML_NODES;
     budget.max_events = 2 * MAX_YAML_NODES;
-    let options = serde_saphyr::options! {
+    serde_saphyr::options! {
         with_snippet: false,
         strict_booleans: true,
         budget: Some(budget),
-    };
+    }
+}
+
+/// Parses the text into the raw structure (`None` for an empty document),
+/// with every value's position and, on an error, its field path.
+fn read(text: &str) -> Result<Option<RawConfig>, Problem> {
     let mut path = None;
-    let top = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+    let top = serde_saphyr::with_deserializer_from_str_with_options(text, read_options(), |de| {
         serde_path_to_error::deserialize::<_, Option<Spanned<Top>>>(de).map_err(|e| {
             path = Some(e.path().clone());
             e.into_inner()
@@ -599,6 +758,47 @@ fn read(text: &str) -> Result<Option<RawConfig>, Problem> {
             message: format!("invalid type: {found}, expected {TOP}"),
         }),
         Err(e) => Err(yaml_problem(&e, path.as_ref())),
+    }
+}
+
+/// [`read`] without positions (every `At` has `Location::UNKNOWN`) and
+/// without the field path: what the file holds is the same, the errors are
+/// not worded (`parse` reads the file again with [`read`] for those).
+fn read_fast(text: &str) -> Result<Option<RawConfig>, Problem> {
+    let unworded = || Problem {
+        path: Vec::new(),
+        at: None,
+        message: String::new(),
+    };
+    let _fast = Unspanned::enter();
+    let top = serde_saphyr::with_deserializer_from_str_with_options(text, read_options(), |de| {
+        Option::<Top>::deserialize(de)
+    })
+    .map_err(|_| unworded())?;
+    match top {
+        None => Ok(None),
+        Some(Top::Config(raw)) => Ok(Some(*raw)),
+        Some(Top::Other(_)) => Err(unworded()),
+    }
+}
+
+thread_local! {
+    /// Set while [`read_fast`] runs: `At` reads its value without `Spanned`.
+    static UNSPANNED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Sets [`UNSPANNED`] until dropped (also on a panic).
+struct Unspanned(bool);
+
+impl Unspanned {
+    fn enter() -> Self {
+        Unspanned(UNSPANNED.with(|u| u.replace(true)))
+    }
+}
+
+impl Drop for Unspanned {
+    fn drop(&mut self) {
+        UNSPANNED.with(|u| u.set(self.0));
     }
 }
 
@@ -815,6 +1015,12 @@ struct At<T> {
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for At<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if UNSPANNED.with(|u| u.get()) {
+            return Ok(At {
+                value: Kind::<T>::deserialize(d)?.0,
+                at: Location::UNKNOWN,
+            });
+        }
         let s = Spanned::<Kind<T>>::deserialize(d)?;
         Ok(At {
             value: s.value.0,
@@ -1170,10 +1376,158 @@ mod tests {
         }
         let c = parse(&y, "big.yaml").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.state.services.len(), 5_000);
+        let mut cache = EntryCache::default();
+        assert_eq!(parse_cached(&y, "big.yaml", &mut cache).unwrap(), c);
+        assert_eq!(cache.entries.len(), 5_000);
         assert!(c.state.services.iter().all(|s| s.backends.len() == 10));
     }
 
+    /// The fast read (no positions) refuses what the positioned one refuses,
+    /// and takes the same config from the rest.
+    #[track_caller]
+    fn assert_reads_agree(text: &str) {
+        let fast = read_fast(text).and_then(build);
+        let positioned = read(text).and_then(build);
+        match (fast, positioned) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "{text}"),
+            (Err(_), Err(_)) => {}
+            (Ok(_), Err(p)) => panic!("the fast read took a refused file ({}): {text}", p.message),
+            (Err(_), Ok(_)) => panic!("the fast read refused a good file: {text}"),
+        }
+    }
+
+    #[test]
+    fn fast_and_positioned_reads_agree() {
+        let docs = include_str!("../../docs/config.md");
+        let start = docs.find("<!-- full-example").unwrap();
+        let body = &docs[start..][docs[start..].find("```yaml\n").unwrap() + 8..];
+        assert_reads_agree(&body[..body.find("```").unwrap()]);
+        assert_cached_agrees(ONE, &body[..body.find("```").unwrap()]);
+        for text in [
+            ONE,
+            "services: []\n",
+            "services:\n",
+            "",
+            "[]\n",
+            "services:\n  - &a {name: x, vip: 10.96.0.1, port: 80, backends: [{ip: 10.0.0.1, port: 1}]}\n  - {<<: *a, name: y, port: 81}\n",
+            "base: &b {ip: 10.0.0.1, port: 1}\nservices: []\n",
+            "services:\n- name: a\n  vip: 10.96.0.1\n  port: 80\n  protocol: UDP\n  algorithm: random\n  backends:\n  - {ip: 10.0.0.1, port: 8, weight: 3, state: terminating}\n  - ip: 10.0.0.2\n    port: 9\n",
+            "services:\n  - name: g\n    vip: 10.96.0.2\n    port: 50051\n    grpc: {timeout: 5, headers: [{name: x-a, value: 1.10}]}\ntimeouts: {udp: 30, tcp_syn: 5}\n",
+            "services:\n  - name: a\n    vip: 10.96.0.1\n    port: 80\n  - name: a\n    vip: 10.96.0.2\n    port: 80\n",
+            "services:\n  - name: a\n    vip: 10.96.0.1\n    port: 80\n    colour: red\n",
+            "services:\n  - name: a\n    vip: 10.96.0.1\n",
+            "services:\n  - {name: a, vip: 10.96.0.1, port: 80, backends: [{ip: 10.0.0.1, port: 1}, {ip: 10.0.0.1, port: 1}]}\n",
+        ] {
+            assert_reads_agree(text);
+        }
+    }
+
+    /// `parse_cached`, from an empty cache and from one filled by `before`,
+    /// gives what `parse` gives (the same config, or the same error).
+    #[track_caller]
+    fn assert_cached_agrees(before: &str, text: &str) {
+        let want = parse(text, "f.yaml").map_err(|e| e.to_string());
+        let mut cache = EntryCache::default();
+        let cold = parse_cached(text, "f.yaml", &mut cache).map_err(|e| e.to_string());
+        assert_eq!(cold, want, "{text}");
+        let mut cache = EntryCache::default();
+        let _ = parse_cached(before, "f.yaml", &mut cache);
+        let warm = parse_cached(text, "f.yaml", &mut cache).map_err(|e| e.to_string());
+        assert_eq!(warm, want, "after {before}: {text}");
+    }
+
+    #[test]
+    fn cut_takes_entries_only_where_they_mean_the_same() {
+        let block = "# c\ntimeouts:\n  udp: 30\nservices:\n\n  # first\n  - name: a\n    vip: 10.96.0.1\n    port: 80\n    backends:\n      - {ip: 10.0.0.1, port: 1}\n# between\n  - {name: b, vip: 10.96.0.2, port: 80}\ntimeouts2: 1\n";
+        let (skeleton, entries) = cut(block).unwrap();
+        assert_eq!(
+            skeleton,
+            "# c\ntimeouts:\n  udp: 30\nservices: []\n\n  # first\ntimeouts2: 1\n"
+        );
+        assert_eq!(
+            entries,
+            [
+                "  - name: a\n    vip: 10.96.0.1\n    port: 80\n    backends:\n      - {ip: 10.0.0.1, port: 1}\n# between\n",
+                "  - {name: b, vip: 10.96.0.2, port: 80}\n"
+            ]
+        );
+        assert_eq!(
+            cut("services:\n- {name: a}\n- {name: b}\n")
+                .unwrap()
+                .1
+                .len(),
+            2
+        );
+        for refused in [
+            "services:\n  - &a {name: a}\n",
+            "services:\n  - {name: !!str a}\n",
+            "services:\n  - name: |\n      a\n",
+            "---\nservices:\n  - {name: a}\n",
+            "services: \n  - {name: a}\n",
+            "services:\n  - {name: a}\n - {name: b}\n",
+            "services:\n  - {name: a}",
+            "services:\r\n  - {name: a}\r\n",
+            "services:\n  -\n    name: a\n",
+            "services: []\n",
+            "services:\n",
+        ] {
+            assert!(cut(refused).is_none(), "{refused}");
+        }
+    }
+
+    #[test]
+    fn cached_parse_gives_what_parse_gives() {
+        let svc = |n: u32, port: u32| {
+            format!(
+                "  - {{name: s{n}, vip: 10.96.0.{n}, port: 80, backends: [{{ip: 10.0.0.1, port: {port}}}]}}\n"
+            )
+        };
+        let file = |ports: &[u32]| {
+            let mut y = String::from("timeouts: {udp: 30}\nservices:\n");
+            for (n, p) in ports.iter().enumerate() {
+                y.push_str(&svc(n as u32 + 1, *p));
+            }
+            y
+        };
+        let base = file(&[1, 2, 3]);
+        let texts = [
+            base.clone(),
+            file(&[1, 9, 3]),
+            file(&[1, 2]),
+            file(&[1, 2, 3, 4]),
+            // Moved, duplicated, broken entries; a broken rest.
+            format!("services:\n{}{}", svc(2, 2), svc(1, 1)),
+            format!("services:\n{}{}", svc(1, 1), svc(1, 1)),
+            format!("services:\n{}{}", svc(1, 1), svc(2, 1).replace("10.96.0.2", "10.96.0.1")),
+            format!("services:\n{}  - {{name: x, vip: 10.96.0.300, port: 80}}\n", svc(1, 1)),
+            format!("services:\n{}  - {{name: x, vip: 10.96.0.9, port: 80, backends: [\n", svc(1, 1)),
+            format!("services:\n{}  - {{name: \"x\n  - y\", vip: 10.96.0.9, port: 80}}\n", svc(1, 1)),
+            format!("services:\n{}  - {{name: \"x\ntimeouts: {{udp: 3}}\n", svc(1, 1)),
+            format!("timeouts: {{udp: 0}}\nservices:\n{}", svc(1, 1)),
+            format!("colour: red\nservices:\n{}", svc(1, 1)),
+            format!("services:\n{}services:\n{}", svc(1, 1), svc(2, 2)),
+            format!("services:\n{}  - {{name: y, vip: 10.96.0.8, port: 80, algorithm: maglev, maglev_table_size: 7, backends: [{{ip: 10.0.0.1, port: 1}}]}}\n", svc(1, 1)),
+            "services:\n  - name: a\n    vip: 10.96.0.1\n    port: 80\n    grpc: {headers: [{name: x-a, value: 1.10}]}\n".to_string(),
+            "services:\n- name: a\n  vip: 10.96.0.1\n  port: 80\n".to_string(),
+        ];
+        for before in [base.as_str(), "", texts[1].as_str()] {
+            for text in &texts {
+                assert_cached_agrees(before, text);
+            }
+        }
+        // Unchanged entries come from the cache: the cut engages here.
+        let mut cache = EntryCache::default();
+        parse_cached(&base, "f.yaml", &mut cache).unwrap();
+        assert_eq!(cache.entries.len(), 3);
+        parse_cached(&texts[1], "f.yaml", &mut cache).unwrap();
+        assert_eq!(cache.entries.len(), 3);
+        assert!(parse_cached(&texts[7], "f.yaml", &mut cache).is_err());
+        assert!(cache.entries.is_empty());
+    }
+
     fn err(text: &str) -> InvalidConfig {
+        assert_reads_agree(text);
+        assert_cached_agrees(ONE, text);
         match parse(text, "services.yaml") {
             Ok(c) => panic!("expected an error, got {c:?}"),
             Err(ConfigError::Invalid(e)) => e,

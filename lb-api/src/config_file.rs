@@ -29,6 +29,9 @@ pub struct ConfigFile {
     seen: Option<u64>,
     /// A change not taken yet: its hash and when it was first seen.
     pending: Option<(u64, Instant)>,
+    /// The last read's services by their entry's text: a change parses
+    /// only the entries it changed.
+    cache: config::EntryCache,
 }
 
 /// The outcome of a [`ConfigFile::read`].
@@ -54,6 +57,7 @@ impl ConfigFile {
             settle: poll / 2,
             seen: None,
             pending: None,
+            cache: config::EntryCache::default(),
         }
     }
 
@@ -93,7 +97,7 @@ impl ConfigFile {
             })
         });
         Reload::Changed(match text {
-            Ok(t) => config::parse(&t, &self.origin),
+            Ok(t) => config::parse_cached(&t, &self.origin, &mut self.cache),
             Err(source) => Err(ConfigError::Read {
                 origin: self.origin.clone(),
                 source,

@@ -233,10 +233,19 @@ impl Publisher {
         let _one = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
         let cur = self.current();
         let same_default = cur.version > 0 && *cur.default == default;
-        let same_nodes = cur.nodes.len() == nodes.len()
-            && nodes
-                .iter()
-                .all(|(n, s)| cur.nodes.get(n).is_some_and(|c| **c == *s));
+        // Each node's state is compared with its previous one once: kept
+        // (the previous `Arc`) when equal.
+        let mut same_nodes = cur.nodes.len() == nodes.len();
+        let nodes: Vec<(String, Result<Arc<NodeState>, NodeState>)> = nodes
+            .into_iter()
+            .map(|(n, s)| match cur.nodes.get(&n) {
+                Some(c) if **c == s => (n, Ok(c.clone())),
+                _ => {
+                    same_nodes = false;
+                    (n, Err(s))
+                }
+            })
+            .collect();
         if same_default && same_nodes {
             return cur.version;
         }
@@ -254,10 +263,10 @@ impl Publisher {
         let nodes = nodes
             .into_iter()
             .map(|(n, s)| {
-                let a = match cur.nodes.get(&n) {
-                    Some(c) if **c == s => c.clone(),
-                    _ if s == *default => default.clone(),
-                    _ => Arc::new(s),
+                let a = match s {
+                    Ok(kept) => kept,
+                    Err(s) if s == *default => default.clone(),
+                    Err(s) => Arc::new(s),
                 };
                 (n, a)
             })
