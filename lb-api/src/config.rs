@@ -434,7 +434,8 @@ fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
                     Some(r) => {
                         let here = [&here[..], &[key("grpc"), key("retry")]].concat();
                         let v = &r.value;
-                        let d = RetryPolicy::new(need(&v.max_attempts, "max_attempts", &here, r.at)?.0);
+                        let d =
+                            RetryPolicy::new(need(&v.max_attempts, "max_attempts", &here, r.at)?.0);
                         let mut codes: Vec<u32> = match &v.retryable_status_codes {
                             Some(c) => c.value.iter().map(|c| c.value.0).collect(),
                             None => d.retryable_status_codes.clone(),
@@ -446,7 +447,10 @@ fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
                                 .initial_backoff
                                 .as_ref()
                                 .map_or(d.initial_backoff, |b| b.value.0),
-                            max_backoff: v.max_backoff.as_ref().map_or(d.max_backoff, |b| b.value.0),
+                            max_backoff: v
+                                .max_backoff
+                                .as_ref()
+                                .map_or(d.max_backoff, |b| b.value.0),
                             backoff_multiplier_milli: v
                                 .backoff_multiplier
                                 .as_ref()
@@ -611,7 +615,10 @@ fn field_problem(i: usize, rs: &At<RawService>, field: Field, message: String) -
                     vec![(key("max_attempts"), r.and_then(|r| at(&r.max_attempts)))]
                 }
                 RetryField::InitialBackoff => {
-                    vec![(key("initial_backoff"), r.and_then(|r| at(&r.initial_backoff)))]
+                    vec![(
+                        key("initial_backoff"),
+                        r.and_then(|r| at(&r.initial_backoff)),
+                    )]
                 }
                 RetryField::MaxBackoff => {
                     vec![(key("max_backoff"), r.and_then(|r| at(&r.max_backoff)))]
@@ -1246,7 +1253,10 @@ checked!(
 );
 
 checked!(
-    Milli(u32) = text_field("a number with at most 3 decimals (e.g. 1.5)", validate::parse_milli)
+    Milli(u32) = text_field(
+        "a number with at most 3 decimals (e.g. 1.5)",
+        validate::parse_milli
+    )
 );
 
 checked!(
@@ -1538,7 +1548,11 @@ mod tests {
             assert!(text.contains(path), "{text} should name {path}");
             assert!(text.contains(needle), "{text} should say {needle}");
         };
-        bad("{}", "services[0].grpc.retry", "missing field `max_attempts`");
+        bad(
+            "{}",
+            "services[0].grpc.retry",
+            "missing field `max_attempts`",
+        );
         bad(
             "{ max_attempts: 6 }",
             "services[0].grpc.retry.max_attempts",

@@ -307,7 +307,11 @@ pub fn retry_policy(r: &RetryPolicy) -> Result<(), (RetryField, String)> {
             "retryable_status_codes must name at least one status (e.g. UNAVAILABLE)".into(),
         );
     }
-    if let Some(c) = r.retryable_status_codes.iter().find(|c| !(1..=16).contains(*c)) {
+    if let Some(c) = r
+        .retryable_status_codes
+        .iter()
+        .find(|c| !(1..=16).contains(*c))
+    {
         return e(
             RetryField::StatusCodes,
             format!("gRPC status code {c} is out of range (1-16; OK is not retryable)"),
@@ -355,7 +359,11 @@ pub fn parse_milli(s: &str) -> Result<u32, String> {
     {
         return Err(bad());
     }
-    let i: u32 = if int.is_empty() { 0 } else { int.parse().map_err(|_| bad())? };
+    let i: u32 = if int.is_empty() {
+        0
+    } else {
+        int.parse().map_err(|_| bad())?
+    };
     let f: u32 = format!("{frac:0<3}").parse().map_err(|_| bad())?;
     i.checked_mul(1000)
         .and_then(|v| v.checked_add(f))

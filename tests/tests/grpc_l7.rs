@@ -1291,9 +1291,16 @@ fn with_retry(r: Option<lb_api::RetryPolicy>) -> GrpcPolicy {
     }
 }
 
-fn backend_stats<'a>(s: &'a ServiceStats, lab: &Lab, i: usize) -> &'a lb_agent::userspace::BackendStats {
+fn backend_stats<'a>(
+    s: &'a ServiceStats,
+    lab: &Lab,
+    i: usize,
+) -> &'a lb_agent::userspace::BackendStats {
     let ip = lab.backend(i).ip();
-    s.backends.iter().find(|b| b.ip == ip).expect("backend stats")
+    s.backends
+        .iter()
+        .find(|b| b.ip == ip)
+        .expect("backend stats")
 }
 
 /// Calls each backend got, by `grpc-previous-rpc-attempts` (None: a first
@@ -1327,10 +1334,15 @@ fn grpc_retry_policy_retries_retryable_statuses() {
     let before = in_client(&lab, || async { outcomes(&channel().await, N, 3).await });
     let failed = before.iter().filter(|r| r.is_err()).count();
     assert!(
-        before.iter().all(|r| r.is_ok() || *r == Err(Code::Unavailable)),
+        before
+            .iter()
+            .all(|r| r.is_ok() || *r == Err(Code::Unavailable)),
         "{before:?}"
     );
-    assert!((N / 6..=N * 2 / 3).contains(&failed), "{failed} of {N} failed without retries");
+    assert!(
+        (N / 6..=N * 2 / 3).contains(&failed),
+        "{failed} of {N} failed without retries"
+    );
     assert_eq!(failed, be.journal.served(1) as usize);
     let s = stats(&p);
     assert_eq!(backend_stats(&s, &lab, 1).retries, 0);
@@ -1368,15 +1380,24 @@ fn grpc_retry_policy_retries_retryable_statuses() {
     let bad_answers = (be.journal.served(1) - served1) as usize;
     assert!(bad_answers > 0);
     assert_eq!(
-        invalid.iter().filter(|r| **r == Err(Code::InvalidArgument)).count(),
+        invalid
+            .iter()
+            .filter(|r| **r == Err(Code::InvalidArgument))
+            .count(),
         bad_answers,
         "{invalid:?}"
     );
-    assert_eq!(invalid.iter().filter(|r| r.is_ok()).count(), N - bad_answers);
+    assert_eq!(
+        invalid.iter().filter(|r| r.is_ok()).count(),
+        N - bad_answers
+    );
     let seen = attempts_seen(&be.log()[mark..]);
     assert!(seen.keys().all(|(_, prev)| prev.is_none()), "{seen:?}");
     let s = settled(&p, |s| s.active_requests == 0);
-    assert_eq!(s.backends.iter().map(|b| b.retries).sum::<u64>(), retried as u64);
+    assert_eq!(
+        s.backends.iter().map(|b| b.retries).sum::<u64>(),
+        retried as u64
+    );
     drop(be);
     p.shutdown().unwrap();
 }
@@ -1415,7 +1436,11 @@ fn grpc_retry_throttle_stops_retries_in_an_outage() {
         .sum();
     assert_eq!(retries_seen, 4, "{seen:?}");
     let s = settled(&p, |s| s.active_requests == 0);
-    assert_eq!(s.backends.iter().map(|b| b.retries).sum::<u64>(), 4, "{s:?}");
+    assert_eq!(
+        s.backends.iter().map(|b| b.retries).sum::<u64>(),
+        4,
+        "{s:?}"
+    );
     assert_eq!(
         s.backends.iter().map(|b| b.retries_throttled).sum::<u64>(),
         N as u64 - 1,

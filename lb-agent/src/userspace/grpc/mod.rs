@@ -88,10 +88,10 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use lb_api::GrpcPolicy;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout_at};
-use lb_api::GrpcPolicy;
 use tracing::debug;
 
 use crate::userspace::options::ProxyOptions;

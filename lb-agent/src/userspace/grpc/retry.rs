@@ -123,7 +123,11 @@ mod tests {
         // that long, a draw of the bound wraps to zero.
         let bounds = [100_000u64, 200_000, 350_000, 350_000, 350_000];
         for (n, b) in (1..).zip(bounds) {
-            assert_eq!(backoff(&p, n, b - 1), Duration::from_micros(b - 1), "retry {n}");
+            assert_eq!(
+                backoff(&p, n, b - 1),
+                Duration::from_micros(b - 1),
+                "retry {n}"
+            );
             assert_eq!(backoff(&p, n, b), Duration::ZERO, "retry {n}");
             assert_eq!(backoff(&p, n, b + 7), Duration::from_micros(7));
         }
@@ -185,10 +189,7 @@ mod tests {
         // 2 -> 1 (= max/2): not allowed.
         assert!(!th.record(Some(a), true));
         assert!(!th.record(Some(a), true));
-        let b = RetryThrottle {
-            max_tokens: 4,
-            ..a
-        };
+        let b = RetryThrottle { max_tokens: 4, ..a };
         assert!(th.record(Some(b), true));
         for _ in 0..10 {
             assert!(th.record(None, true));
