@@ -925,7 +925,7 @@ mod tests {
                 "listed twice",
             ),
         ];
-        let retry = |f: fn(&mut RetryPolicy)| -> Box<dyn Fn(&mut Service)> {
+        let retry = |f: fn(&mut RetryPolicy)| -> Change {
             Box::new(move |s| {
                 let mut r = RetryPolicy::new(3);
                 f(&mut r);
@@ -935,7 +935,7 @@ mod tests {
                 });
             })
         };
-        let cases: Vec<(Box<dyn Fn(&mut Service)>, Field, &str)> = cases
+        let cases: Vec<(Change, Field, &str)> = cases
             .into_iter()
             .chain([
                 (
