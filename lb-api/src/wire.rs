@@ -677,6 +677,20 @@ mod tests {
             ),
             (
                 {
+                    let mut g = good.clone();
+                    g.grpc = Some(GrpcPolicy {
+                        retry: Some(RetryPolicy::new(3)),
+                        ..GrpcPolicy::default()
+                    });
+                    let mut p: pb::Service = (&g).into();
+                    let r = p.grpc.as_mut().unwrap().retry.as_mut().unwrap();
+                    r.max_attempts = 9;
+                    p
+                },
+                "grpc.retry.max_attempts: max_attempts 9 is out of range",
+            ),
+            (
+                {
                     let mut p: pb::Service = (&good).into();
                     p.backends[0].weight = crate::MAX_WEIGHT + 1;
                     p
