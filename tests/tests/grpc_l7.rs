@@ -1357,6 +1357,7 @@ fn grpc_retry_policy_retries_retryable_statuses() {
     assert!(after.iter().all(|r| r.as_deref() != Ok("backend-1")));
     let bad_answers = be.journal.served(1) - served1;
     assert!(bad_answers > 0, "the bad backend got calls");
+    eprintln!("without a policy {failed} of {N} failed; with one, 0 failed, {bad_answers} retried");
     let seen = attempts_seen(&be.log()[mark..]);
     // Every retry went to a good backend (the failed one is avoided), with
     // the attempt count; the bad backend only ever saw first attempts.
