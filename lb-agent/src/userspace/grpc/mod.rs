@@ -30,7 +30,11 @@
 //!   to `grpc_transparent_retries` times: the request's first
 //!   `body::REPLAY_LIMIT` bytes are kept for that, and a call that sent more
 //!   is not retried. Any other failure once the request may have been
-//!   processed is final (gRPC calls are not idempotent in general).
+//!   processed is final (gRPC calls are not idempotent in general), except
+//!   under the service's retry policy (`retry`, gRFC A6): a trailers-only
+//!   answer with a retryable status is sent again, preferably to another
+//!   backend, after a jittered backoff, within `max_attempts`, the deadline,
+//!   the replay limit and the service's retry throttle.
 //!   Failures answer UNAVAILABLE (14); no usable backend counts as
 //!   `drop_no_backend`, and all attempts failing as
 //!   `drop_connect_failed`/`drop_connect_timeout`.
