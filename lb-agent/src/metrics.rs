@@ -491,7 +491,7 @@ impl Collector for DatapathCollector {
             )?;
         }
         type GrpcField = fn(&GrpcBackendCounts) -> u64;
-        let grpc_counters: [(&str, &str, GrpcField); 3] = [
+        let grpc_counters: [(&str, &str, GrpcField); 5] = [
             (
                 "rpclb_backend_grpc_connections_opened",
                 "gRPC mode: HTTP/2 connections opened to the backend",
@@ -506,6 +506,16 @@ impl Collector for DatapathCollector {
                 "rpclb_backend_grpc_transparent_retries",
                 "gRPC mode: calls the backend did not process (REFUSED_STREAM, above a GOAWAY's last stream), sent again",
                 |g| g.transparent_retries,
+            ),
+            (
+                "rpclb_backend_grpc_retries",
+                "gRPC mode: calls retried by the service's retry policy after the backend answered a retryable status",
+                |g| g.retries,
+            ),
+            (
+                "rpclb_backend_grpc_retries_throttled",
+                "gRPC mode: retryable answers of the backend not retried because the service's retry throttle was low",
+                |g| g.retries_throttled,
             ),
         ];
         for (name, help, get) in grpc_counters {

@@ -48,9 +48,9 @@ use std::time::Duration;
 
 use crate::model::{
     Algorithm, Backend, BackendState, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy, HealthCheck,
-    HealthCheckKind, Protocol, Service,
+    HealthCheckKind, Protocol, RetryPolicy, RetryThrottle, Service,
 };
-use crate::validate::{self, BackendField, Field, HeaderField};
+use crate::validate::{self, BackendField, Field, HeaderField, RetryField};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Expected, MapAccess, SeqAccess, Unexpected, Visitor};
 use serde_saphyr::{Location, Spanned};
@@ -428,6 +428,33 @@ struct RawGrpc {
     timeout: Option<At<Seconds>>,
     #[serde(default)]
     headers: Option<At<Vec<At<RawHeader>>>>,
+    /// Present: a retry policy (gRFC A6).
+    retry: Option<At<RawRetry>>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a retry policy mapping (max_attempts, initial_backoff, max_backoff, backoff_multiplier, retryable_status_codes, throttle)"
+)]
+struct RawRetry {
+    #[serde(default, deserialize_with = "required")]
+    max_attempts: Option<At<Count>>,
+    initial_backoff: Option<At<DurationField>>,
+    max_backoff: Option<At<DurationField>>,
+    backoff_multiplier: Option<At<Milli>>,
+    retryable_status_codes: Option<At<Vec<At<StatusCode>>>>,
+    throttle: Option<At<RawThrottle>>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a retry throttle mapping (max_tokens, token_ratio)"
+)]
+struct RawThrottle {
+    max_tokens: Option<At<Count>>,
+    token_ratio: Option<At<Milli>>,
 }
 
 #[derive(Deserialize)]
@@ -556,6 +583,52 @@ fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
                     .as_ref()
                     .map_or(DEFAULT_GRPC_TIMEOUT, |t| t.value.0),
                 add_headers,
+                retry: match &g.value.retry {
+                    None => None,
+                    Some(r) => {
+                        let here = [&here[..], &[key("grpc"), key("retry")]].concat();
+                        let v = &r.value;
+                        let d =
+                            RetryPolicy::new(need(&v.max_attempts, "max_attempts", &here, r.at)?.0);
+                        let mut codes: Vec<u32> = match &v.retryable_status_codes {
+                            Some(c) => c.value.iter().map(|c| c.value.0).collect(),
+                            None => d.retryable_status_codes.clone(),
+                        };
+                        codes.sort_unstable();
+                        codes.dedup();
+                        Some(RetryPolicy {
+                            initial_backoff: v
+                                .initial_backoff
+                                .as_ref()
+                                .map_or(d.initial_backoff, |b| b.value.0),
+                            max_backoff: v
+                                .max_backoff
+                                .as_ref()
+                                .map_or(d.max_backoff, |b| b.value.0),
+                            backoff_multiplier_milli: v
+                                .backoff_multiplier
+                                .as_ref()
+                                .map_or(d.backoff_multiplier_milli, |m| m.value.0),
+                            retryable_status_codes: codes,
+                            throttle: v.throttle.as_ref().map(|t| {
+                                let dt = RetryThrottle::default();
+                                RetryThrottle {
+                                    max_tokens: t
+                                        .value
+                                        .max_tokens
+                                        .as_ref()
+                                        .map_or(dt.max_tokens, |m| m.value.0),
+                                    token_ratio_milli: t
+                                        .value
+                                        .token_ratio
+                                        .as_ref()
+                                        .map_or(dt.token_ratio_milli, |m| m.value.0),
+                                }
+                            }),
+                            ..d
+                        })
+                    }
+                },
             })
         }
     };
@@ -682,6 +755,52 @@ fn field_problem(i: usize, rs: &At<RawService>, field: Field, message: String) -
                 (Seg::Index(k), h.map(|h| h.at)),
                 (key(name), pos),
             ]
+        }
+        Field::GrpcRetry(f) => {
+            let retry = s.grpc.as_ref().and_then(|g| g.value.retry.as_ref());
+            let throttle = retry.and_then(|r| r.value.throttle.as_ref());
+            let mut v = vec![
+                (key("grpc"), at(&s.grpc)),
+                (key("retry"), retry.map(|r| r.at)),
+            ];
+            let r = retry.map(|r| &r.value);
+            v.extend(match f {
+                RetryField::MaxAttempts => {
+                    vec![(key("max_attempts"), r.and_then(|r| at(&r.max_attempts)))]
+                }
+                RetryField::InitialBackoff => {
+                    vec![(
+                        key("initial_backoff"),
+                        r.and_then(|r| at(&r.initial_backoff)),
+                    )]
+                }
+                RetryField::MaxBackoff => {
+                    vec![(key("max_backoff"), r.and_then(|r| at(&r.max_backoff)))]
+                }
+                RetryField::BackoffMultiplier => vec![(
+                    key("backoff_multiplier"),
+                    r.and_then(|r| at(&r.backoff_multiplier)),
+                )],
+                RetryField::StatusCodes => vec![(
+                    key("retryable_status_codes"),
+                    r.and_then(|r| at(&r.retryable_status_codes)),
+                )],
+                RetryField::MaxTokens => vec![
+                    (key("throttle"), throttle.map(|t| t.at)),
+                    (
+                        key("max_tokens"),
+                        throttle.and_then(|t| at(&t.value.max_tokens)),
+                    ),
+                ],
+                RetryField::TokenRatio => vec![
+                    (key("throttle"), throttle.map(|t| t.at)),
+                    (
+                        key("token_ratio"),
+                        throttle.and_then(|t| at(&t.value.token_ratio)),
+                    ),
+                ],
+            });
+            v
         }
         Field::HealthCheck => vec![(key("health_check"), at(&s.health_check))],
         Field::HealthCheckService => health("service", |h| at(&h.service)),
@@ -1334,6 +1453,26 @@ impl<'de> Deserialize<'de> for DurationField {
 }
 
 checked!(
+    Count(u32) = int_field("a whole number", |v| {
+        u32::try_from(v).map_err(|_| format!("{v} is too large"))
+    })
+);
+
+checked!(
+    Milli(u32) = text_field(
+        "a number with at most 3 decimals (e.g. 1.5)",
+        validate::parse_milli
+    )
+);
+
+checked!(
+    StatusCode(u32) = text_field(
+        "a gRPC status code name (e.g. UNAVAILABLE)",
+        crate::model::parse_status_code
+    )
+);
+
+checked!(
     Threshold(u32) = int_field("a number of checks in a row (1-100)", |v| {
         let n = u32::try_from(v).unwrap_or(u32::MAX);
         validate::health_threshold(n).map(|()| n)
@@ -1711,6 +1850,102 @@ mod tests {
             (5, 22),
             "services[0].grpc.timeout",
             "at least 1 second",
+        );
+    }
+
+    #[test]
+    fn grpc_retry() {
+        use crate::model::{RetryPolicy, RetryThrottle};
+        let c = parse(
+            &format!("{ONE}    grpc:\n      retry: {{ max_attempts: 3 }}\n"),
+            "x",
+        )
+        .unwrap();
+        let g = c.state.services[0].grpc.clone().unwrap();
+        assert_eq!(g.retry, Some(RetryPolicy::new(3)));
+        let c = parse(
+            &format!(
+                "{ONE}    grpc:\n      retry:\n        max_attempts: 5\n        \
+                 initial_backoff: 20ms\n        max_backoff: 0.5s\n        \
+                 backoff_multiplier: 1.5\n        \
+                 retryable_status_codes: [unavailable, RESOURCE_EXHAUSTED, 14]\n        \
+                 throttle: {{ max_tokens: 20, token_ratio: 0.25 }}\n"
+            ),
+            "x",
+        )
+        .unwrap();
+        assert_eq!(
+            c.state.services[0].grpc.clone().unwrap().retry,
+            Some(RetryPolicy {
+                max_attempts: 5,
+                initial_backoff: Duration::from_millis(20),
+                max_backoff: Duration::from_millis(500),
+                backoff_multiplier_milli: 1500,
+                retryable_status_codes: vec![8, 14],
+                throttle: Some(RetryThrottle {
+                    max_tokens: 20,
+                    token_ratio_milli: 250,
+                }),
+            })
+        );
+        // The throttle's defaults.
+        let c = parse(
+            &format!("{ONE}    grpc:\n      retry: {{ max_attempts: 2, throttle: {{}} }}\n"),
+            "x",
+        )
+        .unwrap();
+        let r = c.state.services[0].grpc.clone().unwrap().retry.unwrap();
+        assert_eq!(r.throttle, Some(RetryThrottle::default()));
+        let bad = |yaml: &str, path: &str, needle: &str| {
+            let e = parse(&format!("{ONE}    grpc:\n      retry: {yaml}\n"), "x").unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains(path), "{text} should name {path}");
+            assert!(text.contains(needle), "{text} should say {needle}");
+        };
+        bad(
+            "{}",
+            "services[0].grpc.retry",
+            "missing field `max_attempts`",
+        );
+        bad(
+            "{ max_attempts: 6 }",
+            "services[0].grpc.retry.max_attempts",
+            "max_attempts 6 is out of range (expected 2-5",
+        );
+        bad(
+            "{ max_attempts: 3, retryable_status_codes: [UNAVAILBLE] }",
+            "services[0].grpc.retry.retryable_status_codes[0]",
+            "unknown gRPC status code \"UNAVAILBLE\"",
+        );
+        bad(
+            "{ max_attempts: 3, retryable_status_codes: [OK] }",
+            "services[0].grpc.retry.retryable_status_codes[0]",
+            "OK is not a retryable status",
+        );
+        bad(
+            "{ max_attempts: 3, backoff_multiplier: 0.5 }",
+            "services[0].grpc.retry.backoff_multiplier",
+            "out of range (expected 1 to 100)",
+        );
+        bad(
+            "{ max_attempts: 3, initial_backoff: 2s }",
+            "services[0].grpc.retry.max_backoff",
+            "below initial_backoff",
+        );
+        bad(
+            "{ max_attempts: 3, throttle: { max_tokens: 2000 } }",
+            "services[0].grpc.retry.throttle.max_tokens",
+            "max_tokens 2000 is out of range",
+        );
+        bad(
+            "{ max_attempts: 3, throttle: { token_ratio: 0 } }",
+            "services[0].grpc.retry.throttle.token_ratio",
+            "token_ratio 0 is out of range",
+        );
+        bad(
+            "{ max_attempts: 3, tries: 2 }",
+            "services[0].grpc.retry",
+            "unknown field `tries`",
         );
     }
 

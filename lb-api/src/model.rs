@@ -157,6 +157,123 @@ pub struct GrpcPolicy {
     pub default_timeout: Duration,
     /// Headers added to every request (name lowercase), in order.
     pub add_headers: Vec<(String, String)>,
+    /// `Some`: calls answered with a retryable status are sent again (gRFC
+    /// A6); `None`: no retries beyond the transparent ones.
+    #[serde(default)]
+    pub retry: Option<RetryPolicy>,
+}
+
+/// A retry policy of a gRPC-mode service (gRFC A6 `retryPolicy`, plus its
+/// `retryThrottling`). Ratios are in thousandths (A6 allows three decimals),
+/// so that the model stays `Eq` and `Hash`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Attempts of a call, the first included (2..=5).
+    pub max_attempts: u32,
+    /// The first retry waits a random time in [0, initial_backoff).
+    pub initial_backoff: Duration,
+    /// No retry waits longer (before the jitter).
+    pub max_backoff: Duration,
+    /// Each further retry's bound is the previous one times this, in
+    /// thousandths (1500 = 1.5).
+    pub backoff_multiplier_milli: u32,
+    /// gRPC status codes (1..=16) that make a call retryable; sorted, no
+    /// duplicates.
+    pub retryable_status_codes: Vec<u32>,
+    /// `Some`: the service's retries are throttled (token bucket).
+    pub throttle: Option<RetryThrottle>,
+}
+
+/// gRFC A6 `retryThrottling`, per service and agent: a token bucket that
+/// starts full at `max_tokens`; each attempt answered with a retryable
+/// status takes one token, each other answer gives `token_ratio`; retries
+/// are made only while more than half of `max_tokens` is left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RetryThrottle {
+    /// 1..=1000.
+    pub max_tokens: u32,
+    /// Tokens a success gives back, in thousandths (1..=max_tokens x 1000).
+    pub token_ratio_milli: u32,
+}
+
+impl Default for RetryThrottle {
+    /// gRPC's usual example: 10 tokens, 0.1 per success.
+    fn default() -> Self {
+        RetryThrottle {
+            max_tokens: 10,
+            token_ratio_milli: 100,
+        }
+    }
+}
+
+/// Defaults of a retry policy's backoff (as gRPC examples use them).
+pub const DEFAULT_RETRY_INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+pub const DEFAULT_RETRY_MAX_BACKOFF: Duration = Duration::from_secs(1);
+pub const DEFAULT_RETRY_BACKOFF_MULTIPLIER_MILLI: u32 = 2000;
+/// gRFC A6 caps maxAttempts at 5.
+pub const MAX_RETRY_ATTEMPTS: u32 = 5;
+
+impl RetryPolicy {
+    /// `max_attempts` attempts on UNAVAILABLE, default backoff, no throttle.
+    pub fn new(max_attempts: u32) -> Self {
+        RetryPolicy {
+            max_attempts,
+            initial_backoff: DEFAULT_RETRY_INITIAL_BACKOFF,
+            max_backoff: DEFAULT_RETRY_MAX_BACKOFF,
+            backoff_multiplier_milli: DEFAULT_RETRY_BACKOFF_MULTIPLIER_MILLI,
+            retryable_status_codes: vec![14],
+            throttle: None,
+        }
+    }
+}
+
+/// The gRPC status codes by name (index = code).
+pub const GRPC_STATUS_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// A gRPC status code from its name (`UNAVAILABLE`, any case) or number;
+/// OK (0) is not a failure and is refused.
+pub fn parse_status_code(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    let code = match s.parse::<u32>() {
+        Ok(n) => n,
+        Err(_) => GRPC_STATUS_NAMES
+            .iter()
+            .position(|n| n.eq_ignore_ascii_case(s))
+            .map(|i| i as u32)
+            .ok_or_else(|| {
+                format!("unknown gRPC status code {s:?} (expected a name like UNAVAILABLE)")
+            })?,
+    };
+    match code {
+        0 => Err("OK is not a retryable status".into()),
+        1..=16 => Ok(code),
+        _ => Err(format!("gRPC status code {code} is out of range (1-16)")),
+    }
+}
+
+/// A status code's name (`UNAVAILABLE`), or its number if unknown.
+pub fn status_code_name(code: u32) -> String {
+    GRPC_STATUS_NAMES
+        .get(code as usize)
+        .map_or_else(|| code.to_string(), |n| (*n).to_string())
 }
 
 impl Default for GrpcPolicy {
@@ -164,6 +281,7 @@ impl Default for GrpcPolicy {
         GrpcPolicy {
             default_timeout: DEFAULT_GRPC_TIMEOUT,
             add_headers: Vec::new(),
+            retry: None,
         }
     }
 }

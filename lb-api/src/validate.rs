@@ -24,8 +24,8 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use crate::model::{
-    Backend, DEFAULT_MAGLEV_M, HealthCheckKind, MAX_WEIGHT, Protocol, Service, ServiceAddr,
-    check_added_header, is_prime,
+    Backend, DEFAULT_MAGLEV_M, HealthCheckKind, MAX_RETRY_ATTEMPTS, MAX_WEIGHT, Protocol,
+    RetryPolicy, Service, ServiceAddr, check_added_header, is_prime,
 };
 
 /// The largest client-IP affinity timeout (as in Kubernetes).
@@ -49,6 +49,7 @@ pub enum Field {
     Grpc,
     GrpcTimeout,
     GrpcHeader(usize, HeaderField),
+    GrpcRetry(RetryField),
     /// The health check as a whole (it needs TCP).
     HealthCheck,
     HealthCheckService,
@@ -63,6 +64,33 @@ pub enum BackendField {
     Ip,
     Port,
     Weight,
+}
+
+/// A field of a gRPC retry policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryField {
+    MaxAttempts,
+    InitialBackoff,
+    MaxBackoff,
+    BackoffMultiplier,
+    StatusCodes,
+    MaxTokens,
+    TokenRatio,
+}
+
+impl RetryField {
+    /// The field's YAML name (under `grpc.retry`).
+    pub fn name(self) -> &'static str {
+        match self {
+            RetryField::MaxAttempts => "max_attempts",
+            RetryField::InitialBackoff => "initial_backoff",
+            RetryField::MaxBackoff => "max_backoff",
+            RetryField::BackoffMultiplier => "backoff_multiplier",
+            RetryField::StatusCodes => "retryable_status_codes",
+            RetryField::MaxTokens => "throttle.max_tokens",
+            RetryField::TokenRatio => "throttle.token_ratio",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +125,7 @@ impl fmt::Display for Field {
                 };
                 write!(f, "grpc.headers[{i}].{h}")
             }
+            Field::GrpcRetry(r) => write!(f, "grpc.retry.{}", r.name()),
             Field::HealthCheck => f.write_str("health_check"),
             Field::HealthCheckService => f.write_str("health_check.service"),
             Field::HealthCheckInterval => f.write_str("health_check.interval"),
@@ -214,6 +243,131 @@ pub fn grpc_timeout(d: Duration) -> Result<(), String> {
     } else {
         Ok(())
     }
+}
+
+/// The longest retry backoff.
+pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(300);
+/// The largest backoff multiplier, in thousandths.
+pub const MAX_RETRY_MULTIPLIER_MILLI: u32 = 100_000;
+/// gRFC A6: retryThrottling.maxTokens is at most 1000.
+pub const MAX_RETRY_TOKENS: u32 = 1000;
+
+/// A retry policy (gRFC A6 rules): 2..=5 attempts, backoffs of 1 ms to
+/// [`MAX_RETRY_BACKOFF`] in whole milliseconds with the initial one not
+/// above the maximum, a multiplier of 1 to 100, at least one status code
+/// (1..=16, sorted, no duplicates), and a throttle of 1..=1000 tokens whose
+/// ratio is above 0 and at most `max_tokens`. The one check of a policy;
+/// the YAML, annotation and wire parsers call it.
+pub fn retry_policy(r: &RetryPolicy) -> Result<(), (RetryField, String)> {
+    let e = |f: RetryField, m: String| Err((f, m));
+    if !(2..=MAX_RETRY_ATTEMPTS).contains(&r.max_attempts) {
+        return e(
+            RetryField::MaxAttempts,
+            format!(
+                "max_attempts {} is out of range (expected 2-{MAX_RETRY_ATTEMPTS}, the first attempt included)",
+                r.max_attempts
+            ),
+        );
+    }
+    let backoff = |d: Duration, f: RetryField| {
+        if d < Duration::from_millis(1) || d > MAX_RETRY_BACKOFF {
+            e(
+                f,
+                format!("backoff {d:?} is out of range (expected 1ms to {MAX_RETRY_BACKOFF:?})"),
+            )
+        } else if !d.subsec_nanos().is_multiple_of(1_000_000) {
+            e(f, format!("backoff {d:?} must be whole milliseconds"))
+        } else {
+            Ok(())
+        }
+    };
+    backoff(r.initial_backoff, RetryField::InitialBackoff)?;
+    backoff(r.max_backoff, RetryField::MaxBackoff)?;
+    if r.initial_backoff > r.max_backoff {
+        return e(
+            RetryField::MaxBackoff,
+            format!(
+                "max_backoff {:?} is below initial_backoff {:?}",
+                r.max_backoff, r.initial_backoff
+            ),
+        );
+    }
+    if !(1000..=MAX_RETRY_MULTIPLIER_MILLI).contains(&r.backoff_multiplier_milli) {
+        return e(
+            RetryField::BackoffMultiplier,
+            format!(
+                "backoff_multiplier {} is out of range (expected 1 to 100)",
+                f64::from(r.backoff_multiplier_milli) / 1000.0
+            ),
+        );
+    }
+    if r.retryable_status_codes.is_empty() {
+        return e(
+            RetryField::StatusCodes,
+            "retryable_status_codes must name at least one status (e.g. UNAVAILABLE)".into(),
+        );
+    }
+    if let Some(c) = r
+        .retryable_status_codes
+        .iter()
+        .find(|c| !(1..=16).contains(*c))
+    {
+        return e(
+            RetryField::StatusCodes,
+            format!("gRPC status code {c} is out of range (1-16; OK is not retryable)"),
+        );
+    }
+    if !r.retryable_status_codes.is_sorted_by(|a, b| a < b) {
+        return e(
+            RetryField::StatusCodes,
+            "retryable_status_codes must be sorted without duplicates".into(),
+        );
+    }
+    if let Some(t) = &r.throttle {
+        if !(1..=MAX_RETRY_TOKENS).contains(&t.max_tokens) {
+            return e(
+                RetryField::MaxTokens,
+                format!(
+                    "max_tokens {} is out of range (expected 1-{MAX_RETRY_TOKENS})",
+                    t.max_tokens
+                ),
+            );
+        }
+        if t.token_ratio_milli == 0 || t.token_ratio_milli > t.max_tokens * 1000 {
+            return e(
+                RetryField::TokenRatio,
+                format!(
+                    "token_ratio {} is out of range (expected 0.001 up to max_tokens, {})",
+                    f64::from(t.token_ratio_milli) / 1000.0,
+                    t.max_tokens
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Parses a ratio with up to three decimals (`1.5`, `0.1`) into thousandths.
+pub fn parse_milli(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (int, frac) = t.split_once('.').unwrap_or((t, ""));
+    let bad = || format!("{s:?} is not a number with at most 3 decimals (e.g. 1.5)");
+    if int.is_empty() && frac.is_empty()
+        || !int.chars().all(|c| c.is_ascii_digit())
+        || !frac.chars().all(|c| c.is_ascii_digit())
+        || frac.len() > 3
+    {
+        return Err(bad());
+    }
+    let i: u32 = if int.is_empty() {
+        0
+    } else {
+        int.parse().map_err(|_| bad())?
+    };
+    let f: u32 = format!("{frac:0<3}").parse().map_err(|_| bad())?;
+    i.checked_mul(1000)
+        .and_then(|v| v.checked_add(f))
+        .ok_or_else(bad)
 }
 
 /// The shortest health check interval (bounds the probe load: a service of
@@ -400,6 +554,12 @@ impl Service {
                     });
                 }
             }
+            if let Some(r) = &g.retry {
+                retry_policy(r).map_err(|(f, message)| InvalidService {
+                    field: Field::GrpcRetry(f),
+                    message,
+                })?;
+            }
         }
         if let Some(h) = &self.health_check {
             if self.protocol != Protocol::Tcp {
@@ -483,7 +643,7 @@ pub fn duplicate_addrs(services: &[Service]) -> Vec<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Algorithm, BackendState, GrpcPolicy, HealthCheck};
+    use crate::model::{Algorithm, BackendState, GrpcPolicy, HealthCheck, RetryThrottle};
 
     #[test]
     fn durations_parse_with_units() {
@@ -641,6 +801,18 @@ mod tests {
     }
 
     #[test]
+    fn milli_ratios() {
+        assert_eq!(parse_milli("1.5"), Ok(1500));
+        assert_eq!(parse_milli("0.1"), Ok(100));
+        assert_eq!(parse_milli("2"), Ok(2000));
+        assert_eq!(parse_milli(".25"), Ok(250));
+        assert_eq!(parse_milli(" 0.001 "), Ok(1));
+        for bad in ["", ".", "1.2345", "-1", "1e3", "x", "99999999"] {
+            assert!(parse_milli(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn each_rule_names_its_field() {
         let ok = svc(Algorithm::Maglev, 2, 0);
         assert_eq!(ok.validate(), Ok(()));
@@ -716,7 +888,7 @@ mod tests {
                 Box::new(|s| {
                     s.grpc = Some(GrpcPolicy {
                         default_timeout: Duration::ZERO,
-                        add_headers: vec![],
+                        ..GrpcPolicy::default()
                     })
                 }),
                 Field::GrpcTimeout,
@@ -753,6 +925,85 @@ mod tests {
                 "listed twice",
             ),
         ];
+        let retry = |f: fn(&mut RetryPolicy)| -> Change {
+            Box::new(move |s| {
+                let mut r = RetryPolicy::new(3);
+                f(&mut r);
+                s.grpc = Some(GrpcPolicy {
+                    retry: Some(r),
+                    ..GrpcPolicy::default()
+                });
+            })
+        };
+        let cases: Vec<(Change, Field, &str)> = cases
+            .into_iter()
+            .chain([
+                (
+                    retry(|r| r.max_attempts = 6),
+                    Field::GrpcRetry(RetryField::MaxAttempts),
+                    "max_attempts 6 is out of range (expected 2-5",
+                ),
+                (
+                    retry(|r| r.max_attempts = 1),
+                    Field::GrpcRetry(RetryField::MaxAttempts),
+                    "out of range",
+                ),
+                (
+                    retry(|r| r.initial_backoff = Duration::ZERO),
+                    Field::GrpcRetry(RetryField::InitialBackoff),
+                    "backoff 0ns is out of range",
+                ),
+                (
+                    retry(|r| r.initial_backoff = Duration::from_secs(2)),
+                    Field::GrpcRetry(RetryField::MaxBackoff),
+                    "max_backoff 1s is below initial_backoff 2s",
+                ),
+                (
+                    retry(|r| r.backoff_multiplier_milli = 500),
+                    Field::GrpcRetry(RetryField::BackoffMultiplier),
+                    "backoff_multiplier 0.5 is out of range",
+                ),
+                (
+                    retry(|r| r.retryable_status_codes.clear()),
+                    Field::GrpcRetry(RetryField::StatusCodes),
+                    "at least one",
+                ),
+                (
+                    retry(|r| r.retryable_status_codes = vec![0]),
+                    Field::GrpcRetry(RetryField::StatusCodes),
+                    "OK is not retryable",
+                ),
+                (
+                    retry(|r| r.retryable_status_codes = vec![14, 8]),
+                    Field::GrpcRetry(RetryField::StatusCodes),
+                    "sorted",
+                ),
+                (
+                    retry(|r| {
+                        r.throttle = Some(RetryThrottle {
+                            max_tokens: 0,
+                            token_ratio_milli: 100,
+                        })
+                    }),
+                    Field::GrpcRetry(RetryField::MaxTokens),
+                    "max_tokens 0 is out of range (expected 1-1000)",
+                ),
+                (
+                    retry(|r| {
+                        r.throttle = Some(RetryThrottle {
+                            max_tokens: 2,
+                            token_ratio_milli: 2001,
+                        })
+                    }),
+                    Field::GrpcRetry(RetryField::TokenRatio),
+                    "token_ratio 2.001 is out of range",
+                ),
+            ])
+            .collect();
+        // A valid policy passes.
+        let mut s = ok.clone();
+        retry(|r| r.throttle = Some(RetryThrottle::default()))(&mut s);
+        s.validate().unwrap();
         for (change, field, needle) in cases {
             let mut s = ok.clone();
             change(&mut s);

@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::config::Timeouts;
 use crate::model::{
     Algorithm, Backend, BackendState, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy, HealthCheck,
-    HealthCheckKind, Protocol, Service, ServiceAddr,
+    HealthCheckKind, Protocol, RetryPolicy, RetryThrottle, Service, ServiceAddr,
 };
 use crate::validate::Refusal;
 
@@ -101,6 +101,18 @@ impl From<&Service> for pb::Service {
                         value: value.clone(),
                     })
                     .collect(),
+                retry: g.retry.as_ref().map(|r| pb::RetryPolicy {
+                    max_attempts: r.max_attempts,
+                    initial_backoff_ms: u64::try_from(r.initial_backoff.as_millis())
+                        .unwrap_or(u64::MAX),
+                    max_backoff_ms: u64::try_from(r.max_backoff.as_millis()).unwrap_or(u64::MAX),
+                    backoff_multiplier_milli: r.backoff_multiplier_milli,
+                    retryable_status_codes: r.retryable_status_codes.clone(),
+                    throttle: r.throttle.map(|t| pb::RetryThrottle {
+                        max_tokens: t.max_tokens,
+                        token_ratio_milli: t.token_ratio_milli,
+                    }),
+                }),
             }),
             health_check: s.health_check.as_ref().map(|h| pb::HealthCheck {
                 kind: match h.kind {
@@ -212,6 +224,18 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
             .iter()
             .map(|h| (h.name.clone(), h.value.clone()))
             .collect(),
+        // Checked by `normalise` below.
+        retry: g.retry.as_ref().map(|r| RetryPolicy {
+            max_attempts: r.max_attempts,
+            initial_backoff: Duration::from_millis(r.initial_backoff_ms),
+            max_backoff: Duration::from_millis(r.max_backoff_ms),
+            backoff_multiplier_milli: r.backoff_multiplier_milli,
+            retryable_status_codes: r.retryable_status_codes.clone(),
+            throttle: r.throttle.as_ref().map(|t| RetryThrottle {
+                max_tokens: t.max_tokens,
+                token_ratio_milli: t.token_ratio_milli,
+            }),
+        }),
     });
     let health_check = match &s.health_check {
         None => None,
@@ -539,6 +563,17 @@ mod tests {
         s.grpc = Some(GrpcPolicy {
             default_timeout: Duration::from_millis(2500),
             add_headers: vec![("x-cluster".into(), "east".into())],
+            retry: Some(RetryPolicy {
+                max_attempts: 4,
+                initial_backoff: Duration::from_millis(20),
+                max_backoff: Duration::from_millis(300),
+                backoff_multiplier_milli: 1500,
+                retryable_status_codes: vec![8, 14],
+                throttle: Some(RetryThrottle {
+                    max_tokens: 20,
+                    token_ratio_milli: 250,
+                }),
+            }),
         });
         s.health_check = Some(HealthCheck {
             service: "shop.Cart".into(),
@@ -639,6 +674,20 @@ mod tests {
                     ..(&good).into()
                 },
                 "unknown algorithm 42",
+            ),
+            (
+                {
+                    let mut g = good.clone();
+                    g.grpc = Some(GrpcPolicy {
+                        retry: Some(RetryPolicy::new(3)),
+                        ..GrpcPolicy::default()
+                    });
+                    let mut p: pb::Service = (&g).into();
+                    let r = p.grpc.as_mut().unwrap().retry.as_mut().unwrap();
+                    r.max_attempts = 9;
+                    p
+                },
+                "grpc.retry.max_attempts: max_attempts 9 is out of range",
             ),
             (
                 {

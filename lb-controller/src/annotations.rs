@@ -14,6 +14,17 @@
 //! | `rpclb.io/health-check-timeout` | a duration, 10ms up to the interval | `1s` (or the interval, if shorter) |
 //! | `rpclb.io/health-check-unhealthy-threshold` | failures in a row that take a backend out, 1-100 | 3 |
 //! | `rpclb.io/health-check-healthy-threshold` | passes in a row that put it back, 1-100 | 2 |
+//! | `rpclb.io/grpc-retry-max-attempts` | 2-5 attempts, the first included: a retry policy (gRFC A6) for the gRPC mode | no retries |
+//! | `rpclb.io/grpc-retry-status-codes` | comma-separated gRPC status names (`UNAVAILABLE, RESOURCE_EXHAUSTED`) or numbers | `UNAVAILABLE` |
+//! | `rpclb.io/grpc-retry-initial-backoff` | a duration, 1ms-5m | `100ms` |
+//! | `rpclb.io/grpc-retry-max-backoff` | a duration, 1ms-5m, not below the initial backoff | `1s` |
+//! | `rpclb.io/grpc-retry-backoff-multiplier` | a number from 1 to 100 (up to 3 decimals) | `2` |
+//! | `rpclb.io/grpc-retry-max-tokens` | the retry throttle's tokens, 1-1000 (turns the throttle on) | no throttle; `10` when the ratio is set |
+//! | `rpclb.io/grpc-retry-token-ratio` | tokens a success gives back, 0.001 up to max-tokens (turns the throttle on) | `0.1` |
+//!
+//! The `rpclb.io/grpc-retry-*` settings need `rpclb.io/mode: grpc` and
+//! `rpclb.io/grpc-retry-max-attempts`; without them each is reported and
+//! ignored. An invalid setting is reported and its default used.
 //!
 //! The `rpclb.io/health-check-*` settings need `rpclb.io/health-check`;
 //! without it each is reported and ignored. An invalid setting is reported
@@ -73,8 +84,16 @@ pub const HEALTH_CHECK_INTERVAL: &str = "rpclb.io/health-check-interval";
 pub const HEALTH_CHECK_TIMEOUT: &str = "rpclb.io/health-check-timeout";
 pub const HEALTH_CHECK_UNHEALTHY: &str = "rpclb.io/health-check-unhealthy-threshold";
 pub const HEALTH_CHECK_HEALTHY: &str = "rpclb.io/health-check-healthy-threshold";
+/// 2-5: a retry policy for the gRPC mode.
+pub const GRPC_RETRY_MAX_ATTEMPTS: &str = "rpclb.io/grpc-retry-max-attempts";
+pub const GRPC_RETRY_STATUS_CODES: &str = "rpclb.io/grpc-retry-status-codes";
+pub const GRPC_RETRY_INITIAL_BACKOFF: &str = "rpclb.io/grpc-retry-initial-backoff";
+pub const GRPC_RETRY_MAX_BACKOFF: &str = "rpclb.io/grpc-retry-max-backoff";
+pub const GRPC_RETRY_BACKOFF_MULTIPLIER: &str = "rpclb.io/grpc-retry-backoff-multiplier";
+pub const GRPC_RETRY_MAX_TOKENS: &str = "rpclb.io/grpc-retry-max-tokens";
+pub const GRPC_RETRY_TOKEN_RATIO: &str = "rpclb.io/grpc-retry-token-ratio";
 /// Every annotation this version understands.
-pub const KNOWN: [&str; 11] = [
+pub const KNOWN: [&str; 18] = [
     ALGORITHM,
     WEIGHTS,
     MAGLEV_TABLE_SIZE,
@@ -86,6 +105,13 @@ pub const KNOWN: [&str; 11] = [
     HEALTH_CHECK_TIMEOUT,
     HEALTH_CHECK_UNHEALTHY,
     HEALTH_CHECK_HEALTHY,
+    GRPC_RETRY_MAX_ATTEMPTS,
+    GRPC_RETRY_STATUS_CODES,
+    GRPC_RETRY_INITIAL_BACKOFF,
+    GRPC_RETRY_MAX_BACKOFF,
+    GRPC_RETRY_BACKOFF_MULTIPLIER,
+    GRPC_RETRY_MAX_TOKENS,
+    GRPC_RETRY_TOKEN_RATIO,
 ];
 
 /// A Service's load-balancing policy, from its annotations.
@@ -137,6 +163,13 @@ impl AnnotationError {
             HEALTH_CHECK_TIMEOUT => "using the default timeout (1s, or the interval if shorter)",
             HEALTH_CHECK_UNHEALTHY => "using the default unhealthy threshold (3)",
             HEALTH_CHECK_HEALTHY => "using the default healthy threshold (2)",
+            GRPC_RETRY_MAX_ATTEMPTS => "no retry policy",
+            GRPC_RETRY_STATUS_CODES => "retrying UNAVAILABLE only",
+            GRPC_RETRY_INITIAL_BACKOFF => "using the default initial backoff (100ms)",
+            GRPC_RETRY_MAX_BACKOFF => "using the default max backoff (1s)",
+            GRPC_RETRY_BACKOFF_MULTIPLIER => "using the default backoff multiplier (2)",
+            GRPC_RETRY_MAX_TOKENS => "using the default retry throttle tokens (10, or none)",
+            GRPC_RETRY_TOKEN_RATIO => "using the default retry throttle ratio (0.1, or none)",
             _ => "ignoring it",
         }
     }
@@ -165,7 +198,7 @@ impl std::error::Error for AnnotationError {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AnnotationProblem {
     #[error(
-        "unknown rpclb.io annotation (known: rpclb.io/algorithm, rpclb.io/weights, rpclb.io/maglev-table-size, rpclb.io/mode, rpclb.io/grpc-timeout, rpclb.io/health-check, rpclb.io/health-check-service, rpclb.io/health-check-interval, rpclb.io/health-check-timeout, rpclb.io/health-check-unhealthy-threshold, rpclb.io/health-check-healthy-threshold)"
+        "unknown rpclb.io annotation (known: rpclb.io/algorithm, rpclb.io/weights, rpclb.io/maglev-table-size, rpclb.io/mode, rpclb.io/grpc-timeout, rpclb.io/health-check, rpclb.io/health-check-service, rpclb.io/health-check-interval, rpclb.io/health-check-timeout, rpclb.io/health-check-unhealthy-threshold, rpclb.io/health-check-healthy-threshold, rpclb.io/grpc-retry-max-attempts, rpclb.io/grpc-retry-status-codes, rpclb.io/grpc-retry-initial-backoff, rpclb.io/grpc-retry-max-backoff, rpclb.io/grpc-retry-backoff-multiplier, rpclb.io/grpc-retry-max-tokens, rpclb.io/grpc-retry-token-ratio)"
     )]
     UnknownKey,
     #[error("the value is empty")]
@@ -199,6 +232,13 @@ pub enum AnnotationProblem {
     HealthValue(String),
     #[error("has no effect without rpclb.io/health-check")]
     NoHealthCheck,
+    /// Breaks a retry policy rule of `lb_api::validate` (range, format).
+    #[error("{0}")]
+    RetryValue(String),
+    #[error("has no effect without rpclb.io/grpc-retry-max-attempts")]
+    NoRetry,
+    #[error("has no effect without rpclb.io/mode: grpc")]
+    NoGrpcMode,
 }
 
 /// Reads a Service's policy from its annotations.
@@ -212,6 +252,7 @@ pub fn parse_annotations(
     let mut errors = Vec::new();
     let mut grpc_timeout = None;
     let mut health = HealthSettings::default();
+    let mut retry = RetrySettings::default();
     for (key, value) in annotations {
         if !key.starts_with(PREFIX) {
             continue;
@@ -254,6 +295,9 @@ pub fn parse_annotations(
                 parse_threshold(value).map(|n| health.unhealthy = Some((key, n)))
             }
             HEALTH_CHECK_HEALTHY => parse_threshold(value).map(|n| health.healthy = Some((key, n))),
+            k if k.starts_with("rpclb.io/grpc-retry-") && KNOWN.contains(&k) => {
+                retry.parse(key, value)
+            }
             _ => Err(vec![AnnotationProblem::UnknownKey]),
         };
         if let Err(problems) = problems {
@@ -268,6 +312,7 @@ pub fn parse_annotations(
         g.default_timeout = t;
     }
     policy.health_check = health.build(annotations, &mut errors);
+    retry.build(policy.grpc.as_mut(), annotations, &mut errors);
     errors.sort_by(|a, b| a.key.cmp(&b.key));
     (policy, errors)
 }
@@ -342,6 +387,163 @@ impl HealthSettings<'_> {
             h.healthy_threshold = n;
         }
         Some(h)
+    }
+}
+
+/// One parsed `rpclb.io/grpc-retry-*` setting (other than max attempts).
+#[derive(Clone, Debug)]
+enum RetrySetting {
+    // In the order they are applied: a maximum before what it bounds.
+    MaxBackoff(std::time::Duration),
+    InitialBackoff(std::time::Duration),
+    Multiplier(u32),
+    Codes(Vec<u32>),
+    MaxTokens(u32),
+    TokenRatio(u32),
+}
+
+impl RetrySetting {
+    fn rank(&self) -> u8 {
+        match self {
+            RetrySetting::MaxBackoff(_) => 0,
+            RetrySetting::InitialBackoff(_) => 1,
+            RetrySetting::Multiplier(_) => 2,
+            RetrySetting::Codes(_) => 3,
+            RetrySetting::MaxTokens(_) => 4,
+            RetrySetting::TokenRatio(_) => 5,
+        }
+    }
+
+    fn apply(&self, r: &mut lb_api::RetryPolicy) {
+        let throttle = |r: &mut lb_api::RetryPolicy| {
+            *r.throttle
+                .get_or_insert_with(lb_api::RetryThrottle::default)
+        };
+        match self {
+            RetrySetting::MaxBackoff(d) => r.max_backoff = *d,
+            RetrySetting::InitialBackoff(d) => r.initial_backoff = *d,
+            RetrySetting::Multiplier(m) => r.backoff_multiplier_milli = *m,
+            RetrySetting::Codes(c) => r.retryable_status_codes = c.clone(),
+            RetrySetting::MaxTokens(n) => {
+                let t = throttle(r);
+                r.throttle = Some(lb_api::RetryThrottle {
+                    max_tokens: *n,
+                    ..t
+                });
+            }
+            RetrySetting::TokenRatio(n) => {
+                let t = throttle(r);
+                r.throttle = Some(lb_api::RetryThrottle {
+                    token_ratio_milli: *n,
+                    ..t
+                });
+            }
+        }
+    }
+}
+
+/// The `rpclb.io/grpc-retry-*` values that parsed, with their keys.
+#[derive(Default)]
+struct RetrySettings<'a> {
+    max_attempts: Option<(&'a String, u32)>,
+    rest: Vec<(&'a String, RetrySetting)>,
+}
+
+impl<'a> RetrySettings<'a> {
+    fn parse(&mut self, key: &'a String, value: &str) -> Result<(), Vec<AnnotationProblem>> {
+        let v = value.trim();
+        if v.is_empty() {
+            return Err(vec![AnnotationProblem::Empty]);
+        }
+        let bad = |e: String| vec![AnnotationProblem::RetryValue(e)];
+        let number = || {
+            v.parse::<u32>()
+                .ok()
+                .filter(|_| !v.starts_with('+'))
+                .ok_or_else(|| vec![AnnotationProblem::NotANumber(v.to_string())])
+        };
+        let setting = match key.as_str() {
+            GRPC_RETRY_MAX_ATTEMPTS => {
+                let n = number()?;
+                validate::retry_policy(&lb_api::RetryPolicy::new(n)).map_err(|(_, e)| bad(e))?;
+                self.max_attempts = Some((key, n));
+                return Ok(());
+            }
+            GRPC_RETRY_STATUS_CODES => {
+                let mut codes = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(lb_api::parse_status_code)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(bad)?;
+                codes.sort_unstable();
+                codes.dedup();
+                RetrySetting::Codes(codes)
+            }
+            GRPC_RETRY_INITIAL_BACKOFF => {
+                RetrySetting::InitialBackoff(validate::parse_duration(v).map_err(bad)?)
+            }
+            GRPC_RETRY_MAX_BACKOFF => {
+                RetrySetting::MaxBackoff(validate::parse_duration(v).map_err(bad)?)
+            }
+            GRPC_RETRY_BACKOFF_MULTIPLIER => {
+                RetrySetting::Multiplier(validate::parse_milli(v).map_err(bad)?)
+            }
+            GRPC_RETRY_MAX_TOKENS => RetrySetting::MaxTokens(number()?),
+            GRPC_RETRY_TOKEN_RATIO => {
+                RetrySetting::TokenRatio(validate::parse_milli(v).map_err(bad)?)
+            }
+            _ => return Err(vec![AnnotationProblem::UnknownKey]),
+        };
+        self.rest.push((key, setting));
+        Ok(())
+    }
+
+    /// The policy into `grpc`: each setting is kept only if the policy with
+    /// it passes `lb_api::validate::retry_policy`; the others, and every
+    /// setting without max attempts or the gRPC mode, are reported.
+    fn build(
+        mut self,
+        grpc: Option<&mut lb_api::GrpcPolicy>,
+        annotations: &BTreeMap<String, String>,
+        errors: &mut Vec<AnnotationError>,
+    ) {
+        let mut report = |key: &String, problem| {
+            errors.push(AnnotationError {
+                key: key.clone(),
+                value: annotations.get(key).cloned().unwrap_or_default(),
+                problem,
+            })
+        };
+        let keys = self
+            .max_attempts
+            .iter()
+            .map(|m| m.0)
+            .chain(self.rest.iter().map(|r| r.0));
+        let Some(grpc) = grpc else {
+            for k in keys {
+                report(k, AnnotationProblem::NoGrpcMode);
+            }
+            return;
+        };
+        let Some((_, n)) = self.max_attempts else {
+            for k in keys {
+                report(k, AnnotationProblem::NoRetry);
+            }
+            return;
+        };
+        let mut r = lb_api::RetryPolicy::new(n);
+        self.rest.sort_by_key(|(_, s)| s.rank());
+        for (k, s) in &self.rest {
+            let mut next = r.clone();
+            s.apply(&mut next);
+            match validate::retry_policy(&next) {
+                Ok(()) => r = next,
+                Err((_, e)) => report(k, AnnotationProblem::RetryValue(e)),
+            }
+        }
+        grpc.retry = Some(r);
     }
 }
 
@@ -456,6 +658,82 @@ fn parse_maglev_table_size(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_retry_annotations() {
+        use lb_api::{RetryPolicy, RetryThrottle};
+        use std::time::Duration;
+        let retry = |pairs: &[(&str, &str)]| {
+            let (p, e) = parse(pairs);
+            (p.grpc.and_then(|g| g.retry), e)
+        };
+        let (r, e) = retry(&[(MODE, "grpc"), (GRPC_RETRY_MAX_ATTEMPTS, "3")]);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(r, Some(RetryPolicy::new(3)));
+        let (r, e) = retry(&[
+            (MODE, "grpc"),
+            (GRPC_RETRY_MAX_ATTEMPTS, "5"),
+            (
+                GRPC_RETRY_STATUS_CODES,
+                "unavailable, RESOURCE_EXHAUSTED,14",
+            ),
+            (GRPC_RETRY_INITIAL_BACKOFF, "2s"),
+            (GRPC_RETRY_MAX_BACKOFF, "10s"),
+            (GRPC_RETRY_BACKOFF_MULTIPLIER, "1.5"),
+            (GRPC_RETRY_TOKEN_RATIO, "0.5"),
+        ]);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(
+            r,
+            Some(RetryPolicy {
+                max_attempts: 5,
+                initial_backoff: Duration::from_secs(2),
+                max_backoff: Duration::from_secs(10),
+                backoff_multiplier_milli: 1500,
+                retryable_status_codes: vec![8, 14],
+                throttle: Some(RetryThrottle {
+                    max_tokens: 10,
+                    token_ratio_milli: 500,
+                }),
+            })
+        );
+        // Invalid settings: one error each, the default kept.
+        let (r, e) = retry(&[
+            (MODE, "grpc"),
+            (GRPC_RETRY_MAX_ATTEMPTS, "3"),
+            (GRPC_RETRY_STATUS_CODES, "UNAVAILBLE"),
+            (GRPC_RETRY_INITIAL_BACKOFF, "5s"),
+            (GRPC_RETRY_MAX_TOKENS, "0"),
+        ]);
+        assert_eq!(r, Some(RetryPolicy::new(3)));
+        let text: Vec<String> = e.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            [
+                "invalid annotation rpclb.io/grpc-retry-initial-backoff=\"5s\": max_backoff 1s is below initial_backoff 5s; using the default initial backoff (100ms)",
+                "invalid annotation rpclb.io/grpc-retry-max-tokens=\"0\": max_tokens 0 is out of range (expected 1-1000); using the default retry throttle tokens (10, or none)",
+                "invalid annotation rpclb.io/grpc-retry-status-codes=\"UNAVAILBLE\": unknown gRPC status code \"UNAVAILBLE\" (expected a name like UNAVAILABLE); retrying UNAVAILABLE only",
+            ]
+        );
+        let (r, e) = retry(&[(MODE, "grpc"), (GRPC_RETRY_MAX_ATTEMPTS, "6")]);
+        assert_eq!(r, None);
+        assert_eq!(
+            e[0].to_string(),
+            "invalid annotation rpclb.io/grpc-retry-max-attempts=\"6\": max_attempts 6 is out of range (expected 2-5, the first attempt included); no retry policy"
+        );
+        // Settings without max attempts, or without the gRPC mode.
+        assert_eq!(
+            problems(&[(MODE, "grpc"), (GRPC_RETRY_STATUS_CODES, "UNAVAILABLE")]),
+            [AnnotationProblem::NoRetry]
+        );
+        assert_eq!(
+            problems(&[
+                (GRPC_RETRY_MAX_ATTEMPTS, "2"),
+                (GRPC_RETRY_TOKEN_RATIO, "1")
+            ]),
+            [AnnotationProblem::NoGrpcMode, AnnotationProblem::NoGrpcMode]
+        );
+    }
 
     #[test]
     fn health_check_annotations() {

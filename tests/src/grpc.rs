@@ -140,6 +140,9 @@ pub struct TestBackend {
     name: Arc<str>,
     journal: Arc<Journal>,
     health: Arc<Health>,
+    /// Non-zero: unary calls are answered with this gRPC status, before
+    /// any message (a trailers-only response); they are still recorded.
+    fail: Arc<std::sync::atomic::AtomicI32>,
 }
 
 /// What a backend's `grpc.health.v1.Health/Check` answers (SERVING at
@@ -240,7 +243,14 @@ impl TestBackend {
             name: name.into(),
             journal,
             health: Arc::default(),
+            fail: Arc::default(),
         }
+    }
+
+    /// The status its unary calls fail with (0: they succeed), to change
+    /// while it serves.
+    pub fn failing(&self) -> Arc<std::sync::atomic::AtomicI32> {
+        self.fail.clone()
     }
 
     /// Its health status, to change while it serves.
@@ -326,6 +336,13 @@ impl TestService for TestBackend {
     ) -> Result<Response<SimpleResponse>, Status> {
         let h = self.record("unary", req.metadata());
         self.delay(&h).await;
+        let fail = self.fail.load(Ordering::Relaxed);
+        if fail != 0 {
+            return Err(Status::new(
+                tonic::Code::from_i32(fail),
+                format!("{} fails every call", self.name),
+            ));
+        }
         Ok(Response::new(SimpleResponse {
             payload: payload(req.get_ref().response_size)?,
             served_by: self.name.to_string(),

@@ -53,6 +53,8 @@ struct Backends {
     journal: Arc<Journal>,
     servers: Vec<Option<GrpcServer>>,
     accepted: Vec<Arc<AtomicU64>>,
+    /// Per backend: the status its unary calls fail with (0: none).
+    failing: Vec<Arc<std::sync::atomic::AtomicI32>>,
 }
 
 impl Backends {
@@ -63,9 +65,11 @@ impl Backends {
     fn start_with(lab: &Lab, opts: &ServerOptions) -> Backends {
         let journal = Arc::new(Journal::default());
         let mut accepted = Vec::new();
+        let mut failing = Vec::new();
         let servers = (1..=lab.backends().len())
             .map(|i| {
                 let backend = TestBackend::new(i, format!("backend-{i}"), journal.clone());
+                failing.push(backend.failing());
                 let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, BACKEND_PORT));
                 let opts = ServerOptions {
                     accepted: Arc::default(),
@@ -82,6 +86,7 @@ impl Backends {
             journal,
             servers,
             accepted,
+            failing,
         }
     }
 
@@ -96,6 +101,11 @@ impl Backends {
     /// Connections backend `i` (1-based) accepted.
     fn accepted(&self, i: usize) -> u64 {
         self.accepted[i - 1].load(Relaxed)
+    }
+
+    /// Backend `i` answers every unary call with `code` (trailers-only).
+    fn fail_with(&self, i: usize, code: Code) {
+        self.failing[i - 1].store(code as i32, Relaxed);
     }
 
     /// Stops backend `i` at once: its runtime and sockets go, calls in
@@ -129,6 +139,7 @@ fn policy(default_timeout: Duration) -> GrpcPolicy {
     GrpcPolicy {
         default_timeout,
         add_headers: vec![(ADDED.0.to_string(), ADDED.1.to_string())],
+        retry: None,
     }
 }
 
@@ -1229,5 +1240,249 @@ fn grpc_refused_streams_are_retried_transparently() {
     assert_eq!(b.transparent_retries, N as u64, "{b:?}");
     assert_eq!(b.requests, N as u64, "processed calls only: {b:?}");
     assert_eq!(s.total_drops(), 0);
+    p.shutdown().unwrap();
+}
+
+// ---- retry policy (gRFC A6) -------------------------------------------------
+
+/// `n` unary calls, `width` at a time, on clones of one channel: each call's
+/// serving backend, or its status code.
+async fn outcomes(
+    c: &TestServiceClient<Channel>,
+    n: usize,
+    width: usize,
+) -> Vec<Result<String, Code>> {
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..width {
+        let mut c = c.clone();
+        set.spawn(async move {
+            let mut out = Vec::new();
+            for k in (w..n).step_by(width) {
+                let r = unary(&mut c, &[]).await;
+                out.push((k, r.map(|r| r.served_by).map_err(|e| e.code())));
+            }
+            out
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = set.join_next().await {
+        all.extend(r.expect("caller task"));
+    }
+    all.sort_by_key(|(k, _)| *k);
+    assert_eq!(all.len(), n);
+    all.into_iter().map(|(_, r)| r).collect()
+}
+
+fn retry_policy(max_attempts: u32, codes: &[Code]) -> lb_api::RetryPolicy {
+    let mut codes: Vec<u32> = codes.iter().map(|c| *c as u32).collect();
+    codes.sort_unstable();
+    lb_api::RetryPolicy {
+        initial_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(20),
+        retryable_status_codes: codes,
+        ..lb_api::RetryPolicy::new(max_attempts)
+    }
+}
+
+fn with_retry(r: Option<lb_api::RetryPolicy>) -> GrpcPolicy {
+    GrpcPolicy {
+        retry: r,
+        ..policy(Duration::from_secs(30))
+    }
+}
+
+fn backend_stats<'a>(
+    s: &'a ServiceStats,
+    lab: &Lab,
+    i: usize,
+) -> &'a lb_agent::userspace::BackendStats {
+    let ip = lab.backend(i).ip();
+    s.backends
+        .iter()
+        .find(|b| b.ip == ip)
+        .expect("backend stats")
+}
+
+/// Calls each backend got, by `grpc-previous-rpc-attempts` (None: a first
+/// attempt).
+fn attempts_seen(log: &[Seen]) -> BTreeMap<(usize, Option<String>), usize> {
+    let mut m = BTreeMap::new();
+    for s in log {
+        let prev = s.header("grpc-previous-rpc-attempts").map(str::to_string);
+        *m.entry((s.backend, prev)).or_default() += 1;
+    }
+    m
+}
+
+/// One of three backends answers UNAVAILABLE to every call. Without a retry
+/// policy about a third of the calls fail; with one (3 attempts, UNAVAILABLE
+/// retryable), every call succeeds, each retry goes to a good backend with
+/// `grpc-previous-rpc-attempts: 1`, and the bad backend's retry counter
+/// says how many. A non-retryable status (INVALID_ARGUMENT) is not retried.
+#[test]
+fn grpc_retry_policy_retries_retryable_statuses() {
+    skip_unless_lab!();
+    let lab = Lab::new(3).expect("lab");
+    let be = Backends::start(&lab);
+    be.fail_with(1, Code::Unavailable);
+    let p = proxy(&lab);
+    let mut svc = grpc_service(backends(&lab), with_retry(None));
+    p.apply(&state(&svc)).unwrap();
+    const N: usize = 150;
+
+    // No policy: the bad backend's share fails.
+    let before = in_client(&lab, || async { outcomes(&channel().await, N, 3).await });
+    let failed = before.iter().filter(|r| r.is_err()).count();
+    assert!(
+        before
+            .iter()
+            .all(|r| r.is_ok() || *r == Err(Code::Unavailable)),
+        "{before:?}"
+    );
+    assert!(
+        (N / 6..=N * 2 / 3).contains(&failed),
+        "{failed} of {N} failed without retries"
+    );
+    assert_eq!(failed, be.journal.served(1) as usize);
+    let s = stats(&p);
+    assert_eq!(backend_stats(&s, &lab, 1).retries, 0);
+
+    // With the policy: every call succeeds.
+    svc.grpc = Some(with_retry(Some(retry_policy(3, &[Code::Unavailable]))));
+    assert_eq!(p.apply(&state(&svc)).unwrap().updated, 1);
+    let mark = be.log().len();
+    let served1 = be.journal.served(1);
+    let after = in_client(&lab, || async { outcomes(&channel().await, N, 3).await });
+    assert!(after.iter().all(|r| r.is_ok()), "{after:?}");
+    assert!(after.iter().all(|r| r.as_deref() != Ok("backend-1")));
+    let bad_answers = be.journal.served(1) - served1;
+    assert!(bad_answers > 0, "the bad backend got calls");
+    eprintln!("without a policy {failed} of {N} failed; with one, 0 failed, {bad_answers} retried");
+    let seen = attempts_seen(&be.log()[mark..]);
+    // Every retry went to a good backend (the failed one is avoided), with
+    // the attempt count; the bad backend only ever saw first attempts.
+    let retried: usize = [2, 3]
+        .iter()
+        .map(|&i| seen.get(&(i, Some("1".into()))).copied().unwrap_or(0))
+        .sum();
+    assert_eq!(retried as u64, bad_answers, "{seen:?}");
+    assert_eq!(seen.get(&(1, Some("1".into()))), None, "{seen:?}");
+    let s = settled(&p, |s| s.active_requests == 0);
+    assert_eq!(backend_stats(&s, &lab, 1).retries, bad_answers, "{s:?}");
+    assert_eq!(backend_stats(&s, &lab, 2).retries, 0);
+    assert_eq!(backend_stats(&s, &lab, 3).retries, 0);
+    assert!(s.backends.iter().all(|b| b.retries_throttled == 0));
+
+    // A status the policy does not name is not retried.
+    be.fail_with(1, Code::InvalidArgument);
+    let mark = be.log().len();
+    let served1 = be.journal.served(1);
+    let invalid = in_client(&lab, || async { outcomes(&channel().await, N, 3).await });
+    let bad_answers = (be.journal.served(1) - served1) as usize;
+    assert!(bad_answers > 0);
+    assert_eq!(
+        invalid
+            .iter()
+            .filter(|r| **r == Err(Code::InvalidArgument))
+            .count(),
+        bad_answers,
+        "{invalid:?}"
+    );
+    assert_eq!(
+        invalid.iter().filter(|r| r.is_ok()).count(),
+        N - bad_answers
+    );
+    let seen = attempts_seen(&be.log()[mark..]);
+    assert!(seen.keys().all(|(_, prev)| prev.is_none()), "{seen:?}");
+    let s = settled(&p, |s| s.active_requests == 0);
+    assert_eq!(
+        s.backends.iter().map(|b| b.retries).sum::<u64>(),
+        retried as u64
+    );
+    drop(be);
+    p.shutdown().unwrap();
+}
+
+/// Every backend answers UNAVAILABLE. With 5 attempts and a throttle of 10
+/// tokens (0.1 per success), the first call makes its 5 attempts (tokens
+/// 10 -> 5), and from then on no call is retried (each failure leaves at
+/// most 4 < 10/2): 100 calls make 104 attempts, not 500, and the 99 calls
+/// not retried are counted as throttled.
+#[test]
+fn grpc_retry_throttle_stops_retries_in_an_outage() {
+    skip_unless_lab!();
+    let lab = Lab::new(3).expect("lab");
+    let be = Backends::start(&lab);
+    for i in 1..=3 {
+        be.fail_with(i, Code::Unavailable);
+    }
+    let p = proxy(&lab);
+    let mut r = retry_policy(5, &[Code::Unavailable]);
+    r.throttle = Some(lb_api::RetryThrottle {
+        max_tokens: 10,
+        token_ratio_milli: 100,
+    });
+    let svc = grpc_service(backends(&lab), with_retry(Some(r)));
+    p.apply(&state(&svc)).unwrap();
+    const N: usize = 100;
+    let out = in_client(&lab, || async { outcomes(&channel().await, N, 1).await });
+    assert!(out.iter().all(|r| *r == Err(Code::Unavailable)), "{out:?}");
+    let attempts: u64 = (1..=3).map(|i| be.journal.served(i)).sum();
+    assert_eq!(attempts, N as u64 + 4, "attempts at the backends");
+    let seen = attempts_seen(&be.log());
+    let retries_seen: usize = seen
+        .iter()
+        .filter(|((_, prev), _)| prev.is_some())
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(retries_seen, 4, "{seen:?}");
+    let s = settled(&p, |s| s.active_requests == 0);
+    assert_eq!(
+        s.backends.iter().map(|b| b.retries).sum::<u64>(),
+        4,
+        "{s:?}"
+    );
+    assert_eq!(
+        s.backends.iter().map(|b| b.retries_throttled).sum::<u64>(),
+        N as u64 - 1,
+        "{s:?}"
+    );
+    drop(be);
+    p.shutdown().unwrap();
+}
+
+/// A retry whose backoff would end past the call's deadline is not made:
+/// the client gets the backend's UNAVAILABLE at once instead of waiting
+/// into its deadline. (Backoff bound 5 s, deadline 300 ms: without the
+/// check, about 94% of these calls ran out of time; in a run, all 10.)
+#[test]
+fn grpc_retry_never_waits_past_the_deadline() {
+    skip_unless_lab!();
+    let lab = Lab::new(1).expect("lab");
+    let be = Backends::start(&lab);
+    be.fail_with(1, Code::Unavailable);
+    let p = proxy(&lab);
+    let mut r = retry_policy(2, &[Code::Unavailable]);
+    r.initial_backoff = Duration::from_secs(5);
+    r.max_backoff = Duration::from_secs(5);
+    let svc = grpc_service(backends(&lab), with_retry(Some(r)));
+    p.apply(&state(&svc)).unwrap();
+    const N: usize = 10;
+    let out = in_client(&lab, || async {
+        let mut c = channel().await;
+        let mut out = Vec::new();
+        for _ in 0..N {
+            let mut req = Request::new(SimpleRequest::default());
+            req.set_timeout(Duration::from_millis(300));
+            let t0 = Instant::now();
+            let r = tokio::time::timeout(CALL, c.unary_call(req)).await;
+            out.push((r.map(|r| r.map(|_| ()).map_err(|e| e.code())), t0.elapsed()));
+        }
+        out
+    });
+    for (r, took) in &out {
+        assert!(matches!(r, Ok(Err(Code::Unavailable))), "{out:?}");
+        assert!(*took < Duration::from_millis(300), "{out:?}");
+    }
     p.shutdown().unwrap();
 }

@@ -80,6 +80,10 @@ pub struct GrpcBackendCounts {
     pub goaways: u64,
     /// Calls it did not process, sent again (gRFC A6 transparent retry).
     pub transparent_retries: u64,
+    /// Calls retried by the retry policy after it answered a retryable status.
+    pub retries: u64,
+    /// Its retryable answers not retried because the retry throttle was low.
+    pub retries_throttled: u64,
 }
 
 /// A service as stored in the maps.

@@ -61,6 +61,8 @@ pub fn datapath_snapshot(stats: &[ServiceStats]) -> DatapathSnapshot {
                             connections_opened: b.new_connections,
                             goaways: b.goaways,
                             transparent_retries: b.transparent_retries,
+                            retries: b.retries,
+                            retries_throttled: b.retries_throttled,
                         }),
                     })
                     .collect(),

@@ -106,6 +106,12 @@ pub(crate) struct BackendCounters {
     /// gRPC: calls sent again (to any backend) after this one did not
     /// process them (REFUSED_STREAM, above a GOAWAY's last stream).
     pub(crate) transparent_retries: AtomicU64,
+    /// gRPC: calls retried (retry policy) after this backend answered a
+    /// retryable status.
+    pub(crate) retries: AtomicU64,
+    /// gRPC: of such answers, those not retried because the service's
+    /// retry throttle was low.
+    pub(crate) retries_throttled: AtomicU64,
     pub(crate) traffic: Traffic,
 }
 
@@ -197,6 +203,10 @@ pub struct BackendStats {
     pub goaways: u64,
     /// gRPC: calls it did not process, sent again (gRFC A6 transparent retry).
     pub transparent_retries: u64,
+    /// gRPC: calls retried (retry policy) after it answered a retryable status.
+    pub retries: u64,
+    /// gRPC: retryable answers of it not retried because of the throttle.
+    pub retries_throttled: u64,
 }
 
 /// One service's counters at one instant, with its backends'.
@@ -279,6 +289,8 @@ pub(crate) fn backend_stats(
         active_requests: c.active_requests.load(Relaxed),
         goaways: c.goaways.load(Relaxed),
         transparent_retries: c.transparent_retries.load(Relaxed),
+        retries: c.retries.load(Relaxed),
+        retries_throttled: c.retries_throttled.load(Relaxed),
     }
 }
 

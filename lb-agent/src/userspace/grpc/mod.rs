@@ -30,7 +30,11 @@
 //!   to `grpc_transparent_retries` times: the request's first
 //!   `body::REPLAY_LIMIT` bytes are kept for that, and a call that sent more
 //!   is not retried. Any other failure once the request may have been
-//!   processed is final (gRPC calls are not idempotent in general).
+//!   processed is final (gRPC calls are not idempotent in general), except
+//!   under the service's retry policy (`retry`, gRFC A6): a trailers-only
+//!   answer with a retryable status is sent again, preferably to another
+//!   backend, after a jittered backoff, within `max_attempts`, the deadline,
+//!   the replay limit and the service's retry throttle.
 //!   Failures answer UNAVAILABLE (14); no usable backend counts as
 //!   `drop_no_backend`, and all attempts failing as
 //!   `drop_connect_failed`/`drop_connect_timeout`.
@@ -70,6 +74,7 @@ mod body;
 mod frames;
 mod headers;
 mod pool;
+mod retry;
 mod status;
 mod timeout;
 
@@ -87,6 +92,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use lb_api::GrpcPolicy;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout_at};
@@ -108,7 +114,11 @@ use pool::Pool;
 /// (`ServiceShared`, which both modes share) and tells it which backends
 /// take new calls.
 #[derive(Debug, Default)]
-pub(crate) struct Pools(std::sync::Mutex<HashMap<BackendKey, Arc<Pool>>>);
+pub(crate) struct Pools(
+    std::sync::Mutex<HashMap<BackendKey, Arc<Pool>>>,
+    /// The service's retry throttle (its retry policy's token bucket).
+    retry::Throttle,
+);
 
 impl Pools {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<BackendKey, Arc<Pool>>> {
@@ -315,7 +325,7 @@ async fn handle(
         "gRPC call"
     );
 
-    let call = forward(&svc, pools, &opts, req, deadline);
+    let call = with_retries(&svc, pools, &opts, &policy, req, deadline);
     let res = match deadline {
         Some(d) => timeout_at(d, call).await.unwrap_or(Err(Failure::Deadline)),
         None => call.await,
@@ -406,16 +416,88 @@ fn unprocessed(e: &hyper::Error) -> bool {
     false
 }
 
+type Answer = (Response<Incoming>, CallLease, Slot);
+
+/// [`forward`], then, under the service's retry policy (gRFC A6), again
+/// while the answer is a trailers-only retryable status: on another backend
+/// if there is one, after a jittered exponential backoff, up to
+/// `max_attempts` attempts, not past the deadline, while the request is
+/// all kept ([`body::REPLAY_LIMIT`]) and the retry throttle allows.
+/// Otherwise the last answer goes to the client as it is.
+async fn with_retries(
+    svc: &Arc<ServiceShared>,
+    pools: &Pools,
+    opts: &ProxyOptions,
+    policy: &GrpcPolicy,
+    req: Request<UpBody>,
+    deadline: Option<Instant>,
+) -> Result<Answer, Failure> {
+    let Some(rp) = &policy.retry else {
+        return forward(svc, pools, opts, req, deadline, &[]).await;
+    };
+    let (method, uri, version) = (req.method().clone(), req.uri().clone(), req.version());
+    let headers = req.headers().clone();
+    let replay = req.body().replay();
+    let mut req = req;
+    let mut failed: Vec<BackendKey> = Vec::new();
+    let mut attempt = 1;
+    loop {
+        let answer = forward(svc, pools, opts, req, deadline, &failed).await?;
+        let be = answer.1.backend().clone();
+        let status = retry::trailers_only_status(answer.0.headers());
+        let retryable = status.is_some_and(|c| rp.retryable_status_codes.contains(&c));
+        let allowed = pools.1.record(rp.throttle, retryable);
+        if !retryable || attempt >= rp.max_attempts {
+            return Ok(answer);
+        }
+        if !allowed {
+            be.counters.retries_throttled.fetch_add(1, Relaxed);
+            debug!(backend = %be.addr(), "gRPC call not retried: retry throttle");
+            return Ok(answer);
+        }
+        let wait = retry::backoff(rp, attempt, random_u64());
+        if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+            return Ok(answer);
+        }
+        // Built before the wait: a body past the replay limit is not retried.
+        let Some(body) = replay.retry() else {
+            return Ok(answer);
+        };
+        let mut next = Request::new(body);
+        *next.method_mut() = method.clone();
+        *next.uri_mut() = uri.clone();
+        *next.version_mut() = version;
+        *next.headers_mut() = headers.clone();
+        next.headers_mut()
+            .insert(retry::PREVIOUS_ATTEMPTS, HeaderValue::from(attempt));
+        be.counters.retries.fetch_add(1, Relaxed);
+        debug!(
+            backend = %be.addr(),
+            status = ?status,
+            attempt,
+            ?wait,
+            "gRPC call answered with a retryable status; retrying"
+        );
+        failed.push(be.key());
+        drop(answer);
+        tokio::time::sleep(wait).await;
+        req = next;
+        attempt += 1;
+    }
+}
+
 /// Sends the call to a backend, retrying on another while nothing was sent
 /// and, up to `grpc_transparent_retries` times, when a backend did not
 /// process it; the backend's response headers, the call's lease and stream.
+/// Backends in `avoid` are picked only when no other one is left.
 async fn forward(
     svc: &Arc<ServiceShared>,
     pools: &Pools,
     opts: &ProxyOptions,
     mut req: Request<UpBody>,
     deadline: Option<Instant>,
-) -> Result<(Response<Incoming>, CallLease, Slot), Failure> {
+    avoid: &[BackendKey],
+) -> Result<Answer, Failure> {
     let pool_opts = PoolOptions::from(opts);
     let mut tried: Vec<BackendKey> = Vec::new();
     let mut failure = None;
@@ -424,7 +506,10 @@ async fn forward(
     while attempts > 0 {
         attempts -= 1;
         // A transparent retry may go to the same backend (another connection).
-        let Some(lease) = balance::pick(svc, &tried) else {
+        let avoided = (!avoid.is_empty())
+            .then(|| balance::pick(svc, &[&tried[..], avoid].concat()))
+            .flatten();
+        let Some(lease) = avoided.or_else(|| balance::pick(svc, &tried)) else {
             break;
         };
         let be = lease.backend().clone();
