@@ -19,6 +19,12 @@
 //!   which owns the TCP state, the fragment table and the checksum rules;
 //! - a forward entry still in state SYN is not cached, so the client's ACK
 //!   that establishes it goes through the full path.
+//!
+//! A hit counts its packet in the entry (`pending_packets`, `pending_bytes`),
+//! not in the counter maps: the slot's next fill (the flow's refresh, at
+//! least once per `FLOW_CACHE_NS` while it sends, or another flow taking the
+//! slot) adds them where the full path counts (`stats::flush`). Readers
+//! (lb-agent's `MapReader`) add what is still pending, so counts stay exact.
 
 use lb_common::{
     FLOW_CACHE_NS, FLOW_CACHE_SLOTS, FlowCacheEntry, FlowKey, config_idx, ct_dir, ct_state, proto,
@@ -104,10 +110,12 @@ fn hit_out_of_line(raw: *mut c_void, key: &FlowKey, map_gen: u32, now: u64, meta
     let xdp = XdpContext::new(raw as *mut xdp_md);
     let ctx = &mut Xdp(&xdp);
     let w = words(key);
-    let Some(e) = FLOW_CACHE.get_ptr(slot(&w)) else {
+    let Some(e) = FLOW_CACHE.get_ptr_mut(slot(&w)) else {
         return 0;
     };
-    let e = unsafe { &*e };
+    // SAFETY: this CPU's slot; the program is not re-entered on one CPU
+    // while it runs.
+    let e = unsafe { &mut *e };
     if e.key[0] != w[0]
         || e.key[1] != w[1]
         || e.generation != map_gen
@@ -122,14 +130,11 @@ fn hit_out_of_line(raw: *mut c_void, key: &FlowKey, map_gen: u32, now: u64, meta
     if rewrite(ctx, l4_csum, udp, e).is_none() {
         return 0;
     }
-    stats::traffic(
-        e.svc_id,
-        e.backend_id,
-        tot_len as u64 + crate::parse::ETH_LEN as u64,
-        false,
-    );
-    stats::reason(e.nat_reason);
-    stats::reason(reason::FWD_REDIRECT);
+    // Counted in the entry: the next fill of the slot adds these to the
+    // counter maps (`stats::flush`), and readers add what is pending. No
+    // shared atomic add per packet (`BACKEND_STATS`, ~11 ns on Intel).
+    e.pending_packets += 1;
+    e.pending_bytes += tot_len as u64 + crate::parse::ETH_LEN as u64;
     e.ifindex
 }
 
@@ -192,11 +197,14 @@ fn fill_out_of_line<C: Ctx>(
     if nat_reason == reason::NAT_FORWARD && c.state == ct_state::SYN {
         return;
     }
-    let Some(eth) = ptr_at::<C, [u32; 3]>(ctx, 0) else {
-        return;
-    };
     let w = words(old);
     let Some(e) = FLOW_CACHE.get_ptr_mut(slot(&w)) else {
+        return;
+    };
+    // SAFETY: this CPU's slot; the program is not re-entered on one CPU
+    // while it runs.
+    unsafe { flush(&mut *e) };
+    let Some(eth) = ptr_at::<C, [u32; 3]>(ctx, 0) else {
         return;
     };
     let addrs = delta4(old.src_ip, p.saddr) + delta4(old.dst_ip, p.daddr);
@@ -222,6 +230,19 @@ fn fill_out_of_line<C: Ctx>(
         e.backend_id = c.backend_id;
         e.mac = [(*eth)[0], (*eth)[1], (*eth)[2]];
         e.nat_reason = nat_reason;
+    }
+}
+
+/// Adds the entry's pending hits to the counter maps (`stats::flush`).
+#[inline(always)]
+fn flush(e: &mut FlowCacheEntry) {
+    if e.pending_packets != 0 {
+        stats::flush(e.svc_id, e.backend_id, e.nat_reason, e.pending_packets, e.pending_bytes);
+        // Volatile: two plain zero stores become a `memset` call.
+        unsafe {
+            core::ptr::write_volatile(&raw mut e.pending_packets, 0);
+            core::ptr::write_volatile(&raw mut e.pending_bytes, 0);
+        }
     }
 }
 

@@ -129,12 +129,7 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
                 return Verdict::Drop;
             }
             stats::reason(reason::NAT_REVERSE);
-            if !(C::FLOW_CACHE && S::FLOW_CACHE) {
-                return forward(ctx, &p, Some(v), now);
-            }
-            let verdict = forward(ctx, &p, Some(v), now);
-            flowcache::fill::<C, S>(ctx, &key, &p, v, verdict, map_gen);
-            return verdict;
+            return forward_and_fill::<C, S>(ctx, &key, &p, v, now, map_gen);
         }
         if !(tcp && conntrack::is_reopen(v, p.flags)) {
             conntrack::touch(v, now);
@@ -147,12 +142,7 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
                 return Verdict::Drop;
             }
             stats::reason(reason::NAT_FORWARD);
-            if !(C::FLOW_CACHE && S::FLOW_CACHE) {
-                return forward(ctx, &p, Some(v), now);
-            }
-            let verdict = forward(ctx, &p, Some(v), now);
-            flowcache::fill::<C, S>(ctx, &key, &p, v, verdict, map_gen);
-            return verdict;
+            return forward_and_fill::<C, S>(ctx, &key, &p, v, now, map_gen);
         }
     }
 
@@ -220,6 +210,22 @@ fn forward<C: Ctx>(
         return Verdict::Pass;
     }
     fwd::forward(ctx, p, ct, now)
+}
+
+/// [`forward`] for a conntrack hit, then the flow cache remembers the
+/// rewrite (`key`: the flow as it arrived) for the flow's next packets.
+#[inline(always)]
+fn forward_and_fill<C: Ctx, S: ProgramSet>(
+    ctx: &mut C,
+    key: &lb_common::FlowKey,
+    p: &parse::Packet,
+    v: *mut lb_common::CtValue,
+    now: u64,
+    map_gen: u32,
+) -> Verdict {
+    let verdict = forward(ctx, p, Some(v), now);
+    flowcache::fill::<C, S>(ctx, key, p, v, verdict, map_gen);
+    verdict
 }
 
 /// No usable backend: a TCP SYN gets a RST (the client fails fast), the rest is dropped.

@@ -2147,6 +2147,26 @@ fn xdp_flow_cache_rules_on(set: ProgramSet) {
         send(&mut h, &fwd(40000, ACK), &routed(40000, ACK));
         send(&mut h, &reply(40000), &replied(40000));
         assert_eq!(new_flows(&mut h), 1, "served from the cache");
+        // Hits count in their cache entry (no shared atomic add per packet);
+        // the readers add what is pending, so the totals stay exact.
+        let bytes = tcp(CLIENT, 40000, VIP, 80, SYN).build().len()
+            + 4 * fwd(40000, ACK).len()
+            + 4 * reply(40000).len();
+        let pending = |h: &mut Harness| {
+            let id = h.dp().writer().backend_stats(&addr).unwrap()[0].id;
+            let p = h.dp().writer().pending_counts().unwrap();
+            p.backend.get(&id).copied().unwrap_or_default()
+        };
+        let st = h.dp().writer().service_stats(&addr).unwrap();
+        let bs = h.dp().writer().backend_stats(&addr).unwrap();
+        assert_eq!((st.packets, st.bytes), (9, bytes as u64));
+        assert_eq!((bs[0].packets, bs[0].bytes), (9, bytes as u64));
+        assert_eq!(reason(&mut h, "fwd_redirect"), 9);
+        assert_eq!(
+            pending(&mut h),
+            (6, 3 * (fwd(40000, ACK).len() + reply(40000).len()) as u64),
+            "six hits wait in the cache"
+        );
 
         // Generation: after a map change by the agent, the full path again.
         h.dp().writer().invalidate_flow_cache().unwrap();
@@ -2155,6 +2175,18 @@ fn xdp_flow_cache_rules_on(set: ProgramSet) {
         assert_bytes_eq(&out, &reply(40000));
         send(&mut h, &fwd(40000, ACK), &routed(40000, ACK));
         assert_eq!(new_flows(&mut h), 2, "the full path saw no flow");
+        // That packet refilled the forward slot: its three hits went to the
+        // maps; the reverse slot's three still wait. Totals unchanged + 1.
+        assert_eq!(
+            pending(&mut h),
+            (3, 3 * reply(40000).len() as u64),
+            "the refill flushed the forward hits"
+        );
+        let bs = h.dp().writer().backend_stats(&addr).unwrap();
+        assert_eq!(
+            (bs[0].packets, bs[0].bytes),
+            (10, (bytes + fwd(40000, ACK).len()) as u64)
+        );
         // ... also for a change of XDP_IFACES: d0 cannot take frames now.
         send(&mut h, &fwd(40000, ACK), &routed(40000, ACK));
         h.dp().writer().set_xdp_iface(d0, 0).unwrap();

@@ -28,7 +28,9 @@ use lb_common::{limits, map_names};
 use tracing::{info, warn};
 
 pub use programs::{BpfPrograms, ProgramSet};
-pub use reader::{BackendStats, ConntrackEntry, MapReader, ServiceInfo, ServiceStats};
+pub use reader::{
+    BackendStats, ConntrackEntry, MapReader, PendingCounts, ServiceInfo, ServiceStats,
+};
 pub use writer::MapWriter;
 
 /// The object built by `cargo xtask build-ebpf`, embedded at compile time.
