@@ -2055,6 +2055,9 @@ fn xdp_flow_cache_rules_on(set: ProgramSet) {
         ns.ip(&args).unwrap();
     }
     ns.run(|| {
+        // The cache is per CPU: every run on one CPU, so that a hit is not
+        // missed because the thread moved (then the full path answers).
+        pin_to_cpu(0);
         let d0 = rpclb_tests::lab::sys::ifindex("d0").unwrap();
         let c0 = rpclb_tests::lab::sys::ifindex("c0").unwrap();
         let mut h = Harness::new(true, set);
@@ -2175,8 +2178,11 @@ fn xdp_flow_cache_rules_on(set: ProgramSet) {
         assert_bytes_eq(&out, &reply(40000));
         send(&mut h, &fwd(40000, ACK), &routed(40000, ACK));
         assert_eq!(new_flows(&mut h), 2, "the full path saw no flow");
-        // That packet refilled the forward slot: its three hits went to the
-        // maps; the reverse slot's three still wait. Totals unchanged + 1.
+        // ... also for a change of XDP_IFACES: d0 cannot take frames now.
+        send(&mut h, &fwd(40000, ACK), &routed(40000, ACK));
+        // That packet (the new flow's first known one) refilled the forward
+        // slot: its three hits went to the maps; the reverse slot's three
+        // still wait. The totals: two packets more.
         assert_eq!(
             pending(&mut h),
             (3, 3 * reply(40000).len() as u64),
@@ -2185,10 +2191,8 @@ fn xdp_flow_cache_rules_on(set: ProgramSet) {
         let bs = h.dp().writer().backend_stats(&addr).unwrap();
         assert_eq!(
             (bs[0].packets, bs[0].bytes),
-            (10, (bytes + fwd(40000, ACK).len()) as u64)
+            (11, (bytes + 2 * fwd(40000, ACK).len()) as u64)
         );
-        // ... also for a change of XDP_IFACES: d0 cannot take frames now.
-        send(&mut h, &fwd(40000, ACK), &routed(40000, ACK));
         h.dp().writer().set_xdp_iface(d0, 0).unwrap();
         let (rc, _) = h.run(Hook::Xdp, &fwd(40000, ACK));
         assert_eq!(rc, XDP_PASS, "not redirected from a stale cache");
