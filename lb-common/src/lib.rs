@@ -389,7 +389,7 @@ pub const FLOW_CACHE_NS: u64 = FIB_CACHE_NS;
 
 /// One slot of the per-CPU flow cache (lb-ebpf/src/flowcache.rs): an
 /// established flow's direction and everything its packets need, so that a
-/// hit is one rewrite without the conntrack lookup. 88 bytes.
+/// hit is one rewrite without the conntrack lookup. 96 bytes.
 ///
 /// A hit counts its packet here (`pending_*`), not in the counter maps: the
 /// entry's next fill (a refresh or another flow taking the slot) adds them
@@ -426,6 +426,9 @@ pub struct FlowCacheEntry {
     /// maps (see above).
     pub pending_packets: u64,
     pub pending_bytes: u64,
+    /// `jiffies` of the last hit that checked the entry's age with the
+    /// clock: later hits in the same tick skip the clock (0: none yet).
+    pub tick: u64,
 }
 
 /// `last_seen_ns` is refreshed only when it is older than this.
@@ -568,7 +571,7 @@ const _: () = {
     assert!(core::mem::size_of::<BackendValue>() == 16);
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<CtValue>() == 64);
-    assert!(core::mem::size_of::<FlowCacheEntry>() == 88);
+    assert!(core::mem::size_of::<FlowCacheEntry>() == 96);
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<FragKey>() == 12);
     assert!(core::mem::size_of::<FragValue>() == 4);

@@ -75,18 +75,38 @@ fn eligible(p: &Packet) -> bool {
         && (p.proto != proto::TCP || p.flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0)
 }
 
-/// A hit: `p` translated and redirected as the cache says, counted as the
-/// full path counts it. `None`: the full path decides.
+/// [`hit_out_of_line`]'s answer when the entry's age must be checked with
+/// the clock (its tick is not the current one).
+const NEED_CLOCK: u32 = u32::MAX;
+/// `meta` bit: the `clock` argument is the coarse clock, not `jiffies`.
+const CLOCK_NS: u64 = 1;
+
+/// A hit: `p` translated and redirected as the cache says, counted in the
+/// entry (see the module docs). `None`: the full path decides.
+///
+/// The age check needs the clock (`bpf_ktime_get_coarse_ns`, ~5 ns here)
+/// only once per slot and tick: a hit in the tick (`jiffies`, which the
+/// verifier turns into one load) of the slot's last clock check skips it.
+/// The coarse clock moves only on ticks, so this changes nothing but the
+/// order of the updates of the two within a tick: an entry may live up to
+/// a tick or two past `FLOW_CACHE_NS`.
 #[inline(always)]
-pub fn hit<C: Ctx, S: ProgramSet>(ctx: &mut C, p: &Packet, key: &FlowKey, map_gen: u32, now: u64) -> Option<Verdict> {
+pub fn hit<C: Ctx, S: ProgramSet>(ctx: &mut C, p: &Packet, key: &FlowKey, map_gen: u32) -> Option<Verdict> {
     if !C::FLOW_CACHE || !S::FLOW_CACHE || !eligible(p) {
         return None;
     }
     // The raw context, not `ctx`: a pointer to `ctx` would need a stack
     // slot in the main body.
     let meta = (p.tot_len as u64) << 16 | (p.proto as u64) << 32;
-    match hit_out_of_line(ctx.raw(), key, map_gen, now, meta) {
-        0 => None,
+    let jiffies = unsafe { aya_ebpf::helpers::bpf_jiffies64() };
+    let r = match hit_out_of_line(ctx.raw(), key, map_gen, jiffies, meta) {
+        // In the coarse clock's program section, not in the shared code
+        // (`.text` stays loadable by the compat set's kernels).
+        NEED_CLOCK => hit_out_of_line(ctx.raw(), key, map_gen, S::now(), meta | CLOCK_NS),
+        r => r,
+    };
+    match r {
+        0 | NEED_CLOCK => None,
         ifindex => Some(Verdict::Redirect(ifindex)),
     }
 }
@@ -95,10 +115,11 @@ pub fn hit<C: Ctx, S: ProgramSet>(ctx: &mut C, p: &Packet, key: &FlowKey, map_ge
 /// within budget (lb-ebpf's deepest call chain is near the verifier's 512
 /// bytes). At most five arguments (BPF calls), none pointing at more of the
 /// main body's stack than the key it has anyway: `meta` is the packet's IPv4
-/// total length << 16 and protocol << 32; the verdict
-/// is the egress ifindex, 0 for a miss.
+/// total length << 16 and protocol << 32, and `CLOCK_NS` if `clock` is the
+/// coarse clock (else `jiffies`); the verdict is the egress ifindex, 0 for a
+/// miss, `NEED_CLOCK` to be asked again with the coarse clock.
 #[inline(never)]
-fn hit_out_of_line(raw: *mut c_void, key: &FlowKey, map_gen: u32, now: u64, meta: u64) -> u32 {
+fn hit_out_of_line(raw: *mut c_void, key: &FlowKey, map_gen: u32, clock: u64, meta: u64) -> u32 {
     let (tot_len, proto) = ((meta >> 16) as u16, (meta >> 32) as u8);
     // From the protocol, not from `meta`: a packet offset of up to 65,535
     // fails older verifiers ("R2 offset is outside of the packet", 5.10).
@@ -116,12 +137,17 @@ fn hit_out_of_line(raw: *mut c_void, key: &FlowKey, map_gen: u32, now: u64, meta
     // SAFETY: this CPU's slot; the program is not re-entered on one CPU
     // while it runs.
     let e = unsafe { &mut *e };
-    if e.key[0] != w[0]
-        || e.key[1] != w[1]
-        || e.generation != map_gen
-        || now.wrapping_sub(e.since_ns) >= FLOW_CACHE_NS
-    {
+    if e.key[0] != w[0] || e.key[1] != w[1] || e.generation != map_gen {
         return 0;
+    }
+    if meta & CLOCK_NS == 0 {
+        if e.tick != clock {
+            return NEED_CLOCK;
+        }
+    } else if clock.wrapping_sub(e.since_ns) >= FLOW_CACHE_NS {
+        return 0;
+    } else {
+        e.tick = unsafe { aya_ebpf::helpers::bpf_jiffies64() };
     }
     let udp = proto == proto::UDP;
     if !nat::plainly_full(ctx, l4_csum, key.src_ip, key.dst_ip, proto, tot_len) || e.ifindex == 0 {
@@ -230,6 +256,8 @@ fn fill_out_of_line<C: Ctx>(
         e.backend_id = c.backend_id;
         e.mac = [(*eth)[0], (*eth)[1], (*eth)[2]];
         e.nat_reason = nat_reason;
+        // Volatile: zero stores next to the flush's become a `memset` call.
+        core::ptr::write_volatile(&raw mut e.tick, 0);
     }
 }
 

@@ -96,9 +96,13 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
             return if drop { Verdict::Drop } else { Verdict::Pass };
         }
     };
-    let now = S::now();
+    // With the flow cache, the clock is read after it (a hit mostly needs
+    // none); without (TC, the compat set), here, as the stack budget of
+    // those programs was measured.
+    let cache = C::FLOW_CACHE && S::FLOW_CACHE;
+    let early_now = if cache { 0 } else { S::now() };
     if p.frag == parse::FRAG_LATER {
-        return frag::later(ctx, &mut p, now);
+        return frag::later(ctx, &mut p, if cache { S::now() } else { early_now });
     }
     let bytes = p.tot_len as u64 + parse::ETH_LEN as u64;
     let key = conntrack::key(&p);
@@ -106,10 +110,11 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
     frag::record(&p, &key);
     let map_gen = flowcache::generation::<C, S>();
     if C::FLOW_CACHE && S::FLOW_CACHE {
-        if let Some(v) = flowcache::hit::<C, S>(ctx, &p, &key, map_gen, now) {
+        if let Some(v) = flowcache::hit::<C, S>(ctx, &p, &key, map_gen) {
             return v;
         }
     }
+    let now = if cache { S::now() } else { early_now };
     let tcp = p.proto == proto::TCP;
 
     if let Some(v) = conntrack::lookup(&key) {

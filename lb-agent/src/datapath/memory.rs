@@ -457,12 +457,12 @@ mod tests {
         let cfg = DatapathConfig::default();
         let per_cpu: u64 = shapes(&cfg).iter().map(|s| s.per_cpu_bytes()).sum();
         // SVC_STATS (16,384 x 32 B) + REASONS (one 8 B counter per reason) +
-        // FLOW_CACHE (1,024 x 88 B) + a pointer and a spare element per CPU
+        // FLOW_CACHE (1,024 x 96 B) + a pointer and a spare element per CPU
         // for each plain hash.
         let reasons = reason::COUNT as u64 * 8;
         assert_eq!(
             per_cpu,
-            16_384 * 32 + reasons + 1_024 * 88 + (8 + 80) + (8 + 312)
+            16_384 * 32 + reasons + 1_024 * 96 + (8 + 80) + (8 + 312)
         );
         assert!(per_cpu < MIB, "{per_cpu} bytes per CPU");
         assert_eq!(shape(&cfg, m::BACKEND_STATS).per_cpu_bytes(), 0);
