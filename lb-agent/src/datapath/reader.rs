@@ -177,6 +177,8 @@ pub struct MapReader {
     pub(super) backend_gc: Array<MapData, u64>,
     pub(super) reasons: PerCpuArray<MapData, u64>,
     pub(super) flow_cache: PerCpuArray<MapData, FlowCacheEntry>,
+    /// A dup of the flow cache's fd, for the batch read aya lacks.
+    pub(super) flow_cache_fd: std::os::fd::OwnedFd,
     pub(super) config: Array<MapData, u32>,
     pub(super) xdp_ifaces: Array<MapData, u32>,
     pub(super) svcs: BTreeMap<ServiceAddr, SvcState>,
@@ -248,6 +250,18 @@ impl MapReader {
             }
             _ => return Err(DatapathError::MissingMap(map_names::BACKENDS)),
         };
+        let flow_cache_fd = match maps.get(map_names::FLOW_CACHE) {
+            Some(Map::PerCpuArray(md)) => {
+                md.fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|source| DatapathError::Io {
+                        path: "FLOW_CACHE fd".into(),
+                        source,
+                    })?
+            }
+            _ => return Err(DatapathError::MissingMap(map_names::FLOW_CACHE)),
+        };
         let backends: Array<MapData, BackendValue> = typed!(map_names::BACKENDS);
         let mut r = MapReader {
             services: typed!(map_names::SERVICES),
@@ -266,6 +280,7 @@ impl MapReader {
             backend_gc: typed!(map_names::BACKEND_GC),
             reasons: typed!(map_names::REASONS),
             flow_cache: typed!(map_names::FLOW_CACHE),
+            flow_cache_fd,
             config: typed!(map_names::CONFIG),
             xdp_ifaces: typed!(map_names::XDP_IFACES),
             svcs: BTreeMap::new(),
@@ -408,12 +423,20 @@ impl MapReader {
     /// of every slot on every CPU.
     pub fn pending_counts(&self) -> Result<PendingCounts, DatapathError> {
         let mut p = PendingCounts::default();
-        for slot in 0..self.flow_cache.len() {
-            let v = self
-                .flow_cache
-                .get(&slot, 0)
-                .map_err(map_err(map_names::FLOW_CACHE))?;
-            for e in v.iter().filter(|e| e.pending_packets != 0) {
+        let mut entries = Vec::new();
+        let fd = self.flow_cache_fd.as_raw_fd();
+        let cpus = super::memory::possible_cpus()? as usize;
+        sys::for_each_percpu_value(fd, self.flow_cache.len(), cpus, |e: &FlowCacheEntry| {
+            if e.pending_packets != 0 {
+                entries.push(*e);
+            }
+        })
+        .map_err(|source| DatapathError::Io {
+            path: "FLOW_CACHE (BPF_MAP_LOOKUP_BATCH)".into(),
+            source,
+        })?;
+        {
+            for e in &entries {
                 let (n, b) = (e.pending_packets, e.pending_bytes);
                 let s = p.svc.entry(e.svc_id).or_default();
                 *s = (s.0 + n, s.1 + b);
