@@ -426,15 +426,24 @@ impl MapReader {
         let mut entries = Vec::new();
         let fd = self.flow_cache_fd.as_raw_fd();
         let cpus = super::memory::possible_cpus()? as usize;
-        sys::for_each_percpu_value(fd, self.flow_cache.len(), cpus, |e: &FlowCacheEntry| {
-            if e.pending_packets != 0 {
-                entries.push(*e);
+        let batch =
+            sys::for_each_percpu_value(fd, self.flow_cache.len(), cpus, |e: &FlowCacheEntry| {
+                if e.pending_packets != 0 {
+                    entries.push(*e);
+                }
+            });
+        if batch.is_err() {
+            // Kernels without batch ops on per-CPU arrays (5.10: ENOTSUPP):
+            // one lookup per slot.
+            entries.clear();
+            for slot in 0..self.flow_cache.len() {
+                let v = self
+                    .flow_cache
+                    .get(&slot, 0)
+                    .map_err(map_err(map_names::FLOW_CACHE))?;
+                entries.extend(v.iter().filter(|e| e.pending_packets != 0).copied());
             }
-        })
-        .map_err(|source| DatapathError::Io {
-            path: "FLOW_CACHE (BPF_MAP_LOOKUP_BATCH)".into(),
-            source,
-        })?;
+        }
         {
             for e in &entries {
                 let (n, b) = (e.pending_packets, e.pending_bytes);
