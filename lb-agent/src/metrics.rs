@@ -54,20 +54,22 @@ pub struct DatapathSnapshot {
 impl DatapathSnapshot {
     /// Reads every counter the metrics show.
     pub fn read(w: &MapReader) -> Result<Self, DatapathError> {
+        // The flow cache's pending counts once, before the counter maps.
+        let pending = w.pending_counts()?;
         let services = w
             .services()
             .into_iter()
             .map(|s| {
                 Ok(ServiceSnapshot {
-                    stats: w.service_stats(&s.addr)?,
-                    backends: w.backend_stats(&s.addr)?,
+                    stats: w.service_stats_with(&s.addr, &pending)?,
+                    backends: w.backend_stats_with(&s.addr, &pending)?,
                     name: s.name,
                 })
             })
             .collect::<Result<_, DatapathError>>()?;
         Ok(DatapathSnapshot {
             services,
-            reasons: w.reasons()?,
+            reasons: w.reasons_with(&pending)?,
         })
     }
 }

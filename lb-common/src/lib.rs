@@ -27,6 +27,9 @@ pub mod map_names {
     pub const XDP_IFACES: &str = "XDP_IFACES";
     /// First fragments' ports, which later fragments of the datagram follow.
     pub const FRAGMENTS: &str = "FRAGMENTS";
+    /// The per-CPU flow cache; pinned because its entries hold counts not
+    /// yet added to the counter maps (`FlowCacheEntry::pending_packets`).
+    pub const FLOW_CACHE: &str = "FLOW_CACHE";
 
     /// Every map, in a stable order (pinning and cleanup walk this list).
     pub const ALL: &[&str] = &[
@@ -45,6 +48,7 @@ pub mod map_names {
         NAMES,
         XDP_IFACES,
         FRAGMENTS,
+        FLOW_CACHE,
     ];
 }
 
@@ -385,7 +389,13 @@ pub const FLOW_CACHE_NS: u64 = FIB_CACHE_NS;
 
 /// One slot of the per-CPU flow cache (lb-ebpf/src/flowcache.rs): an
 /// established flow's direction and everything its packets need, so that a
-/// hit is one rewrite without the conntrack lookup. 72 bytes.
+/// hit is one rewrite without the conntrack lookup. 96 bytes.
+///
+/// A hit counts its packet here (`pending_*`), not in the counter maps: the
+/// entry's next fill (a refresh or another flow taking the slot) adds them
+/// to `SVC_STATS`, `BACKEND_STATS` and `REASONS` (`nat_reason` and
+/// `FWD_REDIRECT`), and readers add what is still pending to what they read
+/// from those maps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowCacheEntry {
@@ -412,6 +422,13 @@ pub struct FlowCacheEntry {
     pub mac: [u32; 3],
     /// `reason::NAT_FORWARD` or `reason::NAT_REVERSE`.
     pub nat_reason: u32,
+    /// Packets and bytes of this entry's hits not yet added to the counter
+    /// maps (see above).
+    pub pending_packets: u64,
+    pub pending_bytes: u64,
+    /// `jiffies` of the last hit that checked the entry's age with the
+    /// clock: later hits in the same tick skip the clock (0: none yet).
+    pub tick: u64,
 }
 
 /// `last_seen_ns` is refreshed only when it is older than this.
@@ -554,7 +571,7 @@ const _: () = {
     assert!(core::mem::size_of::<BackendValue>() == 16);
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<CtValue>() == 64);
-    assert!(core::mem::size_of::<FlowCacheEntry>() == 72);
+    assert!(core::mem::size_of::<FlowCacheEntry>() == 96);
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<FragKey>() == 12);
     assert!(core::mem::size_of::<FragValue>() == 4);

@@ -96,9 +96,13 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
             return if drop { Verdict::Drop } else { Verdict::Pass };
         }
     };
-    let now = S::now();
+    // With the flow cache, the clock is read after it (a hit mostly needs
+    // none); without (TC, the compat set), here, as the stack budget of
+    // those programs was measured.
+    let cache = C::FLOW_CACHE && S::FLOW_CACHE;
+    let early_now = if cache { 0 } else { S::now() };
     if p.frag == parse::FRAG_LATER {
-        return frag::later(ctx, &mut p, now);
+        return frag::later(ctx, &mut p, if cache { S::now() } else { early_now });
     }
     let bytes = p.tot_len as u64 + parse::ETH_LEN as u64;
     let key = conntrack::key(&p);
@@ -106,10 +110,11 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
     frag::record(&p, &key);
     let map_gen = flowcache::generation::<C, S>();
     if C::FLOW_CACHE && S::FLOW_CACHE {
-        if let Some(v) = flowcache::hit::<C, S>(ctx, &p, &key, map_gen, now) {
+        if let Some(v) = flowcache::hit::<C, S>(ctx, &p, &key, map_gen) {
             return v;
         }
     }
+    let now = if cache { S::now() } else { early_now };
     let tcp = p.proto == proto::TCP;
 
     if let Some(v) = conntrack::lookup(&key) {
@@ -129,12 +134,7 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
                 return Verdict::Drop;
             }
             stats::reason(reason::NAT_REVERSE);
-            if !(C::FLOW_CACHE && S::FLOW_CACHE) {
-                return forward(ctx, &p, Some(v), now);
-            }
-            let verdict = forward(ctx, &p, Some(v), now);
-            flowcache::fill::<C, S>(ctx, &key, &p, v, verdict, map_gen);
-            return verdict;
+            return forward_and_fill::<C, S>(ctx, &key, &p, v, now, map_gen);
         }
         if !(tcp && conntrack::is_reopen(v, p.flags)) {
             conntrack::touch(v, now);
@@ -147,12 +147,7 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
                 return Verdict::Drop;
             }
             stats::reason(reason::NAT_FORWARD);
-            if !(C::FLOW_CACHE && S::FLOW_CACHE) {
-                return forward(ctx, &p, Some(v), now);
-            }
-            let verdict = forward(ctx, &p, Some(v), now);
-            flowcache::fill::<C, S>(ctx, &key, &p, v, verdict, map_gen);
-            return verdict;
+            return forward_and_fill::<C, S>(ctx, &key, &p, v, now, map_gen);
         }
     }
 
@@ -220,6 +215,22 @@ fn forward<C: Ctx>(
         return Verdict::Pass;
     }
     fwd::forward(ctx, p, ct, now)
+}
+
+/// [`forward`] for a conntrack hit, then the flow cache remembers the
+/// rewrite (`key`: the flow as it arrived) for the flow's next packets.
+#[inline(always)]
+fn forward_and_fill<C: Ctx, S: ProgramSet>(
+    ctx: &mut C,
+    key: &lb_common::FlowKey,
+    p: &parse::Packet,
+    v: *mut lb_common::CtValue,
+    now: u64,
+    map_gen: u32,
+) -> Verdict {
+    let verdict = forward(ctx, p, Some(v), now);
+    flowcache::fill::<C, S>(ctx, key, p, v, verdict, map_gen);
+    verdict
 }
 
 /// No usable backend: a TCP SYN gets a RST (the client fails fast), the rest is dropped.

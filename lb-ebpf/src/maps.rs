@@ -83,8 +83,10 @@ pub static FRAGMENTS: LruHashMap<FragKey, FragValue> =
 pub static FIB_SCRATCH: PerCpuArray<[u64; 8]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU flow cache (`flowcache`): established flows' rewrites, indexed by
-/// a hash of the flow key. Not pinned: a reloaded program starts with an
-/// empty cache, which is only ever a shortcut to what `CONNTRACK` says.
+/// a hash of the flow key. Pinned for the hits' counts it holds (readers add
+/// them; a reloaded program flushes them); the rewrites themselves are only
+/// a shortcut to what `CONNTRACK` says, and the agent's start bumps the
+/// generation that makes them stale.
 #[map]
 pub static FLOW_CACHE: PerCpuArray<FlowCacheEntry> =
-    PerCpuArray::with_max_entries(lb_common::FLOW_CACHE_SLOTS, 0);
+    PerCpuArray::pinned(lb_common::FLOW_CACHE_SLOTS, 0);

@@ -274,18 +274,15 @@ pub fn classify<C: Ctx>(ctx: &C, p: &Packet) -> L4Csum {
     };
     let c = unsafe { *c };
     let udp = p.is_udp();
-    if udp && c == 0 {
-        return L4Csum::None;
+    let len = p.tot_len.wrapping_sub(20);
+    let seed = pseudo_sum(p.saddr, p.daddr, p.proto, len);
+    if let Some(r) = first_test(c, udp, seed) {
+        return r;
     }
     // The sender completes the checksum before it fragments (ip_do_fragment
     // calls skb_checksum_help): a first fragment holds a full checksum of
     // the whole datagram, which the fragment alone cannot verify.
     if p.frag != crate::parse::FRAG_NONE {
-        return L4Csum::Full;
-    }
-    let len = p.tot_len - 20;
-    let seed = pseudo_sum(p.saddr, p.daddr, p.proto, len);
-    if c != seed {
         return L4Csum::Full;
     }
     if udp {
@@ -323,10 +320,25 @@ pub fn plainly_full<C: Ctx>(
         None => return false,
     };
     let c = unsafe { *c };
-    if proto == lb_common::proto::UDP && c == 0 {
-        return false;
+    let seed = pseudo_sum(saddr, daddr, proto, tot_len.wrapping_sub(20));
+    matches!(
+        first_test(c, proto == lb_common::proto::UDP, seed),
+        Some(L4Csum::Full)
+    )
+}
+
+/// [`classify`]'s first test, on the check field `c`: `None` (UDP without a
+/// checksum), `Full` (not the packet's `seed`), or no answer yet (it looks
+/// like a seed).
+#[inline(always)]
+fn first_test(c: u16, udp: bool, seed: u16) -> Option<L4Csum> {
+    if udp && c == 0 {
+        Some(L4Csum::None)
+    } else if c != seed {
+        Some(L4Csum::Full)
+    } else {
+        None
     }
-    c != pseudo_sum(saddr, daddr, proto, tot_len.wrapping_sub(20))
 }
 
 /// A computed UDP checksum of 0 is sent as 0xffff (0 means "none").

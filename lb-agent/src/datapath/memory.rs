@@ -12,8 +12,9 @@ use std::path::Path;
 
 use aya::maps::{MapInfo, MapType};
 use lb_common::{
-    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FlowKey, FragKey,
-    FragValue, NameValue, ServiceKey, ServiceValue, config_idx, limits, map_names as m, reason,
+    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FLOW_CACHE_SLOTS,
+    FlowCacheEntry, FlowKey, FragKey, FragValue, NameValue, ServiceKey, ServiceValue, config_idx,
+    limits, map_names as m, reason,
 };
 use serde::Serialize;
 use tracing::{info, warn};
@@ -142,6 +143,7 @@ pub fn shapes(cfg: &DatapathConfig) -> Vec<MapShape> {
         MapShape::new::<u32, NameValue>(m::NAMES, Hash, cfg.max_services),
         MapShape::new::<u32, u32>(m::XDP_IFACES, Array, limits::MAX_XDP_IFINDEX),
         MapShape::new::<FragKey, FragValue>(m::FRAGMENTS, LruHash, cfg.max_fragments),
+        MapShape::new::<u32, FlowCacheEntry>(m::FLOW_CACHE, PerCpuArray, FLOW_CACHE_SLOTS),
     ];
     debug_assert!(shapes.iter().map(|s| s.name).eq(m::ALL.iter().copied()));
     shapes
@@ -240,8 +242,13 @@ pub fn kernel_bytes(path: &Path) -> Option<u64> {
 }
 
 /// Counter maps: a pinned one of another shape (an upgrade that changed
-/// it) is replaced, and its counters restart from zero.
-const REPLACEABLE: &[&str] = &[m::SVC_STATS, m::BACKEND_STATS, m::REASONS];
+/// it) is replaced, and its counters restart from zero. (FLOW_CACHE: its
+/// rewrites are a shortcut only; its pending counts are lost.)
+const REPLACEABLE: &[&str] = &[m::SVC_STATS, m::BACKEND_STATS, m::REASONS, m::FLOW_CACHE];
+
+/// Maps whose size the programs fix, not a flag: a pinned one of another
+/// size is replaced too.
+const SIZED_BY_PROGRAMS: &[&str] = &[m::REASONS, m::FLOW_CACHE];
 
 /// Before a load: the shapes the maps will have (pinned maps keep their
 /// size), checked against `cfg`'s budget. A pinned counter map of another
@@ -264,7 +271,8 @@ pub fn prepare(cfg: &DatapathConfig) -> Result<MapMemory, DatapathError> {
             Some(h)
                 if (h.kind, h.key_size, h.value_size)
                     == (want.kind, want.key_size, want.value_size)
-                    && (want.name != m::REASONS || h.max_entries == want.max_entries) =>
+                    && (!SIZED_BY_PROGRAMS.contains(&want.name)
+                        || h.max_entries == want.max_entries) =>
             {
                 // The flag's value (CONNTRACK is created with one entry more
                 // at some sizes: `conntrack_map_entries`); a map pinned by an
@@ -448,10 +456,14 @@ mod tests {
     fn only_small_maps_grow_with_cpus() {
         let cfg = DatapathConfig::default();
         let per_cpu: u64 = shapes(&cfg).iter().map(|s| s.per_cpu_bytes()).sum();
-        // SVC_STATS (16,384 x 32 B) + REASONS (one 8 B counter per reason) + a
-        // pointer and a spare element per CPU for each plain hash.
+        // SVC_STATS (16,384 x 32 B) + REASONS (one 8 B counter per reason) +
+        // FLOW_CACHE (1,024 x 96 B) + a pointer and a spare element per CPU
+        // for each plain hash.
         let reasons = reason::COUNT as u64 * 8;
-        assert_eq!(per_cpu, 16_384 * 32 + reasons + (8 + 80) + (8 + 312));
+        assert_eq!(
+            per_cpu,
+            16_384 * 32 + reasons + 1_024 * 96 + (8 + 80) + (8 + 312)
+        );
         assert!(per_cpu < MIB, "{per_cpu} bytes per CPU");
         assert_eq!(shape(&cfg, m::BACKEND_STATS).per_cpu_bytes(), 0);
     }

@@ -29,7 +29,8 @@ use tracing::{info, warn};
 
 pub use programs::{BpfPrograms, ProgramSet};
 pub use reader::{
-    BackendStats, ConntrackEntry, GrpcBackendCounts, MapReader, ServiceInfo, ServiceStats,
+    BackendStats, ConntrackEntry, GrpcBackendCounts, MapReader, PendingCounts, ServiceInfo,
+    ServiceStats,
 };
 pub use writer::MapWriter;
 

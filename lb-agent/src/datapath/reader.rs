@@ -13,8 +13,9 @@ use std::time::Duration;
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_api::{Algorithm, Protocol, Service, ServiceAddr};
 use lb_common::{
-    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FlowKey, NAME_MAX,
-    NameValue, ServiceKey, ServiceValue, backend_state, ct_dir, map_names,
+    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FlowCacheEntry,
+    FlowKey, NAME_MAX, NameValue, ServiceKey, ServiceValue, backend_state, ct_dir, map_names,
+    reason,
 };
 use serde::Serialize;
 
@@ -25,6 +26,21 @@ pub(super) fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> Dat
         name,
         source: Box::new(source),
     }
+}
+
+/// Counts of the kernel's flow cache hits not yet added to the counter maps
+/// (`FlowCacheEntry::pending_packets`), summed over CPUs and slots. Readers
+/// add them to what the maps say, so the counters are exact whenever no
+/// packet is in flight. The cache is read before the maps: an entry flushed
+/// between the two reads is counted twice in that one reading (never missed).
+#[derive(Clone, Debug, Default)]
+pub struct PendingCounts {
+    /// (packets, bytes) by service id.
+    pub svc: StdHashMap<u32, (u64, u64)>,
+    /// (packets, bytes) by backend id.
+    pub backend: StdHashMap<u32, (u64, u64)>,
+    /// Packets by reason (`NAT_FORWARD`/`NAT_REVERSE`, `FWD_REDIRECT`).
+    pub reasons: StdHashMap<u32, u64>,
 }
 
 /// A backend as the index knows it.
@@ -178,6 +194,9 @@ pub struct MapReader {
     pub(super) backend_conns: Array<MapData, ConnCounts>,
     pub(super) backend_gc: Array<MapData, u64>,
     pub(super) reasons: PerCpuArray<MapData, u64>,
+    pub(super) flow_cache: PerCpuArray<MapData, FlowCacheEntry>,
+    /// A dup of the flow cache's fd, for the batch read aya lacks.
+    pub(super) flow_cache_fd: std::os::fd::OwnedFd,
     pub(super) config: Array<MapData, u32>,
     pub(super) xdp_ifaces: Array<MapData, u32>,
     pub(super) svcs: BTreeMap<ServiceAddr, SvcState>,
@@ -249,6 +268,18 @@ impl MapReader {
             }
             _ => return Err(DatapathError::MissingMap(map_names::BACKENDS)),
         };
+        let flow_cache_fd = match maps.get(map_names::FLOW_CACHE) {
+            Some(Map::PerCpuArray(md)) => {
+                md.fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|source| DatapathError::Io {
+                        path: "FLOW_CACHE fd".into(),
+                        source,
+                    })?
+            }
+            _ => return Err(DatapathError::MissingMap(map_names::FLOW_CACHE)),
+        };
         let backends: Array<MapData, BackendValue> = typed!(map_names::BACKENDS);
         let mut r = MapReader {
             services: typed!(map_names::SERVICES),
@@ -266,6 +297,8 @@ impl MapReader {
             backend_conns: typed!(map_names::BACKEND_CONNS),
             backend_gc: typed!(map_names::BACKEND_GC),
             reasons: typed!(map_names::REASONS),
+            flow_cache: typed!(map_names::FLOW_CACHE),
+            flow_cache_fd,
             config: typed!(map_names::CONFIG),
             xdp_ifaces: typed!(map_names::XDP_IFACES),
             svcs: BTreeMap::new(),
@@ -404,14 +437,63 @@ impl MapReader {
         }))
     }
 
+    /// The flow cache's pending counts (see [`PendingCounts`]): one read
+    /// of every slot on every CPU.
+    pub fn pending_counts(&self) -> Result<PendingCounts, DatapathError> {
+        let mut p = PendingCounts::default();
+        let mut entries = Vec::new();
+        let fd = self.flow_cache_fd.as_raw_fd();
+        let cpus = super::memory::possible_cpus()? as usize;
+        let batch =
+            sys::for_each_percpu_value(fd, self.flow_cache.len(), cpus, |e: &FlowCacheEntry| {
+                if e.pending_packets != 0 {
+                    entries.push(*e);
+                }
+            });
+        if batch.is_err() {
+            // Kernels without batch ops on per-CPU arrays (5.10: ENOTSUPP):
+            // one lookup per slot.
+            entries.clear();
+            for slot in 0..self.flow_cache.len() {
+                let v = self
+                    .flow_cache
+                    .get(&slot, 0)
+                    .map_err(map_err(map_names::FLOW_CACHE))?;
+                entries.extend(v.iter().filter(|e| e.pending_packets != 0).copied());
+            }
+        }
+        {
+            for e in &entries {
+                let (n, b) = (e.pending_packets, e.pending_bytes);
+                let s = p.svc.entry(e.svc_id).or_default();
+                *s = (s.0 + n, s.1 + b);
+                let s = p.backend.entry(e.backend_id).or_default();
+                *s = (s.0 + n, s.1 + b);
+                *p.reasons.entry(e.nat_reason).or_default() += n;
+                *p.reasons.entry(reason::FWD_REDIRECT).or_default() += n;
+            }
+        }
+        Ok(p)
+    }
+
     pub fn service_stats(&self, addr: &ServiceAddr) -> Result<ServiceStats, DatapathError> {
+        self.service_stats_with(addr, &self.pending_counts()?)
+    }
+
+    /// [`Self::service_stats`] with the pending counts read once for many calls.
+    pub fn service_stats_with(
+        &self,
+        addr: &ServiceAddr,
+        pending: &PendingCounts,
+    ) -> Result<ServiceStats, DatapathError> {
         let id = self.service_id(addr).ok_or_else(|| {
             DatapathError::InvalidService(addr.to_string(), "no such service".into())
         })?;
         let c = self.sum(&self.svc_stats, id, map_names::SVC_STATS)?;
+        let (pp, pb) = pending.svc.get(&id).copied().unwrap_or_default();
         Ok(ServiceStats {
-            packets: c.packets,
-            bytes: c.bytes,
+            packets: c.packets + pp,
+            bytes: c.bytes + pb,
             new_flows: c.new_flows,
             drops: c.drops,
         })
@@ -424,6 +506,15 @@ impl MapReader {
     }
 
     pub fn backend_stats(&self, addr: &ServiceAddr) -> Result<Vec<BackendStats>, DatapathError> {
+        self.backend_stats_with(addr, &self.pending_counts()?)
+    }
+
+    /// [`Self::backend_stats`] with the pending counts read once for many calls.
+    pub fn backend_stats_with(
+        &self,
+        addr: &ServiceAddr,
+        pending: &PendingCounts,
+    ) -> Result<Vec<BackendStats>, DatapathError> {
         let Some(s) = self.svcs.get(addr) else {
             return Ok(Vec::new());
         };
@@ -434,6 +525,7 @@ impl MapReader {
                     .backend_stats
                     .get(&b.id, 0)
                     .map_err(map_err(map_names::BACKEND_STATS))?;
+                let (pp, pb) = pending.backend.get(&b.id).copied().unwrap_or_default();
                 Ok(BackendStats {
                     id: b.id,
                     ip,
@@ -444,8 +536,8 @@ impl MapReader {
                     } else {
                         "terminating"
                     },
-                    packets: c.packets,
-                    bytes: c.bytes,
+                    packets: c.packets + pp,
+                    bytes: c.bytes + pb,
                     new_flows: c.new_flows,
                     active: self.backend_active(b.id)?,
                     grpc: None,
@@ -471,6 +563,14 @@ impl MapReader {
 
     /// Drop/pass/forward counters by reason, summed over CPUs.
     pub fn reasons(&self) -> Result<Vec<(&'static str, u64)>, DatapathError> {
+        self.reasons_with(&self.pending_counts()?)
+    }
+
+    /// [`Self::reasons`] with the pending counts read once for many calls.
+    pub fn reasons_with(
+        &self,
+        pending: &PendingCounts,
+    ) -> Result<Vec<(&'static str, u64)>, DatapathError> {
         lb_common::reason::NAMES
             .iter()
             .enumerate()
@@ -479,7 +579,8 @@ impl MapReader {
                     .reasons
                     .get(&(i as u32), 0)
                     .map_err(map_err(map_names::REASONS))?;
-                Ok((n, v.iter().sum()))
+                let p = pending.reasons.get(&(i as u32)).copied().unwrap_or(0);
+                Ok((n, v.iter().sum::<u64>() + p))
             })
             .collect()
     }

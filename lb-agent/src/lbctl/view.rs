@@ -43,9 +43,14 @@ pub struct ServiceRow {
 
 pub fn services(w: &MapReader) -> Result<Vec<ServiceRow>> {
     let mut rows = Vec::new();
+    let pending = w.pending_counts()?;
     for s in sorted(w.services()) {
-        let st = w.service_stats(&s.addr)?;
-        let active = w.backend_stats(&s.addr)?.iter().map(|b| b.active).sum();
+        let st = w.service_stats_with(&s.addr, &pending)?;
+        let active = w
+            .backend_stats_with(&s.addr, &pending)?
+            .iter()
+            .map(|b| b.active)
+            .sum();
         rows.push(ServiceRow {
             name: s.name.clone(),
             address: s.addr.to_string(),
@@ -183,11 +188,12 @@ pub struct BackendRow {
 
 pub fn backends(w: &MapReader, only: Option<&ServiceAddr>) -> Result<Vec<BackendRow>> {
     let mut rows = Vec::new();
+    let pending = w.pending_counts()?;
     for s in sorted(w.services()) {
         if only.is_some_and(|a| *a != s.addr) {
             continue;
         }
-        for b in w.backend_stats(&s.addr)? {
+        for b in w.backend_stats_with(&s.addr, &pending)? {
             rows.push(BackendRow {
                 service: s.name.clone(),
                 service_address: s.addr.to_string(),
@@ -536,10 +542,11 @@ pub struct Sample {
 }
 
 pub fn sample(w: &MapReader) -> Result<Sample> {
-    let reasons = w.reasons()?;
+    let pending = w.pending_counts()?;
+    let reasons = w.reasons_with(&pending)?;
     let mut services = BTreeMap::new();
     for s in w.services() {
-        let st = w.service_stats(&s.addr)?;
+        let st = w.service_stats_with(&s.addr, &pending)?;
         services.insert(s.addr, (s.name, st));
     }
     let conntrack_entries =
