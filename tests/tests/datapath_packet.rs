@@ -2309,7 +2309,7 @@ fn xdp_failed_route_lookup_cached_on(set: ProgramSet) {
                 .unwrap()
         };
         let translated = |flags: u8| tcp(CLIENT, 40000, nowhere, 8080, flags).build();
-        let mut run = |h: &mut Harness, flags: u8| {
+        let run = |h: &mut Harness, flags: u8| {
             let (rc, out) = h.run(Hook::Xdp, &tcp(CLIENT, 40000, VIP, 80, flags).build());
             assert_eq!(rc, XDP_PASS, "to the stack, translated");
             assert_bytes_eq(&out, &translated(flags));
