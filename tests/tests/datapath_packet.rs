@@ -2323,14 +2323,24 @@ fn xdp_failed_route_lookup_cached_on(set: ProgramSet) {
         // The first ACK looks up again and its failure is kept; the next two
         // come within FIB_FAIL_NS of it, with no counter read between them
         // (a read is slow under qemu: it sums the flow cache).
+        let t0 = std::time::Instant::now();
         run(&mut h, ACK);
         run(&mut h, ACK);
         run(&mut h, ACK);
-        assert_eq!(
-            (count(&mut h, "pass_fib"), count(&mut h, "pass_fib_cached")),
-            (2, 2),
-            "one more lookup, then two cached failures"
-        );
+        let took = t0.elapsed();
+        let got = (count(&mut h, "pass_fib"), count(&mut h, "pass_fib_cached"));
+        if took < std::time::Duration::from_nanos(lb_common::FIB_FAIL_NS) {
+            assert_eq!(got, (2, 2), "one more lookup, then two cached failures");
+        } else {
+            // Only under an emulator (qemu TCG on a loaded host): the three
+            // runs outlasted the window, so a later one may look up again.
+            eprintln!("three runs took {took:?}, more than FIB_FAIL_NS: {got:?}");
+            assert_eq!(
+                got.0 + got.1,
+                4,
+                "every packet looked up or cached: {got:?}"
+            );
+        }
         std::thread::sleep(std::time::Duration::from_nanos(
             lb_common::FIB_FAIL_NS + 50_000_000,
         ));
