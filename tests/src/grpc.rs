@@ -564,3 +564,21 @@ impl Drop for GrpcServer {
         }
     }
 }
+
+/// Runs `f` on a fresh single-thread runtime inside `ns` (every socket it
+/// opens is that namespace's).
+pub fn block_on_in<F, Fut, R>(ns: &Netns, f: F) -> R
+where
+    F: FnOnce() -> Fut + Send,
+    Fut: std::future::Future<Output = R>,
+    R: Send,
+{
+    ns.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(f())
+    })
+    .expect("run in the namespace")
+}

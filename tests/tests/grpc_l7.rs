@@ -210,16 +210,7 @@ where
     Fut: Future<Output = R>,
     R: Send,
 {
-    lab.client()
-        .ns
-        .run(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("client runtime");
-            rt.block_on(f())
-        })
-        .expect("client namespace")
+    rpclb_tests::grpc::block_on_in(&lab.client().ns, f)
 }
 
 /// One channel, connected now: one HTTP/2 connection for every call on it.

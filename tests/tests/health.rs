@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use rpclb_tests::grpc::proto::SimpleRequest;
 use rpclb_tests::grpc::proto::test_service_client::TestServiceClient;
-use rpclb_tests::grpc::{GrpcServer, Health, Journal, ServingStatus, TestBackend};
+use rpclb_tests::grpc::{GrpcServer, Health, Journal, ServingStatus, TestBackend, block_on_in};
 use rpclb_tests::lab::{HeldConn, Lab, Reply};
 use rpclb_tests::procs::{Proc as Agent, Scrape, TestDir, agent_args};
 use rpclb_tests::skip_unless_lab;
@@ -58,38 +58,27 @@ fn config(lab: &Lab) -> String {
 /// gRPC VIP, from the client namespace; the backend of each. Every call
 /// must succeed.
 fn calls(lab: &Lab, n: usize) -> Vec<String> {
-    lab.client()
-        .ns
-        .run(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("client runtime");
-            rt.block_on(async {
-                let ch = tonic::transport::Endpoint::from_shared(format!(
-                    "http://{GRPC_VIP}:{GRPC_PORT}"
-                ))
-                .unwrap()
-                .connect_timeout(Duration::from_secs(5))
-                .connect()
-                .await
-                .expect("connect to the gRPC VIP");
-                let mut c = TestServiceClient::new(ch);
-                let mut out = Vec::new();
-                for k in 0..n {
-                    let r = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        c.unary_call(SimpleRequest::default()),
-                    )
-                    .await
-                    .unwrap_or_else(|_| panic!("call {k}: no answer in 5 s"))
-                    .unwrap_or_else(|e| panic!("call {k}: {e}"));
-                    out.push(r.into_inner().served_by);
-                }
-                out
-            })
-        })
-        .expect("client namespace")
+    block_on_in(&lab.client().ns, move || async move {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{GRPC_VIP}:{GRPC_PORT}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect to the gRPC VIP");
+        let mut c = TestServiceClient::new(ch);
+        let mut out = Vec::new();
+        for k in 0..n {
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                c.unary_call(SimpleRequest::default()),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("call {k}: no answer in 5 s"))
+            .unwrap_or_else(|e| panic!("call {k}: {e}"));
+            out.push(r.into_inner().served_by);
+        }
+        out
+    })
 }
 
 /// `n` new L4 flows to the web VIP; every one must succeed.

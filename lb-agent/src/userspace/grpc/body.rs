@@ -77,9 +77,25 @@ pub(crate) struct CallOver(#[allow(dead_code)] oneshot::Sender<()>);
 
 impl UpBody {
     pub(crate) fn new(inner: Incoming, svc: Arc<ServiceShared>) -> (Self, CallOver) {
+        let (body, tx) = Self::with(Some(inner), Some(svc));
+        (body, CallOver(tx))
+    }
+
+    /// An empty request body, whose call never ends by itself.
+    #[cfg(test)]
+    pub(crate) fn empty() -> Self {
+        let (body, tx) = Self::with(None, None);
+        std::mem::forget(tx);
+        body
+    }
+
+    fn with(
+        inner: Option<Incoming>,
+        svc: Option<Arc<ServiceShared>>,
+    ) -> (Self, oneshot::Sender<()>) {
         let (tx, rx) = oneshot::channel();
         let shared = Shared {
-            inner: Some(inner),
+            inner,
             over: Some(rx),
             kept: Vec::new(),
             kept_len: 0,
@@ -90,40 +106,14 @@ impl UpBody {
         };
         let body = UpBody {
             shared: Arc::new(std::sync::Mutex::new(shared)),
-            svc: Some(svc),
+            svc,
             backend: None,
             attempt: 0,
             pos: 0,
             trailers_sent: false,
             done: false,
         };
-        (body, CallOver(tx))
-    }
-
-    /// An empty request body, whose call never ends by itself.
-    #[cfg(test)]
-    pub(crate) fn empty() -> Self {
-        let (tx, rx) = oneshot::channel();
-        std::mem::forget(tx);
-        let shared = Shared {
-            inner: None,
-            over: Some(rx),
-            kept: Vec::new(),
-            kept_len: 0,
-            overflow: false,
-            trailers: None,
-            ended: false,
-            attempt: 0,
-        };
-        UpBody {
-            shared: Arc::new(std::sync::Mutex::new(shared)),
-            svc: None,
-            backend: None,
-            attempt: 0,
-            pos: 0,
-            trailers_sent: false,
-            done: false,
-        }
+        (body, tx)
     }
 
     pub(crate) fn send_to(&mut self, backend: Arc<BackendCounters>) {
