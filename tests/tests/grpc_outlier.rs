@@ -429,7 +429,7 @@ fn lbctl_grpc_shows_outstanding_errors_and_ejection() {
     );
     let b1 = format!("{}:{PORT}", lab.backend(1).ip());
     assert_eq!(
-        m.get("rpclb_backend_grpc_ejected", &[("backend", &b1)]),
+        m.get("rpclb_backend_grpc_ejected", &[("backend", b1.as_str())]),
         Some(1.0)
     );
 
@@ -451,7 +451,8 @@ fn lbctl_grpc_shows_outstanding_errors_and_ejection() {
             });
             futures::future::join_all(held).await
         })
-    });
+    })
+    .expect("a thread in the client namespace");
     let lbctl = |args: &[&str]| {
         let bin = rpclb_tests::procs::workspace_bin("lb-agent", "lbctl");
         let bin = bin.display().to_string();

@@ -58,7 +58,10 @@ pub(crate) fn max_ejected(n: usize, percent: u32) -> usize {
     if percent >= 100 {
         return n;
     }
-    (n * percent as usize / 100).max(1).min(n - 1)
+    if n == 1 {
+        return 0;
+    }
+    (n * percent as usize / 100).clamp(1, n - 1)
 }
 
 /// One backend's ejections, as the service's lock sees them.
