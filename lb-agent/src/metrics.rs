@@ -582,9 +582,8 @@ impl Collector for DatapathCollector {
                 }),
             )?;
         }
-        let grpc_backends = || {
-            per_backend().filter_map(|(s, b)| Some((backend_label(s, b), b.grpc.as_ref()?)))
-        };
+        let grpc_backends =
+            || per_backend().filter_map(|(s, b)| Some((backend_label(s, b), b.grpc.as_ref()?)));
         family(
             &mut enc,
             "rpclb_service_grpc_calls",
@@ -600,7 +599,10 @@ impl Collector for DatapathCollector {
             "gRPC mode: time from a call's request to the end of its response (its final status)",
             MetricType::Histogram,
             svcs.iter().filter_map(|s| {
-                Some((svc_label(s), ConstHistogram::latency(s.grpc_calls.as_ref()?)))
+                Some((
+                    svc_label(s),
+                    ConstHistogram::latency(s.grpc_calls.as_ref()?),
+                ))
             }),
         )?;
         family(
@@ -798,7 +800,9 @@ mod tests {
         // Only codes with calls: no zero series.
         assert!(!out.contains("code=\"CANCELLED\""), "{out}");
         // The L4 backend (no gRPC counts) has no gRPC series.
-        assert!(!out.contains("rpclb_backend_grpc_ejected{service=\"lab/web:http\",backend=\"10.244.0.3:8080\"}"));
+        assert!(!out.contains(
+            "rpclb_backend_grpc_ejected{service=\"lab/web:http\",backend=\"10.244.0.3:8080\"}"
+        ));
     }
 
     #[test]

@@ -1911,13 +1911,19 @@ mod tests {
     #[test]
     fn grpc_outlier_detection() {
         let od = |yaml: &str| {
-            parse(&format!("{ONE}    grpc:\n      outlier_detection: {yaml}\n"), "x")
-                .map(|c| c.state.services[0].grpc.clone().unwrap().outlier_detection)
+            parse(
+                &format!("{ONE}    grpc:\n      outlier_detection: {yaml}\n"),
+                "x",
+            )
+            .map(|c| c.state.services[0].grpc.clone().unwrap().outlier_detection)
         };
         // Defaults (Envoy's and gRPC's): 5, 30s, 300s, 10%.
         assert_eq!(od("{}").unwrap(), Some(OutlierDetection::default()));
         assert!(
-            parse(&format!("{ONE}    grpc: {{}}\n"), "x").unwrap().state.services[0]
+            parse(&format!("{ONE}    grpc: {{}}\n"), "x")
+                .unwrap()
+                .state
+                .services[0]
                 .grpc
                 .as_ref()
                 .unwrap()
@@ -1937,7 +1943,10 @@ mod tests {
         );
         // An omitted maximum is never below the base.
         assert_eq!(
-            od("{ base_ejection_time: 10m }").unwrap().unwrap().max_ejection_time,
+            od("{ base_ejection_time: 10m }")
+                .unwrap()
+                .unwrap()
+                .max_ejection_time,
             Duration::from_secs(600)
         );
         let bad = |yaml: &str, path: &str, needle: &str| {

@@ -804,7 +804,8 @@ mod tests {
         );
         // The edges are valid.
         for f in [
-            &(|o: &mut OutlierDetection| o.consecutive_failures = 1) as &dyn Fn(&mut OutlierDetection),
+            &(|o: &mut OutlierDetection| o.consecutive_failures = 1)
+                as &dyn Fn(&mut OutlierDetection),
             &|o| o.consecutive_failures = 1000,
             &|o| o.max_ejection_percent = 0,
             &|o| o.max_ejection_percent = 100,

@@ -596,16 +596,16 @@ impl<'a> OutlierSettings<'a> {
         if v.is_empty() {
             return Err(vec![AnnotationProblem::Empty]);
         }
-        let bad = |(_, e): (validate::OutlierField, String)| vec![AnnotationProblem::OutlierValue(e)];
+        let bad =
+            |(_, e): (validate::OutlierField, String)| vec![AnnotationProblem::OutlierValue(e)];
         let number = || {
             v.parse::<u32>()
                 .ok()
                 .filter(|_| !v.starts_with('+'))
                 .ok_or_else(|| vec![AnnotationProblem::NotANumber(v.to_string())])
         };
-        let duration = || {
-            validate::parse_duration(v).map_err(|e| vec![AnnotationProblem::OutlierValue(e)])
-        };
+        let duration =
+            || validate::parse_duration(v).map_err(|e| vec![AnnotationProblem::OutlierValue(e)]);
         let d = lb_api::OutlierDetection::default();
         match key.as_str() {
             GRPC_OUTLIER_CONSECUTIVE_FAILURES => {

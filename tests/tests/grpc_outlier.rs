@@ -51,8 +51,7 @@ impl Backends {
                 let b = TestBackend::new(i, format!("backend-{i}"), journal.clone());
                 failing.push(b.failing());
                 let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, PORT));
-                GrpcServer::start(&lab.backend(i).ns, any, b, Duration::ZERO)
-                    .expect("gRPC backend")
+                GrpcServer::start(&lab.backend(i).ns, any, b, Duration::ZERO).expect("gRPC backend")
             })
             .collect();
         Backends {
@@ -184,10 +183,7 @@ fn consecutive_failures_eject_a_backend_for_a_growing_time() {
         let s = stats(&h);
         let b1 = backend(&s, lab, 1);
         assert_eq!(b1.ejections, 1, "{b1:?}");
-        assert!(
-            b1.ejected_for_ms > 0 && b1.ejected_for_ms <= 1500,
-            "{b1:?}"
-        );
+        assert!(b1.ejected_for_ms > 0 && b1.ejected_for_ms <= 1500, "{b1:?}");
         // For 1 s of its 1.5 s: every call succeeds, none reaches it.
         let mut during = 0;
         while ejected_at.elapsed() < Duration::from_secs(1) && during < 5000 {
@@ -198,8 +194,10 @@ fn consecutive_failures_eject_a_backend_for_a_growing_time() {
         assert!(during >= 10, "only {during} calls in 1 s");
         assert_eq!(bs.served(1), 3, "an ejected backend got calls");
         // Back after its time: it gets calls (and fails them) again.
-        tokio::time::sleep((base + Duration::from_millis(200)).saturating_sub(ejected_at.elapsed()))
-            .await;
+        tokio::time::sleep(
+            (base + Duration::from_millis(200)).saturating_sub(ejected_at.elapsed()),
+        )
+        .await;
         let s = stats(&h);
         assert_eq!(backend(&s, lab, 1).ejected_for_ms, 0);
         calls_until(&mut c, 300, || bs.served(1) == 4).await;
@@ -330,7 +328,10 @@ fn retries_and_ejection_keep_failures_at_zero_and_metrics_count_them() {
     let m = Scrape(out);
     let svc_l = [("service", NAME)];
     assert_eq!(
-        m.get("rpclb_service_grpc_calls_total", &[("service", NAME), ("code", "OK")]),
+        m.get(
+            "rpclb_service_grpc_calls_total",
+            &[("service", NAME), ("code", "OK")]
+        ),
         Some(150.0),
         "{}",
         m.0
@@ -348,7 +349,11 @@ fn retries_and_ejection_keep_failures_at_zero_and_metrics_count_them() {
     );
     for i in 1..=3 {
         let be = format!("{}:{PORT}", lab.backend(i).ip());
-        let (code, n) = if i == 1 { ("UNAVAILABLE", bad) } else { ("OK", bs.served(i)) };
+        let (code, n) = if i == 1 {
+            ("UNAVAILABLE", bad)
+        } else {
+            ("OK", bs.served(i))
+        };
         let l = [("service", NAME), ("backend", be.as_str())];
         assert_eq!(
             m.get(
@@ -408,7 +413,9 @@ fn lbctl_grpc_shows_outstanding_errors_and_ejection() {
         let n = calls_until(&mut c, 200, || bsr.served(1) == 3).await;
         // Ten more, all on the other two.
         for _ in 0..10 {
-            call(&mut c).await.expect("a call while backend-1 is ejected");
+            call(&mut c)
+                .await
+                .expect("a call while backend-1 is ejected");
         }
         ((n + 10 - 3) as f64, 3.0)
     });
@@ -418,7 +425,12 @@ fn lbctl_grpc_shows_outstanding_errors_and_ejection() {
         l.extend_from_slice(extra);
         m.get(name, &l)
     };
-    assert_eq!(get("rpclb_service_grpc_calls_total", &[("code", "OK")]), Some(ok), "{}", m.0);
+    assert_eq!(
+        get("rpclb_service_grpc_calls_total", &[("code", "OK")]),
+        Some(ok),
+        "{}",
+        m.0
+    );
     assert_eq!(
         get("rpclb_service_grpc_calls_total", &[("code", "UNAVAILABLE")]),
         Some(failed)
@@ -434,25 +446,28 @@ fn lbctl_grpc_shows_outstanding_errors_and_ejection() {
     );
 
     // Two calls held by the backends: outstanding 2 (on backends 2 and 3).
-    let client = lab.client().ns.spawn("held-calls", || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let c = channel().await;
-            let held = (0..2).map(|_| {
-                let mut c = c.clone();
-                async move {
-                    let mut r = Request::new(SimpleRequest::default());
-                    r.metadata_mut().insert(HOLD, "1".parse().unwrap());
-                    tokio::time::timeout(Duration::from_secs(10), c.unary_call(r)).await
-                }
-            });
-            futures::future::join_all(held).await
+    let client = lab
+        .client()
+        .ns
+        .spawn("held-calls", || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let c = channel().await;
+                let held = (0..2).map(|_| {
+                    let mut c = c.clone();
+                    async move {
+                        let mut r = Request::new(SimpleRequest::default());
+                        r.metadata_mut().insert(HOLD, "1".parse().unwrap());
+                        tokio::time::timeout(Duration::from_secs(10), c.unary_call(r)).await
+                    }
+                });
+                futures::future::join_all(held).await
+            })
         })
-    })
-    .expect("a thread in the client namespace");
+        .expect("a thread in the client namespace");
     let lbctl = |args: &[&str]| {
         let bin = rpclb_tests::procs::workspace_bin("lb-agent", "lbctl");
         let bin = bin.display().to_string();
@@ -462,9 +477,15 @@ fn lbctl_grpc_shows_outstanding_errors_and_ejection() {
     };
     let deadline = Instant::now() + Duration::from_secs(5);
     let v = loop {
-        let v: serde_json::Value =
-            serde_json::from_str(&lbctl(&["-o", "json", "grpc", "lab/grpc", "--interval", "200ms"]))
-                .expect("lbctl grpc JSON");
+        let v: serde_json::Value = serde_json::from_str(&lbctl(&[
+            "-o",
+            "json",
+            "grpc",
+            "lab/grpc",
+            "--interval",
+            "200ms",
+        ]))
+        .expect("lbctl grpc JSON");
         let outstanding: u64 = v["services"][0]["backends"]
             .as_array()
             .expect("backends")
@@ -499,7 +520,10 @@ fn lbctl_grpc_shows_outstanding_errors_and_ejection() {
     assert!(r1["ejected_for_ms"].as_u64().unwrap() > 50_000, "{v:#}");
     assert_eq!(r1["outstanding"], 0);
     assert_eq!(r1["health"], "unchecked");
-    let held: u64 = [2, 3].iter().map(|&i| row(i)["outstanding"].as_u64().unwrap()).sum();
+    let held: u64 = [2, 3]
+        .iter()
+        .map(|&i| row(i)["outstanding"].as_u64().unwrap())
+        .sum();
     assert_eq!(held, 2, "{v:#}");
     for i in [2, 3] {
         assert_eq!(row(i)["errors"], 0);
@@ -513,7 +537,10 @@ fn lbctl_grpc_shows_outstanding_errors_and_ejection() {
         t.starts_with(&format!("{NAME}  {VIP}:{PORT}/tcp  calls ")),
         "{t}"
     );
-    assert!(t.contains("active 2  errors 3  outlier ejection: 3 failures, 1m00s..5m00s, max 50%"), "{t}");
+    assert!(
+        t.contains("active 2  errors 3  outlier ejection: 3 failures, 1m00s..5m00s, max 50%"),
+        "{t}"
+    );
     let cells = |ip: Ipv4Addr| -> Vec<String> {
         t.lines()
             .find(|l| l.starts_with(&format!("{ip}:{PORT}")))
@@ -529,7 +556,10 @@ fn lbctl_grpc_shows_outstanding_errors_and_ejection() {
     assert_eq!(c1[7], "3");
     assert_eq!(c1[8], "for");
     assert_eq!(c1[10], "1");
-    assert!(t.lines().any(|l| l.trim_start().starts_with("BACKEND")), "{t}");
+    assert!(
+        t.lines().any(|l| l.trim_start().starts_with("BACKEND")),
+        "{t}"
+    );
     bs.journal.release();
     let held = client.join().expect("held calls");
     assert!(

@@ -98,7 +98,9 @@ pub fn table(v: &GrpcView) -> String {
             s.name,
             s.addr,
             count(s.calls),
-            s.rate.map(|r| format!(" ({}/s)", rate(r))).unwrap_or_default(),
+            s.rate
+                .map(|r| format!(" ({}/s)", rate(r)))
+                .unwrap_or_default(),
             count(s.active),
             count(s.errors),
         ));

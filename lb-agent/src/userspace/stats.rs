@@ -482,7 +482,10 @@ mod tests {
         want[12] = 1;
         want[14] = 1;
         assert_eq!(s.latency, want);
-        assert_eq!(s.latency_sum_us, 300 + 500 + 501 + 3_000_000 + 11_000_000 + 20_000);
+        assert_eq!(
+            s.latency_sum_us,
+            300 + 500 + 501 + 3_000_000 + 11_000_000 + 20_000
+        );
         assert_eq!(CallStats::code_label(14), "UNAVAILABLE");
         assert_eq!(CallStats::code_label(17), "OTHER");
     }

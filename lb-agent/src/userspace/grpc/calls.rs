@@ -48,10 +48,7 @@ impl CallRecord {
     /// The client got `code`.
     pub(crate) fn finish(&mut self, code: u32) {
         if !std::mem::replace(&mut self.done, true) {
-            self.svc
-                .counters
-                .calls
-                .record(code, self.started.elapsed());
+            self.svc.counters.calls.record(code, self.started.elapsed());
         }
     }
 }

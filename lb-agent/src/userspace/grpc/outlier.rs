@@ -76,7 +76,8 @@ pub(crate) struct Tracker {
 }
 
 impl Tracker {
-    pub(crate) fn ejected(&self, now: Instant) -> bool {
+    #[cfg(test)]
+    fn ejected(&self, now: Instant) -> bool {
         self.until.is_some_and(|u| now < u)
     }
 
@@ -94,7 +95,9 @@ impl Tracker {
             && self.multiplier > 0
         {
             let periods = now.saturating_duration_since(since).as_nanos() / base.as_nanos();
-            let k = u32::try_from(periods).unwrap_or(u32::MAX).min(self.multiplier);
+            let k = u32::try_from(periods)
+                .unwrap_or(u32::MAX)
+                .min(self.multiplier);
             self.multiplier -= k;
             self.back_since = Some(since + base * k);
         }
