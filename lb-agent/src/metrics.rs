@@ -778,7 +778,7 @@ mod tests {
         let svc = "service=\"lab/web:http\"";
         let be = "service=\"lab/web:http\",backend=\"10.244.0.2:8080\"";
         for line in [
-            "# TYPE rpclb_service_grpc_calls counter".to_string(),
+            "# TYPE rpclb_service_grpc_calls_total counter".to_string(),
             format!("rpclb_service_grpc_calls_total{{{svc},code=\"OK\"}} 7"),
             format!("rpclb_service_grpc_calls_total{{{svc},code=\"UNAVAILABLE\"}} 2"),
             format!("rpclb_service_grpc_calls_total{{{svc},code=\"OTHER\"}} 1"),
@@ -788,7 +788,7 @@ mod tests {
             format!("rpclb_service_grpc_call_duration_seconds_bucket{{{svc},le=\"0.0005\"}} 6"),
             format!("rpclb_service_grpc_call_duration_seconds_bucket{{{svc},le=\"0.0025\"}} 6"),
             format!("rpclb_service_grpc_call_duration_seconds_bucket{{{svc},le=\"0.005\"}} 9"),
-            format!("rpclb_service_grpc_call_duration_seconds_bucket{{{svc},le=\"10.0\"}} 9"),
+            format!("rpclb_service_grpc_call_duration_seconds_bucket{{{svc},le=\"10\"}} 9"),
             format!("rpclb_service_grpc_call_duration_seconds_bucket{{{svc},le=\"+Inf\"}} 10"),
             format!("rpclb_backend_grpc_calls_total{{{be},code=\"UNAVAILABLE\"}} 2"),
             format!("rpclb_backend_grpc_call_duration_seconds_count{{{be}}} 10"),
