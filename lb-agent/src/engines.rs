@@ -94,6 +94,11 @@ impl Engines {
         }
     }
 
+    /// Reads the userspace proxy's own stats (`/grpc`).
+    pub fn proxy_stats(&self) -> ProxyStats {
+        ProxyStats(self.proxy.clone())
+    }
+
     /// Reads kernel and proxy counters for the metrics.
     pub fn stats_source(&self) -> Box<dyn StatsSource> {
         Box::new(Combined {
@@ -226,6 +231,17 @@ fn proxy_refusal(state: &DesiredState, e: ProxyError) -> Refusal {
             addr: None,
             reason: e.to_string(),
         },
+    }
+}
+
+/// The userspace proxy's stats, if it runs; cheap to clone.
+#[derive(Clone)]
+pub struct ProxyStats(SharedProxy);
+
+impl ProxyStats {
+    /// Every service the proxy serves (none before it starts).
+    pub fn stats(&self) -> Vec<crate::userspace::ServiceStats> {
+        current(&self.0).map(|p| p.stats()).unwrap_or_default()
     }
 }
 

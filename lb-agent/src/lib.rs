@@ -8,6 +8,7 @@ pub mod datapath;
 pub mod duration;
 pub mod engines;
 pub mod gc;
+pub mod grpc_view;
 pub mod health;
 pub mod metrics;
 pub mod pressure;

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
-    DescriptorEncoder, EncodeLabelSet, EncodeMetric, prometheus_text,
+    DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet, prometheus_text,
 };
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -30,6 +30,7 @@ use prometheus_client::registry::Registry;
 use tracing::warn;
 
 use crate::datapath::{BackendStats, DatapathError, GrpcBackendCounts, MapReader, ServiceStats};
+use crate::userspace::{CODE_SLOTS, CallStats, LATENCY_BUCKETS};
 
 /// The `Content-Type` of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -41,6 +42,8 @@ pub struct ServiceSnapshot {
     pub name: String,
     pub stats: ServiceStats,
     pub backends: Vec<BackendStats>,
+    /// gRPC mode: the calls by final status and latency.
+    pub grpc_calls: Option<crate::userspace::CallStats>,
 }
 
 /// The kernel's counters at one instant.
@@ -64,6 +67,7 @@ impl DatapathSnapshot {
                     stats: w.service_stats_with(&s.addr, &pending)?,
                     backends: w.backend_stats_with(&s.addr, &pending)?,
                     name: s.name,
+                    grpc_calls: None,
                 })
             })
             .collect::<Result<_, DatapathError>>()?;
@@ -388,6 +392,52 @@ fn backend_label(s: &ServiceSnapshot, b: &BackendStats) -> Labels {
     ]
 }
 
+/// A histogram read at scrape time (the gRPC call latencies).
+struct ConstHistogram {
+    sum: f64,
+    count: u64,
+    /// Per bucket (not cumulative), the last `+Inf`.
+    buckets: Vec<(f64, u64)>,
+}
+
+impl ConstHistogram {
+    fn latency(c: &CallStats) -> Self {
+        ConstHistogram {
+            sum: c.latency_sum_us as f64 / 1e6,
+            count: c.latency.iter().sum(),
+            buckets: LATENCY_BUCKETS
+                .iter()
+                .copied()
+                .chain([f64::INFINITY])
+                .zip(c.latency.iter().copied())
+                .collect(),
+        }
+    }
+}
+
+impl EncodeMetric for ConstHistogram {
+    fn encode(&self, mut e: MetricEncoder) -> fmt::Result {
+        e.encode_histogram::<NoLabelSet>(self.sum, self.count, &self.buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// One row per status code with calls (at most [`CODE_SLOTS`] per series:
+/// the codes 0-16 by name, `OTHER`), labelled `code`.
+fn by_code(labels: &Labels, c: &CallStats) -> Vec<(Labels, ConstCounter)> {
+    (0..CODE_SLOTS)
+        .filter(|&i| c.codes[i] > 0)
+        .map(|i| {
+            let mut l = labels.clone();
+            l.push(("code", CallStats::code_label(i).to_string()));
+            (l, ConstCounter::new(c.codes[i]))
+        })
+        .collect()
+}
+
 /// `pass_no_service` -> `pass`: the verdict class of a reason.
 fn reason_kind(reason: &str) -> &str {
     reason.split('_').next().unwrap_or(reason)
@@ -532,6 +582,57 @@ impl Collector for DatapathCollector {
                 }),
             )?;
         }
+        let grpc_backends =
+            || per_backend().filter_map(|(s, b)| Some((backend_label(s, b), b.grpc.as_ref()?)));
+        family(
+            &mut enc,
+            "rpclb_service_grpc_calls",
+            "gRPC mode: calls by the final status the client got (code: OK, CANCELLED, ..., UNAVAILABLE, ..., OTHER)",
+            MetricType::Counter,
+            svcs.iter()
+                .filter_map(|s| Some(by_code(&svc_label(s), s.grpc_calls.as_ref()?)))
+                .flatten(),
+        )?;
+        family(
+            &mut enc,
+            "rpclb_service_grpc_call_duration_seconds",
+            "gRPC mode: time from a call's request to the end of its response (its final status)",
+            MetricType::Histogram,
+            svcs.iter().filter_map(|s| {
+                Some((
+                    svc_label(s),
+                    ConstHistogram::latency(s.grpc_calls.as_ref()?),
+                ))
+            }),
+        )?;
+        family(
+            &mut enc,
+            "rpclb_backend_grpc_calls",
+            "gRPC mode: attempts sent to the backend, by the status it answered (a reset or refused stream or a broken connection: UNAVAILABLE; cut by the proxy: CANCELLED)",
+            MetricType::Counter,
+            grpc_backends().flat_map(|(l, g)| by_code(&l, &g.calls)),
+        )?;
+        family(
+            &mut enc,
+            "rpclb_backend_grpc_call_duration_seconds",
+            "gRPC mode: time from sending an attempt to the backend to its end",
+            MetricType::Histogram,
+            grpc_backends().map(|(l, g)| (l, ConstHistogram::latency(&g.calls))),
+        )?;
+        family(
+            &mut enc,
+            "rpclb_backend_grpc_ejected",
+            "gRPC mode: 1 while outlier detection keeps the backend out of the pick",
+            MetricType::Gauge,
+            grpc_backends().map(|(l, g)| (l, ConstGauge::new(i64::from(g.ejected)))),
+        )?;
+        family(
+            &mut enc,
+            "rpclb_backend_grpc_ejections",
+            "gRPC mode: times outlier detection ejected the backend",
+            MetricType::Counter,
+            grpc_backends().map(|(l, g)| (l, ConstCounter::new(g.ejections))),
+        )?;
         family(
             &mut enc,
             "rpclb_backend_active_flows",
@@ -621,6 +722,7 @@ mod tests {
                     drops: 1,
                 },
                 backends: vec![backend(2, 3, 1), backend(3, 2, 0)],
+                grpc_calls: None,
             }],
             reasons: vec![("nat_forward", 25), ("drop_no_backend", 1)],
         }
@@ -652,6 +754,55 @@ mod tests {
             assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");
         }
         assert!(!out.contains("id=\""), "no raw ids:\n{out}");
+    }
+
+    #[test]
+    fn grpc_calls_by_code_and_latency_histograms() {
+        let mut calls = CallStats::default();
+        calls.codes[0] = 7;
+        calls.codes[14] = 2;
+        calls.codes[17] = 1;
+        calls.latency[0] = 6; // <= 0.5 ms
+        calls.latency[3] = 3; // <= 5 ms
+        calls.latency[14] = 1; // +Inf
+        calls.latency_sum_us = 12_500_000;
+        let mut snap = snapshot();
+        snap.services[0].grpc_calls = Some(calls);
+        snap.services[0].backends[0].grpc = Some(GrpcBackendCounts {
+            calls,
+            ejected: true,
+            ejections: 3,
+            ..GrpcBackendCounts::default()
+        });
+        let out = Metrics::new(Box::new(Fake(Ok(snap)))).render().unwrap();
+        let svc = "service=\"lab/web:http\"";
+        let be = "service=\"lab/web:http\",backend=\"10.244.0.2:8080\"";
+        for line in [
+            "# TYPE rpclb_service_grpc_calls_total counter".to_string(),
+            format!("rpclb_service_grpc_calls_total{{{svc},code=\"OK\"}} 7"),
+            format!("rpclb_service_grpc_calls_total{{{svc},code=\"UNAVAILABLE\"}} 2"),
+            format!("rpclb_service_grpc_calls_total{{{svc},code=\"OTHER\"}} 1"),
+            "# TYPE rpclb_service_grpc_call_duration_seconds histogram".to_string(),
+            format!("rpclb_service_grpc_call_duration_seconds_count{{{svc}}} 10"),
+            format!("rpclb_service_grpc_call_duration_seconds_sum{{{svc}}} 12.5"),
+            format!("rpclb_service_grpc_call_duration_seconds_bucket{{{svc},le=\"0.0005\"}} 6"),
+            format!("rpclb_service_grpc_call_duration_seconds_bucket{{{svc},le=\"0.0025\"}} 6"),
+            format!("rpclb_service_grpc_call_duration_seconds_bucket{{{svc},le=\"0.005\"}} 9"),
+            format!("rpclb_service_grpc_call_duration_seconds_bucket{{{svc},le=\"10\"}} 9"),
+            format!("rpclb_service_grpc_call_duration_seconds_bucket{{{svc},le=\"+Inf\"}} 10"),
+            format!("rpclb_backend_grpc_calls_total{{{be},code=\"UNAVAILABLE\"}} 2"),
+            format!("rpclb_backend_grpc_call_duration_seconds_count{{{be}}} 10"),
+            format!("rpclb_backend_grpc_ejected{{{be}}} 1"),
+            format!("rpclb_backend_grpc_ejections_total{{{be}}} 3"),
+        ] {
+            assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");
+        }
+        // Only codes with calls: no zero series.
+        assert!(!out.contains("code=\"CANCELLED\""), "{out}");
+        // The L4 backend (no gRPC counts) has no gRPC series.
+        assert!(!out.contains(
+            "rpclb_backend_grpc_ejected{service=\"lab/web:http\",backend=\"10.244.0.3:8080\"}"
+        ));
     }
 
     #[test]

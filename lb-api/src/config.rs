@@ -48,9 +48,9 @@ use std::time::Duration;
 
 use crate::model::{
     Algorithm, Backend, BackendState, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy, HealthCheck,
-    HealthCheckKind, Protocol, RetryPolicy, RetryThrottle, Service,
+    HealthCheckKind, OutlierDetection, Protocol, RetryPolicy, RetryThrottle, Service,
 };
-use crate::validate::{self, BackendField, Field, HeaderField, RetryField};
+use crate::validate::{self, BackendField, Field, HeaderField, OutlierField, RetryField};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Expected, MapAccess, SeqAccess, Unexpected, Visitor};
 use serde_saphyr::{Location, Spanned};
@@ -422,7 +422,7 @@ struct RawHealthCheck {
 #[derive(Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a gRPC mode mapping (timeout, headers)"
+    expecting = "a gRPC mode mapping (timeout, headers, retry, outlier_detection)"
 )]
 struct RawGrpc {
     timeout: Option<At<Seconds>>,
@@ -430,6 +430,20 @@ struct RawGrpc {
     headers: Option<At<Vec<At<RawHeader>>>>,
     /// Present: a retry policy (gRFC A6).
     retry: Option<At<RawRetry>>,
+    /// Present (even `{}`): passive outlier ejection.
+    outlier_detection: Option<At<RawOutlier>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an outlier detection mapping (consecutive_failures, base_ejection_time, max_ejection_time, max_ejection_percent)"
+)]
+struct RawOutlier {
+    consecutive_failures: Option<At<Count>>,
+    base_ejection_time: Option<At<DurationField>>,
+    max_ejection_time: Option<At<DurationField>>,
+    max_ejection_percent: Option<At<Count>>,
 }
 
 #[derive(Deserialize)]
@@ -629,6 +643,29 @@ fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
                         })
                     }
                 },
+                outlier_detection: g.value.outlier_detection.as_ref().map(|o| {
+                    let (v, d) = (&o.value, OutlierDetection::default());
+                    let base = v
+                        .base_ejection_time
+                        .as_ref()
+                        .map_or(d.base_ejection_time, |t| t.value.0);
+                    OutlierDetection {
+                        consecutive_failures: v
+                            .consecutive_failures
+                            .as_ref()
+                            .map_or(d.consecutive_failures, |n| n.value.0),
+                        base_ejection_time: base,
+                        // The default, but never below the base.
+                        max_ejection_time: v
+                            .max_ejection_time
+                            .as_ref()
+                            .map_or(d.max_ejection_time.max(base), |t| t.value.0),
+                        max_ejection_percent: v
+                            .max_ejection_percent
+                            .as_ref()
+                            .map_or(d.max_ejection_percent, |n| n.value.0),
+                    }
+                }),
             })
         }
     };
@@ -801,6 +838,24 @@ fn field_problem(i: usize, rs: &At<RawService>, field: Field, message: String) -
                 ],
             });
             v
+        }
+        Field::GrpcOutlier(f) => {
+            let o = s
+                .grpc
+                .as_ref()
+                .and_then(|g| g.value.outlier_detection.as_ref());
+            let v = o.map(|o| &o.value);
+            let pos = match f {
+                OutlierField::ConsecutiveFailures => v.and_then(|v| at(&v.consecutive_failures)),
+                OutlierField::BaseEjectionTime => v.and_then(|v| at(&v.base_ejection_time)),
+                OutlierField::MaxEjectionTime => v.and_then(|v| at(&v.max_ejection_time)),
+                OutlierField::MaxEjectionPercent => v.and_then(|v| at(&v.max_ejection_percent)),
+            };
+            vec![
+                (key("grpc"), at(&s.grpc)),
+                (key("outlier_detection"), o.map(|o| o.at)),
+                (key(f.name()), pos),
+            ]
         }
         Field::HealthCheck => vec![(key("health_check"), at(&s.health_check))],
         Field::HealthCheckService => health("service", |h| at(&h.service)),
@@ -1850,6 +1905,80 @@ mod tests {
             (5, 22),
             "services[0].grpc.timeout",
             "at least 1 second",
+        );
+    }
+
+    #[test]
+    fn grpc_outlier_detection() {
+        let od = |yaml: &str| {
+            parse(
+                &format!("{ONE}    grpc:\n      outlier_detection: {yaml}\n"),
+                "x",
+            )
+            .map(|c| c.state.services[0].grpc.clone().unwrap().outlier_detection)
+        };
+        // Defaults (Envoy's and gRPC's): 5, 30s, 300s, 10%.
+        assert_eq!(od("{}").unwrap(), Some(OutlierDetection::default()));
+        assert!(
+            parse(&format!("{ONE}    grpc: {{}}\n"), "x")
+                .unwrap()
+                .state
+                .services[0]
+                .grpc
+                .as_ref()
+                .unwrap()
+                .outlier_detection
+                .is_none(),
+            "off unless configured"
+        );
+        assert_eq!(
+            od("{ consecutive_failures: 3, base_ejection_time: 500ms, max_ejection_time: 4s, max_ejection_percent: 50 }")
+                .unwrap(),
+            Some(OutlierDetection {
+                consecutive_failures: 3,
+                base_ejection_time: Duration::from_millis(500),
+                max_ejection_time: Duration::from_secs(4),
+                max_ejection_percent: 50,
+            })
+        );
+        // An omitted maximum is never below the base.
+        assert_eq!(
+            od("{ base_ejection_time: 10m }")
+                .unwrap()
+                .unwrap()
+                .max_ejection_time,
+            Duration::from_secs(600)
+        );
+        let bad = |yaml: &str, path: &str, needle: &str| {
+            let e = od(yaml).unwrap_err().to_string();
+            assert!(e.contains(path), "{e} should name {path}");
+            assert!(e.contains(needle), "{e} should say {needle}");
+        };
+        bad(
+            "{ consecutive_failures: 0 }",
+            "services[0].grpc.outlier_detection.consecutive_failures",
+            "out of range (expected 1-1000)",
+        );
+        bad(
+            "{ max_ejection_percent: 150 }",
+            "services[0].grpc.outlier_detection.max_ejection_percent",
+            "out of range (expected 0-100)",
+        );
+        bad(
+            "{ base_ejection_time: 1m, max_ejection_time: 10s }",
+            "services[0].grpc.outlier_detection.max_ejection_time",
+            "below base_ejection_time",
+        );
+        bad(
+            "{ interval: 10s }",
+            "services[0].grpc.outlier_detection",
+            "unknown field `interval`",
+        );
+        assert_err(
+            &format!("{ONE}    grpc:\n      outlier_detection: {{ max_ejection_percent: 101 }}\n"),
+            (6, 50),
+            "services[0].grpc.outlier_detection.max_ejection_percent",
+            "expected 0-100",
         );
     }
 

@@ -161,6 +161,48 @@ pub struct GrpcPolicy {
     /// A6); `None`: no retries beyond the transparent ones.
     #[serde(default)]
     pub retry: Option<RetryPolicy>,
+    /// `Some`: passive outlier ejection: a backend that fails
+    /// `consecutive_failures` calls in a row gets no calls for a while.
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+/// Passive outlier ejection of a gRPC-mode service (per agent): a backend
+/// that fails `consecutive_failures` calls in a row (UNAVAILABLE answers,
+/// connect errors, reset or refused streams) is left out of the pick for
+/// `base_ejection_time` × the number of times it was ejected (capped at
+/// `max_ejection_time`), while no more than `max_ejection_percent` of the
+/// service's backends are out at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct OutlierDetection {
+    /// Failures in a row that eject a backend (1..=1000); a success resets
+    /// the count.
+    pub consecutive_failures: u32,
+    /// The first ejection's length; the n-th lasts n times this.
+    pub base_ejection_time: Duration,
+    /// No ejection lasts longer (it is at least `base_ejection_time`).
+    pub max_ejection_time: Duration,
+    /// At most this share of the service's backends is ejected at once
+    /// (0..=100); at least one may be, and below 100 one always stays.
+    pub max_ejection_percent: u32,
+}
+
+/// Envoy's and gRPC's (gRFC A50) defaults: 5 failures in a row, 30 s,
+/// at most 300 s, at most 10% of the backends (at least one).
+pub const DEFAULT_OUTLIER_CONSECUTIVE_FAILURES: u32 = 5;
+pub const DEFAULT_OUTLIER_BASE_EJECTION_TIME: Duration = Duration::from_secs(30);
+pub const DEFAULT_OUTLIER_MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
+pub const DEFAULT_OUTLIER_MAX_EJECTION_PERCENT: u32 = 10;
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_failures: DEFAULT_OUTLIER_CONSECUTIVE_FAILURES,
+            base_ejection_time: DEFAULT_OUTLIER_BASE_EJECTION_TIME,
+            max_ejection_time: DEFAULT_OUTLIER_MAX_EJECTION_TIME,
+            max_ejection_percent: DEFAULT_OUTLIER_MAX_EJECTION_PERCENT,
+        }
+    }
 }
 
 /// A retry policy of a gRPC-mode service (gRFC A6 `retryPolicy`, plus its
@@ -282,6 +324,7 @@ impl Default for GrpcPolicy {
             default_timeout: DEFAULT_GRPC_TIMEOUT,
             add_headers: Vec::new(),
             retry: None,
+            outlier_detection: None,
         }
     }
 }

@@ -24,8 +24,8 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use crate::model::{
-    Backend, DEFAULT_MAGLEV_M, HealthCheckKind, MAX_RETRY_ATTEMPTS, MAX_WEIGHT, Protocol,
-    RetryPolicy, Service, ServiceAddr, check_added_header, is_prime,
+    Backend, DEFAULT_MAGLEV_M, HealthCheckKind, MAX_RETRY_ATTEMPTS, MAX_WEIGHT, OutlierDetection,
+    Protocol, RetryPolicy, Service, ServiceAddr, check_added_header, is_prime,
 };
 
 /// The largest client-IP affinity timeout (as in Kubernetes).
@@ -50,6 +50,7 @@ pub enum Field {
     GrpcTimeout,
     GrpcHeader(usize, HeaderField),
     GrpcRetry(RetryField),
+    GrpcOutlier(OutlierField),
     /// The health check as a whole (it needs TCP).
     HealthCheck,
     HealthCheckService,
@@ -93,6 +94,27 @@ impl RetryField {
     }
 }
 
+/// A field of a gRPC service's outlier detection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutlierField {
+    ConsecutiveFailures,
+    BaseEjectionTime,
+    MaxEjectionTime,
+    MaxEjectionPercent,
+}
+
+impl OutlierField {
+    /// The field's YAML name (under `grpc.outlier_detection`).
+    pub fn name(self) -> &'static str {
+        match self {
+            OutlierField::ConsecutiveFailures => "consecutive_failures",
+            OutlierField::BaseEjectionTime => "base_ejection_time",
+            OutlierField::MaxEjectionTime => "max_ejection_time",
+            OutlierField::MaxEjectionPercent => "max_ejection_percent",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HeaderField {
     Name,
@@ -126,6 +148,7 @@ impl fmt::Display for Field {
                 write!(f, "grpc.headers[{i}].{h}")
             }
             Field::GrpcRetry(r) => write!(f, "grpc.retry.{}", r.name()),
+            Field::GrpcOutlier(o) => write!(f, "grpc.outlier_detection.{}", o.name()),
             Field::HealthCheck => f.write_str("health_check"),
             Field::HealthCheckService => f.write_str("health_check.service"),
             Field::HealthCheckInterval => f.write_str("health_check.interval"),
@@ -347,6 +370,63 @@ pub fn retry_policy(r: &RetryPolicy) -> Result<(), (RetryField, String)> {
     Ok(())
 }
 
+/// The most failures in a row an outlier detection may wait for.
+pub const MAX_OUTLIER_CONSECUTIVE_FAILURES: u32 = 1000;
+/// The longest ejection time (base or max).
+pub const MAX_EJECTION_TIME: Duration = Duration::from_secs(3600);
+
+/// An outlier detection: 1..=1000 failures in a row, ejection times of
+/// 1 ms to [`MAX_EJECTION_TIME`] in whole milliseconds with the maximum not
+/// below the base, and a percentage of 0..=100. The one check of it; the
+/// YAML, annotation and wire parsers call it.
+pub fn outlier_detection(o: &OutlierDetection) -> Result<(), (OutlierField, String)> {
+    let e = |f: OutlierField, m: String| Err((f, m));
+    if !(1..=MAX_OUTLIER_CONSECUTIVE_FAILURES).contains(&o.consecutive_failures) {
+        return e(
+            OutlierField::ConsecutiveFailures,
+            format!(
+                "consecutive_failures {} is out of range (expected 1-{MAX_OUTLIER_CONSECUTIVE_FAILURES})",
+                o.consecutive_failures
+            ),
+        );
+    }
+    let time = |d: Duration, f: OutlierField| {
+        if d < Duration::from_millis(1) || d > MAX_EJECTION_TIME {
+            e(
+                f,
+                format!(
+                    "ejection time {d:?} is out of range (expected 1ms to {MAX_EJECTION_TIME:?})"
+                ),
+            )
+        } else if !d.subsec_nanos().is_multiple_of(1_000_000) {
+            e(f, format!("ejection time {d:?} must be whole milliseconds"))
+        } else {
+            Ok(())
+        }
+    };
+    time(o.base_ejection_time, OutlierField::BaseEjectionTime)?;
+    time(o.max_ejection_time, OutlierField::MaxEjectionTime)?;
+    if o.max_ejection_time < o.base_ejection_time {
+        return e(
+            OutlierField::MaxEjectionTime,
+            format!(
+                "max_ejection_time {:?} is below base_ejection_time {:?}",
+                o.max_ejection_time, o.base_ejection_time
+            ),
+        );
+    }
+    if o.max_ejection_percent > 100 {
+        return e(
+            OutlierField::MaxEjectionPercent,
+            format!(
+                "max_ejection_percent {} is out of range (expected 0-100)",
+                o.max_ejection_percent
+            ),
+        );
+    }
+    Ok(())
+}
+
 /// Parses a ratio with up to three decimals (`1.5`, `0.1`) into thousandths.
 pub fn parse_milli(s: &str) -> Result<u32, String> {
     let t = s.trim();
@@ -560,6 +640,12 @@ impl Service {
                     message,
                 })?;
             }
+            if let Some(o) = &g.outlier_detection {
+                outlier_detection(o).map_err(|(f, message)| InvalidService {
+                    field: Field::GrpcOutlier(f),
+                    message,
+                })?;
+            }
         }
         if let Some(h) = &self.health_check {
             if self.protocol != Protocol::Tcp {
@@ -667,6 +753,75 @@ mod tests {
                 .unwrap_err()
                 .contains("not a duration")
         );
+    }
+
+    /// Each bad value of an outlier detection names its field and says why.
+    #[test]
+    fn outlier_detection_values_are_checked() {
+        use crate::model::OutlierDetection;
+        let base = || {
+            let mut s = svc(Algorithm::Random, 2, 0);
+            s.grpc = Some(GrpcPolicy {
+                outlier_detection: Some(OutlierDetection::default()),
+                ..GrpcPolicy::default()
+            });
+            s
+        };
+        assert_eq!(base().validate(), Ok(()));
+        let bad = |f: &dyn Fn(&mut OutlierDetection)| {
+            let mut s = base();
+            f(s.grpc.as_mut().unwrap().outlier_detection.as_mut().unwrap());
+            s.validate().unwrap_err().to_string()
+        };
+        let ms = Duration::from_millis;
+        assert_eq!(
+            bad(&|o| o.consecutive_failures = 0),
+            "grpc.outlier_detection.consecutive_failures: consecutive_failures 0 is out of range (expected 1-1000)"
+        );
+        assert_eq!(
+            bad(&|o| o.consecutive_failures = 1001),
+            "grpc.outlier_detection.consecutive_failures: consecutive_failures 1001 is out of range (expected 1-1000)"
+        );
+        assert_eq!(
+            bad(&|o| o.base_ejection_time = Duration::ZERO),
+            "grpc.outlier_detection.base_ejection_time: ejection time 0ns is out of range (expected 1ms to 3600s)"
+        );
+        assert_eq!(
+            bad(&|o| o.base_ejection_time = Duration::from_micros(1500)),
+            "grpc.outlier_detection.base_ejection_time: ejection time 1.5ms must be whole milliseconds"
+        );
+        assert_eq!(
+            bad(&|o| o.max_ejection_time = Duration::from_secs(3601)),
+            "grpc.outlier_detection.max_ejection_time: ejection time 3601s is out of range (expected 1ms to 3600s)"
+        );
+        assert_eq!(
+            bad(&|o| o.max_ejection_time = ms(29_999)),
+            "grpc.outlier_detection.max_ejection_time: max_ejection_time 29.999s is below base_ejection_time 30s"
+        );
+        assert_eq!(
+            bad(&|o| o.max_ejection_percent = 101),
+            "grpc.outlier_detection.max_ejection_percent: max_ejection_percent 101 is out of range (expected 0-100)"
+        );
+        // The edges are valid.
+        for f in [
+            &(|o: &mut OutlierDetection| o.consecutive_failures = 1)
+                as &dyn Fn(&mut OutlierDetection),
+            &|o| o.consecutive_failures = 1000,
+            &|o| o.max_ejection_percent = 0,
+            &|o| o.max_ejection_percent = 100,
+            &|o| {
+                o.base_ejection_time = ms(1);
+                o.max_ejection_time = ms(1);
+            },
+            &|o| {
+                o.base_ejection_time = Duration::from_secs(3600);
+                o.max_ejection_time = Duration::from_secs(3600);
+            },
+        ] {
+            let mut s = base();
+            f(s.grpc.as_mut().unwrap().outlier_detection.as_mut().unwrap());
+            assert_eq!(s.validate(), Ok(()));
+        }
     }
 
     /// Each bad value of a health check names its field and says why.

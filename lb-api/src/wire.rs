@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::config::Timeouts;
 use crate::model::{
     Algorithm, Backend, BackendState, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy, HealthCheck,
-    HealthCheckKind, Protocol, RetryPolicy, RetryThrottle, Service, ServiceAddr,
+    HealthCheckKind, OutlierDetection, Protocol, RetryPolicy, RetryThrottle, Service, ServiceAddr,
 };
 use crate::validate::Refusal;
 
@@ -112,6 +112,14 @@ impl From<&Service> for pb::Service {
                         max_tokens: t.max_tokens,
                         token_ratio_milli: t.token_ratio_milli,
                     }),
+                }),
+                outlier_detection: g.outlier_detection.map(|o| pb::OutlierDetection {
+                    consecutive_failures: o.consecutive_failures,
+                    base_ejection_time_ms: u64::try_from(o.base_ejection_time.as_millis())
+                        .unwrap_or(u64::MAX),
+                    max_ejection_time_ms: u64::try_from(o.max_ejection_time.as_millis())
+                        .unwrap_or(u64::MAX),
+                    max_ejection_percent: o.max_ejection_percent,
                 }),
             }),
             health_check: s.health_check.as_ref().map(|h| pb::HealthCheck {
@@ -235,6 +243,13 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
                 max_tokens: t.max_tokens,
                 token_ratio_milli: t.token_ratio_milli,
             }),
+        }),
+        // Checked by `normalise` below.
+        outlier_detection: g.outlier_detection.as_ref().map(|o| OutlierDetection {
+            consecutive_failures: o.consecutive_failures,
+            base_ejection_time: Duration::from_millis(o.base_ejection_time_ms),
+            max_ejection_time: Duration::from_millis(o.max_ejection_time_ms),
+            max_ejection_percent: o.max_ejection_percent,
         }),
     });
     let health_check = match &s.health_check {
@@ -574,6 +589,12 @@ mod tests {
                     token_ratio_milli: 250,
                 }),
             }),
+            outlier_detection: Some(OutlierDetection {
+                consecutive_failures: 7,
+                base_ejection_time: Duration::from_millis(1500),
+                max_ejection_time: Duration::from_secs(20),
+                max_ejection_percent: 34,
+            }),
         });
         s.health_check = Some(HealthCheck {
             service: "shop.Cart".into(),
@@ -688,6 +709,20 @@ mod tests {
                     p
                 },
                 "grpc.retry.max_attempts: max_attempts 9 is out of range",
+            ),
+            (
+                {
+                    let mut g = good.clone();
+                    g.grpc = Some(GrpcPolicy {
+                        outlier_detection: Some(OutlierDetection::default()),
+                        ..GrpcPolicy::default()
+                    });
+                    let mut p: pb::Service = (&g).into();
+                    let o = p.grpc.as_mut().unwrap();
+                    o.outlier_detection.as_mut().unwrap().max_ejection_percent = 101;
+                    p
+                },
+                "grpc.outlier_detection.max_ejection_percent: max_ejection_percent 101 is out of range",
             ),
             (
                 {

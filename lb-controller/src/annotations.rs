@@ -21,6 +21,14 @@
 //! | `rpclb.io/grpc-retry-backoff-multiplier` | a number from 1 to 100 (up to 3 decimals) | `2` |
 //! | `rpclb.io/grpc-retry-max-tokens` | the retry throttle's tokens, 1-1000 (turns the throttle on) | no throttle; `10` when the ratio is set |
 //! | `rpclb.io/grpc-retry-token-ratio` | tokens a success gives back, 0.001 up to max-tokens (turns the throttle on) | `0.1` |
+//! | `rpclb.io/grpc-outlier-consecutive-failures` | failures in a row that eject a backend, 1-1000 (any `grpc-outlier-*` key turns outlier ejection on) | 5 |
+//! | `rpclb.io/grpc-outlier-base-ejection-time` | a duration, 1ms-1h: the first ejection's length (the n-th lasts n times it) | `30s` |
+//! | `rpclb.io/grpc-outlier-max-ejection-time` | a duration, 1ms-1h, not below the base | `300s` (or the base, if longer) |
+//! | `rpclb.io/grpc-outlier-max-ejection-percent` | 0-100: most of the backends ejected at once (at least one; below 100 one always stays) | 10 |
+//!
+//! The `rpclb.io/grpc-outlier-*` settings need `rpclb.io/mode: grpc`;
+//! without it each is reported and ignored. Any of them turns outlier
+//! ejection on; an invalid one is reported and its default used.
 //!
 //! The `rpclb.io/grpc-retry-*` settings need `rpclb.io/mode: grpc` and
 //! `rpclb.io/grpc-retry-max-attempts`; without them each is reported and
@@ -92,8 +100,13 @@ pub const GRPC_RETRY_MAX_BACKOFF: &str = "rpclb.io/grpc-retry-max-backoff";
 pub const GRPC_RETRY_BACKOFF_MULTIPLIER: &str = "rpclb.io/grpc-retry-backoff-multiplier";
 pub const GRPC_RETRY_MAX_TOKENS: &str = "rpclb.io/grpc-retry-max-tokens";
 pub const GRPC_RETRY_TOKEN_RATIO: &str = "rpclb.io/grpc-retry-token-ratio";
+/// Any of these: passive outlier ejection for the gRPC mode.
+pub const GRPC_OUTLIER_CONSECUTIVE_FAILURES: &str = "rpclb.io/grpc-outlier-consecutive-failures";
+pub const GRPC_OUTLIER_BASE_EJECTION_TIME: &str = "rpclb.io/grpc-outlier-base-ejection-time";
+pub const GRPC_OUTLIER_MAX_EJECTION_TIME: &str = "rpclb.io/grpc-outlier-max-ejection-time";
+pub const GRPC_OUTLIER_MAX_EJECTION_PERCENT: &str = "rpclb.io/grpc-outlier-max-ejection-percent";
 /// Every annotation this version understands.
-pub const KNOWN: [&str; 18] = [
+pub const KNOWN: [&str; 22] = [
     ALGORITHM,
     WEIGHTS,
     MAGLEV_TABLE_SIZE,
@@ -112,6 +125,10 @@ pub const KNOWN: [&str; 18] = [
     GRPC_RETRY_BACKOFF_MULTIPLIER,
     GRPC_RETRY_MAX_TOKENS,
     GRPC_RETRY_TOKEN_RATIO,
+    GRPC_OUTLIER_CONSECUTIVE_FAILURES,
+    GRPC_OUTLIER_BASE_EJECTION_TIME,
+    GRPC_OUTLIER_MAX_EJECTION_TIME,
+    GRPC_OUTLIER_MAX_EJECTION_PERCENT,
 ];
 
 /// A Service's load-balancing policy, from its annotations.
@@ -170,6 +187,12 @@ impl AnnotationError {
             GRPC_RETRY_BACKOFF_MULTIPLIER => "using the default backoff multiplier (2)",
             GRPC_RETRY_MAX_TOKENS => "using the default retry throttle tokens (10, or none)",
             GRPC_RETRY_TOKEN_RATIO => "using the default retry throttle ratio (0.1, or none)",
+            GRPC_OUTLIER_CONSECUTIVE_FAILURES => "using the default consecutive failures (5)",
+            GRPC_OUTLIER_BASE_EJECTION_TIME => "using the default base ejection time (30s)",
+            GRPC_OUTLIER_MAX_EJECTION_TIME => {
+                "using the default max ejection time (300s, or the base if longer)"
+            }
+            GRPC_OUTLIER_MAX_EJECTION_PERCENT => "using the default max ejection percent (10)",
             _ => "ignoring it",
         }
     }
@@ -198,7 +221,7 @@ impl std::error::Error for AnnotationError {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AnnotationProblem {
     #[error(
-        "unknown rpclb.io annotation (known: rpclb.io/algorithm, rpclb.io/weights, rpclb.io/maglev-table-size, rpclb.io/mode, rpclb.io/grpc-timeout, rpclb.io/health-check, rpclb.io/health-check-service, rpclb.io/health-check-interval, rpclb.io/health-check-timeout, rpclb.io/health-check-unhealthy-threshold, rpclb.io/health-check-healthy-threshold, rpclb.io/grpc-retry-max-attempts, rpclb.io/grpc-retry-status-codes, rpclb.io/grpc-retry-initial-backoff, rpclb.io/grpc-retry-max-backoff, rpclb.io/grpc-retry-backoff-multiplier, rpclb.io/grpc-retry-max-tokens, rpclb.io/grpc-retry-token-ratio)"
+        "unknown rpclb.io annotation (known: rpclb.io/algorithm, rpclb.io/weights, rpclb.io/maglev-table-size, rpclb.io/mode, rpclb.io/grpc-timeout, rpclb.io/health-check, rpclb.io/health-check-service, rpclb.io/health-check-interval, rpclb.io/health-check-timeout, rpclb.io/health-check-unhealthy-threshold, rpclb.io/health-check-healthy-threshold, rpclb.io/grpc-retry-max-attempts, rpclb.io/grpc-retry-status-codes, rpclb.io/grpc-retry-initial-backoff, rpclb.io/grpc-retry-max-backoff, rpclb.io/grpc-retry-backoff-multiplier, rpclb.io/grpc-retry-max-tokens, rpclb.io/grpc-retry-token-ratio, rpclb.io/grpc-outlier-consecutive-failures, rpclb.io/grpc-outlier-base-ejection-time, rpclb.io/grpc-outlier-max-ejection-time, rpclb.io/grpc-outlier-max-ejection-percent)"
     )]
     UnknownKey,
     #[error("the value is empty")]
@@ -239,6 +262,9 @@ pub enum AnnotationProblem {
     NoRetry,
     #[error("has no effect without rpclb.io/mode: grpc")]
     NoGrpcMode,
+    /// Breaks an outlier detection rule of `lb_api::validate`.
+    #[error("{0}")]
+    OutlierValue(String),
 }
 
 /// Reads a Service's policy from its annotations.
@@ -253,6 +279,7 @@ pub fn parse_annotations(
     let mut grpc_timeout = None;
     let mut health = HealthSettings::default();
     let mut retry = RetrySettings::default();
+    let mut outlier = OutlierSettings::default();
     for (key, value) in annotations {
         if !key.starts_with(PREFIX) {
             continue;
@@ -298,6 +325,9 @@ pub fn parse_annotations(
             k if k.starts_with("rpclb.io/grpc-retry-") && KNOWN.contains(&k) => {
                 retry.parse(key, value)
             }
+            k if k.starts_with("rpclb.io/grpc-outlier-") && KNOWN.contains(&k) => {
+                outlier.parse(key, value)
+            }
             _ => Err(vec![AnnotationProblem::UnknownKey]),
         };
         if let Err(problems) = problems {
@@ -313,6 +343,7 @@ pub fn parse_annotations(
     }
     policy.health_check = health.build(annotations, &mut errors);
     retry.build(policy.grpc.as_mut(), annotations, &mut errors);
+    outlier.build(policy.grpc.as_mut(), annotations, &mut errors);
     errors.sort_by(|a, b| a.key.cmp(&b.key));
     (policy, errors)
 }
@@ -544,6 +575,129 @@ impl<'a> RetrySettings<'a> {
             }
         }
         grpc.retry = Some(r);
+    }
+}
+
+/// The `rpclb.io/grpc-outlier-*` values that parsed, with their keys; the
+/// keys seen (valid or not), which turn outlier ejection on.
+#[derive(Default)]
+struct OutlierSettings<'a> {
+    seen: Vec<&'a String>,
+    consecutive: Option<u32>,
+    base: Option<std::time::Duration>,
+    max: Option<(&'a String, std::time::Duration)>,
+    percent: Option<u32>,
+}
+
+impl<'a> OutlierSettings<'a> {
+    fn parse(&mut self, key: &'a String, value: &str) -> Result<(), Vec<AnnotationProblem>> {
+        self.seen.push(key);
+        let v = value.trim();
+        if v.is_empty() {
+            return Err(vec![AnnotationProblem::Empty]);
+        }
+        let bad =
+            |(_, e): (validate::OutlierField, String)| vec![AnnotationProblem::OutlierValue(e)];
+        let number = || {
+            v.parse::<u32>()
+                .ok()
+                .filter(|_| !v.starts_with('+'))
+                .ok_or_else(|| vec![AnnotationProblem::NotANumber(v.to_string())])
+        };
+        let duration =
+            || validate::parse_duration(v).map_err(|e| vec![AnnotationProblem::OutlierValue(e)]);
+        let d = lb_api::OutlierDetection::default();
+        match key.as_str() {
+            GRPC_OUTLIER_CONSECUTIVE_FAILURES => {
+                let n = number()?;
+                validate::outlier_detection(&lb_api::OutlierDetection {
+                    consecutive_failures: n,
+                    ..d
+                })
+                .map_err(bad)?;
+                self.consecutive = Some(n);
+            }
+            GRPC_OUTLIER_MAX_EJECTION_PERCENT => {
+                let n = number()?;
+                validate::outlier_detection(&lb_api::OutlierDetection {
+                    max_ejection_percent: n,
+                    ..d
+                })
+                .map_err(bad)?;
+                self.percent = Some(n);
+            }
+            GRPC_OUTLIER_BASE_EJECTION_TIME => {
+                let t = duration()?;
+                validate::outlier_detection(&lb_api::OutlierDetection {
+                    base_ejection_time: t,
+                    max_ejection_time: t,
+                    ..d
+                })
+                .map_err(bad)?;
+                self.base = Some(t);
+            }
+            GRPC_OUTLIER_MAX_EJECTION_TIME => {
+                let t = duration()?;
+                validate::outlier_detection(&lb_api::OutlierDetection {
+                    base_ejection_time: t,
+                    max_ejection_time: t,
+                    ..d
+                })
+                .map_err(bad)?;
+                self.max = Some((key, t));
+            }
+            _ => return Err(vec![AnnotationProblem::UnknownKey]),
+        }
+        Ok(())
+    }
+
+    /// Outlier ejection into `grpc` when any key was seen: the defaults with
+    /// the valid settings; a maximum below the base is reported (the base
+    /// then bounds it). Without the gRPC mode each key is reported.
+    fn build(
+        self,
+        grpc: Option<&mut lb_api::GrpcPolicy>,
+        annotations: &BTreeMap<String, String>,
+        errors: &mut Vec<AnnotationError>,
+    ) {
+        if self.seen.is_empty() {
+            return;
+        }
+        let mut report = |key: &String, problem| {
+            errors.push(AnnotationError {
+                key: key.clone(),
+                value: annotations.get(key).cloned().unwrap_or_default(),
+                problem,
+            })
+        };
+        let Some(grpc) = grpc else {
+            for k in self.seen {
+                report(k, AnnotationProblem::NoGrpcMode);
+            }
+            return;
+        };
+        let mut o = lb_api::OutlierDetection::default();
+        if let Some(n) = self.consecutive {
+            o.consecutive_failures = n;
+        }
+        if let Some(n) = self.percent {
+            o.max_ejection_percent = n;
+        }
+        if let Some(t) = self.base {
+            o.base_ejection_time = t;
+            o.max_ejection_time = o.max_ejection_time.max(t);
+        }
+        if let Some((k, t)) = self.max {
+            let next = lb_api::OutlierDetection {
+                max_ejection_time: t,
+                ..o
+            };
+            match validate::outlier_detection(&next) {
+                Ok(()) => o = next,
+                Err((_, e)) => report(k, AnnotationProblem::OutlierValue(e)),
+            }
+        }
+        grpc.outlier_detection = Some(o);
     }
 }
 
@@ -799,6 +953,70 @@ mod tests {
         assert_eq!(p.health_check, Some(HealthCheck::new(HealthCheckKind::Tcp)));
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].key, HEALTH_CHECK_SERVICE);
+    }
+
+    #[test]
+    fn grpc_outlier_annotations() {
+        use std::time::Duration;
+        let od = |pairs: &[(&str, &str)]| {
+            let (p, e) = parse(pairs);
+            (p.grpc.and_then(|g| g.outlier_detection), e)
+        };
+        // Off unless an outlier key is given; any one turns it on.
+        let (o, e) = od(&[(MODE, "grpc")]);
+        assert!(o.is_none() && e.is_empty());
+        let (o, e) = od(&[(MODE, "grpc"), (GRPC_OUTLIER_CONSECUTIVE_FAILURES, "3")]);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(
+            o,
+            Some(lb_api::OutlierDetection {
+                consecutive_failures: 3,
+                ..Default::default()
+            })
+        );
+        let (o, e) = od(&[
+            (MODE, "grpc"),
+            (GRPC_OUTLIER_BASE_EJECTION_TIME, "10m"),
+            (GRPC_OUTLIER_MAX_EJECTION_PERCENT, "50"),
+        ]);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(
+            o,
+            Some(lb_api::OutlierDetection {
+                base_ejection_time: Duration::from_secs(600),
+                max_ejection_time: Duration::from_secs(600),
+                max_ejection_percent: 50,
+                ..Default::default()
+            })
+        );
+        // Invalid values are reported; their defaults apply; still on.
+        let (o, e) = od(&[
+            (MODE, "grpc"),
+            (GRPC_OUTLIER_CONSECUTIVE_FAILURES, "0"),
+            (GRPC_OUTLIER_BASE_EJECTION_TIME, "1m"),
+            (GRPC_OUTLIER_MAX_EJECTION_TIME, "10s"),
+            (GRPC_OUTLIER_MAX_EJECTION_PERCENT, "lots"),
+        ]);
+        assert_eq!(
+            e.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            [
+                "invalid annotation rpclb.io/grpc-outlier-consecutive-failures=\"0\": consecutive_failures 0 is out of range (expected 1-1000); using the default consecutive failures (5)",
+                "invalid annotation rpclb.io/grpc-outlier-max-ejection-percent=\"lots\": \"lots\" is not a whole number; using the default max ejection percent (10)",
+                "invalid annotation rpclb.io/grpc-outlier-max-ejection-time=\"10s\": max_ejection_time 10s is below base_ejection_time 60s; using the default max ejection time (300s, or the base if longer)",
+            ]
+        );
+        assert_eq!(
+            o,
+            Some(lb_api::OutlierDetection {
+                base_ejection_time: Duration::from_secs(60),
+                ..Default::default()
+            })
+        );
+        // Without the gRPC mode: reported, ignored.
+        assert_eq!(
+            problems(&[(GRPC_OUTLIER_MAX_EJECTION_PERCENT, "50")]),
+            [AnnotationProblem::NoGrpcMode]
+        );
     }
 
     #[test]

@@ -139,7 +139,7 @@ fn policy(default_timeout: Duration) -> GrpcPolicy {
     GrpcPolicy {
         default_timeout,
         add_headers: vec![(ADDED.0.to_string(), ADDED.1.to_string())],
-        retry: None,
+        ..GrpcPolicy::default()
     }
 }
 

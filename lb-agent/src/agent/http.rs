@@ -2,7 +2,8 @@
 //! (the run loop is alive), `/readyz` (attached and the first state
 //! applied; the body says what runs where) and `/status` (JSON: the data
 //! path, its interfaces, readiness and the controller stream; `lbctl
-//! status` reads it).
+//! status` reads it) and `/grpc` (JSON: the gRPC mode per service and
+//! backend, `crate::grpc_view`; `lbctl grpc` reads it).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -27,6 +28,7 @@ pub(super) async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
+        .route("/grpc", get(grpc))
         .with_state(shared);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -36,7 +38,7 @@ pub(super) async fn serve(
 }
 
 async fn index() -> &'static str {
-    "rpclb lb-agent: /metrics /healthz /readyz /status\n"
+    "rpclb lb-agent: /metrics /healthz /readyz /status /grpc\n"
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
@@ -111,4 +113,12 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
         format!("{body:#}\n"),
     )
         .into_response()
+}
+
+async fn grpc(State(s): State<Arc<Shared>>) -> Response {
+    let view = crate::grpc_view::build(&s.proxy.stats(), &s.health.snapshot());
+    match serde_json::to_string_pretty(&view) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body + "\n").into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
 }

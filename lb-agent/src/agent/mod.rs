@@ -148,6 +148,8 @@ struct Shared {
     conntrack: Mutex<Option<crate::pressure::Pressure>>,
     /// The backends' health checks (for `/status`).
     health: crate::health::HealthChecker,
+    /// The userspace proxy's stats (for `/grpc`).
+    proxy: crate::engines::ProxyStats,
 }
 
 impl Shared {
@@ -371,10 +373,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         stream: Arc::new(StreamStatus::default()),
         conntrack: Mutex::new(None),
         health: engines.health.clone(),
+        proxy: engines.proxy_stats(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(http::serve(listener, shared.clone(), stop_rx.clone()));
-    info!(addr = %opts.metrics_addr, "serving /metrics, /healthz, /readyz");
+    info!(addr = %opts.metrics_addr, "serving /metrics, /healthz, /readyz, /status, /grpc");
 
     let (source, current) = match file {
         Some((file, cfg)) => {

@@ -7,6 +7,7 @@
 //! lbctl conntrack [--service SERVICE] [--backend IP[:PORT]] [--limit N]
 //! lbctl maglev SERVICE
 //! lbctl stats [--watch] [--interval 1s] [--count N]
+//! lbctl status | grpc [SERVICE]   (ask the running agent, --agent ADDR)
 //! ```
 //!
 //! SERVICE is `namespace/name:port`, `VIP:port[/proto]`, or `namespace/name`
@@ -83,6 +84,19 @@ enum Cmd {
         #[arg(long, env = "RPCLB_METRICS_ADDR", default_value = "127.0.0.1:9464")]
         agent: std::net::SocketAddr,
     },
+    /// The gRPC mode per service and backend: calls in flight, calls and
+    /// rate, errors, health, outlier ejection, retries, GOAWAYs (reads the
+    /// agent's /grpc over HTTP twice, --interval apart, for the rates).
+    Grpc {
+        /// `namespace/name:port`, `namespace/name` or `VIP:port` (default: all).
+        service: Option<String>,
+        /// The agent's metrics address (`--metrics-addr`).
+        #[arg(long, env = "RPCLB_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+        agent: std::net::SocketAddr,
+        /// Time between the two reads the rates come from (`0`: one read, no rates).
+        #[arg(long, default_value = "1s", value_parser = parse_rate_interval)]
+        interval: Duration,
+    },
     /// Packet counters by reason and per service, with rates under --watch.
     Stats {
         /// Refresh in place, showing rates per second.
@@ -95,6 +109,14 @@ enum Cmd {
         #[arg(long, requires = "watch")]
         count: Option<u64>,
     },
+}
+
+/// `lbctl grpc --interval`: 0 (no rates), or 10 ms to 1 min.
+fn parse_rate_interval(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    lb_agent::duration::parse_within(s, Duration::from_millis(10), Duration::from_secs(60))
 }
 
 /// `lbctl stats --interval`: 10 ms to 24 h.
@@ -139,6 +161,18 @@ fn run(cli: &Cli) -> Result<()> {
         return emit(&match out {
             Output::Json => json(&st)?,
             Output::Table => lbctl::status::table(&st),
+        });
+    }
+    if let Cmd::Grpc {
+        service,
+        agent,
+        interval,
+    } = &cli.cmd
+    {
+        let v = lbctl::grpc::sample(*agent, service.as_deref(), *interval)?;
+        return emit(&match out {
+            Output::Json => json(&v)?,
+            Output::Table => lbctl::grpc::table(&v),
         });
     }
     let w = lbctl::open(&cli.pin_path)?;
@@ -193,7 +227,7 @@ fn run(cli: &Cli) -> Result<()> {
                 Output::Table => view::maglev_table(&v),
             }
         }
-        Cmd::Status { .. } => unreachable!("answered above"),
+        Cmd::Status { .. } | Cmd::Grpc { .. } => unreachable!("answered above"),
         Cmd::Stats { .. } => {
             let v = view::stats(&view::sample(&w)?, None);
             match out {

@@ -100,6 +100,12 @@ pub struct GrpcBackendCounts {
     pub retries: u64,
     /// Its retryable answers not retried because the retry throttle was low.
     pub retries_throttled: u64,
+    /// Attempts sent to it, by status and latency.
+    pub calls: crate::userspace::CallStats,
+    /// Ejected by outlier detection now.
+    pub ejected: bool,
+    /// Times it was ejected.
+    pub ejections: u64,
 }
 
 /// A service as stored in the maps.

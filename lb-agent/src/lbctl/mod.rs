@@ -1,6 +1,7 @@
 //! lbctl's pieces: opening the pinned state with plain errors, the views of
 //! each command, and table formatting. Compiled into the `lbctl` binary only.
 
+pub mod grpc;
 pub mod status;
 pub mod table;
 pub mod view;

@@ -99,6 +99,15 @@ pub struct Controller {
 
 /// GET http://`agent`/status.
 pub fn fetch(agent: SocketAddr) -> Result<Status> {
+    get_json(agent, "/status", "the agent's status")
+}
+
+/// GET http://`agent``path`, a JSON answer (`what` names it in errors).
+pub fn get_json<T: serde::de::DeserializeOwned>(
+    agent: SocketAddr,
+    path: &str,
+    what: &str,
+) -> Result<T> {
     let unreachable = || {
         format!("no agent answers on {agent}: is it running, and is --agent its --metrics-addr?")
     };
@@ -107,20 +116,20 @@ pub fn fetch(agent: SocketAddr) -> Result<Status> {
     c.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         c,
-        "GET /status HTTP/1.1\r\nHost: {agent}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {agent}\r\nConnection: close\r\n\r\n"
     )?;
     let mut resp = String::new();
-    c.take(1 << 20).read_to_string(&mut resp)?;
+    c.take(16 << 20).read_to_string(&mut resp)?;
     let (head, body) = resp
         .split_once("\r\n\r\n")
         .ok_or_else(|| anyhow!("{agent}: not an HTTP answer"))?;
     if !head.starts_with("HTTP/1.1 200") {
         bail!(
-            "{agent}/status: {} (an agent older than lbctl?)",
+            "{agent}{path}: {} (an agent older than lbctl?)",
             head.lines().next().unwrap_or_default()
         );
     }
-    serde_json::from_str(body).with_context(|| format!("{agent}/status: not the agent's status"))
+    serde_json::from_str(body).with_context(|| format!("{agent}{path}: not {what}"))
 }
 
 fn yes(b: bool) -> String {

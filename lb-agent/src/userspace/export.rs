@@ -25,6 +25,7 @@ pub fn datapath_snapshot(stats: &[ServiceStats]) -> DatapathSnapshot {
             }
             ServiceSnapshot {
                 name: s.name.clone(),
+                grpc_calls: s.grpc.then_some(s.calls),
                 stats: datapath::ServiceStats {
                     packets: s.packets_in + s.packets_out,
                     bytes: s.bytes_in + s.bytes_out,
@@ -63,6 +64,9 @@ pub fn datapath_snapshot(stats: &[ServiceStats]) -> DatapathSnapshot {
                             transparent_retries: b.transparent_retries,
                             retries: b.retries,
                             retries_throttled: b.retries_throttled,
+                            calls: b.calls,
+                            ejected: b.ejected_for_ms > 0,
+                            ejections: b.ejections,
                         }),
                     })
                     .collect(),

@@ -96,7 +96,9 @@ use tasks::{HandoverCtx, Workers};
 
 pub use export::datapath_snapshot;
 pub use route::ROUTE_PROTOCOL;
-pub use stats::{BackendStats, BackendStatus, DropReason, ServiceStats};
+pub use stats::{
+    BackendStats, BackendStatus, CODE_SLOTS, CallStats, DropReason, LATENCY_BUCKETS, ServiceStats,
+};
 
 /// How long shutdown waits for the runtime's tasks to finish dropping.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
@@ -973,7 +975,7 @@ impl Running {
             &self.spec.name,
             self.spec.addr(),
             self.spec.algorithm,
-            self.spec.grpc.is_some(),
+            self.spec.grpc.as_ref(),
             &self.shared.counters,
             backends,
         )

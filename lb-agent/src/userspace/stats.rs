@@ -11,9 +11,88 @@
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
-use lb_api::{Algorithm, ServiceAddr};
-use serde::Serialize;
+use lb_api::{Algorithm, OutlierDetection, ServiceAddr};
+use serde::{Deserialize, Serialize};
+
+use super::grpc::outlier::BackendOutlier;
+
+/// Upper bounds (seconds) of the gRPC call latency buckets; one more
+/// bucket (+Inf) follows. 0.5 ms to 10 s: a proxied unary call on a LAN
+/// takes ~0.2-1 ms, a slow backend or a stream seconds.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Status code slots: the codes 0..=16, then one for any other.
+pub const CODE_SLOTS: usize = 18;
+const BUCKETS: usize = LATENCY_BUCKETS.len() + 1;
+
+/// gRPC calls (or attempts) by status code and latency.
+#[derive(Debug, Default)]
+pub(crate) struct CallCounters {
+    codes: [AtomicU64; CODE_SLOTS],
+    buckets: [AtomicU64; BUCKETS],
+    sum_us: AtomicU64,
+}
+
+impl CallCounters {
+    /// One call that ended with `code` after `took`.
+    pub(crate) fn record(&self, code: u32, took: Duration) {
+        let slot = (code as usize).min(CODE_SLOTS - 1);
+        self.codes[slot].fetch_add(1, Relaxed);
+        let secs = took.as_secs_f64();
+        let b = LATENCY_BUCKETS
+            .iter()
+            .position(|&le| secs <= le)
+            .unwrap_or(BUCKETS - 1);
+        self.buckets[b].fetch_add(1, Relaxed);
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    fn read(&self) -> CallStats {
+        CallStats {
+            codes: std::array::from_fn(|i| self.codes[i].load(Relaxed)),
+            latency: std::array::from_fn(|i| self.buckets[i].load(Relaxed)),
+            latency_sum_us: self.sum_us.load(Relaxed),
+        }
+    }
+}
+
+/// gRPC calls by status and latency at one instant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallStats {
+    /// By status: index = code (0 OK .. 16 UNAUTHENTICATED), 17 = any other.
+    pub codes: [u64; CODE_SLOTS],
+    /// By latency: index i counts those above bucket i-1 and at most
+    /// [`LATENCY_BUCKETS`]`[i]`; the last, those above 10 s.
+    pub latency: [u64; BUCKETS],
+    /// Sum of the latencies, microseconds.
+    pub latency_sum_us: u64,
+}
+
+impl CallStats {
+    /// Every call counted.
+    pub fn total(&self) -> u64 {
+        self.codes.iter().sum()
+    }
+
+    /// Calls that ended with a status other than OK.
+    pub fn errors(&self) -> u64 {
+        self.total() - self.codes[0]
+    }
+
+    /// Calls that ended with `code` (17 and above: the "other" slot).
+    pub fn code(&self, code: u32) -> u64 {
+        self.codes[(code as usize).min(CODE_SLOTS - 1)]
+    }
+
+    /// The label of slot `i`: the status name, or `OTHER`.
+    pub fn code_label(i: usize) -> &'static str {
+        lb_api::GRPC_STATUS_NAMES.get(i).copied().unwrap_or("OTHER")
+    }
+}
 
 /// Why a new flow or a datagram was dropped; for a gRPC service, why a call
 /// was answered UNAVAILABLE without reaching a backend.
@@ -112,6 +191,11 @@ pub(crate) struct BackendCounters {
     /// gRPC: of such answers, those not retried because the service's
     /// retry throttle was low.
     pub(crate) retries_throttled: AtomicU64,
+    /// gRPC: attempts sent to it, by the status it answered (a reset or
+    /// refused stream or a broken connection: UNAVAILABLE) and latency.
+    pub(crate) calls: CallCounters,
+    /// gRPC: passive outlier ejection.
+    pub(crate) outlier: BackendOutlier,
     pub(crate) traffic: Traffic,
 }
 
@@ -140,6 +224,9 @@ pub(crate) struct ServiceCounters {
     /// Requests refused as not gRPC (HTTP/1, wrong method or content type,
     /// malformed `grpc-timeout`).
     pub(crate) bad_requests: AtomicU64,
+    /// gRPC calls by the final status the client got, and latency (from
+    /// the request to the end of the response).
+    pub(crate) calls: CallCounters,
     pub(crate) traffic: Traffic,
     drops: [AtomicU64; DropReason::COUNT],
 }
@@ -207,6 +294,14 @@ pub struct BackendStats {
     pub retries: u64,
     /// gRPC: retryable answers of it not retried because of the throttle.
     pub retries_throttled: u64,
+    /// gRPC: attempts sent to it, by status and latency.
+    pub calls: CallStats,
+    /// gRPC: milliseconds of outlier ejection left (0: in the pick).
+    pub ejected_for_ms: u64,
+    /// gRPC: times it was ejected.
+    pub ejections: u64,
+    /// gRPC: its failures in a row now (outlier detection).
+    pub consecutive_failures: u32,
 }
 
 /// One service's counters at one instant, with its backends'.
@@ -241,6 +336,10 @@ pub struct ServiceStats {
     pub deadline_exceeded: u64,
     /// gRPC: requests refused as not gRPC over HTTP/2.
     pub bad_requests: u64,
+    /// gRPC: calls by the final status the client got, and latency.
+    pub calls: CallStats,
+    /// gRPC: the service's outlier detection, if on.
+    pub outlier_detection: Option<OutlierDetection>,
     /// Every reason, zeros included, in [`DropReason::ALL`] order.
     pub drops: Vec<(DropReason, u64)>,
     /// The service's backends in its order, then removed ones still in use.
@@ -291,6 +390,10 @@ pub(crate) fn backend_stats(
         transparent_retries: c.transparent_retries.load(Relaxed),
         retries: c.retries.load(Relaxed),
         retries_throttled: c.retries_throttled.load(Relaxed),
+        calls: c.calls.read(),
+        ejected_for_ms: c.outlier.ejected_for_ms(),
+        ejections: c.outlier.ejections(),
+        consecutive_failures: c.outlier.consecutive_failures(),
     }
 }
 
@@ -298,7 +401,7 @@ pub(crate) fn service_stats(
     name: &str,
     addr: ServiceAddr,
     algorithm: Algorithm,
-    grpc: bool,
+    grpc: Option<&lb_api::GrpcPolicy>,
     c: &ServiceCounters,
     backends: Vec<BackendStats>,
 ) -> ServiceStats {
@@ -307,7 +410,7 @@ pub(crate) fn service_stats(
         name: name.to_string(),
         addr,
         algorithm,
-        grpc,
+        grpc: grpc.is_some(),
         new_connections: c.new.load(Relaxed),
         active_connections: c.active.load(Relaxed),
         bytes_in,
@@ -320,6 +423,8 @@ pub(crate) fn service_stats(
         active_requests: c.active_requests.load(Relaxed),
         deadline_exceeded: c.deadline_exceeded.load(Relaxed),
         bad_requests: c.bad_requests.load(Relaxed),
+        calls: c.calls.read(),
+        outlier_detection: grpc.and_then(|g| g.outlier_detection),
         drops: DropReason::ALL
             .iter()
             .map(|&r| (r, c.drops[r as usize].load(Relaxed)))
@@ -347,11 +452,41 @@ mod tests {
             port: 53,
             protocol: lb_api::Protocol::Udp,
         };
-        let s = service_stats("a", addr, Algorithm::Random, false, &c, vec![]);
+        let s = service_stats("a", addr, Algorithm::Random, None, &c, vec![]);
         assert_eq!(s.drops_for(DropReason::SessionsFull), 2);
         assert_eq!(s.drops_for(DropReason::NoBackend), 1);
         assert_eq!(s.drops_for(DropReason::SendFailed), 0);
         assert_eq!(s.total_drops(), 3);
         assert_eq!(s.drops.len(), DropReason::COUNT);
+    }
+
+    #[test]
+    fn calls_count_by_status_and_latency_bucket() {
+        let c = CallCounters::default();
+        let ms = Duration::from_micros;
+        c.record(0, ms(300)); // <= 0.5 ms
+        c.record(0, ms(500)); // <= 0.5 ms (bounds are inclusive)
+        c.record(14, ms(501)); // <= 1 ms
+        c.record(4, Duration::from_secs(3)); // <= 5 s
+        c.record(16, Duration::from_secs(11)); // +Inf
+        c.record(99, ms(20_000)); // other, <= 25 ms
+        let s = c.read();
+        assert_eq!(s.total(), 6);
+        assert_eq!(s.errors(), 4);
+        assert_eq!((s.code(0), s.code(14), s.code(4), s.code(16)), (2, 1, 1, 1));
+        assert_eq!((s.code(17), s.code(99), s.codes[17]), (1, 1, 1));
+        let mut want = [0u64; 15];
+        want[0] = 2;
+        want[1] = 1;
+        want[5] = 1;
+        want[12] = 1;
+        want[14] = 1;
+        assert_eq!(s.latency, want);
+        assert_eq!(
+            s.latency_sum_us,
+            300 + 500 + 501 + 3_000_000 + 11_000_000 + 20_000
+        );
+        assert_eq!(CallStats::code_label(14), "UNAVAILABLE");
+        assert_eq!(CallStats::code_label(17), "OTHER");
     }
 }

@@ -10,7 +10,8 @@
 //! backend, as a global minimum would).
 //!
 //! Candidates are the selector's backends that take new flows (active,
-//! weight > 0): terminating and weight-0 backends get no new calls.
+//! weight > 0): terminating and weight-0 backends get no new calls; nor do
+//! backends ejected by outlier detection (`outlier::skipped`).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -97,8 +98,10 @@ impl Drop for CallLease {
 pub(crate) fn pick(svc: &ServiceShared, excluded: &[BackendKey]) -> Option<CallLease> {
     let sel = svc.selector();
     let (backends, weights) = sel.candidates();
+    // Passive outlier ejection (`outlier`): ejected backends are skipped.
+    let ejected = super::outlier::skipped(svc, backends, excluded);
     let weight = |i: usize| {
-        if excluded.contains(&backends[i].key()) {
+        if excluded.contains(&backends[i].key()) || ejected.as_ref().is_some_and(|e| e[i]) {
             0
         } else {
             weights[i]

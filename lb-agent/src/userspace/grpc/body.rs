@@ -18,6 +18,7 @@ use tokio::time::Sleep;
 use tracing::debug;
 
 use super::balance::CallLease;
+use super::calls::CallEnd;
 use super::pool::Slot;
 use super::status::{Code, status_headers};
 use crate::userspace::select::ServiceShared;
@@ -303,6 +304,8 @@ pub(crate) struct CallBody {
     /// Released as soon as the body ends, not when hyper drops it.
     held: Option<(CallLease, ActiveCall, CallOver, Slot)>,
     svc: Arc<ServiceShared>,
+    /// The call's and its attempt's status and latency.
+    end: CallEnd,
 }
 
 impl CallBody {
@@ -313,13 +316,19 @@ impl CallBody {
         active: ActiveCall,
         over: CallOver,
         slot: Slot,
+        mut end: CallEnd,
     ) -> Self {
         let svc = active.0.clone();
+        if inner.is_end_stream() {
+            // A trailers-only answer: hyper will not poll the body.
+            end.ended(None);
+        }
         CallBody {
             inner: Some(inner),
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             held: Some((lease, active, over, slot)),
             svc,
+            end,
         }
     }
 
@@ -335,6 +344,7 @@ impl CallBody {
         if let Some(d) = &mut self.deadline
             && d.as_mut().poll(cx).is_ready()
         {
+            self.end.deadline();
             self.finish();
             self.svc.counters.deadline_exceeded.fetch_add(1, Relaxed);
             debug!(service = %self.svc.addr, "gRPC call: deadline exceeded while streaming");
@@ -351,12 +361,15 @@ impl CallBody {
                     if let Some((lease, ..)) = &self.held {
                         lease.backend().counters.traffic.add_out(d.len());
                     }
+                } else if let Some(t) = frame.trailers_ref() {
+                    self.end.ended(Some(t));
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Some(Err(e)) => {
                 // Headers went out already: end the call with a status.
                 debug!(service = %self.svc.addr, "gRPC call: backend stream failed: {e}");
+                self.end.stream_failed();
                 self.finish();
                 let t = status_headers(
                     Code::Unavailable,
@@ -365,6 +378,7 @@ impl CallBody {
                 Poll::Ready(Some(Ok(Frame::trailers(t))))
             }
             None => {
+                self.end.ended(None);
                 self.finish();
                 Poll::Ready(None)
             }

@@ -71,8 +71,10 @@
 
 mod balance;
 mod body;
+mod calls;
 mod frames;
 mod headers;
+pub(crate) mod outlier;
 mod pool;
 mod retry;
 mod status;
@@ -104,6 +106,8 @@ use crate::userspace::stats::DropReason;
 use crate::userspace::tasks::{HandoverCtx, accept_loop, stop_requested};
 use balance::CallLease;
 use body::{ActiveCall, CallBody, DownBody, UpBody};
+use calls::{Attempt, CallEnd, CallRecord};
+use outlier::{Outcome, Outliers};
 use pool::{ConnectError, PoolOptions, Slot};
 use status::{Code, http_error, trailers_only};
 
@@ -118,6 +122,8 @@ pub(crate) struct Pools(
     std::sync::Mutex<HashMap<BackendKey, Arc<Pool>>>,
     /// The service's retry throttle (its retry policy's token bucket).
     retry::Throttle,
+    /// The service's outlier ejections (`outlier`).
+    Arc<Outliers>,
 );
 
 impl Pools {
@@ -125,6 +131,10 @@ impl Pools {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn outliers(&self) -> &Arc<Outliers> {
+        &self.2
     }
 
     /// The pool of backend `key`, made on first use.
@@ -310,6 +320,7 @@ async fn handle(
     };
     let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
     let active = ActiveCall::new(svc.clone());
+    let mut record = CallRecord::new(svc.clone());
 
     let (mut parts, body) = req.into_parts();
     let ids = headers::prepare_request(&mut parts.headers, &policy, &mut random_u64);
@@ -331,10 +342,11 @@ async fn handle(
         None => call.await,
     };
     match res {
-        Ok((resp, lease, slot)) => {
+        Ok((resp, lease, slot, attempt)) => {
             let (mut parts, body) = resp.into_parts();
+            let end = CallEnd::new(record, attempt, &parts.headers);
             headers::strip_hop_by_hop(&mut parts.headers);
-            let body = CallBody::new(body, deadline, lease, active, over, slot);
+            let body = CallBody::new(body, deadline, lease, active, over, slot, end);
             Response::from_parts(parts, DownBody::Call(Box::new(body)))
         }
         Err(f) => {
@@ -369,6 +381,7 @@ async fn handle(
                 ),
             };
             debug!(service = %svc.addr, %path, "gRPC call failed: {message}");
+            record.finish(code as u32);
             trailers_only(code, &message)
         }
     }
@@ -400,6 +413,23 @@ enum Failure {
     Backend(SocketAddrV4, hyper::Error),
 }
 
+/// Whether the backend refused the call's stream (RST_STREAM REFUSED_STREAM).
+fn refused(e: &hyper::Error) -> bool {
+    h2_error(e).is_some_and(|h| h.reason() == Some(h2::Reason::REFUSED_STREAM))
+}
+
+/// The h2 error under a hyper error, if any.
+fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<h2::Error>() {
+            return Some(h);
+        }
+        source = s.source();
+    }
+    None
+}
+
 /// Whether a backend failed a call without processing it, so that it may
 /// be sent again (gRFC A6): the stream was refused (RST_STREAM
 /// REFUSED_STREAM), or it was above the last stream of a graceful GOAWAY
@@ -416,7 +446,9 @@ fn unprocessed(e: &hyper::Error) -> bool {
     false
 }
 
-type Answer = (Response<Incoming>, CallLease, Slot);
+/// A backend's response headers, the call's lease and stream, and the
+/// attempt (ended by the response body).
+type Answer = (Response<Incoming>, CallLease, Slot, Attempt);
 
 /// [`forward`], then, under the service's retry policy (gRFC A6), again
 /// while the answer is a trailers-only retryable status: on another backend
@@ -479,6 +511,8 @@ async fn with_retries(
             "gRPC call answered with a retryable status; retrying"
         );
         failed.push(be.key());
+        let mut answer = answer;
+        answer.3.answered(status.unwrap_or(14));
         drop(answer);
         tokio::time::sleep(wait).await;
         req = next;
@@ -528,6 +562,7 @@ async fn forward(
                 tried.push(be.key());
                 debug!(backend = %be.addr(), "gRPC backend: {e}");
                 svc.counters.connect_failed(&be.counters);
+                pools.outliers().record(svc, &be, Outcome::Failure);
                 let reason = match e {
                     ConnectError::Timeout => DropReason::ConnectTimeout,
                     _ => DropReason::ConnectFailed,
@@ -558,8 +593,9 @@ async fn forward(
         });
         req.body_mut().send_to(be.counters.clone());
         be.counters.requests.fetch_add(1, Relaxed);
+        let mut attempt = Attempt::new(svc.clone(), pools.outliers().clone(), be.clone());
         let e = match sender.try_send_request(req).await {
-            Ok(resp) => return Ok((resp, lease, slot)),
+            Ok(resp) => return Ok((resp, lease, slot, attempt)),
             Err(e) => e,
         };
         // The backend did not take the call.
@@ -568,6 +604,7 @@ async fn forward(
         if let Some(back) = e.take_message() {
             // Not sent: the connection closed or went away first.
             req = back;
+            attempt.unsent();
             if slot.went_away() && retries > 0 {
                 // Not the backend's failure: another connection.
                 retries -= 1;
@@ -577,12 +614,16 @@ async fn forward(
             }
             tried.push(be.key());
             svc.counters.connect_failed(&be.counters);
+            pools.outliers().record(svc, &be, Outcome::Failure);
             debug!(backend = %be.addr(), "gRPC backend connection closed before the call was sent: {}", e.error());
             let err = ConnectError::Connect(e.into_error().to_string());
             failure = Some(Failure::Connect(DropReason::ConnectFailed, err));
             continue;
         }
         let err = e.into_error();
+        // A refused stream counts toward ejection; a graceful GOAWAY's
+        // unprocessed one does not.
+        attempt.failed(!unprocessed(&err) || refused(&err));
         if unprocessed(&err)
             && let Some((head, replay)) = again
             && let Some(body) = replay.retry()
