@@ -351,6 +351,9 @@ impl CallBody {
                     if let Some((lease, ..)) = &self.held {
                         lease.backend().counters.traffic.add_out(d.len());
                     }
+                } else if let (Some(t), Some((lease, ..))) = (frame.trailers_ref(), &self.held) {
+                    // The backend's ORCA load report, if it sent one.
+                    lease.report(t);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
