@@ -611,7 +611,7 @@ fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
                     (Some(_), o) => {
                         let d = OrcaWrr::default();
                         let o = o.as_ref().map(|o| &o.value);
-                        let dur = |f: Option<&Option<At<DurationField>>>, default| {
+                        let dur = |f: Option<&Option<At<DurationField>>>, default: Duration| {
                             f.and_then(Option::as_ref).map_or(default, |v| v.value.0)
                         };
                         Balancing::OrcaWrr(OrcaWrr {

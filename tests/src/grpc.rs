@@ -602,30 +602,20 @@ struct WithTrailers {
     extra: Arc<Mutex<HeaderMap>>,
 }
 
-type Routed<B> = <tonic::service::Routes as tonic::codegen::Service<
-    tonic::codegen::http::Request<B>,
->>::Future;
+type HttpRequest = tonic::codegen::http::Request<hyper::body::Incoming>;
 
-impl<B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for WithTrailers
-where
-    tonic::service::Routes: tonic::codegen::Service<
-            tonic::codegen::http::Request<B>,
-            Response = tonic::codegen::http::Response<tonic::body::Body>,
-            Error = Infallible,
-        >,
-    Routed<B>: Send + 'static,
-{
+impl tonic::codegen::Service<HttpRequest> for WithTrailers {
     type Response = tonic::codegen::http::Response<TrailersBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        tonic::codegen::Service::<tonic::codegen::http::Request<B>>::poll_ready(&mut self.inner, cx)
+        tonic::codegen::Service::<HttpRequest>::poll_ready(&mut self.inner, cx)
     }
 
-    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+    fn call(&mut self, req: HttpRequest) -> Self::Future {
         let extra = lock(&self.extra).clone();
-        let answer = self.inner.call(req);
+        let answer = tonic::codegen::Service::call(&mut self.inner, req);
         Box::pin(async move {
             let resp = answer.await?;
             Ok(resp.map(|inner| TrailersBody {
@@ -651,7 +641,7 @@ impl hyper::body::Body for TrailersBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Status>>> {
         let this = &mut *self;
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        let frame = ready!(hyper::body::Body::poll_frame(Pin::new(&mut this.inner), cx));
         Poll::Ready(frame.map(|f| {
             f.map(|mut f| {
                 if let (Some(t), Some(extra)) = (f.trailers_mut(), this.extra.take()) {
