@@ -600,14 +600,28 @@ fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
                     .map_or(DEFAULT_GRPC_TIMEOUT, |t| t.value.0),
                 add_headers,
                 balancing: match (&g.value.balancing, &g.value.orca_wrr) {
-                    (None | Some(At { value: BalancingField(false), .. }), Some(o)) => {
+                    (
+                        None
+                        | Some(At {
+                            value: BalancingField(false),
+                            ..
+                        }),
+                        Some(o),
+                    ) => {
                         return Err(Problem {
                             path: [&here[..], &[key("grpc"), key("orca_wrr")]].concat(),
                             at: Some(o.at),
                             message: "orca_wrr settings need `balancing: orca_wrr`".into(),
                         });
                     }
-                    (None | Some(At { value: BalancingField(false), .. }), None) => Balancing::P2c,
+                    (
+                        None
+                        | Some(At {
+                            value: BalancingField(false),
+                            ..
+                        }),
+                        None,
+                    ) => Balancing::P2c,
                     (Some(_), o) => {
                         let d = OrcaWrr::default();
                         let o = o.as_ref().map(|o| &o.value);
@@ -2026,7 +2040,8 @@ mod tests {
     #[test]
     fn grpc_balancing() {
         let balancing = |yaml: &str| {
-            let c = parse(&format!("{ONE}    grpc:\n{yaml}"), "x").unwrap_or_else(|e| panic!("{e}"));
+            let c =
+                parse(&format!("{ONE}    grpc:\n{yaml}"), "x").unwrap_or_else(|e| panic!("{e}"));
             c.state.services[0].grpc.clone().unwrap().balancing
         };
         assert_eq!(balancing("      timeout: 5\n"), Balancing::P2c);

@@ -24,8 +24,8 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use crate::model::{
-    Backend, Balancing, DEFAULT_MAGLEV_M, HealthCheckKind, MAX_RETRY_ATTEMPTS, MAX_WEIGHT,
-    OrcaWrr, Protocol, RetryPolicy, Service, ServiceAddr, check_added_header, is_prime,
+    Backend, Balancing, DEFAULT_MAGLEV_M, HealthCheckKind, MAX_RETRY_ATTEMPTS, MAX_WEIGHT, OrcaWrr,
+    Protocol, RetryPolicy, Service, ServiceAddr, check_added_header, is_prime,
 };
 
 /// The largest client-IP affinity timeout (as in Kubernetes).

@@ -649,7 +649,12 @@ impl<'a> BalancingSettings<'a> {
             })
         };
         let Some(grpc) = grpc else {
-            for k in self.wrr.iter().map(|w| w.0).chain(self.rest.iter().map(|r| r.0)) {
+            for k in self
+                .wrr
+                .iter()
+                .map(|w| w.0)
+                .chain(self.rest.iter().map(|r| r.0))
+            {
                 report(k, AnnotationProblem::NoGrpcMode);
             }
             return;

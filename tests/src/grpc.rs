@@ -690,8 +690,8 @@ pub fn orca_report(
         eps,
         application_utilization,
     };
-    let b64 = base64::engine::general_purpose::STANDARD_NO_PAD
-        .encode(prost::Message::encode_to_vec(&r));
+    let b64 =
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(prost::Message::encode_to_vec(&r));
     tonic::codegen::http::HeaderValue::try_from(b64).expect("base64 is a header value")
 }
 

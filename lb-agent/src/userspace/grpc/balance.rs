@@ -127,9 +127,7 @@ pub(crate) fn pick(svc: &ServiceShared, orca: &Orca, excluded: &[BackendKey]) ->
         }
     };
     let wrr = match svc.policy().map(|p| p.balancing) {
-        Some(Balancing::OrcaWrr(cfg)) => {
-            orca.pick(&sel, &cfg, |i| weight(i) > 0, Instant::now())
-        }
+        Some(Balancing::OrcaWrr(cfg)) => orca.pick(&sel, &cfg, |i| weight(i) > 0, Instant::now()),
         _ => None,
     };
     let i = match wrr {
@@ -409,7 +407,9 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(
             orca::LOAD_METRICS,
-            "TEXT application_utilization=0.5, rps_fractional=50".parse().unwrap(),
+            "TEXT application_utilization=0.5, rps_fractional=50"
+                .parse()
+                .unwrap(),
         );
         l.report(&h);
         let cfg = lb_api::OrcaWrr {
@@ -420,6 +420,9 @@ mod tests {
         assert_eq!(w, 100.0);
         // Nothing readable: nothing changes.
         l.report(&HeaderMap::new());
-        assert_eq!(orca.load(l.backend().key()).weight(&cfg, Instant::now()), 100.0);
+        assert_eq!(
+            orca.load(l.backend().key()).weight(&cfg, Instant::now()),
+            100.0
+        );
     }
 }

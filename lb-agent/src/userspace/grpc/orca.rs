@@ -219,7 +219,13 @@ pub(crate) fn effective_weights(reported: &[f64], configured: &[u32]) -> Option<
     let mean = with.iter().sum::<f64>() / with.len() as f64;
     let capped: Vec<f64> = reported
         .iter()
-        .map(|&w| if w > 0.0 { w.min(mean * MAX_RATIO) } else { mean })
+        .map(|&w| {
+            if w > 0.0 {
+                w.min(mean * MAX_RATIO)
+            } else {
+                mean
+            }
+        })
         .collect();
     let max = capped.iter().copied().fold(0.0, f64::max);
     Some(

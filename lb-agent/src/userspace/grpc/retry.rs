@@ -232,10 +232,7 @@ mod tests {
             pushback(&h)
         };
         assert_eq!(pushback(&HeaderMap::new()), None);
-        assert_eq!(
-            p("300"),
-            Some(Pushback::After(Duration::from_millis(300)))
-        );
+        assert_eq!(p("300"), Some(Pushback::After(Duration::from_millis(300))));
         assert_eq!(p("0"), Some(Pushback::After(Duration::ZERO)));
         assert_eq!(
             p("2147483647"),
