@@ -1784,7 +1784,7 @@ mod tests {
         let yaml = &body[..body.find("```").unwrap()];
         let c = parse(yaml, "docs/config.md").unwrap_or_else(|e| panic!("{e}"));
         let s = &c.state.services;
-        assert_eq!(s.len(), 3);
+        assert_eq!(s.len(), 4);
 
         let b = &s[0];
         assert_eq!(b.name, "my-rpc/rpc-service-b:grpc");
@@ -1836,6 +1836,16 @@ mod tests {
         assert_eq!(dns.affinity_timeout, Some(Duration::from_secs(10_800)));
         // Same VIP as services[1], different port: fine.
         assert_eq!(dns.vip, a.vip);
+
+        let g = s[3].grpc.as_ref().expect("gRPC mode");
+        assert_eq!(
+            g.balancing,
+            Balancing::OrcaWrr(OrcaWrr {
+                blackout_period: Duration::from_secs(10),
+                weight_update_period: Duration::from_secs(1),
+                ..OrcaWrr::default()
+            })
+        );
 
         assert_eq!(c.timeouts, Timeouts::default());
     }
