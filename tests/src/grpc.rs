@@ -644,7 +644,9 @@ impl hyper::body::Body for TrailersBody {
         let frame = ready!(hyper::body::Body::poll_frame(Pin::new(&mut this.inner), cx));
         Poll::Ready(frame.map(|f| {
             f.map(|mut f| {
-                if let (Some(t), Some(extra)) = (f.trailers_mut(), this.extra.take()) {
+                if let Some(t) = f.trailers_mut()
+                    && let Some(extra) = this.extra.take()
+                {
                     t.extend(extra);
                 }
                 f

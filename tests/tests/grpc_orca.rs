@@ -280,23 +280,24 @@ fn orca_wrr_gives_a_silent_backend_the_mean_weight() {
 /// outstanding keeps most calls off it, under `p2c` and under `orca_wrr`
 /// alike (no reports: its fallback is P2C, not round-robin, which would
 /// give it a third). With outstanding calls evened out, a backend's share
-/// follows its speed (1/10 of a fast one's); the bound allows for a busy
-/// machine.
+/// would follow its speed (1/10 of a fast one's); P2C only compares two at
+/// a time and the proxy's own per-call time adds to every backend's, so
+/// the bound is half of a fast one's (measured: about 0.2-0.3).
 #[test]
 fn slow_backend_gets_fewer_calls_without_reports() {
     skip_unless_lab!();
     let lab = Lab::new(3).expect("lab");
     let be = Backends::start(&lab);
-    be.backends[0].slowness().store(30, Relaxed);
-    be.backends[1].slowness().store(3, Relaxed);
-    be.backends[2].slowness().store(3, Relaxed);
+    be.backends[0].slowness().store(100, Relaxed);
+    be.backends[1].slowness().store(10, Relaxed);
+    be.backends[2].slowness().store(10, Relaxed);
     let p = start_proxy(&lab, |_| {});
     let mut runs = Vec::new();
     for b in [Balancing::P2c, orca_wrr()] {
         apply(&p, &service(&lab, 3, balancing(b)));
         let by = block_on_in(&lab.client().ns, || async {
             let c = connect(VIP, PORT).await;
-            spread(&c, 600, 12).await
+            spread(&c, 450, 12).await
         });
         println!("{}: {by:?}", b.name());
         runs.push((b, by));
@@ -304,7 +305,7 @@ fn slow_backend_gets_fewer_calls_without_reports() {
     for (b, by) in &runs {
         let ratio = count(by, 1) / ((count(by, 2) + count(by, 3)) / 2.0);
         assert!(
-            ratio < 0.4,
+            ratio < 0.5,
             "{}: slow / fast = {ratio:.2} (even: 1, by speed: 0.1): {by:?}",
             b.name()
         );
