@@ -583,13 +583,16 @@ impl<'a> RetrySettings<'a> {
     }
 }
 
+/// One parsed orca_wrr setting: what it changes.
+type OrcaSetting = Box<dyn Fn(&mut lb_api::OrcaWrr)>;
+
 /// The `rpclb.io/grpc-balancing*` values that parsed, with their keys.
 #[derive(Default)]
 struct BalancingSettings<'a> {
     /// `true`: orca_wrr.
     wrr: Option<(&'a String, bool)>,
     /// The orca_wrr settings, each applied to a policy.
-    rest: Vec<(&'a String, Box<dyn Fn(&mut lb_api::OrcaWrr)>)>,
+    rest: Vec<(&'a String, OrcaSetting)>,
 }
 
 impl<'a> BalancingSettings<'a> {
@@ -600,7 +603,7 @@ impl<'a> BalancingSettings<'a> {
         }
         let bad = |e: String| vec![AnnotationProblem::BalancingValue(e)];
         let duration = || validate::parse_duration(v).map_err(bad);
-        let set: Box<dyn Fn(&mut lb_api::OrcaWrr)> = match key.as_str() {
+        let set: OrcaSetting = match key.as_str() {
             GRPC_BALANCING => {
                 let wrr = match v.to_ascii_lowercase().as_str() {
                     "p2c" => false,
