@@ -47,10 +47,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::model::{
-    Algorithm, Backend, BackendState, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy, HealthCheck,
-    HealthCheckKind, OutlierDetection, Protocol, RetryPolicy, RetryThrottle, Service,
+    Algorithm, Backend, BackendState, Balancing, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy,
+    HealthCheck, HealthCheckKind, OrcaWrr, OutlierDetection, Protocol, RetryPolicy, RetryThrottle,
+    Service,
 };
-use crate::validate::{self, BackendField, Field, HeaderField, OutlierField, RetryField};
+use crate::validate::{
+    self, BackendField, Field, HeaderField, OrcaWrrField, OutlierField, RetryField,
+};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Expected, MapAccess, SeqAccess, Unexpected, Visitor};
 use serde_saphyr::{Location, Spanned};
@@ -422,7 +425,7 @@ struct RawHealthCheck {
 #[derive(Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a gRPC mode mapping (timeout, headers, retry, outlier_detection)"
+    expecting = "a gRPC mode mapping (timeout, headers, retry, outlier_detection, balancing, orca_wrr)"
 )]
 struct RawGrpc {
     timeout: Option<At<Seconds>>,
@@ -432,6 +435,10 @@ struct RawGrpc {
     retry: Option<At<RawRetry>>,
     /// Present (even `{}`): passive outlier ejection.
     outlier_detection: Option<At<RawOutlier>>,
+    /// `p2c` (the default) or `orca_wrr`.
+    balancing: Option<At<BalancingField>>,
+    /// The `orca_wrr` settings (gRFC A58); only with `balancing: orca_wrr`.
+    orca_wrr: Option<At<RawOrcaWrr>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -444,6 +451,18 @@ struct RawOutlier {
     base_ejection_time: Option<At<DurationField>>,
     max_ejection_time: Option<At<DurationField>>,
     max_ejection_percent: Option<At<Count>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an orca_wrr mapping (blackout_period, weight_expiration_period, weight_update_period, error_utilization_penalty)"
+)]
+struct RawOrcaWrr {
+    blackout_period: Option<At<DurationField>>,
+    weight_expiration_period: Option<At<DurationField>>,
+    weight_update_period: Option<At<DurationField>>,
+    error_utilization_penalty: Option<At<Milli>>,
 }
 
 #[derive(Deserialize)]
@@ -597,6 +616,51 @@ fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
                     .as_ref()
                     .map_or(DEFAULT_GRPC_TIMEOUT, |t| t.value.0),
                 add_headers,
+                balancing: match (&g.value.balancing, &g.value.orca_wrr) {
+                    (
+                        None
+                        | Some(At {
+                            value: BalancingField(false),
+                            ..
+                        }),
+                        Some(o),
+                    ) => {
+                        return Err(Problem {
+                            path: [&here[..], &[key("grpc"), key("orca_wrr")]].concat(),
+                            at: Some(o.at),
+                            message: "orca_wrr settings need `balancing: orca_wrr`".into(),
+                        });
+                    }
+                    (
+                        None
+                        | Some(At {
+                            value: BalancingField(false),
+                            ..
+                        }),
+                        None,
+                    ) => Balancing::P2c,
+                    (Some(_), o) => {
+                        let d = OrcaWrr::default();
+                        let o = o.as_ref().map(|o| &o.value);
+                        let dur = |f: Option<&Option<At<DurationField>>>, default: Duration| {
+                            f.and_then(Option::as_ref).map_or(default, |v| v.value.0)
+                        };
+                        Balancing::OrcaWrr(OrcaWrr {
+                            blackout_period: dur(o.map(|o| &o.blackout_period), d.blackout_period),
+                            weight_expiration_period: dur(
+                                o.map(|o| &o.weight_expiration_period),
+                                d.weight_expiration_period,
+                            ),
+                            weight_update_period: dur(
+                                o.map(|o| &o.weight_update_period),
+                                d.weight_update_period,
+                            ),
+                            error_utilization_penalty_milli: o
+                                .and_then(|o| o.error_utilization_penalty.as_ref())
+                                .map_or(d.error_utilization_penalty_milli, |m| m.value.0),
+                        })
+                    }
+                },
                 retry: match &g.value.retry {
                     None => None,
                     Some(r) => {
@@ -854,6 +918,20 @@ fn field_problem(i: usize, rs: &At<RawService>, field: Field, message: String) -
             vec![
                 (key("grpc"), at(&s.grpc)),
                 (key("outlier_detection"), o.map(|o| o.at)),
+                (key(f.name()), pos),
+            ]
+        }
+        Field::GrpcOrcaWrr(f) => {
+            let o = s.grpc.as_ref().and_then(|g| g.value.orca_wrr.as_ref());
+            let pos = o.and_then(|o| match f {
+                OrcaWrrField::BlackoutPeriod => at(&o.value.blackout_period),
+                OrcaWrrField::WeightExpirationPeriod => at(&o.value.weight_expiration_period),
+                OrcaWrrField::WeightUpdatePeriod => at(&o.value.weight_update_period),
+                OrcaWrrField::ErrorUtilizationPenalty => at(&o.value.error_utilization_penalty),
+            });
+            vec![
+                (key("grpc"), at(&s.grpc)),
+                (key("orca_wrr"), o.map(|o| o.at)),
                 (key(f.name()), pos),
             ]
         }
@@ -1483,6 +1561,19 @@ checked!(
 );
 
 checked!(
+    /// `p2c` (false) or `orca_wrr` (true; `orca-wrr` too).
+    BalancingField(bool) = str_field("a balancing policy (p2c or orca_wrr)", |s| {
+        match s.to_ascii_lowercase().as_str() {
+            "p2c" => Ok(false),
+            "orca_wrr" | "orca-wrr" => Ok(true),
+            _ => Err(format!(
+                "unknown balancing {s:?} (expected one of: p2c, orca_wrr)"
+            )),
+        }
+    })
+);
+
+checked!(
     HealthKindField(HealthCheckKind) = str_field("a health check kind (grpc or tcp)", |s| {
         s.parse::<HealthCheckKind>()
     })
@@ -1751,7 +1842,7 @@ mod tests {
         let yaml = &body[..body.find("```").unwrap()];
         let c = parse(yaml, "docs/config.md").unwrap_or_else(|e| panic!("{e}"));
         let s = &c.state.services;
-        assert_eq!(s.len(), 3);
+        assert_eq!(s.len(), 4);
 
         let b = &s[0];
         assert_eq!(b.name, "my-rpc/rpc-service-b:grpc");
@@ -1803,6 +1894,16 @@ mod tests {
         assert_eq!(dns.affinity_timeout, Some(Duration::from_secs(10_800)));
         // Same VIP as services[1], different port: fine.
         assert_eq!(dns.vip, a.vip);
+
+        let g = s[3].grpc.as_ref().expect("gRPC mode");
+        assert_eq!(
+            g.balancing,
+            Balancing::OrcaWrr(OrcaWrr {
+                blackout_period: Duration::from_secs(10),
+                weight_update_period: Duration::from_secs(1),
+                ..OrcaWrr::default()
+            })
+        );
 
         assert_eq!(c.timeouts, Timeouts::default());
     }
@@ -2075,6 +2176,70 @@ mod tests {
             "{ max_attempts: 3, tries: 2 }",
             "services[0].grpc.retry",
             "unknown field `tries`",
+        );
+    }
+
+    #[test]
+    fn grpc_balancing() {
+        let balancing = |yaml: &str| {
+            let c =
+                parse(&format!("{ONE}    grpc:\n{yaml}"), "x").unwrap_or_else(|e| panic!("{e}"));
+            c.state.services[0].grpc.clone().unwrap().balancing
+        };
+        assert_eq!(balancing("      timeout: 5\n"), Balancing::P2c);
+        assert_eq!(balancing("      balancing: p2c\n"), Balancing::P2c);
+        assert_eq!(
+            balancing("      balancing: orca_wrr\n"),
+            Balancing::OrcaWrr(OrcaWrr::default())
+        );
+        assert_eq!(
+            balancing(
+                "      balancing: ORCA-WRR\n      orca_wrr:\n        blackout_period: 0\n        \
+                 weight_expiration_period: 1m\n        weight_update_period: 250ms\n        \
+                 error_utilization_penalty: 0.5\n"
+            ),
+            Balancing::OrcaWrr(OrcaWrr {
+                blackout_period: Duration::ZERO,
+                weight_expiration_period: Duration::from_secs(60),
+                weight_update_period: Duration::from_millis(250),
+                error_utilization_penalty_milli: 500,
+            })
+        );
+        let bad = |yaml: &str, path: &str, needle: &str| {
+            let e = parse(&format!("{ONE}    grpc:\n{yaml}"), "x").unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains(path), "{text} should name {path}");
+            assert!(text.contains(needle), "{text} should say {needle}");
+        };
+        bad(
+            "      balancing: wrr\n",
+            "services[0].grpc.balancing",
+            "unknown balancing \"wrr\" (expected one of: p2c, orca_wrr)",
+        );
+        bad(
+            "      orca_wrr: { blackout_period: 1s }\n",
+            "services[0].grpc.orca_wrr",
+            "orca_wrr settings need `balancing: orca_wrr`",
+        );
+        bad(
+            "      balancing: p2c\n      orca_wrr: {}\n",
+            "services[0].grpc.orca_wrr",
+            "need `balancing: orca_wrr`",
+        );
+        bad(
+            "      balancing: orca_wrr\n      orca_wrr: { weight_update_period: 10ms }\n",
+            "services[0].grpc.orca_wrr.weight_update_period",
+            "weight_update_period 10ms is out of range",
+        );
+        bad(
+            "      balancing: orca_wrr\n      orca_wrr: { error_utilization_penalty: 101 }\n",
+            "services[0].grpc.orca_wrr.error_utilization_penalty",
+            "out of range (expected 0 to 100)",
+        );
+        bad(
+            "      balancing: orca_wrr\n      orca_wrr: { blackout: 1s }\n",
+            "services[0].grpc.orca_wrr",
+            "unknown field `blackout`",
         );
     }
 

@@ -165,6 +165,9 @@ pub struct GrpcPolicy {
     /// `consecutive_failures` calls in a row gets no calls for a while.
     #[serde(default)]
     pub outlier_detection: Option<OutlierDetection>,
+    /// How each call's backend is chosen (default: P2C least outstanding).
+    #[serde(default)]
+    pub balancing: Balancing,
 }
 
 /// Passive outlier ejection of a gRPC-mode service (per agent): a backend
@@ -201,6 +204,55 @@ impl Default for OutlierDetection {
             base_ejection_time: DEFAULT_OUTLIER_BASE_EJECTION_TIME,
             max_ejection_time: DEFAULT_OUTLIER_MAX_EJECTION_TIME,
             max_ejection_percent: DEFAULT_OUTLIER_MAX_EJECTION_PERCENT,
+        }
+    }
+}
+
+/// How a gRPC-mode service picks the backend of each call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Balancing {
+    /// Least outstanding calls over two weighted random choices (P2C).
+    #[default]
+    P2c,
+    /// Weighted round-robin from the backends' ORCA load reports (gRFC
+    /// A51 per-call `endpoint-load-metrics` trailers, A58 weights); P2C
+    /// while fewer than two backends have a usable report.
+    OrcaWrr(OrcaWrr),
+}
+
+/// The gRFC A58 (`weighted_round_robin`) settings. The penalty is in
+/// thousandths so that the model stays `Eq` and `Hash`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct OrcaWrr {
+    /// A backend must report for this long before its weight is used (0:
+    /// at once); again after its weight expired or it came back.
+    pub blackout_period: Duration,
+    /// A weight not refreshed by a report for this long is dropped.
+    pub weight_expiration_period: Duration,
+    /// How often the scheduler is rebuilt from the current weights.
+    pub weight_update_period: Duration,
+    /// weight = qps / (utilization + eps / qps x penalty), in thousandths.
+    pub error_utilization_penalty_milli: u32,
+}
+
+impl Default for OrcaWrr {
+    /// A58's defaults: 10 s, 3 min, 1 s, 1.0.
+    fn default() -> Self {
+        OrcaWrr {
+            blackout_period: Duration::from_secs(10),
+            weight_expiration_period: Duration::from_secs(180),
+            weight_update_period: Duration::from_secs(1),
+            error_utilization_penalty_milli: 1000,
+        }
+    }
+}
+
+impl Balancing {
+    /// The name used in YAML and annotations.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Balancing::P2c => "p2c",
+            Balancing::OrcaWrr(_) => "orca_wrr",
         }
     }
 }
@@ -325,6 +377,7 @@ impl Default for GrpcPolicy {
             add_headers: Vec::new(),
             retry: None,
             outlier_detection: None,
+            balancing: Balancing::P2c,
         }
     }
 }

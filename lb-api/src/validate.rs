@@ -24,8 +24,8 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use crate::model::{
-    Backend, DEFAULT_MAGLEV_M, HealthCheckKind, MAX_RETRY_ATTEMPTS, MAX_WEIGHT, OutlierDetection,
-    Protocol, RetryPolicy, Service, ServiceAddr, check_added_header, is_prime,
+    Backend, Balancing, DEFAULT_MAGLEV_M, HealthCheckKind, MAX_RETRY_ATTEMPTS, MAX_WEIGHT, OrcaWrr,
+    OutlierDetection, Protocol, RetryPolicy, Service, ServiceAddr, check_added_header, is_prime,
 };
 
 /// The largest client-IP affinity timeout (as in Kubernetes).
@@ -51,6 +51,7 @@ pub enum Field {
     GrpcHeader(usize, HeaderField),
     GrpcRetry(RetryField),
     GrpcOutlier(OutlierField),
+    GrpcOrcaWrr(OrcaWrrField),
     /// The health check as a whole (it needs TCP).
     HealthCheck,
     HealthCheckService,
@@ -115,6 +116,27 @@ impl OutlierField {
     }
 }
 
+/// A field of the `orca_wrr` balancing settings (gRFC A58).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OrcaWrrField {
+    BlackoutPeriod,
+    WeightExpirationPeriod,
+    WeightUpdatePeriod,
+    ErrorUtilizationPenalty,
+}
+
+impl OrcaWrrField {
+    /// The field's YAML name (under `grpc.orca_wrr`).
+    pub fn name(self) -> &'static str {
+        match self {
+            OrcaWrrField::BlackoutPeriod => "blackout_period",
+            OrcaWrrField::WeightExpirationPeriod => "weight_expiration_period",
+            OrcaWrrField::WeightUpdatePeriod => "weight_update_period",
+            OrcaWrrField::ErrorUtilizationPenalty => "error_utilization_penalty",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HeaderField {
     Name,
@@ -149,6 +171,7 @@ impl fmt::Display for Field {
             }
             Field::GrpcRetry(r) => write!(f, "grpc.retry.{}", r.name()),
             Field::GrpcOutlier(o) => write!(f, "grpc.outlier_detection.{}", o.name()),
+            Field::GrpcOrcaWrr(o) => write!(f, "grpc.orca_wrr.{}", o.name()),
             Field::HealthCheck => f.write_str("health_check"),
             Field::HealthCheckService => f.write_str("health_check.service"),
             Field::HealthCheckInterval => f.write_str("health_check.interval"),
@@ -427,6 +450,68 @@ pub fn outlier_detection(o: &OutlierDetection) -> Result<(), (OutlierField, Stri
     Ok(())
 }
 
+/// The longest `orca_wrr` blackout period.
+pub const MAX_ORCA_BLACKOUT: Duration = Duration::from_secs(3600);
+/// The shortest and longest `orca_wrr` weight expiration period.
+pub const MIN_ORCA_EXPIRATION: Duration = Duration::from_millis(100);
+pub const MAX_ORCA_EXPIRATION: Duration = Duration::from_secs(3600);
+/// The shortest (gRFC A58's floor) and longest weight update period.
+pub const MIN_ORCA_UPDATE: Duration = Duration::from_millis(100);
+pub const MAX_ORCA_UPDATE: Duration = Duration::from_secs(60);
+/// The largest error utilization penalty, in thousandths.
+pub const MAX_ORCA_PENALTY_MILLI: u32 = 100_000;
+
+/// The `orca_wrr` balancing settings (gRFC A58): a blackout of 0 to
+/// [`MAX_ORCA_BLACKOUT`], an expiration of [`MIN_ORCA_EXPIRATION`] to
+/// [`MAX_ORCA_EXPIRATION`], an update period of [`MIN_ORCA_UPDATE`] to
+/// [`MAX_ORCA_UPDATE`] (all whole milliseconds), and an error penalty of 0
+/// to 100. The one check; the YAML, annotation and wire parsers call it.
+pub fn orca_wrr(w: &OrcaWrr) -> Result<(), (OrcaWrrField, String)> {
+    let range = |d: Duration, min: Duration, max: Duration, f: OrcaWrrField| {
+        if d < min || d > max {
+            Err((
+                f,
+                format!(
+                    "{} {d:?} is out of range (expected {min:?} to {max:?})",
+                    f.name()
+                ),
+            ))
+        } else if !d.subsec_nanos().is_multiple_of(1_000_000) {
+            Err((f, format!("{} {d:?} must be whole milliseconds", f.name())))
+        } else {
+            Ok(())
+        }
+    };
+    range(
+        w.blackout_period,
+        Duration::ZERO,
+        MAX_ORCA_BLACKOUT,
+        OrcaWrrField::BlackoutPeriod,
+    )?;
+    range(
+        w.weight_expiration_period,
+        MIN_ORCA_EXPIRATION,
+        MAX_ORCA_EXPIRATION,
+        OrcaWrrField::WeightExpirationPeriod,
+    )?;
+    range(
+        w.weight_update_period,
+        MIN_ORCA_UPDATE,
+        MAX_ORCA_UPDATE,
+        OrcaWrrField::WeightUpdatePeriod,
+    )?;
+    if w.error_utilization_penalty_milli > MAX_ORCA_PENALTY_MILLI {
+        return Err((
+            OrcaWrrField::ErrorUtilizationPenalty,
+            format!(
+                "error_utilization_penalty {} is out of range (expected 0 to 100)",
+                f64::from(w.error_utilization_penalty_milli) / 1000.0
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Parses a ratio with up to three decimals (`1.5`, `0.1`) into thousandths.
 pub fn parse_milli(s: &str) -> Result<u32, String> {
     let t = s.trim();
@@ -643,6 +728,12 @@ impl Service {
             if let Some(o) = &g.outlier_detection {
                 outlier_detection(o).map_err(|(f, message)| InvalidService {
                     field: Field::GrpcOutlier(f),
+                    message,
+                })?;
+            }
+            if let Balancing::OrcaWrr(w) = &g.balancing {
+                orca_wrr(w).map_err(|(f, message)| InvalidService {
+                    field: Field::GrpcOrcaWrr(f),
                     message,
                 })?;
             }
@@ -1155,9 +1246,57 @@ mod tests {
                 ),
             ])
             .collect();
+        let wrr = |f: fn(&mut OrcaWrr)| -> Change {
+            Box::new(move |s| {
+                let mut w = OrcaWrr::default();
+                f(&mut w);
+                s.grpc = Some(GrpcPolicy {
+                    balancing: Balancing::OrcaWrr(w),
+                    ..GrpcPolicy::default()
+                });
+            })
+        };
+        let cases: Vec<(Change, Field, &str)> = cases
+            .into_iter()
+            .chain([
+                (
+                    wrr(|w| w.blackout_period = Duration::from_secs(3601)),
+                    Field::GrpcOrcaWrr(OrcaWrrField::BlackoutPeriod),
+                    "blackout_period 3601s is out of range",
+                ),
+                (
+                    wrr(|w| w.blackout_period = Duration::from_micros(1500)),
+                    Field::GrpcOrcaWrr(OrcaWrrField::BlackoutPeriod),
+                    "whole milliseconds",
+                ),
+                (
+                    wrr(|w| w.weight_expiration_period = Duration::from_millis(99)),
+                    Field::GrpcOrcaWrr(OrcaWrrField::WeightExpirationPeriod),
+                    "out of range (expected 100ms to 3600s)",
+                ),
+                (
+                    wrr(|w| w.weight_update_period = Duration::from_millis(50)),
+                    Field::GrpcOrcaWrr(OrcaWrrField::WeightUpdatePeriod),
+                    "weight_update_period 50ms is out of range",
+                ),
+                (
+                    wrr(|w| w.error_utilization_penalty_milli = 100_001),
+                    Field::GrpcOrcaWrr(OrcaWrrField::ErrorUtilizationPenalty),
+                    "error_utilization_penalty 100.001 is out of range",
+                ),
+            ])
+            .collect();
         // A valid policy passes.
         let mut s = ok.clone();
         retry(|r| r.throttle = Some(RetryThrottle::default()))(&mut s);
+        s.validate().unwrap();
+        // So do A58's defaults, a blackout of 0 and a penalty of 0.
+        wrr(|_| {})(&mut s);
+        s.validate().unwrap();
+        wrr(|w| {
+            w.blackout_period = Duration::ZERO;
+            w.error_utilization_penalty_milli = 0;
+        })(&mut s);
         s.validate().unwrap();
         for (change, field, needle) in cases {
             let mut s = ok.clone();

@@ -12,10 +12,16 @@ use std::time::Duration;
 
 use crate::config::Timeouts;
 use crate::model::{
-    Algorithm, Backend, BackendState, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy, HealthCheck,
-    HealthCheckKind, OutlierDetection, Protocol, RetryPolicy, RetryThrottle, Service, ServiceAddr,
+    Algorithm, Backend, BackendState, Balancing, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy,
+    HealthCheck, HealthCheckKind, OrcaWrr, OutlierDetection, Protocol, RetryPolicy, RetryThrottle,
+    Service, ServiceAddr,
 };
 use crate::validate::Refusal;
+
+/// A duration in whole milliseconds, as the wire carries it.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
 
 /// The generated messages, client and server.
 pub mod pb {
@@ -121,6 +127,15 @@ impl From<&Service> for pb::Service {
                         .unwrap_or(u64::MAX),
                     max_ejection_percent: o.max_ejection_percent,
                 }),
+                orca_wrr: match g.balancing {
+                    Balancing::P2c => None,
+                    Balancing::OrcaWrr(w) => Some(pb::OrcaWrr {
+                        blackout_period_ms: millis(w.blackout_period),
+                        weight_expiration_period_ms: millis(w.weight_expiration_period),
+                        weight_update_period_ms: millis(w.weight_update_period),
+                        error_utilization_penalty_milli: w.error_utilization_penalty_milli,
+                    }),
+                },
             }),
             health_check: s.health_check.as_ref().map(|h| pb::HealthCheck {
                 kind: match h.kind {
@@ -251,6 +266,15 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
             max_ejection_time: Duration::from_millis(o.max_ejection_time_ms),
             max_ejection_percent: o.max_ejection_percent,
         }),
+        balancing: match &g.orca_wrr {
+            None => Balancing::P2c,
+            Some(w) => Balancing::OrcaWrr(OrcaWrr {
+                blackout_period: Duration::from_millis(w.blackout_period_ms),
+                weight_expiration_period: Duration::from_millis(w.weight_expiration_period_ms),
+                weight_update_period: Duration::from_millis(w.weight_update_period_ms),
+                error_utilization_penalty_milli: w.error_utilization_penalty_milli,
+            }),
+        },
     });
     let health_check = match &s.health_check {
         None => None,
@@ -595,6 +619,12 @@ mod tests {
                 max_ejection_time: Duration::from_secs(20),
                 max_ejection_percent: 34,
             }),
+            balancing: Balancing::OrcaWrr(OrcaWrr {
+                blackout_period: Duration::ZERO,
+                weight_expiration_period: Duration::from_secs(30),
+                weight_update_period: Duration::from_millis(200),
+                error_utilization_penalty_milli: 1500,
+            }),
         });
         s.health_check = Some(HealthCheck {
             service: "shop.Cart".into(),
@@ -723,6 +753,20 @@ mod tests {
                     p
                 },
                 "grpc.outlier_detection.max_ejection_percent: max_ejection_percent 101 is out of range",
+            ),
+            (
+                {
+                    let mut g = good.clone();
+                    g.grpc = Some(GrpcPolicy {
+                        balancing: Balancing::OrcaWrr(OrcaWrr::default()),
+                        ..GrpcPolicy::default()
+                    });
+                    let mut p: pb::Service = (&g).into();
+                    let w = p.grpc.as_mut().unwrap().orca_wrr.as_mut().unwrap();
+                    w.weight_update_period_ms = 0;
+                    p
+                },
+                "grpc.orca_wrr.weight_update_period: weight_update_period 0ns is out of range",
             ),
             (
                 {

@@ -29,6 +29,16 @@
 //! The `rpclb.io/grpc-outlier-*` settings need `rpclb.io/mode: grpc`;
 //! without it each is reported and ignored. Any of them turns outlier
 //! ejection on; an invalid one is reported and its default used.
+//! | `rpclb.io/grpc-balancing` | `p2c` (least outstanding calls, two random choices) or `orca_wrr` (weighted round-robin from ORCA load reports, gRFC A58) | `p2c` |
+//! | `rpclb.io/grpc-balancing-blackout-period` | a duration, 0-1h: how long a backend reports before its weight is used | `10s` |
+//! | `rpclb.io/grpc-balancing-weight-expiration-period` | a duration, 100ms-1h: a weight without a report for this long is dropped | `3m` |
+//! | `rpclb.io/grpc-balancing-weight-update-period` | a duration, 100ms-1m: how often the weights are taken anew | `1s` |
+//! | `rpclb.io/grpc-balancing-error-utilization-penalty` | a number from 0 to 100 (up to 3 decimals) | `1` |
+//!
+//! `rpclb.io/grpc-balancing` needs `rpclb.io/mode: grpc`, and its
+//! `-period`/`-penalty` settings need `rpclb.io/grpc-balancing: orca_wrr`;
+//! without them each is reported and ignored. An invalid setting is
+//! reported and its default used.
 //!
 //! The `rpclb.io/grpc-retry-*` settings need `rpclb.io/mode: grpc` and
 //! `rpclb.io/grpc-retry-max-attempts`; without them each is reported and
@@ -105,8 +115,14 @@ pub const GRPC_OUTLIER_CONSECUTIVE_FAILURES: &str = "rpclb.io/grpc-outlier-conse
 pub const GRPC_OUTLIER_BASE_EJECTION_TIME: &str = "rpclb.io/grpc-outlier-base-ejection-time";
 pub const GRPC_OUTLIER_MAX_EJECTION_TIME: &str = "rpclb.io/grpc-outlier-max-ejection-time";
 pub const GRPC_OUTLIER_MAX_EJECTION_PERCENT: &str = "rpclb.io/grpc-outlier-max-ejection-percent";
+/// `p2c` or `orca_wrr`: how the gRPC mode picks each call's backend.
+pub const GRPC_BALANCING: &str = "rpclb.io/grpc-balancing";
+pub const GRPC_BALANCING_BLACKOUT: &str = "rpclb.io/grpc-balancing-blackout-period";
+pub const GRPC_BALANCING_EXPIRATION: &str = "rpclb.io/grpc-balancing-weight-expiration-period";
+pub const GRPC_BALANCING_UPDATE: &str = "rpclb.io/grpc-balancing-weight-update-period";
+pub const GRPC_BALANCING_PENALTY: &str = "rpclb.io/grpc-balancing-error-utilization-penalty";
 /// Every annotation this version understands.
-pub const KNOWN: [&str; 22] = [
+pub const KNOWN: [&str; 27] = [
     ALGORITHM,
     WEIGHTS,
     MAGLEV_TABLE_SIZE,
@@ -129,6 +145,11 @@ pub const KNOWN: [&str; 22] = [
     GRPC_OUTLIER_BASE_EJECTION_TIME,
     GRPC_OUTLIER_MAX_EJECTION_TIME,
     GRPC_OUTLIER_MAX_EJECTION_PERCENT,
+    GRPC_BALANCING,
+    GRPC_BALANCING_BLACKOUT,
+    GRPC_BALANCING_EXPIRATION,
+    GRPC_BALANCING_UPDATE,
+    GRPC_BALANCING_PENALTY,
 ];
 
 /// A Service's load-balancing policy, from its annotations.
@@ -193,6 +214,11 @@ impl AnnotationError {
                 "using the default max ejection time (300s, or the base if longer)"
             }
             GRPC_OUTLIER_MAX_EJECTION_PERCENT => "using the default max ejection percent (10)",
+            GRPC_BALANCING => "using p2c balancing",
+            GRPC_BALANCING_BLACKOUT => "using the default blackout period (10s)",
+            GRPC_BALANCING_EXPIRATION => "using the default weight expiration period (3m)",
+            GRPC_BALANCING_UPDATE => "using the default weight update period (1s)",
+            GRPC_BALANCING_PENALTY => "using the default error utilization penalty (1)",
             _ => "ignoring it",
         }
     }
@@ -221,7 +247,7 @@ impl std::error::Error for AnnotationError {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AnnotationProblem {
     #[error(
-        "unknown rpclb.io annotation (known: rpclb.io/algorithm, rpclb.io/weights, rpclb.io/maglev-table-size, rpclb.io/mode, rpclb.io/grpc-timeout, rpclb.io/health-check, rpclb.io/health-check-service, rpclb.io/health-check-interval, rpclb.io/health-check-timeout, rpclb.io/health-check-unhealthy-threshold, rpclb.io/health-check-healthy-threshold, rpclb.io/grpc-retry-max-attempts, rpclb.io/grpc-retry-status-codes, rpclb.io/grpc-retry-initial-backoff, rpclb.io/grpc-retry-max-backoff, rpclb.io/grpc-retry-backoff-multiplier, rpclb.io/grpc-retry-max-tokens, rpclb.io/grpc-retry-token-ratio, rpclb.io/grpc-outlier-consecutive-failures, rpclb.io/grpc-outlier-base-ejection-time, rpclb.io/grpc-outlier-max-ejection-time, rpclb.io/grpc-outlier-max-ejection-percent)"
+        "unknown rpclb.io annotation (known: rpclb.io/algorithm, rpclb.io/weights, rpclb.io/maglev-table-size, rpclb.io/mode, rpclb.io/grpc-timeout, rpclb.io/health-check, rpclb.io/health-check-service, rpclb.io/health-check-interval, rpclb.io/health-check-timeout, rpclb.io/health-check-unhealthy-threshold, rpclb.io/health-check-healthy-threshold, rpclb.io/grpc-retry-max-attempts, rpclb.io/grpc-retry-status-codes, rpclb.io/grpc-retry-initial-backoff, rpclb.io/grpc-retry-max-backoff, rpclb.io/grpc-retry-backoff-multiplier, rpclb.io/grpc-retry-max-tokens, rpclb.io/grpc-retry-token-ratio, rpclb.io/grpc-outlier-consecutive-failures, rpclb.io/grpc-outlier-base-ejection-time, rpclb.io/grpc-outlier-max-ejection-time, rpclb.io/grpc-outlier-max-ejection-percent, rpclb.io/grpc-balancing, rpclb.io/grpc-balancing-blackout-period, rpclb.io/grpc-balancing-weight-expiration-period, rpclb.io/grpc-balancing-weight-update-period, rpclb.io/grpc-balancing-error-utilization-penalty)"
     )]
     UnknownKey,
     #[error("the value is empty")]
@@ -265,6 +291,13 @@ pub enum AnnotationProblem {
     /// Breaks an outlier detection rule of `lb_api::validate`.
     #[error("{0}")]
     OutlierValue(String),
+    #[error("unknown balancing {0:?} (expected p2c or orca_wrr)")]
+    UnknownBalancing(String),
+    /// Breaks an `orca_wrr` rule of `lb_api::validate` (range, format).
+    #[error("{0}")]
+    BalancingValue(String),
+    #[error("has no effect without rpclb.io/grpc-balancing: orca_wrr")]
+    NoOrcaWrr,
 }
 
 /// Reads a Service's policy from its annotations.
@@ -280,6 +313,7 @@ pub fn parse_annotations(
     let mut health = HealthSettings::default();
     let mut retry = RetrySettings::default();
     let mut outlier = OutlierSettings::default();
+    let mut balancing = BalancingSettings::default();
     for (key, value) in annotations {
         if !key.starts_with(PREFIX) {
             continue;
@@ -328,6 +362,7 @@ pub fn parse_annotations(
             k if k.starts_with("rpclb.io/grpc-outlier-") && KNOWN.contains(&k) => {
                 outlier.parse(key, value)
             }
+            k if k.starts_with(GRPC_BALANCING) && KNOWN.contains(&k) => balancing.parse(key, value),
             _ => Err(vec![AnnotationProblem::UnknownKey]),
         };
         if let Err(problems) = problems {
@@ -344,6 +379,7 @@ pub fn parse_annotations(
     policy.health_check = health.build(annotations, &mut errors);
     retry.build(policy.grpc.as_mut(), annotations, &mut errors);
     outlier.build(policy.grpc.as_mut(), annotations, &mut errors);
+    balancing.build(policy.grpc.as_mut(), annotations, &mut errors);
     errors.sort_by(|a, b| a.key.cmp(&b.key));
     (policy, errors)
 }
@@ -701,6 +737,104 @@ impl<'a> OutlierSettings<'a> {
     }
 }
 
+/// One parsed orca_wrr setting: what it changes.
+type OrcaSetting = Box<dyn Fn(&mut lb_api::OrcaWrr)>;
+
+/// The `rpclb.io/grpc-balancing*` values that parsed, with their keys.
+#[derive(Default)]
+struct BalancingSettings<'a> {
+    /// `true`: orca_wrr.
+    wrr: Option<(&'a String, bool)>,
+    /// The orca_wrr settings, each applied to a policy.
+    rest: Vec<(&'a String, OrcaSetting)>,
+}
+
+impl<'a> BalancingSettings<'a> {
+    fn parse(&mut self, key: &'a String, value: &str) -> Result<(), Vec<AnnotationProblem>> {
+        let v = value.trim();
+        if v.is_empty() {
+            return Err(vec![AnnotationProblem::Empty]);
+        }
+        let bad = |e: String| vec![AnnotationProblem::BalancingValue(e)];
+        let duration = || validate::parse_duration(v).map_err(bad);
+        let set: OrcaSetting = match key.as_str() {
+            GRPC_BALANCING => {
+                let wrr = match v.to_ascii_lowercase().as_str() {
+                    "p2c" => false,
+                    "orca_wrr" | "orca-wrr" => true,
+                    _ => return Err(vec![AnnotationProblem::UnknownBalancing(v.to_string())]),
+                };
+                self.wrr = Some((key, wrr));
+                return Ok(());
+            }
+            GRPC_BALANCING_BLACKOUT => {
+                let d = duration()?;
+                Box::new(move |w| w.blackout_period = d)
+            }
+            GRPC_BALANCING_EXPIRATION => {
+                let d = duration()?;
+                Box::new(move |w| w.weight_expiration_period = d)
+            }
+            GRPC_BALANCING_UPDATE => {
+                let d = duration()?;
+                Box::new(move |w| w.weight_update_period = d)
+            }
+            GRPC_BALANCING_PENALTY => {
+                let m = validate::parse_milli(v).map_err(bad)?;
+                Box::new(move |w| w.error_utilization_penalty_milli = m)
+            }
+            _ => return Err(vec![AnnotationProblem::UnknownKey]),
+        };
+        self.rest.push((key, set));
+        Ok(())
+    }
+
+    /// The balancing into `grpc`: each orca_wrr setting is kept only if
+    /// the settings with it pass `lb_api::validate::orca_wrr`; the others,
+    /// and every setting without the gRPC mode or orca_wrr, are reported.
+    fn build(
+        self,
+        grpc: Option<&mut lb_api::GrpcPolicy>,
+        annotations: &BTreeMap<String, String>,
+        errors: &mut Vec<AnnotationError>,
+    ) {
+        let mut report = |key: &String, problem| {
+            errors.push(AnnotationError {
+                key: key.clone(),
+                value: annotations.get(key).cloned().unwrap_or_default(),
+                problem,
+            })
+        };
+        let Some(grpc) = grpc else {
+            for k in self
+                .wrr
+                .iter()
+                .map(|w| w.0)
+                .chain(self.rest.iter().map(|r| r.0))
+            {
+                report(k, AnnotationProblem::NoGrpcMode);
+            }
+            return;
+        };
+        if !self.wrr.is_some_and(|w| w.1) {
+            for (k, _) in &self.rest {
+                report(k, AnnotationProblem::NoOrcaWrr);
+            }
+            return;
+        }
+        let mut w = lb_api::OrcaWrr::default();
+        for (k, set) in &self.rest {
+            let mut next = w;
+            set(&mut next);
+            match validate::orca_wrr(&next) {
+                Ok(()) => w = next,
+                Err((_, e)) => report(k, AnnotationProblem::BalancingValue(e)),
+            }
+        }
+        grpc.balancing = lb_api::Balancing::OrcaWrr(w);
+    }
+}
+
 fn parse_health_duration(value: &str) -> Result<std::time::Duration, Vec<AnnotationProblem>> {
     if value.trim().is_empty() {
         return Err(vec![AnnotationProblem::Empty]);
@@ -885,6 +1019,83 @@ mod tests {
                 (GRPC_RETRY_MAX_ATTEMPTS, "2"),
                 (GRPC_RETRY_TOKEN_RATIO, "1")
             ]),
+            [AnnotationProblem::NoGrpcMode, AnnotationProblem::NoGrpcMode]
+        );
+    }
+
+    #[test]
+    fn grpc_balancing_annotations() {
+        use lb_api::{Balancing, OrcaWrr};
+        use std::time::Duration;
+        let balancing = |pairs: &[(&str, &str)]| {
+            let (p, e) = parse(pairs);
+            (p.grpc.map(|g| g.balancing), e)
+        };
+        let (b, e) = balancing(&[(MODE, "grpc")]);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(b, Some(Balancing::P2c));
+        let (b, e) = balancing(&[(MODE, "grpc"), (GRPC_BALANCING, " ORCA_WRR ")]);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(b, Some(Balancing::OrcaWrr(OrcaWrr::default())));
+        let (b, e) = balancing(&[
+            (MODE, "grpc"),
+            (GRPC_BALANCING, "orca-wrr"),
+            (GRPC_BALANCING_BLACKOUT, "0"),
+            (GRPC_BALANCING_EXPIRATION, "1m"),
+            (GRPC_BALANCING_UPDATE, "200ms"),
+            (GRPC_BALANCING_PENALTY, "0.5"),
+        ]);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(
+            b,
+            Some(Balancing::OrcaWrr(OrcaWrr {
+                blackout_period: Duration::ZERO,
+                weight_expiration_period: Duration::from_secs(60),
+                weight_update_period: Duration::from_millis(200),
+                error_utilization_penalty_milli: 500,
+            }))
+        );
+        // Bad settings are reported; the good ones stay.
+        let (b, e) = balancing(&[
+            (MODE, "grpc"),
+            (GRPC_BALANCING, "orca_wrr"),
+            (GRPC_BALANCING_BLACKOUT, "2h"),
+            (GRPC_BALANCING_UPDATE, "10ms"),
+            (GRPC_BALANCING_PENALTY, "-1"),
+            (GRPC_BALANCING_EXPIRATION, "30s"),
+        ]);
+        assert_eq!(
+            b,
+            Some(Balancing::OrcaWrr(OrcaWrr {
+                weight_expiration_period: Duration::from_secs(30),
+                ..OrcaWrr::default()
+            }))
+        );
+        let text: Vec<String> = e.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            [
+                "invalid annotation rpclb.io/grpc-balancing-blackout-period=\"2h\": blackout_period 7200s is out of range (expected 0ns to 3600s); using the default blackout period (10s)",
+                "invalid annotation rpclb.io/grpc-balancing-error-utilization-penalty=\"-1\": \"-1\" is not a number with at most 3 decimals (e.g. 1.5); using the default error utilization penalty (1)",
+                "invalid annotation rpclb.io/grpc-balancing-weight-update-period=\"10ms\": weight_update_period 10ms is out of range (expected 100ms to 60s); using the default weight update period (1s)",
+            ]
+        );
+        let (b, e) = balancing(&[(MODE, "grpc"), (GRPC_BALANCING, "wrr")]);
+        assert_eq!(b, Some(Balancing::P2c));
+        assert_eq!(
+            e[0].to_string(),
+            "invalid annotation rpclb.io/grpc-balancing=\"wrr\": unknown balancing \"wrr\" (expected p2c or orca_wrr); using p2c balancing"
+        );
+        assert_eq!(
+            problems(&[
+                (MODE, "grpc"),
+                (GRPC_BALANCING, "p2c"),
+                (GRPC_BALANCING_BLACKOUT, "1s")
+            ]),
+            [AnnotationProblem::NoOrcaWrr]
+        );
+        assert_eq!(
+            problems(&[(GRPC_BALANCING, "orca_wrr"), (GRPC_BALANCING_UPDATE, "1s")]),
             [AnnotationProblem::NoGrpcMode, AnnotationProblem::NoGrpcMode]
         );
     }

@@ -7,9 +7,12 @@
 //! Every reply names the backend (`served_by`) and echoes `x-test-header`.
 //! A call can ask the backend to sleep (`x-sleep-ms`) or to hold until
 //! released (`x-hold`, see [`Journal::release`]). The [`Journal`] records
-//! the headers of every call and counts the handlers cancelled before they
-//! finished. Everything is bounded: payload sizes, messages per call,
-//! intervals and waits.
+//! the headers and arrival time of every call and counts the handlers
+//! cancelled before they finished. A backend can fail its unary calls
+//! ([`TestBackend::failing`]) and add metadata to the trailers of every
+//! answer ([`TestBackend::trailers`]: ORCA load reports, retry pushback).
+//! Everything is bounded: payload sizes, messages per call, intervals and
+//! waits.
 
 pub mod proto {
     #![allow(clippy::all, clippy::pedantic)]
@@ -23,12 +26,15 @@ pub mod health_proto {
     tonic::include_proto!("grpc.health.v1");
 }
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -65,6 +71,8 @@ pub struct Seen {
     pub backend: usize,
     pub method: &'static str,
     pub headers: HeaderMap,
+    /// When the backend got it.
+    pub at: Instant,
 }
 
 impl Seen {
@@ -143,6 +151,11 @@ pub struct TestBackend {
     /// Non-zero: unary calls are answered with this gRPC status, before
     /// any message (a trailers-only response); they are still recorded.
     fail: Arc<std::sync::atomic::AtomicI32>,
+    /// Added to the trailers of every answer (to the headers of a
+    /// trailers-only one).
+    trailers: Arc<Mutex<HeaderMap>>,
+    /// Milliseconds every unary call waits before it is answered.
+    slowness: Arc<AtomicU64>,
 }
 
 /// What a backend's `grpc.health.v1.Health/Check` answers (SERVING at
@@ -244,7 +257,22 @@ impl TestBackend {
             journal,
             health: Arc::default(),
             fail: Arc::default(),
+            trailers: Arc::default(),
+            slowness: Arc::default(),
         }
+    }
+
+    /// Milliseconds each of its unary calls waits before the answer (at
+    /// most 10 s; 0 at first), to change while it serves.
+    pub fn slowness(&self) -> Arc<AtomicU64> {
+        self.slowness.clone()
+    }
+
+    /// Metadata added to the trailers of each of its answers from now on
+    /// (to the headers of a trailers-only one), to change while it serves:
+    /// an ORCA report ([`orca_report`]), a `grpc-retry-pushback-ms`.
+    pub fn trailers(&self) -> Arc<Mutex<HeaderMap>> {
+        self.trailers.clone()
     }
 
     /// The status its unary calls fail with (0: they succeed), to change
@@ -266,6 +294,7 @@ impl TestBackend {
                 backend: self.index,
                 method,
                 headers: headers.clone(),
+                at: Instant::now(),
             });
         }
         headers
@@ -336,11 +365,16 @@ impl TestService for TestBackend {
     ) -> Result<Response<SimpleResponse>, Status> {
         let h = self.record("unary", req.metadata());
         self.delay(&h).await;
+        let slow = self.slowness.load(Ordering::Relaxed);
+        if slow > 0 {
+            tokio::time::sleep(Duration::from_millis(slow).min(MAX_WAIT)).await;
+        }
         let fail = self.fail.load(Ordering::Relaxed);
         if fail != 0 {
-            return Err(Status::new(
+            return Err(Status::with_metadata(
                 tonic::Code::from_i32(fail),
                 format!("{} fails every call", self.name),
+                tonic::metadata::MetadataMap::from_headers(lock(&self.trailers).clone()),
             ));
         }
         Ok(Response::new(SimpleResponse {
@@ -515,7 +549,11 @@ async fn serve(
     };
     let _ = ready.send(Ok(()));
     let health = health_proto::health_server::HealthServer::new(HealthService(backend.health()));
-    let svc = tonic::service::Routes::new(TestServiceServer::new(backend)).add_service(health);
+    let extra = backend.trailers();
+    let svc = WithTrailers {
+        inner: tonic::service::Routes::new(TestServiceServer::new(backend)).add_service(health),
+        extra,
+    };
     let mut server = auto::Builder::new(TokioExecutor::new());
     if let Some(n) = opts.max_concurrent_streams {
         server.http2().max_concurrent_streams(n);
@@ -556,6 +594,109 @@ async fn serve(
     let _ = tokio::time::timeout(opts.grace, graceful.shutdown()).await;
 }
 
+/// tonic's routes, with a backend's extra trailers added to every answer
+/// that has trailers (tonic has no trailing metadata for an OK answer).
+#[derive(Clone)]
+struct WithTrailers {
+    inner: tonic::service::Routes,
+    extra: Arc<Mutex<HeaderMap>>,
+}
+
+type HttpRequest = tonic::codegen::http::Request<hyper::body::Incoming>;
+
+impl tonic::codegen::Service<HttpRequest> for WithTrailers {
+    type Response = tonic::codegen::http::Response<TrailersBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        tonic::codegen::Service::<HttpRequest>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, req: HttpRequest) -> Self::Future {
+        let extra = lock(&self.extra).clone();
+        let answer = tonic::codegen::Service::call(&mut self.inner, req);
+        Box::pin(async move {
+            let resp = answer.await?;
+            Ok(resp.map(|inner| TrailersBody {
+                inner,
+                extra: Some(extra).filter(|e| !e.is_empty()),
+            }))
+        })
+    }
+}
+
+/// A response body whose trailers get `extra`.
+struct TrailersBody {
+    inner: tonic::body::Body,
+    extra: Option<HeaderMap>,
+}
+
+impl hyper::body::Body for TrailersBody {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Status>>> {
+        let this = &mut *self;
+        let frame = ready!(hyper::body::Body::poll_frame(Pin::new(&mut this.inner), cx));
+        Poll::Ready(frame.map(|f| {
+            f.map(|mut f| {
+                if let Some(t) = f.trailers_mut()
+                    && let Some(extra) = this.extra.take()
+                {
+                    t.extend(extra);
+                }
+                f
+            })
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        hyper::body::Body::is_end_stream(&self.inner)
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::Body::size_hint(&self.inner)
+    }
+}
+
+/// The fields of `xds.data.orca.v3.OrcaLoadReport` the tests set.
+#[derive(Clone, PartialEq, prost::Message)]
+struct OrcaLoadReport {
+    #[prost(double, tag = "1")]
+    cpu_utilization: f64,
+    #[prost(double, tag = "6")]
+    rps_fractional: f64,
+    #[prost(double, tag = "7")]
+    eps: f64,
+    #[prost(double, tag = "9")]
+    application_utilization: f64,
+}
+
+/// An ORCA load report as gRPC servers send it (gRFC A51): the trailer
+/// `endpoint-load-metrics-bin` with this value (the protobuf, base64
+/// without padding, as gRPC sends `-bin` metadata).
+pub fn orca_report(
+    cpu_utilization: f64,
+    application_utilization: f64,
+    qps: f64,
+    eps: f64,
+) -> tonic::codegen::http::HeaderValue {
+    use base64::Engine;
+    let r = OrcaLoadReport {
+        cpu_utilization,
+        rps_fractional: qps,
+        eps,
+        application_utilization,
+    };
+    let b64 =
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(prost::Message::encode_to_vec(&r));
+    tonic::codegen::http::HeaderValue::try_from(b64).expect("base64 is a header value")
+}
+
 impl Drop for GrpcServer {
     fn drop(&mut self) {
         self.signal_stop();
@@ -563,6 +704,38 @@ impl Drop for GrpcServer {
             let _ = t.join();
         }
     }
+}
+
+/// Starts the userspace proxy (2 worker threads, then `f`'s changes) from
+/// inside the lab's node namespace.
+pub fn start_proxy(
+    lab: &crate::lab::Lab,
+    f: impl FnOnce(&mut lb_agent::userspace::ProxyOptions),
+) -> lb_agent::userspace::UserspaceProxy {
+    let mut opts = lb_agent::userspace::ProxyOptions {
+        worker_threads: 2,
+        ..lb_agent::userspace::ProxyOptions::default()
+    };
+    f(&mut opts);
+    lab.node()
+        .run(move || lb_agent::userspace::UserspaceProxy::start(opts))
+        .expect("node namespace")
+        .expect("start the proxy")
+}
+
+/// A client of `vip:port` over one channel, connected now (within 5 s):
+/// one HTTP/2 connection for every call on it and its clones.
+pub async fn connect(
+    vip: std::net::Ipv4Addr,
+    port: u16,
+) -> proto::test_service_client::TestServiceClient<tonic::transport::Channel> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{vip}:{port}"))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect to the VIP");
+    proto::test_service_client::TestServiceClient::new(ch)
 }
 
 /// Runs `f` on a fresh single-thread runtime inside `ns` (every socket it

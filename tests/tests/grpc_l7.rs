@@ -32,7 +32,7 @@ use rpclb_tests::grpc::{
 use rpclb_tests::lab::Lab;
 use rpclb_tests::skip_unless_lab;
 use tonic::codegen::http::HeaderMap;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
@@ -124,15 +124,7 @@ fn proxy(lab: &Lab) -> UserspaceProxy {
 
 /// [`proxy`], with options changed by `f`.
 fn proxy_with(lab: &Lab, f: impl FnOnce(&mut ProxyOptions)) -> UserspaceProxy {
-    let mut opts = ProxyOptions {
-        worker_threads: 2,
-        ..ProxyOptions::default()
-    };
-    f(&mut opts);
-    lab.node()
-        .run(move || UserspaceProxy::start(opts))
-        .expect("node namespace")
-        .expect("start the proxy")
+    rpclb_tests::grpc::start_proxy(lab, f)
 }
 
 fn policy(default_timeout: Duration) -> GrpcPolicy {
@@ -215,13 +207,7 @@ where
 
 /// One channel, connected now: one HTTP/2 connection for every call on it.
 async fn channel() -> TestServiceClient<Channel> {
-    let ch = Endpoint::from_shared(format!("http://{VIP}:{PORT}"))
-        .unwrap()
-        .connect_timeout(CALL)
-        .connect()
-        .await
-        .expect("connect to the VIP");
-    TestServiceClient::new(ch)
+    rpclb_tests::grpc::connect(VIP, PORT).await
 }
 
 /// A unary call with these headers, bounded by [`CALL`].

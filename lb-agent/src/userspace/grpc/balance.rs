@@ -10,12 +10,23 @@
 //! backend, as a global minimum would).
 //!
 //! Candidates are the selector's backends that take new flows (active,
-//! weight > 0): terminating and weight-0 backends get no new calls; nor do
-//! backends ejected by outlier detection (`outlier::skipped`).
+//! weight > 0): terminating, unhealthy and weight-0 backends get no new
+//! calls; nor do backends ejected by outlier detection (`outlier::skipped`).
+//! One filter ([`pick`]'s `weight`) then leaves out those a call must not go
+//! to (tried already, ejected); both policies pick from what it leaves.
+//!
+//! A service with `balancing: orca_wrr` picks by weighted round-robin from
+//! the backends' load reports (`orca`) once two of them have a weight, and
+//! by P2C until then.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
+use http::HeaderMap;
+use lb_api::Balancing;
+use std::time::Instant;
+
+use super::orca::{self, Load, Orca};
 use crate::userspace::select::{BackendEntry, BackendKey, ServiceShared, random_u64};
 
 /// Picks one index among `n` candidates. `weight(i)` is 0 for one that must
@@ -74,16 +85,26 @@ fn below(k: u64) -> u64 {
 #[derive(Debug)]
 pub(crate) struct CallLease {
     backend: Arc<BackendEntry>,
+    /// Where its load reports go.
+    load: Arc<Load>,
 }
 
 impl CallLease {
-    pub(crate) fn new(backend: Arc<BackendEntry>) -> Self {
+    pub(crate) fn new(backend: Arc<BackendEntry>, load: Arc<Load>) -> Self {
         backend.counters.active_requests.fetch_add(1, Relaxed);
-        CallLease { backend }
+        CallLease { backend, load }
     }
 
     pub(crate) fn backend(&self) -> &Arc<BackendEntry> {
         &self.backend
+    }
+
+    /// Takes the backend's ORCA load report from its answer's headers or
+    /// trailers, if they carry one.
+    pub(crate) fn report(&self, h: &HeaderMap) {
+        if let Some(r) = orca::from_headers(h) {
+            self.load.record(r, Instant::now());
+        }
     }
 }
 
@@ -94,12 +115,13 @@ impl Drop for CallLease {
 }
 
 /// Picks a backend for a call among those that take new flows, not one of
-/// `excluded` (tried already).
-pub(crate) fn pick(svc: &ServiceShared, excluded: &[BackendKey]) -> Option<CallLease> {
+/// `excluded` (tried already), by the service's balancing.
+pub(crate) fn pick(svc: &ServiceShared, orca: &Orca, excluded: &[BackendKey]) -> Option<CallLease> {
     let sel = svc.selector();
     let (backends, weights) = sel.candidates();
     // Passive outlier ejection (`outlier`): ejected backends are skipped.
     let ejected = super::outlier::skipped(svc, backends, excluded);
+    // The one candidate filter: 0 for a backend this call must not go to.
     let weight = |i: usize| {
         if excluded.contains(&backends[i].key()) || ejected.as_ref().is_some_and(|e| e[i]) {
             0
@@ -107,9 +129,20 @@ pub(crate) fn pick(svc: &ServiceShared, excluded: &[BackendKey]) -> Option<CallL
             weights[i]
         }
     };
-    let outstanding = |i: usize| backends[i].counters.active_requests.load(Relaxed);
-    let i = p2c(backends.len(), weight, outstanding, below)?;
-    Some(CallLease::new(backends[i].clone()))
+    let wrr = match svc.policy().map(|p| p.balancing) {
+        Some(Balancing::OrcaWrr(cfg)) => orca.pick(&sel, &cfg, |i| weight(i) > 0, Instant::now()),
+        _ => None,
+    };
+    let i = match wrr {
+        Some(i) => i,
+        None => {
+            let outstanding = |i: usize| backends[i].counters.active_requests.load(Relaxed);
+            p2c(backends.len(), weight, outstanding, below)?
+        }
+    };
+    let b = backends[i].clone();
+    let load = orca.load(b.key());
+    Some(CallLease::new(b, load))
 }
 
 #[cfg(test)]
@@ -240,7 +273,7 @@ mod tests {
         let sh = shared(&s);
         let mut seen = HashMap::new();
         for _ in 0..300 {
-            let l = pick(&sh, &[]).unwrap();
+            let l = pick(&sh, &Orca::default(), &[]).unwrap();
             *seen.entry(l.backend().ip).or_insert(0) += 1;
         }
         assert_eq!(seen.len(), 2, "{seen:?}");
@@ -248,17 +281,19 @@ mod tests {
         assert!(seen.contains_key(&s.backends[3].ip));
         let first = (s.backends[0].ip, 50051);
         for _ in 0..50 {
-            assert_eq!(pick(&sh, &[first]).unwrap().backend().ip, s.backends[3].ip);
+            let l = pick(&sh, &Orca::default(), &[first]).unwrap();
+            assert_eq!(l.backend().ip, s.backends[3].ip);
         }
         let last = (s.backends[3].ip, 50051);
-        assert!(pick(&sh, &[first, last]).is_none());
+        assert!(pick(&sh, &Orca::default(), &[first, last]).is_none());
     }
 
     #[test]
     fn leases_count_outstanding_calls() {
         let s = grpc_service(&[1, 1]);
         let sh = shared(&s);
-        let held: Vec<CallLease> = (0..10).map(|_| pick(&sh, &[]).unwrap()).collect();
+        let orca = Orca::default();
+        let held: Vec<CallLease> = (0..10).map(|_| pick(&sh, &orca, &[]).unwrap()).collect();
         let sel = sh.selector();
         let counts: Vec<u64> = sel
             .candidates()
@@ -276,6 +311,121 @@ mod tests {
                 .0
                 .iter()
                 .all(|b| b.counters.active_requests.load(Relaxed) == 0)
+        );
+    }
+
+    /// A gRPC service under `orca_wrr` (no blackout) whose backends
+    /// `reports[i]` = (utilization, qps) report, `None` not at all.
+    fn orca_service(weights: &[u32], reports: &[Option<(f64, f64)>]) -> (ServiceShared, Orca) {
+        let mut s = grpc_service(weights);
+        s.grpc.as_mut().unwrap().balancing = Balancing::OrcaWrr(lb_api::OrcaWrr {
+            blackout_period: std::time::Duration::ZERO,
+            ..lb_api::OrcaWrr::default()
+        });
+        let sh = shared(&s);
+        sh.set_policy(s.grpc.clone());
+        let orca = Orca::default();
+        for (b, r) in s.backends.iter().zip(reports) {
+            if let Some((u, qps)) = r {
+                let r = orca::Report {
+                    utilization: *u,
+                    qps: *qps,
+                    eps: 0.0,
+                };
+                orca.load((b.ip, b.port)).record(r, Instant::now());
+            }
+        }
+        (sh, orca)
+    }
+
+    /// Calls per backend (of `grpc_service`'s first three) of `n` picks,
+    /// each lease dropped at once.
+    fn spread(sh: &ServiceShared, orca: &Orca, n: usize, excluded: &[BackendKey]) -> Vec<usize> {
+        let mut c = vec![0; 3];
+        for _ in 0..n {
+            let l = pick(sh, orca, excluded).unwrap();
+            c[usize::from(l.backend().ip.octets()[2] - 11)] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn orca_wrr_follows_the_reports() {
+        // 0.9 / 0.3 / 0.3 at equal qps: weights 1 : 3 : 3, exactly per 7.
+        let r = Some((0.9, 100.0));
+        let (sh, orca) = orca_service(&[1, 1, 1], &[r, Some((0.3, 100.0)), Some((0.3, 100.0))]);
+        let c = spread(&sh, &orca, 700, &[]);
+        for (got, want) in c.iter().zip([100, 300, 300]) {
+            assert!(got.abs_diff(want) <= 1, "{c:?}");
+        }
+        // A retry leaves out the tried one; the others keep their ratio.
+        let tried = [(sh.selector().candidates().0[1].ip, 50051)];
+        let c = spread(&sh, &orca, 400, &tried);
+        assert_eq!(c[1], 0, "{c:?}");
+        assert!(c[0].abs_diff(100) <= 2 && c[2].abs_diff(300) <= 2, "{c:?}");
+    }
+
+    #[test]
+    fn orca_wrr_respects_configured_weights_and_drains() {
+        // Equal reports, configured weights 1 / 3 / 0: 1 : 3, none to the
+        // weight-0 backend (it is not a candidate).
+        let r = Some((0.5, 100.0));
+        let (sh, orca) = orca_service(&[1, 3, 0], &[r, r, r]);
+        let c = spread(&sh, &orca, 400, &[]);
+        assert_eq!(c[2], 0, "{c:?}");
+        assert!(c[0].abs_diff(100) <= 1 && c[1].abs_diff(300) <= 1, "{c:?}");
+    }
+
+    #[test]
+    fn orca_wrr_mixed_pool_gives_the_silent_one_the_mean() {
+        // Weights 100 and 300; the silent backend gets 200.
+        let (sh, orca) = orca_service(&[1, 1, 1], &[Some((1.0, 100.0)), Some((1.0, 300.0)), None]);
+        let c = spread(&sh, &orca, 600, &[]);
+        for (got, want) in c.iter().zip([100, 300, 200]) {
+            assert!(got.abs_diff(want) <= 1, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn orca_wrr_without_two_reports_is_p2c() {
+        // One report only: P2C least outstanding, as without orca_wrr:
+        // held calls end up even, whatever the report says.
+        let (sh, orca) = orca_service(&[1, 1], &[Some((0.01, 1000.0)), None]);
+        let held: Vec<CallLease> = (0..10).map(|_| pick(&sh, &orca, &[]).unwrap()).collect();
+        let counts: Vec<u64> = sh
+            .selector()
+            .candidates()
+            .0
+            .iter()
+            .map(|b| b.counters.active_requests.load(Relaxed))
+            .collect();
+        assert_eq!(counts, [5, 5]);
+        drop(held);
+    }
+
+    #[test]
+    fn leases_take_load_reports() {
+        let (sh, orca) = orca_service(&[1, 1], &[None, None]);
+        let l = pick(&sh, &orca, &[]).unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(
+            orca::LOAD_METRICS,
+            "TEXT application_utilization=0.5, rps_fractional=50"
+                .parse()
+                .unwrap(),
+        );
+        l.report(&h);
+        let cfg = lb_api::OrcaWrr {
+            blackout_period: std::time::Duration::ZERO,
+            ..lb_api::OrcaWrr::default()
+        };
+        let w = orca.load(l.backend().key()).weight(&cfg, Instant::now());
+        assert_eq!(w, 100.0);
+        // Nothing readable: nothing changes.
+        l.report(&HeaderMap::new());
+        assert_eq!(
+            orca.load(l.backend().key()).weight(&cfg, Instant::now()),
+            100.0
         );
     }
 }

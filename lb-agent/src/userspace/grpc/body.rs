@@ -362,6 +362,10 @@ impl CallBody {
                         lease.backend().counters.traffic.add_out(d.len());
                     }
                 } else if let Some(t) = frame.trailers_ref() {
+                    if let Some((lease, ..)) = &self.held {
+                        // The backend's ORCA load report, if it sent one.
+                        lease.report(t);
+                    }
                     self.end.ended(Some(t));
                 }
                 Poll::Ready(Some(Ok(frame)))

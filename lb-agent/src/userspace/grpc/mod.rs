@@ -13,7 +13,9 @@
 //!   spec asks of servers.
 //! - **Per call** (one HTTP/2 stream): pick a backend (`balance`: least
 //!   outstanding requests, two weighted random choices, only backends that
-//!   take new flows; `algorithm` and affinity do not apply), take a stream
+//!   take new flows; with `balancing: orca_wrr`, weighted round-robin from
+//!   the backends' ORCA load reports, `orca`; `algorithm` and affinity do
+//!   not apply), take a stream
 //!   on one of its pooled connections (`pool`: as many connections as the
 //!   backend's SETTINGS_MAX_CONCURRENT_STREAMS asks for, up to
 //!   `grpc_max_connections`), and send the request with its headers
@@ -33,8 +35,10 @@
 //!   processed is final (gRPC calls are not idempotent in general), except
 //!   under the service's retry policy (`retry`, gRFC A6): a trailers-only
 //!   answer with a retryable status is sent again, preferably to another
-//!   backend, after a jittered backoff, within `max_attempts`, the deadline,
-//!   the replay limit and the service's retry throttle.
+//!   backend, after a jittered backoff (or the server's
+//!   `grpc-retry-pushback-ms`, which can also forbid the retry), within
+//!   `max_attempts`, the deadline, the replay limit and the service's retry
+//!   throttle.
 //!   Failures answer UNAVAILABLE (14); no usable backend counts as
 //!   `drop_no_backend`, and all attempts failing as
 //!   `drop_connect_failed`/`drop_connect_timeout`.
@@ -74,6 +78,7 @@ mod body;
 mod calls;
 mod frames;
 mod headers;
+mod orca;
 pub(crate) mod outlier;
 mod pool;
 mod retry;
@@ -124,6 +129,9 @@ pub(crate) struct Pools(
     retry::Throttle,
     /// The service's outlier ejections (`outlier`).
     Arc<Outliers>,
+    /// The backends' load reports and the weighted round-robin
+    /// (`balancing: orca_wrr`).
+    orca::Orca,
 );
 
 impl Pools {
@@ -146,6 +154,7 @@ impl Pools {
     /// calls, the others drain (their calls in flight go on), and the pools
     /// of backends not in `known` are let go.
     pub(crate) fn update(&self, live: &HashSet<BackendKey>, known: &HashSet<BackendKey>) {
+        self.3.update(live, known);
         let mut pools = self.lock();
         pools.retain(|k, p| {
             if live.contains(k) {
@@ -473,6 +482,8 @@ async fn with_retries(
     let mut req = req;
     let mut failed: Vec<BackendKey> = Vec::new();
     let mut attempt = 1;
+    // The exponent of the next backoff; a server pushback resets it (A6).
+    let mut backoff_n = 1;
     loop {
         let answer = forward(svc, pools, opts, req, deadline, &failed).await?;
         let be = answer.1.backend().clone();
@@ -487,7 +498,21 @@ async fn with_retries(
             debug!(backend = %be.addr(), "gRPC call not retried: retry throttle");
             return Ok(answer);
         }
-        let wait = retry::backoff(rp, attempt, random_u64());
+        let wait = match retry::pushback(answer.0.headers()) {
+            Some(retry::Pushback::Stop) => {
+                debug!(backend = %be.addr(), "gRPC call not retried: server pushback");
+                return Ok(answer);
+            }
+            // Exactly the server's delay; the backoff starts over after it.
+            Some(retry::Pushback::After(d)) => {
+                backoff_n = 1;
+                d
+            }
+            None => {
+                backoff_n += 1;
+                retry::backoff(rp, backoff_n - 1, random_u64())
+            }
+        };
         if deadline.is_some_and(|d| Instant::now() + wait >= d) {
             return Ok(answer);
         }
@@ -541,9 +566,9 @@ async fn forward(
         attempts -= 1;
         // A transparent retry may go to the same backend (another connection).
         let avoided = (!avoid.is_empty())
-            .then(|| balance::pick(svc, &[&tried[..], avoid].concat()))
+            .then(|| balance::pick(svc, &pools.3, &[&tried[..], avoid].concat()))
             .flatten();
-        let Some(lease) = avoided.or_else(|| balance::pick(svc, &tried)) else {
+        let Some(lease) = avoided.or_else(|| balance::pick(svc, &pools.3, &tried)) else {
             break;
         };
         let be = lease.backend().clone();
@@ -595,7 +620,11 @@ async fn forward(
         be.counters.requests.fetch_add(1, Relaxed);
         let mut attempt = Attempt::new(svc.clone(), pools.outliers().clone(), be.clone());
         let e = match sender.try_send_request(req).await {
-            Ok(resp) => return Ok((resp, lease, slot, attempt)),
+            Ok(resp) => {
+                // A trailers-only answer's load report is in its headers.
+                lease.report(resp.headers());
+                return Ok((resp, lease, slot, attempt));
+            }
             Err(e) => e,
         };
         // The backend did not take the call.

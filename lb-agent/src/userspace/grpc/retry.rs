@@ -5,6 +5,11 @@
 //! carry a `grpc-status` (it answered before sending any message). Once
 //! response headers without a status came, the call is committed (A6) and
 //! goes to the client as it is.
+//!
+//! Server pushback (A6): a retryable answer with `grpc-retry-pushback-ms`
+//! set to a non-negative number is retried after exactly that many
+//! milliseconds (and the backoff starts over from `initial_backoff`); a
+//! negative or unreadable value means no retry for that call.
 
 use std::time::Duration;
 
@@ -15,6 +20,29 @@ use super::status::GRPC_STATUS;
 
 /// The header that tells the backend how many attempts came before (A6).
 pub(crate) const PREVIOUS_ATTEMPTS: &str = "grpc-previous-rpc-attempts";
+
+/// The header of a server's pushback (A6).
+pub(crate) const PUSHBACK: &str = "grpc-retry-pushback-ms";
+
+/// What a server's pushback asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pushback {
+    /// Retry after exactly this long.
+    After(Duration),
+    /// Do not retry.
+    Stop,
+}
+
+/// The pushback of an answer, if it has one: a signed 32-bit number of
+/// milliseconds; negative or unreadable means stop.
+pub(crate) fn pushback(headers: &HeaderMap) -> Option<Pushback> {
+    let v = headers.get(PUSHBACK)?;
+    let ms = v.to_str().ok().and_then(|s| s.trim().parse::<i32>().ok());
+    Some(match ms.and_then(|ms| u64::try_from(ms).ok()) {
+        Some(ms) => Pushback::After(Duration::from_millis(ms)),
+        None => Pushback::Stop,
+    })
+}
 
 /// The status of a trailers-only answer: its headers' `grpc-status`.
 pub(crate) fn trailers_only_status(headers: &HeaderMap) -> Option<u32> {
@@ -193,6 +221,25 @@ mod tests {
         assert!(th.record(Some(b), true));
         for _ in 0..10 {
             assert!(th.record(None, true));
+        }
+    }
+
+    #[test]
+    fn pushback_values() {
+        let p = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(PUSHBACK, v.parse().unwrap());
+            pushback(&h)
+        };
+        assert_eq!(pushback(&HeaderMap::new()), None);
+        assert_eq!(p("300"), Some(Pushback::After(Duration::from_millis(300))));
+        assert_eq!(p("0"), Some(Pushback::After(Duration::ZERO)));
+        assert_eq!(
+            p("2147483647"),
+            Some(Pushback::After(Duration::from_millis(2_147_483_647)))
+        );
+        for stop in ["-1", "-300", "abc", "", "1.5", "2147483648", "300ms"] {
+            assert_eq!(p(stop), Some(Pushback::Stop), "{stop:?}");
         }
     }
 
