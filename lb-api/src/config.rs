@@ -47,10 +47,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::model::{
-    Algorithm, Backend, BackendState, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy, HealthCheck,
-    HealthCheckKind, Protocol, RetryPolicy, RetryThrottle, Service,
+    Algorithm, Backend, BackendState, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy, GrpcTls,
+    HealthCheck, HealthCheckKind, ListenTls, Protocol, RetryPolicy, RetryThrottle, Service,
+    UpstreamTls,
 };
-use crate::validate::{self, BackendField, Field, HeaderField, RetryField};
+use crate::validate::{self, BackendField, Field, HeaderField, RetryField, TlsField};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Expected, MapAccess, SeqAccess, Unexpected, Visitor};
 use serde_saphyr::{Location, Spanned};
@@ -422,7 +423,7 @@ struct RawHealthCheck {
 #[derive(Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a gRPC mode mapping (timeout, headers)"
+    expecting = "a gRPC mode mapping (timeout, headers, retry, tls)"
 )]
 struct RawGrpc {
     timeout: Option<At<Seconds>>,
@@ -430,6 +431,41 @@ struct RawGrpc {
     headers: Option<At<Vec<At<RawHeader>>>>,
     /// Present: a retry policy (gRFC A6).
     retry: Option<At<RawRetry>>,
+    /// Present: TLS to clients and/or backends.
+    tls: Option<At<RawTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a TLS mapping (listen, upstream)")]
+struct RawTls {
+    listen: Option<At<RawListenTls>>,
+    upstream: Option<At<RawUpstreamTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a listener TLS mapping (cert, key, client_ca)"
+)]
+struct RawListenTls {
+    #[serde(default, deserialize_with = "required")]
+    cert: Option<At<String>>,
+    #[serde(default, deserialize_with = "required")]
+    key: Option<At<String>>,
+    client_ca: Option<At<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an upstream TLS mapping (ca, server_name, cert, key)"
+)]
+struct RawUpstreamTls {
+    #[serde(default, deserialize_with = "required")]
+    ca: Option<At<String>>,
+    server_name: Option<At<String>>,
+    cert: Option<At<String>>,
+    key: Option<At<String>>,
 }
 
 #[derive(Deserialize)]
@@ -629,6 +665,37 @@ fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
                         })
                     }
                 },
+                tls: match &g.value.tls {
+                    None => None,
+                    Some(t) => {
+                        let here = [&here[..], &[key("grpc"), key("tls")]].concat();
+                        let text = |v: &Option<At<String>>| v.as_ref().map(|v| v.value.clone());
+                        let listen = match &t.value.listen {
+                            None => None,
+                            Some(l) => {
+                                let here = [&here[..], &[key("listen")]].concat();
+                                Some(ListenTls {
+                                    cert: need(&l.value.cert, "cert", &here, l.at)?.clone(),
+                                    key: need(&l.value.key, "key", &here, l.at)?.clone(),
+                                    client_ca: text(&l.value.client_ca),
+                                })
+                            }
+                        };
+                        let upstream = match &t.value.upstream {
+                            None => None,
+                            Some(u) => {
+                                let here = [&here[..], &[key("upstream")]].concat();
+                                Some(UpstreamTls {
+                                    ca: need(&u.value.ca, "ca", &here, u.at)?.clone(),
+                                    server_name: text(&u.value.server_name),
+                                    cert: text(&u.value.cert),
+                                    key: text(&u.value.key),
+                                })
+                            }
+                        };
+                        Some(GrpcTls { listen, upstream })
+                    }
+                },
             })
         }
     };
@@ -799,6 +866,35 @@ fn field_problem(i: usize, rs: &At<RawService>, field: Field, message: String) -
                         throttle.and_then(|t| at(&t.value.token_ratio)),
                     ),
                 ],
+            });
+            v
+        }
+        Field::GrpcTls(f) => {
+            let tls = s.grpc.as_ref().and_then(|g| g.value.tls.as_ref());
+            let listen = tls.and_then(|t| t.value.listen.as_ref());
+            let upstream = tls.and_then(|t| t.value.upstream.as_ref());
+            let mut v = vec![(key("grpc"), at(&s.grpc)), (key("tls"), tls.map(|t| t.at))];
+            let l = |name: &str, pos: fn(&RawListenTls) -> Option<Location>| {
+                vec![
+                    (key("listen"), listen.map(|l| l.at)),
+                    (key(name), listen.and_then(|l| pos(&l.value))),
+                ]
+            };
+            let u = |name: &str, pos: fn(&RawUpstreamTls) -> Option<Location>| {
+                vec![
+                    (key("upstream"), upstream.map(|u| u.at)),
+                    (key(name), upstream.and_then(|u| pos(&u.value))),
+                ]
+            };
+            v.extend(match f {
+                TlsField::Tls => vec![],
+                TlsField::ListenCert => l("cert", |r| at(&r.cert)),
+                TlsField::ListenKey => l("key", |r| at(&r.key)),
+                TlsField::ListenClientCa => l("client_ca", |r| at(&r.client_ca)),
+                TlsField::UpstreamCa => u("ca", |r| at(&r.ca)),
+                TlsField::UpstreamServerName => u("server_name", |r| at(&r.server_name)),
+                TlsField::UpstreamCert => u("cert", |r| at(&r.cert)),
+                TlsField::UpstreamKey => u("key", |r| at(&r.key)),
             });
             v
         }
@@ -1946,6 +2042,66 @@ mod tests {
             "{ max_attempts: 3, tries: 2 }",
             "services[0].grpc.retry",
             "unknown field `tries`",
+        );
+    }
+
+    #[test]
+    fn grpc_tls() {
+        let c = parse(
+            &format!(
+                "{ONE}    grpc:\n      tls:\n        listen: {{ cert: /t/tls.crt, key: /t/tls.key }}\n        \
+                 upstream: {{ ca: /u/ca.crt, server_name: api.shop, cert: /u/c.pem, key: /u/k.pem }}\n"
+            ),
+            "x",
+        )
+        .unwrap();
+        assert_eq!(
+            c.state.services[0].grpc.clone().unwrap().tls,
+            Some(GrpcTls {
+                listen: Some(ListenTls {
+                    cert: "/t/tls.crt".into(),
+                    key: "/t/tls.key".into(),
+                    client_ca: None,
+                }),
+                upstream: Some(UpstreamTls {
+                    ca: "/u/ca.crt".into(),
+                    server_name: Some("api.shop".into()),
+                    cert: Some("/u/c.pem".into()),
+                    key: Some("/u/k.pem".into()),
+                }),
+            })
+        );
+        let bad = |yaml: &str, path: &str, needle: &str| {
+            let e = parse(&format!("{ONE}    grpc:\n      tls: {yaml}\n"), "x").unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains(path), "{text} should name {path}");
+            assert!(text.contains(needle), "{text} should say {needle}");
+        };
+        bad("{}", "services[0].grpc.tls", "names neither listen nor upstream");
+        bad(
+            "{ listen: { cert: /a } }",
+            "services[0].grpc.tls.listen",
+            "missing field `key`",
+        );
+        bad(
+            "{ listen: { cert: a.pem, key: /k } }",
+            "services[0].grpc.tls.listen.cert",
+            "must be absolute",
+        );
+        bad(
+            "{ upstream: { ca: /ca, server_name: 'a b' } }",
+            "services[0].grpc.tls.upstream.server_name",
+            "not a DNS name",
+        );
+        bad(
+            "{ upstream: { ca: /ca, cert: /c } }",
+            "services[0].grpc.tls.upstream.key",
+            "needs its key",
+        );
+        bad(
+            "{ upstream: { ca: /ca, sni: x } }",
+            "services[0].grpc.tls.upstream",
+            "unknown field `sni`",
         );
     }
 

@@ -161,6 +161,52 @@ pub struct GrpcPolicy {
     /// A6); `None`: no retries beyond the transparent ones.
     #[serde(default)]
     pub retry: Option<RetryPolicy>,
+    /// `Some`: TLS towards clients, backends or both (files on the node).
+    #[serde(default)]
+    pub tls: Option<GrpcTls>,
+}
+
+/// TLS of a gRPC-mode service. Each part is optional: terminate only
+/// (`listen`), originate only (`upstream`), or both. Paths are absolute
+/// paths of PEM files on the node the agent runs on; the agent follows
+/// them and uses a changed, valid set for new connections.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct GrpcTls {
+    /// `Some`: the service's listener speaks TLS to clients (ALPN `h2`).
+    #[serde(default)]
+    pub listen: Option<ListenTls>,
+    /// `Some`: the proxy speaks TLS to the service's backends (ALPN `h2`).
+    #[serde(default)]
+    pub upstream: Option<UpstreamTls>,
+}
+
+/// The TLS a gRPC service's listener presents to clients.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ListenTls {
+    /// The certificate chain (leaf first).
+    pub cert: String,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+    /// `Some`: clients must present a certificate signed by this CA bundle
+    /// (mutual TLS); `None`: no client certificate is asked for.
+    #[serde(default)]
+    pub client_ca: Option<String>,
+}
+
+/// The TLS the proxy speaks to a gRPC service's backends.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct UpstreamTls {
+    /// The CA bundle the backends' certificates are verified against.
+    pub ca: String,
+    /// The name sent (SNI) and verified in each backend's certificate;
+    /// `None`: the backend's IP address (an IP SAN).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// A client certificate for the backends (with `key`; both or neither).
+    #[serde(default)]
+    pub cert: Option<String>,
+    #[serde(default)]
+    pub key: Option<String>,
 }
 
 /// A retry policy of a gRPC-mode service (gRFC A6 `retryPolicy`, plus its
@@ -282,6 +328,7 @@ impl Default for GrpcPolicy {
             default_timeout: DEFAULT_GRPC_TIMEOUT,
             add_headers: Vec::new(),
             retry: None,
+            tls: None,
         }
     }
 }

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use crate::config::Timeouts;
 use crate::model::{
-    Algorithm, Backend, BackendState, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy, HealthCheck,
-    HealthCheckKind, Protocol, RetryPolicy, RetryThrottle, Service, ServiceAddr,
+    Algorithm, Backend, BackendState, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy, GrpcTls,
+    HealthCheck, HealthCheckKind, ListenTls, Protocol, RetryPolicy, RetryThrottle, Service,
+    ServiceAddr, UpstreamTls,
 };
 use crate::validate::Refusal;
 
@@ -111,6 +112,19 @@ impl From<&Service> for pb::Service {
                     throttle: r.throttle.map(|t| pb::RetryThrottle {
                         max_tokens: t.max_tokens,
                         token_ratio_milli: t.token_ratio_milli,
+                    }),
+                }),
+                tls: g.tls.as_ref().map(|t| pb::GrpcTls {
+                    listen: t.listen.as_ref().map(|l| pb::ListenTls {
+                        cert: l.cert.clone(),
+                        key: l.key.clone(),
+                        client_ca: l.client_ca.clone().unwrap_or_default(),
+                    }),
+                    upstream: t.upstream.as_ref().map(|u| pb::UpstreamTls {
+                        ca: u.ca.clone(),
+                        server_name: u.server_name.clone().unwrap_or_default(),
+                        cert: u.cert.clone().unwrap_or_default(),
+                        key: u.key.clone().unwrap_or_default(),
                     }),
                 }),
             }),
@@ -235,6 +249,23 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
                 max_tokens: t.max_tokens,
                 token_ratio_milli: t.token_ratio_milli,
             }),
+        }),
+        // Checked by `normalise` below; an empty string is an absent value.
+        tls: g.tls.as_ref().map(|t| {
+            let opt = |s: &String| Some(s.clone()).filter(|s| !s.is_empty());
+            GrpcTls {
+                listen: t.listen.as_ref().map(|l| ListenTls {
+                    cert: l.cert.clone(),
+                    key: l.key.clone(),
+                    client_ca: opt(&l.client_ca),
+                }),
+                upstream: t.upstream.as_ref().map(|u| UpstreamTls {
+                    ca: u.ca.clone(),
+                    server_name: opt(&u.server_name),
+                    cert: opt(&u.cert),
+                    key: opt(&u.key),
+                }),
+            }
         }),
     });
     let health_check = match &s.health_check {
@@ -572,6 +603,19 @@ mod tests {
                 throttle: Some(RetryThrottle {
                     max_tokens: 20,
                     token_ratio_milli: 250,
+                }),
+            }),
+            tls: Some(GrpcTls {
+                listen: Some(ListenTls {
+                    cert: "/etc/rpclb/grpc-tls/shop/cart/tls.crt".into(),
+                    key: "/etc/rpclb/grpc-tls/shop/cart/tls.key".into(),
+                    client_ca: Some("/etc/rpclb/grpc-tls/shop/clients/ca.crt".into()),
+                }),
+                upstream: Some(UpstreamTls {
+                    ca: "/etc/rpclb/grpc-tls/shop/pods/ca.crt".into(),
+                    server_name: Some("cart.shop.svc".into()),
+                    cert: None,
+                    key: None,
                 }),
             }),
         });

@@ -140,6 +140,7 @@ fn policy(default_timeout: Duration) -> GrpcPolicy {
         default_timeout,
         add_headers: vec![(ADDED.0.to_string(), ADDED.1.to_string())],
         retry: None,
+        tls: None,
     }
 }
 

@@ -140,6 +140,9 @@ pub(crate) struct ServiceCounters {
     /// Requests refused as not gRPC (HTTP/1, wrong method or content type,
     /// malformed `grpc-timeout`).
     pub(crate) bad_requests: AtomicU64,
+    /// gRPC with `grpc.tls.listen`: client connections whose TLS handshake
+    /// failed or timed out.
+    pub(crate) tls_handshake_failed: AtomicU64,
     pub(crate) traffic: Traffic,
     drops: [AtomicU64; DropReason::COUNT],
 }
@@ -241,6 +244,12 @@ pub struct ServiceStats {
     pub deadline_exceeded: u64,
     /// gRPC: requests refused as not gRPC over HTTP/2.
     pub bad_requests: u64,
+    /// gRPC with TLS: client TLS handshakes that failed or timed out.
+    pub tls_handshake_failures: u64,
+    /// gRPC with TLS: changed certificate files taken, and changed sets
+    /// refused (the last good one stayed).
+    pub tls_reloads: u64,
+    pub tls_reload_errors: u64,
     /// Every reason, zeros included, in [`DropReason::ALL`] order.
     pub drops: Vec<(DropReason, u64)>,
     /// The service's backends in its order, then removed ones still in use.
@@ -320,6 +329,9 @@ pub(crate) fn service_stats(
         active_requests: c.active_requests.load(Relaxed),
         deadline_exceeded: c.deadline_exceeded.load(Relaxed),
         bad_requests: c.bad_requests.load(Relaxed),
+        tls_handshake_failures: c.tls_handshake_failed.load(Relaxed),
+        tls_reloads: 0,
+        tls_reload_errors: 0,
         drops: DropReason::ALL
             .iter()
             .map(|&r| (r, c.drops[r as usize].load(Relaxed)))
