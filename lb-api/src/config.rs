@@ -2077,7 +2077,11 @@ mod tests {
             assert!(text.contains(path), "{text} should name {path}");
             assert!(text.contains(needle), "{text} should say {needle}");
         };
-        bad("{}", "services[0].grpc.tls", "names neither listen nor upstream");
+        bad(
+            "{}",
+            "services[0].grpc.tls",
+            "names neither listen nor upstream",
+        );
         bad(
             "{ listen: { cert: /a } }",
             "services[0].grpc.tls.listen",

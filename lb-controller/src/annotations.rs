@@ -190,8 +190,7 @@ impl TlsSecrets {
             cert: self.upstream_cert.as_ref().map(|c| file(c, "tls.crt")),
             key: self.upstream_cert.as_ref().map(|c| file(c, "tls.key")),
         });
-        (listen.is_some() || upstream.is_some())
-            .then_some(lb_api::GrpcTls { listen, upstream })
+        (listen.is_some() || upstream.is_some()).then_some(lb_api::GrpcTls { listen, upstream })
     }
 }
 
@@ -205,7 +204,8 @@ fn secret_name(v: &str) -> Result<String, Vec<AnnotationProblem>> {
     let label_ok = |l: &str| {
         !l.is_empty()
             && l.len() <= 63
-            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !l.starts_with('-')
             && !l.ends_with('-')
     };
@@ -407,9 +407,7 @@ pub fn parse_annotations(
                 retry.parse(key, value)
             }
             GRPC_TLS_SECRET => secret_name(value).map(|v| policy.tls.listen = Some(v)),
-            GRPC_TLS_CLIENT_CA_SECRET => {
-                secret_name(value).map(|v| policy.tls.client_ca = Some(v))
-            }
+            GRPC_TLS_CLIENT_CA_SECRET => secret_name(value).map(|v| policy.tls.client_ca = Some(v)),
             GRPC_UPSTREAM_TLS_CA_SECRET => {
                 secret_name(value).map(|v| policy.tls.upstream_ca = Some(v))
             }
@@ -713,7 +711,10 @@ fn tls_needs(
             (GRPC_UPSTREAM_TLS_SERVER_NAME, t.server_name.take()),
         ] {
             if v.is_some() {
-                report(k, AnnotationProblem::NeedsAnnotation(GRPC_UPSTREAM_TLS_CA_SECRET));
+                report(
+                    k,
+                    AnnotationProblem::NeedsAnnotation(GRPC_UPSTREAM_TLS_CA_SECRET),
+                );
             }
         }
     }
@@ -1021,8 +1022,15 @@ mod tests {
                 "invalid annotation rpclb.io/grpc-upstream-tls-ca-secret=\"Pods\": \"Pods\" is not a Secret name (lowercase letters, digits, '-' and '.'); no TLS to the backends (h2c)",
             ]
         );
-        let (_, e) = parse(&[(MODE, "grpc"), (GRPC_UPSTREAM_TLS_CA_SECRET, "ca"), (GRPC_UPSTREAM_TLS_SERVER_NAME, "a b")]);
-        assert!(matches!(&e[..], [x] if x.to_string().contains("not a DNS name or IP address; verifying each backend's IP address")), "{e:?}");
+        let (_, e) = parse(&[
+            (MODE, "grpc"),
+            (GRPC_UPSTREAM_TLS_CA_SECRET, "ca"),
+            (GRPC_UPSTREAM_TLS_SERVER_NAME, "a b"),
+        ]);
+        assert!(
+            matches!(&e[..], [x] if x.to_string().contains("not a DNS name or IP address; verifying each backend's IP address")),
+            "{e:?}"
+        );
         // Prerequisites.
         assert_eq!(
             problems(&[(GRPC_TLS_SECRET, "a")]),

@@ -38,7 +38,9 @@ impl Pki {
     /// written (atomically) as `<stem>.pem` and `<stem>-key.pem`.
     pub fn server(&self, ca: &Ca, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let c = ca.controller(&names, Validity::days(1)).expect("certificate");
+        let c = ca
+            .controller(&names, Validity::days(1))
+            .expect("certificate");
         self.write(stem, &c.cert_pem, &c.key_pem)
     }
 
@@ -115,6 +117,10 @@ pub fn client_config(ca: &Path, identity: Option<(&Path, &Path)>) -> Arc<ClientC
 
 /// The leaf certificate a TLS connection's peer presented.
 pub fn peer_leaf<IO>(s: &tokio_rustls::client::TlsStream<IO>) -> LeafInfo {
-    let certs = s.get_ref().1.peer_certificates().expect("peer certificates");
+    let certs = s
+        .get_ref()
+        .1
+        .peer_certificates()
+        .expect("peer certificates");
     LeafInfo::parse(&certs[0]).expect("peer certificate")
 }

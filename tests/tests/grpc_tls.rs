@@ -18,8 +18,8 @@ use lb_api::tls::ClientConfig;
 use lb_api::tls::client::TlsConnector;
 use lb_api::tls::rustls::pki_types::ServerName;
 use lb_api::{
-    Algorithm, Backend, DesiredState, GrpcPolicy, GrpcTls, HealthCheck, HealthCheckKind,
-    ListenTls, Protocol, Service, UpstreamTls,
+    Algorithm, Backend, DesiredState, GrpcPolicy, GrpcTls, HealthCheck, HealthCheckKind, ListenTls,
+    Protocol, Service, UpstreamTls,
 };
 use rpclb_tests::grpc::proto::SimpleRequest;
 use rpclb_tests::grpc::proto::test_service_client::TestServiceClient;
@@ -181,7 +181,11 @@ async fn calls(c: &TestServiceClient<Channel>, n: usize) -> BTreeMap<String, usi
         set.spawn(async move {
             let mut out = Vec::new();
             for k in (w..n).step_by(4) {
-                out.push(unary(&mut c).await.unwrap_or_else(|e| panic!("call {k}: {e}")));
+                out.push(
+                    unary(&mut c)
+                        .await
+                        .unwrap_or_else(|e| panic!("call {k}: {e}")),
+                );
             }
             out
         });
@@ -200,7 +204,9 @@ type RawSender = hyper::client::conn::http2::SendRequest<http_body_util::Full<by
 /// An HTTP/2 connection over TLS to the VIP, made by hand (no reconnects,
 /// unlike a tonic channel): its sender and the certificate presented.
 async fn raw_connection(config: Arc<ClientConfig>) -> (RawSender, lb_api::tls::LeafInfo) {
-    let name = ServerName::try_from(LISTEN_NAME).expect("server name").to_owned();
+    let name = ServerName::try_from(LISTEN_NAME)
+        .expect("server name")
+        .to_owned();
     let s = TlsConnector::new(config, name)
         .connect(&VIP.to_string(), PORT)
         .await
@@ -225,11 +231,17 @@ async fn raw_unary(send: &mut RawSender) -> Result<String, String> {
     .header("content-type", "application/grpc")
     .header("te", "trailers")
     // One empty message: not compressed, length 0.
-    .body(http_body_util::Full::new(bytes::Bytes::from_static(&[0, 0, 0, 0, 0])))
+    .body(http_body_util::Full::new(bytes::Bytes::from_static(&[
+        0, 0, 0, 0, 0,
+    ])))
     .unwrap();
     let call = async {
         let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?;
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
         let t = body.trailers().ok_or_else(|| "no trailers".to_string())?;
         Ok(rpclb_tests::grpc::text(t, "grpc-status"))
     };
@@ -241,7 +253,9 @@ async fn raw_unary(send: &mut RawSender) -> Result<String, String> {
 /// A TLS connection to the VIP, made by hand: the certificate the proxy
 /// presented, or the handshake's error.
 async fn handshake(config: Arc<ClientConfig>) -> Result<lb_api::tls::LeafInfo, String> {
-    let name = ServerName::try_from(LISTEN_NAME).expect("server name").to_owned();
+    let name = ServerName::try_from(LISTEN_NAME)
+        .expect("server name")
+        .to_owned();
     let c = TlsConnector::new(config, name);
     match tokio::time::timeout(CALL, c.connect(&VIP.to_string(), PORT)).await {
         Ok(Ok(s)) => Ok(peer_leaf(&s)),
@@ -259,7 +273,8 @@ fn grpc_tls_terminates_client_tls() {
     skip_unless_lab!();
     let lab = Lab::new(3).expect("lab");
     let pki = Pki::new("grpc-tls-terminate");
-    let (cert, key) = pki.server(&pki.ca, "listen", &[LISTEN_NAME, &VIP.to_string()]);
+    let vip = VIP.to_string();
+    let (cert, key) = pki.server(&pki.ca, "listen", &[LISTEN_NAME, vip.as_str()]);
     let trusted = pki.ca_file(&pki.ca, "ca");
     let other = pki.ca_file(&pki.other, "other-ca");
     let be = Backends::start(&lab, |_, _| None);
@@ -311,7 +326,11 @@ fn grpc_tls_terminates_client_tls() {
     eprintln!("plaintext client: {e}");
     // Each refused handshake is counted.
     let s = stats(&p);
-    assert!(s.tls_handshake_failures >= 3, "{}", s.tls_handshake_failures);
+    assert!(
+        s.tls_handshake_failures >= 3,
+        "{}",
+        s.tls_handshake_failures
+    );
     assert_eq!(
         be.served(1) + be.served(2) + be.served(3),
         N as u64,
@@ -331,7 +350,7 @@ fn grpc_tls_originates_to_backends() {
     let ca = pki.ca_file(&pki.ca, "ca");
     let be = Backends::start(&lab, |i, ip| {
         let issuer = if i == 3 { &pki.other } else { &pki.ca };
-        let (c, k) = pki.server(issuer, &format!("backend-{i}"), &[&ip.to_string()]);
+        let (c, k) = pki.server(issuer, &format!("backend-{i}"), &[ip.to_string().as_str()]);
         Some(server_config(&c, &k))
     });
     let p = proxy(&lab);
@@ -348,7 +367,9 @@ fn grpc_tls_originates_to_backends() {
     p.apply(&state(&svc)).expect("apply");
 
     const N: usize = 60;
-    let per = block_on_in(&lab.client().ns, || async { calls(&h2c_channel().await, N).await });
+    let per = block_on_in(&lab.client().ns, || async {
+        calls(&h2c_channel().await, N).await
+    });
     eprintln!("calls per backend: {per:?}");
     assert_eq!(per.values().sum::<usize>(), N);
     assert!(per.get("backend-1").copied().unwrap_or(0) >= 10, "{per:?}");
@@ -364,9 +385,14 @@ fn grpc_tls_originates_to_backends() {
     assert_eq!(b3.new_connections, 0, "no connection to it was pooled");
 
     // The untrusted backend alone: UNAVAILABLE, saying why.
-    let only3 = service(vec![Backend::new(lab.backend(3).ip(), BACKEND_PORT)], Some(tls));
+    let only3 = service(
+        vec![Backend::new(lab.backend(3).ip(), BACKEND_PORT)],
+        Some(tls),
+    );
     p.apply(&state(&only3)).expect("apply");
-    let r = block_on_in(&lab.client().ns, || async { unary(&mut h2c_channel().await).await });
+    let r = block_on_in(&lab.client().ns, || async {
+        unary(&mut h2c_channel().await).await
+    });
     let e = r.expect_err("no trusted backend");
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(
@@ -410,16 +436,19 @@ fn grpc_tls_both_ways_with_client_certificates() {
 
     const N: usize = 60;
     let (per, anonymous, stranger) = block_on_in(&lab.client().ns, || async {
-        let c = tls_channel(client_config(&ca, Some((&ccert, &ckey))), LISTEN_NAME)
-            .await
-            .expect("mutual TLS connect");
+        let c = tls_channel(
+            client_config(&ca, Some((ccert.as_path(), ckey.as_path()))),
+            LISTEN_NAME,
+        )
+        .await
+        .expect("mutual TLS connect");
         let per = calls(&c, N).await;
         // Without a certificate, or with one of another CA: TLS 1.3 lets
         // the client finish first; the refusal comes on the first read.
         let mut out = Vec::new();
         for cfg in [
             client_config(&ca, None),
-            client_config(&ca, Some((&ocert, &okey))),
+            client_config(&ca, Some((ocert.as_path(), okey.as_path()))),
         ] {
             out.push(match tls_channel(cfg, LISTEN_NAME).await {
                 Ok(mut c) => unary(&mut c).await.map_err(|e| e.to_string()),
@@ -467,6 +496,25 @@ fn grpc_tls_listener_certificate_reloads() {
         }),
         upstream: None,
     };
+    // A missing file at start: the service is refused, the file named.
+    let missing = pki.dir.join("missing-key.pem");
+    let broken = GrpcTls {
+        listen: Some(ListenTls {
+            key: text(&missing),
+            ..tls.listen.clone().unwrap()
+        }),
+        upstream: None,
+    };
+    let e = p
+        .apply(&state(&service(backends(&lab), Some(broken.clone()))))
+        .expect_err("missing key file")
+        .to_string();
+    eprintln!("refused: {e}");
+    assert!(
+        e.contains("grpc.tls") && e.contains("missing-key.pem") && e.contains("cannot read"),
+        "{e}"
+    );
+    assert!(p.stats().is_empty(), "the service did not start");
     p.apply(&state(&service(backends(&lab), Some(tls))))
         .expect("apply");
 
@@ -474,7 +522,11 @@ fn grpc_tls_listener_certificate_reloads() {
         block_on_in(&lab.client().ns, || async {
             let cfg = client_config(&ca, None);
             let (mut old, seen_first) = raw_connection(cfg.clone()).await;
-            assert_eq!(raw_unary(&mut old).await.as_deref(), Ok("0"), "call before the reload");
+            assert_eq!(
+                raw_unary(&mut old).await.as_deref(),
+                Ok("0"),
+                "call before the reload"
+            );
             // New files: key first, then the certificate (each renamed in
             // place); a poll between the two sees a mismatch and keeps the old.
             let (cert, _) = pki.server(&pki.ca, "listen", &names);
@@ -498,14 +550,21 @@ fn grpc_tls_listener_certificate_reloads() {
             // certificate) still carries calls.
             let mut old_ok = 0;
             for _ in 0..5 {
-                assert_eq!(raw_unary(&mut old).await.as_deref(), Ok("0"), "old connection");
+                assert_eq!(
+                    raw_unary(&mut old).await.as_deref(),
+                    Ok("0"),
+                    "old connection"
+                );
                 old_ok += 1;
             }
             (seen_first, seen_second, second, after_bad, old_ok)
         });
     assert_eq!(seen_first.serial, first.serial);
     assert_ne!(first.serial, second.serial);
-    assert_eq!(seen_second.serial, second.serial, "new connections: new certificate");
+    assert_eq!(
+        seen_second.serial, second.serial,
+        "new connections: new certificate"
+    );
     assert_eq!(after_bad.serial, second.serial, "a broken set is kept out");
     assert_eq!(old_ok, 5);
     let s = stats(&p);
@@ -515,6 +574,16 @@ fn grpc_tls_listener_certificate_reloads() {
     );
     assert!(s.tls_reloads >= 1);
     assert!(s.tls_reload_errors >= 1);
+
+    // New settings naming a missing file: refused; the running TLS stays.
+    let e = p
+        .apply(&state(&service(backends(&lab), Some(broken))))
+        .expect_err("missing key file");
+    assert!(e.to_string().contains("missing-key.pem"), "{e}");
+    let still = block_on_in(&lab.client().ns, || async {
+        handshake(client_config(&ca, None)).await
+    });
+    assert_eq!(still.expect("handshake").serial, second.serial);
 }
 
 /// (5) Health checks of a TLS-upstream service speak TLS: a backend with a
@@ -528,7 +597,7 @@ fn grpc_tls_health_checks_speak_tls() {
     let ca = pki.ca_file(&pki.ca, "ca");
     let _be = Backends::start(&lab, |i, ip| {
         let issuer = if i == 2 { &pki.other } else { &pki.ca };
-        let (c, k) = pki.server(issuer, &format!("backend-{i}"), &[&ip.to_string()]);
+        let (c, k) = pki.server(issuer, &format!("backend-{i}"), &[ip.to_string().as_str()]);
         Some(server_config(&c, &k))
     });
     let tls = GrpcTls {
@@ -567,7 +636,7 @@ fn grpc_tls_health_checks_speak_tls() {
         h.set_targets(&state(&svc));
         wait(
             h.clone(),
-            Box::new(move |h| snap(h, b1).passed >= 3 && snap(h, b2).failed >= 3),
+            Box::new(move |h: &HealthChecker| snap(h, b1).passed >= 3 && snap(h, b2).failed >= 3),
         )
         .await;
         let with_tls = (snap(&h, b1), snap(&h, b2));
@@ -576,12 +645,22 @@ fn grpc_tls_health_checks_speak_tls() {
         plain.grpc.as_mut().unwrap().tls = None;
         h.set_targets(&state(&plain));
         let failed = snap(&h, b1).failed;
-        wait(h.clone(), Box::new(move |h| snap(h, b1).failed >= failed + 3)).await;
+        wait(
+            h.clone(),
+            Box::new(move |h: &HealthChecker| snap(h, b1).failed >= failed + 3),
+        )
+        .await;
         (with_tls, snap(&h, b1))
     });
     eprintln!("over TLS: {with_tls:?}; without: {without_tls:?}");
     let (good, bad) = with_tls;
-    assert!(good.healthy && good.passed >= 3 && good.failed == 0, "{good:?}");
-    assert!(!bad.healthy && bad.failed >= 3 && bad.passed == 0, "{bad:?}");
+    assert!(
+        good.healthy && good.passed >= 3 && good.failed == 0,
+        "{good:?}"
+    );
+    assert!(
+        !bad.healthy && bad.failed >= 3 && bad.passed == 0,
+        "{bad:?}"
+    );
     assert!(without_tls.failed >= 3, "{without_tls:?}");
 }

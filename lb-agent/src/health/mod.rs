@@ -290,25 +290,31 @@ struct CheckTls {
 }
 
 impl CheckTls {
-    fn current(&mut self, backend: SocketAddrV4, service: &str) -> Result<probe::Tls, probe::Failure> {
-        let r = match &mut self.files {
-            Some(r) => {
-                if let Polled::Invalid(e) = r.poll() {
-                    debug!(service, "health check TLS files changed but not usable ({e}); keeping the last good ones");
-                }
-                r
+    fn current(
+        &mut self,
+        backend: SocketAddrV4,
+        service: &str,
+    ) -> Result<probe::Tls, probe::Failure> {
+        if let Some(r) = self.files.as_mut() {
+            if let Polled::Invalid(e) = r.poll() {
+                debug!(
+                    service,
+                    "health check TLS files changed but not usable ({e}); keeping the last good ones"
+                );
             }
-            None => self.files.insert(
-                lb_api::tls::service::upstream_reloader(&self.spec)
-                    .map_err(|e| probe::Failure::Tls(e.to_string()))?,
-            ),
-        };
+        } else {
+            let r = lb_api::tls::service::upstream_reloader(&self.spec)
+                .map_err(|e| probe::Failure::Tls(e.to_string()))?;
+            self.files = Some(r);
+        }
+        let config = self
+            .files
+            .as_ref()
+            .map(|r| r.current().config.clone())
+            .ok_or_else(|| probe::Failure::Tls("no TLS configuration".into()))?;
         let name = lb_api::tls::service::upstream_name(&self.spec, *backend.ip())
             .ok_or_else(|| probe::Failure::Tls("invalid server_name".into()))?;
-        Ok(probe::Tls {
-            config: r.current().config.clone(),
-            name,
-        })
+        Ok(probe::Tls { config, name })
     }
 }
 

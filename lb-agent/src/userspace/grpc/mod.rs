@@ -563,12 +563,7 @@ async fn forward(
         let be = lease.backend().clone();
         let (mut sender, slot) = match pools
             .of(be.key())
-            .get(
-                be.addr(),
-                &be.counters,
-                &pool_opts,
-                pools.2.upstream(*be.addr().ip()),
-            )
+            .get(be.addr(), &be.counters, &pool_opts, &pools.2)
             .await
         {
             Ok(s) => s,

@@ -44,7 +44,7 @@ use tracing::debug;
 
 use super::body::UpBody;
 use super::frames::{Event, PeerState, Sniffer};
-use super::tls::{self, MaybeTls, Upstream};
+use super::tls::{self, Holder, MaybeTls, Upstream};
 use crate::userspace::options::ProxyOptions;
 use crate::userspace::stats::BackendCounters;
 
@@ -211,13 +211,13 @@ pub(crate) struct Pool {
 
 impl Pool {
     /// A stream on one of the backend's connections, opening one if needed
-    /// (over TLS when `tls` is given).
+    /// (over TLS when the service's `tls` says so).
     pub(crate) async fn get(
         &self,
         addr: SocketAddrV4,
         counters: &Arc<BackendCounters>,
         opts: &PoolOptions,
-        tls: Option<Upstream>,
+        tls: &Holder,
     ) -> Result<(Sender, Slot), ConnectError> {
         if let Some(s) = self.ready(addr, opts)? {
             return Ok(s);
@@ -238,7 +238,8 @@ impl Pool {
             st.next_id += 1;
             st.next_id
         };
-        let connect = connect(addr, counters, opts, tls, Arc::downgrade(&self.state), id);
+        let up = tls.upstream(*addr.ip());
+        let connect = connect(addr, counters, opts, up, Arc::downgrade(&self.state), id);
         let res = if opts.connect_timeout.is_zero() {
             connect.await
         } else {
@@ -487,6 +488,8 @@ mod tests {
 
     use super::*;
 
+    static PLAIN: Holder = Holder::plain();
+
     /// An HTTP/2 server on localhost answering every request with 200, with
     /// this stream limit.
     async fn h2_server(max_streams: Option<u32>) -> SocketAddrV4 {
@@ -540,12 +543,12 @@ mod tests {
         let o = opts();
         // Calls arriving together share one connect.
         let (a, b, c) = tokio::join!(
-            pool.get(addr, &counters, &o, None),
-            pool.get(addr, &counters, &o, None),
-            pool.get(addr, &counters, &o, None)
+            pool.get(addr, &counters, &o, &PLAIN),
+            pool.get(addr, &counters, &o, &PLAIN),
+            pool.get(addr, &counters, &o, &PLAIN)
         );
         let senders = [a.unwrap(), b.unwrap(), c.unwrap()];
-        let d = pool.get(addr, &counters, &o, None).await.unwrap();
+        let d = pool.get(addr, &counters, &o, &PLAIN).await.unwrap();
         assert_eq!(counters.new.load(Relaxed), 1);
         assert_eq!(counters.active.load(Relaxed), 1);
         // Drained: refused at once, and the idle connection closes once the
@@ -553,7 +556,7 @@ mod tests {
         pool.drain();
         assert_eq!(pool.connections(), 0);
         assert_eq!(
-            pool.get(addr, &counters, &o, None).await.unwrap_err(),
+            pool.get(addr, &counters, &o, &PLAIN).await.unwrap_err(),
             ConnectError::Draining
         );
         assert_eq!(counters.active.load(Relaxed), 1, "busy: kept");
@@ -561,7 +564,7 @@ mod tests {
         assert!(until(|| counters.active.load(Relaxed) == 0).await);
         // Back in service: a new connection.
         pool.undrain();
-        let _s = pool.get(addr, &counters, &o, None).await.unwrap();
+        let _s = pool.get(addr, &counters, &o, &PLAIN).await.unwrap();
         assert_eq!(counters.new.load(Relaxed), 2);
         assert_eq!(counters.active.load(Relaxed), 1);
     }
@@ -578,16 +581,16 @@ mod tests {
         };
         let mut held = Vec::new();
         for _ in 0..6 {
-            held.push(pool.get(addr, &counters, &o, None).await.unwrap());
+            held.push(pool.get(addr, &counters, &o, &PLAIN).await.unwrap());
         }
         assert_eq!(counters.new.load(Relaxed), 3, "2 streams on each of 3");
         assert_eq!(pool.connections(), 3);
         // At the bound: onto the least busy connection, no 4th.
-        held.push(pool.get(addr, &counters, &o, None).await.unwrap());
+        held.push(pool.get(addr, &counters, &o, &PLAIN).await.unwrap());
         assert_eq!(counters.new.load(Relaxed), 3);
         // A freed stream is taken again before anything new is opened.
         held.truncate(5);
-        held.push(pool.get(addr, &counters, &o, None).await.unwrap());
+        held.push(pool.get(addr, &counters, &o, &PLAIN).await.unwrap());
         assert_eq!(counters.new.load(Relaxed), 3);
         // All idle: every connection closes after the idle time.
         drop(held);
@@ -638,7 +641,7 @@ mod tests {
             keepalive_timeout: Duration::from_millis(300),
             ..opts()
         };
-        let (mut sender, _slot) = pool.get(addr, &counters, &o, None).await.unwrap();
+        let (mut sender, _slot) = pool.get(addr, &counters, &o, &PLAIN).await.unwrap();
         assert_eq!(counters.active.load(Relaxed), 1);
         // The backend goes silent; PINGs (sent while a call is open) go
         // unanswered and the connection closes within interval + timeout.
@@ -662,12 +665,18 @@ mod tests {
         let addr = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port);
         let counters = Arc::new(BackendCounters::default());
         let pool = Pool::default();
-        let e = pool.get(addr, &counters, &opts(), None).await.unwrap_err();
+        let e = pool
+            .get(addr, &counters, &opts(), &PLAIN)
+            .await
+            .unwrap_err();
         assert!(matches!(e, ConnectError::Connect(_)), "{e:?}");
         assert_eq!(counters.active.load(Relaxed), 0);
         pool.drain();
         assert!(pool.is_draining());
-        let e = pool.get(addr, &counters, &opts(), None).await.unwrap_err();
+        let e = pool
+            .get(addr, &counters, &opts(), &PLAIN)
+            .await
+            .unwrap_err();
         assert_eq!(e, ConnectError::Draining);
         pool.undrain();
         assert!(!pool.is_draining());

@@ -32,7 +32,7 @@ use lb_api::tls::reload::{Loaded, ReloadStats, Reloader};
 use lb_api::tls::rustls::pki_types::ServerName;
 use lb_api::tls::rustls::{ClientConfig, ServerConfig};
 use lb_api::tls::service::{listen_reloader, upstream_name, upstream_reloader};
-use lb_api::tls::{TlsError, ALPN_H2};
+use lb_api::tls::{ALPN_H2, TlsError};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -142,6 +142,12 @@ impl fmt::Debug for Upstream {
 pub(crate) struct Holder(RwLock<Option<Arc<ServiceTls>>>);
 
 impl Holder {
+    /// Plaintext both ways.
+    #[cfg(test)]
+    pub(crate) const fn plain() -> Self {
+        Holder(RwLock::new(None))
+    }
+
     fn get(&self) -> Option<Arc<ServiceTls>> {
         self.0
             .read()
