@@ -127,6 +127,18 @@ fn stats(p: &UserspaceProxy) -> ServiceStats {
         .expect("stats of the service")
 }
 
+/// Polls the stats until `ok` holds (at most 5 s); the last ones either way.
+fn settled(p: &UserspaceProxy, ok: impl Fn(&ServiceStats) -> bool) -> ServiceStats {
+    let deadline = Instant::now() + CALL;
+    loop {
+        let s = stats(p);
+        if ok(&s) || Instant::now() >= deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A channel to the VIP over TLS (one connection, made now), verifying
 /// the proxy's certificate for `name`.
 async fn tls_channel(
@@ -325,7 +337,7 @@ fn grpc_tls_terminates_client_tls() {
     let e = h2c.expect_err("a plaintext client of a TLS listener must fail");
     eprintln!("plaintext client: {e}");
     // Each refused handshake is counted.
-    let s = stats(&p);
+    let s = settled(&p, |s| s.tls_handshake_failures >= 3);
     assert!(
         s.tls_handshake_failures >= 3,
         "{}",
@@ -467,7 +479,12 @@ fn grpc_tls_both_ways_with_client_certificates() {
         N as u64,
         "only the authenticated client's calls reached a backend"
     );
-    assert!(stats(&p).tls_handshake_failures >= 2);
+    let s = settled(&p, |s| s.tls_handshake_failures >= 2);
+    assert!(
+        s.tls_handshake_failures >= 2,
+        "{}",
+        s.tls_handshake_failures
+    );
 }
 
 /// (4) Reload: the listener's files are replaced; new connections get the
