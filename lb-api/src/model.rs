@@ -375,7 +375,8 @@ pub fn check_added_header(name: &str, value: &str) -> Result<(), String> {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthCheckKind {
-    /// `grpc.health.v1.Health/Check` over HTTP/2 without TLS (h2c); passes
+    /// `grpc.health.v1.Health/Check` over HTTP/2 (h2c, or TLS with the
+    /// service's `grpc.tls.upstream`); passes
     /// on `SERVING` only.
     #[default]
     Grpc,

@@ -18,6 +18,10 @@
 //!   them all would turn a failing health endpoint (or a network problem
 //!   between the node and the pods) into a full outage.
 //!
+//! - `grpc` checks of a service with `grpc.tls.upstream` speak TLS with the
+//!   proxy's settings (lb-api's `tls::service`, the files followed by the
+//!   same `Reloader`, polled before each check).
+//!
 //! Worst case from a backend's failure to no new flows: `unhealthy_threshold`
 //! × `interval` + `timeout` (the last check's) + one apply (milliseconds).
 
