@@ -48,11 +48,11 @@ use std::time::Duration;
 
 use crate::model::{
     Algorithm, Backend, BackendState, Balancing, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy,
-    HealthCheck, HealthCheckKind, OrcaWrr, OutlierDetection, Protocol, RetryPolicy, RetryThrottle,
-    Service,
+    GrpcTls, HealthCheck, HealthCheckKind, ListenTls, OrcaWrr, OutlierDetection, Protocol,
+    RetryPolicy, RetryThrottle, Service, UpstreamTls,
 };
 use crate::validate::{
-    self, BackendField, Field, HeaderField, OrcaWrrField, OutlierField, RetryField,
+    self, BackendField, Field, HeaderField, OrcaWrrField, OutlierField, RetryField, TlsField,
 };
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Expected, MapAccess, SeqAccess, Unexpected, Visitor};
@@ -425,7 +425,7 @@ struct RawHealthCheck {
 #[derive(Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a gRPC mode mapping (timeout, headers, retry, outlier_detection, balancing, orca_wrr)"
+    expecting = "a gRPC mode mapping (timeout, headers, retry, outlier_detection, balancing, orca_wrr, tls)"
 )]
 struct RawGrpc {
     timeout: Option<At<Seconds>>,
@@ -439,6 +439,8 @@ struct RawGrpc {
     balancing: Option<At<BalancingField>>,
     /// The `orca_wrr` settings (gRFC A58); only with `balancing: orca_wrr`.
     orca_wrr: Option<At<RawOrcaWrr>>,
+    /// Present: TLS to clients and/or backends.
+    tls: Option<At<RawTls>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -463,6 +465,39 @@ struct RawOrcaWrr {
     weight_expiration_period: Option<At<DurationField>>,
     weight_update_period: Option<At<DurationField>>,
     error_utilization_penalty: Option<At<Milli>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a TLS mapping (listen, upstream)")]
+struct RawTls {
+    listen: Option<At<RawListenTls>>,
+    upstream: Option<At<RawUpstreamTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a listener TLS mapping (cert, key, client_ca)"
+)]
+struct RawListenTls {
+    #[serde(default, deserialize_with = "required")]
+    cert: Option<At<String>>,
+    #[serde(default, deserialize_with = "required")]
+    key: Option<At<String>>,
+    client_ca: Option<At<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an upstream TLS mapping (ca, server_name, cert, key)"
+)]
+struct RawUpstreamTls {
+    #[serde(default, deserialize_with = "required")]
+    ca: Option<At<String>>,
+    server_name: Option<At<String>>,
+    cert: Option<At<String>>,
+    key: Option<At<String>>,
 }
 
 #[derive(Deserialize)]
@@ -730,6 +765,37 @@ fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
                             .map_or(d.max_ejection_percent, |n| n.value.0),
                     }
                 }),
+                tls: match &g.value.tls {
+                    None => None,
+                    Some(t) => {
+                        let here = [&here[..], &[key("grpc"), key("tls")]].concat();
+                        let text = |v: &Option<At<String>>| v.as_ref().map(|v| v.value.clone());
+                        let listen = match &t.value.listen {
+                            None => None,
+                            Some(l) => {
+                                let here = [&here[..], &[key("listen")]].concat();
+                                Some(ListenTls {
+                                    cert: need(&l.value.cert, "cert", &here, l.at)?.clone(),
+                                    key: need(&l.value.key, "key", &here, l.at)?.clone(),
+                                    client_ca: text(&l.value.client_ca),
+                                })
+                            }
+                        };
+                        let upstream = match &t.value.upstream {
+                            None => None,
+                            Some(u) => {
+                                let here = [&here[..], &[key("upstream")]].concat();
+                                Some(UpstreamTls {
+                                    ca: need(&u.value.ca, "ca", &here, u.at)?.clone(),
+                                    server_name: text(&u.value.server_name),
+                                    cert: text(&u.value.cert),
+                                    key: text(&u.value.key),
+                                })
+                            }
+                        };
+                        Some(GrpcTls { listen, upstream })
+                    }
+                },
             })
         }
     };
@@ -934,6 +1000,35 @@ fn field_problem(i: usize, rs: &At<RawService>, field: Field, message: String) -
                 (key("orca_wrr"), o.map(|o| o.at)),
                 (key(f.name()), pos),
             ]
+        }
+        Field::GrpcTls(f) => {
+            let tls = s.grpc.as_ref().and_then(|g| g.value.tls.as_ref());
+            let listen = tls.and_then(|t| t.value.listen.as_ref());
+            let upstream = tls.and_then(|t| t.value.upstream.as_ref());
+            let mut v = vec![(key("grpc"), at(&s.grpc)), (key("tls"), tls.map(|t| t.at))];
+            let l = |name: &str, pos: fn(&RawListenTls) -> Option<Location>| {
+                vec![
+                    (key("listen"), listen.map(|l| l.at)),
+                    (key(name), listen.and_then(|l| pos(&l.value))),
+                ]
+            };
+            let u = |name: &str, pos: fn(&RawUpstreamTls) -> Option<Location>| {
+                vec![
+                    (key("upstream"), upstream.map(|u| u.at)),
+                    (key(name), upstream.and_then(|u| pos(&u.value))),
+                ]
+            };
+            v.extend(match f {
+                TlsField::Tls => vec![],
+                TlsField::ListenCert => l("cert", |r| at(&r.cert)),
+                TlsField::ListenKey => l("key", |r| at(&r.key)),
+                TlsField::ListenClientCa => l("client_ca", |r| at(&r.client_ca)),
+                TlsField::UpstreamCa => u("ca", |r| at(&r.ca)),
+                TlsField::UpstreamServerName => u("server_name", |r| at(&r.server_name)),
+                TlsField::UpstreamCert => u("cert", |r| at(&r.cert)),
+                TlsField::UpstreamKey => u("key", |r| at(&r.key)),
+            });
+            v
         }
         Field::HealthCheck => vec![(key("health_check"), at(&s.health_check))],
         Field::HealthCheckService => health("service", |h| at(&h.service)),
@@ -2240,6 +2335,70 @@ mod tests {
             "      balancing: orca_wrr\n      orca_wrr: { blackout: 1s }\n",
             "services[0].grpc.orca_wrr",
             "unknown field `blackout`",
+        );
+    }
+
+    #[test]
+    fn grpc_tls() {
+        let c = parse(
+            &format!(
+                "{ONE}    grpc:\n      tls:\n        listen: {{ cert: /t/tls.crt, key: /t/tls.key }}\n        \
+                 upstream: {{ ca: /u/ca.crt, server_name: api.shop, cert: /u/c.pem, key: /u/k.pem }}\n"
+            ),
+            "x",
+        )
+        .unwrap();
+        assert_eq!(
+            c.state.services[0].grpc.clone().unwrap().tls,
+            Some(GrpcTls {
+                listen: Some(ListenTls {
+                    cert: "/t/tls.crt".into(),
+                    key: "/t/tls.key".into(),
+                    client_ca: None,
+                }),
+                upstream: Some(UpstreamTls {
+                    ca: "/u/ca.crt".into(),
+                    server_name: Some("api.shop".into()),
+                    cert: Some("/u/c.pem".into()),
+                    key: Some("/u/k.pem".into()),
+                }),
+            })
+        );
+        let bad = |yaml: &str, path: &str, needle: &str| {
+            let e = parse(&format!("{ONE}    grpc:\n      tls: {yaml}\n"), "x").unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains(path), "{text} should name {path}");
+            assert!(text.contains(needle), "{text} should say {needle}");
+        };
+        bad(
+            "{}",
+            "services[0].grpc.tls",
+            "names neither listen nor upstream",
+        );
+        bad(
+            "{ listen: { cert: /a } }",
+            "services[0].grpc.tls.listen",
+            "missing field `key`",
+        );
+        bad(
+            "{ listen: { cert: a.pem, key: /k } }",
+            "services[0].grpc.tls.listen.cert",
+            "must be absolute",
+        );
+        bad(
+            "{ upstream: { ca: /ca, server_name: 'a b' } }",
+            "services[0].grpc.tls.upstream.server_name",
+            "not a DNS name",
+        );
+        bad(
+            "{ upstream: { ca: /ca, cert: /c } }",
+            "services[0].grpc.tls.upstream.key",
+            "needs its key",
+        );
+        bad(
+            "{ upstream: { ca: /ca, sni: x } }",
+            "services[0].grpc.tls.upstream",
+            "unknown field `sni`",
         );
     }
 

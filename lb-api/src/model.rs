@@ -168,6 +168,9 @@ pub struct GrpcPolicy {
     /// How each call's backend is chosen (default: P2C least outstanding).
     #[serde(default)]
     pub balancing: Balancing,
+    /// `Some`: TLS towards clients, backends or both (files on the node).
+    #[serde(default)]
+    pub tls: Option<GrpcTls>,
 }
 
 /// Passive outlier ejection of a gRPC-mode service (per agent): a backend
@@ -255,6 +258,49 @@ impl Balancing {
             Balancing::OrcaWrr(_) => "orca_wrr",
         }
     }
+}
+
+/// TLS of a gRPC-mode service. Each part is optional: terminate only
+/// (`listen`), originate only (`upstream`), or both. Paths are absolute
+/// paths of PEM files on the node the agent runs on; the agent follows
+/// them and uses a changed, valid set for new connections.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct GrpcTls {
+    /// `Some`: the service's listener speaks TLS to clients (ALPN `h2`).
+    #[serde(default)]
+    pub listen: Option<ListenTls>,
+    /// `Some`: the proxy speaks TLS to the service's backends (ALPN `h2`).
+    #[serde(default)]
+    pub upstream: Option<UpstreamTls>,
+}
+
+/// The TLS a gRPC service's listener presents to clients.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ListenTls {
+    /// The certificate chain (leaf first).
+    pub cert: String,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+    /// `Some`: clients must present a certificate signed by this CA bundle
+    /// (mutual TLS); `None`: no client certificate is asked for.
+    #[serde(default)]
+    pub client_ca: Option<String>,
+}
+
+/// The TLS the proxy speaks to a gRPC service's backends.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct UpstreamTls {
+    /// The CA bundle the backends' certificates are verified against.
+    pub ca: String,
+    /// The name sent (SNI) and verified in each backend's certificate;
+    /// `None`: the backend's IP address (an IP SAN).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// A client certificate for the backends (with `key`; both or neither).
+    #[serde(default)]
+    pub cert: Option<String>,
+    #[serde(default)]
+    pub key: Option<String>,
 }
 
 /// A retry policy of a gRPC-mode service (gRFC A6 `retryPolicy`, plus its
@@ -378,6 +424,7 @@ impl Default for GrpcPolicy {
             retry: None,
             outlier_detection: None,
             balancing: Balancing::P2c,
+            tls: None,
         }
     }
 }
@@ -424,7 +471,8 @@ pub fn check_added_header(name: &str, value: &str) -> Result<(), String> {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthCheckKind {
-    /// `grpc.health.v1.Health/Check` over HTTP/2 without TLS (h2c); passes
+    /// `grpc.health.v1.Health/Check` over HTTP/2 (h2c, or TLS with the
+    /// service's `grpc.tls.upstream`); passes
     /// on `SERVING` only.
     #[default]
     Grpc,

@@ -24,8 +24,9 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use crate::model::{
-    Backend, Balancing, DEFAULT_MAGLEV_M, HealthCheckKind, MAX_RETRY_ATTEMPTS, MAX_WEIGHT, OrcaWrr,
-    OutlierDetection, Protocol, RetryPolicy, Service, ServiceAddr, check_added_header, is_prime,
+    Backend, Balancing, DEFAULT_MAGLEV_M, GrpcTls, HealthCheckKind, MAX_RETRY_ATTEMPTS, MAX_WEIGHT,
+    OrcaWrr, OutlierDetection, Protocol, RetryPolicy, Service, ServiceAddr, check_added_header,
+    is_prime,
 };
 
 /// The largest client-IP affinity timeout (as in Kubernetes).
@@ -52,6 +53,7 @@ pub enum Field {
     GrpcRetry(RetryField),
     GrpcOutlier(OutlierField),
     GrpcOrcaWrr(OrcaWrrField),
+    GrpcTls(TlsField),
     /// The health check as a whole (it needs TCP).
     HealthCheck,
     HealthCheckService,
@@ -137,6 +139,36 @@ impl OrcaWrrField {
     }
 }
 
+/// A field of a gRPC service's TLS (`grpc.tls`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsField {
+    /// `grpc.tls` as a whole.
+    Tls,
+    ListenCert,
+    ListenKey,
+    ListenClientCa,
+    UpstreamCa,
+    UpstreamServerName,
+    UpstreamCert,
+    UpstreamKey,
+}
+
+impl TlsField {
+    /// The field's YAML name (under `grpc.tls`; empty for the whole).
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsField::Tls => "",
+            TlsField::ListenCert => "listen.cert",
+            TlsField::ListenKey => "listen.key",
+            TlsField::ListenClientCa => "listen.client_ca",
+            TlsField::UpstreamCa => "upstream.ca",
+            TlsField::UpstreamServerName => "upstream.server_name",
+            TlsField::UpstreamCert => "upstream.cert",
+            TlsField::UpstreamKey => "upstream.key",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HeaderField {
     Name,
@@ -172,6 +204,8 @@ impl fmt::Display for Field {
             Field::GrpcRetry(r) => write!(f, "grpc.retry.{}", r.name()),
             Field::GrpcOutlier(o) => write!(f, "grpc.outlier_detection.{}", o.name()),
             Field::GrpcOrcaWrr(o) => write!(f, "grpc.orca_wrr.{}", o.name()),
+            Field::GrpcTls(TlsField::Tls) => f.write_str("grpc.tls"),
+            Field::GrpcTls(t) => write!(f, "grpc.tls.{}", t.name()),
             Field::HealthCheck => f.write_str("health_check"),
             Field::HealthCheckService => f.write_str("health_check.service"),
             Field::HealthCheckInterval => f.write_str("health_check.interval"),
@@ -627,6 +661,86 @@ pub fn health_service(s: &str) -> Result<(), String> {
     }
 }
 
+/// The longest TLS file path.
+pub const MAX_TLS_PATH_LEN: usize = 4096;
+
+/// A TLS file's path: absolute (it names a file on the node), no control
+/// characters, at most [`MAX_TLS_PATH_LEN`] bytes.
+pub fn tls_path(p: &str) -> Result<(), String> {
+    if p.is_empty() {
+        Err("must not be empty (an absolute path of a PEM file on the node)".into())
+    } else if p.len() > MAX_TLS_PATH_LEN {
+        Err(format!(
+            "path is {} bytes long (maximum {MAX_TLS_PATH_LEN})",
+            p.len()
+        ))
+    } else if p.chars().any(char::is_control) {
+        Err(format!("path {p:?} contains control characters"))
+    } else if !p.starts_with('/') {
+        Err(format!(
+            "path {p:?} must be absolute (a PEM file on the node)"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// The name a backend's certificate is verified against: a DNS name or an
+/// IP address.
+pub fn tls_server_name(n: &str) -> Result<(), String> {
+    if n.is_empty() || n.len() > 253 || n.trim() != n {
+        return Err(format!("server name {n:?} is not a DNS name or IP address"));
+    }
+    rustls::pki_types::ServerName::try_from(n)
+        .map(|_| ())
+        .map_err(|_| format!("server name {n:?} is not a DNS name or IP address"))
+}
+
+/// Checks a gRPC service's TLS settings (not the files: they are the
+/// node's, and the agent reads them).
+pub fn grpc_tls(t: &GrpcTls) -> Result<(), (TlsField, String)> {
+    if t.listen.is_none() && t.upstream.is_none() {
+        return Err((
+            TlsField::Tls,
+            "names neither listen nor upstream (leave tls out for plaintext)".into(),
+        ));
+    }
+    let path = |f: TlsField, p: &str| tls_path(p).map_err(|m| (f, m));
+    if let Some(l) = &t.listen {
+        path(TlsField::ListenCert, &l.cert)?;
+        path(TlsField::ListenKey, &l.key)?;
+        if let Some(ca) = &l.client_ca {
+            path(TlsField::ListenClientCa, ca)?;
+        }
+    }
+    if let Some(u) = &t.upstream {
+        path(TlsField::UpstreamCa, &u.ca)?;
+        if let Some(n) = &u.server_name {
+            tls_server_name(n).map_err(|m| (TlsField::UpstreamServerName, m))?;
+        }
+        match (&u.cert, &u.key) {
+            (Some(c), Some(k)) => {
+                path(TlsField::UpstreamCert, c)?;
+                path(TlsField::UpstreamKey, k)?;
+            }
+            (Some(_), None) => {
+                return Err((
+                    TlsField::UpstreamKey,
+                    "missing: a client certificate (cert) needs its key".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err((
+                    TlsField::UpstreamCert,
+                    "missing: a key needs its client certificate (cert)".into(),
+                ));
+            }
+            (None, None) => {}
+        }
+    }
+    Ok(())
+}
+
 /// The backends that take new flows (active, weight > 0), each `ip:port` once.
 pub fn live_backends(backends: &[Backend]) -> impl Iterator<Item = &Backend> {
     let mut seen = HashSet::new();
@@ -734,6 +848,12 @@ impl Service {
             if let Balancing::OrcaWrr(w) = &g.balancing {
                 orca_wrr(w).map_err(|(f, message)| InvalidService {
                     field: Field::GrpcOrcaWrr(f),
+                    message,
+                })?;
+            }
+            if let Some(t) = &g.tls {
+                grpc_tls(t).map_err(|(f, message)| InvalidService {
+                    field: Field::GrpcTls(f),
                     message,
                 })?;
             }
@@ -912,6 +1032,153 @@ mod tests {
             let mut s = base();
             f(s.grpc.as_mut().unwrap().outlier_detection.as_mut().unwrap());
             assert_eq!(s.validate(), Ok(()));
+        }
+    }
+
+    /// Each bad TLS setting names its field and says why; the good shapes
+    /// (terminate only, originate only, both) pass.
+    #[test]
+    fn grpc_tls_values_are_checked() {
+        use crate::model::{GrpcTls, ListenTls, UpstreamTls};
+        let listen = || ListenTls {
+            cert: "/etc/rpclb/grpc-tls/a/tls.crt".into(),
+            key: "/etc/rpclb/grpc-tls/a/tls.key".into(),
+            client_ca: None,
+        };
+        let upstream = || UpstreamTls {
+            ca: "/etc/rpclb/grpc-tls/b/ca.crt".into(),
+            server_name: None,
+            cert: None,
+            key: None,
+        };
+        let with = |t: GrpcTls| {
+            let mut s = svc(Algorithm::Random, 2, 0);
+            s.grpc = Some(GrpcPolicy {
+                tls: Some(t),
+                ..GrpcPolicy::default()
+            });
+            s.validate()
+        };
+        let ok = [
+            GrpcTls {
+                listen: Some(listen()),
+                upstream: None,
+            },
+            GrpcTls {
+                listen: None,
+                upstream: Some(upstream()),
+            },
+            GrpcTls {
+                listen: Some(ListenTls {
+                    client_ca: Some("/ca.pem".into()),
+                    ..listen()
+                }),
+                upstream: Some(UpstreamTls {
+                    server_name: Some("backend.shop.svc".into()),
+                    cert: Some("/c.pem".into()),
+                    key: Some("/k.pem".into()),
+                    ..upstream()
+                }),
+            },
+            GrpcTls {
+                listen: None,
+                upstream: Some(UpstreamTls {
+                    server_name: Some("10.244.1.2".into()),
+                    ..upstream()
+                }),
+            },
+        ];
+        for t in ok {
+            assert_eq!(with(t.clone()), Ok(()), "{t:?}");
+        }
+        let bad: Vec<(GrpcTls, &str, &str)> = vec![
+            (
+                GrpcTls::default(),
+                "grpc.tls",
+                "names neither listen nor upstream",
+            ),
+            (
+                GrpcTls {
+                    listen: Some(ListenTls {
+                        cert: "tls.crt".into(),
+                        ..listen()
+                    }),
+                    upstream: None,
+                },
+                "grpc.tls.listen.cert",
+                "must be absolute",
+            ),
+            (
+                GrpcTls {
+                    listen: Some(ListenTls {
+                        key: String::new(),
+                        ..listen()
+                    }),
+                    upstream: None,
+                },
+                "grpc.tls.listen.key",
+                "must not be empty",
+            ),
+            (
+                GrpcTls {
+                    listen: Some(ListenTls {
+                        client_ca: Some("/a\nb".into()),
+                        ..listen()
+                    }),
+                    upstream: None,
+                },
+                "grpc.tls.listen.client_ca",
+                "control characters",
+            ),
+            (
+                GrpcTls {
+                    listen: None,
+                    upstream: Some(UpstreamTls {
+                        ca: "ca.crt".into(),
+                        ..upstream()
+                    }),
+                },
+                "grpc.tls.upstream.ca",
+                "must be absolute",
+            ),
+            (
+                GrpcTls {
+                    listen: None,
+                    upstream: Some(UpstreamTls {
+                        server_name: Some("bad name!".into()),
+                        ..upstream()
+                    }),
+                },
+                "grpc.tls.upstream.server_name",
+                "not a DNS name or IP address",
+            ),
+            (
+                GrpcTls {
+                    listen: None,
+                    upstream: Some(UpstreamTls {
+                        cert: Some("/c.pem".into()),
+                        ..upstream()
+                    }),
+                },
+                "grpc.tls.upstream.key",
+                "needs its key",
+            ),
+            (
+                GrpcTls {
+                    listen: None,
+                    upstream: Some(UpstreamTls {
+                        key: Some("/k.pem".into()),
+                        ..upstream()
+                    }),
+                },
+                "grpc.tls.upstream.cert",
+                "needs its client certificate",
+            ),
+        ];
+        for (t, field, why) in bad {
+            let e = with(t).unwrap_err();
+            assert_eq!(e.field.to_string(), field, "{e}");
+            assert!(e.message.contains(why), "{e}");
         }
     }
 

@@ -13,8 +13,8 @@ use std::time::Duration;
 use crate::config::Timeouts;
 use crate::model::{
     Algorithm, Backend, BackendState, Balancing, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy,
-    HealthCheck, HealthCheckKind, OrcaWrr, OutlierDetection, Protocol, RetryPolicy, RetryThrottle,
-    Service, ServiceAddr,
+    GrpcTls, HealthCheck, HealthCheckKind, ListenTls, OrcaWrr, OutlierDetection, Protocol,
+    RetryPolicy, RetryThrottle, Service, ServiceAddr, UpstreamTls,
 };
 use crate::validate::Refusal;
 
@@ -136,6 +136,19 @@ impl From<&Service> for pb::Service {
                         error_utilization_penalty_milli: w.error_utilization_penalty_milli,
                     }),
                 },
+                tls: g.tls.as_ref().map(|t| pb::GrpcTls {
+                    listen: t.listen.as_ref().map(|l| pb::ListenTls {
+                        cert: l.cert.clone(),
+                        key: l.key.clone(),
+                        client_ca: l.client_ca.clone().unwrap_or_default(),
+                    }),
+                    upstream: t.upstream.as_ref().map(|u| pb::UpstreamTls {
+                        ca: u.ca.clone(),
+                        server_name: u.server_name.clone().unwrap_or_default(),
+                        cert: u.cert.clone().unwrap_or_default(),
+                        key: u.key.clone().unwrap_or_default(),
+                    }),
+                }),
             }),
             health_check: s.health_check.as_ref().map(|h| pb::HealthCheck {
                 kind: match h.kind {
@@ -275,6 +288,23 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
                 error_utilization_penalty_milli: w.error_utilization_penalty_milli,
             }),
         },
+        // Checked by `normalise` below; an empty string is an absent value.
+        tls: g.tls.as_ref().map(|t| {
+            let opt = |s: &String| Some(s.clone()).filter(|s| !s.is_empty());
+            GrpcTls {
+                listen: t.listen.as_ref().map(|l| ListenTls {
+                    cert: l.cert.clone(),
+                    key: l.key.clone(),
+                    client_ca: opt(&l.client_ca),
+                }),
+                upstream: t.upstream.as_ref().map(|u| UpstreamTls {
+                    ca: u.ca.clone(),
+                    server_name: opt(&u.server_name),
+                    cert: opt(&u.cert),
+                    key: opt(&u.key),
+                }),
+            }
+        }),
     });
     let health_check = match &s.health_check {
         None => None,
@@ -624,6 +654,19 @@ mod tests {
                 weight_expiration_period: Duration::from_secs(30),
                 weight_update_period: Duration::from_millis(200),
                 error_utilization_penalty_milli: 1500,
+            }),
+            tls: Some(GrpcTls {
+                listen: Some(ListenTls {
+                    cert: "/etc/rpclb/grpc-tls/shop/cart/tls.crt".into(),
+                    key: "/etc/rpclb/grpc-tls/shop/cart/tls.key".into(),
+                    client_ca: Some("/etc/rpclb/grpc-tls/shop/clients/ca.crt".into()),
+                }),
+                upstream: Some(UpstreamTls {
+                    ca: "/etc/rpclb/grpc-tls/shop/pods/ca.crt".into(),
+                    server_name: Some("cart.shop.svc".into()),
+                    cert: None,
+                    key: None,
+                }),
             }),
         });
         s.health_check = Some(HealthCheck {

@@ -40,6 +40,23 @@
 //! without them each is reported and ignored. An invalid setting is
 //! reported and its default used.
 //!
+//! | `rpclb.io/grpc-tls-secret` | a Secret name: the listener terminates TLS with its `tls.crt`/`tls.key` (gRPC mode) | plaintext (h2c) |
+//! | `rpclb.io/grpc-tls-client-ca-secret` | a Secret name: clients must present a certificate signed by its `ca.crt` (mutual TLS) | no client certificates |
+//! | `rpclb.io/grpc-upstream-tls-ca-secret` | a Secret name: the proxy speaks TLS to the backends and verifies them with its `ca.crt` | plaintext (h2c) |
+//! | `rpclb.io/grpc-upstream-tls-secret` | a Secret name: the client certificate (`tls.crt`/`tls.key`) presented to the backends | none |
+//! | `rpclb.io/grpc-upstream-tls-server-name` | the name verified in the backends' certificates (DNS name or IP) | each backend's IP |
+//!
+//! The `rpclb.io/grpc-*tls*` annotations name Secrets that the operator
+//! mounts into the agent's DaemonSet at
+//! `/etc/rpclb/grpc-tls/<namespace>/<secret>/` ([`GRPC_TLS_DIR`]; see
+//! docs/kubernetes.md): the agent reads files on its node and never Secrets
+//! from the API. A Service can only name directories of its own namespace.
+//! They need `rpclb.io/mode: grpc`; the client CA needs
+//! `rpclb.io/grpc-tls-secret`, and the upstream client certificate and
+//! server name need `rpclb.io/grpc-upstream-tls-ca-secret`; without them
+//! each is reported and ignored. An invalid one is reported and ignored
+//! (that side stays plaintext).
+//!
 //! The `rpclb.io/grpc-retry-*` settings need `rpclb.io/mode: grpc` and
 //! `rpclb.io/grpc-retry-max-attempts`; without them each is reported and
 //! ignored. An invalid setting is reported and its default used.
@@ -121,8 +138,21 @@ pub const GRPC_BALANCING_BLACKOUT: &str = "rpclb.io/grpc-balancing-blackout-peri
 pub const GRPC_BALANCING_EXPIRATION: &str = "rpclb.io/grpc-balancing-weight-expiration-period";
 pub const GRPC_BALANCING_UPDATE: &str = "rpclb.io/grpc-balancing-weight-update-period";
 pub const GRPC_BALANCING_PENALTY: &str = "rpclb.io/grpc-balancing-error-utilization-penalty";
+/// A Secret (mounted on the node) whose `tls.crt`/`tls.key` the listener presents.
+pub const GRPC_TLS_SECRET: &str = "rpclb.io/grpc-tls-secret";
+/// A Secret whose `ca.crt` signs the clients' certificates (mutual TLS).
+pub const GRPC_TLS_CLIENT_CA_SECRET: &str = "rpclb.io/grpc-tls-client-ca-secret";
+/// A Secret whose `ca.crt` verifies the backends: TLS to the backends.
+pub const GRPC_UPSTREAM_TLS_CA_SECRET: &str = "rpclb.io/grpc-upstream-tls-ca-secret";
+/// A Secret whose `tls.crt`/`tls.key` the proxy presents to the backends.
+pub const GRPC_UPSTREAM_TLS_SECRET: &str = "rpclb.io/grpc-upstream-tls-secret";
+/// The name verified in the backends' certificates.
+pub const GRPC_UPSTREAM_TLS_SERVER_NAME: &str = "rpclb.io/grpc-upstream-tls-server-name";
+/// Where the agent's DaemonSet mounts the Secrets the TLS annotations name:
+/// `<GRPC_TLS_DIR>/<namespace>/<secret>/{tls.crt,tls.key,ca.crt}`.
+pub const GRPC_TLS_DIR: &str = "/etc/rpclb/grpc-tls";
 /// Every annotation this version understands.
-pub const KNOWN: [&str; 27] = [
+pub const KNOWN: [&str; 32] = [
     ALGORITHM,
     WEIGHTS,
     MAGLEV_TABLE_SIZE,
@@ -150,6 +180,11 @@ pub const KNOWN: [&str; 27] = [
     GRPC_BALANCING_EXPIRATION,
     GRPC_BALANCING_UPDATE,
     GRPC_BALANCING_PENALTY,
+    GRPC_TLS_SECRET,
+    GRPC_TLS_CLIENT_CA_SECRET,
+    GRPC_UPSTREAM_TLS_CA_SECRET,
+    GRPC_UPSTREAM_TLS_SECRET,
+    GRPC_UPSTREAM_TLS_SERVER_NAME,
 ];
 
 /// A Service's load-balancing policy, from its annotations.
@@ -164,9 +199,72 @@ pub struct ServicePolicy {
     pub grpc: Option<lb_api::GrpcPolicy>,
     /// `rpclb.io/health-check` and its settings.
     pub health_check: Option<lb_api::HealthCheck>,
+    /// The `rpclb.io/grpc-*tls*` annotations (gRPC mode only).
+    pub tls: TlsSecrets,
+}
+
+/// The Secrets (mounted under [`GRPC_TLS_DIR`]) that the TLS annotations
+/// name, checked: valid names, and each with what it needs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsSecrets {
+    pub listen: Option<String>,
+    pub client_ca: Option<String>,
+    pub upstream_ca: Option<String>,
+    pub upstream_cert: Option<String>,
+    pub server_name: Option<String>,
+}
+
+impl TlsSecrets {
+    /// The model's TLS for a Service in `namespace` (`None`: plaintext).
+    pub fn to_model(&self, namespace: &str) -> Option<lb_api::GrpcTls> {
+        let file = |secret: &str, name: &str| format!("{GRPC_TLS_DIR}/{namespace}/{secret}/{name}");
+        let listen = self.listen.as_ref().map(|s| lb_api::ListenTls {
+            cert: file(s, "tls.crt"),
+            key: file(s, "tls.key"),
+            client_ca: self.client_ca.as_ref().map(|c| file(c, "ca.crt")),
+        });
+        let upstream = self.upstream_ca.as_ref().map(|ca| lb_api::UpstreamTls {
+            ca: file(ca, "ca.crt"),
+            server_name: self.server_name.clone(),
+            cert: self.upstream_cert.as_ref().map(|c| file(c, "tls.crt")),
+            key: self.upstream_cert.as_ref().map(|c| file(c, "tls.key")),
+        });
+        (listen.is_some() || upstream.is_some()).then_some(lb_api::GrpcTls { listen, upstream })
+    }
+}
+
+/// A Secret name as Kubernetes allows it (a DNS-1123 subdomain): so it is
+/// one path segment, never `..` or a path.
+fn secret_name(v: &str) -> Result<String, Vec<AnnotationProblem>> {
+    let v = v.trim();
+    if v.is_empty() {
+        return Err(vec![AnnotationProblem::Empty]);
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if v.len() > 253 || !v.split('.').all(label_ok) {
+        return Err(vec![AnnotationProblem::TlsValue(format!(
+            "{v:?} is not a Secret name (lowercase letters, digits, '-' and '.')"
+        ))]);
+    }
+    Ok(v.to_string())
 }
 
 impl ServicePolicy {
+    /// The gRPC mode's policy for a Service in `namespace`, its TLS included.
+    pub fn grpc_policy(&self, namespace: &str) -> Option<lb_api::GrpcPolicy> {
+        self.grpc.clone().map(|mut g| {
+            g.tls = self.tls.to_model(namespace);
+            g
+        })
+    }
+
     /// The weight of the backend at `ip`.
     pub fn weight(&self, ip: Ipv4Addr) -> u32 {
         self.weights.get(&ip).copied().unwrap_or(1)
@@ -219,6 +317,11 @@ impl AnnotationError {
             GRPC_BALANCING_EXPIRATION => "using the default weight expiration period (3m)",
             GRPC_BALANCING_UPDATE => "using the default weight update period (1s)",
             GRPC_BALANCING_PENALTY => "using the default error utilization penalty (1)",
+            GRPC_TLS_SECRET => "no TLS to clients (h2c)",
+            GRPC_TLS_CLIENT_CA_SECRET => "no client certificates asked for",
+            GRPC_UPSTREAM_TLS_CA_SECRET => "no TLS to the backends (h2c)",
+            GRPC_UPSTREAM_TLS_SECRET => "no client certificate for the backends",
+            GRPC_UPSTREAM_TLS_SERVER_NAME => "verifying each backend's IP address",
             _ => "ignoring it",
         }
     }
@@ -247,7 +350,7 @@ impl std::error::Error for AnnotationError {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AnnotationProblem {
     #[error(
-        "unknown rpclb.io annotation (known: rpclb.io/algorithm, rpclb.io/weights, rpclb.io/maglev-table-size, rpclb.io/mode, rpclb.io/grpc-timeout, rpclb.io/health-check, rpclb.io/health-check-service, rpclb.io/health-check-interval, rpclb.io/health-check-timeout, rpclb.io/health-check-unhealthy-threshold, rpclb.io/health-check-healthy-threshold, rpclb.io/grpc-retry-max-attempts, rpclb.io/grpc-retry-status-codes, rpclb.io/grpc-retry-initial-backoff, rpclb.io/grpc-retry-max-backoff, rpclb.io/grpc-retry-backoff-multiplier, rpclb.io/grpc-retry-max-tokens, rpclb.io/grpc-retry-token-ratio, rpclb.io/grpc-outlier-consecutive-failures, rpclb.io/grpc-outlier-base-ejection-time, rpclb.io/grpc-outlier-max-ejection-time, rpclb.io/grpc-outlier-max-ejection-percent, rpclb.io/grpc-balancing, rpclb.io/grpc-balancing-blackout-period, rpclb.io/grpc-balancing-weight-expiration-period, rpclb.io/grpc-balancing-weight-update-period, rpclb.io/grpc-balancing-error-utilization-penalty)"
+        "unknown rpclb.io annotation (known: rpclb.io/algorithm, rpclb.io/weights, rpclb.io/maglev-table-size, rpclb.io/mode, rpclb.io/grpc-timeout, rpclb.io/health-check, rpclb.io/health-check-service, rpclb.io/health-check-interval, rpclb.io/health-check-timeout, rpclb.io/health-check-unhealthy-threshold, rpclb.io/health-check-healthy-threshold, rpclb.io/grpc-retry-max-attempts, rpclb.io/grpc-retry-status-codes, rpclb.io/grpc-retry-initial-backoff, rpclb.io/grpc-retry-max-backoff, rpclb.io/grpc-retry-backoff-multiplier, rpclb.io/grpc-retry-max-tokens, rpclb.io/grpc-retry-token-ratio, rpclb.io/grpc-outlier-consecutive-failures, rpclb.io/grpc-outlier-base-ejection-time, rpclb.io/grpc-outlier-max-ejection-time, rpclb.io/grpc-outlier-max-ejection-percent, rpclb.io/grpc-balancing, rpclb.io/grpc-balancing-blackout-period, rpclb.io/grpc-balancing-weight-expiration-period, rpclb.io/grpc-balancing-weight-update-period, rpclb.io/grpc-balancing-error-utilization-penalty, rpclb.io/grpc-tls-secret, rpclb.io/grpc-tls-client-ca-secret, rpclb.io/grpc-upstream-tls-ca-secret, rpclb.io/grpc-upstream-tls-secret, rpclb.io/grpc-upstream-tls-server-name)"
     )]
     UnknownKey,
     #[error("the value is empty")]
@@ -298,6 +401,12 @@ pub enum AnnotationProblem {
     BalancingValue(String),
     #[error("has no effect without rpclb.io/grpc-balancing: orca_wrr")]
     NoOrcaWrr,
+    /// A TLS annotation's value: not a Secret name or a server name.
+    #[error("{0}")]
+    TlsValue(String),
+    /// A TLS annotation that needs another (named) one.
+    #[error("has no effect without {0}")]
+    NeedsAnnotation(&'static str),
 }
 
 /// Reads a Service's policy from its annotations.
@@ -363,6 +472,20 @@ pub fn parse_annotations(
                 outlier.parse(key, value)
             }
             k if k.starts_with(GRPC_BALANCING) && KNOWN.contains(&k) => balancing.parse(key, value),
+            GRPC_TLS_SECRET => secret_name(value).map(|v| policy.tls.listen = Some(v)),
+            GRPC_TLS_CLIENT_CA_SECRET => secret_name(value).map(|v| policy.tls.client_ca = Some(v)),
+            GRPC_UPSTREAM_TLS_CA_SECRET => {
+                secret_name(value).map(|v| policy.tls.upstream_ca = Some(v))
+            }
+            GRPC_UPSTREAM_TLS_SECRET => {
+                secret_name(value).map(|v| policy.tls.upstream_cert = Some(v))
+            }
+            GRPC_UPSTREAM_TLS_SERVER_NAME => match value.trim() {
+                "" => Err(vec![AnnotationProblem::Empty]),
+                v => validate::tls_server_name(v)
+                    .map(|()| policy.tls.server_name = Some(v.to_string()))
+                    .map_err(|e| vec![AnnotationProblem::TlsValue(e)]),
+            },
             _ => Err(vec![AnnotationProblem::UnknownKey]),
         };
         if let Err(problems) = problems {
@@ -380,6 +503,7 @@ pub fn parse_annotations(
     retry.build(policy.grpc.as_mut(), annotations, &mut errors);
     outlier.build(policy.grpc.as_mut(), annotations, &mut errors);
     balancing.build(policy.grpc.as_mut(), annotations, &mut errors);
+    tls_needs(&mut policy, annotations, &mut errors);
     errors.sort_by(|a, b| a.key.cmp(&b.key));
     (policy, errors)
 }
@@ -835,6 +959,56 @@ impl<'a> BalancingSettings<'a> {
     }
 }
 
+/// Drops (and reports) each TLS annotation whose prerequisite is missing:
+/// the gRPC mode for all; the listener's Secret for the client CA; the
+/// upstream CA for the upstream certificate and server name.
+fn tls_needs(
+    policy: &mut ServicePolicy,
+    annotations: &BTreeMap<String, String>,
+    errors: &mut Vec<AnnotationError>,
+) {
+    let mut report = |key: &'static str, problem| {
+        errors.push(AnnotationError {
+            key: key.to_string(),
+            value: annotations.get(key).cloned().unwrap_or_default(),
+            problem,
+        })
+    };
+    let t = &mut policy.tls;
+    if policy.grpc.is_none() {
+        let all = [
+            (GRPC_TLS_SECRET, t.listen.take()),
+            (GRPC_TLS_CLIENT_CA_SECRET, t.client_ca.take()),
+            (GRPC_UPSTREAM_TLS_CA_SECRET, t.upstream_ca.take()),
+            (GRPC_UPSTREAM_TLS_SECRET, t.upstream_cert.take()),
+            (GRPC_UPSTREAM_TLS_SERVER_NAME, t.server_name.take()),
+        ];
+        for (k, _) in all.into_iter().filter(|(_, v)| v.is_some()) {
+            report(k, AnnotationProblem::NoGrpcMode);
+        }
+        return;
+    }
+    if t.listen.is_none() && t.client_ca.take().is_some() {
+        report(
+            GRPC_TLS_CLIENT_CA_SECRET,
+            AnnotationProblem::NeedsAnnotation(GRPC_TLS_SECRET),
+        );
+    }
+    if t.upstream_ca.is_none() {
+        for (k, v) in [
+            (GRPC_UPSTREAM_TLS_SECRET, t.upstream_cert.take()),
+            (GRPC_UPSTREAM_TLS_SERVER_NAME, t.server_name.take()),
+        ] {
+            if v.is_some() {
+                report(
+                    k,
+                    AnnotationProblem::NeedsAnnotation(GRPC_UPSTREAM_TLS_CA_SECRET),
+                );
+            }
+        }
+    }
+}
+
 fn parse_health_duration(value: &str) -> Result<std::time::Duration, Vec<AnnotationProblem>> {
     if value.trim().is_empty() {
         return Err(vec![AnnotationProblem::Empty]);
@@ -1228,6 +1402,83 @@ mod tests {
             problems(&[(GRPC_OUTLIER_MAX_EJECTION_PERCENT, "50")]),
             [AnnotationProblem::NoGrpcMode]
         );
+    }
+
+    #[test]
+    fn grpc_tls_annotations() {
+        let (p, e) = parse(&[
+            (MODE, "grpc"),
+            (GRPC_TLS_SECRET, "cart-tls"),
+            (GRPC_TLS_CLIENT_CA_SECRET, "clients"),
+            (GRPC_UPSTREAM_TLS_CA_SECRET, "pods.ca"),
+            (GRPC_UPSTREAM_TLS_SECRET, "proxy-client"),
+            (GRPC_UPSTREAM_TLS_SERVER_NAME, "cart.shop.svc"),
+        ]);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(
+            p.grpc_policy("shop").unwrap().tls,
+            Some(lb_api::GrpcTls {
+                listen: Some(lb_api::ListenTls {
+                    cert: "/etc/rpclb/grpc-tls/shop/cart-tls/tls.crt".into(),
+                    key: "/etc/rpclb/grpc-tls/shop/cart-tls/tls.key".into(),
+                    client_ca: Some("/etc/rpclb/grpc-tls/shop/clients/ca.crt".into()),
+                }),
+                upstream: Some(lb_api::UpstreamTls {
+                    ca: "/etc/rpclb/grpc-tls/shop/pods.ca/ca.crt".into(),
+                    server_name: Some("cart.shop.svc".into()),
+                    cert: Some("/etc/rpclb/grpc-tls/shop/proxy-client/tls.crt".into()),
+                    key: Some("/etc/rpclb/grpc-tls/shop/proxy-client/tls.key".into()),
+                }),
+            })
+        );
+        // What the model's validation says of it: valid.
+        let mut g = p.grpc_policy("shop").unwrap();
+        lb_api::validate::grpc_tls(g.tls.as_ref().unwrap()).unwrap();
+        // Without TLS annotations: plaintext.
+        let (p, _) = parse(&[(MODE, "grpc")]);
+        assert_eq!(p.grpc_policy("shop").unwrap().tls, None);
+        // Bad names (a path, `..`): one error each, that side plaintext.
+        let (p, e) = parse(&[
+            (MODE, "grpc"),
+            (GRPC_TLS_SECRET, "../../etc"),
+            (GRPC_UPSTREAM_TLS_CA_SECRET, "Pods"),
+        ]);
+        assert_eq!(p.grpc_policy("shop").unwrap().tls, None);
+        let text: Vec<String> = e.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            [
+                "invalid annotation rpclb.io/grpc-tls-secret=\"../../etc\": \"../../etc\" is not a Secret name (lowercase letters, digits, '-' and '.'); no TLS to clients (h2c)",
+                "invalid annotation rpclb.io/grpc-upstream-tls-ca-secret=\"Pods\": \"Pods\" is not a Secret name (lowercase letters, digits, '-' and '.'); no TLS to the backends (h2c)",
+            ]
+        );
+        let (_, e) = parse(&[
+            (MODE, "grpc"),
+            (GRPC_UPSTREAM_TLS_CA_SECRET, "ca"),
+            (GRPC_UPSTREAM_TLS_SERVER_NAME, "a b"),
+        ]);
+        assert!(
+            matches!(&e[..], [x] if x.to_string().contains("not a DNS name or IP address; verifying each backend's IP address")),
+            "{e:?}"
+        );
+        // Prerequisites.
+        assert_eq!(
+            problems(&[(GRPC_TLS_SECRET, "a")]),
+            [AnnotationProblem::NoGrpcMode]
+        );
+        assert_eq!(
+            problems(&[
+                (MODE, "grpc"),
+                (GRPC_TLS_CLIENT_CA_SECRET, "a"),
+                (GRPC_UPSTREAM_TLS_SERVER_NAME, "x.y")
+            ]),
+            [
+                AnnotationProblem::NeedsAnnotation(GRPC_TLS_SECRET),
+                AnnotationProblem::NeedsAnnotation(GRPC_UPSTREAM_TLS_CA_SECRET)
+            ]
+        );
+        g.tls = None;
+        assert_eq!(g, lb_api::GrpcPolicy::default());
     }
 
     #[test]

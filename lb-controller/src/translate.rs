@@ -598,7 +598,9 @@ fn translate_service(
             maglev_table_size: policy.maglev_table_size,
             backends,
             // The gRPC mode is TCP only; a UDP port of the Service stays L4.
-            grpc: policy.grpc.clone().filter(|_| protocol == Protocol::Tcp),
+            grpc: policy
+                .grpc_policy(&r.namespace)
+                .filter(|_| protocol == Protocol::Tcp),
             // Health checks are TCP (connect or h2c); a UDP port goes unchecked.
             health_check: policy
                 .health_check

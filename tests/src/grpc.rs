@@ -534,6 +534,9 @@ pub struct ServerOptions {
     pub age_grace: Duration,
     /// Counts the connections accepted.
     pub accepted: Arc<AtomicU64>,
+    /// `Some`: serves TLS (this configuration; its ALPN should offer `h2`),
+    /// handshake first (bounded by 5 s), instead of h2c.
+    pub tls: Option<Arc<lb_api::tls::ServerConfig>>,
 }
 
 async fn serve(
@@ -566,27 +569,18 @@ async fn serve(
                 let Ok((s, _)) = accepted else { continue };
                 // Without it, small replies wait for the delayed ACK.
                 let _ = s.set_nodelay(true);
-                let conn = server
-                    .serve_connection_with_upgrades(TokioIo::new(s), TowerToHyperService::new(svc.clone()))
-                    .into_owned();
                 opts.accepted.fetch_add(1, Ordering::Relaxed);
-                if let Some(age) = opts.max_connection_age {
-                    let grace = opts.age_grace;
-                    tokio::spawn(async move {
-                        tokio::pin!(conn);
-                        tokio::select! {
-                            _ = conn.as_mut() => return,
-                            () = tokio::time::sleep(age) => {}
+                match &opts.tls {
+                    None => spawn_conn(&server, &graceful, &opts, &svc, s),
+                    Some(config) => {
+                        let accept = tokio_rustls::TlsAcceptor::from(config.clone()).accept(s);
+                        // A failed handshake (a client that does not trust
+                        // this certificate) just closes.
+                        if let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(5), accept).await {
+                            spawn_conn(&server, &graceful, &opts, &svc, tls);
                         }
-                        conn.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(grace, conn).await;
-                    });
-                    continue;
+                    }
                 }
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
             }
         }
     }
@@ -695,6 +689,38 @@ pub fn orca_report(
     let b64 =
         base64::engine::general_purpose::STANDARD_NO_PAD.encode(prost::Message::encode_to_vec(&r));
     tonic::codegen::http::HeaderValue::try_from(b64).expect("base64 is a header value")
+}
+
+/// Serves one accepted connection (plain or TLS) on its own task.
+fn spawn_conn<I>(
+    server: &auto::Builder<TokioExecutor>,
+    graceful: &hyper_util::server::graceful::GracefulShutdown,
+    opts: &ServerOptions,
+    svc: &WithTrailers,
+    io: I,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = server
+        .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(svc.clone()))
+        .into_owned();
+    if let Some(age) = opts.max_connection_age {
+        let grace = opts.age_grace;
+        tokio::spawn(async move {
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                () = tokio::time::sleep(age) => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(grace, conn).await;
+        });
+        return;
+    }
+    let conn = graceful.watch(conn);
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
 }
 
 impl Drop for GrpcServer {

@@ -137,7 +137,8 @@ struct RunArgs {
     /// The key of --tls-cert (PEM). Re-read when it changes.
     #[arg(long, env = "RPCLB_TLS_KEY", value_name = "FILE")]
     tls_key: Option<PathBuf>,
-    /// How often the TLS files are checked for changes.
+    /// How often TLS files are checked for changes: the controller stream's (--tls-*) and the
+    /// gRPC-mode services' (grpc.tls).
     #[arg(long, env = "RPCLB_TLS_POLL", default_value = "5s", value_parser = lb_agent::duration::parse)]
     tls_poll: Duration,
     /// Allow a plaintext http:// controller URL: no encryption, no authentication of either
@@ -479,6 +480,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             keepalive_timeout: a.grpc_keepalive_timeout,
             transparent_retries: a.grpc_transparent_retries,
             drain_timeout: a.grpc_drain_timeout,
+            // The one TLS poll: the controller stream's and the gRPC services' files.
+            tls_poll: a.tls_poll,
         },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

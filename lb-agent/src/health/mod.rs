@@ -18,6 +18,10 @@
 //!   them all would turn a failing health endpoint (or a network problem
 //!   between the node and the pods) into a full outage.
 //!
+//! - `grpc` checks of a service with `grpc.tls.upstream` speak TLS with the
+//!   proxy's settings (lb-api's `tls::service`, the files followed by the
+//!   same `Reloader`, polled before each check).
+//!
 //! Worst case from a backend's failure to no new flows: `unhealthy_threshold`
 //! × `interval` + `timeout` (the last check's) + one apply (milliseconds).
 
@@ -30,7 +34,9 @@ use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use lb_api::{DesiredState, HealthCheck, ServiceAddr};
+use lb_api::tls::reload::{Polled, Reloader};
+use lb_api::tls::rustls::ClientConfig;
+use lb_api::{DesiredState, HealthCheck, ServiceAddr, UpstreamTls};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -56,6 +62,8 @@ struct Shared {
 struct Probe {
     service: String,
     check: HealthCheck,
+    /// The service's backend TLS (`grpc.tls.upstream`), for gRPC checks.
+    tls: Option<UpstreamTls>,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -142,22 +150,24 @@ impl HealthChecker {
     /// new flows: starts what is new, stops what is gone. A backend whose
     /// check settings changed keeps its health. Call within a tokio runtime.
     pub fn set_targets(&self, state: &DesiredState) {
-        let mut want: HashMap<Key, (&str, &HealthCheck)> = HashMap::new();
+        let mut want: HashMap<Key, (&str, &HealthCheck, Option<&UpstreamTls>)> = HashMap::new();
         for s in &state.services {
             let Some(hc) = &s.health_check else { continue };
+            let tls = s.grpc.as_ref().and_then(|g| g.tls.as_ref());
+            let tls = tls.and_then(|t| t.upstream.as_ref());
             for b in lb_api::validate::live_backends(&s.backends) {
                 want.insert(
                     (s.addr(), SocketAddrV4::new(b.ip, b.port)),
-                    (s.name.as_str(), hc),
+                    (s.name.as_str(), hc, tls),
                 );
             }
         }
         let mut probes = lock(&self.probes);
         let mut old = std::mem::take(&mut *probes);
         let mut started = 0;
-        for (key, (name, hc)) in want {
+        for (key, (name, hc, tls)) in want {
             let prev = match old.remove(&key) {
-                Some(mut p) if p.check == *hc => {
+                Some(mut p) if p.check == *hc && p.tls.as_ref() == tls => {
                     p.service = name.to_string();
                     probes.insert(key, p);
                     continue;
@@ -171,6 +181,7 @@ impl HealthChecker {
                 key.1,
                 name.to_string(),
                 hc.clone(),
+                tls.cloned(),
                 shared.clone(),
                 self.changed.clone(),
             ));
@@ -179,6 +190,7 @@ impl HealthChecker {
                 Probe {
                     service: name.to_string(),
                     check: hc.clone(),
+                    tls: tls.cloned(),
                     shared,
                     task,
                 },
@@ -272,19 +284,66 @@ impl HealthChecker {
     }
 }
 
+/// The TLS of a gRPC check of a TLS-upstream service: lb-api's
+/// [`Reloader`] (the proxy's too), polled before each check, so a check
+/// uses the last good files as the proxy does. Files not readable yet fail
+/// the check (with the reason) and are tried again at the next.
+struct CheckTls {
+    spec: UpstreamTls,
+    files: Option<Reloader<ClientConfig>>,
+}
+
+impl CheckTls {
+    fn current(
+        &mut self,
+        backend: SocketAddrV4,
+        service: &str,
+    ) -> Result<probe::Tls, probe::Failure> {
+        if let Some(r) = self.files.as_mut() {
+            if let Polled::Invalid(e) = r.poll() {
+                debug!(
+                    service,
+                    "health check TLS files changed but not usable ({e}); keeping the last good ones"
+                );
+            }
+        } else {
+            let r = lb_api::tls::service::upstream_reloader(&self.spec)
+                .map_err(|e| probe::Failure::Tls(e.to_string()))?;
+            self.files = Some(r);
+        }
+        let config = self
+            .files
+            .as_ref()
+            .map(|r| r.current().config.clone())
+            .ok_or_else(|| probe::Failure::Tls("no TLS configuration".into()))?;
+        let name = lb_api::tls::service::upstream_name(&self.spec, *backend.ip())
+            .ok_or_else(|| probe::Failure::Tls("invalid server_name".into()))?;
+        Ok(probe::Tls { config, name })
+    }
+}
+
 /// Checks one backend until aborted.
 async fn run(
     backend: SocketAddrV4,
     service: String,
     hc: HealthCheck,
+    tls: Option<UpstreamTls>,
     shared: Arc<Shared>,
     changed: Arc<Notify>,
 ) {
     let mut tick = tokio::time::interval(hc.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Only gRPC checks speak TLS; a TCP check is a connect either way.
+    let mut tls = tls
+        .filter(|_| hc.kind == lb_api::HealthCheckKind::Grpc)
+        .map(|spec| CheckTls { spec, files: None });
     loop {
         tick.tick().await;
-        let result = probe::check(&hc, backend).await;
+        let result = match tls.as_mut().map(|t| t.current(backend, &service)) {
+            None => probe::check(&hc, backend, None).await,
+            Some(Ok(t)) => probe::check(&hc, backend, Some(&t)).await,
+            Some(Err(e)) => Err(e),
+        };
         let counter = if result.is_ok() {
             &shared.passed
         } else {

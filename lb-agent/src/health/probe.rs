@@ -1,6 +1,8 @@
 //! The checks themselves: a TCP connect, or `grpc.health.v1.Health/Check`
-//! over HTTP/2 without TLS (h2c), on a new connection each time (it also
-//! proves that the backend accepts connections).
+//! over HTTP/2, on a new connection each time (it also proves that the
+//! backend accepts connections). The gRPC check speaks h2c, or TLS (ALPN
+//! h2) to the backends of a service with `grpc.tls.upstream`, with the
+//! proxy's own backend TLS settings.
 //!
 //! The health messages are hand-encoded (one field each) rather than taken
 //! from the tonic-health crate, which is not in the lock file and would add
@@ -11,13 +13,17 @@
 use std::future::poll_fn;
 use std::net::SocketAddrV4;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use lb_api::tls::rustls::ClientConfig;
+use lb_api::tls::rustls::pki_types::ServerName;
 use lb_api::{HealthCheck, HealthCheckKind};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// The path of the gRPC health check.
 pub const CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
@@ -33,6 +39,8 @@ pub enum Failure {
     Timeout(Duration),
     #[error("connect: {0}")]
     Connect(String),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("HTTP/2: {0}")]
     Http(String),
     #[error("HTTP status {0}")]
@@ -45,15 +53,48 @@ pub enum Failure {
     Malformed,
 }
 
-/// Runs one check of `backend`, bounded by the check's timeout.
-pub async fn check(hc: &HealthCheck, backend: SocketAddrV4) -> Result<(), Failure> {
+/// The TLS of a gRPC check: the configuration and the name verified.
+#[derive(Clone)]
+pub struct Tls {
+    pub config: Arc<ClientConfig>,
+    pub name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs one check of `backend` (gRPC checks over `tls` when given),
+/// bounded by the check's timeout.
+pub async fn check(
+    hc: &HealthCheck,
+    backend: SocketAddrV4,
+    tls: Option<&Tls>,
+) -> Result<(), Failure> {
     let run = async {
         let tcp = tokio::net::TcpStream::connect(backend)
             .await
             .map_err(|e| Failure::Connect(e.to_string()))?;
-        match hc.kind {
-            HealthCheckKind::Tcp => Ok(()),
-            HealthCheckKind::Grpc => grpc_check(tcp, backend, &hc.service).await,
+        let _ = tcp.set_nodelay(true);
+        match (hc.kind, tls) {
+            (HealthCheckKind::Tcp, _) => Ok(()),
+            (HealthCheckKind::Grpc, None) => grpc_check(tcp, backend, &hc.service).await,
+            (HealthCheckKind::Grpc, Some(t)) => {
+                let s = tokio_rustls::TlsConnector::from(t.config.clone())
+                    .connect(t.name.clone(), tcp)
+                    .await
+                    .map_err(|e| {
+                        let inner = e
+                            .get_ref()
+                            .and_then(|i| i.downcast_ref::<lb_api::tls::rustls::Error>());
+                        Failure::Tls(inner.map_or_else(|| e.to_string(), ToString::to_string))
+                    })?;
+                grpc_check(s, backend, &hc.service).await
+            }
         }
     };
     match tokio::time::timeout(hc.timeout, run).await {
@@ -62,12 +103,10 @@ pub async fn check(hc: &HealthCheck, backend: SocketAddrV4) -> Result<(), Failur
     }
 }
 
-async fn grpc_check(
-    tcp: tokio::net::TcpStream,
-    backend: SocketAddrV4,
-    service: &str,
-) -> Result<(), Failure> {
-    let _ = tcp.set_nodelay(true);
+async fn grpc_check<T>(tcp: T, backend: SocketAddrV4, service: &str) -> Result<(), Failure>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let http = |e: hyper::Error| Failure::Http(e.to_string());
     let (mut send, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))

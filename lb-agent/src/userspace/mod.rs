@@ -667,7 +667,7 @@ impl Inner {
         for (addr, svc) in want {
             match st.services.get_mut(&addr) {
                 Some(run) if run.spec == *svc => summary.unchanged += 1,
-                Some(run) => match run.update(svc) {
+                Some(run) => match run.update(svc, self.opts.grpc_tls_poll) {
                     Ok(()) => {
                         info!(service = %svc.name, %addr, "userspace: service updated");
                         summary.updated += 1;
@@ -734,7 +734,21 @@ impl Inner {
         ));
         shared.set_policy(svc.grpc.clone());
         let (stop, stopped) = watch::channel(false);
-        let pools = svc.grpc.as_ref().map(|_| Arc::new(grpc::Pools::default()));
+        let pools = match &svc.grpc {
+            None => None,
+            Some(g) => {
+                // Missing or bad TLS files refuse the service (it does not
+                // start in plaintext instead).
+                let p = grpc::Pools::default();
+                p.set_tls(g.tls.as_ref(), self.opts.grpc_tls_poll, &svc.name)
+                    .map_err(|e| ProxyError::InvalidService {
+                        name: svc.name.clone(),
+                        addr,
+                        reason: format!("grpc.tls: {e}"),
+                    })?;
+                Some(Arc::new(p))
+            }
+        };
         let ho = HandoverCtx {
             pause: self.pause.subscribe(),
             sink: self.sink.clone(),
@@ -908,9 +922,16 @@ fn entries_for(
 impl Running {
     /// A new spec for the same address (and mode): new flows use the new
     /// selection, new gRPC calls the new policy.
-    fn update(&mut self, svc: &Service) -> Result<(), String> {
+    fn update(&mut self, svc: &Service, tls_poll: Duration) -> Result<(), String> {
         let next = entries_for(svc, &self.entries, &self.retired);
         let selector = Selector::new(svc, &next)?;
+        // New TLS settings first: bad files refuse the change, and the
+        // service goes on as it was.
+        if let (Some(pools), Some(g)) = (&self.pools, &svc.grpc) {
+            pools
+                .set_tls(g.tls.as_ref(), tls_poll, &svc.name)
+                .map_err(|e| format!("grpc.tls: {e}"))?;
+        }
         // Pools of backends that take no new calls let their connection go
         // (it closes once its calls are done); the others may connect.
         let (live, _) = selector.candidates();
@@ -971,14 +992,18 @@ impl Running {
                 ));
             }
         }
-        stats::service_stats(
+        let mut s = stats::service_stats(
             &self.spec.name,
             self.spec.addr(),
             self.spec.algorithm,
             self.spec.grpc.as_ref(),
             &self.shared.counters,
             backends,
-        )
+        );
+        if let Some(p) = &self.pools {
+            (s.tls_reloads, s.tls_reload_errors) = p.tls_reloads();
+        }
+        s
     }
 }
 

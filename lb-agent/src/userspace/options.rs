@@ -52,6 +52,9 @@ pub struct ProxyOptions {
     /// to finish after the client connections' GOAWAY; when a service is
     /// removed, at most 5 s of it (an apply waits no longer).
     pub grpc_drain_timeout: Duration,
+    /// gRPC mode: how often a service's TLS files (`grpc.tls`) are checked
+    /// for changes.
+    pub grpc_tls_poll: Duration,
 }
 
 impl Default for ProxyOptions {
@@ -70,6 +73,7 @@ pub struct GrpcOptions {
     pub keepalive_timeout: Duration,
     pub transparent_retries: u32,
     pub drain_timeout: Duration,
+    pub tls_poll: Duration,
 }
 
 impl Default for GrpcOptions {
@@ -82,6 +86,7 @@ impl Default for GrpcOptions {
             keepalive_timeout: o.grpc_keepalive_timeout,
             transparent_retries: o.grpc_transparent_retries,
             drain_timeout: o.grpc_drain_timeout,
+            tls_poll: o.grpc_tls_poll,
         }
     }
 }
@@ -96,6 +101,7 @@ impl ProxyOptions {
             grpc_keepalive_timeout: g.keepalive_timeout,
             grpc_transparent_retries: g.transparent_retries,
             grpc_drain_timeout: g.drain_timeout,
+            grpc_tls_poll: g.tls_poll,
             ..self
         }
     }
@@ -119,6 +125,7 @@ impl ProxyOptions {
             grpc_keepalive_timeout: Duration::from_secs(10),
             grpc_transparent_retries: 3,
             grpc_drain_timeout: Duration::from_secs(20),
+            grpc_tls_poll: Duration::from_secs(5),
         }
     }
 }

@@ -227,6 +227,9 @@ pub(crate) struct ServiceCounters {
     /// gRPC calls by the final status the client got, and latency (from
     /// the request to the end of the response).
     pub(crate) calls: CallCounters,
+    /// gRPC with `grpc.tls.listen`: client connections whose TLS handshake
+    /// failed or timed out.
+    pub(crate) tls_handshake_failed: AtomicU64,
     pub(crate) traffic: Traffic,
     drops: [AtomicU64; DropReason::COUNT],
 }
@@ -340,6 +343,12 @@ pub struct ServiceStats {
     pub calls: CallStats,
     /// gRPC: the service's outlier detection, if on.
     pub outlier_detection: Option<OutlierDetection>,
+    /// gRPC with TLS: client TLS handshakes that failed or timed out.
+    pub tls_handshake_failures: u64,
+    /// gRPC with TLS: changed certificate files taken, and changed sets
+    /// refused (the last good one stayed).
+    pub tls_reloads: u64,
+    pub tls_reload_errors: u64,
     /// Every reason, zeros included, in [`DropReason::ALL`] order.
     pub drops: Vec<(DropReason, u64)>,
     /// The service's backends in its order, then removed ones still in use.
@@ -425,6 +434,9 @@ pub(crate) fn service_stats(
         bad_requests: c.bad_requests.load(Relaxed),
         calls: c.calls.read(),
         outlier_detection: grpc.and_then(|g| g.outlier_detection),
+        tls_handshake_failures: c.tls_handshake_failed.load(Relaxed),
+        tls_reloads: 0,
+        tls_reload_errors: 0,
         drops: DropReason::ALL
             .iter()
             .map(|&r| (r, c.drops[r as usize].load(Relaxed)))

@@ -17,6 +17,7 @@
 //!   extensions as [`server::PeerInfo`].
 //! - [`client`]: a connector for `tonic`'s `connect_with_connector`.
 //! - [`identity`]: the node name a certificate carries (`rpclb://node/<name>`).
+//! - [`service`]: the gRPC mode's per-service TLS (listener and backends).
 //! - `certs` (feature `certs`): a CA, the controller's and the nodes' certificates.
 
 use std::path::{Path, PathBuf};
@@ -34,6 +35,7 @@ pub mod client;
 pub mod identity;
 pub mod reload;
 pub mod server;
+pub mod service;
 
 pub use rustls::{self, ClientConfig, ServerConfig};
 
@@ -207,7 +209,8 @@ impl Contents {
     }
 }
 
-fn certs_of(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// The certificates of a PEM file (at least one).
+pub fn certs_in(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::Pem {
@@ -223,6 +226,71 @@ fn certs_of(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, Tls
     Ok(certs)
 }
 
+/// A CA bundle (PEM) as trust anchors, and the first CA's facts.
+pub fn roots_in(path: &Path, pem: &[u8]) -> Result<(RootCertStore, LeafInfo), TlsError> {
+    let certs = certs_in(path, pem)?;
+    let info = LeafInfo::parse(&certs[0]).map_err(|what| TlsError::Certificate {
+        path: path.to_path_buf(),
+        what,
+    })?;
+    let mut roots = RootCertStore::empty();
+    for c in certs {
+        roots.add(c).map_err(|e| TlsError::Certificate {
+            path: path.to_path_buf(),
+            what: format!("not a usable CA certificate: {e}"),
+        })?;
+    }
+    Ok((roots, info))
+}
+
+/// A certificate chain and its private key, checked to match.
+#[derive(Debug)]
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub leaf: LeafInfo,
+}
+
+/// Reads a certificate chain (PEM, leaf first) and its key (PEM) and checks
+/// that they belong together: a certificate rewritten before its key (or the
+/// other way round) is refused.
+pub fn identity_in(
+    cert_path: &Path,
+    cert_pem: &[u8],
+    key_path: &Path,
+    key_pem: &[u8],
+) -> Result<Identity, TlsError> {
+    let chain = certs_in(cert_path, cert_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Pem {
+        path: key_path.to_path_buf(),
+        what: format!("no usable private key: {e}"),
+    })?;
+    let leaf = LeafInfo::parse(&chain[0]).map_err(|what| TlsError::Certificate {
+        path: cert_path.to_path_buf(),
+        what,
+    })?;
+    let signer = provider()
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|e| TlsError::Pem {
+            path: key_path.to_path_buf(),
+            what: format!("unusable private key: {e}"),
+        })?;
+    let ck = rustls::sign::CertifiedKey::new(chain.clone(), signer);
+    if matches!(
+        ck.keys_match(),
+        Err(rustls::Error::InconsistentKeys(
+            rustls::InconsistentKeys::KeyMismatch
+        ))
+    ) {
+        return Err(TlsError::KeyMismatch {
+            cert: cert_path.to_path_buf(),
+            key: key_path.to_path_buf(),
+        });
+    }
+    Ok(Identity { chain, key, leaf })
+}
+
 impl Material {
     /// Reads and checks the files.
     pub fn read(paths: &TlsPaths) -> Result<Material, TlsError> {
@@ -231,37 +299,8 @@ impl Material {
 
     /// Checks files already read.
     pub fn from_contents(paths: &TlsPaths, c: &Contents) -> Result<Material, TlsError> {
-        let ca = certs_of(&paths.ca, &c.ca)?;
-        let chain = certs_of(&paths.cert, &c.cert)?;
-        let key = PrivateKeyDer::from_pem_slice(&c.key).map_err(|e| TlsError::Pem {
-            path: paths.key.clone(),
-            what: format!("no usable private key: {e}"),
-        })?;
-        let leaf = LeafInfo::parse(&chain[0]).map_err(|what| TlsError::Certificate {
-            path: paths.cert.clone(),
-            what,
-        })?;
-        // A certificate rewritten before its key (or the other way round)
-        // must not replace a good pair.
-        let signer = provider()
-            .key_provider
-            .load_private_key(key.clone_key())
-            .map_err(|e| TlsError::Pem {
-                path: paths.key.clone(),
-                what: format!("unusable private key: {e}"),
-            })?;
-        let ck = rustls::sign::CertifiedKey::new(chain.clone(), signer);
-        if matches!(
-            ck.keys_match(),
-            Err(rustls::Error::InconsistentKeys(
-                rustls::InconsistentKeys::KeyMismatch
-            ))
-        ) {
-            return Err(TlsError::KeyMismatch {
-                cert: paths.cert.clone(),
-                key: paths.key.clone(),
-            });
-        }
+        let ca = certs_in(&paths.ca, &c.ca)?;
+        let Identity { chain, key, leaf } = identity_in(&paths.cert, &c.cert, &paths.key, &c.key)?;
         Ok(Material {
             ca,
             chain,

@@ -4,7 +4,11 @@
 //! which new connections use. A bad set (half-written, a certificate without
 //! its new key yet, garbage) is logged once and counted, and the last good
 //! configuration stays.
+//!
+//! The controller stream's three files ([`Reloader::new`]) and the gRPC
+//! mode's per-service TLS files ([`Reloader::files`], any set) share it.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -14,7 +18,8 @@ use tracing::{info, warn};
 
 use super::{Contents, LeafInfo, Material, TlsError, TlsPaths};
 
-/// A configuration and the leaf certificate it presents.
+/// A configuration and the leaf certificate it presents (for a set that
+/// presents none, e.g. a CA bundle alone: its first CA certificate).
 #[derive(Debug)]
 pub struct Loaded<C> {
     pub config: Arc<C>,
@@ -39,15 +44,17 @@ pub enum Polled {
     Invalid(String),
 }
 
-type Build<C> = Box<dyn Fn(&Material) -> Result<C, TlsError> + Send + Sync>;
+type Build<C> = Box<dyn Fn(&[Vec<u8>]) -> Result<(C, LeafInfo), TlsError> + Send + Sync>;
 
-/// Follows one set of files and builds a `C` (a rustls config) from them.
+/// Follows a set of files and builds a `C` (a rustls config) from them.
 pub struct Reloader<C> {
-    paths: TlsPaths,
+    files: Vec<PathBuf>,
+    /// The file logs name (the certificate).
+    shown: PathBuf,
     build: Build<C>,
     /// The bytes last tried, good or not (a bad set is reported once);
     /// `None` when the last read failed.
-    seen: Option<Contents>,
+    seen: Option<Vec<Vec<u8>>>,
     tx: watch::Sender<Arc<Loaded<C>>>,
     pub stats: Arc<ReloadStats>,
 }
@@ -55,27 +62,61 @@ pub struct Reloader<C> {
 impl<C> std::fmt::Debug for Reloader<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reloader")
-            .field("paths", &self.paths)
+            .field("files", &self.files)
             .finish_non_exhaustive()
     }
 }
 
+fn read_all(files: &[PathBuf]) -> Result<Vec<Vec<u8>>, TlsError> {
+    files
+        .iter()
+        .map(|p| {
+            std::fs::read(p).map_err(|source| TlsError::Read {
+                path: p.clone(),
+                source,
+            })
+        })
+        .collect()
+}
+
 impl<C: Send + Sync + 'static> Reloader<C> {
-    /// Reads the files; an error here is fatal to the caller (nothing good yet).
+    /// Follows the stream's three files ([`TlsPaths`], checked as a
+    /// [`Material`]); an error here is fatal to the caller (nothing good yet).
     pub fn new(
         paths: TlsPaths,
         build: impl Fn(&Material) -> Result<C, TlsError> + Send + Sync + 'static,
     ) -> Result<Self, TlsError> {
-        let seen = Contents::read(&paths)?;
-        let m = Material::from_contents(&paths, &seen)?;
-        let config = Arc::new(build(&m)?);
+        let files = vec![paths.ca.clone(), paths.cert.clone(), paths.key.clone()];
+        let shown = paths.cert.clone();
+        Self::files(files, shown, move |b| {
+            let c = Contents {
+                ca: b[0].clone(),
+                cert: b[1].clone(),
+                key: b[2].clone(),
+            };
+            let m = Material::from_contents(&paths, &c)?;
+            Ok((build(&m)?, m.leaf))
+        })
+    }
+
+    /// Follows any set of files: `build` gets their bytes, in order, and
+    /// makes the configuration and the leaf certificate it presents (logs
+    /// name `shown`). An error here is fatal to the caller.
+    pub fn files(
+        files: Vec<PathBuf>,
+        shown: PathBuf,
+        build: impl Fn(&[Vec<u8>]) -> Result<(C, LeafInfo), TlsError> + Send + Sync + 'static,
+    ) -> Result<Self, TlsError> {
+        let seen = read_all(&files)?;
+        let (config, leaf) = build(&seen)?;
         let (tx, _) = watch::channel(Arc::new(Loaded {
-            config,
-            leaf: m.leaf,
+            config: Arc::new(config),
+            leaf,
             generation: 1,
         }));
         Ok(Reloader {
-            paths,
+            files,
+            shown,
             build: Box::new(build),
             seen: Some(seen),
             tx,
@@ -91,13 +132,14 @@ impl<C: Send + Sync + 'static> Reloader<C> {
         self.tx.borrow().clone()
     }
 
-    pub fn paths(&self) -> &TlsPaths {
-        &self.paths
+    /// The followed files.
+    pub fn paths(&self) -> &[PathBuf] {
+        &self.files
     }
 
     /// Re-reads the files and publishes a changed, good set.
     pub fn poll(&mut self) -> Polled {
-        let c = match Contents::read(&self.paths) {
+        let c = match read_all(&self.files) {
             Ok(c) => c,
             Err(e) => {
                 // A file mid-replace (or gone): reported once.
@@ -112,9 +154,7 @@ impl<C: Send + Sync + 'static> Reloader<C> {
             return Polled::Unchanged;
         }
         let seen = self.seen.insert(c);
-        let built = Material::from_contents(&self.paths, seen)
-            .and_then(|m| Ok(((self.build)(&m)?, m.leaf)));
-        match built {
+        match (self.build)(seen) {
             Ok((config, leaf)) => {
                 let generation = self.tx.borrow().generation + 1;
                 self.tx.send_replace(Arc::new(Loaded {
@@ -133,7 +173,11 @@ impl<C: Send + Sync + 'static> Reloader<C> {
     }
 
     /// Polls every `every` (logging what changed) until every receiver is gone.
-    pub fn spawn(mut self, every: Duration, what: &'static str) -> tokio::task::JoinHandle<()> {
+    pub fn spawn(
+        mut self,
+        every: Duration,
+        what: impl std::fmt::Display + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -148,7 +192,7 @@ impl<C: Send + Sync + 'static> Reloader<C> {
                     Polled::Reloaded => {
                         let cur = self.current();
                         info!(
-                            cert = %self.paths.cert.display(),
+                            cert = %self.shown.display(),
                             subject = cur.leaf.subject,
                             serial = cur.leaf.serial,
                             not_after = cur.leaf.not_after_unix(),

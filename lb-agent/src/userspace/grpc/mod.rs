@@ -67,6 +67,10 @@
 //!   `grpc_keepalive_interval` without a frame while calls are open, closed
 //!   unanswered after `grpc_keepalive_timeout` (gRFC A8); one without calls
 //!   for `grpc_idle_timeout` closes.
+//! - **TLS** (`grpc.tls`, see `tls`): the listener may terminate TLS
+//!   (ALPN h2, optional client certificates) before serving HTTP/2 as
+//!   above, and the pool may connect to the backends over TLS; the files
+//!   are followed and a new valid set applies to new connections.
 //! - **Counters.** Service: client connections (`new`/`active_connections`),
 //!   calls (`requests`/`active_requests`), DATA bytes and frames both ways.
 //!   Backend: its pooled connections (opened, open, GOAWAYs received), the
@@ -84,6 +88,7 @@ mod pool;
 mod retry;
 mod status;
 mod timeout;
+mod tls;
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -132,6 +137,8 @@ pub(crate) struct Pools(
     /// The backends' load reports and the weighted round-robin
     /// (`balancing: orca_wrr`).
     orca::Orca,
+    /// The service's TLS (`grpc.tls`): listener and backend connections.
+    tls::Holder,
 );
 
 impl Pools {
@@ -148,6 +155,23 @@ impl Pools {
     /// The pool of backend `key`, made on first use.
     fn of(&self, key: BackendKey) -> Arc<Pool> {
         self.lock().entry(key).or_default().clone()
+    }
+
+    /// Makes the service's TLS `spec` (none: plaintext), its files followed
+    /// every `poll`. Unchanged settings keep what runs; missing or bad files
+    /// are the error, and the TLS in use stays.
+    pub(crate) fn set_tls(
+        &self,
+        spec: Option<&lb_api::GrpcTls>,
+        poll: Duration,
+        service: &str,
+    ) -> Result<(), lb_api::tls::TlsError> {
+        self.4.set(spec, poll, service)
+    }
+
+    /// TLS file reloads taken and refused so far (zeros without TLS).
+    pub(crate) fn tls_reloads(&self) -> (u64, u64) {
+        self.4.reloads()
     }
 
     /// After a change of the service: the pools of `live` backends take new
@@ -248,6 +272,30 @@ async fn connection(
 ) {
     let _ = stream.set_nodelay(true);
     let _open = ClientConn::new(svc.clone());
+    // TLS first, with the listener configuration current now.
+    let stream = match pools.4.listen() {
+        None => tls::MaybeTls::Plain(stream),
+        Some(config) => {
+            let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+            let r = tokio::select! {
+                r = tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, accept) => r,
+                () = stop_requested(&mut drain) => return,
+            };
+            match r {
+                Ok(Ok(s)) => tls::MaybeTls::Tls(Box::new(s)),
+                Ok(Err(e)) => {
+                    svc.counters.tls_handshake_failed.fetch_add(1, Relaxed);
+                    debug!(%peer, service = %svc.addr, "gRPC client refused: {}", tls::handshake_error(&e));
+                    return;
+                }
+                Err(_) => {
+                    svc.counters.tls_handshake_failed.fetch_add(1, Relaxed);
+                    debug!(%peer, service = %svc.addr, "gRPC client: no TLS handshake within {:?}; closed", tls::HANDSHAKE_TIMEOUT);
+                    return;
+                }
+            }
+        }
+    };
     let handler = {
         let svc = svc.clone();
         service_fn(move |req| {
@@ -574,7 +622,7 @@ async fn forward(
         let be = lease.backend().clone();
         let (mut sender, slot) = match pools
             .of(be.key())
-            .get(be.addr(), &be.counters, &pool_opts)
+            .get(be.addr(), &be.counters, &pool_opts, &pools.4)
             .await
         {
             Ok(s) => s,

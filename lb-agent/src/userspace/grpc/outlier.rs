@@ -456,7 +456,8 @@ mod tests {
         o.record(&sh, &bs[1], Outcome::Failure);
         assert_eq!(skipped(&sh, &bs, &[]), Some(vec![false, true, false]));
         for _ in 0..300 {
-            let l = super::super::balance::pick(&sh, &super::super::orca::Orca::default(), &[]).unwrap();
+            let l = super::super::balance::pick(&sh, &super::super::orca::Orca::default(), &[])
+                .unwrap();
             assert_ne!(l.backend().key(), bs[1].key());
         }
         // With 0 excluded (tried) too, only 2 is left; then none: panic.
@@ -468,7 +469,9 @@ mod tests {
         assert_eq!(skipped(&sh, &bs, &[bs[0].key()]), None);
         o.record(&sh, &bs[0], Outcome::Failure);
         assert_eq!(skipped(&sh, &bs, &[]), None, "all ejected: panic");
-        assert!(super::super::balance::pick(&sh, &super::super::orca::Orca::default(), &[]).is_some());
+        assert!(
+            super::super::balance::pick(&sh, &super::super::orca::Orca::default(), &[]).is_some()
+        );
         // Turned off: the ejections end at once.
         sh.set_policy(Some(GrpcPolicy::default()));
         assert_eq!(skipped(&sh, &bs, &[]), None);

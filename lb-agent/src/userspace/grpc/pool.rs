@@ -11,8 +11,10 @@
 //! Connects are one at a time per backend, and shared by the calls that
 //! wait meanwhile: a failed connect fails them too, so a dead backend costs
 //! each waiting call one connect timeout at most. A connect is done when the
-//! TCP and HTTP/2 handshakes are and the backend's first SETTINGS arrived
-//! (so its stream limit is known before calls pile onto it).
+//! TCP, TLS (for a service with `grpc.tls.upstream`; see `tls`) and HTTP/2
+//! handshakes are and the backend's first SETTINGS arrived (so its stream
+//! limit is known before calls pile onto it). The SETTINGS/GOAWAY sniffer
+//! reads the plaintext side of TLS.
 //!
 //! A connection leaves the pool when it closes, when the backend sends
 //! GOAWAY (its calls in flight go on; new calls go to other connections,
@@ -42,6 +44,7 @@ use tracing::debug;
 
 use super::body::UpBody;
 use super::frames::{Event, PeerState, Sniffer};
+use super::tls::{self, Holder, MaybeTls, Upstream};
 use crate::userspace::options::ProxyOptions;
 use crate::userspace::stats::BackendCounters;
 
@@ -85,6 +88,10 @@ pub(crate) enum ConnectError {
     Connect(String),
     #[error("HTTP/2 handshake: {0}")]
     Handshake(String),
+    /// The TLS handshake failed (e.g. the backend's certificate is not
+    /// signed by the service's `upstream.ca`).
+    #[error("{0}")]
+    Tls(String),
     /// Not a failure: the backend takes no new calls.
     #[error("the backend is draining")]
     Draining,
@@ -203,12 +210,14 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    /// A stream on one of the backend's connections, opening one if needed.
+    /// A stream on one of the backend's connections, opening one if needed
+    /// (over TLS when the service's `tls` says so).
     pub(crate) async fn get(
         &self,
         addr: SocketAddrV4,
         counters: &Arc<BackendCounters>,
         opts: &PoolOptions,
+        tls: &Holder,
     ) -> Result<(Sender, Slot), ConnectError> {
         if let Some(s) = self.ready(addr, opts)? {
             return Ok(s);
@@ -229,7 +238,8 @@ impl Pool {
             st.next_id += 1;
             st.next_id
         };
-        let connect = connect(addr, counters, opts, Arc::downgrade(&self.state), id);
+        let up = tls.upstream(*addr.ip());
+        let connect = connect(addr, counters, opts, up, Arc::downgrade(&self.state), id);
         let res = if opts.connect_timeout.is_zero() {
             connect.await
         } else {
@@ -305,6 +315,7 @@ async fn connect(
     addr: SocketAddrV4,
     counters: &Arc<BackendCounters>,
     opts: &PoolOptions,
+    tls: Option<Upstream>,
     pool: Weak<Mutex<State>>,
     id: u64,
 ) -> Result<(Sender, Arc<PeerState>), ConnectError> {
@@ -312,9 +323,15 @@ async fn connect(
         .await
         .map_err(|e| ConnectError::Connect(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
+    let io = match &tls {
+        None => MaybeTls::Plain(tcp),
+        Some(up) => MaybeTls::Tls(Box::new(
+            tls::connect(tcp, up).await.map_err(ConnectError::Tls)?,
+        )),
+    };
     let peer = Arc::new(PeerState::default());
     let io = BackendIo {
-        io: tcp,
+        io,
         _open: OpenConn::new(counters.clone()),
         sniffer: Sniffer::default(),
         peer: peer.clone(),
@@ -402,7 +419,7 @@ impl Drop for OpenConn {
 
 /// A backend socket that counts itself open while it exists.
 struct BackendIo {
-    io: TcpStream,
+    io: MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>,
     _open: OpenConn,
     /// Reads the backend's SETTINGS and GOAWAY frames into `peer`.
     sniffer: Sniffer,
@@ -471,6 +488,8 @@ mod tests {
 
     use super::*;
 
+    static PLAIN: Holder = Holder::plain();
+
     /// An HTTP/2 server on localhost answering every request with 200, with
     /// this stream limit.
     async fn h2_server(max_streams: Option<u32>) -> SocketAddrV4 {
@@ -524,12 +543,12 @@ mod tests {
         let o = opts();
         // Calls arriving together share one connect.
         let (a, b, c) = tokio::join!(
-            pool.get(addr, &counters, &o),
-            pool.get(addr, &counters, &o),
-            pool.get(addr, &counters, &o)
+            pool.get(addr, &counters, &o, &PLAIN),
+            pool.get(addr, &counters, &o, &PLAIN),
+            pool.get(addr, &counters, &o, &PLAIN)
         );
         let senders = [a.unwrap(), b.unwrap(), c.unwrap()];
-        let d = pool.get(addr, &counters, &o).await.unwrap();
+        let d = pool.get(addr, &counters, &o, &PLAIN).await.unwrap();
         assert_eq!(counters.new.load(Relaxed), 1);
         assert_eq!(counters.active.load(Relaxed), 1);
         // Drained: refused at once, and the idle connection closes once the
@@ -537,7 +556,7 @@ mod tests {
         pool.drain();
         assert_eq!(pool.connections(), 0);
         assert_eq!(
-            pool.get(addr, &counters, &o).await.unwrap_err(),
+            pool.get(addr, &counters, &o, &PLAIN).await.unwrap_err(),
             ConnectError::Draining
         );
         assert_eq!(counters.active.load(Relaxed), 1, "busy: kept");
@@ -545,7 +564,7 @@ mod tests {
         assert!(until(|| counters.active.load(Relaxed) == 0).await);
         // Back in service: a new connection.
         pool.undrain();
-        let _s = pool.get(addr, &counters, &o).await.unwrap();
+        let _s = pool.get(addr, &counters, &o, &PLAIN).await.unwrap();
         assert_eq!(counters.new.load(Relaxed), 2);
         assert_eq!(counters.active.load(Relaxed), 1);
     }
@@ -562,16 +581,16 @@ mod tests {
         };
         let mut held = Vec::new();
         for _ in 0..6 {
-            held.push(pool.get(addr, &counters, &o).await.unwrap());
+            held.push(pool.get(addr, &counters, &o, &PLAIN).await.unwrap());
         }
         assert_eq!(counters.new.load(Relaxed), 3, "2 streams on each of 3");
         assert_eq!(pool.connections(), 3);
         // At the bound: onto the least busy connection, no 4th.
-        held.push(pool.get(addr, &counters, &o).await.unwrap());
+        held.push(pool.get(addr, &counters, &o, &PLAIN).await.unwrap());
         assert_eq!(counters.new.load(Relaxed), 3);
         // A freed stream is taken again before anything new is opened.
         held.truncate(5);
-        held.push(pool.get(addr, &counters, &o).await.unwrap());
+        held.push(pool.get(addr, &counters, &o, &PLAIN).await.unwrap());
         assert_eq!(counters.new.load(Relaxed), 3);
         // All idle: every connection closes after the idle time.
         drop(held);
@@ -622,7 +641,7 @@ mod tests {
             keepalive_timeout: Duration::from_millis(300),
             ..opts()
         };
-        let (mut sender, _slot) = pool.get(addr, &counters, &o).await.unwrap();
+        let (mut sender, _slot) = pool.get(addr, &counters, &o, &PLAIN).await.unwrap();
         assert_eq!(counters.active.load(Relaxed), 1);
         // The backend goes silent; PINGs (sent while a call is open) go
         // unanswered and the connection closes within interval + timeout.
@@ -646,12 +665,18 @@ mod tests {
         let addr = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port);
         let counters = Arc::new(BackendCounters::default());
         let pool = Pool::default();
-        let e = pool.get(addr, &counters, &opts()).await.unwrap_err();
+        let e = pool
+            .get(addr, &counters, &opts(), &PLAIN)
+            .await
+            .unwrap_err();
         assert!(matches!(e, ConnectError::Connect(_)), "{e:?}");
         assert_eq!(counters.active.load(Relaxed), 0);
         pool.drain();
         assert!(pool.is_draining());
-        let e = pool.get(addr, &counters, &opts()).await.unwrap_err();
+        let e = pool
+            .get(addr, &counters, &opts(), &PLAIN)
+            .await
+            .unwrap_err();
         assert_eq!(e, ConnectError::Draining);
         pool.undrain();
         assert!(!pool.is_draining());
