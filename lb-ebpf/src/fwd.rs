@@ -14,8 +14,8 @@
 
 use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, helpers::bpf_fib_lookup};
 use lb_common::{
-    CtValue, FIB_CACHE_NS, FIB_FAIL_NS, FIB_FAILED, ROUTE_CACHE_SLOTS, RouteCacheEntry,
-    config_idx, reason,
+    CtValue, FIB_CACHE_NS, FIB_FAIL_NS, FIB_FAILED, ROUTE_CACHE_SLOTS, RouteCacheEntry, config_idx,
+    reason,
 };
 
 use crate::{

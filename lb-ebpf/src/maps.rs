@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FlowCacheEntry, FlowKey, FragKey, RouteCacheEntry,
-    FragValue, NameValue, ServiceKey, ServiceValue, config_idx, limits, reason,
+    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FlowCacheEntry,
+    FlowKey, FragKey, FragValue, NameValue, RouteCacheEntry, ServiceKey, ServiceValue, config_idx,
+    limits, reason,
 };
 
 #[map]
@@ -73,8 +74,7 @@ pub static XDP_IFACES: Array<u32> = Array::pinned(limits::MAX_XDP_IFINDEX, 0);
 /// first fragment (`frag`). LRU: entries are never deleted, newer
 /// datagrams evict them.
 #[map]
-pub static FRAGMENTS: LruHashMap<FragKey, FragValue> =
-    LruHashMap::pinned(limits::MAX_FRAGMENTS, 0);
+pub static FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(limits::MAX_FRAGMENTS, 0);
 
 /// Per-CPU scratch for `bpf_fib_lookup`'s 64-byte parameters (`fwd`): kept
 /// off the stack, whose deepest call chain is at the verifier's 512 bytes.
