@@ -30,6 +30,9 @@ pub mod map_names {
     /// The per-CPU flow cache; pinned because its entries hold counts not
     /// yet added to the counter maps (`FlowCacheEntry::pending_packets`).
     pub const FLOW_CACHE: &str = "FLOW_CACHE";
+    /// The per-CPU route cache per destination (`RouteCacheEntry`); pinned
+    /// like every map, though a fresh one only costs a route lookup.
+    pub const ROUTE_CACHE: &str = "ROUTE_CACHE";
 
     /// Every map, in a stable order (pinning and cleanup walk this list).
     pub const ALL: &[&str] = &[
@@ -49,6 +52,7 @@ pub mod map_names {
         XDP_IFACES,
         FRAGMENTS,
         FLOW_CACHE,
+        ROUTE_CACHE,
     ];
 }
 
@@ -206,9 +210,10 @@ pub mod reason {
     /// fragment was, found through `FRAGMENTS`. Later fragments without an
     /// entry there pass, counted as `PASS_FRAGMENT`.
     pub const NAT_FRAGMENT: u32 = 24;
-    /// An established flow's packet handed to the stack because its route
-    /// lookup failed less than `FIB_FAIL_NS` ago (the failure is cached in
-    /// the conntrack entry, not repeated on every packet).
+    /// A packet handed to the stack because the route lookup for its flow
+    /// or its destination failed less than `FIB_FAIL_NS` ago (the failure is
+    /// cached in the conntrack entry and in `ROUTE_CACHE`, not repeated on
+    /// every packet or every new flow).
     pub const PASS_FIB_CACHED: u32 = 25;
     pub const COUNT: u32 = 26;
 
@@ -361,9 +366,11 @@ pub struct CtValue {
     /// `LAST_SEEN_GRANULARITY_NS` to keep the fast path free of writes.
     pub last_seen_ns: u64,
     /// Route cache: when `fib_ifindex` != 0, the result of the last
-    /// `bpf_fib_lookup` for this direction (taken at `fib_ns`): egress
-    /// interface, then destination and source MAC. Reused for
-    /// `FIB_CACHE_NS`, so an established flow skips the lookup.
+    /// `bpf_fib_lookup` for this direction (taken at `fib_ns`, by this flow
+    /// or, through `ROUTE_CACHE`, by another to the same destination):
+    /// egress interface, then destination and source MAC. Reused until
+    /// `FIB_CACHE_NS` after `fib_ns`, so an established flow skips the
+    /// lookup. A new flow's forward entry gets its first packet's route.
     pub fib_ns: u64,
     pub fib_ifindex: u32,
     pub fib_mac: [u8; 12],
@@ -378,6 +385,29 @@ pub const FIB_FAILED: u32 = u32::MAX;
 
 /// How long a failed route lookup is reused (`FIB_FAILED`).
 pub const FIB_FAIL_NS: u64 = 100_000_000;
+
+/// Slots of the per-CPU route cache (`ROUTE_CACHE`), a power of two.
+pub const ROUTE_CACHE_SLOTS: u32 = 1024;
+
+/// One slot of the per-CPU route cache (lb-ebpf/src/fwd.rs): the last
+/// `bpf_fib_lookup` result for a destination address arriving on an
+/// interface, so that a flow whose own entry has no fresh route (a new flow,
+/// or a refresh) takes it instead of looking it up. The same freshness as
+/// the flow's own cache: `FIB_CACHE_NS` for a route, `FIB_FAIL_NS` for a
+/// failed lookup (`FIB_FAILED`). 32 bytes; `ns`, `ifindex` and `mac` have
+/// the layout of `CtValue`'s `fib_*` fields (copied as three words).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouteCacheEntry {
+    /// Destination IPv4 (network order) | ingress ifindex << 32; 0: empty.
+    pub key: u64,
+    /// When the route was looked up (the programs' clock).
+    pub ns: u64,
+    /// Egress interface; `FIB_FAILED`: the lookup failed; 0: empty.
+    pub ifindex: u32,
+    /// Destination, then source MAC.
+    pub mac: [u8; 12],
+}
 
 /// Slots of the per-CPU flow cache (`FLOW_CACHE`), a power of two.
 pub const FLOW_CACHE_SLOTS: u32 = 1024;
@@ -572,6 +602,14 @@ const _: () = {
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<CtValue>() == 64);
     assert!(core::mem::size_of::<FlowCacheEntry>() == 96);
+    assert!(core::mem::size_of::<RouteCacheEntry>() == 32);
+    // RouteCacheEntry's words 1..4 are CtValue's words 5..8 (lb-ebpf copies them).
+    assert!(core::mem::offset_of!(RouteCacheEntry, ns) == 8);
+    assert!(core::mem::offset_of!(RouteCacheEntry, ifindex) == 16);
+    assert!(core::mem::offset_of!(RouteCacheEntry, mac) == 20);
+    assert!(core::mem::offset_of!(CtValue, fib_ns) == 40);
+    assert!(core::mem::offset_of!(CtValue, fib_ifindex) == 48);
+    assert!(core::mem::offset_of!(CtValue, fib_mac) == 52);
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<FragKey>() == 12);
     assert!(core::mem::size_of::<FragValue>() == 4);
@@ -590,6 +628,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for FlowCacheEntry {}
+    unsafe impl aya::Pod for RouteCacheEntry {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for FragKey {}

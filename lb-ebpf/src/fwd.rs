@@ -1,17 +1,38 @@
 //! Forwarding after the rewrite: `bpf_fib_lookup` + redirect, or the stack.
+//!
+//! Routes are cached at two levels, both kept for `FIB_CACHE_NS` (1 s) from
+//! the lookup, a failed lookup for `FIB_FAIL_NS`:
+//! - in the flow's conntrack entry, per direction (`CtValue::fib_*`);
+//! - per destination address and ingress interface (`ROUTE_CACHE`, per
+//!   CPU): a flow without a fresh route of its own (its first packet in each
+//!   direction, or once a second) takes the destination's from here, and
+//!   only a miss calls `bpf_fib_lookup`, whose result fills both.
+//!
+//! A flow's entry keeps the time of the lookup it copies, so no route is
+//! used more than `FIB_CACHE_NS` after it was looked up: a route or
+//! neighbour change reaches every flow, new or old, within that second.
 
 use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, helpers::bpf_fib_lookup};
-use lb_common::{CtValue, FIB_CACHE_NS, FIB_FAIL_NS, FIB_FAILED, config_idx, reason};
+use lb_common::{
+    CtValue, FIB_CACHE_NS, FIB_FAIL_NS, FIB_FAILED, ROUTE_CACHE_SLOTS, RouteCacheEntry, config_idx,
+    reason,
+};
 
 use crate::{
     ctx::{Ctx, Verdict},
-    maps::{FIB_SCRATCH, config},
+    maps::{FIB_SCRATCH, ROUTE_CACHE, config},
     parse::{IP_OFF, Packet},
     stats,
 };
 
 const AF_INET: u8 = 2;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+/// The packet is larger than the egress MTU: a failure of this packet, not
+/// of the destination (kept in the flow's entry only, not in `ROUTE_CACHE`).
+const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
+
+const ROUTE_BITS: u32 = ROUTE_CACHE_SLOTS.trailing_zeros();
+const _: () = assert!(ROUTE_CACHE_SLOTS.is_power_of_two());
 
 /// The lookup parameters, 8-aligned so they can be zeroed word by word.
 #[repr(C)]
@@ -22,11 +43,46 @@ union FibBuf {
 
 const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
 
+/// Whether a route taken at `ns` (egress `ifindex`, `FIB_FAILED` for a
+/// failed lookup, 0 for none) may still be used at `now`.
+#[inline(always)]
+fn usable(ifindex: u32, ns: u64, now: u64) -> bool {
+    let age = now.wrapping_sub(ns);
+    if ifindex == FIB_FAILED {
+        age < FIB_FAIL_NS
+    } else {
+        ifindex != 0 && age < FIB_CACHE_NS
+    }
+}
+
+/// The redirect to `ifindex` with the MACs `mac` (destination, then source).
+#[inline(always)]
+fn redirect<C: Ctx>(ctx: &mut C, ifindex: u32, mac: &[u8; 12]) -> Verdict {
+    if !ctx.can_redirect(ifindex) {
+        stats::reason(reason::PASS_XDP_TARGET);
+        return Verdict::Pass;
+    }
+    // SAFETY: both halves are 6 bytes inside `mac`.
+    let (dmac, smac) = unsafe {
+        (
+            &*(mac.as_ptr() as *const [u8; 6]),
+            &*(mac.as_ptr().add(6) as *const [u8; 6]),
+        )
+    };
+    if ctx.route_rewrite(IP_OFF, smac, dmac).is_none() {
+        stats::reason(reason::PASS_FIB);
+        return Verdict::Pass;
+    }
+    stats::reason(reason::FWD_REDIRECT);
+    Verdict::Redirect(ifindex)
+}
+
 /// Forwards a translated packet. `ct` is the flow's conntrack entry for this
-/// direction: its cached route is used while fresh (`FIB_CACHE_NS`), else
-/// looked up and stored, so an established flow pays for `bpf_fib_lookup`
-/// about once a second. A failed lookup is remembered for `FIB_FAIL_NS`
-/// (`FIB_FAILED`): the flow's packets go to the stack meanwhile.
+/// direction: its cached route is used while fresh (`FIB_CACHE_NS`); else
+/// the destination's from `ROUTE_CACHE`, else `bpf_fib_lookup`, and the
+/// flow's entry takes what was used. A failed lookup is remembered for
+/// `FIB_FAIL_NS` (`FIB_FAILED`): the destination's packets go to the stack
+/// meanwhile (`pass_fib_cached`).
 #[inline(always)]
 pub fn forward<C: Ctx>(ctx: &mut C, p: &Packet, ct: Option<*mut CtValue>, now: u64) -> Verdict {
     // A TTL that would expire is left to the stack, which answers with ICMP.
@@ -35,32 +91,77 @@ pub fn forward<C: Ctx>(ctx: &mut C, p: &Packet, ct: Option<*mut CtValue>, now: u
     }
     if let Some(v) = ct {
         let e = unsafe { &*v };
-        if e.fib_ifindex == FIB_FAILED {
-            // The last lookup failed: the stack gets the flow for a while.
-            if now.wrapping_sub(e.fib_ns) < FIB_FAIL_NS {
+        if usable(e.fib_ifindex, e.fib_ns, now) {
+            if e.fib_ifindex == FIB_FAILED {
+                // The last lookup failed: the stack gets the flow for a while.
                 stats::reason(reason::PASS_FIB_CACHED);
                 return Verdict::Pass;
             }
-        } else if e.fib_ifindex != 0 && now.wrapping_sub(e.fib_ns) < FIB_CACHE_NS {
-            let m = e.fib_mac;
-            let dmac = [m[0], m[1], m[2], m[3], m[4], m[5]];
-            let smac = [m[6], m[7], m[8], m[9], m[10], m[11]];
-            let ifindex = e.fib_ifindex;
-            if !ctx.can_redirect(ifindex) {
-                stats::reason(reason::PASS_XDP_TARGET);
-                return Verdict::Pass;
-            }
-            if ctx.route_rewrite(IP_OFF, &smac, &dmac).is_none() {
-                stats::reason(reason::PASS_FIB);
-                return Verdict::Pass;
-            }
-            stats::reason(reason::FWD_REDIRECT);
-            return Verdict::Redirect(ifindex);
+            return redirect(ctx, e.fib_ifindex, &e.fib_mac);
         }
     }
-    let Some(raw) = FIB_SCRATCH.get_ptr_mut(0) else {
+    let key = p.daddr as u64 | (ctx.ifindex() as u64) << 32;
+    let slot = (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - ROUTE_BITS)) as u32;
+    let Some(r) = ROUTE_CACHE.get_ptr_mut(slot) else {
         stats::reason(reason::PASS_FIB);
         return Verdict::Pass;
+    };
+    // SAFETY: this CPU's slot; the program is not re-entered on one CPU
+    // while it runs.
+    let r = unsafe { &mut *r };
+    let cached = r.key == key && usable(r.ifindex, r.ns, now);
+    if !cached {
+        // The slot is this destination's from here on (fewer values live
+        // across the helper call: the stack is near its limit).
+        r.key = key;
+        r.ns = now;
+        let rc = lookup(ctx, p, r);
+        if rc != BPF_FIB_LKUP_RET_SUCCESS {
+            // Too large for the egress MTU: this packet's failure, not the
+            // destination's (the slot is left empty).
+            r.ifindex = if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+                0
+            } else {
+                FIB_FAILED
+            };
+            if let Some(v) = ct {
+                // Remembered for FIB_FAIL_NS: a flow without a route does
+                // not repeat the lookup on every packet.
+                unsafe {
+                    (*v).fib_ns = r.ns;
+                    (*v).fib_ifindex = FIB_FAILED;
+                }
+            }
+            stats::reason(reason::PASS_FIB);
+            return Verdict::Pass;
+        }
+    }
+    if let Some(v) = ct {
+        // The flow's entry takes the route with the time of its lookup
+        // (`fib_ns`, `fib_ifindex`, `fib_mac`: the layout of the slot's
+        // last three words, lb-common asserts it). Concurrent writers store
+        // the same result, so a torn write is harmless.
+        unsafe {
+            let src = r as *const RouteCacheEntry as *const u64;
+            let dst = v as *mut u64;
+            *dst.add(5) = *src.add(1);
+            *dst.add(6) = *src.add(2);
+            *dst.add(7) = *src.add(3);
+        }
+    }
+    if r.ifindex == FIB_FAILED {
+        stats::reason(reason::PASS_FIB_CACHED);
+        return Verdict::Pass;
+    }
+    redirect(ctx, r.ifindex, &r.mac)
+}
+
+/// `bpf_fib_lookup` for `p` (parameters in the per-CPU scratch, off the
+/// stack); on success the egress interface and MACs go to `r`.
+#[inline(always)]
+fn lookup<C: Ctx>(ctx: &mut C, p: &Packet, r: &mut RouteCacheEntry) -> i64 {
+    let Some(raw) = FIB_SCRATCH.get_ptr_mut(0) else {
+        return -1;
     };
     // SAFETY: the per-CPU scratch is 8-aligned, 64 bytes, this CPU's alone
     // for the packet; all-zero is a valid bpf_fib_lookup.
@@ -76,36 +177,10 @@ pub fn forward<C: Ctx>(ctx: &mut C, p: &Packet, ct: Option<*mut CtValue>, now: u
     f.__bindgen_anon_3.ipv4_src = p.saddr;
     f.__bindgen_anon_4.ipv4_dst = p.daddr;
     let rc = unsafe { bpf_fib_lookup(ctx.raw(), f, core::mem::size_of::<FibParams>() as i32, 0) };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS {
-        if let Some(v) = ct {
-            // Remembered for FIB_FAIL_NS: a flow without a route does not
-            // repeat the lookup on every packet.
-            unsafe {
-                (*v).fib_ns = now;
-                (*v).fib_ifindex = FIB_FAILED;
-            }
-        }
-        stats::reason(reason::PASS_FIB);
-        return Verdict::Pass;
+    if rc == BPF_FIB_LKUP_RET_SUCCESS {
+        r.mac[..6].copy_from_slice(&f.dmac);
+        r.mac[6..].copy_from_slice(&f.smac);
+        r.ifindex = f.ifindex;
     }
-    if let Some(v) = ct {
-        // Concurrent writers store the same result, so a torn write is harmless.
-        unsafe {
-            let e = &mut *v;
-            e.fib_mac[..6].copy_from_slice(&f.dmac);
-            e.fib_mac[6..].copy_from_slice(&f.smac);
-            e.fib_ns = now;
-            e.fib_ifindex = f.ifindex;
-        }
-    }
-    if !ctx.can_redirect(f.ifindex) {
-        stats::reason(reason::PASS_XDP_TARGET);
-        return Verdict::Pass;
-    }
-    if ctx.route_rewrite(IP_OFF, &f.smac, &f.dmac).is_none() {
-        stats::reason(reason::PASS_FIB);
-        return Verdict::Pass;
-    }
-    stats::reason(reason::FWD_REDIRECT);
-    Verdict::Redirect(f.ifindex)
+    rc
 }

@@ -184,8 +184,11 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
             return Verdict::Drop;
         }
     };
+    // The entry just written: it keeps the route that this packet takes,
+    // so the flow's next packet does not look it up again.
+    let fwd_entry = conntrack::lookup(&key);
     if tcp && p.flags & (parse::TCP_FIN | parse::TCP_RST) != 0 {
-        if let Some(v) = conntrack::lookup(&key) {
+        if let Some(v) = fwd_entry {
             conntrack::tcp_state::<S>(v, p.flags, true);
         }
     }
@@ -195,8 +198,7 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
         return Verdict::Drop;
     }
     stats::reason(reason::NAT_FORWARD);
-    // The flow's next packet caches the route.
-    forward(ctx, &p, None, now)
+    forward(ctx, &p, fwd_entry, now)
 }
 
 /// Forwards a translated packet (`fwd::forward`), except one whose L4

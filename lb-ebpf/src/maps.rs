@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FlowCacheEntry, FlowKey, FragKey,
-    FragValue, NameValue, ServiceKey, ServiceValue, config_idx, limits, reason,
+    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FlowCacheEntry,
+    FlowKey, FragKey, FragValue, NameValue, RouteCacheEntry, ServiceKey, ServiceValue, config_idx,
+    limits, reason,
 };
 
 #[map]
@@ -73,8 +74,7 @@ pub static XDP_IFACES: Array<u32> = Array::pinned(limits::MAX_XDP_IFINDEX, 0);
 /// first fragment (`frag`). LRU: entries are never deleted, newer
 /// datagrams evict them.
 #[map]
-pub static FRAGMENTS: LruHashMap<FragKey, FragValue> =
-    LruHashMap::pinned(limits::MAX_FRAGMENTS, 0);
+pub static FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(limits::MAX_FRAGMENTS, 0);
 
 /// Per-CPU scratch for `bpf_fib_lookup`'s 64-byte parameters (`fwd`): kept
 /// off the stack, whose deepest call chain is at the verifier's 512 bytes.
@@ -90,3 +90,12 @@ pub static FIB_SCRATCH: PerCpuArray<[u64; 8]> = PerCpuArray::with_max_entries(1,
 #[map]
 pub static FLOW_CACHE: PerCpuArray<FlowCacheEntry> =
     PerCpuArray::pinned(lb_common::FLOW_CACHE_SLOTS, 0);
+
+/// Per-CPU route cache per destination (`fwd`): the last `bpf_fib_lookup`
+/// result for a destination address and ingress interface, in a slot picked
+/// by a hash of the two. A flow without a fresh route of its own (its first
+/// packet in each direction, or its refresh once a second) takes it from
+/// here while it is fresh (`FIB_CACHE_NS`; a failure `FIB_FAIL_NS`).
+#[map]
+pub static ROUTE_CACHE: PerCpuArray<RouteCacheEntry> =
+    PerCpuArray::pinned(lb_common::ROUTE_CACHE_SLOTS, 0);

@@ -2281,14 +2281,17 @@ both_sets!(
 );
 
 /// A flow whose backend has no route: the failed `bpf_fib_lookup` is
-/// remembered in the conntrack entry for `FIB_FAIL_NS` (`pass_fib_cached`),
-/// not repeated on every packet, and tried again after that.
+/// remembered for `FIB_FAIL_NS` (`pass_fib_cached`) in the conntrack entry
+/// and for the destination (`ROUTE_CACHE`), not repeated on every packet nor
+/// by the next new flow to that backend, and tried again after that.
 fn xdp_failed_route_lookup_cached_on(set: ProgramSet) {
     if !rpclb_tests::lab::require() {
         return;
     }
     let ns = fib_ns();
     ns.run(|| {
+        // The destination's cache is per CPU: every run on one CPU.
+        pin_to_cpu(0);
         let mut h = Harness::new(true, set);
         // 10.244.99.2: no route in this namespace.
         let nowhere = Ipv4Addr::new(10, 244, 99, 2);
@@ -2308,33 +2311,28 @@ fn xdp_failed_route_lookup_cached_on(set: ProgramSet) {
                 .map(|(_, v)| v)
                 .unwrap()
         };
-        let translated = |flags: u8| tcp(CLIENT, 40000, nowhere, 8080, flags).build();
-        let run = |h: &mut Harness, flags: u8| {
-            let (rc, out) = h.run(Hook::Xdp, &tcp(CLIENT, 40000, VIP, 80, flags).build());
+        let run = |h: &mut Harness, sport: u16, flags: u8| {
+            let (rc, out) = h.run(Hook::Xdp, &tcp(CLIENT, sport, VIP, 80, flags).build());
             assert_eq!(rc, XDP_PASS, "to the stack, translated");
-            assert_bytes_eq(&out, &translated(flags));
+            assert_bytes_eq(&out, &tcp(CLIENT, sport, nowhere, 8080, flags).build());
         };
-        run(&mut h, SYN);
-        assert_eq!(
-            (count(&mut h, "pass_fib"), count(&mut h, "pass_fib_cached")),
-            (1, 0),
-            "the SYN's lookup"
-        );
-        // The first ACK looks up again and its failure is kept; the next two
-        // come within FIB_FAIL_NS of it, with no counter read between them
-        // (a read is slow under qemu: it sums the flow cache).
+        // The SYN looks up, and its failure is kept; the next packets come
+        // within FIB_FAIL_NS of it, with no counter read between them (a
+        // read is slow under qemu: it sums the flow cache).
         let t0 = std::time::Instant::now();
-        run(&mut h, ACK);
-        run(&mut h, ACK);
-        run(&mut h, ACK);
+        run(&mut h, 40000, SYN);
+        run(&mut h, 40000, ACK);
+        run(&mut h, 40000, ACK);
+        // Another flow to the same backend: the destination's failure.
+        run(&mut h, 40001, SYN);
         let took = t0.elapsed();
         let got = (count(&mut h, "pass_fib"), count(&mut h, "pass_fib_cached"));
         if took < std::time::Duration::from_nanos(lb_common::FIB_FAIL_NS) {
-            assert_eq!(got, (2, 2), "one more lookup, then two cached failures");
+            assert_eq!(got, (1, 3), "the SYN's lookup, then three cached failures");
         } else {
-            // Only under an emulator (qemu TCG on a loaded host): the three
-            // runs outlasted the window, so a later one may look up again.
-            eprintln!("three runs took {took:?}, more than FIB_FAIL_NS: {got:?}");
+            // Only under an emulator (qemu TCG on a loaded host): the runs
+            // outlasted the window, so a later one may look up again.
+            eprintln!("four runs took {took:?}, more than FIB_FAIL_NS: {got:?}");
             assert_eq!(
                 got.0 + got.1,
                 4,
@@ -2344,9 +2342,128 @@ fn xdp_failed_route_lookup_cached_on(set: ProgramSet) {
         std::thread::sleep(std::time::Duration::from_nanos(
             lb_common::FIB_FAIL_NS + 50_000_000,
         ));
-        let (rc, _) = h.run(Hook::Xdp, &tcp(CLIENT, 40000, VIP, 80, ACK).build());
-        assert_eq!(rc, XDP_PASS);
-        assert_eq!(count(&mut h, "pass_fib"), 3, "looked up again");
+        let before = count(&mut h, "pass_fib");
+        run(&mut h, 40000, ACK);
+        assert_eq!(count(&mut h, "pass_fib"), before + 1, "looked up again");
+    })
+    .unwrap();
+}
+
+both_sets!(
+    xdp_route_kept_and_cached_per_destination,
+    xdp_route_kept_and_cached_per_destination_compat,
+    xdp_route_kept_and_cached_per_destination_on
+);
+
+/// A new flow's route: the SYN's `bpf_fib_lookup` result is kept in the
+/// flow's forward entry (its next packet does not look it up again) and in
+/// `ROUTE_CACHE` for the destination (a second flow to the backend within
+/// `FIB_CACHE_NS` takes it); once older than `FIB_CACHE_NS`, new and old
+/// flows look it up again. A lookup is told apart from a cached route by the
+/// destination MAC: the neighbour's MAC changes after the first SYN, and
+/// only a lookup sees the new one.
+fn xdp_route_kept_and_cached_per_destination_on(set: ProgramSet) {
+    if !rpclb_tests::lab::require() {
+        return;
+    }
+    let ns = fib_ns();
+    ns.run(|| {
+        // The destination's cache is per CPU: every run on one CPU.
+        pin_to_cpu(0);
+        let ifindex = rpclb_tests::lab::sys::ifindex("d0").unwrap();
+        let mut h = Harness::new(true, set);
+        h.dp()
+            .writer()
+            .set_xdp_iface(ifindex, lb_common::xdp_iface::REDIRECT_TARGET)
+            .unwrap();
+        let svc = service(
+            "demo/routes:http",
+            VIP,
+            80,
+            Protocol::Tcp,
+            Algorithm::Maglev,
+            &[(b(1), 8080)],
+        );
+        h.dp().writer().upsert_service(&svc).unwrap();
+        const D0: [u8; 6] = [0x02, 0, 0, 0, 0x0b, 0x01];
+        const OLD: [u8; 6] = [0x02, 0, 0, 0, 0x0b, 0x02];
+        const NEW: [u8; 6] = [0x02, 0, 0, 0, 0x0b, 0x03];
+        let send = |h: &mut Harness, sport: u16, flags: u8, mac: [u8; 6], what: &str| {
+            let (rc, out) = h.run(Hook::Xdp, &tcp(CLIENT, sport, VIP, 80, flags).build());
+            assert_eq!(rc, XDP_REDIRECT, "{what}");
+            let want = tcp(CLIENT, sport, b(1), 8080, flags)
+                .eth(D0, mac)
+                .ttl(63)
+                .build();
+            assert_eq!(&out[..6], &mac[..], "{what}: destination MAC");
+            assert_bytes_eq(&out, &want);
+        };
+        send(&mut h, 40000, SYN, OLD, "the first SYN looks up");
+        let ct = h
+            .dp()
+            .writer()
+            .conntrack_map()
+            .get(
+                &lb_common::FlowKey {
+                    src_ip: u32::from_ne_bytes(CLIENT.octets()),
+                    dst_ip: u32::from_ne_bytes(VIP.octets()),
+                    src_port: 40000u16.to_be(),
+                    dst_port: 80u16.to_be(),
+                    proto: 6,
+                    _pad: [0; 3],
+                },
+                0,
+            )
+            .unwrap();
+        assert_eq!(
+            ct.fib_ifindex, ifindex,
+            "the SYN's route in the flow's entry"
+        );
+        assert_eq!(ct.fib_mac, [OLD, D0].concat()[..]);
+        ns.ip(&[
+            "neigh",
+            "replace",
+            "10.244.11.2",
+            "lladdr",
+            "02:00:00:00:0b:03",
+            "dev",
+            "d0",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
+        send(
+            &mut h,
+            40000,
+            ACK,
+            OLD,
+            "the flow's next packet: the SYN's route",
+        );
+        send(
+            &mut h,
+            40001,
+            SYN,
+            OLD,
+            "a second flow: the destination's route",
+        );
+        send(&mut h, 40001, ACK, OLD, "the second flow's next packet");
+        std::thread::sleep(std::time::Duration::from_nanos(
+            lb_common::FIB_CACHE_NS + 100_000_000,
+        ));
+        send(
+            &mut h,
+            40002,
+            SYN,
+            NEW,
+            "a new flow after FIB_CACHE_NS: looked up",
+        );
+        send(
+            &mut h,
+            40000,
+            ACK,
+            NEW,
+            "an old flow after FIB_CACHE_NS: refreshed",
+        );
     })
     .unwrap();
 }

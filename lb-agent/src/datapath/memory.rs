@@ -13,8 +13,8 @@ use std::path::Path;
 use aya::maps::{MapInfo, MapType};
 use lb_common::{
     AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FLOW_CACHE_SLOTS,
-    FlowCacheEntry, FlowKey, FragKey, FragValue, NameValue, ServiceKey, ServiceValue, config_idx,
-    limits, map_names as m, reason,
+    FlowCacheEntry, FlowKey, FragKey, FragValue, NameValue, ROUTE_CACHE_SLOTS, RouteCacheEntry,
+    ServiceKey, ServiceValue, config_idx, limits, map_names as m, reason,
 };
 use serde::Serialize;
 use tracing::{info, warn};
@@ -144,6 +144,7 @@ pub fn shapes(cfg: &DatapathConfig) -> Vec<MapShape> {
         MapShape::new::<u32, u32>(m::XDP_IFACES, Array, limits::MAX_XDP_IFINDEX),
         MapShape::new::<FragKey, FragValue>(m::FRAGMENTS, LruHash, cfg.max_fragments),
         MapShape::new::<u32, FlowCacheEntry>(m::FLOW_CACHE, PerCpuArray, FLOW_CACHE_SLOTS),
+        MapShape::new::<u32, RouteCacheEntry>(m::ROUTE_CACHE, PerCpuArray, ROUTE_CACHE_SLOTS),
     ];
     debug_assert!(shapes.iter().map(|s| s.name).eq(m::ALL.iter().copied()));
     shapes
@@ -243,12 +244,19 @@ pub fn kernel_bytes(path: &Path) -> Option<u64> {
 
 /// Counter maps: a pinned one of another shape (an upgrade that changed
 /// it) is replaced, and its counters restart from zero. (FLOW_CACHE: its
-/// rewrites are a shortcut only; its pending counts are lost.)
-const REPLACEABLE: &[&str] = &[m::SVC_STATS, m::BACKEND_STATS, m::REASONS, m::FLOW_CACHE];
+/// rewrites are a shortcut only; its pending counts are lost. ROUTE_CACHE:
+/// a cache of the kernel's routes; a fresh one costs a lookup per destination.)
+const REPLACEABLE: &[&str] = &[
+    m::SVC_STATS,
+    m::BACKEND_STATS,
+    m::REASONS,
+    m::FLOW_CACHE,
+    m::ROUTE_CACHE,
+];
 
 /// Maps whose size the programs fix, not a flag: a pinned one of another
 /// size is replaced too.
-const SIZED_BY_PROGRAMS: &[&str] = &[m::REASONS, m::FLOW_CACHE];
+const SIZED_BY_PROGRAMS: &[&str] = &[m::REASONS, m::FLOW_CACHE, m::ROUTE_CACHE];
 
 /// Before a load: the shapes the maps will have (pinned maps keep their
 /// size), checked against `cfg`'s budget. A pinned counter map of another
@@ -457,12 +465,12 @@ mod tests {
         let cfg = DatapathConfig::default();
         let per_cpu: u64 = shapes(&cfg).iter().map(|s| s.per_cpu_bytes()).sum();
         // SVC_STATS (16,384 x 32 B) + REASONS (one 8 B counter per reason) +
-        // FLOW_CACHE (1,024 x 96 B) + a pointer and a spare element per CPU
-        // for each plain hash.
+        // FLOW_CACHE (1,024 x 96 B) + ROUTE_CACHE (1,024 x 32 B) + a pointer
+        // and a spare element per CPU for each plain hash.
         let reasons = reason::COUNT as u64 * 8;
         assert_eq!(
             per_cpu,
-            16_384 * 32 + reasons + 1_024 * 96 + (8 + 80) + (8 + 312)
+            16_384 * 32 + reasons + 1_024 * 96 + 1_024 * 32 + (8 + 80) + (8 + 312)
         );
         assert!(per_cpu < MIB, "{per_cpu} bytes per CPU");
         assert_eq!(shape(&cfg, m::BACKEND_STATS).per_cpu_bytes(), 0);
