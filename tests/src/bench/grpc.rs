@@ -382,7 +382,7 @@ pub fn section_grpc(opts: &Opts) -> Result<()> {
         );
         let mut r = in_ns(client, move || async move {
             let c = connect(target).await?;
-            Ok(match load {
+            Ok::<Run, anyhow::Error>(match load {
                 Load::Max => closed_loop(c, IN_FLIGHT, secs).await,
                 Load::Paced(rate) => paced(c, rate, secs).await,
             })
