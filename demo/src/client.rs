@@ -250,7 +250,15 @@ async fn run(args: ClientArgs) -> Result<()> {
     if let Some(t) = &args.goaway {
         let (key, hostport) = split_target(t)?;
         let span = Duration::from_secs_f64(args.goaway_secs.clamp(0.0, 60.0));
-        let r = one_channel(key, hostport, &args, deadline, args.goaway_calls, Some(span)).await;
+        let r = one_channel(
+            key,
+            hostport,
+            &args,
+            deadline,
+            args.goaway_calls,
+            Some(span),
+        )
+        .await;
         emit(&Event::OneChannel(r));
     }
     emit(&Event::Done);

@@ -1205,8 +1205,16 @@ mod tests {
         let text = [
             line("rpclb_backend_new_flows_total", "10.244.11.2", 61),
             line("rpclb_backend_grpc_goaways_total", "10.244.11.2", 3),
-            line("rpclb_backend_grpc_connections_opened_total", "10.244.11.2", 4),
-            line("rpclb_backend_grpc_transparent_retries_total", "10.244.11.2", 2),
+            line(
+                "rpclb_backend_grpc_connections_opened_total",
+                "10.244.11.2",
+                4,
+            ),
+            line(
+                "rpclb_backend_grpc_transparent_retries_total",
+                "10.244.11.2",
+                2,
+            ),
             line("rpclb_backend_grpc_goaways_total", "10.244.12.2", 1),
         ]
         .concat();

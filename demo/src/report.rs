@@ -817,7 +817,9 @@ mod tests {
             opened,
             resent: 0,
         };
-        let m = |x: GoawayBackend, y: GoawayBackend| -> Result<BTreeMap<String, GoawayBackend>, String> {
+        let m = |x: GoawayBackend,
+                 y: GoawayBackend|
+         -> Result<BTreeMap<String, GoawayBackend>, String> {
             Ok([("10.0.0.1".to_string(), x), ("10.0.0.2".to_string(), y)]
                 .into_iter()
                 .collect())

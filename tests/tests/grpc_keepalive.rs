@@ -71,7 +71,8 @@ async fn call(
     req.metadata_mut()
         .insert(TEST_HEADER, tag.parse().expect("ascii tag"));
     for (k, v) in headers {
-        req.metadata_mut().insert(*k, v.parse().expect("ascii value"));
+        req.metadata_mut()
+            .insert(*k, v.parse().expect("ascii value"));
     }
     if let Some(d) = deadline {
         req.set_timeout(d);
@@ -105,8 +106,8 @@ struct Outcome {
 }
 
 /// The scenario, with keep-alive on (`INTERVAL`, `TIMEOUT`) or off, and
-/// `later` calls after the held ones.
-fn blackholed_backend(lab: &Lab, keepalive: bool, later: usize) -> Outcome {
+/// `n_later` calls after the held ones.
+fn blackholed_backend(lab: &Lab, keepalive: bool, n_later: usize) -> Outcome {
     let journal = Arc::new(Journal::default());
     let _servers: Vec<GrpcServer> = (1..=3)
         .map(|i| {
@@ -119,11 +120,7 @@ fn blackholed_backend(lab: &Lab, keepalive: bool, later: usize) -> Outcome {
     let opts = ProxyOptions {
         worker_threads: 2,
         connect_timeout: CONNECT_TIMEOUT,
-        grpc_keepalive_interval: if keepalive {
-            INTERVAL
-        } else {
-            Duration::ZERO
-        },
+        grpc_keepalive_interval: if keepalive { INTERVAL } else { Duration::ZERO },
         grpc_keepalive_timeout: TIMEOUT,
         grpc_drain_timeout: Duration::from_secs(2),
         ..ProxyOptions::default()
@@ -189,7 +186,7 @@ fn blackholed_backend(lab: &Lab, keepalive: bool, later: usize) -> Outcome {
                     let mut c = c.clone();
                     set.spawn(async move {
                         let mut out = Vec::new();
-                        for k in (w..later).step_by(4) {
+                        for k in (w..n_later).step_by(4) {
                             let t = Instant::now();
                             let r = call(&mut c, &format!("later-{k}"), &[], None).await;
                             out.push((r, t.elapsed()));
@@ -263,7 +260,10 @@ fn grpc_keepalive_closes_a_blackholed_backend_connection() {
                 panic!("{tag} on the silent backend succeeded: {r:?}")
             };
             assert_eq!(e.code(), Code::Unavailable, "{tag}: {e:?}");
-            assert!(*ended > o.blackholed_at, "{tag} failed before the blackhole");
+            assert!(
+                *ended > o.blackholed_at,
+                "{tag} failed before the blackhole"
+            );
             detected.push(*ended - o.blackholed_at);
         } else {
             let by = r

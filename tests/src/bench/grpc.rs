@@ -313,7 +313,12 @@ fn us(v: f64) -> String {
 }
 
 fn mmm(v: &[f64], f: fn(f64) -> String) -> String {
-    format!("{} ({}..{})", f(median(v)), f(super::min(v)), f(super::max(v)))
+    format!(
+        "{} ({}..{})",
+        f(median(v)),
+        f(super::min(v)),
+        f(super::max(v))
+    )
 }
 
 fn signed_us(v: f64) -> String {
@@ -348,11 +353,7 @@ pub fn section_grpc(opts: &Opts) -> Result<()> {
     let pods: Vec<Ipv4Addr> = lab.backends().iter().map(|h| h.ip()).collect();
     let state = DesiredState {
         services: vec![
-            grpc_service(
-                "bench/grpc-1:grpc",
-                VIP1,
-                vec![Backend::new(pods[0], PORT)],
-            ),
+            grpc_service("bench/grpc-1:grpc", VIP1, vec![Backend::new(pods[0], PORT)]),
             grpc_service(
                 "bench/grpc-3:grpc",
                 VIP3,
@@ -421,8 +422,13 @@ pub fn section_grpc(opts: &Opts) -> Result<()> {
         .iter()
         .map(|rs| rs.iter().map(Run::rate).collect())
         .collect();
-    let slowest = rates.iter().map(|r| median(r)).fold(f64::INFINITY, f64::min);
-    let rate = (LOAD_SHARE * median(&rates[0])).min(MAX_SHARE * slowest).max(10.0);
+    let slowest = rates
+        .iter()
+        .map(|r| median(r))
+        .fold(f64::INFINITY, f64::min);
+    let rate = (LOAD_SHARE * median(&rates[0]))
+        .min(MAX_SHARE * slowest)
+        .max(10.0);
     let mut lat: Vec<Vec<Run>> = vec![Vec::new(); PATHS.len()];
     for round in 0..rounds {
         for k in 0..PATHS.len() {
@@ -522,8 +528,16 @@ pub fn section_grpc(opts: &Opts) -> Result<()> {
             count(median(&achieved) as u64),
             mmm(&p50[pi], us),
             mmm(&p99[pi], us),
-            if is_direct { "-".into() } else { signed_us(d50) },
-            if is_direct { "-".into() } else { signed_us(d99) },
+            if is_direct {
+                "-".into()
+            } else {
+                signed_us(d50)
+            },
+            if is_direct {
+                "-".into()
+            } else {
+                signed_us(d99)
+            },
             count(lat[pi].iter().map(|r| r.errors).sum()),
             count(lat[pi].iter().map(|r| r.skipped).sum()),
         ]);
