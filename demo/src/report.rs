@@ -667,8 +667,8 @@ impl GoawayReport<'_> {
         };
         let _ = writeln!(
             s,
-            "  {:<18} {:<13} {:>7} {:>8} {:>20} {:>7}",
-            "pod", "ip", "calls", "GOAWAYs", "connections opened", "resent"
+            "  {:<18} {:<13} {:>7} {:>13} {:>8} {:>20} {:>7}",
+            "pod", "ip", "calls", "proxy: calls", "GOAWAYs", "connections opened", "resent"
         );
         let answered = |pod: &str| {
             self.run
@@ -677,17 +677,19 @@ impl GoawayReport<'_> {
         for pod in self.pods {
             let _ = writeln!(
                 s,
-                "  {:<18} {:<13} {:>7} {:>8} {:>20} {:>7}",
+                "  {:<18} {:<13} {:>7} {:>13} {:>8} {:>20} {:>7}",
                 pod.name,
                 pod.ip,
                 answered(&pod.name),
+                cell(|b| b.calls, &pod.ip),
                 cell(|b| b.goaways, &pod.ip),
                 cell(|b| b.opened, &pod.ip),
                 cell(|b| b.resent, &pod.ip),
             );
         }
         let total = |f: fn(&GoawayBackend) -> u64| m.map(|m| m.values().map(f).sum::<u64>());
-        let (goaways, opened, resent) = (
+        let (calls, goaways, opened, resent) = (
+            total(|b| b.calls),
             total(|b| b.goaways),
             total(|b| b.opened),
             total(|b| b.resent),
@@ -695,19 +697,21 @@ impl GoawayReport<'_> {
         let show = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
         let _ = writeln!(
             s,
-            "  {:<18} {:<13} {:>7} {:>8} {:>20} {:>7}",
+            "  {:<18} {:<13} {:>7} {:>13} {:>8} {:>20} {:>7}",
             "all",
             "",
             self.run.map_or(0, |o| o.ok),
+            show(calls),
             show(goaways),
             show(opened),
             show(resent),
         );
         let _ = writeln!(
             s,
-            "  calls: as the pods answered; GOAWAYs, connections opened and calls resent \
-             transparently (above a GOAWAY's last stream): lb-agent's /metrics \
-             (rpclb_backend_grpc_*_total){}",
+            "  calls: as the pods answered; from lb-agent's /metrics: the calls its proxy \
+             handed to each pod (rpclb_backend_new_flows_total), the GOAWAYs, the connections \
+             opened and the calls resent transparently (above a GOAWAY's last stream; \
+             rpclb_backend_grpc_*_total){}",
             match &self.proxy {
                 Ok(_) => String::new(),
                 Err(e) => format!(": {e}"),
