@@ -40,9 +40,9 @@ const VIP3: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 31);
 /// Calls in flight in the max-calls/s runs.
 const IN_FLIGHT: usize = 16;
 /// The paced runs' rate: this share of the direct path's max calls/s...
-const LOAD_SHARE: f64 = 0.4;
+const LOAD_SHARE: f64 = 0.3;
 /// ... but at most this share of the slowest path's max.
-const MAX_SHARE: f64 = 0.5;
+const MAX_SHARE: f64 = 0.4;
 /// Bound of every call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bounds of one paced run: calls, and calls in flight (a call due when this many are
