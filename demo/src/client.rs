@@ -11,6 +11,10 @@
 //! `--concurrency` in flight at once, multiplexed by HTTP/2, as a long-lived gRPC client does.
 //! An L4 balancer places that connection once; a gRPC-mode VIP places each call.
 //!
+//! The GOAWAY phase (`--goaway`, last): one channel to a gRPC-mode VIP whose pods close every
+//! connection at a short age (MAX_CONNECTION_AGE: a graceful GOAWAY); `--goaway-calls` calls
+//! started evenly over `--goaway-secs`, so that they span several ages. None may fail.
+//!
 //! Results go to stdout as JSON lines (`wire::Event`).
 
 use crate::proto::test_service_client::TestServiceClient;
@@ -78,6 +82,17 @@ pub struct ClientArgs {
     /// Unary calls over each --one-channel channel.
     #[arg(long, default_value_t = 300)]
     pub one_channel_calls: usize,
+    /// KEY=HOST:PORT for the last phase (GOAWAY): ONE channel to it carries --goaway-calls
+    /// unary calls started evenly over --goaway-secs, at most --concurrency in flight, so that
+    /// the calls span several connection ages of the pods behind it.
+    #[arg(long)]
+    pub goaway: Option<String>,
+    /// Unary calls of the GOAWAY phase.
+    #[arg(long, default_value_t = 200)]
+    pub goaway_calls: usize,
+    /// How long the GOAWAY phase's calls are spread over, seconds (at most 60).
+    #[arg(long, default_value_t = 4.0)]
+    pub goaway_secs: f64,
 }
 
 #[derive(Clone)]
@@ -134,7 +149,7 @@ pub fn main(args: ClientArgs) -> Result<()> {
 
 async fn run(args: ClientArgs) -> Result<()> {
     // Refuse bad --one-channel values now, not after the first two phases.
-    for t in &args.one_channel {
+    for t in args.one_channel.iter().chain(&args.goaway) {
         split_target(t)?;
     }
     let mut targets = Vec::new();
@@ -227,7 +242,23 @@ async fn run(args: ClientArgs) -> Result<()> {
     // Third phase: one channel per target, many calls over it.
     for t in &args.one_channel {
         let (key, hostport) = split_target(t)?;
-        let r = one_channel(key, hostport, &args, deadline).await;
+        let r = one_channel(key, hostport, &args, deadline, args.one_channel_calls, None).await;
+        emit(&Event::OneChannel(r));
+    }
+
+    // The GOAWAY phase: one channel, calls paced over several connection ages.
+    if let Some(t) = &args.goaway {
+        let (key, hostport) = split_target(t)?;
+        let span = Duration::from_secs_f64(args.goaway_secs.clamp(0.0, 60.0));
+        let r = one_channel(
+            key,
+            hostport,
+            &args,
+            deadline,
+            args.goaway_calls,
+            Some(span),
+        )
+        .await;
         emit(&Event::OneChannel(r));
     }
     emit(&Event::Done);
@@ -401,19 +432,22 @@ fn percentile_us(sorted: &[u64], p: f64) -> u64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// The third phase for one target: connect ONE channel, then `--one-channel-calls` unary
-/// calls over clones of it (same connection), `--concurrency` at a time, each with its own
-/// `x-test-header` and deadline. Stops early after `--max-failures` failures.
+/// The third phase for one target: connect ONE channel, then `calls` unary calls over
+/// clones of it (same connection), `--concurrency` at a time, each with its own
+/// `x-test-header` and deadline. With `span`, call k starts no earlier than k × span / calls
+/// after the first (the GOAWAY phase). Stops early after `--max-failures` failures.
 async fn one_channel(
     key: &str,
     hostport: &str,
     args: &ClientArgs,
     deadline: Duration,
+    calls: usize,
+    span: Option<Duration>,
 ) -> OneChannel {
     let mut r = OneChannel {
         svc: key.into(),
         name: hostport.into(),
-        planned: args.one_channel_calls,
+        planned: calls,
         ..OneChannel::default()
     };
     let conn = CountingConnector::default();
@@ -443,7 +477,9 @@ async fn one_channel(
     let client = TestServiceClient::new(channel);
     let next = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
-    let (n, max_failures) = (args.one_channel_calls, args.max_failures);
+    let (n, max_failures) = (calls, args.max_failures);
+    let gap = span.map(|s| s / n.max(1) as u32);
+    let t0 = tokio::time::Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..args.concurrency.max(1) {
         let (next, failed, mut client) = (next.clone(), failed.clone(), client.clone());
@@ -451,9 +487,14 @@ async fn one_channel(
             // (pod, echoed, µs) per successful call; the first error.
             let mut done: Vec<(String, bool, u64)> = Vec::new();
             let mut first_error = None;
-            while next.fetch_add(1, Ordering::Relaxed) < n
-                && failed.load(Ordering::Relaxed) < max_failures
-            {
+            loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= n || failed.load(Ordering::Relaxed) >= max_failures {
+                    break;
+                }
+                if let Some(gap) = gap {
+                    tokio::time::sleep_until(t0 + gap * k as u32).await;
+                }
                 let token = random_token();
                 let req = SimpleRequest {
                     response_size: 64,

@@ -4,7 +4,9 @@
 //! per call; the live event marks one B pod terminating; (2) the same again while long-lived
 //! calls opened before the event go on; (3) one connection per VIP carrying many calls, to B's
 //! L4 VIP and to `rpc-service-b-grpc`, a gRPC-mode service with B's pods that lb-agent's
-//! userspace proxy balances per call. The report has a table and checks per part, the
+//! userspace proxy balances per call. Last, the GOAWAY phase: C's pods close every connection
+//! after `GOAWAY_AGE` (MAX_CONNECTION_AGE), and one connection to `rpc-service-c-grpc` (C's
+//! pods in the gRPC mode) carries calls spread over several ages: none may fail. The report has a table and checks per part, the
 //! agent's per-call counters from its /metrics, and lbctl's view of the kernel's services.
 //!
 //! Everything runs inside namespaces that the lab creates (DESIGN.md, network safety): the
@@ -34,6 +36,10 @@ const METRICS: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST
 const CONTROLLER: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 50551));
 const CONTROLLER_METRICS: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9101));
 const NODE_NAME: &str = "rpclb-demo-node";
+/// C's pods close every connection at this age (a gRPC server's MAX_CONNECTION_AGE: a graceful
+/// GOAWAY), and the GOAWAY phase spreads its calls over `GOAWAY_SPAN`: several ages.
+const GOAWAY_AGE: Duration = Duration::from_secs(1);
+const GOAWAY_SPAN: Duration = Duration::from_secs(4);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -351,6 +357,26 @@ fn proxy_counts(text: &str, svc: &Svc) -> Result<ProxyCounts, String> {
     })
 }
 
+/// The GOAWAY phase's per-backend counters (by pod IP) from lb-agent's /metrics text.
+fn goaway_counts(text: &str, svc: &Svc) -> BTreeMap<String, report::GoawayBackend> {
+    let name = svc.config_name();
+    svc.pods
+        .iter()
+        .map(|p| {
+            let backend = format!("{}:{}", p.ip, svc.port);
+            let labels = [("service", name.as_str()), ("backend", backend.as_str())];
+            let get = |metric: &str| sample(text, metric, &labels).unwrap_or(0.0) as u64;
+            let b = report::GoawayBackend {
+                calls: get("rpclb_backend_new_flows_total"),
+                goaways: get("rpclb_backend_grpc_goaways_total"),
+                opened: get("rpclb_backend_grpc_connections_opened_total"),
+                resent: get("rpclb_backend_grpc_transparent_retries_total"),
+            };
+            (p.ip.clone(), b)
+        })
+        .collect()
+}
+
 /// GET lb-agent's /metrics from inside the node namespace.
 fn agent_metrics(lab: &Lab) -> Result<String> {
     lab.node().run(|| procs::http_get(METRICS, "/metrics"))?
@@ -412,8 +438,11 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
     );
     // B's pods again, behind a gRPC-mode VIP: lb-agent's proxy balances each call.
     let b_grpc = b.grpc_twin("b-grpc", Ipv4Addr::new(10, 96, 0, 13));
-    let svcs = vec![b, c, b_grpc];
-    let (l4_svcs, twin) = (&svcs[..2], &svcs[2]);
+    // C's pods (which close every connection at GOAWAY_AGE) behind a gRPC-mode VIP: the
+    // GOAWAY phase.
+    let c_grpc = c.grpc_twin("c-grpc", Ipv4Addr::new(10, 96, 0, 14));
+    let svcs = vec![b, c, b_grpc, c_grpc];
+    let (l4_svcs, twin, goaway_twin) = (&svcs[..2], &svcs[2], &svcs[3]);
 
     // The pods' gRPC servers, each inside its own namespace.
     let mut servers = Pods::new();
@@ -421,7 +450,8 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
         for (pi, pod) in s.pods.iter().enumerate() {
             let host = lab.backend(1 + si * pods + pi);
             let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, s.port));
-            servers.start(&host.ns, &pod.name, addr)?;
+            let age = (s.key == "c").then_some(GOAWAY_AGE);
+            servers.start(&host.ns, &pod.name, addr, age)?;
         }
     }
     for s in l4_svcs {
@@ -431,17 +461,27 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
             .map(|p| format!("{} {}", p.name, p.ip))
             .collect();
         p.say(format!(
-            "  {}: grpc.testing.TestService on :{} in {}",
+            "  {}: grpc.testing.TestService on :{} in {}{}",
             s.name,
             s.port,
-            list.join(", ")
+            list.join(", "),
+            if s.key == "c" {
+                format!(
+                    "; MAX_CONNECTION_AGE {} (each connection gets a graceful GOAWAY at that age)",
+                    report::fmt_duration(GOAWAY_AGE)
+                )
+            } else {
+                String::new()
+            }
         ));
     }
-    p.say(format!(
-        "  {}: the pods of {} again, in the gRPC mode (grpc: {{}}): lb-agent's userspace proxy \
-         balances each call",
-        twin.name, svcs[0].name
-    ));
+    for (t, of) in [(twin, &svcs[0]), (goaway_twin, &svcs[1])] {
+        p.say(format!(
+            "  {}: the pods of {} again, in the gRPC mode (grpc: {{}}): lb-agent's userspace \
+             proxy balances each call",
+            t.name, of.name
+        ));
+    }
     check_interrupt(&p)?;
 
     // The controller, standalone, with a generated config; the agent follows its stream.
@@ -551,6 +591,13 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
         args.push("--one-channel".into());
         args.push(format!("{}={}:{}", s.key, s.host, s.port));
     }
+    // The GOAWAY phase: calls spread over several of C's connection ages.
+    let goaway_calls = if o.quick { 200 } else { 1000 };
+    args.push("--goaway".into());
+    args.push(format!(
+        "{}={}:{}",
+        goaway_twin.key, goaway_twin.host, goaway_twin.port
+    ));
     for (k, v) in [
         ("--before", before.to_string()),
         ("--after", after.to_string()),
@@ -558,6 +605,8 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
         ("--inflight", inflight.to_string()),
         ("--inflight-interval-ms", "100".into()),
         ("--one-channel-calls", one_calls.to_string()),
+        ("--goaway-calls", goaway_calls.to_string()),
+        ("--goaway-secs", GOAWAY_SPAN.as_secs_f64().to_string()),
         ("--deadline-ms", "2000".into()),
         (
             "--total-secs",
@@ -770,7 +819,18 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
                             o.concurrency
                         ));
                     }
-                    let how = if svc == twin.key {
+                    if svc == goaway_twin.key {
+                        p.say(format!(
+                            "GOAWAY phase: {goaway_calls} unary calls over one connection to the \
+                             gRPC-mode twin of {} (its pods close each connection after {}), \
+                             started evenly over {}, {} in flight at most",
+                            svcs[1].name,
+                            report::fmt_duration(GOAWAY_AGE),
+                            report::fmt_duration(GOAWAY_SPAN),
+                            o.concurrency
+                        ));
+                    }
+                    let how = if svc == twin.key || svc == goaway_twin.key {
                         "gRPC mode: lb-agent balances each call"
                     } else {
                         "L4: the kernel balances the connection"
@@ -838,6 +898,10 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
         .as_ref()
         .map_err(|e| format!("GET /metrics failed: {e}"))
         .and_then(|m| proxy_counts(m, twin));
+    let goaway_counts = metrics
+        .as_ref()
+        .map_err(|e| format!("GET /metrics failed: {e}"))
+        .map(|m| goaway_counts(m, goaway_twin));
 
     // The report.
     println!();
@@ -889,6 +953,15 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
         proxy,
     };
     println!("{}", one.render(&mut checks));
+    let goaway = report::GoawayReport {
+        pods: &goaway_twin.pods,
+        age: GOAWAY_AGE,
+        span: GOAWAY_SPAN,
+        desc: goaway_twin.describe(),
+        run: one_done.iter().find(|r| r.svc == goaway_twin.key),
+        proxy: goaway_counts,
+    };
+    println!("{}", goaway.render(&mut checks));
     // The pods' own counts must agree with what the client saw (all three phases).
     let seen = |pod: &str| {
         all_calls.iter().filter(|c| c.ok && c.pod == pod).count()
@@ -1121,6 +1194,43 @@ mod tests {
                 .values()
                 .all(|&n| n == 0)
         );
+    }
+
+    #[test]
+    fn goaway_counters_are_read_per_pod() {
+        let s = "my-rpc/rpc-service-b-grpc:grpc";
+        let line = |m: &str, ip: &str, v: u64| {
+            format!("{m}{{service=\"{s}\",backend=\"{ip}:50052\"}} {v}\n")
+        };
+        let text = [
+            line("rpclb_backend_new_flows_total", "10.244.11.2", 61),
+            line("rpclb_backend_grpc_goaways_total", "10.244.11.2", 3),
+            line(
+                "rpclb_backend_grpc_connections_opened_total",
+                "10.244.11.2",
+                4,
+            ),
+            line(
+                "rpclb_backend_grpc_transparent_retries_total",
+                "10.244.11.2",
+                2,
+            ),
+            line("rpclb_backend_grpc_goaways_total", "10.244.12.2", 1),
+        ]
+        .concat();
+        let twin = svcs()[0].grpc_twin("b-grpc", Ipv4Addr::new(10, 96, 0, 13));
+        let m = goaway_counts(&text, &twin);
+        assert_eq!(
+            m["10.244.11.2"],
+            report::GoawayBackend {
+                calls: 61,
+                goaways: 3,
+                opened: 4,
+                resent: 2
+            }
+        );
+        assert_eq!(m["10.244.12.2"].goaways, 1);
+        assert_eq!(m["10.244.12.2"].opened, 0);
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! VIP onto a pod. The client calls B and C by their cluster names, a new connection per call,
 //! and mid-run one B pod is marked terminating. In a third phase the client sends many calls
 //! over ONE connection, to B's VIP and to `rpc-service-b-grpc`, the same pods behind a
-//! gRPC-mode VIP (`grpc: {}`), where lb-agent's userspace proxy balances each call. Then it
-//! prints what happened and checks it.
+//! gRPC-mode VIP (`grpc: {}`), where lb-agent's userspace proxy balances each call. Last, C's
+//! pods close each connection after 1 s (MAX_CONNECTION_AGE), and one connection to C's
+//! gRPC-mode VIP carries calls over several ages, none failing. Then it prints what happened
+//! and checks it.
 
 mod client;
 mod demo;
@@ -37,6 +39,10 @@ config) streams the services to lb-agent in the node namespace.
      rpc-service-b-grpc (10.96.0.13, B's pods in the gRPC mode, grpc: {}), where lb-agent's
      userspace proxy balances each call over the active pods; its counters are read from the
      agent's /metrics.
+  4. GOAWAY: C's pods close every connection after 1 s (MAX_CONNECTION_AGE: a graceful
+     GOAWAY). One connection to rpc-service-c-grpc (10.96.0.14, C's pods in the gRPC mode)
+     carries calls started evenly over 4 s (200; 1000 without --quick): none may fail; the
+     GOAWAYs and replaced connections are read from the agent's /metrics.
 Then: a table per service and for the third phase, checks, and lbctl.
 Exit status: 0 all checks passed, 1 a check failed, 2 error, 130 interrupted.",
     args_conflicts_with_subcommands = true

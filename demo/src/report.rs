@@ -618,6 +618,174 @@ impl OneChannelReport<'_> {
     }
 }
 
+/// One backend of the GOAWAY phase's service, from lb-agent's /metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GoawayBackend {
+    /// `rpclb_backend_new_flows_total`: calls the proxy handed to it.
+    pub calls: u64,
+    /// `rpclb_backend_grpc_goaways_total`: its connections that got a GOAWAY.
+    pub goaways: u64,
+    /// `rpclb_backend_grpc_connections_opened_total`.
+    pub opened: u64,
+    /// `rpclb_backend_grpc_transparent_retries_total`: calls it did not process, sent again.
+    pub resent: u64,
+}
+
+/// The GOAWAY phase: one connection to a gRPC-mode VIP whose pods close every connection at a
+/// short age (MAX_CONNECTION_AGE).
+pub struct GoawayReport<'a> {
+    pub pods: &'a [PodInfo],
+    /// The pods' MAX_CONNECTION_AGE.
+    pub age: Duration,
+    /// How long the calls were spread over.
+    pub span: Duration,
+    /// "host -> vip:port (service name)".
+    pub desc: String,
+    pub run: Option<&'a OneChannel>,
+    /// Per pod IP, or why /metrics could not be read.
+    pub proxy: Result<BTreeMap<String, GoawayBackend>, String>,
+}
+
+impl GoawayReport<'_> {
+    pub fn render(&self, checks: &mut Checks) -> String {
+        let mut s = String::new();
+        let planned = self.run.map_or(0, |o| o.planned);
+        let _ = writeln!(
+            s,
+            "GOAWAY: backends with a short MAX_CONNECTION_AGE ({}): {planned} unary calls over \
+             one connection, started evenly over {}",
+            fmt_duration(self.age),
+            fmt_duration(self.span)
+        );
+        let _ = writeln!(s, "  gRPC-mode VIP: {}", self.desc);
+        let m = self.proxy.as_ref().ok();
+        let cell = |f: fn(&GoawayBackend) -> u64, ip: &str| {
+            m.map_or_else(
+                || "-".to_string(),
+                |m| f(&m.get(ip).copied().unwrap_or_default()).to_string(),
+            )
+        };
+        let _ = writeln!(
+            s,
+            "  {:<18} {:<13} {:>7} {:>13} {:>8} {:>20} {:>7}",
+            "pod", "ip", "calls", "proxy: calls", "GOAWAYs", "connections opened", "resent"
+        );
+        let answered = |pod: &str| {
+            self.run
+                .map_or(0, |o| o.per_pod.get(pod).copied().unwrap_or(0))
+        };
+        for pod in self.pods {
+            let _ = writeln!(
+                s,
+                "  {:<18} {:<13} {:>7} {:>13} {:>8} {:>20} {:>7}",
+                pod.name,
+                pod.ip,
+                answered(&pod.name),
+                cell(|b| b.calls, &pod.ip),
+                cell(|b| b.goaways, &pod.ip),
+                cell(|b| b.opened, &pod.ip),
+                cell(|b| b.resent, &pod.ip),
+            );
+        }
+        let total = |f: fn(&GoawayBackend) -> u64| m.map(|m| m.values().map(f).sum::<u64>());
+        let (calls, goaways, opened, resent) = (
+            total(|b| b.calls),
+            total(|b| b.goaways),
+            total(|b| b.opened),
+            total(|b| b.resent),
+        );
+        let show = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
+        let _ = writeln!(
+            s,
+            "  {:<18} {:<13} {:>7} {:>13} {:>8} {:>20} {:>7}",
+            "all",
+            "",
+            self.run.map_or(0, |o| o.ok),
+            show(calls),
+            show(goaways),
+            show(opened),
+            show(resent),
+        );
+        let _ = writeln!(
+            s,
+            "  calls: as the pods answered; from lb-agent's /metrics: the calls its proxy \
+             handed to each pod (rpclb_backend_new_flows_total), the GOAWAYs, the connections \
+             opened and the calls resent transparently (above a GOAWAY's last stream; \
+             rpclb_backend_grpc_*_total){}",
+            match &self.proxy {
+                Ok(_) => String::new(),
+                Err(e) => format!(": {e}"),
+            }
+        );
+
+        let mut c = Checks::default();
+        match self.run {
+            None => c.add(false, "GOAWAY: no report from its channel"),
+            Some(o) => {
+                let mut text = format!(
+                    "GOAWAY: {}/{planned} calls succeeded, {} failed, over {} while the pods \
+                     sent {} GOAWAYs",
+                    o.ok,
+                    o.failed,
+                    if o.connections == 1 {
+                        "one client connection".to_string()
+                    } else {
+                        format!("{} client connections (NOT one)", o.connections)
+                    },
+                    show(goaways)
+                );
+                if let Some(e) = &o.error {
+                    let _ = write!(text, "; first failure: {e}");
+                }
+                c.add(
+                    planned > 0
+                        && o.ok == planned
+                        && o.failed == 0
+                        && o.connections == 1
+                        && goaways.is_some_and(|g| g > 0),
+                    text,
+                );
+            }
+        }
+        match m {
+            None => c.add(
+                false,
+                format!(
+                    "GOAWAY: lb-agent /metrics: {}",
+                    self.proxy.as_ref().err().map_or("?", String::as_str)
+                ),
+            ),
+            Some(m) => {
+                let per: Vec<GoawayBackend> = self
+                    .pods
+                    .iter()
+                    .map(|p| m.get(&p.ip).copied().unwrap_or_default())
+                    .collect();
+                let list = |f: fn(&GoawayBackend) -> u64| {
+                    per.iter()
+                        .map(|b| f(b).to_string())
+                        .collect::<Vec<_>>()
+                        .join("/")
+                };
+                c.add(
+                    !per.is_empty() && per.iter().all(|b| b.goaways >= 1 && b.opened >= 2),
+                    format!(
+                        "GOAWAY: every pod closed connections of the proxy (GOAWAYs {}) and the \
+                         proxy opened new ones (connections {}); calls resent transparently: {}",
+                        list(|b| b.goaways),
+                        list(|b| b.opened),
+                        show(resent)
+                    ),
+                );
+            }
+        }
+        s.push('\n');
+        s.push_str(&c.render("  "));
+        checks.lines.extend(c.lines);
+        s
+    }
+}
+
 pub fn fmt_duration(d: Duration) -> String {
     if d < Duration::from_secs(1) {
         format!("{} ms", d.as_millis())
@@ -637,6 +805,52 @@ mod tests {
         assert_eq!(percentile(&v, 99.0), Some(99));
         assert_eq!(percentile(&[7], 99.0), Some(7));
         assert_eq!(percentile(&[], 50.0), None);
+    }
+
+    #[test]
+    fn goaway_checks_need_zero_failures_and_goaways_on_every_pod() {
+        let pods: Vec<PodInfo> = (1..=2)
+            .map(|i| PodInfo {
+                name: format!("p{i}"),
+                ip: format!("10.0.0.{i}"),
+            })
+            .collect();
+        let b = |goaways, opened| GoawayBackend {
+            calls: 50,
+            goaways,
+            opened,
+            resent: 0,
+        };
+        let m = |x: GoawayBackend,
+                 y: GoawayBackend|
+         -> Result<BTreeMap<String, GoawayBackend>, String> {
+            Ok([("10.0.0.1".to_string(), x), ("10.0.0.2".to_string(), y)]
+                .into_iter()
+                .collect())
+        };
+        let lines = |run: &OneChannel, proxy| {
+            let r = GoawayReport {
+                pods: &pods,
+                age: Duration::from_secs(1),
+                span: Duration::from_secs(4),
+                desc: "d".into(),
+                run: Some(run),
+                proxy,
+            };
+            let mut c = Checks::default();
+            let text = r.render(&mut c);
+            assert!(text.contains("GOAWAY: backends with a short MAX_CONNECTION_AGE (1.0 s)"));
+            c.lines.iter().map(|(ok, _)| *ok).collect::<Vec<_>>()
+        };
+        let good = one(&[("p1", 50), ("p2", 50)], 1);
+        assert_eq!(lines(&good, m(b(3, 4), b(2, 3))), [true, true]);
+        // A failed call, or a pod that never sent GOAWAY, fails a check.
+        let mut bad = good.clone();
+        bad.failed = 1;
+        bad.ok = 99;
+        assert_eq!(lines(&bad, m(b(3, 4), b(2, 3))), [false, true]);
+        assert_eq!(lines(&good, m(b(3, 4), b(0, 1))), [true, false]);
+        assert_eq!(lines(&good, Err("down".into())), [false, false]);
     }
 
     #[test]

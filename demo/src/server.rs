@@ -4,7 +4,7 @@
 //! `x-test-header` metadata it received.
 
 use anyhow::{Context, Result};
-use rpclb_tests::grpc::{GrpcServer, Journal, TestBackend};
+use rpclb_tests::grpc::{GrpcServer, Journal, ServerOptions, TestBackend};
 use rpclb_tests::lab::Netns;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,11 +40,25 @@ impl Pods {
         }
     }
 
-    /// Binds `addr` inside `ns` and serves pod `name` there until dropped.
-    pub fn start(&mut self, ns: &Netns, name: &str, addr: SocketAddr) -> Result<()> {
+    /// Binds `addr` inside `ns` and serves pod `name` there until dropped. With
+    /// `max_connection_age`, every connection gets a graceful GOAWAY at that age (as a gRPC
+    /// server's MAX_CONNECTION_AGE) and its calls in flight get `GRACE` to finish.
+    pub fn start(
+        &mut self,
+        ns: &Netns,
+        name: &str,
+        addr: SocketAddr,
+        max_connection_age: Option<Duration>,
+    ) -> Result<()> {
         let index = self.pods.len();
         let backend = TestBackend::new(index, name, self.journal.clone());
-        let server = GrpcServer::start(ns, addr, backend, GRACE)
+        let opts = ServerOptions {
+            grace: GRACE,
+            max_connection_age,
+            age_grace: GRACE,
+            ..ServerOptions::default()
+        };
+        let server = GrpcServer::start_with(ns, addr, backend, opts)
             .with_context(|| format!("start pod {name}"))?;
         self.pods.push(PodServer {
             name: name.to_string(),

@@ -1,8 +1,9 @@
 //! The demo (`cargo xtask demo`) in its short form, so that it cannot silently rot.
 //!
 //! Runs `rpclb-demo --quick` and expects exit 0, both per-service tables, the third phase
-//! (one connection per VIP: B's L4 VIP and its gRPC-mode twin), the check marks and lbctl's
-//! output. Needs root (it builds a netns lab and loads the data path); without
+//! (one connection per VIP: B's L4 VIP and its gRPC-mode twin), the GOAWAY phase (C's pods
+//! with a 1 s MAX_CONNECTION_AGE behind a gRPC-mode VIP: zero failed calls), the check marks
+//! and lbctl's output. Needs root (it builds a netns lab and loads the data path); without
 //! it the test prints SKIP and passes (fails under CI).
 //!
 //! Finding the binaries: `rpclb_tests::procs::workspace_bin` (built on demand, or by `cargo
@@ -94,6 +95,15 @@ fn demo_quick_passes() {
         "✓ lb-agent's proxy counted 60 calls to my-rpc/rpc-service-b-grpc:grpc",
         "the client made 60 through it; per backend as the pods answered",
         "rpclb_service_new_flows_total{service=\"my-rpc/rpc-service-b-grpc:grpc\"} 60",
+        // The GOAWAY phase: C's pods close each connection after 1 s; none of the calls over
+        // one connection to C's gRPC-mode VIP fails, and every pod sent GOAWAYs.
+        "MAX_CONNECTION_AGE 1.0 s (each connection gets a graceful GOAWAY at that age)",
+        "rpc-service-c-grpc.my-rpc.svc.cluster.local -> 10.96.0.14:50053",
+        "GOAWAY: backends with a short MAX_CONNECTION_AGE (1.0 s): 200 unary calls over one \
+         connection, started evenly over 4.0 s",
+        "✓ GOAWAY: 200/200 calls succeeded, 0 failed, over one client connection while the pods \
+         sent ",
+        "✓ GOAWAY: every pod closed connections of the proxy (GOAWAYs ",
         "✓ every pod's own count of served calls matches the client's",
         "$ lbctl services",
         "$ lbctl backends",

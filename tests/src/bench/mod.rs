@@ -1,6 +1,7 @@
 //! Support for `rpclb-bench`: options, the stop flag, small statistics, tables and the
 //! summary of targets. The sections live in `live` (XDP live frames, scale), `maglev`,
-//! `throughput` (netns lab) and `stream` (controller -> agent -> maps).
+//! `throughput` (netns lab), `stream` (controller -> agent -> maps), `counters`, `newflow`
+//! (fill), `fanout` and `grpc` (the gRPC mode vs direct).
 //!
 //! Safety rules (DESIGN.md, "Network safety"): every packet this benchmark makes lives in
 //! namespaces it creates (`rpclb_tests::lab`, deleted on drop, on panic too, and on SIGINT /
@@ -9,6 +10,7 @@
 
 pub mod counters;
 pub mod fanout;
+pub mod grpc;
 pub mod live;
 pub mod maglev;
 pub mod newflow;
@@ -37,10 +39,11 @@ pub enum Section {
     Counters,
     Fill,
     Fanout,
+    Grpc,
 }
 
 impl Section {
-    pub const ALL: [Section; 8] = [
+    pub const ALL: [Section; 9] = [
         Section::Xdp,
         Section::Scale,
         Section::Maglev,
@@ -49,6 +52,7 @@ impl Section {
         Section::Counters,
         Section::Fill,
         Section::Fanout,
+        Section::Grpc,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +65,7 @@ impl Section {
             Section::Counters => "counters",
             Section::Fill => "fill",
             Section::Fanout => "fanout",
+            Section::Grpc => "grpc",
         }
     }
 
@@ -70,7 +75,7 @@ impl Section {
             .find(|x| x.name() == s)
             .ok_or_else(|| {
                 anyhow::anyhow!(
-                    "unknown section {s:?} (xdp, scale, maglev, lab, stream, counters, fill, fanout)"
+                    "unknown section {s:?} (xdp, scale, maglev, lab, stream, counters, fill, fanout, grpc)"
                 )
             })
     }
@@ -175,6 +180,9 @@ sections (default: all, in this order):
   fanout   one controller process, 1,000 and 5,000 agent streams: change -> all acked,
            memory per stream, CPU per change; 10,000 Services / 100,000 endpoints in
            process; kube-proxy's iptables-restore for the same
+  grpc     the gRPC mode: unary calls over one client connection through the agent's proxy
+           (1 and 3 backends) vs direct to a pod: max calls/s with 16 in flight, p50/p99 at
+           a moderate paced rate, the spread over 3 backends (uses --lab-secs, --lab-rounds)
 
 options:
   --quick              small counts (a smoke run of about 20 s)
@@ -184,8 +192,9 @@ options:
   --new-flows N        distinct new flows timed in plain mode (default 20000)
   --services N         services in the scale section (default 10000)
   --backends N         backends in the scale section (default 100000)
-  --lab-secs S         seconds per lab throughput run (default 1.5; quick 0.5)
-  --lab-rounds N       rounds of the lab section, median reported (default 5; quick 2)
+  --lab-secs S         seconds per lab (and grpc) run (default 1.5; quick 0.5)
+  --lab-rounds N       rounds of the lab (and grpc) section, median reported (default 5;
+                       quick 2)
   --lab-threads N      client threads in the lab section (default 2)
   --lab-paths LIST     only these lab paths (comma-separated: xdp, tc, iptables, pass,
                        userspace; direct always runs)

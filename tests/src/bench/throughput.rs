@@ -508,7 +508,7 @@ fn use_source(t: &Topo, n: u8) -> Result<()> {
 
 /// CPU time so far of this process's userspace proxy threads (named `rpclb-proxy*`), from
 /// each thread's schedstat, in ns. A proxy runs for one run only, so this is that run's.
-fn proxy_cpu_ns() -> u64 {
+pub(super) fn proxy_cpu_ns() -> u64 {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return 0;
     };

@@ -47,6 +47,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             Section::Counters => bench::counters::section_counters(opts)?,
             Section::Fill => bench::newflow::section_fill(opts)?,
             Section::Fanout => bench::fanout::section_fanout(opts)?,
+            Section::Grpc => bench::grpc::section_grpc(opts)?,
         }
     }
     Ok(())
