@@ -128,28 +128,28 @@ use pool::Pool;
 /// (`ServiceShared`, which both modes share) and tells it which backends
 /// take new calls.
 #[derive(Debug, Default)]
-pub(crate) struct Pools(
-    std::sync::Mutex<HashMap<BackendKey, Arc<Pool>>>,
+pub(crate) struct Pools {
+    pools: std::sync::Mutex<HashMap<BackendKey, Arc<Pool>>>,
     /// The service's retry throttle (its retry policy's token bucket).
-    retry::Throttle,
+    throttle: retry::Throttle,
     /// The service's outlier ejections (`outlier`).
-    Arc<Outliers>,
+    outliers: Arc<Outliers>,
     /// The backends' load reports and the weighted round-robin
     /// (`balancing: orca_wrr`).
-    orca::Orca,
+    orca: orca::Orca,
     /// The service's TLS (`grpc.tls`): listener and backend connections.
-    tls::Holder,
-);
+    tls: tls::Holder,
+}
 
 impl Pools {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<BackendKey, Arc<Pool>>> {
-        self.0
+        self.pools
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn outliers(&self) -> &Arc<Outliers> {
-        &self.2
+        &self.outliers
     }
 
     /// The pool of backend `key`, made on first use.
@@ -166,19 +166,19 @@ impl Pools {
         poll: Duration,
         service: &str,
     ) -> Result<(), lb_api::tls::TlsError> {
-        self.4.set(spec, poll, service)
+        self.tls.set(spec, poll, service)
     }
 
     /// TLS file reloads taken and refused so far (zeros without TLS).
     pub(crate) fn tls_reloads(&self) -> (u64, u64) {
-        self.4.reloads()
+        self.tls.reloads()
     }
 
     /// After a change of the service: the pools of `live` backends take new
     /// calls, the others drain (their calls in flight go on), and the pools
     /// of backends not in `known` are let go.
     pub(crate) fn update(&self, live: &HashSet<BackendKey>, known: &HashSet<BackendKey>) {
-        self.3.update(live, known);
+        self.orca.update(live, known);
         let mut pools = self.lock();
         pools.retain(|k, p| {
             if live.contains(k) {
@@ -273,7 +273,7 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     let _open = ClientConn::new(svc.clone());
     // TLS first, with the listener configuration current now.
-    let stream = match pools.4.listen() {
+    let stream = match pools.tls.listen() {
         None => tls::MaybeTls::Plain(stream),
         Some(config) => {
             let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
@@ -537,7 +537,7 @@ async fn with_retries(
         let be = answer.1.backend().clone();
         let status = retry::trailers_only_status(answer.0.headers());
         let retryable = status.is_some_and(|c| rp.retryable_status_codes.contains(&c));
-        let allowed = pools.1.record(rp.throttle, retryable);
+        let allowed = pools.throttle.record(rp.throttle, retryable);
         if !retryable || attempt >= rp.max_attempts {
             return Ok(answer);
         }
@@ -614,15 +614,15 @@ async fn forward(
         attempts -= 1;
         // A transparent retry may go to the same backend (another connection).
         let avoided = (!avoid.is_empty())
-            .then(|| balance::pick(svc, &pools.3, &[&tried[..], avoid].concat()))
+            .then(|| balance::pick(svc, &pools.orca, &[&tried[..], avoid].concat()))
             .flatten();
-        let Some(lease) = avoided.or_else(|| balance::pick(svc, &pools.3, &tried)) else {
+        let Some(lease) = avoided.or_else(|| balance::pick(svc, &pools.orca, &tried)) else {
             break;
         };
         let be = lease.backend().clone();
         let (mut sender, slot) = match pools
             .of(be.key())
-            .get(be.addr(), &be.counters, &pool_opts, &pools.4)
+            .get(be.addr(), &be.counters, &pool_opts, &pools.tls)
             .await
         {
             Ok(s) => s,
