@@ -368,7 +368,8 @@ impl ServiceStats {
     }
 
     /// The backend at `ip:port`, if listed.
-    pub fn backend(&self, ip: IpAddr, port: u16) -> Option<&BackendStats> {
+    pub fn backend(&self, ip: impl Into<IpAddr>, port: u16) -> Option<&BackendStats> {
+        let ip = ip.into();
         self.backends.iter().find(|b| b.ip == ip && b.port == port)
     }
 }
