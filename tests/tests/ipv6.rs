@@ -468,3 +468,92 @@ fn dual_stack_service_through_the_translation() {
     }
     p.shutdown().expect("shutdown");
 }
+
+/// The real agent in eBPF mode with an IPv4 and an IPv6 service in its
+/// config: the IPv4 one goes into the kernel's maps (its backends see the
+/// client's own address: DNAT), the IPv6 one is served by the userspace
+/// proxy beside it (its backends see the node's address), until the kernel
+/// programs handle IPv6. lbctl lists only the kernel's service; /metrics
+/// counts both.
+#[test]
+fn ebpf_mode_serves_ipv6_services_in_userspace() {
+    use rpclb_tests::procs::{Proc, TestDir, agent_args, pin_path};
+    skip_unless_lab!();
+    let lab = Lab::new(2).expect("lab");
+    add_ipv6(&lab);
+    let _servers = Servers::start(&lab, BACKEND_PORT);
+    let v4_vip = std::net::Ipv4Addr::new(10, 96, 0, 61);
+    let entry = |name: &str, vip: String, ips: Vec<String>| {
+        let mut s = format!(
+            "  - name: {name}\n    vip: \"{vip}\"\n    port: 80\n    algorithm: round-robin\n    backends:\n"
+        );
+        for ip in ips {
+            s.push_str(&format!("      - {{ ip: \"{ip}\", port: {BACKEND_PORT} }}\n"));
+        }
+        s
+    };
+    let dir = TestDir::new("ipv6-hybrid");
+    dir.write_config(&format!(
+        "services:\n{}{}",
+        entry(
+            "lab/web:http",
+            v4_vip.to_string(),
+            lab.backends().iter().map(|h| h.ip().to_string()).collect()
+        ),
+        entry(
+            "lab/web:http@ipv6",
+            VIP6.to_string(),
+            lab.backends().iter().map(|h| host6(h).to_string()).collect()
+        ),
+    ));
+    let mut agent = Proc::start(&lab, &dir, "agent", &agent_args(&lab, &dir, &[]));
+    agent.wait_ready();
+    let (code, body) = agent.get("/readyz");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("ready\ndatapath ebpf\n"), "{body}");
+
+    let client = lab.client();
+    let (b1, b2) = (lab.backend(1), lab.backend(2));
+    // IPv4 through the kernel: the backends see the client itself.
+    let lines = tcp_lines(&client.ns, SocketAddr::from((v4_vip, 80)), 4);
+    assert_eq!(
+        counts(&lines),
+        BTreeMap::from([
+            (format!("backend-1 ::ffff:{}", client.ip()), 2),
+            (format!("backend-2 ::ffff:{}", client.ip()), 2),
+        ]),
+        "IPv4 (kernel): {lines:?}"
+    );
+    // IPv6 through the userspace proxy: the backends see the node.
+    let lines = tcp_lines(&client.ns, SocketAddr::from((VIP6, 80)), 4);
+    assert_eq!(
+        counts(&lines),
+        BTreeMap::from([
+            (format!("backend-1 {}", node6(b1)), 2),
+            (format!("backend-2 {}", node6(b2)), 2),
+        ]),
+        "IPv6 (userspace): {lines:?}"
+    );
+
+    // The kernel's maps hold the IPv4 service only.
+    let maps = lb_agent::datapath::MapReader::open_pinned(&pin_path(&lab)).expect("pinned maps");
+    let in_kernel: Vec<IpAddr> = maps.services().iter().map(|s| s.addr.vip).collect();
+    assert_eq!(in_kernel, [IpAddr::from(v4_vip)]);
+    // Both are counted by name.
+    let m = agent.scrape();
+    for name in ["lab/web:http", "lab/web:http@ipv6"] {
+        assert_eq!(
+            m.get("rpclb_service_new_flows_total", &[("service", name)]),
+            Some(4.0),
+            "{name}"
+        );
+    }
+    let be = m.get(
+        "rpclb_backend_new_flows_total",
+        &[
+            ("service", "lab/web:http@ipv6"),
+            ("backend", &format!("[{}]:{BACKEND_PORT}", host6(b1))),
+        ],
+    );
+    assert_eq!(be, Some(2.0));
+}
