@@ -388,7 +388,10 @@ fn svc_label(s: &ServiceSnapshot) -> Labels {
 fn backend_label(s: &ServiceSnapshot, b: &BackendStats) -> Labels {
     vec![
         ("service", s.name.clone()),
-        ("backend", std::net::SocketAddr::new(b.ip, b.port).to_string()),
+        (
+            "backend",
+            std::net::SocketAddr::new(b.ip, b.port).to_string(),
+        ),
     ]
 }
 

@@ -1370,7 +1370,11 @@ mod tests {
         s.backends[0].ip = Ipv4Addr::new(10, 244, 0, 1).into();
         let e = s.validate().unwrap_err();
         assert_eq!(e.field, Field::Backend(0, BackendField::Ip));
-        assert!(e.message.contains("is IPv4 but the VIP fd00:10:96::10 is IPv6"), "{e}");
+        assert!(
+            e.message
+                .contains("is IPv4 but the VIP fd00:10:96::10 is IPv6"),
+            "{e}"
+        );
     }
 
     #[test]

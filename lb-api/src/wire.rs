@@ -205,10 +205,7 @@ fn ip_from_pb(what: &str, v4: u32, v6: &[u8]) -> Result<IpAddr, WireError> {
     if v4 != 0 {
         return Err(WireError::Invalid(
             what.to_string(),
-            format!(
-                "both an IPv4 ({}) and an IPv6 address",
-                Ipv4Addr::from(v4)
-            ),
+            format!("both an IPv4 ({}) and an IPv6 address", Ipv4Addr::from(v4)),
         ));
     }
     Ok(IpAddr::V6(Ipv6Addr::from(octets)))
@@ -753,10 +750,20 @@ mod tests {
         // Malformed: a short address, or both families at once.
         let mut bad = p.clone();
         bad.addr.as_mut().unwrap().vip6.pop();
-        assert!(service_from_pb(&bad).unwrap_err().to_string().contains("15 bytes"));
+        assert!(
+            service_from_pb(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("15 bytes")
+        );
         let mut bad = p.clone();
         bad.backends[0].ip = 1;
-        assert!(service_from_pb(&bad).unwrap_err().to_string().contains("both an IPv4"));
+        assert!(
+            service_from_pb(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("both an IPv4")
+        );
     }
 
     fn v6_octets(s: &str) -> Vec<u8> {
@@ -783,11 +790,23 @@ mod tests {
             }
         }
         let got = apply_message(&NodeState::default(), 0, &msg).unwrap();
-        let names: Vec<_> = got.state.state.services.iter().map(|s| s.name.as_str()).collect();
+        let names: Vec<_> = got
+            .state
+            .state
+            .services
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
         assert_eq!(names, ["a/v4:http"]);
         assert_eq!(got.refused.len(), 1);
         assert_eq!(got.refused[0].service, "a/v6:http");
-        assert!(got.refused[0].reason.contains("0.0.0.0 is not a unicast address"), "{:?}", got.refused);
+        assert!(
+            got.refused[0]
+                .reason
+                .contains("0.0.0.0 is not a unicast address"),
+            "{:?}",
+            got.refused
+        );
     }
 
     #[test]

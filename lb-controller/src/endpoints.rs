@@ -295,9 +295,15 @@ mod tests {
         let slices = slices_from_endpoints(&ep);
         assert_eq!(slices.len(), 3);
         assert_eq!(slices[0].metadata.name.as_deref(), Some("web-endpoints-0"));
-        assert_eq!(slices[1].metadata.name.as_deref(), Some("web-endpoints-0-v6"));
+        assert_eq!(
+            slices[1].metadata.name.as_deref(),
+            Some("web-endpoints-0-v6")
+        );
         assert_eq!(slices[1].address_type, "IPv6");
-        assert_eq!(slices[1].endpoints.as_ref().unwrap()[0].addresses, ["fd00::2"]);
+        assert_eq!(
+            slices[1].endpoints.as_ref().unwrap()[0].addresses,
+            ["fd00::2"]
+        );
         assert_eq!(slices[2].address_type, "IPv4");
         assert_eq!(
             slices[0].metadata.labels.as_ref().unwrap()[SERVICE_NAME_LABEL],

@@ -588,24 +588,28 @@ fn translate_service(
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,
             other => {
-                problems.extend(first.then(|| problem(
-                    ProblemKind::UnsupportedProtocol {
-                        port: label.clone(),
-                        protocol: other.to_string(),
-                    },
-                    "this port is not balanced by rpclb".into(),
-                )));
+                problems.extend(first.then(|| {
+                    problem(
+                        ProblemKind::UnsupportedProtocol {
+                            port: label.clone(),
+                            protocol: other.to_string(),
+                        },
+                        "this port is not balanced by rpclb".into(),
+                    )
+                }));
                 continue;
             }
         };
         let Some(port) = u16::try_from(sp.port).ok().filter(|&p| p != 0) else {
-            problems.extend(first.then(|| problem(
-                ProblemKind::InvalidPort {
-                    port: label.clone(),
-                    number: sp.port,
-                },
-                "this port is not balanced".into(),
-            )));
+            problems.extend(first.then(|| {
+                problem(
+                    ProblemKind::InvalidPort {
+                        port: label.clone(),
+                        number: sp.port,
+                    },
+                    "this port is not balanced".into(),
+                )
+            }));
             continue;
         };
 
@@ -666,7 +670,10 @@ fn backends_for(
 ) -> (Vec<Backend>, Vec<Option<String>>) {
     let mut found: BTreeMap<(IpAddr, u16), (BackendState, Option<&str>)> = BTreeMap::new();
     // The slices of the VIP's family only.
-    for slice in slices.iter().filter(|s| s.address_type == address_type(vip)) {
+    for slice in slices
+        .iter()
+        .filter(|s| s.address_type == address_type(vip))
+    {
         let Some(port) = slice
             .ports
             .iter()
@@ -1166,8 +1173,12 @@ mod tests {
             },
         );
         let t = translate(&[dual4], &[]);
-        let names: Vec<(&str, IpAddr)> =
-            t.state.services.iter().map(|s| (s.name.as_str(), s.vip)).collect();
+        let names: Vec<(&str, IpAddr)> = t
+            .state
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), s.vip))
+            .collect();
         assert_eq!(
             names,
             [
@@ -1188,13 +1199,26 @@ mod tests {
         // IPv6-only: balanced on its IPv6 ClusterIP with the IPv6 slice's
         // backends; an IPv4 slice (inconsistent input) gives it none.
         let v6_only = service("v6", "fd00:10:96::b", vec![named("http", 80, "http")]);
-        let mut s6 = slice("v6-a", "v6", &[(Some("http"), 8080)], vec![ready("fd00:10:244::7")]);
+        let mut s6 = slice(
+            "v6-a",
+            "v6",
+            &[(Some("http"), 8080)],
+            vec![ready("fd00:10:244::7")],
+        );
         s6.address_type = "IPv6".into();
-        let s4 = slice("v6-b", "v6", &[(Some("http"), 8080)], vec![ready("10.244.0.7")]);
+        let s4 = slice(
+            "v6-b",
+            "v6",
+            &[(Some("http"), 8080)],
+            vec![ready("10.244.0.7")],
+        );
         let t = translate(&[v6_only], &[s6, s4]);
         assert!(t.problems.is_empty(), "{:?}", t.problems);
         let s = only(&t);
-        assert_eq!((s.name.as_str(), s.vip), ("shop/v6:http", ip("fd00:10:96::b")));
+        assert_eq!(
+            (s.name.as_str(), s.vip),
+            ("shop/v6:http", ip("fd00:10:96::b"))
+        );
         assert_eq!(s.backends, [active("fd00:10:244::7", 8080)]);
 
         // A ClusterIP that is not an address is a problem; the others stay.

@@ -63,10 +63,26 @@ fn add_ipv6(lab: &Lab) {
         let (node_ip, host_ip) = (node6(h), host6(h));
         let node_if = &h.node_iface.name;
         lab.node()
-            .ip(&["-6", "addr", "add", &format!("{node_ip}/64"), "dev", node_if, "nodad"])
+            .ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{node_ip}/64"),
+                "dev",
+                node_if,
+                "nodad",
+            ])
             .expect("node address");
-        h.ns.ip(&["-6", "addr", "add", &format!("{host_ip}/64"), "dev", &h.iface.name, "nodad"])
-            .expect("host address");
+        h.ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{host_ip}/64"),
+            "dev",
+            &h.iface.name,
+            "nodad",
+        ])
+        .expect("host address");
         for net in ["fd00:10:244::/48", "fd00:10:96::/112"] {
             h.ns.ip(&["-6", "route", "add", net, "via", &node_ip.to_string()])
                 .expect("route via the node");
@@ -90,13 +106,13 @@ impl Servers {
         for (i, h) in lab.backends().iter().enumerate() {
             let id = format!("backend-{}", i + 1);
             let any = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
-            let (tcp, udp) = h
-                .ns
-                .run(move || (TcpListener::bind(any), UdpSocket::bind(any)))
-                .expect("backend namespace");
+            let (tcp, udp) =
+                h.ns.run(move || (TcpListener::bind(any), UdpSocket::bind(any)))
+                    .expect("backend namespace");
             let (tcp, udp) = (tcp.expect("bind tcp"), udp.expect("bind udp"));
             tcp.set_nonblocking(true).unwrap();
-            udp.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+            udp.set_read_timeout(Some(Duration::from_millis(5)))
+                .unwrap();
             let (s, name) = (stop.clone(), id.clone());
             threads.push(std::thread::spawn(move || {
                 while !s.load(Ordering::Relaxed) {
@@ -258,7 +274,10 @@ fn ipv6_vip_in_the_userspace_proxy() {
     assert_eq!(counts(&lines), want(2), "UDP: {lines:?}");
 
     let stats = p.stats();
-    let tcp_stats = stats.iter().find(|s| s.addr == tcp.addr()).expect("tcp stats");
+    let tcp_stats = stats
+        .iter()
+        .find(|s| s.addr == tcp.addr())
+        .expect("tcp stats");
     assert_eq!(tcp_stats.new_connections, 8);
     assert_eq!(tcp.addr().to_string(), "[fd00:10:96::a]:80/tcp");
 
@@ -359,16 +378,16 @@ fn slice(name: &str, family: &str, port: u16, ips: Vec<String>) -> EndpointSlice
         }]),
         endpoints: Some(
             ips.into_iter()
-            .map(|ip| Endpoint {
-                addresses: vec![ip],
-                conditions: Some(EndpointConditions {
-                    ready: Some(true),
-                    serving: Some(true),
-                    terminating: Some(false),
-                }),
-                ..Default::default()
-            })
-            .collect(),
+                .map(|ip| Endpoint {
+                    addresses: vec![ip],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(true),
+                        serving: Some(true),
+                        terminating: Some(false),
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
         ),
     }
 }
@@ -419,7 +438,10 @@ fn dual_stack_service_through_the_translation() {
             "dual-v6",
             "IPv6",
             BACKEND_PORT,
-            lab.backends().iter().map(|h| host6(h).to_string()).collect(),
+            lab.backends()
+                .iter()
+                .map(|h| host6(h).to_string())
+                .collect(),
         ),
     ];
     let t = lb_controller::translate::node_state(&[kube], &slices, "node-a");
@@ -488,7 +510,9 @@ fn ebpf_mode_serves_ipv6_services_in_userspace() {
             "  - name: {name}\n    vip: \"{vip}\"\n    port: 80\n    algorithm: round-robin\n    backends:\n"
         );
         for ip in ips {
-            s.push_str(&format!("      - {{ ip: \"{ip}\", port: {BACKEND_PORT} }}\n"));
+            s.push_str(&format!(
+                "      - {{ ip: \"{ip}\", port: {BACKEND_PORT} }}\n"
+            ));
         }
         s
     };
@@ -503,7 +527,10 @@ fn ebpf_mode_serves_ipv6_services_in_userspace() {
         entry(
             "lab/web:http@ipv6",
             VIP6.to_string(),
-            lab.backends().iter().map(|h| host6(h).to_string()).collect()
+            lab.backends()
+                .iter()
+                .map(|h| host6(h).to_string())
+                .collect()
         ),
     ));
     let mut agent = Proc::start(&lab, &dir, "agent", &agent_args(&lab, &dir, &[]));

@@ -330,7 +330,9 @@ fn ours(payload: &[u8]) -> Option<IpAddr> {
                 dst = Some(Ipv4Addr::new(data[0], data[1], data[2], data[3]).into())
             }
             (RTA_DST, 16) if full == 128 => {
-                dst = <[u8; 16]>::try_from(data).ok().map(|a| Ipv6Addr::from(a).into())
+                dst = <[u8; 16]>::try_from(data)
+                    .ok()
+                    .map(|a| Ipv6Addr::from(a).into())
             }
             (RTA_TABLE, 4) => table = u32::from_ne_bytes(data.try_into().ok()?),
             _ => {}
@@ -368,11 +370,7 @@ mod tests {
         assert_eq!(ours(&route(ROUTE_PROTOCOL, 255, vip6)), Some(vip6));
         assert_eq!(ours(&route(2, 255, vip)), None, "kernel's own");
         assert_eq!(ours(&route(2, 255, vip6)), None, "kernel's own");
-        assert_eq!(
-            ours(&route(ROUTE_PROTOCOL, 254, vip)),
-            None,
-            "main table"
-        );
+        assert_eq!(ours(&route(ROUTE_PROTOCOL, 254, vip)), None, "main table");
         // Truncated or garbled input is ignored, never a panic.
         let full = route(ROUTE_PROTOCOL, 255, vip);
         for cut in 0..full.len() {

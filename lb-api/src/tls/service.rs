@@ -96,10 +96,7 @@ pub fn upstream_reloader(u: &UpstreamTls) -> Result<Reloader<ClientConfig>, TlsE
 /// The name to verify in a backend's certificate (and send as SNI): the
 /// configured `server_name`, else the backend's IP address. `None` only
 /// for a `server_name` that validation would refuse.
-pub fn upstream_name(
-    u: &UpstreamTls,
-    backend: impl Into<IpAddr>,
-) -> Option<ServerName<'static>> {
+pub fn upstream_name(u: &UpstreamTls, backend: impl Into<IpAddr>) -> Option<ServerName<'static>> {
     match &u.server_name {
         Some(n) => ServerName::try_from(n.clone()).ok(),
         None => Some(ServerName::IpAddress(backend.into().into())),

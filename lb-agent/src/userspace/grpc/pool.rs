@@ -599,10 +599,7 @@ mod tests {
     /// A relay from a new localhost port to `to` that forwards until `cut`
     /// turns true, then holds both sockets open and silent (a peer gone
     /// without a FIN).
-    async fn cuttable_relay(
-        to: SocketAddr,
-        cut: tokio::sync::watch::Receiver<bool>,
-    ) -> SocketAddr {
+    async fn cuttable_relay(to: SocketAddr, cut: tokio::sync::watch::Receiver<bool>) -> SocketAddr {
         let l = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .unwrap();

@@ -28,7 +28,11 @@ const BUF_SIZE: usize = 16 * 1024;
 /// A listener on `addr`, which need not be a local address yet (IP_FREEBIND).
 /// Must run on the proxy's runtime (in its network namespace).
 pub(crate) fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(socket2::Protocol::TCP))?;
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
     s.set_reuse_address(true)?;
     match addr {
         SocketAddr::V4(_) => s.set_freebind_v4(true)?,

@@ -29,7 +29,11 @@ const BURST: usize = 64;
 
 /// The service's socket on `addr`, which need not be local yet (IP_FREEBIND).
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
-    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
     s.set_reuse_address(true)?;
     match addr {
         SocketAddr::V4(_) => s.set_freebind_v4(true)?,
