@@ -1599,6 +1599,12 @@ mod tests {
         let (p, e) = parse(&[(WEIGHTS, "10.244.2.2=65535")]);
         assert!(e.is_empty());
         assert_eq!(p.weight(ip("10.244.2.2")), 65_535);
+        // IPv6 pods (the weight applies to the IPv6 service of a dual-stack one).
+        let (p, e) = parse(&[(WEIGHTS, "fd00:10:244::7=3, 10.244.2.2=2")]);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(p.weight(ip("fd00:10:244::7")), 3);
+        assert_eq!(p.weight(ip("10.244.2.2")), 2);
+        assert_eq!(p.weight(ip("fd00:10:244::8")), 1);
     }
 
     #[test]

@@ -253,6 +253,40 @@ mod tests {
         c
     }
 
+    /// IPv4 keys are as before (the kernel's tables do not change); IPv6
+    /// keys are stable, have the top bit (never an IPv4 key) and differ by
+    /// address and port.
+    #[test]
+    fn backend_keys_of_both_families() {
+        assert_eq!(
+            backend_key(Ipv4Addr::new(10, 244, 1, 2), 8080),
+            (0x0af4_0102u64 << 16) | 8080
+        );
+        let a: std::net::Ipv6Addr = "fd00:10:244::2".parse().unwrap();
+        let b: std::net::Ipv6Addr = "fd00:10:244::3".parse().unwrap();
+        let k = backend_key(a, 8080);
+        assert_eq!(k >> 63, 1);
+        assert_eq!(k & 0xffff, 8080);
+        assert_eq!(k, backend_key(a, 8080));
+        assert_ne!(k, backend_key(b, 8080));
+        assert_ne!(k, backend_key(a, 8081));
+        // A table of IPv6 backends is built like any other.
+        let bs: Vec<MaglevBackend> = (1..=3u16)
+            .map(|i| MaglevBackend {
+                id: u32::from(i),
+                key: backend_key(
+                    std::net::Ipv6Addr::new(0xfd00, 0x10, 0x244, i, 0, 0, 0, 2),
+                    8080,
+                ),
+                weight: 1,
+            })
+            .collect();
+        let t = build(&bs, 1009).unwrap();
+        let c = counts(&t);
+        assert_eq!(c.len(), 3);
+        assert!(c.values().all(|&n| (300..=380).contains(&n)), "{c:?}");
+    }
+
     #[test]
     fn primes() {
         let small: Vec<u32> = (0..40).filter(|&n| is_prime(n)).collect();
