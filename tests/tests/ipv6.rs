@@ -584,3 +584,46 @@ fn ebpf_mode_serves_ipv6_services_in_userspace() {
     );
     assert_eq!(be, Some(2.0));
 }
+
+/// The kernel's map writer refuses an IPv6 service (alone: the IPv4 one of
+/// the same state is written), should one ever reach it: the kernel
+/// programs are IPv4-only until their IPv6 step.
+#[test]
+fn the_map_writer_refuses_ipv6_services() {
+    use lb_agent::datapath::scratch::{ScratchDatapath, require_root};
+    if !require_root("the map writer test") {
+        return;
+    }
+    let mut dp = ScratchDatapath::new(|c| c.fib_redirect = false).expect("load");
+    let v4 = Service::new(
+        "t/v4:80",
+        std::net::Ipv4Addr::new(10, 96, 0, 70),
+        80,
+        Protocol::Tcp,
+        Algorithm::Maglev,
+        vec![Backend::new(std::net::Ipv4Addr::new(10, 244, 11, 2), 8080)],
+    );
+    let v6 = Service::new(
+        "t/v6:80",
+        VIP6,
+        80,
+        Protocol::Tcp,
+        Algorithm::Maglev,
+        vec![Backend::new(v6(11, 2), 8080)],
+    );
+    let refused = dp
+        .writer()
+        .apply(&DesiredState {
+            services: vec![v4.clone(), v6.clone()],
+        })
+        .expect("apply");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].service, "t/v6:80");
+    assert_eq!(refused[0].addr, Some(v6.addr()));
+    assert_eq!(
+        refused[0].reason,
+        lb_agent::datapath::writer::IPV6_NOT_IN_KERNEL
+    );
+    let in_maps: Vec<IpAddr> = dp.writer().services().iter().map(|s| s.addr.vip).collect();
+    assert_eq!(in_maps, [v4.vip]);
+}
