@@ -1,9 +1,15 @@
 //! Which data path serves which service.
 //!
-//! - **eBPF** (the kernel programs): every service with `grpc: None`
+//! - **eBPF** (the kernel programs): every IPv4 service with `grpc: None`
 //!   (connection balancing). Services with `grpc: Some` (per-call gRPC
 //!   balancing) are left out of the kernel's maps, so their VIP packets pass
 //!   to the stack, where the agent's userspace proxy listens on the VIP.
+//!   So are IPv6 services, until the kernel programs handle IPv6 (they pass
+//!   every non-IPv4 packet): the userspace proxy serves them, L4 or gRPC,
+//!   beside the kernel path; their metrics are the proxy's (per service and
+//!   backend, as for gRPC-mode services), and lbctl, which reads the
+//!   kernel's maps, does not list them (`curl NODE:9100/grpc` does not
+//!   either: it shows gRPC-mode services only).
 //! - **userspace** (`--datapath userspace`, or `auto` when eBPF cannot be
 //!   loaded or attached): the userspace proxy serves every service.
 //!
@@ -79,7 +85,7 @@ impl Engines {
 
     /// Parks the proxy and returns its sockets and routes for a successor
     /// (nothing without a proxy). Blocking.
-    pub fn hand_over(&self, wait: std::time::Duration) -> (Vec<Handed>, Vec<std::net::Ipv4Addr>) {
+    pub fn hand_over(&self, wait: std::time::Duration) -> (Vec<Handed>, Vec<std::net::IpAddr>) {
         match current(&self.proxy) {
             Some(p) => p.hand_over(wait),
             None => (Vec::new(), Vec::new()),
@@ -124,7 +130,7 @@ impl Engines {
                     .services
                     .iter()
                     .cloned()
-                    .partition(|s| s.grpc.is_some());
+                    .partition(|s| s.grpc.is_some() || s.is_ipv6());
                 (
                     Some(DesiredState { services: l4 }),
                     DesiredState { services: l7 },

@@ -7,7 +7,7 @@
 //! the time between (the `rate` fields, absent from the agent's answer).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use lb_api::{OutlierDetection, ServiceAddr};
 use serde::{Deserialize, Serialize};
@@ -91,7 +91,7 @@ fn codes(c: &CallStats) -> BTreeMap<String, u64> {
 
 /// The view of the gRPC services in `stats`, with the health checks' state.
 pub fn build(stats: &[ServiceStats], health: &[BackendHealth]) -> GrpcView {
-    let checked: HashMap<(ServiceAddr, SocketAddrV4), bool> = health
+    let checked: HashMap<(ServiceAddr, SocketAddr), bool> = health
         .iter()
         .map(|h| ((h.addr, h.backend), h.healthy))
         .collect();
@@ -111,10 +111,10 @@ pub fn build(stats: &[ServiceStats], health: &[BackendHealth]) -> GrpcView {
                 .backends
                 .iter()
                 .map(|b| GrpcBackend {
-                    backend: format!("{}:{}", b.ip, b.port),
+                    backend: SocketAddr::new(b.ip, b.port).to_string(),
                     weight: b.weight,
                     status: b.status.as_str().to_string(),
-                    health: match checked.get(&(s.addr, SocketAddrV4::new(b.ip, b.port))) {
+                    health: match checked.get(&(s.addr, SocketAddr::new(b.ip, b.port))) {
                         Some(true) => "healthy",
                         Some(false) => "unhealthy",
                         None => "unchecked",

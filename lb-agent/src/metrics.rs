@@ -388,7 +388,10 @@ fn svc_label(s: &ServiceSnapshot) -> Labels {
 fn backend_label(s: &ServiceSnapshot, b: &BackendStats) -> Labels {
     vec![
         ("service", s.name.clone()),
-        ("backend", format!("{}:{}", b.ip, b.port)),
+        (
+            "backend",
+            std::net::SocketAddr::new(b.ip, b.port).to_string(),
+        ),
     ]
 }
 
@@ -699,7 +702,7 @@ mod tests {
     fn backend(last: u8, new_flows: u64, active: u64) -> BackendStats {
         BackendStats {
             id: 7,
-            ip: Ipv4Addr::new(10, 244, 0, last),
+            ip: Ipv4Addr::new(10, 244, 0, last).into(),
             port: 8080,
             weight: 1,
             state: "active",

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use lb_api::{Backend, DesiredState, Service, ServiceAddr};
 
@@ -87,12 +87,12 @@ fn by_addr(s: &DesiredState) -> BTreeMap<ServiceAddr, &Service> {
     s.services.iter().map(|svc| (svc.addr(), svc)).collect()
 }
 
-fn backends(s: &Service) -> BTreeMap<(Ipv4Addr, u16), &Backend> {
+fn backends(s: &Service) -> BTreeMap<(IpAddr, u16), &Backend> {
     s.backends.iter().map(|b| ((b.ip, b.port), b)).collect()
 }
 
-fn endpoint(k: &(Ipv4Addr, u16)) -> String {
-    format!("{}:{}", k.0, k.1)
+fn endpoint(k: &(IpAddr, u16)) -> String {
+    std::net::SocketAddr::new(k.0, k.1).to_string()
 }
 
 /// What turns `old` into `new`.
@@ -144,13 +144,15 @@ pub fn diff(old: &DesiredState, new: &DesiredState) -> Diff {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
     use lb_api::{Algorithm, BackendState, Protocol};
 
     fn svc(name: &str, port: u16, backends: &[(u8, u32)]) -> Service {
         Service {
             name: name.into(),
-            vip: Ipv4Addr::new(10, 96, 0, 1),
+            vip: Ipv4Addr::new(10, 96, 0, 1).into(),
             port,
             protocol: Protocol::Tcp,
             algorithm: Algorithm::Maglev,

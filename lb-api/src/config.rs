@@ -42,7 +42,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -1582,14 +1582,10 @@ checked!(
 );
 
 checked!(
-    Ip(Ipv4Addr) = str_field("an IPv4 address", |s| {
-        s.parse::<Ipv4Addr>().map_err(|_| {
-            if s.parse::<std::net::Ipv6Addr>().is_ok() {
-                format!("{s:?} is an IPv6 address; only IPv4 is supported")
-            } else {
-                format!("invalid IPv4 address {s:?}")
-            }
-        })
+    /// IPv4 (`10.96.0.1`) or IPv6 (`fd00:10:96::1`, no brackets).
+    Ip(IpAddr) = str_field("an IPv4 or IPv6 address", |s| {
+        s.parse::<IpAddr>()
+            .map_err(|_| format!("invalid IP address {s:?} (expected IPv4 or IPv6)"))
     })
 );
 
@@ -1732,6 +1728,8 @@ checked!(
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     /// The issue-11 scale: 5,000 services of 10 backends (about 310,000 YAML
@@ -1951,25 +1949,25 @@ mod tests {
             b.backends,
             [
                 Backend {
-                    ip: Ipv4Addr::new(10, 244, 2, 2),
+                    ip: Ipv4Addr::new(10, 244, 2, 2).into(),
                     port: 50052,
                     weight: 1,
                     state: BackendState::Active
                 },
                 Backend {
-                    ip: Ipv4Addr::new(10, 244, 2, 3),
+                    ip: Ipv4Addr::new(10, 244, 2, 3).into(),
                     port: 50052,
                     weight: 3,
                     state: BackendState::Active
                 },
                 Backend {
-                    ip: Ipv4Addr::new(10, 244, 3, 7),
+                    ip: Ipv4Addr::new(10, 244, 3, 7).into(),
                     port: 50052,
                     weight: 1,
                     state: BackendState::Terminating
                 },
                 Backend {
-                    ip: Ipv4Addr::new(10, 244, 3, 8),
+                    ip: Ipv4Addr::new(10, 244, 3, 8).into(),
                     port: 50052,
                     weight: 0,
                     state: BackendState::Active
@@ -2666,31 +2664,53 @@ mod tests {
             &svc("10.96.0.300"),
             (3, 10),
             "services[0].vip",
-            "invalid IPv4 address \"10.96.0.300\"",
+            "invalid IP address \"10.96.0.300\"",
         );
         assert_err(
-            &svc("fe80::1"),
+            &format!("{ONE}    backends:\n      - ip: fd00:10:244::1\n        port: 1\n"),
+            (6, 13),
+            "services[0].backends[0].ip",
+            "is IPv6 but the VIP 10.96.0.1 is IPv4",
+        );
+        assert_err(
+            &svc("\"[fd00::1]\""),
             (3, 10),
             "services[0].vip",
-            "only IPv4 is supported",
+            "invalid IP address",
         );
         assert_err(
             &svc("\"\""),
             (3, 10),
             "services[0].vip",
-            "invalid IPv4 address \"\"",
+            "invalid IP address \"\"",
         );
         assert_err(
             &svc("[1, 2]"),
             (3, 10),
             "services[0].vip",
-            "expected an IPv4 address",
+            "expected an IPv4 or IPv6 address",
         );
         assert_err(
             &format!("{ONE}    backends:\n      - ip: 10.244.0\n        port: 1\n"),
             (6, 13),
             "services[0].backends[0].ip",
-            "invalid IPv4 address",
+            "invalid IP address",
+        );
+    }
+
+    #[test]
+    fn ipv6_services() {
+        let text = "services:\n  - name: ns/a:http\n    vip: fd00:10:96::a\n    port: 80\n    backends:\n      - {ip: \"fd00:10:244::2\", port: 8080}\n      - ip: fd00:10:244:1::3\n        port: 8080\n";
+        let c = parse(text, "t").unwrap();
+        let s = &c.state.services[0];
+        assert_eq!(s.vip, "fd00:10:96::a".parse::<IpAddr>().unwrap());
+        assert!(s.is_ipv6());
+        assert_eq!(
+            s.backends,
+            [
+                Backend::new("fd00:10:244::2".parse::<IpAddr>().unwrap(), 8080),
+                Backend::new("fd00:10:244:1::3".parse::<IpAddr>().unwrap(), 8080),
+            ]
         );
     }
 

@@ -1,5 +1,5 @@
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -109,7 +109,8 @@ impl BackendState {
 /// One backend (pod) of a service.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Backend {
-    pub ip: Ipv4Addr,
+    /// Of the service's VIP's family (checked by validation).
+    pub ip: IpAddr,
     pub port: u16,
     /// Relative weight; 0 drains the backend (no new flows).
     pub weight: u32,
@@ -117,9 +118,9 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn new(ip: Ipv4Addr, port: u16) -> Self {
+    pub fn new(ip: impl Into<IpAddr>, port: u16) -> Self {
         Backend {
-            ip,
+            ip: ip.into(),
             port,
             weight: 1,
             state: BackendState::Active,
@@ -135,14 +136,17 @@ impl Backend {
 /// The identity of a service in the data path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ServiceAddr {
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
 }
 
 impl fmt::Display for ServiceAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.vip, self.port, self.protocol)
+        match self.vip {
+            IpAddr::V4(v4) => write!(f, "{v4}:{}/{}", self.port, self.protocol),
+            IpAddr::V6(v6) => write!(f, "[{v6}]:{}/{}", self.port, self.protocol),
+        }
     }
 }
 
@@ -561,7 +565,8 @@ impl Default for HealthCheck {
 pub struct Service {
     /// `namespace/name:port`, shown by lbctl and in metrics.
     pub name: String,
-    pub vip: Ipv4Addr,
+    /// IPv4 or IPv6; every backend is of the same family.
+    pub vip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     pub algorithm: Algorithm,
@@ -584,7 +589,7 @@ impl Service {
     /// A service without affinity and with the default Maglev size.
     pub fn new(
         name: impl Into<String>,
-        vip: Ipv4Addr,
+        vip: impl Into<IpAddr>,
         port: u16,
         protocol: Protocol,
         algorithm: Algorithm,
@@ -592,7 +597,7 @@ impl Service {
     ) -> Self {
         Service {
             name: name.into(),
-            vip,
+            vip: vip.into(),
             port,
             protocol,
             algorithm,
@@ -602,6 +607,12 @@ impl Service {
             grpc: None,
             health_check: None,
         }
+    }
+
+    /// Whether the VIP is IPv6 (served by the userspace proxy until the
+    /// kernel programs handle IPv6).
+    pub fn is_ipv6(&self) -> bool {
+        self.vip.is_ipv6()
     }
 
     pub fn addr(&self) -> ServiceAddr {

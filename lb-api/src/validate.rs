@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::model::{
@@ -239,14 +239,32 @@ pub fn name(s: &str) -> Result<(), String> {
     }
 }
 
-/// An address that can be a VIP or a backend: not 0.0.0.0, broadcast or
-/// multicast.
-pub fn unicast(ip: Ipv4Addr) -> Result<(), String> {
-    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+/// An address that can be a VIP or a backend: not unspecified (0.0.0.0,
+/// ::), broadcast or multicast; an IPv6 address must not be IPv4-mapped
+/// (`::ffff:a.b.c.d`: write the IPv4 address).
+pub fn unicast(ip: impl Into<IpAddr>) -> Result<(), String> {
+    let ip = ip.into();
+    let bad = match ip {
+        IpAddr::V4(v4) => v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast(),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return Err(format!(
+                    "{ip} is an IPv4-mapped IPv6 address; write the IPv4 address {v4}"
+                ));
+            }
+            v6.is_unspecified() || v6.is_multicast()
+        }
+    };
+    if bad {
         Err(format!("{ip} is not a unicast address"))
     } else {
         Ok(())
     }
+}
+
+/// The family of an address, for messages.
+pub fn family(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
 /// A port: 1-65535.
@@ -768,9 +786,22 @@ impl Service {
         if let Some(d) = self.affinity_timeout {
             affinity_timeout(d).map_err(at(Field::AffinityTimeout))?;
         }
-        let mut seen: HashMap<(Ipv4Addr, u16), usize> = HashMap::new();
+        let mut seen: HashMap<(IpAddr, u16), usize> = HashMap::new();
         for (i, b) in self.backends.iter().enumerate() {
             unicast(b.ip).map_err(at(Field::Backend(i, BackendField::Ip)))?;
+            if b.ip.is_ipv4() != self.vip.is_ipv4() {
+                return Err(InvalidService {
+                    field: Field::Backend(i, BackendField::Ip),
+                    message: format!(
+                        "backend {} is {} but the VIP {} is {}: a service's backends must be \
+                         of its VIP's family (a dual-stack service is one service per family)",
+                        b.ip,
+                        family(b.ip),
+                        self.vip,
+                        family(self.vip)
+                    ),
+                });
+            }
             port(b.port).map_err(at(Field::Backend(i, BackendField::Port)))?;
             weight(b.weight).map_err(at(Field::Backend(i, BackendField::Weight)))?;
             if let Some(j) = seen.insert((b.ip, b.port), i) {
@@ -939,6 +970,8 @@ pub fn duplicate_addrs(services: &[Service]) -> Vec<(usize, usize)> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
     use crate::model::{Algorithm, BackendState, GrpcPolicy, HealthCheck, RetryThrottle};
 
@@ -1326,6 +1359,25 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_service_with_ipv6_backends_is_valid() {
+        let mut s = svc(Algorithm::Maglev, 2, 0);
+        s.vip = "fd00:10:96::10".parse().unwrap();
+        for (i, b) in s.backends.iter_mut().enumerate() {
+            b.ip = format!("fd00:10:244::{}", i + 1).parse().unwrap();
+        }
+        assert_eq!(s.validate(), Ok(()));
+        assert_eq!(s.addr().to_string(), "[fd00:10:96::10]:80/tcp");
+        s.backends[0].ip = Ipv4Addr::new(10, 244, 0, 1).into();
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, Field::Backend(0, BackendField::Ip));
+        assert!(
+            e.message
+                .contains("is IPv4 but the VIP fd00:10:96::10 is IPv6"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn each_rule_names_its_field() {
         let ok = svc(Algorithm::Maglev, 2, 0);
         assert_eq!(ok.validate(), Ok(()));
@@ -1334,12 +1386,12 @@ mod tests {
             (Box::new(|s| s.name = " ".into()), Field::Name, "empty"),
             (Box::new(|s| s.name = "a\nb".into()), Field::Name, "control"),
             (
-                Box::new(|s| s.vip = Ipv4Addr::UNSPECIFIED),
+                Box::new(|s| s.vip = Ipv4Addr::UNSPECIFIED.into()),
                 Field::Vip,
                 "not a unicast",
             ),
             (
-                Box::new(|s| s.vip = Ipv4Addr::new(224, 0, 0, 1)),
+                Box::new(|s| s.vip = Ipv4Addr::new(224, 0, 0, 1).into()),
                 Field::Vip,
                 "not a unicast",
             ),
@@ -1360,9 +1412,29 @@ mod tests {
                 "port 0",
             ),
             (
-                Box::new(|s| s.backends[0].ip = Ipv4Addr::BROADCAST),
+                Box::new(|s| s.backends[0].ip = Ipv4Addr::BROADCAST.into()),
                 Field::Backend(0, BackendField::Ip),
                 "unicast",
+            ),
+            (
+                Box::new(|s| s.backends[1].ip = "fd00:10:244::2".parse().unwrap()),
+                Field::Backend(1, BackendField::Ip),
+                "backend fd00:10:244::2 is IPv6 but the VIP 10.96.0.10 is IPv4",
+            ),
+            (
+                Box::new(|s| s.vip = "::".parse().unwrap()),
+                Field::Vip,
+                "not a unicast",
+            ),
+            (
+                Box::new(|s| s.vip = "ff02::1".parse().unwrap()),
+                Field::Vip,
+                "not a unicast",
+            ),
+            (
+                Box::new(|s| s.vip = "::ffff:10.96.0.1".parse().unwrap()),
+                Field::Vip,
+                "write the IPv4 address 10.96.0.1",
             ),
             (
                 Box::new(|s| s.backends[1].weight = MAX_WEIGHT + 1),

@@ -7,7 +7,7 @@
 //! alone, keeps the rest, and says which and why in its ack.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use crate::config::Timeouts;
@@ -65,10 +65,12 @@ fn algorithm_to_pb(a: Algorithm) -> pb::Algorithm {
 
 impl From<ServiceAddr> for pb::ServiceAddr {
     fn from(a: ServiceAddr) -> Self {
+        let (vip, vip6) = ip_to_pb(a.vip);
         pb::ServiceAddr {
-            vip: u32::from(a.vip),
+            vip,
             port: u32::from(a.port),
             protocol: protocol_to_pb(a.protocol) as i32,
+            vip6,
         }
     }
 }
@@ -87,7 +89,8 @@ impl From<&Service> for pb::Service {
                 .backends
                 .iter()
                 .map(|b| pb::Backend {
-                    ip: u32::from(b.ip),
+                    ip: ip_to_pb(b.ip).0,
+                    ip6: ip_to_pb(b.ip).1,
                     port: u32::from(b.port),
                     weight: b.weight,
                     state: match b.state {
@@ -177,6 +180,37 @@ impl From<&Timeouts> for pb::Timeouts {
     }
 }
 
+/// An address as the wire's two fields: IPv4 in the `fixed32` (host order),
+/// IPv6 in the `bytes` (16, network order) with 0 in the `fixed32`, which an
+/// IPv4-only peer reads as 0.0.0.0 and refuses.
+fn ip_to_pb(ip: IpAddr) -> (u32, Vec<u8>) {
+    match ip {
+        IpAddr::V4(v4) => (u32::from(v4), Vec::new()),
+        IpAddr::V6(v6) => (0, v6.octets().to_vec()),
+    }
+}
+
+/// The address of the wire's two fields: IPv6 when the `bytes` are set
+/// (16 of them, and the `fixed32` 0), else IPv4.
+fn ip_from_pb(what: &str, v4: u32, v6: &[u8]) -> Result<IpAddr, WireError> {
+    if v6.is_empty() {
+        return Ok(IpAddr::V4(Ipv4Addr::from(v4)));
+    }
+    let octets: [u8; 16] = v6.try_into().map_err(|_| {
+        WireError::Invalid(
+            what.to_string(),
+            format!("IPv6 address of {} bytes (expected 16)", v6.len()),
+        )
+    })?;
+    if v4 != 0 {
+        return Err(WireError::Invalid(
+            what.to_string(),
+            format!("both an IPv4 ({}) and an IPv6 address", Ipv4Addr::from(v4)),
+        ));
+    }
+    Ok(IpAddr::V6(Ipv6Addr::from(octets)))
+}
+
 fn port(what: &str, v: u32) -> Result<u16, WireError> {
     u16::try_from(v)
         .ok()
@@ -197,7 +231,7 @@ pub fn addr_from_pb(what: &str, a: &pb::ServiceAddr) -> Result<ServiceAddr, Wire
         }
     };
     Ok(ServiceAddr {
-        vip: Ipv4Addr::from(a.vip),
+        vip: ip_from_pb(what, a.vip, &a.vip6)?,
         port: port(what, a.port)?,
         protocol,
     })
@@ -231,7 +265,7 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
     };
     let mut backends = Vec::with_capacity(s.backends.len());
     for b in &s.backends {
-        let ip = Ipv4Addr::from(b.ip);
+        let ip = ip_from_pb(&what, b.ip, &b.ip6)?;
         let bport = port(&what, b.port)?;
         let state = match pb::BackendState::try_from(b.state) {
             Ok(pb::BackendState::Active) => BackendState::Active,
@@ -693,6 +727,88 @@ mod tests {
         assert!(got.refused.is_empty());
     }
 
+    fn v6(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_ipv6_service_round_trips() {
+        let mut s = svc("a/v6:http", 80, &[]);
+        s.vip = v6("fd00:10:96::1");
+        s.backends = vec![
+            Backend::new(v6("fd00:10:244::2"), 8080),
+            Backend::new(v6("fd00:10:244:1::3"), 8080),
+        ];
+        let p = pb::Service::from(&s);
+        assert_eq!(p.addr.as_ref().unwrap().vip, 0);
+        assert_eq!(p.addr.as_ref().unwrap().vip6, v6_octets("fd00:10:96::1"));
+        assert_eq!(p.backends[0].ip, 0);
+        assert_eq!(service_from_pb(&p).unwrap(), s);
+        // An IPv4 service leaves the new fields empty: old agents read it as before.
+        let p4 = pb::Service::from(&svc("a/v4:http", 80, &[(1, 1)]));
+        assert!(p4.addr.as_ref().unwrap().vip6.is_empty() && p4.backends[0].ip6.is_empty());
+        // Malformed: a short address, or both families at once.
+        let mut bad = p.clone();
+        bad.addr.as_mut().unwrap().vip6.pop();
+        assert!(
+            service_from_pb(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("15 bytes")
+        );
+        let mut bad = p.clone();
+        bad.backends[0].ip = 1;
+        assert!(
+            service_from_pb(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("both an IPv4")
+        );
+    }
+
+    fn v6_octets(s: &str) -> Vec<u8> {
+        s.parse::<Ipv6Addr>().unwrap().octets().to_vec()
+    }
+
+    /// An agent that predates the IPv6 fields skips them (unknown fields):
+    /// it sees the IPv6 service at 0.0.0.0, refuses it alone and keeps the
+    /// rest; a removal of it removes nothing it has.
+    #[test]
+    fn an_ipv4_only_agent_refuses_an_ipv6_service() {
+        let mut s6 = svc("a/v6:http", 80, &[]);
+        s6.vip = v6("fd00:10:96::1");
+        s6.backends = vec![Backend::new(v6("fd00:10:244::2"), 8080)];
+        let n = node(vec![svc("a/v4:http", 80, &[(1, 1)]), s6]);
+        let mut msg = snapshot(1, &n);
+        let Some(pb::controller_message::Body::Snapshot(snap)) = msg.body.as_mut() else {
+            panic!("not a snapshot");
+        };
+        for p in &mut snap.services {
+            p.addr.as_mut().unwrap().vip6.clear();
+            for b in &mut p.backends {
+                b.ip6.clear();
+            }
+        }
+        let got = apply_message(&NodeState::default(), 0, &msg).unwrap();
+        let names: Vec<_> = got
+            .state
+            .state
+            .services
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(names, ["a/v4:http"]);
+        assert_eq!(got.refused.len(), 1);
+        assert_eq!(got.refused[0].service, "a/v6:http");
+        assert!(
+            got.refused[0]
+                .reason
+                .contains("0.0.0.0 is not a unicast address"),
+            "{:?}",
+            got.refused
+        );
+    }
+
     #[test]
     fn delta_carries_only_changes_and_applies() {
         let old = node(vec![
@@ -822,7 +938,7 @@ mod tests {
             (
                 {
                     let mut p: pb::Service = (&good).into();
-                    p.backends.push(p.backends[0]);
+                    p.backends.push(p.backends[0].clone());
                     p
                 },
                 "duplicate backend",

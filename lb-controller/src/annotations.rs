@@ -68,7 +68,7 @@
 //! `rpclb.io/weights` format: comma-separated `IP=WEIGHT` entries, for
 //! example `"10.244.2.2=3, 10.244.2.3=1"`.
 //!
-//! - `IP` is a backend pod's IPv4 address, as in the EndpointSlice. The
+//! - `IP` is a backend pod's IPv4 or IPv6 address, as in the EndpointSlice. The
 //!   weight applies to every port of that pod.
 //! - `WEIGHT` is a whole number from 0 to 65535 (`lb_api::MAX_WEIGHT`),
 //!   relative to the other backends; 0 drains the pod (no new flows).
@@ -95,7 +95,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use lb_api::{Algorithm, validate};
 
@@ -192,7 +192,7 @@ pub const KNOWN: [&str; 32] = [
 pub struct ServicePolicy {
     pub algorithm: Algorithm,
     /// Weights by backend IP; backends not listed have weight 1.
-    pub weights: BTreeMap<Ipv4Addr, u32>,
+    pub weights: BTreeMap<IpAddr, u32>,
     /// `None`: the agent's default.
     pub maglev_table_size: Option<u32>,
     /// `rpclb.io/mode: grpc`: the gRPC (L7) mode, with `rpclb.io/grpc-timeout`.
@@ -266,7 +266,7 @@ impl ServicePolicy {
     }
 
     /// The weight of the backend at `ip`.
-    pub fn weight(&self, ip: Ipv4Addr) -> u32 {
+    pub fn weight(&self, ip: IpAddr) -> u32 {
         self.weights.get(&ip).copied().unwrap_or(1)
     }
 }
@@ -361,12 +361,12 @@ pub enum AnnotationProblem {
     UnknownAlgorithm(String),
     #[error("weight entry {entry:?} is not of the form IP=WEIGHT")]
     WeightSyntax { entry: String },
-    #[error("weight entry {entry:?}: {ip:?} is not an IPv4 address")]
+    #[error("weight entry {entry:?}: {ip:?} is not an IP address")]
     WeightIp { entry: String, ip: String },
     #[error("weight entry {entry:?}: {weight:?} is not a weight from 0 to 65535")]
     WeightValue { entry: String, weight: String },
     #[error("weight entry {entry:?}: {ip} is listed more than once")]
-    WeightDuplicate { entry: String, ip: Ipv4Addr },
+    WeightDuplicate { entry: String, ip: IpAddr },
     #[error("{0:?} is not a whole number")]
     NotANumber(String),
     /// Breaks `lb_api::validate`'s rule for a table (prime, at most 2^24,
@@ -1055,7 +1055,7 @@ fn parse_algorithm(value: &str) -> Result<Algorithm, Vec<AnnotationProblem>> {
         .map_err(|_| vec![AnnotationProblem::UnknownAlgorithm(v.to_string())])
 }
 
-fn parse_weights(value: &str) -> Result<BTreeMap<Ipv4Addr, u32>, Vec<AnnotationProblem>> {
+fn parse_weights(value: &str) -> Result<BTreeMap<IpAddr, u32>, Vec<AnnotationProblem>> {
     if value.trim().is_empty() {
         return Err(vec![AnnotationProblem::Empty]);
     }
@@ -1069,7 +1069,7 @@ fn parse_weights(value: &str) -> Result<BTreeMap<Ipv4Addr, u32>, Vec<AnnotationP
             continue;
         };
         let (ip, weight) = (ip.trim(), weight.trim());
-        let Ok(addr) = ip.parse::<Ipv4Addr>() else {
+        let Ok(addr) = ip.parse::<IpAddr>() else {
             problems.push(AnnotationProblem::WeightIp {
                 entry: entry.to_string(),
                 ip: ip.to_string(),
@@ -1523,7 +1523,7 @@ mod tests {
         parse(pairs).1.into_iter().map(|e| e.problem).collect()
     }
 
-    fn ip(s: &str) -> Ipv4Addr {
+    fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
@@ -1599,6 +1599,12 @@ mod tests {
         let (p, e) = parse(&[(WEIGHTS, "10.244.2.2=65535")]);
         assert!(e.is_empty());
         assert_eq!(p.weight(ip("10.244.2.2")), 65_535);
+        // IPv6 pods (the weight applies to the IPv6 service of a dual-stack one).
+        let (p, e) = parse(&[(WEIGHTS, "fd00:10:244::7=3, 10.244.2.2=2")]);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(p.weight(ip("fd00:10:244::7")), 3);
+        assert_eq!(p.weight(ip("10.244.2.2")), 2);
+        assert_eq!(p.weight(ip("fd00:10:244::8")), 1);
     }
 
     #[test]

@@ -15,8 +15,9 @@
 //!
 //! - each subset becomes one slice, with the subset's ports (names,
 //!   numbers and protocols, as the Endpoints controller resolved them from
-//!   the Service's named or numbered `targetPort`s) and its IPv4
-//!   `addresses` as ready endpoints, with their `nodeName`;
+//!   the Service's named or numbered `targetPort`s) and its
+//!   `addresses` as ready endpoints, with their `nodeName` (IPv6
+//!   addresses in a second slice of `addressType: IPv6`);
 //! - `notReadyAddresses` are left out.
 //!
 //! What is lost: Endpoints have no `terminating` or `serving` condition. A
@@ -142,22 +143,6 @@ pub fn slices_from_endpoints(ep: &Endpoints) -> Vec<EndpointSlice> {
     };
     let mut out = Vec::new();
     for (i, subset) in ep.subsets.iter().flatten().enumerate() {
-        let endpoints: Vec<Endpoint> = subset
-            .addresses
-            .iter()
-            .flatten()
-            .filter(|a| a.ip.parse::<std::net::Ipv4Addr>().is_ok())
-            .map(|a| Endpoint {
-                addresses: vec![a.ip.clone()],
-                conditions: Some(EndpointConditions {
-                    ready: Some(true),
-                    serving: Some(true),
-                    terminating: Some(false),
-                }),
-                node_name: a.node_name.clone(),
-                ..Endpoint::default()
-            })
-            .collect();
         let ports: Vec<EndpointPort> = subset
             .ports
             .iter()
@@ -169,20 +154,46 @@ pub fn slices_from_endpoints(ep: &Endpoints) -> Vec<EndpointSlice> {
                 app_protocol: p.app_protocol.clone(),
             })
             .collect();
-        out.push(EndpointSlice {
-            metadata: ObjectMeta {
-                name: Some(format!("{name}-endpoints-{i}")),
-                namespace: ep.metadata.namespace.clone(),
-                labels: Some(BTreeMap::from([(
-                    SERVICE_NAME_LABEL.to_string(),
-                    name.to_string(),
-                )])),
-                ..ObjectMeta::default()
-            },
-            address_type: "IPv4".into(),
-            endpoints: Some(endpoints),
-            ports: Some(ports),
-        });
+        // One slice per address family, as the EndpointSlice controller
+        // writes them (an IPv6 slice only when the subset has IPv6 addresses).
+        for (v6, suffix) in [(false, ""), (true, "-v6")] {
+            let endpoints: Vec<Endpoint> = subset
+                .addresses
+                .iter()
+                .flatten()
+                .filter(|a| {
+                    a.ip.parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_ipv6() == v6)
+                })
+                .map(|a| Endpoint {
+                    addresses: vec![a.ip.clone()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(true),
+                        serving: Some(true),
+                        terminating: Some(false),
+                    }),
+                    node_name: a.node_name.clone(),
+                    ..Endpoint::default()
+                })
+                .collect();
+            if v6 && endpoints.is_empty() {
+                continue;
+            }
+            out.push(EndpointSlice {
+                metadata: ObjectMeta {
+                    name: Some(format!("{name}-endpoints-{i}{suffix}")),
+                    namespace: ep.metadata.namespace.clone(),
+                    labels: Some(BTreeMap::from([(
+                        SERVICE_NAME_LABEL.to_string(),
+                        name.to_string(),
+                    )])),
+                    ..ObjectMeta::default()
+                },
+                address_type: if v6 { "IPv6" } else { "IPv4" }.into(),
+                endpoints: Some(endpoints),
+                ports: Some(ports.clone()),
+            });
+        }
     }
     out
 }
@@ -259,7 +270,8 @@ mod tests {
     }
 
     /// Two subsets (pods with different target port numbers, as a named
-    /// targetPort gives), not-ready addresses left out, IPv6 skipped.
+    /// targetPort gives), not-ready addresses left out, IPv6 in a slice of
+    /// its own.
     #[test]
     fn endpoints_translate_like_their_slices() {
         let ep = endpoints(vec![
@@ -281,8 +293,18 @@ mod tests {
             },
         ]);
         let slices = slices_from_endpoints(&ep);
-        assert_eq!(slices.len(), 2);
+        assert_eq!(slices.len(), 3);
         assert_eq!(slices[0].metadata.name.as_deref(), Some("web-endpoints-0"));
+        assert_eq!(
+            slices[1].metadata.name.as_deref(),
+            Some("web-endpoints-0-v6")
+        );
+        assert_eq!(slices[1].address_type, "IPv6");
+        assert_eq!(
+            slices[1].endpoints.as_ref().unwrap()[0].addresses,
+            ["fd00::2"]
+        );
+        assert_eq!(slices[2].address_type, "IPv4");
         assert_eq!(
             slices[0].metadata.labels.as_ref().unwrap()[SERVICE_NAME_LABEL],
             "web"
@@ -297,7 +319,7 @@ mod tests {
             .collect();
         let active = |ip: &str, port| Backend {
             state: BackendState::Active,
-            ..Backend::new(ip.parse().unwrap(), port)
+            ..Backend::new(ip.parse::<std::net::IpAddr>().unwrap(), port)
         };
         assert_eq!(
             by_name["shop/web:http"].backends,

@@ -7,22 +7,27 @@
 //!
 //! **Services.** One [`lb_api::Service`] per (ClusterIP, service port), named
 //! `namespace/name:port`, where `port` is the service port's name, or its
-//! number when it is unnamed. Only the ClusterIP is balanced: node ports,
+//! number when it is unnamed. Only the ClusterIPs are balanced: node ports,
 //! external IPs and load-balancer IPs are not.
 //!
 //! - `type: ExternalName` and headless Services (`clusterIP: None`) are
 //!   skipped, and so is a Service whose ClusterIP is not allocated yet.
-//! - Dual-stack: the VIP is the first IPv4 address of `spec.clusterIPs`, then
-//!   of `spec.clusterIP`. A Service with no IPv4 ClusterIP (IPv6-only) is
-//!   skipped with a [`Problem`].
+//! - IPv4, IPv6 and dual-stack: one service per address of `spec.clusterIPs`
+//!   (else `spec.clusterIP`), in that order, which is `spec.ipFamilies`'
+//!   order (Kubernetes keeps them in step; the family is read from the
+//!   address). The first (primary) family's services are named as above; a
+//!   dual-stack Service's second family's get `@ipv4` or `@ipv6` appended
+//!   (`shop/cart:grpc@ipv6`), so that names (lbctl, metrics) stay unique. A
+//!   ClusterIP that is not an IP address is skipped with a [`Problem`].
 //! - Protocols: TCP (the default) and UDP. An SCTP port is skipped with a
 //!   [`Problem`]; the Service's other ports are still balanced.
 //!
 //! **Backends.** An EndpointSlice belongs to a Service when it is in the same
 //! namespace and its label `kubernetes.io/service-name` names the Service.
-//! Only `addressType: IPv4` slices are read, and of each endpoint only its
-//! first address (the EndpointSlice controller writes exactly one; kube-proxy
-//! reads only the first).
+//! `addressType: IPv4` slices give the backends of the IPv4 ClusterIP,
+//! `IPv6` slices those of the IPv6 one (`FQDN` slices are ignored); of each
+//! endpoint only its first address is read (the EndpointSlice controller
+//! writes exactly one; kube-proxy reads only the first).
 //!
 //! - Target ports: a slice port serves a service port when their names are
 //!   equal (an unnamed port has the empty name), as in Kubernetes, and their
@@ -69,7 +74,7 @@
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Service as KubeService, ServiceSpec};
@@ -168,8 +173,8 @@ pub enum ProblemKind {
     UnsupportedProtocol { port: String, protocol: String },
     /// A port number outside 1..=65535.
     InvalidPort { port: String, number: i32 },
-    /// No IPv4 ClusterIP (an IPv6-only Service).
-    NoIpv4ClusterIp { cluster_ips: Vec<String> },
+    /// A ClusterIP that is not an IP address (it is skipped).
+    InvalidClusterIp { cluster_ip: String },
     /// `sessionAffinityConfig.clientIP.timeoutSeconds` outside 1..=86400.
     InvalidAffinityTimeout { seconds: i32 },
     /// Another Service already has this VIP, port and protocol.
@@ -192,7 +197,7 @@ impl ProblemKind {
             ProblemKind::TooManyBackendsForMaglev { .. } => "TooManyBackends",
             ProblemKind::UnsupportedProtocol { .. } => "UnsupportedProtocol",
             ProblemKind::InvalidPort { .. } => "InvalidPort",
-            ProblemKind::NoIpv4ClusterIp { .. } => "NoIPv4ClusterIP",
+            ProblemKind::InvalidClusterIp { .. } => "InvalidClusterIP",
             ProblemKind::InvalidAffinityTimeout { .. } => "InvalidSessionAffinity",
             ProblemKind::DuplicateAddress { .. } => "DuplicateServiceAddress",
             ProblemKind::InvalidService { .. } => "InvalidService",
@@ -234,11 +239,9 @@ impl fmt::Display for ProblemKind {
             ProblemKind::InvalidPort { port, number } => {
                 write!(f, "port {port}: {number} is not a port number")
             }
-            ProblemKind::NoIpv4ClusterIp { cluster_ips } => write!(
-                f,
-                "no IPv4 ClusterIP in [{}] (rpclb balances IPv4 only)",
-                cluster_ips.join(", ")
-            ),
+            ProblemKind::InvalidClusterIp { cluster_ip } => {
+                write!(f, "ClusterIP {cluster_ip:?} is not an IP address")
+            }
             ProblemKind::InvalidAffinityTimeout { seconds } => write!(
                 f,
                 "sessionAffinityConfig.clientIP.timeoutSeconds {seconds} is outside 1..={}",
@@ -283,7 +286,7 @@ impl ClusterState {
     {
         let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
         for slice in slices.iter().map(Borrow::borrow) {
-            if slice.address_type != "IPv4" {
+            if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
                 continue;
             }
             let Some(owner) = slice
@@ -423,13 +426,13 @@ fn port_of(name: &str) -> &str {
     name.rsplit_once(':').map_or(name, |(_, p)| p)
 }
 
-/// Which ClusterIP a Service is balanced on.
+/// Which ClusterIPs a Service is balanced on.
 #[derive(Debug, PartialEq, Eq)]
 enum ClusterIp {
-    V4(Ipv4Addr),
+    /// One per family, primary first; and the addresses that did not parse.
+    Ips(Vec<IpAddr>, Vec<String>),
     Headless,
     Unallocated,
-    NoIpv4(Vec<String>),
 }
 
 fn cluster_ip(spec: &ServiceSpec) -> ClusterIp {
@@ -445,17 +448,24 @@ fn cluster_ip(spec: &ServiceSpec) -> ClusterIp {
         ClusterIp::Unallocated
     } else if ips.contains(&"None") {
         ClusterIp::Headless
-    } else if let Some(v4) = ips.iter().find_map(|s| s.parse::<Ipv4Addr>().ok()) {
-        ClusterIp::V4(v4)
     } else {
-        let mut unique: Vec<String> = Vec::new();
+        let (mut good, mut bad): (Vec<IpAddr>, Vec<String>) = (Vec::new(), Vec::new());
         for ip in ips {
-            if !unique.iter().any(|u| u == ip) {
-                unique.push(ip.to_string());
+            match ip.parse::<IpAddr>() {
+                // `clusterIP` repeats `clusterIPs[0]`; one address per family.
+                Ok(a) if !good.iter().any(|g| g.is_ipv4() == a.is_ipv4()) => good.push(a),
+                Ok(_) => {}
+                Err(_) if !bad.iter().any(|b| b == ip) => bad.push(ip.to_string()),
+                Err(_) => {}
             }
         }
-        ClusterIp::NoIpv4(unique)
+        ClusterIp::Ips(good, bad)
     }
+}
+
+/// The EndpointSlice `addressType` of an address's family.
+fn address_type(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
 /// The backend state of an endpoint with these conditions; `None`: left out.
@@ -495,16 +505,17 @@ fn translate_service(
         kind,
         fallback,
     };
-    let vip = match cluster_ip(spec) {
-        ClusterIp::V4(ip) => ip,
-        ClusterIp::Headless | ClusterIp::Unallocated => return,
-        ClusterIp::NoIpv4(cluster_ips) => {
-            problems.push(problem(
-                ProblemKind::NoIpv4ClusterIp { cluster_ips },
-                "the Service is not balanced by rpclb".into(),
-            ));
-            return;
+    let vips = match cluster_ip(spec) {
+        ClusterIp::Ips(good, bad) => {
+            for cluster_ip in bad {
+                problems.push(problem(
+                    ProblemKind::InvalidClusterIp { cluster_ip },
+                    "this ClusterIP is not balanced by rpclb".into(),
+                ));
+            }
+            good
         }
+        ClusterIp::Headless | ClusterIp::Unallocated => return,
     };
 
     let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
@@ -555,7 +566,18 @@ fn translate_service(
     }
 
     let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
-    for sp in spec.ports.iter().flatten() {
+    // Each port once per ClusterIP (family); a port's own problems are
+    // reported once, with the first.
+    let per_vip = vips.iter().enumerate().flat_map(|(i, &vip)| {
+        let suffix = match (i, vip.is_ipv4()) {
+            (0, _) => "",
+            (_, true) => "@ipv4",
+            (_, false) => "@ipv6",
+        };
+        spec.ports.iter().flatten().map(move |sp| (vip, suffix, sp))
+    });
+    for (vip, suffix, sp) in per_vip {
+        let first = suffix.is_empty();
         let port_name = sp.name.as_deref().unwrap_or("");
         let label = if port_name.is_empty() {
             sp.port.to_string()
@@ -566,30 +588,34 @@ fn translate_service(
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,
             other => {
-                problems.push(problem(
-                    ProblemKind::UnsupportedProtocol {
-                        port: label.clone(),
-                        protocol: other.to_string(),
-                    },
-                    "this port is not balanced by rpclb".into(),
-                ));
+                problems.extend(first.then(|| {
+                    problem(
+                        ProblemKind::UnsupportedProtocol {
+                            port: label.clone(),
+                            protocol: other.to_string(),
+                        },
+                        "this port is not balanced by rpclb".into(),
+                    )
+                }));
                 continue;
             }
         };
         let Some(port) = u16::try_from(sp.port).ok().filter(|&p| p != 0) else {
-            problems.push(problem(
-                ProblemKind::InvalidPort {
-                    port: label.clone(),
-                    number: sp.port,
-                },
-                "this port is not balanced".into(),
-            ));
+            problems.extend(first.then(|| {
+                problem(
+                    ProblemKind::InvalidPort {
+                        port: label.clone(),
+                        number: sp.port,
+                    },
+                    "this port is not balanced".into(),
+                )
+            }));
             continue;
         };
 
-        let (backends, nodes) = backends_for(slices, port_name, protocol, &policy);
+        let (backends, nodes) = backends_for(slices, vip, port_name, protocol, &policy);
         let mut service = Service {
-            name: format!("{r}:{label}"),
+            name: format!("{r}:{label}{suffix}"),
             vip,
             port,
             protocol,
@@ -637,12 +663,17 @@ fn translate_service(
 /// The backends of one service port, sorted by (IP, port), with their nodes.
 fn backends_for(
     slices: &[&EndpointSlice],
+    vip: IpAddr,
     port_name: &str,
     protocol: Protocol,
     policy: &ServicePolicy,
 ) -> (Vec<Backend>, Vec<Option<String>>) {
-    let mut found: BTreeMap<(Ipv4Addr, u16), (BackendState, Option<&str>)> = BTreeMap::new();
-    for slice in slices {
+    let mut found: BTreeMap<(IpAddr, u16), (BackendState, Option<&str>)> = BTreeMap::new();
+    // The slices of the VIP's family only.
+    for slice in slices
+        .iter()
+        .filter(|s| s.address_type == address_type(vip))
+    {
         let Some(port) = slice
             .ports
             .iter()
@@ -664,7 +695,8 @@ fn backends_for(
             let Some(ip) = ep
                 .addresses
                 .first()
-                .and_then(|a| a.parse::<Ipv4Addr>().ok())
+                .and_then(|a| a.parse::<IpAddr>().ok())
+                .filter(|a| a.is_ipv4() == vip.is_ipv4())
             else {
                 continue;
             };
@@ -734,6 +766,8 @@ fn choose_table_size(service: &mut Service, port: &str) -> Option<(ProblemKind, 
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
     use k8s_openapi::api::core::v1::{ClientIPConfig, ServicePort, SessionAffinityConfig};
     use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort};
@@ -851,7 +885,7 @@ mod tests {
         ep
     }
 
-    fn ip(s: &str) -> Ipv4Addr {
+    fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
@@ -1072,32 +1106,86 @@ mod tests {
     }
 
     #[test]
-    fn dual_stack_uses_the_first_ipv4_cluster_ip_and_ipv4_slices() {
+    fn dual_stack_is_one_service_per_cluster_ip_with_its_familys_slices() {
+        // IPv6 primary (ipFamilies [IPv6, IPv4]); both families' slices, and
+        // an FQDN slice that is ignored.
         let dual = with(
-            service("dual", "fd00:10:96::a", vec![named("http", 80, "http")]),
+            service(
+                "dual",
+                "fd00:10:96::a",
+                vec![named("http", 80, "http"), named("dns", 53, "dns")],
+            ),
             |s| {
                 s.cluster_ips = Some(vec!["fd00:10:96::a".into(), "10.96.0.20".into()]);
                 s.ip_families = Some(vec!["IPv6".into(), "IPv4".into()]);
+                s.ip_family_policy = Some("RequireDualStack".into());
             },
         );
+        let ports = [(Some("http"), 8080), (Some("dns"), 5353)];
         let mut v6_slice = slice(
             "dual-v6",
             "dual",
-            &[(Some("http"), 8080)],
-            vec![ready("fd00:10:244::5")],
+            &ports,
+            vec![ready("fd00:10:244::5"), terminating("fd00:10:244::6")],
         );
         v6_slice.address_type = "IPv6".into();
-        let v4_slice = slice(
-            "dual-v4",
-            "dual",
-            &[(Some("http"), 8080)],
-            vec![ready("10.244.0.5")],
-        );
-        let t = translate(&[dual], &[v6_slice, v4_slice]);
+        let v4_slice = slice("dual-v4", "dual", &ports, vec![ready("10.244.0.5")]);
+        let mut fqdn = slice("dual-fqdn", "dual", &ports, vec![ready("pod.example")]);
+        fqdn.address_type = "FQDN".into();
+        let t = translate(&[dual], &[v6_slice, v4_slice, fqdn]);
         assert!(t.problems.is_empty(), "{:?}", t.problems);
-        let s = only(&t);
-        assert_eq!(s.vip, ip("10.96.0.20"));
-        assert_eq!(s.backends, [active("10.244.0.5", 8080)]);
+        // Sorted by (VIP, port, protocol): IPv4 addresses sort first.
+        let got: Vec<(&str, IpAddr, u16, &[Backend])> = t
+            .state
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), s.vip, s.port, s.backends.as_slice()))
+            .collect();
+        let v4 = [active("10.244.0.5", 8080)];
+        let v4_dns = [active("10.244.0.5", 5353)];
+        let v6 = [
+            active("fd00:10:244::5", 8080),
+            backend("fd00:10:244::6", 8080, BackendState::Terminating),
+        ];
+        let v6_dns = [
+            active("fd00:10:244::5", 5353),
+            backend("fd00:10:244::6", 5353, BackendState::Terminating),
+        ];
+        assert_eq!(
+            got,
+            [
+                ("shop/dual:dns@ipv4", ip("10.96.0.20"), 53, &v4_dns[..]),
+                ("shop/dual:http@ipv4", ip("10.96.0.20"), 80, &v4[..]),
+                ("shop/dual:dns", ip("fd00:10:96::a"), 53, &v6_dns[..]),
+                ("shop/dual:http", ip("fd00:10:96::a"), 80, &v6[..]),
+            ]
+        );
+        for s in &t.state.services {
+            assert_eq!(s.validate(), Ok(()), "{}", s.name);
+        }
+
+        // IPv4 primary: the IPv4 services keep the plain names.
+        let dual4 = with(
+            service("dual4", "10.96.0.30", vec![named("http", 80, "http")]),
+            |s| {
+                s.cluster_ips = Some(vec!["10.96.0.30".into(), "fd00:10:96::30".into()]);
+                s.ip_families = Some(vec!["IPv4".into(), "IPv6".into()]);
+            },
+        );
+        let t = translate(&[dual4], &[]);
+        let names: Vec<(&str, IpAddr)> = t
+            .state
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), s.vip))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("shop/dual4:http", ip("10.96.0.30")),
+                ("shop/dual4:http@ipv6", ip("fd00:10:96::30")),
+            ]
+        );
 
         // Only spec.clusterIP (an old object without clusterIPs).
         let old = with(
@@ -1108,27 +1196,45 @@ mod tests {
         );
         assert_eq!(only(&translate(&[old], &[])).vip, ip("10.96.0.21"));
 
+        // IPv6-only: balanced on its IPv6 ClusterIP with the IPv6 slice's
+        // backends; an IPv4 slice (inconsistent input) gives it none.
         let v6_only = service("v6", "fd00:10:96::b", vec![named("http", 80, "http")]);
-        let t = translate(&[v6_only], &[]);
-        assert!(t.state.services.is_empty());
-        assert_eq!(
-            t.problems,
-            [Problem {
-                service: ServiceRef {
-                    namespace: NS.into(),
-                    name: "v6".into()
-                },
-                kind: ProblemKind::NoIpv4ClusterIp {
-                    cluster_ips: vec!["fd00:10:96::b".into()]
-                },
-                fallback: "the Service is not balanced by rpclb".into(),
-            }]
+        let mut s6 = slice(
+            "v6-a",
+            "v6",
+            &[(Some("http"), 8080)],
+            vec![ready("fd00:10:244::7")],
         );
-        assert_eq!(t.problems[0].reason(), "NoIPv4ClusterIP");
+        s6.address_type = "IPv6".into();
+        let s4 = slice(
+            "v6-b",
+            "v6",
+            &[(Some("http"), 8080)],
+            vec![ready("10.244.0.7")],
+        );
+        let t = translate(&[v6_only], &[s6, s4]);
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        let s = only(&t);
+        assert_eq!(
+            (s.name.as_str(), s.vip),
+            ("shop/v6:http", ip("fd00:10:96::b"))
+        );
+        assert_eq!(s.backends, [active("fd00:10:244::7", 8080)]);
+
+        // A ClusterIP that is not an address is a problem; the others stay.
+        let odd = with(
+            service("odd", "10.96.0.40", vec![named("http", 80, "http")]),
+            |s| {
+                s.cluster_ips = Some(vec!["10.96.0.40".into(), "fd00::zz".into()]);
+            },
+        );
+        let t = translate(&[odd], &[]);
+        assert_eq!(only(&t).vip, ip("10.96.0.40"));
+        assert_eq!(t.problems.len(), 1);
+        assert_eq!(t.problems[0].reason(), "InvalidClusterIP");
         assert_eq!(
             t.problems[0].to_string(),
-            "no IPv4 ClusterIP in [fd00:10:96::b] (rpclb balances IPv4 only); \
-             the Service is not balanced by rpclb"
+            "ClusterIP \"fd00::zz\" is not an IP address; this ClusterIP is not balanced by rpclb"
         );
     }
 
@@ -1582,7 +1688,7 @@ mod tests {
                 service("c", "10.96.0.1", vec![named("x", 80, "x")]),
                 &[(annotations::ALGORITHM, "nope"), ("rpclb.io/typo", "1")],
             ),
-            service("d", "fd00::1", vec![]),
+            service("d", "fd00::zz", vec![]),
         ];
         let mut udp = named("x", 80, "x");
         udp.protocol = Some("UDP".into());

@@ -29,7 +29,7 @@ const DNS: &str = "lab/dns:dns";
 
 fn web_addr() -> ServiceAddr {
     ServiceAddr {
-        vip: VIP,
+        vip: VIP.into(),
         port: 80,
         protocol: Protocol::Tcp,
     }
@@ -37,7 +37,7 @@ fn web_addr() -> ServiceAddr {
 
 fn dns_addr() -> ServiceAddr {
     ServiceAddr {
-        vip: UDP_VIP,
+        vip: UDP_VIP.into(),
         port: 53,
         protocol: Protocol::Udp,
     }

@@ -198,7 +198,7 @@ fn full_conntrack_map_breaks_no_flow_counts_warns_once_and_heals() {
     assert_eq!(m.sum("rpclb_backend_active_flows", &[]), truth as f64);
     let kernel: u64 = pinned(&lab)
         .backend_stats(&lb_api::ServiceAddr {
-            vip: VIP,
+            vip: VIP.into(),
             port: 80,
             protocol: lb_api::Protocol::Tcp,
         })

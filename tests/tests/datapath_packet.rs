@@ -181,7 +181,7 @@ fn predict(
     } else {
         lb_common::flow_hash(
             wire(src),
-            wire(addr.vip),
+            wire(lb_agent::datapath::reader::v4_only(addr.vip)),
             sport.to_be(),
             addr.port.to_be(),
             lb_agent::datapath::abi::proto_number(addr.protocol),
@@ -193,7 +193,7 @@ fn predict(
         .iter()
         .find(|b| b.id == id)
         .expect("table names a backend of the service");
-    (b.ip, b.port)
+    (lb_agent::datapath::reader::v4_only(b.ip), b.port)
 }
 
 struct Fixture {
@@ -1892,7 +1892,7 @@ fn collision_exhaustion(hook: Hook, set: ProgramSet) {
     assert_eq!(delta("ct_port_rewrite"), 2, "B, and B re-opened");
     let w = h.dp().writer();
     let c_addr = ServiceAddr {
-        vip: VIP3,
+        vip: VIP3.into(),
         port: 80,
         protocol: Protocol::Tcp,
     };

@@ -53,7 +53,7 @@ impl Harness {
 fn service(name: &str, vip: Ipv4Addr, port: u16, proto: Protocol, bs: &[(u8, u16)]) -> Service {
     Service {
         name: name.into(),
-        vip,
+        vip: vip.into(),
         port,
         protocol: proto,
         algorithm: Algorithm::RoundRobin,
@@ -343,7 +343,7 @@ fn sweep_one_million_entries() {
         &[(1, 8080), (2, 8080), (3, 8080), (4, 8080)],
     );
     h.w().upsert_service(&svc).unwrap();
-    let backends: Vec<(u32, Ipv4Addr, u16)> = h
+    let backends: Vec<(u32, std::net::IpAddr, u16)> = h
         .w()
         .backend_stats(&svc.addr())
         .unwrap()
@@ -378,7 +378,7 @@ fn sweep_one_million_entries() {
         let seen = now - if idle(i) { 1000 } else { 1 } * S;
         let fk = fwd_key(proto, client, 40000, VIP, 80);
         let fv = CtValue {
-            nat_ip: ip_wire(bip),
+            nat_ip: ip_wire(lb_agent::datapath::reader::v4_only(bip)),
             nat_port: bport.to_be(),
             dir: ct_dir::FORWARD,
             svc_id,
@@ -405,7 +405,7 @@ fn sweep_one_million_entries() {
     }
     for j in 0..ORPHANS {
         let k = FlowKey {
-            src_ip: ip_wire(backends[0].1),
+            src_ip: ip_wire(lb_agent::datapath::reader::v4_only(backends[0].1)),
             dst_ip: ip_wire(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + j)),
             src_port: 8080u16.to_be(),
             dst_port: 40000u16.to_be(),

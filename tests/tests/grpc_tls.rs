@@ -641,7 +641,7 @@ fn grpc_tls_health_checks_speak_tls() {
         let snap = |h: &HealthChecker, b: SocketAddrV4| {
             h.snapshot()
                 .into_iter()
-                .find(|x| x.backend == b)
+                .find(|x| x.backend == b.into())
                 .expect("checked backend")
         };
         let wait = |h: HealthChecker, ok: Box<dyn Fn(&HealthChecker) -> bool>| async move {

@@ -52,7 +52,7 @@ fn services() -> (Service, Service) {
     term.state = BackendState::Terminating;
     let web = Service {
         name: "demo/web:http".into(),
-        vip: VIP,
+        vip: VIP.into(),
         port: 80,
         protocol: Protocol::Tcp,
         algorithm: Algorithm::Maglev,
@@ -71,7 +71,7 @@ fn services() -> (Service, Service) {
     };
     let dns = Service {
         name: "demo/dns:dns".into(),
-        vip: UDP_VIP,
+        vip: UDP_VIP.into(),
         port: 53,
         protocol: Protocol::Udp,
         algorithm: Algorithm::RoundRobin,
@@ -658,7 +658,7 @@ fn conntrack_shows_a_rewritten_client_port() {
     for (name, vip) in [("demo/a:http", VIP), ("demo/b:http", vip2)] {
         let svc = Service {
             name: name.into(),
-            vip,
+            vip: vip.into(),
             port: 80,
             protocol: Protocol::Tcp,
             algorithm: Algorithm::Maglev,

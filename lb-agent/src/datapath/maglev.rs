@@ -26,7 +26,6 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::net::Ipv4Addr;
 
 /// One backend as the Maglev builder sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -41,9 +40,21 @@ pub struct MaglevBackend {
     pub weight: u32,
 }
 
-/// The stable Maglev key of a backend: its IPv4 address and port.
-pub fn backend_key(ip: Ipv4Addr, port: u16) -> u64 {
-    (u64::from(u32::from(ip)) << 16) | u64::from(port)
+/// The stable Maglev key of a backend: its IPv4 address and port; for an
+/// IPv6 address, a 47-bit FNV-1a hash of it with the top bit set (IPv4
+/// keys are below 2^48, so the two never meet). The kernel's IPv6 path
+/// must use the same key to build the same tables.
+pub fn backend_key(ip: impl Into<std::net::IpAddr>, port: u16) -> u64 {
+    match ip.into() {
+        std::net::IpAddr::V4(v4) => (u64::from(u32::from(v4)) << 16) | u64::from(port),
+        std::net::IpAddr::V6(v6) => {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in v6.octets() {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            (1 << 63) | ((h & ((1 << 47) - 1)) << 16) | u64::from(port)
+        }
+    }
 }
 
 pub use lb_api::is_prime;
@@ -219,6 +230,8 @@ impl Filler {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
     use std::collections::HashMap;
 
@@ -238,6 +251,40 @@ mod tests {
             *c.entry(id).or_insert(0) += 1;
         }
         c
+    }
+
+    /// IPv4 keys are as before (the kernel's tables do not change); IPv6
+    /// keys are stable, have the top bit (never an IPv4 key) and differ by
+    /// address and port.
+    #[test]
+    fn backend_keys_of_both_families() {
+        assert_eq!(
+            backend_key(Ipv4Addr::new(10, 244, 1, 2), 8080),
+            (0x0af4_0102u64 << 16) | 8080
+        );
+        let a: std::net::Ipv6Addr = "fd00:10:244::2".parse().unwrap();
+        let b: std::net::Ipv6Addr = "fd00:10:244::3".parse().unwrap();
+        let k = backend_key(a, 8080);
+        assert_eq!(k >> 63, 1);
+        assert_eq!(k & 0xffff, 8080);
+        assert_eq!(k, backend_key(a, 8080));
+        assert_ne!(k, backend_key(b, 8080));
+        assert_ne!(k, backend_key(a, 8081));
+        // A table of IPv6 backends is built like any other.
+        let bs: Vec<MaglevBackend> = (1..=3u16)
+            .map(|i| MaglevBackend {
+                id: u32::from(i),
+                key: backend_key(
+                    std::net::Ipv6Addr::new(0xfd00, 0x10, 0x244, i, 0, 0, 0, 2),
+                    8080,
+                ),
+                weight: 1,
+            })
+            .collect();
+        let t = build(&bs, 1009).unwrap();
+        let c = counts(&t);
+        assert_eq!(c.len(), 3);
+        assert!(c.values().all(|&n| (300..=380).contains(&n)), "{c:?}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! ([`super::writer::MapWriter`]) is a reader plus the writes.
 
 use std::collections::{BTreeMap, HashMap as StdHashMap};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::time::Duration;
@@ -74,7 +74,7 @@ pub struct ServiceStats {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct BackendStats {
     pub id: u32,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub weight: u32,
     pub state: &'static str,
@@ -141,7 +141,7 @@ pub struct ConntrackEntry {
 
 pub(super) fn key_of(addr: &ServiceAddr) -> ServiceKey {
     ServiceKey {
-        vip: u32::from_ne_bytes(addr.vip.octets()),
+        vip: ip_wire(v4_only(addr.vip)),
         port: addr.port.to_be(),
         proto: abi::proto_number(addr.protocol),
         _pad: 0,
@@ -155,10 +155,21 @@ fn addr_of(k: &ServiceKey) -> Option<ServiceAddr> {
         _ => return None,
     };
     Some(ServiceAddr {
-        vip: Ipv4Addr::from(k.vip.to_ne_bytes()),
+        vip: Ipv4Addr::from(k.vip.to_ne_bytes()).into(),
         port: u16::from_be(k.port),
         protocol,
     })
+}
+
+/// The IPv4 address the kernel maps hold (they hold IPv4 only until the
+/// programs handle IPv6): an IPv6 address gives 0.0.0.0, which no service
+/// or backend has. `MapWriter` refuses IPv6 services before any map write,
+/// and the agent sends them to the userspace proxy (`crate::engines`).
+pub fn v4_only(ip: IpAddr) -> Ipv4Addr {
+    match ip {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+    }
 }
 
 /// Wire (network order in a native int) <-> `Ipv4Addr`.
@@ -534,7 +545,7 @@ impl MapReader {
                 let (pp, pb) = pending.backend.get(&b.id).copied().unwrap_or_default();
                 Ok(BackendStats {
                     id: b.id,
-                    ip,
+                    ip: ip.into(),
                     port,
                     weight: b.value.weight,
                     state: if b.value.state == backend_state::ACTIVE {

@@ -26,7 +26,9 @@ use lb_common::{
 use tracing::debug;
 
 use super::alloc::{IdAlloc, RangeAlloc};
-use super::reader::{BackendSlot, MapReader, SvcState, ip_from_wire, ip_wire, key_of, map_err};
+use super::reader::{
+    BackendSlot, MapReader, SvcState, ip_from_wire, ip_wire, key_of, map_err, v4_only,
+};
 use super::{DatapathError, abi, maglev, sys, table};
 
 /// See [`MapWriter::set_after_switch_hook`].
@@ -57,6 +59,11 @@ fn table_hash(algo: u8, t: &[u32]) -> u32 {
     }
     h
 }
+
+/// Why the kernel maps refuse an IPv6 service (the agent serves it with the
+/// userspace proxy instead; `crate::engines`).
+pub const IPV6_NOT_IN_KERNEL: &str =
+    "IPv6 services are not in the kernel programs yet (the userspace proxy serves them)";
 
 fn backend_key(ip: Ipv4Addr, port: u16) -> u64 {
     ((u32::from(ip) as u64) << 16) | port as u64
@@ -276,6 +283,9 @@ impl MapWriter {
         let addr = svc.addr();
         let invalid = |m: String| DatapathError::InvalidService(svc.name.clone(), m);
         svc.validate().map_err(|e| invalid(e.to_string()))?;
+        if svc.is_ipv6() {
+            return Err(invalid(IPV6_NOT_IN_KERNEL.into()));
+        }
         let mut st = match self.r.svcs.get(&addr) {
             Some(s) => s.clone(),
             None => {
@@ -306,9 +316,9 @@ impl MapWriter {
         //    table can name them (an un-drain). The others wait for step 4.
         let mut next: BTreeMap<(Ipv4Addr, u16), BackendSlot> = BTreeMap::new();
         for b in &svc.backends {
-            let k = (b.ip, b.port);
+            let k = (v4_only(b.ip), b.port);
             let value = BackendValue {
-                ip: ip_wire(b.ip),
+                ip: ip_wire(k.0),
                 port: b.port.to_be(),
                 state: match b.state {
                     BackendState::Active => backend_state::ACTIVE,

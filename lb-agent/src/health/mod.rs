@@ -30,7 +30,7 @@ pub mod state;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -48,7 +48,7 @@ use tracing::{debug, info, warn};
 use state::Tracker;
 
 /// One checked backend of one service.
-type Key = (ServiceAddr, SocketAddrV4);
+type Key = (ServiceAddr, SocketAddr);
 
 /// The live part of one backend's checks, shared with its task.
 #[derive(Debug, Default)]
@@ -96,7 +96,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct BackendHealth {
     pub service: String,
     pub addr: ServiceAddr,
-    pub backend: SocketAddrV4,
+    pub backend: SocketAddr,
     pub kind: &'static str,
     pub healthy: bool,
     pub passed: u64,
@@ -157,7 +157,7 @@ impl HealthChecker {
             let tls = tls.and_then(|t| t.upstream.as_ref());
             for b in lb_api::validate::live_backends(&s.backends) {
                 want.insert(
-                    (s.addr(), SocketAddrV4::new(b.ip, b.port)),
+                    (s.addr(), SocketAddr::new(b.ip, b.port)),
                     (s.name.as_str(), hc, tls),
                 );
             }
@@ -205,7 +205,7 @@ impl HealthChecker {
     }
 
     /// Whether this backend of this service is healthy (unchecked ones are).
-    pub fn is_healthy(&self, svc: ServiceAddr, backend: SocketAddrV4) -> bool {
+    pub fn is_healthy(&self, svc: ServiceAddr, backend: SocketAddr) -> bool {
         lock(&self.probes)
             .get(&(svc, backend))
             .is_none_or(|p| lock(&p.shared.tracker).healthy())
@@ -219,7 +219,7 @@ impl HealthChecker {
         let probes = lock(&self.probes);
         let healthy = |svc: ServiceAddr, b: &lb_api::Backend| {
             probes
-                .get(&(svc, SocketAddrV4::new(b.ip, b.port)))
+                .get(&(svc, SocketAddr::new(b.ip, b.port)))
                 .is_none_or(|p| lock(&p.shared.tracker).healthy())
         };
         for s in out.services.iter_mut().filter(|s| s.health_check.is_some()) {
@@ -254,7 +254,7 @@ impl HealthChecker {
                 let addr = s.addr();
                 let mut live = s.backends.iter().filter(|b| b.takes_new_flows()).peekable();
                 live.peek().is_some()
-                    && live.all(|b| !self.is_healthy(addr, SocketAddrV4::new(b.ip, b.port)))
+                    && live.all(|b| !self.is_healthy(addr, SocketAddr::new(b.ip, b.port)))
             })
             .map(|s| s.name.clone())
             .collect()
@@ -296,7 +296,7 @@ struct CheckTls {
 impl CheckTls {
     fn current(
         &mut self,
-        backend: SocketAddrV4,
+        backend: SocketAddr,
         service: &str,
     ) -> Result<probe::Tls, probe::Failure> {
         if let Some(r) = self.files.as_mut() {
@@ -316,7 +316,7 @@ impl CheckTls {
             .as_ref()
             .map(|r| r.current().config.clone())
             .ok_or_else(|| probe::Failure::Tls("no TLS configuration".into()))?;
-        let name = lb_api::tls::service::upstream_name(&self.spec, *backend.ip())
+        let name = lb_api::tls::service::upstream_name(&self.spec, backend.ip())
             .ok_or_else(|| probe::Failure::Tls("invalid server_name".into()))?;
         Ok(probe::Tls { config, name })
     }
@@ -324,7 +324,7 @@ impl CheckTls {
 
 /// Checks one backend until aborted.
 async fn run(
-    backend: SocketAddrV4,
+    backend: SocketAddr,
     service: String,
     hc: HealthCheck,
     tls: Option<UpstreamTls>,
@@ -442,7 +442,7 @@ mod tests {
         let s = &st.services[0];
         let b = &s.backends[i];
         let probes = lock(&h.probes);
-        let p = &probes[&(s.addr(), SocketAddrV4::new(b.ip, b.port))];
+        let p = &probes[&(s.addr(), SocketAddr::new(b.ip, b.port))];
         let mut t = lock(&p.shared.tracker);
         while t.healthy() != healthy {
             t.record(healthy, 1, 1);

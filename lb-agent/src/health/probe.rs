@@ -11,7 +11,7 @@
 //! `HealthCheckResponse { ServingStatus status = 1; }` (SERVING = 1).
 
 use std::future::poll_fn;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -72,7 +72,7 @@ impl std::fmt::Debug for Tls {
 /// bounded by the check's timeout.
 pub async fn check(
     hc: &HealthCheck,
-    backend: SocketAddrV4,
+    backend: SocketAddr,
     tls: Option<&Tls>,
 ) -> Result<(), Failure> {
     let run = async {
@@ -103,7 +103,7 @@ pub async fn check(
     }
 }
 
-async fn grpc_check<T>(tcp: T, backend: SocketAddrV4, service: &str) -> Result<(), Failure>
+async fn grpc_check<T>(tcp: T, backend: SocketAddr, service: &str) -> Result<(), Failure>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

@@ -4,7 +4,7 @@
 //! JSON field names are part of lbctl's interface: add fields, never rename.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -26,7 +26,7 @@ const NAME_W: usize = 34;
 pub struct ServiceRow {
     pub name: String,
     pub address: String,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     pub algorithm: String,
@@ -151,15 +151,14 @@ pub fn resolve(svcs: &[ServiceInfo], spec: &str) -> Result<ServiceInfo> {
     }
 }
 
-/// `VIP:port` or `VIP:port/proto`.
-fn parse_addr(s: &str) -> Option<(Ipv4Addr, u16, Option<Protocol>)> {
-    let (hostport, proto) = match s.split_once('/') {
+/// `VIP:port` or `VIP:port/proto`; an IPv6 VIP in brackets (`[fd00::1]:80`).
+fn parse_addr(s: &str) -> Option<(IpAddr, u16, Option<Protocol>)> {
+    let (hostport, proto) = match s.rsplit_once('/') {
         Some((hp, p)) => (hp, Some(p)),
         None => (s, None),
     };
-    let (ip, port) = hostport.split_once(':')?;
-    let ip: Ipv4Addr = ip.parse().ok()?;
-    let port: u16 = port.parse().ok()?;
+    let sa: SocketAddr = hostport.parse().ok()?;
+    let (ip, port) = (sa.ip(), sa.port());
     let proto = match proto {
         None => None,
         Some("tcp") => Some(Protocol::Tcp),
@@ -176,7 +175,7 @@ pub struct BackendRow {
     pub service: String,
     pub service_address: String,
     pub address: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub weight: u32,
     pub state: String,
@@ -197,7 +196,7 @@ pub fn backends(w: &MapReader, only: Option<&ServiceAddr>) -> Result<Vec<Backend
             rows.push(BackendRow {
                 service: s.name.clone(),
                 service_address: s.addr.to_string(),
-                address: format!("{}:{}", b.ip, b.port),
+                address: SocketAddr::new(b.ip, b.port).to_string(),
                 ip: b.ip,
                 port: b.port,
                 weight: b.weight,
@@ -301,7 +300,7 @@ pub fn conntrack(w: &MapReader, f: &FlowFilter) -> Result<(Vec<FlowRow>, u64)> {
             Protocol::Tcp
         };
         let vip = ServiceAddr {
-            vip: ip_from_wire(k.dst_ip),
+            vip: ip_from_wire(k.dst_ip).into(),
             port: u16::from_be(k.dst_port),
             protocol,
         };
@@ -405,7 +404,7 @@ pub fn conntrack_table(rows: &[FlowRow], total: usize, entries: u64, capacity: u
 #[derive(Clone, Debug, Serialize)]
 pub struct TableShare {
     pub address: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub weight: u32,
     pub state: String,
@@ -452,7 +451,7 @@ pub fn maglev(w: &MapReader, s: &ServiceInfo) -> Result<MaglevView> {
             let entries = counts.remove(&b.id).unwrap_or(0);
             let live = b.state == "active";
             TableShare {
-                address: format!("{}:{}", b.ip, b.port),
+                address: SocketAddr::new(b.ip, b.port).to_string(),
                 ip: b.ip,
                 port: b.port,
                 weight: b.weight,
@@ -474,7 +473,7 @@ pub fn maglev(w: &MapReader, s: &ServiceInfo) -> Result<MaglevView> {
     for (id, entries) in stray {
         backends.push(TableShare {
             address: format!("(not a backend of this service: slot value {id})"),
-            ip: Ipv4Addr::UNSPECIFIED,
+            ip: Ipv4Addr::UNSPECIFIED.into(),
             port: 0,
             weight: 0,
             state: "unknown".into(),

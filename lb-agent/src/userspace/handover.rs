@@ -29,7 +29,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::mem::{size_of, zeroed};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::Duration;
@@ -49,13 +49,13 @@ pub enum Handed {
     /// A service's listening TCP socket, or its UDP socket.
     Listener {
         protocol: Protocol,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         fd: OwnedFd,
     },
     /// A proxied TCP connection, parked between two writes.
     Conn {
         service: ServiceAddr,
-        backend: SocketAddrV4,
+        backend: SocketAddr,
         client: OwnedFd,
         upstream: OwnedFd,
         /// The client's EOF was seen and passed on (the backend got a FIN).
@@ -68,9 +68,9 @@ pub enum Handed {
 /// What a new proxy takes over: its predecessor's sockets and VIP routes.
 #[derive(Debug, Default)]
 pub struct Inherited {
-    pub(crate) listeners: HashMap<(Protocol, SocketAddrV4), OwnedFd>,
+    pub(crate) listeners: HashMap<(Protocol, SocketAddr), OwnedFd>,
     pub(crate) conns: Vec<Handed>,
-    pub(crate) vips: Vec<Ipv4Addr>,
+    pub(crate) vips: Vec<IpAddr>,
 }
 
 impl Inherited {
@@ -80,7 +80,7 @@ impl Inherited {
     pub fn connections(&self) -> usize {
         self.conns.len()
     }
-    pub fn vips(&self) -> &[Ipv4Addr] {
+    pub fn vips(&self) -> &[IpAddr] {
         &self.vips
     }
 }
@@ -91,16 +91,16 @@ impl Inherited {
 enum Header {
     Listener {
         protocol: Protocol,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
     },
     Conn {
         service: ServiceAddr,
-        backend: SocketAddrV4,
+        backend: SocketAddr,
         client_done: bool,
         upstream_done: bool,
     },
     Routes {
-        vips: Vec<Ipv4Addr>,
+        vips: Vec<IpAddr>,
     },
     End,
 }
@@ -146,7 +146,7 @@ pub fn connect(path: &Path) -> io::Result<Option<Socket>> {
 pub fn send_all(
     s: &Socket,
     items: &[Handed],
-    vips: &[Ipv4Addr],
+    vips: &[IpAddr],
     ack_wait: Duration,
 ) -> io::Result<bool> {
     for h in items {
@@ -339,6 +339,8 @@ fn recv(s: &Socket) -> io::Result<(Header, Vec<OwnedFd>)> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
@@ -348,14 +350,11 @@ mod tests {
     fn records_and_fds_cross() {
         let (a, b) = Socket::pair(Domain::UNIX, Type::SEQPACKET, None).unwrap();
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = match l.local_addr().unwrap() {
-            std::net::SocketAddr::V4(a) => a,
-            _ => unreachable!(),
-        };
+        let addr = l.local_addr().unwrap();
         let mut c = TcpStream::connect(addr).unwrap();
         let (srv, _) = l.accept().unwrap();
         let svc = ServiceAddr {
-            vip: Ipv4Addr::new(10, 96, 0, 1),
+            vip: Ipv4Addr::new(10, 96, 0, 1).into(),
             port: 80,
             protocol: Protocol::Tcp,
         };
@@ -379,7 +378,7 @@ mod tests {
             ack(&b).unwrap();
             inh
         });
-        let vips = [Ipv4Addr::new(10, 96, 0, 1)];
+        let vips = [IpAddr::from(Ipv4Addr::new(10, 96, 0, 1))];
         assert!(send_all(&a, &items, &vips, Duration::from_secs(5)).unwrap());
         drop(items);
         let mut inh = t.join().unwrap();

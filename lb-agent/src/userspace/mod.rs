@@ -74,7 +74,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -138,7 +138,7 @@ pub enum ProxyError {
     },
     #[error("local route for {vip}: {source}")]
     Route {
-        vip: Ipv4Addr,
+        vip: IpAddr,
         #[source]
         source: io::Error,
     },
@@ -210,7 +210,7 @@ struct Inner {
     /// Sockets from the previous agent, taken by the services that start.
     inherited: Mutex<Option<Inherited>>,
     /// VIP routes the previous agent owned: ours now.
-    adopted: HashSet<Ipv4Addr>,
+    adopted: HashSet<IpAddr>,
     /// Handed over: leave the routes to the successor.
     keep_routes: AtomicBool,
     /// Where TCP connections run (`per_thread_runtimes`).
@@ -220,7 +220,7 @@ struct Inner {
 #[derive(Default)]
 struct State {
     services: BTreeMap<ServiceAddr, Running>,
-    vips: HashMap<Ipv4Addr, VipRoute>,
+    vips: HashMap<IpAddr, VipRoute>,
     closed: bool,
 }
 
@@ -302,7 +302,7 @@ impl UserspaceProxy {
         inherited: Option<Inherited>,
     ) -> Result<Self, ProxyError> {
         let netns = Arc::new(Netns::current().map_err(ProxyError::Netns)?);
-        let adopted: HashSet<Ipv4Addr> = inherited
+        let adopted: HashSet<IpAddr> = inherited
             .as_ref()
             .map(|i| i.vips.iter().copied().collect())
             .unwrap_or_default();
@@ -423,9 +423,9 @@ impl UserspaceProxy {
     }
 
     /// The VIPs whose local route this proxy added, sorted.
-    pub fn routes(&self) -> Vec<Ipv4Addr> {
+    pub fn routes(&self) -> Vec<IpAddr> {
         let st = lock(&self.inner.state);
-        let mut v: Vec<Ipv4Addr> = st
+        let mut v: Vec<IpAddr> = st
             .vips
             .iter()
             .filter(|(_, r)| r.owned)
@@ -439,8 +439,8 @@ impl UserspaceProxy {
     /// returns every socket (dups) with the VIP routes this proxy owns; the
     /// routes then stay when it shuts down. Services or flows that do not
     /// park within `wait` are cut. Blocks; no apply works after it.
-    pub fn hand_over(&self, wait: Duration) -> (Vec<Handed>, Vec<Ipv4Addr>) {
-        let (tasks, vips): (Vec<(String, tokio::task::AbortHandle)>, Vec<Ipv4Addr>) = {
+    pub fn hand_over(&self, wait: Duration) -> (Vec<Handed>, Vec<IpAddr>) {
+        let (tasks, vips): (Vec<(String, tokio::task::AbortHandle)>, Vec<IpAddr>) = {
             let mut st = lock(&self.inner.state);
             st.closed = true;
             let tasks = st
@@ -563,7 +563,7 @@ impl Drop for UserspaceProxy {
 
 /// Removes every VIP route a userspace proxy added in the calling thread's
 /// network namespace (for cleanup after a crash); returns their VIPs.
-pub fn remove_stale_routes() -> Result<Vec<Ipv4Addr>, ProxyError> {
+pub fn remove_stale_routes() -> Result<Vec<IpAddr>, ProxyError> {
     let mut rs = RouteSocket::open().map_err(ProxyError::Netlink)?;
     let vips = rs.list_local().map_err(ProxyError::Netlink)?;
     for &vip in &vips {
@@ -714,7 +714,7 @@ impl Inner {
     /// Binds the service's socket, makes its VIP local, and starts serving.
     fn start_service(&self, st: &mut State, svc: &Service) -> Result<(), ProxyError> {
         let addr = svc.addr();
-        let at = SocketAddrV4::new(svc.vip, svc.port);
+        let at = SocketAddr::new(svc.vip, svc.port);
         let listen_err = |source| ProxyError::Listen {
             name: svc.name.clone(),
             addr,
@@ -833,7 +833,7 @@ impl Inner {
     fn take_inherited(
         &self,
         protocol: Protocol,
-        at: SocketAddrV4,
+        at: SocketAddr,
         addr: ServiceAddr,
     ) -> (Option<OwnedFd>, Vec<Handed>) {
         let mut inh = lock(&self.inherited);
@@ -848,7 +848,7 @@ impl Inner {
         (fd, mine)
     }
 
-    fn acquire_vip(&self, st: &mut State, vip: Ipv4Addr) -> Result<(), ProxyError> {
+    fn acquire_vip(&self, st: &mut State, vip: IpAddr) -> Result<(), ProxyError> {
         if let Some(v) = st.vips.get_mut(&vip) {
             v.users += 1;
             return Ok(());
@@ -879,7 +879,7 @@ impl Inner {
         }
     }
 
-    fn release_vip(&self, st: &mut State, vip: Ipv4Addr) {
+    fn release_vip(&self, st: &mut State, vip: IpAddr) {
         let Some(v) = st.vips.get_mut(&vip) else {
             return;
         };
@@ -1009,11 +1009,13 @@ impl Running {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     #[test]
     fn several_errors_name_each() {
-        let vip = Ipv4Addr::new(10, 96, 0, 1);
+        let vip = Ipv4Addr::new(10, 96, 0, 1).into();
         let e = ProxyError::Several(vec![
             ProxyError::Route {
                 vip,

@@ -11,7 +11,7 @@
 
 use std::io;
 use std::mem::size_of;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// The `proto` of the routes the proxy adds (`ip route show table local proto 114`).
@@ -109,11 +109,11 @@ impl RouteSocket {
 
     /// Adds the VIP's local route. `Ok(false)`: a local route for it existed
     /// already (ours from before, or an address of the node), left alone.
-    pub(crate) fn add_local(&mut self, vip: Ipv4Addr) -> io::Result<bool> {
+    pub(crate) fn add_local(&mut self, vip: IpAddr) -> io::Result<bool> {
         let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
-        let rtm = rtmsg(RT_SCOPE_HOST);
+        let rtm = rtmsg(vip, RT_SCOPE_HOST);
         let oif = LOOPBACK_IFINDEX.to_ne_bytes();
-        let attrs: [(u16, &[u8]); 2] = [(RTA_DST, &vip.octets()), (RTA_OIF, &oif)];
+        let attrs: [(u16, &[u8]); 2] = [(RTA_DST, &octets(&vip)), (RTA_OIF, &oif)];
         match self.request(RTM_NEWROUTE, flags, &rtm, &attrs) {
             Ok(()) => Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
@@ -123,10 +123,10 @@ impl RouteSocket {
 
     /// Deletes the VIP's local route if it is one of ours; `Ok(false)` if
     /// there was none.
-    pub(crate) fn del_local(&mut self, vip: Ipv4Addr) -> io::Result<bool> {
+    pub(crate) fn del_local(&mut self, vip: IpAddr) -> io::Result<bool> {
         // Scope "nowhere" matches any scope; the protocol must be ours.
-        let rtm = rtmsg(RT_SCOPE_NOWHERE);
-        let attrs: [(u16, &[u8]); 1] = [(RTA_DST, &vip.octets())];
+        let rtm = rtmsg(vip, RT_SCOPE_NOWHERE);
+        let attrs: [(u16, &[u8]); 1] = [(RTA_DST, &octets(&vip))];
         match self.request(RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, &rtm, &attrs) {
             Ok(()) => Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(false),
@@ -134,10 +134,16 @@ impl RouteSocket {
         }
     }
 
-    /// The VIPs that have one of our local routes.
-    pub(crate) fn list_local(&mut self) -> io::Result<Vec<Ipv4Addr>> {
+    /// The VIPs (IPv4 and IPv6) that have one of our local routes.
+    pub(crate) fn list_local(&mut self) -> io::Result<Vec<IpAddr>> {
+        let mut found = self.list_family(libc::AF_INET)?;
+        found.extend(self.list_family(libc::AF_INET6)?);
+        Ok(found)
+    }
+
+    fn list_family(&mut self, family: libc::c_int) -> io::Result<Vec<IpAddr>> {
         let mut rtm = [0u8; RTMSG_LEN];
-        rtm[0] = libc::AF_INET as u8;
+        rtm[0] = family as u8;
         let seq = self.send(RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, &rtm, &[])?;
         let mut found = Vec::new();
         let mut buf = vec![0u8; 32 * 1024];
@@ -240,11 +246,24 @@ impl RouteSocket {
     }
 }
 
-/// The rtmsg of our routes: IPv4 /32, table local, our protocol, type local.
-fn rtmsg(scope: u8) -> [u8; RTMSG_LEN] {
+/// An address's bytes, as RTA_DST carries them.
+fn octets(ip: &IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+/// The rtmsg of our routes: IPv4 /32 or IPv6 /128, table local, our
+/// protocol, type local.
+fn rtmsg(vip: IpAddr, scope: u8) -> [u8; RTMSG_LEN] {
     let mut m = [0u8; RTMSG_LEN];
-    m[0] = libc::AF_INET as u8; // family
-    m[1] = 32; // dst_len
+    let (family, len) = match vip {
+        IpAddr::V4(_) => (libc::AF_INET, 32),
+        IpAddr::V6(_) => (libc::AF_INET6, 128),
+    };
+    m[0] = family as u8;
+    m[1] = len; // dst_len
     m[4] = RT_TABLE_LOCAL;
     m[5] = ROUTE_PROTOCOL;
     m[6] = scope;
@@ -285,12 +304,16 @@ fn error_code(payload: &[u8]) -> io::Result<()> {
 }
 
 /// The destination of an RTM_NEWROUTE payload if it is one of our routes.
-fn ours(payload: &[u8]) -> Option<Ipv4Addr> {
+fn ours(payload: &[u8]) -> Option<IpAddr> {
     let rtm = payload.get(..RTMSG_LEN)?;
     let (family, dst_len, mut table, proto, ty) =
         (rtm[0], rtm[1], u32::from(rtm[4]), rtm[5], rtm[7]);
-    if family != libc::AF_INET as u8 || dst_len != 32 || proto != ROUTE_PROTOCOL || ty != RTN_LOCAL
-    {
+    let full = match i32::from(family) {
+        libc::AF_INET => 32,
+        libc::AF_INET6 => 128,
+        _ => return None,
+    };
+    if dst_len != full || proto != ROUTE_PROTOCOL || ty != RTN_LOCAL {
         return None;
     }
     let mut dst = None;
@@ -303,7 +326,14 @@ fn ours(payload: &[u8]) -> Option<Ipv4Addr> {
         }
         let data = payload.get(off + 4..off + len)?;
         match (aty, data.len()) {
-            (RTA_DST, 4) => dst = Some(Ipv4Addr::new(data[0], data[1], data[2], data[3])),
+            (RTA_DST, 4) if full == 32 => {
+                dst = Some(Ipv4Addr::new(data[0], data[1], data[2], data[3]).into())
+            }
+            (RTA_DST, 16) if full == 128 => {
+                dst = <[u8; 16]>::try_from(data)
+                    .ok()
+                    .map(|a| Ipv6Addr::from(a).into())
+            }
             (RTA_TABLE, 4) => table = u32::from_ne_bytes(data.try_into().ok()?),
             _ => {}
         }
@@ -318,11 +348,12 @@ fn ours(payload: &[u8]) -> Option<Ipv4Addr> {
 mod tests {
     use super::*;
 
-    fn route(proto: u8, table: u8, dst: [u8; 4]) -> Vec<u8> {
-        let mut m = rtmsg(RT_SCOPE_HOST).to_vec();
+    fn route(proto: u8, table: u8, dst: IpAddr) -> Vec<u8> {
+        let mut m = rtmsg(dst, RT_SCOPE_HOST).to_vec();
         m[4] = table;
         m[5] = proto;
-        m.extend_from_slice(&8u16.to_ne_bytes());
+        let dst = octets(&dst);
+        m.extend_from_slice(&(4 + dst.len() as u16).to_ne_bytes());
         m.extend_from_slice(&RTA_DST.to_ne_bytes());
         m.extend_from_slice(&dst);
         m.extend_from_slice(&8u16.to_ne_bytes());
@@ -333,16 +364,15 @@ mod tests {
 
     #[test]
     fn parses_only_our_local_routes() {
-        let vip = Ipv4Addr::new(10, 96, 0, 10);
-        assert_eq!(ours(&route(ROUTE_PROTOCOL, 255, vip.octets())), Some(vip));
-        assert_eq!(ours(&route(2, 255, vip.octets())), None, "kernel's own");
-        assert_eq!(
-            ours(&route(ROUTE_PROTOCOL, 254, vip.octets())),
-            None,
-            "main table"
-        );
+        let vip: IpAddr = Ipv4Addr::new(10, 96, 0, 10).into();
+        let vip6: IpAddr = "fd00:10:96::10".parse().unwrap();
+        assert_eq!(ours(&route(ROUTE_PROTOCOL, 255, vip)), Some(vip));
+        assert_eq!(ours(&route(ROUTE_PROTOCOL, 255, vip6)), Some(vip6));
+        assert_eq!(ours(&route(2, 255, vip)), None, "kernel's own");
+        assert_eq!(ours(&route(2, 255, vip6)), None, "kernel's own");
+        assert_eq!(ours(&route(ROUTE_PROTOCOL, 254, vip)), None, "main table");
         // Truncated or garbled input is ignored, never a panic.
-        let full = route(ROUTE_PROTOCOL, 255, vip.octets());
+        let full = route(ROUTE_PROTOCOL, 255, vip);
         for cut in 0..full.len() {
             let _ = ours(&full[..cut]);
         }

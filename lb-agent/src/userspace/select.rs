@@ -27,7 +27,7 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -39,12 +39,12 @@ use crate::datapath::{maglev, table};
 use crate::userspace::stats::{BackendCounters, ServiceCounters};
 
 /// A backend's identity within a service.
-pub(crate) type BackendKey = (Ipv4Addr, u16);
+pub(crate) type BackendKey = (IpAddr, u16);
 
 /// A backend and its counters; shared by the service and its open flows.
 #[derive(Debug)]
 pub(crate) struct BackendEntry {
-    pub(crate) ip: Ipv4Addr,
+    pub(crate) ip: IpAddr,
     pub(crate) port: u16,
     /// Shared with the backend's connections (L4 flows, gRPC pools), which
     /// must not keep the entry alive.
@@ -52,7 +52,7 @@ pub(crate) struct BackendEntry {
 }
 
 impl BackendEntry {
-    pub(crate) fn new(ip: Ipv4Addr, port: u16) -> Self {
+    pub(crate) fn new(ip: IpAddr, port: u16) -> Self {
         BackendEntry {
             ip,
             port,
@@ -62,8 +62,8 @@ impl BackendEntry {
     pub(crate) fn key(&self) -> BackendKey {
         (self.ip, self.port)
     }
-    pub(crate) fn addr(&self) -> SocketAddrV4 {
-        SocketAddrV4::new(self.ip, self.port)
+    pub(crate) fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.port)
     }
     fn active(&self) -> u64 {
         self.counters.active.load(Relaxed)
@@ -73,20 +73,29 @@ impl BackendEntry {
 /// A new flow as the algorithms see it.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Flow {
-    pub(crate) client: SocketAddrV4,
+    pub(crate) client: SocketAddr,
     pub(crate) service: ServiceAddr,
 }
 
 /// Network order in a native integer, as the kernel reads it from a packet.
-fn wire(ip: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
+/// An IPv6 address folds to the XOR of its four 32-bit words (each read
+/// the same way): what the kernel's IPv6 path must hash to agree.
+fn wire(ip: IpAddr) -> u32 {
+    match ip {
+        IpAddr::V4(v4) => u32::from_ne_bytes(v4.octets()),
+        IpAddr::V6(v6) => v6
+            .octets()
+            .chunks_exact(4)
+            .map(|w| u32::from_ne_bytes([w[0], w[1], w[2], w[3]]))
+            .fold(0, |a, w| a ^ w),
+    }
 }
 
 impl Flow {
     /// The kernel's Maglev key (`lb_common::flow_hash` on the wire values).
     pub(crate) fn flow_hash(&self) -> u32 {
         lb_common::flow_hash(
-            wire(*self.client.ip()),
+            wire(self.client.ip()),
             wire(self.service.vip),
             self.client.port().to_be(),
             self.service.port.to_be(),
@@ -95,7 +104,7 @@ impl Flow {
     }
     /// The kernel's source-hash key.
     pub(crate) fn src_hash(&self) -> u32 {
-        lb_common::src_hash(wire(*self.client.ip()))
+        lb_common::src_hash(wire(self.client.ip()))
     }
 }
 
@@ -283,7 +292,7 @@ pub(crate) struct ServiceShared {
     rr: AtomicU64,
     /// Held across least-conn's choice and the lease's increment.
     pick_lock: Mutex<()>,
-    affinity: Mutex<HashMap<Ipv4Addr, Affinity>>,
+    affinity: Mutex<HashMap<IpAddr, Affinity>>,
     max_affinity: usize,
     /// `Some` for a gRPC (L7) service.
     policy: RwLock<Option<Arc<GrpcPolicy>>>,
@@ -343,7 +352,7 @@ impl ServiceShared {
         }
         let _exact = (sel.algorithm == Algorithm::LeastConn).then(|| lock(&self.pick_lock));
         let now = Instant::now();
-        let client = *flow.client.ip();
+        let client = flow.client.ip();
         let sticky = sel.affinity.filter(|_| excluded.is_empty()).and_then(|t| {
             let a = *lock(&self.affinity).get(&client)?;
             let fresh = now.saturating_duration_since(a.since) < t;
@@ -365,8 +374,8 @@ impl ServiceShared {
     /// A flow handed over by the previous agent, to `backend`: active (not
     /// new) until the guards drop. A backend the service no longer has gets
     /// an entry of its own.
-    pub(crate) fn resume(self: &Arc<Self>, backend: SocketAddrV4) -> (Lease, Opened) {
-        let key = (*backend.ip(), backend.port());
+    pub(crate) fn resume(self: &Arc<Self>, backend: SocketAddr) -> (Lease, Opened) {
+        let key = (backend.ip(), backend.port());
         let sel = self.selector();
         let entry = sel
             .index
@@ -385,7 +394,7 @@ impl ServiceShared {
         Opened { svc: self.clone() }
     }
 
-    fn remember(&self, client: Ipv4Addr, backend: BackendKey, now: Instant, timeout: Duration) {
+    fn remember(&self, client: IpAddr, backend: BackendKey, now: Instant, timeout: Duration) {
         let mut m = lock(&self.affinity);
         if m.len() >= self.max_affinity && !m.contains_key(&client) {
             m.retain(|_, a| now.saturating_duration_since(a.since) < timeout);
@@ -426,11 +435,13 @@ fn random_u32() -> u32 {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
     use lb_api::{Backend, BackendState, Protocol};
 
-    fn ip(i: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 244, 10 + i, 2)
+    fn ip(i: u8) -> IpAddr {
+        Ipv4Addr::new(10, 244, 10 + i, 2).into()
     }
 
     fn svc(algo: Algorithm, weights: &[u32]) -> Service {
@@ -464,15 +475,22 @@ mod tests {
         ServiceShared::new(s.addr(), sel, 1024)
     }
 
-    fn flow(s: &Service, client: Ipv4Addr, port: u16) -> Flow {
+    fn flow(s: &Service, client: IpAddr, port: u16) -> Flow {
         Flow {
-            client: SocketAddrV4::new(client, port),
+            client: SocketAddr::new(client, port),
             service: s.addr(),
         }
     }
 
-    fn client(n: u32) -> Ipv4Addr {
-        Ipv4Addr::from(0x0af4_0000 + n)
+    fn v4(ip: IpAddr) -> Ipv4Addr {
+        match ip {
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(_) => panic!("not IPv4"),
+        }
+    }
+
+    fn client(n: u32) -> IpAddr {
+        Ipv4Addr::from(0x0af4_0000 + n).into()
     }
 
     /// Picks `n` flows from distinct clients, keeping (`hold`) or dropping
@@ -482,7 +500,7 @@ mod tests {
         s: &Service,
         n: u32,
         hold: bool,
-    ) -> (HashMap<Ipv4Addr, u32>, Vec<Lease>) {
+    ) -> (HashMap<IpAddr, u32>, Vec<Lease>) {
         let mut held = Vec::new();
         let mut c = HashMap::new();
         for k in 0..n {
@@ -502,7 +520,7 @@ mod tests {
         let s = svc(Algorithm::RoundRobin, &[1, 1, 1]);
         let sh = shared(&s);
         // In order, one each, every cycle.
-        let order: Vec<Ipv4Addr> = (0..9)
+        let order: Vec<IpAddr> = (0..9)
             .map(|k| {
                 sh.pick(&flow(&s, client(k), 1000), &[])
                     .unwrap()
@@ -598,7 +616,7 @@ mod tests {
                 .backends
                 .iter()
                 .map(|b| maglev::MaglevBackend {
-                    id: u32::from(b.ip),
+                    id: u32::from(v4(b.ip)),
                     key: maglev::backend_key(b.ip, b.port),
                     weight: b.weight,
                 })
@@ -608,19 +626,19 @@ mod tests {
             let got: Vec<u32> = sel
                 .table()
                 .iter()
-                .map(|&i| u32::from(sel.backends[i as usize].ip))
+                .map(|&i| u32::from(v4(sel.backends[i as usize].ip)))
                 .collect();
             assert_eq!(got, want, "{algo}: same table");
             // Each flow lands where the kernel's hash of its wire values says.
             for k in 0..200u32 {
                 let (cip, cport) = (client(k * 7919), 1024 + k as u16 * 13);
-                let w = |ip: Ipv4Addr| u32::from_ne_bytes(ip.octets());
+                let w = |ip: IpAddr| u32::from_ne_bytes(v4(ip).octets());
                 let h = if algo == Algorithm::Maglev {
                     lb_common::flow_hash(w(cip), w(s.vip), cport.to_be(), s.port.to_be(), 6)
                 } else {
                     lb_common::src_hash(w(cip))
                 };
-                let expect = Ipv4Addr::from(want[(h % 1009) as usize]);
+                let expect = IpAddr::from(Ipv4Addr::from(want[(h % 1009) as usize]));
                 let l = sh.pick(&flow(&s, cip, cport), &[]).unwrap();
                 assert_eq!(l.backend().ip, expect, "{algo} flow {k}");
             }

@@ -9,7 +9,7 @@
 //! service level, pooled HTTP/2 connections at the backend level; their calls
 //! are in `requests` and `active_requests`.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -270,7 +270,7 @@ impl BackendStatus {
 /// One backend's counters at one instant.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct BackendStats {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     /// 0 for a removed backend.
     pub weight: u32,
@@ -368,13 +368,14 @@ impl ServiceStats {
     }
 
     /// The backend at `ip:port`, if listed.
-    pub fn backend(&self, ip: Ipv4Addr, port: u16) -> Option<&BackendStats> {
+    pub fn backend(&self, ip: impl Into<IpAddr>, port: u16) -> Option<&BackendStats> {
+        let ip = ip.into();
         self.backends.iter().find(|b| b.ip == ip && b.port == port)
     }
 }
 
 pub(crate) fn backend_stats(
-    ip: Ipv4Addr,
+    ip: IpAddr,
     port: u16,
     weight: u32,
     status: BackendStatus,
@@ -447,6 +448,8 @@ pub(crate) fn service_stats(
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     #[test]
@@ -460,7 +463,7 @@ mod tests {
         c.dropped(DropReason::SessionsFull);
         c.dropped(DropReason::NoBackend);
         let addr = ServiceAddr {
-            vip: Ipv4Addr::new(10, 96, 0, 1),
+            vip: Ipv4Addr::new(10, 96, 0, 1).into(),
             port: 53,
             protocol: lb_api::Protocol::Udp,
         };

@@ -2,7 +2,7 @@
 //! waits it selects on.
 
 use std::future::Future;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
@@ -48,7 +48,7 @@ impl HandoverCtx {
         match s.as_fd().try_clone_to_owned() {
             Ok(fd) => self.give(Handed::Listener {
                 protocol,
-                addr: SocketAddrV4::new(svc.addr.vip, svc.addr.port),
+                addr: SocketAddr::new(svc.addr.vip, svc.addr.port),
                 fd,
             }),
             Err(e) => error!(service = %svc.addr, "handover: dup of the service socket: {e}"),
@@ -114,7 +114,7 @@ pub(crate) async fn accept_loop<F, Fut>(
     linger: Duration,
     conn: F,
 ) where
-    F: FnMut(TcpStream, SocketAddrV4) -> Fut,
+    F: FnMut(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let none = Workers::default();
@@ -135,7 +135,7 @@ pub(crate) async fn accept_loop_on<F, Fut>(
     linger: Duration,
     mut conn: F,
 ) where
-    F: FnMut(TcpStream, SocketAddrV4) -> Fut,
+    F: FnMut(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut conns = JoinSet::new();
@@ -157,7 +157,7 @@ pub(crate) async fn accept_loop_on<F, Fut>(
                 return;
             }
             accepted = listener.accept() => match accepted {
-                Ok((stream, SocketAddr::V4(peer))) => match workers.next() {
+                Ok((stream, peer)) => match workers.next() {
                     Some(h) => match rebind(stream, h) {
                         Ok(stream) => {
                             conns.spawn_on(conn(stream, peer), h);
@@ -168,7 +168,6 @@ pub(crate) async fn accept_loop_on<F, Fut>(
                         conns.spawn(conn(stream, peer));
                     }
                 },
-                Ok((_, peer)) => debug!(%peer, "not IPv4, closed"),
                 Err(e) => {
                     svc.counters.dropped(DropReason::AcceptFailed);
                     warn!(service = %svc.addr, "accept: {e}");

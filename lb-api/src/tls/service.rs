@@ -15,7 +15,7 @@
 //! the build has rustls's `tls12` feature); the ring provider, as for the
 //! controller stream.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -96,15 +96,17 @@ pub fn upstream_reloader(u: &UpstreamTls) -> Result<Reloader<ClientConfig>, TlsE
 /// The name to verify in a backend's certificate (and send as SNI): the
 /// configured `server_name`, else the backend's IP address. `None` only
 /// for a `server_name` that validation would refuse.
-pub fn upstream_name(u: &UpstreamTls, backend: Ipv4Addr) -> Option<ServerName<'static>> {
+pub fn upstream_name(u: &UpstreamTls, backend: impl Into<IpAddr>) -> Option<ServerName<'static>> {
     match &u.server_name {
         Some(n) => ServerName::try_from(n.clone()).ok(),
-        None => Some(ServerName::IpAddress(IpAddr::V4(backend).into())),
+        None => Some(ServerName::IpAddress(backend.into().into())),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::super::certs::{Bundle, Validity, tests::scratch, write_atomic};
     use super::super::reload::Polled;
     use super::*;

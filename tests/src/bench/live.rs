@@ -198,7 +198,7 @@ impl Drop for PinnedDp {
 fn service(name: &str, vip: Ipv4Addr, algo: Algorithm, backends: Vec<Backend>) -> Service {
     Service {
         name: name.into(),
-        vip,
+        vip: vip.into(),
         port: VIP_PORT,
         protocol: Protocol::Tcp,
         algorithm: algo,

@@ -99,14 +99,14 @@ pub fn section_stream(opts: &Opts) -> Result<()> {
     // The pinned maps (read back through a second handle, as lbctl does) hold the last change.
     let w = MapWriter::open_pinned(dp.dir()).map_err(|e| anyhow!("open pinned maps: {e}"))?;
     let (addr, want) = last;
-    let got: Vec<Ipv4Addr> = w
+    let got: Vec<std::net::IpAddr> = w
         .backend_stats(&addr)
         .map_err(|e| anyhow!("reading backends of {addr}: {e}"))?
         .iter()
         .map(|b| b.ip)
         .collect();
     ensure!(
-        got.contains(&want),
+        got.contains(&want.into()),
         "the maps lack the last change: {addr} has {got:?}, wanted {want}"
     );
 
@@ -180,7 +180,7 @@ async fn drive(
         let generation = 1 + k as u32 / PER_SERVICE;
         let ip = backend_ip(s, i, generation);
         let svc = &mut state.state.services[s as usize];
-        svc.backends[i as usize].ip = ip;
+        svc.backends[i as usize].ip = ip.into();
         last = Some((svc.addr(), ip));
         let t = Instant::now();
         let v = publisher.publish(state.clone(), BTreeMap::new());

@@ -344,7 +344,10 @@ mod tests {
         let mut c = vec![0; 3];
         for _ in 0..n {
             let l = pick(sh, orca, excluded).unwrap();
-            c[usize::from(l.backend().ip.octets()[2] - 11)] += 1;
+            let std::net::IpAddr::V4(ip) = l.backend().ip else {
+                panic!("IPv4 backends")
+            };
+            c[usize::from(ip.octets()[2] - 11)] += 1;
         }
         c
     }

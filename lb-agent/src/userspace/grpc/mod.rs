@@ -92,7 +92,7 @@ mod tls;
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -266,7 +266,7 @@ async fn connection(
     pools: Arc<Pools>,
     server: Arc<Server>,
     stream: TcpStream,
-    peer: SocketAddrV4,
+    peer: SocketAddr,
     opts: Arc<ProxyOptions>,
     mut drain: watch::Receiver<bool>,
 ) {
@@ -467,7 +467,7 @@ enum Failure {
     /// attempt's reason and error.
     Connect(DropReason, ConnectError),
     /// The request went to this backend, which then failed it.
-    Backend(SocketAddrV4, hyper::Error),
+    Backend(SocketAddr, hyper::Error),
 }
 
 /// Whether the backend refused the call's stream (RST_STREAM REFUSED_STREAM).

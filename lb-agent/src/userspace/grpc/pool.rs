@@ -29,7 +29,7 @@
 //! its connections and refuses new calls; calls in flight keep theirs.
 
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -137,7 +137,7 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 impl State {
     /// A stream on the first connection with one free; when none is and
     /// `max` connections are open, on the least busy one.
-    fn take(&mut self, shared: &Shared, addr: SocketAddrV4, max: usize) -> Option<(Sender, Slot)> {
+    fn take(&mut self, shared: &Shared, addr: SocketAddr, max: usize) -> Option<(Sender, Slot)> {
         self.conns.retain(|e| {
             let keep = e.usable();
             if !keep {
@@ -214,7 +214,7 @@ impl Pool {
     /// (over TLS when the service's `tls` says so).
     pub(crate) async fn get(
         &self,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         counters: &Arc<BackendCounters>,
         opts: &PoolOptions,
         tls: &Holder,
@@ -238,7 +238,7 @@ impl Pool {
             st.next_id += 1;
             st.next_id
         };
-        let up = tls.upstream(*addr.ip());
+        let up = tls.upstream(addr.ip());
         let connect = connect(addr, counters, opts, up, Arc::downgrade(&self.state), id);
         let res = if opts.connect_timeout.is_zero() {
             connect.await
@@ -277,7 +277,7 @@ impl Pool {
     /// connection; an error if draining.
     fn ready(
         &self,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         opts: &PoolOptions,
     ) -> Result<Option<(Sender, Slot)>, ConnectError> {
         let mut st = lock(&self.state);
@@ -312,14 +312,14 @@ impl Pool {
 }
 
 async fn connect(
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     counters: &Arc<BackendCounters>,
     opts: &PoolOptions,
     tls: Option<Upstream>,
     pool: Weak<Mutex<State>>,
     id: u64,
 ) -> Result<(Sender, Arc<PeerState>), ConnectError> {
-    let tcp = TcpStream::connect(SocketAddr::V4(addr))
+    let tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| ConnectError::Connect(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
@@ -425,7 +425,7 @@ struct BackendIo {
     sniffer: Sniffer,
     peer: Arc<PeerState>,
     counters: Arc<BackendCounters>,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
 }
 
 impl AsyncRead for BackendIo {
@@ -492,13 +492,11 @@ mod tests {
 
     /// An HTTP/2 server on localhost answering every request with 200, with
     /// this stream limit.
-    async fn h2_server(max_streams: Option<u32>) -> SocketAddrV4 {
+    async fn h2_server(max_streams: Option<u32>) -> SocketAddr {
         let l = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .unwrap();
-        let SocketAddr::V4(addr) = l.local_addr().unwrap() else {
-            unreachable!("bound to IPv4")
-        };
+        let addr = l.local_addr().unwrap();
         tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
                 tokio::spawn(async move {
@@ -601,21 +599,16 @@ mod tests {
     /// A relay from a new localhost port to `to` that forwards until `cut`
     /// turns true, then holds both sockets open and silent (a peer gone
     /// without a FIN).
-    async fn cuttable_relay(
-        to: SocketAddrV4,
-        cut: tokio::sync::watch::Receiver<bool>,
-    ) -> SocketAddrV4 {
+    async fn cuttable_relay(to: SocketAddr, cut: tokio::sync::watch::Receiver<bool>) -> SocketAddr {
         let l = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .unwrap();
-        let SocketAddr::V4(addr) = l.local_addr().unwrap() else {
-            unreachable!("bound to IPv4")
-        };
+        let addr = l.local_addr().unwrap();
         tokio::spawn(async move {
             while let Ok((mut a, _)) = l.accept().await {
                 let mut cut = cut.clone();
                 tokio::spawn(async move {
-                    let mut b = TcpStream::connect(SocketAddr::V4(to)).await.unwrap();
+                    let mut b = TcpStream::connect(to).await.unwrap();
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
                         _ = async { cut.wait_for(|c| *c).await.is_ok() } => {
@@ -662,7 +655,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let addr = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port);
+        let addr = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
         let counters = Arc::new(BackendCounters::default());
         let pool = Pool::default();
         let e = pool

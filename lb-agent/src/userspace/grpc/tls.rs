@@ -20,7 +20,7 @@
 
 use std::fmt;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock};
@@ -106,7 +106,7 @@ impl ServiceTls {
     }
 
     /// The configuration and name for a new connection to `backend`.
-    fn upstream(&self, backend: Ipv4Addr) -> Option<Upstream> {
+    fn upstream(&self, backend: IpAddr) -> Option<Upstream> {
         let (rx, spec) = (self.upstream.as_ref()?, self.spec.upstream.as_ref()?);
         Some(Upstream {
             config: rx.borrow().config.clone(),
@@ -184,7 +184,7 @@ impl Holder {
     }
 
     /// The TLS for a new connection to `backend` (`None`: h2c).
-    pub(crate) fn upstream(&self, backend: Ipv4Addr) -> Option<Upstream> {
+    pub(crate) fn upstream(&self, backend: IpAddr) -> Option<Upstream> {
         self.get()?.upstream(backend)
     }
 

@@ -1,7 +1,7 @@
 //! TCP: accept on VIP:port, connect to a backend, copy both ways.
 
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -27,12 +27,19 @@ const BUF_SIZE: usize = 16 * 1024;
 
 /// A listener on `addr`, which need not be a local address yet (IP_FREEBIND).
 /// Must run on the proxy's runtime (in its network namespace).
-pub(crate) fn bind(addr: SocketAddrV4, backlog: u32) -> io::Result<TcpListener> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(socket2::Protocol::TCP))?;
+pub(crate) fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
     s.set_reuse_address(true)?;
-    s.set_freebind_v4(true)?;
+    match addr {
+        SocketAddr::V4(_) => s.set_freebind_v4(true)?,
+        SocketAddr::V6(_) => s.set_freebind_v6(true)?,
+    }
     s.set_nonblocking(true)?;
-    s.bind(&SocketAddr::V4(addr).into())?;
+    s.bind(&addr.into())?;
     s.listen(backlog.min(i32::MAX as u32) as i32)?;
     TcpListener::from_std(s.into())
 }
@@ -173,7 +180,7 @@ async fn run_pipe(
 async fn connection(
     svc: Arc<ServiceShared>,
     client: TcpStream,
-    peer: SocketAddrV4,
+    peer: SocketAddr,
     opts: Arc<ProxyOptions>,
     ho: HandoverCtx,
 ) {
@@ -188,7 +195,7 @@ async fn connection(
             break;
         };
         let be = lease.backend();
-        let connect = TcpStream::connect(SocketAddr::V4(be.addr()));
+        let connect = TcpStream::connect(be.addr());
         let res = if opts.connect_timeout.is_zero() {
             Ok(connect.await)
         } else {
@@ -199,7 +206,7 @@ async fn connection(
                 let _ = client.set_nodelay(true);
                 let _ = upstream.set_nodelay(true);
                 let _open = svc.opened(be);
-                let peer = Some(SocketAddr::V4(peer));
+                let peer = Some(peer);
                 run_pipe(&svc, client, upstream, be, &opts, (false, false), &ho, peer).await;
                 return;
             }

@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -28,12 +28,19 @@ const MAX_DATAGRAM: usize = 65_536;
 const BURST: usize = 64;
 
 /// The service's socket on `addr`, which need not be local yet (IP_FREEBIND).
-pub(crate) fn bind(addr: SocketAddrV4) -> io::Result<UdpSocket> {
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(socket2::Protocol::UDP))?;
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
     s.set_reuse_address(true)?;
-    s.set_freebind_v4(true)?;
+    match addr {
+        SocketAddr::V4(_) => s.set_freebind_v4(true)?,
+        SocketAddr::V6(_) => s.set_freebind_v6(true)?,
+    }
     s.set_nonblocking(true)?;
-    s.bind(&SocketAddr::V4(addr).into())?;
+    s.bind(&addr.into())?;
     UdpSocket::from_std(s.into())
 }
 
@@ -51,13 +58,13 @@ struct Shared {
     opts: Arc<ProxyOptions>,
     /// The service's socket, on VIP:port.
     sock: UdpSocket,
-    sessions: Mutex<HashMap<SocketAddrV4, Arc<Session>>>,
+    sessions: Mutex<HashMap<SocketAddr, Arc<Session>>>,
     /// Zero of the sessions' `last` clocks.
     start: Instant,
 }
 
 impl Shared {
-    fn sessions(&self) -> MutexGuard<'_, HashMap<SocketAddrV4, Arc<Session>>> {
+    fn sessions(&self) -> MutexGuard<'_, HashMap<SocketAddr, Arc<Session>>> {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -95,12 +102,11 @@ pub(crate) async fn serve(
                 break;
             }
             r = sh.sock.recv_from(&mut buf) => match r {
-                Ok((n, SocketAddr::V4(client))) => {
+                Ok((n, client)) => {
                     if let Some(new) = forward(&sh, client, &buf[..n]) {
                         tasks.spawn(relay(sh.clone(), client, new));
                     }
                 }
-                Ok(_) => {}
                 Err(e) => {
                     debug!(service = %sh.svc.addr, "recv: {e}");
                     // A persistent error must not spin.
@@ -120,7 +126,7 @@ pub(crate) async fn serve(
 
 /// Passes a client's datagram on, through its session or a new one; returns
 /// the new session, whose replies need relaying.
-fn forward(sh: &Shared, client: SocketAddrV4, datagram: &[u8]) -> Option<Arc<Session>> {
+fn forward(sh: &Shared, client: SocketAddr, datagram: &[u8]) -> Option<Arc<Session>> {
     let found = sh.sessions().get(&client).cloned();
     let (s, new) = match found {
         Some(s) => (s, None),
@@ -145,7 +151,7 @@ fn forward(sh: &Shared, client: SocketAddrV4, datagram: &[u8]) -> Option<Arc<Ses
 }
 
 /// A new session for `client`, or `None` (counted) if it cannot have one.
-fn open(sh: &Shared, client: SocketAddrV4) -> Option<Arc<Session>> {
+fn open(sh: &Shared, client: SocketAddr) -> Option<Arc<Session>> {
     let svc = &sh.svc;
     if sh.sessions().len() >= sh.opts.max_udp_sessions {
         svc.counters.dropped(DropReason::SessionsFull);
@@ -188,16 +194,20 @@ fn open(sh: &Shared, client: SocketAddrV4) -> Option<Arc<Session>> {
 /// A plain non-blocking send. Tokio's `try_send` would also refuse while the
 /// reactor has not yet reported the socket writable, as with a new session's
 /// socket before its first event; this fails only when the buffer is full.
-fn send(sock: &UdpSocket, data: &[u8], to: Option<SocketAddrV4>) -> io::Result<usize> {
+fn send(sock: &UdpSocket, data: &[u8], to: Option<SocketAddr>) -> io::Result<usize> {
     let s = SockRef::from(sock);
     match to {
-        Some(to) => s.send_to(data, &SocketAddr::V4(to).into()),
+        Some(to) => s.send_to(data, &to.into()),
         None => s.send(data),
     }
 }
 
-fn connect(backend: SocketAddrV4) -> io::Result<UdpSocket> {
-    let s = std::net::UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+fn connect(backend: SocketAddr) -> io::Result<UdpSocket> {
+    let any: IpAddr = match backend {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let s = std::net::UdpSocket::bind(SocketAddr::new(any, 0))?;
     s.connect(backend)?;
     s.set_nonblocking(true)?;
     UdpSocket::from_std(s)
@@ -205,7 +215,7 @@ fn connect(backend: SocketAddrV4) -> io::Result<UdpSocket> {
 
 /// Relays the backend's replies to the client until the session is idle,
 /// then ends the session.
-async fn relay(sh: Arc<Shared>, client: SocketAddrV4, s: Arc<Session>) {
+async fn relay(sh: Arc<Shared>, client: SocketAddr, s: Arc<Session>) {
     loop {
         tokio::select! {
             r = s.upstream.readable() => match r {
@@ -227,7 +237,7 @@ async fn relay(sh: Arc<Shared>, client: SocketAddrV4, s: Arc<Session>) {
     }
 }
 
-fn pass_replies(sh: &Shared, client: SocketAddrV4, s: &Session) {
+fn pass_replies(sh: &Shared, client: SocketAddr, s: &Session) {
     thread_local! {
         static BUF: RefCell<Vec<u8>> = RefCell::new(vec![0u8; MAX_DATAGRAM]);
     }
