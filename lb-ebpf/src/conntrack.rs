@@ -6,6 +6,7 @@ use lb_common::{
 };
 
 use crate::{
+    fwd::NewRoute,
     maps::{CONNTRACK, config},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     set::ProgramSet,
@@ -27,7 +28,8 @@ pub fn key(p: &Packet) -> FlowKey {
 }
 
 /// A conntrack value built as eight 8-byte words: LLVM turns a zeroed
-/// struct into a call to a byte-by-byte `memset`.
+/// struct into a call to a byte-by-byte `memset`. `fib`: the last three
+/// words (`fib_ns`, `fib_ifindex`, `fib_mac`), [`no_route`] for none.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn ct_value(
@@ -39,6 +41,7 @@ fn ct_value(
     state: u32,
     client_port: u16,
     now: u64,
+    fib: [u64; 3],
 ) -> CtValue {
     let w = [
         nat_ip as u64 | (nat_port as u64) << 32 | (dir as u64) << 48,
@@ -46,16 +49,21 @@ fn ct_value(
         state as u64 | (client_port as u64) << 32,
         now,
         now,
-        // The route cache is empty while fib_ifindex (low half of word 6) is
-        // 0; fib_ns and fib_mac then hold filler, which keeps LLVM from
-        // turning a run of zero words into a byte-wise `memset` call.
-        now,
-        now << 32,
-        now,
+        fib[0],
+        fib[1],
+        fib[2],
     ];
     // SAFETY: CtValue is repr(C), 64 bytes without implicit padding, every
     // bit pattern valid (little endian).
     unsafe { core::mem::transmute::<[u64; 8], CtValue>(w) }
+}
+
+/// The `fib` words of an entry without a route: `fib_ifindex` (low half of
+/// the middle word) 0; `fib_ns` and `fib_mac` hold filler, which keeps LLVM
+/// from turning a run of zero words into a byte-wise `memset` call.
+#[inline(always)]
+fn no_route(now: u64) -> [u64; 3] {
+    [now, now << 32, now]
 }
 
 #[inline(always)]
@@ -193,7 +201,10 @@ pub enum Created {
 /// (backend -> client ip:port) may belong to another flow of this client
 /// ip:port through another VIP; the new flow then gets another source port
 /// ([`rewrite_port`]) rather than overwrite it. A failed insert is counted by
-/// the caller; the packet is still forwarded.
+/// the caller; the packet is still forwarded. `route`: the forward entry's
+/// `fib` words (`fwd::NewRoute::entry_words`), so that the new entry is
+/// not looked up again to store the route.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn create(
     fwd: &FlowKey,
@@ -203,6 +214,7 @@ pub fn create(
     ip: u32,
     port: u16,
     now: u64,
+    route: &NewRoute,
 ) -> Created {
     let state = if p.is_udp() {
         ct_state::UDP
@@ -221,6 +233,7 @@ pub fn create(
         0,
         0,
         now,
+        no_route(now),
     );
     let mut sport = 0u16;
     let rev_ok = match claim(&rev, &rv, fwd) {
@@ -236,6 +249,7 @@ pub fn create(
                 0,
                 fwd.src_port,
                 now,
+                no_route(now),
             );
             sport = rewrite_port(fwd, ip, port, &rv);
             if sport == 0 {
@@ -253,6 +267,7 @@ pub fn create(
         state,
         sport,
         now,
+        route.entry_words(now),
     );
     let fwd_ok = CONNTRACK.insert(fwd, &fv, BPF_ANY).is_ok();
     // The open counts only with a forward entry: without one, no close or

@@ -100,41 +100,21 @@ pub fn forward<C: Ctx>(ctx: &mut C, p: &Packet, ct: Option<*mut CtValue>, now: u
             return redirect(ctx, e.fib_ifindex, &e.fib_mac);
         }
     }
-    let key = p.daddr as u64 | (ctx.ifindex() as u64) << 32;
-    let slot = (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - ROUTE_BITS)) as u32;
-    let Some(r) = ROUTE_CACHE.get_ptr_mut(slot) else {
+    let Some((r, rc)) = route(ctx, p, p.daddr, p.dport, now) else {
         stats::reason(reason::PASS_FIB);
         return Verdict::Pass;
     };
-    // SAFETY: this CPU's slot; the program is not re-entered on one CPU
-    // while it runs.
-    let r = unsafe { &mut *r };
-    let cached = r.key == key && usable(r.ifindex, r.ns, now);
-    if !cached {
-        // The slot is this destination's from here on (fewer values live
-        // across the helper call: the stack is near its limit).
-        r.key = key;
-        r.ns = now;
-        let rc = lookup(ctx, p, r);
-        if rc != BPF_FIB_LKUP_RET_SUCCESS {
-            // Too large for the egress MTU: this packet's failure, not the
-            // destination's (the slot is left empty).
-            r.ifindex = if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
-                0
-            } else {
-                FIB_FAILED
-            };
-            if let Some(v) = ct {
-                // Remembered for FIB_FAIL_NS: a flow without a route does
-                // not repeat the lookup on every packet.
-                unsafe {
-                    (*v).fib_ns = r.ns;
-                    (*v).fib_ifindex = FIB_FAILED;
-                }
+    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+        if let Some(v) = ct {
+            // Remembered for FIB_FAIL_NS: a flow without a route does
+            // not repeat the lookup on every packet.
+            unsafe {
+                (*v).fib_ns = r.ns;
+                (*v).fib_ifindex = FIB_FAILED;
             }
-            stats::reason(reason::PASS_FIB);
-            return Verdict::Pass;
         }
+        stats::reason(reason::PASS_FIB);
+        return Verdict::Pass;
     }
     if let Some(v) = ct {
         // The flow's entry takes the route with the time of its lookup
@@ -156,10 +136,138 @@ pub fn forward<C: Ctx>(ctx: &mut C, p: &Packet, ct: Option<*mut CtValue>, now: u
     redirect(ctx, r.ifindex, &r.mac)
 }
 
-/// `bpf_fib_lookup` for `p` (parameters in the per-CPU scratch, off the
+/// The `ROUTE_CACHE` slot of destination `daddr` (from this packet's
+/// ingress interface), filled by `bpf_fib_lookup` unless it holds a usable
+/// route; with the lookup's result (`BPF_FIB_LKUP_RET_SUCCESS` for a cached
+/// route or failure). `None`: no slot (never for an array index in range).
+#[inline(always)]
+fn route<C: Ctx>(
+    ctx: &mut C,
+    p: &Packet,
+    daddr: u32,
+    dport: u16,
+    now: u64,
+) -> Option<(&'static mut RouteCacheEntry, i64)> {
+    let key = daddr as u64 | (ctx.ifindex() as u64) << 32;
+    let slot = (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - ROUTE_BITS)) as u32;
+    let r = ROUTE_CACHE.get_ptr_mut(slot)?;
+    // SAFETY: this CPU's slot; the program is not re-entered on one CPU
+    // while it runs.
+    let r = unsafe { &mut *r };
+    if r.key == key && usable(r.ifindex, r.ns, now) {
+        return Some((r, BPF_FIB_LKUP_RET_SUCCESS));
+    }
+    // The slot is this destination's from here on (fewer values live
+    // across the helper call: the stack is near its limit).
+    r.key = key;
+    r.ns = now;
+    let rc = lookup(ctx, p, daddr, dport, r);
+    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+        // Too large for the egress MTU: this packet's failure, not the
+        // destination's (the slot is left empty).
+        r.ifindex = if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+            0
+        } else {
+            FIB_FAILED
+        };
+    }
+    Some((r, rc))
+}
+
+/// A new flow's route, resolved before its conntrack entries are written:
+/// the forward entry is created with it ([`NewRoute::entry_words`]) instead
+/// of being looked up again to store it.
+#[derive(Clone, Copy)]
+pub struct NewRoute {
+    /// The destination's `ROUTE_CACHE` slot; null: the stack forwards.
+    r: *const RouteCacheEntry,
+    /// This packet's lookup failed (`pass_fib`, not `pass_fib_cached`).
+    failed: bool,
+}
+
+impl NewRoute {
+    /// The entry's last three words (`fib_ns`, `fib_ifindex` and
+    /// `fib_mac`: the layout of the slot's last three words, lb-common
+    /// asserts it). Without a route, filler with `fib_ifindex` 0 (none);
+    /// after a failed lookup, `FIB_FAILED` (also for `FRAG_NEEDED`, which
+    /// the slot does not keep).
+    #[inline(always)]
+    pub fn entry_words(&self, now: u64) -> [u64; 3] {
+        if self.r.is_null() {
+            // Not zeros: a run of zero words becomes a byte-wise `memset`.
+            return [now, now << 32, now];
+        }
+        // SAFETY: a map value of this CPU (see `route`).
+        let src = self.r as *const u64;
+        let (w5, mut w6, w7) = unsafe { (*src.add(1), *src.add(2), *src.add(3)) };
+        if self.failed {
+            w6 = (w6 & !0xffff_ffff) | FIB_FAILED as u64;
+        }
+        [w5, w6, w7]
+    }
+}
+
+/// Resolves a new flow's route to backend `daddr:dport` before the rewrite
+/// (the packet still has the VIP; its source port is the client's, which a
+/// collision rewrite may change: `bpf_fib_lookup` sees ports only in
+/// policy routing on ports).
+#[inline(always)]
+pub fn new_flow_route<C: Ctx>(
+    ctx: &mut C,
+    p: &Packet,
+    daddr: u32,
+    dport: u16,
+    now: u64,
+) -> NewRoute {
+    let none = NewRoute {
+        r: core::ptr::null(),
+        failed: false,
+    };
+    // A TTL that would expire is left to the stack, which answers with ICMP.
+    if config(config_idx::FIB_REDIRECT) == 0 || p.ttl <= 1 {
+        return none;
+    }
+    match route(ctx, p, daddr, dport, now) {
+        Some((r, rc)) => NewRoute {
+            r,
+            failed: rc != BPF_FIB_LKUP_RET_SUCCESS,
+        },
+        None => {
+            stats::reason(reason::PASS_FIB);
+            none
+        }
+    }
+}
+
+/// Forwards a new flow's translated packet by its [`NewRoute`].
+#[inline(always)]
+pub fn new_flow_forward<C: Ctx>(ctx: &mut C, route: NewRoute) -> Verdict {
+    if route.r.is_null() {
+        return Verdict::Pass;
+    }
+    if route.failed {
+        stats::reason(reason::PASS_FIB);
+        return Verdict::Pass;
+    }
+    // SAFETY: see `entry_words`.
+    let r = unsafe { &*route.r };
+    if r.ifindex == FIB_FAILED {
+        stats::reason(reason::PASS_FIB_CACHED);
+        return Verdict::Pass;
+    }
+    redirect(ctx, r.ifindex, &r.mac)
+}
+
+/// `bpf_fib_lookup` for `p` to `daddr:dport` (parameters in the per-CPU scratch, off the
 /// stack); on success the egress interface and MACs go to `r`.
 #[inline(always)]
-fn lookup<C: Ctx>(ctx: &mut C, p: &Packet, r: &mut RouteCacheEntry) -> i64 {
+fn lookup<C: Ctx>(
+    ctx: &mut C,
+    p: &Packet,
+    daddr: u32,
+    dport: u16,
+    r: &mut RouteCacheEntry,
+) -> i64 {
     let Some(raw) = FIB_SCRATCH.get_ptr_mut(0) else {
         return -1;
     };
@@ -171,11 +279,11 @@ fn lookup<C: Ctx>(ctx: &mut C, p: &Packet, r: &mut RouteCacheEntry) -> i64 {
     f.family = AF_INET;
     f.l4_protocol = p.proto;
     f.sport = p.sport;
-    f.dport = p.dport;
+    f.dport = dport;
     f.__bindgen_anon_1.tot_len = p.tot_len;
     f.ifindex = ctx.ifindex();
     f.__bindgen_anon_3.ipv4_src = p.saddr;
-    f.__bindgen_anon_4.ipv4_dst = p.daddr;
+    f.__bindgen_anon_4.ipv4_dst = daddr;
     let rc = unsafe { bpf_fib_lookup(ctx.raw(), f, core::mem::size_of::<FibParams>() as i32, 0) };
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
         r.mac[..6].copy_from_slice(&f.dmac);

@@ -167,7 +167,20 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
         Some(b) => b,
         None => return no_backend(ctx, &p, svc.id, false),
     };
-    let sport = match conntrack::create(&key, &p, svc.id, id, b.ip, b.port, now) {
+    // The route first: the forward entry is written with it, so the flow's
+    // next packet does not look it up, and the new entry is not looked up
+    // again to store it.
+    let route = fwd::new_flow_route(ctx, &p, b.ip, b.port, now);
+    let sport = match conntrack::create(
+        &key,
+        &p,
+        svc.id,
+        id,
+        b.ip,
+        b.port,
+        now,
+        &route,
+    ) {
         conntrack::Created::Flow { sport, ok } => {
             if !ok {
                 stats::reason(reason::DROP_CT_INSERT);
@@ -184,11 +197,10 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
             return Verdict::Drop;
         }
     };
-    // The entry just written: it keeps the route that this packet takes,
-    // so the flow's next packet does not look it up again.
-    let fwd_entry = conntrack::lookup(&key);
+    // A flow seen first at its FIN or RST (its entry was evicted or expired)
+    // closes at once: the only case that needs the entry just written.
     if tcp && p.flags & (parse::TCP_FIN | parse::TCP_RST) != 0 {
-        if let Some(v) = fwd_entry {
+        if let Some(v) = conntrack::lookup(&key) {
             conntrack::tcp_state::<S>(v, p.flags, true);
         }
     }
@@ -198,7 +210,11 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
         return Verdict::Drop;
     }
     stats::reason(reason::NAT_FORWARD);
-    forward(ctx, &p, fwd_entry, now)
+    if p.csum.is_seed() {
+        stats::reason(p.csum.pass_reason());
+        return Verdict::Pass;
+    }
+    fwd::new_flow_forward(ctx, route)
 }
 
 /// Forwards a translated packet (`fwd::forward`), except one whose L4
