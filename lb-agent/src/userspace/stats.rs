@@ -269,7 +269,7 @@ impl BackendStatus {
 }
 
 /// One backend's counters at one instant.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BackendStats {
     pub ip: Ipv4Addr,
     pub port: u16,
@@ -315,7 +315,7 @@ pub struct BackendStats {
 }
 
 /// One service's counters at one instant, with its backends'.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ServiceStats {
     /// `namespace/name:port`.
     pub name: String,
