@@ -818,7 +818,10 @@ mod tests {
         let out = Metrics::new(Box::new(Fake(Ok(snap.clone()))))
             .render()
             .unwrap();
-        assert!(!out.contains("rpclb_service_grpc_tls_handshakes_total{"), "{out}");
+        assert!(
+            !out.contains("rpclb_service_grpc_tls_handshakes_total{"),
+            "{out}"
+        );
         snap.services[0].grpc_tls = Some(GrpcTlsCounts {
             handshakes: 5,
             handshake_failures: 2,
