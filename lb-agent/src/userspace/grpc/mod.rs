@@ -757,6 +757,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn pools_are_per_backend_and_worker_thread() {
+        let pools = Pools::default();
+        let key = (std::net::Ipv4Addr::new(10, 244, 0, 1), 50051);
+        let a = pools.of(key);
+        assert!(Arc::ptr_eq(&a, &pools.of(key)), "one pool per backend here");
+        let b = std::thread::scope(|s| {
+            s.spawn(|| {
+                tasks::set_worker(1);
+                pools.of(key)
+            })
+            .join()
+            .unwrap()
+        });
+        assert!(!Arc::ptr_eq(&a, &b), "worker 1 has its own pool");
+        // A change of the service reaches every worker's pool.
+        pools.update(&HashSet::new(), &HashSet::from([key]));
+        assert!(a.is_draining() && b.is_draining());
+        pools.update(&HashSet::from([key]), &HashSet::from([key]));
+        assert!(!a.is_draining() && !b.is_draining());
+    }
+
+    #[test]
     fn grpc_content_types() {
         let ct = |s: &'static str| Some(HeaderValue::from_static(s));
         assert!(is_grpc(ct("application/grpc").as_ref()));
