@@ -28,7 +28,7 @@ pub struct ProxyOptions {
     pub per_thread_runtimes: bool,
     /// gRPC mode: run each client connection, its calls and their backend
     /// connections (pooled per worker) on one of the per-thread runtimes,
-    /// so that a call never wakes another thread (on by default: about 30%
+    /// so that a call never wakes another thread (on by default: about 13%
     /// less CPU per call than on the shared multi-thread runtime; see
     /// docs/benchmarks.md, section 9). Independent of
     /// `per_thread_runtimes`, which is for the L4 path.
