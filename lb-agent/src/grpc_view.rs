@@ -80,6 +80,14 @@ pub struct GrpcBackend {
     pub goaways: u64,
     /// HTTP/2 connections opened to it.
     pub connections: u64,
+    /// The utilization of its last ORCA load report, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orca_utilization: Option<f64>,
+    /// With `balancing: orca_wrr`: the weight its load reports give it now
+    /// (none: no report yet, in blackout or expired; the pick is then P2C
+    /// or the mean weight, see docs/grpc.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orca_weight: Option<f64>,
 }
 
 fn codes(c: &CallStats) -> BTreeMap<String, u64> {
@@ -133,6 +141,8 @@ pub fn build(stats: &[ServiceStats], health: &[BackendHealth]) -> GrpcView {
                     transparent_retries: b.transparent_retries,
                     goaways: b.goaways,
                     connections: b.new_connections,
+                    orca_utilization: b.orca_utilization,
+                    orca_weight: b.orca_weight,
                 })
                 .collect(),
         })

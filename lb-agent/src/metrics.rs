@@ -44,6 +44,21 @@ pub struct ServiceSnapshot {
     pub backends: Vec<BackendStats>,
     /// gRPC mode: the calls by final status and latency.
     pub grpc_calls: Option<crate::userspace::CallStats>,
+    /// gRPC mode with TLS (`grpc.tls`): handshakes and certificate reloads.
+    pub grpc_tls: Option<GrpcTlsCounts>,
+}
+
+/// A gRPC-mode service's TLS counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GrpcTlsCounts {
+    /// Client TLS handshakes that succeeded.
+    pub handshakes: u64,
+    /// Client TLS handshakes that failed or timed out.
+    pub handshake_failures: u64,
+    /// Changed certificate files taken.
+    pub reloads: u64,
+    /// Changed certificate files refused (the last good set stayed).
+    pub reload_errors: u64,
 }
 
 /// The kernel's counters at one instant.
@@ -68,6 +83,7 @@ impl DatapathSnapshot {
                     backends: w.backend_stats_with(&s.addr, &pending)?,
                     name: s.name,
                     grpc_calls: None,
+                    grpc_tls: None,
                 })
             })
             .collect::<Result<_, DatapathError>>()?;
@@ -608,6 +624,45 @@ impl Collector for DatapathCollector {
                 ))
             }),
         )?;
+        let tls = || {
+            svcs.iter()
+                .filter_map(|s| Some((svc_label(s), s.grpc_tls?)))
+        };
+        let with_result = |l: &Labels, r: &str| {
+            let mut l = l.clone();
+            l.push(("result", r.to_string()));
+            l
+        };
+        family(
+            &mut enc,
+            "rpclb_service_grpc_tls_handshakes",
+            "gRPC mode with TLS: client TLS handshakes, by result (ok; failed: refused, bad certificate or no handshake within 10 s)",
+            MetricType::Counter,
+            tls().flat_map(|(l, t)| {
+                [
+                    (with_result(&l, "ok"), ConstCounter::new(t.handshakes)),
+                    (
+                        with_result(&l, "failed"),
+                        ConstCounter::new(t.handshake_failures),
+                    ),
+                ]
+            }),
+        )?;
+        family(
+            &mut enc,
+            "rpclb_service_grpc_tls_reloads",
+            "gRPC mode with TLS: changed certificate files, by result (ok: taken; failed: refused, the last good set stays)",
+            MetricType::Counter,
+            tls().flat_map(|(l, t)| {
+                [
+                    (with_result(&l, "ok"), ConstCounter::new(t.reloads)),
+                    (
+                        with_result(&l, "failed"),
+                        ConstCounter::new(t.reload_errors),
+                    ),
+                ]
+            }),
+        )?;
         family(
             &mut enc,
             "rpclb_backend_grpc_calls",
@@ -726,6 +781,7 @@ mod tests {
                 },
                 backends: vec![backend(2, 3, 1), backend(3, 2, 0)],
                 grpc_calls: None,
+                grpc_tls: None,
             }],
             reasons: vec![("nat_forward", 25), ("drop_no_backend", 1)],
         }
@@ -757,6 +813,35 @@ mod tests {
             assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");
         }
         assert!(!out.contains("id=\""), "no raw ids:\n{out}");
+    }
+
+    #[test]
+    fn grpc_tls_handshakes_and_reloads() {
+        let mut snap = snapshot();
+        let out = Metrics::new(Box::new(Fake(Ok(snap.clone()))))
+            .render()
+            .unwrap();
+        assert!(
+            !out.contains("rpclb_service_grpc_tls_handshakes_total{"),
+            "{out}"
+        );
+        snap.services[0].grpc_tls = Some(GrpcTlsCounts {
+            handshakes: 5,
+            handshake_failures: 2,
+            reloads: 1,
+            reload_errors: 3,
+        });
+        let out = Metrics::new(Box::new(Fake(Ok(snap)))).render().unwrap();
+        let svc = "service=\"lab/web:http\"";
+        for line in [
+            "# TYPE rpclb_service_grpc_tls_handshakes_total counter".to_string(),
+            format!("rpclb_service_grpc_tls_handshakes_total{{{svc},result=\"ok\"}} 5"),
+            format!("rpclb_service_grpc_tls_handshakes_total{{{svc},result=\"failed\"}} 2"),
+            format!("rpclb_service_grpc_tls_reloads_total{{{svc},result=\"ok\"}} 1"),
+            format!("rpclb_service_grpc_tls_reloads_total{{{svc},result=\"failed\"}} 3"),
+        ] {
+            assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");
+        }
     }
 
     #[test]

@@ -343,6 +343,17 @@ fn grpc_tls_terminates_client_tls() {
         "{}",
         s.tls_handshake_failures
     );
+    // The good client's connection is counted too, and /metrics carries both (as
+    // `rpclb_service_grpc_tls_handshakes_total{result="ok"|"failed"}`).
+    assert!(s.tls && s.tls_handshakes >= 1, "{}", s.tls_handshakes);
+    let m = lb_agent::userspace::datapath_snapshot(std::slice::from_ref(&s));
+    let t = m.services[0]
+        .grpc_tls
+        .expect("TLS counters of a TLS service");
+    assert_eq!(
+        (t.handshakes, t.handshake_failures),
+        (s.tls_handshakes, s.tls_handshake_failures)
+    );
     assert_eq!(
         be.served(1) + be.served(2) + be.served(3),
         N as u64,

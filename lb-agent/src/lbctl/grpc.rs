@@ -128,6 +128,8 @@ pub fn table(v: &GrpcView) -> String {
             right("RETRIES"),
             right("T-RETRIES"),
             right("GOAWAYS"),
+            right("ORCA-UTIL"),
+            right("ORCA-WEIGHT"),
         ]);
         for b in &s.backends {
             t.row(vec![
@@ -148,6 +150,12 @@ pub fn table(v: &GrpcView) -> String {
                 count(b.retries),
                 count(b.transparent_retries),
                 count(b.goaways),
+                b.orca_utilization
+                    .map(|u| format!("{u:.2}"))
+                    .unwrap_or_else(|| "-".into()),
+                b.orca_weight
+                    .map(|w| format!("{w:.1}"))
+                    .unwrap_or_else(|| "-".into()),
             ]);
         }
         out.push_str(&t.render());
@@ -179,6 +187,8 @@ mod tests {
             transparent_retries: 1,
             goaways: 4,
             connections: 5,
+            orca_utilization: (ejected_for_ms > 0).then_some(0.25),
+            orca_weight: (ejected_for_ms > 0).then_some(40.0),
         }
     }
 
@@ -253,9 +263,18 @@ mod tests {
                 "1",
                 "3",
                 "1",
-                "4"
+                "4",
+                "0.25",
+                "40.0"
             ]
         );
+        let other: Vec<&str> = t
+            .lines()
+            .find(|l| l.starts_with("10.244.2.2:50051"))
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        assert_eq!(other[other.len() - 2..], ["-", "-"], "no ORCA report");
         assert!(t.contains("lab/other:grpc  10.96.0.21:50051/tcp  calls 0 (0.0/s)  active 0  errors 0  outlier ejection: off"), "{t}");
     }
 

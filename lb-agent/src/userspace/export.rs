@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use super::{ServiceStats, StatsHandle};
 use crate::datapath;
-use crate::metrics::{DatapathSnapshot, ServiceSnapshot, StatsSource};
+use crate::metrics::{DatapathSnapshot, GrpcTlsCounts, ServiceSnapshot, StatsSource};
 
 /// Maps the proxy's stats onto the kernel path's snapshot: packets and bytes
 /// are both directions summed, `new_flows` is new connections, `drops` all
@@ -26,6 +26,12 @@ pub fn datapath_snapshot(stats: &[ServiceStats]) -> DatapathSnapshot {
             ServiceSnapshot {
                 name: s.name.clone(),
                 grpc_calls: s.grpc.then_some(s.calls),
+                grpc_tls: (s.grpc && s.tls).then_some(GrpcTlsCounts {
+                    handshakes: s.tls_handshakes,
+                    handshake_failures: s.tls_handshake_failures,
+                    reloads: s.tls_reloads,
+                    reload_errors: s.tls_reload_errors,
+                }),
                 stats: datapath::ServiceStats {
                     packets: s.packets_in + s.packets_out,
                     bytes: s.bytes_in + s.bytes_out,

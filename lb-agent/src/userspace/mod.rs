@@ -213,7 +213,8 @@ struct Inner {
     adopted: HashSet<IpAddr>,
     /// Handed over: leave the routes to the successor.
     keep_routes: AtomicBool,
-    /// Where TCP connections run (`per_thread_runtimes`).
+    /// The per-thread runtimes (`per_thread_runtimes` for L4 TCP,
+    /// `grpc_per_thread_runtimes` for the gRPC mode); none if neither.
     workers: Workers,
 }
 
@@ -339,7 +340,7 @@ impl UserspaceProxy {
         let (stop_workers, stopped) = watch::channel(false);
         let mut handles = Vec::new();
         let mut worker_threads = Vec::new();
-        if opts.per_thread_runtimes {
+        if opts.per_thread_runtimes || opts.grpc_per_thread_runtimes {
             for i in 0..threads {
                 let wrt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -351,6 +352,7 @@ impl UserspaceProxy {
                     .name(format!("rpclb-proxy-w{i}"))
                     .spawn(move || {
                         ns.enter_if_elsewhere();
+                        tasks::set_worker(i + 1);
                         wrt.block_on(tasks::stop_requested(&mut stopped));
                         wrt.shutdown_timeout(SHUTDOWN_WAIT);
                     })
@@ -361,6 +363,7 @@ impl UserspaceProxy {
         info!(
             threads,
             per_thread_runtimes = opts.per_thread_runtimes,
+            grpc_per_thread_runtimes = opts.grpc_per_thread_runtimes,
             manage_routes = opts.manage_routes,
             "userspace proxy started"
         );
@@ -574,6 +577,16 @@ pub fn remove_stale_routes() -> Result<Vec<IpAddr>, ProxyError> {
 }
 
 impl Inner {
+    /// The per-thread runtimes if `on`, else none (connections run on the
+    /// shared runtime).
+    fn workers_for(&self, on: bool) -> Workers {
+        if on {
+            self.workers.clone()
+        } else {
+            Workers::default()
+        }
+    }
+
     fn stats(&self) -> Vec<ServiceStats> {
         lock(&self.state)
             .services
@@ -779,6 +792,7 @@ impl Inner {
                     self.opts.clone(),
                     stopped,
                     ho,
+                    self.workers_for(self.opts.grpc_per_thread_runtimes),
                 ))
             }
             (Protocol::Tcp, None) => {
@@ -791,7 +805,7 @@ impl Inner {
                     stopped,
                     ho,
                     resumed,
-                    self.workers.clone(),
+                    self.workers_for(self.opts.per_thread_runtimes),
                 ))
             }
             (Protocol::Udp, _) => {
@@ -1002,6 +1016,9 @@ impl Running {
         );
         if let Some(p) = &self.pools {
             (s.tls_reloads, s.tls_reload_errors) = p.tls_reloads();
+            if let Some(g) = &self.spec.grpc {
+                p.orca_stats(g, &mut s.backends);
+            }
         }
         s
     }

@@ -228,7 +228,8 @@ pub(crate) struct ServiceCounters {
     /// the request to the end of the response).
     pub(crate) calls: CallCounters,
     /// gRPC with `grpc.tls.listen`: client connections whose TLS handshake
-    /// failed or timed out.
+    /// succeeded, and those whose handshake failed or timed out.
+    pub(crate) tls_handshakes: AtomicU64,
     pub(crate) tls_handshake_failed: AtomicU64,
     pub(crate) traffic: Traffic,
     drops: [AtomicU64; DropReason::COUNT],
@@ -268,7 +269,7 @@ impl BackendStatus {
 }
 
 /// One backend's counters at one instant.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BackendStats {
     pub ip: IpAddr,
     pub port: u16,
@@ -305,10 +306,16 @@ pub struct BackendStats {
     pub ejections: u64,
     /// gRPC: its failures in a row now (outlier detection).
     pub consecutive_failures: u32,
+    /// gRPC: the utilization of its last ORCA load report (gRFC A51), if
+    /// it sent one.
+    pub orca_utilization: Option<f64>,
+    /// gRPC with `balancing: orca_wrr`: the weight its reports give it now
+    /// (gRFC A58; none: no report, in blackout or expired).
+    pub orca_weight: Option<f64>,
 }
 
 /// One service's counters at one instant, with its backends'.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ServiceStats {
     /// `namespace/name:port`.
     pub name: String,
@@ -343,7 +350,11 @@ pub struct ServiceStats {
     pub calls: CallStats,
     /// gRPC: the service's outlier detection, if on.
     pub outlier_detection: Option<OutlierDetection>,
-    /// gRPC with TLS: client TLS handshakes that failed or timed out.
+    /// gRPC: whether the service has TLS (`grpc.tls`, listener or upstream).
+    pub tls: bool,
+    /// gRPC with TLS: client TLS handshakes that succeeded, and that failed
+    /// or timed out.
+    pub tls_handshakes: u64,
     pub tls_handshake_failures: u64,
     /// gRPC with TLS: changed certificate files taken, and changed sets
     /// refused (the last good one stayed).
@@ -404,6 +415,8 @@ pub(crate) fn backend_stats(
         ejected_for_ms: c.outlier.ejected_for_ms(),
         ejections: c.outlier.ejections(),
         consecutive_failures: c.outlier.consecutive_failures(),
+        orca_utilization: None,
+        orca_weight: None,
     }
 }
 
@@ -435,6 +448,8 @@ pub(crate) fn service_stats(
         bad_requests: c.bad_requests.load(Relaxed),
         calls: c.calls.read(),
         outlier_detection: grpc.and_then(|g| g.outlier_detection),
+        tls: grpc.is_some_and(|g| g.tls.is_some()),
+        tls_handshakes: c.tls_handshakes.load(Relaxed),
         tls_handshake_failures: c.tls_handshake_failed.load(Relaxed),
         tls_reloads: 0,
         tls_reload_errors: 0,

@@ -56,9 +56,27 @@ impl HandoverCtx {
     }
 }
 
+thread_local! {
+    /// Which worker runtime this thread runs: 1.. for the per-thread
+    /// runtimes' threads, 0 elsewhere (the shared runtime).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks this thread as worker `i` (1..); see [`worker`].
+pub(crate) fn set_worker(i: usize) {
+    WORKER.with(|w| w.set(i));
+}
+
+/// The worker runtime of this thread (0: the shared runtime). Per-thread
+/// state (the gRPC mode's per-worker pools) is keyed by it, so that a call
+/// and its backend connection run on the same thread.
+pub(crate) fn worker() -> usize {
+    WORKER.with(std::cell::Cell::get)
+}
+
 /// The single-threaded runtimes that run TCP connections
-/// (`ProxyOptions::per_thread_runtimes`); none: they run where they are
-/// accepted.
+/// (`ProxyOptions::per_thread_runtimes`, `grpc_per_thread_runtimes`);
+/// none: they run where they are accepted.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Workers(Arc<WorkersInner>);
 
@@ -98,31 +116,13 @@ pub(crate) async fn pause_requested(pause: &mut watch::Receiver<bool>) {
 }
 
 /// Accepts until `stop` turns true (or its sender goes), running `conn` on
-/// a task of its own for each IPv4 client; then closes the listener and
+/// a task of its own for each client, on the next of `workers` (if
+/// any) in turn, else here; then closes the listener and
 /// every connection, and returns. `initial` run from the start (resumed
 /// connections). On a handover pause the listener is handed over and, with
 /// `park`, the connections are waited for (they park and hand themselves
-/// over); without, they are closed.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn accept_loop<F, Fut>(
-    svc: &ServiceShared,
-    listener: TcpListener,
-    stop: watch::Receiver<bool>,
-    ho: HandoverCtx,
-    park: bool,
-    initial: Vec<ConnTask>,
-    linger: Duration,
-    conn: F,
-) where
-    F: FnMut(TcpStream, SocketAddr) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let none = Workers::default();
-    accept_loop_on(&none, svc, listener, stop, ho, park, initial, linger, conn).await;
-}
-
-/// [`accept_loop`], running each connection on the next of `workers` (if
-/// any) in turn; on a stop, connections get `linger` to end by themselves.
+/// over); without, they are closed. On a stop, connections get `linger`
+/// to end by themselves.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn accept_loop_on<F, Fut>(
     workers: &Workers,

@@ -8,9 +8,10 @@
 //! (one TCP connection) per run and measures:
 //!
 //! - **max calls/s**: `IN_FLIGHT` calls in flight at all times (closed loop);
-//! - **latency at a moderate rate**: calls started on a fixed schedule (open loop) at
-//!   `LOAD_SHARE` of the direct path's max (at most half of the slowest path's max), each
-//!   timed from its start to its answer; p50 and p99 per run.
+//! - **latency at a moderate rate**: calls started one by one on a fixed schedule (open loop,
+//!   a pacer thread: see [`paced`]) at `LOAD_SHARE` of the direct path's max (at most
+//!   `MAX_SHARE` of the slowest path's max), each timed from its start to its answer; p50 and
+//!   p99 per run.
 //!
 //! The paths rotate each round; ratios and overheads are per-round figures, then their median.
 //! The spread over 3 backends comes from the backends' own counts of the calls they served.
@@ -23,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use lb_agent::userspace::{ProxyOptions, UserspaceProxy};
+use lb_agent::userspace::UserspaceProxy;
 use lb_api::{Algorithm, Backend, DesiredState, GrpcPolicy, Protocol, Service};
 use rpclb_tests::grpc::proto::SimpleRequest;
 use rpclb_tests::grpc::proto::test_service_client::TestServiceClient;
@@ -180,9 +181,13 @@ async fn closed_loop(c: TestServiceClient<Channel>, width: usize, secs: f64) -> 
 }
 
 /// Calls started on a fixed schedule, `rate` per second, for `secs` (at most
-/// `MAX_PACED_CALLS`), each on its own task, each timed from its start to its answer. The
-/// schedule runs on tokio's timer (1 ms resolution): calls due in the same millisecond start
-/// together.
+/// `MAX_PACED_CALLS`), each on its own task, each timed from its start to its answer.
+///
+/// The schedule runs on a thread of its own (`pacer`), not on tokio's timer: that one has a
+/// 1 ms resolution, so the calls due in one millisecond (6 at 6,000/s) would start together,
+/// a burst that queues behind whatever serves them. The pacer sleeps to each call's due time
+/// (timer slack 1 µs) and hands the start to the client's runtime, which starts the call at
+/// once: calls start one by one, `1 / rate` apart, the same for every path.
 async fn paced(c: TestServiceClient<Channel>, rate: f64, secs: f64) -> Run {
     let n = ((rate * secs) as usize).clamp(1, MAX_PACED_CALLS);
     let lat = Arc::new(Mutex::new(Vec::with_capacity(n)));
@@ -191,16 +196,13 @@ async fn paced(c: TestServiceClient<Channel>, rate: f64, secs: f64) -> Run {
     let open = Arc::new(AtomicUsize::new(0));
     let t0 = Instant::now();
     let hard_end = t0 + Duration::from_secs_f64(secs * 2.0) + CALL_TIMEOUT;
+    let (tx, mut due) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let pacer = std::thread::Builder::new()
+        .name("rpclb-pacer".into())
+        .spawn(move || pacer(t0, rate, n, hard_end, &tx));
     let mut set = tokio::task::JoinSet::new();
     let mut skipped = 0u64;
-    for k in 0..n {
-        let at = t0 + Duration::from_secs_f64(k as f64 / rate);
-        if at > Instant::now() {
-            tokio::time::sleep_until(at.into()).await;
-        }
-        if stopped() || Instant::now() > hard_end {
-            break;
-        }
+    while let Some(()) = due.recv().await {
         while set.try_join_next().is_some() {}
         if open.load(Ordering::Relaxed) >= MAX_OUTSTANDING {
             skipped += 1;
@@ -228,6 +230,9 @@ async fn paced(c: TestServiceClient<Channel>, rate: f64, secs: f64) -> Run {
             }
         });
     }
+    if let Ok(p) = pacer {
+        let _ = p.join();
+    }
     while set.join_next().await.is_some() {}
     let lat_us = std::mem::take(&mut *lock(&lat));
     Run {
@@ -238,6 +243,33 @@ async fn paced(c: TestServiceClient<Channel>, rate: f64, secs: f64) -> Run {
         skipped,
         first_error: lock(&first).take(),
         ..Run::default()
+    }
+}
+
+/// The paced runs' schedule: `n` starts from `t0`, `1 / rate` apart, each sent on `tx` at
+/// its due time (a sleep with 1 µs of timer slack, no spinning). Stops early on a stop
+/// request, at `hard_end`, or when the receiver is gone.
+fn pacer(
+    t0: Instant,
+    rate: f64,
+    n: usize,
+    hard_end: Instant,
+    tx: &tokio::sync::mpsc::UnboundedSender<()>,
+) {
+    // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack (default
+    // 50 µs, which would blur a schedule of ~160 µs steps).
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1_000u64);
+    }
+    for k in 0..n {
+        let at = t0 + Duration::from_secs_f64(k as f64 / rate);
+        let now = Instant::now();
+        if at > now {
+            std::thread::sleep(at - now);
+        }
+        if stopped() || Instant::now() > hard_end || tx.send(()).is_err() {
+            break;
+        }
     }
 }
 
@@ -258,6 +290,20 @@ where
             .build()?;
         rt.block_on(f())
     })?
+}
+
+/// The proxy's options: the defaults, and for experiments
+/// `RPCLB_BENCH_GRPC_RUNTIME=shared|per-thread` (where gRPC connections run: the shared
+/// multi-thread runtime, or the default per-thread runtimes) besides the lab section's
+/// `RPCLB_BENCH_US_THREADS`.
+fn grpc_proxy_options() -> lb_agent::userspace::ProxyOptions {
+    let mut o = super::throughput::proxy_options();
+    match std::env::var("RPCLB_BENCH_GRPC_RUNTIME").as_deref() {
+        Ok("shared") => o.grpc_per_thread_runtimes = false,
+        Ok("per-thread") => o.grpc_per_thread_runtimes = true,
+        _ => {}
+    }
+    o
 }
 
 fn grpc_service(name: &str, vip: Ipv4Addr, backends: Vec<Backend>) -> Service {
@@ -364,7 +410,7 @@ pub fn section_grpc(opts: &Opts) -> Result<()> {
     // The agent's gRPC mode, in process in the node namespace (as `lb-agent` runs it), for
     // the whole section: idle, it costs nothing to the direct runs.
     let proxy = lab.node().run(|| -> Result<UserspaceProxy> {
-        let p = UserspaceProxy::start(ProxyOptions::default())
+        let p = UserspaceProxy::start(grpc_proxy_options())
             .map_err(|e| anyhow::anyhow!("userspace proxy: {e}"))?;
         p.apply(&state)
             .map_err(|e| anyhow::anyhow!("userspace proxy: {e}"))?;
@@ -446,9 +492,14 @@ pub fn section_grpc(opts: &Opts) -> Result<()> {
     println!(
         "one client HTTP/2 connection (tonic) per run, unary calls (empty request, {RESPONSE_SIZE}-byte \
          response), backends: grpc.testing.TestService on hyper, one thread each; proxy: the \
-         agent's gRPC mode in process in the node namespace (default options); {:.1} s per \
+         agent's gRPC mode in process in the node namespace ({} runtime(s)); {:.1} s per \
          run, {rounds} round(s), paths rotated each round; median (min..max) of the rounds, \
          ratios and differences: median of per-round figures",
+        if grpc_proxy_options().grpc_per_thread_runtimes {
+            "per-thread"
+        } else {
+            "shared"
+        },
         secs
     );
     let head = format!("max calls/s, {IN_FLIGHT} in flight");
@@ -496,8 +547,8 @@ pub fn section_grpc(opts: &Opts) -> Result<()> {
     let diff = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x - y).collect() };
     println!(
         "latency at {} calls/s ({:.0}% of direct's max, at most {:.0}% of the slowest path's), \
-         calls started on a schedule (tokio timer, 1 ms resolution), each timed from its start \
-         to its answer; per run at most {} calls, {} open",
+         calls started one by one on a schedule (a pacer thread, not tokio's 1 ms timer), \
+         each timed from its start to its answer; per run at most {} calls, {} open",
         count(rate as u64),
         LOAD_SHARE * 100.0,
         MAX_SHARE * 100.0,

@@ -525,8 +525,8 @@ pub(super) fn proxy_cpu_ns() -> u64 {
         .sum()
 }
 
-/// Options of the userspace proxy in the lab.
-fn proxy_options() -> ProxyOptions {
+/// Options of the userspace proxy in the lab (and the gRPC section).
+pub(super) fn proxy_options() -> ProxyOptions {
     let mut o = ProxyOptions::default();
     // For experiments: RPCLB_BENCH_US_THREADS=N runs the proxy on N worker threads.
     if let Some(n) = std::env::var("RPCLB_BENCH_US_THREADS")

@@ -72,6 +72,15 @@ fn main() -> ExitCode {
         return ExitCode::from(77);
     }
     bench::install_signal_handlers();
+    // Logs as lb-agent's (stderr, RUST_LOG, default here `warn`). Without a subscriber,
+    // tracing's `log` bridge would build every disabled span of hyper/h2 per poll
+    // (`Span::log`), a cost the agent does not pay.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -113,7 +113,7 @@ use tracing::debug;
 use crate::userspace::options::ProxyOptions;
 use crate::userspace::select::{BackendKey, ServiceShared, random_u64};
 use crate::userspace::stats::DropReason;
-use crate::userspace::tasks::{HandoverCtx, accept_loop, stop_requested};
+use crate::userspace::tasks::{self, HandoverCtx, Workers, accept_loop_on, stop_requested};
 use balance::CallLease;
 use body::{ActiveCall, CallBody, DownBody, UpBody};
 use calls::{Attempt, CallEnd, CallRecord};
@@ -123,13 +123,16 @@ use status::{Code, http_error, trailers_only};
 
 use pool::Pool;
 
-/// The pooled connections of one gRPC-mode service, one pool per backend.
-/// The proxy keeps it beside the service's selection state
-/// (`ServiceShared`, which both modes share) and tells it which backends
-/// take new calls.
+/// The pooled connections of one gRPC-mode service, one pool per backend
+/// and worker runtime (`ProxyOptions::grpc_per_thread_runtimes`: a call then
+/// runs on the thread of its client connection and of its backend
+/// connection, with no wake-up of another thread; on the shared runtime,
+/// one pool per backend). The proxy keeps it beside the service's
+/// selection state (`ServiceShared`, which both modes share) and tells it
+/// which backends take new calls.
 #[derive(Debug, Default)]
 pub(crate) struct Pools {
-    pools: std::sync::Mutex<HashMap<BackendKey, Arc<Pool>>>,
+    pools: std::sync::Mutex<HashMap<(usize, BackendKey), Arc<Pool>>>,
     /// The service's retry throttle (its retry policy's token bucket).
     throttle: retry::Throttle,
     /// The service's outlier ejections (`outlier`).
@@ -142,7 +145,7 @@ pub(crate) struct Pools {
 }
 
 impl Pools {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<BackendKey, Arc<Pool>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, BackendKey), Arc<Pool>>> {
         self.pools
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -152,9 +155,13 @@ impl Pools {
         &self.outliers
     }
 
-    /// The pool of backend `key`, made on first use.
+    /// The pool of backend `key` for this thread's worker runtime, made on
+    /// first use.
     fn of(&self, key: BackendKey) -> Arc<Pool> {
-        self.lock().entry(key).or_default().clone()
+        self.lock()
+            .entry((tasks::worker(), key))
+            .or_default()
+            .clone()
     }
 
     /// Makes the service's TLS `spec` (none: plaintext), its files followed
@@ -169,6 +176,23 @@ impl Pools {
         self.tls.set(spec, poll, service)
     }
 
+    /// Fills in the backends' ORCA utilization and, with `balancing:
+    /// orca_wrr`, weight (`lbctl grpc`).
+    pub(crate) fn orca_stats(
+        &self,
+        policy: &GrpcPolicy,
+        backends: &mut [crate::userspace::stats::BackendStats],
+    ) {
+        let cfg = match &policy.balancing {
+            lb_api::Balancing::OrcaWrr(c) => Some(c),
+            _ => None,
+        };
+        let now = std::time::Instant::now();
+        for b in backends {
+            (b.orca_utilization, b.orca_weight) = self.orca.seen((b.ip, b.port), cfg, now);
+        }
+    }
+
     /// TLS file reloads taken and refused so far (zeros without TLS).
     pub(crate) fn tls_reloads(&self) -> (u64, u64) {
         self.tls.reloads()
@@ -180,7 +204,7 @@ impl Pools {
     pub(crate) fn update(&self, live: &HashSet<BackendKey>, known: &HashSet<BackendKey>) {
         self.orca.update(live, known);
         let mut pools = self.lock();
-        pools.retain(|k, p| {
+        pools.retain(|(_, k), p| {
             if live.contains(k) {
                 p.undrain();
             } else {
@@ -216,12 +240,16 @@ pub(crate) async fn serve(
     opts: Arc<ProxyOptions>,
     stop: watch::Receiver<bool>,
     ho: HandoverCtx,
+    workers: Workers,
 ) {
     let server = Arc::new(server());
     // On a handover, the listener goes on; open HTTP/2 connections close.
     // On a stop, they get GOAWAY and `grpc_drain_timeout` to finish.
     let drain = stop.clone();
-    accept_loop(
+    // With per-thread runtimes, each client connection runs on one of
+    // them, its calls and their backend connections too.
+    accept_loop_on(
+        &workers,
         &svc.clone(),
         listener,
         stop,
@@ -282,7 +310,10 @@ async fn connection(
                 () = stop_requested(&mut drain) => return,
             };
             match r {
-                Ok(Ok(s)) => tls::MaybeTls::Tls(Box::new(s)),
+                Ok(Ok(s)) => {
+                    svc.counters.tls_handshakes.fetch_add(1, Relaxed);
+                    tls::MaybeTls::Tls(Box::new(s))
+                }
                 Ok(Err(e)) => {
                     svc.counters.tls_handshake_failed.fetch_add(1, Relaxed);
                     debug!(%peer, service = %svc.addr, "gRPC client refused: {}", tls::handshake_error(&e));
@@ -384,14 +415,15 @@ async fn handle(
     parts.uri = upstream_uri(parts.uri);
     let (up, over) = UpBody::new(body, svc.clone());
     let req = Request::from_parts(parts, up);
-    let path = req.uri().path().to_string();
     debug!(
         service = %svc.addr,
-        %path,
+        path = req.uri().path(),
         request_id = ?ids.request_id,
         ?timeout,
         "gRPC call"
     );
+    // Kept for the failure log only when that is on (no copy per call).
+    let path = tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_string());
 
     let call = with_retries(&svc, pools, &opts, &policy, req, deadline);
     let res = match deadline {
@@ -437,7 +469,7 @@ async fn handle(
                     format!("rpclb: backend {addr} failed the call: {e}"),
                 ),
             };
-            debug!(service = %svc.addr, %path, "gRPC call failed: {message}");
+            debug!(service = %svc.addr, path = path.as_deref().unwrap_or("-"), "gRPC call failed: {message}");
             record.finish(code as u32);
             trailers_only(code, &message)
         }
@@ -723,6 +755,28 @@ async fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pools_are_per_backend_and_worker_thread() {
+        let pools = Pools::default();
+        let key = (std::net::Ipv4Addr::new(10, 244, 0, 1), 50051);
+        let a = pools.of(key);
+        assert!(Arc::ptr_eq(&a, &pools.of(key)), "one pool per backend here");
+        let b = std::thread::scope(|s| {
+            s.spawn(|| {
+                tasks::set_worker(1);
+                pools.of(key)
+            })
+            .join()
+            .unwrap()
+        });
+        assert!(!Arc::ptr_eq(&a, &b), "worker 1 has its own pool");
+        // A change of the service reaches every worker's pool.
+        pools.update(&HashSet::new(), &HashSet::from([key]));
+        assert!(a.is_draining() && b.is_draining());
+        pools.update(&HashSet::from([key]), &HashSet::from([key]));
+        assert!(!a.is_draining() && !b.is_draining());
+    }
 
     #[test]
     fn grpc_content_types() {

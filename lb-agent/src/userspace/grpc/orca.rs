@@ -202,6 +202,12 @@ impl Load {
             .weight(f64::from(cfg.error_utilization_penalty_milli) / 1000.0)
     }
 
+    /// The utilization of the last usable report, if any.
+    fn utilization(&self) -> Option<f64> {
+        let st = self.lock();
+        st.last_updated.map(|_| st.report.utilization)
+    }
+
     /// The backend stopped taking calls: its weight is forgotten.
     fn reset(&self) {
         *self.lock() = LoadState::default();
@@ -332,6 +338,23 @@ pub(crate) struct Orca {
 
 impl Orca {
     /// The reports of backend `key`, made on first use.
+    /// For the stats: backend `key`'s last reported utilization, and with
+    /// `cfg` (the service balances by ORCA) the weight its reports give it
+    /// now (none: no report, in blackout or expired).
+    pub(crate) fn seen(
+        &self,
+        key: BackendKey,
+        cfg: Option<&OrcaWrr>,
+        now: Instant,
+    ) -> (Option<f64>, Option<f64>) {
+        let loads = self.loads.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(l) = loads.get(&key) else {
+            return (None, None);
+        };
+        let w = cfg.map(|c| l.weight(c, now)).filter(|w| *w > 0.0);
+        (l.utilization(), w)
+    }
+
     pub(crate) fn load(&self, key: BackendKey) -> Arc<Load> {
         if let Some(l) = self
             .loads
