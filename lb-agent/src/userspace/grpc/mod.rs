@@ -759,7 +759,7 @@ mod tests {
     #[test]
     fn pools_are_per_backend_and_worker_thread() {
         let pools = Pools::default();
-        let key = (std::net::Ipv4Addr::new(10, 244, 0, 1), 50051);
+        let key = (std::net::IpAddr::from([10, 244, 0, 1]), 50051);
         let a = pools.of(key);
         assert!(Arc::ptr_eq(&a, &pools.of(key)), "one pool per backend here");
         let b = std::thread::scope(|s| {
