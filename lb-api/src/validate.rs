@@ -61,6 +61,9 @@ pub enum Field {
     HealthCheckTimeout,
     HealthCheckUnhealthyThreshold,
     HealthCheckHealthyThreshold,
+    NodePort,
+    ExternalIp(usize),
+    HealthCheckNodePort,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,6 +215,9 @@ impl fmt::Display for Field {
             Field::HealthCheckTimeout => f.write_str("health_check.timeout"),
             Field::HealthCheckUnhealthyThreshold => f.write_str("health_check.unhealthy_threshold"),
             Field::HealthCheckHealthyThreshold => f.write_str("health_check.healthy_threshold"),
+            Field::NodePort => f.write_str("node_port"),
+            Field::ExternalIp(i) => write!(f, "external_ips[{i}]"),
+            Field::HealthCheckNodePort => f.write_str("health_check_node_port"),
         }
     }
 }
@@ -761,6 +767,43 @@ impl Service {
     }
 
     /// Checks every rule; the first broken one is the error.
+    /// The external front ends: a node port and health-check node port in
+    /// 1..=65535 and different, unicast external IPs without repeats, and a
+    /// health-check node port only with `externalTrafficPolicy: Local` (as in
+    /// Kubernetes).
+    fn validate_external(&self) -> Result<(), InvalidService> {
+        let e = &self.external;
+        if let Some(p) = e.node_port {
+            port(p).map_err(at(Field::NodePort))?;
+        }
+        let mut seen = HashSet::new();
+        for (i, ip) in e.ips.iter().enumerate() {
+            unicast(*ip).map_err(at(Field::ExternalIp(i)))?;
+            if !seen.insert(*ip) {
+                return Err(InvalidService {
+                    field: Field::ExternalIp(i),
+                    message: format!("duplicate external IP {ip}"),
+                });
+            }
+        }
+        if let Some(p) = e.health_check_node_port {
+            port(p).map_err(at(Field::HealthCheckNodePort))?;
+            if e.traffic_policy != crate::model::TrafficPolicy::Local {
+                return Err(InvalidService {
+                    field: Field::HealthCheckNodePort,
+                    message: "needs external_traffic_policy: local".into(),
+                });
+            }
+            if e.node_port == Some(p) {
+                return Err(InvalidService {
+                    field: Field::HealthCheckNodePort,
+                    message: format!("{p} is the node_port too"),
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), InvalidService> {
         name(&self.name).map_err(at(Field::Name))?;
         unicast(self.vip).map_err(at(Field::Vip))?;
@@ -783,6 +826,7 @@ impl Service {
         if let Some(m) = self.maglev_table_size {
             maglev_table_size(m).map_err(at(Field::MaglevTableSize))?;
         }
+        self.validate_external()?;
         if self.needs_maglev_table() {
             let live = self.live_backends();
             match self.maglev_table_size {

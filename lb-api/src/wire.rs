@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use crate::config::Timeouts;
 use crate::model::{
-    Algorithm, Backend, BackendState, Balancing, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy,
-    GrpcTls, HealthCheck, HealthCheckKind, ListenTls, OrcaWrr, OutlierDetection, Protocol,
-    RetryPolicy, RetryThrottle, Service, ServiceAddr, UpstreamTls,
+    Algorithm, Backend, BackendState, Balancing, DEFAULT_GRPC_TIMEOUT, DesiredState, External,
+    GrpcPolicy, GrpcTls, HealthCheck, HealthCheckKind, ListenTls, OrcaWrr, OutlierDetection,
+    Protocol, RetryPolicy, RetryThrottle, Service, ServiceAddr, TrafficPolicy, UpstreamTls,
 };
 use crate::validate::Refusal;
 
@@ -94,6 +94,7 @@ impl From<&Service> for pb::Service {
                         BackendState::Active => pb::BackendState::Active,
                         BackendState::Terminating => pb::BackendState::Terminating,
                     } as i32,
+                    node: b.node.clone().unwrap_or_default(),
                 })
                 .collect(),
             grpc: s.grpc.as_ref().map(|g| pb::GrpcPolicy {
@@ -161,6 +162,10 @@ impl From<&Service> for pb::Service {
                 unhealthy_threshold: h.unhealthy_threshold,
                 healthy_threshold: h.healthy_threshold,
             }),
+            node_port: s.external.node_port.map_or(0, u32::from),
+            external_ips: s.external.ips.iter().map(|ip| u32::from(*ip)).collect(),
+            external_traffic_local: s.external.traffic_policy == TrafficPolicy::Local,
+            health_check_node_port: s.external.health_check_node_port.map_or(0, u32::from),
         }
     }
 }
@@ -248,6 +253,7 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
             port: bport,
             weight: b.weight,
             state,
+            node: Some(b.node.clone()).filter(|n| !n.is_empty()),
         });
     }
     let grpc = s.grpc.as_ref().map(|g| GrpcPolicy {
@@ -347,6 +353,26 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
         backends,
         grpc,
         health_check,
+        external: External {
+            node_port: match s.node_port {
+                0 => None,
+                p => Some(port(&what, p)?),
+            },
+            ips: s
+                .external_ips
+                .iter()
+                .map(|ip| Ipv4Addr::from(*ip))
+                .collect(),
+            traffic_policy: if s.external_traffic_local {
+                TrafficPolicy::Local
+            } else {
+                TrafficPolicy::Cluster
+            },
+            health_check_node_port: match s.health_check_node_port {
+                0 => None,
+                p => Some(port(&what, p)?),
+            },
+        },
     };
     svc.normalise().map_err(|e| bad(e.to_string()))?;
     Ok(svc)
@@ -822,7 +848,7 @@ mod tests {
             (
                 {
                     let mut p: pb::Service = (&good).into();
-                    p.backends.push(p.backends[0]);
+                    p.backends.push(p.backends[0].clone());
                     p
                 },
                 "duplicate backend",

@@ -7,8 +7,12 @@
 //!
 //! **Services.** One [`lb_api::Service`] per (ClusterIP, service port), named
 //! `namespace/name:port`, where `port` is the service port's name, or its
-//! number when it is unnamed. Only the ClusterIP is balanced: node ports,
-//! external IPs and load-balancer IPs are not.
+//! number when it is unnamed. Its [`External`] front ends come from the same
+//! port: `nodePort` (types NodePort and LoadBalancer), `externalIPs`, the
+//! IPv4 `status.loadBalancer.ingress[].ip`s (type LoadBalancer),
+//! `externalTrafficPolicy` and `healthCheckNodePort` (Local only). Each
+//! backend carries its endpoint's `nodeName`: the agent of that node takes it
+//! as local (externalTrafficPolicy Local).
 //!
 //! - `type: ExternalName` and headless Services (`clusterIP: None`) are
 //!   skipped, and so is a Service whose ClusterIP is not allocated yet.
@@ -72,11 +76,11 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Service as KubeService, ServiceSpec};
+use k8s_openapi::api::core::v1::{Service as KubeService, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
 use lb_api::{
-    Algorithm, Backend, BackendState, DEFAULT_MAGLEV_M, DesiredState, Protocol, Service,
-    ServiceAddr, validate,
+    Algorithm, Backend, BackendState, DEFAULT_MAGLEV_M, DesiredState, External, Protocol, Service,
+    ServiceAddr, TrafficPolicy, validate,
 };
 
 use crate::annotations::{self, AnnotationError, ServicePolicy, parse_annotations};
@@ -379,6 +383,7 @@ impl ClusterState {
                 }
                 let s = &cs.service;
                 Service {
+                    external: s.external.clone(),
                     name: s.name.clone(),
                     vip: s.vip,
                     port: s.port,
@@ -589,6 +594,7 @@ fn translate_service(
 
         let (backends, nodes) = backends_for(slices, port_name, protocol, &policy);
         let mut service = Service {
+            external: external_of(svc, spec, sp),
             name: format!("{r}:{label}"),
             vip,
             port,
@@ -631,6 +637,53 @@ fn translate_service(
                 nodes,
             },
         ));
+    }
+}
+
+/// The external front ends of one service port: `nodePort` (types NodePort
+/// and LoadBalancer), `externalIPs` and, for type LoadBalancer, the IPv4
+/// `status.loadBalancer.ingress[].ip`s (sorted, without repeats; IPv6 and
+/// hostname-only ingresses are left out), `externalTrafficPolicy` and
+/// `healthCheckNodePort` (only with `Local`).
+fn external_of(svc: &KubeService, spec: &ServiceSpec, sp: &ServicePort) -> External {
+    let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let lb = ty == "LoadBalancer";
+    let node_port = sp
+        .node_port
+        .filter(|_| lb || ty == "NodePort")
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|&p| p != 0);
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref())
+        .filter(|_| lb)
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_deref());
+    let ips: BTreeSet<Ipv4Addr> = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .chain(ingress)
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let traffic_policy = match spec.external_traffic_policy.as_deref() {
+        Some("Local") => TrafficPolicy::Local,
+        _ => TrafficPolicy::Cluster,
+    };
+    let health_check_node_port = spec
+        .health_check_node_port
+        .filter(|_| traffic_policy == TrafficPolicy::Local && lb)
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|&p| p != 0);
+    External {
+        node_port,
+        ips: ips.into_iter().collect(),
+        traffic_policy,
+        health_check_node_port,
     }
 }
 
@@ -684,6 +737,7 @@ fn backends_for(
         .into_iter()
         .map(|((ip, port), (state, node))| {
             let backend = Backend {
+                node: node.map(str::to_string),
                 ip,
                 port,
                 weight: policy.weight(ip),
@@ -857,6 +911,7 @@ mod tests {
 
     fn backend(addr: &str, port: u16, state: BackendState) -> Backend {
         Backend {
+            node: None,
             ip: ip(addr),
             port,
             weight: 1,
@@ -1144,6 +1199,87 @@ mod tests {
     }
 
     #[test]
+    fn node_ports_external_ips_and_load_balancer_ingress() {
+        use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+        let with_np = |p: &str, np: i32| ServicePort {
+            node_port: Some(np),
+            ..named(p, 80, p)
+        };
+        let ports = || {
+            vec![with_np("http", 30080), {
+                let mut u = with_np("dns", 30053);
+                u.port = 53;
+                u.protocol = Some("UDP".into());
+                u
+            }]
+        };
+        let mut lb = with(service("lb", "10.96.0.50", ports()), |s| {
+            s.type_ = Some("LoadBalancer".into());
+            s.external_ips = Some(vec!["192.168.60.2".into(), "fd00::1".into()]);
+            s.external_traffic_policy = Some("Local".into());
+            s.health_check_node_port = Some(32000);
+        });
+        lb.status = Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![
+                    LoadBalancerIngress {
+                        ip: Some("192.168.60.1".into()),
+                        ..Default::default()
+                    },
+                    LoadBalancerIngress {
+                        ip: Some("192.168.60.2".into()),
+                        ..Default::default()
+                    },
+                    LoadBalancerIngress {
+                        hostname: Some("lb.example".into()),
+                        ..Default::default()
+                    },
+                ]),
+            }),
+            ..Default::default()
+        });
+        let np = with(service("np", "10.96.0.51", ports()), |s| {
+            s.type_ = Some("NodePort".into());
+            // Only with Local and type LoadBalancer.
+            s.health_check_node_port = Some(32001);
+        });
+        // A ClusterIP Service's nodePort (stale after a type change) is not used.
+        let cip = with(service("cip", "10.96.0.52", ports()), |s| {
+            s.external_ips = Some(vec!["192.168.60.3".into()]);
+        });
+        let t = translate(&[lb, np, cip], &[]);
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        let ext: Vec<(&str, &External)> = t
+            .state
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), &s.external))
+            .collect();
+        let e = |node_port, ips: &[[u8; 4]], local, hc| External {
+            node_port,
+            ips: ips.iter().map(|o| Ipv4Addr::from(*o)).collect(),
+            traffic_policy: if local {
+                TrafficPolicy::Local
+            } else {
+                TrafficPolicy::Cluster
+            },
+            health_check_node_port: hc,
+        };
+        let lb_ips = [[192, 168, 60, 1], [192, 168, 60, 2]];
+        assert_eq!(
+            ext,
+            vec![
+                ("shop/lb:dns", &e(Some(30053), &lb_ips, true, Some(32000))),
+                ("shop/lb:http", &e(Some(30080), &lb_ips, true, Some(32000))),
+                ("shop/np:dns", &e(Some(30053), &[], false, None)),
+                ("shop/np:http", &e(Some(30080), &[], false, None)),
+                ("shop/cip:dns", &e(None, &[[192, 168, 60, 3]], false, None)),
+                ("shop/cip:http", &e(None, &[[192, 168, 60, 3]], false, None)),
+            ]
+        );
+    }
+
+    #[test]
     fn session_affinity_client_ip() {
         let base = || service("sticky", "10.96.0.30", vec![named("http", 80, "http")]);
 
@@ -1220,10 +1356,18 @@ mod tests {
             slice("cluster-x", "cluster", &[(Some("http"), 8080)], eps()),
         ];
         let services = [local, cluster];
+        let on_node = |b: Backend, n: &str| Backend {
+            node: Some(n.into()),
+            ..b
+        };
+        // Each backend carries its node (the agents' externalTrafficPolicy: Local).
         let all = [
-            active("10.244.1.1", 8080),
-            backend("10.244.1.2", 8080, BackendState::Terminating),
-            active("10.244.2.1", 8080),
+            on_node(active("10.244.1.1", 8080), "node-a"),
+            on_node(
+                backend("10.244.1.2", 8080, BackendState::Terminating),
+                "node-a",
+            ),
+            on_node(active("10.244.2.1", 8080), "node-b"),
             active("10.244.3.1", 8080),
         ];
         let backends_on = |node: &str| -> (Vec<Backend>, Vec<Backend>) {

@@ -997,6 +997,7 @@ fn node(name: &str) -> Value {
 
 fn backend(ip: &str, port: u16, state: BackendState) -> Backend {
     Backend {
+        node: None,
         ip: ip.parse().unwrap(),
         port,
         weight: 1,

@@ -220,3 +220,209 @@ fn two_node_cluster_ip_crosses_nodes_both_ways() {
         assert!(srv.udp["b2"].peers().iter().any(|p| p.ip() == from));
     }
 }
+
+/// `backends:` YAML of pods (`(node, i)`) with their nodes.
+fn pods_yaml(pods: &[(&Node, usize)], port: u16) -> String {
+    let mut s = String::from("    backends:\n");
+    for (n, i) in pods {
+        s.push_str(&format!(
+            "      - {{ ip: {}, port: {port}, node: {} }}\n",
+            n.pod(*i).ip(),
+            n.name
+        ));
+    }
+    s
+}
+
+/// One service with external front ends, its backends on `pods`.
+#[allow(clippy::too_many_arguments)]
+fn ext_svc(
+    name: &str,
+    vip: Ipv4Addr,
+    port: u16,
+    proto: &str,
+    backend_port: u16,
+    pods: &[(&Node, usize)],
+    external: &str,
+) -> String {
+    format!(
+        "  - name: {name}\n    vip: {vip}\n    port: {port}\n    protocol: {proto}\n    \
+         algorithm: round-robin\n{external}{}",
+        pods_yaml(pods, backend_port)
+    )
+}
+
+/// A plain HTTP GET from `ns` to `target`: (status, headers + body).
+fn http_get(ns: &lab::Netns, target: SocketAddrV4) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    ns.run(|| {
+        let mut c = std::net::TcpStream::connect_timeout(
+            &target.into(),
+            std::time::Duration::from_secs(2),
+        )?;
+        c.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+        let req = format!("GET /healthz HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
+        c.write_all(req.as_bytes())?;
+        let mut resp = String::new();
+        c.read_to_string(&mut resp)?;
+        let status = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad response {resp:?}")))?;
+        Ok((status, resp))
+    })
+    .expect("client namespace")
+}
+
+const WEB: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const EXT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 10);
+
+/// NodePort (TCP and UDP) and an external IP with `externalTrafficPolicy:
+/// Local`, from a client outside the cluster: each node sends to its own
+/// pods only, the pods see the client's own address, and every reply comes
+/// from the address the client used. The health-check node port answers 200
+/// with the local endpoint count, then 503 once the node has none, and the
+/// node port then refuses new connections.
+#[test]
+fn two_node_node_port_and_external_ip_local() {
+    if !lab::require() {
+        return;
+    }
+    let lab = TwoNodeLab::new(2).expect("two-node lab");
+    let srv = servers(&lab);
+    let (a, b) = (lab.a(), lab.b());
+    let client = lab.client();
+    let cip = lab.client_ip();
+    let local = format!(
+        "    node_port: 30080\n    external_ips: [{EXT_IP}]\n    \
+         external_traffic_policy: local\n    health_check_node_port: 32080\n"
+    );
+    let local_udp = "    node_port: 30053\n    external_traffic_policy: local\n";
+    let all = [(a, 1), (a, 2), (b, 1), (b, 2)];
+    let cfg = |pods: &[(&Node, usize)]| {
+        config_yaml(&[
+            ext_svc("lab/web:http", WEB, 80, "tcp", 8080, pods, &local),
+            ext_svc("lab/web:dns", WEB, 53, "udp", 5353, pods, local_udp),
+        ])
+    };
+    let full = cfg(&all);
+    let agents = Agents::start(&lab, [&full, &full], &[]);
+
+    let check = |target: SocketAddrV4, want: [&str; 2], replies: &[Reply]| {
+        let c = counts(replies);
+        let w = BTreeMap::from([(want[0].to_string(), 5), (want[1].to_string(), 5)]);
+        assert_eq!(c, w, "to {target}: {}", agents.log(0));
+        for r in replies {
+            assert_eq!(r.peer, SocketAddr::from(target), "reply from {target}");
+            assert_eq!(r.local.ip(), cip);
+        }
+    };
+    for (node, want) in [(a, ["a1", "a2"]), (b, ["b1", "b2"])] {
+        let t = SocketAddrV4::new(node.addr(), 30080);
+        check(t, want, &tcp_from(client, t, 10));
+        let t = SocketAddrV4::new(node.addr(), 30053);
+        check(t, want, &udp_from(client, t, 10));
+        // The pods saw the client's own address (DNAT only).
+        for w in want {
+            let tcp = srv.tcp[w].peers();
+            let udp = srv.udp[w].peers();
+            assert!(
+                !tcp.is_empty() && tcp.iter().all(|p| p.ip() == cip),
+                "{w}: {tcp:?}"
+            );
+            assert!(
+                !udp.is_empty() && udp.iter().all(|p| p.ip() == cip),
+                "{w}: {udp:?}"
+            );
+        }
+    }
+    // The external IP, routed to node A.
+    let t = SocketAddrV4::new(EXT_IP, 80);
+    check(t, ["a1", "a2"], &tcp_from(client, t, 10));
+
+    // healthCheckNodePort: 200 and the count on both nodes.
+    for node in [a, b] {
+        let (status, resp) = http_get(client, SocketAddrV4::new(node.addr(), 32080)).unwrap();
+        assert_eq!(status, 200, "{resp}");
+        assert!(
+            resp.ends_with(
+                r#"{"service":{"namespace":"lab","name":"web"},"localEndpoints":2,"serviceProxyHealthy":true}"#
+            ),
+            "{resp}"
+        );
+        assert!(
+            resp.contains("X-Load-Balancing-Endpoint-Weight: 2\r\n"),
+            "{resp}"
+        );
+    }
+
+    // Node B's pods leave the service: B's health check says 503, its node
+    // port refuses new connections; A's is unchanged.
+    agents.dirs[1].write_config(&cfg(&[(a, 1), (a, 2)]));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let (status, resp) = loop {
+        let r = http_get(client, SocketAddrV4::new(b.addr(), 32080)).unwrap();
+        if r.0 == 503 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(status, 503, "{resp}\n{}", agents.log(1));
+    assert!(resp.contains(r#""localEndpoints":0"#), "{resp}");
+    let t = SocketAddrV4::new(b.addr(), 30080);
+    let r = client
+        .run(|| lab::tcp_attempts(t, 1, Limits::default()))
+        .unwrap();
+    let e = r[0].as_ref().expect_err("no local endpoint on B");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    let (status, _) = http_get(client, SocketAddrV4::new(a.addr(), 32080)).unwrap();
+    assert_eq!(status, 200);
+}
+
+/// `externalTrafficPolicy: Cluster` with a backend on each node: each node
+/// sends node-port traffic to its own (no SNAT is needed, the client address
+/// is kept). Sending to the other node's backends needs SNAT, which is not
+/// built yet (docs/kubernetes.md).
+#[test]
+fn two_node_node_port_cluster_uses_local_backends() {
+    if !lab::require() {
+        return;
+    }
+    let lab = TwoNodeLab::new(2).expect("two-node lab");
+    let srv = servers(&lab);
+    let (a, b) = (lab.a(), lab.b());
+    let client = lab.client();
+    let cfg = config_yaml(&[ext_svc(
+        "lab/web:http",
+        WEB,
+        80,
+        "tcp",
+        8080,
+        &[(a, 1), (b, 1)],
+        "    node_port: 30080\n",
+    )]);
+    let _agents = Agents::start(
+        &lab,
+        [&cfg, &cfg],
+        &["--node-addresses", "192.168.50.1,192.168.50.2"],
+    );
+    for (node, want) in [(a, "a1"), (b, "b1")] {
+        let t = SocketAddrV4::new(node.addr(), 30080);
+        let r = tcp_from(client, t, 6);
+        assert!(
+            r.iter()
+                .all(|x| x.backend == want && x.peer == SocketAddr::from(t)),
+            "{r:?}"
+        );
+        assert!(
+            srv.tcp[want]
+                .peers()
+                .iter()
+                .all(|p| p.ip() == lab.client_ip())
+        );
+    }
+    // The ClusterIP still balances over both nodes' pods.
+    let c = counts(&tcp_from(&a.pod(2).ns, SocketAddrV4::new(WEB, 80), 4));
+    assert_eq!(c.get("b1"), Some(&2), "{c:?}");
+}
