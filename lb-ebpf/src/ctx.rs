@@ -3,7 +3,10 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_tail},
+    helpers::{
+        bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail, bpf_xdp_adjust_head,
+        bpf_xdp_adjust_tail,
+    },
     programs::{TcContext, XdpContext},
 };
 use core::ffi::c_void;
@@ -73,8 +76,10 @@ pub trait Ctx {
     ) -> Option<()>;
     /// Set the MACs and decrement the TTL (IPv4 header at `ip`) before a redirect.
     fn route_rewrite(&mut self, ip: usize, smac: &[u8; 6], dmac: &[u8; 6]) -> Option<()>;
-    /// Shrink or grow the frame to exactly `len` bytes and copy `bytes` over it.
-    fn replace(&mut self, bytes: &[u8; nat::RST_LEN]) -> Option<()>;
+    /// Shrink or grow the frame to exactly `N` bytes and copy `bytes` over it.
+    fn replace<const N: usize>(&mut self, bytes: &[u8; N]) -> Option<()>;
+    /// Add `n` bytes in front of the frame; then cut it to `len` bytes.
+    fn reframe(&mut self, n: usize, len: usize) -> Option<()>;
     fn ret(&self, v: Verdict) -> u32;
 }
 
@@ -196,12 +201,23 @@ impl Ctx for Xdp<'_> {
         Some(())
     }
     #[inline(always)]
-    fn replace(&mut self, bytes: &[u8; nat::RST_LEN]) -> Option<()> {
-        let cur = (self.data_end() - self.data()) as i32;
-        if unsafe { bpf_xdp_adjust_tail(self.0.ctx, nat::RST_LEN as i32 - cur) } != 0 {
+    fn reframe(&mut self, n: usize, len: usize) -> Option<()> {
+        if unsafe { bpf_xdp_adjust_head(self.0.ctx, -(n as i32)) } != 0 {
             return None;
         }
-        let p: *mut [u8; nat::RST_LEN] = ptr_at(self, 0)?;
+        let cur = (self.data_end() - self.data()) as i32;
+        if unsafe { bpf_xdp_adjust_tail(self.0.ctx, len as i32 - cur) } != 0 {
+            return None;
+        }
+        Some(())
+    }
+    #[inline(always)]
+    fn replace<const N: usize>(&mut self, bytes: &[u8; N]) -> Option<()> {
+        let cur = (self.data_end() - self.data()) as i32;
+        if unsafe { bpf_xdp_adjust_tail(self.0.ctx, N as i32 - cur) } != 0 {
+            return None;
+        }
+        let p: *mut [u8; N] = ptr_at(self, 0)?;
         unsafe { *p = *bytes };
         Some(())
     }
@@ -323,8 +339,18 @@ impl Ctx for Tc<'_> {
         self.0.store(0, &macs, 0).ok()
     }
     #[inline(always)]
-    fn replace(&mut self, bytes: &[u8; nat::RST_LEN]) -> Option<()> {
-        if unsafe { bpf_skb_change_tail(self.0.skb.skb, nat::RST_LEN as u32, 0) } != 0 {
+    fn reframe(&mut self, n: usize, len: usize) -> Option<()> {
+        if unsafe { bpf_skb_change_head(self.0.skb.skb, n as u32, 0) } != 0 {
+            return None;
+        }
+        if unsafe { bpf_skb_change_tail(self.0.skb.skb, len as u32, 0) } != 0 {
+            return None;
+        }
+        Some(())
+    }
+    #[inline(always)]
+    fn replace<const N: usize>(&mut self, bytes: &[u8; N]) -> Option<()> {
+        if unsafe { bpf_skb_change_tail(self.0.skb.skb, N as u32, 0) } != 0 {
             return None;
         }
         self.0.store(0, bytes, 0).ok()

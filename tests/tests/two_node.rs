@@ -307,7 +307,7 @@ fn two_node_node_port_and_external_ip_local() {
         ])
     };
     let full = cfg(&all);
-    let agents = Agents::start(&lab, [&full, &full], &[]);
+    let mut agents = Agents::start(&lab, [&full, &full], &[]);
 
     let check = |target: SocketAddrV4, want: [&str; 2], replies: &[Reply]| {
         let c = counts(replies);
@@ -378,6 +378,26 @@ fn two_node_node_port_and_external_ip_local() {
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
     let (status, _) = http_get(client, SocketAddrV4::new(a.addr(), 32080)).unwrap();
     assert_eq!(status, 200);
+    // UDP to B's node port: an ICMP port unreachable (a connected socket
+    // sees ECONNREFUSED), counted as tx_icmp_no_backend.
+    let t = SocketAddrV4::new(b.addr(), 30053);
+    let e = client
+        .run(|| {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+            s.connect(t)?;
+            s.send(b"ping")?;
+            s.recv(&mut [0u8; 64]).map(|_| ())
+        })
+        .unwrap()
+        .expect_err("no local endpoint on B");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    let m = agents.procs[1].scrape();
+    let icmp = m.sum(
+        "rpclb_datapath_events_total",
+        &[("reason", "tx_icmp_no_backend")],
+    );
+    assert_eq!(icmp, 1.0, "{}", m.0);
 }
 
 /// `externalTrafficPolicy: Cluster` with a backend on each node: each node
