@@ -165,13 +165,7 @@ fn rewrite_port(fwd: &FlowKey, ip: u32, port: u16, rv: &CtValue) -> u16 {
     if n == 0 || lo == 0 || lo > 65_535 || n > 65_536 - lo {
         return 0;
     }
-    let h = flow_hash(
-        fwd.src_ip,
-        fwd.dst_ip,
-        fwd.src_port,
-        fwd.dst_port,
-        fwd.proto,
-    );
+    let h = flow_hash(fwd.src_ip, fwd.dst_ip, fwd.src_port, fwd.dst_port, fwd.proto);
     let mut i = 0u32;
     while i < limits::COLLISION_PROBES {
         let cand = (collision_port(lo, n, h, i) as u16).to_be();

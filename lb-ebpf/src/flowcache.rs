@@ -91,12 +91,7 @@ const CLOCK_NS: u64 = 1;
 /// order of the updates of the two within a tick: an entry may live up to
 /// a tick or two past `FLOW_CACHE_NS`.
 #[inline(always)]
-pub fn hit<C: Ctx, S: ProgramSet>(
-    ctx: &mut C,
-    p: &Packet,
-    key: &FlowKey,
-    map_gen: u32,
-) -> Option<Verdict> {
+pub fn hit<C: Ctx, S: ProgramSet>(ctx: &mut C, p: &Packet, key: &FlowKey, map_gen: u32) -> Option<Verdict> {
     if !C::FLOW_CACHE || !S::FLOW_CACHE || !eligible(p) {
         return None;
     }
@@ -270,13 +265,7 @@ fn fill_out_of_line<C: Ctx>(
 #[inline(always)]
 fn flush(e: &mut FlowCacheEntry) {
     if e.pending_packets != 0 {
-        stats::flush(
-            e.svc_id,
-            e.backend_id,
-            e.nat_reason,
-            e.pending_packets,
-            e.pending_bytes,
-        );
+        stats::flush(e.svc_id, e.backend_id, e.nat_reason, e.pending_packets, e.pending_bytes);
         // Volatile: two plain zero stores become a `memset` call.
         unsafe {
             core::ptr::write_volatile(&raw mut e.pending_packets, 0);

@@ -22,7 +22,7 @@
 //! a balanced flow's) it goes to the stack as before, counted as
 //! `pass_fragment`.
 
-use lb_common::{CtValue, FlowKey, FragKey, FragValue, ct_dir, reason};
+use lb_common::{CtValue, FragKey, FragValue, FlowKey, ct_dir, reason};
 
 use crate::{
     conntrack,
