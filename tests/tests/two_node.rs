@@ -446,3 +446,322 @@ fn two_node_node_port_cluster_uses_local_backends() {
     let c = counts(&tcp_from(&a.pod(2).ns, SocketAddrV4::new(WEB, 80), 4));
     assert_eq!(c.get("b1"), Some(&2), "{c:?}");
 }
+
+// ---- Kubernetes objects through the controller's translation ----
+
+use k8s_openapi::api::core::v1::{
+    ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Service as KubeService, ServicePort,
+    ServiceSpec, ServiceStatus, SessionAffinityConfig,
+};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use lb_api::{BackendState, DesiredState};
+
+/// A node's desired state as a config file (what the agent would get from the
+/// controller's stream; the fields these tests use).
+fn state_yaml(st: &DesiredState) -> String {
+    let mut s = String::from(
+        "# the controller's translation, written by tests/tests/two_node.rs\nservices:\n",
+    );
+    for v in &st.services {
+        assert!(v.grpc.is_none() && v.health_check.is_none(), "{}", v.name);
+        s.push_str(&format!(
+            "  - name: {:?}\n    vip: {}\n    port: {}\n    protocol: {}\n    algorithm: {}\n",
+            v.name,
+            v.vip,
+            v.port,
+            v.protocol.as_str(),
+            v.algorithm.as_str()
+        ));
+        if let Some(t) = v.affinity_timeout {
+            s.push_str(&format!("    affinity_timeout: {}\n", t.as_secs()));
+        }
+        if let Some(m) = v.maglev_table_size {
+            s.push_str(&format!("    maglev_table_size: {m}\n"));
+        }
+        let e = &v.external;
+        if let Some(p) = e.node_port {
+            s.push_str(&format!("    node_port: {p}\n"));
+        }
+        if !e.ips.is_empty() {
+            let ips: Vec<String> = e.ips.iter().map(ToString::to_string).collect();
+            s.push_str(&format!("    external_ips: [{}]\n", ips.join(", ")));
+        }
+        s.push_str(&format!(
+            "    external_traffic_policy: {}\n",
+            e.traffic_policy.as_str()
+        ));
+        if let Some(p) = e.health_check_node_port {
+            s.push_str(&format!("    health_check_node_port: {p}\n"));
+        }
+        s.push_str("    backends:\n");
+        if v.backends.is_empty() {
+            s.truncate(s.len() - 1);
+            s.push_str(" []\n");
+        }
+        for b in &v.backends {
+            s.push_str(&format!(
+                "      - {{ ip: {}, port: {}, weight: {}, state: {}",
+                b.ip,
+                b.port,
+                b.weight,
+                b.state.as_str()
+            ));
+            if let Some(n) = &b.node {
+                s.push_str(&format!(", node: {n}"));
+            }
+            s.push_str(" }\n");
+        }
+    }
+    s
+}
+
+/// Each node's config from the controller's translation of `services` and `slices`.
+fn translated(lab: &TwoNodeLab, services: &[KubeService], slices: &[EndpointSlice]) -> [String; 2] {
+    lab.nodes().map(|n| {
+        let t = lb_controller::node_state(services, slices, &n.name);
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        state_yaml(&t.state)
+    })
+}
+
+fn kube_service(name: &str, vip: Ipv4Addr, f: impl FnOnce(&mut ServiceSpec)) -> KubeService {
+    let mut spec = ServiceSpec {
+        type_: Some("ClusterIP".into()),
+        cluster_ip: Some(vip.to_string()),
+        cluster_ips: Some(vec![vip.to_string()]),
+        ports: Some(vec![ServicePort {
+            name: Some("http".into()),
+            port: 80,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    f(&mut spec);
+    KubeService {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("lab".into()),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    }
+}
+
+/// An EndpointSlice of `service` with pods `(node, i, state)` on port `http` 8080.
+fn kube_slice(service: &str, pods: &[(&Node, usize, BackendState)]) -> EndpointSlice {
+    EndpointSlice {
+        address_type: "IPv4".into(),
+        metadata: ObjectMeta {
+            name: Some(format!("{service}-x")),
+            namespace: Some("lab".into()),
+            labels: Some(
+                [(
+                    "kubernetes.io/service-name".to_string(),
+                    service.to_string(),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        ports: Some(vec![EndpointPort {
+            name: Some("http".into()),
+            port: Some(8080),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        endpoints: Some(
+            pods.iter()
+                .map(|(n, i, st)| {
+                    let terminating = *st == BackendState::Terminating;
+                    Endpoint {
+                        addresses: vec![n.pod(*i).ip().to_string()],
+                        node_name: Some(n.name.clone()),
+                        conditions: Some(EndpointConditions {
+                            ready: Some(!terminating),
+                            serving: Some(true),
+                            terminating: Some(terminating),
+                        }),
+                        ..Default::default()
+                    }
+                })
+                .collect(),
+        ),
+    }
+}
+
+const ITP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 20);
+
+/// From Kubernetes objects through the controller's translation to each
+/// node's agent: `internalTrafficPolicy: Local` keeps a pod's ClusterIP
+/// connections on its own node; a LoadBalancer Service with
+/// `externalTrafficPolicy: Local` is balanced on its ingress IP and node port
+/// to the receiving node's pods, which see the client's address; its
+/// `healthCheckNodePort` says 200 on both nodes.
+#[test]
+fn two_node_translated_internal_local_and_load_balancer() {
+    if !lab::require() {
+        return;
+    }
+    let lab = TwoNodeLab::new(2).expect("two-node lab");
+    let srv = servers(&lab);
+    let (a, b) = (lab.a(), lab.b());
+    let mut svc = kube_service("web", ITP_VIP, |s| {
+        s.type_ = Some("LoadBalancer".into());
+        s.internal_traffic_policy = Some("Local".into());
+        s.external_traffic_policy = Some("Local".into());
+        s.health_check_node_port = Some(32080);
+        s.ports.as_mut().unwrap()[0].node_port = Some(30080);
+    });
+    svc.status = Some(ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(vec![LoadBalancerIngress {
+                ip: Some(LB_IP.to_string()),
+                ..Default::default()
+            }]),
+        }),
+        ..Default::default()
+    });
+    let slice = kube_slice(
+        "web",
+        &[(a, 1, BackendState::Active), (b, 1, BackendState::Active)],
+    );
+    let [ca, cb] = translated(&lab, &[svc], &[slice]);
+    let agents = Agents::start(&lab, [&ca, &cb], &[]);
+
+    // internalTrafficPolicy: Local: each node's pod 2 reaches its own pod 1.
+    for (node, want) in [(a, "a1"), (b, "b1")] {
+        let r = tcp_from(&node.pod(2).ns, SocketAddrV4::new(ITP_VIP, 80), 6);
+        assert!(
+            r.iter().all(|x| x.backend == want),
+            "{r:?}\n{}",
+            agents.log(0)
+        );
+        assert!(
+            srv.tcp[want]
+                .peers()
+                .iter()
+                .all(|p| p.ip() == node.pod(2).ip())
+        );
+    }
+    // The ingress IP (routed to node A) and B's node port.
+    let client = lab.client();
+    for (t, want) in [
+        (SocketAddrV4::new(LB_IP, 80), "a1"),
+        (SocketAddrV4::new(b.addr(), 30080), "b1"),
+    ] {
+        let r = tcp_from(client, t, 4);
+        assert!(
+            r.iter()
+                .all(|x| x.backend == want && x.peer == SocketAddr::from(t)),
+            "{r:?}"
+        );
+        assert!(
+            srv.tcp[want]
+                .peers()
+                .iter()
+                .any(|p| p.ip() == lab.client_ip())
+        );
+    }
+    for node in [a, b] {
+        let (status, resp) = http_get(client, SocketAddrV4::new(node.addr(), 32080)).unwrap();
+        assert_eq!(status, 200, "{resp}");
+        assert!(resp.contains(r#""localEndpoints":1"#), "{resp}");
+    }
+}
+
+const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 31);
+
+/// `sessionAffinity: ClientIP` (timeout 2 s; round-robin by annotation, so
+/// that a new pick is visible) on a ClusterIP and a node port, through the
+/// controller's translation: a client keeps its backend across connections
+/// while it keeps connecting (the timeout runs from its last connection), and
+/// gets the next one after the timeout passes; once its backend is
+/// terminating it gets another at once, within the timeout (the defect users
+/// report in cilium/cilium#27096).
+#[test]
+fn two_node_session_affinity_client_ip_on_a_vip_and_a_node_port() {
+    if !lab::require() {
+        return;
+    }
+    let lab = TwoNodeLab::new(2).expect("two-node lab");
+    let _srv = servers(&lab);
+    let (a, b) = (lab.a(), lab.b());
+    let svc = |term: Option<usize>| {
+        let mut s = kube_service("sticky", STICKY_VIP, |s| {
+            s.type_ = Some("NodePort".into());
+            s.session_affinity = Some("ClientIP".into());
+            s.session_affinity_config = Some(SessionAffinityConfig {
+                client_ip: Some(ClientIPConfig {
+                    timeout_seconds: Some(2),
+                }),
+            });
+            s.ports.as_mut().unwrap()[0].node_port = Some(30081);
+        });
+        s.metadata.annotations =
+            Some([("rpclb.io/algorithm".to_string(), "round-robin".to_string())].into());
+        let st = |i| {
+            if term == Some(i) {
+                BackendState::Terminating
+            } else {
+                BackendState::Active
+            }
+        };
+        let slice = kube_slice("sticky", &[(a, 1, st(1)), (a, 2, st(2))]);
+        translated(&lab, &[s], &[slice])
+    };
+    let [ca, cb] = svc(None);
+    let agents = Agents::start(&lab, [&ca, &cb], &[]);
+    let client = lab.client();
+    let one = |ns: &lab::Netns, t: SocketAddrV4| tcp_from(ns, t, 1).remove(0).backend;
+
+    for (ns, t) in [
+        (&b.pod(1).ns, SocketAddrV4::new(STICKY_VIP, 80)),
+        (client, SocketAddrV4::new(a.addr(), 30081)),
+    ] {
+        // Sticky across connections 0.5 s apart for 3 s (past the 2 s timeout
+        // counted from the first): the timeout runs from the last connection.
+        let first = one(ns, t);
+        for _ in 0..6 {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            assert_eq!(one(ns, t), first, "to {t}\n{}", agents.log(0));
+        }
+        // After 2.5 s of silence: a new pick, the other pod (round-robin).
+        std::thread::sleep(std::time::Duration::from_millis(2500));
+        let second = one(ns, t);
+        assert_ne!(second, first, "to {t}: affinity expired");
+        assert_eq!(one(ns, t), second);
+    }
+
+    // The pod a client is pinned to starts terminating: its next connection,
+    // within the timeout, goes to the other pod.
+    let t = SocketAddrV4::new(STICKY_VIP, 80);
+    let ns = &b.pod(1).ns;
+    let pinned = one(ns, t);
+    let idx: usize = pinned[1..].parse().unwrap();
+    let [ca, cb] = svc(Some(idx));
+    agents.dirs[0].write_config(&ca);
+    agents.dirs[1].write_config(&cb);
+    // Keep the affinity fresh (a connection every 0.5 s) until B's agent
+    // takes the change (config poll 1 s; at most 15 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let moved = loop {
+        let got = one(ns, t);
+        if got != pinned || std::time::Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert_ne!(
+        moved,
+        pinned,
+        "a terminating backend gets no new affinity\n{}",
+        agents.log(1)
+    );
+    for _ in 0..3 {
+        assert_eq!(one(ns, t), moved, "and the new pick sticks");
+    }
+}
