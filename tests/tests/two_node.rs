@@ -42,7 +42,7 @@ fn servers(lab: &TwoNodeLab) -> Servers {
     s
 }
 
-/// One service entry of a config file; `extra` is more YAML of the service.
+/// One service entry of a config file.
 fn svc_yaml(
     name: &str,
     vip: Ipv4Addr,
@@ -51,11 +51,10 @@ fn svc_yaml(
     algo: &str,
     backends: &[Ipv4Addr],
     backend_port: u16,
-    extra: &str,
 ) -> String {
     let mut s = format!(
         "  - name: {name}\n    vip: {vip}\n    port: {port}\n    protocol: {proto}\n    \
-         algorithm: {algo}\n{extra}"
+         algorithm: {algo}\n"
     );
     if backends.is_empty() {
         s.push_str("    backends: []\n");
@@ -160,7 +159,6 @@ fn two_node_cluster_ip_crosses_nodes_both_ways() {
             "round-robin",
             &[ip(b, 1)],
             8080,
-            "",
         ),
         svc_yaml(
             "lab/to-a:http",
@@ -170,19 +168,9 @@ fn two_node_cluster_ip_crosses_nodes_both_ways() {
             "round-robin",
             &[ip(a, 1)],
             8080,
-            "",
         ),
-        svc_yaml(
-            "lab/all:http",
-            ALL,
-            80,
-            "tcp",
-            "round-robin",
-            &all,
-            8080,
-            "",
-        ),
-        svc_yaml("lab/all:dns", ALL, 53, "udp", "round-robin", &all, 5353, ""),
+        svc_yaml("lab/all:http", ALL, 80, "tcp", "round-robin", &all, 8080),
+        svc_yaml("lab/all:dns", ALL, 53, "udp", "round-robin", &all, 5353),
     ]);
     let agents = Agents::start(&lab, [&cfg, &cfg], &[]);
 
@@ -235,7 +223,6 @@ fn pods_yaml(pods: &[(&Node, usize)], port: u16) -> String {
 }
 
 /// One service with external front ends, its backends on `pods`.
-#[allow(clippy::too_many_arguments)]
 fn ext_svc(
     name: &str,
     vip: Ipv4Addr,
