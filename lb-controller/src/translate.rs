@@ -46,6 +46,10 @@
 //! - `internalTrafficPolicy: Local`: a node gets only the endpoints whose
 //!   `nodeName` is that node (none: the Service has no backends there, and
 //!   new connections are refused). This is why the state is per node.
+//! - Topology hints (`hints.forNodes`, `hints.forZones`; `trafficDistribution`
+//!   and topology-aware routing), as kube-proxy reads them (`topology`).
+//!   The backends not for the node (or its zone, given to
+//!   [`ClusterState::node_state_in_zone`]) are drained (weight 0).
 //!
 //! **Policy.** The `rpclb.io/` annotations, read by [`parse_annotations`],
 //! give the algorithm, the weights (by backend IP) and the Maglev table size.
@@ -275,6 +279,47 @@ struct ClusterService {
     local_only: bool,
     /// Each backend's `nodeName`, in the order of `service.backends`.
     nodes: Vec<Option<String>>,
+    /// Each backend's topology hints, in the same order.
+    hints: Vec<Hints>,
+}
+
+/// An endpoint's topology hints (EndpointSlice `hints.forNodes`,
+/// `hints.forZones`), written by the EndpointSlice controller for
+/// `trafficDistribution` and topology-aware routing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Hints {
+    nodes: Vec<String>,
+    zones: Vec<String>,
+}
+
+/// kube-proxy's topology mode for a node (pkg/proxy/topology.go,
+/// `topologyModeFromHints`), over the backends that take new flows: if every
+/// one has node hints and one is for `node`, only those for `node`; else if
+/// every one has zone hints and one is for `zone`, only those for `zone`;
+/// else all. `Some(keep)`: which backends keep taking new flows.
+fn topology(
+    backends: &[Backend],
+    hints: &[Hints],
+    node: Option<&str>,
+    zone: Option<&str>,
+) -> Option<Vec<bool>> {
+    let live: Vec<&Hints> = backends
+        .iter()
+        .zip(hints)
+        .filter(|(b, _)| b.takes_new_flows())
+        .map(|(_, h)| h)
+        .collect();
+    if live.is_empty() {
+        return None;
+    }
+    let has = |v: &[String], x: Option<&str>| x.is_some_and(|x| v.iter().any(|n| n == x));
+    if live.iter().all(|h| !h.nodes.is_empty()) && live.iter().any(|h| has(&h.nodes, node)) {
+        return Some(hints.iter().map(|h| has(&h.nodes, node)).collect());
+    }
+    if live.iter().all(|h| !h.zones.is_empty()) && live.iter().any(|h| has(&h.zones, zone)) {
+        return Some(hints.iter().map(|h| has(&h.zones, zone)).collect());
+    }
+    None
 }
 
 impl ClusterState {
@@ -351,35 +396,57 @@ impl ClusterState {
         ClusterState { services, problems }
     }
 
-    /// The desired state of `node`.
+    /// The desired state of `node` (topology hints by node only).
     pub fn node_state(&self, node: &str) -> DesiredState {
-        self.state_for(Some(node))
+        self.state_for(Some(node), None)
+    }
+
+    /// The desired state of `node` in `zone` (its `topology.kubernetes.io/zone`):
+    /// zone hints apply too.
+    pub fn node_state_in_zone(&self, node: &str, zone: Option<&str>) -> DesiredState {
+        self.state_for(Some(node), zone)
     }
 
     /// The state of every node outside [`local_nodes`](Self::local_nodes):
     /// services with `internalTrafficPolicy: Local` have no backends there.
     pub fn default_state(&self) -> DesiredState {
-        self.state_for(None)
+        self.state_for(None, None)
     }
 
     /// The nodes whose state differs from the [default](Self::default_state):
-    /// those with a backend of a service with `internalTrafficPolicy: Local`.
+    /// those with a backend of a service with `internalTrafficPolicy: Local`,
+    /// and those named in a node hint (`trafficDistribution: PreferSameNode`).
     pub fn local_nodes(&self) -> BTreeSet<&str> {
+        let hinted = self.services.iter().flat_map(|cs| {
+            cs.hints
+                .iter()
+                .flat_map(|h| h.nodes.iter().map(String::as_str))
+        });
         self.services
             .iter()
             .filter(|cs| cs.local_only)
             .flat_map(|cs| cs.nodes.iter().flatten().map(String::as_str))
+            .chain(hinted)
             .collect()
     }
 
-    /// `None`: a node with no local backends.
-    fn state_for(&self, node: Option<&str>) -> DesiredState {
+    /// `None`: a node with no local backends. Topology hints drain (weight 0)
+    /// the backends not for this node or zone: their flows go on.
+    fn state_for(&self, node: Option<&str>, zone: Option<&str>) -> DesiredState {
         let services = self
             .services
             .iter()
             .map(|cs| {
                 if !cs.local_only {
-                    return cs.service.clone();
+                    let mut s = cs.service.clone();
+                    if let Some(keep) = topology(&s.backends, &cs.hints, node, zone) {
+                        for (b, k) in s.backends.iter_mut().zip(keep) {
+                            if !k {
+                                b.weight = 0;
+                            }
+                        }
+                    }
+                    return s;
                 }
                 let s = &cs.service;
                 Service {
@@ -592,7 +659,7 @@ fn translate_service(
             continue;
         };
 
-        let (backends, nodes) = backends_for(slices, port_name, protocol, &policy);
+        let (backends, nodes, hints) = backends_for(slices, port_name, protocol, &policy);
         let mut service = Service {
             external: external_of(svc, spec, sp),
             name: format!("{r}:{label}"),
@@ -635,6 +702,7 @@ fn translate_service(
                 service,
                 local_only,
                 nodes,
+                hints,
             },
         ));
     }
@@ -693,8 +761,9 @@ fn backends_for(
     port_name: &str,
     protocol: Protocol,
     policy: &ServicePolicy,
-) -> (Vec<Backend>, Vec<Option<String>>) {
-    let mut found: BTreeMap<(Ipv4Addr, u16), (BackendState, Option<&str>)> = BTreeMap::new();
+) -> (Vec<Backend>, Vec<Option<String>>, Vec<Hints>) {
+    type Found<'a> = (BackendState, Option<&'a str>, Hints);
+    let mut found: BTreeMap<(Ipv4Addr, u16), Found> = BTreeMap::new();
     for slice in slices {
         let Some(port) = slice
             .ports
@@ -722,30 +791,46 @@ fn backends_for(
                 continue;
             };
             let node = ep.node_name.as_deref();
+            let h = ep.hints.as_ref();
+            let hints = Hints {
+                nodes: h
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.name.clone())
+                    .collect(),
+                zones: h
+                    .and_then(|h| h.for_zones.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|z| z.name.clone())
+                    .collect(),
+            };
             found
                 .entry((ip, port))
-                .and_modify(|(s, n)| {
+                .and_modify(|(s, n, hs)| {
                     if state == BackendState::Active {
                         *s = BackendState::Active;
                         *n = node;
+                        *hs = hints.clone();
                     }
                 })
-                .or_insert((state, node));
+                .or_insert((state, node, hints));
         }
     }
-    found
-        .into_iter()
-        .map(|((ip, port), (state, node))| {
-            let backend = Backend {
-                node: node.map(str::to_string),
-                ip,
-                port,
-                weight: policy.weight(ip),
-                state,
-            };
-            (backend, node.map(str::to_string))
-        })
-        .unzip()
+    let mut out = (Vec::new(), Vec::new(), Vec::new());
+    for ((ip, port), (state, node, hints)) in found {
+        out.0.push(Backend {
+            node: node.map(str::to_string),
+            ip,
+            port,
+            weight: policy.weight(ip),
+            state,
+        });
+        out.1.push(node.map(str::to_string));
+        out.2.push(hints);
+    }
+    out
 }
 
 /// Makes `service.maglev_table_size` hold the backends that take new flows
@@ -1196,6 +1281,102 @@ mod tests {
                 }),
             });
         })
+    }
+
+    fn hinted(mut ep: Endpoint, nodes: &[&str], zones: &[&str]) -> Endpoint {
+        use k8s_openapi::api::discovery::v1::{EndpointHints, ForNode, ForZone};
+        ep.hints = Some(EndpointHints {
+            for_nodes: (!nodes.is_empty()).then(|| {
+                nodes
+                    .iter()
+                    .map(|n| ForNode {
+                        name: n.to_string(),
+                    })
+                    .collect()
+            }),
+            for_zones: (!zones.is_empty()).then(|| {
+                zones
+                    .iter()
+                    .map(|z| ForZone {
+                        name: z.to_string(),
+                    })
+                    .collect()
+            }),
+        });
+        ep
+    }
+
+    /// (last octet, weight) of the first service's backends.
+    fn weights(st: &DesiredState) -> Vec<(u8, u32)> {
+        st.services[0]
+            .backends
+            .iter()
+            .map(|b| (b.ip.octets()[3], b.weight))
+            .collect()
+    }
+
+    #[test]
+    fn topology_hints_as_kube_proxy() {
+        let svc = || service("web", "10.96.0.60", vec![named("http", 80, "http")]);
+        let t = |eps: Vec<Endpoint>| {
+            ClusterState::build(
+                &[svc()],
+                &[slice("web-x", "web", &[(Some("http"), 8080)], eps)],
+            )
+        };
+        // PreferSameNode: node and zone hints on every endpoint.
+        let c = t(vec![
+            hinted(on(ready("10.244.1.1"), "node-a"), &["node-a"], &["z1"]),
+            hinted(on(ready("10.244.2.1"), "node-b"), &["node-b"], &["z1"]),
+            hinted(on(ready("10.244.3.1"), "node-c"), &["node-c"], &["z2"]),
+        ]);
+        assert_eq!(weights(&c.node_state("node-a")), [(1, 1), (1, 0), (1, 0)]);
+        assert_eq!(weights(&c.node_state("node-b")), [(1, 0), (1, 1), (1, 0)]);
+        // No endpoint for node-d: its zone's, then all.
+        assert_eq!(
+            weights(&c.node_state_in_zone("node-d", Some("z1"))),
+            [(1, 1), (1, 1), (1, 0)]
+        );
+        assert_eq!(
+            weights(&c.node_state_in_zone("node-d", Some("z9"))),
+            [(1, 1), (1, 1), (1, 1)]
+        );
+        assert_eq!(weights(&c.default_state()), [(1, 1), (1, 1), (1, 1)]);
+        assert_eq!(
+            c.local_nodes().into_iter().collect::<Vec<_>>(),
+            ["node-a", "node-b", "node-c"]
+        );
+
+        // PreferSameZone: zone hints only; one ready endpoint without hints
+        // turns them off; a terminating one does not count.
+        let zoned = |extra: Option<Endpoint>| {
+            let mut eps = vec![
+                hinted(ready("10.244.1.2"), &[], &["z1"]),
+                hinted(ready("10.244.2.2"), &[], &["z2"]),
+            ];
+            eps.extend(extra);
+            t(eps)
+        };
+        let c = zoned(None);
+        assert_eq!(
+            weights(&c.node_state_in_zone("n", Some("z2"))),
+            [(2, 0), (2, 1)]
+        );
+        assert_eq!(
+            weights(&c.node_state("n")),
+            [(2, 1), (2, 1)],
+            "no zone known"
+        );
+        let c = zoned(Some(ready("10.244.3.2")));
+        assert_eq!(
+            weights(&c.node_state_in_zone("n", Some("z2"))),
+            [(2, 1), (2, 1), (2, 1)]
+        );
+        let c = zoned(Some(terminating("10.244.3.2")));
+        assert_eq!(
+            weights(&c.node_state_in_zone("n", Some("z2"))),
+            [(2, 0), (2, 1), (2, 0)]
+        );
     }
 
     #[test]
