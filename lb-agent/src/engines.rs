@@ -58,6 +58,10 @@ pub struct Engines {
     /// Active health checks: what is applied is the state with unhealthy
     /// backends drained ([`HealthChecker::effective`]).
     pub health: HealthChecker,
+    /// This node's name and addresses, for the external front ends.
+    pub node: crate::external::NodeInfo,
+    /// The health-check node ports (`healthCheckNodePort`).
+    pub health_node_ports: crate::external::HealthNodePorts,
 }
 
 type SharedProxy = Arc<Mutex<Option<Arc<UserspaceProxy>>>>;
@@ -75,6 +79,8 @@ impl Engines {
             proxy_threads: 0,
             grpc: GrpcOptions::default(),
             health: HealthChecker::new(),
+            node: Default::default(),
+            health_node_ports: Default::default(),
         }
     }
 
@@ -124,12 +130,14 @@ impl Engines {
         // Check what the state holds; apply it with the unhealthy drained.
         self.health.set_targets(state);
         let state = &self.health.effective(state);
+        self.health_node_ports.update(state, &self.node);
         let (kernel_part, proxy_part) = match &self.kernel {
             Some(_) => {
-                let (l7, l4): (Vec<_>, Vec<_>) = state
+                // The external front ends are kernel services of their own
+                // (crate::external); the userspace proxy serves ClusterIPs only.
+                let (l7, l4): (Vec<_>, Vec<_>) = crate::external::expand(state, &self.node)
                     .services
-                    .iter()
-                    .cloned()
+                    .into_iter()
                     .partition(|s| s.grpc.is_some() || s.is_ipv6());
                 (
                     Some(DesiredState { services: l4 }),

@@ -7,6 +7,7 @@ pub mod config;
 pub mod datapath;
 pub mod duration;
 pub mod engines;
+pub mod external;
 pub mod gc;
 pub mod grpc_view;
 pub mod health;

@@ -47,9 +47,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::model::{
-    Algorithm, Backend, BackendState, Balancing, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy,
-    GrpcTls, HealthCheck, HealthCheckKind, ListenTls, OrcaWrr, OutlierDetection, Protocol,
-    RetryPolicy, RetryThrottle, Service, UpstreamTls,
+    Algorithm, Backend, BackendState, Balancing, DEFAULT_GRPC_TIMEOUT, DesiredState, External,
+    GrpcPolicy, GrpcTls, HealthCheck, HealthCheckKind, ListenTls, OrcaWrr, OutlierDetection,
+    Protocol, RetryPolicy, RetryThrottle, Service, TrafficPolicy, UpstreamTls,
 };
 use crate::validate::{
     self, BackendField, Field, HeaderField, OrcaWrrField, OutlierField, RetryField, TlsField,
@@ -405,6 +405,12 @@ struct RawService {
     grpc: Option<At<RawGrpc>>,
     /// Present: active health checks of the backends.
     health_check: Option<At<RawHealthCheck>>,
+    /// Kubernetes nodePort.
+    node_port: Option<At<Port>>,
+    /// externalIPs and load-balancer ingress IPs.
+    external_ips: Option<At<Vec<At<Ip>>>>,
+    external_traffic_policy: Option<At<TrafficPolicyField>>,
+    health_check_node_port: Option<At<Port>>,
 }
 
 #[derive(Deserialize)]
@@ -547,6 +553,8 @@ struct RawBackend {
     port: Option<At<Port>>,
     weight: Option<At<Weight>>,
     state: Option<At<StateField>>,
+    /// The backend's node (`--node-name` of the agent there).
+    node: Option<At<NodeName>>,
 }
 
 /// For a required field: `None` only when the key is absent (the field's
@@ -631,6 +639,7 @@ fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
             port: need(&b.port, "port", &here, rb.at)?.0,
             weight: b.weight.as_ref().map_or(1, |w| w.value.0),
             state: b.state.as_ref().map_or(BackendState::Active, |s| s.value.0),
+            node: b.node.as_ref().map(|n| n.value.0.clone()),
         });
     }
     let grpc = match &s.grpc {
@@ -840,6 +849,20 @@ fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
         backends,
         grpc,
         health_check,
+        external: External {
+            node_port: s.node_port.as_ref().map(|p| p.value.0),
+            ips: s
+                .external_ips
+                .iter()
+                .flat_map(|v| &v.value)
+                .map(|ip| ip.value.0)
+                .collect(),
+            traffic_policy: s
+                .external_traffic_policy
+                .as_ref()
+                .map_or(TrafficPolicy::Cluster, |p| p.value.0),
+            health_check_node_port: s.health_check_node_port.as_ref().map(|p| p.value.0),
+        },
     })
 }
 
@@ -889,6 +912,17 @@ fn field_problem(i: usize, rs: &At<RawService>, field: Field, message: String) -
         Field::AffinityTimeout => vec![(key("affinity_timeout"), at(&s.affinity_timeout))],
         Field::MaglevTableSize => vec![(key("maglev_table_size"), at(&s.maglev_table_size))],
         Field::Backends => vec![(key("backends"), at(&s.backends))],
+        Field::NodePort => vec![(key("node_port"), at(&s.node_port))],
+        Field::HealthCheckNodePort => {
+            vec![(key("health_check_node_port"), at(&s.health_check_node_port))]
+        }
+        Field::ExternalIp(j) => {
+            let ip = s.external_ips.as_ref().and_then(|v| v.value.get(j));
+            vec![
+                (key("external_ips"), at(&s.external_ips)),
+                (Seg::Index(j), ip.map(|ip| ip.at)),
+            ]
+        }
         Field::Backend(j, f) => {
             let b = backend(j);
             let (name, pos) = match f {
@@ -1608,6 +1642,24 @@ checked!(
 );
 
 checked!(
+    /// `cluster` or `local`; Kubernetes' `Cluster` and `Local` are accepted too.
+    TrafficPolicyField(TrafficPolicy) = str_field("a traffic policy (cluster or local)", |s| {
+        match s.to_ascii_lowercase().as_str() {
+            "cluster" => Ok(TrafficPolicy::Cluster),
+            "local" => Ok(TrafficPolicy::Local),
+            _ => Err(format!("unknown traffic policy {s:?} (expected one of: cluster, local)")),
+        }
+    })
+);
+
+checked!(
+    /// A node name (as `--node-name`): not empty, no control characters.
+    NodeName(String) = text_field("a node name", |s| {
+        validate::name(s).map(|()| s.to_string())
+    })
+);
+
+checked!(
     AlgorithmField(Algorithm) = str_field("an algorithm name", |s| {
         s.parse::<Algorithm>().map_err(|e| e.to_string())
     })
@@ -1949,24 +2001,28 @@ mod tests {
             b.backends,
             [
                 Backend {
+                    node: None,
                     ip: Ipv4Addr::new(10, 244, 2, 2).into(),
                     port: 50052,
                     weight: 1,
                     state: BackendState::Active
                 },
                 Backend {
+                    node: None,
                     ip: Ipv4Addr::new(10, 244, 2, 3).into(),
                     port: 50052,
                     weight: 3,
                     state: BackendState::Active
                 },
                 Backend {
+                    node: None,
                     ip: Ipv4Addr::new(10, 244, 3, 7).into(),
                     port: 50052,
                     weight: 1,
                     state: BackendState::Terminating
                 },
                 Backend {
+                    node: None,
                     ip: Ipv4Addr::new(10, 244, 3, 8).into(),
                     port: 50052,
                     weight: 0,

@@ -115,6 +115,11 @@ pub struct Backend {
     /// Relative weight; 0 drains the backend (no new flows).
     pub weight: u32,
     pub state: BackendState,
+    /// The node the backend runs on (EndpointSlice `nodeName`), if known. An
+    /// agent started with `--node-name` takes the backends on its own node as
+    /// local: [`TrafficPolicy::Local`] uses only those.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl Backend {
@@ -124,6 +129,7 @@ impl Backend {
             port,
             weight: 1,
             state: BackendState::Active,
+            node: None,
         }
     }
 
@@ -583,6 +589,59 @@ pub struct Service {
     /// `None`: every backend is taken as healthy.
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
+    /// Addresses outside the cluster network where the service is also
+    /// balanced: its node port and external/load-balancer IPs.
+    #[serde(default)]
+    pub external: External,
+}
+
+/// Kubernetes `externalTrafficPolicy` (and `internalTrafficPolicy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrafficPolicy {
+    /// Every backend of the service.
+    #[default]
+    Cluster,
+    /// Only the backends on the receiving node; the client address is kept.
+    Local,
+}
+
+impl TrafficPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrafficPolicy::Cluster => "cluster",
+            TrafficPolicy::Local => "local",
+        }
+    }
+}
+
+/// A service's external front ends (Kubernetes NodePort, externalIPs and
+/// LoadBalancer ingress IPs). The default is none: ClusterIP only.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct External {
+    /// `nodePort`: the service is also balanced on every node address at
+    /// this port (same protocol).
+    #[serde(default)]
+    pub node_port: Option<u16>,
+    /// `externalIPs` and `status.loadBalancer.ingress[].ip`: the service is
+    /// also balanced on these addresses at its own port.
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    /// `externalTrafficPolicy`, for the node port and the external IPs.
+    #[serde(default)]
+    pub traffic_policy: TrafficPolicy,
+    /// `healthCheckNodePort` (with [`TrafficPolicy::Local`]): the agent
+    /// answers HTTP on every node address at this port, 200 with the count of
+    /// local backends, 503 when there are none (as kube-proxy).
+    #[serde(default)]
+    pub health_check_node_port: Option<u16>,
+}
+
+impl External {
+    /// Whether the service has any external front end.
+    pub fn any(&self) -> bool {
+        self.node_port.is_some() || !self.ips.is_empty()
+    }
 }
 
 impl Service {
@@ -606,6 +665,7 @@ impl Service {
             backends,
             grpc: None,
             health_check: None,
+            external: External::default(),
         }
     }
 

@@ -61,6 +61,9 @@ pub enum Field {
     HealthCheckTimeout,
     HealthCheckUnhealthyThreshold,
     HealthCheckHealthyThreshold,
+    NodePort,
+    ExternalIp(usize),
+    HealthCheckNodePort,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,6 +215,9 @@ impl fmt::Display for Field {
             Field::HealthCheckTimeout => f.write_str("health_check.timeout"),
             Field::HealthCheckUnhealthyThreshold => f.write_str("health_check.unhealthy_threshold"),
             Field::HealthCheckHealthyThreshold => f.write_str("health_check.healthy_threshold"),
+            Field::NodePort => f.write_str("node_port"),
+            Field::ExternalIp(i) => write!(f, "external_ips[{i}]"),
+            Field::HealthCheckNodePort => f.write_str("health_check_node_port"),
         }
     }
 }
@@ -779,6 +785,65 @@ impl Service {
     }
 
     /// Checks every rule; the first broken one is the error.
+    /// The external front ends: a node port and health-check node port in
+    /// 1..=65535 and different, unicast external IPs without repeats, and a
+    /// health-check node port only with `externalTrafficPolicy: Local` (as in
+    /// Kubernetes).
+    fn validate_external(&self) -> Result<(), InvalidService> {
+        let e = &self.external;
+        if let Some(p) = e.node_port {
+            port(p).map_err(at(Field::NodePort))?;
+        }
+        if self.vip.is_ipv6() && e.any() {
+            return Err(InvalidService {
+                field: if e.node_port.is_some() {
+                    Field::NodePort
+                } else {
+                    Field::ExternalIp(0)
+                },
+                message: "node ports and external IPs of an IPv6 service are not supported yet"
+                    .into(),
+            });
+        }
+        let mut seen = HashSet::new();
+        for (i, ip) in e.ips.iter().enumerate() {
+            unicast(*ip).map_err(at(Field::ExternalIp(i)))?;
+            if ip.is_ipv4() != self.vip.is_ipv4() {
+                return Err(InvalidService {
+                    field: Field::ExternalIp(i),
+                    message: format!(
+                        "external IP {ip} is {} but the VIP {} is {}",
+                        family(*ip),
+                        self.vip,
+                        family(self.vip)
+                    ),
+                });
+            }
+            if !seen.insert(*ip) {
+                return Err(InvalidService {
+                    field: Field::ExternalIp(i),
+                    message: format!("duplicate external IP {ip}"),
+                });
+            }
+        }
+        if let Some(p) = e.health_check_node_port {
+            port(p).map_err(at(Field::HealthCheckNodePort))?;
+            if e.traffic_policy != crate::model::TrafficPolicy::Local {
+                return Err(InvalidService {
+                    field: Field::HealthCheckNodePort,
+                    message: "needs external_traffic_policy: local".into(),
+                });
+            }
+            if e.node_port == Some(p) {
+                return Err(InvalidService {
+                    field: Field::HealthCheckNodePort,
+                    message: format!("{p} is the node_port too"),
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), InvalidService> {
         name(&self.name).map_err(at(Field::Name))?;
         unicast(self.vip).map_err(at(Field::Vip))?;
@@ -814,6 +879,7 @@ impl Service {
         if let Some(m) = self.maglev_table_size {
             maglev_table_size(m).map_err(at(Field::MaglevTableSize))?;
         }
+        self.validate_external()?;
         if self.needs_maglev_table() {
             let live = self.live_backends();
             match self.maglev_table_size {
@@ -1375,6 +1441,28 @@ mod tests {
                 .contains("is IPv4 but the VIP fd00:10:96::10 is IPv6"),
             "{e}"
         );
+    }
+
+    /// External front ends are IPv4 for now: an IPv4 service's external IPs
+    /// are IPv4, and an IPv6 service has none (and no node port).
+    #[test]
+    fn external_front_ends_follow_the_vip_family() {
+        let mut s = svc(Algorithm::Maglev, 2, 0);
+        s.external.ips = vec!["192.168.60.1".parse().unwrap()];
+        assert_eq!(s.validate(), Ok(()));
+        s.external.ips.push("fd00:60::1".parse().unwrap());
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, Field::ExternalIp(1));
+        assert!(e.message.contains("is IPv6 but the VIP"), "{e}");
+        let mut v6 = svc(Algorithm::Maglev, 2, 0);
+        v6.vip = "fd00:10:96::10".parse().unwrap();
+        for (i, b) in v6.backends.iter_mut().enumerate() {
+            b.ip = format!("fd00:10:244::{}", i + 1).parse().unwrap();
+        }
+        v6.external.node_port = Some(30080);
+        let e = v6.validate().unwrap_err();
+        assert_eq!(e.field, Field::NodePort);
+        assert!(e.message.contains("not supported yet"), "{e}");
     }
 
     #[test]

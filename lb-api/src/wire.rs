@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use crate::config::Timeouts;
 use crate::model::{
-    Algorithm, Backend, BackendState, Balancing, DEFAULT_GRPC_TIMEOUT, DesiredState, GrpcPolicy,
-    GrpcTls, HealthCheck, HealthCheckKind, ListenTls, OrcaWrr, OutlierDetection, Protocol,
-    RetryPolicy, RetryThrottle, Service, ServiceAddr, UpstreamTls,
+    Algorithm, Backend, BackendState, Balancing, DEFAULT_GRPC_TIMEOUT, DesiredState, External,
+    GrpcPolicy, GrpcTls, HealthCheck, HealthCheckKind, ListenTls, OrcaWrr, OutlierDetection,
+    Protocol, RetryPolicy, RetryThrottle, Service, ServiceAddr, TrafficPolicy, UpstreamTls,
 };
 use crate::validate::Refusal;
 
@@ -97,6 +97,7 @@ impl From<&Service> for pb::Service {
                         BackendState::Active => pb::BackendState::Active,
                         BackendState::Terminating => pb::BackendState::Terminating,
                     } as i32,
+                    node: b.node.clone().unwrap_or_default(),
                 })
                 .collect(),
             grpc: s.grpc.as_ref().map(|g| pb::GrpcPolicy {
@@ -164,6 +165,19 @@ impl From<&Service> for pb::Service {
                 unhealthy_threshold: h.unhealthy_threshold,
                 healthy_threshold: h.healthy_threshold,
             }),
+            node_port: s.external.node_port.map_or(0, u32::from),
+            // IPv4 only: validation refuses IPv6 front ends for now.
+            external_ips: s
+                .external
+                .ips
+                .iter()
+                .filter_map(|ip| match ip {
+                    std::net::IpAddr::V4(v4) => Some(u32::from(*v4)),
+                    std::net::IpAddr::V6(_) => None,
+                })
+                .collect(),
+            external_traffic_local: s.external.traffic_policy == TrafficPolicy::Local,
+            health_check_node_port: s.external.health_check_node_port.map_or(0, u32::from),
         }
     }
 }
@@ -282,6 +296,7 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
             port: bport,
             weight: b.weight,
             state,
+            node: Some(b.node.clone()).filter(|n| !n.is_empty()),
         });
     }
     let grpc = s.grpc.as_ref().map(|g| GrpcPolicy {
@@ -381,6 +396,26 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
         backends,
         grpc,
         health_check,
+        external: External {
+            node_port: match s.node_port {
+                0 => None,
+                p => Some(port(&what, p)?),
+            },
+            ips: s
+                .external_ips
+                .iter()
+                .map(|ip| Ipv4Addr::from(*ip).into())
+                .collect(),
+            traffic_policy: if s.external_traffic_local {
+                TrafficPolicy::Local
+            } else {
+                TrafficPolicy::Cluster
+            },
+            health_check_node_port: match s.health_check_node_port {
+                0 => None,
+                p => Some(port(&what, p)?),
+            },
+        },
     };
     svc.normalise().map_err(|e| bad(e.to_string()))?;
     Ok(svc)

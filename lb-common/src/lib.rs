@@ -215,7 +215,10 @@ pub mod reason {
     /// cached in the conntrack entry and in `ROUTE_CACHE`, not repeated on
     /// every packet or every new flow).
     pub const PASS_FIB_CACHED: u32 = 25;
-    pub const COUNT: u32 = 26;
+    /// A UDP datagram to a service with no usable backend, answered with an
+    /// ICMP port unreachable (as kube-proxy's REJECT).
+    pub const TX_ICMP_NO_BACKEND: u32 = 26;
+    pub const COUNT: u32 = 27;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "pass_not_ipv4",
@@ -244,6 +247,7 @@ pub mod reason {
         "pass_xdp_target",
         "nat_fragment",
         "pass_fib_cached",
+        "tx_icmp_no_backend",
     ];
 }
 

@@ -323,11 +323,20 @@ mod tests {
         };
         assert_eq!(
             by_name["shop/web:http"].backends,
-            [active("10.244.1.2", 8080), active("10.244.2.2", 9090)]
+            [
+                Backend {
+                    node: Some("node-a".into()),
+                    ..active("10.244.1.2", 8080)
+                },
+                active("10.244.2.2", 9090)
+            ]
         );
         assert_eq!(
             by_name["shop/web:dns"].backends,
-            [active("10.244.1.2", 5353)]
+            [Backend {
+                node: Some("node-a".into()),
+                ..active("10.244.1.2", 5353)
+            }]
         );
     }
 

@@ -7,8 +7,13 @@
 //!
 //! **Services.** One [`lb_api::Service`] per (ClusterIP, service port), named
 //! `namespace/name:port`, where `port` is the service port's name, or its
-//! number when it is unnamed. Only the ClusterIPs are balanced: node ports,
-//! external IPs and load-balancer IPs are not.
+//! number when it is unnamed. Its [`External`] front ends come from the same
+//! port: `nodePort` (types NodePort and LoadBalancer), `externalIPs`, the
+//! IPv4 `status.loadBalancer.ingress[].ip`s (type LoadBalancer),
+//! `externalTrafficPolicy` and `healthCheckNodePort` (Local only); they go
+//! with the Service's IPv4 ClusterIP only (IPv6 front ends: not yet). Each
+//! backend carries its endpoint's `nodeName`: the agent of that node takes it
+//! as local (externalTrafficPolicy Local).
 //!
 //! - `type: ExternalName` and headless Services (`clusterIP: None`) are
 //!   skipped, and so is a Service whose ClusterIP is not allocated yet.
@@ -47,6 +52,10 @@
 //! - `internalTrafficPolicy: Local`: a node gets only the endpoints whose
 //!   `nodeName` is that node (none: the Service has no backends there, and
 //!   new connections are refused). This is why the state is per node.
+//! - Topology hints (`hints.forNodes`, `hints.forZones`; `trafficDistribution`
+//!   and topology-aware routing), as kube-proxy reads them (`topology`).
+//!   The backends not for the node (or its zone, given to
+//!   [`ClusterState::node_state_in_zone`]) are drained (weight 0).
 //!
 //! **Policy.** The `rpclb.io/` annotations, read by [`parse_annotations`],
 //! give the algorithm, the weights (by backend IP) and the Maglev table size.
@@ -77,11 +86,11 @@ use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Service as KubeService, ServiceSpec};
+use k8s_openapi::api::core::v1::{Service as KubeService, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
 use lb_api::{
-    Algorithm, Backend, BackendState, DEFAULT_MAGLEV_M, DesiredState, Protocol, Service,
-    ServiceAddr, validate,
+    Algorithm, Backend, BackendState, DEFAULT_MAGLEV_M, DesiredState, External, Protocol, Service,
+    ServiceAddr, TrafficPolicy, validate,
 };
 
 use crate::annotations::{self, AnnotationError, ServicePolicy, parse_annotations};
@@ -274,6 +283,47 @@ struct ClusterService {
     local_only: bool,
     /// Each backend's `nodeName`, in the order of `service.backends`.
     nodes: Vec<Option<String>>,
+    /// Each backend's topology hints, in the same order.
+    hints: Vec<Hints>,
+}
+
+/// An endpoint's topology hints (EndpointSlice `hints.forNodes`,
+/// `hints.forZones`), written by the EndpointSlice controller for
+/// `trafficDistribution` and topology-aware routing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Hints {
+    nodes: Vec<String>,
+    zones: Vec<String>,
+}
+
+/// kube-proxy's topology mode for a node (pkg/proxy/topology.go,
+/// `topologyModeFromHints`), over the backends that take new flows: if every
+/// one has node hints and one is for `node`, only those for `node`; else if
+/// every one has zone hints and one is for `zone`, only those for `zone`;
+/// else all. `Some(keep)`: which backends keep taking new flows.
+fn topology(
+    backends: &[Backend],
+    hints: &[Hints],
+    node: Option<&str>,
+    zone: Option<&str>,
+) -> Option<Vec<bool>> {
+    let live: Vec<&Hints> = backends
+        .iter()
+        .zip(hints)
+        .filter(|(b, _)| b.takes_new_flows())
+        .map(|(_, h)| h)
+        .collect();
+    if live.is_empty() {
+        return None;
+    }
+    let has = |v: &[String], x: Option<&str>| x.is_some_and(|x| v.iter().any(|n| n == x));
+    if live.iter().all(|h| !h.nodes.is_empty()) && live.iter().any(|h| has(&h.nodes, node)) {
+        return Some(hints.iter().map(|h| has(&h.nodes, node)).collect());
+    }
+    if live.iter().all(|h| !h.zones.is_empty()) && live.iter().any(|h| has(&h.zones, zone)) {
+        return Some(hints.iter().map(|h| has(&h.zones, zone)).collect());
+    }
+    None
 }
 
 impl ClusterState {
@@ -350,38 +400,61 @@ impl ClusterState {
         ClusterState { services, problems }
     }
 
-    /// The desired state of `node`.
+    /// The desired state of `node` (topology hints by node only).
     pub fn node_state(&self, node: &str) -> DesiredState {
-        self.state_for(Some(node))
+        self.state_for(Some(node), None)
+    }
+
+    /// The desired state of `node` in `zone` (its `topology.kubernetes.io/zone`):
+    /// zone hints apply too.
+    pub fn node_state_in_zone(&self, node: &str, zone: Option<&str>) -> DesiredState {
+        self.state_for(Some(node), zone)
     }
 
     /// The state of every node outside [`local_nodes`](Self::local_nodes):
     /// services with `internalTrafficPolicy: Local` have no backends there.
     pub fn default_state(&self) -> DesiredState {
-        self.state_for(None)
+        self.state_for(None, None)
     }
 
     /// The nodes whose state differs from the [default](Self::default_state):
-    /// those with a backend of a service with `internalTrafficPolicy: Local`.
+    /// those with a backend of a service with `internalTrafficPolicy: Local`,
+    /// and those named in a node hint (`trafficDistribution: PreferSameNode`).
     pub fn local_nodes(&self) -> BTreeSet<&str> {
+        let hinted = self.services.iter().flat_map(|cs| {
+            cs.hints
+                .iter()
+                .flat_map(|h| h.nodes.iter().map(String::as_str))
+        });
         self.services
             .iter()
             .filter(|cs| cs.local_only)
             .flat_map(|cs| cs.nodes.iter().flatten().map(String::as_str))
+            .chain(hinted)
             .collect()
     }
 
-    /// `None`: a node with no local backends.
-    fn state_for(&self, node: Option<&str>) -> DesiredState {
+    /// `None`: a node with no local backends. Topology hints drain (weight 0)
+    /// the backends not for this node or zone: their flows go on.
+    fn state_for(&self, node: Option<&str>, zone: Option<&str>) -> DesiredState {
         let services = self
             .services
             .iter()
             .map(|cs| {
                 if !cs.local_only {
-                    return cs.service.clone();
+                    let mut s = cs.service.clone();
+                    if let Some(keep) = topology(&s.backends, &cs.hints, node, zone) {
+                        for (b, k) in s.backends.iter_mut().zip(keep) {
+                            if !k {
+                                b.weight = 0;
+                            }
+                        }
+                    }
+                    return s;
                 }
                 let s = &cs.service;
                 Service {
+                    external: s.external.clone(),
                     name: s.name.clone(),
                     vip: s.vip,
                     port: s.port,
@@ -613,8 +686,13 @@ fn translate_service(
             continue;
         };
 
-        let (backends, nodes) = backends_for(slices, vip, port_name, protocol, &policy);
+        let (backends, nodes, hints) = backends_for(slices, vip, port_name, protocol, &policy);
         let mut service = Service {
+            external: if vip.is_ipv4() {
+                external_of(svc, spec, sp)
+            } else {
+                External::default()
+            },
             name: format!("{r}:{label}{suffix}"),
             vip,
             port,
@@ -655,8 +733,58 @@ fn translate_service(
                 service,
                 local_only,
                 nodes,
+                hints,
             },
         ));
+    }
+}
+
+/// The external front ends of one service port: `nodePort` (types NodePort
+/// and LoadBalancer), `externalIPs` and, for type LoadBalancer, the IPv4
+/// `status.loadBalancer.ingress[].ip`s (sorted, without repeats; IPv6 and
+/// hostname-only ingresses are left out), `externalTrafficPolicy` and
+/// `healthCheckNodePort` (only with `Local`).
+fn external_of(svc: &KubeService, spec: &ServiceSpec, sp: &ServicePort) -> External {
+    let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let lb = ty == "LoadBalancer";
+    let node_port = sp
+        .node_port
+        .filter(|_| lb || ty == "NodePort")
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|&p| p != 0);
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref())
+        .filter(|_| lb)
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_deref());
+    // IPv4 only: the front ends go with the IPv4 ClusterIP (IPv6: not yet).
+    let ips: BTreeSet<IpAddr> = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .chain(ingress)
+        .filter_map(|s| s.parse::<IpAddr>().ok())
+        .filter(IpAddr::is_ipv4)
+        .collect();
+    let traffic_policy = match spec.external_traffic_policy.as_deref() {
+        Some("Local") => TrafficPolicy::Local,
+        _ => TrafficPolicy::Cluster,
+    };
+    let health_check_node_port = spec
+        .health_check_node_port
+        .filter(|_| traffic_policy == TrafficPolicy::Local && lb)
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|&p| p != 0);
+    External {
+        node_port,
+        ips: ips.into_iter().collect(),
+        traffic_policy,
+        health_check_node_port,
     }
 }
 
@@ -667,8 +795,9 @@ fn backends_for(
     port_name: &str,
     protocol: Protocol,
     policy: &ServicePolicy,
-) -> (Vec<Backend>, Vec<Option<String>>) {
-    let mut found: BTreeMap<(IpAddr, u16), (BackendState, Option<&str>)> = BTreeMap::new();
+) -> (Vec<Backend>, Vec<Option<String>>, Vec<Hints>) {
+    type Found<'a> = (BackendState, Option<&'a str>, Hints);
+    let mut found: BTreeMap<(IpAddr, u16), Found> = BTreeMap::new();
     // The slices of the VIP's family only.
     for slice in slices
         .iter()
@@ -701,29 +830,46 @@ fn backends_for(
                 continue;
             };
             let node = ep.node_name.as_deref();
+            let h = ep.hints.as_ref();
+            let hints = Hints {
+                nodes: h
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.name.clone())
+                    .collect(),
+                zones: h
+                    .and_then(|h| h.for_zones.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|z| z.name.clone())
+                    .collect(),
+            };
             found
                 .entry((ip, port))
-                .and_modify(|(s, n)| {
+                .and_modify(|(s, n, hs)| {
                     if state == BackendState::Active {
                         *s = BackendState::Active;
                         *n = node;
+                        *hs = hints.clone();
                     }
                 })
-                .or_insert((state, node));
+                .or_insert((state, node, hints));
         }
     }
-    found
-        .into_iter()
-        .map(|((ip, port), (state, node))| {
-            let backend = Backend {
-                ip,
-                port,
-                weight: policy.weight(ip),
-                state,
-            };
-            (backend, node.map(str::to_string))
-        })
-        .unzip()
+    let mut out = (Vec::new(), Vec::new(), Vec::new());
+    for ((ip, port), (state, node, hints)) in found {
+        out.0.push(Backend {
+            node: node.map(str::to_string),
+            ip,
+            port,
+            weight: policy.weight(ip),
+            state,
+        });
+        out.1.push(node.map(str::to_string));
+        out.2.push(hints);
+    }
+    out
 }
 
 /// Makes `service.maglev_table_size` hold the backends that take new flows
@@ -773,6 +919,14 @@ mod tests {
     use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+    /// The last octet of an IPv4 address (tests use IPv4 only).
+    fn last_octet(ip: std::net::IpAddr) -> u8 {
+        match ip {
+            std::net::IpAddr::V4(v4) => v4.octets()[3],
+            std::net::IpAddr::V6(v6) => v6.octets()[15],
+        }
+    }
 
     const NS: &str = "shop";
 
@@ -891,6 +1045,7 @@ mod tests {
 
     fn backend(addr: &str, port: u16, state: BackendState) -> Backend {
         Backend {
+            node: None,
             ip: ip(addr),
             port,
             weight: 1,
@@ -1249,6 +1404,186 @@ mod tests {
         })
     }
 
+    fn hinted(mut ep: Endpoint, nodes: &[&str], zones: &[&str]) -> Endpoint {
+        use k8s_openapi::api::discovery::v1::{EndpointHints, ForNode, ForZone};
+        ep.hints = Some(EndpointHints {
+            for_nodes: (!nodes.is_empty()).then(|| {
+                nodes
+                    .iter()
+                    .map(|n| ForNode {
+                        name: n.to_string(),
+                    })
+                    .collect()
+            }),
+            for_zones: (!zones.is_empty()).then(|| {
+                zones
+                    .iter()
+                    .map(|z| ForZone {
+                        name: z.to_string(),
+                    })
+                    .collect()
+            }),
+        });
+        ep
+    }
+
+    /// (last octet, weight) of the first service's backends.
+    fn weights(st: &DesiredState) -> Vec<(u8, u32)> {
+        st.services[0]
+            .backends
+            .iter()
+            .map(|b| (last_octet(b.ip), b.weight))
+            .collect()
+    }
+
+    #[test]
+    fn topology_hints_as_kube_proxy() {
+        let svc = || service("web", "10.96.0.60", vec![named("http", 80, "http")]);
+        let t = |eps: Vec<Endpoint>| {
+            ClusterState::build(
+                &[svc()],
+                &[slice("web-x", "web", &[(Some("http"), 8080)], eps)],
+            )
+        };
+        // PreferSameNode: node and zone hints on every endpoint.
+        let c = t(vec![
+            hinted(on(ready("10.244.1.1"), "node-a"), &["node-a"], &["z1"]),
+            hinted(on(ready("10.244.2.1"), "node-b"), &["node-b"], &["z1"]),
+            hinted(on(ready("10.244.3.1"), "node-c"), &["node-c"], &["z2"]),
+        ]);
+        assert_eq!(weights(&c.node_state("node-a")), [(1, 1), (1, 0), (1, 0)]);
+        assert_eq!(weights(&c.node_state("node-b")), [(1, 0), (1, 1), (1, 0)]);
+        // No endpoint for node-d: its zone's, then all.
+        assert_eq!(
+            weights(&c.node_state_in_zone("node-d", Some("z1"))),
+            [(1, 1), (1, 1), (1, 0)]
+        );
+        assert_eq!(
+            weights(&c.node_state_in_zone("node-d", Some("z9"))),
+            [(1, 1), (1, 1), (1, 1)]
+        );
+        assert_eq!(weights(&c.default_state()), [(1, 1), (1, 1), (1, 1)]);
+        assert_eq!(
+            c.local_nodes().into_iter().collect::<Vec<_>>(),
+            ["node-a", "node-b", "node-c"]
+        );
+
+        // PreferSameZone: zone hints only; one ready endpoint without hints
+        // turns them off; a terminating one does not count.
+        let zoned = |extra: Option<Endpoint>| {
+            let mut eps = vec![
+                hinted(ready("10.244.1.2"), &[], &["z1"]),
+                hinted(ready("10.244.2.2"), &[], &["z2"]),
+            ];
+            eps.extend(extra);
+            t(eps)
+        };
+        let c = zoned(None);
+        assert_eq!(
+            weights(&c.node_state_in_zone("n", Some("z2"))),
+            [(2, 0), (2, 1)]
+        );
+        assert_eq!(
+            weights(&c.node_state("n")),
+            [(2, 1), (2, 1)],
+            "no zone known"
+        );
+        let c = zoned(Some(ready("10.244.3.2")));
+        assert_eq!(
+            weights(&c.node_state_in_zone("n", Some("z2"))),
+            [(2, 1), (2, 1), (2, 1)]
+        );
+        let c = zoned(Some(terminating("10.244.3.2")));
+        assert_eq!(
+            weights(&c.node_state_in_zone("n", Some("z2"))),
+            [(2, 0), (2, 1), (2, 0)]
+        );
+    }
+
+    #[test]
+    fn node_ports_external_ips_and_load_balancer_ingress() {
+        use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+        let with_np = |p: &str, np: i32| ServicePort {
+            node_port: Some(np),
+            ..named(p, 80, p)
+        };
+        let ports = || {
+            vec![with_np("http", 30080), {
+                let mut u = with_np("dns", 30053);
+                u.port = 53;
+                u.protocol = Some("UDP".into());
+                u
+            }]
+        };
+        let mut lb = with(service("lb", "10.96.0.50", ports()), |s| {
+            s.type_ = Some("LoadBalancer".into());
+            s.external_ips = Some(vec!["192.168.60.2".into(), "fd00::1".into()]);
+            s.external_traffic_policy = Some("Local".into());
+            s.health_check_node_port = Some(32000);
+        });
+        lb.status = Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![
+                    LoadBalancerIngress {
+                        ip: Some("192.168.60.1".into()),
+                        ..Default::default()
+                    },
+                    LoadBalancerIngress {
+                        ip: Some("192.168.60.2".into()),
+                        ..Default::default()
+                    },
+                    LoadBalancerIngress {
+                        hostname: Some("lb.example".into()),
+                        ..Default::default()
+                    },
+                ]),
+            }),
+            ..Default::default()
+        });
+        let np = with(service("np", "10.96.0.51", ports()), |s| {
+            s.type_ = Some("NodePort".into());
+            // Only with Local and type LoadBalancer.
+            s.health_check_node_port = Some(32001);
+        });
+        // A ClusterIP Service's nodePort (stale after a type change) is not used.
+        let cip = with(service("cip", "10.96.0.52", ports()), |s| {
+            s.external_ips = Some(vec!["192.168.60.3".into()]);
+        });
+        let t = translate(&[lb, np, cip], &[]);
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        let ext: Vec<(&str, &External)> = t
+            .state
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), &s.external))
+            .collect();
+        let e = |node_port, ips: &[[u8; 4]], local, hc| External {
+            node_port,
+            ips: ips
+                .iter()
+                .map(|o| IpAddr::from(Ipv4Addr::from(*o)))
+                .collect(),
+            traffic_policy: if local {
+                TrafficPolicy::Local
+            } else {
+                TrafficPolicy::Cluster
+            },
+            health_check_node_port: hc,
+        };
+        let lb_ips = [[192, 168, 60, 1], [192, 168, 60, 2]];
+        assert_eq!(
+            ext,
+            vec![
+                ("shop/lb:dns", &e(Some(30053), &lb_ips, true, Some(32000))),
+                ("shop/lb:http", &e(Some(30080), &lb_ips, true, Some(32000))),
+                ("shop/np:dns", &e(Some(30053), &[], false, None)),
+                ("shop/np:http", &e(Some(30080), &[], false, None)),
+                ("shop/cip:dns", &e(None, &[[192, 168, 60, 3]], false, None)),
+                ("shop/cip:http", &e(None, &[[192, 168, 60, 3]], false, None)),
+            ]
+        );
+    }
+
     #[test]
     fn session_affinity_client_ip() {
         let base = || service("sticky", "10.96.0.30", vec![named("http", 80, "http")]);
@@ -1326,10 +1661,18 @@ mod tests {
             slice("cluster-x", "cluster", &[(Some("http"), 8080)], eps()),
         ];
         let services = [local, cluster];
+        let on_node = |b: Backend, n: &str| Backend {
+            node: Some(n.into()),
+            ..b
+        };
+        // Each backend carries its node (the agents' externalTrafficPolicy: Local).
         let all = [
-            active("10.244.1.1", 8080),
-            backend("10.244.1.2", 8080, BackendState::Terminating),
-            active("10.244.2.1", 8080),
+            on_node(active("10.244.1.1", 8080), "node-a"),
+            on_node(
+                backend("10.244.1.2", 8080, BackendState::Terminating),
+                "node-a",
+            ),
+            on_node(active("10.244.2.1", 8080), "node-b"),
             active("10.244.3.1", 8080),
         ];
         let backends_on = |node: &str| -> (Vec<Backend>, Vec<Backend>) {

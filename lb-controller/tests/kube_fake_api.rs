@@ -995,9 +995,18 @@ fn node(name: &str) -> Value {
     })
 }
 
+/// A backend as translated: its node from the fixtures' plan (10.244.1.x on
+/// node-a, 10.244.2.x on node-b).
 fn backend(ip: &str, port: u16, state: BackendState) -> Backend {
+    let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+    let node = match ip.octets()[2] {
+        1 => Some("node-a".to_string()),
+        2 => Some("node-b".to_string()),
+        _ => None,
+    };
     Backend {
-        ip: ip.parse().unwrap(),
+        node,
+        ip: ip.into(),
         port,
         weight: 1,
         state,

@@ -3,7 +3,10 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_tail},
+    helpers::{
+        bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail, bpf_xdp_adjust_head,
+        bpf_xdp_adjust_tail,
+    },
     programs::{TcContext, XdpContext},
 };
 use core::ffi::c_void;
@@ -75,6 +78,8 @@ pub trait Ctx {
     fn route_rewrite(&mut self, ip: usize, smac: &[u8; 6], dmac: &[u8; 6]) -> Option<()>;
     /// Shrink or grow the frame to exactly `len` bytes and copy `bytes` over it.
     fn replace(&mut self, bytes: &[u8; nat::RST_LEN]) -> Option<()>;
+    /// Add `n` bytes in front of the frame; then cut it to `len` bytes.
+    fn reframe(&mut self, n: usize, len: usize) -> Option<()>;
     fn ret(&self, v: Verdict) -> u32;
 }
 
@@ -192,6 +197,17 @@ impl Ctx for Xdp<'_> {
             let new = old - 1;
             *ttl = new;
             *ic = nat::csum_update2(*ic, old, new);
+        }
+        Some(())
+    }
+    #[inline(always)]
+    fn reframe(&mut self, n: usize, len: usize) -> Option<()> {
+        if unsafe { bpf_xdp_adjust_head(self.0.ctx, -(n as i32)) } != 0 {
+            return None;
+        }
+        let cur = (self.data_end() - self.data()) as i32;
+        if unsafe { bpf_xdp_adjust_tail(self.0.ctx, len as i32 - cur) } != 0 {
+            return None;
         }
         Some(())
     }
@@ -321,6 +337,16 @@ impl Ctx for Tc<'_> {
         macs[..6].copy_from_slice(dmac);
         macs[6..].copy_from_slice(smac);
         self.0.store(0, &macs, 0).ok()
+    }
+    #[inline(always)]
+    fn reframe(&mut self, n: usize, len: usize) -> Option<()> {
+        if unsafe { bpf_skb_change_head(self.0.skb.skb, n as u32, 0) } != 0 {
+            return None;
+        }
+        if unsafe { bpf_skb_change_tail(self.0.skb.skb, len as u32, 0) } != 0 {
+            return None;
+        }
+        Some(())
     }
     #[inline(always)]
     fn replace(&mut self, bytes: &[u8; nat::RST_LEN]) -> Option<()> {

@@ -14,6 +14,7 @@ mod fwd;
 mod maps;
 mod nat;
 mod parse;
+mod reject;
 mod select;
 mod set;
 mod stats;
@@ -251,7 +252,8 @@ fn forward_and_fill<C: Ctx, S: ProgramSet>(
     verdict
 }
 
-/// No usable backend: a TCP SYN gets a RST (the client fails fast), the rest is dropped.
+/// No usable backend: a TCP SYN gets a RST (the client fails fast), a UDP
+/// datagram an ICMP port unreachable, the rest is dropped.
 #[inline(never)]
 fn no_backend<C: Ctx>(ctx: &mut C, p: &parse::Packet, svc_id: u32, empty: bool) -> Verdict {
     stats::svc_drop(svc_id);
@@ -275,6 +277,21 @@ fn no_backend<C: Ctx>(ctx: &mut C, p: &parse::Packet, svc_id: u32, empty: bool) 
         }
         stats::reason(reason::DROP_RST_BUILD);
         return Verdict::Drop;
+    }
+    if p.proto == proto::UDP && p.frag != parse::FRAG_LATER && ctx.can_redirect(ctx.ifindex()) {
+        return udp_unreachable(ctx, p);
+    }
+    stats::reason(reason::DROP_NO_BACKEND);
+    Verdict::Drop
+}
+
+/// A UDP datagram for a service with no usable backend: an ICMP port
+/// unreachable back out of the ingress interface (`reject`), else a drop.
+#[inline(always)]
+fn udp_unreachable<C: Ctx>(ctx: &mut C, p: &parse::Packet) -> Verdict {
+    if reject::port_unreachable(ctx, p.saddr, p.daddr).is_some() {
+        stats::reason(reason::TX_ICMP_NO_BACKEND);
+        return Verdict::Bounce;
     }
     stats::reason(reason::DROP_NO_BACKEND);
     Verdict::Drop

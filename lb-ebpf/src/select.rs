@@ -86,12 +86,17 @@ pub fn pick<S: ProgramSet>(svc: &ServiceValue, p: &Packet, now: u64) -> Option<u
         client_ip: p.saddr,
     };
     if svc.affinity_timeout_s != 0 {
-        if let Some(a) = unsafe { AFFINITY.get(&akey) } {
+        if let Some(a) = AFFINITY.get_ptr_mut(&akey) {
+            let a = unsafe { &mut *a };
             let fresh =
                 now.wrapping_sub(a.last_seen_ns) < svc.affinity_timeout_s as u64 * 1_000_000_000;
+            // `backend` refuses a terminating or drained backend: its clients pick anew.
             if fresh {
                 if let Some(b) = backend(a.backend_id) {
                     if b.svc_id == svc.id {
+                        // The timeout runs from the client's last new flow, as
+                        // kube-proxy's `recent --set` on every connection.
+                        a.last_seen_ns = now;
                         return Some(a.backend_id);
                     }
                 }

@@ -226,6 +226,38 @@ pub fn agent_args(lab: &Lab, dir: &TestDir, extra: &[&str]) -> Vec<String> {
     a
 }
 
+/// Flags for the agent of one node of a [`crate::lab::TwoNodeLab`]: its interfaces, pin
+/// path and node name, the config file `config`, small maps.
+pub fn node_agent_args(node: &crate::lab::Node, config: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--config",
+        &config.display().to_string(),
+        "--datapath",
+        "ebpf",
+        "--interfaces",
+        &node.ifaces().join(","),
+        "--pin-path",
+        &node.pin_path().display().to_string(),
+        "--node-name",
+        &node.name,
+        "--metrics-addr",
+        &format!("127.0.0.1:{AGENT_METRICS_PORT}"),
+        "--max-services",
+        "1024",
+        "--max-backends",
+        "4096",
+        "--max-conntrack",
+        "65536",
+        "--max-slots",
+        "1048576",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
 pub fn pin_path(lab: &Lab) -> PathBuf {
     lab.bpffs().join("rpclb")
 }
@@ -244,6 +276,15 @@ impl Proc {
             .arg(bin)
             .args(args);
         Proc::run(cmd, dir, name, Some(lab.node().name()), AGENT_METRICS_PORT)
+    }
+
+    /// Starts `lb-agent ARGS` in the namespace `ns` (a node of a two-node lab).
+    pub fn start_in(ns: &crate::lab::Netns, dir: &TestDir, name: &str, args: &[String]) -> Proc {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns.name()])
+            .arg(agent_bin())
+            .args(args);
+        Proc::run(cmd, dir, name, Some(ns.name()), AGENT_METRICS_PORT)
     }
 
     /// Starts `bin` on the host (the root namespace), with `env`; its

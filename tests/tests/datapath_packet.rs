@@ -196,6 +196,30 @@ fn predict(
     (lb_agent::datapath::reader::v4_only(b.ip), b.port)
 }
 
+/// The ICMP port unreachable a closed UDP port answers `query` with, built
+/// here byte by byte: MACs swapped; IPv4 from the service to the client, TOS
+/// 0xc0, id 0, no DF, TTL 64, protocol 1, total length 56; ICMP type 3 code 3,
+/// then the query's IPv4 header and UDP header as they arrived.
+fn port_unreachable(query: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&query[6..12]);
+    f.extend_from_slice(&query[..6]);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = vec![0x45, 0xc0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0];
+    ip.extend_from_slice(&query[30..34]); // from the service address
+    ip.extend_from_slice(&query[26..30]); // to the client
+    let c = packet::checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&query[14..42]);
+    let c = packet::checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    f.extend(ip);
+    f.extend(icmp);
+    assert_eq!(f.len(), 70);
+    f
+}
+
 struct Fixture {
     desc: &'static str,
     input: Vec<u8>,
@@ -240,10 +264,25 @@ fn main_table(hook: Hook, set: ProgramSet) {
         Algorithm::Random,
         &[],
     );
+    let empty_udp = service(
+        "demo/empty:dns",
+        EMPTY_VIP,
+        53,
+        Protocol::Udp,
+        Algorithm::Random,
+        &[],
+    );
     let w = h.dp().writer();
     w.upsert_service(&tcp_svc).unwrap();
     w.upsert_service(&udp_svc).unwrap();
     w.upsert_service(&empty).unwrap();
+    w.upsert_service(&empty_udp).unwrap();
+    let udp_query = Pkt::udp()
+        .ip(CLIENT, EMPTY_VIP)
+        .ports(41001, 53)
+        .id(9)
+        .payload(b"a DNS query longer than 28 bytes")
+        .build();
 
     let (bk, bport) = predict(&mut h, &tcp_svc.addr(), CLIENT, 40000, false);
     let (uk, uport) = predict(&mut h, &udp_svc.addr(), CLIENT, 41000, false);
@@ -358,6 +397,12 @@ fn main_table(hook: Hook, set: ProgramSet) {
                 .build(),
         },
         Fixture {
+            desc: "UDP to a service with no backend: ICMP port unreachable back to the client",
+            input: udp_query.clone(),
+            verdict: V::Tx,
+            output: port_unreachable(&udp_query),
+        },
+        Fixture {
             desc: "ACK to a service with no backend: dropped",
             input: tcp(CLIENT, 40004, EMPTY_VIP, 80, ACK).build(),
             verdict: V::Drop,
@@ -376,6 +421,7 @@ fn main_table(hook: Hook, set: ProgramSet) {
     assert_eq!(delta("nat_reverse"), 2, "reverse NATs");
     assert_eq!(delta("pass_no_service"), 2);
     assert_eq!(delta("tx_rst_no_backend"), 1);
+    assert_eq!(delta("tx_icmp_no_backend"), 1);
     assert_eq!(delta("drop_no_backend"), 1);
 
     // Counters and conntrack saw it.

@@ -51,6 +51,7 @@ fn services() -> (Service, Service) {
     let mut term = Backend::new(b(3), 8080);
     term.state = BackendState::Terminating;
     let web = Service {
+        external: Default::default(),
         name: "demo/web:http".into(),
         vip: VIP.into(),
         port: 80,
@@ -70,6 +71,7 @@ fn services() -> (Service, Service) {
         ],
     };
     let dns = Service {
+        external: Default::default(),
         name: "demo/dns:dns".into(),
         vip: UDP_VIP.into(),
         port: 53,
@@ -657,6 +659,7 @@ fn conntrack_shows_a_rewritten_client_port() {
     let vip2 = Ipv4Addr::new(10, 96, 0, 11);
     for (name, vip) in [("demo/a:http", VIP), ("demo/b:http", vip2)] {
         let svc = Service {
+            external: Default::default(),
             name: name.into(),
             vip: vip.into(),
             port: 80,

@@ -83,6 +83,8 @@ pub struct Options {
     pub handover: Option<Handover>,
     /// The userspace proxy's threads; 0: one per CPU.
     pub userspace_threads: usize,
+    /// This node's name and addresses (`--node-name`, `--node-addresses`).
+    pub node: crate::external::NodeInfo,
     /// The gRPC mode's pools, retries and drain (`--grpc-*`).
     pub grpc: crate::userspace::GrpcOptions,
 }
@@ -354,6 +356,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     let mut engines = Engines::new(kernel.map(|d| Arc::new(Mutex::new(d))));
     engines.proxy_threads = opts.userspace_threads;
+    engines.node = opts.node.clone();
     engines.grpc = opts.grpc.clone();
     let engines = Arc::new(engines);
     if let Some(i) = inherited {

@@ -127,6 +127,16 @@ struct RunArgs {
     /// certificate must name the same node (SAN URI rpclb://node/<name>).
     #[arg(long, env = "RPCLB_NODE_NAME", value_name = "NAME")]
     node_name: Option<String>,
+    /// This node's IPv4 addresses where node ports are balanced, comma-separated (default:
+    /// every IPv4 address of the node's interfaces but loopback, read at each state change,
+    /// as kube-proxy's default `--nodeport-addresses`).
+    #[arg(
+        long,
+        env = "RPCLB_NODE_ADDRESSES",
+        value_delimiter = ',',
+        value_name = "IP1,IP2"
+    )]
+    node_addresses: Vec<std::net::Ipv4Addr>,
     /// CA bundle (PEM) that signed the controller's certificate. Re-read when it changes.
     #[arg(long, env = "RPCLB_TLS_CA", value_name = "FILE")]
     tls_ca: Option<PathBuf>,
@@ -390,10 +400,20 @@ fn controller_tls(
 }
 
 fn run(a: RunArgs) -> anyhow::Result<()> {
+    // The node name: the controller stream's, and which backends are local
+    // (externalTrafficPolicy: Local). Kubernetes' default is the host name.
+    let node_name = match &a.node_name {
+        Some(n) => Some(n.clone()),
+        None => hostname().ok(),
+    };
+    let node = lb_agent::external::NodeInfo {
+        name: node_name.clone(),
+        addresses: a.node_addresses.clone(),
+    };
     let source = match (a.config, a.controller) {
         (Some(path), None) => Source::File(path),
         (None, Some(url)) => {
-            let node = match a.node_name {
+            let node = match node_name {
                 Some(n) => n,
                 None => hostname().context("no --node-name, and the host name is unreadable")?,
             };
@@ -473,6 +493,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             wait: a.handover_wait,
         }),
         userspace_threads: a.userspace_threads,
+        node,
         grpc: lb_agent::userspace::GrpcOptions {
             max_connections: a.grpc_max_connections,
             idle_timeout: a.grpc_idle_timeout,

@@ -8,10 +8,12 @@ pub mod stream;
 pub mod sys;
 mod topology;
 pub mod traffic;
+mod two_node;
 
 pub use netns::{CsumErrors, LinkStats, Netns, netns_list, sweep, sweep_orphans};
 pub use topology::{BpfFs, Checksums, Host, Iface, Lab};
 pub use traffic::{HeldConn, Limits, Reply, TcpServer, UdpServer, tcp_attempts, udp_attempts};
+pub use two_node::{EXTERNAL_NET, NODE_NET, Node, TwoNodeLab, node_ip};
 
 use std::process::Command;
 

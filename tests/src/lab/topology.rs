@@ -22,7 +22,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+pub(super) static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
 /// Where the lab's TCP/UDP checksums are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -65,7 +65,7 @@ impl Host {
     }
 
     /// Wire `ns` to `node` over 10.244.`net`.0/24: node side .1, host side .2.
-    fn wire(
+    pub(super) fn wire(
         node: &Netns,
         ns: Netns,
         tag: &str,

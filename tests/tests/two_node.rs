@@ -1,0 +1,754 @@
+//! Two-node lab tests: two node namespaces on a node network, each with its
+//! own pods and its own `lb-agent` (eBPF), a client outside the cluster on the
+//! node network (tests/src/lab/two_node.rs). Real TCP and UDP: which backend
+//! answered, which source it saw, which address the reply came from.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use rpclb_tests::lab::{self, Limits, Node, Reply, TcpServer, TwoNodeLab, UdpServer};
+use rpclb_tests::procs::{Proc, TestDir, node_agent_args};
+
+/// Identity of pod `i` of `node` (`a1`, `b2`, ...).
+fn ident(node: &Node, i: usize) -> String {
+    format!("{}{i}", &node.name["node-".len()..])
+}
+
+/// Identity servers on every pod of both nodes: TCP 8080 and UDP 5353.
+struct Servers {
+    tcp: BTreeMap<String, TcpServer>,
+    udp: BTreeMap<String, UdpServer>,
+}
+
+fn servers(lab: &TwoNodeLab) -> Servers {
+    let any = |p| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, p);
+    let mut s = Servers {
+        tcp: BTreeMap::new(),
+        udp: BTreeMap::new(),
+    };
+    for node in lab.nodes() {
+        for (k, pod) in node.pods().iter().enumerate() {
+            let id = ident(node, k + 1);
+            s.tcp.insert(
+                id.clone(),
+                TcpServer::start(&pod.ns, any(8080), &id).expect("tcp server"),
+            );
+            s.udp.insert(
+                id.clone(),
+                UdpServer::start(&pod.ns, any(5353), &id).expect("udp server"),
+            );
+        }
+    }
+    s
+}
+
+/// One service entry of a config file.
+fn svc_yaml(
+    name: &str,
+    vip: Ipv4Addr,
+    port: u16,
+    proto: &str,
+    algo: &str,
+    backends: &[Ipv4Addr],
+    backend_port: u16,
+) -> String {
+    let mut s = format!(
+        "  - name: {name}\n    vip: {vip}\n    port: {port}\n    protocol: {proto}\n    \
+         algorithm: {algo}\n"
+    );
+    if backends.is_empty() {
+        s.push_str("    backends: []\n");
+    } else {
+        s.push_str("    backends:\n");
+        for b in backends {
+            s.push_str(&format!("      - {{ ip: {b}, port: {backend_port} }}\n"));
+        }
+    }
+    s
+}
+
+fn config_yaml(services: &[String]) -> String {
+    let mut s = String::from("# written by tests/tests/two_node.rs\nservices:\n");
+    for svc in services {
+        s.push_str(svc);
+    }
+    s
+}
+
+/// Both nodes' agents, each with its own config file.
+struct Agents {
+    dirs: [TestDir; 2],
+    procs: Vec<Proc>,
+}
+
+impl Agents {
+    fn start(lab: &TwoNodeLab, configs: [&str; 2], extra: &[&str]) -> Agents {
+        let dirs = [TestDir::new("node-a"), TestDir::new("node-b")];
+        let mut procs = Vec::new();
+        for ((node, dir), cfg) in lab.nodes().into_iter().zip(&dirs).zip(configs) {
+            dir.write_config(cfg);
+            let args = node_agent_args(node, &dir.config(), extra);
+            let mut p = Proc::start_in(&node.ns, dir, &node.name, &args);
+            p.wait_ready();
+            procs.push(p);
+        }
+        Agents { dirs, procs }
+    }
+
+    fn log(&self, i: usize) -> String {
+        format!(
+            "{}:\n{}",
+            self.dirs[i].path().display(),
+            self.procs[i].log()
+        )
+    }
+}
+
+fn tcp_from(ns: &lab::Netns, target: SocketAddrV4, n: usize) -> Vec<Reply> {
+    ns.run(|| lab::tcp_attempts(target, n, Limits::default()))
+        .expect("namespace")
+        .into_iter()
+        .enumerate()
+        .map(|(k, r)| r.unwrap_or_else(|e| panic!("TCP {k} to {target}: {e}")))
+        .collect()
+}
+
+fn udp_from(ns: &lab::Netns, target: SocketAddrV4, n: usize) -> Vec<Reply> {
+    ns.run(|| lab::udp_attempts(target, n, Limits::default()))
+        .expect("namespace")
+        .into_iter()
+        .enumerate()
+        .map(|(k, r)| r.unwrap_or_else(|e| panic!("UDP {k} to {target}: {e}")))
+        .collect()
+}
+
+fn counts(replies: &[Reply]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for r in replies {
+        *m.entry(r.backend.clone()).or_default() += 1;
+    }
+    m
+}
+
+const TO_B: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+const TO_A: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+const ALL: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
+
+/// A ClusterIP connection from a pod on node A to a backend on node B works
+/// and comes back, and one from B to A; a service over both nodes' pods is
+/// balanced over all four from either side. Each backend sees the client pod's
+/// own address (no SNAT for ClusterIP traffic); each reply comes from the VIP.
+#[test]
+fn two_node_cluster_ip_crosses_nodes_both_ways() {
+    if !lab::require() {
+        return;
+    }
+    let lab = TwoNodeLab::new(2).expect("two-node lab");
+    let srv = servers(&lab);
+    let (a, b) = (lab.a(), lab.b());
+    let ip = |n: &Node, i: usize| n.pod(i).ip();
+    // Pod 2 of each node; the clients below are pods 1 (a pod reaching itself through a VIP,
+    // hairpin, is not handled: see docs/kubernetes.md).
+    let all = [ip(a, 2), ip(b, 2)];
+    let cfg = config_yaml(&[
+        svc_yaml(
+            "lab/to-b:http",
+            TO_B,
+            80,
+            "tcp",
+            "round-robin",
+            &[ip(b, 1)],
+            8080,
+        ),
+        svc_yaml(
+            "lab/to-a:http",
+            TO_A,
+            80,
+            "tcp",
+            "round-robin",
+            &[ip(a, 1)],
+            8080,
+        ),
+        svc_yaml("lab/all:http", ALL, 80, "tcp", "round-robin", &all, 8080),
+        svc_yaml("lab/all:dns", ALL, 53, "udp", "round-robin", &all, 5353),
+    ]);
+    let agents = Agents::start(&lab, [&cfg, &cfg], &[]);
+
+    // A pod on A to a backend on B, and back.
+    let r = tcp_from(&a.pod(2).ns, SocketAddrV4::new(TO_B, 80), 5);
+    for x in &r {
+        assert_eq!(x.backend, "b1", "{}", agents.log(0));
+        assert_eq!(x.peer, SocketAddr::from((TO_B, 80)), "reply from the VIP");
+    }
+    let seen = srv.tcp["b1"].peers();
+    assert_eq!(seen.len(), 5);
+    assert!(
+        seen.iter().all(|p| p.ip() == ip(a, 2)),
+        "b1 saw the client pod's own address: {seen:?}"
+    );
+
+    // A pod on B to a backend on A, and back.
+    let r = tcp_from(&b.pod(2).ns, SocketAddrV4::new(TO_A, 80), 5);
+    for x in &r {
+        assert_eq!(x.backend, "a1", "{}", agents.log(1));
+        assert_eq!(x.peer, SocketAddr::from((TO_A, 80)));
+    }
+    assert!(srv.tcp["a1"].peers().iter().all(|p| p.ip() == ip(b, 2)));
+
+    // Both nodes' pods from either node, TCP and UDP.
+    for node in [a, b] {
+        let c = counts(&tcp_from(&node.pod(1).ns, SocketAddrV4::new(ALL, 80), 40));
+        let want = BTreeMap::from([("a2".to_string(), 20), ("b2".to_string(), 20)]);
+        assert_eq!(c, want, "TCP from {}", node.name);
+        let r = udp_from(&node.pod(1).ns, SocketAddrV4::new(ALL, 53), 20);
+        assert!(r.iter().all(|x| x.peer == SocketAddr::from((ALL, 53))));
+        let want = BTreeMap::from([("a2".to_string(), 10), ("b2".to_string(), 10)]);
+        assert_eq!(counts(&r), want, "UDP from {}", node.name);
+        let from = node.pod(1).ip();
+        assert!(srv.udp["b2"].peers().iter().any(|p| p.ip() == from));
+    }
+}
+
+/// `backends:` YAML of pods (`(node, i)`) with their nodes.
+fn pods_yaml(pods: &[(&Node, usize)], port: u16) -> String {
+    let mut s = String::from("    backends:\n");
+    for (n, i) in pods {
+        s.push_str(&format!(
+            "      - {{ ip: {}, port: {port}, node: {} }}\n",
+            n.pod(*i).ip(),
+            n.name
+        ));
+    }
+    s
+}
+
+/// One service with external front ends, its backends on `pods`.
+fn ext_svc(
+    name: &str,
+    vip: Ipv4Addr,
+    port: u16,
+    proto: &str,
+    backend_port: u16,
+    pods: &[(&Node, usize)],
+    external: &str,
+) -> String {
+    format!(
+        "  - name: {name}\n    vip: {vip}\n    port: {port}\n    protocol: {proto}\n    \
+         algorithm: round-robin\n{external}{}",
+        pods_yaml(pods, backend_port)
+    )
+}
+
+/// A plain HTTP GET from `ns` to `target`: (status, headers + body).
+fn http_get(ns: &lab::Netns, target: SocketAddrV4) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    ns.run(|| {
+        let mut c = std::net::TcpStream::connect_timeout(
+            &target.into(),
+            std::time::Duration::from_secs(2),
+        )?;
+        c.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+        let req = format!("GET /healthz HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
+        c.write_all(req.as_bytes())?;
+        let mut resp = String::new();
+        c.read_to_string(&mut resp)?;
+        let status = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad response {resp:?}")))?;
+        Ok((status, resp))
+    })
+    .expect("client namespace")
+}
+
+const WEB: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const EXT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 10);
+
+/// NodePort (TCP and UDP) and an external IP with `externalTrafficPolicy:
+/// Local`, from a client outside the cluster: each node sends to its own
+/// pods only, the pods see the client's own address, and every reply comes
+/// from the address the client used. The health-check node port answers 200
+/// with the local endpoint count, then 503 once the node has none, and the
+/// node port then refuses new connections.
+#[test]
+fn two_node_node_port_and_external_ip_local() {
+    if !lab::require() {
+        return;
+    }
+    let lab = TwoNodeLab::new(2).expect("two-node lab");
+    let srv = servers(&lab);
+    let (a, b) = (lab.a(), lab.b());
+    let client = lab.client();
+    let cip = lab.client_ip();
+    let local = format!(
+        "    node_port: 30080\n    external_ips: [{EXT_IP}]\n    \
+         external_traffic_policy: local\n    health_check_node_port: 32080\n"
+    );
+    let local_udp = "    node_port: 30053\n    external_traffic_policy: local\n";
+    let all = [(a, 1), (a, 2), (b, 1), (b, 2)];
+    let cfg = |pods: &[(&Node, usize)]| {
+        config_yaml(&[
+            ext_svc("lab/web:http", WEB, 80, "tcp", 8080, pods, &local),
+            ext_svc("lab/web:dns", WEB, 53, "udp", 5353, pods, local_udp),
+        ])
+    };
+    let full = cfg(&all);
+    let mut agents = Agents::start(&lab, [&full, &full], &[]);
+
+    let check = |target: SocketAddrV4, want: [&str; 2], replies: &[Reply]| {
+        let c = counts(replies);
+        let w = BTreeMap::from([(want[0].to_string(), 5), (want[1].to_string(), 5)]);
+        assert_eq!(c, w, "to {target}: {}", agents.log(0));
+        for r in replies {
+            assert_eq!(r.peer, SocketAddr::from(target), "reply from {target}");
+            assert_eq!(r.local.ip(), cip);
+        }
+    };
+    for (node, want) in [(a, ["a1", "a2"]), (b, ["b1", "b2"])] {
+        let t = SocketAddrV4::new(node.addr(), 30080);
+        check(t, want, &tcp_from(client, t, 10));
+        let t = SocketAddrV4::new(node.addr(), 30053);
+        check(t, want, &udp_from(client, t, 10));
+        // The pods saw the client's own address (DNAT only).
+        for w in want {
+            let tcp = srv.tcp[w].peers();
+            let udp = srv.udp[w].peers();
+            assert!(
+                !tcp.is_empty() && tcp.iter().all(|p| p.ip() == cip),
+                "{w}: {tcp:?}"
+            );
+            assert!(
+                !udp.is_empty() && udp.iter().all(|p| p.ip() == cip),
+                "{w}: {udp:?}"
+            );
+        }
+    }
+    // The external IP, routed to node A.
+    let t = SocketAddrV4::new(EXT_IP, 80);
+    check(t, ["a1", "a2"], &tcp_from(client, t, 10));
+
+    // healthCheckNodePort: 200 and the count on both nodes.
+    for node in [a, b] {
+        let (status, resp) = http_get(client, SocketAddrV4::new(node.addr(), 32080)).unwrap();
+        assert_eq!(status, 200, "{resp}");
+        assert!(
+            resp.ends_with(
+                r#"{"service":{"namespace":"lab","name":"web"},"localEndpoints":2,"serviceProxyHealthy":true}"#
+            ),
+            "{resp}"
+        );
+        assert!(
+            resp.contains("X-Load-Balancing-Endpoint-Weight: 2\r\n"),
+            "{resp}"
+        );
+    }
+
+    // Node B's pods leave the service: B's health check says 503, its node
+    // port refuses new connections; A's is unchanged.
+    agents.dirs[1].write_config(&cfg(&[(a, 1), (a, 2)]));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let (status, resp) = loop {
+        let r = http_get(client, SocketAddrV4::new(b.addr(), 32080)).unwrap();
+        if r.0 == 503 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(status, 503, "{resp}\n{}", agents.log(1));
+    assert!(resp.contains(r#""localEndpoints":0"#), "{resp}");
+    let t = SocketAddrV4::new(b.addr(), 30080);
+    let r = client
+        .run(|| lab::tcp_attempts(t, 1, Limits::default()))
+        .unwrap();
+    let e = r[0].as_ref().expect_err("no local endpoint on B");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    let (status, _) = http_get(client, SocketAddrV4::new(a.addr(), 32080)).unwrap();
+    assert_eq!(status, 200);
+    // UDP to B's node port: an ICMP port unreachable (a connected socket
+    // sees ECONNREFUSED), counted as tx_icmp_no_backend.
+    let t = SocketAddrV4::new(b.addr(), 30053);
+    let e = client
+        .run(|| {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+            s.connect(t)?;
+            s.send(b"ping")?;
+            s.recv(&mut [0u8; 64]).map(|_| ())
+        })
+        .unwrap()
+        .expect_err("no local endpoint on B");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    let m = agents.procs[1].scrape();
+    let icmp = m.sum(
+        "rpclb_datapath_events_total",
+        &[("reason", "tx_icmp_no_backend")],
+    );
+    assert_eq!(icmp, 1.0, "{}", m.0);
+}
+
+/// `externalTrafficPolicy: Cluster` with a backend on each node: each node
+/// sends node-port traffic to its own (no SNAT is needed, the client address
+/// is kept). Sending to the other node's backends needs SNAT, which is not
+/// built yet (docs/kubernetes.md).
+#[test]
+fn two_node_node_port_cluster_uses_local_backends() {
+    if !lab::require() {
+        return;
+    }
+    let lab = TwoNodeLab::new(2).expect("two-node lab");
+    let srv = servers(&lab);
+    let (a, b) = (lab.a(), lab.b());
+    let client = lab.client();
+    let cfg = config_yaml(&[ext_svc(
+        "lab/web:http",
+        WEB,
+        80,
+        "tcp",
+        8080,
+        &[(a, 1), (b, 1)],
+        "    node_port: 30080\n",
+    )]);
+    let _agents = Agents::start(
+        &lab,
+        [&cfg, &cfg],
+        &["--node-addresses", "192.168.50.1,192.168.50.2"],
+    );
+    for (node, want) in [(a, "a1"), (b, "b1")] {
+        let t = SocketAddrV4::new(node.addr(), 30080);
+        let r = tcp_from(client, t, 6);
+        assert!(
+            r.iter()
+                .all(|x| x.backend == want && x.peer == SocketAddr::from(t)),
+            "{r:?}"
+        );
+        assert!(
+            srv.tcp[want]
+                .peers()
+                .iter()
+                .all(|p| p.ip() == lab.client_ip())
+        );
+    }
+    // The ClusterIP still balances over both nodes' pods.
+    let c = counts(&tcp_from(&a.pod(2).ns, SocketAddrV4::new(WEB, 80), 4));
+    assert_eq!(c.get("b1"), Some(&2), "{c:?}");
+}
+
+// ---- Kubernetes objects through the controller's translation ----
+
+use k8s_openapi::api::core::v1::{
+    ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Service as KubeService, ServicePort,
+    ServiceSpec, ServiceStatus, SessionAffinityConfig,
+};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use lb_api::{BackendState, DesiredState};
+
+/// A node's desired state as a config file (what the agent would get from the
+/// controller's stream; the fields these tests use).
+fn state_yaml(st: &DesiredState) -> String {
+    let mut s = String::from(
+        "# the controller's translation, written by tests/tests/two_node.rs\nservices:\n",
+    );
+    for v in &st.services {
+        assert!(v.grpc.is_none() && v.health_check.is_none(), "{}", v.name);
+        s.push_str(&format!(
+            "  - name: {:?}\n    vip: {}\n    port: {}\n    protocol: {}\n    algorithm: {}\n",
+            v.name,
+            v.vip,
+            v.port,
+            v.protocol.as_str(),
+            v.algorithm.as_str()
+        ));
+        if let Some(t) = v.affinity_timeout {
+            s.push_str(&format!("    affinity_timeout: {}\n", t.as_secs()));
+        }
+        if let Some(m) = v.maglev_table_size {
+            s.push_str(&format!("    maglev_table_size: {m}\n"));
+        }
+        let e = &v.external;
+        if let Some(p) = e.node_port {
+            s.push_str(&format!("    node_port: {p}\n"));
+        }
+        if !e.ips.is_empty() {
+            let ips: Vec<String> = e.ips.iter().map(ToString::to_string).collect();
+            s.push_str(&format!("    external_ips: [{}]\n", ips.join(", ")));
+        }
+        s.push_str(&format!(
+            "    external_traffic_policy: {}\n",
+            e.traffic_policy.as_str()
+        ));
+        if let Some(p) = e.health_check_node_port {
+            s.push_str(&format!("    health_check_node_port: {p}\n"));
+        }
+        s.push_str("    backends:\n");
+        if v.backends.is_empty() {
+            s.truncate(s.len() - 1);
+            s.push_str(" []\n");
+        }
+        for b in &v.backends {
+            s.push_str(&format!(
+                "      - {{ ip: {}, port: {}, weight: {}, state: {}",
+                b.ip,
+                b.port,
+                b.weight,
+                b.state.as_str()
+            ));
+            if let Some(n) = &b.node {
+                s.push_str(&format!(", node: {n}"));
+            }
+            s.push_str(" }\n");
+        }
+    }
+    s
+}
+
+/// Each node's config from the controller's translation of `services` and `slices`.
+fn translated(lab: &TwoNodeLab, services: &[KubeService], slices: &[EndpointSlice]) -> [String; 2] {
+    lab.nodes().map(|n| {
+        let t = lb_controller::node_state(services, slices, &n.name);
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        state_yaml(&t.state)
+    })
+}
+
+fn kube_service(name: &str, vip: Ipv4Addr, f: impl FnOnce(&mut ServiceSpec)) -> KubeService {
+    let mut spec = ServiceSpec {
+        type_: Some("ClusterIP".into()),
+        cluster_ip: Some(vip.to_string()),
+        cluster_ips: Some(vec![vip.to_string()]),
+        ports: Some(vec![ServicePort {
+            name: Some("http".into()),
+            port: 80,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    f(&mut spec);
+    KubeService {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("lab".into()),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    }
+}
+
+/// An EndpointSlice of `service` with pods `(node, i, state)` on port `http` 8080.
+fn kube_slice(service: &str, pods: &[(&Node, usize, BackendState)]) -> EndpointSlice {
+    EndpointSlice {
+        address_type: "IPv4".into(),
+        metadata: ObjectMeta {
+            name: Some(format!("{service}-x")),
+            namespace: Some("lab".into()),
+            labels: Some(
+                [(
+                    "kubernetes.io/service-name".to_string(),
+                    service.to_string(),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        ports: Some(vec![EndpointPort {
+            name: Some("http".into()),
+            port: Some(8080),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        endpoints: Some(
+            pods.iter()
+                .map(|(n, i, st)| {
+                    let terminating = *st == BackendState::Terminating;
+                    Endpoint {
+                        addresses: vec![n.pod(*i).ip().to_string()],
+                        node_name: Some(n.name.clone()),
+                        conditions: Some(EndpointConditions {
+                            ready: Some(!terminating),
+                            serving: Some(true),
+                            terminating: Some(terminating),
+                        }),
+                        ..Default::default()
+                    }
+                })
+                .collect(),
+        ),
+    }
+}
+
+const ITP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 20);
+
+/// From Kubernetes objects through the controller's translation to each
+/// node's agent: `internalTrafficPolicy: Local` keeps a pod's ClusterIP
+/// connections on its own node; a LoadBalancer Service with
+/// `externalTrafficPolicy: Local` is balanced on its ingress IP and node port
+/// to the receiving node's pods, which see the client's address; its
+/// `healthCheckNodePort` says 200 on both nodes.
+#[test]
+fn two_node_translated_internal_local_and_load_balancer() {
+    if !lab::require() {
+        return;
+    }
+    let lab = TwoNodeLab::new(2).expect("two-node lab");
+    let srv = servers(&lab);
+    let (a, b) = (lab.a(), lab.b());
+    let mut svc = kube_service("web", ITP_VIP, |s| {
+        s.type_ = Some("LoadBalancer".into());
+        s.internal_traffic_policy = Some("Local".into());
+        s.external_traffic_policy = Some("Local".into());
+        s.health_check_node_port = Some(32080);
+        s.ports.as_mut().unwrap()[0].node_port = Some(30080);
+    });
+    svc.status = Some(ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(vec![LoadBalancerIngress {
+                ip: Some(LB_IP.to_string()),
+                ..Default::default()
+            }]),
+        }),
+        ..Default::default()
+    });
+    let slice = kube_slice(
+        "web",
+        &[(a, 1, BackendState::Active), (b, 1, BackendState::Active)],
+    );
+    let [ca, cb] = translated(&lab, &[svc], &[slice]);
+    let agents = Agents::start(&lab, [&ca, &cb], &[]);
+
+    // internalTrafficPolicy: Local: each node's pod 2 reaches its own pod 1.
+    for (node, want) in [(a, "a1"), (b, "b1")] {
+        let r = tcp_from(&node.pod(2).ns, SocketAddrV4::new(ITP_VIP, 80), 6);
+        assert!(
+            r.iter().all(|x| x.backend == want),
+            "{r:?}\n{}",
+            agents.log(0)
+        );
+        assert!(
+            srv.tcp[want]
+                .peers()
+                .iter()
+                .all(|p| p.ip() == node.pod(2).ip())
+        );
+    }
+    // The ingress IP (routed to node A) and B's node port.
+    let client = lab.client();
+    for (t, want) in [
+        (SocketAddrV4::new(LB_IP, 80), "a1"),
+        (SocketAddrV4::new(b.addr(), 30080), "b1"),
+    ] {
+        let r = tcp_from(client, t, 4);
+        assert!(
+            r.iter()
+                .all(|x| x.backend == want && x.peer == SocketAddr::from(t)),
+            "{r:?}"
+        );
+        assert!(
+            srv.tcp[want]
+                .peers()
+                .iter()
+                .any(|p| p.ip() == lab.client_ip())
+        );
+    }
+    for node in [a, b] {
+        let (status, resp) = http_get(client, SocketAddrV4::new(node.addr(), 32080)).unwrap();
+        assert_eq!(status, 200, "{resp}");
+        assert!(resp.contains(r#""localEndpoints":1"#), "{resp}");
+    }
+}
+
+const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 31);
+
+/// `sessionAffinity: ClientIP` (timeout 2 s; round-robin by annotation, so
+/// that a new pick is visible) on a ClusterIP and a node port, through the
+/// controller's translation: a client keeps its backend across connections
+/// while it keeps connecting (the timeout runs from its last connection), and
+/// gets the next one after the timeout passes; once its backend is
+/// terminating it gets another at once, within the timeout (the defect users
+/// report in cilium/cilium#27096).
+#[test]
+fn two_node_session_affinity_client_ip_on_a_vip_and_a_node_port() {
+    if !lab::require() {
+        return;
+    }
+    let lab = TwoNodeLab::new(2).expect("two-node lab");
+    let _srv = servers(&lab);
+    let (a, b) = (lab.a(), lab.b());
+    let svc = |term: Option<usize>| {
+        let mut s = kube_service("sticky", STICKY_VIP, |s| {
+            s.type_ = Some("NodePort".into());
+            s.session_affinity = Some("ClientIP".into());
+            s.session_affinity_config = Some(SessionAffinityConfig {
+                client_ip: Some(ClientIPConfig {
+                    timeout_seconds: Some(2),
+                }),
+            });
+            s.ports.as_mut().unwrap()[0].node_port = Some(30081);
+        });
+        s.metadata.annotations =
+            Some([("rpclb.io/algorithm".to_string(), "round-robin".to_string())].into());
+        let st = |i| {
+            if term == Some(i) {
+                BackendState::Terminating
+            } else {
+                BackendState::Active
+            }
+        };
+        let slice = kube_slice("sticky", &[(a, 1, st(1)), (a, 2, st(2))]);
+        translated(&lab, &[s], &[slice])
+    };
+    let [ca, cb] = svc(None);
+    let agents = Agents::start(&lab, [&ca, &cb], &[]);
+    let client = lab.client();
+    let one = |ns: &lab::Netns, t: SocketAddrV4| tcp_from(ns, t, 1).remove(0).backend;
+
+    for (ns, t) in [
+        (&b.pod(1).ns, SocketAddrV4::new(STICKY_VIP, 80)),
+        (client, SocketAddrV4::new(a.addr(), 30081)),
+    ] {
+        // Sticky across connections 0.5 s apart for 3 s (past the 2 s timeout
+        // counted from the first): the timeout runs from the last connection.
+        let first = one(ns, t);
+        for _ in 0..6 {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            assert_eq!(one(ns, t), first, "to {t}\n{}", agents.log(0));
+        }
+        // After 2.5 s of silence: a new pick, the other pod (round-robin).
+        std::thread::sleep(std::time::Duration::from_millis(2500));
+        let second = one(ns, t);
+        assert_ne!(second, first, "to {t}: affinity expired");
+        assert_eq!(one(ns, t), second);
+    }
+
+    // The pod a client is pinned to starts terminating: its next connection,
+    // within the timeout, goes to the other pod.
+    let t = SocketAddrV4::new(STICKY_VIP, 80);
+    let ns = &b.pod(1).ns;
+    let pinned = one(ns, t);
+    let idx: usize = pinned[1..].parse().unwrap();
+    let [ca, cb] = svc(Some(idx));
+    agents.dirs[0].write_config(&ca);
+    agents.dirs[1].write_config(&cb);
+    // Keep the affinity fresh (a connection every 0.5 s) until B's agent
+    // takes the change (config poll 1 s; at most 15 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let moved = loop {
+        let got = one(ns, t);
+        if got != pinned || std::time::Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert_ne!(
+        moved,
+        pinned,
+        "a terminating backend gets no new affinity\n{}",
+        agents.log(1)
+    );
+    for _ in 0..3 {
+        assert_eq!(one(ns, t), moved, "and the new pick sticks");
+    }
+}
