@@ -201,45 +201,38 @@ pub const AGENT_METRICS_PORT: u16 = 9464;
 /// Flags every test passes: the lab's interfaces and pin path, small maps.
 pub fn agent_args(lab: &Lab, dir: &TestDir, extra: &[&str]) -> Vec<String> {
     let ifaces: Vec<String> = lab.node_ifaces().iter().map(|i| i.name.clone()).collect();
-    let mut a: Vec<String> = [
-        "--config",
-        &dir.config().display().to_string(),
-        "--interfaces",
-        &ifaces.join(","),
-        "--pin-path",
-        &pin_path(lab).display().to_string(),
-        "--metrics-addr",
-        &format!("127.0.0.1:{AGENT_METRICS_PORT}"),
-        "--max-services",
-        "1024",
-        "--max-backends",
-        "4096",
-        "--max-conntrack",
-        "65536",
-        "--max-slots",
-        "1048576",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
+    base_agent_args(&dir.config(), &ifaces.join(","), &pin_path(lab), &[], extra)
 }
 
 /// Flags for the agent of one node of a [`crate::lab::TwoNodeLab`]: its interfaces, pin
 /// path and node name, the config file `config`, small maps.
 pub fn node_agent_args(node: &crate::lab::Node, config: &Path, extra: &[&str]) -> Vec<String> {
+    let own = ["--datapath", "ebpf", "--node-name", &node.name];
+    base_agent_args(
+        config,
+        &node.ifaces().join(","),
+        &node.pin_path(),
+        &own,
+        extra,
+    )
+}
+
+/// The config file, interfaces, pin path, metrics address and small maps,
+/// then `own` and `extra`.
+fn base_agent_args(
+    config: &Path,
+    ifaces: &str,
+    pin: &Path,
+    own: &[&str],
+    extra: &[&str],
+) -> Vec<String> {
     let mut a: Vec<String> = [
         "--config",
         &config.display().to_string(),
-        "--datapath",
-        "ebpf",
         "--interfaces",
-        &node.ifaces().join(","),
+        ifaces,
         "--pin-path",
-        &node.pin_path().display().to_string(),
-        "--node-name",
-        &node.name,
+        &pin.display().to_string(),
         "--metrics-addr",
         &format!("127.0.0.1:{AGENT_METRICS_PORT}"),
         "--max-services",
@@ -254,8 +247,33 @@ pub fn node_agent_args(node: &crate::lab::Node, config: &Path, extra: &[&str]) -
     .iter()
     .map(|s| s.to_string())
     .collect();
-    a.extend(extra.iter().map(|s| s.to_string()));
+    a.extend(own.iter().chain(extra).map(|s| s.to_string()));
     a
+}
+
+/// One service entry of a config file.
+pub fn svc_yaml(
+    name: &str,
+    vip: Ipv4Addr,
+    port: u16,
+    proto: &str,
+    algo: &str,
+    backends: &[Ipv4Addr],
+    backend_port: u16,
+) -> String {
+    let mut s = format!(
+        "  - name: {name}\n    vip: {vip}\n    port: {port}\n    protocol: {proto}\n    \
+         algorithm: {algo}\n"
+    );
+    if backends.is_empty() {
+        s.push_str("    backends: []\n");
+    } else {
+        s.push_str("    backends:\n");
+        for b in backends {
+            s.push_str(&format!("      - {{ ip: {b}, port: {backend_port} }}\n"));
+        }
+    }
+    s
 }
 
 pub fn pin_path(lab: &Lab) -> PathBuf {

@@ -18,7 +18,7 @@ use lb_api::{Protocol, ServiceAddr};
 use rpclb_tests::lab::{self, Lab, Limits};
 use rpclb_tests::procs::{
     Proc as Agent, Scrape, TestDir, agent_args, agent_bin, agent_tls_args, controller_bin,
-    controller_tls_args, http_get_port, pin_path, wait_until,
+    controller_tls_args, http_get_port, pin_path, svc_yaml, wait_until,
 };
 use rpclb_tests::skip_unless_lab;
 
@@ -41,31 +41,6 @@ fn dns_addr() -> ServiceAddr {
         port: 53,
         protocol: Protocol::Udp,
     }
-}
-
-/// One service entry of a config file.
-fn svc_yaml(
-    name: &str,
-    vip: Ipv4Addr,
-    port: u16,
-    proto: &str,
-    algo: &str,
-    backends: &[Ipv4Addr],
-    backend_port: u16,
-) -> String {
-    let mut s = format!(
-        "  - name: {name}\n    vip: {vip}\n    port: {port}\n    protocol: {proto}\n    \
-         algorithm: {algo}\n"
-    );
-    if backends.is_empty() {
-        s.push_str("    backends: []\n");
-    } else {
-        s.push_str("    backends:\n");
-        for b in backends {
-            s.push_str(&format!("      - {{ ip: {b}, port: {backend_port} }}\n"));
-        }
-    }
-    s
 }
 
 fn config_yaml(services: &[String], timeouts: Option<&str>) -> String {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use rpclb_tests::lab::{self, Limits, Node, Reply, TcpServer, TwoNodeLab, UdpServer};
-use rpclb_tests::procs::{Proc, TestDir, node_agent_args};
+use rpclb_tests::procs::{Proc, TestDir, node_agent_args, svc_yaml};
 
 /// Identity of pod `i` of `node` (`a1`, `b2`, ...).
 fn ident(node: &Node, i: usize) -> String {
@@ -37,31 +37,6 @@ fn servers(lab: &TwoNodeLab) -> Servers {
                 id.clone(),
                 UdpServer::start(&pod.ns, any(5353), &id).expect("udp server"),
             );
-        }
-    }
-    s
-}
-
-/// One service entry of a config file.
-fn svc_yaml(
-    name: &str,
-    vip: Ipv4Addr,
-    port: u16,
-    proto: &str,
-    algo: &str,
-    backends: &[Ipv4Addr],
-    backend_port: u16,
-) -> String {
-    let mut s = format!(
-        "  - name: {name}\n    vip: {vip}\n    port: {port}\n    protocol: {proto}\n    \
-         algorithm: {algo}\n"
-    );
-    if backends.is_empty() {
-        s.push_str("    backends: []\n");
-    } else {
-        s.push_str("    backends:\n");
-        for b in backends {
-            s.push_str(&format!("      - {{ ip: {b}, port: {backend_port} }}\n"));
         }
     }
     s
