@@ -465,19 +465,7 @@ pub fn http_get_port(node: Option<&str>, port: u16, path: &str) -> std::io::Resu
                 return Err(std::io::Error::last_os_error());
             }
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-            c.set_read_timeout(Some(Duration::from_secs(5)))?;
-            write!(
-                c,
-                "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut resp = String::new();
-            c.read_to_string(&mut resp)?;
-            let status = resp
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| std::io::Error::other(format!("bad response {resp:?}")))?;
+            let (status, resp) = http_get_from(addr, &path, Duration::from_secs(5))?;
             let body = resp
                 .split_once("\r\n\r\n")
                 .map(|(_, b)| b.to_string())
@@ -487,6 +475,29 @@ pub fn http_get_port(node: Option<&str>, port: u16, path: &str) -> std::io::Resu
         .join()
         .expect("http thread")
     })
+}
+
+/// `GET path` to `addr` from the caller's namespace (HTTP/1.1, `Connection:
+/// close`): the status and the whole response, headers included.
+pub fn http_get_from(
+    addr: SocketAddr,
+    path: &str,
+    read_timeout: Duration,
+) -> std::io::Result<(u16, String)> {
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    c.set_read_timeout(Some(read_timeout))?;
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    c.read_to_string(&mut resp)?;
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad response {resp:?}")))?;
+    Ok((status, resp))
 }
 
 /// A Prometheus text scrape.

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use rpclb_tests::lab::{self, Limits, Node, Reply, TcpServer, TwoNodeLab, UdpServer};
-use rpclb_tests::procs::{Proc, TestDir, node_agent_args, svc_yaml};
+use rpclb_tests::procs::{Proc, TestDir, http_get_from, node_agent_args, svc_yaml};
 
 /// Identity of pod `i` of `node` (`a1`, `b2`, ...).
 fn ident(node: &Node, i: usize) -> String {
@@ -216,25 +216,8 @@ fn ext_svc(
 
 /// A plain HTTP GET from `ns` to `target`: (status, headers + body).
 fn http_get(ns: &lab::Netns, target: SocketAddrV4) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    ns.run(|| {
-        let mut c = std::net::TcpStream::connect_timeout(
-            &target.into(),
-            std::time::Duration::from_secs(2),
-        )?;
-        c.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
-        let req = format!("GET /healthz HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
-        c.write_all(req.as_bytes())?;
-        let mut resp = String::new();
-        c.read_to_string(&mut resp)?;
-        let status = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| std::io::Error::other(format!("bad response {resp:?}")))?;
-        Ok((status, resp))
-    })
-    .expect("client namespace")
+    ns.run(|| http_get_from(target.into(), "/healthz", std::time::Duration::from_secs(3)))
+        .expect("client namespace")
 }
 
 const WEB: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
