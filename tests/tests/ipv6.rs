@@ -3,10 +3,9 @@
 //! and the gRPC mode), and a dual-stack Kubernetes Service translated by the
 //! controller and served on both of its ClusterIPs.
 //!
-//! The lab's namespaces get ULA addresses (`nodad`) beside their IPv4 ones:
-//! `fd00:10:244:<net>::1` on the node's side of each veth, `::2` on the host's,
-//! where `<net>` is the third octet of the link's IPv4 network; VIPs are in
-//! `fd00:10:96::/112`. Nothing is added outside the lab's namespaces. Need
+//! The lab's namespaces get ULA addresses beside their IPv4 ones
+//! (`Lab::add_ipv6`, tests/src/lab/ipv6.rs); VIPs are in `fd00:10:96::/112`.
+//! Nothing is added outside the lab's namespaces. Need
 //! root; without it each test prints SKIP and passes (fails under CI).
 
 use std::collections::BTreeMap;
@@ -26,7 +25,7 @@ use lb_api::{Algorithm, Backend, DesiredState, GrpcPolicy, Protocol, Service};
 use rpclb_tests::grpc::proto::SimpleRequest;
 use rpclb_tests::grpc::proto::test_service_client::TestServiceClient;
 use rpclb_tests::grpc::{GrpcServer, Journal, TestBackend};
-use rpclb_tests::lab::{Host, Lab, Netns};
+use rpclb_tests::lab::{Lab, Netns};
 use rpclb_tests::skip_unless_lab;
 
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0xa);
@@ -34,61 +33,6 @@ const UDP_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x35);
 const GRPC_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x14);
 const BACKEND_PORT: u16 = 8080;
 const OP: Duration = Duration::from_secs(2);
-
-/// `fd00:10:244:<net>::<host>`.
-fn v6(net: u8, host: u16) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(net), 0, 0, 0, host)
-}
-
-/// The IPv4 network number (third octet) of a host's link.
-fn net_of(h: &Host) -> u8 {
-    h.ip().octets()[2]
-}
-
-/// A host's IPv6 address, and the node's on the same link.
-fn host6(h: &Host) -> Ipv6Addr {
-    v6(net_of(h), 2)
-}
-fn node6(h: &Host) -> Ipv6Addr {
-    v6(net_of(h), 1)
-}
-
-/// Adds the IPv6 addresses and routes (see the module docs), inside the
-/// lab's namespaces only, and turns IPv6 forwarding on in the node.
-fn add_ipv6(lab: &Lab) {
-    lab.node()
-        .exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])
-        .expect("forwarding");
-    for h in std::iter::once(lab.client()).chain(lab.backends()) {
-        let (node_ip, host_ip) = (node6(h), host6(h));
-        let node_if = &h.node_iface.name;
-        lab.node()
-            .ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{node_ip}/64"),
-                "dev",
-                node_if,
-                "nodad",
-            ])
-            .expect("node address");
-        h.ns.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{host_ip}/64"),
-            "dev",
-            &h.iface.name,
-            "nodad",
-        ])
-        .expect("host address");
-        for net in ["fd00:10:244::/48", "fd00:10:96::/112"] {
-            h.ns.ip(&["-6", "route", "add", net, "via", &node_ip.to_string()])
-                .expect("route via the node");
-        }
-    }
-}
 
 /// Test servers in each backend namespace on `[::]:port`: TCP answers one
 /// line `backend-<i> <client ip>` and closes; UDP answers each datagram the
@@ -220,7 +164,7 @@ fn has_route6(lab: &Lab, vip: Ipv6Addr) -> bool {
 fn v6_backends(lab: &Lab, port: u16) -> Vec<Backend> {
     lab.backends()
         .iter()
-        .map(|h| Backend::new(host6(h), port))
+        .map(|h| Backend::new(h.ip6(), port))
         .collect()
 }
 
@@ -231,7 +175,7 @@ fn v6_backends(lab: &Lab, port: u16) -> Vec<Backend> {
 fn ipv6_vip_in_the_userspace_proxy() {
     skip_unless_lab!();
     let lab = Lab::new(2).expect("lab");
-    add_ipv6(&lab);
+    lab.add_ipv6().expect("lab IPv6");
     let _servers = Servers::start(&lab, BACKEND_PORT);
     let p = proxy(&lab);
     let tcp = Service::new(
@@ -262,8 +206,8 @@ fn ipv6_vip_in_the_userspace_proxy() {
     let (b1, b2) = (lab.backend(1), lab.backend(2));
     let want = |n: usize| {
         BTreeMap::from([
-            (format!("backend-1 {}", node6(b1)), n),
-            (format!("backend-2 {}", node6(b2)), n),
+            (format!("backend-1 {}", b1.node_ip6()), n),
+            (format!("backend-2 {}", b2.node_ip6()), n),
         ])
     };
     let lines = tcp_lines(&lab.client().ns, SocketAddr::from((VIP6, 80)), 8);
@@ -296,7 +240,7 @@ fn ipv6_vip_in_the_grpc_mode() {
     const PORT: u16 = 50051;
     const CALLS: usize = 40;
     let lab = Lab::new(2).expect("lab");
-    add_ipv6(&lab);
+    lab.add_ipv6().expect("lab IPv6");
     let journal = Arc::new(Journal::default());
     let _servers: Vec<GrpcServer> = (1..=2)
         .map(|i| {
@@ -353,7 +297,7 @@ fn ipv6_vip_in_the_grpc_mode() {
     assert_eq!(s.requests, CALLS as u64);
     // Each backend's address is its IPv6 one.
     for h in lab.backends() {
-        assert!(s.backend(host6(h), PORT).is_some(), "{:?}", s.backends);
+        assert!(s.backend(h.ip6(), PORT).is_some(), "{:?}", s.backends);
     }
     p.shutdown().expect("shutdown");
 }
@@ -399,7 +343,7 @@ fn slice(name: &str, family: &str, port: u16, ips: Vec<String>) -> EndpointSlice
 fn dual_stack_service_through_the_translation() {
     skip_unless_lab!();
     let lab = Lab::new(2).expect("lab");
-    add_ipv6(&lab);
+    lab.add_ipv6().expect("lab IPv6");
     let _servers = Servers::start(&lab, BACKEND_PORT);
     let v4_vip = std::net::Ipv4Addr::new(10, 96, 0, 60);
     let kube = KubeService {
@@ -438,10 +382,7 @@ fn dual_stack_service_through_the_translation() {
             "dual-v6",
             "IPv6",
             BACKEND_PORT,
-            lab.backends()
-                .iter()
-                .map(|h| host6(h).to_string())
-                .collect(),
+            lab.backends().iter().map(|h| h.ip6().to_string()).collect(),
         ),
     ];
     let t = lb_controller::translate::node_state(&[kube], &slices, "node-a");
@@ -478,8 +419,8 @@ fn dual_stack_service_through_the_translation() {
     assert_eq!(
         counts(&lines),
         BTreeMap::from([
-            (format!("backend-1 {}", node6(b1)), 2),
-            (format!("backend-2 {}", node6(b2)), 2),
+            (format!("backend-1 {}", b1.node_ip6()), 2),
+            (format!("backend-2 {}", b2.node_ip6()), 2),
         ]),
         "IPv6: {lines:?}"
     );
@@ -502,7 +443,7 @@ fn ebpf_mode_serves_ipv6_services_in_userspace() {
     use rpclb_tests::procs::{Proc, TestDir, agent_args, pin_path};
     skip_unless_lab!();
     let lab = Lab::new(2).expect("lab");
-    add_ipv6(&lab);
+    lab.add_ipv6().expect("lab IPv6");
     let _servers = Servers::start(&lab, BACKEND_PORT);
     let v4_vip = std::net::Ipv4Addr::new(10, 96, 0, 61);
     let entry = |name: &str, vip: String, ips: Vec<String>| {
@@ -527,10 +468,7 @@ fn ebpf_mode_serves_ipv6_services_in_userspace() {
         entry(
             "lab/web:http@ipv6",
             VIP6.to_string(),
-            lab.backends()
-                .iter()
-                .map(|h| host6(h).to_string())
-                .collect()
+            lab.backends().iter().map(|h| h.ip6().to_string()).collect()
         ),
     ));
     let mut agent = Proc::start(&lab, &dir, "agent", &agent_args(&lab, &dir, &[]));
@@ -556,8 +494,8 @@ fn ebpf_mode_serves_ipv6_services_in_userspace() {
     assert_eq!(
         counts(&lines),
         BTreeMap::from([
-            (format!("backend-1 {}", node6(b1)), 2),
-            (format!("backend-2 {}", node6(b2)), 2),
+            (format!("backend-1 {}", b1.node_ip6()), 2),
+            (format!("backend-2 {}", b2.node_ip6()), 2),
         ]),
         "IPv6 (userspace): {lines:?}"
     );
@@ -579,7 +517,7 @@ fn ebpf_mode_serves_ipv6_services_in_userspace() {
         "rpclb_backend_new_flows_total",
         &[
             ("service", "lab/web:http@ipv6"),
-            ("backend", &format!("[{}]:{BACKEND_PORT}", host6(b1))),
+            ("backend", &format!("[{}]:{BACKEND_PORT}", b1.ip6())),
         ],
     );
     assert_eq!(be, Some(2.0));
@@ -609,7 +547,7 @@ fn the_map_writer_refuses_ipv6_services() {
         80,
         Protocol::Tcp,
         Algorithm::Maglev,
-        vec![Backend::new(v6(11, 2), 8080)],
+        vec![Backend::new(rpclb_tests::lab::ipv6::pod_ip6(11, 2), 8080)],
     );
     let refused = dp
         .writer()

@@ -3,6 +3,7 @@
 //! addresses, routes and sysctls are never touched; the only thing made outside a namespace is
 //! a bpffs mount under /run, which is unmounted on drop.
 
+pub mod ipv6;
 mod netns;
 pub mod stream;
 pub mod sys;
