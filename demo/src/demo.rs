@@ -1162,7 +1162,7 @@ mod tests {
             key: "b",
             name: "rpc-service-b".into(),
             host: "rpc-service-b.my-rpc.svc.cluster.local".into(),
-            vip: Ipv4Addr::new(10, 96, 0, 11),
+            vip: Ipv4Addr::new(10, 96, 0, 11).into(),
             port: 50052,
             pods: vec![
                 pod("rpc-service-b-1", "10.244.11.2"),

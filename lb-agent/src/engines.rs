@@ -13,6 +13,9 @@
 //! - **userspace** (`--datapath userspace`, or `auto` when eBPF cannot be
 //!   loaded or attached): the userspace proxy serves every service.
 //!
+//! In both, the external front ends (node ports, external IPs; `crate::external`)
+//! are services of their own, served where their service is.
+//!
 //! Both get the desired state with the backends that fail their health
 //! checks drained (weight 0; `crate::health`).
 //!
@@ -133,8 +136,7 @@ impl Engines {
         self.health_node_ports.update(state, &self.node);
         let (kernel_part, proxy_part) = match &self.kernel {
             Some(_) => {
-                // The external front ends are kernel services of their own
-                // (crate::external); the userspace proxy serves ClusterIPs only.
+                // The external front ends are services of their own (crate::external).
                 let (l7, l4): (Vec<_>, Vec<_>) = crate::external::expand(state, &self.node)
                     .services
                     .into_iter()
@@ -144,7 +146,7 @@ impl Engines {
                     DesiredState { services: l7 },
                 )
             }
-            None => (None, state.clone()),
+            None => (None, crate::external::expand(state, &self.node)),
         };
         let mut refused = Vec::new();
         if let (Some(dp), Some(part)) = (&self.kernel, kernel_part) {

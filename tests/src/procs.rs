@@ -207,7 +207,13 @@ pub fn agent_args(lab: &Lab, dir: &TestDir, extra: &[&str]) -> Vec<String> {
 /// Flags for the agent of one node of a [`crate::lab::TwoNodeLab`]: its interfaces, pin
 /// path and node name, the config file `config`, small maps.
 pub fn node_agent_args(node: &crate::lab::Node, config: &Path, extra: &[&str]) -> Vec<String> {
-    let own = ["--datapath", "ebpf", "--node-name", &node.name];
+    // `--datapath ebpf` unless `extra` names another.
+    let datapath: &[&str] = if extra.contains(&"--datapath") {
+        &[]
+    } else {
+        &["--datapath", "ebpf"]
+    };
+    let own: Vec<&str> = [datapath, &["--node-name", &node.name]].concat();
     base_agent_args(
         config,
         &node.ifaces().join(","),
