@@ -49,8 +49,10 @@ use std::time::Duration;
 use crate::model::{
     Algorithm, Backend, BackendState, Balancing, DEFAULT_GRPC_TIMEOUT, DesiredState, External,
     GrpcPolicy, GrpcTls, HealthCheck, HealthCheckKind, ListenTls, OrcaWrr, OutlierDetection,
-    Protocol, RetryPolicy, RetryThrottle, Service, TrafficPolicy, UpstreamTls,
+    Locality, LocalityTier, Protocol, RetryPolicy, RetryThrottle, Service, TrafficPolicy,
+    UpstreamTls,
 };
+use crate::locality::{NodeLocation, NodeLocations};
 use crate::validate::{
     self, BackendField, Field, HeaderField, OrcaWrrField, OutlierField, RetryField, TlsField,
 };
@@ -67,6 +69,10 @@ pub use crate::validate::MAX_MAGLEV_M;
 pub struct Config {
     pub state: DesiredState,
     pub timeouts: Timeouts,
+    /// `nodes:`: where each node is (zone, region), for the services'
+    /// locality policies (docs/policies.md). Not sent to agents: the
+    /// controller resolves each node's state with it.
+    pub nodes: NodeLocations,
 }
 
 /// Conntrack idle timeouts: a flow idle for longer than its state's timeout is
@@ -242,6 +248,7 @@ fn from_entries(text: &str, cache: &mut EntryCache) -> Option<Config> {
     Some(Config {
         state: DesiredState { services },
         timeouts: rest.timeouts,
+        nodes: rest.nodes,
     })
 }
 
@@ -372,6 +379,29 @@ struct RawConfig {
     services: Option<At<Vec<At<RawService>>>>,
     #[serde(default)]
     timeouts: Option<At<RawTimeouts>>,
+    /// Where the nodes are, for locality policies.
+    #[serde(default)]
+    nodes: Option<At<Vec<At<RawNode>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a node mapping (name, zone, region)")]
+struct RawNode {
+    #[serde(default, deserialize_with = "required")]
+    name: Option<At<NodeName>>,
+    zone: Option<At<NodeName>>,
+    region: Option<At<NodeName>>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a locality mapping (tiers, min_backends)"
+)]
+struct RawLocality {
+    #[serde(default, deserialize_with = "required")]
+    tiers: Option<At<Vec<At<TierField>>>>,
+    min_backends: Option<At<MinBackends>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -411,6 +441,8 @@ struct RawService {
     external_ips: Option<At<Vec<At<Ip>>>>,
     external_traffic_policy: Option<At<TrafficPolicyField>>,
     health_check_node_port: Option<At<Port>>,
+    /// Present: a locality policy (docs/policies.md).
+    locality: Option<At<RawLocality>>,
 }
 
 #[derive(Deserialize)]
@@ -588,6 +620,23 @@ fn build(raw: Option<RawConfig>) -> Result<Config, Problem> {
         udp: secs(t.udp, d.udp),
     };
 
+    let mut nodes = NodeLocations::new();
+    for (i, rn) in raw.nodes.iter().flat_map(|n| &n.value).enumerate() {
+        let here = vec![key("nodes"), Seg::Index(i)];
+        let name = need(&rn.value.name, "name", &here, rn.at)?.0.clone();
+        let text = |v: &Option<At<NodeName>>| v.as_ref().map(|v| v.value.0.clone());
+        let loc = NodeLocation {
+            zone: text(&rn.value.zone),
+            region: text(&rn.value.region),
+        };
+        if nodes.insert(name.clone(), loc).is_some() {
+            return Err(Problem {
+                path: [&here[..], &[key("name")]].concat(),
+                at: rn.value.name.as_ref().map(|n| n.at),
+                message: format!("duplicate node {name:?}"),
+            });
+        }
+    }
     let raw_services = raw.services.map(|s| s.value).unwrap_or_default();
     let mut services = Vec::with_capacity(raw_services.len());
     let mut by_addr = HashMap::new();
@@ -619,6 +668,7 @@ fn build(raw: Option<RawConfig>) -> Result<Config, Problem> {
     Ok(Config {
         state: DesiredState { services },
         timeouts,
+        nodes,
     })
 }
 
@@ -863,6 +913,19 @@ fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
                 .map_or(TrafficPolicy::Cluster, |p| p.value.0),
             health_check_node_port: s.health_check_node_port.as_ref().map(|p| p.value.0),
         },
+        locality: match &s.locality {
+            None => None,
+            Some(l) => {
+                let here = [&here[..], &[key("locality")]].concat();
+                Some(Locality {
+                    tiers: need(&l.value.tiers, "tiers", &here, l.at)?
+                        .iter()
+                        .map(|t| t.value.0)
+                        .collect(),
+                    min_backends: l.value.min_backends.as_ref().map_or(1, |m| m.value.0),
+                })
+            }
+        },
     })
 }
 
@@ -1065,6 +1128,7 @@ fn field_problem(i: usize, rs: &At<RawService>, field: Field, message: String) -
             v
         }
         Field::HealthCheck => vec![(key("health_check"), at(&s.health_check))],
+        Field::Locality => vec![(key("locality"), at(&s.locality))],
         Field::HealthCheckService => health("service", |h| at(&h.service)),
         Field::HealthCheckInterval => health("interval", |h| at(&h.interval)),
         Field::HealthCheckTimeout => health("timeout", |h| at(&h.timeout)),
@@ -1656,6 +1720,20 @@ checked!(
     /// A node name (as `--node-name`): not empty, no control characters.
     NodeName(String) = text_field("a node name", |s| {
         validate::name(s).map(|()| s.to_string())
+    })
+);
+
+checked!(
+    /// `node`, `zone` or `region`.
+    TierField(LocalityTier) = str_field("a locality tier (node, zone or region)", |s| {
+        s.parse::<LocalityTier>()
+    })
+);
+
+checked!(
+    MinBackends(u32) = int_field("a number of backends (1-10000)", |v| {
+        let n = u32::try_from(v).unwrap_or(u32::MAX);
+        validate::locality_min_backends(n).map(|()| n)
     })
 );
 

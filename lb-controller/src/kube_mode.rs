@@ -19,6 +19,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use lb_api::config::Timeouts;
+use lb_api::locality::NodeLocation;
 use lb_api::wire::NodeState;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -59,30 +60,46 @@ pub enum KubeModeError {
     Source(#[from] SourceError),
 }
 
-/// The per-node states of one snapshot: every node gets the default state
-/// except the nodes with `internalTrafficPolicy: Local` endpoints.
+/// The per-node states of one snapshot. Every node gets the default state
+/// except: the nodes of [`ClusterState::local_nodes`] (endpoints of
+/// `internalTrafficPolicy: Local` services, node hints, node tiers of
+/// locality policies), each its own; and, when zones matter
+/// ([`ClusterState::location_dependent`]), the nodes of each zone/region
+/// whose state differs from the default, which share one `Arc` per
+/// location, computed once.
+///
+/// [`ClusterState::local_nodes`]: crate::ClusterState::local_nodes
+/// [`ClusterState::location_dependent`]: crate::ClusterState::location_dependent
 pub fn node_states(
     snap: &ClusterSnapshot,
     timeouts: Timeouts,
-) -> (NodeState, BTreeMap<String, NodeState>) {
+) -> (NodeState, BTreeMap<String, Arc<NodeState>>) {
+    let cluster = &snap.cluster;
     let default = NodeState {
-        state: snap.cluster.default_state(),
+        state: cluster.default_state(),
         timeouts,
     };
-    let nodes = snap
-        .cluster
-        .local_nodes()
-        .into_iter()
-        .map(|n| {
-            (
-                n.to_string(),
-                NodeState {
-                    state: snap.cluster.node_state(n),
-                    timeouts,
-                },
-            )
-        })
-        .collect();
+    let local = cluster.local_nodes();
+    let mut nodes = BTreeMap::new();
+    if cluster.location_dependent() {
+        let mut by_location: BTreeMap<&NodeLocation, Option<Arc<NodeState>>> = BTreeMap::new();
+        for (n, loc) in cluster.node_locations() {
+            if local.contains(n.as_str()) {
+                continue;
+            }
+            let shared = by_location.entry(loc).or_insert_with(|| {
+                let state = cluster.location_state(loc);
+                (state != default.state).then(|| Arc::new(NodeState { state, timeouts }))
+            });
+            if let Some(s) = shared {
+                nodes.insert(n.clone(), Arc::clone(s));
+            }
+        }
+    }
+    for n in local {
+        let state = cluster.node_state(n);
+        nodes.insert(n.to_string(), Arc::new(NodeState { state, timeouts }));
+    }
     (default, nodes)
 }
 
@@ -141,7 +158,7 @@ pub async fn run(
                 }
                 let Some(snap) = snap_rx.borrow_and_update().clone() else { continue };
                 let (default, nodes) = node_states(&snap, opts.timeouts);
-                let v = publisher.publish(default, nodes);
+                let v = publisher.publish_shared(default, nodes);
                 counters.config_reloads.fetch_add(1, Ordering::Relaxed);
                 if !counters.ready.swap(true, Ordering::Relaxed) {
                     info!(version = v, "first cluster snapshot published; ready");

@@ -88,9 +88,10 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Service as KubeService, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
+use lb_api::locality::{self, NodeLocation, NodeLocations, Place};
 use lb_api::{
-    Algorithm, Backend, BackendState, DEFAULT_MAGLEV_M, DesiredState, External, Protocol, Service,
-    ServiceAddr, TrafficPolicy, validate,
+    Algorithm, Backend, BackendState, DEFAULT_MAGLEV_M, DesiredState, External, Locality,
+    LocalityTier, Protocol, Service, ServiceAddr, TrafficPolicy, validate,
 };
 
 use crate::annotations::{self, AnnotationError, ServicePolicy, parse_annotations};
@@ -273,6 +274,8 @@ pub struct ClusterState {
     /// Sorted by (VIP, port, protocol).
     services: Vec<ClusterService>,
     problems: Vec<Problem>,
+    /// Where the nodes are (their `topology.kubernetes.io/` labels).
+    nodes: NodeLocations,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -285,6 +288,34 @@ struct ClusterService {
     nodes: Vec<Option<String>>,
     /// Each backend's topology hints, in the same order.
     hints: Vec<Hints>,
+    /// Each backend's zone and region, in the same order: the endpoint's
+    /// `zone`, else its node's label; its node's region label, else the
+    /// region of another node in its zone.
+    places: Vec<(Option<String>, Option<String>)>,
+}
+
+impl ClusterService {
+    fn place(&self, i: usize) -> Place<'_> {
+        Place {
+            node: self.nodes[i].as_deref(),
+            zone: self.places[i].0.as_deref(),
+            region: self.places[i].1.as_deref(),
+        }
+    }
+}
+
+/// The locality of a Service: `rpclb.io/locality`, else its
+/// `trafficDistribution` (`PreferSameZone` and its older name `PreferClose`:
+/// this zone's endpoints; `PreferSameNode`: this node's, else this zone's).
+fn locality_of(spec: &ServiceSpec, annotated: Option<&Locality>) -> Option<Locality> {
+    if let Some(l) = annotated {
+        return Some(l.clone());
+    }
+    match spec.traffic_distribution.as_deref() {
+        Some("PreferSameZone" | "PreferClose") => Some(Locality::prefer_same_zone()),
+        Some("PreferSameNode") => Some(Locality::prefer_same_node()),
+        _ => None,
+    }
 }
 
 /// An endpoint's topology hints (EndpointSlice `hints.forNodes`,
@@ -334,6 +365,17 @@ impl ClusterState {
         S: Borrow<KubeService>,
         E: Borrow<EndpointSlice>,
     {
+        Self::build_with_nodes(services, slices, NodeLocations::new())
+    }
+
+    /// As [`build`](Self::build), knowing where the nodes are (each Node's
+    /// `topology.kubernetes.io/zone` and `region` labels): zone hints and
+    /// locality policies use them.
+    pub fn build_with_nodes<S, E>(services: &[S], slices: &[E], nodes: NodeLocations) -> Self
+    where
+        S: Borrow<KubeService>,
+        E: Borrow<EndpointSlice>,
+    {
         let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
         for slice in slices.iter().map(Borrow::borrow) {
             if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
@@ -367,13 +409,24 @@ impl ClusterState {
             .collect();
         ordered.sort_by(|a, b| a.0.cmp(&b.0));
 
+        // A zone's region: the first by node name that names one.
+        let mut zone_region = BTreeMap::new();
+        for l in nodes.values() {
+            if let (Some(z), Some(r)) = (&l.zone, &l.region) {
+                zone_region.entry(z.as_str()).or_insert(r.as_str());
+            }
+        }
+        let topo = Topo {
+            nodes: &nodes,
+            zone_region,
+        };
         let mut out = Vec::new();
         let mut problems = Vec::new();
         for (r, svc) in &ordered {
             let slices = by_service
                 .get(&(r.namespace.as_str(), r.name.as_str()))
                 .map_or(&[][..], Vec::as_slice);
-            translate_service(r, svc, slices, &mut out, &mut problems);
+            translate_service(r, svc, slices, &topo, &mut out, &mut problems);
         }
 
         // One owner per address; `out` is in namespace/name order, and the
@@ -397,24 +450,64 @@ impl ClusterState {
             services.push(s);
         }
         problems.sort_by(|a, b| a.service.cmp(&b.service));
-        ClusterState { services, problems }
+        ClusterState {
+            services,
+            problems,
+            nodes,
+        }
     }
 
-    /// The desired state of `node` (topology hints by node only).
+    /// The desired state of `node`, at its location if known.
     pub fn node_state(&self, node: &str) -> DesiredState {
-        self.state_for(Some(node), None)
+        let here = Place::of_node(Some(node), &self.nodes);
+        self.state_for(&here)
     }
 
     /// The desired state of `node` in `zone` (its `topology.kubernetes.io/zone`):
     /// zone hints apply too.
     pub fn node_state_in_zone(&self, node: &str, zone: Option<&str>) -> DesiredState {
-        self.state_for(Some(node), zone)
+        let region = self.nodes.get(node).and_then(|l| l.region.as_deref());
+        self.state_for(&Place {
+            node: Some(node),
+            zone,
+            region,
+        })
     }
 
-    /// The state of every node outside [`local_nodes`](Self::local_nodes):
-    /// services with `internalTrafficPolicy: Local` have no backends there.
+    /// The state of every node at `loc` that is not in
+    /// [`local_nodes`](Self::local_nodes): computed once per location and
+    /// shared by those nodes.
+    pub fn location_state(&self, loc: &NodeLocation) -> DesiredState {
+        self.state_for(&Place {
+            node: None,
+            zone: loc.zone.as_deref(),
+            region: loc.region.as_deref(),
+        })
+    }
+
+    /// Where the nodes are, as given to [`build_with_nodes`](Self::build_with_nodes).
+    pub fn node_locations(&self) -> &NodeLocations {
+        &self.nodes
+    }
+
+    /// Whether a node's zone or region can change its state: some service
+    /// has zone hints or a locality tier `zone` or `region`. When not, every
+    /// node outside [`local_nodes`](Self::local_nodes) has the default state.
+    pub fn location_dependent(&self) -> bool {
+        self.services.iter().filter(|cs| !cs.local_only).any(|cs| {
+            cs.service.locality.as_ref().is_some_and(|l| {
+                l.tiers
+                    .iter()
+                    .any(|t| matches!(t, LocalityTier::Zone | LocalityTier::Region))
+            }) || cs.hints.iter().any(|h| !h.zones.is_empty())
+        })
+    }
+
+    /// The state of every node outside [`local_nodes`](Self::local_nodes)
+    /// whose location is unknown: services with
+    /// `internalTrafficPolicy: Local` have no backends there.
     pub fn default_state(&self) -> DesiredState {
-        self.state_for(None, None)
+        self.state_for(&Place::default())
     }
 
     /// The nodes whose state differs from the [default](Self::default_state):
@@ -426,24 +519,43 @@ impl ClusterState {
                 .iter()
                 .flat_map(|h| h.nodes.iter().map(String::as_str))
         });
+        // A node tier: the nodes that run one of the service's backends.
+        let node_tier = self
+            .services
+            .iter()
+            .filter(|cs| {
+                cs.service
+                    .locality
+                    .as_ref()
+                    .is_some_and(|l| l.tiers.contains(&LocalityTier::Node))
+            })
+            .flat_map(|cs| cs.nodes.iter().flatten().map(String::as_str));
         self.services
             .iter()
             .filter(|cs| cs.local_only)
             .flat_map(|cs| cs.nodes.iter().flatten().map(String::as_str))
             .chain(hinted)
+            .chain(node_tier)
             .collect()
     }
 
-    /// `None`: a node with no local backends. Topology hints drain (weight 0)
-    /// the backends not for this node or zone: their flows go on.
-    fn state_for(&self, node: Option<&str>, zone: Option<&str>) -> DesiredState {
+    /// `here.node` `None`: a node with no local backends. A locality policy
+    /// (resolved here: the state sent carries none) or else topology hints
+    /// drain (weight 0) the backends not for this place: their flows go on.
+    fn state_for(&self, here: &Place<'_>) -> DesiredState {
+        let (node, zone) = (here.node, here.zone);
         let services = self
             .services
             .iter()
             .map(|cs| {
                 if !cs.local_only {
                     let mut s = cs.service.clone();
-                    if let Some(keep) = topology(&s.backends, &cs.hints, node, zone) {
+                    if let Some(l) = s.locality.take() {
+                        if let Some(keep) = locality::keep(&s.backends, &l, here, |i| cs.place(i))
+                        {
+                            locality::drain_others(&mut s, &keep);
+                        }
+                    } else if let Some(keep) = topology(&s.backends, &cs.hints, node, zone) {
                         for (b, k) in s.backends.iter_mut().zip(keep) {
                             if !k {
                                 b.weight = 0;
@@ -464,6 +576,8 @@ impl ClusterState {
                     maglev_table_size: s.maglev_table_size,
                     grpc: s.grpc.clone(),
                     health_check: s.health_check.clone(),
+                    // Only this node's backends: no locality to resolve.
+                    locality: None,
                     backends: s
                         .backends
                         .iter()
@@ -566,6 +680,7 @@ fn translate_service(
     r: &ServiceRef,
     svc: &KubeService,
     slices: &[&EndpointSlice],
+    topo: &Topo<'_>,
     out: &mut Vec<(ServiceRef, ClusterService)>,
     problems: &mut Vec<Problem>,
 ) {
@@ -639,6 +754,7 @@ fn translate_service(
     }
 
     let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let locality = locality_of(spec, policy.locality.as_ref());
     // Each port once per ClusterIP (family); a port's own problems are
     // reported once, with the first.
     let per_vip = vips.iter().enumerate().flat_map(|(i, &vip)| {
@@ -686,7 +802,9 @@ fn translate_service(
             continue;
         };
 
-        let (backends, nodes, hints) = backends_for(slices, vip, port_name, protocol, &policy);
+        let (backends, backend_nodes, hints, zones) =
+            backends_for(slices, vip, port_name, protocol, &policy);
+        let places = place_backends(&backend_nodes, zones, topo);
         let mut service = Service {
             external: if vip.is_ipv4() {
                 external_of(svc, spec, sp)
@@ -710,6 +828,7 @@ fn translate_service(
                 .health_check
                 .clone()
                 .filter(|_| protocol == Protocol::Tcp),
+            locality: locality.clone(),
         };
         if service.needs_maglev_table()
             && let Some((kind, fallback)) = choose_table_size(&mut service, &label)
@@ -732,8 +851,9 @@ fn translate_service(
             ClusterService {
                 service,
                 local_only,
-                nodes,
+                nodes: backend_nodes,
                 hints,
+                places,
             },
         ));
     }
@@ -795,8 +915,13 @@ fn backends_for(
     port_name: &str,
     protocol: Protocol,
     policy: &ServicePolicy,
-) -> (Vec<Backend>, Vec<Option<String>>, Vec<Hints>) {
-    type Found<'a> = (BackendState, Option<&'a str>, Hints);
+) -> (
+    Vec<Backend>,
+    Vec<Option<String>>,
+    Vec<Hints>,
+    Vec<Option<String>>,
+) {
+    type Found<'a> = (BackendState, Option<&'a str>, Hints, Option<&'a str>);
     let mut found: BTreeMap<(IpAddr, u16), Found> = BTreeMap::new();
     // The slices of the VIP's family only.
     for slice in slices
@@ -845,20 +970,22 @@ fn backends_for(
                     .map(|z| z.name.clone())
                     .collect(),
             };
+            let zone = ep.zone.as_deref();
             found
                 .entry((ip, port))
-                .and_modify(|(s, n, hs)| {
+                .and_modify(|(s, n, hs, z)| {
                     if state == BackendState::Active {
                         *s = BackendState::Active;
                         *n = node;
                         *hs = hints.clone();
+                        *z = zone;
                     }
                 })
-                .or_insert((state, node, hints));
+                .or_insert((state, node, hints, zone));
         }
     }
-    let mut out = (Vec::new(), Vec::new(), Vec::new());
-    for ((ip, port), (state, node, hints)) in found {
+    let mut out = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for ((ip, port), (state, node, hints, zone)) in found {
         out.0.push(Backend {
             node: node.map(str::to_string),
             ip,
@@ -868,8 +995,38 @@ fn backends_for(
         });
         out.1.push(node.map(str::to_string));
         out.2.push(hints);
+        out.3.push(zone.map(str::to_string));
     }
     out
+}
+
+/// The nodes' locations, and each zone's region.
+struct Topo<'a> {
+    nodes: &'a NodeLocations,
+    zone_region: BTreeMap<&'a str, &'a str>,
+}
+
+/// Each backend's (zone, region): the endpoint's `zone`, else its node's
+/// zone label; its node's region label, else the region of a node in its
+/// zone (the first by name).
+fn place_backends(
+    backend_nodes: &[Option<String>],
+    zones: Vec<Option<String>>,
+    topo: &Topo<'_>,
+) -> Vec<(Option<String>, Option<String>)> {
+    let loc = |n: &Option<String>| n.as_ref().and_then(|n| topo.nodes.get(n));
+    backend_nodes
+        .iter()
+        .zip(zones)
+        .map(|(n, zone)| {
+            let zone = zone.or_else(|| loc(n).and_then(|l| l.zone.clone()));
+            let region = loc(n).and_then(|l| l.region.clone()).or_else(|| {
+                let z = zone.as_deref()?;
+                topo.zone_region.get(z).map(|r| r.to_string())
+            });
+            (zone, region)
+        })
+        .collect()
 }
 
 /// Makes `service.maglev_table_size` hold the backends that take new flows
