@@ -757,6 +757,8 @@ impl Loop {
                     let cfg = Config {
                         state: u.state.state,
                         timeouts: u.state.timeouts,
+                        // The controller resolved the locality policies.
+                        nodes: Default::default(),
                     };
                     let mut r = self.apply_config(cfg, &why).await;
                     if let Ok(refused) = &mut r {
@@ -831,6 +833,17 @@ impl Loop {
     /// Applies a new desired state (only what changed) and its timeouts.
     /// Returns the services that were refused (each alone; the rest applied).
     async fn apply_config(&mut self, cfg: Config, why: &str) -> Result<Vec<Refusal>, String> {
+        // A file's locality policies, resolved for this node (`--node-name`
+        // and the file's `nodes:`), as the controller resolves them.
+        let cfg = if lb_api::locality::any(&cfg.state) {
+            let node = self.engines.node.name.as_deref();
+            Config {
+                state: lb_api::locality::resolve(&cfg.state, node, &cfg.nodes),
+                ..cfg
+            }
+        } else {
+            cfg
+        };
         let empty = Config::default();
         let before = self.current.as_ref().unwrap_or(&empty);
         let diff = reconcile::diff(&before.state, &cfg.state);
