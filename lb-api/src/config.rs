@@ -2191,6 +2191,50 @@ mod tests {
     }
 
     #[test]
+    fn locality_and_nodes() {
+        use crate::model::{Locality, LocalityTier};
+        let text = format!(
+            "{ONE}    locality: {{ tiers: [node, zone], min_backends: 2 }}\n\
+             nodes:\n  - {{ name: node-a, zone: za, region: r1 }}\n  - {{ name: node-b }}\n"
+        );
+        assert_reads_agree(&text);
+        let c = parse(&text, "x").unwrap();
+        assert_eq!(
+            c.state.services[0].locality,
+            Some(Locality {
+                tiers: vec![LocalityTier::Node, LocalityTier::Zone],
+                min_backends: 2
+            })
+        );
+        assert_eq!(c.nodes["node-a"].zone.as_deref(), Some("za"));
+        assert_eq!(c.nodes["node-a"].region.as_deref(), Some("r1"));
+        assert_eq!(c.nodes["node-b"], NodeLocation::default());
+        // min_backends defaults to 1.
+        let c = parse(&format!("{ONE}    locality: {{ tiers: [zone] }}\n"), "x").unwrap();
+        assert_eq!(c.state.services[0].locality, Some(Locality::prefer_same_zone()));
+        assert!(c.nodes.is_empty());
+        assert!(parse(ONE, "x").unwrap().state.services[0].locality.is_none());
+        let bad = |extra: &str| err(&format!("{ONE}{extra}"));
+        let e = bad("    locality: { tiers: [rack] }\n");
+        assert_eq!(e.path, "services[0].locality.tiers[0]", "{e}");
+        assert!(e.message.contains("unknown locality tier"), "{e}");
+        let e = bad("    locality: { tiers: [zone, node] }\n");
+        assert_eq!(e.path, "services[0].locality", "{e}");
+        assert!(e.message.contains("narrowest first"), "{e}");
+        let e = bad("    locality: { tiers: [] }\n");
+        assert!(e.message.contains("at least one tier"), "{e}");
+        let e = bad("    locality: { tiers: [zone], min_backends: 0 }\n");
+        assert_eq!(e.path, "services[0].locality.min_backends", "{e}");
+        let e = bad("    locality: { min_backends: 2 }\n");
+        assert!(e.message.contains("missing field `tiers`"), "{e}");
+        let e = bad("nodes:\n  - { name: a, zone: z }\n  - { name: a }\n");
+        assert_eq!(e.path, "nodes[1].name", "{e}");
+        assert!(e.message.contains("duplicate node"), "{e}");
+        let e = bad("nodes:\n  - { zone: z }\n");
+        assert!(e.message.contains("missing field `name`"), "{e}");
+    }
+
+    #[test]
     fn grpc_mode() {
         let c = parse(&format!("{ONE}    grpc: {{}}\n"), "x").unwrap();
         assert_eq!(

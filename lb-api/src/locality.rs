@@ -231,7 +231,8 @@ mod tests {
         s.backends[1].state = BackendState::Active;
         s.backends[0].weight = 0;
         let st = DesiredState { services: vec![s] };
-        assert_eq!(weights(&resolve(&st, Some("a2"), &n)), [1, 1, 1, 1]);
+        // A drained one does not count either (and stays drained).
+        assert_eq!(weights(&resolve(&st, Some("a2"), &n)), [0, 1, 1, 1]);
         let mut s = st.services[0].clone();
         s.backends[0].weight = 3;
         let st = DesiredState { services: vec![s] };

@@ -1657,6 +1657,292 @@ mod tests {
         );
     }
 
+    /// Node locations: a1, a2 in zone za; b1 in zb (both region r1); c1 in
+    /// zc, region r2.
+    fn locations() -> NodeLocations {
+        let loc = |z: &str, r: &str| NodeLocation {
+            zone: Some(z.into()),
+            region: Some(r.into()),
+        };
+        [
+            ("a1", loc("za", "r1")),
+            ("a2", loc("za", "r1")),
+            ("b1", loc("zb", "r1")),
+            ("c1", loc("zc", "r2")),
+        ]
+        .into_iter()
+        .map(|(n, l)| (n.to_string(), l))
+        .collect()
+    }
+
+    /// One endpoint per node of `on`, 10.244.0.1, .2, ...
+    fn spread(nodes: &[&str]) -> Vec<Endpoint> {
+        nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| on(ready(&format!("10.244.0.{}", i + 1)), n))
+            .collect()
+    }
+
+    fn web_slice(eps: Vec<Endpoint>) -> EndpointSlice {
+        slice("web-x", "web", &[(Some("http"), 8080)], eps)
+    }
+
+    fn web() -> KubeService {
+        service("web", "10.96.0.60", vec![named("http", 80, "http")])
+    }
+
+    /// The weights of the first service's backends, in backend order.
+    fn w(st: &DesiredState) -> Vec<u32> {
+        st.services[0].backends.iter().map(|b| b.weight).collect()
+    }
+
+    #[test]
+    fn node_zone_labels_feed_zone_hints() {
+        // Zone hints only (PreferSameZone as an older EndpointSlice
+        // controller writes them, trafficDistribution not set here).
+        let eps = vec![
+            hinted(on(ready("10.244.0.1"), "a1"), &[], &["za"]),
+            hinted(on(ready("10.244.0.2"), "b1"), &[], &["zb"]),
+        ];
+        let c = ClusterState::build_with_nodes(&[web()], &[web_slice(eps)], locations());
+        // The node's zone comes from its label.
+        assert_eq!(w(&c.node_state("a2")), [1, 0]);
+        assert_eq!(w(&c.node_state("b1")), [0, 1]);
+        // zc has no endpoint; an unknown node has no zone: all.
+        assert_eq!(w(&c.node_state("c1")), [1, 1]);
+        assert_eq!(w(&c.node_state("x9")), [1, 1]);
+        assert!(c.location_dependent());
+        assert_eq!(c.location_state(&locations()["a1"]), c.node_state("a2"));
+        // Without labels, as before: no zone known.
+        let c = ClusterState::build(&[web()], &[web_slice(vec![
+            hinted(on(ready("10.244.0.1"), "a1"), &[], &["za"]),
+            hinted(on(ready("10.244.0.2"), "b1"), &[], &["zb"]),
+        ])]);
+        assert_eq!(w(&c.node_state("a2")), [1, 1]);
+    }
+
+    #[test]
+    fn locality_annotation_tiers_and_spill_over() {
+        let four = ["a1", "a2", "b1", "c1"];
+        let c = |kv: &[(&str, &str)]| {
+            let t = ClusterState::build_with_nodes(
+                &[annotated(web(), kv)],
+                &[web_slice(spread(&four))],
+                locations(),
+            );
+            assert!(t.problems().is_empty(), "{:?}", t.problems());
+            t
+        };
+        let all = c(&[(annotations::LOCALITY, "node, zone, region")]);
+        assert_eq!(w(&all.node_state("a1")), [1, 0, 0, 0]);
+        assert_eq!(w(&all.node_state("b1")), [0, 0, 1, 0]);
+        // No backend on x9, which has no labels: anywhere.
+        assert_eq!(w(&all.node_state("x9")), [1, 1, 1, 1]);
+        // The nodes that run a backend have their own states.
+        assert_eq!(
+            all.local_nodes().into_iter().collect::<Vec<_>>(),
+            ["a1", "a2", "b1", "c1"]
+        );
+        // The resolved state carries no policy (agents get weights).
+        assert_eq!(all.node_state("a1").services[0].locality, None);
+
+        // Spill-over: fewer than 2 on the node, then in the zone.
+        let two = c(&[
+            (annotations::LOCALITY, "node,zone,region"),
+            (annotations::LOCALITY_MIN_BACKENDS, "2"),
+        ]);
+        assert_eq!(w(&two.node_state("a1")), [1, 1, 0, 0]);
+        // b1's zone has 1: region r1 has 3.
+        assert_eq!(w(&two.node_state("b1")), [1, 1, 1, 0]);
+        // c1's region r2 has 1: anywhere.
+        assert_eq!(w(&two.node_state("c1")), [1, 1, 1, 1]);
+        let loc = NodeLocation {
+            zone: Some("za".into()),
+            region: Some("r1".into()),
+        };
+        assert_eq!(w(&two.location_state(&loc)), [1, 1, 0, 0]);
+
+        // Zone only, min 2: a node of zb spills over to all.
+        let zone = c(&[
+            (annotations::LOCALITY, "zone"),
+            (annotations::LOCALITY_MIN_BACKENDS, "2"),
+        ]);
+        assert_eq!(w(&zone.node_state("a1")), [1, 1, 0, 0]);
+        assert_eq!(w(&zone.node_state("b1")), [1, 1, 1, 1]);
+        // No node tier: no node has a state of its own for it.
+        assert!(zone.local_nodes().is_empty());
+        // A backend that stops being ready drops the zone below 2.
+        let mut eps = spread(&four);
+        eps[1] = on(terminating("10.244.0.2"), "a2");
+        let t = ClusterState::build_with_nodes(
+            &[annotated(
+                web(),
+                &[
+                    (annotations::LOCALITY, "zone"),
+                    (annotations::LOCALITY_MIN_BACKENDS, "2"),
+                ],
+            )],
+            &[web_slice(eps)],
+            locations(),
+        );
+        assert_eq!(w(&t.node_state("a1")), [1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn traffic_distribution_is_a_locality_policy() {
+        let four = ["a1", "a2", "b1", "c1"];
+        let td = |v: &str| with(web(), |s| s.traffic_distribution = Some(v.into()));
+        let c = |svc: KubeService, eps: Vec<Endpoint>| {
+            ClusterState::build_with_nodes(&[svc], &[web_slice(eps)], locations())
+        };
+        // PreferSameZone (and PreferClose): this zone's, without hints.
+        for v in ["PreferSameZone", "PreferClose"] {
+            let z = c(td(v), spread(&four));
+            assert_eq!(w(&z.node_state("a1")), [1, 1, 0, 0], "{v}");
+            assert_eq!(w(&z.node_state("c1")), [0, 0, 0, 1], "{v}");
+            assert_eq!(w(&z.node_state("x9")), [1, 1, 1, 1], "{v}: no zone");
+        }
+        // PreferSameNode: this node's, else this zone's, else all.
+        let n = c(td("PreferSameNode"), spread(&["a1", "b1", "c1"]));
+        assert_eq!(w(&n.node_state("a1")), [1, 0, 0]);
+        assert_eq!(w(&n.node_state("a2")), [1, 0, 0], "a2: its zone");
+        let loc = |z: &str| NodeLocation {
+            zone: Some(z.into()),
+            region: None,
+        };
+        assert_eq!(w(&n.location_state(&loc("zq"))), [1, 1, 1]);
+        // The endpoint's own zone counts when its node is unknown.
+        let mut eps = spread(&["a1", "b1"]);
+        eps[1].node_name = None;
+        eps[1].zone = Some("zb".into());
+        let z = c(td("PreferSameZone"), eps);
+        assert_eq!(w(&z.node_state("b1")), [0, 1]);
+        // The annotation wins over trafficDistribution.
+        let a = c(
+            annotated(td("PreferSameNode"), &[(annotations::LOCALITY, "region")]),
+            spread(&four),
+        );
+        assert_eq!(w(&a.node_state("a1")), [1, 1, 1, 0]);
+        // Unknown values: no policy.
+        assert!(!c(td("Nearby"), spread(&four)).location_dependent());
+    }
+
+    #[test]
+    fn locality_and_header_annotations_bad_values_are_one_problem_each() {
+        let eps = spread(&["a1", "b1"]);
+        let t = |kv: &[(&str, &str)]| {
+            ClusterState::build_with_nodes(&[annotated(web(), kv)], &[web_slice(eps.clone())], locations())
+        };
+        for (kv, fallback) in [
+            (
+                vec![(annotations::LOCALITY, "zone,node")],
+                "no locality policy (trafficDistribution, if set, still applies)",
+            ),
+            (
+                vec![(annotations::LOCALITY, "rack")],
+                "no locality policy (trafficDistribution, if set, still applies)",
+            ),
+            (
+                vec![(annotations::LOCALITY_MIN_BACKENDS, "2")],
+                "using the default min backends (1)",
+            ),
+            (
+                vec![
+                    (annotations::LOCALITY, "zone"),
+                    (annotations::LOCALITY_MIN_BACKENDS, "0"),
+                ],
+                "using the default min backends (1)",
+            ),
+            (
+                vec![(annotations::HEADERS, "x-team: pay")],
+                "adding no headers from the annotation",
+            ),
+            (
+                vec![
+                    (annotations::MODE, "grpc"),
+                    (annotations::HEADERS, "x-team: pay\nX-Bad: 1"),
+                ],
+                "adding no headers from the annotation",
+            ),
+            (
+                vec![
+                    (annotations::MODE, "grpc"),
+                    (annotations::HEADERS, "x-request-id: 7"),
+                ],
+                "adding no headers from the annotation",
+            ),
+            (
+                vec![
+                    (annotations::MODE, "grpc"),
+                    (annotations::HEADERS, "x-a: 1\nx-a: 2"),
+                ],
+                "adding no headers from the annotation",
+            ),
+            (
+                vec![(annotations::MODE, "grpc"), (annotations::HEADERS, "x-a")],
+                "adding no headers from the annotation",
+            ),
+        ] {
+            let c = t(&kv);
+            assert_eq!(c.problems().len(), 1, "{kv:?}: {:?}", c.problems());
+            let p = &c.problems()[0];
+            assert_eq!(p.reason(), "InvalidAnnotation", "{kv:?}");
+            assert_eq!(p.fallback, fallback, "{kv:?}");
+            // Ignored: no headers, and min 1 where the tier stays.
+            let st = c.node_state("a1");
+            assert!(
+                st.services[0]
+                    .grpc
+                    .as_ref()
+                    .is_none_or(|g| g.add_headers.is_empty()),
+                "{kv:?}"
+            );
+        }
+        let c = t(&[
+            (annotations::LOCALITY, "zone"),
+            (annotations::LOCALITY_MIN_BACKENDS, "0"),
+        ]);
+        assert_eq!(w(&c.node_state("a1")), [1, 0], "the tier stays, with min 1");
+        assert!(
+            t(&[(annotations::LOCALITY, "rack")]).problems()[0]
+                .to_string()
+                .contains("unknown locality tier \"rack\"")
+        );
+    }
+
+    #[test]
+    fn headers_annotation_reaches_the_grpc_policy() {
+        let svc = annotated(
+            web(),
+            &[
+                (annotations::MODE, "grpc"),
+                (annotations::HEADERS, "x-team: payments\n\n  x-env :  prod eu  \n"),
+            ],
+        );
+        let t = translate(&[svc], &[web_slice(spread(&["a1"]))]);
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        let g = only(&t).grpc.as_ref().unwrap();
+        assert_eq!(
+            g.add_headers,
+            [
+                ("x-team".to_string(), "payments".to_string()),
+                ("x-env".to_string(), "prod eu".to_string())
+            ]
+        );
+        // What the agents get over the wire has them too.
+        let n = lb_api::wire::NodeState {
+            state: t.state.clone(),
+            timeouts: Default::default(),
+        };
+        let msg = lb_api::wire::snapshot(1, &n);
+        let Some(lb_api::wire::pb::controller_message::Body::Snapshot(snap)) = msg.body else {
+            panic!("not a snapshot: {msg:?}");
+        };
+        let back = lb_api::wire::service_from_pb(&snap.services[0]).unwrap();
+        assert_eq!(back.grpc.unwrap().add_headers, g.add_headers);
+    }
+
     #[test]
     fn node_ports_external_ips_and_load_balancer_ingress() {
         use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
