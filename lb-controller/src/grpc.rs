@@ -999,6 +999,52 @@ mod tests {
     }
 
     #[test]
+    fn shared_node_states_stay_shared() {
+        let p = Publisher::with_epoch(0);
+        let svc = |port| {
+            lb_api::Service::new(
+                "a/b:c",
+                std::net::Ipv4Addr::new(10, 96, 0, 1),
+                port,
+                lb_api::Protocol::Tcp,
+                lb_api::Algorithm::Random,
+                vec![],
+            )
+        };
+        let st = |port| NodeState {
+            state: lb_api::DesiredState {
+                services: vec![svc(port)],
+            },
+            ..NodeState::default()
+        };
+        let zone = |port| Arc::new(st(port));
+        let nodes = |z: &Arc<NodeState>, d: &Arc<NodeState>| {
+            BTreeMap::from([
+                ("a1".to_string(), z.clone()),
+                ("a2".to_string(), z.clone()),
+                ("a3".to_string(), z.clone()),
+                ("b1".to_string(), d.clone()),
+            ])
+        };
+        // b1's state equals the default: it gets the default's Arc.
+        assert_eq!(p.publish_shared(st(1), nodes(&zone(2), &zone(1))), 1);
+        let one = p.current();
+        let a1 = one.for_node("a1");
+        assert!(Arc::ptr_eq(a1, one.for_node("a2")) && Arc::ptr_eq(a1, one.for_node("a3")));
+        assert!(Arc::ptr_eq(one.for_node("b1"), &one.default));
+        assert_eq!(a1.state.services[0].port, 2);
+        // Equal states again (new Arcs): nothing changes.
+        assert_eq!(p.publish_shared(st(1), nodes(&zone(2), &zone(1))), 1);
+        // The zone's state changes: one new Arc for its three nodes.
+        assert_eq!(p.publish_shared(st(1), nodes(&zone(3), &zone(1))), 2);
+        let two = p.current();
+        let a1 = two.for_node("a1");
+        assert_eq!(a1.state.services[0].port, 3);
+        assert!(Arc::ptr_eq(a1, two.for_node("a2")) && Arc::ptr_eq(a1, two.for_node("a3")));
+        assert!(Arc::ptr_eq(&two.default, &one.default), "the default is kept");
+    }
+
+    #[test]
     fn publishing_an_unchanged_state_keeps_the_version() {
         let p = Publisher::with_epoch(0);
         let mut rx = p.subscribe();

@@ -181,3 +181,127 @@ pub async fn run(
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ClusterState;
+    use k8s_openapi::api::core::v1::{Service as KubeService, ServicePort, ServiceSpec};
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use lb_api::locality::NodeLocations;
+
+    fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("ns".into()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    fn svc(name: &str, ip: &str, traffic_distribution: Option<&str>) -> KubeService {
+        KubeService {
+            metadata: meta(name, &[]),
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(ip.into()),
+                ports: Some(vec![ServicePort {
+                    port: 80,
+                    ..Default::default()
+                }]),
+                traffic_distribution: traffic_distribution.map(str::to_string),
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+
+    fn slice(service: &str, eps: &[(&str, &str)]) -> EndpointSlice {
+        EndpointSlice {
+            address_type: "IPv4".into(),
+            metadata: meta(service, &[(crate::translate::SERVICE_NAME_LABEL, service)]),
+            ports: Some(vec![EndpointPort {
+                port: Some(8080),
+                ..Default::default()
+            }]),
+            endpoints: Some(
+                eps.iter()
+                    .map(|(ip, node)| Endpoint {
+                        addresses: vec![ip.to_string()],
+                        node_name: Some(node.to_string()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Zones from Node labels (as the watcher reads them): five nodes in
+    /// three zones, one without labels.
+    fn locations() -> NodeLocations {
+        let label = |z: &str| {
+            crate::watch::node_location(&std::collections::BTreeMap::from([
+                (crate::watch::ZONE_LABEL.to_string(), z.to_string()),
+                (crate::watch::REGION_LABEL.to_string(), "r1".to_string()),
+            ]))
+            .unwrap()
+        };
+        [("a1", "za"), ("a2", "za"), ("a3", "za"), ("b1", "zb"), ("c1", "zc")]
+            .into_iter()
+            .map(|(n, z)| (n.to_string(), label(z)))
+            .collect()
+    }
+
+    fn states(cluster: ClusterState) -> (NodeState, BTreeMap<String, Arc<NodeState>>) {
+        let snap = ClusterSnapshot {
+            generation: 1,
+            nodes: vec![],
+            cluster,
+        };
+        node_states(&snap, Timeouts::default())
+    }
+
+    #[test]
+    fn one_shared_state_per_zone() {
+        let services = [
+            svc("web", "10.96.0.1", Some("PreferSameZone")),
+            svc("db", "10.96.0.2", None),
+        ];
+        let slices = [
+            slice("web", &[("10.244.0.1", "a1"), ("10.244.0.2", "b1")]),
+            slice("db", &[("10.244.0.3", "a1")]),
+        ];
+        let (default, nodes) = states(ClusterState::build_with_nodes(
+            &services,
+            &slices,
+            locations(),
+        ));
+        let weights = |s: &NodeState| -> Vec<u32> {
+            s.state.services[0].backends.iter().map(|b| b.weight).collect()
+        };
+        assert_eq!(weights(&default), [1, 1]);
+        // Zone c has no web backend (all: the default state), and x9 no labels.
+        assert_eq!(
+            nodes.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["a1", "a2", "a3", "b1"]
+        );
+        assert_eq!(weights(&nodes["a1"]), [1, 0]);
+        assert_eq!(weights(&nodes["b1"]), [0, 1]);
+        // One Arc for the whole zone: computed once, not one copy per node.
+        assert!(Arc::ptr_eq(&nodes["a1"], &nodes["a2"]));
+        assert!(Arc::ptr_eq(&nodes["a1"], &nodes["a3"]));
+
+        // No zone-dependent service: every node has the default state.
+        let (_, nodes) = states(ClusterState::build_with_nodes(
+            &services[1..],
+            &slices[1..],
+            locations(),
+        ));
+        assert!(nodes.is_empty());
+    }
+}
