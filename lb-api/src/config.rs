@@ -46,13 +46,12 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::locality::{NodeLocation, NodeLocations};
 use crate::model::{
     Algorithm, Backend, BackendState, Balancing, DEFAULT_GRPC_TIMEOUT, DesiredState, External,
-    GrpcPolicy, GrpcTls, HealthCheck, HealthCheckKind, ListenTls, OrcaWrr, OutlierDetection,
-    Locality, LocalityTier, Protocol, RetryPolicy, RetryThrottle, Service, TrafficPolicy,
-    UpstreamTls,
+    GrpcPolicy, GrpcTls, HealthCheck, HealthCheckKind, ListenTls, Locality, LocalityTier, OrcaWrr,
+    OutlierDetection, Protocol, RetryPolicy, RetryThrottle, Service, TrafficPolicy, UpstreamTls,
 };
-use crate::locality::{NodeLocation, NodeLocations};
 use crate::validate::{
     self, BackendField, Field, HeaderField, OrcaWrrField, OutlierField, RetryField, TlsField,
 };
@@ -2211,9 +2210,16 @@ mod tests {
         assert_eq!(c.nodes["node-b"], NodeLocation::default());
         // min_backends defaults to 1.
         let c = parse(&format!("{ONE}    locality: {{ tiers: [zone] }}\n"), "x").unwrap();
-        assert_eq!(c.state.services[0].locality, Some(Locality::prefer_same_zone()));
+        assert_eq!(
+            c.state.services[0].locality,
+            Some(Locality::prefer_same_zone())
+        );
         assert!(c.nodes.is_empty());
-        assert!(parse(ONE, "x").unwrap().state.services[0].locality.is_none());
+        assert!(
+            parse(ONE, "x").unwrap().state.services[0]
+                .locality
+                .is_none()
+        );
         let bad = |extra: &str| err(&format!("{ONE}{extra}"));
         let e = bad("    locality: { tiers: [rack] }\n");
         assert_eq!(e.path, "services[0].locality.tiers[0]", "{e}");

@@ -613,7 +613,8 @@ pub enum LocalityTier {
 }
 
 impl LocalityTier {
-    pub const ALL: [LocalityTier; 3] = [LocalityTier::Node, LocalityTier::Zone, LocalityTier::Region];
+    pub const ALL: [LocalityTier; 3] =
+        [LocalityTier::Node, LocalityTier::Zone, LocalityTier::Region];
 
     pub fn as_str(self) -> &'static str {
         match self {

@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use crate::model::{
     Backend, Balancing, DEFAULT_MAGLEV_M, GrpcTls, HealthCheckKind, Locality,
-    MAX_LOCALITY_MIN_BACKENDS, MAX_RETRY_ATTEMPTS, MAX_WEIGHT, OrcaWrr, OutlierDetection, Protocol, RetryPolicy, Service, ServiceAddr, check_added_header,
-    is_prime,
+    MAX_LOCALITY_MIN_BACKENDS, MAX_RETRY_ATTEMPTS, MAX_WEIGHT, OrcaWrr, OutlierDetection, Protocol,
+    RetryPolicy, Service, ServiceAddr, check_added_header, is_prime,
 };
 
 /// The largest client-IP affinity timeout (as in Kubernetes).

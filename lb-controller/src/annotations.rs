@@ -46,6 +46,10 @@
 //! | `rpclb.io/grpc-upstream-tls-secret` | a Secret name: the client certificate (`tls.crt`/`tls.key`) presented to the backends | none |
 //! | `rpclb.io/grpc-upstream-tls-server-name` | the name verified in the backends' certificates (DNS name or IP) | each backend's IP |
 //!
+//! | `rpclb.io/locality` | comma-separated tiers, narrowest first: `node`, `zone`, `region` (docs/policies.md) | none (`trafficDistribution`'s) |
+//! | `rpclb.io/locality-min-backends` | 1-10000: the spill-over threshold; needs `rpclb.io/locality` | 1 |
+//! | `rpclb.io/headers` | `name: value` lines: headers the gRPC mode adds to every call ([`parse_headers`]); needs `rpclb.io/mode: grpc` | none |
+//!
 //! The `rpclb.io/grpc-*tls*` annotations name Secrets that the operator
 //! mounts into the agent's DaemonSet at
 //! `/etc/rpclb/grpc-tls/<namespace>/<secret>/` ([`GRPC_TLS_DIR`]; see

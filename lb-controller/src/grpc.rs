@@ -237,7 +237,11 @@ impl Publisher {
     /// As [`publish`](Self::publish), with node states that may be shared:
     /// nodes given the same `Arc` (e.g. every node of a zone) keep sharing
     /// one state, compared once with what they had.
-    pub fn publish_shared(&self, default: NodeState, nodes: BTreeMap<String, Arc<NodeState>>) -> u64 {
+    pub fn publish_shared(
+        &self,
+        default: NodeState,
+        nodes: BTreeMap<String, Arc<NodeState>>,
+    ) -> u64 {
         let _one = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
         let cur = self.current();
         let same_default = cur.version > 0 && *cur.default == default;
@@ -245,7 +249,9 @@ impl Publisher {
         // previous `Arc` is kept when equal.
         let mut same_nodes = cur.nodes.len() == nodes.len();
         let mut compared: HashMap<(*const NodeState, *const NodeState), bool> = HashMap::new();
-        let nodes: Vec<(String, Result<Arc<NodeState>, Arc<NodeState>>)> = nodes
+        // Ok: the previous Arc, kept; Err: the new one.
+        type Kept = Result<Arc<NodeState>, Arc<NodeState>>;
+        let nodes: Vec<(String, Kept)> = nodes
             .into_iter()
             .map(|(n, s)| match cur.nodes.get(&n) {
                 Some(c)
@@ -1041,7 +1047,10 @@ mod tests {
         let a1 = two.for_node("a1");
         assert_eq!(a1.state.services[0].port, 3);
         assert!(Arc::ptr_eq(a1, two.for_node("a2")) && Arc::ptr_eq(a1, two.for_node("a3")));
-        assert!(Arc::ptr_eq(&two.default, &one.default), "the default is kept");
+        assert!(
+            Arc::ptr_eq(&two.default, &one.default),
+            "the default is kept"
+        );
     }
 
     #[test]

@@ -251,10 +251,16 @@ mod tests {
             ]))
             .unwrap()
         };
-        [("a1", "za"), ("a2", "za"), ("a3", "za"), ("b1", "zb"), ("c1", "zc")]
-            .into_iter()
-            .map(|(n, z)| (n.to_string(), label(z)))
-            .collect()
+        [
+            ("a1", "za"),
+            ("a2", "za"),
+            ("a3", "za"),
+            ("b1", "zb"),
+            ("c1", "zc"),
+        ]
+        .into_iter()
+        .map(|(n, z)| (n.to_string(), label(z)))
+        .collect()
     }
 
     fn states(cluster: ClusterState) -> (NodeState, BTreeMap<String, Arc<NodeState>>) {
@@ -282,7 +288,11 @@ mod tests {
             locations(),
         ));
         let weights = |s: &NodeState| -> Vec<u32> {
-            s.state.services[0].backends.iter().map(|b| b.weight).collect()
+            s.state.services[0]
+                .backends
+                .iter()
+                .map(|b| b.weight)
+                .collect()
         };
         assert_eq!(weights(&default), [1, 1]);
         // Zone c has no web backend (all: the default state), and x9 no labels.

@@ -31,11 +31,7 @@ fn publish(publisher: &Publisher, cfg: Config) -> u64 {
         state: locality::resolve(&cfg.state, node, &cfg.nodes),
         timeouts: cfg.timeouts,
     };
-    let nodes = cfg
-        .nodes
-        .keys()
-        .map(|n| (n.clone(), at(Some(n))))
-        .collect();
+    let nodes = cfg.nodes.keys().map(|n| (n.clone(), at(Some(n)))).collect();
     publisher.publish(at(None), nodes)
 }
 

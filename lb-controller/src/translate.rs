@@ -551,8 +551,7 @@ impl ClusterState {
                 if !cs.local_only {
                     let mut s = cs.service.clone();
                     if let Some(l) = s.locality.take() {
-                        if let Some(keep) = locality::keep(&s.backends, &l, here, |i| cs.place(i))
-                        {
+                        if let Some(keep) = locality::keep(&s.backends, &l, here, |i| cs.place(i)) {
                             locality::drain_others(&mut s, &keep);
                         }
                     } else if let Some(keep) = topology(&s.backends, &cs.hints, node, zone) {
@@ -908,21 +907,25 @@ fn external_of(svc: &KubeService, spec: &ServiceSpec, sp: &ServicePort) -> Exter
     }
 }
 
-/// The backends of one service port, sorted by (IP, port), with their nodes.
+/// The backends, and each one's node, hints and endpoint zone.
+type Found = (
+    Vec<Backend>,
+    Vec<Option<String>>,
+    Vec<Hints>,
+    Vec<Option<String>>,
+);
+
+/// The backends of one service port, sorted by (IP, port), with their nodes,
+/// hints and zones.
 fn backends_for(
     slices: &[&EndpointSlice],
     vip: IpAddr,
     port_name: &str,
     protocol: Protocol,
     policy: &ServicePolicy,
-) -> (
-    Vec<Backend>,
-    Vec<Option<String>>,
-    Vec<Hints>,
-    Vec<Option<String>>,
-) {
-    type Found<'a> = (BackendState, Option<&'a str>, Hints, Option<&'a str>);
-    let mut found: BTreeMap<(IpAddr, u16), Found> = BTreeMap::new();
+) -> Found {
+    type Seen<'a> = (BackendState, Option<&'a str>, Hints, Option<&'a str>);
+    let mut found: BTreeMap<(IpAddr, u16), Seen> = BTreeMap::new();
     // The slices of the VIP's family only.
     for slice in slices
         .iter()
@@ -1715,10 +1718,13 @@ mod tests {
         assert!(c.location_dependent());
         assert_eq!(c.location_state(&locations()["a1"]), c.node_state("a2"));
         // Without labels, as before: no zone known.
-        let c = ClusterState::build(&[web()], &[web_slice(vec![
-            hinted(on(ready("10.244.0.1"), "a1"), &[], &["za"]),
-            hinted(on(ready("10.244.0.2"), "b1"), &[], &["zb"]),
-        ])]);
+        let c = ClusterState::build(
+            &[web()],
+            &[web_slice(vec![
+                hinted(on(ready("10.244.0.1"), "a1"), &[], &["za"]),
+                hinted(on(ready("10.244.0.2"), "b1"), &[], &["zb"]),
+            ])],
+        );
         assert_eq!(w(&c.node_state("a2")), [1, 1]);
     }
 
@@ -1832,7 +1838,11 @@ mod tests {
     fn locality_and_header_annotations_bad_values_are_one_problem_each() {
         let eps = spread(&["a1", "b1"]);
         let t = |kv: &[(&str, &str)]| {
-            ClusterState::build_with_nodes(&[annotated(web(), kv)], &[web_slice(eps.clone())], locations())
+            ClusterState::build_with_nodes(
+                &[annotated(web(), kv)],
+                &[web_slice(eps.clone())],
+                locations(),
+            )
         };
         for (kv, fallback) in [
             (
@@ -1917,7 +1927,10 @@ mod tests {
             web(),
             &[
                 (annotations::MODE, "grpc"),
-                (annotations::HEADERS, "x-team: payments\n\n  x-env :  prod eu  \n"),
+                (
+                    annotations::HEADERS,
+                    "x-team: payments\n\n  x-env :  prod eu  \n",
+                ),
             ],
         );
         let t = translate(&[svc], &[web_slice(spread(&["a1"]))]);

@@ -100,7 +100,12 @@ fn locality_prefers_the_zone_and_spills_over_below_min_backends() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    assert_eq!(answered(a, 30), set(&["a2", "b2", "b3"]), "{}", agents.log(0));
+    assert_eq!(
+        answered(a, 30),
+        set(&["a2", "b2", "b3"]),
+        "{}",
+        agents.log(0)
+    );
     assert_eq!(answered(b, 20), set(&["b2", "b3"]), "{}", agents.log(1));
 
     // a3 is back: node A keeps to its zone again.
