@@ -223,6 +223,37 @@ pub fn node_agent_args(node: &crate::lab::Node, config: &Path, extra: &[&str]) -
     )
 }
 
+/// The two-node lab's agents (tests/src/lab/two_node.rs), each with its
+/// own config file, started and ready.
+pub struct NodeAgents {
+    pub dirs: [TestDir; 2],
+    pub procs: Vec<Proc>,
+}
+
+impl NodeAgents {
+    pub fn start(lab: &crate::lab::TwoNodeLab, configs: [&str; 2], extra: &[&str]) -> NodeAgents {
+        let dirs = [TestDir::new("node-a"), TestDir::new("node-b")];
+        let mut procs = Vec::new();
+        for ((node, dir), cfg) in lab.nodes().into_iter().zip(&dirs).zip(configs) {
+            dir.write_config(cfg);
+            let args = node_agent_args(node, &dir.config(), extra);
+            let mut p = Proc::start_in(&node.ns, dir, &node.name, &args);
+            p.wait_ready();
+            procs.push(p);
+        }
+        NodeAgents { dirs, procs }
+    }
+
+    /// Agent `i`'s log, after its directory.
+    pub fn log(&self, i: usize) -> String {
+        format!(
+            "{}:\n{}",
+            self.dirs[i].path().display(),
+            self.procs[i].log()
+        )
+    }
+}
+
 /// The config file, interfaces, pin path, metrics address and small maps,
 /// then `own` and `extra`.
 fn base_agent_args(

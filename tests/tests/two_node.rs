@@ -6,13 +6,9 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
+use rpclb_tests::lab::two_node::{counts, ident, tcp_from};
 use rpclb_tests::lab::{self, Limits, Node, Reply, TcpServer, TwoNodeLab, UdpServer};
-use rpclb_tests::procs::{Proc, TestDir, http_get_from, node_agent_args, svc_yaml};
-
-/// Identity of pod `i` of `node` (`a1`, `b2`, ...).
-fn ident(node: &Node, i: usize) -> String {
-    format!("{}{i}", &node.name["node-".len()..])
-}
+use rpclb_tests::procs::{NodeAgents as Agents, http_get_from, svc_yaml};
 
 /// Identity servers on every pod of both nodes: TCP 8080 and UDP 5353.
 struct Servers {
@@ -50,44 +46,6 @@ fn config_yaml(services: &[String]) -> String {
     s
 }
 
-/// Both nodes' agents, each with its own config file.
-struct Agents {
-    dirs: [TestDir; 2],
-    procs: Vec<Proc>,
-}
-
-impl Agents {
-    fn start(lab: &TwoNodeLab, configs: [&str; 2], extra: &[&str]) -> Agents {
-        let dirs = [TestDir::new("node-a"), TestDir::new("node-b")];
-        let mut procs = Vec::new();
-        for ((node, dir), cfg) in lab.nodes().into_iter().zip(&dirs).zip(configs) {
-            dir.write_config(cfg);
-            let args = node_agent_args(node, &dir.config(), extra);
-            let mut p = Proc::start_in(&node.ns, dir, &node.name, &args);
-            p.wait_ready();
-            procs.push(p);
-        }
-        Agents { dirs, procs }
-    }
-
-    fn log(&self, i: usize) -> String {
-        format!(
-            "{}:\n{}",
-            self.dirs[i].path().display(),
-            self.procs[i].log()
-        )
-    }
-}
-
-fn tcp_from(ns: &lab::Netns, target: SocketAddrV4, n: usize) -> Vec<Reply> {
-    ns.run(|| lab::tcp_attempts(target, n, Limits::default()))
-        .expect("namespace")
-        .into_iter()
-        .enumerate()
-        .map(|(k, r)| r.unwrap_or_else(|e| panic!("TCP {k} to {target}: {e}")))
-        .collect()
-}
-
 fn udp_from(ns: &lab::Netns, target: SocketAddrV4, n: usize) -> Vec<Reply> {
     ns.run(|| lab::udp_attempts(target, n, Limits::default()))
         .expect("namespace")
@@ -95,14 +53,6 @@ fn udp_from(ns: &lab::Netns, target: SocketAddrV4, n: usize) -> Vec<Reply> {
         .enumerate()
         .map(|(k, r)| r.unwrap_or_else(|e| panic!("UDP {k} to {target}: {e}")))
         .collect()
-}
-
-fn counts(replies: &[Reply]) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for r in replies {
-        *m.entry(r.backend.clone()).or_default() += 1;
-    }
-    m
 }
 
 const TO_B: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);

@@ -9,7 +9,7 @@ pub mod stream;
 pub mod sys;
 mod topology;
 pub mod traffic;
-mod two_node;
+pub mod two_node;
 
 pub use netns::{CsumErrors, LinkStats, Netns, netns_list, sweep, sweep_orphans};
 pub use topology::{BpfFs, Checksums, Host, Iface, Lab};
