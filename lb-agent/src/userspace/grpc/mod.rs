@@ -80,6 +80,7 @@
 mod balance;
 mod body;
 mod calls;
+mod client;
 mod frames;
 mod headers;
 mod orca;
@@ -117,6 +118,7 @@ use crate::userspace::tasks::{self, HandoverCtx, Workers, accept_loop_on, stop_r
 use balance::CallLease;
 use body::{ActiveCall, CallBody, DownBody, UpBody};
 use calls::{Attempt, CallEnd, CallRecord};
+use client::{RespBody, SendError};
 use outlier::{Outcome, Outliers};
 use pool::{ConnectError, PoolOptions, Slot};
 use status::{Code, http_error, trailers_only};
@@ -499,45 +501,25 @@ enum Failure {
     /// attempt's reason and error.
     Connect(DropReason, ConnectError),
     /// The request went to this backend, which then failed it.
-    Backend(SocketAddr, hyper::Error),
+    Backend(SocketAddr, h2::Error),
 }
 
 /// Whether the backend refused the call's stream (RST_STREAM REFUSED_STREAM).
-fn refused(e: &hyper::Error) -> bool {
-    h2_error(e).is_some_and(|h| h.reason() == Some(h2::Reason::REFUSED_STREAM))
-}
-
-/// The h2 error under a hyper error, if any.
-fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(h) = s.downcast_ref::<h2::Error>() {
-            return Some(h);
-        }
-        source = s.source();
-    }
-    None
+fn refused(e: &h2::Error) -> bool {
+    e.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
 /// Whether a backend failed a call without processing it, so that it may
 /// be sent again (gRFC A6): the stream was refused (RST_STREAM
 /// REFUSED_STREAM), or it was above the last stream of a graceful GOAWAY
 /// (h2 fails exactly those streams with the GOAWAY's NO_ERROR).
-fn unprocessed(e: &hyper::Error) -> bool {
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(h) = s.downcast_ref::<h2::Error>() {
-            return h.reason() == Some(h2::Reason::REFUSED_STREAM)
-                || (h.is_go_away() && h.is_remote() && h.reason() == Some(h2::Reason::NO_ERROR));
-        }
-        source = s.source();
-    }
-    false
+fn unprocessed(e: &h2::Error) -> bool {
+    refused(e) || (e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR))
 }
 
 /// A backend's response headers, the call's lease and stream, and the
 /// attempt (ended by the response body).
-type Answer = (Response<Incoming>, CallLease, Slot, Attempt);
+type Answer = (Response<RespBody>, CallLease, Slot, Attempt);
 
 /// [`forward`], then, under the service's retry policy (gRFC A6), again
 /// while the answer is a trailers-only retryable status: on another backend
@@ -652,7 +634,7 @@ async fn forward(
             break;
         };
         let be = lease.backend().clone();
-        let (mut sender, slot) = match pools
+        let (sender, slot) = match pools
             .of(be.key())
             .get(be.addr(), &be.counters, &pool_opts, &pools.tls)
             .await
@@ -699,7 +681,7 @@ async fn forward(
         req.body_mut().send_to(be.counters.clone());
         be.counters.requests.fetch_add(1, Relaxed);
         let mut attempt = Attempt::new(svc.clone(), pools.outliers().clone(), be.clone());
-        let e = match sender.try_send_request(req).await {
+        let err = match sender.send(req).await {
             Ok(resp) => {
                 // A trailers-only answer's load report is in its headers.
                 lease.report(resp.headers());
@@ -709,27 +691,28 @@ async fn forward(
         };
         // The backend did not take the call.
         be.counters.requests.fetch_sub(1, Relaxed);
-        let mut e = e;
-        if let Some(back) = e.take_message() {
-            // Not sent: the connection closed or went away first.
-            req = back;
-            attempt.unsent();
-            if slot.went_away() && retries > 0 {
-                // Not the backend's failure: another connection.
-                retries -= 1;
-                attempts += 1;
-                be.counters.transparent_retries.fetch_add(1, Relaxed);
+        let err = match err {
+            SendError::Failed(err) => err,
+            SendError::Unsent(back, e) => {
+                // Not sent: the connection closed or went away first.
+                req = *back;
+                attempt.unsent();
+                if slot.went_away() && retries > 0 {
+                    // Not the backend's failure: another connection.
+                    retries -= 1;
+                    attempts += 1;
+                    be.counters.transparent_retries.fetch_add(1, Relaxed);
+                    continue;
+                }
+                tried.push(be.key());
+                svc.counters.connect_failed(&be.counters);
+                pools.outliers().record(svc, &be, Outcome::Failure);
+                debug!(backend = %be.addr(), "gRPC backend connection closed before the call was sent: {e}");
+                let err = ConnectError::Connect(e.to_string());
+                failure = Some(Failure::Connect(DropReason::ConnectFailed, err));
                 continue;
             }
-            tried.push(be.key());
-            svc.counters.connect_failed(&be.counters);
-            pools.outliers().record(svc, &be, Outcome::Failure);
-            debug!(backend = %be.addr(), "gRPC backend connection closed before the call was sent: {}", e.error());
-            let err = ConnectError::Connect(e.into_error().to_string());
-            failure = Some(Failure::Connect(DropReason::ConnectFailed, err));
-            continue;
-        }
-        let err = e.into_error();
+        };
         // A refused stream counts toward ejection; a graceful GOAWAY's
         // unprocessed one does not.
         attempt.failed(!unprocessed(&err) || refused(&err));
