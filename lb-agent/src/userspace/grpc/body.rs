@@ -312,7 +312,7 @@ pub(crate) struct CallBody {
 impl CallBody {
     pub(crate) fn new(
         inner: RespBody,
-        deadline: Option<tokio::time::Instant>,
+        deadline: Option<Pin<Box<Sleep>>>,
         lease: CallLease,
         active: ActiveCall,
         over: CallOver,
@@ -326,7 +326,7 @@ impl CallBody {
         }
         CallBody {
             inner: Some(inner),
-            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            deadline,
             held: Some((lease, active, over, slot)),
             svc,
             end,

@@ -108,7 +108,7 @@ use hyper_util::server::conn::auto;
 use lb_api::GrpcPolicy;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::time::{Instant, timeout_at};
+use tokio::time::Instant;
 use tracing::debug;
 
 use crate::userspace::options::ProxyOptions;
@@ -428,8 +428,15 @@ async fn handle(
     let path = tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_string());
 
     let call = with_retries(&svc, pools, &opts, &policy, req, deadline);
-    let res = match deadline {
-        Some(d) => timeout_at(d, call).await.unwrap_or(Err(Failure::Deadline)),
+    // One timer per call: it bounds the wait for the backend's headers,
+    // then the response body (`CallBody`).
+    let mut timer = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+    let res = match &mut timer {
+        Some(t) => tokio::select! {
+            biased;
+            r = call => r,
+            () = t.as_mut() => Err(Failure::Deadline),
+        },
         None => call.await,
     };
     match res {
@@ -437,7 +444,7 @@ async fn handle(
             let (mut parts, body) = resp.into_parts();
             let end = CallEnd::new(record, attempt, &parts.headers);
             headers::strip_hop_by_hop(&mut parts.headers);
-            let body = CallBody::new(body, deadline, lease, active, over, slot, end);
+            let body = CallBody::new(body, timer, lease, active, over, slot, end);
             Response::from_parts(parts, DownBody::Call(Box::new(body)))
         }
         Err(f) => {
@@ -480,6 +487,10 @@ async fn handle(
 
 /// The backend-side URI: the client's path and authority, scheme `http`.
 fn upstream_uri(uri: Uri) -> Uri {
+    // hyper gives an HTTP/2 request's URI its :scheme and :authority.
+    if uri.scheme() == Some(&Scheme::HTTP) && uri.authority().is_some() {
+        return uri;
+    }
     let mut parts = uri.into_parts();
     parts.scheme = Some(Scheme::HTTP);
     if parts.authority.is_none() {
@@ -780,6 +791,9 @@ mod tests {
             "http://rpclb/grpc.testing.TestService/UnaryCall"
         );
         let u = upstream_uri(Uri::from_static("http://10.96.0.1:50051/a.B/C"));
+        assert_eq!(u.to_string(), "http://10.96.0.1:50051/a.B/C");
+        // A call over TLS goes on as http (the backend side's own TLS aside).
+        let u = upstream_uri(Uri::from_static("https://10.96.0.1:50051/a.B/C"));
         assert_eq!(u.to_string(), "http://10.96.0.1:50051/a.B/C");
     }
 }

@@ -659,7 +659,11 @@ mod tests {
         let t0 = Instant::now();
         let call = sender.clone().send(http::Request::new(UpBody::empty()));
         let r = tokio::time::timeout(Duration::from_secs(5), call).await;
-        assert!(matches!(r, Ok(Err(_))), "the call fails: {:?}", r.map(|r| r.is_ok()));
+        assert!(
+            matches!(r, Ok(Err(_))),
+            "the call fails: {:?}",
+            r.map(|r| r.is_ok())
+        );
         assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
         assert!(until(|| counters.active.load(Relaxed) == 0).await);
         assert!(sender.is_closed());
