@@ -342,11 +342,8 @@ impl UserspaceProxy {
         let mut worker_threads = Vec::new();
         if opts.per_thread_runtimes || opts.grpc_per_thread_runtimes {
             for i in 0..threads {
-                // I/O and timers only: no signal or process driver, whose
-                // orphan check ran at every park.
                 let wrt = tokio::runtime::Builder::new_current_thread()
-                    .enable_io()
-                    .enable_time()
+                    .enable_all()
                     .build()
                     .map_err(ProxyError::Runtime)?;
                 handles.push(wrt.handle().clone());

@@ -1,7 +1,7 @@
-//! What the pool needs to know of a backend connection that hyper does not
+//! What the pool needs to know of a backend connection that h2 does not
 //! tell: the peer's SETTINGS_MAX_CONCURRENT_STREAMS and whether it sent
 //! GOAWAY. A [`Sniffer`] reads the HTTP/2 frame headers of the bytes the
-//! backend sends (h2c: the socket's bytes are the frames) as hyper reads
+//! backend sends (h2c: the socket's bytes are the frames) as h2 reads
 //! them, and keeps only SETTINGS and GOAWAY payloads (bounded).
 
 use std::sync::OnceLock;

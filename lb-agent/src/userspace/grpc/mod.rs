@@ -21,10 +21,12 @@
 //!   `grpc_max_connections`), and send the request with its headers
 //!   rewritten (`headers`). Request and response bodies stream through
 //!   frame by frame, trailers included, so unary, client-, server- and
-//!   bidi-streaming calls all work.
+//!   bidi-streaming calls all work. The backend side is h2 itself, not
+//!   hyper's client (`client`): the call's task opens the stream and
+//!   writes the request, with no task, channel or oneshot per call.
 //! - **Retries.** When nothing of the call reached a backend (its connect,
 //!   TCP or HTTP/2 handshake, failed or timed out, or its pooled connection
-//!   had closed and hyper handed the request back unsent), the call goes to
+//!   had closed before the request was sent), the call goes to
 //!   another backend, up to `connect_attempts` backends. When a backend got
 //!   the call but did not process it (RST_STREAM REFUSED_STREAM, or a stream
 //!   above the last stream id of its GOAWAY), the call is sent again (gRFC

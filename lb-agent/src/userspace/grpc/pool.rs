@@ -4,7 +4,7 @@
 //! in flight than the backend's SETTINGS_MAX_CONCURRENT_STREAMS (read off
 //! the wire, see `frames`; unlimited when it sets none). When none has, one
 //! more connection is opened, up to `max_connections`; at that bound the
-//! call goes to the least busy connection and waits in hyper for a stream.
+//! call goes to the least busy connection and waits in h2 for a stream.
 //! Filling the first connections first lets the extra ones go idle and
 //! close after `idle` when the load drops.
 //!
@@ -20,7 +20,7 @@
 //! GOAWAY (its calls in flight go on; new calls go to other connections,
 //! and a new one is opened if needed), when it has been idle for `idle`,
 //! and when the pool drains. Leaving the pool drops the pool's handle:
-//! hyper closes the connection once its last stream is done. PINGs (gRFC
+//! h2 closes the connection once its last stream is done. PINGs (gRFC
 //! A8) after `keepalive_interval` without a frame from the backend find
 //! dead connections: unanswered within `keepalive_timeout`, the connection
 //! closes and its calls fail.
