@@ -12,8 +12,8 @@ use std::path::Path;
 
 use aya::maps::{MapInfo, MapType};
 use lb_common::{
-    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FLOW_CACHE_SLOTS,
-    FlowCacheEntry, FlowKey, FragKey, FragValue, NameValue, ROUTE_CACHE_SLOTS, RouteCacheEntry,
+    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, CtValue6,
+    FLOW_CACHE_SLOTS, FlowCacheEntry, FlowKey, FlowKey6, ServiceKey6, FragKey, FragValue, NameValue, ROUTE_CACHE_SLOTS, RouteCacheEntry,
     ServiceKey, ServiceValue, config_idx, limits, map_names as m, reason,
 };
 use serde::Serialize;
@@ -145,6 +145,9 @@ pub fn shapes(cfg: &DatapathConfig) -> Vec<MapShape> {
         MapShape::new::<FragKey, FragValue>(m::FRAGMENTS, LruHash, cfg.max_fragments),
         MapShape::new::<u32, FlowCacheEntry>(m::FLOW_CACHE, PerCpuArray, FLOW_CACHE_SLOTS),
         MapShape::new::<u32, RouteCacheEntry>(m::ROUTE_CACHE, PerCpuArray, ROUTE_CACHE_SLOTS),
+        MapShape::new::<ServiceKey6, ServiceValue>(m::SERVICES6, Hash, cfg.max_services),
+        MapShape::new::<u32, [u32; 4]>(m::BACKENDS6, Array, cfg.max_backends),
+        MapShape::new::<FlowKey6, CtValue6>(m::CONNTRACK6, LruHash, cfg.max_conntrack6),
     ];
     debug_assert!(shapes.iter().map(|s| s.name).eq(m::ALL.iter().copied()));
     shapes
@@ -363,6 +366,7 @@ fn size_flag(name: &str) -> Option<&'static str> {
         m::SERVICES => "--max-services",
         m::BACKENDS => "--max-backends",
         m::CONNTRACK => "--max-conntrack",
+        m::CONNTRACK6 => "--max-conntrack6",
         m::AFFINITY => "--max-affinity",
         m::FRAGMENTS => "--max-fragments",
         m::SLOTS => "--max-slots",
