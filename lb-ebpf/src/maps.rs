@@ -103,8 +103,7 @@ pub static ROUTE_CACHE: PerCpuArray<RouteCacheEntry> =
 /// IPv6 services (`v6`): the same values as `SERVICES` (ids, tables in
 /// `SLOTS`, per-service counters are shared with IPv4), keyed by a 16-byte VIP.
 #[map]
-pub static SERVICES6: HashMap<ServiceKey6, ServiceValue> =
-    HashMap::pinned(limits::MAX_SERVICES, 0);
+pub static SERVICES6: HashMap<ServiceKey6, ServiceValue> = HashMap::pinned(limits::MAX_SERVICES, 0);
 
 /// The address of each IPv6 backend, by backend id. Its port, state,
 /// weight and service are in `BACKENDS` (whose `ip` is 0 for it), so the

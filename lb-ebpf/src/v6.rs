@@ -41,7 +41,9 @@ use lb_common::{
 use crate::{
     conntrack,
     ctx::{Ctx, Tc, Verdict, Xdp, ptr_at},
-    maps::{BACKENDS6, CONNTRACK6, FIB_SCRATCH, SCRATCH6, SERVICES6, V6_TC_PROGS, V6_XDP_PROGS, config},
+    maps::{
+        BACKENDS6, CONNTRACK6, FIB_SCRATCH, SCRATCH6, SERVICES6, V6_TC_PROGS, V6_XDP_PROGS, config,
+    },
     nat::{self, L4Csum},
     parse::{self, ETH_LEN, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHdr, UdpHdr},
     select,

@@ -331,14 +331,23 @@ impl H {
     }
 }
 
-fn svc(name: &str, vip: Ipv6Addr, port: u16, p: Protocol, a: Algorithm, bs: &[(Ipv6Addr, u16)]) -> Service {
+fn svc(
+    name: &str,
+    vip: Ipv6Addr,
+    port: u16,
+    p: Protocol,
+    a: Algorithm,
+    bs: &[(Ipv6Addr, u16)],
+) -> Service {
     Service::new(
         name,
         vip,
         port,
         p,
         a,
-        bs.iter().map(|&(ip, port)| Backend::new(ip, port)).collect(),
+        bs.iter()
+            .map(|&(ip, port)| Backend::new(ip, port))
+            .collect(),
     )
 }
 
@@ -348,9 +357,7 @@ fn svc(name: &str, vip: Ipv6Addr, port: u16, p: Protocol, a: Algorithm, bs: &[(I
 fn predict(h: &mut H, addr: &ServiceAddr, src: Ipv6Addr, sport: u16) -> (Ipv6Addr, u16) {
     let w = h.0.writer();
     let t = w.service_table(addr).unwrap();
-    let fold = |a: Ipv6Addr| {
-        lb_common::fold6(&lb_agent::datapath::reader::ip6_wire(a))
-    };
+    let fold = |a: Ipv6Addr| lb_common::fold6(&lb_agent::datapath::reader::ip6_wire(a));
     let IpAddr::V6(vip) = addr.vip else { panic!() };
     let hash = lb_common::flow_hash(
         fold(src),
@@ -366,7 +373,9 @@ fn predict(h: &mut H, addr: &ServiceAddr, src: Ipv6Addr, sport: u16) -> (Ipv6Add
         .into_iter()
         .find(|b| b.id == id)
         .expect("the table names a backend of the service");
-    let IpAddr::V6(ip) = b.ip else { panic!("an IPv4 backend") };
+    let IpAddr::V6(ip) = b.ip else {
+        panic!("an IPv4 backend")
+    };
     (ip, b.port)
 }
 
@@ -410,32 +419,81 @@ fn flows(hook: Hook, set: ProgramSet) {
 
     let syn = P6::tcp(c, cport, vip(), 80, SYN);
     let out = syn.clone().addrs(c, cport, bip, bport);
-    h.check(hook, "SYN to the VIP", &syn.build(), V::Pass, &out.build(), "nat_forward");
+    h.check(
+        hook,
+        "SYN to the VIP",
+        &syn.build(),
+        V::Pass,
+        &out.build(),
+        "nat_forward",
+    );
 
     let data = P6::tcp(c, cport, vip(), 80, ACK | PSH).payload(b"GET / HTTP/1.1\r\n\r\n");
     let out = data.clone().addrs(c, cport, bip, bport);
-    h.check(hook, "established, with payload", &data.build(), V::Pass, &out.build(), "nat_forward");
+    h.check(
+        hook,
+        "established, with payload",
+        &data.build(),
+        V::Pass,
+        &out.build(),
+        "nat_forward",
+    );
 
     let reply = P6::tcp(bip, bport, c, cport, SYN | ACK).payload(b"odd");
     let out = reply.clone().addrs(vip(), 80, c, cport);
-    h.check(hook, "the backend's reply", &reply.build(), V::Pass, &out.build(), "nat_reverse");
+    h.check(
+        hook,
+        "the backend's reply",
+        &reply.build(),
+        V::Pass,
+        &out.build(),
+        "nat_reverse",
+    );
 
     let fin = P6::tcp(c, cport, vip(), 80, FIN | ACK);
     let out = fin.clone().addrs(c, cport, bip, bport);
-    h.check(hook, "FIN", &fin.build(), V::Pass, &out.build(), "nat_forward");
+    h.check(
+        hook,
+        "FIN",
+        &fin.build(),
+        V::Pass,
+        &out.build(),
+        "nat_forward",
+    );
 
     // UDP: the predicted backend of the DNS service, and its answer.
     let uaddr = services()[1].addr();
     let (ubip, ubport) = predict(&mut h, &uaddr, c, cport);
     let q = P6::udp(c, cport, udp_vip(), 53).payload(b"query");
     let out = q.clone().addrs(c, cport, ubip, ubport);
-    h.check(hook, "UDP to the VIP", &q.build(), V::Pass, &out.build(), "nat_forward");
+    h.check(
+        hook,
+        "UDP to the VIP",
+        &q.build(),
+        V::Pass,
+        &out.build(),
+        "nat_forward",
+    );
     let a = P6::udp(ubip, ubport, c, cport).payload(b"answer!");
     let out = a.clone().addrs(udp_vip(), 53, c, cport);
-    h.check(hook, "UDP answer", &a.build(), V::Pass, &out.build(), "nat_reverse");
+    h.check(
+        hook,
+        "UDP answer",
+        &a.build(),
+        V::Pass,
+        &out.build(),
+        "nat_reverse",
+    );
 
     let other = P6::tcp(c, cport, ip6("fd00:10:96::77"), 80, SYN).build();
-    h.check(hook, "no service", &other, V::Pass, &other, "pass_no_service");
+    h.check(
+        hook,
+        "no service",
+        &other,
+        V::Pass,
+        &other,
+        "pass_no_service",
+    );
 }
 each!(flows, flows);
 
@@ -454,7 +512,14 @@ fn extension_headers(hook: Hook, set: ProgramSet) {
         .ext(0, opts8())
         .ext(60, opts8());
     let out = syn.clone().addrs(c, cport, bip, bport);
-    h.check(hook, "hop-by-hop + destination options", &syn.build(), V::Pass, &out.build(), "nat_forward");
+    h.check(
+        hook,
+        "hop-by-hop + destination options",
+        &syn.build(),
+        V::Pass,
+        &out.build(),
+        "nat_forward",
+    );
 
     // A Fragment header (first fragment, more to come).
     let frag = P6::tcp(c, cport + 100, vip(), 80, SYN)
@@ -474,13 +539,27 @@ fn extension_headers(hook: Hook, set: ProgramSet) {
     icmp[2..4].copy_from_slice(&c6.to_be_bytes());
     f[18..20].copy_from_slice(&(icmp.len() as u16).to_be_bytes());
     f.extend(icmp);
-    h.check(hook, "ICMPv6 neighbour solicitation", &f, V::Pass, &f, "pass_not_tcp_udp");
+    h.check(
+        hook,
+        "ICMPv6 neighbour solicitation",
+        &f,
+        V::Pass,
+        &f,
+        "pass_not_tcp_udp",
+    );
 
     // A routing header (type 4) with one segment left.
     let rh = P6::tcp(c, cport + 200, vip(), 80, SYN)
         .ext(43, vec![0, 0, 4, 1, 0, 0, 0, 0])
         .build();
-    h.check(hook, "routing header, segments left", &rh, V::Pass, &rh, "pass_ipv6_ext");
+    h.check(
+        hook,
+        "routing header, segments left",
+        &rh,
+        V::Pass,
+        &rh,
+        "pass_ipv6_ext",
+    );
 
     // Five option headers: more than the program walks.
     let mut long = P6::tcp(c, cport + 300, vip(), 80, SYN);
@@ -488,7 +567,14 @@ fn extension_headers(hook: Hook, set: ProgramSet) {
         long = long.ext(60, opts8());
     }
     let long = long.build();
-    h.check(hook, "five extension headers", &long, V::Pass, &long, "pass_ipv6_ext");
+    h.check(
+        hook,
+        "five extension headers",
+        &long,
+        V::Pass,
+        &long,
+        "pass_ipv6_ext",
+    );
 }
 each!(extension_headers, extension_headers);
 
@@ -523,25 +609,60 @@ fn truncated(hook: Hook, set: ProgramSet) {
     let mut short = P6::tcp(c, 42_001, vip(), 80, SYN);
     short.plen = Some(12);
     let short = short.build();
-    h.check(hook, "payload length inside the TCP header", &short, V::Drop, &short, "drop_truncated_l4");
+    h.check(
+        hook,
+        "payload length inside the TCP header",
+        &short,
+        V::Drop,
+        &short,
+        "drop_truncated_l4",
+    );
 
     let mut udp = P6::udp(c, 42_002, udp_vip(), 53);
     udp.plen = Some(6);
     let udp = udp.build();
-    h.check(hook, "payload length inside the UDP header", &udp, V::Drop, &udp, "drop_truncated_l4");
+    h.check(
+        hook,
+        "payload length inside the UDP header",
+        &udp,
+        V::Drop,
+        &udp,
+        "drop_truncated_l4",
+    );
 
     let mut bad = syn.clone();
     bad[14] = 0x40;
-    h.check(hook, "version 4 in an IPv6 frame", &bad, V::Drop, &bad, "drop_bad_ihl");
+    h.check(
+        hook,
+        "version 4 in an IPv6 frame",
+        &bad,
+        V::Drop,
+        &bad,
+        "drop_bad_ihl",
+    );
 }
 each!(truncated, truncated);
 
 /// A service without backends drops, counted (no RST/ICMPv6 yet).
 fn no_backend(hook: Hook, set: ProgramSet) {
     let mut h = H::new(set);
-    h.apply(vec![svc("demo/empty6:http", vip(), 80, Protocol::Tcp, Algorithm::Maglev, &[])]);
+    h.apply(vec![svc(
+        "demo/empty6:http",
+        vip(),
+        80,
+        Protocol::Tcp,
+        Algorithm::Maglev,
+        &[],
+    )]);
     let syn = P6::tcp(client(), 43_000, vip(), 80, SYN).build();
-    h.check(hook, "SYN, no backend", &syn, V::Drop, &syn, "drop_no_backend");
+    h.check(
+        hook,
+        "SYN, no backend",
+        &syn,
+        V::Drop,
+        &syn,
+        "drop_no_backend",
+    );
 }
 each!(no_backend, no_backend);
 
@@ -560,13 +681,25 @@ fn maglev_agrees(hook: Hook, set: ProgramSet) {
         seen.insert(bip);
         let syn = P6::tcp(c, port, vip(), 80, SYN);
         let out = syn.clone().addrs(c, port, bip, bport);
-        h.check(hook, "SYN", &syn.build(), V::Pass, &out.build(), "nat_forward");
+        h.check(
+            hook,
+            "SYN",
+            &syn.build(),
+            V::Pass,
+            &out.build(),
+            "nat_forward",
+        );
     }
     assert_eq!(seen.len(), 3, "64 flows reach every backend: {seen:?}");
     // Each flow has its forward entry (and the reverse one, not listed).
     let flows = h.0.writer().conntrack6().unwrap();
     assert_eq!(flows.len(), 64, "{flows:?}");
-    assert!(flows.iter().all(|f| f.vip == (vip(), 80) && f.state == "syn"), "{flows:?}");
+    assert!(
+        flows
+            .iter()
+            .all(|f| f.vip == (vip(), 80) && f.state == "syn"),
+        "{flows:?}"
+    );
 }
 each!(maglev_agrees, maglev_agrees);
 
@@ -586,17 +719,38 @@ fn other_sums(hook: Hook, set: ProgramSet) {
         let mut syn = P6::tcp(c, cport, vip(), 80, SYN).payload(b"seeded");
         syn.sum = Sum::Seed;
         let out = syn.clone().addrs(c, cport, bip, bport);
-        h.check(hook, "seeded SYN", &syn.build(), V::Pass, &out.build(), "pass_csum_unverified");
+        h.check(
+            hook,
+            "seeded SYN",
+            &syn.build(),
+            V::Pass,
+            &out.build(),
+            "pass_csum_unverified",
+        );
         let mut reply = P6::tcp(bip, bport, c, cport, SYN | ACK);
         reply.sum = Sum::Seed;
         let out = reply.clone().addrs(vip(), 80, c, cport);
-        h.check(hook, "seeded reply", &reply.build(), V::Pass, &out.build(), "pass_csum_unverified");
+        h.check(
+            hook,
+            "seeded reply",
+            &reply.build(),
+            V::Pass,
+            &out.build(),
+            "pass_csum_unverified",
+        );
     }
     let uaddr = services()[1].addr();
     let (ubip, ubport) = predict(&mut h, &uaddr, c, cport);
     let mut q = P6::udp(c, cport, udp_vip(), 53).payload(b"no checksum");
     q.sum = Sum::Zero;
     let out = q.clone().addrs(c, cport, ubip, ubport);
-    h.check(hook, "UDP without a checksum", &q.build(), V::Pass, &out.build(), "nat_forward");
+    h.check(
+        hook,
+        "UDP without a checksum",
+        &q.build(),
+        V::Pass,
+        &out.build(),
+        "nat_forward",
+    );
 }
 each!(other_sums, other_sums);

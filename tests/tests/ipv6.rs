@@ -578,7 +578,8 @@ fn ebpf_mode_serves_ipv6_services_in_the_kernel() {
     assert!(
         flows
             .iter()
-            .any(|f| f.backend == (host6(b1), BACKEND_PORT) || f.backend == (host6(b2), BACKEND_PORT)),
+            .any(|f| f.backend == (host6(b1), BACKEND_PORT)
+                || f.backend == (host6(b2), BACKEND_PORT)),
         "{flows:?}"
     );
     // Both are counted by name.

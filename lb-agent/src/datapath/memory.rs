@@ -13,8 +13,9 @@ use std::path::Path;
 use aya::maps::{MapInfo, MapType};
 use lb_common::{
     AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, CtValue6,
-    FLOW_CACHE_SLOTS, FlowCacheEntry, FlowKey, FlowKey6, ServiceKey6, FragKey, FragValue, NameValue, ROUTE_CACHE_SLOTS, RouteCacheEntry,
-    ServiceKey, ServiceValue, config_idx, limits, map_names as m, reason,
+    FLOW_CACHE_SLOTS, FlowCacheEntry, FlowKey, FlowKey6, FragKey, FragValue, NameValue,
+    ROUTE_CACHE_SLOTS, RouteCacheEntry, ServiceKey, ServiceKey6, ServiceValue, config_idx, limits,
+    map_names as m, reason,
 };
 use serde::Serialize;
 use tracing::{info, warn};

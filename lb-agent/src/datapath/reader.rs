@@ -190,7 +190,9 @@ fn addr6_of(k: &ServiceKey6) -> Option<ServiceAddr> {
 /// Wire (the 16 bytes as four native words, as the kernel loads them) <-> `Ipv6Addr`.
 pub fn ip6_wire(ip: Ipv6Addr) -> [u32; 4] {
     let o = ip.octets();
-    std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
 }
 pub fn ip6_from_wire(w: [u32; 4]) -> Ipv6Addr {
     let mut o = [0u8; 16];
@@ -449,10 +451,8 @@ impl MapReader {
                 ip_from_wire(b.ip).into()
             };
             if let Some(s) = self.svcs.get_mut(addr) {
-                s.backends.insert(
-                    (ip, u16::from_be(b.port)),
-                    BackendSlot { id, value: b },
-                );
+                s.backends
+                    .insert((ip, u16::from_be(b.port)), BackendSlot { id, value: b });
             }
         }
         Ok(used_backends)

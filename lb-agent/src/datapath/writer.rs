@@ -60,7 +60,6 @@ fn table_hash(algo: u8, t: &[u32]) -> u32 {
     h
 }
 
-
 /// The maps, their index, and the allocators of ids and table slices.
 pub struct MapWriter {
     r: MapReader,
