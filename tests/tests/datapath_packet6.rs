@@ -754,3 +754,47 @@ fn other_sums(hook: Hook, set: ProgramSet) {
     );
 }
 each!(other_sums, other_sums);
+
+/// The agent's IPv6 conntrack GC (`lb_agent::gc6`): an idle UDP flow's two
+/// entries go, and its expiry is credited to its backend (`BACKEND_GC`), so
+/// least-conn's active count drops back to 0; a fresh flow stays.
+fn gc6_expires_idle_flows(hook: Hook, set: ProgramSet) {
+    let mut h = H::new(set);
+    h.apply(services());
+    let c = client();
+    let cport = if hook == Hook::Xdp { 45_001 } else { 45_002 };
+    let uaddr = services()[1].addr();
+    let (ubip, ubport) = predict(&mut h, &uaddr, c, cport);
+    let q = P6::udp(c, cport, udp_vip(), 53).payload(b"q");
+    let out = q.clone().addrs(c, cport, ubip, ubport);
+    h.check(
+        hook,
+        "UDP to the VIP",
+        &q.build(),
+        V::Pass,
+        &out.build(),
+        "nat_forward",
+    );
+    let w = h.0.writer();
+    let id = w.backend_id(&uaddr, ubip, ubport).expect("backend id");
+    let (conns, gc) = w.backend_conn_counts(id).unwrap();
+    assert_eq!((conns.opens, gc), (1, 0));
+    assert_eq!(w.conntrack6_entries().unwrap().len(), 2);
+    let t = lb_agent::config::Timeouts::default();
+    let now = lb_agent::datapath::reader::monotonic_ns();
+    // Not idle yet: kept.
+    let r = lb_agent::gc6::sweep6(w, &t, now).unwrap();
+    assert_eq!((r.flows, r.expired), (1, 0), "{r:?}");
+    // Past the UDP timeout: both entries go, the expiry is credited.
+    let later = now + t.udp.as_nanos() as u64 + 1_000_000_000;
+    let r = lb_agent::gc6::sweep6(w, &t, later).unwrap();
+    assert_eq!(
+        (r.flows, r.expired, r.accounted, r.orphans),
+        (1, 1, 1, 0),
+        "{r:?}"
+    );
+    assert!(w.conntrack6_entries().unwrap().is_empty());
+    let (conns, gc) = w.backend_conn_counts(id).unwrap();
+    assert_eq!(conns.active(gc), 0);
+}
+each!(gc6_expires_idle_flows, gc6_expires_idle_flows);

@@ -789,16 +789,34 @@ impl MapReader {
         Ok(out)
     }
 
-    /// Every backend in use, from the index: id -> (service id, IP, port).
-    /// GC uses it to credit expiries only to the backend a flow was opened
-    /// on (an id that was freed and reused has fresh counters).
+    /// Every IPv4 backend in use, from the index: id -> (service id, IP,
+    /// port). GC uses it to credit expiries only to the backend a flow was
+    /// opened on (an id that was freed and reused has fresh counters), and
+    /// recounts these backends' active flows from `CONNTRACK`; the IPv6
+    /// backends' are `CONNTRACK6`'s (`crate::gc6`, [`Self::backend_services6`]).
     pub fn backend_index(&self) -> StdHashMap<u32, (u32, Ipv4Addr, u16)> {
         self.svcs
             .values()
             .flat_map(|s| {
                 s.backends
                     .iter()
-                    .map(move |(&(ip, port), b)| (b.id, (s.value.id, v4_only(ip), port)))
+                    .filter_map(move |(&(ip, port), b)| match ip {
+                        IpAddr::V4(v4) => Some((b.id, (s.value.id, v4, port))),
+                        IpAddr::V6(_) => None,
+                    })
+            })
+            .collect()
+    }
+
+    /// Every IPv6 backend in use: id -> service id (`crate::gc6`).
+    pub fn backend_services6(&self) -> StdHashMap<u32, u32> {
+        self.svcs
+            .values()
+            .flat_map(|s| {
+                s.backends
+                    .iter()
+                    .filter(|((ip, _), _)| ip.is_ipv6())
+                    .map(move |(_, b)| (b.id, s.value.id))
             })
             .collect()
     }

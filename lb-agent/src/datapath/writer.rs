@@ -20,8 +20,8 @@ use aya::{
 };
 use lb_api::{BackendState, DesiredState, Refusal, Service, ServiceAddr};
 use lb_common::{
-    BackendValue, ConnCounts, Counters, CtValue, FlowKey, NAME_MAX, NameValue, ServiceValue,
-    backend_state, config_idx, limits, map_names,
+    BackendValue, ConnCounts, Counters, CtValue, CtValue6, FlowKey, FlowKey6, NAME_MAX, NameValue,
+    ServiceValue, backend_state, config_idx, limits, map_names,
 };
 use tracing::debug;
 
@@ -566,6 +566,37 @@ impl MapWriter {
             .backend_gc
             .set(backend_id, v, 0)
             .map_err(map_err(map_names::BACKEND_GC))
+    }
+
+    /// Every entry of `CONNTRACK6` (forward and reverse), key by key.
+    pub fn conntrack6_entries(&self) -> Result<Vec<(FlowKey6, CtValue6)>, DatapathError> {
+        let mut out = Vec::new();
+        for item in self.r.conntrack6.iter() {
+            match item {
+                Ok(kv) => out.push(kv),
+                // Evicted between the key walk and its lookup.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(map_names::CONNTRACK6)(e)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// One `CONNTRACK6` entry, if present.
+    pub fn conntrack6_get(&self, k: &FlowKey6) -> Result<Option<CtValue6>, DatapathError> {
+        match self.r.conntrack6.get(k, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(map_names::CONNTRACK6)(e)),
+        }
+    }
+
+    /// Deletes one `CONNTRACK6` entry (gone already is fine).
+    pub fn conntrack6_remove(&mut self, k: &FlowKey6) -> Result<(), DatapathError> {
+        match self.r.conntrack6.remove(k) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(map_names::CONNTRACK6)(e)),
+        }
     }
 
     /// Adds `n` to a backend's GC-expired count (agent-owned counter).
