@@ -633,7 +633,7 @@ impl MapReader {
                 let (pp, pb) = pending.backend.get(&b.id).copied().unwrap_or_default();
                 Ok(BackendStats {
                     id: b.id,
-                    ip: ip.into(),
+                    ip,
                     port,
                     weight: b.value.weight,
                     state: if b.value.state == backend_state::ACTIVE {
