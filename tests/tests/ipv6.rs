@@ -582,6 +582,23 @@ fn ebpf_mode_serves_ipv6_services_in_the_kernel() {
                 || f.backend == (host6(b2), BACKEND_PORT)),
         "{flows:?}"
     );
+    // lbctl lists the IPv6 flows with the IPv4 ones.
+    let out = std::process::Command::new(rpclb_tests::procs::workspace_bin("lb-agent", "lbctl"))
+        .args(["--pin-path", pin_path(&lab).to_str().unwrap(), "conntrack"])
+        .env_remove("RPCLB_PIN_PATH")
+        .output()
+        .expect("run lbctl");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "lbctl conntrack: {table}");
+    assert!(
+        table
+            .lines()
+            .filter(|l| l.starts_with(&format!("[{}]:", host6(client)))
+                && l.contains("lab/web:http@ipv6"))
+            .count()
+            >= 4,
+        "lbctl conntrack shows the IPv6 flows:\n{table}"
+    );
     // Both are counted by name.
     let m = agent.scrape();
     for name in ["lab/web:http", "lab/web:http@ipv6"] {

@@ -150,6 +150,10 @@ pub struct ConntrackEntry6 {
     pub svc_id: u32,
     pub backend_id: u32,
     pub state: &'static str,
+    pub state_code: u32,
+    pub created_ns: u64,
+    /// The forward entry's last-seen (the reverse entry's is not merged in).
+    pub last_seen_ns: u64,
 }
 
 pub(super) fn key_of(addr: &ServiceAddr) -> ServiceKey {
@@ -784,6 +788,9 @@ impl MapReader {
                 svc_id: v.ct.svc_id,
                 backend_id: v.ct.backend_id,
                 state: lb_common::ct_state::name(v.ct.state),
+                state_code: v.ct.state,
+                created_ns: v.ct.created_ns,
+                last_seen_ns: v.ct.last_seen_ns,
             });
         }
         Ok(out)
