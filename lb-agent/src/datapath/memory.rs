@@ -471,11 +471,12 @@ mod tests {
         let per_cpu: u64 = shapes(&cfg).iter().map(|s| s.per_cpu_bytes()).sum();
         // SVC_STATS (16,384 x 32 B) + REASONS (one 8 B counter per reason) +
         // FLOW_CACHE (1,024 x 96 B) + ROUTE_CACHE (1,024 x 32 B) + a pointer
-        // and a spare element per CPU for each plain hash.
+        // and a spare element per CPU for each plain hash (SERVICES, NAMES,
+        // SERVICES6).
         let reasons = reason::COUNT as u64 * 8;
         assert_eq!(
             per_cpu,
-            16_384 * 32 + reasons + 1_024 * 96 + 1_024 * 32 + (8 + 80) + (8 + 312)
+            16_384 * 32 + reasons + 1_024 * 96 + 1_024 * 32 + (8 + 80) + (8 + 312) + (8 + 96)
         );
         assert!(per_cpu < MIB, "{per_cpu} bytes per CPU");
         assert_eq!(shape(&cfg, m::BACKEND_STATS).per_cpu_bytes(), 0);
