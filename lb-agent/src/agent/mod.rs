@@ -934,7 +934,13 @@ async fn gc_loop(
                 (fd, gc::Baseline::read(w)?, w.conntrack_capacity())
             };
             let expired = gc::expire_recount(fd.as_fd(), &t, monotonic_ns(), base)?;
-            expired.credit(lock(&dp2).writer()).map(|r| (r, capacity))
+            let r = expired.credit(lock(&dp2).writer()).map(|r| (r, capacity));
+            // The IPv6 flows (`CONNTRACK6`), under the writer's lock.
+            match crate::gc6::sweep6(lock(&dp2).writer(), &t, monotonic_ns()) {
+                Ok(r6) => tracing::debug!(?r6, "IPv6 conntrack sweep"),
+                Err(e) => warn!("IPv6 conntrack sweep: {e}"),
+            }
+            r
         })
         .await;
         match res {
