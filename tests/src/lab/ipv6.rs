@@ -1,11 +1,13 @@
 //! IPv6 on top of the one-node lab: each link `10.244.<net>.0/24` also gets
 //! `fd00:10:244:<net>::/64` (node side `::1`, host side `::2`, `nodad`), and every host routes
 //! the pods' `fd00:10:244::/48` and the VIPs' `fd00:10:96::/112` via the node. Everything stays
-//! inside the lab's namespaces (ULA addresses only).
+//! inside the lab's namespaces (ULA addresses only). [`Lab::add_ipv6`] returns once the node's
+//! addresses have left duplicate address detection.
 
 use super::{Host, Lab};
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use std::net::Ipv6Addr;
+use std::time::{Duration, Instant};
 
 /// The pods' IPv6 range and the VIPs' (inside the lab only).
 pub const POD_NET6: &str = "fd00:10:244::/48";
@@ -73,6 +75,26 @@ impl Lab {
                     .with_context(|| format!("route {net} in {}", h.ns.name()))?;
             }
         }
-        Ok(())
+        self.wait_dad()
+    }
+
+    /// Waits until no address in the node is tentative. The node's link-local addresses (one
+    /// per veth, made when the link came up) stay tentative for about a second of duplicate
+    /// address detection, and meanwhile the kernel sends no neighbour solicitation for a
+    /// packet it forwards (its source is not the node's own): the first SYN forwarded to each
+    /// pod waited a second for the next solicitation, longer than a 1 s connect timeout.
+    /// Kernel forwarding on any node behaves so; a real node's pods are older than a second.
+    fn wait_dad(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let tentative = self.node().ip(&["-6", "-o", "addr", "show", "tentative"])?;
+            if tentative.trim().is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("IPv6 addresses still tentative in the node after 10 s: {tentative}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
