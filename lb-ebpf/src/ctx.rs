@@ -94,7 +94,7 @@ pub trait Ctx {
     /// Set the MACs and decrement the TTL (IPv4 header at `ip`) before a redirect.
     fn route_rewrite(&mut self, ip: usize, smac: &[u8; 6], dmac: &[u8; 6]) -> Option<()>;
     /// Shrink or grow the frame to exactly `len` bytes and copy `bytes` over it.
-    fn replace(&mut self, bytes: &[u8; nat::RST_LEN]) -> Option<()>;
+    fn replace<const N: usize>(&mut self, bytes: &[u8; N]) -> Option<()>;
     /// Add `n` bytes in front of the frame; then cut it to `len` bytes.
     fn reframe(&mut self, n: usize, len: usize) -> Option<()>;
     fn ret(&self, v: Verdict) -> u32;
@@ -267,12 +267,12 @@ impl Ctx for Xdp<'_> {
         Some(())
     }
     #[inline(always)]
-    fn replace(&mut self, bytes: &[u8; nat::RST_LEN]) -> Option<()> {
+    fn replace<const N: usize>(&mut self, bytes: &[u8; N]) -> Option<()> {
         let cur = (self.data_end() - self.data()) as i32;
-        if unsafe { bpf_xdp_adjust_tail(self.0.ctx, nat::RST_LEN as i32 - cur) } != 0 {
+        if unsafe { bpf_xdp_adjust_tail(self.0.ctx, N as i32 - cur) } != 0 {
             return None;
         }
-        let p: *mut [u8; nat::RST_LEN] = ptr_at(self, 0)?;
+        let p: *mut [u8; N] = ptr_at(self, 0)?;
         unsafe { *p = *bytes };
         Some(())
     }
@@ -439,8 +439,8 @@ impl Ctx for Tc<'_> {
         Some(())
     }
     #[inline(always)]
-    fn replace(&mut self, bytes: &[u8; nat::RST_LEN]) -> Option<()> {
-        if unsafe { bpf_skb_change_tail(self.0.skb.skb, nat::RST_LEN as u32, 0) } != 0 {
+    fn replace<const N: usize>(&mut self, bytes: &[u8; N]) -> Option<()> {
+        if unsafe { bpf_skb_change_tail(self.0.skb.skb, N as u32, 0) } != 0 {
             return None;
         }
         self.0.store(0, bytes, 0).ok()

@@ -15,6 +15,7 @@ mod maps;
 mod nat;
 mod parse;
 mod reject;
+mod reject6;
 mod select;
 mod set;
 mod stats;

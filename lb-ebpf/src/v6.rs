@@ -23,7 +23,8 @@
 //! - a new flow whose reverse tuple another flow holds (one client ip:port
 //!   through two VIPs to one backend) is dropped (`drop_ports_exhausted`):
 //!   IPv4 rewrites its source port, IPv6 does not yet;
-//! - no usable backend: dropped (`drop_no_backend`), no RST or ICMPv6 yet;
+//! - no usable backend: a SYN gets a RST, a UDP datagram without extension
+//!   headers an ICMPv6 port unreachable (`reject6`), the rest is dropped;
 //! - XDP: a check field equal to the packet's seed is taken for a
 //!   CHECKSUM_PARTIAL seed without verifying the segment
 //!   (`pass_csum_unverified`; IPv4 verifies it, `nat::classify`).
@@ -99,13 +100,15 @@ pub struct Packet6 {
 /// The IPv6 walk's big temporaries, in a per-CPU map (`SCRATCH6`) rather
 /// than on the stack: the packet's flow key, a second key (the reverse
 /// entry's, or the forward entry of a reply), a third (the owner of a taken
-/// reverse key) and a conntrack value being written.
+/// reverse key), a conntrack value being written and a RST being built.
 #[repr(C)]
 pub struct Scratch6 {
     pub key: FlowKey6,
     pub rev: FlowKey6,
     pub other: FlowKey6,
     pub ct: CtValue6,
+    /// A RST being built (`reject6`).
+    pub frame: [u8; crate::reject6::RST6_LEN],
 }
 
 /// The frame's EtherType is IPv6 (XDP: direct access; TC: a load, the
@@ -619,12 +622,11 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
         Some(x) => x,
         None => {
             stats::svc_drop(svc.id);
-            stats::reason(if svc.table_len == 0 {
-                reason::DROP_NO_BACKEND
-            } else {
-                reason::DROP_BAD_TABLE
-            });
-            return Verdict::Drop;
+            if svc.table_len != 0 {
+                stats::reason(reason::DROP_BAD_TABLE);
+                return Verdict::Drop;
+            }
+            return crate::reject6::no_backend(ctx, &p, s);
         }
     };
     match create(s, &p, svc.id, id, &ip, port, now) {

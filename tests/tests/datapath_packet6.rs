@@ -15,11 +15,14 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const TC_OK: u32 = 0;
 const TC_SHOT: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+const TC_REDIRECT: u32 = 7;
 
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
 const FIN: u8 = 0x01;
 const PSH: u8 = 0x08;
+const RST: u8 = 0x04;
 
 fn ip6(s: &str) -> Ipv6Addr {
     s.parse().unwrap()
@@ -42,6 +45,8 @@ fn backend(i: u16) -> Ipv6Addr {
 enum V {
     Pass,
     Drop,
+    /// Sent back out of the ingress (a redirect to it).
+    Tx,
 }
 
 impl V {
@@ -51,6 +56,8 @@ impl V {
             (V::Drop, Hook::Xdp) => XDP_DROP,
             (V::Pass, Hook::Tc) => TC_OK,
             (V::Drop, Hook::Tc) => TC_SHOT,
+            (V::Tx, Hook::Xdp) => XDP_REDIRECT,
+            (V::Tx, Hook::Tc) => TC_REDIRECT,
         }
     }
 }
@@ -643,24 +650,107 @@ fn truncated(hook: Hook, set: ProgramSet) {
 }
 each!(truncated, truncated);
 
-/// A service without backends drops, counted (no RST/ICMPv6 yet).
+/// Ethernet (MACs swapped: the answer goes back to the sender) and an IPv6
+/// header from `src` to `dst` with hop limit 64, then `l4`.
+fn answer(src: Ipv6Addr, dst: Ipv6Addr, next: u8, l4: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&MAC_SRC);
+    f.extend_from_slice(&MAC_DST);
+    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[next, 64]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(l4);
+    f
+}
+
+/// A service without backends answers as a closed port would, as kube-proxy's
+/// REJECT does: a SYN gets a RST|ACK from the VIP, a UDP datagram an ICMPv6
+/// port unreachable quoting its IPv6 and UDP headers; other packets, and
+/// datagrams with extension headers, are dropped. All counted.
 fn no_backend(hook: Hook, set: ProgramSet) {
     let mut h = H::new(set);
-    h.apply(vec![svc(
-        "demo/empty6:http",
-        vip(),
-        80,
-        Protocol::Tcp,
-        Algorithm::Maglev,
-        &[],
-    )]);
-    let syn = P6::tcp(client(), 43_000, vip(), 80, SYN).build();
+    h.apply(vec![
+        svc(
+            "demo/empty6:http",
+            vip(),
+            80,
+            Protocol::Tcp,
+            Algorithm::Maglev,
+            &[],
+        ),
+        svc(
+            "demo/empty6:dns",
+            udp_vip(),
+            53,
+            Protocol::Udp,
+            Algorithm::Maglev,
+            &[],
+        ),
+    ]);
+    // The SYN (seq 1000, 4 payload bytes): RST|ACK, seq 0, ack 1005, window 0.
+    let syn = P6::tcp(client(), 43_000, vip(), 80, SYN)
+        .payload(b"abcd")
+        .build();
+    let mut tcp = Vec::new();
+    tcp.extend_from_slice(&80u16.to_be_bytes());
+    tcp.extend_from_slice(&43_000u16.to_be_bytes());
+    tcp.extend_from_slice(&0u32.to_be_bytes());
+    tcp.extend_from_slice(&1005u32.to_be_bytes());
+    tcp.extend_from_slice(&[5 << 4, RST | ACK, 0, 0, 0, 0, 0, 0]);
+    let c = l4_csum(vip(), client(), 6, &tcp);
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    let rst = answer(vip(), client(), 6, &tcp);
+    assert_eq!(rst.len(), 74);
     h.check(
         hook,
         "SYN, no backend",
         &syn,
+        V::Tx,
+        &rst,
+        "tx_rst_no_backend",
+    );
+
+    // A datagram: ICMPv6 type 1 code 4, the quote is its IPv6 + UDP headers.
+    let dgram = P6::udp(client(), 41_000, udp_vip(), 53)
+        .payload(b"query")
+        .build();
+    let mut icmp = vec![1, 4, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&dgram[14..62]);
+    let c = l4_csum(udp_vip(), client(), 58, &icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let unreach = answer(udp_vip(), client(), 58, &icmp);
+    assert_eq!(unreach.len(), 110);
+    h.check(
+        hook,
+        "UDP, no backend",
+        &dgram,
+        V::Tx,
+        &unreach,
+        "tx_icmp_no_backend",
+    );
+
+    // Not a SYN; a datagram with a destination-options header: dropped.
+    let ack = P6::tcp(client(), 43_001, vip(), 80, ACK).build();
+    h.check(
+        hook,
+        "ACK, no backend",
+        &ack,
         V::Drop,
-        &syn,
+        &ack,
+        "drop_no_backend",
+    );
+    let ext = P6::udp(client(), 41_001, udp_vip(), 53)
+        .ext(60, opts8())
+        .payload(b"q")
+        .build();
+    h.check(
+        hook,
+        "UDP with an extension header, no backend",
+        &ext,
+        V::Drop,
+        &ext,
         "drop_no_backend",
     );
 }

@@ -32,6 +32,7 @@ use rpclb_tests::skip_unless_lab;
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0xa);
 const UDP_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x35);
 const GRPC_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x14);
+const EMPTY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x62);
 const BACKEND_PORT: u16 = 8080;
 const OP: Duration = Duration::from_secs(2);
 
@@ -458,8 +459,14 @@ fn ebpf_mode_serves_ipv6_services_in_the_kernel() {
         s
     };
     let dir = TestDir::new("ipv6-hybrid");
+    // Two IPv6 services without backends (TCP and UDP on one VIP).
+    let none = format!(
+        "  - name: lab/none:http@ipv6\n    vip: \"{EMPTY6}\"\n    port: 80\n    backends: []\n  \
+         - name: lab/none:dns@ipv6\n    vip: \"{EMPTY6}\"\n    port: 53\n    protocol: udp\n    \
+         backends: []\n"
+    );
     dir.write_config(&format!(
-        "services:\n{}{}",
+        "services:\n{none}{}{}",
         entry(
             "lab/web:http",
             v4_vip.to_string(),
@@ -500,11 +507,46 @@ fn ebpf_mode_serves_ipv6_services_in_the_kernel() {
         "IPv6 (kernel): {lines:?}"
     );
 
+    // No backend: a SYN gets a RST (refused at once), a datagram an ICMPv6
+    // port unreachable (a connected socket's next call is refused).
+    client
+        .ns
+        .run(|| {
+            use std::time::Duration;
+            let t = std::time::Instant::now();
+            let e = std::net::TcpStream::connect_timeout(
+                &SocketAddr::from((EMPTY6, 80)),
+                Duration::from_secs(3),
+            )
+            .expect_err("no backend: refused");
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+            assert!(
+                t.elapsed() < Duration::from_millis(900),
+                "a RST, not a timeout"
+            );
+            let u = std::net::UdpSocket::bind("[::]:0").unwrap();
+            u.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            u.connect(SocketAddr::from((EMPTY6, 53))).unwrap();
+            u.send(b"query").unwrap();
+            let mut buf = [0u8; 16];
+            let e = u.recv(&mut buf).expect_err("ICMPv6 port unreachable");
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+        })
+        .expect("client namespace");
+
     // The kernel's maps hold both services, and the IPv6 flows.
     let maps = lb_agent::datapath::MapReader::open_pinned(&pin_path(&lab)).expect("pinned maps");
     let mut in_kernel: Vec<IpAddr> = maps.services().iter().map(|s| s.addr.vip).collect();
     in_kernel.sort();
-    assert_eq!(in_kernel, [IpAddr::from(v4_vip), IpAddr::from(VIP6)]);
+    in_kernel.dedup();
+    assert_eq!(
+        in_kernel,
+        [
+            IpAddr::from(v4_vip),
+            IpAddr::from(VIP6),
+            IpAddr::from(EMPTY6)
+        ]
+    );
     let flows = maps.conntrack6().expect("CONNTRACK6");
     assert!(
         flows
