@@ -257,6 +257,8 @@ pub struct Options {
     pub refresh: bool,
     /// Replace the table in docs/operations.md with this run's.
     pub update_docs: bool,
+    /// Only the steps of these names (empty: all).
+    pub steps: Vec<String>,
 }
 
 /// What a run of the matrix found.
@@ -271,7 +273,17 @@ pub struct Outcome {
 /// `cargo test --workspace` with them just built.
 pub fn run(root: &Path, opts: &Options, cargo_args: &[OsString]) -> Result<Outcome> {
     let kernels = pick(&opts.kernels, opts.short)?;
-    let steps = if opts.short { SHORT } else { FULL };
+    let all = if opts.short { SHORT } else { FULL };
+    let picked: Vec<Step> = all
+        .iter()
+        .filter(|s| opts.steps.is_empty() || opts.steps.iter().any(|n| n == s.name))
+        .copied()
+        .collect();
+    if picked.is_empty() {
+        let names: Vec<&str> = all.iter().map(|s| s.name).collect();
+        bail!("no such step in the matrix; its steps: {}", names.join(", "));
+    }
+    let steps = &picked[..];
     let bins = test_binaries(root, cargo_args, steps)?;
     let boots_any = kernels.iter().any(|k| k != "host") || host_image().is_some();
     if boots_any {

@@ -101,6 +101,9 @@ struct KernelArgs {
     /// Write the table into docs/operations.md (between its kernel-matrix markers).
     #[arg(long)]
     update_docs: bool,
+    /// Only these steps of the matrix (repeatable; e.g. packet6, lab-tc): a quicker check.
+    #[arg(long = "step", value_name = "STEP", conflicts_with = "update_docs")]
+    steps: Vec<String>,
 }
 
 #[derive(Args)]
@@ -191,6 +194,7 @@ fn task(cmd: Cmd) -> Result<()> {
                 kernels: a.kernels,
                 refresh: a.refresh,
                 update_docs: a.update_docs,
+                steps: a.steps,
             };
             let out = kernels::run(&root, &opts, &[])?;
             println!("\n{}", out.table);
@@ -274,6 +278,7 @@ fn kernels_short(root: &Path, args: &[OsString]) -> Result<()> {
         kernels: Vec::new(),
         refresh: false,
         update_docs: false,
+        steps: Vec::new(),
     };
     let t = std::time::Instant::now();
     let out = kernels::run(root, &opts, args)?;
