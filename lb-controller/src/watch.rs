@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Endpoints, Node, Service as KubeService};
+use k8s_openapi::api::core::v1::{Endpoints, Node, Service as KubeService, ServiceStatus};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -266,7 +266,14 @@ pub async fn run(
             s.managed_fields_mut().clear();
             s.annotations_mut()
                 .retain(|k, _| k.starts_with(annotations::PREFIX));
-            s.status = None;
+            // The status's load-balancer ingress IPs are front ends
+            // (translate::external_of); its conditions are not read.
+            s.status = s.status.take().and_then(|st| {
+                st.load_balancer.map(|lb| ServiceStatus {
+                    load_balancer: Some(lb),
+                    conditions: None,
+                })
+            });
         }),
     );
     let (endpoints, endpoints_stream) = match config.source {

@@ -281,7 +281,10 @@ pub fn run(root: &Path, opts: &Options, cargo_args: &[OsString]) -> Result<Outco
         .collect();
     if picked.is_empty() {
         let names: Vec<&str> = all.iter().map(|s| s.name).collect();
-        bail!("no such step in the matrix; its steps: {}", names.join(", "));
+        bail!(
+            "no such step in the matrix; its steps: {}",
+            names.join(", ")
+        );
     }
     let steps = &picked[..];
     let bins = test_binaries(root, cargo_args, steps)?;
