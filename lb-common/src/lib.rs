@@ -33,6 +33,10 @@ pub mod map_names {
     /// The per-CPU route cache per destination (`RouteCacheEntry`); pinned
     /// like every map, though a fresh one only costs a route lookup.
     pub const ROUTE_CACHE: &str = "ROUTE_CACHE";
+    /// Backend ip:port:proto -> its one frontend (VIP:port): where the first
+    /// reply of a flow finds the flow's forward key (`BACKENDS` flag
+    /// `backend_flags::ONE_FRONTEND`).
+    pub const FRONTENDS: &str = "FRONTENDS";
 
     /// Every map, in a stable order (pinning and cleanup walk this list).
     pub const ALL: &[&str] = &[
@@ -53,6 +57,7 @@ pub mod map_names {
         FRAGMENTS,
         FLOW_CACHE,
         ROUTE_CACHE,
+        FRONTENDS,
     ];
 }
 
@@ -79,7 +84,9 @@ pub mod limits {
     /// Conntrack entries (a flow uses `CT_ENTRIES_PER_FLOW`: forward and reverse).
     pub const MAX_CONNTRACK: u32 = 524_288;
     /// Conntrack entries one flow takes: forward and reverse. A map of
-    /// `--max-conntrack` entries holds that / 2 flows.
+    /// `--max-conntrack` entries holds that / 2 flows. (A flow to a backend
+    /// with one frontend writes its reverse entry at its first reply, so a
+    /// flow that never got one, e.g. a SYN flood's, takes one entry.)
     pub const CT_ENTRIES_PER_FLOW: u32 = 2;
     /// Client-IP affinity entries.
     pub const MAX_AFFINITY: u32 = 131_072;
@@ -129,6 +136,17 @@ pub mod backend_state {
     pub const ACTIVE: u8 = 1;
     /// Gets no new flows; its existing flows continue.
     pub const TERMINATING: u8 = 2;
+}
+
+/// Flags of a backend (`BackendValue::flags`).
+pub mod backend_flags {
+    /// The backend's ip:port:proto is reached through exactly one frontend
+    /// (VIP:port), which `FRONTENDS` holds: a new flow to it writes only its
+    /// forward entry, and its first reply writes the reverse entry. Without
+    /// it (several frontends: NodePort, external IPs, two Services), the new
+    /// flow writes both at once, and claims the reverse key against the
+    /// other frontends' flows (port rewrites).
+    pub const ONE_FRONTEND: u8 = 1;
 }
 
 /// IP protocol numbers.
@@ -218,7 +236,12 @@ pub mod reason {
     /// A UDP datagram to a service with no usable backend, answered with an
     /// ICMP port unreachable (as kube-proxy's REJECT).
     pub const TX_ICMP_NO_BACKEND: u32 = 26;
-    pub const COUNT: u32 = 27;
+    /// A reply's reverse entry written at the flow's first reply (its
+    /// backend has one frontend, `FRONTENDS`), or rewritten there because
+    /// the entry found belonged to an older flow. A conntrack event counted
+    /// beside `nat_reverse`.
+    pub const CT_REVERSE_LAZY: u32 = 27;
+    pub const COUNT: u32 = 28;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "pass_not_ipv4",
@@ -248,6 +271,7 @@ pub mod reason {
         "nat_fragment",
         "pass_fib_cached",
         "tx_icmp_no_backend",
+        "ct_reverse_lazy",
     ];
 }
 
@@ -320,7 +344,8 @@ pub struct BackendValue {
     pub ip: u32,
     pub port: u16,
     pub state: u8,
-    pub _pad: u8,
+    /// `backend_flags`.
+    pub flags: u8,
     pub weight: u32,
     pub svc_id: u32,
 }

@@ -145,6 +145,7 @@ pub fn shapes(cfg: &DatapathConfig) -> Vec<MapShape> {
         MapShape::new::<FragKey, FragValue>(m::FRAGMENTS, LruHash, cfg.max_fragments),
         MapShape::new::<u32, FlowCacheEntry>(m::FLOW_CACHE, PerCpuArray, FLOW_CACHE_SLOTS),
         MapShape::new::<u32, RouteCacheEntry>(m::ROUTE_CACHE, PerCpuArray, ROUTE_CACHE_SLOTS),
+        MapShape::new::<ServiceKey, ServiceKey>(m::FRONTENDS, Hash, cfg.max_backends),
     ];
     debug_assert!(shapes.iter().map(|s| s.name).eq(m::ALL.iter().copied()));
     shapes
@@ -361,7 +362,7 @@ pub fn check_sizes(cfg: &DatapathConfig) -> Result<(), DatapathError> {
 fn size_flag(name: &str) -> Option<&'static str> {
     Some(match name {
         m::SERVICES => "--max-services",
-        m::BACKENDS => "--max-backends",
+        m::BACKENDS | m::FRONTENDS => "--max-backends",
         m::CONNTRACK => "--max-conntrack",
         m::AFFINITY => "--max-affinity",
         m::FRAGMENTS => "--max-fragments",
