@@ -2559,7 +2559,11 @@ fn step(h: &mut Harness, hook: Hook, desc: &str, input: Vec<u8>, want: Vec<u8>, 
     eprintln!("{hook:?}: {desc}");
     assert_bytes_eq(&out, &want);
     packet::verify_checksums(&out).unwrap();
-    assert_eq!(d("ct_reverse_lazy"), lazy, "{hook:?}: {desc}: ct_reverse_lazy");
+    assert_eq!(
+        d("ct_reverse_lazy"),
+        lazy,
+        "{hook:?}: {desc}: ct_reverse_lazy"
+    );
 }
 
 /// One conntrack insert per flow (issue 11): a new flow to a backend with
@@ -2612,7 +2616,10 @@ fn one_insert_per_flow(hook: Hook, set: ProgramSet) {
     assert_eq!(ct_len(&mut h), n0 + 1, "{hook:?}: the SYN writes one entry");
     let f = ct_get(&mut h, &fwd).expect("forward entry");
     assert_eq!((f.dir, f.state), (ct_dir::FORWARD, ct_state::SYN));
-    assert!(ct_get(&mut h, &rev).is_none(), "{hook:?}: no reverse entry yet");
+    assert!(
+        ct_get(&mut h, &rev).is_none(),
+        "{hook:?}: no reverse entry yet"
+    );
     step(
         &mut h,
         hook,
@@ -2621,7 +2628,11 @@ fn one_insert_per_flow(hook: Hook, set: ProgramSet) {
         tcp(VIP, 80, CLIENT, 40000, SYN | ACK).ack(1001).build(),
         1,
     );
-    assert_eq!(ct_len(&mut h), n0 + 2, "{hook:?}: two entries after the reply");
+    assert_eq!(
+        ct_len(&mut h),
+        n0 + 2,
+        "{hook:?}: two entries after the reply"
+    );
     let r = ct_get(&mut h, &rev).expect("reverse entry");
     assert_eq!(r.dir, ct_dir::REVERSE);
     assert_eq!(r.nat_ip, u32::from_ne_bytes(VIP.octets()));
@@ -2728,7 +2739,11 @@ fn one_insert_per_flow(hook: Hook, set: ProgramSet) {
         tcp(CLIENT, 40002, b2, 8080, SYN).build(),
         0,
     );
-    assert_eq!(ct_len(&mut h), n2 + 2, "{hook:?}: the stale entry and one new");
+    assert_eq!(
+        ct_len(&mut h),
+        n2 + 2,
+        "{hook:?}: the stale entry and one new"
+    );
     step(
         &mut h,
         hook,

@@ -17,7 +17,8 @@ use lb_common::{FlowKey, limits};
 use rpclb_tests::packet::{self, ACK, Pkt, SYN};
 
 use super::live::{
-    BACKEND_PORT, PinnedDp, Prog, Topo, VIP, VIP_PORT, XDP_REDIRECT, lab_service, plain, prog, verdict_name,
+    BACKEND_PORT, PinnedDp, Prog, Topo, VIP, VIP_PORT, XDP_REDIRECT, lab_service, plain, prog,
+    verdict_name,
 };
 use super::{
     Deadline, Opts, Table, bench_cpu, check_stop, count, header, median, ns, percentile, ratio,
@@ -93,7 +94,10 @@ fn fill(topo: &Topo, dp: &mut Datapath, from: u32, to: u32) -> Result<()> {
             // pass), so the reverse entry is there.
             let (v, out, _) = plain(prog(dp, Prog::Lb)?, &reply, b.node_iface.ifindex)?;
             if packet::parse(&out)?.ip.src != VIP {
-                bail!("new flow {i}: reply not translated (verdict {})", verdict_name(v));
+                bail!(
+                    "new flow {i}: reply not translated (verdict {})",
+                    verdict_name(v)
+                );
             }
         }
         Ok(())
