@@ -24,7 +24,7 @@ use rpclb_tests::lab::{self, Lab};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::mpsc::RecvTimeoutError;
@@ -91,6 +91,10 @@ pub struct DemoOpts {
     /// Folder with the lb-agent, lb-controller and lbctl binaries [default: this binary's folder].
     #[arg(long, value_name = "DIR")]
     pub bin_dir: Option<PathBuf>,
+    /// The same scenario over IPv6: the pods get ULA addresses (fd00:10:244:<net>::2) beside
+    /// their IPv4 ones, and the services IPv6 VIPs (fd00:10:96::11 to ::14).
+    #[arg(long)]
+    pub ipv6: bool,
 }
 
 fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
@@ -120,7 +124,7 @@ struct Svc {
     key: &'static str,
     name: String,
     host: String,
-    vip: Ipv4Addr,
+    vip: IpAddr,
     port: u16,
     pods: Vec<PodInfo>,
     /// `grpc: {}` in the config: the gRPC (L7) mode.
@@ -134,13 +138,13 @@ impl Svc {
 
     /// A gRPC-mode service in front of this service's pods (same backends and port, so
     /// `config_yaml` writes the same backend list and the same terminating marking).
-    fn grpc_twin(&self, key: &'static str, vip: Ipv4Addr) -> Svc {
+    fn grpc_twin(&self, key: &'static str, vip: impl Into<IpAddr>) -> Svc {
         let name = format!("{}-grpc", self.name);
         Svc {
             key,
             host: format!("{name}.{NAMESPACE}.svc.cluster.local"),
             name,
-            vip,
+            vip: vip.into(),
             port: self.port,
             pods: self.pods.clone(),
             grpc: true,
@@ -150,12 +154,19 @@ impl Svc {
     /// "host -> vip:port (config name)".
     fn describe(&self) -> String {
         format!(
-            "{} -> {}:{} ({})",
+            "{} -> {} ({})",
             self.host,
-            self.vip,
-            self.port,
+            SocketAddr::new(self.vip, self.port),
             self.config_name()
         )
+    }
+
+    /// A pod's `ip:port` as lb-agent's /metrics labels it (`[ip]:port` for IPv6).
+    fn backend_label(&self, pod_ip: &str) -> String {
+        match pod_ip.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, self.port).to_string(),
+            Err(_) => format!("{pod_ip}:{}", self.port),
+        }
     }
 }
 
@@ -342,7 +353,7 @@ fn proxy_counts(text: &str, svc: &Svc) -> Result<ProxyCounts, String> {
         .ok_or_else(|| format!("no rpclb_service_new_flows_total{{service=\"{name}\"}}"))?;
     let mut per_ip = BTreeMap::new();
     for p in &svc.pods {
-        let backend = format!("{}:{}", p.ip, svc.port);
+        let backend = svc.backend_label(&p.ip);
         let n = sample(
             text,
             "rpclb_backend_new_flows_total",
@@ -363,7 +374,7 @@ fn goaway_counts(text: &str, svc: &Svc) -> BTreeMap<String, report::GoawayBacken
     svc.pods
         .iter()
         .map(|p| {
-            let backend = format!("{}:{}", p.ip, svc.port);
+            let backend = svc.backend_label(&p.ip);
             let labels = [("service", name.as_str()), ("backend", backend.as_str())];
             let get = |metric: &str| sample(text, metric, &labels).unwrap_or(0.0) as u64;
             let b = report::GoawayBackend {
@@ -413,6 +424,29 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
         2 * pods
     ));
     let lab = Lab::new(2 * pods).context("building the netns lab")?;
+    if o.ipv6 {
+        lab.add_ipv6().context("IPv6 addresses in the lab")?;
+        p.say(format!(
+            "  --ipv6: ULA addresses beside the IPv4 ones (pods fd00:10:244:<net>::2, routes to {} and {} via the node)",
+            rpclb_tests::lab::ipv6::POD_NET6,
+            rpclb_tests::lab::ipv6::VIP_NET6
+        ));
+    }
+    let pod_ip = |h: &rpclb_tests::lab::Host| -> String {
+        if o.ipv6 {
+            h.ip6().to_string()
+        } else {
+            h.ip().to_string()
+        }
+    };
+    // B, C and their gRPC-mode twins: 10.96.0.11-14, or fd00:10:96::11-14 with --ipv6.
+    let vip = |n: u8| -> IpAddr {
+        if o.ipv6 {
+            rpclb_tests::lab::ipv6::vip6(0x10 + u16::from(n - 10)).into()
+        } else {
+            Ipv4Addr::new(10, 96, 0, n).into()
+        }
+    };
     let pin_path = lab.bpffs().join("rpclb");
     let mk = |key, name: &str, vip, port, first: usize| Svc {
         key,
@@ -423,24 +457,18 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
         pods: (first..first + pods)
             .map(|i| PodInfo {
                 name: format!("{name}-{}", i + 1 - first),
-                ip: lab.backend(i).ip().to_string(),
+                ip: pod_ip(lab.backend(i)),
             })
             .collect(),
         grpc: false,
     };
-    let b = mk("b", "rpc-service-b", Ipv4Addr::new(10, 96, 0, 11), 50052, 1);
-    let c = mk(
-        "c",
-        "rpc-service-c",
-        Ipv4Addr::new(10, 96, 0, 12),
-        50053,
-        1 + pods,
-    );
+    let b = mk("b", "rpc-service-b", vip(11), 50052, 1);
+    let c = mk("c", "rpc-service-c", vip(12), 50053, 1 + pods);
     // B's pods again, behind a gRPC-mode VIP: lb-agent's proxy balances each call.
-    let b_grpc = b.grpc_twin("b-grpc", Ipv4Addr::new(10, 96, 0, 13));
+    let b_grpc = b.grpc_twin("b-grpc", vip(13));
     // C's pods (which close every connection at GOAWAY_AGE) behind a gRPC-mode VIP: the
     // GOAWAY phase.
-    let c_grpc = c.grpc_twin("c-grpc", Ipv4Addr::new(10, 96, 0, 14));
+    let c_grpc = c.grpc_twin("c-grpc", vip(14));
     let svcs = vec![b, c, b_grpc, c_grpc];
     let (l4_svcs, twin, goaway_twin) = (&svcs[..2], &svcs[2], &svcs[3]);
 
@@ -449,7 +477,12 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
     for (si, s) in l4_svcs.iter().enumerate() {
         for (pi, pod) in s.pods.iter().enumerate() {
             let host = lab.backend(1 + si * pods + pi);
-            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, s.port));
+            let any: IpAddr = if o.ipv6 {
+                Ipv6Addr::UNSPECIFIED.into()
+            } else {
+                Ipv4Addr::UNSPECIFIED.into()
+            };
+            let addr = SocketAddr::new(any, s.port);
             let age = (s.key == "c").then_some(GOAWAY_AGE);
             servers.start(&host.ns, &pod.name, addr, age)?;
         }
@@ -567,10 +600,9 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
     let _etc = client_etc(&client_ns, &svcs)?;
     for s in &svcs {
         p.say(format!(
-            "  {} -> {}:{} (/etc/netns/{client_ns}/hosts){}",
+            "  {} -> {} (/etc/netns/{client_ns}/hosts){}",
             s.host,
-            s.vip,
-            s.port,
+            SocketAddr::new(s.vip, s.port),
             if s.grpc { ", gRPC mode" } else { "" }
         ));
     }
@@ -726,14 +758,25 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
                     // The controller also watches the file; SIGHUP makes the reload immediate.
                     controller.proc.signal(libc::SIGHUP)?;
                     let svc_name = b.config_name();
-                    loop {
+                    // lbctl reads the kernel's maps; an IPv6 service the kernel does not hold
+                    // (the userspace proxy serves it) shows on /metrics only.
+                    let (bname, blabel) = (b.config_name(), b.backend_label(&pick.ip));
+                    let seen_by = loop {
                         let out = procs::lbctl(
                             &lbctl_bin,
                             &pin_path,
                             &["backends", &svc_name, "-o", "json"],
                         );
                         if out.as_ref().is_ok_and(|j| shows_terminating(j, &pick.ip)) {
-                            break;
+                            break "`lbctl backends` shows";
+                        }
+                        let labels = [("service", bname.as_str()), ("backend", blabel.as_str())];
+                        if o.ipv6
+                            && agent_metrics(&lab).is_ok_and(|m| {
+                                sample(&m, "rpclb_backend_terminating", &labels) == Some(1.0)
+                            })
+                        {
+                            break "lb-agent's /metrics shows";
                         }
                         if let Some(s) = agent.proc.try_wait() {
                             bail!("lb-agent exited ({s}) on reload\n{}", agent.log_tail(20));
@@ -752,16 +795,15 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
                             );
                         }
                         std::thread::sleep(Duration::from_millis(50));
-                    }
+                    };
                     event_at = now_us();
                     p.say(format!(
-                    "  config rewritten + SIGHUP to lb-controller; it streamed the delta and `lbctl backends` shows {} terminating after {}",
+                    "  config rewritten + SIGHUP to lb-controller; it streamed the delta and {seen_by} {} terminating after {}",
                     pick.name,
                     report::fmt_duration(t0.elapsed()),
                 ));
                     // The gRPC-mode twin is the proxy's: its state is on /metrics.
-                    let (tname, backend) =
-                        (twin.config_name(), format!("{}:{}", pick.ip, twin.port));
+                    let (tname, backend) = (twin.config_name(), twin.backend_label(&pick.ip));
                     let labels = [("service", tname.as_str()), ("backend", backend.as_str())];
                     loop {
                         let m = agent_metrics(&lab);
@@ -917,11 +959,10 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
         };
         let r = ServiceReport {
             title: format!(
-                "service {}: {} -> {}:{} ({}), algorithm {}",
+                "service {}: {} -> {} ({}), algorithm {}",
                 s.key.to_uppercase(),
                 s.host,
-                s.vip,
-                s.port,
+                SocketAddr::new(s.vip, s.port),
                 s.config_name(),
                 o.algorithm
             ),
@@ -941,10 +982,9 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
         concurrency: o.concurrency as usize,
         l4_desc: svcs[0].describe(),
         l7_desc: format!(
-            "{} -> {}:{} ({}, grpc: {{}})",
+            "{} -> {} ({}, grpc: {{}})",
             twin.host,
-            twin.vip,
-            twin.port,
+            SocketAddr::new(twin.vip, twin.port),
             twin.config_name()
         ),
         l7_service: twin.config_name(),
@@ -1015,12 +1055,11 @@ pub fn run(o: DemoOpts) -> Result<Outcome> {
         }
         if title == "lbctl services" {
             println!(
-                "(lbctl reads the kernel's maps. {} at {}:{} is in the gRPC mode: lb-agent's \
+                "(lbctl reads the kernel's maps. {} at {} is in the gRPC mode: lb-agent's \
                  userspace proxy serves it, and its per-call counters are on the agent's \
                  /metrics: rpclb_service_new_flows_total{{service=\"{}\"}} {})",
                 twin.config_name(),
-                twin.vip,
-                twin.port,
+                SocketAddr::new(twin.vip, twin.port),
                 twin.config_name(),
                 proxy_calls.map_or_else(|| "?".into(), |n| n.to_string())
             );
@@ -1123,7 +1162,7 @@ mod tests {
             key: "b",
             name: "rpc-service-b".into(),
             host: "rpc-service-b.my-rpc.svc.cluster.local".into(),
-            vip: Ipv4Addr::new(10, 96, 0, 11),
+            vip: Ipv4Addr::new(10, 96, 0, 11).into(),
             port: 50052,
             pods: vec![
                 pod("rpc-service-b-1", "10.244.11.2"),

@@ -44,6 +44,8 @@ config) streams the services to lb-agent in the node namespace.
      carries calls started evenly over 4 s (200; 1000 without --quick): none may fail; the
      GOAWAYs and replaced connections are read from the agent's /metrics.
 Then: a table per service and for the third phase, checks, and lbctl.
+With --ipv6 the same scenario runs over IPv6: pods at fd00:10:244:<net>::2, VIPs
+fd00:10:96::11 to ::14 (ULA addresses inside the lab only).
 Exit status: 0 all checks passed, 1 a check failed, 2 error, 130 interrupted.",
     args_conflicts_with_subcommands = true
 )]

@@ -16,6 +16,11 @@ pub struct PodInfo {
     pub ip: String,
 }
 
+/// The width of the tables' ip column: 13, or the longest pod address (IPv6).
+fn ip_width(pods: &[PodInfo]) -> usize {
+    pods.iter().map(|p| p.ip.len()).max().unwrap_or(0).max(13)
+}
+
 /// One service's part of the run.
 pub struct ServiceReport<'a> {
     pub title: String,
@@ -137,12 +142,13 @@ impl ServiceReport<'_> {
 
     /// The table and the checks.
     pub fn render(&self, checks: &mut Checks) -> String {
+        let iw = ip_width(self.pods);
         let mut s = String::new();
         let _ = writeln!(s, "{}", self.title);
         let total_ok = self.calls.iter().filter(|c| c.ok).count();
         let _ = writeln!(
             s,
-            "  {:<18} {:<13} {:>6} {:>6} {:>6} {:>7} {:>9} {:>9}",
+            "  {:<18} {:<iw$} {:>6} {:>6} {:>6} {:>7} {:>9} {:>9}",
             "pod", "ip", "before", "after", "total", "share", "p50", "p99"
         );
         let mut all_lat = Vec::new();
@@ -167,7 +173,7 @@ impl ServiceReport<'_> {
             };
             let _ = writeln!(
                 s,
-                "  {:<18} {:<13} {:>6} {:>6} {:>6} {:>6.1}% {:>9} {:>9}{note}",
+                "  {:<18} {:<iw$} {:>6} {:>6} {:>6} {:>6.1}% {:>9} {:>9}{note}",
                 pod.name,
                 pod.ip,
                 self.count(&pod.name, Some(Phase::Before)),
@@ -182,7 +188,7 @@ impl ServiceReport<'_> {
         let phase_n = |p| self.calls.iter().filter(|c| c.ok && c.phase == p).count();
         let _ = writeln!(
             s,
-            "  {:<18} {:<13} {:>6} {:>6} {:>6} {:>6.1}% {:>9} {:>9}",
+            "  {:<18} {:<iw$} {:>6} {:>6} {:>6} {:>6.1}% {:>9} {:>9}",
             "all",
             "",
             phase_n(Phase::Before),
@@ -374,6 +380,7 @@ pub struct OneChannelReport<'a> {
 
 impl OneChannelReport<'_> {
     pub fn render(&self, checks: &mut Checks) -> String {
+        let iw = ip_width(self.pods);
         let mut s = String::new();
         let _ = writeln!(
             s,
@@ -388,7 +395,7 @@ impl OneChannelReport<'_> {
         let cell = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
         let _ = writeln!(
             s,
-            "  {:<18} {:<13} {:>9} {:>14} {:>18}",
+            "  {:<18} {:<iw$} {:>9} {:>14} {:>18}",
             "pod", "ip", "L4 VIP", "gRPC-mode VIP", "lb-agent /metrics"
         );
         for pod in self.pods {
@@ -399,7 +406,7 @@ impl OneChannelReport<'_> {
             };
             let _ = writeln!(
                 s,
-                "  {:<18} {:<13} {:>9} {:>14} {:>18}{note}",
+                "  {:<18} {:<iw$} {:>9} {:>14} {:>18}{note}",
                 pod.name,
                 pod.ip,
                 count(self.l4, &pod.name),
@@ -409,7 +416,7 @@ impl OneChannelReport<'_> {
         }
         let _ = writeln!(
             s,
-            "  {:<18} {:<13} {:>9} {:>14} {:>18}",
+            "  {:<18} {:<iw$} {:>9} {:>14} {:>18}",
             "all",
             "",
             self.l4.map_or(0, |o| o.ok),
@@ -420,7 +427,7 @@ impl OneChannelReport<'_> {
             |o: Option<&OneChannel>, f: fn(&OneChannel) -> u64| ms(o.map(f).filter(|&us| us > 0));
         let _ = writeln!(
             s,
-            "  {:<18} {:<13} {:>9} {:>14}",
+            "  {:<18} {:<iw$} {:>9} {:>14}",
             "p50 per call",
             "",
             lat(self.l4, |o| o.p50_us),
@@ -428,7 +435,7 @@ impl OneChannelReport<'_> {
         );
         let _ = writeln!(
             s,
-            "  {:<18} {:<13} {:>9} {:>14}",
+            "  {:<18} {:<iw$} {:>9} {:>14}",
             "p99 per call",
             "",
             lat(self.l4, |o| o.p99_us),
@@ -648,6 +655,7 @@ pub struct GoawayReport<'a> {
 
 impl GoawayReport<'_> {
     pub fn render(&self, checks: &mut Checks) -> String {
+        let iw = ip_width(self.pods);
         let mut s = String::new();
         let planned = self.run.map_or(0, |o| o.planned);
         let _ = writeln!(
@@ -667,7 +675,7 @@ impl GoawayReport<'_> {
         };
         let _ = writeln!(
             s,
-            "  {:<18} {:<13} {:>7} {:>13} {:>8} {:>20} {:>7}",
+            "  {:<18} {:<iw$} {:>7} {:>13} {:>8} {:>20} {:>7}",
             "pod", "ip", "calls", "proxy: calls", "GOAWAYs", "connections opened", "resent"
         );
         let answered = |pod: &str| {
@@ -677,7 +685,7 @@ impl GoawayReport<'_> {
         for pod in self.pods {
             let _ = writeln!(
                 s,
-                "  {:<18} {:<13} {:>7} {:>13} {:>8} {:>20} {:>7}",
+                "  {:<18} {:<iw$} {:>7} {:>13} {:>8} {:>20} {:>7}",
                 pod.name,
                 pod.ip,
                 answered(&pod.name),
@@ -697,7 +705,7 @@ impl GoawayReport<'_> {
         let show = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
         let _ = writeln!(
             s,
-            "  {:<18} {:<13} {:>7} {:>13} {:>8} {:>20} {:>7}",
+            "  {:<18} {:<iw$} {:>7} {:>13} {:>8} {:>20} {:>7}",
             "all",
             "",
             self.run.map_or(0, |o| o.ok),

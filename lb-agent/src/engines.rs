@@ -1,17 +1,15 @@
 //! Which data path serves which service.
 //!
-//! - **eBPF** (the kernel programs): every IPv4 service with `grpc: None`
-//!   (connection balancing). Services with `grpc: Some` (per-call gRPC
-//!   balancing) are left out of the kernel's maps, so their VIP packets pass
-//!   to the stack, where the agent's userspace proxy listens on the VIP.
-//!   So are IPv6 services, until the kernel programs handle IPv6 (they pass
-//!   every non-IPv4 packet): the userspace proxy serves them, L4 or gRPC,
-//!   beside the kernel path; their metrics are the proxy's (per service and
-//!   backend, as for gRPC-mode services), and lbctl, which reads the
-//!   kernel's maps, does not list them (`curl NODE:9100/grpc` does not
-//!   either: it shows gRPC-mode services only).
+//! - **eBPF** (the kernel programs): every service with `grpc: None`
+//!   (connection balancing), IPv4 and IPv6 (lb-ebpf/src/v6.rs). Services
+//!   with `grpc: Some` (per-call gRPC balancing) are left out of the
+//!   kernel's maps, so their VIP packets pass to the stack, where the
+//!   agent's userspace proxy listens on the VIP.
 //! - **userspace** (`--datapath userspace`, or `auto` when eBPF cannot be
 //!   loaded or attached): the userspace proxy serves every service.
+//!
+//! In both, the external front ends (node ports, external IPs; `crate::external`)
+//! are services of their own, served where their service is.
 //!
 //! Both get the desired state with the backends that fail their health
 //! checks drained (weight 0; `crate::health`).
@@ -133,18 +131,17 @@ impl Engines {
         self.health_node_ports.update(state, &self.node);
         let (kernel_part, proxy_part) = match &self.kernel {
             Some(_) => {
-                // The external front ends are kernel services of their own
-                // (crate::external); the userspace proxy serves ClusterIPs only.
+                // The external front ends are services of their own (crate::external).
                 let (l7, l4): (Vec<_>, Vec<_>) = crate::external::expand(state, &self.node)
                     .services
                     .into_iter()
-                    .partition(|s| s.grpc.is_some() || s.is_ipv6());
+                    .partition(|s| s.grpc.is_some());
                 (
                     Some(DesiredState { services: l4 }),
                     DesiredState { services: l7 },
                 )
             }
-            None => (None, state.clone()),
+            None => (None, crate::external::expand(state, &self.node)),
         };
         let mut refused = Vec::new();
         if let (Some(dp), Some(part)) = (&self.kernel, kernel_part) {

@@ -4,8 +4,10 @@
 //! The desired state says, per service, its node port, external IPs and
 //! `externalTrafficPolicy` ([`lb_api::External`]); which addresses are this
 //! node's is the agent's to know ([`NodeInfo`]). [`expand`] turns each front
-//! end into one more kernel service entry, keyed by (address, port, protocol)
-//! like a ClusterIP, so the data path needs nothing new:
+//! end into one more service, keyed by (address, port, protocol) like a
+//! ClusterIP, so the data paths need nothing new (a kernel entry in eBPF mode;
+//! a listener of the userspace proxy in userspace mode and for gRPC-mode
+//! services):
 //!
 //! - the node port on every node address (`--node-addresses`, or every IPv4
 //!   address of the node's interfaces but loopback, read at each apply);
@@ -114,8 +116,10 @@ pub fn external_backends(s: &Service, node: &NodeInfo) -> Vec<Backend> {
 /// `state` with one more L4 service per external front end (the module
 /// docs), named `<name> <address>:<port>`. A front end whose address is taken
 /// already (by a ClusterIP or an earlier front end) is left out, with a
-/// warning. gRPC-mode services get no front ends (the proxy listens on the
-/// ClusterIP only).
+/// warning. Used in both data paths: in eBPF mode the kernel serves the L4
+/// front ends and the userspace proxy the gRPC-mode ones; in userspace mode
+/// the proxy serves all of them (listening on node addresses and external
+/// IPs; it proxies, so a backend sees the node's address even with `Local`).
 pub fn expand(state: &DesiredState, node: &NodeInfo) -> DesiredState {
     if !state.services.iter().any(|s| s.external.any()) {
         return state.clone();
@@ -123,7 +127,7 @@ pub fn expand(state: &DesiredState, node: &NodeInfo) -> DesiredState {
     let addrs = node.node_addresses();
     let mut taken: HashSet<_> = state.services.iter().map(Service::addr).collect();
     let mut out = state.services.clone();
-    for s in state.services.iter().filter(|s| s.grpc.is_none()) {
+    for s in &state.services {
         let e = &s.external;
         let fronts = e
             .node_port
@@ -139,7 +143,6 @@ pub fn expand(state: &DesiredState, node: &NodeInfo) -> DesiredState {
                 backends: backends
                     .get_or_insert_with(|| external_backends(s, node))
                     .clone(),
-                grpc: None,
                 health_check: None,
                 external: Default::default(),
                 ..s.clone()
@@ -417,6 +420,18 @@ mod tests {
             ..node("a")
         };
         assert!(expand(&st, &anon).services[1].backends.is_empty());
+    }
+
+    #[test]
+    fn a_grpc_mode_service_keeps_its_mode_on_its_front_ends() {
+        let mut s = svc(TrafficPolicy::Cluster);
+        s.grpc = Some(lb_api::GrpcPolicy::default());
+        let st = DesiredState {
+            services: vec![s.clone()],
+        };
+        let out = expand(&st, &node("a"));
+        assert_eq!(out.services.len(), 4, "two node ports and one external IP");
+        assert!(out.services.iter().all(|f| f.grpc == s.grpc), "{out:?}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod duration;
 pub mod engines;
 pub mod external;
 pub mod gc;
+pub mod gc6;
 pub mod grpc_view;
 pub mod health;
 pub mod metrics;

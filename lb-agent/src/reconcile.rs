@@ -159,6 +159,7 @@ mod tests {
             algorithm: Algorithm::Maglev,
             affinity_timeout: None,
             maglev_table_size: None,
+            locality: None,
             grpc: None,
             health_check: None,
             backends: backends

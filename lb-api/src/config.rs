@@ -46,10 +46,11 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::locality::{NodeLocation, NodeLocations};
 use crate::model::{
     Algorithm, Backend, BackendState, Balancing, DEFAULT_GRPC_TIMEOUT, DesiredState, External,
-    GrpcPolicy, GrpcTls, HealthCheck, HealthCheckKind, ListenTls, OrcaWrr, OutlierDetection,
-    Protocol, RetryPolicy, RetryThrottle, Service, TrafficPolicy, UpstreamTls,
+    GrpcPolicy, GrpcTls, HealthCheck, HealthCheckKind, ListenTls, Locality, LocalityTier, OrcaWrr,
+    OutlierDetection, Protocol, RetryPolicy, RetryThrottle, Service, TrafficPolicy, UpstreamTls,
 };
 use crate::validate::{
     self, BackendField, Field, HeaderField, OrcaWrrField, OutlierField, RetryField, TlsField,
@@ -67,6 +68,10 @@ pub use crate::validate::MAX_MAGLEV_M;
 pub struct Config {
     pub state: DesiredState,
     pub timeouts: Timeouts,
+    /// `nodes:`: where each node is (zone, region), for the services'
+    /// locality policies (docs/policies.md). Not sent to agents: the
+    /// controller resolves each node's state with it.
+    pub nodes: NodeLocations,
 }
 
 /// Conntrack idle timeouts: a flow idle for longer than its state's timeout is
@@ -242,6 +247,7 @@ fn from_entries(text: &str, cache: &mut EntryCache) -> Option<Config> {
     Some(Config {
         state: DesiredState { services },
         timeouts: rest.timeouts,
+        nodes: rest.nodes,
     })
 }
 
@@ -372,6 +378,29 @@ struct RawConfig {
     services: Option<At<Vec<At<RawService>>>>,
     #[serde(default)]
     timeouts: Option<At<RawTimeouts>>,
+    /// Where the nodes are, for locality policies.
+    #[serde(default)]
+    nodes: Option<At<Vec<At<RawNode>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a node mapping (name, zone, region)")]
+struct RawNode {
+    #[serde(default, deserialize_with = "required")]
+    name: Option<At<NodeName>>,
+    zone: Option<At<NodeName>>,
+    region: Option<At<NodeName>>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a locality mapping (tiers, min_backends)"
+)]
+struct RawLocality {
+    #[serde(default, deserialize_with = "required")]
+    tiers: Option<At<Vec<At<TierField>>>>,
+    min_backends: Option<At<MinBackends>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -411,6 +440,8 @@ struct RawService {
     external_ips: Option<At<Vec<At<Ip>>>>,
     external_traffic_policy: Option<At<TrafficPolicyField>>,
     health_check_node_port: Option<At<Port>>,
+    /// Present: a locality policy (docs/policies.md).
+    locality: Option<At<RawLocality>>,
 }
 
 #[derive(Deserialize)]
@@ -588,6 +619,23 @@ fn build(raw: Option<RawConfig>) -> Result<Config, Problem> {
         udp: secs(t.udp, d.udp),
     };
 
+    let mut nodes = NodeLocations::new();
+    for (i, rn) in raw.nodes.iter().flat_map(|n| &n.value).enumerate() {
+        let here = vec![key("nodes"), Seg::Index(i)];
+        let name = need(&rn.value.name, "name", &here, rn.at)?.0.clone();
+        let text = |v: &Option<At<NodeName>>| v.as_ref().map(|v| v.value.0.clone());
+        let loc = NodeLocation {
+            zone: text(&rn.value.zone),
+            region: text(&rn.value.region),
+        };
+        if nodes.insert(name.clone(), loc).is_some() {
+            return Err(Problem {
+                path: [&here[..], &[key("name")]].concat(),
+                at: rn.value.name.as_ref().map(|n| n.at),
+                message: format!("duplicate node {name:?}"),
+            });
+        }
+    }
     let raw_services = raw.services.map(|s| s.value).unwrap_or_default();
     let mut services = Vec::with_capacity(raw_services.len());
     let mut by_addr = HashMap::new();
@@ -619,6 +667,7 @@ fn build(raw: Option<RawConfig>) -> Result<Config, Problem> {
     Ok(Config {
         state: DesiredState { services },
         timeouts,
+        nodes,
     })
 }
 
@@ -863,6 +912,19 @@ fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
                 .map_or(TrafficPolicy::Cluster, |p| p.value.0),
             health_check_node_port: s.health_check_node_port.as_ref().map(|p| p.value.0),
         },
+        locality: match &s.locality {
+            None => None,
+            Some(l) => {
+                let here = [&here[..], &[key("locality")]].concat();
+                Some(Locality {
+                    tiers: need(&l.value.tiers, "tiers", &here, l.at)?
+                        .iter()
+                        .map(|t| t.value.0)
+                        .collect(),
+                    min_backends: l.value.min_backends.as_ref().map_or(1, |m| m.value.0),
+                })
+            }
+        },
     })
 }
 
@@ -1065,6 +1127,7 @@ fn field_problem(i: usize, rs: &At<RawService>, field: Field, message: String) -
             v
         }
         Field::HealthCheck => vec![(key("health_check"), at(&s.health_check))],
+        Field::Locality => vec![(key("locality"), at(&s.locality))],
         Field::HealthCheckService => health("service", |h| at(&h.service)),
         Field::HealthCheckInterval => health("interval", |h| at(&h.interval)),
         Field::HealthCheckTimeout => health("timeout", |h| at(&h.timeout)),
@@ -1660,6 +1723,20 @@ checked!(
 );
 
 checked!(
+    /// `node`, `zone` or `region`.
+    TierField(LocalityTier) = str_field("a locality tier (node, zone or region)", |s| {
+        s.parse::<LocalityTier>()
+    })
+);
+
+checked!(
+    MinBackends(u32) = int_field("a number of backends (1-10000)", |v| {
+        let n = u32::try_from(v).unwrap_or(u32::MAX);
+        validate::locality_min_backends(n).map(|()| n)
+    })
+);
+
+checked!(
     AlgorithmField(Algorithm) = str_field("an algorithm name", |s| {
         s.parse::<Algorithm>().map_err(|e| e.to_string())
     })
@@ -2110,6 +2187,57 @@ mod tests {
         // A service without backends is valid (SYNs get a RST).
         let c = parse(&format!("{ONE}    backends:\n"), "x").unwrap();
         assert!(c.state.services[0].backends.is_empty());
+    }
+
+    #[test]
+    fn locality_and_nodes() {
+        use crate::model::{Locality, LocalityTier};
+        let text = format!(
+            "{ONE}    locality: {{ tiers: [node, zone], min_backends: 2 }}\n\
+             nodes:\n  - {{ name: node-a, zone: za, region: r1 }}\n  - {{ name: node-b }}\n"
+        );
+        assert_reads_agree(&text);
+        let c = parse(&text, "x").unwrap();
+        assert_eq!(
+            c.state.services[0].locality,
+            Some(Locality {
+                tiers: vec![LocalityTier::Node, LocalityTier::Zone],
+                min_backends: 2
+            })
+        );
+        assert_eq!(c.nodes["node-a"].zone.as_deref(), Some("za"));
+        assert_eq!(c.nodes["node-a"].region.as_deref(), Some("r1"));
+        assert_eq!(c.nodes["node-b"], NodeLocation::default());
+        // min_backends defaults to 1.
+        let c = parse(&format!("{ONE}    locality: {{ tiers: [zone] }}\n"), "x").unwrap();
+        assert_eq!(
+            c.state.services[0].locality,
+            Some(Locality::prefer_same_zone())
+        );
+        assert!(c.nodes.is_empty());
+        assert!(
+            parse(ONE, "x").unwrap().state.services[0]
+                .locality
+                .is_none()
+        );
+        let bad = |extra: &str| err(&format!("{ONE}{extra}"));
+        let e = bad("    locality: { tiers: [rack] }\n");
+        assert_eq!(e.path, "services[0].locality.tiers[0]", "{e}");
+        assert!(e.message.contains("unknown locality tier"), "{e}");
+        let e = bad("    locality: { tiers: [zone, node] }\n");
+        assert_eq!(e.path, "services[0].locality", "{e}");
+        assert!(e.message.contains("narrowest first"), "{e}");
+        let e = bad("    locality: { tiers: [] }\n");
+        assert!(e.message.contains("at least one tier"), "{e}");
+        let e = bad("    locality: { tiers: [zone], min_backends: 0 }\n");
+        assert_eq!(e.path, "services[0].locality.min_backends", "{e}");
+        let e = bad("    locality: { min_backends: 2 }\n");
+        assert!(e.message.contains("missing field `tiers`"), "{e}");
+        let e = bad("nodes:\n  - { name: a, zone: z }\n  - { name: a }\n");
+        assert_eq!(e.path, "nodes[1].name", "{e}");
+        assert!(e.message.contains("duplicate node"), "{e}");
+        let e = bad("nodes:\n  - { zone: z }\n");
+        assert!(e.message.contains("missing field `name`"), "{e}");
     }
 
     #[test]

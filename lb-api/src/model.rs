@@ -593,6 +593,87 @@ pub struct Service {
     /// balanced: its node port and external/load-balancer IPs.
     #[serde(default)]
     pub external: External,
+    /// `Some`: prefer backends near the client's node, by tier, with
+    /// spill-over (docs/policies.md; [`crate::locality`]). Resolved per node
+    /// into weights (the lower tiers get weight 0) before the data path sees
+    /// it; `None`: every backend, wherever it runs.
+    #[serde(default)]
+    pub locality: Option<Locality>,
+}
+
+/// A tier of a [`Locality`] policy: backends on the client's node, in its
+/// zone (`topology.kubernetes.io/zone`) or in its region
+/// (`topology.kubernetes.io/region`). "Anywhere" is always the last tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalityTier {
+    Node,
+    Zone,
+    Region,
+}
+
+impl LocalityTier {
+    pub const ALL: [LocalityTier; 3] =
+        [LocalityTier::Node, LocalityTier::Zone, LocalityTier::Region];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LocalityTier::Node => "node",
+            LocalityTier::Zone => "zone",
+            LocalityTier::Region => "region",
+        }
+    }
+}
+
+impl fmt::Display for LocalityTier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for LocalityTier {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.as_str().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| format!("unknown locality tier {s:?} (expected node, zone or region)"))
+    }
+}
+
+/// A locality policy: new flows go to the backends of the first tier (in
+/// `tiers` order) that has at least `min_backends` backends taking new
+/// flows; when none has, to every backend (the "anywhere" tier).
+/// Kubernetes `trafficDistribution: PreferSameZone` is `[zone]` with 1,
+/// `PreferSameNode` is `[node, zone]` with 1.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Locality {
+    /// Narrowest first, each tier at most once (validation).
+    pub tiers: Vec<LocalityTier>,
+    /// Spill-over: a tier with fewer backends taking new flows is skipped
+    /// (1..=[`MAX_LOCALITY_MIN_BACKENDS`]).
+    pub min_backends: u32,
+}
+
+/// The largest `min_backends` of a locality policy.
+pub const MAX_LOCALITY_MIN_BACKENDS: u32 = 10_000;
+
+impl Locality {
+    /// `trafficDistribution: PreferSameZone` (and its older name `PreferClose`).
+    pub fn prefer_same_zone() -> Self {
+        Locality {
+            tiers: vec![LocalityTier::Zone],
+            min_backends: 1,
+        }
+    }
+
+    /// `trafficDistribution: PreferSameNode`: this node's, else this zone's.
+    pub fn prefer_same_node() -> Self {
+        Locality {
+            tiers: vec![LocalityTier::Node, LocalityTier::Zone],
+            min_backends: 1,
+        }
+    }
 }
 
 /// Kubernetes `externalTrafficPolicy` (and `internalTrafficPolicy`).
@@ -666,6 +747,7 @@ impl Service {
             grpc: None,
             health_check: None,
             external: External::default(),
+            locality: None,
         }
     }
 

@@ -24,9 +24,9 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::model::{
-    Backend, Balancing, DEFAULT_MAGLEV_M, GrpcTls, HealthCheckKind, MAX_RETRY_ATTEMPTS, MAX_WEIGHT,
-    OrcaWrr, OutlierDetection, Protocol, RetryPolicy, Service, ServiceAddr, check_added_header,
-    is_prime,
+    Backend, Balancing, DEFAULT_MAGLEV_M, GrpcTls, HealthCheckKind, Locality,
+    MAX_LOCALITY_MIN_BACKENDS, MAX_RETRY_ATTEMPTS, MAX_WEIGHT, OrcaWrr, OutlierDetection, Protocol,
+    RetryPolicy, Service, ServiceAddr, check_added_header, is_prime,
 };
 
 /// The largest client-IP affinity timeout (as in Kubernetes).
@@ -64,6 +64,8 @@ pub enum Field {
     NodePort,
     ExternalIp(usize),
     HealthCheckNodePort,
+    /// The locality policy (its tiers or `min_backends`).
+    Locality,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -218,6 +220,7 @@ impl fmt::Display for Field {
             Field::NodePort => f.write_str("node_port"),
             Field::ExternalIp(i) => write!(f, "external_ips[{i}]"),
             Field::HealthCheckNodePort => f.write_str("health_check_node_port"),
+            Field::Locality => f.write_str("locality"),
         }
     }
 }
@@ -232,6 +235,54 @@ pub struct InvalidService {
 
 fn at(field: Field) -> impl FnOnce(String) -> InvalidService {
     move |message| InvalidService { field, message }
+}
+
+/// The gRPC mode's added headers (YAML `grpc.headers`, the
+/// `rpclb.io/headers` annotation): each by [`check_added_header`], no name
+/// twice. The error: the entry's index, which part, what is wrong.
+pub fn added_headers(headers: &[(String, String)]) -> Result<(), (usize, HeaderField, String)> {
+    let mut names = HashSet::new();
+    for (i, (n, v)) in headers.iter().enumerate() {
+        check_added_header(n, v).map_err(|m| {
+            let f = if check_added_header(n, "").is_err() {
+                HeaderField::Name
+            } else {
+                HeaderField::Value
+            };
+            (i, f, m)
+        })?;
+        if !names.insert(n.as_str()) {
+            return Err((i, HeaderField::Name, format!("header {n} is listed twice")));
+        }
+    }
+    Ok(())
+}
+
+/// A locality policy: at least one tier, narrowest first (node, zone,
+/// region), each once; `min_backends` 1..=[`MAX_LOCALITY_MIN_BACKENDS`].
+pub fn locality(l: &Locality) -> Result<(), String> {
+    if l.tiers.is_empty() {
+        return Err("needs at least one tier (node, zone or region)".into());
+    }
+    if !l.tiers.windows(2).all(|w| w[0] < w[1]) {
+        let tiers: Vec<&str> = l.tiers.iter().map(|t| t.as_str()).collect();
+        return Err(format!(
+            "tiers {} must be narrowest first (node, zone, region), each once",
+            tiers.join(",")
+        ));
+    }
+    locality_min_backends(l.min_backends)
+}
+
+/// A locality policy's spill-over threshold.
+pub fn locality_min_backends(n: u32) -> Result<(), String> {
+    if (1..=MAX_LOCALITY_MIN_BACKENDS).contains(&n) {
+        Ok(())
+    } else {
+        Err(format!(
+            "min_backends {n} is out of range (expected 1-{MAX_LOCALITY_MIN_BACKENDS})"
+        ))
+    }
 }
 
 /// A service name: not blank, no control characters.
@@ -910,26 +961,10 @@ impl Service {
                 });
             }
             grpc_timeout(g.default_timeout).map_err(at(Field::GrpcTimeout))?;
-            let mut names = HashSet::new();
-            for (i, (n, v)) in g.add_headers.iter().enumerate() {
-                check_added_header(n, v).map_err(|m| {
-                    let f = if check_added_header(n, "").is_err() {
-                        HeaderField::Name
-                    } else {
-                        HeaderField::Value
-                    };
-                    InvalidService {
-                        field: Field::GrpcHeader(i, f),
-                        message: m,
-                    }
-                })?;
-                if !names.insert(n.as_str()) {
-                    return Err(InvalidService {
-                        field: Field::GrpcHeader(i, HeaderField::Name),
-                        message: format!("header {n} is listed twice"),
-                    });
-                }
-            }
+            added_headers(&g.add_headers).map_err(|(i, f, message)| InvalidService {
+                field: Field::GrpcHeader(i, f),
+                message,
+            })?;
             if let Some(r) = &g.retry {
                 retry_policy(r).map_err(|(f, message)| InvalidService {
                     field: Field::GrpcRetry(f),
@@ -954,6 +989,9 @@ impl Service {
                     message,
                 })?;
             }
+        }
+        if let Some(l) = &self.locality {
+            locality(l).map_err(at(Field::Locality))?;
         }
         if let Some(h) = &self.health_check {
             if self.protocol != Protocol::Tcp {

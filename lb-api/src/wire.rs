@@ -416,6 +416,8 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
                 p => Some(port(&what, p)?),
             },
         },
+        // Not on the wire: the controller sends each node its resolved state.
+        locality: None,
     };
     svc.normalise().map_err(|e| bad(e.to_string()))?;
     Ok(svc)

@@ -37,6 +37,23 @@ pub mod map_names {
     /// reply of a flow finds the flow's forward key (`BACKENDS` flag
     /// `backend_flags::ONE_FRONTEND`).
     pub const FRONTENDS: &str = "FRONTENDS";
+    /// IPv6 services (`ServiceKey6` -> `ServiceValue`; ids, tables and
+    /// backends shared with IPv4).
+    pub const SERVICES6: &str = "SERVICES6";
+    /// IPv6 backend addresses by backend id (the rest is in `BACKENDS`).
+    pub const BACKENDS6: &str = "BACKENDS6";
+    /// IPv6 flows (`FlowKey6` -> `CtValue6`).
+    pub const CONNTRACK6: &str = "CONNTRACK6";
+
+    /// The IPv6 XDP programs (`prog_names::XDP6`, `XDP6_COMPAT` at 0 and
+    /// 1), which the main XDP programs tail-call for IPv6 frames; filled by
+    /// the agent at load. Pinned (a program array is emptied when its last
+    /// user reference goes), but not in `ALL`: it holds programs, not state
+    /// (`cleanup` removes it by name). A program array serves one program
+    /// type, hence one for XDP and one for TC.
+    pub const V6_XDP_PROGS: &str = "V6_XDP_PROGS";
+    /// As `V6_XDP_PROGS` for TC (`prog_names::TC6`, `TC6_COMPAT`).
+    pub const V6_TC_PROGS: &str = "V6_TC_PROGS";
 
     /// Every map, in a stable order (pinning and cleanup walk this list).
     pub const ALL: &[&str] = &[
@@ -58,6 +75,9 @@ pub mod map_names {
         FLOW_CACHE,
         ROUTE_CACHE,
         FRONTENDS,
+        SERVICES6,
+        BACKENDS6,
+        CONNTRACK6,
     ];
 }
 
@@ -70,6 +90,14 @@ pub mod prog_names {
     /// coarse clock; lb-ebpf/src/set.rs).
     pub const XDP_COMPAT: &str = "rpclb_xdp_compat";
     pub const TC_COMPAT: &str = "rpclb_tc_compat";
+    /// The IPv6 walk of each program above, a program of its own reached
+    /// by a tail call (`map_names::V6_XDP_PROGS` / `V6_TC_PROGS`, full at
+    /// index 0, compat at 1): its stack would not fit beside the IPv4
+    /// walk's in one program.
+    pub const XDP6: &str = "rpclb_xdp6";
+    pub const XDP6_COMPAT: &str = "rpclb_xdp6_compat";
+    pub const TC6: &str = "rpclb_tc6";
+    pub const TC6_COMPAT: &str = "rpclb_tc6_compat";
     /// Benchmark baselines; loaded only by `cargo xtask bench`.
     pub const BENCH_TX: &str = "bench_xdp_tx";
     pub const BENCH_DROP: &str = "bench_xdp_drop";
@@ -83,6 +111,10 @@ pub mod limits {
     pub const MAX_BACKENDS: u32 = 262_144;
     /// Conntrack entries (a flow uses `CT_ENTRIES_PER_FLOW`: forward and reverse).
     pub const MAX_CONNTRACK: u32 = 524_288;
+    /// IPv6 conntrack entries (`CONNTRACK6`, `--max-conntrack6`): an
+    /// entry takes 168 bytes against IPv4's 128, and most clusters carry
+    /// less IPv6 than IPv4.
+    pub const MAX_CONNTRACK6: u32 = 131_072;
     /// Conntrack entries one flow takes: forward and reverse. A map of
     /// `--max-conntrack` entries holds that / 2 flows. (A flow to a backend
     /// with one frontend writes its reverse entry at its first reply, so a
@@ -236,12 +268,20 @@ pub mod reason {
     /// A UDP datagram to a service with no usable backend, answered with an
     /// ICMP port unreachable (as kube-proxy's REJECT).
     pub const TX_ICMP_NO_BACKEND: u32 = 26;
+    /// IPv6: an extension-header chain this program does not walk (more
+    /// than `IPV6_MAX_EXT` headers or `IPV6_MAX_EXT_BYTES` bytes, a routing
+    /// header with segments left, a jumbogram, or an unknown header):
+    /// handed to the stack.
+    pub const PASS_IPV6_EXT: u32 = 27;
+    /// An IPv6 frame whose program (`prog_names::XDP6`, ...) was not in
+    /// its program array (the tail call failed): handed to the stack.
+    pub const PASS_IPV6_NO_PROGRAM: u32 = 28;
     /// A reply's reverse entry written at the flow's first reply (its
     /// backend has one frontend, `FRONTENDS`), or rewritten there because
     /// the entry found belonged to an older flow. A conntrack event counted
     /// beside `nat_reverse`.
-    pub const CT_REVERSE_LAZY: u32 = 27;
-    pub const COUNT: u32 = 28;
+    pub const CT_REVERSE_LAZY: u32 = 29;
+    pub const COUNT: u32 = 30;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "pass_not_ipv4",
@@ -271,6 +311,8 @@ pub mod reason {
         "nat_fragment",
         "pass_fib_cached",
         "tx_icmp_no_backend",
+        "pass_ipv6_ext",
+        "pass_ipv6_no_program",
         "ct_reverse_lazy",
     ];
 }
@@ -537,6 +579,96 @@ impl FlowKey {
     }
 }
 
+/// Extension headers (hop-by-hop, routing, destination options) the IPv6
+/// path skips before the L4 header; a longer chain passes (`PASS_IPV6_EXT`).
+pub const IPV6_MAX_EXT: usize = 4;
+/// Bytes of extension headers the IPv6 path skips at most.
+pub const IPV6_MAX_EXT_BYTES: usize = 256;
+
+/// `SERVICES6` key: an IPv6 VIP (16 bytes as on the wire, read as four
+/// native words), port and protocol (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey6 {
+    pub vip: [u32; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// `CONNTRACK6` key: the IPv6 5-tuple as seen on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey6 {
+    pub src_ip: [u32; 4],
+    pub dst_ip: [u32; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `CONNTRACK6` value: an IPv4 entry (`CtValue`: direction, ids, TCP state,
+/// times, route cache; its `nat_ip` is 0) and the IPv6 address it
+/// translates to (`nat_ip6`: the backend in a forward entry, the VIP in a
+/// reverse one). Sharing `CtValue` lets the IPv6 path use the IPv4 TCP
+/// state machine and route cache as they are.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue6 {
+    pub ct: CtValue,
+    pub nat_ip6: [u32; 4],
+}
+
+impl FlowKey6 {
+    /// The reverse key of a forward entry (see `FlowKey::reverse_of_forward`).
+    pub fn reverse_of_forward(&self, v: &CtValue6) -> FlowKey6 {
+        FlowKey6 {
+            src_ip: v.nat_ip6,
+            dst_ip: self.src_ip,
+            src_port: v.ct.nat_port,
+            dst_port: if v.ct.client_port != 0 {
+                v.ct.client_port
+            } else {
+                self.src_port
+            },
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The forward key of a reverse entry.
+    pub fn forward_of_reverse(&self, v: &CtValue6) -> FlowKey6 {
+        FlowKey6 {
+            src_ip: self.dst_ip,
+            dst_ip: v.nat_ip6,
+            src_port: if v.ct.client_port != 0 {
+                v.ct.client_port
+            } else {
+                self.dst_port
+            },
+            dst_port: v.ct.nat_port,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// Whether the reverse entry `rk -> rv` belongs to the forward entry `self -> fv`.
+    pub fn owns_reverse(&self, fv: &CtValue6, rk: &FlowKey6, rv: &CtValue6) -> bool {
+        rv.ct.dir == ct_dir::REVERSE
+            && self.reverse_of_forward(fv) == *rk
+            && rk.forward_of_reverse(rv) == *self
+    }
+}
+
+/// An IPv6 address (four native words of wire bytes) folded to one word for
+/// the hashes (`flow_hash`, `src_hash`, the affinity key): the XOR of the
+/// words, as userspace folds it (lb-agent `userspace::select`).
+#[inline(always)]
+pub fn fold6(a: &[u32; 4]) -> u32 {
+    a[0] ^ a[1] ^ a[2] ^ a[3]
+}
+
 /// `FRAGMENTS` key: a fragmented datagram as every one of its fragments
 /// carries it (network byte order): addresses, protocol and IP id.
 #[repr(C)]
@@ -639,6 +771,9 @@ const _: () = {
     assert!(core::mem::offset_of!(CtValue, fib_ns) == 40);
     assert!(core::mem::offset_of!(CtValue, fib_ifindex) == 48);
     assert!(core::mem::offset_of!(CtValue, fib_mac) == 52);
+    assert!(core::mem::size_of::<ServiceKey6>() == 20);
+    assert!(core::mem::size_of::<FlowKey6>() == 40);
+    assert!(core::mem::size_of::<CtValue6>() == 80);
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<FragKey>() == 12);
     assert!(core::mem::size_of::<FragValue>() == 4);
@@ -665,6 +800,9 @@ mod pod {
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for ConnCounts {}
     unsafe impl aya::Pod for NameValue {}
+    unsafe impl aya::Pod for ServiceKey6 {}
+    unsafe impl aya::Pod for FlowKey6 {}
+    unsafe impl aya::Pod for CtValue6 {}
 }
 
 /// The 32-bit mixer used for every hash in the data path (murmur3 finalizer).

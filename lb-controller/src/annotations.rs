@@ -46,6 +46,10 @@
 //! | `rpclb.io/grpc-upstream-tls-secret` | a Secret name: the client certificate (`tls.crt`/`tls.key`) presented to the backends | none |
 //! | `rpclb.io/grpc-upstream-tls-server-name` | the name verified in the backends' certificates (DNS name or IP) | each backend's IP |
 //!
+//! | `rpclb.io/locality` | comma-separated tiers, narrowest first: `node`, `zone`, `region` (docs/policies.md) | none (`trafficDistribution`'s) |
+//! | `rpclb.io/locality-min-backends` | 1-10000: the spill-over threshold; needs `rpclb.io/locality` | 1 |
+//! | `rpclb.io/headers` | `name: value` lines: headers the gRPC mode adds to every call ([`parse_headers`]); needs `rpclb.io/mode: grpc` | none |
+//!
 //! The `rpclb.io/grpc-*tls*` annotations name Secrets that the operator
 //! mounts into the agent's DaemonSet at
 //! `/etc/rpclb/grpc-tls/<namespace>/<secret>/` ([`GRPC_TLS_DIR`]; see
@@ -151,8 +155,14 @@ pub const GRPC_UPSTREAM_TLS_SERVER_NAME: &str = "rpclb.io/grpc-upstream-tls-serv
 /// Where the agent's DaemonSet mounts the Secrets the TLS annotations name:
 /// `<GRPC_TLS_DIR>/<namespace>/<secret>/{tls.crt,tls.key,ca.crt}`.
 pub const GRPC_TLS_DIR: &str = "/etc/rpclb/grpc-tls";
+/// `node,zone,region` (any of them, narrowest first): a locality policy.
+pub const LOCALITY: &str = "rpclb.io/locality";
+/// The locality policy's spill-over threshold (default 1).
+pub const LOCALITY_MIN_BACKENDS: &str = "rpclb.io/locality-min-backends";
+/// Headers the gRPC mode adds to every call: `name: value` lines.
+pub const HEADERS: &str = "rpclb.io/headers";
 /// Every annotation this version understands.
-pub const KNOWN: [&str; 32] = [
+pub const KNOWN: [&str; 35] = [
     ALGORITHM,
     WEIGHTS,
     MAGLEV_TABLE_SIZE,
@@ -185,6 +195,9 @@ pub const KNOWN: [&str; 32] = [
     GRPC_UPSTREAM_TLS_CA_SECRET,
     GRPC_UPSTREAM_TLS_SECRET,
     GRPC_UPSTREAM_TLS_SERVER_NAME,
+    LOCALITY,
+    LOCALITY_MIN_BACKENDS,
+    HEADERS,
 ];
 
 /// A Service's load-balancing policy, from its annotations.
@@ -201,6 +214,8 @@ pub struct ServicePolicy {
     pub health_check: Option<lb_api::HealthCheck>,
     /// The `rpclb.io/grpc-*tls*` annotations (gRPC mode only).
     pub tls: TlsSecrets,
+    /// `rpclb.io/locality` and `rpclb.io/locality-min-backends`.
+    pub locality: Option<lb_api::Locality>,
 }
 
 /// The Secrets (mounted under [`GRPC_TLS_DIR`]) that the TLS annotations
@@ -231,6 +246,65 @@ impl TlsSecrets {
         });
         (listen.is_some() || upstream.is_some()).then_some(lb_api::GrpcTls { listen, upstream })
     }
+}
+
+/// `rpclb.io/headers`: one header per line, `name: value` (as in HTTP;
+/// blank lines are skipped, spaces around the name and the value are
+/// trimmed), checked as the YAML `grpc.headers` list is
+/// ([`validate::added_headers`]). All or nothing: the first bad line is
+/// reported and no header is added.
+pub fn parse_headers(value: &str) -> Result<Vec<(String, String)>, Vec<AnnotationProblem>> {
+    let mut headers = Vec::new();
+    for line in value.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let Some((name, v)) = line.split_once(':') else {
+            return Err(vec![AnnotationProblem::HeaderValue(format!(
+                "line {line:?} is not of the form `name: value`"
+            ))]);
+        };
+        headers.push((name.trim().to_string(), v.trim().to_string()));
+    }
+    if headers.is_empty() {
+        return Err(vec![AnnotationProblem::Empty]);
+    }
+    validate::added_headers(&headers)
+        .map(|()| headers)
+        .map_err(|(_, _, m)| vec![AnnotationProblem::HeaderValue(m)])
+}
+
+/// `rpclb.io/locality`: comma-separated tiers, narrowest first.
+fn parse_locality(value: &str) -> Result<lb_api::Locality, Vec<AnnotationProblem>> {
+    if value.trim().is_empty() {
+        return Err(vec![AnnotationProblem::Empty]);
+    }
+    let tiers = value
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::parse::<lb_api::LocalityTier>)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| vec![AnnotationProblem::LocalityValue(e)])?;
+    let l = lb_api::Locality {
+        tiers,
+        min_backends: 1,
+    };
+    validate::locality(&l)
+        .map(|()| l)
+        .map_err(|e| vec![AnnotationProblem::LocalityValue(e)])
+}
+
+fn parse_min_backends(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Err(vec![AnnotationProblem::Empty]);
+    }
+    let n = v
+        .parse::<u32>()
+        .ok()
+        .filter(|_| !v.starts_with('+'))
+        .ok_or_else(|| vec![AnnotationProblem::NotANumber(v.to_string())])?;
+    validate::locality_min_backends(n)
+        .map(|()| n)
+        .map_err(|e| vec![AnnotationProblem::LocalityValue(e)])
 }
 
 /// A Secret name as Kubernetes allows it (a DNS-1123 subdomain): so it is
@@ -322,6 +396,9 @@ impl AnnotationError {
             GRPC_UPSTREAM_TLS_CA_SECRET => "no TLS to the backends (h2c)",
             GRPC_UPSTREAM_TLS_SECRET => "no client certificate for the backends",
             GRPC_UPSTREAM_TLS_SERVER_NAME => "verifying each backend's IP address",
+            LOCALITY => "no locality policy (trafficDistribution, if set, still applies)",
+            LOCALITY_MIN_BACKENDS => "using the default min backends (1)",
+            HEADERS => "adding no headers from the annotation",
             _ => "ignoring it",
         }
     }
@@ -350,7 +427,7 @@ impl std::error::Error for AnnotationError {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AnnotationProblem {
     #[error(
-        "unknown rpclb.io annotation (known: rpclb.io/algorithm, rpclb.io/weights, rpclb.io/maglev-table-size, rpclb.io/mode, rpclb.io/grpc-timeout, rpclb.io/health-check, rpclb.io/health-check-service, rpclb.io/health-check-interval, rpclb.io/health-check-timeout, rpclb.io/health-check-unhealthy-threshold, rpclb.io/health-check-healthy-threshold, rpclb.io/grpc-retry-max-attempts, rpclb.io/grpc-retry-status-codes, rpclb.io/grpc-retry-initial-backoff, rpclb.io/grpc-retry-max-backoff, rpclb.io/grpc-retry-backoff-multiplier, rpclb.io/grpc-retry-max-tokens, rpclb.io/grpc-retry-token-ratio, rpclb.io/grpc-outlier-consecutive-failures, rpclb.io/grpc-outlier-base-ejection-time, rpclb.io/grpc-outlier-max-ejection-time, rpclb.io/grpc-outlier-max-ejection-percent, rpclb.io/grpc-balancing, rpclb.io/grpc-balancing-blackout-period, rpclb.io/grpc-balancing-weight-expiration-period, rpclb.io/grpc-balancing-weight-update-period, rpclb.io/grpc-balancing-error-utilization-penalty, rpclb.io/grpc-tls-secret, rpclb.io/grpc-tls-client-ca-secret, rpclb.io/grpc-upstream-tls-ca-secret, rpclb.io/grpc-upstream-tls-secret, rpclb.io/grpc-upstream-tls-server-name)"
+        "unknown rpclb.io annotation (known: rpclb.io/algorithm, rpclb.io/weights, rpclb.io/maglev-table-size, rpclb.io/mode, rpclb.io/grpc-timeout, rpclb.io/health-check, rpclb.io/health-check-service, rpclb.io/health-check-interval, rpclb.io/health-check-timeout, rpclb.io/health-check-unhealthy-threshold, rpclb.io/health-check-healthy-threshold, rpclb.io/grpc-retry-max-attempts, rpclb.io/grpc-retry-status-codes, rpclb.io/grpc-retry-initial-backoff, rpclb.io/grpc-retry-max-backoff, rpclb.io/grpc-retry-backoff-multiplier, rpclb.io/grpc-retry-max-tokens, rpclb.io/grpc-retry-token-ratio, rpclb.io/grpc-outlier-consecutive-failures, rpclb.io/grpc-outlier-base-ejection-time, rpclb.io/grpc-outlier-max-ejection-time, rpclb.io/grpc-outlier-max-ejection-percent, rpclb.io/grpc-balancing, rpclb.io/grpc-balancing-blackout-period, rpclb.io/grpc-balancing-weight-expiration-period, rpclb.io/grpc-balancing-weight-update-period, rpclb.io/grpc-balancing-error-utilization-penalty, rpclb.io/grpc-tls-secret, rpclb.io/grpc-tls-client-ca-secret, rpclb.io/grpc-upstream-tls-ca-secret, rpclb.io/grpc-upstream-tls-secret, rpclb.io/grpc-upstream-tls-server-name, rpclb.io/locality, rpclb.io/locality-min-backends, rpclb.io/headers)"
     )]
     UnknownKey,
     #[error("the value is empty")]
@@ -407,6 +484,13 @@ pub enum AnnotationProblem {
     /// A TLS annotation that needs another (named) one.
     #[error("has no effect without {0}")]
     NeedsAnnotation(&'static str),
+    /// Breaks a locality rule of `lb_api::validate` (tiers, range).
+    #[error("{0}")]
+    LocalityValue(String),
+    /// A `rpclb.io/headers` line that is not a header, or breaks the rule of
+    /// `lb_api::validate::added_headers`.
+    #[error("{0}")]
+    HeaderValue(String),
 }
 
 /// Reads a Service's policy from its annotations.
@@ -423,6 +507,8 @@ pub fn parse_annotations(
     let mut retry = RetrySettings::default();
     let mut outlier = OutlierSettings::default();
     let mut balancing = BalancingSettings::default();
+    let mut min_backends = None;
+    let mut headers = None;
     for (key, value) in annotations {
         if !key.starts_with(PREFIX) {
             continue;
@@ -486,6 +572,9 @@ pub fn parse_annotations(
                     .map(|()| policy.tls.server_name = Some(v.to_string()))
                     .map_err(|e| vec![AnnotationProblem::TlsValue(e)]),
             },
+            LOCALITY => parse_locality(value).map(|l| policy.locality = Some(l)),
+            LOCALITY_MIN_BACKENDS => parse_min_backends(value).map(|n| min_backends = Some(n)),
+            HEADERS => parse_headers(value).map(|h| headers = Some(h)),
             _ => Err(vec![AnnotationProblem::UnknownKey]),
         };
         if let Err(problems) = problems {
@@ -504,6 +593,26 @@ pub fn parse_annotations(
     outlier.build(policy.grpc.as_mut(), annotations, &mut errors);
     balancing.build(policy.grpc.as_mut(), annotations, &mut errors);
     tls_needs(&mut policy, annotations, &mut errors);
+    let mut need = |key: &str, problem| {
+        errors.push(AnnotationError {
+            key: key.to_string(),
+            value: annotations.get(key).cloned().unwrap_or_default(),
+            problem,
+        })
+    };
+    match (policy.locality.as_mut(), min_backends) {
+        (Some(l), Some(n)) => l.min_backends = n,
+        (None, Some(_)) => need(
+            LOCALITY_MIN_BACKENDS,
+            AnnotationProblem::NeedsAnnotation(LOCALITY),
+        ),
+        _ => {}
+    }
+    match (policy.grpc.as_mut(), headers) {
+        (Some(g), Some(h)) => g.add_headers = h,
+        (None, Some(_)) => need(HEADERS, AnnotationProblem::NoGrpcMode),
+        _ => {}
+    }
     errors.sort_by(|a, b| a.key.cmp(&b.key));
     (policy, errors)
 }

@@ -28,7 +28,7 @@
 //! pending are coalesced into the next delta, so a slow agent gets fewer,
 //! larger deltas, never an unbounded queue.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -230,16 +230,37 @@ impl Publisher {
     /// current version and wakes nobody. States equal to the current ones
     /// keep their `Arc`s, so that streams see at a glance what did not change.
     pub fn publish(&self, default: NodeState, nodes: BTreeMap<String, NodeState>) -> u64 {
+        let nodes = nodes.into_iter().map(|(n, s)| (n, Arc::new(s))).collect();
+        self.publish_shared(default, nodes)
+    }
+
+    /// As [`publish`](Self::publish), with node states that may be shared:
+    /// nodes given the same `Arc` (e.g. every node of a zone) keep sharing
+    /// one state, compared once with what they had.
+    pub fn publish_shared(
+        &self,
+        default: NodeState,
+        nodes: BTreeMap<String, Arc<NodeState>>,
+    ) -> u64 {
         let _one = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
         let cur = self.current();
         let same_default = cur.version > 0 && *cur.default == default;
-        // Each node's state is compared with its previous one once: kept
-        // (the previous `Arc`) when equal.
+        // Each distinct (new, previous) pair of states is compared once: the
+        // previous `Arc` is kept when equal.
         let mut same_nodes = cur.nodes.len() == nodes.len();
-        let nodes: Vec<(String, Result<Arc<NodeState>, NodeState>)> = nodes
+        let mut compared: HashMap<(*const NodeState, *const NodeState), bool> = HashMap::new();
+        // Ok: the previous Arc, kept; Err: the new one.
+        type Kept = Result<Arc<NodeState>, Arc<NodeState>>;
+        let nodes: Vec<(String, Kept)> = nodes
             .into_iter()
             .map(|(n, s)| match cur.nodes.get(&n) {
-                Some(c) if **c == s => (n, Ok(c.clone())),
+                Some(c)
+                    if *compared
+                        .entry((Arc::as_ptr(&s), Arc::as_ptr(c)))
+                        .or_insert_with(|| **c == *s) =>
+                {
+                    (n, Ok(c.clone()))
+                }
                 _ => {
                     same_nodes = false;
                     (n, Err(s))
@@ -260,13 +281,20 @@ impl Publisher {
         } else {
             Arc::new(default)
         };
+        let mut is_default: HashMap<*const NodeState, bool> = HashMap::new();
         let nodes = nodes
             .into_iter()
             .map(|(n, s)| {
                 let a = match s {
                     Ok(kept) => kept,
-                    Err(s) if s == *default => default.clone(),
-                    Err(s) => Arc::new(s),
+                    Err(s)
+                        if *is_default
+                            .entry(Arc::as_ptr(&s))
+                            .or_insert_with(|| *s == *default) =>
+                    {
+                        default.clone()
+                    }
+                    Err(s) => s,
                 };
                 (n, a)
             })
@@ -974,6 +1002,55 @@ mod tests {
         }
         drop(clients);
         server.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn shared_node_states_stay_shared() {
+        let p = Publisher::with_epoch(0);
+        let svc = |port| {
+            lb_api::Service::new(
+                "a/b:c",
+                std::net::Ipv4Addr::new(10, 96, 0, 1),
+                port,
+                lb_api::Protocol::Tcp,
+                lb_api::Algorithm::Random,
+                vec![],
+            )
+        };
+        let st = |port| NodeState {
+            state: lb_api::DesiredState {
+                services: vec![svc(port)],
+            },
+            ..NodeState::default()
+        };
+        let zone = |port| Arc::new(st(port));
+        let nodes = |z: &Arc<NodeState>, d: &Arc<NodeState>| {
+            BTreeMap::from([
+                ("a1".to_string(), z.clone()),
+                ("a2".to_string(), z.clone()),
+                ("a3".to_string(), z.clone()),
+                ("b1".to_string(), d.clone()),
+            ])
+        };
+        // b1's state equals the default: it gets the default's Arc.
+        assert_eq!(p.publish_shared(st(1), nodes(&zone(2), &zone(1))), 1);
+        let one = p.current();
+        let a1 = one.for_node("a1");
+        assert!(Arc::ptr_eq(a1, one.for_node("a2")) && Arc::ptr_eq(a1, one.for_node("a3")));
+        assert!(Arc::ptr_eq(one.for_node("b1"), &one.default));
+        assert_eq!(a1.state.services[0].port, 2);
+        // Equal states again (new Arcs): nothing changes.
+        assert_eq!(p.publish_shared(st(1), nodes(&zone(2), &zone(1))), 1);
+        // The zone's state changes: one new Arc for its three nodes.
+        assert_eq!(p.publish_shared(st(1), nodes(&zone(3), &zone(1))), 2);
+        let two = p.current();
+        let a1 = two.for_node("a1");
+        assert_eq!(a1.state.services[0].port, 3);
+        assert!(Arc::ptr_eq(a1, two.for_node("a2")) && Arc::ptr_eq(a1, two.for_node("a3")));
+        assert!(
+            Arc::ptr_eq(&two.default, &one.default),
+            "the default is kept"
+        );
     }
 
     #[test]

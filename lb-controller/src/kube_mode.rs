@@ -19,6 +19,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use lb_api::config::Timeouts;
+use lb_api::locality::NodeLocation;
 use lb_api::wire::NodeState;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -59,30 +60,46 @@ pub enum KubeModeError {
     Source(#[from] SourceError),
 }
 
-/// The per-node states of one snapshot: every node gets the default state
-/// except the nodes with `internalTrafficPolicy: Local` endpoints.
+/// The per-node states of one snapshot. Every node gets the default state
+/// except: the nodes of [`ClusterState::local_nodes`] (endpoints of
+/// `internalTrafficPolicy: Local` services, node hints, node tiers of
+/// locality policies), each its own; and, when zones matter
+/// ([`ClusterState::location_dependent`]), the nodes of each zone/region
+/// whose state differs from the default, which share one `Arc` per
+/// location, computed once.
+///
+/// [`ClusterState::local_nodes`]: crate::ClusterState::local_nodes
+/// [`ClusterState::location_dependent`]: crate::ClusterState::location_dependent
 pub fn node_states(
     snap: &ClusterSnapshot,
     timeouts: Timeouts,
-) -> (NodeState, BTreeMap<String, NodeState>) {
+) -> (NodeState, BTreeMap<String, Arc<NodeState>>) {
+    let cluster = &snap.cluster;
     let default = NodeState {
-        state: snap.cluster.default_state(),
+        state: cluster.default_state(),
         timeouts,
     };
-    let nodes = snap
-        .cluster
-        .local_nodes()
-        .into_iter()
-        .map(|n| {
-            (
-                n.to_string(),
-                NodeState {
-                    state: snap.cluster.node_state(n),
-                    timeouts,
-                },
-            )
-        })
-        .collect();
+    let local = cluster.local_nodes();
+    let mut nodes = BTreeMap::new();
+    if cluster.location_dependent() {
+        let mut by_location: BTreeMap<&NodeLocation, Option<Arc<NodeState>>> = BTreeMap::new();
+        for (n, loc) in cluster.node_locations() {
+            if local.contains(n.as_str()) {
+                continue;
+            }
+            let shared = by_location.entry(loc).or_insert_with(|| {
+                let state = cluster.location_state(loc);
+                (state != default.state).then(|| Arc::new(NodeState { state, timeouts }))
+            });
+            if let Some(s) = shared {
+                nodes.insert(n.clone(), Arc::clone(s));
+            }
+        }
+    }
+    for n in local {
+        let state = cluster.node_state(n);
+        nodes.insert(n.to_string(), Arc::new(NodeState { state, timeouts }));
+    }
     (default, nodes)
 }
 
@@ -141,7 +158,7 @@ pub async fn run(
                 }
                 let Some(snap) = snap_rx.borrow_and_update().clone() else { continue };
                 let (default, nodes) = node_states(&snap, opts.timeouts);
-                let v = publisher.publish(default, nodes);
+                let v = publisher.publish_shared(default, nodes);
                 counters.config_reloads.fetch_add(1, Ordering::Relaxed);
                 if !counters.ready.swap(true, Ordering::Relaxed) {
                     info!(version = v, "first cluster snapshot published; ready");
@@ -163,4 +180,138 @@ pub async fn run(
         warn!("leader election task: {err}");
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ClusterState;
+    use k8s_openapi::api::core::v1::{Service as KubeService, ServicePort, ServiceSpec};
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use lb_api::locality::NodeLocations;
+
+    fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("ns".into()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    fn svc(name: &str, ip: &str, traffic_distribution: Option<&str>) -> KubeService {
+        KubeService {
+            metadata: meta(name, &[]),
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(ip.into()),
+                ports: Some(vec![ServicePort {
+                    port: 80,
+                    ..Default::default()
+                }]),
+                traffic_distribution: traffic_distribution.map(str::to_string),
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+
+    fn slice(service: &str, eps: &[(&str, &str)]) -> EndpointSlice {
+        EndpointSlice {
+            address_type: "IPv4".into(),
+            metadata: meta(service, &[(crate::translate::SERVICE_NAME_LABEL, service)]),
+            ports: Some(vec![EndpointPort {
+                port: Some(8080),
+                ..Default::default()
+            }]),
+            endpoints: Some(
+                eps.iter()
+                    .map(|(ip, node)| Endpoint {
+                        addresses: vec![ip.to_string()],
+                        node_name: Some(node.to_string()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Zones from Node labels (as the watcher reads them): five nodes in
+    /// three zones, one without labels.
+    fn locations() -> NodeLocations {
+        let label = |z: &str| {
+            crate::watch::node_location(&std::collections::BTreeMap::from([
+                (crate::watch::ZONE_LABEL.to_string(), z.to_string()),
+                (crate::watch::REGION_LABEL.to_string(), "r1".to_string()),
+            ]))
+            .unwrap()
+        };
+        [
+            ("a1", "za"),
+            ("a2", "za"),
+            ("a3", "za"),
+            ("b1", "zb"),
+            ("c1", "zc"),
+        ]
+        .into_iter()
+        .map(|(n, z)| (n.to_string(), label(z)))
+        .collect()
+    }
+
+    fn states(cluster: ClusterState) -> (NodeState, BTreeMap<String, Arc<NodeState>>) {
+        let snap = ClusterSnapshot {
+            generation: 1,
+            nodes: vec![],
+            cluster,
+        };
+        node_states(&snap, Timeouts::default())
+    }
+
+    #[test]
+    fn one_shared_state_per_zone() {
+        let services = [
+            svc("web", "10.96.0.1", Some("PreferSameZone")),
+            svc("db", "10.96.0.2", None),
+        ];
+        let slices = [
+            slice("web", &[("10.244.0.1", "a1"), ("10.244.0.2", "b1")]),
+            slice("db", &[("10.244.0.3", "a1")]),
+        ];
+        let (default, nodes) = states(ClusterState::build_with_nodes(
+            &services,
+            &slices,
+            locations(),
+        ));
+        let weights = |s: &NodeState| -> Vec<u32> {
+            s.state.services[0]
+                .backends
+                .iter()
+                .map(|b| b.weight)
+                .collect()
+        };
+        assert_eq!(weights(&default), [1, 1]);
+        // Zone c has no web backend (all: the default state), and x9 no labels.
+        assert_eq!(
+            nodes.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["a1", "a2", "a3", "b1"]
+        );
+        assert_eq!(weights(&nodes["a1"]), [1, 0]);
+        assert_eq!(weights(&nodes["b1"]), [0, 1]);
+        // One Arc for the whole zone: computed once, not one copy per node.
+        assert!(Arc::ptr_eq(&nodes["a1"], &nodes["a2"]));
+        assert!(Arc::ptr_eq(&nodes["a1"], &nodes["a3"]));
+
+        // No zone-dependent service: every node has the default state.
+        let (_, nodes) = states(ClusterState::build_with_nodes(
+            &services[1..],
+            &slices[1..],
+            locations(),
+        ));
+        assert!(nodes.is_empty());
+    }
 }

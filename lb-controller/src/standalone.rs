@@ -8,11 +8,32 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use lb_api::config::Config;
 use lb_api::config_file::{ConfigFile, Reload};
+use lb_api::locality;
 use lb_api::wire::NodeState;
 use tracing::{error, info};
 
 use crate::grpc::Publisher;
+
+/// Publishes a file's state. Its locality policies are resolved per node:
+/// each node of the file's `nodes:` gets its own state, every other node
+/// the state of a node whose location is unknown (docs/policies.md).
+fn publish(publisher: &Publisher, cfg: Config) -> u64 {
+    if !locality::any(&cfg.state) {
+        let default = NodeState {
+            state: cfg.state,
+            timeouts: cfg.timeouts,
+        };
+        return publisher.publish(default, BTreeMap::new());
+    }
+    let at = |node: Option<&str>| NodeState {
+        state: locality::resolve(&cfg.state, node, &cfg.nodes),
+        timeouts: cfg.timeouts,
+    };
+    let nodes = cfg.nodes.keys().map(|n| (n.clone(), at(Some(n)))).collect();
+    publisher.publish(at(None), nodes)
+}
 
 /// Follows one config file.
 #[derive(Debug)]
@@ -50,13 +71,7 @@ impl FileSource {
         match self.file.read(force) {
             Reload::Unchanged | Reload::Settling => Polled::Unchanged,
             Reload::Changed(Err(e)) => Polled::Invalid(e.to_string()),
-            Reload::Changed(Ok(cfg)) => Polled::Published(publisher.publish(
-                NodeState {
-                    state: cfg.state,
-                    timeouts: cfg.timeouts,
-                },
-                BTreeMap::new(),
-            )),
+            Reload::Changed(Ok(cfg)) => Polled::Published(publish(publisher, cfg)),
         }
     }
 

@@ -88,9 +88,10 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Service as KubeService, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
+use lb_api::locality::{self, NodeLocation, NodeLocations, Place};
 use lb_api::{
-    Algorithm, Backend, BackendState, DEFAULT_MAGLEV_M, DesiredState, External, Protocol, Service,
-    ServiceAddr, TrafficPolicy, validate,
+    Algorithm, Backend, BackendState, DEFAULT_MAGLEV_M, DesiredState, External, Locality,
+    LocalityTier, Protocol, Service, ServiceAddr, TrafficPolicy, validate,
 };
 
 use crate::annotations::{self, AnnotationError, ServicePolicy, parse_annotations};
@@ -273,6 +274,8 @@ pub struct ClusterState {
     /// Sorted by (VIP, port, protocol).
     services: Vec<ClusterService>,
     problems: Vec<Problem>,
+    /// Where the nodes are (their `topology.kubernetes.io/` labels).
+    nodes: NodeLocations,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -285,6 +288,34 @@ struct ClusterService {
     nodes: Vec<Option<String>>,
     /// Each backend's topology hints, in the same order.
     hints: Vec<Hints>,
+    /// Each backend's zone and region, in the same order: the endpoint's
+    /// `zone`, else its node's label; its node's region label, else the
+    /// region of another node in its zone.
+    places: Vec<(Option<String>, Option<String>)>,
+}
+
+impl ClusterService {
+    fn place(&self, i: usize) -> Place<'_> {
+        Place {
+            node: self.nodes[i].as_deref(),
+            zone: self.places[i].0.as_deref(),
+            region: self.places[i].1.as_deref(),
+        }
+    }
+}
+
+/// The locality of a Service: `rpclb.io/locality`, else its
+/// `trafficDistribution` (`PreferSameZone` and its older name `PreferClose`:
+/// this zone's endpoints; `PreferSameNode`: this node's, else this zone's).
+fn locality_of(spec: &ServiceSpec, annotated: Option<&Locality>) -> Option<Locality> {
+    if let Some(l) = annotated {
+        return Some(l.clone());
+    }
+    match spec.traffic_distribution.as_deref() {
+        Some("PreferSameZone" | "PreferClose") => Some(Locality::prefer_same_zone()),
+        Some("PreferSameNode") => Some(Locality::prefer_same_node()),
+        _ => None,
+    }
 }
 
 /// An endpoint's topology hints (EndpointSlice `hints.forNodes`,
@@ -334,6 +365,17 @@ impl ClusterState {
         S: Borrow<KubeService>,
         E: Borrow<EndpointSlice>,
     {
+        Self::build_with_nodes(services, slices, NodeLocations::new())
+    }
+
+    /// As [`build`](Self::build), knowing where the nodes are (each Node's
+    /// `topology.kubernetes.io/zone` and `region` labels): zone hints and
+    /// locality policies use them.
+    pub fn build_with_nodes<S, E>(services: &[S], slices: &[E], nodes: NodeLocations) -> Self
+    where
+        S: Borrow<KubeService>,
+        E: Borrow<EndpointSlice>,
+    {
         let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
         for slice in slices.iter().map(Borrow::borrow) {
             if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
@@ -367,13 +409,24 @@ impl ClusterState {
             .collect();
         ordered.sort_by(|a, b| a.0.cmp(&b.0));
 
+        // A zone's region: the first by node name that names one.
+        let mut zone_region = BTreeMap::new();
+        for l in nodes.values() {
+            if let (Some(z), Some(r)) = (&l.zone, &l.region) {
+                zone_region.entry(z.as_str()).or_insert(r.as_str());
+            }
+        }
+        let topo = Topo {
+            nodes: &nodes,
+            zone_region,
+        };
         let mut out = Vec::new();
         let mut problems = Vec::new();
         for (r, svc) in &ordered {
             let slices = by_service
                 .get(&(r.namespace.as_str(), r.name.as_str()))
                 .map_or(&[][..], Vec::as_slice);
-            translate_service(r, svc, slices, &mut out, &mut problems);
+            translate_service(r, svc, slices, &topo, &mut out, &mut problems);
         }
 
         // One owner per address; `out` is in namespace/name order, and the
@@ -397,24 +450,64 @@ impl ClusterState {
             services.push(s);
         }
         problems.sort_by(|a, b| a.service.cmp(&b.service));
-        ClusterState { services, problems }
+        ClusterState {
+            services,
+            problems,
+            nodes,
+        }
     }
 
-    /// The desired state of `node` (topology hints by node only).
+    /// The desired state of `node`, at its location if known.
     pub fn node_state(&self, node: &str) -> DesiredState {
-        self.state_for(Some(node), None)
+        let here = Place::of_node(Some(node), &self.nodes);
+        self.state_for(&here)
     }
 
     /// The desired state of `node` in `zone` (its `topology.kubernetes.io/zone`):
     /// zone hints apply too.
     pub fn node_state_in_zone(&self, node: &str, zone: Option<&str>) -> DesiredState {
-        self.state_for(Some(node), zone)
+        let region = self.nodes.get(node).and_then(|l| l.region.as_deref());
+        self.state_for(&Place {
+            node: Some(node),
+            zone,
+            region,
+        })
     }
 
-    /// The state of every node outside [`local_nodes`](Self::local_nodes):
-    /// services with `internalTrafficPolicy: Local` have no backends there.
+    /// The state of every node at `loc` that is not in
+    /// [`local_nodes`](Self::local_nodes): computed once per location and
+    /// shared by those nodes.
+    pub fn location_state(&self, loc: &NodeLocation) -> DesiredState {
+        self.state_for(&Place {
+            node: None,
+            zone: loc.zone.as_deref(),
+            region: loc.region.as_deref(),
+        })
+    }
+
+    /// Where the nodes are, as given to [`build_with_nodes`](Self::build_with_nodes).
+    pub fn node_locations(&self) -> &NodeLocations {
+        &self.nodes
+    }
+
+    /// Whether a node's zone or region can change its state: some service
+    /// has zone hints or a locality tier `zone` or `region`. When not, every
+    /// node outside [`local_nodes`](Self::local_nodes) has the default state.
+    pub fn location_dependent(&self) -> bool {
+        self.services.iter().filter(|cs| !cs.local_only).any(|cs| {
+            cs.service.locality.as_ref().is_some_and(|l| {
+                l.tiers
+                    .iter()
+                    .any(|t| matches!(t, LocalityTier::Zone | LocalityTier::Region))
+            }) || cs.hints.iter().any(|h| !h.zones.is_empty())
+        })
+    }
+
+    /// The state of every node outside [`local_nodes`](Self::local_nodes)
+    /// whose location is unknown: services with
+    /// `internalTrafficPolicy: Local` have no backends there.
     pub fn default_state(&self) -> DesiredState {
-        self.state_for(None, None)
+        self.state_for(&Place::default())
     }
 
     /// The nodes whose state differs from the [default](Self::default_state):
@@ -426,24 +519,42 @@ impl ClusterState {
                 .iter()
                 .flat_map(|h| h.nodes.iter().map(String::as_str))
         });
+        // A node tier: the nodes that run one of the service's backends.
+        let node_tier = self
+            .services
+            .iter()
+            .filter(|cs| {
+                cs.service
+                    .locality
+                    .as_ref()
+                    .is_some_and(|l| l.tiers.contains(&LocalityTier::Node))
+            })
+            .flat_map(|cs| cs.nodes.iter().flatten().map(String::as_str));
         self.services
             .iter()
             .filter(|cs| cs.local_only)
             .flat_map(|cs| cs.nodes.iter().flatten().map(String::as_str))
             .chain(hinted)
+            .chain(node_tier)
             .collect()
     }
 
-    /// `None`: a node with no local backends. Topology hints drain (weight 0)
-    /// the backends not for this node or zone: their flows go on.
-    fn state_for(&self, node: Option<&str>, zone: Option<&str>) -> DesiredState {
+    /// `here.node` `None`: a node with no local backends. A locality policy
+    /// (resolved here: the state sent carries none) or else topology hints
+    /// drain (weight 0) the backends not for this place: their flows go on.
+    fn state_for(&self, here: &Place<'_>) -> DesiredState {
+        let (node, zone) = (here.node, here.zone);
         let services = self
             .services
             .iter()
             .map(|cs| {
                 if !cs.local_only {
                     let mut s = cs.service.clone();
-                    if let Some(keep) = topology(&s.backends, &cs.hints, node, zone) {
+                    if let Some(l) = s.locality.take() {
+                        if let Some(keep) = locality::keep(&s.backends, &l, here, |i| cs.place(i)) {
+                            locality::drain_others(&mut s, &keep);
+                        }
+                    } else if let Some(keep) = topology(&s.backends, &cs.hints, node, zone) {
                         for (b, k) in s.backends.iter_mut().zip(keep) {
                             if !k {
                                 b.weight = 0;
@@ -464,6 +575,8 @@ impl ClusterState {
                     maglev_table_size: s.maglev_table_size,
                     grpc: s.grpc.clone(),
                     health_check: s.health_check.clone(),
+                    // Only this node's backends: no locality to resolve.
+                    locality: None,
                     backends: s
                         .backends
                         .iter()
@@ -566,6 +679,7 @@ fn translate_service(
     r: &ServiceRef,
     svc: &KubeService,
     slices: &[&EndpointSlice],
+    topo: &Topo<'_>,
     out: &mut Vec<(ServiceRef, ClusterService)>,
     problems: &mut Vec<Problem>,
 ) {
@@ -639,6 +753,7 @@ fn translate_service(
     }
 
     let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let locality = locality_of(spec, policy.locality.as_ref());
     // Each port once per ClusterIP (family); a port's own problems are
     // reported once, with the first.
     let per_vip = vips.iter().enumerate().flat_map(|(i, &vip)| {
@@ -686,7 +801,9 @@ fn translate_service(
             continue;
         };
 
-        let (backends, nodes, hints) = backends_for(slices, vip, port_name, protocol, &policy);
+        let (backends, backend_nodes, hints, zones) =
+            backends_for(slices, vip, port_name, protocol, &policy);
+        let places = place_backends(&backend_nodes, zones, topo);
         let mut service = Service {
             external: if vip.is_ipv4() {
                 external_of(svc, spec, sp)
@@ -710,6 +827,7 @@ fn translate_service(
                 .health_check
                 .clone()
                 .filter(|_| protocol == Protocol::Tcp),
+            locality: locality.clone(),
         };
         if service.needs_maglev_table()
             && let Some((kind, fallback)) = choose_table_size(&mut service, &label)
@@ -732,8 +850,9 @@ fn translate_service(
             ClusterService {
                 service,
                 local_only,
-                nodes,
+                nodes: backend_nodes,
                 hints,
+                places,
             },
         ));
     }
@@ -788,16 +907,25 @@ fn external_of(svc: &KubeService, spec: &ServiceSpec, sp: &ServicePort) -> Exter
     }
 }
 
-/// The backends of one service port, sorted by (IP, port), with their nodes.
+/// The backends, and each one's node, hints and endpoint zone.
+type Found = (
+    Vec<Backend>,
+    Vec<Option<String>>,
+    Vec<Hints>,
+    Vec<Option<String>>,
+);
+
+/// The backends of one service port, sorted by (IP, port), with their nodes,
+/// hints and zones.
 fn backends_for(
     slices: &[&EndpointSlice],
     vip: IpAddr,
     port_name: &str,
     protocol: Protocol,
     policy: &ServicePolicy,
-) -> (Vec<Backend>, Vec<Option<String>>, Vec<Hints>) {
-    type Found<'a> = (BackendState, Option<&'a str>, Hints);
-    let mut found: BTreeMap<(IpAddr, u16), Found> = BTreeMap::new();
+) -> Found {
+    type Seen<'a> = (BackendState, Option<&'a str>, Hints, Option<&'a str>);
+    let mut found: BTreeMap<(IpAddr, u16), Seen> = BTreeMap::new();
     // The slices of the VIP's family only.
     for slice in slices
         .iter()
@@ -845,20 +973,22 @@ fn backends_for(
                     .map(|z| z.name.clone())
                     .collect(),
             };
+            let zone = ep.zone.as_deref();
             found
                 .entry((ip, port))
-                .and_modify(|(s, n, hs)| {
+                .and_modify(|(s, n, hs, z)| {
                     if state == BackendState::Active {
                         *s = BackendState::Active;
                         *n = node;
                         *hs = hints.clone();
+                        *z = zone;
                     }
                 })
-                .or_insert((state, node, hints));
+                .or_insert((state, node, hints, zone));
         }
     }
-    let mut out = (Vec::new(), Vec::new(), Vec::new());
-    for ((ip, port), (state, node, hints)) in found {
+    let mut out = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for ((ip, port), (state, node, hints, zone)) in found {
         out.0.push(Backend {
             node: node.map(str::to_string),
             ip,
@@ -868,8 +998,38 @@ fn backends_for(
         });
         out.1.push(node.map(str::to_string));
         out.2.push(hints);
+        out.3.push(zone.map(str::to_string));
     }
     out
+}
+
+/// The nodes' locations, and each zone's region.
+struct Topo<'a> {
+    nodes: &'a NodeLocations,
+    zone_region: BTreeMap<&'a str, &'a str>,
+}
+
+/// Each backend's (zone, region): the endpoint's `zone`, else its node's
+/// zone label; its node's region label, else the region of a node in its
+/// zone (the first by name).
+fn place_backends(
+    backend_nodes: &[Option<String>],
+    zones: Vec<Option<String>>,
+    topo: &Topo<'_>,
+) -> Vec<(Option<String>, Option<String>)> {
+    let loc = |n: &Option<String>| n.as_ref().and_then(|n| topo.nodes.get(n));
+    backend_nodes
+        .iter()
+        .zip(zones)
+        .map(|(n, zone)| {
+            let zone = zone.or_else(|| loc(n).and_then(|l| l.zone.clone()));
+            let region = loc(n).and_then(|l| l.region.clone()).or_else(|| {
+                let z = zone.as_deref()?;
+                topo.zone_region.get(z).map(|r| r.to_string())
+            });
+            (zone, region)
+        })
+        .collect()
 }
 
 /// Makes `service.maglev_table_size` hold the backends that take new flows
@@ -1498,6 +1658,302 @@ mod tests {
             weights(&c.node_state_in_zone("n", Some("z2"))),
             [(2, 0), (2, 1), (2, 0)]
         );
+    }
+
+    /// Node locations: a1, a2 in zone za; b1 in zb (both region r1); c1 in
+    /// zc, region r2.
+    fn locations() -> NodeLocations {
+        let loc = |z: &str, r: &str| NodeLocation {
+            zone: Some(z.into()),
+            region: Some(r.into()),
+        };
+        [
+            ("a1", loc("za", "r1")),
+            ("a2", loc("za", "r1")),
+            ("b1", loc("zb", "r1")),
+            ("c1", loc("zc", "r2")),
+        ]
+        .into_iter()
+        .map(|(n, l)| (n.to_string(), l))
+        .collect()
+    }
+
+    /// One endpoint per node of `on`, 10.244.0.1, .2, ...
+    fn spread(nodes: &[&str]) -> Vec<Endpoint> {
+        nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| on(ready(&format!("10.244.0.{}", i + 1)), n))
+            .collect()
+    }
+
+    fn web_slice(eps: Vec<Endpoint>) -> EndpointSlice {
+        slice("web-x", "web", &[(Some("http"), 8080)], eps)
+    }
+
+    fn web() -> KubeService {
+        service("web", "10.96.0.60", vec![named("http", 80, "http")])
+    }
+
+    /// The weights of the first service's backends, in backend order.
+    fn w(st: &DesiredState) -> Vec<u32> {
+        st.services[0].backends.iter().map(|b| b.weight).collect()
+    }
+
+    #[test]
+    fn node_zone_labels_feed_zone_hints() {
+        // Zone hints only (PreferSameZone as an older EndpointSlice
+        // controller writes them, trafficDistribution not set here).
+        let eps = vec![
+            hinted(on(ready("10.244.0.1"), "a1"), &[], &["za"]),
+            hinted(on(ready("10.244.0.2"), "b1"), &[], &["zb"]),
+        ];
+        let c = ClusterState::build_with_nodes(&[web()], &[web_slice(eps)], locations());
+        // The node's zone comes from its label.
+        assert_eq!(w(&c.node_state("a2")), [1, 0]);
+        assert_eq!(w(&c.node_state("b1")), [0, 1]);
+        // zc has no endpoint; an unknown node has no zone: all.
+        assert_eq!(w(&c.node_state("c1")), [1, 1]);
+        assert_eq!(w(&c.node_state("x9")), [1, 1]);
+        assert!(c.location_dependent());
+        assert_eq!(c.location_state(&locations()["a1"]), c.node_state("a2"));
+        // Without labels, as before: no zone known.
+        let c = ClusterState::build(
+            &[web()],
+            &[web_slice(vec![
+                hinted(on(ready("10.244.0.1"), "a1"), &[], &["za"]),
+                hinted(on(ready("10.244.0.2"), "b1"), &[], &["zb"]),
+            ])],
+        );
+        assert_eq!(w(&c.node_state("a2")), [1, 1]);
+    }
+
+    #[test]
+    fn locality_annotation_tiers_and_spill_over() {
+        let four = ["a1", "a2", "b1", "c1"];
+        let c = |kv: &[(&str, &str)]| {
+            let t = ClusterState::build_with_nodes(
+                &[annotated(web(), kv)],
+                &[web_slice(spread(&four))],
+                locations(),
+            );
+            assert!(t.problems().is_empty(), "{:?}", t.problems());
+            t
+        };
+        let all = c(&[(annotations::LOCALITY, "node, zone, region")]);
+        assert_eq!(w(&all.node_state("a1")), [1, 0, 0, 0]);
+        assert_eq!(w(&all.node_state("b1")), [0, 0, 1, 0]);
+        // No backend on x9, which has no labels: anywhere.
+        assert_eq!(w(&all.node_state("x9")), [1, 1, 1, 1]);
+        // The nodes that run a backend have their own states.
+        assert_eq!(
+            all.local_nodes().into_iter().collect::<Vec<_>>(),
+            ["a1", "a2", "b1", "c1"]
+        );
+        // The resolved state carries no policy (agents get weights).
+        assert_eq!(all.node_state("a1").services[0].locality, None);
+
+        // Spill-over: fewer than 2 on the node, then in the zone.
+        let two = c(&[
+            (annotations::LOCALITY, "node,zone,region"),
+            (annotations::LOCALITY_MIN_BACKENDS, "2"),
+        ]);
+        assert_eq!(w(&two.node_state("a1")), [1, 1, 0, 0]);
+        // b1's zone has 1: region r1 has 3.
+        assert_eq!(w(&two.node_state("b1")), [1, 1, 1, 0]);
+        // c1's region r2 has 1: anywhere.
+        assert_eq!(w(&two.node_state("c1")), [1, 1, 1, 1]);
+        let loc = NodeLocation {
+            zone: Some("za".into()),
+            region: Some("r1".into()),
+        };
+        assert_eq!(w(&two.location_state(&loc)), [1, 1, 0, 0]);
+
+        // Zone only, min 2: a node of zb spills over to all.
+        let zone = c(&[
+            (annotations::LOCALITY, "zone"),
+            (annotations::LOCALITY_MIN_BACKENDS, "2"),
+        ]);
+        assert_eq!(w(&zone.node_state("a1")), [1, 1, 0, 0]);
+        assert_eq!(w(&zone.node_state("b1")), [1, 1, 1, 1]);
+        // No node tier: no node has a state of its own for it.
+        assert!(zone.local_nodes().is_empty());
+        // A backend that stops being ready drops the zone below 2.
+        let mut eps = spread(&four);
+        eps[1] = on(terminating("10.244.0.2"), "a2");
+        let t = ClusterState::build_with_nodes(
+            &[annotated(
+                web(),
+                &[
+                    (annotations::LOCALITY, "zone"),
+                    (annotations::LOCALITY_MIN_BACKENDS, "2"),
+                ],
+            )],
+            &[web_slice(eps)],
+            locations(),
+        );
+        assert_eq!(w(&t.node_state("a1")), [1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn traffic_distribution_is_a_locality_policy() {
+        let four = ["a1", "a2", "b1", "c1"];
+        let td = |v: &str| with(web(), |s| s.traffic_distribution = Some(v.into()));
+        let c = |svc: KubeService, eps: Vec<Endpoint>| {
+            ClusterState::build_with_nodes(&[svc], &[web_slice(eps)], locations())
+        };
+        // PreferSameZone (and PreferClose): this zone's, without hints.
+        for v in ["PreferSameZone", "PreferClose"] {
+            let z = c(td(v), spread(&four));
+            assert_eq!(w(&z.node_state("a1")), [1, 1, 0, 0], "{v}");
+            assert_eq!(w(&z.node_state("c1")), [0, 0, 0, 1], "{v}");
+            assert_eq!(w(&z.node_state("x9")), [1, 1, 1, 1], "{v}: no zone");
+        }
+        // PreferSameNode: this node's, else this zone's, else all.
+        let n = c(td("PreferSameNode"), spread(&["a1", "b1", "c1"]));
+        assert_eq!(w(&n.node_state("a1")), [1, 0, 0]);
+        assert_eq!(w(&n.node_state("a2")), [1, 0, 0], "a2: its zone");
+        let loc = |z: &str| NodeLocation {
+            zone: Some(z.into()),
+            region: None,
+        };
+        assert_eq!(w(&n.location_state(&loc("zq"))), [1, 1, 1]);
+        // The endpoint's own zone counts when its node is unknown.
+        let mut eps = spread(&["a1", "b1"]);
+        eps[1].node_name = None;
+        eps[1].zone = Some("zb".into());
+        let z = c(td("PreferSameZone"), eps);
+        assert_eq!(w(&z.node_state("b1")), [0, 1]);
+        // The annotation wins over trafficDistribution.
+        let a = c(
+            annotated(td("PreferSameNode"), &[(annotations::LOCALITY, "region")]),
+            spread(&four),
+        );
+        assert_eq!(w(&a.node_state("a1")), [1, 1, 1, 0]);
+        // Unknown values: no policy.
+        assert!(!c(td("Nearby"), spread(&four)).location_dependent());
+    }
+
+    #[test]
+    fn locality_and_header_annotations_bad_values_are_one_problem_each() {
+        let eps = spread(&["a1", "b1"]);
+        let t = |kv: &[(&str, &str)]| {
+            ClusterState::build_with_nodes(
+                &[annotated(web(), kv)],
+                &[web_slice(eps.clone())],
+                locations(),
+            )
+        };
+        for (kv, fallback) in [
+            (
+                vec![(annotations::LOCALITY, "zone,node")],
+                "no locality policy (trafficDistribution, if set, still applies)",
+            ),
+            (
+                vec![(annotations::LOCALITY, "rack")],
+                "no locality policy (trafficDistribution, if set, still applies)",
+            ),
+            (
+                vec![(annotations::LOCALITY_MIN_BACKENDS, "2")],
+                "using the default min backends (1)",
+            ),
+            (
+                vec![
+                    (annotations::LOCALITY, "zone"),
+                    (annotations::LOCALITY_MIN_BACKENDS, "0"),
+                ],
+                "using the default min backends (1)",
+            ),
+            (
+                vec![(annotations::HEADERS, "x-team: pay")],
+                "adding no headers from the annotation",
+            ),
+            (
+                vec![
+                    (annotations::MODE, "grpc"),
+                    (annotations::HEADERS, "x-team: pay\nX-Bad: 1"),
+                ],
+                "adding no headers from the annotation",
+            ),
+            (
+                vec![
+                    (annotations::MODE, "grpc"),
+                    (annotations::HEADERS, "x-request-id: 7"),
+                ],
+                "adding no headers from the annotation",
+            ),
+            (
+                vec![
+                    (annotations::MODE, "grpc"),
+                    (annotations::HEADERS, "x-a: 1\nx-a: 2"),
+                ],
+                "adding no headers from the annotation",
+            ),
+            (
+                vec![(annotations::MODE, "grpc"), (annotations::HEADERS, "x-a")],
+                "adding no headers from the annotation",
+            ),
+        ] {
+            let c = t(&kv);
+            assert_eq!(c.problems().len(), 1, "{kv:?}: {:?}", c.problems());
+            let p = &c.problems()[0];
+            assert_eq!(p.reason(), "InvalidAnnotation", "{kv:?}");
+            assert_eq!(p.fallback, fallback, "{kv:?}");
+            // Ignored: no headers, and min 1 where the tier stays.
+            let st = c.node_state("a1");
+            assert!(
+                st.services[0]
+                    .grpc
+                    .as_ref()
+                    .is_none_or(|g| g.add_headers.is_empty()),
+                "{kv:?}"
+            );
+        }
+        let c = t(&[
+            (annotations::LOCALITY, "zone"),
+            (annotations::LOCALITY_MIN_BACKENDS, "0"),
+        ]);
+        assert_eq!(w(&c.node_state("a1")), [1, 0], "the tier stays, with min 1");
+        assert!(
+            t(&[(annotations::LOCALITY, "rack")]).problems()[0]
+                .to_string()
+                .contains("unknown locality tier \"rack\"")
+        );
+    }
+
+    #[test]
+    fn headers_annotation_reaches_the_grpc_policy() {
+        let svc = annotated(
+            web(),
+            &[
+                (annotations::MODE, "grpc"),
+                (
+                    annotations::HEADERS,
+                    "x-team: payments\n\n  x-env :  prod eu  \n",
+                ),
+            ],
+        );
+        let t = translate(&[svc], &[web_slice(spread(&["a1"]))]);
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        let g = only(&t).grpc.as_ref().unwrap();
+        assert_eq!(
+            g.add_headers,
+            [
+                ("x-team".to_string(), "payments".to_string()),
+                ("x-env".to_string(), "prod eu".to_string())
+            ]
+        );
+        // What the agents get over the wire has them too.
+        let n = lb_api::wire::NodeState {
+            state: t.state.clone(),
+            timeouts: Default::default(),
+        };
+        let msg = lb_api::wire::snapshot(1, &n);
+        let Some(lb_api::wire::pb::controller_message::Body::Snapshot(snap)) = msg.body else {
+            panic!("not a snapshot: {msg:?}");
+        };
+        let back = lb_api::wire::service_from_pb(&snap.services[0]).unwrap();
+        assert_eq!(back.grpc.unwrap().add_headers, g.add_headers);
     }
 
     #[test]

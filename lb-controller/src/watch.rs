@@ -40,6 +40,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use lb_api::DesiredState;
+use lb_api::locality::{NodeLocation, NodeLocations};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -227,17 +228,17 @@ enum EndpointStore {
 }
 
 impl EndpointStore {
-    /// Translates `services` with these endpoints.
-    fn translate(&self, services: &[Arc<KubeService>]) -> ClusterState {
+    /// Translates `services` with these endpoints, on nodes at `nodes`.
+    fn translate(&self, services: &[Arc<KubeService>], nodes: NodeLocations) -> ClusterState {
         match self {
-            EndpointStore::Slices(s) => ClusterState::build(services, &s.state()),
+            EndpointStore::Slices(s) => ClusterState::build_with_nodes(services, &s.state(), nodes),
             EndpointStore::Endpoints(e) => {
                 let slices: Vec<EndpointSlice> = e
                     .state()
                     .iter()
                     .flat_map(|x| slices_from_endpoints(x))
                     .collect();
-                ClusterState::build(services, &slices)
+                ClusterState::build_with_nodes(services, &slices, nodes)
             }
         }
     }
@@ -303,12 +304,18 @@ pub async fn run(
     let (nodes, nodes_writer) = reflector::store::<PartialObjectMeta<Node>>();
     let nodes_stream = reflector::reflector(
         nodes_writer,
-        // Metadata only (names): Node status is large and changes often.
+        // Metadata only (names and the topology labels): Node status is
+        // large and changes often.
         watcher(
             Api::<PartialObjectMeta<Node>>::all(client.clone()),
             watcher::Config::default(),
         )
-        .modify(|n| n.managed_fields_mut().clear()),
+        .modify(|n| {
+            n.managed_fields_mut().clear();
+            n.annotations_mut().clear();
+            n.labels_mut()
+                .retain(|k, _| k == ZONE_LABEL || k == REGION_LABEL);
+        }),
     );
     let changes = futures::stream::select(
         tagged(Kind::Services, services_stream),
@@ -367,7 +374,7 @@ pub async fn run(
                 let snapshot = Arc::new(ClusterSnapshot {
                     generation: generation + 1,
                     nodes: node_names(&nodes),
-                    cluster: endpoints.translate(&services.state()),
+                    cluster: endpoints.translate(&services.state(), node_locations(&nodes)),
                 });
                 // This is the only sender: nothing changes between the
                 // borrow and the send.
@@ -417,6 +424,30 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
+}
+
+/// The Node label that names its zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The Node label that names its region.
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+
+/// Where a Node is, from its labels; `None` when it has neither label.
+pub fn node_location(labels: &std::collections::BTreeMap<String, String>) -> Option<NodeLocation> {
+    let get = |k: &str| labels.get(k).filter(|v| !v.is_empty()).cloned();
+    let loc = NodeLocation {
+        zone: get(ZONE_LABEL),
+        region: get(REGION_LABEL),
+    };
+    (loc.zone.is_some() || loc.region.is_some()).then_some(loc)
+}
+
+/// The Nodes that have a zone or region label, by name.
+fn node_locations(nodes: &Store<PartialObjectMeta<Node>>) -> NodeLocations {
+    nodes
+        .state()
+        .iter()
+        .filter_map(|n| Some((n.name_any(), node_location(n.labels())?)))
+        .collect()
 }
 
 fn node_names(nodes: &Store<PartialObjectMeta<Node>>) -> Vec<String> {

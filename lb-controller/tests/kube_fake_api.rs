@@ -1301,10 +1301,10 @@ async fn watch_events_produce_new_snapshots() {
         )]
     );
 
-    // A change that the translation does not see (a Node's labels): no new
-    // snapshot.
+    // A change that the translation does not see (a Node label other than
+    // its zone and region): no new snapshot.
     let mut relabelled = node("node-b");
-    relabelled["metadata"]["labels"]["topology.kubernetes.io/zone"] = json!("z1");
+    relabelled["metadata"]["labels"]["example.com/rack"] = json!("r7");
     fake.apply(relabelled);
     settle().await;
     assert_eq!(run.current().unwrap().generation, 2);
@@ -1879,4 +1879,66 @@ async fn electors_hand_over_on_shutdown() {
         .unwrap();
     assert_eq!(holder(&lease(&fake)), None, "b released on shutdown");
     fake.assert_no_unexpected();
+}
+
+/// A Node with a `topology.kubernetes.io/zone` label (region `r1`).
+fn zoned_node(name: &str, zone: &str) -> Value {
+    let mut n = node(name);
+    merge_patch(
+        &mut n,
+        &json!({"metadata": {"labels": {
+            "topology.kubernetes.io/zone": zone,
+            "topology.kubernetes.io/region": "r1",
+        }}}),
+    );
+    n
+}
+
+/// The Nodes' zone labels reach the per-node states through the watch: a
+/// `trafficDistribution: PreferSameZone` Service sends each zone its own
+/// endpoints, one shared state per zone; relabelling a Node moves it.
+#[tokio::test(start_paused = true)]
+async fn node_zone_labels_give_one_state_per_zone() {
+    let fake = FakeApi::new();
+    fake.apply(service(
+        "near",
+        "10.96.0.30",
+        json!({"spec": {"trafficDistribution": "PreferSameZone"}}),
+    ));
+    fake.apply(slice(
+        "near-abcde",
+        "near",
+        "http",
+        8080,
+        &[
+            ep("10.244.1.2", "node-a", READY),
+            ep("10.244.2.3", "node-b", READY),
+        ],
+    ));
+    fake.apply(zoned_node("node-a", "za"));
+    fake.apply(zoned_node("node-b", "zb"));
+    fake.apply(zoned_node("node-c", "za"));
+    let mut run = Running::start(&fake, true);
+    let snap = run.snapshot_after(0).await;
+    let (default, nodes) = kube_mode::node_states(&snap, Timeouts::default());
+    let weights = |s: &lb_api::wire::NodeState| -> Vec<u32> {
+        s.state.services[0]
+            .backends
+            .iter()
+            .map(|b| b.weight)
+            .collect()
+    };
+    assert_eq!(weights(&default), [1, 1]);
+    assert_eq!(weights(&nodes["node-a"]), [1, 0]);
+    assert_eq!(weights(&nodes["node-b"]), [0, 1]);
+    assert!(
+        Arc::ptr_eq(&nodes["node-a"], &nodes["node-c"]),
+        "one per zone"
+    );
+
+    fake.apply(zoned_node("node-c", "zb"));
+    let snap = run.snapshot_after(snap.generation).await;
+    let (_, nodes) = kube_mode::node_states(&snap, Timeouts::default());
+    assert_eq!(weights(&nodes["node-c"]), [0, 1]);
+    assert!(Arc::ptr_eq(&nodes["node-b"], &nodes["node-c"]));
 }

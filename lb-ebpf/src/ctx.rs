@@ -74,6 +74,23 @@ pub trait Ctx {
         kind: L4Csum,
         udp: bool,
     ) -> Option<()>;
+    /// IPv6: replace the 4-byte word at `off` (a quarter of an address),
+    /// fixing only the L4 checksum at `l4_csum` (pseudo-header; IPv6 has no
+    /// header checksum), which holds a `kind` checksum.
+    fn rewrite_word6(
+        &mut self,
+        off: usize,
+        old: u32,
+        new: u32,
+        l4_csum: usize,
+        kind: L4Csum,
+        udp: bool,
+    ) -> Option<()>;
+    /// IPv6: what the L4 check field of `p` holds (`v6::classify`).
+    fn l4_csum_kind6(&self, p: &crate::v6::Packet6) -> L4Csum;
+    /// IPv6: set the MACs and decrement the hop limit (IPv6 header at `ip`)
+    /// before a redirect.
+    fn route_rewrite6(&mut self, ip: usize, smac: &[u8; 6], dmac: &[u8; 6]) -> Option<()>;
     /// Set the MACs and decrement the TTL (IPv4 header at `ip`) before a redirect.
     fn route_rewrite(&mut self, ip: usize, smac: &[u8; 6], dmac: &[u8; 6]) -> Option<()>;
     /// Shrink or grow the frame to exactly `len` bytes and copy `bytes` over it.
@@ -149,6 +166,44 @@ impl Ctx for Xdp<'_> {
                 L4Csum::Seed | L4Csum::SeedUnverified => *lc = nat::seed_update4(*lc, old, new),
                 L4Csum::None => {}
             }
+        }
+        Some(())
+    }
+    #[inline(always)]
+    fn rewrite_word6(
+        &mut self,
+        off: usize,
+        old: u32,
+        new: u32,
+        l4_csum: usize,
+        kind: L4Csum,
+        udp: bool,
+    ) -> Option<()> {
+        let a: *mut u32 = ptr_at(self, off)?;
+        let lc: *mut u16 = ptr_at(self, l4_csum)?;
+        unsafe {
+            *a = new;
+            match kind {
+                L4Csum::Full => *lc = nat::l4_fix(nat::csum_update4(*lc, old, new), udp),
+                L4Csum::Seed | L4Csum::SeedUnverified => *lc = nat::seed_update4(*lc, old, new),
+                L4Csum::None => {}
+            }
+        }
+        Some(())
+    }
+    #[inline(always)]
+    fn l4_csum_kind6(&self, p: &crate::v6::Packet6) -> L4Csum {
+        crate::v6::classify(self, p)
+    }
+    #[inline(always)]
+    fn route_rewrite6(&mut self, ip: usize, smac: &[u8; 6], dmac: &[u8; 6]) -> Option<()> {
+        let eth: *mut [u8; 12] = ptr_at(self, 0)?;
+        let hop: *mut u8 = ptr_at(self, ip + 7)?;
+        unsafe {
+            let e = &mut *eth;
+            e[..6].copy_from_slice(dmac);
+            e[6..].copy_from_slice(smac);
+            *hop -= 1;
         }
         Some(())
     }
@@ -301,6 +356,41 @@ impl Ctx for Tc<'_> {
             .l3_csum_replace(ip_csum, old as u64, new as u64, 4)
             .ok()?;
         self.0.store(off, &new, 0).ok()
+    }
+    #[inline(always)]
+    fn rewrite_word6(
+        &mut self,
+        off: usize,
+        old: u32,
+        new: u32,
+        l4_csum: usize,
+        _kind: L4Csum,
+        udp: bool,
+    ) -> Option<()> {
+        let mangled = if udp { BPF_F_MARK_MANGLED_0 } else { 0 };
+        self.0
+            .l4_csum_replace(
+                l4_csum,
+                old as u64,
+                new as u64,
+                BPF_F_PSEUDO_HDR | mangled | 4,
+            )
+            .ok()?;
+        self.0.store(off, &new, 0).ok()
+    }
+    /// Always `Full`, as for IPv4: the helpers follow the skb.
+    #[inline(always)]
+    fn l4_csum_kind6(&self, _p: &crate::v6::Packet6) -> L4Csum {
+        L4Csum::Full
+    }
+    #[inline(always)]
+    fn route_rewrite6(&mut self, ip: usize, smac: &[u8; 6], dmac: &[u8; 6]) -> Option<()> {
+        let old: u8 = self.0.load(ip + 7).ok()?;
+        self.0.store(ip + 7, &(old - 1), 0).ok()?;
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(dmac);
+        macs[6..].copy_from_slice(smac);
+        self.0.store(0, &macs, 0).ok()
     }
     #[inline(always)]
     fn rewrite_ip(&mut self, off: usize, old: u32, new: u32, ip_csum: usize) -> Option<()> {

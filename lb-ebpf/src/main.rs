@@ -18,6 +18,7 @@ mod reject;
 mod select;
 mod set;
 mod stats;
+mod v6;
 
 use aya_ebpf::{
     macros::{classifier, xdp},
@@ -37,22 +38,34 @@ use set::{Compat, Full, ProgramSet};
 #[xdp]
 #[inline(always)]
 pub fn rpclb_xdp(ctx: XdpContext) -> u32 {
+    if v6::is_ipv6_xdp(&ctx) {
+        return v6::dispatch_xdp(&ctx, 0);
+    }
     xdp_main::<Full>(ctx)
 }
 
 #[xdp]
 #[inline(always)]
 pub fn rpclb_xdp_compat(ctx: XdpContext) -> u32 {
+    if v6::is_ipv6_xdp(&ctx) {
+        return v6::dispatch_xdp(&ctx, 1);
+    }
     xdp_main::<Compat>(ctx)
 }
 
 #[classifier]
 pub fn rpclb_tc(ctx: TcContext) -> i32 {
+    if v6::is_ipv6_tc(&ctx) {
+        return v6::dispatch_tc(&ctx, 0);
+    }
     tc_main::<Full>(ctx)
 }
 
 #[classifier]
 pub fn rpclb_tc_compat(ctx: TcContext) -> i32 {
+    if v6::is_ipv6_tc(&ctx) {
+        return v6::dispatch_tc(&ctx, 1);
+    }
     tc_main::<Compat>(ctx)
 }
 
@@ -73,6 +86,29 @@ fn tc_main<S: ProgramSet>(ctx: TcContext) -> i32 {
     let mut c = Tc(&ctx);
     let v = process::<_, S>(&mut c);
     c.ret(v) as i32
+}
+
+// The IPv6 walk (`v6`): programs of their own, tail-called by the four
+// above (`V6_XDP_PROGS`, `V6_TC_PROGS`: full at 0, compat at 1).
+
+#[xdp]
+pub fn rpclb_xdp6(ctx: XdpContext) -> u32 {
+    v6::xdp::<Full>(ctx)
+}
+
+#[xdp]
+pub fn rpclb_xdp6_compat(ctx: XdpContext) -> u32 {
+    v6::xdp::<Compat>(ctx)
+}
+
+#[classifier]
+pub fn rpclb_tc6(ctx: TcContext) -> i32 {
+    v6::tc::<Full>(ctx)
+}
+
+#[classifier]
+pub fn rpclb_tc6_compat(ctx: TcContext) -> i32 {
+    v6::tc::<Compat>(ctx)
 }
 
 /// Baseline for `cargo xtask bench`: the cheapest program that transmits.

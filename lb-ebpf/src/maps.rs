@@ -3,12 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FlowCacheEntry,
-    FlowKey, FragKey, FragValue, NameValue, RouteCacheEntry, ServiceKey, ServiceValue, config_idx,
-    limits, reason,
+    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, CtValue6,
+    FlowCacheEntry, FlowKey, FlowKey6, FragKey, FragValue, NameValue, RouteCacheEntry, ServiceKey,
+    ServiceKey6, ServiceValue, config_idx, limits, reason,
 };
 
 #[map]
@@ -108,3 +108,34 @@ pub static FLOW_CACHE: PerCpuArray<FlowCacheEntry> =
 #[map]
 pub static ROUTE_CACHE: PerCpuArray<RouteCacheEntry> =
     PerCpuArray::pinned(lb_common::ROUTE_CACHE_SLOTS, 0);
+
+/// IPv6 services (`v6`): the same values as `SERVICES` (ids, tables in
+/// `SLOTS`, per-service counters are shared with IPv4), keyed by a 16-byte VIP.
+#[map]
+pub static SERVICES6: HashMap<ServiceKey6, ServiceValue> = HashMap::pinned(limits::MAX_SERVICES, 0);
+
+/// The address of each IPv6 backend, by backend id. Its port, state,
+/// weight and service are in `BACKENDS` (whose `ip` is 0 for it), so the
+/// selection (`select`) and the per-backend counters serve both families.
+#[map]
+pub static BACKENDS6: Array<[u32; 4]> = Array::pinned(limits::MAX_BACKENDS, 0);
+
+/// IPv6 flows (`v6`): forward and reverse entries as in `CONNTRACK`.
+#[map]
+pub static CONNTRACK6: LruHashMap<FlowKey6, CtValue6> =
+    LruHashMap::pinned(limits::MAX_CONNTRACK6, 0);
+
+/// Per-CPU scratch of the IPv6 walk (`v6`): its flow keys and conntrack
+/// values are too big for the 512-byte stack. Not pinned.
+#[map]
+pub static SCRATCH6: PerCpuArray<crate::v6::Scratch6> = PerCpuArray::with_max_entries(1, 0);
+
+/// The IPv6 XDP programs (full at 0, compat at 1), tail-called by the main
+/// XDP programs for IPv6 frames (`main.rs`). A program array serves one
+/// program type: TC has its own.
+#[map]
+pub static V6_XDP_PROGS: ProgramArray = ProgramArray::pinned(2, 0);
+
+/// As `V6_XDP_PROGS`, for TC.
+#[map]
+pub static V6_TC_PROGS: ProgramArray = ProgramArray::pinned(2, 0);

@@ -207,7 +207,13 @@ pub fn agent_args(lab: &Lab, dir: &TestDir, extra: &[&str]) -> Vec<String> {
 /// Flags for the agent of one node of a [`crate::lab::TwoNodeLab`]: its interfaces, pin
 /// path and node name, the config file `config`, small maps.
 pub fn node_agent_args(node: &crate::lab::Node, config: &Path, extra: &[&str]) -> Vec<String> {
-    let own = ["--datapath", "ebpf", "--node-name", &node.name];
+    // `--datapath ebpf` unless `extra` names another.
+    let datapath: &[&str] = if extra.contains(&"--datapath") {
+        &[]
+    } else {
+        &["--datapath", "ebpf"]
+    };
+    let own: Vec<&str> = [datapath, &["--node-name", &node.name]].concat();
     base_agent_args(
         config,
         &node.ifaces().join(","),
@@ -215,6 +221,37 @@ pub fn node_agent_args(node: &crate::lab::Node, config: &Path, extra: &[&str]) -
         &own,
         extra,
     )
+}
+
+/// The two-node lab's agents (tests/src/lab/two_node.rs), each with its
+/// own config file, started and ready.
+pub struct NodeAgents {
+    pub dirs: [TestDir; 2],
+    pub procs: Vec<Proc>,
+}
+
+impl NodeAgents {
+    pub fn start(lab: &crate::lab::TwoNodeLab, configs: [&str; 2], extra: &[&str]) -> NodeAgents {
+        let dirs = [TestDir::new("node-a"), TestDir::new("node-b")];
+        let mut procs = Vec::new();
+        for ((node, dir), cfg) in lab.nodes().into_iter().zip(&dirs).zip(configs) {
+            dir.write_config(cfg);
+            let args = node_agent_args(node, &dir.config(), extra);
+            let mut p = Proc::start_in(&node.ns, dir, &node.name, &args);
+            p.wait_ready();
+            procs.push(p);
+        }
+        NodeAgents { dirs, procs }
+    }
+
+    /// Agent `i`'s log, after its directory.
+    pub fn log(&self, i: usize) -> String {
+        format!(
+            "{}:\n{}",
+            self.dirs[i].path().display(),
+            self.procs[i].log()
+        )
+    }
 }
 
 /// The config file, interfaces, pin path, metrics address and small maps,

@@ -60,6 +60,7 @@ fn service(name: &str, vip: Ipv4Addr, port: u16, proto: Protocol, bs: &[(u8, u16
         algorithm: Algorithm::RoundRobin,
         affinity_timeout: None,
         maglev_table_size: None,
+        locality: None,
         grpc: None,
         health_check: None,
         backends: bs

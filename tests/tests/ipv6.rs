@@ -1,12 +1,11 @@
-//! Lab tests of IPv6 outside the kernel programs: real IPv6 traffic from the
-//! lab's client to IPv6 VIPs served by the userspace proxy (L4 TCP and UDP,
-//! and the gRPC mode), and a dual-stack Kubernetes Service translated by the
-//! controller and served on both of its ClusterIPs.
+//! Lab tests of IPv6: real IPv6 traffic from the lab's client to IPv6 VIPs
+//! served by the userspace proxy (L4 TCP and UDP, and the gRPC mode) and by
+//! the kernel programs (the agent in eBPF mode), and a dual-stack Kubernetes
+//! Service translated by the controller and served on both of its ClusterIPs.
 //!
-//! The lab's namespaces get ULA addresses (`nodad`) beside their IPv4 ones:
-//! `fd00:10:244:<net>::1` on the node's side of each veth, `::2` on the host's,
-//! where `<net>` is the third octet of the link's IPv4 network; VIPs are in
-//! `fd00:10:96::/112`. Nothing is added outside the lab's namespaces. Need
+//! The lab's namespaces get ULA addresses beside their IPv4 ones
+//! (`Lab::add_ipv6`, tests/src/lab/ipv6.rs); VIPs are in `fd00:10:96::/112`.
+//! Nothing is added outside the lab's namespaces. Need
 //! root; without it each test prints SKIP and passes (fails under CI).
 
 use std::collections::BTreeMap;
@@ -26,7 +25,8 @@ use lb_api::{Algorithm, Backend, DesiredState, GrpcPolicy, Protocol, Service};
 use rpclb_tests::grpc::proto::SimpleRequest;
 use rpclb_tests::grpc::proto::test_service_client::TestServiceClient;
 use rpclb_tests::grpc::{GrpcServer, Journal, TestBackend};
-use rpclb_tests::lab::{Host, Lab, Netns};
+use rpclb_tests::lab::ipv6::pod_ip6;
+use rpclb_tests::lab::{Lab, Netns};
 use rpclb_tests::skip_unless_lab;
 
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0xa);
@@ -34,61 +34,6 @@ const UDP_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x35);
 const GRPC_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x14);
 const BACKEND_PORT: u16 = 8080;
 const OP: Duration = Duration::from_secs(2);
-
-/// `fd00:10:244:<net>::<host>`.
-fn v6(net: u8, host: u16) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(net), 0, 0, 0, host)
-}
-
-/// The IPv4 network number (third octet) of a host's link.
-fn net_of(h: &Host) -> u8 {
-    h.ip().octets()[2]
-}
-
-/// A host's IPv6 address, and the node's on the same link.
-fn host6(h: &Host) -> Ipv6Addr {
-    v6(net_of(h), 2)
-}
-fn node6(h: &Host) -> Ipv6Addr {
-    v6(net_of(h), 1)
-}
-
-/// Adds the IPv6 addresses and routes (see the module docs), inside the
-/// lab's namespaces only, and turns IPv6 forwarding on in the node.
-fn add_ipv6(lab: &Lab) {
-    lab.node()
-        .exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])
-        .expect("forwarding");
-    for h in std::iter::once(lab.client()).chain(lab.backends()) {
-        let (node_ip, host_ip) = (node6(h), host6(h));
-        let node_if = &h.node_iface.name;
-        lab.node()
-            .ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{node_ip}/64"),
-                "dev",
-                node_if,
-                "nodad",
-            ])
-            .expect("node address");
-        h.ns.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{host_ip}/64"),
-            "dev",
-            &h.iface.name,
-            "nodad",
-        ])
-        .expect("host address");
-        for net in ["fd00:10:244::/48", "fd00:10:96::/112"] {
-            h.ns.ip(&["-6", "route", "add", net, "via", &node_ip.to_string()])
-                .expect("route via the node");
-        }
-    }
-}
 
 /// Test servers in each backend namespace on `[::]:port`: TCP answers one
 /// line `backend-<i> <client ip>` and closes; UDP answers each datagram the
@@ -220,7 +165,7 @@ fn has_route6(lab: &Lab, vip: Ipv6Addr) -> bool {
 fn v6_backends(lab: &Lab, port: u16) -> Vec<Backend> {
     lab.backends()
         .iter()
-        .map(|h| Backend::new(host6(h), port))
+        .map(|h| Backend::new(h.ip6(), port))
         .collect()
 }
 
@@ -231,7 +176,7 @@ fn v6_backends(lab: &Lab, port: u16) -> Vec<Backend> {
 fn ipv6_vip_in_the_userspace_proxy() {
     skip_unless_lab!();
     let lab = Lab::new(2).expect("lab");
-    add_ipv6(&lab);
+    lab.add_ipv6().expect("lab IPv6");
     let _servers = Servers::start(&lab, BACKEND_PORT);
     let p = proxy(&lab);
     let tcp = Service::new(
@@ -262,8 +207,8 @@ fn ipv6_vip_in_the_userspace_proxy() {
     let (b1, b2) = (lab.backend(1), lab.backend(2));
     let want = |n: usize| {
         BTreeMap::from([
-            (format!("backend-1 {}", node6(b1)), n),
-            (format!("backend-2 {}", node6(b2)), n),
+            (format!("backend-1 {}", b1.node_ip6()), n),
+            (format!("backend-2 {}", b2.node_ip6()), n),
         ])
     };
     let lines = tcp_lines(&lab.client().ns, SocketAddr::from((VIP6, 80)), 8);
@@ -296,7 +241,7 @@ fn ipv6_vip_in_the_grpc_mode() {
     const PORT: u16 = 50051;
     const CALLS: usize = 40;
     let lab = Lab::new(2).expect("lab");
-    add_ipv6(&lab);
+    lab.add_ipv6().expect("lab IPv6");
     let journal = Arc::new(Journal::default());
     let _servers: Vec<GrpcServer> = (1..=2)
         .map(|i| {
@@ -353,7 +298,7 @@ fn ipv6_vip_in_the_grpc_mode() {
     assert_eq!(s.requests, CALLS as u64);
     // Each backend's address is its IPv6 one.
     for h in lab.backends() {
-        assert!(s.backend(host6(h), PORT).is_some(), "{:?}", s.backends);
+        assert!(s.backend(h.ip6(), PORT).is_some(), "{:?}", s.backends);
     }
     p.shutdown().expect("shutdown");
 }
@@ -399,7 +344,7 @@ fn slice(name: &str, family: &str, port: u16, ips: Vec<String>) -> EndpointSlice
 fn dual_stack_service_through_the_translation() {
     skip_unless_lab!();
     let lab = Lab::new(2).expect("lab");
-    add_ipv6(&lab);
+    lab.add_ipv6().expect("lab IPv6");
     let _servers = Servers::start(&lab, BACKEND_PORT);
     let v4_vip = std::net::Ipv4Addr::new(10, 96, 0, 60);
     let kube = KubeService {
@@ -438,10 +383,7 @@ fn dual_stack_service_through_the_translation() {
             "dual-v6",
             "IPv6",
             BACKEND_PORT,
-            lab.backends()
-                .iter()
-                .map(|h| host6(h).to_string())
-                .collect(),
+            lab.backends().iter().map(|h| h.ip6().to_string()).collect(),
         ),
     ];
     let t = lb_controller::translate::node_state(&[kube], &slices, "node-a");
@@ -478,8 +420,8 @@ fn dual_stack_service_through_the_translation() {
     assert_eq!(
         counts(&lines),
         BTreeMap::from([
-            (format!("backend-1 {}", node6(b1)), 2),
-            (format!("backend-2 {}", node6(b2)), 2),
+            (format!("backend-1 {}", b1.node_ip6()), 2),
+            (format!("backend-2 {}", b2.node_ip6()), 2),
         ]),
         "IPv6: {lines:?}"
     );
@@ -492,17 +434,16 @@ fn dual_stack_service_through_the_translation() {
 }
 
 /// The real agent in eBPF mode with an IPv4 and an IPv6 service in its
-/// config: the IPv4 one goes into the kernel's maps (its backends see the
-/// client's own address: DNAT), the IPv6 one is served by the userspace
-/// proxy beside it (its backends see the node's address), until the kernel
-/// programs handle IPv6. lbctl lists only the kernel's service; /metrics
-/// counts both.
+/// config: both go into the kernel's maps, and both families' backends see
+/// the client's own address (DNAT in the kernel; the userspace proxy would
+/// show the node's). The IPv6 flows are in the kernel's `CONNTRACK6`;
+/// /metrics counts both services from the kernel's counters.
 #[test]
-fn ebpf_mode_serves_ipv6_services_in_userspace() {
+fn ebpf_mode_serves_ipv6_services_in_the_kernel() {
     use rpclb_tests::procs::{Proc, TestDir, agent_args, pin_path};
     skip_unless_lab!();
     let lab = Lab::new(2).expect("lab");
-    add_ipv6(&lab);
+    lab.add_ipv6().expect("lab IPv6");
     let _servers = Servers::start(&lab, BACKEND_PORT);
     let v4_vip = std::net::Ipv4Addr::new(10, 96, 0, 61);
     let entry = |name: &str, vip: String, ips: Vec<String>| {
@@ -527,10 +468,7 @@ fn ebpf_mode_serves_ipv6_services_in_userspace() {
         entry(
             "lab/web:http@ipv6",
             VIP6.to_string(),
-            lab.backends()
-                .iter()
-                .map(|h| host6(h).to_string())
-                .collect()
+            lab.backends().iter().map(|h| h.ip6().to_string()).collect()
         ),
     ));
     let mut agent = Proc::start(&lab, &dir, "agent", &agent_args(&lab, &dir, &[]));
@@ -551,21 +489,55 @@ fn ebpf_mode_serves_ipv6_services_in_userspace() {
         ]),
         "IPv4 (kernel): {lines:?}"
     );
-    // IPv6 through the userspace proxy: the backends see the node.
+    // IPv6 through the kernel too: the backends see the client itself.
     let lines = tcp_lines(&client.ns, SocketAddr::from((VIP6, 80)), 4);
     assert_eq!(
         counts(&lines),
         BTreeMap::from([
-            (format!("backend-1 {}", node6(b1)), 2),
-            (format!("backend-2 {}", node6(b2)), 2),
+            (format!("backend-1 {}", client.ip6()), 2),
+            (format!("backend-2 {}", client.ip6()), 2),
         ]),
-        "IPv6 (userspace): {lines:?}"
+        "IPv6 (kernel): {lines:?}"
     );
 
-    // The kernel's maps hold the IPv4 service only.
+    // The kernel's maps hold both services, and the IPv6 flows.
     let maps = lb_agent::datapath::MapReader::open_pinned(&pin_path(&lab)).expect("pinned maps");
-    let in_kernel: Vec<IpAddr> = maps.services().iter().map(|s| s.addr.vip).collect();
-    assert_eq!(in_kernel, [IpAddr::from(v4_vip)]);
+    let mut in_kernel: Vec<IpAddr> = maps.services().iter().map(|s| s.addr.vip).collect();
+    in_kernel.sort();
+    assert_eq!(in_kernel, [IpAddr::from(v4_vip), IpAddr::from(VIP6)]);
+    let flows = maps.conntrack6().expect("CONNTRACK6");
+    assert!(
+        flows
+            .iter()
+            .filter(|f| f.vip == (VIP6, 80) && f.client.0 == client.ip6())
+            .count()
+            >= 4,
+        "{flows:?}"
+    );
+    assert!(
+        flows
+            .iter()
+            .any(|f| f.backend == (b1.ip6(), BACKEND_PORT)
+                || f.backend == (b2.ip6(), BACKEND_PORT)),
+        "{flows:?}"
+    );
+    // lbctl lists the IPv6 flows with the IPv4 ones.
+    let out = std::process::Command::new(rpclb_tests::procs::workspace_bin("lb-agent", "lbctl"))
+        .args(["--pin-path", pin_path(&lab).to_str().unwrap(), "conntrack"])
+        .env_remove("RPCLB_PIN_PATH")
+        .output()
+        .expect("run lbctl");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "lbctl conntrack: {table}");
+    assert!(
+        table
+            .lines()
+            .filter(|l| l.starts_with(&format!("[{}]:", client.ip6()))
+                && l.contains("lab/web:http@ipv6"))
+            .count()
+            >= 4,
+        "lbctl conntrack shows the IPv6 flows:\n{table}"
+    );
     // Both are counted by name.
     let m = agent.scrape();
     for name in ["lab/web:http", "lab/web:http@ipv6"] {
@@ -579,17 +551,17 @@ fn ebpf_mode_serves_ipv6_services_in_userspace() {
         "rpclb_backend_new_flows_total",
         &[
             ("service", "lab/web:http@ipv6"),
-            ("backend", &format!("[{}]:{BACKEND_PORT}", host6(b1))),
+            ("backend", &format!("[{}]:{BACKEND_PORT}", b1.ip6())),
         ],
     );
     assert_eq!(be, Some(2.0));
 }
 
-/// The kernel's map writer refuses an IPv6 service (alone: the IPv4 one of
-/// the same state is written), should one ever reach it: the kernel
-/// programs are IPv4-only until their IPv6 step.
+/// The kernel's map writer writes an IPv6 service beside an IPv4 one of
+/// the same state: its key in `SERVICES6`, its backends' addresses in
+/// `BACKENDS6` (read back through the index), its table in `SLOTS`.
 #[test]
-fn the_map_writer_refuses_ipv6_services() {
+fn the_map_writer_writes_ipv6_services() {
     use lb_agent::datapath::scratch::{ScratchDatapath, require_root};
     if !require_root("the map writer test") {
         return;
@@ -603,27 +575,42 @@ fn the_map_writer_refuses_ipv6_services() {
         Algorithm::Maglev,
         vec![Backend::new(std::net::Ipv4Addr::new(10, 244, 11, 2), 8080)],
     );
-    let v6 = Service::new(
+    let s6 = Service::new(
         "t/v6:80",
         VIP6,
         80,
         Protocol::Tcp,
         Algorithm::Maglev,
-        vec![Backend::new(v6(11, 2), 8080)],
+        vec![
+            Backend::new(pod_ip6(11, 2), 8080),
+            Backend::new(pod_ip6(12, 2), 8080),
+        ],
     );
     let refused = dp
         .writer()
         .apply(&DesiredState {
-            services: vec![v4.clone(), v6.clone()],
+            services: vec![v4.clone(), s6.clone()],
         })
         .expect("apply");
-    assert_eq!(refused.len(), 1, "{refused:?}");
-    assert_eq!(refused[0].service, "t/v6:80");
-    assert_eq!(refused[0].addr, Some(v6.addr()));
+    assert!(refused.is_empty(), "{refused:?}");
+    let mut in_maps: Vec<IpAddr> = dp.writer().services().iter().map(|s| s.addr.vip).collect();
+    in_maps.sort();
+    assert_eq!(in_maps, [v4.vip, s6.vip]);
+    let t = dp.writer().service_table(&s6.addr()).expect("table");
+    assert_eq!(t.len() as u32, lb_common::limits::DEFAULT_MAGLEV_M);
+    // A second writer on the same pins (a restarted agent) reads the IPv6
+    // backends back from BACKENDS6.
+    let again = lb_agent::datapath::MapReader::open_pinned(dp.dir()).expect("pinned maps");
+    let mut ips: Vec<IpAddr> = again
+        .backend_stats(&s6.addr())
+        .expect("backends")
+        .iter()
+        .map(|b| b.ip)
+        .collect();
+    ips.sort();
     assert_eq!(
-        refused[0].reason,
-        lb_agent::datapath::writer::IPV6_NOT_IN_KERNEL
+        ips,
+        [IpAddr::from(pod_ip6(11, 2)), IpAddr::from(pod_ip6(12, 2))]
     );
-    let in_maps: Vec<IpAddr> = dp.writer().services().iter().map(|s| s.addr.vip).collect();
-    assert_eq!(in_maps, [v4.vip]);
+    assert!(again.backend_id(&s6.addr(), pod_ip6(12, 2), 8080).is_some());
 }

@@ -59,6 +59,7 @@ fn services() -> (Service, Service) {
         algorithm: Algorithm::Maglev,
         affinity_timeout: None,
         maglev_table_size: None,
+        locality: None,
         grpc: None,
         health_check: None,
         backends: vec![
@@ -79,6 +80,7 @@ fn services() -> (Service, Service) {
         algorithm: Algorithm::RoundRobin,
         affinity_timeout: None,
         maglev_table_size: None,
+        locality: None,
         grpc: None,
         health_check: None,
         backends: vec![Backend::new(b(4), 5353), Backend::new(b(5), 5353)],
@@ -667,6 +669,7 @@ fn conntrack_shows_a_rewritten_client_port() {
             algorithm: Algorithm::Maglev,
             affinity_timeout: None,
             maglev_table_size: None,
+            locality: None,
             grpc: None,
             health_check: None,
             backends: vec![Backend::new(b(1), 8080)],

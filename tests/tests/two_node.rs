@@ -6,13 +6,9 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
+use rpclb_tests::lab::two_node::{counts, ident, tcp_from};
 use rpclb_tests::lab::{self, Limits, Node, Reply, TcpServer, TwoNodeLab, UdpServer};
-use rpclb_tests::procs::{Proc, TestDir, http_get_from, node_agent_args, svc_yaml};
-
-/// Identity of pod `i` of `node` (`a1`, `b2`, ...).
-fn ident(node: &Node, i: usize) -> String {
-    format!("{}{i}", &node.name["node-".len()..])
-}
+use rpclb_tests::procs::{NodeAgents as Agents, http_get_from, svc_yaml};
 
 /// Identity servers on every pod of both nodes: TCP 8080 and UDP 5353.
 struct Servers {
@@ -50,44 +46,6 @@ fn config_yaml(services: &[String]) -> String {
     s
 }
 
-/// Both nodes' agents, each with its own config file.
-struct Agents {
-    dirs: [TestDir; 2],
-    procs: Vec<Proc>,
-}
-
-impl Agents {
-    fn start(lab: &TwoNodeLab, configs: [&str; 2], extra: &[&str]) -> Agents {
-        let dirs = [TestDir::new("node-a"), TestDir::new("node-b")];
-        let mut procs = Vec::new();
-        for ((node, dir), cfg) in lab.nodes().into_iter().zip(&dirs).zip(configs) {
-            dir.write_config(cfg);
-            let args = node_agent_args(node, &dir.config(), extra);
-            let mut p = Proc::start_in(&node.ns, dir, &node.name, &args);
-            p.wait_ready();
-            procs.push(p);
-        }
-        Agents { dirs, procs }
-    }
-
-    fn log(&self, i: usize) -> String {
-        format!(
-            "{}:\n{}",
-            self.dirs[i].path().display(),
-            self.procs[i].log()
-        )
-    }
-}
-
-fn tcp_from(ns: &lab::Netns, target: SocketAddrV4, n: usize) -> Vec<Reply> {
-    ns.run(|| lab::tcp_attempts(target, n, Limits::default()))
-        .expect("namespace")
-        .into_iter()
-        .enumerate()
-        .map(|(k, r)| r.unwrap_or_else(|e| panic!("TCP {k} to {target}: {e}")))
-        .collect()
-}
-
 fn udp_from(ns: &lab::Netns, target: SocketAddrV4, n: usize) -> Vec<Reply> {
     ns.run(|| lab::udp_attempts(target, n, Limits::default()))
         .expect("namespace")
@@ -95,14 +53,6 @@ fn udp_from(ns: &lab::Netns, target: SocketAddrV4, n: usize) -> Vec<Reply> {
         .enumerate()
         .map(|(k, r)| r.unwrap_or_else(|e| panic!("UDP {k} to {target}: {e}")))
         .collect()
-}
-
-fn counts(replies: &[Reply]) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for r in replies {
-        *m.entry(r.backend.clone()).or_default() += 1;
-    }
-    m
 }
 
 const TO_B: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
@@ -390,6 +340,107 @@ fn two_node_node_port_cluster_uses_local_backends() {
     // The ClusterIP still balances over both nodes' pods.
     let c = counts(&tcp_from(&a.pod(2).ns, SocketAddrV4::new(WEB, 80), 4));
     assert_eq!(c.get("b1"), Some(&2), "{c:?}");
+}
+
+/// Node ports of an L4 and a gRPC-mode service, served by the userspace proxy:
+/// in userspace mode (no kernel programs) both, in eBPF mode the gRPC-mode one
+/// (its L4 twin is the kernel's, tested above). A client outside the cluster
+/// reaches node A's node ports; with `Cluster` and local backends, node A uses
+/// its own. The gRPC calls of ONE connection spread over node A's pods. The
+/// proxy opens its own connections, so in userspace mode the pods see the
+/// node's address, not the client's.
+#[test]
+fn two_node_node_ports_in_the_userspace_proxy() {
+    if !lab::require() {
+        return;
+    }
+    use rpclb_tests::grpc::{GrpcServer, Journal, TestBackend, block_on_in, connect};
+    for datapath in ["userspace", "ebpf"] {
+        let lab = TwoNodeLab::new(2).expect("two-node lab");
+        let srv = servers(&lab);
+        let (a, b) = (lab.a(), lab.b());
+        let client = lab.client();
+        let journal = std::sync::Arc::new(Journal::default());
+        let grpc_pods = [(a, 1), (a, 2), (b, 1)];
+        let _grpc: Vec<GrpcServer> = grpc_pods
+            .iter()
+            .enumerate()
+            .map(|(k, (n, i))| {
+                let be = TestBackend::new(k + 1, ident(n, *i), journal.clone());
+                let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 50051));
+                GrpcServer::start(&n.pod(*i).ns, addr, be, std::time::Duration::from_secs(1))
+                    .expect("gRPC pod")
+            })
+            .collect();
+        let rpc = format!(
+            "  - name: lab/rpc:grpc\n    vip: 10.96.0.21\n    port: 50051\n    protocol: tcp\n    \
+             grpc: {{}}\n    node_port: 30051\n{}",
+            pods_yaml(&grpc_pods, 50051)
+        );
+        let web = ext_svc(
+            "lab/web:http",
+            WEB,
+            80,
+            "tcp",
+            8080,
+            &[(a, 1), (a, 2), (b, 1)],
+            "    node_port: 30080\n",
+        );
+        let cfg = config_yaml(&[web, rpc]);
+        let agents = Agents::start(
+            &lab,
+            [&cfg, &cfg],
+            // Each node's own addresses (the default): in userspace mode a node
+            // address of the other node would become local here and answer ARP.
+            &["--datapath", datapath],
+        );
+
+        if datapath == "userspace" {
+            let t = SocketAddrV4::new(a.addr(), 30080);
+            let r = tcp_from(client, t, 6);
+            assert_eq!(
+                counts(&r),
+                BTreeMap::from([("a1".to_string(), 3), ("a2".to_string(), 3)]),
+                "{}",
+                agents.log(0)
+            );
+            assert!(r.iter().all(|x| x.peer == SocketAddr::from(t)), "{r:?}");
+            for i in [1, 2] {
+                let node_side = a.pod(i).node_iface.ip;
+                let peers = srv.tcp[&ident(a, i)].peers();
+                assert!(
+                    !peers.is_empty() && peers.iter().all(|p| p.ip() == node_side),
+                    "{datapath}: a{i} saw {peers:?}, not the node's {node_side}"
+                );
+            }
+        }
+
+        let served = block_on_in(client, || async {
+            let c = connect(a.addr(), 30051).await;
+            let mut out = Vec::new();
+            for k in 0..20 {
+                let mut c = c.clone();
+                let r = c
+                    .unary_call(rpclb_tests::grpc::proto::SimpleRequest::default())
+                    .await
+                    .unwrap_or_else(|e| panic!("{datapath}: call {k}: {e}"));
+                out.push(r.into_inner().served_by);
+            }
+            out
+        });
+        let mut per = BTreeMap::new();
+        for s in &served {
+            *per.entry(s.clone()).or_insert(0usize) += 1;
+        }
+        assert!(
+            per.get("a1").is_some_and(|n| *n > 0)
+                && per.get("a2").is_some_and(|n| *n > 0)
+                && per.len() == 2,
+            "{datapath}: one connection's calls over node A's pods only: {per:?}\n{}",
+            agents.log(0)
+        );
+        assert_eq!(journal.served(3), 0, "{datapath}: b1 got calls");
+    }
 }
 
 // ---- Kubernetes objects through the controller's translation ----

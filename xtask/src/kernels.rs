@@ -7,6 +7,7 @@
 //!
 //! - `packet`: `datapath_packet`, which loads the programs and runs them with
 //!   BPF_PROG_TEST_RUN (no attach);
+//! - `packet6`: `datapath_packet6`, the same for the IPv6 programs (lb-ebpf/src/v6.rs);
 //! - `lab-xdp`, `lab-xdp-generic`, `lab-tc`: `datapath_lab`'s tests of that attach mode, real
 //!   TCP and UDP through the programs attached in a netns lab inside the guest;
 //! - `agent`: the real `lb-agent` in a lab, `--mode auto` (TC on the lab's veths).
@@ -157,6 +158,12 @@ const FULL: &[Step] = &[
         target: "datapath_packet",
         args: &[],
         timeout_s: 900,
+    },
+    Step {
+        name: "packet6",
+        target: "datapath_packet6",
+        args: &[],
+        timeout_s: 600,
     },
     Step {
         name: "lab-xdp",
@@ -1456,6 +1463,14 @@ fn render(runs: &[KernelRun], short: bool) -> String {
                 } else {
                     "yes"
                 },
+                p.first_error.as_deref().map(cell).unwrap_or_default()
+            );
+        }
+        if let Some(p) = r.step("packet6") {
+            let (ok, n) = p.counts();
+            let _ = writeln!(
+                s,
+                "| {kernel} | IPv6 packet tests (load + BPF_PROG_TEST_RUN) | | | | packet6 {ok}/{n} | {} |",
                 p.first_error.as_deref().map(cell).unwrap_or_default()
             );
         }

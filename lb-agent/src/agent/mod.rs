@@ -384,6 +384,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     let (source, current) = match file {
         Some((file, cfg)) => {
+            let cfg = resolve_locality(cfg, engines.node.name.as_deref());
             let refused = engines
                 .apply(&cfg.state, &cfg.timeouts)
                 .await
@@ -757,6 +758,8 @@ impl Loop {
                     let cfg = Config {
                         state: u.state.state,
                         timeouts: u.state.timeouts,
+                        // The controller resolved the locality policies.
+                        nodes: Default::default(),
                     };
                     let mut r = self.apply_config(cfg, &why).await;
                     if let Ok(refused) = &mut r {
@@ -831,6 +834,7 @@ impl Loop {
     /// Applies a new desired state (only what changed) and its timeouts.
     /// Returns the services that were refused (each alone; the rest applied).
     async fn apply_config(&mut self, cfg: Config, why: &str) -> Result<Vec<Refusal>, String> {
+        let cfg = resolve_locality(cfg, self.engines.node.name.as_deref());
         let empty = Config::default();
         let before = self.current.as_ref().unwrap_or(&empty);
         let diff = reconcile::diff(&before.state, &cfg.state);
@@ -863,6 +867,18 @@ impl Loop {
             warn!("{why}: service refused, its previous version (if any) is kept: {r}");
         }
         Ok(refused)
+    }
+}
+
+/// A file's locality policies, resolved for this node (`--node-name` and
+/// the file's `nodes:`), as the controller resolves them for its agents.
+fn resolve_locality(cfg: Config, node: Option<&str>) -> Config {
+    if !lb_api::locality::any(&cfg.state) {
+        return cfg;
+    }
+    Config {
+        state: lb_api::locality::resolve(&cfg.state, node, &cfg.nodes),
+        ..cfg
     }
 }
 
@@ -918,7 +934,13 @@ async fn gc_loop(
                 (fd, gc::Baseline::read(w)?, w.conntrack_capacity())
             };
             let expired = gc::expire_recount(fd.as_fd(), &t, monotonic_ns(), base)?;
-            expired.credit(lock(&dp2).writer()).map(|r| (r, capacity))
+            let r = expired.credit(lock(&dp2).writer()).map(|r| (r, capacity));
+            // The IPv6 flows (`CONNTRACK6`), under the writer's lock.
+            match crate::gc6::sweep6(lock(&dp2).writer(), &t, monotonic_ns()) {
+                Ok(r6) => tracing::debug!(?r6, "IPv6 conntrack sweep"),
+                Err(e) => warn!("IPv6 conntrack sweep: {e}"),
+            }
+            r
         })
         .await;
         match res {

@@ -197,6 +197,9 @@ struct RunArgs {
     /// Size of the conntrack map (two entries per flow).
     #[arg(long, env = "RPCLB_MAX_CONNTRACK", default_value_t = limits::MAX_CONNTRACK)]
     max_conntrack: u32,
+    /// Size of the IPv6 conntrack map (`CONNTRACK6`, two entries per flow).
+    #[arg(long, env = "RPCLB_MAX_CONNTRACK6", default_value_t = limits::MAX_CONNTRACK6)]
+    max_conntrack6: u32,
     /// Size of the client-IP affinity map.
     #[arg(long, env = "RPCLB_MAX_AFFINITY", default_value_t = limits::MAX_AFFINITY)]
     max_affinity: u32,
@@ -458,6 +461,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             max_services: a.max_services,
             max_backends: a.max_backends,
             max_conntrack: a.max_conntrack,
+            max_conntrack6: a.max_conntrack6,
             max_affinity: a.max_affinity,
             max_fragments: a.max_fragments,
             max_slots: a.max_slots,

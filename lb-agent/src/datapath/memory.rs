@@ -12,9 +12,10 @@ use std::path::Path;
 
 use aya::maps::{MapInfo, MapType};
 use lb_common::{
-    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FLOW_CACHE_SLOTS,
-    FlowCacheEntry, FlowKey, FragKey, FragValue, NameValue, ROUTE_CACHE_SLOTS, RouteCacheEntry,
-    ServiceKey, ServiceValue, config_idx, limits, map_names as m, reason,
+    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, CtValue6,
+    FLOW_CACHE_SLOTS, FlowCacheEntry, FlowKey, FlowKey6, FragKey, FragValue, NameValue,
+    ROUTE_CACHE_SLOTS, RouteCacheEntry, ServiceKey, ServiceKey6, ServiceValue, config_idx, limits,
+    map_names as m, reason,
 };
 use serde::Serialize;
 use tracing::{info, warn};
@@ -146,6 +147,9 @@ pub fn shapes(cfg: &DatapathConfig) -> Vec<MapShape> {
         MapShape::new::<u32, FlowCacheEntry>(m::FLOW_CACHE, PerCpuArray, FLOW_CACHE_SLOTS),
         MapShape::new::<u32, RouteCacheEntry>(m::ROUTE_CACHE, PerCpuArray, ROUTE_CACHE_SLOTS),
         MapShape::new::<ServiceKey, ServiceKey>(m::FRONTENDS, Hash, cfg.max_backends),
+        MapShape::new::<ServiceKey6, ServiceValue>(m::SERVICES6, Hash, cfg.max_services),
+        MapShape::new::<u32, [u32; 4]>(m::BACKENDS6, Array, cfg.max_backends),
+        MapShape::new::<FlowKey6, CtValue6>(m::CONNTRACK6, LruHash, cfg.max_conntrack6),
     ];
     debug_assert!(shapes.iter().map(|s| s.name).eq(m::ALL.iter().copied()));
     shapes
@@ -364,6 +368,7 @@ fn size_flag(name: &str) -> Option<&'static str> {
         m::SERVICES => "--max-services",
         m::BACKENDS | m::FRONTENDS => "--max-backends",
         m::CONNTRACK => "--max-conntrack",
+        m::CONNTRACK6 => "--max-conntrack6",
         m::AFFINITY => "--max-affinity",
         m::FRAGMENTS => "--max-fragments",
         m::SLOTS => "--max-slots",
@@ -468,11 +473,18 @@ mod tests {
         // SVC_STATS (16,384 x 32 B) + REASONS (one 8 B counter per reason) +
         // FLOW_CACHE (1,024 x 96 B) + ROUTE_CACHE (1,024 x 32 B) + a pointer
         // and a spare element per CPU for each plain hash (SERVICES, NAMES,
-        // FRONTENDS).
+        // FRONTENDS, SERVICES6).
         let reasons = reason::COUNT as u64 * 8;
         assert_eq!(
             per_cpu,
-            16_384 * 32 + reasons + 1_024 * 96 + 1_024 * 32 + (8 + 80) + (8 + 312) + (8 + 64)
+            16_384 * 32
+                + reasons
+                + 1_024 * 96
+                + 1_024 * 32
+                + (8 + 80)
+                + (8 + 312)
+                + (8 + 64)
+                + (8 + 96)
         );
         assert!(per_cpu < MIB, "{per_cpu} bytes per CPU");
         assert_eq!(shape(&cfg, m::BACKEND_STATS).per_cpu_bytes(), 0);

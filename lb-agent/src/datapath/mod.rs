@@ -182,6 +182,8 @@ pub struct DatapathConfig {
     pub max_services: u32,
     pub max_backends: u32,
     pub max_conntrack: u32,
+    /// IPv6 flows' conntrack entries (`CONNTRACK6`, `--max-conntrack6`).
+    pub max_conntrack6: u32,
     pub max_affinity: u32,
     /// Fragmented datagrams tracked at once (`FRAGMENTS`, lb-ebpf/src/frag.rs).
     pub max_fragments: u32,
@@ -278,6 +280,7 @@ impl Default for DatapathConfig {
             max_services: limits::MAX_SERVICES,
             max_backends: limits::MAX_BACKENDS,
             max_conntrack: limits::MAX_CONNTRACK,
+            max_conntrack6: limits::MAX_CONNTRACK6,
             max_affinity: limits::MAX_AFFINITY,
             max_fragments: limits::MAX_FRAGMENTS,
             max_slots: limits::MAX_SLOTS,
@@ -300,6 +303,7 @@ impl DatapathConfig {
             max_services: 1024,
             max_backends: 4096,
             max_conntrack: 65_536,
+            max_conntrack6: 16_384,
             max_affinity: 4096,
             max_fragments: 1024,
             max_slots: 1 << 20,
@@ -356,6 +360,9 @@ impl Datapath {
                 map_names::CONNTRACK,
                 conntrack_map_entries(cfg.max_conntrack),
             )
+            .map_max_entries(map_names::CONNTRACK6, cfg.max_conntrack6)
+            .map_max_entries(map_names::SERVICES6, cfg.max_services)
+            .map_max_entries(map_names::BACKENDS6, cfg.max_backends)
             .map_max_entries(map_names::AFFINITY, cfg.max_affinity)
             .map_max_entries(map_names::FRAGMENTS, cfg.max_fragments)
             .map_max_entries(map_names::SLOTS, cfg.max_slots)
@@ -458,13 +465,43 @@ fn undo_new_pins(dir: &Path, before: Option<&std::collections::BTreeSet<std::ffi
     }
 }
 
-/// Loads one program set's XDP and TC programs.
+/// Loads one program set's XDP and TC programs, and their IPv6 programs,
+/// which go into `V6_XDP_PROGS` / `V6_TC_PROGS` (the main programs
+/// tail-call them; the full set's at index 0, the compat set's at 1).
 fn load_set(ebpf: &mut Ebpf, set: ProgramSet) -> Result<(), (&'static str, ProgramError)> {
     let p: &mut Xdp = prog(ebpf, set.xdp()).map_err(|_| (set.xdp(), ProgramError::NotLoaded))?;
     p.load().map_err(|e| (set.xdp(), e))?;
     let p: &mut SchedClassifier =
         prog(ebpf, set.tc()).map_err(|_| (set.tc(), ProgramError::NotLoaded))?;
     p.load().map_err(|e| (set.tc(), e))?;
+    let idx = match set {
+        ProgramSet::Full => 0,
+        ProgramSet::Compat => 1,
+    };
+    for (name, array) in [
+        (set.xdp6(), map_names::V6_XDP_PROGS),
+        (set.tc6(), map_names::V6_TC_PROGS),
+    ] {
+        let fd = match ebpf.program_mut(name) {
+            Some(aya::programs::Program::Xdp(x)) => {
+                x.load().map_err(|e| (name, e))?;
+                x.fd().map_err(|e| (name, e))?.try_clone()
+            }
+            Some(aya::programs::Program::SchedClassifier(c)) => {
+                c.load().map_err(|e| (name, e))?;
+                c.fd().map_err(|e| (name, e))?.try_clone()
+            }
+            _ => return Err((name, ProgramError::NotLoaded)),
+        }
+        .map_err(|e| (name, ProgramError::from(e)))?;
+        let map = ebpf
+            .map_mut(array)
+            .ok_or((array, ProgramError::NotLoaded))?;
+        let mut arr = aya::maps::ProgramArray::try_from(map)
+            .map_err(|e| (array, ProgramError::MapError(e)))?;
+        arr.set(idx, &fd, 0)
+            .map_err(|e| (array, ProgramError::MapError(e)))?;
+    }
     Ok(())
 }
 
@@ -492,7 +529,8 @@ fn load_programs(
         programs::AfterFull::Fail(e) => Err(e),
         programs::AfterFull::Compat(why) => {
             // A full program that did load is of no use now.
-            for n in [ProgramSet::Full.xdp(), ProgramSet::Full.tc()] {
+            let f = ProgramSet::Full;
+            for n in [f.xdp(), f.tc(), f.xdp6(), f.tc6()] {
                 if let Some(p) = ebpf.program_mut(n) {
                     let _ = match p {
                         aya::programs::Program::Xdp(x) => x.unload(),
@@ -546,7 +584,10 @@ pub fn cleanup(pin_path: &Path) -> Result<Vec<PathBuf>, DatapathError> {
         }
         let _ = std::fs::remove_dir(&links);
     }
-    for name in map_names::ALL {
+    for name in map_names::ALL
+        .iter()
+        .chain([&map_names::V6_XDP_PROGS, &map_names::V6_TC_PROGS])
+    {
         let p = pin_path.join(name);
         if p.exists() {
             std::fs::remove_file(&p).map_err(|source| DatapathError::Io {

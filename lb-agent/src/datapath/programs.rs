@@ -67,6 +67,22 @@ impl ProgramSet {
             ProgramSet::Compat => prog_names::TC_COMPAT,
         }
     }
+
+    /// The set's IPv6 XDP program (tail-called by [`Self::xdp`]).
+    pub fn xdp6(self) -> &'static str {
+        match self {
+            ProgramSet::Full => prog_names::XDP6,
+            ProgramSet::Compat => prog_names::XDP6_COMPAT,
+        }
+    }
+
+    /// The set's IPv6 TC program (tail-called by [`Self::tc`]).
+    pub fn tc6(self) -> &'static str {
+        match self {
+            ProgramSet::Full => prog_names::TC6,
+            ProgramSet::Compat => prog_names::TC6_COMPAT,
+        }
+    }
 }
 
 /// Exactly that set (no fallback).
@@ -480,7 +496,7 @@ mod tests {
                 .unwrap_or_else(|| panic!("{name} is not in the object"))
         };
         for set in [ProgramSet::Compat, ProgramSet::Full] {
-            for name in [set.xdp(), set.tc()] {
+            for name in [set.xdp(), set.tc(), set.xdp6(), set.tc6()] {
                 let n = scan::instructions(find(name).2);
                 assert!(n.instructions > 100, "{name}: {n:?}");
                 match set {

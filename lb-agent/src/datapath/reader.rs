@@ -5,7 +5,7 @@
 //! ([`super::writer::MapWriter`]) is a reader plus the writes.
 
 use std::collections::{BTreeMap, HashMap as StdHashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::time::Duration;
@@ -13,9 +13,9 @@ use std::time::Duration;
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_api::{Algorithm, Protocol, Service, ServiceAddr};
 use lb_common::{
-    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, FlowCacheEntry,
-    FlowKey, NAME_MAX, NameValue, ServiceKey, ServiceValue, backend_state, ct_dir, map_names,
-    reason,
+    AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, CtValue6,
+    FlowCacheEntry, FlowKey, FlowKey6, NAME_MAX, NameValue, ServiceKey, ServiceKey6, ServiceValue,
+    backend_state, ct_dir, map_names, reason,
 };
 use serde::Serialize;
 
@@ -55,7 +55,8 @@ pub(super) struct BackendSlot {
 pub(super) struct SvcState {
     pub(super) name: String,
     pub(super) value: ServiceValue,
-    pub(super) backends: BTreeMap<(Ipv4Addr, u16), BackendSlot>,
+    /// By backend address (either family: a service's backends are of its VIP's).
+    pub(super) backends: BTreeMap<(IpAddr, u16), BackendSlot>,
     /// The service as last written by the writer; `None` when read from
     /// pinned maps (then the writer's next `apply` rewrites it once).
     pub(super) spec: Option<Service>,
@@ -139,6 +140,22 @@ pub struct ConntrackEntry {
     pub last_seen_ns: u64,
 }
 
+/// One IPv6 flow (its forward entry in `CONNTRACK6`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ConntrackEntry6 {
+    pub proto: Protocol,
+    pub client: (Ipv6Addr, u16),
+    pub vip: (Ipv6Addr, u16),
+    pub backend: (Ipv6Addr, u16),
+    pub svc_id: u32,
+    pub backend_id: u32,
+    pub state: &'static str,
+    pub state_code: u32,
+    pub created_ns: u64,
+    /// The forward entry's last-seen (the reverse entry's is not merged in).
+    pub last_seen_ns: u64,
+}
+
 pub(super) fn key_of(addr: &ServiceAddr) -> ServiceKey {
     ServiceKey {
         vip: ip_wire(v4_only(addr.vip)),
@@ -146,6 +163,47 @@ pub(super) fn key_of(addr: &ServiceAddr) -> ServiceKey {
         proto: abi::proto_number(addr.protocol),
         _pad: 0,
     }
+}
+
+/// The `SERVICES6` key of an IPv6 service.
+pub(super) fn key6_of(addr: &ServiceAddr) -> ServiceKey6 {
+    ServiceKey6 {
+        vip: match addr.vip {
+            IpAddr::V6(v6) => ip6_wire(v6),
+            IpAddr::V4(_) => [0; 4],
+        },
+        port: addr.port.to_be(),
+        proto: abi::proto_number(addr.protocol),
+        _pad: 0,
+    }
+}
+
+fn addr6_of(k: &ServiceKey6) -> Option<ServiceAddr> {
+    let protocol = match k.proto {
+        6 => Protocol::Tcp,
+        17 => Protocol::Udp,
+        _ => return None,
+    };
+    Some(ServiceAddr {
+        vip: ip6_from_wire(k.vip).into(),
+        port: u16::from_be(k.port),
+        protocol,
+    })
+}
+
+/// Wire (the 16 bytes as four native words, as the kernel loads them) <-> `Ipv6Addr`.
+pub fn ip6_wire(ip: Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+pub fn ip6_from_wire(w: [u32; 4]) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, v) in w.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    Ipv6Addr::from(o)
 }
 
 fn addr_of(k: &ServiceKey) -> Option<ServiceAddr> {
@@ -218,6 +276,9 @@ pub struct MapReader {
     pub(super) flow_cache_fd: std::os::fd::OwnedFd,
     pub(super) config: Array<MapData, u32>,
     pub(super) xdp_ifaces: Array<MapData, u32>,
+    pub(super) services6: HashMap<MapData, ServiceKey6, ServiceValue>,
+    pub(super) backends6: Array<MapData, [u32; 4]>,
+    pub(super) conntrack6: HashMap<MapData, FlowKey6, CtValue6>,
     pub(super) svcs: BTreeMap<ServiceAddr, SvcState>,
 }
 
@@ -321,6 +382,9 @@ impl MapReader {
             flow_cache_fd,
             config: typed!(map_names::CONFIG),
             xdp_ifaces: typed!(map_names::XDP_IFACES),
+            services6: typed!(map_names::SERVICES6),
+            backends6: typed!(map_names::BACKENDS6),
+            conntrack6: typed!(map_names::CONNTRACK6),
             svcs: BTreeMap::new(),
         };
         let used = r.index(backends_fd.as_fd())?;
@@ -334,9 +398,17 @@ impl MapReader {
         backends_fd: std::os::fd::BorrowedFd<'_>,
     ) -> Result<Vec<u32>, DatapathError> {
         let mut by_id: StdHashMap<u32, ServiceAddr> = StdHashMap::new();
+        let mut all_svcs = Vec::new();
         for item in self.services.iter() {
             let (k, v) = item.map_err(map_err(map_names::SERVICES))?;
-            let Some(addr) = addr_of(&k) else { continue };
+            all_svcs.push((addr_of(&k), v));
+        }
+        for item in self.services6.iter() {
+            let (k, v) = item.map_err(map_err(map_names::SERVICES6))?;
+            all_svcs.push((addr6_of(&k), v));
+        }
+        for (addr, v) in all_svcs {
+            let Some(addr) = addr else { continue };
             let name = self
                 .names
                 .get(&v.id, 0)
@@ -373,11 +445,21 @@ impl MapReader {
                 continue;
             }
             used_backends.push(id);
-            if let Some(s) = by_id.get(&b.svc_id).and_then(|a| self.svcs.get_mut(a)) {
-                s.backends.insert(
-                    (ip_from_wire(b.ip), u16::from_be(b.port)),
-                    BackendSlot { id, value: b },
-                );
+            let Some(addr) = by_id.get(&b.svc_id) else {
+                continue;
+            };
+            let ip: IpAddr = if addr.vip.is_ipv6() {
+                let w = self
+                    .backends6
+                    .get(&id, 0)
+                    .map_err(map_err(map_names::BACKENDS6))?;
+                ip6_from_wire(w).into()
+            } else {
+                ip_from_wire(b.ip).into()
+            };
+            if let Some(s) = self.svcs.get_mut(addr) {
+                s.backends
+                    .insert((ip, u16::from_be(b.port)), BackendSlot { id, value: b });
             }
         }
         Ok(used_backends)
@@ -426,14 +508,24 @@ impl MapReader {
 
     /// The raw service value as stored in the map.
     pub fn service_value(&self, addr: &ServiceAddr) -> Result<ServiceValue, DatapathError> {
+        if addr.vip.is_ipv6() {
+            return self
+                .services6
+                .get(&key6_of(addr), 0)
+                .map_err(map_err(map_names::SERVICES6));
+        }
         self.services
             .get(&key_of(addr), 0)
             .map_err(map_err(map_names::SERVICES))
     }
 
     /// Backend id for `ip:port` of a service.
-    pub fn backend_id(&self, addr: &ServiceAddr, ip: Ipv4Addr, port: u16) -> Option<u32> {
-        self.svcs.get(addr)?.backends.get(&(ip, port)).map(|b| b.id)
+    pub fn backend_id(&self, addr: &ServiceAddr, ip: impl Into<IpAddr>, port: u16) -> Option<u32> {
+        self.svcs
+            .get(addr)?
+            .backends
+            .get(&(ip.into(), port))
+            .map(|b| b.id)
     }
 
     /// The table a service selects from (`SLOTS` slice), as backend ids.
@@ -548,7 +640,7 @@ impl MapReader {
                 let (pp, pb) = pending.backend.get(&b.id).copied().unwrap_or_default();
                 Ok(BackendStats {
                     id: b.id,
-                    ip: ip.into(),
+                    ip,
                     port,
                     weight: b.value.weight,
                     state: if b.value.state == backend_state::ACTIVE {
@@ -674,16 +766,67 @@ impl MapReader {
         self.affinity.keys().filter(|k| k.is_ok()).count()
     }
 
-    /// Every backend in use, from the index: id -> (service id, IP, port).
-    /// GC uses it to credit expiries only to the backend a flow was opened
-    /// on (an id that was freed and reused has fresh counters).
+    /// The IPv6 flows (`CONNTRACK6`): one per forward entry.
+    pub fn conntrack6(&self) -> Result<Vec<ConntrackEntry6>, DatapathError> {
+        let mut out = Vec::new();
+        for item in self.conntrack6.iter() {
+            let (k, v) = match item {
+                Ok(kv) => kv,
+                // An entry evicted between the key walk and its lookup.
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(map_err(map_names::CONNTRACK6)(e)),
+            };
+            if v.ct.dir != ct_dir::FORWARD {
+                continue;
+            }
+            out.push(ConntrackEntry6 {
+                proto: if k.proto == 17 {
+                    Protocol::Udp
+                } else {
+                    Protocol::Tcp
+                },
+                client: (ip6_from_wire(k.src_ip), u16::from_be(k.src_port)),
+                vip: (ip6_from_wire(k.dst_ip), u16::from_be(k.dst_port)),
+                backend: (ip6_from_wire(v.nat_ip6), u16::from_be(v.ct.nat_port)),
+                svc_id: v.ct.svc_id,
+                backend_id: v.ct.backend_id,
+                state: lb_common::ct_state::name(v.ct.state),
+                state_code: v.ct.state,
+                created_ns: v.ct.created_ns,
+                last_seen_ns: v.ct.last_seen_ns,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every IPv4 backend in use, from the index: id -> (service id, IP,
+    /// port). GC uses it to credit expiries only to the backend a flow was
+    /// opened on (an id that was freed and reused has fresh counters), and
+    /// recounts these backends' active flows from `CONNTRACK`; the IPv6
+    /// backends' are `CONNTRACK6`'s (`crate::gc6`, [`Self::backend_services6`]).
     pub fn backend_index(&self) -> StdHashMap<u32, (u32, Ipv4Addr, u16)> {
         self.svcs
             .values()
             .flat_map(|s| {
                 s.backends
                     .iter()
-                    .map(move |(&(ip, port), b)| (b.id, (s.value.id, ip, port)))
+                    .filter_map(move |(&(ip, port), b)| match ip {
+                        IpAddr::V4(v4) => Some((b.id, (s.value.id, v4, port))),
+                        IpAddr::V6(_) => None,
+                    })
+            })
+            .collect()
+    }
+
+    /// Every IPv6 backend in use: id -> service id (`crate::gc6`).
+    pub fn backend_services6(&self) -> StdHashMap<u32, u32> {
+        self.svcs
+            .values()
+            .flat_map(|s| {
+                s.backends
+                    .iter()
+                    .filter(|((ip, _), _)| ip.is_ipv6())
+                    .map(move |(_, b)| (b.id, s.value.id))
             })
             .collect()
     }

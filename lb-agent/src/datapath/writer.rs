@@ -10,7 +10,7 @@
 //! switch.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
@@ -20,14 +20,14 @@ use aya::{
 };
 use lb_api::{BackendState, DesiredState, Refusal, Service, ServiceAddr};
 use lb_common::{
-    BackendValue, ConnCounts, Counters, CtValue, FlowKey, NAME_MAX, NameValue, ServiceKey,
-    ServiceValue, backend_flags, backend_state, config_idx, limits, map_names,
+    BackendValue, ConnCounts, Counters, CtValue, CtValue6, FlowKey, FlowKey6, NAME_MAX, NameValue,
+    ServiceKey, ServiceValue, backend_flags, backend_state, config_idx, limits, map_names,
 };
 use tracing::debug;
 
 use super::alloc::{IdAlloc, RangeAlloc};
 use super::reader::{
-    BackendSlot, MapReader, SvcState, ip_from_wire, ip_wire, key_of, map_err, v4_only,
+    BackendSlot, MapReader, SvcState, ip_wire, ip6_wire, key_of, key6_of, map_err,
 };
 use super::{DatapathError, abi, maglev, sys, table};
 
@@ -60,22 +60,21 @@ fn table_hash(algo: u8, t: &[u32]) -> u32 {
     h
 }
 
-/// Why the kernel maps refuse an IPv6 service (the agent serves it with the
-/// userspace proxy instead; `crate::engines`).
-pub const IPV6_NOT_IN_KERNEL: &str =
-    "IPv6 services are not in the kernel programs yet (the userspace proxy serves them)";
-
 /// A backend's `FRONTENDS` key: its ip:port and its service's protocol.
-fn frontend_key(proto: u8, ip: Ipv4Addr, port: u16) -> ServiceKey {
-    ServiceKey {
+/// IPv4 only: IPv6 flows always write both conntrack entries (`CONNTRACK6`).
+fn frontend_key(proto: u8, ip: IpAddr, port: u16) -> Option<ServiceKey> {
+    let IpAddr::V4(ip) = ip else {
+        return None;
+    };
+    Some(ServiceKey {
         vip: ip_wire(ip),
         port: port.to_be(),
         proto,
         _pad: 0,
-    }
+    })
 }
 
-/// Which frontends (services' addresses) reach each backend ip:port:proto.
+/// Which frontends (services' addresses) reach each IPv4 backend ip:port:proto.
 fn frontend_refs(
     svcs: &BTreeMap<ServiceAddr, SvcState>,
 ) -> StdHashMap<ServiceKey, BTreeSet<ServiceAddr>> {
@@ -83,16 +82,12 @@ fn frontend_refs(
     for (addr, st) in svcs {
         let proto = key_of(addr).proto;
         for &(ip, port) in st.backends.keys() {
-            refs.entry(frontend_key(proto, ip, port))
-                .or_default()
-                .insert(*addr);
+            if let Some(fk) = frontend_key(proto, ip, port) {
+                refs.entry(fk).or_default().insert(*addr);
+            }
         }
     }
     refs
-}
-
-fn backend_key(ip: Ipv4Addr, port: u16) -> u64 {
-    ((u32::from(ip) as u64) << 16) | port as u64
 }
 
 /// The maps, their index, and the allocators of ids and table slices.
@@ -329,9 +324,6 @@ impl MapWriter {
         let addr = svc.addr();
         let invalid = |m: String| DatapathError::InvalidService(svc.name.clone(), m);
         svc.validate().map_err(|e| invalid(e.to_string()))?;
-        if svc.is_ipv6() {
-            return Err(invalid(IPV6_NOT_IN_KERNEL.into()));
-        }
         let mut st = match self.r.svcs.get(&addr) {
             Some(s) => s.clone(),
             None => {
@@ -362,7 +354,9 @@ impl MapWriter {
         //    services) before this service's entry can send flows to it.
         let proto = key_of(&addr).proto;
         for b in &svc.backends {
-            self.add_frontend(frontend_key(proto, v4_only(b.ip), b.port), addr)?;
+            if let Some(fk) = frontend_key(proto, b.ip, b.port) {
+                self.add_frontend(fk, addr)?;
+            }
         }
 
         // 1. Backends first: new ones get ids; changed ones that become (or
@@ -370,16 +364,21 @@ impl MapWriter {
         //    table can name them (an un-drain). The others wait for step 4.
         //    A backend of one frontend (this service) gets its `FRONTENDS`
         //    entry before its flag.
-        let mut next: BTreeMap<(Ipv4Addr, u16), BackendSlot> = BTreeMap::new();
+        let mut next: BTreeMap<(IpAddr, u16), BackendSlot> = BTreeMap::new();
         for b in &svc.backends {
-            let k = (v4_only(b.ip), b.port);
-            let fk = frontend_key(proto, k.0, k.1);
-            let one = self.refs.get(&fk).is_some_and(|s| s.len() == 1);
-            if one {
+            let k = (b.ip, b.port);
+            let fk = frontend_key(proto, b.ip, b.port);
+            let one = fk.is_some_and(|fk| self.refs.get(&fk).is_some_and(|s| s.len() == 1));
+            if let (true, Some(fk)) = (one, fk) {
                 self.set_frontend(fk, key_of(&addr))?;
             }
             let value = BackendValue {
-                ip: ip_wire(k.0),
+                // An IPv6 backend's address is in `BACKENDS6` (written
+                // with its id, before any table names it).
+                ip: match b.ip {
+                    IpAddr::V4(v4) => ip_wire(v4),
+                    IpAddr::V6(_) => 0,
+                },
                 port: b.port.to_be(),
                 state: match b.state {
                     BackendState::Active => backend_state::ACTIVE,
@@ -405,6 +404,12 @@ impl MapWriter {
                         .alloc()
                         .ok_or(DatapathError::Full("BACKENDS", self.r.backends.len()))?;
                     self.reset_backend_counters(bid)?;
+                    if let IpAddr::V6(v6) = b.ip {
+                        self.r
+                            .backends6
+                            .set(bid, ip6_wire(v6), 0)
+                            .map_err(map_err(map_names::BACKENDS6))?;
+                    }
                     self.r
                         .backends
                         .set(bid, value, 0)
@@ -449,10 +454,17 @@ impl MapWriter {
         // 3. Switch the service (one atomic update).
         let existed = self.r.svcs.contains_key(&addr);
         if !existed || value != st.value {
-            self.r
-                .services
-                .insert(key_of(&addr), value, 0)
-                .map_err(map_err(map_names::SERVICES))?;
+            if addr.vip.is_ipv6() {
+                self.r
+                    .services6
+                    .insert(key6_of(&addr), value, 0)
+                    .map_err(map_err(map_names::SERVICES6))?;
+            } else {
+                self.r
+                    .services
+                    .insert(key_of(&addr), value, 0)
+                    .map_err(map_err(map_names::SERVICES))?;
+            }
         }
 
         if let Some(hook) = self.after_switch.as_mut() {
@@ -478,7 +490,9 @@ impl MapWriter {
         for (k, old) in &st.backends {
             if !next.contains_key(k) {
                 self.free_backend(old.id)?;
-                self.drop_frontend(frontend_key(proto, k.0, k.1), &addr)?;
+                if let Some(fk) = frontend_key(proto, k.0, k.1) {
+                    self.drop_frontend(fk, &addr)?;
+                }
             }
         }
         st.value = value;
@@ -492,11 +506,11 @@ impl MapWriter {
     fn build_table(
         &self,
         svc: &Service,
-        next: &BTreeMap<(Ipv4Addr, u16), BackendSlot>,
+        next: &BTreeMap<(IpAddr, u16), BackendSlot>,
     ) -> Result<Vec<u32>, String> {
-        let live: Vec<&BackendSlot> = next
-            .values()
-            .filter(|b| takes_new_flows(&b.value))
+        let live: Vec<(&(IpAddr, u16), &BackendSlot)> = next
+            .iter()
+            .filter(|(_, b)| takes_new_flows(&b.value))
             .collect();
         if live.is_empty() {
             return Ok(Vec::new());
@@ -504,15 +518,15 @@ impl MapWriter {
         if svc.algorithm.uses_maglev_table() {
             let mb: Vec<maglev::MaglevBackend> = live
                 .iter()
-                .map(|b| maglev::MaglevBackend {
+                .map(|&(&(ip, port), b)| maglev::MaglevBackend {
                     id: b.id,
-                    key: backend_key(ip_from_wire(b.value.ip), u16::from_be(b.value.port)),
+                    key: maglev::backend_key(ip, port),
                     weight: b.value.weight,
                 })
                 .collect();
             maglev::build(&mb, svc.maglev_m()).map_err(|e| e.to_string())
         } else {
-            let wb: Vec<(u32, u32)> = live.iter().map(|b| (b.id, b.value.weight)).collect();
+            let wb: Vec<(u32, u32)> = live.iter().map(|(_, b)| (b.id, b.value.weight)).collect();
             Ok(table::weighted_slots(&wb, limits::MAX_WEIGHTED_TABLE))
         }
     }
@@ -529,7 +543,12 @@ impl MapWriter {
         let Some(st) = self.r.svcs.remove(addr) else {
             return Ok(false);
         };
-        match self.r.services.remove(&key_of(addr)) {
+        let removed = if addr.vip.is_ipv6() {
+            self.r.services6.remove(&key6_of(addr))
+        } else {
+            self.r.services.remove(&key_of(addr))
+        };
+        match removed {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(e) => return Err(map_err(map_names::SERVICES)(e)),
         }
@@ -540,7 +559,9 @@ impl MapWriter {
         }
         let proto = key_of(addr).proto;
         for &(ip, port) in st.backends.keys() {
-            self.drop_frontend(frontend_key(proto, ip, port), addr)?;
+            if let Some(fk) = frontend_key(proto, ip, port) {
+                self.drop_frontend(fk, addr)?;
+            }
         }
         self.svc_ids.release(st.value.id);
         Ok(true)
@@ -606,7 +627,7 @@ impl MapWriter {
         k: ServiceKey,
         on: bool,
     ) -> Result<(), DatapathError> {
-        let bk = (ip_from_wire(k.vip), u16::from_be(k.port));
+        let bk = (IpAddr::V4(super::reader::ip_from_wire(k.vip)), u16::from_be(k.port));
         let Some(slot) = self
             .r
             .svcs
@@ -706,6 +727,37 @@ impl MapWriter {
             .backend_gc
             .set(backend_id, v, 0)
             .map_err(map_err(map_names::BACKEND_GC))
+    }
+
+    /// Every entry of `CONNTRACK6` (forward and reverse), key by key.
+    pub fn conntrack6_entries(&self) -> Result<Vec<(FlowKey6, CtValue6)>, DatapathError> {
+        let mut out = Vec::new();
+        for item in self.r.conntrack6.iter() {
+            match item {
+                Ok(kv) => out.push(kv),
+                // Evicted between the key walk and its lookup.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(map_names::CONNTRACK6)(e)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// One `CONNTRACK6` entry, if present.
+    pub fn conntrack6_get(&self, k: &FlowKey6) -> Result<Option<CtValue6>, DatapathError> {
+        match self.r.conntrack6.get(k, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(map_names::CONNTRACK6)(e)),
+        }
+    }
+
+    /// Deletes one `CONNTRACK6` entry (gone already is fine).
+    pub fn conntrack6_remove(&mut self, k: &FlowKey6) -> Result<(), DatapathError> {
+        match self.r.conntrack6.remove(k) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(map_names::CONNTRACK6)(e)),
+        }
     }
 
     /// Adds `n` to a backend's GC-expired count (agent-owned counter).

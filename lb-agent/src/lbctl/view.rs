@@ -325,7 +325,7 @@ pub fn conntrack(w: &MapReader, f: &FlowFilter) -> Result<(Vec<FlowRow>, u64)> {
             .get(&vip)
             .cloned()
             .unwrap_or_else(|| "(removed service)".to_string());
-        let client = (ip_from_wire(k.src_ip), u16::from_be(k.src_port));
+        let client: (IpAddr, u16) = (ip_from_wire(k.src_ip).into(), u16::from_be(k.src_port));
         rows.push((
             service.clone(),
             client,
@@ -341,6 +341,44 @@ pub fn conntrack(w: &MapReader, f: &FlowFilter) -> Result<(Vec<FlowRow>, u64)> {
                 idle_seconds: secs(now.saturating_sub(last)),
                 created_ns: v.created_ns,
                 last_seen_ns: last,
+            },
+        ));
+    }
+    // The IPv6 flows (`CONNTRACK6`); a `--backend` filter is IPv4.
+    let flows6 = if f.backend.is_some() {
+        Vec::new()
+    } else {
+        w.conntrack6().context("reading CONNTRACK6")?
+    };
+    for e in flows6 {
+        let vip = ServiceAddr {
+            vip: e.vip.0.into(),
+            port: e.vip.1,
+            protocol: e.proto,
+        };
+        if f.service.is_some_and(|s| s != vip) {
+            continue;
+        }
+        let service = names
+            .get(&vip)
+            .cloned()
+            .unwrap_or_else(|| "(removed service)".to_string());
+        let client: (IpAddr, u16) = (e.client.0.into(), e.client.1);
+        rows.push((
+            service.clone(),
+            client,
+            FlowRow {
+                client: SocketAddr::from(client).to_string(),
+                backend_sees_port: None,
+                service,
+                vip: SocketAddr::from(e.vip).to_string(),
+                backend: SocketAddr::from(e.backend).to_string(),
+                protocol: e.proto,
+                state: e.state.to_string(),
+                age_seconds: secs(now.saturating_sub(e.created_ns)),
+                idle_seconds: secs(now.saturating_sub(e.last_seen_ns)),
+                created_ns: e.created_ns,
+                last_seen_ns: e.last_seen_ns,
             },
         ));
     }

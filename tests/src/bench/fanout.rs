@@ -676,7 +676,7 @@ async fn scale(services: u32, agents: usize, changes: usize, resyncs: usize) -> 
     let t = Instant::now();
     let (mut snap, _, _) = step(&slices, None, 1);
     let (d, n) = lb_controller::kube_mode::node_states(&snap, timeouts);
-    publisher.publish(d, n);
+    publisher.publish_shared(d, n);
     let first_ms = t.elapsed().as_secs_f64() * 1e3;
     ensure!(
         publisher.current().default.state.services.len() == services as usize,
@@ -705,7 +705,7 @@ async fn scale(services: u32, agents: usize, changes: usize, resyncs: usize) -> 
         snap = next;
         let tp = Instant::now();
         let (d, n) = lb_controller::kube_mode::node_states(&snap, timeouts);
-        publisher.publish(d, n);
+        publisher.publish_shared(d, n);
         publish_ms.push(tp.elapsed().as_secs_f64() * 1e3);
         translate_ms.push(tr);
         let (v, tally) = board.wait_all_above(have, Duration::from_secs(30)).await?;
@@ -727,7 +727,7 @@ async fn scale(services: u32, agents: usize, changes: usize, resyncs: usize) -> 
     let (next, _, _) = step(&slices, Some(&snap), changes as u64 + 2);
     snap = next;
     let (d, n) = lb_controller::kube_mode::node_states(&snap, timeouts);
-    publisher.publish(d, n);
+    publisher.publish_shared(d, n);
     let (_, tally) = board.wait_all_above(have, Duration::from_secs(30)).await?;
     let batch = (
         tally

@@ -205,6 +205,7 @@ fn service(name: &str, vip: Ipv4Addr, algo: Algorithm, backends: Vec<Backend>) -
         algorithm: algo,
         affinity_timeout: None,
         maglev_table_size: None,
+        locality: None,
         backends,
         grpc: None,
         health_check: None,

@@ -3,12 +3,13 @@
 //! addresses, routes and sysctls are never touched; the only thing made outside a namespace is
 //! a bpffs mount under /run, which is unmounted on drop.
 
+pub mod ipv6;
 mod netns;
 pub mod stream;
 pub mod sys;
 mod topology;
 pub mod traffic;
-mod two_node;
+pub mod two_node;
 
 pub use netns::{CsumErrors, LinkStats, Netns, netns_list, sweep, sweep_orphans};
 pub use topology::{BpfFs, Checksums, Host, Iface, Lab};

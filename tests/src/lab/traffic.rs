@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 /// How often server loops look at their stop flag.
 const TICK: Duration = Duration::from_millis(50);
 /// A server closes a connection idle for this long.
-const CONN_IDLE: Duration = Duration::from_secs(10);
+const CONN_IDLE: Duration = Duration::from_secs(30);
 
 /// Timeouts for a probe run.
 #[derive(Debug, Clone, Copy)]

@@ -256,3 +256,29 @@ fn join_switch(switch: &Netns, ns: &Netns, name: &str, host: u8, full: bool) -> 
     })?
     .map_err(io_err(format!("configure {name} in {}", ns.name())))
 }
+
+/// Identity of pod `i` of `node` (`a1`, `b2`, ...), as the tests' servers
+/// answer.
+pub fn ident(node: &Node, i: usize) -> String {
+    format!("{}{i}", &node.name["node-".len()..])
+}
+
+/// `n` TCP connections from `ns` to `target`, each one's reply (a failure
+/// panics, naming the attempt).
+pub fn tcp_from(ns: &Netns, target: std::net::SocketAddrV4, n: usize) -> Vec<super::Reply> {
+    ns.run(|| super::tcp_attempts(target, n, super::Limits::default()))
+        .expect("namespace")
+        .into_iter()
+        .enumerate()
+        .map(|(k, r)| r.unwrap_or_else(|e| panic!("TCP {k} to {target}: {e}")))
+        .collect()
+}
+
+/// How many replies each backend gave.
+pub fn counts(replies: &[super::Reply]) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for r in replies {
+        *m.entry(r.backend.clone()).or_default() += 1;
+    }
+    m
+}

@@ -19,6 +19,7 @@ use tracing::debug;
 
 use super::balance::CallLease;
 use super::calls::CallEnd;
+use super::client::RespBody;
 use super::pool::Slot;
 use super::status::{Code, status_headers};
 use crate::userspace::select::ServiceShared;
@@ -299,7 +300,7 @@ pub(crate) enum DownBody {
 
 /// A backend's response body on its way to the client.
 pub(crate) struct CallBody {
-    inner: Option<Incoming>,
+    inner: Option<RespBody>,
     deadline: Option<Pin<Box<Sleep>>>,
     /// Released as soon as the body ends, not when hyper drops it.
     held: Option<(CallLease, ActiveCall, CallOver, Slot)>,
@@ -310,8 +311,8 @@ pub(crate) struct CallBody {
 
 impl CallBody {
     pub(crate) fn new(
-        inner: Incoming,
-        deadline: Option<tokio::time::Instant>,
+        inner: RespBody,
+        deadline: Option<Pin<Box<Sleep>>>,
         lease: CallLease,
         active: ActiveCall,
         over: CallOver,
@@ -325,7 +326,7 @@ impl CallBody {
         }
         CallBody {
             inner: Some(inner),
-            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            deadline,
             held: Some((lease, active, over, slot)),
             svc,
             end,

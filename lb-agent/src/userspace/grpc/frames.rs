@@ -1,11 +1,13 @@
-//! What the pool needs to know of a backend connection that hyper does not
+//! What the pool needs to know of a backend connection that h2 does not
 //! tell: the peer's SETTINGS_MAX_CONCURRENT_STREAMS and whether it sent
 //! GOAWAY. A [`Sniffer`] reads the HTTP/2 frame headers of the bytes the
-//! backend sends (h2c: the socket's bytes are the frames) as hyper reads
+//! backend sends (h2c: the socket's bytes are the frames) as h2 reads
 //! them, and keeps only SETTINGS and GOAWAY payloads (bounded).
 
+use std::sync::OnceLock;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicBool, AtomicU32};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -27,6 +29,21 @@ pub(crate) struct PeerState {
     pub(crate) settings: watch::Sender<bool>,
     /// It sent GOAWAY: no new calls on this connection.
     pub(crate) goaway: AtomicBool,
+    /// The connection's task ended (closed, failed, or its PINGs went
+    /// unanswered).
+    pub(crate) closed: AtomicBool,
+    /// Calls holding a stream on the connection (keep-alive PINGs only
+    /// while there are some).
+    pub(crate) calls: AtomicU32,
+    /// When the backend last sent bytes ([`since_start`]).
+    last_read: AtomicU64,
+}
+
+/// Nanoseconds since the first call (a process-wide monotonic clock).
+fn since_start() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl Default for PeerState {
@@ -35,6 +52,9 @@ impl Default for PeerState {
             max_streams: AtomicU32::new(u32::MAX),
             settings: watch::channel(false).0,
             goaway: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            calls: AtomicU32::new(0),
+            last_read: AtomicU64::new(since_start()),
         }
     }
 }
@@ -127,6 +147,16 @@ fn parse(kind: u8, p: &[u8]) -> Option<Event> {
 }
 
 impl PeerState {
+    /// The backend sent bytes just now.
+    pub(crate) fn read_now(&self) {
+        self.last_read.store(since_start(), Relaxed);
+    }
+
+    /// How long since the backend last sent bytes.
+    pub(crate) fn since_read(&self) -> Duration {
+        Duration::from_nanos(since_start().saturating_sub(self.last_read.load(Relaxed)))
+    }
+
     /// Applies an event; whether it was this connection's first GOAWAY.
     pub(crate) fn apply(&self, e: Event) -> bool {
         match e {

@@ -21,10 +21,12 @@
 //!   `grpc_max_connections`), and send the request with its headers
 //!   rewritten (`headers`). Request and response bodies stream through
 //!   frame by frame, trailers included, so unary, client-, server- and
-//!   bidi-streaming calls all work.
+//!   bidi-streaming calls all work. The backend side is h2 itself, not
+//!   hyper's client (`client`): the call's task opens the stream and
+//!   writes the request, with no task, channel or oneshot per call.
 //! - **Retries.** When nothing of the call reached a backend (its connect,
 //!   TCP or HTTP/2 handshake, failed or timed out, or its pooled connection
-//!   had closed and hyper handed the request back unsent), the call goes to
+//!   had closed before the request was sent), the call goes to
 //!   another backend, up to `connect_attempts` backends. When a backend got
 //!   the call but did not process it (RST_STREAM REFUSED_STREAM, or a stream
 //!   above the last stream id of its GOAWAY), the call is sent again (gRFC
@@ -80,6 +82,7 @@
 mod balance;
 mod body;
 mod calls;
+mod client;
 mod frames;
 mod headers;
 mod orca;
@@ -107,7 +110,7 @@ use hyper_util::server::conn::auto;
 use lb_api::GrpcPolicy;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::time::{Instant, timeout_at};
+use tokio::time::Instant;
 use tracing::debug;
 
 use crate::userspace::options::ProxyOptions;
@@ -117,6 +120,7 @@ use crate::userspace::tasks::{self, HandoverCtx, Workers, accept_loop_on, stop_r
 use balance::CallLease;
 use body::{ActiveCall, CallBody, DownBody, UpBody};
 use calls::{Attempt, CallEnd, CallRecord};
+use client::{RespBody, SendError};
 use outlier::{Outcome, Outliers};
 use pool::{ConnectError, PoolOptions, Slot};
 use status::{Code, http_error, trailers_only};
@@ -426,8 +430,15 @@ async fn handle(
     let path = tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_string());
 
     let call = with_retries(&svc, pools, &opts, &policy, req, deadline);
-    let res = match deadline {
-        Some(d) => timeout_at(d, call).await.unwrap_or(Err(Failure::Deadline)),
+    // One timer per call: it bounds the wait for the backend's headers,
+    // then the response body (`CallBody`).
+    let mut timer = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+    let res = match &mut timer {
+        Some(t) => tokio::select! {
+            biased;
+            r = call => r,
+            () = t.as_mut() => Err(Failure::Deadline),
+        },
         None => call.await,
     };
     match res {
@@ -435,7 +446,7 @@ async fn handle(
             let (mut parts, body) = resp.into_parts();
             let end = CallEnd::new(record, attempt, &parts.headers);
             headers::strip_hop_by_hop(&mut parts.headers);
-            let body = CallBody::new(body, deadline, lease, active, over, slot, end);
+            let body = CallBody::new(body, timer, lease, active, over, slot, end);
             Response::from_parts(parts, DownBody::Call(Box::new(body)))
         }
         Err(f) => {
@@ -478,6 +489,10 @@ async fn handle(
 
 /// The backend-side URI: the client's path and authority, scheme `http`.
 fn upstream_uri(uri: Uri) -> Uri {
+    // hyper gives an HTTP/2 request's URI its :scheme and :authority.
+    if uri.scheme() == Some(&Scheme::HTTP) && uri.authority().is_some() {
+        return uri;
+    }
     let mut parts = uri.into_parts();
     parts.scheme = Some(Scheme::HTTP);
     if parts.authority.is_none() {
@@ -499,45 +514,25 @@ enum Failure {
     /// attempt's reason and error.
     Connect(DropReason, ConnectError),
     /// The request went to this backend, which then failed it.
-    Backend(SocketAddr, hyper::Error),
+    Backend(SocketAddr, h2::Error),
 }
 
 /// Whether the backend refused the call's stream (RST_STREAM REFUSED_STREAM).
-fn refused(e: &hyper::Error) -> bool {
-    h2_error(e).is_some_and(|h| h.reason() == Some(h2::Reason::REFUSED_STREAM))
-}
-
-/// The h2 error under a hyper error, if any.
-fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(h) = s.downcast_ref::<h2::Error>() {
-            return Some(h);
-        }
-        source = s.source();
-    }
-    None
+fn refused(e: &h2::Error) -> bool {
+    e.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
 /// Whether a backend failed a call without processing it, so that it may
 /// be sent again (gRFC A6): the stream was refused (RST_STREAM
 /// REFUSED_STREAM), or it was above the last stream of a graceful GOAWAY
 /// (h2 fails exactly those streams with the GOAWAY's NO_ERROR).
-fn unprocessed(e: &hyper::Error) -> bool {
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(h) = s.downcast_ref::<h2::Error>() {
-            return h.reason() == Some(h2::Reason::REFUSED_STREAM)
-                || (h.is_go_away() && h.is_remote() && h.reason() == Some(h2::Reason::NO_ERROR));
-        }
-        source = s.source();
-    }
-    false
+fn unprocessed(e: &h2::Error) -> bool {
+    refused(e) || (e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR))
 }
 
 /// A backend's response headers, the call's lease and stream, and the
 /// attempt (ended by the response body).
-type Answer = (Response<Incoming>, CallLease, Slot, Attempt);
+type Answer = (Response<RespBody>, CallLease, Slot, Attempt);
 
 /// [`forward`], then, under the service's retry policy (gRFC A6), again
 /// while the answer is a trailers-only retryable status: on another backend
@@ -652,7 +647,7 @@ async fn forward(
             break;
         };
         let be = lease.backend().clone();
-        let (mut sender, slot) = match pools
+        let (sender, slot) = match pools
             .of(be.key())
             .get(be.addr(), &be.counters, &pool_opts, &pools.tls)
             .await
@@ -699,7 +694,7 @@ async fn forward(
         req.body_mut().send_to(be.counters.clone());
         be.counters.requests.fetch_add(1, Relaxed);
         let mut attempt = Attempt::new(svc.clone(), pools.outliers().clone(), be.clone());
-        let e = match sender.try_send_request(req).await {
+        let err = match sender.send(req).await {
             Ok(resp) => {
                 // A trailers-only answer's load report is in its headers.
                 lease.report(resp.headers());
@@ -709,27 +704,28 @@ async fn forward(
         };
         // The backend did not take the call.
         be.counters.requests.fetch_sub(1, Relaxed);
-        let mut e = e;
-        if let Some(back) = e.take_message() {
-            // Not sent: the connection closed or went away first.
-            req = back;
-            attempt.unsent();
-            if slot.went_away() && retries > 0 {
-                // Not the backend's failure: another connection.
-                retries -= 1;
-                attempts += 1;
-                be.counters.transparent_retries.fetch_add(1, Relaxed);
+        let err = match err {
+            SendError::Failed(err) => err,
+            SendError::Unsent(back, e) => {
+                // Not sent: the connection closed or went away first.
+                req = *back;
+                attempt.unsent();
+                if slot.went_away() && retries > 0 {
+                    // Not the backend's failure: another connection.
+                    retries -= 1;
+                    attempts += 1;
+                    be.counters.transparent_retries.fetch_add(1, Relaxed);
+                    continue;
+                }
+                tried.push(be.key());
+                svc.counters.connect_failed(&be.counters);
+                pools.outliers().record(svc, &be, Outcome::Failure);
+                debug!(backend = %be.addr(), "gRPC backend connection closed before the call was sent: {e}");
+                let err = ConnectError::Connect(e.to_string());
+                failure = Some(Failure::Connect(DropReason::ConnectFailed, err));
                 continue;
             }
-            tried.push(be.key());
-            svc.counters.connect_failed(&be.counters);
-            pools.outliers().record(svc, &be, Outcome::Failure);
-            debug!(backend = %be.addr(), "gRPC backend connection closed before the call was sent: {}", e.error());
-            let err = ConnectError::Connect(e.into_error().to_string());
-            failure = Some(Failure::Connect(DropReason::ConnectFailed, err));
-            continue;
-        }
-        let err = e.into_error();
+        };
         // A refused stream counts toward ejection; a graceful GOAWAY's
         // unprocessed one does not.
         attempt.failed(!unprocessed(&err) || refused(&err));
@@ -797,6 +793,9 @@ mod tests {
             "http://rpclb/grpc.testing.TestService/UnaryCall"
         );
         let u = upstream_uri(Uri::from_static("http://10.96.0.1:50051/a.B/C"));
+        assert_eq!(u.to_string(), "http://10.96.0.1:50051/a.B/C");
+        // A call over TLS goes on as http (the backend side's own TLS aside).
+        let u = upstream_uri(Uri::from_static("https://10.96.0.1:50051/a.B/C"));
         assert_eq!(u.to_string(), "http://10.96.0.1:50051/a.B/C");
     }
 }

@@ -4,7 +4,7 @@
 //! in flight than the backend's SETTINGS_MAX_CONCURRENT_STREAMS (read off
 //! the wire, see `frames`; unlimited when it sets none). When none has, one
 //! more connection is opened, up to `max_connections`; at that bound the
-//! call goes to the least busy connection and waits in hyper for a stream.
+//! call goes to the least busy connection and waits in h2 for a stream.
 //! Filling the first connections first lets the extra ones go idle and
 //! close after `idle` when the load drops.
 //!
@@ -20,7 +20,7 @@
 //! GOAWAY (its calls in flight go on; new calls go to other connections,
 //! and a new one is opened if needed), when it has been idle for `idle`,
 //! and when the pool drains. Leaving the pool drops the pool's handle:
-//! hyper closes the connection once its last stream is done. PINGs (gRFC
+//! h2 closes the connection once its last stream is done. PINGs (gRFC
 //! A8) after `keepalive_interval` without a frame from the backend find
 //! dead connections: unanswered within `keepalive_timeout`, the connection
 //! closes and its calls fail.
@@ -36,13 +36,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::http2::{self, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::body::UpBody;
+use super::client::{self, KeepAlive};
 use super::frames::{Event, PeerState, Sniffer};
 use super::tls::{self, Holder, MaybeTls, Upstream};
 use crate::userspace::options::ProxyOptions;
@@ -52,7 +50,7 @@ use crate::userspace::stats::BackendCounters;
 /// it is used anyway (as if the backend set no stream limit).
 const SETTINGS_WAIT: Duration = Duration::from_secs(2);
 
-pub(crate) type Sender = SendRequest<UpBody>;
+pub(crate) type Sender = client::Sender;
 
 /// The pool's settings (from [`ProxyOptions`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +157,7 @@ impl State {
             })?;
         let e = &mut self.conns[i];
         e.in_flight += 1;
+        e.peer.calls.fetch_add(1, Relaxed);
         let slot = Slot {
             shared: Arc::downgrade(shared),
             id: e.id,
@@ -186,6 +185,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.peer.calls.fetch_sub(1, Relaxed);
         let Some(shared) = self.shared.upgrade() else {
             return;
         };
@@ -338,22 +338,24 @@ async fn connect(
         counters: counters.clone(),
         addr,
     };
-    let nonzero = |d: Duration| Some(d).filter(|d| !d.is_zero());
-    let mut b = http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .keep_alive_interval(nonzero(opts.keepalive_interval))
-        .keep_alive_timeout(opts.keepalive_timeout)
-        .keep_alive_while_idle(false);
-    let (sender, conn) = b
-        .handshake(TokioIo::new(io))
+    let (tx, conn) = client::builder()
+        .handshake::<_, bytes::Bytes>(io)
         .await
         .map_err(|e| ConnectError::Handshake(e.to_string()))?;
     counters.new.fetch_add(1, Relaxed);
-    // Dispatches the calls; the socket lives in this task and closes when
-    // the pool and the calls have let go of it and no stream is left.
+    let sender = Sender::new(tx, peer.clone());
+    // Drives the connection; the socket lives in this task and closes when
+    // the pool and the calls have let go of it and no stream is left, or
+    // when a keep-alive PING goes unanswered (its calls then fail).
     let idle = opts.idle;
+    let (interval, ka_timeout) = (opts.keepalive_interval, opts.keepalive_timeout);
+    let closed = peer.clone();
     tokio::spawn(async move {
-        tokio::pin!(conn);
+        let mut conn = conn;
+        let mut keepalive = conn
+            .ping_pong()
+            .filter(|_| !interval.is_zero())
+            .map(|pp| KeepAlive::new(pp, interval, ka_timeout, closed.clone()));
         // The first look comes after the connection joined the pool.
         let mut next = (!idle.is_zero()).then(|| Instant::now() + idle.max(SETTINGS_WAIT));
         loop {
@@ -363,6 +365,10 @@ async fn connect(
                     None => std::future::pending().await,
                 }
             };
+            let dead = std::future::poll_fn(|cx| match &mut keepalive {
+                Some(k) => k.poll_dead(cx),
+                None => Poll::Pending,
+            });
             tokio::select! {
                 r = &mut conn => {
                     if let Err(e) = r {
@@ -371,8 +377,14 @@ async fn connect(
                     break;
                 }
                 () = tick => next = idle_check(&pool, id, idle),
+                () = dead => {
+                    debug!(backend = %addr, "gRPC backend connection: keep-alive PING unanswered within {ka_timeout:?}; closing");
+                    break;
+                }
             }
         }
+        // Dropping the connection fails the streams still open on it.
+        closed.closed.store(true, Relaxed);
     });
     // Its first SETTINGS tell how many calls it takes at once.
     let mut seen = peer.settings.subscribe();
@@ -437,6 +449,9 @@ impl AsyncRead for BackendIo {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.peer.read_now();
+        }
         let (peer, counters, addr) = (&this.peer, &this.counters, this.addr);
         this.sniffer.feed(&buf.filled()[before..], |e| {
             if peer.apply(e) {
@@ -487,6 +502,8 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
+    use crate::userspace::grpc::body::UpBody;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
 
     static PLAIN: Holder = Holder::plain();
 
@@ -634,15 +651,19 @@ mod tests {
             keepalive_timeout: Duration::from_millis(300),
             ..opts()
         };
-        let (mut sender, _slot) = pool.get(addr, &counters, &o, &PLAIN).await.unwrap();
+        let (sender, _slot) = pool.get(addr, &counters, &o, &PLAIN).await.unwrap();
         assert_eq!(counters.active.load(Relaxed), 1);
         // The backend goes silent; PINGs (sent while a call is open) go
         // unanswered and the connection closes within interval + timeout.
         cut_tx.send_replace(true);
         let t0 = Instant::now();
-        let call = sender.send_request(http::Request::new(UpBody::empty()));
+        let call = sender.clone().send(http::Request::new(UpBody::empty()));
         let r = tokio::time::timeout(Duration::from_secs(5), call).await;
-        assert!(matches!(r, Ok(Err(_))), "the call fails: {r:?}");
+        assert!(
+            matches!(r, Ok(Err(_))),
+            "the call fails: {:?}",
+            r.map(|r| r.is_ok())
+        );
         assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
         assert!(until(|| counters.active.load(Relaxed) == 0).await);
         assert!(sender.is_closed());
