@@ -627,7 +627,10 @@ impl MapWriter {
         k: ServiceKey,
         on: bool,
     ) -> Result<(), DatapathError> {
-        let bk = (IpAddr::V4(super::reader::ip_from_wire(k.vip)), u16::from_be(k.port));
+        let bk = (
+            IpAddr::V4(super::reader::ip_from_wire(k.vip)),
+            u16::from_be(k.port),
+        );
         let Some(slot) = self
             .r
             .svcs
