@@ -135,7 +135,7 @@ impl Engines {
                 let (l7, l4): (Vec<_>, Vec<_>) = crate::external::expand(state, &self.node)
                     .services
                     .into_iter()
-                    .partition(|s| s.grpc.is_some());
+                    .partition(|s| s.grpc.is_some() || (s.is_ipv6() && !kernel_ipv6()));
                 (
                     Some(DesiredState { services: l4 }),
                     DesiredState { services: l7 },
@@ -281,4 +281,13 @@ impl StatsSource for Combined {
         }
         Ok(snap)
     }
+}
+
+/// Whether IPv6 L4 services go to the kernel programs in eBPF mode: only with
+/// `RPCLB_KERNEL_IPV6=1` for now. The kernel's IPv6 path passes its packet
+/// tests and lab test, but the demo over IPv6 (`tests/tests/demo.rs`) lost a
+/// few of 60 new connections through it (connect timeouts, no drop counted),
+/// not yet explained; until then the userspace proxy serves IPv6 by default.
+fn kernel_ipv6() -> bool {
+    std::env::var("RPCLB_KERNEL_IPV6").is_ok_and(|v| v == "1")
 }

@@ -46,7 +46,7 @@ const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
 /// Whether a route taken at `ns` (egress `ifindex`, `FIB_FAILED` for a
 /// failed lookup, 0 for none) may still be used at `now`.
 #[inline(always)]
-fn usable(ifindex: u32, ns: u64, now: u64) -> bool {
+pub(crate) fn usable(ifindex: u32, ns: u64, now: u64) -> bool {
     let age = now.wrapping_sub(ns);
     if ifindex == FIB_FAILED {
         age < FIB_FAIL_NS

@@ -34,7 +34,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    CtValue6, FIB_CACHE_NS, FIB_FAIL_NS, FIB_FAILED, FlowKey6, IPV6_MAX_EXT, IPV6_MAX_EXT_BYTES,
+    CtValue6, FIB_FAILED, FlowKey6, IPV6_MAX_EXT, IPV6_MAX_EXT_BYTES,
     ServiceKey6, config_idx, ct_dir, ct_state, fold6, proto, reason,
 };
 
@@ -663,17 +663,6 @@ fn forward_seed_or_pass(p: &Packet6) -> Verdict {
     Verdict::Pass
 }
 
-/// Whether a route taken at `ns` may still be used at `now` (`fwd`'s rule).
-#[inline(always)]
-fn usable(ifindex: u32, ns: u64, now: u64) -> bool {
-    let age = now.wrapping_sub(ns);
-    if ifindex == FIB_FAILED {
-        age < FIB_FAIL_NS
-    } else {
-        ifindex != 0 && age < FIB_CACHE_NS
-    }
-}
-
 #[inline(always)]
 fn redirect<C: Ctx>(ctx: &mut C, ifindex: u32, mac: &[u8; 12]) -> Verdict {
     if !ctx.can_redirect(ifindex) {
@@ -714,7 +703,7 @@ fn forward<C: Ctx>(ctx: &mut C, p: &Packet6, v: *mut CtValue6, now: u64) -> Verd
         return Verdict::Pass;
     }
     let e = unsafe { &mut (*v).ct };
-    if usable(e.fib_ifindex, e.fib_ns, now) {
+    if crate::fwd::usable(e.fib_ifindex, e.fib_ns, now) {
         if e.fib_ifindex == FIB_FAILED {
             stats::reason(reason::PASS_FIB_CACHED);
             return Verdict::Pass;

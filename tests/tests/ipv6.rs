@@ -471,6 +471,9 @@ fn ebpf_mode_serves_ipv6_services_in_the_kernel() {
             lab.backends().iter().map(|h| h.ip6().to_string()).collect()
         ),
     ));
+    // The kernel's IPv6 path is opt-in for now (lb-agent/src/engines.rs).
+    // SAFETY: set before the agent starts; only this test's agent reads it.
+    unsafe { std::env::set_var("RPCLB_KERNEL_IPV6", "1") };
     let mut agent = Proc::start(&lab, &dir, "agent", &agent_args(&lab, &dir, &[]));
     agent.wait_ready();
     let (code, body) = agent.get("/readyz");
