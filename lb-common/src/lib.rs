@@ -33,6 +33,10 @@ pub mod map_names {
     /// The per-CPU route cache per destination (`RouteCacheEntry`); pinned
     /// like every map, though a fresh one only costs a route lookup.
     pub const ROUTE_CACHE: &str = "ROUTE_CACHE";
+    /// Backend ip:port:proto -> its one frontend (VIP:port): where the first
+    /// reply of a flow finds the flow's forward key (`BACKENDS` flag
+    /// `backend_flags::ONE_FRONTEND`).
+    pub const FRONTENDS: &str = "FRONTENDS";
     /// IPv6 services (`ServiceKey6` -> `ServiceValue`; ids, tables and
     /// backends shared with IPv4).
     pub const SERVICES6: &str = "SERVICES6";
@@ -70,6 +74,7 @@ pub mod map_names {
         FRAGMENTS,
         FLOW_CACHE,
         ROUTE_CACHE,
+        FRONTENDS,
         SERVICES6,
         BACKENDS6,
         CONNTRACK6,
@@ -111,7 +116,9 @@ pub mod limits {
     /// less IPv6 than IPv4.
     pub const MAX_CONNTRACK6: u32 = 131_072;
     /// Conntrack entries one flow takes: forward and reverse. A map of
-    /// `--max-conntrack` entries holds that / 2 flows.
+    /// `--max-conntrack` entries holds that / 2 flows. (A flow to a backend
+    /// with one frontend writes its reverse entry at its first reply, so a
+    /// flow that never got one, e.g. a SYN flood's, takes one entry.)
     pub const CT_ENTRIES_PER_FLOW: u32 = 2;
     /// Client-IP affinity entries.
     pub const MAX_AFFINITY: u32 = 131_072;
@@ -161,6 +168,17 @@ pub mod backend_state {
     pub const ACTIVE: u8 = 1;
     /// Gets no new flows; its existing flows continue.
     pub const TERMINATING: u8 = 2;
+}
+
+/// Flags of a backend (`BackendValue::flags`).
+pub mod backend_flags {
+    /// The backend's ip:port:proto is reached through exactly one frontend
+    /// (VIP:port), which `FRONTENDS` holds: a new flow to it writes only its
+    /// forward entry, and its first reply writes the reverse entry. Without
+    /// it (several frontends: NodePort, external IPs, two Services), the new
+    /// flow writes both at once, and claims the reverse key against the
+    /// other frontends' flows (port rewrites).
+    pub const ONE_FRONTEND: u8 = 1;
 }
 
 /// IP protocol numbers.
@@ -258,7 +276,12 @@ pub mod reason {
     /// An IPv6 frame whose program (`prog_names::XDP6`, ...) was not in
     /// its program array (the tail call failed): handed to the stack.
     pub const PASS_IPV6_NO_PROGRAM: u32 = 28;
-    pub const COUNT: u32 = 29;
+    /// A reply's reverse entry written at the flow's first reply (its
+    /// backend has one frontend, `FRONTENDS`), or rewritten there because
+    /// the entry found belonged to an older flow. A conntrack event counted
+    /// beside `nat_reverse`.
+    pub const CT_REVERSE_LAZY: u32 = 29;
+    pub const COUNT: u32 = 30;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "pass_not_ipv4",
@@ -290,6 +313,7 @@ pub mod reason {
         "tx_icmp_no_backend",
         "pass_ipv6_ext",
         "pass_ipv6_no_program",
+        "ct_reverse_lazy",
     ];
 }
 
@@ -362,7 +386,8 @@ pub struct BackendValue {
     pub ip: u32,
     pub port: u16,
     pub state: u8,
-    pub _pad: u8,
+    /// `backend_flags`.
+    pub flags: u8,
     pub weight: u32,
     pub svc_id: u32,
 }

@@ -1,13 +1,13 @@
 //! Flow keys, entries and the TCP state machine.
 
 use lb_common::{
-    CtValue, FlowKey, LAST_SEEN_GRANULARITY_NS, collision_port, config_idx, ct_dir, ct_state,
-    flow_hash, limits,
+    CtValue, FlowKey, LAST_SEEN_GRANULARITY_NS, ServiceKey, collision_port, config_idx, ct_dir,
+    ct_state, flow_hash, limits, proto,
 };
 
 use crate::{
     fwd::NewRoute,
-    maps::{CONNTRACK, config},
+    maps::{CONNTRACK, FIB_SCRATCH, FRONTENDS, config},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     set::ProgramSet,
     stats,
@@ -90,6 +90,51 @@ pub fn client_port_of_reverse(rev: &FlowKey, v: *const CtValue) -> u16 {
     if p != 0 { p } else { rev.dst_port }
 }
 
+/// Whether the forward entry `f` (at a key whose source port is
+/// `owner_sport`) translates to the reverse key `rev`: it is a forward entry
+/// to `rev`'s backend, and the flow's source port as the backend sees it
+/// (rewritten or the client's own) is `rev`'s destination port.
+#[inline(always)]
+fn points_back(f: *const CtValue, owner_sport: u16, rev: &FlowKey) -> bool {
+    unsafe {
+        let seen = if (*f).client_port != 0 {
+            (*f).client_port
+        } else {
+            owner_sport
+        };
+        (*f).dir == ct_dir::FORWARD
+            && (*f).nat_ip == rev.src_ip
+            && (*f).nat_port == rev.src_port
+            && seen == rev.dst_port
+    }
+}
+
+/// The forward key a reverse entry `v` at `rev` names.
+#[inline(always)]
+pub fn owner_key(rev: &FlowKey, v: *const CtValue) -> FlowKey {
+    flow_key(
+        rev.dst_ip,
+        unsafe { (*v).nat_ip },
+        client_port_of_reverse(rev, v),
+        unsafe { (*v).nat_port },
+        rev.proto,
+    )
+}
+
+/// The live forward entry of the reverse entry `v` at `rev`: the entry at
+/// the key `v` names, if it points back at `rev`. `None` for a stale reverse
+/// entry (its flow evicted, expired or re-created elsewhere).
+#[inline(always)]
+pub fn owner(rev: &FlowKey, v: *const CtValue) -> Option<*mut CtValue> {
+    let fk = owner_key(rev, v);
+    let f = lookup(&fk)?;
+    if points_back(f, fk.src_port, rev) {
+        Some(f)
+    } else {
+        None
+    }
+}
+
 /// Whether the reverse entry at `rev` belongs to a live flow other than
 /// `fwd`: its forward entry exists and points back at `rev`. A reverse entry
 /// of `fwd` itself (a re-opened flow), or one whose forward entry is gone or
@@ -104,30 +149,77 @@ fn held_by_other(rev: &FlowKey, fwd: &FlowKey) -> bool {
     if unsafe { (*v).dir } != ct_dir::REVERSE {
         return true;
     }
-    let owner = flow_key(
-        rev.dst_ip,
-        unsafe { (*v).nat_ip },
-        client_port_of_reverse(rev, v),
-        unsafe { (*v).nat_port },
-        rev.proto,
-    );
-    if same_key(&owner, fwd) {
+    let fk = owner_key(rev, v);
+    if same_key(&fk, fwd) {
         return false;
     }
-    match lookup(&owner) {
-        Some(f) => unsafe {
-            let seen = if (*f).client_port != 0 {
-                (*f).client_port
-            } else {
-                owner.src_port
-            };
-            (*f).dir == ct_dir::FORWARD
-                && (*f).nat_ip == rev.src_ip
-                && (*f).nat_port == rev.src_port
-                && seen == rev.dst_port
-        },
+    match lookup(&fk) {
+        Some(f) => points_back(f, fk.src_port, rev),
         None => false,
     }
+}
+
+/// The first reply of a flow whose SYN wrote only its forward entry (its
+/// backend has one frontend): finds the forward key through `FRONTENDS`
+/// (backend ip:port:proto -> VIP:port), checks that the forward entry
+/// there points back at this reply's key `rev`, and writes the reverse
+/// entry (over a stale one, if any). Advances the TCP state as a reply
+/// does. `false` if there is no such flow, or the write failed.
+/// Not inlined: verified once, off the new-flow and hit paths' stack.
+#[inline(never)]
+pub fn first_reply<S: ProgramSet>(rev: &FlowKey, flags: u8, now: u64) -> bool {
+    let bk = ServiceKey {
+        vip: rev.src_ip,
+        port: rev.src_port,
+        proto: rev.proto,
+        _pad: 0,
+    };
+    let fe = match unsafe { FRONTENDS.get(&bk) } {
+        Some(fe) => *fe,
+        None => return false,
+    };
+    let fk = flow_key(rev.dst_ip, fe.vip, rev.dst_port, fe.port, rev.proto);
+    let f = match lookup(&fk) {
+        Some(f) => f,
+        None => return false,
+    };
+    // A rewritten flow (client_port set) is never found here: its reverse
+    // key carries the rewritten port, not the client's.
+    if !points_back(f, fk.src_port, rev) || unsafe { (*f).client_port } != 0 {
+        return false;
+    }
+    // The value is built in the per-CPU scratch, not on the stack: this
+    // frame sits on top of the programs' (chains <= 512 bytes).
+    let Some(raw) = FIB_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    let rv = ct_value(
+        fe.vip,
+        fe.port,
+        ct_dir::REVERSE,
+        unsafe { (*f).svc_id },
+        unsafe { (*f).backend_id },
+        0,
+        0,
+        now,
+        no_route(now),
+    );
+    let w = unsafe { core::mem::transmute::<CtValue, [u64; 8]>(rv) };
+    let mut i = 0;
+    while i < 8 {
+        unsafe { core::ptr::write_volatile((raw as *mut u64).add(i), w[i]) };
+        i += 1;
+    }
+    if CONNTRACK
+        .insert(rev, unsafe { &*(raw as *const CtValue) }, BPF_ANY)
+        .is_err()
+    {
+        return false;
+    }
+    if rev.proto == proto::TCP {
+        tcp_state::<S>(f, flags, false);
+    }
+    true
 }
 
 /// What claiming a reverse key gave.
@@ -203,7 +295,11 @@ pub enum Created {
 /// ([`rewrite_port`]) rather than overwrite it. A failed insert is counted by
 /// the caller; the packet is still forwarded. `route`: the forward entry's
 /// `fib` words (`fwd::NewRoute::entry_words`), so that the new entry is
-/// not looked up again to store the route.
+/// not looked up again to store the route. `lazy` (the backend has one
+/// frontend, `backend_flags::ONE_FRONTEND`): only the forward entry is
+/// written; the first reply writes the reverse one ([`first_reply`]). No
+/// other flow can hold the reverse key then: it would be a flow of the same
+/// client ip:port to the same backend through another frontend.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn create(
@@ -215,6 +311,7 @@ pub fn create(
     port: u16,
     now: u64,
     route: &NewRoute,
+    lazy: bool,
 ) -> Created {
     let state = if p.is_udp() {
         ct_state::UDP
@@ -236,7 +333,10 @@ pub fn create(
         no_route(now),
     );
     let mut sport = 0u16;
-    let rev_ok = match claim(&rev, &rv, fwd) {
+    let rev_ok = if lazy {
+        true
+    } else {
+        match claim(&rev, &rv, fwd) {
         Claim::Written => true,
         Claim::Failed => false,
         Claim::Taken => {
@@ -256,6 +356,7 @@ pub fn create(
                 return Created::Exhausted;
             }
             true
+        }
         }
     };
     let fv = ct_value(

@@ -27,7 +27,7 @@ use aya_ebpf::{
 };
 use core::intrinsics::AtomicOrdering;
 use ctx::{Ctx, Tc, Verdict, Xdp, ptr_at};
-use lb_common::{ct_dir, proto, reason};
+use lb_common::{backend_flags, ct_dir, proto, reason};
 use parse::{TCP_ACK, TCP_SYN};
 use set::{Compat, Full, ProgramSet};
 
@@ -155,17 +155,50 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
     let now = if cache { S::now() } else { early_now };
     let tcp = p.proto == proto::TCP;
 
-    if let Some(v) = conntrack::lookup(&key) {
-        let e = unsafe { *v };
+    let mut hit = conntrack::lookup(&key);
+    // A miss that is no service's packet may be the first reply of a flow
+    // whose SYN wrote only its forward entry (`conntrack::first_reply`).
+    let mut svc = None;
+    if hit.is_none() {
+        svc = select::service(&p);
+        if svc.is_none() {
+            if conntrack::first_reply::<S>(&key, p.flags, now) {
+                stats::reason(reason::CT_REVERSE_LAZY);
+                hit = conntrack::lookup(&key);
+            }
+            if hit.is_none() {
+                stats::reason(reason::PASS_NO_SERVICE);
+                return Verdict::Pass;
+            }
+        }
+    }
+
+    if let Some(mut v) = hit {
+        let mut e = unsafe { *v };
         if e.dir == ct_dir::REVERSE {
-            conntrack::touch(v, now);
-            if tcp && p.flags & (parse::TCP_FIN | parse::TCP_RST | TCP_SYN) != 0 {
-                let cport = conntrack::client_port_of_reverse(&key, v);
-                let fk = conntrack::flow_key(key.dst_ip, e.nat_ip, cport, e.nat_port, key.proto);
-                if let Some(f) = conntrack::lookup(&fk) {
-                    conntrack::tcp_state::<S>(f, p.flags, false);
+            // The packets that look the forward entry up anyway (TCP's SYN,
+            // FIN, RST; every UDP reply) check that it still points back: a
+            // stale entry (its flow gone, and a new flow of this tuple
+            // writing its reverse entry only now) is written anew.
+            if !tcp || p.flags & (parse::TCP_FIN | parse::TCP_RST | TCP_SYN) != 0 {
+                match conntrack::owner(&key, v) {
+                    Some(f) => {
+                        if tcp {
+                            conntrack::tcp_state::<S>(f, p.flags, false);
+                        }
+                    }
+                    None => {
+                        if conntrack::first_reply::<S>(&key, p.flags, now) {
+                            if let Some(n) = conntrack::lookup(&key) {
+                                stats::reason(reason::CT_REVERSE_LAZY);
+                                v = n;
+                                e = unsafe { *v };
+                            }
+                        }
+                    }
                 }
             }
+            conntrack::touch(v, now);
             stats::traffic(e.svc_id, e.backend_id, bytes, false);
             if nat::snat(ctx, &mut p, e.nat_ip, e.nat_port, e.client_port).is_none() {
                 stats::reason(reason::DROP_TRUNCATED_L4);
@@ -190,12 +223,15 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
     }
 
     // A new flow.
-    let svc = match select::service(&p) {
+    let svc = match svc {
         Some(s) => s,
-        None => {
-            stats::reason(reason::PASS_NO_SERVICE);
-            return Verdict::Pass;
-        }
+        None => match select::service(&p) {
+            Some(s) => s,
+            None => {
+                stats::reason(reason::PASS_NO_SERVICE);
+                return Verdict::Pass;
+            }
+        },
     };
     let id = match select::pick::<S>(&svc, &p, now) {
         Some(id) => id,
@@ -218,6 +254,7 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
         b.port,
         now,
         &route,
+        b.flags & backend_flags::ONE_FRONTEND != 0,
     ) {
         conntrack::Created::Flow { sport, ok } => {
             if !ok {

@@ -17,6 +17,13 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(limits:
 #[map]
 pub static BACKENDS: Array<BackendValue> = Array::pinned(limits::MAX_BACKENDS, 0);
 
+/// Backend ip:port:proto (a `ServiceKey` of the backend's address) -> the
+/// one frontend it is reached through (`backend_flags::ONE_FRONTEND`),
+/// written by the agent: the first reply of such a backend's flow finds its
+/// forward key here (`conntrack::first_reply`).
+#[map]
+pub static FRONTENDS: HashMap<ServiceKey, ServiceKey> = HashMap::pinned(limits::MAX_BACKENDS, 0);
+
 /// Selection tables of all services, each a slice `[table_off, table_off + table_len)`.
 #[map]
 pub static SLOTS: Array<u32> = Array::pinned(limits::MAX_SLOTS, 0);
@@ -76,8 +83,10 @@ pub static XDP_IFACES: Array<u32> = Array::pinned(limits::MAX_XDP_IFINDEX, 0);
 #[map]
 pub static FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(limits::MAX_FRAGMENTS, 0);
 
-/// Per-CPU scratch for `bpf_fib_lookup`'s 64-byte parameters (`fwd`): kept
-/// off the stack, whose deepest call chain is at the verifier's 512 bytes.
+/// Per-CPU scratch for `bpf_fib_lookup`'s 64-byte parameters (`fwd`), and
+/// for the reverse entry `conntrack::first_reply` writes (64 bytes, before
+/// any route lookup of the packet): kept off the stack, whose deepest call
+/// chain is at the verifier's 512 bytes.
 /// Not pinned: nothing outlives one packet in it.
 #[map]
 pub static FIB_SCRATCH: PerCpuArray<[u64; 8]> = PerCpuArray::with_max_entries(1, 0);

@@ -746,6 +746,18 @@ both_sets!(tc_checksum_table, tc_checksum_table_compat, |set| {
 /// Runs one fragment, checks verdict, exact bytes and that exactly `reason`
 /// moved, by one.
 fn frag_step(h: &mut Harness, hook: Hook, desc: &str, input: &[u8], want: &[u8], reason: &str) {
+    frag_step_reasons(h, hook, desc, input, want, &[reason]);
+}
+
+/// [`frag_step`] where exactly `reasons` (in `reason::NAMES` order) moved.
+fn frag_step_reasons(
+    h: &mut Harness,
+    hook: Hook,
+    desc: &str,
+    input: &[u8],
+    want: &[u8],
+    reasons: &[&str],
+) {
     let before = h.reasons();
     let (rc, out) = h.run(hook, input);
     let after = h.reasons();
@@ -759,7 +771,8 @@ fn frag_step(h: &mut Harness, hook: Hook, desc: &str, input: &[u8], want: &[u8],
         .filter(|(a, b)| a.1 != b.1)
         .map(|(a, b)| (a.0, a.1 - b.1))
         .collect();
-    assert_eq!(moved, vec![(reason, 1)], "{hook:?}: {desc}: counters");
+    let want: Vec<_> = reasons.iter().map(|r| (*r, 1)).collect();
+    assert_eq!(moved, want, "{hook:?}: {desc}: counters");
 }
 
 /// The fragment tests, each checked on its own (`fragments`).
@@ -869,13 +882,15 @@ fn fragments(hook: Hook, set: ProgramSet, case: FragCase) {
             // The reply, fragmented by the backend: source back to VIP:53.
             let reply = dgram(uk, uport, CLIENT, 41000, 0x4321);
             let reply_out = dgram(UDP_VIP, 53, CLIENT, 41000, 0x4321);
-            frag_step(
+            // The flow's first reply: its reverse entry is written now
+            // (the backend has one frontend).
+            frag_step_reasons(
                 &mut h,
                 hook,
                 "first reply fragment: SNAT back to the VIP",
                 &reply[0],
                 &reply_out[0],
-                "nat_reverse",
+                &["nat_reverse", "ct_reverse_lazy"],
             );
             for i in 1..3 {
                 frag_step(
@@ -2513,3 +2528,305 @@ fn xdp_route_kept_and_cached_per_destination_on(set: ProgramSet) {
     })
     .unwrap();
 }
+
+/// A conntrack key from wire-order fields (addresses, ports host order).
+fn ct_key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> lb_common::FlowKey {
+    lb_common::FlowKey {
+        src_ip: u32::from_ne_bytes(src.octets()),
+        dst_ip: u32::from_ne_bytes(dst.octets()),
+        src_port: sport.to_be(),
+        dst_port: dport.to_be(),
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+fn ct_get(h: &mut Harness, k: &lb_common::FlowKey) -> Option<lb_common::CtValue> {
+    h.dp().writer().conntrack_map().get(k, 0).ok()
+}
+
+fn ct_len(h: &mut Harness) -> usize {
+    h.dp().writer().conntrack_map().keys().count()
+}
+
+/// Runs `input`, checks the verdict (pass: no fib redirect here), the exact
+/// bytes, and the change of `ct_reverse_lazy`.
+fn step(h: &mut Harness, hook: Hook, desc: &str, input: Vec<u8>, want: Vec<u8>, lazy: u64) {
+    let before = h.reasons();
+    let (rc, out) = h.run(hook, &input);
+    let d = reason_deltas(&before, &h.reasons());
+    assert_eq!(rc, V::Pass.code(hook), "{hook:?}: {desc}: verdict");
+    eprintln!("{hook:?}: {desc}");
+    assert_bytes_eq(&out, &want);
+    packet::verify_checksums(&out).unwrap();
+    assert_eq!(
+        d("ct_reverse_lazy"),
+        lazy,
+        "{hook:?}: {desc}: ct_reverse_lazy"
+    );
+}
+
+/// One conntrack insert per flow (issue 11): a new flow to a backend with
+/// one frontend writes only its forward entry; its first reply (TCP SYN|ACK,
+/// or a UDP reply) finds the flow through `FRONTENDS`, writes the reverse
+/// entry and is translated exactly; later replies use it. A backend reached
+/// through two frontends keeps the eager write (both entries at the SYN),
+/// and gets the lazy one back when the second frontend goes. A stale
+/// reverse entry (an older flow of the tuple, through a frontend the backend
+/// no longer has) is not used for the new flow's first reply; a reply with
+/// no flow passes untouched.
+fn one_insert_per_flow(hook: Hook, set: ProgramSet) {
+    use lb_common::{ct_dir, ct_state};
+    const OLD_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 77);
+    let mut h = Harness::new(false, set);
+    let (b1, b2) = (b(1), b(2));
+    let one = |name: &str, vip, port, proto, bk, bp| {
+        service(name, vip, port, proto, Algorithm::Maglev, &[(bk, bp)])
+    };
+    let w = h.dp().writer();
+    w.upsert_service(&one("demo/a:http", VIP, 80, Protocol::Tcp, b1, 8080))
+        .unwrap();
+    w.upsert_service(&one("demo/a:dns", UDP_VIP, 53, Protocol::Udp, b1, 5353))
+        .unwrap();
+    // b2:8080 behind two frontends.
+    w.upsert_service(&one("demo/b:http", VIP2, 80, Protocol::Tcp, b2, 8080))
+        .unwrap();
+    w.upsert_service(&one("demo/c:http", OLD_VIP, 81, Protocol::Tcp, b2, 8080))
+        .unwrap();
+    let udp = |src, sport, dst, dport, body: &[u8]| {
+        Pkt::udp()
+            .ip(src, dst)
+            .ports(sport, dport)
+            .id(9)
+            .payload(body)
+    };
+
+    // TCP, one frontend.
+    let fwd = ct_key(CLIENT, 40000, VIP, 80, 6);
+    let rev = ct_key(b1, 8080, CLIENT, 40000, 6);
+    let n0 = ct_len(&mut h);
+    step(
+        &mut h,
+        hook,
+        "SYN to a one-frontend backend: DNAT",
+        tcp(CLIENT, 40000, VIP, 80, SYN).build(),
+        tcp(CLIENT, 40000, b1, 8080, SYN).build(),
+        0,
+    );
+    assert_eq!(ct_len(&mut h), n0 + 1, "{hook:?}: the SYN writes one entry");
+    let f = ct_get(&mut h, &fwd).expect("forward entry");
+    assert_eq!((f.dir, f.state), (ct_dir::FORWARD, ct_state::SYN));
+    assert!(
+        ct_get(&mut h, &rev).is_none(),
+        "{hook:?}: no reverse entry yet"
+    );
+    step(
+        &mut h,
+        hook,
+        "first reply (SYN|ACK): reverse entry written, SNAT back to the VIP",
+        tcp(b1, 8080, CLIENT, 40000, SYN | ACK).ack(1001).build(),
+        tcp(VIP, 80, CLIENT, 40000, SYN | ACK).ack(1001).build(),
+        1,
+    );
+    assert_eq!(
+        ct_len(&mut h),
+        n0 + 2,
+        "{hook:?}: two entries after the reply"
+    );
+    let r = ct_get(&mut h, &rev).expect("reverse entry");
+    assert_eq!(r.dir, ct_dir::REVERSE);
+    assert_eq!(r.nat_ip, u32::from_ne_bytes(VIP.octets()));
+    assert_eq!(r.nat_port, 80u16.to_be());
+    assert_eq!((r.svc_id, r.backend_id), (f.svc_id, f.backend_id));
+    assert_eq!(r.client_port, 0);
+    assert_eq!(
+        ct_get(&mut h, &fwd).unwrap().state,
+        ct_state::ESTABLISHED,
+        "{hook:?}: the SYN|ACK moves the flow on"
+    );
+    step(
+        &mut h,
+        hook,
+        "client's ACK with data: DNAT",
+        tcp(CLIENT, 40000, VIP, 80, ACK | PSH)
+            .ack(5)
+            .payload(b"GET / HTTP/1.1\r\n\r\n")
+            .build(),
+        tcp(CLIENT, 40000, b1, 8080, ACK | PSH)
+            .ack(5)
+            .payload(b"GET / HTTP/1.1\r\n\r\n")
+            .build(),
+        0,
+    );
+    step(
+        &mut h,
+        hook,
+        "second reply: the reverse entry, nothing written",
+        tcp(b1, 8080, CLIENT, 40000, ACK | PSH)
+            .ack(1019)
+            .payload(b"HTTP/1.1 200 OK\r\n\r\n")
+            .build(),
+        tcp(VIP, 80, CLIENT, 40000, ACK | PSH)
+            .ack(1019)
+            .payload(b"HTTP/1.1 200 OK\r\n\r\n")
+            .build(),
+        0,
+    );
+    assert_eq!(ct_len(&mut h), n0 + 2);
+
+    // A reply of no flow: untouched.
+    let before = h.reasons();
+    let stray = tcp(b1, 8080, CLIENT, 40999, SYN | ACK).ack(1).build();
+    let (rc, out) = h.run(hook, &stray);
+    let d = reason_deltas(&before, &h.reasons());
+    assert_eq!(rc, V::Pass.code(hook));
+    assert_bytes_eq(&out, &stray);
+    assert_eq!((d("pass_no_service"), d("ct_reverse_lazy")), (1, 0));
+    assert!(ct_get(&mut h, &ct_key(b1, 8080, CLIENT, 40999, 6)).is_none());
+
+    // Two frontends: both entries at the SYN, no lazy write at the reply.
+    let n1 = ct_len(&mut h);
+    step(
+        &mut h,
+        hook,
+        "SYN to a backend of two frontends: both entries",
+        tcp(CLIENT, 40001, VIP2, 80, SYN).build(),
+        tcp(CLIENT, 40001, b2, 8080, SYN).build(),
+        0,
+    );
+    assert_eq!(ct_len(&mut h), n1 + 2, "{hook:?}: the eager SYN writes two");
+    assert!(ct_get(&mut h, &ct_key(b2, 8080, CLIENT, 40001, 6)).is_some());
+    step(
+        &mut h,
+        hook,
+        "its SYN|ACK: the reverse entry written at the SYN",
+        tcp(b2, 8080, CLIENT, 40001, SYN | ACK).ack(1001).build(),
+        tcp(VIP2, 80, CLIENT, 40001, SYN | ACK).ack(1001).build(),
+        0,
+    );
+
+    // The second frontend goes: b2 is lazy again.
+    h.dp()
+        .writer()
+        .remove_service(&ServiceAddr {
+            vip: OLD_VIP.into(),
+            port: 81,
+            protocol: Protocol::Tcp,
+        })
+        .unwrap();
+    let n2 = ct_len(&mut h);
+    // A stale reverse entry for the next flow's tuple: an older flow of
+    // CLIENT:40002 through the frontend just removed, its forward entry gone.
+    let stale_rev = ct_key(b2, 8080, CLIENT, 40002, 6);
+    let stale = lb_common::CtValue {
+        nat_ip: u32::from_ne_bytes(OLD_VIP.octets()),
+        nat_port: 81u16.to_be(),
+        dir: ct_dir::REVERSE,
+        svc_id: f.svc_id,
+        backend_id: f.backend_id,
+        ..Default::default()
+    };
+    h.dp()
+        .writer()
+        .conntrack_map()
+        .insert(stale_rev, stale, 0)
+        .unwrap();
+    step(
+        &mut h,
+        hook,
+        "SYN after the second frontend went: one entry",
+        tcp(CLIENT, 40002, VIP2, 80, SYN).build(),
+        tcp(CLIENT, 40002, b2, 8080, SYN).build(),
+        0,
+    );
+    assert_eq!(
+        ct_len(&mut h),
+        n2 + 2,
+        "{hook:?}: the stale entry and one new"
+    );
+    step(
+        &mut h,
+        hook,
+        "first reply over a stale reverse entry: from VIP2, not the old frontend",
+        tcp(b2, 8080, CLIENT, 40002, SYN | ACK).ack(1001).build(),
+        tcp(VIP2, 80, CLIENT, 40002, SYN | ACK).ack(1001).build(),
+        1,
+    );
+    let r = ct_get(&mut h, &stale_rev).unwrap();
+    assert_eq!(
+        (r.nat_ip, r.nat_port),
+        (u32::from_ne_bytes(VIP2.octets()), 80u16.to_be()),
+        "{hook:?}: the stale entry rewritten"
+    );
+
+    // UDP, one frontend.
+    let n3 = ct_len(&mut h);
+    step(
+        &mut h,
+        hook,
+        "UDP: first datagram: DNAT, one entry",
+        udp(CLIENT, 41000, UDP_VIP, 53, b"q").build(),
+        udp(CLIENT, 41000, b1, 5353, b"q").build(),
+        0,
+    );
+    assert_eq!(ct_len(&mut h), n3 + 1);
+    step(
+        &mut h,
+        hook,
+        "UDP: first reply: reverse entry written, SNAT back to the VIP",
+        udp(b1, 5353, CLIENT, 41000, b"answer").build(),
+        udp(UDP_VIP, 53, CLIENT, 41000, b"answer").build(),
+        1,
+    );
+    assert_eq!(ct_len(&mut h), n3 + 2);
+    step(
+        &mut h,
+        hook,
+        "UDP: second reply, no checksum: the reverse entry",
+        udp(b1, 5353, CLIENT, 41000, b"more").udp_no_csum().build(),
+        udp(UDP_VIP, 53, CLIENT, 41000, b"more")
+            .udp_no_csum()
+            .build(),
+        0,
+    );
+    // UDP over a stale reverse entry of another frontend.
+    let stale_udp = ct_key(b1, 5353, CLIENT, 41001, 17);
+    let stale = lb_common::CtValue {
+        nat_ip: u32::from_ne_bytes(OLD_VIP.octets()),
+        nat_port: 54u16.to_be(),
+        dir: ct_dir::REVERSE,
+        ..Default::default()
+    };
+    h.dp()
+        .writer()
+        .conntrack_map()
+        .insert(stale_udp, stale, 0)
+        .unwrap();
+    step(
+        &mut h,
+        hook,
+        "UDP: a new flow over a stale reverse entry",
+        udp(CLIENT, 41001, UDP_VIP, 53, b"q").build(),
+        udp(CLIENT, 41001, b1, 5353, b"q").build(),
+        0,
+    );
+    step(
+        &mut h,
+        hook,
+        "UDP: its first reply: from the VIP, not the stale entry's",
+        udp(b1, 5353, CLIENT, 41001, b"answer").build(),
+        udp(UDP_VIP, 53, CLIENT, 41001, b"answer").build(),
+        1,
+    );
+}
+
+both_sets!(
+    xdp_one_insert_per_flow,
+    xdp_one_insert_per_flow_compat,
+    |set| one_insert_per_flow(Hook::Xdp, set)
+);
+both_sets!(
+    tc_one_insert_per_flow,
+    tc_one_insert_per_flow_compat,
+    |set| one_insert_per_flow(Hook::Tc, set)
+);

@@ -258,7 +258,8 @@ fn implied(r: u32) -> Option<Class> {
         | reason::NAT_REVERSE
         | reason::NAT_FRAGMENT
         | reason::DROP_CT_INSERT
-        | reason::CT_PORT_REWRITE => None,
+        | reason::CT_PORT_REWRITE
+        | reason::CT_REVERSE_LAZY => None,
         reason::TX_RST_NO_BACKEND | reason::FWD_REDIRECT => Some(Class::Redirect),
         _ if reason::NAMES[r as usize].starts_with("drop_") => Some(Class::Drop),
         _ => Some(Class::Pass),

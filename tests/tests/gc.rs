@@ -70,6 +70,19 @@ fn service(name: &str, vip: Ipv4Addr, port: u16, proto: Protocol, bs: &[(u8, u16
     }
 }
 
+/// `svc`'s backends behind a second frontend (another VIP): a backend with two
+/// frontends keeps the eager path, whose SYN writes both conntrack entries
+/// (with one frontend the reverse entry waits for the first reply; those
+/// flows are tested in datapath_packet). The GC tests below want both
+/// entries from the start.
+fn twin(svc: &Service, last: u8) -> Service {
+    Service {
+        name: format!("{}-twin", svc.name),
+        vip: Ipv4Addr::new(10, 96, 1, last).into(),
+        ..svc.clone()
+    }
+}
+
 fn fwd_key(proto: u8, client: Ipv4Addr, sport: u16, vip: Ipv4Addr, dport: u16) -> FlowKey {
     FlowKey {
         src_ip: ip_wire(client),
@@ -122,6 +135,8 @@ fn sweep_expires_exactly_the_idle_flows_and_fixes_active_counts() {
     let dns = service("demo/dns:dns", UDP_VIP, 53, Protocol::Udp, &[(3, 5353)]);
     h.w().upsert_service(&web).unwrap();
     h.w().upsert_service(&dns).unwrap();
+    h.w().upsert_service(&twin(&web, 1)).unwrap();
+    h.w().upsert_service(&twin(&dns, 2)).unwrap();
     let addrs = [web.addr(), dns.addr()];
 
     // Open flows with real packets. Client ports name the cases:
@@ -568,6 +583,7 @@ fn recount_heals_active_counts_and_counts_evictions() {
         &[(1, 8080), (2, 8080)],
     );
     h.w().upsert_service(&web).unwrap();
+    h.w().upsert_service(&twin(&web, 1)).unwrap();
     let addrs = [web.addr()];
     for p in 4001..=4010 {
         h.run(&frame(6, CLIENT, p, VIP, 80, SYN));
@@ -599,7 +615,8 @@ fn recount_heals_active_counts_and_counts_evictions() {
             .unwrap()
     };
     let r = recount(&mut h, monotonic_ns());
-    assert_eq!((r.evicted, r.undercounted, r.recounted), (4, 0, 2));
+    // Recounted: web's two backends and the twin's two.
+    assert_eq!((r.evicted, r.undercounted, r.recounted), (4, 0, 4));
     assert_eq!(total_active(h.w(), &addrs), 5, "healed in one sweep");
     // Per backend: exactly the open flows conntrack holds on it.
     let open_on = |w: &MapWriter, id: u32| {

@@ -570,7 +570,11 @@ fn ebpf_mode_serves_ipv6_services_in_the_kernel() {
         .output()
         .expect("run lbctl");
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "lbctl conntrack: {table}");
+    assert!(
+        out.status.success(),
+        "lbctl conntrack: {table}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         table
             .lines()

@@ -146,6 +146,7 @@ pub fn shapes(cfg: &DatapathConfig) -> Vec<MapShape> {
         MapShape::new::<FragKey, FragValue>(m::FRAGMENTS, LruHash, cfg.max_fragments),
         MapShape::new::<u32, FlowCacheEntry>(m::FLOW_CACHE, PerCpuArray, FLOW_CACHE_SLOTS),
         MapShape::new::<u32, RouteCacheEntry>(m::ROUTE_CACHE, PerCpuArray, ROUTE_CACHE_SLOTS),
+        MapShape::new::<ServiceKey, ServiceKey>(m::FRONTENDS, Hash, cfg.max_backends),
         MapShape::new::<ServiceKey6, ServiceValue>(m::SERVICES6, Hash, cfg.max_services),
         MapShape::new::<u32, [u32; 4]>(m::BACKENDS6, Array, cfg.max_backends),
         MapShape::new::<FlowKey6, CtValue6>(m::CONNTRACK6, LruHash, cfg.max_conntrack6),
@@ -365,7 +366,7 @@ pub fn check_sizes(cfg: &DatapathConfig) -> Result<(), DatapathError> {
 fn size_flag(name: &str) -> Option<&'static str> {
     Some(match name {
         m::SERVICES => "--max-services",
-        m::BACKENDS => "--max-backends",
+        m::BACKENDS | m::FRONTENDS => "--max-backends",
         m::CONNTRACK => "--max-conntrack",
         m::CONNTRACK6 => "--max-conntrack6",
         m::AFFINITY => "--max-affinity",
@@ -472,11 +473,18 @@ mod tests {
         // SVC_STATS (16,384 x 32 B) + REASONS (one 8 B counter per reason) +
         // FLOW_CACHE (1,024 x 96 B) + ROUTE_CACHE (1,024 x 32 B) + a pointer
         // and a spare element per CPU for each plain hash (SERVICES, NAMES,
-        // SERVICES6).
+        // FRONTENDS, SERVICES6).
         let reasons = reason::COUNT as u64 * 8;
         assert_eq!(
             per_cpu,
-            16_384 * 32 + reasons + 1_024 * 96 + 1_024 * 32 + (8 + 80) + (8 + 312) + (8 + 96)
+            16_384 * 32
+                + reasons
+                + 1_024 * 96
+                + 1_024 * 32
+                + (8 + 80)
+                + (8 + 312)
+                + (8 + 64)
+                + (8 + 96)
         );
         assert!(per_cpu < MIB, "{per_cpu} bytes per CPU");
         assert_eq!(shape(&cfg, m::BACKEND_STATS).per_cpu_bytes(), 0);
@@ -496,6 +504,11 @@ mod tests {
         assert_eq!(b(m::CONNTRACK, 2), (1 << 20) * 16 + 524_289 * 128);
         // Hash: 16,384 buckets, elements of 48 + 8 + 24 B and one spare per CPU.
         assert_eq!(b(m::SERVICES, 2), 16_384 * 16 + (16_384 + 2) * 80 + 2 * 8);
+        // Hash: 262,144 buckets, elements of 48 + 8 + 8 B and one spare per CPU.
+        assert_eq!(
+            b(m::FRONTENDS, 2),
+            262_144 * 16 + (262_144 + 2) * 64 + 2 * 8
+        );
         // LRU: 8,192 buckets, elements of 48 + 16 (a 12 B key) + 8 (a 4 B value) B.
         assert_eq!(b(m::FRAGMENTS, 128), 8192 * 16 + 8192 * 72);
         // Buckets round up to a power of two.
@@ -515,15 +528,17 @@ mod tests {
         let mem = MapMemory::new(shapes(&cfg), 2);
         let e = mem.check(DEFAULT_BUDGET).unwrap_err();
         let msg = e.to_string();
+        // FRONTENDS (a hash: 64 B elements and 16 B buckets per backend)
+        // outgrows BACKEND_STATS (32 B per backend).
         assert!(matches!(
             e,
             DatapathError::OverBudget {
-                largest: m::BACKEND_STATS,
+                largest: m::FRONTENDS,
                 cpus: 2,
                 ..
             }
         ));
-        assert!(msg.contains("BACKEND_STATS"), "{msg}");
+        assert!(msg.contains("FRONTENDS"), "{msg}");
         assert!(mem.check(u64::MAX).is_ok());
     }
 

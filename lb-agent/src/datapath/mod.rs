@@ -352,6 +352,7 @@ impl Datapath {
             .map_max_entries(map_names::RR_COUNTERS, cfg.max_services)
             .map_max_entries(map_names::SVC_STATS, cfg.max_services)
             .map_max_entries(map_names::BACKENDS, cfg.max_backends)
+            .map_max_entries(map_names::FRONTENDS, cfg.max_backends)
             .map_max_entries(map_names::BACKEND_STATS, cfg.max_backends)
             .map_max_entries(map_names::BACKEND_CONNS, cfg.max_backends)
             .map_max_entries(map_names::BACKEND_GC, cfg.max_backends)

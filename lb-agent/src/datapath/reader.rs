@@ -255,6 +255,8 @@ pub struct MapReader {
     pub(super) services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub(super) names: HashMap<MapData, u32, NameValue>,
     pub(super) backends: Array<MapData, BackendValue>,
+    /// Backend ip:port:proto -> its one frontend (`map_names::FRONTENDS`).
+    pub(super) frontends: HashMap<MapData, ServiceKey, ServiceKey>,
     pub(super) slots: MapData,
     pub(super) slots_cap: u32,
     pub(super) conntrack: HashMap<MapData, FlowKey, CtValue>,
@@ -363,6 +365,7 @@ impl MapReader {
             services: typed!(map_names::SERVICES),
             names: typed!(map_names::NAMES),
             backends,
+            frontends: typed!(map_names::FRONTENDS),
             slots,
             slots_cap,
             conntrack: typed!(map_names::CONNTRACK),

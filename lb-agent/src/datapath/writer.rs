@@ -9,7 +9,7 @@
 //! flows are marked, and old backends and slices freed, only after the
 //! switch.
 
-use std::collections::{BTreeMap, HashMap as StdHashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
 use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
@@ -21,7 +21,7 @@ use aya::{
 use lb_api::{BackendState, DesiredState, Refusal, Service, ServiceAddr};
 use lb_common::{
     BackendValue, ConnCounts, Counters, CtValue, CtValue6, FlowKey, FlowKey6, NAME_MAX, NameValue,
-    ServiceValue, backend_state, config_idx, limits, map_names,
+    ServiceKey, ServiceValue, backend_flags, backend_state, config_idx, limits, map_names,
 };
 use tracing::debug;
 
@@ -60,12 +60,48 @@ fn table_hash(algo: u8, t: &[u32]) -> u32 {
     h
 }
 
+/// A backend's `FRONTENDS` key: its ip:port and its service's protocol.
+/// IPv4 only: IPv6 flows always write both conntrack entries (`CONNTRACK6`).
+fn frontend_key(proto: u8, ip: IpAddr, port: u16) -> Option<ServiceKey> {
+    let IpAddr::V4(ip) = ip else {
+        return None;
+    };
+    Some(ServiceKey {
+        vip: ip_wire(ip),
+        port: port.to_be(),
+        proto,
+        _pad: 0,
+    })
+}
+
+/// Which frontends (services' addresses) reach each IPv4 backend ip:port:proto.
+fn frontend_refs(
+    svcs: &BTreeMap<ServiceAddr, SvcState>,
+) -> StdHashMap<ServiceKey, BTreeSet<ServiceAddr>> {
+    let mut refs: StdHashMap<ServiceKey, BTreeSet<ServiceAddr>> = StdHashMap::new();
+    for (addr, st) in svcs {
+        let proto = key_of(addr).proto;
+        for &(ip, port) in st.backends.keys() {
+            if let Some(fk) = frontend_key(proto, ip, port) {
+                refs.entry(fk).or_default().insert(*addr);
+            }
+        }
+    }
+    refs
+}
+
 /// The maps, their index, and the allocators of ids and table slices.
 pub struct MapWriter {
     r: MapReader,
     svc_ids: IdAlloc,
     backend_ids: IdAlloc,
     ranges: RangeAlloc,
+    /// The frontends of every backend ip:port:proto in the maps: a backend
+    /// with one gets `backend_flags::ONE_FRONTEND` and a `FRONTENDS` entry
+    /// (its new flows write their reverse entry at the first reply).
+    refs: StdHashMap<ServiceKey, BTreeSet<ServiceAddr>>,
+    /// What `FRONTENDS` holds (a mirror, to write only changes).
+    frontends: StdHashMap<ServiceKey, ServiceKey>,
     /// Test hook: runs right after a service entry switches to its new
     /// table, before backends leaving the table are marked (see
     /// [`Self::set_after_switch_hook`]).
@@ -123,11 +159,19 @@ impl MapWriter {
             .map(|s| (s.value.table_off, s.value.table_len))
             .collect();
         let ranges = RangeAlloc::new(r.slots_cap, &ranges);
+        let refs = frontend_refs(&r.svcs);
+        let mut frontends = StdHashMap::new();
+        for kv in r.frontends.iter() {
+            let (k, v) = kv.map_err(map_err(map_names::FRONTENDS))?;
+            frontends.insert(k, v);
+        }
         Ok(MapWriter {
             r,
             svc_ids,
             backend_ids,
             ranges,
+            refs,
+            frontends,
             after_switch: None,
         })
     }
@@ -265,6 +309,12 @@ impl MapWriter {
     /// Creates or updates one service and its backend set.
     pub fn upsert_service(&mut self, svc: &Service) -> Result<u32, DatapathError> {
         let r = self.upsert_service_inner(svc);
+        if r.is_err() {
+            // What the maps hold now; a backend whose flag was cleared for a
+            // frontend that did not come keeps the (always correct) eager path
+            // until its service is written again.
+            self.refs = frontend_refs(&self.r.svcs);
+        }
         // Also after a failure half-way: some maps may have changed.
         self.invalidate_flow_cache()?;
         r
@@ -299,12 +349,29 @@ impl MapWriter {
             st.name = svc.name.clone();
         }
 
+        // 0. Frontends: a backend ip:port:proto that this service makes a
+        //    second frontend of loses its `ONE_FRONTEND` flag (in the other
+        //    services) before this service's entry can send flows to it.
+        let proto = key_of(&addr).proto;
+        for b in &svc.backends {
+            if let Some(fk) = frontend_key(proto, b.ip, b.port) {
+                self.add_frontend(fk, addr)?;
+            }
+        }
+
         // 1. Backends first: new ones get ids; changed ones that become (or
         //    stay) able to take new flows are rewritten now, before the new
         //    table can name them (an un-drain). The others wait for step 4.
+        //    A backend of one frontend (this service) gets its `FRONTENDS`
+        //    entry before its flag.
         let mut next: BTreeMap<(IpAddr, u16), BackendSlot> = BTreeMap::new();
         for b in &svc.backends {
             let k = (b.ip, b.port);
+            let fk = frontend_key(proto, b.ip, b.port);
+            let one = fk.is_some_and(|fk| self.refs.get(&fk).is_some_and(|s| s.len() == 1));
+            if let (true, Some(fk)) = (one, fk) {
+                self.set_frontend(fk, key_of(&addr))?;
+            }
             let value = BackendValue {
                 // An IPv6 backend's address is in `BACKENDS6` (written
                 // with its id, before any table names it).
@@ -317,7 +384,7 @@ impl MapWriter {
                     BackendState::Active => backend_state::ACTIVE,
                     BackendState::Terminating => backend_state::TERMINATING,
                 },
-                _pad: 0,
+                flags: if one { backend_flags::ONE_FRONTEND } else { 0 },
                 weight: b.weight,
                 svc_id: id,
             };
@@ -423,6 +490,9 @@ impl MapWriter {
         for (k, old) in &st.backends {
             if !next.contains_key(k) {
                 self.free_backend(old.id)?;
+                if let Some(fk) = frontend_key(proto, k.0, k.1) {
+                    self.drop_frontend(fk, &addr)?;
+                }
             }
         }
         st.value = value;
@@ -487,8 +557,102 @@ impl MapWriter {
         for b in st.backends.values() {
             self.free_backend(b.id)?;
         }
+        let proto = key_of(addr).proto;
+        for &(ip, port) in st.backends.keys() {
+            if let Some(fk) = frontend_key(proto, ip, port) {
+                self.drop_frontend(fk, addr)?;
+            }
+        }
         self.svc_ids.release(st.value.id);
         Ok(true)
+    }
+
+    /// `addr` reaches the backend `k`. If that makes a second frontend, the
+    /// other's backend entry loses `ONE_FRONTEND` now (its `FRONTENDS` entry
+    /// stays: flows it already sent wait for their first reply there).
+    fn add_frontend(&mut self, k: ServiceKey, addr: ServiceAddr) -> Result<(), DatapathError> {
+        let set = self.refs.entry(k).or_default();
+        if !set.insert(addr) || set.len() != 2 {
+            return Ok(());
+        }
+        let other = *set.iter().find(|a| **a != addr).expect("two frontends");
+        self.set_one_frontend(&other, k, false)
+    }
+
+    /// `addr` no longer reaches the backend `k`: the one frontend left gets
+    /// the `FRONTENDS` entry, then the flag; with none left, the entry goes.
+    fn drop_frontend(&mut self, k: ServiceKey, addr: &ServiceAddr) -> Result<(), DatapathError> {
+        let Some(set) = self.refs.get_mut(&k) else {
+            return Ok(());
+        };
+        set.remove(addr);
+        match set.len() {
+            0 => {
+                self.refs.remove(&k);
+                if self.frontends.remove(&k).is_some() {
+                    match self.r.frontends.remove(&k) {
+                        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                        Err(e) => return Err(map_err(map_names::FRONTENDS)(e)),
+                    }
+                }
+                Ok(())
+            }
+            1 => {
+                let last = *set.iter().next().expect("one frontend");
+                self.set_frontend(k, key_of(&last))?;
+                self.set_one_frontend(&last, k, true)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes `FRONTENDS[k] = fe` unless it holds that already.
+    fn set_frontend(&mut self, k: ServiceKey, fe: ServiceKey) -> Result<(), DatapathError> {
+        if self.frontends.get(&k) == Some(&fe) {
+            return Ok(());
+        }
+        self.r
+            .frontends
+            .insert(k, fe, 0)
+            .map_err(map_err(map_names::FRONTENDS))?;
+        self.frontends.insert(k, fe);
+        Ok(())
+    }
+
+    /// Sets or clears `ONE_FRONTEND` on the backend `k` of the service at
+    /// `addr` (its entry as the index knows it, all else unchanged).
+    fn set_one_frontend(
+        &mut self,
+        addr: &ServiceAddr,
+        k: ServiceKey,
+        on: bool,
+    ) -> Result<(), DatapathError> {
+        let bk = (
+            IpAddr::V4(super::reader::ip_from_wire(k.vip)),
+            u16::from_be(k.port),
+        );
+        let Some(slot) = self
+            .r
+            .svcs
+            .get_mut(addr)
+            .and_then(|st| st.backends.get_mut(&bk))
+        else {
+            return Ok(());
+        };
+        let flags = if on {
+            slot.value.flags | backend_flags::ONE_FRONTEND
+        } else {
+            slot.value.flags & !backend_flags::ONE_FRONTEND
+        };
+        if flags == slot.value.flags {
+            return Ok(());
+        }
+        slot.value.flags = flags;
+        let (id, value) = (slot.id, slot.value);
+        self.r
+            .backends
+            .set(id, value, 0)
+            .map_err(map_err(map_names::BACKENDS))
     }
 
     fn free_backend(&mut self, id: u32) -> Result<(), DatapathError> {

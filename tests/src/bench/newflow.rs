@@ -10,14 +10,15 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use lb_agent::datapath::reader::ip_wire;
 use lb_agent::datapath::{Datapath, DatapathConfig, conntrack_map_entries};
 use lb_common::{FlowKey, limits};
-use rpclb_tests::packet::{Pkt, SYN};
+use rpclb_tests::packet::{self, ACK, Pkt, SYN};
 
 use super::live::{
-    PinnedDp, Prog, Topo, VIP, VIP_PORT, XDP_REDIRECT, lab_service, plain, prog, verdict_name,
+    BACKEND_PORT, PinnedDp, Prog, Topo, VIP, VIP_PORT, XDP_REDIRECT, lab_service, plain, prog,
+    verdict_name,
 };
 use super::{
     Deadline, Opts, Table, bench_cpu, check_stop, count, header, median, ns, percentile, ratio,
@@ -59,7 +60,10 @@ fn fwd_key(i: u32) -> FlowKey {
     }
 }
 
-/// Runs the SYNs of flows `from..to` untimed; errors unless each is redirected.
+/// Runs flows `from..to` untimed: each one's SYN, then its backend's SYN|ACK, so that
+/// every flow holds its two entries (forward and reverse) as an answered flow does, whether
+/// the SYN writes both (the eager path) or the first reply writes the reverse one (a backend
+/// of one frontend). Errors unless each packet is redirected.
 fn fill(topo: &Topo, dp: &mut Datapath, from: u32, to: u32) -> Result<()> {
     let idx = topo.client().node_iface.ifindex;
     let frames: Vec<Vec<u8>> = (from..to).map(|i| syn(topo, i)).collect();
@@ -68,11 +72,30 @@ fn fill(topo: &Topo, dp: &mut Datapath, from: u32, to: u32) -> Result<()> {
             if k % 4096 == 0 {
                 check_stop()?;
             }
-            let (v, _, _) = plain(prog(dp, Prog::Lb)?, f, idx)?;
+            let i = from as usize + k;
+            let (v, out, _) = plain(prog(dp, Prog::Lb)?, f, idx)?;
             if v != XDP_REDIRECT {
+                bail!("new flow {i}: verdict {}", verdict_name(v));
+            }
+            let to = packet::parse(&out)?.ip.dst;
+            let b = topo
+                .backend_by_ip(to)
+                .with_context(|| format!("new flow {i}: DNAT to {to}, not a backend"))?;
+            let (cip, cport) = flow_addr(i as u32);
+            let reply = Pkt::tcp()
+                .eth(b.iface.mac, b.node_iface.mac)
+                .ip(b.ip(), cip)
+                .ports(BACKEND_PORT, cport)
+                .flags(SYN | ACK)
+                .seq(1)
+                .ack(2)
+                .build();
+            // Translated back (the client addresses have no route: the verdict may be a
+            // pass), so the reverse entry is there.
+            let (v, out, _) = plain(prog(dp, Prog::Lb)?, &reply, b.node_iface.ifindex)?;
+            if packet::parse(&out)?.ip.src != VIP {
                 bail!(
-                    "new flow {}: verdict {}",
-                    from as usize + k,
+                    "new flow {i}: reply not translated (verdict {})",
                     verdict_name(v)
                 );
             }
@@ -265,7 +288,8 @@ struct Level {
 /// Section `fill`: the new-flow cost at 0%, 25%, 50%, 75% and 90% of the default conntrack
 /// map's capacity in flows (`--max-conntrack` entries / `CT_ENTRIES_PER_FLOW`), and at the
 /// issue's 300,000 flows. Each round loads a fresh data path (an empty map) per variant, fills
-/// it with untimed SYNs up to each level in turn and times `per_level` new flows there.
+/// it with untimed answered flows (SYN and SYN|ACK) up to each level in turn and times
+/// `per_level` new flows (SYNs) there.
 pub fn section_fill(opts: &Opts) -> Result<()> {
     header("7. New flows as the conntrack map fills");
     let deadline = Deadline::after(Duration::from_secs(if opts.quick { 60 } else { 240 }));
@@ -336,8 +360,8 @@ pub fn section_fill(opts: &Opts) -> Result<()> {
     }
     println!(
         "map: --max-conntrack {} (the default; created with {} entries), {} entries per flow: \
-         {} flows of capacity; {} rounds, each a fresh map filled by untimed SYNs, {} timed new flows per \
-         level (each followed by the trivial program), CPU {}",
+         {} flows of capacity; {} rounds, each a fresh map filled by untimed flows (SYN and SYN|ACK: \
+         two entries each), {} timed new flows per level (each followed by the trivial program), CPU {}",
         count(entries.into()),
         count(conntrack_map_entries(entries).into()),
         limits::CT_ENTRIES_PER_FLOW,
