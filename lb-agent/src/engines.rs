@@ -129,10 +129,13 @@ impl Engines {
         self.health.set_targets(state);
         let state = &self.health.effective(state);
         self.health_node_ports.update(state, &self.node);
+        let mut snat = crate::external::SnatSet::new();
         let (kernel_part, proxy_part) = match &self.kernel {
             Some(_) => {
                 // The external front ends are services of their own (crate::external).
-                let (l7, l4): (Vec<_>, Vec<_>) = crate::external::expand(state, &self.node)
+                let (all, s) = crate::external::expand_snat(state, &self.node);
+                snat = s;
+                let (l7, l4): (Vec<_>, Vec<_>) = all
                     .services
                     .into_iter()
                     .partition(|s| s.grpc.is_some() || (s.is_ipv6() && !kernel_ipv6()));
@@ -146,10 +149,15 @@ impl Engines {
         let mut refused = Vec::new();
         if let (Some(dp), Some(part)) = (&self.kernel, kernel_part) {
             let dp = dp.clone();
-            refused = tokio::task::spawn_blocking(move || lock(&dp).writer().apply(&part))
-                .await
-                .context("apply task")?
-                .map_err(|e| anyhow!(e))?;
+            refused = tokio::task::spawn_blocking(move || {
+                let mut dp = lock(&dp);
+                let w = dp.writer();
+                w.set_snat(snat);
+                w.apply(&part)
+            })
+            .await
+            .context("apply task")?
+            .map_err(|e| anyhow!(e))?;
         }
         let proxy = match current(&self.proxy) {
             Some(p) => p,
