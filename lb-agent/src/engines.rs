@@ -135,10 +135,20 @@ impl Engines {
                 // The external front ends are services of their own (crate::external).
                 let (all, s) = crate::external::expand_snat(state, &self.node);
                 snat = s;
-                let (l7, l4): (Vec<_>, Vec<_>) = all
+                let in_proxy =
+                    |s: &lb_api::Service| s.grpc.is_some() || (s.is_ipv6() && !kernel_ipv6());
+                let l4: Vec<_> = all.services.into_iter().filter(|s| !in_proxy(s)).collect();
+                // The proxy's front ends as without kernel SNAT (this node's
+                // backends first).
+                let plain = crate::external::NodeInfo {
+                    snat: false,
+                    ..self.node.clone()
+                };
+                let l7: Vec<_> = crate::external::expand(state, &plain)
                     .services
                     .into_iter()
-                    .partition(|s| s.grpc.is_some() || (s.is_ipv6() && !kernel_ipv6()));
+                    .filter(in_proxy)
+                    .collect();
                 (
                     Some(DesiredState { services: l4 }),
                     DesiredState { services: l7 },

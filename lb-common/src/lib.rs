@@ -311,7 +311,19 @@ pub mod reason {
     /// `COLLISION_PROBES` candidates), or SNAT is off (no address or no
     /// ports): its packet is dropped (a SYN: the client retries).
     pub const DROP_SNAT_EXHAUSTED: u32 = 31;
-    pub const COUNT: u32 = 32;
+    /// TC: a SNATed packet (from the client side) that the walk would have
+    /// handed to the stack, which drops it (its source is a local address:
+    /// a martian), most often because the next hop's MAC is not known yet:
+    /// sent with `bpf_redirect_neigh`, which resolves it. Counted beside the
+    /// reason the walk gave (e.g. `pass_fib`).
+    pub const FWD_REDIRECT_NEIGH: u32 = 32;
+    /// A SNATed packet (from the client side) that cannot be forwarded
+    /// without the stack: no route (TC), or in XDP no redirect (no
+    /// neighbour entry yet, an interface that takes no XDP frames, a
+    /// CHECKSUM_PARTIAL seed): dropped (the stack would drop it as a
+    /// martian). The client retransmits.
+    pub const DROP_SNAT_UNROUTED: u32 = 33;
+    pub const COUNT: u32 = 34;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "pass_not_ipv4",
@@ -346,6 +358,8 @@ pub mod reason {
         "ct_reverse_lazy",
         "ct_snat",
         "drop_snat_exhausted",
+        "fwd_redirect_neigh",
+        "drop_snat_unrouted",
     ];
 }
 

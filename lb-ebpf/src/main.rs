@@ -223,7 +223,11 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
                 return Verdict::Drop;
             }
             stats::reason(reason::NAT_FORWARD);
-            return forward_and_fill::<C, S>(ctx, &key, &p, v, now, map_gen);
+            let verdict = forward_and_fill::<C, S>(ctx, &key, &p, v, now, map_gen);
+            if e.flags & ct_flags::SNAT != 0 && matches!(verdict, Verdict::Pass) {
+                return snat::unpassable(ctx, &p);
+            }
+            return verdict;
         }
     }
 
@@ -316,9 +320,16 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
     stats::reason(reason::NAT_FORWARD);
     if p.csum.is_seed() {
         stats::reason(p.csum.pass_reason());
+        if masq {
+            return snat::unpassable(ctx, &p);
+        }
         return Verdict::Pass;
     }
-    fwd::new_flow_forward(ctx, route)
+    let verdict = fwd::new_flow_forward(ctx, route);
+    if masq && matches!(verdict, Verdict::Pass) {
+        return snat::unpassable(ctx, &p);
+    }
+    verdict
 }
 
 /// Forwards a translated packet (`fwd::forward`), except one whose L4

@@ -17,6 +17,7 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const TC_OK: u32 = 0;
 const TC_SHOT: u32 = 2;
+const TC_REDIRECT: u32 = 7;
 
 /// The client, outside the cluster.
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 100);
@@ -32,7 +33,7 @@ const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 244, 32, 2);
 const LOCAL: Ipv4Addr = Ipv4Addr::new(10, 244, 16, 2);
 
 fn can_run(set: ProgramSet) -> bool {
-    if !lb_agent::datapath::scratch::require_root("packet tests") {
+    if !rpclb_tests::lab::require() {
         return false;
     }
     if set == ProgramSet::Full && !programs::kernel_has_full_set() {
@@ -53,29 +54,58 @@ macro_rules! each {
             #[test]
             fn xdp() {
                 if can_run(ProgramSet::Full) {
-                    ($f)(Hook::Xdp, ProgramSet::Full);
+                    in_ns(|| ($f)(Hook::Xdp, ProgramSet::Full));
                 }
             }
             #[test]
             fn xdp_compat() {
                 if can_run(ProgramSet::Compat) {
-                    ($f)(Hook::Xdp, ProgramSet::Compat);
+                    in_ns(|| ($f)(Hook::Xdp, ProgramSet::Compat));
                 }
             }
             #[test]
             fn tc() {
                 if can_run(ProgramSet::Full) {
-                    ($f)(Hook::Tc, ProgramSet::Full);
+                    in_ns(|| ($f)(Hook::Tc, ProgramSet::Full));
                 }
             }
             #[test]
             fn tc_compat() {
                 if can_run(ProgramSet::Compat) {
-                    ($f)(Hook::Tc, ProgramSet::Compat);
+                    in_ns(|| ($f)(Hook::Tc, ProgramSet::Compat));
                 }
             }
         }
     };
+}
+
+/// Runs `f` in a namespace of its own (torn down after): forwarding on, a
+/// veth `d0` on 10.244.32.1/24 (`REMOTE`'s network, no neighbour entry) and
+/// 192.168.50.1/24. There a SNATed packet that the walk would hand to the
+/// stack (these tests turn the fib redirect off) goes out with
+/// `bpf_redirect_neigh` in TC, and is dropped in XDP.
+fn in_ns(f: impl FnOnce() + Send) {
+    let ns = rpclb_tests::lab::Netns::new("snatpkt").unwrap();
+    for args in [
+        vec!["link", "add", "d0", "type", "veth", "peer", "name", "d1"],
+        vec!["link", "set", "d0", "up"],
+        vec!["link", "set", "d1", "up"],
+        vec!["addr", "add", "10.244.32.1/24", "dev", "d0"],
+        vec!["addr", "add", "192.168.50.1/24", "dev", "d0"],
+    ] {
+        ns.ip(&args).unwrap();
+    }
+    ns.exec("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"])
+        .unwrap();
+    ns.run(f).unwrap();
+}
+
+/// The verdict of a SNATed packet to its backend here (see [`in_ns`]).
+fn snat_out(h: Hook) -> u32 {
+    match h {
+        Hook::Xdp => XDP_DROP,
+        Hook::Tc => TC_REDIRECT,
+    }
 }
 
 fn pass(h: Hook) -> u32 {
@@ -232,42 +262,48 @@ fn snat_dnat_and_back(hook: Hook, set: ProgramSet) {
     let mut h = H::new(set, Some(r));
     let before = h.reasons();
     let p = candidate(r, CLIENT, 40000, FE, 6, 0);
-    let steps: Vec<(&str, Vec<u8>, Vec<u8>)> = vec![
+    let (out, back) = (snat_out(hook), pass(hook));
+    let steps: Vec<(&str, Vec<u8>, u32, Vec<u8>)> = vec![
         (
             "SYN to the front end: SNAT + DNAT",
             tcp(CLIENT, 40000, FE, 80, SYN).build(),
+            out,
             tcp(NODE, p, REMOTE, 8080, SYN).build(),
         ),
         (
             "SYN|ACK from the backend to the node: un-SNAT + un-DNAT",
             tcp(REMOTE, 8080, NODE, p, SYN | ACK).ack(1001).build(),
+            back,
             tcp(FE, 80, CLIENT, 40000, SYN | ACK).ack(1001).build(),
         ),
         (
             "ACK from the client: the same rewrite (conntrack hit)",
             tcp(CLIENT, 40000, FE, 80, ACK).build(),
+            out,
             tcp(NODE, p, REMOTE, 8080, ACK).build(),
         ),
         (
             "data from the backend",
             tcp(REMOTE, 8080, NODE, p, ACK).ack(1008).build(),
+            back,
             tcp(FE, 80, CLIENT, 40000, ACK).ack(1008).build(),
         ),
         (
             "FIN from the client",
             tcp(CLIENT, 40000, FE, 80, FIN | ACK).build(),
+            out,
             tcp(NODE, p, REMOTE, 8080, FIN | ACK).build(),
         ),
     ];
-    for (desc, input, want) in &steps {
-        h.step(hook, desc, input, pass(hook), want);
+    for (desc, input, code, want) in &steps {
+        h.step(hook, desc, input, *code, want);
     }
     let up = candidate(r, CLIENT, 5353, FE, 17, 0);
     h.step(
         hook,
         "UDP to the front end: SNAT + DNAT",
         &udp(CLIENT, 5353, FE, 80).build(),
-        pass(hook),
+        snat_out(hook),
         &udp(NODE, up, REMOTE, 8080).build(),
     );
     h.step(
@@ -300,6 +336,13 @@ fn snat_dnat_and_back(hook: Hook, set: ProgramSet) {
     assert_eq!(d("drop_ct_insert"), 0);
     assert_eq!(d("nat_forward"), 5);
     assert_eq!(d("nat_reverse"), 4);
+    // The four SNATed packets to the backend: never to the stack.
+    let (neigh, dropped) = match hook {
+        Hook::Tc => (4, 0),
+        Hook::Xdp => (0, 4),
+    };
+    assert_eq!(d("fwd_redirect_neigh"), neigh);
+    assert_eq!(d("drop_snat_unrouted"), dropped);
 
     // The entries: the forward one records the backend and the SNAT port,
     // the reverse one (keyed backend -> node:port) the front end, the
@@ -351,7 +394,7 @@ fn snat_partial_checksum(set: ProgramSet) {
         Hook::Xdp,
         "SYN with a seed",
         &tcp(CLIENT, 40002, FE, 80, SYN).partial().build(),
-        XDP_PASS,
+        XDP_DROP,
         &tcp(NODE, p, REMOTE, 8080, SYN).partial().build(),
         false,
     );
@@ -374,14 +417,14 @@ fn snat_partial_checksum(set: ProgramSet) {
 #[test]
 fn xdp_snat_partial_checksum() {
     if can_run(ProgramSet::Full) {
-        snat_partial_checksum(ProgramSet::Full);
+        in_ns(|| snat_partial_checksum(ProgramSet::Full));
     }
 }
 
 #[test]
 fn xdp_snat_partial_checksum_compat() {
     if can_run(ProgramSet::Compat) {
-        snat_partial_checksum(ProgramSet::Compat);
+        in_ns(|| snat_partial_checksum(ProgramSet::Compat));
     }
 }
 
@@ -403,14 +446,14 @@ fn snat_port_collision(hook: Hook, set: ProgramSet) {
         hook,
         "client 1: first candidate",
         &tcp(CLIENT, 40000, FE, 80, SYN).build(),
-        pass(hook),
+        snat_out(hook),
         &tcp(NODE, p, REMOTE, 8080, SYN).build(),
     );
     h.step(
         hook,
         "client 2: first candidate taken, the next one",
         &tcp(CLIENT2, sport2, FE, 80, SYN).build(),
-        pass(hook),
+        snat_out(hook),
         &tcp(NODE, p2, REMOTE, 8080, SYN).build(),
     );
     h.step(
@@ -447,7 +490,7 @@ fn snat_exhaustion(hook: Hook, set: ProgramSet) {
         hook,
         "client 1 takes the one port",
         &tcp(CLIENT, 40000, FE, 80, SYN).build(),
-        pass(hook),
+        snat_out(hook),
         &tcp(NODE, 62000, REMOTE, 8080, SYN).build(),
     );
     let syn2 = tcp(CLIENT2, 40000, FE, 80, SYN).build();
@@ -491,7 +534,7 @@ fn snat_exhaustion(hook: Hook, set: ProgramSet) {
         hook,
         "client 2 after client 1's flow is gone",
         &syn2,
-        pass(hook),
+        snat_out(hook),
         &tcp(NODE, 62000, REMOTE, 8080, SYN).build(),
     );
     h.step(
