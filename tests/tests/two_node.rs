@@ -369,22 +369,6 @@ fn two_node_node_port_cluster_snat() {
         );
     };
 
-    // DEBUG
-    let t = SocketAddrV4::new(a.addr(), 30080);
-    let r = client
-        .run(|| lab::tcp_attempts(t, 1, Limits::default()))
-        .unwrap();
-    if r[0].is_err() {
-        for i in 0..2 {
-            let m = agents.procs[i].scrape();
-            let ev: Vec<&str> =
-                m.0.lines()
-                    .filter(|l| l.starts_with("rpclb_datapath_events_total") && !l.ends_with(" 0"))
-                    .collect();
-            eprintln!("node {i}: {ev:#?}");
-        }
-        panic!("debug: {:?}\n{}", r[0], agents.log(0));
-    }
     // Backends only on B: SNATed, TCP and UDP.
     let t = SocketAddrV4::new(a.addr(), 30080);
     let r = tcp_from(client, t, 10);
