@@ -430,10 +430,10 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         addresses: a.node_addresses.clone(),
         snat: false,
     };
-    if let (Some(s), Some(c)) = (a.snat_ports.0, a.collision_ports.0) {
-        if s.overlaps(&c) {
-            anyhow::bail!("--snat-ports {s} overlaps --collision-ports {c}");
-        }
+    if let (Some(s), Some(c)) = (a.snat_ports.0, a.collision_ports.0)
+        && s.overlaps(&c)
+    {
+        anyhow::bail!("--snat-ports {s} overlaps --collision-ports {c}");
     }
     let snat_address = match (a.snat_ports.0, a.snat_address) {
         (None, _) => None,
@@ -632,6 +632,17 @@ mod tests {
         );
         assert_eq!(p("62000").unwrap().run.collision_ports.0, r(62000, 62000));
         assert_eq!(p("off").unwrap().run.collision_ports.0, None);
+        // The default SNAT range is the rest of 61000-65535.
+        let c = p("61000-61999").unwrap();
+        assert_eq!(c.run.snat_ports.0, Some(datapath::PortRange::DEFAULT_SNAT));
+        assert!(
+            !datapath::PortRange::DEFAULT_SNAT.overlaps(&datapath::PortRange::DEFAULT_COLLISION)
+        );
+        assert!(
+            r(62000, 62000)
+                .unwrap()
+                .overlaps(&datapath::PortRange::DEFAULT_SNAT)
+        );
         for bad in ["0-10", "10-5", "x", "1-70000"] {
             assert!(p(bad).is_err(), "{bad}");
         }
