@@ -129,13 +129,25 @@ impl Engines {
         self.health.set_targets(state);
         let state = &self.health.effective(state);
         self.health_node_ports.update(state, &self.node);
+        let mut snat = crate::external::SnatSet::new();
         let (kernel_part, proxy_part) = match &self.kernel {
             Some(_) => {
                 // The external front ends are services of their own (crate::external).
-                let (l7, l4): (Vec<_>, Vec<_>) = crate::external::expand(state, &self.node)
+                let (all, s) = crate::external::expand_snat(state, &self.node);
+                snat = s;
+                let in_proxy = |s: &lb_api::Service| s.grpc.is_some();
+                let l4: Vec<_> = all.services.into_iter().filter(|s| !in_proxy(s)).collect();
+                // The proxy's front ends as without kernel SNAT (this node's
+                // backends first).
+                let plain = crate::external::NodeInfo {
+                    snat: false,
+                    ..self.node.clone()
+                };
+                let l7: Vec<_> = crate::external::expand(state, &plain)
                     .services
                     .into_iter()
-                    .partition(|s| s.grpc.is_some());
+                    .filter(in_proxy)
+                    .collect();
                 (
                     Some(DesiredState { services: l4 }),
                     DesiredState { services: l7 },
@@ -146,10 +158,15 @@ impl Engines {
         let mut refused = Vec::new();
         if let (Some(dp), Some(part)) = (&self.kernel, kernel_part) {
             let dp = dp.clone();
-            refused = tokio::task::spawn_blocking(move || lock(&dp).writer().apply(&part))
-                .await
-                .context("apply task")?
-                .map_err(|e| anyhow!(e))?;
+            refused = tokio::task::spawn_blocking(move || {
+                let mut dp = lock(&dp);
+                let w = dp.writer();
+                w.set_snat(snat);
+                w.apply(&part)
+            })
+            .await
+            .context("apply task")?
+            .map_err(|e| anyhow!(e))?;
         }
         let proxy = match current(&self.proxy) {
             Some(p) => p,

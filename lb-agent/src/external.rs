@@ -17,12 +17,17 @@
 //! `node` is this agent's `--node-name`: the client's address is kept (DNAT
 //! only) and the reply leaves through this node's reverse NAT.
 //!
-//! With `Cluster`, kube-proxy also sends to backends on other nodes, SNATed to
-//! the node's address so that the reply comes back through it. rpclb's kernel
-//! programs have no SNAT yet (docs/kubernetes.md, "NodePort"), so a front end
-//! with `Cluster` uses this node's backends when it has any (then it behaves as
-//! `Local`), and all the backends otherwise: the connections to another node's
-//! backends then work only where that node routes the client through this one.
+//! With `Cluster`, a front end gets every backend, as kube-proxy's. In eBPF
+//! mode with SNAT on (`--snat-address`, `--snat-ports`; [`NodeInfo::snat`]),
+//! a new flow to a backend on another node is SNATed to the node's address
+//! so that the reply comes back through this node ([`expand_snat`] names
+//! those backends; lb-ebpf/src/snat.rs). A backend on this node, or whose
+//! node is unknown, is DNATed only. With SNAT off, a front end with
+//! `Cluster` uses this node's backends when it has any (then it behaves as
+//! `Local`), and all the backends otherwise, unSNATed: the connections to
+//! another node's backends then work only where that node routes the client
+//! through this one. The userspace proxy proxies (the backend sees the
+//! node's address), so there `Cluster` always means every backend.
 //!
 //! [`HealthNodePorts`] serves `healthCheckNodePort` as kube-proxy does.
 
@@ -43,6 +48,9 @@ pub struct NodeInfo {
     /// `--node-addresses`; empty: every IPv4 address of the node's
     /// interfaces but loopback ([`interface_addresses`]), at each apply.
     pub addresses: Vec<Ipv4Addr>,
+    /// `Cluster` front ends use every backend (the kernel SNATs those on
+    /// other nodes, or the userspace proxy proxies them).
+    pub snat: bool,
 }
 
 impl NodeInfo {
@@ -63,30 +71,53 @@ impl NodeInfo {
     fn is_local(&self, b: &Backend) -> bool {
         self.name.is_some() && b.node == self.name
     }
+
+    /// Whether `b` runs on another known node (SNATed from a `Cluster`
+    /// front end).
+    fn is_remote(&self, b: &Backend) -> bool {
+        self.name.is_some() && b.node.is_some() && b.node != self.name
+    }
 }
 
 /// Every IPv4 address of the calling thread's network namespace but
 /// loopback, sorted, without repeats.
 pub fn interface_addresses() -> std::io::Result<Vec<Ipv4Addr>> {
+    Ok(addresses_of(None)?.into_iter().collect())
+}
+
+/// The first IPv4 address (as `getifaddrs` lists them: the primary first)
+/// of the interface `name`, if it has one.
+pub fn interface_address(name: &str) -> std::io::Result<Option<Ipv4Addr>> {
+    Ok(addresses_of(Some(name))?.into_iter().next())
+}
+
+/// The IPv4 addresses but loopback of interface `only` (or of every one),
+/// in `getifaddrs` order, without repeats.
+fn addresses_of(only: Option<&str>) -> std::io::Result<Vec<Ipv4Addr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let mut out = BTreeSet::new();
+    let mut out = Vec::new();
     let mut cur = head;
     while !cur.is_null() {
         // SAFETY: `cur` is a node of the list getifaddrs returned.
         let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null() {
+        // SAFETY: ifa_name is a NUL-terminated string of the list.
+        let named = only.is_none_or(|n| {
+            !ifa.ifa_name.is_null()
+                && unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_bytes() == n.as_bytes()
+        });
+        if named && !ifa.ifa_addr.is_null() {
             // SAFETY: ifa_addr points to a sockaddr; its family says which.
             let family = unsafe { (*ifa.ifa_addr).sa_family };
             if i32::from(family) == libc::AF_INET {
                 // SAFETY: an AF_INET address is a sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
                 let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                if !ip.is_loopback() {
-                    out.insert(ip);
+                if !ip.is_loopback() && !out.contains(&ip) {
+                    out.push(ip);
                 }
             }
         }
@@ -94,7 +125,10 @@ pub fn interface_addresses() -> std::io::Result<Vec<Ipv4Addr>> {
     }
     // SAFETY: `head` came from getifaddrs and is freed once.
     unsafe { libc::freeifaddrs(head) };
-    Ok(out.into_iter().collect())
+    if only.is_none() {
+        out.sort();
+    }
+    Ok(out)
 }
 
 /// The backends of `s`'s external front ends on this node (see the module
@@ -108,6 +142,7 @@ pub fn external_backends(s: &Service, node: &NodeInfo) -> Vec<Backend> {
         .collect();
     match s.external.traffic_policy {
         TrafficPolicy::Local => local,
+        TrafficPolicy::Cluster if node.snat => s.backends.clone(),
         TrafficPolicy::Cluster if local.iter().any(Backend::takes_new_flows) => local,
         TrafficPolicy::Cluster => s.backends.clone(),
     }
@@ -121,8 +156,18 @@ pub fn external_backends(s: &Service, node: &NodeInfo) -> Vec<Backend> {
 /// the proxy serves all of them (listening on node addresses and external
 /// IPs; it proxies, so a backend sees the node's address even with `Local`).
 pub fn expand(state: &DesiredState, node: &NodeInfo) -> DesiredState {
+    expand_snat(state, node).0
+}
+
+/// (front end, backend ip, backend port) of each backend to SNAT.
+pub type SnatSet = HashSet<(lb_api::ServiceAddr, std::net::IpAddr, u16)>;
+
+/// [`expand`], and the backends of its `Cluster` front ends that run on
+/// other nodes, which the kernel SNATs ([`NodeInfo::snat`]; empty without).
+pub fn expand_snat(state: &DesiredState, node: &NodeInfo) -> (DesiredState, SnatSet) {
+    let mut snat = SnatSet::new();
     if !state.services.iter().any(|s| s.external.any()) {
-        return state.clone();
+        return (state.clone(), snat);
     }
     let addrs = node.node_addresses();
     let mut taken: HashSet<_> = state.services.iter().map(Service::addr).collect();
@@ -154,10 +199,18 @@ pub fn expand(state: &DesiredState, node: &NodeInfo) -> DesiredState {
                 );
                 continue;
             }
+            if node.snat && e.traffic_policy == TrafficPolicy::Cluster && ip.is_ipv4() {
+                snat.extend(
+                    svc.backends
+                        .iter()
+                        .filter(|b| node.is_remote(b))
+                        .map(|b| (svc.addr(), b.ip, b.port)),
+                );
+            }
             out.push(svc);
         }
     }
-    DesiredState { services: out }
+    (DesiredState { services: out }, snat)
 }
 
 /// One health-check node port's answer: the Service and its local endpoints.
@@ -366,7 +419,44 @@ mod tests {
         NodeInfo {
             name: Some(name.into()),
             addresses: vec![Ipv4Addr::new(192, 168, 50, 1), Ipv4Addr::new(10, 0, 0, 1)],
+            snat: false,
         }
+    }
+
+    #[test]
+    fn cluster_with_snat_uses_every_backend_and_snats_the_remote_ones() {
+        let mut n = node("a");
+        n.snat = true;
+        let mut s = svc(TrafficPolicy::Cluster);
+        s.backends
+            .push(Backend::new(Ipv4Addr::new(10, 244, 0, 4), 8080));
+        let st = DesiredState {
+            services: vec![s.clone()],
+        };
+        let (out, snat) = expand_snat(&st, &n);
+        assert_eq!(out.services.len(), 4);
+        let mut want = SnatSet::new();
+        for f in &out.services[1..] {
+            assert_eq!(f.backends, s.backends, "every backend");
+            // b2 is on node b; b4's node is unknown: DNAT only.
+            want.insert((f.addr(), Ipv4Addr::new(10, 244, 0, 2).into(), 8080));
+        }
+        assert_eq!(snat, want);
+        // Local: this node's backends, nothing SNATed.
+        let st = DesiredState {
+            services: vec![svc(TrafficPolicy::Local)],
+        };
+        let (out, snat) = expand_snat(&st, &n);
+        assert_eq!(out.services[1].backends, vec![b(1, "a"), b(3, "a")]);
+        assert!(snat.is_empty());
+        // SNAT off: as before.
+        let (_, snat) = expand_snat(
+            &DesiredState {
+                services: vec![svc(TrafficPolicy::Cluster)],
+            },
+            &node("a"),
+        );
+        assert!(snat.is_empty());
     }
 
     #[test]

@@ -57,7 +57,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
-use lb_common::{ConnCounts, CtValue, FlowKey, ct_dir, ct_state};
+use lb_common::{ConnCounts, CtValue, FlowKey, ct_dir, ct_flags, ct_state};
 use serde::{Serialize, Serializer};
 use tracing::debug;
 
@@ -243,8 +243,23 @@ pub fn plan(scan: Scan, t: &Timeouts, now_ns: u64) -> Plan {
         flows: forward.len() as u64,
         ..Default::default()
     };
+    // A SNATed flow's reverse key ends at the node's address, which its
+    // forward entry does not hold: found from the reverse entries' side.
+    let snat_rev: HashMap<FlowKey, FlowKey> =
+        if forward.iter().any(|(_, v)| v.flags & ct_flags::SNAT != 0) {
+            reverse_owner.iter().map(|(r, f)| (*f, *r)).collect()
+        } else {
+            HashMap::new()
+        };
     for (key, value) in forward {
-        let rk = key.reverse_of_forward(&value);
+        let rk = if value.flags & ct_flags::SNAT != 0 {
+            match snat_rev.get(&key) {
+                Some(rk) => *rk,
+                None => key.reverse_of_forward(&value),
+            }
+        } else {
+            key.reverse_of_forward(&value)
+        };
         // Only the entry that points back at this flow is its own.
         let owned = reverse_owner.get(&rk) == Some(&key);
         let rev = if owned { reverse.remove(&rk) } else { None };

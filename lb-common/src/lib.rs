@@ -136,8 +136,15 @@ pub mod limits {
     pub const MAX_XDP_IFINDEX: u32 = 65_536;
     /// Default source ports for flows whose backend-side tuple is taken
     /// (`--collision-ports`): above Linux's default ephemeral range
-    /// (32768-60999), so a client's own ports rarely meet them.
-    pub const COLLISION_PORTS: (u16, u16) = (61_000, 65_535);
+    /// (32768-60999), so a client's own ports rarely meet them. The rest of
+    /// 61000-65535 is the SNAT range ([`SNAT_PORTS`]).
+    pub const COLLISION_PORTS: (u16, u16) = (61_000, 61_999);
+    /// Default source ports of SNATed flows (`--snat-ports`): front ends with
+    /// `externalTrafficPolicy: Cluster` to a backend on another node get one
+    /// of these on the node's address. Above the ephemeral range too, so the
+    /// node's own connections never meet them; apart from the collision
+    /// range (the agent refuses an overlap).
+    pub const SNAT_PORTS: (u16, u16) = (62_000, 65_535);
     /// Candidate ports the kernel tries for one colliding flow
     /// (`collision_port`) before it counts the range as exhausted.
     pub const COLLISION_PROBES: u32 = 16;
@@ -179,6 +186,21 @@ pub mod backend_flags {
     /// flow writes both at once, and claims the reverse key against the
     /// other frontends' flows (port rewrites).
     pub const ONE_FRONTEND: u8 = 1;
+    /// The backend of a front end with `externalTrafficPolicy: Cluster`
+    /// (node port, external or load-balancer IP) that runs on another node:
+    /// a new flow to it is SNATed to this node's address
+    /// (`config_idx::SNAT_ADDR`) and a port of the SNAT range, so that the
+    /// reply comes back through this node (lb-ebpf/src/snat.rs).
+    pub const SNAT: u8 = 2;
+}
+
+/// Flags of a conntrack entry (`CtValue::flags`).
+pub mod ct_flags {
+    /// The flow is SNATed (`backend_flags::SNAT`). Forward entry: the source
+    /// becomes `config_idx::SNAT_ADDR`:`client_port`. Reverse entry (keyed
+    /// backend -> node address:SNAT port): `state` holds the client's
+    /// address, and the reply's destination goes back to it.
+    pub const SNAT: u8 = 1;
 }
 
 /// IP protocol numbers.
@@ -281,7 +303,27 @@ pub mod reason {
     /// the entry found belonged to an older flow. A conntrack event counted
     /// beside `nat_reverse`.
     pub const CT_REVERSE_LAZY: u32 = 29;
-    pub const COUNT: u32 = 30;
+    /// A new flow SNATed to the node's address and a port of the SNAT range
+    /// (`backend_flags::SNAT`). A conntrack event counted beside
+    /// `nat_forward`.
+    pub const CT_SNAT: u32 = 30;
+    /// A new flow to be SNATed found no free port of the SNAT range (among
+    /// `COLLISION_PROBES` candidates), or SNAT is off (no address or no
+    /// ports): its packet is dropped (a SYN: the client retries).
+    pub const DROP_SNAT_EXHAUSTED: u32 = 31;
+    /// TC: a SNATed packet (from the client side) that the walk would have
+    /// handed to the stack, which drops it (its source is a local address:
+    /// a martian), most often because the next hop's MAC is not known yet:
+    /// sent with `bpf_redirect_neigh`, which resolves it. Counted beside the
+    /// reason the walk gave (e.g. `pass_fib`).
+    pub const FWD_REDIRECT_NEIGH: u32 = 32;
+    /// A SNATed packet (from the client side) that cannot be forwarded
+    /// without the stack: no route (TC), or in XDP no redirect (no
+    /// neighbour entry yet, an interface that takes no XDP frames, a
+    /// CHECKSUM_PARTIAL seed): dropped (the stack would drop it as a
+    /// martian). The client retransmits.
+    pub const DROP_SNAT_UNROUTED: u32 = 33;
+    pub const COUNT: u32 = 34;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "pass_not_ipv4",
@@ -314,6 +356,10 @@ pub mod reason {
         "pass_ipv6_ext",
         "pass_ipv6_no_program",
         "ct_reverse_lazy",
+        "ct_snat",
+        "drop_snat_exhausted",
+        "fwd_redirect_neigh",
+        "drop_snat_unrouted",
     ];
 }
 
@@ -344,7 +390,15 @@ pub mod config_idx {
     /// makes: a per-CPU flow cache entry (`FlowCacheEntry`) of another
     /// generation is stale. 0 turns the cache off (nothing is cached).
     pub const FLOW_GEN: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// The node's address that SNATed flows leave from (network order;
+    /// `--snat-address`); 0: SNAT off.
+    pub const SNAT_ADDR: u32 = 5;
+    /// First port of the SNAT range (host order; `--snat-ports`).
+    pub const SNAT_PORT_MIN: u32 = 6;
+    /// Ports from `SNAT_PORT_MIN` on; 0: SNAT off (such flows are dropped,
+    /// `drop_snat_exhausted`).
+    pub const SNAT_PORT_COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// `SERVICES` key: a VIP, port and protocol, all in network byte order.
@@ -422,10 +476,13 @@ pub struct CtValue {
     pub nat_ip: u32,
     pub nat_port: u16,
     pub dir: u8,
-    pub _pad: u8,
+    /// `ct_flags`.
+    pub flags: u8,
     pub svc_id: u32,
     pub backend_id: u32,
-    /// One of `ct_state`; changed with compare-and-swap in the kernel.
+    /// Forward entry: one of `ct_state`; changed with compare-and-swap in
+    /// the kernel. Reverse entry: 0, but the client's address (network
+    /// order) in a SNATed flow's (`ct_flags::SNAT`).
     pub state: u32,
     /// The client port across a source-port rewrite: in a forward entry the
     /// port the backend sees, in a reverse entry the client's own port
@@ -537,7 +594,10 @@ pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 impl FlowKey {
     /// The reverse key of a forward entry: backend -> client (at the port
-    /// the backend sees).
+    /// the backend sees). Not for a SNATed flow (`ct_flags::SNAT`): its
+    /// reverse key's destination is the node's SNAT address, which the
+    /// forward entry does not hold; find it from the reverse entries'
+    /// [`FlowKey::forward_of_reverse`] instead.
     pub fn reverse_of_forward(&self, v: &CtValue) -> FlowKey {
         FlowKey {
             src_ip: v.nat_ip,
@@ -554,9 +614,15 @@ impl FlowKey {
     }
 
     /// The forward key of a reverse entry: client (at its own port) -> VIP.
+    /// A SNATed flow's reverse entry is keyed on the node's address; the
+    /// client's is in its `state`.
     pub fn forward_of_reverse(&self, v: &CtValue) -> FlowKey {
         FlowKey {
-            src_ip: self.dst_ip,
+            src_ip: if v.flags & ct_flags::SNAT != 0 {
+                v.state
+            } else {
+                self.dst_ip
+            },
             dst_ip: v.nat_ip,
             src_port: if v.client_port != 0 {
                 v.client_port

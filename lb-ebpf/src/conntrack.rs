@@ -32,7 +32,7 @@ pub fn key(p: &Packet) -> FlowKey {
 /// words (`fib_ns`, `fib_ifindex`, `fib_mac`), [`no_route`] for none.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn ct_value(
+pub(crate) fn ct_value(
     nat_ip: u32,
     nat_port: u16,
     dir: u8,
@@ -109,11 +109,12 @@ fn points_back(f: *const CtValue, owner_sport: u16, rev: &FlowKey) -> bool {
     }
 }
 
-/// The forward key a reverse entry `v` at `rev` names.
+/// The forward key a reverse entry `v` at `rev` names. A SNATed flow's
+/// reverse key ends at the node's address; its client is in `state`.
 #[inline(always)]
 pub fn owner_key(rev: &FlowKey, v: *const CtValue) -> FlowKey {
     flow_key(
-        rev.dst_ip,
+        crate::snat::client_of_reverse(rev, v),
         unsafe { (*v).nat_ip },
         client_port_of_reverse(rev, v),
         unsafe { (*v).nat_port },
@@ -224,7 +225,7 @@ pub fn first_reply<S: ProgramSet>(rev: &FlowKey, flags: u8, now: u64) -> bool {
 
 /// What claiming a reverse key gave.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Claim {
+pub(crate) enum Claim {
     Written,
     /// Another live flow holds it.
     Taken,
@@ -235,7 +236,7 @@ enum Claim {
 /// Writes the reverse entry `rv` at `rev` unless another live flow holds
 /// that key (`BPF_NOEXIST` first: the common case costs one update).
 #[inline(always)]
-fn claim(rev: &FlowKey, rv: &CtValue, fwd: &FlowKey) -> Claim {
+pub(crate) fn claim(rev: &FlowKey, rv: &CtValue, fwd: &FlowKey) -> Claim {
     match CONNTRACK.insert(rev, rv, BPF_NOEXIST) {
         Ok(()) => Claim::Written,
         Err(e) if e == -EEXIST => {
@@ -313,13 +314,7 @@ pub fn create(
     route: &NewRoute,
     lazy: bool,
 ) -> Created {
-    let state = if p.is_udp() {
-        ct_state::UDP
-    } else if p.flags & TCP_SYN != 0 && p.flags & TCP_ACK == 0 {
-        ct_state::SYN
-    } else {
-        ct_state::ESTABLISHED
-    };
+    let state = new_state(p);
     let rev = flow_key(ip, fwd.src_ip, port, fwd.src_port, fwd.proto);
     let rv = ct_value(
         fwd.dst_ip,
@@ -379,6 +374,18 @@ pub fn create(
     Created::Flow {
         sport,
         ok: rev_ok && fwd_ok,
+    }
+}
+
+/// The state of a new flow's forward entry, from its first packet.
+#[inline(always)]
+pub fn new_state(p: &Packet) -> u32 {
+    if p.is_udp() {
+        ct_state::UDP
+    } else if p.flags & TCP_SYN != 0 && p.flags & TCP_ACK == 0 {
+        ct_state::SYN
+    } else {
+        ct_state::ESTABLISHED
     }
 }
 

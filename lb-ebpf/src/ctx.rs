@@ -4,7 +4,7 @@
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     helpers::{
-        bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail, bpf_xdp_adjust_head,
+        bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head, bpf_skb_change_tail, bpf_xdp_adjust_head,
         bpf_xdp_adjust_tail,
     },
     programs::{TcContext, XdpContext},
@@ -28,12 +28,17 @@ pub enum Verdict {
     Bounce,
     /// `bpf_redirect` to this ifindex.
     Redirect(u32),
+    /// TC only: `bpf_redirect_neigh` to this ifindex (the kernel resolves
+    /// the next hop and its MAC); a drop in XDP, which never makes one.
+    RedirectNeigh(u32),
 }
 
 pub trait Ctx {
     /// Whether this hook uses the per-CPU flow cache (`flowcache`): XDP,
     /// whose rewrites are plain writes to the bytes.
     const FLOW_CACHE: bool;
+    /// Whether this hook can send with `bpf_redirect_neigh` (TC, 5.10+).
+    const NEIGH: bool;
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
     /// Length of the whole frame, which for an skb may extend past `data_end`
@@ -114,6 +119,7 @@ pub struct Xdp<'a>(pub &'a XdpContext);
 
 impl Ctx for Xdp<'_> {
     const FLOW_CACHE: bool = true;
+    const NEIGH: bool = false;
     #[inline(always)]
     fn data(&self) -> usize {
         self.0.data()
@@ -286,6 +292,7 @@ impl Ctx for Xdp<'_> {
             // ingress interface is.
             Verdict::Bounce => unsafe { bpf_redirect(self.ifindex(), 0) as u32 },
             Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
+            Verdict::RedirectNeigh(_) => xdp_action::XDP_DROP,
         }
     }
 }
@@ -299,6 +306,7 @@ impl Ctx for Tc<'_> {
     /// TC rewrites through the checksum helpers, which follow the skb's
     /// checksum state; the cache's one-add rewrite would not.
     const FLOW_CACHE: bool = false;
+    const NEIGH: bool = true;
     #[inline(always)]
     fn data(&self) -> usize {
         self.0.data()
@@ -455,6 +463,9 @@ impl Ctx for Tc<'_> {
             // ingress interface is.
             Verdict::Bounce => unsafe { bpf_redirect(self.ifindex(), 0) as u32 },
             Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
+            Verdict::RedirectNeigh(ifindex) => unsafe {
+                bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as u32
+            },
         }
     }
 }

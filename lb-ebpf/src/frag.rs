@@ -22,7 +22,7 @@
 //! a balanced flow's) it goes to the stack as before, counted as
 //! `pass_fragment`.
 
-use lb_common::{CtValue, FragKey, FragValue, FlowKey, ct_dir, reason};
+use lb_common::{CtValue, FragKey, FragValue, FlowKey, ct_dir, ct_flags, reason};
 
 use crate::{
     conntrack,
@@ -79,6 +79,7 @@ pub fn later<C: Ctx>(ctx: &mut C, p: &mut Packet, now: u64) -> Verdict {
     let e = unsafe { &*v };
     let (dir, nat_ip, nat_port) = (e.dir, e.nat_ip, e.nat_port);
     let (svc_id, backend_id) = (e.svc_id, e.backend_id);
+    let (masq, client) = (e.flags & ct_flags::SNAT != 0, e.state);
     conntrack::touch(v, now);
     let done = if dir == ct_dir::REVERSE {
         // Backend -> client becomes VIP -> client.
@@ -91,6 +92,14 @@ pub fn later<C: Ctx>(ctx: &mut C, p: &mut Packet, now: u64) -> Verdict {
         (p.daddr, p.sport, p.dport) = (nat_ip, ports.src_port, nat_port);
         r
     };
+    // A SNATed flow's other address (`snat`).
+    let done = done.and_then(|()| {
+        if masq {
+            crate::snat::fragment(ctx, p, dir != ct_dir::REVERSE, client)
+        } else {
+            Some(())
+        }
+    });
     if done.is_none() {
         stats::reason(reason::DROP_TRUNCATED_IP);
         return Verdict::Drop;

@@ -18,6 +18,7 @@ mod reject;
 mod reject6;
 mod select;
 mod set;
+mod snat;
 mod stats;
 mod v6;
 
@@ -27,7 +28,7 @@ use aya_ebpf::{
 };
 use core::intrinsics::AtomicOrdering;
 use ctx::{Ctx, Tc, Verdict, Xdp, ptr_at};
-use lb_common::{backend_flags, ct_dir, proto, reason};
+use lb_common::{backend_flags, ct_dir, ct_flags, proto, reason};
 use parse::{TCP_ACK, TCP_SYN};
 use set::{Compat, Full, ProgramSet};
 
@@ -200,7 +201,10 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
             }
             conntrack::touch(v, now);
             stats::traffic(e.svc_id, e.backend_id, bytes, false);
-            if nat::snat(ctx, &mut p, e.nat_ip, e.nat_port, e.client_port).is_none() {
+            if nat::snat(ctx, &mut p, e.nat_ip, e.nat_port, e.client_port).is_none()
+                || (e.flags & ct_flags::SNAT != 0
+                    && snat::destination(ctx, &mut p, e.state).is_none())
+            {
                 stats::reason(reason::DROP_TRUNCATED_L4);
                 return Verdict::Drop;
             }
@@ -213,12 +217,18 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
                 conntrack::tcp_state::<S>(v, p.flags, true);
             }
             stats::traffic(e.svc_id, e.backend_id, bytes, false);
-            if nat::dnat(ctx, &mut p, e.nat_ip, e.nat_port, e.client_port).is_none() {
+            if nat::dnat(ctx, &mut p, e.nat_ip, e.nat_port, e.client_port).is_none()
+                || (e.flags & ct_flags::SNAT != 0 && snat::source(ctx, &mut p).is_none())
+            {
                 stats::reason(reason::DROP_TRUNCATED_L4);
                 return Verdict::Drop;
             }
             stats::reason(reason::NAT_FORWARD);
-            return forward_and_fill::<C, S>(ctx, &key, &p, v, now, map_gen);
+            let verdict = forward_and_fill::<C, S>(ctx, &key, &p, v, now, map_gen);
+            if e.flags & ct_flags::SNAT != 0 && matches!(verdict, Verdict::Pass) {
+                return snat::unpassable(ctx, &p);
+            }
+            return verdict;
         }
     }
 
@@ -245,22 +255,40 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
     // next packet does not look it up, and the new entry is not looked up
     // again to store it.
     let route = fwd::new_flow_route(ctx, &p, b.ip, b.port, now);
-    let sport = match conntrack::create(
-        &key,
-        &p,
-        svc.id,
-        id,
-        b.ip,
-        b.port,
-        now,
-        &route,
-        b.flags & backend_flags::ONE_FRONTEND != 0,
-    ) {
+    // A Cluster front end's backend on another node: SNAT (`snat`).
+    let masq = b.flags & backend_flags::SNAT != 0;
+    let created = if masq {
+        snat::create(
+            &key,
+            conntrack::new_state(&p),
+            svc.id,
+            id,
+            b.ip,
+            b.port,
+            now,
+            &route,
+        )
+    } else {
+        conntrack::create(
+            &key,
+            &p,
+            svc.id,
+            id,
+            b.ip,
+            b.port,
+            now,
+            &route,
+            b.flags & backend_flags::ONE_FRONTEND != 0,
+        )
+    };
+    let sport = match created {
         conntrack::Created::Flow { sport, ok } => {
             if !ok {
                 stats::reason(reason::DROP_CT_INSERT);
             }
-            if sport != 0 {
+            if masq {
+                stats::reason(reason::CT_SNAT);
+            } else if sport != 0 {
                 stats::reason(reason::CT_PORT_REWRITE);
             }
             sport
@@ -268,7 +296,11 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
         conntrack::Created::Exhausted => {
             // The flow holding the tuple keeps it; the client retries its SYN.
             stats::svc_drop(svc.id);
-            stats::reason(reason::DROP_PORTS_EXHAUSTED);
+            stats::reason(if masq {
+                reason::DROP_SNAT_EXHAUSTED
+            } else {
+                reason::DROP_PORTS_EXHAUSTED
+            });
             return Verdict::Drop;
         }
     };
@@ -280,16 +312,25 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
         }
     }
     stats::traffic(svc.id, id, bytes, true);
-    if nat::dnat(ctx, &mut p, b.ip, b.port, sport).is_none() {
+    if nat::dnat(ctx, &mut p, b.ip, b.port, sport).is_none()
+        || (masq && snat::source(ctx, &mut p).is_none())
+    {
         stats::reason(reason::DROP_TRUNCATED_L4);
         return Verdict::Drop;
     }
     stats::reason(reason::NAT_FORWARD);
     if p.csum.is_seed() {
         stats::reason(p.csum.pass_reason());
+        if masq {
+            return snat::unpassable(ctx, &p);
+        }
         return Verdict::Pass;
     }
-    fwd::new_flow_forward(ctx, route)
+    let verdict = fwd::new_flow_forward(ctx, route);
+    if masq && matches!(verdict, Verdict::Pass) {
+        return snat::unpassable(ctx, &p);
+    }
+    verdict
 }
 
 /// Forwards a translated packet (`fwd::forward`), except one whose L4

@@ -295,12 +295,18 @@ fn two_node_node_port_and_external_ip_local() {
     assert_eq!(icmp, 1.0, "{}", m.0);
 }
 
-/// `externalTrafficPolicy: Cluster` with a backend on each node: each node
-/// sends node-port traffic to its own (no SNAT is needed, the client address
-/// is kept). Sending to the other node's backends needs SNAT, which is not
-/// built yet (docs/kubernetes.md).
+/// `externalTrafficPolicy: Cluster` (the default) to node A's node ports, from
+/// a client outside the cluster (lb-ebpf/src/snat.rs):
+/// - backends only on node B (TCP and UDP): node A SNATs to its own address,
+///   so the pods see 192.168.50.1 and their replies come back through A, which
+///   answers the client from the address it used;
+/// - a backend on each node: both get new connections; A's own pod sees the
+///   client's address (DNAT only), B's sees A's;
+/// - `Local`: A's own pods only, the client's address kept.
+///
+/// ClusterIP traffic from a pod is never SNATed.
 #[test]
-fn two_node_node_port_cluster_uses_local_backends() {
+fn two_node_node_port_cluster_snat() {
     if !lab::require() {
         return;
     }
@@ -308,38 +314,119 @@ fn two_node_node_port_cluster_uses_local_backends() {
     let srv = servers(&lab);
     let (a, b) = (lab.a(), lab.b());
     let client = lab.client();
-    let cfg = config_yaml(&[ext_svc(
-        "lab/web:http",
-        WEB,
-        80,
-        "tcp",
-        8080,
-        &[(a, 1), (b, 1)],
-        "    node_port: 30080\n",
-    )]);
-    let _agents = Agents::start(
-        &lab,
-        [&cfg, &cfg],
-        &["--node-addresses", "192.168.50.1,192.168.50.2"],
-    );
-    for (node, want) in [(a, "a1"), (b, "b1")] {
-        let t = SocketAddrV4::new(node.addr(), 30080);
-        let r = tcp_from(client, t, 6);
+    let cip = lab.client_ip();
+    let np = |p: u16| format!("    node_port: {p}\n");
+    let local = "    node_port: 30082\n    external_traffic_policy: local\n";
+    let cfg = config_yaml(&[
+        ext_svc(
+            "lab/remote:http",
+            Ipv4Addr::new(10, 96, 0, 30),
+            80,
+            "tcp",
+            8080,
+            &[(b, 1), (b, 2)],
+            &np(30080),
+        ),
+        ext_svc(
+            "lab/remote:dns",
+            Ipv4Addr::new(10, 96, 0, 30),
+            53,
+            "udp",
+            5353,
+            &[(b, 1), (b, 2)],
+            &np(30053),
+        ),
+        ext_svc(
+            "lab/both:http",
+            Ipv4Addr::new(10, 96, 0, 31),
+            80,
+            "tcp",
+            8080,
+            &[(a, 1), (b, 1)],
+            &np(30081),
+        ),
+        ext_svc(
+            "lab/local:http",
+            Ipv4Addr::new(10, 96, 0, 32),
+            80,
+            "tcp",
+            8080,
+            &[(a, 2), (b, 2)],
+            local,
+        ),
+    ]);
+    let mut agents = Agents::start(&lab, [&cfg, &cfg], &[]);
+    let from_client = |target: SocketAddrV4, r: &[Reply]| {
+        for x in r {
+            assert_eq!(x.peer, SocketAddr::from(target), "the reply from {target}");
+            assert_eq!(x.local.ip(), cip);
+        }
+    };
+    let only = |seen: Vec<SocketAddr>, ip: Ipv4Addr, what: &str| {
         assert!(
-            r.iter()
-                .all(|x| x.backend == want && x.peer == SocketAddr::from(t)),
-            "{r:?}"
+            !seen.is_empty() && seen.iter().all(|p| p.ip() == ip),
+            "{what} saw {seen:?}, not only {ip}"
         );
-        assert!(
-            srv.tcp[want]
-                .peers()
-                .iter()
-                .all(|p| p.ip() == lab.client_ip())
-        );
+    };
+
+    // Backends only on B: SNATed, TCP and UDP.
+    let t = SocketAddrV4::new(a.addr(), 30080);
+    let r = tcp_from(client, t, 10);
+    from_client(t, &r);
+    let want = BTreeMap::from([("b1".to_string(), 5), ("b2".to_string(), 5)]);
+    assert_eq!(counts(&r), want, "{}", agents.log(0));
+    let t = SocketAddrV4::new(a.addr(), 30053);
+    let r = udp_from(client, t, 10);
+    from_client(t, &r);
+    assert_eq!(counts(&r), want, "{}", agents.log(0));
+    for pod in ["b1", "b2"] {
+        only(srv.tcp[pod].peers(), a.addr(), pod);
+        only(srv.udp[pod].peers(), a.addr(), pod);
     }
-    // The ClusterIP still balances over both nodes' pods.
-    let c = counts(&tcp_from(&a.pod(2).ns, SocketAddrV4::new(WEB, 80), 4));
-    assert_eq!(c.get("b1"), Some(&2), "{c:?}");
+
+    // A backend on each node: both get traffic; only B's is SNATed.
+    let t = SocketAddrV4::new(a.addr(), 30081);
+    let r = tcp_from(client, t, 10);
+    from_client(t, &r);
+    let want = BTreeMap::from([("a1".to_string(), 5), ("b1".to_string(), 5)]);
+    assert_eq!(counts(&r), want, "{}", agents.log(0));
+    only(srv.tcp["a1"].peers(), cip, "a1");
+    only(srv.tcp["b1"].peers(), a.addr(), "b1");
+    assert_eq!(srv.tcp["b1"].peers().len(), 10, "5 + 5 connections");
+
+    // Local: unchanged.
+    let t = SocketAddrV4::new(a.addr(), 30082);
+    let r = tcp_from(client, t, 6);
+    from_client(t, &r);
+    assert!(r.iter().all(|x| x.backend == "a2"), "{r:?}");
+    only(srv.tcp["a2"].peers(), cip, "a2");
+
+    // Counted on A: one SNAT per flow to B (10 TCP + 10 UDP + 5), none dropped.
+    let m = agents.procs[0].scrape();
+    let ev = |r: &str| m.sum("rpclb_datapath_events_total", &[("reason", r)]);
+    assert_eq!(ev("ct_snat"), 25.0, "{}", m.0);
+    assert_eq!(ev("drop_snat_exhausted"), 0.0);
+
+    // ClusterIP from a pod on A to B's pods: the pod's own address.
+    let before = srv.tcp["b2"].peers().len();
+    let r = tcp_from(
+        &a.pod(1).ns,
+        SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 30), 80),
+        4,
+    );
+    assert_eq!(counts(&r).values().sum::<usize>(), 4);
+    let seen = srv.tcp["b2"].peers();
+    only(
+        seen[before..].to_vec(),
+        a.pod(1).ip(),
+        "b2 through the ClusterIP",
+    );
+    let m = agents.procs[0].scrape();
+    assert_eq!(
+        m.sum("rpclb_datapath_events_total", &[("reason", "ct_snat")]),
+        25.0,
+        "no SNAT for ClusterIP traffic"
+    );
 }
 
 /// Node ports of an L4 and a gRPC-mode service, served by the userspace proxy:

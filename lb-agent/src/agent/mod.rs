@@ -357,6 +357,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut engines = Engines::new(kernel.map(|d| Arc::new(Mutex::new(d))));
     engines.proxy_threads = opts.userspace_threads;
     engines.node = opts.node.clone();
+    // `Cluster` front ends to other nodes' backends are SNATed in the kernel.
+    engines.node.snat = engines.kernel.is_some() && opts.datapath.snat();
     engines.grpc = opts.grpc.clone();
     let engines = Arc::new(engines);
     if let Some(i) = inherited {

@@ -247,10 +247,26 @@ struct RunArgs {
         long,
         env = "RPCLB_COLLISION_PORTS",
         value_name = "FIRST-LAST|off",
-        default_value = "61000-65535",
+        default_value = "61000-61999",
         value_parser = parse_collision_ports
     )]
     collision_ports: CollisionPorts,
+    /// Source ports (FIRST-LAST) of SNATed flows: front ends (node ports, external and
+    /// load-balancer IPs) with externalTrafficPolicy Cluster to a backend on another node
+    /// (docs/kubernetes.md); must not overlap --collision-ports. `off`: no SNAT (such front
+    /// ends use this node's backends when it has any).
+    #[arg(
+        long,
+        env = "RPCLB_SNAT_PORTS",
+        value_name = "FIRST-LAST|off",
+        default_value = "62000-65535",
+        value_parser = parse_collision_ports
+    )]
+    snat_ports: CollisionPorts,
+    /// The node address SNATed flows leave from. Default: the first IPv4 address of the
+    /// first of --interfaces (no address there: SNAT off, with a warning).
+    #[arg(long, env = "RPCLB_SNAT_ADDRESS", value_name = "IPV4")]
+    snat_address: Option<std::net::Ipv4Addr>,
     /// On SIGTERM/SIGINT, detach the programs and unpin everything (default: leave the
     /// data path running).
     #[arg(long, env = "RPCLB_DETACH_ON_EXIT", value_parser = BoolishValueParser::new())]
@@ -412,6 +428,36 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let node = lb_agent::external::NodeInfo {
         name: node_name.clone(),
         addresses: a.node_addresses.clone(),
+        snat: false,
+    };
+    if let (Some(s), Some(c)) = (a.snat_ports.0, a.collision_ports.0)
+        && s.overlaps(&c)
+    {
+        anyhow::bail!("--snat-ports {s} overlaps --collision-ports {c}");
+    }
+    let snat_address = match (a.snat_ports.0, a.snat_address) {
+        (None, _) => None,
+        (Some(_), Some(ip)) => Some(ip),
+        (Some(_), None) => {
+            let first = a
+                .interfaces
+                .iter()
+                .map(|i| i.trim())
+                .find(|i| !i.is_empty());
+            let ip = first.and_then(|i| {
+                lb_agent::external::interface_address(i)
+                    .inspect_err(|e| tracing::warn!("reading the addresses of {i}: {e}"))
+                    .ok()
+                    .flatten()
+            });
+            if ip.is_none() {
+                tracing::warn!(
+                    "no IPv4 address on the first of --interfaces and no --snat-address: \
+                     SNAT off (Cluster front ends use this node's backends when it has any)"
+                );
+            }
+            ip
+        }
     };
     let source = match (a.config, a.controller) {
         (Some(path), None) => Source::File(path),
@@ -473,6 +519,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                 .filter(|i| !i.is_empty())
                 .collect(),
             collision_ports: a.collision_ports.0,
+            snat_ports: a.snat_ports.0,
+            snat_address,
             map_memory_budget: a
                 .map_memory_budget_mib
                 .saturating_mul(datapath::memory::MIB),
@@ -584,6 +632,17 @@ mod tests {
         );
         assert_eq!(p("62000").unwrap().run.collision_ports.0, r(62000, 62000));
         assert_eq!(p("off").unwrap().run.collision_ports.0, None);
+        // The default SNAT range is the rest of 61000-65535.
+        let c = p("61000-61999").unwrap();
+        assert_eq!(c.run.snat_ports.0, Some(datapath::PortRange::DEFAULT_SNAT));
+        assert!(
+            !datapath::PortRange::DEFAULT_SNAT.overlaps(&datapath::PortRange::DEFAULT_COLLISION)
+        );
+        assert!(
+            r(62000, 62000)
+                .unwrap()
+                .overlaps(&datapath::PortRange::DEFAULT_SNAT)
+        );
         for bad in ["0-10", "10-5", "x", "1-70000"] {
             assert!(p(bad).is_err(), "{bad}");
         }

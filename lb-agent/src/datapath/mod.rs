@@ -204,6 +204,19 @@ pub struct DatapathConfig {
     /// Source ports for new flows whose backend-side tuple another flow
     /// holds (`--collision-ports`); `None`: such flows are dropped.
     pub collision_ports: Option<PortRange>,
+    /// SNAT for front ends with `externalTrafficPolicy: Cluster` to
+    /// backends on other nodes (lb-ebpf/src/snat.rs): the source ports
+    /// (`--snat-ports`) and the node's address (`--snat-address`). Either
+    /// `None`: SNAT off (no backend gets `backend_flags::SNAT`).
+    pub snat_ports: Option<PortRange>,
+    pub snat_address: Option<std::net::Ipv4Addr>,
+}
+
+impl DatapathConfig {
+    /// Whether SNAT is on: an address and a port range.
+    pub fn snat(&self) -> bool {
+        self.snat_ports.is_some() && self.snat_address.is_some()
+    }
 }
 
 /// A range of ports, both ends included (`61000-65535`, or one port).
@@ -220,9 +233,20 @@ impl PortRange {
         last: limits::COLLISION_PORTS.1,
     };
 
+    /// The default SNAT range (`limits::SNAT_PORTS`).
+    pub const DEFAULT_SNAT: PortRange = PortRange {
+        first: limits::SNAT_PORTS.0,
+        last: limits::SNAT_PORTS.1,
+    };
+
     /// Number of ports in the range (at least 1).
     pub fn count(&self) -> u32 {
         u32::from(self.last) - u32::from(self.first) + 1
+    }
+
+    /// Whether the two ranges share a port.
+    pub fn overlaps(&self, o: &PortRange) -> bool {
+        self.first <= o.last && o.first <= self.last
     }
 }
 
@@ -291,6 +315,8 @@ impl Default for DatapathConfig {
             programs: BpfPrograms::Auto,
             xdp_redirect_to: Vec::new(),
             collision_ports: Some(PortRange::DEFAULT_COLLISION),
+            snat_ports: Some(PortRange::DEFAULT_SNAT),
+            snat_address: None,
         }
     }
 }
@@ -374,6 +400,7 @@ impl Datapath {
         let (programs, programs_fallback) = load_programs(&mut ebpf, cfg.programs)?;
         let mut writer = MapWriter::from_ebpf(&mut ebpf)?;
         writer.set_config(cfg.fib_redirect, cfg.collision_ports)?;
+        writer.set_snat_config(cfg.snat_address, cfg.snat_ports)?;
         memory::log(mem, cfg.map_memory_budget, &cfg.pin_path);
         info!(
             pin_path = %cfg.pin_path.display(),

@@ -106,7 +106,13 @@ pub struct MapWriter {
     /// table, before backends leaving the table are marked (see
     /// [`Self::set_after_switch_hook`]).
     after_switch: Option<SwitchHook>,
+    /// The backends that get `backend_flags::SNAT`: (front end, backend
+    /// ip, port), from `crate::external::expand_snat`.
+    snat: SnatSet,
 }
+
+/// (front end, backend ip, backend port) of every backend to SNAT.
+pub type SnatSet = std::collections::HashSet<(ServiceAddr, IpAddr, u16)>;
 
 impl std::ops::Deref for MapWriter {
     type Target = MapReader;
@@ -173,6 +179,7 @@ impl MapWriter {
             refs,
             frontends,
             after_switch: None,
+            snat: SnatSet::new(),
         })
     }
 
@@ -215,6 +222,36 @@ impl MapWriter {
             .config
             .set(config_idx::FLOW_GEN, v, 0)
             .map_err(map_err(map_names::CONFIG))
+    }
+
+    /// The backends to SNAT from the next [`Self::apply`] on (a service whose
+    /// flags change is rewritten even if its spec did not).
+    pub fn set_snat(&mut self, snat: SnatSet) {
+        self.snat = snat;
+    }
+
+    /// Writes the SNAT address and ports (`config_idx::SNAT_*`); `None`:
+    /// SNAT off (address and count 0).
+    pub(crate) fn set_snat_config(
+        &mut self,
+        addr: Option<std::net::Ipv4Addr>,
+        ports: Option<super::PortRange>,
+    ) -> Result<(), DatapathError> {
+        let (first, count) = match (addr, ports) {
+            (Some(_), Some(r)) => (u32::from(r.first), r.count()),
+            _ => (0, 0),
+        };
+        for (idx, v) in [
+            (config_idx::SNAT_ADDR, addr.map_or(0, ip_wire)),
+            (config_idx::SNAT_PORT_MIN, first),
+            (config_idx::SNAT_PORT_COUNT, count),
+        ] {
+            self.r
+                .config
+                .set(idx, v, 0)
+                .map_err(map_err(map_names::CONFIG))?;
+        }
+        self.invalidate_flow_cache()
     }
 
     pub(crate) fn set_config(
@@ -285,7 +322,7 @@ impl MapWriter {
             if self
                 .svcs
                 .get(&s.addr())
-                .is_some_and(|st| st.spec.as_ref() == Some(s))
+                .is_some_and(|st| st.spec.as_ref() == Some(s) && self.snat_unchanged(s, st))
             {
                 continue;
             }
@@ -304,6 +341,15 @@ impl MapWriter {
             self.remove_service(&a)?;
         }
         Ok(refused)
+    }
+
+    /// Whether every backend of `s` has, in the maps (`st`), the SNAT flag
+    /// the current set gives it.
+    fn snat_unchanged(&self, s: &Service, st: &super::reader::SvcState) -> bool {
+        let addr = s.addr();
+        st.backends.iter().all(|(&(ip, port), slot)| {
+            (slot.value.flags & backend_flags::SNAT != 0) == self.snat.contains(&(addr, ip, port))
+        })
     }
 
     /// Creates or updates one service and its backend set.
@@ -384,7 +430,12 @@ impl MapWriter {
                     BackendState::Active => backend_state::ACTIVE,
                     BackendState::Terminating => backend_state::TERMINATING,
                 },
-                flags: if one { backend_flags::ONE_FRONTEND } else { 0 },
+                flags: if one { backend_flags::ONE_FRONTEND } else { 0 }
+                    | if self.snat.contains(&(addr, b.ip, b.port)) {
+                        backend_flags::SNAT
+                    } else {
+                        0
+                    },
                 weight: b.weight,
                 svc_id: id,
             };
