@@ -565,6 +565,7 @@ impl ClusterState {
                 }
                 let s = &cs.service;
                 Service {
+                    max_per_backend: None,
                     external: s.external.clone(),
                     name: s.name.clone(),
                     vip: s.vip,
@@ -805,6 +806,7 @@ fn translate_service(
             backends_for(slices, vip, port_name, protocol, &policy);
         let places = place_backends(&backend_nodes, zones, topo);
         let mut service = Service {
+            max_per_backend: None,
             external: if vip.is_ipv4() {
                 external_of(svc, spec, sp)
             } else {
@@ -990,6 +992,7 @@ fn backends_for(
     let mut out = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for ((ip, port), (state, node, hints, zone)) in found {
         out.0.push(Backend {
+            max: None,
             node: node.map(str::to_string),
             ip,
             port,
@@ -1205,6 +1208,7 @@ mod tests {
 
     fn backend(addr: &str, port: u16, state: BackendState) -> Backend {
         Backend {
+            max: None,
             node: None,
             ip: ip(addr),
             port,

@@ -51,6 +51,7 @@ fn services() -> (Service, Service) {
     let mut term = Backend::new(b(3), 8080);
     term.state = BackendState::Terminating;
     let web = Service {
+        max_per_backend: None,
         external: Default::default(),
         name: "demo/web:http".into(),
         vip: VIP.into(),
@@ -72,6 +73,7 @@ fn services() -> (Service, Service) {
         ],
     };
     let dns = Service {
+        max_per_backend: None,
         external: Default::default(),
         name: "demo/dns:dns".into(),
         vip: UDP_VIP.into(),
@@ -661,6 +663,7 @@ fn conntrack_shows_a_rewritten_client_port() {
     let vip2 = Ipv4Addr::new(10, 96, 0, 11);
     for (name, vip) in [("demo/a:http", VIP), ("demo/b:http", vip2)] {
         let svc = Service {
+            max_per_backend: None,
             external: Default::default(),
             name: name.into(),
             vip: vip.into(),
