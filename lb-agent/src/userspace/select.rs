@@ -762,4 +762,50 @@ mod tests {
         assert_eq!(g.validate(), Ok(()));
         assert!(Selector::new(&g, &entries(&g)).unwrap().table().is_empty());
     }
+
+    /// QoS limits in the L4 proxy: a backend at its limit is skipped for
+    /// every algorithm; all at their limit: `BackendsFull`; a closed flow
+    /// frees a slot.
+    #[test]
+    fn limits_skip_full_backends() {
+        for algo in [
+            Algorithm::Random,
+            Algorithm::RoundRobin,
+            Algorithm::Maglev,
+            Algorithm::SourceHash,
+            Algorithm::LeastConn,
+        ] {
+            let mut s = svc(algo, &[1, 1, 1]);
+            s.max_per_backend = Some(2);
+            s.backends[0].max = Some(1);
+            let sh = shared(&s);
+            let mut held = Vec::new();
+            for k in 0..5 {
+                held.push(
+                    sh.try_pick(&flow(&s, client(1), 1000 + k), &[])
+                        .expect("room"),
+                );
+            }
+            let n = |i: usize| {
+                held.iter()
+                    .filter(|l: &&Lease| l.backend().ip == ip(i as u8 + 1))
+                    .count()
+            };
+            assert_eq!((n(0), n(1), n(2)), (1, 2, 2), "{algo}");
+            assert_eq!(
+                sh.try_pick(&flow(&s, client(1), 2000), &[]).err(),
+                Some(DropReason::BackendsFull),
+                "{algo}"
+            );
+            let k = held.iter().position(|l| l.backend().ip == ip(1)).unwrap();
+            held.remove(k);
+            let l = sh.try_pick(&flow(&s, client(1), 2001), &[]).unwrap();
+            assert_eq!(l.backend().ip, ip(1), "{algo}: the freed slot");
+        }
+        let s = svc(Algorithm::Random, &[]);
+        assert_eq!(
+            shared(&s).try_pick(&flow(&s, client(1), 1), &[]).err(),
+            Some(DropReason::NoBackend)
+        );
+    }
 }
