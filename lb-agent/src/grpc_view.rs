@@ -55,6 +55,9 @@ pub struct GrpcBackend {
     pub health: String,
     /// Calls picked for it and not finished.
     pub outstanding: u64,
+    /// Its QoS limit of `outstanding` (docs/policies.md), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
     /// Attempts sent to it and ended.
     pub calls: u64,
     /// Of those, the ones not answered OK (reset, refused, UNAVAILABLE, ...).
@@ -129,6 +132,7 @@ pub fn build(stats: &[ServiceStats], health: &[BackendHealth]) -> GrpcView {
                     }
                     .to_string(),
                     outstanding: b.active_requests,
+                    limit: b.limit,
                     calls: b.calls.total(),
                     errors: b.calls.errors(),
                     codes: codes(&b.calls),

@@ -765,6 +765,7 @@ mod tests {
             bytes: 600 * new_flows,
             new_flows,
             active,
+            limit: None,
             grpc: None,
         }
     }

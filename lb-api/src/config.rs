@@ -442,6 +442,8 @@ struct RawService {
     health_check_node_port: Option<At<Port>>,
     /// Present: a locality policy (docs/policies.md).
     locality: Option<At<RawLocality>>,
+    /// QoS limit per backend (docs/policies.md, "QoS limits").
+    max_per_backend: Option<At<QosLimit>>,
 }
 
 #[derive(Deserialize)]
@@ -575,7 +577,7 @@ struct RawHeader {
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a backend mapping (ip, port, weight, state)"
+    expecting = "a backend mapping (ip, port, weight, state, node, max)"
 )]
 struct RawBackend {
     #[serde(default, deserialize_with = "required")]
@@ -586,6 +588,8 @@ struct RawBackend {
     state: Option<At<StateField>>,
     /// The backend's node (`--node-name` of the agent there).
     node: Option<At<NodeName>>,
+    /// Its own QoS limit, over the service's `max_per_backend`.
+    max: Option<At<QosLimit>>,
 }
 
 /// For a required field: `None` only when the key is absent (the field's
@@ -689,6 +693,7 @@ fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
             weight: b.weight.as_ref().map_or(1, |w| w.value.0),
             state: b.state.as_ref().map_or(BackendState::Active, |s| s.value.0),
             node: b.node.as_ref().map(|n| n.value.0.clone()),
+            max: b.max.as_ref().map(|m| m.value.0),
         });
     }
     let grpc = match &s.grpc {
@@ -925,6 +930,7 @@ fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
                 })
             }
         },
+        max_per_backend: s.max_per_backend.as_ref().map(|m| m.value.0),
     })
 }
 
@@ -991,6 +997,7 @@ fn field_problem(i: usize, rs: &At<RawService>, field: Field, message: String) -
                 BackendField::Ip => ("ip", b.and_then(|b| at(&b.value.ip))),
                 BackendField::Port => ("port", b.and_then(|b| at(&b.value.port))),
                 BackendField::Weight => ("weight", b.and_then(|b| at(&b.value.weight))),
+                BackendField::Max => ("max", b.and_then(|b| at(&b.value.max))),
             };
             vec![
                 (key("backends"), at(&s.backends)),
@@ -1128,6 +1135,7 @@ fn field_problem(i: usize, rs: &At<RawService>, field: Field, message: String) -
         }
         Field::HealthCheck => vec![(key("health_check"), at(&s.health_check))],
         Field::Locality => vec![(key("locality"), at(&s.locality))],
+        Field::MaxPerBackend => vec![(key("max_per_backend"), at(&s.max_per_backend))],
         Field::HealthCheckService => health("service", |h| at(&h.service)),
         Field::HealthCheckInterval => health("interval", |h| at(&h.interval)),
         Field::HealthCheckTimeout => health("timeout", |h| at(&h.timeout)),
@@ -1760,6 +1768,13 @@ checked!(
 );
 
 checked!(
+    QosLimit(u32) = int_field("a limit (1-1000000)", |v| {
+        let n = u32::try_from(v).unwrap_or(u32::MAX);
+        validate::qos_limit(n).map(|()| n)
+    })
+);
+
+checked!(
     AffinityTimeout(Duration) = int_field("a timeout in seconds (1-86400)", |v| {
         let d = Duration::from_secs(v);
         validate::affinity_timeout(d).map(|()| d)
@@ -2078,6 +2093,7 @@ mod tests {
             b.backends,
             [
                 Backend {
+                    max: None,
                     node: None,
                     ip: Ipv4Addr::new(10, 244, 2, 2).into(),
                     port: 50052,
@@ -2085,6 +2101,7 @@ mod tests {
                     state: BackendState::Active
                 },
                 Backend {
+                    max: None,
                     node: None,
                     ip: Ipv4Addr::new(10, 244, 2, 3).into(),
                     port: 50052,
@@ -2092,6 +2109,7 @@ mod tests {
                     state: BackendState::Active
                 },
                 Backend {
+                    max: None,
                     node: None,
                     ip: Ipv4Addr::new(10, 244, 3, 7).into(),
                     port: 50052,
@@ -2099,6 +2117,7 @@ mod tests {
                     state: BackendState::Terminating
                 },
                 Backend {
+                    max: None,
                     node: None,
                     ip: Ipv4Addr::new(10, 244, 3, 8).into(),
                     port: 50052,

@@ -120,6 +120,10 @@ pub struct Backend {
     /// local: [`TrafficPolicy::Local`] uses only those.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// This backend's QoS limit, over the service's `max_per_backend`
+    /// (docs/policies.md, "QoS limits"); `None`: the service's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u32>,
 }
 
 impl Backend {
@@ -130,6 +134,7 @@ impl Backend {
             weight: 1,
             state: BackendState::Active,
             node: None,
+            max: None,
         }
     }
 
@@ -599,7 +604,29 @@ pub struct Service {
     /// it; `None`: every backend, wherever it runs.
     #[serde(default)]
     pub locality: Option<Locality>,
+    /// QoS limit per backend (docs/policies.md, "QoS limits"): in the L4
+    /// mode, its concurrent connections (UDP: flows); in the gRPC mode, its
+    /// outstanding calls. A backend at its limit gets no new flows (calls);
+    /// all at their limit: the service answers as one without backends.
+    /// A backend's own `max` wins. `None`: no limit.
+    #[serde(default)]
+    pub max_per_backend: Option<u32>,
 }
+
+impl Service {
+    /// `b`'s QoS limit: its own `max`, else the service's `max_per_backend`.
+    pub fn limit_of(&self, b: &Backend) -> Option<u32> {
+        b.max.or(self.max_per_backend)
+    }
+
+    /// Whether any backend of the service has a QoS limit.
+    pub fn has_limits(&self) -> bool {
+        self.max_per_backend.is_some() || self.backends.iter().any(|b| b.max.is_some())
+    }
+}
+
+/// The largest QoS limit (`max_per_backend`, a backend's `max`).
+pub const MAX_QOS_LIMIT: u32 = 1_000_000;
 
 /// A tier of a [`Locality`] policy: backends on the client's node, in its
 /// zone (`topology.kubernetes.io/zone`) or in its region
@@ -748,6 +775,7 @@ impl Service {
             health_check: None,
             external: External::default(),
             locality: None,
+            max_per_backend: None,
         }
     }
 

@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use crate::model::{
     Backend, Balancing, DEFAULT_MAGLEV_M, GrpcTls, HealthCheckKind, Locality,
-    MAX_LOCALITY_MIN_BACKENDS, MAX_RETRY_ATTEMPTS, MAX_WEIGHT, OrcaWrr, OutlierDetection, Protocol,
-    RetryPolicy, Service, ServiceAddr, check_added_header, is_prime,
+    MAX_LOCALITY_MIN_BACKENDS, MAX_QOS_LIMIT, MAX_RETRY_ATTEMPTS, MAX_WEIGHT, OrcaWrr,
+    OutlierDetection, Protocol, RetryPolicy, Service, ServiceAddr, check_added_header, is_prime,
 };
 
 /// The largest client-IP affinity timeout (as in Kubernetes).
@@ -66,6 +66,8 @@ pub enum Field {
     HealthCheckNodePort,
     /// The locality policy (its tiers or `min_backends`).
     Locality,
+    /// The QoS limit per backend.
+    MaxPerBackend,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +75,8 @@ pub enum BackendField {
     Ip,
     Port,
     Weight,
+    /// Its own QoS limit.
+    Max,
 }
 
 /// A field of a gRPC retry policy.
@@ -194,6 +198,7 @@ impl fmt::Display for Field {
                     BackendField::Ip => "ip",
                     BackendField::Port => "port",
                     BackendField::Weight => "weight",
+                    BackendField::Max => "max",
                 };
                 write!(f, "backends[{i}].{b}")
             }
@@ -221,6 +226,7 @@ impl fmt::Display for Field {
             Field::ExternalIp(i) => write!(f, "external_ips[{i}]"),
             Field::HealthCheckNodePort => f.write_str("health_check_node_port"),
             Field::Locality => f.write_str("locality"),
+            Field::MaxPerBackend => f.write_str("max_per_backend"),
         }
     }
 }
@@ -337,6 +343,17 @@ pub fn port(p: u16) -> Result<(), String> {
 pub fn weight(w: u32) -> Result<(), String> {
     if w > MAX_WEIGHT {
         Err(format!("weight {w} is too large (maximum {MAX_WEIGHT})"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A QoS limit (`max_per_backend`, a backend's `max`): 1 to [`MAX_QOS_LIMIT`].
+pub fn qos_limit(n: u32) -> Result<(), String> {
+    if n == 0 || n > MAX_QOS_LIMIT {
+        Err(format!(
+            "limit {n} is out of range (expected 1-{MAX_QOS_LIMIT}; omit it for no limit)"
+        ))
     } else {
         Ok(())
     }
@@ -920,6 +937,9 @@ impl Service {
             }
             port(b.port).map_err(at(Field::Backend(i, BackendField::Port)))?;
             weight(b.weight).map_err(at(Field::Backend(i, BackendField::Weight)))?;
+            if let Some(m) = b.max {
+                qos_limit(m).map_err(at(Field::Backend(i, BackendField::Max)))?;
+            }
             if let Some(j) = seen.insert((b.ip, b.port), i) {
                 return Err(InvalidService {
                     field: Field::Backend(i, BackendField::Ip),
@@ -929,6 +949,9 @@ impl Service {
         }
         if let Some(m) = self.maglev_table_size {
             maglev_table_size(m).map_err(at(Field::MaglevTableSize))?;
+        }
+        if let Some(m) = self.max_per_backend {
+            qos_limit(m).map_err(at(Field::MaxPerBackend))?;
         }
         self.validate_external()?;
         if self.needs_maglev_table() {

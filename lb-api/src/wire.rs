@@ -98,6 +98,7 @@ impl From<&Service> for pb::Service {
                         BackendState::Terminating => pb::BackendState::Terminating,
                     } as i32,
                     node: b.node.clone().unwrap_or_default(),
+                    max: b.max.unwrap_or(0),
                 })
                 .collect(),
             grpc: s.grpc.as_ref().map(|g| pb::GrpcPolicy {
@@ -178,6 +179,7 @@ impl From<&Service> for pb::Service {
                 .collect(),
             external_traffic_local: s.external.traffic_policy == TrafficPolicy::Local,
             health_check_node_port: s.external.health_check_node_port.map_or(0, u32::from),
+            max_per_backend: s.max_per_backend.unwrap_or(0),
         }
     }
 }
@@ -297,6 +299,7 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
             weight: b.weight,
             state,
             node: Some(b.node.clone()).filter(|n| !n.is_empty()),
+            max: Some(b.max).filter(|&m| m != 0),
         });
     }
     let grpc = s.grpc.as_ref().map(|g| GrpcPolicy {
@@ -418,6 +421,7 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
         },
         // Not on the wire: the controller sends each node its resolved state.
         locality: None,
+        max_per_backend: Some(s.max_per_backend).filter(|&m| m != 0),
     };
     svc.normalise().map_err(|e| bad(e.to_string()))?;
     Ok(svc)

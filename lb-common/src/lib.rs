@@ -44,6 +44,9 @@ pub mod map_names {
     pub const BACKENDS6: &str = "BACKENDS6";
     /// IPv6 flows (`FlowKey6` -> `CtValue6`).
     pub const CONNTRACK6: &str = "CONNTRACK6";
+    /// QoS limit per backend id (`u32`, 0 = none), read only for a service
+    /// with `svc_flags::LIMITED`.
+    pub const BACKEND_LIMITS: &str = "BACKEND_LIMITS";
 
     /// The IPv6 XDP programs (`prog_names::XDP6`, `XDP6_COMPAT` at 0 and
     /// 1), which the main XDP programs tail-call for IPv6 frames; filled by
@@ -78,6 +81,7 @@ pub mod map_names {
         SERVICES6,
         BACKENDS6,
         CONNTRACK6,
+        BACKEND_LIMITS,
     ];
 }
 
@@ -149,6 +153,17 @@ pub mod limits {
     /// (`collision_port`) before it counts the range as exhausted.
     pub const COLLISION_PROBES: u32 = 16;
 }
+
+/// `ServiceValue::flags`.
+pub mod svc_flags {
+    /// Some backend has a QoS limit (`BACKEND_LIMITS`): a new flow skips
+    /// backends at their limit. Unset: `BACKEND_LIMITS` is never read.
+    pub const LIMITED: u8 = 1;
+}
+
+/// The slots a new flow of a `LIMITED` service tries, its algorithm's first
+/// included, before it finds every backend full (docs/policies.md, "QoS limits").
+pub const QOS_PROBE: u32 = 8;
 
 /// Load-balancing algorithms (`ServiceValue::algo`).
 pub mod algo {
@@ -323,7 +338,15 @@ pub mod reason {
     /// CHECKSUM_PARTIAL seed): dropped (the stack would drop it as a
     /// martian). The client retransmits.
     pub const DROP_SNAT_UNROUTED: u32 = 33;
-    pub const COUNT: u32 = 34;
+    /// A TCP SYN of a new flow to a service whose backends are all at their
+    /// QoS limit (docs/policies.md): answered with a RST, as with no backend.
+    pub const TX_RST_BACKENDS_FULL: u32 = 34;
+    /// As `TX_RST_BACKENDS_FULL`, for a UDP datagram: an ICMP port unreachable.
+    pub const TX_ICMP_BACKENDS_FULL: u32 = 35;
+    /// As `TX_RST_BACKENDS_FULL`, for a packet that gets no answer (not a
+    /// SYN, or no way back out of the ingress interface): dropped.
+    pub const DROP_BACKENDS_FULL: u32 = 36;
+    pub const COUNT: u32 = 37;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "pass_not_ipv4",
@@ -360,6 +383,9 @@ pub mod reason {
         "drop_snat_exhausted",
         "fwd_redirect_neigh",
         "drop_snat_unrouted",
+        "tx_rst_backends_full",
+        "tx_icmp_backends_full",
+        "drop_backends_full",
     ];
 }
 
@@ -427,7 +453,9 @@ pub struct ServiceValue {
     /// Client-IP affinity timeout in seconds; 0 disables affinity.
     pub affinity_timeout_s: u32,
     pub algo: u8,
-    pub _pad: [u8; 3],
+    /// `svc_flags`.
+    pub flags: u8,
+    pub _pad: [u8; 2],
     /// Hash of the table's contents: a restarted agent compares it with the
     /// table it would build, and rewrites nothing when they match.
     pub table_hash: u32,

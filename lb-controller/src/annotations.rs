@@ -161,8 +161,11 @@ pub const LOCALITY: &str = "rpclb.io/locality";
 pub const LOCALITY_MIN_BACKENDS: &str = "rpclb.io/locality-min-backends";
 /// Headers the gRPC mode adds to every call: `name: value` lines.
 pub const HEADERS: &str = "rpclb.io/headers";
+/// QoS limit per backend (docs/policies.md): connections (L4) or
+/// outstanding calls (gRPC mode). On a Service, or on a Pod (its own).
+pub const MAX_PER_BACKEND: &str = "rpclb.io/max-per-backend";
 /// Every annotation this version understands.
-pub const KNOWN: [&str; 35] = [
+pub const KNOWN: [&str; 36] = [
     ALGORITHM,
     WEIGHTS,
     MAGLEV_TABLE_SIZE,
@@ -198,6 +201,7 @@ pub const KNOWN: [&str; 35] = [
     LOCALITY,
     LOCALITY_MIN_BACKENDS,
     HEADERS,
+    MAX_PER_BACKEND,
 ];
 
 /// A Service's load-balancing policy, from its annotations.
@@ -216,6 +220,8 @@ pub struct ServicePolicy {
     pub tls: TlsSecrets,
     /// `rpclb.io/locality` and `rpclb.io/locality-min-backends`.
     pub locality: Option<lb_api::Locality>,
+    /// `rpclb.io/max-per-backend`.
+    pub max_per_backend: Option<u32>,
 }
 
 /// The Secrets (mounted under [`GRPC_TLS_DIR`]) that the TLS annotations
@@ -305,6 +311,22 @@ fn parse_min_backends(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
     validate::locality_min_backends(n)
         .map(|()| n)
         .map_err(|e| vec![AnnotationProblem::LocalityValue(e)])
+}
+
+/// A QoS limit (`rpclb.io/max-per-backend`, on a Service or a Pod): 1-1000000.
+pub fn parse_qos_limit(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Err(vec![AnnotationProblem::Empty]);
+    }
+    let n = v
+        .parse::<u32>()
+        .ok()
+        .filter(|_| !v.starts_with('+'))
+        .ok_or_else(|| vec![AnnotationProblem::NotANumber(v.to_string())])?;
+    validate::qos_limit(n)
+        .map(|()| n)
+        .map_err(|e| vec![AnnotationProblem::QosValue(e)])
 }
 
 /// A Secret name as Kubernetes allows it (a DNS-1123 subdomain): so it is
@@ -399,6 +421,7 @@ impl AnnotationError {
             LOCALITY => "no locality policy (trafficDistribution, if set, still applies)",
             LOCALITY_MIN_BACKENDS => "using the default min backends (1)",
             HEADERS => "adding no headers from the annotation",
+            MAX_PER_BACKEND => "no QoS limit",
             _ => "ignoring it",
         }
     }
@@ -427,7 +450,7 @@ impl std::error::Error for AnnotationError {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AnnotationProblem {
     #[error(
-        "unknown rpclb.io annotation (known: rpclb.io/algorithm, rpclb.io/weights, rpclb.io/maglev-table-size, rpclb.io/mode, rpclb.io/grpc-timeout, rpclb.io/health-check, rpclb.io/health-check-service, rpclb.io/health-check-interval, rpclb.io/health-check-timeout, rpclb.io/health-check-unhealthy-threshold, rpclb.io/health-check-healthy-threshold, rpclb.io/grpc-retry-max-attempts, rpclb.io/grpc-retry-status-codes, rpclb.io/grpc-retry-initial-backoff, rpclb.io/grpc-retry-max-backoff, rpclb.io/grpc-retry-backoff-multiplier, rpclb.io/grpc-retry-max-tokens, rpclb.io/grpc-retry-token-ratio, rpclb.io/grpc-outlier-consecutive-failures, rpclb.io/grpc-outlier-base-ejection-time, rpclb.io/grpc-outlier-max-ejection-time, rpclb.io/grpc-outlier-max-ejection-percent, rpclb.io/grpc-balancing, rpclb.io/grpc-balancing-blackout-period, rpclb.io/grpc-balancing-weight-expiration-period, rpclb.io/grpc-balancing-weight-update-period, rpclb.io/grpc-balancing-error-utilization-penalty, rpclb.io/grpc-tls-secret, rpclb.io/grpc-tls-client-ca-secret, rpclb.io/grpc-upstream-tls-ca-secret, rpclb.io/grpc-upstream-tls-secret, rpclb.io/grpc-upstream-tls-server-name, rpclb.io/locality, rpclb.io/locality-min-backends, rpclb.io/headers)"
+        "unknown rpclb.io annotation (known: rpclb.io/algorithm, rpclb.io/weights, rpclb.io/maglev-table-size, rpclb.io/mode, rpclb.io/grpc-timeout, rpclb.io/health-check, rpclb.io/health-check-service, rpclb.io/health-check-interval, rpclb.io/health-check-timeout, rpclb.io/health-check-unhealthy-threshold, rpclb.io/health-check-healthy-threshold, rpclb.io/grpc-retry-max-attempts, rpclb.io/grpc-retry-status-codes, rpclb.io/grpc-retry-initial-backoff, rpclb.io/grpc-retry-max-backoff, rpclb.io/grpc-retry-backoff-multiplier, rpclb.io/grpc-retry-max-tokens, rpclb.io/grpc-retry-token-ratio, rpclb.io/grpc-outlier-consecutive-failures, rpclb.io/grpc-outlier-base-ejection-time, rpclb.io/grpc-outlier-max-ejection-time, rpclb.io/grpc-outlier-max-ejection-percent, rpclb.io/grpc-balancing, rpclb.io/grpc-balancing-blackout-period, rpclb.io/grpc-balancing-weight-expiration-period, rpclb.io/grpc-balancing-weight-update-period, rpclb.io/grpc-balancing-error-utilization-penalty, rpclb.io/grpc-tls-secret, rpclb.io/grpc-tls-client-ca-secret, rpclb.io/grpc-upstream-tls-ca-secret, rpclb.io/grpc-upstream-tls-secret, rpclb.io/grpc-upstream-tls-server-name, rpclb.io/locality, rpclb.io/locality-min-backends, rpclb.io/headers, rpclb.io/max-per-backend)"
     )]
     UnknownKey,
     #[error("the value is empty")]
@@ -491,6 +514,9 @@ pub enum AnnotationProblem {
     /// `lb_api::validate::added_headers`.
     #[error("{0}")]
     HeaderValue(String),
+    /// Breaks `lb_api::validate::qos_limit` (1-1000000).
+    #[error("{0}")]
+    QosValue(String),
 }
 
 /// Reads a Service's policy from its annotations.
@@ -575,6 +601,7 @@ pub fn parse_annotations(
             LOCALITY => parse_locality(value).map(|l| policy.locality = Some(l)),
             LOCALITY_MIN_BACKENDS => parse_min_backends(value).map(|n| min_backends = Some(n)),
             HEADERS => parse_headers(value).map(|h| headers = Some(h)),
+            MAX_PER_BACKEND => parse_qos_limit(value).map(|n| policy.max_per_backend = Some(n)),
             _ => Err(vec![AnnotationProblem::UnknownKey]),
         };
         if let Err(problems) = problems {

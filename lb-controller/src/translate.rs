@@ -565,6 +565,7 @@ impl ClusterState {
                 }
                 let s = &cs.service;
                 Service {
+                    max_per_backend: s.max_per_backend,
                     external: s.external.clone(),
                     name: s.name.clone(),
                     vip: s.vip,
@@ -805,6 +806,7 @@ fn translate_service(
             backends_for(slices, vip, port_name, protocol, &policy);
         let places = place_backends(&backend_nodes, zones, topo);
         let mut service = Service {
+            max_per_backend: policy.max_per_backend,
             external: if vip.is_ipv4() {
                 external_of(svc, spec, sp)
             } else {
@@ -990,6 +992,7 @@ fn backends_for(
     let mut out = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for ((ip, port), (state, node, hints, zone)) in found {
         out.0.push(Backend {
+            max: None,
             node: node.map(str::to_string),
             ip,
             port,
@@ -1205,6 +1208,7 @@ mod tests {
 
     fn backend(addr: &str, port: u16, state: BackendState) -> Backend {
         Backend {
+            max: None,
             node: None,
             ip: ip(addr),
             port,
@@ -1832,6 +1836,40 @@ mod tests {
         assert_eq!(w(&a.node_state("a1")), [1, 1, 1, 0]);
         // Unknown values: no policy.
         assert!(!c(td("Nearby"), spread(&four)).location_dependent());
+    }
+
+    #[test]
+    fn max_per_backend_annotation() {
+        let eps = spread(&["a1", "b1"]);
+        let t = |kv: &[(&str, &str)]| {
+            ClusterState::build_with_nodes(
+                &[annotated(web(), kv)],
+                &[web_slice(eps.clone())],
+                locations(),
+            )
+        };
+        // Valid: on the service, in every node's state and on the wire.
+        let c = t(&[(annotations::MAX_PER_BACKEND, " 250 ")]);
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        for node in ["a1", "b1", "x9"] {
+            let st = c.node_state(node);
+            assert_eq!(st.services[0].max_per_backend, Some(250), "{node}");
+            let back = lb_api::wire::service_from_pb(&(&st.services[0]).into()).unwrap();
+            assert_eq!(back.max_per_backend, Some(250));
+        }
+        // Invalid: one Event each, and no limit.
+        for v in ["0", "-1", "+5", "ten", "", "1000001"] {
+            let c = t(&[(annotations::MAX_PER_BACKEND, v)]);
+            assert_eq!(c.problems().len(), 1, "{v:?}: {:?}", c.problems());
+            let p = &c.problems()[0];
+            assert_eq!(p.reason(), "InvalidAnnotation", "{v:?}");
+            assert_eq!(p.fallback, "no QoS limit", "{v:?}");
+            assert_eq!(
+                c.node_state("a1").services[0].max_per_backend,
+                None,
+                "{v:?}"
+            );
+        }
     }
 
     #[test]

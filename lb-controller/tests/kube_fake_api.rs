@@ -1005,6 +1005,7 @@ fn backend(ip: &str, port: u16, state: BackendState) -> Backend {
         _ => None,
     };
     Backend {
+        max: None,
         node,
         ip: ip.into(),
         port,

@@ -244,12 +244,16 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
         },
     };
     let id = match select::pick::<S>(&svc, &p, now) {
-        Some(id) => id,
-        None => return no_backend(ctx, &p, svc.id, svc.table_len == 0),
+        select::Pick::Backend(id) => id,
+        select::Pick::None if svc.table_len == 0 => {
+            return no_backend(ctx, &p, svc.id, Miss::Empty);
+        }
+        select::Pick::None => return no_backend(ctx, &p, svc.id, Miss::BadTable),
+        select::Pick::Full => return no_backend(ctx, &p, svc.id, Miss::Full),
     };
     let b = match select::backend(id) {
         Some(b) => b,
-        None => return no_backend(ctx, &p, svc.id, false),
+        None => return no_backend(ctx, &p, svc.id, Miss::BadTable),
     };
     // The route first: the forward entry is written with it, so the flow's
     // next packet does not look it up, and the new entry is not looked up
@@ -367,15 +371,33 @@ fn forward_and_fill<C: Ctx, S: ProgramSet>(
     verdict
 }
 
+/// Why a new flow has no backend (`no_backend`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+enum Miss {
+    /// The service has no backend that takes new flows.
+    Empty,
+    /// Every backend probed is at its QoS limit: answered as `Empty`, counted apart.
+    Full,
+    /// A slot names a backend that takes no new flows: dropped.
+    BadTable,
+}
+
 /// No usable backend: a TCP SYN gets a RST (the client fails fast), a UDP
 /// datagram an ICMP port unreachable, the rest is dropped.
 #[inline(never)]
-fn no_backend<C: Ctx>(ctx: &mut C, p: &parse::Packet, svc_id: u32, empty: bool) -> Verdict {
+fn no_backend<C: Ctx>(ctx: &mut C, p: &parse::Packet, svc_id: u32, why: Miss) -> Verdict {
     stats::svc_drop(svc_id);
-    if !empty {
+    if why == Miss::BadTable {
         stats::reason(reason::DROP_BAD_TABLE);
         return Verdict::Drop;
     }
+    let full = why == Miss::Full;
+    let dropped = if full {
+        reason::DROP_BACKENDS_FULL
+    } else {
+        reason::DROP_NO_BACKEND
+    };
     // The RST goes back out of the ingress interface, which native XDP on a
     // veth without a receiving peer cannot do: the SYN is dropped instead.
     if p.proto == proto::TCP
@@ -386,7 +408,11 @@ fn no_backend<C: Ctx>(ctx: &mut C, p: &parse::Packet, svc_id: u32, empty: bool) 
         if let Some(eth) = eth {
             let rst = nat::build_rst(unsafe { &*eth }, p);
             if ctx.replace(&rst).is_some() {
-                stats::reason(reason::TX_RST_NO_BACKEND);
+                stats::reason(if full {
+                    reason::TX_RST_BACKENDS_FULL
+                } else {
+                    reason::TX_RST_NO_BACKEND
+                });
                 return Verdict::Bounce;
             }
         }
@@ -394,21 +420,16 @@ fn no_backend<C: Ctx>(ctx: &mut C, p: &parse::Packet, svc_id: u32, empty: bool) 
         return Verdict::Drop;
     }
     if p.proto == proto::UDP && p.frag != parse::FRAG_LATER && ctx.can_redirect(ctx.ifindex()) {
-        return udp_unreachable(ctx, p);
+        if reject::port_unreachable(ctx, p.saddr, p.daddr).is_some() {
+            stats::reason(if full {
+                reason::TX_ICMP_BACKENDS_FULL
+            } else {
+                reason::TX_ICMP_NO_BACKEND
+            });
+            return Verdict::Bounce;
+        }
     }
-    stats::reason(reason::DROP_NO_BACKEND);
-    Verdict::Drop
-}
-
-/// A UDP datagram for a service with no usable backend: an ICMP port
-/// unreachable back out of the ingress interface (`reject`), else a drop.
-#[inline(always)]
-fn udp_unreachable<C: Ctx>(ctx: &mut C, p: &parse::Packet) -> Verdict {
-    if reject::port_unreachable(ctx, p.saddr, p.daddr).is_some() {
-        stats::reason(reason::TX_ICMP_NO_BACKEND);
-        return Verdict::Bounce;
-    }
-    stats::reason(reason::DROP_NO_BACKEND);
+    stats::reason(dropped);
     Verdict::Drop
 }
 

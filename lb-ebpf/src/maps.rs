@@ -52,6 +52,11 @@ pub static BACKEND_STATS: Array<Counters> = Array::pinned(limits::MAX_BACKENDS, 
 #[map]
 pub static BACKEND_CONNS: Array<ConnCounts> = Array::pinned(limits::MAX_BACKENDS, 0);
 
+/// QoS limit per backend id (agent-owned; 0: none): read only for a service
+/// with `svc_flags::LIMITED` (`select`).
+#[map]
+pub static BACKEND_LIMITS: Array<u32> = Array::pinned(limits::MAX_BACKENDS, 0);
+
 /// Flows per backend that the agent's GC expired (agent-owned).
 #[map]
 pub static BACKEND_GC: Array<u64> = Array::pinned(limits::MAX_BACKENDS, 0);

@@ -615,7 +615,17 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
         frag: parse::FRAG_NONE,
         ip_id: 0,
     };
-    let picked = select::pick::<S>(&svc, &folded, now)
+    let picked = match select::pick::<S>(&svc, &folded, now) {
+        select::Pick::Backend(id) => Some(id),
+        select::Pick::None => None,
+        select::Pick::Full => {
+            // As a service without backends here: dropped, counted apart.
+            stats::svc_drop(svc.id);
+            stats::reason(reason::DROP_BACKENDS_FULL);
+            return Verdict::Drop;
+        }
+    };
+    let picked = picked
         .and_then(|id| select::backend(id).map(|b| (id, b.port)))
         .and_then(|(id, port)| BACKENDS6.get(id).map(|a| (id, port, *a)));
     let (id, port, ip) = match picked {

@@ -90,6 +90,8 @@ pub struct Journal {
     served: Mutex<std::collections::BTreeMap<usize, u64>>,
     cancelled: AtomicU64,
     release_tx: watch::Sender<bool>,
+    /// Per backend: unary calls in its handler now, and the most at once.
+    in_flight: Mutex<std::collections::BTreeMap<usize, (u64, u64)>>,
 }
 
 impl Default for Journal {
@@ -100,6 +102,7 @@ impl Default for Journal {
             served: Mutex::default(),
             cancelled: AtomicU64::new(0),
             release_tx: watch::channel(false).0,
+            in_flight: Mutex::default(),
         }
     }
 }
@@ -128,6 +131,23 @@ impl Journal {
     /// Calls backend `index` has answered.
     pub fn served(&self, index: usize) -> u64 {
         lock(&self.served).get(&index).copied().unwrap_or(0)
+    }
+
+    /// Unary calls backend `index` is handling now.
+    pub fn in_flight(&self, index: usize) -> u64 {
+        lock(&self.in_flight).get(&index).map_or(0, |e| e.0)
+    }
+
+    /// The most unary calls backend `index` handled at once.
+    pub fn max_in_flight(&self, index: usize) -> u64 {
+        lock(&self.in_flight).get(&index).map_or(0, |e| e.1)
+    }
+
+    /// Starts counting the most calls at once anew (from those in flight now).
+    pub fn reset_max_in_flight(&self) {
+        for e in lock(&self.in_flight).values_mut() {
+            e.1 = e.0;
+        }
     }
 
     /// Handlers dropped (cancelled) before they finished.
@@ -206,6 +226,27 @@ impl health_proto::health_server::Health for HealthService {
 }
 
 /// Counts a handler dropped before `done`.
+/// A unary call in a backend's handler (`Journal::in_flight`), until dropped.
+struct InFlight<'a>(&'a Journal, usize);
+
+impl<'a> InFlight<'a> {
+    fn new(j: &'a Journal, index: usize) -> Self {
+        let mut m = lock(&j.in_flight);
+        let e = m.entry(index).or_default();
+        e.0 += 1;
+        e.1 = e.1.max(e.0);
+        InFlight(j, index)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(e) = lock(&self.0.in_flight).get_mut(&self.1) {
+            e.0 -= 1;
+        }
+    }
+}
+
 struct Unfinished<'a> {
     counter: &'a AtomicU64,
     done: bool,
@@ -363,6 +404,7 @@ impl TestService for TestBackend {
         &self,
         req: Request<SimpleRequest>,
     ) -> Result<Response<SimpleResponse>, Status> {
+        let _in = InFlight::new(&self.journal, self.index);
         let h = self.record("unary", req.metadata());
         self.delay(&h).await;
         let slow = self.slowness.load(Ordering::Relaxed);

@@ -2830,3 +2830,196 @@ both_sets!(
     tc_one_insert_per_flow_compat,
     |set| one_insert_per_flow(Hook::Tc, set)
 );
+/// The slot a flow hashes to under `random` (and Maglev): its index in the
+/// service's table and the table itself.
+fn slot_of(h: &mut Harness, addr: &ServiceAddr, src: Ipv4Addr, sport: u16) -> (usize, Vec<u32>) {
+    let t = h.dp().writer().service_table(addr).unwrap();
+    let wire = |ip: Ipv4Addr| u32::from_ne_bytes(ip.octets());
+    let hash = lb_common::flow_hash(
+        wire(src),
+        wire(lb_agent::datapath::reader::v4_only(addr.vip)),
+        sport.to_be(),
+        addr.port.to_be(),
+        lb_agent::datapath::abi::proto_number(addr.protocol),
+    );
+    ((hash % t.len() as u32) as usize, t)
+}
+
+/// The address of backend id `id` of the service at `addr`.
+fn ip_of(h: &mut Harness, addr: &ServiceAddr, id: u32) -> Ipv4Addr {
+    let bs = h.dp().writer().backend_stats(addr).unwrap();
+    let b = bs
+        .iter()
+        .find(|b| b.id == id)
+        .expect("a backend of the service");
+    lb_agent::datapath::reader::v4_only(b.ip)
+}
+
+/// The RST|ACK the data path answers a SYN (as `tcp(CLIENT, sport, vip, 80, SYN)`) with.
+fn rst_for(vip: Ipv4Addr, sport: u16) -> Vec<u8> {
+    Pkt::tcp()
+        .eth([0x02, 0, 0, 0, 0, 0x02], [0x02, 0, 0, 0, 0, 0x01])
+        .ip(vip, CLIENT)
+        .id(0)
+        .ports(80, sport)
+        .flags(RST | ACK)
+        .seq(0)
+        .ack(1001)
+        .window(0)
+        .build()
+}
+
+/// QoS limits (docs/policies.md): a SYN whose slot names a backend at its
+/// limit goes to the next slot's backend; with every backend at its limit,
+/// a SYN gets the no-backend RST and a UDP datagram the ICMP port
+/// unreachable, counted as `*_backends_full`; established flows go on; a
+/// close frees a slot.
+fn qos_limits(hook: Hook, set: ProgramSet) {
+    let mut h = Harness::new(false, set);
+    let mut svc = service(
+        "demo/qos:http",
+        VIP,
+        80,
+        Protocol::Tcp,
+        Algorithm::Random,
+        &[(b(1), 8080), (b(2), 8080), (b(3), 8080)],
+    );
+    svc.max_per_backend = Some(2);
+    let addr = svc.addr();
+    h.dp().writer().upsert_service(&svc).unwrap();
+    let before = h.reasons();
+
+    // Two flows to the backend of slot 0: it is at its limit.
+    let (_, table) = slot_of(&mut h, &addr, CLIENT, 0);
+    let first = table[0];
+    let first_ip = ip_of(&mut h, &addr, first);
+    let ports: Vec<u16> = (30000..40000)
+        .filter(|&p| slot_of(&mut h, &addr, CLIENT, p).0 == 0)
+        .take(3)
+        .collect();
+    for &p in &ports[..2] {
+        let (rc, out) = h.run(hook, &tcp(CLIENT, p, VIP, 80, SYN).build());
+        assert_eq!(rc, V::Pass.code(hook));
+        assert_bytes_eq(&out, &tcp(CLIENT, p, first_ip, 8080, SYN).build());
+    }
+    // A third flow of that slot: the next slot's backend, exact bytes.
+    let next_ip = ip_of(&mut h, &addr, table[1 % table.len()]);
+    assert_ne!(next_ip, first_ip);
+    let (rc, out) = h.run(hook, &tcp(CLIENT, ports[2], VIP, 80, SYN).build());
+    assert_eq!(rc, V::Pass.code(hook), "the full backend is skipped");
+    assert_bytes_eq(&out, &tcp(CLIENT, ports[2], next_ip, 8080, SYN).build());
+
+    // Fill the others: 3 more flows, none to the full backend.
+    let mut to: std::collections::BTreeMap<Ipv4Addr, u32> = Default::default();
+    for p in 41000..41003u16 {
+        let (rc, out) = h.run(hook, &tcp(CLIENT, p, VIP, 80, SYN).build());
+        assert_eq!(rc, V::Pass.code(hook), "room left for flow {p}");
+        *to.entry(dst_of(&out)).or_default() += 1;
+    }
+    assert!(!to.contains_key(&first_ip), "{to:?}");
+    let bs = h.dp().writer().backend_stats(&addr).unwrap();
+    let held: Vec<(u64, Option<u32>)> = bs.iter().map(|b| (b.active, b.limit)).collect();
+    assert_eq!(held, vec![(2, Some(2)); 3], "every backend at its limit");
+
+    // All full: the no-backend answer, counted as full.
+    let (rc, out) = h.run(hook, &tcp(CLIENT, 42000, VIP, 80, SYN).build());
+    assert_eq!(rc, V::Tx.code(hook), "all full: RST");
+    assert_bytes_eq(&out, &rst_for(VIP, 42000));
+    // A packet of no known flow that is not a SYN: dropped.
+    let (rc, _) = h.run(hook, &tcp(CLIENT, 42001, VIP, 80, ACK).build());
+    assert_eq!(rc, V::Drop.code(hook));
+
+    // Established flows go on.
+    let (rc, out) = h.run(
+        hook,
+        &tcp(CLIENT, ports[0], VIP, 80, ACK | PSH)
+            .payload(b"x")
+            .build(),
+    );
+    assert_eq!(rc, V::Pass.code(hook));
+    assert_bytes_eq(
+        &out,
+        &tcp(CLIENT, ports[0], first_ip, 8080, ACK | PSH)
+            .payload(b"x")
+            .build(),
+    );
+    // A close frees a slot of that backend: the next new flow goes there,
+    // whatever slot it hashes to.
+    h.run(hook, &tcp(CLIENT, ports[0], VIP, 80, FIN | ACK).build());
+    let (rc, out) = h.run(hook, &tcp(CLIENT, 42002, VIP, 80, SYN).build());
+    assert_eq!(rc, V::Pass.code(hook), "a slot is free again");
+    assert_bytes_eq(&out, &tcp(CLIENT, 42002, first_ip, 8080, SYN).build());
+
+    // UDP, limits per backend (over a service limit): 1 flow each.
+    let mut udp = service(
+        "demo/qos:dns",
+        UDP_VIP,
+        53,
+        Protocol::Udp,
+        Algorithm::Random,
+        &[(b(1), 5353), (b(2), 5353)],
+    );
+    udp.max_per_backend = Some(100);
+    for b in &mut udp.backends {
+        b.max = Some(1);
+    }
+    h.dp().writer().upsert_service(&udp).unwrap();
+    let mut seen = Vec::new();
+    for p in [43000u16, 43001] {
+        let q = Pkt::udp()
+            .ip(CLIENT, UDP_VIP)
+            .ports(p, 53)
+            .payload(b"query")
+            .build();
+        let (rc, out) = h.run(hook, &q);
+        assert_eq!(rc, V::Pass.code(hook));
+        seen.push(dst_of(&out));
+    }
+    seen.sort();
+    assert_eq!(seen, vec![b(1), b(2)], "one flow each");
+    let q = Pkt::udp()
+        .ip(CLIENT, UDP_VIP)
+        .ports(43002, 53)
+        .id(9)
+        .payload(b"a DNS query longer than 28 bytes")
+        .build();
+    let (rc, out) = h.run(hook, &q);
+    assert_eq!(rc, V::Tx.code(hook), "all full: ICMP port unreachable");
+    assert_bytes_eq(&out, &port_unreachable(&q));
+
+    let after = h.reasons();
+    let delta = |n: &str| {
+        after.iter().find(|r| r.0 == n).unwrap().1 - before.iter().find(|r| r.0 == n).unwrap().1
+    };
+    assert_eq!(delta("tx_rst_backends_full"), 1);
+    assert_eq!(delta("tx_icmp_backends_full"), 1);
+    assert_eq!(delta("drop_backends_full"), 1);
+    assert_eq!(
+        (
+            delta("tx_rst_no_backend"),
+            delta("drop_no_backend"),
+            delta("tx_icmp_no_backend")
+        ),
+        (0, 0, 0)
+    );
+    let w = h.dp().writer();
+    assert_eq!(w.service_stats(&addr).unwrap().drops, 2);
+    assert_eq!(w.service_stats(&udp.addr()).unwrap().drops, 1);
+
+    // The limit lifted: the flag goes, every backend takes new flows again.
+    svc.max_per_backend = None;
+    h.dp().writer().upsert_service(&svc).unwrap();
+    let (rc, _) = h.run(hook, &tcp(CLIENT, 42003, VIP, 80, SYN).build());
+    assert_eq!(rc, V::Pass.code(hook), "no limit: forwarded");
+    let bs = h.dp().writer().backend_stats(&addr).unwrap();
+    assert!(bs.iter().all(|b| b.limit.is_none()), "{bs:?}");
+}
+
+both_sets!(xdp_qos_limits, xdp_qos_limits_compat, |set| qos_limits(
+    Hook::Xdp,
+    set
+));
+both_sets!(tc_qos_limits, tc_qos_limits_compat, |set| qos_limits(
+    Hook::Tc,
+    set
+));

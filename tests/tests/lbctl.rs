@@ -51,6 +51,7 @@ fn services() -> (Service, Service) {
     let mut term = Backend::new(b(3), 8080);
     term.state = BackendState::Terminating;
     let web = Service {
+        max_per_backend: None,
         external: Default::default(),
         name: "demo/web:http".into(),
         vip: VIP.into(),
@@ -72,6 +73,7 @@ fn services() -> (Service, Service) {
         ],
     };
     let dns = Service {
+        max_per_backend: None,
         external: Default::default(),
         name: "demo/dns:dns".into(),
         vip: UDP_VIP.into(),
@@ -664,6 +666,7 @@ fn conntrack_shows_a_rewritten_client_port() {
     let vip2 = Ipv4Addr::new(10, 96, 0, 11);
     for (name, vip) in [("demo/a:http", VIP), ("demo/b:http", vip2)] {
         let svc = Service {
+            max_per_backend: None,
             external: Default::default(),
             name: name.into(),
             vip: vip.into(),
@@ -715,4 +718,79 @@ fn conntrack_shows_a_rewritten_client_port() {
     );
     let r = rows_with(&t, "demo/a:http");
     assert!(!r[0].contains("(as"), "{t}");
+}
+
+/// `lbctl backends` shows each backend's QoS limit beside its open flows
+/// (`ACTIVE` as `open/limit`; JSON `limit`, null without one).
+#[test]
+fn backends_show_qos_limits() {
+    if !can_run() {
+        return;
+    }
+    let mut h = Harness::new();
+    let mut svc = Service::new(
+        "demo/qos:http",
+        VIP,
+        80,
+        Protocol::Tcp,
+        Algorithm::Random,
+        vec![Backend::new(b(1), 8080), Backend::new(b(2), 8080)],
+    );
+    svc.max_per_backend = Some(3);
+    svc.backends[1].max = Some(1);
+    h.w().upsert_service(&svc).unwrap();
+    // 4 flows fit only as 3 + 1.
+    for p in 0..4u16 {
+        h.run(&frame(6, CLIENT, 46_000 + p, VIP, 80, SYN));
+    }
+    let plain = Service::new(
+        "demo/plain:http",
+        Ipv4Addr::new(10, 96, 0, 12),
+        80,
+        Protocol::Tcp,
+        Algorithm::Random,
+        vec![Backend::new(b(3), 8080)],
+    );
+    h.w().upsert_service(&plain).unwrap();
+    let want = h.w().backend_stats(&svc.addr()).unwrap();
+    let active = |ip: Ipv4Addr| want.iter().find(|b| b.ip == ip).unwrap().active;
+    assert_eq!(
+        (active(b(1)), active(b(2))),
+        (3, 1),
+        "4 flows fit only as 3 + 1"
+    );
+
+    let pin = h.0.dir().to_path_buf();
+    let j = lbctl_json(&pin, &["backends"]);
+    let row = |ip: Ipv4Addr| {
+        j.as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["ip"] == ip.to_string())
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        (row(b(1))["limit"].clone(), row(b(1))["active"].clone()),
+        (3.into(), 3.into())
+    );
+    assert_eq!(
+        (row(b(2))["limit"].clone(), row(b(2))["active"].clone()),
+        (1.into(), 1.into())
+    );
+    assert_eq!(row(b(3))["limit"], Value::Null);
+
+    let t = lbctl(&pin, &["backends"]);
+    eprintln!("{t}");
+    let cell = |ip: Ipv4Addr| {
+        rows_with(&t, &format!("{ip}:8080"))[0]
+            .split_whitespace()
+            .nth(4)
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        (cell(b(1)), cell(b(2)), cell(b(3))),
+        ("3/3".into(), "1/1".into(), "0".into())
+    );
 }

@@ -150,6 +150,7 @@ pub fn shapes(cfg: &DatapathConfig) -> Vec<MapShape> {
         MapShape::new::<ServiceKey6, ServiceValue>(m::SERVICES6, Hash, cfg.max_services),
         MapShape::new::<u32, [u32; 4]>(m::BACKENDS6, Array, cfg.max_backends),
         MapShape::new::<FlowKey6, CtValue6>(m::CONNTRACK6, LruHash, cfg.max_conntrack6),
+        MapShape::new::<u32, u32>(m::BACKEND_LIMITS, Array, cfg.max_backends),
     ];
     debug_assert!(shapes.iter().map(|s| s.name).eq(m::ALL.iter().copied()));
     shapes

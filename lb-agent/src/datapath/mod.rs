@@ -389,6 +389,7 @@ impl Datapath {
             .map_max_entries(map_names::CONNTRACK6, cfg.max_conntrack6)
             .map_max_entries(map_names::SERVICES6, cfg.max_services)
             .map_max_entries(map_names::BACKENDS6, cfg.max_backends)
+            .map_max_entries(map_names::BACKEND_LIMITS, cfg.max_backends)
             .map_max_entries(map_names::AFFINITY, cfg.max_affinity)
             .map_max_entries(map_names::FRAGMENTS, cfg.max_fragments)
             .map_max_entries(map_names::SLOTS, cfg.max_slots)

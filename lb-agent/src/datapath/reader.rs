@@ -15,7 +15,7 @@ use lb_api::{Algorithm, Protocol, Service, ServiceAddr};
 use lb_common::{
     AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, CtValue6,
     FlowCacheEntry, FlowKey, FlowKey6, NAME_MAX, NameValue, ServiceKey, ServiceKey6, ServiceValue,
-    backend_state, ct_dir, map_names, reason,
+    backend_state, ct_dir, map_names, reason, svc_flags,
 };
 use serde::Serialize;
 
@@ -48,6 +48,9 @@ pub struct PendingCounts {
 pub(super) struct BackendSlot {
     pub(super) id: u32,
     pub(super) value: BackendValue,
+    /// Its `BACKEND_LIMITS` entry (0: none); `u32::MAX` when read from
+    /// pinned maps (unknown: the writer rewrites it).
+    pub(super) limit: u32,
 }
 
 /// A service as the index knows it.
@@ -83,6 +86,10 @@ pub struct BackendStats {
     pub bytes: u64,
     pub new_flows: u64,
     pub active: u64,
+    /// Its QoS limit (docs/policies.md): `active` (L4) or outstanding calls
+    /// (gRPC mode) stop at it. `None`: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
     /// The gRPC mode's connection counts (userspace proxy only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc: Option<GrpcBackendCounts>,
@@ -279,6 +286,7 @@ pub struct MapReader {
     pub(super) services6: HashMap<MapData, ServiceKey6, ServiceValue>,
     pub(super) backends6: Array<MapData, [u32; 4]>,
     pub(super) conntrack6: HashMap<MapData, FlowKey6, CtValue6>,
+    pub(super) backend_limits: Array<MapData, u32>,
     pub(super) svcs: BTreeMap<ServiceAddr, SvcState>,
 }
 
@@ -385,6 +393,7 @@ impl MapReader {
             services6: typed!(map_names::SERVICES6),
             backends6: typed!(map_names::BACKENDS6),
             conntrack6: typed!(map_names::CONNTRACK6),
+            backend_limits: typed!(map_names::BACKEND_LIMITS),
             svcs: BTreeMap::new(),
         };
         let used = r.index(backends_fd.as_fd())?;
@@ -458,8 +467,14 @@ impl MapReader {
                 ip_from_wire(b.ip).into()
             };
             if let Some(s) = self.svcs.get_mut(addr) {
-                s.backends
-                    .insert((ip, u16::from_be(b.port)), BackendSlot { id, value: b });
+                s.backends.insert(
+                    (ip, u16::from_be(b.port)),
+                    BackendSlot {
+                        id,
+                        value: b,
+                        limit: u32::MAX,
+                    },
+                );
             }
         }
         Ok(used_backends)
@@ -652,6 +667,15 @@ impl MapReader {
                     bytes: c.bytes + pb,
                     new_flows: c.new_flows,
                     active: self.backend_active(b.id)?,
+                    limit: if s.value.flags & svc_flags::LIMITED != 0 {
+                        let l = self
+                            .backend_limits
+                            .get(&b.id, 0)
+                            .map_err(map_err(map_names::BACKEND_LIMITS))?;
+                        Some(l).filter(|&l| l != 0)
+                    } else {
+                        None
+                    },
                     grpc: None,
                 })
             })

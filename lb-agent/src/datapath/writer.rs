@@ -22,6 +22,7 @@ use lb_api::{BackendState, DesiredState, Refusal, Service, ServiceAddr};
 use lb_common::{
     BackendValue, ConnCounts, Counters, CtValue, CtValue6, FlowKey, FlowKey6, NAME_MAX, NameValue,
     ServiceKey, ServiceValue, backend_flags, backend_state, config_idx, limits, map_names,
+    svc_flags,
 };
 use tracing::debug;
 
@@ -439,15 +440,24 @@ impl MapWriter {
                 weight: b.weight,
                 svc_id: id,
             };
+            // Before the service's `LIMITED` flag can make the kernel read it.
+            let limit = svc.limit_of(b).unwrap_or(0);
             let slot = match st.backends.get(&k) {
                 Some(old) => {
+                    if old.limit != limit {
+                        self.set_limit(old.id, limit)?;
+                    }
                     if old.value != value && b.takes_new_flows() {
                         self.r
                             .backends
                             .set(old.id, value, 0)
                             .map_err(map_err(map_names::BACKENDS))?;
                     }
-                    BackendSlot { id: old.id, value }
+                    BackendSlot {
+                        id: old.id,
+                        value,
+                        limit,
+                    }
                 }
                 None => {
                     let bid = self
@@ -455,6 +465,7 @@ impl MapWriter {
                         .alloc()
                         .ok_or(DatapathError::Full("BACKENDS", self.r.backends.len()))?;
                     self.reset_backend_counters(bid)?;
+                    self.set_limit(bid, limit)?;
                     if let IpAddr::V6(v6) = b.ip {
                         self.r
                             .backends6
@@ -465,7 +476,11 @@ impl MapWriter {
                         .backends
                         .set(bid, value, 0)
                         .map_err(map_err(map_names::BACKENDS))?;
-                    BackendSlot { id: bid, value }
+                    BackendSlot {
+                        id: bid,
+                        value,
+                        limit,
+                    }
                 }
             };
             next.insert(k, slot);
@@ -484,7 +499,12 @@ impl MapWriter {
                 .map(|d| d.as_secs().max(1) as u32)
                 .unwrap_or(0),
             algo,
-            _pad: [0; 3],
+            flags: if svc.grpc.is_none() && svc.has_limits() {
+                svc_flags::LIMITED
+            } else {
+                0
+            },
+            _pad: [0; 2],
             table_hash: hash,
         };
         let old_range = (st.value.table_off, st.value.table_len);
@@ -713,6 +733,13 @@ impl MapWriter {
             .map_err(map_err(map_names::BACKENDS))?;
         self.backend_ids.release(id);
         Ok(())
+    }
+
+    fn set_limit(&mut self, id: u32, limit: u32) -> Result<(), DatapathError> {
+        self.r
+            .backend_limits
+            .set(id, limit, 0)
+            .map_err(map_err(map_names::BACKEND_LIMITS))
     }
 
     fn reset_backend_counters(&mut self, id: u32) -> Result<(), DatapathError> {

@@ -180,6 +180,8 @@ pub struct BackendRow {
     pub weight: u32,
     pub state: String,
     pub active: u64,
+    /// Its QoS limit of `active` (docs/policies.md); null: none.
+    pub limit: Option<u32>,
     pub new_flows: u64,
     pub packets: u64,
     pub bytes: u64,
@@ -202,6 +204,7 @@ pub fn backends(w: &MapReader, only: Option<&ServiceAddr>) -> Result<Vec<Backend
                 weight: b.weight,
                 state: b.state.to_string(),
                 active: b.active,
+                limit: b.limit,
                 new_flows: b.new_flows,
                 packets: b.packets,
                 bytes: b.bytes,
@@ -228,7 +231,7 @@ pub fn backends_table(rows: &[BackendRow]) -> String {
             r.address.clone(),
             r.weight.to_string(),
             r.state.clone(),
-            table::count(r.active),
+            with_limit(r.active, r.limit),
             table::count(r.new_flows),
             table::count(r.packets),
             table::bytes(r.bytes),
@@ -238,6 +241,14 @@ pub fn backends_table(rows: &[BackendRow]) -> String {
         return "no backends\n".into();
     }
     t.render()
+}
+
+/// `active`, or `active/limit` for a backend with a QoS limit.
+pub fn with_limit(active: u64, limit: Option<u32>) -> String {
+    match limit {
+        Some(l) => format!("{}/{l}", table::count(active)),
+        None => table::count(active),
+    }
 }
 
 // --------------------------------------------------------------- conntrack --

@@ -64,6 +64,7 @@ pub fn datapath_snapshot(stats: &[ServiceStats]) -> DatapathSnapshot {
                         } else {
                             b.active_connections
                         },
+                        limit: b.limit,
                         grpc: s.grpc.then_some(datapath::GrpcBackendCounts {
                             connections_opened: b.new_connections,
                             goaways: b.goaways,

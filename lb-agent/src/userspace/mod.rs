@@ -991,6 +991,7 @@ impl Running {
                     b.port,
                     b.weight,
                     status,
+                    self.spec.limit_of(b),
                     &e.counters,
                 ));
             }
@@ -1002,6 +1003,7 @@ impl Running {
                     e.port,
                     0,
                     BackendStatus::Removed,
+                    None,
                     &e.counters,
                 ));
             }

@@ -21,6 +21,12 @@
 //! it again while it still takes new flows; the entry's clock starts at the
 //! pick that made it and is not refreshed by later hits.
 //!
+//! QoS limits (docs/policies.md): a backend whose open flows reach its limit
+//! is skipped, as if a retry had tried it: the next slot's backend takes
+//! the flow (every slot is looked at, where the kernel looks at
+//! `lb_common::QOS_PROBE`). The count and the increment are taken under the
+//! pick lock, so the limit is never passed. Nothing left: `BackendsFull`.
+//!
 //! A gRPC (L7) service ignores `algorithm` and affinity: its calls are picked
 //! by `grpc::balance` over [`Selector::candidates`], and no table is built.
 
@@ -36,7 +42,7 @@ use lb_api::{Algorithm, GrpcPolicy, Service, ServiceAddr};
 use lb_common::limits;
 
 use crate::datapath::{maglev, table};
-use crate::userspace::stats::{BackendCounters, ServiceCounters};
+use crate::userspace::stats::{BackendCounters, DropReason, ServiceCounters};
 
 /// A backend's identity within a service.
 pub(crate) type BackendKey = (IpAddr, u16);
@@ -121,6 +127,9 @@ pub(crate) struct Selector {
     /// Backends that take new flows, in the service's order.
     backends: Vec<Arc<BackendEntry>>,
     weights: Vec<u32>,
+    /// QoS limit of each of `backends` (0: none); all 0 without limits.
+    limits: Vec<u32>,
+    limited: bool,
     /// Indexes into `backends`: the weighted slot list or the Maglev table
     /// (empty for least-conn, which looks at every backend).
     table: Vec<u32>,
@@ -136,12 +145,15 @@ impl Selector {
     ) -> Result<Selector, String> {
         let mut backends = Vec::new();
         let mut weights = Vec::new();
+        let mut limits = Vec::new();
         for b in eligible(svc) {
             if let Some(e) = entries.get(&(b.ip, b.port)) {
                 backends.push(e.clone());
                 weights.push(b.weight);
+                limits.push(svc.limit_of(b).unwrap_or(0));
             }
         }
+        let limited = limits.iter().any(|&l| l != 0);
         let table = match svc.algorithm {
             _ if backends.is_empty() || svc.grpc.is_some() => Vec::new(),
             Algorithm::LeastConn => Vec::new(),
@@ -173,9 +185,22 @@ impl Selector {
             affinity: svc.affinity_timeout,
             backends,
             weights,
+            limits,
+            limited,
             table,
             index,
         })
+    }
+
+    /// The QoS limit of backend `i` (0: none).
+    pub(crate) fn limit(&self, i: usize) -> u32 {
+        self.limits.get(i).copied().unwrap_or(0)
+    }
+
+    /// Whether backend `i`'s open flows (L4) reach its limit.
+    fn full(&self, i: usize) -> bool {
+        let l = self.limit(i);
+        l != 0 && self.backends[i].active() >= u64::from(l)
     }
 
     /// Index of the backend for a new flow, skipping `excluded` (backends a
@@ -205,7 +230,7 @@ impl Selector {
         }
         (0..len)
             .map(|k| self.table[(start % len + k) % len] as usize)
-            .find(|&i| !excluded.contains(&self.backends[i].key()))
+            .find(|&i| !excluded.contains(&self.backends[i].key()) && !self.full(i))
     }
 
     /// The fewest active connections per unit of weight; among equals, the
@@ -216,7 +241,7 @@ impl Selector {
         let mut best: Option<(usize, u128, u128)> = None;
         for k in 0..n {
             let i = (start + k) % n;
-            if excluded.contains(&self.backends[i].key()) {
+            if excluded.contains(&self.backends[i].key()) || self.full(i) {
                 continue;
             }
             let (a, w) = (
@@ -345,12 +370,25 @@ impl ServiceShared {
     }
 
     /// Picks a backend for a new flow, not one of `excluded`.
+    #[cfg(test)]
     pub(crate) fn pick(&self, flow: &Flow, excluded: &[BackendKey]) -> Option<Lease> {
+        self.try_pick(flow, excluded).ok()
+    }
+
+    /// [`Self::pick`], saying why nothing was picked: `NoBackend` (none left
+    /// that takes new flows, `excluded` aside) or `BackendsFull` (the others
+    /// are at their QoS limits).
+    pub(crate) fn try_pick(
+        &self,
+        flow: &Flow,
+        excluded: &[BackendKey],
+    ) -> Result<Lease, DropReason> {
         let sel = self.selector();
         if sel.backends.is_empty() {
-            return None;
+            return Err(DropReason::NoBackend);
         }
-        let _exact = (sel.algorithm == Algorithm::LeastConn).then(|| lock(&self.pick_lock));
+        let _exact =
+            (sel.algorithm == Algorithm::LeastConn || sel.limited).then(|| lock(&self.pick_lock));
         let now = Instant::now();
         let client = flow.client.ip();
         let sticky = sel.affinity.filter(|_| excluded.is_empty()).and_then(|t| {
@@ -358,17 +396,27 @@ impl ServiceShared {
             let fresh = now.saturating_duration_since(a.since) < t;
             fresh.then(|| sel.index.get(&a.backend).copied()).flatten()
         });
+        // A backend at its limit loses its clients' new flows too.
+        let sticky = sticky.filter(|&i| !sel.full(i));
         let i = match sticky {
             Some(i) => i,
             None => {
-                let i = sel.choose(&self.rr, flow, excluded)?;
+                let Some(i) = sel.choose(&self.rr, flow, excluded) else {
+                    let left =
+                        (0..sel.backends.len()).any(|i| !excluded.contains(&sel.backends[i].key()));
+                    return Err(if sel.limited && left {
+                        DropReason::BackendsFull
+                    } else {
+                        DropReason::NoBackend
+                    });
+                };
                 if let Some(t) = sel.affinity {
                     self.remember(client, sel.backends[i].key(), now, t);
                 }
                 i
             }
         };
-        Some(Lease::new(sel.backends[i].clone()))
+        Ok(Lease::new(sel.backends[i].clone()))
     }
 
     /// A flow handed over by the previous agent, to `backend`: active (not
@@ -713,5 +761,51 @@ mod tests {
         g.grpc = Some(GrpcPolicy::default());
         assert_eq!(g.validate(), Ok(()));
         assert!(Selector::new(&g, &entries(&g)).unwrap().table().is_empty());
+    }
+
+    /// QoS limits in the L4 proxy: a backend at its limit is skipped for
+    /// every algorithm; all at their limit: `BackendsFull`; a closed flow
+    /// frees a slot.
+    #[test]
+    fn limits_skip_full_backends() {
+        for algo in [
+            Algorithm::Random,
+            Algorithm::RoundRobin,
+            Algorithm::Maglev,
+            Algorithm::SourceHash,
+            Algorithm::LeastConn,
+        ] {
+            let mut s = svc(algo, &[1, 1, 1]);
+            s.max_per_backend = Some(2);
+            s.backends[0].max = Some(1);
+            let sh = shared(&s);
+            let mut held = Vec::new();
+            for k in 0..5 {
+                held.push(
+                    sh.try_pick(&flow(&s, client(1), 1000 + k), &[])
+                        .expect("room"),
+                );
+            }
+            let n = |i: usize| {
+                held.iter()
+                    .filter(|l: &&Lease| l.backend().ip == ip(i as u8 + 1))
+                    .count()
+            };
+            assert_eq!((n(0), n(1), n(2)), (1, 2, 2), "{algo}");
+            assert_eq!(
+                sh.try_pick(&flow(&s, client(1), 2000), &[]).err(),
+                Some(DropReason::BackendsFull),
+                "{algo}"
+            );
+            let k = held.iter().position(|l| l.backend().ip == ip(1)).unwrap();
+            held.remove(k);
+            let l = sh.try_pick(&flow(&s, client(1), 2001), &[]).unwrap();
+            assert_eq!(l.backend().ip, ip(1), "{algo}: the freed slot");
+        }
+        let s = svc(Algorithm::Random, &[]);
+        assert_eq!(
+            shared(&s).try_pick(&flow(&s, client(1), 1), &[]).err(),
+            Some(DropReason::NoBackend)
+        );
     }
 }

@@ -111,10 +111,13 @@ pub enum DropReason {
     SendFailed,
     /// TCP: `accept` failed (e.g. out of file descriptors).
     AcceptFailed,
+    /// Every backend was at its QoS limit (connections in the L4 mode,
+    /// outstanding calls in the gRPC mode; docs/policies.md).
+    BackendsFull,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 6;
+    pub const COUNT: usize = 7;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::NoBackend,
         DropReason::ConnectTimeout,
@@ -122,6 +125,7 @@ impl DropReason {
         DropReason::SessionsFull,
         DropReason::SendFailed,
         DropReason::AcceptFailed,
+        DropReason::BackendsFull,
     ];
 
     /// The reason's name, in the kernel's `<kind>_<what>` style
@@ -134,6 +138,7 @@ impl DropReason {
             DropReason::SessionsFull => "drop_sessions_full",
             DropReason::SendFailed => "drop_send_failed",
             DropReason::AcceptFailed => "drop_accept_failed",
+            DropReason::BackendsFull => "drop_backends_full",
         }
     }
 }
@@ -280,6 +285,10 @@ pub struct BackendStats {
     pub new_connections: u64,
     /// Open connections and sessions, connects in progress included; exact.
     pub active_connections: u64,
+    /// Its QoS limit: of `active_connections` (L4) or `active_requests`
+    /// (gRPC mode). `None`: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub packets_in: u64,
@@ -390,6 +399,7 @@ pub(crate) fn backend_stats(
     port: u16,
     weight: u32,
     status: BackendStatus,
+    limit: Option<u32>,
     c: &BackendCounters,
 ) -> BackendStats {
     let [bytes_in, bytes_out, packets_in, packets_out] = c.traffic.read();
@@ -400,6 +410,7 @@ pub(crate) fn backend_stats(
         status,
         new_connections: c.new.load(Relaxed),
         active_connections: c.active.load(Relaxed),
+        limit,
         bytes_in,
         bytes_out,
         packets_in,

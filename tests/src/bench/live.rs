@@ -197,6 +197,7 @@ impl Drop for PinnedDp {
 
 fn service(name: &str, vip: Ipv4Addr, algo: Algorithm, backends: Vec<Backend>) -> Service {
     Service {
+        max_per_backend: None,
         external: Default::default(),
         name: name.into(),
         vip: vip.into(),

@@ -15,6 +15,12 @@
 //! One filter ([`pick`]'s `weight`) then leaves out those a call must not go
 //! to (tried already, ejected); both policies pick from what it leaves.
 //!
+//! QoS limits (docs/policies.md): a backend whose outstanding calls reach
+//! its limit is left out like an ejected one, and the lease takes its slot
+//! with a compare-and-swap ([`CallLease::reserve`]), so concurrent picks
+//! never pass the limit; one that lost the race picks again without it.
+//! Nothing left: [`NoPick::Full`].
+//!
 //! A service with `balancing: orca_wrr` picks by weighted round-robin from
 //! the backends' load reports (`orca`) once two of them have a weight, and
 //! by P2C until then.
@@ -95,6 +101,22 @@ impl CallLease {
         CallLease { backend, load }
     }
 
+    /// A lease if the backend has fewer than `limit` calls in flight
+    /// (0: no limit), taken in one compare-and-swap.
+    pub(crate) fn reserve(backend: Arc<BackendEntry>, load: Arc<Load>, limit: u32) -> Option<Self> {
+        if limit == 0 {
+            return Some(Self::new(backend, load));
+        }
+        backend
+            .counters
+            .active_requests
+            .fetch_update(Relaxed, Relaxed, |n| {
+                (n < u64::from(limit)).then_some(n + 1)
+            })
+            .ok()?;
+        Some(CallLease { backend, load })
+    }
+
     pub(crate) fn backend(&self) -> &Arc<BackendEntry> {
         &self.backend
     }
@@ -114,35 +136,84 @@ impl Drop for CallLease {
     }
 }
 
+/// Why [`try_pick`] found no backend for a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NoPick {
+    /// None takes new calls (or all were tried or ejected).
+    Empty,
+    /// The others are at their QoS limit of outstanding calls.
+    Full,
+}
+
 /// Picks a backend for a call among those that take new flows, not one of
 /// `excluded` (tried already), by the service's balancing.
 pub(crate) fn pick(svc: &ServiceShared, orca: &Orca, excluded: &[BackendKey]) -> Option<CallLease> {
+    try_pick(svc, orca, excluded).ok()
+}
+
+/// [`pick`], saying why nothing was picked.
+pub(crate) fn try_pick(
+    svc: &ServiceShared,
+    orca: &Orca,
+    excluded: &[BackendKey],
+) -> Result<CallLease, NoPick> {
     let sel = svc.selector();
     let (backends, weights) = sel.candidates();
     // Passive outlier ejection (`outlier`): ejected backends are skipped.
     let ejected = super::outlier::skipped(svc, backends, excluded);
-    // The one candidate filter: 0 for a backend this call must not go to.
-    let weight = |i: usize| {
-        if excluded.contains(&backends[i].key()) || ejected.as_ref().is_some_and(|e| e[i]) {
-            0
-        } else {
-            weights[i]
-        }
+    let usable = |i: usize| {
+        !excluded.contains(&backends[i].key()) && !ejected.as_ref().is_some_and(|e| e[i])
     };
+    // Backends at their limit, and those that lost a reservation race.
+    let mut lost: Vec<usize> = Vec::new();
+    let full = |i: usize, lost: &[usize]| {
+        let l = sel.limit(i);
+        lost.contains(&i)
+            || (l != 0 && backends[i].counters.active_requests.load(Relaxed) >= u64::from(l))
+    };
+    // Bounded: each failed reservation leaves one more backend out.
+    for _ in 0..=backends.len() {
+        match pick_once(svc, orca, &sel, &|i| usable(i) && !full(i, &lost), weights) {
+            None => break,
+            Some(i) => {
+                let b = backends[i].clone();
+                let load = orca.load(b.key());
+                match CallLease::reserve(b, load, sel.limit(i)) {
+                    Some(l) => return Ok(l),
+                    None => lost.push(i),
+                }
+            }
+        }
+    }
+    Err(if (0..backends.len()).any(usable) {
+        NoPick::Full
+    } else {
+        NoPick::Empty
+    })
+}
+
+/// One choice by the service's balancing among the backends `ok` leaves.
+fn pick_once(
+    svc: &ServiceShared,
+    orca: &Orca,
+    sel: &Arc<crate::userspace::select::Selector>,
+    ok: &dyn Fn(usize) -> bool,
+    weights: &[u32],
+) -> Option<usize> {
+    let (backends, _) = sel.candidates();
+    // The one candidate filter: 0 for a backend this call must not go to.
+    let weight = |i: usize| if ok(i) { weights[i] } else { 0 };
     let wrr = match svc.policy().map(|p| p.balancing) {
-        Some(Balancing::OrcaWrr(cfg)) => orca.pick(&sel, &cfg, |i| weight(i) > 0, Instant::now()),
+        Some(Balancing::OrcaWrr(cfg)) => orca.pick(sel, &cfg, |i| weight(i) > 0, Instant::now()),
         _ => None,
     };
-    let i = match wrr {
-        Some(i) => i,
+    match wrr {
+        Some(i) => Some(i),
         None => {
             let outstanding = |i: usize| backends[i].counters.active_requests.load(Relaxed);
-            p2c(backends.len(), weight, outstanding, below)?
+            p2c(backends.len(), weight, outstanding, below)
         }
-    };
-    let b = backends[i].clone();
-    let load = orca.load(b.key());
-    Some(CallLease::new(b, load))
+    }
 }
 
 #[cfg(test)]
@@ -430,5 +501,48 @@ mod tests {
             orca.load(l.backend().key()).weight(&cfg, Instant::now()),
             100.0
         );
+    }
+
+    /// QoS limits: a backend never holds more calls than its limit, even
+    /// with picks racing on many threads; all full: `NoPick::Full`.
+    #[test]
+    fn limits_hold_under_concurrent_picks() {
+        let mut s = grpc_service(&[1, 1, 1]);
+        s.max_per_backend = Some(3);
+        s.backends[2].max = Some(1);
+        let sh = Arc::new(shared(&s));
+        let orca = Arc::new(Orca::default());
+        let held: Vec<CallLease> = std::thread::scope(|t| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| {
+                    t.spawn(|| {
+                        (0..4)
+                            .filter_map(|_| try_pick(&sh, &orca, &[]).ok())
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(held.len(), 7, "3 + 3 + 1 calls fit");
+        let n = |k: usize| {
+            held.iter()
+                .filter(|l| l.backend().ip == s.backends[k].ip)
+                .count()
+        };
+        assert_eq!((n(0), n(1), n(2)), (3, 3, 1));
+        assert_eq!(try_pick(&sh, &orca, &[]).err(), Some(NoPick::Full));
+        // A finished call frees its slot.
+        let freed = held
+            .iter()
+            .position(|l| l.backend().ip == s.backends[2].ip)
+            .unwrap();
+        let mut held = held;
+        held.remove(freed);
+        let l = try_pick(&sh, &orca, &[]).unwrap();
+        assert_eq!(l.backend().ip, s.backends[2].ip);
+        // Nothing but excluded backends left: empty, not full.
+        let all: Vec<BackendKey> = s.backends.iter().map(|b| (b.ip, b.port)).collect();
+        assert_eq!(try_pick(&sh, &orca, &all).err(), Some(NoPick::Empty));
     }
 }

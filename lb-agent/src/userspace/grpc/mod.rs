@@ -468,6 +468,16 @@ async fn handle(
                         format!("rpclb: no backend available for {}", svc.addr),
                     )
                 }
+                Failure::BackendsFull => {
+                    svc.counters.dropped(DropReason::BackendsFull);
+                    (
+                        Code::Unavailable,
+                        format!(
+                            "rpclb: every backend of {} is at its limit of outstanding calls",
+                            svc.addr
+                        ),
+                    )
+                }
                 Failure::Connect(reason, last) => {
                     svc.counters.dropped(*reason);
                     (
@@ -510,6 +520,8 @@ fn upstream_uri(uri: Uri) -> Uri {
 enum Failure {
     Deadline,
     NoBackend,
+    /// Every backend was at its QoS limit of outstanding calls.
+    BackendsFull,
     /// Every attempt failed before the request was written: the last
     /// attempt's reason and error.
     Connect(DropReason, ConnectError),
@@ -643,8 +655,15 @@ async fn forward(
         let avoided = (!avoid.is_empty())
             .then(|| balance::pick(svc, &pools.orca, &[&tried[..], avoid].concat()))
             .flatten();
-        let Some(lease) = avoided.or_else(|| balance::pick(svc, &pools.orca, &tried)) else {
-            break;
+        let lease = match avoided.map_or_else(|| balance::try_pick(svc, &pools.orca, &tried), Ok) {
+            Ok(l) => l,
+            Err(why) => {
+                // Full at the first pick; after failures, the last failure.
+                if why == balance::NoPick::Full && failure.is_none() {
+                    failure = Some(Failure::BackendsFull);
+                }
+                break;
+            }
         };
         let be = lease.backend().clone();
         let (sender, slot) = match pools

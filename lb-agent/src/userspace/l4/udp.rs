@@ -164,8 +164,15 @@ fn open(sh: &Shared, client: SocketAddr) -> Option<Arc<Session>> {
     let mut tried = Vec::new();
     let mut failure = DropReason::NoBackend;
     for _ in 0..sh.opts.connect_attempts.max(1) {
-        let Some(lease) = svc.pick(&flow, &tried) else {
-            break;
+        let lease = match svc.try_pick(&flow, &tried) {
+            Ok(l) => l,
+            Err(r) => {
+                // All full at the first pick; after failures, the last failure.
+                if tried.is_empty() {
+                    failure = r;
+                }
+                break;
+            }
         };
         let be = lease.backend();
         match connect(be.addr()) {
