@@ -34,8 +34,10 @@ use set::{Compat, Full, ProgramSet};
 
 // Two program sets of one code base (`set`): the names are
 // `lb_common::prog_names`. `inline(always)` applies to the function the
-// `xdp` macro wraps: left to LLVM, the body grew into a called function,
-// whose extra stack frame took the call chain past the verifier's 512 bytes.
+// `xdp` and `classifier` macros wrap: left to LLVM, the body grew into a
+// called function, whose extra stack frame took the call chain past the
+// verifier's 512 bytes, and whose tail call (IPv6) the verifier refuses in
+// a subprogram ("tail_call is not allowed in subprogs without BTF").
 
 #[xdp]
 #[inline(always)]
@@ -56,6 +58,7 @@ pub fn rpclb_xdp_compat(ctx: XdpContext) -> u32 {
 }
 
 #[classifier]
+#[inline(always)]
 pub fn rpclb_tc(ctx: TcContext) -> i32 {
     if v6::is_ipv6_tc(&ctx) {
         return v6::dispatch_tc(&ctx, 0);
@@ -64,6 +67,7 @@ pub fn rpclb_tc(ctx: TcContext) -> i32 {
 }
 
 #[classifier]
+#[inline(always)]
 pub fn rpclb_tc_compat(ctx: TcContext) -> i32 {
     if v6::is_ipv6_tc(&ctx) {
         return v6::dispatch_tc(&ctx, 1);
