@@ -95,24 +95,29 @@ fn tc_main<S: ProgramSet>(ctx: TcContext) -> i32 {
 }
 
 // The IPv6 walk (`v6`): programs of their own, tail-called by the four
-// above (`V6_XDP_PROGS`, `V6_TC_PROGS`: full at 0, compat at 1).
+// above (`V6_XDP_PROGS`, `V6_TC_PROGS`: full at 0, compat at 1); inlined
+// into the macros' wrappers as those are.
 
 #[xdp]
+#[inline(always)]
 pub fn rpclb_xdp6(ctx: XdpContext) -> u32 {
     v6::xdp::<Full>(ctx)
 }
 
 #[xdp]
+#[inline(always)]
 pub fn rpclb_xdp6_compat(ctx: XdpContext) -> u32 {
     v6::xdp::<Compat>(ctx)
 }
 
 #[classifier]
+#[inline(always)]
 pub fn rpclb_tc6(ctx: TcContext) -> i32 {
     v6::tc::<Full>(ctx)
 }
 
 #[classifier]
+#[inline(always)]
 pub fn rpclb_tc6_compat(ctx: TcContext) -> i32 {
     v6::tc::<Compat>(ctx)
 }
