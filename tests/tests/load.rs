@@ -202,6 +202,44 @@ fn upgrade_grows_a_reasons_pin_with_fewer_reasons() {
     assert_eq!(all.len() as u32, lb_common::reason::COUNT);
 }
 
+/// Upgrading from an agent with fewer CONFIG entries (5 before SNAT, 8
+/// after): the pinned CONFIG is replaced, not adopted; adopted, the load's
+/// write of the SNAT entries failed and the agent never started. The flow
+/// cache goes with it, since its generation restarts.
+#[test]
+fn upgrade_grows_a_config_pin_with_fewer_entries() {
+    if !require_root("loading the data path") {
+        return;
+    }
+    let dp = load(|_| {});
+    let config = dp.dir().join(map_names::CONFIG);
+    let cache = dp.dir().join(map_names::FLOW_CACHE);
+    std::fs::remove_file(&config).unwrap();
+    pin_map(
+        &config,
+        BPF_MAP_TYPE_ARRAY,
+        4,
+        4,
+        lb_common::config_idx::SNAT_ADDR,
+    );
+    let cache_id = |p: &Path| aya::maps::MapInfo::from_pin(p).unwrap().id();
+    let old_cache = cache_id(&cache);
+
+    let twin = dp
+        .twin(|_| {})
+        .expect("a restart replaces the configuration map");
+    let have = memory::pinned_shape(map_names::CONFIG, &config)
+        .unwrap()
+        .unwrap();
+    assert_eq!(have.max_entries, lb_common::config_idx::COUNT);
+    assert_ne!(
+        cache_id(&cache),
+        old_cache,
+        "the flow cache was replaced too"
+    );
+    drop(twin);
+}
+
 /// A load that fails after creating some maps unpins them and removes the
 /// directory it made (issue 10: `--max-conntrack 0` left pinned maps
 /// behind). The kernel refuses a hash map of 2^32 buckets (E2BIG) at

@@ -251,18 +251,21 @@ pub fn kernel_bytes(path: &Path) -> Option<u64> {
 /// Counter maps: a pinned one of another shape (an upgrade that changed
 /// it) is replaced, and its counters restart from zero. (FLOW_CACHE: its
 /// rewrites are a shortcut only; its pending counts are lost. ROUTE_CACHE:
-/// a cache of the kernel's routes; a fresh one costs a lookup per destination.)
+/// a cache of the kernel's routes; a fresh one costs a lookup per destination.
+/// CONFIG: the agent writes every entry at each load; the flow cache's
+/// generation restarts with it, so FLOW_CACHE is replaced alongside.)
 const REPLACEABLE: &[&str] = &[
     m::SVC_STATS,
     m::BACKEND_STATS,
     m::REASONS,
     m::FLOW_CACHE,
     m::ROUTE_CACHE,
+    m::CONFIG,
 ];
 
 /// Maps whose size the programs fix, not a flag: a pinned one of another
-/// size is replaced too.
-const SIZED_BY_PROGRAMS: &[&str] = &[m::REASONS, m::FLOW_CACHE, m::ROUTE_CACHE];
+/// size is replaced too (an upgrade that adds reasons or CONFIG entries).
+const SIZED_BY_PROGRAMS: &[&str] = &[m::REASONS, m::FLOW_CACHE, m::ROUTE_CACHE, m::CONFIG];
 
 /// Before a load: the shapes the maps will have (pinned maps keep their
 /// size), checked against `cfg`'s budget. A pinned counter map of another
@@ -318,6 +321,17 @@ pub fn prepare(cfg: &DatapathConfig) -> Result<MapMemory, DatapathError> {
             }
         }
     }
+    // A fresh CONFIG starts the flow cache's generation over: entries cached
+    // under the old map's generations could match again.
+    if replace.iter().any(|(n, ..)| *n == m::CONFIG)
+        && !replace.iter().any(|(n, ..)| *n == m::FLOW_CACHE)
+    {
+        let path = cfg.pin_path.join(m::FLOW_CACHE);
+        if path.exists() {
+            let have = pinned_shape(m::FLOW_CACHE, &path)?;
+            replace.push((m::FLOW_CACHE, path, have));
+        }
+    }
     let mem = MapMemory::new(maps, cpus);
     if let Err(e) = mem.check(cfg.map_memory_budget) {
         if !cfg.allow_over_budget {
@@ -329,7 +343,7 @@ pub fn prepare(cfg: &DatapathConfig) -> Result<MapMemory, DatapathError> {
         warn!(
             map = name,
             pinned = old.map_or("an unknown map type".into(), |h| describe(&h)),
-            "replacing a pinned counter map of another shape (an upgrade); its counters restart from zero"
+            "replacing a pinned map the agent rebuilds (a counter map or the configuration of another shape, an upgrade); what it held restarts from zero"
         );
         std::fs::remove_file(&path).map_err(|source| DatapathError::Io { path, source })?;
     }
