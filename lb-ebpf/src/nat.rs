@@ -388,14 +388,30 @@ pub fn snat<C: Ctx>(ctx: &mut C, p: &mut Packet, ip: u32, port: u16, dport: u16)
 /// Ethernet + IPv4 + TCP, no options, no payload.
 pub const RST_LEN: usize = 54;
 
+/// `s` plus `words` big-endian 16-bit words of `b` from `from`.
 #[inline(always)]
-fn sum_words(b: &[u8; RST_LEN], from: usize, words: usize, mut s: u64) -> u64 {
+pub fn sum_words<const N: usize>(b: &[u8; N], from: usize, words: usize, mut s: u64) -> u64 {
     let mut i = 0;
     while i < words {
         s += u16::from_be_bytes([b[from + 2 * i], b[from + 2 * i + 1]]) as u64;
         i += 1;
     }
     s
+}
+
+/// The Ethernet header of an answer at the front of `b`: the MACs of `eth`
+/// (the received frame's first 12 bytes) swapped, then `ethertype`.
+#[inline(always)]
+pub fn put_eth<const N: usize>(b: &mut [u8; N], eth: &[u8; 12], ethertype: u16) {
+    let mut i = 0;
+    while i < 6 {
+        b[i] = eth[6 + i];
+        b[6 + i] = eth[i];
+        i += 1;
+    }
+    let t = ethertype.to_be_bytes();
+    b[12] = t[0];
+    b[13] = t[1];
 }
 
 /// The RST|ACK answer to a SYN for a service with no usable backend, as the

@@ -13,7 +13,7 @@
 //! (internetwork control, as Linux sends ICMP errors), IP id 0, TTL 64.
 
 use crate::ctx::{Ctx, ptr_at};
-use crate::nat::fold;
+use crate::nat::{fold, put_eth};
 
 /// Ethernet + IPv4 + ICMP header + the quoted IPv4 (no options) and UDP headers.
 pub const PORT_UNREACHABLE_LEN: usize = 70;
@@ -33,15 +33,7 @@ pub fn port_unreachable<C: Ctx>(ctx: &mut C, saddr: u32, daddr: u32) -> Option<(
     let ip: *mut [u8; 20] = ptr_at(ctx, 14)?;
     let icmp: *mut [u8; 8] = ptr_at(ctx, 34)?;
     unsafe {
-        let (o, e) = (&*old, &mut *eth);
-        let mut i = 0;
-        while i < 6 {
-            e[i] = o[6 + i];
-            e[6 + i] = o[i];
-            i += 1;
-        }
-        e[12] = 0x08;
-        e[13] = 0;
+        put_eth(&mut *eth, &*old, 0x0800);
         // IPv4: from the service address (the datagram's destination) to the client.
         let h = &mut *ip;
         let (src, dst) = (daddr.to_ne_bytes(), saddr.to_ne_bytes());

@@ -22,7 +22,7 @@ use lb_common::{proto, reason};
 
 use crate::{
     ctx::{Ctx, Verdict, ptr_at},
-    nat::fold,
+    nat::{fold, put_eth, sum_words},
     parse::{TCP_ACK, TCP_RST, TCP_SYN, TcpHdr},
     stats,
     v6::{IP6_OFF, L4_OFF6, Packet6, Scratch6},
@@ -73,15 +73,29 @@ fn unicast(a: &[u32; 4]) -> bool {
     a[0] & 0xff != 0xff && (a[0] | a[1] | a[2] | a[3]) != 0
 }
 
-/// Sum of `n` big-endian 16-bit words of `b` from `from`.
+/// Ethernet and IPv6 headers at the front of `b`: the MACs of `eth` (as
+/// received) swapped, then version 6, traffic class and flow label 0, the
+/// payload length, the next header, hop limit 64, `src` and `dst`.
 #[inline(always)]
-fn sum_be<const N: usize>(b: &[u8; N], from: usize, n: usize, mut s: u64) -> u64 {
-    let mut i = 0;
-    while i < n {
-        s += u16::from_be_bytes([b[from + 2 * i], b[from + 2 * i + 1]]) as u64;
-        i += 1;
-    }
-    s
+fn put_headers<const N: usize>(
+    b: &mut [u8; N],
+    eth: &[u8; 12],
+    payload_len: u8,
+    next: u8,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+) {
+    put_eth(b, eth, 0x86dd);
+    b[14] = 0x60;
+    b[15] = 0;
+    b[16] = 0;
+    b[17] = 0;
+    b[18] = 0;
+    b[19] = payload_len;
+    b[20] = next;
+    b[21] = 64;
+    put_addr(b, IP6_OFF + 8, src);
+    put_addr(b, IP6_OFF + 24, dst);
 }
 
 /// The 16 bytes of an address as loaded (network order in memory).
@@ -117,25 +131,8 @@ fn rst<C: Ctx>(ctx: &mut C, p: &Packet6, s: *mut Scratch6) -> Option<()> {
 /// Writes every byte of the RST frame (the scratch holds the last one's).
 #[inline(always)]
 pub fn build_rst(b: &mut [u8; RST6_LEN], eth: &[u8; 12], p: &Packet6, ack: u32) {
-    let mut i = 0;
-    while i < 6 {
-        b[i] = eth[6 + i];
-        b[6 + i] = eth[i];
-        i += 1;
-    }
-    b[12] = 0x86;
-    b[13] = 0xdd;
     // IPv6: from the service address (the SYN's destination) to the client.
-    b[14] = 0x60;
-    b[15] = 0;
-    b[16] = 0;
-    b[17] = 0;
-    b[18] = 0;
-    b[19] = 20;
-    b[20] = proto::TCP;
-    b[21] = 64;
-    put_addr(b, IP6_OFF + 8, &p.daddr);
-    put_addr(b, IP6_OFF + 24, &p.saddr);
+    put_headers(b, eth, 20, proto::TCP, &p.daddr, &p.saddr);
     // TCP at 54.
     let (sp, dp) = (p.dport.to_ne_bytes(), p.sport.to_ne_bytes());
     b[54] = sp[0];
@@ -155,8 +152,8 @@ pub fn build_rst(b: &mut [u8; RST6_LEN], eth: &[u8; 12], p: &Packet6, ack: u32) 
     b[72] = 0;
     b[73] = 0;
     // Pseudo-header (addresses, TCP length 20, next header) and the header.
-    let s = sum_be(b, IP6_OFF + 8, 16, 20 + proto::TCP as u64);
-    let c = (!fold(sum_be(b, 54, 10, s))).to_be_bytes();
+    let s = sum_words(b, IP6_OFF + 8, 16, 20 + proto::TCP as u64);
+    let c = (!fold(sum_words(b, 54, 10, s))).to_be_bytes();
     b[70] = c[0];
     b[71] = c[1];
 }
@@ -179,24 +176,7 @@ fn port_unreachable<C: Ctx>(ctx: &mut C, saddr: &[u32; 4], daddr: &[u32; 4]) -> 
             m[i] = o[i];
             i += 1;
         }
-        let mut i = 0;
-        while i < 6 {
-            h[i] = m[6 + i];
-            h[6 + i] = m[i];
-            i += 1;
-        }
-        h[12] = 0x86;
-        h[13] = 0xdd;
-        h[14] = 0x60;
-        h[15] = 0;
-        h[16] = 0;
-        h[17] = 0;
-        h[18] = 0;
-        h[19] = 56;
-        h[20] = 58;
-        h[21] = 64;
-        put_addr(h, IP6_OFF + 8, &daddr);
-        put_addr(h, IP6_OFF + 24, &saddr);
+        put_headers(h, &m, 56, 58, &daddr, &saddr);
         // ICMPv6 type 1 (destination unreachable) code 4 (port unreachable).
         h[54] = 1;
         h[55] = 4;
@@ -207,7 +187,7 @@ fn port_unreachable<C: Ctx>(ctx: &mut C, saddr: &[u32; 4], daddr: &[u32; 4]) -> 
         }
         // Pseudo-header (addresses, length 56, next header 58), the ICMPv6
         // header and the quote.
-        let mut s = sum_be(h, IP6_OFF + 8, 16, 56 + 58 + 0x0104);
+        let mut s = sum_words(h, IP6_OFF + 8, 16, 56 + 58 + 0x0104);
         let q = &*quote;
         let mut i = 0;
         while i < 24 {

@@ -33,6 +33,8 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const UDP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
+/// A TCP and a UDP service whose one backend takes one flow (QoS limit 1).
+const FULL_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 98);
 
 fn b(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, 10 + i, 2)
@@ -103,6 +105,13 @@ fn corpus() -> Vec<Vec<u8>> {
     }
     c.push(tcp(CLIENT, 40010, EMPTY_VIP, 80, SYN).build());
     c.push(tcp(CLIENT, 40010, EMPTY_VIP, 80, ACK).build());
+    let udp = |src, sport, dst, dport| Pkt::udp().ip(src, dst).ports(sport, dport);
+    c.push(udp(CLIENT, 40010, EMPTY_VIP, 53).payload(&[9; 20]).build());
+    // The first flow of each takes the backend; the others find it full.
+    for sport in [40030u16, 40031] {
+        c.push(tcp(CLIENT, sport, FULL_VIP, 80, SYN).build());
+        c.push(udp(CLIENT, sport, FULL_VIP, 53).payload(&[9; 20]).build());
+    }
     c.push(tcp(CLIENT, 40011, Ipv4Addr::new(10, 96, 0, 77), 80, SYN).build());
     c.push(tcp(CLIENT, 40012, VIP, 81, SYN).build());
     c.push(
@@ -251,19 +260,77 @@ fn class(hook: Hook, rc: u32) -> Option<Class> {
     })
 }
 
-/// The class a reason's name implies (`None`: not an outcome on its own).
+/// The class each reason implies (`None`: not an outcome on its own, it
+/// comes with a translation or another outcome). Every reason is listed
+/// (`every_reason_has_a_class`): a new one must be classified here.
+const CLASSES: &[(u32, Option<Class>)] = {
+    use Class::{Drop, Pass, Redirect};
+    &[
+        (reason::PASS_NOT_IPV4, Some(Pass)),
+        (reason::PASS_NOT_TCP_UDP, Some(Pass)),
+        (reason::PASS_FRAGMENT, Some(Pass)),
+        (reason::PASS_IP_OPTIONS, Some(Pass)),
+        (reason::PASS_NO_SERVICE, Some(Pass)),
+        (reason::PASS_FIB, Some(Pass)),
+        (reason::DROP_TRUNCATED_ETH, Some(Drop)),
+        (reason::DROP_TRUNCATED_IP, Some(Drop)),
+        (reason::DROP_BAD_IHL, Some(Drop)),
+        (reason::DROP_BAD_TOTAL_LEN, Some(Drop)),
+        (reason::DROP_TRUNCATED_L4, Some(Drop)),
+        (reason::DROP_NO_BACKEND, Some(Drop)),
+        (reason::TX_RST_NO_BACKEND, Some(Redirect)),
+        (reason::DROP_BAD_TABLE, Some(Drop)),
+        (reason::DROP_CT_INSERT, None),
+        (reason::FWD_REDIRECT, Some(Redirect)),
+        (reason::NAT_FORWARD, None),
+        (reason::NAT_REVERSE, None),
+        (reason::DROP_RST_BUILD, Some(Drop)),
+        (reason::PASS_CSUM_PARTIAL, Some(Pass)),
+        (reason::PASS_CSUM_UNVERIFIED, Some(Pass)),
+        (reason::CT_PORT_REWRITE, None),
+        (reason::DROP_PORTS_EXHAUSTED, Some(Drop)),
+        (reason::PASS_XDP_TARGET, Some(Pass)),
+        (reason::NAT_FRAGMENT, None),
+        (reason::PASS_FIB_CACHED, Some(Pass)),
+        (reason::TX_ICMP_NO_BACKEND, Some(Redirect)),
+        (reason::PASS_IPV6_EXT, Some(Pass)),
+        (reason::PASS_IPV6_NO_PROGRAM, Some(Pass)),
+        (reason::CT_REVERSE_LAZY, None),
+        (reason::CT_SNAT, None),
+        (reason::DROP_SNAT_EXHAUSTED, Some(Drop)),
+        (reason::FWD_REDIRECT_NEIGH, Some(Redirect)),
+        (reason::DROP_SNAT_UNROUTED, Some(Drop)),
+        (reason::TX_RST_BACKENDS_FULL, Some(Redirect)),
+        (reason::TX_ICMP_BACKENDS_FULL, Some(Redirect)),
+        (reason::DROP_BACKENDS_FULL, Some(Drop)),
+    ]
+};
+
 fn implied(r: u32) -> Option<Class> {
-    match r {
-        reason::NAT_FORWARD
-        | reason::NAT_REVERSE
-        | reason::NAT_FRAGMENT
-        | reason::DROP_CT_INSERT
-        | reason::CT_PORT_REWRITE
-        | reason::CT_REVERSE_LAZY => None,
-        reason::TX_RST_NO_BACKEND | reason::FWD_REDIRECT => Some(Class::Redirect),
-        _ if reason::NAMES[r as usize].starts_with("drop_") => Some(Class::Drop),
-        _ => Some(Class::Pass),
+    CLASSES
+        .iter()
+        .find(|(x, _)| *x == r)
+        .unwrap_or_else(|| panic!("reason {} has no class", reason::NAMES[r as usize]))
+        .1
+}
+
+/// Each reason is classified once, and a reason's name agrees with its
+/// class (`drop_` drops, `pass_` passes, `tx_`/`fwd_` answer or redirect).
+#[test]
+fn every_reason_has_a_class() {
+    for r in 0..reason::COUNT {
+        let n = CLASSES.iter().filter(|(x, _)| *x == r).count();
+        let name = reason::NAMES[r as usize];
+        assert_eq!(n, 1, "{name} classified {n} times");
+        let by_name = match name.split('_').next().unwrap() {
+            "pass" => Some(Class::Pass),
+            "tx" | "fwd" => Some(Class::Redirect),
+            "drop" if r != reason::DROP_CT_INSERT => Some(Class::Drop),
+            _ => None,
+        };
+        assert_eq!(implied(r), by_name, "{name}");
     }
+    assert_eq!(CLASSES.len() as u32, reason::COUNT);
 }
 
 fn reasons(dp: &mut ScratchDatapath) -> Vec<u64> {
@@ -302,7 +369,33 @@ fn harness(fib: bool) -> ScratchDatapath {
         Algorithm::Random,
         &[],
     );
-    for s in [&tcp, &udp, &empty] {
+    let empty_udp = service(
+        "fuzz/empty:dns",
+        EMPTY_VIP,
+        53,
+        Protocol::Udp,
+        Algorithm::Random,
+        &[],
+    );
+    let mut full_tcp = service(
+        "fuzz/full:http",
+        FULL_VIP,
+        80,
+        Protocol::Tcp,
+        Algorithm::RoundRobin,
+        &[(b(4), 8080)],
+    );
+    full_tcp.max_per_backend = Some(1);
+    let mut full_udp = service(
+        "fuzz/full:dns",
+        FULL_VIP,
+        53,
+        Protocol::Udp,
+        Algorithm::RoundRobin,
+        &[(b(4), 5353)],
+    );
+    full_udp.max_per_backend = Some(1);
+    for s in [&tcp, &udp, &empty, &empty_udp, &full_tcp, &full_udp] {
         w.upsert_service(s).expect("upsert");
     }
     dp
@@ -427,6 +520,9 @@ fn mutated_packets_get_consistent_verdicts() {
             "pass_not_tcp_udp",
             "pass_no_service",
             "tx_rst_no_backend",
+            "tx_icmp_no_backend",
+            "tx_rst_backends_full",
+            "tx_icmp_backends_full",
         ] {
             assert!(seen(want), "no packet reached {want}: {tally:?}");
         }
