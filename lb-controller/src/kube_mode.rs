@@ -147,7 +147,7 @@ pub async fn run(
     let watcher = tokio::spawn(kwatch::run(client, watch_cfg, snap_tx, leader_rx));
     info!(
         identity = opts.identity,
-        "watching Services, {source} and Nodes"
+        "watching Services, {source}, Nodes and Pods"
     );
     let result = loop {
         tokio::select! {
