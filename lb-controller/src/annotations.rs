@@ -452,7 +452,9 @@ impl AnnotationError {
             LOCALITY_MIN_BACKENDS => "using the default min backends (1)",
             HEADERS => "adding no headers from the annotation",
             MAX_PER_BACKEND => "no QoS limit",
-            POD_WEIGHT => "the pod keeps its default weight (the Service's rpclb.io/weights, else 1)",
+            POD_WEIGHT => {
+                "the pod keeps its default weight (the Service's rpclb.io/weights, else 1)"
+            }
             POD_MAX => "the pod keeps the Service's limit (rpclb.io/max-per-backend), if any",
             _ => "ignoring it",
         }

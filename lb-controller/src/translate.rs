@@ -2851,12 +2851,7 @@ mod tests {
             // Not ours: ignored, as a Pod without annotations.
             ("pod-2", &[("example.com/weight", "9")]),
         ]);
-        let c = ClusterState::build_with_pods(
-            &[svc],
-            &[web_with_pods()],
-            NodeLocations::new(),
-            &p,
-        );
+        let c = ClusterState::build_with_pods(&[svc], &[web_with_pods()], NodeLocations::new(), &p);
         assert!(c.problems().is_empty(), "{:?}", c.problems());
         assert_eq!(p.len(), 1, "only Pods with rpclb.io/ annotations are kept");
         let st = c.default_state();
@@ -2875,7 +2870,8 @@ mod tests {
 
         // Weight 0 drains the pod (no new flows; still a backend).
         let p = pods(&[("pod-2", &[(annotations::POD_WEIGHT, "0")])]);
-        let c = ClusterState::build_with_pods(&[web()], &[web_with_pods()], NodeLocations::new(), &p);
+        let c =
+            ClusterState::build_with_pods(&[web()], &[web_with_pods()], NodeLocations::new(), &p);
         assert_eq!(
             weights_and_limits(&c.default_state()),
             [(1, 1, None), (2, 0, None), (3, 1, None)]
@@ -2969,11 +2965,24 @@ mod tests {
             // The defaults: web's entry (4) and limit (50) for pod-1; api: 1,
             // no limit.
             let st = c.default_state();
-            let web = st.services.iter().find(|s| s.name == "shop/web:http").unwrap();
+            let web = st
+                .services
+                .iter()
+                .find(|s| s.name == "shop/web:http")
+                .unwrap();
             assert_eq!((web.backends[0].weight, web.backends[0].max), (4, None));
             assert_eq!(web.max_per_backend, Some(50));
-            for s in st.services.iter().filter(|s| s.name.starts_with("shop/api")) {
-                assert_eq!((s.backends[0].weight, s.backends[0].max), (1, None), "{}", s.name);
+            for s in st
+                .services
+                .iter()
+                .filter(|s| s.name.starts_with("shop/api"))
+            {
+                assert_eq!(
+                    (s.backends[0].weight, s.backends[0].max),
+                    (1, None),
+                    "{}",
+                    s.name
+                );
             }
         }
 
@@ -2987,7 +2996,8 @@ mod tests {
                 (annotations::MAX_PER_BACKEND, "5"),
             ],
         )]);
-        let c = ClusterState::build_with_pods(&[web()], &[web_with_pods()], NodeLocations::new(), &p);
+        let c =
+            ClusterState::build_with_pods(&[web()], &[web_with_pods()], NodeLocations::new(), &p);
         let keys: Vec<&str> = c
             .problems()
             .iter()
@@ -2998,10 +3008,16 @@ mod tests {
             .collect();
         assert_eq!(
             keys,
-            [annotations::POD_MAX, annotations::MAX_PER_BACKEND, annotations::POD_WEIGHT]
+            [
+                annotations::POD_MAX,
+                annotations::MAX_PER_BACKEND,
+                annotations::POD_WEIGHT
+            ]
         );
         assert!(
-            c.problems()[1].to_string().contains("unknown rpclb.io annotation on a Pod"),
+            c.problems()[1]
+                .to_string()
+                .contains("unknown rpclb.io annotation on a Pod"),
             "{}",
             c.problems()[1]
         );
@@ -3010,9 +3026,13 @@ mod tests {
         // One valid and one invalid: the valid one applies.
         let p = pods(&[(
             "pod-1",
-            &[(annotations::POD_WEIGHT, "6"), (annotations::POD_MAX, "none")],
+            &[
+                (annotations::POD_WEIGHT, "6"),
+                (annotations::POD_MAX, "none"),
+            ],
         )]);
-        let c = ClusterState::build_with_pods(&[web()], &[web_with_pods()], NodeLocations::new(), &p);
+        let c =
+            ClusterState::build_with_pods(&[web()], &[web_with_pods()], NodeLocations::new(), &p);
         assert_eq!(c.problems().len(), 1);
         assert_eq!(weights_and_limits(&c.default_state())[0], (1, 6, None));
     }
@@ -3021,7 +3041,11 @@ mod tests {
     fn the_pod_is_found_by_target_ref_only() {
         let p = pods(&[("pod-1", &[(annotations::POD_WEIGHT, "9")])]);
         let mut other_ns = Pods::default();
-        other_ns.insert("other", "pod-1", &pairs(&[(annotations::POD_WEIGHT, "9")]).unwrap());
+        other_ns.insert(
+            "other",
+            "pod-1",
+            &pairs(&[(annotations::POD_WEIGHT, "9")]).unwrap(),
+        );
         let build = |ep: Endpoint, pods: &Pods| {
             let c = ClusterState::build_with_pods(
                 &[web()],
@@ -3044,7 +3068,13 @@ mod tests {
         node_ref.target_ref.as_mut().unwrap().kind = Some("Node".into());
         assert_eq!(build(node_ref, &p), 1);
         // A Pod of another namespace is not followed, even if it exists.
-        assert_eq!(build(of_pod(ready("10.244.0.1"), Some("other"), "pod-1"), &other_ns), 1);
+        assert_eq!(
+            build(
+                of_pod(ready("10.244.0.1"), Some("other"), "pod-1"),
+                &other_ns
+            ),
+            1
+        );
         // The same IP in two slices (a terminating copy naming pod-2, a
         // ready one naming pod-1): the copy that wins (ready) decides, as
         // for its node.
@@ -3052,7 +3082,12 @@ mod tests {
             &[web()],
             &[
                 web_slice(vec![of_pod(terminating("10.244.0.1"), Some(NS), "pod-2")]),
-                slice("web-y", "web", &[(Some("http"), 8080)], vec![of_pod(ready("10.244.0.1"), Some(NS), "pod-1")]),
+                slice(
+                    "web-y",
+                    "web",
+                    &[(Some("http"), 8080)],
+                    vec![of_pod(ready("10.244.0.1"), Some(NS), "pod-1")],
+                ),
             ],
             NodeLocations::new(),
             &p,
@@ -3062,7 +3097,9 @@ mod tests {
 
     #[test]
     fn core_v1_endpoints_keep_the_target_ref() {
-        use k8s_openapi::api::core::v1::{EndpointAddress, EndpointSubset, Endpoints, ObjectReference};
+        use k8s_openapi::api::core::v1::{
+            EndpointAddress, EndpointSubset, Endpoints, ObjectReference,
+        };
         let ep = Endpoints {
             metadata: ObjectMeta {
                 name: Some("web".into()),
@@ -3089,7 +3126,10 @@ mod tests {
                 ..Default::default()
             }]),
         };
-        let p = pods(&[("pod-1", &[(annotations::POD_WEIGHT, "3"), (annotations::POD_MAX, "7")])]);
+        let p = pods(&[(
+            "pod-1",
+            &[(annotations::POD_WEIGHT, "3"), (annotations::POD_MAX, "7")],
+        )]);
         let slices = crate::endpoints::slices_from_endpoints(&ep);
         let c = ClusterState::build_with_pods(&[web()], &slices, NodeLocations::new(), &p);
         assert_eq!(weights_and_limits(&c.default_state()), [(1, 3, Some(7))]);

@@ -2004,7 +2004,11 @@ async fn pod_annotations_set_a_backends_weight_and_limit() {
     fake.apply(pod("10.244.2.3", json!({}), "Running"));
     let mut run = Running::start(&fake, true);
     let first = run.snapshot_after(0).await;
-    assert!(first.cluster.problems().is_empty(), "{:?}", first.cluster.problems());
+    assert!(
+        first.cluster.problems().is_empty(),
+        "{:?}",
+        first.cluster.problems()
+    );
     assert_eq!(
         web_weights(&first),
         [(5, Some(20)), (1, None), (1, None)],
@@ -2029,7 +2033,11 @@ async fn pod_annotations_set_a_backends_weight_and_limit() {
     assert_eq!(run.current().unwrap().generation, first.generation);
 
     // The other Pod is drained by its annotation.
-    fake.apply(pod("10.244.2.3", json!({"rpclb.io/weight": "0"}), "Running"));
+    fake.apply(pod(
+        "10.244.2.3",
+        json!({"rpclb.io/weight": "0"}),
+        "Running",
+    ));
     let drained = run.snapshot_after(first.generation).await;
     assert_eq!(web_weights(&drained), [(5, Some(20)), (1, None), (0, None)]);
 
@@ -2065,7 +2073,12 @@ async fn pod_annotations_set_a_backends_weight_and_limit() {
     fake.apply(node("node-c"));
     run.snapshot_after(bad.generation).await;
     settle().await;
-    let events = fake.lock().objects("events").into_iter().cloned().collect::<Vec<_>>();
+    let events = fake
+        .lock()
+        .objects("events")
+        .into_iter()
+        .cloned()
+        .collect::<Vec<_>>();
     assert_eq!(events.len(), 1, "{events:#?}");
     let e = &events[0];
     assert_eq!(e["type"], "Warning");
@@ -2074,18 +2087,26 @@ async fn pod_annotations_set_a_backends_weight_and_limit() {
     assert_eq!(e["regarding"]["apiVersion"], "v1");
     assert_eq!(e["regarding"]["namespace"], "shop");
     assert_eq!(e["regarding"]["name"], "pod-10.244.1.2");
-    let pod_uid = fake.lock().get("pods", "shop", "pod-10.244.1.2").unwrap()["metadata"]["uid"].clone();
+    let pod_uid =
+        fake.lock().get("pods", "shop", "pod-10.244.1.2").unwrap()["metadata"]["uid"].clone();
     assert_eq!(e["regarding"]["uid"], pod_uid);
     assert_eq!(e["metadata"]["namespace"], "shop");
     let note = e["note"].as_str().unwrap();
     assert!(note.contains("rpclb.io/max=\"lots\""), "{note}");
-    assert!(e["metadata"]["name"].as_str().unwrap().starts_with("pod-10.244.1.2.rpclb-"));
+    assert!(
+        e["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("pod-10.244.1.2.rpclb-")
+    );
 
     // The Pod goes (its endpoint stays until the endpoints controller
     // acts): the backend falls back to the defaults.
     fake.delete("pods", "shop", "pod-10.244.1.2");
     let gone = run
-        .snapshot_where("the pod's settings gone", |s| s.cluster.problems().is_empty())
+        .snapshot_where("the pod's settings gone", |s| {
+            s.cluster.problems().is_empty()
+        })
         .await;
     assert_eq!(web_weights(&gone), [(2, None), (1, None), (0, None)]);
     // One watch of Pods the whole time, metadata only.
@@ -2117,7 +2138,11 @@ async fn pod_annotations_with_the_endpoints_source() {
             "ports": [{"name": "http", "port": 9090, "protocol": "TCP"}],
         }],
     }));
-    fake.apply(pod("10.244.1.7", json!({"rpclb.io/weight": "3"}), "Running"));
+    fake.apply(pod(
+        "10.244.1.7",
+        json!({"rpclb.io/weight": "3"}),
+        "Running",
+    ));
     let mut run = Running::start_with(&fake, false, EndpointsSource::Endpoints);
     let first = run.snapshot_after(0).await;
     assert_eq!(web_weights(&first), [(3, None), (1, None)]);
