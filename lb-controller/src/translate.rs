@@ -60,6 +60,15 @@
 //! **Policy.** The `rpclb.io/` annotations, read by [`parse_annotations`],
 //! give the algorithm, the weights (by backend IP) and the Maglev table size.
 //!
+//! - A backend Pod's own annotations ([`Pods`], read by
+//!   [`parse_pod_annotations`]): the endpoint's `targetRef` (kind `Pod`, in
+//!   the slice's namespace; another namespace's is not followed) names the
+//!   Pod. Its `rpclb.io/weight` is the backend's weight unless the Service's
+//!   `rpclb.io/weights` lists the backend's IP (the Service's entry wins);
+//!   its `rpclb.io/max` is the backend's own `max`, which wins over the
+//!   Service's `rpclb.io/max-per-backend`. An invalid one is a [`Problem`] on
+//!   the Pod ([`Subject::Pod`]), once per Pod, and the default is used.
+//!
 //! - `sessionAffinity: ClientIP` sets the affinity timeout from
 //!   `sessionAffinityConfig.clientIP.timeoutSeconds` (default 10800 s, at
 //!   most 86400 s) and makes the algorithm `source-hash`, unless a valid

@@ -32,13 +32,12 @@
 //! recompute. See [`crate::events`] for how an Event stays one Event across
 //! a change of leader.
 
+use std::collections::{BTreeMap, HashMap};
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use std::collections::{BTreeMap, HashMap};
-
 use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service as KubeService, ServiceStatus};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::core::PartialObjectMeta;
