@@ -483,10 +483,24 @@ fn pod_annotations_drain_and_limit_backends() {
     annotate("pod-2", "rpclb.io/weight=0");
     annotate("pod-1", "rpclb.io/max=1");
     pods.wait_reach(80, &["backend-1"]);
-    let held = HeldConn::open(&pods.lab.client().ns, SocketAddrV4::new(VIP, 80))
-        .expect("a held connection");
-    assert_eq!(held.backend, "backend-1");
-    pods.wait_closed(80);
+    // Held connections are opened anew until the limit has reached the agent.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let held = loop {
+        let held = HeldConn::open(&pods.lab.client().ns, SocketAddrV4::new(VIP, 80))
+            .expect("a held connection");
+        assert_eq!(held.backend, "backend-1");
+        if pods.reached(80, 1).is_err() {
+            break held;
+        }
+        drop(held);
+        assert!(
+            Instant::now() < deadline,
+            "a second connection was never refused while one was held"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // Still refused while it is held; it closes, and pod-1 takes new ones again.
+    assert!(pods.reached(80, 1).is_err());
     drop(held);
     pods.wait_reach(80, &["backend-1"]);
 
