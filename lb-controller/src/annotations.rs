@@ -413,6 +413,10 @@ impl AnnotationError {
 
     /// What is used instead of the annotation.
     pub fn fallback(&self) -> &'static str {
+        if self.problem == AnnotationProblem::UnknownPodKey {
+            // A Service's key on a Pod: not what that key falls back to.
+            return "ignoring it";
+        }
         match self.key.as_str() {
             ALGORITHM => "using the default algorithm (random)",
             WEIGHTS => "ignoring all weights (every backend has weight 1)",
@@ -1974,6 +1978,51 @@ mod tests {
             e.to_string(),
             "invalid annotation rpclb.io/maglev-table-size=\"1000\": maglev table size 1000 \
              is not prime; using the default maglev table size"
+        );
+    }
+
+    #[test]
+    fn pod_annotations() {
+        let pod = |kv: &[(&str, &str)]| parse_pod_annotations(&annotations(kv));
+        assert_eq!(pod(&[]), (PodPolicy::default(), vec![]));
+        let (p, e) = pod(&[(POD_WEIGHT, " 0 "), (POD_MAX, "1000000"), ("x.io/y", "z")]);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(
+            p,
+            PodPolicy {
+                weight: Some(0),
+                max: Some(1_000_000)
+            }
+        );
+        assert_eq!(pod(&[(POD_WEIGHT, "65535")]).0.weight, Some(65_535));
+        // Out of range or not numbers: reported, ignored.
+        for (k, v) in [
+            (POD_WEIGHT, "65536"),
+            (POD_WEIGHT, "-1"),
+            (POD_WEIGHT, "+1"),
+            (POD_WEIGHT, "1.5"),
+            (POD_WEIGHT, " "),
+            (POD_MAX, "0"),
+            (POD_MAX, "1000001"),
+            (POD_MAX, "many"),
+        ] {
+            let (p, e) = pod(&[(k, v)]);
+            assert_eq!(p, PodPolicy::default(), "{k}={v:?}");
+            assert_eq!(e.len(), 1, "{k}={v:?}: {e:?}");
+            assert_eq!(e[0].key, k);
+            assert!(e[0].fallback().starts_with("the pod keeps"), "{}", e[0]);
+        }
+        // Every other rpclb.io/ key, a Service's included, is unknown on a Pod.
+        let (p, e) = pod(&[(MAX_PER_BACKEND, "5"), (WEIGHTS, "10.0.0.1=2")]);
+        assert_eq!(p, PodPolicy::default());
+        assert_eq!(e.len(), 2);
+        for e in &e {
+            assert_eq!(e.problem, AnnotationProblem::UnknownPodKey);
+            assert_eq!(e.fallback(), "ignoring it", "{e}");
+        }
+        assert!(
+            POD_KNOWN.iter().all(|k| !KNOWN.contains(k)),
+            "Pod keys are not Service keys"
         );
     }
 
