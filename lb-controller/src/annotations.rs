@@ -90,6 +90,17 @@
 //! number of backends is checked where the backends are known, when the
 //! desired state is built.
 //!
+//! **On Pods** ([`parse_pod_annotations`]): a backend's own settings, in
+//! every Service it serves, joined to the endpoints by their `targetRef`:
+//!
+//! | annotation | value | default |
+//! |---|---|---|
+//! | `rpclb.io/weight` | 0-65535; 0 drains the pod. The Service's `rpclb.io/weights` entry for the pod's IP wins over it | the Service's entry, else 1 |
+//! | `rpclb.io/max` | 1-1000000: the pod's QoS limit; wins over the Service's `rpclb.io/max-per-backend` | the Service's limit, if any |
+//!
+//! An invalid one (or an unknown `rpclb.io/` key on a Pod) is reported on
+//! the Pod and ignored.
+//!
 //! An invalid annotation never stops the Service from being balanced: the
 //! default is used, and [`parse_annotations`] returns an [`AnnotationError`]
 //! for it, which the controller turns into a Kubernetes Event on the Service
@@ -162,8 +173,18 @@ pub const LOCALITY_MIN_BACKENDS: &str = "rpclb.io/locality-min-backends";
 /// Headers the gRPC mode adds to every call: `name: value` lines.
 pub const HEADERS: &str = "rpclb.io/headers";
 /// QoS limit per backend (docs/policies.md): connections (L4) or
-/// outstanding calls (gRPC mode). On a Service, or on a Pod (its own).
+/// outstanding calls (gRPC mode), for every backend of the Service (a Pod's
+/// own [`POD_MAX`] wins).
 pub const MAX_PER_BACKEND: &str = "rpclb.io/max-per-backend";
+
+/// On a Pod: its weight as a backend of every Service it serves, 0-65535
+/// (0 drains it); the YAML backend `weight`.
+pub const POD_WEIGHT: &str = "rpclb.io/weight";
+/// On a Pod: its own QoS limit, 1-1000000; wins over the Service's
+/// [`MAX_PER_BACKEND`], as the YAML backend `max` does.
+pub const POD_MAX: &str = "rpclb.io/max";
+/// Every Pod annotation this version understands.
+pub const POD_KNOWN: [&str; 2] = [POD_WEIGHT, POD_MAX];
 /// Every annotation this version understands.
 pub const KNOWN: [&str; 36] = [
     ALGORITHM,
@@ -313,7 +334,8 @@ fn parse_min_backends(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
         .map_err(|e| vec![AnnotationProblem::LocalityValue(e)])
 }
 
-/// A QoS limit (`rpclb.io/max-per-backend`, on a Service or a Pod): 1-1000000.
+/// A QoS limit (`rpclb.io/max-per-backend` on a Service, `rpclb.io/max` on a
+/// Pod): 1-1000000.
 pub fn parse_qos_limit(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
     let v = value.trim();
     if v.is_empty() {
@@ -363,7 +385,15 @@ impl ServicePolicy {
 
     /// The weight of the backend at `ip`.
     pub fn weight(&self, ip: IpAddr) -> u32 {
-        self.weights.get(&ip).copied().unwrap_or(1)
+        self.backend_weight(ip, None)
+    }
+
+    /// The weight of the backend at `ip` whose Pod says `pod`
+    /// ([`POD_WEIGHT`]): the Service's `rpclb.io/weights` entry for `ip`
+    /// wins (it names this Service and this backend; the Pod's applies in
+    /// every Service the Pod serves), then the Pod's, else 1.
+    pub fn backend_weight(&self, ip: IpAddr, pod: Option<u32>) -> u32 {
+        self.weights.get(&ip).copied().or(pod).unwrap_or(1)
     }
 }
 
@@ -383,6 +413,10 @@ impl AnnotationError {
 
     /// What is used instead of the annotation.
     pub fn fallback(&self) -> &'static str {
+        if self.problem == AnnotationProblem::UnknownPodKey {
+            // A Service's key on a Pod: not what that key falls back to.
+            return "ignoring it";
+        }
         match self.key.as_str() {
             ALGORITHM => "using the default algorithm (random)",
             WEIGHTS => "ignoring all weights (every backend has weight 1)",
@@ -422,6 +456,10 @@ impl AnnotationError {
             LOCALITY_MIN_BACKENDS => "using the default min backends (1)",
             HEADERS => "adding no headers from the annotation",
             MAX_PER_BACKEND => "no QoS limit",
+            POD_WEIGHT => {
+                "the pod keeps its default weight (the Service's rpclb.io/weights, else 1)"
+            }
+            POD_MAX => "the pod keeps the Service's limit (rpclb.io/max-per-backend), if any",
             _ => "ignoring it",
         }
     }
@@ -517,6 +555,64 @@ pub enum AnnotationProblem {
     /// Breaks `lb_api::validate::qos_limit` (1-1000000).
     #[error("{0}")]
     QosValue(String),
+    /// Breaks `lb_api::validate::weight` (0-65535).
+    #[error("{0:?} is not a weight from 0 to 65535")]
+    WeightRange(String),
+    #[error("unknown rpclb.io annotation on a Pod (known on Pods: rpclb.io/weight, rpclb.io/max)")]
+    UnknownPodKey,
+}
+
+/// A Pod's own settings as a backend, from its annotations
+/// ([`POD_WEIGHT`], [`POD_MAX`]); `None`: not set (or invalid).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodPolicy {
+    pub weight: Option<u32>,
+    pub max: Option<u32>,
+}
+
+/// Reads a Pod's `rpclb.io/` annotations.
+///
+/// Never fails: each invalid value (and each unknown `rpclb.io/` key) is
+/// reported in the returned list, in key order, and ignored.
+pub fn parse_pod_annotations(
+    annotations: &BTreeMap<String, String>,
+) -> (PodPolicy, Vec<AnnotationError>) {
+    let mut policy = PodPolicy::default();
+    let mut errors = Vec::new();
+    for (key, value) in annotations {
+        if !key.starts_with(PREFIX) {
+            continue;
+        }
+        let r = match key.as_str() {
+            POD_WEIGHT => parse_weight(value).map(|w| policy.weight = Some(w)),
+            POD_MAX => parse_qos_limit(value).map(|n| policy.max = Some(n)),
+            _ => Err(vec![AnnotationProblem::UnknownPodKey]),
+        };
+        if let Err(problems) = r {
+            errors.extend(problems.into_iter().map(|problem| AnnotationError {
+                key: key.clone(),
+                value: value.clone(),
+                problem,
+            }));
+        }
+    }
+    (policy, errors)
+}
+
+/// One weight (`rpclb.io/weight` on a Pod): 0-65535, by `validate::weight`.
+fn parse_weight(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Err(vec![AnnotationProblem::Empty]);
+    }
+    let n = v
+        .parse::<u32>()
+        .ok()
+        .filter(|_| !v.starts_with('+'))
+        .ok_or_else(|| vec![AnnotationProblem::NotANumber(v.to_string())])?;
+    validate::weight(n)
+        .map(|()| n)
+        .map_err(|_| vec![AnnotationProblem::WeightRange(v.to_string())])
 }
 
 /// Reads a Service's policy from its annotations.
@@ -1882,6 +1978,51 @@ mod tests {
             e.to_string(),
             "invalid annotation rpclb.io/maglev-table-size=\"1000\": maglev table size 1000 \
              is not prime; using the default maglev table size"
+        );
+    }
+
+    #[test]
+    fn pod_annotations() {
+        let pod = |kv: &[(&str, &str)]| parse_pod_annotations(&annotations(kv));
+        assert_eq!(pod(&[]), (PodPolicy::default(), vec![]));
+        let (p, e) = pod(&[(POD_WEIGHT, " 0 "), (POD_MAX, "1000000"), ("x.io/y", "z")]);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(
+            p,
+            PodPolicy {
+                weight: Some(0),
+                max: Some(1_000_000)
+            }
+        );
+        assert_eq!(pod(&[(POD_WEIGHT, "65535")]).0.weight, Some(65_535));
+        // Out of range or not numbers: reported, ignored.
+        for (k, v) in [
+            (POD_WEIGHT, "65536"),
+            (POD_WEIGHT, "-1"),
+            (POD_WEIGHT, "+1"),
+            (POD_WEIGHT, "1.5"),
+            (POD_WEIGHT, " "),
+            (POD_MAX, "0"),
+            (POD_MAX, "1000001"),
+            (POD_MAX, "many"),
+        ] {
+            let (p, e) = pod(&[(k, v)]);
+            assert_eq!(p, PodPolicy::default(), "{k}={v:?}");
+            assert_eq!(e.len(), 1, "{k}={v:?}: {e:?}");
+            assert_eq!(e[0].key, k);
+            assert!(e[0].fallback().starts_with("the pod keeps"), "{}", e[0]);
+        }
+        // Every other rpclb.io/ key, a Service's included, is unknown on a Pod.
+        let (p, e) = pod(&[(MAX_PER_BACKEND, "5"), (WEIGHTS, "10.0.0.1=2")]);
+        assert_eq!(p, PodPolicy::default());
+        assert_eq!(e.len(), 2);
+        for e in &e {
+            assert_eq!(e.problem, AnnotationProblem::UnknownPodKey);
+            assert_eq!(e.fallback(), "ignoring it", "{e}");
+        }
+        assert!(
+            POD_KNOWN.iter().all(|k| !KNOWN.contains(k)),
+            "Pod keys are not Service keys"
         );
     }
 

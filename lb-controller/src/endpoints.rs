@@ -16,7 +16,7 @@
 //! - each subset becomes one slice, with the subset's ports (names,
 //!   numbers and protocols, as the Endpoints controller resolved them from
 //!   the Service's named or numbered `targetPort`s) and its
-//!   `addresses` as ready endpoints, with their `nodeName` (IPv6
+//!   `addresses` as ready endpoints, with their `nodeName` and `targetRef` (IPv6
 //!   addresses in a second slice of `addressType: IPv6`);
 //! - `notReadyAddresses` are left out.
 //!
@@ -173,6 +173,8 @@ pub fn slices_from_endpoints(ep: &Endpoints) -> Vec<EndpointSlice> {
                         terminating: Some(false),
                     }),
                     node_name: a.node_name.clone(),
+                    // The Pod, for its own annotations (rpclb.io/weight, /max).
+                    target_ref: a.target_ref.clone(),
                     ..Endpoint::default()
                 })
                 .collect();

@@ -1,4 +1,5 @@
-//! Warning Events (events.k8s.io/v1) on Services, one per problem.
+//! Warning Events (events.k8s.io/v1) on Services (and backend Pods), one
+//! per problem.
 //!
 //! A problem is reported when it appears: [`ProblemTracker`] keeps repeats
 //! of one translation to the next out, and each Event's name is made from
@@ -15,14 +16,13 @@
 
 use std::collections::HashSet;
 
-use k8s_openapi::api::core::v1::Service as KubeService;
 use k8s_openapi::api::events::v1::{Event, EventSeries};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
-use crate::translate::{Problem, ServiceRef};
+use crate::translate::{Problem, Subject};
 
 /// The Events' `action`.
 pub const EVENT_ACTION: &str = "Translate";
@@ -43,10 +43,10 @@ pub fn event_note(note: &str) -> String {
 }
 
 /// A problem's identity: the Service, the reason and the note.
-type Key = (ServiceRef, &'static str, String);
+type Key = (Subject, &'static str, String);
 
 fn key(p: &Problem) -> Key {
-    (p.service.clone(), p.reason(), p.to_string())
+    (p.subject.clone(), p.reason(), p.to_string())
 }
 
 /// What to do about a problem that a translation has and the previous one
@@ -110,8 +110,8 @@ impl ProblemTracker {
     }
 }
 
-/// The Event's name: the Service's name and a hash of what identifies the
-/// problem (the Service's uid, so that a re-created Service gets its own).
+/// The Event's name: the object's name and a hash of what identifies the
+/// problem (the object's uid, so that a re-created object gets its own).
 pub fn event_name(p: &Problem, service_uid: &str) -> String {
     // FNV-1a (64 bit) over the fields, each ended by a 0 byte: the same in
     // every replica, process and version (std's Hash promises none of that).
@@ -121,8 +121,18 @@ pub fn event_name(p: &Problem, service_uid: &str) -> String {
             h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
         }
     }
-    // Service names are at most 63 characters: this fits a name (253).
-    format!("{}.rpclb-{h:016x}", p.service.name)
+    // Service names are at most 63 characters; a Pod's may have 253: cut it
+    // so that the whole fits a name (253), ending in a letter or digit.
+    const MAX_PREFIX: usize = 253 - ".rpclb-".len() - 16;
+    let mut prefix = p.subject.name();
+    if prefix.len() > MAX_PREFIX {
+        let mut end = MAX_PREFIX;
+        while !prefix.is_char_boundary(end) {
+            end -= 1;
+        }
+        prefix = prefix[..end].trim_end_matches(['-', '.']);
+    }
+    format!("{prefix}.rpclb-{h:016x}")
 }
 
 /// Writes the Events of one controller replica.
@@ -142,11 +152,14 @@ impl EventWriter {
         }
     }
 
-    /// Reports `p` on `svc` (see the module docs).
-    pub async fn report(&self, p: &Problem, svc: &KubeService, how: Report) {
-        let ns = svc.namespace().unwrap_or_else(|| "default".into());
+    /// Reports `p` on `object`, its Service or Pod (see the module docs).
+    pub async fn report<K>(&self, p: &Problem, object: &K, how: Report)
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        let ns = object.namespace().unwrap_or_else(|| "default".into());
         let api: Api<Event> = Api::namespaced(self.client.clone(), &ns);
-        let name = event_name(p, svc.uid().as_deref().unwrap_or(""));
+        let name = event_name(p, object.uid().as_deref().unwrap_or(""));
         let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
         let event = Event {
             metadata: ObjectMeta {
@@ -159,20 +172,20 @@ impl EventWriter {
             reason: Some(p.reason().into()),
             note: Some(event_note(&p.to_string())),
             type_: Some("Warning".into()),
-            regarding: Some(svc.object_ref(&())),
+            regarding: Some(object.object_ref(&())),
             reporting_controller: Some(self.controller.clone()),
             reporting_instance: Some(self.instance.clone()),
             ..Event::default()
         };
         match api.create(&PostParams::default(), &event).await {
-            Ok(_) => info!(service = %p.service, reason = p.reason(), "{p}"),
+            Ok(_) => info!(object = %p.subject, reason = p.reason(), "{p}"),
             Err(kube::Error::Api(s)) if s.code == 409 => match how {
                 Report::New => {
-                    debug!(service = %p.service, event = name, "already reported")
+                    debug!(object = %p.subject, event = name, "already reported")
                 }
                 Report::Again => self.bump(&api, &name, p, now).await,
             },
-            Err(e) => warn!(service = %p.service, error = %e, "could not write event"),
+            Err(e) => warn!(object = %p.subject, error = %e, "could not write event"),
         }
     }
 
@@ -181,7 +194,7 @@ impl EventWriter {
         let count = match api.get(name).await {
             Ok(e) => e.series.map_or(1, |s| s.count),
             Err(e) => {
-                warn!(service = %p.service, error = %e, "could not read event");
+                warn!(object = %p.subject, error = %e, "could not read event");
                 return;
             }
         };
@@ -195,9 +208,9 @@ impl EventWriter {
             .await
         {
             Ok(_) => {
-                info!(service = %p.service, reason = p.reason(), count = count + 1, "again: {p}")
+                info!(object = %p.subject, reason = p.reason(), count = count + 1, "again: {p}")
             }
-            Err(e) => warn!(service = %p.service, error = %e, "could not update event"),
+            Err(e) => warn!(object = %p.subject, error = %e, "could not update event"),
         }
     }
 }
@@ -216,10 +229,10 @@ mod tests {
         );
         let e = errors.into_iter().next().expect("an invalid value");
         Problem {
-            service: ServiceRef {
+            subject: Subject::Service(crate::translate::ServiceRef {
                 namespace: "shop".into(),
                 name: service.into(),
-            },
+            }),
             fallback: e.fallback().into(),
             kind: ProblemKind::Annotation(e),
         }
@@ -269,6 +282,32 @@ mod tests {
         assert_ne!(n, event_name(&a, "uid-2"), "per Service incarnation");
         // The same in every process and version (replicas must agree).
         assert_eq!(event_name(&a, "fixed-uid"), "web.rpclb-057bb7732bc156c3");
+    }
+
+    #[test]
+    fn event_names_of_long_pod_names_fit() {
+        use crate::translate::PodRef;
+        let pod = |name: &str| Problem {
+            subject: Subject::Pod(PodRef {
+                namespace: "shop".into(),
+                name: name.into(),
+            }),
+            ..problem("web", "x")
+        };
+        // A Pod name may be 253 characters (a DNS subdomain).
+        let long = format!("{}-{}", "a".repeat(229), "b".repeat(23));
+        let n = event_name(&pod(&long), "uid-1");
+        assert!(n.len() <= 253, "{}", n.len());
+        let (prefix, hash) = n.split_once(".rpclb-").unwrap();
+        assert_eq!(hash.len(), 16);
+        // Cut at 230, where the name has a '-': trimmed to a letter.
+        assert_eq!(prefix, "a".repeat(229));
+        // Short names are kept whole; Pod and Service of one name differ by uid.
+        assert!(event_name(&pod("pod-1"), "uid-2").starts_with("pod-1.rpclb-"));
+        assert_ne!(
+            event_name(&pod("web"), "uid-pod"),
+            event_name(&problem("web", "x"), "uid-svc")
+        );
     }
 
     #[test]

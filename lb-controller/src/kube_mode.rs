@@ -8,7 +8,7 @@
 //! that ends the controller, never a replica that waits forever.
 //!
 //! Every replica serves agents; `/readyz` turns ready after the first full
-//! list of Services, endpoints and Nodes has been published, so a
+//! list of Services, endpoints, Nodes and Pods has been published, so a
 //! replica that has not synced gets no agent streams. Conntrack timeouts in
 //! this mode are the controller's `--timeout-*` flags (the defaults of
 //! docs/config.md unless set).
@@ -147,7 +147,7 @@ pub async fn run(
     let watcher = tokio::spawn(kwatch::run(client, watch_cfg, snap_tx, leader_rx));
     info!(
         identity = opts.identity,
-        "watching Services, {source} and Nodes"
+        "watching Services, {source}, Nodes and Pods"
     );
     let result = loop {
         tokio::select! {

@@ -9,7 +9,8 @@
 //!   [`Problem`]s found on the way; its module docs hold the rules.
 //! - [`endpoints`]: where endpoints come from: EndpointSlices, or core v1
 //!   Endpoints (turned into the slices they describe), chosen at start.
-//! - [`watch`]: kube-rs reflectors on Services, the endpoints and Nodes; on
+//! - [`watch`]: kube-rs reflectors on Services, the endpoints, Nodes and
+//!   Pods (metadata: a backend's own `rpclb.io/weight` and `rpclb.io/max`); on
 //!   every change (coalesced), a new [`ClusterSnapshot`] on a
 //!   `tokio::sync::watch` channel, and a Warning Event for each new problem.
 //! - [`events`]: those Events, named after their problem so that each is
@@ -41,6 +42,8 @@ pub use annotations::{AnnotationError, AnnotationProblem, ServicePolicy, parse_a
 #[cfg(feature = "kube")]
 pub use leader::{LeaderElector, LeaseConfig};
 #[cfg(feature = "kube")]
-pub use translate::{ClusterState, Problem, ProblemKind, ServiceRef, Translation, node_state};
+pub use translate::{
+    ClusterState, PodRef, Pods, Problem, ProblemKind, ServiceRef, Subject, Translation, node_state,
+};
 #[cfg(feature = "kube")]
 pub use watch::{ClusterSnapshot, SnapshotReceiver, SnapshotSender, WatchConfig};

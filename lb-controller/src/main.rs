@@ -50,8 +50,8 @@ struct Cli {
         conflicts_with = "kube"
     )]
     config: Option<PathBuf>,
-    /// Kubernetes mode: watch Services, their endpoints (see --endpoints-source) and Nodes
-    /// (in-cluster config or KUBECONFIG).
+    /// Kubernetes mode: watch Services, their endpoints (see --endpoints-source), Nodes and
+    /// Pods' metadata (in-cluster config or KUBECONFIG).
     #[arg(long, env = "RPCLB_KUBE", value_parser = clap::builder::BoolishValueParser::new())]
     kube: bool,
     /// gRPC address agents connect to.

@@ -60,6 +60,15 @@
 //! **Policy.** The `rpclb.io/` annotations, read by [`parse_annotations`],
 //! give the algorithm, the weights (by backend IP) and the Maglev table size.
 //!
+//! - A backend Pod's own annotations ([`Pods`], read by
+//!   [`parse_pod_annotations`]): the endpoint's `targetRef` (kind `Pod`, in
+//!   the slice's namespace; another namespace's is not followed) names the
+//!   Pod. Its `rpclb.io/weight` is the backend's weight unless the Service's
+//!   `rpclb.io/weights` lists the backend's IP (the Service's entry wins);
+//!   its `rpclb.io/max` is the backend's own `max`, which wins over the
+//!   Service's `rpclb.io/max-per-backend`. An invalid one is a [`Problem`] on
+//!   the Pod ([`Subject::Pod`]), once per Pod, and the default is used.
+//!
 //! - `sessionAffinity: ClientIP` sets the affinity timeout from
 //!   `sessionAffinityConfig.clientIP.timeoutSeconds` (default 10800 s, at
 //!   most 86400 s) and makes the algorithm `source-hash`, unless a valid
@@ -87,14 +96,16 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Service as KubeService, ServicePort, ServiceSpec};
-use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
 use lb_api::locality::{self, NodeLocation, NodeLocations, Place};
 use lb_api::{
     Algorithm, Backend, BackendState, DEFAULT_MAGLEV_M, DesiredState, External, Locality,
     LocalityTier, Protocol, Service, ServiceAddr, TrafficPolicy, validate,
 };
 
-use crate::annotations::{self, AnnotationError, ServicePolicy, parse_annotations};
+use crate::annotations::{
+    self, AnnotationError, PodPolicy, ServicePolicy, parse_annotations, parse_pod_annotations,
+};
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -137,11 +148,135 @@ impl fmt::Display for ServiceRef {
     }
 }
 
-/// Something in a Service that rpclb could not use as given. It becomes a
-/// Kubernetes Event (type Warning) on the Service.
+/// The `rpclb.io/` annotations of the Pods that have any, by namespace and
+/// name: what the controller keeps of its Pod watch (metadata only).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pods {
+    by_namespace: HashMap<String, HashMap<String, BTreeMap<String, String>>>,
+}
+
+impl Pods {
+    /// Records Pod `namespace/name`'s `rpclb.io/` annotations (the others
+    /// are dropped); a Pod without any is not kept.
+    pub fn insert(&mut self, namespace: &str, name: &str, annotations: &BTreeMap<String, String>) {
+        let ours: BTreeMap<String, String> = annotations
+            .iter()
+            .filter(|(k, _)| k.starts_with(annotations::PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if !ours.is_empty() {
+            self.by_namespace
+                .entry(namespace.to_string())
+                .or_default()
+                .insert(name.to_string(), ours);
+        }
+    }
+
+    /// How many Pods have `rpclb.io/` annotations.
+    pub fn len(&self) -> usize {
+        self.by_namespace.values().map(HashMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get(&self, namespace: &str, name: &str) -> Option<(&str, &str, &BTreeMap<String, String>)> {
+        let (ns, pods) = self.by_namespace.get_key_value(namespace)?;
+        let (n, a) = pods.get_key_value(name)?;
+        Some((ns, n, a))
+    }
+}
+
+/// The Pods' policies, each read once per translation, and the problems of
+/// the Pods that are backends.
+struct PodBook<'a> {
+    pods: &'a Pods,
+    read: BTreeMap<(&'a str, &'a str), (PodPolicy, Vec<AnnotationError>)>,
+}
+
+impl<'a> PodBook<'a> {
+    fn new(pods: &'a Pods) -> Self {
+        PodBook {
+            pods,
+            read: BTreeMap::new(),
+        }
+    }
+
+    /// Pod `namespace/name`'s policy (none without annotations).
+    fn policy(&mut self, namespace: &str, name: &str) -> PodPolicy {
+        let Some((ns, n, a)) = self.pods.get(namespace, name) else {
+            return PodPolicy::default();
+        };
+        self.read
+            .entry((ns, n))
+            .or_insert_with(|| parse_pod_annotations(a))
+            .0
+    }
+
+    /// One problem per invalid annotation of each Pod read (each Pod once,
+    /// however many Services and ports it serves).
+    fn problems(self) -> impl Iterator<Item = Problem> {
+        self.read.into_iter().flat_map(|((ns, n), (_, errors))| {
+            errors.into_iter().map(move |e| Problem {
+                subject: Subject::Pod(PodRef {
+                    namespace: ns.to_string(),
+                    name: n.to_string(),
+                }),
+                fallback: e.fallback().to_string(),
+                kind: ProblemKind::Annotation(e),
+            })
+        })
+    }
+}
+
+/// A Pod, by namespace and name: what an endpoint's `targetRef` names.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// What a [`Problem`] is about: the object its Event is on.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Subject {
+    Service(ServiceRef),
+    /// A backend Pod's own annotations (`rpclb.io/weight`, `rpclb.io/max`).
+    Pod(PodRef),
+}
+
+impl Subject {
+    pub fn namespace(&self) -> &str {
+        match self {
+            Subject::Service(r) => &r.namespace,
+            Subject::Pod(r) => &r.namespace,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Subject::Service(r) => &r.name,
+            Subject::Pod(r) => &r.name,
+        }
+    }
+}
+
+/// `namespace/name` for a Service, `pod namespace/name` for a Pod.
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Subject::Service(r) => write!(f, "{r}"),
+            Subject::Pod(r) => write!(f, "pod {}/{}", r.namespace, r.name),
+        }
+    }
+}
+
+/// Something in a Service (or a backend Pod's annotations) that rpclb could
+/// not use as given. It becomes a Kubernetes Event (type Warning) on that
+/// object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
-    pub service: ServiceRef,
+    pub subject: Subject,
     /// What was wrong.
     pub kind: ProblemKind,
     /// What was done instead: the default used, or what was skipped.
@@ -376,6 +511,22 @@ impl ClusterState {
         S: Borrow<KubeService>,
         E: Borrow<EndpointSlice>,
     {
+        Self::build_with_pods(services, slices, nodes, &Pods::default())
+    }
+
+    /// As [`build_with_nodes`](Self::build_with_nodes), with the backend
+    /// Pods' own annotations (`rpclb.io/weight`, `rpclb.io/max`), joined to
+    /// the endpoints by their `targetRef`.
+    pub fn build_with_pods<S, E>(
+        services: &[S],
+        slices: &[E],
+        nodes: NodeLocations,
+        pods: &Pods,
+    ) -> Self
+    where
+        S: Borrow<KubeService>,
+        E: Borrow<EndpointSlice>,
+    {
         let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
         for slice in slices.iter().map(Borrow::borrow) {
             if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
@@ -422,12 +573,14 @@ impl ClusterState {
         };
         let mut out = Vec::new();
         let mut problems = Vec::new();
+        let mut book = PodBook::new(pods);
         for (r, svc) in &ordered {
             let slices = by_service
                 .get(&(r.namespace.as_str(), r.name.as_str()))
                 .map_or(&[][..], Vec::as_slice);
-            translate_service(r, svc, slices, &topo, &mut out, &mut problems);
+            translate_service(r, svc, slices, &topo, &mut book, &mut out, &mut problems);
         }
+        problems.extend(book.problems());
 
         // One owner per address; `out` is in namespace/name order, and the
         // stable sort keeps that order among equal addresses.
@@ -438,7 +591,7 @@ impl ClusterState {
                 && prev.service.addr() == s.service.addr()
             {
                 problems.push(Problem {
-                    service: r.clone(),
+                    subject: Subject::Service(r.clone()),
                     kind: ProblemKind::DuplicateAddress {
                         addr: s.service.addr(),
                         owner: prev.service.name.clone(),
@@ -449,7 +602,7 @@ impl ClusterState {
             }
             services.push(s);
         }
-        problems.sort_by(|a, b| a.service.cmp(&b.service));
+        problems.sort_by(|a, b| a.subject.cmp(&b.subject));
         ClusterState {
             services,
             problems,
@@ -681,6 +834,7 @@ fn translate_service(
     svc: &KubeService,
     slices: &[&EndpointSlice],
     topo: &Topo<'_>,
+    pods: &mut PodBook<'_>,
     out: &mut Vec<(ServiceRef, ClusterService)>,
     problems: &mut Vec<Problem>,
 ) {
@@ -689,7 +843,7 @@ fn translate_service(
         return;
     }
     let problem = |kind: ProblemKind, fallback: String| Problem {
-        service: r.clone(),
+        subject: Subject::Service(r.clone()),
         kind,
         fallback,
     };
@@ -803,7 +957,7 @@ fn translate_service(
         };
 
         let (backends, backend_nodes, hints, zones) =
-            backends_for(slices, vip, port_name, protocol, &policy);
+            backends_for(slices, vip, port_name, protocol, &policy, pods);
         let places = place_backends(&backend_nodes, zones, topo);
         let mut service = Service {
             max_per_backend: policy.max_per_backend,
@@ -925,8 +1079,15 @@ fn backends_for(
     port_name: &str,
     protocol: Protocol,
     policy: &ServicePolicy,
+    pods: &mut PodBook<'_>,
 ) -> Found {
-    type Seen<'a> = (BackendState, Option<&'a str>, Hints, Option<&'a str>);
+    type Seen<'a> = (
+        BackendState,
+        Option<&'a str>,
+        Hints,
+        Option<&'a str>,
+        Option<(&'a str, &'a str)>,
+    );
     let mut found: BTreeMap<(IpAddr, u16), Seen> = BTreeMap::new();
     // The slices of the VIP's family only.
     for slice in slices
@@ -976,27 +1137,32 @@ fn backends_for(
                     .collect(),
             };
             let zone = ep.zone.as_deref();
+            let pod = pod_of(ep, namespace_of(&slice.metadata));
             found
                 .entry((ip, port))
-                .and_modify(|(s, n, hs, z)| {
+                .and_modify(|(s, n, hs, z, p)| {
                     if state == BackendState::Active {
                         *s = BackendState::Active;
                         *n = node;
                         *hs = hints.clone();
                         *z = zone;
+                        *p = pod;
                     }
                 })
-                .or_insert((state, node, hints, zone));
+                .or_insert((state, node, hints, zone, pod));
         }
     }
     let mut out = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for ((ip, port), (state, node, hints, zone)) in found {
+    for ((ip, port), (state, node, hints, zone, pod)) in found {
+        let own = pod.map_or_else(PodPolicy::default, |(ns, n)| pods.policy(ns, n));
         out.0.push(Backend {
-            max: None,
+            // The Pod's own limit wins over the Service's max_per_backend
+            // (the agent applies the backend's first, as the YAML's `max`).
+            max: own.max,
             node: node.map(str::to_string),
             ip,
             port,
-            weight: policy.weight(ip),
+            weight: policy.backend_weight(ip, own.weight),
             state,
         });
         out.1.push(node.map(str::to_string));
@@ -1004,6 +1170,22 @@ fn backends_for(
         out.3.push(zone.map(str::to_string));
     }
     out
+}
+
+/// The Pod an endpoint's `targetRef` names: kind `Pod`, in the slice's own
+/// namespace (a reference to another namespace's Pod is not followed: a
+/// Service's weights come from its own namespace only).
+fn pod_of<'a>(ep: &'a Endpoint, slice_namespace: &'a str) -> Option<(&'a str, &'a str)> {
+    let r = ep.target_ref.as_ref()?;
+    if r.kind.as_deref() != Some("Pod") {
+        return None;
+    }
+    let name = r.name.as_deref().filter(|n| !n.is_empty())?;
+    match r.namespace.as_deref() {
+        None | Some("") => Some((slice_namespace, name)),
+        Some(ns) if ns == slice_namespace => Some((ns, name)),
+        Some(_) => None,
+    }
 }
 
 /// The nodes' locations, and each zone's region.
@@ -2223,7 +2405,7 @@ mod tests {
         );
         assert_eq!(t.problems.len(), 1, "{:?}", t.problems);
         let p = &t.problems[0];
-        assert_eq!(p.service.to_string(), "shop/pay");
+        assert_eq!(p.subject.to_string(), "shop/pay");
         assert_eq!(p.reason(), "InvalidAnnotation");
         assert!(matches!(&p.kind, ProblemKind::Annotation(e) if e.key == annotations::ALGORITHM));
         assert_eq!(p.fallback, "using the default algorithm (random)");
@@ -2570,7 +2752,7 @@ mod tests {
             ["10.244.0.1", "10.244.0.3", "10.244.0.5", "10.244.0.9"]
         );
         let problem_services: Vec<String> =
-            t.problems.iter().map(|p| p.service.to_string()).collect();
+            t.problems.iter().map(|p| p.subject.to_string()).collect();
         assert_eq!(problem_services, ["shop/c", "shop/c", "shop/d"]);
 
         let mut svcs_rev = svcs.clone();
@@ -2596,7 +2778,7 @@ mod tests {
         let t = translate(&[b, a], &[]);
         assert_eq!(names(&t), ["shop/a:http"]);
         assert_eq!(t.problems.len(), 1);
-        assert_eq!(t.problems[0].service.name, "b");
+        assert_eq!(t.problems[0].subject.name(), "b");
         assert_eq!(t.problems[0].reason(), "DuplicateServiceAddress");
         assert_eq!(
             t.problems[0].to_string(),
@@ -2620,5 +2802,345 @@ mod tests {
                 number: 70_000
             }
         );
+    }
+
+    // --- A backend Pod's own annotations (rpclb.io/weight, rpclb.io/max) ---
+
+    /// `ep`, with a `targetRef` to Pod `namespace/name`.
+    fn of_pod(mut ep: Endpoint, namespace: Option<&str>, name: &str) -> Endpoint {
+        ep.target_ref = Some(k8s_openapi::api::core::v1::ObjectReference {
+            kind: Some("Pod".into()),
+            namespace: namespace.map(str::to_string),
+            name: Some(name.into()),
+            ..Default::default()
+        });
+        ep
+    }
+
+    /// Pods in `shop` with these annotations.
+    fn pods(list: &[(&str, &[(&str, &str)])]) -> Pods {
+        let mut p = Pods::default();
+        for (name, kv) in list {
+            p.insert(NS, name, &pairs(kv).unwrap_or_default());
+        }
+        p
+    }
+
+    /// (last octet, weight, max) of the first service's backends.
+    fn weights_and_limits(st: &DesiredState) -> Vec<(u8, u32, Option<u32>)> {
+        st.services[0]
+            .backends
+            .iter()
+            .map(|b| (last_octet(b.ip), b.weight, b.max))
+            .collect()
+    }
+
+    /// Three endpoints of `web`: pod-1, pod-2 (by targetRef) and one
+    /// without a targetRef.
+    fn web_with_pods() -> EndpointSlice {
+        web_slice(vec![
+            of_pod(ready("10.244.0.1"), Some(NS), "pod-1"),
+            of_pod(ready("10.244.0.2"), Some(NS), "pod-2"),
+            ready("10.244.0.3"),
+        ])
+    }
+
+    #[test]
+    fn a_pods_annotations_give_its_weight_and_limit() {
+        let svc = annotated(web(), &[(annotations::MAX_PER_BACKEND, "100")]);
+        let p = pods(&[
+            (
+                "pod-1",
+                &[
+                    (annotations::POD_WEIGHT, " 5 "),
+                    (annotations::POD_MAX, "20"),
+                    ("example.com/other", "x"),
+                ],
+            ),
+            // Not ours: ignored, as a Pod without annotations.
+            ("pod-2", &[("example.com/weight", "9")]),
+        ]);
+        let c = ClusterState::build_with_pods(&[svc], &[web_with_pods()], NodeLocations::new(), &p);
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        assert_eq!(p.len(), 1, "only Pods with rpclb.io/ annotations are kept");
+        let st = c.default_state();
+        // pod-1: its own weight and limit; pod-2 (no rpclb.io/ annotation)
+        // and the endpoint without a targetRef: weight 1 and the Service's
+        // limit (no backend limit).
+        assert_eq!(
+            weights_and_limits(&st),
+            [(1, 5, Some(20)), (2, 1, None), (3, 1, None)]
+        );
+        assert_eq!(st.services[0].max_per_backend, Some(100));
+        // On the wire as well: what the agents get.
+        let back = lb_api::wire::service_from_pb(&(&st.services[0]).into()).unwrap();
+        assert_eq!(back.backends[0].weight, 5);
+        assert_eq!(back.backends[0].max, Some(20));
+
+        // Weight 0 drains the pod (no new flows; still a backend).
+        let p = pods(&[("pod-2", &[(annotations::POD_WEIGHT, "0")])]);
+        let c =
+            ClusterState::build_with_pods(&[web()], &[web_with_pods()], NodeLocations::new(), &p);
+        assert_eq!(
+            weights_and_limits(&c.default_state()),
+            [(1, 1, None), (2, 0, None), (3, 1, None)]
+        );
+        assert_eq!(c.default_state().services[0].live_backends(), 2);
+
+        // The same without any Pod: every backend weight 1, no limit.
+        let c = ClusterState::build_with_pods(
+            &[web()],
+            &[web_with_pods()],
+            NodeLocations::new(),
+            &Pods::default(),
+        );
+        assert_eq!(
+            weights_and_limits(&c.default_state()),
+            [(1, 1, None), (2, 1, None), (3, 1, None)]
+        );
+    }
+
+    #[test]
+    fn the_services_weights_entry_wins_over_the_pods_weight() {
+        let svc = annotated(web(), &[(annotations::WEIGHTS, "10.244.0.1=2")]);
+        let p = pods(&[
+            ("pod-1", &[(annotations::POD_WEIGHT, "7")]),
+            ("pod-2", &[(annotations::POD_WEIGHT, "3")]),
+        ]);
+        let c = ClusterState::build_with_pods(&[svc], &[web_with_pods()], NodeLocations::new(), &p);
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        // pod-1: the Service's entry (2), not its own (7); pod-2: not in
+        // the list, its own (3); the third: neither, 1.
+        assert_eq!(w(&c.default_state()), [2, 3, 1]);
+    }
+
+    #[test]
+    fn invalid_pod_annotations_are_one_problem_each_on_the_pod_and_ignored() {
+        // pod-1 serves two Services, one of them on two ports: its problems
+        // are still reported once each, on the Pod.
+        let svc = annotated(
+            web(),
+            &[
+                (annotations::WEIGHTS, "10.244.0.1=4"),
+                (annotations::MAX_PER_BACKEND, "50"),
+            ],
+        );
+        let api = service(
+            "api",
+            "10.96.0.61",
+            vec![named("http", 80, "http"), named("grpc", 81, "grpc")],
+        );
+        let api_slice = slice(
+            "api-x",
+            "api",
+            &[(Some("http"), 8080), (Some("grpc"), 9090)],
+            vec![of_pod(ready("10.244.0.1"), Some(NS), "pod-1")],
+        );
+        for (kv, key) in [
+            (annotations::POD_WEIGHT, "65536"),
+            (annotations::POD_WEIGHT, "-1"),
+            (annotations::POD_WEIGHT, "heavy"),
+            (annotations::POD_WEIGHT, ""),
+            (annotations::POD_MAX, "0"),
+            (annotations::POD_MAX, "1000001"),
+            (annotations::POD_MAX, "+3"),
+        ]
+        .map(|(k, v)| ([(k, v)], k))
+        {
+            let p = pods(&[
+                ("pod-1", &kv),
+                // Not a backend of anything: not read, not reported.
+                ("pod-9", &[(annotations::POD_WEIGHT, "x")]),
+            ]);
+            let c = ClusterState::build_with_pods(
+                &[svc.clone(), api.clone()],
+                &[web_with_pods(), api_slice.clone()],
+                NodeLocations::new(),
+                &p,
+            );
+            assert_eq!(c.problems().len(), 1, "{kv:?}: {:?}", c.problems());
+            let pr = &c.problems()[0];
+            assert_eq!(pr.reason(), "InvalidAnnotation", "{kv:?}");
+            assert_eq!(
+                pr.subject,
+                Subject::Pod(PodRef {
+                    namespace: NS.into(),
+                    name: "pod-1".into()
+                }),
+                "{kv:?}"
+            );
+            assert_eq!(pr.subject.to_string(), "pod shop/pod-1");
+            assert!(pr.to_string().contains(key), "{pr}");
+            // The defaults: web's entry (4) and limit (50) for pod-1; api: 1,
+            // no limit.
+            let st = c.default_state();
+            let web = st
+                .services
+                .iter()
+                .find(|s| s.name == "shop/web:http")
+                .unwrap();
+            assert_eq!((web.backends[0].weight, web.backends[0].max), (4, None));
+            assert_eq!(web.max_per_backend, Some(50));
+            for s in st
+                .services
+                .iter()
+                .filter(|s| s.name.starts_with("shop/api"))
+            {
+                assert_eq!(
+                    (s.backends[0].weight, s.backends[0].max),
+                    (1, None),
+                    "{}",
+                    s.name
+                );
+            }
+        }
+
+        // Both wrong, and a Service key put on a Pod (unknown there): one
+        // problem per key, in key order.
+        let p = pods(&[(
+            "pod-1",
+            &[
+                (annotations::POD_WEIGHT, "x"),
+                (annotations::POD_MAX, "y"),
+                (annotations::MAX_PER_BACKEND, "5"),
+            ],
+        )]);
+        let c =
+            ClusterState::build_with_pods(&[web()], &[web_with_pods()], NodeLocations::new(), &p);
+        let keys: Vec<&str> = c
+            .problems()
+            .iter()
+            .map(|p| match &p.kind {
+                ProblemKind::Annotation(e) => e.key.as_str(),
+                k => panic!("{k:?}"),
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                annotations::POD_MAX,
+                annotations::MAX_PER_BACKEND,
+                annotations::POD_WEIGHT
+            ]
+        );
+        assert!(
+            c.problems()[1]
+                .to_string()
+                .contains("unknown rpclb.io annotation on a Pod"),
+            "{}",
+            c.problems()[1]
+        );
+        assert_eq!(weights_and_limits(&c.default_state())[0], (1, 1, None));
+
+        // One valid and one invalid: the valid one applies.
+        let p = pods(&[(
+            "pod-1",
+            &[
+                (annotations::POD_WEIGHT, "6"),
+                (annotations::POD_MAX, "none"),
+            ],
+        )]);
+        let c =
+            ClusterState::build_with_pods(&[web()], &[web_with_pods()], NodeLocations::new(), &p);
+        assert_eq!(c.problems().len(), 1);
+        assert_eq!(weights_and_limits(&c.default_state())[0], (1, 6, None));
+    }
+
+    #[test]
+    fn the_pod_is_found_by_target_ref_only() {
+        let p = pods(&[("pod-1", &[(annotations::POD_WEIGHT, "9")])]);
+        let mut other_ns = Pods::default();
+        other_ns.insert(
+            "other",
+            "pod-1",
+            &pairs(&[(annotations::POD_WEIGHT, "9")]).unwrap(),
+        );
+        let build = |ep: Endpoint, pods: &Pods| {
+            let c = ClusterState::build_with_pods(
+                &[web()],
+                &[web_slice(vec![ep])],
+                NodeLocations::new(),
+                pods,
+            );
+            assert!(c.problems().is_empty(), "{:?}", c.problems());
+            w(&c.default_state())[0]
+        };
+        // Found: kind Pod in the slice's namespace, named or implied.
+        assert_eq!(build(of_pod(ready("10.244.0.1"), Some(NS), "pod-1"), &p), 9);
+        assert_eq!(build(of_pod(ready("10.244.0.1"), None, "pod-1"), &p), 9);
+        // No targetRef (an endpoint written by hand): the default.
+        assert_eq!(build(ready("10.244.0.1"), &p), 1);
+        // Another Pod's name, or a Pod that does not exist (yet).
+        assert_eq!(build(of_pod(ready("10.244.0.1"), Some(NS), "pod-2"), &p), 1);
+        // Not a Pod.
+        let mut node_ref = of_pod(ready("10.244.0.1"), Some(NS), "pod-1");
+        node_ref.target_ref.as_mut().unwrap().kind = Some("Node".into());
+        assert_eq!(build(node_ref, &p), 1);
+        // A Pod of another namespace is not followed, even if it exists.
+        assert_eq!(
+            build(
+                of_pod(ready("10.244.0.1"), Some("other"), "pod-1"),
+                &other_ns
+            ),
+            1
+        );
+        // The same IP in two slices (a terminating copy naming pod-2, a
+        // ready one naming pod-1): the copy that wins (ready) decides, as
+        // for its node.
+        let c = ClusterState::build_with_pods(
+            &[web()],
+            &[
+                web_slice(vec![of_pod(terminating("10.244.0.1"), Some(NS), "pod-2")]),
+                slice(
+                    "web-y",
+                    "web",
+                    &[(Some("http"), 8080)],
+                    vec![of_pod(ready("10.244.0.1"), Some(NS), "pod-1")],
+                ),
+            ],
+            NodeLocations::new(),
+            &p,
+        );
+        assert_eq!(w(&c.default_state()), [9]);
+    }
+
+    #[test]
+    fn core_v1_endpoints_keep_the_target_ref() {
+        use k8s_openapi::api::core::v1::{
+            EndpointAddress, EndpointSubset, Endpoints, ObjectReference,
+        };
+        let ep = Endpoints {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                namespace: Some(NS.into()),
+                ..Default::default()
+            },
+            subsets: Some(vec![EndpointSubset {
+                addresses: Some(vec![EndpointAddress {
+                    ip: "10.244.0.1".into(),
+                    target_ref: Some(ObjectReference {
+                        kind: Some("Pod".into()),
+                        namespace: Some(NS.into()),
+                        name: Some("pod-1".into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
+                ports: Some(vec![k8s_openapi::api::core::v1::EndpointPort {
+                    name: Some("http".into()),
+                    port: 8080,
+                    protocol: Some("TCP".into()),
+                    app_protocol: None,
+                }]),
+                ..Default::default()
+            }]),
+        };
+        let p = pods(&[(
+            "pod-1",
+            &[(annotations::POD_WEIGHT, "3"), (annotations::POD_MAX, "7")],
+        )]);
+        let slices = crate::endpoints::slices_from_endpoints(&ep);
+        let c = ClusterState::build_with_pods(&[web()], &slices, NodeLocations::new(), &p);
+        assert_eq!(weights_and_limits(&c.default_state()), [(1, 3, Some(7))]);
     }
 }

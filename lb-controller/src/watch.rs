@@ -1,10 +1,14 @@
 //! Watches the Kubernetes API and publishes a [`ClusterSnapshot`] on every
 //! change.
 //!
-//! [`run`] keeps three kube-rs reflectors (in-memory caches kept current by
+//! [`run`] keeps four kube-rs reflectors (in-memory caches kept current by
 //! watches): Services, the endpoints (EndpointSlices from
-//! discovery.k8s.io/v1, or core v1 Endpoints: see [`crate::endpoints`]) and
-//! Nodes (metadata only). After all three have listed once, each change opens a
+//! discovery.k8s.io/v1, or core v1 Endpoints: see [`crate::endpoints`]),
+//! Nodes (metadata only) and Pods (metadata only, and of that only their
+//! `rpclb.io/` annotations: a backend's own weight and QoS limit, joined to
+//! the endpoints by `targetRef`). A Pod change that leaves its `rpclb.io/`
+//! annotations as they were (a status update, a label) is not a change.
+//! After all four have listed once, each change opens a
 //! short window ([`WatchConfig::coalesce`], 50 ms by default); when it
 //! closes, the whole cluster is translated again
 //! ([`ClusterState::build`]) and, if anything differs, the new snapshot is
@@ -28,12 +32,13 @@
 //! recompute. See [`crate::events`] for how an Event stays one Event across
 //! a change of leader.
 
+use std::collections::{BTreeMap, HashMap};
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Endpoints, Node, Service as KubeService, ServiceStatus};
+use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service as KubeService, ServiceStatus};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -49,7 +54,7 @@ use crate::annotations;
 use crate::endpoints::{EndpointsSource, slices_from_endpoints};
 use crate::events::EventWriter;
 pub use crate::events::{EVENT_ACTION, ProblemTracker, Report, event_note};
-use crate::translate::{ClusterState, Problem};
+use crate::translate::{ClusterState, Pods, Problem, Subject};
 
 /// A Kubernetes resource the controller lists and watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -64,7 +69,7 @@ pub struct WatchedResource {
 /// Everything [`run`] may list and watch (the endpoints from one of the
 /// two sources): the controller's ClusterRole must grant `list` and `watch`
 /// on exactly these (deploy/ is tested against it).
-pub const WATCHED: [WatchedResource; 4] = [
+pub const WATCHED: [WatchedResource; 5] = [
     WatchedResource {
         group: "",
         version: "v1",
@@ -84,6 +89,11 @@ pub const WATCHED: [WatchedResource; 4] = [
         group: "",
         version: "v1",
         resource: "nodes",
+    },
+    WatchedResource {
+        group: "",
+        version: "v1",
+        resource: "pods",
     },
 ];
 
@@ -158,6 +168,7 @@ enum Kind {
     Services = 0,
     Endpoints = 1,
     Nodes = 2,
+    Pods = 3,
 }
 
 /// What a watcher event means for the snapshot.
@@ -228,17 +239,25 @@ enum EndpointStore {
 }
 
 impl EndpointStore {
-    /// Translates `services` with these endpoints, on nodes at `nodes`.
-    fn translate(&self, services: &[Arc<KubeService>], nodes: NodeLocations) -> ClusterState {
+    /// Translates `services` with these endpoints, on nodes at `nodes`,
+    /// with the backend Pods' annotations.
+    fn translate(
+        &self,
+        services: &[Arc<KubeService>],
+        nodes: NodeLocations,
+        pods: &Pods,
+    ) -> ClusterState {
         match self {
-            EndpointStore::Slices(s) => ClusterState::build_with_nodes(services, &s.state(), nodes),
+            EndpointStore::Slices(s) => {
+                ClusterState::build_with_pods(services, &s.state(), nodes, pods)
+            }
             EndpointStore::Endpoints(e) => {
                 let slices: Vec<EndpointSlice> = e
                     .state()
                     .iter()
                     .flat_map(|x| slices_from_endpoints(x))
                     .collect();
-                ClusterState::build_with_nodes(services, &slices, nodes)
+                ClusterState::build_with_pods(services, &slices, nodes, pods)
             }
         }
     }
@@ -324,8 +343,29 @@ pub async fn run(
                 .retain(|k, _| k == ZONE_LABEL || k == REGION_LABEL);
         }),
     );
+    let (pods, pods_writer) = reflector::store::<PartialObjectMeta<Pod>>();
+    let pods_stream = reflector::reflector(
+        pods_writer,
+        // Metadata only, and of that what the translation and the Events
+        // read: name, namespace, uid and the rpclb.io/ annotations.
+        watcher(
+            Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .modify(|p| {
+            p.managed_fields_mut().clear();
+            p.labels_mut().clear();
+            p.owner_references_mut().clear();
+            p.finalizers_mut().clear();
+            p.annotations_mut()
+                .retain(|k, _| k.starts_with(annotations::PREFIX));
+        }),
+    );
     let changes = futures::stream::select(
-        tagged(Kind::Services, services_stream),
+        futures::stream::select(
+            tagged(Kind::Services, services_stream),
+            tagged_pods(pods_stream),
+        ),
         futures::stream::select(endpoints_stream, tagged(Kind::Nodes, nodes_stream)),
     );
     let mut changes = pin!(changes);
@@ -339,14 +379,19 @@ pub async fn run(
             .clone()
             .unwrap_or_else(|| "lb-controller".into()),
     );
-    tokio::spawn(write_events(writer, services.clone(), problems_rx));
+    tokio::spawn(write_events(
+        writer,
+        services.clone(),
+        pods.clone(),
+        problems_rx,
+    ));
 
-    let mut synced = [false; 3];
+    let mut synced = [false; 4];
     let mut coalescer = Coalescer::new(config.coalesce);
     let mut tracker = ProblemTracker::default();
     let mut leader_open = true;
     let mut generation = 0u64;
-    info!(endpoints = %config.source, "watching services, {} and nodes", config.source);
+    info!(endpoints = %config.source, "watching services, {}, nodes and pods", config.source);
     loop {
         let deadline = coalescer.deadline();
         tokio::select! {
@@ -381,7 +426,11 @@ pub async fn run(
                 let snapshot = Arc::new(ClusterSnapshot {
                     generation: generation + 1,
                     nodes: node_names(&nodes),
-                    cluster: endpoints.translate(&services.state(), node_locations(&nodes)),
+                    cluster: endpoints.translate(
+                        &services.state(),
+                        node_locations(&nodes),
+                        &pod_annotations(&pods),
+                    ),
                 });
                 // This is the only sender: nothing changes between the
                 // borrow and the send.
@@ -402,7 +451,7 @@ pub async fn run(
                 if *leader.borrow() {
                     for (p, how) in tracker.new_problems(snapshot.cluster.problems()) {
                         if problems_tx.try_send((p.clone(), how)).is_err() {
-                            warn!(service = %p.service, reason = p.reason(), "event queue full; event dropped");
+                            warn!(object = %p.subject, reason = p.reason(), "event queue full; event dropped");
                         }
                     }
                 } else {
@@ -463,20 +512,123 @@ fn node_names(nodes: &Store<PartialObjectMeta<Node>>) -> Vec<String> {
     names
 }
 
-/// Writes one Warning Event per problem, on its Service ([`crate::events`]).
+/// Writes one Warning Event per problem, on its Service or Pod
+/// ([`crate::events`]).
 async fn write_events(
     writer: EventWriter,
     services: Store<KubeService>,
+    pods: Store<PartialObjectMeta<Pod>>,
     mut problems: mpsc::Receiver<(Problem, Report)>,
 ) {
     while let Some((p, how)) = problems.recv().await {
-        let key = ObjectRef::<KubeService>::new(&p.service.name).within(&p.service.namespace);
-        let Some(svc) = services.get(&key) else {
-            debug!(service = %p.service, "service gone; no event");
-            continue;
-        };
-        writer.report(&p, &svc, how).await;
+        match &p.subject {
+            Subject::Service(r) => {
+                let key = ObjectRef::<KubeService>::new(&r.name).within(&r.namespace);
+                match services.get(&key) {
+                    Some(svc) => writer.report(&p, &*svc, how).await,
+                    None => debug!(object = %p.subject, "service gone; no event"),
+                }
+            }
+            Subject::Pod(r) => {
+                let key = ObjectRef::<PartialObjectMeta<Pod>>::new(&r.name).within(&r.namespace);
+                match pods.get(&key) {
+                    Some(pod) => writer.report(&p, &*pod, how).await,
+                    None => debug!(object = %p.subject, "pod gone; no event"),
+                }
+            }
+        }
     }
+}
+
+/// The Pods' `rpclb.io/` annotations (the watch keeps no others).
+fn pod_annotations(pods: &Store<PartialObjectMeta<Pod>>) -> Pods {
+    let mut out = Pods::default();
+    for p in pods.state() {
+        if !p.annotations().is_empty() {
+            out.insert(
+                p.namespace().as_deref().unwrap_or("default"),
+                &p.name_any(),
+                p.annotations(),
+            );
+        }
+    }
+    out
+}
+
+/// A Pod's identity, for [`PodFilter`].
+type PodKey = (String, String);
+
+/// Keeps, of the Pod watch's events, those that change what the translation
+/// reads: a Pod's `rpclb.io/` annotations (added, changed, gone with the
+/// Pod). The Pods watch sees every status update of every Pod; the others
+/// must not recompute the cluster.
+#[derive(Debug, Default)]
+pub struct PodFilter {
+    /// The annotations of the Pods that have any.
+    known: HashMap<PodKey, BTreeMap<String, String>>,
+    /// A (re)list in progress; swapped in at its end.
+    listing: HashMap<PodKey, BTreeMap<String, String>>,
+}
+
+impl PodFilter {
+    /// What `event` means for the snapshot (as [`classify`]), given only
+    /// `rpclb.io/` annotations matter.
+    pub fn classify(&mut self, event: &watcher::Event<PartialObjectMeta<Pod>>) -> Option<Change> {
+        let key = |p: &PartialObjectMeta<Pod>| -> PodKey {
+            (p.namespace().unwrap_or_default(), p.name_any())
+        };
+        let ours = |p: &PartialObjectMeta<Pod>| -> BTreeMap<String, String> {
+            p.annotations()
+                .iter()
+                .filter(|(k, _)| k.starts_with(annotations::PREFIX))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        match event {
+            watcher::Event::Apply(p) => {
+                let (k, a) = (key(p), ours(p));
+                let changed = if a.is_empty() {
+                    self.known.remove(&k).is_some()
+                } else {
+                    self.known.insert(k, a.clone()).as_ref() != Some(&a)
+                };
+                changed.then_some(Change::Updated)
+            }
+            watcher::Event::Delete(p) => self
+                .known
+                .remove(&key(p))
+                .is_some()
+                .then_some(Change::Updated),
+            watcher::Event::Init => {
+                self.listing.clear();
+                None
+            }
+            watcher::Event::InitApply(p) => {
+                let a = ours(p);
+                if !a.is_empty() {
+                    self.listing.insert(key(p), a);
+                }
+                None
+            }
+            watcher::Event::InitDone => {
+                self.known = std::mem::take(&mut self.listing);
+                Some(Change::Synced)
+            }
+        }
+    }
+}
+
+/// The Pod watch's items, tagged and filtered by [`PodFilter`].
+fn tagged_pods<S>(
+    stream: S,
+) -> impl Stream<Item = (Kind, Result<Option<Change>, watcher::Error>)> + Send
+where
+    S: Stream<Item = Result<watcher::Event<PartialObjectMeta<Pod>>, watcher::Error>> + Send,
+{
+    let mut filter = PodFilter::default();
+    stream
+        .default_backoff()
+        .map(move |r| (Kind::Pods, r.map(|e| filter.classify(&e))))
 }
 
 #[cfg(test)]
@@ -502,7 +654,8 @@ mod tests {
                 of::<KubeService>(),
                 of::<EndpointSlice>(),
                 of::<Endpoints>(),
-                of::<Node>()
+                of::<Node>(),
+                of::<Pod>()
             ]
         );
     }
@@ -515,6 +668,66 @@ mod tests {
         assert_eq!(classify(&E::InitDone::<u8>), Some(Change::Synced));
         assert_eq!(classify(&E::Init::<u8>), None);
         assert_eq!(classify(&E::InitApply(1)), None);
+    }
+
+    #[test]
+    fn only_a_change_of_a_pods_rpclb_annotations_is_a_change() {
+        use watcher::Event as E;
+        let pod = |name: &str, kv: &[(&str, &str)]| {
+            let mut p = PartialObjectMeta::<Pod>::default();
+            p.metadata.name = Some(name.into());
+            p.metadata.namespace = Some("shop".into());
+            p.metadata.annotations = Some(
+                kv.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            );
+            p
+        };
+        let weight = |v| [(annotations::POD_WEIGHT, v)];
+        let mut f = PodFilter::default();
+        // The first list: a change (synced) at its end only.
+        assert_eq!(f.classify(&E::Init), None);
+        assert_eq!(f.classify(&E::InitApply(pod("a", &weight("2")))), None);
+        assert_eq!(f.classify(&E::InitApply(pod("b", &[]))), None);
+        assert_eq!(f.classify(&E::InitDone), Some(Change::Synced));
+        // Status updates, other annotations: nothing.
+        assert_eq!(f.classify(&E::Apply(pod("a", &weight("2")))), None);
+        assert_eq!(f.classify(&E::Apply(pod("b", &[("x.io/y", "1")]))), None);
+        // A new Pod without ours, one with ours.
+        assert_eq!(f.classify(&E::Apply(pod("c", &[]))), None);
+        assert_eq!(
+            f.classify(&E::Apply(pod("d", &weight("0")))),
+            Some(Change::Updated)
+        );
+        // Ours changed, removed, added.
+        assert_eq!(
+            f.classify(&E::Apply(pod("a", &weight("3")))),
+            Some(Change::Updated)
+        );
+        assert_eq!(
+            f.classify(&E::Apply(pod("a", &[("x.io/y", "1")]))),
+            Some(Change::Updated)
+        );
+        assert_eq!(
+            f.classify(&E::Apply(pod("b", &[(annotations::POD_MAX, "5")]))),
+            Some(Change::Updated)
+        );
+        // Deleted: a change only if it had ours.
+        assert_eq!(f.classify(&E::Delete(pod("c", &[]))), None);
+        assert_eq!(f.classify(&E::Delete(pod("d", &[]))), Some(Change::Updated));
+        // A relist starts over from what it lists.
+        f.classify(&E::Init);
+        f.classify(&E::InitApply(pod("b", &[(annotations::POD_MAX, "5")])));
+        assert_eq!(f.classify(&E::InitDone), Some(Change::Synced));
+        assert_eq!(
+            f.classify(&E::Apply(pod("b", &[(annotations::POD_MAX, "5")]))),
+            None
+        );
+        assert_eq!(
+            f.classify(&E::Apply(pod("a", &weight("3")))),
+            Some(Change::Updated)
+        );
     }
 
     #[test]

@@ -115,6 +115,14 @@ const RESOURCES: &[ResourceDef] = &[
         verbs: &["list", "watch"],
     },
     ResourceDef {
+        prefix: "/api/v1",
+        plural: "pods",
+        kind: "Pod",
+        api_version: "v1",
+        namespaced: true,
+        verbs: &["list", "watch"],
+    },
+    ResourceDef {
         prefix: "/apis/events.k8s.io/v1",
         plural: "events",
         kind: "Event",
@@ -1171,10 +1179,10 @@ async fn the_first_snapshot_waits_for_all_three_lists() {
     }
 
     // How kube asked: each watch resumes from its list's resourceVersion;
-    // Nodes are read as metadata only.
+    // Nodes and Pods are read as metadata only.
     {
         let i = fake.lock();
-        for plural in ["services", "endpointslices", "nodes"] {
+        for plural in ["services", "endpointslices", "nodes", "pods"] {
             let lists = i.requests(plural, "list");
             let watches = i.requests(plural, "watch");
             assert_eq!(lists.len(), 1, "{plural}: {lists:#?}");
@@ -1184,7 +1192,7 @@ async fn the_first_snapshot_waits_for_all_three_lists() {
                 lists[0].list_rv.as_ref(),
                 "{plural}"
             );
-            let metadata = plural == "nodes";
+            let metadata = plural == "nodes" || plural == "pods";
             assert_eq!(
                 lists[0].accept_as.as_deref(),
                 metadata.then_some("PartialObjectMetadataList"),
@@ -1942,4 +1950,204 @@ async fn node_zone_labels_give_one_state_per_zone() {
     let (_, nodes) = kube_mode::node_states(&snap, Timeouts::default());
     assert_eq!(weights(&nodes["node-c"]), [0, 1]);
     assert!(Arc::ptr_eq(&nodes["node-b"], &nodes["node-c"]));
+}
+
+// ---------------------------------------------------------------------------
+// Tests: a backend Pod's own weight and limit (rpclb.io/weight, rpclb.io/max)
+// ---------------------------------------------------------------------------
+
+/// Pod `shop/pod-{ip}` (the fixtures' targetRef names) with `annotations`
+/// and a status, as the kubelet would write it.
+fn pod(ip: &str, annotations: Value, phase: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "namespace": "shop",
+            "name": format!("pod-{ip}"),
+            "labels": {"app": "web"},
+            "annotations": annotations,
+        },
+        "spec": {"containers": [{"name": "web", "image": "web:1"}]},
+        "status": {"phase": phase, "podIP": ip},
+    })
+}
+
+/// (weight, max) of each backend of shop/web:http on node-a, in backend order.
+fn web_weights(s: &ClusterSnapshot) -> Vec<(u32, Option<u32>)> {
+    s.node_state("node-a").services[0]
+        .backends
+        .iter()
+        .map(|b| (b.weight, b.max))
+        .collect()
+}
+
+/// The Pods' annotations reach the backends through the Pod watch (metadata
+/// only) and the endpoints' `targetRef`: a change of one re-translates and
+/// publishes; a Pod update that leaves them alone does not; an invalid
+/// value is one Warning Event on the Pod, and the backend keeps its default.
+#[tokio::test(start_paused = true)]
+async fn pod_annotations_set_a_backends_weight_and_limit() {
+    let fake = FakeApi::new();
+    seed_web(&fake);
+    fake.apply(service(
+        "web",
+        "10.96.0.10",
+        json!({"metadata": {"annotations": {"rpclb.io/max-per-backend": "100"}}}),
+    ));
+    // web's backends, in order: 10.244.1.2, 10.244.1.4 (terminating), 10.244.2.3.
+    fake.apply(pod(
+        "10.244.1.2",
+        json!({"rpclb.io/weight": "5", "rpclb.io/max": "20"}),
+        "Running",
+    ));
+    fake.apply(pod("10.244.2.3", json!({}), "Running"));
+    let mut run = Running::start(&fake, true);
+    let first = run.snapshot_after(0).await;
+    assert!(
+        first.cluster.problems().is_empty(),
+        "{:?}",
+        first.cluster.problems()
+    );
+    assert_eq!(
+        web_weights(&first),
+        [(5, Some(20)), (1, None), (1, None)],
+        "pod-10.244.1.2's own weight and limit"
+    );
+    assert_eq!(
+        first.node_state("node-a").services[0].max_per_backend,
+        Some(100)
+    );
+
+    // A status update of a Pod (and a label): no new snapshot (nor a
+    // recompute: watch.rs' PodFilter, unit-tested there).
+    let mut p = pod(
+        "10.244.1.2",
+        json!({"rpclb.io/weight": "5", "rpclb.io/max": "20"}),
+        "Running",
+    );
+    p["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
+    p["metadata"]["labels"]["pod-template-hash"] = json!("abc");
+    fake.apply(p);
+    settle().await;
+    assert_eq!(run.current().unwrap().generation, first.generation);
+
+    // The other Pod is drained by its annotation.
+    fake.apply(pod(
+        "10.244.2.3",
+        json!({"rpclb.io/weight": "0"}),
+        "Running",
+    ));
+    let drained = run.snapshot_after(first.generation).await;
+    assert_eq!(web_weights(&drained), [(5, Some(20)), (1, None), (0, None)]);
+
+    // The Service's rpclb.io/weights entry wins over the Pod's.
+    fake.apply(service(
+        "web",
+        "10.96.0.10",
+        json!({"metadata": {"annotations": {
+            "rpclb.io/max-per-backend": "100",
+            "rpclb.io/weights": "10.244.1.2=2",
+        }}}),
+    ));
+    let listed = run.snapshot_after(drained.generation).await;
+    assert_eq!(web_weights(&listed), [(2, Some(20)), (1, None), (0, None)]);
+
+    // An invalid value: one Event on the Pod; the backend keeps its
+    // default (the Service's entry 2; the Service's limit, not its own).
+    fake.apply(pod(
+        "10.244.1.2",
+        json!({"rpclb.io/weight": "5", "rpclb.io/max": "lots"}),
+        "Running",
+    ));
+    let bad = run.snapshot_after(listed.generation).await;
+    assert_eq!(web_weights(&bad), [(2, None), (1, None), (0, None)]);
+    let problems = bad.cluster.problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].subject.to_string(), "pod shop/pod-10.244.1.2");
+    fake.wait_for("an event on the pod", |i| {
+        (!i.requests("events", "create").is_empty()).then_some(())
+    })
+    .await;
+    // Recomputes for other reasons write nothing more.
+    fake.apply(node("node-c"));
+    run.snapshot_after(bad.generation).await;
+    settle().await;
+    let events = fake
+        .lock()
+        .objects("events")
+        .into_iter()
+        .cloned()
+        .collect::<Vec<_>>();
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let e = &events[0];
+    assert_eq!(e["type"], "Warning");
+    assert_eq!(e["reason"], "InvalidAnnotation");
+    assert_eq!(e["regarding"]["kind"], "Pod");
+    assert_eq!(e["regarding"]["apiVersion"], "v1");
+    assert_eq!(e["regarding"]["namespace"], "shop");
+    assert_eq!(e["regarding"]["name"], "pod-10.244.1.2");
+    let pod_uid =
+        fake.lock().get("pods", "shop", "pod-10.244.1.2").unwrap()["metadata"]["uid"].clone();
+    assert_eq!(e["regarding"]["uid"], pod_uid);
+    assert_eq!(e["metadata"]["namespace"], "shop");
+    let note = e["note"].as_str().unwrap();
+    assert!(note.contains("rpclb.io/max=\"lots\""), "{note}");
+    assert!(
+        e["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("pod-10.244.1.2.rpclb-")
+    );
+
+    // The Pod goes (its endpoint stays until the endpoints controller
+    // acts): the backend falls back to the defaults.
+    fake.delete("pods", "shop", "pod-10.244.1.2");
+    let gone = run
+        .snapshot_where("the pod's settings gone", |s| {
+            s.cluster.problems().is_empty()
+        })
+        .await;
+    assert_eq!(web_weights(&gone), [(2, None), (1, None), (0, None)]);
+    // One watch of Pods the whole time, metadata only.
+    {
+        let i = fake.lock();
+        assert_eq!(i.requests("pods", "list").len(), 1);
+        assert_eq!(i.requests("pods", "watch").len(), 1);
+    }
+    fake.assert_no_unexpected();
+}
+
+/// The same through core v1 Endpoints: their addresses' `targetRef` joins
+/// them to the Pods.
+#[tokio::test(start_paused = true)]
+async fn pod_annotations_with_the_endpoints_source() {
+    let fake = FakeApi::new();
+    fake.apply(service("web", "10.96.0.10", json!({})));
+    fake.apply(node("node-a"));
+    fake.apply(json!({
+        "apiVersion": "v1",
+        "kind": "Endpoints",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "subsets": [{
+            "addresses": [
+                {"ip": "10.244.1.7", "nodeName": "node-a",
+                 "targetRef": {"kind": "Pod", "namespace": "shop", "name": "pod-10.244.1.7"}},
+                {"ip": "10.244.1.8", "nodeName": "node-a"},
+            ],
+            "ports": [{"name": "http", "port": 9090, "protocol": "TCP"}],
+        }],
+    }));
+    fake.apply(pod(
+        "10.244.1.7",
+        json!({"rpclb.io/weight": "3"}),
+        "Running",
+    ));
+    let mut run = Running::start_with(&fake, false, EndpointsSource::Endpoints);
+    let first = run.snapshot_after(0).await;
+    assert_eq!(web_weights(&first), [(3, None), (1, None)]);
+    fake.apply(pod("10.244.1.7", json!({"rpclb.io/max": "1"}), "Running"));
+    let second = run.snapshot_after(first.generation).await;
+    assert_eq!(web_weights(&second), [(1, Some(1)), (1, None)]);
+    fake.assert_no_unexpected();
 }

@@ -6,7 +6,7 @@
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Endpoints, Node, Secret, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Secret, Service};
 use kube::api::{Api, DynamicObject, ListParams, PostParams, WatchEvent, WatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::ApiResource;
@@ -126,7 +126,7 @@ async fn controller_account_gets_what_deploy_rbac_grants() {
         .expect("token for rpclb-controller");
     let c = client(&kubeconfig).await;
 
-    // Granted: list and watch Services, Nodes, core Endpoints and EndpointSlices
+    // Granted: list and watch Services, Nodes, Pods, core Endpoints and EndpointSlices
     // (v1beta1 on 1.20); not get (the controller's watchers never get by name).
     s.apply(
         "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
@@ -182,6 +182,21 @@ async fn controller_account_gets_what_deploy_rbac_grants() {
         .await
         .expect("list endpoints");
     watch_ok(&endpoints, "endpoints").await;
+    // Pods: list and watch (the controller reads their metadata), not get.
+    let all_pods: Api<Pod> = Api::all(c.clone());
+    all_pods
+        .list_metadata(&ListParams::default())
+        .await
+        .expect("list pods' metadata");
+    watch_ok(&all_pods, "pods").await;
+    assert_eq!(
+        status(
+            Api::<Pod>::namespaced(c.clone(), "default")
+                .get("web")
+                .await
+        ),
+        403
+    );
 
     // Its Lease, in rpclb-system only: allowed there (absent: 404), refused elsewhere (403).
     let leases = |ns| Api::<Lease>::namespaced(c.clone(), ns);

@@ -112,7 +112,7 @@ impl Cluster {
         Some(out.trim().to_string()).filter(|s| !s.is_empty())
     }
 
-    /// The events.k8s.io/v1 Events about Service `shop/<name>` with `reason`.
+    /// The events.k8s.io/v1 Events about Service (or Pod) `shop/<name>` with `reason`.
     fn events(&self, service: &str, reason: &str) -> Vec<serde_json::Value> {
         let out = self.kubectl(&["-n", "shop", "get", "events.v1.events.k8s.io", "-o", "json"]);
         let list: serde_json::Value = serde_json::from_str(&out).expect("event list JSON");
@@ -420,6 +420,104 @@ fn a_bad_annotation_is_one_event() {
         e.len() == 1 && e[0]["series"]["count"] == 2
     });
     ctl_b.check_alive();
+}
+
+/// Pods `pod-1` and `pod-2` in `shop` (never scheduled: this server has no scheduler or
+/// kubelet; the controller reads only their metadata), the ServiceAccount their admission
+/// needs, and `web`'s Endpoints naming them by `targetRef`, as the endpoints controller does.
+fn pods_and_endpoints_yaml(ips: &[Ipv4Addr]) -> String {
+    let mut y = String::from(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: default, namespace: shop}\n\
+         automountServiceAccountToken: false\n",
+    );
+    for i in 1..=ips.len() {
+        y.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: pod-{i}, namespace: shop}}\n\
+             spec:\n  automountServiceAccountToken: false\n  \
+             containers: [{{name: web, image: web:1}}]\n"
+        ));
+    }
+    y.push_str(
+        "---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: web\n  namespace: shop\n\
+         subsets:\n- addresses:\n",
+    );
+    for (i, ip) in ips.iter().enumerate() {
+        y.push_str(&format!(
+            "  - {{ip: {ip}, nodeName: {NODE}, targetRef: {{kind: Pod, namespace: shop, name: pod-{}}}}}\n",
+            i + 1
+        ));
+    }
+    y.push_str("  ports:\n  - {name: http, port: 8080, protocol: TCP}\n");
+    y
+}
+
+/// A Pod's own annotations reach the node: `rpclb.io/weight: "0"` drains it, and
+/// `rpclb.io/max` limits its open connections, in the kernel, with real TCP; an invalid one
+/// is one Event on the Pod, and the pod keeps its default.
+#[test]
+fn pod_annotations_drain_and_limit_backends() {
+    skip_unless_lab!();
+    let cluster = Cluster::start();
+    let pods = Pods::start();
+    let dir = TestDir::new("kube-pod-annotations");
+    let grpc = free_port();
+    let mut ctl = cluster.controller(&dir, "ctl-a", grpc);
+    let (_agent, _relay) = agent(&pods, &dir, &[grpc]);
+    let (b1, b2) = (pods.ip(1), pods.ip(2));
+    cluster.apply(&service_yaml(80, ""));
+    cluster.apply(&pods_and_endpoints_yaml(&[b1, b2]));
+    pods.wait_reach(80, &["backend-1", "backend-2"]);
+    let annotate = |pod: &str, kv: &str| {
+        cluster.kubectl(&["-n", "shop", "annotate", "--overwrite", "pod", pod, kv]);
+    };
+
+    // Drained by its own annotation; back when it goes.
+    annotate("pod-1", "rpclb.io/weight=0");
+    pods.wait_reach(80, &["backend-2"]);
+    annotate("pod-1", "rpclb.io/weight-");
+    pods.wait_reach(80, &["backend-1", "backend-2"]);
+
+    // A limit of one open connection on pod-1, the only backend taking new ones: a held
+    // connection fills it, and the next is refused (every backend full); closed, it has
+    // room again.
+    annotate("pod-2", "rpclb.io/weight=0");
+    annotate("pod-1", "rpclb.io/max=1");
+    pods.wait_reach(80, &["backend-1"]);
+    // Held connections are opened anew until the limit has reached the agent.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let held = loop {
+        let held = HeldConn::open(&pods.lab.client().ns, SocketAddrV4::new(VIP, 80))
+            .expect("a held connection");
+        assert_eq!(held.backend, "backend-1");
+        if pods.reached(80, 1).is_err() {
+            break held;
+        }
+        drop(held);
+        assert!(
+            Instant::now() < deadline,
+            "a second connection was never refused while one was held"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // Still refused while it is held; it closes, and pod-1 takes new ones again.
+    assert!(pods.reached(80, 1).is_err());
+    drop(held);
+    pods.wait_reach(80, &["backend-1"]);
+
+    // An invalid value: one Event on the Pod, and the pod's default (weight 1) again.
+    annotate("pod-1", "rpclb.io/max-");
+    annotate("pod-2", "rpclb.io/weight=heavy");
+    pods.wait_reach(80, &["backend-1", "backend-2"]);
+    wait_until("the Event on pod-2", Duration::from_secs(20), || {
+        !cluster.events("pod-2", "InvalidAnnotation").is_empty()
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let events = cluster.events("pod-2", "InvalidAnnotation");
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0]["regarding"]["kind"], "Pod");
+    let note = events[0]["note"].as_str().unwrap_or_default();
+    assert!(note.contains("rpclb.io/weight=\"heavy\""), "{note}");
+    ctl.check_alive();
 }
 
 /// The controller's ServiceAccount, as the API server's audit log names it.
