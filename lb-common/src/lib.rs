@@ -333,9 +333,11 @@ pub mod reason {
     /// (`backend_flags::SNAT`). A conntrack event counted beside
     /// `nat_forward`.
     pub const CT_SNAT: u32 = 30;
-    /// A new flow to be SNATed found no free port of the SNAT range (among
-    /// `COLLISION_PROBES` candidates), or SNAT is off (no address or no
-    /// ports): its packet is dropped (a SYN: the client retries).
+    /// A new flow to be SNATed (a `Cluster` front end's to another node, or
+    /// a hairpin flow) found no free port of the SNAT range (among
+    /// `COLLISION_PROBES` candidates), or SNAT is off (no ports; for the
+    /// former also no address): its packet is dropped (a SYN: the client
+    /// retries).
     pub const DROP_SNAT_EXHAUSTED: u32 = 31;
     /// TC: a SNATed packet (from the client side) that the walk would have
     /// handed to the stack, which drops it (its source is a local address:
@@ -343,7 +345,7 @@ pub mod reason {
     /// sent with `bpf_redirect_neigh`, which resolves it. Counted beside the
     /// reason the walk gave (e.g. `pass_fib`).
     pub const FWD_REDIRECT_NEIGH: u32 = 32;
-    /// A SNATed packet (from the client side) that cannot be forwarded
+    /// A SNATed packet (from the client side; a hairpin flow's too) that cannot be forwarded
     /// without the stack: no route (TC), or in XDP no redirect (no
     /// neighbour entry yet, an interface that takes no XDP frames, a
     /// CHECKSUM_PARTIAL seed): dropped (the stack would drop it as a

@@ -735,7 +735,14 @@ fn hairpin_without_ports(hook: Hook, set: ProgramSet) {
         c.snat_ports = Some(r);
     })
     .expect("load data path"));
-    let s = service("pod/self", CIP, 80, Protocol::Tcp, Algorithm::Random, &[(POD, 8080)]);
+    let s = service(
+        "pod/self",
+        CIP,
+        80,
+        Protocol::Tcp,
+        Algorithm::Random,
+        &[(POD, 8080)],
+    );
     h.dp().writer().upsert_service(&s).unwrap();
     h.step(
         hook,

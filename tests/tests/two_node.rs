@@ -884,10 +884,7 @@ fn hairpin(xdp: bool) {
     let mut agents = Agents::start(&lab, [&cfg, &cfg], &extra);
     let looped = |seen: Vec<SocketAddr>, what: &str| {
         assert!(
-            !seen.is_empty()
-                && seen
-                    .iter()
-                    .all(|p| p.ip() == LOOPBACK && p.port() >= 62000),
+            !seen.is_empty() && seen.iter().all(|p| p.ip() == LOOPBACK && p.port() >= 62000),
             "{what} saw {seen:?}, not only {LOOPBACK} at a port of 62000-65535"
         );
     };
