@@ -216,7 +216,18 @@ pub mod ct_flags {
     /// backend -> node address:SNAT port): `state` holds the client's
     /// address, and the reply's destination goes back to it.
     pub const SNAT: u8 = 1;
+    /// With `SNAT`: a hairpin flow (a pod reaching itself through its
+    /// Service: the backend chosen is the client's own address). The source
+    /// becomes [`SERVICE_LOOPBACK_V4`](crate::SERVICE_LOOPBACK_V4), not the
+    /// node's address; the reverse entry is as `SNAT`'s.
+    pub const HAIRPIN: u8 = 2;
 }
+
+/// The "service loopback" address a hairpin flow is SNATed to (network
+/// order): 169.254.42.1, link-local, as Cilium's default. No node or pod
+/// holds it, so a packet to it can only be a hairpin flow's reply
+/// (lb-ebpf/src/snat.rs, docs/kubernetes.md).
+pub const SERVICE_LOOPBACK_V4: u32 = u32::from_ne_bytes([169, 254, 42, 1]);
 
 /// IP protocol numbers.
 pub mod proto {
@@ -322,9 +333,11 @@ pub mod reason {
     /// (`backend_flags::SNAT`). A conntrack event counted beside
     /// `nat_forward`.
     pub const CT_SNAT: u32 = 30;
-    /// A new flow to be SNATed found no free port of the SNAT range (among
-    /// `COLLISION_PROBES` candidates), or SNAT is off (no address or no
-    /// ports): its packet is dropped (a SYN: the client retries).
+    /// A new flow to be SNATed (a `Cluster` front end's to another node, or
+    /// a hairpin flow) found no free port of the SNAT range (among
+    /// `COLLISION_PROBES` candidates), or SNAT is off (no ports; for the
+    /// former also no address): its packet is dropped (a SYN: the client
+    /// retries).
     pub const DROP_SNAT_EXHAUSTED: u32 = 31;
     /// TC: a SNATed packet (from the client side) that the walk would have
     /// handed to the stack, which drops it (its source is a local address:
@@ -332,7 +345,7 @@ pub mod reason {
     /// sent with `bpf_redirect_neigh`, which resolves it. Counted beside the
     /// reason the walk gave (e.g. `pass_fib`).
     pub const FWD_REDIRECT_NEIGH: u32 = 32;
-    /// A SNATed packet (from the client side) that cannot be forwarded
+    /// A SNATed packet (from the client side; a hairpin flow's too) that cannot be forwarded
     /// without the stack: no route (TC), or in XDP no redirect (no
     /// neighbour entry yet, an interface that takes no XDP frames, a
     /// CHECKSUM_PARTIAL seed): dropped (the stack would drop it as a
@@ -346,7 +359,12 @@ pub mod reason {
     /// As `TX_RST_BACKENDS_FULL`, for a packet that gets no answer (not a
     /// SYN, or no way back out of the ingress interface): dropped.
     pub const DROP_BACKENDS_FULL: u32 = 36;
-    pub const COUNT: u32 = 37;
+    /// A new hairpin flow (a pod to its own Service whose chosen backend is
+    /// that pod): SNATed to `SERVICE_LOOPBACK_V4` and a port of the SNAT
+    /// range (`ct_flags::HAIRPIN`). A conntrack event counted beside
+    /// `nat_forward` (instead of `ct_snat`).
+    pub const CT_HAIRPIN: u32 = 37;
+    pub const COUNT: u32 = 38;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "pass_not_ipv4",
@@ -386,6 +404,7 @@ pub mod reason {
         "tx_rst_backends_full",
         "tx_icmp_backends_full",
         "drop_backends_full",
+        "ct_hairpin",
     ];
 }
 

@@ -79,7 +79,7 @@ pub fn later<C: Ctx>(ctx: &mut C, p: &mut Packet, now: u64) -> Verdict {
     let e = unsafe { &*v };
     let (dir, nat_ip, nat_port) = (e.dir, e.nat_ip, e.nat_port);
     let (svc_id, backend_id) = (e.svc_id, e.backend_id);
-    let (masq, client) = (e.flags & ct_flags::SNAT != 0, e.state);
+    let (masq, client, flags) = (e.flags & ct_flags::SNAT != 0, e.state, e.flags);
     conntrack::touch(v, now);
     let done = if dir == ct_dir::REVERSE {
         // Backend -> client becomes VIP -> client.
@@ -95,7 +95,7 @@ pub fn later<C: Ctx>(ctx: &mut C, p: &mut Packet, now: u64) -> Verdict {
     // A SNATed flow's other address (`snat`).
     let done = done.and_then(|()| {
         if masq {
-            crate::snat::fragment(ctx, p, dir != ct_dir::REVERSE, client)
+            crate::snat::fragment(ctx, p, dir != ct_dir::REVERSE, client, flags)
         } else {
             Some(())
         }

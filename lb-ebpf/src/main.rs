@@ -227,7 +227,7 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
             }
             stats::traffic(e.svc_id, e.backend_id, bytes, false);
             if nat::dnat(ctx, &mut p, e.nat_ip, e.nat_port, e.client_port).is_none()
-                || (e.flags & ct_flags::SNAT != 0 && snat::source(ctx, &mut p).is_none())
+                || (e.flags & ct_flags::SNAT != 0 && snat::source(ctx, &mut p, e.flags).is_none())
             {
                 stats::reason(reason::DROP_TRUNCATED_L4);
                 return Verdict::Drop;
@@ -268,11 +268,21 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
     // next packet does not look it up, and the new entry is not looked up
     // again to store it.
     let route = fwd::new_flow_route(ctx, &p, b.ip, b.port, now);
-    // A Cluster front end's backend on another node: SNAT (`snat`).
-    let masq = b.flags & backend_flags::SNAT != 0;
+    // A Cluster front end's backend on another node: SNAT (`snat`). A
+    // backend that is the client itself (hairpin): SNAT to the service
+    // loopback address, so that its reply comes back through here.
+    let snat_flags = if b.flags & backend_flags::SNAT != 0 {
+        ct_flags::SNAT
+    } else if b.ip == p.saddr {
+        ct_flags::SNAT | ct_flags::HAIRPIN
+    } else {
+        0
+    };
+    let masq = snat_flags != 0;
     let created = if masq {
         snat::create(
             &key,
+            snat_flags,
             conntrack::new_state(&p),
             svc.id,
             id,
@@ -299,7 +309,9 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
             if !ok {
                 stats::reason(reason::DROP_CT_INSERT);
             }
-            if masq {
+            if snat_flags & ct_flags::HAIRPIN != 0 {
+                stats::reason(reason::CT_HAIRPIN);
+            } else if masq {
                 stats::reason(reason::CT_SNAT);
             } else if sport != 0 {
                 stats::reason(reason::CT_PORT_REWRITE);
@@ -326,7 +338,7 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
     }
     stats::traffic(svc.id, id, bytes, true);
     if nat::dnat(ctx, &mut p, b.ip, b.port, sport).is_none()
-        || (masq && snat::source(ctx, &mut p).is_none())
+        || (masq && snat::source(ctx, &mut p, snat_flags).is_none())
     {
         stats::reason(reason::DROP_TRUNCATED_L4);
         return Verdict::Drop;

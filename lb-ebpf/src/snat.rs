@@ -32,9 +32,20 @@
 //! the neighbour ([`unpassable`]); XDP cannot, and drops it (counted): the
 //! client retransmits, and the route is looked up again after
 //! `FIB_FAIL_NS`.
+//!
+//! Hairpin: a new flow whose chosen backend is the client itself (a pod
+//! reaching itself through its Service) is SNATed the same way, to the
+//! service loopback address `SERVICE_LOOPBACK_V4` (169.254.42.1) instead
+//! of the node's, with a port of the same range (`ct_flags::HAIRPIN` beside
+//! `SNAT`; `ct_hairpin`). Without it the pod would get a packet from itself
+//! to itself, and its answer would never pass rpclb. The pod's packet and
+//! its reply both arrive on the node end of the pod's veth, and both leave
+//! through that same interface back into the pod (the fib lookup's egress).
 
 use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, helpers::bpf_fib_lookup};
-use lb_common::{CtValue, FlowKey, config_idx, ct_dir, ct_flags, flow_hash, limits, reason};
+use lb_common::{
+    CtValue, FlowKey, SERVICE_LOOPBACK_V4, config_idx, ct_dir, ct_flags, flow_hash, limits, reason,
+};
 
 use crate::{
     conntrack::{self, Claim, Created, ct_value, flow_key},
@@ -65,13 +76,25 @@ pub fn addr() -> u32 {
     config(config_idx::SNAT_ADDR)
 }
 
+/// The source address of a SNATed flow with entry flags `flags`: the
+/// service loopback address for a hairpin flow, else the node's (0: off).
+#[inline(always)]
+pub fn source_addr(flags: u8) -> u32 {
+    if flags & ct_flags::HAIRPIN != 0 {
+        SERVICE_LOOPBACK_V4
+    } else {
+        addr()
+    }
+}
+
 /// Finds a free SNAT port for the new flow `fwd` to backend `ip:port`
-/// (network order), writes its reverse entry `rv` there, and returns the
-/// port (network order); 0 if none of the candidates was free.
+/// (network order), writes its reverse entry `rv` there (its flags say
+/// which source address: [`source_addr`]), and returns the port (network
+/// order); 0 if none of the candidates was free.
 /// Not inlined: the probe loop is verified once.
 #[inline(never)]
 fn alloc_port(fwd: &FlowKey, ip_port: u64, rv: &CtValue) -> u16 {
-    let node = addr();
+    let node = source_addr(rv.flags);
     let lo = config(config_idx::SNAT_PORT_MIN);
     let n = config(config_idx::SNAT_PORT_COUNT);
     if node == 0 || n == 0 || lo == 0 || lo > 65_535 || n > 65_536 - lo {
@@ -93,12 +116,14 @@ fn alloc_port(fwd: &FlowKey, ip_port: u64, rv: &CtValue) -> u16 {
 
 /// Writes a SNATed new flow's entries (reverse first, at a free port of the
 /// SNAT range; then forward), as `conntrack::create` does for the others.
+/// `flags`: `ct_flags::SNAT`, with `HAIRPIN` for a hairpin flow.
 /// `Created::Flow::sport` is the SNAT port; `Exhausted`: no port was free
 /// (nothing written).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn create(
     fwd: &FlowKey,
+    flags: u8,
     state: u32,
     svc_id: u32,
     backend_id: u32,
@@ -118,7 +143,7 @@ pub fn create(
         now,
         [now, now << 32, now],
     );
-    rv.flags = ct_flags::SNAT;
+    rv.flags = flags;
     let sport = alloc_port(fwd, ip as u64 | (port as u64) << 32, &rv);
     if sport == 0 {
         return Created::Exhausted;
@@ -134,7 +159,7 @@ pub fn create(
         now,
         route.entry_words(now),
     );
-    fv.flags = ct_flags::SNAT;
+    fv.flags = flags;
     let ok = CONNTRACK.insert(fwd, &fv, 0).is_ok();
     if ok {
         stats::conn_open(backend_id);
@@ -143,11 +168,12 @@ pub fn create(
 }
 
 /// A SNATed flow's packet to its backend (already DNATed, its source port
-/// the SNAT port): the source address becomes the node's. `None`: the
+/// the SNAT port): the source address becomes the node's, or the service
+/// loopback address for a hairpin flow (entry flags `flags`). `None`: the
 /// packet is too short (or SNAT was turned off meanwhile: address 0).
 #[inline(always)]
-pub fn source<C: Ctx>(ctx: &mut C, p: &mut Packet) -> Option<()> {
-    let node = addr();
+pub fn source<C: Ctx>(ctx: &mut C, p: &mut Packet, flags: u8) -> Option<()> {
+    let node = source_addr(flags);
     if node == 0 {
         return None;
     }
@@ -184,11 +210,18 @@ pub fn destination<C: Ctx>(ctx: &mut C, p: &mut Packet, client: u32) -> Option<(
 
 /// A later fragment of a SNATed flow (no L4 header): the other address's
 /// rewrite, IP checksum only. `forward`: a fragment from the client (source
-/// to the node's address), else one of the reply (destination to `client`).
+/// to the flow's SNAT address, [`source_addr`] of `flags`), else one of the
+/// reply (destination to `client`).
 #[inline(always)]
-pub fn fragment<C: Ctx>(ctx: &mut C, p: &mut Packet, forward: bool, client: u32) -> Option<()> {
+pub fn fragment<C: Ctx>(
+    ctx: &mut C,
+    p: &mut Packet,
+    forward: bool,
+    client: u32,
+    flags: u8,
+) -> Option<()> {
     if forward {
-        let node = addr();
+        let node = source_addr(flags);
         if node == 0 {
             return None;
         }

@@ -553,3 +553,204 @@ fn snat_exhaustion(hook: Hook, set: ProgramSet) {
 }
 
 each!(snat_exhaustion, snat_exhaustion);
+
+/// A ClusterIP whose one backend is `POD` (TCP and UDP), on `REMOTE`'s
+/// network (on `d0`, see [`in_ns`]), and the pod beside it.
+const CIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 32, 5);
+const POD2: Ipv4Addr = Ipv4Addr::new(10, 244, 32, 6);
+/// `lb_common::SERVICE_LOOPBACK_V4`.
+const LOOPBACK: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
+
+/// A data path as [`H::new`]'s (SNAT on `NODE`, `ports`) with the ClusterIP
+/// `CIP:80` (TCP and UDP) to `POD:8080` only, never marked for SNAT.
+fn hairpin_dp(set: ProgramSet, ports: Option<PortRange>) -> H {
+    let mut h = H(ScratchDatapath::new(|c| {
+        c.fib_redirect = false;
+        c.programs = set.into();
+        c.snat_address = Some(NODE);
+        c.snat_ports = ports;
+    })
+    .expect("load data path"));
+    let w = h.dp().writer();
+    for proto in [Protocol::Tcp, Protocol::Udp] {
+        let s = service(
+            &format!("pod/self-{proto:?}"),
+            CIP,
+            80,
+            proto,
+            Algorithm::Random,
+            &[(POD, 8080)],
+        );
+        w.upsert_service(&s).unwrap();
+    }
+    h
+}
+
+/// Hairpin: the pod reaches itself through its ClusterIP. The SYN leaves
+/// SNATed to the service loopback address at a port of the SNAT range (as
+/// well as DNATed), so the pod's SYN|ACK comes back to rpclb, which sends it
+/// to the pod from the ClusterIP at the pod's own port. Every packet to the
+/// pod is a SNATed one: never to the stack (TC: `bpf_redirect_neigh`; XDP,
+/// which cannot here: dropped). UDP alike. Another pod to the same service is
+/// DNATed only. Counted as `ct_hairpin`, not `ct_snat`.
+fn hairpin(hook: Hook, set: ProgramSet) {
+    let r = PortRange::DEFAULT_SNAT;
+    let mut h = hairpin_dp(set, Some(r));
+    let before = h.reasons();
+    let cand = |src: Ipv4Addr, sport: u16, proto: u8| {
+        let hs = lb_common::flow_hash(wire(src), wire(CIP), sport.to_be(), 80u16.to_be(), proto);
+        lb_common::collision_port(r.first.into(), r.count(), hs, 0) as u16
+    };
+    let p = cand(POD, 40000, 6);
+    let (out, back) = (snat_out(hook), pass(hook));
+    let steps: Vec<(&str, Vec<u8>, u32, Vec<u8>)> = vec![
+        (
+            "SYN from the pod to its own service: SNAT to the loopback + DNAT",
+            tcp(POD, 40000, CIP, 80, SYN).build(),
+            out,
+            tcp(LOOPBACK, p, POD, 8080, SYN).build(),
+        ),
+        (
+            "SYN|ACK from the pod to the loopback: un-SNAT + un-DNAT",
+            tcp(POD, 8080, LOOPBACK, p, SYN | ACK).ack(1001).build(),
+            back,
+            tcp(CIP, 80, POD, 40000, SYN | ACK).ack(1001).build(),
+        ),
+        (
+            "ACK: the same rewrite (conntrack hit)",
+            tcp(POD, 40000, CIP, 80, ACK).build(),
+            out,
+            tcp(LOOPBACK, p, POD, 8080, ACK).build(),
+        ),
+        (
+            "data from the serving side",
+            tcp(POD, 8080, LOOPBACK, p, ACK).ack(1008).build(),
+            back,
+            tcp(CIP, 80, POD, 40000, ACK).ack(1008).build(),
+        ),
+        (
+            "FIN",
+            tcp(POD, 40000, CIP, 80, FIN | ACK).build(),
+            out,
+            tcp(LOOPBACK, p, POD, 8080, FIN | ACK).build(),
+        ),
+    ];
+    for (desc, input, code, want) in &steps {
+        h.step(hook, desc, input, *code, want);
+    }
+    let up = cand(POD, 5353, 17);
+    h.step(
+        hook,
+        "UDP from the pod to its own service: SNAT + DNAT",
+        &udp(POD, 5353, CIP, 80).build(),
+        snat_out(hook),
+        &udp(LOOPBACK, up, POD, 8080).build(),
+    );
+    h.step(
+        hook,
+        "UDP reply: un-SNAT + un-DNAT",
+        &udp(POD, 8080, LOOPBACK, up).build(),
+        pass(hook),
+        &udp(CIP, 80, POD, 5353).build(),
+    );
+    h.step(
+        hook,
+        "another pod to the service: DNAT only",
+        &tcp(POD2, 40000, CIP, 80, SYN).build(),
+        pass(hook),
+        &tcp(POD2, 40000, POD, 8080, SYN).build(),
+    );
+    let d = deltas(&before, &h.reasons());
+    assert_eq!(d("ct_hairpin"), 2, "the TCP and the UDP hairpin flow");
+    assert_eq!(d("ct_snat"), 0);
+    assert_eq!(d("ct_port_rewrite"), 0);
+    assert_eq!(d("drop_snat_exhausted"), 0);
+    assert_eq!(d("drop_ct_insert"), 0);
+    assert_eq!(d("nat_forward"), 5);
+    assert_eq!(d("nat_reverse"), 3);
+    let (neigh, dropped) = match hook {
+        Hook::Tc => (4, 0),
+        Hook::Xdp => (0, 4),
+    };
+    assert_eq!(d("fwd_redirect_neigh"), neigh);
+    assert_eq!(d("drop_snat_unrouted"), dropped);
+
+    // The entries: as a SNATed flow's, with the hairpin flag; the reverse
+    // key ends at the loopback address, and names its flow.
+    let w = h.dp().writer();
+    let key = |src: Ipv4Addr, sp: u16, dst: Ipv4Addr, dp: u16| lb_common::FlowKey {
+        src_ip: wire(src),
+        dst_ip: wire(dst),
+        src_port: sp.to_be(),
+        dst_port: dp.to_be(),
+        proto: 6,
+        _pad: [0; 3],
+    };
+    let (fk, rk) = (key(POD, 40000, CIP, 80), key(POD, 8080, LOOPBACK, p));
+    let ct = w.conntrack_map();
+    let f = ct.get(&fk, 0).expect("forward entry");
+    let rv = ct.get(&rk, 0).expect("reverse entry");
+    let flags = lb_common::ct_flags::SNAT | lb_common::ct_flags::HAIRPIN;
+    assert_eq!((f.flags, rv.flags), (flags, flags));
+    assert_eq!(
+        (f.nat_ip, f.nat_port, f.client_port),
+        (wire(POD), 8080u16.to_be(), p.to_be())
+    );
+    assert_eq!(
+        (rv.nat_ip, rv.nat_port, rv.client_port, rv.state),
+        (wire(CIP), 80u16.to_be(), 40000u16.to_be(), wire(POD))
+    );
+    assert_eq!(rk.forward_of_reverse(&rv), fk);
+    assert_eq!(
+        lb_common::SERVICE_LOOPBACK_V4,
+        wire(LOOPBACK),
+        "the published address"
+    );
+}
+
+each!(hairpin, hairpin);
+
+/// Hairpin with `--snat-ports off`: no port to SNAT from, so the pod's SYN
+/// is dropped and counted (`drop_snat_exhausted`) rather than DNATed into a
+/// packet from the pod to itself. With the ports but without a node address
+/// (`--snat-address` unset and none found), hairpin still works: its address
+/// is the loopback one.
+fn hairpin_without_ports(hook: Hook, set: ProgramSet) {
+    let mut h = hairpin_dp(set, None);
+    let before = h.reasons();
+    let syn = tcp(POD, 40000, CIP, 80, SYN).build();
+    h.step(hook, "SNAT ports off", &syn, drop_code(hook), &syn);
+    let d = deltas(&before, &h.reasons());
+    assert_eq!((d("drop_snat_exhausted"), d("ct_hairpin")), (1, 0));
+
+    let r = PortRange {
+        first: 62000,
+        last: 62000,
+    };
+    let mut h = H(ScratchDatapath::new(|c| {
+        c.fib_redirect = false;
+        c.programs = set.into();
+        c.snat_address = None;
+        c.snat_ports = Some(r);
+    })
+    .expect("load data path"));
+    let s = service(
+        "pod/self",
+        CIP,
+        80,
+        Protocol::Tcp,
+        Algorithm::Random,
+        &[(POD, 8080)],
+    );
+    h.dp().writer().upsert_service(&s).unwrap();
+    h.step(
+        hook,
+        "no node address: the loopback still",
+        &syn,
+        snat_out(hook),
+        &tcp(LOOPBACK, 62000, POD, 8080, SYN).build(),
+    );
+}
+
+each!(hairpin_without_ports, hairpin_without_ports);

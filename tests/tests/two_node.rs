@@ -73,7 +73,7 @@ fn two_node_cluster_ip_crosses_nodes_both_ways() {
     let (a, b) = (lab.a(), lab.b());
     let ip = |n: &Node, i: usize| n.pod(i).ip();
     // Pod 2 of each node; the clients below are pods 1 (a pod reaching itself through a VIP,
-    // hairpin, is not handled: see docs/kubernetes.md).
+    // hairpin, is tested apart: `two_node_hairpin_*`).
     let all = [ip(a, 2), ip(b, 2)];
     let cfg = config_yaml(&[
         svc_yaml(
@@ -847,4 +847,101 @@ fn two_node_session_affinity_client_ip_on_a_vip_and_a_node_port() {
     for _ in 0..3 {
         assert_eq!(one(ns, t), moved, "and the new pick sticks");
     }
+}
+
+/// The service loopback address hairpin flows are SNATed to
+/// (`lb_common::SERVICE_LOOPBACK_V4`).
+const LOOPBACK: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
+const SELF: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 15);
+
+/// Hairpin: pod a1 reaches itself through a ClusterIP whose only backend is
+/// a1, over TCP and UDP, and gets the answer from the VIP; a1's servers see
+/// the service loopback address at a port of `--snat-ports`. Pod a2 through
+/// the same VIP is DNATed only (a1 sees a2's address). Node A counts one
+/// `ct_hairpin` per hairpin flow and drops nothing. `xdp`: native XDP, with
+/// a1's veth named a redirect target; else TC.
+fn hairpin(xdp: bool) {
+    let lab = TwoNodeLab::new(2).expect("two-node lab");
+    let srv = servers(&lab);
+    let a = lab.a();
+    let (a1, a2) = (a.pod(1), a.pod(2));
+    // Pods have a default route in Kubernetes (the CNI's), which covers the
+    // loopback address; this lab's have none, so a1 gets that one route.
+    let gw = a1.node_iface.ip.to_string();
+    a1.ns
+        .ip(&["route", "add", &format!("{LOOPBACK}/32"), "via", &gw])
+        .expect("route to the service loopback");
+    let cfg = config_yaml(&[
+        svc_yaml("lab/self:http", SELF, 80, "tcp", "random", &[a1.ip()], 8080),
+        svc_yaml("lab/self:dns", SELF, 53, "udp", "random", &[a1.ip()], 5353),
+    ]);
+    let a1_veth = a1.node_iface.name.clone();
+    let extra: Vec<&str> = if xdp {
+        vec!["--mode", "xdp", "--xdp-redirect-to", &a1_veth]
+    } else {
+        vec!["--mode", "tc"]
+    };
+    let mut agents = Agents::start(&lab, [&cfg, &cfg], &extra);
+    let looped = |seen: Vec<SocketAddr>, what: &str| {
+        assert!(
+            !seen.is_empty() && seen.iter().all(|p| p.ip() == LOOPBACK && p.port() >= 62000),
+            "{what} saw {seen:?}, not only {LOOPBACK} at a port of 62000-65535"
+        );
+    };
+
+    let t = SocketAddrV4::new(SELF, 80);
+    let r = tcp_from(&a1.ns, t, 5);
+    for x in &r {
+        assert_eq!(x.backend, "a1", "{}", agents.log(0));
+        assert_eq!(x.peer, SocketAddr::from(t), "the reply from the VIP");
+        assert_eq!(x.local.ip(), a1.ip());
+    }
+    looped(srv.tcp["a1"].peers(), "a1 (TCP)");
+    assert_eq!(srv.tcp["a1"].peers().len(), 5);
+
+    let t = SocketAddrV4::new(SELF, 53);
+    let r = udp_from(&a1.ns, t, 5);
+    for x in &r {
+        assert_eq!(x.backend, "a1", "{}", agents.log(0));
+        assert_eq!(x.peer, SocketAddr::from(t), "the reply from the VIP");
+    }
+    looped(srv.udp["a1"].peers(), "a1 (UDP)");
+
+    // Another pod: DNAT only.
+    let r = tcp_from(&a2.ns, SocketAddrV4::new(SELF, 80), 3);
+    assert!(r.iter().all(|x| x.backend == "a1"), "{r:?}");
+    let seen = srv.tcp["a1"].peers();
+    assert!(
+        seen[5..].iter().all(|p| p.ip() == a2.ip()),
+        "a1 saw a2's own address: {seen:?}"
+    );
+
+    let m = agents.procs[0].scrape();
+    let ev = |r: &str| m.sum("rpclb_datapath_events_total", &[("reason", r)]);
+    assert_eq!(ev("ct_hairpin"), 10.0, "5 TCP + 5 UDP flows: {}", m.0);
+    assert_eq!(ev("ct_snat"), 0.0);
+    assert_eq!(ev("drop_snat_unrouted"), 0.0);
+    assert_eq!(ev("drop_snat_exhausted"), 0.0);
+}
+
+/// [`hairpin`] with the programs on TC: the pod's packets are redirected
+/// back into its own veth (`bpf_redirect` to the ingress interface).
+#[test]
+fn two_node_hairpin_tc() {
+    if !lab::require() {
+        return;
+    }
+    hairpin(false);
+}
+
+/// [`hairpin`] with native XDP: the pod's veth takes XDP frames (its pod
+/// end has GRO on, and the agent is told so with `--xdp-redirect-to`), so
+/// the rewritten packets are redirected back into it. Without that, XDP
+/// drops them (`drop_snat_unrouted`, docs/kubernetes.md).
+#[test]
+fn two_node_hairpin_xdp() {
+    if !lab::require() {
+        return;
+    }
+    hairpin(true);
 }

@@ -253,8 +253,9 @@ struct RunArgs {
     collision_ports: CollisionPorts,
     /// Source ports (FIRST-LAST) of SNATed flows: front ends (node ports, external and
     /// load-balancer IPs) with externalTrafficPolicy Cluster to a backend on another node
-    /// (docs/kubernetes.md); must not overlap --collision-ports. `off`: no SNAT (such front
-    /// ends use this node's backends when it has any).
+    /// (docs/kubernetes.md), and hairpin flows (a pod reaching itself through its Service,
+    /// SNATed to 169.254.42.1); must not overlap --collision-ports. `off`: no SNAT (such
+    /// front ends use this node's backends when it has any; hairpin flows are dropped).
     #[arg(
         long,
         env = "RPCLB_SNAT_PORTS",
@@ -453,7 +454,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             if ip.is_none() {
                 tracing::warn!(
                     "no IPv4 address on the first of --interfaces and no --snat-address: \
-                     SNAT off (Cluster front ends use this node's backends when it has any)"
+                     SNAT to the node's address off (Cluster front ends use this node's \
+                     backends when it has any); hairpin flows still SNAT to 169.254.42.1"
                 );
             }
             ip

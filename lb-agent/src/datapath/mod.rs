@@ -207,7 +207,9 @@ pub struct DatapathConfig {
     /// SNAT for front ends with `externalTrafficPolicy: Cluster` to
     /// backends on other nodes (lb-ebpf/src/snat.rs): the source ports
     /// (`--snat-ports`) and the node's address (`--snat-address`). Either
-    /// `None`: SNAT off (no backend gets `backend_flags::SNAT`).
+    /// `None`: SNAT off (no backend gets `backend_flags::SNAT`). Hairpin
+    /// flows (a pod reaching itself through its Service) need the ports
+    /// only: their address is `lb_common::SERVICE_LOOPBACK_V4`.
     pub snat_ports: Option<PortRange>,
     pub snat_address: Option<std::net::Ipv4Addr>,
 }

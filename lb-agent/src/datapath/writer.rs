@@ -231,16 +231,18 @@ impl MapWriter {
         self.snat = snat;
     }
 
-    /// Writes the SNAT address and ports (`config_idx::SNAT_*`); `None`:
-    /// SNAT off (address and count 0).
+    /// Writes the SNAT address and ports (`config_idx::SNAT_*`). No address:
+    /// SNAT to the node's address off (0), the ports still serve hairpin
+    /// flows (their address is `SERVICE_LOOPBACK_V4`); no ports: both off
+    /// (count 0).
     pub(crate) fn set_snat_config(
         &mut self,
         addr: Option<std::net::Ipv4Addr>,
         ports: Option<super::PortRange>,
     ) -> Result<(), DatapathError> {
-        let (first, count) = match (addr, ports) {
-            (Some(_), Some(r)) => (u32::from(r.first), r.count()),
-            _ => (0, 0),
+        let (first, count) = match ports {
+            Some(r) => (u32::from(r.first), r.count()),
+            None => (0, 0),
         };
         for (idx, v) in [
             (config_idx::SNAT_ADDR, addr.map_or(0, ip_wire)),
