@@ -303,6 +303,7 @@ const CLASSES: &[(u32, Option<Class>)] = {
         (reason::TX_RST_BACKENDS_FULL, Some(Redirect)),
         (reason::TX_ICMP_BACKENDS_FULL, Some(Redirect)),
         (reason::DROP_BACKENDS_FULL, Some(Drop)),
+        (reason::CT_HAIRPIN, None),
     ]
 };
 
