@@ -717,7 +717,13 @@ mod tests {
             assert_eq!(f.backends, vec![b6(1, "a")], "{}", f.name);
         }
         // A node without IPv6 backends of its own: all, unSNATed.
-        let (out, snat) = expand_snat(&st, &NodeInfo { snat: true, ..node("c") });
+        let (out, snat) = expand_snat(
+            &st,
+            &NodeInfo {
+                snat: true,
+                ..node("c")
+            },
+        );
         assert!(snat.is_empty());
         assert_eq!(out.services[1].backends, v6.backends);
     }

@@ -416,11 +416,7 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
                 .external_ips
                 .iter()
                 .map(|ip| Ok(Ipv4Addr::from(*ip).into()))
-                .chain(
-                    s.external_ips6
-                        .iter()
-                        .map(|ip6| ip_from_pb(&what, 0, ip6)),
-                )
+                .chain(s.external_ips6.iter().map(|ip6| ip_from_pb(&what, 0, ip6)))
                 .collect::<Result<_, _>>()?,
             traffic_policy: if s.external_traffic_local {
                 TrafficPolicy::Local
