@@ -203,9 +203,9 @@ pub fn external_backends(s: &Service, node: &NodeInfo) -> Vec<Backend> {
 }
 
 /// `state` with one more L4 service per external front end (the module
-/// docs), named `<name> <address>:<port>`. A front end whose address is taken
-/// already (by a ClusterIP or an earlier front end) is left out, with a
-/// warning. Used in both data paths: in eBPF mode the kernel serves the L4
+/// docs), named `<name> <address>:<port>` (`[<address>]:<port>` for IPv6).
+/// A front end whose address is taken already (by a ClusterIP or an earlier
+/// front end) is left out, with a warning. Used in both data paths: in eBPF mode the kernel serves the L4
 /// front ends and the userspace proxy the gRPC-mode ones; in userspace mode
 /// the proxy serves all of them (listening on node addresses and external
 /// IPs; it proxies, so a backend sees the node's address even with `Local`).
@@ -247,7 +247,8 @@ pub fn expand_snat(state: &DesiredState, node: &NodeInfo) -> (DesiredState, Snat
         let mut backends = None;
         for (ip, port) in fronts {
             let svc = Service {
-                name: format!("{} {ip}:{port}", s.name),
+                // `[ip6]:port` for IPv6, as a socket address.
+                name: format!("{} {}", s.name, SocketAddr::new(ip, port)),
                 vip: ip,
                 port,
                 backends: backends
@@ -687,8 +688,8 @@ mod tests {
                 "ns/web:http 192.168.50.1:30080",
                 "ns/web:http 10.0.0.1:30080",
                 "ns/web:http 192.168.60.1:80",
-                "ns/web:http@ipv6 fd00:50::1:30081",
-                "ns/web:http@ipv6 fd00:60::1:80",
+                "ns/web:http@ipv6 [fd00:50::1]:30081",
+                "ns/web:http@ipv6 [fd00:60::1]:80",
             ]
         );
         // Local: node a's IPv6 backend only.

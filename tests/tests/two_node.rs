@@ -344,7 +344,8 @@ const EXT_IP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x60, 0, 0, 
 /// node A. Each node sends to its own pods only, and every reply comes from
 /// the address the client used. In eBPF mode the pods see the client's own
 /// address (DNAT only); in the userspace proxy (`--datapath userspace`) they
-/// see the node's. The IPv4 node port answers beside it, and the
+/// see the node's. A `Cluster` node port over IPv6 uses the node's own pods
+/// (the kernel SNATs IPv4 only). The IPv4 node port answers beside it, and the
 /// health-check node port answers over IPv6 with the node's IPv6 endpoints.
 fn ipv6_front_ends_local(datapath: &str) {
     let lab = TwoNodeLab::new(2).expect("two-node lab");
@@ -372,6 +373,15 @@ fn ipv6_front_ends_local(datapath: &str) {
         ext_svc("lab/web:http", WEB, 80, "tcp", 8080, &all, local4),
         svc6("lab/web:http@ipv6", 80, "tcp", 8080, &local6),
         svc6("lab/web:dns@ipv6", 53, "udp", 5353, udp6),
+        // `Cluster` (SNAT on in eBPF mode, but IPv4 only): this node's pods.
+        svc6(
+            "lab/cl:http@ipv6",
+            81,
+            "tcp",
+            8080,
+            "    node_port: 30081\n",
+        )
+        .replace(WEB6, "fd00:10:96::21"),
     ]);
     let agents = Agents::start(&lab, [&cfg, &cfg], &["--datapath", datapath]);
     let ebpf = datapath == "ebpf";
@@ -410,6 +420,11 @@ fn ipv6_front_ends_local(datapath: &str) {
     let t = SocketAddr::from((EXT_IP6, 80));
     check(t, ["a1", "a2"], &tcp_from(client, t, 10));
     saw(a, 1, srv.tcp["a1"].peers());
+    // `Cluster` over IPv6 is never SNATed: node A's own pods, which see the
+    // client (eBPF mode) though b1 and b2 are backends too.
+    let t = SocketAddr::from((a.addr6(), 30081));
+    check(t, ["a1", "a2"], &tcp_from(client, t, 10));
+    saw(a, 2, srv.tcp["a2"].peers());
     // The IPv4 service's node port, the same number, beside it.
     let t = SocketAddr::from((a.addr(), 30080));
     let r = tcp_from(client, t, 4);
