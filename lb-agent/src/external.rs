@@ -9,9 +9,12 @@
 //! a listener of the userspace proxy in userspace mode and for gRPC-mode
 //! services):
 //!
-//! - the node port on every node address (`--node-addresses`, or every IPv4
-//!   address of the node's interfaces but loopback, read at each apply);
-//! - each external IP at the service's port.
+//! - the node port on every node address of the service's family
+//!   (`--node-addresses`, or [`interface_addresses`] read at each apply: an
+//!   IPv4 service's node port on the IPv4 addresses, an IPv6 service's
+//!   (a dual-stack Service's `@ipv6` one) on the IPv6 ones);
+//! - each external IP at the service's port (of the service's family: the
+//!   controller and the validation see to it).
 //!
 //! With `externalTrafficPolicy: Local` a front end gets only the backends whose
 //! `node` is this agent's `--node-name`: the client's address is kept (DNAT
@@ -26,13 +29,15 @@
 //! `Cluster` uses this node's backends when it has any (then it behaves as
 //! `Local`), and all the backends otherwise, unSNATed: the connections to
 //! another node's backends then work only where that node routes the client
-//! through this one. The userspace proxy proxies (the backend sees the
-//! node's address), so there `Cluster` always means every backend.
+//! through this one. The kernel SNATs IPv4 only: an IPv6 front end with
+//! `Cluster` is always served as with SNAT off. The userspace proxy proxies
+//! (the backend sees the node's address), and prefers this node's backends
+//! in the same way.
 //!
 //! [`HealthNodePorts`] serves `healthCheckNodePort` as kube-proxy does.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use lb_api::{Backend, DesiredState, Service, TrafficPolicy};
@@ -45,17 +50,17 @@ use tracing::{info, warn};
 pub struct NodeInfo {
     /// `--node-name`: backends with this `node` are local.
     pub name: Option<String>,
-    /// `--node-addresses`; empty: every IPv4 address of the node's
-    /// interfaces but loopback ([`interface_addresses`]), at each apply.
-    pub addresses: Vec<Ipv4Addr>,
-    /// `Cluster` front ends use every backend (the kernel SNATs those on
-    /// other nodes, or the userspace proxy proxies them).
+    /// `--node-addresses` (IPv4 and IPv6); empty: the node's interfaces'
+    /// addresses ([`interface_addresses`]), at each apply.
+    pub addresses: Vec<IpAddr>,
+    /// The kernel SNATs: IPv4 `Cluster` front ends use every backend, and
+    /// those on other nodes are SNATed.
     pub snat: bool,
 }
 
 impl NodeInfo {
-    /// The addresses node ports are balanced on.
-    pub fn node_addresses(&self) -> Vec<Ipv4Addr> {
+    /// The addresses node ports are balanced on, both families.
+    pub fn node_addresses(&self) -> Vec<IpAddr> {
         if !self.addresses.is_empty() {
             return self.addresses.clone();
         }
@@ -79,10 +84,58 @@ impl NodeInfo {
     }
 }
 
-/// Every IPv4 address of the calling thread's network namespace but
-/// loopback, sorted, without repeats.
-pub fn interface_addresses() -> std::io::Result<Vec<Ipv4Addr>> {
-    Ok(addresses_of(None)?.into_iter().collect())
+/// The node's addresses in the calling thread's network namespace, sorted
+/// (IPv4 first), without repeats: every IPv4 address but loopback, and every
+/// IPv6 address of global scope (global and unique-local, not loopback,
+/// not link-local) that is usable (not tentative: a bind to it fails until
+/// duplicate address detection is done; not failed DAD). A tentative address
+/// joins at the next apply after DAD.
+pub fn interface_addresses() -> std::io::Result<Vec<IpAddr>> {
+    let mut out: Vec<IpAddr> = addresses_of(None)?.into_iter().map(IpAddr::from).collect();
+    out.extend(ipv6_addresses()?.into_iter().map(IpAddr::from));
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// `/proc/net/if_inet6`'s usable global-scope addresses (see
+/// [`interface_addresses`]). No file (IPv6 off): none.
+fn ipv6_addresses() -> std::io::Result<Vec<Ipv6Addr>> {
+    // The calling thread's namespace (a thread may have entered another).
+    let text = match std::fs::read_to_string("/proc/thread-self/net/if_inet6") {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            match std::fs::read_to_string("/proc/self/net/if_inet6") {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                r => r?,
+            }
+        }
+        r => r?,
+    };
+    Ok(parse_if_inet6(&text))
+}
+
+/// IPV6_ADDR_SCOPE_* 0x00: global (unique-local addresses too).
+const SCOPE_GLOBAL: u8 = 0x00;
+/// IFA_F_DADFAILED | IFA_F_TENTATIVE.
+const UNUSABLE: u8 = 0x08 | 0x40;
+
+/// Lines of `/proc/net/if_inet6`: `address ifindex prefixlen scope flags
+/// name`, all hex but the name.
+fn parse_if_inet6(text: &str) -> Vec<Ipv6Addr> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (addr, scope, flags) = (f.first()?, f.get(3)?, f.get(4)?);
+            let addr = u128::from_str_radix(addr, 16)
+                .ok()
+                .filter(|_| addr.len() == 32)?;
+            let scope = u8::from_str_radix(scope, 16).ok()?;
+            // The kernel prints the flags' low byte; be lenient with wider ones.
+            let flags = u32::from_str_radix(flags, 16).ok()? as u8;
+            let ip = Ipv6Addr::from(addr);
+            (scope == SCOPE_GLOBAL && flags & UNUSABLE == 0 && !ip.is_loopback()).then_some(ip)
+        })
+        .collect()
 }
 
 /// The first IPv4 address (as `getifaddrs` lists them: the primary first)
@@ -142,16 +195,17 @@ pub fn external_backends(s: &Service, node: &NodeInfo) -> Vec<Backend> {
         .collect();
     match s.external.traffic_policy {
         TrafficPolicy::Local => local,
-        TrafficPolicy::Cluster if node.snat => s.backends.clone(),
+        // The kernel SNATs IPv4 only.
+        TrafficPolicy::Cluster if node.snat && s.vip.is_ipv4() => s.backends.clone(),
         TrafficPolicy::Cluster if local.iter().any(Backend::takes_new_flows) => local,
         TrafficPolicy::Cluster => s.backends.clone(),
     }
 }
 
 /// `state` with one more L4 service per external front end (the module
-/// docs), named `<name> <address>:<port>`. A front end whose address is taken
-/// already (by a ClusterIP or an earlier front end) is left out, with a
-/// warning. Used in both data paths: in eBPF mode the kernel serves the L4
+/// docs), named `<name> <address>:<port>` (`[<address>]:<port>` for IPv6).
+/// A front end whose address is taken already (by a ClusterIP or an earlier
+/// front end) is left out, with a warning. Used in both data paths: in eBPF mode the kernel serves the L4
 /// front ends and the userspace proxy the gRPC-mode ones; in userspace mode
 /// the proxy serves all of them (listening on node addresses and external
 /// IPs; it proxies, so a backend sees the node's address even with `Local`).
@@ -174,15 +228,27 @@ pub fn expand_snat(state: &DesiredState, node: &NodeInfo) -> (DesiredState, Snat
     let mut out = state.services.clone();
     for s in &state.services {
         let e = &s.external;
+        // The node port on the node's addresses of the service's family.
         let fronts = e
             .node_port
             .into_iter()
-            .flat_map(|p| addrs.iter().map(move |a| (std::net::IpAddr::from(*a), p)))
-            .chain(e.ips.iter().map(|ip| (*ip, s.port)));
+            .flat_map(|p| {
+                addrs
+                    .iter()
+                    .filter(|a| a.is_ipv4() == s.vip.is_ipv4())
+                    .map(move |a| (*a, p))
+            })
+            .chain(
+                e.ips
+                    .iter()
+                    .filter(|ip| ip.is_ipv4() == s.vip.is_ipv4())
+                    .map(|ip| (*ip, s.port)),
+            );
         let mut backends = None;
         for (ip, port) in fronts {
             let svc = Service {
-                name: format!("{} {ip}:{port}", s.name),
+                // `[ip6]:port` for IPv6, as a socket address.
+                name: format!("{} {}", s.name, SocketAddr::new(ip, port)),
                 vip: ip,
                 port,
                 backends: backends
@@ -213,19 +279,39 @@ pub fn expand_snat(state: &DesiredState, node: &NodeInfo) -> (DesiredState, Snat
     (DesiredState { services: out }, snat)
 }
 
-/// One health-check node port's answer: the Service and its local endpoints.
+/// One health-check node port's answer: the Service and its local endpoints,
+/// per family (`None`: no service of that family has the port).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Health {
     namespace: String,
     name: String,
-    local_endpoints: usize,
+    v4: Option<usize>,
+    v6: Option<usize>,
+}
+
+impl Health {
+    /// The local endpoints as seen by a check that came to an address of
+    /// family `ipv4`: that family's, as kube-proxy's per-family proxiers
+    /// answer on their own addresses (a dual-stack pod is one endpoint per
+    /// family), else the other family's (a single-stack Service checked on
+    /// an address of the other family).
+    fn local_endpoints(&self, ipv4: bool) -> usize {
+        let (mine, other) = if ipv4 {
+            (self.v4, self.v6)
+        } else {
+            (self.v6, self.v4)
+        };
+        mine.or(other).unwrap_or(0)
+    }
 }
 
 /// Per `healthCheckNodePort`: the Service (`namespace/name`, from the
-/// service's name without `:port`) and its local backends that take new
-/// flows, counted by IP over the Service's ports.
+/// service's name without `:port` and a family suffix) and its local
+/// backends that take new flows, counted by IP over the Service's ports, per
+/// family.
 fn health_of(state: &DesiredState, node: &NodeInfo) -> BTreeMap<u16, Health> {
-    let mut ips: BTreeMap<u16, (String, BTreeSet<std::net::IpAddr>)> = BTreeMap::new();
+    type Ips = Option<BTreeSet<IpAddr>>;
+    let mut ips: BTreeMap<u16, (String, Ips, Ips)> = BTreeMap::new();
     for s in &state.services {
         let Some(p) = s.external.health_check_node_port else {
             continue;
@@ -233,8 +319,9 @@ fn health_of(state: &DesiredState, node: &NodeInfo) -> BTreeMap<u16, Health> {
         let svc = s.name.rsplit_once(':').map_or(&s.name[..], |(n, _)| n);
         let e = ips
             .entry(p)
-            .or_insert_with(|| (svc.to_string(), BTreeSet::new()));
-        e.1.extend(
+            .or_insert_with(|| (svc.to_string(), None, None));
+        let family = if s.vip.is_ipv4() { &mut e.1 } else { &mut e.2 };
+        family.get_or_insert_default().extend(
             s.backends
                 .iter()
                 .filter(|b| node.is_local(b) && b.takes_new_flows())
@@ -242,19 +329,48 @@ fn health_of(state: &DesiredState, node: &NodeInfo) -> BTreeMap<u16, Health> {
         );
     }
     ips.into_iter()
-        .map(|(p, (svc, ips))| {
+        .map(|(p, (svc, v4, v6))| {
             let (namespace, name) = svc.split_once('/').unwrap_or(("", &svc));
             let h = Health {
                 namespace: namespace.to_string(),
                 name: name.to_string(),
-                local_endpoints: ips.len(),
+                v4: v4.map(|s| s.len()),
+                v6: v6.map(|s| s.len()),
             };
             (p, h)
         })
         .collect()
 }
 
-/// The health-check node ports: an HTTP server on 0.0.0.0:`port` per
+/// A listener on every address of both families at `port`: `[::]` with
+/// IPv6-only off (IPv4 clients arrive as v4-mapped addresses), else
+/// `0.0.0.0` (IPv6 off in the kernel).
+fn bind_any(port: u16) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let dual = || -> std::io::Result<Socket> {
+        let s = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+        s.set_only_v6(false)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+        Ok(s)
+    };
+    let s = match dual() {
+        Ok(s) => s,
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+            s
+        }
+        Err(e) => return Err(e),
+    };
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+/// The health-check node ports: an HTTP server on every address of both
+/// families (`[::]:port`, IPv4 too) per
 /// `healthCheckNodePort`, answering as kube-proxy does: 200 when the Service
 /// has local endpoints, 503 when it has none, with the JSON body
 /// `{"service":{"namespace":..,"name":..},"localEndpoints":N,"serviceProxyHealthy":true}`
@@ -286,11 +402,7 @@ impl HealthNodePorts {
             if servers.contains_key(&p) {
                 continue;
             }
-            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, p));
-            let l = match std::net::TcpListener::bind(addr).and_then(|l| {
-                l.set_nonblocking(true)?;
-                tokio::net::TcpListener::from_std(l)
-            }) {
+            let l = match bind_any(p).and_then(tokio::net::TcpListener::from_std) {
                 Ok(l) => l,
                 Err(e) => {
                     warn!(port = p, "health-check node port: bind: {e}");
@@ -348,23 +460,30 @@ async fn serve(l: tokio::net::TcpListener, port: u16, answers: Arc<Mutex<BTreeMa
                 .get(&port)
                 .cloned()
                 .unwrap_or_default();
-            let _ = c.write_all(response(&h).as_bytes()).await;
+            // The family of the node address the check came to.
+            let ipv4 = c.local_addr().map_or(true, |a| match a.ip() {
+                IpAddr::V4(_) => true,
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some(),
+            });
+            let _ = c.write_all(response(&h, ipv4).as_bytes()).await;
             let _ = c.shutdown().await;
         });
     }
 }
 
-/// kube-proxy's answer (pkg/proxy/healthcheck/service_health.go).
-fn response(h: &Health) -> String {
+/// kube-proxy's answer (pkg/proxy/healthcheck/service_health.go), to a
+/// check on an address of family `ipv4`.
+fn response(h: &Health, ipv4: bool) -> String {
+    let n = h.local_endpoints(ipv4);
     // kube-proxy's field order; strings escaped as JSON.
     let q = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
     let body = format!(
         r#"{{"service":{{"namespace":{},"name":{}}},"localEndpoints":{},"serviceProxyHealthy":true}}"#,
         q(&h.namespace),
         q(&h.name),
-        h.local_endpoints
+        n
     );
-    let status = if h.local_endpoints > 0 {
+    let status = if n > 0 {
         "200 OK"
     } else {
         "503 Service Unavailable"
@@ -372,7 +491,7 @@ fn response(h: &Health) -> String {
     format!(
         "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\n\
          X-Load-Balancing-Endpoint-Weight: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        h.local_endpoints,
+        n,
         body.len()
     )
 }
@@ -397,6 +516,16 @@ mod tests {
         }
     }
 
+    fn b6(last: u16, node: &str) -> Backend {
+        Backend {
+            node: Some(node.into()),
+            ..Backend::new(
+                std::net::Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, last),
+                8080,
+            )
+        }
+    }
+
     fn svc(policy: TrafficPolicy) -> Service {
         let mut s = Service::new(
             "ns/web:http",
@@ -418,7 +547,11 @@ mod tests {
     fn node(name: &str) -> NodeInfo {
         NodeInfo {
             name: Some(name.into()),
-            addresses: vec![Ipv4Addr::new(192, 168, 50, 1), Ipv4Addr::new(10, 0, 0, 1)],
+            addresses: vec![
+                Ipv4Addr::new(192, 168, 50, 1).into(),
+                "fd00:50::1".parse().unwrap(),
+                Ipv4Addr::new(10, 0, 0, 1).into(),
+            ],
             snat: false,
         }
     }
@@ -524,6 +657,99 @@ mod tests {
         assert!(out.services.iter().all(|f| f.grpc == s.grpc), "{out:?}");
     }
 
+    /// An IPv6 service's node port goes on the node's IPv6 addresses only,
+    /// an IPv4 one's on its IPv4 addresses only: a front end never gets
+    /// backends of the other family.
+    #[test]
+    fn node_ports_go_on_the_node_addresses_of_the_services_family() {
+        let mut v6 = svc(TrafficPolicy::Local);
+        v6.name = "ns/web:http@ipv6".into();
+        v6.vip = "fd00:10:96::1".parse().unwrap();
+        v6.backends = vec![b6(1, "a"), b6(2, "b")];
+        v6.external.ips = vec!["fd00:60::1".parse().unwrap()];
+        v6.external.node_port = Some(30081);
+        let st = DesiredState {
+            services: vec![svc(TrafficPolicy::Local), v6],
+        };
+        let out = expand(&st, &node("a"));
+        for f in &out.services {
+            assert!(
+                f.backends.iter().all(|b| b.ip.is_ipv4() == f.vip.is_ipv4()),
+                "{} at {} has backends of the other family: {:?}",
+                f.name,
+                f.vip,
+                f.backends
+            );
+        }
+        let names: Vec<&str> = out.services[2..].iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(
+            names,
+            vec![
+                "ns/web:http 192.168.50.1:30080",
+                "ns/web:http 10.0.0.1:30080",
+                "ns/web:http 192.168.60.1:80",
+                "ns/web:http@ipv6 [fd00:50::1]:30081",
+                "ns/web:http@ipv6 [fd00:60::1]:80",
+            ]
+        );
+        // Local: node a's IPv6 backend only.
+        assert_eq!(out.services[5].backends, vec![b6(1, "a")]);
+        assert_eq!(out.services[6].backends, vec![b6(1, "a")]);
+    }
+
+    /// The kernel SNATs IPv4 only: with SNAT on, an IPv6 `Cluster` front end
+    /// is served as with SNAT off (this node's backends when it has any,
+    /// else all, none SNATed), while the IPv4 one uses every backend.
+    #[test]
+    fn an_ipv6_cluster_front_end_is_never_snated() {
+        let mut n = node("a");
+        n.snat = true;
+        let mut v6 = svc(TrafficPolicy::Cluster);
+        v6.vip = "fd00:10:96::1".parse().unwrap();
+        v6.backends = vec![b6(1, "a"), b6(2, "b")];
+        v6.external.ips = vec!["fd00:60::1".parse().unwrap()];
+        let st = DesiredState {
+            services: vec![v6.clone()],
+        };
+        let (out, snat) = expand_snat(&st, &n);
+        assert_eq!(out.services.len(), 3, "one IPv6 node address, one IP");
+        assert!(snat.is_empty(), "{snat:?}");
+        for f in &out.services[1..] {
+            assert_eq!(f.backends, vec![b6(1, "a")], "{}", f.name);
+        }
+        // A node without IPv6 backends of its own: all, unSNATed.
+        let (out, snat) = expand_snat(
+            &st,
+            &NodeInfo {
+                snat: true,
+                ..node("c")
+            },
+        );
+        assert!(snat.is_empty());
+        assert_eq!(out.services[1].backends, v6.backends);
+    }
+
+    #[test]
+    fn if_inet6_keeps_usable_global_addresses() {
+        let text = "\
+00000000000000000000000000000001 01 80 10 80       lo
+fd000050000000000000000000000001 03 40 00 80     eth0
+fe800000000000000000000000000001 03 40 20 80     eth0
+fd000050000000000000000000000002 03 40 00 c0     eth0
+fd000050000000000000000000000003 03 40 00 88     eth0
+fd000050000000000000000000000004 03 40 00 a0     eth0
+20010db8000000000000000000000005 04 40 00 00     eth1
+fd0000500000000000000000000006 03 40 00 80     eth0
+";
+        let want: Vec<Ipv6Addr> = ["fd00:50::1", "fd00:50::4", "2001:db8::5"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        // Not loopback, link-local, tentative (0x40), DAD-failed (0x08) or
+        // malformed; deprecated (0x20) stays.
+        assert_eq!(parse_if_inet6(text), want);
+    }
+
     #[test]
     fn cluster_prefers_local_backends_and_falls_back_to_all() {
         let s = svc(TrafficPolicy::Cluster);
@@ -564,17 +790,43 @@ mod tests {
             Health {
                 namespace: "ns".into(),
                 name: "web".into(),
-                local_endpoints: 2
+                v4: Some(2),
+                v6: None,
             },
             "two local pods, counted once over both ports"
         );
-        let r = response(&h[&32000]);
+        // An IPv4 Service checked on an IPv6 address: the same answer.
+        assert_eq!(response(&h[&32000], false), response(&h[&32000], true));
+        let r = response(&h[&32000], true);
         assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
         assert!(r.contains("X-Load-Balancing-Endpoint-Weight: 2\r\n"));
         assert!(r.ends_with(
             r#"{"service":{"namespace":"ns","name":"web"},"localEndpoints":2,"serviceProxyHealthy":true}"#
         ), "{r}");
         let none = health_of(&st, &node("c"));
-        assert!(response(&none[&32000]).starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+        assert!(response(&none[&32000], true).starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+    }
+
+    /// A dual-stack Service: each family counts its own endpoints (a pod
+    /// with an address of each family is one endpoint per family, as on
+    /// kube-proxy's per-family health servers), answered by the family of
+    /// the address the check came to.
+    #[test]
+    fn health_counts_per_family() {
+        let mut s = svc(TrafficPolicy::Local);
+        s.external.health_check_node_port = Some(32000);
+        let mut v6 = s.clone();
+        v6.name = "ns/web:http@ipv6".into();
+        v6.vip = "fd00:10:96::1".parse().unwrap();
+        v6.backends = vec![b6(1, "a"), b6(2, "b")];
+        let st = DesiredState {
+            services: vec![s, v6],
+        };
+        let h = &health_of(&st, &node("a"))[&32000];
+        assert_eq!((h.v4, h.v6), (Some(2), Some(1)));
+        assert_eq!((h.name.as_str(), h.namespace.as_str()), ("web", "ns"));
+        assert!(response(h, true).contains(r#""localEndpoints":2"#));
+        assert!(response(h, false).contains(r#""localEndpoints":1"#));
+        assert!(response(h, false).contains("X-Load-Balancing-Endpoint-Weight: 1\r\n"));
     }
 }

@@ -862,17 +862,6 @@ impl Service {
         if let Some(p) = e.node_port {
             port(p).map_err(at(Field::NodePort))?;
         }
-        if self.vip.is_ipv6() && e.any() {
-            return Err(InvalidService {
-                field: if e.node_port.is_some() {
-                    Field::NodePort
-                } else {
-                    Field::ExternalIp(0)
-                },
-                message: "node ports and external IPs of an IPv6 service are not supported yet"
-                    .into(),
-            });
-        }
         let mut seen = HashSet::new();
         for (i, ip) in e.ips.iter().enumerate() {
             unicast(*ip).map_err(at(Field::ExternalIp(i)))?;
@@ -1504,8 +1493,9 @@ mod tests {
         );
     }
 
-    /// External front ends are IPv4 for now: an IPv4 service's external IPs
-    /// are IPv4, and an IPv6 service has none (and no node port).
+    /// External front ends follow the VIP's family: an IPv4 service's
+    /// external IPs are IPv4, an IPv6 service's IPv6 (its node port goes on
+    /// the node's IPv6 addresses).
     #[test]
     fn external_front_ends_follow_the_vip_family() {
         let mut s = svc(Algorithm::Maglev, 2, 0);
@@ -1521,9 +1511,12 @@ mod tests {
             b.ip = format!("fd00:10:244::{}", i + 1).parse().unwrap();
         }
         v6.external.node_port = Some(30080);
+        v6.external.ips = vec!["fd00:60::1".parse().unwrap()];
+        assert_eq!(v6.validate(), Ok(()));
+        v6.external.ips.push("192.168.60.1".parse().unwrap());
         let e = v6.validate().unwrap_err();
-        assert_eq!(e.field, Field::NodePort);
-        assert!(e.message.contains("not supported yet"), "{e}");
+        assert_eq!(e.field, Field::ExternalIp(1));
+        assert!(e.message.contains("is IPv4 but the VIP"), "{e}");
     }
 
     #[test]

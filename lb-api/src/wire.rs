@@ -167,7 +167,6 @@ impl From<&Service> for pb::Service {
                 healthy_threshold: h.healthy_threshold,
             }),
             node_port: s.external.node_port.map_or(0, u32::from),
-            // IPv4 only: validation refuses IPv6 front ends for now.
             external_ips: s
                 .external
                 .ips
@@ -175,6 +174,15 @@ impl From<&Service> for pb::Service {
                 .filter_map(|ip| match ip {
                     std::net::IpAddr::V4(v4) => Some(u32::from(*v4)),
                     std::net::IpAddr::V6(_) => None,
+                })
+                .collect(),
+            external_ips6: s
+                .external
+                .ips
+                .iter()
+                .filter_map(|ip| match ip {
+                    std::net::IpAddr::V4(_) => None,
+                    std::net::IpAddr::V6(v6) => Some(v6.octets().to_vec()),
                 })
                 .collect(),
             external_traffic_local: s.external.traffic_policy == TrafficPolicy::Local,
@@ -407,8 +415,9 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
             ips: s
                 .external_ips
                 .iter()
-                .map(|ip| Ipv4Addr::from(*ip).into())
-                .collect(),
+                .map(|ip| Ok(Ipv4Addr::from(*ip).into()))
+                .chain(s.external_ips6.iter().map(|ip6| ip_from_pb(&what, 0, ip6)))
+                .collect::<Result<_, _>>()?,
             traffic_policy: if s.external_traffic_local {
                 TrafficPolicy::Local
             } else {
@@ -785,6 +794,25 @@ mod tests {
         assert_eq!(p.addr.as_ref().unwrap().vip6, v6_octets("fd00:10:96::1"));
         assert_eq!(p.backends[0].ip, 0);
         assert_eq!(service_from_pb(&p).unwrap(), s);
+        // Its front ends: the node port, and IPv6 external IPs in their own field.
+        let mut fe = s.clone();
+        fe.external.node_port = Some(30080);
+        fe.external.ips = vec![v6("fd00:60::10"), v6("fd00:60::11")];
+        let p6 = pb::Service::from(&fe);
+        assert!(p6.external_ips.is_empty());
+        assert_eq!(
+            p6.external_ips6,
+            vec![v6_octets("fd00:60::10"), v6_octets("fd00:60::11")]
+        );
+        assert_eq!(service_from_pb(&p6).unwrap(), fe);
+        let mut bad = p6.clone();
+        bad.external_ips6[1].pop();
+        assert!(
+            service_from_pb(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("15 bytes")
+        );
         // An IPv4 service leaves the new fields empty: old agents read it as before.
         let p4 = pb::Service::from(&svc("a/v4:http", 80, &[(1, 1)]));
         assert!(p4.addr.as_ref().unwrap().vip6.is_empty() && p4.backends[0].ip6.is_empty());

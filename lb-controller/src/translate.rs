@@ -9,9 +9,12 @@
 //! `namespace/name:port`, where `port` is the service port's name, or its
 //! number when it is unnamed. Its [`External`] front ends come from the same
 //! port: `nodePort` (types NodePort and LoadBalancer), `externalIPs`, the
-//! IPv4 `status.loadBalancer.ingress[].ip`s (type LoadBalancer),
-//! `externalTrafficPolicy` and `healthCheckNodePort` (Local only); they go
-//! with the Service's IPv4 ClusterIP only (IPv6 front ends: not yet). Each
+//! `status.loadBalancer.ingress[].ip`s (type LoadBalancer),
+//! `externalTrafficPolicy` and `healthCheckNodePort` (Local only). Each
+//! family's service gets the node port and the addresses of its own family
+//! (a dual-stack Service's IPv4 service the IPv4 external IPs, its IPv6
+//! service the IPv6 ones; the agent puts each node port on the node's
+//! addresses of the service's family). Each
 //! backend carries its endpoint's `nodeName`: the agent of that node takes it
 //! as local (externalTrafficPolicy Local).
 //!
@@ -961,11 +964,7 @@ fn translate_service(
         let places = place_backends(&backend_nodes, zones, topo);
         let mut service = Service {
             max_per_backend: policy.max_per_backend,
-            external: if vip.is_ipv4() {
-                external_of(svc, spec, sp)
-            } else {
-                External::default()
-            },
+            external: external_of(svc, spec, sp, vip.is_ipv4()),
             name: format!("{r}:{label}{suffix}"),
             vip,
             port,
@@ -1014,12 +1013,14 @@ fn translate_service(
     }
 }
 
-/// The external front ends of one service port: `nodePort` (types NodePort
-/// and LoadBalancer), `externalIPs` and, for type LoadBalancer, the IPv4
-/// `status.loadBalancer.ingress[].ip`s (sorted, without repeats; IPv6 and
-/// hostname-only ingresses are left out), `externalTrafficPolicy` and
-/// `healthCheckNodePort` (only with `Local`).
-fn external_of(svc: &KubeService, spec: &ServiceSpec, sp: &ServicePort) -> External {
+/// The external front ends of one service port of one family (`ipv4`: the
+/// IPv4 ClusterIP's, else the IPv6 one's): `nodePort` (types NodePort and
+/// LoadBalancer; each family's service has it, and the agent puts it on the
+/// node's addresses of that family), the `externalIPs` and, for type
+/// LoadBalancer, the `status.loadBalancer.ingress[].ip`s of that family
+/// (sorted, without repeats; hostname-only ingresses are left out),
+/// `externalTrafficPolicy` and `healthCheckNodePort` (only with `Local`).
+fn external_of(svc: &KubeService, spec: &ServiceSpec, sp: &ServicePort, ipv4: bool) -> External {
     let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
     let lb = ty == "LoadBalancer";
     let node_port = sp
@@ -1036,7 +1037,8 @@ fn external_of(svc: &KubeService, spec: &ServiceSpec, sp: &ServicePort) -> Exter
         .into_iter()
         .flatten()
         .filter_map(|i| i.ip.as_deref());
-    // IPv4 only: the front ends go with the IPv4 ClusterIP (IPv6: not yet).
+    // Each address goes with the ClusterIP of its family (as kube-proxy's
+    // per-family proxiers take them).
     let ips: BTreeSet<IpAddr> = spec
         .external_ips
         .iter()
@@ -1044,7 +1046,7 @@ fn external_of(svc: &KubeService, spec: &ServiceSpec, sp: &ServicePort) -> Exter
         .map(String::as_str)
         .chain(ingress)
         .filter_map(|s| s.parse::<IpAddr>().ok())
-        .filter(IpAddr::is_ipv4)
+        .filter(|ip| ip.is_ipv4() == ipv4)
         .collect();
     let traffic_policy = match spec.external_traffic_policy.as_deref() {
         Some("Local") => TrafficPolicy::Local,
@@ -2258,6 +2260,100 @@ mod tests {
                 ("shop/cip:http", &e(None, &[[192, 168, 60, 3]], false, None)),
             ]
         );
+    }
+
+    /// Each family's service gets the node port and the external and
+    /// load-balancer IPs of its own family: a dual-stack LoadBalancer's IPv4
+    /// service the IPv4 ones, its IPv6 service the IPv6 ones, both the node
+    /// port, the policy and the health-check node port; a single-stack IPv6
+    /// Service its IPv6 addresses (an IPv4 one is left out).
+    #[test]
+    fn front_ends_go_with_the_cluster_ip_of_their_family() {
+        use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+        let ingress = |ips: &[&str]| ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(
+                    ips.iter()
+                        .map(|ip| LoadBalancerIngress {
+                            ip: Some(ip.to_string()),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+            }),
+            ..Default::default()
+        };
+        let np = |p: i32| {
+            vec![ServicePort {
+                node_port: Some(p),
+                ..named("http", 80, "http")
+            }]
+        };
+        let mut dual = with(service("dual", "10.96.0.60", np(30080)), |s| {
+            s.type_ = Some("LoadBalancer".into());
+            s.cluster_ips = Some(vec!["10.96.0.60".into(), "fd00:10:96::60".into()]);
+            s.ip_families = Some(vec!["IPv4".into(), "IPv6".into()]);
+            s.ip_family_policy = Some("RequireDualStack".into());
+            s.external_ips = Some(vec![
+                "fd00:60::2".into(),
+                "192.168.60.2".into(),
+                "fd00:60::2".into(),
+            ]);
+            s.external_traffic_policy = Some("Local".into());
+            s.health_check_node_port = Some(32000);
+        });
+        dual.status = Some(ingress(&["192.168.60.1", "fd00:60::1", "nonsense"]));
+        // IPv6 only, IPv6 primary: its IPv4 external IP has no ClusterIP to go with.
+        let mut v6 = with(service("v6", "fd00:10:96::61", np(30081)), |s| {
+            s.type_ = Some("LoadBalancer".into());
+            s.ip_families = Some(vec!["IPv6".into()]);
+            s.external_ips = Some(vec!["192.168.60.3".into(), "fd00:60::3".into()]);
+        });
+        v6.status = Some(ingress(&["fd00:60::4"]));
+        let t = translate(&[dual, v6], &[]);
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        let got: Vec<(&str, IpAddr, &External)> = t
+            .state
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), s.vip, &s.external))
+            .collect();
+        let e = |node_port, ips: &[&str], local, hc| External {
+            node_port: Some(node_port),
+            ips: ips.iter().map(|s| ip(s)).collect(),
+            traffic_policy: if local {
+                TrafficPolicy::Local
+            } else {
+                TrafficPolicy::Cluster
+            },
+            health_check_node_port: hc,
+        };
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "shop/dual:http",
+                    ip("10.96.0.60"),
+                    &e(30080, &["192.168.60.1", "192.168.60.2"], true, Some(32000))
+                ),
+                (
+                    "shop/dual:http@ipv6",
+                    ip("fd00:10:96::60"),
+                    &e(30080, &["fd00:60::1", "fd00:60::2"], true, Some(32000))
+                ),
+                (
+                    "shop/v6:http",
+                    ip("fd00:10:96::61"),
+                    &e(30081, &["fd00:60::3", "fd00:60::4"], false, None)
+                ),
+            ]
+        );
+        // Every one passes the agents' validation and the wire.
+        for s in &t.state.services {
+            assert_eq!(s.validate(), Ok(()), "{}", s.name);
+            let back = lb_api::wire::service_from_pb(&s.into()).unwrap();
+            assert_eq!(&back, s);
+        }
     }
 
     #[test]

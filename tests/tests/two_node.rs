@@ -46,7 +46,8 @@ fn config_yaml(services: &[String]) -> String {
     s
 }
 
-fn udp_from(ns: &lab::Netns, target: SocketAddrV4, n: usize) -> Vec<Reply> {
+fn udp_from(ns: &lab::Netns, target: impl Into<SocketAddr>, n: usize) -> Vec<Reply> {
+    let target: SocketAddr = target.into();
     ns.run(|| lab::udp_attempts(target, n, Limits::default()))
         .expect("namespace")
         .into_iter()
@@ -150,7 +151,7 @@ fn pods_yaml(pods: &[(&Node, usize)], port: u16) -> String {
 /// One service with external front ends, its backends on `pods`.
 fn ext_svc(
     name: &str,
-    vip: Ipv4Addr,
+    vip: impl std::fmt::Display,
     port: u16,
     proto: &str,
     backend_port: u16,
@@ -165,8 +166,9 @@ fn ext_svc(
 }
 
 /// A plain HTTP GET from `ns` to `target`: (status, headers + body).
-fn http_get(ns: &lab::Netns, target: SocketAddrV4) -> std::io::Result<(u16, String)> {
-    ns.run(|| http_get_from(target.into(), "/healthz", std::time::Duration::from_secs(3)))
+fn http_get(ns: &lab::Netns, target: impl Into<SocketAddr>) -> std::io::Result<(u16, String)> {
+    let target: SocketAddr = target.into();
+    ns.run(|| http_get_from(target, "/healthz", std::time::Duration::from_secs(3)))
         .expect("client namespace")
 }
 
@@ -293,6 +295,177 @@ fn two_node_node_port_and_external_ip_local() {
         &[("reason", "tx_icmp_no_backend")],
     );
     assert_eq!(icmp, 1.0, "{}", m.0);
+}
+
+/// `backends:` YAML of pods' IPv6 addresses (`(node, i)`) with their nodes.
+fn pods_yaml6(pods: &[(&Node, usize)], port: u16) -> String {
+    let mut s = String::from("    backends:\n");
+    for (n, i) in pods {
+        s.push_str(&format!(
+            "      - {{ ip: '{}', port: {port}, node: {} }}\n",
+            n.pod(*i).ip6(),
+            n.name
+        ));
+    }
+    s
+}
+
+/// Identity servers on `[::]` (both families) on every pod of both nodes:
+/// TCP 8080 and UDP 5353.
+fn servers6(lab: &TwoNodeLab) -> Servers {
+    let any = |p| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, p));
+    let mut s = Servers {
+        tcp: BTreeMap::new(),
+        udp: BTreeMap::new(),
+    };
+    for node in lab.nodes() {
+        for (k, pod) in node.pods().iter().enumerate() {
+            let id = ident(node, k + 1);
+            s.tcp.insert(
+                id.clone(),
+                TcpServer::start(&pod.ns, any(8080), &id).expect("tcp server"),
+            );
+            s.udp.insert(
+                id.clone(),
+                UdpServer::start(&pod.ns, any(5353), &id).expect("udp server"),
+            );
+        }
+    }
+    s
+}
+
+const WEB6: &str = "fd00:10:96::20";
+const EXT_IP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x60, 0, 0, 0, 0, 0, 0x10);
+
+/// A dual-stack Service as the controller gives it to the agents (one
+/// service per family on the same node ports), with `externalTrafficPolicy:
+/// Local`, over IPv6 from a client outside the cluster: the node port (TCP
+/// and UDP) on each node's IPv6 address and an IPv6 external IP routed to
+/// node A. Each node sends to its own pods only, and every reply comes from
+/// the address the client used. In eBPF mode the pods see the client's own
+/// address (DNAT only); in the userspace proxy (`--datapath userspace`) they
+/// see the node's. A `Cluster` node port over IPv6 uses the node's own pods
+/// (the kernel SNATs IPv4 only). The IPv4 node port answers beside it, and the
+/// health-check node port answers over IPv6 with the node's IPv6 endpoints.
+fn ipv6_front_ends_local(datapath: &str) {
+    let lab = TwoNodeLab::new(2).expect("two-node lab");
+    lab.add_ipv6().expect("IPv6 in the lab");
+    let srv = servers6(&lab);
+    let (a, b) = (lab.a(), lab.b());
+    let client = lab.client();
+    let cip6 = lab.client_ip6();
+    let local6 = format!(
+        "    node_port: 30080\n    external_ips: ['{EXT_IP6}']\n    \
+         external_traffic_policy: local\n    health_check_node_port: 32080\n"
+    );
+    let local4 = "    node_port: 30080\n    external_traffic_policy: local\n    \
+                  health_check_node_port: 32080\n";
+    let udp6 = "    node_port: 30053\n    external_traffic_policy: local\n";
+    let all = [(a, 1), (a, 2), (b, 1), (b, 2)];
+    let svc6 = |name: &str, port, proto, bport, ext: &str| {
+        format!(
+            "  - name: {name}\n    vip: '{WEB6}'\n    port: {port}\n    protocol: {proto}\n    \
+             algorithm: round-robin\n{ext}{}",
+            pods_yaml6(&all, bport)
+        )
+    };
+    let cfg = config_yaml(&[
+        ext_svc("lab/web:http", WEB, 80, "tcp", 8080, &all, local4),
+        svc6("lab/web:http@ipv6", 80, "tcp", 8080, &local6),
+        svc6("lab/web:dns@ipv6", 53, "udp", 5353, udp6),
+        // `Cluster` (SNAT on in eBPF mode, but IPv4 only): this node's pods.
+        svc6(
+            "lab/cl:http@ipv6",
+            81,
+            "tcp",
+            8080,
+            "    node_port: 30081\n",
+        )
+        .replace(WEB6, "fd00:10:96::21"),
+    ]);
+    let agents = Agents::start(&lab, [&cfg, &cfg], &["--datapath", datapath]);
+    let ebpf = datapath == "ebpf";
+
+    let check = |target: SocketAddr, want: [&str; 2], replies: &[Reply]| {
+        let c = counts(replies);
+        let w = BTreeMap::from([(want[0].to_string(), 5), (want[1].to_string(), 5)]);
+        assert_eq!(c, w, "{datapath}: to {target}: {}", agents.log(0));
+        for r in replies {
+            assert_eq!(r.peer, target, "{datapath}: reply from {target}");
+            assert_eq!(r.local.ip(), std::net::IpAddr::from(cip6));
+        }
+    };
+    // What each pod saw: the client's own address (eBPF, DNAT only), or the
+    // node's address on the pod's link (the userspace proxy connects).
+    let saw = |node: &Node, i: usize, peers: Vec<SocketAddr>| {
+        let want = if ebpf { cip6 } else { node.pod(i).node_ip6() };
+        assert!(
+            !peers.is_empty() && peers.iter().all(|p| p.ip() == std::net::IpAddr::from(want)),
+            "{datapath}: {}{i} saw {peers:?}, not {want}",
+            node.name
+        );
+    };
+    for (node, want) in [(a, ["a1", "a2"]), (b, ["b1", "b2"])] {
+        let t = SocketAddr::from((node.addr6(), 30080));
+        check(t, want, &tcp_from(client, t, 10));
+        let t = SocketAddr::from((node.addr6(), 30053));
+        check(t, want, &udp_from(client, t, 10));
+        for i in [1, 2] {
+            let id = ident(node, i);
+            saw(node, i, srv.tcp[&id].peers());
+            saw(node, i, srv.udp[&id].peers());
+        }
+    }
+    // The external IP, routed to node A.
+    let t = SocketAddr::from((EXT_IP6, 80));
+    check(t, ["a1", "a2"], &tcp_from(client, t, 10));
+    saw(a, 1, srv.tcp["a1"].peers());
+    // `Cluster` over IPv6 is never SNATed: node A's own pods, which see the
+    // client (eBPF mode) though b1 and b2 are backends too.
+    let t = SocketAddr::from((a.addr6(), 30081));
+    check(t, ["a1", "a2"], &tcp_from(client, t, 10));
+    saw(a, 2, srv.tcp["a2"].peers());
+    // The IPv4 service's node port, the same number, beside it.
+    let t = SocketAddr::from((a.addr(), 30080));
+    let r = tcp_from(client, t, 4);
+    assert_eq!(
+        counts(&r),
+        BTreeMap::from([("a1".to_string(), 2), ("a2".to_string(), 2)])
+    );
+    assert!(r.iter().all(|x| x.peer == t));
+
+    // healthCheckNodePort over IPv6 (and IPv4): 200 and the node's count.
+    for node in [a, b] {
+        for t in [
+            SocketAddr::from((node.addr6(), 32080)),
+            SocketAddr::from((node.addr(), 32080)),
+        ] {
+            let (status, resp) = http_get(client, t).unwrap();
+            assert_eq!(status, 200, "{t}: {resp}");
+            assert!(
+                resp.ends_with(
+                    r#"{"service":{"namespace":"lab","name":"web"},"localEndpoints":2,"serviceProxyHealthy":true}"#
+                ),
+                "{t}: {resp}"
+            );
+        }
+    }
+}
+
+#[test]
+fn two_node_ipv6_node_port_and_external_ip_local() {
+    if !lab::require() {
+        return;
+    }
+    ipv6_front_ends_local("ebpf");
+}
+
+#[test]
+fn two_node_ipv6_node_ports_in_the_userspace_proxy() {
+    if !lab::require() {
+        return;
+    }
+    ipv6_front_ends_local("userspace");
 }
 
 /// `externalTrafficPolicy: Cluster` (the default) to node A's node ports, from

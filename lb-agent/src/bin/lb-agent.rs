@@ -127,16 +127,18 @@ struct RunArgs {
     /// certificate must name the same node (SAN URI rpclb://node/<name>).
     #[arg(long, env = "RPCLB_NODE_NAME", value_name = "NAME")]
     node_name: Option<String>,
-    /// This node's IPv4 addresses where node ports are balanced, comma-separated (default:
-    /// every IPv4 address of the node's interfaces but loopback, read at each state change,
-    /// as kube-proxy's default `--nodeport-addresses`).
+    /// This node's addresses where node ports are balanced, IPv4 and IPv6, comma-separated
+    /// (default: every IPv4 address of the node's interfaces but loopback and every global or
+    /// unique-local IPv6 one that is not tentative, read at each state change, as kube-proxy's
+    /// default `--nodeport-addresses`). An IPv4 service's node port goes on the IPv4 ones,
+    /// an IPv6 service's on the IPv6 ones.
     #[arg(
         long,
         env = "RPCLB_NODE_ADDRESSES",
         value_delimiter = ',',
         value_name = "IP1,IP2"
     )]
-    node_addresses: Vec<std::net::Ipv4Addr>,
+    node_addresses: Vec<std::net::IpAddr>,
     /// CA bundle (PEM) that signed the controller's certificate. Re-read when it changes.
     #[arg(long, env = "RPCLB_TLS_CA", value_name = "FILE")]
     tls_ca: Option<PathBuf>,

@@ -70,11 +70,16 @@ fn attempts(
         .collect()
 }
 
-/// `n` TCP connections to `target` from the calling thread's namespace (use inside
-/// `Netns::run`). One result per attempt.
-pub fn tcp_attempts(target: SocketAddrV4, n: usize, lim: Limits) -> Vec<io::Result<Reply>> {
+/// `n` TCP connections to `target` (IPv4 or IPv6) from the calling thread's namespace (use
+/// inside `Netns::run`). One result per attempt.
+pub fn tcp_attempts(
+    target: impl Into<SocketAddr>,
+    n: usize,
+    lim: Limits,
+) -> Vec<io::Result<Reply>> {
+    let target: SocketAddr = target.into();
     attempts(n, lim, |k, t| {
-        let s = TcpStream::connect_timeout(&target.into(), t)?;
+        let s = TcpStream::connect_timeout(&target, t)?;
         s.set_read_timeout(Some(t))?;
         s.set_write_timeout(Some(t))?;
         s.set_nodelay(true)?;
@@ -111,11 +116,20 @@ fn read_line(r: &mut impl BufRead) -> io::Result<String> {
 /// `n` UDP exchanges with `target`, each from a fresh socket (a new source port, so a new
 /// flow). The socket is unconnected, so `peer` shows the real source of the reply. Every
 /// socket stays open until the run ends: a closed socket's port could be handed out again
-/// and its exchange would then ride the earlier flow's conntrack entry.
-pub fn udp_attempts(target: SocketAddrV4, n: usize, lim: Limits) -> Vec<io::Result<Reply>> {
+/// and its exchange would then ride the earlier flow's conntrack entry. IPv4 or IPv6.
+pub fn udp_attempts(
+    target: impl Into<SocketAddr>,
+    n: usize,
+    lim: Limits,
+) -> Vec<io::Result<Reply>> {
+    let target: SocketAddr = target.into();
     let mut open = Vec::with_capacity(n);
     attempts(n, lim, |k, t| {
-        let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+        let any: SocketAddr = match target {
+            SocketAddr::V4(_) => SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let s = UdpSocket::bind(any)?;
         s.set_read_timeout(Some(t))?;
         s.set_write_timeout(Some(t))?;
         s.send_to(format!("ping {k}\n").as_bytes(), target)?;
@@ -218,7 +232,9 @@ struct Listen {
 }
 
 impl TcpServer {
-    pub fn start(ns: &Netns, addr: SocketAddrV4, identity: &str) -> Result<Self> {
+    /// `addr` may be IPv6 (`[::]` also takes IPv4 clients, as v4-mapped peers).
+    pub fn start(ns: &Netns, addr: impl Into<SocketAddr>, identity: &str) -> Result<Self> {
+        let addr: SocketAddr = addr.into();
         let id = identity.to_string();
         let bind = move || {
             let l = TcpListener::bind(addr)?;
@@ -345,7 +361,8 @@ fn serve_conn(mut c: TcpStream, identity: &str, stop: &AtomicBool) -> io::Result
 pub struct UdpServer(Server);
 
 impl UdpServer {
-    pub fn start(ns: &Netns, addr: SocketAddrV4, identity: &str) -> Result<Self> {
+    pub fn start(ns: &Netns, addr: impl Into<SocketAddr>, identity: &str) -> Result<Self> {
+        let addr: SocketAddr = addr.into();
         let reply = format!("{identity}\n");
         let bind = move || {
             let s = UdpSocket::bind(addr)?;

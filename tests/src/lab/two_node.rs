@@ -14,11 +14,17 @@
 //! [`EXTERNAL_NET`] (external and load-balancer IPs) via node A, as a router in front of a
 //! cluster would. Nothing has a default route, so nothing can leave the lab. Every address
 //! lives inside the lab's namespaces.
+//!
+//! [`TwoNodeLab::add_ipv6`] adds IPv6 beside it (ULA addresses only): the node network
+//! `fd00:50::/64` (node A `::1`, B `::2`, the client `::100`), each pod link
+//! `fd00:10:244:<net>::/64` as in the one-node lab (node side `::1`, pod `::2`; A's pods' nets
+//! are `fd00:10:244:1x::`, B's `fd00:10:244:2x::`), and [`EXTERNAL_NET6`] and the VIPs'
+//! `fd00:10:96::/112` routed by the client via node A.
 
 use super::netns::{prefix_of, suffix};
 use super::topology::NEXT_LAB;
 use super::{BpfFs, Checksums, Host, Iface, Netns, Result, io_err, sys};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
@@ -26,6 +32,16 @@ use std::sync::atomic::Ordering;
 pub const NODE_NET: [u8; 3] = [192, 168, 50];
 /// External and load-balancer IPs the client routes via node A: 192.168.60.0/24.
 pub const EXTERNAL_NET: &str = "192.168.60.0/24";
+
+/// The IPv6 node network: `fd00:50::/64`.
+pub const NODE_NET6: &str = "fd00:50::/64";
+/// IPv6 external and load-balancer IPs the client routes via node A.
+pub const EXTERNAL_NET6: &str = "fd00:60::/64";
+
+/// `fd00:50::<host>`: an address on the IPv6 node network.
+pub fn node_ip6(host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, u16::from(host))
+}
 
 /// One node: its namespace, its address on the node network, its pods and its bpffs.
 #[derive(Debug)]
@@ -44,6 +60,11 @@ impl Node {
     /// The node's address on the node network.
     pub fn addr(&self) -> Ipv4Addr {
         self.link.ip
+    }
+
+    /// The node's IPv6 address on the node network (after [`TwoNodeLab::add_ipv6`]).
+    pub fn addr6(&self) -> Ipv6Addr {
+        node_ip6(self.link.ip.octets()[3])
     }
 
     /// Pod `i`, 1-based.
@@ -200,6 +221,76 @@ impl TwoNodeLab {
         self.client_iface.ip
     }
 
+    /// The client's IPv6 address (after [`Self::add_ipv6`]).
+    pub fn client_ip6(&self) -> Ipv6Addr {
+        node_ip6(self.client_iface.ip.octets()[3])
+    }
+
+    /// Adds IPv6 (see the module docs): addresses (`nodad`), routes and forwarding, then
+    /// waits until no address in the lab is tentative: for about a second after a link comes
+    /// up its link-local address is, and meanwhile a node sends no neighbour solicitation for
+    /// a packet it forwards (tests/src/lab/ipv6.rs).
+    pub fn add_ipv6(&self) -> Result<()> {
+        let add = |ns: &Netns, addr: String, dev: &str| {
+            ns.ip(&["-6", "addr", "add", &addr, "dev", dev, "nodad"])
+                .map(drop)
+        };
+        let route = |ns: &Netns, net: &str, via: Ipv6Addr| {
+            ns.ip(&["-6", "route", "add", net, "via", &via.to_string()])
+                .map(drop)
+        };
+        let (a6, b6) = (self.a.addr6(), self.b.addr6());
+        add(
+            &self.client,
+            format!("{}/64", self.client_ip6()),
+            &self.client_iface.name,
+        )?;
+        for net in [EXTERNAL_NET6, super::ipv6::VIP_NET6] {
+            route(&self.client, net, a6)?;
+        }
+        for (node, other_pods, via) in [
+            (&self.a, "fd00:10:244:20::/60", b6),
+            (&self.b, "fd00:10:244:10::/60", a6),
+        ] {
+            node.ns
+                .exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
+            add(&node.ns, format!("{}/64", node.addr6()), &node.link.name)?;
+            route(&node.ns, other_pods, via)?;
+            for p in &node.pods {
+                add(&node.ns, format!("{}/64", p.node_ip6()), &p.node_iface.name)?;
+                add(&p.ns, format!("{}/64", p.ip6()), &p.iface.name)?;
+                for net in [super::ipv6::POD_NET6, super::ipv6::VIP_NET6, NODE_NET6] {
+                    route(&p.ns, net, p.node_ip6())?;
+                }
+            }
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let nodes = [&self.a, &self.b];
+        let all = std::iter::once(&self.client).chain(
+            nodes
+                .into_iter()
+                .flat_map(|n| std::iter::once(&n.ns).chain(n.pods.iter().map(|p| &p.ns))),
+        );
+        for ns in all {
+            loop {
+                let t = ns.ip(&["-6", "-o", "addr", "show", "tentative"])?;
+                if t.trim().is_empty() {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(io_err(format!(
+                        "still tentative after 10 s in {}",
+                        ns.name()
+                    ))(std::io::Error::from(
+                        std::io::ErrorKind::TimedOut,
+                    )));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
     /// Every namespace name.
     pub fn namespaces(&self) -> Vec<&str> {
         let mut v = vec![self.switch.name(), self.client.name()];
@@ -263,9 +354,14 @@ pub fn ident(node: &Node, i: usize) -> String {
     format!("{}{i}", &node.name["node-".len()..])
 }
 
-/// `n` TCP connections from `ns` to `target`, each one's reply (a failure
+/// `n` TCP connections from `ns` to `target` (IPv4 or IPv6), each one's reply (a failure
 /// panics, naming the attempt).
-pub fn tcp_from(ns: &Netns, target: std::net::SocketAddrV4, n: usize) -> Vec<super::Reply> {
+pub fn tcp_from(
+    ns: &Netns,
+    target: impl Into<std::net::SocketAddr>,
+    n: usize,
+) -> Vec<super::Reply> {
+    let target: std::net::SocketAddr = target.into();
     ns.run(|| super::tcp_attempts(target, n, super::Limits::default()))
         .expect("namespace")
         .into_iter()
