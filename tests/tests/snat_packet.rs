@@ -598,11 +598,7 @@ fn hairpin(hook: Hook, set: ProgramSet) {
     let r = PortRange::DEFAULT_SNAT;
     let mut h = hairpin_dp(set, Some(r));
     let before = h.reasons();
-    let cand = |src: Ipv4Addr, sport: u16, proto: u8| {
-        let hs = lb_common::flow_hash(wire(src), wire(CIP), sport.to_be(), 80u16.to_be(), proto);
-        lb_common::collision_port(r.first.into(), r.count(), hs, 0) as u16
-    };
-    let p = cand(POD, 40000, 6);
+    let p = candidate(r, POD, 40000, CIP, 6, 0);
     let (out, back) = (snat_out(hook), pass(hook));
     let steps: Vec<(&str, Vec<u8>, u32, Vec<u8>)> = vec![
         (
@@ -639,7 +635,7 @@ fn hairpin(hook: Hook, set: ProgramSet) {
     for (desc, input, code, want) in &steps {
         h.step(hook, desc, input, *code, want);
     }
-    let up = cand(POD, 5353, 17);
+    let up = candidate(r, POD, 5353, CIP, 17, 0);
     h.step(
         hook,
         "UDP from the pod to its own service: SNAT + DNAT",
