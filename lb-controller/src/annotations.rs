@@ -319,16 +319,21 @@ fn parse_locality(value: &str) -> Result<lb_api::Locality, Vec<AnnotationProblem
         .map_err(|e| vec![AnnotationProblem::LocalityValue(e)])
 }
 
-fn parse_min_backends(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
+/// A decimal u32 (surrounding blanks ignored, no sign): `Empty` or `NotANumber` otherwise.
+/// Each caller checks its own range.
+fn parse_u32(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
     let v = value.trim();
     if v.is_empty() {
         return Err(vec![AnnotationProblem::Empty]);
     }
-    let n = v
-        .parse::<u32>()
+    v.parse::<u32>()
         .ok()
         .filter(|_| !v.starts_with('+'))
-        .ok_or_else(|| vec![AnnotationProblem::NotANumber(v.to_string())])?;
+        .ok_or_else(|| vec![AnnotationProblem::NotANumber(v.to_string())])
+}
+
+fn parse_min_backends(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
+    let n = parse_u32(value)?;
     validate::locality_min_backends(n)
         .map(|()| n)
         .map_err(|e| vec![AnnotationProblem::LocalityValue(e)])
@@ -337,15 +342,7 @@ fn parse_min_backends(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
 /// A QoS limit (`rpclb.io/max-per-backend` on a Service, `rpclb.io/max` on a
 /// Pod): 1-1000000.
 pub fn parse_qos_limit(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
-    let v = value.trim();
-    if v.is_empty() {
-        return Err(vec![AnnotationProblem::Empty]);
-    }
-    let n = v
-        .parse::<u32>()
-        .ok()
-        .filter(|_| !v.starts_with('+'))
-        .ok_or_else(|| vec![AnnotationProblem::NotANumber(v.to_string())])?;
+    let n = parse_u32(value)?;
     validate::qos_limit(n)
         .map(|()| n)
         .map_err(|e| vec![AnnotationProblem::QosValue(e)])
@@ -601,18 +598,10 @@ pub fn parse_pod_annotations(
 
 /// One weight (`rpclb.io/weight` on a Pod): 0-65535, by `validate::weight`.
 fn parse_weight(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
-    let v = value.trim();
-    if v.is_empty() {
-        return Err(vec![AnnotationProblem::Empty]);
-    }
-    let n = v
-        .parse::<u32>()
-        .ok()
-        .filter(|_| !v.starts_with('+'))
-        .ok_or_else(|| vec![AnnotationProblem::NotANumber(v.to_string())])?;
+    let n = parse_u32(value)?;
     validate::weight(n)
         .map(|()| n)
-        .map_err(|_| vec![AnnotationProblem::WeightRange(v.to_string())])
+        .map_err(|_| vec![AnnotationProblem::WeightRange(value.trim().to_string())])
 }
 
 /// Reads a Service's policy from its annotations.
@@ -879,12 +868,7 @@ impl<'a> RetrySettings<'a> {
             return Err(vec![AnnotationProblem::Empty]);
         }
         let bad = |e: String| vec![AnnotationProblem::RetryValue(e)];
-        let number = || {
-            v.parse::<u32>()
-                .ok()
-                .filter(|_| !v.starts_with('+'))
-                .ok_or_else(|| vec![AnnotationProblem::NotANumber(v.to_string())])
-        };
+        let number = || parse_u32(v);
         let setting = match key.as_str() {
             GRPC_RETRY_MAX_ATTEMPTS => {
                 let n = number()?;
@@ -990,12 +974,7 @@ impl<'a> OutlierSettings<'a> {
         }
         let bad =
             |(_, e): (validate::OutlierField, String)| vec![AnnotationProblem::OutlierValue(e)];
-        let number = || {
-            v.parse::<u32>()
-                .ok()
-                .filter(|_| !v.starts_with('+'))
-                .ok_or_else(|| vec![AnnotationProblem::NotANumber(v.to_string())])
-        };
+        let number = || parse_u32(v);
         let duration =
             || validate::parse_duration(v).map_err(|e| vec![AnnotationProblem::OutlierValue(e)]);
         let d = lb_api::OutlierDetection::default();
@@ -1249,15 +1228,7 @@ fn parse_health_duration(value: &str) -> Result<std::time::Duration, Vec<Annotat
 }
 
 fn parse_threshold(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
-    let v = value.trim();
-    if v.is_empty() {
-        return Err(vec![AnnotationProblem::Empty]);
-    }
-    let n = v
-        .parse::<u32>()
-        .ok()
-        .filter(|_| !v.starts_with('+'))
-        .ok_or_else(|| vec![AnnotationProblem::NotANumber(v.to_string())])?;
+    let n = parse_u32(value)?;
     validate::health_threshold(n)
         .map(|()| n)
         .map_err(|e| vec![AnnotationProblem::HealthValue(e)])
@@ -1334,15 +1305,7 @@ fn parse_weights(value: &str) -> Result<BTreeMap<IpAddr, u32>, Vec<AnnotationPro
 }
 
 fn parse_maglev_table_size(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
-    let v = value.trim();
-    if v.is_empty() {
-        return Err(vec![AnnotationProblem::Empty]);
-    }
-    let m = v
-        .parse::<u32>()
-        .ok()
-        .filter(|_| !v.starts_with('+'))
-        .ok_or_else(|| vec![AnnotationProblem::NotANumber(v.to_string())])?;
+    let m = parse_u32(value)?;
     validate::maglev_table_size(m)
         .and_then(|()| validate::maglev_fits(m, 1))
         .map(|()| m)
