@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use socket2::{Domain, SockRef, Socket, Type};
+use socket2::{SockRef, Type};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -28,18 +28,7 @@ const BUF_SIZE: usize = 16 * 1024;
 /// A listener on `addr`, which need not be a local address yet (IP_FREEBIND).
 /// Must run on the proxy's runtime (in its network namespace).
 pub(crate) fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
-    let s = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    s.set_reuse_address(true)?;
-    match addr {
-        SocketAddr::V4(_) => s.set_freebind_v4(true)?,
-        SocketAddr::V6(_) => s.set_freebind_v6(true)?,
-    }
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
+    let s = super::bound_freebind(addr, Type::STREAM, socket2::Protocol::TCP)?;
     s.listen(backlog.min(i32::MAX as u32) as i32)?;
     TcpListener::from_std(s.into())
 }

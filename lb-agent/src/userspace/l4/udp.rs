@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use socket2::{Domain, SockRef, Socket, Type};
+use socket2::{SockRef, Type};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -29,18 +29,7 @@ const BURST: usize = 64;
 
 /// The service's socket on `addr`, which need not be local yet (IP_FREEBIND).
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
-    let s = Socket::new(
-        Domain::for_address(addr),
-        Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )?;
-    s.set_reuse_address(true)?;
-    match addr {
-        SocketAddr::V4(_) => s.set_freebind_v4(true)?,
-        SocketAddr::V6(_) => s.set_freebind_v6(true)?,
-    }
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
+    let s = super::bound_freebind(addr, Type::DGRAM, socket2::Protocol::UDP)?;
     UdpSocket::from_std(s.into())
 }
 
