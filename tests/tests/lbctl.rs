@@ -12,6 +12,7 @@ use std::path::Path;
 use std::process::Command;
 
 use lb_agent::datapath::MapWriter;
+use lb_agent::datapath::reader::monotonic_ns;
 use lb_agent::datapath::scratch::{Hook, ScratchDatapath};
 use lb_api::{Algorithm, Backend, BackendState, Protocol, Service};
 use rpclb_tests::packet::{ACK, CLIENT, FIN, SYN, UDP_VIP, VIP, frame};
@@ -298,7 +299,9 @@ fn conntrack_and_maglev_match_the_maps() {
     // conntrack, JSON vs the writer's view.
     let want = w.conntrack().unwrap();
     assert_eq!(want.len(), 9);
+    let before = monotonic_ns();
     let j = lbctl_json(&pin, &["conntrack"]);
+    let after = monotonic_ns();
     let arr = j.as_array().unwrap();
     let got: BTreeSet<(String, String, String, String, String, String)> = arr
         .iter()
@@ -339,7 +342,15 @@ fn conntrack_and_maglev_match_the_maps() {
             .unwrap();
         assert_eq!(x["created_ns"], e.created_ns);
         assert_eq!(x["last_seen_ns"], e.last_seen_ns);
-        assert!(x["age_seconds"].as_f64().unwrap() < 60.0);
+        // lbctl's age is from its own clock reading, between `before` and `after`.
+        let age = x["age_seconds"].as_f64().unwrap();
+        let secs = |t: u64| t.saturating_sub(e.created_ns) as f64 / 1e9;
+        assert!(
+            (secs(before) - 1e-3..=secs(after) + 1e-3).contains(&age),
+            "age {age}, between {} and {}",
+            secs(before),
+            secs(after)
+        );
         assert!(x["idle_seconds"].as_f64().unwrap() <= x["age_seconds"].as_f64().unwrap());
     }
     let states: Vec<&str> = arr.iter().map(|x| x["state"].as_str().unwrap()).collect();
