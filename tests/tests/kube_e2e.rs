@@ -19,12 +19,12 @@
 //! tests fail under CI, or skip (lab) / fail (no build) elsewhere.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use rpclb_tests::kube::ApiServer;
+use rpclb_tests::kube::{ApiServer, free_port, repo_file};
 use rpclb_tests::lab::{self, HeldConn, Lab, Limits, TcpServer};
 use rpclb_tests::procs::{
     Proc, TestDir, agent_args, agent_tls_args, controller_bin, controller_tls_args, wait_until,
@@ -36,21 +36,6 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// The controller's gRPC port as the agent sees it (the relay, in the node namespace).
 const CONTROLLER_PORT: u16 = 50551;
 const NODE: &str = "node-a";
-
-fn repo_file(rel: &str) -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(rel);
-    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-/// A free port on the host's loopback.
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 /// The API server with deploy/'s namespace and RBAC, the test namespace
 /// `shop` and the Node, and a kubeconfig for the controller's ServiceAccount.

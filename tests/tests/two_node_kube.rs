@@ -21,11 +21,10 @@
 //! reads core v1 Endpoints (with `nodeName`), which the test writes.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
-use std::path::PathBuf;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use rpclb_tests::kube::ApiServer;
+use rpclb_tests::kube::{ApiServer, free_port, repo_file};
 use rpclb_tests::lab::two_node::{counts, ident, tcp_from};
 use rpclb_tests::lab::{self, Limits, Node, TcpServer, TwoNodeLab};
 use rpclb_tests::procs::{
@@ -41,20 +40,6 @@ const NODE_PORT: u16 = 30080;
 const HEALTH_PORT: u16 = 32080;
 /// The controller's port as each agent sees it (its relay).
 const CONTROLLER_PORT: u16 = 50551;
-
-fn repo_file(rel: &str) -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(rel);
-    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 fn apply(api: &ApiServer, yaml: &str) {
     api.apply(yaml)

@@ -583,6 +583,23 @@ fn new_dir() -> Result<PathBuf> {
     }
 }
 
+/// A file of the repository (`rel` from its root), for the tests that apply deploy/'s
+/// manifests.
+pub fn repo_file(rel: &str) -> String {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(rel);
+    fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// A free port on the host's loopback (free when asked; nothing holds it after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 /// Three distinct free ports on 127.0.0.1 (held at once while they are chosen).
 fn free_ports() -> Result<[u16; 3]> {
     let bind = || TcpListener::bind("127.0.0.1:0").map_err(io_err("binding 127.0.0.1:0"));
