@@ -77,6 +77,10 @@ pub fn rpclb_tc_compat(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn xdp_main<S: ProgramSet>(ctx: XdpContext) -> u32 {
+    // An established flow's packet in the flow cache, before the full parse.
+    if let Some(ifindex) = flowcache::fast::<S>(&ctx) {
+        return Xdp(&ctx).ret(Verdict::Redirect(ifindex));
+    }
     let mut c = Xdp(&ctx);
     let v = process::<_, S>(&mut c);
     c.ret(v)

@@ -315,11 +315,15 @@ pub fn plainly_full<C: Ctx>(
     proto: u8,
     tot_len: u16,
 ) -> bool {
-    let c: *const u16 = match ptr_at(ctx, l4_csum) {
-        Some(c) => c,
-        None => return false,
-    };
-    let c = unsafe { *c };
+    match ptr_at::<C, u16>(ctx, l4_csum) {
+        Some(c) => plainly_full_field(unsafe { *c }, saddr, daddr, proto, tot_len),
+        None => false,
+    }
+}
+
+/// [`plainly_full`] of the check field's value `c`.
+#[inline(always)]
+pub fn plainly_full_field(c: u16, saddr: u32, daddr: u32, proto: u8, tot_len: u16) -> bool {
     let seed = pseudo_sum(saddr, daddr, proto, tot_len.wrapping_sub(20));
     matches!(
         first_test(c, proto == lb_common::proto::UDP, seed),

@@ -525,6 +525,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             collision_ports: a.collision_ports.0,
             snat_ports: a.snat_ports.0,
             snat_address,
+            object_file: None,
             map_memory_budget: a
                 .map_memory_budget_mib
                 .saturating_mul(datapath::memory::MIB),

@@ -212,6 +212,9 @@ pub struct DatapathConfig {
     /// only: their address is `lb_common::SERVICE_LOOPBACK_V4`.
     pub snat_ports: Option<PortRange>,
     pub snat_address: Option<std::net::Ipv4Addr>,
+    /// Load the eBPF object from this file instead of the one built into the
+    /// binary: for benchmarks that time two builds of the programs in one run.
+    pub object_file: Option<PathBuf>,
 }
 
 impl DatapathConfig {
@@ -319,6 +322,7 @@ impl Default for DatapathConfig {
             collision_ports: Some(PortRange::DEFAULT_COLLISION),
             snat_ports: Some(PortRange::DEFAULT_SNAT),
             snat_address: None,
+            object_file: None,
         }
     }
 }
@@ -373,6 +377,16 @@ impl Datapath {
 
     fn load_prepared(cfg: &DatapathConfig, mem: &memory::MapMemory) -> Result<Self, DatapathError> {
         pin::create(&cfg.pin_path)?;
+        let from_file = match &cfg.object_file {
+            Some(path) => Some(std::fs::read(path).map_err(|error| DatapathError::Load {
+                path: cfg.pin_path.clone(),
+                source: Box::new(aya::EbpfError::FileError {
+                    path: path.clone(),
+                    error,
+                }),
+            })?),
+            None => None,
+        };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&cfg.pin_path)
             .map_max_entries(map_names::SERVICES, cfg.max_services)
@@ -395,7 +409,7 @@ impl Datapath {
             .map_max_entries(map_names::AFFINITY, cfg.max_affinity)
             .map_max_entries(map_names::FRAGMENTS, cfg.max_fragments)
             .map_max_entries(map_names::SLOTS, cfg.max_slots)
-            .load(EBPF_OBJECT)
+            .load(from_file.as_deref().unwrap_or(EBPF_OBJECT))
             .map_err(|source| DatapathError::Load {
                 path: cfg.pin_path.clone(),
                 source: Box::new(source),

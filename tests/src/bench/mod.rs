@@ -114,6 +114,12 @@ pub struct Opts {
     pub profile_secs: f64,
     /// `--profile new`: how full (% of its flows) the map is kept.
     pub profile_fill: u32,
+    /// Single plain runs per case and round where live frames are refused (section 1's
+    /// fallback).
+    pub plain_runs: u32,
+    /// `--ab-object PATH`: section 1 also times this eBPF object (cases marked B), interleaved
+    /// with the built-in one, for A/B comparisons of the programs in one run.
+    pub ab_object: Option<std::path::PathBuf>,
 }
 
 impl Opts {
@@ -136,6 +142,8 @@ impl Opts {
             profile: None,
             profile_secs: 5.0,
             profile_fill: 0,
+            plain_runs: 4_000,
+            ab_object: None,
         }
     }
 
@@ -158,6 +166,8 @@ impl Opts {
             profile: None,
             profile_secs: 5.0,
             profile_fill: 0,
+            plain_runs: 500,
+            ab_object: None,
         }
     }
 }
@@ -205,6 +215,11 @@ options:
                        `perf record -C <cpu>`; --profile-secs S (default 5);
                        `new`: plain runs of SYNs of distinct flows into a default-size
                        map kept --profile-fill PCT full (default 0: --new-flows flows)
+  --plain-runs N       section 1 where live frames are refused: single plain runs per case
+                       and round (default 4000; quick 500)
+  --ab-object PATH     section 1 also times this eBPF object (rows marked B) interleaved
+                       with the built-in one, e.g. a copy of target/ebpf/.../lb-ebpf from
+                       another build, for A/B comparisons in one run
   -h, --help           this text
 ";
 
@@ -292,6 +307,8 @@ pub fn parse_args(args: &[String]) -> Result<Option<Opts>> {
             }
             "--profile-secs" => o.profile_secs = num(value()?, flag)?,
             "--profile-fill" => o.profile_fill = num(value()?, flag)?,
+            "--plain-runs" => o.plain_runs = num(value()?, flag)?,
+            "--ab-object" => o.ab_object = Some(value()?.into()),
             other => bail!("unknown argument {other:?}; see --help"),
         }
     }

@@ -35,20 +35,31 @@ fn machine() -> String {
     format!("kernel {kernel}, {cpus} CPUs ({cpu}), load average {load}")
 }
 
+/// Runs the sections in order. A section that fails is reported and the next one runs (a
+/// host that refuses one measurement still gets the others); a signal stops the run.
 fn run(opts: &Opts) -> anyhow::Result<()> {
+    let mut failed = Vec::new();
     for &s in &opts.sections {
         bench::check_stop()?;
-        match s {
-            Section::Xdp => bench::live::section_xdp(opts)?,
-            Section::Scale => bench::live::section_scale(opts)?,
-            Section::Maglev => bench::maglev::section_maglev(opts)?,
-            Section::Lab => bench::throughput::section_lab(opts)?,
-            Section::Stream => bench::stream::section_stream(opts)?,
-            Section::Counters => bench::counters::section_counters(opts)?,
-            Section::Fill => bench::newflow::section_fill(opts)?,
-            Section::Fanout => bench::fanout::section_fanout(opts)?,
-            Section::Grpc => bench::grpc::section_grpc(opts)?,
+        let r = match s {
+            Section::Xdp => bench::live::section_xdp(opts),
+            Section::Scale => bench::live::section_scale(opts),
+            Section::Maglev => bench::maglev::section_maglev(opts),
+            Section::Lab => bench::throughput::section_lab(opts),
+            Section::Stream => bench::stream::section_stream(opts),
+            Section::Counters => bench::counters::section_counters(opts),
+            Section::Fill => bench::newflow::section_fill(opts),
+            Section::Fanout => bench::fanout::section_fanout(opts),
+            Section::Grpc => bench::grpc::section_grpc(opts),
+        };
+        if let Err(e) = r {
+            bench::check_stop()?;
+            eprintln!("rpclb-bench: section {} failed: {e:#}", s.name());
+            failed.push(s.name());
         }
+    }
+    if !failed.is_empty() {
+        anyhow::bail!("section(s) failed: {}", failed.join(", "));
     }
     Ok(())
 }
