@@ -12,6 +12,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::time::Sleep;
 use tracing::debug;
@@ -39,7 +40,7 @@ pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
 /// The client's request body as the attempts of one call share it.
 struct Shared {
     /// None: an empty body (tests).
-    inner: Option<RespBody>,
+    inner: Option<Incoming>,
     over: Option<oneshot::Receiver<()>>,
     /// DATA read from the client so far, while under [`REPLAY_LIMIT`].
     kept: Vec<Bytes>,
@@ -50,7 +51,7 @@ struct Shared {
     trailers: Option<http::HeaderMap>,
     /// The client's body ended.
     ended: bool,
-    /// The attempt that may read (older ones, which may still be polled
+    /// The attempt that may read (older ones, which hyper may still poll
     /// for a moment, end at once).
     attempt: u32,
 }
@@ -77,7 +78,7 @@ pub(crate) struct UpBody {
 pub(crate) struct CallOver(#[allow(dead_code)] oneshot::Sender<()>);
 
 impl UpBody {
-    pub(crate) fn new(inner: RespBody, svc: Arc<ServiceShared>) -> (Self, CallOver) {
+    pub(crate) fn new(inner: Incoming, svc: Arc<ServiceShared>) -> (Self, CallOver) {
         let (body, tx) = Self::with(Some(inner), Some(svc));
         (body, CallOver(tx))
     }
@@ -91,7 +92,7 @@ impl UpBody {
     }
 
     fn with(
-        inner: Option<RespBody>,
+        inner: Option<Incoming>,
         svc: Option<Arc<ServiceShared>>,
     ) -> (Self, oneshot::Sender<()>) {
         let (tx, rx) = oneshot::channel();
@@ -301,7 +302,7 @@ pub(crate) enum DownBody {
 pub(crate) struct CallBody {
     inner: Option<RespBody>,
     deadline: Option<Pin<Box<Sleep>>>,
-    /// Released as soon as the body ends, not when the server drops it.
+    /// Released as soon as the body ends, not when hyper drops it.
     held: Option<(CallLease, ActiveCall, CallOver, Slot)>,
     svc: Arc<ServiceShared>,
     /// The call's and its attempt's status and latency.
@@ -320,7 +321,7 @@ impl CallBody {
     ) -> Self {
         let svc = active.0.clone();
         if inner.is_end_stream() {
-            // A trailers-only answer: the server will not poll the body.
+            // A trailers-only answer: hyper will not poll the body.
             end.ended(None);
         }
         CallBody {

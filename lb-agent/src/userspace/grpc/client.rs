@@ -120,25 +120,24 @@ impl Sender {
             // A request still streaming (client- or bidi-streaming calls).
             tokio::spawn(std::future::poll_fn(move |cx| p.poll(cx)));
         }
-        Ok(head.map(RespBody::new))
+        Ok(head.map(|recv| RespBody {
+            recv,
+            data_done: false,
+        }))
     }
 }
 
-/// Writes a body to its stream, with HTTP/2 flow control (as hyper's
-/// `PipeToSendStream`): a request to its backend, a response to its client.
-pub(crate) struct Pipe<B> {
-    body: B,
+/// Writes a request body to its stream, with HTTP/2 flow control (as
+/// hyper's `PipeToSendStream`).
+struct Pipe {
+    body: UpBody,
     tx: SendStream<Bytes>,
     /// A DATA chunk waiting for send capacity, and whether it ends the body.
     waiting: Option<(Bytes, bool)>,
 }
 
-impl<B> Pipe<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
-{
-    pub(crate) fn new(body: B, tx: SendStream<Bytes>) -> Self {
+impl Pipe {
+    fn new(body: UpBody, tx: SendStream<Bytes>) -> Self {
         Pipe {
             body,
             tx,
@@ -147,10 +146,10 @@ where
     }
 
     /// Ready when the body is all sent, or failed (the stream is then reset).
-    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         match self.poll_inner(cx) {
             Poll::Ready(Err(e)) => {
-                debug!("gRPC body to its stream: {e}");
+                debug!("gRPC request body to the backend: {e}");
                 Poll::Ready(())
             }
             Poll::Ready(Ok(())) => Poll::Ready(()),
@@ -207,7 +206,7 @@ where
                 },
                 Some(Err(e)) => {
                     // The call ended on the proxy's side: reset the stream.
-                    debug!("gRPC body ended: {e}");
+                    debug!("gRPC request body ended: {e}");
                     self.tx.send_reset(h2::Reason::CANCEL);
                     return Poll::Ready(Ok(()));
                 }
@@ -220,22 +219,12 @@ where
     }
 }
 
-/// The body of an h2 stream as it comes in (a backend's response, a
-/// client's request): DATA (its flow-control window given back as it is
-/// read), then trailers.
+/// A backend's response body: DATA (its flow-control window given back as
+/// it is read), then trailers.
 #[derive(Debug)]
 pub(crate) struct RespBody {
     recv: RecvStream,
     data_done: bool,
-}
-
-impl RespBody {
-    pub(crate) fn new(recv: RecvStream) -> Self {
-        RespBody {
-            recv,
-            data_done: false,
-        }
-    }
 }
 
 impl Body for RespBody {

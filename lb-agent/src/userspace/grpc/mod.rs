@@ -4,15 +4,13 @@
 //!
 //! - **Listening** is the L4 TCP path's: a socket bound to VIP:port with
 //!   `IP_FREEBIND`, and the VIP's local route (see the parent module).
-//! - **Client side.** h2 serves each accepted connection, its calls driven
-//!   in the connection's own task (`server`: no task per stream). HTTP/2
-//!   comes with prior knowledge (h2c, gRPC without TLS). A request that is
-//!   not gRPC gets a plain HTTP error and is counted in `bad_requests`:
-//!   HTTP/1.x (including an `Upgrade: h2c` attempt; told from HTTP/2 by the
-//!   connection's first bytes) goes to hyper's HTTP/1 server, which answers
-//!   `505 HTTP Version Not Supported` and closes the connection; a method
-//!   other than POST gets 405; a content type other than
-//!   `application/grpc[+...]` gets 415, as the gRPC spec asks of servers.
+//! - **Client side.** hyper serves each accepted connection. HTTP/2 comes
+//!   with prior knowledge (h2c, gRPC without TLS). A request that is not gRPC
+//!   gets a plain HTTP error and is counted in `bad_requests`: HTTP/1.x
+//!   (including an `Upgrade: h2c` attempt) gets `505 HTTP Version Not
+//!   Supported` and the connection closes; a method other than POST gets 405;
+//!   a content type other than `application/grpc[+...]` gets 415, as the gRPC
+//!   spec asks of servers.
 //! - **Per call** (one HTTP/2 stream): pick a backend (`balance`: least
 //!   outstanding requests, two weighted random choices, only backends that
 //!   take new flows; with `balancing: orca_wrr`, weighted round-robin from
@@ -59,7 +57,7 @@
 //!   change may still start there.
 //! - **The proxy's own drain** (service removed, mode switch, proxy
 //!   shutdown): the listener closes (new connections are refused) and each
-//!   client connection gets h2's graceful shutdown, the two-step GOAWAY
+//!   client connection gets hyper's graceful shutdown, h2's two-step GOAWAY
 //!   (gRFC A9 style: GOAWAY with the largest stream id and a PING, then
 //!   GOAWAY with the last stream taken once the PING is answered). Calls in
 //!   flight go on for up to `grpc_drain_timeout` (on a removal, at most the
@@ -91,7 +89,6 @@ mod orca;
 pub(crate) mod outlier;
 mod pool;
 mod retry;
-mod server;
 mod status;
 mod timeout;
 mod tls;
@@ -105,10 +102,11 @@ use std::time::Duration;
 
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use lb_api::GrpcPolicy;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -221,6 +219,22 @@ impl Pools {
     }
 }
 
+/// PINGs on client connections, so that dead clients are noticed.
+const CLIENT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+const CLIENT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+type Server = auto::Builder<TokioExecutor>;
+
+fn server() -> Server {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1().timer(TokioTimer::new()).keep_alive(false);
+    b.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(CLIENT_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(CLIENT_KEEPALIVE_TIMEOUT);
+    b
+}
+
 /// Accepts until `stop` turns true (or its sender goes), then closes the
 /// listener and every connection (and so every call) and returns.
 pub(crate) async fn serve(
@@ -232,6 +246,7 @@ pub(crate) async fn serve(
     ho: HandoverCtx,
     workers: Workers,
 ) {
+    let server = Arc::new(server());
     // On a handover, the listener goes on; open HTTP/2 connections close.
     // On a stop, they get GOAWAY and `grpc_drain_timeout` to finish.
     let drain = stop.clone();
@@ -250,6 +265,7 @@ pub(crate) async fn serve(
             connection(
                 svc.clone(),
                 pools.clone(),
+                server.clone(),
                 stream,
                 peer,
                 opts.clone(),
@@ -280,6 +296,7 @@ impl Drop for ClientConn {
 async fn connection(
     svc: Arc<ServiceShared>,
     pools: Arc<Pools>,
+    server: Arc<Server>,
     stream: TcpStream,
     peer: SocketAddr,
     opts: Arc<ProxyOptions>,
@@ -314,66 +331,29 @@ async fn connection(
             }
         }
     };
-    // HTTP/2 (its preface) or not.
-    let mut stream = stream;
-    let sniffed = tokio::select! {
-        r = server::sniff(&mut stream) => r,
-        () = stop_requested(&mut drain) => return,
-    };
-    let (h2, pre) = match sniffed {
-        Ok(s) => s,
-        Err(e) => {
-            debug!(%peer, service = %svc.addr, "gRPC client connection ended: {e}");
-            return;
-        }
-    };
-    let io = server::Rewind::new(pre, stream);
-    if !h2 {
-        return refuse_http1(io, &svc, peer, drain).await;
-    }
-    if let Err(e) = server::serve(io, svc.clone(), pools, opts, drain).await {
-        debug!(%peer, service = %svc.addr, "gRPC client connection ended: {e}");
-    }
-}
-
-/// Serves a connection that is not HTTP/2 with hyper's HTTP/1 server: each
-/// request gets `505 HTTP Version Not Supported` and the connection closes.
-async fn refuse_http1<T>(
-    io: T,
-    svc: &Arc<ServiceShared>,
-    peer: SocketAddr,
-    mut drain: watch::Receiver<bool>,
-) where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
     let handler = {
         let svc = svc.clone();
-        service_fn(move |_req: Request<Incoming>| {
-            svc.counters.bad_requests.fetch_add(1, Relaxed);
-            let status = StatusCode::HTTP_VERSION_NOT_SUPPORTED;
-            debug!(service = %svc.addr, %status, "gRPC mode: refused an HTTP/1 request");
-            let r = http_error(
-                status,
-                "rpclb: this is a gRPC service; it speaks HTTP/2 only (h2c with prior knowledge)",
-                true,
-            );
-            std::future::ready(Ok::<_, Infallible>(r))
+        service_fn(move |req| {
+            let (svc, pools, opts) = (svc.clone(), pools.clone(), opts.clone());
+            async move { Ok::<_, Infallible>(handle(svc, &pools, opts, req).await) }
         })
     };
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .keep_alive(false)
-        .serve_connection(TokioIo::new(io), handler);
+    let conn = server.serve_connection(TokioIo::new(stream), handler);
     tokio::pin!(conn);
     let r = tokio::select! {
         r = conn.as_mut() => r,
         () = stop_requested(&mut drain) => {
+            // GOAWAY in two steps (gRFC A9; h2's graceful shutdown): the
+            // largest stream id and a PING, then, once the PING is
+            // answered, the last stream taken. Calls in flight go on; the
+            // connection closes when they are done.
+            debug!(%peer, service = %svc.addr, "gRPC client connection: draining");
             conn.as_mut().graceful_shutdown();
             conn.await
         }
     };
     if let Err(e) = r {
-        debug!(%peer, service = %svc.addr, "gRPC client connection (HTTP/1) ended: {e}");
+        debug!(%peer, service = %svc.addr, "gRPC client connection ended: {e}");
     }
 }
 
@@ -385,19 +365,25 @@ fn is_grpc(content_type: Option<&HeaderValue>) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('+') || rest.starts_with(';'))
 }
 
-/// Answers one HTTP/2 request: refuses what is not gRPC, else proxies the
-/// call.
+/// Answers one request: refuses what is not gRPC, else proxies the call.
 async fn handle(
     svc: Arc<ServiceShared>,
     pools: &Pools,
     opts: Arc<ProxyOptions>,
-    req: Request<RespBody>,
+    req: Request<Incoming>,
 ) -> Response<DownBody> {
     let refuse = |status, message: &str, close| {
         svc.counters.bad_requests.fetch_add(1, Relaxed);
         debug!(service = %svc.addr, %status, "gRPC mode: refused a request: {message}");
         http_error(status, message, close)
     };
+    if req.version() != Version::HTTP_2 {
+        return refuse(
+            StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+            "rpclb: this is a gRPC service; it speaks HTTP/2 only (h2c with prior knowledge)",
+            true,
+        );
+    }
     if req.method() != Method::POST {
         return refuse(
             StatusCode::METHOD_NOT_ALLOWED,
