@@ -444,6 +444,8 @@ struct RawService {
     locality: Option<At<RawLocality>>,
     /// QoS limit per backend (docs/policies.md, "QoS limits").
     max_per_backend: Option<At<QosLimit>>,
+    /// A user-defined selector (docs/policies.md): an object file or `example:geo`.
+    selector: Option<At<String>>,
 }
 
 #[derive(Deserialize)]
@@ -931,6 +933,7 @@ fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
             }
         },
         max_per_backend: s.max_per_backend.as_ref().map(|m| m.value.0),
+        selector: s.selector.as_ref().map(|x| x.value.clone()),
     })
 }
 
@@ -1136,6 +1139,7 @@ fn field_problem(i: usize, rs: &At<RawService>, field: Field, message: String) -
         Field::HealthCheck => vec![(key("health_check"), at(&s.health_check))],
         Field::Locality => vec![(key("locality"), at(&s.locality))],
         Field::MaxPerBackend => vec![(key("max_per_backend"), at(&s.max_per_backend))],
+        Field::Selector => vec![(key("selector"), at(&s.selector))],
         Field::HealthCheckService => health("service", |h| at(&h.service)),
         Field::HealthCheckInterval => health("interval", |h| at(&h.interval)),
         Field::HealthCheckTimeout => health("timeout", |h| at(&h.timeout)),

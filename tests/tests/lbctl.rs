@@ -52,6 +52,7 @@ fn services() -> (Service, Service) {
     term.state = BackendState::Terminating;
     let web = Service {
         max_per_backend: None,
+        selector: None,
         external: Default::default(),
         name: "demo/web:http".into(),
         vip: VIP.into(),
@@ -74,6 +75,7 @@ fn services() -> (Service, Service) {
     };
     let dns = Service {
         max_per_backend: None,
+        selector: None,
         external: Default::default(),
         name: "demo/dns:dns".into(),
         vip: UDP_VIP.into(),
@@ -667,6 +669,7 @@ fn conntrack_shows_a_rewritten_client_port() {
     for (name, vip) in [("demo/a:http", VIP), ("demo/b:http", vip2)] {
         let svc = Service {
             max_per_backend: None,
+            selector: None,
             external: Default::default(),
             name: name.into(),
             vip: vip.into(),

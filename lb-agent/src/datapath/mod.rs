@@ -14,6 +14,7 @@ pub mod pin;
 pub mod programs;
 pub mod reader;
 pub mod scratch;
+pub mod selector;
 pub mod sys;
 pub mod table;
 pub mod writer;
@@ -402,6 +403,7 @@ impl Datapath {
             })?;
         let (programs, programs_fallback) = load_programs(&mut ebpf, cfg.programs)?;
         let mut writer = MapWriter::from_ebpf(&mut ebpf)?;
+        writer.set_pin_path(&cfg.pin_path);
         writer.set_config(cfg.fib_redirect, cfg.collision_ports)?;
         writer.set_snat_config(cfg.snat_address, cfg.snat_ports)?;
         memory::log(mem, cfg.map_memory_budget, &cfg.pin_path);
@@ -511,14 +513,21 @@ fn load_set(ebpf: &mut Ebpf, set: ProgramSet) -> Result<(), (&'static str, Progr
     for (name, array) in [
         (set.xdp6(), map_names::V6_XDP_PROGS),
         (set.tc6(), map_names::V6_TC_PROGS),
+        // The main programs, where a user-defined selector returns (`selector`).
+        (set.xdp(), map_names::SELECTOR_RETURN_XDP),
+        (set.tc(), map_names::SELECTOR_RETURN_TC),
     ] {
         let fd = match ebpf.program_mut(name) {
             Some(aya::programs::Program::Xdp(x)) => {
-                x.load().map_err(|e| (name, e))?;
+                if x.fd().is_err() {
+                    x.load().map_err(|e| (name, e))?;
+                }
                 x.fd().map_err(|e| (name, e))?.try_clone()
             }
             Some(aya::programs::Program::SchedClassifier(c)) => {
-                c.load().map_err(|e| (name, e))?;
+                if c.fd().is_err() {
+                    c.load().map_err(|e| (name, e))?;
+                }
                 c.fd().map_err(|e| (name, e))?.try_clone()
             }
             _ => return Err((name, ProgramError::NotLoaded)),
@@ -617,6 +626,7 @@ pub fn cleanup(pin_path: &Path) -> Result<Vec<PathBuf>, DatapathError> {
     for name in map_names::ALL
         .iter()
         .chain([&map_names::V6_XDP_PROGS, &map_names::V6_TC_PROGS])
+        .chain(map_names::SELECTOR_MAPS)
     {
         let p = pin_path.join(name);
         if p.exists() {
@@ -626,6 +636,16 @@ pub fn cleanup(pin_path: &Path) -> Result<Vec<PathBuf>, DatapathError> {
             })?;
             removed.push(p);
         }
+    }
+    // The maps of user-defined selectors' objects (`selector::maps_dir`).
+    let sel = selector::maps_dir(pin_path);
+    if let Ok(rd) = std::fs::read_dir(&sel) {
+        for e in rd.flatten() {
+            if std::fs::remove_file(e.path()).is_ok() {
+                removed.push(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&sel);
     }
     let _ = std::fs::remove_dir(pin_path);
     Ok(removed)
