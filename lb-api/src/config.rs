@@ -2184,6 +2184,44 @@ mod tests {
         );
     }
 
+    /// `selector` (docs/policies.md): parsed into the model; one validation
+    /// refuses it where the kernel cannot call it, at its line.
+    #[test]
+    fn selector_field() {
+        let svc = |vip: &str, extra: &str| {
+            format!(
+                "services:\n  - name: a\n    vip: {vip}\n    port: 80\n{extra}    selector: example:geo\n    backends: [{{ip: {b}, port: 8080}}]\n",
+                b = if vip.contains(':') {
+                    "fd00::1"
+                } else {
+                    "10.244.0.1"
+                }
+            )
+        };
+        let c = parse(&svc("10.96.0.1", ""), "x").unwrap();
+        assert_eq!(c.state.services[0].selector.as_deref(), Some("example:geo"));
+        let e = parse(&svc("fd00::a", ""), "x").unwrap_err().to_string();
+        assert!(
+            e.contains("selector") && e.contains("IPv4 services only"),
+            "{e}"
+        );
+        let e = parse(&svc("10.96.0.1", "    grpc: {}\n"), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not the gRPC mode"), "{e}");
+        let bad = "services:\n  - name: a\n    vip: 10.96.0.1\n    port: 80\n    selector: example:nope\n";
+        let e = parse(bad, "x").unwrap_err().to_string();
+        assert!(e.contains("unknown example") && e.contains("x:5"), "{e}");
+        let many: String = (1..=17)
+            .map(|i| format!("      - {{ip: 10.244.0.{i}, port: 8080}}\n"))
+            .collect();
+        let text = format!(
+            "services:\n  - name: a\n    vip: 10.96.0.1\n    port: 80\n    selector: /opt/sel.o\n    backends:\n{many}"
+        );
+        let e = parse(&text, "x").unwrap_err().to_string();
+        assert!(e.contains("at most 16 backends"), "{e}");
+    }
+
     #[test]
     fn empty_documents() {
         // What a half-written file looks like is refused ...

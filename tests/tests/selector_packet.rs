@@ -277,3 +277,96 @@ fn bad_selector_is_reported_and_the_service_keeps_working() {
     }
     let _ = std::fs::remove_file(&tmp);
 }
+
+// ---- real TCP through a VIP ----------------------------------------------------
+
+/// The example selector in the netns lab (XDP on the node, full set): the
+/// client's subnet sends every new connection to backend-3 alone; its set
+/// changed to backends 1 and 2, to those two; its entry deleted, the
+/// built-in algorithm again (counted as no answer).
+#[test]
+fn lab_geo_selector_sends_a_subnet_to_its_backends() {
+    use lb_agent::datapath::{AttachMode, Datapath, DatapathConfig};
+    use rpclb_tests::lab::{self, Lab};
+    use std::collections::BTreeMap;
+    use std::net::SocketAddrV4;
+
+    rpclb_tests::skip_unless_lab!();
+    if !programs::kernel_has_full_set() {
+        eprintln!("SKIP: selectors run in the full program set only");
+        return;
+    }
+    let lab = Lab::new(3).expect("lab");
+    let _tcp = lab.start_tcp_servers(8080).unwrap();
+    let ifaces: Vec<String> = lab.node_ifaces().iter().map(|i| i.name.clone()).collect();
+    let pin = lab.bpffs().join("rpclb");
+    let mut cfg = DatapathConfig::small(&pin);
+    cfg.programs = ProgramSet::Full.into();
+    if programs::kernel_version() >= Some((5, 13)) {
+        cfg.xdp_redirect_to = ifaces.clone();
+    }
+    let mut dp = lab
+        .node()
+        .run(move || {
+            let mut dp = Datapath::load(&cfg).expect("load");
+            for i in &ifaces {
+                dp.attach(i, AttachMode::Xdp).expect("attach");
+            }
+            dp
+        })
+        .expect("node namespace");
+    let ip = |i: usize| lab.backend(i).ip();
+    let mut svc = Service::new(
+        "lab/geo:http",
+        VIP,
+        80,
+        Protocol::Tcp,
+        Algorithm::Random,
+        (1..=3).map(|i| lb_api::Backend::new(ip(i), 8080)).collect(),
+    );
+    svc.selector = Some(lb_api::validate::EXAMPLE_GEO_SELECTOR.into());
+    dp.writer().upsert_service(&svc).unwrap();
+    assert!(dp.writer().selector_in_place(&svc.addr()));
+
+    let p =
+        lb_agent::datapath::selector::maps_dir(&pin).join(lb_agent::datapath::selector::GEO_MAP);
+    let mut geo: LpmTrie<MapData, u32, u32> =
+        LpmTrie::try_from(aya::maps::Map::LpmTrie(MapData::from_pin(&p).unwrap())).unwrap();
+    let client_net = {
+        let o = lab.client().ip().octets();
+        Key::new(24, u32::from_ne_bytes([o[0], o[1], o[2], 0]))
+    };
+    let counts = |replies: &[lab::Reply]| {
+        let mut m: BTreeMap<String, usize> = BTreeMap::new();
+        for r in replies {
+            *m.entry(r.backend.clone()).or_default() += 1;
+        }
+        m
+    };
+    let target = SocketAddrV4::new(VIP, 80);
+    let reasons = |dp: &mut Datapath| -> BTreeMap<&'static str, u64> {
+        dp.writer().reasons().unwrap().into_iter().collect()
+    };
+
+    // Index 2: backend-3 alone.
+    geo.insert(&client_net, 0b100, 0).unwrap();
+    let before = reasons(&mut dp)["selector_chosen"];
+    let c = counts(&lab.client_tcp(target, 20).unwrap());
+    assert_eq!(c, BTreeMap::from([("backend-3".to_string(), 20)]));
+    assert_eq!(reasons(&mut dp)["selector_chosen"] - before, 20);
+
+    // Indexes 0 and 1: backends 1 and 2, both.
+    geo.insert(&client_net, 0b011, 0).unwrap();
+    let c = counts(&lab.client_tcp(target, 30).unwrap());
+    assert!(!c.contains_key("backend-3"), "{c:?}");
+    assert_eq!(c.len(), 2, "{c:?}");
+    assert_eq!(c.values().sum::<usize>(), 30);
+
+    // No entry: -1, the built-in algorithm over all three.
+    geo.remove(&client_net).unwrap();
+    let before = reasons(&mut dp)["selector_no_answer"];
+    let c = counts(&lab.client_tcp(target, 30).unwrap());
+    assert_eq!(c.values().sum::<usize>(), 30);
+    assert!(c.len() >= 2, "{c:?}");
+    assert_eq!(reasons(&mut dp)["selector_no_answer"] - before, 30);
+}
