@@ -228,10 +228,10 @@ impl MapWriter {
         if self.selectors.remove(&id).is_none() {
             return;
         }
-        if let Some(pin) = &self.pin {
-            if let Err((map, e)) = super::selector::put(pin, id, None) {
-                tracing::warn!(map, "clearing a selector slot: {e}");
-            }
+        if let Some(pin) = &self.pin
+            && let Err((map, e)) = super::selector::put(pin, id, None)
+        {
+            tracing::warn!(map, "clearing a selector slot: {e}");
         }
         if let Some(m) = self.sel_backends.as_mut() {
             let _ = m.remove(&id);
