@@ -32,8 +32,9 @@ pub trait ProgramSet {
     /// Whether a new flow asks its service's user-defined selector
     /// (`selector`). Not in `Compat`: the call took the compat XDP
     /// program's stack 16 bytes past the verifier's 512 (its walk's frame
-    /// 424 bytes with it, 408 without), so on those kernels a service with
-    /// a selector uses its built-in algorithm (docs/policies.md).
+    /// 424 bytes with it, 416 without, plus 96 for its deepest call chain),
+    /// so on those kernels a service with a selector uses its built-in
+    /// algorithm (docs/policies.md). The full XDP walk's frame stays 416.
     const SELECTOR: bool;
 
     /// Nanoseconds since boot (CLOCK_MONOTONIC, or its coarse variant) for
