@@ -396,6 +396,9 @@ impl Datapath {
             .map_max_entries(map_names::AFFINITY, cfg.max_affinity)
             .map_max_entries(map_names::FRAGMENTS, cfg.max_fragments)
             .map_max_entries(map_names::SLOTS, cfg.max_slots)
+            // Indexed by service id, as the per-service arrays.
+            .map_max_entries(map_names::SELECTORS_XDP, cfg.max_services)
+            .map_max_entries(map_names::SELECTORS_TC, cfg.max_services)
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
                 path: cfg.pin_path.clone(),
