@@ -37,16 +37,18 @@ fn main() {
             src_time = src_time.max(t);
         }
     }
-    let stale = match obj.metadata().and_then(|m| m.modified()) {
-        Ok(t) => t < src_time,
-        Err(_) => true,
-    };
+    let stale = [obj.clone(), lb_build::geo_selector_object(&root, true)]
+        .iter()
+        .any(|o| match o.metadata().and_then(|m| m.modified()) {
+            Ok(t) => t < src_time,
+            Err(_) => true,
+        });
     if stale {
         let ok = lb_build::ebpf_build_command(&root, true)
             .status()
             .map(|s| s.success())
             .unwrap_or(false);
-        if !ok || !obj.exists() {
+        if !ok || !obj.exists() || !lb_build::geo_selector_object(&root, true).exists() {
             panic!(
                 "\n\nThe eBPF object {} is missing or stale and building it failed.\n\
                  Run `cargo xtask setup` (nightly rust-src + bpf-linker), then `cargo xtask build-ebpf`.\n\n",
@@ -60,4 +62,10 @@ fn main() {
     // and one worktree's build would embed another's object.
     let _ = std::fs::remove_file(&out);
     std::fs::copy(&obj, &out).expect("copy eBPF object");
+    // The example selector, built by the same command.
+    let geo = lb_build::geo_selector_object(&root, true);
+    println!("cargo:rerun-if-changed={}", geo.display());
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("geo-selector.o");
+    let _ = std::fs::remove_file(&out);
+    std::fs::copy(&geo, &out).expect("copy the example selector's object");
 }

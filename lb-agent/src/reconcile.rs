@@ -152,6 +152,7 @@ mod tests {
     fn svc(name: &str, port: u16, backends: &[(u8, u32)]) -> Service {
         Service {
             max_per_backend: None,
+            selector: None,
             external: Default::default(),
             name: name.into(),
             vip: Ipv4Addr::new(10, 96, 0, 1).into(),

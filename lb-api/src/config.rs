@@ -444,6 +444,8 @@ struct RawService {
     locality: Option<At<RawLocality>>,
     /// QoS limit per backend (docs/policies.md, "QoS limits").
     max_per_backend: Option<At<QosLimit>>,
+    /// A user-defined selector (docs/policies.md): an object file or `example:geo`.
+    selector: Option<At<String>>,
 }
 
 #[derive(Deserialize)]
@@ -931,6 +933,7 @@ fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
             }
         },
         max_per_backend: s.max_per_backend.as_ref().map(|m| m.value.0),
+        selector: s.selector.as_ref().map(|x| x.value.clone()),
     })
 }
 
@@ -1136,6 +1139,7 @@ fn field_problem(i: usize, rs: &At<RawService>, field: Field, message: String) -
         Field::HealthCheck => vec![(key("health_check"), at(&s.health_check))],
         Field::Locality => vec![(key("locality"), at(&s.locality))],
         Field::MaxPerBackend => vec![(key("max_per_backend"), at(&s.max_per_backend))],
+        Field::Selector => vec![(key("selector"), at(&s.selector))],
         Field::HealthCheckService => health("service", |h| at(&h.service)),
         Field::HealthCheckInterval => health("interval", |h| at(&h.interval)),
         Field::HealthCheckTimeout => health("timeout", |h| at(&h.timeout)),
@@ -2178,6 +2182,44 @@ mod tests {
                 udp: Duration::from_secs(60),
             }
         );
+    }
+
+    /// `selector` (docs/policies.md): parsed into the model; one validation
+    /// refuses it where the kernel cannot call it, at its line.
+    #[test]
+    fn selector_field() {
+        let svc = |vip: &str, extra: &str| {
+            format!(
+                "services:\n  - name: a\n    vip: {vip}\n    port: 80\n{extra}    selector: example:geo\n    backends: [{{ip: {b}, port: 8080}}]\n",
+                b = if vip.contains(':') {
+                    "fd00::1"
+                } else {
+                    "10.244.0.1"
+                }
+            )
+        };
+        let c = parse(&svc("10.96.0.1", ""), "x").unwrap();
+        assert_eq!(c.state.services[0].selector.as_deref(), Some("example:geo"));
+        let e = parse(&svc("fd00::a", ""), "x").unwrap_err().to_string();
+        assert!(
+            e.contains("selector") && e.contains("IPv4 services only"),
+            "{e}"
+        );
+        let e = parse(&svc("10.96.0.1", "    grpc: {}\n"), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not the gRPC mode"), "{e}");
+        let bad = "services:\n  - name: a\n    vip: 10.96.0.1\n    port: 80\n    selector: example:nope\n";
+        let e = parse(bad, "x").unwrap_err().to_string();
+        assert!(e.contains("unknown example") && e.contains("x:5"), "{e}");
+        let many: String = (1..=17)
+            .map(|i| format!("      - {{ip: 10.244.0.{i}, port: 8080}}\n"))
+            .collect();
+        let text = format!(
+            "services:\n  - name: a\n    vip: 10.96.0.1\n    port: 80\n    selector: /opt/sel.o\n    backends:\n{many}"
+        );
+        let e = parse(&text, "x").unwrap_err().to_string();
+        assert!(e.contains("at most 16 backends"), "{e}");
     }
 
     #[test]

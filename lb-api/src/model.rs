@@ -611,6 +611,12 @@ pub struct Service {
     /// A backend's own `max` wins. `None`: no limit.
     #[serde(default)]
     pub max_per_backend: Option<u32>,
+    /// `Some`: a user-defined selector for the kernel path (docs/policies.md,
+    /// "User-defined selector"): an eBPF object file's path, or
+    /// `example:geo` (the shipped example, by client subnet). IPv4 L4
+    /// services only; the userspace path uses the built-in algorithm.
+    #[serde(default)]
+    pub selector: Option<String>,
 }
 
 impl Service {
@@ -776,6 +782,7 @@ impl Service {
             external: External::default(),
             locality: None,
             max_per_backend: None,
+            selector: None,
         }
     }
 

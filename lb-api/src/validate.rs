@@ -68,6 +68,8 @@ pub enum Field {
     Locality,
     /// The QoS limit per backend.
     MaxPerBackend,
+    /// The user-defined selector.
+    Selector,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,6 +229,7 @@ impl fmt::Display for Field {
             Field::HealthCheckNodePort => f.write_str("health_check_node_port"),
             Field::Locality => f.write_str("locality"),
             Field::MaxPerBackend => f.write_str("max_per_backend"),
+            Field::Selector => f.write_str("selector"),
         }
     }
 }
@@ -347,6 +350,11 @@ pub fn weight(w: u32) -> Result<(), String> {
         Ok(())
     }
 }
+
+/// The most backends of a service with a selector (`lb_common::selector::MAX_CANDIDATES`).
+pub const MAX_SELECTOR_BACKENDS: usize = 16;
+/// The shipped example selector, by client subnet (docs/policies.md).
+pub const EXAMPLE_GEO_SELECTOR: &str = "example:geo";
 
 /// A QoS limit (`max_per_backend`, a backend's `max`): 1 to [`MAX_QOS_LIMIT`].
 pub fn qos_limit(n: u32) -> Result<(), String> {
@@ -857,6 +865,34 @@ impl Service {
     /// 1..=65535 and different, unicast external IPs without repeats, and a
     /// health-check node port only with `externalTrafficPolicy: Local` (as in
     /// Kubernetes).
+    /// A user-defined selector (docs/policies.md): the kernel path's, for an
+    /// IPv4 L4 service of at most [`MAX_SELECTOR_BACKENDS`] backends (the
+    /// selector's candidates are the backends by their index in the list).
+    fn validate_selector(&self, s: &str) -> Result<(), String> {
+        if s.trim().is_empty() {
+            return Err("an object file's path, or example:geo".into());
+        }
+        if s.starts_with("example:") && s != EXAMPLE_GEO_SELECTOR {
+            return Err(format!(
+                "unknown example {s:?} (the example is {EXAMPLE_GEO_SELECTOR})"
+            ));
+        }
+        if !self.vip.is_ipv4() {
+            return Err("a selector serves IPv4 services only".into());
+        }
+        if self.grpc.is_some() {
+            return Err("a selector serves the kernel (L4) path, not the gRPC mode".into());
+        }
+        if self.backends.len() > MAX_SELECTOR_BACKENDS {
+            return Err(format!(
+                "a service with a selector has at most {MAX_SELECTOR_BACKENDS} backends (its \
+                 candidates), not {}",
+                self.backends.len()
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_external(&self) -> Result<(), InvalidService> {
         let e = &self.external;
         if let Some(p) = e.node_port {
@@ -941,6 +977,9 @@ impl Service {
         }
         if let Some(m) = self.max_per_backend {
             qos_limit(m).map_err(at(Field::MaxPerBackend))?;
+        }
+        if let Some(s) = &self.selector {
+            self.validate_selector(s).map_err(at(Field::Selector))?;
         }
         self.validate_external()?;
         if self.needs_maglev_table() {

@@ -431,6 +431,8 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
         // Not on the wire: the controller sends each node its resolved state.
         locality: None,
         max_per_backend: Some(s.max_per_backend).filter(|&m| m != 0),
+        // Not on the wire: a selector names a file on the node (standalone YAML only).
+        selector: None,
     };
     svc.normalise().map_err(|e| bad(e.to_string()))?;
     Ok(svc)

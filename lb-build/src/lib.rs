@@ -14,6 +14,12 @@ pub fn ebpf_object(root: &Path, release: bool) -> PathBuf {
         .join("lb-ebpf")
 }
 
+/// The example user-defined selector's object (docs/policies.md), built
+/// by the same command beside [`ebpf_object`].
+pub fn geo_selector_object(root: &Path, release: bool) -> PathBuf {
+    ebpf_object(root, release).with_file_name("geo-selector")
+}
+
 /// What the object is built from (for staleness and `rerun-if-changed`).
 pub fn ebpf_sources(root: &Path) -> [PathBuf; 3] {
     [

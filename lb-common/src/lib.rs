@@ -58,6 +58,32 @@ pub mod map_names {
     /// As `V6_XDP_PROGS` for TC (`prog_names::TC6`, `TC6_COMPAT`).
     pub const V6_TC_PROGS: &str = "V6_TC_PROGS";
 
+    /// User-defined selectors (docs/policies.md, "User-defined selector"):
+    /// the XDP and TC selector programs by service id, tail-called for a new
+    /// flow of a service with `svc_flags::SELECTOR`. Programs, not state:
+    /// not in `ALL` (as `V6_XDP_PROGS`).
+    pub const SELECTORS_XDP: &str = "SELECTORS_XDP";
+    pub const SELECTORS_TC: &str = "SELECTORS_TC";
+    /// The main programs (full at 0, compat at 1) that a selector
+    /// tail-calls back into with its answer.
+    pub const SELECTOR_RETURN_XDP: &str = "SELECTOR_RETURN_XDP";
+    pub const SELECTOR_RETURN_TC: &str = "SELECTOR_RETURN_TC";
+    /// Per-CPU, one entry: the selector call's arguments and answer
+    /// (`SelectorArgs`). Shared by name with the user's object.
+    pub const SELECTOR_ARGS: &str = "SELECTOR_ARGS";
+    /// Service id -> its candidate backends (`SelectorCandidates`), written
+    /// by the agent for a service that names a selector.
+    pub const SELECTOR_BACKENDS: &str = "SELECTOR_BACKENDS";
+    /// The selector maps, for cleanup.
+    pub const SELECTOR_MAPS: &[&str] = &[
+        SELECTORS_XDP,
+        SELECTORS_TC,
+        SELECTOR_RETURN_XDP,
+        SELECTOR_RETURN_TC,
+        SELECTOR_ARGS,
+        SELECTOR_BACKENDS,
+    ];
+
     /// Every map, in a stable order (pinning and cleanup walk this list).
     pub const ALL: &[&str] = &[
         SERVICES,
@@ -159,6 +185,69 @@ pub mod svc_flags {
     /// Some backend has a QoS limit (`BACKEND_LIMITS`): a new flow skips
     /// backends at their limit. Unset: `BACKEND_LIMITS` is never read.
     pub const LIMITED: u8 = 1;
+    /// A user-defined selector program is in the service's slot of
+    /// `SELECTORS_XDP`/`SELECTORS_TC`: a new flow asks it first.
+    pub const SELECTOR: u8 = 2;
+}
+
+/// The user-defined selector ABI, version 1 (docs/policies.md, "User-defined
+/// selector"). The main program writes a `SelectorArgs` into the per-CPU
+/// `SELECTOR_ARGS[0]` (state `ASKED`) and tail-calls the service's selector;
+/// the selector writes `answer` (an index into `backends`, or -1 for the
+/// built-in algorithm), sets state `ANSWERED` and tail-calls
+/// `SELECTOR_RETURN_<hook>[ret]`, which re-enters the main program.
+pub mod selector {
+    /// The ABI version in `SelectorArgs::version`.
+    pub const VERSION: u32 = 1;
+    /// At most this many candidates (the service's first backends, in the
+    /// order of its config).
+    pub const MAX_CANDIDATES: usize = 16;
+    /// At most this many services with a selector (`SELECTOR_BACKENDS`).
+    pub const MAX_SERVICES: u32 = 256;
+    /// `SelectorArgs::state`.
+    pub const IDLE: u32 = 0;
+    pub const ASKED: u32 = 1;
+    pub const ANSWERED: u32 = 2;
+    /// `SelectorArgs::ret` of the agent's self-test: no program there, so
+    /// the selector's tail call back fails and it returns its own verdict.
+    pub const RET_SELF_TEST: u32 = 2;
+    /// Entries of `SELECTOR_RETURN_XDP`/`_TC`.
+    pub const RET_SLOTS: u32 = 3;
+}
+
+/// `SELECTOR_ARGS` value (see [`selector`]). Addresses and ports in network
+/// byte order, as in the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SelectorArgs {
+    /// `selector::IDLE`, `ASKED` or `ANSWERED`.
+    pub state: u32,
+    /// `selector::VERSION`.
+    pub version: u32,
+    pub svc_id: u32,
+    /// Where the selector tail-calls back (`SELECTOR_RETURN_<hook>` index).
+    pub ret: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+    /// Candidates in `backends` (at most `selector::MAX_CANDIDATES`).
+    pub n: u32,
+    /// The selector's answer: an index below `n`, or -1.
+    pub answer: i32,
+    /// Backend ids (`BACKENDS`), in the order of the service's config.
+    pub backends: [u32; selector::MAX_CANDIDATES],
+}
+
+/// `SELECTOR_BACKENDS` value: a service's candidates for its selector.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SelectorCandidates {
+    pub n: u32,
+    pub _pad: u32,
+    pub backends: [u32; selector::MAX_CANDIDATES],
 }
 
 /// The slots a new flow of a `LIMITED` service tries, its algorithm's first
@@ -364,7 +453,20 @@ pub mod reason {
     /// range (`ct_flags::HAIRPIN`). A conntrack event counted beside
     /// `nat_forward` (instead of `ct_snat`).
     pub const CT_HAIRPIN: u32 = 37;
-    pub const COUNT: u32 = 38;
+    /// A new flow whose backend its service's user-defined selector chose
+    /// (docs/policies.md). Counted beside `nat_forward`.
+    pub const SELECTOR_CHOSEN: u32 = 38;
+    /// A service with a selector whose slot was empty (the tail call
+    /// failed): the built-in algorithm chose.
+    pub const SELECTOR_MISSING: u32 = 39;
+    /// The selector answered -1, or came back without an answer: the
+    /// built-in algorithm chose.
+    pub const SELECTOR_NO_ANSWER: u32 = 40;
+    /// The selector's answer was out of range, or named a backend that
+    /// takes no new flows (terminating, drained, at its QoS limit): the
+    /// built-in algorithm chose.
+    pub const SELECTOR_REFUSED: u32 = 41;
+    pub const COUNT: u32 = 42;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "pass_not_ipv4",
@@ -405,6 +507,10 @@ pub mod reason {
         "tx_icmp_backends_full",
         "drop_backends_full",
         "ct_hairpin",
+        "selector_chosen",
+        "selector_missing",
+        "selector_no_answer",
+        "selector_refused",
     ];
 }
 
@@ -893,6 +999,8 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<Counters>() == 32);
     assert!(core::mem::size_of::<ConnCounts>() == 16);
+    assert!(core::mem::size_of::<SelectorArgs>() == 104);
+    assert!(core::mem::size_of::<SelectorCandidates>() == 72);
 };
 
 #[cfg(feature = "user")]
@@ -916,6 +1024,8 @@ mod pod {
     unsafe impl aya::Pod for ServiceKey6 {}
     unsafe impl aya::Pod for FlowKey6 {}
     unsafe impl aya::Pod for CtValue6 {}
+    unsafe impl aya::Pod for SelectorArgs {}
+    unsafe impl aya::Pod for SelectorCandidates {}
 }
 
 /// The 32-bit mixer used for every hash in the data path (murmur3 finalizer).

@@ -722,6 +722,7 @@ impl ClusterState {
                 let s = &cs.service;
                 Service {
                     max_per_backend: s.max_per_backend,
+                    selector: None,
                     external: s.external.clone(),
                     name: s.name.clone(),
                     vip: s.vip,
@@ -964,6 +965,7 @@ fn translate_service(
         let places = place_backends(&backend_nodes, zones, topo);
         let mut service = Service {
             max_per_backend: policy.max_per_backend,
+            selector: None,
             external: external_of(svc, spec, sp, vip.is_ipv4()),
             name: format!("{r}:{label}{suffix}"),
             vip,

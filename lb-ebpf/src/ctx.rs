@@ -103,6 +103,10 @@ pub trait Ctx {
     /// Add `n` bytes in front of the frame; then cut it to `len` bytes.
     fn reframe(&mut self, n: usize, len: usize) -> Option<()>;
     fn ret(&self, v: Verdict) -> u32;
+    /// Tail-calls the user-defined selector of service `svc_id`
+    /// (`SELECTORS_XDP`/`SELECTORS_TC`, `selector`); returns only if the
+    /// slot is empty.
+    fn tail_call_selector(&self, svc_id: u32);
 }
 
 /// Bounds-checked pointer to a `T` at `off` from the start of the frame.
@@ -283,6 +287,10 @@ impl Ctx for Xdp<'_> {
         Some(())
     }
     #[inline(always)]
+    fn tail_call_selector(&self, svc_id: u32) {
+        unsafe { crate::maps::SELECTORS_XDP.tail_call(self.0, svc_id) };
+    }
+    #[inline(always)]
     fn ret(&self, v: Verdict) -> u32 {
         match v {
             Verdict::Pass => xdp_action::XDP_PASS,
@@ -452,6 +460,10 @@ impl Ctx for Tc<'_> {
             return None;
         }
         self.0.store(0, bytes, 0).ok()
+    }
+    #[inline(always)]
+    fn tail_call_selector(&self, svc_id: u32) {
+        unsafe { crate::maps::SELECTORS_TC.tail_call(self.0, svc_id) };
     }
     #[inline(always)]
     fn ret(&self, v: Verdict) -> u32 {

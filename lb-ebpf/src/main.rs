@@ -17,6 +17,7 @@ mod parse;
 mod reject;
 mod reject6;
 mod select;
+mod selector;
 mod set;
 mod snat;
 mod stats;
@@ -256,7 +257,17 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
             }
         },
     };
-    let id = match select::pick::<S>(&svc, &p, now) {
+    // A user-defined selector first (`selector`; may re-enter this program).
+    let chosen = if S::SELECTOR && svc.flags & lb_common::svc_flags::SELECTOR != 0 {
+        selector::choose::<C, S>(ctx, svc.id, svc.flags, &p)
+    } else {
+        None
+    };
+    let picked = match chosen {
+        Some(id) => select::Pick::Backend(id),
+        None => select::pick::<S>(&svc, &p, now),
+    };
+    let id = match picked {
         select::Pick::Backend(id) => id,
         select::Pick::None if svc.table_len == 0 => {
             return no_backend(ctx, &p, svc.id, Miss::Empty);

@@ -7,8 +7,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, BackendValue, ConnCounts, Counters, CtValue, CtValue6,
-    FlowCacheEntry, FlowKey, FlowKey6, FragKey, FragValue, NameValue, RouteCacheEntry, ServiceKey,
-    ServiceKey6, ServiceValue, config_idx, limits, reason,
+    FlowCacheEntry, FlowKey, FlowKey6, FragKey, FragValue, NameValue, RouteCacheEntry,
+    SelectorArgs, SelectorCandidates, ServiceKey, ServiceKey6, ServiceValue, config_idx, limits,
+    reason, selector,
 };
 
 #[map]
@@ -144,3 +145,32 @@ pub static V6_XDP_PROGS: ProgramArray = ProgramArray::pinned(2, 0);
 /// As `V6_XDP_PROGS`, for TC.
 #[map]
 pub static V6_TC_PROGS: ProgramArray = ProgramArray::pinned(2, 0);
+
+/// User-defined selectors by service id (`selector`, docs/policies.md):
+/// the XDP ones here, filled by the agent for a service that names one.
+#[map]
+pub static SELECTORS_XDP: ProgramArray = ProgramArray::pinned(limits::MAX_SERVICES, 0);
+
+/// As `SELECTORS_XDP`, for TC.
+#[map]
+pub static SELECTORS_TC: ProgramArray = ProgramArray::pinned(limits::MAX_SERVICES, 0);
+
+/// The main XDP programs (full at 0, compat at 1) that a selector
+/// tail-calls back into with its answer; index 2 stays empty (the agent's
+/// self-test of a selector).
+#[map]
+pub static SELECTOR_RETURN_XDP: ProgramArray = ProgramArray::pinned(selector::RET_SLOTS, 0);
+
+/// As `SELECTOR_RETURN_XDP`, for TC.
+#[map]
+pub static SELECTOR_RETURN_TC: ProgramArray = ProgramArray::pinned(selector::RET_SLOTS, 0);
+
+/// Per-CPU: the arguments and answer of the selector call in progress
+/// (`SelectorArgs`). Pinned: the user's object reuses it by name.
+#[map]
+pub static SELECTOR_ARGS: PerCpuArray<SelectorArgs> = PerCpuArray::pinned(1, 0);
+
+/// Service id -> its selector's candidate backends (agent-owned).
+#[map]
+pub static SELECTOR_BACKENDS: HashMap<u32, SelectorCandidates> =
+    HashMap::pinned(selector::MAX_SERVICES, 0);

@@ -216,3 +216,14 @@ fn pick_inner<S: ProgramSet>(svc: &ServiceValue, p: &Packet, now: u64) -> Option
     }
     Some(id)
 }
+
+/// Whether backend `id` may take a new flow of service `svc_id` with
+/// `flags` (a user-defined selector's answer, `selector`): active, weight >
+/// 0, of this service, and below its QoS limit if the service has limits.
+#[inline(always)]
+pub fn takes_new_flow(svc_id: u32, flags: u8, id: u32) -> bool {
+    match backend(id) {
+        Some(b) => b.svc_id == svc_id && !(flags & svc_flags::LIMITED != 0 && full(id)),
+        None => false,
+    }
+}

@@ -25,6 +25,18 @@ pub trait ProgramSet {
     /// 5.10` failed to load them).
     const FLOW_CACHE: bool;
 
+    /// This set's index in the program arrays that hold both sets
+    /// (`V6_*_PROGS`, `SELECTOR_RETURN_*`): full 0, compat 1.
+    const INDEX: u32;
+
+    /// Whether a new flow asks its service's user-defined selector
+    /// (`selector`). Not in `Compat`: the call took the compat XDP
+    /// program's stack 16 bytes past the verifier's 512 (its walk's frame
+    /// 424 bytes with it, 416 without, plus 96 for its deepest call chain),
+    /// so on those kernels a service with a selector uses its built-in
+    /// algorithm (docs/policies.md). The full XDP walk's frame stays 416.
+    const SELECTOR: bool;
+
     /// Nanoseconds since boot (CLOCK_MONOTONIC, or its coarse variant) for
     /// last-seen, the route cache and affinity.
     fn now() -> u64;
@@ -49,6 +61,8 @@ pub struct Full;
 
 impl ProgramSet for Full {
     const FLOW_CACHE: bool = true;
+    const INDEX: u32 = 0;
+    const SELECTOR: bool = true;
 
     /// The coarse clock (CLOCK_MONOTONIC_COARSE) is enough for second-granular
     /// timeouts and costs a fraction of `bpf_ktime_get_ns`.
@@ -97,6 +111,8 @@ pub struct Compat;
 
 impl ProgramSet for Compat {
     const FLOW_CACHE: bool = false;
+    const INDEX: u32 = 1;
+    const SELECTOR: bool = false;
 
     #[inline(always)]
     fn now() -> u64 {

@@ -304,6 +304,10 @@ const CLASSES: &[(u32, Option<Class>)] = {
         (reason::TX_ICMP_BACKENDS_FULL, Some(Redirect)),
         (reason::DROP_BACKENDS_FULL, Some(Drop)),
         (reason::CT_HAIRPIN, None),
+        (reason::SELECTOR_CHOSEN, None),
+        (reason::SELECTOR_MISSING, None),
+        (reason::SELECTOR_NO_ANSWER, None),
+        (reason::SELECTOR_REFUSED, None),
     ]
 };
 

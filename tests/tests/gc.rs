@@ -53,6 +53,7 @@ impl Harness {
 fn service(name: &str, vip: Ipv4Addr, port: u16, proto: Protocol, bs: &[(u8, u16)]) -> Service {
     Service {
         max_per_backend: None,
+        selector: None,
         external: Default::default(),
         name: name.into(),
         vip: vip.into(),

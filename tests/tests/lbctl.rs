@@ -53,6 +53,7 @@ fn services() -> (Service, Service) {
     term.state = BackendState::Terminating;
     let web = Service {
         max_per_backend: None,
+        selector: None,
         external: Default::default(),
         name: "demo/web:http".into(),
         vip: VIP.into(),
@@ -75,6 +76,7 @@ fn services() -> (Service, Service) {
     };
     let dns = Service {
         max_per_backend: None,
+        selector: None,
         external: Default::default(),
         name: "demo/dns:dns".into(),
         vip: UDP_VIP.into(),
@@ -678,6 +680,7 @@ fn conntrack_shows_a_rewritten_client_port() {
     for (name, vip) in [("demo/a:http", VIP), ("demo/b:http", vip2)] {
         let svc = Service {
             max_per_backend: None,
+            selector: None,
             external: Default::default(),
             name: name.into(),
             vip: vip.into(),

@@ -14,6 +14,7 @@ pub mod pin;
 pub mod programs;
 pub mod reader;
 pub mod scratch;
+pub mod selector;
 pub mod sys;
 pub mod table;
 pub mod writer;
@@ -409,6 +410,9 @@ impl Datapath {
             .map_max_entries(map_names::AFFINITY, cfg.max_affinity)
             .map_max_entries(map_names::FRAGMENTS, cfg.max_fragments)
             .map_max_entries(map_names::SLOTS, cfg.max_slots)
+            // Indexed by service id, as the per-service arrays.
+            .map_max_entries(map_names::SELECTORS_XDP, cfg.max_services)
+            .map_max_entries(map_names::SELECTORS_TC, cfg.max_services)
             .load(from_file.as_deref().unwrap_or(EBPF_OBJECT))
             .map_err(|source| DatapathError::Load {
                 path: cfg.pin_path.clone(),
@@ -416,6 +420,7 @@ impl Datapath {
             })?;
         let (programs, programs_fallback) = load_programs(&mut ebpf, cfg.programs)?;
         let mut writer = MapWriter::from_ebpf(&mut ebpf)?;
+        writer.set_pin_path(&cfg.pin_path);
         writer.set_config(cfg.fib_redirect, cfg.collision_ports)?;
         writer.set_snat_config(cfg.snat_address, cfg.snat_ports)?;
         memory::log(mem, cfg.map_memory_budget, &cfg.pin_path);
@@ -525,14 +530,21 @@ fn load_set(ebpf: &mut Ebpf, set: ProgramSet) -> Result<(), (&'static str, Progr
     for (name, array) in [
         (set.xdp6(), map_names::V6_XDP_PROGS),
         (set.tc6(), map_names::V6_TC_PROGS),
+        // The main programs, where a user-defined selector returns (`selector`).
+        (set.xdp(), map_names::SELECTOR_RETURN_XDP),
+        (set.tc(), map_names::SELECTOR_RETURN_TC),
     ] {
         let fd = match ebpf.program_mut(name) {
             Some(aya::programs::Program::Xdp(x)) => {
-                x.load().map_err(|e| (name, e))?;
+                if x.fd().is_err() {
+                    x.load().map_err(|e| (name, e))?;
+                }
                 x.fd().map_err(|e| (name, e))?.try_clone()
             }
             Some(aya::programs::Program::SchedClassifier(c)) => {
-                c.load().map_err(|e| (name, e))?;
+                if c.fd().is_err() {
+                    c.load().map_err(|e| (name, e))?;
+                }
                 c.fd().map_err(|e| (name, e))?.try_clone()
             }
             _ => return Err((name, ProgramError::NotLoaded)),
@@ -631,6 +643,7 @@ pub fn cleanup(pin_path: &Path) -> Result<Vec<PathBuf>, DatapathError> {
     for name in map_names::ALL
         .iter()
         .chain([&map_names::V6_XDP_PROGS, &map_names::V6_TC_PROGS])
+        .chain(map_names::SELECTOR_MAPS)
     {
         let p = pin_path.join(name);
         if p.exists() {
@@ -640,6 +653,16 @@ pub fn cleanup(pin_path: &Path) -> Result<Vec<PathBuf>, DatapathError> {
             })?;
             removed.push(p);
         }
+    }
+    // The maps of user-defined selectors' objects (`selector::maps_dir`).
+    let sel = selector::maps_dir(pin_path);
+    if let Ok(rd) = std::fs::read_dir(&sel) {
+        for e in rd.flatten() {
+            if std::fs::remove_file(e.path()).is_ok() {
+                removed.push(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&sel);
     }
     let _ = std::fs::remove_dir(pin_path);
     Ok(removed)

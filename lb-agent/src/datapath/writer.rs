@@ -110,6 +110,15 @@ pub struct MapWriter {
     /// The backends that get `backend_flags::SNAT`: (front end, backend
     /// ip, port), from `crate::external::expand_snat`.
     snat: SnatSet,
+    /// The pin path, where user-defined selectors are loaded (`selector`);
+    /// `None`: selectors are not installed (the built-in algorithm).
+    pin: Option<std::path::PathBuf>,
+    /// `SELECTOR_BACKENDS`, when the object has it.
+    sel_backends: Option<HashMap<MapData, u32, lb_common::SelectorCandidates>>,
+    /// Service id -> its selector in place.
+    selectors: BTreeMap<u32, super::selector::Installed>,
+    /// Why a service's selector is not in place (its last failure).
+    selector_errors: BTreeMap<ServiceAddr, String>,
 }
 
 /// (front end, backend ip, backend port) of every backend to SNAT.
@@ -139,7 +148,94 @@ impl MapWriter {
         for &name in map_names::ALL {
             maps.insert(name, take(name)?);
         }
-        Self::from_maps(maps)
+        let sel = ebpf.take_map(map_names::SELECTOR_BACKENDS);
+        let mut w = Self::from_maps(maps)?;
+        w.sel_backends = sel.and_then(|m| HashMap::try_from(m).ok());
+        Ok(w)
+    }
+
+    /// Where user-defined selectors are loaded (`Datapath::load` sets it).
+    pub fn set_pin_path(&mut self, pin: &Path) {
+        self.pin = Some(pin.to_path_buf());
+    }
+
+    /// Why a service's selector is not in place (its last load failure), by
+    /// service; the service uses its built-in algorithm meanwhile.
+    pub fn selector_errors(&self) -> &BTreeMap<ServiceAddr, String> {
+        &self.selector_errors
+    }
+
+    /// Whether service `addr` has its selector in place.
+    pub fn selector_in_place(&self, addr: &ServiceAddr) -> bool {
+        self.r
+            .svcs
+            .get(addr)
+            .is_some_and(|st| st.value.flags & svc_flags::SELECTOR != 0)
+    }
+
+    /// Writes the candidates of a service with a selector, and puts its
+    /// selector in place if it is not (`selector`): true when it is in
+    /// place. A failure is logged and kept ([`Self::selector_errors`]).
+    fn prepare_selector(
+        &mut self,
+        svc: &Service,
+        id: u32,
+        next: &BTreeMap<(IpAddr, u16), BackendSlot>,
+    ) -> Result<bool, DatapathError> {
+        let Some(source) = &svc.selector else {
+            return Ok(false);
+        };
+        let (Some(pin), Some(map)) = (self.pin.clone(), self.sel_backends.as_mut()) else {
+            return Ok(false);
+        };
+        let mut c = lb_common::SelectorCandidates::default();
+        for b in svc
+            .backends
+            .iter()
+            .take(lb_common::selector::MAX_CANDIDATES)
+        {
+            if let Some(slot) = next.get(&(b.ip, b.port)) {
+                c.backends[c.n as usize] = slot.id;
+                c.n += 1;
+            }
+        }
+        map.insert(id, c, 0)
+            .map_err(map_err(map_names::SELECTOR_BACKENDS))?;
+        if self.selectors.get(&id).is_some_and(|i| &i.source == source) {
+            return Ok(true);
+        }
+        match super::selector::install(&pin, source, id, c.n) {
+            Ok(i) => {
+                self.selectors.insert(id, i);
+                self.selector_errors.remove(&svc.addr());
+                tracing::info!(service = %svc.name, selector = %source, "selector in place");
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::error!(
+                    service = %svc.name,
+                    "{e}; the service keeps its built-in algorithm"
+                );
+                self.selector_errors.insert(svc.addr(), e.to_string());
+                Ok(false)
+            }
+        }
+    }
+
+    /// After service `id`'s entry stopped naming a selector (or went):
+    /// empties its slots and forgets its candidates.
+    fn drop_selector(&mut self, id: u32) {
+        if self.selectors.remove(&id).is_none() {
+            return;
+        }
+        if let Some(pin) = &self.pin
+            && let Err((map, e)) = super::selector::put(pin, id, None)
+        {
+            tracing::warn!(map, "clearing a selector slot: {e}");
+        }
+        if let Some(m) = self.sel_backends.as_mut() {
+            let _ = m.remove(&id);
+        }
     }
 
     /// Opens the maps pinned under `pin_path` (lbctl; needs no agent).
@@ -181,6 +277,10 @@ impl MapWriter {
             frontends,
             after_switch: None,
             snat: SnatSet::new(),
+            pin: None,
+            sel_backends: None,
+            selectors: BTreeMap::new(),
+            selector_errors: BTreeMap::new(),
         })
     }
 
@@ -488,6 +588,10 @@ impl MapWriter {
             next.insert(k, slot);
         }
 
+        // 1b. A user-defined selector: its candidates, then its programs,
+        //     before the flag in the entry can make the kernel call it.
+        let selector_on = self.prepare_selector(svc, id, &next)?;
+
         // 2. The table, into a fresh slice when it changed.
         let algo = abi::algo_code(svc.algorithm);
         let table = self.build_table(svc, &next).map_err(invalid)?;
@@ -505,7 +609,7 @@ impl MapWriter {
                 svc_flags::LIMITED
             } else {
                 0
-            },
+            } | if selector_on { svc_flags::SELECTOR } else { 0 },
             _pad: [0; 2],
             table_hash: hash,
         };
@@ -568,6 +672,10 @@ impl MapWriter {
                 }
             }
         }
+        if !selector_on {
+            // After the entry that no longer asks it.
+            self.drop_selector(id);
+        }
         st.value = value;
         st.backends = next;
         st.spec = Some(svc.clone());
@@ -626,6 +734,8 @@ impl MapWriter {
             Err(e) => return Err(map_err(map_names::SERVICES)(e)),
         }
         let _ = self.r.names.remove(&st.value.id);
+        self.drop_selector(st.value.id);
+        self.selector_errors.remove(addr);
         self.ranges.release(st.value.table_off, st.value.table_len);
         for b in st.backends.values() {
             self.free_backend(b.id)?;

@@ -198,6 +198,7 @@ impl Drop for PinnedDp {
 fn service(name: &str, vip: Ipv4Addr, algo: Algorithm, backends: Vec<Backend>) -> Service {
     Service {
         max_per_backend: None,
+        selector: None,
         external: Default::default(),
         name: name.into(),
         vip: vip.into(),
