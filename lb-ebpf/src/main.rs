@@ -19,6 +19,7 @@ mod reject6;
 mod select;
 mod set;
 mod snat;
+mod snat6;
 mod stats;
 mod v6;
 

@@ -212,12 +212,22 @@ pub struct DatapathConfig {
     /// only: their address is `lb_common::SERVICE_LOOPBACK_V4`.
     pub snat_ports: Option<PortRange>,
     pub snat_address: Option<std::net::Ipv4Addr>,
+    /// The node's IPv6 address SNATed IPv6 flows leave from
+    /// (`--snat-address6`; the ports are `snat_ports`). `None`: IPv6 SNAT
+    /// to the node's address off (IPv6 hairpin flows need the ports only:
+    /// their address is `lb_common::SERVICE_LOOPBACK_V6`).
+    pub snat_address6: Option<std::net::Ipv6Addr>,
 }
 
 impl DatapathConfig {
     /// Whether SNAT is on: an address and a port range.
     pub fn snat(&self) -> bool {
         self.snat_ports.is_some() && self.snat_address.is_some()
+    }
+
+    /// Whether IPv6 SNAT is on: an IPv6 address and a port range.
+    pub fn snat6(&self) -> bool {
+        self.snat_ports.is_some() && self.snat_address6.is_some()
     }
 }
 
@@ -319,6 +329,7 @@ impl Default for DatapathConfig {
             collision_ports: Some(PortRange::DEFAULT_COLLISION),
             snat_ports: Some(PortRange::DEFAULT_SNAT),
             snat_address: None,
+            snat_address6: None,
         }
     }
 }
@@ -403,7 +414,7 @@ impl Datapath {
         let (programs, programs_fallback) = load_programs(&mut ebpf, cfg.programs)?;
         let mut writer = MapWriter::from_ebpf(&mut ebpf)?;
         writer.set_config(cfg.fib_redirect, cfg.collision_ports)?;
-        writer.set_snat_config(cfg.snat_address, cfg.snat_ports)?;
+        writer.set_snat_config(cfg.snat_address, cfg.snat_address6, cfg.snat_ports)?;
         memory::log(mem, cfg.map_memory_budget, &cfg.pin_path);
         info!(
             pin_path = %cfg.pin_path.display(),
