@@ -1308,3 +1308,149 @@ fn snat6_exhaustion(hook: Hook, set: ProgramSet) {
     }
 }
 each_ns6!(snat6_exhaustion, snat6_exhaustion);
+
+/// IPv6 hairpin: a ClusterIP whose one backend is `pod6(5)` (TCP and UDP),
+/// on `remote6()`'s network (on `d0`, see [`in_ns6`]).
+fn cip6() -> Ipv6Addr {
+    ip6("fd00:10:96::40")
+}
+fn pod6(i: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, 0x32, 0, 0, 0, i)
+}
+/// `lb_common::SERVICE_LOOPBACK_V6`.
+fn loopback6() -> Ipv6Addr {
+    ip6("100::a9fe:2a01")
+}
+
+/// The first candidate SNAT port of a flow from `src:sport` to `dst:80`.
+fn candidate_to(r: PortRange, src: Ipv6Addr, sport: u16, dst: Ipv6Addr, proto: u8) -> u16 {
+    let h = lb_common::flow_hash(
+        lb_common::fold6(&w6(src)),
+        lb_common::fold6(&w6(dst)),
+        sport.to_be(),
+        80u16.to_be(),
+        proto,
+    );
+    lb_common::collision_port(r.first.into(), r.count(), h, 0) as u16
+}
+
+/// A pod reaches itself through its IPv6 ClusterIP: the SYN leaves SNATed
+/// to the IPv6 service loopback 100::a9fe:2a01 at a port of the SNAT range
+/// (and DNATed), so the pod's SYN|ACK comes back to rpclb, which sends it to
+/// the pod from the ClusterIP at the pod's own port. No node address needed
+/// (`--snat-address6` unset). Every packet to the pod is a SNATed one:
+/// never to the stack (TC: `bpf_redirect_neigh`; XDP, which cannot here:
+/// dropped). UDP alike. Another pod is DNATed only. Counted as
+/// `ct_hairpin`, not `ct_snat`. Without ports: dropped, counted.
+fn hairpin6(hook: Hook, set: ProgramSet) {
+    assert_eq!(
+        lb_common::SERVICE_LOOPBACK_V6,
+        w6(loopback6()),
+        "the published address"
+    );
+    let r = PortRange::DEFAULT_SNAT;
+    let mut h = snat_h(set, Some(r), None);
+    for p in [Protocol::Tcp, Protocol::Udp] {
+        let s = svc(
+            &format!("pod/self-{p:?}"),
+            cip6(),
+            80,
+            p,
+            Algorithm::Random,
+            &[(pod6(5), 8080)],
+        );
+        h.0.writer().upsert_service(&s).unwrap();
+    }
+    let before = h.reasons();
+    let (pod, cip, lo) = (pod6(5), cip6(), loopback6());
+    let p = candidate_to(r, pod, 40000, cip, 6);
+    let (out, back) = (snat_out(hook), pass(hook));
+    let steps = [
+        (
+            "SYN from the pod to its own service: SNAT to the loopback + DNAT",
+            P6::tcp(pod, 40000, cip, 80, SYN),
+            out,
+            P6::tcp(lo, p, pod, 8080, SYN),
+        ),
+        (
+            "SYN|ACK from the pod to the loopback: un-SNAT + un-DNAT",
+            P6::tcp(pod, 8080, lo, p, SYN | ACK),
+            back,
+            P6::tcp(cip, 80, pod, 40000, SYN | ACK),
+        ),
+        (
+            "ACK: the same rewrite (conntrack hit)",
+            P6::tcp(pod, 40000, cip, 80, ACK).payload(b"ping"),
+            out,
+            P6::tcp(lo, p, pod, 8080, ACK).payload(b"ping"),
+        ),
+        (
+            "FIN",
+            P6::tcp(pod, 40000, cip, 80, FIN | ACK),
+            out,
+            P6::tcp(lo, p, pod, 8080, FIN | ACK),
+        ),
+    ];
+    for (desc, input, code, want) in &steps {
+        h.step(hook, desc, input, *code, want);
+    }
+    let up = candidate_to(r, pod, 5353, cip, 17);
+    h.step(
+        hook,
+        "UDP from the pod to its own service",
+        &P6::udp(pod, 5353, cip, 80).payload(b"q"),
+        out,
+        &P6::udp(lo, up, pod, 8080).payload(b"q"),
+    );
+    h.step(
+        hook,
+        "UDP reply",
+        &P6::udp(pod, 8080, lo, up).payload(b"a"),
+        back,
+        &P6::udp(cip, 80, pod, 5353).payload(b"a"),
+    );
+    h.step(
+        hook,
+        "another pod to the service: DNAT only",
+        &P6::tcp(pod6(6), 40000, cip, 80, SYN),
+        back,
+        &P6::tcp(pod6(6), 40000, pod, 8080, SYN),
+    );
+    let d = deltas(&before, &h.reasons());
+    assert_eq!((d("ct_hairpin"), d("ct_snat")), (2, 0));
+    assert_eq!((d("drop_snat_exhausted"), d("drop_ct_insert")), (0, 0));
+    let (neigh, unrouted) = match hook {
+        Hook::Tc => (4, 0),
+        Hook::Xdp => (0, 4),
+    };
+    assert_eq!(d("fwd_redirect_neigh"), neigh);
+    assert_eq!(d("drop_snat_unrouted"), unrouted);
+    let w = h.0.writer();
+    let (fk, rk) = (key6(pod, 40000, cip, 80, 6), key6(pod, 8080, lo, p, 6));
+    let f = w.conntrack6_get(&fk).unwrap().expect("forward entry");
+    let rv = w.conntrack6_get(&rk).unwrap().expect("reverse entry");
+    let flags = lb_common::ct_flags::SNAT | lb_common::ct_flags::HAIRPIN;
+    assert_eq!((f.ct.flags, rv.ct.flags), (flags, flags));
+    assert_eq!((f.snat_ip6, rv.snat_ip6), (w6(lo), w6(pod)));
+    assert_eq!(rk.forward_of_reverse(&rv), fk);
+    assert_eq!(fk.reverse_of_forward(&f), rk);
+
+    // No SNAT ports: no way to hairpin; dropped and counted rather than
+    // DNATed into a packet from the pod to itself.
+    let mut h = snat_h(set, None, None);
+    let s = svc(
+        "pod/self",
+        cip,
+        80,
+        Protocol::Tcp,
+        Algorithm::Random,
+        &[(pod, 8080)],
+    );
+    h.0.writer().upsert_service(&s).unwrap();
+    let before = h.reasons();
+    let syn = P6::tcp(pod, 40000, cip, 80, SYN);
+    h.step(hook, "SNAT ports off", &syn, dropped(hook), &syn);
+    let d = deltas(&before, &h.reasons());
+    assert_eq!((d("drop_snat_exhausted"), d("ct_hairpin")), (1, 0));
+}
+each_ns6!(hairpin6, hairpin6);
