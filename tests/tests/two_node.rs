@@ -1251,3 +1251,94 @@ fn two_node_hairpin_xdp() {
     }
     hairpin(true);
 }
+
+/// `lb_common::SERVICE_LOOPBACK_V6`.
+const LOOPBACK6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0xa9fe, 0x2a01);
+
+/// [`hairpin`] over IPv6, with the programs on TC: pod a1 connects to its
+/// own IPv6 ClusterIP (TCP and UDP) whose only backend is itself; it sees
+/// itself connect from the IPv6 service loopback 100::a9fe:2a01 at a port
+/// of the SNAT range, and its replies come back from the ClusterIP. Another
+/// pod is DNATed only.
+#[test]
+fn two_node_ipv6_hairpin_tc() {
+    if !lab::require() {
+        return;
+    }
+    let lab = TwoNodeLab::new(2).expect("two-node lab");
+    lab.add_ipv6().expect("IPv6 in the lab");
+    let srv = servers6(&lab);
+    let a = lab.a();
+    let (a1, a2) = (a.pod(1), a.pod(2));
+    // A pod's default route (the CNI's) covers the loopback; this lab's
+    // pods have none, so a1 gets that one route.
+    a1.ns
+        .ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{LOOPBACK6}/128"),
+            "via",
+            &a1.node_ip6().to_string(),
+        ])
+        .expect("route to the IPv6 service loopback");
+    let self6 = "fd00:10:96::15";
+    let svc6 = |name: &str, port, proto, bport| {
+        format!(
+            "  - name: {name}\n    vip: '{self6}'\n    port: {port}\n    protocol: {proto}\n    \
+             algorithm: random\n    backends:\n      - {{ ip: '{}', port: {bport} }}\n",
+            a1.ip6()
+        )
+    };
+    let cfg = config_yaml(&[
+        svc6("lab/self:http@ipv6", 80, "tcp", 8080),
+        svc6("lab/self:dns@ipv6", 53, "udp", 5353),
+    ]);
+    let mut agents = Agents::start(&lab, [&cfg, &cfg], &["--mode", "tc"]);
+    let looped = |seen: Vec<SocketAddr>, what: &str| {
+        assert!(
+            !seen.is_empty()
+                && seen
+                    .iter()
+                    .all(|p| p.ip() == std::net::IpAddr::from(LOOPBACK6) && p.port() >= 62000),
+            "{what} saw {seen:?}, not only {LOOPBACK6} at a port of 62000-65535"
+        );
+    };
+    let vip: std::net::Ipv6Addr = self6.parse().unwrap();
+    let t = SocketAddr::from((vip, 80));
+    let r = tcp_from(&a1.ns, t, 5);
+    for x in &r {
+        assert_eq!(x.backend, "a1", "{}", agents.log(0));
+        assert_eq!(x.peer, t, "the reply from the VIP");
+        assert_eq!(x.local.ip(), std::net::IpAddr::from(a1.ip6()));
+    }
+    looped(srv.tcp["a1"].peers(), "a1 (TCP)");
+    assert_eq!(srv.tcp["a1"].peers().len(), 5);
+
+    let t = SocketAddr::from((vip, 53));
+    let r = udp_from(&a1.ns, t, 5);
+    for x in &r {
+        assert_eq!(x.backend, "a1", "{}", agents.log(0));
+        assert_eq!(x.peer, t, "the reply from the VIP");
+    }
+    looped(srv.udp["a1"].peers(), "a1 (UDP)");
+
+    // Another pod: DNAT only.
+    let r = tcp_from(&a2.ns, SocketAddr::from((vip, 80)), 3);
+    assert!(r.iter().all(|x| x.backend == "a1"), "{r:?}");
+    let seen = srv.tcp["a1"].peers();
+    assert!(
+        seen[5..]
+            .iter()
+            .all(|p| p.ip() == std::net::IpAddr::from(a2.ip6())),
+        "a1 saw a2's own address: {seen:?}"
+    );
+
+    let m = agents.procs[0].scrape();
+    let ev = |r: &str| m.sum("rpclb_datapath_events_total", &[("reason", r)]);
+    assert_eq!(ev("ct_hairpin"), 10.0, "5 TCP + 5 UDP flows: {}", m.0);
+    assert_eq!(ev("ct_snat"), 0.0);
+    assert_eq!(ev("drop_snat_unrouted"), 0.0);
+    assert_eq!(ev("drop_snat_exhausted"), 0.0);
+}
