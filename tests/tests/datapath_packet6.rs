@@ -921,7 +921,15 @@ fn in_ns6(f: impl FnOnce() + Send) {
         vec!["link", "add", "d0", "type", "veth", "peer", "name", "d1"],
         vec!["link", "set", "d0", "up"],
         vec!["link", "set", "d1", "up"],
-        vec!["-6", "addr", "add", "fd00:10:244:32::1/64", "dev", "d0", "nodad"],
+        vec![
+            "-6",
+            "addr",
+            "add",
+            "fd00:10:244:32::1/64",
+            "dev",
+            "d0",
+            "nodad",
+        ],
         vec!["-6", "addr", "add", "fd00:50::1/64", "dev", "d0", "nodad"],
     ] {
         ns.ip(&args).unwrap();
@@ -1183,7 +1191,9 @@ fn snat6_round_trip(hook: Hook, set: ProgramSet) {
     assert_eq!(rk.forward_of_reverse(&rv), fk);
     assert!(fk.owns_reverse(&f, &rk, &rv));
     assert!(
-        w.conntrack6_get(&key6(b, 8080, c, 40000, 6)).unwrap().is_none(),
+        w.conntrack6_get(&key6(b, 8080, c, 40000, 6))
+            .unwrap()
+            .is_none(),
         "no reverse entry at the client's own tuple"
     );
     // GC: past the timeouts, both flows' entries go, in pairs (no orphan).

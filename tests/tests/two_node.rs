@@ -1253,8 +1253,7 @@ fn two_node_hairpin_xdp() {
 }
 
 /// `lb_common::SERVICE_LOOPBACK_V6`.
-const LOOPBACK6: std::net::Ipv6Addr =
-    std::net::Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0xa9fe, 0x2a01);
+const LOOPBACK6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0xa9fe, 0x2a01);
 
 /// [`hairpin`] over IPv6, with the programs on TC: pod a1 connects to its
 /// own IPv6 ClusterIP (TCP and UDP) whose only backend is itself; it sees
