@@ -88,7 +88,7 @@ pub fn create(s: *mut Scratch6) -> u16 {
     if !source_addr(sc.ct.ct.flags, &raw mut sc.rev.dst_ip) {
         return 0;
     }
-    let sport = probe(s);
+    let sport = probe(s, config_idx::SNAT_PORT_MIN);
     if sport == 0 {
         return 0;
     }
@@ -129,13 +129,27 @@ pub fn reverse_value(s: *mut Scratch6, flags: u8, svc_id: u32, backend_id: u32, 
     sc.ct.snat_ip6 = sc.key.src_ip;
 }
 
+/// A new flow whose reverse key `s.rev` (backend -> client ip:port)
+/// another live flow holds (one client ip:port through two front ends to
+/// one backend): claims it at another client port of the collision range
+/// (`--collision-ports`), as IPv4's `conntrack::rewrite_port`, for the
+/// reverse value `s.ct` (its `client_port` set here to the client's own).
+/// Returns the port (network order), 0 if none was free.
+/// Not inlined, everything in the scratch (see [`create`]).
+#[inline(never)]
+pub fn rewrite_port(s: *mut Scratch6) -> u16 {
+    unsafe { (*s).ct.ct.client_port = (*s).key.src_port };
+    probe(s, config_idx::COLLISION_PORT_MIN)
+}
+
 /// Claims the reverse key `s.rev` (its destination port one candidate of
-/// the SNAT range after another) for the value `s.ct`; the port taken
-/// (network order), 0 if none was free.
+/// the range at `CONFIG[first_idx]`, its length at the next index, after
+/// another) for the value `s.ct`; the port taken (network order), 0 if
+/// none was free.
 #[inline(always)]
-fn probe(s: *mut Scratch6) -> u16 {
-    let lo = config(config_idx::SNAT_PORT_MIN);
-    let n = config(config_idx::SNAT_PORT_COUNT);
+fn probe(s: *mut Scratch6, first_idx: u32) -> u16 {
+    let lo = config(first_idx);
+    let n = config(first_idx + 1);
     if n == 0 || lo == 0 || lo > 65_535 || n > 65_536 - lo {
         return 0;
     }

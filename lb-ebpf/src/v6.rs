@@ -20,9 +20,10 @@
 //!   header with segments left, a jumbogram and unknown headers pass
 //!   (`pass_ipv6_ext`); a Fragment header passes (`pass_fragment`);
 //!   ICMPv6 (neighbour discovery included) passes (`pass_not_tcp_udp`);
-//! - a new flow whose reverse tuple another flow holds (one client ip:port
-//!   through two VIPs to one backend) is dropped (`drop_ports_exhausted`):
-//!   IPv4 rewrites its source port, IPv6 does not yet;
+//! - SNAT (`snat6`) and the source-port rewrite of a new flow whose
+//!   reverse tuple another flow holds (one client ip:port through two VIPs
+//!   to one backend; `ct_port_rewrite`, `drop_ports_exhausted` when the
+//!   collision range has no free candidate) are IPv4's;
 //! - no usable backend: a SYN gets a RST, a UDP datagram without extension
 //!   headers an ICMPv6 port unreachable (`reject6`), the rest is dropped;
 //! - XDP: a check field equal to the packet's seed is taken for a
@@ -510,9 +511,11 @@ fn new_state(p: &Packet6) -> u32 {
     }
 }
 
-/// Writes the reverse, then the forward entry of the new flow `s.key`.
-/// `None`: the reverse tuple is another live flow's (nothing written).
-/// `Some(ok)`: written, `ok` when both inserts succeeded.
+/// Writes the reverse, then the forward entry of the new flow `s.key`. A
+/// reverse tuple that another live flow holds gets another client port
+/// (`snat6::rewrite_port`, counted `ct_port_rewrite`), kept in both
+/// entries' `client_port`. `None`: no port of the range was free (nothing
+/// written). `Some(ok)`: written, `ok` when both inserts succeeded.
 #[inline(always)]
 fn create(
     s: *mut Scratch6,
@@ -536,14 +539,21 @@ fn create(
         0,
         now,
     );
+    let mut sport = 0u16;
     let rev_ok = match CONNTRACK6.insert(&sc.rev, &sc.ct, BPF_NOEXIST) {
         Ok(()) => true,
         Err(e) if e == -EEXIST => {
             if held_by_other(s) {
-                return None;
+                sport = crate::snat6::rewrite_port(s);
+                if sport == 0 {
+                    return None;
+                }
+                stats::reason(reason::CT_PORT_REWRITE);
+                true
+            } else {
+                let sc = unsafe { &*s };
+                CONNTRACK6.insert(&sc.rev, &sc.ct, BPF_ANY).is_ok()
             }
-            let sc = unsafe { &*s };
-            CONNTRACK6.insert(&sc.rev, &sc.ct, BPF_ANY).is_ok()
         }
         Err(_) => false,
     };
@@ -558,6 +568,7 @@ fn create(
         state,
         now,
     );
+    sc.ct.ct.client_port = sport;
     let fwd_ok = CONNTRACK6.insert(&sc.key, &sc.ct, BPF_ANY).is_ok();
     if fwd_ok {
         stats::conn_open(backend_id);
@@ -762,10 +773,20 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
         }
         return verdict;
     }
-    stats::reason(reason::NAT_FORWARD);
     match entry {
-        Some(v) => forward(ctx, &p, v, now),
-        None => forward_seed_or_pass(&p),
+        Some(v) => {
+            // A rewritten client port (a reverse-tuple collision).
+            if crate::snat6::source(ctx, &mut p, v).is_none() {
+                stats::reason(reason::DROP_TRUNCATED_L4);
+                return Verdict::Drop;
+            }
+            stats::reason(reason::NAT_FORWARD);
+            forward(ctx, &p, v, now)
+        }
+        None => {
+            stats::reason(reason::NAT_FORWARD);
+            forward_seed_or_pass(&p)
+        }
     }
 }
 

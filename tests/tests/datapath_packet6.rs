@@ -1464,3 +1464,89 @@ fn hairpin6(hook: Hook, set: ProgramSet) {
     assert_eq!((d("drop_snat_exhausted"), d("ct_hairpin")), (1, 0));
 }
 each_ns6!(hairpin6, hairpin6);
+
+/// A reverse-tuple collision over IPv6 (docs/reliability.md): one client
+/// ip:port reaches two VIPs that share one backend. The second flow's
+/// reverse key (backend -> client ip:port) is the first flow's, so it gets
+/// a client port of the collision range (`--collision-ports`), rewritten on
+/// the way in and restored on its replies; the first flow is untouched.
+/// Counted `ct_port_rewrite`. No collision ports: dropped, counted
+/// (`drop_ports_exhausted`). Before, IPv6 always dropped such a flow.
+fn collision_rewrite(hook: Hook, set: ProgramSet) {
+    let (c, b) = (client(), backend(1));
+    let (v1, v2) = (ip6("fd00:10:96::51"), ip6("fd00:10:96::52"));
+    let mk = |name: &str, vip| svc(name, vip, 80, Protocol::Tcp, Algorithm::Maglev, &[(b, 8080)]);
+    let cport: u16 = if hook == Hook::Xdp { 47_001 } else { 47_002 };
+    let r = PortRange::DEFAULT_COLLISION;
+    let h = lb_common::flow_hash(
+        lb_common::fold6(&w6(c)),
+        lb_common::fold6(&w6(v2)),
+        cport.to_be(),
+        80u16.to_be(),
+        6,
+    );
+    let rp = lb_common::collision_port(r.first.into(), r.count(), h, 0) as u16;
+    let mut t = H::new(set);
+    t.apply(vec![mk("demo/a", v1), mk("demo/b", v2)]);
+    let before = t.reasons();
+    let steps = [
+        (
+            "SYN to VIP 1: DNAT",
+            P6::tcp(c, cport, v1, 80, SYN),
+            V::Pass,
+            P6::tcp(c, cport, b, 8080, SYN),
+        ),
+        (
+            "SYN to VIP 2 from the same ip:port: DNAT, another client port",
+            P6::tcp(c, cport, v2, 80, SYN).payload(b"two"),
+            V::Pass,
+            P6::tcp(c, rp, b, 8080, SYN).payload(b"two"),
+        ),
+        (
+            "the second flow's reply: from VIP 2 to the client's own port",
+            P6::tcp(b, 8080, c, rp, SYN | ACK),
+            V::Pass,
+            P6::tcp(v2, 80, c, cport, SYN | ACK),
+        ),
+        (
+            "the first flow's reply: from VIP 1",
+            P6::tcp(b, 8080, c, cport, SYN | ACK),
+            V::Pass,
+            P6::tcp(v1, 80, c, cport, SYN | ACK),
+        ),
+        (
+            "the second flow's next packet: the same rewrite",
+            P6::tcp(c, cport, v2, 80, ACK),
+            V::Pass,
+            P6::tcp(c, rp, b, 8080, ACK),
+        ),
+    ];
+    for (desc, input, v, want) in &steps {
+        t.step(hook, desc, input, v.code(hook), want);
+    }
+    let d = deltas(&before, &t.reasons());
+    assert_eq!((d("ct_port_rewrite"), d("drop_ports_exhausted")), (1, 0));
+    assert_eq!((d("nat_forward"), d("nat_reverse")), (3, 2));
+
+    // No collision ports: the second flow is dropped, counted.
+    let mut t = H(ScratchDatapath::new(|cfg| {
+        cfg.fib_redirect = false;
+        cfg.programs = set.into();
+        cfg.collision_ports = None;
+    })
+    .expect("load data path"));
+    t.apply(vec![mk("demo/a", v1), mk("demo/b", v2)]);
+    let before = t.reasons();
+    t.step(
+        hook,
+        "SYN to VIP 1",
+        &P6::tcp(c, cport, v1, 80, SYN),
+        V::Pass.code(hook),
+        &P6::tcp(c, cport, b, 8080, SYN),
+    );
+    let syn2 = P6::tcp(c, cport, v2, 80, SYN);
+    t.step(hook, "SYN to VIP 2: no port", &syn2, V::Drop.code(hook), &syn2);
+    let d = deltas(&before, &t.reasons());
+    assert_eq!((d("ct_port_rewrite"), d("drop_ports_exhausted")), (0, 1));
+}
+each!(collision_rewrite, collision_rewrite);
