@@ -1475,7 +1475,16 @@ each_ns6!(hairpin6, hairpin6);
 fn collision_rewrite(hook: Hook, set: ProgramSet) {
     let (c, b) = (client(), backend(1));
     let (v1, v2) = (ip6("fd00:10:96::51"), ip6("fd00:10:96::52"));
-    let mk = |name: &str, vip| svc(name, vip, 80, Protocol::Tcp, Algorithm::Maglev, &[(b, 8080)]);
+    let mk = |name: &str, vip| {
+        svc(
+            name,
+            vip,
+            80,
+            Protocol::Tcp,
+            Algorithm::Maglev,
+            &[(b, 8080)],
+        )
+    };
     let cport: u16 = if hook == Hook::Xdp { 47_001 } else { 47_002 };
     let r = PortRange::DEFAULT_COLLISION;
     let h = lb_common::flow_hash(
@@ -1545,7 +1554,13 @@ fn collision_rewrite(hook: Hook, set: ProgramSet) {
         &P6::tcp(c, cport, b, 8080, SYN),
     );
     let syn2 = P6::tcp(c, cport, v2, 80, SYN);
-    t.step(hook, "SYN to VIP 2: no port", &syn2, V::Drop.code(hook), &syn2);
+    t.step(
+        hook,
+        "SYN to VIP 2: no port",
+        &syn2,
+        V::Drop.code(hook),
+        &syn2,
+    );
     let d = deltas(&before, &t.reasons());
     assert_eq!((d("ct_port_rewrite"), d("drop_ports_exhausted")), (0, 1));
 }
