@@ -141,6 +141,7 @@ impl Engines {
                 // backends first).
                 let plain = crate::external::NodeInfo {
                     snat: false,
+                    snat6: false,
                     ..self.node.clone()
                 };
                 let l7: Vec<_> = crate::external::expand(state, &plain)

@@ -29,8 +29,10 @@
 //! `Cluster` uses this node's backends when it has any (then it behaves as
 //! `Local`), and all the backends otherwise, unSNATed: the connections to
 //! another node's backends then work only where that node routes the client
-//! through this one. The kernel SNATs IPv4 only: an IPv6 front end with
-//! `Cluster` is always served as with SNAT off. The userspace proxy proxies
+//! through this one. Each family has its own switch: IPv4 SNAT needs
+//! `--snat-address`, IPv6 SNAT `--snat-address6` ([`NodeInfo::snat6`]),
+//! both the ports; a family without is served as with SNAT off. The
+//! userspace proxy proxies
 //! (the backend sees the node's address), and prefers this node's backends
 //! in the same way.
 //!
@@ -53,9 +55,11 @@ pub struct NodeInfo {
     /// `--node-addresses` (IPv4 and IPv6); empty: the node's interfaces'
     /// addresses ([`interface_addresses`]), at each apply.
     pub addresses: Vec<IpAddr>,
-    /// The kernel SNATs: IPv4 `Cluster` front ends use every backend, and
-    /// those on other nodes are SNATed.
+    /// The kernel SNATs IPv4: IPv4 `Cluster` front ends use every backend,
+    /// and those on other nodes are SNATed.
     pub snat: bool,
+    /// The same for IPv6 (`--snat-address6`).
+    pub snat6: bool,
 }
 
 impl NodeInfo {
@@ -71,6 +75,11 @@ impl NodeInfo {
                 Vec::new()
             }
         }
+    }
+
+    /// Whether the kernel SNATs the family of `ip`.
+    fn snats(&self, ip: &IpAddr) -> bool {
+        if ip.is_ipv4() { self.snat } else { self.snat6 }
     }
 
     fn is_local(&self, b: &Backend) -> bool {
@@ -101,17 +110,21 @@ pub fn interface_addresses() -> std::io::Result<Vec<IpAddr>> {
 /// `/proc/net/if_inet6`'s usable global-scope addresses (see
 /// [`interface_addresses`]). No file (IPv6 off): none.
 fn ipv6_addresses() -> std::io::Result<Vec<Ipv6Addr>> {
-    // The calling thread's namespace (a thread may have entered another).
-    let text = match std::fs::read_to_string("/proc/thread-self/net/if_inet6") {
+    Ok(parse_if_inet6(&read_if_inet6()?))
+}
+
+/// `/proc/net/if_inet6` of the calling thread's namespace (a thread may
+/// have entered another); empty without the file (IPv6 off).
+fn read_if_inet6() -> std::io::Result<String> {
+    match std::fs::read_to_string("/proc/thread-self/net/if_inet6") {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             match std::fs::read_to_string("/proc/self/net/if_inet6") {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-                r => r?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+                r => r,
             }
         }
-        r => r?,
-    };
-    Ok(parse_if_inet6(&text))
+        r => r,
+    }
 }
 
 /// IPV6_ADDR_SCOPE_* 0x00: global (unique-local addresses too).
@@ -136,6 +149,22 @@ fn parse_if_inet6(text: &str) -> Vec<Ipv6Addr> {
             (scope == SCOPE_GLOBAL && flags & UNUSABLE == 0 && !ip.is_loopback()).then_some(ip)
         })
         .collect()
+}
+
+/// The first usable global-scope IPv6 address (as [`interface_addresses`]
+/// takes them, in `/proc/net/if_inet6` order) of the interface `name`.
+pub fn interface_address6(name: &str) -> std::io::Result<Option<Ipv6Addr>> {
+    Ok(first_of_interface(&read_if_inet6()?, name))
+}
+
+/// The first usable global address of interface `name` in `/proc/net/if_inet6`'s `text`.
+fn first_of_interface(text: &str, name: &str) -> Option<Ipv6Addr> {
+    let mine: String = text
+        .lines()
+        .filter(|l| l.split_whitespace().nth(5) == Some(name))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    parse_if_inet6(&mine).into_iter().next()
 }
 
 /// The first IPv4 address (as `getifaddrs` lists them: the primary first)
@@ -195,8 +224,8 @@ pub fn external_backends(s: &Service, node: &NodeInfo) -> Vec<Backend> {
         .collect();
     match s.external.traffic_policy {
         TrafficPolicy::Local => local,
-        // The kernel SNATs IPv4 only.
-        TrafficPolicy::Cluster if node.snat && s.vip.is_ipv4() => s.backends.clone(),
+        // The kernel SNATs the service's family.
+        TrafficPolicy::Cluster if node.snats(&s.vip) => s.backends.clone(),
         TrafficPolicy::Cluster if local.iter().any(Backend::takes_new_flows) => local,
         TrafficPolicy::Cluster => s.backends.clone(),
     }
@@ -265,7 +294,7 @@ pub fn expand_snat(state: &DesiredState, node: &NodeInfo) -> (DesiredState, Snat
                 );
                 continue;
             }
-            if node.snat && e.traffic_policy == TrafficPolicy::Cluster && ip.is_ipv4() {
+            if e.traffic_policy == TrafficPolicy::Cluster && node.snats(&ip) {
                 snat.extend(
                     svc.backends
                         .iter()
@@ -553,6 +582,7 @@ mod tests {
                 Ipv4Addr::new(10, 0, 0, 1).into(),
             ],
             snat: false,
+            snat6: false,
         }
     }
 
@@ -697,11 +727,12 @@ mod tests {
         assert_eq!(out.services[6].backends, vec![b6(1, "a")]);
     }
 
-    /// The kernel SNATs IPv4 only: with SNAT on, an IPv6 `Cluster` front end
-    /// is served as with SNAT off (this node's backends when it has any,
-    /// else all, none SNATed), while the IPv4 one uses every backend.
+    /// Each family has its own SNAT switch: with IPv4 SNAT on and IPv6 SNAT
+    /// off, an IPv6 `Cluster` front end is served as with SNAT off (this
+    /// node's backends when it has any, else all, none SNATed); with IPv6
+    /// SNAT on, it uses every backend and the other nodes' are SNATed.
     #[test]
-    fn an_ipv6_cluster_front_end_is_never_snated() {
+    fn an_ipv6_cluster_front_end_is_snated_with_ipv6_snat_on() {
         let mut n = node("a");
         n.snat = true;
         let mut v6 = svc(TrafficPolicy::Cluster);
@@ -727,6 +758,41 @@ mod tests {
         );
         assert!(snat.is_empty());
         assert_eq!(out.services[1].backends, v6.backends);
+        // IPv6 SNAT on: every backend, node b's SNATed on both front ends.
+        n.snat = false;
+        n.snat6 = true;
+        let (out, snat) = expand_snat(&st, &n);
+        let b = b6(2, "b");
+        let mut want = SnatSet::new();
+        for f in &out.services[1..] {
+            assert_eq!(f.backends, v6.backends, "{}", f.name);
+            want.insert((f.addr(), b.ip, b.port));
+        }
+        assert_eq!(snat, want);
+        // And the IPv4 service stays unSNATed with IPv4 SNAT off.
+        let (_, snat) = expand_snat(
+            &DesiredState {
+                services: vec![svc(TrafficPolicy::Cluster)],
+            },
+            &n,
+        );
+        assert!(snat.is_empty(), "{snat:?}");
+    }
+
+    /// `interface_address6`'s pick: the named interface's first usable
+    /// global address (not link-local, not tentative, not another's).
+    #[test]
+    fn the_snat_address6_default_is_the_interfaces_first_usable_global_one() {
+        let text = "fd000051000000000000000000000001 03 40 00 80 eth1\n\
+                    fe800000000000000000000000000001 02 40 20 80 eth0\n\
+                    fd000050000000000000000000000001 02 40 00 40 eth0\n\
+                    fd000050000000000000000000000002 02 40 00 80 eth0\n\
+                    fd000050000000000000000000000003 02 40 00 80 eth0\n";
+        assert_eq!(
+            first_of_interface(text, "eth0"),
+            Some("fd00:50::2".parse::<Ipv6Addr>().unwrap())
+        );
+        assert_eq!(first_of_interface(text, "eth2"), None);
     }
 
     #[test]

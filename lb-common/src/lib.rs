@@ -142,7 +142,7 @@ pub mod limits {
     /// Conntrack entries (a flow uses `CT_ENTRIES_PER_FLOW`: forward and reverse).
     pub const MAX_CONNTRACK: u32 = 524_288;
     /// IPv6 conntrack entries (`CONNTRACK6`, `--max-conntrack6`): an
-    /// entry takes 168 bytes against IPv4's 128, and most clusters carry
+    /// entry takes 184 bytes against IPv4's 128, and most clusters carry
     /// less IPv6 than IPv4.
     pub const MAX_CONNTRACK6: u32 = 131_072;
     /// Conntrack entries one flow takes: forward and reverse. A map of
@@ -303,11 +303,14 @@ pub mod ct_flags {
     /// The flow is SNATed (`backend_flags::SNAT`). Forward entry: the source
     /// becomes `config_idx::SNAT_ADDR`:`client_port`. Reverse entry (keyed
     /// backend -> node address:SNAT port): `state` holds the client's
-    /// address, and the reply's destination goes back to it.
+    /// address, and the reply's destination goes back to it. IPv6
+    /// (`CtValue6`): the address is `config_idx::SNAT_ADDR6`'s, and both
+    /// entries keep the other address in `snat_ip6`.
     pub const SNAT: u8 = 1;
     /// With `SNAT`: a hairpin flow (a pod reaching itself through its
     /// Service: the backend chosen is the client's own address). The source
-    /// becomes [`SERVICE_LOOPBACK_V4`](crate::SERVICE_LOOPBACK_V4), not the
+    /// becomes [`SERVICE_LOOPBACK_V4`](crate::SERVICE_LOOPBACK_V4) (IPv6:
+    /// [`SERVICE_LOOPBACK_V6`](crate::SERVICE_LOOPBACK_V6)), not the
     /// node's address; the reverse entry is as `SNAT`'s.
     pub const HAIRPIN: u8 = 2;
 }
@@ -317,6 +320,20 @@ pub mod ct_flags {
 /// holds it, so a packet to it can only be a hairpin flow's reply
 /// (lb-ebpf/src/snat.rs, docs/kubernetes.md).
 pub const SERVICE_LOOPBACK_V4: u32 = u32::from_ne_bytes([169, 254, 42, 1]);
+
+/// The IPv6 "service loopback" address a hairpin IPv6 flow is SNATed to
+/// (four native words of the wire bytes): 100::a9fe:2a01, in the
+/// discard-only prefix 100::/64 (RFC 6666) with 169.254.42.1 in its last
+/// 32 bits. No node or pod holds it, and the network drops what is sent to
+/// it, so a packet to it can only be a hairpin flow's reply, which rpclb
+/// un-NATs (a link-local address would not do: a pod resolves fe80::/64 on
+/// its own link instead of routing it to the node). docs/kubernetes.md.
+pub const SERVICE_LOOPBACK_V6: [u32; 4] = [
+    u32::from_ne_bytes([0x01, 0x00, 0, 0]),
+    0,
+    0,
+    u32::from_ne_bytes([169, 254, 42, 1]),
+];
 
 /// IP protocol numbers.
 pub mod proto {
@@ -549,7 +566,12 @@ pub mod config_idx {
     /// Ports from `SNAT_PORT_MIN` on; 0: SNAT off (such flows are dropped,
     /// `drop_snat_exhausted`).
     pub const SNAT_PORT_COUNT: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// The node's IPv6 address that SNATed IPv6 flows leave from
+    /// (`--snat-address6`): four words, as the address's bytes on the wire
+    /// (read as native words, as `FlowKey6`); all 0: IPv6 SNAT to the
+    /// node's address off. The ports are the IPv4 ones above.
+    pub const SNAT_ADDR6: u32 = 8;
+    pub const COUNT: u32 = 12;
 }
 
 /// `SERVICES` key: a VIP, port and protocol, all in network byte order.
@@ -828,23 +850,37 @@ pub struct FlowKey6 {
 }
 
 /// `CONNTRACK6` value: an IPv4 entry (`CtValue`: direction, ids, TCP state,
-/// times, route cache; its `nat_ip` is 0) and the IPv6 address it
-/// translates to (`nat_ip6`: the backend in a forward entry, the VIP in a
-/// reverse one). Sharing `CtValue` lets the IPv6 path use the IPv4 TCP
-/// state machine and route cache as they are.
+/// flags, client port, times, route cache; its `nat_ip` is 0, and `state`
+/// of a SNATed reverse entry is 0 too) and the IPv6 address it translates
+/// to (`nat_ip6`: the backend in a forward entry, the VIP in a reverse
+/// one). Sharing `CtValue` lets the IPv6 path use the IPv4 TCP state
+/// machine and route cache as they are.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue6 {
     pub ct: CtValue,
     pub nat_ip6: [u32; 4],
+    /// A SNATed flow's (`ct_flags::SNAT`) other address, 0 otherwise. In
+    /// the forward entry: the source address its packets leave from (the
+    /// node's `config_idx::SNAT_ADDR6`, or `SERVICE_LOOPBACK_V6` for a
+    /// hairpin flow), so that the reverse key can be rebuilt from the
+    /// forward entry. In the reverse entry (keyed backend -> that address):
+    /// the client's address, which the reply's destination goes back to
+    /// (IPv4 keeps it in `CtValue::state`, too small here).
+    pub snat_ip6: [u32; 4],
 }
 
 impl FlowKey6 {
-    /// The reverse key of a forward entry (see `FlowKey::reverse_of_forward`).
+    /// The reverse key of a forward entry (see `FlowKey::reverse_of_forward`;
+    /// a SNATed flow's ends at its `snat_ip6`).
     pub fn reverse_of_forward(&self, v: &CtValue6) -> FlowKey6 {
         FlowKey6 {
             src_ip: v.nat_ip6,
-            dst_ip: self.src_ip,
+            dst_ip: if v.ct.flags & ct_flags::SNAT != 0 {
+                v.snat_ip6
+            } else {
+                self.src_ip
+            },
             src_port: v.ct.nat_port,
             dst_port: if v.ct.client_port != 0 {
                 v.ct.client_port
@@ -856,10 +892,15 @@ impl FlowKey6 {
         }
     }
 
-    /// The forward key of a reverse entry.
+    /// The forward key of a reverse entry (a SNATed flow's client is in
+    /// its `snat_ip6`).
     pub fn forward_of_reverse(&self, v: &CtValue6) -> FlowKey6 {
         FlowKey6 {
-            src_ip: self.dst_ip,
+            src_ip: if v.ct.flags & ct_flags::SNAT != 0 {
+                v.snat_ip6
+            } else {
+                self.dst_ip
+            },
             dst_ip: v.nat_ip6,
             src_port: if v.ct.client_port != 0 {
                 v.ct.client_port
@@ -992,7 +1033,7 @@ const _: () = {
     assert!(core::mem::offset_of!(CtValue, fib_mac) == 52);
     assert!(core::mem::size_of::<ServiceKey6>() == 20);
     assert!(core::mem::size_of::<FlowKey6>() == 40);
-    assert!(core::mem::size_of::<CtValue6>() == 80);
+    assert!(core::mem::size_of::<CtValue6>() == 96);
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<FragKey>() == 12);
     assert!(core::mem::size_of::<FragValue>() == 4);

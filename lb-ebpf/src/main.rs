@@ -20,6 +20,7 @@ mod select;
 mod selector;
 mod set;
 mod snat;
+mod snat6;
 mod stats;
 mod v6;
 

@@ -20,9 +20,10 @@
 //!   header with segments left, a jumbogram and unknown headers pass
 //!   (`pass_ipv6_ext`); a Fragment header passes (`pass_fragment`);
 //!   ICMPv6 (neighbour discovery included) passes (`pass_not_tcp_udp`);
-//! - a new flow whose reverse tuple another flow holds (one client ip:port
-//!   through two VIPs to one backend) is dropped (`drop_ports_exhausted`):
-//!   IPv4 rewrites its source port, IPv6 does not yet;
+//! - SNAT (`snat6`) and the source-port rewrite of a new flow whose
+//!   reverse tuple another flow holds (one client ip:port through two VIPs
+//!   to one backend; `ct_port_rewrite`, `drop_ports_exhausted` when the
+//!   collision range has no free candidate) are IPv4's;
 //! - no usable backend: a SYN gets a RST, a UDP datagram without extension
 //!   headers an ICMPv6 port unreachable (`reject6`), the rest is dropped;
 //! - XDP: a check field equal to the packet's seed is taken for a
@@ -35,8 +36,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    CtValue6, FIB_FAILED, FlowKey6, IPV6_MAX_EXT, IPV6_MAX_EXT_BYTES,
-    ServiceKey6, config_idx, ct_dir, ct_state, fold6, proto, reason,
+    CtValue6, FIB_FAILED, FlowKey6, IPV6_MAX_EXT, IPV6_MAX_EXT_BYTES, ServiceKey6, config_idx,
+    ct_dir, ct_flags, ct_state, fold6, proto, reason,
 };
 
 use crate::{
@@ -59,7 +60,7 @@ pub const IP6_LEN: usize = 40;
 /// The L4 header without extension headers.
 pub const L4_OFF6: usize = ETH_LEN + IP6_LEN;
 /// Bounds every L4 offset for the verifier (`IPV6_MAX_EXT_BYTES` past `L4_OFF6` fits).
-const OFF_MASK: usize = 0x1ff;
+pub(crate) const OFF_MASK: usize = 0x1ff;
 const _: () = assert!(L4_OFF6 + IPV6_MAX_EXT_BYTES <= OFF_MASK);
 
 const NH_HOP: u8 = 0;
@@ -100,13 +101,17 @@ pub struct Packet6 {
 /// The IPv6 walk's big temporaries, in a per-CPU map (`SCRATCH6`) rather
 /// than on the stack: the packet's flow key, a second key (the reverse
 /// entry's, or the forward entry of a reply), a third (the owner of a taken
-/// reverse key), a conntrack value being written and a RST being built.
+/// reverse key), a conntrack value being written (and a new SNATed flow's
+/// state, `snat6`) and a RST being built.
 #[repr(C)]
 pub struct Scratch6 {
     pub key: FlowKey6,
     pub rev: FlowKey6,
     pub other: FlowKey6,
     pub ct: CtValue6,
+    /// The forward entry's state of a new SNATed flow (`snat6::create`).
+    pub state: u32,
+    pub _pad: u32,
     /// A RST being built (`reject6`).
     pub frame: [u8; crate::reject6::RST6_LEN],
 }
@@ -302,7 +307,7 @@ pub fn classify<C: Ctx>(ctx: &C, p: &Packet6) -> L4Csum {
 /// Rewrites the address at `off` from `old` to `new`, word by word (only
 /// the words that differ), fixing the L4 checksum.
 #[inline(always)]
-fn rewrite_addr<C: Ctx>(
+pub(crate) fn rewrite_addr<C: Ctx>(
     ctx: &mut C,
     off: usize,
     old: &[u32; 4],
@@ -351,7 +356,7 @@ fn snat<C: Ctx>(ctx: &mut C, p: &mut Packet6, ip: &[u32; 4], port: u16) -> Optio
 
 /// Writes the flow key `src:sport -> dst:dport` to `k`.
 #[inline(always)]
-fn set_key(k: *mut FlowKey6, src: &[u32; 4], dst: &[u32; 4], sport: u16, dport: u16, proto: u8) {
+pub(crate) fn set_key(k: *mut FlowKey6, src: &[u32; 4], dst: &[u32; 4], sport: u16, dport: u16, proto: u8) {
     let w = k as *mut u64;
     // SAFETY: FlowKey6 is repr(C), 40 bytes, 8-aligned in the scratch map
     // value (little endian: the ports and protocol are the last word).
@@ -365,7 +370,7 @@ fn set_key(k: *mut FlowKey6, src: &[u32; 4], dst: &[u32; 4], sport: u16, dport: 
 }
 
 #[inline(always)]
-fn same_addr(a: &[u32; 4], b: &[u32; 4]) -> bool {
+pub(crate) fn same_addr(a: &[u32; 4], b: &[u32; 4]) -> bool {
     a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
 }
 
@@ -382,10 +387,11 @@ fn same_key(a: *const FlowKey6, b: *const FlowKey6) -> bool {
     }
 }
 
-/// Writes a conntrack value (the IPv4 layout, `nat_ip` 0, no route yet) to `out`.
+/// Writes a conntrack value (the IPv4 layout, `nat_ip` 0, no route yet; no
+/// flags, client port or `snat_ip6`) to `out`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn set_ct(
+pub(crate) fn set_ct(
     out: *mut CtValue6,
     nat_ip6: &[u32; 4],
     nat_port: u16,
@@ -396,7 +402,7 @@ fn set_ct(
     now: u64,
 ) {
     let w = out as *mut u64;
-    // SAFETY: CtValue6 is repr(C), 80 bytes without implicit padding,
+    // SAFETY: CtValue6 is repr(C), 96 bytes without implicit padding,
     // 8-aligned in the scratch map value (little endian).
     unsafe {
         *w = (nat_port as u64) << 32 | (dir as u64) << 48;
@@ -410,6 +416,8 @@ fn set_ct(
         *w.add(7) = now;
         *w.add(8) = nat_ip6[0] as u64 | (nat_ip6[1] as u64) << 32;
         *w.add(9) = nat_ip6[2] as u64 | (nat_ip6[3] as u64) << 32;
+        *w.add(10) = 0;
+        *w.add(11) = 0;
     }
 }
 
@@ -418,7 +426,10 @@ const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = 17;
 
 /// Whether the reverse entry at `s.rev` belongs to a live flow other than
-/// `s.key` (as `conntrack::held_by_other`); uses `s.other`.
+/// `s.key` (as `conntrack::held_by_other`): the forward key it names (a
+/// SNATed flow's client is its `snat_ip6`, a rewritten port its
+/// `client_port`) holds a forward entry that points back at `s.rev`. Uses
+/// `s.other`.
 #[inline(always)]
 fn held_by_other(s: *mut Scratch6) -> bool {
     let s = unsafe { &mut *s };
@@ -435,9 +446,14 @@ fn held_by_other(s: *mut Scratch6) -> bool {
     } else {
         s.rev.dst_port
     };
+    let client = if v.ct.flags & ct_flags::SNAT != 0 {
+        &v.snat_ip6
+    } else {
+        &s.rev.dst_ip
+    };
     set_key(
         &mut s.other,
-        &s.rev.dst_ip,
+        client,
         &v.nat_ip6,
         cport,
         v.ct.nat_port,
@@ -449,18 +465,57 @@ fn held_by_other(s: *mut Scratch6) -> bool {
     match CONNTRACK6.get_ptr_mut(&s.other) {
         Some(f) => {
             let f = unsafe { &*f };
+            // The source port the backend sees: rewritten, or the client's.
+            let seen = if f.ct.client_port != 0 {
+                f.ct.client_port
+            } else {
+                s.other.src_port
+            };
             f.ct.dir == ct_dir::FORWARD
                 && same_addr(&f.nat_ip6, &s.rev.src_ip)
                 && f.ct.nat_port == s.rev.src_port
-                && s.other.src_port == s.rev.dst_port
+                && seen == s.rev.dst_port
         }
         None => false,
     }
 }
 
-/// Writes the reverse, then the forward entry of the new flow `s.key`.
-/// `None`: the reverse tuple is another live flow's (nothing written).
-/// `Some(ok)`: written, `ok` when both inserts succeeded.
+/// Writes the reverse entry `s.ct` at `s.rev` unless another live flow
+/// holds that key (`BPF_NOEXIST` first: the common case costs one update;
+/// a stale entry is taken over). `true`: written.
+#[inline(always)]
+pub(crate) fn claim(s: *mut Scratch6) -> bool {
+    let sc = unsafe { &*s };
+    match CONNTRACK6.insert(&sc.rev, &sc.ct, BPF_NOEXIST) {
+        Ok(()) => true,
+        Err(e) if e == -EEXIST => {
+            if held_by_other(s) {
+                return false;
+            }
+            let sc = unsafe { &*s };
+            CONNTRACK6.insert(&sc.rev, &sc.ct, BPF_ANY).is_ok()
+        }
+        Err(_) => false,
+    }
+}
+
+/// The state of a new flow's forward entry, from its first packet.
+#[inline(always)]
+fn new_state(p: &Packet6) -> u32 {
+    if p.proto == proto::UDP {
+        ct_state::UDP
+    } else if p.flags & TCP_SYN != 0 && p.flags & TCP_ACK == 0 {
+        ct_state::SYN
+    } else {
+        ct_state::ESTABLISHED
+    }
+}
+
+/// Writes the reverse, then the forward entry of the new flow `s.key`. A
+/// reverse tuple that another live flow holds gets another client port
+/// (`snat6::rewrite_port`, counted `ct_port_rewrite`), kept in both
+/// entries' `client_port`. `None`: no port of the range was free (nothing
+/// written). `Some(ok)`: written, `ok` when both inserts succeeded.
 #[inline(always)]
 fn create(
     s: *mut Scratch6,
@@ -471,13 +526,7 @@ fn create(
     port: u16,
     now: u64,
 ) -> Option<bool> {
-    let state = if p.proto == proto::UDP {
-        ct_state::UDP
-    } else if p.flags & TCP_SYN != 0 && p.flags & TCP_ACK == 0 {
-        ct_state::SYN
-    } else {
-        ct_state::ESTABLISHED
-    };
+    let state = new_state(p);
     let sc = unsafe { &mut *s };
     set_key(&mut sc.rev, ip, &p.saddr, port, p.sport, p.proto);
     set_ct(
@@ -490,14 +539,21 @@ fn create(
         0,
         now,
     );
+    let mut sport = 0u16;
     let rev_ok = match CONNTRACK6.insert(&sc.rev, &sc.ct, BPF_NOEXIST) {
         Ok(()) => true,
         Err(e) if e == -EEXIST => {
             if held_by_other(s) {
-                return None;
+                sport = crate::snat6::rewrite_port(s);
+                if sport == 0 {
+                    return None;
+                }
+                stats::reason(reason::CT_PORT_REWRITE);
+                true
+            } else {
+                let sc = unsafe { &*s };
+                CONNTRACK6.insert(&sc.rev, &sc.ct, BPF_ANY).is_ok()
             }
-            let sc = unsafe { &*s };
-            CONNTRACK6.insert(&sc.rev, &sc.ct, BPF_ANY).is_ok()
         }
         Err(_) => false,
     };
@@ -512,6 +568,7 @@ fn create(
         state,
         now,
     );
+    sc.ct.ct.client_port = sport;
     let fwd_ok = CONNTRACK6.insert(&sc.key, &sc.ct, BPF_ANY).is_ok();
     if fwd_ok {
         stats::conn_open(backend_id);
@@ -554,14 +611,22 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
             if tcp && p.flags & (TCP_FIN | TCP_RST | TCP_SYN) != 0 {
                 let cp = unsafe { (*ct).client_port };
                 let cport = if cp != 0 { cp } else { p.dport };
+                // A SNATed flow's client is not the reply's destination.
+                let client = if unsafe { (*ct).flags } & ct_flags::SNAT != 0 {
+                    unsafe { &(*v).snat_ip6 }
+                } else {
+                    &p.daddr
+                };
                 let fk = unsafe { &raw mut (*s).other };
-                set_key(fk, &p.daddr, &nat_ip, cport, nat_port, p.proto);
+                set_key(fk, client, &nat_ip, cport, nat_port, p.proto);
                 if let Some(f) = CONNTRACK6.get_ptr_mut(unsafe { &*fk }) {
                     conntrack::tcp_state::<S>(unsafe { &raw mut (*f).ct }, p.flags, false);
                 }
             }
             stats::traffic(svc_id, backend_id, bytes, false);
-            if snat(ctx, &mut p, &nat_ip, nat_port).is_none() {
+            if snat(ctx, &mut p, &nat_ip, nat_port).is_none()
+                || crate::snat6::destination(ctx, &mut p, v).is_none()
+            {
                 stats::reason(reason::DROP_TRUNCATED_L4);
                 return Verdict::Drop;
             }
@@ -574,12 +639,18 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
                 conntrack::tcp_state::<S>(ct, p.flags, true);
             }
             stats::traffic(svc_id, backend_id, bytes, false);
-            if dnat(ctx, &mut p, &nat_ip, nat_port).is_none() {
+            if dnat(ctx, &mut p, &nat_ip, nat_port).is_none()
+                || crate::snat6::source(ctx, &mut p, v).is_none()
+            {
                 stats::reason(reason::DROP_TRUNCATED_L4);
                 return Verdict::Drop;
             }
             stats::reason(reason::NAT_FORWARD);
-            return forward(ctx, &p, v, now);
+            let verdict = forward(ctx, &p, v, now);
+            if unsafe { (*ct).flags } & ct_flags::SNAT != 0 && verdict == Verdict::Pass {
+                return crate::snat6::unpassable(ctx, &p);
+            }
+            return verdict;
         }
     }
 
@@ -626,9 +697,9 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
         }
     };
     let picked = picked
-        .and_then(|id| select::backend(id).map(|b| (id, b.port)))
-        .and_then(|(id, port)| BACKENDS6.get(id).map(|a| (id, port, *a)));
-    let (id, port, ip) = match picked {
+        .and_then(|id| select::backend(id).map(|b| (id, b.port, b.flags)))
+        .and_then(|(id, port, fl)| BACKENDS6.get(id).map(|a| (id, port, fl, *a)));
+    let (id, port, bflags, ip) = match picked {
         Some(x) => x,
         None => {
             stats::svc_drop(svc.id);
@@ -639,13 +710,39 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
             return crate::reject6::no_backend(ctx, &p, s);
         }
     };
-    match create(s, &p, svc.id, id, &ip, port, now) {
-        Some(true) => {}
-        Some(false) => stats::reason(reason::DROP_CT_INSERT),
-        None => {
+    // A `Cluster` front end's backend on another node, or the client
+    // itself (hairpin): SNATed too (`snat6`).
+    let masq = crate::snat6::new_flags(bflags, &ip, &p.saddr);
+    if masq != 0 {
+        set_key(
+            unsafe { &raw mut (*s).rev },
+            &ip,
+            &ip,
+            port,
+            0,
+            p.proto,
+        );
+        crate::snat6::reverse_value(s, masq, svc.id, id, now);
+        unsafe { (*s).state = new_state(&p) };
+        if crate::snat6::create(s) == 0 {
             stats::svc_drop(svc.id);
-            stats::reason(reason::DROP_PORTS_EXHAUSTED);
+            stats::reason(reason::DROP_SNAT_EXHAUSTED);
             return Verdict::Drop;
+        }
+        stats::reason(if masq & ct_flags::HAIRPIN != 0 {
+            reason::CT_HAIRPIN
+        } else {
+            reason::CT_SNAT
+        });
+    } else {
+        match create(s, &p, svc.id, id, &ip, port, now) {
+            Some(true) => {}
+            Some(false) => stats::reason(reason::DROP_CT_INSERT),
+            None => {
+                stats::svc_drop(svc.id);
+                stats::reason(reason::DROP_PORTS_EXHAUSTED);
+                return Verdict::Drop;
+            }
         }
     }
     let entry = CONNTRACK6.get_ptr_mut(unsafe { &(*s).key });
@@ -660,10 +757,36 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
         stats::reason(reason::DROP_TRUNCATED_L4);
         return Verdict::Drop;
     }
-    stats::reason(reason::NAT_FORWARD);
+    if masq != 0 {
+        // The source from the entry just written (its port, its address).
+        let Some(v) = entry else {
+            return Verdict::Drop;
+        };
+        if crate::snat6::source(ctx, &mut p, v).is_none() {
+            stats::reason(reason::DROP_TRUNCATED_L4);
+            return Verdict::Drop;
+        }
+        stats::reason(reason::NAT_FORWARD);
+        let verdict = forward(ctx, &p, v, now);
+        if verdict == Verdict::Pass {
+            return crate::snat6::unpassable(ctx, &p);
+        }
+        return verdict;
+    }
     match entry {
-        Some(v) => forward(ctx, &p, v, now),
-        None => forward_seed_or_pass(&p),
+        Some(v) => {
+            // A rewritten client port (a reverse-tuple collision).
+            if crate::snat6::source(ctx, &mut p, v).is_none() {
+                stats::reason(reason::DROP_TRUNCATED_L4);
+                return Verdict::Drop;
+            }
+            stats::reason(reason::NAT_FORWARD);
+            forward(ctx, &p, v, now)
+        }
+        None => {
+            stats::reason(reason::NAT_FORWARD);
+            forward_seed_or_pass(&p)
+        }
     }
 }
 
@@ -704,7 +827,9 @@ const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
 /// the stack; else the flow's cached route while fresh, else
 /// `bpf_fib_lookup` (AF_INET6), whose result (or failure) the flow's entry
 /// keeps. No per-destination cache (`ROUTE_CACHE` is IPv4's) yet.
-#[inline(always)]
+/// Not inlined: one copy for the walk's four callers, and its locals off
+/// the walk's frame (the IPv6 programs' stack is near the verifier's 512).
+#[inline(never)]
 fn forward<C: Ctx>(ctx: &mut C, p: &Packet6, v: *mut CtValue6, now: u64) -> Verdict {
     if p.csum.is_seed() {
         stats::reason(p.csum.pass_reason());

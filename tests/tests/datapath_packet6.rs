@@ -4,8 +4,10 @@
 //! every expected L4 checksum is computed here over the IPv6 pseudo-header
 //! (RFC 8200 8.1), independently of the programs' incremental updates.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv6Addr};
 
+use lb_agent::datapath::PortRange;
 use lb_agent::datapath::programs::{self, ProgramSet};
 use lb_agent::datapath::scratch::{Hook, ScratchDatapath};
 use lb_api::{Algorithm, Backend, Protocol, Service, ServiceAddr};
@@ -888,3 +890,678 @@ fn gc6_expires_idle_flows(hook: Hook, set: ProgramSet) {
     assert_eq!(conns.active(gc), 0);
 }
 each!(gc6_expires_idle_flows, gc6_expires_idle_flows);
+
+// ---- IPv6 SNAT (lb-ebpf/src/snat6.rs) ----
+
+/// The client, outside the cluster, and a second one.
+fn sclient(i: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 0x100 + i)
+}
+/// This node's IPv6 address (`--snat-address6`).
+fn node6() -> Ipv6Addr {
+    ip6("fd00:50::1")
+}
+/// A front end (an external IP, TCP and UDP) whose backend runs on another
+/// node, and that backend (on the network of `d0`, see [`in_ns6`]).
+fn fe6() -> Ipv6Addr {
+    ip6("fd00:60::10")
+}
+fn remote6() -> Ipv6Addr {
+    ip6("fd00:10:244:32::2")
+}
+
+/// Runs `f` in a namespace of its own (torn down after): IPv6 forwarding
+/// on, a veth `d0` with `remote6()`'s network (no neighbour entry) and
+/// `node6()`, without duplicate address detection. There a SNATed packet
+/// that the walk would hand to the stack (these tests turn the fib redirect
+/// off) goes out with `bpf_redirect_neigh` in TC, and is dropped in XDP.
+fn in_ns6(f: impl FnOnce() + Send) {
+    let ns = rpclb_tests::lab::Netns::new("snat6pkt").unwrap();
+    for args in [
+        vec!["link", "add", "d0", "type", "veth", "peer", "name", "d1"],
+        vec!["link", "set", "d0", "up"],
+        vec!["link", "set", "d1", "up"],
+        vec![
+            "-6",
+            "addr",
+            "add",
+            "fd00:10:244:32::1/64",
+            "dev",
+            "d0",
+            "nodad",
+        ],
+        vec!["-6", "addr", "add", "fd00:50::1/64", "dev", "d0", "nodad"],
+    ] {
+        ns.ip(&args).unwrap();
+    }
+    ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])
+        .unwrap();
+    ns.run(f).unwrap();
+}
+
+macro_rules! each_ns6 {
+    ($name:ident, $run:expr) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn xdp_full() {
+                if can_run(ProgramSet::Full) {
+                    in_ns6(|| ($run)(Hook::Xdp, ProgramSet::Full));
+                }
+            }
+            #[test]
+            fn xdp_compat() {
+                if can_run(ProgramSet::Compat) {
+                    in_ns6(|| ($run)(Hook::Xdp, ProgramSet::Compat));
+                }
+            }
+            #[test]
+            fn tc_full() {
+                if can_run(ProgramSet::Full) {
+                    in_ns6(|| ($run)(Hook::Tc, ProgramSet::Full));
+                }
+            }
+            #[test]
+            fn tc_compat() {
+                if can_run(ProgramSet::Compat) {
+                    in_ns6(|| ($run)(Hook::Tc, ProgramSet::Compat));
+                }
+            }
+        }
+    };
+}
+
+/// The verdict of a SNATed packet to its backend in [`in_ns6`].
+fn snat_out(h: Hook) -> u32 {
+    match h {
+        Hook::Xdp => XDP_DROP,
+        Hook::Tc => TC_REDIRECT,
+    }
+}
+
+fn pass(h: Hook) -> u32 {
+    match h {
+        Hook::Xdp => XDP_PASS,
+        Hook::Tc => TC_OK,
+    }
+}
+
+fn dropped(h: Hook) -> u32 {
+    match h {
+        Hook::Xdp => XDP_DROP,
+        Hook::Tc => TC_SHOT,
+    }
+}
+
+/// A data path (no fib redirect) with IPv6 SNAT on `node6()` and `ports`
+/// (`addr6`: the SNAT address, `None` for IPv6 SNAT off), and the front
+/// ends `fe6():80` TCP and UDP to `remote6():8080`, marked for SNAT as the
+/// agent marks a `Cluster` front end's backend on another node.
+fn snat_h(set: ProgramSet, ports: Option<PortRange>, addr6: Option<Ipv6Addr>) -> H {
+    let mut h = H(ScratchDatapath::new(|c| {
+        c.fib_redirect = false;
+        c.programs = set.into();
+        c.snat_ports = ports;
+        c.snat_address6 = addr6;
+    })
+    .expect("load data path"));
+    let svcs = [Protocol::Tcp, Protocol::Udp].map(|p| {
+        svc(
+            &format!("fe6/{p:?}"),
+            fe6(),
+            80,
+            p,
+            Algorithm::Maglev,
+            &[(remote6(), 8080)],
+        )
+    });
+    let snat: HashSet<(ServiceAddr, IpAddr, u16)> = svcs
+        .iter()
+        .map(|s| (s.addr(), IpAddr::from(remote6()), 8080))
+        .collect();
+    let w = h.0.writer();
+    w.set_snat(snat);
+    for s in &svcs {
+        w.upsert_service(s).unwrap();
+    }
+    h
+}
+
+impl H {
+    fn reasons(&mut self) -> Vec<(&'static str, u64)> {
+        self.0.writer().reasons().unwrap()
+    }
+
+    /// Runs `input`; checks the verdict code and the exact output bytes
+    /// (whose checksums the builder computed from scratch).
+    fn step(&mut self, hook: Hook, desc: &str, input: &P6, code: u32, want: &P6) {
+        let (rc, out) = self
+            .0
+            .run(hook, &input.build())
+            .unwrap_or_else(|e| panic!("{hook:?}: {desc}: test run: {e}"));
+        assert_eq!(rc, code, "{hook:?}: {desc}: verdict");
+        assert_bytes_eq(&out, &want.build());
+        eprintln!("{hook:?}: {desc}: ok");
+    }
+}
+
+fn deltas(
+    before: &[(&'static str, u64)],
+    after: &[(&'static str, u64)],
+) -> impl Fn(&str) -> u64 + use<> {
+    let d: Vec<(&'static str, u64)> = after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| (a.0, a.1 - b.1))
+        .collect();
+    move |n: &str| d.iter().find(|r| r.0 == n).expect("reason name").1
+}
+
+fn w6(a: Ipv6Addr) -> [u32; 4] {
+    lb_agent::datapath::reader::ip6_wire(a)
+}
+
+/// The `i`-th candidate SNAT port of a flow to `fe6():80`
+/// (`lb_common::collision_port` over the hash of the folded addresses),
+/// computed here from the published functions.
+fn candidate(r: PortRange, client: Ipv6Addr, sport: u16, proto: u8, i: u32) -> u16 {
+    let h = lb_common::flow_hash(
+        lb_common::fold6(&w6(client)),
+        lb_common::fold6(&w6(fe6())),
+        sport.to_be(),
+        80u16.to_be(),
+        proto,
+    );
+    lb_common::collision_port(r.first.into(), r.count(), h, i) as u16
+}
+
+fn key6(src: Ipv6Addr, sp: u16, dst: Ipv6Addr, dp: u16, proto: u8) -> lb_common::FlowKey6 {
+    lb_common::FlowKey6 {
+        src_ip: w6(src),
+        dst_ip: w6(dst),
+        src_port: sp.to_be(),
+        dst_port: dp.to_be(),
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// A SYN to a `Cluster` front end whose backend is on another node leaves
+/// SNATed and DNATed (node6:port -> backend); the backend's reply comes
+/// back un-SNATed and un-DNATed in one step (front end -> client at its
+/// own port); the flow's next packets and its FIN take the same rewrite.
+/// UDP alike. The entries name each other (GC pairs them), and the GC
+/// expires both.
+fn snat6_round_trip(hook: Hook, set: ProgramSet) {
+    let r = PortRange::DEFAULT_SNAT;
+    let mut h = snat_h(set, Some(r), Some(node6()));
+    let before = h.reasons();
+    let (c, fe, b, n) = (sclient(1), fe6(), remote6(), node6());
+    let p = candidate(r, c, 40000, 6, 0);
+    let (out, back) = (snat_out(hook), pass(hook));
+    let steps = [
+        (
+            "SYN to the front end: SNAT + DNAT",
+            P6::tcp(c, 40000, fe, 80, SYN).payload(b"snat me"),
+            out,
+            P6::tcp(n, p, b, 8080, SYN).payload(b"snat me"),
+        ),
+        (
+            "SYN|ACK from the backend to the node: un-SNAT + un-DNAT",
+            P6::tcp(b, 8080, n, p, SYN | ACK),
+            back,
+            P6::tcp(fe, 80, c, 40000, SYN | ACK),
+        ),
+        (
+            "ACK from the client: the same rewrite (conntrack hit)",
+            P6::tcp(c, 40000, fe, 80, ACK),
+            out,
+            P6::tcp(n, p, b, 8080, ACK),
+        ),
+        (
+            "data from the backend",
+            P6::tcp(b, 8080, n, p, ACK | PSH).payload(b"odd"),
+            back,
+            P6::tcp(fe, 80, c, 40000, ACK | PSH).payload(b"odd"),
+        ),
+        (
+            "FIN from the client",
+            P6::tcp(c, 40000, fe, 80, FIN | ACK),
+            out,
+            P6::tcp(n, p, b, 8080, FIN | ACK),
+        ),
+        (
+            "FIN from the backend",
+            P6::tcp(b, 8080, n, p, FIN | ACK),
+            back,
+            P6::tcp(fe, 80, c, 40000, FIN | ACK),
+        ),
+    ];
+    for (desc, input, code, want) in &steps {
+        h.step(hook, desc, input, *code, want);
+    }
+    let up = candidate(r, c, 5353, 17, 0);
+    h.step(
+        hook,
+        "UDP to the front end: SNAT + DNAT",
+        &P6::udp(c, 5353, fe, 80).payload(b"query"),
+        out,
+        &P6::udp(n, up, b, 8080).payload(b"query"),
+    );
+    h.step(
+        hook,
+        "UDP reply: un-SNAT + un-DNAT",
+        &P6::udp(b, 8080, n, up).payload(b"answer"),
+        back,
+        &P6::udp(fe, 80, c, 5353).payload(b"answer"),
+    );
+    let d = deltas(&before, &h.reasons());
+    assert_eq!(d("ct_snat"), 2, "the TCP and the UDP flow");
+    assert_eq!(d("ct_hairpin"), 0);
+    assert_eq!(d("drop_snat_exhausted"), 0);
+    assert_eq!(d("drop_ct_insert"), 0);
+    assert_eq!(d("nat_forward"), 4);
+    assert_eq!(d("nat_reverse"), 4);
+    // The four SNATed packets to the backend: never to the stack.
+    let (neigh, unrouted) = match hook {
+        Hook::Tc => (4, 0),
+        Hook::Xdp => (0, 4),
+    };
+    assert_eq!(d("fwd_redirect_neigh"), neigh);
+    assert_eq!(d("drop_snat_unrouted"), unrouted);
+
+    // The entries: forward at the client's key (backend, SNAT port, the
+    // source address); reverse at backend -> node:port (front end, the
+    // client's port and address). Each names the other.
+    let w = h.0.writer();
+    let (fk, rk) = (key6(c, 40000, fe, 80, 6), key6(b, 8080, n, p, 6));
+    let f = w.conntrack6_get(&fk).unwrap().expect("forward entry");
+    let rv = w.conntrack6_get(&rk).unwrap().expect("reverse entry");
+    assert_eq!((f.ct.flags, rv.ct.flags), (1, 1), "ct_flags::SNAT");
+    assert_eq!(
+        (f.nat_ip6, f.ct.nat_port, f.ct.client_port, f.snat_ip6),
+        (w6(b), 8080u16.to_be(), p.to_be(), w6(n))
+    );
+    assert_eq!(f.ct.state, lb_common::ct_state::CLOSING);
+    assert_eq!(
+        (rv.nat_ip6, rv.ct.nat_port, rv.ct.client_port, rv.snat_ip6),
+        (w6(fe), 80u16.to_be(), 40000u16.to_be(), w6(c))
+    );
+    assert_eq!(fk.reverse_of_forward(&f), rk);
+    assert_eq!(rk.forward_of_reverse(&rv), fk);
+    assert!(fk.owns_reverse(&f, &rk, &rv));
+    assert!(
+        w.conntrack6_get(&key6(b, 8080, c, 40000, 6))
+            .unwrap()
+            .is_none(),
+        "no reverse entry at the client's own tuple"
+    );
+    // GC: past the timeouts, both flows' entries go, in pairs (no orphan).
+    let t = lb_agent::config::Timeouts::default();
+    let later = lb_agent::datapath::reader::monotonic_ns() + 7 * 3600 * 1_000_000_000;
+    let g = lb_agent::gc6::sweep6(w, &t, later).unwrap();
+    assert_eq!((g.flows, g.expired, g.orphans), (2, 2, 0), "{g:?}");
+    assert!(w.conntrack6_entries().unwrap().is_empty());
+}
+each_ns6!(snat6_round_trip, snat6_round_trip);
+
+/// Two clients whose flows hash to the same first SNAT port: the second
+/// takes its next candidate, and each reply goes back to its own client.
+fn snat6_port_collision(hook: Hook, set: ProgramSet) {
+    let r = PortRange::DEFAULT_SNAT;
+    let mut h = snat_h(set, Some(r), Some(node6()));
+    let (c1, c2, fe, b, n) = (sclient(1), sclient(2), fe6(), remote6(), node6());
+    let p = candidate(r, c1, 40000, 6, 0);
+    let sport2 = (1024..=65535u16)
+        .find(|&s| candidate(r, c2, s, 6, 0) == p)
+        .expect("a port of client 2 with the same first candidate");
+    let p2 = (1..16)
+        .map(|i| candidate(r, c2, sport2, 6, i))
+        .find(|&x| x != p)
+        .unwrap();
+    let out = snat_out(hook);
+    h.step(
+        hook,
+        "client 1: first candidate",
+        &P6::tcp(c1, 40000, fe, 80, SYN),
+        out,
+        &P6::tcp(n, p, b, 8080, SYN),
+    );
+    h.step(
+        hook,
+        "client 2: first candidate taken, the next one",
+        &P6::tcp(c2, sport2, fe, 80, SYN),
+        out,
+        &P6::tcp(n, p2, b, 8080, SYN),
+    );
+    h.step(
+        hook,
+        "reply to client 2",
+        &P6::tcp(b, 8080, n, p2, SYN | ACK),
+        pass(hook),
+        &P6::tcp(fe, 80, c2, sport2, SYN | ACK),
+    );
+    h.step(
+        hook,
+        "reply to client 1",
+        &P6::tcp(b, 8080, n, p, SYN | ACK),
+        pass(hook),
+        &P6::tcp(fe, 80, c1, 40000, SYN | ACK),
+    );
+}
+each_ns6!(snat6_port_collision, snat6_port_collision);
+
+/// A one-port SNAT range: the second flow finds no free port; its SYN is
+/// dropped and counted (`drop_snat_exhausted`, a drop of the service), the
+/// first flow keeps working. Once the first flow's forward entry is gone
+/// (as GC deletes it), the port serves the next flow. No IPv6 SNAT address
+/// (the agent then never marks IPv6 backends for SNAT): dropped, counted.
+fn snat6_exhaustion(hook: Hook, set: ProgramSet) {
+    let r = PortRange {
+        first: 62000,
+        last: 62000,
+    };
+    let mut h = snat_h(set, Some(r), Some(node6()));
+    let before = h.reasons();
+    let (c1, c2, fe, b, n) = (sclient(1), sclient(2), fe6(), remote6(), node6());
+    h.step(
+        hook,
+        "client 1 takes the one port",
+        &P6::tcp(c1, 40000, fe, 80, SYN),
+        snat_out(hook),
+        &P6::tcp(n, 62000, b, 8080, SYN),
+    );
+    let syn2 = P6::tcp(c2, 40000, fe, 80, SYN);
+    h.step(hook, "client 2: no free port", &syn2, dropped(hook), &syn2);
+    h.step(hook, "client 2 again", &syn2, dropped(hook), &syn2);
+    h.step(
+        hook,
+        "client 1's reply still its own",
+        &P6::tcp(b, 8080, n, 62000, SYN | ACK),
+        pass(hook),
+        &P6::tcp(fe, 80, c1, 40000, SYN | ACK),
+    );
+    let d = deltas(&before, &h.reasons());
+    assert_eq!((d("drop_snat_exhausted"), d("ct_snat")), (2, 1));
+    let addr = ServiceAddr {
+        vip: fe.into(),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let st = h.0.writer().service_stats(&addr).unwrap();
+    assert_eq!((st.new_flows, st.drops), (1, 2));
+
+    h.0.writer()
+        .conntrack6_remove(&key6(c1, 40000, fe, 80, 6))
+        .unwrap();
+    h.step(
+        hook,
+        "client 2 after client 1's flow is gone",
+        &syn2,
+        snat_out(hook),
+        &P6::tcp(n, 62000, b, 8080, SYN),
+    );
+    h.step(
+        hook,
+        "the port's replies are client 2's",
+        &P6::tcp(b, 8080, n, 62000, SYN | ACK),
+        pass(hook),
+        &P6::tcp(fe, 80, c2, 40000, SYN | ACK),
+    );
+
+    // No IPv6 SNAT address, or no ports: dropped, counted.
+    for (ports, addr6) in [(Some(r), None), (None, Some(node6()))] {
+        let mut h = snat_h(set, ports, addr6);
+        let before = h.reasons();
+        h.step(hook, "IPv6 SNAT off", &syn2, dropped(hook), &syn2);
+        assert_eq!(deltas(&before, &h.reasons())("drop_snat_exhausted"), 1);
+    }
+}
+each_ns6!(snat6_exhaustion, snat6_exhaustion);
+
+/// IPv6 hairpin: a ClusterIP whose one backend is `pod6(5)` (TCP and UDP),
+/// on `remote6()`'s network (on `d0`, see [`in_ns6`]).
+fn cip6() -> Ipv6Addr {
+    ip6("fd00:10:96::40")
+}
+fn pod6(i: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, 0x32, 0, 0, 0, i)
+}
+/// `lb_common::SERVICE_LOOPBACK_V6`.
+fn loopback6() -> Ipv6Addr {
+    ip6("100::a9fe:2a01")
+}
+
+/// The first candidate SNAT port of a flow from `src:sport` to `dst:80`.
+fn candidate_to(r: PortRange, src: Ipv6Addr, sport: u16, dst: Ipv6Addr, proto: u8) -> u16 {
+    let h = lb_common::flow_hash(
+        lb_common::fold6(&w6(src)),
+        lb_common::fold6(&w6(dst)),
+        sport.to_be(),
+        80u16.to_be(),
+        proto,
+    );
+    lb_common::collision_port(r.first.into(), r.count(), h, 0) as u16
+}
+
+/// A pod reaches itself through its IPv6 ClusterIP: the SYN leaves SNATed
+/// to the IPv6 service loopback 100::a9fe:2a01 at a port of the SNAT range
+/// (and DNATed), so the pod's SYN|ACK comes back to rpclb, which sends it to
+/// the pod from the ClusterIP at the pod's own port. No node address needed
+/// (`--snat-address6` unset). Every packet to the pod is a SNATed one:
+/// never to the stack (TC: `bpf_redirect_neigh`; XDP, which cannot here:
+/// dropped). UDP alike. Another pod is DNATed only. Counted as
+/// `ct_hairpin`, not `ct_snat`. Without ports: dropped, counted.
+fn hairpin6(hook: Hook, set: ProgramSet) {
+    assert_eq!(
+        lb_common::SERVICE_LOOPBACK_V6,
+        w6(loopback6()),
+        "the published address"
+    );
+    let r = PortRange::DEFAULT_SNAT;
+    let mut h = snat_h(set, Some(r), None);
+    for p in [Protocol::Tcp, Protocol::Udp] {
+        let s = svc(
+            &format!("pod/self-{p:?}"),
+            cip6(),
+            80,
+            p,
+            Algorithm::Random,
+            &[(pod6(5), 8080)],
+        );
+        h.0.writer().upsert_service(&s).unwrap();
+    }
+    let before = h.reasons();
+    let (pod, cip, lo) = (pod6(5), cip6(), loopback6());
+    let p = candidate_to(r, pod, 40000, cip, 6);
+    let (out, back) = (snat_out(hook), pass(hook));
+    let steps = [
+        (
+            "SYN from the pod to its own service: SNAT to the loopback + DNAT",
+            P6::tcp(pod, 40000, cip, 80, SYN),
+            out,
+            P6::tcp(lo, p, pod, 8080, SYN),
+        ),
+        (
+            "SYN|ACK from the pod to the loopback: un-SNAT + un-DNAT",
+            P6::tcp(pod, 8080, lo, p, SYN | ACK),
+            back,
+            P6::tcp(cip, 80, pod, 40000, SYN | ACK),
+        ),
+        (
+            "ACK: the same rewrite (conntrack hit)",
+            P6::tcp(pod, 40000, cip, 80, ACK).payload(b"ping"),
+            out,
+            P6::tcp(lo, p, pod, 8080, ACK).payload(b"ping"),
+        ),
+        (
+            "FIN",
+            P6::tcp(pod, 40000, cip, 80, FIN | ACK),
+            out,
+            P6::tcp(lo, p, pod, 8080, FIN | ACK),
+        ),
+    ];
+    for (desc, input, code, want) in &steps {
+        h.step(hook, desc, input, *code, want);
+    }
+    let up = candidate_to(r, pod, 5353, cip, 17);
+    h.step(
+        hook,
+        "UDP from the pod to its own service",
+        &P6::udp(pod, 5353, cip, 80).payload(b"q"),
+        out,
+        &P6::udp(lo, up, pod, 8080).payload(b"q"),
+    );
+    h.step(
+        hook,
+        "UDP reply",
+        &P6::udp(pod, 8080, lo, up).payload(b"a"),
+        back,
+        &P6::udp(cip, 80, pod, 5353).payload(b"a"),
+    );
+    h.step(
+        hook,
+        "another pod to the service: DNAT only",
+        &P6::tcp(pod6(6), 40000, cip, 80, SYN),
+        back,
+        &P6::tcp(pod6(6), 40000, pod, 8080, SYN),
+    );
+    let d = deltas(&before, &h.reasons());
+    assert_eq!((d("ct_hairpin"), d("ct_snat")), (2, 0));
+    assert_eq!((d("drop_snat_exhausted"), d("drop_ct_insert")), (0, 0));
+    let (neigh, unrouted) = match hook {
+        Hook::Tc => (4, 0),
+        Hook::Xdp => (0, 4),
+    };
+    assert_eq!(d("fwd_redirect_neigh"), neigh);
+    assert_eq!(d("drop_snat_unrouted"), unrouted);
+    let w = h.0.writer();
+    let (fk, rk) = (key6(pod, 40000, cip, 80, 6), key6(pod, 8080, lo, p, 6));
+    let f = w.conntrack6_get(&fk).unwrap().expect("forward entry");
+    let rv = w.conntrack6_get(&rk).unwrap().expect("reverse entry");
+    let flags = lb_common::ct_flags::SNAT | lb_common::ct_flags::HAIRPIN;
+    assert_eq!((f.ct.flags, rv.ct.flags), (flags, flags));
+    assert_eq!((f.snat_ip6, rv.snat_ip6), (w6(lo), w6(pod)));
+    assert_eq!(rk.forward_of_reverse(&rv), fk);
+    assert_eq!(fk.reverse_of_forward(&f), rk);
+
+    // No SNAT ports: no way to hairpin; dropped and counted rather than
+    // DNATed into a packet from the pod to itself.
+    let mut h = snat_h(set, None, None);
+    let s = svc(
+        "pod/self",
+        cip,
+        80,
+        Protocol::Tcp,
+        Algorithm::Random,
+        &[(pod, 8080)],
+    );
+    h.0.writer().upsert_service(&s).unwrap();
+    let before = h.reasons();
+    let syn = P6::tcp(pod, 40000, cip, 80, SYN);
+    h.step(hook, "SNAT ports off", &syn, dropped(hook), &syn);
+    let d = deltas(&before, &h.reasons());
+    assert_eq!((d("drop_snat_exhausted"), d("ct_hairpin")), (1, 0));
+}
+each_ns6!(hairpin6, hairpin6);
+
+/// A reverse-tuple collision over IPv6 (docs/reliability.md): one client
+/// ip:port reaches two VIPs that share one backend. The second flow's
+/// reverse key (backend -> client ip:port) is the first flow's, so it gets
+/// a client port of the collision range (`--collision-ports`), rewritten on
+/// the way in and restored on its replies; the first flow is untouched.
+/// Counted `ct_port_rewrite`. No collision ports: dropped, counted
+/// (`drop_ports_exhausted`). Before, IPv6 always dropped such a flow.
+fn collision_rewrite(hook: Hook, set: ProgramSet) {
+    let (c, b) = (client(), backend(1));
+    let (v1, v2) = (ip6("fd00:10:96::51"), ip6("fd00:10:96::52"));
+    let mk = |name: &str, vip| {
+        svc(
+            name,
+            vip,
+            80,
+            Protocol::Tcp,
+            Algorithm::Maglev,
+            &[(b, 8080)],
+        )
+    };
+    let cport: u16 = if hook == Hook::Xdp { 47_001 } else { 47_002 };
+    let r = PortRange::DEFAULT_COLLISION;
+    let h = lb_common::flow_hash(
+        lb_common::fold6(&w6(c)),
+        lb_common::fold6(&w6(v2)),
+        cport.to_be(),
+        80u16.to_be(),
+        6,
+    );
+    let rp = lb_common::collision_port(r.first.into(), r.count(), h, 0) as u16;
+    let mut t = H::new(set);
+    t.apply(vec![mk("demo/a", v1), mk("demo/b", v2)]);
+    let before = t.reasons();
+    let steps = [
+        (
+            "SYN to VIP 1: DNAT",
+            P6::tcp(c, cport, v1, 80, SYN),
+            V::Pass,
+            P6::tcp(c, cport, b, 8080, SYN),
+        ),
+        (
+            "SYN to VIP 2 from the same ip:port: DNAT, another client port",
+            P6::tcp(c, cport, v2, 80, SYN).payload(b"two"),
+            V::Pass,
+            P6::tcp(c, rp, b, 8080, SYN).payload(b"two"),
+        ),
+        (
+            "the second flow's reply: from VIP 2 to the client's own port",
+            P6::tcp(b, 8080, c, rp, SYN | ACK),
+            V::Pass,
+            P6::tcp(v2, 80, c, cport, SYN | ACK),
+        ),
+        (
+            "the first flow's reply: from VIP 1",
+            P6::tcp(b, 8080, c, cport, SYN | ACK),
+            V::Pass,
+            P6::tcp(v1, 80, c, cport, SYN | ACK),
+        ),
+        (
+            "the second flow's next packet: the same rewrite",
+            P6::tcp(c, cport, v2, 80, ACK),
+            V::Pass,
+            P6::tcp(c, rp, b, 8080, ACK),
+        ),
+    ];
+    for (desc, input, v, want) in &steps {
+        t.step(hook, desc, input, v.code(hook), want);
+    }
+    let d = deltas(&before, &t.reasons());
+    assert_eq!((d("ct_port_rewrite"), d("drop_ports_exhausted")), (1, 0));
+    assert_eq!((d("nat_forward"), d("nat_reverse")), (3, 2));
+
+    // No collision ports: the second flow is dropped, counted.
+    let mut t = H(ScratchDatapath::new(|cfg| {
+        cfg.fib_redirect = false;
+        cfg.programs = set.into();
+        cfg.collision_ports = None;
+    })
+    .expect("load data path"));
+    t.apply(vec![mk("demo/a", v1), mk("demo/b", v2)]);
+    let before = t.reasons();
+    t.step(
+        hook,
+        "SYN to VIP 1",
+        &P6::tcp(c, cport, v1, 80, SYN),
+        V::Pass.code(hook),
+        &P6::tcp(c, cport, b, 8080, SYN),
+    );
+    let syn2 = P6::tcp(c, cport, v2, 80, SYN);
+    t.step(
+        hook,
+        "SYN to VIP 2: no port",
+        &syn2,
+        V::Drop.code(hook),
+        &syn2,
+    );
+    let d = deltas(&before, &t.reasons());
+    assert_eq!((d("ct_port_rewrite"), d("drop_ports_exhausted")), (0, 1));
+}
+each!(collision_rewrite, collision_rewrite);

@@ -808,3 +808,145 @@ fn backends_show_qos_limits() {
         ("3/3".into(), "1/1".into(), "0".into())
     );
 }
+
+/// An Ethernet/IPv6/TCP SYN (checksum left 0: these flows are only looked at).
+fn syn6(src: std::net::Ipv6Addr, sport: u16, dst: std::net::Ipv6Addr, dport: u16) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x86, 0xdd];
+    f.extend_from_slice(&[0x60, 0, 0, 0, 0, 20, 6, 64]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&sport.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 3, 232, 0, 0, 0, 0, 0x50, SYN, 0xfa, 0xf0, 0, 0, 0, 0]);
+    f
+}
+
+/// `lbctl conntrack` says how each flow is translated (`nat`: `dnat`,
+/// `snat`, `hairpin`, from the entries' `ct_flags`) and, for a SNATed flow,
+/// which source address and port the backend sees: a `Cluster` front end's
+/// flow to another node's backend (SNATed to the node's address) and a pod
+/// reaching itself (SNATed to the service loopback), IPv4 and IPv6. Before,
+/// such rows looked like plain DNATed flows.
+#[test]
+fn conntrack_shows_snat_and_hairpin() {
+    if !can_run() {
+        return;
+    }
+    use std::net::{IpAddr, Ipv6Addr};
+    let node = Ipv4Addr::new(192, 168, 50, 1);
+    let node6: Ipv6Addr = "fd00:50::1".parse().unwrap();
+    let mut h = Harness(
+        ScratchDatapath::new(|c| {
+            c.fib_redirect = false;
+            c.snat_address = Some(node);
+            c.snat_address6 = Some(node6);
+        })
+        .expect("load data path"),
+    );
+    let fe = Ipv4Addr::new(192, 168, 60, 1);
+    let remote = Ipv4Addr::new(10, 244, 32, 2);
+    let (cip, pod) = (Ipv4Addr::new(10, 96, 0, 40), Ipv4Addr::new(10, 244, 32, 5));
+    let fe6: Ipv6Addr = "fd00:60::10".parse().unwrap();
+    let remote6: Ipv6Addr = "fd00:10:244:32::2".parse().unwrap();
+    let cip6: Ipv6Addr = "fd00:10:96::40".parse().unwrap();
+    let pod6: Ipv6Addr = "fd00:10:244:32::5".parse().unwrap();
+    let svc = |name: &str, vip: IpAddr, b: IpAddr| {
+        Service::new(
+            name,
+            vip,
+            80,
+            Protocol::Tcp,
+            Algorithm::Maglev,
+            vec![Backend::new(b, 8080)],
+        )
+    };
+    let svcs = [
+        svc("ext/remote", fe.into(), remote.into()),
+        svc("ext/remote6", fe6.into(), remote6.into()),
+        svc("pod/self", cip.into(), pod.into()),
+        svc("pod/self6", cip6.into(), pod6.into()),
+        svc("demo/web:http", VIP.into(), b(1).into()),
+    ];
+    // The agent marks a `Cluster` front end's backends on other nodes.
+    let snat: std::collections::HashSet<_> = svcs[..2]
+        .iter()
+        .map(|s| (s.addr(), s.backends[0].ip, 8080))
+        .collect();
+    h.w().set_snat(snat);
+    for s in &svcs {
+        h.w().upsert_service(s).unwrap();
+    }
+    let c6: Ipv6Addr = "fd00:50::100".parse().unwrap();
+    h.run(&frame(6, CLIENT, 40000, fe, 80, SYN));
+    h.run(&syn6(c6, 40000, fe6, 80));
+    h.run(&frame(6, pod, 40001, cip, 80, SYN));
+    h.run(&syn6(pod6, 40001, cip6, 80));
+    h.run(&frame(6, CLIENT, 40002, VIP, 80, SYN));
+
+    let pin = h.0.dir().to_path_buf();
+    let j = lbctl_json(&pin, &["conntrack"]);
+    let rows = j.as_array().unwrap();
+    assert_eq!(rows.len(), 5, "{j:#}");
+    let by = |vip: String| {
+        rows.iter()
+            .find(|x| x["vip"] == vip)
+            .unwrap_or_else(|| panic!("no flow to {vip}: {j:#}"))
+            .clone()
+    };
+    let snat_port = |r: &Value| {
+        let p = r["backend_sees_port"].as_u64().expect("a SNAT port");
+        assert!((62000..=65535).contains(&p), "{r}");
+        p
+    };
+    let mut want_rows = Vec::new();
+    for (vip, nat, addr, shown) in [
+        (
+            format!("{fe}:80"),
+            "snat",
+            node.to_string(),
+            node.to_string(),
+        ),
+        (
+            format!("[{fe6}]:80"),
+            "snat",
+            node6.to_string(),
+            format!("[{node6}]"),
+        ),
+        (
+            format!("{cip}:80"),
+            "hairpin",
+            "169.254.42.1".into(),
+            "169.254.42.1".into(),
+        ),
+        (
+            format!("[{cip6}]:80"),
+            "hairpin",
+            "100::a9fe:2a01".into(),
+            "[100::a9fe:2a01]".into(),
+        ),
+    ] {
+        let r = by(vip.clone());
+        assert_eq!(r["nat"], nat, "{vip}: {r}");
+        assert_eq!(r["backend_sees_address"], addr.as_str(), "{vip}: {r}");
+        let p = snat_port(&r);
+        let client = r["client"].as_str().unwrap().to_string();
+        want_rows.push(format!("{client} ({nat} as {shown}:{p})"));
+    }
+    let plain = by(format!("{VIP}:80"));
+    assert_eq!(plain["nat"], "dnat");
+    assert_eq!(plain["backend_sees_address"], Value::Null);
+    assert_eq!(plain["backend_sees_port"], Value::Null);
+
+    let t = lbctl(&pin, &["conntrack"]);
+    for w in &want_rows {
+        assert!(
+            t.lines().any(|l| l.starts_with(w.as_str())),
+            "{w:?} in\n{t}"
+        );
+    }
+    let r = rows_with(&t, "demo/web:http");
+    assert!(
+        r[0].starts_with(&format!("{CLIENT}:40002 ")) && !r[0].contains(" as "),
+        "{t}"
+    );
+}

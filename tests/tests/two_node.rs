@@ -344,8 +344,9 @@ const EXT_IP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x60, 0, 0, 
 /// node A. Each node sends to its own pods only, and every reply comes from
 /// the address the client used. In eBPF mode the pods see the client's own
 /// address (DNAT only); in the userspace proxy (`--datapath userspace`) they
-/// see the node's. A `Cluster` node port over IPv6 uses the node's own pods
-/// (the kernel SNATs IPv4 only). The IPv4 node port answers beside it, and the
+/// see the node's. A `Cluster` node port over IPv6 uses every pod in eBPF
+/// mode (the other node's SNATed: `ipv6_cluster_snat` below), the node's own
+/// in the userspace proxy. The IPv4 node port answers beside it, and the
 /// health-check node port answers over IPv6 with the node's IPv6 endpoints.
 fn ipv6_front_ends_local(datapath: &str) {
     let lab = TwoNodeLab::new(2).expect("two-node lab");
@@ -373,7 +374,8 @@ fn ipv6_front_ends_local(datapath: &str) {
         ext_svc("lab/web:http", WEB, 80, "tcp", 8080, &all, local4),
         svc6("lab/web:http@ipv6", 80, "tcp", 8080, &local6),
         svc6("lab/web:dns@ipv6", 53, "udp", 5353, udp6),
-        // `Cluster` (SNAT on in eBPF mode, but IPv4 only): this node's pods.
+        // `Cluster`: every pod in eBPF mode (IPv6 SNAT on), this node's in
+        // the userspace proxy.
         svc6(
             "lab/cl:http@ipv6",
             81,
@@ -420,11 +422,21 @@ fn ipv6_front_ends_local(datapath: &str) {
     let t = SocketAddr::from((EXT_IP6, 80));
     check(t, ["a1", "a2"], &tcp_from(client, t, 10));
     saw(a, 1, srv.tcp["a1"].peers());
-    // `Cluster` over IPv6 is never SNATed: node A's own pods, which see the
-    // client (eBPF mode) though b1 and b2 are backends too.
+    // `Cluster` over IPv6: in eBPF mode every pod (b1 and b2 SNATed to
+    // A's address), in the userspace proxy node A's own.
     let t = SocketAddr::from((a.addr6(), 30081));
-    check(t, ["a1", "a2"], &tcp_from(client, t, 10));
-    saw(a, 2, srv.tcp["a2"].peers());
+    let r = tcp_from(client, t, 8);
+    if ebpf {
+        let want = ["a1", "a2", "b1", "b2"].map(|p| (p.to_string(), 2));
+        assert_eq!(counts(&r), BTreeMap::from(want), "{}", agents.log(0));
+        let b1 = srv.tcp["b1"].peers();
+        assert_eq!(b1.last().map(|p| p.ip()), Some(a.addr6().into()), "{b1:?}");
+    } else {
+        let want = [("a1".to_string(), 4), ("a2".to_string(), 4)];
+        assert_eq!(counts(&r), BTreeMap::from(want), "{}", agents.log(0));
+        saw(a, 2, srv.tcp["a2"].peers());
+    }
+    assert!(r.iter().all(|x| x.peer == t));
     // The IPv4 service's node port, the same number, beside it.
     let t = SocketAddr::from((a.addr(), 30080));
     let r = tcp_from(client, t, 4);
@@ -600,6 +612,127 @@ fn two_node_node_port_cluster_snat() {
         25.0,
         "no SNAT for ClusterIP traffic"
     );
+}
+
+/// `externalTrafficPolicy: Cluster` over IPv6 (lb-ebpf/src/snat6.rs), from a
+/// client outside the cluster, to node A's IPv6 node ports and an IPv6
+/// external IP routed to A (`--snat-address6` left to its default: the
+/// first usable global IPv6 address of A's node-network link):
+/// - backends only on node B (TCP and UDP): A SNATs to its own IPv6
+///   address, so the pods see fd00:50::<A> and their replies come back
+///   through A, which answers the client from the address it used;
+/// - a backend on each node: both get new connections; A's own pod sees
+///   the client's address (DNAT only), B's sees A's.
+fn ipv6_cluster_snat(extra: &[&str]) {
+    let lab = TwoNodeLab::new(2).expect("two-node lab");
+    lab.add_ipv6().expect("IPv6 in the lab");
+    let srv = servers6(&lab);
+    let (a, b) = (lab.a(), lab.b());
+    let client = lab.client();
+    let cip6 = std::net::IpAddr::from(lab.client_ip6());
+    let a6 = std::net::IpAddr::from(a.addr6());
+    let svc6 = |name: &str, vip: &str, port, proto, bport, pods: &[(&Node, usize)], ext: &str| {
+        format!(
+            "  - name: {name}\n    vip: '{vip}'\n    port: {port}\n    protocol: {proto}\n    \
+             algorithm: round-robin\n{ext}{}",
+            pods_yaml6(pods, bport)
+        )
+    };
+    let remote = [(b, 1), (b, 2)];
+    let cfg = config_yaml(&[
+        svc6(
+            "lab/remote:http@ipv6",
+            "fd00:10:96::30",
+            80,
+            "tcp",
+            8080,
+            &remote,
+            &format!("    node_port: 30080\n    external_ips: ['{EXT_IP6}']\n"),
+        ),
+        svc6(
+            "lab/remote:dns@ipv6",
+            "fd00:10:96::30",
+            53,
+            "udp",
+            5353,
+            &remote,
+            "    node_port: 30053\n",
+        ),
+        svc6(
+            "lab/both:http@ipv6",
+            "fd00:10:96::31",
+            80,
+            "tcp",
+            8080,
+            &[(a, 1), (b, 1)],
+            "    node_port: 30081\n",
+        ),
+    ]);
+    let mut agents = Agents::start(&lab, [&cfg, &cfg], extra);
+    let from_client = |target: SocketAddr, r: &[Reply]| {
+        for x in r {
+            assert_eq!(x.peer, target, "{extra:?}: the reply from {target}");
+            assert_eq!(x.local.ip(), cip6);
+        }
+    };
+    let only = |seen: Vec<SocketAddr>, ip: std::net::IpAddr, what: &str| {
+        assert!(
+            !seen.is_empty() && seen.iter().all(|p| p.ip() == ip),
+            "{extra:?}: {what} saw {seen:?}, not only {ip}"
+        );
+    };
+
+    // Backends only on B: SNATed, TCP and UDP, on the node port and the
+    // external IP.
+    let want = BTreeMap::from([("b1".to_string(), 5), ("b2".to_string(), 5)]);
+    for t in [
+        SocketAddr::from((a.addr6(), 30080)),
+        SocketAddr::from((EXT_IP6, 80)),
+    ] {
+        let r = tcp_from(client, t, 10);
+        from_client(t, &r);
+        assert_eq!(counts(&r), want, "{extra:?}: TCP to {t}: {}", agents.log(0));
+    }
+    let t = SocketAddr::from((a.addr6(), 30053));
+    let r = udp_from(client, t, 10);
+    from_client(t, &r);
+    assert_eq!(counts(&r), want, "{extra:?}: UDP to {t}: {}", agents.log(0));
+    for pod in ["b1", "b2"] {
+        only(srv.tcp[pod].peers(), a6, pod);
+        only(srv.udp[pod].peers(), a6, pod);
+    }
+
+    // A backend on each node: both get traffic; only B's is SNATed.
+    let before = srv.tcp["b1"].peers().len();
+    let t = SocketAddr::from((a.addr6(), 30081));
+    let r = tcp_from(client, t, 10);
+    from_client(t, &r);
+    let want = BTreeMap::from([("a1".to_string(), 5), ("b1".to_string(), 5)]);
+    assert_eq!(counts(&r), want, "{extra:?}: {}", agents.log(0));
+    only(srv.tcp["a1"].peers(), cip6, "a1");
+    only(srv.tcp["b1"].peers()[before..].to_vec(), a6, "b1");
+
+    // Counted on A: one SNAT per flow to B (20 TCP + 10 UDP + 5), none dropped.
+    let m = agents.procs[0].scrape();
+    let ev = |r: &str| m.sum("rpclb_datapath_events_total", &[("reason", r)]);
+    assert_eq!(ev("ct_snat"), 35.0, "{extra:?}: {}", m.0);
+    assert_eq!(ev("drop_snat_exhausted"), 0.0);
+}
+
+#[test]
+fn two_node_ipv6_node_port_cluster_snat() {
+    if !lab::require() {
+        return;
+    }
+    ipv6_cluster_snat(&[]);
+}
+
+#[test]
+fn two_node_ipv6_node_port_cluster_snat_tc() {
+    if !lab::require() {
+        return;
+    }
+    ipv6_cluster_snat(&["--mode", "tc"]);
 }
 
 /// Node ports of an L4 and a gRPC-mode service, served by the userspace proxy:
@@ -1117,4 +1250,94 @@ fn two_node_hairpin_xdp() {
         return;
     }
     hairpin(true);
+}
+
+/// `lb_common::SERVICE_LOOPBACK_V6`.
+const LOOPBACK6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0xa9fe, 0x2a01);
+
+/// [`hairpin`] over IPv6, with the programs on TC: pod a1 connects to its
+/// own IPv6 ClusterIP (TCP and UDP) whose only backend is itself; it sees
+/// itself connect from the IPv6 service loopback 100::a9fe:2a01 at a port
+/// of the SNAT range, and its replies come back from the ClusterIP. Another
+/// pod is DNATed only.
+#[test]
+fn two_node_ipv6_hairpin_tc() {
+    if !lab::require() {
+        return;
+    }
+    let lab = TwoNodeLab::new(2).expect("two-node lab");
+    lab.add_ipv6().expect("IPv6 in the lab");
+    let srv = servers6(&lab);
+    let a = lab.a();
+    let (a1, a2) = (a.pod(1), a.pod(2));
+    // A pod's default route (the CNI's) covers the loopback; this lab's
+    // pods have none, so a1 gets that one route.
+    a1.ns
+        .ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{LOOPBACK6}/128"),
+            "via",
+            &a1.node_ip6().to_string(),
+        ])
+        .expect("route to the IPv6 service loopback");
+    let self6 = "fd00:10:96::15";
+    let svc6 = |name: &str, port, proto, bport| {
+        format!(
+            "  - name: {name}\n    vip: '{self6}'\n    port: {port}\n    protocol: {proto}\n    \
+             algorithm: random\n    backends:\n      - {{ ip: '{}', port: {bport} }}\n",
+            a1.ip6()
+        )
+    };
+    let cfg = config_yaml(&[
+        svc6("lab/self:http@ipv6", 80, "tcp", 8080),
+        svc6("lab/self:dns@ipv6", 53, "udp", 5353),
+    ]);
+    let mut agents = Agents::start(&lab, [&cfg, &cfg], &["--mode", "tc"]);
+    let looped = |seen: Vec<SocketAddr>, what: &str| {
+        assert!(
+            !seen.is_empty()
+                && seen
+                    .iter()
+                    .all(|p| p.ip() == std::net::IpAddr::from(LOOPBACK6) && p.port() >= 62000),
+            "{what} saw {seen:?}, not only {LOOPBACK6} at a port of 62000-65535"
+        );
+    };
+    let vip: std::net::Ipv6Addr = self6.parse().unwrap();
+    let t = SocketAddr::from((vip, 80));
+    let r = tcp_from(&a1.ns, t, 5);
+    for x in &r {
+        assert_eq!(x.backend, "a1", "{}", agents.log(0));
+        assert_eq!(x.peer, t, "the reply from the VIP");
+        assert_eq!(x.local.ip(), std::net::IpAddr::from(a1.ip6()));
+    }
+    looped(srv.tcp["a1"].peers(), "a1 (TCP)");
+    assert_eq!(srv.tcp["a1"].peers().len(), 5);
+
+    let t = SocketAddr::from((vip, 53));
+    let r = udp_from(&a1.ns, t, 5);
+    for x in &r {
+        assert_eq!(x.backend, "a1", "{}", agents.log(0));
+        assert_eq!(x.peer, t, "the reply from the VIP");
+    }
+    looped(srv.udp["a1"].peers(), "a1 (UDP)");
+
+    // Another pod: DNAT only.
+    let r = tcp_from(&a2.ns, SocketAddr::from((vip, 80)), 3);
+    assert!(r.iter().all(|x| x.backend == "a1"), "{r:?}");
+    let seen = srv.tcp["a1"].peers();
+    assert!(
+        seen[5..]
+            .iter()
+            .all(|p| p.ip() == std::net::IpAddr::from(a2.ip6())),
+        "a1 saw a2's own address: {seen:?}"
+    );
+
+    let m = agents.procs[0].scrape();
+    let ev = |r: &str| m.sum("rpclb_datapath_events_total", &[("reason", r)]);
+    assert_eq!(ev("ct_hairpin"), 10.0, "5 TCP + 5 UDP flows: {}", m.0);
+    assert_eq!(ev("ct_snat"), 0.0);
+    assert_eq!(ev("drop_snat_unrouted"), 0.0);
+    assert_eq!(ev("drop_snat_exhausted"), 0.0);
 }

@@ -359,6 +359,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     engines.node = opts.node.clone();
     // `Cluster` front ends to other nodes' backends are SNATed in the kernel.
     engines.node.snat = engines.kernel.is_some() && opts.datapath.snat();
+    engines.node.snat6 = engines.kernel.is_some() && opts.datapath.snat6();
     engines.grpc = opts.grpc.clone();
     let engines = Arc::new(engines);
     if let Some(i) = inherited {

@@ -270,6 +270,11 @@ struct RunArgs {
     /// first of --interfaces (no address there: SNAT off, with a warning).
     #[arg(long, env = "RPCLB_SNAT_ADDRESS", value_name = "IPV4")]
     snat_address: Option<std::net::Ipv4Addr>,
+    /// The node address SNATed IPv6 flows leave from (the ports are --snat-ports). Default:
+    /// the first usable global-scope IPv6 address of the first of --interfaces (none there:
+    /// IPv6 SNAT off, with a warning).
+    #[arg(long, env = "RPCLB_SNAT_ADDRESS6", value_name = "IPV6")]
+    snat_address6: Option<std::net::Ipv6Addr>,
     /// On SIGTERM/SIGINT, detach the programs and unpin everything (default: leave the
     /// data path running).
     #[arg(long, env = "RPCLB_DETACH_ON_EXIT", value_parser = BoolishValueParser::new())]
@@ -432,6 +437,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         name: node_name.clone(),
         addresses: a.node_addresses.clone(),
         snat: false,
+        snat6: false,
     };
     if let (Some(s), Some(c)) = (a.snat_ports.0, a.collision_ports.0)
         && s.overlaps(&c)
@@ -458,6 +464,31 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                     "no IPv4 address on the first of --interfaces and no --snat-address: \
                      SNAT to the node's address off (Cluster front ends use this node's \
                      backends when it has any); hairpin flows still SNAT to 169.254.42.1"
+                );
+            }
+            ip
+        }
+    };
+    let snat_address6 = match (a.snat_ports.0, a.snat_address6) {
+        (None, _) => None,
+        (Some(_), Some(ip)) => Some(ip),
+        (Some(_), None) => {
+            let first = a
+                .interfaces
+                .iter()
+                .map(|i| i.trim())
+                .find(|i| !i.is_empty());
+            let ip = first.and_then(|i| {
+                lb_agent::external::interface_address6(i)
+                    .inspect_err(|e| tracing::warn!("reading the IPv6 addresses of {i}: {e}"))
+                    .ok()
+                    .flatten()
+            });
+            if ip.is_none() {
+                tracing::warn!(
+                    "no usable global IPv6 address on the first of --interfaces and no \
+                     --snat-address6: IPv6 SNAT to the node's address off (IPv6 Cluster front \
+                     ends use this node's backends when it has any)"
                 );
             }
             ip
@@ -526,6 +557,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             snat_ports: a.snat_ports.0,
             snat_address,
             object_file: None,
+            snat_address6,
             map_memory_budget: a
                 .map_memory_budget_mib
                 .saturating_mul(datapath::memory::MIB),

@@ -311,6 +311,23 @@ pub fn prepare(cfg: &DatapathConfig) -> Result<MapMemory, DatapathError> {
                 }
                 *want = h;
             }
+            // CONNTRACK6's values grew by `snat_ip6` (IPv6 SNAT): a map of
+            // the older layout is replaced, and the IPv6 flows restart (a
+            // TCP flow's next packet picks its backend again: the same one
+            // under Maglev or source hash).
+            Some(h)
+                if want.name == m::CONNTRACK6
+                    && (h.kind, h.key_size) == (want.kind, want.key_size)
+                    && h.value_size != want.value_size =>
+            {
+                warn!(
+                    pinned = describe(&h),
+                    "CONNTRACK6 is pinned with {}-byte values from an older agent: replaced, \
+                     the IPv6 flows it held are forgotten",
+                    h.value_size
+                );
+                replace.push((want.name, path, have))
+            }
             _ if REPLACEABLE.contains(&want.name) => replace.push((want.name, path, have)),
             _ => {
                 return Err(DatapathError::PinnedMismatch {

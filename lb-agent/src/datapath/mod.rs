@@ -216,12 +216,22 @@ pub struct DatapathConfig {
     /// Load the eBPF object from this file instead of the one built into the
     /// binary: for benchmarks that time two builds of the programs in one run.
     pub object_file: Option<PathBuf>,
+    /// The node's IPv6 address SNATed IPv6 flows leave from
+    /// (`--snat-address6`; the ports are `snat_ports`). `None`: IPv6 SNAT
+    /// to the node's address off (IPv6 hairpin flows need the ports only:
+    /// their address is `lb_common::SERVICE_LOOPBACK_V6`).
+    pub snat_address6: Option<std::net::Ipv6Addr>,
 }
 
 impl DatapathConfig {
     /// Whether SNAT is on: an address and a port range.
     pub fn snat(&self) -> bool {
         self.snat_ports.is_some() && self.snat_address.is_some()
+    }
+
+    /// Whether IPv6 SNAT is on: an IPv6 address and a port range.
+    pub fn snat6(&self) -> bool {
+        self.snat_ports.is_some() && self.snat_address6.is_some()
     }
 }
 
@@ -324,6 +334,7 @@ impl Default for DatapathConfig {
             snat_ports: Some(PortRange::DEFAULT_SNAT),
             snat_address: None,
             object_file: None,
+            snat_address6: None,
         }
     }
 }
@@ -422,7 +433,7 @@ impl Datapath {
         let mut writer = MapWriter::from_ebpf(&mut ebpf)?;
         writer.set_pin_path(&cfg.pin_path);
         writer.set_config(cfg.fib_redirect, cfg.collision_ports)?;
-        writer.set_snat_config(cfg.snat_address, cfg.snat_ports)?;
+        writer.set_snat_config(cfg.snat_address, cfg.snat_address6, cfg.snat_ports)?;
         memory::log(mem, cfg.map_memory_budget, &cfg.pin_path);
         info!(
             pin_path = %cfg.pin_path.display(),

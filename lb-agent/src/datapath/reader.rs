@@ -154,6 +154,14 @@ pub struct ConntrackEntry6 {
     pub client: (Ipv6Addr, u16),
     pub vip: (Ipv6Addr, u16),
     pub backend: (Ipv6Addr, u16),
+    /// The source port the backend sees when the kernel rewrote the
+    /// client's (a SNATed flow's SNAT port).
+    pub backend_sees: Option<u16>,
+    /// The source address the backend sees when the flow is SNATed (the
+    /// node's, or the service loopback for a hairpin flow).
+    pub snat_address: Option<Ipv6Addr>,
+    /// `lb_common::ct_flags` of the forward entry.
+    pub flags: u8,
     pub svc_id: u32,
     pub backend_id: u32,
     pub state: &'static str,
@@ -812,6 +820,10 @@ impl MapReader {
                 client: (ip6_from_wire(k.src_ip), u16::from_be(k.src_port)),
                 vip: (ip6_from_wire(k.dst_ip), u16::from_be(k.dst_port)),
                 backend: (ip6_from_wire(v.nat_ip6), u16::from_be(v.ct.nat_port)),
+                backend_sees: (v.ct.client_port != 0).then(|| u16::from_be(v.ct.client_port)),
+                snat_address: (v.ct.flags & lb_common::ct_flags::SNAT != 0)
+                    .then(|| ip6_from_wire(v.snat_ip6)),
+                flags: v.ct.flags,
                 svc_id: v.ct.svc_id,
                 backend_id: v.ct.backend_id,
                 state: lb_common::ct_state::name(v.ct.state),

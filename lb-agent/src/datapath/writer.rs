@@ -331,23 +331,29 @@ impl MapWriter {
         self.snat = snat;
     }
 
-    /// Writes the SNAT address and ports (`config_idx::SNAT_*`). No address:
-    /// SNAT to the node's address off (0), the ports still serve hairpin
-    /// flows (their address is `SERVICE_LOOPBACK_V4`); no ports: both off
-    /// (count 0).
+    /// Writes the SNAT addresses and ports (`config_idx::SNAT_*`). No
+    /// address of a family: SNAT to the node's address off for it (0), the
+    /// ports still serve hairpin flows (their address is
+    /// `SERVICE_LOOPBACK_V4`/`_V6`); no ports: all off (count 0).
     pub(crate) fn set_snat_config(
         &mut self,
         addr: Option<std::net::Ipv4Addr>,
+        addr6: Option<std::net::Ipv6Addr>,
         ports: Option<super::PortRange>,
     ) -> Result<(), DatapathError> {
         let (first, count) = match ports {
             Some(r) => (u32::from(r.first), r.count()),
             None => (0, 0),
         };
+        let a6 = addr6.map_or([0; 4], super::reader::ip6_wire);
         for (idx, v) in [
             (config_idx::SNAT_ADDR, addr.map_or(0, ip_wire)),
             (config_idx::SNAT_PORT_MIN, first),
             (config_idx::SNAT_PORT_COUNT, count),
+            (config_idx::SNAT_ADDR6, a6[0]),
+            (config_idx::SNAT_ADDR6 + 1, a6[1]),
+            (config_idx::SNAT_ADDR6 + 2, a6[2]),
+            (config_idx::SNAT_ADDR6 + 3, a6[3]),
         ] {
             self.r
                 .config

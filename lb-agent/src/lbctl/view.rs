@@ -12,7 +12,7 @@ use lb_agent::datapath::MapReader;
 use lb_agent::datapath::reader::{ServiceInfo, ip_from_wire, monotonic_ns};
 use lb_agent::gc;
 use lb_api::{Protocol, ServiceAddr};
-use lb_common::ct_state;
+use lb_common::{FlowKey, ct_flags, ct_state};
 use serde::Serialize;
 
 use super::table::{self, Table, capped, left, right};
@@ -257,8 +257,18 @@ pub fn with_limit(active: u64, limit: Option<u32>) -> String {
 pub struct FlowRow {
     pub client: String,
     /// The source port the backend sees when the kernel rewrote the
-    /// client's (a reverse-conntrack collision); null otherwise.
+    /// client's (a reverse-conntrack collision, or a SNATed flow's SNAT
+    /// port); null otherwise.
     pub backend_sees_port: Option<u16>,
+    /// How the flow is translated (`lb_common::ct_flags`): `dnat` (the
+    /// backend sees the client's address), `snat` (a `Cluster` front end's
+    /// flow to another node's backend, SNATed to the node's address) or
+    /// `hairpin` (a pod reaching itself, SNATed to the service loopback).
+    pub nat: &'static str,
+    /// The source address the backend sees for a SNATed flow (`snat`,
+    /// `hairpin`); null otherwise, or when its reverse entry is gone
+    /// (IPv4 keeps the address there only).
+    pub backend_sees_address: Option<String>,
     pub service: String,
     pub vip: String,
     pub backend: String,
@@ -303,6 +313,9 @@ pub fn conntrack(w: &MapReader, f: &FlowFilter) -> Result<(Vec<FlowRow>, u64)> {
     let now = monotonic_ns();
     let names: HashMap<ServiceAddr, String> =
         w.services().into_iter().map(|s| (s.addr, s.name)).collect();
+    // An IPv4 SNATed flow's address is in its reverse key only.
+    let snat_rev: HashMap<FlowKey, FlowKey> =
+        scan.reverse_owner.iter().map(|(r, f)| (*f, *r)).collect();
     let mut rows = Vec::new();
     for (k, v) in &scan.forward {
         let protocol = if k.proto == 17 {
@@ -343,6 +356,11 @@ pub fn conntrack(w: &MapReader, f: &FlowFilter) -> Result<(Vec<FlowRow>, u64)> {
             FlowRow {
                 client: format!("{}:{}", client.0, client.1),
                 backend_sees_port: (v.client_port != 0).then(|| u16::from_be(v.client_port)),
+                nat: nat_name(v.flags),
+                backend_sees_address: (v.flags & ct_flags::SNAT != 0)
+                    .then(|| snat_rev.get(k))
+                    .flatten()
+                    .map(|r| ip_from_wire(r.dst_ip).to_string()),
                 service,
                 vip: format!("{}:{}", vip.vip, vip.port),
                 backend: format!("{}:{}", backend.0, backend.1),
@@ -380,7 +398,9 @@ pub fn conntrack(w: &MapReader, f: &FlowFilter) -> Result<(Vec<FlowRow>, u64)> {
             client,
             FlowRow {
                 client: SocketAddr::from(client).to_string(),
-                backend_sees_port: None,
+                backend_sees_port: e.backend_sees,
+                nat: nat_name(e.flags),
+                backend_sees_address: e.snat_address.map(|a| a.to_string()),
                 service,
                 vip: SocketAddr::from(e.vip).to_string(),
                 backend: SocketAddr::from(e.backend).to_string(),
@@ -396,6 +416,17 @@ pub fn conntrack(w: &MapReader, f: &FlowFilter) -> Result<(Vec<FlowRow>, u64)> {
     // By service name, then client address (numerically).
     rows.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
     Ok((rows.into_iter().map(|(_, _, r)| r).collect(), entries))
+}
+
+/// `FlowRow::nat` of an entry with `ct_flags` `flags`.
+fn nat_name(flags: u8) -> &'static str {
+    if flags & ct_flags::HAIRPIN != 0 {
+        "hairpin"
+    } else if flags & ct_flags::SNAT != 0 {
+        "snat"
+    } else {
+        "dnat"
+    }
 }
 
 fn secs(ns: u64) -> f64 {
@@ -416,9 +447,14 @@ pub fn conntrack_table(rows: &[FlowRow], total: usize, entries: u64, capacity: u
         right("IDLE"),
     ]);
     for r in rows {
-        let client = match r.backend_sees_port {
-            Some(p) => format!("{} (as :{p})", r.client),
-            None => r.client.clone(),
+        // What the backend sees, when it is not the client's own ip:port.
+        let port = r.backend_sees_port.map_or(String::new(), |p| p.to_string());
+        let client = match (r.nat, &r.backend_sees_address) {
+            ("dnat", _) if port.is_empty() => r.client.clone(),
+            ("dnat", _) => format!("{} (as :{port})", r.client),
+            (nat, Some(a)) if a.contains(':') => format!("{} ({nat} as [{a}]:{port})", r.client),
+            (nat, Some(a)) => format!("{} ({nat} as {a}:{port})", r.client),
+            (nat, None) => format!("{} ({nat} as :{port})", r.client),
         };
         t.row(vec![
             client,
