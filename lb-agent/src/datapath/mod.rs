@@ -561,9 +561,12 @@ fn load_set(ebpf: &mut Ebpf, set: ProgramSet) -> Result<(), (&'static str, Progr
             _ => return Err((name, ProgramError::NotLoaded)),
         }
         .map_err(|e| (name, ProgramError::from(e)))?;
-        let map = ebpf
-            .map_mut(array)
-            .ok_or((array, ProgramError::NotLoaded))?;
+        let map = match ebpf.map_mut(array) {
+            Some(m) => m,
+            // An object from before selectors (`object_file`, the benchmark's A/B runs).
+            None if map_names::SELECTOR_MAPS.contains(&array) => continue,
+            None => return Err((array, ProgramError::NotLoaded)),
+        };
         let mut arr = aya::maps::ProgramArray::try_from(map)
             .map_err(|e| (array, ProgramError::MapError(e)))?;
         arr.set(idx, &fd, 0)
