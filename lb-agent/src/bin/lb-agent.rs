@@ -444,56 +444,48 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     {
         anyhow::bail!("--snat-ports {s} overlaps --collision-ports {c}");
     }
-    let snat_address = match (a.snat_ports.0, a.snat_address) {
-        (None, _) => None,
-        (Some(_), Some(ip)) => Some(ip),
-        (Some(_), None) => {
-            let first = a
-                .interfaces
-                .iter()
-                .map(|i| i.trim())
-                .find(|i| !i.is_empty());
-            let ip = first.and_then(|i| {
-                lb_agent::external::interface_address(i)
-                    .inspect_err(|e| tracing::warn!("reading the addresses of {i}: {e}"))
-                    .ok()
-                    .flatten()
-            });
-            if ip.is_none() {
-                tracing::warn!(
-                    "no IPv4 address on the first of --interfaces and no --snat-address: \
-                     SNAT to the node's address off (Cluster front ends use this node's \
-                     backends when it has any); hairpin flows still SNAT to 169.254.42.1"
-                );
-            }
-            ip
+    // SNAT to the node's address: the given one, else the first of --interfaces' own.
+    let first_interface = a
+        .interfaces
+        .iter()
+        .map(|i| i.trim())
+        .find(|i| !i.is_empty());
+    let snat_address = a.snat_ports.0.and_then(|_| {
+        let found = || {
+            node_address(
+                first_interface,
+                "IPv4",
+                lb_agent::external::interface_address,
+            )
+        };
+        let ip = a.snat_address.or_else(found);
+        if ip.is_none() {
+            tracing::warn!(
+                "no IPv4 address on the first of --interfaces and no --snat-address: \
+                 SNAT to the node's address off (Cluster front ends use this node's \
+                 backends when it has any); hairpin flows still SNAT to 169.254.42.1"
+            );
         }
-    };
-    let snat_address6 = match (a.snat_ports.0, a.snat_address6) {
-        (None, _) => None,
-        (Some(_), Some(ip)) => Some(ip),
-        (Some(_), None) => {
-            let first = a
-                .interfaces
-                .iter()
-                .map(|i| i.trim())
-                .find(|i| !i.is_empty());
-            let ip = first.and_then(|i| {
-                lb_agent::external::interface_address6(i)
-                    .inspect_err(|e| tracing::warn!("reading the IPv6 addresses of {i}: {e}"))
-                    .ok()
-                    .flatten()
-            });
-            if ip.is_none() {
-                tracing::warn!(
-                    "no usable global IPv6 address on the first of --interfaces and no \
-                     --snat-address6: IPv6 SNAT to the node's address off (IPv6 Cluster front \
-                     ends use this node's backends when it has any)"
-                );
-            }
-            ip
+        ip
+    });
+    let snat_address6 = a.snat_ports.0.and_then(|_| {
+        let found = || {
+            node_address(
+                first_interface,
+                "IPv6",
+                lb_agent::external::interface_address6,
+            )
+        };
+        let ip = a.snat_address6.or_else(found);
+        if ip.is_none() {
+            tracing::warn!(
+                "no usable global IPv6 address on the first of --interfaces and no \
+                 --snat-address6: IPv6 SNAT to the node's address off (IPv6 Cluster front \
+                 ends use this node's backends when it has any)"
+            );
         }
-    };
+        ip
+    });
     let source = match (a.config, a.controller) {
         (Some(path), None) => Source::File(path),
         (None, Some(url)) => {
@@ -619,6 +611,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The first address of `interface` that `read` finds (`family` names it in the log).
+fn node_address<T>(
+    interface: Option<&str>,
+    family: &str,
+    read: fn(&str) -> std::io::Result<Option<T>>,
+) -> Option<T> {
+    let i = interface?;
+    read(i)
+        .inspect_err(|e| tracing::warn!("reading the {family} addresses of {i}: {e}"))
+        .ok()
+        .flatten()
 }
 
 #[cfg(test)]
