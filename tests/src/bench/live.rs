@@ -1151,6 +1151,7 @@ fn plain_newflow(topo: &Topo, pd: &mut PinnedDp, flow: &Flow, opts: &Opts) -> Re
     if bad > 0 {
         bail!("{bad} established-flow plain runs were not redirected");
     }
+    let sel = selector_newflow(topo, pd, &both, opts.new_flows, budget())?;
     println!();
     println!(
         "plain mode (repeat = 1 per run, fresh copy, nothing transmitted): {} new flows (SYN, a \
@@ -1175,6 +1176,11 @@ fn plain_newflow(topo: &Topo, pd: &mut PinnedDp, flow: &Flow, opts: &Opts) -> Re
             &nf[0],
             &nf[1],
         ),
+        (
+            "LB new flow, example selector (example:geo, docs/policies.md)",
+            &sel[0],
+            &sel[1],
+        ),
     ] {
         t.row(vec![
             label.into(),
@@ -1197,7 +1203,73 @@ fn plain_newflow(topo: &Topo, pd: &mut PinnedDp, flow: &Flow, opts: &Opts) -> Re
         format!("{} ns ({} ns, trivial {} ns)", ns(ml - mt), ns(ml), ns(mt)),
         Some(ml - mt <= 550.0),
     );
+    let sl = median(&sel[0]) - median(&sel[1]);
+    verdict(
+        "new flow with the example selector vs the built-in Maglev, minus the trivial program",
+        "- (informational, issue 15)",
+        format!(
+            "{} ns vs {} ns: +{} ns ({:.2}x)",
+            ns(sl),
+            ns(ml - mt),
+            ns(sl - (ml - mt)),
+            sl / (ml - mt)
+        ),
+        None,
+    );
     Ok(())
+}
+
+/// New flows of the same service with the example selector (`selector: example:geo`, the
+/// client's /24 mapped to every backend): each SYN is walked, handed to the selector by a tail
+/// call and walked again with its answer. Source ports after the built-in series' ones (those
+/// flows are established now). Returns the LB and trivial series; the service is put back.
+fn selector_newflow(
+    topo: &Topo,
+    pd: &mut PinnedDp,
+    both: &[(usize, Prog)],
+    new_flows: u32,
+    deadline: Deadline,
+) -> Result<Vec<Vec<f64>>> {
+    use aya::maps::{LpmTrie, Map, MapData, lpm_trie::Key};
+    use lb_agent::datapath::selector::{GEO_MAP, maps_dir};
+    let mut svc = lab_service(topo);
+    svc.selector = Some(lb_api::validate::EXAMPLE_GEO_SELECTOR.into());
+    pd.dp().writer().upsert_service(&svc)?;
+    ensure!(
+        pd.dp().writer().selector_in_place(&svc.addr()),
+        "the example selector did not load: {:?}",
+        pd.dp().writer().selector_errors()
+    );
+    let pin = pd.dp().pin_path().to_path_buf();
+    let md = MapData::from_pin(maps_dir(&pin).join(GEO_MAP)).context("the example's table")?;
+    let mut geo: LpmTrie<MapData, u32, u32> = LpmTrie::try_from(Map::LpmTrie(md))?;
+    let o = topo.client().ip().octets();
+    let every = (1u32 << svc.backends.len()) - 1;
+    geo.insert(
+        &Key::new(24, u32::from_ne_bytes([o[0], o[1], o[2], 0])),
+        every,
+        0,
+    )?;
+    let first = u32::from(NEW_FLOW_SPORT) + new_flows;
+    let n = new_flows.min(u32::from(u16::MAX) - first);
+    let syns: Vec<Vec<u8>> = (0..n)
+        .map(|i| client_frame(topo, (first + i) as u16, SYN).build())
+        .collect();
+    let chosen = reason_count(pd.dp(), "selector_chosen");
+    let (series, bad) = plain_series(topo, &mut [&mut *pd], both, &syns, deadline)?;
+    let chosen = reason_count(pd.dp(), "selector_chosen") - chosen;
+    pd.dp().writer().upsert_service(&lab_service(topo))?;
+    ensure!(
+        bad == 0,
+        "{bad} of {} selector new flows were not redirected",
+        series[0].len()
+    );
+    ensure!(
+        chosen == series[0].len() as u64,
+        "the selector chose {chosen} of {} new flows",
+        series[0].len()
+    );
+    Ok(series)
 }
 
 /// `--profile CASE`: that case only, in live-frames runs of about 0.2 s, for `secs`.
