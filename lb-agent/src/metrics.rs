@@ -725,7 +725,7 @@ impl Collector for DatapathCollector {
         family(
             &mut enc,
             "rpclb_datapath_events",
-            "Packets by data-path verdict reason (kind: pass, drop, tx, fwd, nat)",
+            "Packets by data-path verdict reason (kind: pass, drop, tx, fwd, nat, ct, selector)",
             MetricType::Counter,
             snap.reasons.iter().map(|&(r, n)| {
                 (

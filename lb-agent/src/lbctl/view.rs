@@ -647,7 +647,8 @@ pub fn sample(w: &MapReader) -> Result<Sample> {
 /// `rpclb_datapath_events_total`): `nat` (translated to or from a backend),
 /// `fwd` (sent out with a FIB redirect), `pass` (handed to the stack),
 /// `drop`, `tx` (answered: a RST for a service without backends), `ct` (a
-/// conntrack event beside the packet's outcome: a source-port rewrite).
+/// conntrack event beside the packet's outcome: a source-port rewrite),
+/// `selector` (what a user-defined selector did for a new flow, beside it).
 pub fn reason_kind(name: &str) -> &'static str {
     match name.split('_').next() {
         Some("pass") => "pass",
@@ -656,6 +657,7 @@ pub fn reason_kind(name: &str) -> &'static str {
         Some("fwd") => "fwd",
         Some("nat") => "nat",
         Some("ct") => "ct",
+        Some("selector") => "selector",
         _ => "other",
     }
 }
@@ -897,6 +899,7 @@ mod tests {
         assert_eq!(reason_kind("ct_port_rewrite"), "ct");
         assert_eq!(reason_kind("fwd_redirect"), "fwd");
         assert_eq!(reason_kind("tx_rst_no_backend"), "tx");
+        assert_eq!(reason_kind("selector_chosen"), "selector");
     }
 
     fn sample_at(at_s: u64, nat: u64, drop: u64, pkts: u64) -> Sample {
