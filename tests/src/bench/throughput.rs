@@ -509,20 +509,54 @@ fn use_source(t: &Topo, n: u8) -> Result<()> {
 /// CPU time so far of this process's userspace proxy threads (named `rpclb-proxy*`), from
 /// each thread's schedstat, in ns. A proxy runs for one run only, so this is that run's.
 pub(super) fn proxy_cpu_ns() -> u64 {
+    thread_sched(|c| c.starts_with("rpclb-proxy")).cpu_ns
+}
+
+/// Sums of this process's threads' schedstat (`/proc/self/task/*/schedstat`) so far.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Sched {
+    /// Time on a CPU, ns.
+    pub cpu_ns: u64,
+    /// Time runnable but waiting for a CPU (the run queue), ns.
+    pub wait_ns: u64,
+    /// Times the thread was put on a CPU.
+    pub slices: u64,
+}
+
+impl Sched {
+    pub fn since(self, before: Sched) -> Sched {
+        Sched {
+            cpu_ns: self.cpu_ns.saturating_sub(before.cpu_ns),
+            wait_ns: self.wait_ns.saturating_sub(before.wait_ns),
+            slices: self.slices.saturating_sub(before.slices),
+        }
+    }
+}
+
+/// [`Sched`] of this process's threads whose name (`comm`) passes `keep`.
+pub(super) fn thread_sched(keep: impl Fn(&str) -> bool) -> Sched {
+    let mut out = Sched::default();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
+        return out;
     };
-    tasks
-        .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm"))
-                .is_ok_and(|c| c.starts_with("rpclb-proxy"))
-        })
-        .filter_map(|t| {
-            let s = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
-            s.split_whitespace().next()?.parse::<u64>().ok()
-        })
-        .sum()
+    for t in tasks.flatten() {
+        if !std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| keep(c.trim())) {
+            continue;
+        }
+        let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) else {
+            continue;
+        };
+        let v: Vec<u64> = s
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        if let [cpu, wait, slices, ..] = v[..] {
+            out.cpu_ns += cpu;
+            out.wait_ns += wait;
+            out.slices += slices;
+        }
+    }
+    out
 }
 
 /// Options of the userspace proxy in the lab (and the gRPC section).
