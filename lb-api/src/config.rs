@@ -395,12 +395,13 @@ struct RawNode {
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a locality mapping (tiers, min_backends)"
+    expecting = "a locality mapping (tiers, min_backends, spill_outstanding)"
 )]
 struct RawLocality {
     #[serde(default, deserialize_with = "required")]
     tiers: Option<At<Vec<At<TierField>>>>,
     min_backends: Option<At<MinBackends>>,
+    spill_outstanding: Option<At<SpillOutstanding>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -696,6 +697,8 @@ fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
             state: b.state.as_ref().map_or(BackendState::Active, |s| s.value.0),
             node: b.node.as_ref().map(|n| n.value.0.clone()),
             max: b.max.as_ref().map(|m| m.value.0),
+            // Only the locality resolution sets it.
+            spill_weight: None,
         });
     }
     let grpc = match &s.grpc {
@@ -929,6 +932,7 @@ fn service(i: usize, rs: &At<RawService>) -> Result<Service, Problem> {
                         .map(|t| t.value.0)
                         .collect(),
                     min_backends: l.value.min_backends.as_ref().map_or(1, |m| m.value.0),
+                    spill_outstanding: l.value.spill_outstanding.as_ref().map(|m| m.value.0),
                 })
             }
         },
@@ -1138,6 +1142,15 @@ fn field_problem(i: usize, rs: &At<RawService>, field: Field, message: String) -
         }
         Field::HealthCheck => vec![(key("health_check"), at(&s.health_check))],
         Field::Locality => vec![(key("locality"), at(&s.locality))],
+        Field::LocalitySpillOutstanding => vec![
+            (key("locality"), at(&s.locality)),
+            (
+                key("spill_outstanding"),
+                s.locality
+                    .as_ref()
+                    .and_then(|l| at(&l.value.spill_outstanding)),
+            ),
+        ],
         Field::MaxPerBackend => vec![(key("max_per_backend"), at(&s.max_per_backend))],
         Field::Selector => vec![(key("selector"), at(&s.selector))],
         Field::HealthCheckService => health("service", |h| at(&h.service)),
@@ -1749,6 +1762,13 @@ checked!(
 );
 
 checked!(
+    SpillOutstanding(u32) = int_field("a number of outstanding calls (1-1000000)", |v| {
+        let n = u32::try_from(v).unwrap_or(u32::MAX);
+        validate::locality_spill_outstanding(n).map(|()| n)
+    })
+);
+
+checked!(
     AlgorithmField(Algorithm) = str_field("an algorithm name", |s| {
         s.parse::<Algorithm>().map_err(|e| e.to_string())
     })
@@ -2098,6 +2118,7 @@ mod tests {
             [
                 Backend {
                     max: None,
+                    spill_weight: None,
                     node: None,
                     ip: Ipv4Addr::new(10, 244, 2, 2).into(),
                     port: 50052,
@@ -2106,6 +2127,7 @@ mod tests {
                 },
                 Backend {
                     max: None,
+                    spill_weight: None,
                     node: None,
                     ip: Ipv4Addr::new(10, 244, 2, 3).into(),
                     port: 50052,
@@ -2114,6 +2136,7 @@ mod tests {
                 },
                 Backend {
                     max: None,
+                    spill_weight: None,
                     node: None,
                     ip: Ipv4Addr::new(10, 244, 3, 7).into(),
                     port: 50052,
@@ -2122,6 +2145,7 @@ mod tests {
                 },
                 Backend {
                     max: None,
+                    spill_weight: None,
                     node: None,
                     ip: Ipv4Addr::new(10, 244, 3, 8).into(),
                     port: 50052,
@@ -2263,7 +2287,8 @@ mod tests {
             c.state.services[0].locality,
             Some(Locality {
                 tiers: vec![LocalityTier::Node, LocalityTier::Zone],
-                min_backends: 2
+                min_backends: 2,
+                spill_outstanding: None,
             })
         );
         assert_eq!(c.nodes["node-a"].zone.as_deref(), Some("za"));
@@ -2292,6 +2317,25 @@ mod tests {
         assert!(e.message.contains("at least one tier"), "{e}");
         let e = bad("    locality: { tiers: [zone], min_backends: 0 }\n");
         assert_eq!(e.path, "services[0].locality.min_backends", "{e}");
+        // The gRPC mode's spill-over on outstanding calls.
+        let text = format!(
+            "{ONE}    grpc: {{}}\n    locality: {{ tiers: [zone], min_backends: 1, spill_outstanding: 50 }}\n"
+        );
+        assert_reads_agree(&text);
+        let c = parse(&text, "x").unwrap();
+        assert_eq!(
+            c.state.services[0].locality,
+            Some(Locality {
+                spill_outstanding: Some(50),
+                ..Locality::prefer_same_zone()
+            })
+        );
+        let e = bad("    grpc: {}\n    locality: { tiers: [zone], spill_outstanding: 0 }\n");
+        assert_eq!(e.path, "services[0].locality.spill_outstanding", "{e}");
+        assert!(e.message.contains("1-1000000"), "{e}");
+        let e = bad("    locality: { tiers: [zone], spill_outstanding: 50 }\n");
+        assert_eq!(e.path, "services[0].locality.spill_outstanding", "{e}");
+        assert!(e.message.contains("needs the gRPC mode"), "{e}");
         let e = bad("    locality: { min_backends: 2 }\n");
         assert!(e.message.contains("missing field `tiers`"), "{e}");
         let e = bad("nodes:\n  - { name: a, zone: z }\n  - { name: a }\n");

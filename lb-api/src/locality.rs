@@ -92,38 +92,58 @@ pub fn keep<'a>(
 }
 
 /// Drains (weight 0) the backends of `service` that `keep` leaves out.
-pub fn drain_others(service: &mut Service, keep: &[bool]) {
+/// With `spill` (the policy's `spill_outstanding` in the gRPC mode), each
+/// one drained here keeps its weight as `spill_weight`: the gRPC balancer
+/// spills over to it when the kept ones are busy.
+pub fn drain_others(service: &mut Service, keep: &[bool], spill: bool) {
     for (b, k) in service.backends.iter_mut().zip(keep) {
         if !k {
+            if spill && b.weight > 0 {
+                b.spill_weight = Some(b.weight);
+            }
             b.weight = 0;
         }
     }
 }
 
+/// Resolves `service`'s locality policy (if any) at `here`, with
+/// `place_of(i)` the place of backend `i`: the backends outside the chosen
+/// tier are drained ([`drain_others`]) and the policy is taken out, unless
+/// it has a gRPC-mode `spill_outstanding`, which the agent's balancer
+/// reads (docs/policies.md, "Locality").
+pub fn apply<'a>(service: &mut Service, here: &Place<'_>, place_of: impl Fn(usize) -> Place<'a>) {
+    let Some(locality) = service.locality.take() else {
+        return;
+    };
+    let spill = locality.spill_outstanding.is_some() && service.grpc.is_some();
+    if let Some(k) = keep(&service.backends, &locality, here, place_of) {
+        drain_others(service, &k, spill);
+    }
+    if spill {
+        service.locality = Some(locality);
+    }
+}
+
 /// `state` as the node `node` balances it: each service's locality policy
-/// resolved with the backends' nodes' places from `nodes` (and taken out:
-/// what is left is plain weights). A state without locality policies is
-/// returned as it is.
+/// resolved with the backends' nodes' places from `nodes` ([`apply`]). A
+/// state without locality policies is returned as it is.
 pub fn resolve(state: &DesiredState, node: Option<&str>, nodes: &NodeLocations) -> DesiredState {
     let here = Place::of_node(node, nodes);
     let services = state
         .services
         .iter()
         .map(|s| {
-            let Some(locality) = &s.locality else {
+            if s.locality.is_none() {
                 return s.clone();
-            };
-            let mut s = s.clone();
+            }
             let places: Vec<Place> = s
                 .backends
                 .iter()
                 .map(|b| Place::of_node(b.node.as_deref(), nodes))
                 .collect();
-            if let Some(k) = keep(&s.backends, locality, &here, |i| places[i]) {
-                drain_others(&mut s, &k);
-            }
-            s.locality = None;
-            s
+            let mut out = s.clone();
+            apply(&mut out, &here, |i| places[i]);
+            out
         })
         .collect();
     DesiredState { services }
@@ -185,6 +205,7 @@ mod tests {
         Some(Locality {
             tiers: tiers.to_vec(),
             min_backends: min,
+            spill_outstanding: None,
         })
     }
 
@@ -238,5 +259,66 @@ mod tests {
         let st = DesiredState { services: vec![s] };
         // Weights of the kept tier are kept.
         assert_eq!(weights(&resolve(&st, Some("a2"), &n)), [3, 1, 0, 0]);
+    }
+
+    #[test]
+    fn spill_weights_are_kept_for_the_grpc_mode_only() {
+        use LocalityTier::*;
+        let n = nodes();
+        let spill = Locality {
+            spill_outstanding: Some(4),
+            ..policy(&[Zone], 1).unwrap()
+        };
+        let mut s = svc(Some(spill.clone()), &["a1", "a2", "b1", "c1"]);
+        s.grpc = Some(crate::model::GrpcPolicy::default());
+        s.backends[2].weight = 5;
+        s.backends[3].weight = 0;
+        let st = DesiredState {
+            services: vec![s.clone()],
+        };
+        let r = resolve(&st, Some("a1"), &n);
+        let spills: Vec<Option<u32>> = r.services[0]
+            .backends
+            .iter()
+            .map(|b| b.spill_weight)
+            .collect();
+        assert_eq!(weights(&r), [1, 1, 0, 0]);
+        // b1 drained here keeps its weight 5; c1 was drained already.
+        assert_eq!(spills, [None, None, Some(5), None]);
+        // The policy stays for the agent's balancer.
+        assert_eq!(r.services[0].locality, Some(spill.clone()));
+        // Anywhere (no tier has enough): nothing drained, nothing to spill to.
+        let r = resolve(&st, Some("x9"), &n);
+        assert_eq!(weights(&r), [1, 1, 5, 0]);
+        assert!(
+            r.services[0]
+                .backends
+                .iter()
+                .all(|b| b.spill_weight.is_none())
+        );
+        // Without spill_outstanding, or in the L4 mode: no spill weights,
+        // and the policy is taken out.
+        for mut s in [
+            svc(policy(&[Zone], 1), &["a1", "a2", "b1", "c1"]),
+            s.clone(),
+        ] {
+            if s.locality
+                .as_ref()
+                .is_some_and(|l| l.spill_outstanding.is_some())
+            {
+                s.grpc = None;
+            } else {
+                s.grpc = Some(crate::model::GrpcPolicy::default());
+            }
+            let r = resolve(&DesiredState { services: vec![s] }, Some("a1"), &n);
+            assert_eq!(weights(&r)[..2], [1, 1]);
+            assert_eq!(r.services[0].locality, None);
+            assert!(
+                r.services[0]
+                    .backends
+                    .iter()
+                    .all(|b| b.spill_weight.is_none())
+            );
+        }
     }
 }

@@ -124,6 +124,12 @@ pub struct Backend {
     /// (docs/policies.md, "QoS limits"); `None`: the service's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<u32>,
+    /// Set by the locality resolution ([`crate::locality::drain_others`])
+    /// on a backend it drained (weight 0) when the policy has
+    /// [`Locality::spill_outstanding`]: its weight before, for the gRPC
+    /// mode's spill-over on outstanding calls. Read by nothing else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spill_weight: Option<u32>,
 }
 
 impl Backend {
@@ -135,6 +141,7 @@ impl Backend {
             state: BackendState::Active,
             node: None,
             max: None,
+            spill_weight: None,
         }
     }
 
@@ -601,7 +608,9 @@ pub struct Service {
     /// `Some`: prefer backends near the client's node, by tier, with
     /// spill-over (docs/policies.md; [`crate::locality`]). Resolved per node
     /// into weights (the lower tiers get weight 0) before the data path sees
-    /// it; `None`: every backend, wherever it runs.
+    /// it, and taken out, except a policy with `spill_outstanding` (kept for
+    /// the gRPC balancer, with the drained backends' `spill_weight`);
+    /// `None`: every backend, wherever it runs.
     #[serde(default)]
     pub locality: Option<Locality>,
     /// QoS limit per backend (docs/policies.md, "QoS limits"): in the L4
@@ -686,7 +695,18 @@ pub struct Locality {
     /// Spill-over: a tier with fewer backends taking new flows is skipped
     /// (1..=[`MAX_LOCALITY_MIN_BACKENDS`]).
     pub min_backends: u32,
+    /// gRPC mode only: when every backend of the chosen tier that takes
+    /// calls (not ejected) has at least this many calls outstanding, the
+    /// agent's balancer also picks among the backends the resolution
+    /// drained (their [`Backend::spill_weight`]), until one of the tier
+    /// falls below it (1..=[`MAX_SPILL_OUTSTANDING`]). Unlike the rest of
+    /// the policy, it stays in the resolved state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spill_outstanding: Option<u32>,
 }
+
+/// The largest `spill_outstanding` of a locality policy.
+pub const MAX_SPILL_OUTSTANDING: u32 = 1_000_000;
 
 /// The largest `min_backends` of a locality policy.
 pub const MAX_LOCALITY_MIN_BACKENDS: u32 = 10_000;
@@ -697,6 +717,7 @@ impl Locality {
         Locality {
             tiers: vec![LocalityTier::Zone],
             min_backends: 1,
+            spill_outstanding: None,
         }
     }
 
@@ -705,6 +726,7 @@ impl Locality {
         Locality {
             tiers: vec![LocalityTier::Node, LocalityTier::Zone],
             min_backends: 1,
+            spill_outstanding: None,
         }
     }
 }

@@ -25,8 +25,9 @@ use std::time::Duration;
 
 use crate::model::{
     Backend, Balancing, DEFAULT_MAGLEV_M, GrpcTls, HealthCheckKind, Locality,
-    MAX_LOCALITY_MIN_BACKENDS, MAX_QOS_LIMIT, MAX_RETRY_ATTEMPTS, MAX_WEIGHT, OrcaWrr,
-    OutlierDetection, Protocol, RetryPolicy, Service, ServiceAddr, check_added_header, is_prime,
+    MAX_LOCALITY_MIN_BACKENDS, MAX_QOS_LIMIT, MAX_RETRY_ATTEMPTS, MAX_SPILL_OUTSTANDING,
+    MAX_WEIGHT, OrcaWrr, OutlierDetection, Protocol, RetryPolicy, Service, ServiceAddr,
+    check_added_header, is_prime,
 };
 
 /// The largest client-IP affinity timeout (as in Kubernetes).
@@ -66,6 +67,8 @@ pub enum Field {
     HealthCheckNodePort,
     /// The locality policy (its tiers or `min_backends`).
     Locality,
+    /// The locality policy's `spill_outstanding` (gRPC mode only).
+    LocalitySpillOutstanding,
     /// The QoS limit per backend.
     MaxPerBackend,
     /// The user-defined selector.
@@ -228,6 +231,7 @@ impl fmt::Display for Field {
             Field::ExternalIp(i) => write!(f, "external_ips[{i}]"),
             Field::HealthCheckNodePort => f.write_str("health_check_node_port"),
             Field::Locality => f.write_str("locality"),
+            Field::LocalitySpillOutstanding => f.write_str("locality.spill_outstanding"),
             Field::MaxPerBackend => f.write_str("max_per_backend"),
             Field::Selector => f.write_str("selector"),
         }
@@ -290,6 +294,18 @@ pub fn locality_min_backends(n: u32) -> Result<(), String> {
     } else {
         Err(format!(
             "min_backends {n} is out of range (expected 1-{MAX_LOCALITY_MIN_BACKENDS})"
+        ))
+    }
+}
+
+/// A locality policy's spill-over threshold on outstanding calls (the gRPC
+/// mode's; [`Service::validate`] checks the mode).
+pub fn locality_spill_outstanding(n: u32) -> Result<(), String> {
+    if (1..=MAX_SPILL_OUTSTANDING).contains(&n) {
+        Ok(())
+    } else {
+        Err(format!(
+            "spill_outstanding {n} is out of range (expected 1-{MAX_SPILL_OUTSTANDING} outstanding calls)"
         ))
     }
 }
@@ -1043,6 +1059,41 @@ impl Service {
         }
         if let Some(l) = &self.locality {
             locality(l).map_err(at(Field::Locality))?;
+            if let Some(n) = l.spill_outstanding {
+                if self.grpc.is_none() {
+                    return Err(InvalidService {
+                        field: Field::LocalitySpillOutstanding,
+                        message: "spill_outstanding needs the gRPC mode (grpc): the L4 mode \
+                                  counts no calls; its spill-over is min_backends"
+                            .into(),
+                    });
+                }
+                locality_spill_outstanding(n).map_err(at(Field::LocalitySpillOutstanding))?;
+            }
+        }
+        let spills = self
+            .locality
+            .as_ref()
+            .is_some_and(|l| l.spill_outstanding.is_some());
+        for (i, b) in self.backends.iter().enumerate() {
+            let Some(w) = b.spill_weight else { continue };
+            let f = Field::Backend(i, BackendField::Weight);
+            if !spills || b.weight != 0 {
+                return Err(InvalidService {
+                    field: f,
+                    message: format!(
+                        "spill_weight {w} is for a backend drained (weight 0) by a locality \
+                         policy with spill_outstanding"
+                    ),
+                });
+            }
+            if w == 0 {
+                return Err(InvalidService {
+                    field: f,
+                    message: "spill_weight must be > 0".into(),
+                });
+            }
+            weight(w).map_err(at(f))?;
         }
         if let Some(h) = &self.health_check {
             if self.protocol != Protocol::Tcp {
@@ -1838,5 +1889,79 @@ mod tests {
         let mut c = a.clone();
         c.port = 81;
         assert_eq!(duplicate_addrs(&[a, c, b]), vec![(2, 0)]);
+    }
+
+    /// The gRPC spill-over threshold and the spill weights: each rule's
+    /// error, on its field.
+    #[test]
+    fn locality_spill_outstanding_rules() {
+        use crate::model::{Locality, LocalityTier};
+        let spill = |n: u32| Locality {
+            tiers: vec![LocalityTier::Zone],
+            min_backends: 1,
+            spill_outstanding: Some(n),
+        };
+        let mut g = svc(Algorithm::Random, 3, 0);
+        g.grpc = Some(GrpcPolicy::default());
+        g.locality = Some(spill(50));
+        g.backends[2].weight = 0;
+        g.backends[2].spill_weight = Some(3);
+        assert_eq!(g.validate(), Ok(()));
+        for n in [1, MAX_SPILL_OUTSTANDING] {
+            g.locality = Some(spill(n));
+            assert_eq!(g.validate(), Ok(()), "{n}");
+        }
+        let check = |s: &Service, field: Field, needle: &str| {
+            let e = s.validate().unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert!(
+                e.message.contains(needle),
+                "{e:?} should contain {needle:?}"
+            );
+        };
+        // Range.
+        for n in [0, MAX_SPILL_OUTSTANDING + 1] {
+            let mut s = g.clone();
+            s.locality = Some(spill(n));
+            check(
+                &s,
+                Field::LocalitySpillOutstanding,
+                "out of range (expected 1-1000000",
+            );
+        }
+        // The L4 mode has no outstanding calls.
+        let mut l4 = g.clone();
+        l4.grpc = None;
+        l4.backends[2].spill_weight = None;
+        check(&l4, Field::LocalitySpillOutstanding, "needs the gRPC mode");
+        assert_eq!(
+            l4.validate().unwrap_err().to_string(),
+            "locality.spill_outstanding: spill_outstanding needs the gRPC mode (grpc): the L4 mode \
+             counts no calls; its spill-over is min_backends"
+        );
+        // A spill weight on a backend that takes flows, or without the policy.
+        let mut s = g.clone();
+        s.backends[2].weight = 1;
+        check(
+            &s,
+            Field::Backend(2, BackendField::Weight),
+            "drained (weight 0)",
+        );
+        let mut s = g.clone();
+        s.locality = Some(Locality {
+            spill_outstanding: None,
+            ..spill(1)
+        });
+        check(
+            &s,
+            Field::Backend(2, BackendField::Weight),
+            "with spill_outstanding",
+        );
+        let mut s = g.clone();
+        s.backends[2].spill_weight = Some(0);
+        check(&s, Field::Backend(2, BackendField::Weight), "must be > 0");
+        let mut s = g.clone();
+        s.backends[2].spill_weight = Some(MAX_WEIGHT + 1);
+        check(&s, Field::Backend(2, BackendField::Weight), "too large");
     }
 }

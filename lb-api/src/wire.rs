@@ -13,8 +13,9 @@ use std::time::Duration;
 use crate::config::Timeouts;
 use crate::model::{
     Algorithm, Backend, BackendState, Balancing, DEFAULT_GRPC_TIMEOUT, DesiredState, External,
-    GrpcPolicy, GrpcTls, HealthCheck, HealthCheckKind, ListenTls, OrcaWrr, OutlierDetection,
-    Protocol, RetryPolicy, RetryThrottle, Service, ServiceAddr, TrafficPolicy, UpstreamTls,
+    GrpcPolicy, GrpcTls, HealthCheck, HealthCheckKind, ListenTls, Locality, LocalityTier, OrcaWrr,
+    OutlierDetection, Protocol, RetryPolicy, RetryThrottle, Service, ServiceAddr, TrafficPolicy,
+    UpstreamTls,
 };
 use crate::validate::Refusal;
 
@@ -99,6 +100,7 @@ impl From<&Service> for pb::Service {
                     } as i32,
                     node: b.node.clone().unwrap_or_default(),
                     max: b.max.unwrap_or(0),
+                    spill_weight: b.spill_weight.unwrap_or(0),
                 })
                 .collect(),
             grpc: s.grpc.as_ref().map(|g| pb::GrpcPolicy {
@@ -188,6 +190,16 @@ impl From<&Service> for pb::Service {
             external_traffic_local: s.external.traffic_policy == TrafficPolicy::Local,
             health_check_node_port: s.external.health_check_node_port.map_or(0, u32::from),
             max_per_backend: s.max_per_backend.unwrap_or(0),
+            // A resolved state keeps only a gRPC spill-over policy.
+            locality: s
+                .locality
+                .as_ref()
+                .filter(|l| l.spill_outstanding.is_some())
+                .map(|l| pb::Locality {
+                    tiers: l.tiers.iter().map(|t| t.as_str().to_string()).collect(),
+                    min_backends: l.min_backends,
+                    spill_outstanding: l.spill_outstanding.unwrap_or(0),
+                }),
         }
     }
 }
@@ -308,6 +320,7 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
             state,
             node: Some(b.node.clone()).filter(|n| !n.is_empty()),
             max: Some(b.max).filter(|&m| m != 0),
+            spill_weight: Some(b.spill_weight).filter(|&w| w != 0),
         });
     }
     let grpc = s.grpc.as_ref().map(|g| GrpcPolicy {
@@ -428,8 +441,21 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
                 p => Some(port(&what, p)?),
             },
         },
-        // Not on the wire: the controller sends each node its resolved state.
-        locality: None,
+        // Only a resolved state's gRPC spill-over policy is on the wire; the
+        // rest is resolved by the controller into each node's weights.
+        locality: match &s.locality {
+            None => None,
+            Some(l) => Some(Locality {
+                tiers: l
+                    .tiers
+                    .iter()
+                    .map(|t| t.parse::<LocalityTier>())
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| bad(format!("locality: {e}")))?,
+                min_backends: l.min_backends,
+                spill_outstanding: Some(l.spill_outstanding).filter(|&n| n != 0),
+            }),
+        },
         max_per_backend: Some(s.max_per_backend).filter(|&m| m != 0),
         // Not on the wire: a selector names a file on the node (standalone YAML only).
         selector: None,
@@ -781,6 +807,46 @@ mod tests {
 
     fn v6(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    /// A resolved state's gRPC spill-over (the policy and the drained
+    /// backends' spill weights) reaches the agent as it left.
+    #[test]
+    fn a_spill_over_policy_round_trips() {
+        let mut s = svc("a/b:grpc", 80, &[(1, 1), (2, 2), (3, 0), (4, 0)]);
+        s.grpc = Some(GrpcPolicy::default());
+        s.locality = Some(Locality {
+            tiers: vec![LocalityTier::Node, LocalityTier::Zone],
+            min_backends: 2,
+            spill_outstanding: Some(50),
+        });
+        s.backends[2].spill_weight = Some(7);
+        let p = pb::Service::from(&s);
+        assert_eq!(p.backends[2].spill_weight, 7);
+        assert_eq!(p.backends[3].spill_weight, 0);
+        assert_eq!(p.locality.as_ref().unwrap().tiers, ["node", "zone"]);
+        assert_eq!(p.locality.as_ref().unwrap().spill_outstanding, 50);
+        let n = node(vec![s.clone()]);
+        let got = apply_message(&NodeState::default(), 0, &snapshot(3, &n)).unwrap();
+        assert_eq!(got.state, n);
+        assert!(got.refused.is_empty());
+        // A policy without the threshold is the controller's to resolve: it
+        // is not sent.
+        let mut plain = s.clone();
+        plain.backends[2].spill_weight = None;
+        plain.locality.as_mut().unwrap().spill_outstanding = None;
+        assert!(pb::Service::from(&plain).locality.is_none());
+        // A bad tier or threshold from the wire is refused.
+        let mut bad = pb::Service::from(&s);
+        bad.locality.as_mut().unwrap().tiers = vec!["rack".into()];
+        let e = service_from_pb(&bad).unwrap_err().to_string();
+        assert!(e.contains("unknown locality tier"), "{e}");
+        let mut l4 = s.clone();
+        l4.grpc = None;
+        let e = service_from_pb(&pb::Service::from(&l4))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs the gRPC mode"), "{e}");
     }
 
     #[test]

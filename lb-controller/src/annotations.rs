@@ -48,6 +48,7 @@
 //!
 //! | `rpclb.io/locality` | comma-separated tiers, narrowest first: `node`, `zone`, `region` (docs/policies.md) | none (`trafficDistribution`'s) |
 //! | `rpclb.io/locality-min-backends` | 1-10000: the spill-over threshold; needs `rpclb.io/locality` | 1 |
+//! | `rpclb.io/locality-spill-outstanding` | 1-1000000: gRPC mode: spill over while every backend of the chosen tier has this many calls outstanding; needs `rpclb.io/locality` and `rpclb.io/mode: grpc` | none |
 //! | `rpclb.io/headers` | `name: value` lines: headers the gRPC mode adds to every call ([`parse_headers`]); needs `rpclb.io/mode: grpc` | none |
 //!
 //! The `rpclb.io/grpc-*tls*` annotations name Secrets that the operator
@@ -170,6 +171,8 @@ pub const GRPC_TLS_DIR: &str = "/etc/rpclb/grpc-tls";
 pub const LOCALITY: &str = "rpclb.io/locality";
 /// The locality policy's spill-over threshold (default 1).
 pub const LOCALITY_MIN_BACKENDS: &str = "rpclb.io/locality-min-backends";
+/// The gRPC mode's spill-over on outstanding calls (docs/policies.md).
+pub const LOCALITY_SPILL_OUTSTANDING: &str = "rpclb.io/locality-spill-outstanding";
 /// Headers the gRPC mode adds to every call: `name: value` lines.
 pub const HEADERS: &str = "rpclb.io/headers";
 /// QoS limit per backend (docs/policies.md): connections (L4) or
@@ -186,7 +189,7 @@ pub const POD_MAX: &str = "rpclb.io/max";
 /// Every Pod annotation this version understands.
 pub const POD_KNOWN: [&str; 2] = [POD_WEIGHT, POD_MAX];
 /// Every annotation this version understands.
-pub const KNOWN: [&str; 36] = [
+pub const KNOWN: [&str; 37] = [
     ALGORITHM,
     WEIGHTS,
     MAGLEV_TABLE_SIZE,
@@ -221,6 +224,7 @@ pub const KNOWN: [&str; 36] = [
     GRPC_UPSTREAM_TLS_SERVER_NAME,
     LOCALITY,
     LOCALITY_MIN_BACKENDS,
+    LOCALITY_SPILL_OUTSTANDING,
     HEADERS,
     MAX_PER_BACKEND,
 ];
@@ -239,7 +243,8 @@ pub struct ServicePolicy {
     pub health_check: Option<lb_api::HealthCheck>,
     /// The `rpclb.io/grpc-*tls*` annotations (gRPC mode only).
     pub tls: TlsSecrets,
-    /// `rpclb.io/locality` and `rpclb.io/locality-min-backends`.
+    /// `rpclb.io/locality`, `rpclb.io/locality-min-backends` and
+    /// `rpclb.io/locality-spill-outstanding`.
     pub locality: Option<lb_api::Locality>,
     /// `rpclb.io/max-per-backend`.
     pub max_per_backend: Option<u32>,
@@ -313,6 +318,7 @@ fn parse_locality(value: &str) -> Result<lb_api::Locality, Vec<AnnotationProblem
     let l = lb_api::Locality {
         tiers,
         min_backends: 1,
+        spill_outstanding: None,
     };
     validate::locality(&l)
         .map(|()| l)
@@ -335,6 +341,13 @@ fn parse_u32(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
 fn parse_min_backends(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
     let n = parse_u32(value)?;
     validate::locality_min_backends(n)
+        .map(|()| n)
+        .map_err(|e| vec![AnnotationProblem::LocalityValue(e)])
+}
+
+fn parse_spill_outstanding(value: &str) -> Result<u32, Vec<AnnotationProblem>> {
+    let n = parse_u32(value)?;
+    validate::locality_spill_outstanding(n)
         .map(|()| n)
         .map_err(|e| vec![AnnotationProblem::LocalityValue(e)])
 }
@@ -451,6 +464,7 @@ impl AnnotationError {
             GRPC_UPSTREAM_TLS_SERVER_NAME => "verifying each backend's IP address",
             LOCALITY => "no locality policy (trafficDistribution, if set, still applies)",
             LOCALITY_MIN_BACKENDS => "using the default min backends (1)",
+            LOCALITY_SPILL_OUTSTANDING => "no spill-over on outstanding calls",
             HEADERS => "adding no headers from the annotation",
             MAX_PER_BACKEND => "no QoS limit",
             POD_WEIGHT => {
@@ -485,7 +499,7 @@ impl std::error::Error for AnnotationError {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AnnotationProblem {
     #[error(
-        "unknown rpclb.io annotation (known: rpclb.io/algorithm, rpclb.io/weights, rpclb.io/maglev-table-size, rpclb.io/mode, rpclb.io/grpc-timeout, rpclb.io/health-check, rpclb.io/health-check-service, rpclb.io/health-check-interval, rpclb.io/health-check-timeout, rpclb.io/health-check-unhealthy-threshold, rpclb.io/health-check-healthy-threshold, rpclb.io/grpc-retry-max-attempts, rpclb.io/grpc-retry-status-codes, rpclb.io/grpc-retry-initial-backoff, rpclb.io/grpc-retry-max-backoff, rpclb.io/grpc-retry-backoff-multiplier, rpclb.io/grpc-retry-max-tokens, rpclb.io/grpc-retry-token-ratio, rpclb.io/grpc-outlier-consecutive-failures, rpclb.io/grpc-outlier-base-ejection-time, rpclb.io/grpc-outlier-max-ejection-time, rpclb.io/grpc-outlier-max-ejection-percent, rpclb.io/grpc-balancing, rpclb.io/grpc-balancing-blackout-period, rpclb.io/grpc-balancing-weight-expiration-period, rpclb.io/grpc-balancing-weight-update-period, rpclb.io/grpc-balancing-error-utilization-penalty, rpclb.io/grpc-tls-secret, rpclb.io/grpc-tls-client-ca-secret, rpclb.io/grpc-upstream-tls-ca-secret, rpclb.io/grpc-upstream-tls-secret, rpclb.io/grpc-upstream-tls-server-name, rpclb.io/locality, rpclb.io/locality-min-backends, rpclb.io/headers, rpclb.io/max-per-backend)"
+        "unknown rpclb.io annotation (known: rpclb.io/algorithm, rpclb.io/weights, rpclb.io/maglev-table-size, rpclb.io/mode, rpclb.io/grpc-timeout, rpclb.io/health-check, rpclb.io/health-check-service, rpclb.io/health-check-interval, rpclb.io/health-check-timeout, rpclb.io/health-check-unhealthy-threshold, rpclb.io/health-check-healthy-threshold, rpclb.io/grpc-retry-max-attempts, rpclb.io/grpc-retry-status-codes, rpclb.io/grpc-retry-initial-backoff, rpclb.io/grpc-retry-max-backoff, rpclb.io/grpc-retry-backoff-multiplier, rpclb.io/grpc-retry-max-tokens, rpclb.io/grpc-retry-token-ratio, rpclb.io/grpc-outlier-consecutive-failures, rpclb.io/grpc-outlier-base-ejection-time, rpclb.io/grpc-outlier-max-ejection-time, rpclb.io/grpc-outlier-max-ejection-percent, rpclb.io/grpc-balancing, rpclb.io/grpc-balancing-blackout-period, rpclb.io/grpc-balancing-weight-expiration-period, rpclb.io/grpc-balancing-weight-update-period, rpclb.io/grpc-balancing-error-utilization-penalty, rpclb.io/grpc-tls-secret, rpclb.io/grpc-tls-client-ca-secret, rpclb.io/grpc-upstream-tls-ca-secret, rpclb.io/grpc-upstream-tls-secret, rpclb.io/grpc-upstream-tls-server-name, rpclb.io/locality, rpclb.io/locality-min-backends, rpclb.io/locality-spill-outstanding, rpclb.io/headers, rpclb.io/max-per-backend)"
     )]
     UnknownKey,
     #[error("the value is empty")]
@@ -619,6 +633,7 @@ pub fn parse_annotations(
     let mut outlier = OutlierSettings::default();
     let mut balancing = BalancingSettings::default();
     let mut min_backends = None;
+    let mut spill_outstanding = None;
     let mut headers = None;
     for (key, value) in annotations {
         if !key.starts_with(PREFIX) {
@@ -685,6 +700,9 @@ pub fn parse_annotations(
             },
             LOCALITY => parse_locality(value).map(|l| policy.locality = Some(l)),
             LOCALITY_MIN_BACKENDS => parse_min_backends(value).map(|n| min_backends = Some(n)),
+            LOCALITY_SPILL_OUTSTANDING => {
+                parse_spill_outstanding(value).map(|n| spill_outstanding = Some(n))
+            }
             HEADERS => parse_headers(value).map(|h| headers = Some(h)),
             MAX_PER_BACKEND => parse_qos_limit(value).map(|n| policy.max_per_backend = Some(n)),
             _ => Err(vec![AnnotationProblem::UnknownKey]),
@@ -719,6 +737,17 @@ pub fn parse_annotations(
             AnnotationProblem::NeedsAnnotation(LOCALITY),
         ),
         _ => {}
+    }
+    match (policy.locality.as_mut(), spill_outstanding) {
+        (_, None) => {}
+        (None, Some(_)) => need(
+            LOCALITY_SPILL_OUTSTANDING,
+            AnnotationProblem::NeedsAnnotation(LOCALITY),
+        ),
+        (Some(_), Some(_)) if policy.grpc.is_none() => {
+            need(LOCALITY_SPILL_OUTSTANDING, AnnotationProblem::NoGrpcMode)
+        }
+        (Some(l), Some(n)) => l.spill_outstanding = Some(n),
     }
     match (policy.grpc.as_mut(), headers) {
         (Some(g), Some(h)) => g.add_headers = h,

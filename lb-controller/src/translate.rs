@@ -696,7 +696,8 @@ impl ClusterState {
     }
 
     /// `here.node` `None`: a node with no local backends. A locality policy
-    /// (resolved here: the state sent carries none) or else topology hints
+    /// (resolved here: the state sent carries none, but a gRPC
+    /// `spill_outstanding` and the spill weights) or else topology hints
     /// drain (weight 0) the backends not for this place: their flows go on.
     fn state_for(&self, here: &Place<'_>) -> DesiredState {
         let (node, zone) = (here.node, here.zone);
@@ -706,10 +707,8 @@ impl ClusterState {
             .map(|cs| {
                 if !cs.local_only {
                     let mut s = cs.service.clone();
-                    if let Some(l) = s.locality.take() {
-                        if let Some(keep) = locality::keep(&s.backends, &l, here, |i| cs.place(i)) {
-                            locality::drain_others(&mut s, &keep);
-                        }
+                    if s.locality.is_some() {
+                        locality::apply(&mut s, here, |i| cs.place(i));
                     } else if let Some(keep) = topology(&s.backends, &cs.hints, node, zone) {
                         for (b, k) in s.backends.iter_mut().zip(keep) {
                             if !k {
@@ -1163,6 +1162,8 @@ fn backends_for(
             // The Pod's own limit wins over the Service's max_per_backend
             // (the agent applies the backend's first, as the YAML's `max`).
             max: own.max,
+            // Set per node by the locality resolution.
+            spill_weight: None,
             node: node.map(str::to_string),
             ip,
             port,
@@ -1395,6 +1396,7 @@ mod tests {
     fn backend(addr: &str, port: u16, state: BackendState) -> Backend {
         Backend {
             max: None,
+            spill_weight: None,
             node: None,
             ip: ip(addr),
             port,
@@ -1943,6 +1945,26 @@ mod tests {
         // The resolved state carries no policy (agents get weights).
         assert_eq!(all.node_state("a1").services[0].locality, None);
 
+        // gRPC mode with spill_outstanding: the drained backends keep their
+        // weights as spill weights, and the resolved state keeps the policy.
+        let spill = c(&[
+            (annotations::MODE, "grpc"),
+            (annotations::LOCALITY, "zone"),
+            (annotations::LOCALITY_SPILL_OUTSTANDING, "50"),
+        ]);
+        let st = spill.node_state("a1");
+        assert_eq!(w(&st), [1, 1, 0, 0]);
+        let sw: Vec<Option<u32>> = st.services[0]
+            .backends
+            .iter()
+            .map(|b| b.spill_weight)
+            .collect();
+        assert_eq!(sw, [None, None, Some(1), Some(1)]);
+        let l = st.services[0].locality.as_ref().expect("kept");
+        assert_eq!(l.spill_outstanding, Some(50));
+        assert_eq!(l.tiers, [LocalityTier::Zone]);
+        assert!(st.services[0].validate().is_ok());
+
         // Spill-over: fewer than 2 on the node, then in the zone.
         let two = c(&[
             (annotations::LOCALITY, "node,zone,region"),
@@ -2089,6 +2111,33 @@ mod tests {
                 "using the default min backends (1)",
             ),
             (
+                vec![(annotations::LOCALITY_SPILL_OUTSTANDING, "50")],
+                "no spill-over on outstanding calls",
+            ),
+            (
+                vec![
+                    (annotations::LOCALITY, "zone"),
+                    (annotations::LOCALITY_SPILL_OUTSTANDING, "50"),
+                ],
+                "no spill-over on outstanding calls",
+            ),
+            (
+                vec![
+                    (annotations::MODE, "grpc"),
+                    (annotations::LOCALITY, "zone"),
+                    (annotations::LOCALITY_SPILL_OUTSTANDING, "0"),
+                ],
+                "no spill-over on outstanding calls",
+            ),
+            (
+                vec![
+                    (annotations::MODE, "grpc"),
+                    (annotations::LOCALITY, "zone"),
+                    (annotations::LOCALITY_SPILL_OUTSTANDING, "lots"),
+                ],
+                "no spill-over on outstanding calls",
+            ),
+            (
                 vec![(annotations::HEADERS, "x-team: pay")],
                 "adding no headers from the annotation",
             ),
@@ -2123,8 +2172,15 @@ mod tests {
             let p = &c.problems()[0];
             assert_eq!(p.reason(), "InvalidAnnotation", "{kv:?}");
             assert_eq!(p.fallback, fallback, "{kv:?}");
-            // Ignored: no headers, and min 1 where the tier stays.
+            // Ignored: no headers, min 1 where the tier stays, no spill.
             let st = c.node_state("a1");
+            assert!(
+                st.services[0]
+                    .backends
+                    .iter()
+                    .all(|b| b.spill_weight.is_none()),
+                "{kv:?}"
+            );
             assert!(
                 st.services[0]
                     .grpc

@@ -1014,6 +1014,7 @@ fn backend(ip: &str, port: u16, state: BackendState) -> Backend {
     };
     Backend {
         max: None,
+        spill_weight: None,
         node,
         ip: ip.into(),
         port,

@@ -806,6 +806,27 @@ pub async fn connect(
     proto::test_service_client::TestServiceClient::new(ch)
 }
 
+/// A unary call with these headers, answered within `within`: the name of
+/// the backend that served it (an `unknown` status when not answered in
+/// time).
+pub async fn served_by(
+    c: &mut proto::test_service_client::TestServiceClient<tonic::transport::Channel>,
+    headers: &[(&'static str, &str)],
+    within: Duration,
+) -> Result<String, Status> {
+    let mut req = Request::new(SimpleRequest::default());
+    for (k, v) in headers {
+        let v = v
+            .parse()
+            .map_err(|_| Status::internal("test: bad header value"))?;
+        req.metadata_mut().insert(*k, v);
+    }
+    match tokio::time::timeout(within, c.unary_call(req)).await {
+        Ok(r) => r.map(|r| r.into_inner().served_by),
+        Err(_) => Err(Status::unknown("test: call not answered in time")),
+    }
+}
+
 /// Runs `f` on a fresh single-thread runtime inside `ns` (every socket it
 /// opens is that namespace's).
 pub fn block_on_in<F, Fut, R>(ns: &Netns, f: F) -> R

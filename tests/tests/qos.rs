@@ -10,11 +10,10 @@ use std::time::{Duration, Instant};
 use lb_agent::datapath::{AttachMode, Datapath, DatapathConfig};
 use lb_agent::userspace::{DropReason, ServiceStats, UserspaceProxy};
 use lb_api::{Algorithm, Backend, DesiredState, GrpcPolicy, Protocol, Service};
-use rpclb_tests::grpc::proto::SimpleRequest;
 use rpclb_tests::grpc::{GrpcServer, HOLD, Journal, SLEEP, TestBackend};
 use rpclb_tests::lab::{self, HeldConn, Lab};
 use rpclb_tests::skip_unless_lab;
-use tonic::{Code, Request};
+use tonic::Code;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const GRPC_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
@@ -142,14 +141,7 @@ async fn unary(
     >,
     headers: &[(&'static str, &str)],
 ) -> Result<String, tonic::Status> {
-    let mut req = Request::new(SimpleRequest::default());
-    for (k, v) in headers {
-        req.metadata_mut().insert(*k, v.parse().unwrap());
-    }
-    match tokio::time::timeout(CALL, c.unary_call(req)).await {
-        Ok(r) => r.map(|r| r.into_inner().served_by),
-        Err(_) => Err(tonic::Status::unknown("test: call not answered in time")),
-    }
+    rpclb_tests::grpc::served_by(c, headers, CALL).await
 }
 
 /// A backend limited to N outstanding calls never has more than N in its

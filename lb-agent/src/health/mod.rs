@@ -18,6 +18,9 @@
 //!   them all would turn a failing health endpoint (or a network problem
 //!   between the node and the pods) into a full outage.
 //!
+//! - The spill backends of a gRPC locality spill-over (a `spill_weight`)
+//!   are checked too: an unhealthy one loses its spill weight, so the
+//!   balancer does not spill over to it. They do not count for panic mode.
 //! - `grpc` checks of a service with `grpc.tls.upstream` speak TLS with the
 //!   proxy's settings (lb-api's `tls::service`, the files followed by the
 //!   same `Reloader`, polled before each check).
@@ -147,7 +150,8 @@ impl HealthChecker {
     }
 
     /// Checks exactly the backends of `state`'s checked services that take
-    /// new flows: starts what is new, stops what is gone. A backend whose
+    /// new flows or are spill backends (active, with a spill weight):
+    /// starts what is new, stops what is gone. A backend whose
     /// check settings changed keeps its health. Call within a tokio runtime.
     pub fn set_targets(&self, state: &DesiredState) {
         let mut want: HashMap<Key, (&str, &HealthCheck, Option<&UpstreamTls>)> = HashMap::new();
@@ -155,7 +159,12 @@ impl HealthChecker {
             let Some(hc) = &s.health_check else { continue };
             let tls = s.grpc.as_ref().and_then(|g| g.tls.as_ref());
             let tls = tls.and_then(|t| t.upstream.as_ref());
-            for b in lb_api::validate::live_backends(&s.backends) {
+            let spill = s
+                .backends
+                .iter()
+                .filter(|b| b.state == lb_api::BackendState::Active)
+                .filter(|b| b.spill_weight.is_some_and(|w| w > 0));
+            for b in lb_api::validate::live_backends(&s.backends).chain(spill) {
                 want.insert(
                     (s.addr(), SocketAddr::new(b.ip, b.port)),
                     (s.name.as_str(), hc, tls),
@@ -224,6 +233,12 @@ impl HealthChecker {
         };
         for s in out.services.iter_mut().filter(|s| s.health_check.is_some()) {
             let addr = s.addr();
+            // No spill-over to an unhealthy backend.
+            for b in s.backends.iter_mut() {
+                if b.spill_weight.is_some() && !healthy(addr, b) {
+                    b.spill_weight = None;
+                }
+            }
             let live = s.backends.iter().filter(|b| b.takes_new_flows());
             let (mut n, mut up) = (0, 0);
             for b in live {
@@ -470,6 +485,42 @@ mod tests {
         h.set_targets(&plain);
         assert!(h.snapshot().is_empty());
         assert_eq!(h.effective(&plain), plain);
+    }
+
+    /// A spill backend (locality spill-over) is checked, and loses its
+    /// spill weight while unhealthy; it is no part of panic mode.
+    #[tokio::test]
+    async fn spill_backends_are_checked_and_lose_their_spill_weight() {
+        let h = HealthChecker::new();
+        let mut st = state(true);
+        let s = &mut st.services[0];
+        s.grpc = Some(lb_api::GrpcPolicy::default());
+        s.locality = Some(lb_api::Locality {
+            spill_outstanding: Some(4),
+            ..lb_api::Locality::prefer_same_zone()
+        });
+        s.backends[2].weight = 0;
+        s.backends[2].spill_weight = Some(1);
+        h.set_targets(&st);
+        assert_eq!(h.snapshot().len(), 3, "the spill backend too");
+        assert_eq!(h.effective(&st), st, "all healthy: unchanged");
+        force(&h, &st, 2, false);
+        let e = h.effective(&st);
+        assert_eq!(e.services[0].backends[2].spill_weight, None);
+        assert_eq!(e.services[0].backends[2].weight, 0);
+        assert!(h.panics(&st).is_empty());
+        // Both others down: panic mode for them; still no spill to it.
+        force(&h, &st, 0, false);
+        force(&h, &st, 1, false);
+        let e = h.effective(&st);
+        let w: Vec<u32> = e.services[0].backends.iter().map(|b| b.weight).collect();
+        assert_eq!(w, [1, 1, 0]);
+        assert_eq!(e.services[0].backends[2].spill_weight, None);
+        force(&h, &st, 2, true);
+        assert_eq!(
+            h.effective(&st).services[0].backends[2].spill_weight,
+            Some(1)
+        );
     }
 
     #[tokio::test]

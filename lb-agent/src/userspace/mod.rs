@@ -947,8 +947,9 @@ impl Running {
                 .map_err(|e| format!("grpc.tls: {e}"))?;
         }
         // Pools of backends that take no new calls let their connection go
-        // (it closes once its calls are done); the others may connect.
-        let (live, _) = selector.candidates();
+        // (it closes once its calls are done); the others (spill backends
+        // included) may connect.
+        let (live, _) = selector.with_spill();
         let live: HashSet<BackendKey> = live.iter().map(|e| e.key()).collect();
         self.shared.set_selector(selector);
         self.shared.set_policy(svc.grpc.clone());

@@ -29,6 +29,10 @@
 //!
 //! A gRPC (L7) service ignores `algorithm` and affinity: its calls are picked
 //! by `grpc::balance` over [`Selector::candidates`], and no table is built.
+//! With a locality policy's `spill_outstanding` (docs/policies.md,
+//! "Locality"), the selector also holds the backends the resolution drained
+//! that have a `spill_weight`, after the others ([`Selector::with_spill`]);
+//! the pick turns to them only while every candidate is busy.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -124,9 +128,15 @@ fn eligible(svc: &Service) -> impl Iterator<Item = &lb_api::Backend> {
 pub(crate) struct Selector {
     algorithm: Algorithm,
     affinity: Option<Duration>,
-    /// Backends that take new flows, in the service's order.
+    /// Backends that take new flows, in the service's order; then (gRPC
+    /// mode) the spill backends, from `preferred` on.
     backends: Vec<Arc<BackendEntry>>,
     weights: Vec<u32>,
+    /// How many of `backends` are candidates; the rest are spill backends.
+    preferred: usize,
+    /// Outstanding calls on every candidate that open the spill backends
+    /// (0: never).
+    spill_at: u32,
     /// QoS limit of each of `backends` (0: none); all 0 without limits.
     limits: Vec<u32>,
     limited: bool,
@@ -151,6 +161,30 @@ impl Selector {
                 backends.push(e.clone());
                 weights.push(b.weight);
                 limits.push(svc.limit_of(b).unwrap_or(0));
+            }
+        }
+        let preferred = backends.len();
+        // The gRPC spill-over: active backends the locality resolution
+        // drained, with their weight before it (each ip:port once).
+        let spill_at = match (&svc.grpc, &svc.locality) {
+            (Some(_), Some(l)) => l.spill_outstanding.unwrap_or(0),
+            _ => 0,
+        };
+        if spill_at != 0 {
+            let mut seen: std::collections::HashSet<BackendKey> =
+                backends.iter().map(|b| b.key()).collect();
+            for b in &svc.backends {
+                let Some(w) = b.spill_weight.filter(|&w| w > 0) else {
+                    continue;
+                };
+                if b.state != lb_api::BackendState::Active || !seen.insert((b.ip, b.port)) {
+                    continue;
+                }
+                if let Some(e) = entries.get(&(b.ip, b.port)) {
+                    backends.push(e.clone());
+                    weights.push(w);
+                    limits.push(svc.limit_of(b).unwrap_or(0));
+                }
             }
         }
         let limited = limits.iter().any(|&l| l != 0);
@@ -185,11 +219,29 @@ impl Selector {
             affinity: svc.affinity_timeout,
             backends,
             weights,
+            preferred,
+            spill_at,
             limits,
             limited,
             table,
             index,
         })
+    }
+
+    /// The outstanding calls on every candidate at which the pick also
+    /// takes the spill backends (0: never, or none to spill to).
+    pub(crate) fn spill_at(&self) -> u32 {
+        if self.backends.len() > self.preferred {
+            self.spill_at
+        } else {
+            0
+        }
+    }
+
+    /// [`Self::candidates`] followed by the spill backends and their
+    /// weights: indexes below `candidates().0.len()` are the same.
+    pub(crate) fn with_spill(&self) -> (&[Arc<BackendEntry>], &[u32]) {
+        (&self.backends, &self.weights)
     }
 
     /// The QoS limit of backend `i` (0: none).
@@ -259,7 +311,10 @@ impl Selector {
     /// The backends that take new flows and their weights (all > 0), in the
     /// service's order.
     pub(crate) fn candidates(&self) -> (&[Arc<BackendEntry>], &[u32]) {
-        (&self.backends, &self.weights)
+        (
+            &self.backends[..self.preferred],
+            &self.weights[..self.preferred],
+        )
     }
 
     #[cfg(test)]

@@ -24,6 +24,14 @@
 //! A service with `balancing: orca_wrr` picks by weighted round-robin from
 //! the backends' load reports (`orca`) once two of them have a weight, and
 //! by P2C until then.
+//!
+//! Locality spill-over (docs/policies.md, "Locality"): with
+//! `spill_outstanding` T, when every candidate that is not ejected has at
+//! least T calls outstanding ([`spilling`]), the pick is made by the same
+//! balancing over the candidates and the spill backends (those the
+//! locality resolution drained, at their `spill_weight`); as soon as one
+//! candidate is below T again, over the candidates alone. The check reads
+//! the same relaxed counters as P2C: two concurrent picks may both see T.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -33,7 +41,7 @@ use lb_api::Balancing;
 use std::time::Instant;
 
 use super::orca::{self, Load, Orca};
-use crate::userspace::select::{BackendEntry, BackendKey, ServiceShared, random_u64};
+use crate::userspace::select::{BackendEntry, BackendKey, Selector, ServiceShared, random_u64};
 
 /// Picks one index among `n` candidates. `weight(i)` is 0 for one that must
 /// not be picked; `outstanding(i)` is its calls in flight; `below(k)` is a
@@ -158,7 +166,12 @@ pub(crate) fn try_pick(
     excluded: &[BackendKey],
 ) -> Result<CallLease, NoPick> {
     let sel = svc.selector();
-    let (backends, weights) = sel.candidates();
+    let spill = spilling(svc, &sel);
+    let (backends, _) = if spill {
+        sel.with_spill()
+    } else {
+        sel.candidates()
+    };
     // Passive outlier ejection (`outlier`): ejected backends are skipped.
     let ejected = super::outlier::skipped(svc, backends, excluded);
     let usable = |i: usize| {
@@ -173,7 +186,7 @@ pub(crate) fn try_pick(
     };
     // Bounded: each failed reservation leaves one more backend out.
     for _ in 0..=backends.len() {
-        match pick_once(svc, orca, &sel, &|i| usable(i) && !full(i, &lost), weights) {
+        match pick_once(svc, orca, &sel, spill, &|i| usable(i) && !full(i, &lost)) {
             None => break,
             Some(i) => {
                 let b = backends[i].clone();
@@ -192,19 +205,49 @@ pub(crate) fn try_pick(
     })
 }
 
-/// One choice by the service's balancing among the backends `ok` leaves.
+/// Whether the service spills over now: it has spill backends, and every
+/// candidate that is not ejected has at least `spill_outstanding` calls in
+/// flight, or is at its QoS limit if that is lower (it takes no more).
+/// Every candidate ejected: it spills over (to those not ejected).
+pub(crate) fn spilling(svc: &ServiceShared, sel: &Selector) -> bool {
+    let t = sel.spill_at();
+    if t == 0 {
+        return false;
+    }
+    // Ejections over every backend it may call (indexes of the candidates
+    // are the same); `None` when none is, or all are.
+    let ejected = super::outlier::skipped(svc, sel.with_spill().0, &[]);
+    let (backends, _) = sel.candidates();
+    backends.iter().enumerate().all(|(i, b)| {
+        let busy = match sel.limit(i) {
+            0 => t,
+            l => t.min(l),
+        };
+        ejected.as_ref().is_some_and(|e| e[i])
+            || b.counters.active_requests.load(Relaxed) >= u64::from(busy)
+    })
+}
+
+/// One choice by the service's balancing among the backends `ok` leaves:
+/// the candidates, and with `spill` the spill backends too.
 fn pick_once(
     svc: &ServiceShared,
     orca: &Orca,
-    sel: &Arc<crate::userspace::select::Selector>,
+    sel: &Arc<Selector>,
+    spill: bool,
     ok: &dyn Fn(usize) -> bool,
-    weights: &[u32],
 ) -> Option<usize> {
-    let (backends, _) = sel.candidates();
+    let (backends, weights) = if spill {
+        sel.with_spill()
+    } else {
+        sel.candidates()
+    };
     // The one candidate filter: 0 for a backend this call must not go to.
     let weight = |i: usize| if ok(i) { weights[i] } else { 0 };
     let wrr = match svc.policy().map(|p| p.balancing) {
-        Some(Balancing::OrcaWrr(cfg)) => orca.pick(sel, &cfg, |i| weight(i) > 0, Instant::now()),
+        Some(Balancing::OrcaWrr(cfg)) => {
+            orca.pick(sel, spill, &cfg, |i| weight(i) > 0, Instant::now())
+        }
         _ => None,
     };
     match wrr {
@@ -544,5 +587,198 @@ mod tests {
         // Nothing but excluded backends left: empty, not full.
         let all: Vec<BackendKey> = s.backends.iter().map(|b| (b.ip, b.port)).collect();
         assert_eq!(try_pick(&sh, &orca, &all).err(), Some(NoPick::Empty));
+    }
+
+    /// A gRPC service whose first `local` backends are the chosen tier and
+    /// the next `remote` ones spill backends (drained by the resolution,
+    /// spill weight 1), spilling over at `t` outstanding calls.
+    fn spill_service(local: usize, remote: usize, t: u32) -> Service {
+        let mut s = grpc_service(&vec![1; local + remote]);
+        for b in &mut s.backends[local..] {
+            b.weight = 0;
+            b.spill_weight = Some(1);
+        }
+        s.locality = Some(lb_api::Locality {
+            spill_outstanding: Some(t),
+            ..lb_api::Locality::prefer_same_zone()
+        });
+        assert_eq!(s.validate(), Ok(()));
+        s
+    }
+
+    /// Calls per backend of `n` picks, each lease dropped at once.
+    fn tally(sh: &ServiceShared, orca: &Orca, n: usize, backends: usize) -> Vec<usize> {
+        let mut c = vec![0; backends];
+        for _ in 0..n {
+            let l = pick(sh, orca, &[]).expect("a backend");
+            let std::net::IpAddr::V4(ip) = l.backend().ip else {
+                panic!("IPv4 backends")
+            };
+            c[usize::from(ip.octets()[2] - 11)] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn spill_over_only_while_every_candidate_is_busy() {
+        let s = spill_service(2, 1, 2);
+        let sh = shared(&s);
+        let orca = Orca::default();
+        let sel = sh.selector();
+        assert_eq!(sel.candidates().0.len(), 2);
+        assert_eq!(sel.with_spill().0.len(), 3);
+        // Below T: no call reaches the spill backend, held or not.
+        assert_eq!(tally(&sh, &orca, 200, 3)[2], 0);
+        // P2C over two always compares both: 3 held calls are 2 + 1.
+        let mut held: Vec<CallLease> = (0..3).map(|_| pick(&sh, &orca, &[]).unwrap()).collect();
+        assert!(!spilling(&sh, &sel));
+        assert_eq!(tally(&sh, &orca, 200, 3)[2], 0, "one local is below T");
+        // The 4th makes it 2 + 2: both at T, the next calls spill over.
+        held.push(pick(&sh, &orca, &[]).unwrap());
+        assert!(held.iter().all(|l| l.backend().ip != s.backends[2].ip));
+        assert!(spilling(&sh, &sel));
+        // Over all three by P2C: the idle spill backend wins every draw it
+        // is in (2 of 3 on average), the locals the rest.
+        let c = tally(&sh, &orca, 300, 3);
+        assert!((150..=250).contains(&c[2]), "{c:?}");
+        assert!(c[0] > 0 && c[1] > 0, "{c:?}");
+        // One local below T again: back to the locals only.
+        held.pop();
+        assert!(!spilling(&sh, &sel));
+        assert_eq!(tally(&sh, &orca, 200, 3)[2], 0);
+        drop(held);
+        // Held calls while spilling go to the spill backend too, and are
+        // counted on it.
+        let held: Vec<CallLease> = (0..20).map(|_| pick(&sh, &orca, &[]).unwrap()).collect();
+        let on_spill = held
+            .iter()
+            .filter(|l| l.backend().ip == s.backends[2].ip)
+            .count();
+        assert!(on_spill > 0, "20 held calls over T = 2 on two locals");
+        let counts: Vec<u64> = sel
+            .with_spill()
+            .0
+            .iter()
+            .map(|b| b.counters.active_requests.load(Relaxed))
+            .collect();
+        assert_eq!(counts.iter().sum::<u64>(), 20);
+        assert!(counts[0] >= 2 && counts[1] >= 2, "{counts:?}");
+    }
+
+    #[test]
+    fn no_spill_backends_without_the_policy_or_in_the_l4_mode() {
+        // Without spill_outstanding (spill weights ignored): never.
+        let mut s = spill_service(1, 1, 1);
+        s.locality.as_mut().unwrap().spill_outstanding = None;
+        let sh = shared(&s);
+        let sel = sh.selector();
+        assert_eq!(sel.with_spill().0.len(), 1);
+        assert_eq!(sel.spill_at(), 0);
+        let _held: Vec<CallLease> = (0..5)
+            .map(|_| pick(&sh, &Orca::default(), &[]).unwrap())
+            .collect();
+        assert!(!spilling(&sh, &sel));
+        // A terminating spill backend is none.
+        let mut s = spill_service(1, 1, 1);
+        s.backends[1].state = BackendState::Terminating;
+        assert_eq!(shared(&s).selector().spill_at(), 0);
+        // The L4 selector never holds them.
+        let mut s = spill_service(1, 1, 1);
+        s.grpc = None;
+        s.algorithm = Algorithm::Random;
+        let sel = shared(&s).selector();
+        assert_eq!(sel.with_spill().0.len(), 1);
+        assert_eq!(sel.spill_at(), 0);
+    }
+
+    #[test]
+    fn spill_weights_weigh_the_spill_backends() {
+        // Locals busy (T = 1); spill backends of weight 1 and 3, idle: the
+        // pick among them follows their spill weights.
+        let mut s = spill_service(1, 2, 1);
+        s.backends[2].spill_weight = Some(3);
+        let sh = shared(&s);
+        let orca = Orca::default();
+        let _busy = pick(&sh, &orca, &[]).unwrap();
+        let c = tally(&sh, &orca, 4000, 3);
+        // The local (1 call) loses to either idle one, whenever drawn.
+        assert_eq!(c[0], 0, "{c:?}");
+        let share = c[2] as f64 / (c[1] + c[2]) as f64;
+        assert!((share - 0.75).abs() < 0.05, "{c:?}");
+    }
+
+    #[test]
+    fn ejected_or_full_candidates_count_as_busy() {
+        // Both locals ejected (outlier detection): spill over with no load.
+        let s = spill_service(2, 1, 50);
+        let sh = shared(&s);
+        let mut g = s.grpc.clone().unwrap();
+        g.outlier_detection = Some(lb_api::OutlierDetection {
+            consecutive_failures: 1,
+            max_ejection_percent: 100,
+            ..lb_api::OutlierDetection::default()
+        });
+        sh.set_policy(Some(g));
+        let sel = sh.selector();
+        let out = super::super::outlier::Outliers::default();
+        out.record(
+            &sh,
+            &sel.candidates().0[0],
+            super::super::outlier::Outcome::Failure,
+        );
+        assert!(!spilling(&sh, &sel), "one local left, idle");
+        out.record(
+            &sh,
+            &sel.candidates().0[1],
+            super::super::outlier::Outcome::Failure,
+        );
+        assert!(spilling(&sh, &sel));
+        assert_eq!(tally(&sh, &Orca::default(), 50, 3), [0, 0, 50]);
+        // Locals at a QoS limit (1) below T (50) take no more: spill over.
+        let mut s = spill_service(2, 1, 50);
+        s.max_per_backend = Some(1);
+        let sh = shared(&s);
+        let orca = Orca::default();
+        let held: Vec<CallLease> = (0..2).map(|_| try_pick(&sh, &orca, &[]).unwrap()).collect();
+        assert!(held.iter().all(|l| l.backend().ip != s.backends[2].ip));
+        let l = try_pick(&sh, &orca, &[]).expect("spilled over, not full");
+        assert_eq!(l.backend().ip, s.backends[2].ip);
+        // The spill backend has its limit too: then all are full.
+        assert_eq!(try_pick(&sh, &orca, &[]).err(), Some(NoPick::Full));
+    }
+
+    #[test]
+    fn orca_wrr_spills_over_by_its_own_weights() {
+        // Equal reports from all three; locals busy at T = 1: the three
+        // share by weighted round-robin (1 : 1 : 1), with one local held.
+        let r = Some((0.5, 100.0));
+        let mut s = spill_service(2, 1, 1);
+        s.grpc.as_mut().unwrap().balancing = Balancing::OrcaWrr(lb_api::OrcaWrr {
+            blackout_period: std::time::Duration::ZERO,
+            ..lb_api::OrcaWrr::default()
+        });
+        let sh = shared(&s);
+        sh.set_policy(s.grpc.clone());
+        let orca = Orca::default();
+        for (b, r) in s.backends.iter().zip([r, r, r]) {
+            let (u, qps) = r.unwrap();
+            let rep = orca::Report {
+                utilization: u,
+                qps,
+                eps: 0.0,
+            };
+            orca.load((b.ip, b.port)).record(rep, Instant::now());
+        }
+        // Below T: the locals only, 1 : 1.
+        let c = tally(&sh, &orca, 300, 3);
+        assert_eq!(c[2], 0, "{c:?}");
+        assert!(c[0].abs_diff(150) <= 1, "{c:?}");
+        let _a = pick(&sh, &orca, &[]).unwrap();
+        let _b = pick(&sh, &orca, &[]).unwrap();
+        assert!(spilling(&sh, &sh.selector()), "both locals hold one");
+        let c = tally(&sh, &orca, 300, 3);
+        for n in &c {
+            assert!(n.abs_diff(100) <= 1, "{c:?}");
+        }
     }
 }

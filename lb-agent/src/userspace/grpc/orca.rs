@@ -333,7 +333,9 @@ struct Sched {
 #[derive(Debug, Default)]
 pub(crate) struct Orca {
     loads: RwLock<HashMap<BackendKey, Arc<Load>>>,
-    sched: Mutex<Option<Sched>>,
+    /// Over the candidates, and over them and the spill backends
+    /// (locality spill-over), each kept while the other is used.
+    sched: Mutex<[Option<Sched>; 2]>,
 }
 
 impl Orca {
@@ -384,32 +386,39 @@ impl Orca {
         });
     }
 
-    /// The candidate (an index into `sel.candidates()`) for a call, among
-    /// those `usable`; `None` when P2C should pick (fewer than two weights,
-    /// or the scheduler offered no usable one in a round).
+    /// The candidate (an index into `sel.candidates()`, or with `spill`
+    /// into `sel.with_spill()`) for a call, among those `usable`; `None`
+    /// when P2C should pick (fewer than two weights, or the scheduler
+    /// offered no usable one in a round).
     pub(crate) fn pick(
         &self,
         sel: &Arc<Selector>,
+        spill: bool,
         cfg: &OrcaWrr,
         usable: impl Fn(usize) -> bool,
         now: Instant,
     ) -> Option<usize> {
-        let mut guard = self.sched.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut scheds = self.sched.lock().unwrap_or_else(PoisonError::into_inner);
+        let guard = &mut scheds[usize::from(spill)];
         let stale = guard.as_ref().is_none_or(|s| {
             !Arc::ptr_eq(&s.sel, sel)
                 || s.cfg != *cfg
                 || now.saturating_duration_since(s.built) >= cfg.weight_update_period
         });
         if stale {
-            *guard = Some(self.build(sel, cfg, now));
+            *guard = Some(self.build(sel, spill, cfg, now));
         }
         let edf = guard.as_mut()?.edf.as_mut()?;
-        let n = sel.candidates().0.len();
+        let n = edf_len(sel, spill);
         (0..n).find_map(|_| edf.next().filter(|&i| usable(i)))
     }
 
-    fn build(&self, sel: &Arc<Selector>, cfg: &OrcaWrr, now: Instant) -> Sched {
-        let (backends, configured) = sel.candidates();
+    fn build(&self, sel: &Arc<Selector>, spill: bool, cfg: &OrcaWrr, now: Instant) -> Sched {
+        let (backends, configured) = if spill {
+            sel.with_spill()
+        } else {
+            sel.candidates()
+        };
         let reported: Vec<f64> = {
             let loads = self.loads.read().unwrap_or_else(PoisonError::into_inner);
             backends
@@ -424,6 +433,15 @@ impl Orca {
             built: now,
             edf,
         }
+    }
+}
+
+/// How many backends a schedule over `sel` (with `spill`) holds.
+fn edf_len(sel: &Selector, spill: bool) -> usize {
+    if spill {
+        sel.with_spill().0.len()
+    } else {
+        sel.candidates().0.len()
     }
 }
 

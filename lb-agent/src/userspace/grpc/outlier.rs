@@ -231,7 +231,8 @@ impl Outliers {
             return;
         }
         let sel = svc.selector();
-        let (candidates, _) = sel.candidates();
+        // The spill backends too (locality spill-over): calls go there.
+        let (candidates, _) = sel.with_spill();
         if !candidates.iter().any(|c| c.key() == be.key()) {
             // Takes no new calls anyway (drained, unhealthy, removed).
             return;
