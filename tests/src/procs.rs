@@ -433,9 +433,14 @@ impl Proc {
             .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.log()))
     }
 
-    /// Polls `/readyz` until it answers 200.
+    /// Polls `/readyz` until it answers 200: 30 s, or `RPCLB_READY_TIMEOUT_S` (the kernel
+    /// matrix's guests under TCG set it).
     pub fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let secs = std::env::var("RPCLB_READY_TIMEOUT_S")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(30);
+        let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             self.check_alive();
             if let Ok((200, _)) = http_get_port(self.node.as_deref(), self.port, "/readyz") {
@@ -443,7 +448,7 @@ impl Proc {
             }
             assert!(
                 Instant::now() < deadline,
-                "not ready in 30 s:\n{}",
+                "not ready in {secs} s:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(100));

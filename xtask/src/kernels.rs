@@ -163,7 +163,8 @@ const FULL: &[Step] = &[
         name: "packet6",
         target: "datapath_packet6",
         args: &[],
-        timeout_s: 600,
+        // 48 tests (each XDP/TC x full/compat); 9 in 600 s on 5.10 at load 8-12.
+        timeout_s: 2400,
     },
     Step {
         name: "lab-xdp",
@@ -876,6 +877,8 @@ fn run_script(
          export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
          # Tests that cannot run fail instead of skipping; the agent binary is built already.\n\
          export RPCLB_REQUIRE_PRIVILEGES=1 RPCLB_BINS_BUILT=1\n\
+         # TCG: an agent loads its whole program set in 30-90 s (30 s on the host's clock).\n\
+         export RPCLB_READY_TIMEOUT_S=240\n\
          unset CARGO\n",
     );
     let _ = writeln!(s, "cd '{}' || exit 1", root.display());

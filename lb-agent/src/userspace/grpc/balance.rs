@@ -345,8 +345,11 @@ mod tests {
             let i = p2c(3, |_| 1, |i| snapshot[i], below).unwrap();
             load[i] += 1;
         }
+        // The gap is 0, 2 or 3 almost always and 5 about once in 1,000 runs (a simulation
+        // of 20,000 runs; this test failed once in ~2,500 with a bound of 3). A random pick
+        // leaves a gap of ~50 here.
         let (min, max) = (load.iter().min().unwrap(), load.iter().max().unwrap());
-        assert!(max - min <= 3, "{load:?}");
+        assert!(max - min <= 8, "{load:?}");
     }
 
     fn grpc_service(weights: &[u32]) -> Service {
