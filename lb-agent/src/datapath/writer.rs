@@ -119,6 +119,8 @@ pub struct MapWriter {
     selectors: BTreeMap<u32, super::selector::Installed>,
     /// Why a service's selector is not in place (its last failure).
     selector_errors: BTreeMap<ServiceAddr, String>,
+    /// Where selectors come from, and whether a path may be loaded.
+    selector_source: super::selector::SelectorSource,
 }
 
 /// (front end, backend ip, backend port) of every backend to SNAT.
@@ -165,6 +167,39 @@ impl MapWriter {
         &self.selector_errors
     }
 
+    /// Where selectors come from (`--selector-dir`), and whether a path
+    /// may be loaded (the agent's own `--config` only). Default: the
+    /// default directory, paths refused.
+    pub fn set_selector_source(&mut self, from: super::selector::SelectorSource) {
+        self.selector_source = from;
+    }
+
+    /// Every service in the maps that names a selector: `loaded`, or why
+    /// not (for `/status`, `lbctl selector list` and the metrics).
+    pub fn selector_status(&self) -> Vec<super::selector::SelectorStatus> {
+        self.r
+            .svcs
+            .iter()
+            .filter_map(|(addr, st)| {
+                let spec = st.spec.as_ref()?;
+                let selector = spec.selector.clone()?;
+                let state = if st.value.flags & svc_flags::SELECTOR != 0 {
+                    super::selector::SelectorStatus::LOADED.to_string()
+                } else {
+                    self.selector_errors.get(addr).cloned().unwrap_or_else(|| {
+                        "not loaded: this data path runs no selectors (the built-in algorithm)"
+                            .to_string()
+                    })
+                };
+                Some(super::selector::SelectorStatus {
+                    service: spec.name.clone(),
+                    selector,
+                    state,
+                })
+            })
+            .collect()
+    }
+
     /// Whether service `addr` has its selector in place.
     pub fn selector_in_place(&self, addr: &ServiceAddr) -> bool {
         self.r
@@ -204,7 +239,7 @@ impl MapWriter {
         if self.selectors.get(&id).is_some_and(|i| &i.source == source) {
             return Ok(true);
         }
-        match super::selector::install(&pin, source, id, c.n) {
+        match super::selector::install(&pin, source, &self.selector_source, id, c.n) {
             Ok(i) => {
                 self.selectors.insert(id, i);
                 self.selector_errors.remove(&svc.addr());
@@ -281,6 +316,7 @@ impl MapWriter {
             sel_backends: None,
             selectors: BTreeMap::new(),
             selector_errors: BTreeMap::new(),
+            selector_source: Default::default(),
         })
     }
 
