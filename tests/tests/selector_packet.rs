@@ -377,6 +377,20 @@ fn names_load_from_the_selector_dir_and_a_streamed_path_is_refused() {
     assert_eq!(st[0].selector, "nosuch");
     let to = builtin(&mut h, &addr, A, 46300);
     expect(&mut h, Hook::Xdp, A, 46300, to);
+    // The file put there later: the next retry (the agent's GC tick) loads it.
+    assert!(
+        !h.writer().retry_missing_selectors().unwrap(),
+        "still missing"
+    );
+    std::fs::copy(&obj, dir.join("nosuch.o")).unwrap();
+    assert!(h.writer().retry_missing_selectors().unwrap());
+    assert!(h.writer().selector_in_place(&addr));
+    assert_eq!(status(&mut h)[0].state, "loaded");
+    assert!(
+        !h.writer().retry_missing_selectors().unwrap(),
+        "nothing waits"
+    );
+    expect(&mut h, Hook::Xdp, A, 46400, b(geo_pick(0b0011, A, 46400)));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

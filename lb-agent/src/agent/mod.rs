@@ -935,6 +935,24 @@ async fn gc_loop(
             _ = stop.changed() => return,
             _ = tick.tick() => {}
         }
+        // A selector's NAME.o put in --selector-dir after its service named it.
+        let dp3 = dp.clone();
+        let retried = tokio::task::spawn_blocking(move || {
+            let mut g = lock(&dp3);
+            let w = g.writer();
+            match w.retry_missing_selectors() {
+                Ok(true) => Some(w.selector_status()),
+                Ok(false) => None,
+                Err(e) => {
+                    warn!("loading a selector whose file appeared: {e}");
+                    Some(w.selector_status())
+                }
+            }
+        })
+        .await;
+        if let Ok(Some(sel)) = retried {
+            *shared.selectors.lock().unwrap_or_else(|e| e.into_inner()) = sel;
+        }
         let t = shared.timeouts();
         let dp2 = dp.clone();
         // The scan and deletes run on a dup of the conntrack fd without the

@@ -121,6 +121,9 @@ pub struct MapWriter {
     selector_errors: BTreeMap<ServiceAddr, String>,
     /// Where selectors come from, and whether a path may be loaded.
     selector_source: super::selector::SelectorSource,
+    /// Services whose selector's object file was missing at their last
+    /// write ([`Self::retry_missing_selectors`]).
+    selector_missing: BTreeSet<ServiceAddr>,
 }
 
 /// (front end, backend ip, backend port) of every backend to SNAT.
@@ -172,6 +175,33 @@ impl MapWriter {
     /// default directory, paths refused.
     pub fn set_selector_source(&mut self, from: super::selector::SelectorSource) {
         self.selector_source = from;
+    }
+
+    /// Writes again each service whose selector's object file was missing
+    /// and is there now (a `NAME.o` put in `--selector-dir` after its
+    /// service named it; the agent calls this every GC tick): true when one
+    /// was. One `stat` per waiting service; other failures wait for a
+    /// change of their service.
+    pub fn retry_missing_selectors(&mut self) -> Result<bool, DatapathError> {
+        let due: Vec<Service> = self
+            .selector_missing
+            .iter()
+            .filter_map(|a| {
+                let spec = self.r.svcs.get(a)?.spec.clone()?;
+                let name = spec.selector.as_deref()?;
+                match super::selector::resolve(name, &self.selector_source) {
+                    Ok(super::selector::Object::File(p)) if p.exists() => Some(spec),
+                    _ => None,
+                }
+            })
+            .collect();
+        for s in &due {
+            self.upsert_service(s)?;
+        }
+        if !due.is_empty() {
+            self.invalidate_flow_cache()?;
+        }
+        Ok(!due.is_empty())
     }
 
     /// Every service in the maps that names a selector: `loaded`, or why
@@ -243,6 +273,7 @@ impl MapWriter {
             Ok(i) => {
                 self.selectors.insert(id, i);
                 self.selector_errors.remove(&svc.addr());
+                self.selector_missing.remove(&svc.addr());
                 tracing::info!(service = %svc.name, selector = %source, "selector in place");
                 Ok(true)
             }
@@ -252,6 +283,13 @@ impl MapWriter {
                     "{e}; the service keeps its built-in algorithm"
                 );
                 self.selector_errors.insert(svc.addr(), e.to_string());
+                let missing = matches!(&e, super::selector::SelectorError::Read { error, .. }
+                    if error.kind() == std::io::ErrorKind::NotFound);
+                if missing {
+                    self.selector_missing.insert(svc.addr());
+                } else {
+                    self.selector_missing.remove(&svc.addr());
+                }
                 Ok(false)
             }
         }
@@ -317,6 +355,7 @@ impl MapWriter {
             selectors: BTreeMap::new(),
             selector_errors: BTreeMap::new(),
             selector_source: Default::default(),
+            selector_missing: BTreeSet::new(),
         })
     }
 
@@ -778,6 +817,7 @@ impl MapWriter {
         let _ = self.r.names.remove(&st.value.id);
         self.drop_selector(st.value.id);
         self.selector_errors.remove(addr);
+        self.selector_missing.remove(addr);
         self.ranges.release(st.value.table_off, st.value.table_len);
         for b in st.backends.values() {
             self.free_backend(b.id)?;
