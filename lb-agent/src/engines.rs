@@ -35,6 +35,13 @@ use crate::userspace::{GrpcOptions, ProxyError, ProxyOptions, UserspaceProxy};
 
 pub type SharedDp = Arc<Mutex<Datapath>>;
 
+/// The services' selectors after the last apply (`/status`, the metrics).
+pub type SharedSelectors = Arc<Mutex<Vec<crate::datapath::selector::SelectorStatus>>>;
+
+/// What the userspace data path says of a selector: it never runs one.
+pub const SELECTOR_IN_USERSPACE: &str =
+    "not used: the userspace data path uses the built-in algorithm";
+
 pub fn lock(dp: &Mutex<Datapath>) -> MutexGuard<'_, Datapath> {
     // A panic while holding the lock leaves the maps as consistent as the
     // kernel sees them at any time; keep going.
@@ -60,6 +67,8 @@ pub struct Engines {
     pub node: crate::external::NodeInfo,
     /// The health-check node ports (`healthCheckNodePort`).
     pub health_node_ports: crate::external::HealthNodePorts,
+    /// The services' selectors after the last apply.
+    pub selectors: SharedSelectors,
 }
 
 type SharedProxy = Arc<Mutex<Option<Arc<UserspaceProxy>>>>;
@@ -79,6 +88,7 @@ impl Engines {
             health: HealthChecker::new(),
             node: Default::default(),
             health_node_ports: Default::default(),
+            selectors: Default::default(),
         }
     }
 
@@ -159,15 +169,30 @@ impl Engines {
         let mut refused = Vec::new();
         if let (Some(dp), Some(part)) = (&self.kernel, kernel_part) {
             let dp = dp.clone();
-            refused = tokio::task::spawn_blocking(move || {
+            let (r, sel) = tokio::task::spawn_blocking(move || {
                 let mut dp = lock(&dp);
                 let w = dp.writer();
                 w.set_snat(snat);
-                w.apply(&part)
+                let r = w.apply(&part);
+                (r, w.selector_status())
             })
             .await
-            .context("apply task")?
-            .map_err(|e| anyhow!(e))?;
+            .context("apply task")?;
+            *self.selectors.lock().unwrap_or_else(|e| e.into_inner()) = sel;
+            refused = r.map_err(|e| anyhow!(e))?;
+        } else {
+            let sel = state
+                .services
+                .iter()
+                .filter_map(|s| {
+                    Some(crate::datapath::selector::SelectorStatus {
+                        service: s.name.clone(),
+                        selector: s.selector.clone()?,
+                        state: SELECTOR_IN_USERSPACE.into(),
+                    })
+                })
+                .collect();
+            *self.selectors.lock().unwrap_or_else(|e| e.into_inner()) = sel;
         }
         let proxy = match current(&self.proxy) {
             Some(p) => p,

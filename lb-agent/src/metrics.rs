@@ -457,6 +457,36 @@ fn by_code(labels: &Labels, c: &CallStats) -> Vec<(Labels, ConstCounter)> {
         .collect()
 }
 
+/// The services' selectors at scrape time, as the last apply left them
+/// (`crate::engines::SharedSelectors`).
+pub fn selector_collector(sel: crate::engines::SharedSelectors) -> Box<dyn Collector> {
+    Box::new(SelectorCollector(sel))
+}
+
+#[derive(Debug)]
+struct SelectorCollector(crate::engines::SharedSelectors);
+
+impl Collector for SelectorCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let sel = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        family(
+            &mut enc,
+            "rpclb_service_selector_failed",
+            "Per service that names a user-defined selector: 1 while it is not in place (its error is on /status and `lbctl selector list`; the service uses its built-in algorithm), 0 while it is loaded",
+            MetricType::Gauge,
+            sel.iter().map(|s| {
+                (
+                    vec![
+                        ("service", s.service.clone()),
+                        ("selector", s.selector.clone()),
+                    ],
+                    ConstGauge::new(i64::from(!s.loaded())),
+                )
+            }),
+        )
+    }
+}
+
 /// `pass_no_service` -> `pass`: the verdict class of a reason.
 fn reason_kind(reason: &str) -> &str {
     reason.split('_').next().unwrap_or(reason)
@@ -814,6 +844,41 @@ mod tests {
             assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");
         }
         assert!(!out.contains("id=\""), "no raw ids:\n{out}");
+    }
+
+    #[test]
+    fn selector_failures_per_service() {
+        use crate::datapath::selector::SelectorStatus;
+        let sel: crate::engines::SharedSelectors = Default::default();
+        let m = Metrics::with_collectors(
+            Box::new(Fake(Ok(snapshot()))),
+            vec![selector_collector(sel.clone())],
+        );
+        let out = m.render().unwrap();
+        assert!(
+            !out.contains("rpclb_service_selector_failed{"),
+            "no series without selectors:\n{out}"
+        );
+        *sel.lock().unwrap() = vec![
+            SelectorStatus {
+                service: "lab/geo:http".into(),
+                selector: "example:geo".into(),
+                state: SelectorStatus::LOADED.into(),
+            },
+            SelectorStatus {
+                service: "lab/web:http".into(),
+                selector: "nosuch".into(),
+                state: "selector nosuch: cannot read /var/lib/rpclb/selectors/nosuch.o: No such file or directory (os error 2)".into(),
+            },
+        ];
+        let out = m.render().unwrap();
+        for line in [
+            "# TYPE rpclb_service_selector_failed gauge",
+            "rpclb_service_selector_failed{service=\"lab/geo:http\",selector=\"example:geo\"} 0",
+            "rpclb_service_selector_failed{service=\"lab/web:http\",selector=\"nosuch\"} 1",
+        ] {
+            assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");
+        }
     }
 
     #[test]

@@ -2236,6 +2236,16 @@ mod tests {
         let bad = "services:\n  - name: a\n    vip: 10.96.0.1\n    port: 80\n    selector: example:nope\n";
         let e = parse(bad, "x").unwrap_err().to_string();
         assert!(e.contains("unknown example") && e.contains("x:5"), "{e}");
+        // A NAME, or an absolute path (this file is the node's own); not a relative path.
+        for ok in ["geo-eu", "/opt/sel/geo.o"] {
+            let text = svc("10.96.0.1", "").replace("example:geo", ok);
+            let c = parse(&text, "x").unwrap();
+            assert_eq!(c.state.services[0].selector.as_deref(), Some(ok));
+        }
+        let e = parse(&bad.replace("example:nope", "sel/geo.o"), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("relative path") && e.contains("x:5"), "{e}");
         let many: String = (1..=17)
             .map(|i| format!("      - {{ip: 10.244.0.{i}, port: 8080}}\n"))
             .collect();

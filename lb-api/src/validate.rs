@@ -371,6 +371,70 @@ pub fn weight(w: u32) -> Result<(), String> {
 pub const MAX_SELECTOR_BACKENDS: usize = 16;
 /// The shipped example selector, by client subnet (docs/policies.md).
 pub const EXAMPLE_GEO_SELECTOR: &str = "example:geo";
+/// The examples built into the agent (`example:NAME`).
+pub const SELECTOR_EXAMPLES: &[&str] = &[EXAMPLE_GEO_SELECTOR];
+/// The longest selector NAME (`[a-z0-9][a-z0-9._-]{0,62}`).
+pub const MAX_SELECTOR_NAME: usize = 63;
+
+/// What a selector's value names (docs/policies.md, "Naming, and who may
+/// name what"). Who may use which is decided where the source is known: a
+/// Service annotation and the controller's stream never a [`Path`]
+/// (the agent loads a path only from its own `--config` file).
+///
+/// [`Path`]: SelectorRef::Path
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SelectorRef<'a> {
+    /// `example:NAME`: built into the agent (the whole value, e.g. `example:geo`).
+    Example(&'a str),
+    /// A bare NAME: the agent loads `<--selector-dir>/NAME.o`.
+    Name(&'a str),
+    /// An absolute path of an object file on the node.
+    Path(&'a str),
+}
+
+/// The syntax of a selector: `example:geo`, a NAME
+/// (`[a-z0-9][a-z0-9._-]{0,62}`, no `/`), or an absolute path.
+pub fn selector(s: &str) -> Result<SelectorRef<'_>, String> {
+    const WHAT: &str = "example:geo, a NAME ([a-z0-9][a-z0-9._-]{0,62}: <--selector-dir>/NAME.o on the node), or an absolute path";
+    if s.trim().is_empty() {
+        return Err(format!("empty: expected {WHAT}"));
+    }
+    if s.starts_with("example:") {
+        return if SELECTOR_EXAMPLES.contains(&s) {
+            Ok(SelectorRef::Example(s))
+        } else {
+            Err(format!(
+                "unknown example {s:?} (the example is {EXAMPLE_GEO_SELECTOR})"
+            ))
+        };
+    }
+    if s.starts_with('/') {
+        if s.chars().any(char::is_control) {
+            return Err(format!("{s:?}: a path without control characters"));
+        }
+        if s.len() > 4096 {
+            return Err("a path of at most 4096 bytes".into());
+        }
+        return Ok(SelectorRef::Path(s));
+    }
+    if s.contains('/') {
+        return Err(format!("{s:?} is a relative path: expected {WHAT}"));
+    }
+    let ok_first = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let ok = |c: u8| ok_first(c) || matches!(c, b'.' | b'_' | b'-');
+    let b = s.as_bytes();
+    if b.len() > MAX_SELECTOR_NAME {
+        return Err(format!(
+            "name {s:?} is longer than {MAX_SELECTOR_NAME} characters"
+        ));
+    }
+    if !ok_first(b[0]) || !b.iter().all(|&c| ok(c)) {
+        return Err(format!(
+            "name {s:?}: lowercase letters, digits, '.', '_' and '-', starting with a letter or digit"
+        ));
+    }
+    Ok(SelectorRef::Name(s))
+}
 
 /// A QoS limit (`max_per_backend`, a backend's `max`): 1 to [`MAX_QOS_LIMIT`].
 pub fn qos_limit(n: u32) -> Result<(), String> {
@@ -884,15 +948,10 @@ impl Service {
     /// A user-defined selector (docs/policies.md): the kernel path's, for an
     /// IPv4 L4 service of at most [`MAX_SELECTOR_BACKENDS`] backends (the
     /// selector's candidates are the backends by their index in the list).
-    fn validate_selector(&self, s: &str) -> Result<(), String> {
-        if s.trim().is_empty() {
-            return Err("an object file's path, or example:geo".into());
-        }
-        if s.starts_with("example:") && s != EXAMPLE_GEO_SELECTOR {
-            return Err(format!(
-                "unknown example {s:?} (the example is {EXAMPLE_GEO_SELECTOR})"
-            ));
-        }
+    /// The syntax is [`selector`]'s; who may name a path is decided where
+    /// the source is known (the controller's parsers, the agent's writer).
+    pub fn validate_selector(&self, s: &str) -> Result<(), String> {
+        selector(s)?;
         if !self.vip.is_ipv4() {
             return Err("a selector serves IPv4 services only".into());
         }
@@ -1963,5 +2022,79 @@ mod tests {
         let mut s = g.clone();
         s.backends[2].spill_weight = Some(MAX_WEIGHT + 1);
         check(&s, Field::Backend(2, BackendField::Weight), "too large");
+    }
+
+    /// The selector's syntax (docs/policies.md, "Naming, and who may name
+    /// what"), each error, and the service rules around it.
+    #[test]
+    fn selector_names() {
+        assert_eq!(
+            selector("example:geo"),
+            Ok(SelectorRef::Example("example:geo"))
+        );
+        assert_eq!(
+            selector("geo-eu.v2_1"),
+            Ok(SelectorRef::Name("geo-eu.v2_1"))
+        );
+        assert_eq!(selector("0geo"), Ok(SelectorRef::Name("0geo")));
+        let max = "a".repeat(MAX_SELECTOR_NAME);
+        assert_eq!(selector(&max), Ok(SelectorRef::Name(max.as_str())));
+        assert_eq!(
+            selector("/opt/sel/geo.o"),
+            Ok(SelectorRef::Path("/opt/sel/geo.o"))
+        );
+        for (bad, needle) in [
+            ("", "empty"),
+            ("  ", "empty"),
+            ("example:nope", "unknown example"),
+            ("example:", "unknown example"),
+            ("sel/geo.o", "relative path"),
+            ("./geo.o", "relative path"),
+            ("../geo", "relative path"),
+            ("Geo", "lowercase letters"),
+            ("-geo", "starting with a letter or digit"),
+            (".geo", "starting with a letter or digit"),
+            ("_geo", "starting with a letter or digit"),
+            ("geo o", "lowercase letters"),
+            ("geo:x", "lowercase letters"),
+            ("gé", "lowercase letters"),
+            ("/opt/a\nb.o", "control characters"),
+        ] {
+            let e = selector(bad).unwrap_err();
+            assert!(e.contains(needle), "{bad:?}: {e}");
+        }
+        let long = "a".repeat(MAX_SELECTOR_NAME + 1);
+        assert!(selector(&long).unwrap_err().contains("longer than 63"));
+        let long_path = format!("/{}", "a".repeat(4096));
+        assert!(selector(&long_path).unwrap_err().contains("4096"));
+
+        // On a service: the syntax first, then what the selector can serve.
+        let mut s = svc(Algorithm::Random, 16, 0);
+        for ok in ["example:geo", "geo", "/opt/geo.o"] {
+            s.selector = Some(ok.into());
+            assert_eq!(s.validate(), Ok(()), "{ok}");
+        }
+        let at_selector = |s: &Service, needle: &str| {
+            let e = s.validate().unwrap_err();
+            assert_eq!(e.field, Field::Selector, "{e}");
+            assert!(
+                e.message.contains(needle),
+                "{e:?} should contain {needle:?}"
+            );
+        };
+        s.selector = Some("Geo".into());
+        at_selector(&s, "lowercase letters");
+        s.selector = Some("geo".into());
+        let mut many = s.clone();
+        many.backends
+            .push(Backend::new(Ipv4Addr::new(10, 244, 9, 9), 8080));
+        at_selector(&many, "at most 16 backends");
+        let mut grpc = s.clone();
+        grpc.grpc = Some(GrpcPolicy::default());
+        at_selector(&grpc, "not the gRPC mode");
+        let mut v6 = svc(Algorithm::Random, 0, 0);
+        v6.vip = "fd00::10".parse().unwrap();
+        v6.selector = Some("geo".into());
+        at_selector(&v6, "IPv4 services only");
     }
 }

@@ -200,6 +200,7 @@ impl From<&Service> for pb::Service {
                     min_backends: l.min_backends,
                     spill_outstanding: l.spill_outstanding.unwrap_or(0),
                 }),
+            selector: s.selector.clone().unwrap_or_default(),
         }
     }
 }
@@ -457,8 +458,9 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, WireError> {
             }),
         },
         max_per_backend: Some(s.max_per_backend).filter(|&m| m != 0),
-        // Not on the wire: a selector names a file on the node (standalone YAML only).
-        selector: None,
+        // Checked by `normalise` below (the syntax; the agent's writer
+        // refuses a path from the stream: who may name what).
+        selector: Some(s.selector.clone()).filter(|x| !x.is_empty()),
     };
     svc.normalise().map_err(|e| bad(e.to_string()))?;
     Ok(svc)
@@ -803,6 +805,38 @@ mod tests {
         let got = apply_message(&NodeState::default(), 0, &snapshot(7, &n)).unwrap();
         assert_eq!(got.state, n);
         assert!(got.refused.is_empty());
+    }
+
+    /// A selector goes on the wire as given (a name, an example, and a
+    /// path too: the agent's writer refuses that, not the wire); a bad one
+    /// is refused with its service, as any invalid field is.
+    #[test]
+    fn a_selector_round_trips() {
+        let mut named = svc("a/geo:http", 80, &[(1, 1), (2, 1)]);
+        named.selector = Some("geo-eu".into());
+        let mut example = svc("a/ex:http", 81, &[(1, 1)]);
+        example.selector = Some("example:geo".into());
+        let mut path = svc("a/path:http", 82, &[(1, 1)]);
+        path.selector = Some("/opt/geo.o".into());
+        let none = svc("a/none:http", 83, &[(1, 1)]);
+        for s in [&named, &example, &path, &none] {
+            let p = pb::Service::from(s);
+            assert_eq!(p.selector, s.selector.clone().unwrap_or_default());
+            assert_eq!(&service_from_pb(&p).unwrap(), s);
+        }
+        let n = node(vec![named.clone(), example, path, none]);
+        let got = apply_message(&NodeState::default(), 0, &snapshot(3, &n)).unwrap();
+        assert_eq!(got.state, n);
+        // A delta that only changes the selector carries it.
+        let mut n2 = n.clone();
+        n2.state.services[0].selector = Some("geo-us".into());
+        let d = delta(3, &n, 4, &n2).expect("a change");
+        let got = apply_message(&n, 3, &d).unwrap();
+        assert_eq!(got.state, n2);
+        // Invalid: refused with its service.
+        let mut bad = pb::Service::from(&named);
+        bad.selector = "Geo/x".into();
+        assert!(matches!(service_from_pb(&bad), Err(WireError::Invalid(..))));
     }
 
     fn v6(s: &str) -> IpAddr {

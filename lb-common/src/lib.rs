@@ -250,6 +250,26 @@ pub struct SelectorCandidates {
     pub backends: [u32; selector::MAX_CANDIDATES],
 }
 
+/// The example selector by client subnet (`example:geo`,
+/// lb-ebpf/src/bin/geo-selector.rs): its table `GEO_SUBNETS`, an LPM trie
+/// pinned by name at `<pin path>/selectors/GEO_SUBNETS`, shared by every
+/// service that uses the example, filled by `lbctl selector geo`.
+///
+/// An entry's key is an LPM key: the prefix length (`u32`, host order) then
+/// a [`geo::Subnet`]; its value a [`geo::Mask`].
+pub mod geo {
+    /// The table's name (pinned by name).
+    pub const MAP: &str = "GEO_SUBNETS";
+    /// How many subnets it holds.
+    pub const MAX_ENTRIES: u32 = 4096;
+    /// The key's data: the subnet's IPv4 address in network byte order (as
+    /// in the packet); bits past the prefix length are zero.
+    pub type Subnet = u32;
+    /// The value: bit `i` set = the service's candidate `i` (its `i`-th
+    /// backend, `i` below `selector::MAX_CANDIDATES`).
+    pub type Mask = u32;
+}
+
 /// The slots a new flow of a `LIMITED` service tries, its algorithm's first
 /// included, before it finds every backend full (docs/policies.md, "QoS limits").
 pub const QOS_PROBE: u32 = 8;

@@ -50,6 +50,7 @@
 //! | `rpclb.io/locality-min-backends` | 1-10000: the spill-over threshold; needs `rpclb.io/locality` | 1 |
 //! | `rpclb.io/locality-spill-outstanding` | 1-1000000: gRPC mode: spill over while every backend of the chosen tier has this many calls outstanding; needs `rpclb.io/locality` and `rpclb.io/mode: grpc` | none |
 //! | `rpclb.io/headers` | `name: value` lines: headers the gRPC mode adds to every call ([`parse_headers`]); needs `rpclb.io/mode: grpc` | none |
+//! | `rpclb.io/selector` | `example:geo`, or a NAME (`[a-z0-9][a-z0-9._-]{0,62}`): a user-defined selector for the kernel path, which each agent loads from `<--selector-dir>/NAME.o` on its node ([`parse_selector`]; never a path). IPv4, L4 (not `rpclb.io/mode: grpc`), at most 16 backends; a port it cannot serve is reported and keeps its algorithm | none |
 //!
 //! The `rpclb.io/grpc-*tls*` annotations name Secrets that the operator
 //! mounts into the agent's DaemonSet at
@@ -179,6 +180,9 @@ pub const HEADERS: &str = "rpclb.io/headers";
 /// outstanding calls (gRPC mode), for every backend of the Service (a Pod's
 /// own [`POD_MAX`] wins).
 pub const MAX_PER_BACKEND: &str = "rpclb.io/max-per-backend";
+/// A user-defined selector for the kernel path (docs/policies.md):
+/// `example:geo` or a NAME (the agents' `<--selector-dir>/NAME.o`); never a path.
+pub const SELECTOR: &str = "rpclb.io/selector";
 
 /// On a Pod: its weight as a backend of every Service it serves, 0-65535
 /// (0 drains it); the YAML backend `weight`.
@@ -189,7 +193,7 @@ pub const POD_MAX: &str = "rpclb.io/max";
 /// Every Pod annotation this version understands.
 pub const POD_KNOWN: [&str; 2] = [POD_WEIGHT, POD_MAX];
 /// Every annotation this version understands.
-pub const KNOWN: [&str; 37] = [
+pub const KNOWN: [&str; 38] = [
     ALGORITHM,
     WEIGHTS,
     MAGLEV_TABLE_SIZE,
@@ -227,6 +231,7 @@ pub const KNOWN: [&str; 37] = [
     LOCALITY_SPILL_OUTSTANDING,
     HEADERS,
     MAX_PER_BACKEND,
+    SELECTOR,
 ];
 
 /// A Service's load-balancing policy, from its annotations.
@@ -248,6 +253,8 @@ pub struct ServicePolicy {
     pub locality: Option<lb_api::Locality>,
     /// `rpclb.io/max-per-backend`.
     pub max_per_backend: Option<u32>,
+    /// `rpclb.io/selector`: an example or a NAME (never a path).
+    pub selector: Option<String>,
 }
 
 /// The Secrets (mounted under [`GRPC_TLS_DIR`]) that the TLS annotations
@@ -323,6 +330,25 @@ fn parse_locality(value: &str) -> Result<lb_api::Locality, Vec<AnnotationProblem
     validate::locality(&l)
         .map(|()| l)
         .map_err(|e| vec![AnnotationProblem::LocalityValue(e)])
+}
+
+/// `rpclb.io/selector`: `example:geo` or a NAME (the syntax of
+/// `lb_api::validate::selector`). Never a path: a Service's author is not
+/// the node's admin, and a path would let a Service make every agent load
+/// any file of its node (docs/security.md). Surrounding blanks are ignored.
+pub fn parse_selector(value: &str) -> Result<String, Vec<AnnotationProblem>> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Err(vec![AnnotationProblem::Empty]);
+    }
+    match validate::selector(v) {
+        Ok(validate::SelectorRef::Path(_)) => Err(vec![AnnotationProblem::SelectorValue(format!(
+            "{v:?} is a path: an annotation names example:geo or a NAME, which each agent \
+                 loads from its --selector-dir (NAME.o, put there by the node's admin)"
+        ))]),
+        Ok(_) => Ok(v.to_string()),
+        Err(e) => Err(vec![AnnotationProblem::SelectorValue(e)]),
+    }
 }
 
 /// A decimal u32 (surrounding blanks ignored, no sign): `Empty` or `NotANumber` otherwise.
@@ -467,6 +493,7 @@ impl AnnotationError {
             LOCALITY_SPILL_OUTSTANDING => "no spill-over on outstanding calls",
             HEADERS => "adding no headers from the annotation",
             MAX_PER_BACKEND => "no QoS limit",
+            SELECTOR => "no selector (the service's algorithm chooses)",
             POD_WEIGHT => {
                 "the pod keeps its default weight (the Service's rpclb.io/weights, else 1)"
             }
@@ -499,7 +526,7 @@ impl std::error::Error for AnnotationError {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AnnotationProblem {
     #[error(
-        "unknown rpclb.io annotation (known: rpclb.io/algorithm, rpclb.io/weights, rpclb.io/maglev-table-size, rpclb.io/mode, rpclb.io/grpc-timeout, rpclb.io/health-check, rpclb.io/health-check-service, rpclb.io/health-check-interval, rpclb.io/health-check-timeout, rpclb.io/health-check-unhealthy-threshold, rpclb.io/health-check-healthy-threshold, rpclb.io/grpc-retry-max-attempts, rpclb.io/grpc-retry-status-codes, rpclb.io/grpc-retry-initial-backoff, rpclb.io/grpc-retry-max-backoff, rpclb.io/grpc-retry-backoff-multiplier, rpclb.io/grpc-retry-max-tokens, rpclb.io/grpc-retry-token-ratio, rpclb.io/grpc-outlier-consecutive-failures, rpclb.io/grpc-outlier-base-ejection-time, rpclb.io/grpc-outlier-max-ejection-time, rpclb.io/grpc-outlier-max-ejection-percent, rpclb.io/grpc-balancing, rpclb.io/grpc-balancing-blackout-period, rpclb.io/grpc-balancing-weight-expiration-period, rpclb.io/grpc-balancing-weight-update-period, rpclb.io/grpc-balancing-error-utilization-penalty, rpclb.io/grpc-tls-secret, rpclb.io/grpc-tls-client-ca-secret, rpclb.io/grpc-upstream-tls-ca-secret, rpclb.io/grpc-upstream-tls-secret, rpclb.io/grpc-upstream-tls-server-name, rpclb.io/locality, rpclb.io/locality-min-backends, rpclb.io/locality-spill-outstanding, rpclb.io/headers, rpclb.io/max-per-backend)"
+        "unknown rpclb.io annotation (known: rpclb.io/algorithm, rpclb.io/weights, rpclb.io/maglev-table-size, rpclb.io/mode, rpclb.io/grpc-timeout, rpclb.io/health-check, rpclb.io/health-check-service, rpclb.io/health-check-interval, rpclb.io/health-check-timeout, rpclb.io/health-check-unhealthy-threshold, rpclb.io/health-check-healthy-threshold, rpclb.io/grpc-retry-max-attempts, rpclb.io/grpc-retry-status-codes, rpclb.io/grpc-retry-initial-backoff, rpclb.io/grpc-retry-max-backoff, rpclb.io/grpc-retry-backoff-multiplier, rpclb.io/grpc-retry-max-tokens, rpclb.io/grpc-retry-token-ratio, rpclb.io/grpc-outlier-consecutive-failures, rpclb.io/grpc-outlier-base-ejection-time, rpclb.io/grpc-outlier-max-ejection-time, rpclb.io/grpc-outlier-max-ejection-percent, rpclb.io/grpc-balancing, rpclb.io/grpc-balancing-blackout-period, rpclb.io/grpc-balancing-weight-expiration-period, rpclb.io/grpc-balancing-weight-update-period, rpclb.io/grpc-balancing-error-utilization-penalty, rpclb.io/grpc-tls-secret, rpclb.io/grpc-tls-client-ca-secret, rpclb.io/grpc-upstream-tls-ca-secret, rpclb.io/grpc-upstream-tls-secret, rpclb.io/grpc-upstream-tls-server-name, rpclb.io/locality, rpclb.io/locality-min-backends, rpclb.io/locality-spill-outstanding, rpclb.io/headers, rpclb.io/max-per-backend, rpclb.io/selector)"
     )]
     UnknownKey,
     #[error("the value is empty")]
@@ -566,6 +593,11 @@ pub enum AnnotationProblem {
     /// Breaks `lb_api::validate::qos_limit` (1-1000000).
     #[error("{0}")]
     QosValue(String),
+    /// `rpclb.io/selector`: breaks `lb_api::validate::selector`, is a path,
+    /// or names a selector the port cannot have (IPv6, gRPC mode, more
+    /// than 16 backends: `Service::validate_selector`).
+    #[error("{0}")]
+    SelectorValue(String),
     /// Breaks `lb_api::validate::weight` (0-65535).
     #[error("{0:?} is not a weight from 0 to 65535")]
     WeightRange(String),
@@ -705,6 +737,7 @@ pub fn parse_annotations(
             }
             HEADERS => parse_headers(value).map(|h| headers = Some(h)),
             MAX_PER_BACKEND => parse_qos_limit(value).map(|n| policy.max_per_backend = Some(n)),
+            SELECTOR => parse_selector(value).map(|v| policy.selector = Some(v)),
             _ => Err(vec![AnnotationProblem::UnknownKey]),
         };
         if let Err(problems) = problems {
@@ -2015,6 +2048,44 @@ mod tests {
         assert!(
             POD_KNOWN.iter().all(|k| !KNOWN.contains(k)),
             "Pod keys are not Service keys"
+        );
+    }
+
+    /// `rpclb.io/selector`: an example or a NAME; a path (or bad syntax)
+    /// is one error, and no selector.
+    #[test]
+    fn selector_annotation() {
+        for ok in ["example:geo", "geo", " geo-eu.v2 ", "0_x"] {
+            let (p, e) = parse(&[(SELECTOR, ok)]);
+            assert!(e.is_empty(), "{ok}: {e:?}");
+            assert_eq!(p.selector.as_deref(), Some(ok.trim()));
+        }
+        for (bad, needle) in [
+            ("/var/lib/rpclb/selectors/geo.o", "is a path"),
+            ("/etc/passwd", "is a path"),
+            ("../geo", "relative path"),
+            ("sel/geo.o", "relative path"),
+            ("Geo", "lowercase letters"),
+            ("example:nope", "unknown example"),
+            ("", "empty"),
+        ] {
+            let (p, e) = parse(&[(SELECTOR, bad)]);
+            assert_eq!(p.selector, None, "{bad:?}");
+            assert_eq!(e.len(), 1, "{bad:?}: {e:?}");
+            assert_eq!(e[0].key, SELECTOR);
+            assert!(e[0].to_string().contains(needle), "{bad:?}: {}", e[0]);
+            assert!(
+                e[0].to_string()
+                    .ends_with("; no selector (the service's algorithm chooses)"),
+                "{}",
+                e[0]
+            );
+        }
+        assert!(KNOWN.contains(&SELECTOR));
+        assert!(
+            AnnotationProblem::UnknownKey
+                .to_string()
+                .contains("rpclb.io/selector)")
         );
     }
 

@@ -35,6 +35,25 @@ fn publish(publisher: &Publisher, cfg: Config) -> u64 {
     publisher.publish(at(None), nodes)
 }
 
+/// A selector in the controller's file names what every agent loads: an
+/// example or a NAME (each agent's `<--selector-dir>/NAME.o`), never a path
+/// (docs/security.md: only an agent's own `--config` may name a path).
+fn paths_refused(cfg: &Config) -> Result<(), String> {
+    for s in &cfg.state.services {
+        if let Some(sel) = &s.selector
+            && let Ok(lb_api::validate::SelectorRef::Path(p)) = lb_api::validate::selector(sel)
+        {
+            return Err(format!(
+                "service {}: selector {p:?} is a path, which only an agent's own --config may \
+                 name; the controller sends example:geo or a NAME (each agent loads \
+                 <--selector-dir>/NAME.o)",
+                s.name
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Follows one config file.
 #[derive(Debug)]
 pub struct FileSource {
@@ -71,7 +90,10 @@ impl FileSource {
         match self.file.read(force) {
             Reload::Unchanged | Reload::Settling => Polled::Unchanged,
             Reload::Changed(Err(e)) => Polled::Invalid(e.to_string()),
-            Reload::Changed(Ok(cfg)) => Polled::Published(publish(publisher, cfg)),
+            Reload::Changed(Ok(cfg)) => match paths_refused(&cfg) {
+                Err(e) => Polled::Invalid(format!("{}: {e}", self.path().display())),
+                Ok(()) => Polled::Published(publish(publisher, cfg)),
+            },
         }
     }
 
@@ -131,9 +153,26 @@ mod tests {
         std::fs::write(&path, good.replace("8080", "8081")).unwrap();
         assert_eq!(settled(&mut f, &p), Polled::Published(2));
         assert_eq!(p.current().default.state.services[0].backends[0].port, 8081);
+        // A selector: a NAME is published; a path is an error, the last good state stays.
+        let named = good.replace("    backends:", "    selector: geo\n    backends:");
+        std::fs::write(&path, &named).unwrap();
+        assert_eq!(settled(&mut f, &p), Polled::Published(3));
+        assert_eq!(
+            p.current().default.state.services[0].selector.as_deref(),
+            Some("geo")
+        );
+        std::fs::write(&path, named.replace("geo", "/opt/geo.o")).unwrap();
+        let Polled::Invalid(e) = settled(&mut f, &p) else {
+            panic!("a path is refused");
+        };
+        assert!(
+            e.contains("services.yaml") && e.contains("a/b:http") && e.contains("is a path"),
+            "{e}"
+        );
+        assert_eq!(p.current().version, 3);
         std::fs::remove_file(&path).unwrap();
         assert!(matches!(settled(&mut f, &p), Polled::Invalid(e) if e.contains("cannot read")));
-        assert_eq!(p.current().version, 2);
+        assert_eq!(p.current().version, 3);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

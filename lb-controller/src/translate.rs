@@ -721,7 +721,7 @@ impl ClusterState {
                 let s = &cs.service;
                 Service {
                     max_per_backend: s.max_per_backend,
-                    selector: None,
+                    selector: s.selector.clone(),
                     external: s.external.clone(),
                     name: s.name.clone(),
                     vip: s.vip,
@@ -912,6 +912,8 @@ fn translate_service(
 
     let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
     let locality = locality_of(spec, policy.locality.as_ref());
+    // `rpclb.io/selector` on a port it cannot serve: one Event per Service.
+    let mut selector_reported = false;
     // Each port once per ClusterIP (family); a port's own problems are
     // reported once, with the first.
     let per_vip = vips.iter().enumerate().flat_map(|(i, &vip)| {
@@ -964,7 +966,7 @@ fn translate_service(
         let places = place_backends(&backend_nodes, zones, topo);
         let mut service = Service {
             max_per_backend: policy.max_per_backend,
-            selector: None,
+            selector: policy.selector.clone(),
             external: external_of(svc, spec, sp, vip.is_ipv4()),
             name: format!("{r}:{label}{suffix}"),
             vip,
@@ -989,6 +991,28 @@ fn translate_service(
             && let Some((kind, fallback)) = choose_table_size(&mut service, &label)
         {
             problems.push(problem(kind, fallback));
+        }
+        // A selector this port cannot have (IPv6, the gRPC mode, more than
+        // 16 backends): the port keeps its algorithm, reported once.
+        if let Some(sel) = service.selector.clone()
+            && let Err(why) = service.validate_selector(&sel)
+        {
+            service.selector = None;
+            if !selector_reported {
+                selector_reported = true;
+                let e = AnnotationError {
+                    key: annotations::SELECTOR.to_string(),
+                    value: annotations
+                        .get(annotations::SELECTOR)
+                        .cloned()
+                        .unwrap_or_default(),
+                    problem: annotations::AnnotationProblem::SelectorValue(format!(
+                        "port {label}{suffix}: {why}"
+                    )),
+                };
+                let fallback = e.fallback().to_string();
+                problems.push(problem(ProblemKind::Annotation(e), fallback));
+            }
         }
         // The one validation: what passes here, every agent takes.
         if let Err(error) = service.validate() {
@@ -2078,6 +2102,110 @@ mod tests {
                 "{v:?}"
             );
         }
+    }
+
+    /// `rpclb.io/selector`: an example or a NAME reaches every node's state
+    /// and the wire; a bad value, a path, or a port the selector cannot
+    /// serve (gRPC mode, more than 16 backends, IPv6) is one Event, and the
+    /// port is served with its algorithm and no selector.
+    #[test]
+    fn selector_annotation() {
+        let t = |kv: &[(&str, &str)], n: usize| {
+            let eps: Vec<Endpoint> = (1..=n)
+                .map(|i| on(ready(&format!("10.244.0.{i}")), "a1"))
+                .collect();
+            ClusterState::build_with_nodes(&[annotated(web(), kv)], &[web_slice(eps)], locations())
+        };
+        for v in ["example:geo", " geo-eu "] {
+            let c = t(&[(annotations::SELECTOR, v)], 16);
+            assert!(c.problems().is_empty(), "{v:?}: {:?}", c.problems());
+            for node in ["a1", "x9"] {
+                let st = c.node_state(node);
+                assert_eq!(st.services[0].selector.as_deref(), Some(v.trim()), "{node}");
+                let back = lb_api::wire::service_from_pb(&(&st.services[0]).into()).unwrap();
+                assert_eq!(back.selector.as_deref(), Some(v.trim()));
+            }
+        }
+        // internalTrafficPolicy: Local (each node its own backends) keeps it too.
+        let local = with(annotated(web(), &[(annotations::SELECTOR, "geo")]), |s| {
+            s.internal_traffic_policy = Some("Local".into())
+        });
+        let c = ClusterState::build_with_nodes(
+            &[local],
+            &[web_slice(spread(&["a1", "b1"]))],
+            locations(),
+        );
+        assert_eq!(
+            c.node_state("a1").services[0].selector.as_deref(),
+            Some("geo")
+        );
+        // Bad values and paths: no selector, one Event.
+        let fallback = "no selector (the service's algorithm chooses)";
+        for (kv, n, needle) in [
+            (vec![(annotations::SELECTOR, "/opt/geo.o")], 2, "is a path"),
+            (
+                vec![(annotations::SELECTOR, "sel/geo.o")],
+                2,
+                "relative path",
+            ),
+            (vec![(annotations::SELECTOR, "Geo")], 2, "lowercase"),
+            (
+                vec![(annotations::SELECTOR, "example:x")],
+                2,
+                "unknown example",
+            ),
+            (
+                vec![(annotations::SELECTOR, "geo"), (annotations::MODE, "grpc")],
+                2,
+                "port http: a selector serves the kernel (L4) path, not the gRPC mode",
+            ),
+            (
+                vec![(annotations::SELECTOR, "geo")],
+                17,
+                "port http: a service with a selector has at most 16 backends",
+            ),
+        ] {
+            let c = t(&kv, n);
+            assert_eq!(c.problems().len(), 1, "{kv:?}: {:?}", c.problems());
+            let p = &c.problems()[0];
+            assert_eq!(p.reason(), "InvalidAnnotation", "{kv:?}");
+            assert_eq!(p.fallback, fallback, "{kv:?}");
+            assert!(p.to_string().contains(needle), "{kv:?}: {p}");
+            assert!(p.to_string().contains("rpclb.io/selector"), "{p}");
+            let st = c.node_state("a1");
+            assert_eq!(st.services.len(), 1, "{kv:?}: still served");
+            assert_eq!(st.services[0].backends.len(), n);
+            assert_eq!(st.services[0].selector, None, "{kv:?}");
+        }
+        // Dual-stack: the IPv4 port has it; the IPv6 one is reported and has not.
+        let dual = with(annotated(web(), &[(annotations::SELECTOR, "geo")]), |s| {
+            s.cluster_ips = Some(vec!["10.96.0.60".into(), "fd00:10:96::60".into()]);
+            s.ip_families = Some(vec!["IPv4".into(), "IPv6".into()]);
+        });
+        let mut v6 = slice(
+            "web-6",
+            "web",
+            &[(Some("http"), 8080)],
+            vec![ready("fd00:10:244::5")],
+        );
+        v6.address_type = "IPv6".into();
+        let c =
+            ClusterState::build_with_nodes(&[dual], &[web_slice(spread(&["a1"])), v6], locations());
+        assert_eq!(c.problems().len(), 1, "{:?}", c.problems());
+        assert!(
+            c.problems()[0]
+                .to_string()
+                .contains("port http@ipv6: a selector serves IPv4 services only"),
+            "{}",
+            c.problems()[0]
+        );
+        let st = c.node_state("a1");
+        let by_family: Vec<(bool, Option<&str>)> = st
+            .services
+            .iter()
+            .map(|s| (s.vip.is_ipv4(), s.selector.as_deref()))
+            .collect();
+        assert_eq!(by_family, [(true, Some("geo")), (false, None)]);
     }
 
     #[test]

@@ -1590,3 +1590,105 @@ fn agent_falls_back_to_the_userspace_datapath() {
         agent.log()
     );
 }
+
+/// A selector that cannot load is visible: `lbctl status`, `lbctl selector
+/// list` and `/metrics` name the service and why (a NAME whose file is not
+/// in `--selector-dir`), while traffic goes on with the built-in algorithm.
+/// The file put there and the config changed to it: loaded, and shown so.
+#[test]
+fn selector_errors_are_visible() {
+    skip_unless_lab!();
+    if !lb_agent::datapath::programs::kernel_has_full_set() {
+        eprintln!("SKIP: selectors run in the full program set only");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let lab = Lab::new(2).expect("lab");
+    let _tcp = lab.start_tcp_servers(8080).unwrap();
+    let dir = TestDir::new("selector");
+    let sel_dir = dir.path().join("selectors");
+    std::fs::create_dir_all(&sel_dir).unwrap();
+    std::fs::set_permissions(&sel_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sd = sel_dir.to_str().unwrap().to_string();
+    let with_selector = |name: &str| {
+        let svc = web(&lab, "round-robin", &[1, 2]) + &format!("    selector: {name}\n");
+        config_yaml(&[svc], None)
+    };
+    dir.write_config(&with_selector("nosuch"));
+    let mut agent = Agent::start(
+        &lab,
+        &dir,
+        "agent",
+        &agent_args(&lab, &dir, &["--selector-dir", &sd]),
+    );
+    agent.wait_ready();
+    let st = lbctl_in_node(&lab, &["status"]);
+    assert!(st.contains("selectors: 0 of 1 loaded"), "{st}");
+    let why = format!("selector nosuch: cannot read {sd}/nosuch.o: No such file or directory");
+    assert!(
+        st.contains(&format!(
+            "NOT LOADED: {WEB} nosuch (built-in algorithm): {why}"
+        )),
+        "{st}"
+    );
+    let failed = |agent: &mut Agent, name: &str| {
+        agent.scrape().get(
+            "rpclb_service_selector_failed",
+            &[("service", WEB), ("selector", name)],
+        )
+    };
+    assert_eq!(failed(&mut agent, "nosuch"), Some(1.0));
+    // The built-in algorithm serves meanwhile.
+    let c = tcp(&lab, 10);
+    assert_eq!(c.values().copied().collect::<Vec<_>>(), vec![5, 5], "{c:?}");
+
+    // The object put in the directory, and the service changed to name it.
+    let obj = sel_dir.join("geo2.o");
+    std::fs::write(&obj, lb_agent::datapath::selector::EXAMPLE_GEO_OBJECT).unwrap();
+    std::fs::set_permissions(&obj, std::fs::Permissions::from_mode(0o644)).unwrap();
+    dir.write_config(&with_selector("geo2"));
+    wait_until("the selector loaded", Duration::from_secs(15), || {
+        lbctl_in_node(&lab, &["status"]).contains("selectors: 1 of 1 loaded")
+    });
+    assert_eq!(failed(&mut agent, "geo2"), Some(0.0));
+    assert_eq!(failed(&mut agent, "nosuch"), None, "the old series is gone");
+    let pin = pin_path(&lab);
+    let list = lbctl_in_node(
+        &lab,
+        &["--pin-path", pin.to_str().unwrap(), "selector", "list"],
+    );
+    let row: Vec<&str> = list
+        .lines()
+        .find(|l| l.starts_with(WEB))
+        .unwrap_or_else(|| panic!("{list}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(row, [WEB, "geo2", "loaded"], "{list}");
+    assert!(
+        list.contains("the kernel does not count them per service): selector_chosen 0"),
+        "{list}"
+    );
+    // Its table is empty: no answer, the built-in algorithm, counted.
+    let c = tcp(&lab, 4);
+    assert_eq!(c.values().sum::<usize>(), 4);
+    let list = lbctl_in_node(
+        &lab,
+        &[
+            "--pin-path",
+            pin.to_str().unwrap(),
+            "-o",
+            "json",
+            "selector",
+            "list",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let counters: BTreeMap<String, u64> = v["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_str().unwrap().to_string(), p[1].as_u64().unwrap()))
+        .collect();
+    assert_eq!(counters["selector_no_answer"], 4, "{list}");
+    assert_eq!(counters["selector_chosen"], 0, "{list}");
+}

@@ -125,6 +125,31 @@ fn the_daemonset_grants_exactly_the_tested_capabilities() {
         .map(|i| args[i + 1].clone())
         .expect("--pin-path");
     assert!(pin.starts_with("/sys/fs/bpf/"), "{pin}");
+    // The selectors' directory: the host's, read-only, where the agent's
+    // --selector-dir default looks (docs/security.md).
+    let sel = agent["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "selectors")
+        .expect("a selectors mount");
+    assert_eq!(
+        sel["mountPath"],
+        lb_agent::datapath::selector::DEFAULT_SELECTOR_DIR
+    );
+    assert_eq!(sel["readOnly"], true);
+    assert!(
+        !args.iter().any(|a| a == "--selector-dir"),
+        "the default is the mount"
+    );
+    let vol = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "selectors")
+        .expect("a selectors volume");
+    assert_eq!(vol["hostPath"]["path"], "/var/lib/rpclb/selectors");
+    assert_eq!(vol["hostPath"]["type"], "DirectoryOrCreate");
     // The pod-level context grants nothing either.
     assert!(spec["securityContext"]["privileged"].is_null());
     assert!(spec["hostPID"].is_null() && spec["hostIPC"].is_null());

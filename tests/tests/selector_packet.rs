@@ -11,8 +11,10 @@ use std::net::Ipv4Addr;
 use aya::maps::{LpmTrie, MapData, lpm_trie::Key};
 use lb_agent::datapath::programs::{self, ProgramSet};
 use lb_agent::datapath::scratch::{Hook, ScratchDatapath};
+use lb_agent::datapath::selector::{SelectorSource, SelectorStatus};
 use lb_api::{Algorithm, BackendState, Protocol, Service, ServiceAddr};
 use rpclb_tests::packet::{self, Pkt, SYN, assert_bytes_eq, service};
+use std::os::unix::fs::PermissionsExt;
 
 const XDP_PASS: u32 = 2;
 const TC_OK: u32 = 0;
@@ -250,10 +252,19 @@ fn bad_selector_is_reported_and_the_service_keeps_working() {
         return;
     }
     let mut h = scratch(ProgramSet::Full);
+    // Paths, as from the agent's own --config.
+    h.writer().set_selector_source(SelectorSource {
+        paths: true,
+        ..Default::default()
+    });
     let tmp = std::env::temp_dir().join(format!("rpclb-bad-selector-{}.o", std::process::id()));
     std::fs::write(&tmp, lb_agent::datapath::EBPF_OBJECT).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
     for (source, why) in [
-        ("/nonexistent/selector.o", "cannot read it"),
+        (
+            "/nonexistent/selector.o",
+            "cannot read /nonexistent/selector.o",
+        ),
         (tmp.to_str().unwrap(), "not of the selector ABI"),
     ] {
         let mut svc = geo_service();
@@ -276,6 +287,111 @@ fn bad_selector_is_reported_and_the_service_keeps_working() {
         assert_eq!(reason(&mut h, "selector_missing"), missing, "never asked");
     }
     let _ = std::fs::remove_file(&tmp);
+}
+
+/// Who may name what (docs/security.md): a bare NAME is
+/// `<--selector-dir>/NAME.o`; an absolute path is loaded only where paths
+/// are allowed (the agent's own --config), and refused from the
+/// controller's stream: the service keeps its algorithm, the refusal is its
+/// selector's state. A NAME whose file is missing is reported the same way.
+#[test]
+fn names_load_from_the_selector_dir_and_a_streamed_path_is_refused() {
+    if !can_run(ProgramSet::Full) {
+        return;
+    }
+    let mut h = scratch(ProgramSet::Full);
+    let dir = std::env::temp_dir().join(format!("rpclb-selector-dir-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The example's object under a name of the user's.
+    let obj = dir.join("geo2.o");
+    std::fs::write(&obj, lb_agent::datapath::selector::EXAMPLE_GEO_OBJECT).unwrap();
+    std::fs::set_permissions(&obj, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let streamed = SelectorSource {
+        dir: dir.clone(),
+        paths: false,
+    };
+    h.writer().set_selector_source(streamed.clone());
+    let mut svc = geo_service();
+    let addr = svc.addr();
+    let status = |h: &mut ScratchDatapath| -> Vec<SelectorStatus> { h.writer().selector_status() };
+
+    // NAME: <dir>/geo2.o, in place; it answers from the (shared) table.
+    svc.selector = Some("geo2".into());
+    h.writer().upsert_service(&svc).unwrap();
+    assert!(
+        h.writer().selector_in_place(&addr),
+        "{:?}",
+        h.writer().selector_errors()
+    );
+    assert_eq!(
+        status(&mut h),
+        [SelectorStatus {
+            service: "demo/geo:http".into(),
+            selector: "geo2".into(),
+            state: "loaded".into(),
+        }]
+    );
+    fill_geo(&h);
+    for sport in 46000..46004u16 {
+        expect(&mut h, Hook::Xdp, A, sport, b(geo_pick(0b0011, A, sport)));
+    }
+
+    // The same file by its path, as the controller's stream would send it:
+    // refused; the built-in algorithm, never asked.
+    svc.selector = Some(obj.to_str().unwrap().into());
+    h.writer().upsert_service(&svc).unwrap();
+    assert!(!h.writer().selector_in_place(&addr));
+    let st = status(&mut h);
+    assert_eq!(st.len(), 1);
+    assert!(
+        st[0]
+            .state
+            .contains("refused: a path is loaded only from the agent's own --config file"),
+        "{st:?}"
+    );
+    let missing = reason(&mut h, "selector_missing");
+    let chosen = reason(&mut h, "selector_chosen");
+    let to = builtin(&mut h, &addr, A, 46100);
+    expect(&mut h, Hook::Xdp, A, 46100, to);
+    assert_eq!(reason(&mut h, "selector_missing"), missing);
+    assert_eq!(reason(&mut h, "selector_chosen"), chosen, "never asked");
+
+    // From the agent's own config file, the path is loaded.
+    h.writer().set_selector_source(SelectorSource {
+        paths: true,
+        ..streamed.clone()
+    });
+    h.writer().upsert_service(&svc).unwrap();
+    assert!(h.writer().selector_in_place(&addr));
+    expect(&mut h, Hook::Xdp, A, 46200, b(geo_pick(0b0011, A, 46200)));
+
+    // A NAME without its file: reported with the path looked at.
+    h.writer().set_selector_source(streamed);
+    svc.selector = Some("nosuch".into());
+    h.writer().upsert_service(&svc).unwrap();
+    assert!(!h.writer().selector_in_place(&addr));
+    let st = status(&mut h);
+    let want = format!("selector nosuch: cannot read {}/nosuch.o", dir.display());
+    assert!(st[0].state.starts_with(&want), "{st:?}");
+    assert_eq!(st[0].selector, "nosuch");
+    let to = builtin(&mut h, &addr, A, 46300);
+    expect(&mut h, Hook::Xdp, A, 46300, to);
+    // The file put there later: the next retry (the agent's GC tick) loads it.
+    assert!(
+        !h.writer().retry_missing_selectors().unwrap(),
+        "still missing"
+    );
+    std::fs::copy(&obj, dir.join("nosuch.o")).unwrap();
+    assert!(h.writer().retry_missing_selectors().unwrap());
+    assert!(h.writer().selector_in_place(&addr));
+    assert_eq!(status(&mut h)[0].state, "loaded");
+    assert!(
+        !h.writer().retry_missing_selectors().unwrap(),
+        "nothing waits"
+    );
+    expect(&mut h, Hook::Xdp, A, 46400, b(geo_pick(0b0011, A, 46400)));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---- real TCP through a VIP ----------------------------------------------------

@@ -1,9 +1,10 @@
 //! The agent's HTTP endpoints: `/metrics` (Prometheus text), `/healthz`
 //! (the run loop is alive), `/readyz` (attached and the first state
 //! applied; the body says what runs where) and `/status` (JSON: the data
-//! path, its interfaces, readiness and the controller stream; `lbctl
-//! status` reads it) and `/grpc` (JSON: the gRPC mode per service and
-//! backend, `crate::grpc_view`; `lbctl grpc` reads it).
+//! path, its interfaces, readiness, the controller stream and the services'
+//! selectors; `lbctl status` and `lbctl selector list` read it) and `/grpc`
+//! (JSON: the gRPC mode per service and backend, `crate::grpc_view`; `lbctl
+//! grpc` reads it).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -107,6 +108,7 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
         },
         "conntrack": *s.conntrack.lock().unwrap_or_else(|e| e.into_inner()),
         "health": crate::health::Health::of(&s.health.snapshot()),
+        "selectors": s.selectors.lock().unwrap_or_else(|e| e.into_inner()).clone(),
     });
     (
         [(header::CONTENT_TYPE, "application/json")],

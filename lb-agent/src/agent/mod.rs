@@ -87,6 +87,8 @@ pub struct Options {
     pub node: crate::external::NodeInfo,
     /// The gRPC mode's pools, retries and drain (`--grpc-*`).
     pub grpc: crate::userspace::GrpcOptions,
+    /// Where a selector NAME is looked for (`--selector-dir`: `NAME.o`).
+    pub selector_dir: PathBuf,
 }
 
 /// `--handover-socket` and `--handover-wait`.
@@ -152,6 +154,8 @@ struct Shared {
     health: crate::health::HealthChecker,
     /// The userspace proxy's stats (for `/grpc`).
     proxy: crate::engines::ProxyStats,
+    /// The services' selectors after the last apply (for `/status`).
+    selectors: crate::engines::SharedSelectors,
 }
 
 impl Shared {
@@ -365,8 +369,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if let Some(i) = inherited {
         engines.set_inherited(i);
     }
-    let metrics =
-        Metrics::with_collectors(engines.stats_source(), vec![engines.health.collector()]);
+    let metrics = Metrics::with_collectors(
+        engines.stats_source(),
+        vec![
+            engines.health.collector(),
+            crate::metrics::selector_collector(engines.selectors.clone()),
+        ],
+    );
     metrics.set_datapath(&status);
     let attached: Vec<String> = status.interfaces.iter().map(ToString::to_string).collect();
     let shared = Arc::new(Shared {
@@ -380,6 +389,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         conntrack: Mutex::new(None),
         health: engines.health.clone(),
         proxy: engines.proxy_stats(),
+        selectors: engines.selectors.clone(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(http::serve(listener, shared.clone(), stop_rx.clone()));
@@ -633,6 +643,12 @@ fn load_and_attach(opts: &Options) -> Result<(Datapath, Vec<attach::Attached>), 
         }
         e => StartError::Load(e),
     })?;
+    // Who may name what: a path only from the agent's own config file.
+    dp.writer()
+        .set_selector_source(datapath::selector::SelectorSource {
+            dir: opts.selector_dir.clone(),
+            paths: matches!(opts.source, Source::File(_)),
+        });
     let attached =
         attach::attach_all(&mut dp, &opts.interfaces, opts.mode).map_err(StartError::Attach)?;
     dp.sync_xdp_ifaces().map_err(StartError::Attach)?;
@@ -918,6 +934,24 @@ async fn gc_loop(
         tokio::select! {
             _ = stop.changed() => return,
             _ = tick.tick() => {}
+        }
+        // A selector's NAME.o put in --selector-dir after its service named it.
+        let dp3 = dp.clone();
+        let retried = tokio::task::spawn_blocking(move || {
+            let mut g = lock(&dp3);
+            let w = g.writer();
+            match w.retry_missing_selectors() {
+                Ok(true) => Some(w.selector_status()),
+                Ok(false) => None,
+                Err(e) => {
+                    warn!("loading a selector whose file appeared: {e}");
+                    Some(w.selector_status())
+                }
+            }
+        })
+        .await;
+        if let Ok(Some(sel)) = retried {
+            *shared.selectors.lock().unwrap_or_else(|e| e.into_inner()) = sel;
         }
         let t = shared.timeouts();
         let dp2 = dp.clone();

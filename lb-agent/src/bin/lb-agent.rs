@@ -181,6 +181,11 @@ struct RunArgs {
     /// bpffs directory where maps and links are pinned.
     #[arg(long, env = "RPCLB_PIN_PATH", default_value = DEFAULT_PIN_PATH)]
     pin_path: PathBuf,
+    /// Where a user-defined selector named NAME (a Service's
+    /// `rpclb.io/selector`, the YAML `selector`) is loaded from: NAME.o in
+    /// this directory (docs/policies.md).
+    #[arg(long, env = "RPCLB_SELECTOR_DIR", default_value = lb_agent::datapath::selector::DEFAULT_SELECTOR_DIR)]
+    selector_dir: PathBuf,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "RPCLB_METRICS_ADDR", default_value = "127.0.0.1:9464")]
     metrics_addr: SocketAddr,
@@ -585,6 +590,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             // The one TLS poll: the controller stream's and the gRPC services' files.
             tls_poll: a.tls_poll,
         },
+        selector_dir: a.selector_dir,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -8,6 +8,8 @@
 //! lbctl maglev SERVICE
 //! lbctl stats [--watch] [--interval 1s] [--count N]
 //! lbctl status | grpc [SERVICE]   (ask the running agent, --agent ADDR)
+//! lbctl selector list              (the agent's selectors, and their counters)
+//! lbctl selector geo add CIDR --backends 0,1 | del CIDR | list   (the example's table)
 //! ```
 //!
 //! SERVICE is `namespace/name:port`, `VIP:port[/proto]`, or `namespace/name`
@@ -97,6 +99,12 @@ enum Cmd {
         #[arg(long, default_value = "1s", value_parser = parse_rate_interval)]
         interval: Duration,
     },
+    /// User-defined selectors: each service's state, and the example
+    /// selector's table (docs/policies.md).
+    Selector {
+        #[command(subcommand)]
+        cmd: SelectorCmd,
+    },
     /// Packet counters by reason and per service, with rates under --watch.
     Stats {
         /// Refresh in place, showing rates per second.
@@ -109,6 +117,41 @@ enum Cmd {
         #[arg(long, requires = "watch")]
         count: Option<u64>,
     },
+}
+
+#[derive(Subcommand)]
+enum SelectorCmd {
+    /// Each service that names a selector: loaded, or why not (the agent's
+    /// /status), and the kernel's selector counters (the pinned maps; per
+    /// node, not per service).
+    List {
+        /// The agent's metrics address (`--metrics-addr`).
+        #[arg(long, env = "RPCLB_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+        agent: std::net::SocketAddr,
+    },
+    /// The example selector's table (`example:geo`): client subnet -> the
+    /// backends (indexes into each service's backends, in order) its new
+    /// flows go to. Pinned at <pin-path>/selectors/GEO_SUBNETS.
+    Geo {
+        #[command(subcommand)]
+        cmd: GeoCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum GeoCmd {
+    /// Sends the new flows of clients in CIDR to these backends (replaces its entry).
+    Add {
+        /// `A.B.C.D/LEN` (host bits are cleared; a bare address is /32).
+        cidr: String,
+        /// Backend indexes, comma-separated (0-15: the service's backends in order).
+        #[arg(long)]
+        backends: String,
+    },
+    /// Deletes CIDR's entry (its clients: a shorter prefix, else the built-in algorithm).
+    Del { cidr: String },
+    /// Every entry.
+    List,
 }
 
 /// `lbctl grpc --interval`: 0 (no rates), or 10 ms to 1 min.
@@ -175,6 +218,9 @@ fn run(cli: &Cli) -> Result<()> {
             Output::Table => lbctl::grpc::table(&v),
         });
     }
+    if let Cmd::Selector { cmd } = &cli.cmd {
+        return emit(&selector(cli, cmd)?);
+    }
     let w = lbctl::open(&cli.pin_path)?;
     let text = match &cli.cmd {
         Cmd::Services => {
@@ -227,7 +273,9 @@ fn run(cli: &Cli) -> Result<()> {
                 Output::Table => view::maglev_table(&v),
             }
         }
-        Cmd::Status { .. } | Cmd::Grpc { .. } => unreachable!("answered above"),
+        Cmd::Status { .. } | Cmd::Grpc { .. } | Cmd::Selector { .. } => {
+            unreachable!("answered above")
+        }
         Cmd::Stats { .. } => {
             let v = view::stats(&view::sample(&w)?, None);
             match out {
@@ -237,6 +285,57 @@ fn run(cli: &Cli) -> Result<()> {
         }
     };
     emit(&text)
+}
+
+/// `lbctl selector ...`.
+fn selector(cli: &Cli, cmd: &SelectorCmd) -> Result<String> {
+    use lbctl::selector as sel;
+    let out = cli.output;
+    let pin = &cli.pin_path;
+    Ok(match cmd {
+        SelectorCmd::List { agent } => {
+            let st = lbctl::status::fetch(*agent)?;
+            let (counters, counters_error) = match sel::counters(pin) {
+                Ok(c) => (Some(c), None),
+                Err(e) => (None, Some(format!("{e:#}"))),
+            };
+            let l = sel::List {
+                selectors: st.selectors.unwrap_or_default(),
+                counters,
+                counters_error,
+            };
+            match out {
+                Output::Json => json(&l)?,
+                Output::Table => sel::list_table(&l),
+            }
+        }
+        SelectorCmd::Geo { cmd } => match cmd {
+            GeoCmd::Add { cidr, backends } => {
+                let e = sel::geo_add(pin, cidr, backends)?;
+                match out {
+                    Output::Json => json(&e)?,
+                    Output::Table => {
+                        let b: Vec<String> = e.backends.iter().map(u32::to_string).collect();
+                        format!("{}: backends {}\n", e.subnet, b.join(","))
+                    }
+                }
+            }
+            GeoCmd::Del { cidr } => {
+                let subnet = sel::geo_del(pin, cidr)?;
+                match out {
+                    Output::Json => json(&serde_json::json!({ "deleted": subnet }))?,
+                    Output::Table => format!("{subnet}: deleted\n"),
+                }
+            }
+            GeoCmd::List => {
+                let rows = sel::geo_list(pin)?;
+                match out {
+                    Output::Json => json(&rows)?,
+                    Output::Table => sel::geo_table(&rows),
+                }
+            }
+        },
+    })
 }
 
 /// `stats --watch`: one frame per interval. Tables redraw in place on a
@@ -309,6 +408,32 @@ mod tests {
     fn cli_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn selector_commands_parse() {
+        let c = Cli::try_parse_from([
+            "lbctl",
+            "selector",
+            "geo",
+            "add",
+            "10.0.0.0/8",
+            "--backends",
+            "0,1",
+        ])
+        .unwrap();
+        assert!(matches!(
+            c.cmd,
+            Cmd::Selector {
+                cmd: SelectorCmd::Geo {
+                    cmd: GeoCmd::Add { ref cidr, ref backends }
+                }
+            } if cidr == "10.0.0.0/8" && backends == "0,1"
+        ));
+        assert!(Cli::try_parse_from(["lbctl", "selector", "geo", "add", "10.0.0.0/8"]).is_err());
+        assert!(Cli::try_parse_from(["lbctl", "selector", "geo", "del", "10.0.0.0/8"]).is_ok());
+        assert!(Cli::try_parse_from(["lbctl", "-o", "json", "selector", "geo", "list"]).is_ok());
+        assert!(Cli::try_parse_from(["lbctl", "selector", "list"]).is_ok());
     }
 
     #[test]

@@ -6,6 +6,12 @@
 //! a service whose model names a selector, and turns the service's
 //! `svc_flags::SELECTOR` on only once it is in place; any failure leaves the
 //! service on its built-in algorithm, and is returned (and logged).
+//!
+//! Who may name what (docs/security.md): `example:NAME` is built in; a bare
+//! NAME is `<--selector-dir>/NAME.o`; an absolute path is loaded only when
+//! the desired state is the agent's own `--config` file ([`SelectorSource`],
+//! [`resolve`]). A path from the controller's stream is refused: the service
+//! keeps its algorithm and the refusal is its selector's error.
 
 use std::path::{Path, PathBuf};
 
@@ -14,7 +20,105 @@ use aya::{
     maps::{MapData, PerCpuArray, PerCpuValues, ProgramArray},
     programs::{Program, ProgramFd, TestRun, TestRunOptions},
 };
+use lb_api::validate::SelectorRef;
 use lb_common::{SelectorArgs, map_names, selector};
+
+/// Where a bare selector NAME is looked for (`--selector-dir`): `NAME.o` in it.
+pub const DEFAULT_SELECTOR_DIR: &str = "/var/lib/rpclb/selectors";
+
+/// Where the agent's selectors come from, and who may name a path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SelectorSource {
+    /// `--selector-dir`: a bare NAME is `<dir>/NAME.o`.
+    pub dir: PathBuf,
+    /// Whether a selector may be an absolute path: only when the desired
+    /// state is the agent's own `--config` file (the node's admin wrote
+    /// it), never from the controller's stream.
+    pub paths: bool,
+}
+
+impl Default for SelectorSource {
+    /// The default directory; paths refused.
+    fn default() -> Self {
+        SelectorSource {
+            dir: DEFAULT_SELECTOR_DIR.into(),
+            paths: false,
+        }
+    }
+}
+
+/// The object a selector names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Object {
+    /// Built into the agent.
+    Example(&'static [u8]),
+    /// A file on the node.
+    File(PathBuf),
+}
+
+/// What `name` loads, by who may name what ([`SelectorSource`]).
+pub fn resolve(name: &str, from: &SelectorSource) -> Result<Object, SelectorError> {
+    let refused = |why: String| SelectorError::Refused {
+        source_name: name.to_string(),
+        why,
+    };
+    match lb_api::validate::selector(name).map_err(refused)? {
+        SelectorRef::Example(e) if e == lb_api::validate::EXAMPLE_GEO_SELECTOR => {
+            Ok(Object::Example(EXAMPLE_GEO_OBJECT))
+        }
+        SelectorRef::Example(e) => Err(refused(format!("no example {e} in this agent"))),
+        SelectorRef::Name(n) => Ok(Object::File(from.dir.join(format!("{n}.o")))),
+        SelectorRef::Path(p) if from.paths => Ok(Object::File(p.into())),
+        SelectorRef::Path(_) => Err(refused(
+            "a path is loaded only from the agent's own --config file; from the controller \
+             a selector is example:geo or a NAME (<--selector-dir>/NAME.o)"
+                .into(),
+        )),
+    }
+}
+
+/// Refuses an object file that a user other than its owner could have
+/// written (the file or its directory writable by group or others): what
+/// it holds runs in the kernel path of every flow of the service.
+fn check_mode(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    for p in [path, dir] {
+        let mode = std::fs::metadata(p)
+            .map_err(|e| format!("{}: {e}", p.display()))?
+            .permissions()
+            .mode();
+        // The sticky bit (/tmp) keeps others from replacing the file.
+        let sticky_dir = p == dir && mode & 0o1000 != 0;
+        if mode & 0o022 != 0 && !sticky_dir {
+            return Err(format!(
+                "{} is writable by group or others (mode {:o})",
+                p.display(),
+                mode & 0o7777
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// One service's selector as `/status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SelectorStatus {
+    /// `namespace/name:port`.
+    pub service: String,
+    /// As the service names it.
+    pub selector: String,
+    /// `loaded`, or why not (the service uses its built-in algorithm).
+    pub state: String,
+}
+
+impl SelectorStatus {
+    pub const LOADED: &'static str = "loaded";
+
+    pub fn loaded(&self) -> bool {
+        self.state == Self::LOADED
+    }
+}
 
 /// The example selector by client subnet (`lb-ebpf/src/bin/geo-selector.rs`),
 /// built with the data path's object; `selector: example:geo`.
@@ -22,7 +126,7 @@ pub static EXAMPLE_GEO_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/geo-selector.o"));
 
 /// The example's geography table, pinned under `<pin path>/selectors/`.
-pub const GEO_MAP: &str = "GEO_SUBNETS";
+pub const GEO_MAP: &str = lb_common::geo::MAP;
 
 /// Where the maps of selector objects that are not the data path's are
 /// pinned (by name).
@@ -32,11 +136,14 @@ pub fn maps_dir(pin: &Path) -> PathBuf {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SelectorError {
-    #[error("selector {source_name}: cannot read it: {error}")]
+    #[error("selector {source_name}: cannot read {path}: {error}")]
     Read {
         source_name: String,
+        path: String,
         error: std::io::Error,
     },
+    #[error("selector {source_name}: refused: {why}")]
+    Refused { source_name: String, why: String },
     #[error("selector {source_name}: loading the object: {error}")]
     Load {
         source_name: String,
@@ -62,29 +169,43 @@ pub enum SelectorError {
 
 /// A selector in place: its object stays loaded while it serves.
 pub struct Installed {
-    /// As the service names it (a path or `example:geo`).
+    /// As the service names it (`example:geo`, a NAME or a path).
     pub source: String,
     _ebpf: Ebpf,
 }
 
-/// Loads, checks and self-tests the selector `source` (a path, or
-/// `example:geo`), then puts it in service `svc_id`'s slots. `n` is the
-/// service's candidate count, for the self-test.
-pub fn install(pin: &Path, source: &str, svc_id: u32, n: u32) -> Result<Installed, SelectorError> {
+/// Loads, checks and self-tests the selector `source` (`example:geo`, a
+/// NAME or a path, as [`resolve`] allows from `from`), then puts it in
+/// service `svc_id`'s slots. `n` is the service's candidate count, for the
+/// self-test.
+pub fn install(
+    pin: &Path,
+    source: &str,
+    from: &SelectorSource,
+    svc_id: u32,
+    n: u32,
+) -> Result<Installed, SelectorError> {
     let sn = || source.to_string();
-    let bytes: std::borrow::Cow<[u8]> = if source == lb_api::validate::EXAMPLE_GEO_SELECTOR {
-        EXAMPLE_GEO_OBJECT.into()
-    } else {
-        std::fs::read(source)
-            .map_err(|error| SelectorError::Read {
+    let bytes: std::borrow::Cow<[u8]> = match resolve(source, from)? {
+        Object::Example(b) => b.into(),
+        Object::File(path) => {
+            let read = |error| SelectorError::Read {
                 source_name: sn(),
+                path: path.display().to_string(),
                 error,
-            })?
-            .into()
+            };
+            let bytes = std::fs::read(&path).map_err(read)?;
+            check_mode(&path).map_err(|why| SelectorError::Refused {
+                source_name: sn(),
+                why,
+            })?;
+            bytes.into()
+        }
     };
     let dir = maps_dir(pin);
     std::fs::create_dir_all(&dir).map_err(|error| SelectorError::Read {
-        source_name: dir.display().to_string(),
+        source_name: source.to_string(),
+        path: dir.display().to_string(),
         error,
     })?;
     let mut loader = EbpfLoader::new();
@@ -296,4 +417,75 @@ fn self_test(
         PerCpuValues::try_from(vec![SelectorArgs::default(); cpus]).map_err(|e| e.to_string())?;
     args.set(0, idle, 0).map_err(|e| e.to_string())?;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(paths: bool) -> SelectorSource {
+        SelectorSource {
+            dir: "/srv/sel".into(),
+            paths,
+        }
+    }
+
+    /// Who may name what: a path over the stream (`paths: false`) is
+    /// refused; from the agent's own --config it is the file; a NAME is
+    /// `<dir>/NAME.o` from both; the example is built in.
+    #[test]
+    fn names_resolve_and_a_path_from_the_stream_is_refused() {
+        for paths in [false, true] {
+            assert_eq!(
+                resolve("geo-eu", &from(paths)).unwrap(),
+                Object::File("/srv/sel/geo-eu.o".into())
+            );
+            assert_eq!(
+                resolve("example:geo", &from(paths)).unwrap(),
+                Object::Example(EXAMPLE_GEO_OBJECT)
+            );
+        }
+        assert_eq!(
+            resolve("/opt/geo.o", &from(true)).unwrap(),
+            Object::File("/opt/geo.o".into())
+        );
+        let e = resolve("/opt/geo.o", &from(false)).unwrap_err().to_string();
+        assert!(
+            e.starts_with("selector /opt/geo.o: refused: a path is loaded only from the agent's own --config file"),
+            "{e}"
+        );
+        assert!(
+            !SelectorSource::default().paths,
+            "paths are refused unless allowed"
+        );
+        assert_eq!(
+            SelectorSource::default().dir,
+            Path::new(DEFAULT_SELECTOR_DIR)
+        );
+        // Never outside the directory, whatever the stream says.
+        for bad in ["../../etc/x", "a/b", "Geo", ""] {
+            let e = resolve(bad, &from(false)).unwrap_err().to_string();
+            assert!(e.contains("refused"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn files_others_could_write_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("rpclb-sel-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let f = dir.join("x.o");
+        std::fs::write(&f, b"x").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(check_mode(&f), Ok(()));
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(check_mode(&f).unwrap_err().contains("mode 666"));
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o775)).unwrap();
+        assert!(check_mode(&f).unwrap_err().contains("mode 775"));
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert_eq!(check_mode(&f), Ok(()), "a sticky directory");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -119,6 +119,11 @@ pub struct MapWriter {
     selectors: BTreeMap<u32, super::selector::Installed>,
     /// Why a service's selector is not in place (its last failure).
     selector_errors: BTreeMap<ServiceAddr, String>,
+    /// Where selectors come from, and whether a path may be loaded.
+    selector_source: super::selector::SelectorSource,
+    /// Services whose selector's object file was missing at their last
+    /// write ([`Self::retry_missing_selectors`]).
+    selector_missing: BTreeSet<ServiceAddr>,
 }
 
 /// (front end, backend ip, backend port) of every backend to SNAT.
@@ -165,6 +170,66 @@ impl MapWriter {
         &self.selector_errors
     }
 
+    /// Where selectors come from (`--selector-dir`), and whether a path
+    /// may be loaded (the agent's own `--config` only). Default: the
+    /// default directory, paths refused.
+    pub fn set_selector_source(&mut self, from: super::selector::SelectorSource) {
+        self.selector_source = from;
+    }
+
+    /// Writes again each service whose selector's object file was missing
+    /// and is there now (a `NAME.o` put in `--selector-dir` after its
+    /// service named it; the agent calls this every GC tick): true when one
+    /// was. One `stat` per waiting service; other failures wait for a
+    /// change of their service.
+    pub fn retry_missing_selectors(&mut self) -> Result<bool, DatapathError> {
+        let due: Vec<Service> = self
+            .selector_missing
+            .iter()
+            .filter_map(|a| {
+                let spec = self.r.svcs.get(a)?.spec.clone()?;
+                let name = spec.selector.as_deref()?;
+                match super::selector::resolve(name, &self.selector_source) {
+                    Ok(super::selector::Object::File(p)) if p.exists() => Some(spec),
+                    _ => None,
+                }
+            })
+            .collect();
+        for s in &due {
+            self.upsert_service(s)?;
+        }
+        if !due.is_empty() {
+            self.invalidate_flow_cache()?;
+        }
+        Ok(!due.is_empty())
+    }
+
+    /// Every service in the maps that names a selector: `loaded`, or why
+    /// not (for `/status`, `lbctl selector list` and the metrics).
+    pub fn selector_status(&self) -> Vec<super::selector::SelectorStatus> {
+        self.r
+            .svcs
+            .iter()
+            .filter_map(|(addr, st)| {
+                let spec = st.spec.as_ref()?;
+                let selector = spec.selector.clone()?;
+                let state = if st.value.flags & svc_flags::SELECTOR != 0 {
+                    super::selector::SelectorStatus::LOADED.to_string()
+                } else {
+                    self.selector_errors.get(addr).cloned().unwrap_or_else(|| {
+                        "not loaded: this data path runs no selectors (the built-in algorithm)"
+                            .to_string()
+                    })
+                };
+                Some(super::selector::SelectorStatus {
+                    service: spec.name.clone(),
+                    selector,
+                    state,
+                })
+            })
+            .collect()
+    }
+
     /// Whether service `addr` has its selector in place.
     pub fn selector_in_place(&self, addr: &ServiceAddr) -> bool {
         self.r
@@ -204,10 +269,11 @@ impl MapWriter {
         if self.selectors.get(&id).is_some_and(|i| &i.source == source) {
             return Ok(true);
         }
-        match super::selector::install(&pin, source, id, c.n) {
+        match super::selector::install(&pin, source, &self.selector_source, id, c.n) {
             Ok(i) => {
                 self.selectors.insert(id, i);
                 self.selector_errors.remove(&svc.addr());
+                self.selector_missing.remove(&svc.addr());
                 tracing::info!(service = %svc.name, selector = %source, "selector in place");
                 Ok(true)
             }
@@ -217,6 +283,13 @@ impl MapWriter {
                     "{e}; the service keeps its built-in algorithm"
                 );
                 self.selector_errors.insert(svc.addr(), e.to_string());
+                let missing = matches!(&e, super::selector::SelectorError::Read { error, .. }
+                    if error.kind() == std::io::ErrorKind::NotFound);
+                if missing {
+                    self.selector_missing.insert(svc.addr());
+                } else {
+                    self.selector_missing.remove(&svc.addr());
+                }
                 Ok(false)
             }
         }
@@ -281,6 +354,8 @@ impl MapWriter {
             sel_backends: None,
             selectors: BTreeMap::new(),
             selector_errors: BTreeMap::new(),
+            selector_source: Default::default(),
+            selector_missing: BTreeSet::new(),
         })
     }
 
@@ -742,6 +817,7 @@ impl MapWriter {
         let _ = self.r.names.remove(&st.value.id);
         self.drop_selector(st.value.id);
         self.selector_errors.remove(addr);
+        self.selector_missing.remove(addr);
         self.ranges.release(st.value.table_off, st.value.table_len);
         for b in st.backends.values() {
             self.free_backend(b.id)?;

@@ -2,6 +2,7 @@
 //! each command, and table formatting. Compiled into the `lbctl` binary only.
 
 pub mod grpc;
+pub mod selector;
 pub mod status;
 pub mod table;
 pub mod view;

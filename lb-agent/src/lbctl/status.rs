@@ -22,6 +22,28 @@ pub struct Status {
     /// Health-checked backends (absent from older agents).
     #[serde(default)]
     pub health: Option<Health>,
+    /// The services that name a user-defined selector: `loaded`, or why
+    /// not (absent from older agents).
+    #[serde(default)]
+    pub selectors: Option<Vec<SelectorStatus>>,
+}
+
+pub use lb_agent::datapath::selector::SelectorStatus;
+
+/// One line, and one per selector that is not loaded.
+pub fn selector_lines(sel: &[SelectorStatus]) -> String {
+    let loaded = sel.iter().filter(|s| s.loaded()).count();
+    let mut s = format!(
+        "selectors: {loaded} of {} loaded (`lbctl selector list`)\n",
+        sel.len()
+    );
+    for x in sel.iter().filter(|s| !s.loaded()) {
+        s.push_str(&format!(
+            "  NOT LOADED: {} {} (built-in algorithm): {}\n",
+            x.service, x.selector, x.state
+        ));
+    }
+    s
 }
 
 pub use lb_agent::health::Health;
@@ -176,6 +198,9 @@ pub fn table(s: &Status) -> String {
     if let Some(h) = s.health.as_ref().filter(|h| h.checked > 0) {
         out.push_str(&health_lines(h));
     }
+    if let Some(sel) = s.selectors.as_ref().filter(|s| !s.is_empty()) {
+        out.push_str(&selector_lines(sel));
+    }
     let c = &s.controller;
     if c.connected || c.version > 0 || c.reconnects > 0 {
         out.push_str(&format!(
@@ -219,6 +244,25 @@ mod tests {
         );
         let s: Status = serde_json::from_str(&old).unwrap();
         assert!(table(&s).starts_with("agent 0.1.0  ready  datapath ebpf\n"));
+    }
+
+    #[test]
+    fn selector_errors_show() {
+        let json = r#"{"version":"0.1.0","ready":true,
+            "datapath":{"datapath":"ebpf","interfaces":[],"fallback":null},
+            "controller":{"connected":false,"version":0,"reconnects":0},
+            "selectors":[
+              {"service":"lab/geo:http","selector":"example:geo","state":"loaded"},
+              {"service":"lab/web:http","selector":"nosuch",
+               "state":"selector nosuch: cannot read /var/lib/rpclb/selectors/nosuch.o: No such file or directory (os error 2)"}]}"#;
+        let s: Status = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            table(&s),
+            "agent 0.1.0  ready  datapath ebpf\n\
+             selectors: 1 of 2 loaded (`lbctl selector list`)\n  \
+             NOT LOADED: lab/web:http nosuch (built-in algorithm): selector nosuch: cannot read \
+             /var/lib/rpclb/selectors/nosuch.o: No such file or directory (os error 2)\n"
+        );
     }
 
     #[test]

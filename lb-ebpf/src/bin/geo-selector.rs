@@ -14,14 +14,14 @@ use aya_ebpf::{
     macros::map,
     maps::{LpmTrie, lpm_trie::Key},
 };
-use lb_common::{SelectorArgs, flow_hash, selector};
+use lb_common::{SelectorArgs, flow_hash, geo, selector};
 
 /// Client subnet (the address in network byte order, as in the packet) ->
-/// a bit mask of candidate indexes. Pinned by name next to the data path's
-/// maps (`<pin path>/selectors/GEO_SUBNETS`), where `bpftool` or
-/// `lbctl geo` fill it; shared by every service that uses this selector.
+/// a bit mask of candidate indexes (`lb_common::geo`). Pinned by name in
+/// `<pin path>/selectors/`, where `lbctl selector geo` (or `bpftool`) fills
+/// it; shared by every service that uses this selector.
 #[map]
-static GEO_SUBNETS: LpmTrie<u32, u32> = LpmTrie::pinned(4096, 0);
+static GEO_SUBNETS: LpmTrie<geo::Subnet, geo::Mask> = LpmTrie::pinned(geo::MAX_ENTRIES, 0);
 
 fn geo(a: &SelectorArgs) -> i32 {
     let set = match GEO_SUBNETS.get(Key::new(32, a.saddr)) {
