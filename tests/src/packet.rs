@@ -965,6 +965,43 @@ pub fn fragment(frame: &[u8], mtu: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The hook and the program set of one run of a packet test ([`each_hook_and_set!`]).
+pub use lb_agent::datapath::{programs::ProgramSet, scratch::Hook};
+
+/// A packet test run four ways: `each_hook_and_set!(name, run)` makes module `name` with the
+/// tests `xdp_full`, `xdp_compat`, `tc_full` and `tc_compat`, each calling `run(hook, set)`
+/// when the calling module's `can_run(set)` (a `fn(ProgramSet) -> bool` that prints SKIP or,
+/// under CI, panics) lets that program set run here. With `in wrap`, the call runs inside
+/// `wrap(|| ...)`: a network namespace of its own, for example.
+#[macro_export]
+macro_rules! each_hook_and_set {
+    (@one $test:ident, $hook:ident, $set:ident, $run:expr) => {
+        #[test]
+        fn $test() {
+            if can_run($crate::packet::ProgramSet::$set) {
+                ($run)($crate::packet::Hook::$hook, $crate::packet::ProgramSet::$set);
+            }
+        }
+    };
+    (@one $test:ident, $hook:ident, $set:ident, $run:expr, $wrap:path) => {
+        #[test]
+        fn $test() {
+            if can_run($crate::packet::ProgramSet::$set) {
+                $wrap(|| ($run)($crate::packet::Hook::$hook, $crate::packet::ProgramSet::$set));
+            }
+        }
+    };
+    ($name:ident, $run:expr $(, in $wrap:path)?) => {
+        mod $name {
+            use super::*;
+            $crate::each_hook_and_set!(@one xdp_full, Xdp, Full, $run $(, $wrap)?);
+            $crate::each_hook_and_set!(@one xdp_compat, Xdp, Compat, $run $(, $wrap)?);
+            $crate::each_hook_and_set!(@one tc_full, Tc, Full, $run $(, $wrap)?);
+            $crate::each_hook_and_set!(@one tc_compat, Tc, Compat, $run $(, $wrap)?);
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

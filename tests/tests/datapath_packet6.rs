@@ -75,38 +75,6 @@ fn can_run(set: ProgramSet) -> bool {
     true
 }
 
-macro_rules! each {
-    ($name:ident, $run:expr) => {
-        mod $name {
-            use super::*;
-            #[test]
-            fn xdp_full() {
-                if can_run(ProgramSet::Full) {
-                    ($run)(Hook::Xdp, ProgramSet::Full);
-                }
-            }
-            #[test]
-            fn xdp_compat() {
-                if can_run(ProgramSet::Compat) {
-                    ($run)(Hook::Xdp, ProgramSet::Compat);
-                }
-            }
-            #[test]
-            fn tc_full() {
-                if can_run(ProgramSet::Full) {
-                    ($run)(Hook::Tc, ProgramSet::Full);
-                }
-            }
-            #[test]
-            fn tc_compat() {
-                if can_run(ProgramSet::Compat) {
-                    ($run)(Hook::Tc, ProgramSet::Compat);
-                }
-            }
-        }
-    };
-}
-
 // ---- an IPv6 frame builder, with its own checksum code ----
 
 /// One's-complement sum of `data` (big-endian words, an odd byte padded).
@@ -504,7 +472,7 @@ fn flows(hook: Hook, set: ProgramSet) {
         "pass_no_service",
     );
 }
-each!(flows, flows);
+rpclb_tests::each_hook_and_set!(flows, flows);
 
 /// Extension headers: hop-by-hop and destination options are skipped (the
 /// L4 header behind them rewritten); a Fragment header, ICMPv6 and a
@@ -585,7 +553,7 @@ fn extension_headers(hook: Hook, set: ProgramSet) {
         "pass_ipv6_ext",
     );
 }
-each!(extension_headers, extension_headers);
+rpclb_tests::each_hook_and_set!(extension_headers, extension_headers);
 
 /// Truncated and inconsistent packets are dropped, as IPv4's are.
 fn truncated(hook: Hook, set: ProgramSet) {
@@ -650,7 +618,7 @@ fn truncated(hook: Hook, set: ProgramSet) {
         "drop_bad_ihl",
     );
 }
-each!(truncated, truncated);
+rpclb_tests::each_hook_and_set!(truncated, truncated);
 
 /// Ethernet (MACs swapped: the answer goes back to the sender) and an IPv6
 /// header from `src` to `dst` with hop limit 64, then `l4`.
@@ -756,7 +724,7 @@ fn no_backend(hook: Hook, set: ProgramSet) {
         "drop_no_backend",
     );
 }
-each!(no_backend, no_backend);
+rpclb_tests::each_hook_and_set!(no_backend, no_backend);
 
 /// The kernel's picks follow the Maglev table for many flows (the
 /// kernel folds the addresses as userspace does), and the conntrack
@@ -793,7 +761,7 @@ fn maglev_agrees(hook: Hook, set: ProgramSet) {
         "{flows:?}"
     );
 }
-each!(maglev_agrees, maglev_agrees);
+rpclb_tests::each_hook_and_set!(maglev_agrees, maglev_agrees);
 
 /// Check fields that are not full checksums. XDP: a seed (the pod's own
 /// CHECKSUM_PARTIAL packets) is updated as a seed (the addresses only) and
@@ -845,7 +813,7 @@ fn other_sums(hook: Hook, set: ProgramSet) {
         "nat_forward",
     );
 }
-each!(other_sums, other_sums);
+rpclb_tests::each_hook_and_set!(other_sums, other_sums);
 
 /// The agent's IPv6 conntrack GC (`lb_agent::gc6`): an idle UDP flow's two
 /// entries go, and its expiry is credited to its backend (`BACKEND_GC`), so
@@ -889,7 +857,7 @@ fn gc6_expires_idle_flows(hook: Hook, set: ProgramSet) {
     let (conns, gc) = w.backend_conn_counts(id).unwrap();
     assert_eq!(conns.active(gc), 0);
 }
-each!(gc6_expires_idle_flows, gc6_expires_idle_flows);
+rpclb_tests::each_hook_and_set!(gc6_expires_idle_flows, gc6_expires_idle_flows);
 
 // ---- IPv6 SNAT (lb-ebpf/src/snat6.rs) ----
 
@@ -937,38 +905,6 @@ fn in_ns6(f: impl FnOnce() + Send) {
     ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])
         .unwrap();
     ns.run(f).unwrap();
-}
-
-macro_rules! each_ns6 {
-    ($name:ident, $run:expr) => {
-        mod $name {
-            use super::*;
-            #[test]
-            fn xdp_full() {
-                if can_run(ProgramSet::Full) {
-                    in_ns6(|| ($run)(Hook::Xdp, ProgramSet::Full));
-                }
-            }
-            #[test]
-            fn xdp_compat() {
-                if can_run(ProgramSet::Compat) {
-                    in_ns6(|| ($run)(Hook::Xdp, ProgramSet::Compat));
-                }
-            }
-            #[test]
-            fn tc_full() {
-                if can_run(ProgramSet::Full) {
-                    in_ns6(|| ($run)(Hook::Tc, ProgramSet::Full));
-                }
-            }
-            #[test]
-            fn tc_compat() {
-                if can_run(ProgramSet::Compat) {
-                    in_ns6(|| ($run)(Hook::Tc, ProgramSet::Compat));
-                }
-            }
-        }
-    };
 }
 
 /// The verdict of a SNATed packet to its backend in [`in_ns6`].
@@ -1203,7 +1139,7 @@ fn snat6_round_trip(hook: Hook, set: ProgramSet) {
     assert_eq!((g.flows, g.expired, g.orphans), (2, 2, 0), "{g:?}");
     assert!(w.conntrack6_entries().unwrap().is_empty());
 }
-each_ns6!(snat6_round_trip, snat6_round_trip);
+rpclb_tests::each_hook_and_set!(snat6_round_trip, snat6_round_trip, in in_ns6);
 
 /// Two clients whose flows hash to the same first SNAT port: the second
 /// takes its next candidate, and each reply goes back to its own client.
@@ -1249,7 +1185,7 @@ fn snat6_port_collision(hook: Hook, set: ProgramSet) {
         &P6::tcp(fe, 80, c1, 40000, SYN | ACK),
     );
 }
-each_ns6!(snat6_port_collision, snat6_port_collision);
+rpclb_tests::each_hook_and_set!(snat6_port_collision, snat6_port_collision, in in_ns6);
 
 /// A one-port SNAT range: the second flow finds no free port; its SYN is
 /// dropped and counted (`drop_snat_exhausted`, a drop of the service), the
@@ -1317,7 +1253,7 @@ fn snat6_exhaustion(hook: Hook, set: ProgramSet) {
         assert_eq!(deltas(&before, &h.reasons())("drop_snat_exhausted"), 1);
     }
 }
-each_ns6!(snat6_exhaustion, snat6_exhaustion);
+rpclb_tests::each_hook_and_set!(snat6_exhaustion, snat6_exhaustion, in in_ns6);
 
 /// IPv6 hairpin: a ClusterIP whose one backend is `pod6(5)` (TCP and UDP),
 /// on `remote6()`'s network (on `d0`, see [`in_ns6`]).
@@ -1463,7 +1399,7 @@ fn hairpin6(hook: Hook, set: ProgramSet) {
     let d = deltas(&before, &h.reasons());
     assert_eq!((d("drop_snat_exhausted"), d("ct_hairpin")), (1, 0));
 }
-each_ns6!(hairpin6, hairpin6);
+rpclb_tests::each_hook_and_set!(hairpin6, hairpin6, in in_ns6);
 
 /// A reverse-tuple collision over IPv6 (docs/reliability.md): one client
 /// ip:port reaches two VIPs that share one backend. The second flow's
@@ -1564,4 +1500,4 @@ fn collision_rewrite(hook: Hook, set: ProgramSet) {
     let d = deltas(&before, &t.reasons());
     assert_eq!((d("ct_port_rewrite"), d("drop_ports_exhausted")), (0, 1));
 }
-each!(collision_rewrite, collision_rewrite);
+rpclb_tests::each_hook_and_set!(collision_rewrite, collision_rewrite);

@@ -270,9 +270,17 @@ fn orca_wrr_gives_a_silent_backend_the_mean_weight() {
         );
     }
     // One report: P2C, about a third each (backend 1's 0.9 is not used).
+    // P2C keeps calls off a backend that is slow for a while, as one is on
+    // a busy machine (70 of 300 was seen at load 11, against a bound of 60
+    // here before), so the bounds are set against what a defect gives:
+    // backend 2's expired weight still in use gives 50 : 150 : 100
+    // (backend 2 three times backend 1; seen so with the expiry taken out),
+    // and the calls going to one backend fail the bounds of each.
+    let (o1, o2) = (count(&one, 1), count(&one, 2));
+    assert!(o2 < 2.0 * o1, "backend 2's expired weight in use? {one:?}");
     for i in 1..=3 {
         let got = count(&one, i);
-        assert!((60.0..=140.0).contains(&got), "backend-{i}: {one:?}");
+        assert!((30.0..=150.0).contains(&got), "backend-{i}: {one:?}");
     }
 }
 

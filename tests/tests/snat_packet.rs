@@ -47,38 +47,6 @@ fn can_run(set: ProgramSet) -> bool {
     true
 }
 
-macro_rules! each {
-    ($name:ident, $f:expr) => {
-        mod $name {
-            use super::*;
-            #[test]
-            fn xdp() {
-                if can_run(ProgramSet::Full) {
-                    in_ns(|| ($f)(Hook::Xdp, ProgramSet::Full));
-                }
-            }
-            #[test]
-            fn xdp_compat() {
-                if can_run(ProgramSet::Compat) {
-                    in_ns(|| ($f)(Hook::Xdp, ProgramSet::Compat));
-                }
-            }
-            #[test]
-            fn tc() {
-                if can_run(ProgramSet::Full) {
-                    in_ns(|| ($f)(Hook::Tc, ProgramSet::Full));
-                }
-            }
-            #[test]
-            fn tc_compat() {
-                if can_run(ProgramSet::Compat) {
-                    in_ns(|| ($f)(Hook::Tc, ProgramSet::Compat));
-                }
-            }
-        }
-    };
-}
-
 /// Runs `f` in a namespace of its own (torn down after): forwarding on, a
 /// veth `d0` on 10.244.32.1/24 (`REMOTE`'s network, no neighbour entry) and
 /// 192.168.50.1/24. There a SNATed packet that the walk would hand to the
@@ -382,7 +350,7 @@ fn snat_dnat_and_back(hook: Hook, set: ProgramSet) {
     );
 }
 
-each!(snat_dnat_and_back, snat_dnat_and_back);
+rpclb_tests::each_hook_and_set!(snat_dnat_and_back, snat_dnat_and_back, in in_ns);
 
 /// A client:port of a seed (CHECKSUM_PARTIAL) TCP SYN, in XDP: the seed is
 /// updated as a seed for both addresses (the ports are not in it).
@@ -472,7 +440,7 @@ fn snat_port_collision(hook: Hook, set: ProgramSet) {
     );
 }
 
-each!(snat_port_collision, snat_port_collision);
+rpclb_tests::each_hook_and_set!(snat_port_collision, snat_port_collision, in in_ns);
 
 /// A one-port SNAT range: the second flow finds no free port; its SYN is
 /// dropped and counted (`drop_snat_exhausted`, a drop of the service), the
@@ -552,7 +520,7 @@ fn snat_exhaustion(hook: Hook, set: ProgramSet) {
     assert_eq!(deltas(&before, &h.reasons())("drop_snat_exhausted"), 1);
 }
 
-each!(snat_exhaustion, snat_exhaustion);
+rpclb_tests::each_hook_and_set!(snat_exhaustion, snat_exhaustion, in in_ns);
 
 /// A ClusterIP whose one backend is `POD` (TCP and UDP), on `REMOTE`'s
 /// network (on `d0`, see [`in_ns`]), and the pod beside it.
@@ -705,7 +673,7 @@ fn hairpin(hook: Hook, set: ProgramSet) {
     );
 }
 
-each!(hairpin, hairpin);
+rpclb_tests::each_hook_and_set!(hairpin, hairpin, in in_ns);
 
 /// Hairpin with `--snat-ports off`: no port to SNAT from, so the pod's SYN
 /// is dropped and counted (`drop_snat_exhausted`) rather than DNATed into a
@@ -749,4 +717,4 @@ fn hairpin_without_ports(hook: Hook, set: ProgramSet) {
     );
 }
 
-each!(hairpin_without_ports, hairpin_without_ports);
+rpclb_tests::each_hook_and_set!(hairpin_without_ports, hairpin_without_ports, in in_ns);
