@@ -778,7 +778,7 @@ impl Inner {
                 l.set_nonblocking(true)?;
                 tokio::net::TcpListener::from_std(l)
             }
-            None => tcp::bind(at, self.opts.listen_backlog),
+            None => l4::retry_in_use(|| tcp::bind(at, self.opts.listen_backlog)),
         };
         // Bind before the route, so that the first packet finds the socket.
         let task = match (svc.protocol, &pools) {
@@ -815,7 +815,7 @@ impl Inner {
                         s.set_nonblocking(true)
                             .and_then(|()| tokio::net::UdpSocket::from_std(s))
                     }
-                    None => udp::bind(at),
+                    None => l4::retry_in_use(|| udp::bind(at)),
                 }
                 .map_err(listen_err)?;
                 self.acquire_vip(st, svc.vip)?;
