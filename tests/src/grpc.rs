@@ -774,6 +774,24 @@ impl Drop for GrpcServer {
     }
 }
 
+/// `TestBackend` `backend-i` (id i) on `0.0.0.0:port` in each of the lab's
+/// backend namespaces 1..=n, sharing `journal`, with a 1 s drain grace.
+pub fn start_backends(
+    lab: &crate::lab::Lab,
+    n: usize,
+    port: u16,
+    journal: &Arc<Journal>,
+) -> Vec<GrpcServer> {
+    (1..=n)
+        .map(|i| {
+            let b = TestBackend::new(i, format!("backend-{i}"), journal.clone());
+            let any = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port));
+            GrpcServer::start(&lab.backend(i).ns, any, b, Duration::from_secs(1))
+                .expect("gRPC backend")
+        })
+        .collect()
+}
+
 /// Starts the userspace proxy (2 worker threads, then `f`'s changes) from
 /// inside the lab's node namespace.
 pub fn start_proxy(

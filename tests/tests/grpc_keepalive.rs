@@ -18,7 +18,7 @@
 //! ("Failure behaviour"). Without keep-alive (the control), the same calls
 //! hang until their deadline.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ use lb_agent::userspace::{ProxyOptions, UserspaceProxy};
 use lb_api::{Algorithm, Backend, DesiredState, GrpcPolicy, Protocol, Service};
 use rpclb_tests::grpc::proto::SimpleRequest;
 use rpclb_tests::grpc::proto::test_service_client::TestServiceClient;
-use rpclb_tests::grpc::{GrpcServer, Journal, SLEEP, TEST_HEADER, TestBackend, block_on_in};
+use rpclb_tests::grpc::{Journal, SLEEP, TEST_HEADER, block_on_in};
 use rpclb_tests::lab::{Lab, Netns};
 use rpclb_tests::skip_unless_lab;
 use tonic::transport::{Channel, Endpoint};
@@ -109,14 +109,7 @@ struct Outcome {
 /// `n_later` calls after the held ones.
 fn blackholed_backend(lab: &Lab, keepalive: bool, n_later: usize) -> Outcome {
     let journal = Arc::new(Journal::default());
-    let _servers: Vec<GrpcServer> = (1..=3)
-        .map(|i| {
-            let b = TestBackend::new(i, format!("backend-{i}"), journal.clone());
-            let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, PORT));
-            GrpcServer::start(&lab.backend(i).ns, any, b, Duration::from_secs(1))
-                .expect("gRPC backend")
-        })
-        .collect();
+    let _servers = rpclb_tests::grpc::start_backends(lab, 3, PORT, &journal);
     let opts = ProxyOptions {
         worker_threads: 2,
         connect_timeout: CONNECT_TIMEOUT,

@@ -8,7 +8,7 @@
 //! real gRPC calls through the userspace proxy, held open on the backends.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ use lb_api::{
     Algorithm, Backend, DesiredState, GrpcPolicy, Locality, LocalityTier, Protocol, Service,
 };
 use rpclb_tests::grpc::proto::test_service_client::TestServiceClient;
-use rpclb_tests::grpc::{GrpcServer, HOLD, Journal, TestBackend, served_by};
+use rpclb_tests::grpc::{HOLD, Journal, served_by};
 use rpclb_tests::lab::two_node::{counts, ident, tcp_from};
 use rpclb_tests::lab::{self, Lab, Node, TcpServer, TwoNodeLab};
 use rpclb_tests::procs::NodeAgents;
@@ -228,14 +228,7 @@ fn lab_grpc_spills_over_on_outstanding_calls() {
     skip_unless_lab!();
     let lab = Lab::new(3).expect("lab");
     let journal = Arc::new(Journal::default());
-    let _servers: Vec<GrpcServer> = (1..=3)
-        .map(|i| {
-            let b = TestBackend::new(i, format!("backend-{i}"), journal.clone());
-            let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, GRPC_PORT));
-            GrpcServer::start(&lab.backend(i).ns, any, b, Duration::from_secs(1))
-                .expect("gRPC backend")
-        })
-        .collect();
+    let _servers = rpclb_tests::grpc::start_backends(&lab, 3, GRPC_PORT, &journal);
     let p = rpclb_tests::grpc::start_proxy(&lab, |_| {});
     let ips: Vec<Ipv4Addr> = (1..=3).map(|i| lab.backend(i).ip()).collect();
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use lb_agent::datapath::{AttachMode, Datapath, DatapathConfig};
 use lb_agent::userspace::{DropReason, ServiceStats, UserspaceProxy};
 use lb_api::{Algorithm, Backend, DesiredState, GrpcPolicy, Protocol, Service};
-use rpclb_tests::grpc::{GrpcServer, HOLD, Journal, SLEEP, TestBackend};
+use rpclb_tests::grpc::{HOLD, Journal, SLEEP};
 use rpclb_tests::lab::{self, HeldConn, Lab};
 use rpclb_tests::skip_unless_lab;
 use tonic::Code;
@@ -152,14 +152,7 @@ fn lab_grpc_outstanding_call_limit() {
     skip_unless_lab!();
     let lab = Lab::new(3).expect("lab");
     let journal = Arc::new(Journal::default());
-    let _servers: Vec<GrpcServer> = (1..=3)
-        .map(|i| {
-            let b = TestBackend::new(i, format!("backend-{i}"), journal.clone());
-            let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, GRPC_PORT));
-            GrpcServer::start(&lab.backend(i).ns, any, b, Duration::from_secs(1))
-                .expect("gRPC backend")
-        })
-        .collect();
+    let _servers = rpclb_tests::grpc::start_backends(&lab, 3, GRPC_PORT, &journal);
     let p = rpclb_tests::grpc::start_proxy(&lab, |_| {});
     let backends: Vec<Backend> = lab
         .backends()
