@@ -360,6 +360,107 @@ fn traffic_follows_services_and_endpoints() {
     ctl.check_alive();
 }
 
+/// Calls to VIP:`port` over one new connection: the serving backend's name per call.
+fn grpc_calls(pods: &Pods, port: u16, n: usize) -> Result<Vec<String>, String> {
+    rpclb_tests::grpc::block_on_in(&pods.lab.client().ns, || async move {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{VIP}:{port}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(1))
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut c = rpclb_tests::grpc::proto::test_service_client::TestServiceClient::new(ch);
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(
+                rpclb_tests::grpc::served_by(&mut c, &[], Duration::from_secs(2))
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        Ok(out)
+    })
+}
+
+/// Service annotations through the real API server, controller and agent:
+/// `rpclb.io/mode: grpc` with `rpclb.io/headers` puts the headers on every
+/// call the backends see; a bad header line is one Event and the calls carry
+/// none of the annotation's headers; `rpclb.io/selector: example:geo` (L4)
+/// makes the agent load the example selector for the service.
+#[test]
+fn annotations_reach_the_grpc_mode_and_the_selector() {
+    skip_unless_lab!();
+    const PORT: u16 = 50051;
+    let cluster = Cluster::start();
+    let pods = Pods::start();
+    let journal = std::sync::Arc::new(rpclb_tests::grpc::Journal::default());
+    let _grpc = rpclb_tests::grpc::start_backends(&pods.lab, 3, PORT, &journal);
+    let dir = TestDir::new("kube-annotations");
+    let grpc = free_port();
+    let mut ctl = cluster.controller(&dir, "ctl-a", grpc);
+    let (mut agent, _relay) = agent(&pods, &dir, &[grpc]);
+    let (b1, b2, b3) = (pods.ip(1), pods.ip(2), pods.ip(3));
+    cluster.apply(&endpoints_yaml(&[(&[b1, b2, b3], &[], PORT)]));
+
+    // Calls made from now on, as the backends saw them.
+    let calls_since = |mark: usize| journal.log().split_off(mark.min(journal.log().len()));
+    let headers = "rpclb.io/mode: grpc, rpclb.io/headers: \"x-team: pay\\nx-tier: gold\"";
+    cluster.apply(&service_yaml(PORT, headers));
+    let mut mark = 0;
+    wait_until(
+        "calls with the annotation's headers",
+        Duration::from_secs(30),
+        || {
+            mark = journal.log().len();
+            grpc_calls(&pods, PORT, 9).is_ok()
+                && calls_since(mark).iter().all(|c| {
+                    c.header("x-team") == Some("pay") && c.header("x-tier") == Some("gold")
+                })
+        },
+    );
+    // Balanced per call: one connection's calls reach every backend.
+    mark = journal.log().len();
+    grpc_calls(&pods, PORT, 30).expect("30 calls");
+    let seen = calls_since(mark);
+    let by: BTreeSet<usize> = seen.iter().map(|c| c.backend).collect();
+    assert_eq!(by, BTreeSet::from([1, 2, 3]), "{seen:?}");
+    assert!(seen.iter().all(|c| c.header("x-team") == Some("pay")));
+
+    // A bad line voids the annotation: one Event, the calls go on without it.
+    let bad = "rpclb.io/mode: grpc, rpclb.io/headers: \"x-team: pay\\nX-Bad: 1\"";
+    cluster.apply(&service_yaml(PORT, bad));
+    wait_until("the Event", Duration::from_secs(20), || {
+        !cluster.events("web", "InvalidAnnotation").is_empty()
+    });
+    wait_until("calls without the headers", Duration::from_secs(30), || {
+        mark = journal.log().len();
+        grpc_calls(&pods, PORT, 6).is_ok()
+            && calls_since(mark)
+                .iter()
+                .all(|c| c.header("x-team").is_none())
+    });
+    let events = cluster.events("web", "InvalidAnnotation");
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let note = events[0]["note"].as_str().unwrap_or_default();
+    assert!(note.contains("rpclb.io/headers"), "{note}");
+
+    // The selector annotation (L4): the agent loads the example for the service.
+    cluster.apply(&service_yaml(PORT, "rpclb.io/selector: example:geo"));
+    wait_until("the selector loaded", Duration::from_secs(30), || {
+        let (code, body) = agent.get("/status");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        code == 200
+            && v["selectors"].as_array().is_some_and(|l| {
+                l.iter().any(|x| {
+                    x["service"] == "shop/web:http"
+                        && x["selector"] == "example:geo"
+                        && x["state"] == "loaded"
+                })
+            })
+    });
+    ctl.check_alive();
+}
+
 /// A bad annotation gives exactly one Event, however long it lasts and
 /// whoever leads; the controller's restart keeps it one.
 #[test]
