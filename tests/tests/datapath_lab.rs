@@ -488,9 +488,18 @@ fn partial_checksums(mode: AttachMode, fib_redirect: bool) {
     let errs = csum_errors(&lab);
     let reasons: BTreeMap<_, _> = dp.writer().reasons().unwrap().into_iter().collect();
     eprintln!("{what}: failures {failed:?}\n  checksum errors {errs:?}\n  reasons {reasons:?}");
+    // XDP cannot see an skb's checksum state: a seed whose bytes also verify as a full
+    // checksum (1 seed in 65,536; lb-ebpf/src/nat.rs, "classify") is taken for one and
+    // reaches its receiver wrong once (TCP sends it again). With ~300 seeds per run that is
+    // ~0.5% of runs (seen once, in CI on 2026-12-07: one TCP error at backend-1 of 296
+    // seeds); two in one run is a 1 in ~100,000 event, and a data path that mangles seeds
+    // mangles hundreds. TC reads the skb's state: none allowed there.
+    let allowed = if mode == AttachMode::Tc { 0 } else { 1 };
+    let total: u64 = errs.iter().map(|(_, c)| c.tcp + c.udp).sum();
     assert!(
-        failed.is_empty() && no_csum_errors(&errs),
-        "{what}: through the VIP: {} failure(s) {failed:?}, checksum errors {errs:?}",
+        failed.is_empty() && total <= allowed,
+        "{what}: through the VIP: {} failure(s) {failed:?}, checksum errors {errs:?} \
+         (at most {allowed})",
         failed.len()
     );
     assert!(
