@@ -100,11 +100,21 @@ fn spread(lab: &Lab, n: usize) -> BTreeMap<usize, usize> {
     m
 }
 
-/// Fails the test with the report of a stream that ended early, if any.
-fn all_running(streams: &mut Vec<SeqStream>, when: &str) {
-    if let Some(i) = streams.iter().position(SeqStream::is_finished) {
+/// Bytes sent so far by the running streams and the completed ones.
+fn total_sent(streams: &[SeqStream], done: &[StreamReport]) -> u64 {
+    streams.iter().map(SeqStream::sent).sum::<u64>() + done.iter().map(|r| r.sent).sum::<u64>()
+}
+
+/// Fails the test with the report of a stream that broke, if any. A stream that ran its
+/// whole duration (a short one opened late, when a slow restart used up the time left)
+/// ends `Completed` with every byte echoed: its report moves to `done`.
+fn all_running(streams: &mut Vec<SeqStream>, done: &mut Vec<StreamReport>, when: &str) {
+    while let Some(i) = streams.iter().position(SeqStream::is_finished) {
         let r = streams.remove(i).join();
-        panic!("a stream ended early, at {when}: {r:?}");
+        if r.end != End::Completed || r.sent != r.echoed {
+            panic!("a stream ended early, at {when}: {r:?}");
+        }
+        done.push(r);
     }
 }
 
@@ -146,11 +156,12 @@ fn agent_sigkill_restarts_lose_no_byte() {
 
     let start = Instant::now();
     let mut streams: Vec<SeqStream> = (0..n).map(|_| stream(&lab, total)).collect();
+    let mut done: Vec<StreamReport> = Vec::new();
     let mut restarts = Vec::new();
     for k in 1..=3u32 {
         let at = start + total * k / 4;
         std::thread::sleep(at.saturating_duration_since(Instant::now()));
-        let sent: u64 = streams.iter().map(SeqStream::sent).sum();
+        let sent = total_sent(&streams, &done);
         agent.kill9();
         // While it is down: a new connection is balanced and its bytes come back.
         probe(&lab);
@@ -158,17 +169,17 @@ fn agent_sigkill_restarts_lose_no_byte() {
         agent = Proc::start(&lab, &dir, &format!("agent{k}"), &args);
         agent.wait_ready();
         restarts.push(t.elapsed());
-        all_running(&mut streams, &format!("kill {k}"));
-        assert!(
-            streams.iter().map(SeqStream::sent).sum::<u64>() > sent,
-            "streams move"
-        );
+        all_running(&mut streams, &mut done, &format!("kill {k}"));
+        assert!(total_sent(&streams, &done) > sent, "streams move");
         // A stream of this generation, to survive the next kills.
         let left = total.saturating_sub(start.elapsed());
         streams.push(stream(&lab, left));
         assert!(agent.log().contains("reused=true"), "{}", agent.log());
     }
-    let reports: Vec<StreamReport> = streams.into_iter().map(SeqStream::join).collect();
+    let reports: Vec<StreamReport> = done
+        .into_iter()
+        .chain(streams.into_iter().map(SeqStream::join))
+        .collect();
     let mut bytes = 0;
     for r in &reports {
         assert_eq!(r.end, End::Completed, "{r:?}");
@@ -292,6 +303,7 @@ fn controller_loss_with_endpoint_changes_breaks_no_flow() {
 
     let start = Instant::now();
     let mut streams: Vec<SeqStream> = (0..n).map(|_| stream(&lab, total)).collect();
+    let mut done: Vec<StreamReport> = Vec::new();
     wait_until("every stream's backend", Duration::from_secs(5), || {
         streams.iter().all(|s| !s.backend().is_empty())
     });
@@ -319,14 +331,17 @@ fn controller_loss_with_endpoint_changes_breaks_no_flow() {
     agent.wait_metric("rpclb_controller_version", v2);
     let applied = t.elapsed();
     let converged = converge(&lab, &[1, 2, 4], Duration::from_secs(10)) + applied;
-    all_running(&mut streams, "the controller's return");
+    all_running(&mut streams, &mut done, "the controller's return");
     assert!(
         agent.log().contains("keeping the current state"),
         "{}",
         agent.log()
     );
 
-    let reports: Vec<StreamReport> = streams.into_iter().map(SeqStream::join).collect();
+    let reports: Vec<StreamReport> = done
+        .into_iter()
+        .chain(streams.into_iter().map(SeqStream::join))
+        .collect();
     let mut bytes = 0;
     for r in &reports {
         assert_eq!(r.end, End::Completed, "{r:?}");
@@ -553,12 +568,13 @@ fn userspace_graceful_restarts_hand_over_every_flow() {
 
     let start = Instant::now();
     let mut streams: Vec<SeqStream> = (0..n).map(|_| stream(&lab, total)).collect();
+    let mut done: Vec<StreamReport> = Vec::new();
     let mut gaps = Vec::new();
     let mut probes = 0;
     for k in 1..=3u32 {
         let at = start + total * k / 4;
         std::thread::sleep(at.saturating_duration_since(Instant::now()));
-        let sent: u64 = streams.iter().map(SeqStream::sent).sum();
+        let sent = total_sent(&streams, &done);
         let sigterm_first = k != 2;
         if sigterm_first {
             agent.signal(libc::SIGTERM);
@@ -594,17 +610,20 @@ fn userspace_graceful_restarts_hand_over_every_flow() {
         let new = next.log();
         assert!(new.contains("took over from the previous agent"), "{new}");
         agent = next;
-        all_running(&mut streams, &format!("restart {k}"));
+        all_running(&mut streams, &mut done, &format!("restart {k}"));
         // New connections work on the inherited listener, and the old flows move.
         probe(&lab);
         probes += 1;
         wait_until("streams moving", Duration::from_secs(5), || {
-            streams.iter().map(SeqStream::sent).sum::<u64>() > sent
+            total_sent(&streams, &done) > sent
         });
         let left = total.saturating_sub(start.elapsed());
         streams.push(stream(&lab, left));
     }
-    let reports: Vec<StreamReport> = streams.into_iter().map(SeqStream::join).collect();
+    let reports: Vec<StreamReport> = done
+        .into_iter()
+        .chain(streams.into_iter().map(SeqStream::join))
+        .collect();
     let mut bytes = 0;
     for r in &reports {
         assert_eq!(r.end, End::Completed, "{r:?}");
