@@ -34,11 +34,38 @@ pub fn cargo_fuzz_ok() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// Runs `targets` (all when empty) for `seconds` each.
+/// Builds the targets (once for all), then runs `targets` (all when empty) for `seconds` each.
 pub fn run(root: &Path, targets: &[String], seconds: u64) -> Result<()> {
     if !cargo_fuzz_ok() {
         bail!("cargo-fuzz is missing: run `cargo xtask setup`");
     }
+    let mut build = build_command(root);
+    status(&mut build).context("building the fuzz targets")?;
+    run_built(root, targets, seconds)
+}
+
+/// The instrumented build of every target; safe Rust, so no sanitizer, but with debug
+/// assertions (overflow checks). Its dependencies are kept in the cache, beside the corpus,
+/// so a fresh clone rebuilds only rpclb's own crates.
+pub fn build_command(root: &Path) -> Command {
+    let mut build = Command::new("cargo");
+    build
+        .current_dir(root.join("fuzz"))
+        .args([
+            "+nightly",
+            "fuzz",
+            "build",
+            "--sanitizer",
+            "none",
+            "--debug-assertions",
+        ])
+        .arg("--target-dir")
+        .arg(cache().join("fuzz-target"));
+    build
+}
+
+/// [`run`] once [`build_command`] has built the targets.
+pub fn run_built(root: &Path, targets: &[String], seconds: u64) -> Result<()> {
     let targets: Vec<&str> = if targets.is_empty() {
         TARGETS.to_vec()
     } else {
@@ -50,25 +77,7 @@ pub fn run(root: &Path, targets: &[String], seconds: u64) -> Result<()> {
         }
     }
     let fuzz_dir = root.join("fuzz");
-    // Instrumented builds of every dependency: kept in the cache, beside
-    // the corpus, so a fresh clone rebuilds only rpclb's own crates.
     let target_dir = cache().join("fuzz-target");
-    // Built once for all targets; safe Rust, so no sanitizer, but with
-    // debug assertions (overflow checks).
-    let mut build = Command::new("cargo");
-    build
-        .current_dir(&fuzz_dir)
-        .args([
-            "+nightly",
-            "fuzz",
-            "build",
-            "--sanitizer",
-            "none",
-            "--debug-assertions",
-        ])
-        .arg("--target-dir")
-        .arg(&target_dir);
-    status(&mut build).context("building the fuzz targets")?;
     for t in targets {
         let corpus = corpus_dir(t);
         std::fs::create_dir_all(&corpus)

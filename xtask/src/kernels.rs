@@ -279,6 +279,9 @@ pub struct Options {
     pub update_docs: bool,
     /// Only the steps of these names (empty: all).
     pub steps: Vec<String>,
+    /// Multiplies every step's time bound: `cargo xtask test` runs the short matrix at idle
+    /// priority beside the workspace tests, where the guest gets only the CPU they leave.
+    pub timeout_factor: u64,
 }
 
 /// What a run of the matrix found.
@@ -292,32 +295,57 @@ pub struct Outcome {
 /// `cargo_args` are `cargo test`'s own arguments, so that the binaries are the ones a
 /// `cargo test --workspace` with them just built.
 pub fn run(root: &Path, opts: &Options, cargo_args: &[OsString]) -> Result<Outcome> {
+    let p = prepare(root, opts, cargo_args)?;
+    run_prepared(root, opts, &p)
+}
+
+/// What [`run_prepared`] boots: the kernels, the steps and their test binaries (built).
+pub struct Prepared {
+    kernels: Vec<String>,
+    steps: Vec<Step>,
+    bins: BTreeMap<String, PathBuf>,
+}
+
+/// Builds the test binaries (`cargo test --workspace --no-run`) and installs qemu if a
+/// guest boots; nothing runs yet. Done before anything else holds cargo's build lock.
+pub fn prepare(root: &Path, opts: &Options, cargo_args: &[OsString]) -> Result<Prepared> {
     let kernels = pick(&opts.kernels, opts.short)?;
     let all = if opts.short { SHORT } else { FULL };
-    let picked: Vec<Step> = all
+    let steps: Vec<Step> = all
         .iter()
         .filter(|s| opts.steps.is_empty() || opts.steps.iter().any(|n| n == s.name))
-        .copied()
+        .map(|s| Step {
+            timeout_s: s.timeout_s * opts.timeout_factor.max(1),
+            ..*s
+        })
         .collect();
-    if picked.is_empty() {
+    if steps.is_empty() {
         let names: Vec<&str> = all.iter().map(|s| s.name).collect();
         bail!(
             "no such step in the matrix; its steps: {}",
             names.join(", ")
         );
     }
-    let steps = &picked[..];
-    let bins = test_binaries(root, cargo_args, steps)?;
+    let bins = test_binaries(root, cargo_args, &steps)?;
     let boots_any = kernels.iter().any(|k| k != "host") || host_image().is_some();
     if boots_any {
         ensure_packages()?;
     }
+    Ok(Prepared {
+        kernels,
+        steps,
+        bins,
+    })
+}
+
+/// Boots each kernel of `p` and runs its steps; the table and what failed.
+pub fn run_prepared(root: &Path, opts: &Options, p: &Prepared) -> Result<Outcome> {
     let runs = target_dir(root).join("test-kernels");
     fs::create_dir_all(&runs).with_context(|| format!("creating {}", runs.display()))?;
     let mut results = Vec::new();
-    for name in &kernels {
+    for name in &p.kernels {
         let out = runs.join(name);
-        let r = run_kernel(root, name, opts.refresh, steps, &bins, &out)?;
+        let r = run_kernel(root, name, opts.refresh, &p.steps, &p.bins, &out)?;
         results.push(r);
     }
     let table = render(&results, opts.short);

@@ -35,9 +35,9 @@ enum Cmd {
     /// (${RPCLB_CACHE_DIR:-/var/cache/rpclb}/kube-apiserver/) and install etcd, for the
     /// Kubernetes tests. Skips what is done already.
     KubeApiserver,
-    /// setup + build-ebpf + image + kube-apiserver + `cargo test --workspace ARGS`, then the
-    /// short kernel matrix (`test-kernels --short`: Debian 12's 6.1 under qemu) and 20 s of
-    /// each cargo-fuzz target (`fuzz`); ARGS are
+    /// setup + build-ebpf + image + kube-apiserver + `cargo test --workspace ARGS` with the
+    /// short kernel matrix (`test-kernels --short`: Debian 12's 6.1 under qemu, at idle
+    /// priority beside the tests), then 20 s of each cargo-fuzz target (`fuzz`); ARGS are
     /// cargo test's, e.g. `cargo xtask test -p lb-agent -- --nocapture` (a `-p` list without
     /// rpclb-tests, which holds the image and kernel tests, skips both).
     #[command(disable_help_flag = true)]
@@ -172,6 +172,19 @@ fn task(cmd: Cmd) -> Result<()> {
             }
             // The API server the Kubernetes tests run (built once, then cached).
             kube::ensure()?;
+            // The short kernel matrix boots beside the workspace tests, at idle priority.
+            let whole = image::wanted_by_test(&args);
+            let matrix = if whole {
+                kernels_short_start(&root, &args)?
+            } else {
+                None
+            };
+            // So is the fuzz targets' instrumented build (a cargo of its own target dir).
+            let fuzz_build = if whole {
+                Some(fuzz_build_start(&root)?)
+            } else {
+                None
+            };
             let mut cmd = cargo(&root);
             cmd.args(["test", "--workspace"]).args(&args);
             if !selects_packages(&args) {
@@ -180,10 +193,15 @@ fn task(cmd: Cmd) -> Result<()> {
                 // other features (rpclb_tests::procs::workspace_bin).
                 cmd.env("RPCLB_BINS_BUILT", "1");
             }
-            run(&mut cmd)?;
-            if image::wanted_by_test(&args) {
-                kernels_short(&root, &args)?;
-                fuzz::run(&root, &[], fuzz::TEST_SECONDS)?;
+            let tests = run(&mut cmd);
+            // Waited for even when the tests failed: its table is part of the report.
+            let matrix = matrix.map(kernels_short_finish).transpose();
+            let fuzz_built = fuzz_build.map(fuzz_build_finish).transpose();
+            tests?;
+            matrix?;
+            fuzz_built?;
+            if whole {
+                fuzz::run_built(&root, &[], fuzz::TEST_SECONDS)?;
             }
             Ok(())
         }
@@ -195,6 +213,7 @@ fn task(cmd: Cmd) -> Result<()> {
                 refresh: a.refresh,
                 update_docs: a.update_docs,
                 steps: a.steps,
+                timeout_factor: 1,
             };
             let out = kernels::run(&root, &opts, &[])?;
             println!("\n{}", out.table);
@@ -258,10 +277,17 @@ fn task(cmd: Cmd) -> Result<()> {
     }
 }
 
-/// The short kernel matrix after the workspace tests, with the binaries they built. It needs
-/// root to install qemu and fetch the kernel the first time; without root and without them it
-/// skips, or fails under CI (`CI` or `RPCLB_REQUIRE_PRIVILEGES`), as the tests do.
-fn kernels_short(root: &Path, args: &[OsString]) -> Result<()> {
+/// The short kernel matrix of `cargo xtask test`, running in a thread.
+type MatrixRun = std::thread::JoinHandle<(Result<kernels::Outcome>, std::time::Duration)>;
+
+/// Builds the test binaries (`cargo test --workspace --no-run` with `args`, the build that
+/// the workspace tests then reuse), then boots the short kernel matrix in a thread whose
+/// processes (qemu) run at idle priority: the guest takes only the CPU that the workspace
+/// tests leave, so their timing is not disturbed, and the two overlap. The guest's time
+/// bounds are doubled for that. It needs root to install qemu and fetch the kernel the first
+/// time; without root and without them it skips (`None`), or fails under CI (`CI` or
+/// `RPCLB_REQUIRE_PRIVILEGES`), as the tests do.
+fn kernels_short_start(root: &Path, args: &[OsString]) -> Result<Option<MatrixRun>> {
     if !setup::is_root() && !kernels::ready_without_root() {
         let why = "the kernel matrix (test-kernels --short) needs root the first time, to install \
                    qemu and fetch Debian's kernel";
@@ -271,7 +297,7 @@ fn kernels_short(root: &Path, args: &[OsString]) -> Result<()> {
             );
         }
         println!("SKIP: {why}");
-        return Ok(());
+        return Ok(None);
     }
     let opts = kernels::Options {
         short: true,
@@ -279,27 +305,99 @@ fn kernels_short(root: &Path, args: &[OsString]) -> Result<()> {
         refresh: false,
         update_docs: false,
         steps: Vec::new(),
+        timeout_factor: 2,
     };
-    let t = std::time::Instant::now();
-    let out = kernels::run(root, &opts, args)?;
+    let prepared = kernels::prepare(root, &opts, args)?;
+    let root = root.to_path_buf();
+    println!("test-kernels --short: booting beside the workspace tests, at idle priority");
+    Ok(Some(std::thread::spawn(move || {
+        let t = std::time::Instant::now();
+        if let Err(e) = idle_priority() {
+            println!("test-kernels --short: at normal priority ({e})");
+        }
+        (kernels::run_prepared(&root, &opts, &prepared), t.elapsed())
+    })))
+}
+
+/// Waits for the matrix of [`kernels_short_start`], prints its table, fails on a problem.
+fn kernels_short_finish(m: MatrixRun) -> Result<()> {
+    let (out, took) = m
+        .join()
+        .map_err(|_| anyhow::anyhow!("the kernel matrix's thread panicked"))?;
+    let out = out?;
     println!("\n{}", out.table);
     if !out.problems.is_empty() {
         bail!("the kernel matrix failed:\n{}", out.problems.join("\n"));
     }
+    println!("test-kernels --short: ok in {:.0} s", took.as_secs_f64());
+    Ok(())
+}
+
+/// The fuzz targets' build of `cargo xtask test`, at idle priority, its output in a log.
+type FuzzBuild = std::thread::JoinHandle<Result<()>>;
+
+fn fuzz_build_start(root: &Path) -> Result<FuzzBuild> {
+    if !fuzz::cargo_fuzz_ok() {
+        bail!("cargo-fuzz is missing: run `cargo xtask setup`");
+    }
+    let log_path = target_dir(root).join("fuzz-build.log");
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let mut build = fuzz::build_command(root);
+    build.stdout(log.try_clone()?).stderr(log);
     println!(
-        "test-kernels --short: ok in {:.0} s",
-        t.elapsed().as_secs_f64()
+        "fuzz: building the targets beside the workspace tests, at idle priority (log: {})",
+        log_path.display()
     );
+    Ok(std::thread::spawn(move || {
+        if let Err(e) = idle_priority() {
+            println!("fuzz: building at normal priority ({e})");
+        }
+        let st = build
+            .status()
+            .with_context(|| format!("running {build:?}"))?;
+        if !st.success() {
+            let out = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = out.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!(
+                "building the fuzz targets failed ({st}); the end of {}:\n{}",
+                log_path.display(),
+                tail.join("\n")
+            );
+        }
+        Ok(())
+    }))
+}
+
+fn fuzz_build_finish(b: FuzzBuild) -> Result<()> {
+    b.join()
+        .map_err(|_| anyhow::anyhow!("the fuzz build's thread panicked"))?
+}
+
+/// SCHED_IDLE for the calling thread and every process it starts from now on (Linux's
+/// scheduling policy is per thread and inherited across fork).
+fn idle_priority() -> std::io::Result<()> {
+    let p = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain syscall on the calling thread (pid 0) with a valid sched_param.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &p) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(())
 }
 
 /// `CI` or `RPCLB_REQUIRE_PRIVILEGES` set (not empty, 0 or false): what cannot run fails.
 fn privileges_required() -> bool {
-    ["CI", "RPCLB_REQUIRE_PRIVILEGES"].iter().any(|k| {
-        std::env::var(k).is_ok_and(|v| {
-            let v = v.trim().to_ascii_lowercase();
-            !v.is_empty() && v != "0" && v != "false"
-        })
+    ["CI", "RPCLB_REQUIRE_PRIVILEGES"]
+        .iter()
+        .any(|k| env_flag(k))
+}
+
+/// The variable is set, and not empty, 0 or false.
+fn env_flag(k: &str) -> bool {
+    std::env::var(k).is_ok_and(|v| {
+        let v = v.trim().to_ascii_lowercase();
+        !v.is_empty() && v != "0" && v != "false"
     })
 }
 
@@ -399,6 +497,11 @@ fn build_ebpf(root: &Path, release: bool) -> Result<PathBuf> {
 fn cargo(root: &Path) -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(root);
+    // CI builds each crate once: incremental state would only cost time and disk (about
+    // 10% of a cold build's CPU with the dependencies' line-tables-only, Cargo.toml).
+    if std::env::var_os("CARGO_INCREMENTAL").is_none() && env_flag("CI") {
+        cmd.env("CARGO_INCREMENTAL", "0");
+    }
     cmd
 }
 
