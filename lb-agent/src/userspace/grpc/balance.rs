@@ -383,6 +383,33 @@ mod tests {
         ServiceShared::new(s.addr(), Selector::new(s, &entries).unwrap(), 16)
     }
 
+    /// The outstanding calls of each of `backends` (leases held).
+    fn outstanding(backends: &[Arc<BackendEntry>]) -> Vec<u64> {
+        backends
+            .iter()
+            .map(|b| b.counters.active_requests.load(Relaxed))
+            .collect()
+    }
+
+    /// `n` picks, their leases held (outstanding calls until dropped).
+    fn hold(sh: &ServiceShared, orca: &Orca, n: usize) -> Vec<CallLease> {
+        (0..n).map(|_| pick(sh, orca, &[]).unwrap()).collect()
+    }
+
+    /// Calls per backend (of `grpc_service`'s first three) of `n` picks
+    /// leaving out `excluded`, each lease dropped at once.
+    fn tally(sh: &ServiceShared, orca: &Orca, n: usize, excluded: &[BackendKey]) -> Vec<usize> {
+        let mut c = vec![0; 3];
+        for _ in 0..n {
+            let l = pick(sh, orca, excluded).expect("a backend");
+            let std::net::IpAddr::V4(ip) = l.backend().ip else {
+                panic!("IPv4 backends")
+            };
+            c[usize::from(ip.octets()[2] - 11)] += 1;
+        }
+        c
+    }
+
     #[test]
     fn pick_skips_terminating_drained_and_excluded() {
         let mut s = grpc_service(&[1, 1, 0, 1]);
@@ -410,25 +437,15 @@ mod tests {
         let s = grpc_service(&[1, 1]);
         let sh = shared(&s);
         let orca = Orca::default();
-        let held: Vec<CallLease> = (0..10).map(|_| pick(&sh, &orca, &[]).unwrap()).collect();
+        let held = hold(&sh, &orca, 10);
         let sel = sh.selector();
-        let counts: Vec<u64> = sel
-            .candidates()
-            .0
-            .iter()
-            .map(|b| b.counters.active_requests.load(Relaxed))
-            .collect();
+        let counts = outstanding(sel.candidates().0);
         assert_eq!(counts.iter().sum::<u64>(), 10);
         // Least outstanding: held calls end up even (P2C with two backends
         // always compares both).
         assert_eq!(counts, [5, 5]);
         drop(held);
-        assert!(
-            sel.candidates()
-                .0
-                .iter()
-                .all(|b| b.counters.active_requests.load(Relaxed) == 0)
-        );
+        assert_eq!(outstanding(sel.candidates().0), [0, 0]);
     }
 
     /// A gRPC service under `orca_wrr` (no blackout) whose backends
@@ -455,32 +472,18 @@ mod tests {
         (sh, orca)
     }
 
-    /// Calls per backend (of `grpc_service`'s first three) of `n` picks,
-    /// each lease dropped at once.
-    fn spread(sh: &ServiceShared, orca: &Orca, n: usize, excluded: &[BackendKey]) -> Vec<usize> {
-        let mut c = vec![0; 3];
-        for _ in 0..n {
-            let l = pick(sh, orca, excluded).unwrap();
-            let std::net::IpAddr::V4(ip) = l.backend().ip else {
-                panic!("IPv4 backends")
-            };
-            c[usize::from(ip.octets()[2] - 11)] += 1;
-        }
-        c
-    }
-
     #[test]
     fn orca_wrr_follows_the_reports() {
         // 0.9 / 0.3 / 0.3 at equal qps: weights 1 : 3 : 3, exactly per 7.
         let r = Some((0.9, 100.0));
         let (sh, orca) = orca_service(&[1, 1, 1], &[r, Some((0.3, 100.0)), Some((0.3, 100.0))]);
-        let c = spread(&sh, &orca, 700, &[]);
+        let c = tally(&sh, &orca, 700, &[]);
         for (got, want) in c.iter().zip([100, 300, 300]) {
             assert!(got.abs_diff(want) <= 1, "{c:?}");
         }
         // A retry leaves out the tried one; the others keep their ratio.
         let tried = [(sh.selector().candidates().0[1].ip, 50051)];
-        let c = spread(&sh, &orca, 400, &tried);
+        let c = tally(&sh, &orca, 400, &tried);
         assert_eq!(c[1], 0, "{c:?}");
         assert!(c[0].abs_diff(100) <= 2 && c[2].abs_diff(300) <= 2, "{c:?}");
     }
@@ -491,7 +494,7 @@ mod tests {
         // weight-0 backend (it is not a candidate).
         let r = Some((0.5, 100.0));
         let (sh, orca) = orca_service(&[1, 3, 0], &[r, r, r]);
-        let c = spread(&sh, &orca, 400, &[]);
+        let c = tally(&sh, &orca, 400, &[]);
         assert_eq!(c[2], 0, "{c:?}");
         assert!(c[0].abs_diff(100) <= 1 && c[1].abs_diff(300) <= 1, "{c:?}");
     }
@@ -500,7 +503,7 @@ mod tests {
     fn orca_wrr_mixed_pool_gives_the_silent_one_the_mean() {
         // Weights 100 and 300; the silent backend gets 200.
         let (sh, orca) = orca_service(&[1, 1, 1], &[Some((1.0, 100.0)), Some((1.0, 300.0)), None]);
-        let c = spread(&sh, &orca, 600, &[]);
+        let c = tally(&sh, &orca, 600, &[]);
         for (got, want) in c.iter().zip([100, 300, 200]) {
             assert!(got.abs_diff(want) <= 1, "{c:?}");
         }
@@ -511,14 +514,8 @@ mod tests {
         // One report only: P2C least outstanding, as without orca_wrr:
         // held calls end up even, whatever the report says.
         let (sh, orca) = orca_service(&[1, 1], &[Some((0.01, 1000.0)), None]);
-        let held: Vec<CallLease> = (0..10).map(|_| pick(&sh, &orca, &[]).unwrap()).collect();
-        let counts: Vec<u64> = sh
-            .selector()
-            .candidates()
-            .0
-            .iter()
-            .map(|b| b.counters.active_requests.load(Relaxed))
-            .collect();
+        let held = hold(&sh, &orca, 10);
+        let counts = outstanding(sh.selector().candidates().0);
         assert_eq!(counts, [5, 5]);
         drop(held);
     }
@@ -609,19 +606,6 @@ mod tests {
         s
     }
 
-    /// Calls per backend of `n` picks, each lease dropped at once.
-    fn tally(sh: &ServiceShared, orca: &Orca, n: usize, backends: usize) -> Vec<usize> {
-        let mut c = vec![0; backends];
-        for _ in 0..n {
-            let l = pick(sh, orca, &[]).expect("a backend");
-            let std::net::IpAddr::V4(ip) = l.backend().ip else {
-                panic!("IPv4 backends")
-            };
-            c[usize::from(ip.octets()[2] - 11)] += 1;
-        }
-        c
-    }
-
     #[test]
     fn spill_over_only_while_every_candidate_is_busy() {
         let s = spill_service(2, 1, 2);
@@ -631,39 +615,34 @@ mod tests {
         assert_eq!(sel.candidates().0.len(), 2);
         assert_eq!(sel.with_spill().0.len(), 3);
         // Below T: no call reaches the spill backend, held or not.
-        assert_eq!(tally(&sh, &orca, 200, 3)[2], 0);
+        assert_eq!(tally(&sh, &orca, 200, &[])[2], 0);
         // P2C over two always compares both: 3 held calls are 2 + 1.
-        let mut held: Vec<CallLease> = (0..3).map(|_| pick(&sh, &orca, &[]).unwrap()).collect();
+        let mut held = hold(&sh, &orca, 3);
         assert!(!spilling(&sh, &sel));
-        assert_eq!(tally(&sh, &orca, 200, 3)[2], 0, "one local is below T");
+        assert_eq!(tally(&sh, &orca, 200, &[])[2], 0, "one local is below T");
         // The 4th makes it 2 + 2: both at T, the next calls spill over.
         held.push(pick(&sh, &orca, &[]).unwrap());
         assert!(held.iter().all(|l| l.backend().ip != s.backends[2].ip));
         assert!(spilling(&sh, &sel));
         // Over all three by P2C: the idle spill backend wins every draw it
         // is in (2 of 3 on average), the locals the rest.
-        let c = tally(&sh, &orca, 300, 3);
+        let c = tally(&sh, &orca, 300, &[]);
         assert!((150..=250).contains(&c[2]), "{c:?}");
         assert!(c[0] > 0 && c[1] > 0, "{c:?}");
         // One local below T again: back to the locals only.
         held.pop();
         assert!(!spilling(&sh, &sel));
-        assert_eq!(tally(&sh, &orca, 200, 3)[2], 0);
+        assert_eq!(tally(&sh, &orca, 200, &[])[2], 0);
         drop(held);
         // Held calls while spilling go to the spill backend too, and are
         // counted on it.
-        let held: Vec<CallLease> = (0..20).map(|_| pick(&sh, &orca, &[]).unwrap()).collect();
+        let held = hold(&sh, &orca, 20);
         let on_spill = held
             .iter()
             .filter(|l| l.backend().ip == s.backends[2].ip)
             .count();
         assert!(on_spill > 0, "20 held calls over T = 2 on two locals");
-        let counts: Vec<u64> = sel
-            .with_spill()
-            .0
-            .iter()
-            .map(|b| b.counters.active_requests.load(Relaxed))
-            .collect();
+        let counts = outstanding(sel.with_spill().0);
         assert_eq!(counts.iter().sum::<u64>(), 20);
         assert!(counts[0] >= 2 && counts[1] >= 2, "{counts:?}");
     }
@@ -677,9 +656,7 @@ mod tests {
         let sel = sh.selector();
         assert_eq!(sel.with_spill().0.len(), 1);
         assert_eq!(sel.spill_at(), 0);
-        let _held: Vec<CallLease> = (0..5)
-            .map(|_| pick(&sh, &Orca::default(), &[]).unwrap())
-            .collect();
+        let _held = hold(&sh, &Orca::default(), 5);
         assert!(!spilling(&sh, &sel));
         // A terminating spill backend is none.
         let mut s = spill_service(1, 1, 1);
@@ -703,7 +680,7 @@ mod tests {
         let sh = shared(&s);
         let orca = Orca::default();
         let _busy = pick(&sh, &orca, &[]).unwrap();
-        let c = tally(&sh, &orca, 4000, 3);
+        let c = tally(&sh, &orca, 4000, &[]);
         // The local (1 call) loses to either idle one, whenever drawn.
         assert_eq!(c[0], 0, "{c:?}");
         let share = c[2] as f64 / (c[1] + c[2]) as f64;
@@ -736,7 +713,7 @@ mod tests {
             super::super::outlier::Outcome::Failure,
         );
         assert!(spilling(&sh, &sel));
-        assert_eq!(tally(&sh, &Orca::default(), 50, 3), [0, 0, 50]);
+        assert_eq!(tally(&sh, &Orca::default(), 50, &[]), [0, 0, 50]);
         // Locals at a QoS limit (1) below T (50) take no more: spill over.
         let mut s = spill_service(2, 1, 50);
         s.max_per_backend = Some(1);
@@ -773,13 +750,13 @@ mod tests {
             orca.load((b.ip, b.port)).record(rep, Instant::now());
         }
         // Below T: the locals only, 1 : 1.
-        let c = tally(&sh, &orca, 300, 3);
+        let c = tally(&sh, &orca, 300, &[]);
         assert_eq!(c[2], 0, "{c:?}");
         assert!(c[0].abs_diff(150) <= 1, "{c:?}");
         let _a = pick(&sh, &orca, &[]).unwrap();
         let _b = pick(&sh, &orca, &[]).unwrap();
         assert!(spilling(&sh, &sh.selector()), "both locals hold one");
-        let c = tally(&sh, &orca, 300, 3);
+        let c = tally(&sh, &orca, 300, &[]);
         for n in &c {
             assert!(n.abs_diff(100) <= 1, "{c:?}");
         }
