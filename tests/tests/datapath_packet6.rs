@@ -474,6 +474,70 @@ fn flows(hook: Hook, set: ProgramSet) {
 }
 rpclb_tests::each_hook_and_set!(flows, flows);
 
+/// What a scratch data path loads (lb-agent/src/datapath/scratch.rs): no
+/// program before a run; a hook's entry program for its first IPv4 frame;
+/// the IPv6 program that entry program tail-calls for its first IPv6 frame,
+/// which then goes through both, as in production. A frame that reaches the
+/// tail call while the IPv6 program is missing (forced here: a run that
+/// skips loading it) panics instead of passing to the stack unnoticed.
+fn loads_on_first_use(hook: Hook, set: ProgramSet) {
+    use rpclb_tests::packet::{CLIENT, VIP, frame};
+    let mut h = H::new(set);
+    h.apply(services());
+    let loaded = |h: &mut H| h.0.dp().loaded_programs();
+    assert_eq!(loaded(&mut h), Vec::<&str>::new(), "nothing before a run");
+    let (entry, v6) = match hook {
+        Hook::Xdp => (set.xdp(), set.xdp6()),
+        Hook::Tc => (set.tc(), set.tc6()),
+    };
+
+    let v4 = frame(6, CLIENT, 40_000, VIP, 80, SYN);
+    h.check(
+        hook,
+        "IPv4, no service",
+        &v4,
+        V::Pass,
+        &v4,
+        "pass_no_service",
+    );
+    assert_eq!(loaded(&mut h), vec![entry], "the entry program only");
+
+    let c = client();
+    let syn = P6::tcp(c, 40_003, vip(), 80, SYN);
+    let missing = h.reason("pass_ipv6_no_program");
+    let forced = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        lb_agent::datapath::scratch::test_run_without_ipv6(h.0.dp(), hook, &syn.build())
+    }));
+    let msg = match forced {
+        Ok(r) => panic!("a run into the missing IPv6 program returned {r:?}"),
+        Err(p) => p
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_else(|| "(not a String)".into()),
+    };
+    assert!(msg.contains("IPv6 program, which is not loaded"), "{msg}");
+    assert_eq!(
+        h.reason("pass_ipv6_no_program"),
+        missing + 1,
+        "the entry program found no IPv6 program"
+    );
+    assert_eq!(loaded(&mut h), vec![entry]);
+
+    let (bip, bport) = predict(&mut h, &tcp_addr(), c, 40_003);
+    let out = syn.clone().addrs(c, 40_003, bip, bport);
+    h.check(
+        hook,
+        "IPv6 SYN to the VIP",
+        &syn.build(),
+        V::Pass,
+        &out.build(),
+        "nat_forward",
+    );
+    assert_eq!(loaded(&mut h), vec![entry, v6], "and the IPv6 program");
+    assert_eq!(h.reason("pass_ipv6_no_program"), missing + 1);
+}
+rpclb_tests::each_hook_and_set!(loads_on_first_use, loads_on_first_use);
+
 /// Extension headers: hop-by-hop and destination options are skipped (the
 /// L4 header behind them rewritten); a Fragment header, ICMPv6 and a
 /// routing header with segments left pass untouched.

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use lb_agent::datapath::memory::{self, MapKind};
 use lb_agent::datapath::scratch::{Hook, ScratchDatapath, require_root, test_run};
-use lb_agent::datapath::{DatapathConfig, DatapathError};
+use lb_agent::datapath::{DatapathConfig, DatapathError, ProgramLoading};
 use lb_api::{Algorithm, Backend, DesiredState, Protocol, Service};
 use lb_common::map_names;
 use rpclb_tests::packet::{ACK, CLIENT, SYN, VIP, frame};
@@ -26,12 +26,23 @@ fn load(tune: impl FnOnce(&mut DatapathConfig)) -> ScratchDatapath {
     })
 }
 
+/// As the agent loads it (`ProgramLoading::All`, the default): all four
+/// programs of the set pass the verifier at load, before any run.
 #[test]
 fn loads_and_pins() {
     if !require_root("loading the data path") {
         return;
     }
-    let dp = load(|_| {});
+    assert_eq!(
+        DatapathConfig::default().program_loading,
+        ProgramLoading::All
+    );
+    let mut dp = load(|c| c.program_loading = ProgramLoading::All);
+    let set = dp.dp().programs();
+    assert_eq!(
+        dp.dp().loaded_programs(),
+        vec![set.xdp(), set.tc(), set.xdp6(), set.tc6()]
+    );
     let dir = dp.dir().to_path_buf();
     for name in map_names::ALL {
         assert!(dir.join(name).exists(), "{name} pinned");

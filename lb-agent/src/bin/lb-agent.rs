@@ -569,6 +569,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                 BpfProgramsArg::Full => BpfPrograms::Full,
                 BpfProgramsArg::Compat => BpfPrograms::Compat,
             },
+            // The agent attaches every program: all pass the verifier at start.
+            program_loading: datapath::ProgramLoading::All,
         },
         metrics_addr: a.metrics_addr,
         gc_interval: a.gc_interval,

@@ -221,6 +221,30 @@ pub struct DatapathConfig {
     /// to the node's address off (IPv6 hairpin flows need the ports only:
     /// their address is `lb_common::SERVICE_LOOPBACK_V6`).
     pub snat_address6: Option<std::net::Ipv6Addr>,
+    /// Which programs [`Datapath::load`] loads: all of the set (the agent),
+    /// or each hook's when first used (test data paths, `scratch`).
+    pub program_loading: ProgramLoading,
+}
+
+/// When the programs of the set pass the verifier.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProgramLoading {
+    /// All four (XDP, TC and their IPv6 programs) in [`Datapath::load`]:
+    /// the agent, which attaches them.
+    #[default]
+    All,
+    /// None in [`Datapath::load`]; a hook's entry program, and its IPv6
+    /// program, when first asked for ([`Datapath::load_hook`]). The verifier
+    /// takes about a second per program, and most packet tests run one hook
+    /// on IPv4 only (`scratch`).
+    OnDemand,
+}
+
+/// Which program a packet goes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Xdp,
+    Tc,
 }
 
 impl DatapathConfig {
@@ -335,6 +359,7 @@ impl Default for DatapathConfig {
             snat_address: None,
             object_file: None,
             snat_address6: None,
+            program_loading: ProgramLoading::All,
         }
     }
 }
@@ -362,9 +387,8 @@ pub struct Datapath {
     pin_path: PathBuf,
     writer: MapWriter,
     tc_attach: attach::TcAttach,
-    programs: ProgramSet,
-    /// Why the set is not the one tried first, if it is not.
-    programs_fallback: Option<String>,
+    /// The program set and which of its programs are loaded.
+    programs: Loaded,
     xdp_redirect_to: Vec<String>,
     /// `XDP_IFACES` flags this process's attachments set (ifindex -> flags).
     xdp_marks: std::collections::BTreeMap<u32, u32>,
@@ -429,7 +453,10 @@ impl Datapath {
                 path: cfg.pin_path.clone(),
                 source: Box::new(source),
             })?;
-        let (programs, programs_fallback) = load_programs(&mut ebpf, cfg.programs)?;
+        let mut programs = Loaded::new(cfg.programs);
+        if cfg.program_loading == ProgramLoading::All {
+            programs.ensure(&mut ebpf, &Unit::ALL)?;
+        }
         let mut writer = MapWriter::from_ebpf(&mut ebpf)?;
         writer.set_pin_path(&cfg.pin_path);
         writer.set_config(cfg.fib_redirect, cfg.collision_ports)?;
@@ -437,7 +464,8 @@ impl Datapath {
         memory::log(mem, cfg.map_memory_budget, &cfg.pin_path);
         info!(
             pin_path = %cfg.pin_path.display(),
-            programs = programs.as_str(),
+            programs = programs.set.as_str(),
+            on_demand = cfg.program_loading == ProgramLoading::OnDemand,
             "data path loaded"
         );
         Ok(Datapath {
@@ -446,7 +474,6 @@ impl Datapath {
             writer,
             tc_attach: cfg.tc_attach,
             programs,
-            programs_fallback,
             xdp_redirect_to: cfg.xdp_redirect_to.clone(),
             xdp_marks: Default::default(),
         })
@@ -460,27 +487,77 @@ impl Datapath {
         &self.pin_path
     }
 
-    /// The program set loaded (`--bpf-programs`).
+    /// The program set loaded (`--bpf-programs`). On demand
+    /// ([`ProgramLoading::OnDemand`]) with `auto`, before any program has
+    /// loaded: the set that will be tried first (full).
     pub fn programs(&self) -> ProgramSet {
-        self.programs
+        self.programs.set
     }
 
     /// Why [`Self::programs`] is not the set tried first (`auto` on a
     /// kernel that refused the full set).
     pub fn programs_fallback(&self) -> Option<&str> {
-        self.programs_fallback.as_deref()
+        self.programs.fallback.as_deref()
     }
 
-    /// The loaded set's XDP program.
+    /// The programs loaded and in their prog arrays, by name, in load order
+    /// of the agent (XDP, TC, XDP IPv6, TC IPv6): all four after a load with
+    /// [`ProgramLoading::All`]; on demand, those asked for so far.
+    pub fn loaded_programs(&self) -> Vec<&'static str> {
+        Unit::ALL
+            .into_iter()
+            .filter(|u| self.programs.ready.has(*u))
+            .map(|u| u.name(self.programs.set))
+            .collect()
+    }
+
+    /// Loads `hook`'s entry program, and with `ipv6` the IPv6 program it
+    /// tail-calls, where not loaded yet (each is put in its prog array:
+    /// `SELECTOR_RETURN_*`, `V6_*_PROGS`). With `auto`, a kernel that
+    /// refuses the full set gets the compat set, as in [`Self::load`]:
+    /// every program loaded so far is then loaded again from that set.
+    /// Nothing to do after a load with [`ProgramLoading::All`].
+    pub fn load_hook(&mut self, hook: Hook, ipv6: bool) -> Result<(), DatapathError> {
+        let both = [Unit::Entry(hook), Unit::V6(hook)];
+        let units = if ipv6 { &both[..] } else { &both[..1] };
+        self.programs.ensure(&mut self.ebpf, units)
+    }
+
+    /// Whether `hook`'s IPv6 program is loaded and in `V6_*_PROGS`.
+    fn ipv6_ready(&self, hook: Hook) -> bool {
+        self.programs.ready.has(Unit::V6(hook))
+    }
+
+    /// The loaded set's XDP program, with its IPv6 program in place: on
+    /// demand, [`Self::load_hook`] runs here first, and a kernel that
+    /// refuses them panics (the fallible form is `load_hook`).
     pub fn xdp_program(&mut self) -> &mut Xdp {
-        let name = self.programs.xdp();
-        prog(&mut self.ebpf, name).expect("xdp program loaded")
+        self.load_all_of(Hook::Xdp);
+        self.entry_xdp()
     }
 
-    /// The loaded set's TC program.
+    /// The loaded set's TC program; as [`Self::xdp_program`].
     pub fn tc_program(&mut self) -> &mut SchedClassifier {
-        let name = self.programs.tc();
-        prog(&mut self.ebpf, name).expect("tc program loaded")
+        self.load_all_of(Hook::Tc);
+        self.entry_tc()
+    }
+
+    fn load_all_of(&mut self, hook: Hook) {
+        if let Err(e) = self.load_hook(hook, true) {
+            panic!("load data path ({hook:?} programs, loaded on first use): {e:?}");
+        }
+    }
+
+    /// The XDP entry program as it is (loaded or not).
+    fn entry_xdp(&mut self) -> &mut Xdp {
+        let name = self.programs.set.xdp();
+        prog(&mut self.ebpf, name).expect("the set's XDP program is in the object")
+    }
+
+    /// The TC entry program as it is (loaded or not).
+    fn entry_tc(&mut self) -> &mut SchedClassifier {
+        let name = self.programs.set.tc();
+        prog(&mut self.ebpf, name).expect("the set's TC program is in the object")
     }
 
     /// A benchmark baseline program (`prog_names::BENCH_*`), loaded on first use.
@@ -525,106 +602,208 @@ fn undo_new_pins(dir: &Path, before: Option<&std::collections::BTreeSet<std::ffi
     }
 }
 
-/// Loads one program set's XDP and TC programs, and their IPv6 programs,
-/// which go into `V6_XDP_PROGS` / `V6_TC_PROGS` (the main programs
-/// tail-call them; the full set's at index 0, the compat set's at 1).
-fn load_set(ebpf: &mut Ebpf, set: ProgramSet) -> Result<(), (&'static str, ProgramError)> {
-    let p: &mut Xdp = prog(ebpf, set.xdp()).map_err(|_| (set.xdp(), ProgramError::NotLoaded))?;
-    p.load().map_err(|e| (set.xdp(), e))?;
-    let p: &mut SchedClassifier =
-        prog(ebpf, set.tc()).map_err(|_| (set.tc(), ProgramError::NotLoaded))?;
-    p.load().map_err(|e| (set.tc(), e))?;
+/// A program of a set as it is loaded: a hook's entry program, or the IPv6
+/// program that entry program tail-calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unit {
+    Entry(Hook),
+    V6(Hook),
+}
+
+impl Unit {
+    /// The whole set, in the order the agent loads it.
+    const ALL: [Unit; 4] = [
+        Unit::Entry(Hook::Xdp),
+        Unit::Entry(Hook::Tc),
+        Unit::V6(Hook::Xdp),
+        Unit::V6(Hook::Tc),
+    ];
+
+    fn name(self, set: ProgramSet) -> &'static str {
+        match self {
+            Unit::Entry(Hook::Xdp) => set.xdp(),
+            Unit::Entry(Hook::Tc) => set.tc(),
+            Unit::V6(Hook::Xdp) => set.xdp6(),
+            Unit::V6(Hook::Tc) => set.tc6(),
+        }
+    }
+
+    /// The prog array the program goes in: the IPv6 programs where their
+    /// entry program tail-calls them, the entry programs where a
+    /// user-defined selector returns (`selector`).
+    fn array(self) -> &'static str {
+        match self {
+            Unit::Entry(Hook::Xdp) => map_names::SELECTOR_RETURN_XDP,
+            Unit::Entry(Hook::Tc) => map_names::SELECTOR_RETURN_TC,
+            Unit::V6(Hook::Xdp) => map_names::V6_XDP_PROGS,
+            Unit::V6(Hook::Tc) => map_names::V6_TC_PROGS,
+        }
+    }
+
+    fn bit(self) -> u8 {
+        match self {
+            Unit::Entry(Hook::Xdp) => 1,
+            Unit::Entry(Hook::Tc) => 2,
+            Unit::V6(Hook::Xdp) => 4,
+            Unit::V6(Hook::Tc) => 8,
+        }
+    }
+}
+
+/// A set of [`Unit`]s.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Ready(u8);
+
+impl Ready {
+    fn has(self, u: Unit) -> bool {
+        self.0 & u.bit() != 0
+    }
+
+    fn add(&mut self, u: Unit) {
+        self.0 |= u.bit();
+    }
+}
+
+/// The program set of a data path and what of it is loaded.
+struct Loaded {
+    set: ProgramSet,
+    /// `--bpf-programs`: whether a refused full set falls back.
+    choice: BpfPrograms,
+    /// Why `set` is not the set tried first, if it is not.
+    fallback: Option<String>,
+    /// Loaded and in their prog arrays.
+    ready: Ready,
+}
+
+impl Loaded {
+    fn new(choice: BpfPrograms) -> Self {
+        Loaded {
+            set: match choice {
+                BpfPrograms::Compat => ProgramSet::Compat,
+                BpfPrograms::Auto | BpfPrograms::Full => ProgramSet::Full,
+            },
+            choice,
+            fallback: None,
+            ready: Ready::default(),
+        }
+    }
+
+    /// Loads `units` of the set where not loaded yet, in order; with
+    /// `auto`, a full set the kernel refuses falls back to compat
+    /// (`programs` has the policy).
+    fn ensure(&mut self, ebpf: &mut Ebpf, units: &[Unit]) -> Result<(), DatapathError> {
+        for &u in units {
+            if self.ready.has(u) {
+                continue;
+            }
+            match load_unit(ebpf, self.set, u) {
+                Ok(()) => self.ready.add(u),
+                Err((name, source)) => return self.after_failure(ebpf, units, name, source),
+            }
+        }
+        Ok(())
+    }
+
+    fn after_failure(
+        &mut self,
+        ebpf: &mut Ebpf,
+        units: &[Unit],
+        name: &'static str,
+        source: ProgramError,
+    ) -> Result<(), DatapathError> {
+        if self.set == ProgramSet::Compat {
+            return Err(DatapathError::Program {
+                name,
+                source: Box::new(source),
+            });
+        }
+        let kernel = programs::kernel_release();
+        let f = programs::LoadFailure::of(&source);
+        let why = match programs::after_full_failed(self.choice, name, source, &f, &kernel) {
+            programs::AfterFull::Fail(e) => return Err(e),
+            programs::AfterFull::Compat(why) => why,
+        };
+        // A full program that did load is of no use now.
+        let full = ProgramSet::Full;
+        for n in [full.xdp(), full.tc(), full.xdp6(), full.tc6()] {
+            if let Some(p) = ebpf.program_mut(n) {
+                let _ = match p {
+                    aya::programs::Program::Xdp(x) => x.unload(),
+                    aya::programs::Program::SchedClassifier(c) => c.unload(),
+                    _ => Ok(()),
+                };
+            }
+        }
+        // What was loaded, and what was asked for, from the compat set.
+        let want: Vec<Unit> = Unit::ALL
+            .into_iter()
+            .filter(|u| self.ready.has(*u) || units.contains(u))
+            .collect();
+        self.set = ProgramSet::Compat;
+        self.ready = Ready::default();
+        self.fallback = Some(why.clone());
+        for u in want {
+            load_unit(ebpf, self.set, u).map_err(|(name, source)| DatapathError::Refused {
+                set: "compat",
+                kernel: kernel.clone(),
+                why: format!("{name}: {}", programs::LoadFailure::of(&source).reason()),
+                hint: format!("the full set was refused as well ({why})"),
+            })?;
+            self.ready.add(u);
+        }
+        warn!(
+            kernel,
+            programs = "compat",
+            "{why} (no fetch/cmpxchg atomics, precise clock; see docs/operations.md, \"Kernels\")"
+        );
+        Ok(())
+    }
+}
+
+/// Loads program `u` of `set` (unless loaded) and puts it in its prog array
+/// ([`Unit::array`]; the full set's at index 0, the compat set's at 1).
+fn load_unit(
+    ebpf: &mut Ebpf,
+    set: ProgramSet,
+    u: Unit,
+) -> Result<(), (&'static str, ProgramError)> {
+    let name = u.name(set);
     let idx = match set {
         ProgramSet::Full => 0,
         ProgramSet::Compat => 1,
     };
-    for (name, array) in [
-        (set.xdp6(), map_names::V6_XDP_PROGS),
-        (set.tc6(), map_names::V6_TC_PROGS),
-        // The main programs, where a user-defined selector returns (`selector`).
-        (set.xdp(), map_names::SELECTOR_RETURN_XDP),
-        (set.tc(), map_names::SELECTOR_RETURN_TC),
-    ] {
-        let fd = match ebpf.program_mut(name) {
-            Some(aya::programs::Program::Xdp(x)) => {
-                if x.fd().is_err() {
-                    x.load().map_err(|e| (name, e))?;
-                }
-                x.fd().map_err(|e| (name, e))?.try_clone()
+    let fd = match ebpf.program_mut(name) {
+        Some(aya::programs::Program::Xdp(x))
+            if matches!(u, Unit::Entry(Hook::Xdp) | Unit::V6(Hook::Xdp)) =>
+        {
+            if x.fd().is_err() {
+                x.load().map_err(|e| (name, e))?;
             }
-            Some(aya::programs::Program::SchedClassifier(c)) => {
-                if c.fd().is_err() {
-                    c.load().map_err(|e| (name, e))?;
-                }
-                c.fd().map_err(|e| (name, e))?.try_clone()
-            }
-            _ => return Err((name, ProgramError::NotLoaded)),
+            x.fd().map_err(|e| (name, e))?.try_clone()
         }
-        .map_err(|e| (name, ProgramError::from(e)))?;
-        let map = match ebpf.map_mut(array) {
-            Some(m) => m,
-            // An object from before selectors (`object_file`, the benchmark's A/B runs).
-            None if map_names::SELECTOR_MAPS.contains(&array) => continue,
-            None => return Err((array, ProgramError::NotLoaded)),
-        };
-        let mut arr = aya::maps::ProgramArray::try_from(map)
-            .map_err(|e| (array, ProgramError::MapError(e)))?;
-        arr.set(idx, &fd, 0)
-            .map_err(|e| (array, ProgramError::MapError(e)))?;
+        Some(aya::programs::Program::SchedClassifier(c))
+            if matches!(u, Unit::Entry(Hook::Tc) | Unit::V6(Hook::Tc)) =>
+        {
+            if c.fd().is_err() {
+                c.load().map_err(|e| (name, e))?;
+            }
+            c.fd().map_err(|e| (name, e))?.try_clone()
+        }
+        _ => return Err((name, ProgramError::NotLoaded)),
     }
+    .map_err(|e| (name, ProgramError::from(e)))?;
+    let array = u.array();
+    let map = match ebpf.map_mut(array) {
+        Some(m) => m,
+        // An object from before selectors (`object_file`, the benchmark's A/B runs).
+        None if map_names::SELECTOR_MAPS.contains(&array) => return Ok(()),
+        None => return Err((array, ProgramError::NotLoaded)),
+    };
+    let mut arr =
+        aya::maps::ProgramArray::try_from(map).map_err(|e| (array, ProgramError::MapError(e)))?;
+    arr.set(idx, &fd, 0)
+        .map_err(|e| (array, ProgramError::MapError(e)))?;
     Ok(())
-}
-
-/// Loads the set `choice` asks for (`programs` has the policy): returns it,
-/// and why it is not the full set when `auto` fell back.
-fn load_programs(
-    ebpf: &mut Ebpf,
-    choice: BpfPrograms,
-) -> Result<(ProgramSet, Option<String>), DatapathError> {
-    let failed = |(name, source): (&'static str, ProgramError)| DatapathError::Program {
-        name,
-        source: Box::new(source),
-    };
-    if choice == BpfPrograms::Compat {
-        load_set(ebpf, ProgramSet::Compat).map_err(failed)?;
-        return Ok((ProgramSet::Compat, None));
-    }
-    let (name, source) = match load_set(ebpf, ProgramSet::Full) {
-        Ok(()) => return Ok((ProgramSet::Full, None)),
-        Err(e) => e,
-    };
-    let kernel = programs::kernel_release();
-    let f = programs::LoadFailure::of(&source);
-    match programs::after_full_failed(choice, name, source, &f, &kernel) {
-        programs::AfterFull::Fail(e) => Err(e),
-        programs::AfterFull::Compat(why) => {
-            // A full program that did load is of no use now.
-            let f = ProgramSet::Full;
-            for n in [f.xdp(), f.tc(), f.xdp6(), f.tc6()] {
-                if let Some(p) = ebpf.program_mut(n) {
-                    let _ = match p {
-                        aya::programs::Program::Xdp(x) => x.unload(),
-                        aya::programs::Program::SchedClassifier(c) => c.unload(),
-                        _ => Ok(()),
-                    };
-                }
-            }
-            load_set(ebpf, ProgramSet::Compat).map_err(|(name, source)| {
-                DatapathError::Refused {
-                    set: "compat",
-                    kernel: kernel.clone(),
-                    why: format!("{name}: {}", programs::LoadFailure::of(&source).reason()),
-                    hint: format!("the full set was refused as well ({why})"),
-                }
-            })?;
-            warn!(
-                kernel,
-                programs = "compat",
-                "{why} (no fetch/cmpxchg atomics, precise clock; see docs/operations.md, \"Kernels\")"
-            );
-            Ok((ProgramSet::Compat, Some(why)))
-        }
-    }
 }
 
 fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>

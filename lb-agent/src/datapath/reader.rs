@@ -296,6 +296,10 @@ pub struct MapReader {
     pub(super) conntrack6: HashMap<MapData, FlowKey6, CtValue6>,
     pub(super) backend_limits: Array<MapData, u32>,
     pub(super) svcs: BTreeMap<ServiceAddr, SvcState>,
+    /// The object's maps this reader does not use (`FRAGMENTS`,
+    /// `ROUTE_CACHE`), kept open: a program loaded after the writer took the
+    /// maps (on demand, `ProgramLoading::OnDemand`) names them by these fds.
+    _kept: Vec<Map>,
 }
 
 impl MapReader {
@@ -403,7 +407,9 @@ impl MapReader {
             conntrack6: typed!(map_names::CONNTRACK6),
             backend_limits: typed!(map_names::BACKEND_LIMITS),
             svcs: BTreeMap::new(),
+            _kept: Vec::new(),
         };
+        r._kept = maps.into_values().collect();
         let used = r.index(backends_fd.as_fd())?;
         Ok((r, used))
     }
