@@ -217,9 +217,9 @@ const SHORT: &[Step] = &[
 ];
 
 /// The short step's packet tests: one of each feature, on the hook where it differs most
-/// (both hooks for the main table). Each test loads the whole program set, which under TCG
-/// takes 20-25 s of verifier time: 18 tests took 428 s of the step's 600 on a CI machine
-/// once the selector and the cache's fast path were in; the full matrix
+/// (both hooks for the main table). Each test loaded the whole program set then, 20-25 s of
+/// verifier time under TCG (18 tests took 428 s of the step's 600 on a CI machine); a test
+/// now loads only the programs it runs (`ProgramLoading::OnDemand`). The full matrix
 /// (`cargo xtask test-kernels`) runs them all.
 const SHORT_PACKET: &[&str] = &[
     "--exact",
