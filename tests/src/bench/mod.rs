@@ -9,7 +9,9 @@
 //! count and in time.
 
 pub mod counters;
+pub mod cpu;
 pub mod fanout;
+pub mod gc;
 pub mod grpc;
 pub mod live;
 pub mod maglev;

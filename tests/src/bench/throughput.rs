@@ -10,6 +10,8 @@
 //! time (`--lab-secs`), every socket operation by a timeout, and the order of the paths
 //! rotates each round.
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -26,6 +28,8 @@ use lb_agent::datapath::DatapathConfig;
 use lb_agent::userspace::{ProxyOptions, UserspaceProxy};
 use rpclb_tests::lab::{self, Netns};
 
+use super::cpu::{PerConn, RunCpu, Snap};
+use super::gc::AgentGc;
 use super::live::{BACKEND_PORT, PinnedDp, Topo, VIP, VIP_PORT, lab_service};
 use super::sink::PassProg;
 use super::{
@@ -177,6 +181,8 @@ struct Outcome {
     secs: f64,
     /// The userspace path: CPU time of the proxy's threads in the run, in ns.
     proxy_cpu_ns: u64,
+    /// The wrk runs: where the CPU went.
+    cpu: RunCpu,
 }
 
 impl Outcome {
@@ -273,7 +279,7 @@ fn run_clients(
         ok: parts.iter().map(|p| p.ok).sum(),
         errors: parts.iter().map(|p| p.errors).sum(),
         secs: parts.iter().map(|p| p.secs).fold(0.0, f64::max),
-        proxy_cpu_ns: 0,
+        ..Default::default()
     })
 }
 
@@ -622,7 +628,17 @@ pub fn section_lab(opts: &Opts) -> Result<()> {
             servers_b.push(Server::start(&h.ns, BACKEND_PORT, opts.lab_threads + 2)?);
         }
     }
-    let mut dp = PinnedDp::load(&DatapathConfig::small(a.pin_dir("lab")))?;
+    let mut cfg = DatapathConfig::small(a.pin_dir("lab"));
+    // RPCLB_BENCH_LAB_CT=N: the conntrack map's size (the lab's default: 65,536; the agent's:
+    // 524,288). A full LRU map evicts on every new flow's insert.
+    if let Some(n) = std::env::var("RPCLB_BENCH_LAB_CT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.max_conntrack = n;
+    }
+    println!("conntrack map: {} entries", count(cfg.max_conntrack as u64));
+    let mut dp = PinnedDp::load(&cfg)?;
     a.mark_xdp_targets(dp.dp())?;
     dp.dp().writer().upsert_service(&lab_service(&a))?;
     let have_ipt = match &b {
@@ -998,8 +1014,23 @@ fn wrk_part(
     dp: &mut PinnedDp,
     on_path: &OnPath<'_>,
 ) -> Result<Vec<(Path, [f64; 2])>> {
-    let hosts: Vec<(&Netns, Ipv4Addr)> =
+    let mut hosts: Vec<(&Netns, Ipv4Addr)> =
         a.lab().backends().iter().map(|h| (&h.ns, h.ip())).collect();
+    // RPCLB_BENCH_WRK_BACKENDS=N: only the first N backends, for the VIP's service too. With
+    // one, every path has the same fan-out (all wrk threads on one nginx), so that the paths
+    // differ only in the node's forwarding: direct gives each wrk thread its own backend,
+    // while the VIP spreads every thread's connections over all of them.
+    if let Some(n) = std::env::var("RPCLB_BENCH_WRK_BACKENDS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n >= 1 && n < hosts.len())
+    {
+        hosts.truncate(n);
+        let mut svc = lab_service(a);
+        svc.backends.truncate(n);
+        dp.dp().writer().upsert_service(&svc)?;
+        println!("wrk and nginx: {n} backend(s) only (RPCLB_BENCH_WRK_BACKENDS)");
+    }
     let _nginx = super::wrk::Nginx::start(&hosts, BACKEND_PORT)?;
     let pods: Vec<SocketAddrV4> = hosts
         .iter()
@@ -1008,25 +1039,82 @@ fn wrk_part(
     let secs = opts.lab_secs.ceil().max(1.0) as u64;
     let client = &a.lab().client().ns;
     let debug = std::env::var_os("RPCLB_BENCH_DEBUG").is_some();
-    let one = |p: Path, close: bool, dp: &mut PinnedDp| -> Result<Outcome> {
+    let servers = _nginx.pids();
+    let softirqd = super::cpu::ksoftirqd_pids();
+    // The agent's GC, as a deployed agent runs it beside the data path (all paths: its cost
+    // on the direct runs is a scan of what the TC runs left).
+    let gc_every = super::gc::interval_from_env()?;
+    let gc = match gc_every.map(|every| AgentGc::start(&a.pin_dir("lab"), every)) {
+        Some(Ok(g)) => Some(g),
+        Some(Err(e)) => {
+            println!("wrk and nginx: the agent's GC did not start ({e:#}); measuring without it");
+            None
+        }
+        None => None,
+    };
+    // RPCLB_BENCH_PERF=DIR: a system-wide `perf record -a -g` over every measured wrk run,
+    // one file per path, mode and round.
+    let perf_dir = std::env::var_os("RPCLB_BENCH_PERF").map(std::path::PathBuf::from);
+    // The TC runs' requests and the data path's counters over them, by mode (close?).
+    type Counted = BTreeMap<bool, (u64, BTreeMap<&'static str, u64>)>;
+    let counted: RefCell<Counted> = RefCell::new(BTreeMap::new());
+    let reasons = |dp: &mut PinnedDp| dp.dp().writer().reasons().unwrap_or_default();
+    let one = |p: Path, close: bool, dp: &mut PinnedDp, tag: Option<usize>| -> Result<Outcome> {
         let mut f = || -> Result<Outcome> {
             let (url, pods) = match p {
                 Path::Direct => (format!("http://{}/", pods[0]), &pods[..]),
                 _ => (format!("http://{VIP}:{VIP_PORT}/"), &[][..]),
             };
+            let perf = match (&perf_dir, tag) {
+                (Some(d), Some(round)) => Some(super::wrk::perf_record(
+                    &d.join(format!(
+                        "wrk-{:?}-{}-r{round}.data",
+                        p,
+                        if close { "close" } else { "keepalive" }
+                    )),
+                    secs,
+                )?),
+                _ => None,
+            };
+            let before = Snap::take(&servers, &softirqd);
             let o = super::wrk::run(client, &url, pods, close, secs)?;
+            let after = Snap::take(&servers, &softirqd);
+            if let Some(c) = perf {
+                super::wrk::perf_wait(c, secs)?;
+            }
+            let done = if o.requests > 0 {
+                o.requests
+            } else {
+                (o.rate * secs as f64) as u64
+            };
             Ok(Outcome {
-                ok: (o.rate * secs as f64) as u64,
+                ok: done,
                 errors: o.errors,
-                secs: secs as f64,
+                // wrk's own rate: its requests over its own measured time.
+                secs: if o.rate > 0.0 {
+                    done as f64 / o.rate
+                } else {
+                    secs as f64
+                },
                 proxy_cpu_ns: 0,
+                cpu: before.run(after, (o.cpu_ns, o.cpu_sys_ns), done),
             })
         };
-        on_path(p, dp, &mut f)
+        let before = reasons(dp);
+        let o = on_path(p, dp, &mut f)?;
+        if tag.is_some() && p == Path::Tc {
+            let mut c = counted.borrow_mut();
+            let e = c.entry(close).or_default();
+            e.0 += o.ok;
+            for ((n, v), (_, b)) in reasons(dp).into_iter().zip(before) {
+                *e.1.entry(n).or_default() += v.saturating_sub(b);
+            }
+        }
+        Ok(o)
     };
     // Warm-up, and a check that every path answers.
     for &p in paths {
-        let o = one(p, true, dp)?;
+        let o = one(p, true, dp, None)?;
         anyhow::ensure!(o.ok > 0, "wrk through {}: no request succeeded", p.label());
     }
     let modes = [true, false];
@@ -1035,7 +1123,7 @@ fn wrk_part(
         for (mi, &close) in modes.iter().enumerate() {
             for k in 0..paths.len() {
                 let pi = (k + round) % paths.len();
-                let o = one(paths[pi], close, dp)?;
+                let o = one(paths[pi], close, dp, Some(round))?;
                 if debug {
                     debug_tcp_counters(a, &format!("wrk {:?} close={close}", paths[pi]));
                 }
@@ -1092,7 +1180,122 @@ fn wrk_part(
         let labels = ["Connection: close", "keep-alive"];
         println!("wrk: {}", proxy_cpu_line(&labels, &res, pu));
     }
+    let gc_totals = gc.map(AgentGc::stop);
+    print_cpu(paths, &res, gc_every, gc_totals);
+    for (close, (n, r)) in counted.into_inner().into_iter().rev() {
+        let per = |k: &str| r.get(k).copied().unwrap_or(0) as f64 / n.max(1) as f64;
+        let runs = per("nat_forward") + per("nat_reverse");
+        let other: Vec<String> = r
+            .iter()
+            .filter(|&(k, &v)| {
+                v > 0 && !matches!(*k, "nat_forward" | "nat_reverse" | "fwd_redirect")
+            })
+            .map(|(k, v)| format!("{k} {:.3}", *v as f64 / n.max(1) as f64))
+            .collect();
+        println!(
+            "wrk and nginx, TC {}: per request, rpclb translated {:.2} packets ({:.2} client to \
+             backend, {:.2} back) and redirected {:.2}; other counters per request: {}",
+            if close {
+                "Connection: close"
+            } else {
+                "keep-alive"
+            },
+            runs,
+            per("nat_forward"),
+            per("nat_reverse"),
+            per("fwd_redirect"),
+            if other.is_empty() {
+                "none".into()
+            } else {
+                other.join(", ")
+            }
+        );
+    }
     Ok(out)
+}
+
+/// The wrk part's CPU per request, per path and mode, and TC's difference to direct.
+fn print_cpu(
+    paths: &[Path],
+    res: &[Vec<Vec<Outcome>>],
+    gc_every: Option<std::time::Duration>,
+    gc: Option<super::gc::GcTotals>,
+) {
+    println!(
+        "wrk and nginx, CPU per request in µs (all rounds' CPU over all their requests): wrk = its rusage, nginx = \
+         the 3 servers' schedstat, each with the softirq work (forwarding, the eBPF program) run \
+         in its context, kernel part in brackets; ksoftirqd = what overflowed there; agent GC = \
+         a thread running lb-agent's GC tick {}; machine = /proc/stat, all CPUs and every process \
+         (other load included), softirq in brackets",
+        match gc_every {
+            Some(d) => format!("every {d:?}"),
+            None => "(off: RPCLB_BENCH_AGENT_GC=off)".into(),
+        }
+    );
+    let mut t = super::Table::new(&[
+        "wrk and nginx",
+        "path",
+        "wrk",
+        "nginx",
+        "ksoftirqd",
+        "agent GC",
+        "sum",
+        "machine",
+    ]);
+    let direct = paths.iter().position(|&p| p == Path::Direct);
+    for (mi, label) in ["Connection: close", "keep-alive"].iter().enumerate() {
+        let per: Vec<PerConn> = res[mi]
+            .iter()
+            .map(|r| PerConn::of(&r.iter().map(|o| o.cpu).collect::<Vec<_>>()))
+            .collect();
+        for (pi, p) in paths.iter().enumerate() {
+            let mut row = vec![label.to_string(), p.label().to_string()];
+            row.extend(per[pi].cells());
+            t.row(row);
+        }
+        if let (Some(d), Some(tc)) = (direct, paths.iter().position(|&p| p == Path::Tc)) {
+            let (a, b) = (per[tc], per[d]);
+            t.row(vec![
+                label.to_string(),
+                "TC - direct".into(),
+                format!("{:+.1}", a.client - b.client),
+                format!("{:+.1}", a.servers - b.servers),
+                format!("{:+.2}", a.ksoftirqd - b.ksoftirqd),
+                format!("{:+.2}", a.agent - b.agent),
+                format!(
+                    "{:+.1} ({:+.1}%)",
+                    a.tasks - b.tasks,
+                    (a.tasks / b.tasks - 1.0) * 100.0
+                ),
+                format!("{:+.1}", a.machine_busy - b.machine_busy),
+            ]);
+        }
+    }
+    print!("{}", t.render());
+    if let Some(g) = gc {
+        // Nearly every flow of the part came from the TC runs with `Connection: close`
+        // (direct and the userspace proxy leave no entries, keep-alive 6 per run).
+        let tc_conns: u64 = paths
+            .iter()
+            .position(|&p| p == Path::Tc)
+            .map_or(0, |pi| res[0][pi].iter().map(|o| o.ok).sum());
+        println!(
+            "agent GC over the wrk part: {} sweeps, {} entries scanned per sweep, {} flows \
+             expired, {} evicted by the LRU (recount), longest sweep {:.1} ms, {} errors; its CPU \
+             {:.0} ms in all, {:.2} ms per sweep, {:.2} µs per expired flow, {:.2} µs per \
+             connection of the TC `Connection: close` runs",
+            g.sweeps,
+            super::count(g.scanned / g.sweeps.max(1)),
+            super::count(g.expired),
+            super::count(g.evicted),
+            g.max_sweep.as_secs_f64() * 1e3,
+            g.errors,
+            g.cpu_ns as f64 / 1e6,
+            g.cpu_ns as f64 / 1e6 / g.sweeps.max(1) as f64,
+            g.cpu_ns as f64 / 1e3 / g.expired.max(1) as f64,
+            g.cpu_ns as f64 / 1e3 / tc_conns.max(1) as f64,
+        );
+    }
 }
 
 /// "userspace proxy CPU per request: ..." from the outcomes `res[workload][path]` of path `pu`:

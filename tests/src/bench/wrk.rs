@@ -41,6 +41,11 @@ pub struct Nginx {
 }
 
 impl Nginx {
+    /// The nginx processes' pids (`ip netns exec` execs nginx: the child is nginx itself).
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+
     pub fn start(backends: &[(&Netns, Ipv4Addr)], port: u16) -> Result<Nginx> {
         let dir = PathBuf::from(format!("/tmp/rpclb-{}-nginx", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
@@ -115,6 +120,12 @@ impl Drop for Nginx {
 pub struct WrkOutcome {
     pub rate: f64,
     pub errors: u64,
+    /// Requests completed ("N requests in ...").
+    pub requests: u64,
+    /// wrk's CPU time (its rusage: all threads, and the softirq work run in their context),
+    /// user + system and system alone, ns.
+    pub cpu_ns: u64,
+    pub cpu_sys_ns: u64,
 }
 
 /// Threads and connections of every wrk run: one thread per backend, so that the direct run
@@ -169,22 +180,71 @@ pub fn run(
         .context("spawn wrk")?;
     // Bounded: -d, plus a margin for the connections' timeouts.
     let until = Instant::now() + Duration::from_secs(secs.max(1) + 10);
-    loop {
-        if child.try_wait()?.is_some() {
-            break;
+    let ru = loop {
+        if let Some(ru) = reap(&child)? {
+            break ru;
         }
         if Instant::now() > until {
             let _ = child.kill();
             let _ = child.wait();
             bail!("wrk overran its {secs} s run");
         }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        std::thread::sleep(Duration::from_millis(5));
+    };
     let mut out = String::new();
     if let Some(mut o) = child.stdout.take() {
         o.read_to_string(&mut out)?;
     }
-    parse(&out).with_context(|| format!("wrk output: {out}"))
+    let mut o = parse(&out).with_context(|| format!("wrk output: {out}"))?;
+    let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1_000;
+    o.cpu_sys_ns = ns(ru.ru_stime);
+    o.cpu_ns = ns(ru.ru_utime) + o.cpu_sys_ns;
+    Ok(o)
+}
+
+/// Reaps `child` if it has exited (`wait4`, without blocking), with its rusage.
+fn reap(child: &Child) -> Result<Option<libc::rusage>> {
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+    match r {
+        0 => Ok(None),
+        r if r == pid => Ok(Some(ru)),
+        _ => Err(std::io::Error::last_os_error()).context("wait4 wrk"),
+    }
+}
+
+/// `perf record -a -g -o OUT -- sleep SECS` (system-wide, call graphs), started now; pair it
+/// with [`perf_wait`]. For `RPCLB_BENCH_PERF=DIR`.
+pub fn perf_record(out: &std::path::Path, secs: u64) -> Result<Child> {
+    if let Some(d) = out.parent() {
+        fs::create_dir_all(d).with_context(|| format!("mkdir {}", d.display()))?;
+    }
+    Command::new("perf")
+        .args(["record", "-q", "-a", "-g", "-o"])
+        .arg(out)
+        .args(["--", "sleep", &secs.max(1).to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawn perf record")
+}
+
+/// Waits for a [`perf_record`] (its `sleep` bounds it; killed after a margin).
+pub fn perf_wait(mut c: Child, secs: u64) -> Result<()> {
+    let until = Instant::now() + Duration::from_secs(secs.max(1) + 30);
+    while c.try_wait()?.is_none() {
+        if Instant::now() > until {
+            let _ = c.kill();
+            let _ = c.wait();
+            bail!("perf record overran");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 /// Requests/sec and the error counts of wrk's report.
@@ -192,7 +252,12 @@ fn parse(out: &str) -> Result<WrkOutcome> {
     let mut o = WrkOutcome::default();
     let mut seen = false;
     for l in out.lines().map(str::trim) {
-        if let Some(v) = l.strip_prefix("Requests/sec:") {
+        if let Some(n) = l
+            .split_once(" requests in ")
+            .and_then(|(n, _)| n.trim().parse::<u64>().ok())
+        {
+            o.requests = n;
+        } else if let Some(v) = l.strip_prefix("Requests/sec:") {
             o.rate = v.trim().parse().context("Requests/sec")?;
             seen = true;
         } else if let Some(v) = l.strip_prefix("Socket errors:") {
@@ -219,9 +284,11 @@ mod tests {
     fn parses_wrk_output() {
         let out = "Running 2s test @ http://10.96.0.10:80/\n  3 threads and 6 connections\n\
                    \x20 Socket errors: connect 0, read 3, write 0, timeout 2\n\
+                   \x20 24691 requests in 2.00s, 3.5MB read\n\
                    \x20 Non-2xx or 3xx responses: 1\nRequests/sec:  12345.67\nTransfer/sec: 1MB\n";
         let o = parse(out).unwrap();
         assert_eq!(o.rate, 12345.67);
+        assert_eq!(o.requests, 24691);
         assert_eq!(o.errors, 6);
         assert!(parse("nothing").is_err());
     }
