@@ -2449,15 +2449,18 @@ fn xdp_route_kept_and_cached_per_destination_on(set: ProgramSet) {
         const D0: [u8; 6] = [0x02, 0, 0, 0, 0x0b, 0x01];
         const OLD: [u8; 6] = [0x02, 0, 0, 0, 0x0b, 0x02];
         const NEW: [u8; 6] = [0x02, 0, 0, 0, 0x0b, 0x03];
-        let send = |h: &mut Harness, sport: u16, flags: u8, mac: [u8; 6], what: &str| {
-            let (rc, out) = h.run(Hook::Xdp, &tcp(CLIENT, sport, VIP, 80, flags).build());
-            assert_eq!(rc, XDP_REDIRECT, "{what}");
+        let routed_to = |out: &[u8], sport: u16, flags: u8, mac: [u8; 6], what: &str| {
+            assert_eq!(&out[..6], &mac[..], "{what}: destination MAC");
             let want = tcp(CLIENT, sport, b(1), 8080, flags)
                 .eth(D0, mac)
                 .ttl(63)
                 .build();
-            assert_eq!(&out[..6], &mac[..], "{what}: destination MAC");
-            assert_bytes_eq(&out, &want);
+            assert_bytes_eq(out, &want);
+        };
+        let send = |h: &mut Harness, sport: u16, flags: u8, mac: [u8; 6], what: &str| {
+            let (rc, out) = h.run(Hook::Xdp, &tcp(CLIENT, sport, VIP, 80, flags).build());
+            assert_eq!(rc, XDP_REDIRECT, "{what}");
+            routed_to(&out, sport, flags, mac, what);
         };
         // The SYN's lookup starts the routes' FIB_CACHE_NS.
         let looked_up = std::time::Instant::now();
@@ -2474,12 +2477,7 @@ fn xdp_route_kept_and_cached_per_destination_on(set: ProgramSet) {
                 eprintln!("{what}: {took:?} after the lookup, past FIB_CACHE_NS");
                 if out[..6] == NEW { NEW } else { OLD }
             };
-            assert_eq!(&out[..6], &mac[..], "{what}: destination MAC");
-            let want = tcp(CLIENT, sport, b(1), 8080, flags)
-                .eth(D0, mac)
-                .ttl(63)
-                .build();
-            assert_bytes_eq(&out, &want);
+            routed_to(&out, sport, flags, mac, what);
         };
         send(&mut h, 40000, SYN, OLD, "the first SYN looks up");
         let ct = h

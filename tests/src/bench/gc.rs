@@ -80,7 +80,7 @@ impl AgentGc {
                         Err(_) => tot.errors += 1,
                     }
                 }
-                tot.cpu_ns = own_cpu_ns();
+                tot.cpu_ns = super::throughput::thread_sched(|c| c == THREAD).cpu_ns;
                 tot
             })
             .context("spawn the GC thread")?;
@@ -107,14 +107,6 @@ impl Drop for AgentGc {
     fn drop(&mut self) {
         self.halt();
     }
-}
-
-/// This thread's CPU time so far (`/proc/thread-self/schedstat`), ns.
-fn own_cpu_ns() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// One tick of the agent's GC (`gc_loop` without its locking and selector retry).
