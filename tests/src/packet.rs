@@ -17,6 +17,42 @@ pub const PSH: u8 = 0x08;
 pub const ACK: u8 = 0x10;
 pub const URG: u8 = 0x20;
 
+/// Program return codes (XDP actions and TC verdicts) the packet tests compare.
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+pub const TC_OK: u32 = 0;
+pub const TC_SHOT: u32 = 2;
+pub const TC_REDIRECT: u32 = 7;
+
+/// A verdict independent of the hook; [`Verdict::code`] gives the hook's return code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Drop,
+    /// Sent back out of the ingress (a redirect to it).
+    Tx,
+    /// A SNATed packet to its backend in the SNAT tests' namespaces: XDP drops it
+    /// there (no route for the rewritten frame), TC redirects it.
+    SnatOut,
+}
+
+impl Verdict {
+    pub fn code(self, h: lb_agent::datapath::scratch::Hook) -> u32 {
+        use lb_agent::datapath::scratch::Hook;
+        match (self, h) {
+            (Verdict::Pass, Hook::Xdp) => XDP_PASS,
+            (Verdict::Drop | Verdict::SnatOut, Hook::Xdp) => XDP_DROP,
+            (Verdict::Tx, Hook::Xdp) => XDP_REDIRECT,
+            (Verdict::Pass, Hook::Tc) => TC_OK,
+            (Verdict::Drop, Hook::Tc) => TC_SHOT,
+            (Verdict::Tx | Verdict::SnatOut, Hook::Tc) => TC_REDIRECT,
+        }
+    }
+}
+
 /// The client and VIPs of the map-level tests (gc, lbctl, write order).
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);

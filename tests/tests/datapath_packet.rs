@@ -18,14 +18,10 @@ use lb_agent::datapath::programs::{self, ProgramSet};
 use lb_agent::datapath::scratch::{Hook, ScratchDatapath};
 use lb_agent::datapath::{Datapath, PortRange};
 use lb_api::{Algorithm, Backend, BackendState, Protocol, ServiceAddr};
-use rpclb_tests::packet::{self, ACK, FIN, PSH, Pkt, RST, SYN, assert_bytes_eq, service};
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_REDIRECT: u32 = 4;
-const TC_OK: u32 = 0;
-const TC_SHOT: u32 = 2;
-const TC_REDIRECT: u32 = 7;
+use rpclb_tests::packet::{
+    self, ACK, FIN, PSH, Pkt, RST, SYN, TC_REDIRECT, Verdict as V, XDP_DROP, XDP_PASS,
+    XDP_REDIRECT, assert_bytes_eq, service,
+};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -34,28 +30,6 @@ const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
 
 fn b(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, 10 + i, 2)
-}
-
-/// Verdicts independent of the hook.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum V {
-    Pass,
-    Drop,
-    /// A redirect back out of the ingress interface.
-    Tx,
-}
-
-impl V {
-    fn code(self, h: Hook) -> u32 {
-        match (self, h) {
-            (V::Pass, Hook::Xdp) => XDP_PASS,
-            (V::Drop, Hook::Xdp) => XDP_DROP,
-            (V::Tx, Hook::Xdp) => XDP_REDIRECT,
-            (V::Pass, Hook::Tc) => TC_OK,
-            (V::Drop, Hook::Tc) => TC_SHOT,
-            (V::Tx, Hook::Tc) => TC_REDIRECT,
-        }
-    }
 }
 
 /// Root, and for the full program set a kernel that has what it needs

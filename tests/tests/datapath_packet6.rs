@@ -11,20 +11,7 @@ use lb_agent::datapath::PortRange;
 use lb_agent::datapath::programs::{self, ProgramSet};
 use lb_agent::datapath::scratch::{Hook, ScratchDatapath};
 use lb_api::{Algorithm, Backend, Protocol, Service, ServiceAddr};
-use rpclb_tests::packet::assert_bytes_eq;
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const TC_OK: u32 = 0;
-const TC_SHOT: u32 = 2;
-const XDP_REDIRECT: u32 = 4;
-const TC_REDIRECT: u32 = 7;
-
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
-const FIN: u8 = 0x01;
-const PSH: u8 = 0x08;
-const RST: u8 = 0x04;
+use rpclb_tests::packet::{ACK, FIN, PSH, RST, SYN, Verdict as V, assert_bytes_eq};
 
 fn ip6(s: &str) -> Ipv6Addr {
     s.parse().unwrap()
@@ -41,27 +28,6 @@ fn udp_vip() -> Ipv6Addr {
 }
 fn backend(i: u16) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, 0x10, 0x244, 0x10 + i, 0, 0, 0, 2)
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum V {
-    Pass,
-    Drop,
-    /// Sent back out of the ingress (a redirect to it).
-    Tx,
-}
-
-impl V {
-    fn code(self, h: Hook) -> u32 {
-        match (self, h) {
-            (V::Pass, Hook::Xdp) => XDP_PASS,
-            (V::Drop, Hook::Xdp) => XDP_DROP,
-            (V::Pass, Hook::Tc) => TC_OK,
-            (V::Drop, Hook::Tc) => TC_SHOT,
-            (V::Tx, Hook::Xdp) => XDP_REDIRECT,
-            (V::Tx, Hook::Tc) => TC_REDIRECT,
-        }
-    }
 }
 
 fn can_run(set: ProgramSet) -> bool {
@@ -971,28 +937,6 @@ fn in_ns6(f: impl FnOnce() + Send) {
     ns.run(f).unwrap();
 }
 
-/// The verdict of a SNATed packet to its backend in [`in_ns6`].
-fn snat_out(h: Hook) -> u32 {
-    match h {
-        Hook::Xdp => XDP_DROP,
-        Hook::Tc => TC_REDIRECT,
-    }
-}
-
-fn pass(h: Hook) -> u32 {
-    match h {
-        Hook::Xdp => XDP_PASS,
-        Hook::Tc => TC_OK,
-    }
-}
-
-fn dropped(h: Hook) -> u32 {
-    match h {
-        Hook::Xdp => XDP_DROP,
-        Hook::Tc => TC_SHOT,
-    }
-}
-
 /// A data path (no fib redirect) with IPv6 SNAT on `node6()` and `ports`
 /// (`addr6`: the SNAT address, `None` for IPv6 SNAT off), and the front
 /// ends `fe6():80` TCP and UDP to `remote6():8080`, marked for SNAT as the
@@ -1098,7 +1042,7 @@ fn snat6_round_trip(hook: Hook, set: ProgramSet) {
     let before = h.reasons();
     let (c, fe, b, n) = (sclient(1), fe6(), remote6(), node6());
     let p = candidate(r, c, 40000, 6, 0);
-    let (out, back) = (snat_out(hook), pass(hook));
+    let (out, back) = (V::SnatOut.code(hook), V::Pass.code(hook));
     let steps = [
         (
             "SYN to the front end: SNAT + DNAT",
@@ -1219,7 +1163,7 @@ fn snat6_port_collision(hook: Hook, set: ProgramSet) {
         .map(|i| candidate(r, c2, sport2, 6, i))
         .find(|&x| x != p)
         .unwrap();
-    let out = snat_out(hook);
+    let out = V::SnatOut.code(hook);
     h.step(
         hook,
         "client 1: first candidate",
@@ -1238,14 +1182,14 @@ fn snat6_port_collision(hook: Hook, set: ProgramSet) {
         hook,
         "reply to client 2",
         &P6::tcp(b, 8080, n, p2, SYN | ACK),
-        pass(hook),
+        V::Pass.code(hook),
         &P6::tcp(fe, 80, c2, sport2, SYN | ACK),
     );
     h.step(
         hook,
         "reply to client 1",
         &P6::tcp(b, 8080, n, p, SYN | ACK),
-        pass(hook),
+        V::Pass.code(hook),
         &P6::tcp(fe, 80, c1, 40000, SYN | ACK),
     );
 }
@@ -1268,17 +1212,23 @@ fn snat6_exhaustion(hook: Hook, set: ProgramSet) {
         hook,
         "client 1 takes the one port",
         &P6::tcp(c1, 40000, fe, 80, SYN),
-        snat_out(hook),
+        V::SnatOut.code(hook),
         &P6::tcp(n, 62000, b, 8080, SYN),
     );
     let syn2 = P6::tcp(c2, 40000, fe, 80, SYN);
-    h.step(hook, "client 2: no free port", &syn2, dropped(hook), &syn2);
-    h.step(hook, "client 2 again", &syn2, dropped(hook), &syn2);
+    h.step(
+        hook,
+        "client 2: no free port",
+        &syn2,
+        V::Drop.code(hook),
+        &syn2,
+    );
+    h.step(hook, "client 2 again", &syn2, V::Drop.code(hook), &syn2);
     h.step(
         hook,
         "client 1's reply still its own",
         &P6::tcp(b, 8080, n, 62000, SYN | ACK),
-        pass(hook),
+        V::Pass.code(hook),
         &P6::tcp(fe, 80, c1, 40000, SYN | ACK),
     );
     let d = deltas(&before, &h.reasons());
@@ -1298,14 +1248,14 @@ fn snat6_exhaustion(hook: Hook, set: ProgramSet) {
         hook,
         "client 2 after client 1's flow is gone",
         &syn2,
-        snat_out(hook),
+        V::SnatOut.code(hook),
         &P6::tcp(n, 62000, b, 8080, SYN),
     );
     h.step(
         hook,
         "the port's replies are client 2's",
         &P6::tcp(b, 8080, n, 62000, SYN | ACK),
-        pass(hook),
+        V::Pass.code(hook),
         &P6::tcp(fe, 80, c2, 40000, SYN | ACK),
     );
 
@@ -1313,7 +1263,7 @@ fn snat6_exhaustion(hook: Hook, set: ProgramSet) {
     for (ports, addr6) in [(Some(r), None), (None, Some(node6()))] {
         let mut h = snat_h(set, ports, addr6);
         let before = h.reasons();
-        h.step(hook, "IPv6 SNAT off", &syn2, dropped(hook), &syn2);
+        h.step(hook, "IPv6 SNAT off", &syn2, V::Drop.code(hook), &syn2);
         assert_eq!(deltas(&before, &h.reasons())("drop_snat_exhausted"), 1);
     }
 }
@@ -1374,7 +1324,7 @@ fn hairpin6(hook: Hook, set: ProgramSet) {
     let before = h.reasons();
     let (pod, cip, lo) = (pod6(5), cip6(), loopback6());
     let p = candidate_to(r, pod, 40000, cip, 6);
-    let (out, back) = (snat_out(hook), pass(hook));
+    let (out, back) = (V::SnatOut.code(hook), V::Pass.code(hook));
     let steps = [
         (
             "SYN from the pod to its own service: SNAT to the loopback + DNAT",
@@ -1459,7 +1409,7 @@ fn hairpin6(hook: Hook, set: ProgramSet) {
     h.0.writer().upsert_service(&s).unwrap();
     let before = h.reasons();
     let syn = P6::tcp(pod, 40000, cip, 80, SYN);
-    h.step(hook, "SNAT ports off", &syn, dropped(hook), &syn);
+    h.step(hook, "SNAT ports off", &syn, V::Drop.code(hook), &syn);
     let d = deltas(&before, &h.reasons());
     assert_eq!((d("drop_snat_exhausted"), d("ct_hairpin")), (1, 0));
 }

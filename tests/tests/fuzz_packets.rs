@@ -18,16 +18,10 @@ use std::net::Ipv4Addr;
 use lb_agent::datapath::scratch::{Hook, ScratchDatapath, require_root};
 use lb_api::{Algorithm, Protocol};
 use lb_common::reason;
-use rpclb_tests::packet::{self, ACK, FIN, PSH, Pkt, RST, SYN, service};
-
-const XDP_ABORTED: u32 = 0;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
-const TC_OK: u32 = 0;
-const TC_SHOT: u32 = 2;
-const TC_REDIRECT: u32 = 7;
+use rpclb_tests::packet::{
+    self, ACK, FIN, PSH, Pkt, RST, SYN, TC_OK, TC_REDIRECT, TC_SHOT, XDP_ABORTED, XDP_DROP,
+    XDP_PASS, XDP_REDIRECT, XDP_TX, service,
+};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);

@@ -13,11 +13,9 @@ use lb_agent::datapath::programs::{self, ProgramSet};
 use lb_agent::datapath::scratch::{Hook, ScratchDatapath};
 use lb_agent::datapath::selector::{SelectorSource, SelectorStatus};
 use lb_api::{Algorithm, BackendState, Protocol, Service, ServiceAddr};
-use rpclb_tests::packet::{self, Pkt, SYN, assert_bytes_eq, service};
+use rpclb_tests::packet::{self, Pkt, SYN, TC_OK, XDP_PASS, assert_bytes_eq, service};
 use std::os::unix::fs::PermissionsExt;
 
-const XDP_PASS: u32 = 2;
-const TC_OK: u32 = 0;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
 fn b(i: u8) -> Ipv4Addr {

@@ -11,13 +11,9 @@ use lb_agent::datapath::programs::{self, ProgramSet};
 use lb_agent::datapath::scratch::{Hook, ScratchDatapath};
 use lb_agent::datapath::{Datapath, PortRange};
 use lb_api::{Algorithm, Protocol, ServiceAddr};
-use rpclb_tests::packet::{self, ACK, FIN, Pkt, SYN, assert_bytes_eq, service};
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const TC_OK: u32 = 0;
-const TC_SHOT: u32 = 2;
-const TC_REDIRECT: u32 = 7;
+use rpclb_tests::packet::{
+    self, ACK, FIN, Pkt, SYN, Verdict as V, XDP_DROP, XDP_PASS, assert_bytes_eq, service,
+};
 
 /// The client, outside the cluster.
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 100);
@@ -66,28 +62,6 @@ fn in_ns(f: impl FnOnce() + Send) {
     ns.exec("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"])
         .unwrap();
     ns.run(f).unwrap();
-}
-
-/// The verdict of a SNATed packet to its backend here (see [`in_ns`]).
-fn snat_out(h: Hook) -> u32 {
-    match h {
-        Hook::Xdp => XDP_DROP,
-        Hook::Tc => TC_REDIRECT,
-    }
-}
-
-fn pass(h: Hook) -> u32 {
-    match h {
-        Hook::Xdp => XDP_PASS,
-        Hook::Tc => TC_OK,
-    }
-}
-
-fn drop_code(h: Hook) -> u32 {
-    match h {
-        Hook::Xdp => XDP_DROP,
-        Hook::Tc => TC_SHOT,
-    }
 }
 
 /// A data path (no fib redirect: translated packets pass) with SNAT on
@@ -230,7 +204,7 @@ fn snat_dnat_and_back(hook: Hook, set: ProgramSet) {
     let mut h = H::new(set, Some(r));
     let before = h.reasons();
     let p = candidate(r, CLIENT, 40000, FE, 6, 0);
-    let (out, back) = (snat_out(hook), pass(hook));
+    let (out, back) = (V::SnatOut.code(hook), V::Pass.code(hook));
     let steps: Vec<(&str, Vec<u8>, u32, Vec<u8>)> = vec![
         (
             "SYN to the front end: SNAT + DNAT",
@@ -271,28 +245,28 @@ fn snat_dnat_and_back(hook: Hook, set: ProgramSet) {
         hook,
         "UDP to the front end: SNAT + DNAT",
         &udp(CLIENT, 5353, FE, 80).build(),
-        snat_out(hook),
+        V::SnatOut.code(hook),
         &udp(NODE, up, REMOTE, 8080).build(),
     );
     h.step(
         hook,
         "UDP reply: un-SNAT + un-DNAT",
         &udp(REMOTE, 8080, NODE, up).build(),
-        pass(hook),
+        V::Pass.code(hook),
         &udp(FE, 80, CLIENT, 5353).build(),
     );
     h.step(
         hook,
         "SYN to the front end with a local backend: DNAT only",
         &tcp(CLIENT, 40001, FE_LOCAL, 80, SYN).build(),
-        pass(hook),
+        V::Pass.code(hook),
         &tcp(CLIENT, 40001, LOCAL, 8080, SYN).build(),
     );
     h.step(
         hook,
         "its reply",
         &tcp(LOCAL, 8080, CLIENT, 40001, SYN | ACK).ack(1001).build(),
-        pass(hook),
+        V::Pass.code(hook),
         &tcp(FE_LOCAL, 80, CLIENT, 40001, SYN | ACK)
             .ack(1001)
             .build(),
@@ -414,28 +388,28 @@ fn snat_port_collision(hook: Hook, set: ProgramSet) {
         hook,
         "client 1: first candidate",
         &tcp(CLIENT, 40000, FE, 80, SYN).build(),
-        snat_out(hook),
+        V::SnatOut.code(hook),
         &tcp(NODE, p, REMOTE, 8080, SYN).build(),
     );
     h.step(
         hook,
         "client 2: first candidate taken, the next one",
         &tcp(CLIENT2, sport2, FE, 80, SYN).build(),
-        snat_out(hook),
+        V::SnatOut.code(hook),
         &tcp(NODE, p2, REMOTE, 8080, SYN).build(),
     );
     h.step(
         hook,
         "reply to client 2",
         &tcp(REMOTE, 8080, NODE, p2, SYN | ACK).ack(1001).build(),
-        pass(hook),
+        V::Pass.code(hook),
         &tcp(FE, 80, CLIENT2, sport2, SYN | ACK).ack(1001).build(),
     );
     h.step(
         hook,
         "reply to client 1",
         &tcp(REMOTE, 8080, NODE, p, SYN | ACK).ack(1001).build(),
-        pass(hook),
+        V::Pass.code(hook),
         &tcp(FE, 80, CLIENT, 40000, SYN | ACK).ack(1001).build(),
     );
 }
@@ -458,7 +432,7 @@ fn snat_exhaustion(hook: Hook, set: ProgramSet) {
         hook,
         "client 1 takes the one port",
         &tcp(CLIENT, 40000, FE, 80, SYN).build(),
-        snat_out(hook),
+        V::SnatOut.code(hook),
         &tcp(NODE, 62000, REMOTE, 8080, SYN).build(),
     );
     let syn2 = tcp(CLIENT2, 40000, FE, 80, SYN).build();
@@ -466,15 +440,15 @@ fn snat_exhaustion(hook: Hook, set: ProgramSet) {
         hook,
         "client 2: no free port",
         &syn2,
-        drop_code(hook),
+        V::Drop.code(hook),
         &syn2,
     );
-    h.step(hook, "client 2 again", &syn2, drop_code(hook), &syn2);
+    h.step(hook, "client 2 again", &syn2, V::Drop.code(hook), &syn2);
     h.step(
         hook,
         "client 1's reply still its own",
         &tcp(REMOTE, 8080, NODE, 62000, SYN | ACK).ack(1001).build(),
-        pass(hook),
+        V::Pass.code(hook),
         &tcp(FE, 80, CLIENT, 40000, SYN | ACK).ack(1001).build(),
     );
     let d = deltas(&before, &h.reasons());
@@ -502,21 +476,21 @@ fn snat_exhaustion(hook: Hook, set: ProgramSet) {
         hook,
         "client 2 after client 1's flow is gone",
         &syn2,
-        snat_out(hook),
+        V::SnatOut.code(hook),
         &tcp(NODE, 62000, REMOTE, 8080, SYN).build(),
     );
     h.step(
         hook,
         "the port's replies are client 2's",
         &tcp(REMOTE, 8080, NODE, 62000, SYN | ACK).ack(1001).build(),
-        pass(hook),
+        V::Pass.code(hook),
         &tcp(FE, 80, CLIENT2, 40000, SYN | ACK).ack(1001).build(),
     );
 
     // SNAT off: the flow is dropped, counted.
     let mut h = H::new(set, None);
     let before = h.reasons();
-    h.step(hook, "SNAT off", &syn2, drop_code(hook), &syn2);
+    h.step(hook, "SNAT off", &syn2, V::Drop.code(hook), &syn2);
     assert_eq!(deltas(&before, &h.reasons())("drop_snat_exhausted"), 1);
 }
 
@@ -567,7 +541,7 @@ fn hairpin(hook: Hook, set: ProgramSet) {
     let mut h = hairpin_dp(set, Some(r));
     let before = h.reasons();
     let p = candidate(r, POD, 40000, CIP, 6, 0);
-    let (out, back) = (snat_out(hook), pass(hook));
+    let (out, back) = (V::SnatOut.code(hook), V::Pass.code(hook));
     let steps: Vec<(&str, Vec<u8>, u32, Vec<u8>)> = vec![
         (
             "SYN from the pod to its own service: SNAT to the loopback + DNAT",
@@ -608,21 +582,21 @@ fn hairpin(hook: Hook, set: ProgramSet) {
         hook,
         "UDP from the pod to its own service: SNAT + DNAT",
         &udp(POD, 5353, CIP, 80).build(),
-        snat_out(hook),
+        V::SnatOut.code(hook),
         &udp(LOOPBACK, up, POD, 8080).build(),
     );
     h.step(
         hook,
         "UDP reply: un-SNAT + un-DNAT",
         &udp(POD, 8080, LOOPBACK, up).build(),
-        pass(hook),
+        V::Pass.code(hook),
         &udp(CIP, 80, POD, 5353).build(),
     );
     h.step(
         hook,
         "another pod to the service: DNAT only",
         &tcp(POD2, 40000, CIP, 80, SYN).build(),
-        pass(hook),
+        V::Pass.code(hook),
         &tcp(POD2, 40000, POD, 8080, SYN).build(),
     );
     let d = deltas(&before, &h.reasons());
@@ -684,7 +658,7 @@ fn hairpin_without_ports(hook: Hook, set: ProgramSet) {
     let mut h = hairpin_dp(set, None);
     let before = h.reasons();
     let syn = tcp(POD, 40000, CIP, 80, SYN).build();
-    h.step(hook, "SNAT ports off", &syn, drop_code(hook), &syn);
+    h.step(hook, "SNAT ports off", &syn, V::Drop.code(hook), &syn);
     let d = deltas(&before, &h.reasons());
     assert_eq!((d("drop_snat_exhausted"), d("ct_hairpin")), (1, 0));
 
@@ -712,7 +686,7 @@ fn hairpin_without_ports(hook: Hook, set: ProgramSet) {
         hook,
         "no node address: the loopback still",
         &syn,
-        snat_out(hook),
+        V::SnatOut.code(hook),
         &tcp(LOOPBACK, 62000, POD, 8080, SYN).build(),
     );
 }

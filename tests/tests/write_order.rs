@@ -8,9 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use lb_agent::datapath::scratch::{Hook, ScratchDatapath, require_root, test_run};
 use lb_api::{Algorithm, Backend, BackendState, DesiredState, Protocol, Service};
-use rpclb_tests::packet::{CLIENT, SYN, VIP, frame};
-
-const XDP_DROP: u32 = 1;
+use rpclb_tests::packet::{CLIENT, SYN, VIP, XDP_DROP, frame};
 
 fn state(s: &Service) -> DesiredState {
     DesiredState {
