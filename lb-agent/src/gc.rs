@@ -54,7 +54,8 @@
 //! idle for its whole timeout to send a FIN within microseconds of the sweep.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use lb_common::{ConnCounts, CtValue, FlowKey, ct_dir, ct_flags, ct_state};
@@ -62,7 +63,7 @@ use serde::{Serialize, Serializer};
 use tracing::debug;
 
 use crate::config::Timeouts;
-use crate::datapath::reader::ip_wire;
+use crate::datapath::reader::{ip_wire, monotonic_ns};
 use crate::datapath::{DatapathError, MapReader, MapWriter, sys};
 
 /// A map keyed by flow, for the sweep's per-entry work (two inserts per reverse entry, a
@@ -70,6 +71,10 @@ use crate::datapath::{DatapathError, MapReader, MapWriter, sys};
 /// instead of SipHash, which took about a third of a sweep's CPU. The keys come from remote
 /// clients, hence keyed.
 pub type FlowMap<V> = HashMap<FlowKey, V, foldhash::fast::RandomState>;
+
+/// A map keyed by backend id (or a credit key), looked up once per scanned flow by the
+/// recount: the same fast hasher.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Entries per `BPF_MAP_LOOKUP_BATCH` call.
 pub const BATCH: u32 = 4096;
@@ -190,15 +195,26 @@ fn ser_secs<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
 }
 
-/// Entries read by a scan, split by direction.
+/// Entries read by a scan, split by direction, in the order the walk found
+/// them (no key twice: a key always hashes to the same bucket, and the walk
+/// visits each bucket once).
 #[derive(Debug, Default)]
 pub struct Scan {
     pub scanned: u64,
     pub forward: Vec<(FlowKey, CtValue)>,
-    /// Reverse (and unknown-direction) entries: key -> last seen.
-    pub reverse: FlowMap<u64>,
-    /// Reverse entries: key -> the forward key their value points back at.
-    pub reverse_owner: FlowMap<FlowKey>,
+    /// Reverse (and unknown-direction) entries.
+    pub reverse: Vec<(FlowKey, Rev)>,
+}
+
+/// A reverse entry as the plan needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rev {
+    pub last_seen: u64,
+    /// The forward key its value points back at (`None`: an entry of
+    /// unknown direction, owned by no flow).
+    pub owner: Option<FlowKey>,
+    /// Claimed by its flow (set by [`plan`]); what is left are orphans.
+    claimed: bool,
 }
 
 impl Scan {
@@ -207,11 +223,24 @@ impl Scan {
         if v.dir == ct_dir::FORWARD {
             self.forward.push((k, v));
         } else {
-            self.reverse.insert(k, v.last_seen_ns);
-            if v.dir == ct_dir::REVERSE {
-                self.reverse_owner.insert(k, k.forward_of_reverse(&v));
-            }
+            let owner = (v.dir == ct_dir::REVERSE).then(|| k.forward_of_reverse(&v));
+            self.reverse.push((
+                k,
+                Rev {
+                    last_seen: v.last_seen_ns,
+                    owner,
+                    claimed: false,
+                },
+            ));
         }
+    }
+
+    /// The reverse entries by key, built once at the size the scan found
+    /// (one insert each, no rehash while growing).
+    pub fn reverse_map(&self) -> FlowMap<Rev> {
+        let mut m = FlowMap::with_capacity_and_hasher(self.reverse.len(), Default::default());
+        m.extend(self.reverse.iter().copied());
+        m
     }
 }
 
@@ -238,11 +267,9 @@ pub struct Plan {
 
 /// Decides, from the scanned entries alone, which flows and orphans expire.
 pub fn plan(scan: Scan, t: &Timeouts, now_ns: u64) -> Plan {
+    let mut reverse = scan.reverse_map();
     let Scan {
-        scanned,
-        forward,
-        mut reverse,
-        reverse_owner,
+        scanned, forward, ..
     } = scan;
     let mut p = Plan {
         scanned,
@@ -252,7 +279,10 @@ pub fn plan(scan: Scan, t: &Timeouts, now_ns: u64) -> Plan {
     // A SNATed flow's reverse key ends at the node's address, which its
     // forward entry does not hold: found from the reverse entries' side.
     let snat_rev: FlowMap<FlowKey> = if forward.iter().any(|(_, v)| v.flags & ct_flags::SNAT != 0) {
-        reverse_owner.iter().map(|(r, f)| (*f, *r)).collect()
+        reverse
+            .iter()
+            .filter_map(|(r, e)| e.owner.map(|f| (f, *r)))
+            .collect()
     } else {
         FlowMap::default()
     };
@@ -266,8 +296,13 @@ pub fn plan(scan: Scan, t: &Timeouts, now_ns: u64) -> Plan {
             key.reverse_of_forward(&value)
         };
         // Only the entry that points back at this flow is its own.
-        let owned = reverse_owner.get(&rk) == Some(&key);
-        let rev = if owned { reverse.remove(&rk) } else { None };
+        let rev = match reverse.get_mut(&rk) {
+            Some(e) if e.owner == Some(key) && !e.claimed => {
+                e.claimed = true;
+                Some(e.last_seen)
+            }
+            _ => None,
+        };
         if is_expired(&value, rev, t, now_ns) {
             p.expire.push(Expiry {
                 key,
@@ -280,7 +315,7 @@ pub fn plan(scan: Scan, t: &Timeouts, now_ns: u64) -> Plan {
     let max = nanos(longest(t));
     p.orphans = reverse
         .into_iter()
-        .filter(|&(_, seen)| now_ns.saturating_sub(seen) > max)
+        .filter(|(_, e)| !e.claimed && now_ns.saturating_sub(e.last_seen) > max)
         .map(|(k, _)| k)
         .collect();
     p
@@ -322,6 +357,49 @@ fn io_err(call: &str, source: std::io::Error) -> DatapathError {
 pub fn sweep(w: &mut MapWriter, t: &Timeouts, now_ns: u64) -> Result<GcReport, DatapathError> {
     let e = expire(w.conntrack_fd(), t, now_ns)?;
     e.credit(w)
+}
+
+/// What one [`tick`] did.
+#[derive(Debug)]
+pub struct Tick {
+    /// The IPv4 sweep (with its recount).
+    pub report: GcReport,
+    /// The IPv6 sweep; its error does not fail the tick (the IPv4 one is done).
+    pub v6: Result<crate::gc6::Gc6Report, DatapathError>,
+    /// `CONNTRACK`'s capacity, read with the baseline.
+    pub capacity: u32,
+}
+
+/// One GC tick as the agent runs it, for a writer shared behind a lock
+/// (`D`: the agent's `Datapath`, or a bare `MapWriter`): under the lock a
+/// dup of the conntrack fd and the recount's [`Baseline`]; without it the
+/// scan and deletes ([`expire_recount`], up to ~1.5 s at 1M entries); under
+/// it again the credit and recount, then the IPv6 sweep
+/// ([`crate::gc6::sweep6`]). Blocking: call it from a blocking thread.
+pub fn tick<D: AsMut<MapWriter>>(dp: &Mutex<D>, t: &Timeouts) -> Result<Tick, DatapathError> {
+    // A panic while holding the lock leaves the maps as consistent as the
+    // kernel sees them at any time; keep going.
+    let lock = || dp.lock().unwrap_or_else(|e| e.into_inner());
+    let (fd, base, capacity) = {
+        let mut g = lock();
+        let w = g.as_mut();
+        let fd = w
+            .conntrack_fd()
+            .try_clone_to_owned()
+            .map_err(|source| DatapathError::Io {
+                path: "CONNTRACK fd".into(),
+                source,
+            })?;
+        (fd, Baseline::read(w)?, w.conntrack_capacity())
+    };
+    let expired = expire_recount(fd.as_fd(), t, monotonic_ns(), base)?;
+    let report = expired.credit(lock().as_mut())?;
+    let v6 = crate::gc6::sweep6(lock().as_mut(), t, monotonic_ns());
+    Ok(Tick {
+        report,
+        v6,
+        capacity,
+    })
 }
 
 /// A sweep's deletions done, its credits not yet applied.
@@ -446,7 +524,7 @@ fn expire_inner(
     let mut s = Scan::default();
     for_each_entry(fd, |k, v| s.push(*k, *v))?;
     let mut recount = base.map(|b| Recount::new(b, &s.forward));
-    let mut credit = Credit::new();
+    let mut credit = Credit::default();
     let mut evicted = 0u64;
     // Flows open at the end of this sweep (before removing what it deletes).
     let mut open_now: FlowMap<(u64, CreditKey)> = FlowMap::default();
@@ -556,7 +634,7 @@ fn expire_inner(
 pub struct Baseline {
     /// `monotonic_ns()` taken before the counters were read.
     at_ns: u64,
-    backends: HashMap<u32, BaseEntry>,
+    backends: FastMap<u32, BaseEntry>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -570,7 +648,7 @@ struct BaseEntry {
 impl Baseline {
     pub fn read(r: &MapReader) -> Result<Baseline, DatapathError> {
         let at_ns = crate::datapath::reader::monotonic_ns();
-        let mut backends = HashMap::new();
+        let mut backends = FastMap::default();
         for (id, ident) in r.backend_index() {
             let (conns, gc) = r.backend_conn_counts(id)?;
             backends.insert(id, BaseEntry { ident, conns, gc });
@@ -611,8 +689,8 @@ pub fn recount_one(base: ConnCounts, base_gc: u64, open_at_scan: u64, removed: u
 #[derive(Debug)]
 struct Recount {
     base: Baseline,
-    open: HashMap<u32, u64>,
-    removed: HashMap<u32, u64>,
+    open: FastMap<u32, u64>,
+    removed: FastMap<u32, u64>,
     /// Open flows evicted between the scan and their delete.
     vanished: u64,
 }
@@ -621,8 +699,8 @@ impl Recount {
     fn new(base: Baseline, forward: &[(FlowKey, CtValue)]) -> Recount {
         let mut rc = Recount {
             base,
-            open: HashMap::new(),
-            removed: HashMap::new(),
+            open: FastMap::default(),
+            removed: FastMap::default(),
             vanished: 0,
         };
         for (_, v) in forward {
@@ -746,7 +824,7 @@ impl Take {
 /// Credits are keyed by the backend as the flow knew it: (id, service id,
 /// IP and port in network order).
 type CreditKey = (u32, u32, u32, u16);
-type Credit = HashMap<CreditKey, u64>;
+type Credit = FastMap<CreditKey, u64>;
 
 fn count_expiry(r: &mut GcReport, credit: &mut Credit, v: &CtValue) {
     r.expired += 1;
@@ -972,7 +1050,7 @@ mod tests {
             assert!(!closed_by_kernel(s));
         }
         let mut r = GcReport::default();
-        let mut c = Credit::new();
+        let mut c = Credit::default();
         let [(_, mut v), _] = flow(1, ct_state::CLOSING, 0, 0, 7);
         count_expiry(&mut r, &mut c, &v);
         v.state = ct_state::UDP;
@@ -1055,10 +1133,10 @@ mod tests {
         add(5, ct_state::ESTABLISHED, 2, NOW + 1); // opened after the baseline
         add(6, ct_state::ESTABLISHED, 9, NOW - S); // backend unknown
         let mut rc = Recount::new(base, &fwd);
-        assert_eq!(rc.open, HashMap::from([(1, 2), (2, 1)]));
+        assert_eq!(rc.open, FastMap::from_iter([(1, 2), (2, 1)]));
         rc.removed(&fwd[0].1, true);
         rc.removed(&fwd[4].1, false); // not counted: not removed either
-        assert_eq!(rc.removed, HashMap::from([(1, 1)]));
+        assert_eq!(rc.removed, FastMap::from_iter([(1, 1)]));
         assert_eq!(rc.vanished, 1);
     }
 }
