@@ -20,6 +20,8 @@
 //!    orphan, deleted once idle past the longest timeout. A flow owns only the
 //!    reverse entry whose value points back at it ([`FlowKey::owns_reverse`]):
 //!    one at its reverse key that names another flow is never its to delete.
+//!    (One hash map of the reverse entries, built at the size the scan found;
+//!    cost: docs/benchmarks.md, "The agent's conntrack GC".)
 //! 3. **Delete** each expired flow with `BPF_MAP_LOOKUP_AND_DELETE_ELEM`,
 //!    reverse entry first, then forward entry. The state that is counted is
 //!    the state at deletion, not at the scan: a FIN that closed the flow in
@@ -66,8 +68,8 @@ use crate::config::Timeouts;
 use crate::datapath::reader::{ip_wire, monotonic_ns};
 use crate::datapath::{DatapathError, MapReader, MapWriter, sys};
 
-/// A map keyed by flow, for the sweep's per-entry work (two inserts per reverse entry, a
-/// lookup and a remove per forward entry): foldhash's keyed hasher (a random seed per map)
+/// A map keyed by flow, for the sweep's per-entry work (an insert per reverse entry, a
+/// lookup per forward entry): foldhash's keyed hasher (a random seed per map)
 /// instead of SipHash, which took about a third of a sweep's CPU. The keys come from remote
 /// clients, hence keyed.
 pub type FlowMap<V> = HashMap<FlowKey, V, foldhash::fast::RandomState>;
@@ -1041,6 +1043,34 @@ mod tests {
         assert_eq!(p.expire.len(), 1);
         assert_eq!(p.expire[0].reverse, Some(a_rev.0));
         assert!(p.orphans.is_empty());
+    }
+
+    #[test]
+    fn a_snated_flow_pairs_with_its_reverse_entry_at_the_node_address() {
+        // SNAT: the reverse key ends at the node's address, which the forward
+        // entry does not hold; the pairing comes from the reverse entries'
+        // side. An idle flow takes its own entry (no orphan); a fresh reverse
+        // entry keeps its flow.
+        let t = t();
+        let node = u32::from_ne_bytes([192, 168, 0, 7]);
+        let snat = |f: [(FlowKey, CtValue); 2]| {
+            let [(fk, mut fv), (_, mut rv)] = f;
+            fv.flags |= ct_flags::SNAT;
+            rv.flags |= ct_flags::SNAT;
+            rv.state = fk.src_ip;
+            let mut rk = fk.reverse_of_forward(&fv);
+            rk.dst_ip = node;
+            assert_eq!(rk.forward_of_reverse(&rv), fk);
+            [(fk, fv), (rk, rv)]
+        };
+        let idle = snat(flow(1, ct_state::ESTABLISHED, 200, 200, 1));
+        let kept = snat(flow(2, ct_state::ESTABLISHED, 200, 50, 1));
+        let p = plan(scan_of(idle.into_iter().chain(kept)), &t, NOW);
+        assert_eq!(p.expire.len(), 1);
+        assert_eq!(p.expire[0].key, idle[0].0);
+        assert_eq!(p.expire[0].reverse, Some(idle[1].0));
+        assert_eq!(p.expire[0].reverse_last_seen, Some(idle[1].1.last_seen_ns));
+        assert!(p.orphans.is_empty(), "{:?}", p.orphans);
     }
 
     #[test]
