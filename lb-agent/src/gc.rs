@@ -20,8 +20,9 @@
 //!    orphan, deleted once idle past the longest timeout. A flow owns only the
 //!    reverse entry whose value points back at it ([`FlowKey::owns_reverse`]):
 //!    one at its reverse key that names another flow is never its to delete.
-//!    (One hash map of the reverse entries, built at the size the scan found;
-//!    cost: docs/benchmarks.md, "The agent's conntrack GC".)
+//!    Only candidates are hashed: flows idle on their forward entry alone,
+//!    reverse entries idle past the longest timeout (see [`plan`]; cost:
+//!    docs/benchmarks.md, "The agent's conntrack GC").
 //! 3. **Delete** each expired flow with `BPF_MAP_LOOKUP_AND_DELETE_ELEM`,
 //!    reverse entry first, then forward entry. The state that is counted is
 //!    the state at deletion, not at the scan: a FIN that closed the flow in
@@ -215,8 +216,6 @@ pub struct Rev {
     /// The forward key its value points back at (`None`: an entry of
     /// unknown direction, owned by no flow).
     pub owner: Option<FlowKey>,
-    /// Claimed by its flow (set by [`plan`]); what is left are orphans.
-    claimed: bool,
 }
 
 impl Scan {
@@ -231,14 +230,12 @@ impl Scan {
                 Rev {
                     last_seen: v.last_seen_ns,
                     owner,
-                    claimed: false,
                 },
             ));
         }
     }
 
-    /// The reverse entries by key, built once at the size the scan found
-    /// (one insert each, no rehash while growing).
+    /// The reverse entries by key, built at the size the scan found.
     pub fn reverse_map(&self) -> FlowMap<Rev> {
         let mut m = FlowMap::with_capacity_and_hasher(self.reverse.len(), Default::default());
         m.extend(self.reverse.iter().copied());
@@ -268,10 +265,20 @@ pub struct Plan {
 }
 
 /// Decides, from the scanned entries alone, which flows and orphans expire.
+///
+/// Without a map of every entry: a flow can expire only if its forward
+/// entry alone is idle past its timeout (the reverse entry can only make it
+/// younger), and a reverse entry can be an orphan only if it is idle past
+/// the longest timeout. Only those candidates go into (small) maps, which
+/// one pass over the other side probes: the reverse entries, for the idle
+/// flows' own entries; the forward entries, for the owners of old reverse
+/// entries that no idle flow claimed. A sweep where little expires hashes
+/// little.
 pub fn plan(scan: Scan, t: &Timeouts, now_ns: u64) -> Plan {
-    let mut reverse = scan.reverse_map();
     let Scan {
-        scanned, forward, ..
+        scanned,
+        forward,
+        reverse,
     } = scan;
     let mut p = Plan {
         scanned,
@@ -288,38 +295,81 @@ pub fn plan(scan: Scan, t: &Timeouts, now_ns: u64) -> Plan {
     } else {
         FlowMap::default()
     };
-    for (key, value) in forward {
-        let rk = if value.flags & ct_flags::SNAT != 0 {
-            match snat_rev.get(&key) {
-                Some(rk) => *rk,
-                None => key.reverse_of_forward(&value),
-            }
-        } else {
-            key.reverse_of_forward(&value)
-        };
-        // Only the entry that points back at this flow is its own.
-        let rev = match reverse.get_mut(&rk) {
-            Some(e) if e.owner == Some(key) && !e.claimed => {
-                e.claimed = true;
-                Some(e.last_seen)
-            }
+    // The key of the reverse entry a flow owns, if it has one.
+    let rk_of = |k: &FlowKey, v: &CtValue| -> FlowKey {
+        if v.flags & ct_flags::SNAT != 0
+            && let Some(rk) = snat_rev.get(k)
+        {
+            return *rk;
+        }
+        k.reverse_of_forward(v)
+    };
+    let max = nanos(longest(t));
+    let old = |seen: u64| now_ns.saturating_sub(seen) > max;
+    // Flows idle on their forward entry alone, by forward key.
+    let idle: Vec<usize> = (0..forward.len())
+        .filter(|&i| is_expired(&forward[i].1, None, t, now_ns))
+        .collect();
+    let mut idle_at: FlowMap<u32> =
+        FlowMap::with_capacity_and_hasher(idle.len(), Default::default());
+    for (n, &i) in idle.iter().enumerate() {
+        idle_at.insert(forward[i].0, n as u32);
+    }
+    // Each idle flow's own reverse entry: (key, last seen).
+    let mut idle_rev: Vec<Option<(FlowKey, u64)>> = vec![None; idle.len()];
+    // Old reverse entries whose owner is not an idle flow: orphans unless a
+    // flow that is not idle owns them.
+    let mut unclaimed: Vec<(FlowKey, Option<FlowKey>)> = Vec::new();
+    for (rk, e) in &reverse {
+        let at = match e.owner {
+            Some(o) if !idle_at.is_empty() => idle_at.get(&o).copied(),
             _ => None,
         };
-        if is_expired(&value, rev, t, now_ns) {
+        match at {
+            Some(n) => {
+                let (fk, fv) = &forward[idle[n as usize]];
+                // Only the entry that points back at its flow is the flow's own;
+                // and only its owner could claim it.
+                if rk_of(fk, fv) == *rk {
+                    idle_rev[n as usize] = Some((*rk, e.last_seen));
+                } else if old(e.last_seen) {
+                    p.orphans.push(*rk);
+                }
+            }
+            None if old(e.last_seen) => unclaimed.push((*rk, e.owner)),
+            None => {}
+        }
+    }
+    if !unclaimed.is_empty() {
+        let mut owned: FlowMap<(Option<FlowKey>, bool)> =
+            FlowMap::with_capacity_and_hasher(unclaimed.len(), Default::default());
+        owned.extend(unclaimed.iter().map(|&(k, o)| (k, (o, false))));
+        for (fk, fv) in &forward {
+            if let Some(e) = owned.get_mut(&rk_of(fk, fv))
+                && e.0 == Some(*fk)
+            {
+                e.1 = true;
+            }
+        }
+        p.orphans.extend(
+            unclaimed
+                .iter()
+                .filter(|(k, _)| !owned[k].1)
+                .map(|(k, _)| *k),
+        );
+    }
+    for (n, &i) in idle.iter().enumerate() {
+        let (key, value) = forward[i];
+        let rev = idle_rev[n];
+        if is_expired(&value, rev.map(|r| r.1), t, now_ns) {
             p.expire.push(Expiry {
                 key,
                 value,
-                reverse: rev.map(|_| rk),
-                reverse_last_seen: rev,
+                reverse: rev.map(|r| r.0),
+                reverse_last_seen: rev.map(|r| r.1),
             });
         }
     }
-    let max = nanos(longest(t));
-    p.orphans = reverse
-        .into_iter()
-        .filter(|(_, e)| !e.claimed && now_ns.saturating_sub(e.last_seen) > max)
-        .map(|(k, _)| k)
-        .collect();
     p
 }
 
@@ -998,6 +1048,23 @@ mod tests {
         let [fwd, rev] = flow(1, ct_state::ESTABLISHED, 1, 1, 2);
         let p = plan(scan_of([old_rev, fwd, rev]), &t, NOW);
         assert!(p.expire.is_empty());
+        assert_eq!(p.orphans, vec![old_rev.0]);
+    }
+
+    #[test]
+    fn an_idle_re_pointed_flow_takes_its_own_entry_and_leaves_the_old_as_an_orphan() {
+        // As above, but the flow is idle too: both of its reverse entries
+        // point back at it; it expires with the one at its own reverse key,
+        // the other is an orphan; a fresh flow's old entry is not.
+        let t = t();
+        let [_, old_rev] = flow(1, ct_state::ESTABLISHED, 300, 300, 1);
+        let [fwd, rev] = flow(1, ct_state::ESTABLISHED, 200, 200, 2);
+        let [_, kept_old_rev] = flow(2, ct_state::ESTABLISHED, 300, 300, 1);
+        let [fresh, _] = flow(2, ct_state::ESTABLISHED, 1, 1, 1);
+        let p = plan(scan_of([old_rev, fwd, rev, kept_old_rev, fresh]), &t, NOW);
+        assert_eq!(p.expire.len(), 1);
+        assert_eq!(p.expire[0].key, fwd.0);
+        assert_eq!(p.expire[0].reverse, Some(rev.0));
         assert_eq!(p.orphans, vec![old_rev.0]);
     }
 
