@@ -445,10 +445,11 @@ pub fn tick<D: AsMut<MapWriter>>(dp: &Mutex<D>, t: &Timeouts) -> Result<Tick, Da
         (fd, Baseline::read(w)?, w.conntrack_capacity())
     };
     let expired = expire_recount(fd.as_fd(), t, monotonic_ns(), base)?;
-    let report = expired.credit(lock().as_mut())?;
+    let report = expired.credit(lock().as_mut());
+    // The IPv6 sweep runs even if the credit failed (as the agent always did).
     let v6 = crate::gc6::sweep6(lock().as_mut(), t, monotonic_ns());
     Ok(Tick {
-        report,
+        report: report?,
         v6,
         capacity,
     })
