@@ -11,10 +11,10 @@
 //! times one `gc::tick` (the agent's tick: baseline, `expire_recount`, credit and recount,
 //! `sweep6`) on the section's thread, pinned to the benchmark CPU: wall time and the thread's
 //! CPU (`getrusage(RUSAGE_THREAD)`: the sum is the scheduler's exact runtime, its split into
-//! user and system the kernel's tick-sampled estimate, rough for sweeps of a few ms). Then a second tick right after it,
-//! where nothing expires: the steady cost of the scan. The refill is not timed, and runs on
-//! a thread of its own ([`FILL_THREAD`]): `perf report --comm rpclb-bench` shows the sweeps alone. Medians of
-//! the rounds.
+//! user and system the kernel's tick-sampled estimate, rough for sweeps of a few ms). Then a
+//! second tick right after it, where nothing expires: the steady cost of the scan. The refill
+//! is not timed, and runs on a thread of its own ([`FILL_THREAD`]): `perf report --sort
+//! pid,sym` shows the sweeps apart. Medians of the rounds.
 //!
 //! Nothing here sends a packet; the maps are unpinned on drop (and on panic).
 
