@@ -20,6 +20,9 @@
 //!    orphan, deleted once idle past the longest timeout. A flow owns only the
 //!    reverse entry whose value points back at it ([`FlowKey::owns_reverse`]):
 //!    one at its reverse key that names another flow is never its to delete.
+//!    Only candidates are hashed: flows idle on their forward entry alone,
+//!    reverse entries idle past the longest timeout (see [`plan`]; cost:
+//!    docs/benchmarks.md, "The agent's conntrack GC").
 //! 3. **Delete** each expired flow with `BPF_MAP_LOOKUP_AND_DELETE_ELEM`,
 //!    reverse entry first, then forward entry. The state that is counted is
 //!    the state at deletion, not at the scan: a FIN that closed the flow in
@@ -54,7 +57,8 @@
 //! idle for its whole timeout to send a FIN within microseconds of the sweep.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use lb_common::{ConnCounts, CtValue, FlowKey, ct_dir, ct_flags, ct_state};
@@ -62,14 +66,18 @@ use serde::{Serialize, Serializer};
 use tracing::debug;
 
 use crate::config::Timeouts;
-use crate::datapath::reader::ip_wire;
+use crate::datapath::reader::{ip_wire, monotonic_ns};
 use crate::datapath::{DatapathError, MapReader, MapWriter, sys};
 
-/// A map keyed by flow, for the sweep's per-entry work (two inserts per reverse entry, a
-/// lookup and a remove per forward entry): foldhash's keyed hasher (a random seed per map)
+/// A map keyed by flow, for the sweep's per-entry work (an insert per reverse entry, a
+/// lookup per forward entry): foldhash's keyed hasher (a random seed per map)
 /// instead of SipHash, which took about a third of a sweep's CPU. The keys come from remote
 /// clients, hence keyed.
 pub type FlowMap<V> = HashMap<FlowKey, V, foldhash::fast::RandomState>;
+
+/// A map keyed by backend id (or a credit key), looked up once per scanned flow by the
+/// recount: the same fast hasher.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Entries per `BPF_MAP_LOOKUP_BATCH` call.
 pub const BATCH: u32 = 4096;
@@ -190,15 +198,24 @@ fn ser_secs<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
 }
 
-/// Entries read by a scan, split by direction.
+/// Entries read by a scan, split by direction, in the order the walk found
+/// them (no key twice: a key always hashes to the same bucket, and the walk
+/// visits each bucket once).
 #[derive(Debug, Default)]
 pub struct Scan {
     pub scanned: u64,
     pub forward: Vec<(FlowKey, CtValue)>,
-    /// Reverse (and unknown-direction) entries: key -> last seen.
-    pub reverse: FlowMap<u64>,
-    /// Reverse entries: key -> the forward key their value points back at.
-    pub reverse_owner: FlowMap<FlowKey>,
+    /// Reverse (and unknown-direction) entries.
+    pub reverse: Vec<(FlowKey, Rev)>,
+}
+
+/// A reverse entry as the plan needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rev {
+    pub last_seen: u64,
+    /// The forward key its value points back at (`None`: an entry of
+    /// unknown direction, owned by no flow).
+    pub owner: Option<FlowKey>,
 }
 
 impl Scan {
@@ -207,11 +224,22 @@ impl Scan {
         if v.dir == ct_dir::FORWARD {
             self.forward.push((k, v));
         } else {
-            self.reverse.insert(k, v.last_seen_ns);
-            if v.dir == ct_dir::REVERSE {
-                self.reverse_owner.insert(k, k.forward_of_reverse(&v));
-            }
+            let owner = (v.dir == ct_dir::REVERSE).then(|| k.forward_of_reverse(&v));
+            self.reverse.push((
+                k,
+                Rev {
+                    last_seen: v.last_seen_ns,
+                    owner,
+                },
+            ));
         }
+    }
+
+    /// The reverse entries by key, built at the size the scan found.
+    pub fn reverse_map(&self) -> FlowMap<Rev> {
+        let mut m = FlowMap::with_capacity_and_hasher(self.reverse.len(), Default::default());
+        m.extend(self.reverse.iter().copied());
+        m
     }
 }
 
@@ -237,12 +265,20 @@ pub struct Plan {
 }
 
 /// Decides, from the scanned entries alone, which flows and orphans expire.
+///
+/// Without a map of every entry: a flow can expire only if its forward
+/// entry alone is idle past its timeout (the reverse entry can only make it
+/// younger), and a reverse entry can be an orphan only if it is idle past
+/// the longest timeout. Only those candidates go into (small) maps, which
+/// one pass over the other side probes: the reverse entries, for the idle
+/// flows' own entries; the forward entries, for the owners of old reverse
+/// entries that no idle flow claimed. A sweep where little expires hashes
+/// little.
 pub fn plan(scan: Scan, t: &Timeouts, now_ns: u64) -> Plan {
     let Scan {
         scanned,
         forward,
-        mut reverse,
-        reverse_owner,
+        reverse,
     } = scan;
     let mut p = Plan {
         scanned,
@@ -252,37 +288,88 @@ pub fn plan(scan: Scan, t: &Timeouts, now_ns: u64) -> Plan {
     // A SNATed flow's reverse key ends at the node's address, which its
     // forward entry does not hold: found from the reverse entries' side.
     let snat_rev: FlowMap<FlowKey> = if forward.iter().any(|(_, v)| v.flags & ct_flags::SNAT != 0) {
-        reverse_owner.iter().map(|(r, f)| (*f, *r)).collect()
+        reverse
+            .iter()
+            .filter_map(|(r, e)| e.owner.map(|f| (f, *r)))
+            .collect()
     } else {
         FlowMap::default()
     };
-    for (key, value) in forward {
-        let rk = if value.flags & ct_flags::SNAT != 0 {
-            match snat_rev.get(&key) {
-                Some(rk) => *rk,
-                None => key.reverse_of_forward(&value),
-            }
-        } else {
-            key.reverse_of_forward(&value)
+    // The key of the reverse entry a flow owns, if it has one.
+    let rk_of = |k: &FlowKey, v: &CtValue| -> FlowKey {
+        if v.flags & ct_flags::SNAT != 0
+            && let Some(rk) = snat_rev.get(k)
+        {
+            return *rk;
+        }
+        k.reverse_of_forward(v)
+    };
+    let max = nanos(longest(t));
+    let old = |seen: u64| now_ns.saturating_sub(seen) > max;
+    // Flows idle on their forward entry alone, by forward key.
+    let idle: Vec<usize> = (0..forward.len())
+        .filter(|&i| is_expired(&forward[i].1, None, t, now_ns))
+        .collect();
+    let mut idle_at: FlowMap<u32> =
+        FlowMap::with_capacity_and_hasher(idle.len(), Default::default());
+    for (n, &i) in idle.iter().enumerate() {
+        idle_at.insert(forward[i].0, n as u32);
+    }
+    // Each idle flow's own reverse entry: (key, last seen).
+    let mut idle_rev: Vec<Option<(FlowKey, u64)>> = vec![None; idle.len()];
+    // Old reverse entries whose owner is not an idle flow: orphans unless a
+    // flow that is not idle owns them.
+    let mut unclaimed: Vec<(FlowKey, Option<FlowKey>)> = Vec::new();
+    for (rk, e) in &reverse {
+        let at = match e.owner {
+            Some(o) if !idle_at.is_empty() => idle_at.get(&o).copied(),
+            _ => None,
         };
-        // Only the entry that points back at this flow is its own.
-        let owned = reverse_owner.get(&rk) == Some(&key);
-        let rev = if owned { reverse.remove(&rk) } else { None };
-        if is_expired(&value, rev, t, now_ns) {
+        match at {
+            Some(n) => {
+                let (fk, fv) = &forward[idle[n as usize]];
+                // Only the entry that points back at its flow is the flow's own;
+                // and only its owner could claim it.
+                if rk_of(fk, fv) == *rk {
+                    idle_rev[n as usize] = Some((*rk, e.last_seen));
+                } else if old(e.last_seen) {
+                    p.orphans.push(*rk);
+                }
+            }
+            None if old(e.last_seen) => unclaimed.push((*rk, e.owner)),
+            None => {}
+        }
+    }
+    if !unclaimed.is_empty() {
+        let mut owned: FlowMap<(Option<FlowKey>, bool)> =
+            FlowMap::with_capacity_and_hasher(unclaimed.len(), Default::default());
+        owned.extend(unclaimed.iter().map(|&(k, o)| (k, (o, false))));
+        for (fk, fv) in &forward {
+            if let Some(e) = owned.get_mut(&rk_of(fk, fv))
+                && e.0 == Some(*fk)
+            {
+                e.1 = true;
+            }
+        }
+        p.orphans.extend(
+            unclaimed
+                .iter()
+                .filter(|(k, _)| !owned[k].1)
+                .map(|(k, _)| *k),
+        );
+    }
+    for (n, &i) in idle.iter().enumerate() {
+        let (key, value) = forward[i];
+        let rev = idle_rev[n];
+        if is_expired(&value, rev.map(|r| r.1), t, now_ns) {
             p.expire.push(Expiry {
                 key,
                 value,
-                reverse: rev.map(|_| rk),
-                reverse_last_seen: rev,
+                reverse: rev.map(|r| r.0),
+                reverse_last_seen: rev.map(|r| r.1),
             });
         }
     }
-    let max = nanos(longest(t));
-    p.orphans = reverse
-        .into_iter()
-        .filter(|&(_, seen)| now_ns.saturating_sub(seen) > max)
-        .map(|(k, _)| k)
-        .collect();
     p
 }
 
@@ -322,6 +409,50 @@ fn io_err(call: &str, source: std::io::Error) -> DatapathError {
 pub fn sweep(w: &mut MapWriter, t: &Timeouts, now_ns: u64) -> Result<GcReport, DatapathError> {
     let e = expire(w.conntrack_fd(), t, now_ns)?;
     e.credit(w)
+}
+
+/// What one [`tick`] did.
+#[derive(Debug)]
+pub struct Tick {
+    /// The IPv4 sweep (with its recount).
+    pub report: GcReport,
+    /// The IPv6 sweep; its error does not fail the tick (the IPv4 one is done).
+    pub v6: Result<crate::gc6::Gc6Report, DatapathError>,
+    /// `CONNTRACK`'s capacity, read with the baseline.
+    pub capacity: u32,
+}
+
+/// One GC tick as the agent runs it, for a writer shared behind a lock
+/// (`D`: the agent's `Datapath`, or a bare `MapWriter`): under the lock a
+/// dup of the conntrack fd and the recount's [`Baseline`]; without it the
+/// scan and deletes ([`expire_recount`], up to ~1.5 s at 1M entries); under
+/// it again the credit and recount, then the IPv6 sweep
+/// ([`crate::gc6::sweep6`]). Blocking: call it from a blocking thread.
+pub fn tick<D: AsMut<MapWriter>>(dp: &Mutex<D>, t: &Timeouts) -> Result<Tick, DatapathError> {
+    // A panic while holding the lock leaves the maps as consistent as the
+    // kernel sees them at any time; keep going.
+    let lock = || dp.lock().unwrap_or_else(|e| e.into_inner());
+    let (fd, base, capacity) = {
+        let mut g = lock();
+        let w = g.as_mut();
+        let fd = w
+            .conntrack_fd()
+            .try_clone_to_owned()
+            .map_err(|source| DatapathError::Io {
+                path: "CONNTRACK fd".into(),
+                source,
+            })?;
+        (fd, Baseline::read(w)?, w.conntrack_capacity())
+    };
+    let expired = expire_recount(fd.as_fd(), t, monotonic_ns(), base)?;
+    let report = expired.credit(lock().as_mut());
+    // The IPv6 sweep runs even if the credit failed (as the agent always did).
+    let v6 = crate::gc6::sweep6(lock().as_mut(), t, monotonic_ns());
+    Ok(Tick {
+        report: report?,
+        v6,
+        capacity,
+    })
 }
 
 /// A sweep's deletions done, its credits not yet applied.
@@ -446,7 +577,7 @@ fn expire_inner(
     let mut s = Scan::default();
     for_each_entry(fd, |k, v| s.push(*k, *v))?;
     let mut recount = base.map(|b| Recount::new(b, &s.forward));
-    let mut credit = Credit::new();
+    let mut credit = Credit::default();
     let mut evicted = 0u64;
     // Flows open at the end of this sweep (before removing what it deletes).
     let mut open_now: FlowMap<(u64, CreditKey)> = FlowMap::default();
@@ -556,7 +687,7 @@ fn expire_inner(
 pub struct Baseline {
     /// `monotonic_ns()` taken before the counters were read.
     at_ns: u64,
-    backends: HashMap<u32, BaseEntry>,
+    backends: FastMap<u32, BaseEntry>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -570,7 +701,7 @@ struct BaseEntry {
 impl Baseline {
     pub fn read(r: &MapReader) -> Result<Baseline, DatapathError> {
         let at_ns = crate::datapath::reader::monotonic_ns();
-        let mut backends = HashMap::new();
+        let mut backends = FastMap::default();
         for (id, ident) in r.backend_index() {
             let (conns, gc) = r.backend_conn_counts(id)?;
             backends.insert(id, BaseEntry { ident, conns, gc });
@@ -611,8 +742,8 @@ pub fn recount_one(base: ConnCounts, base_gc: u64, open_at_scan: u64, removed: u
 #[derive(Debug)]
 struct Recount {
     base: Baseline,
-    open: HashMap<u32, u64>,
-    removed: HashMap<u32, u64>,
+    open: FastMap<u32, u64>,
+    removed: FastMap<u32, u64>,
     /// Open flows evicted between the scan and their delete.
     vanished: u64,
 }
@@ -621,8 +752,8 @@ impl Recount {
     fn new(base: Baseline, forward: &[(FlowKey, CtValue)]) -> Recount {
         let mut rc = Recount {
             base,
-            open: HashMap::new(),
-            removed: HashMap::new(),
+            open: FastMap::default(),
+            removed: FastMap::default(),
             vanished: 0,
         };
         for (_, v) in forward {
@@ -746,7 +877,7 @@ impl Take {
 /// Credits are keyed by the backend as the flow knew it: (id, service id,
 /// IP and port in network order).
 type CreditKey = (u32, u32, u32, u16);
-type Credit = HashMap<CreditKey, u64>;
+type Credit = FastMap<CreditKey, u64>;
 
 fn count_expiry(r: &mut GcReport, credit: &mut Credit, v: &CtValue) {
     r.expired += 1;
@@ -921,6 +1052,23 @@ mod tests {
         assert_eq!(p.orphans, vec![old_rev.0]);
     }
 
+    #[test]
+    fn an_idle_re_pointed_flow_takes_its_own_entry_and_leaves_the_old_as_an_orphan() {
+        // As above, but the flow is idle too: both of its reverse entries
+        // point back at it; it expires with the one at its own reverse key,
+        // the other is an orphan; a fresh flow's old entry is not.
+        let t = t();
+        let [_, old_rev] = flow(1, ct_state::ESTABLISHED, 300, 300, 1);
+        let [fwd, rev] = flow(1, ct_state::ESTABLISHED, 200, 200, 2);
+        let [_, kept_old_rev] = flow(2, ct_state::ESTABLISHED, 300, 300, 1);
+        let [fresh, _] = flow(2, ct_state::ESTABLISHED, 1, 1, 1);
+        let p = plan(scan_of([old_rev, fwd, rev, kept_old_rev, fresh]), &t, NOW);
+        assert_eq!(p.expire.len(), 1);
+        assert_eq!(p.expire[0].key, fwd.0);
+        assert_eq!(p.expire[0].reverse, Some(rev.0));
+        assert_eq!(p.orphans, vec![old_rev.0]);
+    }
+
     /// Flow `f` moved to VIP `vip` (another service through the same backend).
     fn via_vip(mut f: [(FlowKey, CtValue); 2], vip: u8) -> [(FlowKey, CtValue); 2] {
         f[0].0.dst_ip = u32::from_ne_bytes([10, 96, 0, vip]);
@@ -966,13 +1114,41 @@ mod tests {
     }
 
     #[test]
+    fn a_snated_flow_pairs_with_its_reverse_entry_at_the_node_address() {
+        // SNAT: the reverse key ends at the node's address, which the forward
+        // entry does not hold; the pairing comes from the reverse entries'
+        // side. An idle flow takes its own entry (no orphan); a fresh reverse
+        // entry keeps its flow.
+        let t = t();
+        let node = u32::from_ne_bytes([192, 168, 0, 7]);
+        let snat = |f: [(FlowKey, CtValue); 2]| {
+            let [(fk, mut fv), (_, mut rv)] = f;
+            fv.flags |= ct_flags::SNAT;
+            rv.flags |= ct_flags::SNAT;
+            rv.state = fk.src_ip;
+            let mut rk = fk.reverse_of_forward(&fv);
+            rk.dst_ip = node;
+            assert_eq!(rk.forward_of_reverse(&rv), fk);
+            [(fk, fv), (rk, rv)]
+        };
+        let idle = snat(flow(1, ct_state::ESTABLISHED, 200, 200, 1));
+        let kept = snat(flow(2, ct_state::ESTABLISHED, 200, 50, 1));
+        let p = plan(scan_of(idle.into_iter().chain(kept)), &t, NOW);
+        assert_eq!(p.expire.len(), 1);
+        assert_eq!(p.expire[0].key, idle[0].0);
+        assert_eq!(p.expire[0].reverse, Some(idle[1].0));
+        assert_eq!(p.expire[0].reverse_last_seen, Some(idle[1].1.last_seen_ns));
+        assert!(p.orphans.is_empty(), "{:?}", p.orphans);
+    }
+
+    #[test]
     fn closing_flows_are_not_credited_again() {
         assert!(closed_by_kernel(ct_state::CLOSING));
         for s in [ct_state::SYN, ct_state::ESTABLISHED, ct_state::UDP] {
             assert!(!closed_by_kernel(s));
         }
         let mut r = GcReport::default();
-        let mut c = Credit::new();
+        let mut c = Credit::default();
         let [(_, mut v), _] = flow(1, ct_state::CLOSING, 0, 0, 7);
         count_expiry(&mut r, &mut c, &v);
         v.state = ct_state::UDP;
@@ -1055,10 +1231,10 @@ mod tests {
         add(5, ct_state::ESTABLISHED, 2, NOW + 1); // opened after the baseline
         add(6, ct_state::ESTABLISHED, 9, NOW - S); // backend unknown
         let mut rc = Recount::new(base, &fwd);
-        assert_eq!(rc.open, HashMap::from([(1, 2), (2, 1)]));
+        assert_eq!(rc.open, FastMap::from_iter([(1, 2), (2, 1)]));
         rc.removed(&fwd[0].1, true);
         rc.removed(&fwd[4].1, false); // not counted: not removed either
-        assert_eq!(rc.removed, HashMap::from([(1, 1)]));
+        assert_eq!(rc.removed, FastMap::from_iter([(1, 1)]));
         assert_eq!(rc.vanished, 1);
     }
 }

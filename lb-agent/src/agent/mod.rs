@@ -19,7 +19,6 @@
 //! runtime.
 
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,7 +35,6 @@ mod http;
 use crate::config::{Config, Timeouts};
 use crate::datapath::attach;
 pub use crate::datapath::attach::ModeChoice;
-use crate::datapath::reader::monotonic_ns;
 use crate::datapath::{self, Datapath, DatapathConfig};
 use crate::engines::{Engines, SharedDp, lock};
 use crate::gc;
@@ -956,28 +954,14 @@ async fn gc_loop(
         let t = shared.timeouts();
         let dp2 = dp.clone();
         // The scan and deletes run on a dup of the conntrack fd without the
-        // writer lock (they take up to ~1.5 s at 1M entries); only the
-        // baseline (counters, just before the scan) and the recount take it.
+        // writer lock; see `gc::tick`.
         let res = tokio::task::spawn_blocking(move || {
-            let (fd, base, capacity) = {
-                let mut g = lock(&dp2);
-                let w = g.writer();
-                let fd = w.conntrack_fd().try_clone_to_owned().map_err(|source| {
-                    crate::datapath::DatapathError::Io {
-                        path: "CONNTRACK fd".into(),
-                        source,
-                    }
-                })?;
-                (fd, gc::Baseline::read(w)?, w.conntrack_capacity())
-            };
-            let expired = gc::expire_recount(fd.as_fd(), &t, monotonic_ns(), base)?;
-            let r = expired.credit(lock(&dp2).writer()).map(|r| (r, capacity));
-            // The IPv6 flows (`CONNTRACK6`), under the writer's lock.
-            match crate::gc6::sweep6(lock(&dp2).writer(), &t, monotonic_ns()) {
+            let tick = gc::tick(&dp2, &t)?;
+            match tick.v6 {
                 Ok(r6) => tracing::debug!(?r6, "IPv6 conntrack sweep"),
                 Err(e) => warn!("IPv6 conntrack sweep: {e}"),
             }
-            r
+            Ok::<_, crate::datapath::DatapathError>((tick.report, tick.capacity))
         })
         .await;
         match res {

@@ -394,6 +394,12 @@ pub struct Datapath {
     xdp_marks: std::collections::BTreeMap<u32, u32>,
 }
 
+impl AsMut<MapWriter> for Datapath {
+    fn as_mut(&mut self) -> &mut MapWriter {
+        self.writer()
+    }
+}
+
 impl Datapath {
     /// Loads the object, reusing maps already pinned under the pin path (a
     /// restart), or creating and pinning them (a first start). Refuses maps

@@ -129,6 +129,14 @@ pub struct MapWriter {
 /// (front end, backend ip, backend port) of every backend to SNAT.
 pub type SnatSet = std::collections::HashSet<(ServiceAddr, IpAddr, u16)>;
 
+/// So that code shared by the agent (a `Datapath` behind a lock) and tools with a bare writer
+/// can take either (`gc::tick`).
+impl AsMut<MapWriter> for MapWriter {
+    fn as_mut(&mut self) -> &mut MapWriter {
+        self
+    }
+}
+
 impl std::ops::Deref for MapWriter {
     type Target = MapReader;
     fn deref(&self) -> &MapReader {

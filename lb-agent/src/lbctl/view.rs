@@ -314,8 +314,12 @@ pub fn conntrack(w: &MapReader, f: &FlowFilter) -> Result<(Vec<FlowRow>, u64)> {
     let names: HashMap<ServiceAddr, String> =
         w.services().into_iter().map(|s| (s.addr, s.name)).collect();
     // An IPv4 SNATed flow's address is in its reverse key only.
-    let snat_rev: HashMap<FlowKey, FlowKey> =
-        scan.reverse_owner.iter().map(|(r, f)| (*f, *r)).collect();
+    let snat_rev: HashMap<FlowKey, FlowKey> = scan
+        .reverse
+        .iter()
+        .filter_map(|(r, e)| e.owner.map(|f| (f, *r)))
+        .collect();
+    let reverse = scan.reverse_map();
     let mut rows = Vec::new();
     for (k, v) in &scan.forward {
         let protocol = if k.proto == 17 {
@@ -337,11 +341,9 @@ pub fn conntrack(w: &MapReader, f: &FlowFilter) -> Result<(Vec<FlowRow>, u64)> {
         {
             continue;
         }
-        let rev_seen = scan
-            .reverse
+        let rev_seen = reverse
             .get(&k.reverse_of_forward(v))
-            .copied()
-            .unwrap_or(0);
+            .map_or(0, |e| e.last_seen);
         let last = v.last_seen_ns.max(rev_seen);
         // By address, not by the entry's service id: ids of removed
         // services are reused, so an old flow's id may name another service.

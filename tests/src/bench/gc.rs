@@ -1,6 +1,6 @@
 //! The agent's conntrack GC beside the lab's data path: a thread that runs, every `interval`,
-//! what `lb-agent`'s GC tick runs (`lb_agent::agent`'s `gc_loop`: a recount baseline, the
-//! scan-plan-delete of `gc::expire_recount`, the credit, and the IPv6 sweep), on its own
+//! `lb-agent`'s GC tick (`lb_agent::gc::tick`, what the agent's `gc_loop` runs: a recount
+//! baseline, the scan-plan-delete of `gc::expire_recount`, the credit, and the IPv6 sweep), on its own
 //! `MapWriter` over the lab's pinned maps. The bench loads the data path in-process and has no
 //! agent; this puts the agent's CPU (and its deletes) into the measured runs, on a thread
 //! named [`THREAD`] whose schedstat `cpu.rs` reads.
@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use lb_agent::datapath::MapWriter;
-use lb_agent::datapath::reader::monotonic_ns;
 use lb_agent::gc;
 use lb_api::config::Timeouts;
 
@@ -53,8 +52,10 @@ pub fn interval_from_env() -> Result<Option<Duration>> {
 
 impl AgentGc {
     pub fn start(pin: &Path, every: Duration) -> Result<AgentGc> {
-        let mut w = MapWriter::open_pinned(pin)
-            .with_context(|| format!("GC: opening the maps at {}", pin.display()))?;
+        let w = std::sync::Mutex::new(
+            MapWriter::open_pinned(pin)
+                .with_context(|| format!("GC: opening the maps at {}", pin.display()))?,
+        );
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::Builder::new()
@@ -69,8 +70,8 @@ impl AgentGc {
                         continue;
                     }
                     next += every;
-                    match tick(&mut w, &t) {
-                        Ok(r) => {
+                    match gc::tick(&w, &t) {
+                        Ok(gc::Tick { report: r, .. }) => {
                             tot.sweeps += 1;
                             tot.scanned += r.scanned;
                             tot.expired += r.expired;
@@ -107,14 +108,4 @@ impl Drop for AgentGc {
     fn drop(&mut self) {
         self.halt();
     }
-}
-
-/// One tick of the agent's GC (`gc_loop` without its locking and selector retry).
-fn tick(w: &mut MapWriter, t: &Timeouts) -> Result<gc::GcReport> {
-    let fd = w.conntrack_fd().try_clone_to_owned()?;
-    let base = gc::Baseline::read(w)?;
-    let expired = gc::expire_recount(std::os::fd::AsFd::as_fd(&fd), t, monotonic_ns(), base)?;
-    let r = expired.credit(w)?;
-    let _ = lb_agent::gc6::sweep6(w, t, monotonic_ns());
-    Ok(r)
 }

@@ -195,7 +195,12 @@ impl Drop for PinnedDp {
     }
 }
 
-fn service(name: &str, vip: Ipv4Addr, algo: Algorithm, backends: Vec<Backend>) -> Service {
+pub(super) fn service(
+    name: &str,
+    vip: Ipv4Addr,
+    algo: Algorithm,
+    backends: Vec<Backend>,
+) -> Service {
     Service {
         max_per_backend: None,
         selector: None,

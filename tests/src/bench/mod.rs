@@ -12,6 +12,7 @@ pub mod counters;
 pub mod cpu;
 pub mod fanout;
 pub mod gc;
+pub mod gcsweep;
 pub mod grpc;
 pub mod live;
 pub mod maglev;
@@ -42,10 +43,11 @@ pub enum Section {
     Fill,
     Fanout,
     Grpc,
+    Gc,
 }
 
 impl Section {
-    pub const ALL: [Section; 9] = [
+    pub const ALL: [Section; 10] = [
         Section::Xdp,
         Section::Scale,
         Section::Maglev,
@@ -55,6 +57,7 @@ impl Section {
         Section::Fill,
         Section::Fanout,
         Section::Grpc,
+        Section::Gc,
     ];
 
     pub fn name(self) -> &'static str {
@@ -68,6 +71,7 @@ impl Section {
             Section::Fill => "fill",
             Section::Fanout => "fanout",
             Section::Grpc => "grpc",
+            Section::Gc => "gc",
         }
     }
 
@@ -77,7 +81,7 @@ impl Section {
             .find(|x| x.name() == s)
             .ok_or_else(|| {
                 anyhow::anyhow!(
-                    "unknown section {s:?} (xdp, scale, maglev, lab, stream, counters, fill, fanout, grpc)"
+                    "unknown section {s:?} (xdp, scale, maglev, lab, stream, counters, fill, fanout, grpc, gc)"
                 )
             })
     }
@@ -122,6 +126,8 @@ pub struct Opts {
     /// `--ab-object PATH`: section 1 also times this eBPF object (cases marked B), interleaved
     /// with the built-in one, for A/B comparisons of the programs in one run.
     pub ab_object: Option<std::path::PathBuf>,
+    /// `--gc-flows`: the flow counts of the gc section (empty: its defaults).
+    pub gc_flows: Vec<u32>,
 }
 
 impl Opts {
@@ -146,6 +152,7 @@ impl Opts {
             profile_fill: 0,
             plain_runs: 4_000,
             ab_object: None,
+            gc_flows: Vec::new(),
         }
     }
 
@@ -170,6 +177,7 @@ impl Opts {
             profile_fill: 0,
             plain_runs: 500,
             ab_object: None,
+            gc_flows: Vec::new(),
         }
     }
 }
@@ -195,6 +203,9 @@ sections (default: all, in this order):
   grpc     the gRPC mode: unary calls over one client connection through the agent's proxy
            (1 and 3 backends) vs direct to a pod: max calls/s with 16 in flight, p50/p99 at
            a moderate paced rate, the spread over 3 backends (uses --lab-secs, --lab-rounds)
+  gc       the agent's conntrack GC tick over 100,000 and 400,000 flows (quick: 10,000 and
+           40,000), a quarter of them idle: CPU per sweep, per scanned entry and per expired
+           flow, and a sweep where nothing expires (uses --rounds)
 
 options:
   --quick              small counts (a smoke run of about 20 s)
@@ -222,6 +233,7 @@ options:
   --ab-object PATH     section 1 also times this eBPF object (rows marked B) interleaved
                        with the built-in one, e.g. a copy of target/ebpf/.../lb-ebpf from
                        another build, for A/B comparisons in one run
+  --gc-flows LIST       the gc section's flow counts (comma-separated, each <= 500,000)
   -h, --help           this text
 ";
 
@@ -311,6 +323,15 @@ pub fn parse_args(args: &[String]) -> Result<Option<Opts>> {
             "--profile-fill" => o.profile_fill = num(value()?, flag)?,
             "--plain-runs" => o.plain_runs = num(value()?, flag)?,
             "--ab-object" => o.ab_object = Some(value()?.into()),
+            "--gc-flows" => {
+                for n in value()?.split(',').filter(|s| !s.is_empty()) {
+                    let n: u32 = num(n, flag)?;
+                    if !(1_000..=500_000).contains(&n) {
+                        bail!("--gc-flows: 1000 to 500000 flows each, not {n}");
+                    }
+                    o.gc_flows.push(n);
+                }
+            }
             other => bail!("unknown argument {other:?}; see --help"),
         }
     }

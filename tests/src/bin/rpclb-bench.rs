@@ -51,6 +51,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             Section::Fill => bench::newflow::section_fill(opts),
             Section::Fanout => bench::fanout::section_fanout(opts),
             Section::Grpc => bench::grpc::section_grpc(opts),
+            Section::Gc => bench::gcsweep::section_gc(opts),
         };
         if let Err(e) = r {
             bench::check_stop()?;
