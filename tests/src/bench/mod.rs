@@ -42,11 +42,13 @@ pub enum Section {
     Fill,
     Fanout,
     Grpc,
+    Tc,
 }
 
 impl Section {
-    pub const ALL: [Section; 9] = [
+    pub const ALL: [Section; 10] = [
         Section::Xdp,
+        Section::Tc,
         Section::Scale,
         Section::Maglev,
         Section::Lab,
@@ -68,6 +70,7 @@ impl Section {
             Section::Fill => "fill",
             Section::Fanout => "fanout",
             Section::Grpc => "grpc",
+            Section::Tc => "tc",
         }
     }
 
@@ -77,7 +80,7 @@ impl Section {
             .find(|x| x.name() == s)
             .ok_or_else(|| {
                 anyhow::anyhow!(
-                    "unknown section {s:?} (xdp, scale, maglev, lab, stream, counters, fill, fanout, grpc)"
+                    "unknown section {s:?} (xdp, tc, scale, maglev, lab, stream, counters, fill, fanout, grpc)"
                 )
             })
     }
@@ -182,6 +185,8 @@ usage: rpclb-bench [--quick] [--section NAME]... [options]
 
 sections (default: all, in this order):
   xdp      per-packet cost with XDP live frames vs a trivial XDP_TX program, and new-flow cost
+  tc       informational: rpclb_tc in plain mode, a connection's first four packets (SYN,
+           SYN-ACK, ACK + data, reply), A/B with --ab-object
   scale    the same with 10,000 services and 100,000 backends loaded vs one service
   maglev   Maglev table build, M = 65537, 1,000 backends
   lab      netns lab: connections/s and keep-alive requests/s, XDP, TC and userspace vs direct
@@ -219,9 +224,9 @@ options:
                        map kept --profile-fill PCT full (default 0: --new-flows flows)
   --plain-runs N       section 1 where live frames are refused: single plain runs per case
                        and round (default 4000; quick 500)
-  --ab-object PATH     section 1 also times this eBPF object (rows marked B) interleaved
-                       with the built-in one, e.g. a copy of target/ebpf/.../lb-ebpf from
-                       another build, for A/B comparisons in one run
+  --ab-object PATH     sections xdp and tc also time this eBPF object (rows marked B)
+                       interleaved with the built-in one, e.g. a copy of target/ebpf/.../lb-ebpf
+                       from another build, for A/B comparisons in one run
   -h, --help           this text
 ";
 
