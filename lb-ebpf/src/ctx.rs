@@ -310,6 +310,48 @@ pub struct Tc<'a>(pub &'a TcContext);
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 
+// The IPv4 header checksum in TC, by the arithmetic `bpf_l3_csum_replace`
+// does: that helper only rewrites the field (`csum_replace4`/`csum_replace2`,
+// include/net/checksum.h) and never reads or changes the skb's checksum
+// state, which concerns the L4 checksum alone. These are those two functions
+// step by step (32- and 16-bit adds with end-around carry, then the fold), so
+// the bytes are the helper's for every input, and a direct write replaces
+// its call. The L4 checksum stays with `bpf_l4_csum_replace` (`nat`'s docs).
+
+/// `csum_add`: 32-bit one's complement add.
+#[inline(always)]
+fn csum_add(a: u32, b: u32) -> u32 {
+    let r = a.wrapping_add(b);
+    r.wrapping_add((r < b) as u32)
+}
+
+/// `csum_fold`: 32 bits folded to 16, complemented.
+#[inline(always)]
+fn csum_fold(s: u32) -> u16 {
+    let r = (s >> 16) + (s & 0xffff);
+    !(((r & 0xffff) + (r >> 16)) as u16)
+}
+
+/// `csum16_add`: 16-bit one's complement add.
+#[inline(always)]
+fn csum16_add(a: u16, b: u16) -> u16 {
+    let r = a.wrapping_add(b);
+    r.wrapping_add((r < b) as u16)
+}
+
+/// `csum_replace4(sum, from, to)`: the check field `hc` after a 4-byte word
+/// changed from `old` to `new` (all as loaded from the packet).
+#[inline(always)]
+pub(crate) fn tc_l3_csum4(hc: u16, old: u32, new: u32) -> u16 {
+    csum_fold(csum_add(csum_add(!(hc as u32), !old), new))
+}
+
+/// `csum_replace2(sum, old, new)`: the same for a 2-byte word.
+#[inline(always)]
+pub(crate) fn tc_l3_csum2(hc: u16, old: u16, new: u16) -> u16 {
+    !csum16_add(csum16_add(!hc, !old), new)
+}
+
 impl Ctx for Tc<'_> {
     /// TC rewrites through the checksum helpers, which follow the skb's
     /// checksum state; the cache's one-add rewrite would not.
@@ -359,7 +401,7 @@ impl Ctx for Tc<'_> {
         udp: bool,
     ) -> Option<()> {
         let mangled = if udp { BPF_F_MARK_MANGLED_0 } else { 0 };
-        // The helpers handle CHECKSUM_PARTIAL skbs (BPF_F_PSEUDO_HDR).
+        // The helper handles CHECKSUM_PARTIAL skbs (BPF_F_PSEUDO_HDR).
         self.0
             .l4_csum_replace(
                 l4_csum,
@@ -368,10 +410,14 @@ impl Ctx for Tc<'_> {
                 BPF_F_PSEUDO_HDR | mangled | 4,
             )
             .ok()?;
-        self.0
-            .l3_csum_replace(ip_csum, old as u64, new as u64, 4)
-            .ok()?;
-        self.0.store(off, &new, 0).ok()
+        // The helper may have moved the data: pointers only after it.
+        let a: *mut u32 = ptr_at(self, off)?;
+        let ic: *mut u16 = ptr_at(self, ip_csum)?;
+        unsafe {
+            *a = new;
+            *ic = tc_l3_csum4(*ic, old, new);
+        }
+        Some(())
     }
     #[inline(always)]
     fn rewrite_word6(
@@ -392,7 +438,9 @@ impl Ctx for Tc<'_> {
                 BPF_F_PSEUDO_HDR | mangled | 4,
             )
             .ok()?;
-        self.0.store(off, &new, 0).ok()
+        let a: *mut u32 = ptr_at(self, off)?;
+        unsafe { *a = new };
+        Some(())
     }
     /// Always `Full`, as for IPv4: the helpers follow the skb.
     #[inline(always)]
@@ -401,19 +449,26 @@ impl Ctx for Tc<'_> {
     }
     #[inline(always)]
     fn route_rewrite6(&mut self, ip: usize, smac: &[u8; 6], dmac: &[u8; 6]) -> Option<()> {
-        let old: u8 = self.0.load(ip + 7).ok()?;
-        self.0.store(ip + 7, &(old - 1), 0).ok()?;
-        let mut macs = [0u8; 12];
-        macs[..6].copy_from_slice(dmac);
-        macs[6..].copy_from_slice(smac);
-        self.0.store(0, &macs, 0).ok()
+        // Direct writes, as in XDP: no checksum covers these bytes.
+        let eth: *mut [u8; 12] = ptr_at(self, 0)?;
+        let hop: *mut u8 = ptr_at(self, ip + 7)?;
+        unsafe {
+            let e = &mut *eth;
+            e[..6].copy_from_slice(dmac);
+            e[6..].copy_from_slice(smac);
+            *hop -= 1;
+        }
+        Some(())
     }
     #[inline(always)]
     fn rewrite_ip(&mut self, off: usize, old: u32, new: u32, ip_csum: usize) -> Option<()> {
-        self.0
-            .l3_csum_replace(ip_csum, old as u64, new as u64, 4)
-            .ok()?;
-        self.0.store(off, &new, 0).ok()
+        let a: *mut u32 = ptr_at(self, off)?;
+        let ic: *mut u16 = ptr_at(self, ip_csum)?;
+        unsafe {
+            *a = new;
+            *ic = tc_l3_csum4(*ic, old, new);
+        }
+        Some(())
     }
     #[inline(always)]
     fn rewrite_port(
@@ -429,20 +484,28 @@ impl Ctx for Tc<'_> {
         self.0
             .l4_csum_replace(l4_csum, old as u64, new as u64, mangled | 2)
             .ok()?;
-        self.0.store(off, &new, 0).ok()
+        let p: *mut u16 = ptr_at(self, off)?;
+        unsafe { *p = new };
+        Some(())
     }
     #[inline(always)]
     fn route_rewrite(&mut self, ip: usize, smac: &[u8; 6], dmac: &[u8; 6]) -> Option<()> {
-        let old: u16 = self.0.load(ip + 8).ok()?;
-        let new = old - 1;
-        self.0
-            .l3_csum_replace(ip + 10, old as u64, new as u64, 2)
-            .ok()?;
-        self.0.store(ip + 8, &new, 0).ok()?;
-        let mut macs = [0u8; 12];
-        macs[..6].copy_from_slice(dmac);
-        macs[6..].copy_from_slice(smac);
-        self.0.store(0, &macs, 0).ok()
+        // As XDP does: direct writes, the IP checksum by arithmetic (see
+        // `tc_l3_csum2`).
+        let eth: *mut [u8; 12] = ptr_at(self, 0)?;
+        let ttl: *mut u16 = ptr_at(self, ip + 8)?;
+        let ic: *mut u16 = ptr_at(self, ip + 10)?;
+        unsafe {
+            let e = &mut *eth;
+            e[..6].copy_from_slice(dmac);
+            e[6..].copy_from_slice(smac);
+            let old = *ttl;
+            // TTL is the first byte of this word: in the native (LE) load it is the low byte.
+            let new = old - 1;
+            *ttl = new;
+            *ic = tc_l3_csum2(*ic, old, new);
+        }
+        Some(())
     }
     #[inline(always)]
     fn reframe(&mut self, n: usize, len: usize) -> Option<()> {

@@ -90,8 +90,11 @@ fn xdp_main<S: ProgramSet>(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn tc_main<S: ProgramSet>(ctx: TcContext) -> i32 {
-    // Make the headers linear so direct packet access sees them.
-    let want = ctx.len().min(128);
+    // Make the headers linear so direct packet access sees them: the IPv4
+    // walk reads and writes at most Ethernet, IPv4 without options and a
+    // TCP header without options (`parse::TC_LINEAR`). Not more: pulling
+    // payload into a cloned skb's head copies the head.
+    let want = ctx.len().min(parse::TC_LINEAR as u32);
     if ((ctx.data_end() - ctx.data()) as u32) < want {
         let _ = ctx.pull_data(want);
     }
@@ -173,19 +176,28 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
 
     let mut hit = conntrack::lookup(&key);
     // A miss that is no service's packet may be the first reply of a flow
-    // whose SYN wrote only its forward entry (`conntrack::first_reply`).
+    // whose SYN wrote only its forward entry (`conntrack::first_reply`). A
+    // TCP SYN-ACK that misses is nearly always that reply: it tries
+    // `FRONTENDS` first, and `SERVICES` only if that finds no flow (a
+    // SYN-ACK to a VIP would need a client whose address is the VIP).
     let mut svc = None;
     if hit.is_none() {
-        svc = select::service(&p);
-        if svc.is_none() {
-            if conntrack::first_reply::<S>(&key, p.flags, now) {
-                stats::reason(reason::CT_REVERSE_LAZY);
-                hit = conntrack::lookup(&key);
+        if tcp && p.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+            p.wrote_reverse = conntrack::first_reply::<S>(&key, p.flags, now);
+            if !p.wrote_reverse {
+                svc = select::service(&p);
             }
-            if hit.is_none() {
-                stats::reason(reason::PASS_NO_SERVICE);
-                return Verdict::Pass;
-            }
+        } else {
+            svc = select::service(&p);
+            p.wrote_reverse = svc.is_none() && conntrack::first_reply::<S>(&key, p.flags, now);
+        }
+        if p.wrote_reverse {
+            stats::reason(reason::CT_REVERSE_LAZY);
+            hit = conntrack::lookup(&key);
+        }
+        if svc.is_none() && hit.is_none() {
+            stats::reason(reason::PASS_NO_SERVICE);
+            return Verdict::Pass;
         }
     }
 
@@ -195,8 +207,11 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
             // The packets that look the forward entry up anyway (TCP's SYN,
             // FIN, RST; every UDP reply) check that it still points back: a
             // stale entry (its flow gone, and a new flow of this tuple
-            // writing its reverse entry only now) is written anew.
-            if !tcp || p.flags & (parse::TCP_FIN | parse::TCP_RST | TCP_SYN) != 0 {
+            // writing its reverse entry only now) is written anew. Not the
+            // entry `first_reply` just wrote: it checked exactly that.
+            if !p.wrote_reverse
+                && (!tcp || p.flags & (parse::TCP_FIN | parse::TCP_RST | TCP_SYN) != 0)
+            {
                 match conntrack::owner(&key, v) {
                     Some(f) => {
                         if tcp {

@@ -24,8 +24,10 @@
 //! final sum picks it up from the header). Updating a seed as a full checksum
 //! corrupts it, and the corruption only shows once the checksum is completed.
 //!
-//! TC sees the skb: `bpf_l3/l4_csum_replace` with `BPF_F_PSEUDO_HDR` follow
-//! its `ip_summed` (`inet_proto_csum_replace4`), so TC needs nothing here. An
+//! TC sees the skb: `bpf_l4_csum_replace` with `BPF_F_PSEUDO_HDR` follows
+//! its `ip_summed` (`inet_proto_csum_replace4`), so TC needs nothing here
+//! (its IPv4 header checksum, which no `ip_summed` concerns, is computed as
+//! `bpf_l3_csum_replace` would: `ctx.rs`). An
 //! XDP program sees only bytes; no kfunc exposes `ip_summed` (the
 //! `bpf_xdp_metadata_rx_*` kfuncs of 6.18 give the hash, timestamp and VLAN
 //! tag only, and only in native mode). So [`classify`] reads the bytes:

@@ -13,6 +13,9 @@ pub const IP_OFF: usize = ETH_LEN;
 /// Only option-less IPv4 headers are balanced (others pass, counted).
 pub const L4_OFF: usize = ETH_LEN + 20;
 const ETH_P_IP_BE: u16 = 0x0008;
+/// What the IPv4 walk needs linear in TC (`tc_main`): Ethernet, IPv4
+/// without options and a TCP header without options; UDP's ends before.
+pub const TC_LINEAR: usize = L4_OFF + 20;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -95,6 +98,11 @@ pub struct Packet {
     pub frag: u8,
     /// IPv4 identification (network byte order), which ties fragments together.
     pub ip_id: u16,
+    /// This packet wrote its flow's reverse entry (`conntrack::first_reply`),
+    /// which checked the forward entry and advanced its TCP state. In the
+    /// packet, not a variable of its own: the compat XDP walk's stack has
+    /// no 8 bytes to spare (the struct's padding has).
+    pub wrote_reverse: bool,
 }
 
 impl Packet {
@@ -150,6 +158,7 @@ pub fn parse<C: Ctx>(ctx: &C) -> Result<Packet, (u32, bool)> {
         csum: L4Csum::Full,
         frag,
         ip_id: ip.id,
+        wrote_reverse: false,
     };
     if frag == FRAG_LATER {
         // No L4 header: `frag::later` finds the flow of the first fragment.

@@ -116,8 +116,8 @@ pub struct Scratch6 {
     pub frame: [u8; crate::reject6::RST6_LEN],
 }
 
-/// The frame's EtherType is IPv6 (XDP: direct access; TC: a load, the
-/// Ethernet header may not be linear yet).
+/// The frame's EtherType is IPv6 (direct access; in TC, a load where the
+/// Ethernet header is not linear, which at ingress it always is).
 #[inline(always)]
 pub fn is_ipv6_xdp(ctx: &XdpContext) -> bool {
     let c = Xdp(ctx);
@@ -127,7 +127,11 @@ pub fn is_ipv6_xdp(ctx: &XdpContext) -> bool {
 
 #[inline(always)]
 pub fn is_ipv6_tc(ctx: &TcContext) -> bool {
-    matches!(ctx.load::<u16>(12), Ok(p) if p == ETH_P_IPV6_BE)
+    let c = Tc(ctx);
+    match ptr_at::<_, parse::EthHdr>(&c, 0) {
+        Some(e) => (unsafe { (*e).proto }) == ETH_P_IPV6_BE,
+        None => matches!(ctx.load::<u16>(12), Ok(p) if p == ETH_P_IPV6_BE),
+    }
 }
 
 /// Tail-calls the IPv6 program `idx` (`V6_XDP_PROGS`); returns only if it
@@ -685,6 +689,7 @@ fn process<C: Ctx, S: ProgramSet>(ctx: &mut C) -> Verdict {
         csum: L4Csum::Full,
         frag: parse::FRAG_NONE,
         ip_id: 0,
+        wrote_reverse: false,
     };
     let picked = match select::pick::<S>(&svc, &folded, now) {
         select::Pick::Backend(id) => Some(id),

@@ -1591,3 +1591,202 @@ pub fn section_scale(opts: &Opts) -> Result<()> {
     );
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Section "tc": the TC program in plain mode
+
+/// `TC_ACT_REDIRECT`: what `rpclb_tc` returns for a packet it redirects.
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// One plain run of a TC program (repeat = 1: the kernel builds a fresh, linear, uncloned skb
+/// from `frame`, CHECKSUM_NONE): verdict, output frame, kernel-reported duration. `ifindex`
+/// is the skb's device (`__sk_buff.ifindex`, 40 bytes in), as the ingress interface.
+fn plain_tc(
+    prog: &mut aya::programs::SchedClassifier,
+    frame: &[u8],
+    ifindex: u32,
+) -> Result<(u32, Vec<u8>, Duration)> {
+    let mut ctx = [0u8; 44];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        ..Default::default()
+    })?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, out, r.duration))
+}
+
+/// The packets of one connection timed by [`section_tc`], in their order.
+/// Per data path, per packet kind: kernel ns of each connection's packet.
+type TcTimes = Vec<Vec<Vec<f64>>>;
+
+const TC_KINDS: [&str; 4] = [
+    "SYN, client -> VIP (new flow: service, Maglev, forward entry)",
+    "SYN-ACK, backend -> client (first reply: the lazy reverse entry)",
+    "ACK + 100 B, client -> VIP (established)",
+    "reply 100 B, backend -> client (established)",
+];
+
+/// Informational: `rpclb_tc`'s cost per packet in plain mode, for the first four packets of
+/// each of `--new-flows` connections (a fresh source port each). With `--ab-object`, the same
+/// packets through a second data path built from that object (its own maps), A and B
+/// alternating packet by packet (which goes first alternates by connection). Plain mode's skb
+/// is linear, not cloned and without checksum offload: it shows the program's instructions,
+/// helpers and maps, not what a cloned skb from a local TCP stack costs in the pull.
+pub fn section_tc(opts: &Opts) -> Result<()> {
+    header("TC program, plain mode (informational)");
+    let deadline = Deadline::after(Duration::from_secs(if opts.quick { 10 } else { 40 }));
+    let topo = Topo::new(3)?;
+    let load = |name: &str, object: Option<PathBuf>| -> Result<PinnedDp> {
+        let mut cfg = DatapathConfig::small(topo.pin_dir(name));
+        cfg.fib_redirect = true;
+        cfg.object_file = object;
+        let mut p = PinnedDp::load(&cfg)?;
+        p.dp().writer().upsert_service(&lab_service(&topo))?;
+        Ok(p)
+    };
+    let mut dps = vec![load("tc-a", None)?];
+    if let Some(path) = &opts.ab_object {
+        dps.push(load("tc-b", Some(path.clone()))?);
+    }
+    let flows = opts.new_flows.min(20_000);
+    let n = dps.len();
+    let mut dpr: Vec<&mut Datapath> = dps.iter_mut().map(|d| d.dp()).collect();
+    let topo = &topo;
+    // Per data path, per kind: kernel ns of each connection's packet. One thread in the node's
+    // namespace for the whole loop (the fib lookups run there).
+    let (t, bad, done) = topo.in_node(|| -> Result<(TcTimes, Vec<String>, u32)> {
+        let mut t: TcTimes = vec![vec![Vec::new(); TC_KINDS.len()]; n];
+        let mut bad: Vec<String> = Vec::new();
+        let c = topo.client();
+        let cidx = c.node_iface.ifindex;
+        let mut done = 0u32;
+        for i in 0..flows {
+            if i % 256 == 0 {
+                check_stop()?;
+                if i > 0 && deadline.passed() {
+                    break;
+                }
+            }
+            let sport = 20_000 + i as u16;
+            let syn = client_frame(topo, sport, SYN).build();
+            let order: Vec<usize> = if i % 2 == 0 {
+                (0..n).collect()
+            } else {
+                (0..n).rev().collect()
+            };
+            // The SYN first, through every data path: its output names the backend.
+            let mut backend = None;
+            for &d in &order {
+                let (v, out, dur) = plain_tc(dpr[d].tc_program(), &syn, cidx)?;
+                if v != TC_ACT_REDIRECT {
+                    bad.push(format!("{}: SYN verdict {v}", ["A", "B"][d]));
+                }
+                let dst = packet::parse(&out)?.ip.dst;
+                ensure!(
+                    backend.is_none_or(|b| b == dst),
+                    "A and B chose different backends"
+                );
+                backend = Some(dst);
+                t[d][0].push(dur.as_nanos() as f64);
+            }
+            let b = topo
+                .backend_by_ip(backend.unwrap_or(VIP))
+                .context("the SYN went to no lab backend")?;
+            let bidx = b.node_iface.ifindex;
+            let from_backend = |flags: u8| {
+                Pkt::tcp()
+                    .eth(b.iface.mac, b.node_iface.mac)
+                    .ip(b.ip(), c.ip())
+                    .ports(BACKEND_PORT, sport)
+                    .flags(flags)
+            };
+            let frames = [
+                (from_backend(SYN | ACK).seq(1000).ack(2).build(), bidx),
+                (
+                    client_frame(topo, sport, ACK | PSH)
+                        .seq(2)
+                        .ack(1001)
+                        .payload(&[0x5a; PAYLOAD])
+                        .build(),
+                    cidx,
+                ),
+                (
+                    from_backend(ACK | PSH)
+                        .seq(1001)
+                        .ack(2 + PAYLOAD as u32)
+                        .payload(&[0xa5; PAYLOAD])
+                        .build(),
+                    bidx,
+                ),
+            ];
+            for (k, (f, idx)) in frames.iter().enumerate() {
+                for &d in &order {
+                    let (v, _, dur) = plain_tc(dpr[d].tc_program(), f, *idx)?;
+                    if v != TC_ACT_REDIRECT {
+                        bad.push(format!(
+                            "{}: {} verdict {v}",
+                            ["A", "B"][d],
+                            TC_KINDS[k + 1]
+                        ));
+                    }
+                    t[d][k + 1].push(dur.as_nanos() as f64);
+                }
+            }
+            done += 1;
+        }
+        Ok((t, bad, done))
+    })??;
+    drop(dpr);
+    ensure!(
+        bad.is_empty(),
+        "{} TC runs not redirected, first: {}",
+        bad.len(),
+        bad[0]
+    );
+    println!(
+        "{} connections, their first four packets each through rpclb_tc (plain mode, repeat = \
+         1, a fresh skb per run); CPU {}; {}",
+        count(u64::from(done)),
+        bench_cpu(),
+        if n > 1 {
+            "A: the built-in object, B: --ab-object, alternating packet by packet"
+        } else {
+            "the built-in object (--ab-object PATH adds B)"
+        }
+    );
+    let mut tab = Table::new(&[
+        "packet (plain mode, TC)",
+        "A median ns",
+        "B median ns",
+        "B - A",
+    ]);
+    let (mut sa, mut sb) = (0.0, 0.0);
+    for (k, kind) in TC_KINDS.iter().enumerate() {
+        let a = median(&t[0][k]);
+        sa += a;
+        let (b, d) = match t.get(1) {
+            Some(tb) => {
+                let d: Vec<f64> = tb[k].iter().zip(&t[0][k]).map(|(x, y)| x - y).collect();
+                sb += median(&tb[k]);
+                (ns(median(&tb[k])), ns(median(&d)))
+            }
+            None => ("-".into(), "-".into()),
+        };
+        tab.row(vec![kind.to_string(), ns(a), b, d]);
+    }
+    print!("{}", tab.render());
+    if n > 1 {
+        println!(
+            "A/B TC, the four packets: B {} ns, A {} ns, B - A {} ns (sum of the medians; B - A \
+             per packet: the median of the connections' differences)",
+            ns(sb),
+            ns(sa),
+            ns(sb - sa)
+        );
+    }
+    Ok(())
+}

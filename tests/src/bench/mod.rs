@@ -43,12 +43,14 @@ pub enum Section {
     Fill,
     Fanout,
     Grpc,
+    Tc,
     Gc,
 }
 
 impl Section {
-    pub const ALL: [Section; 10] = [
+    pub const ALL: [Section; 11] = [
         Section::Xdp,
+        Section::Tc,
         Section::Scale,
         Section::Maglev,
         Section::Lab,
@@ -71,6 +73,7 @@ impl Section {
             Section::Fill => "fill",
             Section::Fanout => "fanout",
             Section::Grpc => "grpc",
+            Section::Tc => "tc",
             Section::Gc => "gc",
         }
     }
@@ -81,7 +84,7 @@ impl Section {
             .find(|x| x.name() == s)
             .ok_or_else(|| {
                 anyhow::anyhow!(
-                    "unknown section {s:?} (xdp, scale, maglev, lab, stream, counters, fill, fanout, grpc, gc)"
+                    "unknown section {s:?} (xdp, tc, scale, maglev, lab, stream, counters, fill, fanout, grpc, gc)"
                 )
             })
     }
@@ -190,6 +193,8 @@ usage: rpclb-bench [--quick] [--section NAME]... [options]
 
 sections (default: all, in this order):
   xdp      per-packet cost with XDP live frames vs a trivial XDP_TX program, and new-flow cost
+  tc       informational: rpclb_tc in plain mode, a connection's first four packets (SYN,
+           SYN-ACK, ACK + data, reply), A/B with --ab-object
   scale    the same with 10,000 services and 100,000 backends loaded vs one service
   maglev   Maglev table build, M = 65537, 1,000 backends
   lab      netns lab: connections/s and keep-alive requests/s, XDP, TC and userspace vs direct
@@ -230,10 +235,10 @@ options:
                        map kept --profile-fill PCT full (default 0: --new-flows flows)
   --plain-runs N       section 1 where live frames are refused: single plain runs per case
                        and round (default 4000; quick 500)
-  --ab-object PATH     section 1 also times this eBPF object (rows marked B) interleaved
-                       with the built-in one, e.g. a copy of target/ebpf/.../lb-ebpf from
-                       another build, for A/B comparisons in one run
-  --gc-flows LIST       the gc section's flow counts (comma-separated, each <= 500,000)
+  --ab-object PATH     sections xdp and tc also time this eBPF object (rows marked B)
+                       interleaved with the built-in one, e.g. a copy of target/ebpf/.../lb-ebpf
+                       from another build, for A/B comparisons in one run
+  --gc-flows LIST      the gc section's flow counts (comma-separated, each <= 500,000)
   -h, --help           this text
 ";
 

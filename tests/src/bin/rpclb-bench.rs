@@ -43,6 +43,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         bench::check_stop()?;
         let r = match s {
             Section::Xdp => bench::live::section_xdp(opts),
+            Section::Tc => bench::live::section_tc(opts),
             Section::Scale => bench::live::section_scale(opts),
             Section::Maglev => bench::maglev::section_maglev(opts),
             Section::Lab => bench::throughput::section_lab(opts),
