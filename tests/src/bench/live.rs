@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp};
+use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, TestRunResult, Xdp};
 use lb_agent::datapath::{Datapath, DatapathConfig, cleanup};
 use lb_api::{Algorithm, Backend, Protocol, Service};
 use lb_common::prog_names;
@@ -246,22 +246,30 @@ fn xdp_md(len: usize, ifindex: u32) -> [u8; 24] {
     b
 }
 
-/// One plain run (repeat = 1): verdict, output frame, kernel-reported duration.
+/// One plain run (repeat = 1) of any packet program with context `ctx`: verdict, output
+/// frame, kernel-reported duration.
+fn run_once<P>(prog: &P, frame: &[u8], ctx: &[u8]) -> Result<(u32, Vec<u8>, Duration)>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(ctx),
+        ..Default::default()
+    })?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, out, r.duration))
+}
+
+/// One plain run (repeat = 1) of an XDP program: verdict, output frame, kernel-reported duration.
 pub(super) fn plain(
     prog: &mut Xdp,
     frame: &[u8],
     ifindex: u32,
 ) -> Result<(u32, Vec<u8>, Duration)> {
-    let mut out = vec![0u8; frame.len() + 256];
-    let ctx = xdp_md(frame.len(), ifindex);
-    let r = prog.test_run(TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        ctx_in: Some(&ctx),
-        ..Default::default()
-    })?;
-    out.truncate(r.data_size_out as usize);
-    Ok((r.return_value, out, r.duration))
+    run_once(prog, frame, &xdp_md(frame.len(), ifindex))
 }
 
 /// One live-frames run of `repeat` frames: (kernel ns per frame, wall-clock ns per frame).
@@ -1608,15 +1616,7 @@ fn plain_tc(
 ) -> Result<(u32, Vec<u8>, Duration)> {
     let mut ctx = [0u8; 44];
     ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-    let mut out = vec![0u8; frame.len() + 256];
-    let r = prog.test_run(TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        ctx_in: Some(&ctx),
-        ..Default::default()
-    })?;
-    out.truncate(r.data_size_out as usize);
-    Ok((r.return_value, out, r.duration))
+    run_once(prog, frame, &ctx)
 }
 
 /// The packets of one connection timed by [`section_tc`], in their order.
