@@ -5,6 +5,9 @@
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
+use lb_agent::datapath::reader::ip_wire;
+use lb_common::{CtValue, FlowKey, ct_dir};
+
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const IPPROTO_TCP: u8 = 6;
@@ -57,6 +60,47 @@ impl Verdict {
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const UDP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
+
+/// One answered flow's two conntrack entries as the kernel writes them, for map-level tests
+/// and the GC bench: the reverse entry (backend -> client), then the forward entry (client ->
+/// VIP, DNAT to `backend` = (id, ip, port)), both created and last seen at `seen`.
+pub fn answered_flow(
+    proto: u8,
+    client: (Ipv4Addr, u16),
+    vip: (Ipv4Addr, u16),
+    backend: (u32, Ipv4Addr, u16),
+    svc_id: u32,
+    state: u32,
+    seen: u64,
+) -> [(FlowKey, CtValue); 2] {
+    let fk = FlowKey {
+        src_ip: ip_wire(client.0),
+        dst_ip: ip_wire(vip.0),
+        src_port: client.1.to_be(),
+        dst_port: vip.1.to_be(),
+        proto,
+        _pad: [0; 3],
+    };
+    let fv = CtValue {
+        nat_ip: ip_wire(backend.1),
+        nat_port: backend.2.to_be(),
+        dir: ct_dir::FORWARD,
+        svc_id,
+        backend_id: backend.0,
+        state,
+        created_ns: seen,
+        last_seen_ns: seen,
+        ..Default::default()
+    };
+    let rv = CtValue {
+        nat_ip: ip_wire(vip.0),
+        nat_port: vip.1.to_be(),
+        dir: ct_dir::REVERSE,
+        state: 0,
+        ..fv
+    };
+    [(fk.reverse_of_forward(&fv), rv), (fk, fv)]
+}
 
 /// A well-formed frame from `src:sport` to `dst:dport`: TCP with `flags`
 /// (seq 1000, ack 1 when ACK is set), or UDP carrying `ping`.

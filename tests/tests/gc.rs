@@ -18,7 +18,7 @@ use lb_agent::datapath::{MapWriter, sys};
 use lb_agent::gc;
 use lb_api::{Algorithm, Backend, Protocol, Service, ServiceAddr};
 use lb_common::{CtValue, FlowKey, ct_dir, ct_state};
-use rpclb_tests::packet::{ACK, CLIENT, FIN, SYN, UDP_VIP, VIP, frame};
+use rpclb_tests::packet::{ACK, CLIENT, FIN, SYN, UDP_VIP, VIP, answered_flow, frame};
 
 const S: u64 = 1_000_000_000;
 
@@ -395,29 +395,19 @@ fn sweep_one_million_entries() {
         let proto = if state == ct_state::UDP { 17 } else { 6 };
         let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i);
         let seen = now - if idle(i) { 1000 } else { 1 } * S;
-        let fk = fwd_key(proto, client, 40000, VIP, 80);
-        let fv = CtValue {
-            nat_ip: ip_wire(lb_agent::datapath::reader::v4_only(bip)),
-            nat_port: bport.to_be(),
-            dir: ct_dir::FORWARD,
+        let bip = lb_agent::datapath::reader::v4_only(bip);
+        for (k, v) in answered_flow(
+            proto,
+            (client, 40000),
+            (VIP, 80),
+            (bid, bip, bport),
             svc_id,
-            backend_id: bid,
             state,
-            created_ns: seen,
-            last_seen_ns: seen,
-            ..Default::default()
-        };
-        let rv = CtValue {
-            nat_ip: ip_wire(VIP),
-            nat_port: 80u16.to_be(),
-            dir: ct_dir::REVERSE,
-            state: 0,
-            ..fv
-        };
-        keys.push(fk.reverse_of_forward(&fv));
-        vals.push(rv);
-        keys.push(fk);
-        vals.push(fv);
+            seen,
+        ) {
+            keys.push(k);
+            vals.push(v);
+        }
         if idle(i) && state != ct_state::CLOSING {
             *want_credit.entry(bid).or_default() += 1;
         }

@@ -36,6 +36,7 @@ use super::live::{BACKEND_PORT, VIP, VIP_PORT, service};
 use super::{
     Deadline, Opts, Table, bench_cpu, check_stop, count, header, median, pin_to_cpu, verdict,
 };
+use rpclb_tests::packet::answered_flow;
 
 /// `--max-conntrack` of the measured map (room for 500,000 answered flows).
 pub const MAP_FLOWS: u32 = 1 << 20;
@@ -140,36 +141,20 @@ fn entries(
         expiring += idle as u64;
         let seen = if idle { old } else { now - S };
         let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i / 16);
-        let fk = FlowKey {
-            src_ip: ip_wire(client),
-            dst_ip: ip_wire(VIP),
-            src_port: (40_000 + (i % 16) as u16).to_be(),
-            dst_port: VIP_PORT.to_be(),
-            proto: if state == ct_state::UDP { 17 } else { 6 },
-            _pad: [0; 3],
-        };
-        let fv = CtValue {
-            nat_ip: ip_wire(bip),
-            nat_port: bport.to_be(),
-            dir: ct_dir::FORWARD,
+        let proto = if state == ct_state::UDP { 17 } else { 6 };
+        let sport = 40_000 + (i % 16) as u16;
+        for (k, v) in answered_flow(
+            proto,
+            (client, sport),
+            (VIP, VIP_PORT),
+            (bid, bip, bport),
             svc_id,
-            backend_id: bid,
             state,
-            created_ns: seen,
-            last_seen_ns: seen,
-            ..Default::default()
-        };
-        let rv = CtValue {
-            nat_ip: ip_wire(VIP),
-            nat_port: VIP_PORT.to_be(),
-            dir: ct_dir::REVERSE,
-            state: 0,
-            ..fv
-        };
-        keys.push(fk.reverse_of_forward(&fv));
-        vals.push(rv);
-        keys.push(fk);
-        vals.push(fv);
+            seen,
+        ) {
+            keys.push(k);
+            vals.push(v);
+        }
     }
     let (bid, bip, bport) = backends[0];
     for j in 0..orphans {
