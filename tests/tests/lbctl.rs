@@ -826,7 +826,9 @@ fn syn6(src: std::net::Ipv6Addr, sport: u16, dst: std::net::Ipv6Addr, dport: u16
 /// which source address and port the backend sees: a `Cluster` front end's
 /// flow to another node's backend (SNATed to the node's address) and a pod
 /// reaching itself (SNATed to the service loopback), IPv4 and IPv6. Before,
-/// such rows looked like plain DNATed flows.
+/// such rows looked like plain DNATed flows. Each flow's idle time counts its
+/// replies (its reverse entry's last-seen), also for a SNATed IPv4 flow and
+/// every IPv6 flow: before, those took the forward entry's alone.
 #[test]
 fn conntrack_shows_snat_and_hairpin() {
     if !can_run() {
@@ -949,6 +951,47 @@ fn conntrack_shows_snat_and_hairpin() {
         r[0].starts_with(&format!("{CLIENT}:40002 ")) && !r[0].contains(" as "),
         "{t}"
     );
+
+    // Idle time: every flow's client went quiet 100 s ago (its forward entry),
+    // its backend answered just now (its reverse entry). The flow is not idle.
+    // (The plain flow's reverse entry comes with its first reply.)
+    h.run(&frame(6, b(1), 8080, CLIENT, 40002, SYN | ACK));
+    let now = monotonic_ns();
+    let (quiet, born) = (now - 100_000_000_000, now - 200_000_000_000);
+    let entries: Vec<_> = h.w().conntrack_map().iter().map(|e| e.unwrap()).collect();
+    for (k, mut v) in entries {
+        if v.dir == lb_common::ct_dir::FORWARD {
+            (v.created_ns, v.last_seen_ns) = (born, quiet);
+        } else {
+            v.last_seen_ns = now;
+        }
+        h.w().conntrack_map().insert(k, v, 0).unwrap();
+    }
+    let p = pin.join(lb_common::map_names::CONNTRACK6);
+    let md = aya::maps::MapData::from_pin(&p).unwrap();
+    let mut ct6: aya::maps::HashMap<_, lb_common::FlowKey6, lb_common::CtValue6> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(md)).unwrap();
+    let entries: Vec<_> = ct6.iter().map(|e| e.unwrap()).collect();
+    assert_eq!(entries.len(), 4, "two IPv6 flows, two entries each");
+    for (k, mut v) in entries {
+        if v.ct.dir == lb_common::ct_dir::FORWARD {
+            (v.ct.created_ns, v.ct.last_seen_ns) = (born, quiet);
+        } else {
+            v.ct.last_seen_ns = now;
+        }
+        ct6.insert(k, v, 0).unwrap();
+    }
+    let j = lbctl_json(&pin, &["conntrack"]);
+    let rows = j.as_array().unwrap();
+    assert_eq!(rows.len(), 5, "{j:#}");
+    for r in rows {
+        let (idle, age) = (
+            r["idle_seconds"].as_f64().unwrap(),
+            r["age_seconds"].as_f64().unwrap(),
+        );
+        assert!(idle < 50.0, "a reply just now: {r}");
+        assert!((200.0..300.0).contains(&age), "{r}");
+    }
 }
 
 /// `lbctl selector geo add/list/del` on the example selector's real pinned

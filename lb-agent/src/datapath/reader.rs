@@ -169,6 +169,8 @@ pub struct ConntrackEntry6 {
     pub created_ns: u64,
     /// The forward entry's last-seen (the reverse entry's is not merged in).
     pub last_seen_ns: u64,
+    /// The last-seen of the flow's own reverse entry, if it has one (replies).
+    pub reverse_seen_ns: Option<u64>,
 }
 
 pub(super) fn key_of(addr: &ServiceAddr) -> ServiceKey {
@@ -806,17 +808,25 @@ impl MapReader {
 
     /// The IPv6 flows (`CONNTRACK6`): one per forward entry.
     pub fn conntrack6(&self) -> Result<Vec<ConntrackEntry6>, DatapathError> {
-        let mut out = Vec::new();
+        let mut all = std::collections::HashMap::new();
         for item in self.conntrack6.iter() {
-            let (k, v) = match item {
-                Ok(kv) => kv,
+            match item {
+                Ok((k, v)) => all.insert(k, v),
                 // An entry evicted between the key walk and its lookup.
                 Err(aya::maps::MapError::KeyNotFound) => continue,
                 Err(e) => return Err(map_err(map_names::CONNTRACK6)(e)),
             };
+        }
+        let mut out = Vec::new();
+        for (k, v) in &all {
             if v.ct.dir != ct_dir::FORWARD {
                 continue;
             }
+            let rk = k.reverse_of_forward(v);
+            let reverse_seen_ns = all
+                .get(&rk)
+                .filter(|rv| k.owns_reverse(v, &rk, rv))
+                .map(|rv| rv.ct.last_seen_ns);
             out.push(ConntrackEntry6 {
                 proto: if k.proto == 17 {
                     Protocol::Udp
@@ -836,6 +846,7 @@ impl MapReader {
                 state_code: v.ct.state,
                 created_ns: v.ct.created_ns,
                 last_seen_ns: v.ct.last_seen_ns,
+                reverse_seen_ns,
             });
         }
         Ok(out)

@@ -306,7 +306,8 @@ pub fn parse_backend(s: &str) -> Result<(Ipv4Addr, Option<u16>)> {
 }
 
 /// Every flow, from one batched walk of the map. A flow is its forward
-/// entry; its idle time counts the reverse entry's last-seen too.
+/// entry; its idle time counts its own reverse entry's last-seen too (a
+/// SNATed flow's as well, found by the reverse entry's owner).
 pub fn conntrack(w: &MapReader, f: &FlowFilter) -> Result<(Vec<FlowRow>, u64)> {
     let scan = gc::scan(w).context("reading CONNTRACK")?;
     let entries = scan.scanned;
@@ -341,8 +342,15 @@ pub fn conntrack(w: &MapReader, f: &FlowFilter) -> Result<(Vec<FlowRow>, u64)> {
         {
             continue;
         }
+        // As the GC pairs them (`gc::plan`): a SNATed flow's reverse key
+        // ends at the SNAT address, which the forward entry does not hold.
+        let rk = match snat_rev.get(k) {
+            Some(rk) if v.flags & ct_flags::SNAT != 0 => *rk,
+            _ => k.reverse_of_forward(v),
+        };
         let rev_seen = reverse
-            .get(&k.reverse_of_forward(v))
+            .get(&rk)
+            .filter(|e| e.owner == Some(*k))
             .map_or(0, |e| e.last_seen);
         let last = v.last_seen_ns.max(rev_seen);
         // By address, not by the entry's service id: ids of removed
@@ -395,6 +403,7 @@ pub fn conntrack(w: &MapReader, f: &FlowFilter) -> Result<(Vec<FlowRow>, u64)> {
             .cloned()
             .unwrap_or_else(|| "(removed service)".to_string());
         let client: (IpAddr, u16) = (e.client.0.into(), e.client.1);
+        let last = e.last_seen_ns.max(e.reverse_seen_ns.unwrap_or(0));
         rows.push((
             service.clone(),
             client,
@@ -409,9 +418,9 @@ pub fn conntrack(w: &MapReader, f: &FlowFilter) -> Result<(Vec<FlowRow>, u64)> {
                 protocol: e.proto,
                 state: e.state.to_string(),
                 age_seconds: secs(now.saturating_sub(e.created_ns)),
-                idle_seconds: secs(now.saturating_sub(e.last_seen_ns)),
+                idle_seconds: secs(now.saturating_sub(last)),
                 created_ns: e.created_ns,
-                last_seen_ns: e.last_seen_ns,
+                last_seen_ns: last,
             },
         ));
     }
