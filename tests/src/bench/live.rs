@@ -1442,7 +1442,14 @@ pub fn section_scale(opts: &Opts) -> Result<()> {
             eprintln!("  (time budget reached after {round} rounds)");
             break;
         }
-        for (state, series) in [(false, &mut one), (true, &mut many)] {
+        // The order alternates by round (1, many; many, 1; ...): a host whose speed drifts
+        // within a round biases the rounds' ratios in turn both ways, and their median cancels.
+        let states = if round % 2 == 0 {
+            [(false, &mut one), (true, &mut many)]
+        } else {
+            [(true, &mut many), (false, &mut one)]
+        };
+        for (state, series) in states {
             if state {
                 let t = Instant::now();
                 for (i, s) in bulk.iter().enumerate() {
