@@ -12,7 +12,6 @@
 //! used more than `FIB_CACHE_NS` after it was looked up: a route or
 //! neighbour change reaches every flow, new or old, within that second.
 
-use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, helpers::bpf_fib_lookup};
 use lb_common::{
     CtValue, FIB_CACHE_NS, FIB_FAIL_NS, FIB_FAILED, ROUTE_CACHE_SLOTS, RouteCacheEntry, config_idx,
     reason,
@@ -20,28 +19,15 @@ use lb_common::{
 
 use crate::{
     ctx::{Ctx, Verdict},
-    maps::{FIB_SCRATCH, ROUTE_CACHE, config},
+    fib,
+    maps::{ROUTE_CACHE, config},
     parse::{IP_OFF, Packet},
     stats,
 };
 
-const AF_INET: u8 = 2;
-const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
-/// The packet is larger than the egress MTU: a failure of this packet, not
-/// of the destination (kept in the flow's entry only, not in `ROUTE_CACHE`).
-const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
 
 const ROUTE_BITS: u32 = ROUTE_CACHE_SLOTS.trailing_zeros();
 const _: () = assert!(ROUTE_CACHE_SLOTS.is_power_of_two());
-
-/// The lookup parameters, 8-aligned so they can be zeroed word by word.
-#[repr(C)]
-union FibBuf {
-    raw: [u64; 8],
-    f: FibParams,
-}
-
-const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
 
 /// Whether a route taken at `ns` (egress `ifindex`, `FIB_FAILED` for a
 /// failed lookup, 0 for none) may still be used at `now`.
@@ -104,7 +90,7 @@ pub fn forward<C: Ctx>(ctx: &mut C, p: &Packet, ct: Option<*mut CtValue>, now: u
         stats::reason(reason::PASS_FIB);
         return Verdict::Pass;
     };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+    if rc != fib::RET_SUCCESS {
         if let Some(v) = ct {
             // Remembered for FIB_FAIL_NS: a flow without a route does
             // not repeat the lookup on every packet.
@@ -138,7 +124,7 @@ pub fn forward<C: Ctx>(ctx: &mut C, p: &Packet, ct: Option<*mut CtValue>, now: u
 
 /// The `ROUTE_CACHE` slot of destination `daddr` (from this packet's
 /// ingress interface), filled by `bpf_fib_lookup` unless it holds a usable
-/// route; with the lookup's result (`BPF_FIB_LKUP_RET_SUCCESS` for a cached
+/// route; with the lookup's result (`fib::RET_SUCCESS` for a cached
 /// route or failure). `None`: no slot (never for an array index in range).
 #[inline(always)]
 fn route<C: Ctx>(
@@ -155,17 +141,17 @@ fn route<C: Ctx>(
     // while it runs.
     let r = unsafe { &mut *r };
     if r.key == key && usable(r.ifindex, r.ns, now) {
-        return Some((r, BPF_FIB_LKUP_RET_SUCCESS));
+        return Some((r, fib::RET_SUCCESS));
     }
     // The slot is this destination's from here on (fewer values live
     // across the helper call: the stack is near its limit).
     r.key = key;
     r.ns = now;
     let rc = lookup(ctx, p, daddr, dport, r);
-    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+    if rc != fib::RET_SUCCESS {
         // Too large for the egress MTU: this packet's failure, not the
         // destination's (the slot is left empty).
-        r.ifindex = if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+        r.ifindex = if rc == fib::RET_FRAG_NEEDED {
             0
         } else {
             FIB_FAILED
@@ -230,7 +216,7 @@ pub fn new_flow_route<C: Ctx>(
     match route(ctx, p, daddr, dport, now) {
         Some((r, rc)) => NewRoute {
             r,
-            failed: rc != BPF_FIB_LKUP_RET_SUCCESS,
+            failed: rc != fib::RET_SUCCESS,
         },
         None => {
             stats::reason(reason::PASS_FIB);
@@ -258,8 +244,8 @@ pub fn new_flow_forward<C: Ctx>(ctx: &mut C, route: NewRoute) -> Verdict {
     redirect(ctx, r.ifindex, &r.mac)
 }
 
-/// `bpf_fib_lookup` for `p` to `daddr:dport` (parameters in the per-CPU scratch, off the
-/// stack); on success the egress interface and MACs go to `r`.
+/// `bpf_fib_lookup` for `p` to `daddr:dport`; on success the egress
+/// interface and MACs go to `r`.
 #[inline(always)]
 fn lookup<C: Ctx>(
     ctx: &mut C,
@@ -268,24 +254,14 @@ fn lookup<C: Ctx>(
     dport: u16,
     r: &mut RouteCacheEntry,
 ) -> i64 {
-    let Some(raw) = FIB_SCRATCH.get_ptr_mut(0) else {
+    let addrs = fib::Addrs::V4 {
+        src: p.saddr,
+        dst: daddr,
+    };
+    let Some((rc, f)) = fib::lookup(ctx, p.proto, p.sport, dport, p.tot_len, addrs) else {
         return -1;
     };
-    // SAFETY: the per-CPU scratch is 8-aligned, 64 bytes, this CPU's alone
-    // for the packet; all-zero is a valid bpf_fib_lookup.
-    let buf = unsafe { &mut *(raw as *mut FibBuf) };
-    buf.raw = [0; 8];
-    let f = unsafe { &mut buf.f };
-    f.family = AF_INET;
-    f.l4_protocol = p.proto;
-    f.sport = p.sport;
-    f.dport = dport;
-    f.__bindgen_anon_1.tot_len = p.tot_len;
-    f.ifindex = ctx.ifindex();
-    f.__bindgen_anon_3.ipv4_src = p.saddr;
-    f.__bindgen_anon_4.ipv4_dst = daddr;
-    let rc = unsafe { bpf_fib_lookup(ctx.raw(), f, core::mem::size_of::<FibParams>() as i32, 0) };
-    if rc == BPF_FIB_LKUP_RET_SUCCESS {
+    if rc == fib::RET_SUCCESS {
         r.mac[..6].copy_from_slice(&f.dmac);
         r.mac[6..].copy_from_slice(&f.smac);
         r.ifindex = f.ifindex;

@@ -8,6 +8,7 @@
 
 mod conntrack;
 mod ctx;
+mod fib;
 mod flowcache;
 mod frag;
 mod fwd;

@@ -42,16 +42,16 @@
 //! its reply both arrive on the node end of the pod's veth, and both leave
 //! through that same interface back into the pod (the fib lookup's egress).
 
-use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, helpers::bpf_fib_lookup};
 use lb_common::{
-    CtValue, FlowKey, SERVICE_LOOPBACK_V4, config_idx, ct_dir, ct_flags, flow_hash, limits, reason,
+    CtValue, FlowKey, SERVICE_LOOPBACK_V4, config_idx, ct_dir, ct_flags, flow_hash, limits,
 };
 
 use crate::{
     conntrack::{self, Claim, Created, ct_value, flow_key},
     ctx::{Ctx, Verdict},
+    fib,
     fwd::NewRoute,
-    maps::{CONNTRACK, FIB_SCRATCH, config},
+    maps::{CONNTRACK, config},
     parse::{IP_OFF, Packet},
     stats,
 };
@@ -234,43 +234,15 @@ pub fn fragment<C: Ctx>(
     Some(())
 }
 
-const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
-const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
-
 /// A SNATed packet to its backend that the walk would hand to the stack:
 /// in TC, its egress interface from `bpf_fib_lookup` (also when the next
 /// hop has no neighbour entry yet) and `bpf_redirect_neigh`; else dropped.
 /// Not inlined: off the common paths.
 #[inline(never)]
 pub fn unpassable<C: Ctx>(ctx: &mut C, p: &Packet) -> Verdict {
-    if C::NEIGH {
-        if let Some(raw) = FIB_SCRATCH.get_ptr_mut(0) {
-            // SAFETY: the per-CPU scratch, 64 bytes, 8-aligned, this CPU's
-            // alone for the packet; all-zero is a valid bpf_fib_lookup.
-            let w = raw as *mut u64;
-            let mut i = 0;
-            while i < 8 {
-                unsafe { core::ptr::write_volatile(w.add(i), 0) };
-                i += 1;
-            }
-            let f = unsafe { &mut *(raw as *mut FibParams) };
-            f.family = 2;
-            f.l4_protocol = p.proto;
-            f.sport = p.sport;
-            f.dport = p.dport;
-            f.__bindgen_anon_1.tot_len = p.tot_len;
-            f.ifindex = ctx.ifindex();
-            f.__bindgen_anon_3.ipv4_src = p.saddr;
-            f.__bindgen_anon_4.ipv4_dst = p.daddr;
-            let rc = unsafe { bpf_fib_lookup(ctx.raw(), f, 64, 0) };
-            if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-                && f.ifindex != 0
-            {
-                stats::reason(reason::FWD_REDIRECT_NEIGH);
-                return Verdict::RedirectNeigh(f.ifindex);
-            }
-        }
-    }
-    stats::reason(reason::DROP_SNAT_UNROUTED);
-    Verdict::Drop
+    let addrs = fib::Addrs::V4 {
+        src: p.saddr,
+        dst: p.daddr,
+    };
+    fib::unpassable(ctx, p.proto, p.sport, p.dport, p.tot_len, addrs)
 }

@@ -27,7 +27,6 @@
 //! Kept apart from `v6` (and out of its inlined walk where it loops): the
 //! IPv6 programs' stack is close to the verifier's 512 bytes.
 
-use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, helpers::bpf_fib_lookup};
 use lb_common::{
     CtValue6, SERVICE_LOOPBACK_V6, backend_flags, collision_port, config_idx, ct_dir, ct_flags,
     flow_hash, fold6, limits, proto, reason,
@@ -35,7 +34,8 @@ use lb_common::{
 
 use crate::{
     ctx::{Ctx, Verdict},
-    maps::{CONNTRACK6, FIB_SCRATCH, config},
+    fib,
+    maps::{CONNTRACK6, config},
     v6::{self, IP6_LEN, IP6_OFF, Packet6, Scratch6},
     stats,
 };
@@ -227,10 +227,6 @@ pub fn destination<C: Ctx>(ctx: &mut C, p: &mut Packet6, v: *const CtValue6) -> 
     Some(())
 }
 
-const AF_INET6: u8 = 10;
-const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
-const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
-
 /// A SNATed packet to its backend that the walk would hand to the stack
 /// (as `snat::unpassable`): in TC, its egress from `bpf_fib_lookup` (also
 /// when the next hop has no neighbour entry yet) and `bpf_redirect_neigh`;
@@ -238,34 +234,10 @@ const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 /// Not inlined: off the common paths.
 #[inline(never)]
 pub fn unpassable<C: Ctx>(ctx: &mut C, p: &Packet6) -> Verdict {
-    if C::NEIGH {
-        if let Some(raw) = FIB_SCRATCH.get_ptr_mut(0) {
-            // SAFETY: the per-CPU scratch, 64 bytes, 8-aligned, this CPU's
-            // alone for the packet; all-zero is a valid bpf_fib_lookup.
-            let w = raw as *mut u64;
-            let mut i = 0;
-            while i < 8 {
-                unsafe { core::ptr::write_volatile(w.add(i), 0) };
-                i += 1;
-            }
-            let f = unsafe { &mut *(raw as *mut FibParams) };
-            f.family = AF_INET6;
-            f.l4_protocol = p.proto;
-            f.sport = p.sport;
-            f.dport = p.dport;
-            f.__bindgen_anon_1.tot_len = p.payload_len.wrapping_add(IP6_LEN as u16);
-            f.ifindex = ctx.ifindex();
-            f.__bindgen_anon_3.ipv6_src = p.saddr;
-            f.__bindgen_anon_4.ipv6_dst = p.daddr;
-            let rc = unsafe { bpf_fib_lookup(ctx.raw(), f, 64, 0) };
-            if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-                && f.ifindex != 0
-            {
-                stats::reason(reason::FWD_REDIRECT_NEIGH);
-                return Verdict::RedirectNeigh(f.ifindex);
-            }
-        }
-    }
-    stats::reason(reason::DROP_SNAT_UNROUTED);
-    Verdict::Drop
+    let tot_len = p.payload_len.wrapping_add(IP6_LEN as u16);
+    let addrs = fib::Addrs::V6 {
+        src: p.saddr,
+        dst: p.daddr,
+    };
+    fib::unpassable(ctx, p.proto, p.sport, p.dport, tot_len, addrs)
 }

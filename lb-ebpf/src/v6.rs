@@ -30,11 +30,7 @@
 //!   CHECKSUM_PARTIAL seed without verifying the segment
 //!   (`pass_csum_unverified`; IPv4 verifies it, `nat::classify`).
 
-use aya_ebpf::{
-    bindings::bpf_fib_lookup as FibParams,
-    helpers::bpf_fib_lookup,
-    programs::{TcContext, XdpContext},
-};
+use aya_ebpf::programs::{TcContext, XdpContext};
 use lb_common::{
     CtValue6, FIB_FAILED, FlowKey6, IPV6_MAX_EXT, IPV6_MAX_EXT_BYTES, ServiceKey6, config_idx,
     ct_dir, ct_flags, ct_state, fold6, proto, reason,
@@ -43,9 +39,8 @@ use lb_common::{
 use crate::{
     conntrack,
     ctx::{Ctx, Tc, Verdict, Xdp, ptr_at},
-    maps::{
-        BACKENDS6, CONNTRACK6, FIB_SCRATCH, SCRATCH6, SERVICES6, V6_TC_PROGS, V6_XDP_PROGS, config,
-    },
+    fib,
+    maps::{BACKENDS6, CONNTRACK6, SCRATCH6, SERVICES6, V6_TC_PROGS, V6_XDP_PROGS, config},
     nat::{self, L4Csum},
     parse::{self, ETH_LEN, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHdr, UdpHdr},
     select,
@@ -824,9 +819,6 @@ fn redirect<C: Ctx>(ctx: &mut C, ifindex: u32, mac: &[u8; 12]) -> Verdict {
     Verdict::Redirect(ifindex)
 }
 
-const AF_INET6: u8 = 10;
-const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
-const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
 
 /// Forwards a translated packet as `fwd::forward` does for IPv4: a seed to
 /// the stack; else the flow's cached route while fresh, else
@@ -853,28 +845,19 @@ fn forward<C: Ctx>(ctx: &mut C, p: &Packet6, v: *mut CtValue6, now: u64) -> Verd
         let mac = e.fib_mac;
         return redirect(ctx, e.fib_ifindex, &mac);
     }
-    let Some(raw) = FIB_SCRATCH.get_ptr_mut(0) else {
+    let tot_len = p.payload_len.wrapping_add(IP6_LEN as u16);
+    let addrs = fib::Addrs::V6 {
+        src: p.saddr,
+        dst: p.daddr,
+    };
+    let Some((rc, f)) = fib::lookup(ctx, p.proto, p.sport, p.dport, tot_len, addrs) else {
         stats::reason(reason::PASS_FIB);
         return Verdict::Pass;
     };
-    // SAFETY: the per-CPU scratch is 8-aligned, 64 bytes, this CPU's alone
-    // for the packet; all-zero is a valid bpf_fib_lookup.
-    let raw = raw as *mut [u64; 8];
-    unsafe { *raw = [0; 8] };
-    let f = unsafe { &mut *(raw as *mut FibParams) };
-    f.family = AF_INET6;
-    f.l4_protocol = p.proto;
-    f.sport = p.sport;
-    f.dport = p.dport;
-    f.__bindgen_anon_1.tot_len = p.payload_len.wrapping_add(IP6_LEN as u16);
-    f.ifindex = ctx.ifindex();
-    f.__bindgen_anon_3.ipv6_src = p.saddr;
-    f.__bindgen_anon_4.ipv6_dst = p.daddr;
-    let rc = unsafe { bpf_fib_lookup(ctx.raw(), f, core::mem::size_of::<FibParams>() as i32, 0) };
     e.fib_ns = now;
-    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+    if rc != fib::RET_SUCCESS {
         // Too large for the egress MTU: this packet's failure (not kept).
-        e.fib_ifindex = if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+        e.fib_ifindex = if rc == fib::RET_FRAG_NEEDED {
             0
         } else {
             FIB_FAILED

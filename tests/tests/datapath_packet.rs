@@ -2160,6 +2160,13 @@ fn xdp_flow_cache_rules_on(set: ProgramSet) {
             assert_eq!(rc, XDP_REDIRECT);
             assert_bytes_eq(&out, want);
         };
+        let syn = |h: &mut Harness, sport: u16| {
+            let routed = tcp(CLIENT, sport, b(1), 8080, SYN)
+                .eth([0x02, 0, 0, 0, 0x0b, 0x01], [0x02, 0, 0, 0, 0x0b, 0x02])
+                .ttl(63)
+                .build();
+            send(h, &tcp(CLIENT, sport, VIP, 80, SYN).build(), &routed);
+        };
 
         let rev = lb_common::FlowKey {
             src_ip: u32::from_ne_bytes(b(1).octets()),
@@ -2191,14 +2198,7 @@ fn xdp_flow_cache_rules_on(set: ProgramSet) {
         let mut h = loop {
             tries += 1;
             let mut h = setup();
-            send(
-                &mut h,
-                &tcp(CLIENT, 40000, VIP, 80, SYN).build(),
-                &tcp(CLIENT, 40000, b(1), 8080, SYN)
-                    .eth([0x02, 0, 0, 0, 0x0b, 0x01], [0x02, 0, 0, 0, 0x0b, 0x02])
-                    .ttl(63)
-                    .build(),
-            );
+            syn(&mut h, 40000);
             for _ in 0..3 {
                 send(&mut h, &fwd(40000, ACK), &routed(40000, ACK));
                 send(&mut h, &reply(40000), &replied(40000));
@@ -2287,14 +2287,7 @@ fn xdp_flow_cache_rules_on(set: ProgramSet) {
 
         // A flow still in state SYN is not cached: the client's first ACK
         // (after a packet without one) establishes it.
-        send(
-            &mut h,
-            &tcp(CLIENT, 40001, VIP, 80, SYN).build(),
-            &tcp(CLIENT, 40001, b(1), 8080, SYN)
-                .eth([0x02, 0, 0, 0, 0x0b, 0x01], [0x02, 0, 0, 0, 0x0b, 0x02])
-                .ttl(63)
-                .build(),
-        );
+        syn(&mut h, 40001);
         send(&mut h, &fwd(40001, PSH), &routed(40001, PSH));
         send(&mut h, &fwd(40001, ACK), &routed(40001, ACK));
         let ct = h
@@ -2319,14 +2312,7 @@ fn xdp_flow_cache_rules_on(set: ProgramSet) {
         // each try that a loaded machine made slower than that).
         for (tries, sport) in (40002..40010).enumerate() {
             let before = new_flows(&mut h);
-            send(
-                &mut h,
-                &tcp(CLIENT, sport, VIP, 80, SYN).build(),
-                &tcp(CLIENT, sport, b(1), 8080, SYN)
-                    .eth([0x02, 0, 0, 0, 0x0b, 0x01], [0x02, 0, 0, 0, 0x0b, 0x02])
-                    .ttl(63)
-                    .build(),
-            );
+            syn(&mut h, sport);
             send(&mut h, &fwd(sport, ACK), &routed(sport, ACK));
             let took = age(&mut h, sport);
             h.dp()
