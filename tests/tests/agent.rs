@@ -633,6 +633,8 @@ fn agent_sigkill_restart_keeps_flows_and_state() {
     );
     let log = agent.log();
     assert!(log.contains("reused=true"), "links adopted:\n{log}");
+    // Veths get TC (`--mode auto`): only the TC pair passed the verifier.
+    assert!(log.contains(r#"loaded=["rpclb_tc", "rpclb_tc6"]"#), "{log}");
     assert!(
         log.contains(
             "CONNTRACK is pinned with 65536 entries, so --max-conntrack 131072 has no effect"
@@ -830,6 +832,11 @@ fn agent_sigterm_cleanup_and_detach_on_exit() {
     assert!(
         show.contains("prog/xdp") && !show.contains("xdpgeneric"),
         "--mode xdp attaches native XDP on veth: {show}"
+    );
+    let log = agent.log();
+    assert!(
+        log.contains(r#"loaded=["rpclb_xdp", "rpclb_xdp6"]"#),
+        "--mode xdp loads the XDP pair only:\n{log}"
     );
     agent.signal(libc::SIGTERM);
     let st = agent

@@ -633,7 +633,12 @@ enum StartError {
 /// Loads the programs (adopting pinned maps) and attaches them.
 fn load_and_attach(opts: &Options) -> Result<(Datapath, Vec<attach::Attached>), StartError> {
     attach::check_bpffs(&opts.datapath.pin_path).map_err(StartError::Load)?;
-    let mut dp = Datapath::load(&opts.datapath).map_err(|e| match e {
+    let mut cfg = opts.datapath.clone();
+    if cfg.program_loading == datapath::ProgramLoading::All {
+        // Only what the interfaces will run: each program costs the verifier ~1 s.
+        cfg.program_loading = attach::hooks_for(opts.mode, &opts.interfaces, &cfg.pin_path);
+    }
+    let mut dp = Datapath::load(&cfg).map_err(|e| match e {
         datapath::DatapathError::Refused { .. }
             if opts.datapath.programs != datapath::BpfPrograms::Auto =>
         {

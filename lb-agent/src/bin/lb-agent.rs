@@ -569,7 +569,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                 BpfProgramsArg::Full => BpfPrograms::Full,
                 BpfProgramsArg::Compat => BpfPrograms::Compat,
             },
-            // The agent attaches every program: all pass the verifier at start.
+            // At start, narrowed to the hooks the interfaces get (`attach::hooks_for`).
             program_loading: datapath::ProgramLoading::All,
         },
         metrics_addr: a.metrics_addr,

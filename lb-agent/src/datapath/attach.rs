@@ -32,7 +32,7 @@ use aya::programs::{LinkOrder, TcAttachType, XdpMode};
 use lb_common::xdp_iface;
 use tracing::{info, warn};
 
-use super::{AttachMode, Datapath, DatapathError};
+use super::{AttachMode, Datapath, DatapathError, ProgramLoading};
 
 /// How the agent attaches its programs (`--mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -586,6 +586,52 @@ fn attachment_name(a: &Attached) -> String {
     }
 }
 
+/// How an interface is to be attached, decided before anything is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Plan {
+    Mode(AttachMode),
+    /// Native XDP if the driver takes it, else TC.
+    NativeXdpElseTc,
+}
+
+fn plan(mode: ModeChoice, iface: &str, links: &Path) -> Plan {
+    let has = |name: String| links.join(name).exists();
+    match mode {
+        ModeChoice::Fixed(m) => Plan::Mode(m),
+        // A restart keeps the kind of attachment it finds, swapping the
+        // program in place.
+        ModeChoice::Auto if has(link_name(AttachMode::Tc, iface)) || has(netlink_marker(iface)) => {
+            Plan::Mode(AttachMode::Tc)
+        }
+        ModeChoice::Auto if has(link_name(AttachMode::Xdp, iface)) => Plan::Mode(AttachMode::Xdp),
+        // Virtual devices (veth, bridges, ...) get TC: native XDP on a veth
+        // copies every skb into a page first, which made it slower than TC
+        // in the lab (docs/benchmarks.md, section 4).
+        ModeChoice::Auto if is_virtual(iface) => Plan::Mode(AttachMode::Tc),
+        ModeChoice::Auto => Plan::NativeXdpElseTc,
+    }
+}
+
+/// The programs the agent loads at start: the hooks that [`attach_all`] can
+/// use on `ifaces` in `mode` (with the links found under `pin_path`). The
+/// verifier takes about a second per program, and a node whose interfaces
+/// all get TC (virtual devices, `--mode tc`) need not wait for the XDP pair.
+pub fn hooks_for(mode: ModeChoice, ifaces: &[String], pin_path: &Path) -> ProgramLoading {
+    if ifaces.is_empty() {
+        return ProgramLoading::All;
+    }
+    let links = pin_path.join("links");
+    let (mut xdp, mut tc) = (false, false);
+    for iface in ifaces {
+        match plan(mode, iface, &links) {
+            Plan::Mode(AttachMode::Tc) => tc = true,
+            Plan::Mode(AttachMode::Xdp | AttachMode::XdpGeneric) => xdp = true,
+            Plan::NativeXdpElseTc => (xdp, tc) = (true, true),
+        }
+    }
+    ProgramLoading::Hooks { xdp, tc }
+}
+
 fn attach_each(
     dp: &mut Datapath,
     ifaces: &[String],
@@ -594,26 +640,9 @@ fn attach_each(
     done: &mut Vec<Attached>,
 ) -> Result<(), DatapathError> {
     for iface in ifaces {
-        let has = |name: String| links.join(name).exists();
-        let a = match mode {
-            ModeChoice::Fixed(m) => dp.attach(iface, m).map_err(on(iface))?,
-            // A restart keeps the kind of attachment it finds, swapping the
-            // program in place.
-            ModeChoice::Auto
-                if has(link_name(AttachMode::Tc, iface)) || has(netlink_marker(iface)) =>
-            {
-                dp.attach(iface, AttachMode::Tc).map_err(on(iface))?
-            }
-            ModeChoice::Auto if has(link_name(AttachMode::Xdp, iface)) => {
-                dp.attach(iface, AttachMode::Xdp).map_err(on(iface))?
-            }
-            // Virtual devices (veth, bridges, ...) get TC: native XDP on a veth
-            // copies every skb into a page first, which made it slower than TC
-            // in the lab (docs/benchmarks.md, section 4).
-            ModeChoice::Auto if is_virtual(iface) => {
-                dp.attach(iface, AttachMode::Tc).map_err(on(iface))?
-            }
-            ModeChoice::Auto => match attach_native_xdp(dp, iface).map_err(on(iface))? {
+        let a = match plan(mode, iface, links) {
+            Plan::Mode(m) => dp.attach(iface, m).map_err(on(iface))?,
+            Plan::NativeXdpElseTc => match attach_native_xdp(dp, iface).map_err(on(iface))? {
                 Ok(a) => a,
                 Err(why) => {
                     let why = format!("native XDP unavailable ({why}); using TC");
@@ -683,6 +712,46 @@ mod tests {
         }
         assert_eq!(marker_iface("tc_eth0"), None);
         assert_eq!(marker_iface("tcnl_zz"), None);
+    }
+
+    /// The programs loaded at start are those the attach will use: by
+    /// `--mode`, and in `auto` by the link a previous agent left.
+    #[test]
+    fn hooks_loaded_follow_the_mode_and_the_links_found() {
+        let pin = std::env::temp_dir().join(format!("rpclb-hooks-{}", std::process::id()));
+        let links = pin.join("links");
+        std::fs::create_dir_all(&links).unwrap();
+        let ifaces = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let hooks = |mode, v: &[&str]| hooks_for(mode, &ifaces(v), &pin);
+        let (tc, xdp) = (
+            ProgramLoading::Hooks {
+                xdp: false,
+                tc: true,
+            },
+            ProgramLoading::Hooks {
+                xdp: true,
+                tc: false,
+            },
+        );
+        let fixed = ModeChoice::Fixed;
+        assert_eq!(hooks(fixed(AttachMode::Tc), &["a", "b"]), tc);
+        assert_eq!(hooks(fixed(AttachMode::Xdp), &["a"]), xdp);
+        assert_eq!(hooks(fixed(AttachMode::XdpGeneric), &["a"]), xdp);
+        assert_eq!(hooks(fixed(AttachMode::Tc), &[]), ProgramLoading::All);
+        // Auto keeps what it finds: a TCX link, a netlink filter, an XDP link.
+        std::fs::write(links.join(link_name(AttachMode::Tc, "a")), "").unwrap();
+        std::fs::write(links.join(netlink_marker("b")), "").unwrap();
+        std::fs::write(links.join(link_name(AttachMode::Xdp, "c")), "").unwrap();
+        assert_eq!(hooks(ModeChoice::Auto, &["a", "b"]), tc);
+        assert_eq!(hooks(ModeChoice::Auto, &["c"]), xdp);
+        assert_eq!(
+            hooks(ModeChoice::Auto, &["a", "c"]),
+            ProgramLoading::Hooks {
+                xdp: true,
+                tc: true
+            }
+        );
+        std::fs::remove_dir_all(&pin).unwrap();
     }
 
     #[test]

@@ -229,10 +229,13 @@ pub struct DatapathConfig {
 /// When the programs of the set pass the verifier.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ProgramLoading {
-    /// All four (XDP, TC and their IPv6 programs) in [`Datapath::load`]:
-    /// the agent, which attaches them.
+    /// All four (XDP, TC and their IPv6 programs) in [`Datapath::load`].
     #[default]
     All,
+    /// The given hooks' programs (entry and IPv6) in [`Datapath::load`]:
+    /// the agent, for the hooks its `--mode` can attach on its interfaces
+    /// (`attach::hooks_for`). Another hook's load on first use.
+    Hooks { xdp: bool, tc: bool },
     /// None in [`Datapath::load`]; a hook's entry program, and its IPv6
     /// program, when first asked for ([`Datapath::load_hook`]). The verifier
     /// takes about a second per program, and most packet tests run one hook
@@ -460,9 +463,18 @@ impl Datapath {
                 source: Box::new(source),
             })?;
         let mut programs = Loaded::new(cfg.programs);
-        if cfg.program_loading == ProgramLoading::All {
-            programs.ensure(&mut ebpf, &Unit::ALL)?;
-        }
+        let units: Vec<Unit> = match cfg.program_loading {
+            ProgramLoading::All => Unit::ALL.to_vec(),
+            ProgramLoading::Hooks { xdp, tc } => Unit::ALL
+                .into_iter()
+                .filter(|u| match u.hook() {
+                    Hook::Xdp => xdp,
+                    Hook::Tc => tc,
+                })
+                .collect(),
+            ProgramLoading::OnDemand => Vec::new(),
+        };
+        programs.ensure(&mut ebpf, &units)?;
         let mut writer = MapWriter::from_ebpf(&mut ebpf)?;
         writer.set_pin_path(&cfg.pin_path);
         writer.set_config(cfg.fib_redirect, cfg.collision_ports)?;
@@ -471,6 +483,11 @@ impl Datapath {
         info!(
             pin_path = %cfg.pin_path.display(),
             programs = programs.set.as_str(),
+            loaded = ?Unit::ALL
+                .into_iter()
+                .filter(|u| programs.ready.has(*u))
+                .map(|u| u.name(programs.set))
+                .collect::<Vec<_>>(),
             on_demand = cfg.program_loading == ProgramLoading::OnDemand,
             "data path loaded"
         );
@@ -624,6 +641,12 @@ impl Unit {
         Unit::V6(Hook::Xdp),
         Unit::V6(Hook::Tc),
     ];
+
+    fn hook(self) -> Hook {
+        match self {
+            Unit::Entry(h) | Unit::V6(h) => h,
+        }
+    }
 
     fn name(self, set: ProgramSet) -> &'static str {
         match self {

@@ -22,7 +22,7 @@
 //! - a program the kernel refuses on first use panics (with `auto`, the
 //!   compat set is loaded instead, as the agent does).
 //!
-//! A test that wants the agent's way (all four at load) sets
+//! A test that wants all four at load sets
 //! `program_loading = ProgramLoading::All` in its `tune`.
 
 use std::path::{Path, PathBuf};
