@@ -480,18 +480,7 @@ impl Datapath {
         writer.set_config(cfg.fib_redirect, cfg.collision_ports)?;
         writer.set_snat_config(cfg.snat_address, cfg.snat_address6, cfg.snat_ports)?;
         memory::log(mem, cfg.map_memory_budget, &cfg.pin_path);
-        info!(
-            pin_path = %cfg.pin_path.display(),
-            programs = programs.set.as_str(),
-            loaded = ?Unit::ALL
-                .into_iter()
-                .filter(|u| programs.ready.has(*u))
-                .map(|u| u.name(programs.set))
-                .collect::<Vec<_>>(),
-            on_demand = cfg.program_loading == ProgramLoading::OnDemand,
-            "data path loaded"
-        );
-        Ok(Datapath {
+        let dp = Datapath {
             ebpf,
             pin_path: cfg.pin_path.clone(),
             writer,
@@ -499,7 +488,15 @@ impl Datapath {
             programs,
             xdp_redirect_to: cfg.xdp_redirect_to.clone(),
             xdp_marks: Default::default(),
-        })
+        };
+        info!(
+            pin_path = %cfg.pin_path.display(),
+            programs = dp.programs.set.as_str(),
+            loaded = ?dp.loaded_programs(),
+            on_demand = cfg.program_loading == ProgramLoading::OnDemand,
+            "data path loaded"
+        );
+        Ok(dp)
     }
 
     pub fn writer(&mut self) -> &mut MapWriter {
